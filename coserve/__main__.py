@@ -1,0 +1,3 @@
+from coserve.cli import main
+
+raise SystemExit(main())

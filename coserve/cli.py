@@ -1,0 +1,39 @@
+"""The `coserve` command. Each subcommand lives in its own module exposing
+`add_arguments(parser)` and `run(args) -> int`; those modules keep heavy imports
+(torch, matplotlib) inside `run` so that `coserve --help` stays instant."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("coserve.demo", "run the tiny co-location study on this machine and print its table"),
+    "bench": ("coserve.bench.command", "closed-loop load against gen and embed endpoints"),
+    "serve": ("coserve.server.command", "serve a model with the built-in engine (OpenAI API)"),
+    "run": ("coserve.experiment.command", "run a co-location study from a TOML spec"),
+    "report": ("coserve.report.command", "re-render tables and plots from a run folder"),
+    "plan": ("coserve.plan", "VRAM budget, KV capacity and the concurrency that fits"),
+    "doctor": ("coserve.gpu.doctor", "what this machine can do: GPUs, MPS, MIG, GPM, profilers"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="coserve", description="Serve a generative and an embedding model on the same GPUs and measure the cost.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        mod = importlib.import_module(module)
+        mod.add_arguments(p)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
