@@ -1,0 +1,50 @@
+"""What crosses the line between an engine and whatever drives it (the HTTP server, the
+offline benchmark): requests in, per-step outputs out. Engines run one step at a time on
+the caller's thread; the caller owns threading."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    ignore_eos: bool = False
+
+
+@dataclass
+class EngineArgs:
+    model: str
+    random_weights: bool = False
+    device: str = "cpu"
+    dtype: str | None = None
+    # Fraction of the whole device this process may use, as in vLLM (GPU only).
+    gpu_memory_utilization: float = 0.9
+    # KV-cache budget in bytes on CPU, where "fraction of the device" means nothing.
+    cpu_kv_cache_bytes: int = 256 << 20
+    max_model_len: int | None = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    enforce_eager: bool = False
+    seed: int = 0
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    new_token_ids: list[int]
+    finished: bool
+    finish_reason: str | None  # "stop" | "length" | None
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass
+class EmbedOutput:
+    request_id: str
+    embeddings: list[list[float]] = field(default_factory=list)
+    prompt_tokens: int = 0
