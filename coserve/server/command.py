@@ -1,9 +1,115 @@
-"""Placeholder until this subcommand lands."""
+"""`coserve serve gen|embed`: one model behind the OpenAI API, one process per model.
+
+Prints `coserve serve KIND: ready at http://HOST:PORT (...)` on stdout once it is serving
+(`--port 0` picks a free port; the line says which). SIGTERM or Ctrl-C: stop accepting,
+let in-flight requests finish for `--shutdown-timeout` seconds, abort the rest, exit 0."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import signal
+import sys
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
 
 
-def add_arguments(parser):
-    pass
+def parse_bytes(text: str) -> int:
+    """'268435456', '256M', '256MiB', '1.5G' -> bytes (powers of 1024)."""
+    m = _SIZE.match(text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size in bytes: {text!r} (e.g. 268435456, 256M, 2G)")
+    unit = (m.group(2) or "b")[0].lower()
+    return int(float(m.group(1)) * 1024 ** "bkmgt".index(unit))
 
 
-def run(args):
-    raise SystemExit("not built yet")
+def _fraction(text: str) -> float:
+    v = float(text)
+    if not 0.0 < v <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return v
+
+
+def _positive(text: str) -> int:
+    v = int(text)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return v
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("kind", choices=["gen", "embed"], help="generation (/v1/completions) or embedding (/v1/embeddings)")
+    parser.add_argument("--model", required=True, help="a preset name (tiny-dense, tiny-moe, tiny-embed, all-minilm-l6-v2, qwen3-30b-a3b, qwen3-embedding-8b) or an HF model directory")
+    parser.add_argument("--random-weights", action="store_true", help="initialise the preset's architecture with random weights")
+    parser.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME", help="name(s) the API answers to (default: the --model value)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available)")
+    parser.add_argument("--dtype", default=None, help="weights/activations dtype (default: the engine's choice for the device)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    parser.add_argument("--gpu-memory-utilization", type=_fraction, default=0.9, help="fraction of the whole GPU this process may use, as in vLLM")
+    parser.add_argument("--kv-cache-bytes", type=parse_bytes, default=256 << 20, help="KV-cache budget on CPU (e.g. 256M)")
+    parser.add_argument("--max-model-len", type=_positive, default=None, help="longest prompt + completion in tokens")
+    parser.add_argument("--max-num-seqs", type=_positive, default=256, help="most sequences in one batch")
+    parser.add_argument("--max-num-batched-tokens", type=_positive, default=8192, help="most tokens in one step (prefill chunk / embedding batch)")
+    parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1, help="only 1 is supported by the built-in engine")
+    parser.add_argument("--seed", type=int, default=0, help="seed of random weights and of unseeded sampling")
+    parser.add_argument("--api-key", default=os.environ.get("COSERVE_API_KEY"), help="require 'Authorization: Bearer KEY' on /v1/* (default: $COSERVE_API_KEY)")
+    parser.add_argument("--shutdown-timeout", type=float, default=5.0, metavar="S", help="on SIGTERM, seconds in-flight requests get to finish before they are aborted")
+    parser.add_argument("--access-log", action="store_true", help="log every HTTP request")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+
+def _device(name: str) -> str:
+    if name != "auto":
+        return name
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def build_engine(args):
+    from coserve.engine.types import EngineArgs
+
+    engine_args = EngineArgs(
+        model=args.model, random_weights=args.random_weights, device=_device(args.device), dtype=args.dtype,
+        gpu_memory_utilization=args.gpu_memory_utilization, cpu_kv_cache_bytes=args.kv_cache_bytes,
+        max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, enforce_eager=args.enforce_eager, seed=args.seed)
+    if args.kind == "gen":
+        from coserve.engine.gen_engine import GenEngine
+
+        return GenEngine(engine_args)
+    from coserve.engine.embed_engine import EmbedEngine
+
+    return EmbedEngine(engine_args)
+
+
+def _exit_quietly(signum, frame):
+    raise SystemExit(0)
+
+
+def run(args) -> int:
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.tensor_parallel_size != 1:
+        print("coserve serve: --tensor-parallel-size > 1 is not supported by the built-in engine", file=sys.stderr)
+        return 2
+    # A SIGTERM while the model loads ends the process quietly (exit 0), as one while serving does.
+    signal.signal(signal.SIGTERM, _exit_quietly)
+    try:
+        engine = build_engine(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"coserve serve: {e}", file=sys.stderr)
+        return 2
+
+    import asyncio
+
+    from coserve.server.app import ServeOptions, serve
+
+    opts = ServeOptions(kind=args.kind, served_names=args.served_model_name or [args.model], host=args.host,
+                        port=args.port, api_key=args.api_key, shutdown_timeout_s=args.shutdown_timeout,
+                        access_log=args.access_log)
+    return asyncio.run(serve(engine, opts))

@@ -1,0 +1,350 @@
+"""The OpenAI-compatible HTTP API in front of one engine, as vLLM serves it:
+/v1/completions (gen), /v1/embeddings (embed), /v1/models, /health, /metrics, /version.
+
+One process serves one model. The engine steps in its own thread (engine_loop.py); the
+handlers here only parse, hand requests over and write what comes back."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hmac
+import json
+import logging
+import signal
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import numpy as np
+from aiohttp import web
+
+from coserve import __version__
+from coserve.server.detokenize import IncrementalDecoder
+from coserve.server.engine_loop import EngineLoop, RequestStream
+from coserve.server.errors import Aborted, ApiError, outcome_for_status
+from coserve.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from coserve.server.metrics import Metrics
+from coserve.server.protocol import parse_completion, parse_embedding
+
+log = logging.getLogger("coserve.server")
+
+OUTCOME = "coserve_outcome"  # request key a handler sets when it ended a 200 early
+SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+MAX_BODY_BYTES = 64 << 20
+
+
+@dataclass
+class ServeOptions:
+    kind: str  # "gen" | "embed"
+    served_names: list[str]
+    host: str = "127.0.0.1"
+    port: int = 8000  # 0: any free port (the ready line says which)
+    api_key: str | None = None
+    shutdown_timeout_s: float = 5.0  # in-flight requests get this long to finish on SIGTERM
+    access_log: bool = False
+    extra_ready_info: dict = field(default_factory=dict)
+
+
+async def read_json(request: web.Request) -> dict:
+    raw = await request.read()
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ApiError(f"the request body is not valid JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise ApiError("the request body must be a JSON object")
+    return body
+
+
+def _json(obj, status: int = 200) -> web.Response:
+    return web.Response(status=status, text=json.dumps(obj, separators=(",", ":")),
+                        content_type="application/json")
+
+
+class OpenAIServer:
+    def __init__(self, engine, opts: ServeOptions, loop: asyncio.AbstractEventLoop):
+        self.engine = engine
+        self.opts = opts
+        self.tokenizer = getattr(engine, "tokenizer", None)
+        self.max_model_len = int(engine.max_model_len)
+        self.engine_loop = EngineLoop(engine, loop)
+        self.metrics = Metrics(opts.served_names[0], opts.kind)
+        self.shutting_down = False
+        self.created = int(time.time())
+
+    def make_app(self) -> web.Application:
+        app = web.Application(middlewares=[self._middleware], client_max_size=MAX_BODY_BYTES)
+        app.router.add_post("/v1/completions", self.completions)
+        app.router.add_post("/v1/embeddings", self.embeddings)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/metrics", self.metrics_page)
+        app.router.add_get("/version", self.version)
+        return app
+
+    # ---- middleware: auth, errors, request accounting ------------------------------------
+    @web.middleware
+    async def _middleware(self, request: web.Request, handler):
+        api = request.path.startswith("/v1/")
+        if not api:
+            try:
+                return await handler(request)
+            except web.HTTPException as e:
+                if e.status < 400:
+                    raise
+                return ApiError(e.reason, status=e.status).response()
+        endpoint = request.path[len("/v1/"):]
+        outcome = "error"
+        self.metrics.in_flight += 1
+        try:
+            if self.shutting_down:
+                raise ApiError("the server is shutting down", status=503)
+            key = self.opts.api_key
+            if key is not None:
+                given = request.headers.get("Authorization", "")
+                if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+                    raise ApiError("invalid or missing API key (send 'Authorization: Bearer KEY')", status=401)
+            resp = await handler(request)
+            outcome = request.get(OUTCOME) or outcome_for_status(resp.status)
+            return resp
+        except ApiError as e:
+            outcome = e.outcome
+            return e.response()
+        except web.HTTPException as e:
+            if e.status < 400:
+                raise
+            outcome = outcome_for_status(e.status)
+            return ApiError(e.reason, status=e.status).response()
+        except asyncio.CancelledError:
+            outcome = "aborted"
+            raise
+        except Exception as e:
+            log.exception("error serving %s", request.path)
+            return ApiError(f"internal error: {e!r}", status=500).response()
+        finally:
+            self.metrics.in_flight -= 1
+            self.metrics.requests[(endpoint, outcome)] += 1
+
+    # ---- /v1/completions -----------------------------------------------------------------
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        if self.opts.kind != "gen":
+            raise ApiError(f"The model `{self.opts.served_names[0]}` is an embedding model and does not "
+                           "support the Completions API; use /v1/embeddings")
+        body = await read_json(request)
+        req = parse_completion(body, self.opts.served_names, self.tokenizer, self.max_model_len)
+        cid = f"cmpl-{uuid.uuid4().hex}"
+        rids = [f"{cid}-{i}" for i in range(len(req.prompts))]
+        stream = RequestStream()
+        await self.engine_loop.add(
+            [(rid, ids, params) for rid, ids, params in zip(rids, req.prompts, req.params, strict=True)], stream)
+        pending = set(rids)
+        try:
+            if req.stream:
+                return await self._stream_completion(request, req, cid, rids, stream, pending)
+            return await self._full_completion(req, cid, rids, stream, pending)
+        finally:
+            if pending:  # client gone, shutdown, or an error: free the engine's slots
+                self.engine_loop.abort(pending)
+
+    def _usage(self, req, counts: list[int]) -> dict:
+        p = sum(len(ids) for ids in req.prompts)
+        c = sum(counts)
+        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+    def _finished(self, reason: str) -> None:
+        self.metrics.finished[reason] += 1
+
+    async def _full_completion(self, req, cid, rids, stream, pending) -> web.Response:
+        index = {rid: i for i, rid in enumerate(rids)}
+        tokens: list[list[int]] = [[] for _ in rids]
+        reasons: list[str | None] = [None] * len(rids)
+        while pending:
+            try:
+                outputs = await stream.next_batch()
+            except Aborted:
+                for rid in pending:
+                    self._finished("abort")
+                raise
+            for out in outputs:
+                i = index[out.request_id]
+                tokens[i].extend(out.new_token_ids)
+                if out.finished:
+                    reasons[i] = out.finish_reason or "stop"
+                    pending.discard(out.request_id)
+                    self._finished(reasons[i])
+        decode = self.tokenizer.decode if self.tokenizer is not None else (lambda ids: "")
+        choices = [{"index": i, "text": decode(ids), "logprobs": None, "finish_reason": reasons[i],
+                    "stop_reason": None, "token_ids": ids} for i, ids in enumerate(tokens)]
+        return _json({"id": cid, "object": "text_completion", "created": int(time.time()), "model": req.model,
+                      "choices": choices, "usage": self._usage(req, [len(t) for t in tokens])})
+
+    async def _stream_completion(self, request, req, cid, rids, stream, pending) -> web.StreamResponse:
+        index = {rid: i for i, rid in enumerate(rids)}
+        decoders = [IncrementalDecoder(self.tokenizer) for _ in rids]
+        counts = [0] * len(rids)
+        head = ('{"id":"%s","object":"text_completion","created":%d,"model":%s,"choices":['
+                % (cid, int(time.time()), json.dumps(req.model)))
+        fixed_tail = None if req.continuous_usage else ('],"usage":null}' if req.include_usage else "]}")
+
+        def event(i: int, ids: list[int], reason: str | None) -> str:
+            text = decoders[i].add(ids, final=reason is not None)
+            tail = fixed_tail or '],"usage":%s}' % json.dumps(self._usage(req, counts))
+            return ('data: %s{"index":%d,"text":%s,"logprobs":null,"finish_reason":%s,"stop_reason":null,'
+                    '"token_ids":%s}%s\n\n' % (head, i, json.dumps(text), json.dumps(reason), json.dumps(ids), tail))
+
+        resp = web.StreamResponse(headers=SSE_HEADERS)
+        await resp.prepare(request)
+        try:
+            while pending:
+                try:
+                    outputs = await stream.next_batch()
+                except Aborted:  # shutting down: end each open choice with finish_reason "abort"
+                    request[OUTCOME] = "aborted"
+                    ended = [index[rid] for rid in pending]
+                    pending.clear()
+                    for i in ended:
+                        self._finished("abort")
+                    await resp.write("".join(event(i, [], "abort") for i in sorted(ended)).encode())
+                    break
+                except ApiError as e:  # the engine failed: headers are out, so say it in the stream
+                    request[OUTCOME] = e.outcome
+                    pending.clear()
+                    await resp.write(f"data: {json.dumps(e.body())}\n\n".encode())
+                    break
+                # Coalesce what piled up per choice since the last write (one event each).
+                new: dict[int, list] = {}
+                for out in outputs:
+                    i = index[out.request_id]
+                    entry = new.setdefault(i, [[], None])
+                    entry[0].extend(out.new_token_ids)
+                    if out.finished:
+                        entry[1] = out.finish_reason or "stop"
+                        pending.discard(out.request_id)
+                        self._finished(entry[1])
+                parts = []
+                for i, (ids, reason) in new.items():
+                    counts[i] += len(ids)
+                    parts.append(event(i, ids, reason))
+                await resp.write("".join(parts).encode())
+            if req.include_usage:
+                await resp.write(('data: %s],"usage":%s}\n\n' % (head, json.dumps(self._usage(req, counts)))).encode())
+            await resp.write(b"data: [DONE]\n\n")
+            await resp.write_eof()
+        except ConnectionResetError:  # client went away mid-stream; `pending` gets aborted
+            request[OUTCOME] = "aborted"
+        return resp
+
+    # ---- /v1/embeddings ------------------------------------------------------------------
+    async def embeddings(self, request: web.Request) -> web.Response:
+        if self.opts.kind != "embed":
+            raise ApiError(f"The model `{self.opts.served_names[0]}` is a generative model and does not "
+                           "support the Embeddings API; use /v1/completions")
+        body = await read_json(request)
+        req = parse_embedding(body, self.opts.served_names, self.tokenizer, self.max_model_len, self.engine.dim)
+        rid = f"embd-{uuid.uuid4().hex}"
+        stream = RequestStream()
+        await self.engine_loop.add([(rid, req.inputs)], stream)
+        try:
+            (out,) = await stream.next_batch()
+        except BaseException:
+            self.engine_loop.abort([rid])
+            raise
+        self.metrics.embedded_inputs += len(req.inputs)
+        if req.encoding_format == "base64":
+            encode = lambda e: base64.b64encode(np.asarray(e, dtype="<f4").tobytes()).decode()  # noqa: E731
+        else:
+            encode = lambda e: e  # noqa: E731
+        data = [{"object": "embedding", "index": i, "embedding": encode(e)} for i, e in enumerate(out.embeddings)]
+        prompt_tokens = out.prompt_tokens or sum(len(ids) for ids in req.inputs)
+        return _json({"id": rid, "object": "list", "created": int(time.time()), "model": req.model, "data": data,
+                      "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens, "completion_tokens": 0}})
+
+    # ---- the rest ------------------------------------------------------------------------
+    async def models(self, request: web.Request) -> web.Response:
+        data = [{"id": name, "object": "model", "created": self.created, "owned_by": "coserve",
+                 "root": self.engine.model_name, "parent": None, "max_model_len": self.max_model_len,
+                 "permission": []} for name in self.opts.served_names]
+        return _json({"object": "list", "data": data})
+
+    async def health(self, request: web.Request) -> web.Response:
+        if not self.engine_loop.alive:
+            raise ApiError(f"the engine is not running: {self.engine_loop.error!r}", status=503)
+        if self.shutting_down:
+            raise ApiError("the server is shutting down", status=503)
+        return web.Response(status=200)
+
+    async def metrics_page(self, request: web.Request) -> web.Response:
+        text = self.metrics.render(self.engine_loop.stats, self.engine_loop.steps)
+        return web.Response(body=text.encode(), headers={"Content-Type": METRICS_CONTENT_TYPE})
+
+    async def version(self, request: web.Request) -> web.Response:
+        return _json({"version": __version__})
+
+    # ---- shutdown ------------------------------------------------------------------------
+    async def _wait_idle(self, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while self.metrics.in_flight > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        return self.metrics.in_flight == 0
+
+    async def shutdown(self, site: web.TCPSite, runner: web.AppRunner) -> None:
+        """Stop accepting, let in-flight requests finish for the grace period, abort the rest,
+        close the connections and stop the engine thread."""
+        self.shutting_down = True
+        await site.stop()
+        if self.metrics.in_flight:
+            log.info("draining %d in-flight request(s) for up to %.1f s", self.metrics.in_flight,
+                     self.opts.shutdown_timeout_s)
+        if not await self._wait_idle(self.opts.shutdown_timeout_s):
+            n = self.engine_loop.abort_all()
+            log.info("aborted %d request(s) still running", n)
+            await self._wait_idle(2.0)
+        await runner.cleanup()
+        if not self.engine_loop.stop(timeout_s=30.0):
+            log.warning("the engine thread did not stop within 30 s")
+
+
+def ready_line(opts: ServeOptions, engine, host: str, port: int) -> str:
+    parts = [f"model {opts.served_names[0]}", f"max_model_len {engine.max_model_len}"]
+    if opts.kind == "gen":
+        cap = engine.stats().get("kv_capacity_tokens")
+        parts.append(f"KV cache capacity {cap} tokens")
+    else:
+        parts.append(f"embedding dim {engine.dim}")
+    parts += [f"{k} {v}" for k, v in opts.extra_ready_info.items()]
+    return f"coserve serve {opts.kind}: ready at http://{host}:{port} ({', '.join(parts)})"
+
+
+async def serve(engine, opts: ServeOptions) -> int:
+    """Serve until SIGTERM/SIGINT (exit 0) or until the engine dies (exit 1)."""
+    loop = asyncio.get_running_loop()
+    server = OpenAIServer(engine, opts, loop)
+    runner = web.AppRunner(server.make_app(), handler_cancellation=True, shutdown_timeout=1.0,
+                           access_log=logging.getLogger("aiohttp.access") if opts.access_log else None)
+    await runner.setup()
+    site = web.TCPSite(runner, opts.host, opts.port, backlog=4096)
+    try:
+        await site.start()
+    except OSError as e:
+        log.error("cannot listen on %s:%s: %s", opts.host, opts.port, e)
+        await runner.cleanup()
+        return 1
+    server.engine_loop.start()
+    host, port = runner.addresses[0][:2]
+    if ":" in host:
+        host = f"[{host}]"
+    print(ready_line(opts, engine, host, port), flush=True)
+
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(server.engine_loop.dead.wait())]
+    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    for w in waits:
+        w.cancel()
+    rc = 0 if stop.is_set() else 1
+    log.info("shutting down (%s)", "signal" if rc == 0 else "engine failed")
+    await server.shutdown(site, runner)
+    log.info("stopped")
+    return rc
