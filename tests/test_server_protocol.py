@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 import pytest
 
 from coserve.server.command import parse_bytes
@@ -22,7 +24,10 @@ class Utf8Bytes:
 NAMES = ["m"]
 
 
-def completion(body, tokenizer=Utf8Bytes(), max_model_len=32):
+BYTES = Utf8Bytes()
+
+
+def completion(body, tokenizer=BYTES, max_model_len=32):
     return parse_completion(body, NAMES, tokenizer, max_model_len)
 
 
@@ -145,5 +150,5 @@ def test_parse_bytes():
     assert parse_bytes("1024") == 1024
     assert parse_bytes("256M") == 256 << 20
     assert parse_bytes("1.5GiB") == 3 << 29
-    with pytest.raises(Exception):
+    with pytest.raises(argparse.ArgumentTypeError):
         parse_bytes("lots")

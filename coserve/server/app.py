@@ -152,9 +152,6 @@ class OpenAIServer:
         c = sum(counts)
         return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
-    def _finished(self, reason: str) -> None:
-        self.metrics.finished[reason] += 1
-
     async def _full_completion(self, req, cid, rids, stream, pending) -> web.Response:
         index = {rid: i for i, rid in enumerate(rids)}
         tokens: list[list[int]] = [[] for _ in rids]
@@ -163,8 +160,7 @@ class OpenAIServer:
             try:
                 outputs = await stream.next_batch()
             except Aborted:
-                for rid in pending:
-                    self._finished("abort")
+                self.metrics.finished["abort"] += len(pending)
                 raise
             for out in outputs:
                 i = index[out.request_id]
@@ -172,7 +168,7 @@ class OpenAIServer:
                 if out.finished:
                     reasons[i] = out.finish_reason or "stop"
                     pending.discard(out.request_id)
-                    self._finished(reasons[i])
+                    self.metrics.finished[reasons[i]] += 1
         decode = self.tokenizer.decode if self.tokenizer is not None else (lambda ids: "")
         choices = [{"index": i, "text": decode(ids), "logprobs": None, "finish_reason": reasons[i],
                     "stop_reason": None, "token_ids": ids} for i, ids in enumerate(tokens)]
@@ -183,15 +179,15 @@ class OpenAIServer:
         index = {rid: i for i, rid in enumerate(rids)}
         decoders = [IncrementalDecoder(self.tokenizer) for _ in rids]
         counts = [0] * len(rids)
-        head = ('{"id":"%s","object":"text_completion","created":%d,"model":%s,"choices":['
-                % (cid, int(time.time()), json.dumps(req.model)))
+        head = (f'{{"id":"{cid}","object":"text_completion","created":{int(time.time())},'
+                f'"model":{json.dumps(req.model)},"choices":[')
         fixed_tail = None if req.continuous_usage else ('],"usage":null}' if req.include_usage else "]}")
 
         def event(i: int, ids: list[int], reason: str | None) -> str:
             text = decoders[i].add(ids, final=reason is not None)
-            tail = fixed_tail or '],"usage":%s}' % json.dumps(self._usage(req, counts))
-            return ('data: %s{"index":%d,"text":%s,"logprobs":null,"finish_reason":%s,"stop_reason":null,'
-                    '"token_ids":%s}%s\n\n' % (head, i, json.dumps(text), json.dumps(reason), json.dumps(ids), tail))
+            tail = fixed_tail or f'],"usage":{json.dumps(self._usage(req, counts))}}}'
+            return (f'data: {head}{{"index":{i},"text":{json.dumps(text)},"logprobs":null,'
+                    f'"finish_reason":{json.dumps(reason)},"stop_reason":null,"token_ids":{json.dumps(ids)}}}{tail}\n\n')
 
         resp = web.StreamResponse(headers=SSE_HEADERS)
         await resp.prepare(request)
@@ -201,11 +197,10 @@ class OpenAIServer:
                     outputs = await stream.next_batch()
                 except Aborted:  # shutting down: end each open choice with finish_reason "abort"
                     request[OUTCOME] = "aborted"
-                    ended = [index[rid] for rid in pending]
+                    ended = sorted(index[rid] for rid in pending)
                     pending.clear()
-                    for i in ended:
-                        self._finished("abort")
-                    await resp.write("".join(event(i, [], "abort") for i in sorted(ended)).encode())
+                    self.metrics.finished["abort"] += len(ended)
+                    await resp.write("".join(event(i, [], "abort") for i in ended).encode())
                     break
                 except ApiError as e:  # the engine failed: headers are out, so say it in the stream
                     request[OUTCOME] = e.outcome
@@ -221,14 +216,14 @@ class OpenAIServer:
                     if out.finished:
                         entry[1] = out.finish_reason or "stop"
                         pending.discard(out.request_id)
-                        self._finished(entry[1])
+                        self.metrics.finished[entry[1]] += 1
                 parts = []
                 for i, (ids, reason) in new.items():
                     counts[i] += len(ids)
                     parts.append(event(i, ids, reason))
                 await resp.write("".join(parts).encode())
             if req.include_usage:
-                await resp.write(('data: %s],"usage":%s}\n\n' % (head, json.dumps(self._usage(req, counts)))).encode())
+                await resp.write(f'data: {head}],"usage":{json.dumps(self._usage(req, counts))}}}\n\n'.encode())
             await resp.write(b"data: [DONE]\n\n")
             await resp.write_eof()
         except ConnectionResetError:  # client went away mid-stream; `pending` gets aborted
