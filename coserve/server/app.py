@@ -14,7 +14,7 @@ import logging
 import signal
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 from aiohttp import web
@@ -32,6 +32,7 @@ log = logging.getLogger("coserve.server")
 OUTCOME = "coserve_outcome"  # request key a handler sets when it ended a 200 early
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 MAX_BODY_BYTES = 64 << 20
+API_ENDPOINTS = ("completions", "embeddings", "models")
 
 
 @dataclass
@@ -43,7 +44,6 @@ class ServeOptions:
     api_key: str | None = None
     shutdown_timeout_s: float = 5.0  # in-flight requests get this long to finish on SIGTERM
     access_log: bool = False
-    extra_ready_info: dict = field(default_factory=dict)
 
 
 async def read_json(request: web.Request) -> dict:
@@ -95,6 +95,8 @@ class OpenAIServer:
                     raise
                 return ApiError(e.reason, status=e.status).response()
         endpoint = request.path[len("/v1/"):]
+        if endpoint not in API_ENDPOINTS:
+            endpoint = "other"  # a label per random path would grow /metrics without bound
         outcome = "error"
         self.metrics.in_flight += 1
         try:
@@ -300,14 +302,12 @@ class OpenAIServer:
             log.warning("the engine thread did not stop within 30 s")
 
 
-def ready_line(opts: ServeOptions, engine, host: str, port: int) -> str:
+def ready_line(opts: ServeOptions, engine, stats: dict, host: str, port: int) -> str:
     parts = [f"model {opts.served_names[0]}", f"max_model_len {engine.max_model_len}"]
     if opts.kind == "gen":
-        cap = engine.stats().get("kv_capacity_tokens")
-        parts.append(f"KV cache capacity {cap} tokens")
+        parts.append(f"KV cache capacity {stats.get('kv_capacity_tokens')} tokens")
     else:
         parts.append(f"embedding dim {engine.dim}")
-    parts += [f"{k} {v}" for k, v in opts.extra_ready_info.items()]
     return f"coserve serve {opts.kind}: ready at http://{host}:{port} ({', '.join(parts)})"
 
 
@@ -329,7 +329,7 @@ async def serve(engine, opts: ServeOptions) -> int:
     host, port = runner.addresses[0][:2]
     if ":" in host:
         host = f"[{host}]"
-    print(ready_line(opts, engine, host, port), flush=True)
+    print(ready_line(opts, engine, server.engine_loop.stats, host, port), flush=True)
 
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

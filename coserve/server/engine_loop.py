@@ -62,6 +62,7 @@ class EngineLoop:
         self._loop = loop
         self._cmds: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, RequestStream] = {}
+        self._adding: set[asyncio.Future] = set()  # adds the engine thread has not answered yet
         self._idle_poll_s = idle_poll_s
         self._stats_interval_s = stats_interval_s
         self._stats_at = 0.0
@@ -87,6 +88,7 @@ class EngineLoop:
         for r in requests:
             self._streams[r[0]] = stream
         done = self._loop.create_future()
+        self._adding.add(done)
         self._cmds.put(("add", requests, done))
         ids = [r[0] for r in requests]
         try:
@@ -97,9 +99,13 @@ class EngineLoop:
         except ValueError as e:
             self.abort(ids)
             raise ApiError(str(e)) from e
+        except ApiError:
+            raise
         except Exception as e:
             self.abort(ids)
             raise ApiError(f"the engine could not take the request: {e!r}", status=500) from e
+        finally:
+            self._adding.discard(done)
 
     def abort(self, request_ids) -> None:
         ids = list(request_ids)
@@ -142,7 +148,11 @@ class EngineLoop:
                 fut.set_exception(err)
 
     def _on_death(self, error: BaseException) -> None:
-        self.abort_all(ApiError(f"the engine failed: {error!r}", status=500))
+        failure = ApiError(f"the engine failed: {error!r}", status=500)
+        for fut in self._adding:
+            if not fut.done():
+                fut.set_exception(failure)
+        self.abort_all(failure)
         self.dead.set()
 
     # ---- engine thread ---------------------------------------------------------------------

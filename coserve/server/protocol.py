@@ -131,6 +131,8 @@ def token_lists(value, tokenizer, param: str) -> list[list[int]]:
     def encode(text: str) -> list[int]:
         if tokenizer is None:
             raise ApiError(f"this model has no tokenizer: send '{param}' as token ids, not text", param=param)
+        if not text:  # as OpenAI: even where the tokenizer would add special tokens
+            raise ApiError(f"'{param}' holds an empty string", param=param)
         return list(tokenizer.encode(text))
 
     if isinstance(value, str):
