@@ -3,15 +3,15 @@ running), start-up failures. Real engine: tiny-moe (FP8 block-quantised experts)
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import openai
 import pytest
-from test_server_util import ROOT, coserve_serve, metric, post, request, sse_events, wait_for
+from test_server_util import ROOT, StreamInThread, coserve_serve, post, request
 
 MODEL = "tiny-moe"
 ARGS = ("gen", "--model", MODEL, "--random-weights", "--device", "cpu", "--max-model-len", "2048")
@@ -49,56 +49,30 @@ def test_openai_client_with_and_without_key(keyed):
     assert [t for c in chunks for t in c.choices[0].model_extra["token_ids"]] == r.choices[0].model_extra["token_ids"]
 
 
-def _stream_in_thread(url: str, body: dict, out: list) -> threading.Thread:
-    def go():
-        try:
-            out.extend(sse_events(url + "/v1/completions", body))
-        except Exception as e:  # noqa: BLE001 - the test asserts on what came back
-            out.append(e)
-
-    t = threading.Thread(target=go)
-    t.start()
-    return t
-
-
 def test_sigterm_drains_short_requests_aborts_long_ones_and_exits_0():
-    with coserve_serve(*ARGS, "--shutdown-timeout", "1.5") as server:
-        long_out, short_out = [], []
-        long_t = _stream_in_thread(server.url, {"prompt": [1], "max_tokens": 2000, "ignore_eos": True,
-                                                "stream": True}, long_out)
-        wait_for(lambda: metric(server.url, "coserve:num_requests_running") == 1, what="the long request to run")
-        short_t = _stream_in_thread(server.url, {"prompt": [2], "max_tokens": 8, "ignore_eos": True,
-                                                 "stream": True}, short_out)
-        time.sleep(0.3)
+    with coserve_serve(*ARGS, "--shutdown-timeout", "3") as server:
+        long = StreamInThread(server.url, {"prompt": [1], "max_tokens": 2000, "ignore_eos": True})
+        assert long.first.wait(30) and not long.error
+        short = StreamInThread(server.url, {"prompt": [2], "max_tokens": 40, "ignore_eos": True})
+        assert short.first.wait(30) and not short.error
         started = time.monotonic()
         server.signal(signal.SIGTERM)
         rc = server.proc.wait(20)
         took = time.monotonic() - started
-        long_t.join(10)
-        short_t.join(10)
+        long.join()
+        short.join()
         log = server.log_tail(100)
         assert rc == 0, log
         assert took < 10, f"shutdown took {took:.1f} s"
+        assert "draining 2 in-flight request(s)" in log
         # the short request finished normally inside the grace period
-        assert short_out[-1] == "[DONE]" and short_out[-2]["choices"][0]["finish_reason"] == "length", short_out[-3:]
-        assert sum(len(e["choices"][0]["token_ids"]) for e in short_out[:-1]) == 8
+        assert short.events[-1] == "[DONE]" and short.finish_reason() == "length" and short.token_count() == 40
         # the long one was cut at the end of the grace period, and said so
-        assert long_out[-1] == "[DONE]", long_out[-3:]
-        assert long_out[-2]["choices"][0]["finish_reason"] == "abort"
-        assert sum(len(e["choices"][0]["token_ids"]) for e in long_out[:-1]) < 2000
-        assert "aborted 1 request" in log and "stopped" in log
+        assert long.events[-1] == "[DONE]" and long.finish_reason() == "abort" and long.token_count() < 2000
+        assert "aborted 1 request" in log and "exiting with 0; no threads left" in log
     # the port is closed: nothing is listening any more
     with pytest.raises(OSError):
         request(server.url + "/health", timeout=2)
-
-
-def test_sigterm_when_idle_exits_0_at_once():
-    with coserve_serve(*ARGS) as server:
-        assert request(server.url + "/health")[0] == 200
-        started = time.monotonic()
-        server.signal(signal.SIGTERM)
-        assert server.proc.wait(10) == 0
-        assert time.monotonic() - started < 5
 
 
 def test_startup_failures_exit_nonzero_with_a_message():
@@ -120,12 +94,43 @@ def test_port_in_use_fails_cleanly(keyed):
     assert request(keyed.url + "/health")[0] == 200  # the first server is unharmed
 
 
-def test_hf_directory_without_tokenizer_takes_token_ids_only(tmp_path):
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.Qwen3Config(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                                   num_attention_heads=2, num_key_value_heads=1, head_dim=32,
-                                   max_position_embeddings=256, bos_token_id=298, eos_token_id=299)
-    transformers.Qwen3ForCausalLM(cfg).save_pretrained(tmp_path)  # config.json + safetensors, no tokenizer
+def write_tiny_qwen3_checkpoint(path, vocab: int = 300, hidden: int = 64, heads: int = 2, kv_heads: int = 1,
+                                head_dim: int = 32, inter: int = 128) -> None:
+    """An HF Qwen3 directory as save_pretrained writes one (config.json + model.safetensors, HF
+    parameter names), one layer, random weights, and no tokenizer."""
+    import torch
+    from safetensors.torch import save_file
+
+    config = {"model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"], "vocab_size": vocab,
+              "hidden_size": hidden, "intermediate_size": inter, "num_hidden_layers": 1,
+              "num_attention_heads": heads, "num_key_value_heads": kv_heads, "head_dim": head_dim,
+              "max_position_embeddings": 256, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+              "tie_word_embeddings": False, "hidden_act": "silu", "bos_token_id": 298, "eos_token_id": 299,
+              "torch_dtype": "float32"}
+    g = torch.Generator().manual_seed(0)
+
+    def w(*shape):
+        return torch.randn(*shape, generator=g) * 0.05
+
+    layer = "model.layers.0."
+    tensors = {"model.embed_tokens.weight": w(vocab, hidden), "model.norm.weight": torch.ones(hidden),
+               "lm_head.weight": w(vocab, hidden),
+               layer + "input_layernorm.weight": torch.ones(hidden),
+               layer + "post_attention_layernorm.weight": torch.ones(hidden),
+               layer + "self_attn.q_proj.weight": w(heads * head_dim, hidden),
+               layer + "self_attn.k_proj.weight": w(kv_heads * head_dim, hidden),
+               layer + "self_attn.v_proj.weight": w(kv_heads * head_dim, hidden),
+               layer + "self_attn.o_proj.weight": w(hidden, heads * head_dim),
+               layer + "self_attn.q_norm.weight": torch.ones(head_dim),
+               layer + "self_attn.k_norm.weight": torch.ones(head_dim),
+               layer + "mlp.gate_proj.weight": w(inter, hidden), layer + "mlp.up_proj.weight": w(inter, hidden),
+               layer + "mlp.down_proj.weight": w(hidden, inter)}
+    (path / "config.json").write_text(json.dumps(config))
+    save_file(tensors, str(path / "model.safetensors"))
+
+
+def test_hf_directory_without_tokenizer_takes_token_ids_only_and_idle_sigterm(tmp_path):
+    write_tiny_qwen3_checkpoint(tmp_path)
     with coserve_serve("gen", "--model", str(tmp_path), "--device", "cpu") as server:
         url = server.url + "/v1/completions"
         status, body = post(url, {"model": str(tmp_path), "prompt": "some text", "max_tokens": 2})
@@ -135,3 +140,9 @@ def test_hf_directory_without_tokenizer_takes_token_ids_only(tmp_path):
         assert body["model"] == str(tmp_path)  # served under the --model value, as vLLM does
         status, body = post(url, {"prompt": [1, 300], "max_tokens": 2})  # vocabulary of 300
         assert status == 400 and "vocabulary" in body["error"]["message"]
+        # SIGTERM with nothing in flight: out at once, exit 0, every thread joined
+        started = time.monotonic()
+        server.signal(signal.SIGTERM)
+        assert server.proc.wait(10) == 0
+        assert time.monotonic() - started < 5
+        assert "exiting with 0; no threads left" in server.log_tail()

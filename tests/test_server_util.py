@@ -148,6 +148,46 @@ def sse_events(url: str, body: dict, headers: dict | None = None) -> list:
     return events
 
 
+class StreamInThread:
+    """A streaming completion read event by event in a thread of its own; `first` is set once
+    the first event (or an error) has come."""
+
+    def __init__(self, url: str, body: dict):
+        self.events: list = []
+        self.error: Exception | None = None
+        self.first = threading.Event()
+        self.thread = threading.Thread(target=self._read, args=(url, body), daemon=True)
+        self.thread.start()
+
+    def _read(self, url: str, body: dict) -> None:
+        u = urllib.parse.urlsplit(url)
+        conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
+        try:
+            conn.request("POST", "/v1/completions", json.dumps({**body, "stream": True}),
+                         {"Content-Type": "application/json"})
+            for line in conn.getresponse():
+                if line.startswith(b"data: "):
+                    data = line[len(b"data: "):].strip().decode()
+                    self.events.append(data if data == "[DONE]" else json.loads(data))
+                    self.first.set()
+        except Exception as e:  # noqa: BLE001 - kept for the test to assert on
+            self.error = e
+        finally:
+            conn.close()
+            self.first.set()
+
+    def join(self, timeout_s: float = 30.0) -> list:
+        self.thread.join(timeout_s)
+        assert not self.thread.is_alive(), "the stream did not end"
+        return self.events
+
+    def token_count(self) -> int:
+        return sum(len(e["choices"][0]["token_ids"]) for e in self.events if isinstance(e, dict) and e.get("choices"))
+
+    def finish_reason(self):
+        return self.events[-2]["choices"][0]["finish_reason"] if len(self.events) >= 2 else None
+
+
 def metrics(url: str) -> dict[str, float]:
     """/metrics as {'name{labels}': value}."""
     status, text = request(url + "/metrics")

@@ -12,6 +12,7 @@ import hmac
 import json
 import logging
 import signal
+import socket
 import time
 import uuid
 from dataclasses import dataclass
@@ -285,7 +286,7 @@ class OpenAIServer:
             await asyncio.sleep(0.02)
         return self.metrics.in_flight == 0
 
-    async def shutdown(self, site: web.TCPSite, runner: web.AppRunner) -> None:
+    async def shutdown(self, site: web.BaseSite, runner: web.AppRunner) -> None:
         """Stop accepting, let in-flight requests finish for the grace period, abort the rest,
         close the connections and stop the engine thread."""
         self.shutting_down = True
@@ -311,22 +312,38 @@ def ready_line(opts: ServeOptions, engine, stats: dict, host: str, port: int) ->
     return f"coserve serve {opts.kind}: ready at http://{host}:{port} ({', '.join(parts)})"
 
 
-async def serve(engine, opts: ServeOptions) -> int:
+def bind_socket(host: str, port: int) -> socket.socket:
+    """Bind (not yet listen) the server's address, so a taken port fails before a model loads
+    and `--port 0` is resolved early; connections are refused until serving starts."""
+    family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                      flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+async def serve(engine, opts: ServeOptions, sock: socket.socket | None = None) -> int:
     """Serve until SIGTERM/SIGINT (exit 0) or until the engine dies (exit 1)."""
     loop = asyncio.get_running_loop()
+    if sock is None:
+        try:
+            sock = bind_socket(opts.host, opts.port)
+        except OSError as e:
+            log.error("cannot listen on %s:%s: %s", opts.host, opts.port, e)
+            return 1
     server = OpenAIServer(engine, opts, loop)
     runner = web.AppRunner(server.make_app(), handler_cancellation=True, shutdown_timeout=1.0,
                            access_log=logging.getLogger("aiohttp.access") if opts.access_log else None)
     await runner.setup()
-    site = web.TCPSite(runner, opts.host, opts.port, backlog=4096)
-    try:
-        await site.start()
-    except OSError as e:
-        log.error("cannot listen on %s:%s: %s", opts.host, opts.port, e)
-        await runner.cleanup()
-        return 1
+    site = web.SockSite(runner, sock, backlog=4096)
+    await site.start()
     server.engine_loop.start()
-    host, port = runner.addresses[0][:2]
+    host, port = sock.getsockname()[:2]
     if ":" in host:
         host = f"[{host}]"
     print(ready_line(opts, engine, server.engine_loop.stats, host, port), flush=True)

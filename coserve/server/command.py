@@ -12,6 +12,7 @@ import os
 import re
 import signal
 import sys
+import threading
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
 
@@ -97,6 +98,15 @@ def run(args) -> int:
     if args.tensor_parallel_size != 1:
         print("coserve serve: --tensor-parallel-size > 1 is not supported by the built-in engine", file=sys.stderr)
         return 2
+    import asyncio
+
+    from coserve.server.app import ServeOptions, bind_socket, serve
+
+    try:
+        sock = bind_socket(args.host, args.port)
+    except OSError as e:
+        print(f"coserve serve: cannot listen on {args.host}:{args.port}: {e}", file=sys.stderr)
+        return 1
     # A SIGTERM while the model loads ends the process quietly (exit 0), as one while serving does.
     signal.signal(signal.SIGTERM, _exit_quietly)
     try:
@@ -105,11 +115,13 @@ def run(args) -> int:
         print(f"coserve serve: {e}", file=sys.stderr)
         return 2
 
-    import asyncio
-
-    from coserve.server.app import ServeOptions, serve
-
     opts = ServeOptions(kind=args.kind, served_names=args.served_model_name or [args.model], host=args.host,
                         port=args.port, api_key=args.api_key, shutdown_timeout_s=args.shutdown_timeout,
                         access_log=args.access_log)
-    return asyncio.run(serve(engine, opts))
+    rc = asyncio.run(serve(engine, opts, sock))
+    left = [t.name for t in threading.enumerate() if t is not threading.main_thread()]
+    if left:
+        logging.getLogger("coserve.server").warning("threads still running at exit: %s", ", ".join(left))
+    else:
+        logging.getLogger("coserve.server").info("exiting with %d; no threads left", rc)
+    return rc
