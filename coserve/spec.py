@@ -1,0 +1,491 @@
+"""An experiment spec: a TOML file read with `tomllib` into typed dataclasses.
+
+Every field is checked before anything starts. An unknown key, a wrong type or a value out
+of range is reported with its dotted path (``conditions[2].strategy``) and what is allowed;
+all problems of a file are listed at once.
+
+```toml
+name = "demo"
+repetitions = 3            # reps per condition
+order = "alternate"        # A B A B ... ("sequential": A A B B)
+baseline = "gen-only"      # condition the deltas are computed against
+
+[servers.gen]              # launcher, model and flags of each server
+launcher = "builtin"
+model = "tiny-moe"
+[servers.embed]
+model = "all-minilm-l6-v2"
+
+[load]                     # as `coserve bench`
+gen_concurrency = 8
+warmup_s = 1
+duration_s = 3
+
+[[conditions]]
+name = "gen-only"
+servers = ["gen"]
+[[conditions]]
+name = "timeslice"
+strategy = "timeslice"
+```
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROLES = ("gen", "embed")
+STRATEGIES = ("exclusive", "timeslice", "mps", "mig", "tp", "tp+timeslice", "tp+mps")
+LAUNCHERS = ("builtin", "vllm", "external", "command")
+ORDERS = ("alternate", "sequential")
+DEVICES = ("auto", "cpu", "cuda")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class SpecError(ValueError):
+    """A spec that cannot run; `problems` lists each as 'dotted.path: what is wrong'."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source = source
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{source}: {len(problems)} problem(s) in the spec:\n{lines}")
+
+
+def _f(default: Any = dataclasses.MISSING, *, help: str = "", **checks: Any) -> Any:
+    """A dataclass field with its checks (choices, ge, gt, le, pattern, min_items) and help."""
+    meta = {"help": help, **checks}
+    if isinstance(default, list | dict):
+        value = default
+        return field(default_factory=lambda: type(value)(value), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServerConfig:
+    """How one model server is launched (the `[servers.gen]` / `[servers.embed]` tables)."""
+
+    launcher: str = _f("builtin", choices=LAUNCHERS, help="who serves the model")
+    model: str = _f("", help="preset name or model directory (builtin/vllm)")
+    url: str = _f("", help="base URL of an already running server (launcher = external)")
+    random_weights: bool = _f(True, help="initialise the preset's weights at random")
+    device: str = _f("auto", choices=DEVICES, help="builtin engine device; auto = cuda if present")
+    gpu_memory_utilization: float = _f(0.9, gt=0.0, le=1.0)
+    max_model_len: int = _f(0, ge=0, help="0 = the model's own limit")
+    max_num_seqs: int = _f(256, ge=1)
+    enforce_eager: bool = _f(False, help="no CUDA graphs")
+    tensor_parallel_size: int = _f(1, ge=1)
+    extra_args: list[str] = _f([], help="added to the server command (launcher command: the "
+                               "whole command line, with {host} and {port} filled in)")
+    docker_image: str = _f("", help="launcher vllm: run `vllm serve` in this image")
+    ready_timeout_s: float = _f(600.0, gt=0.0, help="how long to wait for /health")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoadSpec:
+    """Closed-loop load, as `coserve bench` takes it."""
+
+    gen_concurrency: int = _f(512, ge=1)
+    input_len: int = _f(30, ge=1)
+    output_len: int = _f(512, ge=1)
+    embed_concurrency: int = _f(64, ge=1)
+    embed_batch: int = _f(8, ge=1)
+    embed_input_len: int = _f(32, ge=1)
+    embed_text: bool = _f(False, help="send texts instead of token ids to the embed server")
+    warmup_s: float = _f(30.0, ge=0.0)
+    duration_s: float = _f(60.0, gt=0.0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TelemetrySpec:
+    enabled: bool = _f(True)
+    interval_s: float = _f(1.0, gt=0.0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Condition:
+    name: str = _f(pattern=NAME_RE, help="letters, digits, '.', '_' and '-'")
+    strategy: str = _f("timeslice", choices=STRATEGIES, help="how the servers share the GPUs")
+    servers: list[str] = _f(["gen", "embed"], choices=ROLES, min_items=1, unique=True)
+    gpus: list[str] = _f(["0"], min_items=1, help="GPU indices or UUIDs the condition uses")
+    enforce_eager: bool | None = _f(None, help="overrides both servers' enforce_eager")
+    baseline: str = _f("", help="condition this one's deltas are against (default: the spec's)")
+    description: str = _f("")
+    options: dict[str, Any] = _f({}, help="strategy options, passed to the strategy")
+    load: dict[str, Any] = _f({}, help="overrides of [load] fields")
+    gen: dict[str, Any] = _f({}, help="overrides of [servers.gen] fields")
+    embed: dict[str, Any] = _f({}, help="overrides of [servers.embed] fields")
+    # Set for the points of a concurrency sweep: (swept role, concurrency, base condition).
+    sweep: tuple[str, int, str] | None = field(default=None, metadata={"internal": True})
+
+    def server(self, spec: Spec, role: str) -> ServerConfig:
+        """The server config this condition runs `role` with (spec's, then overrides)."""
+        cfg = dataclasses.replace(spec.servers[role], **getattr(self, role))
+        if self.enforce_eager is not None:
+            cfg = dataclasses.replace(cfg, enforce_eager=self.enforce_eager)
+        return cfg
+
+    def load_for(self, spec: Spec) -> LoadSpec:
+        return dataclasses.replace(spec.load, **self.load)
+
+    def baseline_name(self, spec: Spec) -> str:
+        return self.baseline or spec.baseline
+
+
+@dataclass(frozen=True, kw_only=True)
+class SweepSpec:
+    """A concurrency sweep: each listed condition is run once per concurrency."""
+
+    role: str = _f("gen", choices=ROLES, help="whose concurrency is swept")
+    concurrency: list[int] = _f(min_items=1, ge=1, unique=True)
+    conditions: list[str] = _f([], unique=True, help="conditions to sweep (default: the baseline)")
+    repetitions: int = _f(1, ge=1)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Spec:
+    name: str = _f(pattern=NAME_RE, help="letters, digits, '.', '_' and '-'")
+    description: str = _f("")
+    repetitions: int = _f(3, ge=1)
+    order: str = _f("alternate", choices=ORDERS)
+    seed: int = _f(0, ge=0)
+    baseline: str = _f("", help="condition deltas are computed against (default: the first)")
+    servers: dict[str, ServerConfig] = _f({})
+    load: LoadSpec = _f(LoadSpec())
+    telemetry: TelemetrySpec = _f(TelemetrySpec())
+    conditions: list[Condition] = _f(min_items=1)
+    sweep: SweepSpec | None = _f(None)
+    source: str = field(default="", metadata={"internal": True}, compare=False)
+
+    def condition(self, name: str) -> Condition:
+        for c in self.all_conditions():
+            if c.name == name:
+                return c
+        raise KeyError(name)
+
+    def sweep_conditions(self) -> list[Condition]:
+        """One condition per (swept condition, concurrency), named `base.role-cN`."""
+        if self.sweep is None:
+            return []
+        out = []
+        key = f"{self.sweep.role}_concurrency"
+        for base_name in self.sweep.conditions or [self.baseline]:
+            base = next(c for c in self.conditions if c.name == base_name)
+            for c in self.sweep.concurrency:
+                out.append(dataclasses.replace(
+                    base, name=f"{base.name}.{self.sweep.role}-c{c}",
+                    load={**base.load, key: c}, sweep=(self.sweep.role, c, base.name),
+                    description=f"{base.name} with {self.sweep.role} concurrency {c}"))
+        return out
+
+    def all_conditions(self) -> list[Condition]:
+        return [*self.conditions, *self.sweep_conditions()]
+
+    def reps_of(self, condition: Condition) -> int:
+        if condition.sweep is not None and self.sweep is not None:
+            return self.sweep.repetitions
+        return self.repetitions
+
+    def schedule(self, only: list[str] | None = None) -> list[tuple[Condition, int]]:
+        """(condition, rep) in run order: the matrix first, then the sweep; `order` within each."""
+        out: list[tuple[Condition, int]] = []
+        for group in (self.conditions, self.sweep_conditions()):
+            group = [c for c in group if only is None or c.name in only]
+            if self.order == "sequential":
+                out += [(c, r) for c in group for r in range(1, self.reps_of(c) + 1)]
+            else:
+                most = max((self.reps_of(c) for c in group), default=0)
+                out += [(c, r) for r in range(1, most + 1) for c in group if r <= self.reps_of(c)]
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        """The validated spec as plain TOML-able data (None left out); `parse_spec` reads it back."""
+        d = dataclasses.asdict(self)
+        d.pop("source")
+        for c in d["conditions"]:
+            c.pop("sweep")
+        return _drop_none(d)
+
+    def digest(self) -> str:
+        """sha256 of the validated spec (defaults filled in), independent of layout and comments."""
+        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _drop_none(v: Any) -> Any:
+    if isinstance(v, dict):
+        return {k: _drop_none(x) for k, x in v.items() if x is not None}
+    if isinstance(v, list):
+        return [_drop_none(x) for x in v]
+    return v
+
+
+# ---------------------------------------------------------------------------- validation
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(tp) if a is not type(None))
+    if origin is list:
+        return f"a list of {_describe(typing.get_args(tp)[0])}s"
+    if origin is dict:
+        return "a table"
+    if dataclasses.is_dataclass(tp):
+        return "a table"
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
+
+
+def _check_scalar(value: Any, tp: Any, meta: dict, path: str, errors: list[str]) -> Any:
+    if tp is bool:
+        ok = isinstance(value, bool)
+    elif tp is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif tp is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif tp is str:
+        ok = isinstance(value, str)
+    else:  # pragma: no cover - schema error
+        raise TypeError(tp)
+    if not ok:
+        errors.append(f"{path}: {value!r} is not {_describe(tp)}")
+        return None
+    if "choices" in meta and value not in meta["choices"]:
+        errors.append(f"{path}: {value!r} is not one of {', '.join(meta['choices'])}")
+        return None
+    for key, test, words in (("ge", lambda v, b: v >= b, "at least"),
+                             ("gt", lambda v, b: v > b, "greater than"),
+                             ("le", lambda v, b: v <= b, "at most")):
+        if key in meta and not test(value, meta[key]):
+            errors.append(f"{path}: {value!r} must be {words} {meta[key]}")
+            return None
+    if "pattern" in meta and not meta["pattern"].match(value):
+        errors.append(f"{path}: {value!r} is not allowed ({meta.get('help') or 'bad name'})")
+        return None
+    return value
+
+
+def _check(value: Any, tp: Any, meta: dict, path: str, errors: list[str]) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(tp) if a is not type(None)][0]
+        return _check(value, inner, meta, path, errors)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            errors.append(f"{path}: {value!r} is not {_describe(tp)}")
+            return None
+        if len(value) < meta.get("min_items", 0):
+            errors.append(f"{path}: needs at least {meta['min_items']} item(s)")
+            return None
+        if path.endswith(".gpus"):  # GPU indices or UUIDs: both fine, kept as strings
+            bad = [v for v in value if not isinstance(v, int | str) or isinstance(v, bool)]
+            if bad:
+                errors.append(f"{path}: {bad[0]!r} is not a GPU index or UUID")
+                return None
+            return [str(v) for v in value]
+        out = [_check(v, item_tp, meta, f"{path}[{i}]", errors) for i, v in enumerate(value)]
+        if meta.get("unique") and len(set(map(repr, out))) != len(out):
+            errors.append(f"{path}: items repeat")
+        return out
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, path, errors)
+    if origin is dict:
+        if not isinstance(value, dict):
+            errors.append(f"{path}: {value!r} is not a table")
+            return None
+        return dict(value)
+    return _check_scalar(value, tp, meta, path, errors)
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _build(cls: type, table: Any, path: str, errors: list[str], partial: bool = False) -> Any:
+    """Build dataclass `cls` from a TOML table, appending problems to `errors`.
+    With `partial`, missing fields are fine and a dict of the given (checked) values returns."""
+    where = path or "the spec"
+    if not isinstance(table, dict):
+        errors.append(f"{where}: {table!r} is not a table")
+        return None
+    hints = _hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    for key in table:
+        if key not in fields:
+            near = ", ".join(sorted(fields))
+            errors.append(f"{path + '.' if path else ''}{key}: unknown field (allowed: {near})")
+    values: dict[str, Any] = {}
+    for name, f in fields.items():
+        sub = f"{path}.{name}" if path else name
+        if name not in table:
+            if not partial and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                errors.append(f"{sub}: missing ({_describe(hints[name])} is needed)")
+            continue
+        values[name] = _check(table[name], hints[name], dict(f.metadata), sub, errors)
+    if partial:
+        return values
+    if any(v is None and name in table for name, v in values.items()):
+        return None
+    try:
+        return cls(**values)
+    except TypeError:
+        return None
+
+
+def _check_strategy(cond: Condition, path: str, errors: list[str]) -> None:
+    """Let the strategy check its options and GPUs (it only validates; nothing starts)."""
+    from coserve.gpu.strategies import StrategyError, make_strategy
+
+    try:
+        make_strategy(cond.strategy, list(cond.gpus), dict(cond.options), Path("."))
+    except StrategyError as e:
+        msg = str(e)
+        m = re.match(r"option (\w+)(?: \((\w+)\))?: (.*)", msg, re.S)
+        if m and m.group(1) in cond.options:
+            role = f".{m.group(2)}" if m.group(2) and isinstance(cond.options[m.group(1)], dict) else ""
+            errors.append(f"{path}.options.{m.group(1)}{role}: {m.group(3)}")
+        elif "option" in msg:
+            errors.append(f"{path}.options: {msg}")
+        else:
+            errors.append(f"{path}.strategy: {msg}")
+
+
+def _check_override(cls: type, table: Any, path: str, errors: list[str]) -> dict[str, Any]:
+    values = _build(cls, table, path, errors, partial=True)
+    return {k: v for k, v in (values or {}).items() if v is not None}
+
+
+def parse_spec(data: dict[str, Any], source: str = "<spec>") -> Spec:
+    errors: list[str] = []
+    raw = dict(data)
+    servers_raw = raw.pop("servers", {})
+    conds_raw = raw.pop("conditions", None)
+    sweep_raw = raw.pop("sweep", None)
+
+    # Servers: a table of roles, each a ServerConfig.
+    servers: dict[str, ServerConfig] = {}
+    if not isinstance(servers_raw, dict):
+        errors.append(f"servers: {servers_raw!r} is not a table (allowed keys: {', '.join(ROLES)})")
+        servers_raw = {}
+    declared = [r for r in servers_raw if r in ROLES]
+    for role, table in servers_raw.items():
+        if role not in ROLES:
+            errors.append(f"servers.{role}: unknown server (allowed: {', '.join(ROLES)})")
+            continue
+        cfg = _build(ServerConfig, table, f"servers.{role}", errors)
+        if cfg is not None:
+            servers[role] = cfg
+            if cfg.launcher == "external" and not cfg.url:
+                errors.append(f"servers.{role}.url: needed when launcher = 'external'")
+            if cfg.launcher in ("builtin", "vllm") and not cfg.model:
+                errors.append(f"servers.{role}.model: needed for launcher '{cfg.launcher}'")
+            if cfg.launcher == "command" and not cfg.extra_args:
+                errors.append(f"servers.{role}.extra_args: launcher 'command' needs the command line here")
+            if cfg.docker_image and cfg.launcher != "vllm":
+                errors.append(f"servers.{role}.docker_image: only for launcher 'vllm'")
+
+    # Conditions: each with its overrides checked field by field.
+    conditions: list[Condition] = []
+    if conds_raw is None:
+        errors.append("conditions: missing (at least one [[conditions]] table is needed)")
+    elif not isinstance(conds_raw, list) or not conds_raw:
+        errors.append("conditions: needs at least one [[conditions]] table")
+    else:
+        for i, table in enumerate(conds_raw):
+            path = f"conditions[{i}]"
+            if not isinstance(table, dict):
+                errors.append(f"{path}: {table!r} is not a table")
+                continue
+            table = dict(table)
+            overrides = {}
+            for key, cls in (("load", LoadSpec), ("gen", ServerConfig), ("embed", ServerConfig)):
+                if key in table:
+                    overrides[key] = _check_override(cls, table.pop(key), f"{path}.{key}", errors)
+            cond = _build(Condition, table, path, errors)
+            if cond is None:
+                continue
+            cond = dataclasses.replace(cond, **overrides)
+            for role in dict.fromkeys(cond.servers):
+                if role not in declared:
+                    errors.append(f"{path}.servers: runs '{role}' but there is no [servers.{role}]")
+            _check_strategy(cond, path, errors)
+            for role in ROLES:
+                if getattr(cond, role) and role not in cond.servers:
+                    errors.append(f"{path}.{role}: overrides a server this condition does not run")
+            conditions.append(cond)
+        names = [c.name for c in conditions]
+        for i, n in enumerate(names):
+            if n in names[:i]:
+                errors.append(f"conditions[{i}].name: '{n}' is used twice")
+
+    # The top-level scalars and tables.
+    if "name" not in raw:
+        errors.append("name: missing (a string is needed: letters, digits, '.', '_' and '-')")
+    spec_values = _build(Spec, raw, "", errors, partial=True)
+    spec_values = {k: v for k, v in spec_values.items() if v is not None}
+    names = [c.name for c in conditions]
+
+    baseline = spec_values.get("baseline", "")
+    if baseline and names and baseline not in names:
+        errors.append(f"baseline: '{baseline}' is not a condition (conditions: {', '.join(names)})")
+    if not baseline and conditions:
+        gen_conds = [c.name for c in conditions if "gen" in c.servers]
+        spec_values["baseline"] = (gen_conds or names)[0]
+    for i, c in enumerate(conditions):
+        if c.baseline and c.baseline not in names:
+            errors.append(f"conditions[{i}].baseline: '{c.baseline}' is not a condition "
+                          f"(conditions: {', '.join(names)})")
+
+    sweep = None
+    if sweep_raw is not None:
+        sweep = _build(SweepSpec, sweep_raw, "sweep", errors)
+        if sweep is not None:
+            for j, n in enumerate(sweep.conditions):
+                if n not in names:
+                    errors.append(f"sweep.conditions[{j}]: '{n}' is not a condition "
+                                  f"(conditions: {', '.join(names)})")
+                elif sweep.role not in next(c for c in conditions if c.name == n).servers:
+                    errors.append(f"sweep.conditions[{j}]: '{n}' does not run {sweep.role}")
+
+    if sweep is not None:
+        for base in sweep.conditions or [spec_values.get("baseline", "")]:
+            for c in sweep.concurrency:
+                if f"{base}.{sweep.role}-c{c}" in names:
+                    errors.append(f"sweep: its point '{base}.{sweep.role}-c{c}' has the name of a "
+                                  f"condition; rename that condition")
+    if errors:
+        raise SpecError(source, errors)
+    spec = Spec(**spec_values, servers=servers, conditions=conditions, sweep=sweep, source=source)
+    if sweep is not None and not sweep.conditions and sweep.role not in spec.condition(spec.baseline).servers:
+        raise SpecError(source, [f"sweep.conditions: the baseline '{spec.baseline}' does not run "
+                                 f"{sweep.role}; name the conditions to sweep"])
+    return spec
+
+
+def load_spec(path: str | Path) -> Spec:
+    """Read and validate a spec file; raises SpecError naming every bad field."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise SpecError(str(path), [f"cannot read the file: {e.strerror or e}"]) from e
+    return loads_spec(text, str(path))
+
+
+def loads_spec(text: str, source: str = "<spec>") -> Spec:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise SpecError(source, [f"not valid TOML: {e}"]) from e
+    return parse_spec(data, source)

@@ -1,0 +1,171 @@
+"""Spec parsing: every shipped spec validates; every bad field is named with what is allowed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from coserve.spec import SpecError, load_spec, loads_spec, parse_spec
+
+EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
+
+BASE = """
+name = "t"
+repetitions = 2
+[servers.gen]
+model = "tiny-dense"
+[servers.embed]
+model = "all-minilm-l6-v2"
+random_weights = false
+[[conditions]]
+name = "gen-only"
+servers = ["gen"]
+[[conditions]]
+name = "ts"
+"""
+
+
+def problems(text: str) -> list[str]:
+    with pytest.raises(SpecError) as e:
+        loads_spec(text, "x.toml")
+    return e.value.problems
+
+
+@pytest.mark.parametrize("path", sorted(EXPERIMENTS.glob("*.toml")), ids=lambda p: p.name)
+def test_shipped_specs_validate(path):
+    spec = load_spec(path)
+    assert spec.schedule(), "a spec with nothing to run"
+    assert spec.baseline in [c.name for c in spec.conditions]
+    # the validated form reads back to the same spec
+    assert parse_spec(spec.to_dict()).digest() == spec.digest()
+
+
+def test_the_shipped_set_is_there():
+    names = {p.name for p in EXPERIMENTS.glob("*.toml")}
+    assert {"demo.toml", "seed-single-gpu.toml", "seed-eager-vs-graphs.toml", "seed-mig.toml",
+            "seed-tp2.toml"} <= names
+
+
+def test_seed_specs_carry_the_studys_settings():
+    s = load_spec(EXPERIMENTS / "seed-single-gpu.toml")
+    gen, emb = s.servers["gen"], s.servers["embed"]
+    assert (gen.model, gen.gpu_memory_utilization, gen.max_model_len, gen.max_num_seqs) == \
+        ("qwen3-30b-a3b", 0.5, 4096, 512)
+    assert (emb.model, emb.gpu_memory_utilization, emb.max_model_len) == ("qwen3-embedding-8b", 0.3, 512)
+    ld = s.load
+    assert (ld.gen_concurrency, ld.input_len, ld.output_len, ld.embed_concurrency, ld.embed_batch,
+            ld.warmup_s, ld.duration_s) == (512, 30, 512, 64, 8, 30, 60)
+    assert s.repetitions == 3 and s.order == "alternate"
+    assert [c.strategy for c in s.conditions] == ["timeslice", "timeslice", "timeslice", "mps"]
+    eager = load_spec(EXPERIMENTS / "seed-eager-vs-graphs.toml")
+    assert {c.name: c.server(eager, "gen").enforce_eager for c in eager.conditions} == {
+        "graphs-gen-only": False, "graphs-mps": False, "graphs-timeslice": False,
+        "eager-gen-only": True, "eager-mps": True, "eager-timeslice": True}
+    assert eager.condition("eager-mps").baseline_name(eager) == "eager-gen-only"
+    mig = load_spec(EXPERIMENTS / "seed-mig.toml")
+    assert mig.condition("mig-gen-only").server(mig, "gen").gpu_memory_utilization == 0.85
+    tp2 = load_spec(EXPERIMENTS / "seed-tp2.toml")
+    assert [(c.strategy, c.gpus) for c in tp2.conditions] == [
+        ("exclusive", ["0", "1"]), ("tp+timeslice", ["0", "1"]), ("tp+mps", ["0", "1"])]
+
+
+def test_defaults_and_overrides():
+    s = loads_spec(BASE + '\nstrategy = "mps"\ngen = {max_num_seqs = 4}\nload = {embed_concurrency = 2}\n')
+    ts = s.condition("ts")
+    assert ts.strategy == "mps" and ts.servers == ["gen", "embed"] and ts.gpus == ["0"]
+    assert ts.server(s, "gen").max_num_seqs == 4
+    assert s.condition("gen-only").server(s, "gen").max_num_seqs == 256
+    assert ts.load_for(s).embed_concurrency == 2 and s.load.embed_concurrency == 64
+    assert s.baseline == "gen-only"  # the first condition that runs gen
+
+
+def test_alternate_and_sequential_order():
+    s = loads_spec(BASE)
+    assert [(c.name, r) for c, r in s.schedule()] == [("gen-only", 1), ("ts", 1), ("gen-only", 2), ("ts", 2)]
+    s = loads_spec(BASE.replace("repetitions = 2", 'repetitions = 2\norder = "sequential"'))
+    assert [(c.name, r) for c, r in s.schedule()] == [("gen-only", 1), ("gen-only", 2), ("ts", 1), ("ts", 2)]
+    assert [(c.name, r) for c, r in s.schedule(["ts"])] == [("ts", 1), ("ts", 2)]
+
+
+def test_sweep_points_follow_the_matrix():
+    s = loads_spec(BASE + "[sweep]\nconcurrency = [4, 8]\n")
+    names = [(c.name, r) for c, r in s.schedule()]
+    assert names[-2:] == [("gen-only.gen-c4", 1), ("gen-only.gen-c8", 1)]
+    pt = s.condition("gen-only.gen-c8")
+    assert pt.sweep == ("gen", 8, "gen-only") and pt.load_for(s).gen_concurrency == 8
+
+
+def test_digest_ignores_layout_but_not_values():
+    a = loads_spec(BASE)
+    b = loads_spec("# a comment\n" + BASE.replace('model = "tiny-dense"', 'model   =   "tiny-dense"'))
+    c = loads_spec(BASE.replace("repetitions = 2", "repetitions = 3"))
+    assert a.digest() == b.digest() != c.digest()
+
+
+@pytest.mark.parametrize("edit, field, allowed", [
+    (("[[conditions]]\nname = \"ts\"", "[[conditions]]\nname = \"ts\"\nstrategy = \"mpss\""),
+     "conditions[1].strategy", "exclusive, timeslice, mps, mig"),
+    (("repetitions = 2", "repetitions = 0"), "repetitions", "at least 1"),
+    (("repetitions = 2", "repetitions = 2\nbogus = 1"), "bogus", "allowed: baseline"),
+    (("[servers.gen]", "[servers.gen]\nlauncher = \"vlm\""), "servers.gen.launcher", "builtin, vllm"),
+    (("[servers.gen]", "[servers.gen]\nmax_num_seq = 3"), "servers.gen.max_num_seq", "max_num_seqs"),
+    (("[servers.gen]", "[servers.gen]\ngpu_memory_utilization = 1.5"),
+     "servers.gen.gpu_memory_utilization", "at most 1.0"),
+    (("[servers.gen]", "[servers.gen]\nenforce_eager = 1"), "servers.gen.enforce_eager", "true/false"),
+    (("servers = [\"gen\"]", "servers = [\"gen\", \"gpu\"]"), "conditions[0].servers[1]", "gen, embed"),
+    (("name = \"ts\"", "name = \"ts\"\ngen = {max_num_seqs = 0}"), "conditions[1].gen.max_num_seqs", "at least 1"),
+    (("name = \"ts\"", "name = \"ts\"\nload = {warmup = 3}"), "conditions[1].load.warmup", "warmup_s"),
+    (("name = \"ts\"", "name = \"ts\"\nstrategy = \"mps\"\noptions = {active_thread_percentage = 500}"),
+     "conditions[1].options.active_thread_percentage", "(0, 100]"),
+    (("name = \"ts\"", "name = \"ts\"\nstrategy = \"exclusive\""), "conditions[1].strategy", "needs 2 GPUs"),
+    (("name = \"ts\"", "name = \"gen-only\""), "conditions[1].name", "used twice"),
+    (("name = \"ts\"", "name = \"t s\""), "conditions[1].name", "letters, digits"),
+    (("repetitions = 2", "repetitions = 2\nbaseline = \"nope\""), "baseline", "conditions: gen-only, ts"),
+    (("repetitions = 2", "repetitions = 2\n[load]\nduration_s = \"60\""), "load.duration_s", "a number"),
+    (("repetitions = 2", "repetitions = 2\n[sweep]\nconcurrency = [4]\nconditions = [\"x\"]"),
+     "sweep.conditions[0]", "not a condition"),
+])
+def test_bad_fields_are_named(edit, field, allowed):
+    old, new = edit
+    assert old in BASE
+    found = problems(BASE.replace(old, new, 1))
+    hits = [p for p in found if p.startswith(field + ":")]
+    assert hits, f"no problem names {field}: {found}"
+    assert allowed in hits[0], hits[0]
+
+
+def test_all_problems_are_listed_at_once():
+    text = BASE.replace("repetitions = 2", "repetitions = -1\norder = \"random\"").replace(
+        "[servers.embed]", "[servers.embed]\ndevice = \"tpu\"")
+    found = problems(text)
+    assert {p.split(":")[0] for p in found} >= {"repetitions", "order", "servers.embed.device"}
+
+
+def test_missing_things():
+    assert any(p.startswith("conditions:") for p in problems('name = "x"\n[servers.gen]\nmodel = "m"\n'))
+    assert any(p.startswith("name:") for p in problems(BASE.replace('name = "t"\n', "")))
+    assert any("no [servers.embed]" in p for p in problems(BASE.replace(
+        '[servers.embed]\nmodel = "all-minilm-l6-v2"\nrandom_weights = false\n', "")))
+    assert any(p.startswith("servers.gen.url") for p in problems(BASE.replace(
+        '[servers.gen]\nmodel = "tiny-dense"', '[servers.gen]\nlauncher = "external"')))
+
+
+def test_bad_toml_and_missing_file(tmp_path):
+    with pytest.raises(SpecError, match="not valid TOML"):
+        loads_spec("name = ")
+    with pytest.raises(SpecError, match="cannot read"):
+        load_spec(tmp_path / "nope.toml")
+
+
+def test_cli_dry_run_and_bad_spec(tmp_path, capsys):
+    from coserve.cli import main
+
+    assert main(["run", str(EXPERIMENTS / "seed-single-gpu.toml"), "--out", str(tmp_path / "r"), "--dry-run"]) == 0
+    assert not (tmp_path / "r").exists()  # a dry run writes nothing
+    bad = tmp_path / "bad.toml"
+    bad.write_text(BASE.replace("repetitions = 2", "repetitions = 2\norder = \"random\""))
+    assert main(["run", str(bad), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "order" in err and "alternate, sequential" in err
+    assert not (tmp_path / "r").exists()  # nothing started
