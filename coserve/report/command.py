@@ -1,9 +1,31 @@
-"""Placeholder until this subcommand lands."""
+"""`coserve report DIR`: re-render tables and plots from a run folder's stored results."""
+
+from __future__ import annotations
+
+import argparse
 
 
-def add_arguments(parser):
-    pass
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", metavar="DIR", help="a run folder written by `coserve run`")
+    parser.add_argument("--no-plots", action="store_true", help="tables only (faster)")
 
 
-def run(args):
-    raise SystemExit("not built yet")
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from coserve.report.render import console_table, render, stdout_console
+    from coserve.spec import SpecError
+
+    console = stdout_console()
+    if not (Path(args.run_dir) / "fingerprint.json").exists():
+        console.print(f"[red]{args.run_dir} is not a coserve run folder[/red] (no fingerprint.json; "
+                      f"`coserve run SPEC.toml --out DIR` makes one)")
+        return 2
+    try:
+        out = render(args.run_dir, with_plots=not args.no_plots)
+    except SpecError as e:
+        console.print(f"[red]the run folder's spec does not validate:[/red]\n{e}")
+        return 2
+    console.print(console_table(out.run))
+    console.print(f"report: {out.markdown}\n        {out.html}")
+    return 0

@@ -1,0 +1,155 @@
+"""The environment a run was measured in, and whether a resume may add to it.
+
+A resume is refused when the spec or the GPUs differ (the results would not be comparable);
+other differences (driver, package versions, commit, host) are reported as warnings and kept
+with each rep."""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib.metadata
+import os
+import platform
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import coserve
+from coserve.spec import Spec
+
+PACKAGES = ("torch", "vllm", "triton", "aiohttp", "numpy", "nvidia-ml-py")
+
+
+def _version(pkg: str) -> str | None:
+    try:
+        return importlib.metadata.version(pkg)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def git_state() -> dict[str, Any]:
+    """Commit of the coserve checkout that runs, and whether it has uncommitted changes."""
+    root = Path(coserve.__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
+                                text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+    return {"commit": commit or None, "dirty": bool(dirty) if commit else None}
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def gpu_state() -> dict[str, Any]:
+    """GPUs as NVML sees them; {"gpus": [], "note": "no GPU: ..."} without one."""
+    from coserve.gpu import nvml as nv
+
+    try:
+        lib = nv.open_nvml()
+    except nv.NvmlUnavailable as e:
+        return {"gpus": [], "driver": None, "cuda_driver": None, "note": str(e)}
+    try:
+        gpus = nv.all_gpus(lib, with_mig_profiles=False)
+        driver, cuda = nv.driver_versions(lib)
+    finally:
+        nv.close_nvml(lib)
+    return {
+        "gpus": [{"index": g.index, "name": g.name, "uuid": g.uuid, "memory_mib": g.memory_mib,
+                  "compute_mode": g.compute_mode, "mig": g.mig_current,
+                  "mig_devices": [m.uuid for m in g.mig_devices]} for g in gpus],
+        "driver": driver, "cuda_driver": cuda, "note": None if gpus else "no GPU: NVML lists none",
+    }
+
+
+def used_gpu_indices(spec: Spec, gpus: list[dict]) -> list[int]:
+    """Indices of the physical GPUs the spec's conditions name (UUIDs and MIG UUIDs resolved)."""
+    used: set[int] = set()
+    for c in spec.all_conditions():
+        for g in c.gpus:
+            if g.isdigit():
+                used.add(int(g))
+                continue
+            for info in gpus:
+                if g == info["uuid"] or g in info.get("mig_devices", []):
+                    used.add(info["index"])
+    return sorted(used)
+
+
+def collect(spec: Spec, spec_text: str | None = None) -> dict[str, Any]:
+    gpu = gpu_state()
+    idx = used_gpu_indices(spec, gpu["gpus"])
+    by_index = {g["index"]: g for g in gpu["gpus"]}
+    return {
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "spec": {"name": spec.name, "hash": spec.digest(), "file": spec.source},
+        "coserve": coserve.__version__,
+        "git": git_state(),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "host": socket.gethostname(),
+        "cpu": {"model": _cpu_model(), "count": os.cpu_count()},
+        "packages": {p: _version(p) for p in PACKAGES},
+        **gpu,
+        "gpus_used": [{"index": i, "name": by_index[i]["name"], "memory_mib": by_index[i]["memory_mib"]}
+                      for i in idx if i in by_index],
+        "argv": sys.argv,
+    }
+
+
+def describe_gpus(fp: dict[str, Any]) -> str:
+    used = fp.get("gpus_used") or []
+    if not fp.get("gpus"):
+        return "no GPU (CPU only)"
+    names = [g["name"] for g in used] or [g["name"] for g in fp["gpus"]]
+    counts: dict[str, int] = {}
+    for n in names:
+        counts[n] = counts.get(n, 0) + 1
+    text = ", ".join(f"{k}x {n}" for n, k in counts.items())
+    return f"{text} (driver {fp.get('driver') or '?'})"
+
+
+def _gpu_identity(fp: dict[str, Any]) -> list[tuple[str, int]] | None:
+    if not fp.get("gpus"):
+        return None
+    used = fp.get("gpus_used") or fp["gpus"]
+    return [(g["name"], int(g["memory_mib"]) // 1024) for g in used]
+
+
+def compare(old: dict[str, Any], new: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """(reasons to refuse a resume, warnings) for adding `new`'s reps to `old`'s run."""
+    refuse, warn = [], []
+    if old["spec"]["hash"] != new["spec"]["hash"]:
+        refuse.append(f"the spec differs: this run folder was started with spec hash "
+                      f"{old['spec']['hash'][:12]} ({old['spec'].get('file')}), "
+                      f"the spec given now hashes {new['spec']['hash'][:12]} ({new['spec'].get('file')})")
+    if _gpu_identity(old) != _gpu_identity(new):
+        refuse.append(f"the GPU differs: the run folder was measured on {describe_gpus(old)}, "
+                      f"this machine has {describe_gpus(new)}")
+    if old.get("driver") != new.get("driver") and _gpu_identity(old) == _gpu_identity(new):
+        warn.append(f"driver {old.get('driver')} -> {new.get('driver')}")
+    if old.get("git", {}).get("commit") != new.get("git", {}).get("commit"):
+        warn.append(f"coserve commit {str(old.get('git', {}).get('commit'))[:12]} -> "
+                    f"{str(new.get('git', {}).get('commit'))[:12]}")
+    for pkg in PACKAGES:
+        a, b = old.get("packages", {}).get(pkg), new.get("packages", {}).get(pkg)
+        if a != b:
+            warn.append(f"{pkg} {a} -> {b}")
+    return refuse, warn
+
+
+def short(fp: dict[str, Any]) -> dict[str, Any]:
+    """What each rep keeps of the environment it ran in."""
+    return {"host": fp["host"], "git": fp["git"], "gpus": describe_gpus(fp),
+            "driver": fp.get("driver"), "packages": {k: v for k, v in fp["packages"].items() if v}}

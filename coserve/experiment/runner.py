@@ -1,0 +1,405 @@
+"""Run a spec: conditions x reps, each rep from nothing to its results on disk.
+
+One rep: the sharing strategy is set up (environment, daemons), the servers start one after
+the other (two engines starting at once on one GPU mis-size their KV caches, vllm#9198),
+telemetry sampling and the load run together over warm-up + window, everything is torn
+down, and only then is the rep's record written (atomically) to the run folder. Tear-down
+runs on every way out (failure, Ctrl-C, SIGTERM, a crash in coserve itself) and cannot be
+interrupted by a second Ctrl-C, so no server or daemon outlives the run.
+
+A rep that fails (a server that does not come up, a strategy the machine cannot give) is
+recorded as failed with the reason and the run goes on; Ctrl-C stops the run, keeping every
+finished rep; `--resume` later runs what is missing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import datetime as dt
+import gzip
+import shutil
+import signal
+import threading
+import time
+import traceback
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from coserve.experiment import fingerprint as fpmod
+from coserve.experiment.rundir import RunDir, read_json, write_atomic, write_json
+from coserve.spec import Condition, Spec
+
+
+class RunRefused(RuntimeError):
+    """The run cannot start (existing folder, different spec or GPU on resume)."""
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+@contextlib.contextmanager
+def no_interrupts() -> Iterator[list[int]]:
+    """Hold SIGINT and SIGTERM off while tearing down, so a second Ctrl-C cannot leave a
+    server or daemon behind. Yields the list of signals that came in meanwhile."""
+    got: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield got
+        return
+    old = {s: signal.signal(s, lambda n, f: got.append(n)) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield got
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM stops a run the way Ctrl-C does (tear-down, finished reps kept)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+class Backend:
+    """The pieces a rep is made of. Tests may replace any of them."""
+
+    def strategy(self, name: str, gpus: list[str], options: dict, run_dir: Path):
+        from coserve.gpu.strategies import make_strategy
+
+        return make_strategy(name, gpus, options, run_dir)
+
+    def start_server(self, spec, env: dict[str, str], log_path: Path, ready_timeout_s: float):
+        from coserve.launch import start_server
+
+        return start_server(spec, env, log_path, ready_timeout_s)
+
+    def server_spec(self, **fields):
+        from coserve.launch import ServerSpec
+
+        return ServerSpec(**fields)
+
+    def telemetry(self, devices: list[str], interval_s: float, out_path: Path):
+        from coserve.gpu.telemetry import TelemetrySampler
+
+        return TelemetrySampler(devices, interval_s=interval_s, out_path=out_path)
+
+    def run_load(self, load: dict[str, Any], out_path: Path, on_progress) -> dict:
+        """Run the load, write bench.json (+ records), return the summary."""
+        from coserve.bench.config import LoadConfig
+        from coserve.bench.loadgen import run_load, write_result
+
+        result = asyncio.run(run_load(LoadConfig(**load), on_progress=on_progress))
+        write_result(result, out_path)
+        return result.summary()
+
+
+def resolve_device(device: str) -> str:
+    if device != "auto":
+        return device
+    from coserve.gpu import nvml as nv
+
+    try:
+        lib = nv.open_nvml()
+    except nv.NvmlUnavailable:
+        return "cpu"
+    try:
+        return "cuda" if int(lib.nvmlDeviceGetCount()) > 0 else "cpu"
+    finally:
+        nv.close_nvml(lib)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text
+
+
+class Runner:
+    def __init__(self, spec: Spec, out: str | Path, *, spec_text: str | None = None,
+                 resume: bool = False, only: list[str] | None = None,
+                 backend: Backend | None = None, progress=None):
+        self.spec = spec
+        self.run_dir = RunDir(out)
+        self.spec_text = spec_text
+        self.resume = resume
+        self.only = only
+        self.backend = backend or Backend()
+        self.progress = progress
+        self.fingerprint: dict[str, Any] = {}
+        self.warnings: list[str] = []
+        self._device: dict[str, str] = {}
+        self._telemetry_noted = False
+        if only is not None:
+            names = [c.name for c in spec.all_conditions()]
+            unknown = [n for n in only if n not in names]
+            if unknown:
+                raise RunRefused(f"--conditions: {', '.join(unknown)} not in the spec "
+                                 f"(conditions: {', '.join(names)})")
+
+    # ------------------------------------------------------------------ set-up
+    def prepare(self) -> None:
+        """Check the folder and the environment; write spec and fingerprint on a first run."""
+        rd = self.run_dir
+        new = fpmod.collect(self.spec)
+        if rd.exists():
+            if not self.resume:
+                raise RunRefused(f"{rd.path} already holds a run (started "
+                                 f"{read_json(rd.fingerprint_file)['created']}); add --resume to finish it, "
+                                 f"or choose another --out")
+            old = read_json(rd.fingerprint_file)
+            refuse, warn = fpmod.compare(old, new)
+            if refuse and rd.spec_json.exists() and old["spec"]["hash"] != new["spec"]["hash"]:
+                changes = spec_changes(read_json(rd.spec_json), self.spec.to_dict())
+                if changes:
+                    refuse[0] += " (" + "; ".join(changes[:6]) + ("; ..." if len(changes) > 6 else "") + ")"
+            if refuse:
+                raise RunRefused(f"cannot resume {rd.path}: " + "; ".join(refuse)
+                                 + ". Results measured under different settings would be mixed; "
+                                 "use another --out (the original spec is in "
+                                 f"{rd.spec_file}).")
+            self.warnings = warn
+        elif not rd.is_empty() and not self.resume:
+            raise RunRefused(f"{rd.path} exists and is not a coserve run folder; choose an "
+                             f"empty or new --out")
+        else:
+            rd.path.mkdir(parents=True, exist_ok=True)
+            if self.spec_text is not None:
+                write_atomic(rd.spec_file, self.spec_text)
+            write_json(rd.spec_json, self.spec.to_dict())
+            write_json(rd.fingerprint_file, new)
+        self.fingerprint = new
+
+    def schedule(self) -> list[tuple[Condition, int]]:
+        return self.spec.schedule(self.only)
+
+    # ------------------------------------------------------------------ the run
+    def run(self) -> list[dict]:
+        """Run every scheduled rep not yet finished; returns this invocation's records."""
+        self.prepare()
+        sched = self.schedule()
+        records = []
+        progress = self.progress
+        for w in self.warnings:
+            progress and progress.message(f"note: resuming with {w}")
+        with sigterm_as_interrupt():
+            for cond, rep in sched:
+                reps = self.spec.reps_of(cond)
+                prev = self.run_dir.rep_record(cond.name, rep)
+                if prev is not None and prev.get("status") == "ok":
+                    progress and progress.skip_rep(cond.name, rep, reps)
+                    continue
+                progress and progress.start_rep(cond.name, rep, reps)
+                record = self.run_rep(cond, rep)
+                records.append(record)
+                progress and progress.end_rep(record)
+        return records
+
+    def _phase(self, name: str) -> None:
+        if self.progress:
+            self.progress.phase(name)
+
+    def device(self, want: str) -> str:
+        if want not in self._device:
+            self._device[want] = resolve_device(want)
+        return self._device[want]
+
+    def server_spec(self, cond: Condition, role: str, strategy):
+        cfg = cond.server(self.spec, role)
+        if cond.strategy.startswith("tp"):  # the strategy holds the TP degree
+            cfg = dataclasses.replace(cfg, tensor_parallel_size=strategy.tensor_parallel_size(role))
+        return self.backend.server_spec(
+            role=role, launcher=cfg.launcher, model=cfg.model, url=cfg.url or None,
+            device=self.device(cfg.device), random_weights=cfg.random_weights,
+            gpu_memory_utilization=cfg.gpu_memory_utilization,
+            max_model_len=cfg.max_model_len or None, max_num_seqs=cfg.max_num_seqs,
+            enforce_eager=cfg.enforce_eager, tensor_parallel_size=cfg.tensor_parallel_size,
+            extra_args=list(cfg.extra_args), docker_image=cfg.docker_image or None), cfg
+
+    def load_config(self, cond: Condition, urls: dict[str, str]) -> dict[str, Any]:
+        load = dataclasses.asdict(cond.load_for(self.spec))
+        return {**load, "gen_url": urls.get("gen"), "embed_url": urls.get("embed"),
+                "seed": self.spec.seed}
+
+    def run_rep(self, cond: Condition, rep: int) -> dict:
+        """Run one rep and write its record; KeyboardInterrupt passes through (after tear-down)."""
+        rep_dir = self.run_dir.fresh_rep_dir(cond.name, rep)
+        started, t_start = _now(), time.monotonic()
+        record: dict[str, Any] = {
+            "condition": cond.name, "rep": rep, "status": "failed", "error": None,
+            "strategy": cond.strategy, "servers": {}, "started": started,
+            "sweep": list(cond.sweep) if cond.sweep else None,
+            "env": fpmod.short(self.fingerprint), "phases_s": {},
+        }
+        phases = record["phases_s"]
+        stack = contextlib.ExitStack()
+        try:
+            try:
+                t = time.monotonic()
+                self._phase("strategy set-up")
+                strategy = stack.enter_context(self.backend.strategy(
+                    cond.strategy, list(cond.gpus), dict(cond.options), (rep_dir / "strategy").resolve()))
+                describe = getattr(strategy, "describe", None)
+                record["strategy_info"] = describe() if describe else None
+                phases["strategy"] = round(time.monotonic() - t, 3)
+                urls, servers = {}, []
+                for role in ("gen", "embed"):
+                    if role not in cond.servers:
+                        continue
+                    t = time.monotonic()
+                    self._phase(f"starting {role} server")
+                    sspec, cfg = self.server_spec(cond, role, strategy)
+                    server = self.backend.start_server(sspec, strategy.env_for(role),
+                                                       rep_dir / f"{role}.log", cfg.ready_timeout_s)
+                    stack.callback(self._stop_server, server)
+                    servers.append(server)
+                    urls[role] = server.url
+                    record["servers"][role] = {
+                        "url": server.url, "pid": getattr(server, "pid", None),
+                        "launcher": cfg.launcher, "model": cfg.model, "device": sspec.device,
+                        "tensor_parallel_size": cfg.tensor_parallel_size,
+                        "enforce_eager": cfg.enforce_eager,
+                        "gpu_memory_utilization": cfg.gpu_memory_utilization}
+                    phases[f"start_{role}"] = round(time.monotonic() - t, 3)
+                t = time.monotonic()
+                sampler = None
+                if self.spec.telemetry.enabled:
+                    devices = list(strategy.telemetry_devices() or cond.gpus)
+                    sampler = self.backend.telemetry(devices, self.spec.telemetry.interval_s,
+                                                     rep_dir / "telemetry.jsonl")
+                    sampler.start()
+                    stack.callback(self._stop_sampler, sampler)
+                    if not getattr(sampler, "available", True) and not self._telemetry_noted:
+                        self._telemetry_noted = True
+                        if self.progress:
+                            self.progress.message(f"    telemetry: {sampler.status()}")
+                self._phase("warm-up and measurement")
+                load = self.load_config(cond, urls)
+                record["load"] = load
+                on_progress = self.progress.load_progress if self.progress else None
+                summary = self.backend.run_load(load, rep_dir / "bench.json", on_progress)
+                record["bench"] = summary
+                if sampler is not None:
+                    record["telemetry"] = {
+                        "all": self._stop_sampler(sampler),
+                        "window": window_telemetry(getattr(sampler, "rows", []), summary),
+                        "status": sampler.status() if hasattr(sampler, "status") else None,
+                        "devices": list(getattr(sampler, "devices", [])),
+                    }
+                phases["load"] = round(time.monotonic() - t, 3)
+                if summary.get("cut_short"):
+                    raise KeyboardInterrupt
+                for server in servers:  # one that died during the load fails the rep
+                    if hasattr(server, "check"):
+                        server.check()
+                record["error"] = _load_problem(summary, cond.servers)
+                record["status"] = "failed" if record["error"] else "ok"
+            finally:
+                t = time.monotonic()
+                self._phase("tear-down")
+                with no_interrupts() as signals:
+                    stack.close()
+                phases["teardown"] = round(time.monotonic() - t, 3)
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:  # the rep failed; the run goes on
+            record["status"] = "failed"
+            record["error"] = f"{type(e).__name__}: {_first_line(e)}" if not record.get("error") else record["error"]
+            write_atomic(rep_dir / "error.txt", traceback.format_exc())
+        _compress_records(rep_dir)
+        record["finished"] = _now()
+        record["elapsed_s"] = round(time.monotonic() - t_start, 3)
+        self.run_dir.finish_rep(cond.name, rep, record)
+        if signals:  # Ctrl-C during tear-down: the rep was whole and is kept; now stop
+            raise KeyboardInterrupt
+        return record
+
+    @staticmethod
+    def _stop_server(server) -> None:
+        server.stop()
+
+    @staticmethod
+    def _stop_sampler(sampler) -> Any:
+        if getattr(sampler, "_coserve_stopped", False):
+            return sampler._coserve_summary
+        summary = sampler.stop()
+        sampler._coserve_stopped, sampler._coserve_summary = True, summary
+        return summary
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    if isinstance(d, list) and d and all(isinstance(x, dict) and "name" in x for x in d):
+        out = {}
+        for x in d:
+            out.update(_flatten(x, f"{prefix}[{x['name']}]"))
+        return out
+    return {prefix: d}
+
+
+def spec_changes(old: dict, new: dict) -> list[str]:
+    """'dotted.path: old -> new' for each field where two validated specs differ."""
+    a, b = _flatten(old), _flatten(new)
+    return [f"{k}: {a.get(k, '(absent)')!r} -> {b.get(k, '(absent)')!r}"
+            for k in sorted(set(a) | set(b)) if a.get(k, "(absent)") != b.get(k, "(absent)")]
+
+
+def window_telemetry(rows: list[dict], summary: dict) -> dict[str, dict[str, float]]:
+    """{metric: {mean, p50}} over the samples taken inside the load's measurement window
+    (the sampler's own summary also covers warm-up and start-up)."""
+    import statistics
+
+    try:
+        t0 = dt.datetime.fromisoformat(summary["started_at"]).timestamp()
+        ws = t0 + float(summary["warmup_s"])
+        we = ws + float(summary["duration_s"])
+    except (KeyError, TypeError, ValueError):
+        return {}
+    inside = [r for r in rows if ws <= r.get("t", -1) <= we]
+    out = {}
+    for key in sorted({k for r in inside for k in r} - {"t", "t_rel_s", "device"}):
+        vals = [r[key] for r in inside if isinstance(r.get(key), int | float)]
+        if vals:
+            out[key] = {"mean": statistics.fmean(vals), "p50": statistics.median(vals), "n": len(vals)}
+    return out
+
+
+def _load_problem(summary: dict, roles: list[str]) -> str | None:
+    """A reason to call the rep failed although the load ran: a role with nothing completed."""
+    for role in roles:
+        part = summary.get(role)
+        if not part:
+            return f"the load generator measured nothing for {role}"
+        if not part.get("completed"):
+            errs = part.get("errors") or []
+            first = ""
+            if errs:
+                e = errs[0]
+                first = f" (first error: {e.get('status')} {e.get('message')})" if isinstance(e, dict) else f" ({e})"
+            return (f"no {role} request completed inside the window; "
+                    f"{part.get('failed', 0)} failed{first}")
+    return None
+
+
+def _compress_records(rep_dir: Path) -> None:
+    """Per-request records are large; keep them gzipped (the report reads either)."""
+    for path in rep_dir.glob("*.records.jsonl"):
+        with open(path, "rb") as src, gzip.open(str(path) + ".gz", "wb", compresslevel=6) as dst:
+            shutil.copyfileobj(src, dst)
+        path.unlink()

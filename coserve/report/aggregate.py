@@ -1,0 +1,238 @@
+"""A run folder -> per-condition statistics (what `stats.json` holds and the report shows)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from coserve import stats
+from coserve.experiment.rundir import RunDir, read_json
+from coserve.spec import Condition, Spec, parse_spec
+
+# metric -> path into a rep record; each is summarised over the condition's finished reps.
+METRICS: dict[str, tuple[str, ...]] = {
+    "gen_tok_s": ("bench", "gen", "output_tokens_per_s"),
+    "gen_req_s": ("bench", "gen", "requests_per_s"),
+    "embed_seq_s": ("bench", "embed", "sequences_per_s"),
+    "embed_req_s": ("bench", "embed", "requests_per_s"),
+    **{f"tpot_{p}": ("bench", "gen", "tpot_ms", p) for p in ("mean", "p50", "p95", "p99")},
+    **{f"ttft_{p}": ("bench", "gen", "ttft_ms", p) for p in ("mean", "p50", "p95", "p99")},
+    **{f"itl_{p}": ("bench", "gen", "itl_ms", p) for p in ("p50", "p95", "p99")},
+    **{f"embed_lat_{p}": ("bench", "embed", "latency_ms", p) for p in ("mean", "p50", "p95", "p99")},
+    **{m: ("telemetry", "window", m, "mean") for m in (
+        "sm_active", "sm_occupancy", "tensor_active", "dram_active", "fp16_active", "fp32_active",
+        "gpu_util", "power_w", "mem_used_mib")},
+}
+TELEMETRY = ("sm_active", "sm_occupancy", "tensor_active", "dram_active")
+
+
+def _get(d: Any, path: tuple[str, ...]) -> Any:
+    for k in path:
+        if not isinstance(d, dict):
+            return None
+        d = d.get(k)
+    return d
+
+
+@dataclass
+class ConditionStats:
+    condition: Condition
+    planned: int
+    ok: list[dict] = field(default_factory=list)      # finished reps, by rep number
+    failed: list[dict] = field(default_factory=list)  # reps recorded as failed
+    values: dict[str, list[float]] = field(default_factory=dict)
+    summary: dict[str, stats.Summary] = field(default_factory=dict)
+    gen_delta: stats.Delta | None = None
+    embed_delta: stats.Delta | None = None
+    gen_baseline: str | None = None
+    embed_baseline: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.condition.name
+
+    @property
+    def status(self) -> str:
+        n_ok = len(self.ok)
+        if n_ok >= self.planned:
+            return "complete"
+        if n_ok:
+            return "partial"
+        return "failed" if self.failed else "not run"
+
+    def mean(self, metric: str) -> float | None:
+        s = self.summary.get(metric)
+        return None if s is None else s.mean
+
+    def to_dict(self) -> dict:
+        return {
+            "condition": self.name, "strategy": self.condition.strategy,
+            "servers": list(self.condition.servers), "status": self.status,
+            "reps_planned": self.planned, "reps_ok": [r["rep"] for r in self.ok],
+            "failures": [{"rep": r["rep"], "error": r.get("error")} for r in self.failed],
+            "sweep": list(self.condition.sweep) if self.condition.sweep else None,
+            "metrics": {k: s.to_dict() for k, s in self.summary.items()},
+            "per_rep": self.values,
+            "gen_delta_pct": self.gen_delta.to_dict() if self.gen_delta else None,
+            "gen_baseline": self.gen_baseline,
+            "embed_delta_pct": self.embed_delta.to_dict() if self.embed_delta else None,
+            "embed_baseline": self.embed_baseline,
+        }
+
+
+@dataclass
+class RunStats:
+    run_dir: RunDir
+    spec: Spec
+    fingerprint: dict
+    conditions: list[ConditionStats]
+
+    def get(self, name: str) -> ConditionStats:
+        return next(c for c in self.conditions if c.name == name)
+
+    @property
+    def matrix(self) -> list[ConditionStats]:
+        return [c for c in self.conditions if c.condition.sweep is None]
+
+    @property
+    def sweep(self) -> list[ConditionStats]:
+        return [c for c in self.conditions if c.condition.sweep is not None]
+
+    def sweep_optimum(self) -> dict[str, tuple[int, float]]:
+        """Per swept condition: (concurrency, throughput) of the best point measured."""
+        if self.spec.sweep is None:
+            return {}
+        metric = "gen_tok_s" if self.spec.sweep.role == "gen" else "embed_seq_s"
+        best: dict[str, tuple[int, float]] = {}
+        for c in self.sweep:
+            role, conc, base = c.condition.sweep
+            v = c.mean(metric)
+            if v is not None and (base not in best or v > best[base][1]):
+                best[base] = (conc, v)
+        return best
+
+    def to_dict(self) -> dict:
+        return {
+            "spec": {"name": self.spec.name, "hash": self.spec.digest(), "baseline": self.spec.baseline},
+            "conditions": [c.to_dict() for c in self.conditions],
+            "sweep_optimum": {k: {"concurrency": c, "throughput": v}
+                              for k, (c, v) in self.sweep_optimum().items()},
+            "method": "mean over finished reps; 95% CI of the mean from Student's t; delta = "
+                      "condition mean / baseline mean - 1 with a delta-method CI (Welch df)",
+        }
+
+
+def load_spec_of(run_dir: RunDir) -> Spec:
+    if run_dir.spec_json.exists():
+        return parse_spec(read_json(run_dir.spec_json), str(run_dir.spec_json))
+    from coserve.spec import load_spec
+
+    return load_spec(run_dir.spec_file)
+
+
+def embed_baseline(spec: Spec) -> str | None:
+    """The condition embed deltas are against: the first that runs embed alone."""
+    for c in spec.conditions:
+        if list(c.servers) == ["embed"]:
+            return c.name
+    return None
+
+
+def aggregate(path: str | Path) -> RunStats:
+    rd = RunDir(path)
+    if not rd.exists():
+        raise FileNotFoundError(f"{rd.path} is not a coserve run folder (no fingerprint.json)")
+    spec = load_spec_of(rd)
+    fp = read_json(rd.fingerprint_file)
+    by_cond: dict[str, list[dict]] = {}
+    for r in rd.records():
+        by_cond.setdefault(r["condition"], []).append(r)
+    out = []
+    for cond in spec.all_conditions():
+        cs = ConditionStats(cond, spec.reps_of(cond))
+        recs = sorted(by_cond.get(cond.name, []), key=lambda r: r["rep"])
+        recs = [r for r in recs if r["rep"] <= cs.planned]
+        cs.ok = [r for r in recs if r.get("status") == "ok"]
+        cs.failed = [r for r in recs if r.get("status") != "ok"]
+        for metric, p in METRICS.items():
+            vals = [_get(r, p) for r in cs.ok]
+            vals = [float(v) for v in vals if isinstance(v, int | float)]
+            if vals:
+                cs.values[metric] = vals
+                cs.summary[metric] = stats.summarize(vals)
+        out.append(cs)
+    names = {c.name: c for c in out}
+    emb = embed_baseline(spec)
+    for cs in out:
+        if cs.condition.sweep is not None:
+            continue
+        base = names.get(cs.condition.baseline_name(spec))
+        if "gen" in cs.condition.servers and base is not None and "gen_tok_s" in base.values:
+            cs.gen_baseline = base.name
+            if base is not cs and "gen_tok_s" in cs.values:
+                cs.gen_delta = stats.delta(cs.values["gen_tok_s"], base.values["gen_tok_s"])
+        if "embed" in cs.condition.servers and emb is not None and "embed_seq_s" in names[emb].values:
+            cs.embed_baseline = emb
+            if emb != cs.name and "embed_seq_s" in cs.values:
+                cs.embed_delta = stats.delta(cs.values["embed_seq_s"], names[emb].values["embed_seq_s"])
+    return RunStats(rd, spec, fp, out)
+
+
+# ------------------------------------------------------------------ per-request data for plots
+
+
+def _records_file(rep_dir: Path) -> Path | None:
+    for name in ("bench.records.jsonl.gz", "bench.records.jsonl"):
+        p = rep_dir / name
+        if p.exists():
+            return p
+    return None
+
+
+def request_values(run: RunStats, cs: ConditionStats, key: str, endpoint: str) -> list[float]:
+    """Per-request values (`tpot_ms`, `ttft_ms`, `latency_ms`) of requests that ended inside
+    the window, pooled over the condition's finished reps."""
+    out: list[float] = []
+    for r in cs.ok:
+        bench = r.get("bench") or {}
+        ws = float(bench.get("warmup_s", 0))
+        we = ws + float(bench.get("duration_s", 0))
+        path = _records_file(run.run_dir.rep_dir(cs.name, r["rep"]))
+        if path is None:
+            continue
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rt") as f:
+            for line in f:
+                if f'"{key}"' not in line:
+                    continue
+                rec = json.loads(line)
+                v = rec.get(key)
+                if (rec.get("endpoint") == endpoint and rec.get("status") == "ok"
+                        and v is not None and ws <= rec.get("end_s", -1) < we):
+                    out.append(float(v))
+    return out
+
+
+def telemetry_series(run: RunStats, cs: ConditionStats) -> tuple[list[dict], dict] | None:
+    """Rows of the first finished rep's telemetry (with `t_load_s`, seconds since the load
+    started) and that rep's bench summary; None when no rep has telemetry."""
+    import datetime as dt
+
+    for r in cs.ok:
+        path = run.run_dir.rep_dir(cs.name, r["rep"]) / "telemetry.jsonl"
+        if not path.exists() or not path.stat().st_size:
+            continue
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        bench = r.get("bench") or {}
+        try:
+            t0 = dt.datetime.fromisoformat(bench["started_at"]).timestamp()
+        except (KeyError, TypeError, ValueError):
+            t0 = rows[0]["t"] if rows else 0.0
+        for row in rows:
+            row["t_load_s"] = row["t"] - t0
+        if rows:
+            return rows, bench
+    return None

@@ -1,0 +1,175 @@
+"""PNG plots of a run (matplotlib, Agg backend: no display needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from coserve.report.aggregate import TELEMETRY, RunStats, request_values, telemetry_series
+
+LABELS = {"sm_active": "SM active", "sm_occupancy": "SM occupancy",
+          "tensor_active": "Tensor active", "dram_active": "DRAM active"}
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plt.rcParams.update({"figure.dpi": 100, "axes.grid": True, "grid.alpha": 0.3,
+                         "axes.spines.top": False, "axes.spines.right": False})
+    return plt
+
+
+def _bars(ax, run: RunStats, metric: str, title: str, unit: str) -> bool:
+    rows = [c for c in run.matrix if metric in c.summary]
+    if not rows:
+        ax.set_visible(False)
+        return False
+    names = [c.name for c in rows]
+    means = [c.summary[metric].mean for c in rows]
+    err = [c.summary[metric].half_width or 0.0 for c in rows]
+    colors = ["#4c72b0" if c.name != (c.gen_baseline if metric.startswith("gen") else c.embed_baseline)
+              else "#8c8c8c" for c in rows]
+    ax.bar(range(len(rows)), means, yerr=err, capsize=5, color=colors)
+    for i, c in enumerate(rows):  # the reps themselves, as dots
+        vals = c.values[metric]
+        ax.scatter([i] * len(vals), vals, color="black", s=12, zorder=3)
+    ax.set_xticks(range(len(rows)), names, rotation=20, ha="right")
+    ax.set_ylabel(unit)
+    ax.set_title(title)
+    return True
+
+
+def throughput(run: RunStats, path: Path) -> Path | None:
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    a = _bars(axes[0], run, "gen_tok_s", "Gen throughput", "tokens/s")
+    b = _bars(axes[1], run, "embed_seq_s", "Embed throughput", "sequences/s")
+    if not (a or b):
+        plt.close(fig)
+        return None
+    fig.suptitle("mean over reps with 95% CI; dots: the reps; grey: the baseline", fontsize=9, y=0.02)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def tpot_distribution(run: RunStats, path: Path) -> Path | None:
+    """Empirical CDF of per-request TPOT (requests that ended inside the window, all reps)."""
+    import numpy as np
+
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    drawn = False
+    for c in run.matrix:
+        vals = request_values(run, c, "tpot_ms", "gen")
+        if not vals:
+            continue
+        x = np.sort(np.asarray(vals))
+        y = np.arange(1, len(x) + 1) / len(x)
+        ax.step(x, y, where="post", label=f"{c.name} (n={len(x)})")
+        drawn = True
+    if not drawn:
+        plt.close(fig)
+        return None
+    for q in (0.5, 0.95, 0.99):
+        ax.axhline(q, color="gray", lw=0.6, ls=":")
+    ax.set_xlabel("time per output token (ms)")
+    ax.set_ylabel("fraction of requests")
+    ax.set_title("TPOT distribution per condition")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def telemetry(run: RunStats, path: Path) -> Path | None:
+    """SM active / SM occupancy / tensor active / DRAM active over time, first rep of each."""
+    series = [(c, telemetry_series(run, c)) for c in run.matrix]
+    series = [(c, s) for c, s in series if s is not None]
+    series = [(c, s) for c, s in series if any(r.get(m) is not None for r in s[0] for m in TELEMETRY)]
+    if not series:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(2, 2, figsize=(11, 6.5), sharex=True)
+    for ax, metric in zip(axes.flat, TELEMETRY, strict=True):
+        for c, (rows, _bench) in series:
+            pts = [(r["t_load_s"], r[metric]) for r in rows if r.get(metric) is not None]
+            if pts:
+                ax.plot(*zip(*pts, strict=True), label=c.name, lw=1.2)
+        warm = float(series[0][1][1].get("warmup_s", 0))
+        ax.axvspan(min(0.0, warm), warm, color="gray", alpha=0.12)
+        ax.set_title(LABELS[metric])
+        ax.set_ylim(0, 1.05)
+    for ax in axes[1]:
+        ax.set_xlabel("seconds since load start (grey: warm-up)")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def sweep(run: RunStats, path: Path) -> Path | None:
+    """Throughput against the swept concurrency; for an embed sweep also gen tok/s against
+    embed seq/s (the trade-off a user chooses on)."""
+    if run.spec.sweep is None:
+        return None
+    role = run.spec.sweep.role
+    metric = "gen_tok_s" if role == "gen" else "embed_seq_s"
+    groups: dict[str, list] = {}
+    for c in run.sweep:
+        if metric in c.summary:
+            groups.setdefault(c.condition.sweep[2], []).append(c)
+    if not groups:
+        return None
+    plt = _plt()
+    ncols = 2 if role == "embed" else 1
+    fig, axes = plt.subplots(1, ncols, figsize=(6 * ncols, 4.2), squeeze=False)
+    ax = axes[0][0]
+    for base, cs in groups.items():
+        cs.sort(key=lambda c: c.condition.sweep[1])
+        xs = [c.condition.sweep[1] for c in cs]
+        ax.errorbar(xs, [c.summary[metric].mean for c in cs],
+                    yerr=[c.summary[metric].half_width or 0 for c in cs], marker="o", capsize=4, label=base)
+    ax.set_xscale("log", base=2)
+    ticks = sorted({c.condition.sweep[1] for cs in groups.values() for c in cs})
+    ax.set_xticks(ticks, [str(t) for t in ticks])
+    ax.minorticks_off()
+    ax.set_xlabel(f"{role} concurrency")
+    ax.set_ylabel("tokens/s" if role == "gen" else "sequences/s")
+    ax.set_title(f"{role} throughput vs concurrency")
+    ax.legend(fontsize=8)
+    if role == "embed":
+        ax2 = axes[0][1]
+        for base, cs in groups.items():
+            pts = [(c.mean("embed_seq_s"), c.mean("gen_tok_s"), c.condition.sweep[1]) for c in cs
+                   if c.mean("gen_tok_s") is not None]
+            if pts:
+                ax2.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=base)
+                for x, y, conc in pts:
+                    ax2.annotate(f"C={conc}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax2.set_xlabel("embed sequences/s")
+        ax2.set_ylabel("gen tokens/s")
+        ax2.set_title("trade-off: gen vs embed throughput")
+        ax2.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def make_all(run: RunStats, out_dir: Path) -> dict[str, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    made = {}
+    for name, fn in (("throughput", throughput), ("tpot", tpot_distribution),
+                     ("telemetry", telemetry), ("sweep", sweep)):
+        p = fn(run, out_dir / f"{name}.png")
+        if p is not None:
+            made[name] = p
+        else:
+            (out_dir / f"{name}.png").unlink(missing_ok=True)
+    return made

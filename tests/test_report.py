@@ -1,0 +1,83 @@
+"""The report from stored results: tables like the study's, self-contained HTML, plots, and
+what is missing or failed said plainly."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from test_experiment_runner import SPEC, FakeBackend, runner
+
+from coserve.report.aggregate import aggregate
+from coserve.report.render import render
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("report")
+    text = SPEC + "[sweep]\nconcurrency = [4, 8]\n"
+    b = FakeBackend(interrupt_at=("timeslice", 2), fail_at=("embed-only", 2))
+    with pytest.raises(KeyboardInterrupt):
+        runner(tmp, b, text=text, only=["gen-only", "embed-only", "timeslice"]).run()
+    # the sweep points run in a later call; mps never runs
+    runner(tmp, FakeBackend(), text=text, resume=True, only=["gen-only.gen-c4", "gen-only.gen-c8"]).run()
+    render(tmp / "run")
+    return tmp / "run"
+
+
+def test_stats_per_condition(run_dir):
+    run = aggregate(run_dir)
+    st = {c.name: c for c in run.conditions}
+    assert st["gen-only"].status == "complete" and len(st["gen-only"].values["gen_tok_s"]) == 2
+    assert st["embed-only"].status == "partial" and st["embed-only"].failed[0]["rep"] == 2
+    assert st["timeslice"].status == "partial" and st["mps"].status == "not run"
+    g = st["gen-only"].summary["gen_tok_s"]
+    assert g.n == 2 and g.ci_low < g.mean < g.ci_high
+    ts = st["timeslice"]
+    assert ts.gen_baseline == "gen-only" and ts.embed_baseline == "embed-only"
+    assert ts.gen_delta.pct == pytest.approx((ts.mean("gen_tok_s") / g.mean - 1) * 100)
+    assert ts.gen_delta.ci_low is None  # one rep: no CI
+    assert st["gen-only"].mean("sm_active") == pytest.approx(0.82)
+    assert set(run.sweep_optimum()) == {"gen-only"}
+
+
+def test_markdown_tables(run_dir):
+    md = (run_dir / "report.md").read_text()
+    assert "| Condition | Strategy | Reps | Gen (tok/s) | Gen delta | Embed (seq/s) | Embed delta |" in md
+    assert re.search(r"\| gen-only \| timeslice \| 2/2 \| [\d,]+ ± [\d,.]+ \| baseline \| - \| - \|", md)
+    assert re.search(r"\| timeslice \| timeslice \| 1/2 \(partial\) \| [\d,]+ \| \*\*[+-]\d+\.\d%\*\* \(n=1: no CI\)", md)
+    assert "| mps | mps | 0/2 (not run) | (none) |" in md
+    for heading in ("Per-token decode latency (TPOT, ms)", "Time to first token", "GPU telemetry",
+                    "Concurrency sweep (gen)", "Missing or failed", "Environment", "Settings"):
+        assert heading in md
+    assert "| Condition | SM active | SM occupancy | Tensor active | DRAM active | Power (W) |" in md
+    assert "| gen-only | 0.820 ± 0.000 | 0.180 ± 0.000 | 0.200 ± 0.000 | 0.300 ± 0.000 |" in md
+    assert "| embed-only | rep 2 failed | ConnectionError: gen endpoint unreachable |" in md
+    assert "| mps | not run | 2 of 2 rep(s) not run yet" in md
+    assert "| timeslice | not run | 1 of 2 rep(s) not run yet" in md
+    assert "Throughput-optimal concurrency: **gen-only: C=" in md
+    for name in ("throughput", "tpot", "telemetry", "sweep"):
+        assert f"(plots/{name}.png)" in md and (run_dir / "plots" / f"{name}.png").stat().st_size > 5000
+
+
+def test_html_is_self_contained(run_dir):
+    html = (run_dir / "report.html").read_text()
+    assert html.count("src='data:image/png;base64,") == 4
+    assert not re.search(r"""(src|href)=['"](?!data:)""", html)  # nothing fetched from elsewhere
+    assert "<table>" in html and "<b>" in html and "baseline" in html
+
+
+def test_report_command_rerenders(run_dir, capsys):
+    from coserve.cli import main
+
+    before = (run_dir / "report.md").read_text()
+    (run_dir / "report.md").unlink()
+    assert main(["report", str(run_dir), "--no-plots"]) == 0
+    after = (run_dir / "report.md").read_text()
+    def table(md):
+        return md.split("## Throughput\n\n")[1].split("\n\n")[0]
+
+    assert table(after) == table(before) and "| gen-only |" in table(after)
+    assert "gen-only" in capsys.readouterr().out
+    assert main(["report", str(run_dir.parent)]) == 2
+    assert "not a coserve run folder" in capsys.readouterr().out
