@@ -1,0 +1,184 @@
+"""The embedding engine: requests carry one or more token-id inputs; each step packs inputs
+from the front of the queue (several requests at once) into one forward pass of at most
+`max_num_batched_tokens` tokens and `max_num_seqs` inputs, pools each input's hidden states
+(mean, or last token as Qwen3-Embedding) and L2-normalises them. A request is answered when
+all its inputs are done."""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from coserve.engine.attention import AttnMetadata
+from coserve.engine.config import BertConfig
+from coserve.engine.gen_engine import _device
+from coserve.engine.memory import GiB, GpuBudget
+from coserve.engine.types import EmbedOutput, EngineArgs
+from coserve.engine.weights import load_model
+
+log = logging.getLogger("coserve.engine")
+
+
+@dataclass(eq=False)
+class _EmbedRequest:
+    request_id: str
+    inputs: list[list[int]]
+    embeddings: list[list[float] | None] = field(default_factory=list)
+    next_input: int = 0     # inputs before this one have been scheduled
+    done: int = 0
+
+
+def pool(hidden: torch.Tensor, lens: list[int], how: str) -> torch.Tensor:
+    """hidden [T, H] of packed sequences -> [B, H] float32, L2-normalised. how: "mean" over
+    each sequence's tokens, "last" token (causal models) or "cls" (first) token."""
+    n = torch.tensor(lens, device=hidden.device)
+    ends = n.cumsum(0)
+    if how == "last":
+        pooled = hidden[ends - 1].float()
+    elif how == "cls":
+        pooled = hidden[ends - n].float()
+    elif how == "mean":
+        seg = torch.repeat_interleave(torch.arange(len(lens), device=hidden.device), n)
+        sums = torch.zeros(len(lens), hidden.shape[1], device=hidden.device)
+        pooled = sums.index_add_(0, seg, hidden.float()) / n[:, None]
+    else:
+        raise ValueError(f"unknown pooling {how!r}")
+    return F.normalize(pooled, p=2, dim=-1)
+
+
+class EmbedEngine:
+    def __init__(self, args: EngineArgs) -> None:
+        self.args = args
+        device = _device(args.device)
+        budget = GpuBudget(device, args.gpu_memory_utilization) if device.type == "cuda" else None
+        if budget is not None:
+            budget.start()
+        lm = load_model(args.model, task="embed", random_weights=args.random_weights,
+                        device=str(device), dtype=args.dtype, max_model_len=args.max_model_len,
+                        seed=args.seed)
+        if budget is not None and lm.weight_bytes > budget.requested:
+            raise ValueError(f"weights take {lm.weight_bytes / GiB:.2f} GiB, more than the "
+                             f"{budget.requested / GiB:.2f} GiB gpu_memory_utilization allows")
+        self.lm, self.model, self.device = lm, lm.model, device
+        self.model_name = args.model
+        self.max_model_len = lm.max_model_len
+        self.tokenizer = lm.tokenizer
+        self.dim = lm.config.hidden_size
+        self.vocab_size = lm.config.vocab_size
+        self.causal = not isinstance(lm.config, BertConfig)
+        self.pooling = lm.pooling
+        self.max_num_batched_tokens = max(args.max_num_batched_tokens, self.max_model_len)
+        self._queue: deque[_EmbedRequest] = deque()
+        self._prompt_tokens_total = 0
+        self._ids: set[str] = set()
+        log.info("embedding engine: %s, dim %d, %s pooling, max_model_len %d, "
+                 "%d tokens per batch", self.model_name, self.dim, self.pooling,
+                 self.max_model_len, self.max_num_batched_tokens)
+
+    def add_request(self, request_id: str, inputs: list[list[int]]) -> None:
+        if request_id in self._ids:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if not isinstance(inputs, list | tuple) or not inputs:
+            raise ValueError("inputs must be a non-empty list of token-id lists")
+        for i, ids in enumerate(inputs):
+            where = f"input {i}" if len(inputs) > 1 else "input"
+            if not isinstance(ids, list | tuple) or not ids:
+                raise ValueError(f"{where} must be a non-empty list of token ids")
+            if len(ids) > self.max_model_len:
+                raise ValueError(f"{where} has {len(ids)} tokens, more than this model's maximum "
+                                 f"context length of {self.max_model_len} tokens")
+            for t in ids:
+                if isinstance(t, bool) or not isinstance(t, int):
+                    raise ValueError(f"token ids must be integers, got {t!r}")
+                if not 0 <= t < self.vocab_size:
+                    raise ValueError(f"token id {t} is out of vocabulary (0..{self.vocab_size - 1})")
+        req = _EmbedRequest(request_id, [list(x) for x in inputs])
+        req.embeddings = [None] * len(inputs)
+        self._queue.append(req)
+        self._ids.add(request_id)
+
+    def abort(self, request_id: str) -> None:
+        if request_id in self._ids:
+            self._ids.discard(request_id)
+            self._queue = deque(r for r in self._queue if r.request_id != request_id)
+
+    def has_unfinished(self) -> bool:
+        return bool(self._queue)
+
+    def _next_batch(self) -> list[tuple[_EmbedRequest, int]]:
+        batch, tokens = [], 0
+        for req in self._queue:
+            while req.next_input < len(req.inputs):
+                n = len(req.inputs[req.next_input])
+                if batch and (tokens + n > self.max_num_batched_tokens
+                              or len(batch) >= self.args.max_num_seqs):
+                    return batch
+                batch.append((req, req.next_input))
+                req.next_input += 1
+                tokens += n
+        return batch
+
+    @torch.inference_mode()
+    def embed_batch(self, inputs: list[list[int]]) -> torch.Tensor:
+        """One forward pass over `inputs` -> [len(inputs), dim] float32, normalised."""
+        lens = [len(x) for x in inputs]
+        ids = torch.tensor([t for x in inputs for t in x], dtype=torch.int64, device=self.device)
+        pos = torch.cat([torch.arange(n, dtype=torch.int64) for n in lens]).to(self.device)
+        hidden = self.model(ids, pos, AttnMetadata.dense(lens, causal=self.causal))
+        return pool(hidden, lens, self.pooling)
+
+    def step(self) -> list[EmbedOutput]:
+        batch = self._next_batch()
+        if not batch:
+            return []
+        vectors = self.embed_batch([req.inputs[i] for req, i in batch]).cpu().tolist()
+        for (req, i), vec in zip(batch, vectors, strict=True):
+            req.embeddings[i] = vec
+            req.done += 1
+        outputs = []
+        while self._queue and self._queue[0].done == len(self._queue[0].inputs):
+            req = self._queue.popleft()
+            outputs.append(self._finish(req))
+        for req in [r for r in self._queue if r.done == len(r.inputs)]:  # finished out of order
+            self._queue.remove(req)
+            outputs.append(self._finish(req))
+        return outputs
+
+    def _finish(self, req: _EmbedRequest) -> EmbedOutput:
+        self._ids.discard(req.request_id)
+        tokens = sum(len(x) for x in req.inputs)
+        self._prompt_tokens_total += tokens
+        return EmbedOutput(req.request_id, req.embeddings, tokens)
+
+    def stats(self) -> dict:
+        started = sum(1 for r in self._queue if r.next_input > 0)
+        return {
+            "num_running": started,
+            "num_waiting": len(self._queue) - started,
+            "kv_cache_usage": 0.0,
+            "num_preemptions": 0,
+            "prompt_tokens_total": self._prompt_tokens_total,
+            "generation_tokens_total": 0,
+            "kv_capacity_tokens": 0,
+        }
+
+    def embed(self, inputs: list[list[int]] | list[str]) -> list[list[float]]:
+        """Offline: embed everything now, in batches, through the same queue."""
+        ids = []
+        for x in inputs:
+            if isinstance(x, str):
+                if self.tokenizer is None:
+                    raise ValueError(f"model {self.model_name!r} has no tokenizer: give token ids")
+                x = self.tokenizer.encode(x)
+            ids.append(list(x))
+        rid = f"embed-offline-{id(ids)}"
+        self.add_request(rid, ids)
+        while self.has_unfinished():
+            for out in self.step():
+                if out.request_id == rid:
+                    return out.embeddings
+        raise RuntimeError("request vanished")

@@ -1,0 +1,224 @@
+"""The generation engine: requests in, one scheduler step at a time, tokens out.
+
+    engine = GenEngine(EngineArgs(model="tiny-moe", random_weights=True))
+    engine.add_request("r1", [1, 2, 3], SamplingParams(max_tokens=16, temperature=0))
+    while engine.has_unfinished():
+        for out in engine.step(): ...
+
+or offline: `engine.generate([[1, 2, 3], "text"], SamplingParams(max_tokens=16))`."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from coserve.engine.attention import AttnMetadata
+from coserve.engine.kernels.sampling import sample
+from coserve.engine.kv_cache import BlockManager, allocate_kv_cache
+from coserve.engine.memory import GiB, GpuBudget
+from coserve.engine.runner import ModelRunner
+from coserve.engine.sampler import Sampler
+from coserve.engine.scheduler import Scheduler
+from coserve.engine.sequence import Sequence
+from coserve.engine.types import EngineArgs, RequestOutput, SamplingParams
+from coserve.engine.weights import load_model
+
+log = logging.getLogger("coserve.engine")
+
+
+@dataclass
+class GenerationResult:
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    finish_reason: str | None
+    text: str | None = None
+
+
+def _device(name: str) -> torch.device:
+    dev = torch.device(name)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return dev
+
+
+class GenEngine:
+    def __init__(self, args: EngineArgs, *, block_size: int = 16) -> None:
+        if args.max_num_seqs < 1 or args.max_num_batched_tokens < 1:
+            raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
+        self.args = args
+        device = _device(args.device)
+        budget = GpuBudget(device, args.gpu_memory_utilization) if device.type == "cuda" else None
+        if budget is not None:
+            budget.start()
+        lm = load_model(args.model, task="generate", random_weights=args.random_weights,
+                        device=str(device), dtype=args.dtype, max_model_len=args.max_model_len,
+                        seed=args.seed)
+        self.lm, self.model, self.config = lm, lm.model, lm.config
+        self.device = device
+        self.model_name = args.model
+        self.max_model_len = lm.max_model_len
+        self.tokenizer = lm.tokenizer
+        self.vocab_size = self.config.vocab_size
+        self.eos_token_ids: set[int] = set(self.config.eos_token_ids)
+        self.block_size = block_size
+
+        kv_bytes = budget.kv_bytes(self._profile) if budget else args.cpu_kv_cache_bytes
+        c = self.config
+        elsize = torch.empty((), dtype=lm.dtype).element_size()
+        self.kv_bytes_per_token = c.kv_bytes_per_token(elsize)
+        num_blocks = kv_bytes // (self.kv_bytes_per_token * block_size) - 1  # one null block
+        self.kv_capacity_tokens = max(0, num_blocks) * block_size
+        if self.kv_capacity_tokens < self.max_model_len:
+            raise ValueError(
+                f"the KV cache holds {self.kv_capacity_tokens} tokens "
+                f"({kv_bytes / GiB:.3f} GiB at {self.kv_bytes_per_token} B/token), fewer than "
+                f"max_model_len {self.max_model_len}: raise the memory budget "
+                "(gpu_memory_utilization / cpu_kv_cache_bytes) or lower max_model_len")
+        kv = allocate_kv_cache(c.num_layers, num_blocks, block_size, c.num_kv_heads, c.head_dim,
+                               lm.dtype, device)
+        self.blocks = BlockManager(num_blocks, block_size)
+        self.scheduler = Scheduler(self.blocks, args.max_num_seqs, args.max_num_batched_tokens)
+        self.runner = ModelRunner(self.model, kv, self.blocks, max_num_seqs=args.max_num_seqs,
+                                  max_model_len=self.max_model_len,
+                                  enforce_eager=args.enforce_eager)
+        self.sampler = Sampler(device, args.seed)
+        self._seqs: dict[str, Sequence] = {}
+        self._prompt_tokens_total = 0
+        self._generation_tokens_total = 0
+        log.info("KV cache: %d blocks x %d = %d tokens (%.3f GiB, %d B/token); "
+                 "max_model_len %d, max_num_seqs %d, %s", num_blocks, block_size,
+                 self.kv_capacity_tokens, kv.numel() * elsize / GiB, self.kv_bytes_per_token,
+                 self.max_model_len, args.max_num_seqs,
+                 "eager" if args.enforce_eager else f"decode buckets {self.runner.buckets}")
+
+    # -- start-up ---------------------------------------------------------------------------
+    @torch.inference_mode()
+    def _profile(self) -> None:
+        """A forward pass at the largest prefill batch, plus logits and sampling for the
+        largest decode batch, so the memory budget sees their peak."""
+        n = min(self.args.max_num_batched_tokens, self.args.max_num_seqs * self.max_model_len)
+        lens = [self.max_model_len] * (n // self.max_model_len) + ([n % self.max_model_len] if n % self.max_model_len else [])
+        ids = torch.randint(0, self.vocab_size, (n,), device=self.device)
+        pos = torch.cat([torch.arange(k, device=self.device) for k in lens])
+        hidden = self.model(ids, pos, AttnMetadata.dense(lens, causal=True))
+        rows = min(self.args.max_num_seqs, n)
+        logits = self.model.compute_logits(hidden[:rows])
+        ones = torch.ones(rows, device=self.device)
+        sample(logits, ones, ones * 0.9, [None] * rows, None)
+        del hidden, logits
+
+    # -- requests ---------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt_token_ids: list[int],
+                    params: SamplingParams) -> None:
+        if request_id in self._seqs:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        self._check_prompt(prompt_token_ids)
+        self._check_params(params, len(prompt_token_ids))
+        gen = None
+        if params.seed is not None and params.temperature > 0:
+            gen = self.sampler.new_generator(int(params.seed))
+        seq = Sequence(request_id, list(prompt_token_ids), len(prompt_token_ids), params, gen)
+        self._seqs[request_id] = seq
+        self.scheduler.add(seq)
+
+    def _check_prompt(self, ids: list[int]) -> None:
+        if not isinstance(ids, list | tuple) or len(ids) == 0:
+            raise ValueError("the prompt must be a non-empty list of token ids")
+        for t in ids:
+            if isinstance(t, bool) or not isinstance(t, int):
+                raise ValueError(f"token ids must be integers, got {t!r}")
+            if not 0 <= t < self.vocab_size:
+                raise ValueError(f"token id {t} is out of vocabulary (0..{self.vocab_size - 1})")
+
+    def _check_params(self, p: SamplingParams, prompt_len: int) -> None:
+        if isinstance(p.max_tokens, bool) or not isinstance(p.max_tokens, int) or p.max_tokens < 1:
+            raise ValueError(f"max_tokens must be an integer >= 1, got {p.max_tokens!r}")
+        if not p.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0, got {p.temperature}")
+        if not 0 < p.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {p.top_p}")
+        if prompt_len + p.max_tokens > self.max_model_len:
+            raise ValueError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, "
+                f"you requested {prompt_len + p.max_tokens} tokens ({prompt_len} in the prompt, "
+                f"{p.max_tokens} in the completion). Please reduce the prompt or max_tokens.")
+
+    def abort(self, request_id: str) -> None:
+        if self._seqs.pop(request_id, None) is not None:
+            self.scheduler.abort(request_id)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # -- stepping ---------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if batch is None:
+            return []
+        logits = self.runner.run(batch)
+        sampling = [s for i, s in enumerate(batch.seqs) if batch.samples(i)]
+        tokens = self.sampler(logits, sampling)
+        outputs = []
+        for seq in self.scheduler.postprocess(batch, tokens, self.eos_token_ids, self.max_model_len):
+            if not seq.prompt_counted:
+                seq.prompt_counted = True
+                self._prompt_tokens_total += seq.num_prompt_tokens
+            self._generation_tokens_total += 1
+            finished = seq.finish_reason is not None
+            if finished:
+                self._seqs.pop(seq.request_id, None)
+            outputs.append(RequestOutput(
+                request_id=seq.request_id, new_token_ids=[seq.last_token], finished=finished,
+                finish_reason=seq.finish_reason, prompt_tokens=seq.num_prompt_tokens,
+                completion_tokens=seq.num_completion_tokens))
+        return outputs
+
+    def stats(self) -> dict:
+        return {
+            "num_running": len(self.scheduler.running),
+            "num_waiting": len(self.scheduler.waiting),
+            "kv_cache_usage": self.blocks.usage,
+            "num_preemptions": self.scheduler.num_preemptions,
+            "prompt_tokens_total": self._prompt_tokens_total,
+            "generation_tokens_total": self._generation_tokens_total,
+            "kv_capacity_tokens": self.kv_capacity_tokens,
+        }
+
+    # -- offline ----------------------------------------------------------------------------
+    def generate(self, prompts: list[list[int]] | list[str],
+                 params: SamplingParams | list[SamplingParams]) -> list[GenerationResult]:
+        """Run prompts (token-id lists, or text with a tokenizer) to completion; results in
+        prompt order."""
+        if not isinstance(params, list):
+            params = [params] * len(prompts)
+        ids = []
+        for p in prompts:
+            if isinstance(p, str):
+                if self.tokenizer is None:
+                    raise ValueError(f"model {self.model_name!r} has no tokenizer: give token ids")
+                p = self.tokenizer.encode(p)
+            ids.append(list(p))
+        tag = f"generate-{time.monotonic_ns()}"
+        results = {f"{tag}-{i}": GenerationResult(f"{tag}-{i}", p, [], None)
+                   for i, p in enumerate(ids)}
+        try:
+            for rid, p, sp in zip(results, ids, params, strict=True):
+                self.add_request(rid, p, sp)
+        except ValueError:
+            for rid in results:
+                self.abort(rid)
+            raise
+        while any(r.finish_reason is None for r in results.values()) and self.has_unfinished():
+            for out in self.step():
+                r = results.get(out.request_id)
+                if r is not None:
+                    r.token_ids += out.new_token_ids
+                    r.finish_reason = out.finish_reason
+        if self.tokenizer is not None:
+            for r in results.values():
+                r.text = self.tokenizer.decode(r.token_ids)
+        return list(results.values())

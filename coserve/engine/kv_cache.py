@@ -1,0 +1,57 @@
+"""The paged KV cache: one tensor [2, layers, num_blocks + 1, block_size, kv_heads, head_dim]
+(k then v) and a block manager that hands out blocks of `block_size` token slots. The last
+block is the null block: padded rows of a static-shape decode batch read and write there,
+and no sequence ever owns it."""
+
+from __future__ import annotations
+
+from collections import deque
+
+import torch
+
+from coserve.engine.sequence import Sequence
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def allocate_kv_cache(num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
+                      head_dim: int, dtype: torch.dtype, device) -> torch.Tensor:
+    return torch.zeros(2, num_layers, num_blocks + 1, block_size, num_kv_heads, head_dim,
+                       dtype=dtype, device=device)
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int) -> None:
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.null_block = num_blocks
+        self._free: deque[int] = deque(range(num_blocks))
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def usage(self) -> float:
+        return 1.0 - self.num_free / self.num_blocks if self.num_blocks else 0.0
+
+    def blocks_to_hold(self, seq: Sequence, num_tokens: int) -> int:
+        """Extra blocks `seq` needs so that its first num_tokens tokens have a slot."""
+        return max(0, cdiv(num_tokens, self.block_size) - len(seq.block_table))
+
+    def can_grow(self, seq: Sequence, num_tokens: int, reserve: int = 0) -> bool:
+        return self.blocks_to_hold(seq, num_tokens) <= self.num_free - reserve
+
+    def grow(self, seq: Sequence, num_tokens: int) -> None:
+        n = self.blocks_to_hold(seq, num_tokens)
+        if n > self.num_free:
+            raise RuntimeError("out of KV blocks (the scheduler should have checked)")
+        seq.block_table.extend(self._free.popleft() for _ in range(n))
+
+    def free(self, seq: Sequence) -> None:
+        self._free.extend(seq.block_table)
+        seq.block_table = []
+
+    def slot(self, seq: Sequence, pos: int) -> int:
+        return seq.block_table[pos // self.block_size] * self.block_size + pos % self.block_size

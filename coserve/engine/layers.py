@@ -1,0 +1,264 @@
+"""Building blocks shared by the models: linear layers that hold either plain or FP8
+block-quantised weights (several HF projections may be fused into one, e.g. q|k|v),
+stacked expert weights, norms. Each module knows how to take its HF tensors
+(`load_shard`), how to fill itself with random weights (`init_random`), and what it still
+misses (`missing`)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from coserve.engine.config import QuantConfig
+from coserve.engine.kernels.fp8 import FP8_DTYPE, block_dequant, block_quant, fp8_block_linear
+from coserve.engine.kernels.rmsnorm import rms_norm
+
+
+def _param(t: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(t, requires_grad=False)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _fusable(out_sizes: Sequence[int], quant: QuantConfig | None) -> bool:
+    """FP8 parts can share one weight only if every part but the last starts a scale block."""
+    return quant is None or all(o % quant.block[0] == 0 for o in out_sizes[:-1])
+
+
+def _random_rows(rows: int, cols: int, std: float, gen: torch.Generator, device, dtype):
+    w = torch.empty(rows, cols, device=device, dtype=torch.float32)
+    w.normal_(0.0, std, generator=gen)
+    return w.to(dtype)
+
+
+class Linear(nn.Module):
+    """y = x W^T (+ b), W = [part_0; part_1; ...] with one HF projection per part."""
+
+    def __init__(self, in_features: int, out_sizes: Sequence[int], *, bias: bool = False,
+                 quant: QuantConfig | None = None, dtype: torch.dtype, device) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_sizes = list(out_sizes)
+        out = sum(self.out_sizes)
+        self.quant = quant if _fusable(self.out_sizes, quant) else None
+        self.dtype = dtype
+        if self.quant is not None:
+            bn, bk = self.quant.block
+            self.weight = _param(torch.empty(out, in_features, dtype=FP8_DTYPE, device=device))
+            self.weight_scale_inv = _param(torch.empty(_cdiv(out, bn), _cdiv(in_features, bk),
+                                                       dtype=torch.float32, device=device))
+        else:
+            self.weight = _param(torch.empty(out, in_features, dtype=dtype, device=device))
+            self.weight_scale_inv = None
+        self.bias = _param(torch.zeros(out, dtype=dtype, device=device)) if bias else None
+        self._loaded: set[tuple[str, int]] = set()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quant is not None:
+            return fp8_block_linear(x, self.weight, self.weight_scale_inv, self.quant.block, self.bias)
+        return nn.functional.linear(x, self.weight, self.bias)
+
+    def _rows(self, shard: int) -> slice:
+        start = sum(self.out_sizes[:shard])
+        return slice(start, start + self.out_sizes[shard])
+
+    def load_shard(self, shard: int, kind: str, tensor: torch.Tensor,
+                   scale: torch.Tensor | None = None, block: tuple[int, int] | None = None) -> None:
+        """kind "weight" (with scale/block when the checkpoint tensor is FP8) or "bias"."""
+        rows = self._rows(shard)
+        if kind == "bias":
+            self.bias.data[rows] = tensor.to(self.dtype)
+        else:
+            _load_weight(self.weight, self.weight_scale_inv, self.quant, rows, tensor, scale,
+                         block, self.dtype)
+        self._loaded.add((kind, shard))
+
+    def init_random(self, gen: torch.Generator, std: float) -> None:
+        for shard in range(len(self.out_sizes)):
+            rows = self._rows(shard)
+            w = _random_rows(rows.stop - rows.start, self.in_features, std, gen,
+                             self.weight.device, self.dtype)
+            if self.quant is not None:
+                q, s = block_quant(w, self.quant.block)
+                self.load_shard(shard, "weight", q, s, self.quant.block)
+            else:
+                self.load_shard(shard, "weight", w)
+            if self.bias is not None:
+                self.load_shard(shard, "bias", torch.zeros(rows.stop - rows.start))
+
+    def dequantize_(self) -> None:
+        """Replace FP8 weights by their dequantised values (CPU path; same numerics)."""
+        if self.quant is not None:
+            w = block_dequant(self.weight.data, self.weight_scale_inv.data, self.quant.block, self.dtype)
+            self.weight = _param(w)
+            self.weight_scale_inv, self.quant = None, None
+
+    def missing(self) -> list[str]:
+        kinds = ["weight"] + (["bias"] if self.bias is not None else [])
+        return [f"{k}[{s}]" for k in kinds for s in range(len(self.out_sizes))
+                if (k, s) not in self._loaded]
+
+
+def _load_weight(weight: torch.Tensor, scale_param: torch.Tensor | None,
+                 quant: QuantConfig | None, rows: slice, tensor: torch.Tensor,
+                 scale: torch.Tensor | None, block: tuple[int, int] | None,
+                 dtype: torch.dtype) -> None:
+    """Copy one checkpoint tensor into rows of `weight` (dim -2). FP8 tensors stay FP8 when
+    the layer keeps FP8, else they are dequantised; plain tensors into an FP8 layer are an
+    error (the checkpoint and the layer disagree on what is quantised)."""
+    if tensor.shape[-2] != rows.stop - rows.start or tensor.shape[-1] != weight.shape[-1]:
+        raise ValueError(f"shape {tuple(tensor.shape)} does not fit rows {rows} of "
+                         f"{tuple(weight.shape)}")
+    is_fp8 = tensor.dtype == FP8_DTYPE
+    if is_fp8 and scale is None:
+        raise ValueError("FP8 weight without weight_scale_inv")
+    if quant is not None:
+        if not is_fp8:
+            raise ValueError("checkpoint weight is not FP8 but the layer is FP8-quantised")
+        if tuple(block) != tuple(quant.block):
+            raise ValueError(f"checkpoint block {block} != layer block {quant.block}")
+        bn = quant.block[0]
+        weight.data[..., rows, :] = tensor.to(weight.device)
+        scale_rows = slice(rows.start // bn, rows.start // bn + scale.shape[-2])
+        scale_param.data[..., scale_rows, :] = scale.to(torch.float32).to(weight.device)
+    elif is_fp8:
+        weight.data[..., rows, :] = block_dequant(tensor.to(weight.device),
+                                                  scale.to(weight.device), block, dtype)
+    else:
+        weight.data[..., rows, :] = tensor.to(device=weight.device, dtype=dtype)
+
+
+class FusedMoEWeights(nn.Module):
+    """Stacked expert weights: w13 [E, 2I, H] (gate rows, then up rows), w2 [E, H, I]."""
+
+    def __init__(self, num_experts: int, hidden: int, inter: int, *,
+                 quant: QuantConfig | None, dtype: torch.dtype, device) -> None:
+        super().__init__()
+        self.num_experts, self.hidden, self.inter = num_experts, hidden, inter
+        self.quant = quant if _fusable([inter, inter], quant) else None
+        self.dtype = dtype
+        wdtype = FP8_DTYPE if self.quant is not None else dtype
+        self.w13 = _param(torch.empty(num_experts, 2 * inter, hidden, dtype=wdtype, device=device))
+        self.w2 = _param(torch.empty(num_experts, hidden, inter, dtype=wdtype, device=device))
+        self.w13_scale = self.w2_scale = None
+        if self.quant is not None:
+            bn, bk = self.quant.block
+            self.w13_scale = _param(torch.empty(num_experts, _cdiv(2 * inter, bn), _cdiv(hidden, bk),
+                                                dtype=torch.float32, device=device))
+            self.w2_scale = _param(torch.empty(num_experts, _cdiv(hidden, bn), _cdiv(inter, bk),
+                                               dtype=torch.float32, device=device))
+        self._loaded: set[tuple[int, str]] = set()
+
+    def load_expert(self, expert: int, part: str, tensor: torch.Tensor,
+                    scale: torch.Tensor | None = None, block: tuple[int, int] | None = None) -> None:
+        """part: "gate", "up" or "down" of one expert ([I, H], [I, H], [H, I])."""
+        if part == "down":
+            w, s, rows = self.w2, self.w2_scale, slice(0, self.hidden)
+        else:
+            off = 0 if part == "gate" else self.inter
+            w, s, rows = self.w13, self.w13_scale, slice(off, off + self.inter)
+        _load_weight(w[expert], None if s is None else s[expert], self.quant, rows, tensor,
+                     scale, block, self.dtype)
+        self._loaded.add((expert, part))
+
+    def init_random(self, gen: torch.Generator, std: float) -> None:
+        shapes = {"gate": (self.inter, self.hidden), "up": (self.inter, self.hidden),
+                  "down": (self.hidden, self.inter)}
+        for e in range(self.num_experts):
+            for part, (r, c) in shapes.items():
+                w = _random_rows(r, c, std, gen, self.w13.device, self.dtype)
+                if self.quant is not None:
+                    q, s = block_quant(w, self.quant.block)
+                    self.load_expert(e, part, q, s, self.quant.block)
+                else:
+                    self.load_expert(e, part, w)
+
+    def dequantize_(self) -> None:
+        if self.quant is not None:
+            b = self.quant.block
+            self.w13 = _param(block_dequant(self.w13.data, self.w13_scale.data, b, self.dtype))
+            self.w2 = _param(block_dequant(self.w2.data, self.w2_scale.data, b, self.dtype))
+            self.w13_scale = self.w2_scale = self.quant = None
+
+    def missing(self) -> list[str]:
+        return [f"experts.{e}.{p}" for e in range(self.num_experts)
+                for p in ("gate", "up", "down") if (e, p) not in self._loaded]
+
+
+class Tensors(nn.Module):
+    """Plain parameters loaded one to one (norm weights, embeddings, biases)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._loaded: set[str] = set()
+        self._init: dict[str, str] = {}
+
+    def add(self, name: str, shape: Sequence[int], init: str, *, dtype, device) -> None:
+        """init: "ones", "zeros" or "normal"."""
+        self.register_parameter(name, _param(torch.empty(*shape, dtype=dtype, device=device)))
+        self._init[name] = init
+
+    def load(self, name: str, tensor: torch.Tensor) -> None:
+        p = getattr(self, name)
+        if tuple(tensor.shape) != tuple(p.shape):
+            raise ValueError(f"{name}: shape {tuple(tensor.shape)} != {tuple(p.shape)}")
+        p.data.copy_(tensor.to(device=p.device, dtype=p.dtype))
+        self._loaded.add(name)
+
+    def init_random(self, gen: torch.Generator, std: float) -> None:
+        for name, how in self._init.items():
+            p = getattr(self, name)
+            if how == "normal":
+                w = torch.empty(p.shape, dtype=torch.float32, device=p.device)
+                self.load(name, w.normal_(0.0, std, generator=gen))
+            else:
+                self.load(name, torch.ones_like(p) if how == "ones" else torch.zeros_like(p))
+
+    def missing(self) -> list[str]:
+        return [n for n in self._init if n not in self._loaded]
+
+
+class RMSNorm(Tensors):
+    def __init__(self, dim: int, eps: float, *, dtype, device) -> None:
+        super().__init__()
+        self.eps = eps
+        self.add("weight", (dim,), "ones", dtype=dtype, device=device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+class LayerNorm(Tensors):
+    def __init__(self, dim: int, eps: float, *, dtype, device) -> None:
+        super().__init__()
+        self.eps = eps
+        self.add("weight", (dim,), "ones", dtype=dtype, device=device)
+        self.add("bias", (dim,), "zeros", dtype=dtype, device=device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
+
+
+def init_random(model: nn.Module, gen: torch.Generator, std: float = 0.02) -> None:
+    """Fill every loadable module with random weights (normal(0, std); norms ones)."""
+    for m in model.modules():
+        if isinstance(m, Linear | FusedMoEWeights | Tensors):
+            m.init_random(gen, std)
+
+
+def dequantize_model_(model: nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, Linear | FusedMoEWeights):
+            m.dequantize_()
+
+
+def missing_weights(model: nn.Module) -> list[str]:
+    out = []
+    for name, m in model.named_modules():
+        if isinstance(m, Linear | FusedMoEWeights | Tensors):
+            out += [f"{name}.{x}" for x in m.missing()]
+    return out

@@ -1,0 +1,188 @@
+"""Qwen3 decoder, dense and MoE (Qwen3-MoE), HF-compatible. Per layer:
+
+    h = h + o_proj(attn(rope(q_norm(q)), rope(k_norm(k)), v))     q|k|v = qkv_proj(rms(h))
+    h = h + mlp(rms(h))       mlp = down(silu(gate(x)) * up(x))  or  top-k experts of it
+
+Tokens of all sequences in a step are packed along one dimension [T, hidden]; `AttnMetadata`
+says where each sequence starts and where its KV lives. Used for generation (with lm_head)
+and as an embedding model (Qwen3-Embedding: last-token hidden state after the final norm)."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+from coserve.engine.attention import Attention, AttnMetadata
+from coserve.engine.config import DecoderConfig, QuantConfig
+from coserve.engine.kernels.activation import silu_and_mul
+from coserve.engine.kernels.moe import fused_moe, topk_softmax
+from coserve.engine.kernels.rotary import apply_rotary, rope_cos_sin_cache
+from coserve.engine.layers import FusedMoEWeights, Linear, RMSNorm, Tensors
+
+
+def _q(quant: QuantConfig | None, module_name: str) -> QuantConfig | None:
+    return quant if quant is not None and quant.applies_to(module_name) else None
+
+
+class Qwen3Attention(nn.Module):
+    def __init__(self, c: DecoderConfig, prefix: str, quant, dtype, device) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
+        q_size, kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        self.sizes = [q_size, kv_size, kv_size]
+        kw = dict(dtype=dtype, device=device)
+        self.qkv_proj = Linear(c.hidden_size, self.sizes, bias=c.attention_bias,
+                               quant=_q(quant, prefix + ".q_proj"), **kw)
+        self.o_proj = Linear(q_size, [c.hidden_size], bias=c.attention_bias,
+                             quant=_q(quant, prefix + ".o_proj"), **kw)
+        self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps, **kw)
+        self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps, **kw)
+        self.attn = Attention(c.num_heads, c.num_kv_heads, c.head_dim)
+        self.cos_sin: torch.Tensor | None = None  # shared table, set by the model
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttnMetadata) -> torch.Tensor:
+        t = x.shape[0]
+        q, k, v = self.qkv_proj(x).split(self.sizes, dim=-1)
+        q = self.q_norm(q.reshape(t, self.num_heads, self.head_dim))
+        k = self.k_norm(k.reshape(t, self.num_kv_heads, self.head_dim))
+        v = v.reshape(t, self.num_kv_heads, self.head_dim)
+        q = apply_rotary(q, positions, self.cos_sin)
+        k = apply_rotary(k, positions, self.cos_sin)
+        o = self.attn(q, k, v, meta)
+        return self.o_proj(o.reshape(t, self.num_heads * self.head_dim))
+
+
+class Qwen3MLP(nn.Module):
+    def __init__(self, hidden: int, inter: int, prefix: str, quant, dtype, device) -> None:
+        super().__init__()
+        kw = dict(dtype=dtype, device=device)
+        self.gate_up_proj = Linear(hidden, [inter, inter], quant=_q(quant, prefix + ".gate_proj"), **kw)
+        self.down_proj = Linear(inter, [hidden], quant=_q(quant, prefix + ".down_proj"), **kw)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+
+
+class Qwen3MoE(nn.Module):
+    def __init__(self, c: DecoderConfig, prefix: str, quant, dtype, device) -> None:
+        super().__init__()
+        self.top_k, self.renormalize = c.num_experts_per_tok, c.norm_topk_prob
+        self.gate = Linear(c.hidden_size, [c.num_experts], quant=None, dtype=dtype, device=device)
+        self.experts = FusedMoEWeights(c.num_experts, c.hidden_size, c.moe_intermediate_size,
+                                       quant=_q(quant, prefix + ".experts"), dtype=dtype,
+                                       device=device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, ids = topk_softmax(self.gate(x), self.top_k, self.renormalize)
+        e = self.experts
+        return fused_moe(x, e.w13, e.w2, weights, ids, e.w13_scale, e.w2_scale,
+                         e.quant.block if e.quant is not None else None)
+
+
+class Qwen3DecoderLayer(nn.Module):
+    def __init__(self, c: DecoderConfig, i: int, quant, dtype, device) -> None:
+        super().__init__()
+        prefix = f"model.layers.{i}"
+        kw = dict(dtype=dtype, device=device)
+        self.self_attn = Qwen3Attention(c, prefix + ".self_attn", quant, dtype, device)
+        if c.is_moe_layer(i):
+            self.mlp = Qwen3MoE(c, prefix + ".mlp", quant, dtype, device)
+        else:
+            self.mlp = Qwen3MLP(c.hidden_size, c.intermediate_size, prefix + ".mlp", quant, dtype, device)
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, **kw)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, **kw)
+
+    def forward(self, positions: torch.Tensor, h: torch.Tensor, meta: AttnMetadata) -> torch.Tensor:
+        h = h + self.self_attn(positions, self.input_layernorm(h), meta)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Qwen3Model(nn.Module):
+    def __init__(self, c: DecoderConfig, quant, dtype, device) -> None:
+        super().__init__()
+        self.embed_tokens = Tensors()
+        self.embed_tokens.add("weight", (c.vocab_size, c.hidden_size), "normal", dtype=dtype, device=device)
+        self.layers = nn.ModuleList(Qwen3DecoderLayer(c, i, quant, dtype, device)
+                                    for i in range(c.num_layers))
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dtype, device=device)
+        cos_sin = rope_cos_sin_cache(c.head_dim, c.max_position_embeddings, c.rope_theta, device)
+        for layer in self.layers:
+            layer.self_attn.cos_sin = cos_sin
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttnMetadata) -> torch.Tensor:
+        h = nn.functional.embedding(input_ids, self.embed_tokens.weight)
+        for layer in self.layers:
+            h = layer(positions, h, meta)
+        return self.norm(h)
+
+
+_STACKED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+            "o_proj": ("o_proj", 0), "gate_proj": ("gate_up_proj", 0),
+            "up_proj": ("gate_up_proj", 1), "down_proj": ("down_proj", 0), "gate": ("gate", 0)}
+_EXPERT = re.compile(r"(.*\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$")
+_FUSED_EXPERTS = re.compile(r"(.*\.mlp\.experts)\.(gate_up_proj|down_proj)$")
+_LINEAR = re.compile(r"(.*)\.(\w+)\.(weight|bias)$")
+
+
+class Qwen3ForCausalLM(nn.Module):
+    def __init__(self, c: DecoderConfig, *, with_lm_head: bool, dtype, device,
+                 quant: QuantConfig | None) -> None:
+        super().__init__()
+        self.config = c
+        self.model = Qwen3Model(c, quant, dtype, device)
+        self.lm_head: Linear | None = None
+        if with_lm_head and not c.tie_word_embeddings:
+            self.lm_head = Linear(c.hidden_size, [c.vocab_size], quant=_q(quant, "lm_head"),
+                                  dtype=dtype, device=device)
+        self.with_lm_head = with_lm_head
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttnMetadata) -> torch.Tensor:
+        return self.model(input_ids, positions, meta)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.lm_head is None:
+            return nn.functional.linear(hidden, self.model.embed_tokens.weight).float()
+        return self.lm_head(hidden).float()
+
+    def attention_layers(self) -> list[Attention]:
+        return [layer.self_attn.attn for layer in self.model.layers]
+
+    def load_weight(self, name: str, tensor: torch.Tensor, scale: torch.Tensor | None = None,
+                    block: tuple[int, int] | None = None) -> bool:
+        """Route one HF tensor to its place; False if this model has no use for it."""
+        if not name.startswith(("model.", "lm_head.")):
+            name = "model." + name  # checkpoints saved from the bare Qwen3Model
+        if name == "lm_head.weight":
+            if self.lm_head is None:
+                return False
+            self.lm_head.load_shard(0, "weight", tensor, scale, block)
+            return True
+        if name in ("model.embed_tokens.weight", "model.norm.weight"):
+            self.get_submodule(name.rsplit(".", 1)[0]).load("weight", tensor)
+            return True
+        if m := _EXPERT.match(name):
+            experts = self.get_submodule(m.group(1))
+            experts.load_expert(int(m.group(2)), m.group(3), tensor, scale, block)
+            return True
+        if m := _FUSED_EXPERTS.match(name):  # transformers 5 in-memory layout [E, 2I, H], [E, H, I]
+            experts = self.get_submodule(m.group(1))
+            for e in range(tensor.shape[0]):
+                if m.group(2) == "down_proj":
+                    experts.load_expert(e, "down", tensor[e])
+                else:
+                    gate, up = tensor[e].chunk(2, dim=0)
+                    experts.load_expert(e, "gate", gate)
+                    experts.load_expert(e, "up", up)
+            return True
+        if m := _LINEAR.match(name):
+            parent, leaf, kind = m.groups()
+            if leaf in ("input_layernorm", "post_attention_layernorm", "q_norm", "k_norm"):
+                self.get_submodule(f"{parent}.{leaf}").load("weight", tensor)
+                return True
+            if leaf in _STACKED:
+                target, shard = _STACKED[leaf]
+                self.get_submodule(f"{parent}.{target}").load_shard(shard, kind, tensor, scale, block)
+                return True
+        return False

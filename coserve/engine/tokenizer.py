@@ -1,0 +1,41 @@
+"""Tokenizers: HF `tokenizer.json` through the `tokenizers` library, and a byte-level
+fallback for the tiny presets (ids 0-255 are bytes, 256 = BOS, 257 = EOS)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class ByteTokenizer:
+    bos_token_id = 256
+    eos_token_id = 257
+    vocab_size = 258
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: list[int]) -> str:
+        return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
+
+
+class HFTokenizer:
+    """tokenizer.json as shipped with a model; special tokens added as the model expects
+    (e.g. [CLS] ... [SEP] for BERT), no padding, no truncation (the engine checks lengths)."""
+
+    def __init__(self, path: str | Path) -> None:
+        from tokenizers import Tokenizer
+
+        self._tok = Tokenizer.from_file(str(path))
+        self._tok.no_padding()
+        self._tok.no_truncation()
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode(ids, skip_special_tokens=True)
+
+
+def load_tokenizer(model_dir: str | Path) -> HFTokenizer | None:
+    path = Path(model_dir) / "tokenizer.json"
+    return HFTokenizer(path) if path.is_file() else None
