@@ -6,25 +6,15 @@ import argparse
 
 import pytest
 
+from coserve.engine.tokenizer import ByteTokenizer
 from coserve.server.command import parse_bytes
 from coserve.server.detokenize import IncrementalDecoder
 from coserve.server.errors import ApiError
 from coserve.server.metrics import Metrics
 from coserve.server.protocol import parse_completion, parse_embedding
 
-
-class Utf8Bytes:
-    def encode(self, text):
-        return list(text.encode())
-
-    def decode(self, ids):
-        return bytes(ids).decode(errors="replace")
-
-
 NAMES = ["m"]
-
-
-BYTES = Utf8Bytes()
+BYTES = ByteTokenizer()
 
 
 def completion(body, tokenizer=BYTES, max_model_len=32):
@@ -100,7 +90,7 @@ def test_text_without_tokenizer_is_refused():
 
 def test_embedding_forms_and_errors():
     def emb(body):
-        return parse_embedding(body, NAMES, Utf8Bytes(), 8, 4)
+        return parse_embedding(body, NAMES, BYTES, 8, 4)
 
     assert emb({"input": "ab"}).inputs == [[97, 98]]
     assert emb({"input": ["a", "b"], "encoding_format": "base64"}).encoding_format == "base64"
@@ -118,11 +108,11 @@ def test_embedding_forms_and_errors():
 def test_incremental_decoder_never_splits_characters():
     text = "naïve café — 日本語 ok"
     ids = list(text.encode())
-    dec = IncrementalDecoder(Utf8Bytes())
+    dec = IncrementalDecoder(BYTES)
     pieces = [dec.add([t]) for t in ids[:-1]] + [dec.add(ids[-1:], final=True)]
     assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
     # a sequence cut inside a character: the held-back bytes come out on the final call
-    dec = IncrementalDecoder(Utf8Bytes())
+    dec = IncrementalDecoder(BYTES)
     assert dec.add(list("é".encode())[:1]) == ""
     assert dec.add([], final=True) == "\ufffd"
     assert IncrementalDecoder(None).add([1, 2], final=True) == ""

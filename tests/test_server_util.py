@@ -18,6 +18,7 @@ import urllib.parse
 from contextlib import contextmanager
 from pathlib import Path
 
+from coserve.engine.tokenizer import ByteTokenizer
 from coserve.engine.types import EmbedOutput, RequestOutput
 
 TESTS = Path(__file__).resolve().parent
@@ -219,14 +220,6 @@ def wait_for(predicate, timeout_s: float = 10.0, what: str = "condition"):
 
 
 # ---- fake engines -----------------------------------------------------------------------
-class ByteTokenizer:
-    def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
-
-    def decode(self, ids: list[int]) -> str:
-        return bytes(i % 256 for i in ids).decode("utf-8", errors="replace")
-
-
 class FakeGenEngine:
     """Token k of a completion is (last prompt token + k + 1) % 256; token 0 is EOS."""
 
