@@ -81,3 +81,15 @@ def test_report_command_rerenders(run_dir, capsys):
     assert "gen-only" in capsys.readouterr().out
     assert main(["report", str(run_dir.parent)]) == 2
     assert "not a coserve run folder" in capsys.readouterr().out
+
+
+def test_embed_sweep_plots_the_trade_off(tmp_path):
+    from coserve.report import plots
+
+    text = SPEC + '[sweep]\nrole = "embed"\nconcurrency = [4, 16]\nconditions = ["timeslice", "mps"]\n'
+    names = ["timeslice.embed-c4", "timeslice.embed-c16", "mps.embed-c4", "mps.embed-c16"]
+    runner(tmp_path, FakeBackend(), text=text, only=names).run()
+    run = aggregate(tmp_path / "run")
+    assert {c.name for c in run.sweep if c.ok} == set(names)
+    assert set(run.sweep_optimum()) == {"timeslice", "mps"}
+    assert plots.sweep(run, tmp_path / "sweep.png").stat().st_size > 5000

@@ -44,7 +44,7 @@ def test_shipped_specs_validate(path):
 def test_the_shipped_set_is_there():
     names = {p.name for p in EXPERIMENTS.glob("*.toml")}
     assert {"demo.toml", "seed-single-gpu.toml", "seed-eager-vs-graphs.toml", "seed-mig.toml",
-            "seed-tp2.toml"} <= names
+            "seed-tp2.toml", "seed-embed-sweep.toml"} <= names
 
 
 def test_seed_specs_carry_the_studys_settings():
@@ -94,6 +94,15 @@ def test_sweep_points_follow_the_matrix():
     assert names[-2:] == [("gen-only.gen-c4", 1), ("gen-only.gen-c8", 1)]
     pt = s.condition("gen-only.gen-c8")
     assert pt.sweep == ("gen", 8, "gen-only") and pt.load_for(s).gen_concurrency == 8
+
+
+def test_embed_sweep_over_several_conditions():
+    s = loads_spec(BASE + '[sweep]\nrole = "embed"\nconcurrency = [2, 16]\nconditions = ["ts"]\n')
+    pts = [c for c in s.all_conditions() if c.sweep]
+    assert [c.name for c in pts] == ["ts.embed-c2", "ts.embed-c16"]
+    assert pts[1].load_for(s).embed_concurrency == 16 and pts[1].load_for(s).gen_concurrency == 512
+    found = problems(BASE + '[sweep]\nrole = "embed"\nconcurrency = [2]\nconditions = ["gen-only"]\n')
+    assert any(p.startswith("sweep.conditions[0]") and "does not run embed" in p for p in found)
 
 
 def test_digest_ignores_layout_but_not_values():

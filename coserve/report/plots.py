@@ -49,8 +49,8 @@ def throughput(run: RunStats, path: Path) -> Path | None:
     if not (a or b):
         plt.close(fig)
         return None
-    fig.suptitle("mean over reps with 95% CI; dots: the reps; grey: the baseline", fontsize=9, y=0.02)
-    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    fig.suptitle("bars: mean over reps with its 95% CI; dots: the reps; grey: the baseline", fontsize=9)
+    fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
     return path
@@ -152,6 +152,10 @@ def sweep(run: RunStats, path: Path) -> Path | None:
                 ax2.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=base)
                 for x, y, conc in pts:
                     ax2.annotate(f"C={conc}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        base = next((c for c in run.matrix if c.name == run.spec.baseline), None)
+        if base is not None and base.mean("gen_tok_s") is not None and "embed" not in base.condition.servers:
+            ax2.scatter([0], [base.mean("gen_tok_s")], marker="*", s=120, color="gray", zorder=3,
+                        label=f"{base.name} (no embed)")
         ax2.set_xlabel("embed sequences/s")
         ax2.set_ylabel("gen tokens/s")
         ax2.set_title("trade-off: gen vs embed throughput")
