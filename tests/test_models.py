@@ -227,3 +227,15 @@ def test_minilm_similar_sentences_score_higher(minilm):
     assert torch.allclose(v.norm(dim=-1), torch.ones(3), atol=1e-5)
     assert sim[0, 1] > 0.5 > sim[0, 2]
     assert sim[0, 1] > sim[1, 2]
+
+
+def test_fp8_config_with_a_module_stored_plain_still_loads(tmp_path, ids):
+    """modules_to_not_convert may not name everything a checkpoint keeps unquantised."""
+    hf, path = _fp8_checkpoint(tmp_path)
+    conf = json.loads((path / "config.json").read_text())
+    conf["quantization_config"]["modules_to_not_convert"] = []  # lm_head, routers are plain
+    (path / "config.json").write_text(json.dumps(conf))
+    lm = load_model(str(path), task="generate", keep_fp8=True)
+    assert lm.model.lm_head.weight.dtype == torch.float32
+    assert lm.model.model.layers[0].self_attn.o_proj.weight.dtype == torch.float8_e4m3fn
+    assert (_hf_logits(hf, ids) - _our_logits(lm.model, ids)).abs().max() < ATOL

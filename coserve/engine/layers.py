@@ -70,6 +70,8 @@ class Linear(nn.Module):
                    scale: torch.Tensor | None = None, block: tuple[int, int] | None = None) -> None:
         """kind "weight" (with scale/block when the checkpoint tensor is FP8) or "bias"."""
         rows = self._rows(shard)
+        if kind == "weight" and self.quant is not None and tensor.dtype != FP8_DTYPE:
+            self.dequantize_()  # the checkpoint keeps this module unquantised after all
         if kind == "bias":
             self.bias.data[rows] = tensor.to(self.dtype)
         else:
@@ -156,6 +158,8 @@ class FusedMoEWeights(nn.Module):
     def load_expert(self, expert: int, part: str, tensor: torch.Tensor,
                     scale: torch.Tensor | None = None, block: tuple[int, int] | None = None) -> None:
         """part: "gate", "up" or "down" of one expert ([I, H], [I, H], [H, I])."""
+        if self.quant is not None and tensor.dtype != FP8_DTYPE:
+            self.dequantize_()
         if part == "down":
             w, s, rows = self.w2, self.w2_scale, slice(0, self.hidden)
         else:
