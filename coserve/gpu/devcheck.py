@@ -1,0 +1,273 @@
+"""On-GPU check of the sharing machinery: `python -m coserve.gpu.devcheck [--out DIR]`.
+
+Starts coserve's own MPS daemon (private pipe/log dirs), checks `get_server_list`, runs two
+CUDA clients through it (gen-like and embed-like matmul loops, embed at 50 % active threads)
+while sampling NVML + GPM for ~5 s, checks `get_client_list`, runs a third client with a
+timeslice environment beside it (must not join the daemon), a client with a pinned-memory
+limit, the SIGTERM path (a child process holding the strategy is sent SIGTERM), and stops
+everything, then checks that no MPS process is left. Also prints the MIG plan / error for GPU 0.
+Prints one line per check and exits non-zero if a check failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+CLIENT = textwrap.dedent("""
+    import os, sys, time, torch
+    role, secs = sys.argv[1], float(sys.argv[2])
+    torch.cuda.init()
+    dev = torch.cuda.get_device_name(0)
+    n = 8192 if role != "gen" else 4096
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    t0 = time.time(); iters = 0
+    while time.time() - t0 < secs:
+        for _ in range(10):
+            c = a @ b
+        torch.cuda.synchronize(); iters += 10
+    dt = time.time() - t0
+    tflops = 2 * n**3 * iters / dt / 1e12
+    print(f"client {role} pid {os.getpid()} on {dev}: {iters} matmuls {n}^3 in {dt:.1f}s = {tflops:.0f} TFLOP/s "
+          f"(ATP={os.environ.get('CUDA_MPS_ACTIVE_THREAD_PERCENTAGE', '-')}, "
+          f"pipe={os.environ.get('CUDA_MPS_PIPE_DIRECTORY', '-')})", flush=True)
+""")
+
+PINNED = textwrap.dedent("""
+    import torch
+    try:
+        x = torch.empty(6 * 1024**3, dtype=torch.uint8, device="cuda")
+        torch.cuda.synchronize()
+        print("pinned-limit client: 6 GiB allocation SUCCEEDED (limit not enforced)")
+    except Exception as e:
+        oom = "out of memory" in str(e).lower() or "OutOfMemory" in type(e).__name__
+        print("pinned-limit client: 6 GiB allocation", "refused as expected:" if oom else "failed otherwise:",
+              type(e).__name__, str(e).splitlines()[0][:200])
+""")
+
+HOLDER = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from coserve.gpu.strategies import make_strategy
+    with make_strategy("mps", ["0"], {}, Path(sys.argv[1])) as s:
+        print("holder: daemon up, servers", s.daemon.server_pids, flush=True)
+        time.sleep(120)
+""")
+
+results: list[tuple[str, bool, str]] = []
+
+
+def check(name: str, ok: bool, detail: str = "") -> bool:
+    results.append((name, ok, detail))
+    print(f"[{'PASS' if ok else 'FAIL'}] {name}" + (f": {detail}" if detail else ""), flush=True)
+    return ok
+
+
+def spawn(code: str, args: list[str], env_extra: dict[str, str]) -> subprocess.Popen:
+    env = dict(os.environ)
+    env.update(env_extra)
+    return subprocess.Popen([sys.executable, "-c", code, *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def _post(url: str, body: dict) -> dict:
+    import urllib.request
+
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        return json.loads(r.read())
+
+
+def servers_stage(run_dir: Path) -> None:
+    """Two real `coserve serve` processes on the GPU, started one after the other under MPS."""
+    from coserve.gpu import mps
+    from coserve.gpu.strategies import make_strategy
+    from coserve.launch import ServerFailed, ServerSpec, start_server
+
+    specs = [ServerSpec(role="gen", model="tiny-dense", random_weights=True, device="cuda", gpu_memory_utilization=0.2,
+                        max_model_len=512, max_num_seqs=16),
+             ServerSpec(role="embed", model="tiny-embed", random_weights=True, device="cuda", gpu_memory_utilization=0.1,
+                        max_model_len=128, max_num_seqs=16)]
+    pids = []
+    try:
+        with make_strategy("mps", ["0"], {}, run_dir) as strat:
+            srvs = []
+            try:
+                for spec in specs:
+                    t0 = time.time()
+                    srvs.append(start_server(spec, strat.env_for(spec.role), run_dir / f"{spec.role}.log", 300))
+                    print(f"{spec.role} server ready in {time.time() - t0:.1f}s at {srvs[-1].url}", flush=True)
+                pids = [s.pid for s in srvs]
+                g = _post(srvs[0].url + "/v1/completions", {"model": "tiny-dense", "prompt": [1, 2, 3, 4], "max_tokens": 8})
+                e = _post(srvs[1].url + "/v1/embeddings", {"model": "tiny-embed", "input": [[1, 2, 3, 4]]})
+                check("gen + embed answered under MPS", bool(g.get("choices")) and bool(e.get("data")),
+                      f"gen usage {g.get('usage')}, embed dim {len(e['data'][0]['embedding'])}")
+                clients = []
+                for sp in strat.daemon.get_server_list():
+                    clients += [int(x) for x in strat.daemon.command(f"get_client_list {sp}").split() if x.isdigit()]
+                check("both server processes are MPS clients", set(pids) <= set(clients), f"servers {pids}, clients {clients}")
+            finally:
+                for s in reversed(srvs):
+                    s.stop()
+        left_groups = [p for p in pids if _group_exists(p)]
+        check("servers' process groups gone after stop", not left_groups, f"{left_groups}")
+        check("no MPS process after servers + strategy exit", not mps.find_mps_processes())
+    except ServerFailed as e:
+        check("servers under MPS", False, str(e)[-1500:])
+
+
+def _group_exists(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def main(argv=None) -> int:
+    from coserve.gpu import mig, mps
+    from coserve.gpu.strategies import make_strategy, mps_client_priority_supported
+    from coserve.gpu.telemetry import TelemetrySampler
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--servers", action="store_true", help="also run two real `coserve serve` processes (cuda) under MPS")
+    args = ap.parse_args(argv)
+    out = Path(args.out or tempfile.mkdtemp(prefix="coserve-devcheck-"))
+    out.mkdir(parents=True, exist_ok=True)
+    run_dir = out / "run"
+
+    before = mps.find_mps_processes()
+    check("no MPS daemon before", not before, "; ".join(p.describe() for p in before))
+    check("client priority known to libcuda", True, str(mps_client_priority_supported()))
+
+    opts: dict = {"active_thread_percentage": {"embed": 50}}
+    if mps_client_priority_supported():
+        opts["client_priority"] = {"embed": "below_normal"}
+    t_start = time.time()
+    with make_strategy("mps", ["0"], opts, run_dir) as strat:
+        d = strat.daemon
+        check("daemon started in foreground, own session", d.proc is not None and os.getpgid(d.proc.pid) == d.proc.pid,
+              f"pid {d.proc.pid}, pipe {d.pipe_dir}, log {d.log_dir}, start took {time.time() - t_start:.1f}s")
+        sl = d.get_server_list()
+        check("get_server_list names a server", bool(sl), f"{sl}")
+        print("pipe dir files:", sorted(p.name for p in d.pipe_dir.iterdir()), flush=True)
+        env_gen, env_embed = strat.env_for("gen"), strat.env_for("embed")
+        print("env gen:", json.dumps(env_gen), "\nenv embed:", json.dumps(env_embed), flush=True)
+
+        sampler = TelemetrySampler(["0"], interval_s=0.5, out_path=out / "telemetry.csv").start()
+        c1 = spawn(CLIENT, ["gen", str(args.seconds)], env_gen)
+        c2 = spawn(CLIENT, ["embed", str(args.seconds)], env_embed)
+        nonmps_dir = run_dir / "no-mps"
+        nonmps_dir.mkdir(parents=True, exist_ok=True)
+        c3 = spawn(CLIENT, ["timeslice", str(args.seconds / 2)],
+                   {"CUDA_MPS_PIPE_DIRECTORY": str(nonmps_dir), "CUDA_VISIBLE_DEVICES": "0", "NCCL_NVLS_ENABLE": "0"})
+        time.sleep(min(args.seconds, 3) + 2)
+        clients = []
+        for sp in sl:
+            try:
+                clients += [int(x) for x in d.command(f"get_client_list {sp}").split() if x.isdigit()]
+            except Exception as e:
+                print("get_client_list failed:", e)
+        o1, _ = c1.communicate(timeout=120)
+        o2, _ = c2.communicate(timeout=120)
+        o3, _ = c3.communicate(timeout=120)
+        summary = sampler.stop()
+        print(o1.strip(), o2.strip(), o3.strip(), sep="\n", flush=True)
+        check("gen client ran through MPS", c1.returncode == 0, f"rc {c1.returncode}")
+        check("embed client ran through MPS", c2.returncode == 0, f"rc {c2.returncode}")
+        check("get_client_list shows both clients", {c1.pid, c2.pid} <= set(clients), f"clients {clients}, c1 {c1.pid}, c2 {c2.pid}")
+        check("timeslice-env client ran beside the daemon, not through it", c3.returncode == 0 and c3.pid not in clients,
+              f"rc {c3.returncode}")
+        print("telemetry:", sampler.status(), flush=True)
+        print("telemetry summary:", json.dumps(summary, indent=1), flush=True)
+        check("GPM sampled SM activity", "sm_active" in summary and summary["sm_active"]["mean"] > 0,
+              f"sm_active {summary.get('sm_active')}, tensor_active {summary.get('tensor_active')}")
+        check("NVML basic metrics sampled", "power_w" in summary and "mem_used_mib" in summary)
+
+        cp = spawn(PINNED, [], {**env_gen, "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT": "0=2G"})
+        op, _ = cp.communicate(timeout=120)
+        print(op.strip(), flush=True)
+        check("pinned device memory limit enforced", "refused as expected" in op, f"rc {cp.returncode}")
+        daemon_pids = d.pids()
+    left = [p for p in mps.find_mps_processes()]
+    check("no MPS process after tear-down", not left, "; ".join(p.describe() for p in left) + f" (had {sorted(daemon_pids)})")
+    print("daemon events:", *strat.describe()["mps"]["events"], sep="\n  ")
+
+    if args.servers:
+        servers_stage(out / "run-servers")
+
+    # A daemon killed behind our back: does its server outlive it, and does stop() clean up?
+    d2 = mps.MpsDaemon(["0"], out / "run-kill").start()
+    srv_pids = list(d2.server_pids)
+    os.kill(d2.proc.pid, signal.SIGTERM)
+    time.sleep(3)
+    print(f"after SIGTERM to the control daemon itself: daemon alive={d2.proc.poll() is None}, "
+          f"server alive={[mps._pid_alive(p) for p in srv_pids]}", flush=True)
+    d2.stop()
+    left = mps.find_mps_processes()
+    check("stop() cleans up after a daemon killed from outside", not left, "; ".join(p.describe() for p in left))
+
+    # SIGTERM to a process holding the strategy: the daemon must go with it.
+    holder = spawn(HOLDER, [str(out / "run-sigterm")], {"PYTHONPATH": os.environ.get("PYTHONPATH", "") or os.getcwd()})
+    line = ""
+    deadline = time.time() + 60
+    while time.time() < deadline and "daemon up" not in line:
+        line = holder.stdout.readline()
+        if not line and holder.poll() is not None:
+            break
+    up = mps.find_mps_processes()
+    holder.send_signal(signal.SIGTERM)
+    try:
+        holder.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        holder.kill()
+    rest = holder.stdout.read()
+    time.sleep(0.5)
+    left = mps.find_mps_processes()
+    check("SIGTERM to coserve stops its daemon", bool(up) and not left,
+          f"holder rc {holder.returncode}; up before: {len(up)}; left: {[p.describe() for p in left]} {rest.strip()[-300:]}")
+
+    # SIGKILL: no tear-down can run; the daemon was started with PR_SET_PDEATHSIG.
+    holder = spawn(HOLDER, [str(out / "run-sigkill")], {"PYTHONPATH": os.environ.get("PYTHONPATH", "") or os.getcwd()})
+    line = ""
+    deadline = time.time() + 60
+    while time.time() < deadline and "daemon up" not in line:
+        line = holder.stdout.readline()
+        if not line and holder.poll() is not None:
+            break
+    up = mps.find_mps_processes()
+    holder.kill()
+    holder.wait(timeout=30)
+    deadline = time.time() + 15
+    while (left := mps.find_mps_processes()) and time.time() < deadline:
+        time.sleep(0.2)
+    check("SIGKILL to coserve: its daemon and server still go", bool(up) and not left,
+          f"up before: {len(up)}; left: {[p.describe() for p in left]}")
+
+    # MIG: plan and what is missing on this GPU.
+    try:
+        plan, assigned, _ = mig.resolve("0", "auto", ["gen", "embed"], apply=False)
+        check("MIG instances present", True, f"{plan.profiles} -> {assigned}")
+    except mig.MigError as e:
+        print("MIG error (expected where MIG is off):\n" + textwrap.indent(str(e), "  "), flush=True)
+        check("MIG plan printed with what is missing", "plan" in str(e).lower())
+
+    failed = [r for r in results if not r[1]]
+    print(f"\n{len(results) - len(failed)}/{len(results)} checks passed", flush=True)
+    (out / "devcheck.json").write_text(json.dumps([{"check": n, "ok": ok, "detail": dt} for n, ok, dt in results], indent=1))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
