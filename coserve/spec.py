@@ -308,10 +308,6 @@ def _check(value: Any, tp: Any, meta: dict, path: str, errors: list[str]) -> Any
     return _check_scalar(value, tp, meta, path, errors)
 
 
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
 def _build(cls: type, table: Any, path: str, errors: list[str], partial: bool = False) -> Any:
     """Build dataclass `cls` from a TOML table, appending problems to `errors`.
     With `partial`, missing fields are fine and a dict of the given (checked) values returns."""
@@ -319,7 +315,7 @@ def _build(cls: type, table: Any, path: str, errors: list[str], partial: bool = 
     if not isinstance(table, dict):
         errors.append(f"{where}: {table!r} is not a table")
         return None
-    hints = _hints(cls)
+    hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
     for key in table:
         if key not in fields:
@@ -424,17 +420,17 @@ def parse_spec(data: dict[str, Any], source: str = "<spec>") -> Spec:
                 if getattr(cond, role) and role not in cond.servers:
                     errors.append(f"{path}.{role}: overrides a server this condition does not run")
             conditions.append(cond)
-        names = [c.name for c in conditions]
-        for i, n in enumerate(names):
-            if n in names[:i]:
-                errors.append(f"conditions[{i}].name: '{n}' is used twice")
+    names = [c.name for c in conditions]
+    for i, n in enumerate(names):
+        if n in names[:i]:
+            errors.append(f"conditions[{i}].name: '{n}' is used twice")
+    by_name = {c.name: c for c in conditions}
 
     # The top-level scalars and tables.
     if "name" not in raw:
         errors.append("name: missing (a string is needed: letters, digits, '.', '_' and '-')")
     spec_values = _build(Spec, raw, "", errors, partial=True)
     spec_values = {k: v for k, v in spec_values.items() if v is not None}
-    names = [c.name for c in conditions]
 
     baseline = spec_values.get("baseline", "")
     if baseline and names and baseline not in names:
@@ -450,27 +446,25 @@ def parse_spec(data: dict[str, Any], source: str = "<spec>") -> Spec:
     sweep = None
     if sweep_raw is not None:
         sweep = _build(SweepSpec, sweep_raw, "sweep", errors)
-        if sweep is not None:
-            for j, n in enumerate(sweep.conditions):
-                if n not in names:
-                    errors.append(f"sweep.conditions[{j}]: '{n}' is not a condition "
-                                  f"(conditions: {', '.join(names)})")
-                elif sweep.role not in next(c for c in conditions if c.name == n).servers:
-                    errors.append(f"sweep.conditions[{j}]: '{n}' does not run {sweep.role}")
-
     if sweep is not None:
-        for base in sweep.conditions or [spec_values.get("baseline", "")]:
+        for j, n in enumerate(sweep.conditions):
+            if n not in by_name:
+                errors.append(f"sweep.conditions[{j}]: '{n}' is not a condition "
+                              f"(conditions: {', '.join(names)})")
+            elif sweep.role not in by_name[n].servers:
+                errors.append(f"sweep.conditions[{j}]: '{n}' does not run {sweep.role}")
+        base = spec_values.get("baseline", "")
+        if not sweep.conditions and base in by_name and sweep.role not in by_name[base].servers:
+            errors.append(f"sweep.conditions: the baseline '{base}' does not run {sweep.role}; "
+                          f"name the conditions to sweep")
+        for b in sweep.conditions or [base]:
             for c in sweep.concurrency:
-                if f"{base}.{sweep.role}-c{c}" in names:
-                    errors.append(f"sweep: its point '{base}.{sweep.role}-c{c}' has the name of a "
+                if f"{b}.{sweep.role}-c{c}" in by_name:
+                    errors.append(f"sweep: its point '{b}.{sweep.role}-c{c}' has the name of a "
                                   f"condition; rename that condition")
     if errors:
         raise SpecError(source, errors)
-    spec = Spec(**spec_values, servers=servers, conditions=conditions, sweep=sweep, source=source)
-    if sweep is not None and not sweep.conditions and sweep.role not in spec.condition(spec.baseline).servers:
-        raise SpecError(source, [f"sweep.conditions: the baseline '{spec.baseline}' does not run "
-                                 f"{sweep.role}; name the conditions to sweep"])
-    return spec
+    return Spec(**spec_values, servers=servers, conditions=conditions, sweep=sweep, source=source)
 
 
 def load_spec(path: str | Path) -> Spec:

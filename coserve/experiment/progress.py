@@ -5,7 +5,6 @@ one plain line per phase and per finished rep, so a log reads as a timeline."""
 
 from __future__ import annotations
 
-import sys
 import time
 from typing import Any
 
@@ -96,7 +95,7 @@ class Progress:
             if force:
                 self._live.console.print(text, markup=False, highlight=False)
             return
-        print(text, file=self.console.file if hasattr(self.console, "file") else sys.stderr, flush=True)
+        print(text, file=self.console.file, flush=True)
 
     def _render(self):
         from rich.panel import Panel

@@ -122,11 +122,6 @@ def resolve_device(device: str) -> str:
         nv.close_nvml(lib)
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text
-
-
 class Runner:
     def __init__(self, spec: Spec, out: str | Path, *, spec_text: str | None = None,
                  resume: bool = False, only: list[str] | None = None,
@@ -171,7 +166,7 @@ class Runner:
                                  "use another --out (the original spec is in "
                                  f"{rd.spec_file}).")
             self.warnings = warn
-        elif not rd.is_empty() and not self.resume:
+        elif not rd.is_empty():
             raise RunRefused(f"{rd.path} exists and is not a coserve run folder; choose an "
                              f"empty or new --out")
         else:
@@ -192,19 +187,23 @@ class Runner:
         sched = self.schedule()
         records = []
         progress = self.progress
-        for w in self.warnings:
-            progress and progress.message(f"note: resuming with {w}")
+        if progress:
+            for w in self.warnings:
+                progress.message(f"note: resuming with {w}")
         with sigterm_as_interrupt():
             for cond, rep in sched:
                 reps = self.spec.reps_of(cond)
                 prev = self.run_dir.rep_record(cond.name, rep)
                 if prev is not None and prev.get("status") == "ok":
-                    progress and progress.skip_rep(cond.name, rep, reps)
+                    if progress:
+                        progress.skip_rep(cond.name, rep, reps)
                     continue
-                progress and progress.start_rep(cond.name, rep, reps)
+                if progress:
+                    progress.start_rep(cond.name, rep, reps)
                 record = self.run_rep(cond, rep)
                 records.append(record)
-                progress and progress.end_rep(record)
+                if progress:
+                    progress.end_rep(record)
         return records
 
     def _phase(self, name: str) -> None:
@@ -245,14 +244,14 @@ class Runner:
         }
         phases = record["phases_s"]
         stack = contextlib.ExitStack()
+        interrupted = False
         try:
             try:
                 t = time.monotonic()
                 self._phase("strategy set-up")
                 strategy = stack.enter_context(self.backend.strategy(
                     cond.strategy, list(cond.gpus), dict(cond.options), (rep_dir / "strategy").resolve()))
-                describe = getattr(strategy, "describe", None)
-                record["strategy_info"] = describe() if describe else None
+                record["strategy_info"] = strategy.describe()
                 phases["strategy"] = round(time.monotonic() - t, 3)
                 urls, servers = {}, []
                 for role in ("gen", "embed"):
@@ -263,7 +262,7 @@ class Runner:
                     sspec, cfg = self.server_spec(cond, role, strategy)
                     server = self.backend.start_server(sspec, strategy.env_for(role),
                                                        rep_dir / f"{role}.log", cfg.ready_timeout_s)
-                    stack.callback(self._stop_server, server)
+                    stack.callback(server.stop)
                     servers.append(server)
                     urls[role] = server.url
                     record["servers"][role] = {
@@ -280,8 +279,8 @@ class Runner:
                     sampler = self.backend.telemetry(devices, self.spec.telemetry.interval_s,
                                                      rep_dir / "telemetry.jsonl")
                     sampler.start()
-                    stack.callback(self._stop_sampler, sampler)
-                    if not getattr(sampler, "available", True) and not self._telemetry_noted:
+                    stack.callback(sampler.stop)  # stop() may be called twice
+                    if not sampler.available and not self._telemetry_noted:
                         self._telemetry_noted = True
                         if self.progress:
                             self.progress.message(f"    telemetry: {sampler.status()}")
@@ -293,30 +292,33 @@ class Runner:
                 record["bench"] = summary
                 if sampler is not None:
                     record["telemetry"] = {
-                        "all": self._stop_sampler(sampler),
-                        "window": window_telemetry(getattr(sampler, "rows", []), summary),
-                        "status": sampler.status() if hasattr(sampler, "status") else None,
-                        "devices": list(getattr(sampler, "devices", [])),
+                        "all": sampler.stop(),
+                        "window": window_telemetry(sampler.rows, summary),
+                        "status": sampler.status(),
+                        "devices": list(sampler.devices),
                     }
                 phases["load"] = round(time.monotonic() - t, 3)
                 if summary.get("cut_short"):
                     raise KeyboardInterrupt
                 for server in servers:  # one that died during the load fails the rep
-                    if hasattr(server, "check"):
-                        server.check()
+                    server.check()
                 record["error"] = _load_problem(summary, cond.servers)
                 record["status"] = "failed" if record["error"] else "ok"
+            except KeyboardInterrupt:
+                interrupted = True
+                raise
             finally:
                 t = time.monotonic()
                 self._phase("tear-down")
                 with no_interrupts() as signals:
                     stack.close()
                 phases["teardown"] = round(time.monotonic() - t, 3)
-        except KeyboardInterrupt:
-            raise
-        except Exception as e:  # the rep failed; the run goes on
+        except Exception as e:
+            if interrupted:  # tear-down failed after a Ctrl-C: still stop
+                raise KeyboardInterrupt from e
+            # the rep failed; the run goes on
             record["status"] = "failed"
-            record["error"] = f"{type(e).__name__}: {_first_line(e)}" if not record.get("error") else record["error"]
+            record["error"] = record["error"] or f"{type(e).__name__}: {str(e).strip() or '(no message)'}"
             write_atomic(rep_dir / "error.txt", traceback.format_exc())
         _compress_records(rep_dir)
         record["finished"] = _now()
@@ -325,18 +327,6 @@ class Runner:
         if signals:  # Ctrl-C during tear-down: the rep was whole and is kept; now stop
             raise KeyboardInterrupt
         return record
-
-    @staticmethod
-    def _stop_server(server) -> None:
-        server.stop()
-
-    @staticmethod
-    def _stop_sampler(sampler) -> Any:
-        if getattr(sampler, "_coserve_stopped", False):
-            return sampler._coserve_summary
-        summary = sampler.stop()
-        sampler._coserve_stopped, sampler._coserve_summary = True, summary
-        return summary
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
