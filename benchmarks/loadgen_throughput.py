@@ -1,0 +1,146 @@
+"""How fast is `coserve bench`'s load generator, and how exact?
+
+Starts the stream test server (`coserve.bench.stream_server`) in other processes, streaming
+each completion at a known rate (first token after --ttft-ms, then one chunk every
+--itl-ms), drives it with `run_load` from this one process, and prints what it measured
+against what the server was told to do: tokens/s, and the measured-minus-configured skew of
+TPOT and ITL at p50 and p99 (and TTFT, for information). The generator passes when it keeps
+up with the server (tok/s near the ideal) with |skew| under 0.5 ms.
+
+    python3 benchmarks/loadgen_throughput.py                       # C=512, 10 ms ITL: ~51k tok/s
+    python3 benchmarks/loadgen_throughput.py --concurrency 256,512,768 --server-workers 4
+
+Figures and the machines they came from are in docs/bench.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from coserve.bench import stream_server  # noqa: E402
+from coserve.bench.config import LoadConfig  # noqa: E402
+from coserve.bench.loadgen import loop_factory, run_load, run_sync  # noqa: E402
+
+
+def _proc_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process and its reaped children (Linux)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+    except OSError:
+        return float("nan")
+
+
+def _server_cpu_s(srv) -> float:
+    pids = [srv.proc.pid]
+    try:  # forked workers (--server-workers)
+        with open(f"/proc/{srv.proc.pid}/task/{srv.proc.pid}/children") as f:
+            pids += [int(p) for p in f.read().split()]
+    except OSError:
+        pass
+    return sum(_proc_cpu_s(p) for p in pids)
+
+
+def _cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "?"
+
+
+def run_one(args, c: int) -> dict:
+    with stream_server.spawn(ttft_ms=args.ttft_ms, itl_ms=args.itl_ms, precise=args.precise,
+                             workers=args.server_workers) as srv:
+        cfg = LoadConfig(gen_url=srv.url, gen_concurrency=c, output_len=args.output_len,
+                         input_len=30, warmup_s=args.warmup, duration_s=args.duration,
+                         ramp_s=args.ramp)
+        s0 = _server_cpu_s(srv)
+        r0 = resource.getrusage(resource.RUSAGE_SELF)
+        w0 = time.perf_counter()
+        result = run_sync(run_load(cfg), args.loop)
+        wall = time.perf_counter() - w0
+        r1 = resource.getrusage(resource.RUSAGE_SELF)
+        s1 = _server_cpu_s(srv)
+    g = result.summary()["gen"]
+    n = args.output_len
+    cycle_ms = args.ttft_ms + (n - 1) * args.itl_ms
+    ideal = c * n / cycle_ms * 1e3
+    client_cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+    tokens_total = g["totals"]["output_tokens"]
+    return {
+        "concurrency": c,
+        "ideal_tok_s": round(ideal, 1),
+        "tok_s": g["output_tokens_per_s"],
+        "of_ideal": round(g["output_tokens_per_s"] / ideal, 4),
+        "tpot_p50_skew_ms": round(g["tpot_ms"]["p50"] - args.itl_ms, 4),
+        "tpot_p99_skew_ms": round(g["tpot_ms"]["p99"] - args.itl_ms, 4),
+        "itl_p50_skew_ms": round(g["itl_ms"]["p50"] - args.itl_ms, 4),
+        "itl_p99_skew_ms": round(g["itl_ms"]["p99"] - args.itl_ms, 4),
+        "ttft_p50_skew_ms": round(g["ttft_ms"]["p50"] - args.ttft_ms, 4),
+        "ttft_p99_skew_ms": round(g["ttft_ms"]["p99"] - args.ttft_ms, 4),
+        "client_cpu_per_s": round(client_cpu / wall, 3),
+        "client_sys_share": round((r1.ru_stime - r0.ru_stime) / max(client_cpu, 1e-9), 3),
+        "client_us_per_token": round(client_cpu / max(tokens_total, 1) * 1e6, 2),
+        "server_cpu_per_s": round((s1 - s0) / wall, 3),
+        "completed": g["completed"],
+        "failed": g["failed"],
+    }
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--concurrency", default="512", help="one or more, comma-separated")
+    p.add_argument("--ttft-ms", type=float, default=20.0)
+    p.add_argument("--itl-ms", type=float, default=10.0)
+    p.add_argument("--output-len", type=int, default=256)
+    p.add_argument("--warmup", type=float, default=3.0)
+    p.add_argument("--duration", type=float, default=10.0)
+    p.add_argument("--ramp", type=float, default=None,
+                   help="seconds over which the first requests are spread (default: the "
+                        "generator's own, min(1 s, warm-up / 4)); 0 = all at once")
+    p.add_argument("--server-workers", type=int, default=1,
+                   help="stream server processes (SO_REUSEPORT); one core writes ~50k "
+                        "chunks/s at best, so give it more where the machine has cores")
+    p.add_argument("--no-precise", dest="precise", action="store_false",
+                   help="let the server's timers sleep (up to 1 ms late) instead of spinning")
+    p.add_argument("--loop", choices=("auto", "uvloop", "asyncio"), default="auto",
+                   help="the generator's event loop (auto: uvloop when installed)")
+    p.add_argument("--json", action="store_true", help="print one JSON object per run")
+    args = p.parse_args(argv)
+
+    print(f"# {platform.node()}: {os.cpu_count()} CPUs ({_cpu_model()}), "
+          f"Python {platform.python_version()}, {time.strftime('%Y-%m-%d')}, generator loop: "
+          f"{loop_factory(args.loop).__module__.split('.')[0]}", flush=True)
+    print(f"# server: ttft {args.ttft_ms} ms, itl {args.itl_ms} ms, {args.output_len} tokens, "
+          f"{args.server_workers} worker(s){', precise' if args.precise else ''}; "
+          f"window {args.warmup}+{args.duration} s", flush=True)
+    cols = ["concurrency", "ideal_tok_s", "tok_s", "of_ideal", "tpot_p50_skew_ms",
+            "tpot_p99_skew_ms", "itl_p50_skew_ms", "itl_p99_skew_ms", "ttft_p50_skew_ms",
+            "client_cpu_per_s", "client_sys_share", "client_us_per_token", "server_cpu_per_s"]
+    if not args.json:
+        print("| " + " | ".join(cols) + " |")
+        print("|" + "---|" * len(cols))
+    for c in (int(x) for x in args.concurrency.split(",")):
+        row = run_one(args, c)
+        if args.json:
+            print(json.dumps(row), flush=True)
+        else:
+            print("| " + " | ".join(str(row[k]) for k in cols) + " |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,90 @@
+"""What one load run is: endpoints, concurrency, workload shape and timing.
+
+The fields mirror `coserve bench`'s flags (`--gen-url` is `gen_url`, `--warmup` is
+`warmup_s`, `--duration` is `duration_s`)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from urllib.parse import urlsplit
+
+
+class ConfigError(ValueError):
+    """A bad load configuration; the message names the field, `.field` holds it."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+@dataclass
+class LoadConfig:
+    gen_url: str | None = None
+    embed_url: str | None = None
+    gen_model: str | None = None  # None: the first entry of the server's /v1/models
+    embed_model: str | None = None
+    gen_concurrency: int = 512
+    input_len: int = 30
+    output_len: int = 512
+    embed_concurrency: int = 64
+    embed_batch: int = 8
+    embed_input_len: int = 32
+    embed_text: bool = False  # send texts instead of token-id lists to /v1/embeddings
+    warmup_s: float = 30.0
+    duration_s: float = 60.0
+    seed: int = 0
+    api_key: str | None = None
+    # Prompt token ids are drawn uniformly from [token_id_low, token_id_high): small enough
+    # for any vocabulary (the tiny presets' too), above the ids most vocabularies reserve.
+    token_id_low: int = 10
+    token_id_high: int = 256
+    temperature: float = 0.0  # as `vllm bench serve` sends by default
+    # Keep every chunk's arrival time in the per-request records (big: one float a token).
+    record_chunks: bool = False
+    # The C first requests of each endpoint are spread evenly over this many seconds at the
+    # start of the warm-up instead of leaving all at once, so that a server whose requests
+    # all take the same time is not hit by synchronised bursts forever after.
+    # None: min(1 s, warm-up / 4).
+    ramp_s: float | None = None
+    # Time allowed for the start-up check of each endpoint (GET /v1/models).
+    connect_timeout_s: float = 10.0
+
+    def validate(self) -> LoadConfig:
+        if not self.gen_url and not self.embed_url:
+            raise ConfigError("gen_url", "give a gen URL, an embed URL or both")
+        for name in ("gen_url", "embed_url"):
+            url = getattr(self, name)
+            if url:
+                parts = urlsplit(url)
+                if parts.scheme not in ("http", "https") or not parts.netloc:
+                    raise ConfigError(name, f"{url!r} is not an http(s) URL "
+                                            f"(e.g. http://127.0.0.1:8000)")
+        for name in ("gen_concurrency", "input_len", "output_len", "embed_concurrency",
+                     "embed_batch", "embed_input_len"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ConfigError(name, f"must be a positive integer, got {v!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ConfigError("seed", f"must be an integer, got {self.seed!r}")
+        if not (isinstance(self.warmup_s, (int, float)) and self.warmup_s >= 0):
+            raise ConfigError("warmup_s", f"must be >= 0, got {self.warmup_s!r}")
+        if not (isinstance(self.duration_s, (int, float)) and self.duration_s > 0):
+            raise ConfigError("duration_s", f"must be > 0, got {self.duration_s!r}")
+        if not (0 <= self.token_id_low < self.token_id_high):
+            raise ConfigError("token_id_low", f"token id range [{self.token_id_low}, "
+                                              f"{self.token_id_high}) is empty")
+        if self.ramp_s is not None and not self.ramp_s >= 0:
+            raise ConfigError("ramp_s", f"must be >= 0, got {self.ramp_s!r}")
+        if self.connect_timeout_s <= 0:
+            raise ConfigError("connect_timeout_s", "must be > 0")
+        return self
+
+    @property
+    def effective_ramp_s(self) -> float:
+        return self.ramp_s if self.ramp_s is not None else min(1.0, self.warmup_s / 4)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        if d.get("api_key"):
+            d["api_key"] = "***"
+        return d

@@ -1,0 +1,133 @@
+"""`coserve bench` as a user runs it: files written, the JSON contract, quiet output when
+not on a terminal, a clear failure for an unreachable URL, Ctrl-C keeping what was measured."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from coserve.bench import stream_server
+
+CONTRACT = {
+    "gen": {"output_tokens_per_s", "requests_per_s", "completed", "failed", "tpot_ms",
+            "ttft_ms", "itl_ms"},
+    "embed": {"sequences_per_s", "requests_per_s", "completed", "failed", "latency_ms"},
+}
+
+
+def _bench(*args, **kw):
+    return subprocess.Popen([sys.executable, "-m", "coserve", "bench", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, **kw)
+
+
+@pytest.fixture(scope="module")
+def server():
+    with stream_server.spawn(ttft_ms=20, itl_ms=5, embed_latency_ms=20) as srv:
+        yield srv
+
+
+def test_writes_the_contract_and_the_records(server, tmp_path):
+    out = tmp_path / "run" / "bench.json"
+    p = _bench("--gen-url", server.url, "--embed-url", server.url + "/v1",
+               "--gen-concurrency", "4", "--output-len", "16", "--embed-concurrency", "2",
+               "--warmup", "0.4", "--duration", "1", "--out", str(out))
+    stdout, stderr = p.communicate(timeout=60)
+    assert p.returncode == 0, stderr
+    s = json.loads(out.read_text())
+    assert s["warmup_s"] == 0.4 and s["duration_s"] == 1 and s["cut_short"] is False
+    for part, keys in CONTRACT.items():
+        assert keys <= set(s[part]), part
+        for k in keys:
+            v = s[part][k]
+            if k.endswith("_ms"):
+                assert all(isinstance(v[q], float) for q in ("mean", "p50", "p95", "p99"))
+            else:
+                assert isinstance(v, (int, float))
+        assert s[part]["completed"] > 0 and s[part]["failed"] == 0
+    assert s["config"]["gen_concurrency"] == 4 and s["config"]["seed"] == 0
+    rec = out.parent / "bench.records.jsonl"
+    assert s["records_file"] == rec.name
+    lines = [json.loads(x) for x in rec.read_text().splitlines()]
+    assert {x["endpoint"] for x in lines} == {"gen", "embed"}
+    assert all({"status", "start_s", "end_s"} <= set(x) for x in lines)
+    # not a terminal: no live display, just the start line and the summary
+    assert "\x1b[" not in stderr and "tok/s" in stderr and "wrote" in stderr
+    assert stdout == ""
+
+
+def test_gen_only_leaves_embed_null(server, tmp_path):
+    out = tmp_path / "g.json"
+    p = _bench("--gen-url", server.url, "--gen-concurrency", "2", "--output-len", "8",
+               "--warmup", "0.2", "--duration", "0.5", "--out", str(out), "--quiet", "--json")
+    stdout, stderr = p.communicate(timeout=60)
+    assert p.returncode == 0, stderr
+    s = json.loads(out.read_text())
+    assert s["embed"] is None and s["gen"]["completed"] > 0
+    assert json.loads(stdout)["gen"]["output_tokens_per_s"] == s["gen"]["output_tokens_per_s"]
+
+
+def test_unreachable_url_fails_at_once(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t = time.monotonic()
+    p = _bench("--gen-url", f"http://127.0.0.1:{port}", "--out", str(tmp_path / "x.json"))
+    _, stderr = p.communicate(timeout=30)
+    assert time.monotonic() - t < 10
+    assert p.returncode == 1
+    assert f"cannot reach the gen server at http://127.0.0.1:{port}" in stderr
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_bad_flags_are_named():
+    p = _bench("--gen-url", "http://127.0.0.1:1", "--gen-concurrency", "0")
+    _, stderr = p.communicate(timeout=30)
+    assert p.returncode != 0 and "--gen-concurrency" in stderr
+    p = _bench("--duration", "5")
+    _, stderr = p.communicate(timeout=30)
+    assert p.returncode != 0 and "--gen-url" in stderr
+
+
+def _wait_for(path_or_pred, timeout):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path_or_pred():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.parametrize("when", ["measure", "warmup"])
+def test_ctrl_c_writes_what_was_measured_marked_cut_short(server, tmp_path, when):
+    out = tmp_path / "cut.json"
+    warmup = "0.5" if when == "measure" else "30"
+    p = _bench("--gen-url", server.url, "--embed-url", server.url, "--gen-concurrency", "4",
+               "--output-len", "16", "--embed-concurrency", "2", "--warmup", warmup,
+               "--duration", "60", "--out", str(out))
+    # the start line is printed once the endpoints have answered; then give it some load
+    first = p.stderr.readline()
+    assert "coserve bench:" in first
+    time.sleep(2.0)
+    t = time.monotonic()
+    os.killpg(p.pid, signal.SIGINT)
+    _, stderr = p.communicate(timeout=30)
+    assert time.monotonic() - t < 10
+    assert p.returncode == 130, stderr
+    s = json.loads(out.read_text())
+    assert s["cut_short"] is True and s["stopped_in"] == when
+    assert s["planned_duration_s"] == 60
+    lines = (tmp_path / "cut.records.jsonl").read_text().splitlines()
+    assert len(lines) > 4
+    if when == "measure":
+        assert 0.5 < s["duration_s"] < 5
+        assert s["gen"]["output_tokens_per_s"] > 0 and s["embed"]["sequences_per_s"] > 0
+    else:
+        assert s["duration_s"] == 0 and s["gen"]["output_tokens_per_s"] == 0
+    assert "CUT SHORT" in stderr
