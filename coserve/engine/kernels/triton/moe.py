@@ -1,0 +1,341 @@
+"""Mixture of experts with FP8 block-quantised experts, without host syncs.
+
+    routing     softmax over experts, top-k, renormalise (norm_topk_prob)     topk_softmax
+    permute     sort the T*k (token, expert) pairs by expert, each expert's run
+                padded to a multiple of BLOCK_M (one Triton program)             moe_align
+    GEMM 1      per M-block of one expert: gate and up = A @ W13[e]^T with
+                FP8 block scales; epilogue silu(gate) * up, re-quantised to FP8
+                per 1x128 group for GEMM 2                                       _moe_gemm_kernel
+    GEMM 2      down = H @ W2[e]^T, times the pair's routing weight              _moe_gemm_kernel
+    un-permute  rows are written at their pair index, so the combine is a sum
+                over each token's k rows                                         torch .sum
+
+Weights as the engine stacks them from a Qwen3-MoE-FP8 checkpoint:
+    w13 [E, 2I, H] float8_e4m3fn (gate rows 0..I-1, up rows I..2I-1), w13_scale [E, 2I/128, H/128]
+    w2  [E, H, I]  float8_e4m3fn,                                       w2_scale  [E, H/128, I/128]
+bf16/fp16 experts (no scales) take the same path with plain 16-bit dots.
+Every shape below depends on T, never on routing values: graph-capturable.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .fp8 import FP8_MAX, per_token_group_quant_fp8
+
+
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _topk_softmax_kernel(
+    logits_ptr, w_ptr, ids_ptr, T, E, stride_l,
+    TOPK: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
+    RENORM: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    e = tl.arange(0, E_PAD)
+    kk = tl.arange(0, K_PAD)
+    rmask = rows < T
+    x = tl.load(logits_ptr + rows[:, None] * stride_l + e[None, :],
+                mask=rmask[:, None] & (e[None, :] < E), other=float("-inf")).to(tl.float32)
+    x = x - tl.max(x, 1)[:, None]
+    p = tl.exp(x)
+    p = p / tl.sum(p, 1)[:, None]
+    wts = tl.zeros([BLOCK_T, K_PAD], tl.float32)
+    ids = tl.zeros([BLOCK_T, K_PAD], tl.int32)
+    for j in tl.static_range(TOPK):
+        best = tl.argmax(p, 1)
+        val = tl.max(p, 1)
+        wts = tl.where(kk[None, :] == j, val[:, None], wts)
+        ids = tl.where(kk[None, :] == j, best[:, None].to(tl.int32), ids)
+        p = tl.where(e[None, :] == best[:, None], -1.0, p)
+    if RENORM:
+        wts = wts / tl.sum(wts, 1)[:, None]
+    omask = rmask[:, None] & (kk[None, :] < TOPK)
+    tl.store(w_ptr + rows[:, None] * TOPK + kk[None, :], wts, mask=omask)
+    tl.store(ids_ptr + rows[:, None] * TOPK + kk[None, :], ids, mask=omask)
+
+
+def topk_softmax(router_logits: torch.Tensor, top_k: int, renormalize: bool):
+    """router_logits [T, E] -> (weights float32 [T, k], expert ids int32 [T, k]): softmax over
+    all experts in float32, the k largest, optionally renormalised to sum to one. (The
+    reference returns int64 ids; every consumer here takes either.)"""
+    T, E = router_logits.shape
+    if router_logits.stride(1) != 1:
+        router_logits = router_logits.contiguous()
+    w = torch.empty(T, top_k, device=router_logits.device, dtype=torch.float32)
+    ids = torch.empty(T, top_k, device=router_logits.device, dtype=torch.int32)
+    e_pad = triton.next_power_of_2(E)
+    block_t = max(1, min(16, 4096 // e_pad))
+    if T > 0:
+        _topk_softmax_kernel[(triton.cdiv(T, block_t),)](
+            router_logits, w, ids, T, E, router_logits.stride(0),
+            TOPK=top_k, K_PAD=triton.next_power_of_2(top_k), E_PAD=e_pad, BLOCK_T=block_t,
+            RENORM=renormalize, num_warps=4,
+        )
+    return w, ids
+
+
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _moe_align_kernel(
+    topk_ids_ptr, sorted_ids_ptr, expert_ids_ptr, num_post_pad_ptr, scratch_ptr,
+    numel, max_padded, num_blocks,
+    E: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+    CHUNK: tl.constexpr, BCHUNK: tl.constexpr,
+):
+    # One program. scratch: [E_PAD] counters (later: start offsets) + [numel] ranks.
+    e = tl.arange(0, E_PAD)
+    cnt_ptr = scratch_ptr
+    rank_ptr = scratch_ptr + E_PAD
+    tl.store(cnt_ptr + e, tl.zeros([E_PAD], tl.int32))
+    c = tl.arange(0, CHUNK)
+    for s in range(0, max_padded, CHUNK):
+        tl.store(sorted_ids_ptr + s + c, tl.zeros([CHUNK], tl.int32) + numel,
+                 mask=s + c < max_padded)
+    tl.debug_barrier()
+    # rank of each pair within its expert (order inside an expert is arbitrary)
+    for s in range(0, numel, CHUNK):
+        m = s + c < numel
+        ids = tl.load(topk_ids_ptr + s + c, mask=m, other=0)
+        r = tl.atomic_add(cnt_ptr + ids, 1, mask=m, sem="relaxed")
+        tl.store(rank_ptr + s + c, r, mask=m)
+    tl.debug_barrier()
+    counts = tl.load(cnt_ptr + e, mask=e < E, other=0, cache_modifier=".cg")
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    ends = tl.cumsum(padded, 0)
+    starts = ends - padded
+    tl.store(num_post_pad_ptr, tl.sum(padded, 0))
+    tl.debug_barrier()
+    tl.store(cnt_ptr + e, starts)
+    tl.debug_barrier()
+    for s in range(0, numel, CHUNK):
+        m = s + c < numel
+        ids = tl.load(topk_ids_ptr + s + c, mask=m, other=0)
+        r = tl.load(rank_ptr + s + c, mask=m, other=0, cache_modifier=".cg")
+        st = tl.load(cnt_ptr + ids, mask=m, other=0, cache_modifier=".cg")
+        tl.store(sorted_ids_ptr + st + r, s + c, mask=m)
+    # expert of each M-block = number of experts whose padded run ends at or before it
+    bc = tl.arange(0, BCHUNK)
+    for s in range(0, num_blocks, BCHUNK):
+        pos = (s + bc) * BLOCK_M
+        before = (ends[None, :] <= pos[:, None]) & (e[None, :] < E)
+        tl.store(expert_ids_ptr + s + bc, tl.sum(before.to(tl.int32), 1), mask=s + bc < num_blocks)
+
+
+def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int):
+    """topk_ids [T, k] -> (sorted_ids [EM] int32, expert_ids [EM/block_m] int32,
+    num_post_pad [1] int32). sorted_ids lists pair indices (t*k + j) grouped by expert, each
+    expert's run padded to block_m with the sentinel T*k; EM = T*k + E*(block_m-1) rounded up."""
+    numel = topk_ids.numel()
+    max_padded = triton.cdiv(numel + num_experts * (block_m - 1), block_m) * block_m
+    num_blocks = max_padded // block_m
+    dev = topk_ids.device
+    sorted_ids = torch.empty(max_padded, device=dev, dtype=torch.int32)
+    expert_ids = torch.empty(num_blocks, device=dev, dtype=torch.int32)
+    num_post_pad = torch.empty(1, device=dev, dtype=torch.int32)
+    e_pad = triton.next_power_of_2(num_experts)
+    scratch = torch.empty(e_pad + numel, device=dev, dtype=torch.int32)
+    ids = topk_ids.reshape(-1)
+    if ids.dtype != torch.int32:
+        ids = ids.to(torch.int32)
+    _moe_align_kernel[(1,)](
+        ids, sorted_ids, expert_ids, num_post_pad, scratch, numel, max_padded, num_blocks,
+        E=num_experts, E_PAD=e_pad, BLOCK_M=block_m, CHUNK=1024,
+        BCHUNK=max(16, min(64, 8192 // e_pad)), num_warps=8,
+    )
+    return sorted_ids, expert_ids, num_post_pad
+
+
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _moe_gemm_kernel(
+    a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, cs_ptr, topk_w_ptr,
+    sorted_ids_ptr, expert_ids_ptr, num_post_pad_ptr,
+    N, K, up_offset, num_valid, num_pid_m,
+    stride_am, stride_asm,
+    stride_be, stride_bn, stride_bse, stride_bsn,
+    stride_cm, stride_csm,
+    A_ROW_DIV: tl.constexpr, GATED: tl.constexpr, FP8: tl.constexpr,
+    QUANT_OUT: tl.constexpr, MUL_WEIGHT: tl.constexpr, FP8_MAX: tl.constexpr,
+    SCALE_GROUP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    group = GROUP_M * num_pid_n
+    first_m = (pid // group) * GROUP_M
+    gm = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % gm
+    pid_n = (pid % group) // gm
+    if pid_m * BLOCK_M >= tl.load(num_post_pad_ptr):
+        return
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pair = tl.load(sorted_ids_ptr + offs_m)
+    row_mask = pair < num_valid
+    a_row = (pair // A_ROW_DIV).to(tl.int64)
+    expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+
+    a_ptrs = a_ptr + a_row[:, None] * stride_am + offs_k[None, :]
+    b_base = b_ptr + expert * stride_be
+    b_ptrs = b_base + offs_n[None, :] * stride_bn + offs_k[:, None]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if GATED:
+        b2_ptrs = b_ptrs + up_offset * stride_bn
+        acc2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if FP8:
+        as_ptrs = as_ptr + a_row * stride_asm
+        bs_base = bs_ptr + expert * stride_bse
+        bs_ptrs = bs_base + (offs_n // SCALE_GROUP) * stride_bsn
+        if GATED:
+            bs2_ptrs = bs_base + ((offs_n + up_offset) // SCALE_GROUP) * stride_bsn
+
+    for kb in range(0, tl.cdiv(K, BLOCK_K)):
+        k_mask = offs_k < K - kb * BLOCK_K
+        a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=n_mask[None, :] & k_mask[:, None], other=0.0)
+        if GATED:
+            b2 = tl.load(b2_ptrs, mask=n_mask[None, :] & k_mask[:, None], other=0.0)
+        if FP8:
+            a_s = tl.load(as_ptrs + kb, mask=row_mask, other=0.0)
+            b_s = tl.load(bs_ptrs + kb, mask=n_mask, other=0.0)
+            acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
+            if GATED:
+                b2_s = tl.load(bs2_ptrs + kb, mask=n_mask, other=0.0)
+                acc2 += tl.dot(a, b2) * a_s[:, None] * b2_s[None, :]
+        else:
+            acc = tl.dot(a, b, acc)
+            if GATED:
+                acc2 = tl.dot(a, b2, acc2)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+        if GATED:
+            b2_ptrs += BLOCK_K
+
+    if GATED:
+        acc = acc / (1.0 + tl.exp(-acc)) * acc2
+    if MUL_WEIGHT:
+        w = tl.load(topk_w_ptr + pair, mask=row_mask, other=0.0)
+        acc = acc * w[:, None]
+    c_row = pair.to(tl.int64)
+    if QUANT_OUT:
+        # BLOCK_N == SCALE_GROUP: one FP8 group per row of this tile
+        amax = tl.max(tl.abs(tl.where(n_mask[None, :], acc, 0.0)), 1)
+        s = tl.maximum(amax, 1e-10) / FP8_MAX
+        q = tl.clamp(acc / s[:, None], -FP8_MAX, FP8_MAX)
+        tl.store(c_ptr + c_row[:, None] * stride_cm + offs_n[None, :],
+                 q.to(c_ptr.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])
+        tl.store(cs_ptr + c_row * stride_csm + pid_n, s, mask=row_mask)
+    else:
+        tl.store(c_ptr + c_row[:, None] * stride_cm + offs_n[None, :],
+                 acc.to(c_ptr.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])
+
+
+def default_config(num_tokens: int, fp8: bool = True) -> dict:
+    """Tile configuration for both GEMMs (measured on H100 at E=128, k=8, H=2048, I=768: see
+    docs/kernels.md); the benchmark sweeps alternatives. With BLOCK_M >= the typical rows per
+    expert (T*k/E), each expert's weights stream from DRAM once per step."""
+    if num_tokens <= 128:
+        return dict(BLOCK_M=16, BLOCK_N1=128, BLOCK_N2=128, GROUP_M=8,
+                    num_warps1=4, num_stages1=3, num_warps2=4, num_stages2=4)
+    if num_tokens < 256:
+        return dict(BLOCK_M=32, BLOCK_N1=128, BLOCK_N2=128, GROUP_M=8,
+                    num_warps1=4, num_stages1=3, num_warps2=4, num_stages2=4)
+    return dict(BLOCK_M=64, BLOCK_N1=128, BLOCK_N2=128, GROUP_M=8,
+                num_warps1=8, num_stages1=4, num_warps2=4, num_stages2=4)
+
+
+def _launch_gemm(a, a_s, b, b_s, c, c_s, topk_w, sorted_ids, expert_ids, num_post_pad,
+                 N, K, up_offset, num_valid, a_row_div, gated, quant_out, mul_weight,
+                 block_m, block_n, group_m, num_warps, num_stages):
+    fp8 = b.dtype == torch.float8_e4m3fn
+    num_pid_m = sorted_ids.shape[0] // block_m
+    grid = (num_pid_m * triton.cdiv(N, block_n),)
+    dummy = c
+    _moe_gemm_kernel[grid](
+        a, a_s if a_s is not None else dummy, b, b_s if b_s is not None else dummy,
+        c, c_s if c_s is not None else dummy, topk_w if topk_w is not None else dummy,
+        sorted_ids, expert_ids, num_post_pad,
+        N, K, up_offset, num_valid, num_pid_m,
+        a.stride(0), a_s.stride(0) if a_s is not None else 0,
+        b.stride(0), b.stride(1),
+        b_s.stride(0) if b_s is not None else 0, b_s.stride(1) if b_s is not None else 0,
+        c.stride(0), c_s.stride(0) if c_s is not None else 0,
+        A_ROW_DIV=a_row_div, GATED=gated, FP8=fp8, QUANT_OUT=quant_out, MUL_WEIGHT=mul_weight,
+        FP8_MAX=FP8_MAX, SCALE_GROUP=128,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=128 if fp8 else 64, GROUP_M=group_m,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+
+
+def fused_moe(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    w13_scale: torch.Tensor | None = None,
+    w2_scale: torch.Tensor | None = None,
+    block: tuple[int, int] | None = None,
+    config: dict | None = None,
+) -> torch.Tensor:
+    """x [T, H]; w13 [E, 2I, H]; w2 [E, H, I]; topk_weights [T, k] (fp32), topk_ids [T, k];
+    scales (block (128, 128)) as in the module docstring when the weights are FP8.
+    Returns [T, H] in x's dtype."""
+    hidden_states = x
+    if block is not None:
+        assert tuple(block) == (128, 128), "the Triton MoE supports 128x128 blocks only"
+    T, H = hidden_states.shape
+    E, two_i, H_w = w13.shape
+    inter = two_i // 2
+    k = topk_ids.shape[1]
+    assert H_w == H and w2.shape == (E, H, inter)
+    fp8 = w13.dtype == torch.float8_e4m3fn
+    cfg = dict(default_config(T, fp8), **(config or {}))
+    bm = cfg["BLOCK_M"]
+    numel = T * k
+    out_dtype = hidden_states.dtype
+    dev = hidden_states.device
+    if T == 0:
+        return torch.empty_like(hidden_states)
+
+    sorted_ids, expert_ids, num_post_pad = moe_align(topk_ids, E, bm)
+    topk_w = topk_weights.reshape(-1).to(torch.float32)
+
+    if fp8:
+        assert H % 128 == 0 and inter % 128 == 0, "FP8 experts need H and I multiples of 128"
+        a1, a1_s = per_token_group_quant_fp8(hidden_states)
+        quant_out = cfg["BLOCK_N1"] == 128
+        if quant_out:
+            inter_out = torch.empty(numel, inter, device=dev, dtype=torch.float8_e4m3fn)
+            inter_s = torch.empty(numel, inter // 128, device=dev, dtype=torch.float32)
+        else:
+            inter_out = torch.empty(numel, inter, device=dev, dtype=out_dtype)
+            inter_s = None
+    else:
+        a1, a1_s = hidden_states, None
+        quant_out = False
+        inter_out = torch.empty(numel, inter, device=dev, dtype=out_dtype)
+        inter_s = None
+
+    _launch_gemm(a1, a1_s, w13, w13_scale, inter_out, inter_s, None,
+                 sorted_ids, expert_ids, num_post_pad, inter, H, inter, numel, k,
+                 gated=True, quant_out=quant_out, mul_weight=False, block_m=bm,
+                 block_n=cfg["BLOCK_N1"], group_m=cfg["GROUP_M"],
+                 num_warps=cfg["num_warps1"], num_stages=cfg["num_stages1"])
+
+    if fp8 and not quant_out:
+        inter_out, inter_s = per_token_group_quant_fp8(inter_out)
+
+    out_pairs = torch.empty(numel, H, device=dev, dtype=out_dtype)
+    _launch_gemm(inter_out, inter_s, w2, w2_scale, out_pairs, None, topk_w,
+                 sorted_ids, expert_ids, num_post_pad, H, inter, 0, numel, 1,
+                 gated=False, quant_out=False, mul_weight=True, block_m=bm,
+                 block_n=cfg["BLOCK_N2"], group_m=cfg["GROUP_M"],
+                 num_warps=cfg["num_warps2"], num_stages=cfg["num_stages2"])
+    return out_pairs.view(T, k, H).sum(dim=1)

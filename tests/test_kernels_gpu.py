@@ -1,0 +1,356 @@
+"""Triton twins vs their plain-torch references, on random data.
+
+GPU only (`-m gpu`); skipped without CUDA. With TRITON_INTERPRET=1 and Triton installed the
+same tests run on the CPU through Triton's interpreter (slow; float32 data), which is how
+the kernels' logic is checked on a machine without a GPU. The interpreter rounds float-to-FP8
+conversions differently from the hardware, so FP8 tolerances apply on CUDA only."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+from coserve.engine.kernels import activation as ref_act
+from coserve.engine.kernels import attention as ref_attn
+from coserve.engine.kernels import fp8 as ref_fp8
+from coserve.engine.kernels import moe as ref_moe
+from coserve.engine.kernels import rmsnorm as ref_norm
+from coserve.engine.kernels import rotary as ref_rot
+
+pytestmark = pytest.mark.gpu
+
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+if torch.cuda.is_available() and _HAS_TRITON:
+    DEV, DT = "cuda", torch.bfloat16
+elif _INTERPRET and _HAS_TRITON:
+    DEV, DT = "cpu", torch.float32
+else:
+    pytest.skip("needs CUDA and Triton (or TRITON_INTERPRET=1)", allow_module_level=True)
+
+ON_GPU = DEV == "cuda"
+BLOCK = (128, 128)
+
+
+def tk():
+    import coserve.engine.kernels.triton as t
+
+    return t
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.float(), b.float()
+    return ((a - b).norm() / b.norm().clamp(min=1e-12)).item()
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator(device=DEV).manual_seed(seed)
+
+
+def randn(*shape, g, dtype=None, scale=1.0):
+    return (torch.randn(*shape, generator=g, device=DEV) * scale).to(dtype or DT)
+
+
+# ------------------------------------------------------------------------------ attention
+def _paged_case(B, Hq, Hkv, D, block_size, max_ctx, g, zero_rows=()):
+    max_blocks = -(-max_ctx // block_size)
+    num_blocks = B * max_blocks + 3
+    k_cache = randn(num_blocks, block_size, Hkv, D, g=g)
+    v_cache = randn(num_blocks, block_size, Hkv, D, g=g)
+    perm = torch.randperm(num_blocks, generator=g, device=DEV)[: B * max_blocks]
+    block_tables = perm.view(B, max_blocks).to(torch.int32)
+    ctx = torch.randint(1, max_ctx + 1, (B,), generator=g, device=DEV).to(torch.int32)
+    ctx[0] = max_ctx
+    for r in zero_rows:
+        ctx[r] = 0
+    q = randn(B, Hq, D, g=g)
+    return q, k_cache, v_cache, block_tables, ctx
+
+
+@pytest.mark.parametrize("block_size", [16, 64, 256])
+@pytest.mark.parametrize("num_splits", [None, 1, 3])
+def test_paged_decode_attention_matches_reference(block_size, num_splits):
+    B = 9 if ON_GPU else 3
+    Hq, Hkv, D = (32, 4, 128) if ON_GPU else (8, 2, 32)
+    max_ctx = 600 if ON_GPU else 70
+    q, kc, vc, bt, ctx = _paged_case(B, Hq, Hkv, D, block_size, max_ctx, gen(1))
+    scale = D ** -0.5
+    out = tk().paged_decode_attention(q, kc, vc, bt, ctx, scale, num_splits=num_splits)
+    ref = ref_attn.paged_decode_attention(q, kc, vc, bt, ctx, scale)
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    assert rel_err(out, ref) < (1e-2 if DT == torch.bfloat16 else 1e-5)
+
+
+@pytest.mark.parametrize("num_splits", [1, 4])
+def test_paged_decode_zero_length_rows_give_zeros(num_splits):
+    q, kc, vc, bt, ctx = _paged_case(4, 8, 2, 64, 16, 64, gen(2), zero_rows=(2,))
+    out = tk().paged_decode_attention(q, kc, vc, bt, ctx, 0.125, num_splits=num_splits)
+    assert torch.isfinite(out.float()).all()
+    assert out[2].abs().max().item() == 0.0
+    keep = torch.tensor([0, 1, 3], device=DEV)
+    ref = ref_attn.paged_decode_attention(q[keep], kc, vc, bt[keep], ctx[keep], 0.125)
+    assert rel_err(out[keep], ref) < (1e-2 if DT == torch.bfloat16 else 1e-5)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="CUDA graphs")
+def test_paged_decode_attention_graph_replay_follows_new_lengths():
+    q, kc, vc, bt, ctx = _paged_case(16, 32, 4, 128, 16, 300, gen(3))
+    scale = 128 ** -0.5
+    t = tk()
+    t.paged_decode_attention(q, kc, vc, bt, ctx, scale)  # compile outside capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = t.paged_decode_attention(q, kc, vc, bt, ctx, scale)
+    ctx.copy_(torch.randint(1, 301, ctx.shape, generator=gen(4), device=DEV).to(torch.int32))
+    q.copy_(randn(*q.shape, g=gen(5)))
+    graph.replay()
+    ref = ref_attn.paged_decode_attention(q, kc, vc, bt, ctx, scale)
+    assert rel_err(out, ref) < 1e-2
+
+
+# ------------------------------------------------------------------------------ FP8 linear
+def _fp8_weight(N, K, g):
+    w = torch.randn(N, K, generator=g, device=DEV) * 0.02
+    return ref_fp8.block_quant(w, BLOCK)
+
+
+def _w8a8_emulation(x, q, s):
+    """What an exact w8a8 kernel computes: x quantised per 1x128 group (torch), both
+    dequantised, product in float32."""
+    M, K = x.shape
+    xg = x.float().view(M, K // 128, 128)
+    xs = xg.abs().amax(-1, keepdim=True).clamp(min=1e-10) / 448.0
+    xq = (xg / xs).clamp(-448, 448).to(torch.float8_e4m3fn).float() * xs
+    return xq.view(M, K) @ ref_fp8.block_dequant(q, s, BLOCK).t()
+
+
+def test_per_token_group_quant_fp8_round_trips():
+    g = gen(6)
+    x = randn(37, 512, g=g)
+    xq, xs = tk().per_token_group_quant_fp8(x)
+    assert xq.dtype == torch.float8_e4m3fn and xs.shape == (37, 4)
+    back = (xq.float().view(37, 4, 128) * xs[..., None]).view(37, 512)
+    assert rel_err(back, x) < (0.04 if ON_GPU else 0.08)
+    amax = x.float().view(37, 4, 128).abs().amax(-1)
+    torch.testing.assert_close(xs, amax / 448.0, rtol=1e-6, atol=1e-12)
+    xq_c, xs_c = tk().per_token_group_quant_fp8(x, column_major_scales=True)
+    assert xs_c.stride() == (1, 37)
+    torch.testing.assert_close(xs_c, xs)
+    assert torch.equal(xq_c.view(torch.uint8), xq.view(torch.uint8))
+
+
+@pytest.mark.parametrize("backend", ["triton", "cublas"])
+@pytest.mark.parametrize("M,N,K", [(1, 256, 512), (77, 640, 384), (512, 5120, 2048)])
+def test_fp8_block_linear_matches_reference(backend, M, N, K, monkeypatch):
+    from coserve.engine.kernels.triton import fp8 as tfp8
+
+    if backend == "cublas" and not ON_GPU:
+        pytest.skip("cuBLAS needs CUDA")
+    if backend == "cublas" and M == 1:
+        pytest.skip("covered by the triton backend")
+    monkeypatch.setattr(tfp8, "_BACKEND", backend)
+    g = gen(7)
+    q, s = _fp8_weight(N, K, g)
+    x = randn(M, K, g=g)
+    try:
+        y = tk().fp8_block_linear(x, q, s, BLOCK)
+    except (RuntimeError, NotImplementedError) as e:  # cuBLAS without blockwise support
+        if backend == "cublas":
+            pytest.skip(f"cuBLAS blockwise scaled_mm unavailable: {e}")
+        raise
+    ref = ref_fp8.fp8_block_linear(x, q, s, BLOCK)
+    assert y.shape == (M, N) and y.dtype == x.dtype
+    if ON_GPU:
+        assert rel_err(y, ref) < 0.05  # activation quantisation (FP8 e4m3) error
+        assert rel_err(y, _w8a8_emulation(x, q, s)) < 1e-2
+    else:
+        assert rel_err(y, ref) < 0.12
+
+
+def test_fp8_block_linear_with_bias_and_leading_dims():
+    g = gen(8)
+    q, s = _fp8_weight(256, 256, g)
+    x = randn(2, 5, 256, g=g)
+    b = randn(256, g=g)
+    y = tk().fp8_block_linear(x, q, s, BLOCK, b)
+    ref = ref_fp8.fp8_block_linear(x, q, s, BLOCK, b)
+    assert y.shape == (2, 5, 256)
+    assert rel_err(y, ref) < (0.05 if ON_GPU else 0.12)
+
+
+# ------------------------------------------------------------------------------ MoE
+def test_topk_softmax_matches_reference():
+    g = gen(9)
+    logits = randn(70, 128, g=g)
+    for renorm in (True, False):
+        w, ids = tk().topk_softmax(logits, 8, renorm)
+        rw, rids = ref_moe.topk_softmax(logits, 8, renorm)
+        assert torch.equal(ids.long().sort(-1).values, rids.sort(-1).values)
+        torch.testing.assert_close(w, rw, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("block_m", [4, 16, 64])
+def test_moe_align_groups_pairs_by_expert(block_m):
+    from coserve.engine.kernels.triton.moe import moe_align
+
+    g = gen(10)
+    E, T, k = 16, 33, 3
+    ids = torch.randint(0, E, (T, k), generator=g, device=DEV).to(torch.int32)
+    ids[:, 0] = 5  # one crowded expert
+    sorted_ids, expert_ids, npp = moe_align(ids, E, block_m)
+    numel = T * k
+    counts = torch.bincount(ids.flatten().long(), minlength=E)
+    padded = (counts + block_m - 1) // block_m * block_m
+    assert int(npp) == int(padded.sum())
+    valid = sorted_ids[sorted_ids < numel]
+    assert sorted(valid.tolist()) == list(range(numel))
+    flat = ids.flatten()
+    for b in range(int(npp) // block_m):
+        rows = sorted_ids[b * block_m:(b + 1) * block_m]
+        rows = rows[rows < numel].long()
+        assert rows.numel() > 0
+        assert (flat[rows] == expert_ids[b]).all()
+
+
+def _moe_weights(E, H, inter, g, fp8):
+    w13 = torch.randn(E, 2 * inter, H, generator=g, device=DEV) * 0.03
+    w2 = torch.randn(E, H, inter, generator=g, device=DEV) * 0.03
+    if not fp8:
+        return w13.to(DT), w2.to(DT), None, None
+    q13, s13 = ref_fp8.block_quant(w13, BLOCK)
+    q2, s2 = ref_fp8.block_quant(w2, BLOCK)
+    return q13, q2, s13, s2
+
+
+@pytest.mark.parametrize("fp8", [True, False])
+@pytest.mark.parametrize("T", [1, 13, 300])
+def test_fused_moe_matches_reference(fp8, T):
+    g = gen(11)
+    E, H, inter, k = (128, 2048, 768, 8) if ON_GPU else (8, 256, 128, 2)
+    if not ON_GPU and T == 300:
+        T = 40
+    w13, w2, s13, s2 = _moe_weights(E, H, inter, g, fp8)
+    x = randn(T, H, g=g)
+    logits = randn(T, E, g=g)
+    weights, ids = tk().topk_softmax(logits, k, True)
+    blk = BLOCK if fp8 else None
+    out = tk().fused_moe(x, w13, w2, weights, ids, s13, s2, blk)
+    ref = ref_moe.fused_moe(x, w13, w2, weights, ids.long(), s13, s2, blk)
+    assert out.shape == (T, H) and out.dtype == x.dtype
+    if fp8:
+        assert rel_err(out, ref) < (0.06 if ON_GPU else 0.25)
+    else:
+        assert rel_err(out, ref) < (2e-2 if ON_GPU else 1e-5)
+
+
+@pytest.mark.parametrize("block_m", [16, 32, 64])
+def test_fused_moe_tile_configs_agree(block_m):
+    g = gen(12)
+    E, H, inter, k, T = (32, 512, 256, 4, 100) if ON_GPU else (8, 256, 128, 2, 9)
+    w13, w2, s13, s2 = _moe_weights(E, H, inter, g, True)
+    x = randn(T, H, g=g)
+    weights, ids = tk().topk_softmax(randn(T, E, g=g), k, True)
+    base = tk().fused_moe(x, w13, w2, weights, ids, s13, s2, BLOCK)
+    cfg = dict(BLOCK_M=block_m, BLOCK_N2=64, GROUP_M=1)
+    other = tk().fused_moe(x, w13, w2, weights, ids, s13, s2, BLOCK, config=cfg)
+    assert rel_err(other, base) < 1e-2
+
+
+@pytest.mark.skipif(not ON_GPU, reason="CUDA graphs")
+def test_moe_and_fp8_linear_capture_in_a_cuda_graph():
+    g = gen(13)
+    E, H, inter, k, T = 64, 1024, 512, 8, 64
+    w13, w2, s13, s2 = _moe_weights(E, H, inter, g, True)
+    q, s = _fp8_weight(E, H, g)  # a router-sized FP8 linear, to exercise both
+    x = randn(T, H, g=g)
+    t = tk()
+
+    def step():
+        logits = t.fp8_block_linear(x, q, s, BLOCK)
+        w, ids = t.topk_softmax(logits, k, True)
+        return t.fused_moe(x, w13, w2, w, ids, s13, s2, BLOCK)
+
+    step()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    x.copy_(randn(T, H, g=gen(14)))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert rel_err(out, step()) < 1e-3
+
+
+# ------------------------------------------------------------------------------ small ones
+def test_rms_norm_matches_reference_on_strided_views():
+    g = gen(15)
+    w = randn(128, g=g, scale=0.5) + 1
+    qkv = randn(19, 32 * 128 + 2 * 4 * 128, g=g)
+    qv = qkv[:, : 32 * 128].view(19, 32, 128)  # a strided 3-D view, as q after the split
+    torch.testing.assert_close(tk().rms_norm(qv, w, 1e-6), ref_norm.rms_norm(qv, w, 1e-6),
+                               rtol=2e-2, atol=2e-2)
+    x = randn(33, 2048, g=g)
+    w2 = randn(2048, g=g)
+    torch.testing.assert_close(tk().rms_norm(x, w2, 1e-6), ref_norm.rms_norm(x, w2, 1e-6),
+                               rtol=2e-2, atol=2e-2)
+
+
+def test_fused_add_rms_norm():
+    g = gen(16)
+    x, r, w = randn(21, 1024, g=g), randn(21, 1024, g=g), randn(1024, g=g)
+    y, new_r = tk().fused_add_rms_norm(x, r, w, 1e-6)
+    torch.testing.assert_close(new_r, x + r)
+    torch.testing.assert_close(y, ref_norm.rms_norm(x + r, w, 1e-6), rtol=2e-2, atol=2e-2)
+
+
+def test_apply_rotary_matches_reference():
+    g = gen(17)
+    cs = ref_rot.rope_cos_sin_cache(128, 4096, 1e6, DEV)
+    pos = torch.randint(0, 4096, (25,), generator=g, device=DEV)
+    qkv = randn(25, 40 * 128, g=g)
+    k = qkv[:, 32 * 128: 36 * 128].view(25, 4, 128)  # strided
+    torch.testing.assert_close(tk().apply_rotary(k, pos, cs), ref_rot.apply_rotary(k, pos, cs),
+                               rtol=1e-2, atol=1e-2)
+
+
+def test_silu_and_mul_matches_reference():
+    g = gen(18)
+    x = randn(3, 7, 2 * 1536, g=g)
+    torch.testing.assert_close(tk().silu_and_mul(x), ref_act.silu_and_mul(x), rtol=2e-2,
+                               atol=2e-2)
+
+
+@pytest.mark.parametrize("with_cache", [True, False])
+def test_qk_norm_rope_matches_the_unfused_references(with_cache):
+    g = gen(19)
+    T, Hq, Hkv, D, bs = 23, 32, 4, 128, 16
+    qkv = randn(T, (Hq + 2 * Hkv) * D, g=g)
+    qw, kw = randn(D, g=g, scale=0.3) + 1, randn(D, g=g, scale=0.3) + 1
+    cs = ref_rot.rope_cos_sin_cache(D, 4096, 1e6, DEV)
+    pos = torch.randint(0, 4096, (T,), generator=g, device=DEV)
+    q_ref = ref_rot.apply_rotary(ref_norm.rms_norm(qkv[:, :Hq * D].view(T, Hq, D), qw, 1e-6),
+                                 pos, cs)
+    k_ref = ref_rot.apply_rotary(
+        ref_norm.rms_norm(qkv[:, Hq * D:(Hq + Hkv) * D].view(T, Hkv, D), kw, 1e-6), pos, cs)
+    v_ref = qkv[:, (Hq + Hkv) * D:].view(T, Hkv, D)
+    caches = slots = None
+    if with_cache:
+        caches = [torch.zeros(8, bs, Hkv, D, device=DEV, dtype=DT) for _ in range(2)]
+        slots = torch.randperm(8 * bs, generator=g, device=DEV)[:T]
+        slots[3] = -1  # a padding row: nothing stored
+    q, k, v = tk().qk_norm_rope(qkv, Hq, Hkv, D, qw, kw, 1e-6, pos, cs,
+                                *(caches or (None, None)), slots)
+    tol = dict(rtol=2e-2, atol=2e-2) if DT == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(q, q_ref, **tol)
+    torch.testing.assert_close(k, k_ref, **tol)
+    assert torch.equal(v, v_ref)
+    if with_cache:
+        kc, vc = (c.view(-1, Hkv, D) for c in caches)
+        keep = slots >= 0
+        torch.testing.assert_close(kc[slots[keep]], k_ref[keep], **tol)
+        assert torch.equal(vc[slots[keep]], v_ref[keep])
+        assert int((kc.abs().sum((1, 2)) > 0).sum()) == int(keep.sum())
