@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import re
 import shlex
 import signal
 import socket
@@ -329,7 +330,11 @@ def start_server(spec: ServerSpec, env: dict[str, str] | None, log_path: Path, r
             time.sleep(0.5)
         return RunningServer(spec, url, None, None, None, None)
 
-    port = spec.port or free_port(spec.host)
+    # The built-in server picks its own free port and names it in its ready line: a port
+    # chosen here and handed over could be taken by another process in between, and that
+    # process's /health would then pass for ours.
+    announces_port = spec.launcher == "builtin" and not spec.port
+    port = 0 if announces_port else (spec.port or free_port(spec.host))
     full_env = dict(os.environ)
     full_env.update(env)
     full_env.update(BASE_ENV)  # NCCL_NVLS_ENABLE=0 etc. for every process coserve starts
@@ -343,6 +348,7 @@ def start_server(spec: ServerSpec, env: dict[str, str] | None, log_path: Path, r
                   f"# env: {' '.join(f'{k}={v}' for k, v in sorted({**env, **BASE_ENV}.items()))}\n")
         logf.write(header.encode())
         logf.flush()
+        log_start = logf.tell()
         try:
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
                                     env=full_env, start_new_session=True, preexec_fn=pdeathsig_preexec())
@@ -357,7 +363,11 @@ def start_server(spec: ServerSpec, env: dict[str, str] | None, log_path: Path, r
         while True:
             if proc.poll() is not None:
                 raise ServerFailed(server._died_msg(f"exited before /health answered, after {time.monotonic() - t0:.1f} s"))
-            if _health(url, timeout_s=2.0):
+            if announces_port and server.port == 0:
+                announced = _announced_url(log_path, log_start)
+                if announced:
+                    server.url, server.port = announced, int(announced.rsplit(":", 1)[1])
+            elif _health(server.url, timeout_s=2.0):
                 return server
             if time.monotonic() - t0 > ready_timeout_s:
                 raise ServerFailed(f"{spec.role} server ({spec.launcher}, pid {proc.pid}) not ready: /health did not answer "
@@ -366,6 +376,17 @@ def start_server(spec: ServerSpec, env: dict[str, str] | None, log_path: Path, r
     except BaseException:
         server.stop(timeout_s=5)
         raise
+
+
+_READY_LINE = re.compile(rb"coserve serve \w+: ready at (http://\S+)")
+
+
+def _announced_url(log_path: Path, offset: int) -> str | None:
+    """The URL a built-in server printed in its ready line, once it has."""
+    with open(log_path, "rb") as f:
+        f.seek(offset)
+        m = _READY_LINE.search(f.read())
+    return m.group(1).decode() if m else None
 
 
 def start_servers(specs: list[ServerSpec], envs: dict[str, dict[str, str]], log_dir: Path,
