@@ -20,7 +20,9 @@ import json
 import os
 import platform
 import resource
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -42,13 +44,40 @@ def _proc_cpu_s(pid: int) -> float:
 
 
 def _server_cpu_s(srv) -> float:
+    return sum(_proc_cpu_s(p) for p in _server_pids(srv))
+
+
+def _server_pids(srv) -> list[int]:
     pids = [srv.proc.pid]
     try:  # forked workers (--server-workers)
         with open(f"/proc/{srv.proc.pid}/task/{srv.proc.pid}/children") as f:
             pids += [int(p) for p in f.read().split()]
     except OSError:
         pass
-    return sum(_proc_cpu_s(p) for p in pids)
+    return pids
+
+
+_CPUS = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+
+
+def _pin(srv) -> None:
+    """This process on the last CPU, the server's processes on the others."""
+    cpus = _CPUS
+    if len(cpus) < 2:
+        return
+    os.sched_setaffinity(0, {cpus[-1]})
+    for pid in _server_pids(srv):
+        os.sched_setaffinity(pid, set(cpus[:-1]))
+
+
+def _steal_s() -> float:
+    """CPU time the hypervisor took from this VM, all CPUs together (Linux /proc/stat)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+        return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return float("nan")
 
 
 def _cpu_model() -> str:
@@ -61,19 +90,49 @@ def _cpu_model() -> str:
     return platform.processor() or "?"
 
 
+def _skew(measured: float | None, configured: float) -> float:
+    return float("nan") if measured is None else round(measured - configured, 4)
+
+
+def _server_lateness(stats_dir: str) -> tuple[float, float]:
+    """p50 and p99 of how late the server's chunks left (ms), all its processes together."""
+    hist = None
+    for name in os.listdir(stats_dir):
+        with open(os.path.join(stats_dir, name)) as f:
+            h = json.load(f)["chunk_lateness_hist_10us"]
+        hist = h if hist is None else [a + b for a, b in zip(hist, h, strict=True)]
+    if not hist or not sum(hist):
+        return float("nan"), float("nan")
+    total, out, acc = sum(hist), [], 0
+    targets = [0.5 * total, 0.99 * total]
+    for i, n in enumerate(hist):
+        acc += n
+        while targets and acc >= targets[0]:
+            out.append((i + 1) * 0.01)  # upper edge of the 10 us bin, ms
+            targets.pop(0)
+    return out[0], out[1]
+
+
 def run_one(args, c: int) -> dict:
+    stats_dir = tempfile.mkdtemp(prefix="coserve-stream-stats-")
     with stream_server.spawn(ttft_ms=args.ttft_ms, itl_ms=args.itl_ms, precise=args.precise,
-                             workers=args.server_workers) as srv:
+                             workers=args.server_workers, stats_dir=stats_dir) as srv:
         cfg = LoadConfig(gen_url=srv.url, gen_concurrency=c, output_len=args.output_len,
                          input_len=30, warmup_s=args.warmup, duration_s=args.duration,
                          ramp_s=args.ramp)
+        if args.pin:
+            _pin(srv)
         s0 = _server_cpu_s(srv)
+        st0 = _steal_s()
         r0 = resource.getrusage(resource.RUSAGE_SELF)
         w0 = time.perf_counter()
         result = run_sync(run_load(cfg), args.loop)
         wall = time.perf_counter() - w0
         r1 = resource.getrusage(resource.RUSAGE_SELF)
         s1 = _server_cpu_s(srv)
+        st1 = _steal_s()
+    late50, late99 = _server_lateness(stats_dir)
+    shutil.rmtree(stats_dir, ignore_errors=True)
     g = result.summary()["gen"]
     n = args.output_len
     cycle_ms = args.ttft_ms + (n - 1) * args.itl_ms
@@ -85,16 +144,19 @@ def run_one(args, c: int) -> dict:
         "ideal_tok_s": round(ideal, 1),
         "tok_s": g["output_tokens_per_s"],
         "of_ideal": round(g["output_tokens_per_s"] / ideal, 4),
-        "tpot_p50_skew_ms": round(g["tpot_ms"]["p50"] - args.itl_ms, 4),
-        "tpot_p99_skew_ms": round(g["tpot_ms"]["p99"] - args.itl_ms, 4),
-        "itl_p50_skew_ms": round(g["itl_ms"]["p50"] - args.itl_ms, 4),
-        "itl_p99_skew_ms": round(g["itl_ms"]["p99"] - args.itl_ms, 4),
-        "ttft_p50_skew_ms": round(g["ttft_ms"]["p50"] - args.ttft_ms, 4),
-        "ttft_p99_skew_ms": round(g["ttft_ms"]["p99"] - args.ttft_ms, 4),
+        "tpot_p50_skew_ms": _skew(g["tpot_ms"]["p50"], args.itl_ms),
+        "tpot_p99_skew_ms": _skew(g["tpot_ms"]["p99"], args.itl_ms),
+        "itl_p50_skew_ms": _skew(g["itl_ms"]["p50"], args.itl_ms),
+        "itl_p99_skew_ms": _skew(g["itl_ms"]["p99"], args.itl_ms),
+        "ttft_p50_skew_ms": _skew(g["ttft_ms"]["p50"], args.ttft_ms),
+        "ttft_p99_skew_ms": _skew(g["ttft_ms"]["p99"], args.ttft_ms),
         "client_cpu_per_s": round(client_cpu / wall, 3),
         "client_sys_share": round((r1.ru_stime - r0.ru_stime) / max(client_cpu, 1e-9), 3),
         "client_us_per_token": round(client_cpu / max(tokens_total, 1) * 1e6, 2),
         "server_cpu_per_s": round((s1 - s0) / wall, 3),
+        "steal_cpu_per_s": round((st1 - st0) / wall, 3),
+        "server_late_p50_ms": late50,
+        "server_late_p99_ms": late99,
         "completed": g["completed"],
         "failed": g["failed"],
     }
@@ -118,6 +180,8 @@ def main(argv=None) -> int:
                    help="let the server's timers sleep (up to 1 ms late) instead of spinning")
     p.add_argument("--loop", choices=("auto", "uvloop", "asyncio"), default="auto",
                    help="the generator's event loop (auto: uvloop when installed)")
+    p.add_argument("--pin", action="store_true",
+                   help="pin the generator to the last CPU and the server to the others")
     p.add_argument("--json", action="store_true", help="print one JSON object per run")
     args = p.parse_args(argv)
 
@@ -129,7 +193,8 @@ def main(argv=None) -> int:
           f"window {args.warmup}+{args.duration} s", flush=True)
     cols = ["concurrency", "ideal_tok_s", "tok_s", "of_ideal", "tpot_p50_skew_ms",
             "tpot_p99_skew_ms", "itl_p50_skew_ms", "itl_p99_skew_ms", "ttft_p50_skew_ms",
-            "client_cpu_per_s", "client_sys_share", "client_us_per_token", "server_cpu_per_s"]
+            "client_cpu_per_s", "client_sys_share", "client_us_per_token", "server_cpu_per_s", "server_late_p50_ms", "server_late_p99_ms",
+            "steal_cpu_per_s"]
     if not args.json:
         print("| " + " | ".join(cols) + " |")
         print("|" + "---|" * len(cols))

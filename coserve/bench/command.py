@@ -129,7 +129,7 @@ def run(args) -> int:
     import json
     import signal
 
-    from coserve.bench.loadgen import BenchError, run_load, run_sync, write_result
+    from coserve.bench.loadgen import BenchError, BenchStopped, run_load, run_sync, write_result
     from coserve.bench.progress import LiveProgress
 
     cfg = _config(args)
@@ -173,7 +173,7 @@ def run(args) -> int:
         result = run_sync(main(), args.loop)
     except BenchError as e:
         print(f"coserve bench: {e}", file=err, flush=True)
-        return 1
+        return 130 if isinstance(e, BenchStopped) else 1
     except asyncio.CancelledError:
         return 130
     summary = result.summary()

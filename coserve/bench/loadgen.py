@@ -31,7 +31,7 @@ import aiohttp
 from coserve.bench.config import LoadConfig
 from coserve.bench.workload import Workload
 
-__all__ = ["BenchError", "BenchResult", "EndpointRun", "loop_factory", "run_load", "run_sync",
+__all__ = ["BenchError", "BenchResult", "BenchStopped", "EndpointRun", "loop_factory", "run_load", "run_sync",
            "write_result"]
 
 _FAIL_PAUSE_S = 0.010
@@ -44,7 +44,11 @@ class BenchError(RuntimeError):
     """The run cannot start (endpoint unreachable, no model to pick); the message says why."""
 
 
-@dataclass
+class BenchStopped(BenchError):
+    """`stop` was set before any load was sent: nothing was measured."""
+
+
+@dataclass(repr=False)
 class EndpointRun:
     """Everything measured on one endpoint. Times are perf_counter seconds."""
 
@@ -64,8 +68,12 @@ class EndpointRun:
     usage_mismatch: int = 0  # requests whose usage disagreed with the chunks counted
     errors: Counter = field(default_factory=Counter)  # (status, message) -> count
 
+    def __repr__(self) -> str:  # short: asyncio and debuggers repr results freely
+        return (f"EndpointRun({self.kind} {self.url} model={self.model!r} "
+                f"C={self.concurrency} records={len(self.records)})")
 
-@dataclass
+
+@dataclass(repr=False)
 class BenchResult:
     config: LoadConfig
     started_at: str  # ISO 8601, wall clock, when load began (t0)
@@ -76,6 +84,10 @@ class BenchResult:
     cut_short: bool
     gen: EndpointRun | None
     embed: EndpointRun | None
+
+    def __repr__(self) -> str:
+        return (f"BenchResult(started_at={self.started_at!r}, cut_short={self.cut_short}, "
+                f"gen={self.gen!r}, embed={self.embed!r})")
 
     @property
     def measured_s(self) -> float:
@@ -358,7 +370,7 @@ class _GenStream:
 
     __slots__ = ("ep", "ws", "we", "itl_append", "buf", "st", "first", "last", "nchunks",
                  "ntok", "win_tok", "usage_tokens", "prompt_tokens", "error", "error_event",
-                 "chunk_times", "fut")
+                 "chunk_times", "fut", "fast_prefix", "fast_suffix", "fast_len")
 
     def __init__(self, ep: EndpointRun, ws: float, we: float, record_chunks: bool):
         self.ep = ep
@@ -373,41 +385,59 @@ class _GenStream:
         self.error_event: str | None = None
         self.chunk_times: list[float] | None = [] if record_chunks else None
         self.fut: asyncio.Future | None = None
+        # The shape of this stream's plain one-token chunks once one has been seen: all but
+        # the text are the same bytes from chunk to chunk (see _learn_shape).
+        self.fast_prefix: bytes | None = None
+        self.fast_suffix = b""
+        self.fast_len = 0
 
     def feed(self, data: bytes, t: float) -> None:
+        p = self.fast_prefix
+        if (p is not None and not self.buf and data.startswith(p)
+                and data.endswith(self.fast_suffix)
+                and data.find(b"\n\n", self.fast_len) == len(data) - 2):
+            # the usual case, one whole one-token chunk of the known shape: no search for
+            # fields, no split, no slice
+            if self.ws <= t < self.we:
+                self.itl_append(t - self.last)
+                self.win_tok += 1
+            self.last = t
+            self.nchunks += 1
+            self.ntok += 1
+            self.ep.tokens_total += 1
+            if self.chunk_times is not None:
+                self.chunk_times.append(t)
+            return
+        if self.buf:
+            data = self.buf + data
         if self.error is not None:
             return
         try:
-            if self.buf:
-                data = self.buf + data
             if b"\r" in data:
                 data = data.replace(b"\r\n", b"\n")
             events = data.split(b"\n\n")
             self.buf = events.pop()
-            if not events:
-                return
-            in_window = self.ws <= t < self.we
             got = 0
             for ev in events:
-                if ev.startswith(b"data: {"):
-                    payload = ev[6:]
-                else:
-                    payload = _slow_data(ev)
-                    if payload is None or payload == b"[DONE]":
+                if not ev.startswith(b"data: {"):
+                    ev = _slow_data(ev)
+                    if ev is None or ev == b"[DONE]":
                         continue
-                j = payload.find(b'"choices":[')
-                if j >= 0 and payload[j + 11:j + 12] == b"{":
-                    k = payload.find(b'"token_ids":[', j)
+                j = ev.find(b'"choices":[{')
+                if j >= 0:  # a chunk with a choice: it carries tokens
+                    k = ev.find(b'"token_ids":[', j)
                     if k >= 0:
-                        seg = payload[k + 13:payload.find(b"]", k)]
+                        seg = ev[k + 13:ev.find(b"]", k)]
                         n = seg.count(b",") + 1 if seg.strip() else 0
-                    elif b'"text":""' in payload and b'"finish_reason":null' not in payload:
+                    elif b'"text":""' in ev and b'"finish_reason":null' not in ev:
                         n = 0  # an empty closing chunk: no token in it
                     else:
                         n = 1
+                        if p is None and not self.nchunks:
+                            self._learn_shape(ev, j)
                     if n:
                         if self.nchunks:
-                            if in_window:
+                            if self.ws <= t < self.we:
                                 self.itl_append(t - self.last)
                         else:
                             self.first = t
@@ -416,21 +446,51 @@ class _GenStream:
                         got += n
                         if self.chunk_times is not None:
                             self.chunk_times.append(t)
-                if b'"usage":{' in payload or b'"error"' in payload:
-                    obj = json.loads(payload)
-                    usage = obj.get("usage")
-                    if isinstance(usage, dict):
-                        self.usage_tokens = usage.get("completion_tokens")
-                        self.prompt_tokens = usage.get("prompt_tokens")
-                    if obj.get("error"):
-                        self.error_event = _error_message(payload)
+                    if b'"usage":{' not in ev:
+                        continue
+                elif b'"usage":{' not in ev and b'"error"' not in ev:
+                    continue
+                obj = json.loads(ev[ev.find(b"{"):])
+                usage = obj.get("usage")
+                if isinstance(usage, dict):
+                    self.usage_tokens = usage.get("completion_tokens")
+                    self.prompt_tokens = usage.get("prompt_tokens")
+                err = obj.get("error") or (obj if obj.get("object") == "error" else None)
+                if err:
+                    self.error_event = _error_message(json.dumps({"error": err}).encode())
             if got:
                 self.ntok += got
                 self.ep.tokens_total += got
-                if in_window:
+                if self.ws <= t < self.we:
                     self.win_tok += got
         except Exception as e:  # never let a bad chunk escape into aiohttp's protocol
             self.fail(e)
+
+    def _learn_shape(self, ev: bytes, j: int) -> None:
+        """From the first plain chunk (one choice, a text, no token_ids, no usage), keep
+        the bytes before its text and after it: later chunks that start and end with
+        exactly those, with one event in between, are one-token chunks."""
+        i = ev.find(b'"text":"', j)
+        if i < 0:
+            return
+        i += 8
+        k = i
+        while True:  # the closing quote: one not escaped by an odd run of backslashes
+            k = ev.find(b'"', k)
+            if k < 0:
+                return
+            b = k - 1
+            while ev[b] == 0x5C:  # backslash
+                b -= 1
+            if (k - 1 - b) % 2 == 0:
+                break
+            k += 1
+        suffix = ev[k:]
+        if b"token_ids" in suffix or b'"usage":{' in suffix or b"\n" in suffix:
+            return
+        self.fast_prefix = ev[:i]
+        self.fast_suffix = suffix + b"\n\n"
+        self.fast_len = i
 
     def eof(self) -> None:
         if self.fut is not None and not self.fut.done():
@@ -644,7 +704,7 @@ async def _run_load(cfg: LoadConfig, on_progress, stop, progress_interval_s) -> 
         if embed_s:
             run.embed = EndpointRun("embed", cfg.embed_url, models[-1], cfg.embed_concurrency)
         if stop is not None and stop.is_set():
-            raise BenchError("stopped before the load started")
+            raise BenchStopped("stopped before the load started; nothing was measured")
 
         started_at = _dt.datetime.now(_dt.UTC).isoformat(timespec="milliseconds")
         run.t0 = perf_counter()

@@ -69,6 +69,8 @@ class StreamServerConfig:
     # Processes sharing the port (SO_REUSEPORT), for rates one core cannot write. Each counts
     # its own requests for fail_every / drop_every.
     workers: int = 1
+    # Where each server process writes its counters and chunk lateness when it stops.
+    stats_dir: str | None = None
 
 
 # --------------------------------------------------------------------------- timing
@@ -134,7 +136,7 @@ class _Stream:
     """One streamed completion in flight on a connection."""
 
     __slots__ = ("conn", "n_tokens", "sent", "chunk_no", "t0", "prefix", "usage", "drop_after",
-                 "prompt_tokens", "plain")
+                 "prompt_tokens", "plain", "due")
 
     def __init__(self, conn, n_tokens, t0, prefix, usage, drop_after, prompt_tokens, plain):
         self.conn = conn
@@ -147,6 +149,7 @@ class _Stream:
         self.drop_after = drop_after
         self.prompt_tokens = prompt_tokens
         self.plain = plain  # the framed chunk of a one-token, not-last chunk (None: build it)
+        self.due = 0.0  # when its next chunk is due (loop time)
 
 
 class _Conn(asyncio.Protocol):
@@ -252,6 +255,9 @@ class StreamServer:
         self._server = None
         self._created = int(time.time())
         self._embed_cache: dict[int, bytes] = {}
+        # How late chunks left, in 10 us bins up to 10 ms (the last bin: later): what the
+        # server itself adds to the ITL a client measures.
+        self.late_hist = [0] * 1001
         self._due: dict[int, list[_Stream]] = {}  # tick -> streams with a chunk due then
         self._ticks: list[int] = []  # heap of the ticks in _due
         self._armed: int | None = None
@@ -266,6 +272,10 @@ class StreamServer:
                 lambda: _Conn(self), self.cfg.host, self.cfg.port, backlog=4096,
                 reuse_address=True)
         return self._server.sockets[0].getsockname()[1]
+
+    def stats(self) -> dict:
+        return {"served": dict(self.served), "requests": dict(self.counts),
+                "chunk_lateness_hist_10us": self.late_hist}
 
     async def close(self):
         if self._server is not None:
@@ -366,6 +376,7 @@ class StreamServer:
     _TICK = 50e-6
 
     def _schedule(self, st: _Stream, when: float) -> None:
+        st.due = when
         tick = int(when * 20000.0 + 0.5)  # round(when / _TICK)
         due = self._due.get(tick)
         if due is None:
@@ -396,6 +407,8 @@ class StreamServer:
         conn = st.conn
         if conn.closed or conn.transport.is_closing():
             return
+        late = int((time.monotonic() - st.due) * 1e5)
+        self.late_hist[late if 0 <= late < 1000 else (0 if late < 0 else 1000)] += 1
         cfg = self.cfg
         if st.chunk_no == st.drop_after:
             self.served["dropped"] += 1
@@ -501,6 +514,10 @@ def _serve_socket(cfg: StreamServerConfig, sock: socket.socket, on_ready=None) -
             on_ready()
         await stop.wait()
         await server.close()
+        if cfg.stats_dir:
+            path = os.path.join(cfg.stats_dir, f"stream-server-{os.getpid()}.json")
+            with open(path, "w") as f:
+                json.dump(server.stats(), f)
 
     try:
         loop.run_until_complete(run())
@@ -587,6 +604,8 @@ def _parser() -> argparse.ArgumentParser:
                         "(exact timing, one busy core)")
     p.add_argument("--workers", type=int, default=1,
                    help="processes sharing the port, for rates one core cannot write")
+    p.add_argument("--stats-dir", default=None,
+                   help="on exit, each process writes its counts and chunk lateness here")
     p.add_argument("--ready-file", default=None, help=argparse.SUPPRESS)
     return p
 

@@ -36,6 +36,7 @@ class Workload:
     def __init__(self, cfg: LoadConfig):
         self.cfg = cfg
         self._ids = range(cfg.token_id_low, cfg.token_id_high)
+        self._gen_parts: dict[str, tuple[bytes, bytes]] = {}
 
     def gen_prompt(self, i: int) -> list[int]:
         return _rng(self.cfg.seed, _GEN, i).choices(self._ids, k=self.cfg.input_len)
@@ -49,16 +50,21 @@ class Workload:
         return [rng.choices(self._ids, k=c.embed_input_len) for _ in range(c.embed_batch)]
 
     def gen_body(self, model: str, i: int) -> bytes:
-        c = self.cfg
-        return json.dumps({
-            "model": model,
-            "prompt": self.gen_prompt(i),
-            "max_tokens": c.output_len,
-            "temperature": c.temperature,
-            "ignore_eos": True,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        }, separators=(",", ":")).encode()
+        parts = self._gen_parts.get(model)
+        if parts is None:  # the JSON around the prompt, built once per model name
+            c = self.cfg
+            head, tail = json.dumps({
+                "model": model,
+                "prompt": [0],
+                "max_tokens": c.output_len,
+                "temperature": c.temperature,
+                "ignore_eos": True,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            }, separators=(",", ":")).split('"prompt":[0]')
+            parts = self._gen_parts[model] = ((head + '"prompt":[').encode(),
+                                              ("]" + tail).encode())
+        return parts[0] + ",".join(map(str, self.gen_prompt(i))).encode() + parts[1]
 
     def embed_body(self, model: str, i: int) -> bytes:
         return json.dumps({"model": model, "input": self.embed_input(i),

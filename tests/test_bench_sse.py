@@ -1,0 +1,125 @@
+"""The streaming parser of the load generator, fed byte by byte as a socket might."""
+
+import json
+
+import pytest
+
+from coserve.bench.loadgen import EndpointRun, _GenStream
+
+
+def _event(text, finish=None, token_ids=None, extra=None):
+    choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+    if token_ids is not None:
+        choice["token_ids"] = token_ids
+    obj = {"id": "cmpl-1", "object": "text_completion", "created": 1, "model": "m",
+           "choices": [choice]}
+    if extra:
+        obj.update(extra)
+    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+
+
+USAGE = (b'data: {"id":"cmpl-1","object":"text_completion","created":1,"model":"m",'
+         b'"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":%d,'
+         b'"total_tokens":%d}}\n\n')
+DONE = b"data: [DONE]\n\n"
+
+
+def _stream(window=(0.0, 1e9)):
+    ep = EndpointRun("gen", "u", "m", 1)
+    return ep, _GenStream(ep, window[0], window[1], record_chunks=True)
+
+
+def _feed(s, pieces, t0=0.0, dt=0.01):
+    for i, piece in enumerate(pieces):
+        s.feed(piece, t0 + i * dt)
+
+
+TEXTS = [" a", 'quote " inside', "back\\slash", 'both \\" mixed\\\\', "", "\n newline",
+         " unicode é", " tok"]
+
+
+def _plain_stream(n):
+    evs = [_event(TEXTS[i % len(TEXTS)] or "x") for i in range(n - 1)]
+    evs.append(_event(" end", finish="length"))
+    return evs + [USAGE % (n, n + 3), DONE]
+
+
+def test_one_event_per_read():
+    ep, s = _stream()
+    _feed(s, _plain_stream(20))
+    assert s.error is None and s.error_event is None
+    assert s.nchunks == 20 and s.ntok == 20 and s.usage_tokens == 20 and s.prompt_tokens == 3
+    assert s.fast_prefix is not None  # the shape was learnt
+    assert abs(s.first - 0.0) < 1e-12 and abs(s.last - 0.19) < 1e-12
+    assert len(ep.itl_window) == 19 and all(abs(x - 0.01) < 1e-9 for x in ep.itl_window)
+    assert ep.tokens_total == 20 and s.win_tok == 20
+
+
+@pytest.mark.parametrize("size", [1, 7, 64, 100000])
+def test_any_split_of_the_bytes_counts_the_same(size):
+    data = b"".join(_plain_stream(30))
+    _, s = _stream()
+    _feed(s, [data[i:i + size] for i in range(0, len(data), size)], dt=0.0)
+    assert s.error is None and s.nchunks == 30 and s.ntok == 30 and s.usage_tokens == 30
+
+
+def test_two_events_in_one_read_are_two_chunks():
+    evs = _plain_stream(10)
+    _, s = _stream()
+    _feed(s, [evs[0], evs[1] + evs[2], evs[3] + evs[4] + evs[5]] + evs[6:])
+    assert s.nchunks == 10 and s.ntok == 10
+
+
+def test_crlf_and_multiline_and_comments():
+    raw = b"".join(_plain_stream(6)).replace(b"\n", b"\r\n")
+    raw = b": keep-alive\r\n\r\n" + raw
+    _, s = _stream()
+    _feed(s, [raw[i:i + 50] for i in range(0, len(raw), 50)])
+    assert s.nchunks == 6 and s.usage_tokens == 6
+    # an event with its JSON over two data lines and no space after the colon
+    ev = _event(" x").decode()
+    body = ev[len("data: "):].strip()
+    two = f"event: message\ndata:{body[:20]}\ndata:{body[20:]}\n\n".encode()
+    _, s = _stream()
+    _feed(s, [two, two, USAGE % (2, 5), DONE])
+    assert s.nchunks == 2 and s.ntok == 2
+
+
+def test_token_ids_say_how_many_tokens_a_chunk_has():
+    evs = [_event(" a b c", token_ids=[1, 2, 3]), _event("", token_ids=[]),
+           _event(" d e", token_ids=[4, 5], finish="length"), USAGE % (5, 8), DONE]
+    _, s = _stream()
+    _feed(s, evs)
+    assert s.ntok == 5 and s.nchunks == 2 and s.usage_tokens == 5
+
+
+def test_an_empty_closing_chunk_is_no_token():
+    evs = [_event(" a"), _event(" b"), _event("", finish="stop"), USAGE % (2, 5), DONE]
+    _, s = _stream()
+    _feed(s, evs)
+    assert s.ntok == 2 and s.nchunks == 2
+
+
+def test_window_counts_by_arrival_time():
+    ep, s = _stream(window=(0.055, 0.155))
+    _feed(s, _plain_stream(20))  # token i arrives at i * 10 ms
+    assert s.win_tok == 10  # 60, 70, ..., 150 ms
+    assert len(ep.itl_window) == 10
+
+
+def test_error_event_in_the_stream():
+    err = b'data: {"error":{"message":"engine died","type":"server_error","code":500}}\n\n'
+    _, s = _stream()
+    _feed(s, [_event(" a"), err, DONE])
+    assert s.error_event == "engine died"
+    _, s = _stream()
+    _feed(s, [_event(" a"), b'data: {"object":"error","message":"out of blocks"}\n\n'])
+    assert s.error_event == "out of blocks"
+
+
+def test_garbage_is_caught_not_raised():
+    _, s = _stream()
+    s.feed(b'data: {"choices":[], "usage":{ not json\n\n', 0.0)
+    assert s.error is not None
+    s.feed(_event(" a"), 0.01)  # ignored after an error
+    assert s.nchunks == 0
