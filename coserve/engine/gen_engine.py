@@ -81,10 +81,14 @@ class GenEngine:
         kv = allocate_kv_cache(c.num_layers, num_blocks, block_size, c.num_kv_heads, c.head_dim,
                                lm.dtype, device)
         self.blocks = BlockManager(num_blocks, block_size)
-        self.scheduler = Scheduler(self.blocks, args.max_num_seqs, args.max_num_batched_tokens)
         self.runner = ModelRunner(self.model, kv, self.blocks, max_num_seqs=args.max_num_seqs,
                                   max_model_len=self.max_model_len,
-                                  enforce_eager=args.enforce_eager)
+                                  enforce_eager=args.enforce_eager,
+                                  max_num_batched_tokens=args.max_num_batched_tokens)
+        self.runner.capture_graphs()
+        self.scheduler = Scheduler(
+            self.blocks, args.max_num_seqs, args.max_num_batched_tokens,
+            max_tokens_with_decodes=None if args.enforce_eager else self.runner.static_tokens)
         self.sampler = Sampler(device, args.seed)
         self._seqs: dict[str, Sequence] = {}
         self._prompt_tokens_total = 0
@@ -93,7 +97,9 @@ class GenEngine:
                  "max_model_len %d, max_num_seqs %d, %s", num_blocks, block_size,
                  self.kv_capacity_tokens, kv.numel() * elsize / GiB, self.kv_bytes_per_token,
                  self.max_model_len, args.max_num_seqs,
-                 "eager" if args.enforce_eager else f"decode buckets {self.runner.buckets}")
+                 "eager" if args.enforce_eager else
+                 f"static buckets {self.runner.all_buckets}"
+                 + (" (CUDA graphs)" if self.runner.graphs else ""))
 
     # -- start-up ---------------------------------------------------------------------------
     @torch.inference_mode()

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from coserve.engine.config import QuantConfig
-from coserve.engine.kernels.fp8 import FP8_DTYPE, block_dequant, block_quant, fp8_block_linear
-from coserve.engine.kernels.rmsnorm import rms_norm
+from coserve.engine.kernels import ops
+from coserve.engine.kernels.fp8 import FP8_DTYPE, block_dequant, block_quant
 
 
 def _param(t: torch.Tensor) -> nn.Parameter:
@@ -59,7 +59,8 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.quant is not None:
-            return fp8_block_linear(x, self.weight, self.weight_scale_inv, self.quant.block, self.bias)
+            return ops.fp8_block_linear(x, self.weight, self.weight_scale_inv, self.quant.block,
+                                        self.bias)
         return nn.functional.linear(x, self.weight, self.bias)
 
     def _rows(self, shard: int) -> slice:
@@ -232,8 +233,11 @@ class RMSNorm(Tensors):
         self.eps = eps
         self.add("weight", (dim,), "ones", dtype=dtype, device=device)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """rms_norm(x); with a residual stream, (rms_norm(x + residual), x + residual)."""
+        if residual is None:
+            return ops.rms_norm(x, self.weight, self.eps)
+        return ops.fused_add_rms_norm(x, residual, self.weight, self.eps)
 
 
 class LayerNorm(Tensors):

@@ -1,23 +1,38 @@
 """Turns a scheduled batch into model inputs, runs the model, returns the logits of the
 sequences that sample this step.
 
-Decode has a static-shape path: the batch is padded to a bucket size (1, 2, 4, 8, 16, 32,
-..., max_num_seqs) and every input lives in a persistent buffer of the largest bucket
-(input ids, positions, slot mapping, context lengths, block tables at full width
-ceil(max_model_len / block_size)). Padded rows point at the null block. A decode step of
-bucket b therefore always sees the same tensors with the same shapes, which is what CUDA-graph
-capture per bucket needs. `enforce_eager` skips the padding (exact batch, trimmed tables)."""
+The static-shape path: every new token of the step is one row of a "decode" batch, with its
+own position, cache slot, context length (position + 1) and its sequence's block table, so
+the paged decode kernel gives each token causal attention over its sequence's cache (which
+already holds the step's own k/v: the layer writes them first). A decode step has one row per
+sequence; a step that also carries short prompts (as the scheduler mixes them in) adds a row
+per prompt token. Rows are padded to a bucket size (1, 2, 4, 8, 16, 32, ..., max_num_seqs,
+then in steps of 32 up to `static_tokens`) and every input lives in a persistent buffer of
+the largest bucket (block tables at full width ceil(max_model_len / block_size)); padded rows
+point at the null block. A step of bucket b therefore always sees the same tensors with the
+same shapes, so on CUDA (with the Triton kernels, which never synchronise with the host) each
+bucket's forward pass is captured once as a CUDA graph and replayed.
+
+Steps with more tokens than the largest bucket (a burst of prompts), and every step that is
+not a pure decode under `enforce_eager`, take the variable-length path: packed tokens,
+prompts through the prefill attention reference (SDPA), eager. `enforce_eager` also skips
+the padding of decode steps (exact batch, trimmed tables) and the graphs."""
 
 from __future__ import annotations
 
 import bisect
+import logging
+import time
 
 import numpy as np
 import torch
 
 from coserve.engine.attention import AttnMetadata
+from coserve.engine.kernels import ops
 from coserve.engine.kv_cache import BlockManager, cdiv
 from coserve.engine.scheduler import ScheduledBatch
+
+log = logging.getLogger("coserve.engine")
 
 
 def decode_buckets(max_num_seqs: int) -> list[int]:
@@ -26,9 +41,26 @@ def decode_buckets(max_num_seqs: int) -> list[int]:
     return sizes + [max_num_seqs]
 
 
+def static_token_capacity(max_num_seqs: int, max_num_batched_tokens: int) -> int:
+    """Rows of the largest static bucket: a full decode batch plus as many prompt tokens
+    (at most 512), so that a step which admits a few short prompts stays on the graph path."""
+    extra = min(max(max_num_seqs, 16), 512)
+    return max(max_num_seqs, min(max_num_batched_tokens, max_num_seqs + extra))
+
+
+def mixed_buckets(max_num_seqs: int, capacity: int) -> list[int]:
+    sizes = list(range(max_num_seqs + 32, capacity, 32))
+    return sizes + [capacity] if capacity > max_num_seqs else []
+
+
+_DECODE_INPUTS = {"input_ids": torch.int64, "positions": torch.int64,
+                  "slot_mapping": torch.int64, "context_lens": torch.int32}
+
+
 class ModelRunner:
     def __init__(self, model, kv_cache: torch.Tensor, blocks: BlockManager, *,
-                 max_num_seqs: int, max_model_len: int, enforce_eager: bool) -> None:
+                 max_num_seqs: int, max_model_len: int, enforce_eager: bool,
+                 max_num_batched_tokens: int) -> None:
         self.model = model
         self.device = kv_cache.device
         self.blocks = blocks
@@ -37,15 +69,27 @@ class ModelRunner:
         for i, attn in enumerate(model.attention_layers()):
             attn.k_cache, attn.v_cache = kv_cache[0, i], kv_cache[1, i]
         self.buckets = decode_buckets(max_num_seqs)
+        self.static_tokens = static_token_capacity(max_num_seqs, max_num_batched_tokens)
+        self.all_buckets = self.buckets + mixed_buckets(max_num_seqs, self.static_tokens)
         self.max_blocks_per_seq = cdiv(max_model_len, self.block_size)
-        n, dev = max_num_seqs, self.device
-        self.buf = {
-            "input_ids": torch.zeros(n, dtype=torch.int64, device=dev),
-            "positions": torch.zeros(n, dtype=torch.int64, device=dev),
-            "slot_mapping": torch.zeros(n, dtype=torch.int64, device=dev),
-            "context_lens": torch.ones(n, dtype=torch.int32, device=dev),
-            "block_tables": torch.zeros(n, self.max_blocks_per_seq, dtype=torch.int32, device=dev),
-        }
+        n, dev = self.static_tokens, self.device
+        self.buf = {name: torch.zeros(n, dtype=dt, device=dev) for name, dt in _DECODE_INPUTS.items()}
+        self.buf["block_tables"] = torch.zeros(n, self.max_blocks_per_seq, dtype=torch.int32,
+                                               device=dev)
+        # host staging for the per-step copies: page-locked on CUDA so they run asynchronously;
+        # reused every step, which is safe because each step ends by reading its sampled
+        # tokens back (a sync after these copies)
+        pin = self.device.type == "cuda"
+        self.host = {name: torch.zeros(t.shape, dtype=t.dtype, pin_memory=pin)
+                     for name, t in self.buf.items()}
+        self.host_np = {name: t.numpy() for name, t in self.host.items()}
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.graph_outputs: dict[int, torch.Tensor] = {}
+        self.steps = {"graph": 0, "static eager": 0, "varlen": 0}
+
+    @property
+    def graphs_enabled(self) -> bool:
+        return not self.enforce_eager and ops.graph_safe(self.device)
 
     def _to_dev(self, data, dtype) -> torch.Tensor:
         t = torch.from_numpy(data).to(dtype) if isinstance(data, np.ndarray) else torch.tensor(data, dtype=dtype)
@@ -62,12 +106,16 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> torch.Tensor:
-        """Logits [num sampling sequences, vocab] float32, in batch order."""
-        if batch.is_prefill:
-            return self._prefill(batch)
-        return self._decode(batch)
+        """Logits [num sampling sequences, vocab] (model dtype), in batch order."""
+        if batch.is_decode or (not self.enforce_eager
+                               and sum(batch.num_new_tokens) <= self.static_tokens):
+            return self._static(batch)
+        self.steps["varlen"] += 1
+        return self._varlen(batch)
 
-    def _prefill(self, batch: ScheduledBatch) -> torch.Tensor:
+    def _varlen(self, batch: ScheduledBatch) -> torch.Tensor:
+        """Prompt chunks, after the batch's decodes if it has any (one token each, first):
+        tokens packed in batch order, eager (the shapes change every step)."""
         ids, pos, slots, query_lens, ctx_lens, last = [], [], [], [], [], []
         for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens, strict=True)):
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
@@ -79,42 +127,117 @@ class ModelRunner:
             if batch.samples(i):
                 last.append(len(ids) - 1)
         width = max(len(s.block_table) for s in batch.seqs)
+        d = batch.num_decode
         meta = AttnMetadata(
             mode="prefill", query_lens=query_lens, context_lens_host=ctx_lens,
             slot_mapping=self._to_dev(slots, torch.int64),
             block_tables=self._to_dev(self._block_table_rows(batch.seqs, width, len(batch.seqs)),
-                                      torch.int32))
+                                      torch.int32),
+            num_decode=d, context_lens=self._to_dev(ctx_lens[:d], torch.int32) if d else None)
         hidden = self.model(self._to_dev(ids, torch.int64), self._to_dev(pos, torch.int64), meta)
         if not last:
             return hidden.new_empty(0, 0, dtype=torch.float32)
         return self.model.compute_logits(hidden[self._to_dev(last, torch.int64)])
 
     def bucket_for(self, n: int) -> int:
-        return self.buckets[bisect.bisect_left(self.buckets, n)]
+        return self.all_buckets[bisect.bisect_left(self.all_buckets, n)]
 
-    def _decode(self, batch: ScheduledBatch) -> torch.Tensor:
-        seqs = batch.seqs
-        n = len(seqs)
+    # -- static shapes (decode, and steps with a few short prompts) --------------------------
+    def _stage(self, batch: ScheduledBatch, rows: int, width: int) -> list[int] | None:
+        """Write one row per new token of `batch` (padded to `rows`) into the device buffers.
+        Returns the rows of the tokens that sample, None for a pure decode (rows 0..n-1)."""
+        bs = self.block_size
+        null = self.blocks.null_block
+        h = self.host_np
+        table = h["block_tables"]
+        table[:rows, :width] = null
+        if batch.is_decode:
+            owners = batch.seqs
+            lens = [len(s.token_ids) for s in owners]
+            h["input_ids"][:len(lens)] = [s.token_ids[-1] for s in owners]
+            h["context_lens"][:len(lens)] = lens
+            pos = [k - 1 for k in lens]
+            for i, s in enumerate(owners):
+                table[i, :len(s.block_table)] = s.block_table
+            sampling = None
+        else:
+            ids, pos, owners, sampling = [], [], [], []
+            for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens, strict=True)):
+                start = seq.num_computed_tokens
+                first = len(ids)
+                ids += seq.token_ids[start:start + n]
+                pos += range(start, start + n)
+                owners += [seq] * n
+                table[first, :len(seq.block_table)] = seq.block_table
+                table[first + 1:first + n] = table[first]
+                if batch.samples(i):
+                    sampling.append(len(ids) - 1)
+            h["input_ids"][:len(ids)] = ids
+            h["context_lens"][:len(pos)] = pos
+            h["context_lens"][:len(pos)] += 1
+        n = len(pos)
+        h["positions"][:n] = pos
+        h["slot_mapping"][:n] = [s.block_table[p // bs] * bs + p % bs
+                                 for s, p in zip(owners, pos, strict=True)]
+        h["input_ids"][n:rows] = 0
+        h["positions"][n:rows] = 0
+        h["slot_mapping"][n:rows] = null * bs
+        h["context_lens"][n:rows] = 1
+        for name, buf in self.buf.items():
+            if name == "block_tables":
+                buf[:rows, :width].copy_(self.host[name][:rows, :width], non_blocking=True)
+            else:
+                buf[:rows].copy_(self.host[name][:rows], non_blocking=True)
+        return sampling
+
+    def _decode_args(self, rows: int, width: int):
+        b = self.buf
+        meta = AttnMetadata(mode="decode", slot_mapping=b["slot_mapping"][:rows],
+                            block_tables=b["block_tables"][:rows, :width],
+                            context_lens=b["context_lens"][:rows])
+        return b["input_ids"][:rows], b["positions"][:rows], meta
+
+    def _static(self, batch: ScheduledBatch) -> torch.Tensor:
+        n = sum(batch.num_new_tokens)
         if self.enforce_eager:
-            rows, width = n, max(len(s.block_table) for s in seqs)
+            rows, width = n, max(len(s.block_table) for s in batch.seqs)
         else:
             rows, width = self.bucket_for(n), self.max_blocks_per_seq
-        pad = rows - n
-        null_slot = self.blocks.null_block * self.block_size
-        host = {
-            "input_ids": [s.last_token for s in seqs] + [0] * pad,
-            "positions": [s.num_tokens - 1 for s in seqs] + [0] * pad,
-            "slot_mapping": [self.blocks.slot(s, s.num_tokens - 1) for s in seqs] + [null_slot] * pad,
-            "context_lens": [s.num_tokens for s in seqs] + [1] * pad,
-            "block_tables": self._block_table_rows(seqs, width, rows),
-        }
-        t = {}
-        for name, values in host.items():
-            buf = self.buf[name]
-            view = buf[:rows, :width] if name == "block_tables" else buf[:rows]
-            view.copy_(self._to_dev(values, buf.dtype), non_blocking=True)
-            t[name] = view
-        meta = AttnMetadata(mode="decode", slot_mapping=t["slot_mapping"],
-                            block_tables=t["block_tables"], context_lens=t["context_lens"])
-        hidden = self.model(t["input_ids"], t["positions"], meta)
-        return self.model.compute_logits(hidden[:n])
+        sampling = self._stage(batch, rows, width)
+        graph = self.graphs.get(rows) if self.graphs_enabled else None
+        if graph is not None:
+            self.steps["graph"] += 1
+            graph.replay()
+            hidden = self.graph_outputs[rows]
+        else:
+            self.steps["static eager"] += 1
+            hidden = self.model(*self._decode_args(rows, width))
+        if sampling is None:
+            return self.model.compute_logits(hidden[:n])
+        if not sampling:
+            return hidden.new_empty(0, 0, dtype=torch.float32)
+        return self.model.compute_logits(hidden[self._to_dev(sampling, torch.int64)])
+
+    @torch.inference_mode()
+    def capture_graphs(self) -> None:
+        """Capture the static forward of every bucket, largest first, into one memory pool
+        (smaller buckets reuse the largest one's blocks). Each bucket runs once eagerly
+        first, which compiles its kernels and settles one-time allocations outside the graph.
+        Inputs are the padding values (null block, context length 1), valid for any bucket."""
+        if not self.graphs_enabled:
+            return
+        t0 = time.perf_counter()
+        self._stage(ScheduledBatch([], [], 0), self.all_buckets[-1], self.max_blocks_per_seq)
+        pool = torch.cuda.graph_pool_handle()
+        for rows in reversed(self.all_buckets):
+            args = self._decode_args(rows, self.max_blocks_per_seq)
+            self.model(*args)
+            torch.cuda.synchronize(self.device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self.graph_outputs[rows] = self.model(*args)
+            self.graphs[rows] = graph
+        torch.cuda.synchronize(self.device)
+        log.info("captured %d CUDA graphs (%d..%d rows) in %.1f s, %.2f GiB held by "
+                 "torch after capture", len(self.graphs), self.all_buckets[0], self.all_buckets[-1],
+                 time.perf_counter() - t0, torch.cuda.memory_reserved(self.device) / 2**30)

@@ -1,8 +1,9 @@
-"""Continuous batching. Each step is either a prefill step (new prompts, or chunks of them,
-up to `max_num_batched_tokens` tokens) or a decode step (one token for every running
-sequence). Prefill goes first; a request is admitted only when the free blocks hold its whole
-prompt (plus a small watermark). When a decode step finds no block for a sequence's next
-token, the most recently admitted sequence is preempted: its blocks are freed and it goes
+"""Continuous batching, decode first (as vLLM's V1 scheduler). Every running sequence gets a
+slot for its next token; the token budget left (`max_num_batched_tokens` minus the decodes)
+goes to prompts, or chunks of them, in the same step, so new requests ride along with the
+decode batch instead of taking steps of their own. A request is admitted only when the free
+blocks hold its whole prompt (plus a small watermark). When a sequence's next token finds no
+block, the most recently admitted sequence is preempted: its blocks are freed and it goes
 back to the head of the queue, to be recomputed from its prompt and the tokens it already
 produced (nothing it emitted is lost or repeated)."""
 
@@ -17,22 +18,30 @@ from coserve.engine.sequence import SeqStatus, Sequence
 
 @dataclass
 class ScheduledBatch:
-    is_prefill: bool
-    seqs: list[Sequence]
-    num_new_tokens: list[int]  # tokens each sequence processes this step (decode: all 1)
+    seqs: list[Sequence]       # the num_decode decoding sequences first, then prompt chunks
+    num_new_tokens: list[int]  # tokens each sequence processes this step (decode: 1)
+    num_decode: int
+
+    @property
+    def is_decode(self) -> bool:
+        """Only decodes: the static-shape (CUDA-graph) path."""
+        return self.num_decode == len(self.seqs)
 
     def samples(self, i: int) -> bool:
-        """Does sequence i produce a token this step (its prefill completes, or decode)?"""
+        """Does sequence i produce a token this step (decode, or its prefill completes)?"""
         s = self.seqs[i]
-        return not self.is_prefill or s.num_computed_tokens + self.num_new_tokens[i] == s.num_tokens
+        return i < self.num_decode or s.num_computed_tokens + self.num_new_tokens[i] == s.num_tokens
 
 
 class Scheduler:
     def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 watermark: float = 0.01) -> None:
+                 watermark: float = 0.01, max_tokens_with_decodes: int | None = None) -> None:
+        """max_tokens_with_decodes: the token budget of a step that has decodes (the runner's
+        largest static bucket, so that such steps stay on the CUDA-graph path)."""
         self.blocks = blocks
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_tokens_with_decodes = max_tokens_with_decodes
         self.watermark_blocks = int(watermark * blocks.num_blocks)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -54,10 +63,16 @@ class Scheduler:
         return False
 
     def schedule(self) -> ScheduledBatch | None:
-        return self._schedule_prefill() or self._schedule_decode()
-
-    def _schedule_prefill(self) -> ScheduledBatch | None:
+        decode = self._schedule_decode()
         budget = self.max_num_batched_tokens
+        if decode and self.max_tokens_with_decodes is not None:
+            budget = min(budget, self.max_tokens_with_decodes)
+        prefill, counts = self._schedule_prefill(max(0, budget - len(decode)))
+        if not decode and not prefill:
+            return None
+        return ScheduledBatch(decode + prefill, [1] * len(decode) + counts, len(decode))
+
+    def _schedule_prefill(self, budget: int) -> tuple[list[Sequence], list[int]]:
         seqs, counts = [], []
         for seq in self.waiting:
             if budget == 0 or len(self.running) + len(seqs) >= self.max_num_seqs:
@@ -77,9 +92,18 @@ class Scheduler:
             seqs.append(seq)
             counts.append(n)
             budget -= n
-        return ScheduledBatch(True, seqs, counts) if seqs else None
+        return seqs, counts
 
-    def _schedule_decode(self) -> ScheduledBatch | None:
+    def _schedule_decode(self) -> list[Sequence]:
+        """The running sequences, each with a slot for its next token (preempting if short)."""
+        bs = self.blocks.block_size
+        short = [(s, n) for s in self.running
+                 if (n := -(-len(s.token_ids) // bs) - len(s.block_table)) > 0]
+        if sum(n for _, n in short) <= self.blocks.num_free:
+            # the common case, in one pass: every sequence's next token has a slot
+            for seq, _ in short:
+                self.blocks.grow(seq, seq.num_tokens)
+            return list(self.running)
         queue = deque(self.running)
         scheduled: list[Sequence] = []
         while queue:
@@ -94,7 +118,7 @@ class Scheduler:
                 self.blocks.grow(seq, seq.num_tokens)
                 scheduled.append(seq)
         self.running = scheduled
-        return ScheduledBatch(False, list(scheduled), [1] * len(scheduled)) if scheduled else None
+        return list(scheduled)
 
     def _preempt(self, seq: Sequence) -> None:
         self.blocks.free(seq)
@@ -114,7 +138,7 @@ class Scheduler:
             seq.num_computed_tokens += batch.num_new_tokens[i]
             if not samples:
                 continue
-            if batch.is_prefill:
+            if i >= batch.num_decode:  # its prompt is complete: it starts decoding
                 self.waiting.remove(seq)
                 self.running.append(seq)
                 seq.status = SeqStatus.RUNNING

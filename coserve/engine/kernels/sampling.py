@@ -21,12 +21,14 @@ def top_p_filter(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
            generators: list[torch.Generator | None],
            default_generator: torch.Generator | None = None) -> torch.Tensor:
-    """logits [B, V] float32; temperature [B] (0 = greedy); top_p [B]; one generator (or None:
-    use default_generator) per row. Returns token ids [B] int64."""
+    """logits [B, V] (any float dtype; sampled in float32); temperature [B] (0 = greedy);
+    top_p [B]; one generator (or None: use default_generator) per row. Returns token ids [B]
+    int64."""
     greedy = logits.argmax(dim=-1)
     is_greedy = temperature <= 0
     if bool(is_greedy.all()):
         return greedy
+    logits = logits.float()
     temp = torch.where(is_greedy, torch.ones_like(temperature), temperature)
     probs = torch.softmax(logits / temp[:, None], dim=-1)
     if bool((top_p < 1.0).any()):

@@ -1,6 +1,6 @@
 """Model architectures. `build_model(config, task, ...)` returns an nn.Module with
 `forward(input_ids, positions, meta) -> hidden [T, H]` and `load_weight(hf_name, tensor,
-scale, block)`; generation models add `compute_logits(hidden) -> [N, vocab] float32`."""
+scale, block)`; generation models add `compute_logits(hidden) -> [N, vocab]` (model dtype)."""
 
 from __future__ import annotations
 

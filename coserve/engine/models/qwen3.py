@@ -16,9 +16,8 @@ from torch import nn
 
 from coserve.engine.attention import Attention, AttnMetadata
 from coserve.engine.config import DecoderConfig, QuantConfig
-from coserve.engine.kernels.activation import silu_and_mul
-from coserve.engine.kernels.moe import fused_moe, topk_softmax
-from coserve.engine.kernels.rotary import apply_rotary, rope_cos_sin_cache
+from coserve.engine.kernels import ops
+from coserve.engine.kernels.rotary import rope_cos_sin_cache
 from coserve.engine.layers import FusedMoEWeights, Linear, RMSNorm, Tensors
 
 
@@ -44,13 +43,14 @@ class Qwen3Attention(nn.Module):
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttnMetadata) -> torch.Tensor:
         t = x.shape[0]
-        q, k, v = self.qkv_proj(x).split(self.sizes, dim=-1)
-        q = self.q_norm(q.reshape(t, self.num_heads, self.head_dim))
-        k = self.k_norm(k.reshape(t, self.num_kv_heads, self.head_dim))
-        v = v.reshape(t, self.num_kv_heads, self.head_dim)
-        q = apply_rotary(q, positions, self.cos_sin)
-        k = apply_rotary(k, positions, self.cos_sin)
-        o = self.attn(q, k, v, meta)
+        paged = meta.mode != "dense"
+        # norms, rotary and (paged) the cache write in one kernel on the GPU
+        q, k, v = ops.qk_norm_rope(
+            self.qkv_proj(x), self.num_heads, self.num_kv_heads, self.head_dim,
+            self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, positions, self.cos_sin,
+            self.attn.k_cache if paged else None, self.attn.v_cache if paged else None,
+            meta.slot_mapping if paged else None)
+        o = self.attn(q, k, v, meta, kv_stored=paged)
         return self.o_proj(o.reshape(t, self.num_heads * self.head_dim))
 
 
@@ -62,7 +62,7 @@ class Qwen3MLP(nn.Module):
         self.down_proj = Linear(inter, [hidden], quant=_q(quant, prefix + ".down_proj"), **kw)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))
 
 
 class Qwen3MoE(nn.Module):
@@ -75,10 +75,10 @@ class Qwen3MoE(nn.Module):
                                        device=device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weights, ids = topk_softmax(self.gate(x), self.top_k, self.renormalize)
+        weights, ids = ops.topk_softmax(self.gate(x), self.top_k, self.renormalize)
         e = self.experts
-        return fused_moe(x, e.w13, e.w2, weights, ids, e.w13_scale, e.w2_scale,
-                         e.quant.block if e.quant is not None else None)
+        return ops.fused_moe(x, e.w13, e.w2, weights, ids, e.w13_scale, e.w2_scale,
+                             e.quant.block if e.quant is not None else None)
 
 
 class Qwen3DecoderLayer(nn.Module):
@@ -94,9 +94,17 @@ class Qwen3DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, **kw)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, **kw)
 
-    def forward(self, positions: torch.Tensor, h: torch.Tensor, meta: AttnMetadata) -> torch.Tensor:
-        h = h + self.self_attn(positions, self.input_layernorm(h), meta)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def forward(self, positions: torch.Tensor, h: torch.Tensor, residual: torch.Tensor | None,
+                meta: AttnMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h, residual) -> (this layer's mlp output, the residual stream before it); the
+        stream is h + residual, added inside the next norm (one fused kernel on the GPU)."""
+        if residual is None:
+            h, residual = self.input_layernorm(h), h
+        else:
+            h, residual = self.input_layernorm(h, residual)
+        h = self.self_attn(positions, h, meta)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
 
 
 class Qwen3Model(nn.Module):
@@ -113,9 +121,10 @@ class Qwen3Model(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttnMetadata) -> torch.Tensor:
         h = nn.functional.embedding(input_ids, self.embed_tokens.weight)
+        residual = None
         for layer in self.layers:
-            h = layer(positions, h, meta)
-        return self.norm(h)
+            h, residual = layer(positions, h, residual, meta)
+        return self.norm(h, residual)[0]
 
 
 _STACKED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
@@ -142,9 +151,10 @@ class Qwen3ForCausalLM(nn.Module):
         return self.model(input_ids, positions, meta)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[N, vocab] in the model's dtype (greedy sampling needs no float32 copy of them)."""
         if self.lm_head is None:
-            return nn.functional.linear(hidden, self.model.embed_tokens.weight).float()
-        return self.lm_head(hidden).float()
+            return nn.functional.linear(hidden, self.model.embed_tokens.weight)
+        return self.lm_head(hidden)
 
     def attention_layers(self) -> list[Attention]:
         return [layer.self_attn.attn for layer in self.model.layers]
