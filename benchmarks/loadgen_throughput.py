@@ -16,6 +16,7 @@ Figures and the machines they came from are in docs/bench.md.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import platform
@@ -113,6 +114,87 @@ def _server_lateness(stats_dir: str) -> tuple[float, float]:
     return out[0], out[1]
 
 
+class _BareStream(asyncio.Protocol):
+    """The reference client: one keep-alive connection, one streamed request after the
+    other, chunks timed in data_received, minimal HTTP/1.1 (chunked) parsing by hand. What
+    the machine and the server allow a client to see, with no aiohttp and no accounting."""
+
+    def __init__(self, body: bytes, t_window: tuple[float, float], gaps: list):
+        self.req = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
+                    b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                    % (len(body), body))
+        self.ws, self.we = t_window
+        self.gaps = gaps
+        self.tokens = 0
+
+    def connection_made(self, transport):
+        self.tr = transport
+        self._start()
+
+    def _start(self):
+        self.buf, self.head, self.last = b"", False, None
+        self.tr.write(self.req)
+
+    def data_received(self, data):
+        t = time.perf_counter()
+        self.buf += data
+        if not self.head:
+            i = self.buf.find(b"\r\n\r\n")
+            if i < 0:
+                return
+            self.buf, self.head = self.buf[i + 4:], True
+        while True:
+            i = self.buf.find(b"\r\n")
+            if i < 0:
+                return
+            n = int(self.buf[:i], 16)
+            if len(self.buf) < i + 4 + n:
+                return
+            chunk, self.buf = self.buf[i + 2:i + 2 + n], self.buf[i + 4 + n:]
+            if n == 0:
+                self._start()
+                return
+            if b'"choices":[{' in chunk:
+                if self.ws <= t < self.we:
+                    self.tokens += 1
+                    if self.last is not None:
+                        self.gaps.append(t - self.last)
+                self.last = t
+
+
+def run_reference(args, c: int) -> dict:
+    """The same load through the bare reference client (see _BareStream)."""
+    import numpy as np
+
+    body = json.dumps({"model": "m", "prompt": list(range(10, 40)), "max_tokens": args.output_len,
+                       "stream": True, "stream_options": {"include_usage": True},
+                       "ignore_eos": True}).encode()
+    gaps: list[float] = []
+    conns: list[_BareStream] = []
+    with stream_server.spawn(ttft_ms=args.ttft_ms, itl_ms=args.itl_ms, precise=args.precise,
+                             workers=args.server_workers) as srv:
+        async def go():
+            loop = asyncio.get_running_loop()
+            t0 = time.perf_counter()
+            ramp = args.ramp if args.ramp is not None else min(1.0, args.warmup / 4)
+            window = (t0 + args.warmup, t0 + args.warmup + args.duration)
+            for w in range(c):
+                await asyncio.sleep(max(0.0, t0 + ramp * w / c - time.perf_counter()))
+                _, proto = await loop.create_connection(
+                    lambda: _BareStream(body, window, gaps), "127.0.0.1", srv.port)
+                conns.append(proto)
+            await asyncio.sleep(max(0.0, window[1] - time.perf_counter()))
+            for p in conns:
+                p.tr.close()
+
+        run_sync(go(), args.loop)
+    g = np.asarray(gaps) * 1e3
+    return {"concurrency": c, "client": "bare reference",
+            "tok_s": round(sum(p.tokens for p in conns) / args.duration, 1),
+            "itl_p50_skew_ms": round(float(np.percentile(g, 50)) - args.itl_ms, 4),
+            "itl_p99_skew_ms": round(float(np.percentile(g, 99)) - args.itl_ms, 4)}
+
+
 def run_one(args, c: int) -> dict:
     stats_dir = tempfile.mkdtemp(prefix="coserve-stream-stats-")
     with stream_server.spawn(ttft_ms=args.ttft_ms, itl_ms=args.itl_ms, precise=args.precise,
@@ -182,6 +264,9 @@ def main(argv=None) -> int:
                    help="the generator's event loop (auto: uvloop when installed)")
     p.add_argument("--pin", action="store_true",
                    help="pin the generator to the last CPU and the server to the others")
+    p.add_argument("--reference", action="store_true",
+                   help="also run each concurrency through a bare asyncio client (no aiohttp, "
+                        "no accounting): what this machine and server allow any client")
     p.add_argument("--json", action="store_true", help="print one JSON object per run")
     args = p.parse_args(argv)
 
@@ -204,6 +289,13 @@ def main(argv=None) -> int:
             print(json.dumps(row), flush=True)
         else:
             print("| " + " | ".join(str(row[k]) for k in cols) + " |", flush=True)
+        if args.reference:
+            ref = run_reference(args, c)
+            if args.json:
+                print(json.dumps(ref), flush=True)
+            else:
+                print(f"|   bare reference client, C={c}: {ref['tok_s']} tok/s, ITL skew p50 "
+                      f"{ref['itl_p50_skew_ms']} ms, p99 {ref['itl_p99_skew_ms']} ms", flush=True)
     return 0
 
 
