@@ -97,3 +97,29 @@ def test_dist_percentiles():
     d = dist([float(x) for x in range(1, 101)])
     assert d["n"] == 100 and d["mean"] == 50.5 and d["min"] == 1 and d["max"] == 100
     assert abs(d["p50"] - 50.5) < 1e-9 and abs(d["p99"] - 99.01) < 1e-9
+
+
+def test_live_progress_renders_on_a_terminal_and_is_quiet_elsewhere():
+    import io
+
+    from rich.console import Console
+
+    from coserve.bench.loadgen import Progress
+    from coserve.bench.progress import LiveProgress
+
+    p = Progress(phase="measure", elapsed_s=12.0, total_s=20.0, gen_tok_s=24363.0,
+                 embed_seq_s=492.0, gen_in_flight=512, embed_in_flight=64, gen_completed=10,
+                 embed_completed=300, gen_failed=2, embed_failed=0)
+    buf = io.StringIO()
+    console = Console(file=buf, force_terminal=True, width=100)
+    with LiveProgress(10.0, 10.0, console=console) as lp:
+        assert lp.enabled
+        lp.update(p)
+        console.print(lp._render(p))
+    out = buf.getvalue()
+    assert "24,363 tok/s" in out and "492 seq/s" in out and "measuring" in out and "512" in out
+    quiet = io.StringIO()
+    with LiveProgress(10.0, 10.0, console=Console(file=quiet)) as lp:  # not a terminal
+        assert not lp.enabled
+        lp.update(p)
+    assert quiet.getvalue() == ""
