@@ -123,3 +123,21 @@ def test_garbage_is_caught_not_raised():
     assert s.error is not None
     s.feed(_event(" a"), 0.01)  # ignored after an error
     assert s.nchunks == 0
+
+
+def test_json_with_spaces_is_parsed_the_slow_way():
+    def spaced(text, finish=None, ids=None):
+        c = {"index": 0, "text": text, "finish_reason": finish}
+        if ids is not None:
+            c["token_ids"] = ids
+        return b"data: " + json.dumps({"id": "x", "choices": [c]}).encode() + b"\n\n"
+
+    usage = b'data: ' + json.dumps({"id": "x", "choices": [], "usage": {
+        "prompt_tokens": 3, "completion_tokens": 6, "total_tokens": 9}}).encode() + b"\n\n"
+    evs = [spaced(" a"), spaced(" b", ids=[7, 8, 9]), spaced(" c"), spaced("", "stop"),
+           spaced(" d", "length"), usage, DONE]
+    ep, s = _stream()
+    _feed(s, evs)
+    assert s.error is None and s.fast_prefix is None
+    assert s.nchunks == 4 and s.ntok == 6 and s.usage_tokens == 6 and s.prompt_tokens == 3
+    assert len(ep.itl_window) == 3

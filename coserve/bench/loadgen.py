@@ -337,6 +337,11 @@ class _Run:
         finally:
             ep.in_flight -= 1
         n = data.count(b'"embedding":')
+        if n != batch:  # written some other way? count what the JSON says
+            try:
+                n = len(json.loads(data)["data"])
+            except (ValueError, KeyError, TypeError):
+                pass
         if n != batch:
             self._fail(ep, rec, 200, f"{n} embeddings in the answer for {batch} inputs", t)
             return False
@@ -348,6 +353,19 @@ class _Run:
                    latency_ms=round((t - st) * 1e3, 4), sequences=n)
         ep.records.append(rec)
         return True
+
+
+def _choice_tokens(choices) -> int:
+    """Tokens in a parsed chunk's choices (the first one: n = 1 requests)."""
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        return 0
+    c = choices[0]
+    ids = c.get("token_ids")
+    if isinstance(ids, list):
+        return len(ids)
+    if c.get("text") == "" and c.get("finish_reason") is not None:
+        return 0
+    return 1
 
 
 def _slow_data(ev: bytes) -> bytes | None:
@@ -423,8 +441,9 @@ class _GenStream:
                     ev = _slow_data(ev)
                     if ev is None or ev == b"[DONE]":
                         continue
+                obj = None
                 j = ev.find(b'"choices":[{')
-                if j >= 0:  # a chunk with a choice: it carries tokens
+                if j >= 0:  # compact JSON with a choice: it carries tokens
                     k = ev.find(b'"token_ids":[', j)
                     if k >= 0:
                         seg = ev[k + 13:ev.find(b"]", k)]
@@ -435,22 +454,28 @@ class _GenStream:
                         n = 1
                         if p is None and not self.nchunks:
                             self._learn_shape(ev, j)
-                    if n:
-                        if self.nchunks:
-                            if self.ws <= t < self.we:
-                                self.itl_append(t - self.last)
-                        else:
-                            self.first = t
-                        self.last = t
-                        self.nchunks += 1
-                        got += n
-                        if self.chunk_times is not None:
-                            self.chunk_times.append(t)
-                    if b'"usage":{' not in ev:
+                elif b'"choices"' in ev and b'"choices":[]' not in ev:
+                    # JSON written with spaces (or keys in another order): parse it
+                    obj = json.loads(ev[ev.find(b"{"):])
+                    n = _choice_tokens(obj.get("choices"))
+                else:
+                    n = 0
+                if n:
+                    if self.nchunks:
+                        if self.ws <= t < self.we:
+                            self.itl_append(t - self.last)
+                    else:
+                        self.first = t
+                    self.last = t
+                    self.nchunks += 1
+                    got += n
+                    if self.chunk_times is not None:
+                        self.chunk_times.append(t)
+                if obj is None:
+                    if b'"error"' not in ev and (b'"usage"' not in ev
+                                                 or b'"usage":null' in ev):
                         continue
-                elif b'"usage":{' not in ev and b'"error"' not in ev:
-                    continue
-                obj = json.loads(ev[ev.find(b"{"):])
+                    obj = json.loads(ev[ev.find(b"{"):])
                 usage = obj.get("usage")
                 if isinstance(usage, dict):
                     self.usage_tokens = usage.get("completion_tokens")
