@@ -179,18 +179,27 @@ def classify(name: str) -> str:
     return "other"
 
 
-def profile_decode(loop: ClosedLoop, steps: int) -> dict:
-    """GPU time per kernel class per pure decode step (no refills, so no prompts)."""
+def _mean_context(engine: GenEngine) -> float:
+    running = engine.scheduler.running
+    return sum(len(s.token_ids) for s in running) / max(1, len(running))
+
+
+def profile_decode(loop: ClosedLoop, steps: int, context: float) -> dict:
+    """GPU time per kernel class per pure decode step (no refills during it, so no prompts),
+    taken when the batch is full and its mean context is near `context` (the workload's
+    time average: attention time grows with it)."""
     from torch.profiler import ProfilerActivity, profile
 
     e = loop.engine
+    for _ in range(1500):
+        if (not e.scheduler.waiting and len(e.scheduler.running) == loop.concurrency
+                and abs(_mean_context(e) - context) < 20):
+            break
+        loop.step()
     loop.refill = False
-    while e.scheduler.waiting:
-        loop.step()
-    for _ in range(3):
-        loop.step()
     torch.cuda.synchronize()
     batch = len(e.scheduler.running)
+    mean_ctx = _mean_context(e)
     t0 = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
@@ -215,12 +224,14 @@ def profile_decode(loop: ClosedLoop, steps: int) -> dict:
         mode = "eager (graph replays not traced)"
     gpu_ms, per_class, per_kernel, calls = res
     replay_ms = _replay_ms(loop)
-    res = {"steps": steps, "batch": batch, "traced": mode, "wall_ms_per_step": wall_ms,
+    res = {"steps": steps, "batch": batch, "mean_context": mean_ctx, "traced": mode,
+           "wall_ms_per_step": wall_ms,
            "gpu_kernel_ms_per_step": gpu_ms, "graph_replay_ms": replay_ms,
            "classes_ms_per_step": {k: v / 1e3 for k, v in sorted(per_class.items(), key=lambda kv: -kv[1])},
            "top_kernels": [{"name": k[:120], "ms_per_step": v / 1e3, "calls_per_step": calls[k] / steps}
                            for k, v in sorted(per_kernel.items(), key=lambda kv: -kv[1])[:20]]}
-    log(f"profile ({mode}): batch {batch}, {wall_ms:.2f} ms wall per profiled step, "
+    log(f"profile ({mode}): batch {batch}, mean context {mean_ctx:.0f}, "
+        f"{wall_ms:.2f} ms wall per profiled step, "
         f"{gpu_ms:.2f} ms of kernels; one graph replay (the forward, no logits) "
         f"{_f(replay_ms)} ms by CUDA events")
     for k, v in res["classes_ms_per_step"].items():
@@ -416,7 +427,8 @@ def main() -> None:
     save()
     if "profile" not in skip and args.device.startswith("cuda"):
         try:
-            res["profile"] = profile_decode(loop, args.profile_steps)
+            res["profile"] = profile_decode(loop, args.profile_steps,
+                                            args.input_len + args.output_len / 2)
         except Exception as e:  # noqa: BLE001
             traceback.print_exc()
             res["errors"]["profile"] = repr(e)
@@ -484,7 +496,8 @@ def print_table(res: dict) -> None:
     p = res.get("profile")
     if p:
         print(f"profile: {p['gpu_kernel_ms_per_step']:.2f} ms of kernels per decode step "
-              f"(batch {p['batch']}), graph replay {_f(p.get('graph_replay_ms'))} ms; "
+              f"(batch {p['batch']}, mean context {p['mean_context']:.0f}), graph replay "
+              f"{_f(p.get('graph_replay_ms'))} ms; "
               + ", ".join(f"{k.split(' (')[0]} {v:.2f}" for k, v in
                           list(p["classes_ms_per_step"].items())[:5]))
     for k, v in res.get("errors", {}).items():

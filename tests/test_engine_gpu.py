@@ -36,45 +36,47 @@ def engine(request) -> GenEngine:
     return _engine(request.param)
 
 
-def _fill_decode(engine: GenEngine, n: int, seed: int):
-    """Prefill n prompts, then stage the first decode step of all n (as `step` would)."""
-    for i, p in enumerate(_prompts(n, seed)):
-        engine.add_request(f"s{seed}-{i}", p, SamplingParams(max_tokens=64, temperature=0.0,
-                                                              ignore_eos=True))
-    while engine.scheduler.waiting:
-        engine.step()
-    batch = engine.scheduler.schedule()
-    assert batch.is_decode and len(batch.seqs) == n
-    r = engine.runner
-    rows = r.bucket_for(n)
-    r._stage_decode(batch.seqs, rows, r.max_blocks_per_seq)
-    return batch, rows
+@pytest.fixture
+def decode_batch(engine):
+    """Prefill n prompts, then stage the first decode step of all n (as `step` would);
+    yields (batch, rows); the requests are aborted afterwards."""
+    def fill(n: int, seed: int):
+        for i, p in enumerate(_prompts(n, seed)):
+            engine.add_request(f"s{seed}-{i}", p, SamplingParams(max_tokens=64, temperature=0.0,
+                                                                  ignore_eos=True))
+        while engine.scheduler.waiting:
+            engine.step()
+        batch = engine.scheduler.schedule()
+        assert batch.is_decode and len(batch.seqs) == n
+        r = engine.runner
+        rows = r.bucket_for(n)
+        r._stage(batch, rows, r.max_blocks_per_seq)
+        return batch, rows
 
-
-def _drain(engine: GenEngine) -> None:
+    yield fill
     for rid in list(engine._seqs):
         engine.abort(rid)
 
 
 def test_every_bucket_has_a_graph(engine):
-    assert sorted(engine.runner.graphs) == engine.runner.buckets
+    assert sorted(engine.runner.graphs) == engine.runner.all_buckets
+    assert engine.runner.all_buckets[-1] == engine.runner.static_tokens
 
 
 @pytest.mark.parametrize("n", [5, 16, 27])
-def test_graph_replay_equals_eager_forward(engine, n):
-    batch, rows = _fill_decode(engine, n, seed=n)
+def test_graph_replay_equals_eager_forward(engine, decode_batch, n):
+    batch, rows = decode_batch(n, seed=n)
     r = engine.runner
     with torch.inference_mode():
         eager = r.model(*r._decode_args(rows, r.max_blocks_per_seq)).clone()
         r.graphs[rows].replay()
         replayed = r.graph_outputs[rows].clone()
-    _drain(engine)
     assert torch.isfinite(eager).all()
     torch.testing.assert_close(replayed, eager, rtol=1e-2, atol=1e-2)
 
 
-def test_decode_step_never_syncs_with_the_host(engine):
-    batch, rows = _fill_decode(engine, 9, seed=1)
+def test_decode_step_never_syncs_with_the_host(engine, decode_batch):
+    batch, rows = decode_batch(9, seed=1)
     r = engine.runner
     args = r._decode_args(rows, r.max_blocks_per_seq)
     torch.cuda.synchronize()
@@ -84,7 +86,6 @@ def test_decode_step_never_syncs_with_the_host(engine):
             r.model(*args)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    _drain(engine)
 
 
 def _assert_argmax_of_full_forward(engine: GenEngine, prompt: list[int], tokens: list[int]):

@@ -166,21 +166,22 @@ class GenEngine:
         if batch is None:
             return []
         logits = self.runner.run(batch)
-        sampling = [s for i, s in enumerate(batch.seqs) if batch.samples(i)]
+        sampling = batch.seqs if batch.is_decode else [
+            s for i, s in enumerate(batch.seqs) if batch.samples(i)]
         tokens = self.sampler(logits, sampling)
         outputs = []
         for seq in self.scheduler.postprocess(batch, tokens, self.eos_token_ids, self.max_model_len):
+            prompt = seq.num_prompt_tokens
             if not seq.prompt_counted:
                 seq.prompt_counted = True
-                self._prompt_tokens_total += seq.num_prompt_tokens
-            self._generation_tokens_total += 1
-            finished = seq.finish_reason is not None
-            if finished:
+                self._prompt_tokens_total += prompt
+            reason = seq.finish_reason
+            if reason is not None:
                 self._seqs.pop(seq.request_id, None)
-            outputs.append(RequestOutput(
-                request_id=seq.request_id, new_token_ids=[seq.last_token], finished=finished,
-                finish_reason=seq.finish_reason, prompt_tokens=seq.num_prompt_tokens,
-                completion_tokens=seq.num_completion_tokens))
+            ids = seq.token_ids
+            outputs.append(RequestOutput(seq.request_id, [ids[-1]], reason is not None, reason,
+                                         prompt, len(ids) - prompt))
+        self._generation_tokens_total += len(outputs)
         return outputs
 
     def stats(self) -> dict:

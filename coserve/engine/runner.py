@@ -83,6 +83,12 @@ class ModelRunner:
         self.host = {name: torch.zeros(t.shape, dtype=t.dtype, pin_memory=pin)
                      for name, t in self.buf.items()}
         self.host_np = {name: t.numpy() for name, t in self.host.items()}
+        self.host_np["block_tables"].fill(blocks.null_block)
+        # what each host block-table row holds: (the block-table list it copies, entries
+        # copied); entries past them are the null block. A row is rewritten only where this
+        # changes: another sequence moves in, or its sequence gains a block (every block_size
+        # tokens; lists only grow, and a freed sequence gets a new list).
+        self._row_state: list[tuple[list[int] | None, int]] = [(None, 0)] * n
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.graph_outputs: dict[int, torch.Tensor] = {}
         self.steps = {"graph": 0, "static eager": 0, "varlen": 0}
@@ -143,38 +149,49 @@ class ModelRunner:
         return self.all_buckets[bisect.bisect_left(self.all_buckets, n)]
 
     # -- static shapes (decode, and steps with a few short prompts) --------------------------
+    def _table_row(self, i: int, bt: list[int] | None) -> None:
+        table = self.host_np["block_tables"]
+        copied, written = self._row_state[i]
+        n = len(bt) if bt is not None else 0
+        if copied is bt and written == n:
+            return
+        if copied is bt and written < n:
+            table[i, written:n] = bt[written:]
+        else:
+            table[i, :n] = bt or ()
+            if written > n:
+                table[i, n:written] = self.blocks.null_block
+        self._row_state[i] = (bt, n)
+
     def _stage(self, batch: ScheduledBatch, rows: int, width: int) -> list[int] | None:
         """Write one row per new token of `batch` (padded to `rows`) into the device buffers.
         Returns the rows of the tokens that sample, None for a pure decode (rows 0..n-1)."""
         bs = self.block_size
         null = self.blocks.null_block
         h = self.host_np
-        table = h["block_tables"]
-        table[:rows, :width] = null
         if batch.is_decode:
             owners = batch.seqs
             lens = [len(s.token_ids) for s in owners]
             h["input_ids"][:len(lens)] = [s.token_ids[-1] for s in owners]
             h["context_lens"][:len(lens)] = lens
             pos = [k - 1 for k in lens]
-            for i, s in enumerate(owners):
-                table[i, :len(s.block_table)] = s.block_table
             sampling = None
         else:
             ids, pos, owners, sampling = [], [], [], []
             for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens, strict=True)):
                 start = seq.num_computed_tokens
-                first = len(ids)
                 ids += seq.token_ids[start:start + n]
                 pos += range(start, start + n)
                 owners += [seq] * n
-                table[first, :len(seq.block_table)] = seq.block_table
-                table[first + 1:first + n] = table[first]
                 if batch.samples(i):
                     sampling.append(len(ids) - 1)
             h["input_ids"][:len(ids)] = ids
             h["context_lens"][:len(pos)] = pos
             h["context_lens"][:len(pos)] += 1
+        for i, seq in enumerate(owners):
+            self._table_row(i, seq.block_table)
+        for i in range(len(owners), rows):
+            self._table_row(i, None)
         n = len(pos)
         h["positions"][:n] = pos
         h["slot_mapping"][:n] = [s.block_table[p // bs] * bs + p % bs

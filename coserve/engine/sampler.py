@@ -19,6 +19,8 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
         if not seqs:
             return []
+        if all(s.params.temperature <= 0 for s in seqs):  # one sync, no parameter tensors
+            return logits.argmax(dim=-1).tolist()
         temperature = torch.tensor([s.params.temperature for s in seqs], dtype=torch.float32)
         top_p = torch.tensor([s.params.top_p for s in seqs], dtype=torch.float32)
         ids = sample(logits, temperature.to(self.device), top_p.to(self.device),

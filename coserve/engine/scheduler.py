@@ -132,28 +132,35 @@ class Scheduler:
         """Advance the batch by its step; `sampled` holds one token per sampling sequence,
         in batch order. Returns the sequences that got a token (finished ones included)."""
         got_token = []
+        finished = []
         tokens = iter(sampled)
+        num_decode = batch.num_decode
         for i, seq in enumerate(batch.seqs):
-            samples = batch.samples(i)
-            seq.num_computed_tokens += batch.num_new_tokens[i]
-            if not samples:
-                continue
-            if i >= batch.num_decode:  # its prompt is complete: it starts decoding
+            if i >= num_decode:
+                samples = batch.samples(i)
+                seq.num_computed_tokens += batch.num_new_tokens[i]
+                if not samples:
+                    continue
+                # its prompt is complete: it starts decoding
                 self.waiting.remove(seq)
                 self.running.append(seq)
                 seq.status = SeqStatus.RUNNING
+            else:
+                seq.num_computed_tokens += 1
             token = next(tokens)
-            seq.token_ids.append(token)
+            ids = seq.token_ids
+            ids.append(token)
             got_token.append(seq)
             p = seq.params
             if not p.ignore_eos and token in eos_ids:
-                reason = "stop"
-            elif seq.num_completion_tokens >= p.max_tokens or seq.num_tokens >= max_model_len:
-                reason = "length"
-            else:
-                continue
-            self.running.remove(seq)
-            self._finish(seq, reason)
+                finished.append((seq, "stop"))
+            elif len(ids) - seq.num_prompt_tokens >= p.max_tokens or len(ids) >= max_model_len:
+                finished.append((seq, "length"))
+        if finished:
+            gone = {id(seq) for seq, _ in finished}
+            self.running = [s for s in self.running if id(s) not in gone]
+            for seq, reason in finished:
+                self._finish(seq, reason)
         return got_token
 
     def _finish(self, seq: Sequence, reason: str | None) -> None:

@@ -33,7 +33,7 @@ class EngineArgs:
     seed: int = 0
 
 
-@dataclass
+@dataclass(slots=True)
 class RequestOutput:
     request_id: str
     new_token_ids: list[int]
