@@ -48,7 +48,7 @@ def test_gen_numbers_match_the_server_timing(both):
     cycle_s = (TTFT_MS + (n - 1) * ITL_MS) / 1e3
     assert _close(g["output_tokens_per_s"], 8 * n / cycle_s, 0.05), g["output_tokens_per_s"]
     assert _close(g["requests_per_s"], 8 / cycle_s, 0.12), g["requests_per_s"]
-    assert _close(g["ttft_ms"]["p50"], TTFT_MS, 0.05), g["ttft_ms"]
+    assert _close(g["ttft_ms"]["p50"], TTFT_MS, 0.06), g["ttft_ms"]
     assert _close(g["tpot_ms"]["mean"], ITL_MS, 0.03), g["tpot_ms"]
     assert _close(g["tpot_ms"]["p50"], ITL_MS, 0.03), g["tpot_ms"]
     assert _close(g["itl_ms"]["mean"], ITL_MS, 0.03), g["itl_ms"]

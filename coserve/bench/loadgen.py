@@ -184,6 +184,9 @@ async def _resolve_model(session: aiohttp.ClientSession, kind: str, url: str,
         raise BenchError(f"cannot reach the {kind} server at {url}: {_exc_message(e)}") from None
     if model:
         return model  # reachable; a server without /v1/models is fine when a model is given
+    if status in (401, 403):
+        raise BenchError(f"{kind} server at {url}: GET /v1/models answered {status} "
+                         f"({_error_message(body)}); check --api-key")
     if status != 200:
         raise BenchError(f"{kind} server at {url}: GET /v1/models answered {status} "
                          f"({_error_message(body)}); pass {flag}")
@@ -249,7 +252,7 @@ class _Run:
         rec = {"endpoint": "gen", "i": i, "worker": w, "start_s": round(st - t0, 6)}
         try:
             async with session.post(url, data=body, headers=self.headers) as resp:
-                if resp.status != 200:
+                if not 200 <= resp.status < 300:
                     msg = _error_message(await resp.read())
                     self._fail(ep, rec, resp.status, msg, perf_counter())
                     return False
@@ -324,7 +327,7 @@ class _Run:
             async with session.post(url, data=body, headers=self.headers) as resp:
                 data = await resp.read()
                 t = perf_counter()
-                if resp.status != 200:
+                if not 200 <= resp.status < 300:
                     self._fail(ep, rec, resp.status, _error_message(data), t)
                     return False
         except asyncio.CancelledError:
