@@ -14,7 +14,6 @@ finished rep; `--resume` later runs what is missing.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import datetime as dt
@@ -100,9 +99,10 @@ class Backend:
     def run_load(self, load: dict[str, Any], out_path: Path, on_progress) -> dict:
         """Run the load, write bench.json (+ records), return the summary."""
         from coserve.bench.config import LoadConfig
-        from coserve.bench.loadgen import run_load, write_result
+        from coserve.bench.loadgen import run_load, run_sync, write_result
 
-        result = asyncio.run(run_load(LoadConfig(**load), on_progress=on_progress))
+        # run_sync takes uvloop where installed, as `coserve bench` does: same client speed.
+        result = run_sync(run_load(LoadConfig(**load), on_progress=on_progress))
         write_result(result, out_path)
         return result.summary()
 
