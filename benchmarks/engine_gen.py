@@ -158,6 +158,7 @@ _CLASSES = [  # (class, kernel-name pattern), first match wins
     ("attention (paged decode)", r"paged_decode|merge_splits"),
     ("MoE GEMMs (Triton FP8)", r"moe_gemm"),
     ("MoE align/permute", r"moe_align"),
+    ("MoE combine (sum over top-k)", r"reduce_kernel.*func_wrapper"),
     ("MoE router top-k", r"topk_softmax"),
     ("FP8 activation quant", r"quant_rows|per_token_group"),
     ("FP8 dense GEMM (Triton)", r"block_fp8_gemm"),
@@ -166,7 +167,7 @@ _CLASSES = [  # (class, kernel-name pattern), first match wins
     ("SiLU and mul", r"silu"),
     ("cuBLAS/CUTLASS GEMM (FP8 blockwise, bf16 router, lm_head)",
      r"gemm|nvjet|cutlass|sm90_xmma|cublas|splitKreduce"),
-    ("sampling / logits (argmax, softmax, casts)", r"argmax|argmin|softmax|reduce_kernel"),
+    ("sampling (argmax, softmax)", r"argmax|argmin|softmax|reduce_kernel"),
     ("memcpy / memset", r"^Memcpy|^Memset|memcpy|memset"),
     ("other elementwise (sum, copies, index)", r"."),
 ]
