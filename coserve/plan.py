@@ -339,7 +339,7 @@ def run(args: argparse.Namespace) -> int:
         d["sweep"] = {str(c): {"tokens_needed": plan.tokens_needed(c), "fits": plan.fits(c)} for c in sweep}
         print(json.dumps(d, indent=2))
         return 0
-    t = Table(title=f"VRAM budget on {plan.gpu_name} ({gb(plan.gpu_bytes)})")
+    t = Table(title=f"VRAM budget on {plan.gpu_name}: {gb(plan.gpu_bytes)} as NVML reports it")
     t.add_column("Component")
     t.add_column("VRAM", justify="right")
     for name, val in budget_rows(plan):
