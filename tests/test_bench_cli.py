@@ -50,6 +50,7 @@ def test_writes_the_contract_and_the_records(server, tmp_path):
                 assert isinstance(v, (int, float))
         assert s[part]["completed"] > 0 and s[part]["failed"] == 0
     assert s["config"]["gen_concurrency"] == 4 and s["config"]["seed"] == 0
+    assert s["embed"]["encoding"] == s["config"]["embed_encoding"] == "base64"
     rec = out.parent / "bench.records.jsonl"
     assert s["records_file"] == rec.name
     lines = [json.loads(x) for x in rec.read_text().splitlines()]
@@ -69,6 +70,17 @@ def test_gen_only_leaves_embed_null(server, tmp_path):
     s = json.loads(out.read_text())
     assert s["embed"] is None and s["gen"]["completed"] > 0
     assert json.loads(stdout)["gen"]["output_tokens_per_s"] == s["gen"]["output_tokens_per_s"]
+
+
+def test_embed_encoding_float(server, tmp_path):
+    out = tmp_path / "f.json"
+    p = _bench("--embed-url", server.url, "--embed-concurrency", "2", "--embed-encoding",
+               "float", "--warmup", "0.2", "--duration", "0.5", "--out", str(out), "--quiet")
+    _, stderr = p.communicate(timeout=60)
+    assert p.returncode == 0, stderr
+    e = json.loads(out.read_text())["embed"]
+    assert e["encoding"] == "float" and e["dim"] == 8
+    assert e["completed"] > 0 and e["failed"] == 0
 
 
 def test_unreachable_url_fails_at_once(tmp_path):
@@ -93,6 +105,9 @@ def test_bad_flags_are_named():
     p = _bench("--duration", "5")
     _, stderr = p.communicate(timeout=30)
     assert p.returncode != 0 and "--gen-url" in stderr
+    p = _bench("--embed-url", "http://127.0.0.1:1", "--embed-encoding", "binary")
+    _, stderr = p.communicate(timeout=30)
+    assert p.returncode != 0 and "--embed-encoding" in stderr
 
 
 def _wait_for(path_or_pred, timeout):

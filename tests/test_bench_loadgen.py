@@ -65,6 +65,20 @@ def test_embed_numbers_match_the_server_timing(both):
     assert _close(e["sequences_per_s"], 4 * 8 / (EMBED_MS / 1e3), 0.06), e["sequences_per_s"]
     assert _close(e["latency_ms"]["p50"], EMBED_MS, 0.06), e["latency_ms"]
     assert e["failed"] == 0 and e["batch"] == 8 and e["model"] == "test-model"
+    assert e["encoding"] == "base64" and e["dim"] == 8  # the openai client's default
+
+
+@pytest.mark.parametrize("encoding", ["float", "base64"])
+def test_embed_answers_in_either_encoding_are_counted_and_their_shape_read(encoding):
+    with stream_server.spawn(embed_latency_ms=EMBED_MS, embed_dim=1024) as srv:
+        r = _load(embed_url=srv.url, embed_concurrency=4, embed_batch=8, warmup_s=0.4,
+                  duration_s=1.2, embed_encoding=encoding)
+    e = r.summary()["embed"]
+    assert e["encoding"] == encoding and e["dim"] == 1024
+    assert e["failed"] == 0 and e["totals"]["failed"] == 0
+    assert _close(e["sequences_per_s"], 4 * 8 / (EMBED_MS / 1e3), 0.08), e["sequences_per_s"]
+    ok = [x for x in r.records if x["status"] == "ok"]
+    assert ok and all(x["dim"] == 1024 and x["sequences"] == 8 for x in ok)
 
 
 def test_records_are_consistent_with_the_summary(both):

@@ -1,6 +1,7 @@
 """The stream test server as other tests use it: its own process, the OpenAI routes, timing,
 failure modes, several processes on one port, a clean stop."""
 
+import base64
 import json
 import signal
 import subprocess
@@ -8,6 +9,9 @@ import sys
 import time
 import urllib.error
 import urllib.request
+
+import numpy as np
+import pytest
 
 from coserve.bench import stream_server
 
@@ -57,6 +61,34 @@ def test_routes_and_timing():
                 raise AssertionError("expected an error")
             except urllib.error.HTTPError as e:
                 assert e.code == code and "message" in json.load(e)["error"]
+
+
+def test_embeddings_in_base64_are_little_endian_float32s():
+    with stream_server.spawn(embed_latency_ms=1, embed_dim=5) as srv:
+        emb = json.load(_post(srv.url + "/v1/embeddings",
+                              {"input": ["a b", "c"], "encoding_format": "base64"}))
+        vecs = [np.frombuffer(base64.b64decode(d["embedding"]), dtype="<f4")
+                for d in emb["data"]]
+        assert [v.tolist() for v in vecs] == [[np.float32(0.1)] * 5] * 2
+        flt = json.load(_post(srv.url + "/v1/embeddings",
+                              {"input": ["a b"], "encoding_format": "float"}))
+        assert flt["data"][0]["embedding"] == [0.1] * 5
+        try:
+            _post(srv.url + "/v1/embeddings", {"input": ["a"], "encoding_format": "binary"})
+            raise AssertionError("expected an error")
+        except urllib.error.HTTPError as e:
+            assert e.code == 400 and "encoding_format" in json.load(e)["error"]["message"]
+
+
+def test_the_openai_client_reads_its_default_answer():
+    openai = pytest.importorskip("openai")
+    with stream_server.spawn(embed_latency_ms=1, embed_dim=6) as srv:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0,
+                               timeout=10)
+        out = client.embeddings.create(model="stream-test", input=[[1, 2], [3]])
+        client.close()
+    assert [len(d.embedding) for d in out.data] == [6, 6]
+    assert out.data[1].embedding == pytest.approx([0.1] * 6)
 
 
 def test_failure_modes_and_stats(tmp_path):

@@ -60,6 +60,9 @@ def test_request_bodies_follow_the_openai_api():
     assert body["ignore_eos"] is True
     emb = json.loads(w.embed_body("e", 2))
     assert emb["model"] == "e" and emb["input"] == w.embed_input(2)
+    assert emb["encoding_format"] == "base64"  # as the openai client asks by default
+    emb = json.loads(Workload(_cfg(embed_encoding="float")).embed_body("e", 2))
+    assert emb["encoding_format"] == "float" and emb["input"] == w.embed_input(2)
 
 
 @pytest.mark.parametrize("kw, field", [
@@ -70,6 +73,7 @@ def test_request_bodies_follow_the_openai_api():
     (dict(duration_s=0), "duration_s"),
     (dict(warmup_s=-1), "warmup_s"),
     (dict(token_id_low=5, token_id_high=5), "token_id_low"),
+    (dict(embed_encoding="binary"), "embed_encoding"),
 ])
 def test_bad_config_names_the_field(kw, field):
     base = dict(gen_url="http://127.0.0.1:1")

@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from coserve.bench.embed_answer import ENCODINGS
+
 _D = dict(gen_concurrency=512, input_len=30, output_len=512, embed_concurrency=64,
           embed_batch=8, embed_input_len=32, warmup_s=30.0, duration_s=60.0, seed=0)
 
@@ -43,6 +45,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="tokens (or words, with --embed-text) per embed input")
     w.add_argument("--embed-text", action="store_true",
                    help="send embed inputs as text (random common words), not token ids")
+    w.add_argument("--embed-encoding", choices=ENCODINGS, default="base64",
+                   help="encoding_format asked of /v1/embeddings (base64: what the openai "
+                        "client asks for by default)")
     w.add_argument("--token-id-range", default="10:256", metavar="LO:HI",
                    help="random prompt token ids are drawn from [LO, HI)")
     w.add_argument("--seed", type=int, default=_D["seed"], help="workload seed")
@@ -79,6 +84,7 @@ def _config(args):
         input_len=args.input_len, output_len=args.output_len,
         embed_concurrency=args.embed_concurrency, embed_batch=args.embed_batch,
         embed_input_len=args.embed_input_len, embed_text=args.embed_text,
+        embed_encoding=args.embed_encoding,
         warmup_s=args.warmup, duration_s=args.duration, seed=args.seed, api_key=args.api_key,
         token_id_low=lo, token_id_high=hi, ramp_s=args.ramp, record_chunks=args.record_chunks,
     )
@@ -112,7 +118,7 @@ def format_summary(s: dict) -> str:
     e = s.get("embed")
     if e:
         lines.append(f"embed  {e['url']}  model {e['model']}  C={e['concurrency']} "
-                     f"batch {e['batch']}")
+                     f"batch {e['batch']}  {e['encoding']}  dim {e['dim']}")
         lines.append(f"  {e['sequences_per_s']:,.1f} seq/s  {e['requests_per_s']:.2f} req/s  "
                      f"completed {e['completed']}  failed {e['failed']}")
         lines.append(f"  LAT   ms  {_fmt_dist(e['latency_ms'])}")
@@ -140,7 +146,7 @@ def run(args) -> int:
                      f"({cfg.input_len} in / {cfg.output_len} out)")
     if cfg.embed_url:
         parts.append(f"embed {cfg.embed_url} C={cfg.embed_concurrency} "
-                     f"(batch {cfg.embed_batch} x {cfg.embed_input_len})")
+                     f"(batch {cfg.embed_batch} x {cfg.embed_input_len}, {cfg.embed_encoding})")
     print(f"coserve bench: {'; '.join(parts)}; warm-up {cfg.warmup_s:g} s, "
           f"window {cfg.duration_s:g} s", file=err, flush=True)
 

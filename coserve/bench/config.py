@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from urllib.parse import urlsplit
 
+from coserve.bench.embed_answer import ENCODINGS
+
 
 class ConfigError(ValueError):
     """A bad load configuration; the message names the field, `.field` holds it."""
@@ -30,6 +32,9 @@ class LoadConfig:
     embed_batch: int = 8
     embed_input_len: int = 32
     embed_text: bool = False  # send texts instead of token-id lists to /v1/embeddings
+    # encoding_format of /v1/embeddings: "base64" is what the official openai client asks
+    # for unless told otherwise (float32 bytes, no JSON float round trip); or "float".
+    embed_encoding: str = "base64"
     warmup_s: float = 30.0
     duration_s: float = 60.0
     seed: int = 0
@@ -64,6 +69,9 @@ class LoadConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(name, f"must be a positive integer, got {v!r}")
+        if self.embed_encoding not in ENCODINGS:
+            raise ConfigError("embed_encoding", f"must be one of {', '.join(ENCODINGS)}, "
+                                                f"got {self.embed_encoding!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ConfigError("seed", f"must be an integer, got {self.seed!r}")
         if not (isinstance(self.warmup_s, (int, float)) and self.warmup_s >= 0):

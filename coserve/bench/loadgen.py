@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import aiohttp
 
 from coserve.bench.config import LoadConfig
+from coserve.bench.embed_answer import BadAnswer, embedding_shape
 from coserve.bench.workload import Workload
 
 __all__ = ["BenchError", "BenchResult", "BenchStopped", "EndpointRun", "loop_factory", "run_load", "run_sync",
@@ -66,6 +67,7 @@ class EndpointRun:
     completed_total: int = 0
     failed_total: int = 0
     usage_mismatch: int = 0  # requests whose usage disagreed with the chunks counted
+    dim: int | None = None  # embed: the dimension of the first vectors answered
     errors: Counter = field(default_factory=Counter)  # (status, message) -> count
 
     def __repr__(self) -> str:  # short: asyncio and debuggers repr results freely
@@ -339,21 +341,25 @@ class _Run:
             return False
         finally:
             ep.in_flight -= 1
-        n = data.count(b'"embedding":')
-        if n != batch:  # written some other way? count what the JSON says
-            try:
-                n = len(json.loads(data)["data"])
-            except (ValueError, KeyError, TypeError):
-                pass
+        try:
+            n, dim = embedding_shape(data, self.cfg.embed_encoding)
+        except BadAnswer as e:
+            self._fail(ep, rec, 200, str(e), t)
+            return False
         if n != batch:
             self._fail(ep, rec, 200, f"{n} embeddings in the answer for {batch} inputs", t)
+            return False
+        if ep.dim is None:
+            ep.dim = dim
+        elif dim != ep.dim:
+            self._fail(ep, rec, 200, f"embeddings of dimension {dim} after {ep.dim}", t)
             return False
         ep.completed_total += 1
         ep.tokens_total += n
         if self.ws <= t < self.we:
             ep.tokens_window += n
         rec.update(status="ok", http_status=200, end_s=round(t - self.t0, 6),
-                   latency_ms=round((t - st) * 1e3, 4), sequences=n)
+                   latency_ms=round((t - st) * 1e3, 4), sequences=n, dim=dim)
         ep.records.append(rec)
         return True
 

@@ -86,6 +86,8 @@ def _embed_summary(result: BenchResult, ep: EndpointRun, window: float) -> dict:
         "model": ep.model,
         "concurrency": ep.concurrency,
         "batch": result.config.embed_batch,
+        "encoding": result.config.embed_encoding,
+        "dim": ep.dim,
         "sequences_per_s": round(per_s(ep.tokens_window), 3),
         "requests_per_s": round(per_s(len(done)), 4),
         "completed": len(done),

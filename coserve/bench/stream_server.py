@@ -1,9 +1,10 @@
 """A controllable OpenAI-compatible server for testing load generators.
 
 It streams completions at a known rate (first token `ttft_ms` after the request arrives,
-then one chunk every `itl_ms`), answers embeddings after a known latency, and can fail on
-purpose (a non-2xx answer on every Nth request, or a connection dropped mid-stream). It
-does no model work at all, so what a client measures against it is the client's own error.
+then one chunk every `itl_ms`), answers embeddings (float or base64) after a known latency,
+and can fail on purpose (a non-2xx answer on every Nth request, or a connection dropped
+mid-stream). It does no model work at all, so what a client measures against it is the
+client's own error.
 
 Run it in its own process so that its event loop does not share a core with the client:
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import gc
 import heapq
@@ -30,6 +32,7 @@ import os
 import selectors
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -254,7 +257,7 @@ class StreamServer:
         self.served = {"completions": 0, "embeddings": 0, "failed": 0, "dropped": 0}
         self._server = None
         self._created = int(time.time())
-        self._embed_cache: dict[int, bytes] = {}
+        self._embed_cache: dict[tuple[int, str], bytes] = {}  # (inputs, encoding) -> data
         # How late chunks left, in 10 us bins up to 10 ms (the last bin: later): what the
         # server itself adds to the ITL a client measures.
         self.late_hist = [0] * 1001
@@ -455,13 +458,22 @@ class StreamServer:
             conn.finish(_error(400, "input must be a string, a list of strings, token ids, "
                                     "or a list of token-id lists"))
             return
+        fmt = req.get("encoding_format") or "float"
+        if fmt not in ("float", "base64"):
+            conn.finish(_error(400, f"encoding_format must be 'float' or 'base64', got {fmt!r}"))
+            return
         n = len(inputs)
         n_tok = sum(len(x) if isinstance(x, list) else max(1, len(x.split())) for x in inputs)
-        if n not in self._embed_cache:
-            vec = ",".join(["0.1"] * cfg.embed_dim)
-            self._embed_cache[n] = ",".join(
-                f'{{"object":"embedding","index":{i},"embedding":[{vec}]}}' for i in range(n)
+        if (n, fmt) not in self._embed_cache:
+            if fmt == "base64":  # little-endian float32s, as the openai client decodes them
+                raw = struct.pack(f"<{cfg.embed_dim}f", *[0.1] * cfg.embed_dim)
+                vec = '"' + base64.b64encode(raw).decode() + '"'
+            else:
+                vec = "[" + ",".join(["0.1"] * cfg.embed_dim) + "]"
+            self._embed_cache[n, fmt] = ",".join(
+                f'{{"object":"embedding","index":{i},"embedding":{vec}}}' for i in range(n)
             ).encode()
+        data = self._embed_cache[n, fmt]
         model = json.dumps(req.get("model") or cfg.model).encode()
 
         def answer():
@@ -469,7 +481,7 @@ class StreamServer:
                 self.served["dropped"] += 1
                 conn.drop()
                 return
-            body = (b'{"object":"list","data":[' + self._embed_cache[n] + b'],"model":' + model
+            body = (b'{"object":"list","data":[' + data + b'],"model":' + model
                     + b',"usage":{"prompt_tokens":%d,"total_tokens":%d}}' % (n_tok, n_tok))
             self.served["embeddings"] += 1
             conn.finish(_head(200, b"application/json", len(body)) + body)

@@ -68,4 +68,4 @@ class Workload:
 
     def embed_body(self, model: str, i: int) -> bytes:
         return json.dumps({"model": model, "input": self.embed_input(i),
-                           "encoding_format": "float"}, separators=(",", ":")).encode()
+                           "encoding_format": self.cfg.embed_encoding}, separators=(",", ":")).encode()
