@@ -16,4 +16,6 @@
     memory.py         KV budget from gpu_memory_utilization (GPU) or bytes (CPU)
     gen_engine.py     GenEngine: add_request / step / abort / stats / generate
     embed_engine.py   EmbedEngine: dynamic batching of embedding requests
+    parallel.py       tensor parallelism: this process's rank, weight windows, collectives
+    tp_workers.py     the processes of ranks 1..N-1, started and stopped by rank 0's engine
 """

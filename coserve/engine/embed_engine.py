@@ -2,7 +2,11 @@
 from the front of the queue (several requests at once) into one forward pass of at most
 `max_num_batched_tokens` tokens and `max_num_seqs` inputs, pools each input's hidden states
 (mean, or last token as Qwen3-Embedding) and L2-normalises them. A request is answered when
-all its inputs are done."""
+all its inputs are done.
+
+With `tensor_parallel_size` N > 1 this engine is rank 0: it starts ranks 1..N-1, sends each
+batch's token ids to them before its own forward pass, and pools (the final hidden states
+are the same on every rank). `shutdown()` stops them."""
 
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from coserve.engine import tp_workers
 from coserve.engine.attention import AttnMetadata
 from coserve.engine.config import BertConfig
 from coserve.engine.gen_engine import _device
@@ -54,6 +59,14 @@ class EmbedEngine:
     def __init__(self, args: EngineArgs) -> None:
         self.args = args
         device = _device(args.device)
+        self.workers = tp_workers.launch("embed", args, device)
+        try:
+            self._start(args, device)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _start(self, args: EngineArgs, device: torch.device) -> None:
         budget = GpuBudget(device, args.gpu_memory_utilization) if device.type == "cuda" else None
         if budget is not None:
             budget.start()
@@ -125,11 +138,28 @@ class EmbedEngine:
     @torch.inference_mode()
     def embed_batch(self, inputs: list[list[int]]) -> torch.Tensor:
         """One forward pass over `inputs` -> [len(inputs), dim] float32, normalised."""
+        if self.workers is not None:
+            self.workers.send(inputs)
+        return pool(self._forward(inputs), [len(x) for x in inputs], self.pooling)
+
+    def _forward(self, inputs: list[list[int]]) -> torch.Tensor:
         lens = [len(x) for x in inputs]
         ids = torch.tensor([t for x in inputs for t in x], dtype=torch.int64, device=self.device)
         pos = torch.cat([torch.arange(n, dtype=torch.int64) for n in lens]).to(self.device)
-        hidden = self.model(ids, pos, AttnMetadata.dense(lens, causal=self.causal))
-        return pool(hidden, lens, self.pooling)
+        return self.model(ids, pos, AttnMetadata.dense(lens, causal=self.causal))
+
+    def worker_step(self, inputs: list[list[int]]) -> None:
+        """Ranks 1..N-1: the forward pass of the batch rank 0 sent."""
+        with torch.inference_mode():
+            self._forward(inputs)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def shutdown(self) -> None:
+        """Stop the other ranks (tensor parallel); nothing to do otherwise."""
+        if getattr(self, "workers", None) is not None:
+            self.workers.stop()
+            self.workers = None
 
     def step(self) -> list[EmbedOutput]:
         batch = self._next_batch()

@@ -5,7 +5,10 @@
     while engine.has_unfinished():
         for out in engine.step(): ...
 
-or offline: `engine.generate([[1, 2, 3], "text"], SamplingParams(max_tokens=16))`."""
+or offline: `engine.generate([[1, 2, 3], "text"], SamplingParams(max_tokens=16))`.
+
+With `tensor_parallel_size` N > 1 this engine is rank 0: it starts ranks 1..N-1 (each an
+engine of its own, driven through `worker_step`) and `shutdown()` stops them."""
 
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from coserve.engine import parallel, tp_workers
 from coserve.engine.attention import AttnMetadata
 from coserve.engine.kernels.sampling import sample
 from coserve.engine.kv_cache import BlockManager, allocate_kv_cache
@@ -51,6 +55,14 @@ class GenEngine:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
         self.args = args
         device = _device(args.device)
+        self.workers = tp_workers.launch("gen", args, device)
+        try:
+            self._start(args, device, block_size)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _start(self, args: EngineArgs, device: torch.device, block_size: int) -> None:
         budget = GpuBudget(device, args.gpu_memory_utilization) if device.type == "cuda" else None
         if budget is not None:
             budget.start()
@@ -67,9 +79,12 @@ class GenEngine:
         self.block_size = block_size
 
         kv_bytes = budget.kv_bytes(self._profile) if budget else args.cpu_kv_cache_bytes
+        kv_bytes = parallel.min_over_ranks(kv_bytes, device)  # every rank holds the same blocks
         c = self.config
         elsize = torch.empty((), dtype=lm.dtype).element_size()
-        self.kv_bytes_per_token = c.kv_bytes_per_token(elsize)
+        kv_heads = parallel.kv_head_split(c.num_heads, c.num_kv_heads)[1]
+        # this rank's share: its kv heads
+        self.kv_bytes_per_token = 2 * c.num_layers * kv_heads * c.head_dim * elsize
         num_blocks = kv_bytes // (self.kv_bytes_per_token * block_size) - 1  # one null block
         self.kv_capacity_tokens = max(0, num_blocks) * block_size
         if self.kv_capacity_tokens < self.max_model_len:
@@ -78,7 +93,7 @@ class GenEngine:
                 f"({kv_bytes / GiB:.3f} GiB at {self.kv_bytes_per_token} B/token), fewer than "
                 f"max_model_len {self.max_model_len}: raise the memory budget "
                 "(gpu_memory_utilization / cpu_kv_cache_bytes) or lower max_model_len")
-        kv = allocate_kv_cache(c.num_layers, num_blocks, block_size, c.num_kv_heads, c.head_dim,
+        kv = allocate_kv_cache(c.num_layers, num_blocks, block_size, kv_heads, c.head_dim,
                                lm.dtype, device)
         self.blocks = BlockManager(num_blocks, block_size)
         self.runner = ModelRunner(self.model, kv, self.blocks, max_num_seqs=args.max_num_seqs,
@@ -86,6 +101,8 @@ class GenEngine:
                                   enforce_eager=args.enforce_eager,
                                   max_num_batched_tokens=args.max_num_batched_tokens)
         self.runner.capture_graphs()
+        if self.workers is not None:
+            self.runner.broadcast = self.workers.send
         self.scheduler = Scheduler(
             self.blocks, args.max_num_seqs, args.max_num_batched_tokens,
             max_tokens_with_decodes=None if args.enforce_eager else self.runner.static_tokens)
@@ -94,12 +111,25 @@ class GenEngine:
         self._prompt_tokens_total = 0
         self._generation_tokens_total = 0
         log.info("KV cache: %d blocks x %d = %d tokens (%.3f GiB, %d B/token); "
-                 "max_model_len %d, max_num_seqs %d, %s", num_blocks, block_size,
+                 "max_model_len %d, max_num_seqs %d, TP %d, %s", num_blocks, block_size,
                  self.kv_capacity_tokens, kv.numel() * elsize / GiB, self.kv_bytes_per_token,
-                 self.max_model_len, args.max_num_seqs,
+                 self.max_model_len, args.max_num_seqs, args.tensor_parallel_size,
                  "eager" if args.enforce_eager else
                  f"static buckets {self.runner.all_buckets}"
                  + (" (CUDA graphs)" if self.runner.graphs else ""))
+
+    # -- tensor parallelism -------------------------------------------------------------------
+    def worker_step(self, step) -> None:
+        """Ranks 1..N-1: run the step rank 0 sent (its logits are rank 0's to sample)."""
+        self.runner.execute(step)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def shutdown(self) -> None:
+        """Stop the other ranks (tensor parallel); nothing to do otherwise."""
+        if getattr(self, "workers", None) is not None:
+            self.workers.stop()
+            self.workers = None
 
     # -- start-up ---------------------------------------------------------------------------
     @torch.inference_mode()

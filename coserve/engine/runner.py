@@ -16,13 +16,19 @@ bucket's forward pass is captured once as a CUDA graph and replayed.
 Steps with more tokens than the largest bucket (a burst of prompts), and every step that is
 not a pure decode under `enforce_eager`, take the variable-length path: packed tokens,
 prompts through the prefill attention reference (SDPA), eager. `enforce_eager` also skips
-the padding of decode steps (exact batch, trimmed tables) and the graphs."""
+the padding of decode steps (exact batch, trimmed tables) and the graphs.
+
+Tensor parallel: a step is prepared on the host as a `StaticStep` or `VarlenStep` (host ints
+only), which rank 0 hands to `broadcast` before it runs; the other ranks run the same step
+through `execute`, so every rank launches the same kernels and collectives."""
 
 from __future__ import annotations
 
 import bisect
 import logging
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -51,6 +57,29 @@ def static_token_capacity(max_num_seqs: int, max_num_batched_tokens: int) -> int
 def mixed_buckets(max_num_seqs: int, capacity: int) -> list[int]:
     sizes = list(range(max_num_seqs + 32, capacity, 32))
     return sizes + [capacity] if capacity > max_num_seqs else []
+
+
+@dataclass
+class StaticStep:
+    rows: int                       # the bucket (or, eager, the exact token count)
+    width: int                      # block-table columns the kernels see
+    n: int                          # real tokens; rows n..rows-1 are padding
+    sampling: list[int] | None      # rows that sample; None: rows 0..n-1 (a pure decode)
+    # the staged host rows, for ranks that did not stage them (block tables: the columns
+    # in use; the rest are the null block)
+    arrays: dict[str, np.ndarray] | None = None
+
+
+@dataclass
+class VarlenStep:
+    ids: list[int]
+    positions: list[int]
+    slots: list[int]
+    query_lens: list[int]
+    context_lens: list[int]
+    block_tables: np.ndarray        # [sequences, width] int32
+    num_decode: int
+    last: list[int]                 # token rows that sample
 
 
 _DECODE_INPUTS = {"input_ids": torch.int64, "positions": torch.int64,
@@ -92,6 +121,8 @@ class ModelRunner:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.graph_outputs: dict[int, torch.Tensor] = {}
         self.steps = {"graph": 0, "static eager": 0, "varlen": 0}
+        # rank 0 of a tensor-parallel engine: hands each step to the other ranks
+        self.broadcast: Callable[[StaticStep | VarlenStep], None] | None = None
 
     @property
     def graphs_enabled(self) -> bool:
@@ -115,13 +146,31 @@ class ModelRunner:
         """Logits [num sampling sequences, vocab] (model dtype), in batch order."""
         if batch.is_decode or (not self.enforce_eager
                                and sum(batch.num_new_tokens) <= self.static_tokens):
-            return self._static(batch)
-        self.steps["varlen"] += 1
-        return self._varlen(batch)
+            step = self._prepare_static(batch)
+        else:
+            step = self._prepare_varlen(batch)
+        if self.broadcast is not None:
+            if isinstance(step, StaticStep):
+                self.broadcast(replace(step, arrays=self._staged(step, batch)))
+            else:
+                self.broadcast(step)
+        return self.execute(step)
 
-    def _varlen(self, batch: ScheduledBatch) -> torch.Tensor:
+    @torch.inference_mode()
+    def execute(self, step: StaticStep | VarlenStep) -> torch.Tensor:
+        """Run a prepared step (on rank 0 as prepared; elsewhere as rank 0 sent it). A rank
+        that does not sample must wait for the step's end before it stages the next one in
+        the same host buffers (rank 0 waits when it reads its tokens back)."""
+        if isinstance(step, VarlenStep):
+            self.steps["varlen"] += 1
+            return self._varlen(step)
+        if step.arrays is not None:
+            self._unstage(step)
+        return self._static(step)
+
+    def _prepare_varlen(self, batch: ScheduledBatch) -> VarlenStep:
         """Prompt chunks, after the batch's decodes if it has any (one token each, first):
-        tokens packed in batch order, eager (the shapes change every step)."""
+        tokens packed in batch order."""
         ids, pos, slots, query_lens, ctx_lens, last = [], [], [], [], [], []
         for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens, strict=True)):
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
@@ -133,17 +182,24 @@ class ModelRunner:
             if batch.samples(i):
                 last.append(len(ids) - 1)
         width = max(len(s.block_table) for s in batch.seqs)
-        d = batch.num_decode
+        return VarlenStep(ids, pos, slots, query_lens, ctx_lens,
+                          self._block_table_rows(batch.seqs, width, len(batch.seqs)),
+                          batch.num_decode, last)
+
+    def _varlen(self, step: VarlenStep) -> torch.Tensor:
+        """Eager (the shapes change every step)."""
+        d = step.num_decode
         meta = AttnMetadata(
-            mode="prefill", query_lens=query_lens, context_lens_host=ctx_lens,
-            slot_mapping=self._to_dev(slots, torch.int64),
-            block_tables=self._to_dev(self._block_table_rows(batch.seqs, width, len(batch.seqs)),
-                                      torch.int32),
-            num_decode=d, context_lens=self._to_dev(ctx_lens[:d], torch.int32) if d else None)
-        hidden = self.model(self._to_dev(ids, torch.int64), self._to_dev(pos, torch.int64), meta)
-        if not last:
+            mode="prefill", query_lens=step.query_lens, context_lens_host=step.context_lens,
+            slot_mapping=self._to_dev(step.slots, torch.int64),
+            block_tables=self._to_dev(step.block_tables, torch.int32),
+            num_decode=d,
+            context_lens=self._to_dev(step.context_lens[:d], torch.int32) if d else None)
+        hidden = self.model(self._to_dev(step.ids, torch.int64),
+                            self._to_dev(step.positions, torch.int64), meta)
+        if not step.last:
             return hidden.new_empty(0, 0, dtype=torch.float32)
-        return self.model.compute_logits(hidden[self._to_dev(last, torch.int64)])
+        return self.model.compute_logits(hidden[self._to_dev(step.last, torch.int64)])
 
     def bucket_for(self, n: int) -> int:
         return self.all_buckets[bisect.bisect_left(self.all_buckets, n)]
@@ -200,11 +256,7 @@ class ModelRunner:
         h["positions"][n:rows] = 0
         h["slot_mapping"][n:rows] = null * bs
         h["context_lens"][n:rows] = 1
-        for name, buf in self.buf.items():
-            if name == "block_tables":
-                buf[:rows, :width].copy_(self.host[name][:rows, :width], non_blocking=True)
-            else:
-                buf[:rows].copy_(self.host[name][:rows], non_blocking=True)
+        self._copy_staged(rows, width)
         return sampling
 
     def _decode_args(self, rows: int, width: int):
@@ -214,13 +266,42 @@ class ModelRunner:
                             context_lens=b["context_lens"][:rows])
         return b["input_ids"][:rows], b["positions"][:rows], meta
 
-    def _static(self, batch: ScheduledBatch) -> torch.Tensor:
+    def _prepare_static(self, batch: ScheduledBatch) -> StaticStep:
         n = sum(batch.num_new_tokens)
         if self.enforce_eager:
             rows, width = n, max(len(s.block_table) for s in batch.seqs)
         else:
             rows, width = self.bucket_for(n), self.max_blocks_per_seq
-        sampling = self._stage(batch, rows, width)
+        return StaticStep(rows, width, n, self._stage(batch, rows, width))
+
+    def _staged(self, step: StaticStep, batch: ScheduledBatch) -> dict[str, np.ndarray]:
+        used = min(step.width, max(len(s.block_table) for s in batch.seqs))
+        out = {name: a[:step.rows].copy() for name, a in self.host_np.items()
+               if name != "block_tables"}
+        out["block_tables"] = self.host_np["block_tables"][:step.rows, :used].copy()
+        return out
+
+    def _unstage(self, step: StaticStep) -> None:
+        """Write rank 0's staged rows into this rank's host buffers and on to the device."""
+        h, rows = self.host_np, step.rows
+        for name, a in step.arrays.items():
+            if name == "block_tables":
+                used = a.shape[1]
+                h[name][:rows, :used] = a
+                h[name][:rows, used:step.width] = self.blocks.null_block
+            else:
+                h[name][:rows] = a
+        self._copy_staged(rows, step.width)
+
+    def _copy_staged(self, rows: int, width: int) -> None:
+        for name, buf in self.buf.items():
+            if name == "block_tables":
+                buf[:rows, :width].copy_(self.host[name][:rows, :width], non_blocking=True)
+            else:
+                buf[:rows].copy_(self.host[name][:rows], non_blocking=True)
+
+    def _static(self, step: StaticStep) -> torch.Tensor:
+        rows, n, sampling = step.rows, step.n, step.sampling
         graph = self.graphs.get(rows) if self.graphs_enabled else None
         if graph is not None:
             self.steps["graph"] += 1
@@ -228,7 +309,7 @@ class ModelRunner:
             hidden = self.graph_outputs[rows]
         else:
             self.steps["static eager"] += 1
-            hidden = self.model(*self._decode_args(rows, width))
+            hidden = self.model(*self._decode_args(rows, step.width))
         if sampling is None:
             return self.model.compute_logits(hidden[:n])
         if not sampling:

@@ -31,6 +31,8 @@ class EngineArgs:
     max_num_batched_tokens: int = 8192
     enforce_eager: bool = False
     seed: int = 0
+    # ranks (one process and one device each) the weights are split across
+    tensor_parallel_size: int = 1
 
 
 @dataclass(slots=True)

@@ -55,7 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-seqs", metavar="N", type=_positive, default=256, help="most sequences in one batch")
     parser.add_argument("--max-num-batched-tokens", metavar="N", type=_positive, default=8192, help="most tokens in one step (prefill chunk / embedding batch)")
     parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
-    parser.add_argument("--tensor-parallel-size", metavar="N", type=int, default=1, help="only 1 is supported by the built-in engine")
+    parser.add_argument("--tensor-parallel-size", metavar="N", type=_positive, default=1, help="ranks (one process and one GPU each, from --device on) the model is split across")
     parser.add_argument("--seed", metavar="N", type=int, default=0, help="seed of random weights and of unseeded sampling")
     parser.add_argument("--api-key", metavar="KEY", default=os.environ.get("COSERVE_API_KEY"), help="require 'Authorization: Bearer KEY' on /v1/* (default: $COSERVE_API_KEY)")
     parser.add_argument("--shutdown-timeout", type=float, default=5.0, metavar="S", help="on SIGTERM, seconds in-flight requests get to finish before they are aborted")
@@ -78,7 +78,8 @@ def build_engine(args):
         model=args.model, random_weights=args.random_weights, device=_device(args.device), dtype=args.dtype,
         gpu_memory_utilization=args.gpu_memory_utilization, cpu_kv_cache_bytes=args.kv_cache_bytes,
         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens, enforce_eager=args.enforce_eager, seed=args.seed)
+        max_num_batched_tokens=args.max_num_batched_tokens, enforce_eager=args.enforce_eager, seed=args.seed,
+        tensor_parallel_size=args.tensor_parallel_size)
     if args.kind == "gen":
         from coserve.engine.gen_engine import GenEngine
 
@@ -95,9 +96,6 @@ def _exit_quietly(signum, frame):
 def run(args) -> int:
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.tensor_parallel_size != 1:
-        print("coserve serve: --tensor-parallel-size > 1 is not supported by the built-in engine", file=sys.stderr)
-        return 2
     import asyncio
 
     from coserve.server.app import ServeOptions, bind_socket, serve

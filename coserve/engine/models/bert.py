@@ -4,7 +4,9 @@
     h = LN(h + o(attn(q(h), k(h), v(h))))        bidirectional, per sequence
     h = LN(h + fc2(gelu(fc1(h))))
 
-Sequences are packed [T, hidden]; `AttnMetadata.dense(query_lens, causal=False)` separates them."""
+Sequences are packed [T, hidden]; `AttnMetadata.dense(query_lens, causal=False)` separates them.
+Tensor parallel: heads and fc1's channels split across ranks (o and fc2 all-reduce), word
+embeddings split by vocabulary rows; norms, position and type embeddings replicated."""
 
 from __future__ import annotations
 
@@ -13,24 +15,31 @@ import re
 import torch
 from torch import nn
 
+from coserve.engine import parallel
 from coserve.engine.attention import Attention, AttnMetadata
 from coserve.engine.config import BertConfig
 from coserve.engine.kernels.activation import gelu
-from coserve.engine.layers import LayerNorm, Linear, Tensors
+from coserve.engine.layers import LayerNorm, Linear, Tensors, vocab_parallel_embedding
 
 
 class BertLayer(nn.Module):
     def __init__(self, c: BertConfig, dtype, device) -> None:
         super().__init__()
         kw = dict(dtype=dtype, device=device)
-        self.num_heads, self.head_dim = c.num_heads, c.head_dim
-        self.qkv_proj = Linear(c.hidden_size, [c.hidden_size] * 3, bias=True, **kw)
-        self.o_proj = Linear(c.hidden_size, [c.hidden_size], bias=True, **kw)
+        h0, self.num_heads = parallel.split(c.num_heads, "num_attention_heads")
+        self.head_dim = d = c.head_dim
+        heads = (h0 * d, self.num_heads * d)
+        inter = parallel.split(c.intermediate_size, "intermediate_size")
+        self.qkv_proj = Linear(c.hidden_size, [c.hidden_size] * 3, bias=True,
+                               out_shards=[heads] * 3, **kw)
+        self.o_proj = Linear(c.hidden_size, [c.hidden_size], bias=True, in_shard=heads,
+                             reduce=True, **kw)
         self.attn_norm = LayerNorm(c.hidden_size, c.layer_norm_eps, **kw)
-        self.fc1 = Linear(c.hidden_size, [c.intermediate_size], bias=True, **kw)
-        self.fc2 = Linear(c.intermediate_size, [c.hidden_size], bias=True, **kw)
+        self.fc1 = Linear(c.hidden_size, [c.intermediate_size], bias=True, out_shards=[inter], **kw)
+        self.fc2 = Linear(c.intermediate_size, [c.hidden_size], bias=True, in_shard=inter,
+                          reduce=True, **kw)
         self.ffn_norm = LayerNorm(c.hidden_size, c.layer_norm_eps, **kw)
-        self.attn = Attention(c.num_heads, c.num_heads, c.head_dim)
+        self.attn = Attention(self.num_heads, self.num_heads, d)
 
     def forward(self, h: torch.Tensor, meta: AttnMetadata) -> torch.Tensor:
         t = h.shape[0]
@@ -55,7 +64,9 @@ class BertModel(nn.Module):
         self.config = c
         kw = dict(dtype=dtype, device=device)
         self.embeddings = Tensors()
-        self.embeddings.add("word", (c.vocab_size, c.hidden_size), "normal", **kw)
+        self.vocab_rows = parallel.padded_split(c.vocab_size)
+        self.embeddings.add("word", (c.vocab_size, c.hidden_size), "normal", rows=self.vocab_rows,
+                            **kw)
         self.embeddings.add("position", (c.max_position_embeddings, c.hidden_size), "normal", **kw)
         self.embeddings.add("token_type", (c.type_vocab_size, c.hidden_size), "normal", **kw)
         self.emb_norm = LayerNorm(c.hidden_size, c.layer_norm_eps, **kw)
@@ -63,7 +74,8 @@ class BertModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttnMetadata) -> torch.Tensor:
         e = self.embeddings
-        h = e.word[input_ids] + e.position[positions] + e.token_type[0]
+        h = (vocab_parallel_embedding(input_ids, e.word, self.vocab_rows[0])
+             + e.position[positions] + e.token_type[0])
         h = self.emb_norm(h)
         for layer in self.layers:
             h = layer(h, meta)

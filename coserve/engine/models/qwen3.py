@@ -5,7 +5,13 @@
 
 Tokens of all sequences in a step are packed along one dimension [T, hidden]; `AttnMetadata`
 says where each sequence starts and where its KV lives. Used for generation (with lm_head)
-and as an embedding model (Qwen3-Embedding: last-token hidden state after the final norm)."""
+and as an embedding model (Qwen3-Embedding: last-token hidden state after the final norm).
+
+Tensor parallel (Megatron style): each rank holds a slice of the query heads and of their kv
+heads (kv heads replicated when there are fewer than ranks), a slice of every MLP's or
+expert's intermediate dimension, and a slice of the vocabulary (embedding rows, lm_head
+rows). o_proj, down_proj, the experts and the embedding lookup end in an all-reduce; the
+logits are all-gathered. Norms and the router are replicated."""
 
 from __future__ import annotations
 
@@ -14,11 +20,18 @@ import re
 import torch
 from torch import nn
 
+from coserve.engine import parallel
 from coserve.engine.attention import Attention, AttnMetadata
 from coserve.engine.config import DecoderConfig, QuantConfig
 from coserve.engine.kernels import ops
 from coserve.engine.kernels.rotary import rope_cos_sin_cache
-from coserve.engine.layers import FusedMoEWeights, Linear, RMSNorm, Tensors
+from coserve.engine.layers import (
+    FusedMoEWeights,
+    Linear,
+    RMSNorm,
+    Tensors,
+    vocab_parallel_embedding,
+)
 
 
 def _q(quant: QuantConfig | None, module_name: str) -> QuantConfig | None:
@@ -28,17 +41,21 @@ def _q(quant: QuantConfig | None, module_name: str) -> QuantConfig | None:
 class Qwen3Attention(nn.Module):
     def __init__(self, c: DecoderConfig, prefix: str, quant, dtype, device) -> None:
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
-        q_size, kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-        self.sizes = [q_size, kv_size, kv_size]
+        d = self.head_dim = c.head_dim
+        q0, self.num_heads = parallel.split(c.num_heads, "num_attention_heads")
+        kv0, self.num_kv_heads = parallel.kv_head_split(c.num_heads, c.num_kv_heads)
+        q_size, kv_size = c.num_heads * d, c.num_kv_heads * d
+        kv_rows = (kv0 * d, self.num_kv_heads * d)
         kw = dict(dtype=dtype, device=device)
-        self.qkv_proj = Linear(c.hidden_size, self.sizes, bias=c.attention_bias,
-                               quant=_q(quant, prefix + ".q_proj"), **kw)
+        self.qkv_proj = Linear(c.hidden_size, [q_size, kv_size, kv_size], bias=c.attention_bias,
+                               quant=_q(quant, prefix + ".q_proj"), **kw,
+                               out_shards=[(q0 * d, self.num_heads * d), kv_rows, kv_rows])
         self.o_proj = Linear(q_size, [c.hidden_size], bias=c.attention_bias,
-                             quant=_q(quant, prefix + ".o_proj"), **kw)
-        self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps, **kw)
-        self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps, **kw)
-        self.attn = Attention(c.num_heads, c.num_kv_heads, c.head_dim)
+                             quant=_q(quant, prefix + ".o_proj"), **kw,
+                             in_shard=(q0 * d, self.num_heads * d), reduce=True)
+        self.q_norm = RMSNorm(d, c.rms_norm_eps, **kw)
+        self.k_norm = RMSNorm(d, c.rms_norm_eps, **kw)
+        self.attn = Attention(self.num_heads, self.num_kv_heads, d)
         self.cos_sin: torch.Tensor | None = None  # shared table, set by the model
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttnMetadata) -> torch.Tensor:
@@ -58,8 +75,11 @@ class Qwen3MLP(nn.Module):
     def __init__(self, hidden: int, inter: int, prefix: str, quant, dtype, device) -> None:
         super().__init__()
         kw = dict(dtype=dtype, device=device)
-        self.gate_up_proj = Linear(hidden, [inter, inter], quant=_q(quant, prefix + ".gate_proj"), **kw)
-        self.down_proj = Linear(inter, [hidden], quant=_q(quant, prefix + ".down_proj"), **kw)
+        part = parallel.split(inter, "intermediate_size")
+        self.gate_up_proj = Linear(hidden, [inter, inter], quant=_q(quant, prefix + ".gate_proj"),
+                                   out_shards=[part, part], **kw)
+        self.down_proj = Linear(inter, [hidden], quant=_q(quant, prefix + ".down_proj"),
+                                in_shard=part, reduce=True, **kw)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))
@@ -72,13 +92,15 @@ class Qwen3MoE(nn.Module):
         self.gate = Linear(c.hidden_size, [c.num_experts], quant=None, dtype=dtype, device=device)
         self.experts = FusedMoEWeights(c.num_experts, c.hidden_size, c.moe_intermediate_size,
                                        quant=_q(quant, prefix + ".experts"), dtype=dtype,
-                                       device=device)
+                                       device=device, inter_shard=parallel.split(
+                                           c.moe_intermediate_size, "moe_intermediate_size"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = ops.topk_softmax(self.gate(x), self.top_k, self.renormalize)
         e = self.experts
-        return ops.fused_moe(x, e.w13, e.w2, weights, ids, e.w13_scale, e.w2_scale,
-                             e.quant.block if e.quant is not None else None)
+        out = ops.fused_moe(x, e.w13, e.w2, weights, ids, e.w13_scale, e.w2_scale,
+                            e.quant.block if e.quant is not None else None)
+        return parallel.all_reduce(out)
 
 
 class Qwen3DecoderLayer(nn.Module):
@@ -111,7 +133,9 @@ class Qwen3Model(nn.Module):
     def __init__(self, c: DecoderConfig, quant, dtype, device) -> None:
         super().__init__()
         self.embed_tokens = Tensors()
-        self.embed_tokens.add("weight", (c.vocab_size, c.hidden_size), "normal", dtype=dtype, device=device)
+        self.vocab_rows = parallel.padded_split(c.vocab_size)
+        self.embed_tokens.add("weight", (c.vocab_size, c.hidden_size), "normal", dtype=dtype,
+                              device=device, rows=self.vocab_rows)
         self.layers = nn.ModuleList(Qwen3DecoderLayer(c, i, quant, dtype, device)
                                     for i in range(c.num_layers))
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dtype, device=device)
@@ -120,7 +144,7 @@ class Qwen3Model(nn.Module):
             layer.self_attn.cos_sin = cos_sin
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttnMetadata) -> torch.Tensor:
-        h = nn.functional.embedding(input_ids, self.embed_tokens.weight)
+        h = vocab_parallel_embedding(input_ids, self.embed_tokens.weight, self.vocab_rows[0])
         residual = None
         for layer in self.layers:
             h, residual = layer(positions, h, residual, meta)
@@ -144,17 +168,21 @@ class Qwen3ForCausalLM(nn.Module):
         self.lm_head: Linear | None = None
         if with_lm_head and not c.tie_word_embeddings:
             self.lm_head = Linear(c.hidden_size, [c.vocab_size], quant=_q(quant, "lm_head"),
-                                  dtype=dtype, device=device)
+                                  dtype=dtype, device=device,
+                                  out_shards=[parallel.padded_split(c.vocab_size)])
         self.with_lm_head = with_lm_head
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttnMetadata) -> torch.Tensor:
         return self.model(input_ids, positions, meta)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[N, vocab] in the model's dtype (greedy sampling needs no float32 copy of them)."""
+        """[N, vocab] in the model's dtype (greedy sampling needs no float32 copy of them);
+        under tensor parallelism every rank computes its vocabulary slice and gets them all."""
         if self.lm_head is None:
-            return nn.functional.linear(hidden, self.model.embed_tokens.weight)
-        return self.lm_head(hidden)
+            logits = nn.functional.linear(hidden, self.model.embed_tokens.weight)
+        else:
+            logits = self.lm_head(hidden)
+        return parallel.gather_last_dim(logits, self.config.vocab_size)
 
     def attention_layers(self) -> list[Attention]:
         return [layer.self_attn.attn for layer in self.model.layers]

@@ -1,0 +1,63 @@
+"""`coserve serve --tensor-parallel-size 2` on CPU: it answers, and its worker rank ends with
+it, whether the server stops on SIGTERM or is killed outright."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from test_server_util import coserve_serve, post
+
+
+def _worker_pids(server) -> list[int]:
+    m = re.search(r"tensor parallel: 2 ranks \(workers \[([\d, ]+)\]\)", server.log_tail(400))
+    assert m, server.log_tail()
+    return [int(p) for p in m.group(1).split(",")]
+
+
+def _running(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "\nState:\tZ" not in status
+
+
+def _gone_within(pids: list[int], timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while any(_running(p) for p in pids):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+_COMMON = ("--random-weights", "--device", "cpu", "--tensor-parallel-size", "2")
+
+
+@pytest.mark.timeout(120)
+def test_tp2_gen_server_answers_and_its_worker_dies_when_it_is_killed():
+    with coserve_serve("gen", "--model", "tiny-dense", "--max-model-len", "512", *_COMMON) as s:
+        status, body = post(s.url + "/v1/completions",
+                            {"prompt": [1, 2, 3], "max_tokens": 4, "temperature": 0, "ignore_eos": True})
+        assert status == 200 and body["usage"]["completion_tokens"] == 4, body
+        workers = _worker_pids(s)
+        assert all(_running(p) for p in workers)
+        os.kill(s.proc.pid, signal.SIGKILL)  # the server alone, not its process group
+        s.proc.wait(10)
+        assert _gone_within(workers, 10)
+
+
+@pytest.mark.timeout(120)
+def test_tp2_embed_server_stops_its_worker_on_sigterm():
+    with coserve_serve("embed", "--model", "tiny-embed", *_COMMON) as s:
+        status, body = post(s.url + "/v1/embeddings", {"input": [[1, 2, 3], [4, 5]]})
+        assert status == 200 and len(body["data"]) == 2, body
+        workers = _worker_pids(s)
+        os.kill(s.proc.pid, signal.SIGTERM)
+        assert s.proc.wait(20) == 0
+        assert _gone_within(workers, 5)
