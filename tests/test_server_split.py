@@ -7,11 +7,13 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from test_server_util import fake_serve, post, wait_for
+from test_server_util import TESTS, fake_serve, post, wait_for
 
 from coserve.server.float_json import float32_rows_json
 
@@ -29,13 +31,13 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
-def engine_pid(server) -> int:
+def engine_pid(front_pid: int) -> int:
     """The spawned engine process (not multiprocessing's resource tracker)."""
 
     def find():
         return [
             p
-            for p in children(server.proc.pid)
+            for p in children(front_pid)
             if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()
         ]
 
@@ -48,7 +50,7 @@ pytestmark = pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="ne
 
 def test_sigterm_stops_the_engine_process_too():
     with fake_serve("gen") as server:
-        pid = engine_pid(server)
+        pid = engine_pid(server.proc.pid)
         assert post(server.url + "/v1/completions", {"prompt": [1], "max_tokens": 3})[0] == 200
         server.signal(signal.SIGTERM)  # the whole group, as a launcher or Ctrl-C does
         assert server.proc.wait(20) == 0
@@ -57,15 +59,34 @@ def test_sigterm_stops_the_engine_process_too():
 
 def test_engine_process_dies_with_a_killed_front():
     with fake_serve("gen") as server:
-        pid = engine_pid(server)
+        pid = engine_pid(server.proc.pid)
         os.kill(server.proc.pid, signal.SIGKILL)  # the front only: no chance to clean up
         server.proc.wait(10)
         wait_for(lambda: not alive(pid), what="the orphaned engine process to exit")
 
 
+def test_a_front_killed_while_the_model_loads_leaves_no_engine_process():
+    code = (
+        f"import sys; sys.path.insert(0, {str(TESTS)!r}); import test_server_util as u; "
+        "u.serve_fake('gen', {'load_s': 120})"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.DEVNULL, start_new_session=True
+    )
+    try:
+        pid = engine_pid(proc.pid)
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(15)
+        wait_for(lambda: not alive(pid), what="the loading engine process to exit")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
 def test_a_killed_engine_process_ends_the_server_with_1():
     with fake_serve("gen", step_s=0.01) as server:
-        pid = engine_pid(server)
+        pid = engine_pid(server.proc.pid)
         os.kill(pid, signal.SIGKILL)
         assert server.proc.wait(20) == 1
         assert "the engine process exited" in server.log_tail(50)

@@ -227,7 +227,9 @@ def wait_for(predicate, timeout_s: float = 10.0, what: str = "condition"):
 class FakeGenEngine:
     """Token k of a completion is (last prompt token + k + 1) % 256; token 0 is EOS."""
 
-    def __init__(self, max_model_len: int = 4096, step_s: float = 0.002, fail_after_steps: int | None = None):
+    def __init__(self, max_model_len: int = 4096, step_s: float = 0.002, fail_after_steps: int | None = None,
+                 load_s: float = 0.0):
+        time.sleep(load_s)  # a model that takes this long to load
         self.model_name = "fake-gen"
         self.max_model_len = max_model_len
         self.tokenizer = ByteTokenizer()

@@ -88,9 +88,13 @@ def start_engine(factory, log_level: str = "INFO") -> EngineClient:
             ) from None
         if msg[0] == "failed":
             raise EngineStartError(msg[1], msg[2])
-    except BaseException:  # a failure, or SIGTERM/Ctrl-C while loading: the core goes too
+    except EngineStartError:  # the core said why and is on its way out
         ours.close()
         _reap(proc)
+        raise
+    except BaseException:  # SIGTERM/Ctrl-C while loading: the load is abandoned
+        ours.close()
+        _reap(proc, 0)
         raise
     return EngineClient(proc, ours, msg[1])
 
@@ -139,6 +143,11 @@ class EngineClient:
         if self._writer is not None and not self._writer.is_closing():
             self._outbox.append(("stop",))
             self._flush()
+        elif self._writer is None:  # never attached: no event-loop writer to send it with
+            try:
+                self._conn.send_bytes(pickle.dumps([("stop",)]))
+            except OSError:
+                pass
         deadline = time.monotonic() + timeout_s
         while self._proc.is_alive() and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
