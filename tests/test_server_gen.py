@@ -73,10 +73,12 @@ def test_stream_equals_non_stream_and_reports_usage(client):
     full = greedy(client, "stream me", 16)
     chunks = list(greedy(client, "stream me", 16, stream=True, stream_options={"include_usage": True}))
     token_chunks = [c for c in chunks if c.choices]
-    assert len(token_chunks) == 16  # one event per token per step, each carrying its ids
+    # One event per engine step, each carrying its ids; steps the front had not written yet
+    # when the next came (a loaded machine) share an event.
+    assert 2 <= len(token_chunks) <= 16
     assert [t for c in token_chunks for t in token_ids(c.choices[0])] == token_ids(full.choices[0])
     assert "".join(c.choices[0].text for c in token_chunks) == full.choices[0].text
-    assert [c.choices[0].finish_reason for c in token_chunks] == [None] * 15 + ["length"]
+    assert [c.choices[0].finish_reason for c in token_chunks] == [None] * (len(token_chunks) - 1) + ["length"]
     assert all(c.usage is None for c in token_chunks)
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 16
     assert chunks[-1].usage.prompt_tokens == len("stream me")
@@ -84,11 +86,13 @@ def test_stream_equals_non_stream_and_reports_usage(client):
 
 def test_stream_without_usage_and_with_continuous_usage(server):
     events = sse_events(server.url + "/v1/completions", {"prompt": [7], "max_tokens": 3, "stream": True})
-    assert events[-1] == "[DONE]" and len(events) == 4 and all("usage" not in e for e in events[:-1])
+    assert events[-1] == "[DONE]" and 2 <= len(events) <= 4 and all("usage" not in e for e in events[:-1])
     events = sse_events(server.url + "/v1/completions", {
         "prompt": [7], "max_tokens": 3, "ignore_eos": True, "stream": True,
         "stream_options": {"include_usage": True, "continuous_usage_stats": True}})
-    assert [e["usage"]["completion_tokens"] for e in events[:3]] == [1, 2, 3]
+    counts = [e["usage"]["completion_tokens"] for e in events[:-2]]  # the last two: usage, [DONE]
+    assert counts[-1] == 3 and counts == sorted(set(counts))
+    assert counts == [sum(len(e["choices"][0]["token_ids"]) for e in events[:i + 1]) for i in range(len(counts))]
 
 
 def test_seeded_sampling_is_reproducible(client):

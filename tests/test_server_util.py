@@ -90,7 +90,8 @@ def coserve_serve(*args: str, ready_timeout_s: float = 120.0, env: dict | None =
 
 @contextmanager
 def fake_serve(kind: str, **engine_kwargs):
-    """The real HTTP server (coserve.server.app.serve) over a fake engine, in a subprocess."""
+    """The real HTTP server (coserve.server.app.serve) over a fake engine in its engine
+    process, in a subprocess."""
     code = (f"import sys; sys.path.insert(0, {str(TESTS)!r}); import test_server_util as u; "
             f"u.serve_fake({kind!r}, {engine_kwargs!r})")
     server = ServerProcess([sys.executable, "-c", code], 60.0)
@@ -102,13 +103,16 @@ def fake_serve(kind: str, **engine_kwargs):
 
 def serve_fake(kind: str, engine_kwargs: dict) -> None:
     import asyncio
+    import functools
     import logging
 
     from coserve.server.app import ServeOptions, serve
+    from coserve.server.engine_client import start_engine
 
     logging.basicConfig(level="INFO")
     shutdown_timeout_s = engine_kwargs.pop("shutdown_timeout_s", 5.0)
-    engine = FakeGenEngine(**engine_kwargs) if kind == "gen" else FakeEmbedEngine(**engine_kwargs)
+    factory = functools.partial(FakeGenEngine if kind == "gen" else FakeEmbedEngine, **engine_kwargs)
+    engine = start_engine(factory)
     opts = ServeOptions(kind=kind, served_names=["fake"], port=0, shutdown_timeout_s=shutdown_timeout_s)
     sys.exit(asyncio.run(serve(engine, opts)))
 
@@ -223,7 +227,9 @@ def wait_for(predicate, timeout_s: float = 10.0, what: str = "condition"):
 class FakeGenEngine:
     """Token k of a completion is (last prompt token + k + 1) % 256; token 0 is EOS."""
 
-    def __init__(self, max_model_len: int = 4096, step_s: float = 0.002, fail_after_steps: int | None = None):
+    def __init__(self, max_model_len: int = 4096, step_s: float = 0.002, fail_after_steps: int | None = None,
+                 load_s: float = 0.0):
+        time.sleep(load_s)  # a model that takes this long to load
         self.model_name = "fake-gen"
         self.max_model_len = max_model_len
         self.tokenizer = ByteTokenizer()

@@ -1,8 +1,9 @@
 """The OpenAI-compatible HTTP API in front of one engine, as vLLM serves it:
 /v1/completions (gen), /v1/embeddings (embed), /v1/models, /health, /metrics, /version.
 
-One process serves one model. The engine steps in its own thread (engine_loop.py); the
-handlers here only parse, hand requests over and write what comes back."""
+One server serves one model. The engine steps in a process of its own (engine_core.py,
+driven through engine_client.py); the handlers here only parse, hand requests over and
+write what comes back."""
 
 from __future__ import annotations
 
@@ -22,8 +23,9 @@ from aiohttp import web
 
 from coserve import __version__
 from coserve.server.detokenize import IncrementalDecoder
-from coserve.server.engine_loop import EngineLoop, RequestStream
+from coserve.server.engine_client import EngineClient, RequestStream
 from coserve.server.errors import Aborted, ApiError, outcome_for_status
+from coserve.server.float_json import float32_rows_json
 from coserve.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from coserve.server.metrics import Metrics
 from coserve.server.protocol import parse_completion, parse_embedding
@@ -64,12 +66,11 @@ def _json(obj, status: int = 200) -> web.Response:
 
 
 class OpenAIServer:
-    def __init__(self, engine, opts: ServeOptions, loop: asyncio.AbstractEventLoop):
+    def __init__(self, engine: EngineClient, opts: ServeOptions):
         self.engine = engine
         self.opts = opts
-        self.tokenizer = getattr(engine, "tokenizer", None)
-        self.max_model_len = int(engine.max_model_len)
-        self.engine_loop = EngineLoop(engine, loop)
+        self.tokenizer = engine.tokenizer
+        self.max_model_len = engine.max_model_len
         self.metrics = Metrics(opts.served_names[0], opts.kind)
         self.shutting_down = False
         self.created = int(time.time())
@@ -139,7 +140,7 @@ class OpenAIServer:
         cid = f"cmpl-{uuid.uuid4().hex}"
         rids = [f"{cid}-{i}" for i in range(len(req.prompts))]
         stream = RequestStream()
-        await self.engine_loop.add(
+        await self.engine.add(
             [(rid, ids, params) for rid, ids, params in zip(rids, req.prompts, req.params, strict=True)], stream)
         pending = set(rids)
         try:
@@ -148,7 +149,7 @@ class OpenAIServer:
             return await self._full_completion(req, cid, rids, stream, pending)
         finally:
             if pending:  # client gone, shutdown, or an error: free the engine's slots
-                self.engine_loop.abort(pending)
+                self.engine.abort(pending)
 
     def _usage(self, req, counts: list[int]) -> dict:
         p = sum(len(ids) for ids in req.prompts)
@@ -165,12 +166,12 @@ class OpenAIServer:
             except Aborted:
                 self.metrics.finished["abort"] += len(pending)
                 raise
-            for out in outputs:
-                i = index[out.request_id]
-                tokens[i].extend(out.new_token_ids)
-                if out.finished:
-                    reasons[i] = out.finish_reason or "stop"
-                    pending.discard(out.request_id)
+            for rid, new_ids, finished, reason in outputs:
+                i = index[rid]
+                tokens[i].extend(new_ids)
+                if finished:
+                    reasons[i] = reason or "stop"
+                    pending.discard(rid)
                     self.metrics.finished[reasons[i]] += 1
         decode = self.tokenizer.decode if self.tokenizer is not None else (lambda ids: "")
         choices = [{"index": i, "text": decode(ids), "logprobs": None, "finish_reason": reasons[i],
@@ -180,17 +181,23 @@ class OpenAIServer:
 
     async def _stream_completion(self, request, req, cid, rids, stream, pending) -> web.StreamResponse:
         index = {rid: i for i, rid in enumerate(rids)}
-        decoders = [IncrementalDecoder(self.tokenizer) for _ in rids]
+        decoders = [IncrementalDecoder(self.tokenizer) if self.tokenizer is not None else None for _ in rids]
         counts = [0] * len(rids)
-        head = (f'{{"id":"{cid}","object":"text_completion","created":{int(time.time())},'
+        head = (f'data: {{"id":"{cid}","object":"text_completion","created":{int(time.time())},'
                 f'"model":{json.dumps(req.model)},"choices":[')
-        fixed_tail = None if req.continuous_usage else ('],"usage":null}' if req.include_usage else "]}")
+        # Per token, only the text, the ids and the finish reason change: the rest of each
+        # event is written once per choice here.
+        starts = [f'{head}{{"index":{i},"text":' for i in range(len(rids))]
+        fixed_tail = None if req.continuous_usage else ('],"usage":null}\n\n' if req.include_usage else "]}\n\n")
 
         def event(i: int, ids: list[int], reason: str | None) -> str:
-            text = decoders[i].add(ids, final=reason is not None)
-            tail = fixed_tail or f'],"usage":{json.dumps(self._usage(req, counts))}}}'
-            return (f'data: {head}{{"index":{i},"text":{json.dumps(text)},"logprobs":null,'
-                    f'"finish_reason":{json.dumps(reason)},"stop_reason":null,"token_ids":{json.dumps(ids)}}}{tail}\n\n')
+            decoder = decoders[i]
+            text = json.dumps(decoder.add(ids, final=reason is not None)) if decoder is not None else '""'
+            tail = fixed_tail or f'],"usage":{json.dumps(self._usage(req, counts))}}}\n\n'
+            id_text = str(ids[0]) if len(ids) == 1 else ",".join(map(str, ids))
+            finish = "null" if reason is None else f'"{reason}"'
+            return (f'{starts[i]}{text},"logprobs":null,"finish_reason":{finish},"stop_reason":null,'
+                    f'"token_ids":[{id_text}]}}{tail}')
 
         resp = web.StreamResponse(headers=SSE_HEADERS)
         await resp.prepare(request)
@@ -212,13 +219,13 @@ class OpenAIServer:
                     break
                 # Coalesce what piled up per choice since the last write (one event each).
                 new: dict[int, list] = {}
-                for out in outputs:
-                    i = index[out.request_id]
+                for rid, new_ids, finished, reason in outputs:
+                    i = index[rid]
                     entry = new.setdefault(i, [[], None])
-                    entry[0].extend(out.new_token_ids)
-                    if out.finished:
-                        entry[1] = out.finish_reason or "stop"
-                        pending.discard(out.request_id)
+                    entry[0].extend(new_ids)
+                    if finished:
+                        entry[1] = reason or "stop"
+                        pending.discard(rid)
                         self.metrics.finished[entry[1]] += 1
                 parts = []
                 for i, (ids, reason) in new.items():
@@ -226,7 +233,7 @@ class OpenAIServer:
                     parts.append(event(i, ids, reason))
                 await resp.write("".join(parts).encode())
             if req.include_usage:
-                await resp.write(f'data: {head}],"usage":{json.dumps(self._usage(req, counts))}}}\n\n'.encode())
+                await resp.write(f'{head}],"usage":{json.dumps(self._usage(req, counts))}}}\n\n'.encode())
             await resp.write(b"data: [DONE]\n\n")
             await resp.write_eof()
         except ConnectionResetError:  # client went away mid-stream; `pending` gets aborted
@@ -242,21 +249,25 @@ class OpenAIServer:
         req = parse_embedding(body, self.opts.served_names, self.tokenizer, self.max_model_len, self.engine.dim)
         rid = f"embd-{uuid.uuid4().hex}"
         stream = RequestStream()
-        await self.engine_loop.add([(rid, req.inputs)], stream)
+        await self.engine.add([(rid, req.inputs)], stream)
         try:
-            (out,) = await stream.next_batch()
+            ((_, vectors, prompt_tokens),) = await stream.next_batch()
         except BaseException:
-            self.engine_loop.abort([rid])
+            self.engine.abort([rid])
             raise
         self.metrics.embedded_inputs += len(req.inputs)
         if req.encoding_format == "base64":
-            encode = lambda e: base64.b64encode(np.asarray(e, dtype="<f4").tobytes()).decode()  # noqa: E731
+            little = np.asarray(vectors, dtype="<f4")
+            rows = [f'"{base64.b64encode(v.tobytes()).decode()}"' for v in little]
         else:
-            encode = lambda e: e  # noqa: E731
-        data = [{"object": "embedding", "index": i, "embedding": encode(e)} for i, e in enumerate(out.embeddings)]
-        prompt_tokens = out.prompt_tokens or sum(len(ids) for ids in req.inputs)
-        return _json({"id": rid, "object": "list", "created": int(time.time()), "model": req.model, "data": data,
-                      "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens, "completion_tokens": 0}})
+            rows = float32_rows_json(vectors)
+        # The vectors are JSON already; only the envelope goes through json.dumps.
+        data = ",".join(f'{{"object":"embedding","index":{i},"embedding":{row}}}' for i, row in enumerate(rows))
+        prompt_tokens = prompt_tokens or sum(len(ids) for ids in req.inputs)
+        head = json.dumps({"id": rid, "object": "list", "created": int(time.time()), "model": req.model},
+                          separators=(",", ":"))
+        usage = f'{{"prompt_tokens":{prompt_tokens},"total_tokens":{prompt_tokens},"completion_tokens":0}}'
+        return web.Response(text=f'{head[:-1]},"data":[{data}],"usage":{usage}}}', content_type="application/json")
 
     # ---- the rest ------------------------------------------------------------------------
     async def models(self, request: web.Request) -> web.Response:
@@ -266,14 +277,14 @@ class OpenAIServer:
         return _json({"object": "list", "data": data})
 
     async def health(self, request: web.Request) -> web.Response:
-        if not self.engine_loop.alive:
-            raise ApiError(f"the engine is not running: {self.engine_loop.error!r}", status=503)
+        if not self.engine.alive:
+            raise ApiError(f"the engine is not running: {self.engine.error}", status=503)
         if self.shutting_down:
             raise ApiError("the server is shutting down", status=503)
         return web.Response(status=200)
 
     async def metrics_page(self, request: web.Request) -> web.Response:
-        text = self.metrics.render(self.engine_loop.stats, self.engine_loop.steps)
+        text = self.metrics.render(self.engine.stats, self.engine.steps)
         return web.Response(body=text.encode(), headers={"Content-Type": METRICS_CONTENT_TYPE})
 
     async def version(self, request: web.Request) -> web.Response:
@@ -288,25 +299,25 @@ class OpenAIServer:
 
     async def shutdown(self, site: web.BaseSite, runner: web.AppRunner) -> None:
         """Stop accepting, let in-flight requests finish for the grace period, abort the rest,
-        close the connections and stop the engine thread."""
+        close the connections and stop the engine process."""
         self.shutting_down = True
         await site.stop()
         if self.metrics.in_flight:
             log.info("draining %d in-flight request(s) for up to %.1f s", self.metrics.in_flight,
                      self.opts.shutdown_timeout_s)
         if not await self._wait_idle(self.opts.shutdown_timeout_s):
-            n = self.engine_loop.abort_all()
+            n = self.engine.abort_all()
             log.info("aborted %d request(s) still running", n)
             await self._wait_idle(2.0)
         await runner.cleanup()
-        if not self.engine_loop.stop(timeout_s=30.0):
-            log.warning("the engine thread did not stop within 30 s")
+        if not await self.engine.stop(timeout_s=30.0):
+            log.warning("the engine process did not stop within 30 s; killed it")
 
 
-def ready_line(opts: ServeOptions, engine, stats: dict, host: str, port: int) -> str:
+def ready_line(opts: ServeOptions, engine: EngineClient, host: str, port: int) -> str:
     parts = [f"model {opts.served_names[0]}", f"max_model_len {engine.max_model_len}"]
     if opts.kind == "gen":
-        parts.append(f"KV cache capacity {stats.get('kv_capacity_tokens')} tokens")
+        parts.append(f"KV cache capacity {engine.stats.get('kv_capacity_tokens')} tokens")
     else:
         parts.append(f"embedding dim {engine.dim}")
     return f"coserve serve {opts.kind}: ready at http://{host}:{port} ({', '.join(parts)})"
@@ -327,31 +338,33 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-async def serve(engine, opts: ServeOptions, sock: socket.socket | None = None) -> int:
-    """Serve until SIGTERM/SIGINT (exit 0) or until the engine dies (exit 1)."""
+async def serve(engine: EngineClient, opts: ServeOptions, sock: socket.socket | None = None) -> int:
+    """Serve until SIGTERM/SIGINT (exit 0) or until the engine dies (exit 1); the engine
+    process is stopped either way."""
     loop = asyncio.get_running_loop()
     if sock is None:
         try:
             sock = bind_socket(opts.host, opts.port)
         except OSError as e:
             log.error("cannot listen on %s:%s: %s", opts.host, opts.port, e)
+            await engine.stop()
             return 1
-    server = OpenAIServer(engine, opts, loop)
+    await engine.attach()
+    server = OpenAIServer(engine, opts)
     runner = web.AppRunner(server.make_app(), handler_cancellation=True, shutdown_timeout=1.0,
                            access_log=logging.getLogger("aiohttp.access") if opts.access_log else None)
     await runner.setup()
     site = web.SockSite(runner, sock, backlog=4096)
     await site.start()
-    server.engine_loop.start()
     host, port = sock.getsockname()[:2]
     if ":" in host:
         host = f"[{host}]"
-    print(ready_line(opts, engine, server.engine_loop.stats, host, port), flush=True)
+    print(ready_line(opts, engine, host, port), flush=True)
 
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(server.engine_loop.dead.wait())]
+    waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(engine.dead.wait())]
     await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
     for w in waits:
         w.cancel()

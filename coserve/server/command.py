@@ -7,6 +7,7 @@ let in-flight requests finish for `--shutdown-timeout` seconds, abort the rest, 
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import re
@@ -99,19 +100,21 @@ def run(args) -> int:
     import asyncio
 
     from coserve.server.app import ServeOptions, bind_socket, serve
+    from coserve.server.engine_client import EngineStartError, start_engine
 
     try:
         sock = bind_socket(args.host, args.port)
     except OSError as e:
         print(f"coserve serve: cannot listen on {args.host}:{args.port}: {e}", file=sys.stderr)
         return 1
-    # A SIGTERM while the model loads ends the process quietly (exit 0), as one while serving does.
+    # A SIGTERM while the model loads ends the process quietly (exit 0), as one while serving
+    # does; start_engine takes the engine process down with it.
     signal.signal(signal.SIGTERM, _exit_quietly)
     try:
-        engine = build_engine(args)
-    except (ValueError, FileNotFoundError) as e:
+        engine = start_engine(functools.partial(build_engine, args), args.log_level)
+    except EngineStartError as e:
         print(f"coserve serve: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
 
     opts = ServeOptions(kind=args.kind, served_names=args.served_model_name or [args.model], host=args.host,
                         port=args.port, api_key=args.api_key, shutdown_timeout_s=args.shutdown_timeout,

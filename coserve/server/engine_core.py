@@ -1,0 +1,150 @@
+"""The engine in a process of its own (vLLM's "engine core"), so the HTTP front's Python never
+holds the GIL the engine's step loop needs, and the other way round.
+
+One pipe (a socket pair) between the two; every message is a pickle of plain tuples, lists
+and numpy arrays, framed as multiprocessing.Connection frames them (the front reads them
+with asyncio). Per engine step, at most one message each way:
+
+front -> core  [("add", add_id, [(request_id, *add_request_args), ...]), ("abort", [ids]), ("stop",)]
+core -> front  ("ready", info) | ("failed", message, exit_code) first, then
+               ("step", outputs, acks, stats | None, steps) | ("dead", message)
+
+gen outputs are (request_id, new_token_ids, finished, finish_reason); embed outputs are
+(request_id, float32 array, prompt_tokens). acks are (add_id, None | (error_kind, message)).
+
+The core ignores SIGTERM and SIGINT: a signal to the process group reaches it as well, and
+in-flight requests must go on during the front's drain. It stops on the front's "stop",
+when the pipe reaches EOF (the front is gone) or, at the latest, by PR_SET_PDEATHSIG."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import pickle
+import signal
+import sys
+import time
+
+import numpy as np
+
+log = logging.getLogger("coserve.server")
+
+IDLE_POLL_S = 0.5
+STATS_INTERVAL_S = 0.05
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        except (OSError, AttributeError):  # no prctl here: the pipe EOF still ends the core
+            log.debug("PR_SET_PDEATHSIG unavailable", exc_info=True)
+
+
+def _send(conn, msg) -> None:
+    conn.send_bytes(pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def _plain(out):
+    """An engine output as the tuple that crosses the pipe."""
+    embeddings = getattr(out, "embeddings", None)
+    if embeddings is not None:
+        return (out.request_id, np.asarray(embeddings, dtype=np.float32), out.prompt_tokens)
+    return (out.request_id, out.new_token_ids, out.finished, out.finish_reason)
+
+
+def _error(e: BaseException) -> tuple[str, str]:
+    return (
+        "value" if isinstance(e, ValueError) else "other",
+        str(e) if isinstance(e, ValueError) else repr(e),
+    )
+
+
+def run(factory, conn, log_level: str = "INFO") -> None:
+    """Process entry point: build the engine with `factory()`, then serve the pipe."""
+    _die_with_parent()
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.basicConfig(
+        level=log_level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        engine = factory()
+    except (ValueError, FileNotFoundError) as e:  # a bad model name or directory: the user's to fix
+        _send(conn, ("failed", str(e), 2))
+        return
+    except BaseException as e:
+        log.exception("the engine failed to start")
+        _send(conn, ("failed", f"the engine failed to start: {e!r}", 1))
+        return
+    info = {
+        "model_name": engine.model_name,
+        "max_model_len": int(engine.max_model_len),
+        "dim": getattr(engine, "dim", None),
+        "tokenizer": getattr(engine, "tokenizer", None),
+        "stats": dict(engine.stats()),
+    }
+    _send(conn, ("ready", info))
+    try:
+        _loop(engine, conn)
+    except (EOFError, BrokenPipeError, ConnectionResetError):
+        log.info("the HTTP front is gone; the engine core exits")
+    except BaseException as e:
+        log.exception("engine loop died")
+        try:
+            _send(conn, ("dead", repr(e)))
+        except OSError:
+            pass
+
+
+def _apply(engine, cmds: list, acks: list) -> bool:
+    """Apply the front's commands; True when told to stop."""
+    for cmd in cmds:
+        kind = cmd[0]
+        if kind == "stop":
+            return True
+        if kind == "abort":
+            for rid in cmd[1]:
+                try:
+                    engine.abort(rid)
+                except Exception:  # an id the engine already finished or never took
+                    log.debug("abort of %s ignored", rid, exc_info=True)
+            continue
+        _, add_id, requests = cmd
+        err = None
+        added = []
+        for rid, *args in requests:
+            try:
+                engine.add_request(rid, *args)
+            except Exception as e:  # all or none: take back what went in
+                err = _error(e)
+                for prev in added:
+                    engine.abort(prev)
+                break
+            added.append(rid)
+        acks.append((add_id, err))
+    return False
+
+
+def _loop(engine, conn) -> None:
+    steps = 0
+    stats_at = 0.0
+    while True:
+        acks: list = []
+        busy = engine.has_unfinished()
+        if busy or conn.poll(IDLE_POLL_S):
+            while conn.poll(0):
+                if _apply(engine, pickle.loads(conn.recv_bytes()), acks):
+                    return
+        outputs = []
+        if engine.has_unfinished():
+            outputs = [_plain(o) for o in engine.step()]
+            steps += 1
+        now = time.monotonic()
+        stats = None
+        if now - stats_at >= STATS_INTERVAL_S or (steps and not engine.has_unfinished()):
+            stats_at = now
+            stats = dict(engine.stats())
+        if outputs or acks or stats is not None:
+            _send(conn, ("step", outputs, acks, stats, steps))
