@@ -243,6 +243,9 @@ class FakeGenEngine:
             raise ValueError("token id out of vocabulary (256)")
         self.reqs[request_id] = (prompt_token_ids, params, [])
 
+    def shutdown(self):  # the engine interface: real engines stop their TP ranks here
+        pass
+
     def abort(self, request_id):
         self.reqs.pop(request_id, None)
 
@@ -282,6 +285,9 @@ class FakeEmbedEngine:
 
     def add_request(self, request_id, inputs):
         self.reqs[request_id] = inputs
+
+    def shutdown(self):  # the engine interface: real engines stop their TP ranks here
+        pass
 
     def abort(self, request_id):
         self.reqs.pop(request_id, None)

@@ -8,6 +8,7 @@ request that owns each output. Only the event loop touches the streams."""
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
 import multiprocessing
 import os
@@ -74,9 +75,13 @@ def start_engine(factory, log_level: str = "INFO") -> EngineClient:
         target=engine_core.run,
         args=(factory, theirs, log_level),
         name="coserve-engine-core",
-        daemon=True,
+        # Not daemonic: with tensor parallelism the core starts the other ranks, and daemonic
+        # processes may not have children. It still dies with us (PDEATHSIG, pipe EOF), and
+        # the atexit hook keeps multiprocessing's exit-time join from waiting on it.
+        daemon=False,
     )
     proc.start()
+    atexit.register(_reap, proc, 0)
     theirs.close()
     try:
         try:

@@ -96,6 +96,8 @@ def run(factory, conn, log_level: str = "INFO") -> None:
             _send(conn, ("dead", repr(e)))
         except OSError:
             pass
+    finally:
+        engine.shutdown()  # tensor parallel: the other ranks go with the core
 
 
 def _apply(engine, cmds: list, acks: list) -> bool:
