@@ -55,16 +55,11 @@ def pool(hidden: torch.Tensor, lens: list[int], how: str) -> torch.Tensor:
     return F.normalize(pooled, p=2, dim=-1)
 
 
-class EmbedEngine:
+class EmbedEngine(tp_workers.LeadsRanks):
     def __init__(self, args: EngineArgs) -> None:
         self.args = args
         device = _device(args.device)
-        self.workers = tp_workers.launch("embed", args, device)
-        try:
-            self._start(args, device)
-        except BaseException:
-            self.shutdown()
-            raise
+        self._start_leading("embed", args, device, lambda: self._start(args, device))
 
     def _start(self, args: EngineArgs, device: torch.device) -> None:
         budget = GpuBudget(device, args.gpu_memory_utilization) if device.type == "cuda" else None
@@ -154,12 +149,6 @@ class EmbedEngine:
             self._forward(inputs)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-
-    def shutdown(self) -> None:
-        """Stop the other ranks (tensor parallel); nothing to do otherwise."""
-        if getattr(self, "workers", None) is not None:
-            self.workers.stop()
-            self.workers = None
 
     def step(self) -> list[EmbedOutput]:
         batch = self._next_batch()

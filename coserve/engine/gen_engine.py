@@ -49,18 +49,13 @@ def _device(name: str) -> torch.device:
     return dev
 
 
-class GenEngine:
+class GenEngine(tp_workers.LeadsRanks):
     def __init__(self, args: EngineArgs, *, block_size: int = 16) -> None:
         if args.max_num_seqs < 1 or args.max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
         self.args = args
         device = _device(args.device)
-        self.workers = tp_workers.launch("gen", args, device)
-        try:
-            self._start(args, device, block_size)
-        except BaseException:
-            self.shutdown()
-            raise
+        self._start_leading("gen", args, device, lambda: self._start(args, device, block_size))
 
     def _start(self, args: EngineArgs, device: torch.device, block_size: int) -> None:
         budget = GpuBudget(device, args.gpu_memory_utilization) if device.type == "cuda" else None
@@ -124,12 +119,6 @@ class GenEngine:
         self.runner.execute(step)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-
-    def shutdown(self) -> None:
-        """Stop the other ranks (tensor parallel); nothing to do otherwise."""
-        if getattr(self, "workers", None) is not None:
-            self.workers.stop()
-            self.workers = None
 
     # -- start-up ---------------------------------------------------------------------------
     @torch.inference_mode()

@@ -121,6 +121,28 @@ def launch(kind: str, args: EngineArgs, device: torch.device) -> Workers | None:
     return workers
 
 
+class LeadsRanks:
+    """What both engines share as rank 0 of a tensor-parallel group: start the other ranks
+    before building the model (they build theirs alongside), stop them on failure and on
+    shutdown. With TP=1 there are no ranks and both are no-ops."""
+
+    workers: Workers | None = None
+
+    def _start_leading(self, kind: str, args: EngineArgs, device: torch.device, start) -> None:
+        self.workers = launch(kind, args, device)
+        try:
+            start()
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def shutdown(self) -> None:
+        """Stop the other ranks (tensor parallel); nothing to do otherwise."""
+        if self.workers is not None:
+            self.workers.stop()
+            self.workers = None
+
+
 def _watch_parent(parent_pid: int) -> None:
     def watch() -> None:
         while True:
