@@ -237,20 +237,26 @@ class _RoleGpus(Strategy):
             else:
                 self._role_devices[role] = self._default_devices(role)
 
-    def _private_no_mps_env(self) -> dict[str, str]:
-        # Point clients at an empty pipe directory of ours, so that a default MPS daemon someone
-        # else runs (/tmp/nvidia-mps) cannot capture a condition that is meant to run without MPS.
-        if not self.gpus:
-            return {}
-        return {"CUDA_MPS_PIPE_DIRECTORY": str(self.run_dir / "no-mps")}
 
-    def _note_foreign(self) -> None:
+class _WithoutMps(_RoleGpus):
+    """A condition meant to run without MPS. Its clients point at an empty pipe directory of
+    ours, so that a default MPS daemon someone else runs (/tmp/nvidia-mps) cannot capture it."""
+
+    def _set_up_without_mps(self, shared: bool) -> None:
+        self._check_compute_modes(self.telemetry_devices(), shared=shared)
         for p in self._foreign_mps():
             self.notes.append(f"{p.describe()} is running; this condition's servers do not use it "
                               f"(their CUDA_MPS_PIPE_DIRECTORY points to an empty directory)")
+        (self.run_dir / "no-mps").mkdir(parents=True, exist_ok=True)
+
+    def _env(self, role: str) -> dict[str, str]:
+        env = super()._env(role)
+        if self.gpus:
+            env["CUDA_MPS_PIPE_DIRECTORY"] = str(self.run_dir / "no-mps")
+        return env
 
 
-class Exclusive(_RoleGpus):
+class Exclusive(_WithoutMps):
     """One GPU (or GPU set) per model: the study's planned baseline, gen on GPU 0, embed on GPU 1."""
 
     name = "exclusive"
@@ -269,17 +275,10 @@ class Exclusive(_RoleGpus):
                                 f"exclusive means no shared GPU (use timeslice or mps to share)")
 
     def setup(self) -> None:
-        self._check_compute_modes(self.telemetry_devices(), shared=False)
-        self._note_foreign()
-        (self.run_dir / "no-mps").mkdir(parents=True, exist_ok=True)
-
-    def _env(self, role: str) -> dict[str, str]:
-        env = super()._env(role)
-        env.update(self._private_no_mps_env())
-        return env
+        self._set_up_without_mps(shared=False)
 
 
-class Timeslice(_RoleGpus):
+class Timeslice(_WithoutMps):
     """Both servers on the same GPU(s) in the default compute mode: CUDA time-slices them."""
 
     name = "timeslice"
@@ -288,14 +287,7 @@ class Timeslice(_RoleGpus):
         if not self.gpus:
             self.notes.append("no GPUs given: both servers run where their device flag says (CPU)")
             return
-        self._check_compute_modes(self.telemetry_devices(), shared=True)
-        self._note_foreign()
-        (self.run_dir / "no-mps").mkdir(parents=True, exist_ok=True)
-
-    def _env(self, role: str) -> dict[str, str]:
-        env = super()._env(role)
-        env.update(self._private_no_mps_env())
-        return env
+        self._set_up_without_mps(shared=True)
 
 
 def _libcuda_paths() -> list[str]:
