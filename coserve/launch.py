@@ -339,6 +339,10 @@ def start_server(spec: ServerSpec, env: dict[str, str] | None, log_path: Path, r
     full_env.update(env)
     full_env.update(BASE_ENV)  # NCCL_NVLS_ENABLE=0 etc. for every process coserve starts
     full_env.setdefault("PYTHONUNBUFFERED", "1")
+    # Two servers computing on the same CPU cores: OpenMP's default spin-wait lets one
+    # process's idle threads burn the cores the other needs (the demo's co-located gen fell to
+    # ~1 tok/s on 2 cores, ~600 with passive waits). GPU servers barely use OpenMP.
+    full_env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     cmd = build_command(spec, port, {**env, **BASE_ENV})
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
