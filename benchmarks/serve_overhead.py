@@ -28,6 +28,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from coserve.engine.types import EmbedOutput, EngineArgs, RequestOutput, SamplingParams  # noqa: E402
@@ -40,7 +42,7 @@ def log(msg: str) -> None:
 class SyntheticEngine:
     """Model `synthetic`: no model at all, so a CPU can run a GPU's pace. gen: each step emits
     one token for each of up to `max_num_seqs` running requests; embed: each step finishes
-    every queued request, one `dim`-float vector per input (as the real engine does: lists)."""
+    every queued request, one `dim`-float vector per input (as the real engine does: a float32 array)."""
 
     def __init__(self, kind: str, max_num_seqs: int, max_model_len: int, dim: int = 4096):
         from coserve.engine.tokenizer import ByteTokenizer
@@ -51,7 +53,8 @@ class SyntheticEngine:
         self.max_num_seqs = max_num_seqs
         self.tokenizer = ByteTokenizer()
         self.dim = dim
-        self._vector = [random.Random(0).uniform(-0.03, 0.03) for _ in range(dim)]
+        rng = np.random.default_rng(0)
+        self._vector = rng.uniform(-0.03, 0.03, dim).astype(np.float32)
         self._reqs: dict = {}
         self._steps = 0
 
@@ -68,7 +71,7 @@ class SyntheticEngine:
         self._steps += 1
         if self.kind == "embed":
             outs = [
-                EmbedOutput(rid, [list(self._vector) for _ in inputs], sum(map(len, inputs)))
+                EmbedOutput(rid, np.tile(self._vector, (len(inputs), 1)), sum(map(len, inputs)))
                 for rid, (inputs, _, _) in self._reqs.items()
             ]
             self._reqs.clear()

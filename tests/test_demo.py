@@ -27,7 +27,11 @@ def test_demo_produces_the_report(tmp_path):
         rec = json.loads((out / "reps" / cond / "rep-1" / "rep.json").read_text())
         assert rec["status"] == "ok", rec
     ts = json.loads((out / "reps/timeslice/rep-1/rep.json").read_text())
-    assert ts["bench"]["gen"]["output_tokens_per_s"] > 0 and ts["bench"]["embed"]["sequences_per_s"] > 0
+    alone = json.loads((out / "reps/gen-only/rep-1/rep.json").read_text())["bench"]["gen"]
+    assert ts["bench"]["embed"]["sequences_per_s"] > 0
+    # two CPU servers must share the cores, not starve each other (spin-waiting OpenMP threads
+    # once left co-located gen at ~1 tok/s with every rep "ok")
+    assert ts["bench"]["gen"]["output_tokens_per_s"] > 0.2 * alone["output_tokens_per_s"]
     assert ts["servers"]["embed"]["model"] == "all-minilm-l6-v2"
     md = (out / "report.md").read_text()
     assert "| timeslice | timeslice | 1/1 |" in md and "Missing or failed" not in md

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -196,7 +197,7 @@ def embedder(request) -> EmbedEngine:
 def test_embed_batching_equals_one_at_a_time(embedder):
     texts = ["a short one", "the quick brown fox jumps over the lazy dog " * 3, "x", "hello there"]
     ids = [embedder.tokenizer.encode(t) for t in texts]
-    single = torch.tensor([embedder.embed([x])[0] for x in ids])
+    single = torch.tensor(np.stack([embedder.embed([x])[0] for x in ids]))
     # several concurrent requests, packed into batches of <= 64 tokens
     embedder.add_request("r0", ids[:2])
     embedder.add_request("r1", ids[2:3])
@@ -207,7 +208,7 @@ def test_embed_batching_equals_one_at_a_time(embedder):
         for o in embedder.step():
             got[o.request_id] = o
     assert steps < 4  # requests were batched together
-    batched = torch.tensor(got["r0"].embeddings + got["r1"].embeddings + got["r2"].embeddings)
+    batched = torch.tensor(np.concatenate([got[r].embeddings for r in ("r0", "r1", "r2")]))
     torch.testing.assert_close(batched, single, atol=1e-5, rtol=1e-5)
     assert torch.allclose(batched.norm(dim=-1), torch.ones(4), atol=1e-5)
     assert batched.shape[1] == embedder.dim

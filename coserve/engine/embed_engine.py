@@ -14,6 +14,7 @@ import logging
 from collections import deque
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -32,7 +33,7 @@ log = logging.getLogger("coserve.engine")
 class _EmbedRequest:
     request_id: str
     inputs: list[list[int]]
-    embeddings: list[list[float] | None] = field(default_factory=list)
+    embeddings: list[np.ndarray | None] = field(default_factory=list)
     next_input: int = 0     # inputs before this one have been scheduled
     done: int = 0
 
@@ -154,7 +155,8 @@ class EmbedEngine(tp_workers.LeadsRanks):
         batch = self._next_batch()
         if not batch:
             return []
-        vectors = self.embed_batch([req.inputs[i] for req, i in batch]).cpu().tolist()
+        # rows of one float32 array: no Python float per element on the way to the front
+        vectors = self.embed_batch([req.inputs[i] for req, i in batch]).cpu().numpy()
         for (req, i), vec in zip(batch, vectors, strict=True):
             req.embeddings[i] = vec
             req.done += 1
@@ -171,7 +173,7 @@ class EmbedEngine(tp_workers.LeadsRanks):
         self._ids.discard(req.request_id)
         tokens = sum(len(x) for x in req.inputs)
         self._prompt_tokens_total += tokens
-        return EmbedOutput(req.request_id, req.embeddings, tokens)
+        return EmbedOutput(req.request_id, np.stack(req.embeddings), tokens)
 
     def stats(self) -> dict:
         started = sum(1 for r in self._queue if r.next_input > 0)
@@ -185,8 +187,8 @@ class EmbedEngine(tp_workers.LeadsRanks):
             "kv_capacity_tokens": 0,
         }
 
-    def embed(self, inputs: list[list[int]] | list[str]) -> list[list[float]]:
-        """Offline: embed everything now, in batches, through the same queue."""
+    def embed(self, inputs: list[list[int]] | list[str]) -> np.ndarray:
+        """Offline: embed everything now, in batches, through the same queue -> [n, dim]."""
         ids = []
         for x in inputs:
             if isinstance(x, str):

@@ -4,7 +4,9 @@ the caller's thread; the caller owns threading."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
+import numpy as np
 
 
 @dataclass
@@ -48,5 +50,5 @@ class RequestOutput:
 @dataclass
 class EmbedOutput:
     request_id: str
-    embeddings: list[list[float]] = field(default_factory=list)
+    embeddings: np.ndarray  # [inputs, dim] float32, L2-normalised
     prompt_tokens: int = 0
