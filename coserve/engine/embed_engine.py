@@ -23,6 +23,7 @@ from coserve.engine.attention import AttnMetadata
 from coserve.engine.config import BertConfig
 from coserve.engine.gen_engine import _device
 from coserve.engine.memory import GiB, GpuBudget
+from coserve.engine.tokenizer import token_ids
 from coserve.engine.types import EmbedOutput, EngineArgs
 from coserve.engine.weights import load_model
 
@@ -189,13 +190,7 @@ class EmbedEngine(tp_workers.LeadsRanks):
 
     def embed(self, inputs: list[list[int]] | list[str]) -> np.ndarray:
         """Offline: embed everything now, in batches, through the same queue -> [n, dim]."""
-        ids = []
-        for x in inputs:
-            if isinstance(x, str):
-                if self.tokenizer is None:
-                    raise ValueError(f"model {self.model_name!r} has no tokenizer: give token ids")
-                x = self.tokenizer.encode(x)
-            ids.append(list(x))
+        ids = token_ids(inputs, self.tokenizer, self.model_name)
         rid = f"embed-offline-{id(ids)}"
         self.add_request(rid, ids)
         while self.has_unfinished():

@@ -27,6 +27,7 @@ from coserve.engine.runner import ModelRunner
 from coserve.engine.sampler import Sampler
 from coserve.engine.scheduler import Scheduler
 from coserve.engine.sequence import Sequence
+from coserve.engine.tokenizer import token_ids
 from coserve.engine.types import EngineArgs, RequestOutput, SamplingParams
 from coserve.engine.weights import load_model
 
@@ -221,13 +222,7 @@ class GenEngine(tp_workers.LeadsRanks):
         prompt order."""
         if not isinstance(params, list):
             params = [params] * len(prompts)
-        ids = []
-        for p in prompts:
-            if isinstance(p, str):
-                if self.tokenizer is None:
-                    raise ValueError(f"model {self.model_name!r} has no tokenizer: give token ids")
-                p = self.tokenizer.encode(p)
-            ids.append(list(p))
+        ids = token_ids(prompts, self.tokenizer, self.model_name)
         tag = f"generate-{time.monotonic_ns()}"
         results = {f"{tag}-{i}": GenerationResult(f"{tag}-{i}", p, [], None)
                    for i, p in enumerate(ids)}

@@ -39,3 +39,15 @@ class HFTokenizer:
 def load_tokenizer(model_dir: str | Path) -> HFTokenizer | None:
     path = Path(model_dir) / "tokenizer.json"
     return HFTokenizer(path) if path.is_file() else None
+
+
+def token_ids(inputs: list, tokenizer, model_name: str) -> list[list[int]]:
+    """Offline inputs as token-id lists: text is encoded, id lists are taken as they are."""
+    ids = []
+    for x in inputs:
+        if isinstance(x, str):
+            if tokenizer is None:
+                raise ValueError(f"model {model_name!r} has no tokenizer: give token ids")
+            x = tokenizer.encode(x)
+        ids.append(list(x))
+    return ids

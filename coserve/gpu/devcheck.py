@@ -79,6 +79,18 @@ def spawn(code: str, args: list[str], env_extra: dict[str, str]) -> subprocess.P
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
+def start_holder(run_dir: Path) -> subprocess.Popen:
+    """A process holding an MPS strategy in `run_dir`, once it says its daemon is up (or died)."""
+    holder = spawn(HOLDER, [str(run_dir)], {"PYTHONPATH": os.environ.get("PYTHONPATH", "") or os.getcwd()})
+    deadline = time.time() + 60
+    line = ""
+    while time.time() < deadline and "daemon up" not in line:
+        line = holder.stdout.readline()
+        if not line and holder.poll() is not None:
+            break
+    return holder
+
+
 def _post(url: str, body: dict) -> dict:
     import urllib.request
 
@@ -219,13 +231,7 @@ def main(argv=None) -> int:
     check("stop() cleans up after a daemon killed from outside", not left, "; ".join(p.describe() for p in left))
 
     # SIGTERM to a process holding the strategy: the daemon must go with it.
-    holder = spawn(HOLDER, [str(out / "run-sigterm")], {"PYTHONPATH": os.environ.get("PYTHONPATH", "") or os.getcwd()})
-    line = ""
-    deadline = time.time() + 60
-    while time.time() < deadline and "daemon up" not in line:
-        line = holder.stdout.readline()
-        if not line and holder.poll() is not None:
-            break
+    holder = start_holder(out / "run-sigterm")
     up = mps.find_mps_processes()
     holder.send_signal(signal.SIGTERM)
     try:
@@ -239,13 +245,7 @@ def main(argv=None) -> int:
           f"holder rc {holder.returncode}; up before: {len(up)}; left: {[p.describe() for p in left]} {rest.strip()[-300:]}")
 
     # SIGKILL: no tear-down can run; the daemon was started with PR_SET_PDEATHSIG.
-    holder = spawn(HOLDER, [str(out / "run-sigkill")], {"PYTHONPATH": os.environ.get("PYTHONPATH", "") or os.getcwd()})
-    line = ""
-    deadline = time.time() + 60
-    while time.time() < deadline and "daemon up" not in line:
-        line = holder.stdout.readline()
-        if not line and holder.poll() is not None:
-            break
+    holder = start_holder(out / "run-sigkill")
     up = mps.find_mps_processes()
     holder.kill()
     holder.wait(timeout=30)
