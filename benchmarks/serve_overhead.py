@@ -42,7 +42,7 @@ def log(msg: str) -> None:
 class SyntheticEngine:
     """Model `synthetic`: no model at all, so a CPU can run a GPU's pace. gen: each step emits
     one token for each of up to `max_num_seqs` running requests; embed: each step finishes
-    every queued request, one `dim`-float vector per input (as the real engine does: a float32 array)."""
+    every queued request, one `dim`-float32 row per input (as the real engine does)."""
 
     def __init__(self, kind: str, max_num_seqs: int, max_model_len: int, dim: int = 4096):
         from coserve.engine.tokenizer import ByteTokenizer
