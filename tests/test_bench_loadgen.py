@@ -88,8 +88,10 @@ def test_records_are_consistent_with_the_summary(both):
     assert all(r["usage_tokens"] == 20 and r["prompt_tokens"] == 30 for r in ok)
     assert {r["endpoint"] for r in both.records} == {"gen", "embed"}
     # tokens in the window: the per-request counts add up to the endpoint's
-    assert sum(r.get("tokens_in_window", 0) for r in both.records if r["endpoint"] == "gen") \
-        == s["gen"]["output_tokens_in_window"]
+    gen = [r for r in both.records if r["endpoint"] == "gen"]
+    assert all("tokens_in_window" in r for r in gen)  # a record without its count must fail, not add 0
+    in_window = sum(r["tokens_in_window"] for r in gen)
+    assert in_window > 0 and in_window == s["gen"]["output_tokens_in_window"]
     # the closed loop kept exactly C in flight: requests cancelled at the end == C
     cancelled = [r for r in both.records if r["status"] == "cancelled"]
     assert sum(r["endpoint"] == "gen" for r in cancelled) == 8

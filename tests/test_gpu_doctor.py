@@ -1,5 +1,6 @@
 """`coserve doctor`: exits 0 and says "no GPU" plainly on a CPU machine; with a (fake) GPU the
-table carries name, memory, driver, CUDA, compute mode, MIG, GPM and the MPS/profiler rows."""
+table carries name, memory, driver, CUDA, compute mode, MIG, GPM and the MPS/profiler rows, and
+says which parts have run on hardware and which are built but not run there."""
 
 from __future__ import annotations
 
@@ -57,3 +58,16 @@ def test_gpu_rows_from_fake_nvml():
     assert rows["GPU 0 GPM"] == "yes"
     assert {"MPS control", "MPS server", "MPS daemons running", "ncu", "nsys", "dcgmi", "vLLM"} <= set(rows)
     assert nv.init_count == 0
+
+
+def test_says_what_has_not_run_on_hardware():
+    facts = doctor.gather(FakeNvml(fail_init="NVML Shared Library Not Found"), with_torch=False)
+    rows = dict(doctor.rows(facts))
+    for part in ("coserve bench against vLLM, SGLang or TEI servers", "launcher 'vllm' (binary or docker)",
+                 "MIG: instance creation (apply_mig), servers on MIG devices"):
+        assert rows[part] == "built, not run on hardware", part
+    assert rows["coserve run/bench/report with the built-in servers: timeslice, mps, graphs and eager"] \
+        == "ran: H200, 2026-11-25 (docs/study.md)"
+    assert {"part": "launcher 'vllm' (binary or docker)", "ran_on": None} in facts["hardware"]
+    r = _cli()
+    assert "built, not run on hardware" in r.stdout and "launcher 'vllm'" in r.stdout

@@ -45,15 +45,19 @@ def test_series_and_summary_from_known_values(tmp_path):
 
 
 def test_thread_samples_at_the_interval_to_jsonl(tmp_path):
-    nv = FakeNvml([fake_gpu(), fake_gpu(index=1, uuid="GPU-fake-0001", util_gpu=[10])])
+    util0 = [10, 40, 100]  # any tick dropped, repeated or mixed with the other GPU moves the mean
+    nv = FakeNvml([fake_gpu(util_gpu=util0), fake_gpu(index=1, uuid="GPU-fake-0001", util_gpu=[5])])
     out = tmp_path / "telemetry.jsonl"
     with TelemetrySampler(["0", "GPU-fake-0001"], interval_s=0.05, out_path=out, nvml=nv) as s:
         time.sleep(0.6)
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(lines) >= 8 and {r["device"] for r in lines} == {"0", "GPU-fake-0001"}
+    ticks = sum(r["device"] == "0" for r in lines)
+    expected0 = [util0[i % 3] for i in range(ticks)]  # what the fake answered, in order
+    assert [r["gpu_util"] for r in lines if r["device"] == "0"] == expected0
     summary = s.summary()
-    assert summary["gpu_util/GPU-fake-0001"]["mean"] == 10.0
-    assert summary["gpu_util/0"]["mean"] == pytest.approx(60.0, abs=10.0)
+    assert summary["gpu_util/GPU-fake-0001"]["mean"] == 5.0
+    assert summary["gpu_util/0"]["mean"] == pytest.approx(sum(expected0) / ticks)
     assert "sm_active" in summary and "sm_active/0" in summary
     assert s.available and "ticks over 2 device(s)" in s.status()
 

@@ -5,6 +5,8 @@ tear-down that leaves no process of the group, servers started one after the oth
 from __future__ import annotations
 
 import os
+import re
+import socket
 import sys
 import textwrap
 import time
@@ -209,14 +211,27 @@ def test_servers_start_one_after_the_other(tmp_path):
     assert all(group_gone(s.pgid) for s in servers)
 
 
-def test_failed_second_server_stops_the_first(tmp_path):
+def test_failed_second_server_stops_the_first(tmp_path, monkeypatch):
+    import coserve.launch as launch
+
+    started = []
+
+    def recording_start_server(*args, **kwargs):
+        srv = real_start_server(*args, **kwargs)
+        started.append(srv)
+        return srv
+
+    real_start_server = launch.start_server
+    monkeypatch.setattr(launch, "start_server", recording_start_server)
     specs = [ServerSpec(role="gen", **TINY), ServerSpec(role="embed", model="tiny-embed", device="cpu", extra_args=["--bad"])]
     with pytest.raises(ServerFailed, match="embed server"):
         start_servers(specs, {}, tmp_path, ready_timeout_s=120)
-    port = int((tmp_path / "gen.log").read_text().split("--port ")[1].split()[0])
-    assert "ready at" in (tmp_path / "gen.log").read_text()  # gen was up ...
-    with pytest.raises(OSError):  # ... and is gone: nothing answers on its port
-        urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+    [gen] = started  # gen came up; embed failed before start_server returned
+    ready = re.search(r"ready at http://127\.0\.0\.1:(\d+)", (tmp_path / "gen.log").read_text())
+    assert ready and int(ready.group(1)) == gen.port != 0  # the port the server really listened on
+    assert group_gone(gen.pgid)  # ... and is gone, with every process of its group
+    with pytest.raises(ConnectionRefusedError):  # nothing listens on its port any more
+        socket.create_connection(("127.0.0.1", gen.port), timeout=2).close()
 
 
 KILLED_PARENT = textwrap.dedent("""

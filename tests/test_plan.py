@@ -1,14 +1,17 @@
-"""`coserve plan`: the study's VRAM budget, KV capacity and the concurrency that fits."""
+"""`coserve plan`: KV capacity as the built-in engine sizes it, checked against what the engine
+measured (an H200 record, a CPU server's own report); the VRAM budget and the concurrency that fits."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 import pytest
 
 from coserve import plan as P
+from coserve.server.command import parse_bytes
 
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
 
@@ -22,22 +25,61 @@ def args(**kw) -> argparse.Namespace:
     return ns
 
 
-def test_study_numbers_on_h200():
+def test_the_engines_measured_kv_capacity_on_h200():
+    """The built-in engine at the study's setting reported 410,400 tokens of KV cache on an H200
+    (results/nvidia-h200-2026-11-25/engine/serve_gen.log and gen.txt: 25,650 blocks x 16). Its
+    log gives the memory figures to 0.01 GiB (+-0.0125 GiB in all, 8.5 blocks of 1.5 MiB), so
+    the plan may differ by up to 9 blocks; the cache it allocated, 37.575 GiB (to 0.001 GiB, with
+    the null block), gives the capacity exactly."""
     plan, _ = P.make_plan(args(gpu="h200"))
-    # the study: ~30 GB FP8 weights, ~30 GB KV cache at 0.50, ~17 GB embed model, ~77 GB total
-    assert plan.gen.weight_bytes / 1e9 == pytest.approx(31.2, abs=0.1)
-    assert plan.embed.weight_bytes / 1e9 == pytest.approx(15.1, abs=0.1)
     assert plan.gen.kv_bytes_per_token == 98304  # 48 layers x 4 KV heads x 128 x K+V x bf16
-    # "KV cache capacity at gpu_mem_util=0.50 is ~322K tokens"
-    assert plan.kv_tokens == pytest.approx(322_000, rel=0.01)
-    # "At C=512 with ~542 tokens/request ... peak demand is ~278K tokens, fitting comfortably"
+    assert plan.gen.weight_bytes / 2**30 == pytest.approx(29.0, abs=0.05)  # gen.txt: "weights 29.0 GiB"
+    assert abs(plan.kv_tokens - P.MEASURED_KV_TOKENS) <= 9 * 16
+    allocated, _ = P.make_plan(args(gen="qwen3-30b-a3b", embed="none", dtype="bfloat16",
+                                    kv_cache_bytes=int(37.575 * 2**30)))
+    assert allocated.kv_tokens == P.MEASURED_KV_TOKENS == 410_400
+    # vLLM's own figure is shown as the study's, not derived
+    assert plan.study_vllm_kv_tokens() == 322_000
+    assert P.make_plan(args(gpu="h100"))[0].study_vllm_kv_tokens() is None
+    # "At C=512 with ~542 tokens/request ... peak demand is ~278K tokens"; C=1024 overflows
     assert plan.tokens_per_request == 542
     assert plan.tokens_needed(512) == pytest.approx(278_000, rel=0.01)
-    assert plan.fits(512) and not plan.fits(1024)  # "C=1024 overflows the KV cache"
-    assert 512 < plan.max_concurrency < 1024
-    total = plan.gen.weight_bytes + plan.kv_bytes + plan.embed.weight_bytes
-    assert total / 1e9 == pytest.approx(77, abs=2)
+    assert plan.fits(512) and not plan.fits(1024)
+    assert plan.max_concurrency == plan.kv_tokens // 544
+    assert plan.embed.weight_bytes / 1e9 == pytest.approx(15.1, abs=0.1)
     assert plan.problems() == []
+
+
+def test_plan_equals_a_cpu_servers_own_kv_capacity():
+    """A real `coserve serve gen` on CPU reports its KV capacity in its ready line; the plan for
+    the same model, budget and block size must predict it exactly."""
+    from test_server_util import coserve_serve
+
+    for model, budget in (("tiny-dense", "16M"), ("tiny-moe", "3000000")):
+        with coserve_serve("gen", "--model", model, "--random-weights", "--device", "cpu", "--max-model-len", "256",
+                           "--kv-cache-bytes", budget) as srv:
+            served = int(re.search(r"KV cache capacity (\d+) tokens", srv.ready_line).group(1))
+        plan, _ = P.make_plan(args(gen=model, embed="none", kv_cache_bytes=parse_bytes(budget)))
+        assert plan.kv_tokens == served, (model, budget)
+
+
+def test_budget_total_is_every_row_above_it_in_one_unit():
+    plan, _ = P.make_plan(args(gpu="h200"))
+    rows = P.budget_rows(plan)
+    total_at = next(i for i, (name, _) in enumerate(rows) if name.startswith("**Total"))
+    above = [float(v.split()[0].replace(",", "")) for _, v in rows[:total_at]]
+    total = float(rows[total_at][1].strip("*").split()[0].replace(",", ""))
+    assert total == pytest.approx(sum(above), abs=0.01 * len(above))
+    every_value = " ".join(v for _, v in rows)
+    assert "GiB" in every_value and " GB" not in every_value
+
+
+def test_max_num_seqs_default_is_the_engines():
+    from coserve.engine.types import EngineArgs
+
+    plan, _ = P.make_plan(args(gpu="h200"))
+    assert plan.max_num_seqs == EngineArgs(model="x").max_num_seqs
+    assert f"max_num_seqs {plan.max_num_seqs} caps it" in "\n".join(P.lines(plan))
 
 
 def test_weights_match_the_engines_own_model():
@@ -55,12 +97,19 @@ def test_weights_match_the_engines_own_model():
         assert P.model_size(name, embedding=task == "embed").weight_bytes == engine_bytes, name
 
 
-def test_h100_has_no_room_for_the_studys_kv_cache():
-    plan, _ = P.make_plan(args(gpu="h100"))
+def test_no_room_for_a_kv_cache_names_the_fix():
+    plan, _ = P.make_plan(args(gpu="h100", gen_util=0.40, embed_util=0.30))
     assert plan.kv_tokens == 0
-    assert any("no room for a KV cache" in p for p in plan.problems())
-    bigger, _ = P.make_plan(args(gpu="h100", gen_util=0.7, embed_util=0.25, concurrency="128,256"))
-    assert bigger.kv_tokens > 0 and bigger.fits(128)
+    [problem] = plan.problems()
+    fix = re.search(r"raise gpu_memory_utilization to at least (0\.\d\d)", problem)
+    assert fix and "KV capacity 0 tokens" in problem
+    # the fraction it names is enough, and a hundredth less is not
+    enough, _ = P.make_plan(args(gpu="h100", gen_util=float(fix.group(1)), embed_util=0.30))
+    assert enough.kv_tokens >= enough.tokens_per_request and enough.problems() == []
+    short, _ = P.make_plan(args(gpu="h100", gen_util=float(fix.group(1)) - 0.01, embed_util=0.30))
+    assert short.kv_tokens < short.tokens_per_request
+    cpu, _ = P.make_plan(args(gen="tiny-dense", embed="none", kv_cache_bytes=4096))
+    assert cpu.kv_tokens == 0 and "raise --kv-cache-bytes" in cpu.problems()[0]
 
 
 def test_overcommitted_fractions_are_a_problem():
@@ -80,11 +129,13 @@ def test_cli(capsys):
 
     assert main(["plan", "--gpu", "h200"]) == 0
     out = capsys.readouterr().out
-    assert "VRAM budget" in out and "321,472 tokens" in out and "C=512 needs 278,528 tokens" in out
+    assert "VRAM budget" in out and "C=512 needs 278,528 tokens" in out
+    assert f"{P.make_plan(args(gpu='h200'))[0].kv_tokens:,} tokens" in out
+    assert "~322,000 tokens (the study's measured value" in out
     assert main(["plan", "--gpu", "h200", "--json", "--concurrency", "512,1024"]) == 0
     d = json.loads(capsys.readouterr().out)
     assert d["concurrency"]["512"]["fits"] and not d["concurrency"]["1024"]["fits"]
     assert main(["plan", "--gen", "no-such-model"]) == 2
     assert "unknown model" in capsys.readouterr().out
     assert main(["plan", "--gen", "tiny-moe", "--embed", "all-minilm-l6-v2", "--gpu-memory-gib", "8",
-                 "--runtime-gb", "0.5", "--input-len", "16", "--output-len", "32"]) == 0
+                 "--reserve-gib", "0.5", "--input-len", "16", "--output-len", "32"]) == 0

@@ -190,7 +190,8 @@ def test_openai_client_raises_bad_request(client):
 
 
 def test_client_disconnect_mid_stream_aborts_the_request(server):
-    aborted_before = metric(server.url, "coserve:requests_total", endpoint="completions", outcome="aborted")
+    aborted_before = metric(server.url, "coserve:requests_total", absent_is_zero=True, endpoint="completions",
+                            outcome="aborted")
     u = urllib.parse.urlsplit(server.url)
     conn = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
     body = {"prompt": [1], "max_tokens": MAX_LEN - 1, "ignore_eos": True, "stream": True}
@@ -218,7 +219,22 @@ def test_metrics_page(server, client):
     assert m("coserve:num_requests_running") == 0 and m("coserve:num_requests_waiting") == 0
     assert 0 <= m("coserve:kv_cache_usage_perc") <= 1 and m("coserve:kv_cache_capacity_tokens") > 0
     assert m("coserve:prompt_tokens_total") >= 2 and m("coserve:generation_tokens_total") >= 5
-    assert m("coserve:num_preemptions_total") >= 0
+    # 4 sequences x 1024 tokens fit in 16 MB (8192 tokens at 2048 B/token): never a preemption
+    assert m("coserve:num_preemptions_total") == 0
     assert m("coserve:request_success_total", finished_reason="length") >= 1
     assert m("coserve:requests_total", endpoint="completions", outcome="success") >= 1
     assert m("coserve:requests_total", endpoint="completions", outcome="bad_request") >= 1
+
+
+def test_a_kv_cache_too_small_for_the_batch_preempts():
+    # tiny-dense: 2048 B/token; 7 blocks of 16 tokens (one is the null block) hold 96 tokens.
+    # 8 prompts of 20 tokens admitted together grow past 2 blocks each: some must be preempted.
+    with coserve_serve("gen", "--model", MODEL, "--random-weights", "--device", "cpu", "--max-model-len", "96",
+                       "--max-num-seqs", "8", "--kv-cache-bytes", str(7 * 16 * 2048)) as small:
+        assert metric(small.url, "coserve:kv_cache_capacity_tokens") == 96
+        assert metric(small.url, "coserve:num_preemptions_total") == 0
+        status, answer = post(small.url + "/v1/completions", {
+            "prompt": [[i + 1] * 20 for i in range(8)], "max_tokens": 24, "ignore_eos": True, "temperature": 0})
+        assert status == 200, answer
+        assert [len(c["token_ids"]) for c in answer["choices"]] == [24] * 8
+        assert metric(small.url, "coserve:num_preemptions_total") > 0

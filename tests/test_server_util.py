@@ -193,23 +193,37 @@ class StreamInThread:
         return self.events[-2]["choices"][0]["finish_reason"] if len(self.events) >= 2 else None
 
 
-def metrics(url: str) -> dict[str, float]:
-    """/metrics as {'name{labels}': value}."""
+def metrics_page(url: str) -> str:
     status, text = request(url + "/metrics")
     assert status == 200
+    return text
+
+
+def metrics(url: str) -> dict[str, float]:
+    """/metrics as {'name{labels}': value}."""
     out = {}
-    for line in text.splitlines():
+    for line in metrics_page(url).splitlines():
         if line and not line.startswith("#"):
             name, value = line.rsplit(" ", 1)
             out[name] = float(value)
     return out
 
 
-def metric(url: str, name: str, **labels) -> float:
-    """Sum of samples of `name` whose labels include `labels`."""
+def metric(url: str, name: str, absent_is_zero: bool = False, **labels) -> float:
+    """Sum of samples of `name` whose labels include `labels`.
+
+    Raises AssertionError if the page has no such sample: a metric the server stopped exporting
+    must fail the test, not read as 0. `absent_is_zero=True` is for one labelled sample of a
+    counter that Prometheus omits until its first increment (`requests_total{outcome="aborted"}`
+    before any abort); the family itself must still be on the page."""
+    page = metrics_page(url)
+    assert f"# TYPE {name} " in page, f"/metrics has no metric {name}"
     want = [f'{k}="{v}"' for k, v in labels.items()]
-    return sum(v for k, v in metrics(url).items()
-               if k.split("{")[0] == name and all(w in k for w in want))
+    found = [float(line.rsplit(" ", 1)[1]) for line in page.splitlines()
+             if line and not line.startswith("#") and line.split("{")[0].split(" ")[0] == name
+             and all(w in line.rsplit(" ", 1)[0] for w in want)]
+    assert found or absent_is_zero, f"/metrics has no sample of {name} with labels {labels}"
+    return sum(found)
 
 
 def wait_for(predicate, timeout_s: float = 10.0, what: str = "condition"):

@@ -21,7 +21,7 @@ import torch
 from coserve.engine import parallel, tp_workers
 from coserve.engine.attention import AttnMetadata
 from coserve.engine.kernels.sampling import sample
-from coserve.engine.kv_cache import BlockManager, allocate_kv_cache
+from coserve.engine.kv_cache import BlockManager, allocate_kv_cache, usable_blocks
 from coserve.engine.memory import GiB, GpuBudget
 from coserve.engine.runner import ModelRunner
 from coserve.engine.sampler import Sampler
@@ -81,7 +81,7 @@ class GenEngine(tp_workers.LeadsRanks):
         kv_heads = parallel.kv_head_split(c.num_heads, c.num_kv_heads)[1]
         # this rank's share: its kv heads
         self.kv_bytes_per_token = 2 * c.num_layers * kv_heads * c.head_dim * elsize
-        num_blocks = kv_bytes // (self.kv_bytes_per_token * block_size) - 1  # one null block
+        num_blocks = usable_blocks(kv_bytes, self.kv_bytes_per_token, block_size)
         self.kv_capacity_tokens = max(0, num_blocks) * block_size
         if self.kv_capacity_tokens < self.max_model_len:
             raise ValueError(

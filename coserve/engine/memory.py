@@ -16,6 +16,14 @@ log = logging.getLogger("coserve.engine")
 GiB = 1 << 30
 
 
+def kv_budget_bytes(total_bytes: int, utilization: float, peak_torch_bytes: int,
+                    non_torch_bytes: int) -> int:
+    """Bytes left for the KV cache: `utilization` of the device's `total_bytes` (as
+    cudaMemGetInfo reports it) less the torch allocator's peak over weights + profiling pass and
+    what CUDA holds outside torch (context, cuBLAS/NCCL workspaces). May be negative: no room."""
+    return int(utilization * total_bytes) - peak_torch_bytes - non_torch_bytes
+
+
 class GpuBudget:
     """Take `start()` before loading weights and `kv_bytes(profile)` after."""
 
@@ -44,7 +52,7 @@ class GpuBudget:
         peak = torch.cuda.max_memory_allocated(self.device)
         free1, _ = torch.cuda.mem_get_info(self.device)
         non_torch = max(0, (self.free0 - free1) - torch.cuda.memory_reserved(self.device))
-        kv = self.requested - peak - non_torch
+        kv = kv_budget_bytes(self.total, self.utilization, peak, non_torch)
         log.info("memory: %.2f GiB requested (%.2f x %.2f GiB), %.2f GiB peak torch "
                  "(weights + activations), %.2f GiB outside torch -> %.2f GiB for the KV cache",
                  self.requested / GiB, self.utilization, self.total / GiB, peak / GiB,

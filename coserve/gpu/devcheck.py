@@ -6,7 +6,9 @@ while sampling NVML + GPM for ~5 s, checks `get_client_list`, runs a third clien
 timeslice environment beside it (must not join the daemon), a client with a pinned-memory
 limit, the SIGTERM path (a child process holding the strategy is sent SIGTERM), and stops
 everything, then checks that no MPS process is left. Also prints the MIG plan / error for GPU 0.
-Prints one line per check and exits non-zero if a check failed.
+Prints one line per check, each PASS, FAIL or NOT RUN (a check whose precondition this machine
+lacks: MIG off, a driver without client priority), a summary that counts the three apart, and
+exits non-zero if a check failed.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ import sys
 import tempfile
 import textwrap
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 CLIENT = textwrap.dedent("""
     import os, sys, time, torch
@@ -63,13 +67,66 @@ HOLDER = textwrap.dedent("""
         time.sleep(120)
 """)
 
-results: list[tuple[str, bool, str]] = []
+Status = Literal["pass", "fail", "not run"]
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    name: str
+    status: Status
+    detail: str = ""
+
+
+results: list[CheckResult] = []
+
+
+def _record(name: str, status: Status, detail: str) -> None:
+    results.append(CheckResult(name, status, detail))
+    print(f"[{status.upper()}] {name}" + (f": {detail}" if detail else ""), flush=True)
 
 
 def check(name: str, ok: bool, detail: str = "") -> bool:
-    results.append((name, ok, detail))
-    print(f"[{'PASS' if ok else 'FAIL'}] {name}" + (f": {detail}" if detail else ""), flush=True)
+    """A check that ran: pass or fail."""
+    _record(name, "pass" if ok else "fail", detail)
     return ok
+
+
+def not_run(name: str, why: str) -> None:
+    """A check this machine cannot run (says why); never counted as a pass."""
+    _record(name, "not run", why)
+
+
+def summary_line(checks: list[CheckResult]) -> str:
+    """'P passed, F failed, N not run (of T checks)'."""
+    n = {s: sum(c.status == s for c in checks) for s in ("pass", "fail", "not run")}
+    return f"{n['pass']} passed, {n['fail']} failed, {n['not run']} not run (of {len(checks)} checks)"
+
+
+def priority_step(supported: bool | None) -> None:
+    """Client priority is exercised (set on the embed client) only where libcuda knows it."""
+    name = "client priority known to libcuda"
+    if supported:
+        check(name, True, "CUDA_MPS_CLIENT_PRIORITY found in libcuda; the embed client runs below normal")
+    elif supported is None:
+        not_run(name, "libcuda not found: client priority not exercised")
+    else:
+        not_run(name, "this driver's libcuda does not know CUDA_MPS_CLIENT_PRIORITY: client priority not exercised")
+
+
+def mig_step(nvml=None) -> None:
+    """Find the study's MIG instances on GPU 0; with MIG off (or instances missing) that check does
+    not run, and what is checked instead is that the error names the plan and the fix."""
+    from coserve.gpu import mig
+
+    name = "MIG instances for gen + embed found on GPU 0"
+    try:
+        plan, assigned, _ = mig.resolve("0", "auto", ["gen", "embed"], apply=False, nvml=nvml)
+    except mig.MigError as e:
+        print("MIG error:\n" + textwrap.indent(str(e), "  "), flush=True)
+        not_run(name, str(e).splitlines()[0])
+        check("MIG error names the plan", "plan" in str(e).lower())
+        return
+    check(name, set(assigned) == {"gen", "embed"}, f"{plan.profiles} -> {assigned}")
 
 
 def spawn(code: str, args: list[str], env_extra: dict[str, str]) -> subprocess.Popen:
@@ -146,7 +203,7 @@ def _group_exists(pgid: int) -> bool:
 
 
 def main(argv=None) -> int:
-    from coserve.gpu import mig, mps
+    from coserve.gpu import mps
     from coserve.gpu.strategies import make_strategy, mps_client_priority_supported
     from coserve.gpu.telemetry import TelemetrySampler
 
@@ -161,7 +218,7 @@ def main(argv=None) -> int:
 
     before = mps.find_mps_processes()
     check("no MPS daemon before", not before, "; ".join(p.describe() for p in before))
-    check("client priority known to libcuda", True, str(mps_client_priority_supported()))
+    priority_step(mps_client_priority_supported())
 
     opts: dict = {"active_thread_percentage": {"embed": 50}}
     if mps_client_priority_supported():
@@ -255,18 +312,11 @@ def main(argv=None) -> int:
     check("SIGKILL to coserve: its daemon and server still go", bool(up) and not left,
           f"up before: {len(up)}; left: {[p.describe() for p in left]}")
 
-    # MIG: plan and what is missing on this GPU.
-    try:
-        plan, assigned, _ = mig.resolve("0", "auto", ["gen", "embed"], apply=False)
-        check("MIG instances present", True, f"{plan.profiles} -> {assigned}")
-    except mig.MigError as e:
-        print("MIG error (expected where MIG is off):\n" + textwrap.indent(str(e), "  "), flush=True)
-        check("MIG plan printed with what is missing", "plan" in str(e).lower())
+    mig_step()
 
-    failed = [r for r in results if not r[1]]
-    print(f"\n{len(results) - len(failed)}/{len(results)} checks passed", flush=True)
-    (out / "devcheck.json").write_text(json.dumps([{"check": n, "ok": ok, "detail": dt} for n, ok, dt in results], indent=1))
-    return 1 if failed else 0
+    print(f"\n{summary_line(results)}", flush=True)
+    (out / "devcheck.json").write_text(json.dumps([asdict(r) for r in results], indent=1))
+    return 1 if any(r.status == "fail" for r in results) else 0
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """`coserve doctor`: what this machine can do for a co-location study, in one table.
 
 GPUs (name, memory, driver, CUDA), compute mode, MIG mode and instances, MPS binaries and any
-running daemon, GPM support, profilers (ncu, nsys, dcgmi), torch and its CUDA, vLLM. Exits 0
+running daemon, GPM support, profilers (ncu, nsys, dcgmi), torch and its CUDA, vLLM; then which
+of coserve's parts have run on real hardware and which are built but not run there. Exits 0
 everywhere; on a CPU machine the first row says "no GPU" plainly.
 """
 
@@ -14,9 +15,35 @@ import json
 import os
 import shutil
 import subprocess
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from coserve.gpu import nvml as nv
+
+
+@dataclass(frozen=True)
+class HardwareRecord:
+    part: str
+    ran_on: str | None  # GPU, date and where the record is; None: built, not run on hardware
+
+
+NOT_RUN = "built, not run on hardware"
+# What the committed records show (docs/study.md, docs/gpu.md, docs/kernels.md,
+# docs/performance.md); change an entry only with a run to point to.
+HARDWARE: tuple[HardwareRecord, ...] = (
+    HardwareRecord("built-in engine: the study's models, offline and served",
+                   "H200, 2026-11-25 (docs/performance.md)"),
+    HardwareRecord("coserve run/bench/report with the built-in servers: timeslice, mps, graphs and eager",
+                   "H200, 2026-11-25 (docs/study.md)"),
+    HardwareRecord("MPS daemon checks (coserve.gpu.devcheck)", "H100, 2026-11-25 (docs/gpu.md)"),
+    HardwareRecord("NVML/GPM telemetry", "H100 and H200, 2026-11-25 (docs/gpu.md, docs/study.md)"),
+    HardwareRecord("Hopper kernels (Triton, FP8)", "H100 and H200, 2026-11-25 (docs/kernels.md, docs/performance.md)"),
+    HardwareRecord("coserve bench against vLLM, SGLang or TEI servers", None),
+    HardwareRecord("launcher 'vllm' (binary or docker)", None),
+    HardwareRecord("MIG: instance creation (apply_mig), servers on MIG devices", None),
+    HardwareRecord("strategy 'exclusive' (one GPU each)", None),
+    HardwareRecord("tensor parallelism across GPUs (strategy 'tp')", None),
+)
 
 
 def add_arguments(parser) -> None:
@@ -110,6 +137,7 @@ def gather(nvml: Any = None, *, with_torch: bool = True) -> dict:
                               "device_count": torch.cuda.device_count() if torch.cuda.is_available() else 0}
         except Exception as e:  # pragma: no cover - torch is a dependency
             facts["torch"] = {"error": str(e)}
+    facts["hardware"] = [asdict(r) for r in HARDWARE]
     facts["env"] = {k: os.environ[k] for k in ("CUDA_VISIBLE_DEVICES", "CUDA_MPS_PIPE_DIRECTORY", "NCCL_NVLS_ENABLE")
                     if k in os.environ}
     return facts
@@ -166,6 +194,8 @@ def rows(facts: dict) -> list[tuple[str, str]]:
     out.append(("nvidia-ml-py", facts["python"]["nvidia-ml-py"] or "missing"))
     for k, v in facts["env"].items():
         out.append((f"env {k}", v))
+    for r in facts["hardware"]:
+        out.append((r["part"], f"ran: {r['ran_on']}" if r["ran_on"] else NOT_RUN))
     return out
 
 
@@ -181,7 +211,7 @@ def run(args) -> int:
     table.add_column("what", style="bold")
     table.add_column("this machine")
     for what, value in rows(facts):
-        style = "yellow" if value.startswith(("no GPU", "missing", "not ")) else None
+        style = "yellow" if value.startswith(("no GPU", "missing", "not ", NOT_RUN)) else None
         table.add_row(what, value, style=style)
     console = Console()
     if not facts["gpus"]:
