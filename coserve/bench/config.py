@@ -53,6 +53,19 @@ class LoadConfig:
     ramp_s: float | None = None
     # Time allowed for the start-up check of each endpoint (GET /v1/models).
     connect_timeout_s: float = 10.0
+    # Open loop: requests per second (an embed request carries embed_batch inputs); None is
+    # the closed loop of *_concurrency workers. With a rate, *_concurrency caps the requests
+    # in flight for that endpoint.
+    gen_rate: float | None = None
+    embed_rate: float | None = None
+    arrival: str = "poisson"  # "poisson" | "constant"
+    burstiness: float = 1.0  # gamma shape of the inter-arrival times; 1 = Poisson (vllm bench's)
+    # Goodput bounds (vllm bench's --goodput): a gen request counts only if it meets every one.
+    goodput_ttft_ms: float | None = None
+    goodput_tpot_ms: float | None = None
+    goodput_e2el_ms: float | None = None
+    embed_slo_ms: float | None = None  # embed request latency bound for embed goodput
+    gen_endpoint: str = "completions"  # "completions" | "chat"
 
     def validate(self) -> LoadConfig:
         if not self.gen_url and not self.embed_url:
