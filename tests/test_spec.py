@@ -264,3 +264,24 @@ def test_digest_of_specs_hashed_before_the_open_loop_fields():
     assert b.digest() != a.digest() and b.to_dict()["load"]["embed_rate"] == 5.0
     c = loads_spec(BASE.replace("repetitions = 2", 'repetitions = 2\n[report]\nreference = "seed"'))
     assert c.report.reference == "seed" and c.digest() != a.digest()
+
+
+def test_seed_equal_work_fixes_the_embed_load_at_the_studys_throughput():
+    s = load_spec(EXPERIMENTS / "seed-equal-work.toml")
+    single = load_spec(EXPERIMENTS / "seed-single-gpu.toml")
+    assert s.servers == single.servers and s.report.reference == "seed"
+    assert [(c.name, c.strategy, c.servers) for c in s.conditions] == \
+        [(c.name, c.strategy, c.servers) for c in single.conditions]
+    for c in s.all_conditions():
+        ld = c.load_for(s)
+        assert (ld.gen_concurrency, ld.gen_rate, ld.input_len, ld.output_len) == (512, None, 30, 512)
+        if "embed" in c.servers and c.sweep is None:
+            assert ld.embed_rate * ld.embed_batch == 490 and ld.embed_concurrency == 256
+    pts = [c for c in s.all_conditions() if c.sweep]
+    assert {c.sweep.base for c in pts} == {"timeslice", "mps"}
+    assert sorted({c.load_for(s).embed_rate * 8 for c in pts}) == [60, 120, 240, 480, 960]
+    assert "timeslice.embed-r7.5" in [c.name for c in pts]
+    twin = load_spec(EXPERIMENTS / "demo-equal-work.toml")
+    assert {c.servers[0] if len(c.servers) == 1 else "both" for c in twin.conditions} == \
+        {"gen", "embed", "both"} and twin.load.embed_rate and twin.sweep.knob == "rate"
+    assert {twin.servers[r].device for r in ("gen", "embed")} == {"cpu"}
