@@ -161,7 +161,7 @@ class Spec:
                 out.append(dataclasses.replace(
                     base, name=self.sweep.point_name(base.name, v),
                     load={**base.load, pt.load_key(): v}, sweep=pt,
-                    description=f"{base.name} with {pt.label()} ({pt.unit})"))
+                    description=f"{base.name} with {pt.label()}"))
         return out
 
     def all_conditions(self) -> list[Condition]:

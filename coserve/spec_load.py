@@ -78,15 +78,14 @@ class SweepPoint(NamedTuple):
     base: str
     knob: str = "concurrency"
 
-    @property
-    def unit(self) -> str:
-        return "req/s" if self.knob == "rate" else "in flight"
-
     def load_key(self) -> str:
         return f"{self.role}_{self.knob}"
 
     def label(self) -> str:
-        return f"{self.role} {'rate' if self.knob == 'rate' else 'C'}={self.value:g}"
+        """'embed rate 7.5 req/s' or 'embed C=16'."""
+        if self.knob == "rate":
+            return f"{self.role} rate {self.value:g} req/s"
+        return f"{self.role} C={self.value:g}"
 
 
 @dataclass(frozen=True, kw_only=True)
