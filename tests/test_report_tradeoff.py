@@ -183,6 +183,13 @@ def test_an_old_run_folder_still_renders(tmp_path):
     assert "| timeslice | timeslice | 3/3 | 15,131 ± 358 | **-37.1%** [-39.2, -35.0] |" in md
     assert "**Unequal embed work** for the co-located conditions: timeslice 437, mps 959 " in md
     assert "Offered and achieved load" not in md and "Goodput" not in md
+    # the same results under a spec that asks for an embed rate: nothing claimed about the rate
+    spec = json.loads((old / "spec.json").read_text())
+    spec["load"]["embed_rate"] = 61.25
+    (old / "spec.json").write_text(json.dumps(spec))
+    md = render(old, with_plots=False).markdown.read_text()
+    assert "| mps | closed, C=512 | - | - | rate 61.25 req/s (poisson, cap 64) | - | - | 959 ± 14.3 | - |" in md
+    assert "No offered or achieved rate in the results of gen-only, embed-only, timeslice, mps" in md
     assert "| gen-only | timeslice | 0 | gen: qwen3-30b-a3b" in md
     assert set(out.plots) >= {"tradeoff", "throughput", "tpot"}
     t = tradeoff(out.run)

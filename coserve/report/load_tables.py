@@ -29,8 +29,14 @@ def _uses_rates(run: RunStats) -> bool:
     return measured or any(ld.gen_rate or ld.embed_rate for ld in loads)
 
 
+def _measured(c: ConditionStats) -> bool:
+    """Whether its results say if the load kept up (results from before open loop do not)."""
+    return any("kept_up" in ((r.get("bench") or {}).get(role) or {})
+               for r in c.ok for role in ("gen", "embed"))
+
+
 def _kept_up(c: ConditionStats) -> str:
-    if not c.ok:
+    if not _measured(c):
         return "-"
     bad = {w.rep for w in c.load_warnings()}
     return "yes" if not bad else f"**no** ({len(bad)} of {len(c.ok)} reps)"
@@ -59,6 +65,11 @@ def load_blocks(run: RunStats) -> list[Block]:
            Block("p", "Achieved: requests sent per second inside the window. An endpoint did not "
                       "keep up when it achieved under 95 % of the offered rate or hit its cap on "
                       "requests in flight; then the strategy, not the load, set its work.")]
+    unmeasured = [c.name for c in run.conditions if c.ok and not _measured(c)]
+    if unmeasured:
+        out.append(Block("p", "No offered or achieved rate in the results of " + ", ".join(unmeasured)
+                         + ": the load generator that wrote them did not report one, so whether "
+                           "it drove the spec's rates is not known from these files."))
     warnings = [w for c in run.conditions for w in c.load_warnings()]
     if warnings:
         out.append(Block("ul", items=[f"**{w.condition}** rep {w.rep}, {w.role}: {w.text}"
