@@ -49,10 +49,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from coserve.gpu.strategies import ROLES
 from coserve.spec_load import LoadSpec, ReportSpec, SweepPoint, SweepSpec
 from coserve.spec_load import spec_field as _f
 
-ROLES = ("gen", "embed")
 STRATEGIES = ("exclusive", "timeslice", "mps", "mig", "tp", "tp+timeslice", "tp+mps")
 LAUNCHERS = ("builtin", "vllm", "external", "command")
 ORDERS = ("alternate", "sequential")
