@@ -189,7 +189,8 @@ class Spec:
         return _drop_none(_plain(self))
 
     def digest(self) -> str:
-        """sha256 of the validated spec (defaults filled in), independent of layout and comments."""
+        """sha256 of the validated spec (defaults filled in, but fields added later left out at
+        their defaults: see `spec_field`), independent of layout and comments."""
         blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()
 
