@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from coserve.gpu.strategies import ROLES
-from coserve.spec_load import LoadSpec, ReportSpec, SweepPoint, SweepSpec
+from coserve.spec_load import LoadSpec, ReportSpec, SweepPoint, SweepSpec, load_problem
 from coserve.spec_load import spec_field as _f
 
 STRATEGIES = ("exclusive", "timeslice", "mps", "mig", "tp", "tp+timeslice", "tp+mps")
@@ -434,6 +434,13 @@ def parse_spec(data: dict[str, Any], source: str = "<spec>") -> Spec:
         if c.baseline and c.baseline not in names:
             errors.append(f"conditions[{i}].baseline: '{c.baseline}' is not a condition "
                           f"(conditions: {', '.join(names)})")
+    base_load = spec_values.get("load", LoadSpec())
+    if (problem := load_problem(base_load)) is not None:
+        errors.append(f"load.{problem}")
+    for i, c in enumerate(conditions):
+        problem = load_problem(dataclasses.replace(base_load, **c.load)) if c.load else None
+        if problem is not None and problem.field in c.load:
+            errors.append(f"conditions[{i}].load.{problem}")
 
     sweep = None
     if sweep_raw is not None:

@@ -13,7 +13,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from coserve.bench.config import LoadConfig
+from coserve.bench.config import ConfigError, LoadConfig
 from coserve.gpu.strategies import ROLES
 from coserve.reference import REFERENCES
 
@@ -67,6 +67,18 @@ def _load_spec_class() -> type:
 
 
 LoadSpec = _load_spec_class()
+
+
+def load_problem(load: LoadSpec) -> ConfigError | None:
+    """What `LoadConfig.validate` finds wrong with `load` (the checks that span fields live
+    there, once), or None. `.field` names the field."""
+    # validate() wants an endpoint to drive; any URL does for checking the load's shape.
+    url = "http://127.0.0.1:1"
+    try:
+        LoadConfig(**dataclasses.asdict(load), gen_url=url, embed_url=url).validate()
+    except ConfigError as e:
+        return e
+    return None
 
 
 class SweepPoint(NamedTuple):

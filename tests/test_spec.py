@@ -205,7 +205,6 @@ def test_open_loop_load_fields_and_overrides():
 embed_rate = 61.25
 embed_concurrency = 256
 arrival = "constant"
-burstiness = 0.5
 goodput_ttft_ms = 500
 goodput_tpot_ms = 30
 goodput_e2el_ms = 20000
@@ -214,7 +213,7 @@ gen_endpoint = "chat"
 """) + "load = {embed_rate = 7, gen_rate = 3.5}\n")
     ld = s.load
     assert (ld.embed_rate, ld.embed_concurrency, ld.arrival, ld.burstiness, ld.gen_endpoint) == \
-        (61.25, 256, "constant", 0.5, "chat")
+        (61.25, 256, "constant", 1.0, "chat")
     assert (ld.goodput_ttft_ms, ld.goodput_tpot_ms, ld.goodput_e2el_ms, ld.embed_slo_ms) == \
         (500.0, 30.0, 20000.0, 250.0)
     assert isinstance(ld.goodput_ttft_ms, float) and ld.gen_rate is None
@@ -285,3 +284,23 @@ def test_seed_equal_work_fixes_the_embed_load_at_the_studys_throughput():
     assert {c.servers[0] if len(c.servers) == 1 else "both" for c in twin.conditions} == \
         {"gen", "embed", "both"} and twin.load.embed_rate and twin.sweep.knob == "rate"
     assert {twin.servers[r].device for r in ("gen", "embed")} == {"cpu"}
+
+
+def test_load_checks_across_fields_come_from_load_config(monkeypatch):
+    """LoadConfig.validate owns the checks that span fields; the spec reports what it finds
+    at the table that set the field ([load] or the condition's override)."""
+    from coserve.bench.config import ConfigError, LoadConfig
+
+    def validate(self):
+        if self.arrival == "constant" and self.burstiness != 1.0:
+            raise ConfigError("burstiness", "constant arrivals have no gaps to shape")
+        return self
+
+    monkeypatch.setattr(LoadConfig, "validate", validate)
+    found = problems(BASE.replace("repetitions = 2", 'repetitions = 2\n[load]\narrival = "constant"')
+                     + "load = {burstiness = 2.0}\n")
+    assert found == ["conditions[1].load.burstiness: constant arrivals have no gaps to shape"]
+    found = problems(BASE.replace("repetitions = 2", "repetitions = 2\n[load]\narrival = "
+                                  '"constant"\nburstiness = 3.0') + "load = {embed_rate = 2.0}\n")
+    assert found == ["load.burstiness: constant arrivals have no gaps to shape"]
+    loads_spec(BASE.replace("repetitions = 2", 'repetitions = 2\n[load]\narrival = "constant"'))
