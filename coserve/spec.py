@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from coserve.gpu.strategies import ROLES
-from coserve.spec_load import LoadSpec, ReportSpec, SweepPoint, SweepSpec, load_problem
+from coserve.spec_load import LoadSpec, ReportSpec, SweepPoint, SweepSpec, load_problems, plain
 from coserve.spec_load import spec_field as _f
 
 STRATEGIES = ("exclusive", "timeslice", "mps", "mig", "tp", "tp+timeslice", "tp+mps")
@@ -186,31 +186,13 @@ class Spec:
 
     def to_dict(self) -> dict[str, Any]:
         """The validated spec as plain TOML-able data (None left out); `parse_spec` reads it back."""
-        return _drop_none(_plain(self))
+        return _drop_none(plain(self))
 
     def digest(self) -> str:
         """sha256 of the validated spec (defaults filled in, but fields added later left out at
         their defaults: see `spec_field`), independent of layout and comments."""
         blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()
-
-
-def _plain(v: Any) -> Any:
-    """asdict without internal fields, and without `omit_default` fields at their default."""
-    if dataclasses.is_dataclass(v):
-        out = {}
-        for f in dataclasses.fields(v):
-            x = getattr(v, f.name)
-            if f.metadata.get("internal") or (f.metadata.get("omit_default") and x == (
-                    f.default if f.default_factory is dataclasses.MISSING else f.default_factory())):
-                continue
-            out[f.name] = _plain(x)
-        return out
-    if isinstance(v, dict):
-        return {k: _plain(x) for k, x in v.items()}
-    if isinstance(v, list | tuple):
-        return [_plain(x) for x in v]
-    return v
 
 
 def _drop_none(v: Any) -> Any:
@@ -434,13 +416,7 @@ def parse_spec(data: dict[str, Any], source: str = "<spec>") -> Spec:
         if c.baseline and c.baseline not in names:
             errors.append(f"conditions[{i}].baseline: '{c.baseline}' is not a condition "
                           f"(conditions: {', '.join(names)})")
-    base_load = spec_values.get("load", LoadSpec())
-    if (problem := load_problem(base_load)) is not None:
-        errors.append(f"load.{problem}")
-    for i, c in enumerate(conditions):
-        problem = load_problem(dataclasses.replace(base_load, **c.load)) if c.load else None
-        if problem is not None and problem.field in c.load:
-            errors.append(f"conditions[{i}].load.{problem}")
+    errors += load_problems(spec_values.get("load", LoadSpec()), [c.load for c in conditions])
 
     sweep = None
     if sweep_raw is not None:

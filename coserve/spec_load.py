@@ -29,6 +29,24 @@ def spec_field(default: Any = dataclasses.MISSING, *, help: str = "", **checks: 
     return field(default=default, metadata=meta)
 
 
+def plain(v: Any) -> Any:
+    """asdict without internal fields, and without `omit_default` fields at their default."""
+    if dataclasses.is_dataclass(v):
+        out = {}
+        for f in dataclasses.fields(v):
+            x = getattr(v, f.name)
+            if f.metadata.get("internal") or (f.metadata.get("omit_default") and x == (
+                    f.default if f.default_factory is dataclasses.MISSING else f.default_factory())):
+                continue
+            out[f.name] = plain(x)
+        return out
+    if isinstance(v, dict):
+        return {k: plain(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [plain(x) for x in v]
+    return v
+
+
 # LoadConfig field -> its checks in a spec. The open-loop fields came later (omit_default).
 _LATER = {"omit_default": True}
 LOAD_CHECKS: dict[str, dict[str, Any]] = {
@@ -79,6 +97,19 @@ def load_problem(load: LoadSpec) -> ConfigError | None:
     except ConfigError as e:
         return e
     return None
+
+
+def load_problems(load: LoadSpec, overrides: list[dict[str, Any]]) -> list[str]:
+    """'path: what is wrong' for `[load]` and for each condition's `load` override (indexed as
+    `conditions`), each reported at the table that set the field."""
+    out = []
+    if (problem := load_problem(load)) is not None:
+        out.append(f"load.{problem}")
+    for i, override in enumerate(overrides):
+        problem = load_problem(dataclasses.replace(load, **override)) if override else None
+        if problem is not None and problem.field in override:
+            out.append(f"conditions[{i}].load.{problem}")
+    return out
 
 
 class SweepPoint(NamedTuple):
