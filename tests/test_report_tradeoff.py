@@ -62,7 +62,7 @@ class ModelBackend(FakeBackend):
     """Results of a known model: embed achieves min(offered, capacity) (closed loop: the
     capacity); gen loses COST tok/s per embed seq/s. Reps differ by under 0.5 %."""
 
-    def run_load(self, load, out_path, on_progress):
+    def run_load(self, load, out_path, on_progress, dead=None):
         cond = Path(out_path).parent.parent.name
         strategy = cond.split(".")[0]
         noise = 1 + random.Random(f"{cond}/{Path(out_path).parent.name}").uniform(-0.005, 0.005)
