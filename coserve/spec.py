@@ -18,6 +18,7 @@ model = "all-minilm-l6-v2"
 
 [load]                     # as `coserve bench`
 gen_concurrency = 8
+embed_rate = 60            # embed requests/s, open loop; embed_concurrency caps them in flight
 warmup_s = 1
 duration_s = 3
 
@@ -27,6 +28,11 @@ servers = ["gen"]
 [[conditions]]
 name = "timeslice"
 strategy = "timeslice"
+
+[sweep]                    # each point a condition: timeslice.embed-r30, timeslice.embed-r120
+role = "embed"
+rate = [30, 120]           # or concurrency = [...]
+conditions = ["timeslice"]
 ```
 """
 
@@ -43,7 +49,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ROLES = ("gen", "embed")
+from coserve.gpu.strategies import ROLES
+from coserve.spec_load import LoadSpec, ReportSpec, SweepPoint, SweepSpec, load_problems, plain
+from coserve.spec_load import spec_field as _f
+
 STRATEGIES = ("exclusive", "timeslice", "mps", "mig", "tp", "tp+timeslice", "tp+mps")
 LAUNCHERS = ("builtin", "vllm", "external", "command")
 ORDERS = ("alternate", "sequential")
@@ -59,15 +68,6 @@ class SpecError(ValueError):
         self.problems = problems
         lines = "\n".join(f"  - {p}" for p in problems)
         super().__init__(f"{source}: {len(problems)} problem(s) in the spec:\n{lines}")
-
-
-def _f(default: Any = dataclasses.MISSING, *, help: str = "", **checks: Any) -> Any:
-    """A dataclass field with its checks (choices, ge, gt, le, pattern, min_items) and help."""
-    meta = {"help": help, **checks}
-    if isinstance(default, list | dict):
-        value = default
-        return field(default_factory=lambda: type(value)(value), metadata=meta)
-    return field(default=default, metadata=meta)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -91,21 +91,6 @@ class ServerConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
-class LoadSpec:
-    """Closed-loop load, as `coserve bench` takes it."""
-
-    gen_concurrency: int = _f(512, ge=1)
-    input_len: int = _f(30, ge=1)
-    output_len: int = _f(512, ge=1)
-    embed_concurrency: int = _f(64, ge=1)
-    embed_batch: int = _f(8, ge=1)
-    embed_input_len: int = _f(32, ge=1)
-    embed_text: bool = _f(False, help="send texts instead of token ids to the embed server")
-    warmup_s: float = _f(30.0, ge=0.0)
-    duration_s: float = _f(60.0, gt=0.0)
-
-
-@dataclass(frozen=True, kw_only=True)
 class TelemetrySpec:
     enabled: bool = _f(True)
     interval_s: float = _f(1.0, gt=0.0)
@@ -124,8 +109,8 @@ class Condition:
     load: dict[str, Any] = _f({}, help="overrides of [load] fields")
     gen: dict[str, Any] = _f({}, help="overrides of [servers.gen] fields")
     embed: dict[str, Any] = _f({}, help="overrides of [servers.embed] fields")
-    # Set for the points of a concurrency sweep: (swept role, concurrency, base condition).
-    sweep: tuple[str, int, str] | None = field(default=None, metadata={"internal": True})
+    # Set for the points of a sweep: what the point changes on which base condition.
+    sweep: SweepPoint | None = field(default=None, metadata={"internal": True})
 
     def server(self, spec: Spec, role: str) -> ServerConfig:
         """The server config this condition runs `role` with (spec's, then overrides)."""
@@ -142,16 +127,6 @@ class Condition:
 
 
 @dataclass(frozen=True, kw_only=True)
-class SweepSpec:
-    """A concurrency sweep: each listed condition is run once per concurrency."""
-
-    role: str = _f("gen", choices=ROLES, help="whose concurrency is swept")
-    concurrency: list[int] = _f(min_items=1, ge=1, unique=True)
-    conditions: list[str] = _f([], unique=True, help="conditions to sweep (default: the baseline)")
-    repetitions: int = _f(1, ge=1)
-
-
-@dataclass(frozen=True, kw_only=True)
 class Spec:
     name: str = _f(pattern=NAME_RE, help="letters, digits, '.', '_' and '-'")
     description: str = _f("")
@@ -164,6 +139,7 @@ class Spec:
     telemetry: TelemetrySpec = _f(TelemetrySpec())
     conditions: list[Condition] = _f(min_items=1)
     sweep: SweepSpec | None = _f(None)
+    report: ReportSpec = _f(ReportSpec(), omit_default=True)
     source: str = field(default="", metadata={"internal": True}, compare=False)
 
     def condition(self, name: str) -> Condition:
@@ -173,18 +149,19 @@ class Spec:
         raise KeyError(name)
 
     def sweep_conditions(self) -> list[Condition]:
-        """One condition per (swept condition, concurrency), named `base.role-cN`."""
+        """One condition per (swept condition, value): `base.role-cN` for a concurrency,
+        `base.role-rR` for a request rate (R in requests/s)."""
         if self.sweep is None:
             return []
         out = []
-        key = f"{self.sweep.role}_concurrency"
         for base_name in self.sweep.conditions or [self.baseline]:
             base = next(c for c in self.conditions if c.name == base_name)
-            for c in self.sweep.concurrency:
+            for v in self.sweep.values:
+                pt = self.sweep.point(base.name, v)
                 out.append(dataclasses.replace(
-                    base, name=f"{base.name}.{self.sweep.role}-c{c}",
-                    load={**base.load, key: c}, sweep=(self.sweep.role, c, base.name),
-                    description=f"{base.name} with {self.sweep.role} concurrency {c}"))
+                    base, name=self.sweep.point_name(base.name, v),
+                    load={**base.load, pt.load_key(): v}, sweep=pt,
+                    description=f"{base.name} with {pt.label()}"))
         return out
 
     def all_conditions(self) -> list[Condition]:
@@ -209,14 +186,11 @@ class Spec:
 
     def to_dict(self) -> dict[str, Any]:
         """The validated spec as plain TOML-able data (None left out); `parse_spec` reads it back."""
-        d = dataclasses.asdict(self)
-        d.pop("source")
-        for c in d["conditions"]:
-            c.pop("sweep")
-        return _drop_none(d)
+        return _drop_none(plain(self))
 
     def digest(self) -> str:
-        """sha256 of the validated spec (defaults filled in), independent of layout and comments."""
+        """sha256 of the validated spec (defaults filled in, but fields added later left out at
+        their defaults: see `spec_field`), independent of layout and comments."""
         blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -442,11 +416,15 @@ def parse_spec(data: dict[str, Any], source: str = "<spec>") -> Spec:
         if c.baseline and c.baseline not in names:
             errors.append(f"conditions[{i}].baseline: '{c.baseline}' is not a condition "
                           f"(conditions: {', '.join(names)})")
+    errors += load_problems(spec_values.get("load", LoadSpec()), [c.load for c in conditions])
 
     sweep = None
     if sweep_raw is not None:
         sweep = _build(SweepSpec, sweep_raw, "sweep", errors)
+        if sweep is not None and None in sweep.concurrency + sweep.rate:
+            sweep = None  # a bad value, already reported
     if sweep is not None:
+        errors += sweep.problems()
         for j, n in enumerate(sweep.conditions):
             if n not in by_name:
                 errors.append(f"sweep.conditions[{j}]: '{n}' is not a condition "
@@ -458,9 +436,9 @@ def parse_spec(data: dict[str, Any], source: str = "<spec>") -> Spec:
             errors.append(f"sweep.conditions: the baseline '{base}' does not run {sweep.role}; "
                           f"name the conditions to sweep")
         for b in sweep.conditions or [base]:
-            for c in sweep.concurrency:
-                if f"{b}.{sweep.role}-c{c}" in by_name:
-                    errors.append(f"sweep: its point '{b}.{sweep.role}-c{c}' has the name of a "
+            for v in sweep.values:
+                if sweep.point_name(b, v) in by_name:
+                    errors.append(f"sweep: its point '{sweep.point_name(b, v)}' has the name of a "
                                   f"condition; rename that condition")
     if errors:
         raise SpecError(source, errors)

@@ -56,13 +56,13 @@ def test_markdown_tables(run_dir):
     assert "| mps | not run | 2 of 2 rep(s) not run yet" in md
     assert "| timeslice | not run | 1 of 2 rep(s) not run yet" in md
     assert "Throughput-optimal concurrency: **gen-only: C=" in md
-    for name in ("throughput", "tpot", "telemetry", "sweep"):
+    for name in ("tradeoff", "throughput", "tpot", "telemetry", "sweep"):
         assert f"(plots/{name}.png)" in md and (run_dir / "plots" / f"{name}.png").stat().st_size > 5000
 
 
 def test_html_is_self_contained(run_dir):
     html = (run_dir / "report.html").read_text()
-    assert html.count("src='data:image/png;base64,") == 4
+    assert html.count("src='data:image/png;base64,") == 5
     assert not re.search(r"""(src|href)=['"](?!data:)""", html)  # nothing fetched from elsewhere
     assert "<table>" in html and "<b>" in html and "baseline" in html
 
@@ -85,6 +85,7 @@ def test_report_command_rerenders(run_dir, capsys):
 
 def test_embed_sweep_plots_the_trade_off(tmp_path):
     from coserve.report import plots
+    from coserve.report.tradeoff import tradeoff
 
     text = SPEC + '[sweep]\nrole = "embed"\nconcurrency = [4, 16]\nconditions = ["timeslice", "mps"]\n'
     names = ["timeslice.embed-c4", "timeslice.embed-c16", "mps.embed-c4", "mps.embed-c16"]
@@ -93,3 +94,7 @@ def test_embed_sweep_plots_the_trade_off(tmp_path):
     assert {c.name for c in run.sweep if c.ok} == set(names)
     assert set(run.sweep_optimum()) == {"timeslice", "mps"}
     assert plots.sweep(run, tmp_path / "sweep.png").stat().st_size > 5000
+    curves = {c.label: [p.condition for p in c.points] for c in tradeoff(run).curves}
+    assert curves == {"timeslice": sorted(names[:2], key=lambda n: run.get(n).mean("embed_seq_s")),
+                      "mps": sorted(names[2:], key=lambda n: run.get(n).mean("embed_seq_s"))}
+    assert plots.tradeoff(run, tmp_path / "tradeoff.png").stat().st_size > 5000

@@ -93,7 +93,7 @@ def test_sweep_points_follow_the_matrix():
     names = [(c.name, r) for c, r in s.schedule()]
     assert names[-2:] == [("gen-only.gen-c4", 1), ("gen-only.gen-c8", 1)]
     pt = s.condition("gen-only.gen-c8")
-    assert pt.sweep == ("gen", 8, "gen-only") and pt.load_for(s).gen_concurrency == 8
+    assert pt.sweep == ("gen", 8, "gen-only", "concurrency") and pt.load_for(s).gen_concurrency == 8
 
 
 def test_embed_sweep_over_several_conditions():
@@ -134,6 +134,25 @@ def test_digest_ignores_layout_but_not_values():
     (("repetitions = 2", "repetitions = 2\n[load]\nduration_s = \"60\""), "load.duration_s", "a number"),
     (("repetitions = 2", "repetitions = 2\n[sweep]\nconcurrency = [4]\nconditions = [\"x\"]"),
      "sweep.conditions[0]", "not a condition"),
+    (("repetitions = 2", "repetitions = 2\n[load]\nembed_rate = 0"), "load.embed_rate", "greater than 0"),
+    (("repetitions = 2", "repetitions = 2\n[load]\ngen_rate = \"fast\""), "load.gen_rate", "a number"),
+    (("repetitions = 2", "repetitions = 2\n[load]\narrival = \"gamma\""), "load.arrival", "poisson, constant"),
+    (("repetitions = 2", "repetitions = 2\n[load]\nburstiness = -1"), "load.burstiness", "greater than 0"),
+    (("repetitions = 2", "repetitions = 2\n[load]\ngoodput_tpot_ms = 0"), "load.goodput_tpot_ms",
+     "greater than 0"),
+    (("repetitions = 2", "repetitions = 2\n[load]\nembed_slo_ms = true"), "load.embed_slo_ms", "a number"),
+    (("repetitions = 2", "repetitions = 2\n[load]\ngen_endpoint = \"responses\""), "load.gen_endpoint",
+     "completions, chat"),
+    (("name = \"ts\"", "name = \"ts\"\nload = {embed_rate = -5}"), "conditions[1].load.embed_rate",
+     "greater than 0"),
+    (("name = \"ts\"", "name = \"ts\"\nload = {goodput_ttft = 5}"), "conditions[1].load.goodput_ttft",
+     "goodput_ttft_ms"),
+    (("repetitions = 2", "repetitions = 2\n[sweep]\nrole = \"embed\"\nrate = [7.5, 0]\nconditions = [\"ts\"]"),
+     "sweep.rate[1]", "greater than 0"),
+    (("repetitions = 2", "repetitions = 2\n[sweep]\nrate = [1, 2]\nconcurrency = [4]"), "sweep.rate", "not both"),
+    (("repetitions = 2", "repetitions = 2\n[sweep]\nrole = \"gen\""), "sweep.concurrency", "rate = [...]"),
+    (("repetitions = 2", "repetitions = 2\n[sweep]\nrate = [2, 2.0]"), "sweep.rate", "repeat"),
+    (("repetitions = 2", "repetitions = 2\n[report]\nreference = \"vllm\""), "report.reference", "none, seed"),
 ])
 def test_bad_fields_are_named(edit, field, allowed):
     old, new = edit
@@ -178,3 +197,110 @@ def test_cli_dry_run_and_bad_spec(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "order" in err and "alternate, sequential" in err
     assert not (tmp_path / "r").exists()  # nothing started
+
+
+def test_open_loop_load_fields_and_overrides():
+    s = loads_spec(BASE.replace("repetitions = 2", """repetitions = 2
+[load]
+embed_rate = 61.25
+embed_concurrency = 256
+arrival = "constant"
+goodput_ttft_ms = 500
+goodput_tpot_ms = 30
+goodput_e2el_ms = 20000
+embed_slo_ms = 250
+gen_endpoint = "chat"
+""") + "load = {embed_rate = 7, gen_rate = 3.5}\n")
+    ld = s.load
+    assert (ld.embed_rate, ld.embed_concurrency, ld.arrival, ld.burstiness, ld.gen_endpoint) == \
+        (61.25, 256, "constant", 1.0, "chat")
+    assert (ld.goodput_ttft_ms, ld.goodput_tpot_ms, ld.goodput_e2el_ms, ld.embed_slo_ms) == \
+        (500.0, 30.0, 20000.0, 250.0)
+    assert isinstance(ld.goodput_ttft_ms, float) and ld.gen_rate is None
+    ts = s.condition("ts").load_for(s)
+    assert (ts.embed_rate, ts.gen_rate, ts.arrival) == (7.0, 3.5, "constant")
+    assert parse_spec(s.to_dict()).digest() == s.digest()
+
+
+def test_load_spec_takes_its_defaults_from_load_config():
+    import dataclasses
+
+    from coserve.bench.config import LoadConfig
+    from coserve.spec_load import LOAD_CHECKS, LoadSpec
+
+    config = {f.name: f.default for f in dataclasses.fields(LoadConfig)}
+    spec = {f.name: f.default for f in dataclasses.fields(LoadSpec)}
+    assert set(spec) == set(LOAD_CHECKS) and {"gen_rate", "embed_rate", "gen_endpoint"} <= set(spec)
+    assert spec == {k: config[k] for k in spec}
+
+
+def test_rate_sweep_points():
+    s = loads_spec(BASE + '[sweep]\nrole = "embed"\nrate = [7.5, 15, 120]\nconditions = ["ts"]\n')
+    pts = [c for c in s.all_conditions() if c.sweep]
+    assert [c.name for c in pts] == ["ts.embed-r7.5", "ts.embed-r15", "ts.embed-r120"]
+    assert pts[0].sweep == ("embed", 7.5, "ts", "rate")
+    ld = pts[2].load_for(s)
+    assert (ld.embed_rate, ld.embed_concurrency, ld.gen_rate) == (120.0, 64, None)
+    assert [(c.name, r) for c, r in s.schedule()][-3:] == [
+        ("ts.embed-r7.5", 1), ("ts.embed-r15", 1), ("ts.embed-r120", 1)]
+    g = loads_spec(BASE + "[sweep]\nrate = [2]\n")
+    assert g.condition("gen-only.gen-r2").load_for(g).gen_rate == 2.0
+    found = problems(BASE.replace('name = "ts"', 'name = "gen-only.gen-r2"') + "[sweep]\nrate = [2]\n")
+    assert any(p.startswith("sweep: its point 'gen-only.gen-r2' has the name") for p in found), found
+
+
+def test_digest_of_specs_hashed_before_the_open_loop_fields():
+    """Fields added later are left out of the digest at their defaults: a run folder written
+    before them still matches its spec on resume and in the report."""
+    import json
+
+    for run in sorted((EXPERIMENTS.parent / "results").glob("*/*/spec.json")):
+        fp = json.loads((run.parent / "fingerprint.json").read_text())
+        assert parse_spec(json.loads(run.read_text())).digest() == fp["spec"]["hash"], run
+    a = loads_spec(BASE)
+    assert "report" not in a.to_dict() and "embed_rate" not in a.to_dict()["load"]
+    b = loads_spec(BASE.replace("repetitions = 2", "repetitions = 2\n[load]\nembed_rate = 5"))
+    assert b.digest() != a.digest() and b.to_dict()["load"]["embed_rate"] == 5.0
+    c = loads_spec(BASE.replace("repetitions = 2", 'repetitions = 2\n[report]\nreference = "seed"'))
+    assert c.report.reference == "seed" and c.digest() != a.digest()
+
+
+def test_seed_equal_work_fixes_the_embed_load_at_the_studys_throughput():
+    s = load_spec(EXPERIMENTS / "seed-equal-work.toml")
+    single = load_spec(EXPERIMENTS / "seed-single-gpu.toml")
+    assert s.servers == single.servers and s.report.reference == "seed"
+    assert [(c.name, c.strategy, c.servers) for c in s.conditions] == \
+        [(c.name, c.strategy, c.servers) for c in single.conditions]
+    for c in s.all_conditions():
+        ld = c.load_for(s)
+        assert (ld.gen_concurrency, ld.gen_rate, ld.input_len, ld.output_len) == (512, None, 30, 512)
+        if "embed" in c.servers and c.sweep is None:
+            assert ld.embed_rate * ld.embed_batch == 490 and ld.embed_concurrency == 256
+    pts = [c for c in s.all_conditions() if c.sweep]
+    assert {c.sweep.base for c in pts} == {"timeslice", "mps"}
+    assert sorted({c.load_for(s).embed_rate * 8 for c in pts}) == [60, 120, 240, 480, 960]
+    assert "timeslice.embed-r7.5" in [c.name for c in pts]
+    twin = load_spec(EXPERIMENTS / "demo-equal-work.toml")
+    assert {c.servers[0] if len(c.servers) == 1 else "both" for c in twin.conditions} == \
+        {"gen", "embed", "both"} and twin.load.embed_rate and twin.sweep.knob == "rate"
+    assert {twin.servers[r].device for r in ("gen", "embed")} == {"cpu"}
+
+
+def test_load_checks_across_fields_come_from_load_config(monkeypatch):
+    """LoadConfig.validate owns the checks that span fields; the spec reports what it finds
+    at the table that set the field ([load] or the condition's override)."""
+    from coserve.bench.config import ConfigError, LoadConfig
+
+    def validate(self):
+        if self.arrival == "constant" and self.burstiness != 1.0:
+            raise ConfigError("burstiness", "constant arrivals have no gaps to shape")
+        return self
+
+    monkeypatch.setattr(LoadConfig, "validate", validate)
+    found = problems(BASE.replace("repetitions = 2", 'repetitions = 2\n[load]\narrival = "constant"')
+                     + "load = {burstiness = 2.0}\n")
+    assert found == ["conditions[1].load.burstiness: constant arrivals have no gaps to shape"]
+    found = problems(BASE.replace("repetitions = 2", "repetitions = 2\n[load]\narrival = "
+                                  '"constant"\nburstiness = 3.0') + "load = {embed_rate = 2.0}\n")
+    assert found == ["load.burstiness: constant arrivals have no gaps to shape"]
+    loads_spec(BASE.replace("repetitions = 2", 'repetitions = 2\n[load]\narrival = "constant"'))

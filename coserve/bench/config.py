@@ -25,11 +25,23 @@ class LoadConfig:
     embed_url: str | None = None
     gen_model: str | None = None  # None: the first entry of the server's /v1/models
     embed_model: str | None = None
+    # Closed loop: requests kept in flight. With a rate: the cap on requests in flight.
     gen_concurrency: int = 512
     input_len: int = 30
     output_len: int = 512
     embed_concurrency: int = 64
     embed_batch: int = 8
+    # Open loop: requests/s sent on a schedule (see arrivals.py); None = closed loop.
+    gen_rate: float | None = None
+    embed_rate: float | None = None  # each request carries embed_batch inputs
+    arrival: str = "poisson"  # "poisson" | "constant"
+    burstiness: float = 1.0  # gamma shape of the gaps, 1 = Poisson (vllm bench serve's)
+    # Goodput: a gen request counts only when it meets every bound given (vllm bench's).
+    goodput_ttft_ms: float | None = None
+    goodput_tpot_ms: float | None = None
+    goodput_e2el_ms: float | None = None
+    embed_slo_ms: float | None = None  # embed request latency bound for embed goodput
+    gen_endpoint: str = "completions"  # "completions" | "chat" (/v1/chat/completions)
     embed_input_len: int = 32
     embed_text: bool = False  # send texts instead of token-id lists to /v1/embeddings
     # encoding_format of /v1/embeddings: "base64" is what the official openai client asks

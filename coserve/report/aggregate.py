@@ -22,6 +22,12 @@ METRICS: dict[str, tuple[str, ...]] = {
     **{f"ttft_{p}": ("bench", "gen", "ttft_ms", p) for p in ("mean", "p50", "p95", "p99")},
     **{f"itl_{p}": ("bench", "gen", "itl_ms", p) for p in ("p50", "p95", "p99")},
     **{f"embed_lat_{p}": ("bench", "embed", "latency_ms", p) for p in ("mean", "p50", "p95", "p99")},
+    # Open-loop load and goodput (results from before them lack these keys: left out).
+    **{f"{r}_{k}_rps": ("bench", r, f"{k}_rate_rps") for r in ("gen", "embed")
+       for k in ("offered", "achieved")},
+    "gen_goodput_req_s": ("bench", "gen", "goodput", "requests_per_s"),
+    "gen_goodput_tok_s": ("bench", "gen", "goodput", "output_tokens_per_s"),
+    "embed_goodput_seq_s": ("bench", "embed", "goodput", "sequences_per_s"),
     **{m: ("telemetry", "window", m, "mean") for m in (
         "sm_active", "sm_occupancy", "tensor_active", "dram_active", "fp16_active", "fp32_active",
         "gpu_util", "power_w", "mem_used_mib")},
@@ -35,6 +41,16 @@ def _get(d: Any, path: tuple[str, ...]) -> Any:
             return None
         d = d.get(k)
     return d
+
+
+@dataclass(frozen=True)
+class LoadWarning:
+    """An endpoint that did not keep up with its offered rate in one rep."""
+
+    condition: str
+    rep: int
+    role: str
+    text: str
 
 
 @dataclass
@@ -67,6 +83,17 @@ class ConditionStats:
         s = self.summary.get(metric)
         return None if s is None else s.mean
 
+    def load_warnings(self) -> list[LoadWarning]:
+        """Each finished rep's endpoints whose result says `kept_up: false`."""
+        out = []
+        for r in self.ok:
+            for role in ("gen", "embed"):
+                part = _get(r, ("bench", role)) or {}
+                if part.get("kept_up") is False:
+                    text = part.get("warning") or "did not keep up with the offered rate"
+                    out.append(LoadWarning(self.name, r["rep"], role, text))
+        return out
+
     def to_dict(self) -> dict:
         return {
             "condition": self.name, "strategy": self.condition.strategy,
@@ -80,6 +107,8 @@ class ConditionStats:
             "gen_baseline": self.gen_baseline,
             "embed_delta_pct": self.embed_delta.to_dict() if self.embed_delta else None,
             "embed_baseline": self.embed_baseline,
+            "load_warnings": [{"rep": w.rep, "role": w.role, "warning": w.text}
+                              for w in self.load_warnings()],
         }
 
 
@@ -101,24 +130,24 @@ class RunStats:
     def sweep(self) -> list[ConditionStats]:
         return [c for c in self.conditions if c.condition.sweep is not None]
 
-    def sweep_optimum(self) -> dict[str, tuple[int, float]]:
-        """Per swept condition: (concurrency, throughput) of the best point measured."""
+    def sweep_optimum(self) -> dict[str, tuple[float, float]]:
+        """Per swept condition: (swept value, throughput) of the best point measured."""
         if self.spec.sweep is None:
             return {}
         metric = "gen_tok_s" if self.spec.sweep.role == "gen" else "embed_seq_s"
         best: dict[str, tuple[int, float]] = {}
         for c in self.sweep:
-            role, conc, base = c.condition.sweep
+            pt = c.condition.sweep
             v = c.mean(metric)
-            if v is not None and (base not in best or v > best[base][1]):
-                best[base] = (conc, v)
+            if v is not None and (pt.base not in best or v > best[pt.base][1]):
+                best[pt.base] = (pt.value, v)
         return best
 
     def to_dict(self) -> dict:
         return {
             "spec": {"name": self.spec.name, "hash": self.spec.digest(), "baseline": self.spec.baseline},
             "conditions": [c.to_dict() for c in self.conditions],
-            "sweep_optimum": {k: {"concurrency": c, "throughput": v}
+            "sweep_optimum": {k: {self.spec.sweep.knob: c, "throughput": v}
                               for k, (c, v) in self.sweep_optimum().items()},
             "method": "mean over finished reps; 95% CI of the mean from Student's t; delta = "
                       "condition mean / baseline mean - 1 with a delta-method CI (Welch df)",

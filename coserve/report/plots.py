@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from coserve.report.aggregate import TELEMETRY, RunStats, request_values, telemetry_series
+from coserve.report.tradeoff import tradeoff as curves_of
 
 LABELS = {"sm_active": "SM active", "sm_occupancy": "SM occupancy",
           "tensor_active": "Tensor active", "dram_active": "DRAM active"}
@@ -114,52 +115,86 @@ def telemetry(run: RunStats, path: Path) -> Path | None:
 
 
 def sweep(run: RunStats, path: Path) -> Path | None:
-    """Throughput against the swept concurrency; for an embed sweep also gen tok/s against
-    embed seq/s (the trade-off a user chooses on)."""
+    """The swept role's throughput against the swept concurrency or offered rate."""
     if run.spec.sweep is None:
         return None
-    role = run.spec.sweep.role
-    metric = "gen_tok_s" if role == "gen" else "embed_seq_s"
+    sw = run.spec.sweep
+    metric = "gen_tok_s" if sw.role == "gen" else "embed_seq_s"
     groups: dict[str, list] = {}
     for c in run.sweep:
         if metric in c.summary:
-            groups.setdefault(c.condition.sweep[2], []).append(c)
+            groups.setdefault(c.condition.sweep.base, []).append(c)
     if not groups:
         return None
     plt = _plt()
-    ncols = 2 if role == "embed" else 1
-    fig, axes = plt.subplots(1, ncols, figsize=(6 * ncols, 4.2), squeeze=False)
-    ax = axes[0][0]
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for base, cs in groups.items():
-        cs.sort(key=lambda c: c.condition.sweep[1])
-        xs = [c.condition.sweep[1] for c in cs]
-        ax.errorbar(xs, [c.summary[metric].mean for c in cs],
-                    yerr=[c.summary[metric].half_width or 0 for c in cs], marker="o", capsize=4, label=base)
+        cs.sort(key=lambda c: c.condition.sweep.value)
+        ax.errorbar([c.condition.sweep.value for c in cs], [c.summary[metric].mean for c in cs],
+                    yerr=[c.summary[metric].half_width or 0 for c in cs], marker="o", capsize=4,
+                    label=base)
     ax.set_xscale("log", base=2)
-    ticks = sorted({c.condition.sweep[1] for cs in groups.values() for c in cs})
-    ax.set_xticks(ticks, [str(t) for t in ticks])
+    ticks = sorted({c.condition.sweep.value for cs in groups.values() for c in cs})
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
     ax.minorticks_off()
-    ax.set_xlabel(f"{role} concurrency")
-    ax.set_ylabel("tokens/s" if role == "gen" else "sequences/s")
-    ax.set_title(f"{role} throughput vs concurrency")
+    ax.set_xlabel(f"{sw.role} offered rate (req/s)" if sw.knob == "rate" else f"{sw.role} concurrency")
+    ax.set_ylabel("tokens/s" if sw.role == "gen" else "sequences/s")
+    ax.set_title(f"{sw.role} throughput vs {'offered rate' if sw.knob == 'rate' else 'concurrency'}")
     ax.legend(fontsize=8)
-    if role == "embed":
-        ax2 = axes[0][1]
-        for base, cs in groups.items():
-            pts = [(c.mean("embed_seq_s"), c.mean("gen_tok_s"), c.condition.sweep[1]) for c in cs
-                   if c.mean("gen_tok_s") is not None]
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _hw(s) -> float:
+    return (s.half_width or 0.0) if s is not None else 0.0
+
+
+def tradeoff(run: RunStats, path: Path) -> Path | None:
+    """The headline: gen tok/s and gen TPOT p99 against achieved embed seq/s, one line per
+    strategy (each point a condition: mean over reps with 95% CI on both axes), the gen-alone
+    baseline at zero embed work, and the spec's reference figures marked apart."""
+    data = curves_of(run)
+    if not data.curves:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
+    for ax, key, unit in ((axes[0], "gen_tok_s", "gen tokens/s"),
+                          (axes[1], "tpot_p99_ms", "gen TPOT p99 (ms)")):
+        for curve in data.curves:
+            pts = [p for p in curve.points if getattr(p, key) is not None]
             if pts:
-                ax2.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=base)
-                for x, y, conc in pts:
-                    ax2.annotate(f"C={conc}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        base = next((c for c in run.matrix if c.name == run.spec.baseline), None)
-        if base is not None and base.mean("gen_tok_s") is not None and "embed" not in base.condition.servers:
-            ax2.scatter([0], [base.mean("gen_tok_s")], marker="*", s=120, color="gray", zorder=3,
-                        label=f"{base.name} (no embed)")
-        ax2.set_xlabel("embed sequences/s")
-        ax2.set_ylabel("gen tokens/s")
-        ax2.set_title("trade-off: gen vs embed throughput")
-        ax2.legend(fontsize=8)
+                ax.errorbar([p.embed_seq_s.mean for p in pts], [getattr(p, key).mean for p in pts],
+                            xerr=[_hw(p.embed_seq_s) for p in pts],
+                            yerr=[_hw(getattr(p, key)) for p in pts],
+                            marker="o", capsize=3, label=curve.label)
+        for b in data.baselines:
+            v = getattr(b, key)
+            if v is not None:
+                ax.errorbar([0], [v.mean], yerr=[_hw(v)], marker="*", ms=12, color="gray",
+                            capsize=3, ls="none", label=f"{b.condition} (gen alone)")
+                ax.axhline(v.mean, color="gray", lw=0.7, ls=":")
+        ref = data.reference
+        if ref is not None:
+            base = ref.baseline_tok_s if key == "gen_tok_s" else ref.baseline_tpot_p99_ms
+            pts = [(p.embed_seq_s, p.gen_tok_s if key == "gen_tok_s" else p.tpot_p99_ms, p)
+                   for p in ref.points]
+            pts = [(x, y, p) for x, y, p in pts if y is not None]
+            ax.scatter([x for x, _, _ in pts], [y for _, y, _ in pts], marker="X", s=70,
+                       color="black", zorder=4, label=ref.label)
+            for x, y, p in pts:
+                ax.annotate(f"{p.strategy} {p.gen_delta_pct:+.1f}%", (x, y), fontsize=7,
+                            xytext=(4, 4), textcoords="offset points")
+            if base is not None:
+                ax.scatter([0], [base], marker="x", s=50, color="black", zorder=4)
+        ax.set_xlabel("achieved embed sequences/s")
+        ax.set_ylabel(unit)
+        ax.set_xlim(left=-0.03 * ax.get_xlim()[1])  # the gen-alone star sits at 0, not on the edge
+    axes[0].set_title("gen throughput vs embed work")
+    axes[1].set_title("gen tail latency vs embed work")
+    axes[0].legend(fontsize=8)
+    fig.suptitle("points: mean over reps with 95% CI; star: gen alone", fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -169,8 +204,8 @@ def sweep(run: RunStats, path: Path) -> Path | None:
 def make_all(run: RunStats, out_dir: Path) -> dict[str, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     made = {}
-    for name, fn in (("throughput", throughput), ("tpot", tpot_distribution),
-                     ("telemetry", telemetry), ("sweep", sweep)):
+    for name, fn in (("tradeoff", tradeoff), ("throughput", throughput),
+                     ("tpot", tpot_distribution), ("telemetry", telemetry), ("sweep", sweep)):
         p = fn(run, out_dir / f"{name}.png")
         if p is not None:
             made[name] = p

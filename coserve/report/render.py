@@ -14,257 +14,20 @@ from pathlib import Path
 from coserve.experiment.fingerprint import describe_gpus
 from coserve.experiment.rundir import write_atomic
 from coserve.report import plots
-from coserve.report.aggregate import ConditionStats, RunStats, aggregate, embed_baseline
-from coserve.stats import Delta, Summary
-
-
-@dataclass
-class Block:
-    kind: str  # "h2" | "h3" | "p" | "table" | "img" | "ul" | "pre"
-    text: str = ""
-    headers: list[str] | None = None
-    rows: list[list[str]] | None = None
-    items: list[str] | None = None
-    path: Path | None = None
-    align: str = ""  # per table column: "l" or "r" (default: first left, the rest right)
-
-    def aligns(self) -> str:
-        n = len(self.headers or [])
-        return (self.align or "l" + "r" * (n - 1)).ljust(n, "r")
-
-
-# ------------------------------------------------------------------ number formats
-
-
-def num(v: float | None) -> str:
-    if v is None:
-        return "-"
-    a = abs(v)
-    if a >= 100:
-        return f"{v:,.0f}"
-    if a >= 10:
-        return f"{v:.1f}"
-    return f"{v:.2f}"
-
-
-def frac(v: float | None) -> str:
-    return "-" if v is None else f"{v:.3f}"
-
-
-def with_ci(s: Summary | None, fmt=num) -> str:
-    if s is None:
-        return "-"
-    if s.half_width is None:
-        return fmt(s.mean)
-    return f"{fmt(s.mean)} ± {fmt(s.half_width)}"
-
-
-def pct(d: Delta | None) -> str:
-    if d is None:
-        return "-"
-    text = f"**{d.pct:+.1f}%**"
-    if d.ci_low is None:
-        return text + " (n=1: no CI)"
-    return f"{text} [{d.ci_low:+.1f}, {d.ci_high:+.1f}]"
-
-
-def status_text(c: ConditionStats) -> str:
-    return {"complete": f"{len(c.ok)}/{c.planned}", "partial": f"{len(c.ok)}/{c.planned} (partial)",
-            "failed": f"0/{c.planned} (failed)", "not run": f"0/{c.planned} (not run)"}[c.status]
-
-
-# ------------------------------------------------------------------ sections
-
-
-def throughput_table(run: RunStats) -> Block:
-    rows = []
-    for c in run.matrix:
-        gen = c.summary.get("gen_tok_s")
-        if "gen" not in c.condition.servers:
-            gen_cell, gd = "-", "-"
-        else:
-            gen_cell = with_ci(gen) if gen else "(none)"
-            gd = "baseline" if c.gen_baseline == c.name else pct(c.gen_delta)
-        if "embed" not in c.condition.servers:
-            emb_cell, ed = "-", "-"
-        else:
-            emb_cell = with_ci(c.summary.get("embed_seq_s")) if c.summary.get("embed_seq_s") else "(none)"
-            ed = "baseline" if c.embed_baseline == c.name else pct(c.embed_delta)
-        rows.append([c.name, c.condition.strategy, status_text(c), gen_cell, gd, emb_cell, ed])
-    return Block("table", headers=["Condition", "Strategy", "Reps", "Gen (tok/s)", "Gen delta",
-                                   "Embed (seq/s)", "Embed delta"], rows=rows, align="llr")
-
-
-def per_rep_table(run: RunStats) -> Block | None:
-    most = max((c.planned for c in run.matrix), default=0)
-    if most < 2:
-        return None
-    rows = []
-    for c in run.matrix:
-        if "gen_tok_s" not in c.values and "embed_seq_s" not in c.values:
-            continue
-        by_rep = {r["rep"]: r for r in c.ok}
-        cells = []
-        for k in range(1, most + 1):
-            v = (by_rep.get(k) or {}).get("bench", {}) or {}
-            g = (v.get("gen") or {}).get("output_tokens_per_s")
-            cells.append(num(g) if g is not None else ("failed" if any(f["rep"] == k for f in c.failed) else "-"))
-        s = c.summary.get("gen_tok_s")
-        std = f"{s.std / s.mean * 100:.1f}%" if s and s.std is not None and s.mean else "-"
-        rows.append([c.name, *cells, num(c.mean("gen_tok_s")), std, num(c.mean("embed_seq_s"))])
-    return Block("table", headers=["Condition", *[f"Rep {k}" for k in range(1, most + 1)],
-                                   "Gen mean", "Gen std", "Embed mean"], rows=rows)
-
-
-def latency_tables(run: RunStats) -> list[Block]:
-    out = []
-    gen = [c for c in run.matrix if "gen" in c.condition.servers and c.ok]
-    if gen:
-        out.append(Block("h3", "Per-token decode latency (TPOT, ms)"))
-        out.append(Block("table", headers=["Condition", "p50", "p95", "p99", "mean"],
-                         rows=[[c.name, *(with_ci(c.summary.get(f"tpot_{p}")) for p in ("p50", "p95", "p99", "mean"))]
-                               for c in gen]))
-        out.append(Block("h3", "Time to first token (TTFT, ms)"))
-        out.append(Block("table", headers=["Condition", "p50", "p95", "p99", "mean"],
-                         rows=[[c.name, *(with_ci(c.summary.get(f"ttft_{p}")) for p in ("p50", "p95", "p99", "mean"))]
-                               for c in gen]))
-    emb = [c for c in run.matrix if "embed" in c.condition.servers and c.ok]
-    if emb:
-        out.append(Block("h3", "Embed request latency (ms, one request = a batch)"))
-        out.append(Block("table", headers=["Condition", "p50", "p95", "p99", "mean"],
-                         rows=[[c.name, *(with_ci(c.summary.get(f"embed_lat_{p}")) for p in ("p50", "p95", "p99", "mean"))]
-                               for c in emb]))
-    if out:
-        out.append(Block("p", "Each cell: the mean over reps of that rep's percentile, ± the 95% CI "
-                              "half-width; requests that ended inside the measurement window."))
-    return out
-
-
-def telemetry_blocks(run: RunStats) -> list[Block]:
-    out = [Block("h2", "GPU telemetry")]
-    rows = []
-    for c in run.matrix:
-        if any(m in c.summary for m in ("sm_active", "sm_occupancy", "tensor_active", "dram_active")):
-            rows.append([c.name, *(with_ci(c.summary.get(m), frac) for m in
-                                   ("sm_active", "sm_occupancy", "tensor_active", "dram_active")),
-                         with_ci(c.summary.get("power_w"))])
-    if rows:
-        out.append(Block("table", headers=["Condition", "SM active", "SM occupancy", "Tensor active",
-                                           "DRAM active", "Power (W)"], rows=rows))
-        out.append(Block("p", "NVML GPM metrics (the study's DCGM fields), fractions 0-1, mean over "
-                              "the samples inside the measurement window. GPM is device-wide: on a "
-                              "shared GPU it cannot split gen from embed."))
-        return out
-    notes = set()
-    for c in run.matrix:
-        for r in c.ok:
-            t = r.get("telemetry") or {}
-            if t.get("status"):
-                notes.add(t["status"])
-    why = "; ".join(sorted(notes)) or describe_gpus(run.fingerprint)
-    out.append(Block("p", f"No GPU telemetry in this run: {why}."))
-    return out
-
-
-def sweep_blocks(run: RunStats) -> list[Block]:
-    if run.spec.sweep is None:
-        return []
-    sw = run.spec.sweep
-    out = [Block("h2", f"Concurrency sweep ({sw.role})")]
-    rows = []
-    for c in sorted(run.sweep, key=lambda c: (c.condition.sweep[2], c.condition.sweep[1])):
-        _, conc, base = c.condition.sweep
-        rows.append([base, str(conc), status_text(c), with_ci(c.summary.get("gen_tok_s")),
-                     with_ci(c.summary.get("tpot_p50")), with_ci(c.summary.get("embed_seq_s")),
-                     with_ci(c.summary.get("embed_lat_p50"))])
-    out.append(Block("table", align="lr", headers=["Condition", f"{sw.role} C", "Reps", "Gen (tok/s)", "TPOT p50 (ms)",
-                                       "Embed (seq/s)", "Embed p50 (ms)"], rows=rows))
-    best = run.sweep_optimum()
-    unit = "tok/s" if sw.role == "gen" else "seq/s"
-    if best:
-        out.append(Block("p", "Throughput-optimal concurrency: " + "; ".join(
-            f"**{base}: C={conc}** ({num(v)} {unit})" for base, (conc, v) in best.items())))
-    else:
-        out.append(Block("p", "No sweep point has finished yet."))
-    return out
-
-
-def problems_blocks(run: RunStats) -> list[Block]:
-    rows = []
-    for c in run.conditions:
-        if c.status == "complete":
-            continue
-        if c.failed:
-            for f in c.failed:
-                rows.append([c.name, f"rep {f['rep']} failed", (f.get("error") or "").splitlines()[0][:300]])
-        missing = c.planned - len(c.ok) - len(c.failed)
-        if missing > 0:
-            rows.append([c.name, "not run", f"{missing} of {c.planned} rep(s) not run yet "
-                                            f"(`coserve run SPEC --out DIR --resume`)"])
-    if not rows:
-        return []
-    return [Block("h2", "Missing or failed"),
-            Block("p", "These conditions are not complete; their figures above (if any) come from "
-                       "the reps that finished."),
-            Block("table", headers=["Condition", "Status", "Detail"], rows=rows, align="lll")]
-
-
-def environment_blocks(run: RunStats) -> list[Block]:
-    fp = run.fingerprint
-    pk = ", ".join(f"{k} {v}" for k, v in fp.get("packages", {}).items() if v)
-    git = fp.get("git") or {}
-    items = [
-        f"GPU: {describe_gpus(fp)}" + (f", CUDA driver {fp['cuda_driver']}" if fp.get("cuda_driver") else ""),
-        f"CPU: {fp.get('cpu', {}).get('model')} x {fp.get('cpu', {}).get('count')}; host {fp.get('host')}",
-        f"coserve {fp.get('coserve')}, commit {str(git.get('commit'))[:12]}{' (with local changes)' if git.get('dirty') else ''}; "
-        f"Python {fp.get('python')}; {pk}",
-        f"Spec `{run.spec.name}` hash {run.spec.digest()[:12]}; run folder started {fp.get('created')}",
-    ]
-    hosts = {json.dumps((r.get("env") or {}).get("git"), sort_keys=True) for c in run.conditions for r in c.ok}
-    if len(hosts) > 1:
-        items.append("Reps ran at different commits (resumed runs); each rep's rep.json says which.")
-    return [Block("h2", "Environment"), Block("ul", items=items)]
-
-
-def tensor_parallel_size(c, role: str, configured: int) -> int:
-    """The TP degree a condition runs `role` with (tp strategies decide it themselves)."""
-    if not c.strategy.startswith("tp"):
-        return configured
-    from coserve.gpu.strategies import make_strategy
-
-    return make_strategy(c.strategy, list(c.gpus), dict(c.options), Path(".")).tensor_parallel_size(role)
-
-
-def settings_blocks(run: RunStats) -> list[Block]:
-    spec = run.spec
-    rows = []
-    for c in spec.conditions:
-        parts = []
-        for role in c.servers:
-            s = c.server(spec, role)
-            what = s.url if s.launcher == "external" else s.model
-            extra = []
-            if s.launcher != "external":
-                extra.append(f"util {s.gpu_memory_utilization:g}")
-                if s.enforce_eager:
-                    extra.append("eager")
-                tp = tensor_parallel_size(c, role, s.tensor_parallel_size)
-                if tp > 1:
-                    extra.append(f"TP={tp}")
-            parts.append(f"{role}: {what} ({s.launcher}; {', '.join(extra)})")
-        load = c.load_for(spec)
-        loads = []
-        if "gen" in c.servers:
-            loads.append(f"gen C={load.gen_concurrency}, {load.input_len} in / {load.output_len} out")
-        if "embed" in c.servers:
-            loads.append(f"embed C={load.embed_concurrency} x batch {load.embed_batch}, {load.embed_input_len} tok")
-        rows.append([c.name, c.strategy, ",".join(c.gpus), "; ".join(parts), "; ".join(loads)])
-    load = spec.load
-    return [Block("h2", "Settings"),
-            Block("p", f"{spec.repetitions} rep(s) per condition, order {spec.order}; "
-                       f"{load.warmup_s:g} s warm-up, {load.duration_s:g} s measurement window; seed {spec.seed}."),
-            Block("table", headers=["Condition", "Strategy", "GPUs", "Servers", "Load"], rows=rows,
-                  align="lllll")]
+from coserve.report.aggregate import RunStats, aggregate, embed_baseline
+from coserve.report.blocks import Block
+from coserve.report.load_tables import equal_work_blocks, goodput_blocks, load_blocks
+from coserve.report.sections import (
+    environment_blocks,
+    latency_tables,
+    per_rep_table,
+    problems_blocks,
+    settings_blocks,
+    sweep_blocks,
+    telemetry_blocks,
+    throughput_table,
+)
+from coserve.report.tradeoff import equal_work_checks
 
 
 def build(run: RunStats, plot_paths: dict[str, Path]) -> list[Block]:
@@ -281,7 +44,16 @@ def build(run: RunStats, plot_paths: dict[str, Path]) -> list[Block]:
                Block("p", "Mean over finished reps ± the 95% CI half-width (Student's t). Delta: "
                           "condition mean / baseline mean - 1, with its 95% CI [low, high] "
                           "(delta method, Welch degrees of freedom). Throughput counts what arrived "
-                          "inside the measurement window.")]
+                          "inside the measurement window."),
+               *equal_work_blocks(run)]
+    if "tradeoff" in plot_paths:
+        blocks.append(Block("img", "Trade-off: gen against achieved embed work",
+                            path=plot_paths["tradeoff"]))
+        if run.spec.report.reference != "none":
+            blocks.append(Block("p", "Marked X: the published figures named in the spec's "
+                                     "[report] reference, drawn beside ours, not measured here."))
+    blocks += load_blocks(run)
+    blocks += goodput_blocks(run)
     if "throughput" in plot_paths:
         blocks.append(Block("img", "Throughput per condition", path=plot_paths["throughput"]))
     rep_table = per_rep_table(run)
@@ -295,7 +67,7 @@ def build(run: RunStats, plot_paths: dict[str, Path]) -> list[Block]:
         blocks.append(Block("img", "GPU telemetry over time", path=plot_paths["telemetry"]))
     blocks += sweep_blocks(run)
     if "sweep" in plot_paths:
-        blocks.append(Block("img", "Concurrency sweep", path=plot_paths["sweep"]))
+        blocks.append(Block("img", f"{run.spec.sweep.knob.capitalize()} sweep", path=plot_paths["sweep"]))
     blocks += problems_blocks(run)
     blocks += settings_blocks(run)
     blocks += environment_blocks(run)
@@ -392,16 +164,21 @@ def render(path: str | Path, with_plots: bool = True) -> Rendered:
     md, htm, st = base / "report.md", base / "report.html", base / "stats.json"
     write_atomic(md, to_markdown(blocks, base))
     write_atomic(htm, to_html(blocks, f"coserve report: {run.spec.name}"))
-    write_atomic(st, json.dumps(run.to_dict(), indent=2) + "\n")
+    st_data = {**run.to_dict(), "equal_work": [e.to_dict() for e in equal_work_checks(run)]}
+    write_atomic(st, json.dumps(st_data, indent=2) + "\n")
     return Rendered(run, md, htm, st, plot_paths)
 
 
 def console_table(run: RunStats):
-    """The throughput table as a rich Table, for the terminal."""
+    """The throughput table as a rich Table, for the terminal; its caption says whether the
+    compared conditions did equal embed work."""
+    from rich.markup import escape
     from rich.table import Table
 
     b = throughput_table(run)
-    t = Table(title=f"{run.spec.name}: throughput (mean ± 95% CI)")
+    caption = "\n".join(escape(e.sentence().replace("**", "")) for e in equal_work_checks(run))
+    t = Table(title=f"{run.spec.name}: throughput (mean ± 95% CI)", caption=caption or None,
+              caption_justify="left")
     for h, a in zip(b.headers, b.aligns(), strict=True):
         t.add_column(h, justify="right" if a == "r" else "left")
     for row in b.rows:

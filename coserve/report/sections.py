@@ -1,0 +1,218 @@
+"""The report's sections as blocks: throughput, latency, telemetry, sweep, problems,
+settings and environment."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from coserve.experiment.fingerprint import describe_gpus
+from coserve.report.aggregate import RunStats
+from coserve.report.blocks import Block, frac, num, pct, status_text, with_ci
+from coserve.report.load_tables import load_text
+from coserve.report.tradeoff import equal_work_checks
+
+
+def throughput_table(run: RunStats) -> Block:
+    rows = []
+    for c in run.matrix:
+        gen = c.summary.get("gen_tok_s")
+        if "gen" not in c.condition.servers:
+            gen_cell, gd = "-", "-"
+        else:
+            gen_cell = with_ci(gen) if gen else "(none)"
+            gd = "baseline" if c.gen_baseline == c.name else pct(c.gen_delta)
+        if "embed" not in c.condition.servers:
+            emb_cell, ed = "-", "-"
+        else:
+            emb_cell = with_ci(c.summary.get("embed_seq_s")) if c.summary.get("embed_seq_s") else "(none)"
+            ed = "baseline" if c.embed_baseline == c.name else pct(c.embed_delta)
+        rows.append([c.name, c.condition.strategy, status_text(c), gen_cell, gd, emb_cell, ed])
+    return Block("table", headers=["Condition", "Strategy", "Reps", "Gen (tok/s)", "Gen delta",
+                                   "Embed (seq/s)", "Embed delta"], rows=rows, align="llr")
+
+
+def per_rep_table(run: RunStats) -> Block | None:
+    most = max((c.planned for c in run.matrix), default=0)
+    if most < 2:
+        return None
+    rows = []
+    for c in run.matrix:
+        if "gen_tok_s" not in c.values and "embed_seq_s" not in c.values:
+            continue
+        by_rep = {r["rep"]: r for r in c.ok}
+        cells = []
+        for k in range(1, most + 1):
+            v = (by_rep.get(k) or {}).get("bench", {}) or {}
+            g = (v.get("gen") or {}).get("output_tokens_per_s")
+            cells.append(num(g) if g is not None else ("failed" if any(f["rep"] == k for f in c.failed) else "-"))
+        s = c.summary.get("gen_tok_s")
+        std = f"{s.std / s.mean * 100:.1f}%" if s and s.std is not None and s.mean else "-"
+        rows.append([c.name, *cells, num(c.mean("gen_tok_s")), std, num(c.mean("embed_seq_s"))])
+    return Block("table", headers=["Condition", *[f"Rep {k}" for k in range(1, most + 1)],
+                                   "Gen mean", "Gen std", "Embed mean"], rows=rows)
+
+
+def latency_tables(run: RunStats) -> list[Block]:
+    out = []
+    gen = [c for c in run.matrix if "gen" in c.condition.servers and c.ok]
+    if gen:
+        out.append(Block("h3", "Per-token decode latency (TPOT, ms)"))
+        out.append(Block("table", headers=["Condition", "p50", "p95", "p99", "mean"],
+                         rows=[[c.name, *(with_ci(c.summary.get(f"tpot_{p}")) for p in ("p50", "p95", "p99", "mean"))]
+                               for c in gen]))
+        out.append(Block("h3", "Time to first token (TTFT, ms)"))
+        out.append(Block("table", headers=["Condition", "p50", "p95", "p99", "mean"],
+                         rows=[[c.name, *(with_ci(c.summary.get(f"ttft_{p}")) for p in ("p50", "p95", "p99", "mean"))]
+                               for c in gen]))
+    emb = [c for c in run.matrix if "embed" in c.condition.servers and c.ok]
+    if emb:
+        out.append(Block("h3", "Embed request latency (ms, one request = a batch)"))
+        out.append(Block("table", headers=["Condition", "p50", "p95", "p99", "mean"],
+                         rows=[[c.name, *(with_ci(c.summary.get(f"embed_lat_{p}")) for p in ("p50", "p95", "p99", "mean"))]
+                               for c in emb]))
+    if out:
+        out.append(Block("p", "Each cell: the mean over reps of that rep's percentile, ± the 95% CI "
+                              "half-width; requests that ended inside the measurement window."))
+    return out
+
+
+def telemetry_blocks(run: RunStats) -> list[Block]:
+    out = [Block("h2", "GPU telemetry")]
+    rows = []
+    for c in run.matrix:
+        if any(m in c.summary for m in ("sm_active", "sm_occupancy", "tensor_active", "dram_active")):
+            rows.append([c.name, *(with_ci(c.summary.get(m), frac) for m in
+                                   ("sm_active", "sm_occupancy", "tensor_active", "dram_active")),
+                         with_ci(c.summary.get("power_w"))])
+    if rows:
+        out.append(Block("table", headers=["Condition", "SM active", "SM occupancy", "Tensor active",
+                                           "DRAM active", "Power (W)"], rows=rows))
+        out.append(Block("p", "NVML GPM metrics (the study's DCGM fields), fractions 0-1, mean over "
+                              "the samples inside the measurement window. GPM is device-wide: on a "
+                              "shared GPU it cannot split gen from embed."))
+        return out
+    notes = set()
+    for c in run.matrix:
+        for r in c.ok:
+            t = r.get("telemetry") or {}
+            if t.get("status"):
+                notes.add(t["status"])
+    why = "; ".join(sorted(notes)) or describe_gpus(run.fingerprint)
+    out.append(Block("p", f"No GPU telemetry in this run: {why}."))
+    return out
+
+
+def sweep_blocks(run: RunStats) -> list[Block]:
+    if run.spec.sweep is None:
+        return []
+    sw = run.spec.sweep
+    rate = sw.knob == "rate"
+    out = [Block("h2", f"{'Rate' if rate else 'Concurrency'} sweep ({sw.role})")]
+    rows = []
+    for c in sorted(run.sweep, key=lambda c: (c.condition.sweep.base, c.condition.sweep.value)):
+        pt = c.condition.sweep
+        row = [pt.base, f"{pt.value:g}", status_text(c), with_ci(c.summary.get("gen_tok_s")),
+               with_ci(c.summary.get("tpot_p50")), with_ci(c.summary.get("tpot_p99")),
+               with_ci(c.summary.get("embed_seq_s")), with_ci(c.summary.get("embed_lat_p50"))]
+        if rate:
+            row.append(with_ci(c.summary.get(f"{sw.role}_achieved_rps")))
+        rows.append(row)
+    headers = ["Condition", f"{sw.role} rate (req/s)" if rate else f"{sw.role} C", "Reps",
+               "Gen (tok/s)", "TPOT p50 (ms)", "TPOT p99 (ms)", "Embed (seq/s)", "Embed p50 (ms)"]
+    if rate:
+        headers.append(f"{sw.role.capitalize()} achieved (req/s)")
+    out.append(Block("table", align="lr", headers=headers, rows=rows))
+    items = [e.sentence() for e in equal_work_checks(run) if e.scope == "sweep"]
+    if items:
+        out.append(Block("ul", items=items))
+    if rate:  # an open loop's throughput follows the offered rate: no optimum to pick
+        return out
+    best = run.sweep_optimum()
+    unit = "tok/s" if sw.role == "gen" else "seq/s"
+    if best:
+        out.append(Block("p", "Throughput-optimal concurrency: " + "; ".join(
+            f"**{base}: C={conc:g}** ({num(v)} {unit})" for base, (conc, v) in best.items())))
+    else:
+        out.append(Block("p", "No sweep point has finished yet."))
+    return out
+
+
+def problems_blocks(run: RunStats) -> list[Block]:
+    rows = []
+    for c in run.conditions:
+        if c.status == "complete":
+            continue
+        if c.failed:
+            for f in c.failed:
+                rows.append([c.name, f"rep {f['rep']} failed", (f.get("error") or "").splitlines()[0][:300]])
+        missing = c.planned - len(c.ok) - len(c.failed)
+        if missing > 0:
+            rows.append([c.name, "not run", f"{missing} of {c.planned} rep(s) not run yet "
+                                            f"(`coserve run SPEC --out DIR --resume`)"])
+    if not rows:
+        return []
+    return [Block("h2", "Missing or failed"),
+            Block("p", "These conditions are not complete; their figures above (if any) come from "
+                       "the reps that finished."),
+            Block("table", headers=["Condition", "Status", "Detail"], rows=rows, align="lll")]
+
+
+def environment_blocks(run: RunStats) -> list[Block]:
+    fp = run.fingerprint
+    pk = ", ".join(f"{k} {v}" for k, v in fp.get("packages", {}).items() if v)
+    git = fp.get("git") or {}
+    items = [
+        f"GPU: {describe_gpus(fp)}" + (f", CUDA driver {fp['cuda_driver']}" if fp.get("cuda_driver") else ""),
+        f"CPU: {fp.get('cpu', {}).get('model')} x {fp.get('cpu', {}).get('count')}; host {fp.get('host')}",
+        f"coserve {fp.get('coserve')}, commit {str(git.get('commit'))[:12]}{' (with local changes)' if git.get('dirty') else ''}; "
+        f"Python {fp.get('python')}; {pk}",
+        f"Spec `{run.spec.name}` hash {run.spec.digest()[:12]}; run folder started {fp.get('created')}",
+    ]
+    hosts = {json.dumps((r.get("env") or {}).get("git"), sort_keys=True) for c in run.conditions for r in c.ok}
+    if len(hosts) > 1:
+        items.append("Reps ran at different commits (resumed runs); each rep's rep.json says which.")
+    return [Block("h2", "Environment"), Block("ul", items=items)]
+
+
+def tensor_parallel_size(c, role: str, configured: int) -> int:
+    """The TP degree a condition runs `role` with (tp strategies decide it themselves)."""
+    if not c.strategy.startswith("tp"):
+        return configured
+    from coserve.gpu.strategies import make_strategy
+
+    return make_strategy(c.strategy, list(c.gpus), dict(c.options), Path(".")).tensor_parallel_size(role)
+
+
+def settings_blocks(run: RunStats) -> list[Block]:
+    spec = run.spec
+    rows = []
+    for c in spec.conditions:
+        parts = []
+        for role in c.servers:
+            s = c.server(spec, role)
+            what = s.url if s.launcher == "external" else s.model
+            extra = []
+            if s.launcher != "external":
+                extra.append(f"util {s.gpu_memory_utilization:g}")
+                if s.enforce_eager:
+                    extra.append("eager")
+                tp = tensor_parallel_size(c, role, s.tensor_parallel_size)
+                if tp > 1:
+                    extra.append(f"TP={tp}")
+            parts.append(f"{role}: {what} ({s.launcher}; {', '.join(extra)})")
+        load = c.load_for(spec)
+        loads = []
+        if "gen" in c.servers:
+            loads.append(f"gen {load_text(load, 'gen')}, {load.input_len} in / {load.output_len} out"
+                         + (f", {load.gen_endpoint}" if load.gen_endpoint != "completions" else ""))
+        if "embed" in c.servers:
+            loads.append(f"embed {load_text(load, 'embed')} x batch {load.embed_batch}, "
+                         f"{load.embed_input_len} tok")
+        rows.append([c.name, c.strategy, ",".join(c.gpus), "; ".join(parts), "; ".join(loads)])
+    load = spec.load
+    return [Block("h2", "Settings"),
+            Block("p", f"{spec.repetitions} rep(s) per condition, order {spec.order}; "
+                       f"{load.warmup_s:g} s warm-up, {load.duration_s:g} s measurement window; seed {spec.seed}."),
+            Block("table", headers=["Condition", "Strategy", "GPUs", "Servers", "Load"], rows=rows,
+                  align="lllll")]

@@ -1,0 +1,153 @@
+"""The trade-off between gen and embedding work, and whether compared conditions did equal
+embedding work.
+
+`curves(run)`: per sharing strategy, the conditions that run gen and embed together (matrix
+and sweep points) as points (achieved embed seq/s; gen tok/s; gen TPOT p99), each a mean
+over reps with its CI, sorted by embed work. `equal_work_checks(run)`: for each set of
+conditions a report compares, whether their achieved embed seq/s lie within
+`EQUAL_WORK_TOLERANCE` of each other; a gen delta only compares strategies when they did.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from coserve.reference import REFERENCES, Reference
+from coserve.report.aggregate import ConditionStats, RunStats
+from coserve.report.blocks import num
+from coserve.stats import Summary
+
+EQUAL_WORK_TOLERANCE = 0.05  # largest/smallest achieved embed seq/s - 1
+
+
+@dataclass
+class CurvePoint:
+    condition: str
+    embed_seq_s: Summary  # achieved embed sequences/s
+    gen_tok_s: Summary
+    tpot_p99_ms: Summary | None
+
+
+@dataclass
+class Curve:
+    """One strategy's points, against one gen baseline."""
+
+    label: str  # strategy plus its options, e.g. "mps (active_thread_percentage=50)"
+    baseline: str | None  # the gen-alone condition its deltas are against
+    points: list[CurvePoint]
+
+
+@dataclass
+class Baseline:
+    """A gen-alone condition: the curves' point at zero embed work."""
+
+    condition: str
+    gen_tok_s: Summary
+    tpot_p99_ms: Summary | None
+
+
+@dataclass
+class Tradeoff:
+    curves: list[Curve]
+    baselines: list[Baseline]
+    reference: Reference | None  # published figures to mark, never mixed into the curves
+
+
+def strategy_label(c: ConditionStats) -> str:
+    cond = c.condition
+    opts = ", ".join(f"{k}={v}" for k, v in sorted(cond.options.items()))
+    return f"{cond.strategy} ({opts})" if opts else cond.strategy
+
+
+def _co_located(c: ConditionStats) -> bool:
+    return set(c.condition.servers) == {"gen", "embed"}
+
+
+def tradeoff(run: RunStats) -> Tradeoff:
+    groups: dict[tuple[str, str], list[CurvePoint]] = {}
+    for c in run.conditions:
+        if not _co_located(c) or "embed_seq_s" not in c.summary or "gen_tok_s" not in c.summary:
+            continue
+        key = (strategy_label(c), c.condition.baseline_name(run.spec))
+        groups.setdefault(key, []).append(CurvePoint(
+            c.name, c.summary["embed_seq_s"], c.summary["gen_tok_s"], c.summary.get("tpot_p99")))
+    several = len({base for _, base in groups}) > 1
+    curves = [Curve(f"{label} vs {base}" if several else label, base,
+                    sorted(pts, key=lambda p: p.embed_seq_s.mean))
+              for (label, base), pts in groups.items()]
+    baselines = []
+    for base in dict.fromkeys(c.baseline for c in curves):
+        b = next((c for c in run.conditions if c.name == base), None)
+        if b is not None and "embed" not in b.condition.servers and "gen_tok_s" in b.summary:
+            baselines.append(Baseline(b.name, b.summary["gen_tok_s"], b.summary.get("tpot_p99")))
+    return Tradeoff(curves, baselines, REFERENCES.get(run.spec.report.reference))
+
+
+@dataclass
+class EqualWork:
+    """Whether `conditions` did equal embed work: achieved embed seq/s within the tolerance."""
+
+    what: str  # which comparison, e.g. "the co-located conditions"
+    scope: str  # "matrix" | "sweep"
+    conditions: list[str]
+    seq_s: list[float]  # mean achieved embed sequences/s, one per condition
+
+    @property
+    def spread(self) -> float:
+        """Largest / smallest - 1 (inf when one did no embed work)."""
+        lo, hi = min(self.seq_s), max(self.seq_s)
+        return hi / lo - 1 if lo > 0 else float("inf")
+
+    @property
+    def equal(self) -> bool:
+        return max(self.seq_s) <= min(self.seq_s) * (1 + EQUAL_WORK_TOLERANCE)
+
+    def sentence(self) -> str:
+        each = ", ".join(f"{n} {num(v)}" for n, v in zip(self.conditions, self.seq_s, strict=True))
+        tol = f"{EQUAL_WORK_TOLERANCE * 100:g} %"
+        if self.equal:
+            return (f"**Equal embed work** for {self.what}: {each} embed seq/s, within {tol} of "
+                    f"each other (spread {self.spread * 100:.1f} %); their gen figures compare the "
+                    f"same work.")
+        if self.spread == float("inf"):
+            gap = "some did none"
+        elif self.spread < 1:
+            gap = f"the most is {self.spread * 100:.0f} % above the least"
+        else:
+            gap = f"the most is {self.spread + 1:.1f}x the least"
+        return (f"**Unequal embed work** for {self.what}: {each} embed seq/s ({gap}; equal "
+                f"means within {tol}). Their gen "
+                f"figures compare different amounts of embedding work, not the strategies "
+                f"alone; an embed rate (`embed_rate` in [load]) gives each the same work.")
+
+    def to_dict(self) -> dict:
+        return {"what": self.what, "scope": self.scope, "conditions": self.conditions, "embed_seq_s": self.seq_s,
+                "spread_pct": self.spread * 100, "equal": self.equal,
+                "tolerance_pct": EQUAL_WORK_TOLERANCE * 100}
+
+
+def _check(what: str, scope: str, conds: list[ConditionStats]) -> EqualWork | None:
+    have = [c for c in conds if "embed_seq_s" in c.summary]
+    if len(have) < 2:
+        return None
+    return EqualWork(what, scope, [c.name for c in have], [c.summary["embed_seq_s"].mean for c in have])
+
+
+def equal_work_checks(run: RunStats) -> list[EqualWork]:
+    """The matrix's co-located conditions (per gen baseline), then each sweep value run under
+    more than one condition. Only comparisons with two or more measured conditions."""
+    out = []
+    by_base: dict[str, list[ConditionStats]] = {}
+    for c in run.matrix:
+        if _co_located(c):
+            by_base.setdefault(c.condition.baseline_name(run.spec), []).append(c)
+    for base, conds in by_base.items():
+        what = "the co-located conditions" + (f" against {base}" if len(by_base) > 1 else "")
+        out.append(_check(what, "matrix", conds))
+    by_value: dict[float, list[ConditionStats]] = {}
+    for c in run.sweep:
+        if _co_located(c):
+            by_value.setdefault(c.condition.sweep.value, []).append(c)
+    for _, conds in sorted(by_value.items()):
+        out.append(_check(f"the sweep points at {conds[0].condition.sweep.label()}", "sweep", conds))
+    return [e for e in out if e is not None]
