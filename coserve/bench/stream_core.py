@@ -44,6 +44,8 @@ class StreamServerConfig:
     fail_message: str = "injected failure"
     drop_every: int = 0
     drop_after: int = 1
+    # End those streams with an error event (then [DONE]) instead of cutting the connection.
+    drop_as_error: bool = False
     # Slow requests: every `slow_every`-th request (per endpoint) is answered `slow_ms`
     # later: its first token (gen), its answer (embed). For goodput tests.
     slow_every: int = 0
@@ -276,7 +278,12 @@ class StreamServer:
         cfg = self.cfg
         if st.chunk_no == st.drop_after:
             self.served["dropped"] += 1
-            conn.drop()
+            if cfg.drop_as_error:
+                conn.finish(chunk(b'data: {"error":{"message":"injected error event",'
+                                  b'"type":"server_error","code":500}}\n\n')
+                            + chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
+            else:
+                conn.drop()
             return
         k = min(cfg.tokens_per_chunk, st.n_tokens - st.sent)
         first = st.sent

@@ -164,6 +164,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--fail-message", default=d.fail_message)
     p.add_argument("--drop-every", type=int, default=0)
     p.add_argument("--drop-after", type=int, default=d.drop_after)
+    p.add_argument("--drop-as-error", action="store_true",
+                   help="end the dropped streams with an error event, not a cut connection")
     p.add_argument("--slow-every", type=int, default=0,
                    help="every Nth request (per endpoint) is answered --slow-ms later")
     p.add_argument("--slow-ms", type=float, default=d.slow_ms)
@@ -226,7 +228,7 @@ def spawn(timeout: float = 20.0, **options) -> SpawnedServer:
         if v == getattr(defaults, f.name) and f.name != "port":
             continue
         flag = "--" + f.name.replace("_", "-")
-        if f.name in ("token_ids", "precise"):
+        if f.name in ("token_ids", "precise", "drop_as_error"):
             argv += [flag] if v else []
         elif f.name == "usage":
             argv += [] if v else ["--no-usage"]
