@@ -27,8 +27,17 @@ _GOODPUT = {"ttft": "goodput_ttft_ms", "tpot": "goodput_tpot_ms", "e2el": "goodp
 _D = LoadConfig()  # the defaults: declared once, in LoadConfig
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults shown once: not for flags without one (None, False) or whose help says it."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.formatter_class = argparse.ArgumentDefaultsHelpFormatter
+    p.formatter_class = _Help
     g = p.add_argument_group("endpoints (give one or both)")
     g.add_argument("--gen-url", help="OpenAI-compatible server for /v1/completions "
                                      "(or /v1/chat/completions, see --gen-endpoint)")
