@@ -139,11 +139,12 @@ def test_closed_loop_rate_keys():
 def test_open_loop_kept_up_or_said_why():
     def summary(sent, scheduled, cap_waits=0):
         ep = EndpointRun("embed", "http://e", "m", 64, rate=10.0)
-        ep.sent_window, ep.scheduled_window, ep.cap_waits = sent, scheduled, cap_waits
+        ep.sent_window = ep.sent_of_scheduled = sent
+        ep.scheduled_window, ep.cap_waits = scheduled, cap_waits
         return _result(embed=ep).summary()["embed"]
 
     e = summary(200, 203)
-    assert e["mode"] == "rate" and e["offered_rate_rps"] == 10.0
+    assert e["mode"] == "rate" and e["offered_rate_rps"] == 10.0 and e["send_late_ms"]["n"] == 0
     assert e["achieved_rate_rps"] == 10.0 and e["kept_up"] is True and e["warning"] is None
     e = summary(190, 203)  # 93.6 % of the schedule: fell behind
     assert e["kept_up"] is False and "sent 190 of the 203" in e["warning"]

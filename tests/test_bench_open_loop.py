@@ -36,6 +36,7 @@ def test_the_achieved_rate_tracks_the_offered_one(server):
     # requests leave at their scheduled time (a shared 2-core VM: a loose tail)
     late = np.array([x.start_s - x.scheduled_s for x in r.records if x.start_s >= 0.5])
     assert late.min() >= 0 and np.median(late) < 0.002 and np.percentile(late, 95) < 0.02
+    assert s["embed"]["send_late_ms"]["n"] == 450 and s["embed"]["send_late_ms"]["p50"] < 2
     assert s["load"]["arrival"] == "constant" and s["load"]["embed_rate"] == 150.0
 
 

@@ -19,7 +19,8 @@ Window accounting: the window is [warmup, warmup + duration) after t0.
 Rate and goodput (open loop; see docs/bench.md):
 - achieved_rate_rps = requests *sent* inside the window / window; offered_rate_rps = the
   rate asked. kept_up is False when fewer than 95 % of the arrivals the schedule put in the
-  window were sent, or an arrival found the in-flight cap full.
+  window were sent before the run stopped, or an arrival found the in-flight cap full.
+  send_late_ms: how long after its scheduled time each of those requests left.
 - Goodput takes the requests that ended inside the window and met every bound given
   (vllm bench serve's definition): req/s, and their output tokens / window; embed:
   their sequences / window.
@@ -74,7 +75,14 @@ def _per_s(window: float):
     return (lambda x: x / window) if window > 0 else (lambda x: 0.0)
 
 
-def _rate(ep: EndpointRun, window: float) -> dict:
+def _send_late(result: BenchResult, ep: EndpointRun) -> list[float]:
+    """ms from scheduled to sent, of the open-loop requests scheduled inside the window."""
+    lo, hi = result.window_start - result.t0, result.window_end - result.t0
+    return [(r.start_s - r.scheduled_s) * 1e3 for r in ep.records
+            if r.scheduled_s is not None and lo <= r.scheduled_s < hi]
+
+
+def _rate(ep: EndpointRun, window: float, late_ms: list[float]) -> dict:
     """mode, offered and achieved rate, kept_up and its warning (the JSON contract)."""
     achieved = ep.sent_window / window if window > 0 else 0.0
     out = {"mode": "closed" if ep.rate is None else "rate",
@@ -86,9 +94,10 @@ def _rate(ep: EndpointRun, window: float) -> dict:
     sched = ep.scheduled_window
     out["scheduled_in_window"] = sched
     out["cap_waits"] = ep.cap_waits
-    if sched and ep.sent_window < KEPT_UP * sched:
-        problems.append(f"sent {ep.sent_window} of the {sched} requests scheduled in the "
-                        f"window ({achieved:.4g} of {ep.rate:g} req/s offered)")
+    out["send_late_ms"] = dist(late_ms)
+    if sched and ep.sent_of_scheduled < KEPT_UP * sched:
+        problems.append(f"sent {ep.sent_of_scheduled} of the {sched} requests scheduled in "
+                        f"the window ({achieved:.4g} of {ep.rate:g} req/s offered)")
     if ep.cap_waits:
         problems.append(f"{ep.cap_waits} arrivals found all {ep.concurrency} slots in flight "
                         f"and waited (raise --{ep.kind}-concurrency, or the server is "
@@ -132,7 +141,7 @@ def _gen_summary(result: BenchResult, ep: EndpointRun, window: float) -> dict:
         "model": ep.model,
         "concurrency": ep.concurrency,
         "endpoint": result.config.gen_endpoint,
-        **_rate(ep, window),
+        **_rate(ep, window, _send_late(result, ep)),
         "output_tokens_per_s": round(per_s(ep.tokens_window), 3),
         "requests_per_s": round(per_s(len(done)), 4),
         "completed": len(done),
@@ -163,7 +172,7 @@ def _embed_summary(result: BenchResult, ep: EndpointRun, window: float) -> dict:
         "url": ep.url,
         "model": ep.model,
         "concurrency": ep.concurrency,
-        **_rate(ep, window),
+        **_rate(ep, window, _send_late(result, ep)),
         "batch": result.config.embed_batch,
         "encoding": result.config.embed_encoding,
         "dim": ep.dim,

@@ -87,6 +87,7 @@ class EndpointRun:
     sent: int = 0
     sent_window: int = 0  # requests sent inside the window
     scheduled_window: int = 0  # open loop: arrivals the schedule put inside the window
+    sent_of_scheduled: int = 0  # open loop: of those, how many were sent (at any time)
     cap_waits: int = 0  # open loop: arrivals in the window that found the cap full
     completed_total: int = 0
     failed_total: int = 0
