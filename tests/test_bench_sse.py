@@ -147,8 +147,8 @@ def test_json_with_spaces_is_parsed_the_slow_way():
 # ------------------------------------------------------------------ chat
 
 
-def _chat_event(content=None, finish=None, role=False, token_ids=None):
-    delta = {}
+def _chat_event(content=None, finish=None, role=False, token_ids=None, reasoning=None):
+    delta = {} if reasoning is None else {"reasoning_content": reasoning, "content": None}
     if role:
         delta["role"] = "assistant"
     if content is not None:
@@ -179,6 +179,10 @@ def test_chat_counts_content_deltas_not_the_role_chunk():
     _feed(s, [_chat_event(" a"), _chat_event(" b"), _chat_event(""), _chat_event(None),
               _chat_event(None, finish="stop"), DONE])
     assert s.ntok == 2 and s.nchunks == 2
+    # reasoning tokens (delta.reasoning_content) are tokens too
+    _, s = _stream(chat=True)
+    _feed(s, [_chat_event(reasoning=" r"), _chat_event(reasoning=" s"), _chat_event(" a"), DONE])
+    assert s.ntok == 3 and abs(s.first - 0.0) < 1e-12
 
 
 # ------------------------------------------------------------------ fast path vs reference
@@ -197,10 +201,13 @@ def _streams():
         (_chat_stream(30), True),
         ([_chat_event("", role=True), _chat_event(" a", token_ids=[5]), _chat_event(""),
           _chat_event(" b"), _chat_event(None, finish="stop"), USAGE % (2, 5), DONE], True),
+        ([_chat_event("", role=True), _chat_event(reasoning=" think"), _chat_event(reasoning=""),
+          _chat_event(reasoning=" more"), _chat_event(" answer"), _chat_event(" x"),
+          _chat_event(None, finish="stop"), USAGE % (4, 7), DONE], True),
     ]
 
 
-@pytest.mark.parametrize("k", range(6))
+@pytest.mark.parametrize("k", range(7))
 @pytest.mark.parametrize("split", ["events", 1, 5, 33, "crlf", "all"])
 def test_fast_path_and_reference_agree_on_the_same_bytes(k, split):
     events, chat = _streams()[k]

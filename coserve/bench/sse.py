@@ -5,7 +5,8 @@ rules that the tests hold it against on the same byte streams.
 The rules (both classes): a server-sent event's data is JSON or `[DONE]`. A chunk with a
 choice carries tokens: `len(token_ids)` when it has them, else completions count 1 unless its
 text is empty *and* it has a finish reason (an empty closing chunk), chat counts 1 when its
-`delta.content` is a non-empty string (the role chunk, `"content":""`, carries none). The
+`delta.content` (or `delta.reasoning_content`, as vLLM's and SGLang's reasoning parsers
+send) is a non-empty string (the role chunk, `"content":""`, carries none). The
 `usage` object gives completion and prompt tokens; an `error` object (or `"object":"error"`)
 is an error event. ITL gaps are between consecutive token-bearing chunks; a chunk whose
 arrival is in [ws, we) puts its gap and its tokens in the window.
@@ -22,6 +23,7 @@ from coserve.bench.client import error_message
 __all__ = ["GenStream", "ReferenceStream", "choice_tokens", "sse_data"]
 
 _CONTENT = b'"content":"'
+_REASONING = b'"reasoning_content":"'
 
 
 def choice_tokens(choices, chat: bool) -> int:
@@ -33,9 +35,9 @@ def choice_tokens(choices, chat: bool) -> int:
     if isinstance(ids, list):
         return len(ids)
     if chat:
-        delta = c.get("delta")
-        content = delta.get("content") if isinstance(delta, dict) else None
-        return 1 if isinstance(content, str) and content else 0
+        delta = c.get("delta") if isinstance(c.get("delta"), dict) else {}
+        return 1 if any(isinstance(delta.get(k), str) and delta[k]
+                        for k in ("content", "reasoning_content")) else 0
     if c.get("text") == "" and c.get("finish_reason") is not None:
         return 0
     return 1
@@ -139,6 +141,9 @@ class GenStream:
                 elif self.chat:
                     k = ev.find(_CONTENT, j)
                     n = 0 if k < 0 or ev[k + 11:k + 12] == b'"' else 1
+                    if not n:
+                        k = ev.find(_REASONING, j)
+                        n = 0 if k < 0 or ev[k + 21:k + 22] == b'"' else 1
                 elif b'"text":""' in ev and b'"finish_reason":null' not in ev:
                     n = 0  # an empty closing chunk: no token in it
                 else:
