@@ -10,6 +10,13 @@ up with the server (tok/s near the ideal) with |skew| under 0.5 ms.
     python3 benchmarks/loadgen_throughput.py                       # C=512, 10 ms ITL: ~51k tok/s
     python3 benchmarks/loadgen_throughput.py --concurrency 256,512,768 --server-workers 4
 
+With --rate R[,R...] it drives an open loop instead (requests sent at R per second on the
+--arrival schedule, at most --concurrency in flight) and prints the offered and achieved
+rate, how late requests left against their schedule (p50/p99), and the same skews:
+
+    python3 benchmarks/loadgen_throughput.py --rate 2000 --arrival constant --output-len 4 \
+        --concurrency 4096
+
 Figures and the machines they came from are in docs/bench.md.
 """
 
@@ -244,9 +251,54 @@ def run_one(args, c: int) -> dict:
     }
 
 
+_RATE_COLS = ["offered_rps", "achieved_rps", "of_offered", "kept_up", "send_late_p50_ms",
+              "send_late_p99_ms", "tok_s", "ideal_tok_s", "ttft_p50_skew_ms",
+              "tpot_p50_skew_ms", "client_cpu_per_s", "completed", "failed"]
+
+
+def run_rate(args, rate: float) -> dict:
+    """One open-loop run at `rate` requests/s (see the module docstring)."""
+    with stream_server.spawn(ttft_ms=args.ttft_ms, itl_ms=args.itl_ms, precise=args.precise,
+                             workers=args.server_workers) as srv:
+        cfg = LoadConfig(gen_url=srv.url, gen_rate=rate, arrival=args.arrival,
+                         gen_concurrency=int(args.concurrency.split(",")[0]),
+                         output_len=args.output_len, input_len=30, warmup_s=args.warmup,
+                         duration_s=args.duration)
+        if args.pin:
+            _pin(srv)
+        r0 = resource.getrusage(resource.RUSAGE_SELF)
+        w0 = time.perf_counter()
+        result = run_sync(run_load(cfg), args.loop)
+        wall = time.perf_counter() - w0
+        r1 = resource.getrusage(resource.RUSAGE_SELF)
+    g = result.summary()["gen"]
+    late = g["send_late_ms"]
+    client_cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+    return {
+        "offered_rps": rate,
+        "achieved_rps": g["achieved_rate_rps"],
+        "of_offered": round(g["achieved_rate_rps"] / rate, 4),
+        "kept_up": g["kept_up"],
+        "send_late_p50_ms": late["p50"],
+        "send_late_p99_ms": late["p99"],
+        "tok_s": g["output_tokens_per_s"],
+        "ideal_tok_s": round(rate * args.output_len, 1),
+        "ttft_p50_skew_ms": _skew(g["ttft_ms"]["p50"], args.ttft_ms),
+        "tpot_p50_skew_ms": _skew(g["tpot_ms"]["p50"], args.itl_ms),
+        "client_cpu_per_s": round(client_cpu / wall, 3),
+        "completed": g["completed"],
+        "failed": g["failed"],
+    }
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--concurrency", default="512", help="one or more, comma-separated")
+    p.add_argument("--concurrency", default="512",
+                   help="one or more, comma-separated (with --rate: the cap in flight)")
+    p.add_argument("--rate", default=None,
+                   help="open loop: requests/s, one or more, comma-separated")
+    p.add_argument("--arrival", choices=("poisson", "constant"), default="constant",
+                   help="with --rate: the arrival schedule")
     p.add_argument("--ttft-ms", type=float, default=20.0)
     p.add_argument("--itl-ms", type=float, default=10.0)
     p.add_argument("--output-len", type=int, default=256)
@@ -276,6 +328,16 @@ def main(argv=None) -> int:
     print(f"# server: ttft {args.ttft_ms} ms, itl {args.itl_ms} ms, {args.output_len} tokens, "
           f"{args.server_workers} worker(s){', precise' if args.precise else ''}; "
           f"window {args.warmup}+{args.duration} s", flush=True)
+    if args.rate:
+        cols = _RATE_COLS
+        if not args.json:
+            print("| " + " | ".join(cols) + " |")
+            print("|" + "---|" * len(cols))
+        for rate in (float(x) for x in args.rate.split(",")):
+            row = run_rate(args, rate)
+            print(json.dumps(row) if args.json else
+                  "| " + " | ".join(str(row[k]) for k in cols) + " |", flush=True)
+        return 0
     cols = ["concurrency", "ideal_tok_s", "tok_s", "of_ideal", "tpot_p50_skew_ms",
             "tpot_p99_skew_ms", "itl_p50_skew_ms", "itl_p99_skew_ms", "ttft_p50_skew_ms",
             "client_cpu_per_s", "client_sys_share", "client_us_per_token", "server_cpu_per_s", "server_late_p50_ms", "server_late_p99_ms",

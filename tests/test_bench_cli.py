@@ -146,3 +146,61 @@ def test_ctrl_c_writes_what_was_measured_marked_cut_short(server, tmp_path, when
     else:
         assert s["duration_s"] == 0 and s["gen"]["output_tokens_per_s"] == 0
     assert "CUT SHORT" in stderr
+
+
+def test_rates_goodput_and_a_rate_not_kept_up_on_the_console(tmp_path):
+    out = tmp_path / "r.json"
+    with stream_server.spawn(ttft_ms=10, itl_ms=2, embed_latency_ms=150) as srv:
+        # embed: 60 req/s of 150 ms each with a cap of 2 in flight cannot be kept up
+        p = _bench("--gen-url", srv.url, "--gen-rate", "20", "--arrival", "constant",
+                   "--output-len", "8", "--embed-url", srv.url, "--embed-rate", "60",
+                   "--embed-concurrency", "2", "--goodput", "ttft:500", "e2el:1000",
+                   "--embed-slo", "100", "--warmup", "0.3", "--duration", "1.2",
+                   "--out", str(out))
+        _, stderr = p.communicate(timeout=60)
+    assert p.returncode == 0, stderr
+    s = json.loads(out.read_text())
+    assert s["gen"]["mode"] == "rate" and s["gen"]["kept_up"] is True
+    assert s["gen"]["goodput"]["bounds_ms"] == {"ttft": 500.0, "e2el": 1000.0}
+    assert s["gen"]["goodput"]["requests"] == s["gen"]["completed"] > 0
+    assert s["embed"]["kept_up"] is False and s["embed"]["goodput"]["requests"] == 0
+    assert s["load"] == {"arrival": "constant", "burstiness": 1.0, "gen_rate": 20.0,
+                         "embed_rate": 60.0,
+                         "slo": {"ttft_ms": 500.0, "tpot_ms": None, "e2el_ms": 1000.0,
+                                 "embed_ms": 100.0}}
+    assert "WARNING: embed did not keep up" in stderr and "rate 20/s offered" in stderr
+
+
+def test_a_dead_endpoint_ends_the_run_with_its_reason_and_status_1(tmp_path):
+    out = tmp_path / "dead.json"
+    srv = stream_server.spawn(ttft_ms=10, itl_ms=2)
+    try:
+        p = _bench("--gen-url", srv.url, "--gen-concurrency", "4", "--output-len", "8",
+                   "--warmup", "0.5", "--duration", "30", "--out", str(out))
+        assert "coserve bench:" in p.stderr.readline()
+        time.sleep(1.0)
+        srv.proc.send_signal(signal.SIGKILL)
+        t = time.monotonic()
+        _, stderr = p.communicate(timeout=30)
+    finally:
+        srv.stop()
+    assert time.monotonic() - t < 5
+    assert p.returncode == 1, stderr
+    assert "gen server at" in stderr and "not answering" in stderr
+    s = json.loads(out.read_text())
+    assert "not answering" in s["aborted"] and "ABORTED" in stderr
+
+
+@pytest.mark.parametrize("flag, value, says", [
+    ("--goodput", "ttfb:100", "must be one of ttft, tpot, e2el"),
+    ("--goodput", "ttft:fast", "a number of milliseconds"),
+    ("--goodput", "tpot:-1", "--goodput"),
+    ("--gen-rate", "0", "--gen-rate"),
+    ("--embed-slo", "inf", "--embed-slo"),
+    ("--burstiness", "0", "--burstiness"),
+    ("--duration", "inf", "--duration"),
+])
+def test_bad_load_flags_are_named(flag, value, says):
+    p = _bench("--gen-url", "http://127.0.0.1:1", flag, value)
+    _, stderr = p.communicate(timeout=30)
+    assert p.returncode != 0 and says in stderr, stderr

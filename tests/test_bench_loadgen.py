@@ -12,7 +12,8 @@ import pytest
 
 from coserve.bench import stream_server
 from coserve.bench.config import LoadConfig
-from coserve.bench.loadgen import BenchError, run_load, run_sync
+from coserve.bench.loadgen import BenchError, EndpointDead, run_load, run_sync
+from coserve.bench.workers import DEAD_AFTER_S
 
 TTFT_MS, ITL_MS, EMBED_MS = 50.0, 10.0, 80.0
 
@@ -77,25 +78,25 @@ def test_embed_answers_in_either_encoding_are_counted_and_their_shape_read(encod
     assert e["encoding"] == encoding and e["dim"] == 1024
     assert e["failed"] == 0 and e["totals"]["failed"] == 0
     assert _close(e["sequences_per_s"], 4 * 8 / (EMBED_MS / 1e3), 0.08), e["sequences_per_s"]
-    ok = [x for x in r.records if x["status"] == "ok"]
-    assert ok and all(x["dim"] == 1024 and x["sequences"] == 8 for x in ok)
+    ok = [x for x in r.records if x.status == "ok"]
+    assert ok and all(x.dim == 1024 and x.sequences == 8 for x in ok)
 
 
 def test_records_are_consistent_with_the_summary(both):
     s = both.summary()
-    ok = [r for r in both.records if r["status"] == "ok" and r["endpoint"] == "gen"]
-    assert ok and all(r["output_tokens"] == 20 and r["chunks"] == 20 for r in ok)
-    assert all(r["usage_tokens"] == 20 and r["prompt_tokens"] == 30 for r in ok)
-    assert {r["endpoint"] for r in both.records} == {"gen", "embed"}
+    ok = [r for r in both.records if r.status == "ok" and r.endpoint == "gen"]
+    assert ok and all(r.output_tokens == 20 and r.chunks == 20 for r in ok)
+    assert all(r.usage_tokens == 20 and r.prompt_tokens == 30 for r in ok)
+    assert {r.endpoint for r in both.records} == {"gen", "embed"}
     # tokens in the window: the per-request counts add up to the endpoint's
-    gen = [r for r in both.records if r["endpoint"] == "gen"]
-    assert all("tokens_in_window" in r for r in gen)  # a record without its count must fail, not add 0
-    in_window = sum(r["tokens_in_window"] for r in gen)
+    gen = [r for r in both.records if r.endpoint == "gen"]
+    assert all(r.tokens_in_window is not None for r in gen)  # a record without its count must fail, not add 0
+    in_window = sum(r.tokens_in_window for r in gen)
     assert in_window > 0 and in_window == s["gen"]["output_tokens_in_window"]
     # the closed loop kept exactly C in flight: requests cancelled at the end == C
-    cancelled = [r for r in both.records if r["status"] == "cancelled"]
-    assert sum(r["endpoint"] == "gen" for r in cancelled) == 8
-    assert sum(r["endpoint"] == "embed" for r in cancelled) == 4
+    cancelled = [r for r in both.records if r.status == "cancelled"]
+    assert sum(r.endpoint == "gen" for r in cancelled) == 8
+    assert sum(r.endpoint == "embed" for r in cancelled) == 4
 
 
 def test_window_edges_count_only_what_arrived_inside(server):
@@ -107,10 +108,10 @@ def test_window_edges_count_only_what_arrived_inside(server):
     assert g["completed"] == 0 and g["requests_per_s"] == 0 and g["ttft_ms"]["n"] == 0
     assert _close(g["output_tokens_per_s"], 1000 / ITL_MS, 0.03), g["output_tokens_per_s"]
     rec = r.records[0]
-    inside = [t for t in rec["chunk_times_s"]
-              if 0.5 <= rec["start_s"] + t < 2.0]
+    inside = [t for t in rec.chunk_times_s
+              if 0.5 <= rec.start_s + t < 2.0]
     assert abs(len(inside) - g["output_tokens_in_window"]) <= 1  # rounding of stored times
-    assert rec["status"] == "cancelled" and g["itl_ms"]["n"] >= len(inside) - 1
+    assert rec.status == "cancelled" and g["itl_ms"]["n"] >= len(inside) - 1
 
 
 def test_token_ids_and_usage_count_tokens_honestly():
@@ -118,8 +119,8 @@ def test_token_ids_and_usage_count_tokens_honestly():
     with stream_server.spawn(ttft_ms=20, itl_ms=5, tokens_per_chunk=4, token_ids=True) as srv:
         g = _load(gen_url=srv.url, gen_concurrency=4, output_len=40, duration_s=1.5)
     s = g.summary()["gen"]
-    ok = [r for r in g.records if r["status"] == "ok"]
-    assert ok and all(r["chunks"] == 10 and r["chunk_tokens"] == 40 for r in ok)
+    ok = [r for r in g.records if r.status == "ok"]
+    assert ok and all(r.chunks == 10 and r.chunk_tokens == 40 for r in ok)
     cycle_s = (20 + 9 * 4 * 5) / 1e3
     assert _close(s["output_tokens_per_s"], 4 * 40 / cycle_s, 0.06), s
     assert s["totals"]["usage_mismatch"] == 0
@@ -127,15 +128,15 @@ def test_token_ids_and_usage_count_tokens_honestly():
     with stream_server.spawn(ttft_ms=20, itl_ms=5, tokens_per_chunk=4) as srv:
         g = _load(gen_url=srv.url, gen_concurrency=4, output_len=40, duration_s=1.5)
     s = g.summary()["gen"]
-    ok = [r for r in g.records if r["status"] == "ok"]
-    assert ok and all(r["chunk_tokens"] == 10 and r["output_tokens"] == 40 for r in ok)
+    ok = [r for r in g.records if r.status == "ok"]
+    assert ok and all(r.chunk_tokens == 10 and r.output_tokens == 40 for r in ok)
     assert s["totals"]["usage_mismatch"] == len(ok)
     assert _close(s["output_tokens_per_s"], 4 * 40 / cycle_s, 0.08), s
     # no usage at all: the chunks are the count; a server that stops early (EOS) is believed
     with stream_server.spawn(ttft_ms=20, itl_ms=5, usage=False, tokens=7) as srv:
         g = _load(gen_url=srv.url, gen_concurrency=2, output_len=40, duration_s=1.0)
-    ok = [r for r in g.records if r["status"] == "ok"]
-    assert ok and all(r["output_tokens"] == 7 and r["usage_tokens"] is None for r in ok)
+    ok = [r for r in g.records if r.status == "ok"]
+    assert ok and all(r.output_tokens == 7 and r.usage_tokens is None for r in ok)
     assert abs(g.summary()["gen"]["tpot_ms"]["p50"] - 5) < 0.3
 
 
@@ -152,8 +153,8 @@ def test_non_2xx_answers_are_counted_with_status_and_message():
         assert 0.15 < ep["failed"] / (ep["failed"] + ep["completed"]) < 0.35
         assert ep["errors"][0]["status"] == 503
         assert ep["errors"][0]["message"] == "overloaded, try later"
-    failed = [x for x in r.records if x["status"] == "failed"]
-    assert failed and all(x["http_status"] == 503 for x in failed)
+    failed = [x for x in r.records if x.status == "failed"]
+    assert failed and all(x.http_status == 503 for x in failed)
 
 
 def test_dropped_connections_are_failures():
@@ -162,24 +163,31 @@ def test_dropped_connections_are_failures():
                   duration_s=1.2)
     g = r.summary()["gen"]
     assert g["failed"] > 0 and g["completed"] > 0
-    failed = [x for x in r.records if x["status"] == "failed"]
-    assert all(x["http_status"] is None and x["chunks"] == 2 for x in failed)
-    assert all(x["error"] for x in failed)
+    failed = [x for x in r.records if x.status == "failed"]
+    assert all(x.http_status is None and x.chunks == 2 for x in failed)
+    assert all(x.error for x in failed)
 
 
-def test_server_dying_mid_run_counts_refused_connections():
+def test_a_server_dying_mid_run_ends_it_within_a_second_with_the_reason():
     srv = stream_server.spawn(ttft_ms=10, itl_ms=5)
     try:
         threading.Timer(1.0, lambda: os.kill(srv.proc.pid, signal.SIGKILL)).start()
-        r = _load(gen_url=srv.url, gen_concurrency=2, output_len=10, warmup_s=0.5,
-                  duration_s=1.5)
+        t = time.monotonic()
+        with pytest.raises(EndpointDead) as e:
+            _load(gen_url=srv.url, gen_concurrency=8, output_len=10, warmup_s=0.5,
+                  duration_s=20)
+        took = time.monotonic() - t
     finally:
         srv.stop()
+    assert took < 1.0 + DEAD_AFTER_S + 1.0, took  # noticed about a second after the death
+    assert "gen server" in str(e.value) and "connection errors" in str(e.value)
+    r = e.value.result
+    assert r.aborted == str(e.value) and r.summary()["aborted"] == str(e.value)
     g = r.summary()["gen"]
-    assert g["completed"] > 0 and g["failed"] > 0
-    assert all(e["status"] is None for e in g["errors"])
-    # a dead server is not hammered in a tight loop
-    assert g["totals"]["failed"] < 2 * 1.5 / 0.010 + 10
+    assert g["totals"]["completed"] > 0
+    # refused connections are probed with back-off, one at a time, not every 10 ms by 8
+    refused = [x for x in r.records if x.status == "failed" and x.http_status is None]
+    assert 0 < len(refused) < 30, len(refused)
 
 
 def _free_port():

@@ -1,10 +1,13 @@
 """Records -> summary: window accounting and the DESIGN.md contract, on hand-made records."""
 
+import json
 from array import array
 
+import pytest
+
 from coserve.bench.config import LoadConfig
-from coserve.bench.loadgen import BenchResult, EndpointRun
 from coserve.bench.metrics import dist
+from coserve.bench.records import BenchResult, EndpointRun, RequestRecord
 
 CONTRACT = {
     "gen": {"output_tokens_per_s", "requests_per_s", "completed", "failed", "tpot_ms",
@@ -14,10 +17,11 @@ CONTRACT = {
 
 
 def _gen_rec(i, start, end, ttft, n, status="ok"):
-    r = {"endpoint": "gen", "i": i, "start_s": start, "end_s": end, "status": status}
+    r = RequestRecord("gen", i, start, status=status, end_s=end)
     if status == "ok":
         e2e = (end - start) * 1e3
-        r.update(ttft_ms=ttft, e2e_ms=e2e, tpot_ms=(e2e - ttft) / (n - 1), output_tokens=n)
+        r.ttft_ms, r.e2e_ms, r.output_tokens = ttft, e2e, n
+        r.tpot_ms = (e2e - ttft) / (n - 1)
     return r
 
 
@@ -40,7 +44,7 @@ def test_gen_window_accounting():
         _gen_rec(3, 25.0, 30.0, 400.0, 50),  # ends exactly at the window end: not counted
         _gen_rec(4, 20.0, 21.0, 0, 0, status="failed"),
         _gen_rec(5, 1.0, 2.0, 0, 0, status="failed"),  # failed in warm-up
-        {"endpoint": "gen", "i": 6, "start_s": 29.0, "end_s": 30.0, "status": "cancelled"},
+        RequestRecord("gen", 6, 29.0, status="cancelled", end_s=30.0),
     ]
     ep.tokens_window = 1234.0
     ep.itl_window = array("d", [0.010, 0.011, 0.012])
@@ -58,10 +62,8 @@ def test_gen_window_accounting():
 def test_embed_window_accounting_and_contract_keys():
     ep = EndpointRun("embed", "http://e", "m", 2)
     ep.records = [
-        {"endpoint": "embed", "i": 0, "start_s": 9.0, "end_s": 9.5, "status": "ok",
-         "latency_ms": 500.0, "sequences": 8},
-        {"endpoint": "embed", "i": 1, "start_s": 9.5, "end_s": 10.5, "status": "ok",
-         "latency_ms": 1000.0, "sequences": 8},
+        RequestRecord("embed", 0, 9.0, end_s=9.5, latency_ms=500.0, sequences=8),
+        RequestRecord("embed", 1, 9.5, end_s=10.5, latency_ms=1000.0, sequences=8),
     ]
     ep.tokens_window = 8
     gen = EndpointRun("gen", "http://g", "m", 1)
@@ -123,3 +125,85 @@ def test_live_progress_renders_on_a_terminal_and_is_quiet_elsewhere():
         assert not lp.enabled
         lp.update(p)
     assert quiet.getvalue() == ""
+
+
+def test_closed_loop_rate_keys():
+    ep = EndpointRun("gen", "http://g", "m", 4)
+    ep.sent_window = 50
+    g = _result(gen=ep).summary()["gen"]
+    assert g["mode"] == "closed" and g["offered_rate_rps"] is None
+    assert g["achieved_rate_rps"] == 2.5 and g["kept_up"] is True and g["warning"] is None
+    assert g["goodput"] is None
+
+
+def test_open_loop_kept_up_or_said_why():
+    def summary(sent, scheduled, cap_waits=0):
+        ep = EndpointRun("embed", "http://e", "m", 64, rate=10.0)
+        ep.sent_window = ep.sent_of_scheduled = sent
+        ep.scheduled_window, ep.cap_waits = scheduled, cap_waits
+        return _result(embed=ep).summary()["embed"]
+
+    e = summary(200, 203)
+    assert e["mode"] == "rate" and e["offered_rate_rps"] == 10.0 and e["send_late_ms"]["n"] == 0
+    assert e["achieved_rate_rps"] == 10.0 and e["kept_up"] is True and e["warning"] is None
+    e = summary(190, 203)  # 93.6 % of the schedule: fell behind
+    assert e["kept_up"] is False and "sent 190 of the 203" in e["warning"]
+    e = summary(203, 203, cap_waits=3)  # all sent, but the cap made arrivals wait
+    assert e["kept_up"] is False and "3 arrivals found all 64 slots" in e["warning"]
+    assert "--embed-concurrency" in e["warning"]
+
+
+def test_goodput_counts_requests_meeting_every_bound():
+    ep = EndpointRun("gen", "http://g", "m", 4)
+    # (ttft, e2e, n): tpot = (e2e - ttft) / (n - 1)
+    recs = [(100, 1090, 100),   # tpot 10: good
+            (600, 1590, 100),   # ttft over
+            (100, 2080, 100),   # tpot 20 over
+            (100, 100, 1),      # one token, no tpot: good
+            (499.9, 1489.9, 100)]  # good, just inside
+    ep.records = []
+    for i, (ttft, e2e, n) in enumerate(recs):
+        r = _gen_rec(i, 11.0, 11.0 + e2e / 1e3, ttft, max(n, 2))
+        r.output_tokens, r.tpot_ms = n, (e2e - ttft) / (n - 1) if n > 1 else None
+        ep.records.append(r)
+    cfg_kw = dict(goodput_ttft_ms=500.0, goodput_tpot_ms=15.0)
+    res = _result(gen=ep)
+    res.config = LoadConfig(gen_url="http://g", warmup_s=10.0, duration_s=20.0, **cfg_kw)
+    g = res.summary()["gen"]
+    assert g["goodput"]["requests"] == 3
+    assert g["goodput"]["requests_per_s"] == 3 / 20.0
+    assert g["goodput"]["output_tokens_per_s"] == (100 + 1 + 100) / 20.0
+    assert g["goodput"]["bounds_ms"] == {"ttft": 500.0, "tpot": 15.0}
+    res.config = LoadConfig(gen_url="http://g", warmup_s=10.0, duration_s=20.0,
+                            goodput_e2el_ms=1100.0, **cfg_kw)
+    assert res.summary()["gen"]["goodput"]["requests"] == 2  # the 1,489.9 ms one is out
+    s = res.summary()
+    assert s["load"]["slo"] == {"ttft_ms": 500.0, "tpot_ms": 15.0, "e2el_ms": 1100.0,
+                                "embed_ms": None}
+
+
+def test_embed_goodput_and_encoding_note():
+    ep = EndpointRun("embed", "http://e", "m", 2)
+    ep.records = [RequestRecord("embed", i, 11.0, end_s=11.5, latency_ms=lat, sequences=8)
+                  for i, lat in enumerate([50.0, 100.0, 100.1, 300.0])]
+    ep.encoding_mismatch, ep.encoding_answered = 4, "float"
+    res = _result(embed=ep)
+    res.config = LoadConfig(embed_url="http://e", warmup_s=10.0, duration_s=20.0,
+                            embed_slo_ms=100.0)
+    e = res.summary()["embed"]
+    assert e["goodput"] == {"sequences_per_s": 16 / 20.0, "requests": 2, "slo_ms": 100.0}
+    assert e["encoding_mismatch"] == {"asked": "base64", "answered": "float", "answers": 4}
+
+
+def test_a_record_round_trips_through_its_json_line():
+    r = RequestRecord("gen", 3, 1.5, status="failed", end_s=2.0, worker=1, chunks=5,
+                      chunk_tokens=5, tokens_in_window=0)
+    line = r.to_json()
+    d = json.loads(line)
+    assert d["http_status"] is None and d["error"] is None  # "no HTTP answer" is written
+    assert "ttft_ms" not in d and "scheduled_s" not in d
+    assert RequestRecord.from_json(line) == r
+    ok = RequestRecord("embed", 0, 0.1, end_s=0.2, http_status=200, latency_ms=100.0)
+    assert "error" not in json.loads(ok.to_json())
+    with pytest.raises(ValueError, match="not a request record"):
+        RequestRecord.from_json('{"x": 1}')

@@ -129,3 +129,21 @@ def test_runs_as_a_module_with_workers_and_stops_on_sigterm():
             p.kill()
             p.wait()
         p.stdout.close()
+
+
+def test_chat_streams_as_the_openai_client_reads_it():
+    openai = pytest.importorskip("openai")
+    with stream_server.spawn(ttft_ms=20, itl_ms=5, model="tm") as srv:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0)
+        chunks = list(client.chat.completions.create(
+            model="tm", messages=[{"role": "user", "content": "one two three"}],
+            max_completion_tokens=6, stream=True, stream_options={"include_usage": True}))
+        whole = client.chat.completions.create(
+            model="tm", messages=[{"role": "user", "content": "a b"}], max_tokens=3)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    content = [c.choices[0].delta.content for c in chunks if c.choices
+               and c.choices[0].delta.content]
+    assert content == [" tok"] * 6
+    assert chunks[-1].usage.completion_tokens == 6 and chunks[-1].usage.prompt_tokens == 3
+    assert whole.choices[0].message.content == " tok" * 3
+    assert whole.usage.completion_tokens == 3

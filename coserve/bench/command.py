@@ -1,13 +1,16 @@
-"""`coserve bench`: closed-loop load against a generative and an embedding endpoint at once.
+"""`coserve bench`: load against a generative and an embedding endpoint at once, each
+closed-loop (C in flight) or open-loop (a request rate, C the cap in flight).
 
     coserve bench --gen-url http://127.0.0.1:8000 --embed-url http://127.0.0.1:8001 \\
         --gen-concurrency 512 --input-len 30 --output-len 512 \\
-        --embed-concurrency 64 --embed-batch 8 --embed-input-len 32 \\
+        --embed-rate 61 --embed-concurrency 64 --embed-batch 8 --embed-input-len 32 \\
+        --goodput ttft:1000 tpot:50 --embed-slo 200 \\
         --warmup 30 --duration 60 --seed 0 --out runs/bench.json
 
 Writes FILE.json (the summary: DESIGN.md's contract and more) and FILE.records.jsonl (one
 line per request). Ctrl-C (or SIGTERM) stops the load and still writes what was measured,
-marked `"cut_short": true`; a second Ctrl-C gives up at once.
+marked `"cut_short": true`; a second Ctrl-C gives up at once. An endpoint that stops
+answering ends the run with its reason (written as `"aborted"`) and exit status 1.
 """
 
 from __future__ import annotations
@@ -15,46 +18,77 @@ from __future__ import annotations
 import argparse
 import sys
 
+from coserve.bench.arrivals import ARRIVALS
+from coserve.bench.config import GEN_ENDPOINTS, ConfigError, LoadConfig
 from coserve.bench.embed_answer import ENCODINGS
 
-_D = dict(gen_concurrency=512, input_len=30, output_len=512, embed_concurrency=64,
-          embed_batch=8, embed_input_len=32, warmup_s=30.0, duration_s=60.0, seed=0)
+_GOODPUT = {"ttft": "goodput_ttft_ms", "tpot": "goodput_tpot_ms", "e2el": "goodput_e2el_ms"}
+
+_D = LoadConfig()  # the defaults: declared once, in LoadConfig
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults shown once: not for flags without one (None, False) or whose help says it."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.formatter_class = argparse.ArgumentDefaultsHelpFormatter
+    p.formatter_class = _Help
     g = p.add_argument_group("endpoints (give one or both)")
-    g.add_argument("--gen-url", help="OpenAI-compatible server for /v1/completions")
+    g.add_argument("--gen-url", help="OpenAI-compatible server for /v1/completions "
+                                     "(or /v1/chat/completions, see --gen-endpoint)")
+    g.add_argument("--gen-endpoint", choices=GEN_ENDPOINTS, default=_D.gen_endpoint,
+                   help="drive /v1/completions or /v1/chat/completions (streamed either way)")
     g.add_argument("--embed-url", help="OpenAI-compatible server for /v1/embeddings")
     g.add_argument("--gen-model", help="model name (default: first of the server's /v1/models)")
     g.add_argument("--embed-model",
                    help="model name (default: first of the server's /v1/models)")
     g.add_argument("--api-key", help="sent as 'Authorization: Bearer KEY'")
     w = p.add_argument_group("workload")
-    w.add_argument("--gen-concurrency", type=int, default=_D["gen_concurrency"],
-                   help="gen requests kept in flight (closed loop)")
-    w.add_argument("--input-len", type=int, default=_D["input_len"],
+    w.add_argument("--gen-concurrency", type=int, default=_D.gen_concurrency,
+                   help="gen requests kept in flight (closed loop); with --gen-rate, the "
+                        "cap on requests in flight")
+    w.add_argument("--gen-rate", type=float, default=None, metavar="R",
+                   help="send gen requests at R per second (open loop; default: closed)")
+    w.add_argument("--input-len", type=int, default=_D.input_len,
                    help="prompt length in tokens (random token ids)")
-    w.add_argument("--output-len", type=int, default=_D["output_len"],
+    w.add_argument("--output-len", type=int, default=_D.output_len,
                    help="max_tokens of each gen request (sent with ignore_eos)")
-    w.add_argument("--embed-concurrency", type=int, default=_D["embed_concurrency"],
-                   help="embed requests kept in flight (closed loop)")
-    w.add_argument("--embed-batch", type=int, default=_D["embed_batch"],
+    w.add_argument("--embed-concurrency", type=int, default=_D.embed_concurrency,
+                   help="embed requests kept in flight (closed loop); with --embed-rate, "
+                        "the cap on requests in flight")
+    w.add_argument("--embed-rate", type=float, default=None, metavar="R",
+                   help="send embed requests (of --embed-batch inputs) at R per second")
+    w.add_argument("--arrival", choices=ARRIVALS, default=_D.arrival,
+                   help="arrival process of the rates, seeded by --seed")
+    w.add_argument("--burstiness", type=float, default=_D.burstiness, metavar="K",
+                   help="gamma shape of poisson gaps: 1 Poisson, <1 burstier, >1 smoother")
+    w.add_argument("--embed-batch", type=int, default=_D.embed_batch,
                    help="inputs per embed request")
-    w.add_argument("--embed-input-len", type=int, default=_D["embed_input_len"],
+    w.add_argument("--embed-input-len", type=int, default=_D.embed_input_len,
                    help="tokens (or words, with --embed-text) per embed input")
     w.add_argument("--embed-text", action="store_true",
                    help="send embed inputs as text (random common words), not token ids")
-    w.add_argument("--embed-encoding", choices=ENCODINGS, default="base64",
+    w.add_argument("--embed-encoding", choices=ENCODINGS, default=_D.embed_encoding,
                    help="encoding_format asked of /v1/embeddings (base64: what the openai "
                         "client asks for by default)")
     w.add_argument("--token-id-range", default="10:256", metavar="LO:HI",
                    help="random prompt token ids are drawn from [LO, HI)")
-    w.add_argument("--seed", type=int, default=_D["seed"], help="workload seed")
+    w.add_argument("--seed", type=int, default=_D.seed, help="workload seed")
+    s = p.add_argument_group("service-level objectives (goodput)")
+    s.add_argument("--goodput", nargs="+", metavar="METRIC:MS", default=None,
+                   help="gen goodput counts requests meeting every bound given: ttft, tpot, "
+                        "e2el in ms (e.g. ttft:1000 tpot:50)")
+    s.add_argument("--embed-slo", type=float, default=None, metavar="MS",
+                   help="embed goodput counts requests answered within MS")
     t = p.add_argument_group("timing and output")
-    t.add_argument("--warmup", type=float, default=_D["warmup_s"],
+    t.add_argument("--warmup", type=float, default=_D.warmup_s,
                    help="seconds of load before the window")
-    t.add_argument("--duration", type=float, default=_D["duration_s"],
+    t.add_argument("--duration", type=float, default=_D.duration_s,
                    help="seconds of the measurement window")
     t.add_argument("--ramp", type=float, default=None,
                    help="seconds over which the first requests are spread "
@@ -71,13 +105,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _config(args):
-    from coserve.bench.config import ConfigError, LoadConfig
-
     try:
         lo, hi = (int(x) for x in args.token_id_range.split(":"))
     except ValueError:
         raise SystemExit(f"coserve bench: --token-id-range: expected LO:HI, got "
                          f"{args.token_id_range!r}") from None
+    bounds = _goodput(args.goodput)
     cfg = LoadConfig(
         gen_url=args.gen_url, embed_url=args.embed_url, gen_model=args.gen_model,
         embed_model=args.embed_model, gen_concurrency=args.gen_concurrency,
@@ -87,14 +120,34 @@ def _config(args):
         embed_encoding=args.embed_encoding,
         warmup_s=args.warmup, duration_s=args.duration, seed=args.seed, api_key=args.api_key,
         token_id_low=lo, token_id_high=hi, ramp_s=args.ramp, record_chunks=args.record_chunks,
+        gen_rate=args.gen_rate, embed_rate=args.embed_rate, arrival=args.arrival,
+        burstiness=args.burstiness, embed_slo_ms=args.embed_slo,
+        gen_endpoint=args.gen_endpoint, **bounds,
     )
     try:
         return cfg.validate()
     except ConfigError as e:
         names = {"warmup_s": "--warmup", "duration_s": "--duration", "ramp_s": "--ramp",
-                 "token_id_low": "--token-id-range"}
+                 "token_id_low": "--token-id-range", "embed_slo_ms": "--embed-slo",
+                 **{v: "--goodput" for v in _GOODPUT.values()}}
         flag = names.get(e.field, "--" + e.field.replace("_", "-"))
         raise SystemExit(f"coserve bench: {flag}: {str(e).split(': ', 1)[1]}") from None
+
+
+def _goodput(items: list[str] | None) -> dict:
+    """`--goodput ttft:MS tpot:MS e2el:MS` -> LoadConfig's goodput_*_ms fields."""
+    out = {}
+    for item in items or []:
+        name, _, ms = item.partition(":")
+        if name not in _GOODPUT:
+            raise SystemExit(f"coserve bench: --goodput: {item!r}: the metric must be one of "
+                             f"{', '.join(_GOODPUT)} (as in ttft:1000)")
+        try:
+            out[_GOODPUT[name]] = float(ms)
+        except ValueError:
+            raise SystemExit(f"coserve bench: --goodput: {item!r}: expected {name}:MS with MS "
+                             f"a number of milliseconds") from None
+    return out
 
 
 def _fmt_dist(d: dict) -> str:
@@ -103,27 +156,54 @@ def _fmt_dist(d: dict) -> str:
     return "  ".join(f"{k} {d[k]:.2f}" for k in ("mean", "p50", "p95", "p99"))
 
 
+def _fmt_load(ep: dict) -> str:
+    if ep["mode"] == "closed":
+        return f"C={ep['concurrency']}"
+    return (f"rate {ep['offered_rate_rps']:g}/s offered, {ep['achieved_rate_rps']:.4g}/s sent "
+            f"(cap {ep['concurrency']})")
+
+
+def _fmt_bounds(b: dict) -> str:
+    return ", ".join(f"{k} {v:g} ms" for k, v in b.items())
+
+
 def format_summary(s: dict) -> str:
     lines = []
     state = f" (CUT SHORT: stopped during the {s['stopped_in']})" if s["cut_short"] else ""
+    if s.get("aborted"):
+        state = f" (ABORTED: {s['aborted']})"
     lines.append(f"window {s['duration_s']:g} s after {s['warmup_s']:g} s warm-up{state}")
     g = s.get("gen")
     if g:
-        lines.append(f"gen    {g['url']}  model {g['model']}  C={g['concurrency']}")
+        lines.append(f"gen    {g['url']}  model {g['model']}  {g['endpoint']}  "
+                     f"{_fmt_load(g)}")
         lines.append(f"  {g['output_tokens_per_s']:,.1f} output tok/s  "
                      f"{g['requests_per_s']:.2f} req/s  completed {g['completed']}  "
                      f"failed {g['failed']}")
         for name in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms"):
             lines.append(f"  {name[:-3].upper():5s} ms  {_fmt_dist(g[name])}")
+        if g["goodput"]:
+            lines.append(f"  goodput {g['goodput']['requests_per_s']:.2f} req/s  "
+                         f"{g['goodput']['output_tokens_per_s']:,.1f} tok/s  "
+                         f"(within {_fmt_bounds(g['goodput']['bounds_ms'])})")
     e = s.get("embed")
     if e:
-        lines.append(f"embed  {e['url']}  model {e['model']}  C={e['concurrency']} "
+        lines.append(f"embed  {e['url']}  model {e['model']}  {_fmt_load(e)}  "
                      f"batch {e['batch']}  {e['encoding']}  dim {e['dim']}")
         lines.append(f"  {e['sequences_per_s']:,.1f} seq/s  {e['requests_per_s']:.2f} req/s  "
                      f"completed {e['completed']}  failed {e['failed']}")
         lines.append(f"  LAT   ms  {_fmt_dist(e['latency_ms'])}")
+        if e["goodput"]:
+            lines.append(f"  goodput {e['goodput']['sequences_per_s']:,.1f} seq/s  "
+                         f"(within {e['goodput']['slo_ms']:g} ms)")
+        m = e["encoding_mismatch"]
+        if m:
+            lines.append(f"  NOTE: asked for {m['asked']} embeddings, {m['answers']} answers "
+                         f"came as {m['answered']}; measured all the same")
     for name in ("gen", "embed"):
         ep = s.get(name)
+        if ep and ep["warning"]:
+            lines.append(f"  WARNING: {ep['warning']}")
         for err in (ep or {}).get("errors", [])[:5]:
             status = err["status"] if err["status"] is not None else "no answer"
             lines.append(f"  {name} error x{err['count']} [{status}] {err['message']}")
@@ -135,17 +215,28 @@ def run(args) -> int:
     import json
     import signal
 
-    from coserve.bench.loadgen import BenchError, BenchStopped, run_load, run_sync, write_result
+    from coserve.bench.loadgen import (
+        BenchError,
+        BenchStopped,
+        EndpointDead,
+        run_load,
+        run_sync,
+        write_result,
+    )
     from coserve.bench.progress import LiveProgress
 
     cfg = _config(args)
     err = sys.stderr
     parts = []
     if cfg.gen_url:
-        parts.append(f"gen {cfg.gen_url} C={cfg.gen_concurrency} "
+        load = (f"C={cfg.gen_concurrency}" if cfg.gen_rate is None else
+                f"{cfg.gen_rate:g} req/s {cfg.arrival} (cap {cfg.gen_concurrency})")
+        parts.append(f"gen {cfg.gen_url} {cfg.gen_endpoint} {load} "
                      f"({cfg.input_len} in / {cfg.output_len} out)")
     if cfg.embed_url:
-        parts.append(f"embed {cfg.embed_url} C={cfg.embed_concurrency} "
+        load = (f"C={cfg.embed_concurrency}" if cfg.embed_rate is None else
+                f"{cfg.embed_rate:g} req/s {cfg.arrival} (cap {cfg.embed_concurrency})")
+        parts.append(f"embed {cfg.embed_url} {load} "
                      f"(batch {cfg.embed_batch} x {cfg.embed_input_len}, {cfg.embed_encoding})")
     print(f"coserve bench: {'; '.join(parts)}; warm-up {cfg.warmup_s:g} s, "
           f"window {cfg.duration_s:g} s", file=err, flush=True)
@@ -177,6 +268,9 @@ def run(args) -> int:
 
     try:
         result = run_sync(main(), args.loop)
+    except EndpointDead as e:
+        result = e.result
+        print(f"coserve bench: {e}; the run ends here", file=err, flush=True)
     except BenchError as e:
         print(f"coserve bench: {e}", file=err, flush=True)
         return 130 if isinstance(e, BenchStopped) else 1
@@ -192,4 +286,6 @@ def run(args) -> int:
         print(f"coserve bench: wrote {path} and {rec_path}", file=err, flush=True)
     if args.json:
         print(json.dumps(summary, indent=2), flush=True)
+    if result.aborted:
+        return 1
     return 130 if result.cut_short else 0

@@ -1,14 +1,18 @@
-"""What one load run is: endpoints, concurrency, workload shape and timing.
+"""What one load run is: endpoints, concurrency or rate, workload shape, SLOs and timing.
 
 The fields mirror `coserve bench`'s flags (`--gen-url` is `gen_url`, `--warmup` is
 `warmup_s`, `--duration` is `duration_s`)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from urllib.parse import urlsplit
 
+from coserve.bench.arrivals import ARRIVALS
 from coserve.bench.embed_answer import ENCODINGS
+
+GEN_ENDPOINTS = ("completions", "chat")
 
 
 class ConfigError(ValueError):
@@ -81,15 +85,33 @@ class LoadConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(name, f"must be a positive integer, got {v!r}")
+        for name in ("gen_rate", "embed_rate", "goodput_ttft_ms", "goodput_tpot_ms",
+                     "goodput_e2el_ms", "embed_slo_ms"):
+            v = getattr(self, name)
+            if v is not None and not _positive(v):
+                raise ConfigError(name, f"must be a positive number, got {v!r}")
+        if self.arrival not in ARRIVALS:
+            raise ConfigError("arrival", f"must be one of {', '.join(ARRIVALS)}, "
+                                         f"got {self.arrival!r}")
+        if not _positive(self.burstiness):
+            raise ConfigError("burstiness", f"must be a positive number, got "
+                                            f"{self.burstiness!r}")
+        if self.arrival == "constant" and self.burstiness != 1.0:
+            raise ConfigError("burstiness", "shapes the gaps of poisson arrivals; constant "
+                                            "arrivals have none")
+        if self.gen_endpoint not in GEN_ENDPOINTS:
+            raise ConfigError("gen_endpoint", f"must be one of {', '.join(GEN_ENDPOINTS)}, "
+                                              f"got {self.gen_endpoint!r}")
         if self.embed_encoding not in ENCODINGS:
             raise ConfigError("embed_encoding", f"must be one of {', '.join(ENCODINGS)}, "
                                                 f"got {self.embed_encoding!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ConfigError("seed", f"must be an integer, got {self.seed!r}")
-        if not (isinstance(self.warmup_s, (int, float)) and self.warmup_s >= 0):
-            raise ConfigError("warmup_s", f"must be >= 0, got {self.warmup_s!r}")
-        if not (isinstance(self.duration_s, (int, float)) and self.duration_s > 0):
-            raise ConfigError("duration_s", f"must be > 0, got {self.duration_s!r}")
+        if not (_number(self.warmup_s) and self.warmup_s >= 0):
+            raise ConfigError("warmup_s", f"must be a finite number >= 0, got {self.warmup_s!r}")
+        if not _positive(self.duration_s):
+            raise ConfigError("duration_s", f"must be a finite number > 0, got "
+                                            f"{self.duration_s!r}")
         if not (0 <= self.token_id_low < self.token_id_high):
             raise ConfigError("token_id_low", f"token id range [{self.token_id_low}, "
                                               f"{self.token_id_high}) is empty")
@@ -100,6 +122,13 @@ class LoadConfig:
         return self
 
     @property
+    def goodput_bounds(self) -> dict[str, float]:
+        """The gen goodput bounds given, by metric: {"ttft": ms, "tpot": ms, "e2el": ms}."""
+        b = {"ttft": self.goodput_ttft_ms, "tpot": self.goodput_tpot_ms,
+             "e2el": self.goodput_e2el_ms}
+        return {k: v for k, v in b.items() if v is not None}
+
+    @property
     def effective_ramp_s(self) -> float:
         return self.ramp_s if self.ramp_s is not None else min(1.0, self.warmup_s / 4)
 
@@ -108,3 +137,11 @@ class LoadConfig:
         if d.get("api_key"):
             d["api_key"] = "***"
         return d
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _positive(v) -> bool:
+    return _number(v) and v > 0

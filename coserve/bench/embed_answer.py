@@ -1,6 +1,10 @@
 """The shape of a /v1/embeddings answer (how many vectors, of what dimension), read without
 turning its numbers into Python floats.
 
+An answer in the other encoding than the one asked (floats where base64 was asked, as some
+servers and proxies answer) is still an answer: its shape is read the same way and the
+encoding it came in is returned beside it.
+
 A float answer's dimension is the number of commas in each vector's list, plus one; a base64
 answer (little-endian float32s, as the openai client asks for by default) is decoded, and its
 dimension is the decoded length / 4. Both are byte operations in C: a Qwen3-Embedding-8B
@@ -22,42 +26,45 @@ _KEY = b'"embedding":'
 
 
 class BadAnswer(ValueError):
-    """The answer is not a list of equal, non-empty vectors in the encoding asked for."""
+    """The answer is not a list of equal, non-empty vectors in one encoding."""
 
 
-def embedding_shape(body: bytes, encoding: str) -> tuple[int, int]:
-    """(number of vectors, their dimension) of the answer `body` to a request that asked for
-    `encoding`; raises BadAnswer when it cannot be read so."""
+def embedding_shape(body: bytes) -> tuple[int, int, str]:
+    """(number of vectors, their dimension, the encoding they came in: "float" | "base64")
+    of the answer `body`; raises BadAnswer when it cannot be read so."""
     dims = []
+    seen = set()
     i = body.find(_KEY)
     while i >= 0:
         j = i + len(_KEY)
         opener = body[j:j + 1]
         if opener == b'"':
             k = body.find(b'"', j + 1)
-            if k < 0 or encoding != "base64":
+            if k < 0:
                 break
             try:
                 raw = binascii.a2b_base64(body[j + 1:k], strict_mode=True)
             except binascii.Error:
                 break  # an escaped "/" (JSON allows "\/") or a bad string: json will say
             dims.append(_float32_count(len(raw)))
+            seen.add("base64")
         elif opener == b"[":
             k = body.find(b"]", j)
-            if k < 0 or encoding != "float":
+            if k < 0:
                 break
             seg = body[j + 1:k]
             dims.append(seg.count(b",") + 1 if seg.strip() else 0)
+            seen.add("float")
         else:
             break
         i = body.find(_KEY, k)
     else:
-        if dims:
-            return len(dims), _one_dim(dims)
-    return _parsed_shape(body, encoding)
+        if dims and len(seen) == 1:
+            return len(dims), _one_dim(dims), seen.pop()
+    return _parsed_shape(body)
 
 
-def _parsed_shape(body: bytes, encoding: str) -> tuple[int, int]:
+def _parsed_shape(body: bytes) -> tuple[int, int, str]:
     try:
         data = json.loads(body)["data"]
         vectors = [d["embedding"] for d in data]
@@ -66,22 +73,24 @@ def _parsed_shape(body: bytes, encoding: str) -> tuple[int, int]:
     if not vectors:
         raise BadAnswer("no embedding in the answer")
     dims = []
+    seen = set()
     for v in vectors:
-        if encoding == "base64" and isinstance(v, str):
+        if isinstance(v, str):
             try:
                 raw = binascii.a2b_base64(v, strict_mode=True)
             except binascii.Error as e:
                 raise BadAnswer(f"an embedding is not valid base64: {e}") from None
             dims.append(_float32_count(len(raw)))
-        elif encoding == "float" and isinstance(v, list):
+            seen.add("base64")
+        elif isinstance(v, list):
             dims.append(len(v))
-        elif isinstance(v, (str, list)):
-            got = "a base64 string" if isinstance(v, str) else "a list of floats"
-            raise BadAnswer(f"asked for encoding_format {encoding!r}, an embedding came as "
-                            f"{got}; pass --embed-encoding to match the server")
+            seen.add("float")
         else:
             raise BadAnswer(f"an embedding is a {type(v).__name__}")
-    return len(dims), _one_dim(dims)
+    if len(seen) > 1:
+        raise BadAnswer("embeddings in both encodings (base64 strings and float lists) "
+                        "in one answer")
+    return len(dims), _one_dim(dims), seen.pop()
 
 
 def _float32_count(nbytes: int) -> int:

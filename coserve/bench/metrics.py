@@ -13,13 +13,29 @@ Window accounting: the window is [warmup, warmup + duration) after t0.
 - completed / failed / requests_per_s, and the TTFT, TPOT, e2e and embed latency
   distributions, take the requests that *ended* inside the window.
 - ITL takes every gap whose later chunk arrived inside the window.
+- A request the server failed counts no token and no gap (workers.py says which are
+  failures); one the bench cut at the window's end counts what arrived inside.
+
+Rate and goodput (open loop; see docs/bench.md):
+- achieved_rate_rps = requests *sent* inside the window / window; offered_rate_rps = the
+  rate asked. kept_up is False when fewer than 95 % of the arrivals the schedule put in the
+  window were sent before the run stopped, or an arrival found the in-flight cap full.
+  send_late_ms: how long after its scheduled time each of those requests left.
+- Goodput takes the requests that ended inside the window and met every bound given
+  (vllm bench serve's definition): req/s, and their output tokens / window; embed:
+  their sequences / window.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
-from coserve.bench.loadgen import BenchResult, EndpointRun
+if TYPE_CHECKING:
+    from coserve.bench.records import BenchResult, EndpointRun, RequestRecord
+
+KEPT_UP = 0.95  # achieved / scheduled below this: the sender or the server fell behind
 
 PERCENTILES = (50, 90, 95, 99)
 
@@ -44,31 +60,99 @@ def _errors(ep: EndpointRun) -> list[dict]:
             for (status, msg), n in ep.errors.most_common()]
 
 
-def _in_window(result: BenchResult, end_s: float) -> bool:
+def _in_window(result: BenchResult, end_s: float | None) -> bool:
+    if end_s is None:
+        return False
     t = result.t0 + end_s
     return result.window_start <= t < min(result.window_end, result.stopped_at)
 
 
+def _ended(result: BenchResult, ep: EndpointRun, status: str) -> list[RequestRecord]:
+    return [r for r in ep.records if r.status == status and _in_window(result, r.end_s)]
+
+
+def _per_s(window: float):
+    return (lambda x: x / window) if window > 0 else (lambda x: 0.0)
+
+
+def _send_late(result: BenchResult, ep: EndpointRun) -> list[float]:
+    """ms from scheduled to sent, of the open-loop requests scheduled inside the window."""
+    lo, hi = result.window_start - result.t0, result.window_end - result.t0
+    return [(r.start_s - r.scheduled_s) * 1e3 for r in ep.records
+            if r.scheduled_s is not None and lo <= r.scheduled_s < hi]
+
+
+def _rate(ep: EndpointRun, window: float, late_ms: list[float]) -> dict:
+    """mode, offered and achieved rate, kept_up and its warning (the JSON contract)."""
+    achieved = ep.sent_window / window if window > 0 else 0.0
+    out = {"mode": "closed" if ep.rate is None else "rate",
+           "offered_rate_rps": ep.rate, "achieved_rate_rps": round(achieved, 4),
+           "kept_up": True, "warning": None}
+    if ep.rate is None:
+        return out
+    problems = []
+    sched = ep.scheduled_window
+    out["scheduled_in_window"] = sched
+    out["cap_waits"] = ep.cap_waits
+    out["send_late_ms"] = dist(late_ms)
+    if sched and ep.sent_of_scheduled < KEPT_UP * sched:
+        problems.append(f"sent {ep.sent_of_scheduled} of the {sched} requests scheduled in "
+                        f"the window ({achieved:.4g} of {ep.rate:g} req/s offered)")
+    if ep.cap_waits:
+        problems.append(f"{ep.cap_waits} arrivals found all {ep.concurrency} slots in flight "
+                        f"and waited (raise --{ep.kind}-concurrency, or the server is "
+                        f"saturated)")
+    if problems:
+        out["kept_up"] = False
+        out["warning"] = (f"{ep.kind} did not keep up with the offered rate: "
+                          + "; ".join(problems))
+    return out
+
+
+def _gen_goodput(cfg, done: list[RequestRecord], window: float) -> dict | None:
+    bounds = cfg.goodput_bounds
+    if not bounds:
+        return None
+    good = [r for r in done
+            if r.ttft_ms <= bounds.get("ttft", float("inf"))
+            and (r.tpot_ms or 0.0) <= bounds.get("tpot", float("inf"))
+            and r.e2e_ms <= bounds.get("e2el", float("inf"))]
+    per_s = _per_s(window)
+    return {"requests_per_s": round(per_s(len(good)), 4),
+            "output_tokens_per_s": round(per_s(sum(r.output_tokens for r in good)), 3),
+            "requests": len(good), "bounds_ms": bounds}
+
+
+def _embed_goodput(cfg, done: list[RequestRecord], window: float) -> dict | None:
+    if cfg.embed_slo_ms is None:
+        return None
+    good = [r for r in done if r.latency_ms <= cfg.embed_slo_ms]
+    return {"sequences_per_s": round(_per_s(window)(sum(r.sequences for r in good)), 3),
+            "requests": len(good), "slo_ms": cfg.embed_slo_ms}
+
+
 def _gen_summary(result: BenchResult, ep: EndpointRun, window: float) -> dict:
-    done = [r for r in ep.records if r["status"] == "ok" and _in_window(result, r["end_s"])]
-    failed = sum(1 for r in ep.records
-                 if r["status"] == "failed" and _in_window(result, r["end_s"]))
-    per_s = (lambda x: x / window) if window > 0 else (lambda x: 0.0)
-    out_tok = sum(r["output_tokens"] for r in done)
+    done = _ended(result, ep, "ok")
+    failed = len(_ended(result, ep, "failed"))
+    per_s = _per_s(window)
+    out_tok = sum(r.output_tokens for r in done)
     return {
         "url": ep.url,
         "model": ep.model,
         "concurrency": ep.concurrency,
+        "endpoint": result.config.gen_endpoint,
+        **_rate(ep, window, _send_late(result, ep)),
         "output_tokens_per_s": round(per_s(ep.tokens_window), 3),
         "requests_per_s": round(per_s(len(done)), 4),
         "completed": len(done),
         "failed": failed,
         "output_tokens_in_window": round(ep.tokens_window, 3),
         "mean_output_tokens": round(out_tok / len(done), 3) if done else None,
-        "tpot_ms": dist([r["tpot_ms"] for r in done if r["tpot_ms"] is not None]),
-        "ttft_ms": dist([r["ttft_ms"] for r in done]),
+        "tpot_ms": dist([r.tpot_ms for r in done if r.tpot_ms is not None]),
+        "ttft_ms": dist([r.ttft_ms for r in done]),
         "itl_ms": dist(np.frombuffer(ep.itl_window, dtype=np.float64) * 1e3),
-        "e2e_ms": dist([r["e2e_ms"] for r in done]),
+        "e2e_ms": dist([r.e2e_ms for r in done]),
+        "goodput": _gen_goodput(result.config, done, window),
         "totals": {"sent": ep.sent, "completed": ep.completed_total,
                    "failed": ep.failed_total, "output_tokens": ep.tokens_total,
                    "usage_mismatch": ep.usage_mismatch},
@@ -77,23 +161,29 @@ def _gen_summary(result: BenchResult, ep: EndpointRun, window: float) -> dict:
 
 
 def _embed_summary(result: BenchResult, ep: EndpointRun, window: float) -> dict:
-    done = [r for r in ep.records if r["status"] == "ok" and _in_window(result, r["end_s"])]
-    failed = sum(1 for r in ep.records
-                 if r["status"] == "failed" and _in_window(result, r["end_s"]))
-    per_s = (lambda x: x / window) if window > 0 else (lambda x: 0.0)
+    done = _ended(result, ep, "ok")
+    failed = len(_ended(result, ep, "failed"))
+    per_s = _per_s(window)
+    mismatch = None
+    if ep.encoding_mismatch:
+        mismatch = {"asked": result.config.embed_encoding, "answered": ep.encoding_answered,
+                    "answers": ep.encoding_mismatch}
     return {
         "url": ep.url,
         "model": ep.model,
         "concurrency": ep.concurrency,
+        **_rate(ep, window, _send_late(result, ep)),
         "batch": result.config.embed_batch,
         "encoding": result.config.embed_encoding,
         "dim": ep.dim,
+        "encoding_mismatch": mismatch,
         "sequences_per_s": round(per_s(ep.tokens_window), 3),
         "requests_per_s": round(per_s(len(done)), 4),
         "completed": len(done),
         "failed": failed,
         "sequences_in_window": int(ep.tokens_window),
-        "latency_ms": dist([r["latency_ms"] for r in done]),
+        "latency_ms": dist([r.latency_ms for r in done]),
+        "goodput": _embed_goodput(result.config, done, window),
         "totals": {"sent": ep.sent, "completed": ep.completed_total,
                    "failed": ep.failed_total, "sequences": ep.tokens_total},
         "errors": _errors(ep),
@@ -116,6 +206,11 @@ def summarize(result: BenchResult) -> dict:
         "cut_short": result.cut_short,
         "stopped_in": phase,
         "started_at": result.started_at,
+        "aborted": result.aborted,
+        "load": {"arrival": cfg.arrival, "burstiness": cfg.burstiness,
+                 "gen_rate": cfg.gen_rate, "embed_rate": cfg.embed_rate,
+                 "slo": {"ttft_ms": cfg.goodput_ttft_ms, "tpot_ms": cfg.goodput_tpot_ms,
+                         "e2el_ms": cfg.goodput_e2el_ms, "embed_ms": cfg.embed_slo_ms}},
         "gen": _gen_summary(result, result.gen, window) if result.gen else None,
         "embed": _embed_summary(result, result.embed, window) if result.embed else None,
         "config": cfg.to_dict(),

@@ -10,7 +10,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from coserve.bench.loadgen import Progress
+from coserve.bench.records import Progress
 
 
 def _fmt(v: float | None, unit: str) -> str:

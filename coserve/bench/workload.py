@@ -1,5 +1,8 @@
 """Seeded request bodies. Request i of an endpoint always gets the same input for the same
-seed (whichever worker sends it), so a run's inputs can be rebuilt from (seed, i)."""
+seed (whichever worker sends it), so a run's inputs can be rebuilt from (seed, i).
+
+A chat request's one user message is the same prompt's token ids written as words (id k is
+the (k mod 196)-th of 196 common words), so completions and chat runs draw the same workload."""
 
 from __future__ import annotations
 
@@ -41,6 +44,9 @@ class Workload:
     def gen_prompt(self, i: int) -> list[int]:
         return _rng(self.cfg.seed, _GEN, i).choices(self._ids, k=self.cfg.input_len)
 
+    def chat_text(self, i: int) -> str:
+        return " ".join(_WORDS[t % len(_WORDS)] for t in self.gen_prompt(i))
+
     def embed_input(self, i: int) -> list[list[int]] | list[str]:
         c = self.cfg
         rng = _rng(c.seed, _EMBED, i)
@@ -50,6 +56,10 @@ class Workload:
         return [rng.choices(self._ids, k=c.embed_input_len) for _ in range(c.embed_batch)]
 
     def gen_body(self, model: str, i: int) -> bytes:
+        """The JSON body of gen request i: /v1/completions's, or /v1/chat/completions's when
+        the config's gen_endpoint is "chat"."""
+        if self.cfg.gen_endpoint == "chat":
+            return self._chat_body(model, i)
         parts = self._gen_parts.get(model)
         if parts is None:  # the JSON around the prompt, built once per model name
             c = self.cfg
@@ -65,6 +75,18 @@ class Workload:
             parts = self._gen_parts[model] = ((head + '"prompt":[').encode(),
                                               ("]" + tail).encode())
         return parts[0] + ",".join(map(str, self.gen_prompt(i))).encode() + parts[1]
+
+    def _chat_body(self, model: str, i: int) -> bytes:
+        c = self.cfg
+        return json.dumps({
+            "model": model,
+            "messages": [{"role": "user", "content": self.chat_text(i)}],
+            "max_completion_tokens": c.output_len,
+            "temperature": c.temperature,
+            "ignore_eos": True,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }, separators=(",", ":")).encode()
 
     def embed_body(self, model: str, i: int) -> bytes:
         return json.dumps({"model": model, "input": self.embed_input(i),
