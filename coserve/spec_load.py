@@ -13,7 +13,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from coserve.bench.config import ConfigError, LoadConfig
+from coserve.bench.arrivals import ARRIVALS
+from coserve.bench.config import GEN_ENDPOINTS, ConfigError, LoadConfig
 from coserve.gpu.strategies import ROLES
 from coserve.reference import REFERENCES
 
@@ -61,13 +62,13 @@ LOAD_CHECKS: dict[str, dict[str, Any]] = {
     "duration_s": {"gt": 0.0},
     "gen_rate": {"gt": 0.0, "help": "gen requests/s, open loop (unset: closed loop)", **_LATER},
     "embed_rate": {"gt": 0.0, "help": "embed requests/s, open loop (unset: closed loop)", **_LATER},
-    "arrival": {"choices": ("poisson", "constant"), **_LATER},
+    "arrival": {"choices": ARRIVALS, **_LATER},
     "burstiness": {"gt": 0.0, "help": "gamma shape of inter-arrivals; 1 = Poisson", **_LATER},
     "goodput_ttft_ms": {"gt": 0.0, **_LATER},
     "goodput_tpot_ms": {"gt": 0.0, **_LATER},
     "goodput_e2el_ms": {"gt": 0.0, **_LATER},
     "embed_slo_ms": {"gt": 0.0, "help": "embed request latency bound for embed goodput", **_LATER},
-    "gen_endpoint": {"choices": ("completions", "chat"), **_LATER},
+    "gen_endpoint": {"choices": GEN_ENDPOINTS, **_LATER},
 }
 
 
