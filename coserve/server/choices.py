@@ -82,7 +82,9 @@ class Choice:
             text = token_text(self.tokenizer, token)
             out["tokens"].append(text)
             out["token_logprobs"].append(lp)
-            top = {token_text(self.tokenizer, t): v for t, v in zip(top_ids, top_lps, strict=True)}
+            top: dict[str, float] = {}
+            for t, v in zip(top_ids, top_lps, strict=True):  # most likely first: it keeps a shared text
+                top.setdefault(token_text(self.tokenizer, t), v)
             top.setdefault(text, lp)  # vLLM lists the sampled token too
             out["top_logprobs"].append(top)
             out["text_offset"].append(self.offset)

@@ -131,7 +131,7 @@ def parse_sampling(body: dict, tokenizer, max_tokens_keys: tuple[str, ...], limi
     if max_tokens is not None and min_tokens > max_tokens:
         raise ApiError(f"'min_tokens' ({min_tokens}) must not exceed '{max_tokens_keys[0]}' ({max_tokens})",
                        param="min_tokens")
-    top_k = opt_int(body, "top_k", 0, minimum=-1)
+    top_k = opt_int(body, "top_k", 0, minimum=-1, maximum=INT64[1])  # over the vocabulary: all tokens
     stream = opt_bool(body, "stream", False)
     stream_options = body.get("stream_options")
     include_usage = continuous = False
