@@ -125,7 +125,7 @@ def check_ids(ids: list, param: str, limit: int | None = None) -> list[int]:
         raise ApiError(f"This model's maximum context length is {limit} tokens, and '{param}' holds "
                        f"{len(ids)} token ids. Please shorten it.", param=param)
     for t in ids:
-        if not is_int(t) or t < 0:
+        if not is_int(t) or not 0 <= t <= INT64[1]:
             raise ApiError(f"'{param}' holds {quote(t)}, which is not a token id (a non-negative integer)",
                            param=param)
     return ids
