@@ -23,7 +23,7 @@ import numpy as np
 from aiohttp import web
 
 from coserve import __version__
-from coserve.server.body import MAX_BODY_BYTES, json_response, parse_or_400, read_json
+from coserve.server.body import MAX_BODY_BYTES, json_response, read_request
 from coserve.server.engine_client import EngineClient, RequestStream
 from coserve.server.errors import ApiError, outcome_for_status, quote
 from coserve.server.fields import RequestLimits
@@ -146,8 +146,7 @@ class OpenAIServer:
         if self.opts.kind != "embed":
             raise ApiError(f"The model `{self.opts.served_names[0]}` is a generative model and does not "
                            "support the Embeddings API; use /v1/completions")
-        body = await read_json(request)
-        req = parse_or_400(parse_embedding, body, self.opts.served_names, self.tokenizer, self.max_model_len,
+        req = await read_request(request, parse_embedding, self.opts.served_names, self.tokenizer, self.max_model_len,
                            self.engine.dim, self.opts.limits)
         rid = f"embd-{uuid.uuid4().hex}"
         stream = RequestStream()

@@ -6,6 +6,7 @@ a body over the size limit (413), JSON that does not parse or nests too deep (40
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 
@@ -16,11 +17,12 @@ from coserve.server.errors import ApiError, quote
 log = logging.getLogger("coserve.server")
 
 JSON_TYPES = ("application/json",)
+OFF_LOOP_BYTES = 256 << 10  # bodies from this size on are parsed in a worker thread
 MAX_BODY_BYTES = web.AppKey("max_body_bytes", int)  # the app's client_max_size, for the 413's message
 
 
-async def read_json(request: web.Request) -> dict:
-    """The body as a JSON object. Raises ApiError 415/413/400."""
+async def read_json(request: web.Request) -> tuple[dict, int]:
+    """(the body as a JSON object, its size in bytes). Raises ApiError 415/413/400."""
     if request.content_type not in JSON_TYPES:
         raise ApiError(f"the request body must be JSON, sent with 'Content-Type: application/json' "
                        f"(got {request.content_type!r:.100})", status=415)
@@ -30,14 +32,28 @@ async def read_json(request: web.Request) -> dict:
         raise ApiError(f"the request body is larger than this server takes ({request.app[MAX_BODY_BYTES]} "
                        "bytes; see --max-request-bytes)", status=413) from None
     try:
-        body = json.loads(raw)
+        body = await _off_loop(len(raw), json.loads, raw)
     except RecursionError:
         raise ApiError("the request body nests JSON too deeply") from None
     except (ValueError, UnicodeDecodeError) as e:
         raise ApiError(f"the request body is not valid JSON: {str(e):.200}") from None
     if not isinstance(body, dict):
         raise ApiError("the request body must be a JSON object")
-    return body
+    return body, len(raw)
+
+
+async def read_request(request: web.Request, parse, *args):
+    """`parse(body, *args)` of the request's JSON body; any failure is a 4xx (ApiError)."""
+    body, size = await read_json(request)
+    return await _off_loop(size, parse_or_400, parse, body, *args)
+
+
+async def _off_loop(size: int, fn, *args):
+    """fn(*args) here for a small body; for a large one in a thread, so that parsing and
+    tokenising megabytes does not stall the event loop (/health, other requests' streams)."""
+    if size < OFF_LOOP_BYTES:
+        return fn(*args)
+    return await asyncio.to_thread(fn, *args)
 
 
 def json_response(obj, status: int = 200) -> web.Response:

@@ -147,7 +147,11 @@ def token_lists(value, tokenizer, param: str, max_model_len: int, max_chars: int
             raise ApiError(f"'{param}'{which(i)} has {len(text)} characters, more than this server takes "
                            f"({max_chars}, for a context of {max_model_len} tokens). Please shorten it.",
                            param=param)
-        return list(tokenizer.encode(check_text(text, param)))
+        ids = list(tokenizer.encode(check_text(text, param)))
+        if len(ids) > max_model_len:  # refused at once, before the rest of the request is tokenised
+            raise ApiError(f"This model's maximum context length is {max_model_len} tokens, and '{param}'"
+                           f"{which(i)} has {len(ids)} tokens. Please shorten it.", param=param)
+        return ids
 
     def which(i: int) -> str:
         return f" (item {i})" if isinstance(value, list) else ""

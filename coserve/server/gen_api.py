@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from coserve.server.body import json_response, parse_or_400, read_json
+from coserve.server.body import json_response, read_request
 from coserve.server.chat import parse_chat
 from coserve.server.choices import Choice
 from coserve.server.engine_client import EngineClient, RequestStream
@@ -54,14 +54,12 @@ class GenApi:
         self.tokenizer = engine.tokenizer
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
-        body = await read_json(request)
-        req = parse_or_400(parse_completion, body, self.served_names, self.tokenizer, self.engine.max_model_len, self.limits,
+        req = await read_request(request, parse_completion, self.served_names, self.tokenizer, self.engine.max_model_len, self.limits,
                                self.engine.eos_token_ids)
         return await self._serve(request, req, COMPLETION)
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
-        body = await read_json(request)
-        req = parse_or_400(parse_chat, body, self.served_names, self.tokenizer, self.engine.max_model_len, self.limits,
+        req = await read_request(request, parse_chat, self.served_names, self.tokenizer, self.engine.max_model_len, self.limits,
                          self.engine.eos_token_ids)
         return await self._serve(request, req, CHAT)
 
