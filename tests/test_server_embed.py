@@ -104,7 +104,6 @@ BAD = [
     ("input a number", {"input": 3}, "input"),
     ("input an object", {"input": {"text": "hi"}}, "input"),
     ("mixed list", {"input": ["a", 1]}, "input"),
-    ("unknown model", {"model": "text-embedding-3-small", "input": "hi"}, "model"),
     ("bad encoding_format", {"input": "hi", "encoding_format": "int8"}, "encoding_format"),
     ("dimensions", {"input": "hi", "dimensions": 128}, "dimensions"),
     ("over-long text", {"input": "word " * 600}, "input"),
@@ -122,6 +121,13 @@ def test_bad_input_gets_400_and_the_server_keeps_serving(minilm, what, body, par
         assert answer["error"]["param"] == param
     status, good = post(minilm.url + "/v1/embeddings", {"input": "still here"})
     assert status == 200 and len(good["data"][0]["embedding"]) == 384
+
+
+def test_unknown_model_is_404(minilm):
+    status, answer = post(minilm.url + "/v1/embeddings", {"model": "text-embedding-3-small", "input": "hi"})
+    assert status == 404 and answer["error"]["type"] == "NotFoundError" and answer["error"]["param"] == "model"
+    with pytest.raises(openai.NotFoundError):
+        client_for(minilm).embeddings.create(model="text-embedding-3-small", input="hi")
 
 
 def test_completions_on_an_embedding_server_is_a_400(minilm):

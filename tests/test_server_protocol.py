@@ -10,6 +10,7 @@ from coserve.engine.tokenizer import ByteTokenizer
 from coserve.server.command import parse_bytes
 from coserve.server.detokenize import IncrementalDecoder
 from coserve.server.errors import ApiError
+from coserve.server.fields import RequestLimits
 from coserve.server.metrics import Metrics
 from coserve.server.protocol import parse_completion, parse_embedding
 
@@ -17,13 +18,14 @@ NAMES = ["m"]
 BYTES = ByteTokenizer()
 
 
-def completion(body, tokenizer=BYTES, max_model_len=32):
-    return parse_completion(body, NAMES, tokenizer, max_model_len)
+def completion(body, tokenizer=BYTES, max_model_len=32, eos=()):
+    return parse_completion(body, NAMES, tokenizer, max_model_len, eos_token_ids=eos)
 
 
 def test_completion_prompt_forms_and_defaults():
     r = completion({"model": "m", "prompt": "hi"})
-    assert r.prompts == [[104, 105]] and r.params[0].max_tokens == 30  # vLLM: the rest of the context
+    assert r.prompts == [[104, 105]] and r.params[0].max_tokens == 16  # OpenAI's and vLLM's default
+    assert completion({"prompt": list(range(20))}).params[0].max_tokens == 12  # capped by the context
     assert r.params[0].temperature == 1.0 and r.params[0].top_p == 1.0 and not r.stream
     assert completion({"prompt": [1, 2, 3], "max_tokens": 4}).prompts == [[1, 2, 3]]
     assert completion({"prompt": ["a", "b"]}).prompts == [[97], [98]]
@@ -37,6 +39,18 @@ def test_completion_prompt_forms_and_defaults():
     completion({"prompt": [1], "n": 1, "echo": False, "logprobs": None, "stop": None, "presence_penalty": 0})
 
 
+def test_completion_sampling_fields_as_vllm():
+    r = completion({"prompt": ["a", "b"], "n": 2, "seed": 5, "top_k": 3, "min_tokens": 2, "max_tokens": 4,
+                    "stop": ["x", ""], "stop_token_ids": [7], "logprobs": 2}, eos=(257,))
+    assert r.prompts == [[97], [97], [98], [98]] and r.num_prompts == 2  # choice i*n+j from prompt i
+    assert [p.seed for p in r.params] == [5, 6, 5, 6]  # vLLM's parallel sampling: seed + j
+    p = r.params[0]
+    assert (p.top_k, p.min_tokens, p.stop_token_ids, p.all_stop_token_ids, p.logprobs) == (3, 2, (7,), (7, 257), 2)
+    assert r.stop == ["x"] and r.logprobs == 2
+    p = completion({"prompt": [1], "ignore_eos": True, "stop_token_ids": [7], "top_k": -1}, eos=(257,)).params[0]
+    assert p.all_stop_token_ids == (7,) and p.top_k == 0  # ignore_eos: EOS is no stop token
+
+
 @pytest.mark.parametrize("body, param, words", [
     ({"max_tokens": 3}, "prompt", "required"),
     ({"prompt": 5}, "prompt", "must be a string"),
@@ -47,9 +61,25 @@ def test_completion_prompt_forms_and_defaults():
     ({"prompt": [1, -2]}, "prompt", "token id"),
     ({"prompt": [1, True]}, "prompt", "token id"),
     ({"prompt": [1.5]}, "prompt", "mixing"),
-    ({"prompt": [1], "model": "other"}, "model", "does not exist"),
+    ({"prompt": [1], "n": 0}, "n", "at least 1"),
+    ({"prompt": [1], "n": 257}, "n", "at most 256"),
+    ({"prompt": [[1]] * 129, "n": 2}, "prompt", "129 prompts (n=2)"),
+    ({"prompt": [1], "seed": 2 ** 63}, "seed", "at most"),
+    ({"prompt": [1], "seed": -(2 ** 63) - 1}, "seed", "at least"),
+    ({"prompt": [1], "temperature": float("nan")}, "temperature", "must be a finite number"),
+    ({"prompt": [1], "temperature": float("inf")}, "temperature", "must be a finite number"),
+    ({"prompt": [1], "temperature": 10 ** 400}, "temperature", "must be a finite number"),
+    ({"prompt": [1], "logprobs": 21}, "logprobs", "at most 20"),
+    ({"prompt": [1], "logprobs": True}, "logprobs", "integer"),
+    ({"prompt": [1], "top_k": -2}, "top_k", "at least -1"),
+    ({"prompt": [1], "min_tokens": 5, "max_tokens": 4}, "min_tokens", "must not exceed"),
+    ({"prompt": [1], "stop": 5}, "stop", "string or a list"),
+    ({"prompt": [1], "stop": ["a"] * 65}, "stop", "more than 64"),
+    ({"prompt": [1], "stop": ["\ud800"]}, "stop", "not valid Unicode"),
+    ({"prompt": [1], "stop_token_ids": [-1]}, "stop_token_ids", "token id"),
+    ({"prompt": "a\ud800b"}, "prompt", "not valid Unicode"),
+    ({"prompt": "x" * 513}, "prompt", "513 characters"),
     ({"prompt": [1], "model": 3}, "model", "must be a string"),
-    ({"prompt": [1], "n": 2}, "n", "must be 1"),
     ({"prompt": [1], "max_tokens": 0}, "max_tokens", "at least 1"),
     ({"prompt": [1], "max_tokens": -1}, "max_tokens", "at least 1"),
     ({"prompt": [1], "max_tokens": "4"}, "max_tokens", "integer"),
@@ -67,8 +97,6 @@ def test_completion_prompt_forms_and_defaults():
     ({"prompt": [1], "stream_options": {"include_usage": True}}, "stream_options", "only allowed"),
     ({"prompt": [1], "stream": True, "stream_options": []}, "stream_options", "object"),
     ({"prompt": [1], "stream": True, "stream_options": {"include_usage": "y"}}, "include_usage", "boolean"),
-    ({"prompt": [1], "logprobs": 2}, "logprobs", "not supported"),
-    ({"prompt": [1], "stop": ["\n"]}, "stop", "not supported"),
     ({"prompt": [1], "echo": True}, "echo", "not supported"),
     ({"prompt": [1], "best_of": 3}, "best_of", "not supported"),
 ])
@@ -86,6 +114,41 @@ def test_text_without_tokenizer_is_refused():
     assert completion({"prompt": [5, 6]}, tokenizer=None).prompts == [[5, 6]]
     with pytest.raises(ApiError, match="no tokenizer"):
         parse_embedding({"input": ["a"]}, NAMES, None, 16, 4)
+    with pytest.raises(ApiError, match="stop_token_ids"):
+        completion({"prompt": [1], "stop": "x"}, tokenizer=None)
+    assert completion({"prompt": [1], "stop_token_ids": [3]}, tokenizer=None).params[0].stop_token_ids == (3,)
+
+
+def test_unknown_model_is_404():
+    with pytest.raises(ApiError) as e:
+        completion({"prompt": [1], "model": "other"})
+    assert e.value.status == 404 and e.value.body()["error"]["type"] == "NotFoundError"
+
+
+def test_rejected_values_are_quoted_cut():
+    for body in ({"prompt": [1], "stop": 7, "best_of": "x" * 10**6}, {"prompt": [1], "best_of": list(range(10**6))},
+                 {"prompt": [1, "a" * 10**6]}, {"prompt": [1], "model": "m" * 10**6}):
+        with pytest.raises(ApiError) as e:
+            completion(body)
+        assert len(e.value.message) < 400, e.value.message[:500]
+
+
+def test_limits_are_checked_before_tokenising():
+    class Counting(ByteTokenizer):
+        calls = 0
+
+        def encode(self, text):
+            Counting.calls += 1
+            return super().encode(text)
+
+    tok = Counting()
+    with pytest.raises(ApiError, match="3 inputs, more than"):
+        parse_embedding({"input": ["a", "b", "c"]}, NAMES, tok, 8, 4, RequestLimits(max_embed_inputs=2))
+    with pytest.raises(ApiError, match="characters"):
+        parse_embedding({"input": ["a", "b" * 20]}, NAMES, tok, 8, 4, RequestLimits(max_prompt_chars=10))
+    with pytest.raises(ApiError, match="5 prompts"):
+        parse_completion({"prompt": ["a"] * 5}, NAMES, tok, 32, RequestLimits(max_gen_choices=4))
+    assert Counting.calls == 1  # only "a" of the second request, before "b" * 20 was refused
 
 
 def test_embedding_forms_and_errors():
@@ -99,7 +162,8 @@ def test_embedding_forms_and_errors():
     for body, param in [({}, "input"), ({"input": []}, "input"), ({"input": {"a": 1}}, "input"),
                         ({"input": "x" * 9}, "input"), ({"input": [[1], list(range(9))]}, "input"),
                         ({"input": "a", "encoding_format": "int8"}, "encoding_format"),
-                        ({"input": "a", "dimensions": 2}, "dimensions"), ({"input": "a", "model": "x"}, "model")]:
+                        ({"input": "a", "dimensions": 2}, "dimensions"), ({"input": "a", "model": "x"}, "model"),
+                        ({"input": "\udfff"}, "input")]:
         with pytest.raises(ApiError) as e:
             emb(body)
         assert e.value.param == param, body

@@ -152,9 +152,10 @@ class Scheduler:
             ids.append(token)
             got_token.append(seq)
             p = seq.params
-            if not p.ignore_eos and token in eos_ids:
+            n_out = len(ids) - seq.num_prompt_tokens
+            if n_out >= p.min_tokens and ((not p.ignore_eos and token in eos_ids) or token in p.stop_token_ids):
                 finished.append((seq, "stop"))
-            elif len(ids) - seq.num_prompt_tokens >= p.max_tokens or len(ids) >= max_model_len:
+            elif n_out >= p.max_tokens or len(ids) >= max_model_len:
                 finished.append((seq, "length"))
         if finished:
             gone = {id(seq) for seq, _ in finished}

@@ -29,6 +29,12 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     prompt_counted: bool = False
+    # asks for top_k, min_tokens or logprobs: the sampler's slower per-row path
+    special: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        p = self.params
+        self.special = p.top_k > 0 or p.min_tokens > 0 or p.logprobs is not None
 
     @property
     def num_tokens(self) -> int:

@@ -1,5 +1,6 @@
 """The OpenAI-compatible HTTP API in front of one engine, as vLLM serves it:
-/v1/completions (gen), /v1/embeddings (embed), /v1/models, /health, /metrics, /version.
+/v1/completions and /v1/chat/completions (gen, gen_api.py), /v1/embeddings (embed),
+/v1/models, /health, /metrics, /version.
 
 One server serves one model. The engine steps in a process of its own (engine_core.py,
 driven through engine_client.py); the handlers here only parse, hand requests over and
@@ -16,26 +17,25 @@ import signal
 import socket
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from aiohttp import web
 
 from coserve import __version__
-from coserve.server.detokenize import IncrementalDecoder
+from coserve.server.body import MAX_BODY_BYTES, json_response, read_request
 from coserve.server.engine_client import EngineClient, RequestStream
-from coserve.server.errors import Aborted, ApiError, outcome_for_status
+from coserve.server.errors import ApiError, outcome_for_status, quote
+from coserve.server.fields import RequestLimits
 from coserve.server.float_json import float32_rows_json
+from coserve.server.gen_api import OUTCOME, GenApi
 from coserve.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from coserve.server.metrics import Metrics
-from coserve.server.protocol import parse_completion, parse_embedding
+from coserve.server.protocol import parse_embedding
 
 log = logging.getLogger("coserve.server")
 
-OUTCOME = "coserve_outcome"  # request key a handler sets when it ended a 200 early
-SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
-MAX_BODY_BYTES = 64 << 20
-API_ENDPOINTS = ("completions", "embeddings", "models")
+API_ENDPOINTS = ("completions", "chat/completions", "embeddings", "models")
 
 
 @dataclass
@@ -47,22 +47,18 @@ class ServeOptions:
     api_key: str | None = None
     shutdown_timeout_s: float = 5.0  # in-flight requests get this long to finish on SIGTERM
     access_log: bool = False
+    limits: RequestLimits = field(default_factory=RequestLimits)
 
 
-async def read_json(request: web.Request) -> dict:
-    raw = await request.read()
+def _authorized(request: web.Request, key: str) -> bool:
+    """Constant-time check of `Authorization: Bearer KEY`; a header that is not even text
+    (non-ASCII bytes) is simply a wrong key."""
+    given = request.headers.get("Authorization", "")
     try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ApiError(f"the request body is not valid JSON: {e}") from None
-    if not isinstance(body, dict):
-        raise ApiError("the request body must be a JSON object")
-    return body
-
-
-def _json(obj, status: int = 200) -> web.Response:
-    return web.Response(status=status, text=json.dumps(obj, separators=(",", ":")),
-                        content_type="application/json")
+        given_bytes = given.encode("utf-8", "surrogateescape")
+    except UnicodeError:
+        return False
+    return hmac.compare_digest(given_bytes, f"Bearer {key}".encode())
 
 
 class OpenAIServer:
@@ -74,10 +70,14 @@ class OpenAIServer:
         self.metrics = Metrics(opts.served_names[0], opts.kind)
         self.shutting_down = False
         self.created = int(time.time())
+        self.gen = GenApi(engine, self.metrics, opts.served_names, opts.limits)
 
     def make_app(self) -> web.Application:
-        app = web.Application(middlewares=[self._middleware], client_max_size=MAX_BODY_BYTES)
+        max_bytes = self.opts.limits.max_body_bytes
+        app = web.Application(middlewares=[self._middleware], client_max_size=max_bytes)
+        app[MAX_BODY_BYTES] = max_bytes
         app.router.add_post("/v1/completions", self.completions)
+        app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_post("/v1/embeddings", self.embeddings)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/health", self.health)
@@ -104,11 +104,8 @@ class OpenAIServer:
         try:
             if self.shutting_down:
                 raise ApiError("the server is shutting down", status=503)
-            key = self.opts.api_key
-            if key is not None:
-                given = request.headers.get("Authorization", "")
-                if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
-                    raise ApiError("invalid or missing API key (send 'Authorization: Bearer KEY')", status=401)
+            if self.opts.api_key is not None and not _authorized(request, self.opts.api_key):
+                raise ApiError("invalid or missing API key (send 'Authorization: Bearer KEY')", status=401)
             resp = await handler(request)
             outcome = request.get(OUTCOME) or outcome_for_status(resp.status)
             return resp
@@ -125,128 +122,32 @@ class OpenAIServer:
             raise
         except Exception as e:
             log.exception("error serving %s", request.path)
-            return ApiError(f"internal error: {e!r}", status=500).response()
+            return ApiError(f"internal error: {quote(e)}", status=500).response()
         finally:
             self.metrics.in_flight -= 1
             self.metrics.requests[(endpoint, outcome)] += 1
 
-    # ---- /v1/completions -----------------------------------------------------------------
-    async def completions(self, request: web.Request) -> web.StreamResponse:
+    # ---- /v1/completions, /v1/chat/completions --------------------------------------------
+    def _gen_only(self, api: str) -> None:
         if self.opts.kind != "gen":
             raise ApiError(f"The model `{self.opts.served_names[0]}` is an embedding model and does not "
-                           "support the Completions API; use /v1/embeddings")
-        body = await read_json(request)
-        req = parse_completion(body, self.opts.served_names, self.tokenizer, self.max_model_len)
-        cid = f"cmpl-{uuid.uuid4().hex}"
-        rids = [f"{cid}-{i}" for i in range(len(req.prompts))]
-        stream = RequestStream()
-        await self.engine.add(
-            [(rid, ids, params) for rid, ids, params in zip(rids, req.prompts, req.params, strict=True)], stream)
-        pending = set(rids)
-        try:
-            if req.stream:
-                return await self._stream_completion(request, req, cid, rids, stream, pending)
-            return await self._full_completion(req, cid, rids, stream, pending)
-        finally:
-            if pending:  # client gone, shutdown, or an error: free the engine's slots
-                self.engine.abort(pending)
+                           f"support the {api} API; use /v1/embeddings")
 
-    def _usage(self, req, counts: list[int]) -> dict:
-        p = sum(len(ids) for ids in req.prompts)
-        c = sum(counts)
-        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        self._gen_only("Completions")
+        return await self.gen.completions(request)
 
-    async def _full_completion(self, req, cid, rids, stream, pending) -> web.Response:
-        index = {rid: i for i, rid in enumerate(rids)}
-        tokens: list[list[int]] = [[] for _ in rids]
-        reasons: list[str | None] = [None] * len(rids)
-        while pending:
-            try:
-                outputs = await stream.next_batch()
-            except Aborted:
-                self.metrics.finished["abort"] += len(pending)
-                raise
-            for rid, new_ids, finished, reason in outputs:
-                i = index[rid]
-                tokens[i].extend(new_ids)
-                if finished:
-                    reasons[i] = reason or "stop"
-                    pending.discard(rid)
-                    self.metrics.finished[reasons[i]] += 1
-        decode = self.tokenizer.decode if self.tokenizer is not None else (lambda ids: "")
-        choices = [{"index": i, "text": decode(ids), "logprobs": None, "finish_reason": reasons[i],
-                    "stop_reason": None, "token_ids": ids} for i, ids in enumerate(tokens)]
-        return _json({"id": cid, "object": "text_completion", "created": int(time.time()), "model": req.model,
-                      "choices": choices, "usage": self._usage(req, [len(t) for t in tokens])})
-
-    async def _stream_completion(self, request, req, cid, rids, stream, pending) -> web.StreamResponse:
-        index = {rid: i for i, rid in enumerate(rids)}
-        decoders = [IncrementalDecoder(self.tokenizer) if self.tokenizer is not None else None for _ in rids]
-        counts = [0] * len(rids)
-        head = (f'data: {{"id":"{cid}","object":"text_completion","created":{int(time.time())},'
-                f'"model":{json.dumps(req.model)},"choices":[')
-        # Per token, only the text, the ids and the finish reason change: the rest of each
-        # event is written once per choice here.
-        starts = [f'{head}{{"index":{i},"text":' for i in range(len(rids))]
-        fixed_tail = None if req.continuous_usage else ('],"usage":null}\n\n' if req.include_usage else "]}\n\n")
-
-        def event(i: int, ids: list[int], reason: str | None) -> str:
-            decoder = decoders[i]
-            text = json.dumps(decoder.add(ids, final=reason is not None)) if decoder is not None else '""'
-            tail = fixed_tail or f'],"usage":{json.dumps(self._usage(req, counts))}}}\n\n'
-            id_text = str(ids[0]) if len(ids) == 1 else ",".join(map(str, ids))
-            finish = "null" if reason is None else f'"{reason}"'
-            return (f'{starts[i]}{text},"logprobs":null,"finish_reason":{finish},"stop_reason":null,'
-                    f'"token_ids":[{id_text}]}}{tail}')
-
-        resp = web.StreamResponse(headers=SSE_HEADERS)
-        await resp.prepare(request)
-        try:
-            while pending:
-                try:
-                    outputs = await stream.next_batch()
-                except Aborted:  # shutting down: end each open choice with finish_reason "abort"
-                    request[OUTCOME] = "aborted"
-                    ended = sorted(index[rid] for rid in pending)
-                    pending.clear()
-                    self.metrics.finished["abort"] += len(ended)
-                    await resp.write("".join(event(i, [], "abort") for i in ended).encode())
-                    break
-                except ApiError as e:  # the engine failed: headers are out, so say it in the stream
-                    request[OUTCOME] = e.outcome
-                    pending.clear()
-                    await resp.write(f"data: {json.dumps(e.body())}\n\n".encode())
-                    break
-                # Coalesce what piled up per choice since the last write (one event each).
-                new: dict[int, list] = {}
-                for rid, new_ids, finished, reason in outputs:
-                    i = index[rid]
-                    entry = new.setdefault(i, [[], None])
-                    entry[0].extend(new_ids)
-                    if finished:
-                        entry[1] = reason or "stop"
-                        pending.discard(rid)
-                        self.metrics.finished[entry[1]] += 1
-                parts = []
-                for i, (ids, reason) in new.items():
-                    counts[i] += len(ids)
-                    parts.append(event(i, ids, reason))
-                await resp.write("".join(parts).encode())
-            if req.include_usage:
-                await resp.write(f'{head}],"usage":{json.dumps(self._usage(req, counts))}}}\n\n'.encode())
-            await resp.write(b"data: [DONE]\n\n")
-            await resp.write_eof()
-        except ConnectionResetError:  # client went away mid-stream; `pending` gets aborted
-            request[OUTCOME] = "aborted"
-        return resp
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        self._gen_only("Chat Completions")
+        return await self.gen.chat(request)
 
     # ---- /v1/embeddings ------------------------------------------------------------------
     async def embeddings(self, request: web.Request) -> web.Response:
         if self.opts.kind != "embed":
             raise ApiError(f"The model `{self.opts.served_names[0]}` is a generative model and does not "
                            "support the Embeddings API; use /v1/completions")
-        body = await read_json(request)
-        req = parse_embedding(body, self.opts.served_names, self.tokenizer, self.max_model_len, self.engine.dim)
+        req = await read_request(request, parse_embedding, self.opts.served_names, self.tokenizer, self.max_model_len,
+                           self.engine.dim, self.opts.limits)
         rid = f"embd-{uuid.uuid4().hex}"
         stream = RequestStream()
         await self.engine.add([(rid, req.inputs)], stream)
@@ -274,7 +175,7 @@ class OpenAIServer:
         data = [{"id": name, "object": "model", "created": self.created, "owned_by": "coserve",
                  "root": self.engine.model_name, "parent": None, "max_model_len": self.max_model_len,
                  "permission": []} for name in self.opts.served_names]
-        return _json({"object": "list", "data": data})
+        return json_response({"object": "list", "data": data})
 
     async def health(self, request: web.Request) -> web.Response:
         if not self.engine.alive:
@@ -288,7 +189,7 @@ class OpenAIServer:
         return web.Response(body=text.encode(), headers={"Content-Type": METRICS_CONTENT_TYPE})
 
     async def version(self, request: web.Request) -> web.Response:
-        return _json({"version": __version__})
+        return json_response({"version": __version__})
 
     # ---- shutdown ------------------------------------------------------------------------
     async def _wait_idle(self, timeout_s: float) -> bool:

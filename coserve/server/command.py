@@ -15,6 +15,8 @@ import signal
 import sys
 import threading
 
+from coserve.server.fields import CHARS_PER_TOKEN_BOUND, RequestLimits
+
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
 
 
@@ -48,20 +50,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME", help="name(s) the API answers to (default: the --model value)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available)")
     parser.add_argument("--dtype", default=None, help="weights/activations dtype (default: the engine's choice for the device)")
-    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface; set --api-key then)")
     parser.add_argument("--port", metavar="N", type=int, default=8000, help="0 picks a free port")
     parser.add_argument("--gpu-memory-utilization", metavar="F", type=_fraction, default=0.9, help="fraction of the whole GPU this process may use, as in vLLM")
     parser.add_argument("--kv-cache-bytes", metavar="BYTES", type=parse_bytes, default=256 << 20, help="KV-cache budget on CPU (e.g. 256M)")
     parser.add_argument("--max-model-len", metavar="N", type=_positive, default=None, help="longest prompt + completion in tokens")
     parser.add_argument("--max-num-seqs", metavar="N", type=_positive, default=256, help="most sequences in one batch")
     parser.add_argument("--max-num-batched-tokens", metavar="N", type=_positive, default=8192, help="most tokens in one step (prefill chunk / embedding batch)")
-    parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    parser.add_argument("--enforce-eager", action="store_true", help="gen only: no CUDA graphs (the embed engine has no graph path, so serve embed refuses it)")
     parser.add_argument("--tensor-parallel-size", metavar="N", type=_positive, default=1, help="ranks (one process and one GPU each, from --device on) the model is split across")
     parser.add_argument("--seed", metavar="N", type=int, default=0, help="seed of random weights and of unseeded sampling")
     parser.add_argument("--api-key", metavar="KEY", default=os.environ.get("COSERVE_API_KEY"), help="require 'Authorization: Bearer KEY' on /v1/* (default: $COSERVE_API_KEY)")
-    parser.add_argument("--shutdown-timeout", type=float, default=5.0, metavar="S", help="on SIGTERM, seconds in-flight requests get to finish before they are aborted")
+    parser.add_argument("--shutdown-timeout", type=_seconds, default=5.0, metavar="S", help="on SIGTERM, seconds in-flight requests get to finish before they are aborted")
     parser.add_argument("--access-log", action="store_true", help="log every HTTP request")
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="least severe log message written to stderr")
+    limits = parser.add_argument_group("limits on one request (checked before any work; a request over one gets a 4xx)")
+    limits.add_argument("--max-embed-inputs", metavar="N", type=_positive, default=RequestLimits.max_embed_inputs, help="inputs in one /v1/embeddings request (default %(default)s, OpenAI's limit)")
+    limits.add_argument("--max-gen-choices", metavar="N", type=_positive, default=RequestLimits.max_gen_choices, help="sequences one completion/chat request may start, prompts x n (default %(default)s, vLLM's default max_num_seqs)")
+    limits.add_argument("--max-request-bytes", metavar="BYTES", type=parse_bytes, default=RequestLimits.max_body_bytes, help="size of one request body (default 64M); larger ones get 413")
+    limits.add_argument("--max-prompt-chars", metavar="N", type=_positive, default=None, help=f"characters of one text prompt or input, checked before tokenising (default: {CHARS_PER_TOKEN_BOUND} x max_model_len)")
+
+
+def _seconds(text: str) -> float:
+    v = float(text)
+    if not 0 <= v < 1e6:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds in [0, 1e6), got {text}")
+    return v
 
 
 def _device(name: str) -> str:
@@ -95,6 +109,10 @@ def _exit_quietly(signum, frame):
 
 
 def run(args) -> int:
+    if args.kind == "embed" and args.enforce_eager:
+        print("coserve serve embed: --enforce-eager does nothing for the embed engine (it has no CUDA-graph "
+              "path and always runs eagerly); leave it out", file=sys.stderr)
+        return 2
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import asyncio
@@ -118,7 +136,9 @@ def run(args) -> int:
 
     opts = ServeOptions(kind=args.kind, served_names=args.served_model_name or [args.model], host=args.host,
                         port=args.port, api_key=args.api_key, shutdown_timeout_s=args.shutdown_timeout,
-                        access_log=args.access_log)
+                        access_log=args.access_log,
+                        limits=RequestLimits(max_embed_inputs=args.max_embed_inputs, max_gen_choices=args.max_gen_choices,
+                                             max_body_bytes=args.max_request_bytes, max_prompt_chars=args.max_prompt_chars))
     rc = asyncio.run(serve(engine, opts, sock))
     left = [t.name for t in threading.enumerate() if t is not threading.main_thread()]
     if left:

@@ -119,6 +119,7 @@ class EngineClient:
         self.max_model_len: int = info["max_model_len"]
         self.dim: int | None = info["dim"]
         self.tokenizer = info["tokenizer"]
+        self.eos_token_ids: tuple[int, ...] = info.get("eos_token_ids", ())
         self.stats: dict = info["stats"]  # latest snapshot from the core
         self.steps = 0
         self.error: str | None = None

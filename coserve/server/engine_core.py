@@ -9,8 +9,9 @@ front -> core  [("add", add_id, [(request_id, *add_request_args), ...]), ("abort
 core -> front  ("ready", info) | ("failed", message, exit_code) first, then
                ("step", outputs, acks, stats | None, steps) | ("dead", message)
 
-gen outputs are (request_id, new_token_ids, finished, finish_reason); embed outputs are
-(request_id, float32 array, prompt_tokens). acks are (add_id, None | (error_kind, message)).
+gen outputs are (request_id, new_token_ids, finished, finish_reason, logprobs | None), the
+logprobs as the engine's Sampler.take_logprobs gives them (only for requests that ask);
+embed outputs are (request_id, float32 array, prompt_tokens). acks are (add_id, None | (error_kind, message)).
 
 The core ignores SIGTERM and SIGINT: a signal to the process group reaches it as well, and
 in-flight requests must go on during the front's drain. It stops on the front's "stop",
@@ -46,12 +47,21 @@ def _send(conn, msg) -> None:
     conn.send_bytes(pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL))
 
 
-def _plain(out):
+def _plain(out, logprobs: dict):
     """An engine output as the tuple that crosses the pipe."""
     embeddings = getattr(out, "embeddings", None)
     if embeddings is not None:
         return (out.request_id, np.asarray(embeddings, dtype=np.float32), out.prompt_tokens)
-    return (out.request_id, out.new_token_ids, out.finished, out.finish_reason)
+    return (out.request_id, out.new_token_ids, out.finished, out.finish_reason,
+            logprobs.get(out.request_id) if logprobs else None)
+
+
+def _take_logprobs(engine) -> dict:
+    """The logprobs the gen engine's sampler recorded this step (a hook beside the engine's
+    outputs, so the engine's step stays as it is); {} for engines without one."""
+    sampler = getattr(engine, "sampler", None)
+    take = getattr(sampler, "take_logprobs", None)
+    return take() if take is not None else {}
 
 
 def _error(e: BaseException) -> tuple[str, str]:
@@ -83,6 +93,7 @@ def run(factory, conn, log_level: str = "INFO") -> None:
         "max_model_len": int(engine.max_model_len),
         "dim": getattr(engine, "dim", None),
         "tokenizer": getattr(engine, "tokenizer", None),
+        "eos_token_ids": tuple(sorted(getattr(engine, "eos_token_ids", ()))),
         "stats": dict(engine.stats()),
     }
     _send(conn, ("ready", info))
@@ -141,7 +152,9 @@ def _loop(engine, conn) -> None:
                     return
         outputs = []
         if engine.has_unfinished():
-            outputs = [_plain(o) for o in engine.step()]
+            done = engine.step()
+            logprobs = _take_logprobs(engine)
+            outputs = [_plain(o, logprobs) for o in done]
             steps += 1
         now = time.monotonic()
         stats = None

@@ -5,19 +5,46 @@ from __future__ import annotations
 
 import json
 
-from aiohttp import web
-
 _TYPES = {
     400: "BadRequestError",
     401: "AuthenticationError",
     404: "NotFoundError",
     413: "BadRequestError",
+    415: "BadRequestError",
     500: "InternalServerError",
     503: "ServiceUnavailableError",
 }
 
 # What /metrics counts a request as, from the status it got.
-_OUTCOMES = {400: "bad_request", 401: "unauthorized", 404: "bad_request", 413: "bad_request", 503: "unavailable"}
+_OUTCOMES = {400: "bad_request", 401: "unauthorized", 404: "bad_request", 413: "bad_request", 415: "bad_request",
+             503: "unavailable"}
+
+QUOTE_CHARS = 100  # how much of a rejected value an error message repeats
+
+
+def quote(value, limit: int = QUOTE_CHARS) -> str:
+    """`repr(value)` cut to about `limit` characters (with how long it was), so an error never
+    echoes a huge value; a long container is cut before it is rendered."""
+    size = None
+    if isinstance(value, list | tuple | dict) and len(value) > limit:
+        size = f"{len(value)} items"
+        items = list(value.items() if isinstance(value, dict) else value)[:limit]
+        try:
+            text = repr(dict(items) if isinstance(value, dict) else items)
+        except RecursionError:
+            return f"a value nested too deeply to show ({size})"
+    elif isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 3 * limit:
+        return f"an integer of {value.bit_length()} bits"
+    else:
+        try:
+            text = repr(value)
+        except RecursionError:
+            return "a value nested too deeply to show"
+    if len(text) <= limit:
+        return text
+    if size is None:
+        size = f"{len(value)} characters" if isinstance(value, str) else f"{len(text)} characters as text"
+    return f"{text[:limit]}... ({size})"
 
 
 class ApiError(Exception):
@@ -37,7 +64,10 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": _TYPES.get(self.status, "APIError"),
                           "param": self.param, "code": self.status}}
 
-    def response(self) -> web.Response:
+    def response(self):
+        """The aiohttp Response (aiohttp is imported here, so `coserve --help` does not load it)."""
+        from aiohttp import web
+
         return web.Response(status=self.status, text=json.dumps(self.body()), content_type="application/json")
 
 

@@ -1,36 +1,51 @@
-"""Request bodies of the OpenAI API, checked by hand (no pydantic on the GPU machine).
+"""Request bodies of /v1/completions and /v1/embeddings (chat: chat.py), checked by hand (no
+pydantic on the GPU machine), with vLLM's meanings and defaults.
 
-Every check raises ApiError naming the field, so a bad request gets a 400 that says what is
-wrong and the server carries on. Prompts come out as token ids: text goes through the
-model's tokenizer here, before anything reaches the engine."""
+Prompts come out as token ids: text goes through the model's tokenizer here, before anything
+reaches the engine, and only after the request's size has been checked against the limits."""
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 from coserve.engine.types import SamplingParams
-from coserve.server.errors import ApiError
+from coserve.server.errors import ApiError, quote
+from coserve.server.fields import (
+    DEFAULT_LIMITS,
+    INT64,
+    RequestLimits,
+    check_ids,
+    check_model,
+    check_neutral,
+    check_text,
+    count_items,
+    opt_bool,
+    opt_int,
+    opt_number,
+    token_lists,
+    type_name,
+)
 
-PROMPT_FORMS = "a string, a list of strings, a list of token ids or a list of token-id lists"
+MAX_LOGPROBS = 20  # vLLM's default --max-logprobs
+MAX_STOPS = 64
+COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's and vLLM's default on /v1/completions
 
-# Fields of the OpenAI/vLLM completion API this server does not implement: accepted only at
-# their neutral value, anything else is a 400 naming the field (never silently ignored).
-_COMPLETION_NEUTRAL = {
-    "best_of": (None, 1),
-    "echo": (None, False),
-    "logprobs": (None,),
-    "suffix": (None, ""),
-    "stop": (None, "", []),
-    "stop_token_ids": (None, []),
+# Fields of the OpenAI/vLLM APIs this server does not implement: accepted only at their
+# neutral value (the openai client may send them), anything else is a 400 naming the field.
+_SAMPLING_NEUTRAL = {
     "presence_penalty": (None, 0, 0.0),
     "frequency_penalty": (None, 0, 0.0),
     "repetition_penalty": (None, 1, 1.0),
     "logit_bias": (None, {}),
-    "top_k": (None, -1, 0),
     "min_p": (None, 0, 0.0),
-    "min_tokens": (None, 0),
     "guided_json": (None,),
+    "include_stop_str_in_output": (None, False),
+}
+_COMPLETION_NEUTRAL = {
+    **_SAMPLING_NEUTRAL,
+    "best_of": (None, 1),
+    "echo": (None, False),
+    "suffix": (None, ""),
     "response_format": (None,),
 }
 _EMBEDDING_NEUTRAL = {
@@ -39,13 +54,18 @@ _EMBEDDING_NEUTRAL = {
 
 
 @dataclass
-class CompletionRequest:
+class GenRequest:
+    """A completion or chat request: one engine sequence per choice (prompts x n)."""
+
     model: str
     prompts: list[list[int]]  # token ids, one list per choice
-    params: list[SamplingParams]  # one per prompt (a defaulted max_tokens depends on its length)
+    params: list[SamplingParams]  # one per choice (a defaulted max_tokens depends on its length)
     stream: bool
     include_usage: bool
     continuous_usage: bool
+    stop: list[str] = field(default_factory=list)  # text that ends a choice (not part of it)
+    logprobs: int | None = None  # top-N logprobs per token; None: none asked
+    num_prompts: int = 1  # distinct prompts (usage counts each once per choice, as vLLM)
 
 
 @dataclass
@@ -55,164 +75,146 @@ class EmbeddingRequest:
     encoding_format: str  # "float" | "base64"
 
 
-def _type_name(v) -> str:
-    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
-            list: "a list", dict: "an object", type(None): "null"}.get(type(v), type(v).__name__)
+@dataclass
+class SamplingFields:
+    """The sampling fields completions and chat share, before per-prompt lengths."""
+
+    max_tokens: int | None
+    n: int
+    temperature: float
+    top_p: float
+    top_k: int
+    min_tokens: int
+    seed: int | None
+    ignore_eos: bool
+    stop: list[str]
+    stop_token_ids: tuple[int, ...]
+    stream: bool
+    include_usage: bool
+    continuous_usage: bool
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+def _stop_strings(body: dict, tokenizer) -> list[str]:
+    v = body.get("stop")
+    if v is None or v == "" or v == []:
+        return []
+    stops = [v] if isinstance(v, str) else v
+    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+        raise ApiError(f"'stop' must be a string or a list of strings, got {quote(v)}", param="stop")
+    if len(stops) > MAX_STOPS:
+        raise ApiError(f"'stop' holds {len(stops)} strings, more than {MAX_STOPS}", param="stop")
+    if tokenizer is None:
+        raise ApiError("this model has no tokenizer, so it cannot stop on text: use 'stop_token_ids'", param="stop")
+    return [check_text(s, "stop") for s in stops if s]
 
 
-def opt_bool(body: dict, key: str, default: bool) -> bool:
-    v = body.get(key)
+def _stop_token_ids(body: dict) -> tuple[int, ...]:
+    v = body.get("stop_token_ids")
     if v is None:
-        return default
-    if not isinstance(v, bool):
-        raise ApiError(f"'{key}' must be a boolean, got {_type_name(v)}", param=key)
-    return v
+        return ()
+    if not isinstance(v, list):
+        raise ApiError(f"'stop_token_ids' must be a list of token ids, got {type_name(v)}", param="stop_token_ids")
+    if len(v) > MAX_STOPS:
+        raise ApiError(f"'stop_token_ids' holds {len(v)} ids, more than {MAX_STOPS}", param="stop_token_ids")
+    return tuple(check_ids(v, "stop_token_ids"))
 
 
-def opt_int(body: dict, key: str, default: int | None, minimum: int | None = None) -> int | None:
-    v = body.get(key)
-    if v is None:
-        return default
-    if not _is_int(v):
-        raise ApiError(f"'{key}' must be an integer, got {_type_name(v)}", param=key)
-    if minimum is not None and v < minimum:
-        raise ApiError(f"'{key}' must be at least {minimum}, got {v}", param=key)
-    return v
-
-
-def opt_number(body: dict, key: str, default: float, lo: float, hi: float, lo_open: bool = False) -> float:
-    v = body.get(key)
-    if v is None:
-        return default
-    if not (_is_int(v) or isinstance(v, float)) or not math.isfinite(v):
-        raise ApiError(f"'{key}' must be a number, got {_type_name(v)}", param=key)
-    if v < lo or (lo_open and v == lo) or v > hi:
-        where = f"{'(' if lo_open else '['}{lo}, {hi}]"
-        raise ApiError(f"'{key}' must be in {where}, got {v}", param=key)
-    return float(v)
-
-
-def check_model(body: dict, served_names: list[str]) -> str:
-    """The served name a request asks for; an absent model means the (only) served one."""
-    v = body.get("model")
-    if v is None:
-        return served_names[0]
-    if not isinstance(v, str):
-        raise ApiError(f"'model' must be a string, got {_type_name(v)}", param="model")
-    if v not in served_names:
-        raise ApiError(f"The model `{v}` does not exist; this server serves {', '.join(served_names)}",
-                       param="model")
-    return v
-
-
-def _check_neutral(body: dict, table: dict) -> None:
-    for key, neutral in table.items():
-        if key in body and body[key] not in neutral:
-            raise ApiError(f"'{key}' is not supported by this server (got {body[key]!r})", param=key)
-
-
-def _check_ids(ids: list, param: str) -> list[int]:
-    for t in ids:
-        if not _is_int(t) or t < 0:
-            raise ApiError(f"'{param}' holds {t!r}, which is not a token id (a non-negative integer)",
-                           param=param)
-    return ids
-
-
-def token_lists(value, tokenizer, param: str) -> list[list[int]]:
-    """A prompt/input in any of the four OpenAI forms -> one token-id list per sequence."""
-    if value is None:
-        raise ApiError(f"'{param}' is required", param=param)
-
-    def encode(text: str) -> list[int]:
-        if tokenizer is None:
-            raise ApiError(f"this model has no tokenizer: send '{param}' as token ids, not text", param=param)
-        if not text:  # as OpenAI: even where the tokenizer would add special tokens
-            raise ApiError(f"'{param}' holds an empty string", param=param)
-        return list(tokenizer.encode(text))
-
-    if isinstance(value, str):
-        out = [encode(value)]
-    elif isinstance(value, list) and value:
-        if all(_is_int(t) for t in value):
-            out = [_check_ids(value, param)]
-        elif all(isinstance(t, str) for t in value):
-            out = [encode(t) for t in value]
-        elif all(isinstance(t, list) for t in value):
-            out = [_check_ids(t, param) for t in value]
-        else:
-            raise ApiError(f"'{param}' must be {PROMPT_FORMS}; got a list mixing types", param=param)
-    elif isinstance(value, list):
-        raise ApiError(f"'{param}' must not be an empty list", param=param)
-    else:
-        raise ApiError(f"'{param}' must be {PROMPT_FORMS}, got {_type_name(value)}", param=param)
-    for i, ids in enumerate(out):
-        if not ids:
-            which = f" (item {i})" if len(out) > 1 else ""
-            raise ApiError(f"'{param}'{which} is empty", param=param)
-    return out
-
-
-def parse_completion(body: dict, served_names: list[str], tokenizer, max_model_len: int) -> CompletionRequest:
-    model = check_model(body, served_names)
-    _check_neutral(body, _COMPLETION_NEUTRAL)
-    n = opt_int(body, "n", 1)
-    if n != 1:
-        raise ApiError(f"'n' must be 1 (several choices per prompt are not supported), got {n}", param="n")
-    max_tokens = opt_int(body, "max_tokens", None)
-    if max_tokens is not None and max_tokens <= 0:
-        raise ApiError(f"'max_tokens' must be at least 1, got {max_tokens}", param="max_tokens")
-    temperature = opt_number(body, "temperature", 1.0, 0.0, math.inf)
-    top_p = opt_number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True)
-    seed = opt_int(body, "seed", None)
-    ignore_eos = opt_bool(body, "ignore_eos", False)
-    opt_bool(body, "return_token_ids", True)  # accepted; token ids are always returned
+def parse_sampling(body: dict, tokenizer, max_tokens_keys: tuple[str, ...], limits: RequestLimits) -> SamplingFields:
+    check_neutral(body, _SAMPLING_NEUTRAL)
+    n = opt_int(body, "n", 1, minimum=1, maximum=limits.max_gen_choices)
+    max_tokens = None
+    for key in max_tokens_keys:  # chat: max_completion_tokens wins over the older max_tokens
+        if body.get(key) is not None:
+            max_tokens = opt_int(body, key, None, minimum=1)
+            break
+    min_tokens = opt_int(body, "min_tokens", 0, minimum=0)
+    if max_tokens is not None and min_tokens > max_tokens:
+        raise ApiError(f"'min_tokens' ({min_tokens}) must not exceed '{max_tokens_keys[0]}' ({max_tokens})",
+                       param="min_tokens")
+    top_k = opt_int(body, "top_k", 0, minimum=-1, maximum=INT64[1])  # over the vocabulary: all tokens
     stream = opt_bool(body, "stream", False)
     stream_options = body.get("stream_options")
     include_usage = continuous = False
     if stream_options is not None:
         if not isinstance(stream_options, dict):
-            raise ApiError(f"'stream_options' must be an object, got {_type_name(stream_options)}",
+            raise ApiError(f"'stream_options' must be an object, got {type_name(stream_options)}",
                            param="stream_options")
         if not stream:
             raise ApiError("'stream_options' is only allowed with 'stream': true", param="stream_options")
         include_usage = opt_bool(stream_options, "include_usage", False)
         continuous = opt_bool(stream_options, "continuous_usage_stats", False)
-    prompts = token_lists(body.get("prompt"), tokenizer, "prompt")
+    return SamplingFields(
+        max_tokens=max_tokens, n=n,
+        temperature=opt_number(body, "temperature", 1.0, 0.0, 1e6),
+        top_p=opt_number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
+        top_k=max(0, top_k), min_tokens=min_tokens,
+        seed=opt_int(body, "seed", None, minimum=INT64[0], maximum=INT64[1]),
+        ignore_eos=opt_bool(body, "ignore_eos", False),
+        stop=_stop_strings(body, tokenizer), stop_token_ids=_stop_token_ids(body),
+        stream=stream, include_usage=include_usage, continuous_usage=continuous)
+
+
+def build_params(f: SamplingFields, prompts: list[list[int]], max_model_len: int, default_max_tokens: int | None,
+                 eos_token_ids: tuple[int, ...], logprobs: int | None, prompt_param: str = "prompt",
+                 max_tokens_param: str = "max_tokens") -> list[SamplingParams]:
+    """One SamplingParams per choice: n per prompt, choice i*n+j from prompt i (as vLLM)."""
     params = []
+    stops = f.stop_token_ids + (() if f.ignore_eos else tuple(eos_token_ids))
     for ids in prompts:
         if len(ids) >= max_model_len:
             raise ApiError(f"This model's maximum context length is {max_model_len} tokens, and the prompt "
                            f"has {len(ids)}: no room left for a completion. Please shorten the prompt.",
-                           param="prompt")
-        mt = max_model_len - len(ids) if max_tokens is None else max_tokens
-        if len(ids) + mt > max_model_len:
+                           param=prompt_param)
+        room = max_model_len - len(ids)
+        if f.max_tokens is not None:
+            mt = f.max_tokens
+        else:
+            mt = room if default_max_tokens is None else min(default_max_tokens, room)
+        if mt > room:
             raise ApiError(f"This model's maximum context length is {max_model_len} tokens. However, you "
                            f"requested {len(ids) + mt} tokens ({len(ids)} in the prompt, {mt} in the "
                            f"completion). Please reduce the length of the prompt or completion.",
-                           param="max_tokens")
-        params.append(SamplingParams(max_tokens=mt, temperature=temperature, top_p=top_p, seed=seed,
-                                     ignore_eos=ignore_eos))
-    return CompletionRequest(model, prompts, params, stream, include_usage, continuous)
+                           param=max_tokens_param)
+        p = SamplingParams(max_tokens=mt, temperature=f.temperature, top_p=f.top_p, seed=f.seed,
+                           ignore_eos=f.ignore_eos, top_k=f.top_k, min_tokens=min(f.min_tokens, mt),
+                           stop_token_ids=f.stop_token_ids, all_stop_token_ids=stops, logprobs=logprobs)
+        # vLLM's parallel sampling: a seeded request's choice j draws with seed + j
+        params.extend([p] if f.n == 1 else [p if f.seed is None else replace(p, seed=f.seed + j)
+                                            for j in range(f.n)])
+    return params
 
 
-def parse_embedding(body: dict, served_names: list[str], tokenizer, max_model_len: int, dim: int) -> EmbeddingRequest:
+def parse_completion(body: dict, served_names: list[str], tokenizer, max_model_len: int,
+                     limits: RequestLimits = DEFAULT_LIMITS, eos_token_ids: tuple[int, ...] = ()) -> GenRequest:
     model = check_model(body, served_names)
-    _check_neutral(body, _EMBEDDING_NEUTRAL)
+    check_neutral(body, _COMPLETION_NEUTRAL)
+    f = parse_sampling(body, tokenizer, ("max_tokens",), limits)
+    logprobs = opt_int(body, "logprobs", None, minimum=0, maximum=MAX_LOGPROBS)
+    opt_bool(body, "return_token_ids", True)  # accepted; token ids are always returned
+    prompt = body.get("prompt")
+    count_items(prompt, "prompt", limits.max_gen_choices // f.n, "prompts" if f.n == 1 else f"prompts (n={f.n})")
+    prompts = token_lists(prompt, tokenizer, "prompt", max_model_len, limits.prompt_chars(max_model_len))
+    params = build_params(f, prompts, max_model_len, COMPLETION_DEFAULT_MAX_TOKENS, eos_token_ids, logprobs)
+    return GenRequest(model, [ids for ids in prompts for _ in range(f.n)], params, f.stream, f.include_usage,
+                      f.continuous_usage, f.stop, logprobs, len(prompts))
+
+
+def parse_embedding(body: dict, served_names: list[str], tokenizer, max_model_len: int, dim: int,
+                    limits: RequestLimits = DEFAULT_LIMITS) -> EmbeddingRequest:
+    model = check_model(body, served_names)
+    check_neutral(body, _EMBEDDING_NEUTRAL)
     fmt = body.get("encoding_format")
     if fmt is None:
         fmt = "float"
     if fmt not in ("float", "base64"):
-        raise ApiError(f"'encoding_format' must be 'float' or 'base64', got {fmt!r}", param="encoding_format")
+        raise ApiError(f"'encoding_format' must be 'float' or 'base64', got {quote(fmt)}", param="encoding_format")
     dims = opt_int(body, "dimensions", None)
     if dims is not None and dims != dim:
-        raise ApiError(f"'dimensions' cannot change this model's embedding size ({dim}), got {dims}",
+        raise ApiError(f"'dimensions' cannot change this model's embedding size ({dim}), got {quote(dims)}",
                        param="dimensions")
-    inputs = token_lists(body.get("input"), tokenizer, "input")
+    value = body.get("input")
+    count_items(value, "input", limits.max_embed_inputs, "inputs")
+    inputs = token_lists(value, tokenizer, "input", max_model_len, limits.prompt_chars(max_model_len))
     for i, ids in enumerate(inputs):
         if len(ids) > max_model_len:
             which = f"item {i} of 'input'" if len(inputs) > 1 else "'input'"
