@@ -143,7 +143,9 @@ def build_command(spec: ServerSpec, port: int, env: dict[str, str] | None = None
             cmd += ["--max-model-len", str(s.max_model_len)]
         if s.max_num_seqs is not None:
             cmd += ["--max-num-seqs", str(s.max_num_seqs)]
-        if s.enforce_eager:
+        # The built-in embed engine has no CUDA graphs, so its server refuses the flag; a
+        # condition's enforce_eager still reaches gen (and both servers under vLLM).
+        if s.enforce_eager and s.role == "gen":
             cmd.append("--enforce-eager")
         if s.tensor_parallel_size > 1:
             if not builtin_supports("--tensor-parallel-size"):
