@@ -8,6 +8,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from coserve.experiment.failure import why
+
 
 def _fmt(v: float | None, unit: str) -> str:
     return "-" if v is None else f"{v:,.1f} {unit}"
@@ -81,7 +83,7 @@ class Progress:
         if bench.get("embed"):
             figs.append(f"embed {bench['embed']['sequences_per_s']:,.1f} seq/s")
         if record.get("error"):
-            figs.append(record["error"].splitlines()[0][:160])
+            figs.append(why(record["error"]))
         text = f"{line} ({', '.join(figs)}; {record.get('elapsed_s', 0):.1f} s)" if figs else line
         self.done.append(text)
         self._line(f"    {text}", force=True)

@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from coserve.experiment.failure import why
 from coserve.experiment.fingerprint import describe_gpus
 from coserve.experiment.rundir import write_atomic
 from coserve.report import plots
@@ -196,7 +197,7 @@ def problems_blocks(run: RunStats) -> list[Block]:
             continue
         if c.failed:
             for f in c.failed:
-                rows.append([c.name, f"rep {f['rep']} failed", (f.get("error") or "").splitlines()[0][:300]])
+                rows.append([c.name, f"rep {f['rep']} failed", why(f.get("error"))])
         missing = c.planned - len(c.ok) - len(c.failed)
         if missing > 0:
             rows.append([c.name, "not run", f"{missing} of {c.planned} rep(s) not run yet "

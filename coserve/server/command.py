@@ -102,6 +102,12 @@ def run(args) -> int:
     from coserve.server.app import ServeOptions, bind_socket, serve
     from coserve.server.engine_client import EngineStartError, start_engine
 
+    from coserve.memcheck import serve_problem
+
+    too_big = serve_problem(args.model, _device(args.device), args.gpu_memory_utilization, args.tensor_parallel_size)
+    if too_big:  # before anything is allocated
+        print(f"coserve serve: {too_big}", file=sys.stderr)
+        return 2
     try:
         sock = bind_socket(args.host, args.port)
     except OSError as e:
