@@ -17,7 +17,8 @@ _TAIL_INTRO = re.compile(r";?\s*last lines of (\S+?):?$")
 
 def why(error: str | None, width: int = 300) -> str:
     """One line for a failed rep's error: its first line (what failed) and, when the message
-    carries a log tail, the tail's line that says why (the last exception or error line).
+    carries a log tail, the tail's line that says why (the last exception or error line; else
+    the last line, unless a signal killed the process).
     ``'gen server ... (exit code 1): AssertionError: Torch not compiled with CUDA enabled
     (log: .../gen.log)'``. Cut to `width` characters."""
     if not error:
@@ -31,7 +32,9 @@ def why(error: str | None, width: int = 300) -> str:
         log, head = m.group(1), head[:m.start()].rstrip(" ;:")
     if rest:
         causes = [ln for ln in rest if _CAUSE.match(ln)]
-        cause = (causes[-1] if causes else rest[-1]).strip()
+        # Without an error line, a process that exited said why last; one killed by a signal
+        # did not (its last line is whatever it was doing).
+        cause = (causes[-1] if causes else "" if "killed by" in head else rest[-1]).strip()
         if cause and cause not in head:
             head = f"{head}: {cause}"
     if log:

@@ -99,10 +99,9 @@ def run(args) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import asyncio
 
+    from coserve.memcheck import serve_problem
     from coserve.server.app import ServeOptions, bind_socket, serve
     from coserve.server.engine_client import EngineStartError, start_engine
-
-    from coserve.memcheck import serve_problem
 
     too_big = serve_problem(args.model, _device(args.device), args.gpu_memory_utilization, args.tensor_parallel_size)
     if too_big:  # before anything is allocated
