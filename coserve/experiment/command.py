@@ -75,11 +75,12 @@ def execute(spec_path: str, out: str, *, resume: bool = False, conditions: str |
     sched = runner.schedule()
     if dry_run:
         print_plan(spec, sched, console)
-        problems = runner.problems()
-        if problems:
-            say(console, "refused:", "red", "this machine cannot run the spec:\n"
-                + "\n".join(f"  - {p}" for p in problems))
-            return 2
+    problems = runner.problems()  # before anything is written
+    if problems:
+        say(console, "refused:", "red", "this machine cannot run the spec:\n"
+            + "\n".join(f"  - {p}" for p in problems))
+        return 2
+    if dry_run:
         return 0
     rd = runner.run_dir
     total = len(spec.schedule())

@@ -194,6 +194,9 @@ class Runner:
         """Run every scheduled rep not yet finished; returns this invocation's records.
         Raises RunRefused (folder busy or not resumable, machine lacks what the spec needs),
         StorageError (the folder cannot be written), KeyboardInterrupt (Ctrl-C, SIGTERM)."""
+        problems = self.problems()  # before anything is written
+        if problems:
+            raise RunRefused("this machine cannot run the spec:\n" + "\n".join(f"  - {p}" for p in problems))
         try:
             with self.run_dir.locked():
                 return self._run()
@@ -206,9 +209,6 @@ class Runner:
             raise err from e
 
     def _run(self) -> list[dict]:
-        problems = self.problems()
-        if problems:
-            raise RunRefused("this machine cannot run the spec:\n" + "\n".join(f"  - {p}" for p in problems))
         self.prepare()
         sched = self.schedule()
         records = []
