@@ -123,7 +123,7 @@ def execute(spec_path: str, out: str, *, resume: bool = False, conditions: str |
 
 def _report(rd, console) -> bool:
     """Render the report; on a file-system error say so in one line (the reps are kept)."""
-    from coserve.report.render import console_table, render, stdout_console
+    from coserve.report.render import console_table, render, stdout_console, verdict
 
     try:
         rendered = render(rd.path)
@@ -132,7 +132,11 @@ def _report(rd, console) -> bool:
             f"{e.strerror or e}{f' ({e.filename})' if e.filename else ''}; the reps are kept: "
             f"make room and run `coserve report {rd.path}`")
         return False
-    stdout_console().print(console_table(rendered.run))
+    out = stdout_console()
+    out.print(console_table(rendered.run))
+    line = verdict(rendered.run)
+    if line:
+        out.print(line.replace("**", ""), markup=False, highlight=False)
     console.print(f"report: {rendered.markdown}\n        {rendered.html}", highlight=False, markup=False)
     return True
 

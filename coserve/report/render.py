@@ -13,6 +13,7 @@ from pathlib import Path
 
 from coserve.experiment.failure import why
 from coserve.experiment.fingerprint import describe_gpus
+from coserve.experiment.preflight import GPU_STRATEGIES
 from coserve.experiment.rundir import write_atomic
 from coserve.report import plots
 from coserve.report.aggregate import ConditionStats, RunStats, aggregate, embed_baseline
@@ -77,6 +78,41 @@ def status_text(c: ConditionStats) -> str:
 # ------------------------------------------------------------------ sections
 
 
+def on_cpu(run: RunStats) -> bool:
+    """A run on a machine without GPUs (strategies and GPU settings mean nothing there): no
+    GPU in the fingerprint and no GPU-only strategy in the spec (those cannot run on a CPU)."""
+    return not run.fingerprint.get("gpus") and not any(
+        c.strategy in GPU_STRATEGIES for c in run.spec.all_conditions())
+
+
+def strategy_text(run: RunStats, c) -> str:
+    """The strategy, or on a CPU run what it amounts to (both servers on the same cores)."""
+    if not on_cpu(run):
+        return c.strategy
+    return "CPU, shared" if len(c.servers) > 1 else "CPU"
+
+
+def verdict(run: RunStats) -> str | None:
+    """One line (markdown): what co-location cost each server against running alone; on a CPU
+    run, why the figures say nothing about GPUs (and about co-located gen coming out faster).
+    None when no condition runs both servers."""
+    both = [c for c in run.matrix if {"gen", "embed"} <= set(c.condition.servers)
+            and (c.gen_delta or c.embed_delta)]
+    if not both:
+        return None
+    parts = [f"{c.name}: gen {pct(c.gen_delta)}, embed {pct(c.embed_delta)}" for c in both]
+    text = "**Verdict:** co-located against each server alone: " + "; ".join(parts) + "."
+    if on_cpu(run):
+        text += (" This ran on a CPU: both servers' threads and the load generator share the same "
+                 "cores, so these deltas measure how the OS schedules them, not how GPUs are shared.")
+        faster = [c.name for c in both if c.gen_delta and c.gen_delta.pct > 0]
+        if faster:
+            text += (f" Gen came out faster co-located ({', '.join(faster)}) than alone: a CPU "
+                     "scheduling effect (co-location gives it no extra compute) that says nothing "
+                     "about GPUs.")
+    return text
+
+
 def throughput_table(run: RunStats) -> Block:
     rows = []
     for c in run.matrix:
@@ -91,7 +127,7 @@ def throughput_table(run: RunStats) -> Block:
         else:
             emb_cell = with_ci(c.summary.get("embed_seq_s")) if c.summary.get("embed_seq_s") else "(none)"
             ed = "baseline" if c.embed_baseline == c.name else pct(c.embed_delta)
-        rows.append([c.name, c.condition.strategy, status_text(c), gen_cell, gd, emb_cell, ed])
+        rows.append([c.name, strategy_text(run, c.condition), status_text(c), gen_cell, gd, emb_cell, ed])
     return Block("table", headers=["Condition", "Strategy", "Reps", "Gen (tok/s)", "Gen delta",
                                    "Embed (seq/s)", "Embed delta"], rows=rows, align="llr")
 
@@ -245,26 +281,28 @@ def settings_blocks(run: RunStats) -> list[Block]:
             s = c.server(spec, role)
             what = s.url if s.launcher == "external" else s.model
             extra = []
-            if s.launcher != "external":
+            if s.launcher != "external" and not on_cpu(run):
                 extra.append(f"util {s.gpu_memory_utilization:g}")
                 if s.enforce_eager:
                     extra.append("eager")
                 tp = tensor_parallel_size(c, role, s.tensor_parallel_size)
                 if tp > 1:
                     extra.append(f"TP={tp}")
-            parts.append(f"{role}: {what} ({s.launcher}; {', '.join(extra)})")
+            detail = s.launcher + (f"; {', '.join(extra)}" if extra else "")
+            parts.append(f"{role}: {what} ({detail})")
         load = c.load_for(spec)
         loads = []
         if "gen" in c.servers:
             loads.append(f"gen C={load.gen_concurrency}, {load.input_len} in / {load.output_len} out")
         if "embed" in c.servers:
             loads.append(f"embed C={load.embed_concurrency} x batch {load.embed_batch}, {load.embed_input_len} tok")
-        rows.append([c.name, c.strategy, ",".join(c.gpus), "; ".join(parts), "; ".join(loads)])
+        rows.append([c.name, strategy_text(run, c), "CPU" if on_cpu(run) else ",".join(c.gpus),
+                     "; ".join(parts), "; ".join(loads)])
     load = spec.load
     return [Block("h2", "Settings"),
             Block("p", f"{spec.repetitions} rep(s) per condition, order {spec.order}; "
                        f"{load.warmup_s:g} s warm-up, {load.duration_s:g} s measurement window; seed {spec.seed}."),
-            Block("table", headers=["Condition", "Strategy", "GPUs", "Servers", "Load"], rows=rows,
+            Block("table", headers=["Condition", "Strategy", "Device" if on_cpu(run) else "GPUs", "Servers", "Load"], rows=rows,
                   align="lllll")]
 
 
@@ -278,6 +316,9 @@ def build(run: RunStats, plot_paths: dict[str, Path]) -> list[Block]:
     blocks.append(Block("p", f"{done} of {planned} reps finished; {describe_gpus(run.fingerprint)}. "
                              f"Gen deltas are against **{spec.baseline}** (unless a condition names its own "
                              f"baseline), embed deltas against **{embed_baseline(spec) or '-'}**."))
+    line = verdict(run)
+    if line:
+        blocks.append(Block("p", line))
     blocks += [Block("h2", "Throughput"), throughput_table(run),
                Block("p", "Mean over finished reps ± the 95% CI half-width (Student's t). Delta: "
                           "condition mean / baseline mean - 1, with its 95% CI [low, high] "
