@@ -78,6 +78,24 @@ def test_a_full_disk_during_a_rep_stops_the_run_and_it_resumes(spec, tmp_path, m
     assert len(list(out.glob("reps/*/rep-*/rep.json"))) == 2
 
 
+class FullDuringTheLoad(FakeBackend):
+    """As the bench's own writer on a full disk: a temporary file half written, then ENOSPC."""
+
+    def run_load(self, load, out_path, on_progress, dead=None):
+        if len(self.loads) == 1:
+            (out_path.parent / "bench.records.jsonl.tmp").write_text("{\"partial")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return super().run_load(load, out_path, on_progress, dead)
+
+
+def test_temporaries_a_failed_write_left_are_removed(spec, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(runner_mod, "Backend", FullDuringTheLoad)
+    out = tmp_path / "out"
+    assert execute(str(spec), str(out), report=False) == 1
+    assert "No space left on device" in one_line(capsys.readouterr().err, "stopped:")
+    assert temporaries(out) == []
+
+
 def test_a_full_disk_during_the_report_says_so_in_one_line(spec, tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
     full_disk_at(monkeypatch, "report.md")

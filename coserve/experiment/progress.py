@@ -102,6 +102,7 @@ class Progress:
     def _render(self):
         from rich.panel import Panel
         from rich.table import Table
+        from rich.text import Text
 
         t = Table.grid(padding=(0, 2))
         t.add_column(style="bold")
@@ -120,4 +121,4 @@ class Progress:
                              f"   done {f.get('gen_completed', 0)}   failed {f.get('gen_failed', 0)}")
             t.add_row("embed", f"{_fmt(f.get('embed_seq_s'), 'seq/s')}   in flight {f.get('embed_in_flight', 0)}"
                                f"   done {f.get('embed_completed', 0)}   failed {f.get('embed_failed', 0)}")
-        return Panel(t, title=self.title, expand=False)
+        return Panel(t, title=Text(self.title), expand=False)  # a path, never markup
