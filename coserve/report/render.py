@@ -79,10 +79,16 @@ def status_text(c: ConditionStats) -> str:
 
 
 def on_cpu(run: RunStats) -> bool:
-    """A run on a machine without GPUs (strategies and GPU settings mean nothing there): no
-    GPU in the fingerprint and no GPU-only strategy in the spec (those cannot run on a CPU)."""
-    return not run.fingerprint.get("gpus") and not any(
-        c.strategy in GPU_STRATEGIES for c in run.spec.all_conditions())
+    """A run whose servers all ran on the CPU (strategies and GPU settings mean nothing there):
+    built-in servers on device cpu (or auto on a machine without GPUs), others only on a
+    machine without GPUs, and no GPU-only strategy in the spec (those cannot run on a CPU)."""
+    conds = run.spec.all_conditions()
+    no_gpu = not run.fingerprint.get("gpus")
+    if any(c.strategy in GPU_STRATEGIES for c in conds):
+        return False
+    servers = [c.server(run.spec, role) for c in conds for role in c.servers]
+    return all(s.device == "cpu" or no_gpu and (s.device == "auto" or s.launcher != "builtin")
+               for s in servers)
 
 
 def strategy_text(run: RunStats, c) -> str:
