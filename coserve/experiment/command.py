@@ -110,8 +110,10 @@ def execute(spec_path: str, out: str, *, resume: bool = False, conditions: str |
                 f"{total} reps are finished and kept in {rd.path}. Finish with: {resume_hint}")
             return 130
         except OSError as e:  # the folder's lock or first write: nothing has run
+            if not (isinstance(e.filename, str) and Path(e.filename).resolve().is_relative_to(rd.path.resolve())):
+                raise
             say(console, "refused:", "red", f"cannot use {out} as the run folder: "
-                f"{e.strerror or e}{f' ({e.filename})' if e.filename else ''}")
+                f"{e.strerror or e} ({e.filename})")
             return 2
     failed = [r for r in records if r.get("status") != "ok"]
     if failed:

@@ -47,7 +47,8 @@ WATCH_INTERVAL_S = 0.25
 
 
 class RunRefused(RuntimeError):
-    """The run cannot start (existing folder, different spec or GPU on resume)."""
+    """The run cannot start: the folder holds another run or is being written, the spec or GPU
+    differs on resume, or the machine lacks what the spec needs."""
 
 
 def _now() -> str:
