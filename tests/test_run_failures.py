@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 
+import pytest
 from runhelp import tiny_spec
 
 from coserve import launch
@@ -63,6 +64,7 @@ def test_a_failed_reps_summary_names_the_cause(tmp_path, capsys):
     assert "RuntimeError: the reason it failed" in row and "# coserve launch" not in row
 
 
+@pytest.mark.slow
 def test_a_server_that_dies_mid_rep_fails_it_within_a_second(tmp_path):
     spec = loads_spec(tiny_spec(duration_s=60))
     killed_at: list[float] = []

@@ -9,6 +9,7 @@ import os
 import signal
 import time
 
+import pytest
 from runhelp import CoserveRun, processes_in, tiny_spec
 
 CONDITIONS = """
@@ -22,6 +23,7 @@ load = { duration_s = 120 }
 """
 
 
+@pytest.mark.slow
 def test_sigint_to_the_group_stops_the_run_and_keeps_finished_reps(tmp_path):
     (tmp_path / "spec.toml").write_text(tiny_spec(CONDITIONS))
     run = CoserveRun(["spec.toml", "--out", "out", "--no-report"], cwd=tmp_path)

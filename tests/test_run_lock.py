@@ -25,6 +25,7 @@ def test_the_lock_names_its_holder_and_is_released(tmp_path):
     assert RunDir(tmp_path / "run").is_empty()  # the lock file alone is not a run
 
 
+@pytest.mark.slow
 def test_a_second_run_into_a_busy_folder_is_refused_and_the_first_finishes(tmp_path):
     (tmp_path / "spec.toml").write_text(tiny_spec(duration_s=3))
     first = CoserveRun(["spec.toml", "--out", "out", "--no-report"], cwd=tmp_path)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import sys
 
+import pytest
 from runhelp import CoserveRun, tiny_spec
 
 from coserve.launch import ServerSpec, build_command
@@ -16,6 +17,7 @@ def test_servers_start_with_the_working_folder_off_sys_path():
     assert cmd[:4] == [sys.executable, "-P", "-m", "coserve"]
 
 
+@pytest.mark.slow
 def test_a_coserve_folder_in_the_working_folder_does_not_shadow_the_package(tmp_path):
     fake = tmp_path / "coserve"
     fake.mkdir()
