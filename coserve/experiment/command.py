@@ -52,7 +52,6 @@ def execute(spec_path: str, out: str, *, resume: bool = False, conditions: str |
 
     from coserve.experiment.failure import StorageError, why
     from coserve.experiment.progress import Progress
-    from coserve.experiment.rundir import FolderBusy
     from coserve.experiment.runner import Runner, RunRefused
     from coserve.experiment.signals import interruptible
     from coserve.spec import SpecError, load_spec
@@ -88,15 +87,13 @@ def execute(spec_path: str, out: str, *, resume: bool = False, conditions: str |
     records = []
     with interruptible():  # from here, SIGINT stops the run however it arrives
         try:
-            with rd.locked():
-                progress = Progress(f"coserve run {spec.name} -> {out}", len(sched), console=console)
-                runner.progress = progress
-                with progress:
-                    records = runner.run()
-                if report and rd.exists():
-                    if not _report(rd, console):
-                        return 1
-        except (RunRefused, FolderBusy) as e:
+            progress = Progress(f"coserve run {spec.name} -> {out}", len(sched), console=console)
+            runner.progress = progress
+            with progress:
+                records = runner.run()
+            if report and rd.exists() and not _report(rd, console):
+                return 1
+        except RunRefused as e:
             say(console, "refused:", "red", str(e))
             return 2
         except StorageError as e:
@@ -109,12 +106,6 @@ def execute(spec_path: str, out: str, *, resume: bool = False, conditions: str |
             say(console, "interrupted:", "yellow", f"every server and daemon was stopped; {done} of "
                 f"{total} reps are finished and kept in {rd.path}. Finish with: {resume_hint}")
             return 130
-        except OSError as e:  # the folder's lock or first write: nothing has run
-            if not (isinstance(e.filename, str) and Path(e.filename).resolve().is_relative_to(rd.path.resolve())):
-                raise
-            say(console, "refused:", "red", f"cannot use {out} as the run folder: "
-                f"{e.strerror or e} ({e.filename})")
-            return 2
     failed = [r for r in records if r.get("status") != "ok"]
     if failed:
         say(console, f"{len(failed)} rep(s) failed:", "red",

@@ -171,10 +171,7 @@ class Runner:
                                  "use another --out (the original spec is in "
                                  f"{rd.spec_file}).")
             self.warnings = warn
-        elif not rd.is_empty():
-            raise RunRefused(f"{rd.path} exists and is not a coserve run folder; choose an "
-                             f"empty or new --out")
-        else:
+        else:  # a new or empty folder (run() refused any other)
             rd.path.mkdir(parents=True, exist_ok=True)
             if self.spec_text is not None:
                 write_atomic(rd.spec_file, self.spec_text)
@@ -198,19 +195,28 @@ class Runner:
         problems = self.problems()  # before anything is written
         if problems:
             raise RunRefused("this machine cannot run the spec:\n" + "\n".join(f"  - {p}" for p in problems))
-        try:
-            with self.run_dir.locked():
+        rd = self.run_dir
+        if not rd.exists() and not rd.is_empty():  # checked before the lock file is put there
+            raise RunRefused(f"{rd.path} exists and is not a coserve run folder; choose an "
+                             f"empty or new --out")
+        with contextlib.ExitStack() as stack:
+            try:
+                stack.enter_context(rd.locked())
+                self.prepare()
+            except FolderBusy as e:
+                raise RunRefused(str(e)) from None
+            except OSError as e:  # nothing has run: the folder cannot be used
+                raise RunRefused(f"cannot use {rd.path} as the run folder: {e.strerror or e}"
+                                 + (f" ({e.filename})" if e.filename else "")) from e
+            try:
                 return self._run()
-        except FolderBusy as e:
-            raise RunRefused(str(e)) from None
-        except OSError as e:
-            err = storage_error(e, self.run_dir.path)
-            if err is None:
-                raise
-            raise err from e
+            except OSError as e:
+                err = storage_error(e, rd.path)
+                if err is None:
+                    raise
+                raise err from e
 
     def _run(self) -> list[dict]:
-        self.prepare()
         sched = self.schedule()
         records = []
         progress = self.progress
