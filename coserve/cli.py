@@ -20,7 +20,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from coserve import __version__
+
     parser = argparse.ArgumentParser(prog="coserve", description="Serve a generative and an embedding model on the same GPUs and measure the cost.")
+    parser.add_argument("--version", action="version", version=f"coserve {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)

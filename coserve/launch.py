@@ -12,7 +12,9 @@ the group is left. Start servers one after the other (vllm#9198: two engines sta
 once on one GPU mis-size their KV caches) — `start_servers()` does that.
 
 Launchers:
-- builtin: `python -m coserve serve gen|embed --model ... --port ...` (flags from the spec)
+- builtin: `python -P -m coserve serve gen|embed --model ... --port ...` (flags from the spec;
+  `-P`: the working folder is not put on sys.path, so a `coserve/` folder there cannot shadow
+  the installed package; PYTHONPATH is still honoured)
 - vllm: `vllm serve MODEL --port ... --gpu-memory-utilization ... --max-model-len ...
   --max-num-seqs ... [--enforce-eager] [--tensor-parallel-size N] [--convert embed]
   [--load-format dummy for random weights]` + extra_args; with `docker_image` set, the same
@@ -132,7 +134,7 @@ def build_command(spec: ServerSpec, port: int, env: dict[str, str] | None = None
     spec.validate()
     s = spec
     if s.launcher == "builtin":
-        cmd = [sys.executable, "-m", "coserve", "serve", s.role, "--model", str(s.model), "--host", s.host, "--port", str(port)]
+        cmd = [sys.executable, "-P", "-m", "coserve", "serve", s.role, "--model", str(s.model), "--host", s.host, "--port", str(port)]
         if s.random_weights:
             cmd.append("--random-weights")
         if s.device:

@@ -2,7 +2,8 @@
 
 Every field is checked before anything starts. An unknown key, a wrong type or a value out
 of range is reported with its dotted path (``conditions[2].strategy``) and what is allowed;
-all problems of a file are listed at once.
+all problems of a file are listed at once. Every number must be finite (`inf` and `nan` are
+refused: a window of `inf` seconds never ends), and repetitions are bounded (MAX_REPETITIONS).
 
 ```toml
 name = "demo"
@@ -41,6 +42,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import re
 import tomllib
 import types
@@ -58,6 +60,8 @@ LAUNCHERS = ("builtin", "vllm", "external", "command")
 ORDERS = ("alternate", "sequential")
 DEVICES = ("auto", "cpu", "cuda")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+# Reps per condition: far more than any study needs, few enough that the schedule fits in memory.
+MAX_REPETITIONS = 1000
 
 
 class SpecError(ValueError):
@@ -87,7 +91,7 @@ class ServerConfig:
     extra_args: list[str] = _f([], help="added to the server command (launcher command: the "
                                "whole command line, with {host} and {port} filled in)")
     docker_image: str = _f("", help="launcher vllm: run `vllm serve` in this image")
-    ready_timeout_s: float = _f(600.0, gt=0.0, help="how long to wait for /health")
+    ready_timeout_s: float = _f(600.0, gt=0.0, le=86400.0, help="how long to wait for /health")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -130,7 +134,7 @@ class Condition:
 class Spec:
     name: str = _f(pattern=NAME_RE, help="letters, digits, '.', '_' and '-'")
     description: str = _f("")
-    repetitions: int = _f(3, ge=1)
+    repetitions: int = _f(3, ge=1, le=MAX_REPETITIONS)
     order: str = _f("alternate", choices=ORDERS)
     seed: int = _f(0, ge=0)
     baseline: str = _f("", help="condition deltas are computed against (default: the first)")
@@ -226,6 +230,10 @@ def _check_scalar(value: Any, tp: Any, meta: dict, path: str, errors: list[str])
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif tp is float:
         ok = isinstance(value, int | float) and not isinstance(value, bool)
+        # TOML integers are unbounded: one past float's range would overflow float().
+        if ok and not (abs(value) < 2 ** 1023 if isinstance(value, int) else math.isfinite(value)):
+            errors.append(f"{path}: {value!r} is not a finite number")
+            return None
         value = float(value) if ok else value
     elif tp is str:
         ok = isinstance(value, str)
@@ -263,9 +271,10 @@ def _check(value: Any, tp: Any, meta: dict, path: str, errors: list[str]) -> Any
             errors.append(f"{path}: needs at least {meta['min_items']} item(s)")
             return None
         if path.endswith(".gpus"):  # GPU indices or UUIDs: both fine, kept as strings
-            bad = [v for v in value if not isinstance(v, int | str) or isinstance(v, bool)]
+            bad = [v for v in value if not isinstance(v, int | str) or isinstance(v, bool)
+                   or str(v).strip().startswith("-") or not str(v).strip()]
             if bad:
-                errors.append(f"{path}: {bad[0]!r} is not a GPU index or UUID")
+                errors.append(f"{path}: {bad[0]!r} is not a GPU index (0, 1, ...) or UUID")
                 return None
             return [str(v) for v in value]
         out = [_check(v, item_tp, meta, f"{path}[{i}]", errors) for i, v in enumerate(value)]
@@ -423,6 +432,9 @@ def parse_spec(data: dict[str, Any], source: str = "<spec>") -> Spec:
         sweep = _build(SweepSpec, sweep_raw, "sweep", errors)
         if sweep is not None and None in sweep.concurrency + sweep.rate:
             sweep = None  # a bad value, already reported
+    if sweep is not None and sweep.repetitions > MAX_REPETITIONS:
+        errors.append(f"sweep.repetitions: {sweep.repetitions} must be at most {MAX_REPETITIONS}")
+        sweep = None
     if sweep is not None:
         errors += sweep.problems()
         for j, n in enumerate(sweep.conditions):

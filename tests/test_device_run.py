@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -27,7 +28,13 @@ def call(cwd: Path, out: Path, conditions: str) -> subprocess.CompletedProcess:
 
 
 def test_two_calls_make_one_run_folder(tmp_path):
-    first = call(tmp_path, tmp_path / "out1", "gen-only")
+    # A `coserve serve` that is not this call's (another run on the machine) is not reported.
+    decoy = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "coserve serve decoy"])
+    try:
+        first = call(tmp_path, tmp_path / "out1", "gen-only")
+    finally:
+        decoy.kill()
+        decoy.wait()
     assert first.returncode == 0, first.stdout + first.stderr
     with tarfile.open(tmp_path / "out1/t.tgz") as tar:
         names = tar.getnames()

@@ -148,7 +148,11 @@ class FakeBackend(Backend):
     def telemetry(self, devices, interval_s, out_path):
         return FakeSampler(devices, out_path)
 
-    def run_load(self, load, out_path, on_progress):
+    def gpu_state(self):
+        return {"gpus": [{"index": 0, "uuid": "GPU-fake", "memory_mib": 143771, "mig_devices": []}],
+                "note": None}
+
+    def run_load(self, load, out_path, on_progress, dead=None):
         cond_dir = Path(out_path).parent
         here = (cond_dir.parent.name, int(cond_dir.name.split("-")[1]))
         self.events.append(("load", here))

@@ -48,8 +48,8 @@ def test_builtin_command_from_spec():
     spec = ServerSpec(role="gen", model="qwen3-30b-a3b", random_weights=True, device="cuda", gpu_memory_utilization=0.5,
                       max_model_len=4096, max_num_seqs=512, enforce_eager=True, extra_args=["--seed", "1"])
     cmd = build_command(spec, 8000)
-    assert cmd[:5] == [sys.executable, "-m", "coserve", "serve", "gen"]
-    args = " ".join(cmd[5:])
+    assert cmd[:6] == [sys.executable, "-P", "-m", "coserve", "serve", "gen"]
+    args = " ".join(cmd[6:])
     assert args == ("--model qwen3-30b-a3b --host 127.0.0.1 --port 8000 --random-weights --device cuda "
                     "--gpu-memory-utilization 0.5 --max-model-len 4096 --max-num-seqs 512 --enforce-eager --seed 1")
     tp = build_command(ServerSpec(role="embed", model="tiny-embed", tensor_parallel_size=2), 1)

@@ -189,7 +189,7 @@ def test_bad_toml_and_missing_file(tmp_path):
 def test_cli_dry_run_and_bad_spec(tmp_path, capsys):
     from coserve.cli import main
 
-    assert main(["run", str(EXPERIMENTS / "seed-single-gpu.toml"), "--out", str(tmp_path / "r"), "--dry-run"]) == 0
+    assert main(["run", str(EXPERIMENTS / "demo.toml"), "--out", str(tmp_path / "r"), "--dry-run"]) == 0
     assert not (tmp_path / "r").exists()  # a dry run writes nothing
     bad = tmp_path / "bad.toml"
     bad.write_text(BASE.replace("repetitions = 2", "repetitions = 2\norder = \"random\""))

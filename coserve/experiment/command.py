@@ -12,32 +12,48 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="add the missing reps to an existing run folder (same spec and GPU)")
     parser.add_argument("--conditions", metavar="A,B", default=None,
                         help="run only these conditions (sweep points included by name)")
-    parser.add_argument("--dry-run", action="store_true", help="validate the spec and print the plan; run nothing")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="validate the spec, check this machine can run it, print the plan; run nothing")
     parser.add_argument("--no-report", action="store_true", help="do not render the report at the end")
+    parser.add_argument("--apply-mig", action="store_true",
+                        help="create the MIG instances mig conditions need (as apply_mig = true in "
+                             "their options; coserve only creates, never destroys)")
 
 
 def print_plan(spec, sched, console) -> None:
     from rich.table import Table
+    from rich.text import Text
 
-    t = Table(title=f"{spec.name}: {len(sched)} rep(s), order {spec.order}")
+    t = Table(title=Text(f"{spec.name}: {len(sched)} rep(s), order {spec.order}"))
     for h in ("#", "Condition", "Rep", "Strategy", "GPUs", "Servers"):
         t.add_column(h)
     for i, (c, r) in enumerate(sched, 1):
         servers = ", ".join(f"{role}={c.server(spec, role).model or c.server(spec, role).url}" for role in c.servers)
-        t.add_row(str(i), c.name, f"{r}/{spec.reps_of(c)}", c.strategy, ",".join(c.gpus), servers)
+        t.add_row(*map(Text, (str(i), c.name, f"{r}/{spec.reps_of(c)}", c.strategy, ",".join(c.gpus), servers)))
     console.print(t)
 
 
+def say(console, label: str, style: str, text: str) -> None:
+    """`label` in `style`, then `text` verbatim: user text (names, paths, errors) is never
+    read as rich markup, so `[/red]` in it prints as is."""
+    from rich.text import Text
+
+    console.print(Text.assemble((label, style), " ", text), highlight=False)
+
+
 def execute(spec_path: str, out: str, *, resume: bool = False, conditions: str | None = None,
-            dry_run: bool = False, report: bool = True, console=None) -> int:
-    """The whole command; returns the exit code (0 ok, 1 a rep failed, 2 refused, 130 Ctrl-C)."""
+            dry_run: bool = False, report: bool = True, apply_mig: bool = False, console=None) -> int:
+    """The whole command; returns the exit code (0 ok, 1 a rep failed or the folder could not be
+    written, 2 refused, 130 Ctrl-C or SIGTERM)."""
     import logging
     from pathlib import Path
 
     from rich.console import Console
 
+    from coserve.experiment.failure import StorageError, why
     from coserve.experiment.progress import Progress
     from coserve.experiment.runner import Runner, RunRefused
+    from coserve.experiment.signals import interruptible
     from coserve.spec import SpecError, load_spec
 
     # The sampler's own warning (no GPU) is said once by the progress display instead.
@@ -46,53 +62,78 @@ def execute(spec_path: str, out: str, *, resume: bool = False, conditions: str |
     try:
         spec = load_spec(spec_path)
     except SpecError as e:
-        console.print(f"[red]bad spec[/red] {e}", markup=True, highlight=False)
+        say(console, "bad spec", "red", str(e))
         return 2
     only = [c.strip() for c in conditions.split(",") if c.strip()] if conditions else None
     try:
-        runner = Runner(spec, out, spec_text=Path(spec_path).read_text(), resume=resume, only=only)
+        runner = Runner(spec, out, spec_text=Path(spec_path).read_text(), resume=resume, only=only,
+                        apply_mig=apply_mig)
     except RunRefused as e:
-        console.print(f"[red]refused:[/red] {e}", highlight=False)
+        say(console, "refused:", "red", str(e))
         return 2
     sched = runner.schedule()
     if dry_run:
         print_plan(spec, sched, console)
-        return 0
-    progress = Progress(f"coserve run {spec.name} -> {out}", len(sched), console=console)
-    runner.progress = progress
-    interrupted = False
-    records = []
-    try:
-        with progress:
-            records = runner.run()
-    except RunRefused as e:
-        console.print(f"[red]refused:[/red] {e}", highlight=False)
+    problems = runner.problems()  # before anything is written
+    if problems:
+        say(console, "refused:", "red", "this machine cannot run the spec:\n"
+            + "\n".join(f"  - {p}" for p in problems))
         return 2
-    except KeyboardInterrupt:
-        interrupted = True
+    if dry_run:
+        return 0
     rd = runner.run_dir
-    done = sum(1 for r in rd.records() if r.get("status") == "ok")
     total = len(spec.schedule())
-    if interrupted:
-        console.print(f"[yellow]interrupted[/yellow]: every server and daemon was stopped; "
-                      f"{done} of {total} reps are finished and kept in {rd.path}. "
-                      f"Finish with: coserve run {spec_path} --out {out} --resume", highlight=False)
-        return 130
-    if report and rd.exists():
-        from coserve.report.render import console_table, render, stdout_console
-
-        rendered = render(rd.path)
-        stdout_console().print(console_table(rendered.run))
-        console.print(f"report: {rendered.markdown}\n        {rendered.html}", highlight=False)
+    resume_hint = f"coserve run {spec_path} --out {out} --resume"
+    records = []
+    with interruptible():  # from here, SIGINT stops the run however it arrives
+        try:
+            progress = Progress(f"coserve run {spec.name} -> {out}", len(sched), console=console)
+            runner.progress = progress
+            with progress:
+                records = runner.run()
+            if report and rd.exists() and not _report(rd, console):
+                return 1
+        except RunRefused as e:
+            say(console, "refused:", "red", str(e))
+            return 2
+        except StorageError as e:
+            done = sum(1 for r in rd.records() if r.get("status") == "ok")
+            say(console, "stopped:", "red", f"{e}; {done} of {total} reps are finished and kept. "
+                f"Make room (or a writable --out) and finish with: {resume_hint}")
+            return 1
+        except KeyboardInterrupt:
+            done = sum(1 for r in rd.records() if r.get("status") == "ok")
+            say(console, "interrupted:", "yellow", f"every server and daemon was stopped; {done} of "
+                f"{total} reps are finished and kept in {rd.path}. Finish with: {resume_hint}")
+            return 130
     failed = [r for r in records if r.get("status") != "ok"]
     if failed:
-        console.print(f"[red]{len(failed)} rep(s) failed[/red]: "
-                      + "; ".join(f"{r['condition']} rep {r['rep']}: {(r.get('error') or '')[:200]}"
-                                  for r in failed), highlight=False)
+        say(console, f"{len(failed)} rep(s) failed:", "red",
+            "\n".join(f"  {r['condition']} rep {r['rep']}: {why(r.get('error'))}" for r in failed))
         return 1
     return 0
 
 
+def _report(rd, console) -> bool:
+    """Render the report; on a file-system error say so in one line (the reps are kept)."""
+    from coserve.report.render import console_table, render, stdout_console, verdict
+
+    try:
+        rendered = render(rd.path)
+    except OSError as e:
+        say(console, "report not written:", "red",
+            f"{e.strerror or e}{f' ({e.filename})' if e.filename else ''}; the reps are kept: "
+            f"make room and run `coserve report {rd.path}`")
+        return False
+    out = stdout_console()
+    out.print(console_table(rendered.run))
+    line = verdict(rendered.run)
+    if line:
+        out.print(line.replace("**", ""), markup=False, highlight=False)
+    console.print(f"report: {rendered.markdown}\n        {rendered.html}", highlight=False, markup=False)
+    return True
+
+
 def run(args: argparse.Namespace) -> int:
     return execute(args.spec, args.out, resume=args.resume, conditions=args.conditions,
-                   dry_run=args.dry_run, report=not args.no_report)
+                   dry_run=args.dry_run, report=not args.no_report, apply_mig=args.apply_mig)

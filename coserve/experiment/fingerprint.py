@@ -153,3 +153,24 @@ def short(fp: dict[str, Any]) -> dict[str, Any]:
     """What each rep keeps of the environment it ran in."""
     return {"host": fp["host"], "git": fp["git"], "gpus": describe_gpus(fp),
             "driver": fp.get("driver"), "packages": {k: v for k, v in fp["packages"].items() if v}}
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    if isinstance(d, list) and d and all(isinstance(x, dict) and "name" in x for x in d):
+        out = {}
+        for x in d:
+            out.update(_flatten(x, f"{prefix}[{x['name']}]"))
+        return out
+    return {prefix: d}
+
+
+def spec_changes(old: dict, new: dict) -> list[str]:
+    """'dotted.path: old -> new' for each field where two validated specs differ."""
+    a, b = _flatten(old), _flatten(new)
+    return [f"{k}: {a.get(k, '(absent)')!r} -> {b.get(k, '(absent)')!r}"
+            for k in sorted(set(a) | set(b)) if a.get(k, "(absent)") != b.get(k, "(absent)")]

@@ -8,6 +8,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from coserve.experiment.failure import why
+
 
 def _fmt(v: float | None, unit: str) -> str:
     return "-" if v is None else f"{v:,.1f} {unit}"
@@ -81,7 +83,7 @@ class Progress:
         if bench.get("embed"):
             figs.append(f"embed {bench['embed']['sequences_per_s']:,.1f} seq/s")
         if record.get("error"):
-            figs.append(record["error"].splitlines()[0][:160])
+            figs.append(why(record["error"]))
         text = f"{line} ({', '.join(figs)}; {record.get('elapsed_s', 0):.1f} s)" if figs else line
         self.done.append(text)
         self._line(f"    {text}", force=True)
@@ -100,6 +102,7 @@ class Progress:
     def _render(self):
         from rich.panel import Panel
         from rich.table import Table
+        from rich.text import Text
 
         t = Table.grid(padding=(0, 2))
         t.add_column(style="bold")
@@ -118,4 +121,4 @@ class Progress:
                              f"   done {f.get('gen_completed', 0)}   failed {f.get('gen_failed', 0)}")
             t.add_row("embed", f"{_fmt(f.get('embed_seq_s'), 'seq/s')}   in flight {f.get('embed_in_flight', 0)}"
                                f"   done {f.get('embed_completed', 0)}   failed {f.get('embed_failed', 0)}")
-        return Panel(t, title=self.title, expand=False)
+        return Panel(t, title=Text(self.title), expand=False)  # a path, never markup

@@ -9,14 +9,18 @@ DIR/reps/COND/rep-K/        one rep: server logs, bench.json (+ records), teleme
 DIR/reps/COND/rep-K/rep.json   written last (temporary file + rename): the rep is finished
                             when, and only when, this file exists
 DIR/stats.json, report.md, report.html, plots/   written by the report
+DIR/.lock                   held (flock) by the `coserve run` writing the folder; holds its PID
 ```
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +30,16 @@ def write_atomic(path: Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, a Ctrl-C: leave the old file and no temporary one
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
     try:  # make the rename itself durable
         fd = os.open(path.parent, os.O_RDONLY)
         try:
@@ -50,9 +59,24 @@ def read_json(path: Path) -> Any:
         return json.load(f)
 
 
+LOCK_NAME = ".lock"
+
+
+class FolderBusy(RuntimeError):
+    """Another process holds the run folder's lock; `pid` is its PID (None if unreadable)."""
+
+    def __init__(self, path: Path, pid: int | None):
+        self.pid = pid
+        who = f"pid {pid}" if pid else "another process"
+        super().__init__(f"{path} is being written by another coserve run ({who}); wait for it "
+                         f"to finish or stop it, or choose another --out")
+
+
 class RunDir:
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self._lock_fd: int | None = None
+        self._lock_depth = 0
 
     spec_file = property(lambda self: self.path / "spec.toml")
     spec_json = property(lambda self: self.path / "spec.json")
@@ -63,7 +87,36 @@ class RunDir:
         return self.fingerprint_file.exists()
 
     def is_empty(self) -> bool:
-        return not self.path.exists() or not any(self.path.iterdir())
+        return not self.path.exists() or not any(p.name != LOCK_NAME for p in self.path.iterdir())
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the folder's lock (created with the folder if need be); re-entrant within one
+        RunDir. Raises FolderBusy at once when another process holds it (a flock: released
+        by the kernel when its holder dies, so a crashed run never leaves the folder locked)."""
+        if self._lock_depth == 0:
+            self.path.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+                os.close(fd)
+                raise FolderBusy(self.path, int(text) if text.isdigit() else None) from None
+            except BaseException:
+                os.close(fd)
+                raise
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            self._lock_fd = fd
+        self._lock_depth += 1
+        try:
+            yield
+        finally:
+            self._lock_depth -= 1
+            if self._lock_depth == 0 and self._lock_fd is not None:
+                os.close(self._lock_fd)  # releases the flock
+                self._lock_fd = None
 
     def rep_dir(self, condition: str, rep: int) -> Path:
         return self.reps_dir / condition / f"rep-{rep}"
@@ -86,6 +139,12 @@ class RunDir:
 
     def finish_rep(self, condition: str, rep: int, record: dict) -> None:
         write_json(self.rep_dir(condition, rep) / "rep.json", record)
+
+    def drop_temporaries(self, condition: str, rep: int) -> None:
+        """Remove the `*.tmp` files a rep's interrupted writes left (best effort)."""
+        for path in self.rep_dir(condition, rep).rglob("*.tmp"):
+            with contextlib.suppress(OSError):
+                path.unlink()
 
     def records(self) -> list[dict]:
         """Every finished rep's record (any status), in no particular order."""

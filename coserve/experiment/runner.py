@@ -5,7 +5,14 @@ the other (two engines starting at once on one GPU mis-size their KV caches, vll
 telemetry sampling and the load run together over warm-up + window, everything is torn
 down, and only then is the rep's record written (atomically) to the run folder. Tear-down
 runs on every way out (failure, Ctrl-C, SIGTERM, a crash in coserve itself) and cannot be
-interrupted by a second Ctrl-C, so no server or daemon outlives the run.
+interrupted by a second Ctrl-C, so no server or daemon outlives the run. While the load runs
+the servers' processes are watched: one that dies stops the load within a second and fails
+the rep with its log's reason.
+
+The run holds the folder's lock (a second run into it is refused, naming this one's PID) and
+checks what the spec needs of the machine before the first rep (preflight.py). A run folder
+that cannot be written (full, read-only) stops the run with StorageError; the rep in flight
+is left unfinished, so `--resume` runs it again.
 
 A rep that fails (a server that does not come up, a strategy the machine cannot give) is
 recorded as failed with the reason and the run goes on; Ctrl-C stops the run, keeping every
@@ -14,63 +21,38 @@ finished rep; `--resume` later runs what is missing.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import datetime as dt
 import gzip
+import os
 import shutil
-import signal
-import threading
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from coserve.experiment import fingerprint as fpmod
-from coserve.experiment.rundir import RunDir, read_json, write_atomic, write_json
+from coserve.experiment import preflight
+from coserve.experiment.failure import storage_error
+from coserve.experiment.rundir import FolderBusy, RunDir, read_json, write_atomic, write_json
+from coserve.experiment.signals import interruptible, no_interrupts
 from coserve.spec import Condition, Spec
+
+# How often the servers' processes are polled while the load runs: a server that dies is
+# noticed within this, and the load stopped.
+WATCH_INTERVAL_S = 0.25
 
 
 class RunRefused(RuntimeError):
-    """The run cannot start (existing folder, different spec or GPU on resume)."""
+    """The run cannot start: the folder holds another run or is being written, the spec or GPU
+    differs on resume, or the machine lacks what the spec needs."""
 
 
 def _now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-
-
-@contextlib.contextmanager
-def no_interrupts() -> Iterator[list[int]]:
-    """Hold SIGINT and SIGTERM off while tearing down, so a second Ctrl-C cannot leave a
-    server or daemon behind. Yields the list of signals that came in meanwhile."""
-    got: list[int] = []
-    if threading.current_thread() is not threading.main_thread():
-        yield got
-        return
-    old = {s: signal.signal(s, lambda n, f: got.append(n)) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield got
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-
-
-@contextlib.contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM stops a run the way Ctrl-C does (tear-down, finished reps kept)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
-        raise KeyboardInterrupt
-
-    old = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
 
 
 class Backend:
@@ -96,15 +78,37 @@ class Backend:
 
         return TelemetrySampler(devices, interval_s=interval_s, out_path=out_path)
 
-    def run_load(self, load: dict[str, Any], out_path: Path, on_progress) -> dict:
-        """Run the load, write bench.json (+ records), return the summary."""
+    def run_load(self, load: dict[str, Any], out_path: Path, on_progress,
+                 dead: Callable[[], str | None] | None = None) -> dict:
+        """Run the load, write bench.json (+ records), return the summary. `dead()` is polled
+        every WATCH_INTERVAL_S; when it names a reason the load is stopped (cut short)."""
         from coserve.bench.config import LoadConfig
         from coserve.bench.loadgen import run_load, run_sync, write_result
 
+        async def watched():
+            stop = asyncio.Event()
+
+            async def watch():
+                while not stop.is_set():
+                    await asyncio.sleep(WATCH_INTERVAL_S)
+                    if dead():
+                        stop.set()
+
+            watcher = asyncio.create_task(watch()) if dead is not None else None
+            try:
+                return await run_load(LoadConfig(**load), on_progress=on_progress, stop=stop)
+            finally:
+                if watcher is not None:
+                    watcher.cancel()
+
         # run_sync takes uvloop where installed, as `coserve bench` does: same client speed.
-        result = run_sync(run_load(LoadConfig(**load), on_progress=on_progress))
+        result = run_sync(watched())
         write_result(result, out_path)
         return result.summary()
+
+    def gpu_state(self) -> dict[str, Any]:
+        """The machine's GPUs as the preflight checks them (fingerprint.gpu_state)."""
+        return fpmod.gpu_state()
 
 
 def resolve_device(device: str) -> str:
@@ -125,7 +129,7 @@ def resolve_device(device: str) -> str:
 class Runner:
     def __init__(self, spec: Spec, out: str | Path, *, spec_text: str | None = None,
                  resume: bool = False, only: list[str] | None = None,
-                 backend: Backend | None = None, progress=None):
+                 backend: Backend | None = None, progress=None, apply_mig: bool = False):
         self.spec = spec
         self.run_dir = RunDir(out)
         self.spec_text = spec_text
@@ -133,6 +137,7 @@ class Runner:
         self.only = only
         self.backend = backend or Backend()
         self.progress = progress
+        self.apply_mig = apply_mig  # as `apply_mig = true` in every mig condition's options
         self.fingerprint: dict[str, Any] = {}
         self.warnings: list[str] = []
         self._device: dict[str, str] = {}
@@ -157,7 +162,7 @@ class Runner:
             old = read_json(rd.fingerprint_file)
             refuse, warn = fpmod.compare(old, new)
             if refuse and rd.spec_json.exists() and old["spec"]["hash"] != new["spec"]["hash"]:
-                changes = spec_changes(read_json(rd.spec_json), self.spec.to_dict())
+                changes = fpmod.spec_changes(read_json(rd.spec_json), self.spec.to_dict())
                 if changes:
                     refuse[0] += " (" + "; ".join(changes[:6]) + ("; ..." if len(changes) > 6 else "") + ")"
             if refuse:
@@ -166,10 +171,7 @@ class Runner:
                                  "use another --out (the original spec is in "
                                  f"{rd.spec_file}).")
             self.warnings = warn
-        elif not rd.is_empty():
-            raise RunRefused(f"{rd.path} exists and is not a coserve run folder; choose an "
-                             f"empty or new --out")
-        else:
+        else:  # a new or empty folder (run() refused any other)
             rd.path.mkdir(parents=True, exist_ok=True)
             if self.spec_text is not None:
                 write_atomic(rd.spec_file, self.spec_text)
@@ -180,17 +182,48 @@ class Runner:
     def schedule(self) -> list[tuple[Condition, int]]:
         return self.spec.schedule(self.only)
 
+    def problems(self) -> list[str]:
+        """What the scheduled conditions need and this machine lacks (empty: nothing known)."""
+        conds = [c for c, _ in self.schedule()]
+        return preflight.problems(self.spec, conds, self.backend.gpu_state())
+
     # ------------------------------------------------------------------ the run
     def run(self) -> list[dict]:
-        """Run every scheduled rep not yet finished; returns this invocation's records."""
-        self.prepare()
+        """Run every scheduled rep not yet finished; returns this invocation's records.
+        Raises RunRefused (folder busy or not resumable, machine lacks what the spec needs),
+        StorageError (the folder cannot be written), KeyboardInterrupt (Ctrl-C, SIGTERM)."""
+        problems = self.problems()  # before anything is written
+        if problems:
+            raise RunRefused("this machine cannot run the spec:\n" + "\n".join(f"  - {p}" for p in problems))
+        rd = self.run_dir
+        if not rd.exists() and not rd.is_empty():  # checked before the lock file is put there
+            raise RunRefused(f"{rd.path} exists and is not a coserve run folder; choose an "
+                             f"empty or new --out")
+        with contextlib.ExitStack() as stack:
+            try:
+                stack.enter_context(rd.locked())
+                self.prepare()
+            except FolderBusy as e:
+                raise RunRefused(str(e)) from None
+            except OSError as e:  # nothing has run: the folder cannot be used
+                raise RunRefused(f"cannot use {rd.path} as the run folder: {e.strerror or e}"
+                                 + (f" ({e.filename})" if e.filename else "")) from e
+            try:
+                return self._run()
+            except OSError as e:
+                err = storage_error(e, rd.path)
+                if err is None:
+                    raise
+                raise err from e
+
+    def _run(self) -> list[dict]:
         sched = self.schedule()
         records = []
         progress = self.progress
         if progress:
             for w in self.warnings:
                 progress.message(f"note: resuming with {w}")
-        with sigterm_as_interrupt():
+        with interruptible():
             for cond, rep in sched:
                 reps = self.spec.reps_of(cond)
                 prev = self.run_dir.rep_record(cond.name, rep)
@@ -200,7 +233,11 @@ class Runner:
                     continue
                 if progress:
                     progress.start_rep(cond.name, rep, reps)
-                record = self.run_rep(cond, rep)
+                try:
+                    record = self.run_rep(cond, rep)
+                except OSError:
+                    self.run_dir.drop_temporaries(cond.name, rep)
+                    raise
                 records.append(record)
                 if progress:
                     progress.end_rep(record)
@@ -245,15 +282,20 @@ class Runner:
         phases = record["phases_s"]
         stack = contextlib.ExitStack()
         interrupted = False
+        servers: list = []
+        died = None  # a server's death, which is the reason whatever else failed after it
         try:
             try:
                 t = time.monotonic()
                 self._phase("strategy set-up")
+                options = dict(cond.options)
+                if self.apply_mig and cond.strategy == "mig":
+                    options["apply_mig"] = True
                 strategy = stack.enter_context(self.backend.strategy(
-                    cond.strategy, list(cond.gpus), dict(cond.options), (rep_dir / "strategy").resolve()))
+                    cond.strategy, list(cond.gpus), options, (rep_dir / "strategy").resolve()))
                 record["strategy_info"] = strategy.describe()
                 phases["strategy"] = round(time.monotonic() - t, 3)
-                urls, servers = {}, []
+                urls = {}
                 for role in ("gen", "embed"):
                     if role not in cond.servers:
                         continue
@@ -288,7 +330,8 @@ class Runner:
                 load = self.load_config(cond, urls)
                 record["load"] = load
                 on_progress = self.progress.load_progress if self.progress else None
-                summary = self.backend.run_load(load, rep_dir / "bench.json", on_progress)
+                summary = self.backend.run_load(load, rep_dir / "bench.json", on_progress,
+                                                dead=lambda: _dead(servers))
                 record["bench"] = summary
                 if sampler is not None:
                     record["telemetry"] = {
@@ -298,14 +341,17 @@ class Runner:
                         "devices": list(sampler.devices),
                     }
                 phases["load"] = round(time.monotonic() - t, 3)
-                if summary.get("cut_short"):
-                    raise KeyboardInterrupt
                 for server in servers:  # one that died during the load fails the rep
                     server.check()
+                if summary.get("cut_short"):
+                    raise KeyboardInterrupt
                 record["error"] = _load_problem(summary, cond.servers)
                 record["status"] = "failed" if record["error"] else "ok"
             except KeyboardInterrupt:
                 interrupted = True
+                raise
+            except Exception:
+                died = _dead(servers)  # before the tear-down stops them all
                 raise
             finally:
                 t = time.monotonic()
@@ -316,9 +362,12 @@ class Runner:
         except Exception as e:
             if interrupted:  # tear-down failed after a Ctrl-C: still stop
                 raise KeyboardInterrupt from e
+            if storage_error(e, self.run_dir.path):  # the run stops; this rep stays unfinished
+                raise
             # the rep failed; the run goes on
             record["status"] = "failed"
-            record["error"] = record["error"] or f"{type(e).__name__}: {str(e).strip() or '(no message)'}"
+            record["error"] = (record["error"] or died
+                               or f"{type(e).__name__}: {str(e).strip() or '(no message)'}")
             write_atomic(rep_dir / "error.txt", traceback.format_exc())
         _compress_records(rep_dir)
         record["finished"] = _now()
@@ -329,25 +378,14 @@ class Runner:
         return record
 
 
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(d, dict):
-        out: dict[str, Any] = {}
-        for k, v in d.items():
-            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-        return out
-    if isinstance(d, list) and d and all(isinstance(x, dict) and "name" in x for x in d):
-        out = {}
-        for x in d:
-            out.update(_flatten(x, f"{prefix}[{x['name']}]"))
-        return out
-    return {prefix: d}
-
-
-def spec_changes(old: dict, new: dict) -> list[str]:
-    """'dotted.path: old -> new' for each field where two validated specs differ."""
-    a, b = _flatten(old), _flatten(new)
-    return [f"{k}: {a.get(k, '(absent)')!r} -> {b.get(k, '(absent)')!r}"
-            for k in sorted(set(a) | set(b)) if a.get(k, "(absent)") != b.get(k, "(absent)")]
+def _dead(servers: list) -> str | None:
+    """The first server process found dead, as its ServerFailed message (with its log's tail)."""
+    for server in servers:
+        try:
+            server.check()
+        except Exception as e:
+            return str(e)
+    return None
 
 
 def window_telemetry(rows: list[dict], summary: dict) -> dict[str, dict[str, float]]:
@@ -390,6 +428,8 @@ def _load_problem(summary: dict, roles: list[str]) -> str | None:
 def _compress_records(rep_dir: Path) -> None:
     """Per-request records are large; keep them gzipped (the report reads either)."""
     for path in rep_dir.glob("*.records.jsonl"):
-        with open(path, "rb") as src, gzip.open(str(path) + ".gz", "wb", compresslevel=6) as dst:
+        tmp = Path(str(path) + ".gz.tmp")
+        with open(path, "rb") as src, gzip.open(tmp, "wb", compresslevel=6) as dst:
             shutil.copyfileobj(src, dst)
+        os.replace(tmp, str(path) + ".gz")
         path.unlink()

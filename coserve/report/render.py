@@ -26,6 +26,7 @@ from coserve.report.sections import (
     sweep_blocks,
     telemetry_blocks,
     throughput_table,
+    verdict,
 )
 from coserve.report.tradeoff import equal_work_checks
 
@@ -40,6 +41,9 @@ def build(run: RunStats, plot_paths: dict[str, Path]) -> list[Block]:
     blocks.append(Block("p", f"{done} of {planned} reps finished; {describe_gpus(run.fingerprint)}. "
                              f"Gen deltas are against **{spec.baseline}** (unless a condition names its own "
                              f"baseline), embed deltas against **{embed_baseline(spec) or '-'}**."))
+    line = verdict(run)
+    if line:
+        blocks.append(Block("p", line))
     blocks += [Block("h2", "Throughput"), throughput_table(run),
                Block("p", "Mean over finished reps ± the 95% CI half-width (Student's t). Delta: "
                           "condition mean / baseline mean - 1, with its 95% CI [low, high] "

@@ -6,11 +6,54 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from coserve.experiment.failure import why
 from coserve.experiment.fingerprint import describe_gpus
+from coserve.experiment.preflight import GPU_STRATEGIES
 from coserve.report.aggregate import RunStats
 from coserve.report.blocks import Block, frac, num, pct, status_text, with_ci
 from coserve.report.load_tables import load_text
 from coserve.report.tradeoff import equal_work_checks
+
+
+def on_cpu(run: RunStats) -> bool:
+    """A run whose servers all ran on the CPU (strategies and GPU settings mean nothing there):
+    built-in servers on device cpu (or auto on a machine without GPUs), others only on a
+    machine without GPUs, and no GPU-only strategy in the spec (those cannot run on a CPU)."""
+    conds = run.spec.all_conditions()
+    no_gpu = not run.fingerprint.get("gpus")
+    if any(c.strategy in GPU_STRATEGIES for c in conds):
+        return False
+    servers = [c.server(run.spec, role) for c in conds for role in c.servers]
+    return all(s.device == "cpu" or no_gpu and (s.device == "auto" or s.launcher != "builtin")
+               for s in servers)
+
+
+def strategy_text(run: RunStats, c) -> str:
+    """The strategy, or on a CPU run what it amounts to (both servers on the same cores)."""
+    if not on_cpu(run):
+        return c.strategy
+    return "CPU, shared" if len(c.servers) > 1 else "CPU"
+
+
+def verdict(run: RunStats) -> str | None:
+    """One line (markdown): what co-location cost each server against running alone; on a CPU
+    run, why the figures say nothing about GPUs (and about co-located gen coming out faster).
+    None when no condition runs both servers."""
+    both = [c for c in run.matrix if {"gen", "embed"} <= set(c.condition.servers)
+            and (c.gen_delta or c.embed_delta)]
+    if not both:
+        return None
+    parts = [f"{c.name}: gen {pct(c.gen_delta)}, embed {pct(c.embed_delta)}" for c in both]
+    text = "**Verdict:** co-located against each server alone: " + "; ".join(parts) + "."
+    if on_cpu(run):
+        text += (" This ran on a CPU: both servers' threads and the load generator share the same "
+                 "cores, so these deltas measure how the OS schedules them, not how GPUs are shared.")
+        faster = [c.name for c in both if c.gen_delta and c.gen_delta.pct > 0]
+        if faster:
+            text += (f" Gen came out faster co-located ({', '.join(faster)}) than alone: a CPU "
+                     "scheduling effect (co-location gives it no extra compute) that says nothing "
+                     "about GPUs.")
+    return text
 
 
 def throughput_table(run: RunStats) -> Block:
@@ -27,7 +70,7 @@ def throughput_table(run: RunStats) -> Block:
         else:
             emb_cell = with_ci(c.summary.get("embed_seq_s")) if c.summary.get("embed_seq_s") else "(none)"
             ed = "baseline" if c.embed_baseline == c.name else pct(c.embed_delta)
-        rows.append([c.name, c.condition.strategy, status_text(c), gen_cell, gd, emb_cell, ed])
+        rows.append([c.name, strategy_text(run, c.condition), status_text(c), gen_cell, gd, emb_cell, ed])
     return Block("table", headers=["Condition", "Strategy", "Reps", "Gen (tok/s)", "Gen delta",
                                    "Embed (seq/s)", "Embed delta"], rows=rows, align="llr")
 
@@ -145,7 +188,7 @@ def problems_blocks(run: RunStats) -> list[Block]:
             continue
         if c.failed:
             for f in c.failed:
-                rows.append([c.name, f"rep {f['rep']} failed", (f.get("error") or "").splitlines()[0][:300]])
+                rows.append([c.name, f"rep {f['rep']} failed", why(f.get("error"))])
         missing = c.planned - len(c.ok) - len(c.failed)
         if missing > 0:
             rows.append([c.name, "not run", f"{missing} of {c.planned} rep(s) not run yet "
@@ -193,14 +236,15 @@ def settings_blocks(run: RunStats) -> list[Block]:
             s = c.server(spec, role)
             what = s.url if s.launcher == "external" else s.model
             extra = []
-            if s.launcher != "external":
+            if s.launcher != "external" and not on_cpu(run):
                 extra.append(f"util {s.gpu_memory_utilization:g}")
                 if s.enforce_eager:
                     extra.append("eager")
                 tp = tensor_parallel_size(c, role, s.tensor_parallel_size)
                 if tp > 1:
                     extra.append(f"TP={tp}")
-            parts.append(f"{role}: {what} ({s.launcher}; {', '.join(extra)})")
+            detail = s.launcher + (f"; {', '.join(extra)}" if extra else "")
+            parts.append(f"{role}: {what} ({detail})")
         load = c.load_for(spec)
         loads = []
         if "gen" in c.servers:
@@ -209,10 +253,11 @@ def settings_blocks(run: RunStats) -> list[Block]:
         if "embed" in c.servers:
             loads.append(f"embed {load_text(load, 'embed')} x batch {load.embed_batch}, "
                          f"{load.embed_input_len} tok")
-        rows.append([c.name, c.strategy, ",".join(c.gpus), "; ".join(parts), "; ".join(loads)])
+        rows.append([c.name, strategy_text(run, c), "CPU" if on_cpu(run) else ",".join(c.gpus),
+                     "; ".join(parts), "; ".join(loads)])
     load = spec.load
     return [Block("h2", "Settings"),
             Block("p", f"{spec.repetitions} rep(s) per condition, order {spec.order}; "
                        f"{load.warmup_s:g} s warm-up, {load.duration_s:g} s measurement window; seed {spec.seed}."),
-            Block("table", headers=["Condition", "Strategy", "GPUs", "Servers", "Load"], rows=rows,
+            Block("table", headers=["Condition", "Strategy", "Device" if on_cpu(run) else "GPUs", "Servers", "Load"], rows=rows,
                   align="lllll")]

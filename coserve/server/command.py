@@ -117,9 +117,14 @@ def run(args) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import asyncio
 
+    from coserve.memcheck import serve_problem
     from coserve.server.app import ServeOptions, bind_socket, serve
     from coserve.server.engine_client import EngineStartError, start_engine
 
+    too_big = serve_problem(args.model, _device(args.device), args.gpu_memory_utilization, args.tensor_parallel_size)
+    if too_big:  # before anything is allocated
+        print(f"coserve serve: {too_big}", file=sys.stderr)
+        return 2
     try:
         sock = bind_socket(args.host, args.port)
     except OSError as e:

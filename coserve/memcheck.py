@@ -1,0 +1,85 @@
+"""Will a model's weights fit where it is to be served? Checked before anything is allocated,
+so that `coserve serve gen --model qwen3-30b-a3b --random-weights` on a CPU machine refuses
+at once instead of filling the RAM with 30B parameters.
+
+The need is the weights' size as stored (FP8 where the preset's config says so, else 2 bytes
+a parameter: `coserve.plan.model_size`), a lower bound of what the engine allocates; a model
+is refused only when even that exceeds what is free, so a refusal is always right.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+GiB = 1 << 30
+
+
+@dataclass(frozen=True)
+class MemoryNeed:
+    model: str
+    device: str          # "cpu" or "cuda"
+    need_bytes: int      # weights (per rank with tensor parallelism)
+    free_bytes: int      # RAM available, or the GPU memory the server may use
+
+    @property
+    def fits(self) -> bool:
+        return self.need_bytes <= self.free_bytes
+
+    def problem(self) -> str | None:
+        """None when it fits, else one line saying what, how much and what would help."""
+        if self.fits:
+            return None
+        where = "RAM available" if self.device == "cpu" else "GPU memory it may use"
+        return (f"{self.model} needs at least {self.need_bytes / GiB:.1f} GiB for its weights, more "
+                f"than the {self.free_bytes / GiB:.1f} GiB of {where} on this machine "
+                f"({self.device}); use a smaller model (tiny-dense, tiny-moe, tiny-embed) or a "
+                f"bigger device")
+
+
+def weight_bytes(model: str) -> int | None:
+    """Bytes of `model`'s weights (a preset or a model directory), or None if unknown."""
+    from coserve.plan import model_size
+
+    try:
+        return model_size(model).weight_bytes
+    except (ValueError, KeyError, OSError):
+        return None
+
+
+def ram_available() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes (None where there is none)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def memory_need(model: str, device: str, free_bytes: int | None, tensor_parallel_size: int = 1) -> MemoryNeed | None:
+    """The check for `model` on `device` ("cpu", "cuda", "cuda:N") given `free_bytes`; None when
+    either side is unknown (nothing to say)."""
+    need = weight_bytes(model)
+    if need is None or free_bytes is None:
+        return None
+    return MemoryNeed(model, "cpu" if device == "cpu" else "cuda",
+                      need // max(1, tensor_parallel_size), free_bytes)
+
+
+def serve_problem(model: str, device: str, gpu_memory_utilization: float,
+                  tensor_parallel_size: int = 1) -> str | None:
+    """For `coserve serve`: why `model` cannot be loaded on `device`, or None. On CUDA the
+    budget is `gpu_memory_utilization` of the device's memory (torch must be importable)."""
+    if device == "cpu":
+        free = ram_available()
+    else:
+        import torch
+
+        if not torch.cuda.is_available():
+            return None  # the engine says why, in its own words
+        index = torch.device(device).index or 0
+        free = int(torch.cuda.get_device_properties(index).total_memory * gpu_memory_utilization)
+    need = memory_need(model, device, free, tensor_parallel_size)
+    return need.problem() if need else None

@@ -1,0 +1,97 @@
+"""What a spec needs of the machine is checked before the first rep and by --dry-run: a CUDA
+device, GPU indices that exist, memory for the weights; `coserve serve` refuses a model whose
+weights cannot fit before allocating them."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+from runhelp import env
+
+from coserve import memcheck
+from coserve.cli import main
+from coserve.experiment.fingerprint import gpu_state
+from coserve.experiment.preflight import problems
+from coserve.spec import loads_spec
+
+GiB = 1 << 30
+ONE_GPU = {"gpus": [{"index": 0, "uuid": "GPU-aaa", "memory_mib": 81559, "mig_devices": ["MIG-bbb"]}], "note": None}
+NO_GPU = {"gpus": [], "note": "no GPU: NVML could not be initialised (test)"}
+HAS_GPU = bool(gpu_state()["gpus"])
+
+
+def spec(gen: str = 'model = "tiny-dense"', cond: str = "") -> str:
+    return f"""
+name = "p"
+[servers.gen]
+{gen}
+[[conditions]]
+name = "c"
+servers = ["gen"]
+{cond}
+"""
+
+
+def check(text: str, gpus: dict, ram_gib: float = 64, monkeypatch=None) -> list[str]:
+    s = loads_spec(text)
+    monkeypatch.setattr("coserve.experiment.preflight.ram_available", lambda: int(ram_gib * GiB))
+    return problems(s, s.conditions, gpus)
+
+
+def test_cuda_and_gpu_strategies_without_a_gpu(monkeypatch):
+    (p,) = check(spec('model = "tiny-dense"\ndevice = "cuda"'), NO_GPU, monkeypatch=monkeypatch)
+    assert p.startswith("c: servers.gen.device is 'cuda' but this machine has no CUDA GPU (no GPU: NVML")
+    (p,) = check(spec(cond='strategy = "mps"'), NO_GPU, monkeypatch=monkeypatch)
+    assert p.startswith("c: strategy 'mps' needs NVIDIA GPUs")
+    assert check(spec('model = "tiny-dense"\ndevice = "auto"'), NO_GPU, monkeypatch=monkeypatch) == []
+
+
+def test_gpus_that_do_not_exist(monkeypatch):
+    (p,) = check(spec(cond="gpus = [99]"), ONE_GPU, monkeypatch=monkeypatch)
+    assert p == "c: gpus '99' is not a GPU of this machine (GPUs: 0, or their UUIDs)"
+    (p,) = check(spec(cond="gpus = [1]"), NO_GPU, monkeypatch=monkeypatch)
+    assert "name GPUs this machine does not have" in p
+    for ok in ("[0]", '["GPU-aaa"]', '["MIG-bbb"]'):
+        assert check(spec(cond=f"gpus = {ok}"), ONE_GPU, monkeypatch=monkeypatch) == []
+
+
+def test_weights_that_do_not_fit(monkeypatch):
+    big = 'model = "qwen3-30b-a3b"\ndevice = "cpu"'
+    (p,) = check(spec(big), NO_GPU, ram_gib=16, monkeypatch=monkeypatch)
+    assert p.startswith("c: qwen3-30b-a3b needs at least 29.0 GiB for its weights, more than the 16.0 GiB of RAM")
+    assert check(spec(big), NO_GPU, ram_gib=64, monkeypatch=monkeypatch) == []
+    (p,) = check(spec('model = "qwen3-30b-a3b"\ngpu_memory_utilization = 0.2'), ONE_GPU, monkeypatch=monkeypatch)
+    assert "more than the 15.9 GiB of GPU memory it may use" in p and "gpu_memory_utilization 0.2 of GPU 0" in p
+    assert check(spec('model = "qwen3-30b-a3b"\ngpu_memory_utilization = 0.5'), ONE_GPU, monkeypatch=monkeypatch) == []
+
+
+@pytest.mark.skipif(HAS_GPU, reason="checks the refusal on a machine without CUDA")
+def test_run_and_dry_run_refuse_a_cuda_spec_here(tmp_path, capsys):
+    path = tmp_path / "cuda.toml"
+    path.write_text(spec('model = "tiny-dense"\ndevice = "cuda"'))
+    for extra in (["--dry-run"], []):
+        assert main(["run", str(path), "--out", str(tmp_path / "r"), *extra]) == 2
+        assert "servers.gen.device is 'cuda' but this machine has no CUDA GPU" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()  # refused before anything was written
+
+
+def test_serve_refuses_weights_bigger_than_the_ram(monkeypatch):
+    monkeypatch.setattr(memcheck, "ram_available", lambda: 8 * GiB)
+    assert "more than the 8.0 GiB of RAM available" in memcheck.serve_problem("qwen3-30b-a3b", "cpu", 0.9)
+    assert memcheck.serve_problem("tiny-dense", "cpu", 0.9) is None
+    assert memcheck.serve_problem("no-such-model", "cpu", 0.9) is None  # the engine names that
+
+
+@pytest.mark.skipif((memcheck.ram_available() or 0) > memcheck.weight_bytes("qwen3-30b-a3b"),
+                    reason="this machine has the RAM for the weights")
+def test_serve_of_a_30b_model_on_this_cpu_refuses_at_once():
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-P", "-m", "coserve", "serve", "gen", "--model", "qwen3-30b-a3b",
+                           "--random-weights", "--device", "cpu", "--port", "0"],
+                          capture_output=True, text=True, timeout=120, env=env())
+    assert proc.returncode == 2, proc.stderr
+    assert "coserve serve: qwen3-30b-a3b needs at least 29.0 GiB for its weights" in proc.stderr
+    assert time.monotonic() - t0 < 60  # nothing was allocated

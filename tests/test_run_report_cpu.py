@@ -1,0 +1,59 @@
+"""A CPU run's report speaks of the CPU, not of GPUs, and opens with a one-line verdict that
+says why co-located gen can come out faster than gen alone there."""
+
+from __future__ import annotations
+
+from test_experiment_runner import FakeBackend
+
+from coserve.experiment import fingerprint
+from coserve.experiment.runner import Runner
+from coserve.report.render import render
+from coserve.spec import loads_spec
+
+SPEC = """
+name = "cpu"
+repetitions = 1
+[servers.gen]
+model = "tiny-moe"
+gpu_memory_utilization = 0.3
+[servers.embed]
+model = "all-minilm-l6-v2"
+[load]
+warmup_s = 1
+duration_s = 2
+[telemetry]
+enabled = false
+[[conditions]]
+name = "gen-only"
+servers = ["gen"]
+[[conditions]]
+name = "embed-only"
+servers = ["embed"]
+[[conditions]]
+name = "co-located"
+strategy = "timeslice"
+"""
+
+
+class CoLocatedGenFaster(FakeBackend):
+    def run_load(self, load, out_path, on_progress, dead=None):
+        summary = super().run_load(load, out_path, on_progress, dead)
+        if summary["gen"] and summary["embed"]:
+            summary["gen"]["output_tokens_per_s"] *= 1.5
+        return summary
+
+
+def test_a_cpu_run_is_labelled_cpu_and_has_a_verdict(tmp_path, monkeypatch):
+    no_gpu = {"gpus": [], "driver": None, "cuda_driver": None, "note": "no GPU"}
+    monkeypatch.setattr(fingerprint, "gpu_state", lambda: no_gpu)  # a CPU machine, even on a GPU one
+    backend = CoLocatedGenFaster()
+    backend.gpu_state = lambda: no_gpu
+    Runner(loads_spec(SPEC), tmp_path / "run", backend=backend).run()
+    md = render(tmp_path / "run", with_plots=False).markdown.read_text()
+    (verdict,) = [ln for ln in md.splitlines() if ln.startswith("**Verdict:**")]
+    assert verdict.startswith("**Verdict:** co-located against each server alone: co-located: gen **+")
+    assert "measure how the OS schedules them, not how GPUs are shared" in verdict
+    assert "Gen came out faster co-located (co-located) than alone" in verdict
+    assert "| co-located | CPU, shared | 1/1 |" in md and "| gen-only | CPU | 1/1 |" in md
+    assert "| Condition | Strategy | Device |" in md
+    assert "timeslice" not in md and "util " not in md and "| GPUs |" not in md

@@ -1,0 +1,61 @@
+"""Spec values that would never end or never fit are refused naming the field, and spec errors
+print the user's text verbatim (never read as rich markup)."""
+
+from __future__ import annotations
+
+import pytest
+
+from coserve.cli import main
+from coserve.spec import MAX_REPETITIONS, SpecError, loads_spec
+
+BASE = """
+name = "b"
+repetitions = 1
+[servers.gen]
+model = "tiny-dense"
+ready_timeout_s = 60
+[load]
+warmup_s = 1
+duration_s = 2
+[[conditions]]
+name = "gen-only"
+servers = ["gen"]
+"""
+
+
+def problems(old: str, new: str) -> list[str]:
+    assert old in BASE
+    with pytest.raises(SpecError) as e:
+        loads_spec(BASE.replace(old, new))
+    return e.value.problems
+
+
+@pytest.mark.parametrize("field, old", [("load.duration_s", "duration_s = 2"), ("load.warmup_s", "warmup_s = 1"),
+                                        ("servers.gen.ready_timeout_s", "ready_timeout_s = 60")])
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan", "1" + "0" * 400])
+def test_numbers_must_be_finite(field, old, value):
+    key = old.split(" = ")[0]
+    assert problems(old, f"{key} = {value}") == [f"{field}: {value} is not a finite number"]
+
+
+def test_repetitions_are_bounded():
+    assert problems("repetitions = 1", "repetitions = 1000000000") == [
+        f"repetitions: 1000000000 must be at most {MAX_REPETITIONS}"]
+    assert problems("[[conditions]]", "[sweep]\nconcurrency = [1]\nrepetitions = 1000000000\n[[conditions]]") == [
+        f"sweep.repetitions: 1000000000 must be at most {MAX_REPETITIONS}"]
+    assert loads_spec(BASE.replace("repetitions = 1", f"repetitions = {MAX_REPETITIONS}")).repetitions == MAX_REPETITIONS
+
+
+def test_negative_gpu_indices_are_refused():
+    for gpus in ("[-1]", '["-1"]', '[""]'):
+        (p,) = problems('servers = ["gen"]', f'servers = ["gen"]\ngpus = {gpus}')
+        assert p.startswith("conditions[0].gpus: ") and "is not a GPU index" in p
+
+
+def test_errors_print_the_users_text_verbatim(tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_text(BASE.replace('name = "b"', 'name = "x[/red] [bold]y"').split("[[conditions]]")[0])
+    assert main(["run", str(bad), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "'x[/red] [bold]y'" in err
+    assert "at least one [[conditions]] table is needed" in err
