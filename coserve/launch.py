@@ -343,6 +343,12 @@ def start_server(spec: ServerSpec, env: dict[str, str] | None, log_path: Path, r
     full_env.update(env)
     full_env.update(BASE_ENV)  # NCCL_NVLS_ENABLE=0 etc. for every process coserve starts
     full_env.setdefault("PYTHONUNBUFFERED", "1")
+    if spec.launcher == "builtin":
+        # `-P` keeps the working folder off sys.path; the server must still import the very
+        # package this process runs (a source tree used without installing, as on a lent GPU
+        # machine, is found only through this).
+        root = str(Path(__file__).resolve().parent.parent)
+        full_env["PYTHONPATH"] = os.pathsep.join(p for p in (root, full_env.get("PYTHONPATH")) if p)
     # Two servers computing on the same CPU cores: OpenMP's default spin-wait lets one
     # process's idle threads burn the cores the other needs (the demo's co-located gen fell to
     # ~1 tok/s on 2 cores, ~600 with passive waits). GPU servers barely use OpenMP.
