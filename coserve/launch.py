@@ -26,23 +26,30 @@ Launchers:
 
 from __future__ import annotations
 
-import atexit
 import os
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from coserve.gpu.mps import _group_alive, pdeathsig_preexec
-from coserve.gpu.strategies import BASE_ENV
+from coserve.procs import (
+    BASE_ENV,
+    free_port,
+    group_alive,
+    group_kwargs,
+    live,
+    signal_group,
+    tail,
+    track,
+    untrack,
+    wait_group_gone,
+)
 
 LAUNCHERS = ("builtin", "vllm", "external", "command")
 ROLES = ("gen", "embed")
@@ -52,8 +59,6 @@ VLLM_MODELS = {
     "qwen3-embedding-8b": "Qwen/Qwen3-Embedding-8B",
     "all-minilm-l6-v2": "sentence-transformers/all-MiniLM-L6-v2",
 }
-_live: dict[int, RunningServer] = {}
-_live_lock = threading.Lock()
 
 
 class ServerFailed(RuntimeError):
@@ -96,12 +101,6 @@ class ServerSpec:
             raise ValueError(f"{self.role}: tensor_parallel_size must be >= 1")
         if self.docker_image and self.launcher != "vllm":
             raise ValueError(f"{self.role}: docker_image is for launcher vllm only")
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host if host not in ("0.0.0.0", "") else "127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _connect_host(host: str) -> str:
@@ -206,18 +205,6 @@ def _one_line(text: str) -> str:
     return text.replace("\\", "\\\\").replace("\n", "\\n")
 
 
-def _tail(path: Path, n: int = 40) -> str:
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            size = f.tell()
-            f.seek(max(0, size - 64 * 1024))
-            lines = f.read().decode(errors="replace").splitlines()
-    except OSError:
-        return "(no log)"
-    return "\n".join(lines[-n:]) if lines else "(empty log)"
-
-
 def _health(url: str, timeout_s: float = 2.0) -> bool:
     try:
         with urllib.request.urlopen(url.rstrip("/") + "/health", timeout=timeout_s) as r:
@@ -266,7 +253,7 @@ class RunningServer:
     def _died_msg(self, what: str) -> str:
         rc = self.proc.returncode if self.proc is not None else None
         return (f"{self.spec.role} server ({self.spec.launcher}, pid {self.pid}) {what} ({_signame(rc) if rc is not None else '?'}); "
-                f"last lines of {self.log_path}:\n{_tail(self.log_path) if self.log_path else '(no log)'}")
+                f"last lines of {self.log_path}:\n{tail(self.log_path)}")
 
     def stop(self, timeout_s: float = 20.0) -> int | None:
         """SIGTERM to the group, wait, SIGKILL what is left; returns the server's exit code."""
@@ -276,30 +263,25 @@ class RunningServer:
             if self.spec.launcher == "vllm" and self.spec.docker_image:
                 subprocess.run(["docker", "rm", "-f", docker_name(self.spec, self.port)], capture_output=True, timeout=60)
             if self.proc.poll() is None:
-                _killpg(self.pgid, signal.SIGTERM)
+                signal_group(self.pgid, signal.SIGTERM)
                 try:
                     self.proc.wait(timeout=timeout_s)
                 except subprocess.TimeoutExpired:
                     pass
             if self.proc.poll() is None:  # ignored SIGTERM: no second chance
-                _killpg(self.pgid, signal.SIGKILL)
+                signal_group(self.pgid, signal.SIGKILL)
                 self.proc.wait(timeout=10)
-            elif _group_alive(self.pgid):
+            elif group_alive(self.pgid):
                 # The server exited but children of its group (engine workers, TP ranks) remain.
-                _killpg(self.pgid, signal.SIGTERM)
-                deadline = time.monotonic() + min(5.0, timeout_s)
-                while _group_alive(self.pgid) and time.monotonic() < deadline:
-                    time.sleep(0.05)
-            if _group_alive(self.pgid):
-                _killpg(self.pgid, signal.SIGKILL)
-            deadline = time.monotonic() + 5
-            while _group_alive(self.pgid) and time.monotonic() < deadline:
-                time.sleep(0.05)
+                signal_group(self.pgid, signal.SIGTERM)
+                wait_group_gone(self.pgid, min(5.0, timeout_s))
+            if group_alive(self.pgid):
+                signal_group(self.pgid, signal.SIGKILL)
+            wait_group_gone(self.pgid, 5.0)
             self.returncode = self.proc.returncode
             return self.returncode
         finally:
-            with _live_lock:
-                _live.pop(id(self), None)
+            untrack(self)
 
     def __enter__(self) -> RunningServer:
         return self
@@ -310,15 +292,6 @@ class RunningServer:
 
     def __repr__(self) -> str:
         return f"RunningServer({self.spec.role}, {self.url}, pid={self.pid})"
-
-
-def _killpg(pgid: int | None, sig: int) -> None:
-    if pgid is None:
-        return
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def start_server(spec: ServerSpec, env: dict[str, str] | None, log_path: Path, ready_timeout_s: float = 600.0) -> RunningServer:
@@ -365,13 +338,12 @@ def start_server(spec: ServerSpec, env: dict[str, str] | None, log_path: Path, r
         log_start = logf.tell()
         try:
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
-                                    env=full_env, start_new_session=True, preexec_fn=pdeathsig_preexec())
+                                    env=full_env, **group_kwargs())
         except OSError as e:
             raise ServerFailed(f"{spec.role} server ({spec.launcher}) could not start: {e} (command: {shlex.join(cmd)})") from e
     url = f"http://{_connect_host(spec.host)}:{port}"
     server = RunningServer(spec, url, proc, log_path, cmd, port)
-    with _live_lock:
-        _live[id(server)] = server
+    track(server)
     t0 = time.monotonic()
     try:
         while True:
@@ -385,7 +357,7 @@ def start_server(spec: ServerSpec, env: dict[str, str] | None, log_path: Path, r
                 return server
             if time.monotonic() - t0 > ready_timeout_s:
                 raise ServerFailed(f"{spec.role} server ({spec.launcher}, pid {proc.pid}) not ready: /health did not answer "
-                                   f"200 within {ready_timeout_s:.0f} s; last lines of {log_path}:\n{_tail(log_path)}")
+                                   f"200 within {ready_timeout_s:.0f} s; last lines of {log_path}:\n{tail(log_path)}")
             time.sleep(0.2)
     except BaseException:
         server.stop(timeout_s=5)
@@ -418,15 +390,7 @@ def start_servers(specs: list[ServerSpec], envs: dict[str, dict[str, str]], log_
     return started
 
 
-def stop_all() -> None:
-    """Stop every server this process started and has not stopped (atexit backstop)."""
-    with _live_lock:
-        servers = list(_live.values())
-    for s in servers:
-        try:
-            s.stop(timeout_s=10)
-        except Exception:
-            pass
-
-
-atexit.register(stop_all)
+def live_servers() -> list[RunningServer]:
+    """The servers this process started and has not stopped, oldest first (procs.stop_all
+    stops them at exit)."""
+    return live(RunningServer)

@@ -206,6 +206,7 @@ def main(argv=None) -> int:
     from coserve.gpu import mps
     from coserve.gpu.strategies import make_strategy, mps_client_priority_supported
     from coserve.gpu.telemetry import TelemetrySampler
+    from coserve.procs import pid_alive
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
@@ -282,7 +283,7 @@ def main(argv=None) -> int:
     os.kill(d2.proc.pid, signal.SIGTERM)
     time.sleep(3)
     print(f"after SIGTERM to the control daemon itself: daemon alive={d2.proc.poll() is None}, "
-          f"server alive={[mps._pid_alive(p) for p in srv_pids]}", flush=True)
+          f"server alive={[pid_alive(p) for p in srv_pids]}", flush=True)
     d2.stop()
     left = mps.find_mps_processes()
     check("stop() cleans up after a daemon killed from outside", not left, "; ".join(p.describe() for p in left))

@@ -30,17 +30,12 @@ from __future__ import annotations
 
 import mmap
 import os
-import signal
 import subprocess
-import threading
 from pathlib import Path
 from typing import Any
 
-BASE_ENV: dict[str, str] = {
-    "NCCL_NVLS_ENABLE": "0",
-    "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
-    "NVSHMEM_DISABLE_NVLS": "1",
-}
+from coserve.procs import BASE_ENV, SigtermExit
+
 ROLES = ("gen", "embed")
 STRATEGIES = ("exclusive", "timeslice", "mps", "mig", "tp")
 _ROLE_GPU_OPTS = {"gen_gpus", "embed_gpus"}
@@ -321,10 +316,6 @@ def mps_client_priority_supported() -> bool | None:
     return None
 
 
-def _deferred_sigterm(_signo, _frame):
-    raise SystemExit(128 + signal.SIGTERM)
-
-
 class Mps(_RoleGpus):
     """Both servers as clients of coserve's own MPS control daemon (private pipe/log dirs)."""
 
@@ -351,8 +342,7 @@ class Mps(_RoleGpus):
             if pr is not None and str(pr).lower() not in _PRIORITY:
                 raise StrategyError(f"option client_priority ({role}): expected normal or below_normal (0 or 1), got {pr!r}")
         self.daemon = None
-        self._old_sigterm = None
-        self._sigterm_installed = False
+        self._sigterm = SigtermExit()
 
     def _daemon_devices(self) -> list[str]:
         return self.telemetry_devices()
@@ -399,7 +389,9 @@ class Mps(_RoleGpus):
         self.daemon = mpsmod.MpsDaemon(devices, self.run_dir, control_bin=self.options.get("control_bin"),
                                        start_timeout_s=float(self.options.get("start_timeout_s", 30)),
                                        cuda_visible_devices=",".join(visible))
-        self._install_sigterm()
+        note = self._sigterm.install()
+        if note:
+            self.notes.append(note)
         try:
             self.daemon.start()
         except mpsmod.MpsError as e:
@@ -409,28 +401,9 @@ class Mps(_RoleGpus):
         self.notes.append("NVML reports MPS clients as the MPS server's process; GPM is device-wide")
 
     def teardown(self) -> None:
-        deferred: list[int] = []
-        if self._sigterm_installed:  # a SIGTERM during tear-down waits until the daemon is down
-            signal.signal(signal.SIGTERM, lambda s, f: deferred.append(s))
-        try:
+        with self._sigterm.deferred():  # a SIGTERM during tear-down waits until the daemon is down
             if self.daemon is not None:
                 self.daemon.stop()
-        finally:
-            if self._sigterm_installed:
-                signal.signal(signal.SIGTERM, self._old_sigterm)
-                self._sigterm_installed = False
-            if deferred:
-                raise SystemExit(128 + signal.SIGTERM)
-
-    def _install_sigterm(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            self.notes.append("not in the main thread: SIGTERM is not intercepted; the caller must stop the daemon")
-            return
-        cur = signal.getsignal(signal.SIGTERM)
-        if cur in (signal.SIG_DFL, None):
-            self._old_sigterm = cur if cur is not None else signal.SIG_DFL
-            signal.signal(signal.SIGTERM, _deferred_sigterm)
-            self._sigterm_installed = True
 
     def _env(self, role: str) -> dict[str, str]:
         env: dict[str, str] = {}
