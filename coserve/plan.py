@@ -332,15 +332,13 @@ def _local_gpu() -> Gpu | None:
     from coserve.gpu import nvml as nv
 
     try:
-        lib = nv.open_nvml()
+        with nv.nvml_session() as lib:
+            try:
+                g = nv.gpu_info(lib, 0, with_mig_profiles=False)
+            except lib.NVMLError:  # NVML loads but has no GPU 0: plan for the default GPU instead
+                return None
     except nv.NvmlUnavailable:
         return None
-    try:
-        g = nv.gpu_info(lib, 0, with_mig_profiles=False)
-    except lib.NVMLError:  # NVML loads but has no GPU 0: plan for the default GPU instead
-        return None
-    finally:
-        nv.close_nvml(lib)
     if not g.memory_mib:
         return None
     return Gpu(g.name, g.memory_mib * MiB, "NVML's total of this machine's GPU 0 (CUDA's is a little less)")

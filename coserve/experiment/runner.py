@@ -117,13 +117,10 @@ def resolve_device(device: str) -> str:
     from coserve.gpu import nvml as nv
 
     try:
-        lib = nv.open_nvml()
+        with nv.nvml_session() as lib:
+            return "cuda" if int(lib.nvmlDeviceGetCount()) > 0 else "cpu"
     except nv.NvmlUnavailable:
         return "cpu"
-    try:
-        return "cuda" if int(lib.nvmlDeviceGetCount()) > 0 else "cpu"
-    finally:
-        nv.close_nvml(lib)
 
 
 class Runner:
