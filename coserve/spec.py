@@ -51,12 +51,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from coserve.gpu.strategies import ROLES
+from coserve.gpu.strategy_base import STRATEGIES as _STRATEGIES
+from coserve.gpu.strategy_base import TP_ALIASES
+from coserve.launch_command import LAUNCHERS
+from coserve.roles import ROLES
 from coserve.spec_load import LoadSpec, ReportSpec, SweepPoint, SweepSpec, load_problems, plain
 from coserve.spec_load import spec_field as _f
 
-STRATEGIES = ("exclusive", "timeslice", "mps", "mig", "tp", "tp+timeslice", "tp+mps")
-LAUNCHERS = ("builtin", "vllm", "external", "command")
+STRATEGIES = _STRATEGIES + TP_ALIASES
 ORDERS = ("alternate", "sequential")
 DEVICES = ("auto", "cpu", "cuda")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -329,15 +331,13 @@ def _check_strategy(cond: Condition, path: str, errors: list[str]) -> None:
     try:
         make_strategy(cond.strategy, list(cond.gpus), dict(cond.options), Path("."))
     except StrategyError as e:
-        msg = str(e)
-        m = re.match(r"option (\w+)(?: \((\w+)\))?: (.*)", msg, re.S)
-        if m and m.group(1) in cond.options:
-            role = f".{m.group(2)}" if m.group(2) and isinstance(cond.options[m.group(1)], dict) else ""
-            errors.append(f"{path}.options.{m.group(1)}{role}: {m.group(3)}")
-        elif "option" in msg:
-            errors.append(f"{path}.options: {msg}")
+        if e.option in cond.options:
+            role = f".{e.role}" if e.role and isinstance(cond.options[e.option], dict) else ""
+            errors.append(f"{path}.options.{e.option}{role}: {e.detail}")
+        elif e.about_options:
+            errors.append(f"{path}.options: {e}")
         else:
-            errors.append(f"{path}.strategy: {msg}")
+            errors.append(f"{path}.strategy: {e}")
 
 
 def _check_override(cls: type, table: Any, path: str, errors: list[str]) -> dict[str, Any]:
