@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from coserve.engine.types import EngineArgs
 from coserve.gpu.strategy_base import STRATEGIES as _STRATEGIES
 from coserve.gpu.strategy_base import TP_ALIASES
 from coserve.launch_command import LAUNCHERS
@@ -62,6 +63,8 @@ STRATEGIES = _STRATEGIES + TP_ALIASES
 ORDERS = ("alternate", "sequential")
 DEVICES = ("auto", "cpu", "cuda")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+# The built-in engine's defaults: a server setting a spec leaves out is the engine's.
+_ENGINE = {f.name: f.default for f in dataclasses.fields(EngineArgs)}
 # Reps per condition: far more than any study needs, few enough that the schedule fits in memory.
 MAX_REPETITIONS = 1000
 
@@ -85,11 +88,11 @@ class ServerConfig:
     url: str = _f("", help="base URL of an already running server (launcher = external)")
     random_weights: bool = _f(True, help="initialise the preset's weights at random")
     device: str = _f("auto", choices=DEVICES, help="builtin engine device; auto = cuda if present")
-    gpu_memory_utilization: float = _f(0.9, gt=0.0, le=1.0)
+    gpu_memory_utilization: float = _f(_ENGINE["gpu_memory_utilization"], gt=0.0, le=1.0)
     max_model_len: int = _f(0, ge=0, help="0 = the model's own limit")
-    max_num_seqs: int = _f(256, ge=1)
-    enforce_eager: bool = _f(False, help="no CUDA graphs")
-    tensor_parallel_size: int = _f(1, ge=1)
+    max_num_seqs: int = _f(_ENGINE["max_num_seqs"], ge=1)
+    enforce_eager: bool = _f(_ENGINE["enforce_eager"], help="no CUDA graphs")
+    tensor_parallel_size: int = _f(_ENGINE["tensor_parallel_size"], ge=1)
     extra_args: list[str] = _f([], help="added to the server command (launcher command: the "
                                "whole command line, with {host} and {port} filled in)")
     docker_image: str = _f("", help="launcher vllm: run `vllm serve` in this image")
