@@ -183,7 +183,11 @@ def servers_stage(run_dir: Path) -> None:
                 clients = []
                 for sp in strat.daemon.get_server_list():
                     clients += [int(x) for x in strat.daemon.command(f"get_client_list {sp}").split() if x.isdigit()]
-                check("both server processes are MPS clients", set(pids) <= set(clients), f"servers {pids}, clients {clients}")
+                # A server's engine runs in a child process of its group (server/engine_core.py):
+                # that child is the MPS client.
+                client_groups = {_pgid(c) for c in clients}
+                check("both servers' engines are MPS clients", all(s.pgid in client_groups for s in srvs),
+                      f"server groups {[s.pgid for s in srvs]}, clients {clients} (groups {sorted(client_groups)})")
             finally:
                 for s in reversed(srvs):
                     s.stop()
@@ -200,6 +204,13 @@ def _group_exists(pgid: int) -> bool:
         return True
     except ProcessLookupError:
         return False
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except OSError:
+        return None
 
 
 def main(argv=None) -> int:
