@@ -29,7 +29,6 @@ Every environment this module hands out (and every process coserve starts) carri
 NCCL_NVLS_ENABLE=0 (plus TORCH_SYMM_MEM_DISABLE_MULTICAST=1, NVSHMEM_DISABLE_NVLS=1).
 """
 
-
 from __future__ import annotations
 
 from pathlib import Path
@@ -37,23 +36,23 @@ from typing import Any
 
 from coserve.gpu import mig
 from coserve.gpu.strategy_base import (  # noqa: F401 - the strategy API, importable from here
-    _MPS_OPTS,
-    _ROLE_GPU_OPTS,
+    MPS_OPTS,
     OPTIONS,
+    ROLE_GPU_OPTS,
     STRATEGIES,
     TP_ALIASES,
     Strategy,
     StrategyError,
-    _check_role,
-    _per_role,
-    _WithoutMps,
+    WithoutMps,
+    check_role,
+    per_role,
 )
 from coserve.gpu.strategy_mps import Mps, mps_client_priority_supported  # noqa: F401
 from coserve.procs import BASE_ENV  # noqa: F401
 from coserve.roles import ROLES
 
 
-class Exclusive(_WithoutMps):
+class Exclusive(WithoutMps):
     """One GPU (or GPU set) per model: the study's planned baseline, gen on GPU 0, embed on GPU 1."""
 
     name = "exclusive"
@@ -75,7 +74,7 @@ class Exclusive(_WithoutMps):
         self._set_up_without_mps(shared=False)
 
 
-class Timeslice(_WithoutMps):
+class Timeslice(WithoutMps):
     """Both servers on the same GPU(s) in the default compute mode: CUDA time-slices them."""
 
     name = "timeslice"
@@ -150,7 +149,7 @@ class Tp(Strategy):
         self.sharing = sharing
         self.tp: dict[str, int] = {}
         for role in ROLES:
-            v = self.options.get(f"{role}_tp", _per_role(self.options, "tp", role))
+            v = self.options.get(f"{role}_tp", per_role(self.options, "tp", role))
             if v is None:
                 v = len(self.options.get(f"{role}_gpus") or self.gpus) or 1
             try:
@@ -161,14 +160,14 @@ class Tp(Strategy):
                 raise StrategyError(f"option {role}_tp / tp: expected a whole number >= 1, got {v!r}",
                                     about_options=True)
             self.tp[role] = n
-        inner_opts = {k: v for k, v in self.options.items() if k in (_ROLE_GPU_OPTS | (_MPS_OPTS if sharing == "mps" else set()))}
+        inner_opts = {k: v for k, v in self.options.items() if k in (ROLE_GPU_OPTS | (MPS_OPTS if sharing == "mps" else set()))}
         for role in ROLES:
             if f"{role}_gpus" not in inner_opts:
                 if self.tp[role] > len(self.gpus):
                     raise StrategyError(f"strategy tp: {role} has TP={self.tp[role]} but the condition has "
                                         f"{len(self.gpus)} GPU(s) {self.gpus}")
                 inner_opts[f"{role}_gpus"] = list(self.gpus[: self.tp[role]])
-        extra_mps = set(self.options) & _MPS_OPTS
+        extra_mps = set(self.options) & MPS_OPTS
         if sharing != "mps" and extra_mps:
             raise StrategyError(f"strategy tp: option(s) {', '.join(sorted(extra_mps))} need sharing = \"mps\"",
                                 about_options=True)
@@ -193,7 +192,7 @@ class Tp(Strategy):
         return self.inner._env(role)
 
     def tensor_parallel_size(self, role: str) -> int:
-        return self.tp[_check_role(role)]
+        return self.tp[check_role(role)]
 
     def describe(self) -> dict:
         d = self.inner.describe()

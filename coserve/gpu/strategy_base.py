@@ -19,15 +19,15 @@ from coserve.roles import ROLES
 STRATEGIES = ("exclusive", "timeslice", "mps", "mig", "tp")
 # Accepted as names for tp with that sharing.
 TP_ALIASES = ("tp+timeslice", "tp+mps")
-_ROLE_GPU_OPTS = {"gen_gpus", "embed_gpus"}
-_MPS_OPTS = {"active_thread_percentage", "pinned_mem_limit", "client_priority", "allow_exclusive_process",
+ROLE_GPU_OPTS = {"gen_gpus", "embed_gpus"}
+MPS_OPTS = {"active_thread_percentage", "pinned_mem_limit", "client_priority", "allow_exclusive_process",
              "ignore_foreign_daemons", "control_bin", "start_timeout_s"}
 OPTIONS: dict[str, set[str]] = {
-    "exclusive": set(_ROLE_GPU_OPTS),
-    "timeslice": set(_ROLE_GPU_OPTS),
-    "mps": _ROLE_GPU_OPTS | _MPS_OPTS,
+    "exclusive": set(ROLE_GPU_OPTS),
+    "timeslice": set(ROLE_GPU_OPTS),
+    "mps": ROLE_GPU_OPTS | MPS_OPTS,
     "mig": {"profiles", "apply_mig"},
-    "tp": _ROLE_GPU_OPTS | {"tp", "gen_tp", "embed_tp", "sharing"} | _MPS_OPTS,
+    "tp": ROLE_GPU_OPTS | {"tp", "gen_tp", "embed_tp", "sharing"} | MPS_OPTS,
 }
 
 
@@ -48,13 +48,16 @@ class StrategyError(ValueError):
         super().__init__(prefix + detail)
 
 
-def _check_role(role: str) -> str:
+def check_role(role: str) -> str:
+    """`role` itself; StrategyError when it is not one of ROLES."""
     if role not in ROLES:
         raise StrategyError(f"unknown server role {role!r}: expected one of {', '.join(ROLES)}")
     return role
 
 
-def _per_role(options: dict, key: str, role: str, default=None):
+def per_role(options: dict, key: str, role: str, default=None):
+    """Option `key` for `role`: a plain value holds for both roles, a {"gen": .., "embed": ..}
+    table per role. StrategyError names a table key that is not a role."""
     v = options.get(key, default)
     if isinstance(v, dict):
         bad = set(v) - set(ROLES)
@@ -64,7 +67,8 @@ def _per_role(options: dict, key: str, role: str, default=None):
     return v
 
 
-def _gpu_list(value, key: str) -> list[str]:
+def gpu_list(value, key: str) -> list[str]:
+    """GPUs given as a list or "0,1" -> ["0", "1"]; StrategyError names option `key` when empty."""
     if isinstance(value, (str, int)):
         value = [p for p in str(value).split(",") if p.strip()]
     if not isinstance(value, (list, tuple)) or not value:
@@ -107,16 +111,16 @@ class Strategy:
 
     # -- public ------------------------------------------------------------------------
     def devices_for(self, role: str) -> list[str]:
-        return list(self._role_devices.get(_check_role(role), []))
+        return list(self._role_devices.get(check_role(role), []))
 
     def env_for(self, role: str) -> dict[str, str]:
-        _check_role(role)
+        check_role(role)
         env = dict(BASE_ENV)
         env.update(self._env(role))
         return env
 
     def tensor_parallel_size(self, role: str) -> int:
-        _check_role(role)
+        check_role(role)
         return 1
 
     def telemetry_devices(self) -> list[str]:
@@ -194,7 +198,7 @@ class Strategy:
         return mps.find_mps_processes(exclude=mps.our_pids())
 
 
-class _RoleGpus(Strategy):
+class RoleGpus(Strategy):
     """Strategies where each role gets a list of GPUs, given or defaulted."""
 
     def _default_devices(self, role: str) -> list[str]:
@@ -205,7 +209,7 @@ class _RoleGpus(Strategy):
         for role in ROLES:
             key = f"{role}_gpus"
             if key in self.options:
-                self._role_devices[role] = _gpu_list(self.options[key], key)
+                self._role_devices[role] = gpu_list(self.options[key], key)
                 missing = [g for g in self._role_devices[role] if self.gpus and g not in self.gpus]
                 if missing:
                     raise StrategyError(f"{', '.join(missing)} not in this condition's gpus {self.gpus}", option=key)
@@ -213,7 +217,7 @@ class _RoleGpus(Strategy):
                 self._role_devices[role] = self._default_devices(role)
 
 
-class _WithoutMps(_RoleGpus):
+class WithoutMps(RoleGpus):
     """A condition meant to run without MPS. Its clients point at an empty pipe directory of
     ours, so that a default MPS daemon someone else runs (/tmp/nvidia-mps) cannot capture it."""
 

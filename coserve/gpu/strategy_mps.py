@@ -12,7 +12,7 @@ from typing import Any
 
 from coserve.gpu import mps as mpsmod
 from coserve.gpu import nvml as nv
-from coserve.gpu.strategy_base import StrategyError, _per_role, _RoleGpus
+from coserve.gpu.strategy_base import RoleGpus, StrategyError, per_role
 from coserve.procs import SigtermExit
 from coserve.roles import ROLES
 
@@ -50,7 +50,7 @@ def mps_client_priority_supported() -> bool | None:
     return None
 
 
-class Mps(_RoleGpus):
+class Mps(RoleGpus):
     """Both servers as clients of coserve's own MPS control daemon (private pipe/log dirs)."""
 
     name = "mps"
@@ -60,7 +60,7 @@ class Mps(_RoleGpus):
         if not self.gpus:
             raise StrategyError("strategy mps needs at least one GPU (MPS is a CUDA feature)")
         for role in ROLES:
-            atp = _per_role(self.options, "active_thread_percentage", role)
+            atp = per_role(self.options, "active_thread_percentage", role)
             if atp is not None:
                 try:
                     v = float(atp)
@@ -69,11 +69,11 @@ class Mps(_RoleGpus):
                 if not 0 < v <= 100:
                     raise StrategyError(f"expected a number in (0, 100], got {atp!r}",
                                         option="active_thread_percentage", role=role)
-            lim = _per_role(self.options, "pinned_mem_limit", role)
+            lim = per_role(self.options, "pinned_mem_limit", role)
             if lim is not None and not _valid_mem_limit(str(lim)):
                 raise StrategyError(f"expected a size like '40G' or '512M' (or 'idx=size,...'), got {lim!r}",
                                     option="pinned_mem_limit", role=role)
-            pr = _per_role(self.options, "client_priority", role)
+            pr = per_role(self.options, "client_priority", role)
             if pr is not None and str(pr).lower() not in _PRIORITY:
                 raise StrategyError(f"expected normal or below_normal (0 or 1), got {pr!r}",
                                     option="client_priority", role=role)
@@ -99,7 +99,7 @@ class Mps(_RoleGpus):
         devices = self._daemon_devices()
         self._check_compute_modes(devices, shared=True, mps=True,
                                   allow_exclusive_process=bool(self.options.get("allow_exclusive_process")))
-        if any(_per_role(self.options, "client_priority", r) is not None for r in ROLES):
+        if any(per_role(self.options, "client_priority", r) is not None for r in ROLES):
             sup = mps_client_priority_supported()
             if sup is False:
                 raise StrategyError("this driver's libcuda does not know CUDA_MPS_CLIENT_PRIORITY "
@@ -145,14 +145,14 @@ class Mps(_RoleGpus):
         daemon_devs = self._daemon_devices()
         devs = self.devices_for(role)
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(daemon_devs.index(d)) for d in devs)
-        atp = _per_role(self.options, "active_thread_percentage", role)
+        atp = per_role(self.options, "active_thread_percentage", role)
         if atp is not None:
             env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = f"{float(atp):g}"
-        lim = _per_role(self.options, "pinned_mem_limit", role)
+        lim = per_role(self.options, "pinned_mem_limit", role)
         if lim is not None:
             lim = str(lim)
             env["CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"] = lim if "=" in lim else ",".join(f"{i}={lim}" for i in range(len(devs)))
-        pr = _per_role(self.options, "client_priority", role)
+        pr = per_role(self.options, "client_priority", role)
         if pr is not None:
             env["CUDA_MPS_CLIENT_PRIORITY"] = str(_PRIORITY[str(pr).lower()])
         return env
