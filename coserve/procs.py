@@ -13,9 +13,10 @@ reaches its workers too, and it gets SIGTERM from Linux if coserve dies without 
 the starting thread). Owners that are still tracked at exit are stopped newest first (servers
 before the MPS daemon they are clients of).
 
-SIGTERM: whoever installs a handler first owns it. A run installs its own
-(experiment/signals.py); outside a run, `SigtermExit` makes SIGTERM a SystemExit while a
-daemon is up, so a `kill` of coserve still tears the daemon down.
+SIGTERM: a run installs its own handler (experiment/signals.py, KeyboardInterrupt). Outside a
+run, `SigtermExit` makes SIGTERM a SystemExit while a daemon is up, so a `kill` of coserve
+still tears the daemon down; it takes SIGTERM only while nobody else holds it, and on its way
+out leaves a handler installed after it in place.
 """
 
 from __future__ import annotations
@@ -201,13 +202,17 @@ class _Deferred:
         self.got: list[int] = []
 
     def __enter__(self) -> _Deferred:
+        self._current = None
         if self.owner.installed:
-            signal.signal(signal.SIGTERM, lambda s, f: self.got.append(s))
+            self._current = signal.signal(signal.SIGTERM, lambda s, f: self.got.append(s))
         return self
 
     def __exit__(self, *exc) -> bool:
         if self.owner.installed:
-            signal.signal(signal.SIGTERM, self.owner._old)
+            # Ours gives way to the handler before it; one installed after ours (a run that
+            # started meanwhile) stays, whichever order the two were installed in.
+            ours = self._current is _exit_on_sigterm
+            signal.signal(signal.SIGTERM, self.owner._old if ours else self._current)
             self.owner.installed = False
         if self.got:
             raise SystemExit(128 + signal.SIGTERM)
