@@ -36,11 +36,9 @@ import threading
 from pathlib import Path
 from typing import Any
 
-BASE_ENV: dict[str, str] = {
-    "NCCL_NVLS_ENABLE": "0",
-    "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
-    "NVSHMEM_DISABLE_NVLS": "1",
-}
+from coserve.engine.nccl_env import NO_MULTICAST_ENV
+
+BASE_ENV: dict[str, str] = dict(NO_MULTICAST_ENV)
 ROLES = ("gen", "embed")
 STRATEGIES = ("exclusive", "timeslice", "mps", "mig", "tp")
 _ROLE_GPU_OPTS = {"gen_gpus", "embed_gpus"}

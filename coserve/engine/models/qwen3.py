@@ -184,6 +184,15 @@ class Qwen3ForCausalLM(nn.Module):
             logits = self.lm_head(hidden)
         return parallel.gather_last_dim(logits, self.config.vocab_size)
 
+    def greedy_tokens(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[N] int64: argmax of the logits of `hidden` [N, H], as `compute_logits(...).argmax`
+        gives, without gathering the logits across ranks (each rank reduces its slice)."""
+        if self.lm_head is None:
+            logits = nn.functional.linear(hidden, self.model.embed_tokens.weight)
+        else:
+            logits = self.lm_head(hidden)
+        return parallel.argmax_last_dim(logits, self.model.vocab_rows[0], self.config.vocab_size)
+
     def attention_layers(self) -> list[Attention]:
         return [layer.self_attn.attn for layer in self.model.layers]
 

@@ -1,0 +1,531 @@
+"""Tensor parallelism on the study's gen load: TP=1 and TP=2 measured in one run, and where a
+TP=2 decode step's time goes.
+
+    PYTHONPATH=. python3 benchmarks/engine_tp.py --warmup 6 --duration 10
+    PYTHONPATH=. python3 benchmarks/engine_tp.py --model tiny-moe --device cpu --warmup 1 \\
+        --duration 2 --max-model-len 512 --concurrency 8 --output-len 32    # the code, on a CPU
+
+For each tensor-parallel size (and all-reduce, `--tp-all-reduce`) it builds qwen3-30b-a3b
+with random weights (as engine_gen.py: gpu_memory_utilization 0.50, max_model_len 4096) and
+runs the C=512 closed loop (30 in / 512 out, greedy, ignore_eos) offline for a short window,
+with async scheduling and (`--sync-too`) without. Per decode step it reports rank 0's host
+time by phase (schedule, stage, send to the workers, launch, postprocess; the rest of the
+step is rank 0 waiting for the GPU), each worker's wait for rank 0's message and its
+send-to-receive lag, each GPU's time inside steps and idle between them (CUDA events around
+every step's launch, on every rank), GPU time per kernel class on every rank (torch profiler
+over a few pure decode steps, all-reduces and the all-gather included), GPM SM activity per
+GPU, and a micro-benchmark of the collectives at decode sizes (`--comm`). `--embed` adds
+qwen3-embedding-8b at TP=1 and TP=2 (C=64, 8 inputs of 32 tokens). Writes engine_tp.json and
+tp-scaling.json under $OUT (or --out-dir); a short table comes last."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from engine_gen import ClosedLoop, _f, classify, device_info, log, release_cuda_memory  # noqa: E402
+
+from coserve.engine import parallel  # noqa: E402
+from coserve.engine.gen_engine import GenEngine  # noqa: E402
+from coserve.engine.tp_workers import Call  # noqa: E402
+from coserve.engine.types import EngineArgs  # noqa: E402
+
+
+# ----------------------------------------------------------------------------- per-step timing
+class StepTimer:
+    """CUDA events around each `runner.execute` (the step's forward and head, as launched):
+    per step, the GPU time from its first kernel to its last (waits inside collectives
+    included) and the GPU idle time before it (since the previous step's end)."""
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+        self.pairs: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self._orig = engine.runner.execute
+
+        def timed(step):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            out = self._orig(step)
+            b.record()
+            self.pairs.append((a, b))
+            return out
+
+        engine.runner.execute = timed
+
+    def stop(self) -> dict:
+        self.engine.runner.execute = self._orig
+        torch.cuda.synchronize()
+        inside = [a.elapsed_time(b) for a, b in self.pairs]
+        idle = [self.pairs[i - 1][1].elapsed_time(self.pairs[i][0]) for i in range(1, len(self.pairs))]
+        span = self.pairs[0][0].elapsed_time(self.pairs[-1][1]) if self.pairs else 0.0
+        return {"steps": len(inside), "gpu_span_ms": span,
+                "in_step_ms_mean": sum(inside) / max(1, len(inside)),
+                "idle_between_steps_ms_mean": sum(idle) / max(1, len(idle)),
+                "idle_fraction": sum(idle) / span if span else None}
+
+
+def _worker_timer_start(engine) -> None:
+    engine._bench_timer = StepTimer(engine)
+
+
+def _worker_timer_stop(engine, path: str) -> None:
+    Path(path).write_text(json.dumps(engine._bench_timer.stop()))
+
+
+class HostPhases:
+    """Rank 0's host seconds per phase of `GenEngine.step`, by wrapping its parts."""
+
+    PARTS = {"schedule": ("scheduler", "schedule"), "stage": ("runner", "_prepare_static"),
+             "stage_varlen": ("runner", "_prepare_varlen"), "send": ("runner", "_staged"),
+             "launch": ("runner", "execute"), "postprocess": ("engine", "_finish"),
+             "step": ("engine", "_step")}
+
+    def __init__(self, engine) -> None:
+        self.sec: dict[str, float] = defaultdict(float)
+        self._undo = []
+        for phase, (owner, name) in self.PARTS.items():
+            obj = engine if owner == "engine" else getattr(engine, owner)
+            orig = getattr(obj, name)
+            obj.__dict__[name] = self._wrap(phase, orig)
+            self._undo.append((obj, name))
+        if engine.runner.broadcast is not None:
+            send = engine.runner.broadcast
+            engine.runner.broadcast = self._wrap("send", send)
+
+    def undo(self, engine) -> None:
+        for obj, name in self._undo:
+            obj.__dict__.pop(name, None)
+        if engine.workers is not None:
+            engine.runner.broadcast = engine.workers.send
+
+    def _wrap(self, phase, fn):
+        def timed(*a, **kw):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                self.sec[phase] += time.perf_counter() - t0
+        return timed
+
+    def per_step_ms(self, steps: int) -> dict[str, float]:
+        out = {k: v * 1e3 / max(1, steps) for k, v in self.sec.items()}
+        busy = sum(v for k, v in out.items() if k != "step")
+        out["waiting_for_gpu"] = out.get("step", 0.0) - busy
+        return out
+
+
+# ----------------------------------------------------------------------------- profile
+_TP_CLASSES = [("NCCL all-reduce", r"AllReduce"), ("NCCL all-gather", r"AllGather"),
+               ("symm-mem all-reduce", r"one_shot|two_shot|symm")]
+
+
+def _classify(name: str) -> str:
+    import re
+
+    for cls, pat in _TP_CLASSES:
+        if re.search(pat, name, re.IGNORECASE):
+            return cls
+    return classify(name)
+
+
+def summarize_profile(prof, steps: int) -> dict:
+    """Kernel time per class per step, and the GPU's busy (union of kernels) vs idle time."""
+    spans, per_class = [], defaultdict(float)
+    for ev in prof.events():
+        if ev.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        r = ev.time_range
+        spans.append((r.start, r.end))
+        per_class[_classify(ev.name)] += r.elapsed_us() / steps
+    spans.sort()
+    busy, gaps, end = 0.0, [], None
+    for s, e in spans:
+        if end is None or s > end:
+            if end is not None:
+                gaps.append(s - end)
+            busy += e - s
+            end = e
+        elif e > end:
+            busy += e - end
+            end = e
+    window = (end - spans[0][0]) if spans else 0.0
+    return {"kernels": len(spans), "window_ms_per_step": window / 1e3 / steps,
+            "busy_ms_per_step": busy / 1e3 / steps,
+            "idle_ms_per_step": sum(gaps) / 1e3 / steps,
+            "gaps_over_20us_per_step": sum(1 for g in gaps if g > 20) / steps,
+            "largest_gaps_us": sorted(gaps, reverse=True)[:8],
+            "classes_ms_per_step": {k: v / 1e3 for k, v in sorted(per_class.items(), key=lambda kv: -kv[1])}}
+
+
+def _worker_prof_start(engine) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    engine._bench_prof = profile(activities=[ProfilerActivity.CUDA])
+    engine._bench_prof.__enter__()
+
+
+def _worker_prof_stop(engine, path: str, steps: int) -> None:
+    torch.cuda.synchronize()
+    engine._bench_prof.__exit__(None, None, None)
+    Path(path).write_text(json.dumps(summarize_profile(engine._bench_prof, steps)))
+
+
+def _from_workers(engine, fn, make_args, tmp: Path, tag: str) -> list[dict]:
+    """Run fn on every worker (writing one JSON file each) and read what they wrote."""
+    w = engine.workers
+    if w is None:
+        return []
+    paths = [tmp / f"{tag}_rank{r + 1}.json" for r in range(len(w.procs))]
+    for p in paths:
+        p.unlink(missing_ok=True)
+    # every worker gets the same message; each writes the path of its own rank
+    w.send(Call(_per_rank, (fn, [str(p) for p in paths], make_args)))
+    out = []
+    for p in paths:
+        deadline = time.monotonic() + 60
+        while not p.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.05)
+        out.append(json.loads(p.read_text()) if p.exists() else {"error": "no answer"})
+    return out
+
+
+def _per_rank(engine, fn, paths: list[str], extra: tuple) -> None:
+    fn(engine, paths[parallel.state().rank - 1], *extra)
+
+
+def profile_decode(loop: ClosedLoop, steps: int, tmp: Path) -> dict:
+    """Both ranks' kernels over `steps` pure decode steps (no refills during them)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    e = loop.engine
+    loop.refill = False
+    if e.workers is not None:
+        e.workers.send(Call(_worker_prof_start))
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            loop.step()
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - t0) * 1e3 / steps
+    res = {"wall_ms_per_step": wall, "batch": len(e.scheduler.running),
+           "rank0": summarize_profile(prof, steps)}
+    for i, r in enumerate(_from_workers(e, _worker_prof_stop, (steps,), tmp, "prof")):
+        res[f"rank{i + 1}"] = r
+    loop.refill = True
+    return res
+
+
+# ----------------------------------------------------------------------------- collectives
+def comm_bench(engine, path: str | None = None, rows_list=(1, 64, 512, 1024)) -> dict:
+    """All-reduce of [rows, hidden] bf16 at decode sizes, eager and as 48 in one CUDA graph
+    (NCCL; and the symmetric-memory one-shot, if it builds here); the greedy pair all-gather
+    and the full logits all-gather of a 512-row step. Every rank runs it (rank 0 directly,
+    workers through a Call); times are rank 0's, in microseconds per collective."""
+    import torch.distributed as dist
+
+    dev = engine.device
+    hidden = engine.config.hidden_size
+    out: dict = {}
+    try:
+        symm = parallel.SymmAllReduce(dev)
+    except Exception as e:  # noqa: BLE001 - reported, NCCL still measured
+        symm, out["symm_mem_error"] = None, repr(e)
+    s = torch.cuda.current_stream()
+    ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+
+    def timed(fn, iters):
+        fn()
+        torch.cuda.synchronize()
+        ev[0].record(s)
+        for _ in range(iters):
+            fn()
+        ev[1].record(s)
+        torch.cuda.synchronize()
+        return ev[0].elapsed_time(ev[1]) * 1e3 / iters
+
+    for rows in rows_list:
+        x = torch.randn(rows, hidden, device=dev, dtype=torch.bfloat16)
+        impls = {"nccl": lambda x=x: dist.all_reduce(x)}
+        if symm is not None:
+            impls["symm_mem"] = lambda x=x: symm(x)
+        for name, fn in impls.items():
+            r = {"eager_us": timed(fn, 50)}
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                for _ in range(48):
+                    fn()
+            r["graph_us"] = timed(g.replay, 5) / 48
+            out[f"{name}_allreduce_{rows}x{hidden}"] = r
+    vocab = engine.config.vocab_size
+    per = -(-vocab // parallel.state().size)
+    logits = torch.randn(512, per, device=dev, dtype=torch.bfloat16)
+    out["logits_allgather_512_us"] = timed(lambda: parallel.gather_last_dim(logits, vocab), 10)
+    out["greedy_pair_gather_512_us"] = timed(
+        lambda: parallel.argmax_last_dim(logits, parallel.state().rank * per, vocab), 20)
+    if path is not None:
+        Path(path).write_text(json.dumps(out))
+    return out
+
+
+# ----------------------------------------------------------------------------- one config
+def run_gen(args, tp: int, all_reduce: str, tmp: Path) -> dict:
+    from coserve.gpu.telemetry import TelemetrySampler
+
+    res: dict = {"tp": tp, "all_reduce": all_reduce}
+    t0 = time.perf_counter()
+    max_seqs = max(args.max_num_seqs, max(args.concurrency)) if tp > 1 else args.max_num_seqs
+    engine = GenEngine(EngineArgs(
+        model=args.model, random_weights=True, device=args.device,
+        gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.max_model_len,
+        max_num_seqs=max_seqs, tensor_parallel_size=tp, tp_all_reduce=all_reduce))
+    res["build_s"] = time.perf_counter() - t0
+    res["kv_capacity_tokens"] = engine.kv_capacity_tokens
+    log(f"TP={tp} ({all_reduce}) built in {res['build_s']:.0f} s, KV {engine.kv_capacity_tokens:,} tokens")
+    cuda = args.device.startswith("cuda")
+    devices = [str(i) for i in range(tp)] if cuda else []
+    try:
+        if args.comm and cuda and tp > 1:
+            engine.workers.send(Call(_per_rank, (comm_bench, [str(tmp / "comm_rank1.json")], ())))
+            res["comm"] = comm_bench(engine)
+            log("collectives (us): " + ", ".join(
+                f"{k} {v if not isinstance(v, dict) else v.get('graph_us')}"
+                for k, v in res["comm"].items() if "error" not in k))
+        concurrencies = args.concurrency if tp > 1 else [min(args.concurrency)]
+        for c in concurrencies:
+            modes = [True, False] if args.sync_too and c == min(concurrencies) else [True]
+            for async_on in modes:
+                _drain(engine)  # every window starts from the same state: C fresh requests
+                loop = ClosedLoop(engine, c, args.input_len, args.output_len)
+                engine.async_scheduling = async_on
+                label = f"TP={tp} {all_reduce} C={c} {'async' if async_on else 'sync'}"
+                phases = HostPhases(engine)
+                counters0 = engine.workers.counters() if engine.workers else []
+                if cuda:
+                    timer = StepTimer(engine)
+                    if engine.workers is not None:
+                        engine.workers.send(Call(_worker_timer_start))
+                tel = TelemetrySampler(devices, interval_s=0.5).start()
+                r = loop.run(args.warmup, args.duration, label)
+                r["telemetry"] = tel.stop()
+                if cuda:  # unwrap in the reverse order of wrapping
+                    r["gpu_steps"] = {"rank0": timer.stop()}
+                    for i, w in enumerate(_from_workers(engine, _worker_timer_stop, (), tmp, "timer")):
+                        r["gpu_steps"][f"rank{i + 1}"] = w
+                r["host_ms_per_step_whole_run"] = phases.per_step_ms(
+                    sum(r["step_kinds"].values()) or r["steps"])
+                phases.undo(engine)
+                if engine.workers is not None:
+                    cnt = engine.workers.counters()
+                    r["workers"] = [{k: (b[k] - a[k]) if k != "lag_max_s" else b[k] for k in b}
+                                    for a, b in zip(counters0, cnt, strict=True)]
+                res[f"C{c}_{'async' if async_on else 'sync'}"] = r
+                _print_run(label, r)
+        engine.async_scheduling = True
+        if cuda and args.profile_steps:
+            _drain(engine)
+            loop = ClosedLoop(engine, min(args.concurrency), args.input_len, args.output_len)
+            loop.run(min(args.warmup, 4.0), 0.5, "profile warm-up")
+            res["profile"] = profile_decode(loop, args.profile_steps, tmp)
+            p = res["profile"]
+            log(f"profile: wall {p['wall_ms_per_step']:.2f} ms/step; " + "; ".join(
+                f"{k}: busy {v.get('busy_ms_per_step', 0):.2f} idle {v.get('idle_ms_per_step', 0):.2f}"
+                for k, v in p.items() if k.startswith("rank")))
+    finally:
+        engine.shutdown()
+        engine.runner.graphs.clear()
+        engine.runner.graph_outputs.clear()
+        del engine
+        if cuda:
+            release_cuda_memory()
+    return res
+
+
+def _drain(engine) -> None:
+    """Abort whatever an earlier window left running, and collect a step launched ahead."""
+    for rid in list(engine._seqs):
+        engine.abort(rid)
+    while engine.has_unfinished():
+        engine.step()
+
+
+def _print_run(label: str, r: dict) -> None:
+    h = r["host_ms_per_step_whole_run"]
+    line = (f"  {label}: {r['output_tokens_per_s']:,.0f} tok/s, TPOT p50 {_f(r['tpot_ms']['p50'])}, "
+            f"host/step " + ", ".join(f"{k} {v:.2f}" for k, v in h.items()))
+    g = r.get("gpu_steps", {})
+    for k, v in g.items():
+        line += f"; {k} in-step {v.get('in_step_ms_mean', 0):.2f} idle {v.get('idle_between_steps_ms_mean', 0):.2f}"
+    for i, w in enumerate(r.get("workers", [])):
+        n = max(1, w["steps"])
+        line += f"; worker{i + 1} wait {w['wait_s'] * 1e3 / n:.2f} lag {w['lag_s'] * 1e3 / n:.3f} ms"
+    sm = r["telemetry"].get("sm_active")
+    if sm:
+        line += f"; SM active {sm['mean']:.2f}"
+    print(line, flush=True)
+
+
+def run_embed(args, tp: int) -> dict:
+    from engine_embed import offline
+
+    from coserve.engine.embed_engine import EmbedEngine
+
+    t0 = time.perf_counter()
+    engine = EmbedEngine(EngineArgs(model=args.embed_model, random_weights=True, device=args.device,
+                                    gpu_memory_utilization=0.30, max_model_len=512, max_num_seqs=256,
+                                    max_num_batched_tokens=8192, tensor_parallel_size=tp))
+    try:
+        r = offline(engine, 64, 8, 32, args.embed_warmup, args.embed_duration)
+        r["build_s"] = time.perf_counter() - t0
+        return r
+    finally:
+        engine.shutdown()
+        del engine
+        release_cuda_memory()
+
+
+# ----------------------------------------------------------------------------- main
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--model", default="qwen3-30b-a3b")
+    ap.add_argument("--embed-model", default="qwen3-embedding-8b")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.50)
+    ap.add_argument("--max-model-len", type=int, default=4096)
+    ap.add_argument("--max-num-seqs", type=int, default=512)
+    ap.add_argument("--concurrency", default="512", help="comma list; TP=1 runs the smallest")
+    ap.add_argument("--input-len", type=int, default=30)
+    ap.add_argument("--output-len", type=int, default=512)
+    ap.add_argument("--warmup", type=float, default=6.0)
+    ap.add_argument("--duration", type=float, default=10.0)
+    ap.add_argument("--tp", default="1,2", help="comma list of tensor-parallel sizes")
+    ap.add_argument("--tp-all-reduce", default="nccl", help="comma list: nccl, symm-mem")
+    ap.add_argument("--sync-too", action="store_true", help="also a window without async scheduling")
+    ap.add_argument("--comm", action="store_true", help="micro-benchmark the collectives")
+    ap.add_argument("--profile-steps", type=int, default=5)
+    ap.add_argument("--embed", action="store_true")
+    ap.add_argument("--embed-warmup", type=float, default=5.0)
+    ap.add_argument("--embed-duration", type=float, default=10.0)
+    ap.add_argument("--out-dir", default=os.environ.get("OUT", "."))
+    args = ap.parse_args()
+    args.concurrency = [int(c) for c in args.concurrency.split(",")]
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"engine_tp_{os.getpid()}"
+    tmp.mkdir(parents=True, exist_ok=True)
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    res: dict = {"workload": {k: v for k, v in vars(args).items()}, "env": device_info(args.device),
+                 "runs": [], "errors": {}}
+    if args.device.startswith("cuda"):
+        res["env"]["gpus"] = torch.cuda.device_count()
+        res["env"]["peer_access_0_1"] = (torch.cuda.device_count() > 1
+                                         and torch.cuda.can_device_access_peer(0, 1))
+        try:
+            res["env"]["topology"] = subprocess.run(["nvidia-smi", "topo", "-m"], capture_output=True,
+                                                    text=True, timeout=20).stdout
+        except (OSError, subprocess.SubprocessError) as e:
+            res["env"]["topology"] = repr(e)
+        print(res["env"]["topology"], flush=True)
+        res["env"]["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
+
+    def save() -> None:
+        (out / "engine_tp.json").write_text(json.dumps(res, indent=1, default=str))
+
+    for tp in [int(t) for t in args.tp.split(",")]:
+        for ar in (args.tp_all_reduce.split(",") if tp > 1 else ["nccl"]):
+            try:
+                res["runs"].append(run_gen(args, tp, ar, tmp))
+            except Exception as e:  # noqa: BLE001 - keep the other configurations' figures
+                traceback.print_exc()
+                res["errors"][f"gen TP={tp} {ar}"] = repr(e)
+            save()
+    if args.embed:
+        for tp in (1, 2):
+            try:
+                res[f"embed_tp{tp}"] = run_embed(args, tp)
+            except Exception as e:  # noqa: BLE001
+                traceback.print_exc()
+                res["errors"][f"embed TP={tp}"] = repr(e)
+            save()
+    (out / "tp-scaling.json").write_text(json.dumps(scaling(res), indent=1))
+    save()
+    print_table(res)
+
+
+def scaling(res: dict) -> dict:
+    """The issue's record: TP=1 and the best TP=2 at the study's C, and TP=2's best C."""
+    c0 = min(res["workload"]["concurrency"])
+    tp1 = [r for r in res["runs"] if r["tp"] == 1]
+    tp2 = [r for r in res["runs"] if r["tp"] == 2]
+
+    def at(r, key):
+        x = r.get(key)
+        if not x:
+            return None
+        sm = [v["mean"] for k, v in x["telemetry"].items() if k.startswith("sm_active/")]
+        return {"tok_s": x["output_tokens_per_s"], "tpot_p50_ms": x["tpot_ms"]["p50"],
+                "tpot_p99_ms": x["tpot_ms"]["p99"], "sm_active": sm or None,
+                "all_reduce": r["all_reduce"]}
+
+    t1 = at(tp1[0], f"C{c0}_async") if tp1 else None
+    t2s = [at(r, f"C{c0}_async") for r in tp2]
+    t2 = max((t for t in t2s if t), key=lambda t: t["tok_s"], default=None)
+    best = None
+    for r in tp2:
+        for c in res["workload"]["concurrency"]:
+            x = at(r, f"C{c}_async")
+            if x and (best is None or x["tok_s"] > best["tok_s"]):
+                best = {"concurrency": c, **x}
+    e1, e2 = res.get("embed_tp1"), res.get("embed_tp2")
+    return {"device": res["env"].get("gpu"), "gpus": res["env"].get("gpus"),
+            "date": res["env"]["date"], "commit": os.environ.get("COSERVE_COMMIT"),
+            "command": " ".join(res["env"]["argv"]), "tp1": t1, "tp2": t2,
+            "tp2_over_tp1": (t2["tok_s"] / t1["tok_s"]) if t1 and t2 and t1["tok_s"] else None, "tp2_best": best,
+            "embed_tp1_seq_s": e1 and e1["sequences_per_s"],
+            "embed_tp2_seq_s": e2 and e2["sequences_per_s"]}
+
+
+def print_table(res: dict) -> None:
+    print(f"\n== engine_tp: {res['workload']['model']} on {res['env'].get('gpus', 0)} x "
+          f"{res['env'].get('gpu', 'cpu')} ==")
+    print(f"{'run':<32} {'tok/s':>9} {'TPOT p50':>9} {'p99':>7} {'host':>6} {'wait':>6} "
+          f"{'GPU idle':>9} {'SM act':>7}")
+    for r in res["runs"]:
+        for k, x in r.items():
+            if not (k.startswith("C") and isinstance(x, dict)):
+                continue
+            h = x["host_ms_per_step_whole_run"]
+            idle = x.get("gpu_steps", {}).get("rank0", {}).get("idle_between_steps_ms_mean")
+            sm = x["telemetry"].get("sm_active", {}).get("mean")
+            name = f"TP={r['tp']} {r['all_reduce']} {k}"
+            print(f"{name:<32} "
+                  f"{x['output_tokens_per_s']:9,.0f} {_f(x['tpot_ms']['p50']):>9} "
+                  f"{_f(x['tpot_ms']['p99']):>7} {h.get('step', 0) - h.get('waiting_for_gpu', 0):6.2f} "
+                  f"{h.get('waiting_for_gpu', 0):6.2f} {_f(idle):>9} {_f(sm):>7}")
+    s = scaling(res)
+    if s["tp2_over_tp1"]:
+        print(f"TP=2 / TP=1 at C={min(res['workload']['concurrency'])}: {s['tp2_over_tp1']:.3f}x")
+    if s["embed_tp1_seq_s"] and s["embed_tp2_seq_s"] is not None:
+        print(f"embed seq/s: TP=1 {s['embed_tp1_seq_s']:,.0f}, TP=2 {s['embed_tp2_seq_s']:,.0f} "
+              f"({s['embed_tp2_seq_s'] / s['embed_tp1_seq_s']:.3f}x)")
+    for k, v in res["errors"].items():
+        print(f"ERROR in {k}: {v}")
+
+
+if __name__ == "__main__":
+    main()
