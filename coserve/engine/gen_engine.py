@@ -139,6 +139,17 @@ class GenEngine(tp_workers.LeadsRanks):
         waited for: the runner's staging waits for its own copies before reusing a buffer."""
         self.runner.execute(step)
 
+    def shutdown(self) -> None:
+        """Tensor parallel: drop the CUDA graphs (which hold the communicators' collectives)
+        once the GPU is done with them, then stop the other ranks."""
+        runner = getattr(self, "runner", None)
+        if self.workers is not None and runner is not None and self.workers.dead is None:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            runner.graphs.clear()
+            runner.graph_outputs.clear()
+        super().shutdown()
+
     # -- start-up ---------------------------------------------------------------------------
     @torch.inference_mode()
     def _profile(self) -> None:

@@ -98,20 +98,33 @@ class Workers:
                         "lag_max_s": c[_LAG_MAX_S]})
         return out
 
-    def check(self) -> None:
-        if self.dead is not None:
-            raise WorkerDied(self.dead)
+    def check(self, grace_s: float = 0.0) -> None:
+        """Raise WorkerDied if a worker is gone (waiting up to grace_s for one that is dying:
+        a failed collective can come before the worker's exit is seen)."""
+        deadline = time.monotonic() + grace_s
+        while self.dead is None:
+            gone = [p for p in self.procs if not p.is_alive()]
+            if gone:
+                self._died(gone[0])
+            elif time.monotonic() >= deadline:
+                return
+            else:
+                time.sleep(0.02)
+        raise WorkerDied(self.dead)
+
+    def _died(self, p) -> None:
+        p.join(0.1)
+        if self.dead is None:
+            self.dead = (f"tensor-parallel worker {p.name} (pid {p.pid}) died "
+                         f"(exit code {p.exitcode}); the engine cannot step any more")
+            log.error("%s", self.dead)
 
     def _watch(self) -> None:
         by_sentinel = {p.sentinel: p for p in self.procs}
         gone = wait(list(by_sentinel))
         if self._stopped:
             return
-        p = by_sentinel[gone[0]]
-        p.join(0.1)
-        self.dead = (f"tensor-parallel worker {p.name} (pid {p.pid}) died "
-                     f"(exit code {p.exitcode}); the engine cannot step any more")
-        log.error("%s", self.dead)
+        self._died(by_sentinel[gone[0]])
         if not self.stepping:
             return  # the next step raises
         # rank 0 may be waiting in a collective for the dead rank: abort the communicators
@@ -225,8 +238,8 @@ class LeadsRanks:
         try:
             yield
         except Exception as e:
-            if w.dead is not None:
-                raise WorkerDied(w.dead) from e
+            if not isinstance(e, WorkerDied):
+                w.check(grace_s=1.0)  # a collective that failed because a rank died
             raise
         finally:
             w.stepping = False
