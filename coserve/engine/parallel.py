@@ -97,15 +97,20 @@ class SymmAllReduce:
         self.buf = symm_mem.empty(self.max_bytes // 2, dtype=torch.bfloat16, device=device)
         symm_mem.rendezvous(self.buf, group)
 
-    def __call__(self, x: torch.Tensor) -> bool:
-        """Sum x over ranks in place; False (x untouched) when x does not fit this path."""
+    def __call__(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Sum of x over ranks (a new tensor); None when x does not fit this path."""
         n = x.numel()
         if x.dtype != torch.bfloat16 or n * 2 > self.max_bytes or not x.is_contiguous():
-            return False
-        buf = self.buf[:n]
-        buf.copy_(x.view(-1))
-        torch.ops.symm_mem.one_shot_all_reduce_out(buf, "sum", self.group, x.view(-1))
-        return True
+            return None
+        out = torch.empty_like(x)
+        ops = torch.ops.symm_mem
+        if hasattr(ops, "one_shot_all_reduce_copy_out"):  # the copy in, inside the kernel
+            ops.one_shot_all_reduce_copy_out(self.buf[:n], x.view(-1), "sum", self.group,
+                                             out.view(-1))
+        else:
+            self.buf[:n].copy_(x.view(-1))
+            ops.one_shot_all_reduce_out(self.buf[:n], "sum", self.group, out.view(-1))
+        return out
 
 
 _symm: SymmAllReduce | None = None
@@ -141,9 +146,12 @@ def kv_head_split(num_heads: int, num_kv_heads: int) -> tuple[int, int]:
 
 
 def all_reduce(x: torch.Tensor) -> torch.Tensor:
-    """Sum of x over ranks, in place."""
-    if _state.size > 1 and not (_symm is not None and _symm(x)):
-        dist.all_reduce(x)
+    """Sum of x over ranks: x itself (summed in place) or a new tensor."""
+    if _state.size == 1:
+        return x
+    if _symm is not None and (out := _symm(x)) is not None:
+        return out
+    dist.all_reduce(x)
     return x
 
 
