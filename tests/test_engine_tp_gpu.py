@@ -24,10 +24,10 @@ if not (torch.cuda.is_available() and torch.cuda.device_count() >= 2 and ops.twi
     pytest.skip("needs 2 CUDA GPUs and Triton", allow_module_level=True)
 
 
-def _decode_logits(tp: int, model: str) -> tuple[list[torch.Tensor], dict]:
+def _decode_logits(tp: int, model: str, ep: bool = False) -> tuple[list[torch.Tensor], dict]:
     engine = GenEngine(EngineArgs(model=model, random_weights=True, device="cuda:0",
                                   gpu_memory_utilization=0.2, max_model_len=512, max_num_seqs=16,
-                                  tensor_parallel_size=tp))
+                                  tensor_parallel_size=tp, enable_expert_parallel=ep))
     try:
         rng = random.Random(0)
         for i in range(6):
@@ -56,11 +56,16 @@ def _moe_256(tmp_path) -> str:
     return str(tmp_path)
 
 
-@pytest.mark.parametrize("model", ["tiny-dense", "tiny-moe"])
+@pytest.mark.parametrize("model", ["tiny-dense", "tiny-moe", "tiny-moe-ep"])
 def test_tp2_graph_replays_match_tp1(model, tmp_path):
+    """tiny-moe-ep: expert parallel (4 whole experts of 8 per rank, the Triton MoE skipping
+    the other rank's pairs)."""
+    ep = model == "tiny-moe-ep"
     if model == "tiny-moe":
         model = _moe_256(tmp_path)
-    tp2, steps2 = _decode_logits(2, model)
+    elif ep:
+        model = "tiny-moe"
+    tp2, steps2 = _decode_logits(2, model, ep)
     tp1, _ = _decode_logits(1, model)
     assert steps2["graph"] > 0
     assert len(tp2) == len(tp1) > 0

@@ -25,6 +25,10 @@ import torch.distributed as dist
 class TPState:
     rank: int = 0
     size: int = 1
+    # MoE layers hold whole experts, an even share of them per rank, instead of a slice of
+    # every expert (each rank runs its experts' (token, expert) pairs; the sum is all-reduced
+    # as before)
+    expert_parallel: bool = False
 
 
 _state = TPState()
@@ -38,12 +42,14 @@ ALL_REDUCES = ("nccl", "symm-mem")
 
 
 def init(rank: int, size: int, init_method: str, device: torch.device,
-         all_reduce: str = "nccl") -> None:
+         all_reduce: str = "nccl", expert_parallel: bool = False) -> None:
     """Join the tensor-parallel group (every rank calls this; it returns when all have).
     all_reduce "symm-mem": small all-reduces (up to `SymmAllReduce.max_bytes`) run as torch
     symmetric memory's one-shot all-reduce (each GPU reads its peers' buffers over
-    NVLink, no multicast); larger ones and CPU ranks use the process group."""
-    global _state, _symm
+    NVLink, no multicast); larger ones and CPU ranks use the process group. It can serve
+    one group per process (torch keeps a symmetric-memory group's state for the process's
+    life): a second raises ValueError."""
+    global _state, _symm, _symm_used
     if all_reduce not in ALL_REDUCES:
         raise ValueError(f"tp all_reduce must be one of {ALL_REDUCES}, got {all_reduce!r}")
     if size > 1:
@@ -52,8 +58,13 @@ def init(rank: int, size: int, init_method: str, device: torch.device,
         dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=size,
                                 timeout=timedelta(minutes=10), **kw)
         if all_reduce == "symm-mem" and device.type == "cuda":
+            if _symm_used:
+                dist.destroy_process_group()
+                raise ValueError("the symm-mem all-reduce serves one tensor-parallel engine per "
+                                 "process; this process already had one (use nccl)")
+            _symm_used = True
             _symm = SymmAllReduce(device)
-    _state = TPState(rank, size)
+    _state = TPState(rank, size, expert_parallel and size > 1)
 
 
 def destroy() -> None:
@@ -114,6 +125,7 @@ class SymmAllReduce:
 
 
 _symm: SymmAllReduce | None = None
+_symm_used = False
 
 
 def split(total: int, what: str) -> tuple[int, int]:

@@ -199,12 +199,14 @@ def launch(kind: str, args: EngineArgs, device: torch.device) -> Workers | None:
     workers = Workers(procs, conns, counters)
     atexit.register(workers.stop)
     try:
-        parallel.init(0, n, init_method, device, args.tp_all_reduce)
+        parallel.init(0, n, init_method, device, args.tp_all_reduce,
+                      args.enable_expert_parallel)
     except BaseException:
         workers.stop(timeout_s=1.0)
         raise
-    log.info("tensor parallel: %d ranks (workers %s), all-reduce %s", n, [p.pid for p in procs],
-             args.tp_all_reduce)
+    log.info("tensor parallel: %d ranks (workers %s), all-reduce %s%s", n,
+             [p.pid for p in procs], args.tp_all_reduce,
+             ", expert parallel" if args.enable_expert_parallel else "")
     return workers
 
 
@@ -291,7 +293,8 @@ def _worker_main(kind: str, args: EngineArgs, rank: int, init_method: str, conn:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.tensor_parallel_size))
     else:
         torch.cuda.set_device(device)
-    parallel.init(rank, args.tensor_parallel_size, init_method, device, args.tp_all_reduce)
+    parallel.init(rank, args.tensor_parallel_size, init_method, device, args.tp_all_reduce,
+                  args.enable_expert_parallel)
     if kind == "gen":
         from coserve.engine.gen_engine import GenEngine
 
