@@ -169,11 +169,12 @@ def summarize_profile(prof, steps: int) -> dict:
             "classes_ms_per_step": {k: v / 1e3 for k, v in sorted(per_class.items(), key=lambda kv: -kv[1])}}
 
 
-def _worker_prof_start(engine) -> None:
+def _worker_prof_start(engine, path: str) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     engine._bench_prof = profile(activities=[ProfilerActivity.CUDA])
     engine._bench_prof.__enter__()
+    Path(path).write_text("{}")  # started: rank 0 starts its own now
 
 
 def _worker_prof_stop(engine, path: str, steps: int) -> None:
@@ -212,8 +213,9 @@ def profile_decode(loop: ClosedLoop, steps: int, tmp: Path) -> dict:
 
     e = loop.engine
     loop.refill = False
-    if e.workers is not None:
-        e.workers.send(Call(_worker_prof_start))
+    # the workers' profilers first (starting one takes a while, which rank 0 would otherwise
+    # spend waiting in its first collective)
+    _from_workers(e, _worker_prof_start, (), tmp, "profstart")
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         t0 = time.perf_counter()
         for _ in range(steps):
@@ -281,19 +283,22 @@ def comm_bench(engine, path: str | None = None, rows_list=(1, 64, 512, 1024)) ->
 
 
 # ----------------------------------------------------------------------------- one config
-def run_gen(args, tp: int, all_reduce: str, tmp: Path) -> dict:
+def run_gen(args, tp: int, config: str, tmp: Path) -> dict:
+    """config: the all-reduce ("nccl", "symm-mem"), "+ep" for expert parallelism."""
     from coserve.gpu.telemetry import TelemetrySampler
 
-    res: dict = {"tp": tp, "all_reduce": all_reduce}
+    all_reduce, _, ep = config.partition("+")
+    res: dict = {"tp": tp, "all_reduce": config}
     t0 = time.perf_counter()
     max_seqs = max(args.max_num_seqs, max(args.concurrency)) if tp > 1 else args.max_num_seqs
     engine = GenEngine(EngineArgs(
         model=args.model, random_weights=True, device=args.device,
         gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.max_model_len,
-        max_num_seqs=max_seqs, tensor_parallel_size=tp, tp_all_reduce=all_reduce))
+        max_num_seqs=max_seqs, tensor_parallel_size=tp, tp_all_reduce=all_reduce,
+        enable_expert_parallel=ep == "ep"))
     res["build_s"] = time.perf_counter() - t0
     res["kv_capacity_tokens"] = engine.kv_capacity_tokens
-    log(f"TP={tp} ({all_reduce}) built in {res['build_s']:.0f} s, KV {engine.kv_capacity_tokens:,} tokens")
+    log(f"TP={tp} ({config}) built in {res['build_s']:.0f} s, KV {engine.kv_capacity_tokens:,} tokens")
     cuda = args.device.startswith("cuda")
     devices = [str(i) for i in range(tp)] if cuda else []
     try:
@@ -310,7 +315,7 @@ def run_gen(args, tp: int, all_reduce: str, tmp: Path) -> dict:
                 _drain(engine)  # every window starts from the same state: C fresh requests
                 loop = ClosedLoop(engine, c, args.input_len, args.output_len)
                 engine.async_scheduling = async_on
-                label = f"TP={tp} {all_reduce} C={c} {'async' if async_on else 'sync'}"
+                label = f"TP={tp} {config} C={c} {'async' if async_on else 'sync'}"
                 phases = HostPhases(engine)
                 counters0 = engine.workers.counters() if engine.workers else []
                 if cuda:
@@ -412,15 +417,23 @@ def main() -> None:
     ap.add_argument("--warmup", type=float, default=6.0)
     ap.add_argument("--duration", type=float, default=10.0)
     ap.add_argument("--tp", default="1,2", help="comma list of tensor-parallel sizes")
-    ap.add_argument("--tp-all-reduce", default="nccl", help="comma list: nccl, symm-mem")
+    ap.add_argument("--tp-all-reduce", default="nccl",
+                    help="comma list: nccl, symm-mem, each optionally +ep (expert parallel); "
+                         "symm-mem serves one engine per process")
     ap.add_argument("--sync-too", action="store_true", help="also a window without async scheduling")
     ap.add_argument("--comm", action="store_true", help="micro-benchmark the collectives")
     ap.add_argument("--profile-steps", type=int, default=5)
     ap.add_argument("--embed", action="store_true")
     ap.add_argument("--embed-warmup", type=float, default=5.0)
     ap.add_argument("--embed-duration", type=float, default=10.0)
+    ap.add_argument("--tag", default="", help="write engine_tp_TAG.json")
+    ap.add_argument("--merge", nargs="*", default=None,
+                    help="only merge these engine_tp*.json files into tp-scaling.json")
     ap.add_argument("--out-dir", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
+    if args.merge is not None:
+        merge([Path(f) for f in args.merge], Path(args.out_dir))
+        return
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -444,9 +457,10 @@ def main() -> None:
         res["env"]["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
 
     def save() -> None:
-        (out / "engine_tp.json").write_text(json.dumps(res, indent=1, default=str))
+        name = f"engine_tp_{args.tag}.json" if args.tag else "engine_tp.json"
+        (out / name).write_text(json.dumps(res, indent=1, default=str))
 
-    for tp in [int(t) for t in args.tp.split(",")]:
+    for tp in [int(t) for t in args.tp.split(",") if t]:
         for ar in (args.tp_all_reduce.split(",") if tp > 1 else ["nccl"]):
             try:
                 res["runs"].append(run_gen(args, tp, ar, tmp))
@@ -462,8 +476,25 @@ def main() -> None:
                 traceback.print_exc()
                 res["errors"][f"embed TP={tp}"] = repr(e)
             save()
-    (out / "tp-scaling.json").write_text(json.dumps(scaling(res), indent=1))
     save()
+    if not args.tag:
+        (out / "tp-scaling.json").write_text(json.dumps(scaling(res), indent=1))
+    print_table(res)
+
+
+def merge(files: list[Path], out: Path) -> None:
+    """Runs of several invocations (one engine per process) as one result."""
+    parts = [json.loads(f.read_text()) for f in files]
+    res = {"workload": parts[0]["workload"], "env": parts[0]["env"], "runs": [], "errors": {}}
+    res["workload"]["concurrency"] = sorted({c for p in parts for c in p["workload"]["concurrency"]})
+    res["env"]["argv"] = [" ; ".join(" ".join(p["env"]["argv"]) for p in parts)]
+    for p in parts:
+        res["runs"] += p["runs"]
+        res["errors"].update(p["errors"])
+        for k in ("embed_tp1", "embed_tp2"):
+            if k in p:
+                res[k] = p[k]
+    (out / "tp-scaling.json").write_text(json.dumps(scaling(res), indent=1))
     print_table(res)
 
 
@@ -471,12 +502,17 @@ def scaling(res: dict) -> dict:
     """The issue's record: TP=1 and the best TP=2 at the study's C, and TP=2's best C."""
     c0 = min(res["workload"]["concurrency"])
     tp1 = [r for r in res["runs"] if r["tp"] == 1]
+    argv = res["env"]["argv"]
     tp2 = [r for r in res["runs"] if r["tp"] == 2]
 
     def at(r, key):
         x = r.get(key)
         if not x:
             return None
+        if "sm_active" in x["telemetry"] and not any("/" in k for k in x["telemetry"]):
+            return {"tok_s": x["output_tokens_per_s"], "tpot_p50_ms": x["tpot_ms"]["p50"],
+                    "tpot_p99_ms": x["tpot_ms"]["p99"],
+                    "sm_active": [x["telemetry"]["sm_active"]["mean"]], "all_reduce": r["all_reduce"]}
         sm = [v["mean"] for k, v in x["telemetry"].items() if k.startswith("sm_active/")]
         return {"tok_s": x["output_tokens_per_s"], "tpot_p50_ms": x["tpot_ms"]["p50"],
                 "tpot_p99_ms": x["tpot_ms"]["p99"], "sm_active": sm or None,
@@ -494,7 +530,7 @@ def scaling(res: dict) -> dict:
     e1, e2 = res.get("embed_tp1"), res.get("embed_tp2")
     return {"device": res["env"].get("gpu"), "gpus": res["env"].get("gpus"),
             "date": res["env"]["date"], "commit": os.environ.get("COSERVE_COMMIT"),
-            "command": " ".join(res["env"]["argv"]), "tp1": t1, "tp2": t2,
+            "command": " ".join(argv), "tp1": t1, "tp2": t2,
             "tp2_over_tp1": (t2["tok_s"] / t1["tok_s"]) if t1 and t2 and t1["tok_s"] else None, "tp2_best": best,
             "embed_tp1_seq_s": e1 and e1["sequences_per_s"],
             "embed_tp2_seq_s": e2 and e2["sequences_per_s"]}

@@ -71,3 +71,27 @@ def test_tp2_graph_replays_match_tp1(model, tmp_path):
     assert len(tp2) == len(tp1) > 0
     for a, b in zip(tp1, tp2, strict=True):
         torch.testing.assert_close(b, a, rtol=2e-2, atol=2e-2)
+
+
+def test_tp2_async_scheduling_gives_the_sync_tokens():
+    """Greedy decode steps fed from the device (CUDA graphs, two GPUs) give the tokens of
+    steps that read each token back first."""
+    engine = GenEngine(EngineArgs(model="tiny-moe", random_weights=True, device="cuda:0",
+                                  gpu_memory_utilization=0.2, max_model_len=512, max_num_seqs=16,
+                                  tensor_parallel_size=2))
+    try:
+        rng = random.Random(1)
+        prompts = [[rng.randrange(256) for _ in range(rng.randint(3, 40))] for _ in range(6)]
+        params = [SamplingParams(max_tokens=8 + 3 * i, temperature=0.0, ignore_eos=True)
+                  for i in range(len(prompts))]
+        out = {}
+        for async_on in (True, False):
+            engine.async_scheduling = async_on
+            fed = engine.runner.fed_steps
+            out[async_on] = [r.token_ids for r in engine.generate(prompts, params)]
+            assert (engine.runner.fed_steps > fed) == async_on
+        assert out[True] == out[False]
+    finally:
+        engine.shutdown()
+        del engine
+        torch.cuda.empty_cache()
