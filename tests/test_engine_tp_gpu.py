@@ -75,15 +75,15 @@ def test_tp2_graph_replays_match_tp1(model, tmp_path):
 
 def test_tp2_async_scheduling_gives_the_sync_tokens():
     """Greedy decode steps fed from the device (CUDA graphs, two GPUs) give the tokens of
-    steps that read each token back first."""
+    steps that read each token back first. One length for all: the batches (and so the
+    graphs, whose bf16 numerics depend on the bucket) are the same in both modes."""
     engine = GenEngine(EngineArgs(model="tiny-moe", random_weights=True, device="cuda:0",
                                   gpu_memory_utilization=0.2, max_model_len=512, max_num_seqs=16,
                                   tensor_parallel_size=2))
     try:
         rng = random.Random(1)
         prompts = [[rng.randrange(256) for _ in range(rng.randint(3, 40))] for _ in range(6)]
-        params = [SamplingParams(max_tokens=8 + 3 * i, temperature=0.0, ignore_eos=True)
-                  for i in range(len(prompts))]
+        params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
         out = {}
         for async_on in (True, False):
             engine.async_scheduling = async_on
