@@ -159,6 +159,7 @@ def _moe_gemm_kernel(
     stride_cm, stride_csm,
     A_ROW_DIV: tl.constexpr, GATED: tl.constexpr, FP8: tl.constexpr,
     QUANT_OUT: tl.constexpr, MUL_WEIGHT: tl.constexpr, FP8_MAX: tl.constexpr,
+    FOREIGN: tl.constexpr,
     SCALE_GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -179,13 +180,14 @@ def _moe_gemm_kernel(
     expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
-    if expert >= num_experts:
-        # pairs of experts another rank holds: no product; the output GEMM writes zeros
-        if MUL_WEIGHT:
-            zero = tl.zeros([BLOCK_M, BLOCK_N], dtype=c_ptr.dtype.element_ty)
-            tl.store(c_ptr + pair.to(tl.int64)[:, None] * stride_cm + offs_n[None, :], zero,
-                     mask=row_mask[:, None] & n_mask[None, :])
-        return
+    if FOREIGN:
+        if expert >= num_experts:
+            # pairs of experts another rank holds: no product; the output GEMM writes zeros
+            if MUL_WEIGHT:
+                zero = tl.zeros([BLOCK_M, BLOCK_N], dtype=c_ptr.dtype.element_ty)
+                tl.store(c_ptr + pair.to(tl.int64)[:, None] * stride_cm + offs_n[None, :],
+                         zero, mask=row_mask[:, None] & n_mask[None, :])
+            return
     offs_k = tl.arange(0, BLOCK_K)
 
     a_ptrs = a_ptr + a_row[:, None] * stride_am + offs_k[None, :]
@@ -259,7 +261,7 @@ def default_config(num_tokens: int, fp8: bool = True) -> dict:
 
 def _launch_gemm(a, a_s, b, b_s, c, c_s, topk_w, sorted_ids, expert_ids, num_post_pad,
                  N, K, up_offset, num_valid, a_row_div, gated, quant_out, mul_weight,
-                 block_m, block_n, group_m, num_warps, num_stages):
+                 block_m, block_n, group_m, num_warps, num_stages, foreign=False):
     fp8 = b.dtype == torch.float8_e4m3fn
     num_pid_m = sorted_ids.shape[0] // block_m
     grid = (num_pid_m * triton.cdiv(N, block_n),)
@@ -274,6 +276,7 @@ def _launch_gemm(a, a_s, b, b_s, c, c_s, topk_w, sorted_ids, expert_ids, num_pos
         b_s.stride(0) if b_s is not None else 0, b_s.stride(1) if b_s is not None else 0,
         c.stride(0), c_s.stride(0) if c_s is not None else 0,
         A_ROW_DIV=a_row_div, GATED=gated, FP8=fp8, QUANT_OUT=quant_out, MUL_WEIGHT=mul_weight,
+        FOREIGN=foreign,
         FP8_MAX=FP8_MAX, SCALE_GROUP=128,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=128 if fp8 else 64, GROUP_M=group_m,
         num_warps=num_warps, num_stages=num_stages,
@@ -337,7 +340,7 @@ def fused_moe(
                  sorted_ids, expert_ids, num_post_pad, inter, H, inter, numel, k,
                  gated=True, quant_out=quant_out, mul_weight=False, block_m=bm,
                  block_n=cfg["BLOCK_N1"], group_m=cfg["GROUP_M"],
-                 num_warps=cfg["num_warps1"], num_stages=cfg["num_stages1"])
+                 num_warps=cfg["num_warps1"], num_stages=cfg["num_stages1"], foreign=foreign)
 
     if fp8 and not quant_out:
         inter_out, inter_s = per_token_group_quant_fp8(inter_out)
@@ -347,5 +350,5 @@ def fused_moe(
                  sorted_ids, expert_ids, num_post_pad, H, inter, 0, numel, 1,
                  gated=False, quant_out=False, mul_weight=True, block_m=bm,
                  block_n=cfg["BLOCK_N2"], group_m=cfg["GROUP_M"],
-                 num_warps=cfg["num_warps2"], num_stages=cfg["num_stages2"])
+                 num_warps=cfg["num_warps2"], num_stages=cfg["num_stages2"], foreign=foreign)
     return out_pairs.view(T, k, H).sum(dim=1)
