@@ -198,12 +198,15 @@ def launch(kind: str, args: EngineArgs, device: torch.device) -> Workers | None:
         conns.append(send)
     workers = Workers(procs, conns, counters)
     atexit.register(workers.stop)
+    workers.stepping = True  # a worker that dies before joining must not leave us waiting
     try:
         parallel.init(0, n, init_method, device, args.tp_all_reduce,
                       args.enable_expert_parallel)
     except BaseException:
         workers.stop(timeout_s=1.0)
         raise
+    finally:
+        workers.stepping = False
     log.info("tensor parallel: %d ranks (workers %s), all-reduce %s%s", n,
              [p.pid for p in procs], args.tp_all_reduce,
              ", expert parallel" if args.enable_expert_parallel else "")
