@@ -31,13 +31,12 @@ import time
 from pathlib import Path
 from typing import Protocol
 
+from coserve.engine.nccl_env import NO_MULTICAST_ENV
+
 # Every environment coserve hands out, and every process it starts, carries these: NVLink
-# multicast (NVLS) is off, as the lent machines require.
-BASE_ENV: dict[str, str] = {
-    "NCCL_NVLS_ENABLE": "0",
-    "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
-    "NVSHMEM_DISABLE_NVLS": "1",
-}
+# multicast (NVLS) is off, as the lent machines require (declared once, in the engine layer,
+# whose tensor-parallel ranks set it too).
+BASE_ENV: dict[str, str] = dict(NO_MULTICAST_ENV)
 
 
 class Stoppable(Protocol):

@@ -167,3 +167,23 @@ def test_vocab_rows_cover_the_vocabulary_once():
             spans.append(parallel.padded_split(151665))
     assert spans[0][0] == 0 and all(a[0] + a[1] == b[0] for a, b in zip(spans, spans[1:], strict=False))
     assert spans[-1][0] < 151665 <= spans[-1][0] + spans[-1][1]
+
+
+@pytest.mark.timeout(120)
+def test_expert_parallel_matches_tp1():
+    """--enable-expert-parallel: each rank holds 4 of tiny-moe's 8 experts whole."""
+    prompts = _prompts(5)
+    results = {}
+    for tp, ep in ((1, False), (2, True)):
+        engine = GenEngine(EngineArgs(model="tiny-moe", random_weights=True, max_num_seqs=8,
+                                      tensor_parallel_size=tp, enable_expert_parallel=ep))
+        try:
+            experts = engine.model.model.layers[0].mlp.experts
+            assert experts.w13.shape[0] == 8 // tp and experts.expert_shard == (0, 8 // tp)
+            results[tp] = (_logits_of_steps(engine, prompts, 3),
+                           [r.token_ids for r in engine.generate(prompts, _greedy(12))])
+        finally:
+            engine.shutdown()
+    for a, b in zip(results[1][0], results[2][0], strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+    assert results[2][1] == results[1][1]

@@ -1,5 +1,6 @@
 """`coserve serve --tensor-parallel-size 2` on CPU: it answers, and its worker rank ends with
-it, whether the server stops on SIGTERM or is killed outright."""
+it, whether the server stops on SIGTERM or is killed outright; a worker killed mid-stream
+fails the stream and ends the server within 5 s; expert parallelism serves."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_server_util import coserve_serve, post
+from test_server_util import StreamInThread, coserve_serve, post
 
 
 def _worker_pids(server) -> list[int]:
@@ -61,3 +62,29 @@ def test_tp2_embed_server_stops_its_worker_on_sigterm():
         os.kill(s.proc.pid, signal.SIGTERM)
         assert s.proc.wait(20) == 0
         assert _gone_within(workers, 5)
+
+
+@pytest.mark.timeout(120)
+def test_a_killed_worker_fails_the_stream_and_ends_the_server():
+    with coserve_serve("gen", "--model", "tiny-dense", "--max-model-len", "2048", *_COMMON) as s:
+        stream = StreamInThread(s.url, {"prompt": [1, 2, 3], "max_tokens": 2000,
+                                        "temperature": 0, "ignore_eos": True})
+        assert stream.first.wait(60) and stream.error is None, s.log_tail()
+        os.kill(_worker_pids(s)[0], signal.SIGKILL)
+        t0 = time.monotonic()
+        assert s.proc.wait(10) == 1, s.log_tail()
+        assert time.monotonic() - t0 < 5
+        events = stream.join(10)
+        assert stream.token_count() < 2000
+        assert any(isinstance(e, dict) and "error" in e for e in events) or stream.error, events[-3:]
+        assert "died" in s.log_tail(200)
+
+
+@pytest.mark.timeout(120)
+def test_tp2_expert_parallel_server_answers():
+    with coserve_serve("gen", "--model", "tiny-moe", "--max-model-len", "512",
+                       "--enable-expert-parallel", *_COMMON) as s:
+        status, body = post(s.url + "/v1/completions",
+                            {"prompt": [1, 2, 3], "max_tokens": 4, "temperature": 0, "ignore_eos": True})
+        assert status == 200 and body["usage"]["completion_tokens"] == 4, body
+        assert "expert parallel" in s.log_tail(400)

@@ -153,6 +153,11 @@ class EmbedEngine(tp_workers.LeadsRanks):
             torch.cuda.synchronize(self.device)
 
     def step(self) -> list[EmbedOutput]:
+        """Raises WorkerDied when a tensor-parallel rank is gone."""
+        with self._ranks_step():
+            return self._step()
+
+    def _step(self) -> list[EmbedOutput]:
         batch = self._next_batch()
         if not batch:
             return []

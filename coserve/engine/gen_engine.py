@@ -16,6 +16,7 @@ import logging
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from coserve.engine import parallel, tp_workers
@@ -25,13 +26,25 @@ from coserve.engine.kv_cache import BlockManager, allocate_kv_cache, usable_bloc
 from coserve.engine.memory import GiB, GpuBudget
 from coserve.engine.runner import ModelRunner
 from coserve.engine.sampler import Sampler
-from coserve.engine.scheduler import Scheduler
-from coserve.engine.sequence import Sequence
+from coserve.engine.scheduler import ScheduledBatch, Scheduler
+from coserve.engine.sequence import SeqStatus, Sequence
 from coserve.engine.tokenizer import token_ids
 from coserve.engine.types import EngineArgs, RequestOutput, SamplingParams
 from coserve.engine.weights import load_model
 
 log = logging.getLogger("coserve.engine")
+
+
+_PLACEHOLDER = 0  # a launched-ahead step's token, until it reaches the host
+
+
+@dataclass
+class _InFlight:
+    """A step launched and not yet read back: its batch and its greedy tokens (host, filled
+    once `done` has passed; None on CPU, where they are there already)."""
+    batch: ScheduledBatch
+    tokens: torch.Tensor
+    done: torch.cuda.Event | None
 
 
 @dataclass
@@ -104,6 +117,12 @@ class GenEngine(tp_workers.LeadsRanks):
             max_tokens_with_decodes=None if args.enforce_eager else self.runner.static_tokens)
         self.sampler = Sampler(device, args.seed)
         self._seqs: dict[str, Sequence] = {}
+        self.async_scheduling = args.async_scheduling
+        self._inflight: _InFlight | None = None
+        pin = device.type == "cuda"
+        self._host_tokens = [torch.zeros(self.runner.static_tokens, dtype=torch.int64,
+                                         pin_memory=pin) for _ in range(2)]
+        self._host_tokens_at = 0
         self._prompt_tokens_total = 0
         self._generation_tokens_total = 0
         log.info("KV cache: %d blocks x %d = %d tokens (%.3f GiB, %d B/token); "
@@ -116,10 +135,20 @@ class GenEngine(tp_workers.LeadsRanks):
 
     # -- tensor parallelism -------------------------------------------------------------------
     def worker_step(self, step) -> None:
-        """Ranks 1..N-1: run the step rank 0 sent (its logits are rank 0's to sample)."""
+        """Ranks 1..N-1: run the step rank 0 sent (its logits are rank 0's to sample). Not
+        waited for: the runner's staging waits for its own copies before reusing a buffer."""
         self.runner.execute(step)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+
+    def shutdown(self) -> None:
+        """Tensor parallel: drop the CUDA graphs (which hold the communicators' collectives)
+        once the GPU is done with them, then stop the other ranks."""
+        runner = getattr(self, "runner", None)
+        if self.workers is not None and runner is not None and self.workers.dead is None:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            runner.graphs.clear()
+            runner.graph_outputs.clear()
+        super().shutdown()
 
     # -- start-up ---------------------------------------------------------------------------
     @torch.inference_mode()
@@ -178,17 +207,93 @@ class GenEngine(tp_workers.LeadsRanks):
             self.scheduler.abort(request_id)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        """Requests to run, or a step launched ahead whose outputs are still to collect."""
+        return self.scheduler.has_unfinished() or self._inflight is not None
 
     # -- stepping ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        batch = self.scheduler.schedule()
-        if batch is None:
-            return []
-        logits = self.runner.run(batch)
+        """One step's outputs. With async scheduling a greedy pure-decode step is launched
+        before the previous one's tokens are read back, so a call returns the outputs of the
+        step launched by the call before it (the engine is one step ahead of the host).
+        Raises WorkerDied when a tensor-parallel rank is gone."""
+        with self._ranks_step():
+            return self._step()
+
+    def _step(self) -> list[RequestOutput]:
+        pending, self._inflight = self._inflight, None
+        if pending is None:
+            batch = self.scheduler.schedule()
+            if batch is None:
+                return []
+            if not self._overlappable(batch):
+                return self._sync_step(batch)
+            pending = self._launch(batch, None)
+        self._inflight = self._launch_next(pending)
+        if pending.done is not None:
+            pending.done.synchronize()
+        return self._finish(pending.batch, pending.tokens[:len(pending.batch.seqs)].tolist())
+
+    def _sync_step(self, batch: ScheduledBatch) -> list[RequestOutput]:
         sampling = batch.seqs if batch.is_decode else [
             s for i, s in enumerate(batch.seqs) if batch.samples(i)]
-        tokens = self.sampler(logits, sampling)
+        if all(s.params.temperature <= 0 for s in sampling):
+            tokens = self.runner.run(batch, greedy=True).tolist()
+        else:
+            tokens = self.sampler(self.runner.run(batch), sampling)
+        return self._finish(batch, tokens)
+
+    def _overlappable(self, batch: ScheduledBatch) -> bool:
+        return (self.async_scheduling and batch.is_decode
+                and all(s.params.temperature <= 0 for s in batch.seqs))
+
+    def _launch(self, batch: ScheduledBatch, feed: np.ndarray | None) -> _InFlight:
+        tokens = self.runner.run(batch, greedy=True, feed=feed)
+        if self.device.type != "cuda":
+            return _InFlight(batch, tokens, None)
+        self._host_tokens_at ^= 1
+        host = self._host_tokens[self._host_tokens_at][:tokens.shape[0]]
+        host.copy_(tokens, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return _InFlight(batch, host, done)
+
+    def _launch_next(self, pending: _InFlight) -> _InFlight | None:
+        """Schedule and launch the decode step after `pending` while it runs: its sequences
+        hold a placeholder for the token it is computing (so the scheduler gives it a cache
+        slot), and the new step takes those tokens from the device. Only when nothing
+        waits (no prompt joins) and the free blocks cover every sequence's next slot (no
+        preemption)."""
+        if self.scheduler.waiting or not self._overlappable(pending.batch):
+            return None
+        seqs = pending.batch.seqs
+        for s in seqs:
+            s.token_ids.append(_PLACEHOLDER)
+        try:
+            bs = self.block_size
+            need = 0
+            for s in self.scheduler.running:
+                need += max(0, -(-len(s.token_ids) // bs) - len(s.block_table))
+            if need > self.blocks.num_free:
+                return None
+            batch = self.scheduler.schedule()
+            if batch is None:
+                return None
+            if batch.seqs == seqs:
+                feed = np.arange(len(seqs), dtype=np.int64)
+            else:  # sequences aborted since `pending` was launched
+                row = {id(s): i for i, s in enumerate(seqs)}
+                feed = np.fromiter((row[id(s)] for s in batch.seqs), np.int64, len(batch.seqs))
+            return self._launch(batch, feed)
+        finally:
+            for s in seqs:
+                s.token_ids.pop()
+
+    def _finish(self, batch: ScheduledBatch, tokens: list[int]) -> list[RequestOutput]:
+        if batch.is_decode and any(s.status is SeqStatus.FINISHED for s in batch.seqs):
+            # launched ahead: sequences that finished (or were aborted) since get nothing
+            keep = [i for i, s in enumerate(batch.seqs) if s.status is not SeqStatus.FINISHED]
+            batch = ScheduledBatch([batch.seqs[i] for i in keep], [1] * len(keep), len(keep))
+            tokens = [tokens[i] for i in keep]
         outputs = []
         for seq in self.scheduler.postprocess(batch, tokens, self.eos_token_ids, self.max_model_len):
             prompt = seq.num_prompt_tokens

@@ -217,14 +217,17 @@ def _load_weight(weight: torch.Tensor, scale_param: torch.Tensor | None,
 class FusedMoEWeights(nn.Module):
     """Stacked expert weights: w13 [E, 2I, H] (gate rows, then up rows), w2 [E, H, I].
     Tensor parallel: each rank holds the `inter_shard` window of every expert's intermediate
-    dimension (rows of gate and up, columns of down); the caller all-reduces the output."""
+    dimension (rows of gate and up, columns of down), or (expert parallel) the whole experts
+    of `expert_shard` (E of them from the first); the caller all-reduces the output."""
 
     def __init__(self, num_experts: int, hidden: int, inter: int, *,
                  quant: QuantConfig | None, dtype: torch.dtype, device,
-                 inter_shard: Window | None = None) -> None:
+                 inter_shard: Window | None = None, expert_shard: Window | None = None) -> None:
         super().__init__()
         self.inter_shard = inter_shard or (0, inter)
+        self.expert_shard = expert_shard or (0, num_experts)
         self.num_experts, self.hidden, self.full_inter = num_experts, hidden, inter
+        num_experts = self.expert_shard[1]
         self.inter = inter = self.inter_shard[1]
         self.ckpt_quant = quant if _fusable([self.full_inter] * 2, quant) else None
         self.quant = self.ckpt_quant
@@ -249,7 +252,12 @@ class FusedMoEWeights(nn.Module):
 
     def load_expert(self, expert: int, part: str, tensor: torch.Tensor,
                     scale: torch.Tensor | None = None, block: tuple[int, int] | None = None) -> None:
-        """part: "gate", "up" or "down" of one expert ([I, H], [I, H], [H, I]), in full."""
+        """part: "gate", "up" or "down" of one expert ([I, H], [I, H], [H, I]), in full (an
+        expert another rank holds is skipped)."""
+        self._loaded.add((expert, part))
+        expert -= self.expert_shard[0]
+        if not 0 <= expert < self.expert_shard[1]:
+            return
         if part == "down":
             tensor, scale = _window(tensor, None, self.inter_shard, scale, block, self.dtype)
             w, s, rows = self.w2, self.w2_scale, slice(0, self.hidden)
@@ -262,16 +270,19 @@ class FusedMoEWeights(nn.Module):
             w, s = (self.w2, None) if part == "down" else (self.w13, None)
         _load_weight(w[expert], None if s is None else s[expert], self.quant, rows, tensor,
                      scale, block, self.dtype)
-        self._loaded.add((expert, part))
 
     def init_random(self, gen: torch.Generator, std: float) -> None:
         full = self.full_inter
         shapes = {"gate": (full, self.hidden), "up": (full, self.hidden),
                   "down": (self.hidden, full)}
+        first, held = self.expert_shard
         for e in range(self.num_experts):
             for part, (r, c) in shapes.items():
+                # drawn for every expert, so that each holds what one rank would
                 w = _random_rows(r, c, std, gen, self.w13.device, self.dtype)
-                if self.ckpt_quant is not None:
+                if not first <= e < first + held:
+                    self._loaded.add((e, part))
+                elif self.ckpt_quant is not None:
                     q, s = block_quant(w, self.ckpt_quant.block)
                     self.load_expert(e, part, q, s, self.ckpt_quant.block)
                 else:

@@ -25,6 +25,10 @@ import torch.distributed as dist
 class TPState:
     rank: int = 0
     size: int = 1
+    # MoE layers hold whole experts, an even share of them per rank, instead of a slice of
+    # every expert (each rank runs its experts' (token, expert) pairs; the sum is all-reduced
+    # as before)
+    expert_parallel: bool = False
 
 
 _state = TPState()
@@ -34,22 +38,94 @@ def state() -> TPState:
     return _state
 
 
-def init(rank: int, size: int, init_method: str, device: torch.device) -> None:
-    """Join the tensor-parallel group (every rank calls this; it returns when all have)."""
-    global _state
+ALL_REDUCES = ("nccl", "symm-mem")
+
+
+def init(rank: int, size: int, init_method: str, device: torch.device,
+         all_reduce: str = "nccl", expert_parallel: bool = False) -> None:
+    """Join the tensor-parallel group (every rank calls this; it returns when all have).
+    all_reduce "symm-mem": small all-reduces (up to `SymmAllReduce.max_bytes`) run as torch
+    symmetric memory's one-shot all-reduce (each GPU reads its peers' buffers over
+    NVLink, no multicast); larger ones and CPU ranks use the process group. It can serve
+    one group per process (torch keeps a symmetric-memory group's state for the process's
+    life): a second raises ValueError."""
+    global _state, _symm, _symm_used
+    if all_reduce not in ALL_REDUCES:
+        raise ValueError(f"tp all_reduce must be one of {ALL_REDUCES}, got {all_reduce!r}")
     if size > 1:
         backend = "nccl" if device.type == "cuda" else "gloo"
         kw = {"device_id": device} if device.type == "cuda" else {}
         dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=size,
                                 timeout=timedelta(minutes=10), **kw)
-    _state = TPState(rank, size)
+        if all_reduce == "symm-mem" and device.type == "cuda":
+            if _symm_used:
+                dist.destroy_process_group()
+                raise ValueError("the symm-mem all-reduce serves one tensor-parallel engine per "
+                                 "process; this process already had one (use nccl)")
+            _symm_used = True
+            _symm = SymmAllReduce(device)
+    _state = TPState(rank, size, expert_parallel and size > 1)
 
 
 def destroy() -> None:
-    global _state
+    """Leave the group without waiting for the other ranks (they may be gone, or stuck in a
+    collective): the communicators are aborted, not finalised."""
+    global _state, _symm
+    _symm = None
     if dist.is_initialized():
-        dist.destroy_process_group()
+        if dist.get_backend() == "nccl":
+            dist.distributed_c10d._abort_process_group()
+        else:
+            dist.destroy_process_group()
     _state = TPState()
+
+
+def abort_cuda() -> None:
+    """From another thread, while this rank may wait in a CUDA collective for a rank that
+    is gone: abort the communicators, which ends the waiting kernels. CPU (gloo) ranks need
+    none (a closed peer fails their collective)."""
+    global _state, _symm
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        _symm = None
+        dist.distributed_c10d._abort_process_group()
+        _state = TPState()
+
+
+class SymmAllReduce:
+    """One-shot all-reduce over a symmetric-memory buffer (CUDA graph safe: the buffer's
+    address never changes). The input is copied into this rank's buffer, then every rank sums
+    all ranks' buffers into its output."""
+
+    max_bytes = 8 << 20
+
+    def __init__(self, device: torch.device) -> None:
+        import torch.distributed._symmetric_memory as symm_mem
+
+        group = dist.group.WORLD.group_name
+        if hasattr(symm_mem, "enable_symm_mem_for_group"):
+            symm_mem.enable_symm_mem_for_group(group)
+        self.group = group
+        self.buf = symm_mem.empty(self.max_bytes // 2, dtype=torch.bfloat16, device=device)
+        symm_mem.rendezvous(self.buf, group)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Sum of x over ranks (a new tensor); None when x does not fit this path."""
+        n = x.numel()
+        if x.dtype != torch.bfloat16 or n * 2 > self.max_bytes or not x.is_contiguous():
+            return None
+        out = torch.empty_like(x)
+        ops = torch.ops.symm_mem
+        if hasattr(ops, "one_shot_all_reduce_copy_out"):  # the copy in, inside the kernel
+            ops.one_shot_all_reduce_copy_out(self.buf[:n], x.view(-1), "sum", self.group,
+                                             out.view(-1))
+        else:
+            self.buf[:n].copy_(x.view(-1))
+            ops.one_shot_all_reduce_out(self.buf[:n], "sum", self.group, out.view(-1))
+        return out
+
+
+_symm: SymmAllReduce | None = None
+_symm_used = False
 
 
 def split(total: int, what: str) -> tuple[int, int]:
@@ -82,9 +158,12 @@ def kv_head_split(num_heads: int, num_kv_heads: int) -> tuple[int, int]:
 
 
 def all_reduce(x: torch.Tensor) -> torch.Tensor:
-    """Sum of x over ranks, in place."""
-    if _state.size > 1:
-        dist.all_reduce(x)
+    """Sum of x over ranks: x itself (summed in place) or a new tensor."""
+    if _state.size == 1:
+        return x
+    if _symm is not None and (out := _symm(x)) is not None:
+        return out
+    dist.all_reduce(x)
     return x
 
 
@@ -97,6 +176,28 @@ def gather_last_dim(x: torch.Tensor, total: int) -> torch.Tensor:
     # torch 2.13 renames all_gather_into_tensor (the GPU host has 2.11, which lacks the new name)
     getattr(dist, "all_gather_single", dist.all_gather_into_tensor)(parts, x)
     return torch.cat(parts.chunk(_state.size), dim=-1)[..., :total]
+
+
+def argmax_last_dim(x: torch.Tensor, start: int, total: int) -> torch.Tensor:
+    """Greedy tokens from vocab-parallel logits without gathering them: x [N, per] is this
+    rank's shard (columns start..start+per of `total`; the padding past `total` is ignored).
+    Returns [N] int64 on every rank, the index of the first maximum over all shards, exactly
+    what argmax over the gathered logits gives. Moves N x 2 values per rank instead of N x
+    per."""
+    per = x.shape[-1]
+    valid = min(per, total - start)
+    if _state.size == 1:
+        return x[..., :valid].argmax(dim=-1)
+    local = x[..., :valid]
+    idx = local.argmax(dim=-1)  # the first maximum (documented for argmax)
+    best = local.gather(-1, idx[..., None])[..., 0]
+    pair = torch.stack([best.float(), (idx + start).float()], dim=-1)  # ids < 2**24: exact
+    parts = torch.empty((_state.size * pair.shape[0], 2), dtype=pair.dtype, device=pair.device)
+    getattr(dist, "all_gather_single", dist.all_gather_into_tensor)(parts, pair.contiguous())
+    parts = parts.view(_state.size, -1, 2)
+    # the first rank holding the maximum holds its first occurrence (shards are in order)
+    winner = parts[..., 0].argmax(dim=0, keepdim=True)
+    return parts[..., 1].gather(0, winner)[0].long()
 
 
 def min_over_ranks(value: int, device: torch.device) -> int:

@@ -68,6 +68,10 @@ class StaticStep:
     # the staged host rows, for ranks that did not stage them (block tables: the columns
     # in use; the rest are the null block)
     arrays: dict[str, np.ndarray] | None = None
+    greedy: bool = False            # return greedy token ids [sampling rows], not logits
+    # input ids of rows 0..len(feed)-1 come from the previous greedy step's tokens on the
+    # device (rows `feed` of them): that step's tokens need not reach the host first
+    feed: np.ndarray | None = None
 
 
 @dataclass
@@ -80,6 +84,7 @@ class VarlenStep:
     block_tables: np.ndarray        # [sequences, width] int32
     num_decode: int
     last: list[int]                 # token rows that sample
+    greedy: bool = False
 
 
 _DECODE_INPUTS = {"input_ids": torch.int64, "positions": torch.int64,
@@ -105,24 +110,29 @@ class ModelRunner:
         self.buf = {name: torch.zeros(n, dtype=dt, device=dev) for name, dt in _DECODE_INPUTS.items()}
         self.buf["block_tables"] = torch.zeros(n, self.max_blocks_per_seq, dtype=torch.int32,
                                                device=dev)
-        # host staging for the per-step copies: page-locked on CUDA so they run asynchronously;
-        # reused every step, which is safe because each step ends by reading its sampled
-        # tokens back (a sync after these copies)
-        pin = self.device.type == "cuda"
-        self.host = {name: torch.zeros(t.shape, dtype=t.dtype, pin_memory=pin)
-                     for name, t in self.buf.items()}
-        self.host_np = {name: t.numpy() for name, t in self.host.items()}
-        self.host_np["block_tables"].fill(blocks.null_block)
-        # what each host block-table row holds: (the block-table list it copies, entries
-        # copied); entries past them are the null block. A row is rewritten only where this
-        # changes: another sequence moves in, or its sequence gains a block (every block_size
-        # tokens; lists only grow, and a freed sequence gets a new list).
-        self._row_state: list[tuple[list[int] | None, int]] = [(None, 0)] * n
+        # host staging for the per-step copies, page-locked on CUDA so they run
+        # asynchronously; two sets used in turn, so that a step is staged while the one
+        # before may still be copying (each set waits for its own last copies to finish)
+        self._stages = [_HostStage(self.buf, blocks.null_block, self.device) for _ in range(2)]
+        self._stage_at = 0
+        self.last_tokens: torch.Tensor | None = None  # the last greedy static step's tokens
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.graph_outputs: dict[int, torch.Tensor] = {}
         self.steps = {"graph": 0, "static eager": 0, "varlen": 0}
+        self.fed_steps = 0  # static steps whose input ids came from the device (async)
         # rank 0 of a tensor-parallel engine: hands each step to the other ranks
         self.broadcast: Callable[[StaticStep | VarlenStep], None] | None = None
+
+    @property
+    def host_np(self) -> dict[str, np.ndarray]:
+        """The host rows of the set staged last."""
+        return self._stages[self._stage_at].np
+
+    def _next_stage(self) -> _HostStage:
+        self._stage_at ^= 1
+        stage = self._stages[self._stage_at]
+        stage.wait()
+        return stage
 
     @property
     def graphs_enabled(self) -> bool:
@@ -142,13 +152,22 @@ class ModelRunner:
         return table
 
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch) -> torch.Tensor:
-        """Logits [num sampling sequences, vocab] (model dtype), in batch order."""
+    def run(self, batch: ScheduledBatch, *, greedy: bool = False,
+            feed: np.ndarray | None = None) -> torch.Tensor:
+        """Logits [num sampling sequences, vocab] (model dtype), in batch order; with `greedy`
+        the greedy token ids [num sampling sequences] int64 instead (on the device, not
+        waited for). feed: a pure decode whose input ids are rows `feed` of the previous
+        greedy step's tokens, still on the device (the sequences' last host token is a
+        placeholder)."""
         if batch.is_decode or (not self.enforce_eager
                                and sum(batch.num_new_tokens) <= self.static_tokens):
             step = self._prepare_static(batch)
+            step.greedy, step.feed = greedy, feed
         else:
+            if feed is not None:
+                raise ValueError("feed needs a pure decode batch")
             step = self._prepare_varlen(batch)
+            step.greedy = greedy
         if self.broadcast is not None:
             if isinstance(step, StaticStep):
                 self.broadcast(replace(step, arrays=self._staged(step, batch)))
@@ -198,16 +217,27 @@ class ModelRunner:
         hidden = self.model(self._to_dev(step.ids, torch.int64),
                             self._to_dev(step.positions, torch.int64), meta)
         if not step.last:
-            return hidden.new_empty(0, 0, dtype=torch.float32)
-        return self.model.compute_logits(hidden[self._to_dev(step.last, torch.int64)])
+            return self._no_rows(hidden, step.greedy)
+        return self._head(hidden[self._to_dev(step.last, torch.int64)], step.greedy)
+
+    def _head(self, hidden: torch.Tensor, greedy: bool) -> torch.Tensor:
+        if greedy:
+            return self.model.greedy_tokens(hidden)
+        return self.model.compute_logits(hidden)
+
+    @staticmethod
+    def _no_rows(hidden: torch.Tensor, greedy: bool) -> torch.Tensor:
+        if greedy:
+            return hidden.new_empty(0, dtype=torch.int64)
+        return hidden.new_empty(0, 0, dtype=torch.float32)
 
     def bucket_for(self, n: int) -> int:
         return self.all_buckets[bisect.bisect_left(self.all_buckets, n)]
 
     # -- static shapes (decode, and steps with a few short prompts) --------------------------
-    def _table_row(self, i: int, bt: list[int] | None) -> None:
-        table = self.host_np["block_tables"]
-        copied, written = self._row_state[i]
+    def _table_row(self, stage: _HostStage, i: int, bt: list[int] | None) -> None:
+        table = stage.np["block_tables"]
+        copied, written = stage.row_state[i]
         n = len(bt) if bt is not None else 0
         if copied is bt and written == n:
             return
@@ -217,14 +247,15 @@ class ModelRunner:
             table[i, :n] = bt or ()
             if written > n:
                 table[i, n:written] = self.blocks.null_block
-        self._row_state[i] = (bt, n)
+        stage.row_state[i] = (bt, n)
 
     def _stage(self, batch: ScheduledBatch, rows: int, width: int) -> list[int] | None:
         """Write one row per new token of `batch` (padded to `rows`) into the device buffers.
         Returns the rows of the tokens that sample, None for a pure decode (rows 0..n-1)."""
         bs = self.block_size
         null = self.blocks.null_block
-        h = self.host_np
+        stage = self._next_stage()
+        h = stage.np
         if batch.is_decode:
             owners = batch.seqs
             lens = [len(s.token_ids) for s in owners]
@@ -245,9 +276,9 @@ class ModelRunner:
             h["context_lens"][:len(pos)] = pos
             h["context_lens"][:len(pos)] += 1
         for i, seq in enumerate(owners):
-            self._table_row(i, seq.block_table)
+            self._table_row(stage, i, seq.block_table)
         for i in range(len(owners), rows):
-            self._table_row(i, None)
+            self._table_row(stage, i, None)
         n = len(pos)
         h["positions"][:n] = pos
         h["slot_mapping"][:n] = [s.block_table[p // bs] * bs + p % bs
@@ -256,7 +287,7 @@ class ModelRunner:
         h["positions"][n:rows] = 0
         h["slot_mapping"][n:rows] = null * bs
         h["context_lens"][n:rows] = 1
-        self._copy_staged(rows, width)
+        self._copy_staged(stage, rows, width)
         return sampling
 
     def _decode_args(self, rows: int, width: int):
@@ -283,7 +314,8 @@ class ModelRunner:
 
     def _unstage(self, step: StaticStep) -> None:
         """Write rank 0's staged rows into this rank's host buffers and on to the device."""
-        h, rows = self.host_np, step.rows
+        stage = self._next_stage()
+        h, rows = stage.np, step.rows
         for name, a in step.arrays.items():
             if name == "block_tables":
                 used = a.shape[1]
@@ -291,17 +323,22 @@ class ModelRunner:
                 h[name][:rows, used:step.width] = self.blocks.null_block
             else:
                 h[name][:rows] = a
-        self._copy_staged(rows, step.width)
+        stage.row_state[:rows] = [(None, step.width)] * rows  # rewritten in full
+        self._copy_staged(stage, rows, step.width)
 
-    def _copy_staged(self, rows: int, width: int) -> None:
+    def _copy_staged(self, stage: _HostStage, rows: int, width: int) -> None:
         for name, buf in self.buf.items():
             if name == "block_tables":
-                buf[:rows, :width].copy_(self.host[name][:rows, :width], non_blocking=True)
+                buf[:rows, :width].copy_(stage.host[name][:rows, :width], non_blocking=True)
             else:
-                buf[:rows].copy_(self.host[name][:rows], non_blocking=True)
+                buf[:rows].copy_(stage.host[name][:rows], non_blocking=True)
+        stage.copied()
 
     def _static(self, step: StaticStep) -> torch.Tensor:
         rows, n, sampling = step.rows, step.n, step.sampling
+        if step.feed is not None:
+            self.fed_steps += 1
+            self._feed(step.feed)
         graph = self.graphs.get(rows) if self.graphs_enabled else None
         if graph is not None:
             self.steps["graph"] += 1
@@ -311,10 +348,25 @@ class ModelRunner:
             self.steps["static eager"] += 1
             hidden = self.model(*self._decode_args(rows, step.width))
         if sampling is None:
-            return self.model.compute_logits(hidden[:n])
-        if not sampling:
-            return hidden.new_empty(0, 0, dtype=torch.float32)
-        return self.model.compute_logits(hidden[self._to_dev(sampling, torch.int64)])
+            out = self._head(hidden[:n], step.greedy)
+        elif not sampling:
+            return self._no_rows(hidden, step.greedy)
+        else:
+            out = self._head(hidden[self._to_dev(sampling, torch.int64)], step.greedy)
+        if step.greedy:
+            self.last_tokens = out
+        return out
+
+    def _feed(self, feed: np.ndarray) -> None:
+        """Input ids of rows 0..len(feed)-1 := the previous greedy step's tokens[feed]."""
+        last, k = self.last_tokens, len(feed)
+        if last is None:
+            raise RuntimeError("a fed step needs a greedy step before it")
+        ids = self.buf["input_ids"]
+        if k <= last.shape[0] and feed[0] == 0 and feed[-1] == k - 1 and (np.diff(feed) == 1).all():
+            ids[:k].copy_(last[:k])
+        else:
+            ids[:k].copy_(last[self._to_dev(feed, torch.int64)])
 
     @torch.inference_mode()
     def capture_graphs(self) -> None:
@@ -339,3 +391,32 @@ class ModelRunner:
         log.info("captured %d CUDA graphs (%d..%d rows) in %.1f s, %.2f GiB held by "
                  "torch after capture", len(self.graphs), self.all_buckets[0], self.all_buckets[-1],
                  time.perf_counter() - t0, torch.cuda.memory_reserved(self.device) / 2**30)
+
+
+class _HostStage:
+    """One set of host rows for the per-step copies (page-locked on CUDA), with what each
+    block-table row holds, (the block-table list it copies, entries copied): a row is
+    rewritten only where this changes (another sequence moves in, or its sequence gains a
+    block; lists only grow, and a freed sequence gets a new list)."""
+
+    def __init__(self, bufs: dict[str, torch.Tensor], null_block: int, device: torch.device) -> None:
+        pin = device.type == "cuda"
+        self.host = {name: torch.zeros(t.shape, dtype=t.dtype, pin_memory=pin)
+                     for name, t in bufs.items()}
+        self.np = {name: t.numpy() for name, t in self.host.items()}
+        self.np["block_tables"].fill(null_block)
+        self.row_state: list[tuple[list[int] | None, int]] = [(None, 0)] * bufs["input_ids"].shape[0]
+        self.event = torch.cuda.Event() if pin else None
+        self._pending = False
+
+    def copied(self) -> None:
+        """The copies out of this set are queued: mark where they end."""
+        if self.event is not None:
+            self.event.record()
+            self._pending = True
+
+    def wait(self) -> None:
+        """Until the last copies out of this set have run (it is about to be rewritten)."""
+        if self._pending:
+            self.event.synchronize()
+            self._pending = False

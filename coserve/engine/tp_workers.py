@@ -5,11 +5,16 @@ other ranks, each of which builds the same engine on its own device (its shard o
 weight, its kv heads' share of the cache, the same CUDA graphs), then runs whatever rank 0
 sends: each step's inputs as host-side ints, pickled once and written to one pipe per worker,
 before rank 0 runs the same forward. The collectives inside the forward keep the ranks in
-step; only rank 0 samples.
+step; only rank 0 samples. A worker does not wait for its step to end before it reads the
+next one: rank 0 may run one step ahead (async scheduling), and the worker's GPU queue then
+holds the next step before the current one ends, as rank 0's does.
 
 A worker ends when rank 0 says so (`Workers.stop`, also run at exit), when its pipe closes,
 or when rank 0 is gone (it checks its parent every second, which also frees a worker stuck
-in a collective that will never complete)."""
+in a collective that will never complete); it leaves without a collective (communicators
+aborted, not finalised), so no rank waits for another on the way out. Rank 0 watches its
+workers: one that dies makes the step in progress (or the next) raise `WorkerDied`, and if
+rank 0 is stuck in a collective with the dead rank for `STUCK_EXIT_S`, its process exits."""
 
 from __future__ import annotations
 
@@ -19,18 +24,37 @@ import os
 import pickle
 import socket
 import threading
-from collections.abc import Iterator
-from dataclasses import replace
-from multiprocessing.connection import Connection
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from multiprocessing.connection import Connection, wait
 
 import torch
 import torch.multiprocessing as mp
 
 from coserve.engine import parallel
+from coserve.engine.nccl_env import NO_MULTICAST_ENV
 from coserve.engine.types import EngineArgs
-from coserve.gpu.strategies import BASE_ENV
 
 log = logging.getLogger("coserve.engine")
+
+STUCK_EXIT_S = 3.0
+# worker counters, in a shared array rank 0 reads: steps, seconds spent waiting for rank 0's
+# messages, seconds from rank 0's send to the worker's receive (sum and max)
+_STEPS, _WAIT_S, _LAG_S, _LAG_MAX_S = range(4)
+
+
+class WorkerDied(RuntimeError):
+    """A rank of this tensor-parallel engine is gone; the engine cannot step any more."""
+
+
+@dataclass
+class Call:
+    """A message that runs `fn(engine, *args)` on every worker (diagnostics: profilers,
+    collective benchmarks); `fn` must be importable (module-level)."""
+    fn: Callable
+    args: tuple = ()
 
 
 def rank_device(device: torch.device, rank: int) -> torch.device:
@@ -49,28 +73,88 @@ def _free_port() -> int:
 class Workers:
     """Rank 0's handle on the other ranks."""
 
-    def __init__(self, procs: list, conns: list[Connection]) -> None:
+    def __init__(self, procs: list, conns: list[Connection], counters) -> None:
         self.procs, self.conns = procs, conns
+        self._counters = counters
         self._stopped = False
+        self.dead: str | None = None  # why a worker is gone, once one is
+        self.stepping = False  # rank 0 is inside a step (it may block in a collective)
+        threading.Thread(target=self._watch, name="coserve-tp-watch", daemon=True).start()
 
     def send(self, msg) -> None:
-        data = pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
-        for c in self.conns:
-            c.send_bytes(data)
+        data = pickle.dumps((time.monotonic(), msg), protocol=pickle.HIGHEST_PROTOCOL)
+        try:
+            for c in self.conns:
+                c.send_bytes(data)
+        except OSError as e:
+            raise WorkerDied(self.dead or f"a tensor-parallel worker is gone ({e!r})") from e
 
-    def stop(self, timeout_s: float = 10.0) -> None:
+    def counters(self) -> list[dict[str, float]]:
+        """Per worker: steps received, seconds waiting for rank 0, send-to-receive lag."""
+        out = []
+        for i in range(len(self.procs)):
+            c = self._counters[i * 4:(i + 1) * 4]
+            out.append({"steps": c[_STEPS], "wait_s": c[_WAIT_S], "lag_s": c[_LAG_S],
+                        "lag_max_s": c[_LAG_MAX_S]})
+        return out
+
+    def check(self, grace_s: float = 0.0) -> None:
+        """Raise WorkerDied if a worker is gone (waiting up to grace_s for one that is dying:
+        a failed collective can come before the worker's exit is seen)."""
+        deadline = time.monotonic() + grace_s
+        while self.dead is None:
+            gone = [p for p in self.procs if not p.is_alive()]
+            if gone:
+                self._died(gone[0])
+            elif time.monotonic() >= deadline:
+                return
+            else:
+                time.sleep(0.02)
+        raise WorkerDied(self.dead)
+
+    def _died(self, p) -> None:
+        p.join(0.1)
+        if self.dead is None:
+            self.dead = (f"tensor-parallel worker {p.name} (pid {p.pid}) died "
+                         f"(exit code {p.exitcode}); the engine cannot step any more")
+            log.error("%s", self.dead)
+
+    def _watch(self) -> None:
+        by_sentinel = {p.sentinel: p for p in self.procs}
+        gone = wait(list(by_sentinel))
+        if self._stopped:
+            return
+        self._died(by_sentinel[gone[0]])
+        if not self.stepping:
+            return  # the next step raises
+        # rank 0 may be waiting in a collective for the dead rank: abort the communicators
+        # (a CUDA collective then returns), else leave the process
+        try:
+            parallel.abort_cuda()
+        except Exception:  # noqa: BLE001 - the exit below still frees us
+            log.exception("aborting the process group failed")
+        deadline = time.monotonic() + STUCK_EXIT_S
+        while self.stepping and not self._stopped:
+            if time.monotonic() > deadline:
+                log.error("rank 0 is stuck in a step with a dead rank; exiting")
+                logging.shutdown()
+                os._exit(1)
+            time.sleep(0.05)
+
+    def stop(self, timeout_s: float = 5.0) -> None:
         """Ask every worker to exit, wait for them, kill those that do not; leave the group."""
         if self._stopped:
             return
         self._stopped = True
         for c in self.conns:
             try:
-                c.send_bytes(pickle.dumps(None))
+                c.send_bytes(pickle.dumps((time.monotonic(), None)))
                 c.close()
             except OSError:
                 pass  # that worker is gone already
+        deadline = time.monotonic() + timeout_s
         for p in self.procs:
-            p.join(timeout_s)
+            p.join(max(0.0, deadline - time.monotonic()))
             if p.is_alive():
                 log.warning("tensor-parallel worker %s did not exit; killing it", p.name)
                 p.kill()
@@ -92,49 +176,79 @@ def launch(kind: str, args: EngineArgs, device: torch.device) -> Workers | None:
                          "the ranks' state is process-wide)")
     if n == 1:
         return None
+    if args.tp_all_reduce not in parallel.ALL_REDUCES:
+        raise ValueError(f"tp_all_reduce must be one of {parallel.ALL_REDUCES}, "
+                         f"got {args.tp_all_reduce!r}")
     if device.type == "cuda" and (device.index or 0) + n > torch.cuda.device_count():
         raise ValueError(f"tensor_parallel_size {n} from {device} needs GPUs up to "
                          f"cuda:{(device.index or 0) + n - 1}; {torch.cuda.device_count()} visible")
-    # NCCL's NVLink multicast stays off in every process coserve starts (strategies.py says
-    # why); the workers inherit it
-    os.environ.update(BASE_ENV)
+    os.environ.update(NO_MULTICAST_ENV)  # the workers inherit it
     init_method = f"tcp://127.0.0.1:{_free_port()}"
     ctx = mp.get_context("spawn")
+    counters = ctx.Array("d", 4 * (n - 1), lock=False)
     procs, conns = [], []
     for rank in range(1, n):
         recv, send = ctx.Pipe(duplex=False)
         wargs = replace(args, device=str(rank_device(device, rank)))
         p = ctx.Process(target=_worker_main, name=f"coserve-tp-rank{rank}", daemon=True,
-                        args=(kind, wargs, rank, init_method, recv, os.getpid()))
+                        args=(kind, wargs, rank, init_method, recv, os.getpid(), counters))
         p.start()
         recv.close()
         procs.append(p)
         conns.append(send)
-    workers = Workers(procs, conns)
+    workers = Workers(procs, conns, counters)
     atexit.register(workers.stop)
+    workers.stepping = True  # a worker that dies before joining must not leave us waiting
     try:
-        parallel.init(0, n, init_method, device)
+        parallel.init(0, n, init_method, device, args.tp_all_reduce,
+                      args.enable_expert_parallel)
     except BaseException:
         workers.stop(timeout_s=1.0)
         raise
-    log.info("tensor parallel: %d ranks (workers %s)", n, [p.pid for p in procs])
+    finally:
+        workers.stepping = False
+    log.info("tensor parallel: %d ranks (workers %s), all-reduce %s%s", n,
+             [p.pid for p in procs], args.tp_all_reduce,
+             ", expert parallel" if args.enable_expert_parallel else "")
     return workers
 
 
 class LeadsRanks:
     """What both engines share as rank 0 of a tensor-parallel group: start the other ranks
     before building the model (they build theirs alongside), stop them on failure and on
-    shutdown. With TP=1 there are no ranks and both are no-ops."""
+    shutdown, and fail a step when one is gone. With TP=1 there are no ranks and these are
+    no-ops."""
 
     workers: Workers | None = None
 
     def _start_leading(self, kind: str, args: EngineArgs, device: torch.device, start) -> None:
         self.workers = launch(kind, args, device)
         try:
-            start()
+            with self._ranks_step():  # the start-up runs collectives too
+                start()
         except BaseException:
             self.shutdown()
             raise
+
+    @contextmanager
+    def _ranks_step(self) -> Iterator[None]:
+        """Around a step: raises WorkerDied before it, or after it (its results are then
+        garbage), when a rank is gone."""
+        w = self.workers
+        if w is None:
+            yield
+            return
+        w.check()
+        w.stepping = True
+        try:
+            yield
+        except Exception as e:
+            if not isinstance(e, WorkerDied):
+                w.check(grace_s=1.0)  # a collective that failed because a rank died
+            raise
+        finally:
+            w.stepping = False
+        w.check()
 
     def shutdown(self) -> None:
         """Stop the other ranks (tensor parallel); nothing to do otherwise."""
@@ -153,19 +267,27 @@ def _watch_parent(parent_pid: int) -> None:
     threading.Thread(target=watch, name="coserve-tp-parent-watch", daemon=True).start()
 
 
-def _messages(conn: Connection) -> Iterator:
+def _messages(conn: Connection, counters, slot: int) -> Iterator:
+    c = counters
+    base = slot * 4
     while True:
+        t0 = time.monotonic()
         try:
-            msg = pickle.loads(conn.recv_bytes())
+            sent, msg = pickle.loads(conn.recv_bytes())
         except (EOFError, OSError):
             return
-        if msg is None:
+        if msg is None:  # stop
             return
+        now = time.monotonic()
+        c[base + _STEPS] += 1
+        c[base + _WAIT_S] += now - t0
+        c[base + _LAG_S] += now - sent
+        c[base + _LAG_MAX_S] = max(c[base + _LAG_MAX_S], now - sent)
         yield msg
 
 
 def _worker_main(kind: str, args: EngineArgs, rank: int, init_method: str, conn: Connection,
-                 parent_pid: int) -> None:
+                 parent_pid: int, counters) -> None:
     _watch_parent(parent_pid)
     logging.basicConfig(level=logging.WARNING,
                         format=f"%(asctime)s %(levelname)s rank{rank} %(name)s: %(message)s")
@@ -174,7 +296,8 @@ def _worker_main(kind: str, args: EngineArgs, rank: int, init_method: str, conn:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.tensor_parallel_size))
     else:
         torch.cuda.set_device(device)
-    parallel.init(rank, args.tensor_parallel_size, init_method, device)
+    parallel.init(rank, args.tensor_parallel_size, init_method, device, args.tp_all_reduce,
+                  args.enable_expert_parallel)
     if kind == "gen":
         from coserve.engine.gen_engine import GenEngine
 
@@ -183,6 +306,12 @@ def _worker_main(kind: str, args: EngineArgs, rank: int, init_method: str, conn:
         from coserve.engine.embed_engine import EmbedEngine
 
         engine = EmbedEngine(args)
-    for msg in _messages(conn):
-        engine.worker_step(msg)
-    parallel.destroy()
+    for msg in _messages(conn, counters, rank - 1):
+        if isinstance(msg, Call):
+            msg.fn(engine, *msg.args)
+        else:
+            engine.worker_step(msg)
+    # leave at once: no collective on the way out (rank 0 may be gone or elsewhere), and
+    # nothing here needs Python's teardown (CUDA graphs, communicators)
+    logging.shutdown()
+    os._exit(0)

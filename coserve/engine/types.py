@@ -42,6 +42,15 @@ class EngineArgs:
     seed: int = 0
     # ranks (one process and one device each) the weights are split across
     tensor_parallel_size: int = 1
+    # how ranks sum their partial results: "nccl" (the process group) or "symm-mem" (a
+    # one-shot all-reduce over torch symmetric memory for small tensors, no multicast)
+    tp_all_reduce: str = "nccl"
+    # tensor parallel MoE: each rank holds whole experts (num_experts / N of them) instead of
+    # a slice of every expert (vLLM's --enable-expert-parallel)
+    enable_expert_parallel: bool = False
+    # greedy decode steps are launched before the previous step's tokens reach the host
+    # (they are fed from the device), so the host's work overlaps the GPU's
+    async_scheduling: bool = True
 
 
 @dataclass(slots=True)

@@ -59,6 +59,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-batched-tokens", metavar="N", type=_positive, default=8192, help="most tokens in one step (prefill chunk / embedding batch)")
     parser.add_argument("--enforce-eager", action="store_true", help="gen only: no CUDA graphs (the embed engine has no graph path, so serve embed refuses it)")
     parser.add_argument("--tensor-parallel-size", metavar="N", type=_positive, default=1, help="ranks (one process and one GPU each, from --device on) the model is split across")
+    parser.add_argument("--enable-expert-parallel", action="store_true", help="tensor parallel MoE: each rank holds whole experts instead of a slice of every expert")
+    parser.add_argument("--tp-all-reduce", choices=["nccl", "symm-mem"], default="nccl", help="tensor parallel: symm-mem sums small tensors with a one-shot all-reduce over torch symmetric memory (no multicast)")
+    parser.add_argument("--no-async-scheduling", action="store_true", help="gen: read each step's tokens back before launching the next")
     parser.add_argument("--seed", metavar="N", type=int, default=0, help="seed of random weights and of unseeded sampling")
     parser.add_argument("--api-key", metavar="KEY", default=os.environ.get("COSERVE_API_KEY"), help="require 'Authorization: Bearer KEY' on /v1/* (default: $COSERVE_API_KEY)")
     parser.add_argument("--shutdown-timeout", type=_seconds, default=5.0, metavar="S", help="on SIGTERM, seconds in-flight requests get to finish before they are aborted")
@@ -94,7 +97,9 @@ def build_engine(args):
         gpu_memory_utilization=args.gpu_memory_utilization, cpu_kv_cache_bytes=args.kv_cache_bytes,
         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, enforce_eager=args.enforce_eager, seed=args.seed,
-        tensor_parallel_size=args.tensor_parallel_size)
+        tensor_parallel_size=args.tensor_parallel_size, tp_all_reduce=args.tp_all_reduce,
+        enable_expert_parallel=args.enable_expert_parallel,
+        async_scheduling=not args.no_async_scheduling)
     if args.kind == "gen":
         from coserve.engine.gen_engine import GenEngine
 

@@ -28,13 +28,15 @@ def topk_softmax(router_logits: torch.Tensor, top_k: int,
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
               topk_weights: torch.Tensor, topk_ids: torch.Tensor,
               w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None,
-              block: tuple[int, int] | None = None) -> torch.Tensor:
-    """x [T, H] -> [T, H]. Scales given means w13/w2 are FP8 block-quantised."""
+              block: tuple[int, int] | None = None, foreign: bool = False) -> torch.Tensor:
+    """x [T, H] -> [T, H]. Scales given means w13/w2 are FP8 block-quantised. With `foreign`
+    an id equal to E (the number of experts here) is an expert another rank holds (expert
+    parallel): that pair adds nothing here."""
     out = torch.zeros_like(x)
     weights = topk_weights.to(x.dtype)
     flat_ids = topk_ids.flatten().long()
     order = torch.argsort(flat_ids, stable=True)
-    counts = torch.bincount(flat_ids, minlength=w13.shape[0]).tolist()
+    counts = torch.bincount(flat_ids, minlength=w13.shape[0]).tolist()[:w13.shape[0]]
     token_of = order // topk_ids.shape[1]
     start = 0
     for e, n in enumerate(counts):

@@ -86,20 +86,34 @@ class Qwen3MLP(nn.Module):
 
 
 class Qwen3MoE(nn.Module):
+    """Tensor parallel: a slice of every expert per rank, or (expert parallel) whole experts,
+    an even share per rank; the router is replicated and the output all-reduced either way."""
+
     def __init__(self, c: DecoderConfig, prefix: str, quant, dtype, device) -> None:
         super().__init__()
         self.top_k, self.renormalize = c.num_experts_per_tok, c.norm_topk_prob
         self.gate = Linear(c.hidden_size, [c.num_experts], quant=None, dtype=dtype, device=device)
+        self.expert_parallel = parallel.state().expert_parallel
+        if self.expert_parallel:
+            shards = dict(expert_shard=parallel.split(c.num_experts, "num_experts"))
+        else:
+            shards = dict(inter_shard=parallel.split(c.moe_intermediate_size,
+                                                     "moe_intermediate_size"))
         self.experts = FusedMoEWeights(c.num_experts, c.hidden_size, c.moe_intermediate_size,
                                        quant=_q(quant, prefix + ".experts"), dtype=dtype,
-                                       device=device, inter_shard=parallel.split(
-                                           c.moe_intermediate_size, "moe_intermediate_size"))
+                                       device=device, **shards)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = ops.topk_softmax(self.gate(x), self.top_k, self.renormalize)
         e = self.experts
+        kw = {}
+        if self.expert_parallel:  # local expert ids; those of other ranks become E
+            first, held = e.expert_shard
+            ids = ids - first
+            ids = ids.masked_fill((ids < 0) | (ids >= held), held)
+            kw["foreign"] = True
         out = ops.fused_moe(x, e.w13, e.w2, weights, ids, e.w13_scale, e.w2_scale,
-                            e.quant.block if e.quant is not None else None)
+                            e.quant.block if e.quant is not None else None, **kw)
         return parallel.all_reduce(out)
 
 
@@ -183,6 +197,15 @@ class Qwen3ForCausalLM(nn.Module):
         else:
             logits = self.lm_head(hidden)
         return parallel.gather_last_dim(logits, self.config.vocab_size)
+
+    def greedy_tokens(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[N] int64: argmax of the logits of `hidden` [N, H], as `compute_logits(...).argmax`
+        gives, without gathering the logits across ranks (each rank reduces its slice)."""
+        if self.lm_head is None:
+            logits = nn.functional.linear(hidden, self.model.embed_tokens.weight)
+        else:
+            logits = self.lm_head(hidden)
+        return parallel.argmax_last_dim(logits, self.model.vocab_rows[0], self.config.vocab_size)
 
     def attention_layers(self) -> list[Attention]:
         return [layer.self_attn.attn for layer in self.model.layers]

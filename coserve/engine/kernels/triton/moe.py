@@ -153,12 +153,13 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int):
 def _moe_gemm_kernel(
     a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, cs_ptr, topk_w_ptr,
     sorted_ids_ptr, expert_ids_ptr, num_post_pad_ptr,
-    N, K, up_offset, num_valid, num_pid_m,
+    N, K, up_offset, num_valid, num_pid_m, num_experts,
     stride_am, stride_asm,
     stride_be, stride_bn, stride_bse, stride_bsn,
     stride_cm, stride_csm,
     A_ROW_DIV: tl.constexpr, GATED: tl.constexpr, FP8: tl.constexpr,
     QUANT_OUT: tl.constexpr, MUL_WEIGHT: tl.constexpr, FP8_MAX: tl.constexpr,
+    FOREIGN: tl.constexpr,
     SCALE_GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -179,6 +180,14 @@ def _moe_gemm_kernel(
     expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
+    if FOREIGN:
+        if expert >= num_experts:
+            # pairs of experts another rank holds: no product; the output GEMM writes zeros
+            if MUL_WEIGHT:
+                zero = tl.zeros([BLOCK_M, BLOCK_N], dtype=c_ptr.dtype.element_ty)
+                tl.store(c_ptr + pair.to(tl.int64)[:, None] * stride_cm + offs_n[None, :],
+                         zero, mask=row_mask[:, None] & n_mask[None, :])
+            return
     offs_k = tl.arange(0, BLOCK_K)
 
     a_ptrs = a_ptr + a_row[:, None] * stride_am + offs_k[None, :]
@@ -252,7 +261,7 @@ def default_config(num_tokens: int, fp8: bool = True) -> dict:
 
 def _launch_gemm(a, a_s, b, b_s, c, c_s, topk_w, sorted_ids, expert_ids, num_post_pad,
                  N, K, up_offset, num_valid, a_row_div, gated, quant_out, mul_weight,
-                 block_m, block_n, group_m, num_warps, num_stages):
+                 block_m, block_n, group_m, num_warps, num_stages, foreign=False):
     fp8 = b.dtype == torch.float8_e4m3fn
     num_pid_m = sorted_ids.shape[0] // block_m
     grid = (num_pid_m * triton.cdiv(N, block_n),)
@@ -261,12 +270,13 @@ def _launch_gemm(a, a_s, b, b_s, c, c_s, topk_w, sorted_ids, expert_ids, num_pos
         a, a_s if a_s is not None else dummy, b, b_s if b_s is not None else dummy,
         c, c_s if c_s is not None else dummy, topk_w if topk_w is not None else dummy,
         sorted_ids, expert_ids, num_post_pad,
-        N, K, up_offset, num_valid, num_pid_m,
+        N, K, up_offset, num_valid, num_pid_m, b.shape[0],
         a.stride(0), a_s.stride(0) if a_s is not None else 0,
         b.stride(0), b.stride(1),
         b_s.stride(0) if b_s is not None else 0, b_s.stride(1) if b_s is not None else 0,
         c.stride(0), c_s.stride(0) if c_s is not None else 0,
         A_ROW_DIV=a_row_div, GATED=gated, FP8=fp8, QUANT_OUT=quant_out, MUL_WEIGHT=mul_weight,
+        FOREIGN=foreign,
         FP8_MAX=FP8_MAX, SCALE_GROUP=128,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=128 if fp8 else 64, GROUP_M=group_m,
         num_warps=num_warps, num_stages=num_stages,
@@ -283,10 +293,12 @@ def fused_moe(
     w2_scale: torch.Tensor | None = None,
     block: tuple[int, int] | None = None,
     config: dict | None = None,
+    foreign: bool = False,
 ) -> torch.Tensor:
     """x [T, H]; w13 [E, 2I, H]; w2 [E, H, I]; topk_weights [T, k] (fp32), topk_ids [T, k];
-    scales (block (128, 128)) as in the module docstring when the weights are FP8.
-    Returns [T, H] in x's dtype."""
+    scales (block (128, 128)) as in the module docstring when the weights are FP8. With
+    `foreign`, an id equal to E is an expert another rank holds (expert parallel): its pairs
+    add nothing. Returns [T, H] in x's dtype."""
     hidden_states = x
     if block is not None:
         assert tuple(block) == (128, 128), "the Triton MoE supports 128x128 blocks only"
@@ -304,7 +316,8 @@ def fused_moe(
     if T == 0:
         return torch.empty_like(hidden_states)
 
-    sorted_ids, expert_ids, num_post_pad = moe_align(topk_ids, E, bm)
+    # foreign: one more expert id for the pairs held elsewhere, whose blocks the GEMMs skip
+    sorted_ids, expert_ids, num_post_pad = moe_align(topk_ids, E + 1 if foreign else E, bm)
     topk_w = topk_weights.reshape(-1).to(torch.float32)
 
     if fp8:
@@ -327,7 +340,7 @@ def fused_moe(
                  sorted_ids, expert_ids, num_post_pad, inter, H, inter, numel, k,
                  gated=True, quant_out=quant_out, mul_weight=False, block_m=bm,
                  block_n=cfg["BLOCK_N1"], group_m=cfg["GROUP_M"],
-                 num_warps=cfg["num_warps1"], num_stages=cfg["num_stages1"])
+                 num_warps=cfg["num_warps1"], num_stages=cfg["num_stages1"], foreign=foreign)
 
     if fp8 and not quant_out:
         inter_out, inter_s = per_token_group_quant_fp8(inter_out)
@@ -337,5 +350,5 @@ def fused_moe(
                  sorted_ids, expert_ids, num_post_pad, H, inter, 0, numel, 1,
                  gated=False, quant_out=False, mul_weight=True, block_m=bm,
                  block_n=cfg["BLOCK_N2"], group_m=cfg["GROUP_M"],
-                 num_warps=cfg["num_warps2"], num_stages=cfg["num_stages2"])
+                 num_warps=cfg["num_warps2"], num_stages=cfg["num_stages2"], foreign=foreign)
     return out_pairs.view(T, k, H).sum(dim=1)

@@ -1,0 +1,12 @@
+"""Environment every process coserve starts gets (no torch import here: the launcher and the
+GPU strategies read it too). NVLink multicast (NCCL's NVLS, torch symmetric memory's
+multimem, NVSHMEM's NVLS) stays off: on the lent multi-GPU machines a program that uses it
+can take the host's GPUs out of service."""
+
+from __future__ import annotations
+
+NO_MULTICAST_ENV: dict[str, str] = {
+    "NCCL_NVLS_ENABLE": "0",
+    "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+    "NVSHMEM_DISABLE_NVLS": "1",
+}

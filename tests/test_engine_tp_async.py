@@ -1,0 +1,112 @@
+"""Async scheduling (a greedy decode step launched before the previous step's tokens reach
+the host, its input ids fed from the device) gives the tokens the synchronous path gives, at
+TP=1 and TP=2 (gloo), through requests that finish or are aborted while a step is in flight;
+and a TP=2 engine whose worker is killed fails its next step at once and shuts down."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import time
+
+import pytest
+
+from coserve.engine.gen_engine import GenEngine
+from coserve.engine.tp_workers import WorkerDied
+from coserve.engine.types import EngineArgs, SamplingParams
+
+
+def _engine(tp: int, async_on: bool, model: str = "tiny-moe") -> GenEngine:
+    return GenEngine(EngineArgs(model=model, random_weights=True, max_num_seqs=8,
+                                tensor_parallel_size=tp, async_scheduling=async_on))
+
+
+def _prompts(n: int) -> list[list[int]]:
+    rng = random.Random(1)
+    return [[rng.randrange(256) for _ in range(rng.randint(3, 20))] for _ in range(n)]
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("tp", [1, 2])
+def test_async_gives_the_sync_tokens(tp):
+    prompts = _prompts(6)
+    # different lengths: sequences finish while the step after theirs is already launched
+    params = [SamplingParams(max_tokens=3 + 2 * i, temperature=0.0, ignore_eos=True)
+              for i in range(len(prompts))]
+    got = {}
+    for async_on in (False, True):
+        engine = _engine(tp, async_on)
+        try:
+            got[async_on] = [r.token_ids for r in engine.generate(prompts, params)]
+            fed = engine.runner.fed_steps
+            assert engine.blocks.num_free == engine.blocks.num_blocks  # all freed
+        finally:
+            engine.shutdown()
+        assert (fed > 0) == async_on
+    assert got[True] == got[False]
+    assert [len(t) for t in got[True]] == [p.max_tokens for p in params]
+
+
+def _run_with_abort(async_on: bool) -> tuple[dict[str, list[int]], int, int]:
+    engine = _engine(1, async_on)
+    try:
+        tokens: dict[str, list[int]] = {}
+        for i, p in enumerate(_prompts(4)):
+            engine.add_request(f"r{i}", p, SamplingParams(max_tokens=12, temperature=0.0,
+                                                          ignore_eos=True))
+            tokens[f"r{i}"] = []
+        aborted_at = None
+        while engine.has_unfinished():
+            for out in engine.step():
+                tokens[out.request_id] += out.new_token_ids
+            if aborted_at is None and len(tokens["r1"]) >= 4:
+                engine.abort("r1")
+                aborted_at = len(tokens["r1"])
+        return tokens, aborted_at, engine.blocks.num_free
+    finally:
+        engine.shutdown()
+
+
+@pytest.mark.timeout(120)
+def test_abort_while_a_step_is_in_flight():
+    sync, sync_at, sync_free = _run_with_abort(False)
+    asyn, async_at, async_free = _run_with_abort(True)
+    assert len(asyn["r1"]) == async_at  # nothing for it after the abort
+    for rid in ("r0", "r2", "r3"):
+        assert len(asyn[rid]) == 12 and asyn[rid] == sync[rid]
+    assert asyn["r1"] == sync["r1"][:async_at] and async_free == sync_free
+
+
+@pytest.mark.timeout(120)
+def test_a_killed_worker_fails_the_next_step_and_shutdown_is_quick():
+    engine = _engine(2, True, model="tiny-dense")
+    try:
+        for i, p in enumerate(_prompts(4)):
+            engine.add_request(f"r{i}", p, SamplingParams(max_tokens=200, temperature=0.0,
+                                                          ignore_eos=True))
+        for _ in range(3):
+            engine.step()
+        worker = engine.workers.procs[0]
+        os.kill(worker.pid, signal.SIGKILL)
+        t0 = time.monotonic()
+        with pytest.raises(WorkerDied, match="died"):
+            while time.monotonic() - t0 < 10:
+                engine.step()
+        assert time.monotonic() - t0 < 5
+    finally:
+        t1 = time.monotonic()
+        engine.shutdown()
+        assert time.monotonic() - t1 < 5
+
+
+@pytest.mark.timeout(120)
+def test_clean_shutdown_ends_the_worker_without_a_kill(caplog):
+    engine = _engine(2, True, model="tiny-dense")
+    worker = engine.workers.procs[0]
+    engine.generate(_prompts(2), SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+    t0 = time.monotonic()
+    engine.shutdown()
+    assert time.monotonic() - t0 < 5
+    assert worker.exitcode == 0
+    assert "did not exit" not in caplog.text
