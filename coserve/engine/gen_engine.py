@@ -38,6 +38,12 @@ log = logging.getLogger("coserve.engine")
 _PLACEHOLDER = 0  # a launched-ahead step's token, until it reaches the host
 
 
+def _plain_greedy(seq: Sequence) -> bool:
+    """The argmax of the raw logits is this sequence's token: no temperature, and none of
+    top_k, min_tokens or logprobs (those need the sampler on the host's side of the step)."""
+    return seq.params.temperature <= 0 and not seq.special
+
+
 @dataclass
 class _InFlight:
     """A step launched and not yet read back: its batch and its greedy tokens (host, filled
@@ -236,15 +242,14 @@ class GenEngine(tp_workers.LeadsRanks):
     def _sync_step(self, batch: ScheduledBatch) -> list[RequestOutput]:
         sampling = batch.seqs if batch.is_decode else [
             s for i, s in enumerate(batch.seqs) if batch.samples(i)]
-        if all(s.params.temperature <= 0 for s in sampling):
+        if all(_plain_greedy(s) for s in sampling):
             tokens = self.runner.run(batch, greedy=True).tolist()
         else:
             tokens = self.sampler(self.runner.run(batch), sampling)
         return self._finish(batch, tokens)
 
     def _overlappable(self, batch: ScheduledBatch) -> bool:
-        return (self.async_scheduling and batch.is_decode
-                and all(s.params.temperature <= 0 for s in batch.seqs))
+        return self.async_scheduling and batch.is_decode and all(_plain_greedy(s) for s in batch.seqs)
 
     def _launch(self, batch: ScheduledBatch, feed: np.ndarray | None) -> _InFlight:
         tokens = self.runner.run(batch, greedy=True, feed=feed)
