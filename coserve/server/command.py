@@ -64,11 +64,50 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shutdown-timeout", type=_seconds, default=5.0, metavar="S", help="on SIGTERM, seconds in-flight requests get to finish before they are aborted")
     parser.add_argument("--access-log", action="store_true", help="log every HTTP request")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="least severe log message written to stderr")
+    guard = parser.add_argument_group("SLO guard (embed only): throttle embed forwards to hold a gen server's step p99")
+    guard.add_argument("--slo-guard-gen-url", metavar="URL", default=None, help="the gen server whose /metrics the guard reads")
+    slo = guard.add_mutually_exclusive_group()
+    slo.add_argument("--gen-tpot-slo-ms", metavar="MS", type=_positive_float, default=None, help="budget of gen's step p99, in ms")
+    slo.add_argument("--gen-tpot-slo-pct", metavar="P", type=_percent, default=None, help="budget: gen alone's step p99 (measured at start, embed held) plus P %%")
+    guard.add_argument("--slo-guard-interval-ms", metavar="MS", type=_positive_float, default=50.0, help="how often the guard reads gen's /metrics (default %(default)s)")
     limits = parser.add_argument_group("limits on one request (checked before any work; a request over one gets a 4xx)")
     limits.add_argument("--max-embed-inputs", metavar="N", type=_positive, default=RequestLimits.max_embed_inputs, help="inputs in one /v1/embeddings request (default %(default)s, OpenAI's limit)")
     limits.add_argument("--max-gen-choices", metavar="N", type=_positive, default=RequestLimits.max_gen_choices, help="sequences one completion/chat request may start, prompts x n (default %(default)s, vLLM's default max_num_seqs)")
     limits.add_argument("--max-request-bytes", metavar="BYTES", type=parse_bytes, default=RequestLimits.max_body_bytes, help="size of one request body (default 64M); larger ones get 413")
     limits.add_argument("--max-prompt-chars", metavar="N", type=_positive, default=None, help=f"characters of one text prompt or input, checked before tokenising (default: {CHARS_PER_TOKEN_BOUND} x max_model_len)")
+
+
+def _positive_float(text: str) -> float:
+    v = float(text)
+    if not 0 < v < 1e9:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return v
+
+
+def _percent(text: str) -> float:
+    v = float(text)
+    if not 0 <= v <= 1000:
+        raise argparse.ArgumentTypeError(f"must be a percentage in [0, 1000], got {text}")
+    return v
+
+
+def guard_config(args, max_model_len: int):
+    """The SLO guard's settings from the flags; None without --slo-guard-gen-url.
+    Raises ValueError naming the flag that is missing or misplaced."""
+    from coserve.server.slo_guard import GuardConfig
+
+    budget_given = args.gen_tpot_slo_ms is not None or args.gen_tpot_slo_pct is not None
+    if args.slo_guard_gen_url is None:
+        if budget_given:
+            raise ValueError("--gen-tpot-slo-ms/--gen-tpot-slo-pct need --slo-guard-gen-url")
+        return None
+    if args.kind != "embed":
+        raise ValueError("--slo-guard-gen-url: the guard throttles an embed server; serve embed")
+    if not budget_given:
+        raise ValueError("--slo-guard-gen-url needs a budget: --gen-tpot-slo-ms or --gen-tpot-slo-pct")
+    budget_s = args.gen_tpot_slo_ms / 1e3 if args.gen_tpot_slo_ms is not None else None
+    return GuardConfig(budget_s=budget_s, over_alone_pct=args.gen_tpot_slo_pct,
+                       max_tokens=max(args.max_num_batched_tokens, max_model_len))
 
 
 def _seconds(text: str) -> float:
@@ -113,6 +152,11 @@ def run(args) -> int:
         print("coserve serve embed: --enforce-eager does nothing for the embed engine (it has no CUDA-graph "
               "path and always runs eagerly); leave it out", file=sys.stderr)
         return 2
+    try:
+        guard_config(args, 1)
+    except ValueError as e:
+        print(f"coserve serve {args.kind}: {e}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import asyncio
@@ -143,7 +187,9 @@ def run(args) -> int:
                         port=args.port, api_key=args.api_key, shutdown_timeout_s=args.shutdown_timeout,
                         access_log=args.access_log,
                         limits=RequestLimits(max_embed_inputs=args.max_embed_inputs, max_gen_choices=args.max_gen_choices,
-                                             max_body_bytes=args.max_request_bytes, max_prompt_chars=args.max_prompt_chars))
+                                             max_body_bytes=args.max_request_bytes, max_prompt_chars=args.max_prompt_chars),
+                        guard=guard_config(args, engine.max_model_len), guard_gen_url=args.slo_guard_gen_url or "",
+                        guard_interval_s=args.slo_guard_interval_ms / 1e3)
     rc = asyncio.run(serve(engine, opts, sock))
     left = [t.name for t in threading.enumerate() if t is not threading.main_thread()]
     if left:
