@@ -73,11 +73,17 @@ class ServerSpec:
     gpu_memory_utilization: float | None = None
     max_model_len: int | None = None
     max_num_seqs: int | None = None
+    max_num_batched_tokens: int | None = None
     enforce_eager: bool = False
     tensor_parallel_size: int = 1
     extra_args: list[str] = field(default_factory=list)
     docker_image: str | None = None  # vllm launcher only: run `vllm serve` in this image
     vllm_bin: str = "vllm"
+    # builtin embed only: the SLO guard reads this gen server (started first) and holds its
+    # step p99 within gen_tpot_slo_ms, or gen_tpot_slo_pct over gen alone
+    slo_guard_gen_url: str | None = None
+    gen_tpot_slo_ms: float | None = None
+    gen_tpot_slo_pct: float | None = None
 
     def validate(self) -> None:
         if self.role not in ROLES:
@@ -96,6 +102,10 @@ class ServerSpec:
             raise ValueError(f"{self.role}: tensor_parallel_size must be >= 1")
         if self.docker_image and self.launcher != "vllm":
             raise ValueError(f"{self.role}: docker_image is for launcher vllm only")
+        if self.slo_guard_gen_url and (self.role, self.launcher) != ("embed", "builtin"):
+            raise ValueError(f"{self.role}: the SLO guard is in the builtin embed server only")
+        if self.slo_guard_gen_url and (self.gen_tpot_slo_ms is None) == (self.gen_tpot_slo_pct is None):
+            raise ValueError(f"{self.role}: the SLO guard needs exactly one of gen_tpot_slo_ms and gen_tpot_slo_pct")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -145,6 +155,12 @@ def build_command(spec: ServerSpec, port: int, env: dict[str, str] | None = None
             cmd += ["--max-model-len", str(s.max_model_len)]
         if s.max_num_seqs is not None:
             cmd += ["--max-num-seqs", str(s.max_num_seqs)]
+        if s.max_num_batched_tokens is not None:
+            cmd += ["--max-num-batched-tokens", str(s.max_num_batched_tokens)]
+        if s.slo_guard_gen_url:
+            cmd += ["--slo-guard-gen-url", s.slo_guard_gen_url]
+            cmd += (["--gen-tpot-slo-ms", f"{s.gen_tpot_slo_ms:g}"] if s.gen_tpot_slo_ms is not None
+                    else ["--gen-tpot-slo-pct", f"{s.gen_tpot_slo_pct:g}"])
         # The built-in embed engine has no CUDA graphs, so its server refuses the flag; a
         # condition's enforce_eager still reaches gen (and both servers under vLLM).
         if s.enforce_eager and s.role == "gen":
@@ -164,6 +180,8 @@ def build_command(spec: ServerSpec, port: int, env: dict[str, str] | None = None
             args += ["--max-model-len", str(s.max_model_len)]
         if s.max_num_seqs is not None:
             args += ["--max-num-seqs", str(s.max_num_seqs)]
+        if s.max_num_batched_tokens is not None:
+            args += ["--max-num-batched-tokens", str(s.max_num_batched_tokens)]
         if s.enforce_eager:
             args.append("--enforce-eager")
         if s.tensor_parallel_size > 1:
