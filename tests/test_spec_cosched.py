@@ -127,3 +127,24 @@ def test_the_runner_gives_the_embed_server_gens_url_and_records_the_guard(tmp_pa
     assert started["guard"]["servers"]["embed"]["slo_guard"] is True
     assert started["grain"]["servers"]["embed"]["max_num_batched_tokens"] == 512
     assert ("guard", "http://127.0.0.1:9001") in b.events
+
+
+def test_mps_limits_spec_gives_the_embed_server_its_env(tmp_path):
+    from pathlib import Path
+
+    from coserve.gpu.strategies import make_strategy
+    from coserve.spec import load_spec
+
+    spec = load_spec(Path(__file__).resolve().parent.parent / "experiments" / "mps-embed-limits.toml")
+    envs = {}
+    for c in spec.conditions:
+        if c.strategy == "mps":
+            s = make_strategy(c.strategy, list(c.gpus), dict(c.options), tmp_path / c.name)
+            envs[c.name] = (s.env_for("gen"), s.env_for("embed"))
+    assert set(envs) == {"mps", "mps-embed-sm50", "mps-embed-sm25", "mps-embed-low-priority"}
+    assert envs["mps-embed-sm25"][1]["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] == "25"
+    assert envs["mps-embed-sm50"][1]["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] == "50"
+    assert envs["mps-embed-low-priority"][1]["CUDA_MPS_CLIENT_PRIORITY"] == "1"
+    for gen, _ in envs.values():  # the limits are the embed server's alone
+        assert "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE" not in gen and gen.get("CUDA_MPS_CLIENT_PRIORITY", "0") == "0"
+    assert "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE" not in envs["mps"][1]

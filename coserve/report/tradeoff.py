@@ -54,9 +54,13 @@ class Tradeoff:
 
 
 def strategy_label(c: ConditionStats) -> str:
+    """The strategy, its options and the condition's server overrides (embed granularity,
+    the SLO guard): conditions that differ in any of them are separate curves."""
     cond = c.condition
-    opts = ", ".join(f"{k}={v}" for k, v in sorted(cond.options.items()))
-    return f"{cond.strategy} ({opts})" if opts else cond.strategy
+    opts = [f"{k}={v}" for k, v in sorted(cond.options.items())]
+    opts += [f"{role}.{k}={v}" for role in ("gen", "embed")
+             for k, v in sorted(getattr(cond, role, {}).items())]
+    return f"{cond.strategy} ({', '.join(opts)})" if opts else cond.strategy
 
 
 def _co_located(c: ConditionStats) -> bool:
