@@ -94,6 +94,7 @@ def test_percentage_budget_holds_embed_while_it_measures_gen_alone():
     ({"over_alone_pct": -5}, "gen_tpot_slo_pct"),
     ({"budget_s": 0.02, "max_tokens": 8, "min_tokens": 32}, "max_tokens"),
     ({"budget_s": 0.02, "cut": 1.5}, "cut"),
+    ({"budget_s": 0.02, "stat": "p50"}, "stat"),
 ])
 def test_bad_config_names_the_field(kwargs, field):
     with pytest.raises(ValueError, match=f"^{field}"):
@@ -102,10 +103,12 @@ def test_bad_config_names_the_field(kwargs, field):
 
 def test_parse_gen_metrics():
     page = ("# HELP coserve:engine_step_seconds_p99 x\n# TYPE coserve:engine_step_seconds_p99 gauge\n"
+            'coserve:engine_step_seconds_mean{model_name="m"} 0.0201\n'
             'coserve:engine_step_seconds_p99{model_name="m"} 0.0215\n'
             'coserve:engine_steps_window{model_name="m"} 23\n'
             'coserve:engine_steps_total{model_name="m"} 900\n')
-    assert parse_gen_metrics(page) == GenSample(0.0215, 23)
+    assert parse_gen_metrics(page) == GenSample(0.0201, 23)
+    assert parse_gen_metrics(page, "p99") == GenSample(0.0215, 23)
     assert parse_gen_metrics("coserve:engine_steps_total 3\n") is None
     assert parse_gen_metrics('coserve:engine_step_seconds_p99 x\ncoserve:engine_steps_window 1\n') is None
 
@@ -116,7 +119,7 @@ def test_guard_metrics_carry_the_state():
     rows = {name: v for name, _, _, v in guard_metrics(g.state, 1.5)}
     assert rows["coserve:slo_guard_budget_seconds"] == pytest.approx(0.025)
     assert rows["coserve:slo_guard_tokens_per_forward"] == 512
-    assert rows["coserve:slo_guard_gen_step_p99_seconds"] == pytest.approx(0.030)
+    assert rows["coserve:slo_guard_gen_step_seconds"] == pytest.approx(0.030)
     assert rows["coserve:slo_guard_throttled_seconds_total"] == 1.5
 
 
@@ -127,7 +130,9 @@ def test_step_clock_keeps_only_its_window():
     st = c.stats(now=0.995)
     assert st["step_window_steps"] == 50  # ends 0.50 .. 0.99
     assert st["step_time_p99_s"] == pytest.approx(0.009)
-    assert c.stats(now=5.0) == {"step_time_p99_s": 0.0, "step_window_steps": 0, "guard_throttled_s": 0.0}
+    assert st["step_time_mean_s"] == pytest.approx((10 * 0.001 + 40 * 0.009) / 50)
+    assert c.stats(now=5.0) == {"step_time_mean_s": 0.0, "step_time_p99_s": 0.0, "step_window_steps": 0,
+                                "guard_throttled_s": 0.0}
 
 
 def test_pacing_sets_the_engine_batch_and_waits():

@@ -19,7 +19,7 @@ in-flight requests must go on during the front's drain. It stops on the front's 
 when the pipe reaches EOF (the front is gone) or, at the latest, by PR_SET_PDEATHSIG.
 
 Every step is timed here (wall clock around `engine.step()`, which returns host data and so
-waits for the GPU); the stats carry the p99 of the last STEP_WINDOW_S of step times, which
+waits for the GPU); the stats carry the mean and p99 of the last STEP_WINDOW_S of step times, which
 the SLO guard of an embed server beside this one reads (slo_guard.py). "allow" is that
 guard's allowance for an embed engine: tokens per forward, a pause between forwards, or a
 hold; waiting requests only wait."""
@@ -137,7 +137,8 @@ class StepClock:
             self.steps.popleft()
         times = [s for _, s in self.steps]
         p99 = float(np.percentile(times, 99)) if times else 0.0
-        return {"step_time_p99_s": p99, "step_window_steps": len(times),
+        mean = sum(times) / len(times) if times else 0.0
+        return {"step_time_mean_s": mean, "step_time_p99_s": p99, "step_window_steps": len(times),
                 "guard_throttled_s": self.throttled_s}
 
 

@@ -16,6 +16,8 @@ _ENGINE_METRICS = [
     ("num_preemptions", "coserve:num_preemptions_total", "counter", "Requests preempted because the KV cache ran out."),
     ("prompt_tokens_total", "coserve:prompt_tokens_total", "counter", "Prompt tokens processed."),
     ("generation_tokens_total", "coserve:generation_tokens_total", "counter", "Tokens generated."),
+    ("step_time_mean_s", "coserve:engine_step_seconds_mean", "gauge",
+     "Mean engine step wall time over the last 0.5 s (0 when no step ran)."),
     ("step_time_p99_s", "coserve:engine_step_seconds_p99", "gauge",
      "p99 of engine step wall time over the last 0.5 s (0 when no step ran)."),
     ("step_window_steps", "coserve:engine_steps_window", "gauge", "Engine steps in that 0.5 s window."),

@@ -2,11 +2,13 @@
 within a budget and gives embeddings the rest.
 
 The gen server's engine core times every engine step (wall clock around `engine.step()`)
-and its /metrics carries the p99 of those times over the last half second
-(`coserve:engine_step_seconds_p99`) and how many steps that window held
-(`coserve:engine_steps_window`). A decode step's time is what every running sequence waits
-for its next token, so its p99 bounds gen's TPOT p99 from above (a request's TPOT averages
-its steps).
+and its /metrics carries the mean and the p99 of those times over the last half second
+(`coserve:engine_step_seconds_mean`, `..._p99`) and how many steps that window held
+(`coserve:engine_steps_window`). A request's TPOT is the mean of the step times it decoded
+through, so holding every window's mean step time within the budget holds each request's
+TPOT, and so gen's TPOT p99, within it (up to the gaps between steps). The guard follows
+the mean by default; the p99 of a half-second window (~20 decode steps) is nearly its
+maximum, a noisy signal, kept for a stricter guard (`stat = "p99"`).
 
 The embed server polls that page every `interval_s` and feeds the figure to `SloGuard`, a
 pure AIMD controller: over budget, it halves the tokens an embed forward may take (down to
@@ -17,8 +19,8 @@ request only waits, and the wait shows in its latency.
 
 With a budget given as a percentage over gen alone, the guard measures gen alone itself:
 the first time gen is busy it holds every embed forward for `settle_s + calibrate_s`,
-takes the median of the p99s seen after `settle_s` (the window then holds no step that ran
-beside an embed forward) and sets the budget from it."""
+takes the median of the figures seen after `settle_s` (the window then holds no step that
+ran beside an embed forward) and sets the budget from it."""
 
 from __future__ import annotations
 
@@ -30,7 +32,8 @@ from dataclasses import dataclass, field
 
 log = logging.getLogger("coserve.server")
 
-STEP_P99_METRIC = "coserve:engine_step_seconds_p99"
+STEP_METRIC = "coserve:engine_step_seconds_{stat}"  # stat: mean | p99
+STATS = ("mean", "p99")
 STEP_COUNT_METRIC = "coserve:engine_steps_window"
 
 
@@ -47,22 +50,23 @@ class Allowance:
 
 @dataclass(frozen=True)
 class GenSample:
-    """One reading of gen's /metrics: p99 of its step wall time (s) over its window and how
-    many steps the window held (0: gen idle, nothing to protect)."""
+    """One reading of gen's /metrics: the guarded statistic (mean or p99) of its step wall
+    time (s) over its window and how many steps the window held (0: gen idle)."""
 
-    step_p99_s: float
+    step_s: float
     steps: int
 
 
 @dataclass(frozen=True, kw_only=True)
 class GuardConfig:
-    """Settings of `SloGuard`. Exactly one of `budget_s` (gen step p99 budget, seconds) and
-    `over_alone_pct` (budget = gen alone's p99 x (1 + pct/100)) is set.
+    """Settings of `SloGuard`. Exactly one of `budget_s` (budget of gen's step time `stat`,
+    seconds) and `over_alone_pct` (budget = gen alone's figure x (1 + pct/100)) is set.
 
     Raises ValueError naming the field when a value is out of range."""
 
     budget_s: float | None = None
     over_alone_pct: float | None = None
+    stat: str = "mean"  # which figure of gen's step times: mean | p99
     max_tokens: int = 8192  # the embed server's max_num_batched_tokens
     min_tokens: int = 32  # below one input's length the same: a forward always takes one input
     cut: float = 0.5  # multiplicative decrease of tokens per forward
@@ -81,6 +85,8 @@ class GuardConfig:
             raise ValueError(f"gen_tpot_slo_ms: must be in (0, 3.6e6) ms, got {self.budget_s * 1e3:g}")
         if self.over_alone_pct is not None and not 0 <= self.over_alone_pct <= 1000:
             raise ValueError(f"gen_tpot_slo_pct: must be in [0, 1000], got {self.over_alone_pct:g}")
+        if self.stat not in STATS:
+            raise ValueError(f"stat: must be one of {', '.join(STATS)}, got {self.stat!r}")
         if not 1 <= self.min_tokens <= self.max_tokens:
             raise ValueError(f"max_tokens: must be at least min_tokens ({self.min_tokens}), got {self.max_tokens}")
         if not 0 < self.cut < 1:
@@ -96,7 +102,7 @@ class GuardState:
     """What /metrics shows of the guard."""
 
     budget_s: float | None
-    measured_p99_s: float = 0.0
+    measured_s: float = 0.0
     gen_steps: int = 0
     allowance: Allowance = field(default_factory=lambda: Allowance(1))
     phase: str = "waiting"  # waiting (for a gen figure) | calibrating | guarding
@@ -130,18 +136,18 @@ class SloGuard:
         if sample is None:
             st.poll_errors += 1
             return st.allowance
-        st.measured_p99_s, st.gen_steps = sample.step_p99_s, sample.steps
+        st.measured_s, st.gen_steps = sample.step_s, sample.steps
         if st.budget_s is None:
             st.allowance = self._calibrate(sample, now)
             return st.allowance
         if sample.steps == 0:
             self._grow()
-        elif sample.step_p99_s > st.budget_s:
+        elif sample.step_s > st.budget_s:
             if now - self.last_cut >= self.cfg.cooldown_s:
                 self._cut()
                 self.last_cut = now
                 st.cuts += 1
-        elif sample.step_p99_s < self.cfg.margin * st.budget_s:
+        elif sample.step_s < self.cfg.margin * st.budget_s:
             self._grow()
         st.allowance = self._allowance()
         return st.allowance
@@ -155,12 +161,12 @@ class SloGuard:
             st.phase = "calibrating"
         since = now - self.calibration_start
         if since >= cfg.settle_s and sample.steps > 0:
-            self._calibration.append(sample.step_p99_s)
+            self._calibration.append(sample.step_s)
         if since >= cfg.settle_s + cfg.calibrate_s and self._calibration:
             st.baseline_s = statistics.median(self._calibration)
             st.budget_s = st.baseline_s * (1 + cfg.over_alone_pct / 100)
             st.phase = "guarding"
-            log.info("SLO guard: gen alone step p99 %.2f ms, budget %.2f ms",
+            log.info("SLO guard: gen alone step %s %.2f ms, budget %.2f ms", cfg.stat,
                      st.baseline_s * 1e3, st.budget_s * 1e3)
             return self._allowance()
         return self._allowance(hold=True)
@@ -184,12 +190,12 @@ class SloGuard:
 _SAMPLE = re.compile(r"^(coserve:engine_step[a-z_0-9]*)(?:\{[^}]*\})?\s+(\S+)\s*$", re.M)
 
 
-def parse_gen_metrics(text: str) -> GenSample | None:
-    """gen's /metrics page -> GenSample; None when it lacks the step figures (an older
-    server, or not coserve's)."""
+def parse_gen_metrics(text: str, stat: str = "mean") -> GenSample | None:
+    """gen's /metrics page -> GenSample of step time `stat`; None when it lacks the step
+    figures (an older server, or not coserve's)."""
     values = {m.group(1): m.group(2) for m in _SAMPLE.finditer(text)}
     try:
-        return GenSample(float(values[STEP_P99_METRIC]), int(float(values[STEP_COUNT_METRIC])))
+        return GenSample(float(values[STEP_METRIC.format(stat=stat)]), int(float(values[STEP_COUNT_METRIC])))
     except (KeyError, ValueError):
         return None
 
@@ -208,7 +214,7 @@ async def run_guard(guard: SloGuard, gen_url: str, apply, interval_s: float, sto
             started = loop.time()
             try:
                 async with session.get(url) as resp:
-                    sample = parse_gen_metrics(await resp.text()) if resp.status == 200 else None
+                    sample = parse_gen_metrics(await resp.text(), guard.cfg.stat) if resp.status == 200 else None
             except (TimeoutError, aiohttp.ClientError, OSError):
                 sample = None
             allowance = guard.update(sample, loop.time())
@@ -225,11 +231,11 @@ def guard_metrics(st: GuardState, throttled_s: float) -> list[tuple[str, str, st
     """(name, type, help, value) for /metrics; the budget is 0 until calibration sets it."""
     a = st.allowance
     return [
-        ("coserve:slo_guard_budget_seconds", "gauge", "Gen step p99 budget the guard holds (0: not set yet).",
+        ("coserve:slo_guard_budget_seconds", "gauge", "Budget of gen's step time the guard holds (0: not set yet).",
          st.budget_s or 0.0),
-        ("coserve:slo_guard_gen_alone_seconds", "gauge", "Gen step p99 measured with embed held (0: not measured).",
+        ("coserve:slo_guard_gen_alone_seconds", "gauge", "Gen's step time measured with embed held (0: not measured).",
          st.baseline_s or 0.0),
-        ("coserve:slo_guard_gen_step_p99_seconds", "gauge", "Gen step p99 the guard read last.", st.measured_p99_s),
+        ("coserve:slo_guard_gen_step_seconds", "gauge", "Gen's step time the guard read last.", st.measured_s),
         ("coserve:slo_guard_tokens_per_forward", "gauge", "Most tokens an embed forward may take now.",
          float(a.tokens_per_forward)),
         ("coserve:slo_guard_pause_seconds", "gauge", "Least pause between embed forwards now.", a.pause_s),
