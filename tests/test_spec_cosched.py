@@ -127,6 +127,12 @@ def test_the_runner_gives_the_embed_server_gens_url_and_records_the_guard(tmp_pa
     assert started["guard"]["servers"]["embed"]["slo_guard"] is True
     assert started["grain"]["servers"]["embed"]["max_num_batched_tokens"] == 512
     assert ("guard", "http://127.0.0.1:9001") in b.events
+    from coserve.report.aggregate import aggregate
+
+    stats = aggregate(tmp_path / "run")
+    assert stats.get("guard").mean("slo_guard_budget_seconds") == 0.021
+    assert stats.get("guard").mean("slo_guard_cuts_total") == 3.0
+    assert "slo_guard_cuts_total" not in stats.get("grain").summary
 
 
 def test_mps_limits_spec_gives_the_embed_server_its_env(tmp_path):

@@ -215,7 +215,7 @@ async def run_guard(guard: SloGuard, gen_url: str, apply, interval_s: float, sto
             try:
                 async with session.get(url) as resp:
                     sample = parse_gen_metrics(await resp.text(), guard.cfg.stat) if resp.status == 200 else None
-            except (TimeoutError, aiohttp.ClientError, OSError):
+            except (TimeoutError, aiohttp.ClientError, OSError, ValueError):  # ValueError: a page not UTF-8
                 sample = None
             allowance = guard.update(sample, loop.time())
             if allowance != current:
