@@ -56,6 +56,14 @@ def test_under_budget_shortens_pause_first_then_grows_tokens():
     assert g.tokens == 1024  # never past the server's own limit
 
 
+def test_under_budget_grows_by_default_and_cuts_stop_at_the_floor():
+    g = SloGuard(GuardConfig(budget_s=25 * MS, max_tokens=2048, cooldown_s=0))
+    drive(g, [GenSample(30 * MS, 20)] * 3)
+    assert (g.tokens, g.pause_s) == (512, pytest.approx(0.002))  # 2048 -> 1024 -> 512, then a pause
+    a = drive(g, [GenSample(24.9 * MS, 20)] * 3, start=1.0)
+    assert [x.pause_s for x in a] == [0.0, 0.0, 0.0] and a[-1].tokens_per_forward == 512 + 2 * 64
+
+
 def test_inside_the_margin_holds_and_idle_gen_grows():
     g = SloGuard(GuardConfig(budget_s=25 * MS, max_tokens=1024, min_tokens=64, cooldown_s=0, margin=0.9))
     drive(g, [GenSample(30 * MS, 20)])
@@ -148,3 +156,26 @@ def test_pacing_sets_the_engine_batch_and_waits():
     assert p.wait_s(10.03) == 0.0
     p.allow(e, 256, 0.0, True)
     assert p.wait_s(11.0) > 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["gen", "--slo-guard-gen-url", "http://127.0.0.1:1", "--gen-tpot-slo-ms", "20"],
+     "--slo-guard-gen-url: the guard throttles an embed server; serve embed"),
+    (["embed", "--slo-guard-gen-url", "http://127.0.0.1:1"],
+     "--slo-guard-gen-url needs a budget: --gen-tpot-slo-ms or --gen-tpot-slo-pct"),
+    (["embed", "--gen-tpot-slo-pct", "5"], "--gen-tpot-slo-ms/--gen-tpot-slo-pct need --slo-guard-gen-url"),
+])
+def test_serve_refuses_a_misplaced_guard_before_loading(argv, message, capsys):
+    from coserve.cli import main
+
+    assert main(["serve", argv[0], "--model", "tiny-dense", *argv[1:]]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_serve_refuses_two_budgets(capsys):
+    from coserve.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["serve", "embed", "--model", "tiny-embed", "--slo-guard-gen-url", "http://127.0.0.1:1",
+              "--gen-tpot-slo-ms", "20", "--gen-tpot-slo-pct", "5"])
+    assert e.value.code == 2 and "not allowed with argument" in capsys.readouterr().err

@@ -87,6 +87,7 @@ def test_gen_reports_its_step_times(gen):
 def test_guard_cuts_embed_and_fails_nothing(gen):
     # A budget no CPU step meets: the guard must cut to its floor and then pause.
     with coserve_serve("embed", "--model", "tiny-embed", *_CPU, "--max-num-batched-tokens", "1024",
+                       "--slo-guard-min-tokens", "32",
                        "--slo-guard-gen-url", gen.url, "--gen-tpot-slo-ms", "0.001",
                        "--slo-guard-interval-ms", "20") as embed:
         assert metric(embed.url, "coserve:slo_guard_budget_seconds") == pytest.approx(1e-6)

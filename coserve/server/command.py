@@ -70,6 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     slo.add_argument("--gen-tpot-slo-ms", metavar="MS", type=_positive_float, default=None, help="budget of gen's step time (--slo-guard-stat), in ms")
     slo.add_argument("--gen-tpot-slo-pct", metavar="P", type=_percent, default=None, help="budget: gen alone's step time (measured when gen first gets busy, embed held) plus P %%")
     guard.add_argument("--slo-guard-stat", choices=["mean", "p99"], default="mean", help="gen's step time over 0.5 s the guard holds: mean (a request's TPOT is a mean of step times) or p99 (default %(default)s)")
+    guard.add_argument("--slo-guard-min-tokens", metavar="N", type=_positive, default=512, help="fewest tokens per embed forward the guard cuts to before it pauses between forwards (default %(default)s)")
     guard.add_argument("--slo-guard-interval-ms", metavar="MS", type=_positive_float, default=50.0, help="how often the guard reads gen's /metrics (default %(default)s)")
     limits = parser.add_argument_group("limits on one request (checked before any work; a request over one gets a 4xx)")
     limits.add_argument("--max-embed-inputs", metavar="N", type=_positive, default=RequestLimits.max_embed_inputs, help="inputs in one /v1/embeddings request (default %(default)s, OpenAI's limit)")
@@ -107,8 +108,9 @@ def guard_config(args, max_model_len: int):
     if not budget_given:
         raise ValueError("--slo-guard-gen-url needs a budget: --gen-tpot-slo-ms or --gen-tpot-slo-pct")
     budget_s = args.gen_tpot_slo_ms / 1e3 if args.gen_tpot_slo_ms is not None else None
+    max_tokens = max(args.max_num_batched_tokens, max_model_len)
     return GuardConfig(budget_s=budget_s, over_alone_pct=args.gen_tpot_slo_pct, stat=args.slo_guard_stat,
-                       max_tokens=max(args.max_num_batched_tokens, max_model_len))
+                       max_tokens=max_tokens, min_tokens=min(args.slo_guard_min_tokens, max_tokens))
 
 
 def _seconds(text: str) -> float:

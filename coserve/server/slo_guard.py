@@ -12,8 +12,8 @@ maximum, a noisy signal, kept for a stricter guard (`stat = "p99"`).
 
 The embed server polls that page every `interval_s` and feeds the figure to `SloGuard`, a
 pure AIMD controller: over budget, it halves the tokens an embed forward may take (down to
-one input) and then doubles a pause between forwards; under the budget (with a margin) it
-shortens the pause first and then grows the forward size additively. The embed engine core
+`min_tokens`) and then doubles a pause between forwards; under the budget it shortens the
+pause first and then grows the forward size additively. The embed engine core
 applies the resulting `Allowance` (engine_core.py). Nothing is dropped: a throttled embed
 request only waits, and the wait shows in its latency.
 
@@ -68,12 +68,14 @@ class GuardConfig:
     over_alone_pct: float | None = None
     stat: str = "mean"  # which figure of gen's step times: mean | p99
     max_tokens: int = 8192  # the embed server's max_num_batched_tokens
-    min_tokens: int = 32  # below one input's length the same: a forward always takes one input
+    # The floor of tokens per forward before pauses take over: an embed forward reads all its
+    # weights however few tokens it runs, so much smaller forwards only waste bandwidth.
+    min_tokens: int = 512
     cut: float = 0.5  # multiplicative decrease of tokens per forward
     grow_tokens: int = 0  # additive increase per reading under budget; 0: max_tokens / 32
     first_pause_s: float = 0.002
     max_pause_s: float = 0.5
-    margin: float = 0.9  # grow only while measured < margin x budget
+    margin: float = 1.0  # grow only while measured < margin x budget (1: whenever under it)
     cooldown_s: float = 0.5  # after a cut, no cut for this long: gen's window still holds old steps
     settle_s: float = 0.7
     calibrate_s: float = 2.0
