@@ -150,10 +150,12 @@ def test_pacing_sets_the_engine_batch_and_waits():
     e, p = Engine(), Pacing()
     assert p.wait_s(10.0) == 0.0
     p.allow(e, 256, 0.02, False)
-    p.next_step_at = 10.0 + p.pause_s
+    p.last_step_end = 10.0
     assert e.max_num_batched_tokens == 256
     assert p.wait_s(10.005) == pytest.approx(0.015)
     assert p.wait_s(10.03) == 0.0
+    p.allow(e, 256, 0.0, False)  # a shorter pause counts for the step already waiting
+    assert p.wait_s(10.005) == 0.0
     p.allow(e, 256, 0.0, True)
     assert p.wait_s(11.0) > 0
 

@@ -148,7 +148,7 @@ class Pacing:
     def __init__(self):
         self.pause_s = 0.0
         self.hold = False
-        self.next_step_at = 0.0
+        self.last_step_end = 0.0
 
     def allow(self, engine, tokens: int, pause_s: float, hold: bool) -> None:
         engine.max_num_batched_tokens = int(tokens)
@@ -158,7 +158,7 @@ class Pacing:
         """Seconds until the next step may start (0: now)."""
         if self.hold:
             return HOLD_POLL_S
-        return max(0.0, self.next_step_at - now)
+        return max(0.0, self.last_step_end + self.pause_s - now)  # a new pause counts at once
 
 
 def _apply(engine, cmds: list, acks: list, pacing: Pacing) -> bool:
@@ -214,7 +214,7 @@ def _loop(engine, conn) -> None:
             done = engine.step()
             t1 = time.monotonic()
             clock.add(t1, t1 - t0)
-            pacing.next_step_at = t1 + pacing.pause_s
+            pacing.last_step_end = t1
             logprobs = _take_logprobs(engine)
             outputs = [_plain(o, logprobs) for o in done]
             steps += 1
