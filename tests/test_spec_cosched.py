@@ -133,6 +133,11 @@ def test_the_runner_gives_the_embed_server_gens_url_and_records_the_guard(tmp_pa
     assert stats.get("guard").mean("slo_guard_budget_seconds") == 0.021
     assert stats.get("guard").mean("slo_guard_cuts_total") == 3.0
     assert "slo_guard_cuts_total" not in stats.get("grain").summary
+    from coserve.report.tradeoff import tradeoff
+
+    labels = {c.label: [p.condition for p in c.points] for c in tradeoff(stats).curves}
+    assert labels["timeslice (embed.gen_tpot_slo_pct=5, embed.slo_guard=true)"] == ["guard"]
+    assert labels["timeslice (embed.max_num_batched_tokens=512, embed.max_num_seqs=16)"] == ["grain"]
 
 
 def test_mps_limits_spec_gives_the_embed_server_its_env(tmp_path):

@@ -43,6 +43,7 @@ HARDWARE: tuple[HardwareRecord, ...] = (
     HardwareRecord("MIG: instance creation (apply_mig), servers on MIG devices", None),
     HardwareRecord("strategy 'exclusive' (one GPU each)", None),
     HardwareRecord("tensor parallelism across GPUs (strategy 'tp')", None),
+    HardwareRecord("co-scheduling: embed granularity, the SLO guard (experiments/co-scheduling.toml)", None),
 )
 
 

@@ -58,9 +58,16 @@ def strategy_label(c: ConditionStats) -> str:
     the SLO guard): conditions that differ in any of them are separate curves."""
     cond = c.condition
     opts = [f"{k}={v}" for k, v in sorted(cond.options.items())]
-    opts += [f"{role}.{k}={v}" for role in ("gen", "embed")
+    opts += [f"{role}.{k}={_value(v)}" for role in ("gen", "embed")
              for k, v in sorted(getattr(cond, role, {}).items())]
     return f"{cond.strategy} ({', '.join(opts)})" if opts else cond.strategy
+
+
+def _value(v) -> str:
+    """A server override as the spec writes it: 5 for 5.0, true for True."""
+    if isinstance(v, bool):
+        return str(v).lower()
+    return f"{v:g}" if isinstance(v, float) else str(v)
 
 
 def _co_located(c: ConditionStats) -> bool:
