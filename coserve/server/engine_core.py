@@ -81,32 +81,42 @@ def _error(e: BaseException) -> tuple[str, str]:
     )
 
 
-def run(factory, conn, log_level: str = "INFO") -> None:
-    """Process entry point: build the engine with `factory()`, then serve the pipe."""
+def start_process(log_level: str) -> None:
+    """What an engine core process does first: die with the front, ignore the group's
+    signals (the front drains), log to stderr."""
     _die_with_parent()
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(
         level=log_level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+
+
+def build(factory) -> tuple[object | None, tuple | None]:
+    """(engine, None), or (None, the "failed" message for the front)."""
     try:
-        engine = factory()
+        return factory(), None
     except (ValueError, FileNotFoundError) as e:  # a bad model name or directory: the user's to fix
-        _send(conn, ("failed", str(e), 2))
-        return
+        return None, ("failed", str(e), 2)
     except BaseException as e:
         log.exception("the engine failed to start")
-        _send(conn, ("failed", f"the engine failed to start: {e!r}", 1))
-        return
-    info = {
+        return None, ("failed", f"the engine failed to start: {e!r}", 1)
+
+
+def ready(engine) -> tuple:
+    """The "ready" message: what the front needs to know of the engine."""
+    return ("ready", {
         "model_name": engine.model_name,
         "max_model_len": int(engine.max_model_len),
         "dim": getattr(engine, "dim", None),
         "tokenizer": getattr(engine, "tokenizer", None),
         "eos_token_ids": tuple(sorted(getattr(engine, "eos_token_ids", ()))),
         "stats": {**engine.stats(), **StepClock().stats(time.monotonic())},
-    }
-    _send(conn, ("ready", info))
+    })
+
+
+def serve_pipe(engine, conn) -> None:
+    """Run the step loop until told to stop or the front is gone; a loop that dies says so."""
     try:
         _loop(engine, conn)
     except (EOFError, BrokenPipeError, ConnectionResetError):
@@ -117,6 +127,18 @@ def run(factory, conn, log_level: str = "INFO") -> None:
             _send(conn, ("dead", repr(e)))
         except OSError:
             pass
+
+
+def run(factory, conn, log_level: str = "INFO") -> None:
+    """Process entry point: build the engine with `factory()`, then serve the pipe."""
+    start_process(log_level)
+    engine, failed = build(factory)
+    if failed is not None:
+        _send(conn, failed)
+        return
+    _send(conn, ready(engine))
+    try:
+        serve_pipe(engine, conn)
     finally:
         engine.shutdown()  # tensor parallel: the other ranks go with the core
 
