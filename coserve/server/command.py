@@ -7,6 +7,7 @@ let in-flight requests finish for `--shutdown-timeout` seconds, abort the rest, 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import logging
 import os
@@ -44,7 +45,7 @@ def _positive(text: str) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("kind", choices=["gen", "embed"], help="generation (/v1/completions) or embedding (/v1/embeddings)")
+    parser.add_argument("kind", choices=["gen", "embed", "colocated"], help="generation (/v1/completions), embedding (/v1/embeddings), or both engines in one process (--model and --embed-model, two ports)")
     parser.add_argument("--model", metavar="PRESET_OR_DIR", required=True, help="a preset name (tiny-dense, tiny-moe, tiny-embed, all-minilm-l6-v2, qwen3-30b-a3b, qwen3-embedding-8b) or an HF model directory")
     parser.add_argument("--random-weights", action="store_true", help="initialise the preset's architecture with random weights")
     parser.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME", help="name(s) the API answers to (default: the --model value)")
@@ -64,6 +65,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shutdown-timeout", type=_seconds, default=5.0, metavar="S", help="on SIGTERM, seconds in-flight requests get to finish before they are aborted")
     parser.add_argument("--access-log", action="store_true", help="log every HTTP request")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="least severe log message written to stderr")
+    co = parser.add_argument_group("colocated: the embed engine beside gen in one process (gen decodes on a high-priority CUDA stream, embed on a low one); the flags above are gen's")
+    co.add_argument("--embed-model", metavar="PRESET_OR_DIR", default=None, help="the embedding model")
+    co.add_argument("--embed-port", metavar="N", type=int, default=8001, help="the embed endpoint's port (0 picks a free one)")
+    co.add_argument("--embed-gpu-memory-utilization", metavar="F", type=_fraction, default=0.3, help="the embed engine's fraction of the GPU")
+    co.add_argument("--embed-max-model-len", metavar="N", type=_positive, default=None, help="the embed engine's longest input")
+    co.add_argument("--embed-max-num-seqs", metavar="N", type=_positive, default=256, help="inputs in one embed forward")
+    co.add_argument("--embed-max-num-batched-tokens", metavar="N", type=_positive, default=8192, help="tokens in one embed forward")
     guard = parser.add_argument_group("SLO guard (embed only): throttle embed forwards to hold a gen server's step time")
     guard.add_argument("--slo-guard-gen-url", metavar="URL", default=None, help="the gen server whose /metrics the guard reads")
     slo = guard.add_mutually_exclusive_group()
@@ -165,9 +173,11 @@ def run(args) -> int:
     import asyncio
 
     from coserve.memcheck import serve_problem
-    from coserve.server.app import ServeOptions, bind_socket, serve
+    from coserve.server.app import bind_socket, serve
     from coserve.server.engine_client import EngineStartError, start_engine
 
+    if args.kind == "colocated":
+        return _run_colocated(args)
     too_big = serve_problem(args.model, _device(args.device), args.gpu_memory_utilization, args.tensor_parallel_size)
     if too_big:  # before anything is allocated
         print(f"coserve serve: {too_big}", file=sys.stderr)
@@ -186,14 +196,47 @@ def run(args) -> int:
         print(f"coserve serve: {e}", file=sys.stderr)
         return e.exit_code
 
-    opts = ServeOptions(kind=args.kind, served_names=args.served_model_name or [args.model], host=args.host,
-                        port=args.port, api_key=args.api_key, shutdown_timeout_s=args.shutdown_timeout,
-                        access_log=args.access_log,
-                        limits=RequestLimits(max_embed_inputs=args.max_embed_inputs, max_gen_choices=args.max_gen_choices,
-                                             max_body_bytes=args.max_request_bytes, max_prompt_chars=args.max_prompt_chars),
-                        guard=guard_config(args, engine.max_model_len), guard_gen_url=args.slo_guard_gen_url or "",
-                        guard_interval_s=args.slo_guard_interval_ms / 1e3)
+    opts = dataclasses.replace(_options(args, args.kind, args.served_model_name or [args.model], args.port),
+                               guard=guard_config(args, engine.max_model_len),
+                               guard_gen_url=args.slo_guard_gen_url or "",
+                               guard_interval_s=args.slo_guard_interval_ms / 1e3)
     rc = asyncio.run(serve(engine, opts, sock))
+    return _exit(rc)
+
+
+def _options(args, kind: str, names: list[str], port: int):
+    from coserve.server.app import ServeOptions
+
+    return ServeOptions(kind=kind, served_names=names, host=args.host, port=port, api_key=args.api_key,
+                        shutdown_timeout_s=args.shutdown_timeout, access_log=args.access_log,
+                        limits=RequestLimits(max_embed_inputs=args.max_embed_inputs, max_gen_choices=args.max_gen_choices,
+                                             max_body_bytes=args.max_request_bytes, max_prompt_chars=args.max_prompt_chars))
+
+
+def _run_colocated(args) -> int:
+    from coserve.memcheck import serve_problem
+    from coserve.server import colocated
+    from coserve.server.app import bind_socket
+
+    why = colocated.problem(args) or serve_problem(args.model, _device(args.device), args.gpu_memory_utilization, 1) \
+        or serve_problem(args.embed_model, _device(args.device), args.embed_gpu_memory_utilization, 1)
+    if why:
+        print(f"coserve serve colocated: {why}", file=sys.stderr)
+        return 2
+    socks = {}
+    for role, port in (("gen", args.port), ("embed", args.embed_port)):
+        try:
+            socks[role] = bind_socket(args.host, port)
+        except OSError as e:
+            print(f"coserve serve colocated: cannot listen on {args.host}:{port} ({role}): {e}", file=sys.stderr)
+            return 1
+    signal.signal(signal.SIGTERM, _exit_quietly)
+    opts = {"gen": _options(args, "gen", args.served_model_name or [args.model], args.port),
+            "embed": _options(args, "embed", [args.embed_model], args.embed_port)}
+    return _exit(colocated.run(args, opts, socks))
+
+
+def _exit(rc: int) -> int:
     left = [t.name for t in threading.enumerate() if t is not threading.main_thread()]
     if left:
         logging.getLogger("coserve.server").warning("threads still running at exit: %s", ", ".join(left))
