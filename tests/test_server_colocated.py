@@ -71,3 +71,11 @@ def test_needs_an_embed_model():
     proc = subprocess.run([sys.executable, "-m", "coserve", "serve", "colocated", "--model", "tiny-dense"],
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "colocated needs --embed-model" in proc.stderr
+
+
+def test_green_contexts_are_refused_on_cpu_before_loading():
+    proc = subprocess.run([sys.executable, "-m", "coserve", "serve", "colocated", "--model", "tiny-dense",
+                           "--embed-model", "tiny-embed", "--device", "cpu", "--embed-sms", "32"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "--embed-sms: green contexts are a CUDA feature; the device is cpu" in proc.stderr

@@ -6,7 +6,9 @@ The engine process builds gen first (its memory budget is measured with nothing 
 loaded), then embed, and runs each engine's step loop (engine_core.serve_pipe) in a thread of
 its own. On CUDA each thread issues its work on a stream of its own: gen's at the device's
 highest priority, embed's at the lowest, so the GPU's scheduler starts decode's kernels ahead
-of embed's whenever both wait. On CPU there are no streams; the two loops still share one
+of embed's whenever both wait. With `--embed-sms M`, embed's stream is that of a CUDA green
+context of M SMs instead (torch.cuda.green_contexts): embed's kernels stay on those SMs while
+gen's may use all; refused, with the reason, where this torch or device has none. On CPU there are no streams; the two loops still share one
 process (what the CPU tests exercise). The HTTP fronts of both run in one process too.
 
 Stop: SIGTERM/SIGINT drain both fronts, then both loops stop and the engine process exits."""
@@ -34,17 +36,41 @@ ROLES = ("gen", "embed")
 HIGHEST_PRIORITY = -16  # torch maps a priority outside the device's range to its nearest end
 
 
-def _streams(engines: dict) -> dict:
-    """role -> a CUDA stream (gen highest priority, embed lowest), or None on CPU."""
+def green_context_problem(device: str) -> str | None:
+    """Why `--embed-sms` cannot be given here, or None (this torch has green contexts)."""
+    import torch
+
+    if not device.startswith("cuda"):
+        return f"--embed-sms: green contexts are a CUDA feature; the device is {device}"
+    gc = getattr(torch.cuda, "green_contexts", None)
+    if gc is None or not getattr(gc, "SUPPORTED", False):
+        return f"--embed-sms: this torch ({torch.__version__}) was not built with CUDA green contexts"
+    return None
+
+
+def _streams(engines: dict, embed_sms: int | None) -> dict:
+    """role -> a CUDA stream, or None on CPU: gen's at the highest priority; embed's at the
+    lowest, or, with `embed_sms`, the stream of a green context of that many SMs (gen keeps
+    every SM). Raises ValueError when `embed_sms` does not fit the device."""
     import torch
 
     device = getattr(engines["gen"], "device", None)
     if device is None or getattr(device, "type", "cpu") != "cuda":
         return dict.fromkeys(ROLES)
-    out = {"gen": torch.cuda.Stream(device=device, priority=HIGHEST_PRIORITY),
-           "embed": torch.cuda.Stream(device=device, priority=0)}
-    log.info("colocated: gen on a stream of priority %d, embed on %d (lower runs first)",
-             out["gen"].priority, out["embed"].priority)
+    out = {"gen": torch.cuda.Stream(device=device, priority=HIGHEST_PRIORITY)}
+    if embed_sms:
+        total = torch.cuda.get_device_properties(device).multi_processor_count
+        if not 0 < embed_sms < total:
+            raise ValueError(f"--embed-sms: {embed_sms} is not between 1 and {total - 1} (this GPU has {total} SMs)")
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        # Work runs inside the partition only on the green context's own stream.
+        out["embed"] = torch.cuda.green_contexts.GreenContext.create(num_sms=embed_sms, device_id=index).Stream()
+        log.info("colocated: gen on a stream of priority %d over all %d SMs, embed on a green context of %d SMs",
+                 out["gen"].priority, total, embed_sms)
+    else:
+        out["embed"] = torch.cuda.Stream(device=device, priority=0)
+        log.info("colocated: gen on a stream of priority %d, embed on %d (lower runs first)",
+                 out["gen"].priority, out["embed"].priority)
     return out
 
 
@@ -55,23 +81,31 @@ def _serve_on(engine, conn, stream) -> None:
         engine_core.serve_pipe(engine, conn)
 
 
-def core(factories: dict, conns: dict, log_level: str = "INFO") -> None:
+def core(factories: dict, conns: dict, log_level: str = "INFO", embed_sms: int | None = None) -> None:
     """Process entry point: build gen then embed, then serve both pipes, one thread each.
-    A failure to build either fails both (each front hears why)."""
+    A failure to build either, or a bad `embed_sms`, fails both (each front hears why)."""
     engine_core.start_process(log_level)
     engines = {}
+
+    def fail(message: tuple) -> None:
+        for conn in conns.values():
+            engine_core._send(conn, message)
+        for e in engines.values():
+            e.shutdown()
+
     for role in ROLES:
         engine, failed = engine_core.build(factories[role])
         if failed is not None:
-            message = (failed[0], f"{role}: {failed[1]}", failed[2])
-            for conn in conns.values():
-                engine_core._send(conn, message)
-            for e in engines.values():
-                e.shutdown()
-            return
+            return fail((failed[0], f"{role}: {failed[1]}", failed[2]))
         engines[role] = engine
     try:
-        streams = _streams(engines)
+        streams = _streams(engines, embed_sms)
+    except ValueError as e:
+        return fail(("failed", str(e), 2))
+    except RuntimeError as e:  # the driver refused the stream or the green context
+        log.exception("colocated: no streams")
+        return fail(("failed", f"colocated: cannot make the CUDA streams: {e}", 1))
+    try:
         for role in ROLES:
             engine_core._send(conns[role], engine_core.ready(engines[role]))
         threads = [threading.Thread(target=_serve_on, args=(engines[r], conns[r], streams[r]),
@@ -85,12 +119,12 @@ def core(factories: dict, conns: dict, log_level: str = "INFO") -> None:
             e.shutdown()
 
 
-def start_engines(factories: dict, log_level: str = "INFO") -> dict[str, EngineClient]:
+def start_engines(factories: dict, log_level: str = "INFO", embed_sms: int | None = None) -> dict[str, EngineClient]:
     """Spawn the one engine process, block until both engines are loaded -> role ->
     EngineClient (both on the same process). Raises EngineStartError with the core's message."""
     ctx = multiprocessing.get_context("spawn")
     pipes = {r: ctx.Pipe(duplex=True) for r in ROLES}
-    proc = ctx.Process(target=core, args=(factories, {r: p[1] for r, p in pipes.items()}, log_level),
+    proc = ctx.Process(target=core, args=(factories, {r: p[1] for r, p in pipes.items()}, log_level, embed_sms),
                        name="coserve-engine-core", daemon=False)
     proc.start()
     atexit.register(_reap, proc, 0)
@@ -159,12 +193,14 @@ def engine_args(args) -> dict[str, argparse.Namespace]:
             "embed": argparse.Namespace(**{**vars(args), **embed})}
 
 
-def problem(args) -> str | None:
-    """Why these arguments cannot make a colocated server, or None."""
+def problem(args, device: str) -> str | None:
+    """Why these arguments cannot make a colocated server on `device` (cpu, cuda, cuda:N), or None."""
     if not args.embed_model:
         return "colocated needs --embed-model (the embedding model served beside --model)"
     if args.tensor_parallel_size != 1:
         return "colocated serves one GPU: --tensor-parallel-size must be 1"
+    if args.embed_sms is not None:
+        return green_context_problem(device)
     return None
 
 
@@ -174,7 +210,7 @@ def run(args, opts: dict, socks: dict) -> int:
 
     factories = {r: functools.partial(build_engine, a) for r, a in engine_args(args).items()}
     try:
-        engines = start_engines(factories, args.log_level)
+        engines = start_engines(factories, args.log_level, args.embed_sms)
     except EngineStartError as e:
         print(f"coserve serve colocated: {e}", file=sys.stderr)
         return e.exit_code

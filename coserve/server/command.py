@@ -71,6 +71,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     co.add_argument("--embed-gpu-memory-utilization", metavar="F", type=_fraction, default=0.3, help="the embed engine's fraction of the GPU")
     co.add_argument("--embed-max-model-len", metavar="N", type=_positive, default=None, help="the embed engine's longest input")
     co.add_argument("--embed-max-num-seqs", metavar="N", type=_positive, default=256, help="inputs in one embed forward")
+    co.add_argument("--embed-sms", metavar="M", type=_positive, default=None, help="confine embed to a CUDA green context of M SMs (gen keeps all; needs torch with green contexts)")
     co.add_argument("--embed-max-num-batched-tokens", metavar="N", type=_positive, default=8192, help="tokens in one embed forward")
     guard = parser.add_argument_group("SLO guard (embed only): throttle embed forwards to hold a gen server's step time")
     guard.add_argument("--slo-guard-gen-url", metavar="URL", default=None, help="the gen server whose /metrics the guard reads")
@@ -218,7 +219,7 @@ def _run_colocated(args) -> int:
     from coserve.server import colocated
     from coserve.server.app import bind_socket
 
-    why = colocated.problem(args) or serve_problem(args.model, _device(args.device), args.gpu_memory_utilization, 1) \
+    why = colocated.problem(args, _device(args.device)) or serve_problem(args.model, _device(args.device), args.gpu_memory_utilization, 1) \
         or serve_problem(args.embed_model, _device(args.device), args.embed_gpu_memory_utilization, 1)
     if why:
         print(f"coserve serve colocated: {why}", file=sys.stderr)
