@@ -20,8 +20,8 @@ Launchers:
   [--load-format dummy for random weights]` + extra_args; with `docker_image` set, the same
   arguments to `docker run --rm --gpus ... --ipc=host IMAGE` (stopped with `docker rm -f`)
 - external: `url` only; readiness is checked, nothing is started or stopped
-- command: `extra_args` is the whole command line, `{host}` and `{port}` filled in (for other
-  servers, and for tests)
+- command: `extra_args` is the whole command line, `{host}`, `{port}` and `{python}` (the
+  Python running coserve) filled in (for other servers, `coserve serve colocated`, and tests)
 """
 
 from __future__ import annotations
@@ -195,7 +195,8 @@ def build_command(spec: ServerSpec, port: int, env: dict[str, str] | None = None
             return docker_command(s, port, args, env or {})
         return [s.vllm_bin, "serve"] + args
     if s.launcher == "command":
-        return [a.replace("{host}", s.host).replace("{port}", str(port)) for a in s.extra_args]
+        return [a.replace("{host}", s.host).replace("{port}", str(port)).replace("{python}", sys.executable)
+                for a in s.extra_args]
     raise ValueError(f"launcher {s.launcher} starts no process")
 
 

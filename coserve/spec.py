@@ -96,7 +96,7 @@ class ServerConfig:
     enforce_eager: bool = _f(False, help="no CUDA graphs")
     tensor_parallel_size: int = _f(1, ge=1)
     extra_args: list[str] = _f([], help="added to the server command (launcher command: the "
-                               "whole command line, with {host} and {port} filled in)")
+                               "whole command line, with {host}, {port} and {python} filled in)")
     docker_image: str = _f("", help="launcher vllm: run `vllm serve` in this image")
     ready_timeout_s: float = _f(600.0, gt=0.0, le=86400.0, help="how long to wait for /health")
 

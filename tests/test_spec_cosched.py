@@ -30,6 +30,10 @@ embed = { max_num_batched_tokens = 512, max_num_seqs = 16 }
 [[conditions]]
 name = "guard"
 embed = { slo_guard = true, gen_tpot_slo_pct = 5 }
+[[conditions]]
+name = "colo"
+gen = { launcher = "command", extra_args = ["{python}", "-m", "coserve", "serve", "colocated", "--port", "{port}"] }
+embed = { launcher = "external", url = "http://127.0.0.1:18101" }
 """
 
 
@@ -88,6 +92,10 @@ def test_a_guard_set_on_the_server_table_is_named_there():
 
 
 def test_command_lines():
+    import sys
+
+    colo = build_command(ServerSpec(role="gen", launcher="command", extra_args=["{python}", "-m", "x", "{port}"]), 7)
+    assert colo == [sys.executable, "-m", "x", "7"]
     cmd = build_command(ServerSpec(role="embed", model="tiny-embed", max_num_batched_tokens=512, max_num_seqs=16,
                                    slo_guard_gen_url="http://127.0.0.1:9000", gen_tpot_slo_ms=23.5), 1)
     assert cmd[cmd.index("--max-num-batched-tokens") + 1] == "512"
@@ -118,7 +126,7 @@ def test_the_runner_gives_the_embed_server_gens_url_and_records_the_guard(tmp_pa
     started = {r["condition"]: r for r in records}
     assert all(r["status"] == "ok" for r in records)
     specs = [e for e in b.specs if e.role == "embed"]
-    grain, guard = specs
+    grain, guard, _ = specs
     assert not hasattr(grain, "slo_guard_gen_url")  # no guard: the launch default
     assert grain.max_num_batched_tokens == 512 and grain.max_num_seqs == 16
     assert guard.slo_guard_gen_url == "http://127.0.0.1:9000" and guard.gen_tpot_slo_pct == 5
@@ -138,6 +146,7 @@ def test_the_runner_gives_the_embed_server_gens_url_and_records_the_guard(tmp_pa
     labels = {c.label: [p.condition for p in c.points] for c in tradeoff(stats).curves}
     assert labels["timeslice (embed.gen_tpot_slo_pct=5, embed.slo_guard=true)"] == ["guard"]
     assert labels["timeslice (embed.max_num_batched_tokens=512, embed.max_num_seqs=16)"] == ["grain"]
+    assert labels["timeslice (colo)"] == ["colo"]  # a command line is named by its condition
 
 
 def test_mps_limits_spec_gives_the_embed_server_its_env(tmp_path):

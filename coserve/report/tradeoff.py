@@ -58,9 +58,14 @@ def strategy_label(c: ConditionStats) -> str:
     the SLO guard): conditions that differ in any of them are separate curves."""
     cond = c.condition
     opts = [f"{k}={v}" for k, v in sorted(cond.options.items())]
-    opts += [f"{role}.{k}={_value(v)}" for role in ("gen", "embed")
-             for k, v in sorted(getattr(cond, role, {}).items())]
+    overrides = {f"{role}.{k}": v for role in ("gen", "embed") for k, v in sorted(getattr(cond, role, {}).items())}
+    opts += [f"{k}={_value(v)}" for k, v in overrides.items() if k.split(".")[1] not in _BY_NAME]
+    if any(k.split(".")[1] in _BY_NAME for k in overrides):  # a command line: the condition's name says it
+        opts.append(cond.sweep.base if cond.sweep is not None else cond.name)
     return f"{cond.strategy} ({', '.join(opts)})" if opts else cond.strategy
+
+
+_BY_NAME = ("launcher", "extra_args", "url", "docker_image")
 
 
 def _value(v) -> str:
