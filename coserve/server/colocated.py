@@ -77,6 +77,8 @@ def _streams(engines: dict, embed_sms: int | None) -> dict:
 def _serve_on(engine, conn, stream) -> None:
     import torch
 
+    if stream is not None:
+        torch.cuda.set_device(stream.device)  # the current device is per thread, as the stream is
     with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
         engine_core.serve_pipe(engine, conn)
 
