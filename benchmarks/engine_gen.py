@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from coserve.engine.gen_engine import GenEngine  # noqa: E402
 from coserve.engine.types import EngineArgs, SamplingParams  # noqa: E402
+from coserve.procs import free_port, tail  # noqa: E402
 
 BOUND_TOK_S = 49_000  # DESIGN.md: ~45 GB read per decode step at C=512 on an H200
 STUDY_TOK_S = 24_363  # vLLM 0.15.1, the study's gen-only figure
@@ -289,8 +290,6 @@ def serve_and_bench(role: str, server_args: list[str], bench_args: list[str], ou
     server's interpreter switches threads this often (sys.setswitchinterval; Python's
     default is 5 ms), to see what GIL hand-offs between its engine thread and its HTTP
     thread cost."""
-    from coserve.launch import free_port
-
     port = free_port()
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     log_path = out_dir / f"serve_{role}{tag}.log"
@@ -311,7 +310,7 @@ def serve_and_bench(role: str, server_args: list[str], bench_args: list[str], ou
 
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"server exited ({proc.returncode}):\n" + _tail(log_path))
+                raise RuntimeError(f"server exited ({proc.returncode}):\n" + tail(log_path, 30))
             try:
                 with urllib.request.urlopen(url + "/health", timeout=2) as r:
                     if r.status == 200:
@@ -319,7 +318,7 @@ def serve_and_bench(role: str, server_args: list[str], bench_args: list[str], ou
             except OSError:
                 pass
             if time.perf_counter() - t0 > ready_timeout_s:
-                raise RuntimeError("server not ready in time:\n" + _tail(log_path))
+                raise RuntimeError("server not ready in time:\n" + tail(log_path, 30))
             time.sleep(1.0)
         ready_s = time.perf_counter() - t0
         log(f"server ready in {ready_s:.0f} s")
@@ -330,7 +329,7 @@ def serve_and_bench(role: str, server_args: list[str], bench_args: list[str], ou
         subprocess.run(bench, check=True, env=env)
         summary = json.loads(out_json.read_text())
         summary["server_ready_s"] = ready_s
-        summary["server_log_tail"] = _tail(log_path, 15)
+        summary["server_log_tail"] = tail(log_path, 15)
         rec = out_json.with_suffix(".records.jsonl")
         if rec.exists():
             rec.unlink()  # large; the summary is what the report needs
@@ -345,13 +344,6 @@ def serve_and_bench(role: str, server_args: list[str], bench_args: list[str], ou
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
-
-
-def _tail(path: Path, n: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
-    except OSError:
-        return ""
 
 
 def release_cuda_memory() -> None:

@@ -3,7 +3,7 @@ so that `coserve serve gen --model qwen3-30b-a3b --random-weights` on a CPU mach
 at once instead of filling the RAM with 30B parameters.
 
 The need is the weights' size as stored (FP8 where the preset's config says so, else 2 bytes
-a parameter: `coserve.plan.model_size`), a lower bound of what the engine allocates; a model
+a parameter: `coserve.model_size.model_size`), a lower bound of what the engine allocates; a model
 is refused only when even that exceeds what is free, so a refusal is always right.
 """
 
@@ -38,7 +38,7 @@ class MemoryNeed:
 
 def weight_bytes(model: str) -> int | None:
     """Bytes of `model`'s weights (a preset or a model directory), or None if unknown."""
-    from coserve.plan import model_size
+    from coserve.model_size import model_size
 
     try:
         return model_size(model).weight_bytes

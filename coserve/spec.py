@@ -42,25 +42,28 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import re
 import tomllib
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from coserve.gpu.strategies import ROLES
+from coserve.engine.types import EngineArgs
+from coserve.gpu.strategy_base import STRATEGIES as _STRATEGIES
+from coserve.gpu.strategy_base import TP_ALIASES
+from coserve.launch_command import LAUNCHERS
+from coserve.roles import ROLES
+from coserve.spec_check import build_dataclass, checked_overrides
 from coserve.spec_cosched import server_problems
 from coserve.spec_load import LoadSpec, ReportSpec, SweepPoint, SweepSpec, load_problems, plain
 from coserve.spec_load import spec_field as _f
 
-STRATEGIES = ("exclusive", "timeslice", "mps", "mig", "tp", "tp+timeslice", "tp+mps")
-LAUNCHERS = ("builtin", "vllm", "external", "command")
+STRATEGIES = _STRATEGIES + TP_ALIASES
 ORDERS = ("alternate", "sequential")
 DEVICES = ("auto", "cpu", "cuda")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+# The built-in engine's defaults: a server setting a spec leaves out is the engine's.
+_ENGINE = {f.name: f.default for f in dataclasses.fields(EngineArgs)}
 # Reps per condition: far more than any study needs, few enough that the schedule fits in memory.
 MAX_REPETITIONS = 1000
 
@@ -84,17 +87,17 @@ class ServerConfig:
     url: str = _f("", help="base URL of an already running server (launcher = external)")
     random_weights: bool = _f(True, help="initialise the preset's weights at random")
     device: str = _f("auto", choices=DEVICES, help="builtin engine device; auto = cuda if present")
-    gpu_memory_utilization: float = _f(0.9, gt=0.0, le=1.0)
+    gpu_memory_utilization: float = _f(_ENGINE["gpu_memory_utilization"], gt=0.0, le=1.0)
     max_model_len: int = _f(0, ge=0, help="0 = the model's own limit")
-    max_num_seqs: int = _f(256, ge=1, help="sequences per step; for embed, inputs per forward")
+    max_num_seqs: int = _f(_ENGINE["max_num_seqs"], ge=1, help="sequences per step; for embed, inputs per forward")
     max_num_batched_tokens: int = _f(0, ge=0, omit_default=True,
                                      help="tokens per step (embed: per forward); 0 = the server's default")
-    slo_guard: bool = _f(False, omit_default=True, help="embed only: throttle embed to hold gen's step p99")
+    slo_guard: bool = _f(False, omit_default=True, help="embed only: throttle embed to hold gen's step time")
     gen_tpot_slo_ms: float | None = _f(None, gt=0.0, omit_default=True, help="the guard's budget in ms")
     gen_tpot_slo_pct: float | None = _f(None, ge=0.0, le=1000.0, omit_default=True,
-                                        help="the guard's budget: gen alone's step p99 plus this %")
-    enforce_eager: bool = _f(False, help="no CUDA graphs")
-    tensor_parallel_size: int = _f(1, ge=1)
+                                        help="the guard's budget: gen alone's step time plus this %")
+    enforce_eager: bool = _f(_ENGINE["enforce_eager"], help="no CUDA graphs")
+    tensor_parallel_size: int = _f(_ENGINE["tensor_parallel_size"], ge=1)
     extra_args: list[str] = _f([], help="added to the server command (launcher command: the "
                                "whole command line, with {host}, {port} and {python} filled in)")
     docker_image: str = _f("", help="launcher vllm: run `vllm serve` in this image")
@@ -214,121 +217,6 @@ def _drop_none(v: Any) -> Any:
     return v
 
 
-# ---------------------------------------------------------------------------- validation
-
-
-def _describe(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_describe(a) for a in typing.get_args(tp) if a is not type(None))
-    if origin is list:
-        return f"a list of {_describe(typing.get_args(tp)[0])}s"
-    if origin is dict:
-        return "a table"
-    if dataclasses.is_dataclass(tp):
-        return "a table"
-    return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
-
-
-def _check_scalar(value: Any, tp: Any, meta: dict, path: str, errors: list[str]) -> Any:
-    if tp is bool:
-        ok = isinstance(value, bool)
-    elif tp is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif tp is float:
-        ok = isinstance(value, int | float) and not isinstance(value, bool)
-        # TOML integers are unbounded: one past float's range would overflow float().
-        if ok and not (abs(value) < 2 ** 1023 if isinstance(value, int) else math.isfinite(value)):
-            errors.append(f"{path}: {value!r} is not a finite number")
-            return None
-        value = float(value) if ok else value
-    elif tp is str:
-        ok = isinstance(value, str)
-    else:  # pragma: no cover - schema error
-        raise TypeError(tp)
-    if not ok:
-        errors.append(f"{path}: {value!r} is not {_describe(tp)}")
-        return None
-    if "choices" in meta and value not in meta["choices"]:
-        errors.append(f"{path}: {value!r} is not one of {', '.join(meta['choices'])}")
-        return None
-    for key, test, words in (("ge", lambda v, b: v >= b, "at least"),
-                             ("gt", lambda v, b: v > b, "greater than"),
-                             ("le", lambda v, b: v <= b, "at most")):
-        if key in meta and not test(value, meta[key]):
-            errors.append(f"{path}: {value!r} must be {words} {meta[key]}")
-            return None
-    if "pattern" in meta and not meta["pattern"].match(value):
-        errors.append(f"{path}: {value!r} is not allowed ({meta.get('help') or 'bad name'})")
-        return None
-    return value
-
-
-def _check(value: Any, tp: Any, meta: dict, path: str, errors: list[str]) -> Any:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        inner = [a for a in typing.get_args(tp) if a is not type(None)][0]
-        return _check(value, inner, meta, path, errors)
-    if origin is list:
-        (item_tp,) = typing.get_args(tp)
-        if not isinstance(value, list):
-            errors.append(f"{path}: {value!r} is not {_describe(tp)}")
-            return None
-        if len(value) < meta.get("min_items", 0):
-            errors.append(f"{path}: needs at least {meta['min_items']} item(s)")
-            return None
-        if path.endswith(".gpus"):  # GPU indices or UUIDs: both fine, kept as strings
-            bad = [v for v in value if not isinstance(v, int | str) or isinstance(v, bool)
-                   or str(v).strip().startswith("-") or not str(v).strip()]
-            if bad:
-                errors.append(f"{path}: {bad[0]!r} is not a GPU index (0, 1, ...) or UUID")
-                return None
-            return [str(v) for v in value]
-        out = [_check(v, item_tp, meta, f"{path}[{i}]", errors) for i, v in enumerate(value)]
-        if meta.get("unique") and len(set(map(repr, out))) != len(out):
-            errors.append(f"{path}: items repeat")
-        return out
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, path, errors)
-    if origin is dict:
-        if not isinstance(value, dict):
-            errors.append(f"{path}: {value!r} is not a table")
-            return None
-        return dict(value)
-    return _check_scalar(value, tp, meta, path, errors)
-
-
-def _build(cls: type, table: Any, path: str, errors: list[str], partial: bool = False) -> Any:
-    """Build dataclass `cls` from a TOML table, appending problems to `errors`.
-    With `partial`, missing fields are fine and a dict of the given (checked) values returns."""
-    where = path or "the spec"
-    if not isinstance(table, dict):
-        errors.append(f"{where}: {table!r} is not a table")
-        return None
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
-    for key in table:
-        if key not in fields:
-            near = ", ".join(sorted(fields))
-            errors.append(f"{path + '.' if path else ''}{key}: unknown field (allowed: {near})")
-    values: dict[str, Any] = {}
-    for name, f in fields.items():
-        sub = f"{path}.{name}" if path else name
-        if name not in table:
-            if not partial and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                errors.append(f"{sub}: missing ({_describe(hints[name])} is needed)")
-            continue
-        values[name] = _check(table[name], hints[name], dict(f.metadata), sub, errors)
-    if partial:
-        return values
-    if any(v is None and name in table for name, v in values.items()):
-        return None
-    try:
-        return cls(**values)
-    except TypeError:
-        return None
-
-
 def _check_strategy(cond: Condition, path: str, errors: list[str]) -> None:
     """Let the strategy check its options and GPUs (it only validates; nothing starts)."""
     from coserve.gpu.strategies import StrategyError, make_strategy
@@ -336,20 +224,13 @@ def _check_strategy(cond: Condition, path: str, errors: list[str]) -> None:
     try:
         make_strategy(cond.strategy, list(cond.gpus), dict(cond.options), Path("."))
     except StrategyError as e:
-        msg = str(e)
-        m = re.match(r"option (\w+)(?: \((\w+)\))?: (.*)", msg, re.S)
-        if m and m.group(1) in cond.options:
-            role = f".{m.group(2)}" if m.group(2) and isinstance(cond.options[m.group(1)], dict) else ""
-            errors.append(f"{path}.options.{m.group(1)}{role}: {m.group(3)}")
-        elif "option" in msg:
-            errors.append(f"{path}.options: {msg}")
+        if e.option in cond.options:
+            role = f".{e.role}" if e.role and isinstance(cond.options[e.option], dict) else ""
+            errors.append(f"{path}.options.{e.option}{role}: {e.detail}")
+        elif e.about_options:
+            errors.append(f"{path}.options: {e}")
         else:
-            errors.append(f"{path}.strategy: {msg}")
-
-
-def _check_override(cls: type, table: Any, path: str, errors: list[str]) -> dict[str, Any]:
-    values = _build(cls, table, path, errors, partial=True)
-    return {k: v for k, v in (values or {}).items() if v is not None}
+            errors.append(f"{path}.strategy: {e}")
 
 
 def parse_spec(data: dict[str, Any], source: str = "<spec>") -> Spec:
@@ -369,7 +250,7 @@ def parse_spec(data: dict[str, Any], source: str = "<spec>") -> Spec:
         if role not in ROLES:
             errors.append(f"servers.{role}: unknown server (allowed: {', '.join(ROLES)})")
             continue
-        cfg = _build(ServerConfig, table, f"servers.{role}", errors)
+        cfg = build_dataclass(ServerConfig, table, f"servers.{role}", errors)
         if cfg is not None:
             servers[role] = cfg
             if cfg.launcher == "external" and not cfg.url:
@@ -397,8 +278,8 @@ def parse_spec(data: dict[str, Any], source: str = "<spec>") -> Spec:
             overrides = {}
             for key, cls in (("load", LoadSpec), ("gen", ServerConfig), ("embed", ServerConfig)):
                 if key in table:
-                    overrides[key] = _check_override(cls, table.pop(key), f"{path}.{key}", errors)
-            cond = _build(Condition, table, path, errors)
+                    overrides[key] = checked_overrides(cls, table.pop(key), f"{path}.{key}", errors)
+            cond = build_dataclass(Condition, table, path, errors)
             if cond is None:
                 continue
             cond = dataclasses.replace(cond, **overrides)
@@ -420,7 +301,7 @@ def parse_spec(data: dict[str, Any], source: str = "<spec>") -> Spec:
     # The top-level scalars and tables.
     if "name" not in raw:
         errors.append("name: missing (a string is needed: letters, digits, '.', '_' and '-')")
-    spec_values = _build(Spec, raw, "", errors, partial=True)
+    spec_values = build_dataclass(Spec, raw, "", errors, partial=True)
     spec_values = {k: v for k, v in spec_values.items() if v is not None}
 
     baseline = spec_values.get("baseline", "")
@@ -437,7 +318,7 @@ def parse_spec(data: dict[str, Any], source: str = "<spec>") -> Spec:
 
     sweep = None
     if sweep_raw is not None:
-        sweep = _build(SweepSpec, sweep_raw, "sweep", errors)
+        sweep = build_dataclass(SweepSpec, sweep_raw, "sweep", errors)
         if sweep is not None and None in sweep.concurrency + sweep.rate:
             sweep = None  # a bad value, already reported
     if sweep is not None and sweep.repetitions > MAX_REPETITIONS:

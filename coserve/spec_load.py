@@ -15,8 +15,8 @@ from typing import Any, NamedTuple
 
 from coserve.bench.arrivals import ARRIVALS
 from coserve.bench.config import GEN_ENDPOINTS, ConfigError, LoadConfig
-from coserve.gpu.strategies import ROLES
 from coserve.reference import REFERENCES
+from coserve.roles import ROLES
 
 
 def spec_field(default: Any = dataclasses.MISSING, *, help: str = "", **checks: Any) -> Any:

@@ -4,7 +4,6 @@ come out as the server was told to stream them, failures are counted, edges are 
 import asyncio
 import os
 import signal
-import socket
 import threading
 import time
 
@@ -14,6 +13,7 @@ from coserve.bench import stream_server
 from coserve.bench.config import LoadConfig
 from coserve.bench.loadgen import BenchError, EndpointDead, run_load, run_sync
 from coserve.bench.workers import DEAD_AFTER_S
+from coserve.procs import free_port
 
 TTFT_MS, ITL_MS, EMBED_MS = 50.0, 10.0, 80.0
 
@@ -190,14 +190,8 @@ def test_a_server_dying_mid_run_ends_it_within_a_second_with_the_reason():
     assert 0 < len(refused) < 30, len(refused)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_unreachable_url_fails_at_once_with_a_clear_message(server):
-    url = f"http://127.0.0.1:{_free_port()}"
+    url = f"http://127.0.0.1:{free_port()}"
     t = time.monotonic()
     with pytest.raises(BenchError) as e:
         _load(gen_url=server.url, embed_url=url, warmup_s=5, duration_s=5)

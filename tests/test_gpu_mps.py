@@ -19,6 +19,7 @@ from coserve.gpu import mps
 from coserve.gpu.fakes import install_fake_mps_control
 from coserve.gpu.strategies import StrategyError, make_strategy
 from coserve.launch import ServerFailed
+from coserve.procs import pid_alive
 
 
 @pytest.fixture
@@ -71,7 +72,7 @@ def test_daemon_lifecycle_private_dirs_and_server_list(fake_bin, tmp_path):
         assert desc["server_pids"] == servers and any("get_server_list" in e for e in desc["events"])
         pids = d.pids()
     assert not wait_gone(run)
-    assert not any(mps._pid_alive(p) for p in pids)
+    assert not any(pid_alive(p) for p in pids)
     assert not (d.pipe_dir / mps.MARKER).exists()
     assert "quit" in (run / "mps" / "log" / "control.log").read_text()
 
@@ -194,7 +195,7 @@ def test_daemon_that_ignores_quit_is_killed_with_its_server(fake_bin, tmp_path, 
     d.stop()
     assert any("SIGKILL" in e or "SIGTERM" in e for e in d.events)
     assert not wait_gone(tmp_path / "run")
-    assert not any(mps._pid_alive(p) for p in servers)
+    assert not any(pid_alive(p) for p in servers)
 
 
 def test_missing_binary_says_so(tmp_path, monkeypatch):

@@ -191,3 +191,38 @@ def test_mig_strategy_pins_servers_to_mig_uuids(tmp_path):
     # MIG device UUIDs given directly
     with make_strategy("mig", ["MIG-x", "MIG-y"], {}, tmp_path) as s:
         assert s.env_for("embed")["CUDA_VISIBLE_DEVICES"] == "MIG-y"
+
+
+def test_strategy_error_names_its_option_and_role(tmp_path):
+    with pytest.raises(StrategyError) as e:
+        make_strategy("mps", ["0"], {"active_thread_percentage": {"embed": 150}}, tmp_path)
+    assert (e.value.option, e.value.role) == ("active_thread_percentage", "embed")
+    assert str(e.value) == f"option active_thread_percentage (embed): {e.value.detail}"
+    with pytest.raises(StrategyError) as e:
+        make_strategy("timeslice", ["0"], {"bogus": 1}, tmp_path)
+    assert e.value.option is None and e.value.about_options
+
+
+def test_nvml_session_shuts_nvml_down_also_on_errors():
+    from coserve.gpu.nvml import NvmlUnavailable, nvml_session
+
+    class Lib:
+        calls: list[str] = []
+
+        def nvmlInit(self):
+            self.calls.append("init")
+
+        def nvmlShutdown(self):
+            self.calls.append("shutdown")
+
+    lib = Lib()
+    with pytest.raises(RuntimeError), nvml_session(lib):
+        raise RuntimeError("inside")
+    assert lib.calls == ["init", "shutdown"]
+
+    class Broken(Lib):
+        def nvmlInit(self):
+            raise OSError("no driver")
+
+    with pytest.raises(NvmlUnavailable, match="no driver"), nvml_session(Broken()):
+        pytest.fail("the body must not run")

@@ -131,6 +131,8 @@ def test_open_loop_tables_and_equal_work(open_run):
     sweep = md.split("## Rate sweep (embed)")[1]
     assert "- **Unequal embed work** for the sweep points at embed rate 16 req/s: " \
            "timeslice.embed-r16 128, mps.embed-r16 60.2 embed seq/s (the most is 2.1x the least" in sweep
+    # an embed rate was offered to both, so the gap is a server that fell behind, said by name
+    assert "alone; mps.embed-r16 did not keep up with the offered embed rate" in sweep
     assert "- **Equal embed work** for the sweep points at embed rate 2 req/s" in sweep
     assert "for the sweep points" not in md.split("## Rate sweep")[0]
     assert "| Condition | Gen load | Gen offered (req/s) | Gen achieved (req/s) | Embed load |" in md
@@ -144,6 +146,7 @@ def test_open_loop_tables_and_equal_work(open_run):
     assert "every bound (TPOT <= 30 ms); an embed request only if it took <= 250 ms" in md
     assert "## Rate sweep (embed)" in md and "| embed rate (req/s) |" in md
     stats = json.loads((open_run / "stats.json").read_text())
+    assert [e["behind"] for e in stats["equal_work"]] == [[], [], ["mps.embed-r16"]]
     assert [(e["what"], e["equal"]) for e in stats["equal_work"]] == [
         ("the co-located conditions", True), ("the sweep points at embed rate 2 req/s", True),
         ("the sweep points at embed rate 16 req/s", False)]

@@ -77,7 +77,7 @@ def test_a_server_that_dies_mid_rep_fails_it_within_a_second(tmp_path):
                 threading.Timer(1.0, self.kill).start()
 
         def kill(self):
-            (server,) = list(launch._live.values())
+            (server,) = launch.live_servers()
             killed_at.append(time.monotonic())
             os.killpg(server.pgid, signal.SIGKILL)
 

@@ -57,14 +57,11 @@ def gpu_state() -> dict[str, Any]:
     from coserve.gpu import nvml as nv
 
     try:
-        lib = nv.open_nvml()
+        with nv.nvml_session() as lib:
+            gpus = nv.all_gpus(lib, with_mig_profiles=False)
+            driver, cuda = nv.driver_versions(lib)
     except nv.NvmlUnavailable as e:
         return {"gpus": [], "driver": None, "cuda_driver": None, "note": str(e)}
-    try:
-        gpus = nv.all_gpus(lib, with_mig_profiles=False)
-        driver, cuda = nv.driver_versions(lib)
-    finally:
-        nv.close_nvml(lib)
     return {
         "gpus": [{"index": g.index, "name": g.name, "uuid": g.uuid, "memory_mib": g.memory_mib,
                   "compute_mode": g.compute_mode, "mig": g.mig_current,

@@ -21,29 +21,22 @@ finished rep; `--resume` later runs what is missing.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import datetime as dt
-import gzip
-import os
-import shutil
 import time
 import traceback
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from coserve.experiment import fingerprint as fpmod
 from coserve.experiment import preflight
+from coserve.experiment.backend import Backend, resolve_device
 from coserve.experiment.failure import storage_error
+from coserve.experiment.rep import compress_records, first_dead, load_problem, window_telemetry
 from coserve.experiment.rundir import FolderBusy, RunDir, read_json, write_atomic, write_json
 from coserve.experiment.signals import interruptible, no_interrupts
 from coserve.spec import Condition, Spec
-
-# How often the servers' processes are polled while the load runs: a server that dies is
-# noticed within this, and the load stopped.
-WATCH_INTERVAL_S = 0.25
 
 
 class RunRefused(RuntimeError):
@@ -53,83 +46,6 @@ class RunRefused(RuntimeError):
 
 def _now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-
-
-class Backend:
-    """The pieces a rep is made of. Tests may replace any of them."""
-
-    def strategy(self, name: str, gpus: list[str], options: dict, run_dir: Path):
-        from coserve.gpu.strategies import make_strategy
-
-        return make_strategy(name, gpus, options, run_dir)
-
-    def start_server(self, spec, env: dict[str, str], log_path: Path, ready_timeout_s: float):
-        from coserve.launch import start_server
-
-        return start_server(spec, env, log_path, ready_timeout_s)
-
-    def server_spec(self, **fields):
-        from coserve.launch import ServerSpec
-
-        return ServerSpec(**fields)
-
-    def telemetry(self, devices: list[str], interval_s: float, out_path: Path):
-        from coserve.gpu.telemetry import TelemetrySampler
-
-        return TelemetrySampler(devices, interval_s=interval_s, out_path=out_path)
-
-    def run_load(self, load: dict[str, Any], out_path: Path, on_progress,
-                 dead: Callable[[], str | None] | None = None) -> dict:
-        """Run the load, write bench.json (+ records), return the summary. `dead()` is polled
-        every WATCH_INTERVAL_S; when it names a reason the load is stopped (cut short)."""
-        from coserve.bench.config import LoadConfig
-        from coserve.bench.loadgen import run_load, run_sync, write_result
-
-        async def watched():
-            stop = asyncio.Event()
-
-            async def watch():
-                while not stop.is_set():
-                    await asyncio.sleep(WATCH_INTERVAL_S)
-                    if dead():
-                        stop.set()
-
-            watcher = asyncio.create_task(watch()) if dead is not None else None
-            try:
-                return await run_load(LoadConfig(**load), on_progress=on_progress, stop=stop)
-            finally:
-                if watcher is not None:
-                    watcher.cancel()
-
-        # run_sync takes uvloop where installed, as `coserve bench` does: same client speed.
-        result = run_sync(watched())
-        write_result(result, out_path)
-        return result.summary()
-
-    def guard_state(self, embed_url: str) -> dict[str, Any]:
-        """The SLO guard's figures at the end of the load (slo_guard.scrape_guard)."""
-        from coserve.server.slo_guard import scrape_guard
-
-        return scrape_guard(embed_url)
-
-    def gpu_state(self) -> dict[str, Any]:
-        """The machine's GPUs as the preflight checks them (fingerprint.gpu_state)."""
-        return fpmod.gpu_state()
-
-
-def resolve_device(device: str) -> str:
-    if device != "auto":
-        return device
-    from coserve.gpu import nvml as nv
-
-    try:
-        lib = nv.open_nvml()
-    except nv.NvmlUnavailable:
-        return "cpu"
-    try:
-        return "cuda" if int(lib.nvmlDeviceGetCount()) > 0 else "cpu"
-    finally:
-        nv.close_nvml(lib)
 
 
 class Runner:
@@ -262,12 +178,12 @@ class Runner:
         """The launch spec of `role` and its config; `urls` of the servers already up (gen
         first), which the embed server's SLO guard reads."""
         cfg = cond.server(self.spec, role)
+        if cond.strategy.startswith("tp"):  # the strategy holds the TP degree
+            cfg = dataclasses.replace(cfg, tensor_parallel_size=strategy.tensor_parallel_size(role))
         guard = {}
         if cfg.slo_guard:
             guard = {"slo_guard_gen_url": (urls or {})["gen"], "gen_tpot_slo_ms": cfg.gen_tpot_slo_ms,
                      "gen_tpot_slo_pct": cfg.gen_tpot_slo_pct}
-        if cond.strategy.startswith("tp"):  # the strategy holds the TP degree
-            cfg = dataclasses.replace(cfg, tensor_parallel_size=strategy.tensor_parallel_size(role))
         return self.backend.server_spec(
             role=role, launcher=cfg.launcher, model=cfg.model, url=cfg.url or None,
             device=self.device(cfg.device), random_weights=cfg.random_weights,
@@ -347,7 +263,7 @@ class Runner:
                 record["load"] = load
                 on_progress = self.progress.load_progress if self.progress else None
                 summary = self.backend.run_load(load, rep_dir / "bench.json", on_progress,
-                                                dead=lambda: _dead(servers))
+                                                dead=lambda: first_dead(servers))
                 record["bench"] = summary
                 if "embed" in urls and cond.server(self.spec, "embed").slo_guard:
                     record["slo_guard"] = self.backend.guard_state(urls["embed"])
@@ -363,13 +279,13 @@ class Runner:
                     server.check()
                 if summary.get("cut_short"):
                     raise KeyboardInterrupt
-                record["error"] = _load_problem(summary, cond.servers)
+                record["error"] = load_problem(summary, cond.servers)
                 record["status"] = "failed" if record["error"] else "ok"
             except KeyboardInterrupt:
                 interrupted = True
                 raise
             except Exception:
-                died = _dead(servers)  # before the tear-down stops them all
+                died = first_dead(servers)  # before the tear-down stops them all
                 raise
             finally:
                 t = time.monotonic()
@@ -387,67 +303,10 @@ class Runner:
             record["error"] = (record["error"] or died
                                or f"{type(e).__name__}: {str(e).strip() or '(no message)'}")
             write_atomic(rep_dir / "error.txt", traceback.format_exc())
-        _compress_records(rep_dir)
+        compress_records(rep_dir)
         record["finished"] = _now()
         record["elapsed_s"] = round(time.monotonic() - t_start, 3)
         self.run_dir.finish_rep(cond.name, rep, record)
         if signals:  # Ctrl-C during tear-down: the rep was whole and is kept; now stop
             raise KeyboardInterrupt
         return record
-
-
-def _dead(servers: list) -> str | None:
-    """The first server process found dead, as its ServerFailed message (with its log's tail)."""
-    for server in servers:
-        try:
-            server.check()
-        except Exception as e:
-            return str(e)
-    return None
-
-
-def window_telemetry(rows: list[dict], summary: dict) -> dict[str, dict[str, float]]:
-    """{metric: {mean, p50}} over the samples taken inside the load's measurement window
-    (the sampler's own summary also covers warm-up and start-up)."""
-    import statistics
-
-    try:
-        t0 = dt.datetime.fromisoformat(summary["started_at"]).timestamp()
-        ws = t0 + float(summary["warmup_s"])
-        we = ws + float(summary["duration_s"])
-    except (KeyError, TypeError, ValueError):
-        return {}
-    inside = [r for r in rows if ws <= r.get("t", -1) <= we]
-    out = {}
-    for key in sorted({k for r in inside for k in r} - {"t", "t_rel_s", "device"}):
-        vals = [r[key] for r in inside if isinstance(r.get(key), int | float)]
-        if vals:
-            out[key] = {"mean": statistics.fmean(vals), "p50": statistics.median(vals), "n": len(vals)}
-    return out
-
-
-def _load_problem(summary: dict, roles: list[str]) -> str | None:
-    """A reason to call the rep failed although the load ran: a role with nothing completed."""
-    for role in roles:
-        part = summary.get(role)
-        if not part:
-            return f"the load generator measured nothing for {role}"
-        if not part.get("completed"):
-            errs = part.get("errors") or []
-            first = ""
-            if errs:
-                e = errs[0]
-                first = f" (first error: {e.get('status')} {e.get('message')})" if isinstance(e, dict) else f" ({e})"
-            return (f"no {role} request completed inside the window; "
-                    f"{part.get('failed', 0)} failed{first}")
-    return None
-
-
-def _compress_records(rep_dir: Path) -> None:
-    """Per-request records are large; keep them gzipped (the report reads either)."""
-    for path in rep_dir.glob("*.records.jsonl"):
-        tmp = Path(str(path) + ".gz.tmp")
-        with open(path, "rb") as src, gzip.open(tmp, "wb", compresslevel=6) as dst:
-            shutil.copyfileobj(src, dst)
-        os.replace(tmp, str(path) + ".gz")
-        path.unlink()

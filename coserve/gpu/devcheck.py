@@ -183,7 +183,11 @@ def servers_stage(run_dir: Path) -> None:
                 clients = []
                 for sp in strat.daemon.get_server_list():
                     clients += [int(x) for x in strat.daemon.command(f"get_client_list {sp}").split() if x.isdigit()]
-                check("both server processes are MPS clients", set(pids) <= set(clients), f"servers {pids}, clients {clients}")
+                # A server's engine runs in a child process of its group (server/engine_core.py):
+                # that child is the MPS client.
+                client_groups = {_pgid(c) for c in clients}
+                check("both servers' engines are MPS clients", all(s.pgid in client_groups for s in srvs),
+                      f"server groups {[s.pgid for s in srvs]}, clients {clients} (groups {sorted(client_groups)})")
             finally:
                 for s in reversed(srvs):
                     s.stop()
@@ -202,10 +206,18 @@ def _group_exists(pgid: int) -> bool:
         return False
 
 
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except OSError:
+        return None
+
+
 def main(argv=None) -> int:
     from coserve.gpu import mps
     from coserve.gpu.strategies import make_strategy, mps_client_priority_supported
     from coserve.gpu.telemetry import TelemetrySampler
+    from coserve.procs import pid_alive
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
@@ -282,7 +294,7 @@ def main(argv=None) -> int:
     os.kill(d2.proc.pid, signal.SIGTERM)
     time.sleep(3)
     print(f"after SIGTERM to the control daemon itself: daemon alive={d2.proc.poll() is None}, "
-          f"server alive={[mps._pid_alive(p) for p in srv_pids]}", flush=True)
+          f"server alive={[pid_alive(p) for p in srv_pids]}", flush=True)
     d2.stop()
     left = mps.find_mps_processes()
     check("stop() cleans up after a daemon killed from outside", not left, "; ".join(p.describe() for p in left))

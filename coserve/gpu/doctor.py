@@ -85,13 +85,9 @@ def gather(nvml: Any = None, *, with_torch: bool = True) -> dict:
     from coserve.gpu.strategies import mps_client_priority_supported
 
     facts: dict[str, Any] = {"gpu": None, "gpus": [], "driver": None, "cuda_driver": None}
+    nvml_ok = True
     try:
-        lib = nv.open_nvml(nvml)
-    except nv.NvmlUnavailable as e:
-        facts["gpu"] = str(e)
-        lib = None
-    if lib is not None:
-        try:
+        with nv.nvml_session(nvml) as lib:
             facts["driver"], facts["cuda_driver"] = nv.driver_versions(lib)
             gpus = nv.all_gpus(lib)
             facts["gpu"] = f"{len(gpus)} GPU(s)" if gpus else "no GPU: NVML works but sees no GPU"
@@ -109,15 +105,16 @@ def gather(nvml: Any = None, *, with_torch: bool = True) -> dict:
                     "mig_study_layout": "+".join(layout) if layout else None,
                     "gpm": g.gpm_supported,
                 })
-        finally:
-            nv.close_nvml(lib)
+    except nv.NvmlUnavailable as e:
+        facts["gpu"] = str(e)
+        nvml_ok = False
 
     control = _which("nvidia-cuda-mps-control")
     facts["mps"] = {
         "control": control,
         "server": _which("nvidia-cuda-mps-server"),
         "running": [p.describe() for p in mps.find_mps_processes()],
-        "client_priority": mps_client_priority_supported() if lib is not None else None,
+        "client_priority": mps_client_priority_supported() if nvml_ok else None,
     }
     ncu = _which("ncu", ("/opt/nvidia/nsight-compute/*/ncu", "/usr/local/cuda/bin/ncu"))
     nsys = _which("nsys", ("/opt/nvidia/nsight-systems/*/bin/nsys", "/usr/local/cuda/bin/nsys"))

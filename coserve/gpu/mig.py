@@ -196,7 +196,8 @@ def resolve(gpu: str, profiles: str | list[str] | None, roles: list[str], *, app
     Returns (plan, {role: MIG uuid}, created profiles). Raises MigError saying what is missing."""
     out = out or sys.stderr
     try:
-        lib = nv.open_nvml(nvml)
+        with nv.nvml_session(nvml) as lib:
+            return _resolve_on(lib, gpu, profiles, roles, apply, run_cmd, out)
     except nv.NvmlUnavailable as e:
         # Still show the plan the user asked for when it can be checked offline.
         fam_plan = ""
@@ -206,45 +207,47 @@ def resolve(gpu: str, profiles: str | list[str] | None, roles: list[str], *, app
             except MigError as pe:
                 fam_plan = f"\n{pe}"
         raise MigError(f"MIG needs an NVIDIA GPU with MIG support; {e}{fam_plan}") from e
-    try:
-        idx = nv.resolve_gpu_index(lib, gpu)
-        if idx is None:
-            raise MigError(f"GPU {gpu!r} not found by NVML")
-        info = nv.gpu_info(lib, idx)
-        if info.mig_current is None:
-            raise MigError(f"GPU {idx} ({info.name}) does not support MIG (no MIG mode in NVML): no MIG plan possible; "
-                           f"use timeslice, mps or exclusive")
-        plan = make_plan(str(idx), info.name, info.memory_mib, profiles, roles, info.supported_mig_profiles)
-        print(plan.render(), file=out)
-        if not info.mig_current:
-            pending = " (MIG is pending: it turns on after a GPU reset or reboot)" if info.mig_pending else ""
-            raise MigError(
-                f"MIG mode is off on GPU {idx} ({info.name}){pending}. Missing: MIG mode, then the instances "
-                f"{'+'.join(plan.profiles)}.\n"
-                f"  1. as root, with no process on the GPU: nvidia-smi -i {idx} -mig 1   (coserve never switches MIG mode)\n"
-                f"  2. create the instances: rerun with --apply-mig, or: {' '.join(plan.create_command())}\n"
-                f"{plan.render()}")
+
+
+def _resolve_on(lib: Any, gpu: str, profiles, roles: list[str], apply: bool, run_cmd,
+                out) -> tuple[MigPlan, dict[str, str], list[str]]:
+    idx = nv.resolve_gpu_index(lib, gpu)
+    if idx is None:
+        raise MigError(f"GPU {gpu!r} not found by NVML")
+    info = nv.gpu_info(lib, idx)
+    if info.mig_current is None:
+        raise MigError(f"GPU {idx} ({info.name}) does not support MIG (no MIG mode in NVML): no MIG plan possible; "
+                       f"use timeslice, mps or exclusive")
+    plan = make_plan(str(idx), info.name, info.memory_mib, profiles, roles, info.supported_mig_profiles)
+    print(plan.render(), file=out)
+    if not info.mig_current:
+        pending = " (MIG is pending: it turns on after a GPU reset or reboot)" if info.mig_pending else ""
+        raise MigError(
+            f"MIG mode is off on GPU {idx} ({info.name}){pending}. Missing: MIG mode, then the instances "
+            f"{'+'.join(plan.profiles)}.\n"
+            f"  1. as root, with no process on the GPU: nvidia-smi -i {idx} -mig 1   (coserve never switches MIG mode)\n"
+            f"  2. create the instances: rerun with --apply-mig, or: {' '.join(plan.create_command())}\n"
+            f"{plan.render()}")
+    assigned, missing = match_instances(plan, info.mig_devices)
+    created: list[str] = []
+    if missing and apply:
+        cmd = plan.create_command(missing)
+        print(f"--apply-mig: creating {'+'.join(missing)} on GPU {idx}: {' '.join(cmd)}", file=out)
+        try:
+            res = run_cmd(cmd, capture_output=True, text=True, timeout=120)
+        except FileNotFoundError as e:
+            raise MigError(f"cannot create MIG instances: nvidia-smi not found ({e})") from e
+        if res.returncode != 0:
+            raise MigError(f"creating MIG instances failed ({' '.join(cmd)} exited {res.returncode}):\n"
+                           f"{(res.stdout or '')}{(res.stderr or '')}".rstrip())
+        created = list(missing)
+        info = nv.gpu_info(lib, idx, with_mig_profiles=False)
         assigned, missing = match_instances(plan, info.mig_devices)
-        created: list[str] = []
-        if missing and apply:
-            cmd = plan.create_command(missing)
-            print(f"--apply-mig: creating {'+'.join(missing)} on GPU {idx}: {' '.join(cmd)}", file=out)
-            try:
-                res = run_cmd(cmd, capture_output=True, text=True, timeout=120)
-            except FileNotFoundError as e:
-                raise MigError(f"cannot create MIG instances: nvidia-smi not found ({e})") from e
-            if res.returncode != 0:
-                raise MigError(f"creating MIG instances failed ({' '.join(cmd)} exited {res.returncode}):\n"
-                               f"{(res.stdout or '')}{(res.stderr or '')}".rstrip())
-            created = list(missing)
-            info = nv.gpu_info(lib, idx, with_mig_profiles=False)
-            assigned, missing = match_instances(plan, info.mig_devices)
-        if missing:
-            raise MigError(
-                f"GPU {idx} ({info.name}) lacks MIG instances {'+'.join(missing)} for the plan {'+'.join(plan.profiles)}; "
-                f"existing: {describe_existing(info.mig_devices)}.\n"
-                f"  rerun with --apply-mig to create the missing ones (coserve only creates, never destroys), or: "
-                f"{' '.join(plan.create_command(missing))}\n{plan.render()}")
-        return plan, assigned, created
-    finally:
-        nv.close_nvml(lib)
+    if missing:
+        raise MigError(
+            f"GPU {idx} ({info.name}) lacks MIG instances {'+'.join(missing)} for the plan {'+'.join(plan.profiles)}; "
+            f"existing: {describe_existing(info.mig_devices)}.\n"
+            f"  rerun with --apply-mig to create the missing ones (coserve only creates, never destroys), or: "
+            f"{' '.join(plan.create_command(missing))}\n{plan.render()}")
+    return plan, assigned, created
+

@@ -12,22 +12,29 @@ The binary is `nvidia-cuda-mps-control` on PATH, or `control_bin` / `$COSERVE_MP
 
 from __future__ import annotations
 
-import atexit
-import ctypes
 import os
 import shutil
 import signal
 import subprocess
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from coserve.procs import (
+    BASE_ENV,
+    group_alive,
+    group_kwargs,
+    live,
+    pid_alive,
+    signal_group,
+    tail,
+    track,
+    untrack,
+)
+
 MARKER = ".coserve-mps"
 _SOCKET_PATH_MAX = 100  # AF_UNIX paths must stay under 108 bytes; MPS appends its own names
-_live: dict[int, MpsDaemon] = {}
-_live_lock = threading.Lock()
 
 
 class MpsError(RuntimeError):
@@ -35,8 +42,6 @@ class MpsError(RuntimeError):
 
 
 def nccl_safe_env() -> dict[str, str]:
-    from coserve.gpu.strategies import BASE_ENV
-
     return dict(BASE_ENV)
 
 
@@ -103,57 +108,7 @@ def find_mps_processes(proc_root: str = "/proc", exclude: set[int] | None = None
     return out
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie is dead for our purposes
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return True
 
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-
-
-try:  # resolved once here, so the forked child only makes the call
-    _prctl = ctypes.CDLL(None, use_errno=True).prctl
-except (OSError, AttributeError):  # pragma: no cover - not Linux/glibc
-    _prctl = None
-
-
-def parent_death_signal() -> None:
-    """preexec_fn: SIGTERM to the child if coserve dies without tearing down (even by SIGKILL).
-
-    Linux ties PR_SET_PDEATHSIG to the starting *thread*, so it is used only for children
-    started from the main thread (see `pdeathsig_preexec`)."""
-    if _prctl is not None:
-        _prctl(1, 15)  # PR_SET_PDEATHSIG, SIGTERM
-
-
-def pdeathsig_preexec():
-    if _prctl is None or threading.current_thread() is not threading.main_thread():
-        return None
-    return parent_death_signal
-
-
-def _tail(path: Path, n: int = 30) -> str:
-    try:
-        lines = path.read_text(errors="replace").splitlines()
-    except OSError:
-        return "(no log)"
-    return "\n".join(lines[-n:]) if lines else "(empty log)"
 
 
 class MpsDaemon:
@@ -233,11 +188,10 @@ class MpsDaemon:
         logf = open(out_log, "ab")
         try:
             self.proc = subprocess.Popen([exe, "-f"], stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
-                                         env=self._env(), start_new_session=True, preexec_fn=pdeathsig_preexec())
+                                         env=self._env(), **group_kwargs())
         finally:
             logf.close()
-        with _live_lock:
-            _live[id(self)] = self
+        track(self)
         self.events.append(f"control daemon started, pid {self.proc.pid}, pipe dir {self.pipe_dir}")
         try:
             self._wait_control_ready(out_log)
@@ -251,7 +205,7 @@ class MpsDaemon:
                     break
                 if time.monotonic() > deadline:
                     raise MpsError(f"MPS server did not come up within {self.start_timeout_s:.0f} s "
-                                   f"(get_server_list empty); control daemon output:\n{_tail(out_log)}")
+                                   f"(get_server_list empty); control daemon output:\n{tail(out_log, 30)}")
                 time.sleep(0.2)
             self.events.append(f"MPS server up: get_server_list -> {self.server_pids}")
         except BaseException:
@@ -265,14 +219,14 @@ class MpsDaemon:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise MpsError(f"MPS control daemon exited with code {self.proc.returncode} at start; its output "
-                               f"({out_log}):\n{_tail(out_log)}")
+                               f"({out_log}):\n{tail(out_log, 30)}")
             try:
                 self.command("get_server_list", timeout_s=5)
                 return
             except MpsError as e:
                 last_err = e
             time.sleep(0.2)
-        raise MpsError(f"MPS control daemon did not answer within {self.start_timeout_s:.0f} s ({last_err}):\n{_tail(out_log)}")
+        raise MpsError(f"MPS control daemon did not answer within {self.start_timeout_s:.0f} s ({last_err}):\n{tail(out_log, 30)}")
 
     def stop(self) -> None:
         """Quit the daemon; then make sure nothing it started is left. Safe to call twice."""
@@ -295,31 +249,30 @@ class MpsDaemon:
                     proc.wait(timeout=self.stop_timeout_s)
                 except subprocess.TimeoutExpired:
                     self.events.append("daemon still up after quit: SIGTERM to its group")
-                    self._signal_group(proc.pid, signal.SIGTERM)
+                    signal_group(proc.pid, signal.SIGTERM)
                     try:
                         proc.wait(timeout=min(5.0, self.stop_timeout_s))
                     except subprocess.TimeoutExpired:
                         self.events.append("SIGKILL to its group")
-                        self._signal_group(proc.pid, signal.SIGKILL)
+                        signal_group(proc.pid, signal.SIGKILL)
                         proc.wait(timeout=5)
             # The MPS server is the daemon's child; make sure it went with it.
             deadline = time.monotonic() + 5
-            while any(_pid_alive(p) for p in self.server_pids) and time.monotonic() < deadline:
+            while any(pid_alive(p) for p in self.server_pids) and time.monotonic() < deadline:
                 time.sleep(0.1)
             for p in self.server_pids:
-                if _pid_alive(p):
+                if pid_alive(p):
                     self.events.append(f"MPS server {p} outlived the daemon: SIGKILL")
                     try:
                         os.kill(p, signal.SIGKILL)
                     except OSError:
                         pass
-            if _group_alive(proc.pid):
-                self._signal_group(proc.pid, signal.SIGKILL)
+            if group_alive(proc.pid):
+                signal_group(proc.pid, signal.SIGKILL)
             self.events.append(f"daemon stopped (exit {proc.returncode})")
         finally:
             self.proc = None
-            with _live_lock:
-                _live.pop(id(self), None)
+            untrack(self)
             if self._tmp_pipe:
                 shutil.rmtree(self.pipe_dir, ignore_errors=True)
             else:
@@ -327,13 +280,6 @@ class MpsDaemon:
                     (self.pipe_dir / MARKER).unlink()
                 except OSError:
                     pass
-
-    @staticmethod
-    def _signal_group(pgid: int, sig: int) -> None:
-        try:
-            os.killpg(pgid, sig)
-        except OSError:
-            pass
 
     def pids(self) -> set[int]:
         out = set(self.server_pids)
@@ -350,16 +296,5 @@ class MpsDaemon:
 
 
 def our_pids() -> set[int]:
-    with _live_lock:
-        return set().union(*(d.pids() for d in _live.values())) if _live else set()
-
-
-@atexit.register
-def _stop_all() -> None:  # backstop: an interpreter that exits with a daemon still up stops it
-    with _live_lock:
-        daemons = list(_live.values())
-    for d in daemons:
-        try:
-            d.stop()
-        except Exception:
-            pass
+    """The pids of every MPS daemon (and its servers) this process runs."""
+    return set().union(*(d.pids() for d in live(MpsDaemon)))

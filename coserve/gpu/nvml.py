@@ -8,7 +8,9 @@ machine without a GPU instead of raising.
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +43,18 @@ def close_nvml(nvml: Any) -> None:
         nvml.nvmlShutdown()
     except Exception:
         pass
+
+
+@contextlib.contextmanager
+def nvml_session(nvml: Any = None) -> Iterator[Any]:
+    """`with nvml_session() as lib:` NVML is initialised inside and shut down on the way out.
+
+    Raises NvmlUnavailable, before the body runs, when NVML cannot be used here."""
+    lib = open_nvml(nvml)
+    try:
+        yield lib
+    finally:
+        close_nvml(lib)
 
 
 def _err(e: BaseException) -> str:

@@ -10,7 +10,7 @@ conditions a report compares, whether their achieved embed seq/s lie within
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from coserve.reference import REFERENCES, Reference
 from coserve.report.aggregate import ConditionStats, RunStats
@@ -107,6 +107,9 @@ class EqualWork:
     scope: str  # "matrix" | "sweep"
     conditions: list[str]
     seq_s: list[float]  # mean achieved embed sequences/s, one per condition
+    # Conditions whose embed load fell behind its offered rate in some rep: with an embed
+    # rate set, unequal work means a server could not serve it, not a load left to differ.
+    behind: list[str] = field(default_factory=list)
 
     @property
     def spread(self) -> float:
@@ -134,19 +137,24 @@ class EqualWork:
         return (f"**Unequal embed work** for {self.what}: {each} embed seq/s ({gap}; equal "
                 f"means within {tol}). Their gen "
                 f"figures compare different amounts of embedding work, not the strategies "
-                f"alone; an embed rate (`embed_rate` in [load]) gives each the same work.")
+                f"alone; " + (f"{', '.join(self.behind)} did not keep up with the offered embed "
+                              f"rate (its embed server could not serve it beside gen)."
+                              if self.behind else
+                              "an embed rate (`embed_rate` in [load]) gives each the same work."))
 
     def to_dict(self) -> dict:
         return {"what": self.what, "scope": self.scope, "conditions": self.conditions, "embed_seq_s": self.seq_s,
                 "spread_pct": self.spread * 100, "equal": self.equal,
-                "tolerance_pct": EQUAL_WORK_TOLERANCE * 100}
+                "tolerance_pct": EQUAL_WORK_TOLERANCE * 100, "behind": self.behind}
 
 
 def _check(what: str, scope: str, conds: list[ConditionStats]) -> EqualWork | None:
     have = [c for c in conds if "embed_seq_s" in c.summary]
     if len(have) < 2:
         return None
-    return EqualWork(what, scope, [c.name for c in have], [c.summary["embed_seq_s"].mean for c in have])
+    behind = [c.name for c in have if any(w.role == "embed" for w in c.load_warnings())]
+    return EqualWork(what, scope, [c.name for c in have], [c.summary["embed_seq_s"].mean for c in have],
+                     behind)
 
 
 def equal_work_checks(run: RunStats) -> list[EqualWork]:

@@ -206,10 +206,9 @@ def problem(args, device: str) -> str | None:
     return None
 
 
-def run(args, opts: dict, socks: dict) -> int:
-    """`coserve serve colocated` once the sockets are bound: start, serve, exit status."""
-    from coserve.server.command import build_engine
-
+def run(args, opts: dict, socks: dict, build_engine) -> int:
+    """`coserve serve colocated` once the sockets are bound: start, serve, exit status.
+    `build_engine(args)` builds one engine from `coserve serve` arguments (command.py's)."""
     factories = {r: functools.partial(build_engine, a) for r, a in engine_args(args).items()}
     try:
         engines = start_engines(factories, args.log_level, args.embed_sms)

@@ -234,7 +234,7 @@ def _run_colocated(args) -> int:
     signal.signal(signal.SIGTERM, _exit_quietly)
     opts = {"gen": _options(args, "gen", args.served_model_name or [args.model], args.port),
             "embed": _options(args, "embed", [args.embed_model], args.embed_port)}
-    return _exit(colocated.run(args, opts, socks))
+    return _exit(colocated.run(args, opts, socks, build_engine))
 
 
 def _exit(rc: int) -> int:

@@ -1,0 +1,68 @@
+"""What a finished rep leaves behind, apart from running it: the reason it failed (a dead
+server, a role that measured nothing), its telemetry over the measurement window, and its
+per-request records gzipped."""
+
+from __future__ import annotations
+
+import datetime as dt
+import gzip
+import os
+import shutil
+from pathlib import Path
+
+
+def first_dead(servers: list) -> str | None:
+    """The first server process found dead, as its ServerFailed message (with its log's tail)."""
+    for server in servers:
+        try:
+            server.check()
+        except Exception as e:
+            return str(e)
+    return None
+
+
+def window_telemetry(rows: list[dict], summary: dict) -> dict[str, dict[str, float]]:
+    """{metric: {mean, p50}} over the samples taken inside the load's measurement window
+    (the sampler's own summary also covers warm-up and start-up)."""
+    import statistics
+
+    try:
+        t0 = dt.datetime.fromisoformat(summary["started_at"]).timestamp()
+        ws = t0 + float(summary["warmup_s"])
+        we = ws + float(summary["duration_s"])
+    except (KeyError, TypeError, ValueError):
+        return {}
+    inside = [r for r in rows if ws <= r.get("t", -1) <= we]
+    out = {}
+    for key in sorted({k for r in inside for k in r} - {"t", "t_rel_s", "device"}):
+        vals = [r[key] for r in inside if isinstance(r.get(key), int | float)]
+        if vals:
+            out[key] = {"mean": statistics.fmean(vals), "p50": statistics.median(vals), "n": len(vals)}
+    return out
+
+
+def load_problem(summary: dict, roles: list[str]) -> str | None:
+    """A reason to call the rep failed although the load ran: a role with nothing completed."""
+    for role in roles:
+        part = summary.get(role)
+        if not part:
+            return f"the load generator measured nothing for {role}"
+        if not part.get("completed"):
+            errs = part.get("errors") or []
+            first = ""
+            if errs:
+                e = errs[0]
+                first = f" (first error: {e.get('status')} {e.get('message')})" if isinstance(e, dict) else f" ({e})"
+            return (f"no {role} request completed inside the window; "
+                    f"{part.get('failed', 0)} failed{first}")
+    return None
+
+
+def compress_records(rep_dir: Path) -> None:
+    """Per-request records are large; keep them gzipped (the report reads either)."""
+    for path in rep_dir.glob("*.records.jsonl"):
+        tmp = Path(str(path) + ".gz.tmp")
+        with open(path, "rb") as src, gzip.open(tmp, "wb", compresslevel=6) as dst:
+            shutil.copyfileobj(src, dst)
+        os.replace(tmp, str(path) + ".gz")
+        path.unlink()
