@@ -95,7 +95,8 @@ def test_guard_cuts_embed_and_fails_nothing(gen):
         with Load(gen.url, embed.url) as load:
             wait_until(lambda: metric(embed.url, "coserve:slo_guard_pause_seconds") > 0, 60, "a pause")
             time.sleep(1.0)
-        assert metric(embed.url, "coserve:slo_guard_tokens_per_forward") == 32
+            # while gen is busy (once it is idle the guard gives embed its full size back)
+            assert metric(embed.url, "coserve:slo_guard_tokens_per_forward") == 32
         assert metric(embed.url, "coserve:slo_guard_cuts_total") >= 6  # 1024 -> 32 is 5 cuts, then pauses
         assert metric(embed.url, "coserve:slo_guard_gen_step_seconds") > 1e-6
         assert metric(embed.url, "coserve:slo_guard_throttled_seconds_total") > 0
