@@ -14,6 +14,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("coserve.server.command", "serve a model with the built-in engine (OpenAI API)"),
     "run": ("coserve.experiment.command", "run a co-location study from a TOML spec"),
     "report": ("coserve.report.command", "re-render tables and plots from a run folder"),
+    "advise": ("coserve.advise", "the measured way of sharing that meets a gen latency budget with the most embed work"),
     "plan": ("coserve.plan", "VRAM budget, KV capacity and the concurrency that fits"),
     "doctor": ("coserve.gpu.doctor", "what this machine can do: GPUs, MPS, MIG, GPM, profilers"),
 }

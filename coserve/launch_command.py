@@ -9,8 +9,8 @@ Launchers:
   [--load-format dummy for random weights]` + extra_args; with `docker_image` set, the same
   arguments to `docker run --rm --gpus ... --ipc=host IMAGE` (stopped with `docker rm -f`)
 - external: `url` only; readiness is checked, nothing is started or stopped
-- command: `extra_args` is the whole command line, `{host}` and `{port}` filled in (for other
-  servers, and for tests)
+- command: `extra_args` is the whole command line, `{host}`, `{port}` and `{python}` (the
+  Python running coserve) filled in (for other servers, `coserve serve colocated`, and tests)
 """
 
 from __future__ import annotations
@@ -51,11 +51,17 @@ class ServerSpec:
     gpu_memory_utilization: float | None = None
     max_model_len: int | None = None
     max_num_seqs: int | None = None
+    max_num_batched_tokens: int | None = None
     enforce_eager: bool = False
     tensor_parallel_size: int = 1
     extra_args: list[str] = field(default_factory=list)
     docker_image: str | None = None  # vllm launcher only: run `vllm serve` in this image
     vllm_bin: str = "vllm"
+    # builtin embed only: the SLO guard reads this gen server (started first) and holds its
+    # step time within gen_tpot_slo_ms, or gen_tpot_slo_pct over gen alone
+    slo_guard_gen_url: str | None = None
+    gen_tpot_slo_ms: float | None = None
+    gen_tpot_slo_pct: float | None = None
 
     def validate(self) -> None:
         if self.role not in ROLES:
@@ -74,6 +80,10 @@ class ServerSpec:
             raise ValueError(f"{self.role}: tensor_parallel_size must be >= 1")
         if self.docker_image and self.launcher != "vllm":
             raise ValueError(f"{self.role}: docker_image is for launcher vllm only")
+        if self.slo_guard_gen_url and (self.role, self.launcher) != ("embed", "builtin"):
+            raise ValueError(f"{self.role}: the SLO guard is in the builtin embed server only")
+        if self.slo_guard_gen_url and (self.gen_tpot_slo_ms is None) == (self.gen_tpot_slo_pct is None):
+            raise ValueError(f"{self.role}: the SLO guard needs exactly one of gen_tpot_slo_ms and gen_tpot_slo_pct")
 
 
 def builtin_supports(flag: str) -> bool:
@@ -107,6 +117,8 @@ def _engine_flags(s: ServerSpec) -> list[str]:
         flags += ["--max-model-len", str(s.max_model_len)]
     if s.max_num_seqs is not None:
         flags += ["--max-num-seqs", str(s.max_num_seqs)]
+    if s.max_num_batched_tokens is not None:
+        flags += ["--max-num-batched-tokens", str(s.max_num_batched_tokens)]
     return flags
 
 
@@ -121,6 +133,10 @@ def build_command(spec: ServerSpec, port: int, env: dict[str, str] | None = None
         if s.device:
             cmd += ["--device", s.device]
         cmd += _engine_flags(s)
+        if s.slo_guard_gen_url:
+            cmd += ["--slo-guard-gen-url", s.slo_guard_gen_url]
+            cmd += (["--gen-tpot-slo-ms", f"{s.gen_tpot_slo_ms:g}"] if s.gen_tpot_slo_ms is not None
+                    else ["--gen-tpot-slo-pct", f"{s.gen_tpot_slo_pct:g}"])
         # The built-in embed engine has no CUDA graphs, so its server refuses the flag; a
         # condition's enforce_eager still reaches gen (and both servers under vLLM).
         if s.enforce_eager and s.role == "gen":
@@ -148,7 +164,8 @@ def build_command(spec: ServerSpec, port: int, env: dict[str, str] | None = None
             return docker_command(s, port, args, env or {})
         return [s.vllm_bin, "serve"] + args
     if s.launcher == "command":
-        return [a.replace("{host}", s.host).replace("{port}", str(port)) for a in s.extra_args]
+        return [a.replace("{host}", s.host).replace("{port}", str(port)).replace("{python}", sys.executable)
+                for a in s.extra_args]
     raise ValueError(f"launcher {s.launcher} starts no process")
 
 

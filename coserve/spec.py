@@ -54,6 +54,7 @@ from coserve.gpu.strategy_base import TP_ALIASES
 from coserve.launch_command import LAUNCHERS
 from coserve.roles import ROLES
 from coserve.spec_check import build_dataclass, checked_overrides
+from coserve.spec_cosched import server_problems
 from coserve.spec_load import LoadSpec, ReportSpec, SweepPoint, SweepSpec, load_problems, plain
 from coserve.spec_load import spec_field as _f
 
@@ -88,11 +89,17 @@ class ServerConfig:
     device: str = _f("auto", choices=DEVICES, help="builtin engine device; auto = cuda if present")
     gpu_memory_utilization: float = _f(_ENGINE["gpu_memory_utilization"], gt=0.0, le=1.0)
     max_model_len: int = _f(0, ge=0, help="0 = the model's own limit")
-    max_num_seqs: int = _f(_ENGINE["max_num_seqs"], ge=1)
+    max_num_seqs: int = _f(_ENGINE["max_num_seqs"], ge=1, help="sequences per step; for embed, inputs per forward")
+    max_num_batched_tokens: int = _f(0, ge=0, omit_default=True,
+                                     help="tokens per step (embed: per forward); 0 = the server's default")
+    slo_guard: bool = _f(False, omit_default=True, help="embed only: throttle embed to hold gen's step time")
+    gen_tpot_slo_ms: float | None = _f(None, gt=0.0, omit_default=True, help="the guard's budget in ms")
+    gen_tpot_slo_pct: float | None = _f(None, ge=0.0, le=1000.0, omit_default=True,
+                                        help="the guard's budget: gen alone's step time plus this %")
     enforce_eager: bool = _f(_ENGINE["enforce_eager"], help="no CUDA graphs")
     tensor_parallel_size: int = _f(_ENGINE["tensor_parallel_size"], ge=1)
     extra_args: list[str] = _f([], help="added to the server command (launcher command: the "
-                               "whole command line, with {host} and {port} filled in)")
+                               "whole command line, with {host}, {port} and {python} filled in)")
     docker_image: str = _f("", help="launcher vllm: run `vllm serve` in this image")
     ready_timeout_s: float = _f(600.0, gt=0.0, le=86400.0, help="how long to wait for /health")
 
@@ -280,6 +287,7 @@ def parse_spec(data: dict[str, Any], source: str = "<spec>") -> Spec:
                 if role not in declared:
                     errors.append(f"{path}.servers: runs '{role}' but there is no [servers.{role}]")
             _check_strategy(cond, path, errors)
+            errors += server_problems(cond, servers, path)
             for role in ROLES:
                 if getattr(cond, role) and role not in cond.servers:
                     errors.append(f"{path}.{role}: overrides a server this condition does not run")

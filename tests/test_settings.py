@@ -37,7 +37,7 @@ def test_serve_kinds_are_the_roles():
     parser = argparse.ArgumentParser()
     command.add_arguments(parser)
     (kind,) = [a for a in parser._actions if a.dest == "kind"]
-    assert tuple(kind.choices) == ROLES
+    assert tuple(kind.choices) == (*ROLES, "colocated")  # colocated: both roles in one process
 
 
 def test_spec_server_defaults_are_the_engine_args():
@@ -47,7 +47,8 @@ def test_spec_server_defaults_are_the_engine_args():
 
 
 def test_every_spec_server_field_reaches_the_launch():
-    """A [servers.*] field is either handed to ServerSpec under its own name or used by the run."""
+    """A [servers.*] field is either handed to ServerSpec under its own name or used by the run
+    (slo_guard: the run hands the embed server gen's URL as slo_guard_gen_url)."""
     spec_fields = {f.name for f in dataclasses.fields(ServerConfig)}
     launch_fields = {f.name for f in dataclasses.fields(ServerSpec)}
-    assert spec_fields - launch_fields == {"ready_timeout_s"}
+    assert spec_fields - launch_fields == {"ready_timeout_s", "slo_guard"}

@@ -66,6 +66,12 @@ class Backend:
         write_result(result, out_path)
         return result.summary()
 
+    def guard_state(self, embed_url: str) -> dict[str, Any]:
+        """The SLO guard's figures at the end of the load (slo_guard.scrape_guard)."""
+        from coserve.server.slo_guard import scrape_guard
+
+        return scrape_guard(embed_url)
+
     def gpu_state(self) -> dict[str, Any]:
         """The machine's GPUs as the preflight checks them (fingerprint.gpu_state)."""
         return fpmod.gpu_state()

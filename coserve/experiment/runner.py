@@ -174,17 +174,24 @@ class Runner:
             self._device[want] = resolve_device(want)
         return self._device[want]
 
-    def server_spec(self, cond: Condition, role: str, strategy):
+    def server_spec(self, cond: Condition, role: str, strategy, urls: dict[str, str] | None = None):
+        """The launch spec of `role` and its config; `urls` of the servers already up (gen
+        first), which the embed server's SLO guard reads."""
         cfg = cond.server(self.spec, role)
         if cond.strategy.startswith("tp"):  # the strategy holds the TP degree
             cfg = dataclasses.replace(cfg, tensor_parallel_size=strategy.tensor_parallel_size(role))
+        guard = {}
+        if cfg.slo_guard:
+            guard = {"slo_guard_gen_url": (urls or {})["gen"], "gen_tpot_slo_ms": cfg.gen_tpot_slo_ms,
+                     "gen_tpot_slo_pct": cfg.gen_tpot_slo_pct}
         return self.backend.server_spec(
             role=role, launcher=cfg.launcher, model=cfg.model, url=cfg.url or None,
             device=self.device(cfg.device), random_weights=cfg.random_weights,
             gpu_memory_utilization=cfg.gpu_memory_utilization,
             max_model_len=cfg.max_model_len or None, max_num_seqs=cfg.max_num_seqs,
+            max_num_batched_tokens=cfg.max_num_batched_tokens or None,
             enforce_eager=cfg.enforce_eager, tensor_parallel_size=cfg.tensor_parallel_size,
-            extra_args=list(cfg.extra_args), docker_image=cfg.docker_image or None), cfg
+            extra_args=list(cfg.extra_args), docker_image=cfg.docker_image or None, **guard), cfg
 
     def load_config(self, cond: Condition, urls: dict[str, str]) -> dict[str, Any]:
         load = dataclasses.asdict(cond.load_for(self.spec))
@@ -223,7 +230,7 @@ class Runner:
                         continue
                     t = time.monotonic()
                     self._phase(f"starting {role} server")
-                    sspec, cfg = self.server_spec(cond, role, strategy)
+                    sspec, cfg = self.server_spec(cond, role, strategy, urls)
                     server = self.backend.start_server(sspec, strategy.env_for(role),
                                                        rep_dir / f"{role}.log", cfg.ready_timeout_s)
                     stack.callback(server.stop)
@@ -234,7 +241,10 @@ class Runner:
                         "launcher": cfg.launcher, "model": cfg.model, "device": sspec.device,
                         "tensor_parallel_size": cfg.tensor_parallel_size,
                         "enforce_eager": cfg.enforce_eager,
-                        "gpu_memory_utilization": cfg.gpu_memory_utilization}
+                        "gpu_memory_utilization": cfg.gpu_memory_utilization,
+                        "max_num_seqs": cfg.max_num_seqs,
+                        "max_num_batched_tokens": cfg.max_num_batched_tokens or None,
+                        "slo_guard": cfg.slo_guard}
                     phases[f"start_{role}"] = round(time.monotonic() - t, 3)
                 t = time.monotonic()
                 sampler = None
@@ -255,6 +265,8 @@ class Runner:
                 summary = self.backend.run_load(load, rep_dir / "bench.json", on_progress,
                                                 dead=lambda: first_dead(servers))
                 record["bench"] = summary
+                if "embed" in urls and cond.server(self.spec, "embed").slo_guard:
+                    record["slo_guard"] = self.backend.guard_state(urls["embed"])
                 if sampler is not None:
                     record["telemetry"] = {
                         "all": sampler.stop(),

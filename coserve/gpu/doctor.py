@@ -43,6 +43,8 @@ HARDWARE: tuple[HardwareRecord, ...] = (
     HardwareRecord("MIG: instance creation (apply_mig), servers on MIG devices", None),
     HardwareRecord("strategy 'exclusive' (one GPU each)", None),
     HardwareRecord("tensor parallelism across GPUs (strategy 'tp')", None),
+    HardwareRecord("co-scheduling: embed granularity, the SLO guard (experiments/co-scheduling.toml)", None),
+    HardwareRecord("serve colocated: stream priorities, green contexts (--embed-sms)", None),
 )
 
 
@@ -131,7 +133,9 @@ def gather(nvml: Any = None, *, with_torch: bool = True) -> dict:
 
             facts["torch"] = {"version": torch.__version__, "cuda": torch.version.cuda,
                               "cuda_available": bool(torch.cuda.is_available()),
-                              "device_count": torch.cuda.device_count() if torch.cuda.is_available() else 0}
+                              "device_count": torch.cuda.device_count() if torch.cuda.is_available() else 0,
+                              "green_contexts": bool(getattr(getattr(torch.cuda, "green_contexts", None),
+                                                             "SUPPORTED", False))}
         except Exception as e:  # pragma: no cover - torch is a dependency
             facts["torch"] = {"error": str(e)}
     facts["hardware"] = [asdict(r) for r in HARDWARE]
@@ -188,6 +192,8 @@ def rows(facts: dict) -> list[tuple[str, str]]:
         cuda = f"CUDA {tor['cuda']}" if tor["cuda"] else "CPU build"
         avail = f", {tor['device_count']} device(s) visible" if tor["cuda_available"] else ", no CUDA device"
         out.append(("torch", f"{tor['version']} ({cuda}{avail})"))
+        out.append(("green contexts", "in this torch (serve colocated --embed-sms)" if tor.get("green_contexts")
+                    else "not in this torch (serve colocated --embed-sms is refused)"))
     out.append(("nvidia-ml-py", facts["python"]["nvidia-ml-py"] or "missing"))
     for k, v in facts["env"].items():
         out.append((f"env {k}", v))

@@ -28,6 +28,10 @@ METRICS: dict[str, tuple[str, ...]] = {
     "gen_goodput_req_s": ("bench", "gen", "goodput", "requests_per_s"),
     "gen_goodput_tok_s": ("bench", "gen", "goodput", "output_tokens_per_s"),
     "embed_goodput_seq_s": ("bench", "embed", "goodput", "sequences_per_s"),
+    # The SLO guard's state at the end of the load (conditions with embed.slo_guard only).
+    **{f"slo_guard_{k}": ("slo_guard", k) for k in (
+        "budget_seconds", "gen_alone_seconds", "tokens_per_forward", "pause_seconds", "cuts_total",
+        "throttled_seconds_total")},
     **{m: ("telemetry", "window", m, "mean") for m in (
         "sm_active", "sm_occupancy", "tensor_active", "dram_active", "fp16_active", "fp32_active",
         "gpu_util", "power_w", "mem_used_mib")},

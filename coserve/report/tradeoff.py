@@ -54,9 +54,25 @@ class Tradeoff:
 
 
 def strategy_label(c: ConditionStats) -> str:
+    """The strategy, its options and the condition's server overrides (embed granularity,
+    the SLO guard): conditions that differ in any of them are separate curves."""
     cond = c.condition
-    opts = ", ".join(f"{k}={v}" for k, v in sorted(cond.options.items()))
-    return f"{cond.strategy} ({opts})" if opts else cond.strategy
+    opts = [f"{k}={v}" for k, v in sorted(cond.options.items())]
+    overrides = {f"{role}.{k}": v for role in ("gen", "embed") for k, v in sorted(getattr(cond, role, {}).items())}
+    opts += [f"{k}={_value(v)}" for k, v in overrides.items() if k.split(".")[1] not in _BY_NAME]
+    if any(k.split(".")[1] in _BY_NAME for k in overrides):  # a command line: the condition's name says it
+        opts.append(cond.sweep.base if cond.sweep is not None else cond.name)
+    return f"{cond.strategy} ({', '.join(opts)})" if opts else cond.strategy
+
+
+_BY_NAME = ("launcher", "extra_args", "url", "docker_image")
+
+
+def _value(v) -> str:
+    """A server override as the spec writes it: 5 for 5.0, true for True."""
+    if isinstance(v, bool):
+        return str(v).lower()
+    return f"{v:g}" if isinstance(v, float) else str(v)
 
 
 def _co_located(c: ConditionStats) -> bool:

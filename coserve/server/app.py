@@ -32,6 +32,7 @@ from coserve.server.gen_api import OUTCOME, GenApi
 from coserve.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from coserve.server.metrics import Metrics
 from coserve.server.protocol import parse_embedding
+from coserve.server.slo_guard import Allowance, GuardConfig, SloGuard, guard_metrics, run_guard
 
 log = logging.getLogger("coserve.server")
 
@@ -48,6 +49,9 @@ class ServeOptions:
     shutdown_timeout_s: float = 5.0  # in-flight requests get this long to finish on SIGTERM
     access_log: bool = False
     limits: RequestLimits = field(default_factory=RequestLimits)
+    guard: GuardConfig | None = None  # embed only: the SLO guard, reading guard_gen_url's /metrics
+    guard_gen_url: str = ""
+    guard_interval_s: float = 0.05
 
 
 def _authorized(request: web.Request, key: str) -> bool:
@@ -71,6 +75,7 @@ class OpenAIServer:
         self.shutting_down = False
         self.created = int(time.time())
         self.gen = GenApi(engine, self.metrics, opts.served_names, opts.limits)
+        self.guard = SloGuard(opts.guard) if opts.guard is not None else None
 
     def make_app(self) -> web.Application:
         max_bytes = self.opts.limits.max_body_bytes
@@ -185,7 +190,10 @@ class OpenAIServer:
         return web.Response(status=200)
 
     async def metrics_page(self, request: web.Request) -> web.Response:
-        text = self.metrics.render(self.engine.stats, self.engine.steps)
+        extra = []
+        if self.guard is not None:
+            extra = guard_metrics(self.guard.state, float(self.engine.stats.get("guard_throttled_s", 0.0)))
+        text = self.metrics.render(self.engine.stats, self.engine.steps, extra)
         return web.Response(body=text.encode(), headers={"Content-Type": METRICS_CONTENT_TYPE})
 
     async def version(self, request: web.Request) -> web.Response:
@@ -265,10 +273,18 @@ async def serve(engine: EngineClient, opts: ServeOptions, sock: socket.socket | 
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    guard_task = None
+    if server.guard is not None:
+        guard_task = asyncio.ensure_future(run_guard(server.guard, opts.guard_gen_url, engine.allow,
+                                                     opts.guard_interval_s, stop))
     waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(engine.dead.wait())]
     await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
     for w in waits:
         w.cancel()
+    if guard_task is not None:
+        guard_task.cancel()
+        # Stopping: the embed requests still in flight run unthrottled through the drain.
+        engine.allow(Allowance(server.guard.cfg.max_tokens))
     rc = 0 if stop.is_set() else 1
     log.info("shutting down (%s)", "signal" if rc == 0 else "engine failed")
     await server.shutdown(site, runner)

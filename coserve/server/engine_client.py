@@ -201,6 +201,11 @@ class EngineClient:
         if ids and self.alive:
             self._send(("abort", ids))
 
+    def allow(self, allowance) -> None:
+        """Hand the SLO guard's Allowance (slo_guard.py) to the embed engine core."""
+        if self.alive:
+            self._send(("allow", allowance.tokens_per_forward, allowance.pause_s, allowance.hold))
+
     def abort_all(self, error: ApiError | None = None) -> int:
         """End every request in flight (server shutting down); returns how many streams."""
         streams = set(self._streams.values())

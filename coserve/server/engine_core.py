@@ -5,7 +5,8 @@ One pipe (a socket pair) between the two; every message is a pickle of plain tup
 and numpy arrays, framed as multiprocessing.Connection frames them (the front reads them
 with asyncio). Per engine step, at most one message each way:
 
-front -> core  [("add", add_id, [(request_id, *add_request_args), ...]), ("abort", [ids]), ("stop",)]
+front -> core  [("add", add_id, [(request_id, *add_request_args), ...]), ("abort", [ids]),
+                ("allow", tokens_per_forward, pause_s, hold), ("stop",)]
 core -> front  ("ready", info) | ("failed", message, exit_code) first, then
                ("step", outputs, acks, stats | None, steps) | ("dead", message)
 
@@ -15,7 +16,13 @@ embed outputs are (request_id, float32 array, prompt_tokens). acks are (add_id, 
 
 The core ignores SIGTERM and SIGINT: a signal to the process group reaches it as well, and
 in-flight requests must go on during the front's drain. It stops on the front's "stop",
-when the pipe reaches EOF (the front is gone) or, at the latest, by PR_SET_PDEATHSIG."""
+when the pipe reaches EOF (the front is gone) or, at the latest, by PR_SET_PDEATHSIG.
+
+Every step is timed here (wall clock around `engine.step()`, which returns host data and so
+waits for the GPU); the stats carry the mean and p99 of the last STEP_WINDOW_S of step times, which
+the SLO guard of an embed server beside this one reads (slo_guard.py). "allow" is that
+guard's allowance for an embed engine: tokens per forward, a pause between forwards, or a
+hold; waiting requests only wait."""
 
 from __future__ import annotations
 
@@ -25,6 +32,7 @@ import pickle
 import signal
 import sys
 import time
+from collections import deque
 
 import numpy as np
 
@@ -32,6 +40,8 @@ log = logging.getLogger("coserve.server")
 
 IDLE_POLL_S = 0.5
 STATS_INTERVAL_S = 0.05
+STEP_WINDOW_S = 0.5
+HOLD_POLL_S = 0.01
 _PR_SET_PDEATHSIG = 1
 
 
@@ -71,32 +81,42 @@ def _error(e: BaseException) -> tuple[str, str]:
     )
 
 
-def run(factory, conn, log_level: str = "INFO") -> None:
-    """Process entry point: build the engine with `factory()`, then serve the pipe."""
+def start_process(log_level: str) -> None:
+    """What an engine core process does first: die with the front, ignore the group's
+    signals (the front drains), log to stderr."""
     _die_with_parent()
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(
         level=log_level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+
+
+def build(factory) -> tuple[object | None, tuple | None]:
+    """(engine, None), or (None, the "failed" message for the front)."""
     try:
-        engine = factory()
+        return factory(), None
     except (ValueError, FileNotFoundError) as e:  # a bad model name or directory: the user's to fix
-        _send(conn, ("failed", str(e), 2))
-        return
+        return None, ("failed", str(e), 2)
     except BaseException as e:
         log.exception("the engine failed to start")
-        _send(conn, ("failed", f"the engine failed to start: {e!r}", 1))
-        return
-    info = {
+        return None, ("failed", f"the engine failed to start: {e!r}", 1)
+
+
+def ready(engine) -> tuple:
+    """The "ready" message: what the front needs to know of the engine."""
+    return ("ready", {
         "model_name": engine.model_name,
         "max_model_len": int(engine.max_model_len),
         "dim": getattr(engine, "dim", None),
         "tokenizer": getattr(engine, "tokenizer", None),
         "eos_token_ids": tuple(sorted(getattr(engine, "eos_token_ids", ()))),
-        "stats": dict(engine.stats()),
-    }
-    _send(conn, ("ready", info))
+        "stats": {**engine.stats(), **StepClock().stats(time.monotonic())},
+    })
+
+
+def serve_pipe(engine, conn) -> None:
+    """Run the step loop until told to stop or the front is gone; a loop that dies says so."""
     try:
         _loop(engine, conn)
     except (EOFError, BrokenPipeError, ConnectionResetError):
@@ -107,16 +127,71 @@ def run(factory, conn, log_level: str = "INFO") -> None:
             _send(conn, ("dead", repr(e)))
         except OSError:
             pass
+
+
+def run(factory, conn, log_level: str = "INFO") -> None:
+    """Process entry point: build the engine with `factory()`, then serve the pipe."""
+    start_process(log_level)
+    engine, failed = build(factory)
+    if failed is not None:
+        _send(conn, failed)
+        return
+    _send(conn, ready(engine))
+    try:
+        serve_pipe(engine, conn)
     finally:
         engine.shutdown()  # tensor parallel: the other ranks go with the core
 
 
-def _apply(engine, cmds: list, acks: list) -> bool:
+class StepClock:
+    """Wall time of the engine's recent steps, and how long the guard held work back."""
+
+    def __init__(self, window_s: float = STEP_WINDOW_S):
+        self.window_s = window_s
+        self.steps: deque[tuple[float, float]] = deque()  # (end, seconds)
+        self.throttled_s = 0.0
+
+    def add(self, end: float, seconds: float) -> None:
+        self.steps.append((end, seconds))
+
+    def stats(self, now: float) -> dict:
+        while self.steps and self.steps[0][0] < now - self.window_s:
+            self.steps.popleft()
+        times = [s for _, s in self.steps]
+        p99 = float(np.percentile(times, 99)) if times else 0.0
+        mean = sum(times) / len(times) if times else 0.0
+        return {"step_time_mean_s": mean, "step_time_p99_s": p99, "step_window_steps": len(times),
+                "guard_throttled_s": self.throttled_s}
+
+
+class Pacing:
+    """The guard's allowance as the core applies it (no guard: no pause, no hold)."""
+
+    def __init__(self):
+        self.pause_s = 0.0
+        self.hold = False
+        self.last_step_end = 0.0
+
+    def allow(self, engine, tokens: int, pause_s: float, hold: bool) -> None:
+        engine.max_num_batched_tokens = int(tokens)
+        self.pause_s, self.hold = float(pause_s), bool(hold)
+
+    def wait_s(self, now: float) -> float:
+        """Seconds until the next step may start (0: now)."""
+        if self.hold:
+            return HOLD_POLL_S
+        return max(0.0, self.last_step_end + self.pause_s - now)  # a new pause counts at once
+
+
+def _apply(engine, cmds: list, acks: list, pacing: Pacing) -> bool:
     """Apply the front's commands; True when told to stop."""
     for cmd in cmds:
         kind = cmd[0]
         if kind == "stop":
             return True
+        if kind == "allow":
+            pacing.allow(engine, *cmd[1:])
+            continue
         if kind == "abort":
             for rid in cmd[1]:
                 try:
@@ -143,16 +218,25 @@ def _apply(engine, cmds: list, acks: list) -> bool:
 def _loop(engine, conn) -> None:
     steps = 0
     stats_at = 0.0
+    clock, pacing = StepClock(), Pacing()
     while True:
         acks: list = []
         busy = engine.has_unfinished()
-        if busy or conn.poll(IDLE_POLL_S):
+        wait = pacing.wait_s(time.monotonic()) if busy else IDLE_POLL_S
+        waited_from = time.monotonic()
+        if not wait or conn.poll(wait):
             while conn.poll(0):
-                if _apply(engine, pickle.loads(conn.recv_bytes()), acks):
+                if _apply(engine, pickle.loads(conn.recv_bytes()), acks, pacing):
                     return
         outputs = []
-        if engine.has_unfinished():
+        if busy and wait:
+            clock.throttled_s += time.monotonic() - waited_from
+        if engine.has_unfinished() and not pacing.wait_s(time.monotonic()):
+            t0 = time.monotonic()
             done = engine.step()
+            t1 = time.monotonic()
+            clock.add(t1, t1 - t0)
+            pacing.last_step_end = t1
             logprobs = _take_logprobs(engine)
             outputs = [_plain(o, logprobs) for o in done]
             steps += 1
@@ -160,6 +244,6 @@ def _loop(engine, conn) -> None:
         stats = None
         if now - stats_at >= STATS_INTERVAL_S or (steps and not engine.has_unfinished()):
             stats_at = now
-            stats = dict(engine.stats())
+            stats = {**engine.stats(), **clock.stats(now)}
         if outputs or acks or stats is not None:
             _send(conn, ("step", outputs, acks, stats, steps))

@@ -16,6 +16,11 @@ _ENGINE_METRICS = [
     ("num_preemptions", "coserve:num_preemptions_total", "counter", "Requests preempted because the KV cache ran out."),
     ("prompt_tokens_total", "coserve:prompt_tokens_total", "counter", "Prompt tokens processed."),
     ("generation_tokens_total", "coserve:generation_tokens_total", "counter", "Tokens generated."),
+    ("step_time_mean_s", "coserve:engine_step_seconds_mean", "gauge",
+     "Mean engine step wall time over the last 0.5 s (0 when no step ran)."),
+    ("step_time_p99_s", "coserve:engine_step_seconds_p99", "gauge",
+     "p99 of engine step wall time over the last 0.5 s (0 when no step ran)."),
+    ("step_window_steps", "coserve:engine_steps_window", "gauge", "Engine steps in that 0.5 s window."),
 ]
 
 
@@ -41,7 +46,9 @@ class Metrics:
         self.in_flight = 0
         self.embedded_inputs = 0
 
-    def render(self, engine_stats: dict, engine_steps: int) -> str:
+    def render(self, engine_stats: dict, engine_steps: int,
+               extra: list[tuple[str, str, str, float]] = ()) -> str:
+        """The page; `extra` adds (name, type, help, value) families (the SLO guard's)."""
         base = {"model_name": self.model_name}
         out: list[str] = []
 
@@ -64,4 +71,6 @@ class Metrics:
                [({"endpoint": e, "outcome": o}, n) for (e, o), n in sorted(self.requests.items())])
         if self.kind == "embed":
             family("coserve:embedding_inputs_total", "counter", "Sequences embedded.", [({}, self.embedded_inputs)])
+        for name, kind, help_text, value in extra:
+            family(name, kind, help_text, [({}, value)])
         return "\n".join(out) + "\n"

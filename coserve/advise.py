@@ -1,0 +1,158 @@
+"""`coserve advise RUN_DIR --gen-tpot-p99-ms X [--embed-seq-s Y]`: which measured way of
+sharing the GPU keeps gen within a latency budget with the most embedding work.
+
+Reads the run folder as the report does (coserve.report.aggregate). Candidates are the
+conditions that ran gen and embed together and finished at least one rep. One meets the
+budget when its mean gen TPOT p99 (the bench's per-request TPOT, p99 over requests, mean
+over reps) is at most X ms and, with Y, its mean achieved embed seq/s is at least Y. The
+answer is the one meeting it with the most embed seq/s, with every candidate as evidence;
+when none does, the one closest to it (the smallest sum of its relative misses).
+
+Exit status: 0 a condition meets the budget, 1 none does, 2 bad input (no run folder, a
+value out of range, no candidate)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from coserve.stats import Summary
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """One candidate condition: means over its finished reps."""
+
+    condition: str
+    label: str  # strategy, options and server overrides
+    reps: int
+    embed_seq_s: Summary
+    gen_tok_s: Summary
+    tpot_p99_ms: Summary
+    gen_vs_alone_pct: float | None  # gen tok/s against the gen-alone baseline, %
+    miss: float  # 0 when it meets the budget; else the sum of relative misses
+
+    @property
+    def meets(self) -> bool:
+        return self.miss == 0.0
+
+
+@dataclass(frozen=True)
+class Advice:
+    budget_tpot_p99_ms: float
+    min_embed_seq_s: float | None
+    best: Evidence | None  # meets the budget with the most embed seq/s
+    closest: Evidence | None  # when none meets it
+    rows: list[Evidence]  # every candidate, most embed work first
+    gen_alone_tpot_p99_ms: float | None
+    baseline: str | None
+
+
+def _miss(tpot: float, embed: float, budget: float, min_embed: float | None) -> float:
+    miss = max(0.0, tpot / budget - 1)
+    if min_embed:
+        miss += max(0.0, 1 - embed / min_embed)
+    return miss
+
+
+def advise(run, budget_tpot_p99_ms: float, min_embed_seq_s: float | None = None) -> Advice:
+    """`run`: a RunStats (coserve.report.aggregate). Raises ValueError when the budget is not
+    a positive number or the run has no condition that ran gen and embed together."""
+    from coserve.report.tradeoff import strategy_label
+
+    if not budget_tpot_p99_ms > 0:
+        raise ValueError(f"--gen-tpot-p99-ms: must be a positive number of ms, got {budget_tpot_p99_ms}")
+    if min_embed_seq_s is not None and not min_embed_seq_s > 0:
+        raise ValueError(f"--embed-seq-s: must be a positive number, got {min_embed_seq_s}")
+    base = next((c for c in run.conditions if c.name == run.spec.baseline), None)
+    base_tok = base.mean("gen_tok_s") if base is not None else None
+    rows = []
+    for c in run.conditions:
+        if set(c.condition.servers) != {"gen", "embed"} or not c.ok:
+            continue
+        s = c.summary
+        if not {"embed_seq_s", "gen_tok_s", "tpot_p99"} <= s.keys():
+            continue
+        label = strategy_label(c)
+        if c.condition.sweep is not None:
+            label += f", {c.condition.sweep.label()}"
+        rows.append(Evidence(
+            condition=c.name, label=label, reps=len(c.ok), embed_seq_s=s["embed_seq_s"],
+            gen_tok_s=s["gen_tok_s"], tpot_p99_ms=s["tpot_p99"],
+            gen_vs_alone_pct=100 * (s["gen_tok_s"].mean / base_tok - 1) if base_tok else None,
+            miss=_miss(s["tpot_p99"].mean, s["embed_seq_s"].mean, budget_tpot_p99_ms, min_embed_seq_s)))
+    if not rows:
+        raise ValueError(f"{run.run_dir.path}: no condition ran gen and embed together and finished a rep")
+    rows.sort(key=lambda e: -e.embed_seq_s.mean)
+    meeting = [e for e in rows if e.meets]
+    return Advice(
+        budget_tpot_p99_ms=budget_tpot_p99_ms, min_embed_seq_s=min_embed_seq_s,
+        best=meeting[0] if meeting else None,
+        closest=None if meeting else min(rows, key=lambda e: (e.miss, -e.embed_seq_s.mean)),
+        rows=rows, gen_alone_tpot_p99_ms=base.mean("tpot_p99") if base is not None else None,
+        baseline=base.name if base is not None and base.ok else None)
+
+
+def _ci(s: Summary, digits: int) -> str:
+    text = f"{s.mean:,.{digits}f}"
+    if s.half_width is not None:
+        text += f" ± {s.half_width:,.{digits}f}"
+    return text
+
+
+def render(a: Advice) -> str:
+    """The answer in words, then the evidence table."""
+    want = f"gen TPOT p99 <= {a.budget_tpot_p99_ms:g} ms"
+    if a.min_embed_seq_s:
+        want += f" and embed >= {a.min_embed_seq_s:g} seq/s"
+    lines = []
+    if a.best is not None:
+        e = a.best
+        lines.append(f"Meets {want} with the most embed work: {e.condition} — {e.label}: "
+                     f"{e.embed_seq_s.mean:,.0f} seq/s, gen TPOT p99 {e.tpot_p99_ms.mean:.1f} ms, "
+                     f"gen {e.gen_tok_s.mean:,.0f} tok/s.")
+    else:
+        e = a.closest
+        lines.append(f"No measured condition meets {want}. Closest: {e.condition} — {e.label}: "
+                     f"{e.embed_seq_s.mean:,.0f} seq/s at gen TPOT p99 {e.tpot_p99_ms.mean:.1f} ms "
+                     f"({100 * e.miss:.1f} % short in all).")
+    if a.gen_alone_tpot_p99_ms is not None:
+        lines.append(f"Gen alone ({a.baseline}): TPOT p99 {a.gen_alone_tpot_p99_ms:.1f} ms"
+                     + (" — above the budget already." if a.gen_alone_tpot_p99_ms > a.budget_tpot_p99_ms else "."))
+    lines.append("")
+    head = ("condition", "strategy and settings", "reps", "embed seq/s", "gen tok/s", "gen vs alone",
+            "TPOT p99 ms", "meets")
+    table = [head]
+    for e in a.rows:
+        table.append((e.condition, e.label, str(e.reps), _ci(e.embed_seq_s, 0), _ci(e.gen_tok_s, 0),
+                      "" if e.gen_vs_alone_pct is None else f"{e.gen_vs_alone_pct:+.1f} %",
+                      _ci(e.tpot_p99_ms, 1), "yes" if e.meets else "no"))
+    widths = [max(len(r[i]) for r in table) for i in range(len(head))]
+    for r in table:
+        lines.append("  ".join(x.ljust(w) for x, w in zip(r, widths, strict=True)).rstrip())
+    lines.append("")
+    lines.append("Means over finished reps (± half the 95 % CI where a condition has 2+ reps).")
+    return "\n".join(lines) + "\n"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="a `coserve run` folder")
+    parser.add_argument("--gen-tpot-p99-ms", metavar="X", type=float, required=True,
+                        help="gen's budget: TPOT p99 in ms (mean over reps)")
+    parser.add_argument("--embed-seq-s", metavar="Y", type=float, default=None,
+                        help="also needed: at least this many embed sequences/s")
+
+
+def run(args) -> int:
+    from coserve.report.aggregate import aggregate
+
+    try:
+        stats = aggregate(Path(args.run_dir))
+        answer = advise(stats, args.gen_tpot_p99_ms, args.embed_seq_s)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"coserve advise: {e}", file=sys.stderr)
+        return 2
+    sys.stdout.write(render(answer))
+    return 0 if answer.best is not None else 1

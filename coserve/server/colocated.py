@@ -1,0 +1,218 @@
+"""`coserve serve colocated`: gen and embed engines in ONE engine process (one CUDA context),
+each behind its own OpenAI endpoint as `coserve serve gen` and `serve embed` give them, so
+`coserve bench` and every client work unchanged.
+
+The engine process builds gen first (its memory budget is measured with nothing else
+loaded), then embed, and runs each engine's step loop (engine_core.serve_pipe) in a thread of
+its own. On CUDA each thread issues its work on a stream of its own: gen's at the device's
+highest priority, embed's at the lowest, so the GPU's scheduler starts decode's kernels ahead
+of embed's whenever both wait. With `--embed-sms M`, embed's stream is that of a CUDA green
+context of M SMs instead (torch.cuda.green_contexts): embed's kernels stay on those SMs while
+gen's may use all; refused, with the reason, where this torch or device has none. On CPU there are no streams; the two loops still share one
+process (what the CPU tests exercise). The HTTP fronts of both run in one process too.
+
+Stop: SIGTERM/SIGINT drain both fronts, then both loops stop and the engine process exits."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import atexit
+import contextlib
+import functools
+import logging
+import multiprocessing
+import pickle
+import signal
+import sys
+import threading
+
+from coserve.server import engine_core
+from coserve.server.engine_client import EngineClient, EngineStartError, _reap
+
+log = logging.getLogger("coserve.server")
+
+ROLES = ("gen", "embed")
+HIGHEST_PRIORITY = -16  # torch maps a priority outside the device's range to its nearest end
+
+
+def green_context_problem(device: str) -> str | None:
+    """Why `--embed-sms` cannot be given here, or None (this torch has green contexts)."""
+    import torch
+
+    if not device.startswith("cuda"):
+        return f"--embed-sms: green contexts are a CUDA feature; the device is {device}"
+    gc = getattr(torch.cuda, "green_contexts", None)
+    if gc is None or not getattr(gc, "SUPPORTED", False):
+        return f"--embed-sms: this torch ({torch.__version__}) was not built with CUDA green contexts"
+    return None
+
+
+def _streams(engines: dict, embed_sms: int | None) -> dict:
+    """role -> a CUDA stream, or None on CPU: gen's at the highest priority; embed's at the
+    lowest, or, with `embed_sms`, the stream of a green context of that many SMs (gen keeps
+    every SM). Raises ValueError when `embed_sms` does not fit the device."""
+    import torch
+
+    device = getattr(engines["gen"], "device", None)
+    if device is None or getattr(device, "type", "cpu") != "cuda":
+        return dict.fromkeys(ROLES)
+    out = {"gen": torch.cuda.Stream(device=device, priority=HIGHEST_PRIORITY)}
+    if embed_sms:
+        total = torch.cuda.get_device_properties(device).multi_processor_count
+        if not 0 < embed_sms < total:
+            raise ValueError(f"--embed-sms: {embed_sms} is not between 1 and {total - 1} (this GPU has {total} SMs)")
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        # Work runs inside the partition only on the green context's own stream.
+        out["embed"] = torch.cuda.green_contexts.GreenContext.create(num_sms=embed_sms, device_id=index).Stream()
+        log.info("colocated: gen on a stream of priority %d over all %d SMs, embed on a green context of %d SMs",
+                 out["gen"].priority, total, embed_sms)
+    else:
+        out["embed"] = torch.cuda.Stream(device=device, priority=0)
+        log.info("colocated: gen on a stream of priority %d, embed on %d (lower runs first)",
+                 out["gen"].priority, out["embed"].priority)
+    return out
+
+
+def _serve_on(engine, conn, stream) -> None:
+    import torch
+
+    if stream is not None:
+        torch.cuda.set_device(stream.device)  # the current device is per thread, as the stream is
+    with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+        engine_core.serve_pipe(engine, conn)
+
+
+def core(factories: dict, conns: dict, log_level: str = "INFO", embed_sms: int | None = None) -> None:
+    """Process entry point: build gen then embed, then serve both pipes, one thread each.
+    A failure to build either, or a bad `embed_sms`, fails both (each front hears why)."""
+    engine_core.start_process(log_level)
+    engines = {}
+
+    def fail(message: tuple) -> None:
+        for conn in conns.values():
+            engine_core._send(conn, message)
+        for e in engines.values():
+            e.shutdown()
+
+    for role in ROLES:
+        engine, failed = engine_core.build(factories[role])
+        if failed is not None:
+            return fail((failed[0], f"{role}: {failed[1]}", failed[2]))
+        engines[role] = engine
+    try:
+        streams = _streams(engines, embed_sms)
+    except ValueError as e:
+        return fail(("failed", str(e), 2))
+    except RuntimeError as e:  # the driver refused the stream or the green context
+        log.exception("colocated: no streams")
+        return fail(("failed", f"colocated: cannot make the CUDA streams: {e}", 1))
+    try:
+        for role in ROLES:
+            engine_core._send(conns[role], engine_core.ready(engines[role]))
+        threads = [threading.Thread(target=_serve_on, args=(engines[r], conns[r], streams[r]),
+                                    name=f"coserve-{r}-loop") for r in ROLES]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        for e in engines.values():
+            e.shutdown()
+
+
+def start_engines(factories: dict, log_level: str = "INFO", embed_sms: int | None = None) -> dict[str, EngineClient]:
+    """Spawn the one engine process, block until both engines are loaded -> role ->
+    EngineClient (both on the same process). Raises EngineStartError with the core's message."""
+    ctx = multiprocessing.get_context("spawn")
+    pipes = {r: ctx.Pipe(duplex=True) for r in ROLES}
+    proc = ctx.Process(target=core, args=(factories, {r: p[1] for r, p in pipes.items()}, log_level, embed_sms),
+                       name="coserve-engine-core", daemon=False)
+    proc.start()
+    atexit.register(_reap, proc, 0)
+    for _, theirs in pipes.values():
+        theirs.close()
+    infos = {}
+    try:
+        for role, (ours, _) in pipes.items():
+            try:
+                msg = pickle.loads(ours.recv_bytes())
+            except EOFError:
+                proc.join(5)
+                raise EngineStartError(f"the engine process exited with code {proc.exitcode} while loading", 1) from None
+            if msg[0] == "failed":
+                raise EngineStartError(msg[1], msg[2])
+            infos[role] = msg[1]
+    except BaseException:
+        for ours, _ in pipes.values():
+            ours.close()
+        _reap(proc)
+        raise
+    return {r: EngineClient(proc, pipes[r][0], infos[r]) for r in ROLES}
+
+
+async def serve_both(engines: dict[str, EngineClient], opts: dict, socks: dict) -> int:
+    """Both fronts on their sockets until SIGTERM/SIGINT (exit 0) or until either loop dies
+    (exit 1); then both drain together and the engine process stops."""
+    from aiohttp import web
+
+    from coserve.server.app import OpenAIServer, ready_line
+
+    loop = asyncio.get_running_loop()
+    fronts = []
+    for role in ROLES:
+        await engines[role].attach()
+        server = OpenAIServer(engines[role], opts[role])
+        runner = web.AppRunner(server.make_app(), handler_cancellation=True, shutdown_timeout=1.0,
+                               access_log=logging.getLogger("aiohttp.access") if opts[role].access_log else None)
+        await runner.setup()
+        site = web.SockSite(runner, socks[role], backlog=4096)
+        await site.start()
+        host, port = socks[role].getsockname()[:2]
+        print(ready_line(opts[role], engines[role], f"[{host}]" if ":" in host else host, port), flush=True)
+        fronts.append((server, site, runner))
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    waits = [asyncio.ensure_future(stop.wait())] + [asyncio.ensure_future(e.dead.wait()) for e in engines.values()]
+    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    for w in waits:
+        w.cancel()
+    rc = 0 if stop.is_set() else 1
+    log.info("shutting down (%s)", "signal" if rc == 0 else "an engine loop failed")
+    # Together: each front's stop waits for the one process, which ends when both loops have.
+    await asyncio.gather(*(server.shutdown(site, runner) for server, site, runner in fronts))
+    log.info("stopped")
+    return rc
+
+
+def engine_args(args) -> dict[str, argparse.Namespace]:
+    """role -> the `coserve serve` arguments its engine is built from."""
+    embed = {"kind": "embed", "model": args.embed_model, "gpu_memory_utilization": args.embed_gpu_memory_utilization,
+             "max_model_len": args.embed_max_model_len, "max_num_seqs": args.embed_max_num_seqs,
+             "max_num_batched_tokens": args.embed_max_num_batched_tokens, "enforce_eager": False}
+    return {"gen": argparse.Namespace(**{**vars(args), "kind": "gen"}),
+            "embed": argparse.Namespace(**{**vars(args), **embed})}
+
+
+def problem(args, device: str) -> str | None:
+    """Why these arguments cannot make a colocated server on `device` (cpu, cuda, cuda:N), or None."""
+    if not args.embed_model:
+        return "colocated needs --embed-model (the embedding model served beside --model)"
+    if args.tensor_parallel_size != 1:
+        return "colocated serves one GPU: --tensor-parallel-size must be 1"
+    if args.embed_sms is not None:
+        return green_context_problem(device)
+    return None
+
+
+def run(args, opts: dict, socks: dict, build_engine) -> int:
+    """`coserve serve colocated` once the sockets are bound: start, serve, exit status.
+    `build_engine(args)` builds one engine from `coserve serve` arguments (command.py's)."""
+    factories = {r: functools.partial(build_engine, a) for r, a in engine_args(args).items()}
+    try:
+        engines = start_engines(factories, args.log_level, args.embed_sms)
+    except EngineStartError as e:
+        print(f"coserve serve colocated: {e}", file=sys.stderr)
+        return e.exit_code
+    return asyncio.run(serve_both(engines, opts, socks))

@@ -1,0 +1,108 @@
+"""`coserve advise`: on a run folder of known results (the runner over a model backend) and
+on the H200 embed sweep in results/."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from test_experiment_runner import runner
+from test_report_tradeoff import CAPACITY, COST, ModelBackend
+
+from coserve.advise import advise, render
+from coserve.cli import main
+from coserve.report.aggregate import aggregate
+
+H200_SWEEP = Path(__file__).resolve().parent.parent / "results" / "nvidia-h200-2026-11-25" / "embed-sweep"
+
+# gen TPOT p99 = 10 + 0.05 x embed seq/s (ModelBackend); embed seq/s = min(offered, capacity)
+SPEC = """
+name = "advise"
+repetitions = 2
+[servers.gen]
+model = "tiny-dense"
+[servers.embed]
+model = "all-minilm-l6-v2"
+[load]
+warmup_s = 1
+duration_s = 2
+embed_batch = 8
+embed_rate = 4
+embed_concurrency = 64
+[[conditions]]
+name = "gen-only"
+servers = ["gen"]
+[[conditions]]
+name = "timeslice"
+[[conditions]]
+name = "mps"
+strategy = "mps"
+[[conditions]]
+name = "grain"
+embed = { max_num_batched_tokens = 512 }
+[sweep]
+role = "embed"
+rate = [2, 16]
+conditions = ["timeslice", "mps", "grain"]
+"""
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("advise")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(CAPACITY, "grain", 100.0)
+        mp.setitem(COST, "grain", 0.5)
+        runner(tmp, ModelBackend(), text=SPEC).run()
+    return tmp / "run"
+
+
+def test_names_the_most_embed_work_within_the_budget(run_dir):
+    a = advise(aggregate(run_dir), 14.0)
+    # grain.embed-r16: 100 seq/s at 15 ms (no); mps.embed-r16: 60 at 13 ms (yes); the rest do less
+    assert a.best.condition == "mps.embed-r16" and a.closest is None
+    assert a.best.embed_seq_s.mean == pytest.approx(60, rel=0.01)
+    assert [e.condition for e in a.rows][:3] == ["timeslice.embed-r16", "grain.embed-r16", "mps.embed-r16"]
+    assert {e.condition for e in a.rows if e.meets} == {"mps.embed-r16", "timeslice", "mps", "grain",
+                                                        "timeslice.embed-r2", "mps.embed-r2", "grain.embed-r2"}
+    assert a.gen_alone_tpot_p99_ms == pytest.approx(10) and a.baseline == "gen-only"
+    grain = next(e for e in a.rows if e.condition == "grain.embed-r16")
+    assert grain.label == "timeslice (embed.max_num_batched_tokens=512), embed rate 16 req/s"
+    assert grain.gen_vs_alone_pct == pytest.approx(-5.0, abs=1.0)
+    text = render(a)
+    assert text.startswith("Meets gen TPOT p99 <= 14 ms with the most embed work: mps.embed-r16")
+    assert "grain.embed-r16" in text and "± " in text  # 2 reps: a CI
+
+
+def test_says_none_meets_and_what_came_closest(run_dir):
+    a = advise(aggregate(run_dir), 14.0, 110.0)
+    assert a.best is None
+    # timeslice.embed-r16: 128 seq/s at 16.4 ms (17 % over); grain.embed-r16: 100 at 15 ms (7 % + 9 %)
+    assert a.closest.condition == "grain.embed-r16"
+    assert a.closest.miss == pytest.approx(15 / 14 - 1 + 1 - 100 / 110, abs=0.02)
+    text = render(a)
+    assert text.startswith("No measured condition meets gen TPOT p99 <= 14 ms and embed >= 110 seq/s. "
+                           "Closest: grain.embed-r16")
+    assert "above the budget" not in text
+    assert "above the budget already" in render(advise(aggregate(run_dir), 5.0))
+
+
+def test_command_exit_status_and_errors(run_dir, tmp_path, capsys):
+    assert main(["advise", str(run_dir), "--gen-tpot-p99-ms", "14"]) == 0
+    assert main(["advise", str(run_dir), "--gen-tpot-p99-ms", "9"]) == 1
+    assert "No measured condition meets gen TPOT p99 <= 9 ms" in capsys.readouterr().out
+    assert main(["advise", str(run_dir), "--gen-tpot-p99-ms", "-3"]) == 2
+    assert "--gen-tpot-p99-ms: must be a positive number" in capsys.readouterr().err
+    assert main(["advise", str(tmp_path), "--gen-tpot-p99-ms", "14"]) == 2
+    assert "is not a coserve run folder" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not H200_SWEEP.exists(), reason="the H200 embed sweep is not in results/")
+def test_on_the_h200_embed_sweep():
+    run = aggregate(H200_SWEEP)
+    a = advise(run, 26.0)
+    assert a.best.condition == "mps.embed-c1"  # 145 seq/s at 23.8 ms; timeslice C=4 does 74 at 25.5
+    assert a.best.embed_seq_s.mean == pytest.approx(145.067, abs=0.01)
+    assert a.gen_alone_tpot_p99_ms == pytest.approx(21.5874)
+    none = advise(run, 22.0, 490.0)
+    assert none.best is None and none.closest.condition == "mps.embed-c4"

@@ -1,0 +1,81 @@
+"""`coserve serve colocated` on CPU: both engines in one engine process, each behind its own
+endpoint, both answering at once, and a SIGTERM stops the lot."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+from test_server_split import alive, children
+from test_server_util import ROOT, ServerProcess, post, request, wait_for
+
+pytestmark = pytest.mark.slow
+
+
+def start(*extra: str) -> ServerProcess:
+    return ServerProcess([sys.executable, "-m", "coserve", "serve", "colocated", "--model", "tiny-dense",
+                          "--embed-model", "tiny-embed", "--random-weights", "--device", "cpu",
+                          "--max-model-len", "256", "--host", "127.0.0.1", "--port", "0", "--embed-port", "0",
+                          *extra], 120.0)
+
+
+def engine_processes(front_pid: int) -> list[int]:
+    return [p for p in children(front_pid) if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()]
+
+
+def test_both_endpoints_from_one_engine_process():
+    server = start()
+    try:
+        embed_line = server.stdout.get(timeout=30)
+        assert "coserve serve embed: ready at " in embed_line
+        assert server.ready_line.startswith("coserve serve gen: ready at ")
+        embed_url = embed_line.split(" ready at ", 1)[1].split()[0]
+        (core,) = wait_for(lambda: engine_processes(server.proc.pid), what="the engine process")
+
+        results = {}
+
+        def gen():
+            results["gen"] = post(server.url + "/v1/completions", {"prompt": [1, 2], "max_tokens": 32,
+                                                                   "ignore_eos": True})
+
+        t = threading.Thread(target=gen)
+        t.start()
+        status, body = post(embed_url + "/v1/embeddings", {"input": [[3, 4, 5], [6]]})
+        t.join(60)
+        assert status == 200 and len(body["data"]) == 2
+        assert results["gen"][0] == 200 and results["gen"][1]["usage"]["completion_tokens"] == 32
+        # each endpoint is the one kind
+        assert post(server.url + "/v1/embeddings", {"input": "x"})[0] == 400
+        assert post(embed_url + "/v1/completions", {"prompt": [1]})[0] == 400
+        assert request(embed_url + "/metrics")[0] == 200
+        server.signal(signal.SIGTERM)
+        assert server.proc.wait(30) == 0, server.log_tail()
+        wait_for(lambda: not alive(core), what="the engine process to exit")
+    finally:
+        server.kill()
+
+
+def test_a_model_that_cannot_load_fails_both_and_says_which():
+    proc = subprocess.run([sys.executable, "-m", "coserve", "serve", "colocated", "--model", "tiny-dense",
+                           "--embed-model", "/no/such/model", "--random-weights", "--device", "cpu",
+                           "--port", "0", "--embed-port", "0"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "coserve serve colocated: embed: " in proc.stderr
+
+
+def test_needs_an_embed_model():
+    proc = subprocess.run([sys.executable, "-m", "coserve", "serve", "colocated", "--model", "tiny-dense"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "colocated needs --embed-model" in proc.stderr
+
+
+def test_green_contexts_are_refused_on_cpu_before_loading():
+    proc = subprocess.run([sys.executable, "-m", "coserve", "serve", "colocated", "--model", "tiny-dense",
+                           "--embed-model", "tiny-embed", "--device", "cpu", "--embed-sms", "32"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "--embed-sms: green contexts are a CUDA feature; the device is cpu" in proc.stderr

@@ -1,0 +1,121 @@
+"""The SLO guard between real tiny servers on loopback (CPU): the embed server reads the gen
+server's step p99, its /metrics show the guard acting, and no embed request fails."""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+
+import pytest
+from test_server_util import coserve_serve, post, request
+
+pytestmark = pytest.mark.slow
+
+_CPU = ("--random-weights", "--device", "cpu")
+
+
+def metrics(url: str) -> dict[str, float]:
+    """One read of /metrics: every sample by name (labels dropped)."""
+    status, text = request(url + "/metrics")
+    assert status == 200
+    return {m.group(1): float(m.group(2)) for m in re.finditer(r"^([\w:]+)(?:\{[^}]*\})? (\S+)$", text, re.M)}
+
+
+def metric(url: str, name: str) -> float:
+    page = metrics(url)
+    assert name in page, f"{name} not in /metrics"
+    return page[name]
+
+
+class Load:
+    """Gen completions and embed requests in threads until stopped; every status kept."""
+
+    def __init__(self, gen_url: str, embed_url: str | None):
+        self.stop = threading.Event()
+        self.gen_status: list[int] = []
+        self.embed_status: list[int] = []
+        self.threads = [threading.Thread(target=self._gen, args=(gen_url,)) for _ in range(2)]
+        if embed_url:
+            self.threads += [threading.Thread(target=self._embed, args=(embed_url,)) for _ in range(3)]
+
+    def _gen(self, url: str) -> None:
+        while not self.stop.is_set():
+            self.gen_status.append(post(url + "/v1/completions", {"prompt": [1, 2, 3], "max_tokens": 24,
+                                                                  "ignore_eos": True})[0])
+
+    def _embed(self, url: str) -> None:
+        while not self.stop.is_set():
+            self.embed_status.append(post(url + "/v1/embeddings", {"input": [[5] * 40] * 4})[0])
+
+    def __enter__(self):
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        for t in self.threads:
+            t.join(120)
+
+
+@pytest.fixture(scope="module")
+def gen():
+    with coserve_serve("gen", "--model", "tiny-dense", *_CPU, "--max-model-len", "256") as s:
+        yield s
+
+
+def wait_until(test, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = test()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_gen_reports_its_step_times(gen):
+    assert metric(gen.url, "coserve:engine_steps_window") == 0  # idle
+    with Load(gen.url, None) as load:
+        wait_until(lambda: metric(gen.url, "coserve:engine_steps_window") > 0, 30, "gen steps")
+        page = metrics(gen.url)
+        assert 0 < page["coserve:engine_step_seconds_mean"] <= page["coserve:engine_step_seconds_p99"]
+    assert set(load.gen_status) == {200}
+
+
+def test_guard_cuts_embed_and_fails_nothing(gen):
+    # A budget no CPU step meets: the guard must cut to its floor and then pause.
+    with coserve_serve("embed", "--model", "tiny-embed", *_CPU, "--max-num-batched-tokens", "1024",
+                       "--slo-guard-min-tokens", "32",
+                       "--slo-guard-gen-url", gen.url, "--gen-tpot-slo-ms", "0.001",
+                       "--slo-guard-interval-ms", "20") as embed:
+        assert metric(embed.url, "coserve:slo_guard_budget_seconds") == pytest.approx(1e-6)
+        assert metric(embed.url, "coserve:slo_guard_tokens_per_forward") == 1024
+        with Load(gen.url, embed.url) as load:
+            wait_until(lambda: metric(embed.url, "coserve:slo_guard_pause_seconds") > 0, 60, "a pause")
+            time.sleep(1.0)
+            # while gen is busy (once it is idle the guard gives embed its full size back)
+            assert metric(embed.url, "coserve:slo_guard_tokens_per_forward") == 32
+        assert metric(embed.url, "coserve:slo_guard_cuts_total") >= 6  # 1024 -> 32 is 5 cuts, then pauses
+        assert metric(embed.url, "coserve:slo_guard_gen_step_seconds") > 1e-6
+        assert metric(embed.url, "coserve:slo_guard_throttled_seconds_total") > 0
+        assert metric(embed.url, "coserve:slo_guard_poll_errors_total") == 0
+    assert load.embed_status and set(load.embed_status) == {200}
+    assert set(load.gen_status) == {200}
+
+
+def test_percentage_budget_measures_gen_alone_while_embed_waits(gen):
+    with coserve_serve("embed", "--model", "tiny-embed", *_CPU, "--slo-guard-gen-url", gen.url,
+                       "--gen-tpot-slo-pct", "5", "--slo-guard-interval-ms", "20") as embed:
+        assert metric(embed.url, "coserve:slo_guard_budget_seconds") == 0  # gen idle: nothing measured
+        with Load(gen.url, embed.url) as load:
+            wait_until(lambda: metric(embed.url, "coserve:slo_guard_holding") == 1, 30, "the hold")
+            budget = wait_until(lambda: metric(embed.url, "coserve:slo_guard_budget_seconds"), 30, "a budget")
+            alone = metric(embed.url, "coserve:slo_guard_gen_alone_seconds")
+            assert budget == pytest.approx(alone * 1.05)
+            assert metric(embed.url, "coserve:slo_guard_holding") == 0
+            n = len(load.embed_status)
+            wait_until(lambda: len(load.embed_status) > n, 30, "embed requests after the hold")
+        assert metric(embed.url, "coserve:slo_guard_throttled_seconds_total") > 0.5  # held ~2.7 s
+    assert set(load.embed_status) == {200}
