@@ -2,9 +2,17 @@
 all-reduces, and give the logits a TP=1 engine gives (to bf16 tolerance). Skipped without
 2 GPUs and Triton.
 
-The MoE case uses tiny-moe with a 256-wide expert dimension: each rank's 128 columns then
-stay FP8 (tiny-moe's own 128 split in two is dequantised, and bf16 experts skip the FP8
-activation quantisation the TP=1 engine does, a difference of up to 0.7 in these logits)."""
+The logits are compared for bf16 weights only. With FP8 (tiny-moe as it stands) TP=1 and
+TP=2 legitimately differ by more than bf16 rounding: the Triton twins quantise every
+activation to FP8 per 1x128 group, a step that is discontinuous, so the last-bit difference
+between two ranks' all-reduced bf16 partial sums and one rank's sum flips FP8 roundings
+(12.5 % of an element) and router near-ties. Emulated on CPU (FP8 kept, activations
+quantised as the twins do, bf16, teacher-forced tokens), TP=2 vs TP=1 differ by 0.06-0.21
+per decode step in logits of std 0.32 even with every window FP8 and every FP8 group that
+of one rank (num_key_value_heads 4, moe_intermediate_size 256), against at most 0.02 for
+the same model with activations unquantised and 0.008 with bf16 weights. That each rank's FP8 window computes its share of
+the TP=1 experts exactly is checked at the kernel level
+(tests/test_kernels_gpu.py::test_fused_moe_of_two_ranks_sums_to_one_rank)."""
 
 from __future__ import annotations
 
@@ -24,7 +32,11 @@ if not (torch.cuda.is_available() and torch.cuda.device_count() >= 2 and ops.twi
     pytest.skip("needs 2 CUDA GPUs and Triton", allow_module_level=True)
 
 
-def _decode_logits(tp: int, model: str, ep: bool = False) -> tuple[list[torch.Tensor], dict]:
+def _step_logits(tp: int, model: str, ep: bool = False,
+                 tokens: list[list[int]] | None = None) -> tuple[list[torch.Tensor], list, dict]:
+    """Logits of every step (the prefill, then decodes), the tokens fed back (their argmax,
+    or `tokens`: teacher forcing, so that a near-tie argmax cannot send the two engines'
+    sequences apart), and the runner's step counts."""
     engine = GenEngine(EngineArgs(model=model, random_weights=True, device="cuda:0",
                                   gpu_memory_utilization=0.2, max_model_len=512, max_num_seqs=16,
                                   tensor_parallel_size=tp, enable_expert_parallel=ep))
@@ -32,43 +44,42 @@ def _decode_logits(tp: int, model: str, ep: bool = False) -> tuple[list[torch.Te
         rng = random.Random(0)
         for i in range(6):
             prompt = [rng.randrange(256) for _ in range(rng.randint(3, 40))]
-            engine.add_request(f"r{i}", prompt, SamplingParams(max_tokens=4, temperature=0.0,
+            engine.add_request(f"r{i}", prompt, SamplingParams(max_tokens=5, temperature=0.0,
                                                                ignore_eos=True))
-        while engine.scheduler.waiting:
-            engine.step()
-        out = []
+        out, fed = [], []
         while engine.has_unfinished():
             batch = engine.scheduler.schedule()
             logits = engine.runner.run(batch).float().cpu()
+            step = logits.argmax(-1).tolist() if tokens is None else tokens[len(out)]
             out.append(logits)
-            engine.scheduler.postprocess(batch, logits.argmax(-1).tolist(), set(),
-                                         engine.max_model_len)
-        return out, dict(engine.runner.steps)
+            fed.append(step)
+            engine.scheduler.postprocess(batch, step, set(), engine.max_model_len)
+        return out, fed, dict(engine.runner.steps)
     finally:
         engine.shutdown()
         del engine
         torch.cuda.empty_cache()
 
 
-def _moe_256(tmp_path) -> str:
-    config = dict(PRESETS["tiny-moe"].hf_config, moe_intermediate_size=256)
+def _bf16_moe(tmp_path) -> str:
+    """tiny-moe with bf16 weights: at TP=2 each rank holds 64 of every expert's 128
+    intermediate columns (or, expert parallel, 4 whole experts of 8)."""
+    config = dict(PRESETS["tiny-moe"].hf_config)
+    del config["quantization_config"]
     (tmp_path / "config.json").write_text(json.dumps(config))
     return str(tmp_path)
 
 
-@pytest.mark.parametrize("model", ["tiny-dense", "tiny-moe", "tiny-moe-ep"])
+@pytest.mark.parametrize("model", ["tiny-dense", "tiny-moe-bf16", "tiny-moe-bf16-ep"])
 def test_tp2_graph_replays_match_tp1(model, tmp_path):
-    """tiny-moe-ep: expert parallel (4 whole experts of 8 per rank, the Triton MoE skipping
-    the other rank's pairs)."""
-    ep = model == "tiny-moe-ep"
-    if model == "tiny-moe":
-        model = _moe_256(tmp_path)
-    elif ep:
-        model = "tiny-moe"
-    tp2, steps2 = _decode_logits(2, model, ep)
-    tp1, _ = _decode_logits(1, model)
+    """tiny-moe-bf16-ep: expert parallel (the Triton MoE skipping the other rank's pairs)."""
+    ep = model.endswith("-ep")
+    if model.startswith("tiny-moe"):
+        model = _bf16_moe(tmp_path)
+    tp1, tokens, _ = _step_logits(1, model)
+    tp2, _, steps2 = _step_logits(2, model, ep, tokens)
     assert steps2["graph"] > 0
-    assert len(tp2) == len(tp1) > 0
+    assert len(tp2) == len(tp1) > 1
     for a, b in zip(tp1, tp2, strict=True):
         torch.testing.assert_close(b, a, rtol=2e-2, atol=2e-2)
 

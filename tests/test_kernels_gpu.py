@@ -260,6 +260,46 @@ def test_fused_moe_tile_configs_agree(block_m):
     assert rel_err(other, base) < 1e-2
 
 
+def _rank_moe(inter, fp8, shard):
+    from coserve.engine.config import QuantConfig
+    from coserve.engine.layers import FusedMoEWeights
+
+    m = FusedMoEWeights(8, 256, inter, quant=QuantConfig() if fp8 else None, dtype=DT,
+                        device=DEV, **shard)
+    m.init_random(gen(16), 0.03)  # every rank draws the same full tensors
+    return m
+
+
+@pytest.mark.parametrize("fp8, inter", [(True, 256), (False, 128)])
+@pytest.mark.parametrize("expert_parallel", [False, True])
+def test_fused_moe_of_two_ranks_sums_to_one_rank(fp8, inter, expert_parallel):
+    """What Qwen3MoE's ranks compute before the all-reduce: each rank's window (half of
+    every expert's intermediate dimension: FP8 kept, the FP8 groups those of one rank; or
+    whole experts, the other rank's ids mapped to E) sums to the one-rank result."""
+    g = gen(17)
+    x = randn(24, 256, g=g)
+    weights, ids = tk().topk_softmax(randn(24, 8, g=g), 2, True)
+    blk = BLOCK if fp8 else None
+    whole = _rank_moe(inter, fp8, {})
+    assert (whole.quant is not None) == fp8
+    full = tk().fused_moe(x, whole.w13, whole.w2, weights, ids, whole.w13_scale,
+                          whole.w2_scale, blk)
+    total = torch.zeros(full.shape, dtype=torch.float32, device=DEV)
+    for rank in range(2):
+        if expert_parallel:
+            m = _rank_moe(inter, fp8, dict(expert_shard=(4 * rank, 4)))
+            local = ids - 4 * rank
+            local = local.masked_fill((local < 0) | (local >= 4), 4)
+            kw = dict(foreign=True)
+        else:
+            m = _rank_moe(inter, fp8, dict(inter_shard=(rank * inter // 2, inter // 2)))
+            local, kw = ids, {}
+        assert (m.quant is not None) == fp8
+        total += tk().fused_moe(x, m.w13, m.w2, weights, local, m.w13_scale, m.w2_scale, blk,
+                                **kw).float()
+    assert rel_err(total, full) < (1e-2 if ON_GPU else 1e-5)
+
+
 @pytest.mark.skipif(not ON_GPU, reason="CUDA graphs")
 def test_moe_and_fp8_linear_capture_in_a_cuda_graph():
     g = gen(13)

@@ -39,6 +39,9 @@ def _topk_softmax_kernel(
     rmask = rows < T
     x = tl.load(logits_ptr + rows[:, None] * stride_l + e[None, :],
                 mask=rmask[:, None] & (e[None, :] < E), other=float("-inf")).to(tl.float32)
+    # rows past T (never stored) read as zeros, not all -inf: no NaN (Triton's interpreter
+    # refuses an argmax over an all-NaN row)
+    x = tl.where(rmask[:, None], x, 0.0)
     x = x - tl.max(x, 1)[:, None]
     p = tl.exp(x)
     p = p / tl.sum(p, 1)[:, None]
