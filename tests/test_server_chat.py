@@ -17,7 +17,7 @@ from coserve.server.chat import parse_chat, plain_template, render
 from coserve.server.errors import ApiError
 
 MODEL = "tiny-dense"
-MAX_LEN = 512
+MAX_LEN = 128
 MESSAGES = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello there"}]
 
 
