@@ -42,7 +42,11 @@ HARDWARE: tuple[HardwareRecord, ...] = (
     HardwareRecord("launcher 'vllm' (binary or docker)", None),
     HardwareRecord("MIG: instance creation (apply_mig), servers on MIG devices", None),
     HardwareRecord("strategy 'exclusive' (one GPU each)", None),
-    HardwareRecord("tensor parallelism across GPUs (strategy 'tp')", None),
+    HardwareRecord("built-in engine at TP=2 on two GPUs (offline benchmark, GPU tests)",
+                   "2 x H200, 2026-11-29 (docs/performance.md, docs/gpu.md)"),
+    HardwareRecord("open-loop embed load in coserve run (seed-equal-work, first slice)",
+                   "H200, 2026-11-29 (docs/study.md)"),
+    HardwareRecord("tensor parallelism across GPUs in coserve run (strategy 'tp')", None),
     HardwareRecord("co-scheduling: embed granularity, the SLO guard (experiments/co-scheduling.toml)", None),
     HardwareRecord("serve colocated: stream priorities, green contexts (--embed-sms)", None),
 )
