@@ -35,11 +35,18 @@ from coserve.engine.embed_engine import EmbedEngine  # noqa: E402
 from coserve.engine.types import EngineArgs  # noqa: E402
 
 BOUND_SEQ_S = 1_600  # DESIGN.md: 8B dense, 32-token inputs, 100 % of bf16 peak
-STUDY_SEQ_S = 479    # vLLM 0.15.1, embed alone
+STUDY_SEQ_S = 479  # vLLM 0.15.1, embed alone
 
 
-def offline(engine: EmbedEngine, concurrency: int, batch: int, input_len: int,
-            warmup_s: float, duration_s: float, seed: int = 0) -> dict:
+def offline(
+    engine: EmbedEngine,
+    concurrency: int,
+    batch: int,
+    input_len: int,
+    warmup_s: float,
+    duration_s: float,
+    seed: int = 0,
+) -> dict:
     rng = random.Random(seed)
     sent: dict[str, float] = {}
     n = 0
@@ -48,8 +55,9 @@ def offline(engine: EmbedEngine, concurrency: int, batch: int, input_len: int,
         nonlocal n
         rid = f"e{n}"
         n += 1
-        engine.add_request(rid, [[rng.randrange(10, 256) for _ in range(input_len)]
-                                 for _ in range(batch)])
+        engine.add_request(
+            rid, [[rng.randrange(10, 256) for _ in range(input_len)] for _ in range(batch)]
+        )
         sent[rid] = time.perf_counter()
 
     for _ in range(concurrency):
@@ -74,16 +82,25 @@ def offline(engine: EmbedEngine, concurrency: int, batch: int, input_len: int,
             submit()
         if now >= end:
             break
-    res = {"warmup_s": warmup_s, "duration_s": duration_s, "sequences_per_s": seqs / duration_s,
-           "latency_ms": dist(latency), "step_ms": dist(step_ms), "steps": steps}
-    log(f"offline: {res['sequences_per_s']:,.0f} seq/s, {steps} steps, step p50 "
-        f"{_f(res['step_ms']['p50'])} ms")
+    res = {
+        "warmup_s": warmup_s,
+        "duration_s": duration_s,
+        "sequences_per_s": seqs / duration_s,
+        "latency_ms": dist(latency),
+        "step_ms": dist(step_ms),
+        "steps": steps,
+    }
+    log(
+        f"offline: {res['sequences_per_s']:,.0f} seq/s, {steps} steps, step p50 "
+        f"{_f(res['step_ms']['p50'])} ms"
+    )
     return res
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     ap.add_argument("--model", default="qwen3-embedding-8b")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.30)
@@ -109,16 +126,26 @@ def main() -> None:
         (out_dir / "engine_embed.json").write_text(json.dumps(res, indent=1, default=str))
 
     t0 = time.perf_counter()
-    engine = EmbedEngine(EngineArgs(
-        model=args.model, random_weights=True, device=args.device,
-        gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.max_model_len,
-        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens))
-    res["build"] = {"seconds": time.perf_counter() - t0,
-                    "weight_gib": engine.lm.weight_bytes / 2**30}
+    engine = EmbedEngine(
+        EngineArgs(
+            model=args.model,
+            random_weights=True,
+            device=args.device,
+            gpu_memory_utilization=args.gpu_memory_utilization,
+            max_model_len=args.max_model_len,
+            max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+        )
+    )
+    res["build"] = {
+        "seconds": time.perf_counter() - t0,
+        "weight_gib": engine.lm.weight_bytes / 2**30,
+    }
     log(f"built in {res['build']['seconds']:.0f} s, weights {res['build']['weight_gib']:.1f} GiB")
     try:
-        res["offline"] = offline(engine, args.concurrency, args.batch, args.input_len,
-                                 args.warmup, args.duration)
+        res["offline"] = offline(
+            engine, args.concurrency, args.batch, args.input_len, args.warmup, args.duration
+        )
     except Exception as e:  # noqa: BLE001 - keep the served figures
         traceback.print_exc()
         res["errors"]["offline"] = repr(e)
@@ -129,31 +156,56 @@ def main() -> None:
 
     if "serve" not in args.skip.split(","):
         try:
-            server = ["--model", args.model, "--random-weights", "--device", args.device,
-                      "--gpu-memory-utilization", str(args.gpu_memory_utilization),
-                      "--max-model-len", str(args.max_model_len),
-                      "--max-num-seqs", str(args.max_num_seqs),
-                      "--max-num-batched-tokens", str(args.max_num_batched_tokens)]
-            bench = ["--embed-concurrency", str(args.concurrency),
-                     "--embed-batch", str(args.batch), "--embed-input-len", str(args.input_len),
-                     "--warmup", str(args.serve_warmup), "--duration", str(args.serve_duration)]
+            server = [
+                "--model",
+                args.model,
+                "--random-weights",
+                "--device",
+                args.device,
+                "--gpu-memory-utilization",
+                str(args.gpu_memory_utilization),
+                "--max-model-len",
+                str(args.max_model_len),
+                "--max-num-seqs",
+                str(args.max_num_seqs),
+                "--max-num-batched-tokens",
+                str(args.max_num_batched_tokens),
+            ]
+            bench = [
+                "--embed-concurrency",
+                str(args.concurrency),
+                "--embed-batch",
+                str(args.batch),
+                "--embed-input-len",
+                str(args.input_len),
+                "--warmup",
+                str(args.serve_warmup),
+                "--duration",
+                str(args.serve_duration),
+            ]
             res["served"] = serve_and_bench("embed", server, bench, out_dir, ready_timeout_s=300)
         except Exception as e:  # noqa: BLE001
             traceback.print_exc()
             res["errors"]["served"] = repr(e)
         save()
 
-    print(f"\n== engine_embed: {args.model} on {res['env'].get('gpu', 'cpu')}, C={args.concurrency}"
-          f", {args.batch} inputs x {args.input_len} tokens per request ==")
-    print(f"{'run':<26} {'seq/s':>8} {'% bound':>8} {'vs study':>9} {'lat p50':>8} {'p95':>8} "
-          f"{'p99':>8}")
+    print(
+        f"\n== engine_embed: {args.model} on {res['env'].get('gpu', 'cpu')}, C={args.concurrency}"
+        f", {args.batch} inputs x {args.input_len} tokens per request =="
+    )
+    print(
+        f"{'run':<26} {'seq/s':>8} {'% bound':>8} {'vs study':>9} {'lat p50':>8} {'p95':>8} "
+        f"{'p99':>8}"
+    )
     o = res.get("offline")
     s = (res.get("served") or {}).get("embed")
     for label, r in (("offline", o), ("served (serve + bench)", s)):
         if r:
             v, lat = r["sequences_per_s"], r["latency_ms"]
-            print(f"{label:<26} {v:8,.0f} {v / BOUND_SEQ_S:8.1%} {v / STUDY_SEQ_S:9.2f} "
-                  f"{_f(lat['p50'], '.1f'):>8} {_f(lat['p95'], '.1f'):>8} {_f(lat['p99'], '.1f'):>8}")
+            print(
+                f"{label:<26} {v:8,.0f} {v / BOUND_SEQ_S:8.1%} {v / STUDY_SEQ_S:9.2f} "
+                f"{_f(lat['p50'], '.1f'):>8} {_f(lat['p95'], '.1f'):>8} {_f(lat['p99'], '.1f'):>8}"
+            )
     for k, v in res["errors"].items():
         print(f"ERROR in {k}: {v}")
 

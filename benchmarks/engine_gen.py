@@ -59,16 +59,24 @@ def pct(values: list[float], q: float) -> float | None:
 
 
 def dist(values: list[float]) -> dict:
-    return {"n": len(values), "mean": statistics.fmean(values) if values else None,
-            **{f"p{q}": pct(values, q) for q in (50, 95, 99)}}
+    return {
+        "n": len(values),
+        "mean": statistics.fmean(values) if values else None,
+        **{f"p{q}": pct(values, q) for q in (50, 95, 99)},
+    }
 
 
 def device_info(device: str) -> dict:
-    info = {"torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-            "argv": sys.argv}
+    info = {
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "argv": sys.argv,
+    }
     if device.startswith("cuda") and torch.cuda.is_available():
         p = torch.cuda.get_device_properties(torch.cuda.current_device())
-        info.update(gpu=p.name, sms=p.multi_processor_count, gpu_mem_gib=round(p.total_memory / 2**30, 1))
+        info.update(
+            gpu=p.name, sms=p.multi_processor_count, gpu_mem_gib=round(p.total_memory / 2**30, 1)
+        )
         try:
             import triton
 
@@ -82,8 +90,9 @@ def device_info(device: str) -> dict:
 class ClosedLoop:
     """Keeps `concurrency` requests in the engine; a finished one is replaced at once."""
 
-    def __init__(self, engine: GenEngine, concurrency: int, input_len: int, output_len: int,
-                 seed: int = 0) -> None:
+    def __init__(
+        self, engine: GenEngine, concurrency: int, input_len: int, output_len: int, seed: int = 0
+    ) -> None:
         self.engine, self.concurrency = engine, concurrency
         self.input_len = input_len
         self.params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
@@ -96,8 +105,9 @@ class ClosedLoop:
     def _submit(self) -> None:
         rid = f"r{self.next_id}"
         self.next_id += 1
-        self.engine.add_request(rid, [self.rng.randrange(10, 256) for _ in range(self.input_len)],
-                                self.params)
+        self.engine.add_request(
+            rid, [self.rng.randrange(10, 256) for _ in range(self.input_len)], self.params
+        )
         self.times[rid] = []
 
     def step(self) -> tuple[int, bool]:
@@ -138,15 +148,23 @@ class ClosedLoop:
             inside = [t for t in times[1:] if start <= t < end]
             if len(inside) >= 2:
                 tpot.append((inside[-1] - inside[0]) / (len(inside) - 1) * 1e3)
-        res = {"label": label, "warmup_s": warmup_s, "duration_s": duration_s,
-               "output_tokens_per_s": tokens / duration_s, "steps": steps,
-               "tpot_ms": dist(tpot), "step_ms": dist(step_ms),
-               "full_decode_step_ms": dist(full_step_ms),
-               "completed_in_window": sum(1 for t in self.finished if start <= t[-1] < end),
-               "step_kinds": {k: v - kinds0[k] for k, v in self.engine.runner.steps.items()}}
-        log(f"{label}: {res['output_tokens_per_s']:,.0f} tok/s, {steps} steps, TPOT p50 "
+        res = {
+            "label": label,
+            "warmup_s": warmup_s,
+            "duration_s": duration_s,
+            "output_tokens_per_s": tokens / duration_s,
+            "steps": steps,
+            "tpot_ms": dist(tpot),
+            "step_ms": dist(step_ms),
+            "full_decode_step_ms": dist(full_step_ms),
+            "completed_in_window": sum(1 for t in self.finished if start <= t[-1] < end),
+            "step_kinds": {k: v - kinds0[k] for k, v in self.engine.runner.steps.items()},
+        }
+        log(
+            f"{label}: {res['output_tokens_per_s']:,.0f} tok/s, {steps} steps, TPOT p50 "
             f"{_f(res['tpot_ms']['p50'])} ms, full decode step p50 "
-            f"{_f(res['full_decode_step_ms']['p50'])} ms")
+            f"{_f(res['full_decode_step_ms']['p50'])} ms"
+        )
         return res
 
 
@@ -166,8 +184,10 @@ _CLASSES = [  # (class, kernel-name pattern), first match wins
     ("qk norm + rope + KV store", r"qk_norm_rope"),
     ("RMSNorm (+ residual add)", r"rms_norm"),
     ("SiLU and mul", r"silu"),
-    ("cuBLAS/CUTLASS GEMM (FP8 blockwise, bf16 router, lm_head)",
-     r"gemm|nvjet|cutlass|sm90_xmma|cublas|splitKreduce"),
+    (
+        "cuBLAS/CUTLASS GEMM (FP8 blockwise, bf16 router, lm_head)",
+        r"gemm|nvjet|cutlass|sm90_xmma|cublas|splitKreduce",
+    ),
     ("sampling (argmax, softmax)", r"argmax|argmin|softmax|reduce_kernel"),
     ("memcpy / memset", r"^Memcpy|^Memset|memcpy|memset"),
     ("other elementwise (sum, copies, index)", r"."),
@@ -194,8 +214,11 @@ def profile_decode(loop: ClosedLoop, steps: int, context: float) -> dict:
 
     e = loop.engine
     for _ in range(1500):
-        if (not e.scheduler.waiting and len(e.scheduler.running) == loop.concurrency
-                and abs(_mean_context(e) - context) < 20):
+        if (
+            not e.scheduler.waiting
+            and len(e.scheduler.running) == loop.concurrency
+            and abs(_mean_context(e) - context) < 20
+        ):
             break
         loop.step()
     loop.refill = False
@@ -214,8 +237,10 @@ def profile_decode(loop: ClosedLoop, steps: int, context: float) -> dict:
     if res[0] < 0.3 * wall_ms and not e.runner.enforce_eager:
         # the profiler saw few kernels inside the graph replays: take them from eager steps
         # (the same kernels at the same padded shapes; only the gaps between them differ)
-        log(f"profile: only {res[0]:.2f} of {wall_ms:.2f} ms traced under graphs; "
-            "profiling eager steps instead")
+        log(
+            f"profile: only {res[0]:.2f} of {wall_ms:.2f} ms traced under graphs; "
+            "profiling eager steps instead"
+        )
         e.runner.enforce_eager = True
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(steps):
@@ -226,16 +251,28 @@ def profile_decode(loop: ClosedLoop, steps: int, context: float) -> dict:
         mode = "eager (graph replays not traced)"
     gpu_ms, per_class, per_kernel, calls = res
     replay_ms = _replay_ms(loop)
-    res = {"steps": steps, "batch": batch, "mean_context": mean_ctx, "traced": mode,
-           "wall_ms_per_step": wall_ms,
-           "gpu_kernel_ms_per_step": gpu_ms, "graph_replay_ms": replay_ms,
-           "classes_ms_per_step": {k: v / 1e3 for k, v in sorted(per_class.items(), key=lambda kv: -kv[1])},
-           "top_kernels": [{"name": k[:120], "ms_per_step": v / 1e3, "calls_per_step": calls[k] / steps}
-                           for k, v in sorted(per_kernel.items(), key=lambda kv: -kv[1])[:20]]}
-    log(f"profile ({mode}): batch {batch}, mean context {mean_ctx:.0f}, "
+    res = {
+        "steps": steps,
+        "batch": batch,
+        "mean_context": mean_ctx,
+        "traced": mode,
+        "wall_ms_per_step": wall_ms,
+        "gpu_kernel_ms_per_step": gpu_ms,
+        "graph_replay_ms": replay_ms,
+        "classes_ms_per_step": {
+            k: v / 1e3 for k, v in sorted(per_class.items(), key=lambda kv: -kv[1])
+        },
+        "top_kernels": [
+            {"name": k[:120], "ms_per_step": v / 1e3, "calls_per_step": calls[k] / steps}
+            for k, v in sorted(per_kernel.items(), key=lambda kv: -kv[1])[:20]
+        ],
+    }
+    log(
+        f"profile ({mode}): batch {batch}, mean context {mean_ctx:.0f}, "
         f"{wall_ms:.2f} ms wall per profiled step, "
         f"{gpu_ms:.2f} ms of kernels; one graph replay (the forward, no logits) "
-        f"{_f(replay_ms)} ms by CUDA events")
+        f"{_f(replay_ms)} ms by CUDA events"
+    )
     for k, v in res["classes_ms_per_step"].items():
         print(f"    {k:<58} {v:7.3f} ms  {v / max(gpu_ms, 1e-9):5.1%}")
     print("    top kernels:")
@@ -282,9 +319,15 @@ def _kernel_times(prof, steps: int):
 
 
 # ----------------------------------------------------------------------------- served
-def serve_and_bench(role: str, server_args: list[str], bench_args: list[str], out_dir: Path,
-                    ready_timeout_s: float, switch_interval_s: float | None = None,
-                    tag: str = "") -> dict:
+def serve_and_bench(
+    role: str,
+    server_args: list[str],
+    bench_args: list[str],
+    out_dir: Path,
+    ready_timeout_s: float,
+    switch_interval_s: float | None = None,
+    tag: str = "",
+) -> dict:
     """Start `coserve serve ROLE` (own process), run `coserve bench` against it, stop it;
     returns the bench summary with the server's start-up time. switch_interval_s: the
     server's interpreter switches threads this often (sys.setswitchinterval; Python's
@@ -295,15 +338,19 @@ def serve_and_bench(role: str, server_args: list[str], bench_args: list[str], ou
     log_path = out_dir / f"serve_{role}{tag}.log"
     prefix = [sys.executable, "-m", "coserve"]
     if switch_interval_s is not None:
-        prefix = [sys.executable, "-c",
-                  f"import sys, runpy; sys.setswitchinterval({switch_interval_s}); "
-                  "sys.argv[0] = 'coserve'; runpy.run_module('coserve', run_name='__main__')"]
+        prefix = [
+            sys.executable,
+            "-c",
+            f"import sys, runpy; sys.setswitchinterval({switch_interval_s}); "
+            "sys.argv[0] = 'coserve'; runpy.run_module('coserve', run_name='__main__')",
+        ]
     cmd = [*prefix, "serve", role, "--host", "127.0.0.1", "--port", str(port), *server_args]
     log("starting: " + " ".join(cmd))
     t0 = time.perf_counter()
     with open(log_path, "w") as lf:
-        proc = subprocess.Popen(cmd, stdout=lf, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, stdout=lf, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         import urllib.request
@@ -323,8 +370,18 @@ def serve_and_bench(role: str, server_args: list[str], bench_args: list[str], ou
         ready_s = time.perf_counter() - t0
         log(f"server ready in {ready_s:.0f} s")
         out_json = out_dir / f"bench_{role}{tag}.json"
-        bench = [sys.executable, "-m", "coserve", "bench", f"--{role}-url", url,
-                 "--out", str(out_json), "--quiet", *bench_args]
+        bench = [
+            sys.executable,
+            "-m",
+            "coserve",
+            "bench",
+            f"--{role}-url",
+            url,
+            "--out",
+            str(out_json),
+            "--quiet",
+            *bench_args,
+        ]
         log("running: " + " ".join(bench))
         subprocess.run(bench, check=True, env=env)
         summary = json.loads(out_json.read_text())
@@ -353,14 +410,17 @@ def release_cuda_memory() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
-        log(f"after release: {torch.cuda.memory_reserved() / 2**30:.2f} GiB reserved, "
-            f"{torch.cuda.mem_get_info()[0] / 2**30:.1f} GiB free on the device")
+        log(
+            f"after release: {torch.cuda.memory_reserved() / 2**30:.2f} GiB reserved, "
+            f"{torch.cuda.mem_get_info()[0] / 2**30:.1f} GiB free on the device"
+        )
 
 
 # ----------------------------------------------------------------------------- main
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     ap.add_argument("--model", default="qwen3-30b-a3b")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.50)
@@ -376,8 +436,12 @@ def main() -> None:
     ap.add_argument("--serve-warmup", type=float, default=30.0)
     ap.add_argument("--serve-duration", type=float, default=60.0)
     ap.add_argument("--profile-steps", type=int, default=10)
-    ap.add_argument("--serve-switch-interval", type=float, default=None,
-                    help="also serve with this sys.setswitchinterval (seconds) in the server")
+    ap.add_argument(
+        "--serve-switch-interval",
+        type=float,
+        default=None,
+        help="also serve with this sys.setswitchinterval (seconds) in the server",
+    )
     ap.add_argument("--skip", default="", help="comma list of: eager,profile,serve")
     ap.add_argument("--out-dir", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
@@ -393,35 +457,50 @@ def main() -> None:
         (out_dir / "engine_gen.json").write_text(json.dumps(res, indent=1, default=str))
 
     t0 = time.perf_counter()
-    engine = GenEngine(EngineArgs(
-        model=args.model, random_weights=True, device=args.device,
-        gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.max_model_len,
-        max_num_seqs=args.max_num_seqs))
-    res["build"] = {"seconds": time.perf_counter() - t0,
-                    "kv_capacity_tokens": engine.kv_capacity_tokens,
-                    "kv_bytes_per_token": engine.kv_bytes_per_token,
-                    "graphs": len(engine.runner.graphs),
-                    "weight_gib": engine.lm.weight_bytes / 2**30}
+    engine = GenEngine(
+        EngineArgs(
+            model=args.model,
+            random_weights=True,
+            device=args.device,
+            gpu_memory_utilization=args.gpu_memory_utilization,
+            max_model_len=args.max_model_len,
+            max_num_seqs=args.max_num_seqs,
+        )
+    )
+    res["build"] = {
+        "seconds": time.perf_counter() - t0,
+        "kv_capacity_tokens": engine.kv_capacity_tokens,
+        "kv_bytes_per_token": engine.kv_bytes_per_token,
+        "graphs": len(engine.runner.graphs),
+        "weight_gib": engine.lm.weight_bytes / 2**30,
+    }
     if args.device.startswith("cuda"):
         res["build"]["gpu_mem_reserved_gib"] = torch.cuda.memory_reserved() / 2**30
-    log(f"built in {res['build']['seconds']:.0f} s: KV capacity {engine.kv_capacity_tokens:,} "
+    log(
+        f"built in {res['build']['seconds']:.0f} s: KV capacity {engine.kv_capacity_tokens:,} "
         f"tokens, {len(engine.runner.graphs)} decode graphs, weights "
-        f"{res['build']['weight_gib']:.1f} GiB")
+        f"{res['build']['weight_gib']:.1f} GiB"
+    )
     save()
 
     loop = ClosedLoop(engine, args.concurrency, args.input_len, args.output_len)
     try:
-        res["offline_graphs"] = loop.run(args.warmup, args.duration,
-                                         "offline, CUDA graphs" if engine.runner.graphs
-                                         else "offline, static shapes (no graphs)")
+        res["offline_graphs"] = loop.run(
+            args.warmup,
+            args.duration,
+            "offline, CUDA graphs"
+            if engine.runner.graphs
+            else "offline, static shapes (no graphs)",
+        )
     except Exception as e:  # noqa: BLE001 - keep the other phases' figures
         traceback.print_exc()
         res["errors"]["offline_graphs"] = repr(e)
     save()
     if "profile" not in skip and args.device.startswith("cuda"):
         try:
-            res["profile"] = profile_decode(loop, args.profile_steps,
-                                            args.input_len + args.output_len / 2)
+            res["profile"] = profile_decode(
+                loop, args.profile_steps, args.input_len + args.output_len / 2
+            )
         except Exception as e:  # noqa: BLE001
             traceback.print_exc()
             res["errors"]["profile"] = repr(e)
@@ -429,8 +508,9 @@ def main() -> None:
     if "eager" not in skip:
         try:
             engine.runner.enforce_eager = True
-            res["offline_eager"] = loop.run(args.eager_warmup, args.eager_duration,
-                                            "offline, eager")
+            res["offline_eager"] = loop.run(
+                args.eager_warmup, args.eager_duration, "offline, eager"
+            )
         except Exception as e:  # noqa: BLE001
             traceback.print_exc()
             res["errors"]["offline_eager"] = repr(e)
@@ -442,18 +522,42 @@ def main() -> None:
 
     if "serve" not in skip:
         try:
-            server = ["--model", args.model, "--random-weights", "--device", args.device,
-                      "--gpu-memory-utilization", str(args.gpu_memory_utilization),
-                      "--max-model-len", str(args.max_model_len),
-                      "--max-num-seqs", str(args.max_num_seqs)]
-            bench = ["--gen-concurrency", str(args.concurrency),
-                     "--input-len", str(args.input_len), "--output-len", str(args.output_len),
-                     "--warmup", str(args.serve_warmup), "--duration", str(args.serve_duration)]
+            server = [
+                "--model",
+                args.model,
+                "--random-weights",
+                "--device",
+                args.device,
+                "--gpu-memory-utilization",
+                str(args.gpu_memory_utilization),
+                "--max-model-len",
+                str(args.max_model_len),
+                "--max-num-seqs",
+                str(args.max_num_seqs),
+            ]
+            bench = [
+                "--gen-concurrency",
+                str(args.concurrency),
+                "--input-len",
+                str(args.input_len),
+                "--output-len",
+                str(args.output_len),
+                "--warmup",
+                str(args.serve_warmup),
+                "--duration",
+                str(args.serve_duration),
+            ]
             res["served"] = serve_and_bench("gen", server, bench, out_dir, ready_timeout_s=420)
             if args.serve_switch_interval is not None:
                 res["served_switch"] = serve_and_bench(
-                    "gen", server, bench, out_dir, ready_timeout_s=420,
-                    switch_interval_s=args.serve_switch_interval, tag="_switch")
+                    "gen",
+                    server,
+                    bench,
+                    out_dir,
+                    ready_timeout_s=420,
+                    switch_interval_s=args.serve_switch_interval,
+                    tag="_switch",
+                )
         except Exception as e:  # noqa: BLE001
             traceback.print_exc()
             res["errors"]["served"] = repr(e)
@@ -463,36 +567,51 @@ def main() -> None:
 
 def print_table(res: dict) -> None:
     b = res.get("build", {})
-    print(f"\n== engine_gen: {res['workload']['model']} on {res['env'].get('gpu', 'cpu')}, "
-          f"KV capacity {b.get('kv_capacity_tokens', 0):,} tokens, "
-          f"C={res['workload']['concurrency']}, {res['workload']['input_len']} in / "
-          f"{res['workload']['output_len']} out ==")
-    print(f"{'run':<26} {'tok/s':>9} {'% bound':>8} {'vs study':>9} {'TPOT p50':>9} "
-          f"{'p95':>7} {'p99':>7} {'step p50':>9}")
-    rows = [("offline, graphs", res.get("offline_graphs")),
-            ("offline, eager", res.get("offline_eager"))]
+    print(
+        f"\n== engine_gen: {res['workload']['model']} on {res['env'].get('gpu', 'cpu')}, "
+        f"KV capacity {b.get('kv_capacity_tokens', 0):,} tokens, "
+        f"C={res['workload']['concurrency']}, {res['workload']['input_len']} in / "
+        f"{res['workload']['output_len']} out =="
+    )
+    print(
+        f"{'run':<26} {'tok/s':>9} {'% bound':>8} {'vs study':>9} {'TPOT p50':>9} "
+        f"{'p95':>7} {'p99':>7} {'step p50':>9}"
+    )
+    rows = [
+        ("offline, graphs", res.get("offline_graphs")),
+        ("offline, eager", res.get("offline_eager")),
+    ]
     for label, r in rows:
         if r:
             t, s = r["tpot_ms"], r["full_decode_step_ms"]
             tok = r["output_tokens_per_s"]
-            print(f"{label:<26} {tok:9,.0f} {tok / BOUND_TOK_S:8.1%} {tok / STUDY_TOK_S:9.2f} "
-                  f"{_f(t['p50']):>9} {_f(t['p95']):>7} {_f(t['p99']):>7} {_f(s['p50']):>9}")
+            print(
+                f"{label:<26} {tok:9,.0f} {tok / BOUND_TOK_S:8.1%} {tok / STUDY_TOK_S:9.2f} "
+                f"{_f(t['p50']):>9} {_f(t['p95']):>7} {_f(t['p99']):>7} {_f(s['p50']):>9}"
+            )
     switch = res["workload"].get("serve_switch_interval")
-    for key, label in (("served", "served (serve + bench)"),
-                       ("served_switch", f"served, switch {switch} s")):
+    for key, label in (
+        ("served", "served (serve + bench)"),
+        ("served_switch", f"served, switch {switch} s"),
+    ):
         g = (res.get(key) or {}).get("gen")
         if g:
             t, tok = g["tpot_ms"], g["output_tokens_per_s"]
-            print(f"{label:<26} {tok:9,.0f} {tok / BOUND_TOK_S:8.1%} {tok / STUDY_TOK_S:9.2f} "
-                  f"{_f(t['p50']):>9} {_f(t['p95']):>7} {_f(t['p99']):>7} "
-                  f"{'':>9}  failed {g.get('failed')}")
+            print(
+                f"{label:<26} {tok:9,.0f} {tok / BOUND_TOK_S:8.1%} {tok / STUDY_TOK_S:9.2f} "
+                f"{_f(t['p50']):>9} {_f(t['p95']):>7} {_f(t['p99']):>7} "
+                f"{'':>9}  failed {g.get('failed')}"
+            )
     p = res.get("profile")
     if p:
-        print(f"profile: {p['gpu_kernel_ms_per_step']:.2f} ms of kernels per decode step "
-              f"(batch {p['batch']}, mean context {p['mean_context']:.0f}), graph replay "
-              f"{_f(p.get('graph_replay_ms'))} ms; "
-              + ", ".join(f"{k.split(' (')[0]} {v:.2f}" for k, v in
-                          list(p["classes_ms_per_step"].items())[:5]))
+        print(
+            f"profile: {p['gpu_kernel_ms_per_step']:.2f} ms of kernels per decode step "
+            f"(batch {p['batch']}, mean context {p['mean_context']:.0f}), graph replay "
+            f"{_f(p.get('graph_replay_ms'))} ms; "
+            + ", ".join(
+                f"{k.split(' (')[0]} {v:.2f}" for k, v in list(p["classes_ms_per_step"].items())[:5]
+            )
+        )
     for k, v in res.get("errors", {}).items():
         print(f"ERROR in {k}: {v}")
 

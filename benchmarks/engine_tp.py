@@ -65,23 +65,38 @@ def run_gen(args, tp: int, config: str, tmp: Path) -> dict:
     res: dict = {"tp": tp, "all_reduce": config}
     t0 = time.perf_counter()
     max_seqs = max(args.max_num_seqs, max(args.concurrency)) if tp > 1 else args.max_num_seqs
-    engine = GenEngine(EngineArgs(
-        model=args.model, random_weights=True, device=args.device,
-        gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.max_model_len,
-        max_num_seqs=max_seqs, tensor_parallel_size=tp, tp_all_reduce=all_reduce,
-        enable_expert_parallel=ep == "ep"))
+    engine = GenEngine(
+        EngineArgs(
+            model=args.model,
+            random_weights=True,
+            device=args.device,
+            gpu_memory_utilization=args.gpu_memory_utilization,
+            max_model_len=args.max_model_len,
+            max_num_seqs=max_seqs,
+            tensor_parallel_size=tp,
+            tp_all_reduce=all_reduce,
+            enable_expert_parallel=ep == "ep",
+        )
+    )
     res["build_s"] = time.perf_counter() - t0
     res["kv_capacity_tokens"] = engine.kv_capacity_tokens
-    log(f"TP={tp} ({config}) built in {res['build_s']:.0f} s, KV {engine.kv_capacity_tokens:,} tokens")
+    log(
+        f"TP={tp} ({config}) built in {res['build_s']:.0f} s, KV {engine.kv_capacity_tokens:,} tokens"
+    )
     cuda = args.device.startswith("cuda")
     devices = [str(i) for i in range(tp)] if cuda else []
     try:
         if args.comm and cuda and tp > 1:
             engine.workers.send(Call(_per_rank, (comm_bench, [str(tmp / "comm_rank1.json")], ())))
             res["comm"] = comm_bench(engine)
-            log("collectives (us): " + ", ".join(
-                f"{k} {v if not isinstance(v, dict) else v.get('graph_us')}"
-                for k, v in res["comm"].items() if "error" not in k))
+            log(
+                "collectives (us): "
+                + ", ".join(
+                    f"{k} {v if not isinstance(v, dict) else v.get('graph_us')}"
+                    for k, v in res["comm"].items()
+                    if "error" not in k
+                )
+            )
         concurrencies = args.concurrency if tp > 1 else [min(args.concurrency)]
         for c in concurrencies:
             modes = [True, False] if args.sync_too and c == min(concurrencies) else [True]
@@ -101,15 +116,20 @@ def run_gen(args, tp: int, config: str, tmp: Path) -> dict:
                 r["telemetry"] = tel.stop()
                 if cuda:  # unwrap in the reverse order of wrapping
                     r["gpu_steps"] = {"rank0": timer.stop()}
-                    for i, w in enumerate(_from_workers(engine, _worker_timer_stop, (), tmp, "timer")):
+                    for i, w in enumerate(
+                        _from_workers(engine, _worker_timer_stop, (), tmp, "timer")
+                    ):
                         r["gpu_steps"][f"rank{i + 1}"] = w
                 r["host_ms_per_step_whole_run"] = phases.per_step_ms(
-                    sum(r["step_kinds"].values()) or r["steps"])
+                    sum(r["step_kinds"].values()) or r["steps"]
+                )
                 phases.undo(engine)
                 if engine.workers is not None:
                     cnt = engine.workers.counters()
-                    r["workers"] = [{k: (b[k] - a[k]) if k != "lag_max_s" else b[k] for k in b}
-                                    for a, b in zip(counters0, cnt, strict=True)]
+                    r["workers"] = [
+                        {k: (b[k] - a[k]) if k != "lag_max_s" else b[k] for k in b}
+                        for a, b in zip(counters0, cnt, strict=True)
+                    ]
                 res[f"C{c}_{'async' if async_on else 'sync'}"] = r
                 _print_run(label, r)
         engine.async_scheduling = True
@@ -119,9 +139,14 @@ def run_gen(args, tp: int, config: str, tmp: Path) -> dict:
             loop.run(min(args.warmup, 4.0), 0.5, "profile warm-up")
             res["profile"] = profile_decode(loop, args.profile_steps, tmp)
             p = res["profile"]
-            log(f"profile: wall {p['wall_ms_per_step']:.2f} ms/step; " + "; ".join(
-                f"{k}: busy {v.get('busy_ms_per_step', 0):.2f} idle {v.get('idle_ms_per_step', 0):.2f}"
-                for k, v in p.items() if k.startswith("rank")))
+            log(
+                f"profile: wall {p['wall_ms_per_step']:.2f} ms/step; "
+                + "; ".join(
+                    f"{k}: busy {v.get('busy_ms_per_step', 0):.2f} idle {v.get('idle_ms_per_step', 0):.2f}"
+                    for k, v in p.items()
+                    if k.startswith("rank")
+                )
+            )
     finally:
         engine.shutdown()
         engine.runner.graphs.clear()
@@ -142,14 +167,18 @@ def _drain(engine) -> None:
 
 def _print_run(label: str, r: dict) -> None:
     h = r["host_ms_per_step_whole_run"]
-    line = (f"  {label}: {r['output_tokens_per_s']:,.0f} tok/s, TPOT p50 {_f(r['tpot_ms']['p50'])}, "
-            f"host/step " + ", ".join(f"{k} {v:.2f}" for k, v in h.items()))
+    line = (
+        f"  {label}: {r['output_tokens_per_s']:,.0f} tok/s, TPOT p50 {_f(r['tpot_ms']['p50'])}, "
+        f"host/step " + ", ".join(f"{k} {v:.2f}" for k, v in h.items())
+    )
     g = r.get("gpu_steps", {})
     for k, v in g.items():
         line += f"; {k} in-step {v.get('in_step_ms_mean', 0):.2f} idle {v.get('idle_between_steps_ms_mean', 0):.2f}"
     for i, w in enumerate(r.get("workers", [])):
         n = max(1, w["steps"])
-        line += f"; worker{i + 1} wait {w['wait_s'] * 1e3 / n:.2f} lag {w['lag_s'] * 1e3 / n:.3f} ms"
+        line += (
+            f"; worker{i + 1} wait {w['wait_s'] * 1e3 / n:.2f} lag {w['lag_s'] * 1e3 / n:.3f} ms"
+        )
     sm = r["telemetry"].get("sm_active")
     if sm:
         line += f"; SM active {sm['mean']:.2f}"
@@ -162,9 +191,18 @@ def run_embed(args, tp: int) -> dict:
     from coserve.engine.embed_engine import EmbedEngine
 
     t0 = time.perf_counter()
-    engine = EmbedEngine(EngineArgs(model=args.embed_model, random_weights=True, device=args.device,
-                                    gpu_memory_utilization=0.30, max_model_len=512, max_num_seqs=256,
-                                    max_num_batched_tokens=8192, tensor_parallel_size=tp))
+    engine = EmbedEngine(
+        EngineArgs(
+            model=args.embed_model,
+            random_weights=True,
+            device=args.device,
+            gpu_memory_utilization=0.30,
+            max_model_len=512,
+            max_num_seqs=256,
+            max_num_batched_tokens=8192,
+            tensor_parallel_size=tp,
+        )
+    )
     try:
         r = offline(engine, 64, 8, 32, args.embed_warmup, args.embed_duration)
         r["build_s"] = time.perf_counter() - t0
@@ -177,8 +215,9 @@ def run_embed(args, tp: int) -> dict:
 
 # ----------------------------------------------------------------------------- main
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     ap.add_argument("--model", default="qwen3-30b-a3b")
     ap.add_argument("--embed-model", default="qwen3-embedding-8b")
     ap.add_argument("--device", default="cuda")
@@ -191,18 +230,27 @@ def main() -> None:
     ap.add_argument("--warmup", type=float, default=6.0)
     ap.add_argument("--duration", type=float, default=10.0)
     ap.add_argument("--tp", default="1,2", help="comma list of tensor-parallel sizes")
-    ap.add_argument("--tp-all-reduce", default="nccl",
-                    help="comma list: nccl, symm-mem, each optionally +ep (expert parallel); "
-                         "symm-mem serves one engine per process")
-    ap.add_argument("--sync-too", action="store_true", help="also a window without async scheduling")
+    ap.add_argument(
+        "--tp-all-reduce",
+        default="nccl",
+        help="comma list: nccl, symm-mem, each optionally +ep (expert parallel); "
+        "symm-mem serves one engine per process",
+    )
+    ap.add_argument(
+        "--sync-too", action="store_true", help="also a window without async scheduling"
+    )
     ap.add_argument("--comm", action="store_true", help="micro-benchmark the collectives")
     ap.add_argument("--profile-steps", type=int, default=5)
     ap.add_argument("--embed", action="store_true")
     ap.add_argument("--embed-warmup", type=float, default=5.0)
     ap.add_argument("--embed-duration", type=float, default=10.0)
     ap.add_argument("--tag", default="", help="write engine_tp_TAG.json")
-    ap.add_argument("--merge", nargs="*", default=None,
-                    help="only merge these engine_tp*.json files into tp-scaling.json")
+    ap.add_argument(
+        "--merge",
+        nargs="*",
+        default=None,
+        help="only merge these engine_tp*.json files into tp-scaling.json",
+    )
     ap.add_argument("--out-dir", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     if args.merge is not None:
@@ -216,15 +264,21 @@ def main() -> None:
     import logging
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    res: dict = {"workload": {k: v for k, v in vars(args).items()}, "env": device_info(args.device),
-                 "runs": [], "errors": {}}
+    res: dict = {
+        "workload": {k: v for k, v in vars(args).items()},
+        "env": device_info(args.device),
+        "runs": [],
+        "errors": {},
+    }
     if args.device.startswith("cuda"):
         res["env"]["gpus"] = torch.cuda.device_count()
-        res["env"]["peer_access_0_1"] = (torch.cuda.device_count() > 1
-                                         and torch.cuda.can_device_access_peer(0, 1))
+        res["env"]["peer_access_0_1"] = (
+            torch.cuda.device_count() > 1 and torch.cuda.can_device_access_peer(0, 1)
+        )
         try:
-            res["env"]["topology"] = subprocess.run(["nvidia-smi", "topo", "-m"], capture_output=True,
-                                                    text=True, timeout=20).stdout
+            res["env"]["topology"] = subprocess.run(
+                ["nvidia-smi", "topo", "-m"], capture_output=True, text=True, timeout=20
+            ).stdout
         except (OSError, subprocess.SubprocessError) as e:
             res["env"]["topology"] = repr(e)
         print(res["env"]["topology"], flush=True)
@@ -235,7 +289,7 @@ def main() -> None:
         (out / name).write_text(json.dumps(res, indent=1, default=str))
 
     for tp in [int(t) for t in args.tp.split(",") if t]:
-        for ar in (args.tp_all_reduce.split(",") if tp > 1 else ["nccl"]):
+        for ar in args.tp_all_reduce.split(",") if tp > 1 else ["nccl"]:
             try:
                 res["runs"].append(run_gen(args, tp, ar, tmp))
             except Exception as e:  # noqa: BLE001 - keep the other configurations' figures
@@ -260,7 +314,9 @@ def merge(files: list[Path], out: Path) -> None:
     """Runs of several invocations (one engine per process) as one result."""
     parts = [json.loads(f.read_text()) for f in files]
     res = {"workload": parts[0]["workload"], "env": parts[0]["env"], "runs": [], "errors": {}}
-    res["workload"]["concurrency"] = sorted({c for p in parts for c in p["workload"]["concurrency"]})
+    res["workload"]["concurrency"] = sorted(
+        {c for p in parts for c in p["workload"]["concurrency"]}
+    )
     res["env"]["argv"] = [" ; ".join(" ".join(p["env"]["argv"]) for p in parts)]
     for p in parts:
         res["runs"] += p["runs"]
@@ -284,13 +340,21 @@ def scaling(res: dict) -> dict:
         if not x:
             return None
         if "sm_active" in x["telemetry"] and not any("/" in k for k in x["telemetry"]):
-            return {"tok_s": x["output_tokens_per_s"], "tpot_p50_ms": x["tpot_ms"]["p50"],
-                    "tpot_p99_ms": x["tpot_ms"]["p99"],
-                    "sm_active": [x["telemetry"]["sm_active"]["mean"]], "all_reduce": r["all_reduce"]}
+            return {
+                "tok_s": x["output_tokens_per_s"],
+                "tpot_p50_ms": x["tpot_ms"]["p50"],
+                "tpot_p99_ms": x["tpot_ms"]["p99"],
+                "sm_active": [x["telemetry"]["sm_active"]["mean"]],
+                "all_reduce": r["all_reduce"],
+            }
         sm = [v["mean"] for k, v in x["telemetry"].items() if k.startswith("sm_active/")]
-        return {"tok_s": x["output_tokens_per_s"], "tpot_p50_ms": x["tpot_ms"]["p50"],
-                "tpot_p99_ms": x["tpot_ms"]["p99"], "sm_active": sm or None,
-                "all_reduce": r["all_reduce"]}
+        return {
+            "tok_s": x["output_tokens_per_s"],
+            "tpot_p50_ms": x["tpot_ms"]["p50"],
+            "tpot_p99_ms": x["tpot_ms"]["p99"],
+            "sm_active": sm or None,
+            "all_reduce": r["all_reduce"],
+        }
 
     t1 = at(tp1[0], f"C{c0}_async") if tp1 else None
     t2s = [at(r, f"C{c0}_async") for r in tp2]
@@ -302,19 +366,30 @@ def scaling(res: dict) -> dict:
             if x and (best is None or x["tok_s"] > best["tok_s"]):
                 best = {"concurrency": c, **x}
     e1, e2 = res.get("embed_tp1"), res.get("embed_tp2")
-    return {"device": res["env"].get("gpu"), "gpus": res["env"].get("gpus"),
-            "date": res["env"]["date"], "commit": os.environ.get("COSERVE_COMMIT"),
-            "command": " ".join(argv), "tp1": t1, "tp2": t2,
-            "tp2_over_tp1": (t2["tok_s"] / t1["tok_s"]) if t1 and t2 and t1["tok_s"] else None, "tp2_best": best,
-            "embed_tp1_seq_s": e1 and e1["sequences_per_s"],
-            "embed_tp2_seq_s": e2 and e2["sequences_per_s"]}
+    return {
+        "device": res["env"].get("gpu"),
+        "gpus": res["env"].get("gpus"),
+        "date": res["env"]["date"],
+        "commit": os.environ.get("COSERVE_COMMIT"),
+        "command": " ".join(argv),
+        "tp1": t1,
+        "tp2": t2,
+        "tp2_over_tp1": (t2["tok_s"] / t1["tok_s"]) if t1 and t2 and t1["tok_s"] else None,
+        "tp2_best": best,
+        "embed_tp1_seq_s": e1 and e1["sequences_per_s"],
+        "embed_tp2_seq_s": e2 and e2["sequences_per_s"],
+    }
 
 
 def print_table(res: dict) -> None:
-    print(f"\n== engine_tp: {res['workload']['model']} on {res['env'].get('gpus', 0)} x "
-          f"{res['env'].get('gpu', 'cpu')} ==")
-    print(f"{'run':<32} {'tok/s':>9} {'TPOT p50':>9} {'p99':>7} {'host':>6} {'wait':>6} "
-          f"{'GPU idle':>9} {'SM act':>7}")
+    print(
+        f"\n== engine_tp: {res['workload']['model']} on {res['env'].get('gpus', 0)} x "
+        f"{res['env'].get('gpu', 'cpu')} =="
+    )
+    print(
+        f"{'run':<32} {'tok/s':>9} {'TPOT p50':>9} {'p99':>7} {'host':>6} {'wait':>6} "
+        f"{'GPU idle':>9} {'SM act':>7}"
+    )
     for r in res["runs"]:
         for k, x in r.items():
             if not (k.startswith("C") and isinstance(x, dict)):
@@ -323,16 +398,20 @@ def print_table(res: dict) -> None:
             idle = x.get("gpu_steps", {}).get("rank0", {}).get("idle_between_steps_ms_mean")
             sm = x["telemetry"].get("sm_active", {}).get("mean")
             name = f"TP={r['tp']} {r['all_reduce']} {k}"
-            print(f"{name:<32} "
-                  f"{x['output_tokens_per_s']:9,.0f} {_f(x['tpot_ms']['p50']):>9} "
-                  f"{_f(x['tpot_ms']['p99']):>7} {h.get('step', 0) - h.get('waiting_for_gpu', 0):6.2f} "
-                  f"{h.get('waiting_for_gpu', 0):6.2f} {_f(idle):>9} {_f(sm):>7}")
+            print(
+                f"{name:<32} "
+                f"{x['output_tokens_per_s']:9,.0f} {_f(x['tpot_ms']['p50']):>9} "
+                f"{_f(x['tpot_ms']['p99']):>7} {h.get('step', 0) - h.get('waiting_for_gpu', 0):6.2f} "
+                f"{h.get('waiting_for_gpu', 0):6.2f} {_f(idle):>9} {_f(sm):>7}"
+            )
     s = scaling(res)
     if s["tp2_over_tp1"]:
         print(f"TP=2 / TP=1 at C={min(res['workload']['concurrency'])}: {s['tp2_over_tp1']:.3f}x")
     if s["embed_tp1_seq_s"] and s["embed_tp2_seq_s"] is not None:
-        print(f"embed seq/s: TP=1 {s['embed_tp1_seq_s']:,.0f}, TP=2 {s['embed_tp2_seq_s']:,.0f} "
-              f"({s['embed_tp2_seq_s'] / s['embed_tp1_seq_s']:.3f}x)")
+        print(
+            f"embed seq/s: TP=1 {s['embed_tp1_seq_s']:,.0f}, TP=2 {s['embed_tp2_seq_s']:,.0f} "
+            f"({s['embed_tp2_seq_s'] / s['embed_tp1_seq_s']:.3f}x)"
+        )
     for k, v in res["errors"].items():
         print(f"ERROR in {k}: {v}")
 

@@ -79,18 +79,28 @@ def eager_time_ms(fn, reps: int = 10) -> float:
     return statistics.median(times)
 
 
-def report(kernel: str, shape: str, ms: float, nbytes: float = 0.0, flops: float = 0.0,
-           note: str = "") -> None:
+def report(
+    kernel: str, shape: str, ms: float, nbytes: float = 0.0, flops: float = 0.0, note: str = ""
+) -> None:
     gbs = nbytes / ms / 1e6 if nbytes else 0.0
     tfl = flops / ms / 1e9 if flops else 0.0
     bw = STATE["copy_gbs"]
-    row = dict(kernel=kernel, shape=shape, us=round(ms * 1e3, 2), GBps=round(gbs, 1),
-               pct_bw=round(100 * gbs / bw, 1) if gbs else None, TFLOPs=round(tfl, 1),
-               note=note)
+    row = dict(
+        kernel=kernel,
+        shape=shape,
+        us=round(ms * 1e3, 2),
+        GBps=round(gbs, 1),
+        pct_bw=round(100 * gbs / bw, 1) if gbs else None,
+        TFLOPs=round(tfl, 1),
+        note=note,
+    )
     RESULTS.append(row)
     pct = f"{row['pct_bw']:5.1f}%bw" if gbs else "        "
-    print(f"{kernel:<34} {shape:<34} {ms * 1e3:10.1f} us {gbs:8.0f} GB/s {pct} "
-          f"{tfl:7.1f} TFLOP/s  {note}", flush=True)
+    print(
+        f"{kernel:<34} {shape:<34} {ms * 1e3:10.1f} us {gbs:8.0f} GB/s {pct} "
+        f"{tfl:7.1f} TFLOP/s  {note}",
+        flush=True,
+    )
 
 
 def measure_bandwidth() -> tuple[float, float]:
@@ -117,9 +127,15 @@ def bench_attention(tk) -> None:
     print("\n== paged decode attention (GQA Hq=32 Hkv=4 D=128, bf16 KV) ==", flush=True)
     g = torch.Generator(device=DEV).manual_seed(0)
     Hq, Hkv, D = 32, 4, 128
-    for B, block_size, lo, hi in [(512, 16, 30, 542), (512, 256, 30, 542), (512, 64, 30, 542),
-                                  (256, 16, 30, 542), (64, 16, 30, 542), (8, 16, 30, 542),
-                                  (64, 16, 2000, 4000)]:
+    for B, block_size, lo, hi in [
+        (512, 16, 30, 542),
+        (512, 256, 30, 542),
+        (512, 64, 30, 542),
+        (256, 16, 30, 542),
+        (64, 16, 30, 542),
+        (8, 16, 30, 542),
+        (64, 16, 2000, 4000),
+    ]:
         max_blocks = -(-hi // block_size)
         sets = []
         for _ in range(2):
@@ -133,25 +149,37 @@ def bench_attention(tk) -> None:
         tokens = sum(int(s[4].sum()) for s in sets) / len(sets)
         nbytes = tokens * Hkv * D * 2 * 2 + 2 * B * Hq * D * 2
         flops = 4 * tokens * Hq * D
-        scale = D ** -0.5
+        scale = D**-0.5
         shape = f"B={B} bs={block_size} ctx={lo}..{hi}"
         splits = None
         from coserve.engine.kernels.triton.paged_attention import choose_num_splits
+
         splits = choose_num_splits(B, Hkv, max_blocks * block_size, torch.device(DEV))
-        ms = graph_time_ms([lambda s=s, sc=scale: tk.paged_decode_attention(*s, sc)
-                            for s in sets])
+        ms = graph_time_ms([lambda s=s, sc=scale: tk.paged_decode_attention(*s, sc) for s in sets])
         report("paged_decode_attention", shape, ms, nbytes, flops, f"splits={splits}")
         if B == 512 and block_size == 16:
-            for cfg in (dict(BLOCK_N=128, num_warps=4, num_stages=3),
-                        dict(BLOCK_N=128, num_warps=8, num_stages=3),
-                        dict(BLOCK_N=64, num_warps=4, num_stages=4),
-                        dict(BLOCK_N=32, num_warps=4, num_stages=4)):
-                ms_c = graph_time_ms([lambda s=s, sc=scale, c=cfg:
-                                      tk.paged_decode_attention(*s, sc, config=c) for s in sets])
-                report("  config sweep", shape + " " + ",".join(map(str, cfg.values())), ms_c,
-                       nbytes, flops)
+            for cfg in (
+                dict(BLOCK_N=128, num_warps=4, num_stages=3),
+                dict(BLOCK_N=128, num_warps=8, num_stages=3),
+                dict(BLOCK_N=64, num_warps=4, num_stages=4),
+                dict(BLOCK_N=32, num_warps=4, num_stages=4),
+            ):
+                ms_c = graph_time_ms(
+                    [
+                        lambda s=s, sc=scale, c=cfg: tk.paged_decode_attention(*s, sc, config=c)
+                        for s in sets
+                    ]
+                )
+                report(
+                    "  config sweep",
+                    shape + " " + ",".join(map(str, cfg.values())),
+                    ms_c,
+                    nbytes,
+                    flops,
+                )
             ms_ref = eager_time_ms(
-                lambda s=sets[0], sc=scale: ref_attn.paged_decode_attention(*s, sc), 3)
+                lambda s=sets[0], sc=scale: ref_attn.paged_decode_attention(*s, sc), 3
+            )
             report("  reference (torch, eager)", shape, ms_ref, nbytes, flops)
 
 
@@ -172,8 +200,9 @@ def bench_moe(tk) -> None:
     print("\n== MoE, FP8 block-quantised experts (E=128 top-8 H=2048 I=768) ==", flush=True)
     g = torch.Generator(device=DEV).manual_seed(1)
     E, k, H, inter = 128, 8, 2048, 768
-    sets_w = [rand_fp8_weight((E, 2 * inter, H), g) + rand_fp8_weight((E, H, inter), g)
-              for _ in range(2)]  # (w13, s13, w2, s2) x 2 = 1.2 GB
+    sets_w = [
+        rand_fp8_weight((E, 2 * inter, H), g) + rand_fp8_weight((E, H, inter), g) for _ in range(2)
+    ]  # (w13, s13, w2, s2) x 2 = 1.2 GB
 
     def make(T, cfg=None):
         calls = []
@@ -181,8 +210,11 @@ def bench_moe(tk) -> None:
             x = torch.randn(T, H, generator=g, device=DEV).to(torch.bfloat16)
             logits = torch.randn(T, E, generator=g, device=DEV).to(torch.bfloat16)
             wts, ids = tk.topk_softmax(logits, k, True)
-            calls.append(lambda x=x, w=wts, ids=ids, w13=w13, s13=s13, w2=w2, s2=s2:
-                         tk.fused_moe(x, w13, w2, w, ids, s13, s2, BLOCK, config=cfg))
+            calls.append(
+                lambda x=x, w=wts, ids=ids, w13=w13, s13=s13, w2=w2, s2=s2: tk.fused_moe(
+                    x, w13, w2, w, ids, s13, s2, BLOCK, config=cfg
+                )
+            )
         return calls
 
     flops_per_tok = 2 * k * 3 * H * inter
@@ -192,16 +224,20 @@ def bench_moe(tk) -> None:
     sweep = []
     for bm in (32, 64):
         for w1, st1, w2_, st2 in ((4, 3, 4, 4), (8, 3, 4, 3), (8, 4, 4, 4)):
-            cfg = dict(BLOCK_M=bm, num_warps1=w1, num_stages1=st1, num_warps2=w2_,
-                       num_stages2=st2)
+            cfg = dict(BLOCK_M=bm, num_warps1=w1, num_stages1=st1, num_warps2=w2_, num_stages2=st2)
             try:
                 ms = graph_time_ms(make(T, cfg), reps=15)
             except Exception as e:  # noqa: BLE001 - a config that does not compile
                 print(f"  config {cfg} failed: {type(e).__name__}: {str(e)[:120]}")
                 continue
             sweep.append((ms, cfg))
-            report("  fused_moe sweep", f"T={T} " + ",".join(f"{v}" for v in cfg.values()), ms,
-                   _moe_bytes(T, E, k, H, inter), flops_per_tok * T)
+            report(
+                "  fused_moe sweep",
+                f"T={T} " + ",".join(f"{v}" for v in cfg.values()),
+                ms,
+                _moe_bytes(T, E, k, H, inter),
+                flops_per_tok * T,
+            )
             if best is None or ms < best[0]:
                 best = (ms, cfg)
     STATE["moe_best_cfg"] = best[1] if best else None
@@ -209,9 +245,14 @@ def bench_moe(tk) -> None:
     for T in (1, 64, 256, 512, 2048):
         cfg = best[1] if (best and T == 512) else None
         ms = graph_time_ms(make(T, cfg), reps=15)
-        report("fused_moe (topk -> combine)", f"T={T} E={E} k={k}", ms,
-               _moe_bytes(T, E, k, H, inter), flops_per_tok * T,
-               "best cfg" if cfg else "default cfg")
+        report(
+            "fused_moe (topk -> combine)",
+            f"T={T} E={E} k={k}",
+            ms,
+            _moe_bytes(T, E, k, H, inter),
+            flops_per_tok * T,
+            "best cfg" if cfg else "default cfg",
+        )
 
     # where the time goes at T=512 (best config): each stage alone, graph-timed
     T = 512
@@ -232,36 +273,112 @@ def bench_moe(tk) -> None:
         "moe_align": lambda: tmoe.moe_align(ids, E, bm),
         "quant A (1x128)": lambda: tk.per_token_group_quant_fp8(x),
         "GEMM1 gate|up + silu*up + quant": lambda: tmoe._launch_gemm(
-            a1, a1s, w13, s13, inter_q, inter_s, None, sorted_ids, expert_ids, npp, inter, H,
-            inter, T * k, k, True, True, False, bm, cfg["BLOCK_N1"], cfg["GROUP_M"],
-            cfg["num_warps1"], cfg["num_stages1"]),
+            a1,
+            a1s,
+            w13,
+            s13,
+            inter_q,
+            inter_s,
+            None,
+            sorted_ids,
+            expert_ids,
+            npp,
+            inter,
+            H,
+            inter,
+            T * k,
+            k,
+            True,
+            True,
+            False,
+            bm,
+            cfg["BLOCK_N1"],
+            cfg["GROUP_M"],
+            cfg["num_warps1"],
+            cfg["num_stages1"],
+        ),
         "GEMM2 down * weight": lambda: tmoe._launch_gemm(
-            inter_q, inter_s, w2, s2, out_pairs, None, topw, sorted_ids, expert_ids, npp, H,
-            inter, 0, T * k, 1, False, False, True, bm, cfg["BLOCK_N2"], cfg["GROUP_M"],
-            cfg["num_warps2"], cfg["num_stages2"]),
+            inter_q,
+            inter_s,
+            w2,
+            s2,
+            out_pairs,
+            None,
+            topw,
+            sorted_ids,
+            expert_ids,
+            npp,
+            H,
+            inter,
+            0,
+            T * k,
+            1,
+            False,
+            False,
+            True,
+            bm,
+            cfg["BLOCK_N2"],
+            cfg["GROUP_M"],
+            cfg["num_warps2"],
+            cfg["num_stages2"],
+        ),
         "combine (sum over k)": lambda: out_pairs.view(T, k, H).sum(dim=1),
     }
-    wbytes = {"GEMM1 gate|up + silu*up + quant": E * 2 * inter * H,
-              "GEMM2 down * weight": E * H * inter}
+    wbytes = {
+        "GEMM1 gate|up + silu*up + quant": E * 2 * inter * H,
+        "GEMM2 down * weight": E * H * inter,
+    }
     for name, fn in stages.items():
         ms = graph_time_ms([fn], reps=20, inner=1 if name.startswith("GEMM") else 20)
         report(f"  stage: {name}", f"T={T}", ms, wbytes.get(name, 0))
 
     # GEMM2 (K=768: a short K loop) tile sweep
     for bn2, w2_, st2 in ((128, 4, 3), (128, 4, 4), (256, 8, 3), (256, 8, 4)):
+
         def fn(bn2=bn2, w2_=w2_, st2=st2):
-            return (tmoe._launch_gemm(
-                    inter_q, inter_s, w2, s2, out_pairs, None, topw, sorted_ids, expert_ids, npp, H,
-                    inter, 0, T * k, 1, False, False, True, bm, bn2, cfg["GROUP_M"], w2_, st2))
-        report("  GEMM2 sweep", f"T={T} BN={bn2} warps={w2_} stages={st2}",
-               graph_time_ms([fn], reps=20), E * H * inter)
+            return tmoe._launch_gemm(
+                inter_q,
+                inter_s,
+                w2,
+                s2,
+                out_pairs,
+                None,
+                topw,
+                sorted_ids,
+                expert_ids,
+                npp,
+                H,
+                inter,
+                0,
+                T * k,
+                1,
+                False,
+                False,
+                True,
+                bm,
+                bn2,
+                cfg["GROUP_M"],
+                w2_,
+                st2,
+            )
+
+        report(
+            "  GEMM2 sweep",
+            f"T={T} BN={bn2} warps={w2_} stages={st2}",
+            graph_time_ms([fn], reps=20),
+            E * H * inter,
+        )
     for T2, bm2 in ((64, 16), (64, 32), (256, 32), (256, 64)):
         cfg2 = dict(tmoe.default_config(T2), BLOCK_M=bm2)
         if bm2 == 128:
             cfg2.update(num_warps1=8, num_warps2=8)
-        report("  fused_moe BLOCK_M sweep", f"T={T2} BM={bm2}",
-               graph_time_ms(make(T2, cfg2), reps=10), _moe_bytes(T2, E, k, H, inter),
-               flops_per_tok * T2)
+        report(
+            "  fused_moe BLOCK_M sweep",
+            f"T={T2} BM={bm2}",
+            graph_time_ms(make(T2, cfg2), reps=10),
+            _moe_bytes(T2, E, k, H, inter),
+            flops_per_tok * T2,
+        )
 
     # alternatives for the grouped GEMMs, for the record
     try:
@@ -270,8 +387,13 @@ def bench_moe(tk) -> None:
         offs = torch.cumsum(counts, 0).to(torch.int32)
         w13b = torch.randn(E, H, 2 * inter, device=DEV).to(torch.bfloat16)
         ms = graph_time_ms([lambda: torch._grouped_mm(perm, w13b, offs=offs)], reps=10)
-        report("  alt: torch._grouped_mm bf16 GEMM1", f"T={T} uniform 32 rows/expert", ms,
-               E * 2 * inter * H * 2, 2 * T * k * 2 * inter * H)
+        report(
+            "  alt: torch._grouped_mm bf16 GEMM1",
+            f"T={T} uniform 32 rows/expert",
+            ms,
+            E * 2 * inter * H * 2,
+            2 * T * k * 2 * inter * H,
+        )
     except Exception as e:  # noqa: BLE001
         print(f"  torch._grouped_mm bf16: {type(e).__name__}: {str(e)[:160]}")
     try:
@@ -279,24 +401,44 @@ def bench_moe(tk) -> None:
         w13q = torch.randn(E, 2 * inter, H, device=DEV).to(torch.float8_e4m3fn)
         sa = torch.ones(T * k, device=DEV)
         sb = torch.ones(E, 2 * inter, device=DEV)
-        ms = graph_time_ms([lambda: torch._scaled_grouped_mm(
-            pq, w13q.transpose(-2, -1), sa, sb, offs=offs, out_dtype=torch.bfloat16)], reps=10)
-        report("  alt: torch._scaled_grouped_mm rowwise", f"T={T} uniform 32 rows/expert", ms,
-               E * 2 * inter * H, 2 * T * k * 2 * inter * H, "rowwise scales, not 128x128")
+        ms = graph_time_ms(
+            [
+                lambda: torch._scaled_grouped_mm(
+                    pq, w13q.transpose(-2, -1), sa, sb, offs=offs, out_dtype=torch.bfloat16
+                )
+            ],
+            reps=10,
+        )
+        report(
+            "  alt: torch._scaled_grouped_mm rowwise",
+            f"T={T} uniform 32 rows/expert",
+            ms,
+            E * 2 * inter * H,
+            2 * T * k * 2 * inter * H,
+            "rowwise scales, not 128x128",
+        )
     except Exception as e:  # noqa: BLE001
         print(f"  torch._scaled_grouped_mm: {type(e).__name__}: {str(e)[:160]}")
 
-    ms_ref = eager_time_ms(lambda: ref_moe.fused_moe(x, w13, w2, wts, ids.long(), s13, s2, BLOCK), 3)
-    report("  reference (torch loop, eager)", f"T={T}", ms_ref, _moe_bytes(T, E, k, H, inter),
-           flops_per_tok * T)
+    ms_ref = eager_time_ms(
+        lambda: ref_moe.fused_moe(x, w13, w2, wts, ids.long(), s13, s2, BLOCK), 3
+    )
+    report(
+        "  reference (torch loop, eager)",
+        f"T={T}",
+        ms_ref,
+        _moe_bytes(T, E, k, H, inter),
+        flops_per_tok * T,
+    )
 
 
 # ----------------------------------------------------------------------------- FP8 linear
 def bench_linear(tk) -> None:
     from coserve.engine.kernels.triton import fp8 as tfp8
 
-    print("\n== FP8 block-quantised dense linear (1x128 activations, 128x128 weights) ==",
-          flush=True)
+    print(
+        "\n== FP8 block-quantised dense linear (1x128 activations, 128x128 weights) ==", flush=True
+    )
     g = torch.Generator(device=DEV).manual_seed(2)
     shapes = [("qkv_proj", 5120, 2048), ("o_proj", 2048, 4096)]
     for name, N, K in shapes:
@@ -308,18 +450,36 @@ def bench_linear(tk) -> None:
             for backend in ("triton", "cublas"):
                 tfp8._BACKEND = backend
                 try:
-                    ms = graph_time_ms([lambda x=x, w=w: tk.fp8_block_linear(x, w[0], w[1], BLOCK)
-                                        for x, w in zip(xs, ws, strict=True)])
-                    report(f"fp8_block_linear [{backend}]", f"{name} M={M} N={N} K={K}", ms,
-                           nbytes, flops)
+                    ms = graph_time_ms(
+                        [
+                            lambda x=x, w=w: tk.fp8_block_linear(x, w[0], w[1], BLOCK)
+                            for x, w in zip(xs, ws, strict=True)
+                        ]
+                    )
+                    report(
+                        f"fp8_block_linear [{backend}]",
+                        f"{name} M={M} N={N} K={K}",
+                        ms,
+                        nbytes,
+                        flops,
+                    )
                 except Exception as e:  # noqa: BLE001
                     print(f"  {backend} M={M} {name}: {type(e).__name__}: {str(e)[:200]}")
             tfp8._BACKEND = "auto"
             wb = [ref_fp8.block_dequant(w[0], w[1], BLOCK, torch.bfloat16) for w in ws[:4]]
-            ms = graph_time_ms([lambda x=x, w=w: torch.nn.functional.linear(x, w)
-                                for x, w in zip(xs[:4], wb, strict=True)])
-            report("  bf16 torch.linear (dequantised)", f"{name} M={M}", ms,
-                   2 * N * K + M * K * 2 + M * N * 2, flops)
+            ms = graph_time_ms(
+                [
+                    lambda x=x, w=w: torch.nn.functional.linear(x, w)
+                    for x, w in zip(xs[:4], wb, strict=True)
+                ]
+            )
+            report(
+                "  bf16 torch.linear (dequantised)",
+                f"{name} M={M}",
+                ms,
+                2 * N * K + M * K * 2 + M * N * 2,
+                flops,
+            )
             del wb
         x = torch.randn(512, K, device=DEV).to(torch.bfloat16)
         ms = graph_time_ms([lambda x=x: tk.per_token_group_quant_fp8(x)], inner=20)
@@ -342,17 +502,34 @@ def bench_small(tk) -> None:
     act = torch.randn(256, 2 * 12288, device=DEV).to(torch.bfloat16)
     cases = [
         ("rms_norm", "[512, 2048]", lambda: tk.rms_norm(x, w, 1e-6), 2 * x.numel() * 2),
-        ("fused_add_rms_norm", "[512, 2048]", lambda: tk.fused_add_rms_norm(x, r, w, 1e-6),
-         4 * x.numel() * 2),
-        ("rms_norm (q heads, strided)", "[512, 32, 128]", lambda: tk.rms_norm(q, wq, 1e-6),
-         2 * q.numel() * 2),
-        ("apply_rotary (q)", "[512, 32, 128]", lambda: tk.apply_rotary(q, pos, cs),
-         2 * q.numel() * 2),
-        ("silu_and_mul (embed MLP)", "[256, 24576]", lambda: tk.silu_and_mul(act),
-         act.numel() * 2 * 3 // 2),
+        (
+            "fused_add_rms_norm",
+            "[512, 2048]",
+            lambda: tk.fused_add_rms_norm(x, r, w, 1e-6),
+            4 * x.numel() * 2,
+        ),
+        (
+            "rms_norm (q heads, strided)",
+            "[512, 32, 128]",
+            lambda: tk.rms_norm(q, wq, 1e-6),
+            2 * q.numel() * 2,
+        ),
+        (
+            "apply_rotary (q)",
+            "[512, 32, 128]",
+            lambda: tk.apply_rotary(q, pos, cs),
+            2 * q.numel() * 2,
+        ),
+        (
+            "silu_and_mul (embed MLP)",
+            "[256, 24576]",
+            lambda: tk.silu_and_mul(act),
+            act.numel() * 2 * 3 // 2,
+        ),
     ]
     from coserve.engine.kernels import activation as ref_act
     from coserve.engine.kernels import rmsnorm as ref_norm
+
     refs = {
         "rms_norm": lambda: ref_norm.rms_norm(x, w, 1e-6),
         "fused_add_rms_norm": lambda: ref_norm.rms_norm(x + r, w, 1e-6),
@@ -372,16 +549,20 @@ def bench_small(tk) -> None:
         return qq
 
     cases += [
-        ("qk_norm_rope (+ KV store)", "[512, 5120]",
-         lambda: tk.qk_norm_rope(qkv, 32, 4, 128, qw, qw, 1e-6, pos, cs, kc, vc, slots),
-         (4096 + 512 * 3) * T * 2 * 2),
+        (
+            "qk_norm_rope (+ KV store)",
+            "[512, 5120]",
+            lambda: tk.qk_norm_rope(qkv, 32, 4, 128, qw, qw, 1e-6, pos, cs, kc, vc, slots),
+            (4096 + 512 * 3) * T * 2 * 2,
+        ),
         ("  the same, unfused (6 launches)", "[512, 5120]", unfused, (4096 + 512 * 3) * T * 2 * 2),
     ]
     for name, shape, fn, nbytes in cases:
         report(name, shape, graph_time_ms([fn], reps=20, inner=20), nbytes)
         if name in refs:
-            report("  reference (torch)", shape, graph_time_ms([refs[name]], reps=20, inner=20),
-                   nbytes)
+            report(
+                "  reference (torch)", shape, graph_time_ms([refs[name]], reps=20, inner=20), nbytes
+            )
 
 
 # ----------------------------------------------------------------------------- whole step
@@ -389,8 +570,10 @@ def bench_step(tk, num_layers: int = 48, B: int = 512) -> None:
     """One decode step of Qwen3-30B-A3B at C=512 built from this package's kernels (plus
     torch for the KV write, residual adds and the bf16 router / lm_head), all 48 layers with
     their own random weights and KV, captured as one CUDA graph."""
-    print(f"\n== synthetic decode step: {num_layers} layers, B={B}, Qwen3-30B-A3B-FP8 shapes ==",
-          flush=True)
+    print(
+        f"\n== synthetic decode step: {num_layers} layers, B={B}, Qwen3-30B-A3B-FP8 shapes ==",
+        flush=True,
+    )
     g = torch.Generator(device=DEV).manual_seed(3)
     H, Hq, Hkv, D, E, k, inter, vocab = 2048, 32, 4, 128, 128, 8, 768, 151936
     block_size = 16
@@ -417,29 +600,46 @@ def bench_step(tk, num_layers: int = 48, B: int = 512) -> None:
     lm_head = (torch.randn(vocab, H, generator=g, device=DEV) * 0.02).to(bf)
     bt = torch.randperm(B * max_blocks, generator=g, device=DEV).view(B, max_blocks).int()
     ctx = torch.randint(lo, hi + 1, (B,), generator=g, device=DEV).int()
-    slot = (bt[torch.arange(B, device=DEV), (ctx - 1) // block_size].long() * block_size
-            + ((ctx - 1) % block_size).long())
+    slot = (
+        bt[torch.arange(B, device=DEV), (ctx - 1) // block_size].long() * block_size
+        + ((ctx - 1) % block_size).long()
+    )
     pos = (ctx - 1).long()
     cs = ref_rot.rope_cos_sin_cache(D, 40960, 1e6, DEV)
     h0 = torch.randn(B, H, generator=g, device=DEV).to(bf)
-    print(f"  built in {time.time() - t0:.0f} s, "
-          f"{torch.cuda.memory_allocated() / 2**30:.1f} GiB allocated", flush=True)
+    print(
+        f"  built in {time.time() - t0:.0f} s, "
+        f"{torch.cuda.memory_allocated() / 2**30:.1f} GiB allocated",
+        flush=True,
+    )
     kv_tokens = int(ctx.sum())
-    weight_bytes = num_layers * ((Hq * D + 2 * Hkv * D) * H + H * Hq * D + E * 3 * H * inter
-                                 + E * H * 2) + vocab * H * 2
+    weight_bytes = (
+        num_layers * ((Hq * D + 2 * Hkv * D) * H + H * Hq * D + E * 3 * H * inter + E * H * 2)
+        + vocab * H * 2
+    )
     kv_bytes = num_layers * kv_tokens * Hkv * D * 2 * 2
 
     def layer_fn(L, h, res):
         x, res = tk.fused_add_rms_norm(h, res, L["n1"], 1e-6)
         qkv = tk.fp8_block_linear(x, *L["qkv"], BLOCK)
-        q, _, _ = tk.qk_norm_rope(qkv, Hq, Hkv, D, L["qn"], L["kn"], 1e-6, pos, cs,
-                                  L["kc"], L["vc"], slot)
-        o = tk.paged_decode_attention(q, L["kc"], L["vc"], bt, ctx, D ** -0.5)
+        q, _, _ = tk.qk_norm_rope(
+            qkv, Hq, Hkv, D, L["qn"], L["kn"], 1e-6, pos, cs, L["kc"], L["vc"], slot
+        )
+        o = tk.paged_decode_attention(q, L["kc"], L["vc"], bt, ctx, D**-0.5)
         h = tk.fp8_block_linear(o.view(B, Hq * D), *L["o"], BLOCK)
         x, res = tk.fused_add_rms_norm(h, res, L["n2"], 1e-6)
         wts, ids = tk.topk_softmax(torch.nn.functional.linear(x, L["gate"]), k, True)
-        h = tk.fused_moe(x, L["w13"][0], L["w2"][0], wts, ids, L["w13"][1], L["w2"][1], BLOCK,
-                         config=STATE.get("moe_best_cfg"))
+        h = tk.fused_moe(
+            x,
+            L["w13"][0],
+            L["w2"][0],
+            wts,
+            ids,
+            L["w13"][1],
+            L["w2"][1],
+            BLOCK,
+            config=STATE.get("moe_best_cfg"),
+        )
         return h, res
 
     def step():
@@ -450,8 +650,13 @@ def bench_step(tk, num_layers: int = 48, B: int = 512) -> None:
         return torch.nn.functional.linear(x, lm_head).argmax(-1)
 
     ms = graph_time_ms([step], reps=10)
-    report("decode step (graph, all kernels)", f"B={B} L={num_layers} ctx={lo}..{hi}", ms,
-           weight_bytes + kv_bytes, note=f"-> {B / ms * 1e3:,.0f} tok/s projected")
+    report(
+        "decode step (graph, all kernels)",
+        f"B={B} L={num_layers} ctx={lo}..{hi}",
+        ms,
+        weight_bytes + kv_bytes,
+        note=f"-> {B / ms * 1e3:,.0f} tok/s projected",
+    )
     # the same step with the MoE or the attention left out, to split the time
     for name in ("fused_moe", "paged_decode_attention"):
         saved = getattr(tk, name)
@@ -460,8 +665,12 @@ def bench_step(tk, num_layers: int = 48, B: int = 512) -> None:
             ms_without = graph_time_ms([step], reps=10)
         finally:
             setattr(tk, name, saved)
-        report(f"  step without {name}", "", ms_without,
-               note=f"{name} share {(ms - ms_without) / ms:.0%}")
+        report(
+            f"  step without {name}",
+            "",
+            ms_without,
+            note=f"{name} share {(ms - ms_without) / ms:.0%}",
+        )
 
 
 # ----------------------------------------------------------------------------- main
@@ -478,14 +687,22 @@ def main() -> None:
     props = torch.cuda.get_device_properties(0)
     copy, read = measure_bandwidth()
     STATE["copy_gbs"] = max(copy, read)
-    print(f"device: {props.name}, {props.multi_processor_count} SMs, "
-          f"{props.total_memory / 2**30:.0f} GiB; torch {torch.__version__}, "
-          f"triton {triton.__version__}; measured D2D copy {copy:.0f} GB/s (read+write), "
-          f"read-only {read:.0f} GB/s; %bw below is of {STATE['copy_gbs']:.0f} GB/s; "
-          f"bf16 peak ~{BF16_PEAK_TFLOPS:.0f} TFLOP/s", flush=True)
+    print(
+        f"device: {props.name}, {props.multi_processor_count} SMs, "
+        f"{props.total_memory / 2**30:.0f} GiB; torch {torch.__version__}, "
+        f"triton {triton.__version__}; measured D2D copy {copy:.0f} GB/s (read+write), "
+        f"read-only {read:.0f} GB/s; %bw below is of {STATE['copy_gbs']:.0f} GB/s; "
+        f"bf16 peak ~{BF16_PEAK_TFLOPS:.0f} TFLOP/s",
+        flush=True,
+    )
     print(f"{'kernel':<34} {'shape':<34} {'time':>13} {'GB/s':>13} {'':>8} {'TFLOP/s':>15}")
-    parts = {"attn": bench_attention, "moe": bench_moe, "linear": bench_linear,
-             "small": bench_small, "step": lambda t: bench_step(t, args.layers)}
+    parts = {
+        "attn": bench_attention,
+        "moe": bench_moe,
+        "linear": bench_linear,
+        "small": bench_small,
+        "step": lambda t: bench_step(t, args.layers),
+    }
     for name in args.only.split(","):
         try:
             parts[name](tk)
@@ -496,9 +713,11 @@ def main() -> None:
             print(f"!! part {name} failed: {type(e).__name__}: {e}", flush=True)
         torch.cuda.empty_cache()
     if args.json:
-        Path(args.json).write_text(json.dumps(dict(device=props.name, copy_gbs=copy,
-                                                   read_gbs=read,
-                                                   results=RESULTS), indent=1))
+        Path(args.json).write_text(
+            json.dumps(
+                dict(device=props.name, copy_gbs=copy, read_gbs=read, results=RESULTS), indent=1
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -127,9 +127,10 @@ class _BareStream(asyncio.Protocol):
     the machine and the server allow a client to see, with no aiohttp and no accounting."""
 
     def __init__(self, body: bytes, t_window: tuple[float, float], gaps: list):
-        self.req = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
-                    b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
-                    % (len(body), body))
+        self.req = (
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
         self.ws, self.we = t_window
         self.gaps = gaps
         self.tokens = 0
@@ -149,7 +150,7 @@ class _BareStream(asyncio.Protocol):
             i = self.buf.find(b"\r\n\r\n")
             if i < 0:
                 return
-            self.buf, self.head = self.buf[i + 4:], True
+            self.buf, self.head = self.buf[i + 4 :], True
         while True:
             i = self.buf.find(b"\r\n")
             if i < 0:
@@ -157,7 +158,7 @@ class _BareStream(asyncio.Protocol):
             n = int(self.buf[:i], 16)
             if len(self.buf) < i + 4 + n:
                 return
-            chunk, self.buf = self.buf[i + 2:i + 2 + n], self.buf[i + 4 + n:]
+            chunk, self.buf = self.buf[i + 2 : i + 2 + n], self.buf[i + 4 + n :]
             if n == 0:
                 self._start()
                 return
@@ -173,13 +174,22 @@ def run_reference(args, c: int) -> dict:
     """The same load through the bare reference client (see _BareStream)."""
     import numpy as np
 
-    body = json.dumps({"model": "m", "prompt": list(range(10, 40)), "max_tokens": args.output_len,
-                       "stream": True, "stream_options": {"include_usage": True},
-                       "ignore_eos": True}).encode()
+    body = json.dumps(
+        {
+            "model": "m",
+            "prompt": list(range(10, 40)),
+            "max_tokens": args.output_len,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "ignore_eos": True,
+        }
+    ).encode()
     gaps: list[float] = []
     conns: list[_BareStream] = []
-    with stream_server.spawn(ttft_ms=args.ttft_ms, itl_ms=args.itl_ms, precise=args.precise,
-                             workers=args.server_workers) as srv:
+    with stream_server.spawn(
+        ttft_ms=args.ttft_ms, itl_ms=args.itl_ms, precise=args.precise, workers=args.server_workers
+    ) as srv:
+
         async def go():
             loop = asyncio.get_running_loop()
             t0 = time.perf_counter()
@@ -188,7 +198,8 @@ def run_reference(args, c: int) -> dict:
             for w in range(c):
                 await asyncio.sleep(max(0.0, t0 + ramp * w / c - time.perf_counter()))
                 _, proto = await loop.create_connection(
-                    lambda: _BareStream(body, window, gaps), "127.0.0.1", srv.port)
+                    lambda: _BareStream(body, window, gaps), "127.0.0.1", srv.port
+                )
                 conns.append(proto)
             await asyncio.sleep(max(0.0, window[1] - time.perf_counter()))
             for p in conns:
@@ -196,19 +207,33 @@ def run_reference(args, c: int) -> dict:
 
         run_sync(go(), args.loop)
     g = np.asarray(gaps) * 1e3
-    return {"concurrency": c, "client": "bare reference",
-            "tok_s": round(sum(p.tokens for p in conns) / args.duration, 1),
-            "itl_p50_skew_ms": round(float(np.percentile(g, 50)) - args.itl_ms, 4),
-            "itl_p99_skew_ms": round(float(np.percentile(g, 99)) - args.itl_ms, 4)}
+    return {
+        "concurrency": c,
+        "client": "bare reference",
+        "tok_s": round(sum(p.tokens for p in conns) / args.duration, 1),
+        "itl_p50_skew_ms": round(float(np.percentile(g, 50)) - args.itl_ms, 4),
+        "itl_p99_skew_ms": round(float(np.percentile(g, 99)) - args.itl_ms, 4),
+    }
 
 
 def run_one(args, c: int) -> dict:
     stats_dir = tempfile.mkdtemp(prefix="coserve-stream-stats-")
-    with stream_server.spawn(ttft_ms=args.ttft_ms, itl_ms=args.itl_ms, precise=args.precise,
-                             workers=args.server_workers, stats_dir=stats_dir) as srv:
-        cfg = LoadConfig(gen_url=srv.url, gen_concurrency=c, output_len=args.output_len,
-                         input_len=30, warmup_s=args.warmup, duration_s=args.duration,
-                         ramp_s=args.ramp)
+    with stream_server.spawn(
+        ttft_ms=args.ttft_ms,
+        itl_ms=args.itl_ms,
+        precise=args.precise,
+        workers=args.server_workers,
+        stats_dir=stats_dir,
+    ) as srv:
+        cfg = LoadConfig(
+            gen_url=srv.url,
+            gen_concurrency=c,
+            output_len=args.output_len,
+            input_len=30,
+            warmup_s=args.warmup,
+            duration_s=args.duration,
+            ramp_s=args.ramp,
+        )
         if args.pin:
             _pin(srv)
         s0 = _server_cpu_s(srv)
@@ -251,19 +276,38 @@ def run_one(args, c: int) -> dict:
     }
 
 
-_RATE_COLS = ["offered_rps", "achieved_rps", "of_offered", "kept_up", "send_late_p50_ms",
-              "send_late_p99_ms", "tok_s", "ideal_tok_s", "ttft_p50_skew_ms",
-              "tpot_p50_skew_ms", "client_cpu_per_s", "completed", "failed"]
+_RATE_COLS = [
+    "offered_rps",
+    "achieved_rps",
+    "of_offered",
+    "kept_up",
+    "send_late_p50_ms",
+    "send_late_p99_ms",
+    "tok_s",
+    "ideal_tok_s",
+    "ttft_p50_skew_ms",
+    "tpot_p50_skew_ms",
+    "client_cpu_per_s",
+    "completed",
+    "failed",
+]
 
 
 def run_rate(args, rate: float) -> dict:
     """One open-loop run at `rate` requests/s (see the module docstring)."""
-    with stream_server.spawn(ttft_ms=args.ttft_ms, itl_ms=args.itl_ms, precise=args.precise,
-                             workers=args.server_workers) as srv:
-        cfg = LoadConfig(gen_url=srv.url, gen_rate=rate, arrival=args.arrival,
-                         gen_concurrency=int(args.concurrency.split(",")[0]),
-                         output_len=args.output_len, input_len=30, warmup_s=args.warmup,
-                         duration_s=args.duration)
+    with stream_server.spawn(
+        ttft_ms=args.ttft_ms, itl_ms=args.itl_ms, precise=args.precise, workers=args.server_workers
+    ) as srv:
+        cfg = LoadConfig(
+            gen_url=srv.url,
+            gen_rate=rate,
+            arrival=args.arrival,
+            gen_concurrency=int(args.concurrency.split(",")[0]),
+            output_len=args.output_len,
+            input_len=30,
+            warmup_s=args.warmup,
+            duration_s=args.duration,
+        )
         if args.pin:
             _pin(srv)
         r0 = resource.getrusage(resource.RUSAGE_SELF)
@@ -293,41 +337,77 @@ def run_rate(args, rate: float) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--concurrency", default="512",
-                   help="one or more, comma-separated (with --rate: the cap in flight)")
-    p.add_argument("--rate", default=None,
-                   help="open loop: requests/s, one or more, comma-separated")
-    p.add_argument("--arrival", choices=("poisson", "constant"), default="constant",
-                   help="with --rate: the arrival schedule")
+    p.add_argument(
+        "--concurrency",
+        default="512",
+        help="one or more, comma-separated (with --rate: the cap in flight)",
+    )
+    p.add_argument(
+        "--rate", default=None, help="open loop: requests/s, one or more, comma-separated"
+    )
+    p.add_argument(
+        "--arrival",
+        choices=("poisson", "constant"),
+        default="constant",
+        help="with --rate: the arrival schedule",
+    )
     p.add_argument("--ttft-ms", type=float, default=20.0)
     p.add_argument("--itl-ms", type=float, default=10.0)
     p.add_argument("--output-len", type=int, default=256)
     p.add_argument("--warmup", type=float, default=3.0)
     p.add_argument("--duration", type=float, default=10.0)
-    p.add_argument("--ramp", type=float, default=None,
-                   help="seconds over which the first requests are spread (default: the "
-                        "generator's own, min(1 s, warm-up / 4)); 0 = all at once")
-    p.add_argument("--server-workers", type=int, default=1,
-                   help="stream server processes (SO_REUSEPORT); one core writes ~50k "
-                        "chunks/s at best, so give it more where the machine has cores")
-    p.add_argument("--no-precise", dest="precise", action="store_false",
-                   help="let the server's timers sleep (up to 1 ms late) instead of spinning")
-    p.add_argument("--loop", choices=("auto", "uvloop", "asyncio"), default="auto",
-                   help="the generator's event loop (auto: uvloop when installed)")
-    p.add_argument("--pin", action="store_true",
-                   help="pin the generator to the last CPU and the server to the others")
-    p.add_argument("--reference", action="store_true",
-                   help="also run each concurrency through a bare asyncio client (no aiohttp, "
-                        "no accounting): what this machine and server allow any client")
+    p.add_argument(
+        "--ramp",
+        type=float,
+        default=None,
+        help="seconds over which the first requests are spread (default: the "
+        "generator's own, min(1 s, warm-up / 4)); 0 = all at once",
+    )
+    p.add_argument(
+        "--server-workers",
+        type=int,
+        default=1,
+        help="stream server processes (SO_REUSEPORT); one core writes ~50k "
+        "chunks/s at best, so give it more where the machine has cores",
+    )
+    p.add_argument(
+        "--no-precise",
+        dest="precise",
+        action="store_false",
+        help="let the server's timers sleep (up to 1 ms late) instead of spinning",
+    )
+    p.add_argument(
+        "--loop",
+        choices=("auto", "uvloop", "asyncio"),
+        default="auto",
+        help="the generator's event loop (auto: uvloop when installed)",
+    )
+    p.add_argument(
+        "--pin",
+        action="store_true",
+        help="pin the generator to the last CPU and the server to the others",
+    )
+    p.add_argument(
+        "--reference",
+        action="store_true",
+        help="also run each concurrency through a bare asyncio client (no aiohttp, "
+        "no accounting): what this machine and server allow any client",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object per run")
     args = p.parse_args(argv)
 
-    print(f"# {platform.node()}: {os.cpu_count()} CPUs ({_cpu_model()}), "
-          f"Python {platform.python_version()}, {time.strftime('%Y-%m-%d')}, generator loop: "
-          f"{loop_factory(args.loop).__module__.split('.')[0]}", flush=True)
-    print(f"# server: ttft {args.ttft_ms} ms, itl {args.itl_ms} ms, {args.output_len} tokens, "
-          f"{args.server_workers} worker(s){', precise' if args.precise else ''}; "
-          f"window {args.warmup}+{args.duration} s", flush=True)
+    print(
+        f"# {platform.node()}: {os.cpu_count()} CPUs ({_cpu_model()}), "
+        f"Python {platform.python_version()}, {time.strftime('%Y-%m-%d')}, generator loop: "
+        f"{loop_factory(args.loop).__module__.split('.')[0]}",
+        flush=True,
+    )
+    print(
+        f"# server: ttft {args.ttft_ms} ms, itl {args.itl_ms} ms, {args.output_len} tokens, "
+        f"{args.server_workers} worker(s){', precise' if args.precise else ''}; "
+        f"window {args.warmup}+{args.duration} s",
+        flush=True,
+    )
     if args.rate:
         cols = _RATE_COLS
         if not args.json:
@@ -335,13 +415,31 @@ def main(argv=None) -> int:
             print("|" + "---|" * len(cols))
         for rate in (float(x) for x in args.rate.split(",")):
             row = run_rate(args, rate)
-            print(json.dumps(row) if args.json else
-                  "| " + " | ".join(str(row[k]) for k in cols) + " |", flush=True)
+            print(
+                json.dumps(row)
+                if args.json
+                else "| " + " | ".join(str(row[k]) for k in cols) + " |",
+                flush=True,
+            )
         return 0
-    cols = ["concurrency", "ideal_tok_s", "tok_s", "of_ideal", "tpot_p50_skew_ms",
-            "tpot_p99_skew_ms", "itl_p50_skew_ms", "itl_p99_skew_ms", "ttft_p50_skew_ms",
-            "client_cpu_per_s", "client_sys_share", "client_us_per_token", "server_cpu_per_s", "server_late_p50_ms", "server_late_p99_ms",
-            "steal_cpu_per_s"]
+    cols = [
+        "concurrency",
+        "ideal_tok_s",
+        "tok_s",
+        "of_ideal",
+        "tpot_p50_skew_ms",
+        "tpot_p99_skew_ms",
+        "itl_p50_skew_ms",
+        "itl_p99_skew_ms",
+        "ttft_p50_skew_ms",
+        "client_cpu_per_s",
+        "client_sys_share",
+        "client_us_per_token",
+        "server_cpu_per_s",
+        "server_late_p50_ms",
+        "server_late_p99_ms",
+        "steal_cpu_per_s",
+    ]
     if not args.json:
         print("| " + " | ".join(cols) + " |")
         print("|" + "---|" * len(cols))
@@ -356,8 +454,11 @@ def main(argv=None) -> int:
             if args.json:
                 print(json.dumps(ref), flush=True)
             else:
-                print(f"|   bare reference client, C={c}: {ref['tok_s']} tok/s, ITL skew p50 "
-                      f"{ref['itl_p50_skew_ms']} ms, p99 {ref['itl_p99_skew_ms']} ms", flush=True)
+                print(
+                    f"|   bare reference client, C={c}: {ref['tok_s']} tok/s, ITL skew p50 "
+                    f"{ref['itl_p50_skew_ms']} ms, p99 {ref['itl_p99_skew_ms']} ms",
+                    flush=True,
+                )
     return 0
 
 

@@ -44,12 +44,17 @@ class StepTimer:
         self.engine.runner.execute = self._orig
         torch.cuda.synchronize()
         inside = [a.elapsed_time(b) for a, b in self.pairs]
-        idle = [self.pairs[i - 1][1].elapsed_time(self.pairs[i][0]) for i in range(1, len(self.pairs))]
+        idle = [
+            self.pairs[i - 1][1].elapsed_time(self.pairs[i][0]) for i in range(1, len(self.pairs))
+        ]
         span = self.pairs[0][0].elapsed_time(self.pairs[-1][1]) if self.pairs else 0.0
-        return {"steps": len(inside), "gpu_span_ms": span,
-                "in_step_ms_mean": sum(inside) / max(1, len(inside)),
-                "idle_between_steps_ms_mean": sum(idle) / max(1, len(idle)),
-                "idle_fraction": sum(idle) / span if span else None}
+        return {
+            "steps": len(inside),
+            "gpu_span_ms": span,
+            "in_step_ms_mean": sum(inside) / max(1, len(inside)),
+            "idle_between_steps_ms_mean": sum(idle) / max(1, len(idle)),
+            "idle_fraction": sum(idle) / span if span else None,
+        }
 
 
 def _worker_timer_start(engine) -> None:
@@ -63,10 +68,15 @@ def _worker_timer_stop(engine, path: str) -> None:
 class HostPhases:
     """Rank 0's host seconds per phase of `GenEngine.step`, by wrapping its parts."""
 
-    PARTS = {"schedule": ("scheduler", "schedule"), "stage": ("runner", "_prepare_static"),
-             "stage_varlen": ("runner", "_prepare_varlen"), "send": ("runner", "_staged"),
-             "launch": ("runner", "execute"), "postprocess": ("engine", "_finish"),
-             "step": ("engine", "_step")}
+    PARTS = {
+        "schedule": ("scheduler", "schedule"),
+        "stage": ("runner", "_prepare_static"),
+        "stage_varlen": ("runner", "_prepare_varlen"),
+        "send": ("runner", "_staged"),
+        "launch": ("runner", "execute"),
+        "postprocess": ("engine", "_finish"),
+        "step": ("engine", "_step"),
+    }
 
     def __init__(self, engine) -> None:
         self.sec: dict[str, float] = defaultdict(float)
@@ -93,6 +103,7 @@ class HostPhases:
                 return fn(*a, **kw)
             finally:
                 self.sec[phase] += time.perf_counter() - t0
+
         return timed
 
     def per_step_ms(self, steps: int) -> dict[str, float]:
@@ -103,8 +114,11 @@ class HostPhases:
 
 
 # ----------------------------------------------------------------------------- profile
-_TP_CLASSES = [("NCCL all-reduce", r"AllReduce"), ("NCCL all-gather", r"AllGather"),
-               ("symm-mem all-reduce", r"one_shot|two_shot|symm")]
+_TP_CLASSES = [
+    ("NCCL all-reduce", r"AllReduce"),
+    ("NCCL all-gather", r"AllGather"),
+    ("symm-mem all-reduce", r"one_shot|two_shot|symm"),
+]
 
 
 def _classify(name: str) -> str:
@@ -135,12 +149,17 @@ def summarize_profile(prof, steps: int) -> dict:
             busy += e - end
             end = e
     window = (end - spans[0][0]) if spans else 0.0
-    return {"kernels": len(spans), "window_ms_per_step": window / 1e3 / steps,
-            "busy_ms_per_step": busy / 1e3 / steps,
-            "idle_ms_per_step": sum(gaps) / 1e3 / steps,
-            "gaps_over_20us_per_step": sum(1 for g in gaps if g > 20) / steps,
-            "largest_gaps_us": sorted(gaps, reverse=True)[:8],
-            "classes_ms_per_step": {k: v / 1e3 for k, v in sorted(per_class.items(), key=lambda kv: -kv[1])}}
+    return {
+        "kernels": len(spans),
+        "window_ms_per_step": window / 1e3 / steps,
+        "busy_ms_per_step": busy / 1e3 / steps,
+        "idle_ms_per_step": sum(gaps) / 1e3 / steps,
+        "gaps_over_20us_per_step": sum(1 for g in gaps if g > 20) / steps,
+        "largest_gaps_us": sorted(gaps, reverse=True)[:8],
+        "classes_ms_per_step": {
+            k: v / 1e3 for k, v in sorted(per_class.items(), key=lambda kv: -kv[1])
+        },
+    }
 
 
 def _worker_prof_start(engine, path: str) -> None:
@@ -196,8 +215,11 @@ def profile_decode(loop: ClosedLoop, steps: int, tmp: Path) -> dict:
             loop.step()
         torch.cuda.synchronize()
         wall = (time.perf_counter() - t0) * 1e3 / steps
-    res = {"wall_ms_per_step": wall, "batch": len(e.scheduler.running),
-           "rank0": summarize_profile(prof, steps)}
+    res = {
+        "wall_ms_per_step": wall,
+        "batch": len(e.scheduler.running),
+        "rank0": summarize_profile(prof, steps),
+    }
     for i, r in enumerate(_from_workers(e, _worker_prof_stop, (steps,), tmp, "prof")):
         res[f"rank{i + 1}"] = r
     loop.refill = True
@@ -250,7 +272,8 @@ def comm_bench(engine, path: str | None = None, rows_list=(1, 64, 512, 1024)) ->
     logits = torch.randn(512, per, device=dev, dtype=torch.bfloat16)
     out["logits_allgather_512_us"] = timed(lambda: parallel.gather_last_dim(logits, vocab), 10)
     out["greedy_pair_gather_512_us"] = timed(
-        lambda: parallel.argmax_last_dim(logits, parallel.state().rank * per, vocab), 20)
+        lambda: parallel.argmax_last_dim(logits, parallel.state().rank * per, vocab), 20
+    )
     if path is not None:
         Path(path).write_text(json.dumps(out))
     return out

@@ -63,7 +63,9 @@ def advise(run, budget_tpot_p99_ms: float, min_embed_seq_s: float | None = None)
     from coserve.report.tradeoff import strategy_label
 
     if not budget_tpot_p99_ms > 0:
-        raise ValueError(f"--gen-tpot-p99-ms: must be a positive number of ms, got {budget_tpot_p99_ms}")
+        raise ValueError(
+            f"--gen-tpot-p99-ms: must be a positive number of ms, got {budget_tpot_p99_ms}"
+        )
     if min_embed_seq_s is not None and not min_embed_seq_s > 0:
         raise ValueError(f"--embed-seq-s: must be a positive number, got {min_embed_seq_s}")
     base = next((c for c in run.conditions if c.name == run.spec.baseline), None)
@@ -78,21 +80,35 @@ def advise(run, budget_tpot_p99_ms: float, min_embed_seq_s: float | None = None)
         label = strategy_label(c)
         if c.condition.sweep is not None:
             label += f", {c.condition.sweep.label()}"
-        rows.append(Evidence(
-            condition=c.name, label=label, reps=len(c.ok), embed_seq_s=s["embed_seq_s"],
-            gen_tok_s=s["gen_tok_s"], tpot_p99_ms=s["tpot_p99"],
-            gen_vs_alone_pct=100 * (s["gen_tok_s"].mean / base_tok - 1) if base_tok else None,
-            miss=_miss(s["tpot_p99"].mean, s["embed_seq_s"].mean, budget_tpot_p99_ms, min_embed_seq_s)))
+        rows.append(
+            Evidence(
+                condition=c.name,
+                label=label,
+                reps=len(c.ok),
+                embed_seq_s=s["embed_seq_s"],
+                gen_tok_s=s["gen_tok_s"],
+                tpot_p99_ms=s["tpot_p99"],
+                gen_vs_alone_pct=100 * (s["gen_tok_s"].mean / base_tok - 1) if base_tok else None,
+                miss=_miss(
+                    s["tpot_p99"].mean, s["embed_seq_s"].mean, budget_tpot_p99_ms, min_embed_seq_s
+                ),
+            )
+        )
     if not rows:
-        raise ValueError(f"{run.run_dir.path}: no condition ran gen and embed together and finished a rep")
+        raise ValueError(
+            f"{run.run_dir.path}: no condition ran gen and embed together and finished a rep"
+        )
     rows.sort(key=lambda e: -e.embed_seq_s.mean)
     meeting = [e for e in rows if e.meets]
     return Advice(
-        budget_tpot_p99_ms=budget_tpot_p99_ms, min_embed_seq_s=min_embed_seq_s,
+        budget_tpot_p99_ms=budget_tpot_p99_ms,
+        min_embed_seq_s=min_embed_seq_s,
         best=meeting[0] if meeting else None,
         closest=None if meeting else min(rows, key=lambda e: (e.miss, -e.embed_seq_s.mean)),
-        rows=rows, gen_alone_tpot_p99_ms=base.mean("tpot_p99") if base is not None else None,
-        baseline=base.name if base is not None and base.ok else None)
+        rows=rows,
+        gen_alone_tpot_p99_ms=base.mean("tpot_p99") if base is not None else None,
+        baseline=base.name if base is not None and base.ok else None,
+    )
 
 
 def _ci(s: Summary, digits: int) -> str:
@@ -110,25 +126,52 @@ def render(a: Advice) -> str:
     lines = []
     if a.best is not None:
         e = a.best
-        lines.append(f"Meets {want} with the most embed work: {e.condition} — {e.label}: "
-                     f"{e.embed_seq_s.mean:,.0f} seq/s, gen TPOT p99 {e.tpot_p99_ms.mean:.1f} ms, "
-                     f"gen {e.gen_tok_s.mean:,.0f} tok/s.")
+        lines.append(
+            f"Meets {want} with the most embed work: {e.condition} — {e.label}: "
+            f"{e.embed_seq_s.mean:,.0f} seq/s, gen TPOT p99 {e.tpot_p99_ms.mean:.1f} ms, "
+            f"gen {e.gen_tok_s.mean:,.0f} tok/s."
+        )
     else:
         e = a.closest
-        lines.append(f"No measured condition meets {want}. Closest: {e.condition} — {e.label}: "
-                     f"{e.embed_seq_s.mean:,.0f} seq/s at gen TPOT p99 {e.tpot_p99_ms.mean:.1f} ms "
-                     f"({100 * e.miss:.1f} % short in all).")
+        lines.append(
+            f"No measured condition meets {want}. Closest: {e.condition} — {e.label}: "
+            f"{e.embed_seq_s.mean:,.0f} seq/s at gen TPOT p99 {e.tpot_p99_ms.mean:.1f} ms "
+            f"({100 * e.miss:.1f} % short in all)."
+        )
     if a.gen_alone_tpot_p99_ms is not None:
-        lines.append(f"Gen alone ({a.baseline}): TPOT p99 {a.gen_alone_tpot_p99_ms:.1f} ms"
-                     + (" — above the budget already." if a.gen_alone_tpot_p99_ms > a.budget_tpot_p99_ms else "."))
+        lines.append(
+            f"Gen alone ({a.baseline}): TPOT p99 {a.gen_alone_tpot_p99_ms:.1f} ms"
+            + (
+                " — above the budget already."
+                if a.gen_alone_tpot_p99_ms > a.budget_tpot_p99_ms
+                else "."
+            )
+        )
     lines.append("")
-    head = ("condition", "strategy and settings", "reps", "embed seq/s", "gen tok/s", "gen vs alone",
-            "TPOT p99 ms", "meets")
+    head = (
+        "condition",
+        "strategy and settings",
+        "reps",
+        "embed seq/s",
+        "gen tok/s",
+        "gen vs alone",
+        "TPOT p99 ms",
+        "meets",
+    )
     table = [head]
     for e in a.rows:
-        table.append((e.condition, e.label, str(e.reps), _ci(e.embed_seq_s, 0), _ci(e.gen_tok_s, 0),
-                      "" if e.gen_vs_alone_pct is None else f"{e.gen_vs_alone_pct:+.1f} %",
-                      _ci(e.tpot_p99_ms, 1), "yes" if e.meets else "no"))
+        table.append(
+            (
+                e.condition,
+                e.label,
+                str(e.reps),
+                _ci(e.embed_seq_s, 0),
+                _ci(e.gen_tok_s, 0),
+                "" if e.gen_vs_alone_pct is None else f"{e.gen_vs_alone_pct:+.1f} %",
+                _ci(e.tpot_p99_ms, 1),
+                "yes" if e.meets else "no",
+            )
+        )
     widths = [max(len(r[i]) for r in table) for i in range(len(head))]
     for r in table:
         lines.append("  ".join(x.ljust(w) for x, w in zip(r, widths, strict=True)).rstrip())
@@ -139,10 +182,20 @@ def render(a: Advice) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", metavar="RUN_DIR", help="a `coserve run` folder")
-    parser.add_argument("--gen-tpot-p99-ms", metavar="X", type=float, required=True,
-                        help="gen's budget: TPOT p99 in ms (mean over reps)")
-    parser.add_argument("--embed-seq-s", metavar="Y", type=float, default=None,
-                        help="also needed: at least this many embed sequences/s")
+    parser.add_argument(
+        "--gen-tpot-p99-ms",
+        metavar="X",
+        type=float,
+        required=True,
+        help="gen's budget: TPOT p99 in ms (mean over reps)",
+    )
+    parser.add_argument(
+        "--embed-seq-s",
+        metavar="Y",
+        type=float,
+        default=None,
+        help="also needed: at least this many embed sequences/s",
+    )
 
 
 def run(args) -> int:

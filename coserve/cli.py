@@ -14,7 +14,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("coserve.server.command", "serve a model with the built-in engine (OpenAI API)"),
     "run": ("coserve.experiment.command", "run a co-location study from a TOML spec"),
     "report": ("coserve.report.command", "re-render tables and plots from a run folder"),
-    "advise": ("coserve.advise", "the measured way of sharing that meets a gen latency budget with the most embed work"),
+    "advise": (
+        "coserve.advise",
+        "the measured way of sharing that meets a gen latency budget with the most embed work",
+    ),
     "plan": ("coserve.plan", "VRAM budget, KV capacity and the concurrency that fits"),
     "doctor": ("coserve.gpu.doctor", "what this machine can do: GPUs, MPS, MIG, GPM, profilers"),
 }
@@ -23,7 +26,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
 def build_parser() -> argparse.ArgumentParser:
     from coserve import __version__
 
-    parser = argparse.ArgumentParser(prog="coserve", description="Serve a generative and an embedding model on the same GPUs and measure the cost.")
+    parser = argparse.ArgumentParser(
+        prog="coserve",
+        description="Serve a generative and an embedding model on the same GPUs and measure the cost.",
+    )
     parser.add_argument("--version", action="version", version=f"coserve {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():

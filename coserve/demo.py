@@ -14,14 +14,20 @@ def demo_spec_path() -> Path:
 
     path = Path(coserve.__file__).resolve().parent.parent / "experiments" / "demo.toml"
     if not path.exists():
-        raise FileNotFoundError(f"{path} not found: `coserve demo` runs from a checkout of the "
-                                f"coserve repository (bash install.sh installs it in place)")
+        raise FileNotFoundError(
+            f"{path} not found: `coserve demo` runs from a checkout of the "
+            f"coserve repository (bash install.sh installs it in place)"
+        )
     return path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", metavar="DIR", default=None,
-                        help="run folder (default: runs/demo-YYYYmmdd-HHMMSS, a new one)")
+    parser.add_argument(
+        "--out",
+        metavar="DIR",
+        default=None,
+        help="run folder (default: runs/demo-YYYYmmdd-HHMMSS, a new one)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -78,8 +78,15 @@ def _signame(rc: int) -> str:
 class RunningServer:
     """A started (or external) server. `stop()` leaves no process of its group behind."""
 
-    def __init__(self, spec: ServerSpec, url: str, proc: subprocess.Popen | None, log_path: Path | None,
-                 command: list[str] | None, port: int | None):
+    def __init__(
+        self,
+        spec: ServerSpec,
+        url: str,
+        proc: subprocess.Popen | None,
+        log_path: Path | None,
+        command: list[str] | None,
+        port: int | None,
+    ):
         self.spec = spec
         self.url = url
         self.proc = proc
@@ -105,8 +112,10 @@ class RunningServer:
 
     def _died_msg(self, what: str) -> str:
         rc = self.proc.returncode if self.proc is not None else None
-        return (f"{self.spec.role} server ({self.spec.launcher}, pid {self.pid}) {what} ({_signame(rc) if rc is not None else '?'}); "
-                f"last lines of {self.log_path}:\n{tail(self.log_path)}")
+        return (
+            f"{self.spec.role} server ({self.spec.launcher}, pid {self.pid}) {what} ({_signame(rc) if rc is not None else '?'}); "
+            f"last lines of {self.log_path}:\n{tail(self.log_path)}"
+        )
 
     def stop(self, timeout_s: float = 20.0) -> int | None:
         """SIGTERM to the group, wait, SIGKILL what is left; returns the server's exit code."""
@@ -114,7 +123,11 @@ class RunningServer:
             return None
         try:
             if self.spec.launcher == "vllm" and self.spec.docker_image:
-                subprocess.run(["docker", "rm", "-f", docker_name(self.spec, self.port)], capture_output=True, timeout=60)
+                subprocess.run(
+                    ["docker", "rm", "-f", docker_name(self.spec, self.port)],
+                    capture_output=True,
+                    timeout=60,
+                )
             if self.proc.poll() is None:
                 signal_group(self.pgid, signal.SIGTERM)
                 try:
@@ -147,7 +160,9 @@ class RunningServer:
         return f"RunningServer({self.spec.role}, {self.url}, pid={self.pid})"
 
 
-def start_server(spec: ServerSpec, env: dict[str, str] | None, log_path: Path, ready_timeout_s: float = 600.0) -> RunningServer:
+def start_server(
+    spec: ServerSpec, env: dict[str, str] | None, log_path: Path, ready_timeout_s: float = 600.0
+) -> RunningServer:
     """Start one server and wait until /health answers 200; raises ServerFailed with its log tail."""
     spec.validate()
     env = dict(env or {})
@@ -156,7 +171,9 @@ def start_server(spec: ServerSpec, env: dict[str, str] | None, log_path: Path, r
         deadline = time.monotonic() + ready_timeout_s
         while not _health(url):
             if time.monotonic() > deadline:
-                raise ServerFailed(f"{spec.role} server at {url} (external) did not answer /health within {ready_timeout_s:.0f} s")
+                raise ServerFailed(
+                    f"{spec.role} server at {url} (external) did not answer /health within {ready_timeout_s:.0f} s"
+                )
             time.sleep(0.5)
         return RunningServer(spec, url, None, None, None, None)
 
@@ -183,17 +200,27 @@ def start_server(spec: ServerSpec, env: dict[str, str] | None, log_path: Path, r
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as logf:
-        header = (f"# coserve launch {time.strftime('%Y-%m-%dT%H:%M:%S')} role={spec.role} launcher={spec.launcher}\n"
-                  f"# cmd: {_one_line(shlex.join(cmd))}\n"
-                  f"# env: {' '.join(f'{k}={v}' for k, v in sorted({**env, **BASE_ENV}.items()))}\n")
+        header = (
+            f"# coserve launch {time.strftime('%Y-%m-%dT%H:%M:%S')} role={spec.role} launcher={spec.launcher}\n"
+            f"# cmd: {_one_line(shlex.join(cmd))}\n"
+            f"# env: {' '.join(f'{k}={v}' for k, v in sorted({**env, **BASE_ENV}.items()))}\n"
+        )
         logf.write(header.encode())
         logf.flush()
         log_start = logf.tell()
         try:
-            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
-                                    env=full_env, **group_kwargs())
+            proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                env=full_env,
+                **group_kwargs(),
+            )
         except OSError as e:
-            raise ServerFailed(f"{spec.role} server ({spec.launcher}) could not start: {e} (command: {shlex.join(cmd)})") from e
+            raise ServerFailed(
+                f"{spec.role} server ({spec.launcher}) could not start: {e} (command: {shlex.join(cmd)})"
+            ) from e
     url = f"http://{_connect_host(spec.host)}:{port}"
     server = RunningServer(spec, url, proc, log_path, cmd, port)
     track(server)
@@ -201,7 +228,11 @@ def start_server(spec: ServerSpec, env: dict[str, str] | None, log_path: Path, r
     try:
         while True:
             if proc.poll() is not None:
-                raise ServerFailed(server._died_msg(f"exited before /health answered, after {time.monotonic() - t0:.1f} s"))
+                raise ServerFailed(
+                    server._died_msg(
+                        f"exited before /health answered, after {time.monotonic() - t0:.1f} s"
+                    )
+                )
             if announces_port and server.port == 0:
                 announced = _announced_url(log_path, log_start)
                 if announced:
@@ -209,8 +240,10 @@ def start_server(spec: ServerSpec, env: dict[str, str] | None, log_path: Path, r
             elif _health(server.url, timeout_s=2.0):
                 return server
             if time.monotonic() - t0 > ready_timeout_s:
-                raise ServerFailed(f"{spec.role} server ({spec.launcher}, pid {proc.pid}) not ready: /health did not answer "
-                                   f"200 within {ready_timeout_s:.0f} s; last lines of {log_path}:\n{tail(log_path)}")
+                raise ServerFailed(
+                    f"{spec.role} server ({spec.launcher}, pid {proc.pid}) not ready: /health did not answer "
+                    f"200 within {ready_timeout_s:.0f} s; last lines of {log_path}:\n{tail(log_path)}"
+                )
             time.sleep(0.2)
     except BaseException:
         server.stop(timeout_s=5)
@@ -228,14 +261,25 @@ def _announced_url(log_path: Path, offset: int) -> str | None:
     return m.group(1).decode() if m else None
 
 
-def start_servers(specs: list[ServerSpec], envs: dict[str, dict[str, str]], log_dir: Path,
-                  ready_timeout_s: float = 600.0) -> list[RunningServer]:
+def start_servers(
+    specs: list[ServerSpec],
+    envs: dict[str, dict[str, str]],
+    log_dir: Path,
+    ready_timeout_s: float = 600.0,
+) -> list[RunningServer]:
     """Start servers one after the other (each ready before the next starts); on a failure stop
     those already up and re-raise."""
     started: list[RunningServer] = []
     try:
         for spec in specs:
-            started.append(start_server(spec, envs.get(spec.role, {}), Path(log_dir) / f"{spec.role}.log", ready_timeout_s))
+            started.append(
+                start_server(
+                    spec,
+                    envs.get(spec.role, {}),
+                    Path(log_dir) / f"{spec.role}.log",
+                    ready_timeout_s,
+                )
+            )
     except BaseException:
         for s in reversed(started):
             s.stop()

@@ -73,7 +73,9 @@ class ServerSpec:
                 raise ValueError(f"{self.role}: launcher external needs url")
         elif self.launcher == "command":
             if not self.extra_args:
-                raise ValueError(f"{self.role}: launcher command needs the command line in extra_args")
+                raise ValueError(
+                    f"{self.role}: launcher command needs the command line in extra_args"
+                )
         elif not self.model:
             raise ValueError(f"{self.role}: launcher {self.launcher} needs model")
         if int(self.tensor_parallel_size) < 1:
@@ -82,8 +84,12 @@ class ServerSpec:
             raise ValueError(f"{self.role}: docker_image is for launcher vllm only")
         if self.slo_guard_gen_url and (self.role, self.launcher) != ("embed", "builtin"):
             raise ValueError(f"{self.role}: the SLO guard is in the builtin embed server only")
-        if self.slo_guard_gen_url and (self.gen_tpot_slo_ms is None) == (self.gen_tpot_slo_pct is None):
-            raise ValueError(f"{self.role}: the SLO guard needs exactly one of gen_tpot_slo_ms and gen_tpot_slo_pct")
+        if self.slo_guard_gen_url and (self.gen_tpot_slo_ms is None) == (
+            self.gen_tpot_slo_pct is None
+        ):
+            raise ValueError(
+                f"{self.role}: the SLO guard needs exactly one of gen_tpot_slo_ms and gen_tpot_slo_pct"
+            )
 
 
 def builtin_supports(flag: str) -> bool:
@@ -127,7 +133,20 @@ def build_command(spec: ServerSpec, port: int, env: dict[str, str] | None = None
     spec.validate()
     s = spec
     if s.launcher == "builtin":
-        cmd = [sys.executable, "-P", "-m", "coserve", "serve", s.role, "--model", str(s.model), "--host", s.host, "--port", str(port)]
+        cmd = [
+            sys.executable,
+            "-P",
+            "-m",
+            "coserve",
+            "serve",
+            s.role,
+            "--model",
+            str(s.model),
+            "--host",
+            s.host,
+            "--port",
+            str(port),
+        ]
         if s.random_weights:
             cmd.append("--random-weights")
         if s.device:
@@ -135,16 +154,21 @@ def build_command(spec: ServerSpec, port: int, env: dict[str, str] | None = None
         cmd += _engine_flags(s)
         if s.slo_guard_gen_url:
             cmd += ["--slo-guard-gen-url", s.slo_guard_gen_url]
-            cmd += (["--gen-tpot-slo-ms", f"{s.gen_tpot_slo_ms:g}"] if s.gen_tpot_slo_ms is not None
-                    else ["--gen-tpot-slo-pct", f"{s.gen_tpot_slo_pct:g}"])
+            cmd += (
+                ["--gen-tpot-slo-ms", f"{s.gen_tpot_slo_ms:g}"]
+                if s.gen_tpot_slo_ms is not None
+                else ["--gen-tpot-slo-pct", f"{s.gen_tpot_slo_pct:g}"]
+            )
         # The built-in embed engine has no CUDA graphs, so its server refuses the flag; a
         # condition's enforce_eager still reaches gen (and both servers under vLLM).
         if s.enforce_eager and s.role == "gen":
             cmd.append("--enforce-eager")
         if s.tensor_parallel_size > 1:
             if not builtin_supports("--tensor-parallel-size"):
-                raise ServerFailed(f"{s.role}: the built-in server has no --tensor-parallel-size; "
-                                   f"use launcher vllm for TP={s.tensor_parallel_size}")
+                raise ServerFailed(
+                    f"{s.role}: the built-in server has no --tensor-parallel-size; "
+                    f"use launcher vllm for TP={s.tensor_parallel_size}"
+                )
             cmd += ["--tensor-parallel-size", str(s.tensor_parallel_size)]
         return cmd + list(s.extra_args)
     if s.launcher == "vllm":
@@ -164,8 +188,12 @@ def build_command(spec: ServerSpec, port: int, env: dict[str, str] | None = None
             return docker_command(s, port, args, env or {})
         return [s.vllm_bin, "serve"] + args
     if s.launcher == "command":
-        return [a.replace("{host}", s.host).replace("{port}", str(port)).replace("{python}", sys.executable)
-                for a in s.extra_args]
+        return [
+            a.replace("{host}", s.host)
+            .replace("{port}", str(port))
+            .replace("{python}", sys.executable)
+            for a in s.extra_args
+        ]
     raise ValueError(f"launcher {s.launcher} starts no process")
 
 
@@ -173,11 +201,22 @@ def docker_name(spec: ServerSpec, port: int) -> str:
     return f"coserve-{spec.role}-{port}"
 
 
-def docker_command(spec: ServerSpec, port: int, vllm_args: list[str], env: dict[str, str]) -> list[str]:
+def docker_command(
+    spec: ServerSpec, port: int, vllm_args: list[str], env: dict[str, str]
+) -> list[str]:
     """`docker run` for the vllm/vllm-openai image (entrypoint `vllm serve`), as the study ran it."""
     devices = env.get("CUDA_VISIBLE_DEVICES")
-    cmd = ["docker", "run", "--rm", "--name", docker_name(spec, port), "--ipc=host", "--network=host",
-           "--gpus", f'"device={devices}"' if devices else "all"]
+    cmd = [
+        "docker",
+        "run",
+        "--rm",
+        "--name",
+        docker_name(spec, port),
+        "--ipc=host",
+        "--network=host",
+        "--gpus",
+        f'"device={devices}"' if devices else "all",
+    ]
     for k, v in env.items():
         if k == "CUDA_VISIBLE_DEVICES":
             continue

@@ -17,9 +17,9 @@ GiB = 1 << 30
 @dataclass(frozen=True)
 class MemoryNeed:
     model: str
-    device: str          # "cpu" or "cuda"
-    need_bytes: int      # weights (per rank with tensor parallelism)
-    free_bytes: int      # RAM available, or the GPU memory the server may use
+    device: str  # "cpu" or "cuda"
+    need_bytes: int  # weights (per rank with tensor parallelism)
+    free_bytes: int  # RAM available, or the GPU memory the server may use
 
     @property
     def fits(self) -> bool:
@@ -30,10 +30,12 @@ class MemoryNeed:
         if self.fits:
             return None
         where = "RAM available" if self.device == "cpu" else "GPU memory it may use"
-        return (f"{self.model} needs at least {self.need_bytes / GiB:.1f} GiB for its weights, more "
-                f"than the {self.free_bytes / GiB:.1f} GiB of {where} on this machine "
-                f"({self.device}); use a smaller model (tiny-dense, tiny-moe, tiny-embed) or a "
-                f"bigger device")
+        return (
+            f"{self.model} needs at least {self.need_bytes / GiB:.1f} GiB for its weights, more "
+            f"than the {self.free_bytes / GiB:.1f} GiB of {where} on this machine "
+            f"({self.device}); use a smaller model (tiny-dense, tiny-moe, tiny-embed) or a "
+            f"bigger device"
+        )
 
 
 def weight_bytes(model: str) -> int | None:
@@ -58,18 +60,25 @@ def ram_available() -> int | None:
     return None
 
 
-def memory_need(model: str, device: str, free_bytes: int | None, tensor_parallel_size: int = 1) -> MemoryNeed | None:
+def memory_need(
+    model: str, device: str, free_bytes: int | None, tensor_parallel_size: int = 1
+) -> MemoryNeed | None:
     """The check for `model` on `device` ("cpu", "cuda", "cuda:N") given `free_bytes`; None when
     either side is unknown (nothing to say)."""
     need = weight_bytes(model)
     if need is None or free_bytes is None:
         return None
-    return MemoryNeed(model, "cpu" if device == "cpu" else "cuda",
-                      need // max(1, tensor_parallel_size), free_bytes)
+    return MemoryNeed(
+        model,
+        "cpu" if device == "cpu" else "cuda",
+        need // max(1, tensor_parallel_size),
+        free_bytes,
+    )
 
 
-def serve_problem(model: str, device: str, gpu_memory_utilization: float,
-                  tensor_parallel_size: int = 1) -> str | None:
+def serve_problem(
+    model: str, device: str, gpu_memory_utilization: float, tensor_parallel_size: int = 1
+) -> str | None:
     """For `coserve serve`: why `model` cannot be loaded on `device`, or None. On CUDA the
     budget is `gpu_memory_utilization` of the device's memory (torch must be importable)."""
     if device == "cpu":

@@ -19,7 +19,7 @@ class ModelSize:
     params: int
     weight_bytes: int
     kv_bytes_per_token: int  # 0 for encoders (no KV cache)
-    fmt: str                 # how the weights are stored, in words
+    fmt: str  # how the weights are stored, in words
     kv_text: str = ""
 
 
@@ -38,8 +38,10 @@ def _hf_config(model: str) -> dict[str, Any]:
         return json.loads(path.read_text())
     from coserve.engine.presets import PRESETS
 
-    raise ValueError(f"unknown model {model!r}: not a preset ({', '.join(PRESETS)}) "
-                     f"nor a directory with a config.json")
+    raise ValueError(
+        f"unknown model {model!r}: not a preset ({', '.join(PRESETS)}) "
+        f"nor a directory with a config.json"
+    )
 
 
 def model_size(model: str, dtype_bytes: int = 2, embedding: bool = False) -> ModelSize:
@@ -67,12 +69,14 @@ def model_size(model: str, dtype_bytes: int = 2, embedding: bool = False) -> Mod
         per = 4 * (H * H + H) + (H * inter + inter) + (inter * H + H) + 4 * H
         parts.append((L * per, L * per * dtype_bytes))  # (the pooler is not served: not counted)
         params = sum(p for p, _ in parts)
-        return ModelSize(model, params, sum(b for _, b in parts), 0, f"{8 * dtype_bytes}-bit, encoder")
+        return ModelSize(
+            model, params, sum(b for _, b in parts), 0, f"{8 * dtype_bytes}-bit, encoder"
+        )
     L, nh, nkv = c["num_hidden_layers"], c["num_attention_heads"], c["num_key_value_heads"]
     hd = c.get("head_dim") or H // nh
-    parts.append((V * H, V * H * dtype_bytes))                       # embed_tokens
+    parts.append((V * H, V * H * dtype_bytes))  # embed_tokens
     if not c.get("tie_word_embeddings") and not embedding:
-        parts.append((V * H, V * H * dtype_bytes))                   # lm_head (never FP8)
+        parts.append((V * H, V * H * dtype_bytes))  # lm_head (never FP8)
     experts = c.get("num_experts") or 0
     mlp_only = set(c.get("mlp_only_layers") or [])
     step = c.get("decoder_sparse_step") or 1
@@ -91,10 +95,13 @@ def model_size(model: str, dtype_bytes: int = 2, embedding: bool = False) -> Mod
             Id = c["intermediate_size"]
             for n_out, n_in in ((Id, H), (Id, H), (H, Id)):
                 parts.append(linear(n_out, n_in, True))
-    parts.append((H, H * dtype_bytes))                               # final norm
+    parts.append((H, H * dtype_bytes))  # final norm
     params = sum(p for p, _ in parts)
     kv = 2 * L * nkv * hd * dtype_bytes
-    fmt = (f"FP8 block {block[0]}x{block[1]}, embeddings/lm_head/router bf16" if fp8
-           else f"{'bf16' if dtype_bytes == 2 else f'{8 * dtype_bytes}-bit'}")
+    fmt = (
+        f"FP8 block {block[0]}x{block[1]}, embeddings/lm_head/router bf16"
+        if fp8
+        else f"{'bf16' if dtype_bytes == 2 else f'{8 * dtype_bytes}-bit'}"
+    )
     kv_text = f"{L} layers x {nkv} KV heads x {hd} dim x (K+V) x {dtype_bytes} B"
     return ModelSize(model, params, sum(b for _, b in parts), kv, fmt, kv_text)

@@ -37,10 +37,12 @@ SEED = Reference(
     baseline_tok_s=24_363.0,
     baseline_tpot_p99_ms=21.6,
     points=(
-        ReferencePoint("timeslice", embed_seq_s=492.0, gen_tok_s=24_294.0, gen_delta_pct=-0.3,
-                       tpot_p99_ms=24.3),
-        ReferencePoint("mps", embed_seq_s=486.0, gen_tok_s=23_003.0, gen_delta_pct=-5.6,
-                       tpot_p99_ms=24.6),
+        ReferencePoint(
+            "timeslice", embed_seq_s=492.0, gen_tok_s=24_294.0, gen_delta_pct=-0.3, tpot_p99_ms=24.3
+        ),
+        ReferencePoint(
+            "mps", embed_seq_s=486.0, gen_tok_s=23_003.0, gen_delta_pct=-5.6, tpot_p99_ms=24.6
+        ),
     ),
 )
 

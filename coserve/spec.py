@@ -89,17 +89,35 @@ class ServerConfig:
     device: str = _f("auto", choices=DEVICES, help="builtin engine device; auto = cuda if present")
     gpu_memory_utilization: float = _f(_ENGINE["gpu_memory_utilization"], gt=0.0, le=1.0)
     max_model_len: int = _f(0, ge=0, help="0 = the model's own limit")
-    max_num_seqs: int = _f(_ENGINE["max_num_seqs"], ge=1, help="sequences per step; for embed, inputs per forward")
-    max_num_batched_tokens: int = _f(0, ge=0, omit_default=True,
-                                     help="tokens per step (embed: per forward); 0 = the server's default")
-    slo_guard: bool = _f(False, omit_default=True, help="embed only: throttle embed to hold gen's step time")
-    gen_tpot_slo_ms: float | None = _f(None, gt=0.0, omit_default=True, help="the guard's budget in ms")
-    gen_tpot_slo_pct: float | None = _f(None, ge=0.0, le=1000.0, omit_default=True,
-                                        help="the guard's budget: gen alone's step time plus this %")
+    max_num_seqs: int = _f(
+        _ENGINE["max_num_seqs"], ge=1, help="sequences per step; for embed, inputs per forward"
+    )
+    max_num_batched_tokens: int = _f(
+        0,
+        ge=0,
+        omit_default=True,
+        help="tokens per step (embed: per forward); 0 = the server's default",
+    )
+    slo_guard: bool = _f(
+        False, omit_default=True, help="embed only: throttle embed to hold gen's step time"
+    )
+    gen_tpot_slo_ms: float | None = _f(
+        None, gt=0.0, omit_default=True, help="the guard's budget in ms"
+    )
+    gen_tpot_slo_pct: float | None = _f(
+        None,
+        ge=0.0,
+        le=1000.0,
+        omit_default=True,
+        help="the guard's budget: gen alone's step time plus this %",
+    )
     enforce_eager: bool = _f(_ENGINE["enforce_eager"], help="no CUDA graphs")
     tensor_parallel_size: int = _f(_ENGINE["tensor_parallel_size"], ge=1)
-    extra_args: list[str] = _f([], help="added to the server command (launcher command: the "
-                               "whole command line, with {host}, {port} and {python} filled in)")
+    extra_args: list[str] = _f(
+        [],
+        help="added to the server command (launcher command: the "
+        "whole command line, with {host}, {port} and {python} filled in)",
+    )
     docker_image: str = _f("", help="launcher vllm: run `vllm serve` in this image")
     ready_timeout_s: float = _f(600.0, gt=0.0, le=86400.0, help="how long to wait for /health")
 
@@ -172,10 +190,15 @@ class Spec:
             base = next(c for c in self.conditions if c.name == base_name)
             for v in self.sweep.values:
                 pt = self.sweep.point(base.name, v)
-                out.append(dataclasses.replace(
-                    base, name=self.sweep.point_name(base.name, v),
-                    load={**base.load, pt.load_key(): v}, sweep=pt,
-                    description=f"{base.name} with {pt.label()}"))
+                out.append(
+                    dataclasses.replace(
+                        base,
+                        name=self.sweep.point_name(base.name, v),
+                        load={**base.load, pt.load_key(): v},
+                        sweep=pt,
+                        description=f"{base.name} with {pt.label()}",
+                    )
+                )
         return out
 
     def all_conditions(self) -> list[Condition]:
@@ -258,7 +281,9 @@ def parse_spec(data: dict[str, Any], source: str = "<spec>") -> Spec:
             if cfg.launcher in ("builtin", "vllm") and not cfg.model:
                 errors.append(f"servers.{role}.model: needed for launcher '{cfg.launcher}'")
             if cfg.launcher == "command" and not cfg.extra_args:
-                errors.append(f"servers.{role}.extra_args: launcher 'command' needs the command line here")
+                errors.append(
+                    f"servers.{role}.extra_args: launcher 'command' needs the command line here"
+                )
             if cfg.docker_image and cfg.launcher != "vllm":
                 errors.append(f"servers.{role}.docker_image: only for launcher 'vllm'")
 
@@ -312,8 +337,10 @@ def parse_spec(data: dict[str, Any], source: str = "<spec>") -> Spec:
         spec_values["baseline"] = (gen_conds or names)[0]
     for i, c in enumerate(conditions):
         if c.baseline and c.baseline not in names:
-            errors.append(f"conditions[{i}].baseline: '{c.baseline}' is not a condition "
-                          f"(conditions: {', '.join(names)})")
+            errors.append(
+                f"conditions[{i}].baseline: '{c.baseline}' is not a condition "
+                f"(conditions: {', '.join(names)})"
+            )
     errors += load_problems(spec_values.get("load", LoadSpec()), [c.load for c in conditions])
 
     sweep = None
@@ -328,19 +355,25 @@ def parse_spec(data: dict[str, Any], source: str = "<spec>") -> Spec:
         errors += sweep.problems()
         for j, n in enumerate(sweep.conditions):
             if n not in by_name:
-                errors.append(f"sweep.conditions[{j}]: '{n}' is not a condition "
-                              f"(conditions: {', '.join(names)})")
+                errors.append(
+                    f"sweep.conditions[{j}]: '{n}' is not a condition "
+                    f"(conditions: {', '.join(names)})"
+                )
             elif sweep.role not in by_name[n].servers:
                 errors.append(f"sweep.conditions[{j}]: '{n}' does not run {sweep.role}")
         base = spec_values.get("baseline", "")
         if not sweep.conditions and base in by_name and sweep.role not in by_name[base].servers:
-            errors.append(f"sweep.conditions: the baseline '{base}' does not run {sweep.role}; "
-                          f"name the conditions to sweep")
+            errors.append(
+                f"sweep.conditions: the baseline '{base}' does not run {sweep.role}; "
+                f"name the conditions to sweep"
+            )
         for b in sweep.conditions or [base]:
             for v in sweep.values:
                 if sweep.point_name(b, v) in by_name:
-                    errors.append(f"sweep: its point '{sweep.point_name(b, v)}' has the name of a "
-                                  f"condition; rename that condition")
+                    errors.append(
+                        f"sweep: its point '{sweep.point_name(b, v)}' has the name of a "
+                        f"condition; rename that condition"
+                    )
     if errors:
         raise SpecError(source, errors)
     return Spec(**spec_values, servers=servers, conditions=conditions, sweep=sweep, source=source)

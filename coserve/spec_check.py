@@ -21,7 +21,9 @@ def describe_type(tp: Any) -> str:
         return "a table"
     if dataclasses.is_dataclass(tp):
         return "a table"
-    return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(
+        tp, str(tp)
+    )
 
 
 def _check_scalar(value: Any, tp: Any, meta: dict, path: str, errors: list[str]) -> Any:
@@ -32,7 +34,7 @@ def _check_scalar(value: Any, tp: Any, meta: dict, path: str, errors: list[str])
     elif tp is float:
         ok = isinstance(value, int | float) and not isinstance(value, bool)
         # TOML integers are unbounded: one past float's range would overflow float().
-        if ok and not (abs(value) < 2 ** 1023 if isinstance(value, int) else math.isfinite(value)):
+        if ok and not (abs(value) < 2**1023 if isinstance(value, int) else math.isfinite(value)):
             errors.append(f"{path}: {value!r} is not a finite number")
             return None
         value = float(value) if ok else value
@@ -46,9 +48,11 @@ def _check_scalar(value: Any, tp: Any, meta: dict, path: str, errors: list[str])
     if "choices" in meta and value not in meta["choices"]:
         errors.append(f"{path}: {value!r} is not one of {', '.join(meta['choices'])}")
         return None
-    for key, test, words in (("ge", lambda v, b: v >= b, "at least"),
-                             ("gt", lambda v, b: v > b, "greater than"),
-                             ("le", lambda v, b: v <= b, "at most")):
+    for key, test, words in (
+        ("ge", lambda v, b: v >= b, "at least"),
+        ("gt", lambda v, b: v > b, "greater than"),
+        ("le", lambda v, b: v <= b, "at most"),
+    ):
         if key in meta and not test(value, meta[key]):
             errors.append(f"{path}: {value!r} must be {words} {meta[key]}")
             return None
@@ -72,8 +76,14 @@ def _check(value: Any, tp: Any, meta: dict, path: str, errors: list[str]) -> Any
             errors.append(f"{path}: needs at least {meta['min_items']} item(s)")
             return None
         if path.endswith(".gpus"):  # GPU indices or UUIDs: both fine, kept as strings
-            bad = [v for v in value if not isinstance(v, int | str) or isinstance(v, bool)
-                   or str(v).strip().startswith("-") or not str(v).strip()]
+            bad = [
+                v
+                for v in value
+                if not isinstance(v, int | str)
+                or isinstance(v, bool)
+                or str(v).strip().startswith("-")
+                or not str(v).strip()
+            ]
             if bad:
                 errors.append(f"{path}: {bad[0]!r} is not a GPU index (0, 1, ...) or UUID")
                 return None
@@ -92,7 +102,9 @@ def _check(value: Any, tp: Any, meta: dict, path: str, errors: list[str]) -> Any
     return _check_scalar(value, tp, meta, path, errors)
 
 
-def build_dataclass(cls: type, table: Any, path: str, errors: list[str], partial: bool = False) -> Any:
+def build_dataclass(
+    cls: type, table: Any, path: str, errors: list[str], partial: bool = False
+) -> Any:
     """Build dataclass `cls` from a TOML table, appending problems to `errors`; None when the
     table has a problem.
     With `partial`, missing fields are fine and a dict of the given (checked) values returns."""
@@ -110,7 +122,11 @@ def build_dataclass(cls: type, table: Any, path: str, errors: list[str], partial
     for name, f in fields.items():
         sub = f"{path}.{name}" if path else name
         if name not in table:
-            if not partial and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            if (
+                not partial
+                and f.default is dataclasses.MISSING
+                and f.default_factory is dataclasses.MISSING
+            ):
                 errors.append(f"{sub}: missing ({describe_type(hints[name])} is needed)")
             continue
         values[name] = _check(table[name], hints[name], dict(f.metadata), sub, errors)

@@ -11,8 +11,11 @@ def server_problems(cond: Any, servers: dict[str, Any], path: str) -> list[str]:
     """Problems of `cond`'s resolved server configs (`servers` are the spec's, `cond` a
     Condition whose overrides are checked field by field already)."""
     out: list[str] = []
-    resolved = {role: dataclasses.replace(servers[role], **getattr(cond, role))
-                for role in cond.servers if role in servers}
+    resolved = {
+        role: dataclasses.replace(servers[role], **getattr(cond, role))
+        for role in cond.servers
+        if role in servers
+    }
 
     def where(role: str, name: str) -> str:
         own = name in getattr(cond, role)
@@ -21,25 +24,35 @@ def server_problems(cond: Any, servers: dict[str, Any], path: str) -> list[str]:
     for role, cfg in resolved.items():
         tokens = cfg.max_num_batched_tokens
         if role == "embed" and tokens and cfg.launcher == "builtin" and cfg.max_model_len > tokens:
-            out.append(f"{where(role, 'max_num_batched_tokens')}: {tokens} is less than max_model_len "
-                       f"({cfg.max_model_len}); the embed engine takes a whole input per forward")
+            out.append(
+                f"{where(role, 'max_num_batched_tokens')}: {tokens} is less than max_model_len "
+                f"({cfg.max_model_len}); the embed engine takes a whole input per forward"
+            )
         budget = [n for n in ("gen_tpot_slo_ms", "gen_tpot_slo_pct") if getattr(cfg, n) is not None]
         if role != "embed":
             for n in ["slo_guard", *budget] if cfg.slo_guard else budget:
-                out.append(f"{where(role, n)}: the SLO guard runs in the embed server; set it under embed")
+                out.append(
+                    f"{where(role, n)}: the SLO guard runs in the embed server; set it under embed"
+                )
             continue
         if not cfg.slo_guard:
             out += [f"{where(role, n)}: only with slo_guard = true" for n in budget]
             continue
         if len(budget) != 1:
-            out.append(f"{where(role, 'slo_guard')}: needs exactly one of gen_tpot_slo_ms and gen_tpot_slo_pct")
+            out.append(
+                f"{where(role, 'slo_guard')}: needs exactly one of gen_tpot_slo_ms and gen_tpot_slo_pct"
+            )
         if cfg.launcher != "builtin":
-            out.append(f"{where(role, 'slo_guard')}: only the builtin embed server has the guard "
-                       f"(launcher is {cfg.launcher!r})")
+            out.append(
+                f"{where(role, 'slo_guard')}: only the builtin embed server has the guard "
+                f"(launcher is {cfg.launcher!r})"
+            )
         gen = resolved.get("gen")
         if gen is None:
             out.append(f"{where(role, 'slo_guard')}: the condition runs no gen server to guard")
         elif gen.launcher != "builtin":
-            out.append(f"{where(role, 'slo_guard')}: the guard reads the builtin gen server's step "
-                       f"times; gen's launcher is {gen.launcher!r}")
+            out.append(
+                f"{where(role, 'slo_guard')}: the guard reads the builtin gen server's step "
+                f"times; gen's launcher is {gen.launcher!r}"
+            )
     return out

@@ -36,8 +36,11 @@ def plain(v: Any) -> Any:
         out = {}
         for f in dataclasses.fields(v):
             x = getattr(v, f.name)
-            if f.metadata.get("internal") or (f.metadata.get("omit_default") and x == (
-                    f.default if f.default_factory is dataclasses.MISSING else f.default_factory())):
+            if f.metadata.get("internal") or (
+                f.metadata.get("omit_default")
+                and x
+                == (f.default if f.default_factory is dataclasses.MISSING else f.default_factory())
+            ):
                 continue
             out[f.name] = plain(x)
         return out
@@ -74,15 +77,24 @@ LOAD_CHECKS: dict[str, dict[str, Any]] = {
 
 def _load_spec_class() -> type:
     hints = typing.get_type_hints(LoadConfig)
-    fields = [(f.name, hints[f.name], spec_field(f.default, **LOAD_CHECKS[f.name]))
-              for f in dataclasses.fields(LoadConfig) if f.name in LOAD_CHECKS]
+    fields = [
+        (f.name, hints[f.name], spec_field(f.default, **LOAD_CHECKS[f.name]))
+        for f in dataclasses.fields(LoadConfig)
+        if f.name in LOAD_CHECKS
+    ]
     missing = set(LOAD_CHECKS) - {name for name, _, _ in fields}
     if missing:  # pragma: no cover - a renamed LoadConfig field
         raise TypeError(f"LOAD_CHECKS names fields LoadConfig lacks: {sorted(missing)}")
     return dataclasses.make_dataclass(
-        "LoadSpec", fields, frozen=True, kw_only=True,
-        namespace={"__module__": __name__,
-                   "__doc__": "The load of a spec (`[load]`): LoadConfig's load-shape fields."})
+        "LoadSpec",
+        fields,
+        frozen=True,
+        kw_only=True,
+        namespace={
+            "__module__": __name__,
+            "__doc__": "The load of a spec (`[load]`): LoadConfig's load-shape fields.",
+        },
+    )
 
 
 LoadSpec = _load_spec_class()
@@ -137,12 +149,15 @@ class SweepSpec:
     """A sweep: each listed condition run once per concurrency, or once per request rate."""
 
     role: str = spec_field("gen", choices=ROLES, help="whose load is swept")
-    concurrency: list[int] = spec_field([], ge=1, unique=True, omit_default=True,
-                                        help="requests in flight, one point each")
-    rate: list[float] = spec_field([], gt=0.0, unique=True, omit_default=True,
-                                   help="requests/s (open loop), one point each")
-    conditions: list[str] = spec_field([], unique=True,
-                                       help="conditions to sweep (default: the baseline)")
+    concurrency: list[int] = spec_field(
+        [], ge=1, unique=True, omit_default=True, help="requests in flight, one point each"
+    )
+    rate: list[float] = spec_field(
+        [], gt=0.0, unique=True, omit_default=True, help="requests/s (open loop), one point each"
+    )
+    conditions: list[str] = spec_field(
+        [], unique=True, help="conditions to sweep (default: the baseline)"
+    )
     repetitions: int = spec_field(1, ge=1)
 
     @property
@@ -173,5 +188,8 @@ class SweepSpec:
 class ReportSpec:
     """`[report]`: how the report is drawn."""
 
-    reference: str = spec_field("none", choices=("none", *REFERENCES),
-                                help="published figures marked beside ours (seed: the study)")
+    reference: str = spec_field(
+        "none",
+        choices=("none", *REFERENCES),
+        help="published figures marked beside ours (seed: the study)",
+    )

@@ -20,8 +20,10 @@ def _betacf(a: float, b: float, x: float) -> float:
     h = d
     for m in range(1, 1000):
         m2 = 2 * m
-        for aa in (m * (b - m) * x / ((qam + m2) * (a + m2)),
-                   -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))):
+        for aa in (
+            m * (b - m) * x / ((qam + m2) * (a + m2)),
+            -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2)),
+        ):
             d = 1.0 + aa * d
             d = 1.0 / (d if abs(d) > tiny else tiny)
             c = 1.0 + aa / c
@@ -38,8 +40,9 @@ def betainc(a: float, b: float, x: float) -> float:
         return 0.0
     if x >= 1.0:
         return 1.0
-    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)
-                     + a * math.log(x) + b * math.log1p(-x))
+    front = math.exp(
+        math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
+    )
     if x < (a + 1.0) / (a + b + 2.0):
         return front * _betacf(a, b, x) / a
     return 1.0 - front * _betacf(b, a, 1.0 - x) / b
@@ -89,8 +92,12 @@ class Summary:
         return None if self.ci_high is None else self.ci_high - self.mean
 
     def to_dict(self) -> dict:
-        return {"n": self.n, "mean": self.mean, "std": self.std,
-                "ci95": None if self.ci_low is None else [self.ci_low, self.ci_high]}
+        return {
+            "n": self.n,
+            "mean": self.mean,
+            "std": self.std,
+            "ci95": None if self.ci_low is None else [self.ci_low, self.ci_high],
+        }
 
 
 def summarize(values: Sequence[float], confidence: float = CONFIDENCE) -> Summary | None:
@@ -116,12 +123,15 @@ class Delta:
     ci_high: float | None
 
     def to_dict(self) -> dict:
-        return {"pct": self.pct,
-                "ci95": None if self.ci_low is None else [self.ci_low, self.ci_high]}
+        return {
+            "pct": self.pct,
+            "ci95": None if self.ci_low is None else [self.ci_low, self.ci_high],
+        }
 
 
-def delta(values: Sequence[float], baseline: Sequence[float],
-          confidence: float = CONFIDENCE) -> Delta | None:
+def delta(
+    values: Sequence[float], baseline: Sequence[float], confidence: float = CONFIDENCE
+) -> Delta | None:
     """Relative change of the mean of `values` against the mean of `baseline`.
 
     The CI is the delta method's for a ratio of two independent means,
@@ -134,10 +144,10 @@ def delta(values: Sequence[float], baseline: Sequence[float],
     pct = (r - 1.0) * 100.0
     if a.std is None or b.std is None or a.mean == 0:
         return Delta(pct, None, None)
-    va = a.std ** 2 / (a.n * a.mean ** 2)
-    vb = b.std ** 2 / (b.n * b.mean ** 2)
+    va = a.std**2 / (a.n * a.mean**2)
+    vb = b.std**2 / (b.n * b.mean**2)
     if va + vb == 0:
         return Delta(pct, pct, pct)
-    df = (va + vb) ** 2 / (va ** 2 / (a.n - 1) + vb ** 2 / (b.n - 1))
+    df = (va + vb) ** 2 / (va**2 / (a.n - 1) + vb**2 / (b.n - 1))
     half = t_critical(df, confidence) * abs(r) * math.sqrt(va + vb) * 100.0
     return Delta(pct, pct - half, pct + half)

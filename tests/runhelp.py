@@ -35,13 +35,16 @@ warmup_s = 0
 duration_s = {duration_s}
 [telemetry]
 enabled = false
-{conditions or '[[conditions]]' + chr(10) + 'name = "gen-only"' + chr(10) + 'servers = ["gen"]'}
+{conditions or "[[conditions]]" + chr(10) + 'name = "gen-only"' + chr(10) + 'servers = ["gen"]'}
 """
 
 
 def env() -> dict[str, str]:
-    return {**os.environ, "PYTHONUNBUFFERED": "1",
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    return {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
 
 
 class CoserveRun:
@@ -51,9 +54,15 @@ class CoserveRun:
     def __init__(self, args: list[str], cwd: Path):
         self.cwd = Path(cwd)
         self.proc = subprocess.Popen(
-            [sys.executable, "-P", "-m", "coserve", "run", *args], cwd=cwd, env=env(),
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+            [sys.executable, "-P", "-m", "coserve", "run", *args],
+            cwd=cwd,
+            env=env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+        )
         self.lines: list[str] = []
         self._q: queue.Queue[str] = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()

@@ -13,7 +13,9 @@ from coserve.advise import advise, render
 from coserve.cli import main
 from coserve.report.aggregate import aggregate
 
-H200_SWEEP = Path(__file__).resolve().parent.parent / "results" / "nvidia-h200-2026-11-25" / "embed-sweep"
+H200_SWEEP = (
+    Path(__file__).resolve().parent.parent / "results" / "nvidia-h200-2026-11-25" / "embed-sweep"
+)
 
 # gen TPOT p99 = 10 + 0.05 x embed seq/s (ModelBackend); embed seq/s = min(offered, capacity)
 SPEC = """
@@ -62,9 +64,20 @@ def test_names_the_most_embed_work_within_the_budget(run_dir):
     # grain.embed-r16: 100 seq/s at 15 ms (no); mps.embed-r16: 60 at 13 ms (yes); the rest do less
     assert a.best.condition == "mps.embed-r16" and a.closest is None
     assert a.best.embed_seq_s.mean == pytest.approx(60, rel=0.01)
-    assert [e.condition for e in a.rows][:3] == ["timeslice.embed-r16", "grain.embed-r16", "mps.embed-r16"]
-    assert {e.condition for e in a.rows if e.meets} == {"mps.embed-r16", "timeslice", "mps", "grain",
-                                                        "timeslice.embed-r2", "mps.embed-r2", "grain.embed-r2"}
+    assert [e.condition for e in a.rows][:3] == [
+        "timeslice.embed-r16",
+        "grain.embed-r16",
+        "mps.embed-r16",
+    ]
+    assert {e.condition for e in a.rows if e.meets} == {
+        "mps.embed-r16",
+        "timeslice",
+        "mps",
+        "grain",
+        "timeslice.embed-r2",
+        "mps.embed-r2",
+        "grain.embed-r2",
+    }
     assert a.gen_alone_tpot_p99_ms == pytest.approx(10) and a.baseline == "gen-only"
     grain = next(e for e in a.rows if e.condition == "grain.embed-r16")
     assert grain.label == "timeslice (embed.max_num_batched_tokens=512), embed rate 16 req/s"
@@ -81,8 +94,10 @@ def test_says_none_meets_and_what_came_closest(run_dir):
     assert a.closest.condition == "grain.embed-r16"
     assert a.closest.miss == pytest.approx(15 / 14 - 1 + 1 - 100 / 110, abs=0.02)
     text = render(a)
-    assert text.startswith("No measured condition meets gen TPOT p99 <= 14 ms and embed >= 110 seq/s. "
-                           "Closest: grain.embed-r16")
+    assert text.startswith(
+        "No measured condition meets gen TPOT p99 <= 14 ms and embed >= 110 seq/s. "
+        "Closest: grain.embed-r16"
+    )
     assert "above the budget" not in text
     assert "above the budget already" in render(advise(aggregate(run_dir), 5.0))
 

@@ -51,9 +51,15 @@ def test_seeded_and_one_stream_per_endpoint():
     assert all(b > a for a, b in zip(first, first[1:], strict=False))  # across blocks too
 
 
-@pytest.mark.parametrize("kw, field", [({"rate": 0}, "rate"), ({"rate": float("inf")}, "rate"),
-                                       ({"rate": 1, "arrival": "uniform"}, "arrival"),
-                                       ({"rate": 1, "burstiness": -1}, "burstiness")])
+@pytest.mark.parametrize(
+    "kw, field",
+    [
+        ({"rate": 0}, "rate"),
+        ({"rate": float("inf")}, "rate"),
+        ({"rate": 1, "arrival": "uniform"}, "arrival"),
+        ({"rate": 1, "burstiness": -1}, "burstiness"),
+    ],
+)
 def test_bad_arguments_name_the_field(kw, field):
     with pytest.raises(ValueError, match=field):
         next(arrival_offsets(**kw))

@@ -13,16 +13,28 @@ import pytest
 from coserve.bench import stream_server
 
 CONTRACT = {
-    "gen": {"output_tokens_per_s", "requests_per_s", "completed", "failed", "tpot_ms",
-            "ttft_ms", "itl_ms"},
+    "gen": {
+        "output_tokens_per_s",
+        "requests_per_s",
+        "completed",
+        "failed",
+        "tpot_ms",
+        "ttft_ms",
+        "itl_ms",
+    },
     "embed": {"sequences_per_s", "requests_per_s", "completed", "failed", "latency_ms"},
 }
 
 
 def _bench(*args, **kw):
-    return subprocess.Popen([sys.executable, "-m", "coserve", "bench", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-m", "coserve", "bench", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        **kw,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -33,9 +45,24 @@ def server():
 
 def test_writes_the_contract_and_the_records(server, tmp_path):
     out = tmp_path / "run" / "bench.json"
-    p = _bench("--gen-url", server.url, "--embed-url", server.url + "/v1",
-               "--gen-concurrency", "4", "--output-len", "16", "--embed-concurrency", "2",
-               "--warmup", "0.4", "--duration", "1", "--out", str(out))
+    p = _bench(
+        "--gen-url",
+        server.url,
+        "--embed-url",
+        server.url + "/v1",
+        "--gen-concurrency",
+        "4",
+        "--output-len",
+        "16",
+        "--embed-concurrency",
+        "2",
+        "--warmup",
+        "0.4",
+        "--duration",
+        "1",
+        "--out",
+        str(out),
+    )
     stdout, stderr = p.communicate(timeout=60)
     assert p.returncode == 0, stderr
     s = json.loads(out.read_text())
@@ -63,8 +90,22 @@ def test_writes_the_contract_and_the_records(server, tmp_path):
 
 def test_gen_only_leaves_embed_null(server, tmp_path):
     out = tmp_path / "g.json"
-    p = _bench("--gen-url", server.url, "--gen-concurrency", "2", "--output-len", "8",
-               "--warmup", "0.2", "--duration", "0.5", "--out", str(out), "--quiet", "--json")
+    p = _bench(
+        "--gen-url",
+        server.url,
+        "--gen-concurrency",
+        "2",
+        "--output-len",
+        "8",
+        "--warmup",
+        "0.2",
+        "--duration",
+        "0.5",
+        "--out",
+        str(out),
+        "--quiet",
+        "--json",
+    )
     stdout, stderr = p.communicate(timeout=60)
     assert p.returncode == 0, stderr
     s = json.loads(out.read_text())
@@ -74,8 +115,21 @@ def test_gen_only_leaves_embed_null(server, tmp_path):
 
 def test_embed_encoding_float(server, tmp_path):
     out = tmp_path / "f.json"
-    p = _bench("--embed-url", server.url, "--embed-concurrency", "2", "--embed-encoding",
-               "float", "--warmup", "0.2", "--duration", "0.5", "--out", str(out), "--quiet")
+    p = _bench(
+        "--embed-url",
+        server.url,
+        "--embed-concurrency",
+        "2",
+        "--embed-encoding",
+        "float",
+        "--warmup",
+        "0.2",
+        "--duration",
+        "0.5",
+        "--out",
+        str(out),
+        "--quiet",
+    )
     _, stderr = p.communicate(timeout=60)
     assert p.returncode == 0, stderr
     e = json.loads(out.read_text())["embed"]
@@ -123,9 +177,24 @@ def _wait_for(path_or_pred, timeout):
 def test_ctrl_c_writes_what_was_measured_marked_cut_short(server, tmp_path, when):
     out = tmp_path / "cut.json"
     warmup = "0.5" if when == "measure" else "30"
-    p = _bench("--gen-url", server.url, "--embed-url", server.url, "--gen-concurrency", "4",
-               "--output-len", "16", "--embed-concurrency", "2", "--warmup", warmup,
-               "--duration", "60", "--out", str(out))
+    p = _bench(
+        "--gen-url",
+        server.url,
+        "--embed-url",
+        server.url,
+        "--gen-concurrency",
+        "4",
+        "--output-len",
+        "16",
+        "--embed-concurrency",
+        "2",
+        "--warmup",
+        warmup,
+        "--duration",
+        "60",
+        "--out",
+        str(out),
+    )
     # the start line is printed once the endpoints have answered; then give it some load
     first = p.stderr.readline()
     assert "coserve bench:" in first
@@ -152,11 +221,33 @@ def test_rates_goodput_and_a_rate_not_kept_up_on_the_console(tmp_path):
     out = tmp_path / "r.json"
     with stream_server.spawn(ttft_ms=10, itl_ms=2, embed_latency_ms=150) as srv:
         # embed: 60 req/s of 150 ms each with a cap of 2 in flight cannot be kept up
-        p = _bench("--gen-url", srv.url, "--gen-rate", "20", "--arrival", "constant",
-                   "--output-len", "8", "--embed-url", srv.url, "--embed-rate", "60",
-                   "--embed-concurrency", "2", "--goodput", "ttft:500", "e2el:1000",
-                   "--embed-slo", "100", "--warmup", "0.3", "--duration", "1.2",
-                   "--out", str(out))
+        p = _bench(
+            "--gen-url",
+            srv.url,
+            "--gen-rate",
+            "20",
+            "--arrival",
+            "constant",
+            "--output-len",
+            "8",
+            "--embed-url",
+            srv.url,
+            "--embed-rate",
+            "60",
+            "--embed-concurrency",
+            "2",
+            "--goodput",
+            "ttft:500",
+            "e2el:1000",
+            "--embed-slo",
+            "100",
+            "--warmup",
+            "0.3",
+            "--duration",
+            "1.2",
+            "--out",
+            str(out),
+        )
         _, stderr = p.communicate(timeout=60)
     assert p.returncode == 0, stderr
     s = json.loads(out.read_text())
@@ -164,10 +255,13 @@ def test_rates_goodput_and_a_rate_not_kept_up_on_the_console(tmp_path):
     assert s["gen"]["goodput"]["bounds_ms"] == {"ttft": 500.0, "e2el": 1000.0}
     assert s["gen"]["goodput"]["requests"] == s["gen"]["completed"] > 0
     assert s["embed"]["kept_up"] is False and s["embed"]["goodput"]["requests"] == 0
-    assert s["load"] == {"arrival": "constant", "burstiness": 1.0, "gen_rate": 20.0,
-                         "embed_rate": 60.0,
-                         "slo": {"ttft_ms": 500.0, "tpot_ms": None, "e2el_ms": 1000.0,
-                                 "embed_ms": 100.0}}
+    assert s["load"] == {
+        "arrival": "constant",
+        "burstiness": 1.0,
+        "gen_rate": 20.0,
+        "embed_rate": 60.0,
+        "slo": {"ttft_ms": 500.0, "tpot_ms": None, "e2el_ms": 1000.0, "embed_ms": 100.0},
+    }
     assert "WARNING: embed did not keep up" in stderr and "rate 20/s offered" in stderr
 
 
@@ -175,8 +269,20 @@ def test_a_dead_endpoint_ends_the_run_with_its_reason_and_status_1(tmp_path):
     out = tmp_path / "dead.json"
     srv = stream_server.spawn(ttft_ms=10, itl_ms=2)
     try:
-        p = _bench("--gen-url", srv.url, "--gen-concurrency", "4", "--output-len", "8",
-                   "--warmup", "0.5", "--duration", "30", "--out", str(out))
+        p = _bench(
+            "--gen-url",
+            srv.url,
+            "--gen-concurrency",
+            "4",
+            "--output-len",
+            "8",
+            "--warmup",
+            "0.5",
+            "--duration",
+            "30",
+            "--out",
+            str(out),
+        )
         assert "coserve bench:" in p.stderr.readline()
         time.sleep(1.0)
         srv.proc.send_signal(signal.SIGKILL)
@@ -191,15 +297,18 @@ def test_a_dead_endpoint_ends_the_run_with_its_reason_and_status_1(tmp_path):
     assert "not answering" in s["aborted"] and "ABORTED" in stderr
 
 
-@pytest.mark.parametrize("flag, value, says", [
-    ("--goodput", "ttfb:100", "must be one of ttft, tpot, e2el"),
-    ("--goodput", "ttft:fast", "a number of milliseconds"),
-    ("--goodput", "tpot:-1", "--goodput"),
-    ("--gen-rate", "0", "--gen-rate"),
-    ("--embed-slo", "inf", "--embed-slo"),
-    ("--burstiness", "0", "--burstiness"),
-    ("--duration", "inf", "--duration"),
-])
+@pytest.mark.parametrize(
+    "flag, value, says",
+    [
+        ("--goodput", "ttfb:100", "must be one of ttft, tpot, e2el"),
+        ("--goodput", "ttft:fast", "a number of milliseconds"),
+        ("--goodput", "tpot:-1", "--goodput"),
+        ("--gen-rate", "0", "--gen-rate"),
+        ("--embed-slo", "inf", "--embed-slo"),
+        ("--burstiness", "0", "--burstiness"),
+        ("--duration", "inf", "--duration"),
+    ],
+)
 def test_bad_load_flags_are_named(flag, value, says):
     p = _bench("--gen-url", "http://127.0.0.1:1", flag, value)
     _, stderr = p.communicate(timeout=30)

@@ -16,10 +16,14 @@ def _answer(vectors, encoding, compact=True):
             return base64.b64encode(np.asarray(v, dtype="<f4").tobytes()).decode()
         return [float(x) for x in v]
 
-    obj = {"object": "list", "model": "m",
-           "data": [{"object": "embedding", "index": i, "embedding": enc(v)}
-                    for i, v in enumerate(vectors)],
-           "usage": {"prompt_tokens": 3, "total_tokens": 3}}
+    obj = {
+        "object": "list",
+        "model": "m",
+        "data": [
+            {"object": "embedding", "index": i, "embedding": enc(v)} for i, v in enumerate(vectors)
+        ],
+        "usage": {"prompt_tokens": 3, "total_tokens": 3},
+    }
     seps = (",", ":") if compact else (", ", ": ")
     return json.dumps(obj, separators=seps).encode()
 
@@ -69,7 +73,7 @@ def test_empty_vectors_are_refused(encoding):
 
 
 def test_base64_that_is_not_whole_float32s_is_refused():
-    body = (b'{"data":[{"embedding":"' + base64.b64encode(b"123456") + b'"}]}')
+    body = b'{"data":[{"embedding":"' + base64.b64encode(b"123456") + b'"}]}'
     with pytest.raises(BadAnswer, match="6 bytes"):
         embedding_shape(body)
 
@@ -79,8 +83,17 @@ def test_base64_that_does_not_decode_is_refused():
         embedding_shape(b'{"data":[{"embedding":"AAA*AAAA"}]}')
 
 
-@pytest.mark.parametrize("body", [b"", b"not json", b'{"data":[]}', b'{"object":"list"}',
-                                  b'{"data":[{"index":0}]}', b'{"data":[{"embedding":3}]}'])
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"",
+        b"not json",
+        b'{"data":[]}',
+        b'{"object":"list"}',
+        b'{"data":[{"index":0}]}',
+        b'{"data":[{"embedding":3}]}',
+    ],
+)
 def test_what_is_not_an_answer_is_refused(body):
     with pytest.raises(BadAnswer):
         embedding_shape(body)

@@ -26,16 +26,25 @@ def _load(**kw):
 
 @pytest.fixture(scope="module")
 def server():
-    with stream_server.spawn(ttft_ms=TTFT_MS, itl_ms=ITL_MS, embed_latency_ms=EMBED_MS,
-                             model="test-model") as srv:
+    with stream_server.spawn(
+        ttft_ms=TTFT_MS, itl_ms=ITL_MS, embed_latency_ms=EMBED_MS, model="test-model"
+    ) as srv:
         yield srv
 
 
 @pytest.fixture(scope="module")
 def both(server):
     """One run driving gen and embed at once; several tests read it."""
-    return _load(gen_url=server.url, embed_url=server.url, gen_concurrency=8, output_len=20,
-                 embed_concurrency=4, embed_batch=8, warmup_s=0.8, duration_s=2.5)
+    return _load(
+        gen_url=server.url,
+        embed_url=server.url,
+        gen_concurrency=8,
+        output_len=20,
+        embed_concurrency=4,
+        embed_batch=8,
+        warmup_s=0.8,
+        duration_s=2.5,
+    )
 
 
 def _close(measured, expected, rel):
@@ -72,8 +81,14 @@ def test_embed_numbers_match_the_server_timing(both):
 @pytest.mark.parametrize("encoding", ["float", "base64"])
 def test_embed_answers_in_either_encoding_are_counted_and_their_shape_read(encoding):
     with stream_server.spawn(embed_latency_ms=EMBED_MS, embed_dim=1024) as srv:
-        r = _load(embed_url=srv.url, embed_concurrency=4, embed_batch=8, warmup_s=0.4,
-                  duration_s=1.2, embed_encoding=encoding)
+        r = _load(
+            embed_url=srv.url,
+            embed_concurrency=4,
+            embed_batch=8,
+            warmup_s=0.4,
+            duration_s=1.2,
+            embed_encoding=encoding,
+        )
     e = r.summary()["embed"]
     assert e["encoding"] == encoding and e["dim"] == 1024
     assert e["failed"] == 0 and e["totals"]["failed"] == 0
@@ -90,7 +105,9 @@ def test_records_are_consistent_with_the_summary(both):
     assert {r.endpoint for r in both.records} == {"gen", "embed"}
     # tokens in the window: the per-request counts add up to the endpoint's
     gen = [r for r in both.records if r.endpoint == "gen"]
-    assert all(r.tokens_in_window is not None for r in gen)  # a record without its count must fail, not add 0
+    assert all(
+        r.tokens_in_window is not None for r in gen
+    )  # a record without its count must fail, not add 0
     in_window = sum(r.tokens_in_window for r in gen)
     assert in_window > 0 and in_window == s["gen"]["output_tokens_in_window"]
     # the closed loop kept exactly C in flight: requests cancelled at the end == C
@@ -102,14 +119,19 @@ def test_records_are_consistent_with_the_summary(both):
 def test_window_edges_count_only_what_arrived_inside(server):
     # One request of 1000 tokens (10 s): it neither starts nor ends in the 1.5 s window,
     # yet every token arriving inside counts: 100 tok/s, no request completed.
-    r = _load(gen_url=server.url, gen_concurrency=1, output_len=1000, warmup_s=0.5,
-              duration_s=1.5, record_chunks=True)
+    r = _load(
+        gen_url=server.url,
+        gen_concurrency=1,
+        output_len=1000,
+        warmup_s=0.5,
+        duration_s=1.5,
+        record_chunks=True,
+    )
     g = r.summary()["gen"]
     assert g["completed"] == 0 and g["requests_per_s"] == 0 and g["ttft_ms"]["n"] == 0
     assert _close(g["output_tokens_per_s"], 1000 / ITL_MS, 0.03), g["output_tokens_per_s"]
     rec = r.records[0]
-    inside = [t for t in rec.chunk_times_s
-              if 0.5 <= rec.start_s + t < 2.0]
+    inside = [t for t in rec.chunk_times_s if 0.5 <= rec.start_s + t < 2.0]
     assert abs(len(inside) - g["output_tokens_in_window"]) <= 1  # rounding of stored times
     assert rec.status == "cancelled" and g["itl_ms"]["n"] >= len(inside) - 1
 
@@ -141,10 +163,23 @@ def test_token_ids_and_usage_count_tokens_honestly():
 
 
 def test_non_2xx_answers_are_counted_with_status_and_message():
-    with stream_server.spawn(ttft_ms=10, itl_ms=5, embed_latency_ms=10, fail_every=4,
-                             fail_status=503, fail_message="overloaded, try later") as srv:
-        r = _load(gen_url=srv.url, embed_url=srv.url, gen_concurrency=4, output_len=10,
-                  embed_concurrency=2, warmup_s=0.3, duration_s=1.2)
+    with stream_server.spawn(
+        ttft_ms=10,
+        itl_ms=5,
+        embed_latency_ms=10,
+        fail_every=4,
+        fail_status=503,
+        fail_message="overloaded, try later",
+    ) as srv:
+        r = _load(
+            gen_url=srv.url,
+            embed_url=srv.url,
+            gen_concurrency=4,
+            output_len=10,
+            embed_concurrency=2,
+            warmup_s=0.3,
+            duration_s=1.2,
+        )
     s = r.summary()
     for part in ("gen", "embed"):
         ep = s[part]
@@ -159,8 +194,7 @@ def test_non_2xx_answers_are_counted_with_status_and_message():
 
 def test_dropped_connections_are_failures():
     with stream_server.spawn(ttft_ms=10, itl_ms=5, drop_every=3, drop_after=2) as srv:
-        r = _load(gen_url=srv.url, gen_concurrency=3, output_len=10, warmup_s=0.3,
-                  duration_s=1.2)
+        r = _load(gen_url=srv.url, gen_concurrency=3, output_len=10, warmup_s=0.3, duration_s=1.2)
     g = r.summary()["gen"]
     assert g["failed"] > 0 and g["completed"] > 0
     failed = [x for x in r.records if x.status == "failed"]
@@ -174,8 +208,7 @@ def test_a_server_dying_mid_run_ends_it_within_a_second_with_the_reason():
         threading.Timer(1.0, lambda: os.kill(srv.proc.pid, signal.SIGKILL)).start()
         t = time.monotonic()
         with pytest.raises(EndpointDead) as e:
-            _load(gen_url=srv.url, gen_concurrency=8, output_len=10, warmup_s=0.5,
-                  duration_s=20)
+            _load(gen_url=srv.url, gen_concurrency=8, output_len=10, warmup_s=0.5, duration_s=20)
         took = time.monotonic() - t
     finally:
         srv.stop()
@@ -203,8 +236,15 @@ def test_model_names_and_api_key():
     with stream_server.spawn(ttft_ms=5, itl_ms=2, api_key="sekrit", model="first") as srv:
         with pytest.raises(BenchError, match="401"):
             _load(gen_url=srv.url, duration_s=0.5, warmup_s=0)
-        r = _load(gen_url=srv.url, gen_model="mine", api_key="sekrit", gen_concurrency=2,
-                  output_len=5, warmup_s=0.2, duration_s=0.5)
+        r = _load(
+            gen_url=srv.url,
+            gen_model="mine",
+            api_key="sekrit",
+            gen_concurrency=2,
+            output_len=5,
+            warmup_s=0.2,
+            duration_s=0.5,
+        )
     g = r.summary()["gen"]
     assert g["model"] == "mine" and g["completed"] > 0 and g["failed"] == 0
 
@@ -217,9 +257,14 @@ def test_stop_event_cuts_the_run_short(server):
             if p.elapsed_s >= 1.5:
                 stop.set()
 
-        return await run_load(LoadConfig(gen_url=server.url, gen_concurrency=4, output_len=20,
-                                         warmup_s=0.5, duration_s=30),
-                              on_progress=on_progress, stop=stop, progress_interval_s=0.05)
+        return await run_load(
+            LoadConfig(
+                gen_url=server.url, gen_concurrency=4, output_len=20, warmup_s=0.5, duration_s=30
+            ),
+            on_progress=on_progress,
+            stop=stop,
+            progress_interval_s=0.05,
+        )
 
     t = time.monotonic()
     r = run_sync(go())
@@ -233,7 +278,13 @@ def test_stop_event_cuts_the_run_short(server):
 
 
 def test_plain_asyncio_loop_too(server):
-    r = run_sync(run_load(LoadConfig(gen_url=server.url, gen_concurrency=4, output_len=20,
-                                     warmup_s=0.4, duration_s=1.0)), "asyncio")
+    r = run_sync(
+        run_load(
+            LoadConfig(
+                gen_url=server.url, gen_concurrency=4, output_len=20, warmup_s=0.4, duration_s=1.0
+            )
+        ),
+        "asyncio",
+    )
     g = r.summary()["gen"]
     assert _close(g["tpot_ms"]["p50"], ITL_MS, 0.03) and g["failed"] == 0

@@ -10,8 +10,15 @@ from coserve.bench.metrics import dist
 from coserve.bench.records import BenchResult, EndpointRun, RequestRecord
 
 CONTRACT = {
-    "gen": {"output_tokens_per_s", "requests_per_s", "completed", "failed", "tpot_ms",
-            "ttft_ms", "itl_ms"},
+    "gen": {
+        "output_tokens_per_s",
+        "requests_per_s",
+        "completed",
+        "failed",
+        "tpot_ms",
+        "ttft_ms",
+        "itl_ms",
+    },
     "embed": {"sequences_per_s", "requests_per_s", "completed", "failed", "latency_ms"},
 }
 
@@ -26,20 +33,31 @@ def _gen_rec(i, start, end, ttft, n, status="ok"):
 
 
 def _result(gen=None, embed=None, warmup=10.0, duration=20.0, stopped=None):
-    cfg = LoadConfig(gen_url="http://g" if gen else None, embed_url="http://e" if embed else None,
-                     warmup_s=warmup, duration_s=duration)
+    cfg = LoadConfig(
+        gen_url="http://g" if gen else None,
+        embed_url="http://e" if embed else None,
+        warmup_s=warmup,
+        duration_s=duration,
+    )
     t0 = 1000.0
-    return BenchResult(config=cfg, started_at="2026-11-25T00:00:00Z", t0=t0,
-                       window_start=t0 + warmup, window_end=t0 + warmup + duration,
-                       stopped_at=t0 + (stopped if stopped is not None else warmup + duration),
-                       cut_short=stopped is not None, gen=gen, embed=embed)
+    return BenchResult(
+        config=cfg,
+        started_at="2026-11-25T00:00:00Z",
+        t0=t0,
+        window_start=t0 + warmup,
+        window_end=t0 + warmup + duration,
+        stopped_at=t0 + (stopped if stopped is not None else warmup + duration),
+        cut_short=stopped is not None,
+        gen=gen,
+        embed=embed,
+    )
 
 
 def test_gen_window_accounting():
     ep = EndpointRun("gen", "http://g", "m", 4)
     ep.records = [
-        _gen_rec(0, 0.0, 9.9, 100.0, 50),    # ends in warm-up: not counted
-        _gen_rec(1, 5.0, 10.0, 200.0, 50),   # ends exactly at the window start: counted
+        _gen_rec(0, 0.0, 9.9, 100.0, 50),  # ends in warm-up: not counted
+        _gen_rec(1, 5.0, 10.0, 200.0, 50),  # ends exactly at the window start: counted
         _gen_rec(2, 12.0, 29.999, 300.0, 50),  # inside
         _gen_rec(3, 25.0, 30.0, 400.0, 50),  # ends exactly at the window end: not counted
         _gen_rec(4, 20.0, 21.0, 0, 0, status="failed"),
@@ -109,9 +127,19 @@ def test_live_progress_renders_on_a_terminal_and_is_quiet_elsewhere():
     from coserve.bench.loadgen import Progress
     from coserve.bench.progress import LiveProgress
 
-    p = Progress(phase="measure", elapsed_s=12.0, total_s=20.0, gen_tok_s=24363.0,
-                 embed_seq_s=492.0, gen_in_flight=512, embed_in_flight=64, gen_completed=10,
-                 embed_completed=300, gen_failed=2, embed_failed=0)
+    p = Progress(
+        phase="measure",
+        elapsed_s=12.0,
+        total_s=20.0,
+        gen_tok_s=24363.0,
+        embed_seq_s=492.0,
+        gen_in_flight=512,
+        embed_in_flight=64,
+        gen_completed=10,
+        embed_completed=300,
+        gen_failed=2,
+        embed_failed=0,
+    )
     buf = io.StringIO()
     console = Console(file=buf, force_terminal=True, width=100)
     with LiveProgress(10.0, 10.0, console=console) as lp:
@@ -156,11 +184,13 @@ def test_open_loop_kept_up_or_said_why():
 def test_goodput_counts_requests_meeting_every_bound():
     ep = EndpointRun("gen", "http://g", "m", 4)
     # (ttft, e2e, n): tpot = (e2e - ttft) / (n - 1)
-    recs = [(100, 1090, 100),   # tpot 10: good
-            (600, 1590, 100),   # ttft over
-            (100, 2080, 100),   # tpot 20 over
-            (100, 100, 1),      # one token, no tpot: good
-            (499.9, 1489.9, 100)]  # good, just inside
+    recs = [
+        (100, 1090, 100),  # tpot 10: good
+        (600, 1590, 100),  # ttft over
+        (100, 2080, 100),  # tpot 20 over
+        (100, 100, 1),  # one token, no tpot: good
+        (499.9, 1489.9, 100),
+    ]  # good, just inside
     ep.records = []
     for i, (ttft, e2e, n) in enumerate(recs):
         r = _gen_rec(i, 11.0, 11.0 + e2e / 1e3, ttft, max(n, 2))
@@ -174,30 +204,47 @@ def test_goodput_counts_requests_meeting_every_bound():
     assert g["goodput"]["requests_per_s"] == 3 / 20.0
     assert g["goodput"]["output_tokens_per_s"] == (100 + 1 + 100) / 20.0
     assert g["goodput"]["bounds_ms"] == {"ttft": 500.0, "tpot": 15.0}
-    res.config = LoadConfig(gen_url="http://g", warmup_s=10.0, duration_s=20.0,
-                            goodput_e2el_ms=1100.0, **cfg_kw)
+    res.config = LoadConfig(
+        gen_url="http://g", warmup_s=10.0, duration_s=20.0, goodput_e2el_ms=1100.0, **cfg_kw
+    )
     assert res.summary()["gen"]["goodput"]["requests"] == 2  # the 1,489.9 ms one is out
     s = res.summary()
-    assert s["load"]["slo"] == {"ttft_ms": 500.0, "tpot_ms": 15.0, "e2el_ms": 1100.0,
-                                "embed_ms": None}
+    assert s["load"]["slo"] == {
+        "ttft_ms": 500.0,
+        "tpot_ms": 15.0,
+        "e2el_ms": 1100.0,
+        "embed_ms": None,
+    }
 
 
 def test_embed_goodput_and_encoding_note():
     ep = EndpointRun("embed", "http://e", "m", 2)
-    ep.records = [RequestRecord("embed", i, 11.0, end_s=11.5, latency_ms=lat, sequences=8)
-                  for i, lat in enumerate([50.0, 100.0, 100.1, 300.0])]
+    ep.records = [
+        RequestRecord("embed", i, 11.0, end_s=11.5, latency_ms=lat, sequences=8)
+        for i, lat in enumerate([50.0, 100.0, 100.1, 300.0])
+    ]
     ep.encoding_mismatch, ep.encoding_answered = 4, "float"
     res = _result(embed=ep)
-    res.config = LoadConfig(embed_url="http://e", warmup_s=10.0, duration_s=20.0,
-                            embed_slo_ms=100.0)
+    res.config = LoadConfig(
+        embed_url="http://e", warmup_s=10.0, duration_s=20.0, embed_slo_ms=100.0
+    )
     e = res.summary()["embed"]
     assert e["goodput"] == {"sequences_per_s": 16 / 20.0, "requests": 2, "slo_ms": 100.0}
     assert e["encoding_mismatch"] == {"asked": "base64", "answered": "float", "answers": 4}
 
 
 def test_a_record_round_trips_through_its_json_line():
-    r = RequestRecord("gen", 3, 1.5, status="failed", end_s=2.0, worker=1, chunks=5,
-                      chunk_tokens=5, tokens_in_window=0)
+    r = RequestRecord(
+        "gen",
+        3,
+        1.5,
+        status="failed",
+        end_s=2.0,
+        worker=1,
+        chunks=5,
+        chunk_tokens=5,
+        tokens_in_window=0,
+    )
     line = r.to_json()
     d = json.loads(line)
     assert d["http_status"] is None and d["error"] is None  # "no HTTP answer" is written

@@ -23,8 +23,15 @@ def server():
 
 def test_the_achieved_rate_tracks_the_offered_one(server):
     # both endpoints open-loop at once
-    r = _load(gen_url=server.url, embed_url=server.url, gen_rate=40.0, embed_rate=150.0,
-              arrival="constant", output_len=10, duration_s=3.0)
+    r = _load(
+        gen_url=server.url,
+        embed_url=server.url,
+        gen_rate=40.0,
+        embed_rate=150.0,
+        arrival="constant",
+        output_len=10,
+        duration_s=3.0,
+    )
     s = r.summary()
     for part, rate in (("gen", 40.0), ("embed", 150.0)):
         ep = s[part]
@@ -41,8 +48,14 @@ def test_the_achieved_rate_tracks_the_offered_one(server):
 
 
 def test_one_endpoint_open_the_other_closed(server):
-    s = _load(gen_url=server.url, embed_url=server.url, gen_concurrency=4, output_len=10,
-              embed_rate=50.0, duration_s=1.5).summary()
+    s = _load(
+        gen_url=server.url,
+        embed_url=server.url,
+        gen_concurrency=4,
+        output_len=10,
+        embed_rate=50.0,
+        duration_s=1.5,
+    ).summary()
     assert s["gen"]["mode"] == "closed" and s["gen"]["offered_rate_rps"] is None
     assert s["embed"]["mode"] == "rate" and s["embed"]["kept_up"] is True
     assert s["gen"]["completed"] > 0 and s["embed"]["completed"] > 0
@@ -51,8 +64,14 @@ def test_one_endpoint_open_the_other_closed(server):
 def test_a_server_that_cannot_keep_up_is_said_so():
     # 100 req/s of 200 ms each needs 20 in flight; the cap of 4 allows 20 req/s
     with stream_server.spawn(embed_latency_ms=200) as srv:
-        s = _load(embed_url=srv.url, embed_rate=100.0, embed_concurrency=4,
-                  arrival="constant", warmup_s=0.3, duration_s=1.5).summary()
+        s = _load(
+            embed_url=srv.url,
+            embed_rate=100.0,
+            embed_concurrency=4,
+            arrival="constant",
+            warmup_s=0.3,
+            duration_s=1.5,
+        ).summary()
     e = s["embed"]
     assert e["kept_up"] is False and e["cap_waits"] > 0
     assert "did not keep up" in e["warning"] and "sent" in e["warning"]
@@ -62,15 +81,27 @@ def test_a_server_that_cannot_keep_up_is_said_so():
 def test_goodput_is_exact_on_a_scripted_server():
     # one request at a time, so request i is the server's (i+1)-th: every 4th gen request
     # starts 100 ms late, every 4th embed request is answered 100 ms late
-    with stream_server.spawn(ttft_ms=10, itl_ms=2, embed_latency_ms=10, slow_every=4,
-                             slow_ms=100) as srv:
-        r = _load(gen_url=srv.url, embed_url=srv.url, gen_concurrency=1, embed_concurrency=1,
-                  output_len=10, goodput_ttft_ms=60.0, goodput_tpot_ms=10.0,
-                  embed_slo_ms=60.0, warmup_s=0.3, duration_s=1.5)
+    with stream_server.spawn(
+        ttft_ms=10, itl_ms=2, embed_latency_ms=10, slow_every=4, slow_ms=100
+    ) as srv:
+        r = _load(
+            gen_url=srv.url,
+            embed_url=srv.url,
+            gen_concurrency=1,
+            embed_concurrency=1,
+            output_len=10,
+            goodput_ttft_ms=60.0,
+            goodput_tpot_ms=10.0,
+            embed_slo_ms=60.0,
+            warmup_s=0.3,
+            duration_s=1.5,
+        )
     s = r.summary()
     ws, we = 0.3, 1.8
-    done = {k: [x for x in r.records if x.endpoint == k and x.status == "ok"
-                and ws <= x.end_s < we] for k in ("gen", "embed")}
+    done = {
+        k: [x for x in r.records if x.endpoint == k and x.status == "ok" and ws <= x.end_s < we]
+        for k in ("gen", "embed")
+    }
     fast_gen = [x for x in done["gen"] if (x.i + 1) % 4]
     fast_embed = [x for x in done["embed"] if (x.i + 1) % 4]
     assert 0 < len(fast_gen) < len(done["gen"]) and 0 < len(fast_embed) < len(done["embed"])
@@ -84,8 +115,14 @@ def test_goodput_is_exact_on_a_scripted_server():
 
 def test_chat_is_measured_as_completions_are():
     with stream_server.spawn(ttft_ms=30, itl_ms=5) as srv:
-        r = _load(gen_url=srv.url, gen_endpoint="chat", gen_concurrency=4, output_len=20,
-                  warmup_s=0.4, duration_s=1.5)
+        r = _load(
+            gen_url=srv.url,
+            gen_endpoint="chat",
+            gen_concurrency=4,
+            output_len=20,
+            warmup_s=0.4,
+            duration_s=1.5,
+        )
     g = r.summary()["gen"]
     assert g["endpoint"] == "chat" and g["failed"] == 0 and g["completed"] > 0
     assert abs(g["ttft_ms"]["p50"] - 30) < 3 and abs(g["tpot_ms"]["p50"] - 5) < 0.3
@@ -99,8 +136,9 @@ def test_chat_is_measured_as_completions_are():
 
 
 def test_an_embed_answer_in_another_encoding_is_measured_and_noted():
-    with stream_server.spawn(embed_latency_ms=20, embed_dim=16,
-                             embed_answer_encoding="float") as srv:
+    with stream_server.spawn(
+        embed_latency_ms=20, embed_dim=16, embed_answer_encoding="float"
+    ) as srv:
         r = _load(embed_url=srv.url, embed_concurrency=2, warmup_s=0.2, duration_s=1.0)
     e = r.summary()["embed"]
     assert e["failed"] == 0 and e["completed"] > 0 and e["dim"] == 16
@@ -112,15 +150,16 @@ def test_an_embed_answer_in_another_encoding_is_measured_and_noted():
 
 # ------------------------------------------------------------------ accounting, case by case
 
+
 @pytest.mark.parametrize("as_error", [False, True], ids=["dropped", "error-event"])
 def test_streams_that_all_fail_count_no_token(as_error):
     # every stream dropped (or ended by an error event) after 5 tokens, C=4: what the
     # failed streams delivered counts nothing (this once read 242 tok/s, 0 completed); only
     # the <= 4 streams the window's end cut, at most 5 tokens each, count what arrived
-    with stream_server.spawn(ttft_ms=10, itl_ms=5, drop_every=1, drop_after=5,
-                             drop_as_error=as_error) as srv:
-        r = _load(gen_url=srv.url, gen_concurrency=4, output_len=20, warmup_s=0.3,
-                  duration_s=1.0)
+    with stream_server.spawn(
+        ttft_ms=10, itl_ms=5, drop_every=1, drop_after=5, drop_as_error=as_error
+    ) as srv:
+        r = _load(gen_url=srv.url, gen_concurrency=4, output_len=20, warmup_s=0.3, duration_s=1.0)
     g = r.summary()["gen"]
     assert g["completed"] == 0 and g["failed"] > 10
     failed = [x for x in r.records if x.status == "failed"]
@@ -142,8 +181,7 @@ def test_some_streams_failing_leave_exactly_the_others_tokens():
     # every 2nd stream dropped after 3 of 10 tokens: tok/s is the completed and the cut
     # (window's end) requests' tokens inside the window, nothing of the dropped ones
     with stream_server.spawn(ttft_ms=10, itl_ms=5, drop_every=2, drop_after=3) as srv:
-        r = _load(gen_url=srv.url, gen_concurrency=4, output_len=10, warmup_s=0.3,
-                  duration_s=1.2)
+        r = _load(gen_url=srv.url, gen_concurrency=4, output_len=10, warmup_s=0.3, duration_s=1.2)
     g = r.summary()["gen"]
     by = {k: [x for x in r.records if x.status == k] for k in ("ok", "failed", "cancelled")}
     assert by["ok"] and by["failed"] and by["cancelled"]
@@ -155,5 +193,4 @@ def test_some_streams_failing_leave_exactly_the_others_tokens():
     inside_ok = [x for x in by["ok"] if 0.3 <= x.start_s and x.end_s < 1.5]
     assert g["itl_ms"]["n"] >= 9 * len(inside_ok)
     assert g["itl_ms"]["n"] <= 9 * (len(by["ok"]) + len(by["cancelled"]))
-    assert g["totals"]["output_tokens"] == sum(x.chunk_tokens for x in by["ok"]
-                                               + by["cancelled"])
+    assert g["totals"]["output_tokens"] == sum(x.chunk_tokens for x in by["ok"] + by["cancelled"])

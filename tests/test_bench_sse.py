@@ -12,16 +12,23 @@ def _event(text, finish=None, token_ids=None, extra=None):
     choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
     if token_ids is not None:
         choice["token_ids"] = token_ids
-    obj = {"id": "cmpl-1", "object": "text_completion", "created": 1, "model": "m",
-           "choices": [choice]}
+    obj = {
+        "id": "cmpl-1",
+        "object": "text_completion",
+        "created": 1,
+        "model": "m",
+        "choices": [choice],
+    }
     if extra:
         obj.update(extra)
     return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
 
 
-USAGE = (b'data: {"id":"cmpl-1","object":"text_completion","created":1,"model":"m",'
-         b'"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":%d,'
-         b'"total_tokens":%d}}\n\n')
+USAGE = (
+    b'data: {"id":"cmpl-1","object":"text_completion","created":1,"model":"m",'
+    b'"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":%d,'
+    b'"total_tokens":%d}}\n\n'
+)
 DONE = b"data: [DONE]\n\n"
 
 
@@ -35,8 +42,16 @@ def _feed(s, pieces, t0=0.0, dt=0.01):
         s.feed(piece, t0 + i * dt)
 
 
-TEXTS = [" a", 'quote " inside', "back\\slash", 'both \\" mixed\\\\', "", "\n newline",
-         " unicode é", " tok"]
+TEXTS = [
+    " a",
+    'quote " inside',
+    "back\\slash",
+    'both \\" mixed\\\\',
+    "",
+    "\n newline",
+    " unicode é",
+    " tok",
+]
 
 
 def _plain_stream(n):
@@ -60,7 +75,7 @@ def test_one_event_per_read():
 def test_any_split_of_the_bytes_counts_the_same(size):
     data = b"".join(_plain_stream(30))
     _, s = _stream()
-    _feed(s, [data[i:i + size] for i in range(0, len(data), size)], dt=0.0)
+    _feed(s, [data[i : i + size] for i in range(0, len(data), size)], dt=0.0)
     assert s.error is None and s.nchunks == 30 and s.ntok == 30 and s.usage_tokens == 30
 
 
@@ -75,11 +90,11 @@ def test_crlf_and_multiline_and_comments():
     raw = b"".join(_plain_stream(6)).replace(b"\n", b"\r\n")
     raw = b": keep-alive\r\n\r\n" + raw
     _, s = _stream()
-    _feed(s, [raw[i:i + 50] for i in range(0, len(raw), 50)])
+    _feed(s, [raw[i : i + 50] for i in range(0, len(raw), 50)])
     assert s.nchunks == 6 and s.usage_tokens == 6
     # an event with its JSON over two data lines and no space after the colon
     ev = _event(" x").decode()
-    body = ev[len("data: "):].strip()
+    body = ev[len("data: ") :].strip()
     two = f"event: message\ndata:{body[:20]}\ndata:{body[20:]}\n\n".encode()
     _, s = _stream()
     _feed(s, [two, two, USAGE % (2, 5), DONE])
@@ -87,8 +102,13 @@ def test_crlf_and_multiline_and_comments():
 
 
 def test_token_ids_say_how_many_tokens_a_chunk_has():
-    evs = [_event(" a b c", token_ids=[1, 2, 3]), _event("", token_ids=[]),
-           _event(" d e", token_ids=[4, 5], finish="length"), USAGE % (5, 8), DONE]
+    evs = [
+        _event(" a b c", token_ids=[1, 2, 3]),
+        _event("", token_ids=[]),
+        _event(" d e", token_ids=[4, 5], finish="length"),
+        USAGE % (5, 8),
+        DONE,
+    ]
     _, s = _stream()
     _feed(s, evs)
     assert s.ntok == 5 and s.nchunks == 2 and s.usage_tokens == 5
@@ -133,10 +153,26 @@ def test_json_with_spaces_is_parsed_the_slow_way():
             c["token_ids"] = ids
         return b"data: " + json.dumps({"id": "x", "choices": [c]}).encode() + b"\n\n"
 
-    usage = b'data: ' + json.dumps({"id": "x", "choices": [], "usage": {
-        "prompt_tokens": 3, "completion_tokens": 6, "total_tokens": 9}}).encode() + b"\n\n"
-    evs = [spaced(" a"), spaced(" b", ids=[7, 8, 9]), spaced(" c"), spaced("", "stop"),
-           spaced(" d", "length"), usage, DONE]
+    usage = (
+        b"data: "
+        + json.dumps(
+            {
+                "id": "x",
+                "choices": [],
+                "usage": {"prompt_tokens": 3, "completion_tokens": 6, "total_tokens": 9},
+            }
+        ).encode()
+        + b"\n\n"
+    )
+    evs = [
+        spaced(" a"),
+        spaced(" b", ids=[7, 8, 9]),
+        spaced(" c"),
+        spaced("", "stop"),
+        spaced(" d", "length"),
+        usage,
+        DONE,
+    ]
     ep, s = _stream()
     _feed(s, evs)
     assert s.error is None and s.fast_prefix is None
@@ -156,8 +192,13 @@ def _chat_event(content=None, finish=None, role=False, token_ids=None, reasoning
     choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
     if token_ids is not None:
         choice["token_ids"] = token_ids
-    obj = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "m",
-           "choices": [choice]}
+    obj = {
+        "id": "chatcmpl-1",
+        "object": "chat.completion.chunk",
+        "created": 1,
+        "model": "m",
+        "choices": [choice],
+    }
     return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
 
 
@@ -176,8 +217,17 @@ def test_chat_counts_content_deltas_not_the_role_chunk():
     assert abs(s.first - 0.01) < 1e-12  # TTFT at the first content chunk, not the role's
     # an empty content delta mid-stream, or one with no content at all, carries no token
     _, s = _stream(chat=True)
-    _feed(s, [_chat_event(" a"), _chat_event(" b"), _chat_event(""), _chat_event(None),
-              _chat_event(None, finish="stop"), DONE])
+    _feed(
+        s,
+        [
+            _chat_event(" a"),
+            _chat_event(" b"),
+            _chat_event(""),
+            _chat_event(None),
+            _chat_event(None, finish="stop"),
+            DONE,
+        ],
+    )
     assert s.ntok == 2 and s.nchunks == 2
     # reasoning tokens (delta.reasoning_content) are tokens too
     _, s = _stream(chat=True)
@@ -187,23 +237,55 @@ def test_chat_counts_content_deltas_not_the_role_chunk():
 
 # ------------------------------------------------------------------ fast path vs reference
 
+
 def _streams():
     """Byte streams of every shape the counter meets, each with its chat flag."""
     err = b'data: {"error":{"message":"engine died","type":"server_error","code":500}}\n\n'
-    spaced = (b'data: {"id": "x", "choices": [{"index": 0, "text": " s", '
-              b'"finish_reason": null}]}\n\n')
+    spaced = (
+        b'data: {"id": "x", "choices": [{"index": 0, "text": " s", "finish_reason": null}]}\n\n'
+    )
     return [
         (_plain_stream(40), False),
-        ([_event(" a b", token_ids=[1, 2]), _event("", token_ids=[]), _event(" c"),
-          _event("", finish="stop"), USAGE % (3, 6), DONE], False),
+        (
+            [
+                _event(" a b", token_ids=[1, 2]),
+                _event("", token_ids=[]),
+                _event(" c"),
+                _event("", finish="stop"),
+                USAGE % (3, 6),
+                DONE,
+            ],
+            False,
+        ),
         ([_event(" a"), _event(""), _event(" b"), spaced, _event(" c"), err, DONE], False),
         ([b": ping\n\n", _event(" a"), _event(" b", finish="length")], False),
         (_chat_stream(30), True),
-        ([_chat_event("", role=True), _chat_event(" a", token_ids=[5]), _chat_event(""),
-          _chat_event(" b"), _chat_event(None, finish="stop"), USAGE % (2, 5), DONE], True),
-        ([_chat_event("", role=True), _chat_event(reasoning=" think"), _chat_event(reasoning=""),
-          _chat_event(reasoning=" more"), _chat_event(" answer"), _chat_event(" x"),
-          _chat_event(None, finish="stop"), USAGE % (4, 7), DONE], True),
+        (
+            [
+                _chat_event("", role=True),
+                _chat_event(" a", token_ids=[5]),
+                _chat_event(""),
+                _chat_event(" b"),
+                _chat_event(None, finish="stop"),
+                USAGE % (2, 5),
+                DONE,
+            ],
+            True,
+        ),
+        (
+            [
+                _chat_event("", role=True),
+                _chat_event(reasoning=" think"),
+                _chat_event(reasoning=""),
+                _chat_event(reasoning=" more"),
+                _chat_event(" answer"),
+                _chat_event(" x"),
+                _chat_event(None, finish="stop"),
+                USAGE % (4, 7),
+                DONE,
+            ],
+            True,
+        ),
     ]
 
 
@@ -216,11 +298,11 @@ def test_fast_path_and_reference_agree_on_the_same_bytes(k, split):
         pieces = events
     elif split == "crlf":
         data = data.replace(b"\n", b"\r\n")
-        pieces = [data[i:i + 17] for i in range(0, len(data), 17)]
+        pieces = [data[i : i + 17] for i in range(0, len(data), 17)]
     elif split == "all":
         pieces = [data]
     else:
-        pieces = [data[i:i + split] for i in range(0, len(data), split)]
+        pieces = [data[i : i + split] for i in range(0, len(data), split)]
     window = (0.05, 0.25)
     _, fast = _stream(window, chat=chat)
     ref = ReferenceStream(*window, chat=chat)

@@ -32,8 +32,7 @@ def test_other_seed_or_index_other_inputs():
 
 
 def test_shapes_and_ranges():
-    cfg = _cfg(input_len=30, embed_batch=8, embed_input_len=32, token_id_low=100,
-               token_id_high=200)
+    cfg = _cfg(input_len=30, embed_batch=8, embed_input_len=32, token_id_low=100, token_id_high=200)
     w = Workload(cfg)
     p = w.gen_prompt(5)
     assert len(p) == 30 and all(100 <= t < 200 for t in p)
@@ -65,16 +64,19 @@ def test_request_bodies_follow_the_openai_api():
     assert emb["encoding_format"] == "float" and emb["input"] == w.embed_input(2)
 
 
-@pytest.mark.parametrize("kw, field", [
-    (dict(gen_url=None, embed_url=None), "gen_url"),
-    (dict(gen_url="localhost:8000"), "gen_url"),
-    (dict(gen_concurrency=0), "gen_concurrency"),
-    (dict(output_len=-1), "output_len"),
-    (dict(duration_s=0), "duration_s"),
-    (dict(warmup_s=-1), "warmup_s"),
-    (dict(token_id_low=5, token_id_high=5), "token_id_low"),
-    (dict(embed_encoding="binary"), "embed_encoding"),
-])
+@pytest.mark.parametrize(
+    "kw, field",
+    [
+        (dict(gen_url=None, embed_url=None), "gen_url"),
+        (dict(gen_url="localhost:8000"), "gen_url"),
+        (dict(gen_concurrency=0), "gen_concurrency"),
+        (dict(output_len=-1), "output_len"),
+        (dict(duration_s=0), "duration_s"),
+        (dict(warmup_s=-1), "warmup_s"),
+        (dict(token_id_low=5, token_id_high=5), "token_id_low"),
+        (dict(embed_encoding="binary"), "embed_encoding"),
+    ],
+)
 def test_bad_config_names_the_field(kw, field):
     base = dict(gen_url="http://127.0.0.1:1")
     base.update(kw)

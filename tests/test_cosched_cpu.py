@@ -19,8 +19,14 @@ pytestmark = pytest.mark.slow
 SPEC = Path(__file__).resolve().parent.parent / "experiments" / "co-scheduling.toml"
 TWIN = ("gen-only", "timeslice-grain512", "timeslice-guard5", "colocated-streams")
 # The flags of the colocated command line that name the H200's models and sizes.
-COLOCATED_CPU = {"--model": "tiny-dense", "--embed-model": "tiny-embed", "--device": "cpu", "--max-model-len": "128",
-                 "--embed-max-model-len": "128", "--max-num-seqs": "4"}
+COLOCATED_CPU = {
+    "--model": "tiny-dense",
+    "--embed-model": "tiny-embed",
+    "--device": "cpu",
+    "--max-model-len": "128",
+    "--embed-max-model-len": "128",
+    "--max-num-seqs": "4",
+}
 
 
 def _colocated_on_cpu(cond: dict, embed_port: int) -> dict:
@@ -30,8 +36,11 @@ def _colocated_on_cpu(cond: dict, embed_port: int) -> dict:
             args[i + 1] = COLOCATED_CPU[a]
         elif a == "--embed-port":
             args[i + 1] = str(embed_port)
-    return {**cond, "gen": {**cond["gen"], "extra_args": args},
-            "embed": {**cond["embed"], "url": f"http://127.0.0.1:{embed_port}"}}
+    return {
+        **cond,
+        "gen": {**cond["gen"], "extra_args": args},
+        "embed": {**cond["embed"], "url": f"http://127.0.0.1:{embed_port}"},
+    }
 
 
 def cpu_twin() -> dict:
@@ -40,14 +49,37 @@ def cpu_twin() -> dict:
     data = tomllib.loads(SPEC.read_text())
     data.update(name="co-scheduling-cpu", repetitions=1, telemetry={"enabled": False})
     data["servers"] = {
-        "gen": {"model": "tiny-dense", "device": "cpu", "max_model_len": 128, "max_num_seqs": 4, "ready_timeout_s": 120},
-        "embed": {"model": "tiny-embed", "device": "cpu", "max_model_len": 128, "ready_timeout_s": 120},
+        "gen": {
+            "model": "tiny-dense",
+            "device": "cpu",
+            "max_model_len": 128,
+            "max_num_seqs": 4,
+            "ready_timeout_s": 120,
+        },
+        "embed": {
+            "model": "tiny-embed",
+            "device": "cpu",
+            "max_model_len": 128,
+            "ready_timeout_s": 120,
+        },
     }
-    data["load"] = {"gen_concurrency": 2, "input_len": 8, "output_len": 16, "embed_rate": 10.0,
-                    "embed_concurrency": 16, "embed_batch": 4, "embed_input_len": 16, "arrival": "poisson",
-                    "warmup_s": 4, "duration_s": 2}  # the guard measures gen alone in the first ~2.7 s
-    data["conditions"] = [_colocated_on_cpu(c, free_port()) if c["name"].startswith("colocated") else c
-                          for c in data["conditions"] if c["name"] in TWIN]
+    data["load"] = {
+        "gen_concurrency": 2,
+        "input_len": 8,
+        "output_len": 16,
+        "embed_rate": 10.0,
+        "embed_concurrency": 16,
+        "embed_batch": 4,
+        "embed_input_len": 16,
+        "arrival": "poisson",
+        "warmup_s": 4,
+        "duration_s": 2,
+    }  # the guard measures gen alone in the first ~2.7 s
+    data["conditions"] = [
+        _colocated_on_cpu(c, free_port()) if c["name"].startswith("colocated") else c
+        for c in data["conditions"]
+        if c["name"] in TWIN
+    ]
     del data["sweep"]
     return data
 
@@ -63,7 +95,9 @@ def test_the_cpu_twin_runs_and_records_the_guard(tmp_path):
     assert "slo_guard" not in grain
     g = guard["slo_guard"]
     assert g["polls_total"] > 0 and g["poll_errors_total"] == 0
-    assert g["gen_alone_seconds"] > 0 and g["budget_seconds"] == pytest.approx(1.05 * g["gen_alone_seconds"])
+    assert g["gen_alone_seconds"] > 0 and g["budget_seconds"] == pytest.approx(
+        1.05 * g["gen_alone_seconds"]
+    )
     assert g["throttled_seconds_total"] > 0  # embed waited through the calibration at least
     colocated = records["colocated-streams"]
     assert colocated["servers"]["gen"]["launcher"] == "command"

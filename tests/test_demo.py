@@ -16,13 +16,19 @@ pytestmark = pytest.mark.slow
 def test_demo_produces_the_report(tmp_path):
     out = tmp_path / "demo"
     t0 = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "coserve", "demo", "--out", str(out)],
-                          capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.run(
+        [sys.executable, "-m", "coserve", "demo", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     elapsed = time.monotonic() - t0
     assert proc.returncode == 0, proc.stdout + proc.stderr
     # the table is printed
-    assert "Gen (tok/s)" in proc.stdout and "embed-only" in proc.stdout and "baseline" in proc.stdout
+    assert (
+        "Gen (tok/s)" in proc.stdout and "embed-only" in proc.stdout and "baseline" in proc.stdout
+    )
     for cond in ("gen-only", "embed-only", "co-located"):
         rec = json.loads((out / "reps" / cond / "rep-1" / "rep.json").read_text())
         assert rec["status"] == "ok", rec

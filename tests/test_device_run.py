@@ -20,16 +20,33 @@ ROOT = Path(__file__).resolve().parent.parent
 def call(cwd: Path, out: Path, conditions: str) -> subprocess.CompletedProcess:
     out.mkdir()
     return subprocess.run(
-        ["bash", str(ROOT / "experiments/device_run.sh"), str(ROOT / "experiments/demo.toml"), "t",
-         conditions, "1", "2"],
-        cwd=cwd, capture_output=True, text=True, timeout=240,
-        env={**os.environ, "OUT": str(out), "PYTHONUNBUFFERED": "1",
-             "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))})
+        [
+            "bash",
+            str(ROOT / "experiments/device_run.sh"),
+            str(ROOT / "experiments/demo.toml"),
+            "t",
+            conditions,
+            "1",
+            "2",
+        ],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={
+            **os.environ,
+            "OUT": str(out),
+            "PYTHONUNBUFFERED": "1",
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+        },
+    )
 
 
 def test_two_calls_make_one_run_folder(tmp_path):
     # A `coserve serve` that is not this call's (another run on the machine) is not reported.
-    decoy = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "coserve serve decoy"])
+    decoy = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(120)", "coserve serve decoy"]
+    )
     try:
         first = call(tmp_path, tmp_path / "out1", "gen-only")
     finally:
@@ -49,10 +66,18 @@ def test_two_calls_make_one_run_folder(tmp_path):
     assert "embed-only rep 1: ok" in second.stdout
     with tarfile.open(tmp_path / "out2/t.tgz") as tar:
         names = tar.getnames()
-    assert {".runs/t/reps/gen-only/rep-1/rep.json", ".runs/t/reps/embed-only/rep-1/rep.json"} <= set(names)
+    assert {
+        ".runs/t/reps/gen-only/rep-1/rep.json",
+        ".runs/t/reps/embed-only/rep-1/rep.json",
+    } <= set(names)
 
 
 def test_wrong_arguments_say_how(tmp_path):
-    proc = subprocess.run(["bash", str(ROOT / "experiments/device_run.sh"), "x.toml"], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=30)
+    proc = subprocess.run(
+        ["bash", str(ROOT / "experiments/device_run.sh"), "x.toml"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert proc.returncode == 2 and "usage:" in proc.stderr

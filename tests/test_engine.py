@@ -118,11 +118,13 @@ def test_seeded_sampling_is_reproducible(engine):
     sp = SamplingParams(max_tokens=16, temperature=0.9, top_p=0.95, seed=1234, ignore_eos=True)
     a = engine.generate([p], sp)[0].token_ids
     # same seed inside a busy batch, next to unseeded requests
-    batch = engine.generate([p] + _prompts(4, seed=12),
-                            [sp] + [SamplingParams(max_tokens=16, temperature=1.0)] * 4)
+    batch = engine.generate(
+        [p] + _prompts(4, seed=12), [sp] + [SamplingParams(max_tokens=16, temperature=1.0)] * 4
+    )
     assert batch[0].token_ids == a
-    other = engine.generate([p], SamplingParams(max_tokens=16, temperature=0.9, top_p=0.95,
-                                                seed=4321, ignore_eos=True))[0].token_ids
+    other = engine.generate(
+        [p], SamplingParams(max_tokens=16, temperature=0.9, top_p=0.95, seed=4321, ignore_eos=True)
+    )[0].token_ids
     assert other != a
 
 
@@ -135,7 +137,7 @@ def test_eos_stops_unless_ignore_eos():
     e.eos_token_ids = {eos}
     stopped = e.generate([p], SamplingParams(max_tokens=20, temperature=0.0))[0]
     assert stopped.finish_reason == "stop"
-    assert stopped.token_ids == free_run[:stop_at + 1]  # the EOS token is reported
+    assert stopped.token_ids == free_run[: stop_at + 1]  # the EOS token is reported
     ignored = e.generate([p], _greedy(20))[0]
     assert ignored.finish_reason == "length" and ignored.token_ids == free_run
 
@@ -146,13 +148,19 @@ def test_limits_raise_value_errors():
     with pytest.raises(ValueError, match="maximum context length is 64"):
         e.add_request("a", [1] * 60, SamplingParams(max_tokens=5))
     e.add_request("ok", [1] * 60, SamplingParams(max_tokens=4))  # exactly fits
-    for bad_ids, msg in [([], "non-empty"), ([1, 999], "out of vocabulary"), ([1, -1], "out of"),
-                         ([1, "x"], "integers")]:
+    for bad_ids, msg in [
+        ([], "non-empty"),
+        ([1, 999], "out of vocabulary"),
+        ([1, -1], "out of"),
+        ([1, "x"], "integers"),
+    ]:
         with pytest.raises(ValueError, match=msg):
             e.add_request("b", bad_ids, SamplingParams(max_tokens=1))
-    for params, msg in [(SamplingParams(max_tokens=0), "max_tokens"),
-                        (SamplingParams(max_tokens=1, temperature=-1), "temperature"),
-                        (SamplingParams(max_tokens=1, top_p=0), "top_p")]:
+    for params, msg in [
+        (SamplingParams(max_tokens=0), "max_tokens"),
+        (SamplingParams(max_tokens=1, temperature=-1), "temperature"),
+        (SamplingParams(max_tokens=1, top_p=0), "top_p"),
+    ]:
         with pytest.raises(ValueError, match=msg):
             e.add_request("c", [1], params)
     with pytest.raises(ValueError, match="already in use"):
@@ -190,8 +198,13 @@ def test_text_prompts_through_the_byte_tokenizer():
 # -- embeddings ------------------------------------------------------------------------------
 @pytest.fixture(scope="module", params=["tiny-embed", "all-minilm-l6-v2"])
 def embedder(request) -> EmbedEngine:
-    return EmbedEngine(EngineArgs(model=request.param, random_weights=request.param == "tiny-embed",
-                                  max_num_batched_tokens=64))
+    return EmbedEngine(
+        EngineArgs(
+            model=request.param,
+            random_weights=request.param == "tiny-embed",
+            max_num_batched_tokens=64,
+        )
+    )
 
 
 def test_embed_batching_equals_one_at_a_time(embedder):

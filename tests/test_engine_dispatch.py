@@ -36,11 +36,14 @@ def test_qk_norm_rope_reference_is_norms_rotary_and_cache_write():
     kc, vc = torch.zeros(4, 16, Hkv, D), torch.zeros(4, 16, Hkv, D)
     slots = torch.tensor([0, 1, 2, 17, 18, 40])
     q, k, v = fused.qk_norm_rope(qkv, Hq, Hkv, D, qw, kw, 1e-6, pos, cs, kc, vc, slots)
-    q_ref = rotary.apply_rotary(rmsnorm.rms_norm(qkv[:, :Hq * D].view(T, Hq, D), qw, 1e-6), pos, cs)
+    q_ref = rotary.apply_rotary(
+        rmsnorm.rms_norm(qkv[:, : Hq * D].view(T, Hq, D), qw, 1e-6), pos, cs
+    )
     k_ref = rotary.apply_rotary(
-        rmsnorm.rms_norm(qkv[:, Hq * D:(Hq + Hkv) * D].view(T, Hkv, D), kw, 1e-6), pos, cs)
+        rmsnorm.rms_norm(qkv[:, Hq * D : (Hq + Hkv) * D].view(T, Hkv, D), kw, 1e-6), pos, cs
+    )
     assert torch.equal(q, q_ref) and torch.equal(k, k_ref)
-    assert torch.equal(v, qkv[:, (Hq + Hkv) * D:].view(T, Hkv, D))
+    assert torch.equal(v, qkv[:, (Hq + Hkv) * D :].view(T, Hkv, D))
     kc2, vc2 = torch.zeros_like(kc), torch.zeros_like(vc)
     attention.store_kvcache(k_ref, v, kc2, vc2, slots)
     assert torch.equal(kc, kc2) and torch.equal(vc, vc2)
@@ -51,8 +54,9 @@ def _seq(rid: str, n: int) -> Sequence:
 
 
 def test_prompts_share_a_step_with_decodes_within_the_static_budget():
-    s = Scheduler(BlockManager(64, 16), max_num_seqs=8, max_num_batched_tokens=100,
-                  max_tokens_with_decodes=20)
+    s = Scheduler(
+        BlockManager(64, 16), max_num_seqs=8, max_num_batched_tokens=100, max_tokens_with_decodes=20
+    )
     for i in range(3):
         s.add(_seq(f"d{i}", 5))
     first = s.schedule()
@@ -66,8 +70,9 @@ def test_prompts_share_a_step_with_decodes_within_the_static_budget():
 
 
 def test_joining_prompts_ride_the_static_path_and_change_nothing():
-    e = GenEngine(EngineArgs(model="tiny-moe", random_weights=True, max_num_seqs=16,
-                             max_model_len=256))
+    e = GenEngine(
+        EngineArgs(model="tiny-moe", random_weights=True, max_num_seqs=16, max_model_len=256)
+    )
     rng = random.Random(3)
     prompts = {f"j{i}": [rng.randrange(256) for _ in range(rng.randint(2, 14))] for i in range(8)}
     params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)

@@ -21,9 +21,17 @@ if not (torch.cuda.is_available() and ops.twins_enabled()):
 
 
 def _engine(model: str, **kw) -> GenEngine:
-    return GenEngine(EngineArgs(model=model, random_weights=True, device="cuda",
-                                gpu_memory_utilization=0.2, max_model_len=512,
-                                max_num_seqs=32, **kw))
+    return GenEngine(
+        EngineArgs(
+            model=model,
+            random_weights=True,
+            device="cuda",
+            gpu_memory_utilization=0.2,
+            max_model_len=512,
+            max_num_seqs=32,
+            **kw,
+        )
+    )
 
 
 def _prompts(n: int, seed: int) -> list[list[int]]:
@@ -40,10 +48,12 @@ def engine(request) -> GenEngine:
 def decode_batch(engine):
     """Prefill n prompts, then stage the first decode step of all n (as `step` would);
     yields (batch, rows); the requests are aborted afterwards."""
+
     def fill(n: int, seed: int):
         for i, p in enumerate(_prompts(n, seed)):
-            engine.add_request(f"s{seed}-{i}", p, SamplingParams(max_tokens=64, temperature=0.0,
-                                                                  ignore_eos=True))
+            engine.add_request(
+                f"s{seed}-{i}", p, SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
+            )
         while engine.scheduler.waiting:
             engine.step()
         batch = engine.scheduler.schedule()
@@ -97,7 +107,7 @@ def _assert_argmax_of_full_forward(engine: GenEngine, prompt: list[int], tokens:
     pos = torch.arange(len(seq) - 1, device="cuda")
     with torch.inference_mode():
         hidden = engine.model(ids, pos, AttnMetadata.dense([len(seq) - 1], causal=True))
-        logits = engine.model.compute_logits(hidden)[len(prompt) - 1:].float()
+        logits = engine.model.compute_logits(hidden)[len(prompt) - 1 :].float()
     chosen = logits.gather(1, torch.tensor(tokens, device="cuda")[:, None])[:, 0]
     gap = logits.max(dim=1).values - chosen
     assert (gap <= 0.3 * logits.std()).all(), gap.max().item()
@@ -109,8 +119,9 @@ def test_graph_mode_picks_the_argmax_of_a_full_forward(engine):
     crossing block boundaries)."""
     prompts = _prompts(12, seed=7)
     before = engine.runner.steps["graph"]
-    results = engine.generate(prompts, SamplingParams(max_tokens=24, temperature=0.0,
-                                                      ignore_eos=True))
+    results = engine.generate(
+        prompts, SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    )
     assert engine.runner.steps["graph"] - before >= 23
     for p, r in zip(prompts, results, strict=True):
         assert len(r.token_ids) == 24

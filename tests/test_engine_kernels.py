@@ -43,10 +43,10 @@ def test_paged_prefill_with_cached_prefix_matches_dense():
     q = torch.cat([qq[-c:] for qq, c in zip(qs, chunks, strict=True)])
     k = torch.cat([kk[-c:] for kk, c in zip(ks, chunks, strict=True)])
     v = torch.cat([vv[-c:] for vv, c in zip(vs, chunks, strict=True)])
-    out = A.paged_prefill_attention(q, k, v, k_cache, v_cache, bt, chunks, lens, D ** -0.5)
-    dense = A.varlen_attention(torch.cat(qs), torch.cat(ks), torch.cat(vs), lens, D ** -0.5, True)
+    out = A.paged_prefill_attention(q, k, v, k_cache, v_cache, bt, chunks, lens, D**-0.5)
+    dense = A.varlen_attention(torch.cat(qs), torch.cat(ks), torch.cat(vs), lens, D**-0.5, True)
     ends = torch.tensor(lens).cumsum(0).tolist()
-    ref = torch.cat([dense[e - c:e] for e, c in zip(ends, chunks, strict=True)])
+    ref = torch.cat([dense[e - c : e] for e, c in zip(ends, chunks, strict=True)])
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
@@ -56,15 +56,20 @@ def test_paged_decode_matches_dense_and_ignores_padding():
     qs = [torch.randn(n, H, D, generator=G) for n in lens]
     q = torch.stack([qq[-1] for qq in qs])
     ctx = torch.tensor(lens, dtype=torch.int32)
-    out = A.paged_decode_attention(q, k_cache, v_cache, bt, ctx, D ** -0.5)
-    dense = A.varlen_attention(torch.cat(qs), torch.cat(ks), torch.cat(vs), lens, D ** -0.5, True)
+    out = A.paged_decode_attention(q, k_cache, v_cache, bt, ctx, D**-0.5)
+    dense = A.varlen_attention(torch.cat(qs), torch.cat(ks), torch.cat(vs), lens, D**-0.5, True)
     ends = torch.tensor(lens).cumsum(0) - 1
     torch.testing.assert_close(out, dense[ends], atol=1e-5, rtol=1e-5)
     # a padded row (null block, context 1) changes nothing for the real rows
     null = torch.full((1, bt.shape[1]), k_cache.shape[0] - 1, dtype=torch.int32)
-    out2 = A.paged_decode_attention(torch.cat([q, torch.randn(1, H, D)]), k_cache, v_cache,
-                                    torch.cat([bt, null]), torch.cat([ctx, torch.ones(1, dtype=torch.int32)]),
-                                    D ** -0.5)
+    out2 = A.paged_decode_attention(
+        torch.cat([q, torch.randn(1, H, D)]),
+        k_cache,
+        v_cache,
+        torch.cat([bt, null]),
+        torch.cat([ctx, torch.ones(1, dtype=torch.int32)]),
+        D**-0.5,
+    )
     torch.testing.assert_close(out2[:4], out)
 
 
@@ -79,8 +84,9 @@ def test_varlen_batched_groups_equal_one_by_one(causal):
     start = 0
     for n in lens:
         sl = slice(start, start + n)
-        torch.testing.assert_close(out[sl], A._sdpa(q[sl], k[sl], v[sl], 0.25, 0 if causal else None),
-                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            out[sl], A._sdpa(q[sl], k[sl], v[sl], 0.25, 0 if causal else None), atol=1e-5, rtol=1e-5
+        )
         start += n
 
 
@@ -89,8 +95,11 @@ def test_varlen_attention_equals_sdpa_per_sequence():
     out = A.varlen_attention(q, k, v, [4, 5], 0.3, causal=False)
     for sl in (slice(0, 4), slice(4, 9)):
         ref = torch.nn.functional.scaled_dot_product_attention(
-            q[sl].transpose(0, 1), k[sl].repeat_interleave(4, 1).transpose(0, 1),
-            v[sl].repeat_interleave(4, 1).transpose(0, 1), scale=0.3).transpose(0, 1)
+            q[sl].transpose(0, 1),
+            k[sl].repeat_interleave(4, 1).transpose(0, 1),
+            v[sl].repeat_interleave(4, 1).transpose(0, 1),
+            scale=0.3,
+        ).transpose(0, 1)
         torch.testing.assert_close(out[sl], ref)
 
 
@@ -102,7 +111,7 @@ def test_fp8_block_quant_round_trip(shape):
     assert s.shape[-2:] == (-(-shape[-2] // 128), -(-shape[-1] // 128))
     deq = block_dequant(q, s, (128, 128))
     # e4m3 keeps 3 mantissa bits: relative error per element <= 2^-4
-    assert ((deq - w).abs() <= w.abs() * 2 ** -4 + s.max() * 2 ** -9).all()
+    assert ((deq - w).abs() <= w.abs() * 2**-4 + s.max() * 2**-9).all()
     # re-quantising dequantised values is exact (the block grid is a fixed point)
     q2, s2 = block_quant(deq, (128, 128))
     torch.testing.assert_close(s2, s)
@@ -113,8 +122,9 @@ def test_fp8_block_linear_is_matmul_with_dequantised_weight():
     w, x = torch.randn(192, 256, generator=G), torch.randn(5, 256, generator=G)
     q, s = block_quant(w, (128, 128))
     b = torch.randn(192, generator=G)
-    torch.testing.assert_close(fp8_block_linear(x, q, s, (128, 128), b),
-                               x @ block_dequant(q, s, (128, 128)).t() + b)
+    torch.testing.assert_close(
+        fp8_block_linear(x, q, s, (128, 128), b), x @ block_dequant(q, s, (128, 128)).t() + b
+    )
 
 
 def test_moe_reference_matches_dense_loop():
@@ -125,8 +135,11 @@ def test_moe_reference_matches_dense_loop():
     torch.testing.assert_close(weights.sum(-1), torch.ones(T))
     out = fused_moe(x, w13, w2, weights, ids)
     for t in range(T):
-        ref = sum(weights[t, j] * (w2[e] @ (torch.nn.functional.silu(w13[e, :Im] @ x[t]) * (w13[e, Im:] @ x[t])))
-                  for j, e in enumerate(ids[t].tolist()))
+        ref = sum(
+            weights[t, j]
+            * (w2[e] @ (torch.nn.functional.silu(w13[e, :Im] @ x[t]) * (w13[e, Im:] @ x[t])))
+            for j, e in enumerate(ids[t].tolist())
+        )
         torch.testing.assert_close(out[t], ref, atol=1e-4, rtol=1e-4)
 
 
@@ -145,13 +158,24 @@ def test_sampling_greedy_seeded_and_top_p():
     probs = torch.softmax(logits, -1)
     kept = top_p_filter(probs, torch.full((4,), 1e-3))
     assert torch.equal(kept.argmax(-1), probs.argmax(-1)) and ((kept > 0).sum(-1) == 1).all()
-    draws = torch.stack([sample(logits, torch.ones(4), torch.full((4,), 1e-3), [None] * 4,
-                                torch.Generator().manual_seed(i)) for i in range(5)])
+    draws = torch.stack(
+        [
+            sample(
+                logits,
+                torch.ones(4),
+                torch.full((4,), 1e-3),
+                [None] * 4,
+                torch.Generator().manual_seed(i),
+            )
+            for i in range(5)
+        ]
+    )
     assert (draws == logits.argmax(-1)).all()
     # the empirical distribution follows softmax(logits / T)
     one = torch.tensor([[0.0, 1.0, 2.0]])
     g = torch.Generator().manual_seed(3)
-    ids = torch.cat([sample(one.repeat(2000, 1), torch.ones(2000), torch.ones(2000),
-                            [None] * 2000, g)])
+    ids = torch.cat(
+        [sample(one.repeat(2000, 1), torch.ones(2000), torch.ones(2000), [None] * 2000, g)]
+    )
     freq = torch.bincount(ids, minlength=3).float() / 2000
     assert (freq - torch.softmax(one[0], -1)).abs().max() < 0.04

@@ -27,15 +27,26 @@ def test_top_k_min_tokens_and_logprobs(device):
     logits = torch.randn(4, 64, device=device)
     order = logits.argsort(dim=-1, descending=True).cpu()
     top = int(order[1, 0])
-    seqs = [seq("plain", sampler, temperature=0),
-            seq("banned", sampler, temperature=0, min_tokens=2, all_stop_token_ids=(top, 9999)),
-            seq("done", sampler, completion=2, temperature=0, min_tokens=2, all_stop_token_ids=(int(order[2, 0]),)),
-            seq("lp", sampler, temperature=0, logprobs=3)]
+    seqs = [
+        seq("plain", sampler, temperature=0),
+        seq("banned", sampler, temperature=0, min_tokens=2, all_stop_token_ids=(top, 9999)),
+        seq(
+            "done",
+            sampler,
+            completion=2,
+            temperature=0,
+            min_tokens=2,
+            all_stop_token_ids=(int(order[2, 0]),),
+        ),
+        seq("lp", sampler, temperature=0, logprobs=3),
+    ]
     before = logits.clone()
     ids = sampler(logits, seqs)
     assert torch.equal(logits, before)  # the caller's logits are left as they were
     assert ids[0] == int(order[0, 0])
-    assert ids[1] == int(order[1, 1])  # the stop token is masked before min_tokens: the runner-up wins
+    assert ids[1] == int(
+        order[1, 1]
+    )  # the stop token is masked before min_tokens: the runner-up wins
     assert ids[2] == int(order[2, 0])  # min_tokens reached: no mask
     assert ids[3] == int(order[3, 0])
     lps = sampler.take_logprobs()
@@ -43,7 +54,9 @@ def test_top_k_min_tokens_and_logprobs(device):
     chosen, rank, top_ids, top_lps = lps["lp"]
     raw = torch.log_softmax(before[3].float(), dim=-1).cpu()
     assert rank == 1 and chosen == pytest.approx(float(raw[ids[3]]), abs=1e-5)
-    assert top_ids == order[3, :3].tolist() and top_lps == pytest.approx(raw[order[3, :3]].tolist(), abs=1e-5)
+    assert top_ids == order[3, :3].tolist() and top_lps == pytest.approx(
+        raw[order[3, :3]].tolist(), abs=1e-5
+    )
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -47,8 +47,9 @@ def test_tp2_generation_matches_tp1(model):
     prompts = _prompts(5)
     results = {}
     for tp in (1, 2):
-        engine = GenEngine(EngineArgs(model=model, random_weights=True, max_num_seqs=8,
-                                      tensor_parallel_size=tp))
+        engine = GenEngine(
+            EngineArgs(model=model, random_weights=True, max_num_seqs=8, tensor_parallel_size=tp)
+        )
         try:
             logits = _logits_of_steps(engine, prompts, 3)
             tokens = [r.token_ids for r in engine.generate(prompts, _greedy(12))]
@@ -72,8 +73,11 @@ def test_tp2_embeddings_match_tp1(model):
     texts = ["the cat sat on the mat", "tensor parallel embeddings", "a"]
     out = {}
     for tp in (1, 2):
-        engine = EmbedEngine(EngineArgs(model=model, random_weights=model.startswith("tiny"),
-                                        tensor_parallel_size=tp))
+        engine = EmbedEngine(
+            EngineArgs(
+                model=model, random_weights=model.startswith("tiny"), tensor_parallel_size=tp
+            )
+        )
         try:
             out[tp] = torch.tensor(engine.embed(texts))
         finally:
@@ -83,6 +87,7 @@ def test_tp2_embeddings_match_tp1(model):
 
 def _as_rank(rank: int, size: int):
     """Build layers as rank `rank` of `size` would (no process group: nothing runs)."""
+
     class _Rank:
         def __enter__(self):
             parallel._state = parallel.TPState(rank, size)
@@ -120,7 +125,7 @@ def test_column_and_row_windows_keep_fp8_blocks_whole(per_rank, stays_fp8):
         assert (col.weight.dtype == FP8_DTYPE) == stays_fp8
         assert (row.weight.dtype == FP8_DTYPE) == stays_fp8
         rows = slice(rank * per_rank, (rank + 1) * per_rank)
-        want = torch.cat([full[rows], full[2 * per_rank:][rows]])
+        want = torch.cat([full[rows], full[2 * per_rank :][rows]])
         torch.testing.assert_close(_weight(col), want, rtol=0, atol=0)
         torch.testing.assert_close(_weight(row), full_row[:, rows], rtol=0, atol=0)
 
@@ -133,7 +138,11 @@ def test_expert_windows_split_the_intermediate_dim(inter, stays_fp8):
         if e.quant is None:
             return e.w13.data, e.w2.data, e
         b = e.quant.block
-        return block_dequant(e.w13.data, e.w13_scale.data, b), block_dequant(e.w2.data, e.w2_scale.data, b), e
+        return (
+            block_dequant(e.w13.data, e.w13_scale.data, b),
+            block_dequant(e.w2.data, e.w2_scale.data, b),
+            e,
+        )
 
     w13, w2, _ = experts()
     half = inter // 2
@@ -142,8 +151,9 @@ def test_expert_windows_split_the_intermediate_dim(inter, stays_fp8):
             s13, s2, e = experts(inter_shard=parallel.split(inter, "moe_intermediate_size"))
         assert (e.w13.dtype == FP8_DTYPE) == stays_fp8
         rows = slice(rank * half, (rank + 1) * half)
-        torch.testing.assert_close(s13, torch.cat([w13[:, rows], w13[:, inter:][:, rows]], 1),
-                                   rtol=0, atol=0)
+        torch.testing.assert_close(
+            s13, torch.cat([w13[:, rows], w13[:, inter:][:, rows]], 1), rtol=0, atol=0
+        )
         torch.testing.assert_close(s2, w2[:, :, rows], rtol=0, atol=0)
 
 
@@ -165,7 +175,9 @@ def test_vocab_rows_cover_the_vocabulary_once():
     for rank in range(4):
         with _as_rank(rank, 4):
             spans.append(parallel.padded_split(151665))
-    assert spans[0][0] == 0 and all(a[0] + a[1] == b[0] for a, b in zip(spans, spans[1:], strict=False))
+    assert spans[0][0] == 0 and all(
+        a[0] + a[1] == b[0] for a, b in zip(spans, spans[1:], strict=False)
+    )
     assert spans[-1][0] < 151665 <= spans[-1][0] + spans[-1][1]
 
 
@@ -175,13 +187,22 @@ def test_expert_parallel_matches_tp1():
     prompts = _prompts(5)
     results = {}
     for tp, ep in ((1, False), (2, True)):
-        engine = GenEngine(EngineArgs(model="tiny-moe", random_weights=True, max_num_seqs=8,
-                                      tensor_parallel_size=tp, enable_expert_parallel=ep))
+        engine = GenEngine(
+            EngineArgs(
+                model="tiny-moe",
+                random_weights=True,
+                max_num_seqs=8,
+                tensor_parallel_size=tp,
+                enable_expert_parallel=ep,
+            )
+        )
         try:
             experts = engine.model.model.layers[0].mlp.experts
             assert experts.w13.shape[0] == 8 // tp and experts.expert_shard == (0, 8 // tp)
-            results[tp] = (_logits_of_steps(engine, prompts, 3),
-                           [r.token_ids for r in engine.generate(prompts, _greedy(12))])
+            results[tp] = (
+                _logits_of_steps(engine, prompts, 3),
+                [r.token_ids for r in engine.generate(prompts, _greedy(12))],
+            )
         finally:
             engine.shutdown()
     for a, b in zip(results[1][0], results[2][0], strict=True):

@@ -18,8 +18,15 @@ from coserve.engine.types import EngineArgs, SamplingParams
 
 
 def _engine(tp: int, async_on: bool, model: str = "tiny-moe") -> GenEngine:
-    return GenEngine(EngineArgs(model=model, random_weights=True, max_num_seqs=8,
-                                tensor_parallel_size=tp, async_scheduling=async_on))
+    return GenEngine(
+        EngineArgs(
+            model=model,
+            random_weights=True,
+            max_num_seqs=8,
+            tensor_parallel_size=tp,
+            async_scheduling=async_on,
+        )
+    )
 
 
 def _prompts(n: int) -> list[list[int]]:
@@ -32,8 +39,10 @@ def _prompts(n: int) -> list[list[int]]:
 def test_async_gives_the_sync_tokens(tp):
     prompts = _prompts(6)
     # different lengths: sequences finish while the step after theirs is already launched
-    params = [SamplingParams(max_tokens=3 + 2 * i, temperature=0.0, ignore_eos=True)
-              for i in range(len(prompts))]
+    params = [
+        SamplingParams(max_tokens=3 + 2 * i, temperature=0.0, ignore_eos=True)
+        for i in range(len(prompts))
+    ]
     got = {}
     for async_on in (False, True):
         engine = _engine(tp, async_on)
@@ -53,8 +62,9 @@ def _run_with_abort(async_on: bool) -> tuple[dict[str, list[int]], int, int]:
     try:
         tokens: dict[str, list[int]] = {}
         for i, p in enumerate(_prompts(4)):
-            engine.add_request(f"r{i}", p, SamplingParams(max_tokens=12, temperature=0.0,
-                                                          ignore_eos=True))
+            engine.add_request(
+                f"r{i}", p, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+            )
             tokens[f"r{i}"] = []
         aborted_at = None
         while engine.has_unfinished():
@@ -83,8 +93,9 @@ def test_a_killed_worker_fails_the_next_step_and_shutdown_is_quick():
     engine = _engine(2, True, model="tiny-dense")
     try:
         for i, p in enumerate(_prompts(4)):
-            engine.add_request(f"r{i}", p, SamplingParams(max_tokens=200, temperature=0.0,
-                                                          ignore_eos=True))
+            engine.add_request(
+                f"r{i}", p, SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
+            )
         for _ in range(3):
             engine.step()
         worker = engine.workers.procs[0]

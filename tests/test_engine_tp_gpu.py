@@ -32,20 +32,31 @@ if not (torch.cuda.is_available() and torch.cuda.device_count() >= 2 and ops.twi
     pytest.skip("needs 2 CUDA GPUs and Triton", allow_module_level=True)
 
 
-def _step_logits(tp: int, model: str, ep: bool = False,
-                 tokens: list[list[int]] | None = None) -> tuple[list[torch.Tensor], list, dict]:
+def _step_logits(
+    tp: int, model: str, ep: bool = False, tokens: list[list[int]] | None = None
+) -> tuple[list[torch.Tensor], list, dict]:
     """Logits of every step (the prefill, then decodes), the tokens fed back (their argmax,
     or `tokens`: teacher forcing, so that a near-tie argmax cannot send the two engines'
     sequences apart), and the runner's step counts."""
-    engine = GenEngine(EngineArgs(model=model, random_weights=True, device="cuda:0",
-                                  gpu_memory_utilization=0.2, max_model_len=512, max_num_seqs=16,
-                                  tensor_parallel_size=tp, enable_expert_parallel=ep))
+    engine = GenEngine(
+        EngineArgs(
+            model=model,
+            random_weights=True,
+            device="cuda:0",
+            gpu_memory_utilization=0.2,
+            max_model_len=512,
+            max_num_seqs=16,
+            tensor_parallel_size=tp,
+            enable_expert_parallel=ep,
+        )
+    )
     try:
         rng = random.Random(0)
         for i in range(6):
             prompt = [rng.randrange(256) for _ in range(rng.randint(3, 40))]
-            engine.add_request(f"r{i}", prompt, SamplingParams(max_tokens=5, temperature=0.0,
-                                                               ignore_eos=True))
+            engine.add_request(
+                f"r{i}", prompt, SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
+            )
         out, fed = [], []
         while engine.has_unfinished():
             batch = engine.scheduler.schedule()
@@ -88,9 +99,17 @@ def test_tp2_async_scheduling_gives_the_sync_tokens():
     """Greedy decode steps fed from the device (CUDA graphs, two GPUs) give the tokens of
     steps that read each token back first. One length for all: the batches (and so the
     graphs, whose bf16 numerics depend on the bucket) are the same in both modes."""
-    engine = GenEngine(EngineArgs(model="tiny-moe", random_weights=True, device="cuda:0",
-                                  gpu_memory_utilization=0.2, max_model_len=512, max_num_seqs=16,
-                                  tensor_parallel_size=2))
+    engine = GenEngine(
+        EngineArgs(
+            model="tiny-moe",
+            random_weights=True,
+            device="cuda:0",
+            gpu_memory_utilization=0.2,
+            max_model_len=512,
+            max_num_seqs=16,
+            tensor_parallel_size=2,
+        )
+    )
     try:
         rng = random.Random(1)
         prompts = [[rng.randrange(256) for _ in range(rng.randint(3, 40))] for _ in range(6)]

@@ -43,8 +43,10 @@ _COMMON = ("--random-weights", "--device", "cpu", "--tensor-parallel-size", "2")
 @pytest.mark.timeout(120)
 def test_tp2_gen_server_answers_and_its_worker_dies_when_it_is_killed():
     with coserve_serve("gen", "--model", "tiny-dense", "--max-model-len", "512", *_COMMON) as s:
-        status, body = post(s.url + "/v1/completions",
-                            {"prompt": [1, 2, 3], "max_tokens": 4, "temperature": 0, "ignore_eos": True})
+        status, body = post(
+            s.url + "/v1/completions",
+            {"prompt": [1, 2, 3], "max_tokens": 4, "temperature": 0, "ignore_eos": True},
+        )
         assert status == 200 and body["usage"]["completion_tokens"] == 4, body
         workers = _worker_pids(s)
         assert all(_running(p) for p in workers)
@@ -67,8 +69,9 @@ def test_tp2_embed_server_stops_its_worker_on_sigterm():
 @pytest.mark.timeout(120)
 def test_a_killed_worker_fails_the_stream_and_ends_the_server():
     with coserve_serve("gen", "--model", "tiny-dense", "--max-model-len", "2048", *_COMMON) as s:
-        stream = StreamInThread(s.url, {"prompt": [1, 2, 3], "max_tokens": 2000,
-                                        "temperature": 0, "ignore_eos": True})
+        stream = StreamInThread(
+            s.url, {"prompt": [1, 2, 3], "max_tokens": 2000, "temperature": 0, "ignore_eos": True}
+        )
         assert stream.first.wait(60) and stream.error is None, s.log_tail()
         os.kill(_worker_pids(s)[0], signal.SIGKILL)
         t0 = time.monotonic()
@@ -76,15 +79,20 @@ def test_a_killed_worker_fails_the_stream_and_ends_the_server():
         assert time.monotonic() - t0 < 5
         events = stream.join(10)
         assert stream.token_count() < 2000
-        assert any(isinstance(e, dict) and "error" in e for e in events) or stream.error, events[-3:]
+        assert any(isinstance(e, dict) and "error" in e for e in events) or stream.error, events[
+            -3:
+        ]
         assert "died" in s.log_tail(200)
 
 
 @pytest.mark.timeout(120)
 def test_tp2_expert_parallel_server_answers():
-    with coserve_serve("gen", "--model", "tiny-moe", "--max-model-len", "512",
-                       "--enable-expert-parallel", *_COMMON) as s:
-        status, body = post(s.url + "/v1/completions",
-                            {"prompt": [1, 2, 3], "max_tokens": 4, "temperature": 0, "ignore_eos": True})
+    with coserve_serve(
+        "gen", "--model", "tiny-moe", "--max-model-len", "512", "--enable-expert-parallel", *_COMMON
+    ) as s:
+        status, body = post(
+            s.url + "/v1/completions",
+            {"prompt": [1, 2, 3], "max_tokens": 4, "temperature": 0, "ignore_eos": True},
+        )
         assert status == 200 and body["usage"]["completion_tokens"] == 4, body
         assert "expert parallel" in s.log_tail(400)

@@ -92,9 +92,19 @@ class FakeSampler:
 
     def stop(self):
         t0 = 1_700_000_000.0
-        self.rows = [{"t": t0 + i, "t_rel_s": float(i), "device": "0", "sm_active": 0.8 + 0.01 * i,
-                      "sm_occupancy": 0.18, "tensor_active": 0.2, "dram_active": 0.3, "power_w": 500.0}
-                     for i in range(4)]
+        self.rows = [
+            {
+                "t": t0 + i,
+                "t_rel_s": float(i),
+                "device": "0",
+                "sm_active": 0.8 + 0.01 * i,
+                "sm_occupancy": 0.18,
+                "tensor_active": 0.2,
+                "dram_active": 0.3,
+                "power_w": 500.0,
+            }
+            for i in range(4)
+        ]
         with open(self.out_path, "w") as f:
             for r in self.rows:
                 f.write(json.dumps(r) + "\n")
@@ -107,21 +117,45 @@ class FakeSampler:
 def fake_summary(load: dict, rng: random.Random) -> dict:
     gen = None
     if load["gen_url"]:
-        gen = {"output_tokens_per_s": rng.uniform(900, 1100), "requests_per_s": 2.0, "completed": 20,
-               "failed": 0, "tpot_ms": {"mean": 10, "p50": 10, "p95": 12, "p99": 13},
-               "ttft_ms": {"mean": 50, "p50": 40, "p95": 80, "p99": 90},
-               "itl_ms": {"mean": 10, "p50": 10, "p95": 12, "p99": 13}, "errors": []}
+        gen = {
+            "output_tokens_per_s": rng.uniform(900, 1100),
+            "requests_per_s": 2.0,
+            "completed": 20,
+            "failed": 0,
+            "tpot_ms": {"mean": 10, "p50": 10, "p95": 12, "p99": 13},
+            "ttft_ms": {"mean": 50, "p50": 40, "p95": 80, "p99": 90},
+            "itl_ms": {"mean": 10, "p50": 10, "p95": 12, "p99": 13},
+            "errors": [],
+        }
     emb = None
     if load["embed_url"]:
-        emb = {"sequences_per_s": rng.uniform(90, 110), "requests_per_s": 12.0, "completed": 30,
-               "failed": 0, "latency_ms": {"mean": 10, "p50": 10, "p95": 12, "p99": 13}, "errors": []}
-    return {"warmup_s": load["warmup_s"], "duration_s": load["duration_s"], "cut_short": False,
-            "started_at": "2023-11-14T22:13:20+00:00", "gen": gen, "embed": emb}
+        emb = {
+            "sequences_per_s": rng.uniform(90, 110),
+            "requests_per_s": 12.0,
+            "completed": 30,
+            "failed": 0,
+            "latency_ms": {"mean": 10, "p50": 10, "p95": 12, "p99": 13},
+            "errors": [],
+        }
+    return {
+        "warmup_s": load["warmup_s"],
+        "duration_s": load["duration_s"],
+        "cut_short": False,
+        "started_at": "2023-11-14T22:13:20+00:00",
+        "gen": gen,
+        "embed": emb,
+    }
 
 
 class FakeBackend(Backend):
-    def __init__(self, fail_start=(), interrupt_at=None, die_during_load=(), no_gen_completed=False,
-                 fail_at=None):
+    def __init__(
+        self,
+        fail_start=(),
+        interrupt_at=None,
+        die_during_load=(),
+        no_gen_completed=False,
+        fail_at=None,
+    ):
         self.events: list[tuple] = []
         self.live: set[str] = set()
         self.fail_start = set(fail_start)
@@ -141,7 +175,9 @@ class FakeBackend(Backend):
     def start_server(self, spec, env, log_path, ready_timeout_s):
         Path(log_path).write_text("# coserve launch\n")
         if spec.role in self.fail_start:
-            raise RuntimeError(f"{spec.role} server (builtin) exited before /health answered; last lines: bad flag")
+            raise RuntimeError(
+                f"{spec.role} server (builtin) exited before /health answered; last lines: bad flag"
+            )
         self.events.append(("start", spec.role))
         return FakeServer(self, spec)
 
@@ -149,8 +185,10 @@ class FakeBackend(Backend):
         return FakeSampler(devices, out_path)
 
     def gpu_state(self):
-        return {"gpus": [{"index": 0, "uuid": "GPU-fake", "memory_mib": 143771, "mig_devices": []}],
-                "note": None}
+        return {
+            "gpus": [{"index": 0, "uuid": "GPU-fake", "memory_mib": 143771, "mig_devices": []}],
+            "note": None,
+        }
 
     def run_load(self, load, out_path, on_progress, dead=None):
         cond_dir = Path(out_path).parent
@@ -164,10 +202,22 @@ class FakeBackend(Backend):
             raise ConnectionError("gen endpoint unreachable")
         summary = fake_summary(load, self.rng)
         if self.no_gen_completed and summary["gen"]:
-            summary["gen"].update(completed=0, failed=7, errors=[{"status": 500, "message": "boom", "count": 7}])
+            summary["gen"].update(
+                completed=0, failed=7, errors=[{"status": 500, "message": "boom", "count": 7}]
+            )
         write_json(Path(out_path), summary)
-        lines = [json.dumps({"endpoint": "gen", "status": "ok", "end_s": load["warmup_s"] + 0.1 * i,
-                             "tpot_ms": self.rng.gauss(10, 1), "ttft_ms": 40.0}) for i in range(10)]
+        lines = [
+            json.dumps(
+                {
+                    "endpoint": "gen",
+                    "status": "ok",
+                    "end_s": load["warmup_s"] + 0.1 * i,
+                    "tpot_ms": self.rng.gauss(10, 1),
+                    "ttft_ms": 40.0,
+                }
+            )
+            for i in range(10)
+        ]
         Path(str(out_path).replace(".json", ".records.jsonl")).write_text("\n".join(lines) + "\n")
         return summary
 
@@ -180,24 +230,43 @@ def test_reps_alternate_and_each_is_written_after_tear_down(tmp_path):
     b = FakeBackend()
     records = runner(tmp_path, b).run()
     assert [(r["condition"], r["rep"]) for r in records] == [
-        ("gen-only", 1), ("embed-only", 1), ("timeslice", 1), ("mps", 1),
-        ("gen-only", 2), ("embed-only", 2), ("timeslice", 2), ("mps", 2)]
+        ("gen-only", 1),
+        ("embed-only", 1),
+        ("timeslice", 1),
+        ("mps", 1),
+        ("gen-only", 2),
+        ("embed-only", 2),
+        ("timeslice", 2),
+        ("mps", 2),
+    ]
     assert all(r["status"] == "ok" for r in records)
     # one rep: strategy up, servers one after the other (gen first), load, tear-down in reverse
     i = b.events.index(("load", ("timeslice", 1)))
-    assert b.events[i - 3:i + 4] == [
-        ("strategy up", "timeslice"), ("start", "gen"), ("start", "embed"), ("load", ("timeslice", 1)),
-        ("stop", "embed"), ("stop", "gen"), ("strategy down", "timeslice")]
+    assert b.events[i - 3 : i + 4] == [
+        ("strategy up", "timeslice"),
+        ("start", "gen"),
+        ("start", "embed"),
+        ("load", ("timeslice", 1)),
+        ("stop", "embed"),
+        ("stop", "gen"),
+        ("strategy down", "timeslice"),
+    ]
     assert not b.live
     rd = RunDir(tmp_path / "run")
     rec = rd.rep_record("mps", 2)
-    assert rec["status"] == "ok" and rec["strategy"] == "mps" and rec["bench"]["gen"]["completed"] == 20
+    assert (
+        rec["status"] == "ok"
+        and rec["strategy"] == "mps"
+        and rec["bench"]["gen"]["completed"] == 20
+    )
     # telemetry: the sampler's summary, and the mean over the ticks inside the window (t0+1..t0+3)
     assert rec["telemetry"]["all"]["sm_active"]["mean"] == 0.815
     assert rec["telemetry"]["window"]["sm_active"]["mean"] == pytest.approx(0.82)
     assert set(rec["phases_s"]) >= {"strategy", "start_gen", "start_embed", "load", "teardown"}
     rep_dir = rd.rep_dir("mps", 2)
-    assert (rep_dir / "bench.records.jsonl.gz").exists() and not (rep_dir / "bench.records.jsonl").exists()
+    assert (rep_dir / "bench.records.jsonl.gz").exists() and not (
+        rep_dir / "bench.records.jsonl"
+    ).exists()
     assert not list(rd.path.rglob("*.tmp"))
     fp = read_json(rd.fingerprint_file)
     assert fp["spec"]["hash"] == loads_spec(SPEC).digest() and fp["git"]["commit"]
@@ -211,8 +280,14 @@ def test_resume_skips_finished_reps_and_retries_failed_ones(tmp_path):
     b = FakeBackend(fail_start={"embed"})
     records = runner(tmp_path, b).run()
     failed = [(r["condition"], r["rep"]) for r in records if r["status"] == "failed"]
-    assert failed == [("embed-only", 1), ("timeslice", 1), ("mps", 1),
-                      ("embed-only", 2), ("timeslice", 2), ("mps", 2)]
+    assert failed == [
+        ("embed-only", 1),
+        ("timeslice", 1),
+        ("mps", 1),
+        ("embed-only", 2),
+        ("timeslice", 2),
+        ("mps", 2),
+    ]
     rec = RunDir(tmp_path / "run").rep_record("timeslice", 1)
     assert "embed server (builtin) exited before /health" in rec["error"]
     assert (RunDir(tmp_path / "run").rep_dir("timeslice", 1) / "error.txt").exists()
@@ -236,7 +311,11 @@ def test_interrupt_keeps_finished_reps_and_tears_down(tmp_path):
     assert rd.rep_record("gen-only", 1)["status"] == "ok"
     assert rd.rep_record("embed-only", 1)["status"] == "ok"
     assert rd.rep_record("timeslice", 1) is None  # the interrupted rep is not finished
-    assert not b.live and b.events[-3:] == [("stop", "embed"), ("stop", "gen"), ("strategy down", "timeslice")]
+    assert not b.live and b.events[-3:] == [
+        ("stop", "embed"),
+        ("stop", "gen"),
+        ("strategy down", "timeslice"),
+    ]
     b2 = FakeBackend()
     rest = runner(tmp_path, b2, resume=True).run()
     assert [(x["condition"], x["rep"]) for x in rest][0] == ("timeslice", 1)
@@ -260,7 +339,11 @@ def test_subset_of_conditions(tmp_path):
     b = FakeBackend()
     records = runner(tmp_path, b, only=["mps", "gen-only"]).run()
     assert [(x["condition"], x["rep"]) for x in records] == [
-        ("gen-only", 1), ("mps", 1), ("gen-only", 2), ("mps", 2)]
+        ("gen-only", 1),
+        ("mps", 1),
+        ("gen-only", 2),
+        ("mps", 2),
+    ]
     with pytest.raises(RunRefused, match="not in the spec"):
         runner(tmp_path, b, only=["nope"])
 
@@ -280,7 +363,9 @@ def test_resume_on_another_gpu_is_refused(tmp_path):
     fp["gpus_used"] = [{"index": 0, "name": "NVIDIA H200", "memory_mib": 143771}]
     fp["driver"] = "570.1"
     write_json(rd.fingerprint_file, fp)
-    with pytest.raises(RunRefused, match="the GPU differs: the run folder was measured on 1x NVIDIA H200"):
+    with pytest.raises(
+        RunRefused, match="the GPU differs: the run folder was measured on 1x NVIDIA H200"
+    ):
         runner(tmp_path, FakeBackend(), resume=True).run()
 
 

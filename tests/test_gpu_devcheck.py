@@ -21,15 +21,21 @@ def statuses() -> list[tuple[str, str]]:
 
 def test_mig_off_is_not_run_and_the_error_is_checked():
     devcheck.mig_step(FakeNvml([fake_gpu("NVIDIA H200", memory_mib=143771, mig=False)]))
-    assert statuses() == [("MIG instances for gen + embed found on GPU 0", "not run"),
-                          ("MIG error names the plan", "pass")]
+    assert statuses() == [
+        ("MIG instances for gen + embed found on GPU 0", "not run"),
+        ("MIG error names the plan", "pass"),
+    ]
     assert devcheck.results[0].detail.startswith("MIG mode is off on GPU 0 (NVIDIA H200)")
 
 
 def test_mig_on_with_the_instances_passes():
-    devs = [{"uuid": "MIG-1", "profile": "3g.71gb", "gi_id": 2, "memory_mib": 70144},
-            {"uuid": "MIG-2", "profile": "4g.71gb", "gi_id": 1, "memory_mib": 70144}]
-    devcheck.mig_step(FakeNvml([fake_gpu("NVIDIA H200", memory_mib=143771, mig=True, mig_devices=devs)]))
+    devs = [
+        {"uuid": "MIG-1", "profile": "3g.71gb", "gi_id": 2, "memory_mib": 70144},
+        {"uuid": "MIG-2", "profile": "4g.71gb", "gi_id": 1, "memory_mib": 70144},
+    ]
+    devcheck.mig_step(
+        FakeNvml([fake_gpu("NVIDIA H200", memory_mib=143771, mig=True, mig_devices=devs)])
+    )
     assert statuses() == [("MIG instances for gen + embed found on GPU 0", "pass")]
 
 
@@ -39,7 +45,9 @@ def test_mig_on_with_an_instance_missing_is_not_run():
     assert statuses()[0] == ("MIG instances for gen + embed found on GPU 0", "not run")
 
 
-@pytest.mark.parametrize(("supported", "status"), [(True, "pass"), (False, "not run"), (None, "not run")])
+@pytest.mark.parametrize(
+    ("supported", "status"), [(True, "pass"), (False, "not run"), (None, "not run")]
+)
 def test_client_priority_passes_only_where_libcuda_knows_it(supported, status):
     devcheck.priority_step(supported)
     assert statuses() == [("client priority known to libcuda", status)]
@@ -51,5 +59,9 @@ def test_summary_counts_the_three_states_apart(capsys):
     devcheck.not_run("c", "MIG is off")
     devcheck.not_run("d", "no priority")
     assert devcheck.summary_line(devcheck.results) == "1 passed, 1 failed, 2 not run (of 4 checks)"
-    assert capsys.readouterr().out.splitlines() == ["[PASS] a", "[FAIL] b: broke", "[NOT RUN] c: MIG is off",
-                                                     "[NOT RUN] d: no priority"]
+    assert capsys.readouterr().out.splitlines() == [
+        "[PASS] a",
+        "[FAIL] b: broke",
+        "[NOT RUN] c: MIG is off",
+        "[NOT RUN] d: no priority",
+    ]

@@ -28,12 +28,28 @@ def _cuda() -> bool:
 
 
 @pytest.mark.skipif(not _cuda(), reason="needs CUDA")
-@pytest.mark.skipif(shutil.which("nvidia-cuda-mps-control") is None, reason="needs nvidia-cuda-mps-control")
+@pytest.mark.skipif(
+    shutil.which("nvidia-cuda-mps-control") is None, reason="needs nvidia-cuda-mps-control"
+)
 def test_devcheck_on_gpu(tmp_path):
     root = Path(__file__).resolve().parents[1]
-    r = subprocess.run([sys.executable, "-m", "coserve.gpu.devcheck", "--out", str(tmp_path), "--seconds", "5", "--servers"],
-                       capture_output=True, text=True, timeout=280, cwd=root,
-                       env={**os.environ, "PYTHONPATH": str(root), "PYTHONUNBUFFERED": "1"})
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "coserve.gpu.devcheck",
+            "--out",
+            str(tmp_path),
+            "--seconds",
+            "5",
+            "--servers",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=280,
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root), "PYTHONUNBUFFERED": "1"},
+    )
     print(r.stdout[-6000:], r.stderr[-3000:])
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     assert "[FAIL]" not in r.stdout

@@ -14,8 +14,13 @@ from coserve.gpu.fakes import FakeNvml, fake_gpu
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "coserve", "doctor", *args], capture_output=True, text=True,
-                          timeout=120, env={**os.environ, "COLUMNS": "200"})
+    return subprocess.run(
+        [sys.executable, "-m", "coserve", "doctor", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "COLUMNS": "200"},
+    )
 
 
 def test_doctor_on_this_machine_exits_0():
@@ -42,8 +47,13 @@ def test_no_gpu_rows():
 
 
 def test_gpu_rows_from_fake_nvml():
-    mig_on = fake_gpu("NVIDIA H200", index=1, memory_mib=143771, mig=True,
-                      mig_devices=[{"uuid": "MIG-x", "profile": "4g.71gb", "gi_id": 1, "memory_mib": 70144}])
+    mig_on = fake_gpu(
+        "NVIDIA H200",
+        index=1,
+        memory_mib=143771,
+        mig=True,
+        mig_devices=[{"uuid": "MIG-x", "profile": "4g.71gb", "gi_id": 1, "memory_mib": 70144}],
+    )
     nv = FakeNvml([fake_gpu(compute_mode=3), mig_on])
     facts = doctor.gather(nv, with_torch=False)
     rows = dict(doctor.rows(facts))
@@ -52,22 +62,38 @@ def test_gpu_rows_from_fake_nvml():
     assert rows["GPU 0"].startswith("NVIDIA H100 80GB HBM3, 81,559 MiB, GPU-fake-0000")
     assert rows["GPU 0 compute mode"] == "EXCLUSIVE_PROCESS"
     assert rows["GPU 0 MIG"] == "disabled"
-    assert "study layout: 4g.40gb+3g.40gb" in rows["GPU 0 MIG profiles"] and "(from nvml)" in rows["GPU 0 MIG profiles"]
+    assert (
+        "study layout: 4g.40gb+3g.40gb" in rows["GPU 0 MIG profiles"]
+        and "(from nvml)" in rows["GPU 0 MIG profiles"]
+    )
     assert rows["GPU 1 MIG"] == "enabled; 4g.71gb MIG-x"
     assert "study layout: 4g.71gb+3g.71gb" in rows["GPU 1 MIG profiles"]
     assert rows["GPU 0 GPM"] == "yes"
-    assert {"MPS control", "MPS server", "MPS daemons running", "ncu", "nsys", "dcgmi", "vLLM"} <= set(rows)
+    assert {
+        "MPS control",
+        "MPS server",
+        "MPS daemons running",
+        "ncu",
+        "nsys",
+        "dcgmi",
+        "vLLM",
+    } <= set(rows)
     assert nv.init_count == 0
 
 
 def test_says_what_has_not_run_on_hardware():
     facts = doctor.gather(FakeNvml(fail_init="NVML Shared Library Not Found"), with_torch=False)
     rows = dict(doctor.rows(facts))
-    for part in ("coserve bench against vLLM, SGLang or TEI servers", "launcher 'vllm' (binary or docker)",
-                 "MIG: instance creation (apply_mig), servers on MIG devices"):
+    for part in (
+        "coserve bench against vLLM, SGLang or TEI servers",
+        "launcher 'vllm' (binary or docker)",
+        "MIG: instance creation (apply_mig), servers on MIG devices",
+    ):
         assert rows[part] == "built, not run on hardware", part
-    assert rows["coserve run/bench/report with the built-in servers: timeslice, mps, graphs and eager"] \
+    assert (
+        rows["coserve run/bench/report with the built-in servers: timeslice, mps, graphs and eager"]
         == "ran: H200, 2026-11-25 (docs/study.md)"
+    )
     assert {"part": "launcher 'vllm' (binary or docker)", "ran_on": None} in facts["hardware"]
     r = _cli()
     assert "built, not run on hardware" in r.stdout and "launcher 'vllm'" in r.stdout

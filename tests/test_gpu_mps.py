@@ -39,7 +39,10 @@ def ours(root: Path) -> list[mps.MpsProcess]:
                 env = f.read()
         except OSError:
             continue
-        if f"CUDA_MPS_LOG_DIRECTORY={root}".encode() in env or f"CUDA_MPS_PIPE_DIRECTORY={root}".encode() in env:
+        if (
+            f"CUDA_MPS_LOG_DIRECTORY={root}".encode() in env
+            or f"CUDA_MPS_PIPE_DIRECTORY={root}".encode() in env
+        ):
             out.append(p)
     return out
 
@@ -69,7 +72,9 @@ def test_daemon_lifecycle_private_dirs_and_server_list(fake_bin, tmp_path):
         kinds = sorted(p.kind for p in ours(run))
         assert kinds == ["control", "server"]
         desc = s.describe()["mps"]
-        assert desc["server_pids"] == servers and any("get_server_list" in e for e in desc["events"])
+        assert desc["server_pids"] == servers and any(
+            "get_server_list" in e for e in desc["events"]
+        )
         pids = d.pids()
     assert not wait_gone(run)
     assert not any(pid_alive(p) for p in pids)
@@ -104,11 +109,18 @@ HOLDER = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("sig, rcs", [(signal.SIGTERM, {143}), (signal.SIGINT, {1, -signal.SIGINT})])
+@pytest.mark.parametrize(
+    "sig, rcs", [(signal.SIGTERM, {143}), (signal.SIGINT, {1, -signal.SIGINT})]
+)
 def test_daemon_stopped_on_sigterm_and_ctrl_c(fake_bin, tmp_path, sig, rcs):
     run = tmp_path / "run"
-    p = subprocess.Popen([sys.executable, "-c", HOLDER, str(run)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    p = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(run)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+    )
     line = p.stdout.readline()
     assert line.startswith("up"), p.stderr.read()
     assert len(ours(run)) == 2
@@ -120,8 +132,13 @@ def test_daemon_stopped_on_sigterm_and_ctrl_c(fake_bin, tmp_path, sig, rcs):
 def test_daemon_goes_when_coserve_is_killed_outright(fake_bin, tmp_path):
     """SIGKILL leaves no chance to tear down: the daemon was started with PR_SET_PDEATHSIG."""
     run = tmp_path / "run"
-    p = subprocess.Popen([sys.executable, "-c", HOLDER, str(run)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    p = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(run)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+    )
     assert p.stdout.readline().startswith("up"), p.stderr.read()
     assert len(ours(run)) == 2
     p.kill()
@@ -134,9 +151,18 @@ def start_foreign(tmp_path: Path, name: str, marker: bool = False) -> tuple[subp
     pipe.mkdir()
     if marker:
         (pipe / mps.MARKER).write_text("left behind\n")
-    env = {**os.environ, "CUDA_MPS_PIPE_DIRECTORY": str(pipe), "CUDA_MPS_LOG_DIRECTORY": str(tmp_path / f"{name}-log")}
-    p = subprocess.Popen(["nvidia-cuda-mps-control", "-f"], env=env, start_new_session=True,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {
+        **os.environ,
+        "CUDA_MPS_PIPE_DIRECTORY": str(pipe),
+        "CUDA_MPS_LOG_DIRECTORY": str(tmp_path / f"{name}-log"),
+    }
+    p = subprocess.Popen(
+        ["nvidia-cuda-mps-control", "-f"],
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 10
     while not (pipe / "control").exists() and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -144,8 +170,13 @@ def start_foreign(tmp_path: Path, name: str, marker: bool = False) -> tuple[subp
 
 
 def quit_foreign(p: subprocess.Popen, pipe: Path) -> None:
-    subprocess.run(["nvidia-cuda-mps-control"], input="quit\n", text=True, timeout=10,
-                   env={**os.environ, "CUDA_MPS_PIPE_DIRECTORY": str(pipe)})
+    subprocess.run(
+        ["nvidia-cuda-mps-control"],
+        input="quit\n",
+        text=True,
+        timeout=10,
+        env={**os.environ, "CUDA_MPS_PIPE_DIRECTORY": str(pipe)},
+    )
     p.wait(timeout=10)
 
 
@@ -153,14 +184,19 @@ def test_foreign_daemon_refused_and_left_alone(fake_bin, tmp_path):
     p, pipe = start_foreign(tmp_path, "someone-elses")
     try:
         s = make_strategy("mps", ["0"], {}, tmp_path / "run")
-        with pytest.raises(StrategyError, match=r"(?s)did not start is running.*someone-elses.*not coserve.*timeslice"):
+        with pytest.raises(
+            StrategyError,
+            match=r"(?s)did not start is running.*someone-elses.*not coserve.*timeslice",
+        ):
             with s:
                 pass
         assert p.poll() is None, "coserve must not touch a daemon it did not start"
         assert not ours(tmp_path / "run")
         # timeslice runs beside it, its servers pointed away from it
         with make_strategy("timeslice", ["0"], {}, tmp_path / "ts") as ts:
-            assert any("someone-elses" in n and "do not use it" in n for n in ts.describe()["notes"])
+            assert any(
+                "someone-elses" in n and "do not use it" in n for n in ts.describe()["notes"]
+            )
         # explicitly allowed (e.g. a daemon on other GPUs)
         with make_strategy("mps", ["0"], {"ignore_foreign_daemons": True}, tmp_path / "run2") as s2:
             assert s2.daemon.running
@@ -172,7 +208,10 @@ def test_foreign_daemon_refused_and_left_alone(fake_bin, tmp_path):
 def test_daemon_left_by_an_earlier_coserve_run_is_named(fake_bin, tmp_path):
     p, pipe = start_foreign(tmp_path, "old-run", marker=True)
     try:
-        with pytest.raises(StrategyError, match=r"(?s)earlier coserve run; stop it with: echo quit \| CUDA_MPS_PIPE_DIRECTORY="):
+        with pytest.raises(
+            StrategyError,
+            match=r"(?s)earlier coserve run; stop it with: echo quit \| CUDA_MPS_PIPE_DIRECTORY=",
+        ):
             with make_strategy("mps", ["0"], {}, tmp_path / "run"):
                 pass
         assert p.poll() is None

@@ -12,8 +12,13 @@ from coserve.gpu.strategies import BASE_ENV, StrategyError, make_strategy
 
 
 def test_every_env_disables_nvlink_multicast(tmp_path):
-    for name, gpus, opts in [("exclusive", ["0", "1"], {}), ("timeslice", ["0"], {}), ("timeslice", [], {}),
-                             ("tp", ["0", "1"], {"tp": 2}), ("mps", ["0"], {})]:
+    for name, gpus, opts in [
+        ("exclusive", ["0", "1"], {}),
+        ("timeslice", ["0"], {}),
+        ("timeslice", [], {}),
+        ("tp", ["0", "1"], {"tp": 2}),
+        ("mps", ["0"], {}),
+    ]:
         s = make_strategy(name, gpus, opts, tmp_path)
         for role in ("gen", "embed"):
             env = s.env_for(role)
@@ -61,7 +66,9 @@ def test_timeslice_on_cpu_sets_no_devices(tmp_path):
 def test_timeslice_refuses_exclusive_process_gpu(tmp_path):
     nv = FakeNvml([fake_gpu(compute_mode=3)])
     s = make_strategy("timeslice", ["0"], {}, tmp_path, nvml=nv)
-    with pytest.raises(StrategyError, match="EXCLUSIVE_PROCESS compute mode: two servers cannot share"):
+    with pytest.raises(
+        StrategyError, match="EXCLUSIVE_PROCESS compute mode: two servers cannot share"
+    ):
         with s:
             pass
 
@@ -72,11 +79,15 @@ def test_mps_refuses_exclusive_process_unless_allowed(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", f"{bin_dir}:{Path('/usr/bin')}:{Path('/bin')}")
     nv = FakeNvml([fake_gpu(compute_mode=3)])
     s = make_strategy("mps", ["0"], {}, tmp_path / "a", nvml=nv)
-    with pytest.raises(StrategyError, match="EXCLUSIVE_PROCESS compute mode.*allow_exclusive_process"):
+    with pytest.raises(
+        StrategyError, match="EXCLUSIVE_PROCESS compute mode.*allow_exclusive_process"
+    ):
         with s:
             pass
     assert s.daemon is None  # refused before anything started
-    with make_strategy("mps", ["0"], {"allow_exclusive_process": True}, tmp_path / "b", nvml=nv) as s2:
+    with make_strategy(
+        "mps", ["0"], {"allow_exclusive_process": True}, tmp_path / "b", nvml=nv
+    ) as s2:
         assert s2.daemon.running
         # the daemon sees the GPU by UUID, clients by the MPS server's own numbering
         assert s2.daemon.cuda_visible_devices == "GPU-fake-0000"
@@ -87,8 +98,13 @@ def test_mps_refuses_exclusive_process_unless_allowed(tmp_path, monkeypatch):
 def test_prohibited_gpu_refused(tmp_path):
     nv = FakeNvml([fake_gpu(compute_mode=2)])
     with pytest.raises(StrategyError, match="PROHIBITED"):
-        with make_strategy("exclusive", ["0", "1"], {}, tmp_path,
-                           nvml=FakeNvml([fake_gpu(compute_mode=2), fake_gpu(index=1)])):
+        with make_strategy(
+            "exclusive",
+            ["0", "1"],
+            {},
+            tmp_path,
+            nvml=FakeNvml([fake_gpu(compute_mode=2), fake_gpu(index=1)]),
+        ):
             pass
     with pytest.raises(StrategyError, match="not found by NVML"):
         with make_strategy("timeslice", ["3"], {}, tmp_path, nvml=nv):
@@ -96,8 +112,16 @@ def test_prohibited_gpu_refused(tmp_path):
 
 
 def test_mps_env_per_server_options(tmp_path):
-    s = make_strategy("mps", ["0"], {"active_thread_percentage": {"embed": 40}, "pinned_mem_limit": {"gen": "40G", "embed": "12G"},
-                                     "client_priority": {"gen": "normal", "embed": "below_normal"}}, tmp_path)
+    s = make_strategy(
+        "mps",
+        ["0"],
+        {
+            "active_thread_percentage": {"embed": 40},
+            "pinned_mem_limit": {"gen": "40G", "embed": "12G"},
+            "client_priority": {"gen": "normal", "embed": "below_normal"},
+        },
+        tmp_path,
+    )
     gen, embed = s.env_for("gen"), s.env_for("embed")
     assert "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE" not in gen
     assert embed["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] == "40"
@@ -106,24 +130,33 @@ def test_mps_env_per_server_options(tmp_path):
     assert gen["CUDA_MPS_CLIENT_PRIORITY"] == "0" and embed["CUDA_MPS_CLIENT_PRIORITY"] == "1"
     # one value for both servers
     s2 = make_strategy("mps", ["0"], {"active_thread_percentage": 50}, tmp_path)
-    assert s2.env_for("gen")["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] == s2.env_for("embed")["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] == "50"
+    assert (
+        s2.env_for("gen")["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"]
+        == s2.env_for("embed")["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"]
+        == "50"
+    )
 
 
-@pytest.mark.parametrize("opts, match", [
-    ({"active_thread_percentage": 0}, "active_thread_percentage"),
-    ({"active_thread_percentage": {"gen": 150}}, "active_thread_percentage"),
-    ({"active_thread_percentage": {"decoder": 50}}, "unknown role"),
-    ({"pinned_mem_limit": "lots"}, "pinned_mem_limit"),
-    ({"client_priority": "high"}, "client_priority"),
-    ({"thread_pct": 50}, "unknown option.*allowed: .*active_thread_percentage"),
-])
+@pytest.mark.parametrize(
+    "opts, match",
+    [
+        ({"active_thread_percentage": 0}, "active_thread_percentage"),
+        ({"active_thread_percentage": {"gen": 150}}, "active_thread_percentage"),
+        ({"active_thread_percentage": {"decoder": 50}}, "unknown role"),
+        ({"pinned_mem_limit": "lots"}, "pinned_mem_limit"),
+        ({"client_priority": "high"}, "client_priority"),
+        ({"thread_pct": 50}, "unknown option.*allowed: .*active_thread_percentage"),
+    ],
+)
 def test_mps_bad_options_named(tmp_path, opts, match):
     with pytest.raises(StrategyError, match=match):
         make_strategy("mps", ["0"], opts, tmp_path)
 
 
 def test_unknown_strategy_and_options(tmp_path):
-    with pytest.raises(StrategyError, match="unknown strategy 'mig2'.*exclusive, timeslice, mps, mig, tp"):
+    with pytest.raises(
+        StrategyError, match="unknown strategy 'mig2'.*exclusive, timeslice, mps, mig, tp"
+    ):
         make_strategy("mig2", ["0"], {}, tmp_path)
     with pytest.raises(StrategyError, match="strategy timeslice: unknown option"):
         make_strategy("timeslice", ["0"], {"profiles": "4g.40gb+3g.40gb"}, tmp_path)
@@ -144,7 +177,9 @@ def test_tp_timeslice_both_models_over_two_gpus(tmp_path):
 
 
 def test_tp_degree_per_server_and_gpu_lists(tmp_path):
-    s = make_strategy("tp", ["0", "1", "2"], {"gen_tp": 2, "embed_tp": 1, "embed_gpus": ["2"]}, tmp_path)
+    s = make_strategy(
+        "tp", ["0", "1", "2"], {"gen_tp": 2, "embed_tp": 1, "embed_gpus": ["2"]}, tmp_path
+    )
     assert s.env_for("gen")["CUDA_VISIBLE_DEVICES"] == "0,1"
     assert s.env_for("embed")["CUDA_VISIBLE_DEVICES"] == "2"
     assert (s.tensor_parallel_size("gen"), s.tensor_parallel_size("embed")) == (2, 1)
@@ -155,13 +190,22 @@ def test_tp_degree_per_server_and_gpu_lists(tmp_path):
         make_strategy("tp", ["0", "1"], {"tp": 2, "gen_gpus": ["1"]}, tmp_path)
     with pytest.raises(StrategyError, match="whole number"):
         make_strategy("tp", ["0", "1"], {"tp": 1.5}, tmp_path)
-    with pytest.raises(StrategyError, match="need sharing = \"mps\""):
+    with pytest.raises(StrategyError, match='need sharing = "mps"'):
         make_strategy("tp", ["0", "1"], {"tp": 2, "active_thread_percentage": 50}, tmp_path)
 
 
 def test_tp_with_mps_uses_the_daemons_numbering(tmp_path):
-    s = make_strategy("tp+mps", ["4", "5"], {"gen_tp": 2, "embed_tp": 1, "embed_gpus": ["5"],
-                                            "active_thread_percentage": {"embed": 30}}, tmp_path)
+    s = make_strategy(
+        "tp+mps",
+        ["4", "5"],
+        {
+            "gen_tp": 2,
+            "embed_tp": 1,
+            "embed_gpus": ["5"],
+            "active_thread_percentage": {"embed": 30},
+        },
+        tmp_path,
+    )
     assert s.describe()["sharing"] == "mps"
     # the MPS server re-numbers its GPUs 4,5 as 0,1
     assert s.env_for("gen")["CUDA_VISIBLE_DEVICES"] == "0,1"
@@ -181,9 +225,16 @@ def test_mig_strategy_validates_options(tmp_path):
 
 
 def test_mig_strategy_pins_servers_to_mig_uuids(tmp_path):
-    gpu = fake_gpu(mig=True, mig_devices=[{"uuid": "MIG-aaa", "profile": "3g.40gb", "gi_id": 2, "memory_mib": 40192},
-                                          {"uuid": "MIG-bbb", "profile": "4g.40gb", "gi_id": 1, "memory_mib": 40192}])
-    with make_strategy("mig", ["0"], {"profiles": "4g.40gb+3g.40gb"}, tmp_path, nvml=FakeNvml([gpu])) as s:
+    gpu = fake_gpu(
+        mig=True,
+        mig_devices=[
+            {"uuid": "MIG-aaa", "profile": "3g.40gb", "gi_id": 2, "memory_mib": 40192},
+            {"uuid": "MIG-bbb", "profile": "4g.40gb", "gi_id": 1, "memory_mib": 40192},
+        ],
+    )
+    with make_strategy(
+        "mig", ["0"], {"profiles": "4g.40gb+3g.40gb"}, tmp_path, nvml=FakeNvml([gpu])
+    ) as s:
         assert s.env_for("gen")["CUDA_VISIBLE_DEVICES"] == "MIG-bbb"
         assert s.env_for("embed")["CUDA_VISIBLE_DEVICES"] == "MIG-aaa"
         assert s.telemetry_devices() == ["MIG-bbb", "MIG-aaa"]

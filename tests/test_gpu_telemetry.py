@@ -18,7 +18,9 @@ from coserve.gpu.telemetry import COLUMNS, TelemetrySampler
 def test_series_and_summary_from_known_values(tmp_path):
     nv = FakeNvml([fake_gpu()])  # utilisation 50,70,...; GPM SM util 80,90,...; power 300,500 W ...
     out = tmp_path / "telemetry.csv"
-    s = TelemetrySampler(["0"], interval_s=60, out_path=out, nvml=nv).start()  # ticks taken by hand below
+    s = TelemetrySampler(
+        ["0"], interval_s=60, out_path=out, nvml=nv
+    ).start()  # ticks taken by hand below
     try:
         rows = [s.sample_once()[0] for _ in range(4)]
     finally:
@@ -70,7 +72,9 @@ def test_mig_device_target(tmp_path):
     summary = s.stop()
     # utilisation is not reported for MIG devices: recorded as missing and noted once
     assert rows[0]["gpu_util"] is None and any("utilization unavailable" in n for n in s.notes)
-    assert rows[0]["power_w"] == 300.0 and rows[0]["sm_active"] == 0.8  # GPM through nvmlGpmMigSampleGet
+    assert (
+        rows[0]["power_w"] == 300.0 and rows[0]["sm_active"] == 0.8
+    )  # GPM through nvmlGpmMigSampleGet
     assert "gpu_util" not in summary and summary["sm_active"]["mean"] == pytest.approx(0.85)
 
 
@@ -86,13 +90,19 @@ def test_gpu_without_gpm(tmp_path):
 def test_no_gpu_records_nothing_and_says_so(tmp_path, caplog):
     out = tmp_path / "telemetry.csv"
     with caplog.at_level(logging.WARNING, logger="coserve.gpu.telemetry"):
-        s = TelemetrySampler(["0"], interval_s=0.05, out_path=out,
-                             nvml=FakeNvml(fail_init="NVML Shared Library Not Found")).start()
+        s = TelemetrySampler(
+            ["0"],
+            interval_s=0.05,
+            out_path=out,
+            nvml=FakeNvml(fail_init="NVML Shared Library Not Found"),
+        ).start()
         time.sleep(0.15)
         assert s.stop() == {}
     assert not s.available and s.rows == []
     assert not out.exists()
-    assert s.reason.startswith("no GPU: NVML could not be initialised (NVML Shared Library Not Found)")
+    assert s.reason.startswith(
+        "no GPU: NVML could not be initialised (NVML Shared Library Not Found)"
+    )
     assert "recorded nothing" in s.status()
     assert "no GPU" in caplog.text
 

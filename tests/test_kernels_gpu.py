@@ -77,7 +77,7 @@ def test_paged_decode_attention_matches_reference(block_size, num_splits):
     Hq, Hkv, D = (32, 4, 128) if ON_GPU else (8, 2, 32)
     max_ctx = 600 if ON_GPU else 70
     q, kc, vc, bt, ctx = _paged_case(B, Hq, Hkv, D, block_size, max_ctx, gen(1))
-    scale = D ** -0.5
+    scale = D**-0.5
     out = tk().paged_decode_attention(q, kc, vc, bt, ctx, scale, num_splits=num_splits)
     ref = ref_attn.paged_decode_attention(q, kc, vc, bt, ctx, scale)
     assert out.shape == ref.shape and out.dtype == ref.dtype
@@ -98,7 +98,7 @@ def test_paged_decode_zero_length_rows_give_zeros(num_splits):
 @pytest.mark.skipif(not ON_GPU, reason="CUDA graphs")
 def test_paged_decode_attention_graph_replay_follows_new_lengths():
     q, kc, vc, bt, ctx = _paged_case(16, 32, 4, 128, 16, 300, gen(3))
-    scale = 128 ** -0.5
+    scale = 128**-0.5
     t = tk()
     t.paged_decode_attention(q, kc, vc, bt, ctx, scale)  # compile outside capture
     torch.cuda.synchronize()
@@ -210,7 +210,7 @@ def test_moe_align_groups_pairs_by_expert(block_m):
     assert sorted(valid.tolist()) == list(range(numel))
     flat = ids.flatten()
     for b in range(int(npp) // block_m):
-        rows = sorted_ids[b * block_m:(b + 1) * block_m]
+        rows = sorted_ids[b * block_m : (b + 1) * block_m]
         rows = rows[rows < numel].long()
         assert rows.numel() > 0
         assert (flat[rows] == expert_ids[b]).all()
@@ -264,8 +264,9 @@ def _rank_moe(inter, fp8, shard):
     from coserve.engine.config import QuantConfig
     from coserve.engine.layers import FusedMoEWeights
 
-    m = FusedMoEWeights(8, 256, inter, quant=QuantConfig() if fp8 else None, dtype=DT,
-                        device=DEV, **shard)
+    m = FusedMoEWeights(
+        8, 256, inter, quant=QuantConfig() if fp8 else None, dtype=DT, device=DEV, **shard
+    )
     m.init_random(gen(16), 0.03)  # every rank draws the same full tensors
     return m
 
@@ -282,8 +283,9 @@ def test_fused_moe_of_two_ranks_sums_to_one_rank(fp8, inter, expert_parallel):
     blk = BLOCK if fp8 else None
     whole = _rank_moe(inter, fp8, {})
     assert (whole.quant is not None) == fp8
-    full = tk().fused_moe(x, whole.w13, whole.w2, weights, ids, whole.w13_scale,
-                          whole.w2_scale, blk)
+    full = tk().fused_moe(
+        x, whole.w13, whole.w2, weights, ids, whole.w13_scale, whole.w2_scale, blk
+    )
     total = torch.zeros(full.shape, dtype=torch.float32, device=DEV)
     for rank in range(2):
         if expert_parallel:
@@ -295,8 +297,11 @@ def test_fused_moe_of_two_ranks_sums_to_one_rank(fp8, inter, expert_parallel):
             m = _rank_moe(inter, fp8, dict(inter_shard=(rank * inter // 2, inter // 2)))
             local, kw = ids, {}
         assert (m.quant is not None) == fp8
-        total += tk().fused_moe(x, m.w13, m.w2, weights, local, m.w13_scale, m.w2_scale, blk,
-                                **kw).float()
+        total += (
+            tk()
+            .fused_moe(x, m.w13, m.w2, weights, local, m.w13_scale, m.w2_scale, blk, **kw)
+            .float()
+        )
     assert rel_err(total, full) < (1e-2 if ON_GPU else 1e-5)
 
 
@@ -331,12 +336,14 @@ def test_rms_norm_matches_reference_on_strided_views():
     w = randn(128, g=g, scale=0.5) + 1
     qkv = randn(19, 32 * 128 + 2 * 4 * 128, g=g)
     qv = qkv[:, : 32 * 128].view(19, 32, 128)  # a strided 3-D view, as q after the split
-    torch.testing.assert_close(tk().rms_norm(qv, w, 1e-6), ref_norm.rms_norm(qv, w, 1e-6),
-                               rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(
+        tk().rms_norm(qv, w, 1e-6), ref_norm.rms_norm(qv, w, 1e-6), rtol=2e-2, atol=2e-2
+    )
     x = randn(33, 2048, g=g)
     w2 = randn(2048, g=g)
-    torch.testing.assert_close(tk().rms_norm(x, w2, 1e-6), ref_norm.rms_norm(x, w2, 1e-6),
-                               rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(
+        tk().rms_norm(x, w2, 1e-6), ref_norm.rms_norm(x, w2, 1e-6), rtol=2e-2, atol=2e-2
+    )
 
 
 def test_fused_add_rms_norm():
@@ -352,16 +359,16 @@ def test_apply_rotary_matches_reference():
     cs = ref_rot.rope_cos_sin_cache(128, 4096, 1e6, DEV)
     pos = torch.randint(0, 4096, (25,), generator=g, device=DEV)
     qkv = randn(25, 40 * 128, g=g)
-    k = qkv[:, 32 * 128: 36 * 128].view(25, 4, 128)  # strided
-    torch.testing.assert_close(tk().apply_rotary(k, pos, cs), ref_rot.apply_rotary(k, pos, cs),
-                               rtol=1e-2, atol=1e-2)
+    k = qkv[:, 32 * 128 : 36 * 128].view(25, 4, 128)  # strided
+    torch.testing.assert_close(
+        tk().apply_rotary(k, pos, cs), ref_rot.apply_rotary(k, pos, cs), rtol=1e-2, atol=1e-2
+    )
 
 
 def test_silu_and_mul_matches_reference():
     g = gen(18)
     x = randn(3, 7, 2 * 1536, g=g)
-    torch.testing.assert_close(tk().silu_and_mul(x), ref_act.silu_and_mul(x), rtol=2e-2,
-                               atol=2e-2)
+    torch.testing.assert_close(tk().silu_and_mul(x), ref_act.silu_and_mul(x), rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.parametrize("with_cache", [True, False])
@@ -372,18 +379,21 @@ def test_qk_norm_rope_matches_the_unfused_references(with_cache):
     qw, kw = randn(D, g=g, scale=0.3) + 1, randn(D, g=g, scale=0.3) + 1
     cs = ref_rot.rope_cos_sin_cache(D, 4096, 1e6, DEV)
     pos = torch.randint(0, 4096, (T,), generator=g, device=DEV)
-    q_ref = ref_rot.apply_rotary(ref_norm.rms_norm(qkv[:, :Hq * D].view(T, Hq, D), qw, 1e-6),
-                                 pos, cs)
+    q_ref = ref_rot.apply_rotary(
+        ref_norm.rms_norm(qkv[:, : Hq * D].view(T, Hq, D), qw, 1e-6), pos, cs
+    )
     k_ref = ref_rot.apply_rotary(
-        ref_norm.rms_norm(qkv[:, Hq * D:(Hq + Hkv) * D].view(T, Hkv, D), kw, 1e-6), pos, cs)
-    v_ref = qkv[:, (Hq + Hkv) * D:].view(T, Hkv, D)
+        ref_norm.rms_norm(qkv[:, Hq * D : (Hq + Hkv) * D].view(T, Hkv, D), kw, 1e-6), pos, cs
+    )
+    v_ref = qkv[:, (Hq + Hkv) * D :].view(T, Hkv, D)
     caches = slots = None
     if with_cache:
         caches = [torch.zeros(8, bs, Hkv, D, device=DEV, dtype=DT) for _ in range(2)]
         slots = torch.randperm(8 * bs, generator=g, device=DEV)[:T]
         slots[3] = -1  # a padding row: nothing stored
-    q, k, v = tk().qk_norm_rope(qkv, Hq, Hkv, D, qw, kw, 1e-6, pos, cs,
-                                *(caches or (None, None)), slots)
+    q, k, v = tk().qk_norm_rope(
+        qkv, Hq, Hkv, D, qw, kw, 1e-6, pos, cs, *(caches or (None, None)), slots
+    )
     tol = dict(rtol=2e-2, atol=2e-2) if DT == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(q, q_ref, **tol)
     torch.testing.assert_close(k, k_ref, **tol)

@@ -44,50 +44,113 @@ def pid_gone(pid: int) -> bool:
 
 # -- command lines ---------------------------------------------------------------------
 
+
 def test_builtin_command_from_spec():
-    spec = ServerSpec(role="gen", model="qwen3-30b-a3b", random_weights=True, device="cuda", gpu_memory_utilization=0.5,
-                      max_model_len=4096, max_num_seqs=512, enforce_eager=True, extra_args=["--seed", "1"])
+    spec = ServerSpec(
+        role="gen",
+        model="qwen3-30b-a3b",
+        random_weights=True,
+        device="cuda",
+        gpu_memory_utilization=0.5,
+        max_model_len=4096,
+        max_num_seqs=512,
+        enforce_eager=True,
+        extra_args=["--seed", "1"],
+    )
     cmd = build_command(spec, 8000)
     assert cmd[:6] == [sys.executable, "-P", "-m", "coserve", "serve", "gen"]
     args = " ".join(cmd[6:])
-    assert args == ("--model qwen3-30b-a3b --host 127.0.0.1 --port 8000 --random-weights --device cuda "
-                    "--gpu-memory-utilization 0.5 --max-model-len 4096 --max-num-seqs 512 --enforce-eager --seed 1")
+    assert args == (
+        "--model qwen3-30b-a3b --host 127.0.0.1 --port 8000 --random-weights --device cuda "
+        "--gpu-memory-utilization 0.5 --max-model-len 4096 --max-num-seqs 512 --enforce-eager --seed 1"
+    )
     tp = build_command(ServerSpec(role="embed", model="tiny-embed", tensor_parallel_size=2), 1)
     assert tp[tp.index("--tensor-parallel-size") + 1] == "2"
-    assert "--tensor-parallel-size" not in build_command(ServerSpec(role="embed", model="tiny-embed"), 1)
+    assert "--tensor-parallel-size" not in build_command(
+        ServerSpec(role="embed", model="tiny-embed"), 1
+    )
 
 
 def test_vllm_command_with_the_studys_flags():
-    gen = ServerSpec(role="gen", launcher="vllm", model="qwen3-30b-a3b", port=8000, gpu_memory_utilization=0.50,
-                     max_model_len=4096, max_num_seqs=512)
-    assert build_command(gen, 8000) == ["vllm", "serve", "Qwen/Qwen3-30B-A3B-FP8", "--host", "127.0.0.1", "--port", "8000",
-                                        "--gpu-memory-utilization", "0.5", "--max-model-len", "4096", "--max-num-seqs", "512"]
-    embed = ServerSpec(role="embed", launcher="vllm", model="qwen3-embedding-8b", gpu_memory_utilization=0.30,
-                       max_model_len=512, enforce_eager=True, tensor_parallel_size=2, random_weights=True,
-                       extra_args=["--max-num-batched-tokens", "8192"])
+    gen = ServerSpec(
+        role="gen",
+        launcher="vllm",
+        model="qwen3-30b-a3b",
+        port=8000,
+        gpu_memory_utilization=0.50,
+        max_model_len=4096,
+        max_num_seqs=512,
+    )
+    assert build_command(gen, 8000) == [
+        "vllm",
+        "serve",
+        "Qwen/Qwen3-30B-A3B-FP8",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "8000",
+        "--gpu-memory-utilization",
+        "0.5",
+        "--max-model-len",
+        "4096",
+        "--max-num-seqs",
+        "512",
+    ]
+    embed = ServerSpec(
+        role="embed",
+        launcher="vllm",
+        model="qwen3-embedding-8b",
+        gpu_memory_utilization=0.30,
+        max_model_len=512,
+        enforce_eager=True,
+        tensor_parallel_size=2,
+        random_weights=True,
+        extra_args=["--max-num-batched-tokens", "8192"],
+    )
     cmd = build_command(embed, 8001)
     assert cmd[:3] == ["vllm", "serve", "Qwen/Qwen3-Embedding-8B"]
     s = " ".join(cmd)
-    assert "--gpu-memory-utilization 0.3 --max-model-len 512 --enforce-eager --tensor-parallel-size 2" in s
+    assert (
+        "--gpu-memory-utilization 0.3 --max-model-len 512 --enforce-eager --tensor-parallel-size 2"
+        in s
+    )
     assert "--convert embed" in s and "--load-format dummy" in s
     assert cmd[-2:] == ["--max-num-batched-tokens", "8192"]  # passed through, last
     # a model path or HF id is passed as is; an explicit --convert is not doubled
-    own = build_command(ServerSpec(role="embed", launcher="vllm", model="/models/x", extra_args=["--convert", "embed"]), 1)
+    own = build_command(
+        ServerSpec(
+            role="embed", launcher="vllm", model="/models/x", extra_args=["--convert", "embed"]
+        ),
+        1,
+    )
     assert own[2] == "/models/x" and own.count("--convert") == 1
 
 
 def test_vllm_docker_form():
-    spec = ServerSpec(role="gen", launcher="vllm", model="qwen3-30b-a3b", docker_image="vllm/vllm-openai:v0.15.1",
-                      max_model_len=4096)
-    env = {"CUDA_VISIBLE_DEVICES": "MIG-abc", "CUDA_MPS_PIPE_DIRECTORY": "/run/mps/pipe", "NCCL_NVLS_ENABLE": "0"}
+    spec = ServerSpec(
+        role="gen",
+        launcher="vllm",
+        model="qwen3-30b-a3b",
+        docker_image="vllm/vllm-openai:v0.15.1",
+        max_model_len=4096,
+    )
+    env = {
+        "CUDA_VISIBLE_DEVICES": "MIG-abc",
+        "CUDA_MPS_PIPE_DIRECTORY": "/run/mps/pipe",
+        "NCCL_NVLS_ENABLE": "0",
+    }
     cmd = build_command(spec, 8000, env)
     s = " ".join(cmd)
-    assert cmd[:3] == ["docker", "run", "--rm"] and "--name coserve-gen-8000" in s and "--ipc=host" in s
+    assert (
+        cmd[:3] == ["docker", "run", "--rm"]
+        and "--name coserve-gen-8000" in s
+        and "--ipc=host" in s
+    )
     assert '--gpus "device=MIG-abc"' in s
     assert "-e CUDA_MPS_PIPE_DIRECTORY=/run/mps/pipe -v /run/mps/pipe:/run/mps/pipe" in s
     assert "-e NCCL_NVLS_ENABLE=0" in s
     i = cmd.index("vllm/vllm-openai:v0.15.1")
-    assert cmd[i + 1:i + 3] == ["Qwen/Qwen3-30B-A3B-FP8", "--host"]
+    assert cmd[i + 1 : i + 3] == ["Qwen/Qwen3-30B-A3B-FP8", "--host"]
 
 
 def test_spec_validation():
@@ -103,7 +166,9 @@ def test_spec_validation():
 
 # -- processes ---------------------------------------------------------------------------
 
-TINY = dict(model="tiny-dense", random_weights=True, device="cpu", max_model_len=256, max_num_seqs=8)
+TINY = dict(
+    model="tiny-dense", random_weights=True, device="cpu", max_model_len=256, max_num_seqs=8
+)
 
 
 def test_real_server_ready_logged_external_and_torn_down(tmp_path):
@@ -124,7 +189,12 @@ def test_real_server_ready_logged_external_and_torn_down(tmp_path):
         assert b"NCCL_NVLS_ENABLE=0" in penv and b"CUDA_VISIBLE_DEVICES=0" in penv
         assert os.getpgid(srv.pid) == srv.pid  # its own process group
         # the same server, as an external one: readiness checked, nothing started or stopped
-        ext = start_server(ServerSpec(role="gen", launcher="external", url=srv.url + "/"), {}, tmp_path / "x.log", 10)
+        ext = start_server(
+            ServerSpec(role="gen", launcher="external", url=srv.url + "/"),
+            {},
+            tmp_path / "x.log",
+            10,
+        )
         assert ext.url == srv.url and ext.pid is None and ext.alive()
         assert ext.stop() is None and srv.alive()
     finally:
@@ -132,18 +202,30 @@ def test_real_server_ready_logged_external_and_torn_down(tmp_path):
     assert rc == 0  # graceful SIGTERM
     assert group_gone(srv.pgid)
     with pytest.raises(ServerFailed, match="did not answer /health within 1 s"):
-        start_server(ServerSpec(role="gen", launcher="external", url=srv.url), {}, tmp_path / "x.log", 1)
+        start_server(
+            ServerSpec(role="gen", launcher="external", url=srv.url), {}, tmp_path / "x.log", 1
+        )
     with pytest.raises(ServerFailed, match="died"):
         srv.check()
 
 
 def test_server_that_dies_early_fails_with_its_log_tail(tmp_path):
-    spec = ServerSpec(role="embed", model="tiny-embed", random_weights=True, device="cpu", extra_args=["--no-such-flag"])
+    spec = ServerSpec(
+        role="embed",
+        model="tiny-embed",
+        random_weights=True,
+        device="cpu",
+        extra_args=["--no-such-flag"],
+    )
     t0 = time.monotonic()
     with pytest.raises(ServerFailed) as ei:
         start_server(spec, {}, tmp_path / "embed.log", ready_timeout_s=120)
     msg = str(ei.value)
-    assert "embed server (builtin" in msg and "exited before /health answered" in msg and "exit code 2" in msg
+    assert (
+        "embed server (builtin" in msg
+        and "exited before /health answered" in msg
+        and "exit code 2" in msg
+    )
     assert "unrecognized arguments: --no-such-flag" in msg  # the tail of its log
     assert time.monotonic() - t0 < 60
 
@@ -173,7 +255,9 @@ def _child_pid(log: Path) -> int:
 
 
 def test_teardown_kills_the_whole_group(tmp_path):
-    spec = ServerSpec(role="gen", launcher="command", extra_args=[sys.executable, "-c", HANGER, "serve", "{port}"])
+    spec = ServerSpec(
+        role="gen", launcher="command", extra_args=[sys.executable, "-c", HANGER, "serve", "{port}"]
+    )
     log = tmp_path / "gen.log"
     srv = start_server(spec, {}, log, ready_timeout_s=30)
     child = _child_pid(log)
@@ -185,17 +269,27 @@ def test_teardown_kills_the_whole_group(tmp_path):
 
 
 def test_not_ready_in_time(tmp_path):
-    spec = ServerSpec(role="embed", launcher="command", extra_args=[sys.executable, "-c", HANGER, "hang", "{port}"])
+    spec = ServerSpec(
+        role="embed",
+        launcher="command",
+        extra_args=[sys.executable, "-c", HANGER, "hang", "{port}"],
+    )
     log = tmp_path / "embed.log"
-    with pytest.raises(ServerFailed, match=r"(?s)not ready: /health did not answer 200 within 2 s.*child \d+") as ei:
+    with pytest.raises(
+        ServerFailed, match=r"(?s)not ready: /health did not answer 200 within 2 s.*child \d+"
+    ) as ei:
         start_server(spec, {}, log, ready_timeout_s=2)
     assert "embed.log" in str(ei.value)
     assert pid_gone(_child_pid(log))
 
 
 def test_servers_start_one_after_the_other(tmp_path):
-    specs = [ServerSpec(role="gen", **TINY),
-             ServerSpec(role="embed", model="tiny-embed", random_weights=True, device="cpu", max_model_len=128)]
+    specs = [
+        ServerSpec(role="gen", **TINY),
+        ServerSpec(
+            role="embed", model="tiny-embed", random_weights=True, device="cpu", max_model_len=128
+        ),
+    ]
     servers = start_servers(specs, {"gen": {}, "embed": {}}, tmp_path, ready_timeout_s=120)
     try:
         gen_log = (tmp_path / "gen.log").read_text()
@@ -223,7 +317,10 @@ def test_failed_second_server_stops_the_first(tmp_path, monkeypatch):
 
     real_start_server = launch.start_server
     monkeypatch.setattr(launch, "start_server", recording_start_server)
-    specs = [ServerSpec(role="gen", **TINY), ServerSpec(role="embed", model="tiny-embed", device="cpu", extra_args=["--bad"])]
+    specs = [
+        ServerSpec(role="gen", **TINY),
+        ServerSpec(role="embed", model="tiny-embed", device="cpu", extra_args=["--bad"]),
+    ]
     with pytest.raises(ServerFailed, match="embed server"):
         start_servers(specs, {}, tmp_path, ready_timeout_s=120)
     [gen] = started  # gen came up; embed failed before start_server returned
@@ -250,8 +347,12 @@ def test_server_goes_when_coserve_is_killed_outright(tmp_path):
     import subprocess
 
     log = tmp_path / "gen.log"
-    p = subprocess.Popen([sys.executable, "-c", KILLED_PARENT, HELLO, str(log)], stdout=subprocess.PIPE, text=True,
-                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    p = subprocess.Popen(
+        [sys.executable, "-c", KILLED_PARENT, HELLO, str(log)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+    )
     pid = int(p.stdout.readline())
     p.kill()
     p.wait(timeout=10)

@@ -43,7 +43,9 @@ def not_default(f: dataclasses.Field):
 
 
 def spec_with(want: dict):
-    return loads_spec(SPEC.format(load="\n".join(f"{k} = {json.dumps(v)}" for k, v in want.items())))
+    return loads_spec(
+        SPEC.format(load="\n".join(f"{k} = {json.dumps(v)}" for k, v in want.items()))
+    )
 
 
 def test_every_load_field_reaches_load_config(tmp_path):
@@ -58,10 +60,13 @@ def test_every_load_field_reaches_load_config(tmp_path):
     assert (cfg.gen_url, cfg.embed_url, cfg.seed) == (urls["gen"], urls["embed"], spec.seed)
     point = LoadConfig(**runner.load_config(spec.condition("ts.embed-r120"), urls))
     assert point.embed_rate == 120.0 and point.embed_concurrency == want["embed_concurrency"]
-    assert {k: getattr(point, k) for k in want if k != "embed_rate"} == \
-        {k: v for k, v in want.items() if k != "embed_rate"}
+    assert {k: getattr(point, k) for k in want if k != "embed_rate"} == {
+        k: v for k, v in want.items() if k != "embed_rate"
+    }
     gen_only = LoadConfig(**runner.load_config(spec.condition("gen-only"), {"gen": urls["gen"]}))
     assert gen_only.embed_url is None and gen_only.gen_rate == want["gen_rate"]
     constant = spec_with({"arrival": "constant"})
-    cfg = LoadConfig(**Runner(constant, tmp_path / "run2").load_config(constant.condition("ts"), urls))
+    cfg = LoadConfig(
+        **Runner(constant, tmp_path / "run2").load_config(constant.condition("ts"), urls)
+    )
     assert cfg.arrival == "constant"

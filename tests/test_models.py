@@ -32,15 +32,24 @@ def _our_logits(model, ids: torch.Tensor) -> torch.Tensor:
 
 
 def _qwen3_config(**kw):
-    base = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                max_position_embeddings=256, rope_theta=10000.0)
+    base = dict(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=256,
+        rope_theta=10000.0,
+    )
     return {**base, **kw}
 
 
 def _moe_config(**kw):
-    return _qwen3_config(moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2,
-                         norm_topk_prob=True, **kw)
+    return _qwen3_config(
+        moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, **kw
+    )
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +75,9 @@ def test_qwen3_dense_logits_match_transformers(tmp_path, ids, tied):
 @pytest.mark.parametrize("norm_topk_prob", [True, False])
 def test_qwen3_moe_logits_match_transformers(tmp_path, ids, norm_topk_prob):
     torch.manual_seed(0)
-    cfg = transformers.Qwen3MoeConfig(**{**_moe_config(), "norm_topk_prob": norm_topk_prob},
-                                      mlp_only_layers=[1])  # one MoE layer, one dense layer
+    cfg = transformers.Qwen3MoeConfig(
+        **{**_moe_config(), "norm_topk_prob": norm_topk_prob}, mlp_only_layers=[1]
+    )  # one MoE layer, one dense layer
     hf = transformers.Qwen3MoeForCausalLM(cfg).eval()
     lm = load_model(str(_save(hf, tmp_path)), task="generate")
     assert lm.config.is_moe_layer(0) and not lm.config.is_moe_layer(1)
@@ -106,9 +116,16 @@ def _fp8_checkpoint(tmp_path: Path) -> tuple[torch.nn.Module, Path]:
 
     torch.manual_seed(0)
     # hidden 192: partial 128-blocks; k/v 64 rows: q|k|v cannot share scale blocks
-    cfg = transformers.Qwen3MoeConfig(**{**_moe_config(), "hidden_size": 192, "head_dim": 32,
-                                         "moe_intermediate_size": 128, "intermediate_size": 256},
-                                      mlp_only_layers=[1])
+    cfg = transformers.Qwen3MoeConfig(
+        **{
+            **_moe_config(),
+            "hidden_size": 192,
+            "head_dim": 32,
+            "moe_intermediate_size": 128,
+            "intermediate_size": 256,
+        },
+        mlp_only_layers=[1],
+    )
     ref_dir, fp8_dir = tmp_path / "ref", tmp_path / "fp8"
     transformers.Qwen3MoeForCausalLM(cfg).save_pretrained(ref_dir)
     fp8_dir.mkdir()
@@ -124,9 +141,13 @@ def _fp8_checkpoint(tmp_path: Path) -> tuple[torch.nn.Module, Path]:
     save_file(sd, ref_dir / "model.safetensors", metadata={"format": "pt"})
     save_file(out, fp8_dir / "model.safetensors", metadata={"format": "pt"})
     conf = json.loads((ref_dir / "config.json").read_text())
-    conf["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3",
-                                   "activation_scheme": "dynamic", "weight_block_size": [128, 128],
-                                   "modules_to_not_convert": ["lm_head", "mlp.gate"]}
+    conf["quantization_config"] = {
+        "quant_method": "fp8",
+        "fmt": "e4m3",
+        "activation_scheme": "dynamic",
+        "weight_block_size": [128, 128],
+        "modules_to_not_convert": ["lm_head", "mlp.gate"],
+    }
     (fp8_dir / "config.json").write_text(json.dumps(conf))
     hf = transformers.Qwen3MoeForCausalLM.from_pretrained(ref_dir).eval()
     return hf, fp8_dir
@@ -158,23 +179,30 @@ def test_random_fp8_preset_same_numerics_kept_or_dequantised(ids):
 
 def test_bert_matches_transformers(tmp_path):
     torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=200, hidden_size=64, num_hidden_layers=2,
-                                  num_attention_heads=4, intermediate_size=128,
-                                  max_position_embeddings=64)
+    cfg = transformers.BertConfig(
+        vocab_size=200,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=64,
+    )
     hf = transformers.BertModel(cfg).eval()
     hf.save_pretrained(tmp_path)
     lm = load_model(str(tmp_path), task="embed")
     assert lm.pooling == "mean"
     seqs = [[101, 5, 9, 17, 102], [101, 33, 102], [101] + list(range(40, 60)) + [102]]
     with torch.inference_mode():
-        ours = lm.model(torch.tensor([t for s in seqs for t in s]),
-                        torch.cat([torch.arange(len(s)) for s in seqs]),
-                        AttnMetadata.dense([len(s) for s in seqs], causal=False))
+        ours = lm.model(
+            torch.tensor([t for s in seqs for t in s]),
+            torch.cat([torch.arange(len(s)) for s in seqs]),
+            AttnMetadata.dense([len(s) for s in seqs], causal=False),
+        )
     start = 0
     for s in seqs:
         with torch.no_grad():
             ref = hf(torch.tensor([s])).last_hidden_state[0]
-        assert (ref - ours[start:start + len(s)]).abs().max() < ATOL
+        assert (ref - ours[start : start + len(s)]).abs().max() < ATOL
         start += len(s)
 
 
@@ -193,9 +221,14 @@ def test_qwen3_embedding_is_last_token_pooled_hidden_state(tmp_path):
     assert engine.dim == 64
 
 
-SENTENCES = ["A man is eating food.", "A man is eating a piece of bread.",
-             "The girl is carrying a baby.", "A man is riding a horse.",
-             "The new movie is awesome.", "Stock markets fell sharply on Monday."]
+SENTENCES = [
+    "A man is eating food.",
+    "A man is eating a piece of bread.",
+    "The girl is carrying a baby.",
+    "A man is riding a horse.",
+    "The new movie is awesome.",
+    "Stock markets fell sharply on Monday.",
+]
 
 
 @pytest.fixture(scope="module")
@@ -218,7 +251,10 @@ def test_minilm_matches_sentence_transformers_mean_pooling(minilm):
     cos = (ref * ours).sum(-1)
     assert cos.min() > 0.9999, cos
     assert minilm.dim == 384 and minilm.max_model_len == 256
-    assert minilm.tokenizer.encode(SENTENCES[0]) == batch["input_ids"][0][batch["attention_mask"][0].bool()].tolist()
+    assert (
+        minilm.tokenizer.encode(SENTENCES[0])
+        == batch["input_ids"][0][batch["attention_mask"][0].bool()].tolist()
+    )
 
 
 def test_minilm_similar_sentences_score_higher(minilm):

@@ -33,10 +33,15 @@ def test_the_engines_measured_kv_capacity_on_h200():
     the null block), gives the capacity exactly."""
     plan, _ = P.make_plan(args(gpu="h200"))
     assert plan.gen.kv_bytes_per_token == 98304  # 48 layers x 4 KV heads x 128 x K+V x bf16
-    assert plan.gen.weight_bytes / 2**30 == pytest.approx(29.0, abs=0.05)  # gen.txt: "weights 29.0 GiB"
+    assert plan.gen.weight_bytes / 2**30 == pytest.approx(
+        29.0, abs=0.05
+    )  # gen.txt: "weights 29.0 GiB"
     assert abs(plan.kv_tokens - P.MEASURED_KV_TOKENS) <= 9 * 16
-    allocated, _ = P.make_plan(args(gen="qwen3-30b-a3b", embed="none", dtype="bfloat16",
-                                    kv_cache_bytes=int(37.575 * 2**30)))
+    allocated, _ = P.make_plan(
+        args(
+            gen="qwen3-30b-a3b", embed="none", dtype="bfloat16", kv_cache_bytes=int(37.575 * 2**30)
+        )
+    )
     assert allocated.kv_tokens == P.MEASURED_KV_TOKENS == 410_400
     # vLLM's own figure is shown as the study's, not derived
     assert plan.study_vllm_kv_tokens() == 322_000
@@ -56,8 +61,18 @@ def test_plan_equals_a_cpu_servers_own_kv_capacity():
     from test_server_util import coserve_serve
 
     for model, budget in (("tiny-dense", "16M"), ("tiny-moe", "3000000")):
-        with coserve_serve("gen", "--model", model, "--random-weights", "--device", "cpu", "--max-model-len", "256",
-                           "--kv-cache-bytes", budget) as srv:
+        with coserve_serve(
+            "gen",
+            "--model",
+            model,
+            "--random-weights",
+            "--device",
+            "cpu",
+            "--max-model-len",
+            "256",
+            "--kv-cache-bytes",
+            budget,
+        ) as srv:
             served = int(re.search(r"KV cache capacity (\d+) tokens", srv.ready_line).group(1))
         plan, _ = P.make_plan(args(gen=model, embed="none", kv_cache_bytes=parse_bytes(budget)))
         assert plan.kv_tokens == served, (model, budget)
@@ -88,11 +103,19 @@ def test_weights_match_the_engines_own_model():
     from coserve.engine.presets import get_preset
     from coserve.engine.weights import build_model, parse_hf_config
 
-    for name, task in (("qwen3-30b-a3b", "generate"), ("qwen3-embedding-8b", "embed"),
-                       ("tiny-moe", "generate")):
+    for name, task in (
+        ("qwen3-30b-a3b", "generate"),
+        ("qwen3-embedding-8b", "embed"),
+        ("tiny-moe", "generate"),
+    ):
         cfg = parse_hf_config(get_preset(name).hf_config, None)
-        net = build_model(cfg, task=task, dtype=torch.bfloat16, device=torch.device("meta"),
-                          quant=getattr(cfg, "quant", None))
+        net = build_model(
+            cfg,
+            task=task,
+            dtype=torch.bfloat16,
+            device=torch.device("meta"),
+            quant=getattr(cfg, "quant", None),
+        )
         engine_bytes = sum(p.numel() * p.element_size() for p in net.parameters())
         assert P.model_size(name, embedding=task == "embed").weight_bytes == engine_bytes, name
 
@@ -137,5 +160,23 @@ def test_cli(capsys):
     assert d["concurrency"]["512"]["fits"] and not d["concurrency"]["1024"]["fits"]
     assert main(["plan", "--gen", "no-such-model"]) == 2
     assert "unknown model" in capsys.readouterr().out
-    assert main(["plan", "--gen", "tiny-moe", "--embed", "all-minilm-l6-v2", "--gpu-memory-gib", "8",
-                 "--reserve-gib", "0.5", "--input-len", "16", "--output-len", "32"]) == 0
+    assert (
+        main(
+            [
+                "plan",
+                "--gen",
+                "tiny-moe",
+                "--embed",
+                "all-minilm-l6-v2",
+                "--gpu-memory-gib",
+                "8",
+                "--reserve-gib",
+                "0.5",
+                "--input-len",
+                "16",
+                "--output-len",
+                "32",
+            ]
+        )
+        == 0
+    )

@@ -60,4 +60,4 @@ def test_helpers(tmp_path):
     assert tail(log, 3) == "line 97\nline 98\nline 99"
     assert tail(tmp_path / "missing.log") == "(no log)"
     assert 0 < free_port() < 65536
-    assert group_alive(os.getpgid(0)) and not group_alive(2 ** 22 + 12345)
+    assert group_alive(os.getpgid(0)) and not group_alive(2**22 + 12345)

@@ -20,7 +20,9 @@ def run_dir(tmp_path_factory):
     with pytest.raises(KeyboardInterrupt):
         runner(tmp, b, text=text, only=["gen-only", "embed-only", "timeslice"]).run()
     # the sweep points run in a later call; mps never runs
-    runner(tmp, FakeBackend(), text=text, resume=True, only=["gen-only.gen-c4", "gen-only.gen-c8"]).run()
+    runner(
+        tmp, FakeBackend(), text=text, resume=True, only=["gen-only.gen-c4", "gen-only.gen-c8"]
+    ).run()
     render(tmp / "run")
     return tmp / "run"
 
@@ -43,21 +45,41 @@ def test_stats_per_condition(run_dir):
 
 def test_markdown_tables(run_dir):
     md = (run_dir / "report.md").read_text()
-    assert "| Condition | Strategy | Reps | Gen (tok/s) | Gen delta | Embed (seq/s) | Embed delta |" in md
-    assert re.search(r"\| gen-only \| timeslice \| 2/2 \| [\d,]+ ± [\d,.]+ \| baseline \| - \| - \|", md)
-    assert re.search(r"\| timeslice \| timeslice \| 1/2 \(partial\) \| [\d,]+ \| \*\*[+-]\d+\.\d%\*\* \(n=1: no CI\)", md)
+    assert (
+        "| Condition | Strategy | Reps | Gen (tok/s) | Gen delta | Embed (seq/s) | Embed delta |"
+        in md
+    )
+    assert re.search(
+        r"\| gen-only \| timeslice \| 2/2 \| [\d,]+ ± [\d,.]+ \| baseline \| - \| - \|", md
+    )
+    assert re.search(
+        r"\| timeslice \| timeslice \| 1/2 \(partial\) \| [\d,]+ \| \*\*[+-]\d+\.\d%\*\* \(n=1: no CI\)",
+        md,
+    )
     assert "| mps | mps | 0/2 (not run) | (none) |" in md
-    for heading in ("Per-token decode latency (TPOT, ms)", "Time to first token", "GPU telemetry",
-                    "Concurrency sweep (gen)", "Missing or failed", "Environment", "Settings"):
+    for heading in (
+        "Per-token decode latency (TPOT, ms)",
+        "Time to first token",
+        "GPU telemetry",
+        "Concurrency sweep (gen)",
+        "Missing or failed",
+        "Environment",
+        "Settings",
+    ):
         assert heading in md
-    assert "| Condition | SM active | SM occupancy | Tensor active | DRAM active | Power (W) |" in md
+    assert (
+        "| Condition | SM active | SM occupancy | Tensor active | DRAM active | Power (W) |" in md
+    )
     assert "| gen-only | 0.820 ± 0.000 | 0.180 ± 0.000 | 0.200 ± 0.000 | 0.300 ± 0.000 |" in md
     assert "| embed-only | rep 2 failed | ConnectionError: gen endpoint unreachable |" in md
     assert "| mps | not run | 2 of 2 rep(s) not run yet" in md
     assert "| timeslice | not run | 1 of 2 rep(s) not run yet" in md
     assert "Throughput-optimal concurrency: **gen-only: C=" in md
     for name in ("tradeoff", "throughput", "tpot", "telemetry", "sweep"):
-        assert f"(plots/{name}.png)" in md and (run_dir / "plots" / f"{name}.png").stat().st_size > 5000
+        assert (
+            f"(plots/{name}.png)" in md
+            and (run_dir / "plots" / f"{name}.png").stat().st_size > 5000
+        )
 
 
 def test_html_is_self_contained(run_dir):
@@ -74,6 +96,7 @@ def test_report_command_rerenders(run_dir, capsys):
     (run_dir / "report.md").unlink()
     assert main(["report", str(run_dir), "--no-plots"]) == 0
     after = (run_dir / "report.md").read_text()
+
     def table(md):
         return md.split("## Throughput\n\n")[1].split("\n\n")[0]
 
@@ -87,7 +110,9 @@ def test_embed_sweep_plots_the_trade_off(tmp_path):
     from coserve.report import plots
     from coserve.report.tradeoff import tradeoff
 
-    text = SPEC + '[sweep]\nrole = "embed"\nconcurrency = [4, 16]\nconditions = ["timeslice", "mps"]\n'
+    text = (
+        SPEC + '[sweep]\nrole = "embed"\nconcurrency = [4, 16]\nconditions = ["timeslice", "mps"]\n'
+    )
     names = ["timeslice.embed-c4", "timeslice.embed-c16", "mps.embed-c4", "mps.embed-c16"]
     runner(tmp_path, FakeBackend(), text=text, only=names).run()
     run = aggregate(tmp_path / "run")
@@ -95,6 +120,8 @@ def test_embed_sweep_plots_the_trade_off(tmp_path):
     assert set(run.sweep_optimum()) == {"timeslice", "mps"}
     assert plots.sweep(run, tmp_path / "sweep.png").stat().st_size > 5000
     curves = {c.label: [p.condition for p in c.points] for c in tradeoff(run).curves}
-    assert curves == {"timeslice": sorted(names[:2], key=lambda n: run.get(n).mean("embed_seq_s")),
-                      "mps": sorted(names[2:], key=lambda n: run.get(n).mean("embed_seq_s"))}
+    assert curves == {
+        "timeslice": sorted(names[:2], key=lambda n: run.get(n).mean("embed_seq_s")),
+        "mps": sorted(names[2:], key=lambda n: run.get(n).mean("embed_seq_s")),
+    }
     assert plots.tradeoff(run, tmp_path / "tradeoff.png").stat().st_size > 5000

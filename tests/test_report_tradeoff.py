@@ -66,8 +66,14 @@ class ModelBackend(FakeBackend):
         cond = Path(out_path).parent.parent.name
         strategy = cond.split(".")[0]
         noise = 1 + random.Random(f"{cond}/{Path(out_path).parent.name}").uniform(-0.005, 0.005)
-        out = {"warmup_s": load["warmup_s"], "duration_s": load["duration_s"], "cut_short": False,
-               "started_at": "2023-11-14T22:13:20+00:00", "gen": None, "embed": None}
+        out = {
+            "warmup_s": load["warmup_s"],
+            "duration_s": load["duration_s"],
+            "cut_short": False,
+            "started_at": "2023-11-14T22:13:20+00:00",
+            "gen": None,
+            "embed": None,
+        }
         seq_s = 0.0
         if load["embed_url"]:
             rate = load["embed_rate"]
@@ -75,21 +81,36 @@ class ModelBackend(FakeBackend):
             seq_s = min(offered or float("inf"), CAPACITY[strategy]) * noise
             kept = offered is None or seq_s >= 0.95 * offered
             out["embed"] = {
-                "sequences_per_s": seq_s, "requests_per_s": seq_s / 8, "completed": 30, "failed": 0,
-                "latency_ms": {"mean": 10, "p50": 10, "p95": 12, "p99": 13}, "errors": [],
-                "mode": "closed" if rate is None else "rate", "offered_rate_rps": rate,
-                "achieved_rate_rps": seq_s / 8, "kept_up": kept,
+                "sequences_per_s": seq_s,
+                "requests_per_s": seq_s / 8,
+                "completed": 30,
+                "failed": 0,
+                "latency_ms": {"mean": 10, "p50": 10, "p95": 12, "p99": 13},
+                "errors": [],
+                "mode": "closed" if rate is None else "rate",
+                "offered_rate_rps": rate,
+                "achieved_rate_rps": seq_s / 8,
+                "kept_up": kept,
                 "warning": None if kept else f"achieved {seq_s / 8:.1f} of {rate:g} req/s offered",
-                "goodput": {"sequences_per_s": 0.9 * seq_s}}
+                "goodput": {"sequences_per_s": 0.9 * seq_s},
+            }
         if load["gen_url"]:
             tok = (1000.0 - COST.get(strategy, 0.0) * seq_s) * noise
             out["gen"] = {
-                "output_tokens_per_s": tok, "requests_per_s": 2.0, "completed": 20, "failed": 0,
+                "output_tokens_per_s": tok,
+                "requests_per_s": 2.0,
+                "completed": 20,
+                "failed": 0,
                 "tpot_ms": {"mean": 10, "p50": 10, "p95": 12, "p99": 10 + 0.05 * seq_s},
-                "ttft_ms": {"mean": 50, "p50": 40, "p95": 80, "p99": 90}, "errors": [],
-                "mode": "closed", "offered_rate_rps": None, "achieved_rate_rps": 2.0,
-                "kept_up": True, "warning": None,
-                "goodput": {"requests_per_s": 1.5, "output_tokens_per_s": 0.75 * tok}}
+                "ttft_ms": {"mean": 50, "p50": 40, "p95": 80, "p99": 90},
+                "errors": [],
+                "mode": "closed",
+                "offered_rate_rps": None,
+                "achieved_rate_rps": 2.0,
+                "kept_up": True,
+                "warning": None,
+                "goodput": {"requests_per_s": 1.5, "output_tokens_per_s": 0.75 * tok},
+            }
         Path(out_path).write_text(json.dumps(out))
         return out
 
@@ -104,13 +125,18 @@ def open_run(tmp_path_factory):
 
 def test_tradeoff_series(open_run):
     t = tradeoff(aggregate(open_run))
-    series = {c.label: [(p.condition, round(p.embed_seq_s.mean)) for p in c.points] for c in t.curves}
+    series = {
+        c.label: [(p.condition, round(p.embed_seq_s.mean)) for p in c.points] for c in t.curves
+    }
     assert series == {
         "timeslice": [("timeslice.embed-r2", 16), ("timeslice", 32), ("timeslice.embed-r16", 128)],
-        "mps": [("mps.embed-r2", 16), ("mps", 32), ("mps.embed-r16", 60)]}
+        "mps": [("mps.embed-r2", 16), ("mps", 32), ("mps.embed-r16", 60)],
+    }
     for c in t.curves:
         for p in c.points:
-            assert p.gen_tok_s.mean == pytest.approx(1000 - COST[c.label] * p.embed_seq_s.mean, rel=0.01)
+            assert p.gen_tok_s.mean == pytest.approx(
+                1000 - COST[c.label] * p.embed_seq_s.mean, rel=0.01
+            )
     p = t.curves[0].points[1]
     assert p.tpot_p99_ms.mean == pytest.approx(10 + 0.05 * p.embed_seq_s.mean, rel=1e-3)
     assert p.gen_tok_s.half_width > 0 and p.embed_seq_s.n == 2
@@ -126,21 +152,35 @@ def test_open_loop_tables_and_equal_work(open_run):
     assert "![Trade-off: gen against achieved embed work](plots/tradeoff.png)" in md
     assert md.index("plots/tradeoff.png") < md.index("plots/throughput.png")  # the headline
     assert "Marked X: the published figures" in md
-    assert "**Equal embed work** for the co-located conditions: timeslice 31.9, mps 32.0 embed " \
-           "seq/s, within 5 % of each other" in md
+    assert (
+        "**Equal embed work** for the co-located conditions: timeslice 31.9, mps 32.0 embed "
+        "seq/s, within 5 % of each other" in md
+    )
     sweep = md.split("## Rate sweep (embed)")[1]
-    assert "- **Unequal embed work** for the sweep points at embed rate 16 req/s: " \
-           "timeslice.embed-r16 128, mps.embed-r16 60.2 embed seq/s (the most is 2.1x the least" in sweep
+    assert (
+        "- **Unequal embed work** for the sweep points at embed rate 16 req/s: "
+        "timeslice.embed-r16 128, mps.embed-r16 60.2 embed seq/s (the most is 2.1x the least"
+        in sweep
+    )
     # an embed rate was offered to both, so the gap is a server that fell behind, said by name
     assert "alone; mps.embed-r16 did not keep up with the offered embed rate" in sweep
     assert "- **Equal embed work** for the sweep points at embed rate 2 req/s" in sweep
     assert "for the sweep points" not in md.split("## Rate sweep")[0]
-    assert "| Condition | Gen load | Gen offered (req/s) | Gen achieved (req/s) | Embed load |" in md
-    assert "| mps | closed, C=512 | - | 2.00 ± 0.00 | rate 4 req/s (poisson, cap 64) | 4.00 ± 0.00 |" in md
-    assert "| mps.embed-r16 | closed, C=512 | - | 2.00 | rate 16 req/s (poisson, cap 64) | 16.0 | " \
-           "7.52 | 60.2 | **no** (1 of 1 reps) |" in md
-    assert "| timeslice.embed-r16 | closed, C=512 | - | 2.00 | rate 16 req/s (poisson, cap 64) | 16.0 | " \
-           "16.0 | 128 | yes |" in md
+    assert (
+        "| Condition | Gen load | Gen offered (req/s) | Gen achieved (req/s) | Embed load |" in md
+    )
+    assert (
+        "| mps | closed, C=512 | - | 2.00 ± 0.00 | rate 4 req/s (poisson, cap 64) | 4.00 ± 0.00 |"
+        in md
+    )
+    assert (
+        "| mps.embed-r16 | closed, C=512 | - | 2.00 | rate 16 req/s (poisson, cap 64) | 16.0 | "
+        "7.52 | 60.2 | **no** (1 of 1 reps) |" in md
+    )
+    assert (
+        "| timeslice.embed-r16 | closed, C=512 | - | 2.00 | rate 16 req/s (poisson, cap 64) | 16.0 | "
+        "16.0 | 128 | yes |" in md
+    )
     assert "- **mps.embed-r16** rep 1, embed: achieved 7.5 of 16 req/s offered" in md
     assert "| Condition | Gen goodput (req/s) | Gen goodput (tok/s) | Embed goodput (seq/s) |" in md
     assert "every bound (TPOT <= 30 ms); an embed request only if it took <= 250 ms" in md
@@ -148,8 +188,10 @@ def test_open_loop_tables_and_equal_work(open_run):
     stats = json.loads((open_run / "stats.json").read_text())
     assert [e["behind"] for e in stats["equal_work"]] == [[], [], ["mps.embed-r16"]]
     assert [(e["what"], e["equal"]) for e in stats["equal_work"]] == [
-        ("the co-located conditions", True), ("the sweep points at embed rate 2 req/s", True),
-        ("the sweep points at embed rate 16 req/s", False)]
+        ("the co-located conditions", True),
+        ("the sweep points at embed rate 2 req/s", True),
+        ("the sweep points at embed rate 16 req/s", False),
+    ]
     mps16 = next(c for c in stats["conditions"] if c["condition"] == "mps.embed-r16")
     assert mps16["load_warnings"][0]["role"] == "embed"
 
@@ -161,14 +203,26 @@ def test_closed_loop_strategies_are_said_to_do_unequal_work(tmp_path):
     assert check.conditions == ["timeslice", "mps"] and not check.equal
     out = render(tmp_path / "run", with_plots=False)
     md = out.markdown.read_text()
-    assert "**Unequal embed work** for the co-located conditions: timeslice 997, mps 60.0 embed " \
-           "seq/s (the most is 16.6x the least; equal means within 5 %)" in md
-    assert "| timeslice | closed, C=512 | - | 2.00 ± 0.00 | closed, C=64 | - | 125 ± 1.36 | 997 ± 10.9 | yes |" in md
+    assert (
+        "**Unequal embed work** for the co-located conditions: timeslice 997, mps 60.0 embed "
+        "seq/s (the most is 16.6x the least; equal means within 5 %)" in md
+    )
+    assert (
+        "| timeslice | closed, C=512 | - | 2.00 ± 0.00 | closed, C=64 | - | 125 ± 1.36 | 997 ± 10.9 | yes |"
+        in md
+    )
 
 
-@pytest.mark.parametrize("seq_s, equal", [
-    ([100.0, 104.9], True), ([100.0, 100.0, 105.0], True), ([100.0, 105.1], False),
-    ([490.0, 1132.0], False), ([0.0, 3.0], False)])
+@pytest.mark.parametrize(
+    "seq_s, equal",
+    [
+        ([100.0, 104.9], True),
+        ([100.0, 100.0, 105.0], True),
+        ([100.0, 105.1], False),
+        ([490.0, 1132.0], False),
+        ([0.0, 3.0], False),
+    ],
+)
 def test_equal_work_threshold(seq_s, equal):
     e = EqualWork("x", "matrix", [f"c{i}" for i in range(len(seq_s))], seq_s)
     assert e.equal is equal
@@ -191,11 +245,18 @@ def test_an_old_run_folder_still_renders(tmp_path):
     spec["load"]["embed_rate"] = 61.25
     (old / "spec.json").write_text(json.dumps(spec))
     md = render(old, with_plots=False).markdown.read_text()
-    assert "| mps | closed, C=512 | - | - | rate 61.25 req/s (poisson, cap 64) | - | - | 959 ± 14.3 | - |" in md
-    assert "No offered or achieved rate in the results of gen-only, embed-only, timeslice, mps" in md
+    assert (
+        "| mps | closed, C=512 | - | - | rate 61.25 req/s (poisson, cap 64) | - | - | 959 ± 14.3 | - |"
+        in md
+    )
+    assert (
+        "No offered or achieved rate in the results of gen-only, embed-only, timeslice, mps" in md
+    )
     assert "| gen-only | timeslice | 0 | gen: qwen3-30b-a3b" in md
     assert set(out.plots) >= {"tradeoff", "throughput", "tpot"}
     t = tradeoff(out.run)
     assert {c.label: [p.condition for p in c.points] for c in t.curves} == {
-        "timeslice": ["timeslice"], "mps": ["mps"]}
+        "timeslice": ["timeslice"],
+        "mps": ["mps"],
+    }
     assert t.reference is None  # the old spec names none

@@ -38,18 +38,29 @@ servers = ["gen"]
 
 
 def test_why_quotes_the_cause_from_the_log_tail():
-    error = ("gen server (builtin, pid 7) exited before /health answered, after 0.5 s (exit code 1); "
-             "last lines of /r/gen.log:\n# coserve launch 2026 role=gen\n# cmd: python -m coserve\n"
-             "Traceback (most recent call last):\n  File \"x.py\", line 1, in <module>\n"
-             "    raise AssertionError('Torch not compiled with CUDA enabled')\n"
-             "AssertionError: Torch not compiled with CUDA enabled\nINFO exiting")
-    assert why(error) == ("gen server (builtin, pid 7) exited before /health answered, after 0.5 s "
-                          "(exit code 1): AssertionError: Torch not compiled with CUDA enabled (log: /r/gen.log)")
-    assert why("no gen request completed inside the window") == "no gen request completed inside the window"
+    error = (
+        "gen server (builtin, pid 7) exited before /health answered, after 0.5 s (exit code 1); "
+        "last lines of /r/gen.log:\n# coserve launch 2026 role=gen\n# cmd: python -m coserve\n"
+        'Traceback (most recent call last):\n  File "x.py", line 1, in <module>\n'
+        "    raise AssertionError('Torch not compiled with CUDA enabled')\n"
+        "AssertionError: Torch not compiled with CUDA enabled\nINFO exiting"
+    )
+    assert why(error) == (
+        "gen server (builtin, pid 7) exited before /health answered, after 0.5 s "
+        "(exit code 1): AssertionError: Torch not compiled with CUDA enabled (log: /r/gen.log)"
+    )
+    assert (
+        why("no gen request completed inside the window")
+        == "no gen request completed inside the window"
+    )
     assert why(None) == ""
-    refused = ("gen server (builtin, pid 8) exited before /health answered, after 1.0 s (exit code 2); "
-               "last lines of /r/gen.log:\n# cmd: x\ncoserve serve: qwen3-30b-a3b needs at least 29.0 GiB")
-    assert why(refused).endswith("(exit code 2): coserve serve: qwen3-30b-a3b needs at least 29.0 GiB (log: /r/gen.log)")
+    refused = (
+        "gen server (builtin, pid 8) exited before /health answered, after 1.0 s (exit code 2); "
+        "last lines of /r/gen.log:\n# cmd: x\ncoserve serve: qwen3-30b-a3b needs at least 29.0 GiB"
+    )
+    assert why(refused).endswith(
+        "(exit code 2): coserve serve: qwen3-30b-a3b needs at least 29.0 GiB (log: /r/gen.log)"
+    )
 
 
 def test_a_failed_reps_summary_names_the_cause(tmp_path, capsys):
@@ -90,5 +101,7 @@ def test_a_server_that_dies_mid_rep_fails_it_within_a_second(tmp_path):
     assert "gen server" in record["error"] and "died (killed by SIGKILL)" in record["error"]
     # killed 1 s into the load: stopped after about another second, not after the 60 s window
     assert record["phases_s"]["load"] < 5
-    assert why(record["error"]).startswith(f"gen server (builtin, pid {record['servers']['gen']['pid']}) "
-                                           f"died (killed by SIGKILL) (log: ")
+    assert why(record["error"]).startswith(
+        f"gen server (builtin, pid {record['servers']['gen']['pid']}) "
+        f"died (killed by SIGKILL) (log: "
+    )

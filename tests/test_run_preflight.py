@@ -18,7 +18,10 @@ from coserve.experiment.preflight import problems
 from coserve.spec import loads_spec
 
 GiB = 1 << 30
-ONE_GPU = {"gpus": [{"index": 0, "uuid": "GPU-aaa", "memory_mib": 81559, "mig_devices": ["MIG-bbb"]}], "note": None}
+ONE_GPU = {
+    "gpus": [{"index": 0, "uuid": "GPU-aaa", "memory_mib": 81559, "mig_devices": ["MIG-bbb"]}],
+    "note": None,
+}
 NO_GPU = {"gpus": [], "note": "no GPU: NVML could not be initialised (test)"}
 HAS_GPU = bool(gpu_state()["gpus"])
 
@@ -43,10 +46,14 @@ def check(text: str, gpus: dict, ram_gib: float = 64, monkeypatch=None) -> list[
 
 def test_cuda_and_gpu_strategies_without_a_gpu(monkeypatch):
     (p,) = check(spec('model = "tiny-dense"\ndevice = "cuda"'), NO_GPU, monkeypatch=monkeypatch)
-    assert p.startswith("c: servers.gen.device is 'cuda' but this machine has no CUDA GPU (no GPU: NVML")
+    assert p.startswith(
+        "c: servers.gen.device is 'cuda' but this machine has no CUDA GPU (no GPU: NVML"
+    )
     (p,) = check(spec(cond='strategy = "mps"'), NO_GPU, monkeypatch=monkeypatch)
     assert p.startswith("c: strategy 'mps' needs NVIDIA GPUs")
-    assert check(spec('model = "tiny-dense"\ndevice = "auto"'), NO_GPU, monkeypatch=monkeypatch) == []
+    assert (
+        check(spec('model = "tiny-dense"\ndevice = "auto"'), NO_GPU, monkeypatch=monkeypatch) == []
+    )
 
 
 def test_gpus_that_do_not_exist(monkeypatch):
@@ -61,11 +68,27 @@ def test_gpus_that_do_not_exist(monkeypatch):
 def test_weights_that_do_not_fit(monkeypatch):
     big = 'model = "qwen3-30b-a3b"\ndevice = "cpu"'
     (p,) = check(spec(big), NO_GPU, ram_gib=16, monkeypatch=monkeypatch)
-    assert p.startswith("c: qwen3-30b-a3b needs at least 29.0 GiB for its weights, more than the 16.0 GiB of RAM")
+    assert p.startswith(
+        "c: qwen3-30b-a3b needs at least 29.0 GiB for its weights, more than the 16.0 GiB of RAM"
+    )
     assert check(spec(big), NO_GPU, ram_gib=64, monkeypatch=monkeypatch) == []
-    (p,) = check(spec('model = "qwen3-30b-a3b"\ngpu_memory_utilization = 0.2'), ONE_GPU, monkeypatch=monkeypatch)
-    assert "more than the 15.9 GiB of GPU memory it may use" in p and "gpu_memory_utilization 0.2 of GPU 0" in p
-    assert check(spec('model = "qwen3-30b-a3b"\ngpu_memory_utilization = 0.5'), ONE_GPU, monkeypatch=monkeypatch) == []
+    (p,) = check(
+        spec('model = "qwen3-30b-a3b"\ngpu_memory_utilization = 0.2'),
+        ONE_GPU,
+        monkeypatch=monkeypatch,
+    )
+    assert (
+        "more than the 15.9 GiB of GPU memory it may use" in p
+        and "gpu_memory_utilization 0.2 of GPU 0" in p
+    )
+    assert (
+        check(
+            spec('model = "qwen3-30b-a3b"\ngpu_memory_utilization = 0.5'),
+            ONE_GPU,
+            monkeypatch=monkeypatch,
+        )
+        == []
+    )
 
 
 @pytest.mark.skipif(HAS_GPU, reason="checks the refusal on a machine without CUDA")
@@ -74,24 +97,49 @@ def test_run_and_dry_run_refuse_a_cuda_spec_here(tmp_path, capsys):
     path.write_text(spec('model = "tiny-dense"\ndevice = "cuda"'))
     for extra in (["--dry-run"], []):
         assert main(["run", str(path), "--out", str(tmp_path / "r"), *extra]) == 2
-        assert "servers.gen.device is 'cuda' but this machine has no CUDA GPU" in capsys.readouterr().err
+        assert (
+            "servers.gen.device is 'cuda' but this machine has no CUDA GPU"
+            in capsys.readouterr().err
+        )
     assert not (tmp_path / "r").exists()  # refused before anything was written
 
 
 def test_serve_refuses_weights_bigger_than_the_ram(monkeypatch):
     monkeypatch.setattr(memcheck, "ram_available", lambda: 8 * GiB)
-    assert "more than the 8.0 GiB of RAM available" in memcheck.serve_problem("qwen3-30b-a3b", "cpu", 0.9)
+    assert "more than the 8.0 GiB of RAM available" in memcheck.serve_problem(
+        "qwen3-30b-a3b", "cpu", 0.9
+    )
     assert memcheck.serve_problem("tiny-dense", "cpu", 0.9) is None
     assert memcheck.serve_problem("no-such-model", "cpu", 0.9) is None  # the engine names that
 
 
-@pytest.mark.skipif((memcheck.ram_available() or 0) > memcheck.weight_bytes("qwen3-30b-a3b"),
-                    reason="this machine has the RAM for the weights")
+@pytest.mark.skipif(
+    (memcheck.ram_available() or 0) > memcheck.weight_bytes("qwen3-30b-a3b"),
+    reason="this machine has the RAM for the weights",
+)
 def test_serve_of_a_30b_model_on_this_cpu_refuses_at_once():
     t0 = time.monotonic()
-    proc = subprocess.run([sys.executable, "-P", "-m", "coserve", "serve", "gen", "--model", "qwen3-30b-a3b",
-                           "--random-weights", "--device", "cpu", "--port", "0"],
-                          capture_output=True, text=True, timeout=120, env=env())
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-P",
+            "-m",
+            "coserve",
+            "serve",
+            "gen",
+            "--model",
+            "qwen3-30b-a3b",
+            "--random-weights",
+            "--device",
+            "cpu",
+            "--port",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env(),
+    )
     assert proc.returncode == 2, proc.stderr
     assert "coserve serve: qwen3-30b-a3b needs at least 29.0 GiB for its weights" in proc.stderr
     assert time.monotonic() - t0 < 60  # nothing was allocated

@@ -45,13 +45,17 @@ class CoLocatedGenFaster(FakeBackend):
 
 def test_a_cpu_run_is_labelled_cpu_and_has_a_verdict(tmp_path, monkeypatch):
     no_gpu = {"gpus": [], "driver": None, "cuda_driver": None, "note": "no GPU"}
-    monkeypatch.setattr(fingerprint, "gpu_state", lambda: no_gpu)  # a CPU machine, even on a GPU one
+    monkeypatch.setattr(
+        fingerprint, "gpu_state", lambda: no_gpu
+    )  # a CPU machine, even on a GPU one
     backend = CoLocatedGenFaster()
     backend.gpu_state = lambda: no_gpu
     Runner(loads_spec(SPEC), tmp_path / "run", backend=backend).run()
     md = render(tmp_path / "run", with_plots=False).markdown.read_text()
     (verdict,) = [ln for ln in md.splitlines() if ln.startswith("**Verdict:**")]
-    assert verdict.startswith("**Verdict:** co-located against each server alone: co-located: gen **+")
+    assert verdict.startswith(
+        "**Verdict:** co-located against each server alone: co-located: gen **+"
+    )
     assert "measure how the OS schedules them, not how GPUs are shared" in verdict
     assert "Gen came out faster co-located (co-located) than alone" in verdict
     assert "| co-located | CPU, shared | 1/1 |" in md and "| gen-only | CPU | 1/1 |" in md

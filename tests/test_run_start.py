@@ -21,8 +21,12 @@ def test_servers_start_with_the_working_folder_off_sys_path():
 def test_a_coserve_folder_in_the_working_folder_does_not_shadow_the_package(tmp_path):
     fake = tmp_path / "coserve"
     fake.mkdir()
-    (fake / "__init__.py").write_text("raise ImportError('the fake coserve/ in the working folder was imported')\n")
-    (fake / "__main__.py").write_text("raise SystemExit('the fake coserve/ in the working folder ran')\n")
+    (fake / "__init__.py").write_text(
+        "raise ImportError('the fake coserve/ in the working folder was imported')\n"
+    )
+    (fake / "__main__.py").write_text(
+        "raise SystemExit('the fake coserve/ in the working folder ran')\n"
+    )
     (tmp_path / "spec.toml").write_text(tiny_spec())
     run = CoserveRun(["spec.toml", "--out", "out", "--no-report"], cwd=tmp_path)
     assert run.wait(timeout_s=120) == 0, run.output

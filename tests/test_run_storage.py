@@ -64,12 +64,18 @@ def one_line(err: str, start: str) -> str:
 
 
 @pytest.mark.parametrize("name", ["bench.json", "rep.json"])  # during the load; the rep's record
-def test_a_full_disk_during_a_rep_stops_the_run_and_it_resumes(spec, tmp_path, monkeypatch, capsys, name):
+def test_a_full_disk_during_a_rep_stops_the_run_and_it_resumes(
+    spec, tmp_path, monkeypatch, capsys, name
+):
     out = tmp_path / "out"
     full_disk_at(monkeypatch, name, after=1)
     assert execute(str(spec), str(out), report=False) == 1
     line = one_line(capsys.readouterr().err, "stopped:")
-    assert "No space left on device" in line and "1 of 2 reps are finished" in line and "--resume" in line
+    assert (
+        "No space left on device" in line
+        and "1 of 2 reps are finished" in line
+        and "--resume" in line
+    )
     assert temporaries(out) == []
     monkeypatch.undo()
     monkeypatch.setattr(runner_mod, "Backend", FakeBackend)
@@ -83,7 +89,7 @@ class FullDuringTheLoad(FakeBackend):
 
     def run_load(self, load, out_path, on_progress, dead=None):
         if len(self.loads) == 1:
-            (out_path.parent / "bench.records.jsonl.tmp").write_text("{\"partial")
+            (out_path.parent / "bench.records.jsonl.tmp").write_text('{"partial')
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return super().run_load(load, out_path, on_progress, dead)
 

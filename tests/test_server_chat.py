@@ -23,8 +23,20 @@ MESSAGES = [{"role": "system", "content": "be brief"}, {"role": "user", "content
 
 @pytest.fixture(scope="module")
 def server():
-    with coserve_serve("gen", "--model", MODEL, "--random-weights", "--device", "cpu", "--max-model-len",
-                       str(MAX_LEN), "--max-num-seqs", "4", "--kv-cache-bytes", "16M") as s:
+    with coserve_serve(
+        "gen",
+        "--model",
+        MODEL,
+        "--random-weights",
+        "--device",
+        "cpu",
+        "--max-model-len",
+        str(MAX_LEN),
+        "--max-num-seqs",
+        "4",
+        "--kv-cache-bytes",
+        "16M",
+    ) as s:
         yield s
 
 
@@ -46,7 +58,11 @@ def test_chat_answer_shape_and_usage(client):
     assert choice.message.role == "assistant" and isinstance(choice.message.content, str)
     assert choice.finish_reason == "length" and len(choice.model_extra["token_ids"]) == 6
     prompt = len(plain_template(MESSAGES).encode())  # the byte tokenizer: one token per byte
-    assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (prompt, 6, prompt + 6)
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (
+        prompt,
+        6,
+        prompt + 6,
+    )
     assert chat(client, max_tokens=3).usage.completion_tokens == 3  # the older name works too
     both = chat(client, max_completion_tokens=2, extra_body={"max_tokens": 5})
     assert both.usage.completion_tokens == 2  # max_completion_tokens wins, as in vLLM
@@ -59,13 +75,21 @@ def test_chat_default_length_is_the_rest_of_the_context(client):
 
 def test_chat_stream_matches_the_whole_answer(client):
     whole = chat(client, max_completion_tokens=12)
-    chunks = list(chat(client, max_completion_tokens=12, stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        chat(client, max_completion_tokens=12, stream=True, stream_options={"include_usage": True})
+    )
     assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
     first = chunks[0].choices[0]
-    assert first.delta.role == "assistant" and first.delta.content == "" and first.finish_reason is None
+    assert (
+        first.delta.role == "assistant"
+        and first.delta.content == ""
+        and first.finish_reason is None
+    )
     body = [c for c in chunks if c.choices]
     assert all(c.choices[0].delta.role is None for c in body[1:])
-    assert "".join(c.choices[0].delta.content or "" for c in body) == whole.choices[0].message.content
+    assert (
+        "".join(c.choices[0].delta.content or "" for c in body) == whole.choices[0].message.content
+    )
     ids = [t for c in body for t in (c.choices[0].model_extra.get("token_ids") or [])]
     assert ids == whole.choices[0].model_extra["token_ids"]
     assert body[-1].choices[0].finish_reason == "length"
@@ -95,7 +119,12 @@ def test_chat_n_and_logprobs(client):
 
 def test_chat_stream_logprobs(client):
     chunks = list(chat(client, max_completion_tokens=5, stream=True, logprobs=True, top_logprobs=1))
-    items = [i for c in chunks if c.choices and c.choices[0].logprobs for i in c.choices[0].logprobs.content]
+    items = [
+        i
+        for c in chunks
+        if c.choices and c.choices[0].logprobs
+        for i in c.choices[0].logprobs.content
+    ]
     assert len(items) == 5 and all(len(i.top_logprobs) == 1 for i in items)
 
 
@@ -108,11 +137,20 @@ def test_unknown_model_is_not_found(client):
 
 
 def test_chat_text_parts_and_bad_messages(client):
-    parts = [{"role": "user", "content": [{"type": "text", "text": "hello"}, {"type": "text", "text": "there"}]}]
+    parts = [
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": "hello"}, {"type": "text", "text": "there"}],
+        }
+    ]
     r = client.chat.completions.create(model=MODEL, messages=parts, max_tokens=1)
-    assert r.usage.prompt_tokens == len(plain_template([{"role": "user", "content": "hello\nthere"}]).encode())
+    assert r.usage.prompt_tokens == len(
+        plain_template([{"role": "user", "content": "hello\nthere"}]).encode()
+    )
     with pytest.raises(openai.BadRequestError, match="role"):
-        client.chat.completions.create(model=MODEL, messages=[{"role": "robot", "content": "x"}], max_tokens=1)
+        client.chat.completions.create(
+            model=MODEL, messages=[{"role": "robot", "content": "x"}], max_tokens=1
+        )
 
 
 def test_model_directory_chat_template(tmp_path):
@@ -120,11 +158,16 @@ def test_model_directory_chat_template(tmp_path):
     the model's special tokens; a template that raises is a 400 naming messages."""
     minilm = get_preset("all-minilm-l6-v2").model_dir
     shutil.copy(minilm / "tokenizer.json", tmp_path / "tokenizer.json")
-    template = ("{{ bos_token }}{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}"
-                "{% if add_generation_prompt %}[assistant]{% endif %}"
-                "{% if messages[0].role == 'tool' %}{{ raise_exception('no tools first') }}{% endif %}")
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
-        {"chat_template": template, "bos_token": {"content": "[CLS]"}, "eos_token": "[SEP]"}))
+    template = (
+        "{{ bos_token }}{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}"
+        "{% if add_generation_prompt %}[assistant]{% endif %}"
+        "{% if messages[0].role == 'tool' %}{{ raise_exception('no tools first') }}{% endif %}"
+    )
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps(
+            {"chat_template": template, "bos_token": {"content": "[CLS]"}, "eos_token": "[SEP]"}
+        )
+    )
     tok = HFTokenizer(tmp_path / "tokenizer.json")
     assert render(MESSAGES, tok) == "[CLS][system] be brief\n[user] hello there\n[assistant]"
     req = parse_chat({"messages": MESSAGES, "max_tokens": 2}, ["m"], tok, 512)

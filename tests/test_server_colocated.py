@@ -17,14 +17,38 @@ pytestmark = pytest.mark.slow
 
 
 def start(*extra: str) -> ServerProcess:
-    return ServerProcess([sys.executable, "-m", "coserve", "serve", "colocated", "--model", "tiny-dense",
-                          "--embed-model", "tiny-embed", "--random-weights", "--device", "cpu",
-                          "--max-model-len", "256", "--host", "127.0.0.1", "--port", "0", "--embed-port", "0",
-                          *extra], 120.0)
+    return ServerProcess(
+        [
+            sys.executable,
+            "-m",
+            "coserve",
+            "serve",
+            "colocated",
+            "--model",
+            "tiny-dense",
+            "--embed-model",
+            "tiny-embed",
+            "--random-weights",
+            "--device",
+            "cpu",
+            "--max-model-len",
+            "256",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--embed-port",
+            "0",
+            *extra,
+        ],
+        120.0,
+    )
 
 
 def engine_processes(front_pid: int) -> list[int]:
-    return [p for p in children(front_pid) if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()]
+    return [
+        p for p in children(front_pid) if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()
+    ]
 
 
 def test_both_endpoints_from_one_engine_process():
@@ -39,8 +63,10 @@ def test_both_endpoints_from_one_engine_process():
         results = {}
 
         def gen():
-            results["gen"] = post(server.url + "/v1/completions", {"prompt": [1, 2], "max_tokens": 32,
-                                                                   "ignore_eos": True})
+            results["gen"] = post(
+                server.url + "/v1/completions",
+                {"prompt": [1, 2], "max_tokens": 32, "ignore_eos": True},
+            )
 
         t = threading.Thread(target=gen)
         t.start()
@@ -60,22 +86,66 @@ def test_both_endpoints_from_one_engine_process():
 
 
 def test_a_model_that_cannot_load_fails_both_and_says_which():
-    proc = subprocess.run([sys.executable, "-m", "coserve", "serve", "colocated", "--model", "tiny-dense",
-                           "--embed-model", "/no/such/model", "--random-weights", "--device", "cpu",
-                           "--port", "0", "--embed-port", "0"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "coserve",
+            "serve",
+            "colocated",
+            "--model",
+            "tiny-dense",
+            "--embed-model",
+            "/no/such/model",
+            "--random-weights",
+            "--device",
+            "cpu",
+            "--port",
+            "0",
+            "--embed-port",
+            "0",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2, proc.stderr
     assert "coserve serve colocated: embed: " in proc.stderr
 
 
 def test_needs_an_embed_model():
-    proc = subprocess.run([sys.executable, "-m", "coserve", "serve", "colocated", "--model", "tiny-dense"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "coserve", "serve", "colocated", "--model", "tiny-dense"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2 and "colocated needs --embed-model" in proc.stderr
 
 
 def test_green_contexts_are_refused_on_cpu_before_loading():
-    proc = subprocess.run([sys.executable, "-m", "coserve", "serve", "colocated", "--model", "tiny-dense",
-                           "--embed-model", "tiny-embed", "--device", "cpu", "--embed-sms", "32"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "coserve",
+            "serve",
+            "colocated",
+            "--model",
+            "tiny-dense",
+            "--embed-model",
+            "tiny-embed",
+            "--device",
+            "cpu",
+            "--embed-sms",
+            "32",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2
     assert "--embed-sms: green contexts are a CUDA feature; the device is cpu" in proc.stderr

@@ -24,8 +24,17 @@ def minilm():
 
 @pytest.fixture(scope="module")
 def tiny():
-    with coserve_serve("embed", "--model", "tiny-embed", "--random-weights", "--device", "cpu",
-                       "--served-model-name", "tiny", "tiny-alias") as s:
+    with coserve_serve(
+        "embed",
+        "--model",
+        "tiny-embed",
+        "--random-weights",
+        "--device",
+        "cpu",
+        "--served-model-name",
+        "tiny",
+        "tiny-alias",
+    ) as s:
         yield s
 
 
@@ -42,8 +51,14 @@ def test_minilm_text_embeddings_through_openai_client(minilm):
     assert "embedding dim 384" in minilm.ready_line
     client = client_for(minilm)
     assert [m.id for m in client.models.list().data] == [MINILM]
-    texts = ["A man is eating food.", "A man is eating a piece of bread.", "The stock market fell sharply today."]
-    resp = client.embeddings.create(model=MINILM, input=texts)  # the client asks for base64 by default
+    texts = [
+        "A man is eating food.",
+        "A man is eating a piece of bread.",
+        "The stock market fell sharply today.",
+    ]
+    resp = client.embeddings.create(
+        model=MINILM, input=texts
+    )  # the client asks for base64 by default
     v = vectors(resp)
     assert v.shape == (3, 384)
     assert np.allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-4)
@@ -55,9 +70,13 @@ def test_minilm_text_embeddings_through_openai_client(minilm):
 
 
 def test_minilm_float_and_base64_agree(minilm):
-    status, as_float = post(minilm.url + "/v1/embeddings", {"input": ["hello world"], "encoding_format": "float"})
+    status, as_float = post(
+        minilm.url + "/v1/embeddings", {"input": ["hello world"], "encoding_format": "float"}
+    )
     assert status == 200 and as_float["object"] == "list" and as_float["model"] == MINILM
-    status, as_b64 = post(minilm.url + "/v1/embeddings", {"input": "hello world", "encoding_format": "base64"})
+    status, as_b64 = post(
+        minilm.url + "/v1/embeddings", {"input": "hello world", "encoding_format": "base64"}
+    )
     assert status == 200
     decoded = np.frombuffer(base64.b64decode(as_b64["data"][0]["embedding"]), dtype="<f4")
     assert np.allclose(decoded, as_float["data"][0]["embedding"], atol=1e-6)
@@ -70,7 +89,9 @@ def test_minilm_token_ids_equal_text(minilm):
     ids = client.embeddings.create(model=MINILM, input=[101, 7592, 2088, 102])
     assert ids.usage.prompt_tokens == 4
     assert np.allclose(vectors(ids), text, atol=1e-5)
-    both = vectors(client.embeddings.create(model=MINILM, input=[[101, 7592, 2088, 102], [101, 2088, 102]]))
+    both = vectors(
+        client.embeddings.create(model=MINILM, input=[[101, 7592, 2088, 102], [101, 2088, 102]])
+    )
     assert np.allclose(both[0], text[0], atol=1e-5) and not np.allclose(both[1], text[0], atol=1e-2)
 
 
@@ -107,7 +128,7 @@ BAD = [
     ("bad encoding_format", {"input": "hi", "encoding_format": "int8"}, "encoding_format"),
     ("dimensions", {"input": "hi", "dimensions": 128}, "dimensions"),
     ("over-long text", {"input": "word " * 600}, "input"),
-    ("token id out of vocabulary", {"input": [101, 10 ** 9, 102]}, None),
+    ("token id out of vocabulary", {"input": [101, 10**9, 102]}, None),
     ("bad json", b'{"input": ', None),
 ]
 
@@ -116,7 +137,10 @@ BAD = [
 def test_bad_input_gets_400_and_the_server_keeps_serving(minilm, what, body, param):
     status, answer = post(minilm.url + "/v1/embeddings", body)
     assert status == 400, answer
-    assert set(answer["error"]) == {"message", "type", "param", "code"} and answer["error"]["code"] == 400
+    assert (
+        set(answer["error"]) == {"message", "type", "param", "code"}
+        and answer["error"]["code"] == 400
+    )
     if param is not None:
         assert answer["error"]["param"] == param
     status, good = post(minilm.url + "/v1/embeddings", {"input": "still here"})
@@ -124,8 +148,14 @@ def test_bad_input_gets_400_and_the_server_keeps_serving(minilm, what, body, par
 
 
 def test_unknown_model_is_404(minilm):
-    status, answer = post(minilm.url + "/v1/embeddings", {"model": "text-embedding-3-small", "input": "hi"})
-    assert status == 404 and answer["error"]["type"] == "NotFoundError" and answer["error"]["param"] == "model"
+    status, answer = post(
+        minilm.url + "/v1/embeddings", {"model": "text-embedding-3-small", "input": "hi"}
+    )
+    assert (
+        status == 404
+        and answer["error"]["type"] == "NotFoundError"
+        and answer["error"]["param"] == "model"
+    )
     with pytest.raises(openai.NotFoundError):
         client_for(minilm).embeddings.create(model="text-embedding-3-small", input="hi")
 
@@ -141,7 +171,9 @@ def test_tiny_embed_token_ids_text_and_served_names(tiny):
     dim = int(re.search(r"embedding dim (\d+)", tiny.ready_line).group(1))
     client = client_for(tiny)
     assert [m.id for m in client.models.list().data] == ["tiny", "tiny-alias"]
-    v = vectors(client.embeddings.create(model="tiny-alias", input=[[1, 2, 3], [4, 5], list(b"abc")]))
+    v = vectors(
+        client.embeddings.create(model="tiny-alias", input=[[1, 2, 3], [4, 5], list(b"abc")])
+    )
     assert v.shape == (3, dim) and np.allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-4)
     text = vectors(client.embeddings.create(model="tiny", input="abc"))  # byte tokenizer
     assert np.allclose(text[0], v[2], atol=1e-5)

@@ -9,11 +9,16 @@ from test_server_util import fake_serve, post, request, sse_events
 def test_engine_failure_is_reported_and_the_server_exits_1():
     with fake_serve("gen", fail_after_steps=3) as server:
         url = server.url
-        events = sse_events(url + "/v1/completions", {"prompt": [1], "max_tokens": 50, "stream": True})
+        events = sse_events(
+            url + "/v1/completions", {"prompt": [1], "max_tokens": 50, "stream": True}
+        )
         tokens = [e for e in events if isinstance(e, dict) and "choices" in e]
         errors = [e for e in events if isinstance(e, dict) and "error" in e]
         assert len(tokens) == 3 and len(errors) == 1
-        assert errors[0]["error"]["code"] == 500 and "fake engine failure" in errors[0]["error"]["message"]
+        assert (
+            errors[0]["error"]["code"] == 500
+            and "fake engine failure" in errors[0]["error"]["message"]
+        )
         assert server.proc.wait(20) == 1  # a dead engine ends the process, so a launcher sees it
         assert "engine loop died" in server.log_tail(200)
 

@@ -20,8 +20,20 @@ MAX_LEN = 1024
 
 @pytest.fixture(scope="module")
 def server():
-    with coserve_serve("gen", "--model", MODEL, "--random-weights", "--device", "cpu", "--max-model-len",
-                       str(MAX_LEN), "--max-num-seqs", "4", "--kv-cache-bytes", "16M") as s:
+    with coserve_serve(
+        "gen",
+        "--model",
+        MODEL,
+        "--random-weights",
+        "--device",
+        "cpu",
+        "--max-model-len",
+        str(MAX_LEN),
+        "--max-num-seqs",
+        "4",
+        "--kv-cache-bytes",
+        "16M",
+    ) as s:
         yield s
 
 
@@ -35,13 +47,22 @@ def token_ids(choice) -> list[int]:
 
 
 def greedy(client, prompt, n: int = 8, **kw):
-    return client.completions.create(model=MODEL, prompt=prompt, max_tokens=n, temperature=0,
-                                     extra_body={"ignore_eos": True}, **kw)
+    return client.completions.create(
+        model=MODEL,
+        prompt=prompt,
+        max_tokens=n,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+        **kw,
+    )
 
 
 def test_ready_line_names_url_and_kv_capacity(server):
-    assert re.search(r"ready at http://127\.0\.0\.1:\d+ \(model tiny-dense, max_model_len 1024, "
-                     r"KV cache capacity \d+ tokens", server.ready_line), server.ready_line
+    assert re.search(
+        r"ready at http://127\.0\.0\.1:\d+ \(model tiny-dense, max_model_len 1024, "
+        r"KV cache capacity \d+ tokens",
+        server.ready_line,
+    ), server.ready_line
     assert int(re.search(r"capacity (\d+) tokens", server.ready_line).group(1)) > 0
 
 
@@ -71,34 +92,60 @@ def test_text_prompt_goes_through_the_tokenizer(client):
 
 def test_stream_equals_non_stream_and_reports_usage(client):
     full = greedy(client, "stream me", 16)
-    chunks = list(greedy(client, "stream me", 16, stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        greedy(client, "stream me", 16, stream=True, stream_options={"include_usage": True})
+    )
     token_chunks = [c for c in chunks if c.choices]
     # One event per engine step, each carrying its ids; steps the front had not written yet
     # when the next came (a loaded machine) share an event.
     assert 2 <= len(token_chunks) <= 16
     assert [t for c in token_chunks for t in token_ids(c.choices[0])] == token_ids(full.choices[0])
     assert "".join(c.choices[0].text for c in token_chunks) == full.choices[0].text
-    assert [c.choices[0].finish_reason for c in token_chunks] == [None] * (len(token_chunks) - 1) + ["length"]
+    assert [c.choices[0].finish_reason for c in token_chunks] == [None] * (
+        len(token_chunks) - 1
+    ) + ["length"]
     assert all(c.usage is None for c in token_chunks)
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 16
     assert chunks[-1].usage.prompt_tokens == len("stream me")
 
 
 def test_stream_without_usage_and_with_continuous_usage(server):
-    events = sse_events(server.url + "/v1/completions", {"prompt": [7], "max_tokens": 3, "stream": True})
-    assert events[-1] == "[DONE]" and 2 <= len(events) <= 4 and all("usage" not in e for e in events[:-1])
-    events = sse_events(server.url + "/v1/completions", {
-        "prompt": [7], "max_tokens": 3, "ignore_eos": True, "stream": True,
-        "stream_options": {"include_usage": True, "continuous_usage_stats": True}})
+    events = sse_events(
+        server.url + "/v1/completions", {"prompt": [7], "max_tokens": 3, "stream": True}
+    )
+    assert (
+        events[-1] == "[DONE]"
+        and 2 <= len(events) <= 4
+        and all("usage" not in e for e in events[:-1])
+    )
+    events = sse_events(
+        server.url + "/v1/completions",
+        {
+            "prompt": [7],
+            "max_tokens": 3,
+            "ignore_eos": True,
+            "stream": True,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+        },
+    )
     counts = [e["usage"]["completion_tokens"] for e in events[:-2]]  # the last two: usage, [DONE]
     assert counts[-1] == 3 and counts == sorted(set(counts))
-    assert counts == [sum(len(e["choices"][0]["token_ids"]) for e in events[:i + 1]) for i in range(len(counts))]
+    assert counts == [
+        sum(len(e["choices"][0]["token_ids"]) for e in events[: i + 1]) for i in range(len(counts))
+    ]
 
 
 def test_seeded_sampling_is_reproducible(client):
     def sample(seed):
-        r = client.completions.create(model=MODEL, prompt=[5, 6], max_tokens=16, temperature=1.0, top_p=0.9,
-                                      seed=seed, extra_body={"ignore_eos": True})
+        r = client.completions.create(
+            model=MODEL,
+            prompt=[5, 6],
+            max_tokens=16,
+            temperature=1.0,
+            top_p=0.9,
+            seed=seed,
+            extra_body={"ignore_eos": True},
+        )
         return token_ids(r.choices[0])
 
     assert sample(11) == sample(11)
@@ -156,7 +203,11 @@ BAD_REQUESTS = [
     ("temperature negative", {"prompt": [1], "temperature": -1}, "temperature"),
     ("top_p zero", {"prompt": [1], "top_p": 0}, "top_p"),
     ("stream not a bool", {"prompt": [1], "stream": "yes"}, "stream"),
-    ("stream_options without stream", {"prompt": [1], "stream_options": {"include_usage": True}}, "stream_options"),
+    (
+        "stream_options without stream",
+        {"prompt": [1], "stream_options": {"include_usage": True}},
+        "stream_options",
+    ),
     ("logprobs over 20", {"prompt": [1], "logprobs": 21}, "logprobs"),
 ]
 
@@ -166,7 +217,9 @@ def test_bad_input_gets_400_and_the_server_keeps_serving(server, what, body, par
     status, answer = post(server.url + "/v1/completions", body)
     assert status == 400, answer
     err = answer["error"]
-    assert set(err) == {"message", "type", "param", "code"} and err["code"] == 400 and err["message"]
+    assert (
+        set(err) == {"message", "type", "param", "code"} and err["code"] == 400 and err["message"]
+    )
     if param is not None:
         assert err["param"] == param
     status, good = post(server.url + "/v1/completions", {"prompt": [1, 2], "max_tokens": 2})
@@ -182,7 +235,11 @@ def test_wrong_endpoint_and_unknown_path(server):
 
 def test_unknown_model_gets_404_not_found(server):
     status, answer = post(server.url + "/v1/completions", {"model": "gpt-5", "prompt": [1]})
-    assert status == 404 and answer["error"]["type"] == "NotFoundError" and answer["error"]["code"] == 404
+    assert (
+        status == 404
+        and answer["error"]["type"] == "NotFoundError"
+        and answer["error"]["code"] == 404
+    )
     assert answer["error"]["param"] == "model"
 
 
@@ -195,8 +252,13 @@ def test_openai_client_raises_not_found_and_bad_request(client):
 
 
 def test_client_disconnect_mid_stream_aborts_the_request(server):
-    aborted_before = metric(server.url, "coserve:requests_total", absent_is_zero=True, endpoint="completions",
-                            outcome="aborted")
+    aborted_before = metric(
+        server.url,
+        "coserve:requests_total",
+        absent_is_zero=True,
+        endpoint="completions",
+        outcome="aborted",
+    )
     u = urllib.parse.urlsplit(server.url)
     conn = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
     body = {"prompt": [1], "max_tokens": MAX_LEN - 1, "ignore_eos": True, "stream": True}
@@ -205,13 +267,23 @@ def test_client_disconnect_mid_stream_aborts_the_request(server):
     assert resp.status == 200
     first = resp.readline()
     assert first.startswith(b"data: ")
-    wait_for(lambda: metric(server.url, "coserve:num_requests_running") == 1, what="the request to run")
+    wait_for(
+        lambda: metric(server.url, "coserve:num_requests_running") == 1, what="the request to run"
+    )
     conn.sock.close()  # walk away mid-stream
     conn.close()
-    wait_for(lambda: metric(server.url, "coserve:num_requests_running") == 0, timeout_s=10,
-             what="the engine to drop the request")
-    wait_for(lambda: metric(server.url, "coserve:requests_total", endpoint="completions", outcome="aborted")
-             == aborted_before + 1, what="the abort to be counted")
+    wait_for(
+        lambda: metric(server.url, "coserve:num_requests_running") == 0,
+        timeout_s=10,
+        what="the engine to drop the request",
+    )
+    wait_for(
+        lambda: (
+            metric(server.url, "coserve:requests_total", endpoint="completions", outcome="aborted")
+            == aborted_before + 1
+        ),
+        what="the abort to be counted",
+    )
     assert metric(server.url, "coserve:generation_tokens_total") > 0
 
 
@@ -234,12 +306,31 @@ def test_metrics_page(server, client):
 def test_a_kv_cache_too_small_for_the_batch_preempts():
     # tiny-dense: 2048 B/token; 7 blocks of 16 tokens (one is the null block) hold 96 tokens.
     # 8 prompts of 20 tokens admitted together grow past 2 blocks each: some must be preempted.
-    with coserve_serve("gen", "--model", MODEL, "--random-weights", "--device", "cpu", "--max-model-len", "96",
-                       "--max-num-seqs", "8", "--kv-cache-bytes", str(7 * 16 * 2048)) as small:
+    with coserve_serve(
+        "gen",
+        "--model",
+        MODEL,
+        "--random-weights",
+        "--device",
+        "cpu",
+        "--max-model-len",
+        "96",
+        "--max-num-seqs",
+        "8",
+        "--kv-cache-bytes",
+        str(7 * 16 * 2048),
+    ) as small:
         assert metric(small.url, "coserve:kv_cache_capacity_tokens") == 96
         assert metric(small.url, "coserve:num_preemptions_total") == 0
-        status, answer = post(small.url + "/v1/completions", {
-            "prompt": [[i + 1] * 20 for i in range(8)], "max_tokens": 24, "ignore_eos": True, "temperature": 0})
+        status, answer = post(
+            small.url + "/v1/completions",
+            {
+                "prompt": [[i + 1] * 20 for i in range(8)],
+                "max_tokens": 24,
+                "ignore_eos": True,
+                "temperature": 0,
+            },
+        )
         assert status == 200, answer
         assert [len(c["token_ids"]) for c in answer["choices"]] == [24] * 8
         assert metric(small.url, "coserve:num_preemptions_total") > 0

@@ -25,25 +25,54 @@ DEEP = 100_000
 
 @pytest.fixture(scope="module")
 def gen():
-    with coserve_serve("gen", "--model", "tiny-dense", "--random-weights", "--device", "cpu", "--max-model-len",
-                       str(MAX_LEN), "--max-num-seqs", "4", "--kv-cache-bytes", "16M", "--api-key", KEY,
-                       "--max-gen-choices", "8", "--max-request-bytes", "1M") as s:
+    with coserve_serve(
+        "gen",
+        "--model",
+        "tiny-dense",
+        "--random-weights",
+        "--device",
+        "cpu",
+        "--max-model-len",
+        str(MAX_LEN),
+        "--max-num-seqs",
+        "4",
+        "--kv-cache-bytes",
+        "16M",
+        "--api-key",
+        KEY,
+        "--max-gen-choices",
+        "8",
+        "--max-request-bytes",
+        "1M",
+    ) as s:
         yield s
 
 
 @pytest.fixture(scope="module")
 def embed():
-    with coserve_serve("embed", "--model", "tiny-embed", "--random-weights", "--device", "cpu",
-                       "--max-embed-inputs", "16") as s:
+    with coserve_serve(
+        "embed",
+        "--model",
+        "tiny-embed",
+        "--random-weights",
+        "--device",
+        "cpu",
+        "--max-embed-inputs",
+        "16",
+    ) as s:
         yield s
 
 
 def send(url: str, path: str, body, headers: dict | None = None) -> tuple[int, dict | str]:
     """POST `body` (bytes/str as is, anything else as JSON) with aiohttp; (status, answer)."""
+
     async def go():
         data = body if isinstance(body, bytes | str) else json.dumps(body)
         hdrs = {"Content-Type": "application/json", **AUTH, **(headers or {})}
-        async with aiohttp.ClientSession() as session, session.post(url + path, data=data, headers=hdrs) as resp:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(url + path, data=data, headers=hdrs) as resp,
+        ):
             text = await resp.text()
             try:
                 return resp.status, json.loads(text)
@@ -57,7 +86,9 @@ def raw(url: str, head: bytes, body: bytes = b"") -> tuple[int, dict]:
     """One HTTP/1.1 request written byte for byte (for headers no client library sends)."""
     u = urllib.parse.urlsplit(url)
     with socket.create_connection((u.hostname, u.port), timeout=30) as sock:
-        sock.sendall(head + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
+        sock.sendall(
+            head + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body
+        )
         data = b""
         while chunk := sock.recv(65536):
             data += chunk
@@ -84,16 +115,16 @@ GEN_BAD = [
     ("empty body", b""),
     ("NaN temperature", '{"prompt": [1], "temperature": NaN}'),
     ("inf top_p", '{"prompt": [1], "top_p": Infinity}'),
-    ("huge seed", {"prompt": [1], "seed": 2 ** 64}),
-    ("huge max_tokens", {"prompt": [1], "max_tokens": 10 ** 30}),
-    ("huge n", {"prompt": [1], "n": 10 ** 20}),
-    ("huge top_k", {"prompt": [1], "top_k": 10 ** 4000}),
-    ("huge logprobs", {"prompt": [1], "logprobs": 10 ** 30}),
-    ("huge token id", {"prompt": [1, 10 ** 30]}),
+    ("huge seed", {"prompt": [1], "seed": 2**64}),
+    ("huge max_tokens", {"prompt": [1], "max_tokens": 10**30}),
+    ("huge n", {"prompt": [1], "n": 10**20}),
+    ("huge top_k", {"prompt": [1], "top_k": 10**4000}),
+    ("huge logprobs", {"prompt": [1], "logprobs": 10**30}),
+    ("huge token id", {"prompt": [1, 10**30]}),
     ("too many prompts", {"prompt": [[1]] * 9}),
     ("too many choices", {"prompt": [[1]] * 3, "n": 3}),
     ("long text prompt", {"prompt": "x" * (16 * MAX_LEN + 1)}),
-    ("over-long stop list", {"prompt": [1], "stop": ["ab"] * 10 ** 5}),
+    ("over-long stop list", {"prompt": [1], "stop": ["ab"] * 10**5}),
     ("stop not strings", {"prompt": [1], "stop": [1, 2]}),
     ("prompt an object", {"prompt": {"a": 1}}),
     ("body a string", '"hello"'),
@@ -104,14 +135,26 @@ CHAT_BAD = [
     ("no messages", {"max_tokens": 2}),
     ("messages an object", {"messages": {"role": "user"}}),
     ("unknown role", {"messages": [{"role": "wizard", "content": "hi"}]}),
-    ("image part", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}),
+    (
+        "image part",
+        {
+            "messages": [
+                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}
+            ]
+        },
+    ),
     ("lone surrogate content", '{"messages": [{"role": "user", "content": "\\ud800"}]}'),
     ("deep content", '{"messages": [{"role": "user", "content": ' + "[" * 900 + "]" * 900 + "}]}"),
-    ("top_logprobs without logprobs", {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}),
+    (
+        "top_logprobs without logprobs",
+        {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2},
+    ),
     ("tools", {"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}),
     ("NaN temperature", '{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}'),
-    ("max_completion_tokens over context", {"messages": [{"role": "user", "content": "hi"}],
-                                            "max_completion_tokens": MAX_LEN}),
+    (
+        "max_completion_tokens over context",
+        {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": MAX_LEN},
+    ),
 ]
 EMBED_BAD = [
     ("deep array", "[" * DEEP),
@@ -120,8 +163,8 @@ EMBED_BAD = [
     ("too many inputs", {"input": ["a"] * 17}),
     ("too many id lists", {"input": [[1]] * 17}),
     ("long text", {"input": "y" * (16 * 512 + 1)}),
-    ("bad format", {"input": "a", "encoding_format": "z" * 10 ** 6}),
-    ("huge dimensions", {"input": "a", "dimensions": 10 ** 30}),
+    ("bad format", {"input": "a", "encoding_format": "z" * 10**6}),
+    ("huge dimensions", {"input": "a", "dimensions": 10**30}),
 ]
 
 
@@ -139,8 +182,12 @@ def test_gen_bad_bodies_get_4xx_and_the_server_keeps_serving(gen):
 
 
 def test_chat_bad_bodies_get_4xx(gen):
-    _fuzz(gen.url, "/v1/chat/completions", CHAT_BAD + GEN_BAD[:10],
-          {"messages": [{"role": "user", "content": "still here"}], "max_tokens": 2})
+    _fuzz(
+        gen.url,
+        "/v1/chat/completions",
+        CHAT_BAD + GEN_BAD[:10],
+        {"messages": [{"role": "user", "content": "still here"}], "max_tokens": 2},
+    )
 
 
 def test_embed_bad_bodies_get_4xx_and_the_server_keeps_serving(embed):
@@ -148,30 +195,45 @@ def test_embed_bad_bodies_get_4xx_and_the_server_keeps_serving(embed):
 
 
 def test_specific_answers(gen, embed):
-    err = assert_openai_error(*send(gen.url, "/v1/completions", '{"prompt": [1], "temperature": NaN}'))
+    err = assert_openai_error(
+        *send(gen.url, "/v1/completions", '{"prompt": [1], "temperature": NaN}')
+    )
     assert err["param"] == "temperature" and "must be a finite number" in err["message"]
-    err = assert_openai_error(*send(gen.url, "/v1/completions", {"prompt": [1], "seed": 2 ** 64}))
+    err = assert_openai_error(*send(gen.url, "/v1/completions", {"prompt": [1], "seed": 2**64}))
     assert err["param"] == "seed"
     err = assert_openai_error(*send(gen.url, "/v1/completions", "[" * DEEP))
     assert "too deeply" in err["message"]
-    err = assert_openai_error(*send(gen.url, "/v1/completions", {"prompt": "x", "stop": ["ab"] * 10 ** 5}))
+    err = assert_openai_error(
+        *send(gen.url, "/v1/completions", {"prompt": "x", "stop": ["ab"] * 10**5})
+    )
     assert err["param"] == "stop"
     status, answer = send(gen.url, "/v1/completions", '{"prompt": "' + "x" * (2 << 20) + '"}')
     assert status == 413 and "1048576" in answer["error"]["message"]
     status, answer = send(embed.url, "/v1/embeddings", {"input": ["a"] * 17})
-    assert status == 400 and answer["error"]["param"] == "input" and "16" in answer["error"]["message"]
-    for url, path, body in ((gen.url, "/v1/completions", {"prompt": [1]}),
-                            (gen.url, "/v1/chat/completions", {"messages": []}),
-                            (embed.url, "/v1/embeddings", {"input": "a"})):
+    assert (
+        status == 400 and answer["error"]["param"] == "input" and "16" in answer["error"]["message"]
+    )
+    for url, path, body in (
+        (gen.url, "/v1/completions", {"prompt": [1]}),
+        (gen.url, "/v1/chat/completions", {"messages": []}),
+        (embed.url, "/v1/embeddings", {"input": "a"}),
+    ):
         status, answer = send(url, path, {**body, "model": "no-such"})
-        assert status == 404 and answer["error"]["type"] == "NotFoundError" and answer["error"]["code"] == 404
+        assert (
+            status == 404
+            and answer["error"]["type"] == "NotFoundError"
+            and answer["error"]["code"] == 404
+        )
 
 
-@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data",
-                                          None])
+@pytest.mark.parametrize(
+    "content_type", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data", None]
+)
 def test_posts_without_json_content_type_get_415(gen, embed, content_type):
-    for url, path, body in ((gen.url, "/v1/completions", {"prompt": [1], "max_tokens": 1}),
-                            (embed.url, "/v1/embeddings", {"input": "a"})):
+    for url, path, body in (
+        (gen.url, "/v1/completions", {"prompt": [1], "max_tokens": 1}),
+        (embed.url, "/v1/embeddings", {"input": "a"}),
+    ):
         head = f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n".encode()
         if content_type is not None:
             head += f"Content-Type: {content_type}\r\n".encode()
@@ -188,10 +250,30 @@ def test_non_ascii_authorization_header_is_401(gen):
 
 
 def test_serve_embed_refuses_enforce_eager():
-    proc = subprocess.run([sys.executable, "-m", "coserve", "serve", "embed", "--model", "tiny-embed",
-                           "--random-weights", "--device", "cpu", "--enforce-eager", "--port", "0"],
-                          capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert proc.returncode == 2 and "--enforce-eager" in proc.stderr and "embed engine" in proc.stderr
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "coserve",
+            "serve",
+            "embed",
+            "--model",
+            "tiny-embed",
+            "--random-weights",
+            "--device",
+            "cpu",
+            "--enforce-eager",
+            "--port",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert (
+        proc.returncode == 2 and "--enforce-eager" in proc.stderr and "embed engine" in proc.stderr
+    )
 
 
 def test_every_serve_flag_has_help():
@@ -202,6 +284,12 @@ def test_every_serve_flag_has_help():
     missing = [a.dest for a in parser._actions if not a.help]
     assert missing == []
     text = parser.format_help()
-    for flag in ("--host", "--log-level", "--max-embed-inputs", "--max-gen-choices", "--max-request-bytes",
-                 "--max-prompt-chars"):
+    for flag in (
+        "--host",
+        "--log-level",
+        "--max-embed-inputs",
+        "--max-gen-choices",
+        "--max-request-bytes",
+        "--max-prompt-chars",
+    ):
         assert flag in text

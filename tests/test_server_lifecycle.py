@@ -25,14 +25,23 @@ def keyed():
 
 def test_api_key_is_required_on_v1(keyed):
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
-        status, body = post(keyed.url + "/v1/completions", {"prompt": [1], "max_tokens": 2}, headers)
-        assert status == 401 and body["error"]["type"] == "AuthenticationError" and body["error"]["code"] == 401
+        status, body = post(
+            keyed.url + "/v1/completions", {"prompt": [1], "max_tokens": 2}, headers
+        )
+        assert (
+            status == 401
+            and body["error"]["type"] == "AuthenticationError"
+            and body["error"]["code"] == 401
+        )
         assert request(keyed.url + "/v1/models", headers=headers)[0] == 401
     # health and metrics stay open, as in vLLM, so launchers and scrapers need no key
     assert request(keyed.url + "/health")[0] == 200
     assert request(keyed.url + "/metrics")[0] == 200
-    status, body = post(keyed.url + "/v1/completions", {"prompt": [1], "max_tokens": 2},
-                        {"Authorization": "Bearer s3cret"})
+    status, body = post(
+        keyed.url + "/v1/completions",
+        {"prompt": [1], "max_tokens": 2},
+        {"Authorization": "Bearer s3cret"},
+    )
     assert status == 200 and body["usage"]["completion_tokens"] == 2
 
 
@@ -41,12 +50,23 @@ def test_openai_client_with_and_without_key(keyed):
         openai.OpenAI(base_url=keyed.url + "/v1", api_key="nope", max_retries=0).models.list()
     client = openai.OpenAI(base_url=keyed.url + "/v1", api_key="s3cret", max_retries=0, timeout=60)
     assert [m.id for m in client.models.list().data] == [MODEL]
-    r = client.completions.create(model=MODEL, prompt="MoE", max_tokens=5, temperature=0,
-                                  extra_body={"ignore_eos": True})
+    r = client.completions.create(
+        model=MODEL, prompt="MoE", max_tokens=5, temperature=0, extra_body={"ignore_eos": True}
+    )
     assert r.usage.completion_tokens == 5 and r.choices[0].finish_reason == "length"
-    chunks = list(client.completions.create(model=MODEL, prompt="MoE", max_tokens=5, temperature=0, stream=True,
-                                            extra_body={"ignore_eos": True}))
-    assert [t for c in chunks for t in c.choices[0].model_extra["token_ids"]] == r.choices[0].model_extra["token_ids"]
+    chunks = list(
+        client.completions.create(
+            model=MODEL,
+            prompt="MoE",
+            max_tokens=5,
+            temperature=0,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+    )
+    assert [t for c in chunks for t in c.choices[0].model_extra["token_ids"]] == r.choices[
+        0
+    ].model_extra["token_ids"]
 
 
 def test_sigterm_drains_short_requests_aborts_long_ones_and_exits_0():
@@ -68,9 +88,17 @@ def test_sigterm_drains_short_requests_aborts_long_ones_and_exits_0():
         assert took < 12, f"shutdown took {took:.1f} s"
         assert "draining 2 in-flight request(s)" in log
         # the short request finished normally inside the grace period
-        assert short.events[-1] == "[DONE]" and short.finish_reason() == "length" and short.token_count() == 20
+        assert (
+            short.events[-1] == "[DONE]"
+            and short.finish_reason() == "length"
+            and short.token_count() == 20
+        )
         # the long one was cut at the end of the grace period, and said so
-        assert long.events[-1] == "[DONE]" and long.finish_reason() == "abort" and long.token_count() < 2000
+        assert (
+            long.events[-1] == "[DONE]"
+            and long.finish_reason() == "abort"
+            and long.token_count() < 2000
+        )
         assert "aborted 1 request" in log and "exiting with 0; no threads left" in log
     # the port is closed: nothing is listening any more
     with pytest.raises(OSError):
@@ -78,55 +106,106 @@ def test_sigterm_drains_short_requests_aborts_long_ones_and_exits_0():
 
 
 def test_startup_failures_exit_nonzero_with_a_message():
-    bad_flag = subprocess.run([sys.executable, "-m", "coserve", "serve", "gen", "--model", MODEL, "--port", "x"],
-                              cwd=ROOT, capture_output=True, text=True, timeout=60)
+    bad_flag = subprocess.run(
+        [sys.executable, "-m", "coserve", "serve", "gen", "--model", MODEL, "--port", "x"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert bad_flag.returncode == 2 and "--port" in bad_flag.stderr
-    unknown = subprocess.run([sys.executable, "-m", "coserve", "serve", "gen", "--model", "no-such-preset",
-                              "--random-weights", "--device", "cpu", "--port", "0"],
-                             cwd=ROOT, capture_output=True, text=True, timeout=120)
+    unknown = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "coserve",
+            "serve",
+            "gen",
+            "--model",
+            "no-such-preset",
+            "--random-weights",
+            "--device",
+            "cpu",
+            "--port",
+            "0",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert unknown.returncode != 0 and "no-such-preset" in unknown.stderr
     assert "Traceback" not in unknown.stderr, unknown.stderr[-2000:]
 
 
 def test_port_in_use_fails_cleanly(keyed):
     port = keyed.url.rsplit(":", 1)[1]
-    busy = subprocess.run([sys.executable, "-m", "coserve", "serve", *ARGS, "--port", port],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    busy = subprocess.run(
+        [sys.executable, "-m", "coserve", "serve", *ARGS, "--port", port],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert busy.returncode == 1 and "cannot listen" in busy.stderr
     assert request(keyed.url + "/health")[0] == 200  # the first server is unharmed
 
 
-def write_tiny_qwen3_checkpoint(path, vocab: int = 300, hidden: int = 64, heads: int = 2, kv_heads: int = 1,
-                                head_dim: int = 32, inter: int = 128) -> None:
+def write_tiny_qwen3_checkpoint(
+    path,
+    vocab: int = 300,
+    hidden: int = 64,
+    heads: int = 2,
+    kv_heads: int = 1,
+    head_dim: int = 32,
+    inter: int = 128,
+) -> None:
     """An HF Qwen3 directory as save_pretrained writes one (config.json + model.safetensors, HF
     parameter names), one layer, random weights, and no tokenizer."""
     import torch
     from safetensors.torch import save_file
 
-    config = {"model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"], "vocab_size": vocab,
-              "hidden_size": hidden, "intermediate_size": inter, "num_hidden_layers": 1,
-              "num_attention_heads": heads, "num_key_value_heads": kv_heads, "head_dim": head_dim,
-              "max_position_embeddings": 256, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
-              "tie_word_embeddings": False, "hidden_act": "silu", "bos_token_id": 298, "eos_token_id": 299,
-              "torch_dtype": "float32"}
+    config = {
+        "model_type": "qwen3",
+        "architectures": ["Qwen3ForCausalLM"],
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "intermediate_size": inter,
+        "num_hidden_layers": 1,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": head_dim,
+        "max_position_embeddings": 256,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": False,
+        "hidden_act": "silu",
+        "bos_token_id": 298,
+        "eos_token_id": 299,
+        "torch_dtype": "float32",
+    }
     g = torch.Generator().manual_seed(0)
 
     def w(*shape):
         return torch.randn(*shape, generator=g) * 0.05
 
     layer = "model.layers.0."
-    tensors = {"model.embed_tokens.weight": w(vocab, hidden), "model.norm.weight": torch.ones(hidden),
-               "lm_head.weight": w(vocab, hidden),
-               layer + "input_layernorm.weight": torch.ones(hidden),
-               layer + "post_attention_layernorm.weight": torch.ones(hidden),
-               layer + "self_attn.q_proj.weight": w(heads * head_dim, hidden),
-               layer + "self_attn.k_proj.weight": w(kv_heads * head_dim, hidden),
-               layer + "self_attn.v_proj.weight": w(kv_heads * head_dim, hidden),
-               layer + "self_attn.o_proj.weight": w(hidden, heads * head_dim),
-               layer + "self_attn.q_norm.weight": torch.ones(head_dim),
-               layer + "self_attn.k_norm.weight": torch.ones(head_dim),
-               layer + "mlp.gate_proj.weight": w(inter, hidden), layer + "mlp.up_proj.weight": w(inter, hidden),
-               layer + "mlp.down_proj.weight": w(hidden, inter)}
+    tensors = {
+        "model.embed_tokens.weight": w(vocab, hidden),
+        "model.norm.weight": torch.ones(hidden),
+        "lm_head.weight": w(vocab, hidden),
+        layer + "input_layernorm.weight": torch.ones(hidden),
+        layer + "post_attention_layernorm.weight": torch.ones(hidden),
+        layer + "self_attn.q_proj.weight": w(heads * head_dim, hidden),
+        layer + "self_attn.k_proj.weight": w(kv_heads * head_dim, hidden),
+        layer + "self_attn.v_proj.weight": w(kv_heads * head_dim, hidden),
+        layer + "self_attn.o_proj.weight": w(hidden, heads * head_dim),
+        layer + "self_attn.q_norm.weight": torch.ones(head_dim),
+        layer + "self_attn.k_norm.weight": torch.ones(head_dim),
+        layer + "mlp.gate_proj.weight": w(inter, hidden),
+        layer + "mlp.up_proj.weight": w(inter, hidden),
+        layer + "mlp.down_proj.weight": w(hidden, inter),
+    }
     (path / "config.json").write_text(json.dumps(config))
     save_file(tensors, str(path / "model.safetensors"))
 
@@ -136,9 +215,17 @@ def test_hf_directory_without_tokenizer_takes_token_ids_only_and_idle_sigterm(tm
     with coserve_serve("gen", "--model", str(tmp_path), "--device", "cpu") as server:
         url = server.url + "/v1/completions"
         status, body = post(url, {"model": str(tmp_path), "prompt": "some text", "max_tokens": 2})
-        assert status == 400 and "no tokenizer" in body["error"]["message"] and body["error"]["param"] == "prompt"
+        assert (
+            status == 400
+            and "no tokenizer" in body["error"]["message"]
+            and body["error"]["param"] == "prompt"
+        )
         status, body = post(url, {"prompt": [1, 2, 3], "max_tokens": 3, "ignore_eos": True})
-        assert status == 200 and len(body["choices"][0]["token_ids"]) == 3 and body["choices"][0]["text"] == ""
+        assert (
+            status == 200
+            and len(body["choices"][0]["token_ids"]) == 3
+            and body["choices"][0]["text"] == ""
+        )
         assert body["model"] == str(tmp_path)  # served under the --model value, as vLLM does
         status, body = post(url, {"prompt": [1, 300], "max_tokens": 2})  # vocabulary of 300
         assert status == 400 and "vocabulary" in body["error"]["message"]

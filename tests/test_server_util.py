@@ -30,9 +30,18 @@ class ServerProcess:
     """A server started in its own session; `url` once its ready line is printed."""
 
     def __init__(self, argv: list[str], ready_timeout_s: float = 120.0, env: dict | None = None):
-        self.log = tempfile.NamedTemporaryFile("w+", prefix="coserve-serve-", suffix=".log", delete=False)
-        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=self.log, text=True, cwd=ROOT,
-                                     start_new_session=True, env={**os.environ, **(env or {})})
+        self.log = tempfile.NamedTemporaryFile(
+            "w+", prefix="coserve-serve-", suffix=".log", delete=False
+        )
+        self.proc = subprocess.Popen(
+            argv,
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            text=True,
+            cwd=ROOT,
+            start_new_session=True,
+            env={**os.environ, **(env or {})},
+        )
         self.stdout: queue.Queue = queue.Queue()
         threading.Thread(target=self._pump, daemon=True).start()
         self.url = None
@@ -42,9 +51,13 @@ class ServerProcess:
                 line = self.stdout.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
                 self.kill()
-                raise RuntimeError(f"server not ready after {ready_timeout_s} s:\n{self.log_tail()}") from None
+                raise RuntimeError(
+                    f"server not ready after {ready_timeout_s} s:\n{self.log_tail()}"
+                ) from None
             if line is None:
-                raise RuntimeError(f"server exited with {self.proc.wait()} before ready:\n{self.log_tail()}")
+                raise RuntimeError(
+                    f"server exited with {self.proc.wait()} before ready:\n{self.log_tail()}"
+                )
             if " ready at " in line:
                 self.ready_line = line.strip()
                 self.url = line.split(" ready at ", 1)[1].split()[0]
@@ -80,8 +93,11 @@ class ServerProcess:
 @contextmanager
 def coserve_serve(*args: str, ready_timeout_s: float = 120.0, env: dict | None = None):
     """`coserve serve ARGS --port 0` on loopback; yields the ServerProcess."""
-    server = ServerProcess([sys.executable, "-m", "coserve", "serve", *args, "--host", "127.0.0.1", "--port", "0"],
-                           ready_timeout_s, env)
+    server = ServerProcess(
+        [sys.executable, "-m", "coserve", "serve", *args, "--host", "127.0.0.1", "--port", "0"],
+        ready_timeout_s,
+        env,
+    )
     try:
         yield server
     finally:
@@ -92,8 +108,10 @@ def coserve_serve(*args: str, ready_timeout_s: float = 120.0, env: dict | None =
 def fake_serve(kind: str, **engine_kwargs):
     """The real HTTP server (coserve.server.app.serve) over a fake engine in its engine
     process, in a subprocess."""
-    code = (f"import sys; sys.path.insert(0, {str(TESTS)!r}); import test_server_util as u; "
-            f"u.serve_fake({kind!r}, {engine_kwargs!r})")
+    code = (
+        f"import sys; sys.path.insert(0, {str(TESTS)!r}); import test_server_util as u; "
+        f"u.serve_fake({kind!r}, {engine_kwargs!r})"
+    )
     server = ServerProcess([sys.executable, "-c", code], 60.0)
     try:
         yield server
@@ -111,21 +129,32 @@ def serve_fake(kind: str, engine_kwargs: dict) -> None:
 
     logging.basicConfig(level="INFO")
     shutdown_timeout_s = engine_kwargs.pop("shutdown_timeout_s", 5.0)
-    factory = functools.partial(FakeGenEngine if kind == "gen" else FakeEmbedEngine, **engine_kwargs)
+    factory = functools.partial(
+        FakeGenEngine if kind == "gen" else FakeEmbedEngine, **engine_kwargs
+    )
     engine = start_engine(factory)
-    opts = ServeOptions(kind=kind, served_names=["fake"], port=0, shutdown_timeout_s=shutdown_timeout_s)
+    opts = ServeOptions(
+        kind=kind, served_names=["fake"], port=0, shutdown_timeout_s=shutdown_timeout_s
+    )
     sys.exit(asyncio.run(serve(engine, opts)))
 
 
 # ---- plain HTTP -------------------------------------------------------------------------
-def request(url: str, method: str = "GET", body=None, headers: dict | None = None, timeout: float = 60.0):
+def request(
+    url: str, method: str = "GET", body=None, headers: dict | None = None, timeout: float = 60.0
+):
     """(status, parsed JSON or text) without raising on error statuses."""
     u = urllib.parse.urlsplit(url)
     conn = http.client.HTTPConnection(u.hostname, u.port, timeout=timeout)
     if body is not None and not isinstance(body, (bytes, str)):
         body = json.dumps(body)
     try:
-        conn.request(method, u.path or "/", body=body, headers={"Content-Type": "application/json", **(headers or {})})
+        conn.request(
+            method,
+            u.path or "/",
+            body=body,
+            headers={"Content-Type": "application/json", **(headers or {})},
+        )
         resp = conn.getresponse()
         raw = resp.read().decode()
         try:
@@ -148,7 +177,7 @@ def sse_events(url: str, body: dict, headers: dict | None = None) -> list:
     for block in text.split("\n\n"):
         if block.strip():
             assert block.startswith("data: "), block
-            data = block[len("data: "):]
+            data = block[len("data: ") :]
             events.append(data if data == "[DONE]" else json.loads(data))
     return events
 
@@ -168,11 +197,15 @@ class StreamInThread:
         u = urllib.parse.urlsplit(url)
         conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
         try:
-            conn.request("POST", "/v1/completions", json.dumps({**body, "stream": True}),
-                         {"Content-Type": "application/json"})
+            conn.request(
+                "POST",
+                "/v1/completions",
+                json.dumps({**body, "stream": True}),
+                {"Content-Type": "application/json"},
+            )
             for line in conn.getresponse():
                 if line.startswith(b"data: "):
-                    data = line[len(b"data: "):].strip().decode()
+                    data = line[len(b"data: ") :].strip().decode()
                     self.events.append(data if data == "[DONE]" else json.loads(data))
                     self.first.set()
         except Exception as e:  # noqa: BLE001 - kept for the test to assert on
@@ -187,7 +220,11 @@ class StreamInThread:
         return self.events
 
     def token_count(self) -> int:
-        return sum(len(e["choices"][0]["token_ids"]) for e in self.events if isinstance(e, dict) and e.get("choices"))
+        return sum(
+            len(e["choices"][0]["token_ids"])
+            for e in self.events
+            if isinstance(e, dict) and e.get("choices")
+        )
 
     def finish_reason(self):
         return self.events[-2]["choices"][0]["finish_reason"] if len(self.events) >= 2 else None
@@ -219,9 +256,14 @@ def metric(url: str, name: str, absent_is_zero: bool = False, **labels) -> float
     page = metrics_page(url)
     assert f"# TYPE {name} " in page, f"/metrics has no metric {name}"
     want = [f'{k}="{v}"' for k, v in labels.items()]
-    found = [float(line.rsplit(" ", 1)[1]) for line in page.splitlines()
-             if line and not line.startswith("#") and line.split("{")[0].split(" ")[0] == name
-             and all(w in line.rsplit(" ", 1)[0] for w in want)]
+    found = [
+        float(line.rsplit(" ", 1)[1])
+        for line in page.splitlines()
+        if line
+        and not line.startswith("#")
+        and line.split("{")[0].split(" ")[0] == name
+        and all(w in line.rsplit(" ", 1)[0] for w in want)
+    ]
     assert found or absent_is_zero, f"/metrics has no sample of {name} with labels {labels}"
     return sum(found)
 
@@ -241,8 +283,13 @@ def wait_for(predicate, timeout_s: float = 10.0, what: str = "condition"):
 class FakeGenEngine:
     """Token k of a completion is (last prompt token + k + 1) % 256; token 0 is EOS."""
 
-    def __init__(self, max_model_len: int = 4096, step_s: float = 0.002, fail_after_steps: int | None = None,
-                 load_s: float = 0.0):
+    def __init__(
+        self,
+        max_model_len: int = 4096,
+        step_s: float = 0.002,
+        fail_after_steps: int | None = None,
+        load_s: float = 0.0,
+    ):
         time.sleep(load_s)  # a model that takes this long to load
         self.model_name = "fake-gen"
         self.max_model_len = max_model_len
@@ -281,12 +328,21 @@ class FakeGenEngine:
                 reason = "length" if len(done) >= params.max_tokens else None
             if reason:
                 del self.reqs[rid]
-            outs.append(RequestOutput(rid, [tok], reason is not None, reason, len(prompt), len(done)))
+            outs.append(
+                RequestOutput(rid, [tok], reason is not None, reason, len(prompt), len(done))
+            )
         return outs
 
     def stats(self):
-        return {"num_running": len(self.reqs), "num_waiting": 0, "kv_cache_usage": 0.0, "num_preemptions": 0,
-                "prompt_tokens_total": 0, "generation_tokens_total": 0, "kv_capacity_tokens": 4096}
+        return {
+            "num_running": len(self.reqs),
+            "num_waiting": 0,
+            "kv_cache_usage": 0.0,
+            "num_preemptions": 0,
+            "prompt_tokens_total": 0,
+            "generation_tokens_total": 0,
+            "kv_capacity_tokens": 4096,
+        }
 
 
 class FakeEmbedEngine:
@@ -310,8 +366,14 @@ class FakeEmbedEngine:
         return bool(self.reqs)
 
     def step(self):
-        outs = [EmbedOutput(rid, [[float(len(x))] + [0.0] * (self.dim - 1) for x in inputs], sum(map(len, inputs)))
-                for rid, inputs in self.reqs.items()]
+        outs = [
+            EmbedOutput(
+                rid,
+                [[float(len(x))] + [0.0] * (self.dim - 1) for x in inputs],
+                sum(map(len, inputs)),
+            )
+            for rid, inputs in self.reqs.items()
+        ]
         self.reqs.clear()
         return outs
 

@@ -14,9 +14,15 @@ from coserve.spec import ServerConfig
 ENGINE = {f.name: f.default for f in dataclasses.fields(EngineArgs)}
 # `coserve serve` flag (argparse dest) -> the EngineArgs field it fills.
 SERVE_TO_ENGINE = {
-    "random_weights": "random_weights", "dtype": "dtype", "gpu_memory_utilization": "gpu_memory_utilization",
-    "kv_cache_bytes": "cpu_kv_cache_bytes", "max_model_len": "max_model_len", "max_num_seqs": "max_num_seqs",
-    "max_num_batched_tokens": "max_num_batched_tokens", "enforce_eager": "enforce_eager", "seed": "seed",
+    "random_weights": "random_weights",
+    "dtype": "dtype",
+    "gpu_memory_utilization": "gpu_memory_utilization",
+    "kv_cache_bytes": "cpu_kv_cache_bytes",
+    "max_model_len": "max_model_len",
+    "max_num_seqs": "max_num_seqs",
+    "max_num_batched_tokens": "max_num_batched_tokens",
+    "enforce_eager": "enforce_eager",
+    "seed": "seed",
     "tensor_parallel_size": "tensor_parallel_size",
 }
 
@@ -29,8 +35,9 @@ def _serve_defaults(kind: str) -> argparse.Namespace:
 
 def test_serve_flags_default_to_the_engine_args():
     args = _serve_defaults("gen")
-    assert {flag: getattr(args, flag) for flag in SERVE_TO_ENGINE} == \
-        {flag: ENGINE[field] for flag, field in SERVE_TO_ENGINE.items()}
+    assert {flag: getattr(args, flag) for flag in SERVE_TO_ENGINE} == {
+        flag: ENGINE[field] for flag, field in SERVE_TO_ENGINE.items()
+    }
 
 
 def test_serve_kinds_are_the_roles():

@@ -39,13 +39,17 @@ def test_over_budget_cuts_tokens_then_pauses_with_cooldown():
 
 
 def test_pause_is_capped():
-    g = SloGuard(GuardConfig(budget_s=25 * MS, max_tokens=64, min_tokens=64, max_pause_s=0.01, cooldown_s=0))
+    g = SloGuard(
+        GuardConfig(budget_s=25 * MS, max_tokens=64, min_tokens=64, max_pause_s=0.01, cooldown_s=0)
+    )
     a = drive(g, [GenSample(1.0, 10)] * 10)
     assert a[-1].pause_s == pytest.approx(0.01)
 
 
 def test_under_budget_shortens_pause_first_then_grows_tokens():
-    g = SloGuard(GuardConfig(budget_s=25 * MS, max_tokens=1024, min_tokens=64, cooldown_s=0, grow_tokens=100))
+    g = SloGuard(
+        GuardConfig(budget_s=25 * MS, max_tokens=1024, min_tokens=64, cooldown_s=0, grow_tokens=100)
+    )
     drive(g, [GenSample(40 * MS, 20)] * 6)  # 1024 -> 64 in 4 cuts, then pauses 2, 4 ms
     assert (g.tokens, g.pause_s) == (64, pytest.approx(0.004))
     under = GenSample(20 * MS, 20)
@@ -65,7 +69,9 @@ def test_under_budget_grows_by_default_and_cuts_stop_at_the_floor():
 
 
 def test_inside_the_margin_holds_and_idle_gen_grows():
-    g = SloGuard(GuardConfig(budget_s=25 * MS, max_tokens=1024, min_tokens=64, cooldown_s=0, margin=0.9))
+    g = SloGuard(
+        GuardConfig(budget_s=25 * MS, max_tokens=1024, min_tokens=64, cooldown_s=0, margin=0.9)
+    )
     drive(g, [GenSample(30 * MS, 20)])
     held = drive(g, [GenSample(24 * MS, 20)] * 5, start=1.0)  # 0.9 x 25 <= 24 <= 25: no change
     assert {x.tokens_per_forward for x in held} == {512}
@@ -95,30 +101,38 @@ def test_percentage_budget_holds_embed_while_it_measures_gen_alone():
     assert g.update(GenSample(0.0215, 20), 3.0).tokens_per_forward == 512
 
 
-@pytest.mark.parametrize("kwargs, field", [
-    ({}, "gen_tpot_slo"),
-    ({"budget_s": 0.02, "over_alone_pct": 5}, "gen_tpot_slo"),
-    ({"budget_s": -1.0}, "gen_tpot_slo_ms"),
-    ({"over_alone_pct": -5}, "gen_tpot_slo_pct"),
-    ({"budget_s": 0.02, "max_tokens": 8, "min_tokens": 32}, "max_tokens"),
-    ({"budget_s": 0.02, "cut": 1.5}, "cut"),
-    ({"budget_s": 0.02, "stat": "p50"}, "stat"),
-])
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({}, "gen_tpot_slo"),
+        ({"budget_s": 0.02, "over_alone_pct": 5}, "gen_tpot_slo"),
+        ({"budget_s": -1.0}, "gen_tpot_slo_ms"),
+        ({"over_alone_pct": -5}, "gen_tpot_slo_pct"),
+        ({"budget_s": 0.02, "max_tokens": 8, "min_tokens": 32}, "max_tokens"),
+        ({"budget_s": 0.02, "cut": 1.5}, "cut"),
+        ({"budget_s": 0.02, "stat": "p50"}, "stat"),
+    ],
+)
 def test_bad_config_names_the_field(kwargs, field):
     with pytest.raises(ValueError, match=f"^{field}"):
         GuardConfig(**kwargs)
 
 
 def test_parse_gen_metrics():
-    page = ("# HELP coserve:engine_step_seconds_p99 x\n# TYPE coserve:engine_step_seconds_p99 gauge\n"
-            'coserve:engine_step_seconds_mean{model_name="m"} 0.0201\n'
-            'coserve:engine_step_seconds_p99{model_name="m"} 0.0215\n'
-            'coserve:engine_steps_window{model_name="m"} 23\n'
-            'coserve:engine_steps_total{model_name="m"} 900\n')
+    page = (
+        "# HELP coserve:engine_step_seconds_p99 x\n# TYPE coserve:engine_step_seconds_p99 gauge\n"
+        'coserve:engine_step_seconds_mean{model_name="m"} 0.0201\n'
+        'coserve:engine_step_seconds_p99{model_name="m"} 0.0215\n'
+        'coserve:engine_steps_window{model_name="m"} 23\n'
+        'coserve:engine_steps_total{model_name="m"} 900\n'
+    )
     assert parse_gen_metrics(page) == GenSample(0.0201, 23)
     assert parse_gen_metrics(page, "p99") == GenSample(0.0215, 23)
     assert parse_gen_metrics("coserve:engine_steps_total 3\n") is None
-    assert parse_gen_metrics('coserve:engine_step_seconds_p99 x\ncoserve:engine_steps_window 1\n') is None
+    assert (
+        parse_gen_metrics("coserve:engine_step_seconds_p99 x\ncoserve:engine_steps_window 1\n")
+        is None
+    )
 
 
 def test_guard_metrics_carry_the_state():
@@ -139,8 +153,12 @@ def test_step_clock_keeps_only_its_window():
     assert st["step_window_steps"] == 50  # ends 0.50 .. 0.99
     assert st["step_time_p99_s"] == pytest.approx(0.009)
     assert st["step_time_mean_s"] == pytest.approx((10 * 0.001 + 40 * 0.009) / 50)
-    assert c.stats(now=5.0) == {"step_time_mean_s": 0.0, "step_time_p99_s": 0.0, "step_window_steps": 0,
-                                "guard_throttled_s": 0.0}
+    assert c.stats(now=5.0) == {
+        "step_time_mean_s": 0.0,
+        "step_time_p99_s": 0.0,
+        "step_window_steps": 0,
+        "guard_throttled_s": 0.0,
+    }
 
 
 def test_pacing_sets_the_engine_batch_and_waits():
@@ -160,13 +178,23 @@ def test_pacing_sets_the_engine_batch_and_waits():
     assert p.wait_s(11.0) > 0
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["gen", "--slo-guard-gen-url", "http://127.0.0.1:1", "--gen-tpot-slo-ms", "20"],
-     "--slo-guard-gen-url: the guard throttles an embed server; serve embed"),
-    (["embed", "--slo-guard-gen-url", "http://127.0.0.1:1"],
-     "--slo-guard-gen-url needs a budget: --gen-tpot-slo-ms or --gen-tpot-slo-pct"),
-    (["embed", "--gen-tpot-slo-pct", "5"], "--gen-tpot-slo-ms/--gen-tpot-slo-pct need --slo-guard-gen-url"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["gen", "--slo-guard-gen-url", "http://127.0.0.1:1", "--gen-tpot-slo-ms", "20"],
+            "--slo-guard-gen-url: the guard throttles an embed server; serve embed",
+        ),
+        (
+            ["embed", "--slo-guard-gen-url", "http://127.0.0.1:1"],
+            "--slo-guard-gen-url needs a budget: --gen-tpot-slo-ms or --gen-tpot-slo-pct",
+        ),
+        (
+            ["embed", "--gen-tpot-slo-pct", "5"],
+            "--gen-tpot-slo-ms/--gen-tpot-slo-pct need --slo-guard-gen-url",
+        ),
+    ],
+)
 def test_serve_refuses_a_misplaced_guard_before_loading(argv, message, capsys):
     from coserve.cli import main
 
@@ -178,6 +206,18 @@ def test_serve_refuses_two_budgets(capsys):
     from coserve.cli import main
 
     with pytest.raises(SystemExit) as e:
-        main(["serve", "embed", "--model", "tiny-embed", "--slo-guard-gen-url", "http://127.0.0.1:1",
-              "--gen-tpot-slo-ms", "20", "--gen-tpot-slo-pct", "5"])
+        main(
+            [
+                "serve",
+                "embed",
+                "--model",
+                "tiny-embed",
+                "--slo-guard-gen-url",
+                "http://127.0.0.1:1",
+                "--gen-tpot-slo-ms",
+                "20",
+                "--gen-tpot-slo-pct",
+                "5",
+            ]
+        )
     assert e.value.code == 2 and "not allowed with argument" in capsys.readouterr().err

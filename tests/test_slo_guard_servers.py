@@ -19,7 +19,10 @@ def metrics(url: str) -> dict[str, float]:
     """One read of /metrics: every sample by name (labels dropped)."""
     status, text = request(url + "/metrics")
     assert status == 200
-    return {m.group(1): float(m.group(2)) for m in re.finditer(r"^([\w:]+)(?:\{[^}]*\})? (\S+)$", text, re.M)}
+    return {
+        m.group(1): float(m.group(2))
+        for m in re.finditer(r"^([\w:]+)(?:\{[^}]*\})? (\S+)$", text, re.M)
+    }
 
 
 def metric(url: str, name: str) -> float:
@@ -37,12 +40,18 @@ class Load:
         self.embed_status: list[int] = []
         self.threads = [threading.Thread(target=self._gen, args=(gen_url,)) for _ in range(2)]
         if embed_url:
-            self.threads += [threading.Thread(target=self._embed, args=(embed_url,)) for _ in range(3)]
+            self.threads += [
+                threading.Thread(target=self._embed, args=(embed_url,)) for _ in range(3)
+            ]
 
     def _gen(self, url: str) -> None:
         while not self.stop.is_set():
-            self.gen_status.append(post(url + "/v1/completions", {"prompt": [1, 2, 3], "max_tokens": 24,
-                                                                  "ignore_eos": True})[0])
+            self.gen_status.append(
+                post(
+                    url + "/v1/completions",
+                    {"prompt": [1, 2, 3], "max_tokens": 24, "ignore_eos": True},
+                )[0]
+            )
 
     def _embed(self, url: str) -> None:
         while not self.stop.is_set():
@@ -80,26 +89,44 @@ def test_gen_reports_its_step_times(gen):
     with Load(gen.url, None) as load:
         wait_until(lambda: metric(gen.url, "coserve:engine_steps_window") > 0, 30, "gen steps")
         page = metrics(gen.url)
-        assert 0 < page["coserve:engine_step_seconds_mean"] <= page["coserve:engine_step_seconds_p99"]
+        assert (
+            0 < page["coserve:engine_step_seconds_mean"] <= page["coserve:engine_step_seconds_p99"]
+        )
     assert set(load.gen_status) == {200}
 
 
 def test_guard_cuts_embed_and_fails_nothing(gen):
     # A budget no CPU step meets: the guard must cut to its floor and then pause.
-    with coserve_serve("embed", "--model", "tiny-embed", *_CPU, "--max-num-batched-tokens", "1024",
-                       "--slo-guard-min-tokens", "32",
-                       "--slo-guard-gen-url", gen.url, "--gen-tpot-slo-ms", "0.001",
-                       "--slo-guard-interval-ms", "20") as embed:
+    with coserve_serve(
+        "embed",
+        "--model",
+        "tiny-embed",
+        *_CPU,
+        "--max-num-batched-tokens",
+        "1024",
+        "--slo-guard-min-tokens",
+        "32",
+        "--slo-guard-gen-url",
+        gen.url,
+        "--gen-tpot-slo-ms",
+        "0.001",
+        "--slo-guard-interval-ms",
+        "20",
+    ) as embed:
         assert metric(embed.url, "coserve:slo_guard_budget_seconds") == pytest.approx(1e-6)
         assert metric(embed.url, "coserve:slo_guard_tokens_per_forward") == 1024
         with Load(gen.url, embed.url) as load:
-            wait_until(lambda: metric(embed.url, "coserve:slo_guard_pause_seconds") > 0, 60, "a pause")
+            wait_until(
+                lambda: metric(embed.url, "coserve:slo_guard_pause_seconds") > 0, 60, "a pause"
+            )
             time.sleep(1.0)
             # while gen is busy (once it is idle the guard gives embed its full size back)
             assert metric(embed.url, "coserve:slo_guard_tokens_per_forward") == 32
             # read while gen steps: once the load ends its recent-step window empties to 0
             assert metric(embed.url, "coserve:slo_guard_gen_step_seconds") > 1e-6
-        assert metric(embed.url, "coserve:slo_guard_cuts_total") >= 6  # 1024 -> 32 is 5 cuts, then pauses
+        assert (
+            metric(embed.url, "coserve:slo_guard_cuts_total") >= 6
+        )  # 1024 -> 32 is 5 cuts, then pauses
         assert metric(embed.url, "coserve:slo_guard_throttled_seconds_total") > 0
         assert metric(embed.url, "coserve:slo_guard_poll_errors_total") == 0
     assert load.embed_status and set(load.embed_status) == {200}
@@ -107,12 +134,26 @@ def test_guard_cuts_embed_and_fails_nothing(gen):
 
 
 def test_percentage_budget_measures_gen_alone_while_embed_waits(gen):
-    with coserve_serve("embed", "--model", "tiny-embed", *_CPU, "--slo-guard-gen-url", gen.url,
-                       "--gen-tpot-slo-pct", "5", "--slo-guard-interval-ms", "20") as embed:
-        assert metric(embed.url, "coserve:slo_guard_budget_seconds") == 0  # gen idle: nothing measured
+    with coserve_serve(
+        "embed",
+        "--model",
+        "tiny-embed",
+        *_CPU,
+        "--slo-guard-gen-url",
+        gen.url,
+        "--gen-tpot-slo-pct",
+        "5",
+        "--slo-guard-interval-ms",
+        "20",
+    ) as embed:
+        assert (
+            metric(embed.url, "coserve:slo_guard_budget_seconds") == 0
+        )  # gen idle: nothing measured
         with Load(gen.url, embed.url) as load:
             wait_until(lambda: metric(embed.url, "coserve:slo_guard_holding") == 1, 30, "the hold")
-            budget = wait_until(lambda: metric(embed.url, "coserve:slo_guard_budget_seconds"), 30, "a budget")
+            budget = wait_until(
+                lambda: metric(embed.url, "coserve:slo_guard_budget_seconds"), 30, "a budget"
+            )
             alone = metric(embed.url, "coserve:slo_guard_gen_alone_seconds")
             assert budget == pytest.approx(alone * 1.05)
             assert metric(embed.url, "coserve:slo_guard_holding") == 0

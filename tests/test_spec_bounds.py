@@ -30,8 +30,14 @@ def problems(old: str, new: str) -> list[str]:
     return e.value.problems
 
 
-@pytest.mark.parametrize("field, old", [("load.duration_s", "duration_s = 2"), ("load.warmup_s", "warmup_s = 1"),
-                                        ("servers.gen.ready_timeout_s", "ready_timeout_s = 60")])
+@pytest.mark.parametrize(
+    "field, old",
+    [
+        ("load.duration_s", "duration_s = 2"),
+        ("load.warmup_s", "warmup_s = 1"),
+        ("servers.gen.ready_timeout_s", "ready_timeout_s = 60"),
+    ],
+)
 @pytest.mark.parametrize("value", ["inf", "-inf", "nan", "1" + "0" * 400])
 def test_numbers_must_be_finite(field, old, value):
     key = old.split(" = ")[0]
@@ -40,10 +46,15 @@ def test_numbers_must_be_finite(field, old, value):
 
 def test_repetitions_are_bounded():
     assert problems("repetitions = 1", "repetitions = 1000000000") == [
-        f"repetitions: 1000000000 must be at most {MAX_REPETITIONS}"]
-    assert problems("[[conditions]]", "[sweep]\nconcurrency = [1]\nrepetitions = 1000000000\n[[conditions]]") == [
-        f"sweep.repetitions: 1000000000 must be at most {MAX_REPETITIONS}"]
-    assert loads_spec(BASE.replace("repetitions = 1", f"repetitions = {MAX_REPETITIONS}")).repetitions == MAX_REPETITIONS
+        f"repetitions: 1000000000 must be at most {MAX_REPETITIONS}"
+    ]
+    assert problems(
+        "[[conditions]]", "[sweep]\nconcurrency = [1]\nrepetitions = 1000000000\n[[conditions]]"
+    ) == [f"sweep.repetitions: 1000000000 must be at most {MAX_REPETITIONS}"]
+    assert (
+        loads_spec(BASE.replace("repetitions = 1", f"repetitions = {MAX_REPETITIONS}")).repetitions
+        == MAX_REPETITIONS
+    )
 
 
 def test_negative_gpu_indices_are_refused():
@@ -54,7 +65,9 @@ def test_negative_gpu_indices_are_refused():
 
 def test_errors_print_the_users_text_verbatim(tmp_path, capsys):
     bad = tmp_path / "bad.toml"
-    bad.write_text(BASE.replace('name = "b"', 'name = "x[/red] [bold]y"').split("[[conditions]]")[0])
+    bad.write_text(
+        BASE.replace('name = "b"', 'name = "x[/red] [bold]y"').split("[[conditions]]")[0]
+    )
     assert main(["run", str(bad), "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
     assert "'x[/red] [bold]y'" in err

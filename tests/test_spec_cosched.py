@@ -53,60 +53,118 @@ def test_levers_parse():
 
 
 def test_new_fields_at_their_defaults_keep_an_old_specs_digest():
-    old = SPEC.split("[[conditions]]\nname = \"grain\"")[0]
+    old = SPEC.split('[[conditions]]\nname = "grain"')[0]
     assert "max_num_batched_tokens" not in str(loads_spec(old).to_dict())
 
 
-@pytest.mark.parametrize("old, new, expected", [
-    ("max_num_batched_tokens = 512,", "max_num_batched_tokens = -1,",
-     "conditions[1].embed.max_num_batched_tokens: -1 must be at least 0"),
-    ("max_num_batched_tokens = 512,", "max_num_batched_tokens = 128,",
-     "conditions[1].embed.max_num_batched_tokens: 128 is less than max_model_len (256); "
-     "the embed engine takes a whole input per forward"),
-    ("gen_tpot_slo_pct = 5", "gen_tpot_slo_pct = -5", "conditions[2].embed.gen_tpot_slo_pct: -5.0 must be at least 0.0"),
-    ("gen_tpot_slo_pct = 5", "gen_tpot_slo_ms = 0", "conditions[2].embed.gen_tpot_slo_ms: 0.0 must be greater than 0.0"),
-    ("slo_guard = true, gen_tpot_slo_pct = 5", "slo_guard = true",
-     "conditions[2].embed.slo_guard: needs exactly one of gen_tpot_slo_ms and gen_tpot_slo_pct"),
-    ("gen_tpot_slo_pct = 5", "gen_tpot_slo_pct = 5, gen_tpot_slo_ms = 20",
-     "conditions[2].embed.slo_guard: needs exactly one of gen_tpot_slo_ms and gen_tpot_slo_pct"),
-    ("slo_guard = true, gen_tpot_slo_pct = 5", "gen_tpot_slo_pct = 5",
-     "conditions[2].embed.gen_tpot_slo_pct: only with slo_guard = true"),
-    ("slo_guard = true, ", "slo_guard = 1, ", "conditions[2].embed.slo_guard: 1 is not true/false"),
-    ('name = "guard"\n', 'name = "guard"\nservers = ["embed"]\n',
-     "conditions[2].embed.slo_guard: the condition runs no gen server to guard"),
-    ('name = "guard"\nembed', 'name = "guard"\ngen = { slo_guard = true }\nembed',
-     "conditions[2].gen.slo_guard: the SLO guard runs in the embed server; set it under embed"),
-    ('name = "guard"\n', 'name = "guard"\ngen = { launcher = "vllm" }\n',
-     "conditions[2].embed.slo_guard: the guard reads the builtin gen server's step times; gen's launcher is 'vllm'"),
-])
+@pytest.mark.parametrize(
+    "old, new, expected",
+    [
+        (
+            "max_num_batched_tokens = 512,",
+            "max_num_batched_tokens = -1,",
+            "conditions[1].embed.max_num_batched_tokens: -1 must be at least 0",
+        ),
+        (
+            "max_num_batched_tokens = 512,",
+            "max_num_batched_tokens = 128,",
+            "conditions[1].embed.max_num_batched_tokens: 128 is less than max_model_len (256); "
+            "the embed engine takes a whole input per forward",
+        ),
+        (
+            "gen_tpot_slo_pct = 5",
+            "gen_tpot_slo_pct = -5",
+            "conditions[2].embed.gen_tpot_slo_pct: -5.0 must be at least 0.0",
+        ),
+        (
+            "gen_tpot_slo_pct = 5",
+            "gen_tpot_slo_ms = 0",
+            "conditions[2].embed.gen_tpot_slo_ms: 0.0 must be greater than 0.0",
+        ),
+        (
+            "slo_guard = true, gen_tpot_slo_pct = 5",
+            "slo_guard = true",
+            "conditions[2].embed.slo_guard: needs exactly one of gen_tpot_slo_ms and gen_tpot_slo_pct",
+        ),
+        (
+            "gen_tpot_slo_pct = 5",
+            "gen_tpot_slo_pct = 5, gen_tpot_slo_ms = 20",
+            "conditions[2].embed.slo_guard: needs exactly one of gen_tpot_slo_ms and gen_tpot_slo_pct",
+        ),
+        (
+            "slo_guard = true, gen_tpot_slo_pct = 5",
+            "gen_tpot_slo_pct = 5",
+            "conditions[2].embed.gen_tpot_slo_pct: only with slo_guard = true",
+        ),
+        (
+            "slo_guard = true, ",
+            "slo_guard = 1, ",
+            "conditions[2].embed.slo_guard: 1 is not true/false",
+        ),
+        (
+            'name = "guard"\n',
+            'name = "guard"\nservers = ["embed"]\n',
+            "conditions[2].embed.slo_guard: the condition runs no gen server to guard",
+        ),
+        (
+            'name = "guard"\nembed',
+            'name = "guard"\ngen = { slo_guard = true }\nembed',
+            "conditions[2].gen.slo_guard: the SLO guard runs in the embed server; set it under embed",
+        ),
+        (
+            'name = "guard"\n',
+            'name = "guard"\ngen = { launcher = "vllm" }\n',
+            "conditions[2].embed.slo_guard: the guard reads the builtin gen server's step times; gen's launcher is 'vllm'",
+        ),
+    ],
+)
 def test_bad_values_name_the_field(old, new, expected):
     assert expected in problems(old, new)
 
 
 def test_a_guard_set_on_the_server_table_is_named_there():
-    text = SPEC.replace('max_model_len = 256\n', 'max_model_len = 256\nslo_guard = true\n')
+    text = SPEC.replace("max_model_len = 256\n", "max_model_len = 256\nslo_guard = true\n")
     with pytest.raises(SpecError) as e:
         loads_spec(text)
-    assert ("servers.embed.slo_guard (in conditions[1]): needs exactly one of gen_tpot_slo_ms and "
-            "gen_tpot_slo_pct") in e.value.problems
+    assert (
+        "servers.embed.slo_guard (in conditions[1]): needs exactly one of gen_tpot_slo_ms and "
+        "gen_tpot_slo_pct"
+    ) in e.value.problems
 
 
 def test_command_lines():
     import sys
 
-    colo = build_command(ServerSpec(role="gen", launcher="command", extra_args=["{python}", "-m", "x", "{port}"]), 7)
+    colo = build_command(
+        ServerSpec(role="gen", launcher="command", extra_args=["{python}", "-m", "x", "{port}"]), 7
+    )
     assert colo == [sys.executable, "-m", "x", "7"]
-    cmd = build_command(ServerSpec(role="embed", model="tiny-embed", max_num_batched_tokens=512, max_num_seqs=16,
-                                   slo_guard_gen_url="http://127.0.0.1:9000", gen_tpot_slo_ms=23.5), 1)
+    cmd = build_command(
+        ServerSpec(
+            role="embed",
+            model="tiny-embed",
+            max_num_batched_tokens=512,
+            max_num_seqs=16,
+            slo_guard_gen_url="http://127.0.0.1:9000",
+            gen_tpot_slo_ms=23.5,
+        ),
+        1,
+    )
     assert cmd[cmd.index("--max-num-batched-tokens") + 1] == "512"
     assert cmd[cmd.index("--max-num-seqs") + 1] == "16"
     assert cmd[cmd.index("--slo-guard-gen-url") + 1] == "http://127.0.0.1:9000"
     assert cmd[cmd.index("--gen-tpot-slo-ms") + 1] == "23.5" and "--gen-tpot-slo-pct" not in cmd
-    vllm = build_command(ServerSpec(role="embed", launcher="vllm", model="x", max_num_batched_tokens=2048), 1)
+    vllm = build_command(
+        ServerSpec(role="embed", launcher="vllm", model="x", max_num_batched_tokens=2048), 1
+    )
     assert vllm[vllm.index("--max-num-batched-tokens") + 1] == "2048"
     with pytest.raises(ValueError, match="builtin embed server only"):
-        build_command(ServerSpec(role="gen", model="tiny-dense", slo_guard_gen_url="http://x",
-                                 gen_tpot_slo_ms=1.0), 1)
+        build_command(
+            ServerSpec(
+                role="gen", model="tiny-dense", slo_guard_gen_url="http://x", gen_tpot_slo_ms=1.0
+            ),
+            1,
+        )
 
 
 def test_the_runner_gives_the_embed_server_gens_url_and_records_the_guard(tmp_path):
@@ -145,7 +203,9 @@ def test_the_runner_gives_the_embed_server_gens_url_and_records_the_guard(tmp_pa
 
     labels = {c.label: [p.condition for p in c.points] for c in tradeoff(stats).curves}
     assert labels["timeslice (embed.gen_tpot_slo_pct=5, embed.slo_guard=true)"] == ["guard"]
-    assert labels["timeslice (embed.max_num_batched_tokens=512, embed.max_num_seqs=16)"] == ["grain"]
+    assert labels["timeslice (embed.max_num_batched_tokens=512, embed.max_num_seqs=16)"] == [
+        "grain"
+    ]
     assert labels["timeslice (colo)"] == ["colo"]  # a command line is named by its condition
 
 
@@ -155,7 +215,9 @@ def test_mps_limits_spec_gives_the_embed_server_its_env(tmp_path):
     from coserve.gpu.strategies import make_strategy
     from coserve.spec import load_spec
 
-    spec = load_spec(Path(__file__).resolve().parent.parent / "experiments" / "mps-embed-limits.toml")
+    spec = load_spec(
+        Path(__file__).resolve().parent.parent / "experiments" / "mps-embed-limits.toml"
+    )
     envs = {}
     for c in spec.conditions:
         if c.strategy == "mps":
@@ -166,5 +228,8 @@ def test_mps_limits_spec_gives_the_embed_server_its_env(tmp_path):
     assert envs["mps-embed-sm50"][1]["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] == "50"
     assert envs["mps-embed-low-priority"][1]["CUDA_MPS_CLIENT_PRIORITY"] == "1"
     for gen, _ in envs.values():  # the limits are the embed server's alone
-        assert "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE" not in gen and gen.get("CUDA_MPS_CLIENT_PRIORITY", "0") == "0"
+        assert (
+            "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE" not in gen
+            and gen.get("CUDA_MPS_CLIENT_PRIORITY", "0") == "0"
+        )
     assert "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE" not in envs["mps"][1]

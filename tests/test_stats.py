@@ -10,8 +10,20 @@ import pytest
 from coserve.stats import delta, summarize, t_cdf, t_critical, t_ppf
 
 # Two-sided 95 % critical values of Student's t (any statistics table).
-TABLE = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 9: 2.262, 10: 2.228, 20: 2.086,
-         30: 2.042, 60: 2.000, 120: 1.980, 100000: 1.960}
+TABLE = {
+    1: 12.706,
+    2: 4.303,
+    3: 3.182,
+    4: 2.776,
+    5: 2.571,
+    9: 2.262,
+    10: 2.228,
+    20: 2.086,
+    30: 2.042,
+    60: 2.000,
+    120: 1.980,
+    100000: 1.960,
+}
 
 
 @pytest.mark.parametrize("df, value", TABLE.items())
@@ -23,9 +35,9 @@ def test_t_quantiles_and_cdf():
     assert t_ppf(0.5, 7) == pytest.approx(0.0, abs=1e-9)
     assert t_ppf(0.025, 3) == pytest.approx(-3.182446, abs=1e-5)
     assert t_ppf(0.995, 1) == pytest.approx(63.656741, rel=1e-6)  # tan(pi * 0.495)
-    assert t_cdf(1.0, 1) == pytest.approx(0.75)                    # Cauchy
+    assert t_cdf(1.0, 1) == pytest.approx(0.75)  # Cauchy
     assert t_cdf(2.0, 2) == pytest.approx(0.5 + 2.0 / (2 * math.sqrt(6)))
-    assert t_critical(4.5) == pytest.approx(2.658912, abs=1e-5)   # fractional df (Welch)
+    assert t_critical(4.5) == pytest.approx(2.658912, abs=1e-5)  # fractional df (Welch)
 
 
 def test_summary_of_the_studys_ab_reps():

@@ -20,8 +20,9 @@ ARRIVALS = ("poisson", "constant")
 _BLOCK = 4096
 
 
-def arrival_offsets(rate: float, arrival: str = "poisson", burstiness: float = 1.0,
-                    seed: int = 0, stream: int = 0) -> Iterator[float]:
+def arrival_offsets(
+    rate: float, arrival: str = "poisson", burstiness: float = 1.0, seed: int = 0, stream: int = 0
+) -> Iterator[float]:
     """Endless offsets in seconds (0 first, increasing) of the arrivals of `rate` requests/s.
     The same (seed, stream) gives the same schedule; each endpoint uses its own stream.
     Raises ValueError for a rate or shape that is not a positive finite number, or an

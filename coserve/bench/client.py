@@ -52,14 +52,21 @@ def exc_message(e: BaseException) -> str:
     return f"{e.__class__.__name__}: {msg}"[:500]
 
 
-async def resolve_model(session: aiohttp.ClientSession, kind: str, url: str,
-                        model: str | None, timeout: float, headers: dict) -> str:
+async def resolve_model(
+    session: aiohttp.ClientSession,
+    kind: str,
+    url: str,
+    model: str | None,
+    timeout: float,
+    headers: dict,
+) -> str:
     """Fail at once, with a clear message, when the endpoint cannot be reached; pick the
     first model the server lists when none is given. Raises BenchError."""
     flag = "--gen-model" if kind == "gen" else "--embed-model"
     try:
-        async with session.get(join(url, "/v1/models"), headers=headers,
-                               timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+        async with session.get(
+            join(url, "/v1/models"), headers=headers, timeout=aiohttp.ClientTimeout(total=timeout)
+        ) as resp:
             body = await resp.read()
             status = resp.status
     except (TimeoutError, aiohttp.ClientError, OSError) as e:
@@ -67,16 +74,21 @@ async def resolve_model(session: aiohttp.ClientSession, kind: str, url: str,
     if model:
         return model  # reachable; a server without /v1/models is fine when a model is given
     if status in (401, 403):
-        raise BenchError(f"{kind} server at {url}: GET /v1/models answered {status} "
-                         f"({error_message(body)}); check --api-key")
+        raise BenchError(
+            f"{kind} server at {url}: GET /v1/models answered {status} "
+            f"({error_message(body)}); check --api-key"
+        )
     if status != 200:
-        raise BenchError(f"{kind} server at {url}: GET /v1/models answered {status} "
-                         f"({error_message(body)}); pass {flag}")
+        raise BenchError(
+            f"{kind} server at {url}: GET /v1/models answered {status} "
+            f"({error_message(body)}); pass {flag}"
+        )
     try:
         return str(json.loads(body)["data"][0]["id"])
     except (ValueError, KeyError, IndexError, TypeError):
-        raise BenchError(f"{kind} server at {url}: /v1/models lists no model; "
-                         f"pass {flag}") from None
+        raise BenchError(
+            f"{kind} server at {url}: /v1/models lists no model; pass {flag}"
+        ) from None
 
 
 # Streams being counted, by id() of their aiohttp StreamReader.

@@ -39,97 +39,200 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.formatter_class = _Help
     g = p.add_argument_group("endpoints (give one or both)")
-    g.add_argument("--gen-url", help="OpenAI-compatible server for /v1/completions "
-                                     "(or /v1/chat/completions, see --gen-endpoint)")
-    g.add_argument("--gen-endpoint", choices=GEN_ENDPOINTS, default=_D.gen_endpoint,
-                   help="drive /v1/completions or /v1/chat/completions (streamed either way)")
+    g.add_argument(
+        "--gen-url",
+        help="OpenAI-compatible server for /v1/completions "
+        "(or /v1/chat/completions, see --gen-endpoint)",
+    )
+    g.add_argument(
+        "--gen-endpoint",
+        choices=GEN_ENDPOINTS,
+        default=_D.gen_endpoint,
+        help="drive /v1/completions or /v1/chat/completions (streamed either way)",
+    )
     g.add_argument("--embed-url", help="OpenAI-compatible server for /v1/embeddings")
     g.add_argument("--gen-model", help="model name (default: first of the server's /v1/models)")
-    g.add_argument("--embed-model",
-                   help="model name (default: first of the server's /v1/models)")
+    g.add_argument("--embed-model", help="model name (default: first of the server's /v1/models)")
     g.add_argument("--api-key", help="sent as 'Authorization: Bearer KEY'")
     w = p.add_argument_group("workload")
-    w.add_argument("--gen-concurrency", type=int, default=_D.gen_concurrency,
-                   help="gen requests kept in flight (closed loop); with --gen-rate, the "
-                        "cap on requests in flight")
-    w.add_argument("--gen-rate", type=float, default=None, metavar="R",
-                   help="send gen requests at R per second (open loop; default: closed)")
-    w.add_argument("--input-len", type=int, default=_D.input_len,
-                   help="prompt length in tokens (random token ids)")
-    w.add_argument("--output-len", type=int, default=_D.output_len,
-                   help="max_tokens of each gen request (sent with ignore_eos)")
-    w.add_argument("--embed-concurrency", type=int, default=_D.embed_concurrency,
-                   help="embed requests kept in flight (closed loop); with --embed-rate, "
-                        "the cap on requests in flight")
-    w.add_argument("--embed-rate", type=float, default=None, metavar="R",
-                   help="send embed requests (of --embed-batch inputs) at R per second")
-    w.add_argument("--arrival", choices=ARRIVALS, default=_D.arrival,
-                   help="arrival process of the rates, seeded by --seed")
-    w.add_argument("--burstiness", type=float, default=_D.burstiness, metavar="K",
-                   help="gamma shape of poisson gaps: 1 Poisson, <1 burstier, >1 smoother")
-    w.add_argument("--embed-batch", type=int, default=_D.embed_batch,
-                   help="inputs per embed request")
-    w.add_argument("--embed-input-len", type=int, default=_D.embed_input_len,
-                   help="tokens (or words, with --embed-text) per embed input")
-    w.add_argument("--embed-text", action="store_true",
-                   help="send embed inputs as text (random common words), not token ids")
-    w.add_argument("--embed-encoding", choices=ENCODINGS, default=_D.embed_encoding,
-                   help="encoding_format asked of /v1/embeddings (base64: what the openai "
-                        "client asks for by default)")
-    w.add_argument("--token-id-range", default="10:256", metavar="LO:HI",
-                   help="random prompt token ids are drawn from [LO, HI)")
+    w.add_argument(
+        "--gen-concurrency",
+        type=int,
+        default=_D.gen_concurrency,
+        help="gen requests kept in flight (closed loop); with --gen-rate, the "
+        "cap on requests in flight",
+    )
+    w.add_argument(
+        "--gen-rate",
+        type=float,
+        default=None,
+        metavar="R",
+        help="send gen requests at R per second (open loop; default: closed)",
+    )
+    w.add_argument(
+        "--input-len",
+        type=int,
+        default=_D.input_len,
+        help="prompt length in tokens (random token ids)",
+    )
+    w.add_argument(
+        "--output-len",
+        type=int,
+        default=_D.output_len,
+        help="max_tokens of each gen request (sent with ignore_eos)",
+    )
+    w.add_argument(
+        "--embed-concurrency",
+        type=int,
+        default=_D.embed_concurrency,
+        help="embed requests kept in flight (closed loop); with --embed-rate, "
+        "the cap on requests in flight",
+    )
+    w.add_argument(
+        "--embed-rate",
+        type=float,
+        default=None,
+        metavar="R",
+        help="send embed requests (of --embed-batch inputs) at R per second",
+    )
+    w.add_argument(
+        "--arrival",
+        choices=ARRIVALS,
+        default=_D.arrival,
+        help="arrival process of the rates, seeded by --seed",
+    )
+    w.add_argument(
+        "--burstiness",
+        type=float,
+        default=_D.burstiness,
+        metavar="K",
+        help="gamma shape of poisson gaps: 1 Poisson, <1 burstier, >1 smoother",
+    )
+    w.add_argument(
+        "--embed-batch", type=int, default=_D.embed_batch, help="inputs per embed request"
+    )
+    w.add_argument(
+        "--embed-input-len",
+        type=int,
+        default=_D.embed_input_len,
+        help="tokens (or words, with --embed-text) per embed input",
+    )
+    w.add_argument(
+        "--embed-text",
+        action="store_true",
+        help="send embed inputs as text (random common words), not token ids",
+    )
+    w.add_argument(
+        "--embed-encoding",
+        choices=ENCODINGS,
+        default=_D.embed_encoding,
+        help="encoding_format asked of /v1/embeddings (base64: what the openai "
+        "client asks for by default)",
+    )
+    w.add_argument(
+        "--token-id-range",
+        default="10:256",
+        metavar="LO:HI",
+        help="random prompt token ids are drawn from [LO, HI)",
+    )
     w.add_argument("--seed", type=int, default=_D.seed, help="workload seed")
     s = p.add_argument_group("service-level objectives (goodput)")
-    s.add_argument("--goodput", nargs="+", metavar="METRIC:MS", default=None,
-                   help="gen goodput counts requests meeting every bound given: ttft, tpot, "
-                        "e2el in ms (e.g. ttft:1000 tpot:50)")
-    s.add_argument("--embed-slo", type=float, default=None, metavar="MS",
-                   help="embed goodput counts requests answered within MS")
+    s.add_argument(
+        "--goodput",
+        nargs="+",
+        metavar="METRIC:MS",
+        default=None,
+        help="gen goodput counts requests meeting every bound given: ttft, tpot, "
+        "e2el in ms (e.g. ttft:1000 tpot:50)",
+    )
+    s.add_argument(
+        "--embed-slo",
+        type=float,
+        default=None,
+        metavar="MS",
+        help="embed goodput counts requests answered within MS",
+    )
     t = p.add_argument_group("timing and output")
-    t.add_argument("--warmup", type=float, default=_D.warmup_s,
-                   help="seconds of load before the window")
-    t.add_argument("--duration", type=float, default=_D.duration_s,
-                   help="seconds of the measurement window")
-    t.add_argument("--ramp", type=float, default=None,
-                   help="seconds over which the first requests are spread "
-                        "(default min(1, warm-up/4))")
-    t.add_argument("--out", metavar="FILE.json",
-                   help="write the summary here and the per-request records to "
-                        "FILE.records.jsonl")
-    t.add_argument("--record-chunks", action="store_true",
-                   help="keep each chunk's arrival time in the records (large)")
+    t.add_argument(
+        "--warmup", type=float, default=_D.warmup_s, help="seconds of load before the window"
+    )
+    t.add_argument(
+        "--duration", type=float, default=_D.duration_s, help="seconds of the measurement window"
+    )
+    t.add_argument(
+        "--ramp",
+        type=float,
+        default=None,
+        help="seconds over which the first requests are spread (default min(1, warm-up/4))",
+    )
+    t.add_argument(
+        "--out",
+        metavar="FILE.json",
+        help="write the summary here and the per-request records to FILE.records.jsonl",
+    )
+    t.add_argument(
+        "--record-chunks",
+        action="store_true",
+        help="keep each chunk's arrival time in the records (large)",
+    )
     t.add_argument("--json", action="store_true", help="print the summary JSON on stdout")
     t.add_argument("--quiet", action="store_true", help="no live progress, no summary table")
-    t.add_argument("--loop", choices=("auto", "uvloop", "asyncio"), default="auto",
-                   help="event loop (auto: uvloop when installed)")
+    t.add_argument(
+        "--loop",
+        choices=("auto", "uvloop", "asyncio"),
+        default="auto",
+        help="event loop (auto: uvloop when installed)",
+    )
 
 
 def _config(args):
     try:
         lo, hi = (int(x) for x in args.token_id_range.split(":"))
     except ValueError:
-        raise SystemExit(f"coserve bench: --token-id-range: expected LO:HI, got "
-                         f"{args.token_id_range!r}") from None
+        raise SystemExit(
+            f"coserve bench: --token-id-range: expected LO:HI, got {args.token_id_range!r}"
+        ) from None
     bounds = _goodput(args.goodput)
     cfg = LoadConfig(
-        gen_url=args.gen_url, embed_url=args.embed_url, gen_model=args.gen_model,
-        embed_model=args.embed_model, gen_concurrency=args.gen_concurrency,
-        input_len=args.input_len, output_len=args.output_len,
-        embed_concurrency=args.embed_concurrency, embed_batch=args.embed_batch,
-        embed_input_len=args.embed_input_len, embed_text=args.embed_text,
+        gen_url=args.gen_url,
+        embed_url=args.embed_url,
+        gen_model=args.gen_model,
+        embed_model=args.embed_model,
+        gen_concurrency=args.gen_concurrency,
+        input_len=args.input_len,
+        output_len=args.output_len,
+        embed_concurrency=args.embed_concurrency,
+        embed_batch=args.embed_batch,
+        embed_input_len=args.embed_input_len,
+        embed_text=args.embed_text,
         embed_encoding=args.embed_encoding,
-        warmup_s=args.warmup, duration_s=args.duration, seed=args.seed, api_key=args.api_key,
-        token_id_low=lo, token_id_high=hi, ramp_s=args.ramp, record_chunks=args.record_chunks,
-        gen_rate=args.gen_rate, embed_rate=args.embed_rate, arrival=args.arrival,
-        burstiness=args.burstiness, embed_slo_ms=args.embed_slo,
-        gen_endpoint=args.gen_endpoint, **bounds,
+        warmup_s=args.warmup,
+        duration_s=args.duration,
+        seed=args.seed,
+        api_key=args.api_key,
+        token_id_low=lo,
+        token_id_high=hi,
+        ramp_s=args.ramp,
+        record_chunks=args.record_chunks,
+        gen_rate=args.gen_rate,
+        embed_rate=args.embed_rate,
+        arrival=args.arrival,
+        burstiness=args.burstiness,
+        embed_slo_ms=args.embed_slo,
+        gen_endpoint=args.gen_endpoint,
+        **bounds,
     )
     try:
         return cfg.validate()
     except ConfigError as e:
-        names = {"warmup_s": "--warmup", "duration_s": "--duration", "ramp_s": "--ramp",
-                 "token_id_low": "--token-id-range", "embed_slo_ms": "--embed-slo",
-                 **{v: "--goodput" for v in _GOODPUT.values()}}
+        names = {
+            "warmup_s": "--warmup",
+            "duration_s": "--duration",
+            "ramp_s": "--ramp",
+            "token_id_low": "--token-id-range",
+            "embed_slo_ms": "--embed-slo",
+            **{v: "--goodput" for v in _GOODPUT.values()},
+        }
         flag = names.get(e.field, "--" + e.field.replace("_", "-"))
         raise SystemExit(f"coserve bench: {flag}: {str(e).split(': ', 1)[1]}") from None
 
@@ -140,13 +243,17 @@ def _goodput(items: list[str] | None) -> dict:
     for item in items or []:
         name, _, ms = item.partition(":")
         if name not in _GOODPUT:
-            raise SystemExit(f"coserve bench: --goodput: {item!r}: the metric must be one of "
-                             f"{', '.join(_GOODPUT)} (as in ttft:1000)")
+            raise SystemExit(
+                f"coserve bench: --goodput: {item!r}: the metric must be one of "
+                f"{', '.join(_GOODPUT)} (as in ttft:1000)"
+            )
         try:
             out[_GOODPUT[name]] = float(ms)
         except ValueError:
-            raise SystemExit(f"coserve bench: --goodput: {item!r}: expected {name}:MS with MS "
-                             f"a number of milliseconds") from None
+            raise SystemExit(
+                f"coserve bench: --goodput: {item!r}: expected {name}:MS with MS "
+                f"a number of milliseconds"
+            ) from None
     return out
 
 
@@ -159,8 +266,10 @@ def _fmt_dist(d: dict) -> str:
 def _fmt_load(ep: dict) -> str:
     if ep["mode"] == "closed":
         return f"C={ep['concurrency']}"
-    return (f"rate {ep['offered_rate_rps']:g}/s offered, {ep['achieved_rate_rps']:.4g}/s sent "
-            f"(cap {ep['concurrency']})")
+    return (
+        f"rate {ep['offered_rate_rps']:g}/s offered, {ep['achieved_rate_rps']:.4g}/s sent "
+        f"(cap {ep['concurrency']})"
+    )
 
 
 def _fmt_bounds(b: dict) -> str:
@@ -175,31 +284,42 @@ def format_summary(s: dict) -> str:
     lines.append(f"window {s['duration_s']:g} s after {s['warmup_s']:g} s warm-up{state}")
     g = s.get("gen")
     if g:
-        lines.append(f"gen    {g['url']}  model {g['model']}  {g['endpoint']}  "
-                     f"{_fmt_load(g)}")
-        lines.append(f"  {g['output_tokens_per_s']:,.1f} output tok/s  "
-                     f"{g['requests_per_s']:.2f} req/s  completed {g['completed']}  "
-                     f"failed {g['failed']}")
+        lines.append(f"gen    {g['url']}  model {g['model']}  {g['endpoint']}  {_fmt_load(g)}")
+        lines.append(
+            f"  {g['output_tokens_per_s']:,.1f} output tok/s  "
+            f"{g['requests_per_s']:.2f} req/s  completed {g['completed']}  "
+            f"failed {g['failed']}"
+        )
         for name in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms"):
             lines.append(f"  {name[:-3].upper():5s} ms  {_fmt_dist(g[name])}")
         if g["goodput"]:
-            lines.append(f"  goodput {g['goodput']['requests_per_s']:.2f} req/s  "
-                         f"{g['goodput']['output_tokens_per_s']:,.1f} tok/s  "
-                         f"(within {_fmt_bounds(g['goodput']['bounds_ms'])})")
+            lines.append(
+                f"  goodput {g['goodput']['requests_per_s']:.2f} req/s  "
+                f"{g['goodput']['output_tokens_per_s']:,.1f} tok/s  "
+                f"(within {_fmt_bounds(g['goodput']['bounds_ms'])})"
+            )
     e = s.get("embed")
     if e:
-        lines.append(f"embed  {e['url']}  model {e['model']}  {_fmt_load(e)}  "
-                     f"batch {e['batch']}  {e['encoding']}  dim {e['dim']}")
-        lines.append(f"  {e['sequences_per_s']:,.1f} seq/s  {e['requests_per_s']:.2f} req/s  "
-                     f"completed {e['completed']}  failed {e['failed']}")
+        lines.append(
+            f"embed  {e['url']}  model {e['model']}  {_fmt_load(e)}  "
+            f"batch {e['batch']}  {e['encoding']}  dim {e['dim']}"
+        )
+        lines.append(
+            f"  {e['sequences_per_s']:,.1f} seq/s  {e['requests_per_s']:.2f} req/s  "
+            f"completed {e['completed']}  failed {e['failed']}"
+        )
         lines.append(f"  LAT   ms  {_fmt_dist(e['latency_ms'])}")
         if e["goodput"]:
-            lines.append(f"  goodput {e['goodput']['sequences_per_s']:,.1f} seq/s  "
-                         f"(within {e['goodput']['slo_ms']:g} ms)")
+            lines.append(
+                f"  goodput {e['goodput']['sequences_per_s']:,.1f} seq/s  "
+                f"(within {e['goodput']['slo_ms']:g} ms)"
+            )
         m = e["encoding_mismatch"]
         if m:
-            lines.append(f"  NOTE: asked for {m['asked']} embeddings, {m['answers']} answers "
-                         f"came as {m['answered']}; measured all the same")
+            lines.append(
+                f"  NOTE: asked for {m['asked']} embeddings, {m['answers']} answers "
+                f"came as {m['answered']}; measured all the same"
+            )
     for name in ("gen", "embed"):
         ep = s.get(name)
         if ep and ep["warning"]:
@@ -229,17 +349,31 @@ def run(args) -> int:
     err = sys.stderr
     parts = []
     if cfg.gen_url:
-        load = (f"C={cfg.gen_concurrency}" if cfg.gen_rate is None else
-                f"{cfg.gen_rate:g} req/s {cfg.arrival} (cap {cfg.gen_concurrency})")
-        parts.append(f"gen {cfg.gen_url} {cfg.gen_endpoint} {load} "
-                     f"({cfg.input_len} in / {cfg.output_len} out)")
+        load = (
+            f"C={cfg.gen_concurrency}"
+            if cfg.gen_rate is None
+            else f"{cfg.gen_rate:g} req/s {cfg.arrival} (cap {cfg.gen_concurrency})"
+        )
+        parts.append(
+            f"gen {cfg.gen_url} {cfg.gen_endpoint} {load} "
+            f"({cfg.input_len} in / {cfg.output_len} out)"
+        )
     if cfg.embed_url:
-        load = (f"C={cfg.embed_concurrency}" if cfg.embed_rate is None else
-                f"{cfg.embed_rate:g} req/s {cfg.arrival} (cap {cfg.embed_concurrency})")
-        parts.append(f"embed {cfg.embed_url} {load} "
-                     f"(batch {cfg.embed_batch} x {cfg.embed_input_len}, {cfg.embed_encoding})")
-    print(f"coserve bench: {'; '.join(parts)}; warm-up {cfg.warmup_s:g} s, "
-          f"window {cfg.duration_s:g} s", file=err, flush=True)
+        load = (
+            f"C={cfg.embed_concurrency}"
+            if cfg.embed_rate is None
+            else f"{cfg.embed_rate:g} req/s {cfg.arrival} (cap {cfg.embed_concurrency})"
+        )
+        parts.append(
+            f"embed {cfg.embed_url} {load} "
+            f"(batch {cfg.embed_batch} x {cfg.embed_input_len}, {cfg.embed_encoding})"
+        )
+    print(
+        f"coserve bench: {'; '.join(parts)}; warm-up {cfg.warmup_s:g} s, "
+        f"window {cfg.duration_s:g} s",
+        file=err,
+        flush=True,
+    )
 
     async def main():
         loop = asyncio.get_running_loop()
@@ -251,17 +385,21 @@ def run(args) -> int:
                 print(f"\ncoserve bench: {signame} again, giving up", file=err, flush=True)
                 me.cancel()
                 return
-            print(f"\ncoserve bench: {signame}, stopping; writing what was measured "
-                  f"({signame} again to give up)", file=err, flush=True)
+            print(
+                f"\ncoserve bench: {signame}, stopping; writing what was measured "
+                f"({signame} again to give up)",
+                file=err,
+                flush=True,
+            )
             stop.set()
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, on_signal, sig.name)
         try:
-            with LiveProgress(cfg.warmup_s, cfg.duration_s,
-                              enabled=False if args.quiet else None) as lp:
-                return await run_load(cfg, on_progress=lp.update if lp.enabled else None,
-                                      stop=stop)
+            with LiveProgress(
+                cfg.warmup_s, cfg.duration_s, enabled=False if args.quiet else None
+            ) as lp:
+                return await run_load(cfg, on_progress=lp.update if lp.enabled else None, stop=stop)
         finally:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)

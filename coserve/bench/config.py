@@ -78,43 +78,62 @@ class LoadConfig:
             if url:
                 parts = urlsplit(url)
                 if parts.scheme not in ("http", "https") or not parts.netloc:
-                    raise ConfigError(name, f"{url!r} is not an http(s) URL "
-                                            f"(e.g. http://127.0.0.1:8000)")
-        for name in ("gen_concurrency", "input_len", "output_len", "embed_concurrency",
-                     "embed_batch", "embed_input_len"):
+                    raise ConfigError(
+                        name, f"{url!r} is not an http(s) URL (e.g. http://127.0.0.1:8000)"
+                    )
+        for name in (
+            "gen_concurrency",
+            "input_len",
+            "output_len",
+            "embed_concurrency",
+            "embed_batch",
+            "embed_input_len",
+        ):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(name, f"must be a positive integer, got {v!r}")
-        for name in ("gen_rate", "embed_rate", "goodput_ttft_ms", "goodput_tpot_ms",
-                     "goodput_e2el_ms", "embed_slo_ms"):
+        for name in (
+            "gen_rate",
+            "embed_rate",
+            "goodput_ttft_ms",
+            "goodput_tpot_ms",
+            "goodput_e2el_ms",
+            "embed_slo_ms",
+        ):
             v = getattr(self, name)
             if v is not None and not _positive(v):
                 raise ConfigError(name, f"must be a positive number, got {v!r}")
         if self.arrival not in ARRIVALS:
-            raise ConfigError("arrival", f"must be one of {', '.join(ARRIVALS)}, "
-                                         f"got {self.arrival!r}")
+            raise ConfigError(
+                "arrival", f"must be one of {', '.join(ARRIVALS)}, got {self.arrival!r}"
+            )
         if not _positive(self.burstiness):
-            raise ConfigError("burstiness", f"must be a positive number, got "
-                                            f"{self.burstiness!r}")
+            raise ConfigError("burstiness", f"must be a positive number, got {self.burstiness!r}")
         if self.arrival == "constant" and self.burstiness != 1.0:
-            raise ConfigError("burstiness", "shapes the gaps of poisson arrivals; constant "
-                                            "arrivals have none")
+            raise ConfigError(
+                "burstiness", "shapes the gaps of poisson arrivals; constant arrivals have none"
+            )
         if self.gen_endpoint not in GEN_ENDPOINTS:
-            raise ConfigError("gen_endpoint", f"must be one of {', '.join(GEN_ENDPOINTS)}, "
-                                              f"got {self.gen_endpoint!r}")
+            raise ConfigError(
+                "gen_endpoint",
+                f"must be one of {', '.join(GEN_ENDPOINTS)}, got {self.gen_endpoint!r}",
+            )
         if self.embed_encoding not in ENCODINGS:
-            raise ConfigError("embed_encoding", f"must be one of {', '.join(ENCODINGS)}, "
-                                                f"got {self.embed_encoding!r}")
+            raise ConfigError(
+                "embed_encoding",
+                f"must be one of {', '.join(ENCODINGS)}, got {self.embed_encoding!r}",
+            )
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ConfigError("seed", f"must be an integer, got {self.seed!r}")
         if not (_number(self.warmup_s) and self.warmup_s >= 0):
             raise ConfigError("warmup_s", f"must be a finite number >= 0, got {self.warmup_s!r}")
         if not _positive(self.duration_s):
-            raise ConfigError("duration_s", f"must be a finite number > 0, got "
-                                            f"{self.duration_s!r}")
+            raise ConfigError("duration_s", f"must be a finite number > 0, got {self.duration_s!r}")
         if not (0 <= self.token_id_low < self.token_id_high):
-            raise ConfigError("token_id_low", f"token id range [{self.token_id_low}, "
-                                              f"{self.token_id_high}) is empty")
+            raise ConfigError(
+                "token_id_low",
+                f"token id range [{self.token_id_low}, {self.token_id_high}) is empty",
+            )
         if self.ramp_s is not None and not self.ramp_s >= 0:
             raise ConfigError("ramp_s", f"must be >= 0, got {self.ramp_s!r}")
         if self.connect_timeout_s <= 0:
@@ -124,8 +143,11 @@ class LoadConfig:
     @property
     def goodput_bounds(self) -> dict[str, float]:
         """The gen goodput bounds given, by metric: {"ttft": ms, "tpot": ms, "e2el": ms}."""
-        b = {"ttft": self.goodput_ttft_ms, "tpot": self.goodput_tpot_ms,
-             "e2el": self.goodput_e2el_ms}
+        b = {
+            "ttft": self.goodput_ttft_ms,
+            "tpot": self.goodput_tpot_ms,
+            "e2el": self.goodput_e2el_ms,
+        }
         return {k: v for k, v in b.items() if v is not None}
 
     @property

@@ -37,13 +37,13 @@ def embedding_shape(body: bytes) -> tuple[int, int, str]:
     i = body.find(_KEY)
     while i >= 0:
         j = i + len(_KEY)
-        opener = body[j:j + 1]
+        opener = body[j : j + 1]
         if opener == b'"':
             k = body.find(b'"', j + 1)
             if k < 0:
                 break
             try:
-                raw = binascii.a2b_base64(body[j + 1:k], strict_mode=True)
+                raw = binascii.a2b_base64(body[j + 1 : k], strict_mode=True)
             except binascii.Error:
                 break  # an escaped "/" (JSON allows "\/") or a bad string: json will say
             dims.append(_float32_count(len(raw)))
@@ -52,7 +52,7 @@ def embedding_shape(body: bytes) -> tuple[int, int, str]:
             k = body.find(b"]", j)
             if k < 0:
                 break
-            seg = body[j + 1:k]
+            seg = body[j + 1 : k]
             dims.append(seg.count(b",") + 1 if seg.strip() else 0)
             seen.add("float")
         else:
@@ -88,8 +88,9 @@ def _parsed_shape(body: bytes) -> tuple[int, int, str]:
         else:
             raise BadAnswer(f"an embedding is a {type(v).__name__}")
     if len(seen) > 1:
-        raise BadAnswer("embeddings in both encodings (base64 strings and float lists) "
-                        "in one answer")
+        raise BadAnswer(
+            "embeddings in both encodings (base64 strings and float lists) in one answer"
+        )
     return len(dims), _one_dim(dims), seen.pop()
 
 

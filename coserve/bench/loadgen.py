@@ -30,8 +30,18 @@ from coserve.bench.output import write_result
 from coserve.bench.records import BenchResult, EndpointRun, Progress
 from coserve.bench.workers import LoadRun
 
-__all__ = ["BenchError", "BenchResult", "BenchStopped", "EndpointDead", "EndpointRun",
-           "Progress", "loop_factory", "run_load", "run_sync", "write_result"]
+__all__ = [
+    "BenchError",
+    "BenchResult",
+    "BenchStopped",
+    "EndpointDead",
+    "EndpointRun",
+    "Progress",
+    "loop_factory",
+    "run_load",
+    "run_sync",
+    "write_result",
+]
 
 perf_counter = time.perf_counter
 _WATCH_S = 0.1  # how often the run looks for a dead endpoint
@@ -50,8 +60,7 @@ class EndpointDead(BenchError):
         self.result = result
 
 
-async def _progress_loop(run: LoadRun, on_progress: Callable[[Progress], None],
-                         interval: float):
+async def _progress_loop(run: LoadRun, on_progress: Callable[[Progress], None], interval: float):
     gen, embed = run.gen, run.embed
     last_t = perf_counter()
     last_g = gen.tokens_total if gen else 0
@@ -63,18 +72,21 @@ async def _progress_loop(run: LoadRun, on_progress: Callable[[Progress], None],
         g = gen.tokens_total if gen else 0
         e = embed.tokens_total if embed else 0
         dt = max(t - last_t, 1e-9)
-        on_progress(Progress(
-            phase="warmup" if t < run.ws else ("measure" if t < run.we else "done"),
-            elapsed_s=t - run.t0, total_s=total,
-            gen_tok_s=(g - last_g) / dt if gen else None,
-            embed_seq_s=(e - last_e) / dt if embed else None,
-            gen_in_flight=gen.in_flight if gen else 0,
-            embed_in_flight=embed.in_flight if embed else 0,
-            gen_completed=gen.completed_total if gen else 0,
-            embed_completed=embed.completed_total if embed else 0,
-            gen_failed=gen.failed_total if gen else 0,
-            embed_failed=embed.failed_total if embed else 0,
-        ))
+        on_progress(
+            Progress(
+                phase="warmup" if t < run.ws else ("measure" if t < run.we else "done"),
+                elapsed_s=t - run.t0,
+                total_s=total,
+                gen_tok_s=(g - last_g) / dt if gen else None,
+                embed_seq_s=(e - last_e) / dt if embed else None,
+                gen_in_flight=gen.in_flight if gen else 0,
+                embed_in_flight=embed.in_flight if embed else 0,
+                gen_completed=gen.completed_total if gen else 0,
+                embed_completed=embed.completed_total if embed else 0,
+                gen_failed=gen.failed_total if gen else 0,
+                embed_failed=embed.failed_total if embed else 0,
+            )
+        )
         last_t, last_g, last_e = t, g, e
 
 
@@ -102,9 +114,12 @@ def run_sync(coro, loop: str = "auto"):
         return runner.run(coro)
 
 
-async def run_load(cfg: LoadConfig, on_progress: Callable[[Progress], None] | None = None,
-                   stop: asyncio.Event | None = None,
-                   progress_interval_s: float = 0.5) -> BenchResult:
+async def run_load(
+    cfg: LoadConfig,
+    on_progress: Callable[[Progress], None] | None = None,
+    stop: asyncio.Event | None = None,
+    progress_interval_s: float = 0.5,
+) -> BenchResult:
     """Drive the configured endpoints for warm-up + window and return what was measured.
 
     Setting `stop` ends the run early: the result is then marked `cut_short` and its window
@@ -151,28 +166,38 @@ async def _watch(run: LoadRun, stop: asyncio.Event | None) -> str | None:
 
 
 def _session(cfg: LoadConfig) -> aiohttp.ClientSession:
-    timeout = aiohttp.ClientTimeout(total=None, connect=None, sock_connect=cfg.connect_timeout_s,
-                                    sock_read=None)
+    timeout = aiohttp.ClientTimeout(
+        total=None, connect=None, sock_connect=cfg.connect_timeout_s, sock_read=None
+    )
     return aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=None),
-        timeout=timeout, auto_decompress=False)
+        timeout=timeout,
+        auto_decompress=False,
+    )
 
 
 async def _run_load(cfg: LoadConfig, on_progress, stop, progress_interval_s) -> BenchResult:
     run = LoadRun(cfg)
     sessions: dict[str, aiohttp.ClientSession] = {}
     tasks: list[asyncio.Task] = []
-    endpoints = [(k, url, model, c, rate) for k, url, model, c, rate in (
-        ("gen", cfg.gen_url, cfg.gen_model, cfg.gen_concurrency, cfg.gen_rate),
-        ("embed", cfg.embed_url, cfg.embed_model, cfg.embed_concurrency, cfg.embed_rate))
-        if url]
+    endpoints = [
+        (k, url, model, c, rate)
+        for k, url, model, c, rate in (
+            ("gen", cfg.gen_url, cfg.gen_model, cfg.gen_concurrency, cfg.gen_rate),
+            ("embed", cfg.embed_url, cfg.embed_model, cfg.embed_concurrency, cfg.embed_rate),
+        )
+        if url
+    ]
     aborted = None
     try:
         for kind, *_ in endpoints:
             sessions[kind] = _session(cfg)
-        models = await asyncio.gather(*(
-            resolve_model(sessions[k], k, url, model, cfg.connect_timeout_s, run.headers)
-            for k, url, model, _, _ in endpoints))
+        models = await asyncio.gather(
+            *(
+                resolve_model(sessions[k], k, url, model, cfg.connect_timeout_s, run.headers)
+                for k, url, model, _, _ in endpoints
+            )
+        )
         for (kind, url, _, c, rate), model in zip(endpoints, models, strict=True):
             setattr(run, kind, EndpointRun(kind, url, model, c, rate))
         if stop is not None and stop.is_set():
@@ -189,11 +214,12 @@ async def _run_load(cfg: LoadConfig, on_progress, stop, progress_interval_s) -> 
             if ep.rate is not None:
                 tasks.append(asyncio.create_task(run.open_loop(ep, session)))
             else:
-                tasks += [asyncio.create_task(run.closed_worker(ep, session, w))
-                          for w in range(ep.concurrency)]
+                tasks += [
+                    asyncio.create_task(run.closed_worker(ep, session, w))
+                    for w in range(ep.concurrency)
+                ]
         if on_progress is not None:
-            tasks.append(asyncio.create_task(
-                _progress_loop(run, on_progress, progress_interval_s)))
+            tasks.append(asyncio.create_task(_progress_loop(run, on_progress, progress_interval_s)))
         aborted = await _watch(run, stop)
         stopped_at = perf_counter()
         cut_short = stopped_at < run.we
@@ -208,9 +234,18 @@ async def _run_load(cfg: LoadConfig, on_progress, stop, progress_interval_s) -> 
     for ep in (run.gen, run.embed):
         if ep is not None and ep.rate is not None:
             ep.scheduled_window = run.scheduled_in_window(ep, min(stopped_at, run.we))
-    result = BenchResult(config=cfg, started_at=started_at, t0=run.t0, window_start=run.ws,
-                         window_end=run.we, stopped_at=stopped_at, cut_short=cut_short,
-                         gen=run.gen, embed=run.embed, aborted=aborted)
+    result = BenchResult(
+        config=cfg,
+        started_at=started_at,
+        t0=run.t0,
+        window_start=run.ws,
+        window_end=run.we,
+        stopped_at=stopped_at,
+        cut_short=cut_short,
+        gen=run.gen,
+        embed=run.embed,
+        aborted=aborted,
+    )
     if aborted is not None:
         raise EndpointDead(aborted, result)
     return result

@@ -44,8 +44,13 @@ def dist(values) -> dict:
     """mean, p50, p90, p95, p99, std, min, max and n of `values` (ms); None when empty."""
     a = np.asarray(values, dtype=np.float64)
     if a.size == 0:
-        out = {"mean": None, **{f"p{p}": None for p in PERCENTILES},
-               "std": None, "min": None, "max": None}
+        out = {
+            "mean": None,
+            **{f"p{p}": None for p in PERCENTILES},
+            "std": None,
+            "min": None,
+            "max": None,
+        }
         out["n"] = 0
         return out
     ps = np.percentile(a, PERCENTILES)
@@ -56,8 +61,10 @@ def dist(values) -> dict:
 
 
 def _errors(ep: EndpointRun) -> list[dict]:
-    return [{"status": status, "message": msg, "count": n}
-            for (status, msg), n in ep.errors.most_common()]
+    return [
+        {"status": status, "message": msg, "count": n}
+        for (status, msg), n in ep.errors.most_common()
+    ]
 
 
 def _in_window(result: BenchResult, end_s: float | None) -> bool:
@@ -78,16 +85,23 @@ def _per_s(window: float):
 def _send_late(result: BenchResult, ep: EndpointRun) -> list[float]:
     """ms from scheduled to sent, of the open-loop requests scheduled inside the window."""
     lo, hi = result.window_start - result.t0, result.window_end - result.t0
-    return [(r.start_s - r.scheduled_s) * 1e3 for r in ep.records
-            if r.scheduled_s is not None and lo <= r.scheduled_s < hi]
+    return [
+        (r.start_s - r.scheduled_s) * 1e3
+        for r in ep.records
+        if r.scheduled_s is not None and lo <= r.scheduled_s < hi
+    ]
 
 
 def _rate(ep: EndpointRun, window: float, late_ms: list[float]) -> dict:
     """mode, offered and achieved rate, kept_up and its warning (the JSON contract)."""
     achieved = ep.sent_window / window if window > 0 else 0.0
-    out = {"mode": "closed" if ep.rate is None else "rate",
-           "offered_rate_rps": ep.rate, "achieved_rate_rps": round(achieved, 4),
-           "kept_up": True, "warning": None}
+    out = {
+        "mode": "closed" if ep.rate is None else "rate",
+        "offered_rate_rps": ep.rate,
+        "achieved_rate_rps": round(achieved, 4),
+        "kept_up": True,
+        "warning": None,
+    }
     if ep.rate is None:
         return out
     problems = []
@@ -96,16 +110,19 @@ def _rate(ep: EndpointRun, window: float, late_ms: list[float]) -> dict:
     out["cap_waits"] = ep.cap_waits
     out["send_late_ms"] = dist(late_ms)
     if sched and ep.sent_of_scheduled < KEPT_UP * sched:
-        problems.append(f"sent {ep.sent_of_scheduled} of the {sched} requests scheduled in "
-                        f"the window ({achieved:.4g} of {ep.rate:g} req/s offered)")
+        problems.append(
+            f"sent {ep.sent_of_scheduled} of the {sched} requests scheduled in "
+            f"the window ({achieved:.4g} of {ep.rate:g} req/s offered)"
+        )
     if ep.cap_waits:
-        problems.append(f"{ep.cap_waits} arrivals found all {ep.concurrency} slots in flight "
-                        f"and waited (raise --{ep.kind}-concurrency, or the server is "
-                        f"saturated)")
+        problems.append(
+            f"{ep.cap_waits} arrivals found all {ep.concurrency} slots in flight "
+            f"and waited (raise --{ep.kind}-concurrency, or the server is "
+            f"saturated)"
+        )
     if problems:
         out["kept_up"] = False
-        out["warning"] = (f"{ep.kind} did not keep up with the offered rate: "
-                          + "; ".join(problems))
+        out["warning"] = f"{ep.kind} did not keep up with the offered rate: " + "; ".join(problems)
     return out
 
 
@@ -113,22 +130,31 @@ def _gen_goodput(cfg, done: list[RequestRecord], window: float) -> dict | None:
     bounds = cfg.goodput_bounds
     if not bounds:
         return None
-    good = [r for r in done
-            if r.ttft_ms <= bounds.get("ttft", float("inf"))
-            and (r.tpot_ms or 0.0) <= bounds.get("tpot", float("inf"))
-            and r.e2e_ms <= bounds.get("e2el", float("inf"))]
+    good = [
+        r
+        for r in done
+        if r.ttft_ms <= bounds.get("ttft", float("inf"))
+        and (r.tpot_ms or 0.0) <= bounds.get("tpot", float("inf"))
+        and r.e2e_ms <= bounds.get("e2el", float("inf"))
+    ]
     per_s = _per_s(window)
-    return {"requests_per_s": round(per_s(len(good)), 4),
-            "output_tokens_per_s": round(per_s(sum(r.output_tokens for r in good)), 3),
-            "requests": len(good), "bounds_ms": bounds}
+    return {
+        "requests_per_s": round(per_s(len(good)), 4),
+        "output_tokens_per_s": round(per_s(sum(r.output_tokens for r in good)), 3),
+        "requests": len(good),
+        "bounds_ms": bounds,
+    }
 
 
 def _embed_goodput(cfg, done: list[RequestRecord], window: float) -> dict | None:
     if cfg.embed_slo_ms is None:
         return None
     good = [r for r in done if r.latency_ms <= cfg.embed_slo_ms]
-    return {"sequences_per_s": round(_per_s(window)(sum(r.sequences for r in good)), 3),
-            "requests": len(good), "slo_ms": cfg.embed_slo_ms}
+    return {
+        "sequences_per_s": round(_per_s(window)(sum(r.sequences for r in good)), 3),
+        "requests": len(good),
+        "slo_ms": cfg.embed_slo_ms,
+    }
 
 
 def _gen_summary(result: BenchResult, ep: EndpointRun, window: float) -> dict:
@@ -153,9 +179,13 @@ def _gen_summary(result: BenchResult, ep: EndpointRun, window: float) -> dict:
         "itl_ms": dist(np.frombuffer(ep.itl_window, dtype=np.float64) * 1e3),
         "e2e_ms": dist([r.e2e_ms for r in done]),
         "goodput": _gen_goodput(result.config, done, window),
-        "totals": {"sent": ep.sent, "completed": ep.completed_total,
-                   "failed": ep.failed_total, "output_tokens": ep.tokens_total,
-                   "usage_mismatch": ep.usage_mismatch},
+        "totals": {
+            "sent": ep.sent,
+            "completed": ep.completed_total,
+            "failed": ep.failed_total,
+            "output_tokens": ep.tokens_total,
+            "usage_mismatch": ep.usage_mismatch,
+        },
         "errors": _errors(ep),
     }
 
@@ -166,8 +196,11 @@ def _embed_summary(result: BenchResult, ep: EndpointRun, window: float) -> dict:
     per_s = _per_s(window)
     mismatch = None
     if ep.encoding_mismatch:
-        mismatch = {"asked": result.config.embed_encoding, "answered": ep.encoding_answered,
-                    "answers": ep.encoding_mismatch}
+        mismatch = {
+            "asked": result.config.embed_encoding,
+            "answered": ep.encoding_answered,
+            "answers": ep.encoding_mismatch,
+        }
     return {
         "url": ep.url,
         "model": ep.model,
@@ -184,8 +217,12 @@ def _embed_summary(result: BenchResult, ep: EndpointRun, window: float) -> dict:
         "sequences_in_window": int(ep.tokens_window),
         "latency_ms": dist([r.latency_ms for r in done]),
         "goodput": _embed_goodput(result.config, done, window),
-        "totals": {"sent": ep.sent, "completed": ep.completed_total,
-                   "failed": ep.failed_total, "sequences": ep.tokens_total},
+        "totals": {
+            "sent": ep.sent,
+            "completed": ep.completed_total,
+            "failed": ep.failed_total,
+            "sequences": ep.tokens_total,
+        },
         "errors": _errors(ep),
     }
 
@@ -207,10 +244,18 @@ def summarize(result: BenchResult) -> dict:
         "stopped_in": phase,
         "started_at": result.started_at,
         "aborted": result.aborted,
-        "load": {"arrival": cfg.arrival, "burstiness": cfg.burstiness,
-                 "gen_rate": cfg.gen_rate, "embed_rate": cfg.embed_rate,
-                 "slo": {"ttft_ms": cfg.goodput_ttft_ms, "tpot_ms": cfg.goodput_tpot_ms,
-                         "e2el_ms": cfg.goodput_e2el_ms, "embed_ms": cfg.embed_slo_ms}},
+        "load": {
+            "arrival": cfg.arrival,
+            "burstiness": cfg.burstiness,
+            "gen_rate": cfg.gen_rate,
+            "embed_rate": cfg.embed_rate,
+            "slo": {
+                "ttft_ms": cfg.goodput_ttft_ms,
+                "tpot_ms": cfg.goodput_tpot_ms,
+                "e2el_ms": cfg.goodput_e2el_ms,
+                "embed_ms": cfg.embed_slo_ms,
+            },
+        },
         "gen": _gen_summary(result, result.gen, window) if result.gen else None,
         "embed": _embed_summary(result, result.embed, window) if result.embed else None,
         "config": cfg.to_dict(),

@@ -21,8 +21,13 @@ class LiveProgress:
     """`with LiveProgress(warmup_s, duration_s) as lp: run_load(cfg, on_progress=lp.update)`.
     Does nothing when the console is not a terminal (or `enabled` is False)."""
 
-    def __init__(self, warmup_s: float, duration_s: float, console: Console | None = None,
-                 enabled: bool | None = None):
+    def __init__(
+        self,
+        warmup_s: float,
+        duration_s: float,
+        console: Console | None = None,
+        enabled: bool | None = None,
+    ):
         self.console = console or Console(stderr=True)
         self.enabled = self.console.is_terminal if enabled is None else enabled
         self.warmup_s = warmup_s
@@ -32,8 +37,9 @@ class LiveProgress:
 
     def __enter__(self) -> LiveProgress:
         if self.enabled:
-            self._live = Live(self._render(None), console=self.console, refresh_per_second=4,
-                              transient=True)
+            self._live = Live(
+                self._render(None), console=self.console, refresh_per_second=4, transient=True
+            )
             self._live.__enter__()
         return self
 
@@ -67,13 +73,21 @@ class LiveProgress:
         table.add_column("completed", justify="right")
         table.add_column("errors", justify="right")
         if p.gen_tok_s is not None:
-            table.add_row("gen", _fmt(p.gen_tok_s, "tok/s"), str(p.gen_in_flight),
-                          str(p.gen_completed),
-                          Text(str(p.gen_failed), style="red" if p.gen_failed else ""))
+            table.add_row(
+                "gen",
+                _fmt(p.gen_tok_s, "tok/s"),
+                str(p.gen_in_flight),
+                str(p.gen_completed),
+                Text(str(p.gen_failed), style="red" if p.gen_failed else ""),
+            )
         if p.embed_seq_s is not None:
-            table.add_row("embed", _fmt(p.embed_seq_s, "seq/s"), str(p.embed_in_flight),
-                          str(p.embed_completed),
-                          Text(str(p.embed_failed), style="red" if p.embed_failed else ""))
+            table.add_row(
+                "embed",
+                _fmt(p.embed_seq_s, "seq/s"),
+                str(p.embed_in_flight),
+                str(p.embed_completed),
+                Text(str(p.embed_failed), style="red" if p.embed_failed else ""),
+            )
         grid = Table.grid()
         grid.add_row(Text(f"{head}  {bar}", style="bold cyan"))
         grid.add_row(table)

@@ -103,8 +103,10 @@ class EndpointRun:
     last_connection_error: str | None = None
 
     def __repr__(self) -> str:  # short: asyncio and debuggers repr results freely
-        return (f"EndpointRun({self.kind} {self.url} model={self.model!r} "
-                f"C={self.concurrency} rate={self.rate} records={len(self.records)})")
+        return (
+            f"EndpointRun({self.kind} {self.url} model={self.model!r} "
+            f"C={self.concurrency} rate={self.rate} records={len(self.records)})"
+        )
 
 
 @dataclass(repr=False)
@@ -121,8 +123,10 @@ class BenchResult:
     aborted: str | None = None  # why the run ended early on its own (a dead endpoint)
 
     def __repr__(self) -> str:
-        return (f"BenchResult(started_at={self.started_at!r}, cut_short={self.cut_short}, "
-                f"gen={self.gen!r}, embed={self.embed!r})")
+        return (
+            f"BenchResult(started_at={self.started_at!r}, cut_short={self.cut_short}, "
+            f"gen={self.gen!r}, embed={self.embed!r})"
+        )
 
     @property
     def measured_s(self) -> float:

@@ -36,8 +36,13 @@ def choice_tokens(choices, chat: bool) -> int:
         return len(ids)
     if chat:
         delta = c.get("delta") if isinstance(c.get("delta"), dict) else {}
-        return 1 if any(isinstance(delta.get(k), str) and delta[k]
-                        for k in ("content", "reasoning_content")) else 0
+        return (
+            1
+            if any(
+                isinstance(delta.get(k), str) and delta[k] for k in ("content", "reasoning_content")
+            )
+            else 0
+        )
     if c.get("text") == "" and c.get("finish_reason") is not None:
         return 0
     return 1
@@ -67,10 +72,31 @@ class GenStream:
     the socket. Its window tokens (`win_tok`) and gaps (`itl`) stay here until the request
     ends: the worker adds them to the endpoint's only when the request did not fail."""
 
-    __slots__ = ("ep", "chat", "ws", "we", "itl", "itl_append", "buf", "st", "first", "last",
-                 "nchunks", "ntok", "win_tok", "usage_tokens", "prompt_tokens", "error",
-                 "error_event", "chunk_times", "fut", "fast_prefix", "fast_suffix", "fast_len",
-                 "fast_min")
+    __slots__ = (
+        "ep",
+        "chat",
+        "ws",
+        "we",
+        "itl",
+        "itl_append",
+        "buf",
+        "st",
+        "first",
+        "last",
+        "nchunks",
+        "ntok",
+        "win_tok",
+        "usage_tokens",
+        "prompt_tokens",
+        "error",
+        "error_event",
+        "chunk_times",
+        "fut",
+        "fast_prefix",
+        "fast_suffix",
+        "fast_len",
+        "fast_min",
+    )
 
     def __init__(self, ep, ws: float, we: float, record_chunks: bool, chat: bool = False):
         self.ep = ep  # its tokens_total is kept live for the progress display
@@ -96,9 +122,14 @@ class GenStream:
 
     def feed(self, data: bytes, t: float) -> None:
         p = self.fast_prefix
-        if (p is not None and not self.buf and len(data) > self.fast_min
-                and data.startswith(p) and data.endswith(self.fast_suffix)
-                and data.find(b"\n\n", self.fast_len) == len(data) - 2):
+        if (
+            p is not None
+            and not self.buf
+            and len(data) > self.fast_min
+            and data.startswith(p)
+            and data.endswith(self.fast_suffix)
+            and data.find(b"\n\n", self.fast_len) == len(data) - 2
+        ):
             # the usual case, one whole one-token chunk of the known shape: no search for
             # fields, no split, no slice
             if self.ws <= t < self.we:
@@ -136,14 +167,14 @@ class GenStream:
             if j >= 0:  # compact JSON with a choice: it may carry tokens
                 k = ev.find(b'"token_ids":[', j)
                 if k >= 0:
-                    seg = ev[k + 13:ev.find(b"]", k)]
+                    seg = ev[k + 13 : ev.find(b"]", k)]
                     n = seg.count(b",") + 1 if seg.strip() else 0
                 elif self.chat:
                     k = ev.find(_CONTENT, j)
-                    n = 0 if k < 0 or ev[k + 11:k + 12] == b'"' else 1
+                    n = 0 if k < 0 or ev[k + 11 : k + 12] == b'"' else 1
                     if not n:
                         k = ev.find(_REASONING, j)
-                        n = 0 if k < 0 or ev[k + 21:k + 22] == b'"' else 1
+                        n = 0 if k < 0 or ev[k + 21 : k + 22] == b'"' else 1
                 elif b'"text":""' in ev and b'"finish_reason":null' not in ev:
                     n = 0  # an empty closing chunk: no token in it
                 else:
@@ -152,7 +183,7 @@ class GenStream:
                     self._learn_shape(ev, j)
             elif b'"choices"' in ev and b'"choices":[]' not in ev:
                 # JSON written with spaces (or keys in another order): parse it
-                obj = json.loads(ev[ev.find(b"{"):])
+                obj = json.loads(ev[ev.find(b"{") :])
                 n = choice_tokens(obj.get("choices"), self.chat)
             else:
                 n = 0
@@ -170,7 +201,7 @@ class GenStream:
             if obj is None:
                 if b'"error"' not in ev and (b'"usage"' not in ev or b'"usage":null' in ev):
                     continue
-                obj = json.loads(ev[ev.find(b"{"):])
+                obj = json.loads(ev[ev.find(b"{") :])
             usage = obj.get("usage")
             if isinstance(usage, dict):
                 self.usage_tokens = usage.get("completion_tokens")

@@ -17,6 +17,7 @@ from coserve.bench.stream_http import Conn, chunk, error, head, json_response
 
 __all__ = ["StreamServer", "StreamServerConfig"]
 
+
 @dataclass
 class StreamServerConfig:
     host: str = "127.0.0.1"
@@ -61,8 +62,11 @@ class StreamServerConfig:
     stats_dir: str | None = None
 
 
-_ROUTES = {"/v1/completions": "completions", "/v1/chat/completions": "chat",
-           "/v1/embeddings": "embeddings"}
+_ROUTES = {
+    "/v1/completions": "completions",
+    "/v1/chat/completions": "chat",
+    "/v1/embeddings": "embeddings",
+}
 # The bytes of a streamed choice around its text, up to the finish reason's value.
 _TEXT = (b'{"index":0,"text":"', b'","logprobs":null,"finish_reason":')
 _CHAT = (b'{"index":0,"delta":{"content":"', b'"},"logprobs":null,"finish_reason":')
@@ -72,8 +76,11 @@ def _prompt_tokens(req: dict, chat: bool) -> int | str:
     """The prompt's length in tokens (words for text), or the error message."""
     if chat:
         msgs = req.get("messages")
-        if not isinstance(msgs, list) or not msgs or not all(
-                isinstance(m, dict) and isinstance(m.get("content"), str) for m in msgs):
+        if (
+            not isinstance(msgs, list)
+            or not msgs
+            or not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in msgs)
+        ):
             return "messages must be a non-empty list of {role, content} objects"
         return max(1, sum(len(m["content"].split()) for m in msgs))
     prompt = req.get("prompt", "")
@@ -87,8 +94,23 @@ def _prompt_tokens(req: dict, chat: bool) -> int | str:
 class _Stream:
     """One streamed completion (or chat completion) in flight on a connection."""
 
-    __slots__ = ("conn", "n_tokens", "sent", "chunk_no", "t0", "prefix", "usage", "drop_after",
-                 "prompt_tokens", "plain", "due", "open", "close", "first", "kind")
+    __slots__ = (
+        "conn",
+        "n_tokens",
+        "sent",
+        "chunk_no",
+        "t0",
+        "prefix",
+        "usage",
+        "drop_after",
+        "prompt_tokens",
+        "plain",
+        "due",
+        "open",
+        "close",
+        "first",
+        "kind",
+    )
 
     def __init__(self, conn, n_tokens, t0, prefix, usage, drop_after, prompt_tokens, chat):
         self.conn = conn
@@ -105,8 +127,14 @@ class _Stream:
         self.kind = "chat" if chat else "completions"
         # the choice around a chunk's text, and what goes before the first chunk
         self.open, self.close = _CHAT if chat else _TEXT
-        self.first = (prefix + b'{"index":0,"delta":{"role":"assistant","content":""},'
-                      b'"logprobs":null,"finish_reason":null}],"usage":null}\n\n') if chat else b""
+        self.first = (
+            (
+                prefix + b'{"index":0,"delta":{"role":"assistant","content":""},'
+                b'"logprobs":null,"finish_reason":null}],"usage":null}\n\n'
+            )
+            if chat
+            else b""
+        )
 
 
 class StreamServer:
@@ -115,8 +143,7 @@ class StreamServer:
         self.loop = loop or asyncio.get_event_loop()
         self.conns: set[Conn] = set()
         self.counts = {"completions": 0, "chat": 0, "embeddings": 0}
-        self.served = {"completions": 0, "chat": 0, "embeddings": 0, "failed": 0,
-                       "dropped": 0}
+        self.served = {"completions": 0, "chat": 0, "embeddings": 0, "failed": 0, "dropped": 0}
         self._server = None
         self._created = int(time.time())
         self._embed_cache: dict[tuple[int, str], bytes] = {}  # (inputs, encoding) -> data
@@ -130,17 +157,21 @@ class StreamServer:
 
     async def start(self, sock: socket.socket | None = None) -> int:
         if sock is not None:
-            self._server = await self.loop.create_server(lambda: Conn(self), sock=sock,
-                                                         backlog=4096)
+            self._server = await self.loop.create_server(
+                lambda: Conn(self), sock=sock, backlog=4096
+            )
         else:
             self._server = await self.loop.create_server(
-                lambda: Conn(self), self.cfg.host, self.cfg.port, backlog=4096,
-                reuse_address=True)
+                lambda: Conn(self), self.cfg.host, self.cfg.port, backlog=4096, reuse_address=True
+            )
         return self._server.sockets[0].getsockname()[1]
 
     def stats(self) -> dict:
-        return {"served": dict(self.served), "requests": dict(self.counts),
-                "chunk_lateness_hist_10us": self.late_hist}
+        return {
+            "served": dict(self.served),
+            "requests": dict(self.counts),
+            "chunk_lateness_hist_10us": self.late_hist,
+        }
 
     async def close(self):
         if self._server is not None:
@@ -160,9 +191,22 @@ class StreamServer:
         if path in ("/health", "/ping"):
             conn.finish(head(200, b"text/plain", 2) + b"ok")
         elif path == "/v1/models":
-            conn.finish(json_response(200, {"object": "list", "data": [
-                {"id": cfg.model, "object": "model", "created": self._created,
-                 "owned_by": "coserve-stream-server"}]}))
+            conn.finish(
+                json_response(
+                    200,
+                    {
+                        "object": "list",
+                        "data": [
+                            {
+                                "id": cfg.model,
+                                "object": "model",
+                                "created": self._created,
+                                "owned_by": "coserve-stream-server",
+                            }
+                        ],
+                    },
+                )
+            )
         elif path in _ROUTES:
             if method != "POST":
                 conn.finish(error(405, f"{path} takes POST"))
@@ -209,27 +253,47 @@ class StreamServer:
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{id(conn):x}{self.counts[kind]}"
         obj = "chat.completion.chunk" if chat else "text_completion"
         if not req.get("stream"):
+
             def answer():
                 text = " tok" * n_tokens
-                choice = ({"index": 0, "message": {"role": "assistant", "content": text},
-                           "finish_reason": "length"} if chat else
-                          {"index": 0, "text": text, "logprobs": None, "finish_reason": "length"})
-                data = json.dumps({
-                    "id": rid, "object": "chat.completion" if chat else "text_completion",
-                    "created": self._created, "model": model, "choices": [choice],
-                    "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": n_tokens,
-                              "total_tokens": prompt_tokens + n_tokens}},
-                    separators=(",", ":")).encode()
+                choice = (
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": text},
+                        "finish_reason": "length",
+                    }
+                    if chat
+                    else {"index": 0, "text": text, "logprobs": None, "finish_reason": "length"}
+                )
+                data = json.dumps(
+                    {
+                        "id": rid,
+                        "object": "chat.completion" if chat else "text_completion",
+                        "created": self._created,
+                        "model": model,
+                        "choices": [choice],
+                        "usage": {
+                            "prompt_tokens": prompt_tokens,
+                            "completion_tokens": n_tokens,
+                            "total_tokens": prompt_tokens + n_tokens,
+                        },
+                    },
+                    separators=(",", ":"),
+                ).encode()
                 self.served[kind] += 1
                 conn.finish(head(200, b"application/json", len(data)) + data)
+
             when = t0 + (cfg.ttft_ms + (n_tokens - 1) * cfg.itl_ms) / 1000.0
             conn.pending = self.loop.call_at(when, answer)
             return
         usage = bool(cfg.usage and (req.get("stream_options") or {}).get("include_usage"))
-        prefix = (f'data: {{"id":"{rid}","object":"{obj}","created":{self._created},'
-                  f'"model":{json.dumps(model)},"choices":[').encode()
-        st = _Stream(conn, n_tokens, t0, prefix, usage, cfg.drop_after if drop else -1,
-                     prompt_tokens, chat)
+        prefix = (
+            f'data: {{"id":"{rid}","object":"{obj}","created":{self._created},'
+            f'"model":{json.dumps(model)},"choices":['
+        ).encode()
+        st = _Stream(
+            conn, n_tokens, t0, prefix, usage, cfg.drop_after if drop else -1, prompt_tokens, chat
+        )
         if cfg.tokens_per_chunk == 1 and not cfg.token_ids:
             st.plain = chunk(prefix + st.open + b" tok" + st.close + b'null}],"usage":null}\n\n')
         conn.stream = st
@@ -279,9 +343,14 @@ class StreamServer:
         if st.chunk_no == st.drop_after:
             self.served["dropped"] += 1
             if cfg.drop_as_error:
-                conn.finish(chunk(b'data: {"error":{"message":"injected error event",'
-                                  b'"type":"server_error","code":500}}\n\n')
-                            + chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
+                conn.finish(
+                    chunk(
+                        b'data: {"error":{"message":"injected error event",'
+                        b'"type":"server_error","code":500}}\n\n'
+                    )
+                    + chunk(b"data: [DONE]\n\n")
+                    + b"0\r\n\r\n"
+                )
             else:
                 conn.drop()
             return
@@ -297,17 +366,21 @@ class StreamServer:
             conn.transport.write(st.plain)
             self._schedule(st, st.t0 + (cfg.ttft_ms + st.chunk_no * cfg.itl_ms) / 1000.0)
             return
-        tail = b',"token_ids":[%s]' % ",".join(str(first + i) for i in range(k)).encode() \
-            if cfg.token_ids else b""
+        tail = (
+            b',"token_ids":[%s]' % ",".join(str(first + i) for i in range(k)).encode()
+            if cfg.token_ids
+            else b""
+        )
         fin = b'"length"' if last else b"null"
-        ev = (st.prefix + st.open + b" tok" * k + st.close + fin + tail
-              + b'}],"usage":null}\n\n')
+        ev = st.prefix + st.open + b" tok" * k + st.close + fin + tail + b'}],"usage":null}\n\n'
         if last:
             out = chunk(ev)
             if st.usage:
-                u = st.prefix + (b'],"usage":{"prompt_tokens":%d,"completion_tokens":%d,'
-                                 b'"total_tokens":%d}}\n\n' % (st.prompt_tokens, st.sent,
-                                                              st.prompt_tokens + st.sent))
+                u = st.prefix + (
+                    b'],"usage":{"prompt_tokens":%d,"completion_tokens":%d,'
+                    b'"total_tokens":%d}}\n\n'
+                    % (st.prompt_tokens, st.sent, st.prompt_tokens + st.sent)
+                )
                 out += chunk(u)
             out += chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n"
             self.served[st.kind] += 1
@@ -315,7 +388,8 @@ class StreamServer:
             return
         conn.transport.write(chunk(ev))
         self._schedule(
-            st, st.t0 + (cfg.ttft_ms + st.chunk_no * cfg.tokens_per_chunk * cfg.itl_ms) / 1000.0)
+            st, st.t0 + (cfg.ttft_ms + st.chunk_no * cfg.tokens_per_chunk * cfg.itl_ms) / 1000.0
+        )
 
     # /v1/embeddings
     def _embedding(self, conn: Conn, req: dict, drop: bool, delay: float):
@@ -326,8 +400,13 @@ class StreamServer:
         elif isinstance(inp, list) and inp:
             inputs = inp
         else:
-            conn.finish(error(400, "input must be a string, a list of strings, token ids, "
-                                    "or a list of token-id lists"))
+            conn.finish(
+                error(
+                    400,
+                    "input must be a string, a list of strings, token ids, "
+                    "or a list of token-id lists",
+                )
+            )
             return
         fmt = req.get("encoding_format") or "float"
         if fmt not in ("float", "base64"):
@@ -353,10 +432,16 @@ class StreamServer:
                 self.served["dropped"] += 1
                 conn.drop()
                 return
-            body = (b'{"object":"list","data":[' + data + b'],"model":' + model
-                    + b',"usage":{"prompt_tokens":%d,"total_tokens":%d}}' % (n_tok, n_tok))
+            body = (
+                b'{"object":"list","data":['
+                + data
+                + b'],"model":'
+                + model
+                + b',"usage":{"prompt_tokens":%d,"total_tokens":%d}}' % (n_tok, n_tok)
+            )
             self.served["embeddings"] += 1
             conn.finish(head(200, b"application/json", len(body)) + body)
 
         conn.pending = self.loop.call_at(
-            self.loop.time() + delay + cfg.embed_latency_ms / 1000.0, answer)
+            self.loop.time() + delay + cfg.embed_latency_ms / 1000.0, answer
+        )

@@ -36,9 +36,17 @@ def new_event_loop(precise: bool = False) -> asyncio.AbstractEventLoop:
 
 # --------------------------------------------------------------------------- HTTP bits
 
-_REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
-            405: "Method Not Allowed", 413: "Payload Too Large", 429: "Too Many Requests",
-            500: "Internal Server Error", 503: "Service Unavailable"}
+_REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    401: "Unauthorized",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    413: "Payload Too Large",
+    429: "Too Many Requests",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}
 
 
 def head(status: int, ctype: bytes, length: int | None) -> bytes:
@@ -57,8 +65,9 @@ def json_response(status: int, obj) -> bytes:
 
 
 def error(status: int, message: str, etype: str = "invalid_request_error") -> bytes:
-    return json_response(status, {"error": {"message": message, "type": etype,
-                                             "param": None, "code": status}})
+    return json_response(
+        status, {"error": {"message": message, "type": etype, "param": None, "code": status}}
+    )
 
 
 def chunk(data: bytes) -> bytes:
@@ -67,7 +76,6 @@ def chunk(data: bytes) -> bytes:
 
 _MAX_HEAD = 64 * 1024
 _MAX_BODY = 64 * 1024 * 1024
-
 
 
 class Conn(asyncio.Protocol):
@@ -136,8 +144,8 @@ class Conn(asyncio.Protocol):
                 return
             if len(self.buf) < end + 4 + length:
                 return
-            body = self.buf[end + 4:end + 4 + length]
-            self.buf = self.buf[end + 4 + length:]
+            body = self.buf[end + 4 : end + 4 + length]
+            self.buf = self.buf[end + 4 + length :]
             self.busy = True
             self.server.handle(self, method, path.split("?", 1)[0], headers, body)
 

@@ -49,8 +49,11 @@ __all__ = ["StreamServerConfig", "StreamServer", "spawn", "SpawnedServer", "main
 def _listen_sockets(host: str, port: int, n: int) -> list[socket.socket]:
     socks = []
     for _ in range(n):
-        s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET,
-                          socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        s = socket.socket(
+            socket.AF_INET6 if ":" in host else socket.AF_INET,
+            socket.SOCK_STREAM,
+            socket.IPPROTO_TCP,
+        )
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if n > 1:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
@@ -143,20 +146,23 @@ def serve(cfg: StreamServerConfig, ready_file=None) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python3 -m coserve.bench.stream_server",
-                                description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python3 -m coserve.bench.stream_server", description=__doc__.split("\n\n")[0]
+    )
     d = StreamServerConfig()
     p.add_argument("--host", default=d.host)
     p.add_argument("--port", type=int, default=d.port, help="0: any free port (printed)")
     p.add_argument("--model", default=d.model)
     p.add_argument("--ttft-ms", type=float, default=d.ttft_ms)
     p.add_argument("--itl-ms", type=float, default=d.itl_ms)
-    p.add_argument("--tokens", type=int, default=None,
-                   help="tokens per completion, whatever max_tokens says")
+    p.add_argument(
+        "--tokens", type=int, default=None, help="tokens per completion, whatever max_tokens says"
+    )
     p.add_argument("--tokens-per-chunk", type=int, default=d.tokens_per_chunk)
     p.add_argument("--token-ids", action="store_true", help="send token_ids in each chunk")
-    p.add_argument("--no-usage", dest="usage", action="store_false",
-                   help="never send the final usage chunk")
+    p.add_argument(
+        "--no-usage", dest="usage", action="store_false", help="never send the final usage chunk"
+    )
     p.add_argument("--embed-latency-ms", type=float, default=d.embed_latency_ms)
     p.add_argument("--embed-dim", type=int, default=d.embed_dim)
     p.add_argument("--fail-every", type=int, default=0)
@@ -164,21 +170,41 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--fail-message", default=d.fail_message)
     p.add_argument("--drop-every", type=int, default=0)
     p.add_argument("--drop-after", type=int, default=d.drop_after)
-    p.add_argument("--drop-as-error", action="store_true",
-                   help="end the dropped streams with an error event, not a cut connection")
-    p.add_argument("--slow-every", type=int, default=0,
-                   help="every Nth request (per endpoint) is answered --slow-ms later")
+    p.add_argument(
+        "--drop-as-error",
+        action="store_true",
+        help="end the dropped streams with an error event, not a cut connection",
+    )
+    p.add_argument(
+        "--slow-every",
+        type=int,
+        default=0,
+        help="every Nth request (per endpoint) is answered --slow-ms later",
+    )
     p.add_argument("--slow-ms", type=float, default=d.slow_ms)
-    p.add_argument("--embed-answer-encoding", choices=("float", "base64"), default=None,
-                   help="answer embeddings in this encoding whatever was asked")
+    p.add_argument(
+        "--embed-answer-encoding",
+        choices=("float", "base64"),
+        default=None,
+        help="answer embeddings in this encoding whatever was asked",
+    )
     p.add_argument("--api-key", default=None)
-    p.add_argument("--precise", action="store_true",
-                   help="spin rather than sleep when a chunk is due within 1 ms "
-                        "(exact timing, one busy core)")
-    p.add_argument("--workers", type=int, default=1,
-                   help="processes sharing the port, for rates one core cannot write")
-    p.add_argument("--stats-dir", default=None,
-                   help="on exit, each process writes its counts and chunk lateness here")
+    p.add_argument(
+        "--precise",
+        action="store_true",
+        help="spin rather than sleep when a chunk is due within 1 ms (exact timing, one busy core)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="processes sharing the port, for rates one core cannot write",
+    )
+    p.add_argument(
+        "--stats-dir",
+        default=None,
+        help="on exit, each process writes its counts and chunk lateness here",
+    )
     p.add_argument("--ready-file", default=None, help=argparse.SUPPRESS)
     return p
 
@@ -236,8 +262,9 @@ def spawn(timeout: float = 20.0, **options) -> SpawnedServer:
             argv += [flag, str(v)]
     env = dict(os.environ)
     env.setdefault("PYTHONUNBUFFERED", "1")
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=None, text=True, env=env,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=None, text=True, env=env, start_new_session=True
+    )
     deadline = time.monotonic() + timeout
     line = ""
     while time.monotonic() < deadline:
@@ -249,10 +276,11 @@ def spawn(timeout: float = 20.0, **options) -> SpawnedServer:
             break
     proc.kill()
     proc.wait()
-    raise RuntimeError(f"stream server did not start (exit {proc.returncode}, last line {line!r}; "
-                       f"config {asdict(cfg)})")
+    raise RuntimeError(
+        f"stream server did not start (exit {proc.returncode}, last line {line!r}; "
+        f"config {asdict(cfg)})"
+    )
 
 
 if __name__ == "__main__":
     raise SystemExit(main())
-

@@ -69,8 +69,9 @@ class LoadRun:
             ep.sent_of_scheduled += 1
         return RequestRecord(kind, i, round(st - self.t0, 6), worker=w, scheduled_s=sched)
 
-    def _fail(self, ep: EndpointRun, rec: RequestRecord, status, message: str,
-              connection: bool = False) -> None:
+    def _fail(
+        self, ep: EndpointRun, rec: RequestRecord, status, message: str, connection: bool = False
+    ) -> None:
         t = perf_counter()
         ep.failed_total += 1
         ep.errors[(status, message)] += 1
@@ -95,11 +96,12 @@ class LoadRun:
         """Why the run must end, when an endpoint has answered nothing but connection errors
         for DEAD_AFTER_S; None while every endpoint answers."""
         for ep in (self.gen, self.embed):
-            if ep is not None and ep.down_since is not None \
-                    and now - ep.down_since >= DEAD_AFTER_S:
-                return (f"the {ep.kind} server at {ep.url} is not answering: "
-                        f"{ep.connection_errors} connection errors and no answer for "
-                        f"{now - ep.down_since:.1f} s (last: {ep.last_connection_error})")
+            if ep is not None and ep.down_since is not None and now - ep.down_since >= DEAD_AFTER_S:
+                return (
+                    f"the {ep.kind} server at {ep.url} is not answering: "
+                    f"{ep.connection_errors} connection errors and no answer for "
+                    f"{now - ep.down_since:.1f} s (last: {ep.last_connection_error})"
+                )
         return None
 
     def _take(self, kind: str) -> int:
@@ -108,8 +110,14 @@ class LoadRun:
         return i
 
     # ------------------------------------------------------------------ gen
-    async def gen_request(self, session: aiohttp.ClientSession, ep: EndpointRun, i: int,
-                          w: int | None = None, sched: float | None = None) -> bool:
+    async def gen_request(
+        self,
+        session: aiohttp.ClientSession,
+        ep: EndpointRun,
+        i: int,
+        w: int | None = None,
+        sched: float | None = None,
+    ) -> bool:
         body = self.workload.gen_body(ep.model, i)
         path = "/v1/chat/completions" if self.chat else "/v1/completions"
         s = GenStream(ep, self.ws, self.we, self.cfg.record_chunks, self.chat)
@@ -117,8 +125,7 @@ class LoadRun:
         st = s.st = self.t0 + rec.start_s
         answered = False
         try:
-            async with session.post(join(ep.url, path), data=body,
-                                    headers=self.headers) as resp:
+            async with session.post(join(ep.url, path), data=body, headers=self.headers) as resp:
                 answered = True
                 self._answered(ep)
                 if not 200 <= resp.status < 300:
@@ -171,24 +178,38 @@ class LoadRun:
         if s.chunk_times is not None:
             rec.chunk_times_s = [round(t - st, 6) for t in s.chunk_times]
 
-    def _fail_stream(self, ep: EndpointRun, rec: RequestRecord, s: GenStream, status,
-                     message: str, connection: bool = False) -> bool:
+    def _fail_stream(
+        self,
+        ep: EndpointRun,
+        rec: RequestRecord,
+        s: GenStream,
+        status,
+        message: str,
+        connection: bool = False,
+    ) -> bool:
         ep.tokens_total -= s.ntok  # counted live for the progress display; not delivered
         self._stream_fields(rec, s, s.st, 0)
         self._fail(ep, rec, status, message, connection)
         return False
 
     # ------------------------------------------------------------------ embed
-    async def embed_request(self, session: aiohttp.ClientSession, ep: EndpointRun, i: int,
-                            w: int | None = None, sched: float | None = None) -> bool:
+    async def embed_request(
+        self,
+        session: aiohttp.ClientSession,
+        ep: EndpointRun,
+        i: int,
+        w: int | None = None,
+        sched: float | None = None,
+    ) -> bool:
         body = self.workload.embed_body(ep.model, i)
         batch = self.cfg.embed_batch
         rec = self._begin(ep, "embed", i, w, sched)
         st = self.t0 + rec.start_s
         answered = False
         try:
-            async with session.post(join(ep.url, "/v1/embeddings"), data=body,
-                                    headers=self.headers) as resp:
+            async with session.post(
+                join(ep.url, "/v1/embeddings"), data=body, headers=self.headers
+            ) as resp:
                 answered = True
                 self._answered(ep)
                 data = await resp.read()
@@ -239,8 +260,7 @@ class LoadRun:
 
         return send
 
-    async def closed_worker(self, ep: EndpointRun, session: aiohttp.ClientSession,
-                            w: int) -> None:
+    async def closed_worker(self, ep: EndpointRun, session: aiohttp.ClientSession, w: int) -> None:
         """Send, wait for the end, send again. While the endpoint refuses connections, one
         worker at a time probes it, backing off."""
         send = self._sender(ep, session)
@@ -277,8 +297,7 @@ class LoadRun:
             in_flight -= 1
             freed.set()
 
-        offsets = arrival_offsets(ep.rate, cfg.arrival, cfg.burstiness, cfg.seed,
-                                  _STREAMS[ep.kind])
+        offsets = arrival_offsets(ep.rate, cfg.arrival, cfg.burstiness, cfg.seed, _STREAMS[ep.kind])
         for i, off in enumerate(offsets):
             due = t0 + off
             now = perf_counter()
@@ -306,8 +325,9 @@ class LoadRun:
         """Arrivals the schedule put in [window start, end) (perf_counter time)."""
         lo, hi = self.ws - self.t0, end - self.t0
         n = 0
-        for off in arrival_offsets(ep.rate, self.cfg.arrival, self.cfg.burstiness,
-                                   self.cfg.seed, _STREAMS[ep.kind]):
+        for off in arrival_offsets(
+            ep.rate, self.cfg.arrival, self.cfg.burstiness, self.cfg.seed, _STREAMS[ep.kind]
+        ):
             if off >= hi:
                 return n
             n += off >= lo

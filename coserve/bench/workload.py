@@ -51,8 +51,9 @@ class Workload:
         c = self.cfg
         rng = _rng(c.seed, _EMBED, i)
         if c.embed_text:
-            return [" ".join(rng.choices(_WORDS, k=c.embed_input_len))
-                    for _ in range(c.embed_batch)]
+            return [
+                " ".join(rng.choices(_WORDS, k=c.embed_input_len)) for _ in range(c.embed_batch)
+            ]
         return [rng.choices(self._ids, k=c.embed_input_len) for _ in range(c.embed_batch)]
 
     def gen_body(self, model: str, i: int) -> bytes:
@@ -63,31 +64,42 @@ class Workload:
         parts = self._gen_parts.get(model)
         if parts is None:  # the JSON around the prompt, built once per model name
             c = self.cfg
-            head, tail = json.dumps({
-                "model": model,
-                "prompt": [0],
-                "max_tokens": c.output_len,
-                "temperature": c.temperature,
-                "ignore_eos": True,
-                "stream": True,
-                "stream_options": {"include_usage": True},
-            }, separators=(",", ":")).split('"prompt":[0]')
-            parts = self._gen_parts[model] = ((head + '"prompt":[').encode(),
-                                              ("]" + tail).encode())
+            head, tail = json.dumps(
+                {
+                    "model": model,
+                    "prompt": [0],
+                    "max_tokens": c.output_len,
+                    "temperature": c.temperature,
+                    "ignore_eos": True,
+                    "stream": True,
+                    "stream_options": {"include_usage": True},
+                },
+                separators=(",", ":"),
+            ).split('"prompt":[0]')
+            parts = self._gen_parts[model] = ((head + '"prompt":[').encode(), ("]" + tail).encode())
         return parts[0] + ",".join(map(str, self.gen_prompt(i))).encode() + parts[1]
 
     def _chat_body(self, model: str, i: int) -> bytes:
         c = self.cfg
-        return json.dumps({
-            "model": model,
-            "messages": [{"role": "user", "content": self.chat_text(i)}],
-            "max_completion_tokens": c.output_len,
-            "temperature": c.temperature,
-            "ignore_eos": True,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        }, separators=(",", ":")).encode()
+        return json.dumps(
+            {
+                "model": model,
+                "messages": [{"role": "user", "content": self.chat_text(i)}],
+                "max_completion_tokens": c.output_len,
+                "temperature": c.temperature,
+                "ignore_eos": True,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            },
+            separators=(",", ":"),
+        ).encode()
 
     def embed_body(self, model: str, i: int) -> bytes:
-        return json.dumps({"model": model, "input": self.embed_input(i),
-                           "encoding_format": self.cfg.embed_encoding}, separators=(",", ":")).encode()
+        return json.dumps(
+            {
+                "model": model,
+                "input": self.embed_input(i),
+                "encoding_format": self.cfg.embed_encoding,
+            },
+            separators=(",", ":"),
+        ).encode()

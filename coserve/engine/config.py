@@ -11,24 +11,31 @@ from typing import Any
 @dataclass
 class QuantConfig:
     """FP8 block quantisation as Qwen3-*-FP8 checkpoints declare it."""
+
     block: tuple[int, int] = (128, 128)
     modules_to_not_convert: list[str] = field(default_factory=list)
 
     def applies_to(self, module_name: str) -> bool:
         """False for modules the checkpoint keeps unquantised. Entries name a module in full
         ("model.layers.0.mlp.gate") or by its trailing part ("mlp.gate", "lm_head")."""
-        return not any(module_name == s or module_name.endswith("." + s)
-                       for s in self.modules_to_not_convert)
+        return not any(
+            module_name == s or module_name.endswith("." + s) for s in self.modules_to_not_convert
+        )
 
     def to_hf(self) -> dict[str, Any]:
-        return {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                "weight_block_size": list(self.block),
-                "modules_to_not_convert": list(self.modules_to_not_convert)}
+        return {
+            "quant_method": "fp8",
+            "fmt": "e4m3",
+            "activation_scheme": "dynamic",
+            "weight_block_size": list(self.block),
+            "modules_to_not_convert": list(self.modules_to_not_convert),
+        }
 
 
 @dataclass
 class DecoderConfig:
     """Qwen3 (dense) and Qwen3-MoE decoders."""
+
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -57,8 +64,11 @@ class DecoderConfig:
         return self.num_experts > 0
 
     def is_moe_layer(self, i: int) -> bool:
-        return (self.is_moe and i not in self.mlp_only_layers
-                and (i + 1) % self.decoder_sparse_step == 0)
+        return (
+            self.is_moe
+            and i not in self.mlp_only_layers
+            and (i + 1) % self.decoder_sparse_step == 0
+        )
 
     def kv_bytes_per_token(self, dtype_bytes: int) -> int:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * dtype_bytes
@@ -106,36 +116,52 @@ def _quant(d: dict[str, Any]) -> QuantConfig | None:
     if not q:
         return None
     if q.get("quant_method") != "fp8" or not q.get("weight_block_size"):
-        raise NotImplementedError(f"unsupported quantization_config {q!r}: only FP8 with "
-                                  "weight_block_size (as Qwen3-*-FP8) is supported")
-    return QuantConfig(block=tuple(q["weight_block_size"]),
-                       modules_to_not_convert=list(q.get("modules_to_not_convert") or []))
+        raise NotImplementedError(
+            f"unsupported quantization_config {q!r}: only FP8 with "
+            "weight_block_size (as Qwen3-*-FP8) is supported"
+        )
+    return QuantConfig(
+        block=tuple(q["weight_block_size"]),
+        modules_to_not_convert=list(q.get("modules_to_not_convert") or []),
+    )
 
 
-def parse_hf_config(d: dict[str, Any], generation_config: dict[str, Any] | None = None) -> ModelConfig:
+def parse_hf_config(
+    d: dict[str, Any], generation_config: dict[str, Any] | None = None
+) -> ModelConfig:
     model_type = d.get("model_type", "")
     if model_type == "bert":
         return BertConfig(
-            vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
-            num_layers=d["num_hidden_layers"], num_heads=d["num_attention_heads"],
+            vocab_size=d["vocab_size"],
+            hidden_size=d["hidden_size"],
+            num_layers=d["num_hidden_layers"],
+            num_heads=d["num_attention_heads"],
             intermediate_size=d["intermediate_size"],
             max_position_embeddings=d["max_position_embeddings"],
             type_vocab_size=d.get("type_vocab_size", 2),
-            layer_norm_eps=d.get("layer_norm_eps", 1e-12), hidden_act=d.get("hidden_act", "gelu"))
+            layer_norm_eps=d.get("layer_norm_eps", 1e-12),
+            hidden_act=d.get("hidden_act", "gelu"),
+        )
     if model_type not in ("qwen3", "qwen3_moe"):
-        raise NotImplementedError(f"model_type {model_type!r} is not supported "
-                                  "(supported: qwen3, qwen3_moe, bert)")
-    eos = _eos_list((generation_config or {}).get("eos_token_id")) or _eos_list(d.get("eos_token_id"))
+        raise NotImplementedError(
+            f"model_type {model_type!r} is not supported (supported: qwen3, qwen3_moe, bert)"
+        )
+    eos = _eos_list((generation_config or {}).get("eos_token_id")) or _eos_list(
+        d.get("eos_token_id")
+    )
     is_moe = model_type == "qwen3_moe"
     return DecoderConfig(
         arch=model_type,
-        vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
-        intermediate_size=d["intermediate_size"], num_layers=d["num_hidden_layers"],
+        vocab_size=d["vocab_size"],
+        hidden_size=d["hidden_size"],
+        intermediate_size=d["intermediate_size"],
+        num_layers=d["num_hidden_layers"],
         num_heads=d["num_attention_heads"],
         num_kv_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
         head_dim=d.get("head_dim") or d["hidden_size"] // d["num_attention_heads"],
         max_position_embeddings=d["max_position_embeddings"],
-        rms_norm_eps=d.get("rms_norm_eps", 1e-6), rope_theta=_rope_theta(d),
+        rms_norm_eps=d.get("rms_norm_eps", 1e-6),
+        rope_theta=_rope_theta(d),
         tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
         attention_bias=bool(d.get("attention_bias", False)),
         num_experts=(d.get("num_experts") or d.get("num_local_experts") or 0) if is_moe else 0,
@@ -144,4 +170,6 @@ def parse_hf_config(d: dict[str, Any], generation_config: dict[str, Any] | None 
         norm_topk_prob=bool(d.get("norm_topk_prob", False)),
         decoder_sparse_step=d.get("decoder_sparse_step", 1) or 1,
         mlp_only_layers=list(d.get("mlp_only_layers") or []),
-        eos_token_ids=eos, quant=_quant(d))
+        eos_token_ids=eos,
+        quant=_quant(d),
+    )

@@ -35,7 +35,7 @@ class _EmbedRequest:
     request_id: str
     inputs: list[list[int]]
     embeddings: list[np.ndarray | None] = field(default_factory=list)
-    next_input: int = 0     # inputs before this one have been scheduled
+    next_input: int = 0  # inputs before this one have been scheduled
     done: int = 0
 
 
@@ -67,12 +67,20 @@ class EmbedEngine(tp_workers.LeadsRanks):
         budget = GpuBudget(device, args.gpu_memory_utilization) if device.type == "cuda" else None
         if budget is not None:
             budget.start()
-        lm = load_model(args.model, task="embed", random_weights=args.random_weights,
-                        device=str(device), dtype=args.dtype, max_model_len=args.max_model_len,
-                        seed=args.seed)
+        lm = load_model(
+            args.model,
+            task="embed",
+            random_weights=args.random_weights,
+            device=str(device),
+            dtype=args.dtype,
+            max_model_len=args.max_model_len,
+            seed=args.seed,
+        )
         if budget is not None and lm.weight_bytes > budget.requested:
-            raise ValueError(f"weights take {lm.weight_bytes / GiB:.2f} GiB, more than the "
-                             f"{budget.requested / GiB:.2f} GiB gpu_memory_utilization allows")
+            raise ValueError(
+                f"weights take {lm.weight_bytes / GiB:.2f} GiB, more than the "
+                f"{budget.requested / GiB:.2f} GiB gpu_memory_utilization allows"
+            )
         self.lm, self.model, self.device = lm, lm.model, device
         self.model_name = args.model
         self.max_model_len = lm.max_model_len
@@ -85,9 +93,14 @@ class EmbedEngine(tp_workers.LeadsRanks):
         self._queue: deque[_EmbedRequest] = deque()
         self._prompt_tokens_total = 0
         self._ids: set[str] = set()
-        log.info("embedding engine: %s, dim %d, %s pooling, max_model_len %d, "
-                 "%d tokens per batch", self.model_name, self.dim, self.pooling,
-                 self.max_model_len, self.max_num_batched_tokens)
+        log.info(
+            "embedding engine: %s, dim %d, %s pooling, max_model_len %d, %d tokens per batch",
+            self.model_name,
+            self.dim,
+            self.pooling,
+            self.max_model_len,
+            self.max_num_batched_tokens,
+        )
 
     def add_request(self, request_id: str, inputs: list[list[int]]) -> None:
         if request_id in self._ids:
@@ -99,13 +112,17 @@ class EmbedEngine(tp_workers.LeadsRanks):
             if not isinstance(ids, list | tuple) or not ids:
                 raise ValueError(f"{where} must be a non-empty list of token ids")
             if len(ids) > self.max_model_len:
-                raise ValueError(f"{where} has {len(ids)} tokens, more than this model's maximum "
-                                 f"context length of {self.max_model_len} tokens")
+                raise ValueError(
+                    f"{where} has {len(ids)} tokens, more than this model's maximum "
+                    f"context length of {self.max_model_len} tokens"
+                )
             for t in ids:
                 if isinstance(t, bool) or not isinstance(t, int):
                     raise ValueError(f"token ids must be integers, got {t!r}")
                 if not 0 <= t < self.vocab_size:
-                    raise ValueError(f"token id {t} is out of vocabulary (0..{self.vocab_size - 1})")
+                    raise ValueError(
+                        f"token id {t} is out of vocabulary (0..{self.vocab_size - 1})"
+                    )
         req = _EmbedRequest(request_id, [list(x) for x in inputs])
         req.embeddings = [None] * len(inputs)
         self._queue.append(req)
@@ -124,8 +141,9 @@ class EmbedEngine(tp_workers.LeadsRanks):
         for req in self._queue:
             while req.next_input < len(req.inputs):
                 n = len(req.inputs[req.next_input])
-                if batch and (tokens + n > self.max_num_batched_tokens
-                              or len(batch) >= self.args.max_num_seqs):
+                if batch and (
+                    tokens + n > self.max_num_batched_tokens or len(batch) >= self.args.max_num_seqs
+                ):
                     return batch
                 batch.append((req, req.next_input))
                 req.next_input += 1

@@ -48,6 +48,7 @@ def _plain_greedy(seq: Sequence) -> bool:
 class _InFlight:
     """A step launched and not yet read back: its batch and its greedy tokens (host, filled
     once `done` has passed; None on CPU, where they are there already)."""
+
     batch: ScheduledBatch
     tokens: torch.Tensor
     done: torch.cuda.Event | None
@@ -81,9 +82,15 @@ class GenEngine(tp_workers.LeadsRanks):
         budget = GpuBudget(device, args.gpu_memory_utilization) if device.type == "cuda" else None
         if budget is not None:
             budget.start()
-        lm = load_model(args.model, task="generate", random_weights=args.random_weights,
-                        device=str(device), dtype=args.dtype, max_model_len=args.max_model_len,
-                        seed=args.seed)
+        lm = load_model(
+            args.model,
+            task="generate",
+            random_weights=args.random_weights,
+            device=str(device),
+            dtype=args.dtype,
+            max_model_len=args.max_model_len,
+            seed=args.seed,
+        )
         self.lm, self.model, self.config = lm, lm.model, lm.config
         self.device = device
         self.model_name = args.model
@@ -107,37 +114,58 @@ class GenEngine(tp_workers.LeadsRanks):
                 f"the KV cache holds {self.kv_capacity_tokens} tokens "
                 f"({kv_bytes / GiB:.3f} GiB at {self.kv_bytes_per_token} B/token), fewer than "
                 f"max_model_len {self.max_model_len}: raise the memory budget "
-                "(gpu_memory_utilization / cpu_kv_cache_bytes) or lower max_model_len")
-        kv = allocate_kv_cache(c.num_layers, num_blocks, block_size, kv_heads, c.head_dim,
-                               lm.dtype, device)
+                "(gpu_memory_utilization / cpu_kv_cache_bytes) or lower max_model_len"
+            )
+        kv = allocate_kv_cache(
+            c.num_layers, num_blocks, block_size, kv_heads, c.head_dim, lm.dtype, device
+        )
         self.blocks = BlockManager(num_blocks, block_size)
-        self.runner = ModelRunner(self.model, kv, self.blocks, max_num_seqs=args.max_num_seqs,
-                                  max_model_len=self.max_model_len,
-                                  enforce_eager=args.enforce_eager,
-                                  max_num_batched_tokens=args.max_num_batched_tokens)
+        self.runner = ModelRunner(
+            self.model,
+            kv,
+            self.blocks,
+            max_num_seqs=args.max_num_seqs,
+            max_model_len=self.max_model_len,
+            enforce_eager=args.enforce_eager,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+        )
         self.runner.capture_graphs()
         if self.workers is not None:
             self.runner.broadcast = self.workers.send
         self.scheduler = Scheduler(
-            self.blocks, args.max_num_seqs, args.max_num_batched_tokens,
-            max_tokens_with_decodes=None if args.enforce_eager else self.runner.static_tokens)
+            self.blocks,
+            args.max_num_seqs,
+            args.max_num_batched_tokens,
+            max_tokens_with_decodes=None if args.enforce_eager else self.runner.static_tokens,
+        )
         self.sampler = Sampler(device, args.seed)
         self._seqs: dict[str, Sequence] = {}
         self.async_scheduling = args.async_scheduling
         self._inflight: _InFlight | None = None
         pin = device.type == "cuda"
-        self._host_tokens = [torch.zeros(self.runner.static_tokens, dtype=torch.int64,
-                                         pin_memory=pin) for _ in range(2)]
+        self._host_tokens = [
+            torch.zeros(self.runner.static_tokens, dtype=torch.int64, pin_memory=pin)
+            for _ in range(2)
+        ]
         self._host_tokens_at = 0
         self._prompt_tokens_total = 0
         self._generation_tokens_total = 0
-        log.info("KV cache: %d blocks x %d = %d tokens (%.3f GiB, %d B/token); "
-                 "max_model_len %d, max_num_seqs %d, TP %d, %s", num_blocks, block_size,
-                 self.kv_capacity_tokens, kv.numel() * elsize / GiB, self.kv_bytes_per_token,
-                 self.max_model_len, args.max_num_seqs, args.tensor_parallel_size,
-                 "eager" if args.enforce_eager else
-                 f"static buckets {self.runner.all_buckets}"
-                 + (" (CUDA graphs)" if self.runner.graphs else ""))
+        log.info(
+            "KV cache: %d blocks x %d = %d tokens (%.3f GiB, %d B/token); "
+            "max_model_len %d, max_num_seqs %d, TP %d, %s",
+            num_blocks,
+            block_size,
+            self.kv_capacity_tokens,
+            kv.numel() * elsize / GiB,
+            self.kv_bytes_per_token,
+            self.max_model_len,
+            args.max_num_seqs,
+            args.tensor_parallel_size,
+            "eager"
+            if args.enforce_eager
+            else f"static buckets {self.runner.all_buckets}"
+            + (" (CUDA graphs)" if self.runner.graphs else ""),
+        )
 
     # -- tensor parallelism -------------------------------------------------------------------
     def worker_step(self, step) -> None:
@@ -162,7 +190,9 @@ class GenEngine(tp_workers.LeadsRanks):
         """A forward pass at the largest prefill batch, plus logits and sampling for the
         largest decode batch, so the memory budget sees their peak."""
         n = min(self.args.max_num_batched_tokens, self.args.max_num_seqs * self.max_model_len)
-        lens = [self.max_model_len] * (n // self.max_model_len) + ([n % self.max_model_len] if n % self.max_model_len else [])
+        lens = [self.max_model_len] * (n // self.max_model_len) + (
+            [n % self.max_model_len] if n % self.max_model_len else []
+        )
         ids = torch.randint(0, self.vocab_size, (n,), device=self.device)
         pos = torch.cat([torch.arange(k, device=self.device) for k in lens])
         hidden = self.model(ids, pos, AttnMetadata.dense(lens, causal=True))
@@ -173,8 +203,9 @@ class GenEngine(tp_workers.LeadsRanks):
         del hidden, logits
 
     # -- requests ---------------------------------------------------------------------------
-    def add_request(self, request_id: str, prompt_token_ids: list[int],
-                    params: SamplingParams) -> None:
+    def add_request(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> None:
         if request_id in self._seqs:
             raise ValueError(f"request id {request_id!r} is already in use")
         self._check_prompt(prompt_token_ids)
@@ -206,7 +237,8 @@ class GenEngine(tp_workers.LeadsRanks):
             raise ValueError(
                 f"This model's maximum context length is {self.max_model_len} tokens. However, "
                 f"you requested {prompt_len + p.max_tokens} tokens ({prompt_len} in the prompt, "
-                f"{p.max_tokens} in the completion). Please reduce the prompt or max_tokens.")
+                f"{p.max_tokens} in the completion). Please reduce the prompt or max_tokens."
+            )
 
     def abort(self, request_id: str) -> None:
         if self._seqs.pop(request_id, None) is not None:
@@ -237,11 +269,14 @@ class GenEngine(tp_workers.LeadsRanks):
         self._inflight = self._launch_next(pending)
         if pending.done is not None:
             pending.done.synchronize()
-        return self._finish(pending.batch, pending.tokens[:len(pending.batch.seqs)].tolist())
+        return self._finish(pending.batch, pending.tokens[: len(pending.batch.seqs)].tolist())
 
     def _sync_step(self, batch: ScheduledBatch) -> list[RequestOutput]:
-        sampling = batch.seqs if batch.is_decode else [
-            s for i, s in enumerate(batch.seqs) if batch.samples(i)]
+        sampling = (
+            batch.seqs
+            if batch.is_decode
+            else [s for i, s in enumerate(batch.seqs) if batch.samples(i)]
+        )
         if all(_plain_greedy(s) for s in sampling):
             tokens = self.runner.run(batch, greedy=True).tolist()
         else:
@@ -249,14 +284,16 @@ class GenEngine(tp_workers.LeadsRanks):
         return self._finish(batch, tokens)
 
     def _overlappable(self, batch: ScheduledBatch) -> bool:
-        return self.async_scheduling and batch.is_decode and all(_plain_greedy(s) for s in batch.seqs)
+        return (
+            self.async_scheduling and batch.is_decode and all(_plain_greedy(s) for s in batch.seqs)
+        )
 
     def _launch(self, batch: ScheduledBatch, feed: np.ndarray | None) -> _InFlight:
         tokens = self.runner.run(batch, greedy=True, feed=feed)
         if self.device.type != "cuda":
             return _InFlight(batch, tokens, None)
         self._host_tokens_at ^= 1
-        host = self._host_tokens[self._host_tokens_at][:tokens.shape[0]]
+        host = self._host_tokens[self._host_tokens_at][: tokens.shape[0]]
         host.copy_(tokens, non_blocking=True)
         done = torch.cuda.Event()
         done.record()
@@ -300,7 +337,9 @@ class GenEngine(tp_workers.LeadsRanks):
             batch = ScheduledBatch([batch.seqs[i] for i in keep], [1] * len(keep), len(keep))
             tokens = [tokens[i] for i in keep]
         outputs = []
-        for seq in self.scheduler.postprocess(batch, tokens, self.eos_token_ids, self.max_model_len):
+        for seq in self.scheduler.postprocess(
+            batch, tokens, self.eos_token_ids, self.max_model_len
+        ):
             prompt = seq.num_prompt_tokens
             if not seq.prompt_counted:
                 seq.prompt_counted = True
@@ -309,8 +348,11 @@ class GenEngine(tp_workers.LeadsRanks):
             if reason is not None:
                 self._seqs.pop(seq.request_id, None)
             ids = seq.token_ids
-            outputs.append(RequestOutput(seq.request_id, [ids[-1]], reason is not None, reason,
-                                         prompt, len(ids) - prompt))
+            outputs.append(
+                RequestOutput(
+                    seq.request_id, [ids[-1]], reason is not None, reason, prompt, len(ids) - prompt
+                )
+            )
         self._generation_tokens_total += len(outputs)
         return outputs
 
@@ -326,16 +368,18 @@ class GenEngine(tp_workers.LeadsRanks):
         }
 
     # -- offline ----------------------------------------------------------------------------
-    def generate(self, prompts: list[list[int]] | list[str],
-                 params: SamplingParams | list[SamplingParams]) -> list[GenerationResult]:
+    def generate(
+        self, prompts: list[list[int]] | list[str], params: SamplingParams | list[SamplingParams]
+    ) -> list[GenerationResult]:
         """Run prompts (token-id lists, or text with a tokenizer) to completion; results in
         prompt order."""
         if not isinstance(params, list):
             params = [params] * len(prompts)
         ids = token_ids(prompts, self.tokenizer, self.model_name)
         tag = f"generate-{time.monotonic_ns()}"
-        results = {f"{tag}-{i}": GenerationResult(f"{tag}-{i}", p, [], None)
-                   for i, p in enumerate(ids)}
+        results = {
+            f"{tag}-{i}": GenerationResult(f"{tag}-{i}", p, [], None) for i, p in enumerate(ids)
+        }
         try:
             for rid, p, sp in zip(results, ids, params, strict=True):
                 self.add_request(rid, p, sp)

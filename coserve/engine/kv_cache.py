@@ -22,10 +22,25 @@ def usable_blocks(kv_bytes: int, bytes_per_token: int, block_size: int) -> int:
     return kv_bytes // (bytes_per_token * block_size) - 1
 
 
-def allocate_kv_cache(num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
-                      head_dim: int, dtype: torch.dtype, device) -> torch.Tensor:
-    return torch.zeros(2, num_layers, num_blocks + 1, block_size, num_kv_heads, head_dim,
-                       dtype=dtype, device=device)
+def allocate_kv_cache(
+    num_layers: int,
+    num_blocks: int,
+    block_size: int,
+    num_kv_heads: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    device,
+) -> torch.Tensor:
+    return torch.zeros(
+        2,
+        num_layers,
+        num_blocks + 1,
+        block_size,
+        num_kv_heads,
+        head_dim,
+        dtype=dtype,
+        device=device,
+    )
 
 
 class BlockManager:

@@ -42,13 +42,19 @@ Window = tuple[int, int]  # (start, size) along one dimension of a full tensor
 
 def _on_edges(w: Window, full: int, block: int) -> bool:
     start, size = w
-    return start % block == 0 and start + size <= full and (size % block == 0
-                                                            or start + size == full)
+    return (
+        start % block == 0 and start + size <= full and (size % block == 0 or start + size == full)
+    )
 
 
-def _window(tensor: torch.Tensor, rows: Window | None, cols: Window | None,
-            scale: torch.Tensor | None = None, block: tuple[int, int] | None = None,
-            dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _window(
+    tensor: torch.Tensor,
+    rows: Window | None,
+    cols: Window | None,
+    scale: torch.Tensor | None = None,
+    block: tuple[int, int] | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The rows x cols window (dims -2 and -1; a 1-d tensor has rows only) of a full
     checkpoint tensor, with its block scales when it is FP8 and the window lies on block
     edges, else dequantised. Rows past the tensor's end read as zeros."""
@@ -65,19 +71,19 @@ def _window(tensor: torch.Tensor, rows: Window | None, cols: Window | None,
         bn, bk = block
         if _on_edges(rows, full_r, bn) and _on_edges(cols, full_c, bk):
             (r0, rn), (c0, cn) = rows, cols
-            q = tensor[..., r0:r0 + rn, c0:c0 + cn]
-            s = scale[..., r0 // bn:_cdiv(r0 + rn, bn), c0 // bk:_cdiv(c0 + cn, bk)]
+            q = tensor[..., r0 : r0 + rn, c0 : c0 + cn]
+            s = scale[..., r0 // bn : _cdiv(r0 + rn, bn), c0 // bk : _cdiv(c0 + cn, bk)]
             return q, s
         tensor = block_dequant(tensor, scale, block, dtype)
     r0, rn = rows
     have = max(0, min(rn, full_r - r0))
     if tensor.dim() == 1:
         out = tensor.new_zeros(rn)
-        out[:have] = tensor[r0:r0 + have]
+        out[:have] = tensor[r0 : r0 + have]
         return out, None
     c0, cn = cols
     out = tensor.new_zeros(*tensor.shape[:-2], rn, cn)
-    out[..., :have, :] = tensor[..., r0:r0 + have, c0:c0 + cn]
+    out[..., :have, :] = tensor[..., r0 : r0 + have, c0 : c0 + cn]
     return out, None
 
 
@@ -94,10 +100,19 @@ class Linear(nn.Module):
     parallel); `in_shard` the input columns, and `reduce` sums the ranks' partial outputs
     before the bias is added (row parallel)."""
 
-    def __init__(self, in_features: int, out_sizes: Sequence[int], *, bias: bool = False,
-                 quant: QuantConfig | None = None, dtype: torch.dtype, device,
-                 out_shards: Sequence[Window] | None = None, in_shard: Window | None = None,
-                 reduce: bool = False) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_sizes: Sequence[int],
+        *,
+        bias: bool = False,
+        quant: QuantConfig | None = None,
+        dtype: torch.dtype,
+        device,
+        out_shards: Sequence[Window] | None = None,
+        in_shard: Window | None = None,
+        reduce: bool = False,
+    ) -> None:
         super().__init__()
         self.full_out, self.full_in = list(out_sizes), in_features
         self.out_shards = list(out_shards) if out_shards else [(0, o) for o in out_sizes]
@@ -111,17 +126,23 @@ class Linear(nn.Module):
         self.quant = self.ckpt_quant
         if self.quant is not None:
             bn, bk = self.quant.block
-            if not (_fusable(self.out_sizes, self.quant)
-                    and all(_on_edges(w, f, bn) for w, f in zip(self.out_shards, self.full_out,
-                                                                strict=True))
-                    and _on_edges(self.in_shard, in_features, bk)):
+            if not (
+                _fusable(self.out_sizes, self.quant)
+                and all(
+                    _on_edges(w, f, bn) for w, f in zip(self.out_shards, self.full_out, strict=True)
+                )
+                and _on_edges(self.in_shard, in_features, bk)
+            ):
                 self.quant = None
         self.dtype = dtype
         if self.quant is not None:
             bn, bk = self.quant.block
             self.weight = _param(torch.empty(out, self.in_features, dtype=FP8_DTYPE, device=device))
-            self.weight_scale_inv = _param(torch.empty(_cdiv(out, bn), _cdiv(self.in_features, bk),
-                                                       dtype=torch.float32, device=device))
+            self.weight_scale_inv = _param(
+                torch.empty(
+                    _cdiv(out, bn), _cdiv(self.in_features, bk), dtype=torch.float32, device=device
+                )
+            )
         else:
             self.weight = _param(torch.empty(out, self.in_features, dtype=dtype, device=device))
             self.weight_scale_inv = None
@@ -136,16 +157,23 @@ class Linear(nn.Module):
 
     def _matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.quant is not None:
-            return ops.fp8_block_linear(x, self.weight, self.weight_scale_inv, self.quant.block,
-                                        bias)
+            return ops.fp8_block_linear(
+                x, self.weight, self.weight_scale_inv, self.quant.block, bias
+            )
         return nn.functional.linear(x, self.weight, bias)
 
     def _rows(self, shard: int) -> slice:
         start = sum(self.out_sizes[:shard])
         return slice(start, start + self.out_sizes[shard])
 
-    def load_shard(self, shard: int, kind: str, tensor: torch.Tensor,
-                   scale: torch.Tensor | None = None, block: tuple[int, int] | None = None) -> None:
+    def load_shard(
+        self,
+        shard: int,
+        kind: str,
+        tensor: torch.Tensor,
+        scale: torch.Tensor | None = None,
+        block: tuple[int, int] | None = None,
+    ) -> None:
         """kind "weight" (with scale/block when the checkpoint tensor is FP8) or "bias"; the
         full HF tensor of part `shard`, of which this rank keeps its window."""
         rows = self._rows(shard)
@@ -153,12 +181,21 @@ class Linear(nn.Module):
             tensor, _ = _window(tensor, self.out_shards[shard], None)
             self.bias.data[rows] = tensor.to(self.dtype)
         else:
-            tensor, scale = _window(tensor, self.out_shards[shard], self.in_shard, scale, block,
-                                    self.dtype)
+            tensor, scale = _window(
+                tensor, self.out_shards[shard], self.in_shard, scale, block, self.dtype
+            )
             if self.quant is not None and tensor.dtype != FP8_DTYPE:
                 self.dequantize_()  # the checkpoint keeps this module unquantised after all
-            _load_weight(self.weight, self.weight_scale_inv, self.quant, rows, tensor, scale,
-                         block, self.dtype)
+            _load_weight(
+                self.weight,
+                self.weight_scale_inv,
+                self.quant,
+                rows,
+                tensor,
+                scale,
+                block,
+                self.dtype,
+            )
         self._loaded.add((kind, shard))
 
     def init_random(self, gen: torch.Generator, std: float) -> None:
@@ -175,26 +212,39 @@ class Linear(nn.Module):
     def dequantize_(self) -> None:
         """Replace FP8 weights by their dequantised values (CPU path; same numerics)."""
         if self.quant is not None:
-            w = block_dequant(self.weight.data, self.weight_scale_inv.data, self.quant.block, self.dtype)
+            w = block_dequant(
+                self.weight.data, self.weight_scale_inv.data, self.quant.block, self.dtype
+            )
             self.weight = _param(w)
             self.weight_scale_inv, self.quant = None, None
 
     def missing(self) -> list[str]:
         kinds = ["weight"] + (["bias"] if self.bias is not None else [])
-        return [f"{k}[{s}]" for k in kinds for s in range(len(self.out_sizes))
-                if (k, s) not in self._loaded]
+        return [
+            f"{k}[{s}]"
+            for k in kinds
+            for s in range(len(self.out_sizes))
+            if (k, s) not in self._loaded
+        ]
 
 
-def _load_weight(weight: torch.Tensor, scale_param: torch.Tensor | None,
-                 quant: QuantConfig | None, rows: slice, tensor: torch.Tensor,
-                 scale: torch.Tensor | None, block: tuple[int, int] | None,
-                 dtype: torch.dtype) -> None:
+def _load_weight(
+    weight: torch.Tensor,
+    scale_param: torch.Tensor | None,
+    quant: QuantConfig | None,
+    rows: slice,
+    tensor: torch.Tensor,
+    scale: torch.Tensor | None,
+    block: tuple[int, int] | None,
+    dtype: torch.dtype,
+) -> None:
     """Copy one checkpoint tensor into rows of `weight` (dim -2). FP8 tensors stay FP8 when
     the layer keeps FP8, else they are dequantised; plain tensors into an FP8 layer are an
     error (the checkpoint and the layer disagree on what is quantised)."""
     if tensor.shape[-2] != rows.stop - rows.start or tensor.shape[-1] != weight.shape[-1]:
-        raise ValueError(f"shape {tuple(tensor.shape)} does not fit rows {rows} of "
-                         f"{tuple(weight.shape)}")
+        raise ValueError(
+            f"shape {tuple(tensor.shape)} does not fit rows {rows} of {tuple(weight.shape)}"
+        )
     is_fp8 = tensor.dtype == FP8_DTYPE
     if is_fp8 and scale is None:
         raise ValueError("FP8 weight without weight_scale_inv")
@@ -208,8 +258,9 @@ def _load_weight(weight: torch.Tensor, scale_param: torch.Tensor | None,
         scale_rows = slice(rows.start // bn, rows.start // bn + scale.shape[-2])
         scale_param.data[..., scale_rows, :] = scale.to(torch.float32).to(weight.device)
     elif is_fp8:
-        weight.data[..., rows, :] = block_dequant(tensor.to(weight.device),
-                                                  scale.to(weight.device), block, dtype)
+        weight.data[..., rows, :] = block_dequant(
+            tensor.to(weight.device), scale.to(weight.device), block, dtype
+        )
     else:
         weight.data[..., rows, :] = tensor.to(device=weight.device, dtype=dtype)
 
@@ -220,9 +271,18 @@ class FusedMoEWeights(nn.Module):
     dimension (rows of gate and up, columns of down), or (expert parallel) the whole experts
     of `expert_shard` (E of them from the first); the caller all-reduces the output."""
 
-    def __init__(self, num_experts: int, hidden: int, inter: int, *,
-                 quant: QuantConfig | None, dtype: torch.dtype, device,
-                 inter_shard: Window | None = None, expert_shard: Window | None = None) -> None:
+    def __init__(
+        self,
+        num_experts: int,
+        hidden: int,
+        inter: int,
+        *,
+        quant: QuantConfig | None,
+        dtype: torch.dtype,
+        device,
+        inter_shard: Window | None = None,
+        expert_shard: Window | None = None,
+    ) -> None:
         super().__init__()
         self.inter_shard = inter_shard or (0, inter)
         self.expert_shard = expert_shard or (0, num_experts)
@@ -233,9 +293,11 @@ class FusedMoEWeights(nn.Module):
         self.quant = self.ckpt_quant
         if self.quant is not None:
             bn, bk = self.quant.block
-            if not (_fusable([inter, inter], self.quant)
-                    and _on_edges(self.inter_shard, self.full_inter, bn)
-                    and _on_edges(self.inter_shard, self.full_inter, bk)):
+            if not (
+                _fusable([inter, inter], self.quant)
+                and _on_edges(self.inter_shard, self.full_inter, bn)
+                and _on_edges(self.inter_shard, self.full_inter, bk)
+            ):
                 self.quant = None
         self.dtype = dtype
         wdtype = FP8_DTYPE if self.quant is not None else dtype
@@ -244,14 +306,34 @@ class FusedMoEWeights(nn.Module):
         self.w13_scale = self.w2_scale = None
         if self.quant is not None:
             bn, bk = self.quant.block
-            self.w13_scale = _param(torch.empty(num_experts, _cdiv(2 * inter, bn), _cdiv(hidden, bk),
-                                                dtype=torch.float32, device=device))
-            self.w2_scale = _param(torch.empty(num_experts, _cdiv(hidden, bn), _cdiv(inter, bk),
-                                               dtype=torch.float32, device=device))
+            self.w13_scale = _param(
+                torch.empty(
+                    num_experts,
+                    _cdiv(2 * inter, bn),
+                    _cdiv(hidden, bk),
+                    dtype=torch.float32,
+                    device=device,
+                )
+            )
+            self.w2_scale = _param(
+                torch.empty(
+                    num_experts,
+                    _cdiv(hidden, bn),
+                    _cdiv(inter, bk),
+                    dtype=torch.float32,
+                    device=device,
+                )
+            )
         self._loaded: set[tuple[int, str]] = set()
 
-    def load_expert(self, expert: int, part: str, tensor: torch.Tensor,
-                    scale: torch.Tensor | None = None, block: tuple[int, int] | None = None) -> None:
+    def load_expert(
+        self,
+        expert: int,
+        part: str,
+        tensor: torch.Tensor,
+        scale: torch.Tensor | None = None,
+        block: tuple[int, int] | None = None,
+    ) -> None:
         """part: "gate", "up" or "down" of one expert ([I, H], [I, H], [H, I]), in full (an
         expert another rank holds is skipped)."""
         self._loaded.add((expert, part))
@@ -268,13 +350,24 @@ class FusedMoEWeights(nn.Module):
         if self.quant is not None and tensor.dtype != FP8_DTYPE:
             self.dequantize_()
             w, s = (self.w2, None) if part == "down" else (self.w13, None)
-        _load_weight(w[expert], None if s is None else s[expert], self.quant, rows, tensor,
-                     scale, block, self.dtype)
+        _load_weight(
+            w[expert],
+            None if s is None else s[expert],
+            self.quant,
+            rows,
+            tensor,
+            scale,
+            block,
+            self.dtype,
+        )
 
     def init_random(self, gen: torch.Generator, std: float) -> None:
         full = self.full_inter
-        shapes = {"gate": (full, self.hidden), "up": (full, self.hidden),
-                  "down": (self.hidden, full)}
+        shapes = {
+            "gate": (full, self.hidden),
+            "up": (full, self.hidden),
+            "down": (self.hidden, full),
+        }
         first, held = self.expert_shard
         for e in range(self.num_experts):
             for part, (r, c) in shapes.items():
@@ -296,8 +389,12 @@ class FusedMoEWeights(nn.Module):
             self.w13_scale = self.w2_scale = self.quant = None
 
     def missing(self) -> list[str]:
-        return [f"experts.{e}.{p}" for e in range(self.num_experts)
-                for p in ("gate", "up", "down") if (e, p) not in self._loaded]
+        return [
+            f"experts.{e}.{p}"
+            for e in range(self.num_experts)
+            for p in ("gate", "up", "down")
+            if (e, p) not in self._loaded
+        ]
 
 
 class Tensors(nn.Module):
@@ -311,8 +408,16 @@ class Tensors(nn.Module):
         self._full: dict[str, tuple[int, ...]] = {}
         self._rows: dict[str, Window] = {}
 
-    def add(self, name: str, shape: Sequence[int], init: str, *, dtype, device,
-            rows: Window | None = None) -> None:
+    def add(
+        self,
+        name: str,
+        shape: Sequence[int],
+        init: str,
+        *,
+        dtype,
+        device,
+        rows: Window | None = None,
+    ) -> None:
         """init: "ones", "zeros" or "normal"; `shape` in full, of which this rank keeps
         `rows` (all by default)."""
         local = (rows[1], *shape[1:]) if rows else tuple(shape)

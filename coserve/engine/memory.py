@@ -16,8 +16,9 @@ log = logging.getLogger("coserve.engine")
 GiB = 1 << 30
 
 
-def kv_budget_bytes(total_bytes: int, utilization: float, peak_torch_bytes: int,
-                    non_torch_bytes: int) -> int:
+def kv_budget_bytes(
+    total_bytes: int, utilization: float, peak_torch_bytes: int, non_torch_bytes: int
+) -> int:
     """Bytes left for the KV cache: `utilization` of the device's `total_bytes` (as
     cudaMemGetInfo reports it) less the torch allocator's peak over weights + profiling pass and
     what CUDA holds outside torch (context, cuBLAS/NCCL workspaces). May be negative: no room."""
@@ -42,7 +43,8 @@ class GpuBudget:
                 f"free memory on {self.device} ({self.free0 / GiB:.2f} GiB) is less than "
                 f"gpu_memory_utilization {self.utilization} of the device "
                 f"({self.requested / GiB:.2f} of {self.total / GiB:.2f} GiB): lower it or free "
-                "memory (another process holds the rest)")
+                "memory (another process holds the rest)"
+            )
 
     def kv_bytes(self, profile: Callable[[], None]) -> int:
         torch.cuda.synchronize(self.device)
@@ -53,9 +55,15 @@ class GpuBudget:
         free1, _ = torch.cuda.mem_get_info(self.device)
         non_torch = max(0, (self.free0 - free1) - torch.cuda.memory_reserved(self.device))
         kv = kv_budget_bytes(self.total, self.utilization, peak, non_torch)
-        log.info("memory: %.2f GiB requested (%.2f x %.2f GiB), %.2f GiB peak torch "
-                 "(weights + activations), %.2f GiB outside torch -> %.2f GiB for the KV cache",
-                 self.requested / GiB, self.utilization, self.total / GiB, peak / GiB,
-                 non_torch / GiB, kv / GiB)
+        log.info(
+            "memory: %.2f GiB requested (%.2f x %.2f GiB), %.2f GiB peak torch "
+            "(weights + activations), %.2f GiB outside torch -> %.2f GiB for the KV cache",
+            self.requested / GiB,
+            self.utilization,
+            self.total / GiB,
+            peak / GiB,
+            non_torch / GiB,
+            kv / GiB,
+        )
         torch.cuda.empty_cache()
         return kv

@@ -41,8 +41,14 @@ def state() -> TPState:
 ALL_REDUCES = ("nccl", "symm-mem")
 
 
-def init(rank: int, size: int, init_method: str, device: torch.device,
-         all_reduce: str = "nccl", expert_parallel: bool = False) -> None:
+def init(
+    rank: int,
+    size: int,
+    init_method: str,
+    device: torch.device,
+    all_reduce: str = "nccl",
+    expert_parallel: bool = False,
+) -> None:
     """Join the tensor-parallel group (every rank calls this; it returns when all have).
     all_reduce "symm-mem": small all-reduces (up to `SymmAllReduce.max_bytes`) run as torch
     symmetric memory's one-shot all-reduce (each GPU reads its peers' buffers over
@@ -55,13 +61,21 @@ def init(rank: int, size: int, init_method: str, device: torch.device,
     if size > 1:
         backend = "nccl" if device.type == "cuda" else "gloo"
         kw = {"device_id": device} if device.type == "cuda" else {}
-        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=size,
-                                timeout=timedelta(minutes=10), **kw)
+        dist.init_process_group(
+            backend,
+            init_method=init_method,
+            rank=rank,
+            world_size=size,
+            timeout=timedelta(minutes=10),
+            **kw,
+        )
         if all_reduce == "symm-mem" and device.type == "cuda":
             if _symm_used:
                 dist.destroy_process_group()
-                raise ValueError("the symm-mem all-reduce serves one tensor-parallel engine per "
-                                 "process; this process already had one (use nccl)")
+                raise ValueError(
+                    "the symm-mem all-reduce serves one tensor-parallel engine per "
+                    "process; this process already had one (use nccl)"
+                )
             _symm_used = True
             _symm = SymmAllReduce(device)
     _state = TPState(rank, size, expert_parallel and size > 1)
@@ -116,8 +130,9 @@ class SymmAllReduce:
         out = torch.empty_like(x)
         ops = torch.ops.symm_mem
         if hasattr(ops, "one_shot_all_reduce_copy_out"):  # the copy in, inside the kernel
-            ops.one_shot_all_reduce_copy_out(self.buf[:n], x.view(-1), "sum", self.group,
-                                             out.view(-1))
+            ops.one_shot_all_reduce_copy_out(
+                self.buf[:n], x.view(-1), "sum", self.group, out.view(-1)
+            )
         else:
             self.buf[:n].copy_(x.view(-1))
             ops.one_shot_all_reduce_out(self.buf[:n], "sum", self.group, out.view(-1))
@@ -152,8 +167,10 @@ def kv_head_split(num_heads: int, num_kv_heads: int) -> tuple[int, int]:
     if num_kv_heads >= n:
         return split(num_kv_heads, "num_key_value_heads")
     if n % num_kv_heads:
-        raise ValueError(f"tensor_parallel_size {n} is neither a divisor nor a multiple of "
-                         f"num_key_value_heads {num_kv_heads}")
+        raise ValueError(
+            f"tensor_parallel_size {n} is neither a divisor nor a multiple of "
+            f"num_key_value_heads {num_kv_heads}"
+        )
     return _state.rank // (n // num_kv_heads), 1
 
 

@@ -12,45 +12,86 @@ from typing import Any
 
 @dataclass
 class Preset:
-    task: str                      # "generate" | "embed"
+    task: str  # "generate" | "embed"
     hf_config: dict[str, Any] = field(default_factory=dict)
-    pooling: str | None = None     # "last" | "mean" (embed)
-    tokenizer: str | None = None   # "byte" | None (token ids only)
+    pooling: str | None = None  # "last" | "mean" (embed)
+    tokenizer: str | None = None  # "byte" | None (token ids only)
     max_model_len: int | None = None
     model_dir: Path | None = None  # trained weights shipped with coserve's dependencies
 
 
 _QWEN3_30B_A3B = {
-    "model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"],
-    "vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 6144,
-    "moe_intermediate_size": 768, "num_hidden_layers": 48, "num_attention_heads": 32,
-    "num_key_value_heads": 4, "head_dim": 128, "num_experts": 128, "num_experts_per_tok": 8,
-    "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": [],
-    "max_position_embeddings": 40960, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
-    "tie_word_embeddings": False, "attention_bias": False, "hidden_act": "silu",
-    "bos_token_id": 151643, "eos_token_id": 151645, "torch_dtype": "bfloat16",
+    "model_type": "qwen3_moe",
+    "architectures": ["Qwen3MoeForCausalLM"],
+    "vocab_size": 151936,
+    "hidden_size": 2048,
+    "intermediate_size": 6144,
+    "moe_intermediate_size": 768,
+    "num_hidden_layers": 48,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 4,
+    "head_dim": 128,
+    "num_experts": 128,
+    "num_experts_per_tok": 8,
+    "norm_topk_prob": True,
+    "decoder_sparse_step": 1,
+    "mlp_only_layers": [],
+    "max_position_embeddings": 40960,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1000000.0,
+    "tie_word_embeddings": False,
+    "attention_bias": False,
+    "hidden_act": "silu",
+    "bos_token_id": 151643,
+    "eos_token_id": 151645,
+    "torch_dtype": "bfloat16",
     # as Qwen/Qwen3-30B-A3B-FP8: attention and expert projections FP8, router and lm_head not
-    "quantization_config": {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                            "weight_block_size": [128, 128],
-                            "modules_to_not_convert": ["lm_head", "mlp.gate"]},
+    "quantization_config": {
+        "quant_method": "fp8",
+        "fmt": "e4m3",
+        "activation_scheme": "dynamic",
+        "weight_block_size": [128, 128],
+        "modules_to_not_convert": ["lm_head", "mlp.gate"],
+    },
 }
 
 _QWEN3_EMBEDDING_8B = {
-    "model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"],
-    "vocab_size": 151665, "hidden_size": 4096, "intermediate_size": 12288,
-    "num_hidden_layers": 36, "num_attention_heads": 32, "num_key_value_heads": 8,
-    "head_dim": 128, "max_position_embeddings": 40960, "rms_norm_eps": 1e-6,
-    "rope_theta": 1000000.0, "tie_word_embeddings": False, "attention_bias": False,
-    "hidden_act": "silu", "bos_token_id": 151643, "eos_token_id": 151643,
+    "model_type": "qwen3",
+    "architectures": ["Qwen3ForCausalLM"],
+    "vocab_size": 151665,
+    "hidden_size": 4096,
+    "intermediate_size": 12288,
+    "num_hidden_layers": 36,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "max_position_embeddings": 40960,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1000000.0,
+    "tie_word_embeddings": False,
+    "attention_bias": False,
+    "hidden_act": "silu",
+    "bos_token_id": 151643,
+    "eos_token_id": 151643,
     "torch_dtype": "bfloat16",
 }
 
 _TINY = {  # shared by the tiny presets: byte vocabulary (258) rounded up, 2 layers
-    "vocab_size": 512, "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2,
-    "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64,
-    "max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
-    "tie_word_embeddings": False, "attention_bias": False, "hidden_act": "silu",
-    "bos_token_id": 256, "eos_token_id": 257,
+    "vocab_size": 512,
+    "hidden_size": 256,
+    "intermediate_size": 512,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 64,
+    "max_position_embeddings": 2048,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": False,
+    "attention_bias": False,
+    "hidden_act": "silu",
+    "bos_token_id": 256,
+    "eos_token_id": 257,
 }
 
 
@@ -64,16 +105,34 @@ PRESETS: dict[str, Preset] = {
     "qwen3-30b-a3b": Preset("generate", _QWEN3_30B_A3B),
     "qwen3-embedding-8b": Preset("embed", _QWEN3_EMBEDDING_8B, pooling="last"),
     "tiny-dense": Preset("generate", {**_TINY, "model_type": "qwen3"}, tokenizer="byte"),
-    "tiny-moe": Preset("generate", {
-        **_TINY, "model_type": "qwen3_moe", "num_experts": 8, "num_experts_per_tok": 2,
-        "moe_intermediate_size": 128, "norm_topk_prob": True, "decoder_sparse_step": 1,
-        "mlp_only_layers": [],
-        "quantization_config": {"quant_method": "fp8", "fmt": "e4m3",
-                                "activation_scheme": "dynamic", "weight_block_size": [128, 128],
-                                "modules_to_not_convert": ["lm_head", "mlp.gate"]}},
-        tokenizer="byte"),
-    "tiny-embed": Preset("embed", {**_TINY, "model_type": "qwen3"}, pooling="last",
-                         tokenizer="byte", max_model_len=512),
+    "tiny-moe": Preset(
+        "generate",
+        {
+            **_TINY,
+            "model_type": "qwen3_moe",
+            "num_experts": 8,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 128,
+            "norm_topk_prob": True,
+            "decoder_sparse_step": 1,
+            "mlp_only_layers": [],
+            "quantization_config": {
+                "quant_method": "fp8",
+                "fmt": "e4m3",
+                "activation_scheme": "dynamic",
+                "weight_block_size": [128, 128],
+                "modules_to_not_convert": ["lm_head", "mlp.gate"],
+            },
+        },
+        tokenizer="byte",
+    ),
+    "tiny-embed": Preset(
+        "embed",
+        {**_TINY, "model_type": "qwen3"},
+        pooling="last",
+        tokenizer="byte",
+        max_model_len=512,
+    ),
     "all-minilm-l6-v2": Preset("embed", pooling="mean"),
 }
 

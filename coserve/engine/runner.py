@@ -61,14 +61,14 @@ def mixed_buckets(max_num_seqs: int, capacity: int) -> list[int]:
 
 @dataclass
 class StaticStep:
-    rows: int                       # the bucket (or, eager, the exact token count)
-    width: int                      # block-table columns the kernels see
-    n: int                          # real tokens; rows n..rows-1 are padding
-    sampling: list[int] | None      # rows that sample; None: rows 0..n-1 (a pure decode)
+    rows: int  # the bucket (or, eager, the exact token count)
+    width: int  # block-table columns the kernels see
+    n: int  # real tokens; rows n..rows-1 are padding
+    sampling: list[int] | None  # rows that sample; None: rows 0..n-1 (a pure decode)
     # the staged host rows, for ranks that did not stage them (block tables: the columns
     # in use; the rest are the null block)
     arrays: dict[str, np.ndarray] | None = None
-    greedy: bool = False            # return greedy token ids [sampling rows], not logits
+    greedy: bool = False  # return greedy token ids [sampling rows], not logits
     # input ids of rows 0..len(feed)-1 come from the previous greedy step's tokens on the
     # device (rows `feed` of them): that step's tokens need not reach the host first
     feed: np.ndarray | None = None
@@ -81,20 +81,32 @@ class VarlenStep:
     slots: list[int]
     query_lens: list[int]
     context_lens: list[int]
-    block_tables: np.ndarray        # [sequences, width] int32
+    block_tables: np.ndarray  # [sequences, width] int32
     num_decode: int
-    last: list[int]                 # token rows that sample
+    last: list[int]  # token rows that sample
     greedy: bool = False
 
 
-_DECODE_INPUTS = {"input_ids": torch.int64, "positions": torch.int64,
-                  "slot_mapping": torch.int64, "context_lens": torch.int32}
+_DECODE_INPUTS = {
+    "input_ids": torch.int64,
+    "positions": torch.int64,
+    "slot_mapping": torch.int64,
+    "context_lens": torch.int32,
+}
 
 
 class ModelRunner:
-    def __init__(self, model, kv_cache: torch.Tensor, blocks: BlockManager, *,
-                 max_num_seqs: int, max_model_len: int, enforce_eager: bool,
-                 max_num_batched_tokens: int) -> None:
+    def __init__(
+        self,
+        model,
+        kv_cache: torch.Tensor,
+        blocks: BlockManager,
+        *,
+        max_num_seqs: int,
+        max_model_len: int,
+        enforce_eager: bool,
+        max_num_batched_tokens: int,
+    ) -> None:
         self.model = model
         self.device = kv_cache.device
         self.blocks = blocks
@@ -107,9 +119,12 @@ class ModelRunner:
         self.all_buckets = self.buckets + mixed_buckets(max_num_seqs, self.static_tokens)
         self.max_blocks_per_seq = cdiv(max_model_len, self.block_size)
         n, dev = self.static_tokens, self.device
-        self.buf = {name: torch.zeros(n, dtype=dt, device=dev) for name, dt in _DECODE_INPUTS.items()}
-        self.buf["block_tables"] = torch.zeros(n, self.max_blocks_per_seq, dtype=torch.int32,
-                                               device=dev)
+        self.buf = {
+            name: torch.zeros(n, dtype=dt, device=dev) for name, dt in _DECODE_INPUTS.items()
+        }
+        self.buf["block_tables"] = torch.zeros(
+            n, self.max_blocks_per_seq, dtype=torch.int32, device=dev
+        )
         # host staging for the per-step copies, page-locked on CUDA so they run
         # asynchronously; two sets used in turn, so that a step is staged while the one
         # before may still be copying (each set waits for its own last copies to finish)
@@ -139,7 +154,11 @@ class ModelRunner:
         return not self.enforce_eager and ops.graph_safe(self.device)
 
     def _to_dev(self, data, dtype) -> torch.Tensor:
-        t = torch.from_numpy(data).to(dtype) if isinstance(data, np.ndarray) else torch.tensor(data, dtype=dtype)
+        t = (
+            torch.from_numpy(data).to(dtype)
+            if isinstance(data, np.ndarray)
+            else torch.tensor(data, dtype=dtype)
+        )
         if self.device.type == "cuda":
             return t.pin_memory().to(self.device, non_blocking=True)
         return t
@@ -148,19 +167,21 @@ class ModelRunner:
         """[rows, width] int32: each sequence's blocks, then the null block."""
         table = np.full((rows, width), self.blocks.null_block, dtype=np.int32)
         for i, s in enumerate(seqs):
-            table[i, :len(s.block_table)] = s.block_table
+            table[i, : len(s.block_table)] = s.block_table
         return table
 
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch, *, greedy: bool = False,
-            feed: np.ndarray | None = None) -> torch.Tensor:
+    def run(
+        self, batch: ScheduledBatch, *, greedy: bool = False, feed: np.ndarray | None = None
+    ) -> torch.Tensor:
         """Logits [num sampling sequences, vocab] (model dtype), in batch order; with `greedy`
         the greedy token ids [num sampling sequences] int64 instead (on the device, not
         waited for). feed: a pure decode whose input ids are rows `feed` of the previous
         greedy step's tokens, still on the device (the sequences' last host token is a
         placeholder)."""
-        if batch.is_decode or (not self.enforce_eager
-                               and sum(batch.num_new_tokens) <= self.static_tokens):
+        if batch.is_decode or (
+            not self.enforce_eager and sum(batch.num_new_tokens) <= self.static_tokens
+        ):
             step = self._prepare_static(batch)
             step.greedy, step.feed = greedy, feed
         else:
@@ -201,21 +222,32 @@ class ModelRunner:
             if batch.samples(i):
                 last.append(len(ids) - 1)
         width = max(len(s.block_table) for s in batch.seqs)
-        return VarlenStep(ids, pos, slots, query_lens, ctx_lens,
-                          self._block_table_rows(batch.seqs, width, len(batch.seqs)),
-                          batch.num_decode, last)
+        return VarlenStep(
+            ids,
+            pos,
+            slots,
+            query_lens,
+            ctx_lens,
+            self._block_table_rows(batch.seqs, width, len(batch.seqs)),
+            batch.num_decode,
+            last,
+        )
 
     def _varlen(self, step: VarlenStep) -> torch.Tensor:
         """Eager (the shapes change every step)."""
         d = step.num_decode
         meta = AttnMetadata(
-            mode="prefill", query_lens=step.query_lens, context_lens_host=step.context_lens,
+            mode="prefill",
+            query_lens=step.query_lens,
+            context_lens_host=step.context_lens,
             slot_mapping=self._to_dev(step.slots, torch.int64),
             block_tables=self._to_dev(step.block_tables, torch.int32),
             num_decode=d,
-            context_lens=self._to_dev(step.context_lens[:d], torch.int32) if d else None)
-        hidden = self.model(self._to_dev(step.ids, torch.int64),
-                            self._to_dev(step.positions, torch.int64), meta)
+            context_lens=self._to_dev(step.context_lens[:d], torch.int32) if d else None,
+        )
+        hidden = self.model(
+            self._to_dev(step.ids, torch.int64), self._to_dev(step.positions, torch.int64), meta
+        )
         if not step.last:
             return self._no_rows(hidden, step.greedy)
         return self._head(hidden[self._to_dev(step.last, torch.int64)], step.greedy)
@@ -259,30 +291,31 @@ class ModelRunner:
         if batch.is_decode:
             owners = batch.seqs
             lens = [len(s.token_ids) for s in owners]
-            h["input_ids"][:len(lens)] = [s.token_ids[-1] for s in owners]
-            h["context_lens"][:len(lens)] = lens
+            h["input_ids"][: len(lens)] = [s.token_ids[-1] for s in owners]
+            h["context_lens"][: len(lens)] = lens
             pos = [k - 1 for k in lens]
             sampling = None
         else:
             ids, pos, owners, sampling = [], [], [], []
             for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens, strict=True)):
                 start = seq.num_computed_tokens
-                ids += seq.token_ids[start:start + n]
+                ids += seq.token_ids[start : start + n]
                 pos += range(start, start + n)
                 owners += [seq] * n
                 if batch.samples(i):
                     sampling.append(len(ids) - 1)
-            h["input_ids"][:len(ids)] = ids
-            h["context_lens"][:len(pos)] = pos
-            h["context_lens"][:len(pos)] += 1
+            h["input_ids"][: len(ids)] = ids
+            h["context_lens"][: len(pos)] = pos
+            h["context_lens"][: len(pos)] += 1
         for i, seq in enumerate(owners):
             self._table_row(stage, i, seq.block_table)
         for i in range(len(owners), rows):
             self._table_row(stage, i, None)
         n = len(pos)
         h["positions"][:n] = pos
-        h["slot_mapping"][:n] = [s.block_table[p // bs] * bs + p % bs
-                                 for s, p in zip(owners, pos, strict=True)]
+        h["slot_mapping"][:n] = [
+            s.block_table[p // bs] * bs + p % bs for s, p in zip(owners, pos, strict=True)
+        ]
         h["input_ids"][n:rows] = 0
         h["positions"][n:rows] = 0
         h["slot_mapping"][n:rows] = null * bs
@@ -292,9 +325,12 @@ class ModelRunner:
 
     def _decode_args(self, rows: int, width: int):
         b = self.buf
-        meta = AttnMetadata(mode="decode", slot_mapping=b["slot_mapping"][:rows],
-                            block_tables=b["block_tables"][:rows, :width],
-                            context_lens=b["context_lens"][:rows])
+        meta = AttnMetadata(
+            mode="decode",
+            slot_mapping=b["slot_mapping"][:rows],
+            block_tables=b["block_tables"][:rows, :width],
+            context_lens=b["context_lens"][:rows],
+        )
         return b["input_ids"][:rows], b["positions"][:rows], meta
 
     def _prepare_static(self, batch: ScheduledBatch) -> StaticStep:
@@ -307,9 +343,12 @@ class ModelRunner:
 
     def _staged(self, step: StaticStep, batch: ScheduledBatch) -> dict[str, np.ndarray]:
         used = min(step.width, max(len(s.block_table) for s in batch.seqs))
-        out = {name: a[:step.rows].copy() for name, a in self.host_np.items()
-               if name != "block_tables"}
-        out["block_tables"] = self.host_np["block_tables"][:step.rows, :used].copy()
+        out = {
+            name: a[: step.rows].copy()
+            for name, a in self.host_np.items()
+            if name != "block_tables"
+        }
+        out["block_tables"] = self.host_np["block_tables"][: step.rows, :used].copy()
         return out
 
     def _unstage(self, step: StaticStep) -> None:
@@ -320,7 +359,7 @@ class ModelRunner:
             if name == "block_tables":
                 used = a.shape[1]
                 h[name][:rows, :used] = a
-                h[name][:rows, used:step.width] = self.blocks.null_block
+                h[name][:rows, used : step.width] = self.blocks.null_block
             else:
                 h[name][:rows] = a
         stage.row_state[:rows] = [(None, step.width)] * rows  # rewritten in full
@@ -388,9 +427,14 @@ class ModelRunner:
                 self.graph_outputs[rows] = self.model(*args)
             self.graphs[rows] = graph
         torch.cuda.synchronize(self.device)
-        log.info("captured %d CUDA graphs (%d..%d rows) in %.1f s, %.2f GiB held by "
-                 "torch after capture", len(self.graphs), self.all_buckets[0], self.all_buckets[-1],
-                 time.perf_counter() - t0, torch.cuda.memory_reserved(self.device) / 2**30)
+        log.info(
+            "captured %d CUDA graphs (%d..%d rows) in %.1f s, %.2f GiB held by torch after capture",
+            len(self.graphs),
+            self.all_buckets[0],
+            self.all_buckets[-1],
+            time.perf_counter() - t0,
+            torch.cuda.memory_reserved(self.device) / 2**30,
+        )
 
 
 class _HostStage:
@@ -399,13 +443,18 @@ class _HostStage:
     rewritten only where this changes (another sequence moves in, or its sequence gains a
     block; lists only grow, and a freed sequence gets a new list)."""
 
-    def __init__(self, bufs: dict[str, torch.Tensor], null_block: int, device: torch.device) -> None:
+    def __init__(
+        self, bufs: dict[str, torch.Tensor], null_block: int, device: torch.device
+    ) -> None:
         pin = device.type == "cuda"
-        self.host = {name: torch.zeros(t.shape, dtype=t.dtype, pin_memory=pin)
-                     for name, t in bufs.items()}
+        self.host = {
+            name: torch.zeros(t.shape, dtype=t.dtype, pin_memory=pin) for name, t in bufs.items()
+        }
         self.np = {name: t.numpy() for name, t in self.host.items()}
         self.np["block_tables"].fill(null_block)
-        self.row_state: list[tuple[list[int] | None, int]] = [(None, 0)] * bufs["input_ids"].shape[0]
+        self.row_state: list[tuple[list[int] | None, int]] = [(None, 0)] * bufs["input_ids"].shape[
+            0
+        ]
         self.event = torch.cuda.Event() if pin else None
         self._pending = False
 

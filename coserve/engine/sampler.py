@@ -44,8 +44,13 @@ class Sampler:
         else:
             temperature = torch.tensor([s.params.temperature for s in seqs], dtype=torch.float32)
             top_p = torch.tensor([s.params.top_p for s in seqs], dtype=torch.float32)
-            ids = sample(logits, temperature.to(self.device), top_p.to(self.device),
-                         [s.generator for s in seqs], self.generator)
+            ids = sample(
+                logits,
+                temperature.to(self.device),
+                top_p.to(self.device),
+                [s.generator for s in seqs],
+                self.generator,
+            )
         if raw is not None:
             self._record_logprobs(raw, ids, seqs)
         return ids.tolist()
@@ -61,7 +66,11 @@ class Sampler:
         logits = logits.clone()
         for i in rows:
             p = seqs[i].params
-            if p.min_tokens and p.all_stop_token_ids and seqs[i].num_completion_tokens < p.min_tokens:
+            if (
+                p.min_tokens
+                and p.all_stop_token_ids
+                and seqs[i].num_completion_tokens < p.min_tokens
+            ):
                 banned = [t for t in p.all_stop_token_ids if t < logits.shape[1]]
                 logits[i, banned] = float("-inf")
             if 0 < p.top_k < logits.shape[1]:
@@ -77,6 +86,8 @@ class Sampler:
             rank = int((lp > chosen).sum()) + 1
             top = lp.topk(seq.params.logprobs) if seq.params.logprobs else None
             self._logprobs[seq.request_id] = (
-                float(chosen), rank,
+                float(chosen),
+                rank,
                 top.indices.tolist() if top is not None else [],
-                top.values.tolist() if top is not None else [])
+                top.values.tolist() if top is not None else [],
+            )

@@ -18,7 +18,7 @@ from coserve.engine.sequence import SeqStatus, Sequence
 
 @dataclass
 class ScheduledBatch:
-    seqs: list[Sequence]       # the num_decode decoding sequences first, then prompt chunks
+    seqs: list[Sequence]  # the num_decode decoding sequences first, then prompt chunks
     num_new_tokens: list[int]  # tokens each sequence processes this step (decode: 1)
     num_decode: int
 
@@ -34,8 +34,14 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 watermark: float = 0.01, max_tokens_with_decodes: int | None = None) -> None:
+    def __init__(
+        self,
+        blocks: BlockManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        watermark: float = 0.01,
+        max_tokens_with_decodes: int | None = None,
+    ) -> None:
         """max_tokens_with_decodes: the token budget of a step that has decodes (the runner's
         largest static bucket, so that such steps stay on the CUDA-graph path)."""
         self.blocks = blocks
@@ -97,8 +103,11 @@ class Scheduler:
     def _schedule_decode(self) -> list[Sequence]:
         """The running sequences, each with a slot for its next token (preempting if short)."""
         bs = self.blocks.block_size
-        short = [(s, n) for s in self.running
-                 if (n := -(-len(s.token_ids) // bs) - len(s.block_table)) > 0]
+        short = [
+            (s, n)
+            for s in self.running
+            if (n := -(-len(s.token_ids) // bs) - len(s.block_table)) > 0
+        ]
         if sum(n for _, n in short) <= self.blocks.num_free:
             # the common case, in one pass: every sequence's next token has a slot
             for seq, _ in short:
@@ -127,8 +136,9 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
-    def postprocess(self, batch: ScheduledBatch, sampled: list[int], eos_ids: set[int],
-                    max_model_len: int) -> list[Sequence]:
+    def postprocess(
+        self, batch: ScheduledBatch, sampled: list[int], eos_ids: set[int], max_model_len: int
+    ) -> list[Sequence]:
         """Advance the batch by its step; `sampled` holds one token per sampling sequence,
         in batch order. Returns the sequences that got a token (finished ones included)."""
         got_token = []
@@ -153,7 +163,9 @@ class Scheduler:
             got_token.append(seq)
             p = seq.params
             n_out = len(ids) - seq.num_prompt_tokens
-            if n_out >= p.min_tokens and ((not p.ignore_eos and token in eos_ids) or token in p.stop_token_ids):
+            if n_out >= p.min_tokens and (
+                (not p.ignore_eos and token in eos_ids) or token in p.stop_token_ids
+            ):
                 finished.append((seq, "stop"))
             elif n_out >= p.max_tokens or len(ids) >= max_model_len:
                 finished.append((seq, "length"))

@@ -12,8 +12,8 @@ from coserve.engine.types import SamplingParams
 
 
 class SeqStatus(Enum):
-    WAITING = "waiting"    # not admitted, preempted, or part way through a chunked prefill
-    RUNNING = "running"    # prefilled; decodes one token per step
+    WAITING = "waiting"  # not admitted, preempted, or part way through a chunked prefill
+    RUNNING = "running"  # prefilled; decodes one token per step
     FINISHED = "finished"
 
 
@@ -25,7 +25,7 @@ class Sequence:
     params: SamplingParams
     generator: torch.Generator | None = None
     status: SeqStatus = SeqStatus.WAITING
-    num_computed_tokens: int = 0        # tokens whose k/v are in the cache
+    num_computed_tokens: int = 0  # tokens whose k/v are in the cache
     block_table: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     prompt_counted: bool = False

@@ -31,7 +31,9 @@ class HFTokenizer:
         self._tok.no_truncation()
         # The chat template (Jinja) and the special tokens it refers to, from the
         # tokenizer_config.json beside tokenizer.json; None/empty where there is none.
-        self.chat_template, self.special_tokens = _chat_config(Path(path).parent / "tokenizer_config.json")
+        self.chat_template, self.special_tokens = _chat_config(
+            Path(path).parent / "tokenizer_config.json"
+        )
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text).ids

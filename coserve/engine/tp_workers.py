@@ -53,6 +53,7 @@ class WorkerDied(RuntimeError):
 class Call:
     """A message that runs `fn(engine, *args)` on every worker (diagnostics: profilers,
     collective benchmarks); `fn` must be importable (module-level)."""
+
     fn: Callable
     args: tuple = ()
 
@@ -93,9 +94,15 @@ class Workers:
         """Per worker: steps received, seconds waiting for rank 0, send-to-receive lag."""
         out = []
         for i in range(len(self.procs)):
-            c = self._counters[i * 4:(i + 1) * 4]
-            out.append({"steps": c[_STEPS], "wait_s": c[_WAIT_S], "lag_s": c[_LAG_S],
-                        "lag_max_s": c[_LAG_MAX_S]})
+            c = self._counters[i * 4 : (i + 1) * 4]
+            out.append(
+                {
+                    "steps": c[_STEPS],
+                    "wait_s": c[_WAIT_S],
+                    "lag_s": c[_LAG_S],
+                    "lag_max_s": c[_LAG_MAX_S],
+                }
+            )
         return out
 
     def check(self, grace_s: float = 0.0) -> None:
@@ -115,8 +122,10 @@ class Workers:
     def _died(self, p) -> None:
         p.join(0.1)
         if self.dead is None:
-            self.dead = (f"tensor-parallel worker {p.name} (pid {p.pid}) died "
-                         f"(exit code {p.exitcode}); the engine cannot step any more")
+            self.dead = (
+                f"tensor-parallel worker {p.name} (pid {p.pid}) died "
+                f"(exit code {p.exitcode}); the engine cannot step any more"
+            )
             log.error("%s", self.dead)
 
     def _watch(self) -> None:
@@ -172,16 +181,21 @@ def launch(kind: str, args: EngineArgs, device: torch.device) -> Workers | None:
     if here.rank > 0:
         return None  # a worker's engine: its rank 0 started it
     if here.size > 1:
-        raise ValueError("this process already runs a tensor-parallel engine (one per process: "
-                         "the ranks' state is process-wide)")
+        raise ValueError(
+            "this process already runs a tensor-parallel engine (one per process: "
+            "the ranks' state is process-wide)"
+        )
     if n == 1:
         return None
     if args.tp_all_reduce not in parallel.ALL_REDUCES:
-        raise ValueError(f"tp_all_reduce must be one of {parallel.ALL_REDUCES}, "
-                         f"got {args.tp_all_reduce!r}")
+        raise ValueError(
+            f"tp_all_reduce must be one of {parallel.ALL_REDUCES}, got {args.tp_all_reduce!r}"
+        )
     if device.type == "cuda" and (device.index or 0) + n > torch.cuda.device_count():
-        raise ValueError(f"tensor_parallel_size {n} from {device} needs GPUs up to "
-                         f"cuda:{(device.index or 0) + n - 1}; {torch.cuda.device_count()} visible")
+        raise ValueError(
+            f"tensor_parallel_size {n} from {device} needs GPUs up to "
+            f"cuda:{(device.index or 0) + n - 1}; {torch.cuda.device_count()} visible"
+        )
     os.environ.update(NO_MULTICAST_ENV)  # the workers inherit it
     init_method = f"tcp://127.0.0.1:{_free_port()}"
     ctx = mp.get_context("spawn")
@@ -190,8 +204,12 @@ def launch(kind: str, args: EngineArgs, device: torch.device) -> Workers | None:
     for rank in range(1, n):
         recv, send = ctx.Pipe(duplex=False)
         wargs = replace(args, device=str(rank_device(device, rank)))
-        p = ctx.Process(target=_worker_main, name=f"coserve-tp-rank{rank}", daemon=True,
-                        args=(kind, wargs, rank, init_method, recv, os.getpid(), counters))
+        p = ctx.Process(
+            target=_worker_main,
+            name=f"coserve-tp-rank{rank}",
+            daemon=True,
+            args=(kind, wargs, rank, init_method, recv, os.getpid(), counters),
+        )
         p.start()
         recv.close()
         procs.append(p)
@@ -200,16 +218,19 @@ def launch(kind: str, args: EngineArgs, device: torch.device) -> Workers | None:
     atexit.register(workers.stop)
     workers.stepping = True  # a worker that dies before joining must not leave us waiting
     try:
-        parallel.init(0, n, init_method, device, args.tp_all_reduce,
-                      args.enable_expert_parallel)
+        parallel.init(0, n, init_method, device, args.tp_all_reduce, args.enable_expert_parallel)
     except BaseException:
         workers.stop(timeout_s=1.0)
         raise
     finally:
         workers.stepping = False
-    log.info("tensor parallel: %d ranks (workers %s), all-reduce %s%s", n,
-             [p.pid for p in procs], args.tp_all_reduce,
-             ", expert parallel" if args.enable_expert_parallel else "")
+    log.info(
+        "tensor parallel: %d ranks (workers %s), all-reduce %s%s",
+        n,
+        [p.pid for p in procs],
+        args.tp_all_reduce,
+        ", expert parallel" if args.enable_expert_parallel else "",
+    )
     return workers
 
 
@@ -286,18 +307,32 @@ def _messages(conn: Connection, counters, slot: int) -> Iterator:
         yield msg
 
 
-def _worker_main(kind: str, args: EngineArgs, rank: int, init_method: str, conn: Connection,
-                 parent_pid: int, counters) -> None:
+def _worker_main(
+    kind: str,
+    args: EngineArgs,
+    rank: int,
+    init_method: str,
+    conn: Connection,
+    parent_pid: int,
+    counters,
+) -> None:
     _watch_parent(parent_pid)
-    logging.basicConfig(level=logging.WARNING,
-                        format=f"%(asctime)s %(levelname)s rank{rank} %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.WARNING, format=f"%(asctime)s %(levelname)s rank{rank} %(name)s: %(message)s"
+    )
     device = torch.device(args.device)
     if device.type == "cpu":  # the ranks share the cores
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.tensor_parallel_size))
     else:
         torch.cuda.set_device(device)
-    parallel.init(rank, args.tensor_parallel_size, init_method, device, args.tp_all_reduce,
-                  args.enable_expert_parallel)
+    parallel.init(
+        rank,
+        args.tensor_parallel_size,
+        init_method,
+        device,
+        args.tp_all_reduce,
+        args.enable_expert_parallel,
+    )
     if kind == "gen":
         from coserve.engine.gen_engine import GenEngine
 

@@ -18,7 +18,9 @@ class SamplingParams:
     ignore_eos: bool = False
     top_k: int = 0  # sample from the k most likely tokens; 0: all
     min_tokens: int = 0  # no stop token (all_stop_token_ids) before this many tokens
-    stop_token_ids: tuple[int, ...] = ()  # tokens that end the sequence ("stop"), kept in the output
+    stop_token_ids: tuple[
+        int, ...
+    ] = ()  # tokens that end the sequence ("stop"), kept in the output
     # stop_token_ids plus the model's EOS ids unless ignore_eos: what min_tokens holds back.
     # The caller fills it in from the model's EOS ids, as vLLM's front end does.
     all_stop_token_ids: tuple[int, ...] = ()

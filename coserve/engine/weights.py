@@ -24,9 +24,15 @@ from coserve.engine.tokenizer import ByteTokenizer, load_tokenizer
 
 log = logging.getLogger("coserve.engine")
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
-           "half": torch.float16}
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+}
 
 
 def checkpoint_files(model_dir: Path) -> list[Path]:
@@ -73,18 +79,20 @@ def load_checkpoint(model: nn.Module, model_dir: Path, config: ModelConfig) -> l
 @dataclass
 class LoadedModel:
     name: str
-    task: str                 # "generate" | "embed"
+    task: str  # "generate" | "embed"
     config: ModelConfig
     model: nn.Module
-    tokenizer: Any            # None or encode/decode
-    pooling: str | None       # "last" | "mean" (embed)
+    tokenizer: Any  # None or encode/decode
+    pooling: str | None  # "last" | "mean" (embed)
     max_model_len: int
     dtype: torch.dtype
     device: torch.device
     weight_bytes: int
 
 
-def resolve_dtype(dtype: str | None, device: torch.device, hf_config: dict[str, Any]) -> torch.dtype:
+def resolve_dtype(
+    dtype: str | None, device: torch.device, hf_config: dict[str, Any]
+) -> torch.dtype:
     if dtype not in (None, "auto"):
         if dtype not in _DTYPES:
             raise ValueError(f"unknown dtype {dtype!r} (choose from {sorted(_DTYPES)})")
@@ -111,9 +119,17 @@ def _pooling_of(model_dir: Path | None, config: ModelConfig) -> str:
     return "mean" if isinstance(config, BertConfig) else "last"
 
 
-def load_model(model: str, *, task: str, random_weights: bool = False, device: str = "cpu",
-               dtype: str | None = None, max_model_len: int | None = None, seed: int = 0,
-               keep_fp8: bool | None = None) -> LoadedModel:
+def load_model(
+    model: str,
+    *,
+    task: str,
+    random_weights: bool = False,
+    device: str = "cpu",
+    dtype: str | None = None,
+    max_model_len: int | None = None,
+    seed: int = 0,
+    keep_fp8: bool | None = None,
+) -> LoadedModel:
     """`model` is a preset name or an HF model directory. FP8 weights stay FP8 on CUDA and
     are dequantised at load on CPU unless keep_fp8 says otherwise."""
     t0 = time.perf_counter()
@@ -123,8 +139,10 @@ def load_model(model: str, *, task: str, random_weights: bool = False, device: s
     if preset is None:
         model_dir = Path(model)
         if not (model_dir / "config.json").is_file():
-            raise ValueError(f"--model {model!r} is neither a preset nor a directory with "
-                             f"config.json (presets: {', '.join(_preset_names())})")
+            raise ValueError(
+                f"--model {model!r} is neither a preset nor a directory with "
+                f"config.json (presets: {', '.join(_preset_names())})"
+            )
     if preset is not None and preset.task != task:
         raise ValueError(f"model {model!r} is a {preset.task} model, not a {task} one")
     if model_dir is not None:
@@ -132,8 +150,10 @@ def load_model(model: str, *, task: str, random_weights: bool = False, device: s
     else:
         hf_config = preset.hf_config
         if not random_weights:
-            raise ValueError(f"preset {model!r} ships no weights: use random weights "
-                             "(--random-weights) or pass an HF model directory")
+            raise ValueError(
+                f"preset {model!r} ships no weights: use random weights "
+                "(--random-weights) or pass an HF model directory"
+            )
     gen_cfg = _read_json(model_dir / "generation_config.json") if model_dir else None
     config = parse_hf_config(hf_config, gen_cfg)
     if task == "generate" and isinstance(config, BertConfig):
@@ -152,8 +172,9 @@ def load_model(model: str, *, task: str, random_weights: bool = False, device: s
                 log.debug("unused checkpoint tensors: %s", unused[:20])
             missing = missing_weights(net)
             if missing:
-                raise ValueError(f"{model_dir}: checkpoint lacks {len(missing)} weights, e.g. "
-                                 f"{missing[:5]}")
+                raise ValueError(
+                    f"{model_dir}: checkpoint lacks {len(missing)} weights, e.g. {missing[:5]}"
+                )
         if quant is not None and not (keep_fp8 if keep_fp8 is not None else dev.type == "cuda"):
             dequantize_model_(net)
     net.eval()
@@ -167,26 +188,42 @@ def load_model(model: str, *, task: str, random_weights: bool = False, device: s
         config.eos_token_ids = [ByteTokenizer.eos_token_id]
 
     limit = config.max_position_embeddings
-    default_len = (preset.max_model_len if preset and preset.max_model_len else None)
+    default_len = preset.max_model_len if preset and preset.max_model_len else None
     st = _read_json(model_dir / "sentence_bert_config.json") if model_dir else None
     if st and st.get("max_seq_length"):
         default_len = int(st["max_seq_length"])
     if max_model_len is not None:
         if max_model_len <= 0 or max_model_len > limit:
-            raise ValueError(f"max_model_len {max_model_len} must be in 1..{limit} "
-                             f"(the model's max_position_embeddings)")
+            raise ValueError(
+                f"max_model_len {max_model_len} must be in 1..{limit} "
+                f"(the model's max_position_embeddings)"
+            )
         mml = max_model_len
     else:
         mml = min(default_len or limit, limit)
 
     weight_bytes = sum(p.numel() * p.element_size() for p in net.parameters())
-    log.info("loaded %s (%s, %s, %s) in %.1fs: %.2f GiB of weights", model,
-             type(config).__name__, torch_dtype, "random" if random_weights else "checkpoint",
-             time.perf_counter() - t0, weight_bytes / 2**30)
+    log.info(
+        "loaded %s (%s, %s, %s) in %.1fs: %.2f GiB of weights",
+        model,
+        type(config).__name__,
+        torch_dtype,
+        "random" if random_weights else "checkpoint",
+        time.perf_counter() - t0,
+        weight_bytes / 2**30,
+    )
     return LoadedModel(
-        name=model, task=task, config=config, model=net, tokenizer=tokenizer,
+        name=model,
+        task=task,
+        config=config,
+        model=net,
+        tokenizer=tokenizer,
         pooling=_pooling_of(model_dir, config) if task == "embed" else None,
-        max_model_len=mml, dtype=torch_dtype, device=dev, weight_bytes=weight_bytes)
+        max_model_len=mml,
+        dtype=torch_dtype,
+        device=dev,
+        weight_bytes=weight_bytes,
+    )
 
 
 def _preset_names() -> list[str]:

@@ -38,8 +38,13 @@ class Backend:
 
         return TelemetrySampler(devices, interval_s=interval_s, out_path=out_path)
 
-    def run_load(self, load: dict[str, Any], out_path: Path, on_progress,
-                 dead: Callable[[], str | None] | None = None) -> dict:
+    def run_load(
+        self,
+        load: dict[str, Any],
+        out_path: Path,
+        on_progress,
+        dead: Callable[[], str | None] | None = None,
+    ) -> dict:
         """Run the load, write bench.json (+ records), return the summary. `dead()` is polled
         every WATCH_INTERVAL_S; when it names a reason the load is stopped (cut short)."""
         from coserve.bench.config import LoadConfig

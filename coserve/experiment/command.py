@@ -7,17 +7,34 @@ import argparse
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("spec", metavar="SPEC.toml", help="experiment spec (see experiments/)")
-    parser.add_argument("--out", metavar="DIR", required=True, help="run folder (created; results, logs, report)")
-    parser.add_argument("--resume", action="store_true",
-                        help="add the missing reps to an existing run folder (same spec and GPU)")
-    parser.add_argument("--conditions", metavar="A,B", default=None,
-                        help="run only these conditions (sweep points included by name)")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="validate the spec, check this machine can run it, print the plan; run nothing")
-    parser.add_argument("--no-report", action="store_true", help="do not render the report at the end")
-    parser.add_argument("--apply-mig", action="store_true",
-                        help="create the MIG instances mig conditions need (as apply_mig = true in "
-                             "their options; coserve only creates, never destroys)")
+    parser.add_argument(
+        "--out", metavar="DIR", required=True, help="run folder (created; results, logs, report)"
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="add the missing reps to an existing run folder (same spec and GPU)",
+    )
+    parser.add_argument(
+        "--conditions",
+        metavar="A,B",
+        default=None,
+        help="run only these conditions (sweep points included by name)",
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="validate the spec, check this machine can run it, print the plan; run nothing",
+    )
+    parser.add_argument(
+        "--no-report", action="store_true", help="do not render the report at the end"
+    )
+    parser.add_argument(
+        "--apply-mig",
+        action="store_true",
+        help="create the MIG instances mig conditions need (as apply_mig = true in "
+        "their options; coserve only creates, never destroys)",
+    )
 
 
 def print_plan(spec, sched, console) -> None:
@@ -28,8 +45,15 @@ def print_plan(spec, sched, console) -> None:
     for h in ("#", "Condition", "Rep", "Strategy", "GPUs", "Servers"):
         t.add_column(h)
     for i, (c, r) in enumerate(sched, 1):
-        servers = ", ".join(f"{role}={c.server(spec, role).model or c.server(spec, role).url}" for role in c.servers)
-        t.add_row(*map(Text, (str(i), c.name, f"{r}/{spec.reps_of(c)}", c.strategy, ",".join(c.gpus), servers)))
+        servers = ", ".join(
+            f"{role}={c.server(spec, role).model or c.server(spec, role).url}" for role in c.servers
+        )
+        t.add_row(
+            *map(
+                Text,
+                (str(i), c.name, f"{r}/{spec.reps_of(c)}", c.strategy, ",".join(c.gpus), servers),
+            )
+        )
     console.print(t)
 
 
@@ -41,8 +65,17 @@ def say(console, label: str, style: str, text: str) -> None:
     console.print(Text.assemble((label, style), " ", text), highlight=False)
 
 
-def execute(spec_path: str, out: str, *, resume: bool = False, conditions: str | None = None,
-            dry_run: bool = False, report: bool = True, apply_mig: bool = False, console=None) -> int:
+def execute(
+    spec_path: str,
+    out: str,
+    *,
+    resume: bool = False,
+    conditions: str | None = None,
+    dry_run: bool = False,
+    report: bool = True,
+    apply_mig: bool = False,
+    console=None,
+) -> int:
     """The whole command; returns the exit code (0 ok, 1 a rep failed or the folder could not be
     written, 2 refused, 130 Ctrl-C or SIGTERM)."""
     import logging
@@ -66,8 +99,14 @@ def execute(spec_path: str, out: str, *, resume: bool = False, conditions: str |
         return 2
     only = [c.strip() for c in conditions.split(",") if c.strip()] if conditions else None
     try:
-        runner = Runner(spec, out, spec_text=Path(spec_path).read_text(), resume=resume, only=only,
-                        apply_mig=apply_mig)
+        runner = Runner(
+            spec,
+            out,
+            spec_text=Path(spec_path).read_text(),
+            resume=resume,
+            only=only,
+            apply_mig=apply_mig,
+        )
     except RunRefused as e:
         say(console, "refused:", "red", str(e))
         return 2
@@ -76,8 +115,12 @@ def execute(spec_path: str, out: str, *, resume: bool = False, conditions: str |
         print_plan(spec, sched, console)
     problems = runner.problems()  # before anything is written
     if problems:
-        say(console, "refused:", "red", "this machine cannot run the spec:\n"
-            + "\n".join(f"  - {p}" for p in problems))
+        say(
+            console,
+            "refused:",
+            "red",
+            "this machine cannot run the spec:\n" + "\n".join(f"  - {p}" for p in problems),
+        )
         return 2
     if dry_run:
         return 0
@@ -98,18 +141,32 @@ def execute(spec_path: str, out: str, *, resume: bool = False, conditions: str |
             return 2
         except StorageError as e:
             done = sum(1 for r in rd.records() if r.get("status") == "ok")
-            say(console, "stopped:", "red", f"{e}; {done} of {total} reps are finished and kept. "
-                f"Make room (or a writable --out) and finish with: {resume_hint}")
+            say(
+                console,
+                "stopped:",
+                "red",
+                f"{e}; {done} of {total} reps are finished and kept. "
+                f"Make room (or a writable --out) and finish with: {resume_hint}",
+            )
             return 1
         except KeyboardInterrupt:
             done = sum(1 for r in rd.records() if r.get("status") == "ok")
-            say(console, "interrupted:", "yellow", f"every server and daemon was stopped; {done} of "
-                f"{total} reps are finished and kept in {rd.path}. Finish with: {resume_hint}")
+            say(
+                console,
+                "interrupted:",
+                "yellow",
+                f"every server and daemon was stopped; {done} of "
+                f"{total} reps are finished and kept in {rd.path}. Finish with: {resume_hint}",
+            )
             return 130
     failed = [r for r in records if r.get("status") != "ok"]
     if failed:
-        say(console, f"{len(failed)} rep(s) failed:", "red",
-            "\n".join(f"  {r['condition']} rep {r['rep']}: {why(r.get('error'))}" for r in failed))
+        say(
+            console,
+            f"{len(failed)} rep(s) failed:",
+            "red",
+            "\n".join(f"  {r['condition']} rep {r['rep']}: {why(r.get('error'))}" for r in failed),
+        )
         return 1
     return 0
 
@@ -121,19 +178,32 @@ def _report(rd, console) -> bool:
     try:
         rendered = render(rd.path)
     except OSError as e:
-        say(console, "report not written:", "red",
+        say(
+            console,
+            "report not written:",
+            "red",
             f"{e.strerror or e}{f' ({e.filename})' if e.filename else ''}; the reps are kept: "
-            f"make room and run `coserve report {rd.path}`")
+            f"make room and run `coserve report {rd.path}`",
+        )
         return False
     out = stdout_console()
     out.print(console_table(rendered.run))
     line = verdict(rendered.run)
     if line:
         out.print(line.replace("**", ""), markup=False, highlight=False)
-    console.print(f"report: {rendered.markdown}\n        {rendered.html}", highlight=False, markup=False)
+    console.print(
+        f"report: {rendered.markdown}\n        {rendered.html}", highlight=False, markup=False
+    )
     return True
 
 
 def run(args: argparse.Namespace) -> int:
-    return execute(args.spec, args.out, resume=args.resume, conditions=args.conditions,
-                   dry_run=args.dry_run, report=not args.no_report, apply_mig=args.apply_mig)
+    return execute(
+        args.spec,
+        args.out,
+        resume=args.resume,
+        conditions=args.conditions,
+        dry_run=args.dry_run,
+        report=not args.no_report,
+        apply_mig=args.apply_mig,
+    )

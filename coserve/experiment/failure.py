@@ -10,8 +10,10 @@ from pathlib import Path
 # The line of a log tail that says why: a Python exception (`AssertionError: Torch not
 # compiled with CUDA enabled`, `torch.OutOfMemoryError: ...`), an argparse or CLI error
 # (`coserve serve: error: ...`), a fatal/error log line.
-_CAUSE = re.compile(r"^\s*(?:[\w.]*(?:Error|Exception|Exit|Interrupt)\b|.*\b(?:error|fatal|FATAL|ERROR|"
-                    r"Error|killed|Killed|out of memory)\b)")
+_CAUSE = re.compile(
+    r"^\s*(?:[\w.]*(?:Error|Exception|Exit|Interrupt)\b|.*\b(?:error|fatal|FATAL|ERROR|"
+    r"Error|killed|Killed|out of memory)\b)"
+)
 _TAIL_INTRO = re.compile(r";?\s*last lines of (\S+?):?$")
 
 
@@ -29,7 +31,7 @@ def why(error: str | None, width: int = 300) -> str:
     log = None
     m = _TAIL_INTRO.search(head)
     if m:
-        log, head = m.group(1), head[:m.start()].rstrip(" ;:")
+        log, head = m.group(1), head[: m.start()].rstrip(" ;:")
     if rest:
         causes = [ln for ln in rest if _CAUSE.match(ln)]
         # Without an error line, a process that exited said why last; one killed by a signal
@@ -39,7 +41,7 @@ def why(error: str | None, width: int = 300) -> str:
             head = f"{head}: {cause}"
     if log:
         head += f" (log: {log})"
-    return head if len(head) <= width else head[:width - 3] + "..."
+    return head if len(head) <= width else head[: width - 3] + "..."
 
 
 # errno values that mean "this folder cannot take what the run writes": stop the run (every

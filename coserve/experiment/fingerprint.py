@@ -33,10 +33,18 @@ def git_state() -> dict[str, Any]:
     """Commit of the coserve checkout that runs, and whether it has uncommitted changes."""
     root = Path(coserve.__file__).resolve().parent.parent
     try:
-        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
-                                text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        commit = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return {"commit": None, "dirty": None}
     return {"commit": commit or None, "dirty": bool(dirty) if commit else None}
@@ -63,10 +71,21 @@ def gpu_state() -> dict[str, Any]:
     except nv.NvmlUnavailable as e:
         return {"gpus": [], "driver": None, "cuda_driver": None, "note": str(e)}
     return {
-        "gpus": [{"index": g.index, "name": g.name, "uuid": g.uuid, "memory_mib": g.memory_mib,
-                  "compute_mode": g.compute_mode, "mig": g.mig_current,
-                  "mig_devices": [m.uuid for m in g.mig_devices]} for g in gpus],
-        "driver": driver, "cuda_driver": cuda, "note": None if gpus else "no GPU: NVML lists none",
+        "gpus": [
+            {
+                "index": g.index,
+                "name": g.name,
+                "uuid": g.uuid,
+                "memory_mib": g.memory_mib,
+                "compute_mode": g.compute_mode,
+                "mig": g.mig_current,
+                "mig_devices": [m.uuid for m in g.mig_devices],
+            }
+            for g in gpus
+        ],
+        "driver": driver,
+        "cuda_driver": cuda,
+        "note": None if gpus else "no GPU: NVML lists none",
     }
 
 
@@ -99,8 +118,11 @@ def collect(spec: Spec, spec_text: str | None = None) -> dict[str, Any]:
         "cpu": {"model": _cpu_model(), "count": os.cpu_count()},
         "packages": {p: _version(p) for p in PACKAGES},
         **gpu,
-        "gpus_used": [{"index": i, "name": by_index[i]["name"], "memory_mib": by_index[i]["memory_mib"]}
-                      for i in idx if i in by_index],
+        "gpus_used": [
+            {"index": i, "name": by_index[i]["name"], "memory_mib": by_index[i]["memory_mib"]}
+            for i in idx
+            if i in by_index
+        ],
         "argv": sys.argv,
     }
 
@@ -128,17 +150,23 @@ def compare(old: dict[str, Any], new: dict[str, Any]) -> tuple[list[str], list[s
     """(reasons to refuse a resume, warnings) for adding `new`'s reps to `old`'s run."""
     refuse, warn = [], []
     if old["spec"]["hash"] != new["spec"]["hash"]:
-        refuse.append(f"the spec differs: this run folder was started with spec hash "
-                      f"{old['spec']['hash'][:12]} ({old['spec'].get('file')}), "
-                      f"the spec given now hashes {new['spec']['hash'][:12]} ({new['spec'].get('file')})")
+        refuse.append(
+            f"the spec differs: this run folder was started with spec hash "
+            f"{old['spec']['hash'][:12]} ({old['spec'].get('file')}), "
+            f"the spec given now hashes {new['spec']['hash'][:12]} ({new['spec'].get('file')})"
+        )
     if _gpu_identity(old) != _gpu_identity(new):
-        refuse.append(f"the GPU differs: the run folder was measured on {describe_gpus(old)}, "
-                      f"this machine has {describe_gpus(new)}")
+        refuse.append(
+            f"the GPU differs: the run folder was measured on {describe_gpus(old)}, "
+            f"this machine has {describe_gpus(new)}"
+        )
     if old.get("driver") != new.get("driver") and _gpu_identity(old) == _gpu_identity(new):
         warn.append(f"driver {old.get('driver')} -> {new.get('driver')}")
     if old.get("git", {}).get("commit") != new.get("git", {}).get("commit"):
-        warn.append(f"coserve commit {str(old.get('git', {}).get('commit'))[:12]} -> "
-                    f"{str(new.get('git', {}).get('commit'))[:12]}")
+        warn.append(
+            f"coserve commit {str(old.get('git', {}).get('commit'))[:12]} -> "
+            f"{str(new.get('git', {}).get('commit'))[:12]}"
+        )
     for pkg in PACKAGES:
         a, b = old.get("packages", {}).get(pkg), new.get("packages", {}).get(pkg)
         if a != b:
@@ -148,8 +176,13 @@ def compare(old: dict[str, Any], new: dict[str, Any]) -> tuple[list[str], list[s
 
 def short(fp: dict[str, Any]) -> dict[str, Any]:
     """What each rep keeps of the environment it ran in."""
-    return {"host": fp["host"], "git": fp["git"], "gpus": describe_gpus(fp),
-            "driver": fp.get("driver"), "packages": {k: v for k, v in fp["packages"].items() if v}}
+    return {
+        "host": fp["host"],
+        "git": fp["git"],
+        "gpus": describe_gpus(fp),
+        "driver": fp.get("driver"),
+        "packages": {k: v for k, v in fp["packages"].items() if v},
+    }
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -169,5 +202,8 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
 def spec_changes(old: dict, new: dict) -> list[str]:
     """'dotted.path: old -> new' for each field where two validated specs differ."""
     a, b = _flatten(old), _flatten(new)
-    return [f"{k}: {a.get(k, '(absent)')!r} -> {b.get(k, '(absent)')!r}"
-            for k in sorted(set(a) | set(b)) if a.get(k, "(absent)") != b.get(k, "(absent)")]
+    return [
+        f"{k}: {a.get(k, '(absent)')!r} -> {b.get(k, '(absent)')!r}"
+        for k in sorted(set(a) | set(b))
+        if a.get(k, "(absent)") != b.get(k, "(absent)")
+    ]

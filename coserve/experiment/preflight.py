@@ -23,8 +23,9 @@ def gpu_ids(gpus: list[dict]) -> set[str]:
     return out
 
 
-def condition_problems(spec: Spec, cond: Condition, gpu_state: dict[str, Any],
-                       ram_bytes: int | None) -> list[str]:
+def condition_problems(
+    spec: Spec, cond: Condition, gpu_state: dict[str, Any], ram_bytes: int | None
+) -> list[str]:
     """Why `cond` cannot run here, empty when nothing is known against it.
     `gpu_state` is `fingerprint.gpu_state()`; `ram_bytes` the RAM available (None: unknown)."""
     gpus = gpu_state.get("gpus") or []
@@ -33,24 +34,35 @@ def condition_problems(spec: Spec, cond: Condition, gpu_state: dict[str, Any],
     builtin = {role: cfg for role, cfg in builtin.items() if cfg.launcher == "builtin"}
     wants_cuda = [role for role, cfg in builtin.items() if cfg.device == "cuda"]
     if wants_cuda and not gpus:
-        out.append(f"servers.{wants_cuda[0]}.device is 'cuda' but this machine has "
-                   f"no CUDA GPU ({gpu_state.get('note') or 'NVML lists none'}); use device = "
-                   f"'auto' or 'cpu'")
+        out.append(
+            f"servers.{wants_cuda[0]}.device is 'cuda' but this machine has "
+            f"no CUDA GPU ({gpu_state.get('note') or 'NVML lists none'}); use device = "
+            f"'auto' or 'cpu'"
+        )
     if not gpus and cond.strategy in GPU_STRATEGIES:
-        out.append(f"strategy {cond.strategy!r} needs NVIDIA GPUs; this machine has "
-                   f"none ({gpu_state.get('note') or 'NVML lists none'})")
+        out.append(
+            f"strategy {cond.strategy!r} needs NVIDIA GPUs; this machine has "
+            f"none ({gpu_state.get('note') or 'NVML lists none'})"
+        )
     elif not gpus and list(cond.gpus) != ["0"]:
-        out.append(f"gpus {list(cond.gpus)} name GPUs this machine does not have "
-                   f"({gpu_state.get('note') or 'NVML lists none'}); on a CPU-only machine leave "
-                   f"gpus out")
+        out.append(
+            f"gpus {list(cond.gpus)} name GPUs this machine does not have "
+            f"({gpu_state.get('note') or 'NVML lists none'}); on a CPU-only machine leave "
+            f"gpus out"
+        )
     if gpus:
         known = gpu_ids(gpus)
         missing = [g for g in cond.gpus if g not in known]
         if missing:
-            out.append(f"gpus {missing[0]!r} is not a GPU of this machine (GPUs: "
-                       f"{', '.join(str(g['index']) for g in gpus)}, or their UUIDs)")
-    on_cpu = {role: cfg for role, cfg in builtin.items()
-              if cfg.device == "cpu" or (cfg.device == "auto" and not gpus)}
+            out.append(
+                f"gpus {missing[0]!r} is not a GPU of this machine (GPUs: "
+                f"{', '.join(str(g['index']) for g in gpus)}, or their UUIDs)"
+            )
+    on_cpu = {
+        role: cfg
+        for role, cfg in builtin.items()
+        if cfg.device == "cpu" or (cfg.device == "auto" and not gpus)
+    }
     needs = [memory_need(cfg.model, "cpu", ram_bytes) for cfg in on_cpu.values()]
     needs = [n for n in needs if n is not None]
     if needs and sum(n.need_bytes for n in needs) > needs[0].free_bytes:
@@ -58,9 +70,11 @@ def condition_problems(spec: Spec, cond: Condition, gpu_state: dict[str, Any],
             out.append(f"{needs[0].problem()}")
         else:
             gib = sum(n.need_bytes for n in needs) / (1 << 30)
-            out.append(f"its servers ({', '.join(n.model for n in needs)}) need at least "
-                       f"{gib:.1f} GiB for their weights, more than the "
-                       f"{needs[0].free_bytes / (1 << 30):.1f} GiB of RAM available")
+            out.append(
+                f"its servers ({', '.join(n.model for n in needs)}) need at least "
+                f"{gib:.1f} GiB for their weights, more than the "
+                f"{needs[0].free_bytes / (1 << 30):.1f} GiB of RAM available"
+            )
     by_index = {str(g["index"]): g for g in gpus}
     first = by_index.get(cond.gpus[0]) if cond.gpus else None
     if first and first.get("memory_mib"):
@@ -70,8 +84,10 @@ def condition_problems(spec: Spec, cond: Condition, gpu_state: dict[str, Any],
             budget = int(first["memory_mib"] * (1 << 20) * cfg.gpu_memory_utilization)
             need = memory_need(cfg.model, "cuda", budget, cfg.tensor_parallel_size)
             if need is not None and need.problem():
-                out.append(f"{need.problem()} (gpu_memory_utilization "
-                           f"{cfg.gpu_memory_utilization:g} of GPU {first['index']})")
+                out.append(
+                    f"{need.problem()} (gpu_memory_utilization "
+                    f"{cfg.gpu_memory_utilization:g} of GPU {first['index']})"
+                )
     return out
 
 

@@ -38,8 +38,13 @@ class Progress:
         if self.live_on:
             from rich.live import Live
 
-            self._live = Live(self._render(), console=self.console, refresh_per_second=4,
-                              transient=False, get_renderable=self._render)
+            self._live = Live(
+                self._render(),
+                console=self.console,
+                refresh_per_second=4,
+                transient=False,
+                get_renderable=self._render,
+            )
             self._live.__enter__()
         return self
 
@@ -58,7 +63,9 @@ class Progress:
     def skip_rep(self, condition: str, rep: int, reps: int) -> None:
         self.index += 1
         self.done.append(f"{condition} rep {rep}/{reps}: done earlier")
-        self._line(f"[{self.index}/{self.total}] {condition} rep {rep}/{reps}: finished earlier, skipped")
+        self._line(
+            f"[{self.index}/{self.total}] {condition} rep {rep}/{reps}: finished earlier, skipped"
+        )
 
     def phase(self, name: str) -> None:
         self.phase_name = name
@@ -72,7 +79,9 @@ class Progress:
         self.figures = f
         if self._live is None:
             return
-        self.phase_name = {"warmup": "warm-up", "measure": "measuring"}.get(f.get("phase"), f.get("phase", ""))
+        self.phase_name = {"warmup": "warm-up", "measure": "measuring"}.get(
+            f.get("phase"), f.get("phase", "")
+        )
 
     def end_rep(self, record: dict) -> None:
         line = f"{record['condition']} rep {record['rep']}: {record['status']}"
@@ -117,8 +126,14 @@ class Progress:
             extra = f"  {f.get('elapsed_s', 0):.1f} / {f['total_s']:.1f} s"
         t.add_row("phase", f"{self.phase_name}{extra or f'  {phase_s:.0f} s'}")
         if f:
-            t.add_row("gen", f"{_fmt(f.get('gen_tok_s'), 'tok/s')}   in flight {f.get('gen_in_flight', 0)}"
-                             f"   done {f.get('gen_completed', 0)}   failed {f.get('gen_failed', 0)}")
-            t.add_row("embed", f"{_fmt(f.get('embed_seq_s'), 'seq/s')}   in flight {f.get('embed_in_flight', 0)}"
-                               f"   done {f.get('embed_completed', 0)}   failed {f.get('embed_failed', 0)}")
+            t.add_row(
+                "gen",
+                f"{_fmt(f.get('gen_tok_s'), 'tok/s')}   in flight {f.get('gen_in_flight', 0)}"
+                f"   done {f.get('gen_completed', 0)}   failed {f.get('gen_failed', 0)}",
+            )
+            t.add_row(
+                "embed",
+                f"{_fmt(f.get('embed_seq_s'), 'seq/s')}   in flight {f.get('embed_in_flight', 0)}"
+                f"   done {f.get('embed_completed', 0)}   failed {f.get('embed_failed', 0)}",
+            )
         return Panel(t, title=Text(self.title), expand=False)  # a path, never markup

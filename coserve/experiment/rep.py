@@ -37,7 +37,11 @@ def window_telemetry(rows: list[dict], summary: dict) -> dict[str, dict[str, flo
     for key in sorted({k for r in inside for k in r} - {"t", "t_rel_s", "device"}):
         vals = [r[key] for r in inside if isinstance(r.get(key), int | float)]
         if vals:
-            out[key] = {"mean": statistics.fmean(vals), "p50": statistics.median(vals), "n": len(vals)}
+            out[key] = {
+                "mean": statistics.fmean(vals),
+                "p50": statistics.median(vals),
+                "n": len(vals),
+            }
     return out
 
 
@@ -52,9 +56,15 @@ def load_problem(summary: dict, roles: list[str]) -> str | None:
             first = ""
             if errs:
                 e = errs[0]
-                first = f" (first error: {e.get('status')} {e.get('message')})" if isinstance(e, dict) else f" ({e})"
-            return (f"no {role} request completed inside the window; "
-                    f"{part.get('failed', 0)} failed{first}")
+                first = (
+                    f" (first error: {e.get('status')} {e.get('message')})"
+                    if isinstance(e, dict)
+                    else f" ({e})"
+                )
+            return (
+                f"no {role} request completed inside the window; "
+                f"{part.get('failed', 0)} failed{first}"
+            )
     return None
 
 

@@ -68,8 +68,10 @@ class FolderBusy(RuntimeError):
     def __init__(self, path: Path, pid: int | None):
         self.pid = pid
         who = f"pid {pid}" if pid else "another process"
-        super().__init__(f"{path} is being written by another coserve run ({who}); wait for it "
-                         f"to finish or stop it, or choose another --out")
+        super().__init__(
+            f"{path} is being written by another coserve run ({who}); wait for it "
+            f"to finish or stop it, or choose another --out"
+        )
 
 
 class RunDir:

@@ -49,9 +49,18 @@ def _now() -> str:
 
 
 class Runner:
-    def __init__(self, spec: Spec, out: str | Path, *, spec_text: str | None = None,
-                 resume: bool = False, only: list[str] | None = None,
-                 backend: Backend | None = None, progress=None, apply_mig: bool = False):
+    def __init__(
+        self,
+        spec: Spec,
+        out: str | Path,
+        *,
+        spec_text: str | None = None,
+        resume: bool = False,
+        only: list[str] | None = None,
+        backend: Backend | None = None,
+        progress=None,
+        apply_mig: bool = False,
+    ):
         self.spec = spec
         self.run_dir = RunDir(out)
         self.spec_text = spec_text
@@ -68,8 +77,10 @@ class Runner:
             names = [c.name for c in spec.all_conditions()]
             unknown = [n for n in only if n not in names]
             if unknown:
-                raise RunRefused(f"--conditions: {', '.join(unknown)} not in the spec "
-                                 f"(conditions: {', '.join(names)})")
+                raise RunRefused(
+                    f"--conditions: {', '.join(unknown)} not in the spec "
+                    f"(conditions: {', '.join(names)})"
+                )
 
     # ------------------------------------------------------------------ set-up
     def prepare(self) -> None:
@@ -78,20 +89,27 @@ class Runner:
         new = fpmod.collect(self.spec)
         if rd.exists():
             if not self.resume:
-                raise RunRefused(f"{rd.path} already holds a run (started "
-                                 f"{read_json(rd.fingerprint_file)['created']}); add --resume to finish it, "
-                                 f"or choose another --out")
+                raise RunRefused(
+                    f"{rd.path} already holds a run (started "
+                    f"{read_json(rd.fingerprint_file)['created']}); add --resume to finish it, "
+                    f"or choose another --out"
+                )
             old = read_json(rd.fingerprint_file)
             refuse, warn = fpmod.compare(old, new)
             if refuse and rd.spec_json.exists() and old["spec"]["hash"] != new["spec"]["hash"]:
                 changes = fpmod.spec_changes(read_json(rd.spec_json), self.spec.to_dict())
                 if changes:
-                    refuse[0] += " (" + "; ".join(changes[:6]) + ("; ..." if len(changes) > 6 else "") + ")"
+                    refuse[0] += (
+                        " (" + "; ".join(changes[:6]) + ("; ..." if len(changes) > 6 else "") + ")"
+                    )
             if refuse:
-                raise RunRefused(f"cannot resume {rd.path}: " + "; ".join(refuse)
-                                 + ". Results measured under different settings would be mixed; "
-                                 "use another --out (the original spec is in "
-                                 f"{rd.spec_file}).")
+                raise RunRefused(
+                    f"cannot resume {rd.path}: "
+                    + "; ".join(refuse)
+                    + ". Results measured under different settings would be mixed; "
+                    "use another --out (the original spec is in "
+                    f"{rd.spec_file})."
+                )
             self.warnings = warn
         else:  # a new or empty folder (run() refused any other)
             rd.path.mkdir(parents=True, exist_ok=True)
@@ -116,11 +134,14 @@ class Runner:
         StorageError (the folder cannot be written), KeyboardInterrupt (Ctrl-C, SIGTERM)."""
         problems = self.problems()  # before anything is written
         if problems:
-            raise RunRefused("this machine cannot run the spec:\n" + "\n".join(f"  - {p}" for p in problems))
+            raise RunRefused(
+                "this machine cannot run the spec:\n" + "\n".join(f"  - {p}" for p in problems)
+            )
         rd = self.run_dir
         if not rd.exists() and not rd.is_empty():  # checked before the lock file is put there
-            raise RunRefused(f"{rd.path} exists and is not a coserve run folder; choose an "
-                             f"empty or new --out")
+            raise RunRefused(
+                f"{rd.path} exists and is not a coserve run folder; choose an empty or new --out"
+            )
         with contextlib.ExitStack() as stack:
             try:
                 stack.enter_context(rd.locked())
@@ -128,8 +149,10 @@ class Runner:
             except FolderBusy as e:
                 raise RunRefused(str(e)) from None
             except OSError as e:  # nothing has run: the folder cannot be used
-                raise RunRefused(f"cannot use {rd.path} as the run folder: {e.strerror or e}"
-                                 + (f" ({e.filename})" if e.filename else "")) from e
+                raise RunRefused(
+                    f"cannot use {rd.path} as the run folder: {e.strerror or e}"
+                    + (f" ({e.filename})" if e.filename else "")
+                ) from e
             try:
                 return self._run()
             except OSError as e:
@@ -182,31 +205,53 @@ class Runner:
             cfg = dataclasses.replace(cfg, tensor_parallel_size=strategy.tensor_parallel_size(role))
         guard = {}
         if cfg.slo_guard:
-            guard = {"slo_guard_gen_url": (urls or {})["gen"], "gen_tpot_slo_ms": cfg.gen_tpot_slo_ms,
-                     "gen_tpot_slo_pct": cfg.gen_tpot_slo_pct}
+            guard = {
+                "slo_guard_gen_url": (urls or {})["gen"],
+                "gen_tpot_slo_ms": cfg.gen_tpot_slo_ms,
+                "gen_tpot_slo_pct": cfg.gen_tpot_slo_pct,
+            }
         return self.backend.server_spec(
-            role=role, launcher=cfg.launcher, model=cfg.model, url=cfg.url or None,
-            device=self.device(cfg.device), random_weights=cfg.random_weights,
+            role=role,
+            launcher=cfg.launcher,
+            model=cfg.model,
+            url=cfg.url or None,
+            device=self.device(cfg.device),
+            random_weights=cfg.random_weights,
             gpu_memory_utilization=cfg.gpu_memory_utilization,
-            max_model_len=cfg.max_model_len or None, max_num_seqs=cfg.max_num_seqs,
+            max_model_len=cfg.max_model_len or None,
+            max_num_seqs=cfg.max_num_seqs,
             max_num_batched_tokens=cfg.max_num_batched_tokens or None,
-            enforce_eager=cfg.enforce_eager, tensor_parallel_size=cfg.tensor_parallel_size,
-            extra_args=list(cfg.extra_args), docker_image=cfg.docker_image or None, **guard), cfg
+            enforce_eager=cfg.enforce_eager,
+            tensor_parallel_size=cfg.tensor_parallel_size,
+            extra_args=list(cfg.extra_args),
+            docker_image=cfg.docker_image or None,
+            **guard,
+        ), cfg
 
     def load_config(self, cond: Condition, urls: dict[str, str]) -> dict[str, Any]:
         load = dataclasses.asdict(cond.load_for(self.spec))
-        return {**load, "gen_url": urls.get("gen"), "embed_url": urls.get("embed"),
-                "seed": self.spec.seed}
+        return {
+            **load,
+            "gen_url": urls.get("gen"),
+            "embed_url": urls.get("embed"),
+            "seed": self.spec.seed,
+        }
 
     def run_rep(self, cond: Condition, rep: int) -> dict:
         """Run one rep and write its record; KeyboardInterrupt passes through (after tear-down)."""
         rep_dir = self.run_dir.fresh_rep_dir(cond.name, rep)
         started, t_start = _now(), time.monotonic()
         record: dict[str, Any] = {
-            "condition": cond.name, "rep": rep, "status": "failed", "error": None,
-            "strategy": cond.strategy, "servers": {}, "started": started,
+            "condition": cond.name,
+            "rep": rep,
+            "status": "failed",
+            "error": None,
+            "strategy": cond.strategy,
+            "servers": {},
+            "started": started,
             "sweep": list(cond.sweep) if cond.sweep else None,
-            "env": fpmod.short(self.fingerprint), "phases_s": {},
+            "env": fpmod.short(self.fingerprint),
+            "phases_s": {},
         }
         phases = record["phases_s"]
         stack = contextlib.ExitStack()
@@ -220,8 +265,11 @@ class Runner:
                 options = dict(cond.options)
                 if self.apply_mig and cond.strategy == "mig":
                     options["apply_mig"] = True
-                strategy = stack.enter_context(self.backend.strategy(
-                    cond.strategy, list(cond.gpus), options, (rep_dir / "strategy").resolve()))
+                strategy = stack.enter_context(
+                    self.backend.strategy(
+                        cond.strategy, list(cond.gpus), options, (rep_dir / "strategy").resolve()
+                    )
+                )
                 record["strategy_info"] = strategy.describe()
                 phases["strategy"] = round(time.monotonic() - t, 3)
                 urls = {}
@@ -231,27 +279,33 @@ class Runner:
                     t = time.monotonic()
                     self._phase(f"starting {role} server")
                     sspec, cfg = self.server_spec(cond, role, strategy, urls)
-                    server = self.backend.start_server(sspec, strategy.env_for(role),
-                                                       rep_dir / f"{role}.log", cfg.ready_timeout_s)
+                    server = self.backend.start_server(
+                        sspec, strategy.env_for(role), rep_dir / f"{role}.log", cfg.ready_timeout_s
+                    )
                     stack.callback(server.stop)
                     servers.append(server)
                     urls[role] = server.url
                     record["servers"][role] = {
-                        "url": server.url, "pid": getattr(server, "pid", None),
-                        "launcher": cfg.launcher, "model": cfg.model, "device": sspec.device,
+                        "url": server.url,
+                        "pid": getattr(server, "pid", None),
+                        "launcher": cfg.launcher,
+                        "model": cfg.model,
+                        "device": sspec.device,
                         "tensor_parallel_size": cfg.tensor_parallel_size,
                         "enforce_eager": cfg.enforce_eager,
                         "gpu_memory_utilization": cfg.gpu_memory_utilization,
                         "max_num_seqs": cfg.max_num_seqs,
                         "max_num_batched_tokens": cfg.max_num_batched_tokens or None,
-                        "slo_guard": cfg.slo_guard}
+                        "slo_guard": cfg.slo_guard,
+                    }
                     phases[f"start_{role}"] = round(time.monotonic() - t, 3)
                 t = time.monotonic()
                 sampler = None
                 if self.spec.telemetry.enabled:
                     devices = list(strategy.telemetry_devices() or cond.gpus)
-                    sampler = self.backend.telemetry(devices, self.spec.telemetry.interval_s,
-                                                     rep_dir / "telemetry.jsonl")
+                    sampler = self.backend.telemetry(
+                        devices, self.spec.telemetry.interval_s, rep_dir / "telemetry.jsonl"
+                    )
                     sampler.start()
                     stack.callback(sampler.stop)  # stop() may be called twice
                     if not sampler.available and not self._telemetry_noted:
@@ -262,8 +316,9 @@ class Runner:
                 load = self.load_config(cond, urls)
                 record["load"] = load
                 on_progress = self.progress.load_progress if self.progress else None
-                summary = self.backend.run_load(load, rep_dir / "bench.json", on_progress,
-                                                dead=lambda: first_dead(servers))
+                summary = self.backend.run_load(
+                    load, rep_dir / "bench.json", on_progress, dead=lambda: first_dead(servers)
+                )
                 record["bench"] = summary
                 if "embed" in urls and cond.server(self.spec, "embed").slo_guard:
                     record["slo_guard"] = self.backend.guard_state(urls["embed"])
@@ -300,8 +355,9 @@ class Runner:
                 raise
             # the rep failed; the run goes on
             record["status"] = "failed"
-            record["error"] = (record["error"] or died
-                               or f"{type(e).__name__}: {str(e).strip() or '(no message)'}")
+            record["error"] = (
+                record["error"] or died or f"{type(e).__name__}: {str(e).strip() or '(no message)'}"
+            )
             write_atomic(rep_dir / "error.txt", traceback.format_exc())
         compress_records(rep_dir)
         record["finished"] = _now()

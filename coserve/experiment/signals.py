@@ -32,8 +32,10 @@ def interruptible() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    old = {signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler),
-           signal.SIGTERM: signal.signal(signal.SIGTERM, _raise_interrupt)}
+    old = {
+        signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler),
+        signal.SIGTERM: signal.signal(signal.SIGTERM, _raise_interrupt),
+    }
     try:
         yield
     finally:

@@ -99,18 +99,27 @@ def not_run(name: str, why: str) -> None:
 def summary_line(checks: list[CheckResult]) -> str:
     """'P passed, F failed, N not run (of T checks)'."""
     n = {s: sum(c.status == s for c in checks) for s in ("pass", "fail", "not run")}
-    return f"{n['pass']} passed, {n['fail']} failed, {n['not run']} not run (of {len(checks)} checks)"
+    return (
+        f"{n['pass']} passed, {n['fail']} failed, {n['not run']} not run (of {len(checks)} checks)"
+    )
 
 
 def priority_step(supported: bool | None) -> None:
     """Client priority is exercised (set on the embed client) only where libcuda knows it."""
     name = "client priority known to libcuda"
     if supported:
-        check(name, True, "CUDA_MPS_CLIENT_PRIORITY found in libcuda; the embed client runs below normal")
+        check(
+            name,
+            True,
+            "CUDA_MPS_CLIENT_PRIORITY found in libcuda; the embed client runs below normal",
+        )
     elif supported is None:
         not_run(name, "libcuda not found: client priority not exercised")
     else:
-        not_run(name, "this driver's libcuda does not know CUDA_MPS_CLIENT_PRIORITY: client priority not exercised")
+        not_run(
+            name,
+            "this driver's libcuda does not know CUDA_MPS_CLIENT_PRIORITY: client priority not exercised",
+        )
 
 
 def mig_step(nvml=None) -> None:
@@ -132,13 +141,21 @@ def mig_step(nvml=None) -> None:
 def spawn(code: str, args: list[str], env_extra: dict[str, str]) -> subprocess.Popen:
     env = dict(os.environ)
     env.update(env_extra)
-    return subprocess.Popen([sys.executable, "-c", code, *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", code, *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def start_holder(run_dir: Path) -> subprocess.Popen:
     """A process holding an MPS strategy in `run_dir`, once it says its daemon is up (or died)."""
-    holder = spawn(HOLDER, [str(run_dir)], {"PYTHONPATH": os.environ.get("PYTHONPATH", "") or os.getcwd()})
+    holder = spawn(
+        HOLDER, [str(run_dir)], {"PYTHONPATH": os.environ.get("PYTHONPATH", "") or os.getcwd()}
+    )
     deadline = time.time() + 60
     line = ""
     while time.time() < deadline and "daemon up" not in line:
@@ -151,7 +168,9 @@ def start_holder(run_dir: Path) -> subprocess.Popen:
 def _post(url: str, body: dict) -> dict:
     import urllib.request
 
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
     with urllib.request.urlopen(req, timeout=120) as r:
         return json.loads(r.read())
 
@@ -162,10 +181,26 @@ def servers_stage(run_dir: Path) -> None:
     from coserve.gpu.strategies import make_strategy
     from coserve.launch import ServerFailed, ServerSpec, start_server
 
-    specs = [ServerSpec(role="gen", model="tiny-dense", random_weights=True, device="cuda", gpu_memory_utilization=0.2,
-                        max_model_len=512, max_num_seqs=16),
-             ServerSpec(role="embed", model="tiny-embed", random_weights=True, device="cuda", gpu_memory_utilization=0.1,
-                        max_model_len=128, max_num_seqs=16)]
+    specs = [
+        ServerSpec(
+            role="gen",
+            model="tiny-dense",
+            random_weights=True,
+            device="cuda",
+            gpu_memory_utilization=0.2,
+            max_model_len=512,
+            max_num_seqs=16,
+        ),
+        ServerSpec(
+            role="embed",
+            model="tiny-embed",
+            random_weights=True,
+            device="cuda",
+            gpu_memory_utilization=0.1,
+            max_model_len=128,
+            max_num_seqs=16,
+        ),
+    ]
     pids = []
     try:
         with make_strategy("mps", ["0"], {}, run_dir) as strat:
@@ -173,21 +208,43 @@ def servers_stage(run_dir: Path) -> None:
             try:
                 for spec in specs:
                     t0 = time.time()
-                    srvs.append(start_server(spec, strat.env_for(spec.role), run_dir / f"{spec.role}.log", 300))
-                    print(f"{spec.role} server ready in {time.time() - t0:.1f}s at {srvs[-1].url}", flush=True)
+                    srvs.append(
+                        start_server(
+                            spec, strat.env_for(spec.role), run_dir / f"{spec.role}.log", 300
+                        )
+                    )
+                    print(
+                        f"{spec.role} server ready in {time.time() - t0:.1f}s at {srvs[-1].url}",
+                        flush=True,
+                    )
                 pids = [s.pid for s in srvs]
-                g = _post(srvs[0].url + "/v1/completions", {"model": "tiny-dense", "prompt": [1, 2, 3, 4], "max_tokens": 8})
-                e = _post(srvs[1].url + "/v1/embeddings", {"model": "tiny-embed", "input": [[1, 2, 3, 4]]})
-                check("gen + embed answered under MPS", bool(g.get("choices")) and bool(e.get("data")),
-                      f"gen usage {g.get('usage')}, embed dim {len(e['data'][0]['embedding'])}")
+                g = _post(
+                    srvs[0].url + "/v1/completions",
+                    {"model": "tiny-dense", "prompt": [1, 2, 3, 4], "max_tokens": 8},
+                )
+                e = _post(
+                    srvs[1].url + "/v1/embeddings", {"model": "tiny-embed", "input": [[1, 2, 3, 4]]}
+                )
+                check(
+                    "gen + embed answered under MPS",
+                    bool(g.get("choices")) and bool(e.get("data")),
+                    f"gen usage {g.get('usage')}, embed dim {len(e['data'][0]['embedding'])}",
+                )
                 clients = []
                 for sp in strat.daemon.get_server_list():
-                    clients += [int(x) for x in strat.daemon.command(f"get_client_list {sp}").split() if x.isdigit()]
+                    clients += [
+                        int(x)
+                        for x in strat.daemon.command(f"get_client_list {sp}").split()
+                        if x.isdigit()
+                    ]
                 # A server's engine runs in a child process of its group (server/engine_core.py):
                 # that child is the MPS client.
                 client_groups = {_pgid(c) for c in clients}
-                check("both servers' engines are MPS clients", all(s.pgid in client_groups for s in srvs),
-                      f"server groups {[s.pgid for s in srvs]}, clients {clients} (groups {sorted(client_groups)})")
+                check(
+                    "both servers' engines are MPS clients",
+                    all(s.pgid in client_groups for s in srvs),
+                    f"server groups {[s.pgid for s in srvs]}, clients {clients} (groups {sorted(client_groups)})",
+                )
             finally:
                 for s in reversed(srvs):
                     s.stop()
@@ -222,7 +279,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
     ap.add_argument("--seconds", type=float, default=5.0)
-    ap.add_argument("--servers", action="store_true", help="also run two real `coserve serve` processes (cuda) under MPS")
+    ap.add_argument(
+        "--servers",
+        action="store_true",
+        help="also run two real `coserve serve` processes (cuda) under MPS",
+    )
     args = ap.parse_args(argv)
     out = Path(args.out or tempfile.mkdtemp(prefix="coserve-devcheck-"))
     out.mkdir(parents=True, exist_ok=True)
@@ -238,8 +299,11 @@ def main(argv=None) -> int:
     t_start = time.time()
     with make_strategy("mps", ["0"], opts, run_dir) as strat:
         d = strat.daemon
-        check("daemon started in foreground, own session", d.proc is not None and os.getpgid(d.proc.pid) == d.proc.pid,
-              f"pid {d.proc.pid}, pipe {d.pipe_dir}, log {d.log_dir}, start took {time.time() - t_start:.1f}s")
+        check(
+            "daemon started in foreground, own session",
+            d.proc is not None and os.getpgid(d.proc.pid) == d.proc.pid,
+            f"pid {d.proc.pid}, pipe {d.pipe_dir}, log {d.log_dir}, start took {time.time() - t_start:.1f}s",
+        )
         sl = d.get_server_list()
         check("get_server_list names a server", bool(sl), f"{sl}")
         print("pipe dir files:", sorted(p.name for p in d.pipe_dir.iterdir()), flush=True)
@@ -251,13 +315,22 @@ def main(argv=None) -> int:
         c2 = spawn(CLIENT, ["embed", str(args.seconds)], env_embed)
         nonmps_dir = run_dir / "no-mps"
         nonmps_dir.mkdir(parents=True, exist_ok=True)
-        c3 = spawn(CLIENT, ["timeslice", str(args.seconds / 2)],
-                   {"CUDA_MPS_PIPE_DIRECTORY": str(nonmps_dir), "CUDA_VISIBLE_DEVICES": "0", "NCCL_NVLS_ENABLE": "0"})
+        c3 = spawn(
+            CLIENT,
+            ["timeslice", str(args.seconds / 2)],
+            {
+                "CUDA_MPS_PIPE_DIRECTORY": str(nonmps_dir),
+                "CUDA_VISIBLE_DEVICES": "0",
+                "NCCL_NVLS_ENABLE": "0",
+            },
+        )
         time.sleep(min(args.seconds, 3) + 2)
         clients = []
         for sp in sl:
             try:
-                clients += [int(x) for x in d.command(f"get_client_list {sp}").split() if x.isdigit()]
+                clients += [
+                    int(x) for x in d.command(f"get_client_list {sp}").split() if x.isdigit()
+                ]
             except Exception as e:
                 print("get_client_list failed:", e)
         o1, _ = c1.communicate(timeout=120)
@@ -267,22 +340,40 @@ def main(argv=None) -> int:
         print(o1.strip(), o2.strip(), o3.strip(), sep="\n", flush=True)
         check("gen client ran through MPS", c1.returncode == 0, f"rc {c1.returncode}")
         check("embed client ran through MPS", c2.returncode == 0, f"rc {c2.returncode}")
-        check("get_client_list shows both clients", {c1.pid, c2.pid} <= set(clients), f"clients {clients}, c1 {c1.pid}, c2 {c2.pid}")
-        check("timeslice-env client ran beside the daemon, not through it", c3.returncode == 0 and c3.pid not in clients,
-              f"rc {c3.returncode}")
+        check(
+            "get_client_list shows both clients",
+            {c1.pid, c2.pid} <= set(clients),
+            f"clients {clients}, c1 {c1.pid}, c2 {c2.pid}",
+        )
+        check(
+            "timeslice-env client ran beside the daemon, not through it",
+            c3.returncode == 0 and c3.pid not in clients,
+            f"rc {c3.returncode}",
+        )
         print("telemetry:", sampler.status(), flush=True)
         print("telemetry summary:", json.dumps(summary, indent=1), flush=True)
-        check("GPM sampled SM activity", "sm_active" in summary and summary["sm_active"]["mean"] > 0,
-              f"sm_active {summary.get('sm_active')}, tensor_active {summary.get('tensor_active')}")
+        check(
+            "GPM sampled SM activity",
+            "sm_active" in summary and summary["sm_active"]["mean"] > 0,
+            f"sm_active {summary.get('sm_active')}, tensor_active {summary.get('tensor_active')}",
+        )
         check("NVML basic metrics sampled", "power_w" in summary and "mem_used_mib" in summary)
 
         cp = spawn(PINNED, [], {**env_gen, "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT": "0=2G"})
         op, _ = cp.communicate(timeout=120)
         print(op.strip(), flush=True)
-        check("pinned device memory limit enforced", "refused as expected" in op, f"rc {cp.returncode}")
+        check(
+            "pinned device memory limit enforced",
+            "refused as expected" in op,
+            f"rc {cp.returncode}",
+        )
         daemon_pids = d.pids()
     left = [p for p in mps.find_mps_processes()]
-    check("no MPS process after tear-down", not left, "; ".join(p.describe() for p in left) + f" (had {sorted(daemon_pids)})")
+    check(
+        "no MPS process after tear-down",
+        not left,
+        "; ".join(p.describe() for p in left) + f" (had {sorted(daemon_pids)})",
+    )
     print("daemon events:", *strat.describe()["mps"]["events"], sep="\n  ")
 
     if args.servers:
@@ -293,11 +384,18 @@ def main(argv=None) -> int:
     srv_pids = list(d2.server_pids)
     os.kill(d2.proc.pid, signal.SIGTERM)
     time.sleep(3)
-    print(f"after SIGTERM to the control daemon itself: daemon alive={d2.proc.poll() is None}, "
-          f"server alive={[pid_alive(p) for p in srv_pids]}", flush=True)
+    print(
+        f"after SIGTERM to the control daemon itself: daemon alive={d2.proc.poll() is None}, "
+        f"server alive={[pid_alive(p) for p in srv_pids]}",
+        flush=True,
+    )
     d2.stop()
     left = mps.find_mps_processes()
-    check("stop() cleans up after a daemon killed from outside", not left, "; ".join(p.describe() for p in left))
+    check(
+        "stop() cleans up after a daemon killed from outside",
+        not left,
+        "; ".join(p.describe() for p in left),
+    )
 
     # SIGTERM to a process holding the strategy: the daemon must go with it.
     holder = start_holder(out / "run-sigterm")
@@ -310,8 +408,11 @@ def main(argv=None) -> int:
     rest = holder.stdout.read()
     time.sleep(0.5)
     left = mps.find_mps_processes()
-    check("SIGTERM to coserve stops its daemon", bool(up) and not left,
-          f"holder rc {holder.returncode}; up before: {len(up)}; left: {[p.describe() for p in left]} {rest.strip()[-300:]}")
+    check(
+        "SIGTERM to coserve stops its daemon",
+        bool(up) and not left,
+        f"holder rc {holder.returncode}; up before: {len(up)}; left: {[p.describe() for p in left]} {rest.strip()[-300:]}",
+    )
 
     # SIGKILL: no tear-down can run; the daemon was started with PR_SET_PDEATHSIG.
     holder = start_holder(out / "run-sigkill")
@@ -321,8 +422,11 @@ def main(argv=None) -> int:
     deadline = time.time() + 15
     while (left := mps.find_mps_processes()) and time.time() < deadline:
         time.sleep(0.2)
-    check("SIGKILL to coserve: its daemon and server still go", bool(up) and not left,
-          f"up before: {len(up)}; left: {[p.describe() for p in left]}")
+    check(
+        "SIGKILL to coserve: its daemon and server still go",
+        bool(up) and not left,
+        f"up before: {len(up)}; left: {[p.describe() for p in left]}",
+    )
 
     mig_step()
 

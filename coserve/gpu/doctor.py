@@ -31,29 +31,44 @@ NOT_RUN = "built, not run on hardware"
 # What the committed records show (docs/study.md, docs/gpu.md, docs/kernels.md,
 # docs/performance.md); change an entry only with a run to point to.
 HARDWARE: tuple[HardwareRecord, ...] = (
-    HardwareRecord("built-in engine: the study's models, offline and served",
-                   "H200, 2026-11-25 (docs/performance.md)"),
-    HardwareRecord("coserve run/bench/report with the built-in servers: timeslice, mps, graphs and eager",
-                   "H200, 2026-11-25 (docs/study.md)"),
+    HardwareRecord(
+        "built-in engine: the study's models, offline and served",
+        "H200, 2026-11-25 (docs/performance.md)",
+    ),
+    HardwareRecord(
+        "coserve run/bench/report with the built-in servers: timeslice, mps, graphs and eager",
+        "H200, 2026-11-25 (docs/study.md)",
+    ),
     HardwareRecord("MPS daemon checks (coserve.gpu.devcheck)", "H100, 2026-11-25 (docs/gpu.md)"),
     HardwareRecord("NVML/GPM telemetry", "H100 and H200, 2026-11-25 (docs/gpu.md, docs/study.md)"),
-    HardwareRecord("Hopper kernels (Triton, FP8)", "H100 and H200, 2026-11-25 (docs/kernels.md, docs/performance.md)"),
+    HardwareRecord(
+        "Hopper kernels (Triton, FP8)",
+        "H100 and H200, 2026-11-25 (docs/kernels.md, docs/performance.md)",
+    ),
     HardwareRecord("coserve bench against vLLM, SGLang or TEI servers", None),
     HardwareRecord("launcher 'vllm' (binary or docker)", None),
     HardwareRecord("MIG: instance creation (apply_mig), servers on MIG devices", None),
     HardwareRecord("strategy 'exclusive' (one GPU each)", None),
-    HardwareRecord("built-in engine at TP=2 on two GPUs (offline benchmark, GPU tests)",
-                   "2 x H200, 2026-11-29 (docs/performance.md, docs/gpu.md)"),
-    HardwareRecord("open-loop embed load in coserve run (seed-equal-work, first slice)",
-                   "H200, 2026-11-29 (docs/study.md)"),
+    HardwareRecord(
+        "built-in engine at TP=2 on two GPUs (offline benchmark, GPU tests)",
+        "2 x H200, 2026-11-29 (docs/performance.md, docs/gpu.md)",
+    ),
+    HardwareRecord(
+        "open-loop embed load in coserve run (seed-equal-work, first slice)",
+        "H200, 2026-11-29 (docs/study.md)",
+    ),
     HardwareRecord("tensor parallelism across GPUs in coserve run (strategy 'tp')", None),
-    HardwareRecord("co-scheduling: embed granularity, the SLO guard (experiments/co-scheduling.toml)", None),
+    HardwareRecord(
+        "co-scheduling: embed granularity, the SLO guard (experiments/co-scheduling.toml)", None
+    ),
     HardwareRecord("serve colocated: stream priorities, green contexts (--embed-sms)", None),
 )
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--json", action="store_true", help="print the facts as JSON instead of a table")
+    parser.add_argument(
+        "--json", action="store_true", help="print the facts as JSON instead of a table"
+    )
 
 
 def _which(name: str, extra_globs: tuple[str, ...] = ()) -> str | None:
@@ -96,19 +111,37 @@ def gather(nvml: Any = None, *, with_torch: bool = True) -> dict:
             gpus = nv.all_gpus(lib)
             facts["gpu"] = f"{len(gpus)} GPU(s)" if gpus else "no GPU: NVML works but sees no GPU"
             for g in gpus:
-                allowed, source = mig.allowed_profiles(g.name, g.memory_mib, g.supported_mig_profiles)
+                allowed, source = mig.allowed_profiles(
+                    g.name, g.memory_mib, g.supported_mig_profiles
+                )
                 layout = mig.default_layout(allowed) if g.mig_current is not None else None
-                facts["gpus"].append({
-                    "index": g.index, "name": g.name, "uuid": g.uuid, "memory_mib": g.memory_mib,
-                    "compute_mode": g.compute_mode,
-                    "mig": None if g.mig_current is None else {"current": g.mig_current, "pending": g.mig_pending},
-                    "mig_devices": [{"uuid": d.uuid, "profile": d.profile, "gpu_instance_id": d.gpu_instance_id,
-                                     "memory_mib": d.memory_mib} for d in g.mig_devices],
-                    "mig_profiles": sorted(allowed, key=lambda n: allowed[n]) if g.mig_current is not None else [],
-                    "mig_profiles_source": source if g.mig_current is not None else None,
-                    "mig_study_layout": "+".join(layout) if layout else None,
-                    "gpm": g.gpm_supported,
-                })
+                facts["gpus"].append(
+                    {
+                        "index": g.index,
+                        "name": g.name,
+                        "uuid": g.uuid,
+                        "memory_mib": g.memory_mib,
+                        "compute_mode": g.compute_mode,
+                        "mig": None
+                        if g.mig_current is None
+                        else {"current": g.mig_current, "pending": g.mig_pending},
+                        "mig_devices": [
+                            {
+                                "uuid": d.uuid,
+                                "profile": d.profile,
+                                "gpu_instance_id": d.gpu_instance_id,
+                                "memory_mib": d.memory_mib,
+                            }
+                            for d in g.mig_devices
+                        ],
+                        "mig_profiles": sorted(allowed, key=lambda n: allowed[n])
+                        if g.mig_current is not None
+                        else [],
+                        "mig_profiles_source": source if g.mig_current is not None else None,
+                        "mig_study_layout": "+".join(layout) if layout else None,
+                        "gpm": g.gpm_supported,
+                    }
+                )
     except nv.NvmlUnavailable as e:
         facts["gpu"] = str(e)
         nvml_ok = False
@@ -124,7 +157,8 @@ def gather(nvml: Any = None, *, with_torch: bool = True) -> dict:
     nsys = _which("nsys", ("/opt/nvidia/nsight-systems/*/bin/nsys", "/usr/local/cuda/bin/nsys"))
     facts["tools"] = {
         "nvidia-smi": _which("nvidia-smi"),
-        "ncu": ncu, "ncu_version": _version([ncu, "--version"]) if ncu else None,
+        "ncu": ncu,
+        "ncu_version": _version([ncu, "--version"]) if ncu else None,
         "nsys": nsys,
         "dcgmi": _which("dcgmi"),
         "docker": _which("docker"),
@@ -135,16 +169,23 @@ def gather(nvml: Any = None, *, with_torch: bool = True) -> dict:
         try:
             import torch
 
-            facts["torch"] = {"version": torch.__version__, "cuda": torch.version.cuda,
-                              "cuda_available": bool(torch.cuda.is_available()),
-                              "device_count": torch.cuda.device_count() if torch.cuda.is_available() else 0,
-                              "green_contexts": bool(getattr(getattr(torch.cuda, "green_contexts", None),
-                                                             "SUPPORTED", False))}
+            facts["torch"] = {
+                "version": torch.__version__,
+                "cuda": torch.version.cuda,
+                "cuda_available": bool(torch.cuda.is_available()),
+                "device_count": torch.cuda.device_count() if torch.cuda.is_available() else 0,
+                "green_contexts": bool(
+                    getattr(getattr(torch.cuda, "green_contexts", None), "SUPPORTED", False)
+                ),
+            }
         except Exception as e:  # pragma: no cover - torch is a dependency
             facts["torch"] = {"error": str(e)}
     facts["hardware"] = [asdict(r) for r in HARDWARE]
-    facts["env"] = {k: os.environ[k] for k in ("CUDA_VISIBLE_DEVICES", "CUDA_MPS_PIPE_DIRECTORY", "NCCL_NVLS_ENABLE")
-                    if k in os.environ}
+    facts["env"] = {
+        k: os.environ[k]
+        for k in ("CUDA_VISIBLE_DEVICES", "CUDA_MPS_PIPE_DIRECTORY", "NCCL_NVLS_ENABLE")
+        if k in os.environ
+    }
     return facts
 
 
@@ -159,7 +200,9 @@ def rows(facts: dict) -> list[tuple[str, str]]:
         out.append(("GPU", facts["gpu"] or "no GPU"))
     else:
         out.append(("GPUs", facts["gpu"]))
-        out.append(("driver / CUDA", f"{facts['driver'] or '?'} / CUDA {facts['cuda_driver'] or '?'}"))
+        out.append(
+            ("driver / CUDA", f"{facts['driver'] or '?'} / CUDA {facts['cuda_driver'] or '?'}")
+        )
         for g in facts["gpus"]:
             p = f"GPU {g['index']}"
             out.append((p, f"{g['name']}, {g['memory_mib']:,} MiB, {g['uuid']}"))
@@ -170,18 +213,37 @@ def rows(facts: dict) -> list[tuple[str, str]]:
                 state = "enabled" if g["mig"]["current"] else "disabled"
                 if g["mig"]["pending"] != g["mig"]["current"]:
                     state += f" (pending: {'enabled' if g['mig']['pending'] else 'disabled'}, after reset)"
-                devs = ", ".join(f"{d['profile'] or '?'} {d['uuid']}" for d in g["mig_devices"]) or "no instances"
+                devs = (
+                    ", ".join(f"{d['profile'] or '?'} {d['uuid']}" for d in g["mig_devices"])
+                    or "no instances"
+                )
                 out.append((f"{p} MIG", f"{state}; {devs}" if g["mig"]["current"] else state))
                 if g["mig_profiles"]:
-                    out.append((f"{p} MIG profiles", f"{', '.join(g['mig_profiles'])} (from {g['mig_profiles_source']}); "
-                                f"study layout: {g['mig_study_layout'] or 'n/a'}"))
-            out.append((f"{p} GPM", _yn(g["gpm"]) + ("" if g["gpm"] else " (no SM/tensor/DRAM activity in telemetry)")))
+                    out.append(
+                        (
+                            f"{p} MIG profiles",
+                            f"{', '.join(g['mig_profiles'])} (from {g['mig_profiles_source']}); "
+                            f"study layout: {g['mig_study_layout'] or 'n/a'}",
+                        )
+                    )
+            out.append(
+                (
+                    f"{p} GPM",
+                    _yn(g["gpm"])
+                    + ("" if g["gpm"] else " (no SM/tensor/DRAM activity in telemetry)"),
+                )
+            )
     m = facts["mps"]
     out.append(("MPS control", m["control"] or "missing (nvidia-cuda-mps-control not on PATH)"))
     out.append(("MPS server", m["server"] or "missing"))
     out.append(("MPS daemons running", "; ".join(m["running"]) if m["running"] else "none"))
     if m["client_priority"] is not None:
-        out.append(("MPS client priority", "supported by libcuda" if m["client_priority"] else "not in this driver"))
+        out.append(
+            (
+                "MPS client priority",
+                "supported by libcuda" if m["client_priority"] else "not in this driver",
+            )
+        )
     t = facts["tools"]
     out.append(("ncu", f"{t['ncu']} ({t['ncu_version']})" if t["ncu"] else "missing"))
     out.append(("nsys", t["nsys"] or "missing"))
@@ -194,10 +256,20 @@ def rows(facts: dict) -> list[tuple[str, str]]:
         out.append(("torch", f"import failed: {tor['error']}"))
     elif tor:
         cuda = f"CUDA {tor['cuda']}" if tor["cuda"] else "CPU build"
-        avail = f", {tor['device_count']} device(s) visible" if tor["cuda_available"] else ", no CUDA device"
+        avail = (
+            f", {tor['device_count']} device(s) visible"
+            if tor["cuda_available"]
+            else ", no CUDA device"
+        )
         out.append(("torch", f"{tor['version']} ({cuda}{avail})"))
-        out.append(("green contexts", "in this torch (serve colocated --embed-sms)" if tor.get("green_contexts")
-                    else "not in this torch (serve colocated --embed-sms is refused)"))
+        out.append(
+            (
+                "green contexts",
+                "in this torch (serve colocated --embed-sms)"
+                if tor.get("green_contexts")
+                else "not in this torch (serve colocated --embed-sms is refused)",
+            )
+        )
     out.append(("nvidia-ml-py", facts["python"]["nvidia-ml-py"] or "missing"))
     for k, v in facts["env"].items():
         out.append((f"env {k}", v))
@@ -222,6 +294,8 @@ def run(args) -> int:
         table.add_row(what, value, style=style)
     console = Console()
     if not facts["gpus"]:
-        console.print(f"{facts['gpu']}. coserve runs here on CPU with tiny presets; GPU strategies (mps, mig, tp) need a GPU.")
+        console.print(
+            f"{facts['gpu']}. coserve runs here on CPU with tiny presets; GPU strategies (mps, mig, tp) need a GPU."
+        )
     console.print(table)
     return 0

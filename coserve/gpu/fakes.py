@@ -33,26 +33,60 @@ class FakeNVMLError(Exception):
 
 
 _H100_PROFILES = {  # name -> (profile id, slices, memory MiB)
-    "1g.10gb": (0, 1, 9856), "1g.20gb": (15, 1, 19968), "2g.20gb": (1, 2, 19968),
-    "3g.40gb": (2, 3, 40192), "4g.40gb": (3, 4, 40192), "7g.80gb": (4, 7, 80384),
+    "1g.10gb": (0, 1, 9856),
+    "1g.20gb": (15, 1, 19968),
+    "2g.20gb": (1, 2, 19968),
+    "3g.40gb": (2, 3, 40192),
+    "4g.40gb": (3, 4, 40192),
+    "7g.80gb": (4, 7, 80384),
 }
 _H200_PROFILES = {
-    "1g.18gb": (0, 1, 16384), "1g.35gb": (15, 1, 32768), "2g.35gb": (1, 2, 32768),
-    "3g.71gb": (2, 3, 70144), "4g.71gb": (3, 4, 70144), "7g.141gb": (4, 7, 140288),
+    "1g.18gb": (0, 1, 16384),
+    "1g.35gb": (15, 1, 32768),
+    "2g.35gb": (1, 2, 32768),
+    "3g.71gb": (2, 3, 70144),
+    "4g.71gb": (3, 4, 70144),
+    "7g.141gb": (4, 7, 140288),
 }
 
 
-def fake_gpu(name: str = "NVIDIA H100 80GB HBM3", *, index: int = 0, memory_mib: int = 81559, mig=False,
-             compute_mode: int = 0, gpm: bool = True, mig_devices=None, **values) -> dict:
+def fake_gpu(
+    name: str = "NVIDIA H100 80GB HBM3",
+    *,
+    index: int = 0,
+    memory_mib: int = 81559,
+    mig=False,
+    compute_mode: int = 0,
+    gpm: bool = True,
+    mig_devices=None,
+    **values,
+) -> dict:
     """A GPU description for FakeNvml. `mig`: None (no MIG), False (off) or True (on)."""
     profiles = _H200_PROFILES if "H200" in name else _H100_PROFILES
     g = {
-        "name": name, "uuid": f"GPU-fake-{index:04d}", "memory_mib": memory_mib, "compute_mode": compute_mode,
-        "mig": mig, "mig_pending": mig, "gpm": gpm, "profiles": profiles if mig is not None else {},
+        "name": name,
+        "uuid": f"GPU-fake-{index:04d}",
+        "memory_mib": memory_mib,
+        "compute_mode": compute_mode,
+        "mig": mig,
+        "mig_pending": mig,
+        "gpm": gpm,
+        "profiles": profiles if mig is not None else {},
         "mig_devices": list(mig_devices or []),
-        "util_gpu": [50, 70], "util_mem": [20, 30], "mem_used_mib": [1000, 3000], "power_mw": [300_000, 500_000],
-        "sm_clock": [1980], "mem_clock": [2619],
-        "gpm_values": {2: [80.0, 90.0], 3: [18.0, 20.0], 5: [17.0, 21.0], 10: [30.0, 32.0], 13: [1.0, 3.0], 12: [5.0, 7.0]},
+        "util_gpu": [50, 70],
+        "util_mem": [20, 30],
+        "mem_used_mib": [1000, 3000],
+        "power_mw": [300_000, 500_000],
+        "sm_clock": [1980],
+        "mem_clock": [2619],
+        "gpm_values": {
+            2: [80.0, 90.0],
+            3: [18.0, 20.0],
+            5: [17.0, 21.0],
+            10: [30.0, 32.0],
+            13: [1.0, 3.0],
+            12: [5.0, 7.0],
+        },
     }
     g.update(values)
     return g
@@ -71,8 +105,14 @@ class FakeNvml:
     NVML_GPU_INSTANCE_PROFILE_COUNT = 18
     NVMLError = FakeNVMLError
 
-    def __init__(self, gpus: list[dict] | None = None, *, fail_init: str | None = None, driver: str = "580.159.04",
-                 cuda: int = 13000):
+    def __init__(
+        self,
+        gpus: list[dict] | None = None,
+        *,
+        fail_init: str | None = None,
+        driver: str = "580.159.04",
+        cuda: int = 13000,
+    ):
         self.gpus = gpus if gpus is not None else [fake_gpu()]
         for i, g in enumerate(self.gpus):
             g.setdefault("uuid", f"GPU-fake-{i:04d}")
@@ -144,7 +184,11 @@ class FakeNvml:
 
     def nvmlDeviceGetMemoryInfo(self, h):
         g = self._gpu(h)
-        total = (g["mig_devices"][h[2]]["memory_mib"] if h[0] == "mig" else g["memory_mib"]) * 1024 * 1024
+        total = (
+            (g["mig_devices"][h[2]]["memory_mib"] if h[0] == "mig" else g["memory_mib"])
+            * 1024
+            * 1024
+        )
         used = int(self._cycle(h, "mem", g["mem_used_mib"]) * 1024 * 1024)
         return SimpleNamespace(total=total, used=used, free=total - used)
 
@@ -181,8 +225,14 @@ class FakeNvml:
         g = self._gpu(h)
         for name, (p, slices, mem) in g["profiles"].items():
             if p == pid:
-                return SimpleNamespace(id=pid, sliceCount=slices, instanceCount=7 // slices, multiprocessorCount=16 * slices,
-                                       memorySizeMB=mem, name=f"MIG {name}".encode())
+                return SimpleNamespace(
+                    id=pid,
+                    sliceCount=slices,
+                    instanceCount=7 // slices,
+                    multiprocessorCount=16 * slices,
+                    memorySizeMB=mem,
+                    name=f"MIG {name}".encode(),
+                )
         raise FakeNVMLError("Not Supported")
 
     def nvmlDeviceGetUtilizationRates(self, h):
@@ -190,14 +240,18 @@ class FakeNvml:
             raise FakeNVMLError("Not Supported")
         g = self._gpu(h)
         n = self._tick(h, "util")
-        return SimpleNamespace(gpu=g["util_gpu"][n % len(g["util_gpu"])], memory=g["util_mem"][n % len(g["util_mem"])])
+        return SimpleNamespace(
+            gpu=g["util_gpu"][n % len(g["util_gpu"])], memory=g["util_mem"][n % len(g["util_mem"])]
+        )
 
     def nvmlDeviceGetPowerUsage(self, h):
         return self._cycle(h, "power", self._gpu(h)["power_mw"])
 
     def nvmlDeviceGetClockInfo(self, h, kind):
         g = self._gpu(h)
-        return self._cycle(h, f"clock{kind}", g["sm_clock"] if kind == self.NVML_CLOCK_SM else g["mem_clock"])
+        return self._cycle(
+            h, f"clock{kind}", g["sm_clock"] if kind == self.NVML_CLOCK_SM else g["mem_clock"]
+        )
 
     # GPM
     def nvmlGpmQueryDeviceSupport(self, h):
@@ -227,7 +281,11 @@ class FakeNvml:
             self.metrics = [SimpleNamespace(metricId=0, nvmlReturn=0, value=0.0) for _ in range(32)]
 
     def nvmlGpmMetricsGet(self, mg):
-        if mg.version != self.NVML_GPM_METRICS_GET_VERSION or mg.sample1 is None or mg.sample2 is None:
+        if (
+            mg.version != self.NVML_GPM_METRICS_GET_VERSION
+            or mg.sample1 is None
+            or mg.sample2 is None
+        ):
             raise FakeNVMLError("Invalid Argument")
         if mg.sample1.freed or mg.sample2.freed or mg.sample1.seq >= mg.sample2.seq:
             raise FakeNVMLError("Invalid Argument: samples freed or out of order")
@@ -248,16 +306,24 @@ class FakeNvml:
         g = self.gpus[gpu_index]
         for prof in profiles:
             gi = 1 + max([d["gi_id"] for d in g["mig_devices"]] or [0])
-            g["mig_devices"].append({"uuid": f"MIG-fake-{gpu_index}-{gi}", "profile": prof, "gi_id": gi,
-                                     "memory_mib": g["profiles"][prof][2]})
+            g["mig_devices"].append(
+                {
+                    "uuid": f"MIG-fake-{gpu_index}-{gi}",
+                    "profile": prof,
+                    "gi_id": gi,
+                    "memory_mib": g["profiles"][prof][2],
+                }
+            )
 
     def fake_nvidia_smi(self):
         """A `run_cmd` for coserve.gpu.mig.resolve that creates instances in this fake."""
+
         def run(cmd, **kw):
             i = int(cmd[cmd.index("-i") + 1])
             profs = cmd[cmd.index("-cgi") + 1].split(",")
             self.create_instances(i, profs)
             return SimpleNamespace(returncode=0, stdout="created\n", stderr="")
+
         return run
 
 
@@ -271,8 +337,10 @@ def install_fake_mps_control(bin_dir: Path) -> Path:
     bin_dir.mkdir(parents=True, exist_ok=True)
     root = Path(__file__).resolve().parents[2]
     path = bin_dir / "nvidia-cuda-mps-control"
-    path.write_text(f"#!/bin/bash\nexport PYTHONPATH={root}${{PYTHONPATH:+:$PYTHONPATH}}\n"
-                    f"exec -a nvidia-cuda-mps-control {sys.executable} -m coserve.gpu.fakes mps-control \"$@\"\n")
+    path.write_text(
+        f"#!/bin/bash\nexport PYTHONPATH={root}${{PYTHONPATH:+:$PYTHONPATH}}\n"
+        f'exec -a nvidia-cuda-mps-control {sys.executable} -m coserve.gpu.fakes mps-control "$@"\n'
+    )
     path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
     return path
 
@@ -305,8 +373,10 @@ def _daemon() -> int:
     srv.bind(str(sock_path))
     srv.listen(8)
     (pipe / "nvidia-cuda-mps-control.pid").write_text(str(os.getpid()))
-    log.write(f"[{time.time():.3f}] control daemon started pid {os.getpid()} CUDA_VISIBLE_DEVICES="
-              f"{os.environ.get('CUDA_VISIBLE_DEVICES')}\n")
+    log.write(
+        f"[{time.time():.3f}] control daemon started pid {os.getpid()} CUDA_VISIBLE_DEVICES="
+        f"{os.environ.get('CUDA_VISIBLE_DEVICES')}\n"
+    )
     while True:
         conn, _ = srv.accept()
         with conn:
@@ -323,7 +393,11 @@ def _daemon() -> int:
                 reply = "\n".join(str(s.pid) for s in servers if s.poll() is None)
             elif cmd.startswith("start_server"):
                 if not any(s.poll() is None for s in servers):
-                    servers.append(subprocess.Popen(["bash", "-c", "exec -a nvidia-cuda-mps-server sleep 1000000"]))
+                    servers.append(
+                        subprocess.Popen(
+                            ["bash", "-c", "exec -a nvidia-cuda-mps-server sleep 1000000"]
+                        )
+                    )
                     log.write(f"server started pid {servers[-1].pid}\n")
             elif cmd.startswith("get_client_list"):
                 reply = ""

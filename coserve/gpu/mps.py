@@ -54,12 +54,16 @@ class MpsProcess:
     started_by_coserve: bool
 
     def describe(self) -> str:
-        who = "coserve (its marker is in the pipe dir)" if self.started_by_coserve else "not coserve"
+        who = (
+            "coserve (its marker is in the pipe dir)" if self.started_by_coserve else "not coserve"
+        )
         pd = self.pipe_dir or "unknown (environment unreadable; default /tmp/nvidia-mps)"
         return f"MPS {self.kind} pid {self.pid} (uid {self.uid}, pipe dir {pd}, started by {who})"
 
 
-def find_mps_processes(proc_root: str = "/proc", exclude: set[int] | None = None) -> list[MpsProcess]:
+def find_mps_processes(
+    proc_root: str = "/proc", exclude: set[int] | None = None
+) -> list[MpsProcess]:
     """Every nvidia-cuda-mps-control / -server process on this machine (by comm or argv[0])."""
     exclude = exclude or set()
     out = []
@@ -104,34 +108,49 @@ def find_mps_processes(proc_root: str = "/proc", exclude: set[int] | None = None
         except OSError:
             uid = None
         ours = bool(pipe) and os.path.exists(os.path.join(pipe, MARKER))
-        out.append(MpsProcess(pid=int(ent), kind=kind, uid=uid, pipe_dir=pipe, started_by_coserve=ours))
+        out.append(
+            MpsProcess(pid=int(ent), kind=kind, uid=uid, pipe_dir=pipe, started_by_coserve=ours)
+        )
     return out
 
 
-
-
-
 class MpsDaemon:
-    def __init__(self, devices: list[str], run_dir: Path, *, control_bin: str | None = None,
-                 start_timeout_s: float = 30.0, stop_timeout_s: float = 15.0,
-                 cuda_visible_devices: str | None = None):
+    def __init__(
+        self,
+        devices: list[str],
+        run_dir: Path,
+        *,
+        control_bin: str | None = None,
+        start_timeout_s: float = 30.0,
+        stop_timeout_s: float = 15.0,
+        cuda_visible_devices: str | None = None,
+    ):
         self.devices = list(devices)
         self.run_dir = Path(run_dir)
-        self.control_bin = control_bin or os.environ.get("COSERVE_MPS_CONTROL") or "nvidia-cuda-mps-control"
+        self.control_bin = (
+            control_bin or os.environ.get("COSERVE_MPS_CONTROL") or "nvidia-cuda-mps-control"
+        )
         self.start_timeout_s = start_timeout_s
         self.stop_timeout_s = stop_timeout_s
-        self.cuda_visible_devices = cuda_visible_devices if cuda_visible_devices is not None else ",".join(self.devices)
+        self.cuda_visible_devices = (
+            cuda_visible_devices if cuda_visible_devices is not None else ",".join(self.devices)
+        )
         self.log_dir = self.run_dir / "mps" / "log"
         want_pipe = self.run_dir / "mps" / "pipe"
         self._tmp_pipe = len(str(want_pipe.resolve())) > _SOCKET_PATH_MAX - 30
-        self.pipe_dir = Path(tempfile.mkdtemp(prefix="coserve-mps-")) if self._tmp_pipe else want_pipe
+        self.pipe_dir = (
+            Path(tempfile.mkdtemp(prefix="coserve-mps-")) if self._tmp_pipe else want_pipe
+        )
         self.proc: subprocess.Popen | None = None
         self.server_pids: list[int] = []
         self.events: list[str] = []
 
     # -- environment -------------------------------------------------------------------
     def client_env(self) -> dict[str, str]:
-        return {"CUDA_MPS_PIPE_DIRECTORY": str(self.pipe_dir), "CUDA_MPS_LOG_DIRECTORY": str(self.log_dir)}
+        return {
+            "CUDA_MPS_PIPE_DIRECTORY": str(self.pipe_dir),
+            "CUDA_MPS_LOG_DIRECTORY": str(self.log_dir),
+        }
 
     def _env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -150,13 +169,23 @@ class MpsDaemon:
     def command(self, cmd: str, timeout_s: float = 10.0) -> str:
         """Send one command through the control client (`echo cmd | nvidia-cuda-mps-control`)."""
         try:
-            res = subprocess.run([self.control_bin], input=cmd + "\n", capture_output=True, text=True,
-                                 env=self._env(), timeout=timeout_s)
+            res = subprocess.run(
+                [self.control_bin],
+                input=cmd + "\n",
+                capture_output=True,
+                text=True,
+                env=self._env(),
+                timeout=timeout_s,
+            )
         except subprocess.TimeoutExpired as e:
-            raise MpsError(f"MPS control command {cmd!r} did not answer in {timeout_s:.0f} s") from e
+            raise MpsError(
+                f"MPS control command {cmd!r} did not answer in {timeout_s:.0f} s"
+            ) from e
         if res.returncode != 0:
-            raise MpsError(f"MPS control command {cmd!r} failed (exit {res.returncode}): "
-                           f"{(res.stdout + res.stderr).strip() or 'no output'}")
+            raise MpsError(
+                f"MPS control command {cmd!r} failed (exit {res.returncode}): "
+                f"{(res.stdout + res.stderr).strip() or 'no output'}"
+            )
         return res.stdout
 
     def get_server_list(self) -> list[int]:
@@ -169,15 +198,22 @@ class MpsDaemon:
             return self
         exe = shutil.which(self.control_bin) if os.sep not in self.control_bin else self.control_bin
         if not exe or not os.access(exe, os.X_OK):
-            raise MpsError(f"MPS needs {self.control_bin!r}, which is not on PATH (it ships with the NVIDIA "
-                           f"driver's compute utilities); install it or use strategy 'timeslice'")
+            raise MpsError(
+                f"MPS needs {self.control_bin!r}, which is not on PATH (it ships with the NVIDIA "
+                f"driver's compute utilities); install it or use strategy 'timeslice'"
+            )
         self.control_bin = exe
         self.pipe_dir.mkdir(parents=True, exist_ok=True)
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        users = [p for p in find_mps_processes() if p.pipe_dir and Path(p.pipe_dir) == self.pipe_dir]
+        users = [
+            p for p in find_mps_processes() if p.pipe_dir and Path(p.pipe_dir) == self.pipe_dir
+        ]
         if users:
-            raise MpsError(f"MPS pipe directory {self.pipe_dir} is in use by " + "; ".join(u.describe() for u in users)
-                           + ": coserve will not share it")
+            raise MpsError(
+                f"MPS pipe directory {self.pipe_dir} is in use by "
+                + "; ".join(u.describe() for u in users)
+                + ": coserve will not share it"
+            )
         for leftover in self.pipe_dir.iterdir():  # files of an earlier, finished daemon of ours
             if leftover.is_dir() and not leftover.is_symlink():
                 shutil.rmtree(leftover, ignore_errors=True)
@@ -187,8 +223,14 @@ class MpsDaemon:
         out_log = self.log_dir / "control.stdout.log"
         logf = open(out_log, "ab")
         try:
-            self.proc = subprocess.Popen([exe, "-f"], stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
-                                         env=self._env(), **group_kwargs())
+            self.proc = subprocess.Popen(
+                [exe, "-f"],
+                stdin=subprocess.DEVNULL,
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                env=self._env(),
+                **group_kwargs(),
+            )
         finally:
             logf.close()
         track(self)
@@ -204,8 +246,10 @@ class MpsDaemon:
                     self.server_pids = pids
                     break
                 if time.monotonic() > deadline:
-                    raise MpsError(f"MPS server did not come up within {self.start_timeout_s:.0f} s "
-                                   f"(get_server_list empty); control daemon output:\n{tail(out_log, 30)}")
+                    raise MpsError(
+                        f"MPS server did not come up within {self.start_timeout_s:.0f} s "
+                        f"(get_server_list empty); control daemon output:\n{tail(out_log, 30)}"
+                    )
                 time.sleep(0.2)
             self.events.append(f"MPS server up: get_server_list -> {self.server_pids}")
         except BaseException:
@@ -218,15 +262,19 @@ class MpsDaemon:
         last_err = None
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise MpsError(f"MPS control daemon exited with code {self.proc.returncode} at start; its output "
-                               f"({out_log}):\n{tail(out_log, 30)}")
+                raise MpsError(
+                    f"MPS control daemon exited with code {self.proc.returncode} at start; its output "
+                    f"({out_log}):\n{tail(out_log, 30)}"
+                )
             try:
                 self.command("get_server_list", timeout_s=5)
                 return
             except MpsError as e:
                 last_err = e
             time.sleep(0.2)
-        raise MpsError(f"MPS control daemon did not answer within {self.start_timeout_s:.0f} s ({last_err}):\n{tail(out_log, 30)}")
+        raise MpsError(
+            f"MPS control daemon did not answer within {self.start_timeout_s:.0f} s ({last_err}):\n{tail(out_log, 30)}"
+        )
 
     def stop(self) -> None:
         """Quit the daemon; then make sure nothing it started is left. Safe to call twice."""

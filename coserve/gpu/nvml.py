@@ -30,7 +30,9 @@ def open_nvml(nvml: Any = None) -> Any:
         try:
             import pynvml as nvml  # type: ignore[no-redef]
         except ImportError as e:  # pragma: no cover - pynvml is a dependency
-            raise NvmlUnavailable(f"no GPU: the NVML bindings (nvidia-ml-py) are not installed ({e})") from e
+            raise NvmlUnavailable(
+                f"no GPU: the NVML bindings (nvidia-ml-py) are not installed ({e})"
+            ) from e
     try:
         nvml.nvmlInit()
     except Exception as e:  # pynvml raises NVMLError subclasses; fakes may raise anything
@@ -147,14 +149,17 @@ def supported_mig_profiles(nvml: Any, handle) -> dict[str, dict]:
         if name is None:
             mem_gb = round(int(info.memorySizeMB) / 1024)
             name = f"{int(info.sliceCount)}g.{mem_gb}gb"
-        out.setdefault(name, {
-            "profile_id": pid,
-            "nvml_id": int(getattr(info, "id", pid)),
-            "slices": int(info.sliceCount),
-            "instances": int(getattr(info, "instanceCount", 0)),
-            "sms": int(getattr(info, "multiprocessorCount", 0)),
-            "memory_mib": int(info.memorySizeMB),
-        })
+        out.setdefault(
+            name,
+            {
+                "profile_id": pid,
+                "nvml_id": int(getattr(info, "id", pid)),
+                "slices": int(info.sliceCount),
+                "instances": int(getattr(info, "instanceCount", 0)),
+                "sms": int(getattr(info, "multiprocessorCount", 0)),
+                "memory_mib": int(info.memorySizeMB),
+            },
+        )
     return out
 
 
@@ -168,14 +173,18 @@ def mig_devices(nvml: Any, handle, parent_index: int) -> list[MigDevice]:
         uuid = _s(try_call(nvml.nvmlDeviceGetUUID, mh, default=""))
         name = _s(try_call(nvml.nvmlDeviceGetName, mh, default=""))
         mem = try_call(nvml.nvmlDeviceGetMemoryInfo, mh)
-        out.append(MigDevice(
-            uuid=uuid,
-            profile=mig_profile_from_name(name),
-            gpu_instance_id=try_call(nvml.nvmlDeviceGetGpuInstanceId, mh),
-            compute_instance_id=try_call(getattr(nvml, "nvmlDeviceGetComputeInstanceId", lambda h: None), mh),
-            memory_mib=int(mem.total) // (1024 * 1024) if mem is not None else None,
-            parent_index=parent_index,
-        ))
+        out.append(
+            MigDevice(
+                uuid=uuid,
+                profile=mig_profile_from_name(name),
+                gpu_instance_id=try_call(nvml.nvmlDeviceGetGpuInstanceId, mh),
+                compute_instance_id=try_call(
+                    getattr(nvml, "nvmlDeviceGetComputeInstanceId", lambda h: None), mh
+                ),
+                memory_mib=int(mem.total) // (1024 * 1024) if mem is not None else None,
+                parent_index=parent_index,
+            )
+        )
     return out
 
 

@@ -59,16 +59,20 @@ class Exclusive(WithoutMps):
 
     def _default_devices(self, role: str) -> list[str]:
         if len(self.gpus) < 2:
-            raise StrategyError(f"strategy exclusive needs 2 GPUs (gen on one, embed on the other), got "
-                                f"{len(self.gpus)}: {self.gpus or 'none'}; for a single server use timeslice")
+            raise StrategyError(
+                f"strategy exclusive needs 2 GPUs (gen on one, embed on the other), got "
+                f"{len(self.gpus)}: {self.gpus or 'none'}; for a single server use timeslice"
+            )
         return [self.gpus[0]] if role == "gen" else [self.gpus[1]]
 
     def __init__(self, gpus: list[str], options: dict, run_dir: Path, nvml: Any = None):
         super().__init__(gpus, options, run_dir, nvml)
         shared = set(self._role_devices["gen"]) & set(self._role_devices["embed"])
         if shared:
-            raise StrategyError(f"strategy exclusive: gen and embed both on {', '.join(sorted(shared))}; "
-                                f"exclusive means no shared GPU (use timeslice or mps to share)")
+            raise StrategyError(
+                f"strategy exclusive: gen and embed both on {', '.join(sorted(shared))}; "
+                f"exclusive means no shared GPU (use timeslice or mps to share)"
+            )
 
     def setup(self) -> None:
         self._set_up_without_mps(shared=False)
@@ -101,13 +105,20 @@ class Mig(Strategy):
             except mig.MigError as e:
                 raise StrategyError(str(e), option="profiles") from e
             if len(self.profiles) != len(self.roles):
-                raise StrategyError(f"{len(self.profiles)} profiles for 2 servers (gen, embed); "
-                                    f"give two, e.g. '4g.71gb+3g.71gb'", option="profiles")
+                raise StrategyError(
+                    f"{len(self.profiles)} profiles for 2 servers (gen, embed); "
+                    f"give two, e.g. '4g.71gb+3g.71gb'",
+                    option="profiles",
+                )
         else:
             self.profiles = None
-        if len(self.gpus) > 2 or (len(self.gpus) == 2 and not all(g.startswith("MIG-") for g in self.gpus)):
-            raise StrategyError(f"strategy mig takes one parent GPU (partitioned for both servers) or two MIG "
-                                f"device UUIDs, got {self.gpus}")
+        if len(self.gpus) > 2 or (
+            len(self.gpus) == 2 and not all(g.startswith("MIG-") for g in self.gpus)
+        ):
+            raise StrategyError(
+                f"strategy mig takes one parent GPU (partitioned for both servers) or two MIG "
+                f"device UUIDs, got {self.gpus}"
+            )
         self.plan = None
         self.created: list[str] = []
 
@@ -118,13 +129,20 @@ class Mig(Strategy):
             return
         gpu = self.gpus[0] if self.gpus else "0"
         try:
-            self.plan, assigned, self.created = mig.resolve(gpu, self.profiles or "auto", self.roles,
-                                                            apply=bool(self.options.get("apply_mig")), nvml=self._nvml)
+            self.plan, assigned, self.created = mig.resolve(
+                gpu,
+                self.profiles or "auto",
+                self.roles,
+                apply=bool(self.options.get("apply_mig")),
+                nvml=self._nvml,
+            )
         except mig.MigError as e:
             raise StrategyError(str(e)) from e
         self._role_devices = {r: [assigned[r]] for r in self.roles}
         if self.created:
-            self.notes.append(f"--apply-mig created {'+'.join(self.created)} (coserve never destroys instances)")
+            self.notes.append(
+                f"--apply-mig created {'+'.join(self.created)} (coserve never destroys instances)"
+            )
 
     def _env(self, role: str) -> dict[str, str]:
         devs = self.devices_for(role)
@@ -132,7 +150,10 @@ class Mig(Strategy):
 
     def describe(self) -> dict:
         d = super().describe()
-        d["mig"] = {"plan": self.plan.as_dict() if self.plan else None, "created": list(self.created)}
+        d["mig"] = {
+            "plan": self.plan.as_dict() if self.plan else None,
+            "created": list(self.created),
+        }
         return d
 
 
@@ -157,27 +178,39 @@ class Tp(Strategy):
             except (TypeError, ValueError):
                 n = 0
             if n < 1 or str(v).strip() != str(n):
-                raise StrategyError(f"option {role}_tp / tp: expected a whole number >= 1, got {v!r}",
-                                    about_options=True)
+                raise StrategyError(
+                    f"option {role}_tp / tp: expected a whole number >= 1, got {v!r}",
+                    about_options=True,
+                )
             self.tp[role] = n
-        inner_opts = {k: v for k, v in self.options.items() if k in (ROLE_GPU_OPTS | (MPS_OPTS if sharing == "mps" else set()))}
+        inner_opts = {
+            k: v
+            for k, v in self.options.items()
+            if k in (ROLE_GPU_OPTS | (MPS_OPTS if sharing == "mps" else set()))
+        }
         for role in ROLES:
             if f"{role}_gpus" not in inner_opts:
                 if self.tp[role] > len(self.gpus):
-                    raise StrategyError(f"strategy tp: {role} has TP={self.tp[role]} but the condition has "
-                                        f"{len(self.gpus)} GPU(s) {self.gpus}")
+                    raise StrategyError(
+                        f"strategy tp: {role} has TP={self.tp[role]} but the condition has "
+                        f"{len(self.gpus)} GPU(s) {self.gpus}"
+                    )
                 inner_opts[f"{role}_gpus"] = list(self.gpus[: self.tp[role]])
         extra_mps = set(self.options) & MPS_OPTS
         if sharing != "mps" and extra_mps:
-            raise StrategyError(f"strategy tp: option(s) {', '.join(sorted(extra_mps))} need sharing = \"mps\"",
-                                about_options=True)
+            raise StrategyError(
+                f'strategy tp: option(s) {", ".join(sorted(extra_mps))} need sharing = "mps"',
+                about_options=True,
+            )
         cls = Mps if sharing == "mps" else Timeslice
         self.inner = cls(self.gpus, inner_opts, self.run_dir, nvml=self._nvml)
         for role in ROLES:
             n = len(self.inner.devices_for(role))
             if n != self.tp[role]:
-                raise StrategyError(f"strategy tp: {role} has TP={self.tp[role]} but {n} GPU(s) "
-                                    f"{self.inner.devices_for(role)}; give as many GPUs as the TP degree")
+                raise StrategyError(
+                    f"strategy tp: {role} has TP={self.tp[role]} but {n} GPU(s) "
+                    f"{self.inner.devices_for(role)}; give as many GPUs as the TP degree"
+                )
 
     def setup(self) -> None:
         self.inner.setup()
@@ -197,28 +230,40 @@ class Tp(Strategy):
     def describe(self) -> dict:
         d = self.inner.describe()
         d.update({"strategy": self.name, "sharing": self.sharing, "options": dict(self.options)})
-        d["roles"] = {r: {"devices": self.devices_for(r), "tensor_parallel_size": self.tp[r], "env": self.env_for(r)}
-                      for r in ROLES}
+        d["roles"] = {
+            r: {
+                "devices": self.devices_for(r),
+                "tensor_parallel_size": self.tp[r],
+                "env": self.env_for(r),
+            }
+            for r in ROLES
+        }
         return d
 
 
 _CLASSES = {"exclusive": Exclusive, "timeslice": Timeslice, "mps": Mps, "mig": Mig, "tp": Tp}
 
 
-def make_strategy(name: str, gpus: list[str], options: dict | None, run_dir: Path, *, nvml: Any = None) -> Strategy:
+def make_strategy(
+    name: str, gpus: list[str], options: dict | None, run_dir: Path, *, nvml: Any = None
+) -> Strategy:
     """Validate and build a strategy (nothing is started until `with`)."""
     options = dict(options or {})
     key = str(name).strip().lower()
     if key in TP_ALIASES:
         sharing = key.split("+", 1)[1]
         if options.get("sharing", sharing) != sharing:
-            raise StrategyError(f"strategy {name}: option sharing = {options['sharing']!r} contradicts the name",
-                                about_options=True)
+            raise StrategyError(
+                f"strategy {name}: option sharing = {options['sharing']!r} contradicts the name",
+                about_options=True,
+            )
         options["sharing"] = sharing
         key = "tp"
     if key not in _CLASSES:
-        raise StrategyError(f"unknown strategy {name!r}: expected one of {', '.join(STRATEGIES)} "
-                            f"(or {', '.join(TP_ALIASES)})")
+        raise StrategyError(
+            f"unknown strategy {name!r}: expected one of {', '.join(STRATEGIES)} "
+            f"(or {', '.join(TP_ALIASES)})"
+        )
     if gpus is None:
         gpus = []
     if isinstance(gpus, str):

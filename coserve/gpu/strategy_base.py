@@ -20,8 +20,15 @@ STRATEGIES = ("exclusive", "timeslice", "mps", "mig", "tp")
 # Accepted as names for tp with that sharing.
 TP_ALIASES = ("tp+timeslice", "tp+mps")
 ROLE_GPU_OPTS = {"gen_gpus", "embed_gpus"}
-MPS_OPTS = {"active_thread_percentage", "pinned_mem_limit", "client_priority", "allow_exclusive_process",
-             "ignore_foreign_daemons", "control_bin", "start_timeout_s"}
+MPS_OPTS = {
+    "active_thread_percentage",
+    "pinned_mem_limit",
+    "client_priority",
+    "allow_exclusive_process",
+    "ignore_foreign_daemons",
+    "control_bin",
+    "start_timeout_s",
+}
 OPTIONS: dict[str, set[str]] = {
     "exclusive": set(ROLE_GPU_OPTS),
     "timeslice": set(ROLE_GPU_OPTS),
@@ -38,8 +45,14 @@ class StrategyError(ValueError):
     `role`: the server role of a per-role value, `detail`: the message without that prefix,
     `about_options`: the options are at fault, though not one of them alone."""
 
-    def __init__(self, detail: str, *, option: str | None = None, role: str | None = None,
-                 about_options: bool = False):
+    def __init__(
+        self,
+        detail: str,
+        *,
+        option: str | None = None,
+        role: str | None = None,
+        about_options: bool = False,
+    ):
         self.detail = detail
         self.option = option
         self.role = role
@@ -62,7 +75,9 @@ def per_role(options: dict, key: str, role: str, default=None):
     if isinstance(v, dict):
         bad = set(v) - set(ROLES)
         if bad:
-            raise StrategyError(f"unknown role(s) {', '.join(sorted(bad))}; expected gen and/or embed", option=key)
+            raise StrategyError(
+                f"unknown role(s) {', '.join(sorted(bad))}; expected gen and/or embed", option=key
+            )
         return v.get(role, default)
     return v
 
@@ -72,7 +87,9 @@ def gpu_list(value, key: str) -> list[str]:
     if isinstance(value, (str, int)):
         value = [p for p in str(value).split(",") if p.strip()]
     if not isinstance(value, (list, tuple)) or not value:
-        raise StrategyError(f"expected a non-empty list of GPUs (indices or UUIDs), got {value!r}", option=key)
+        raise StrategyError(
+            f"expected a non-empty list of GPUs (indices or UUIDs), got {value!r}", option=key
+        )
     return [str(g).strip() for g in value]
 
 
@@ -93,8 +110,11 @@ class Strategy:
         self._role_devices: dict[str, list[str]] = {}
         unknown = set(self.options) - OPTIONS[self.name]
         if unknown:
-            raise StrategyError(f"strategy {self.name}: unknown option(s) {', '.join(sorted(unknown))}; "
-                                f"allowed: {', '.join(sorted(OPTIONS[self.name])) or 'none'}", about_options=True)
+            raise StrategyError(
+                f"strategy {self.name}: unknown option(s) {', '.join(sorted(unknown))}; "
+                f"allowed: {', '.join(sorted(OPTIONS[self.name])) or 'none'}",
+                about_options=True,
+            )
 
     # -- to override -------------------------------------------------------------------
     def setup(self) -> None:
@@ -136,8 +156,14 @@ class Strategy:
             "strategy": self.name,
             "gpus": list(self.gpus),
             "options": dict(self.options),
-            "roles": {r: {"devices": self.devices_for(r), "tensor_parallel_size": self.tensor_parallel_size(r),
-                          "env": self.env_for(r)} for r in ROLES},
+            "roles": {
+                r: {
+                    "devices": self.devices_for(r),
+                    "tensor_parallel_size": self.tensor_parallel_size(r),
+                    "env": self.env_for(r),
+                }
+                for r in ROLES
+            },
             "telemetry_devices": self.telemetry_devices(),
             "notes": list(self.notes),
         }
@@ -157,41 +183,60 @@ class Strategy:
         return False
 
     # -- shared checks -----------------------------------------------------------------
-    def _check_compute_modes(self, devices: list[str], *, shared: bool, allow_exclusive_process: bool = False,
-                             mps: bool = False) -> None:
+    def _check_compute_modes(
+        self,
+        devices: list[str],
+        *,
+        shared: bool,
+        allow_exclusive_process: bool = False,
+        mps: bool = False,
+    ) -> None:
         """Refuse GPUs whose compute mode forbids what we are about to do."""
         if not devices:
             return
         try:
             with nv.nvml_session(self._nvml) as lib:
                 for d in devices:
-                    self._check_compute_mode(lib, d, shared=shared, mps=mps,
-                                             allow_exclusive_process=allow_exclusive_process)
+                    self._check_compute_mode(
+                        lib,
+                        d,
+                        shared=shared,
+                        mps=mps,
+                        allow_exclusive_process=allow_exclusive_process,
+                    )
         except nv.NvmlUnavailable as e:
             self.notes.append(f"compute mode not checked: {e}")
 
-    def _check_compute_mode(self, lib: Any, d: str, *, shared: bool, mps: bool, allow_exclusive_process: bool) -> None:
+    def _check_compute_mode(
+        self, lib: Any, d: str, *, shared: bool, mps: bool, allow_exclusive_process: bool
+    ) -> None:
         idx = nv.resolve_gpu_index(lib, d)
         h = nv.try_call(lib.nvmlDeviceGetHandleByIndex, idx) if idx is not None else None
         if h is None:
             if not d.startswith("MIG-"):
-                raise StrategyError(f"GPU {d!r} not found by NVML (this machine has "
-                                    f"{nv.try_call(lib.nvmlDeviceGetCount, default='?')} GPU(s))")
+                raise StrategyError(
+                    f"GPU {d!r} not found by NVML (this machine has "
+                    f"{nv.try_call(lib.nvmlDeviceGetCount, default='?')} GPU(s))"
+                )
             return
         mode = nv.COMPUTE_MODES.get(nv.try_call(lib.nvmlDeviceGetComputeMode, h), "unknown")
         if mode == "PROHIBITED":
-            raise StrategyError(f"GPU {d} is in PROHIBITED compute mode: no CUDA process may use it")
+            raise StrategyError(
+                f"GPU {d} is in PROHIBITED compute mode: no CUDA process may use it"
+            )
         if mode in ("EXCLUSIVE_PROCESS", "EXCLUSIVE_THREAD"):
             if mps and not allow_exclusive_process:
                 raise StrategyError(
                     f"GPU {d} is in {mode} compute mode. coserve refuses to start MPS on it by default: only "
                     f"one process may hold the GPU, and it is set that way on purpose by whoever runs it. "
                     f"If this is a dedicated MPS setup, pass the mps option allow_exclusive_process = true; "
-                    f"otherwise set DEFAULT yourself (nvidia-smi -i {d} -c DEFAULT; coserve does not change it)")
+                    f"otherwise set DEFAULT yourself (nvidia-smi -i {d} -c DEFAULT; coserve does not change it)"
+                )
             if shared and not mps:
                 raise StrategyError(
                     f"GPU {d} is in {mode} compute mode: two servers cannot share it without MPS. "
-                    f"Use strategy mps, or set DEFAULT (nvidia-smi -i {d} -c DEFAULT; coserve does not change it)")
+                    f"Use strategy mps, or set DEFAULT (nvidia-smi -i {d} -c DEFAULT; coserve does not change it)"
+                )
         self.notes.append(f"GPU {d}: compute mode {mode}")
 
     def _foreign_mps(self) -> list:
@@ -212,7 +257,9 @@ class RoleGpus(Strategy):
                 self._role_devices[role] = gpu_list(self.options[key], key)
                 missing = [g for g in self._role_devices[role] if self.gpus and g not in self.gpus]
                 if missing:
-                    raise StrategyError(f"{', '.join(missing)} not in this condition's gpus {self.gpus}", option=key)
+                    raise StrategyError(
+                        f"{', '.join(missing)} not in this condition's gpus {self.gpus}", option=key
+                    )
             else:
                 self._role_devices[role] = self._default_devices(role)
 
@@ -224,8 +271,10 @@ class WithoutMps(RoleGpus):
     def _set_up_without_mps(self, shared: bool) -> None:
         self._check_compute_modes(self.telemetry_devices(), shared=shared)
         for p in self._foreign_mps():
-            self.notes.append(f"{p.describe()} is running; this condition's servers do not use it "
-                              f"(their CUDA_MPS_PIPE_DIRECTORY points to an empty directory)")
+            self.notes.append(
+                f"{p.describe()} is running; this condition's servers do not use it "
+                f"(their CUDA_MPS_PIPE_DIRECTORY points to an empty directory)"
+            )
         (self.run_dir / "no-mps").mkdir(parents=True, exist_ok=True)
 
     def _env(self, role: str) -> dict[str, str]:

@@ -26,7 +26,13 @@ def _libcuda_paths() -> list[str]:
         cands += [line.split("=>")[-1].strip() for line in out.splitlines() if "libcuda.so" in line]
     except Exception:
         pass
-    for d in ("/usr/lib/x86_64-linux-gnu", "/usr/lib64", "/usr/local/nvidia/lib64", "/usr/lib/wsl/lib", "/usr/lib"):
+    for d in (
+        "/usr/lib/x86_64-linux-gnu",
+        "/usr/lib64",
+        "/usr/local/nvidia/lib64",
+        "/usr/lib/wsl/lib",
+        "/usr/lib",
+    ):
         cands.append(os.path.join(d, "libcuda.so.1"))
     seen, out_paths = set(), []
     for c in cands:
@@ -67,16 +73,25 @@ class Mps(RoleGpus):
                 except (TypeError, ValueError):
                     v = -1
                 if not 0 < v <= 100:
-                    raise StrategyError(f"expected a number in (0, 100], got {atp!r}",
-                                        option="active_thread_percentage", role=role)
+                    raise StrategyError(
+                        f"expected a number in (0, 100], got {atp!r}",
+                        option="active_thread_percentage",
+                        role=role,
+                    )
             lim = per_role(self.options, "pinned_mem_limit", role)
             if lim is not None and not _valid_mem_limit(str(lim)):
-                raise StrategyError(f"expected a size like '40G' or '512M' (or 'idx=size,...'), got {lim!r}",
-                                    option="pinned_mem_limit", role=role)
+                raise StrategyError(
+                    f"expected a size like '40G' or '512M' (or 'idx=size,...'), got {lim!r}",
+                    option="pinned_mem_limit",
+                    role=role,
+                )
             pr = per_role(self.options, "client_priority", role)
             if pr is not None and str(pr).lower() not in _PRIORITY:
-                raise StrategyError(f"expected normal or below_normal (0 or 1), got {pr!r}",
-                                    option="client_priority", role=role)
+                raise StrategyError(
+                    f"expected normal or below_normal (0 or 1), got {pr!r}",
+                    option="client_priority",
+                    role=role,
+                )
         self.daemon = None
         self._sigterm = SigtermExit()
 
@@ -95,15 +110,23 @@ class Mps(RoleGpus):
                 raise StrategyError(
                     f"an MPS daemon coserve did not start is running:\n  {lines}\ncoserve never touches a daemon it "
                     f"did not start, and two daemons on one GPU do not mix. Stop it, run on other GPUs with the mps "
-                    f"option ignore_foreign_daemons = true, or use strategy timeslice.{hint}")
+                    f"option ignore_foreign_daemons = true, or use strategy timeslice.{hint}"
+                )
         devices = self._daemon_devices()
-        self._check_compute_modes(devices, shared=True, mps=True,
-                                  allow_exclusive_process=bool(self.options.get("allow_exclusive_process")))
+        self._check_compute_modes(
+            devices,
+            shared=True,
+            mps=True,
+            allow_exclusive_process=bool(self.options.get("allow_exclusive_process")),
+        )
         if any(per_role(self.options, "client_priority", r) is not None for r in ROLES):
             sup = mps_client_priority_supported()
             if sup is False:
-                raise StrategyError("this driver's libcuda does not know CUDA_MPS_CLIENT_PRIORITY "
-                                    "(a newer driver has it); drop the option", option="client_priority")
+                raise StrategyError(
+                    "this driver's libcuda does not know CUDA_MPS_CLIENT_PRIORITY "
+                    "(a newer driver has it); drop the option",
+                    option="client_priority",
+                )
             if sup is None:
                 self.notes.append("client_priority: libcuda not found here, support not verified")
         # The daemon sees GPUs by UUID where NVML can tell them (NVIDIA's advice for MPS).
@@ -118,9 +141,13 @@ class Mps(RoleGpus):
                             visible[i] = nv._s(uuid)
         except nv.NvmlUnavailable:
             pass  # the daemon then sees the GPUs by index
-        self.daemon = mpsmod.MpsDaemon(devices, self.run_dir, control_bin=self.options.get("control_bin"),
-                                       start_timeout_s=float(self.options.get("start_timeout_s", 30)),
-                                       cuda_visible_devices=",".join(visible))
+        self.daemon = mpsmod.MpsDaemon(
+            devices,
+            self.run_dir,
+            control_bin=self.options.get("control_bin"),
+            start_timeout_s=float(self.options.get("start_timeout_s", 30)),
+            cuda_visible_devices=",".join(visible),
+        )
         note = self._sigterm.install()
         if note:
             self.notes.append(note)
@@ -128,9 +155,13 @@ class Mps(RoleGpus):
             self.daemon.start()
         except mpsmod.MpsError as e:
             raise StrategyError(str(e)) from e
-        self.notes.append(f"MPS daemon pid {self.daemon.proc.pid}, server pids {self.daemon.server_pids}, "
-                          f"pipe dir {self.daemon.pipe_dir}, logs {self.daemon.log_dir}")
-        self.notes.append("NVML reports MPS clients as the MPS server's process; GPM is device-wide")
+        self.notes.append(
+            f"MPS daemon pid {self.daemon.proc.pid}, server pids {self.daemon.server_pids}, "
+            f"pipe dir {self.daemon.pipe_dir}, logs {self.daemon.log_dir}"
+        )
+        self.notes.append(
+            "NVML reports MPS clients as the MPS server's process; GPM is device-wide"
+        )
 
     def teardown(self) -> None:
         with self._sigterm.deferred():  # a SIGTERM during tear-down waits until the daemon is down
@@ -151,7 +182,9 @@ class Mps(RoleGpus):
         lim = per_role(self.options, "pinned_mem_limit", role)
         if lim is not None:
             lim = str(lim)
-            env["CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"] = lim if "=" in lim else ",".join(f"{i}={lim}" for i in range(len(devs)))
+            env["CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"] = (
+                lim if "=" in lim else ",".join(f"{i}={lim}" for i in range(len(devs)))
+            )
         pr = per_role(self.options, "client_priority", role)
         if pr is not None:
             env["CUDA_MPS_CLIENT_PRIORITY"] = str(_PRIORITY[str(pr).lower()])
@@ -160,12 +193,18 @@ class Mps(RoleGpus):
     def describe(self) -> dict:
         d = super().describe()
         if self.daemon is not None:
-            d["mps"] = {"pipe_dir": str(self.daemon.pipe_dir), "log_dir": str(self.daemon.log_dir),
-                        "server_pids": list(self.daemon.server_pids), "events": list(self.daemon.events)}
+            d["mps"] = {
+                "pipe_dir": str(self.daemon.pipe_dir),
+                "log_dir": str(self.daemon.log_dir),
+                "server_pids": list(self.daemon.server_pids),
+                "events": list(self.daemon.events),
+            }
         return d
 
 
 def _valid_mem_limit(s: str) -> bool:
     one = r"\d+(\.\d+)?\s*[KMGT]?B?"
-    return bool(re.fullmatch(one, s.strip(), re.IGNORECASE) or
-                re.fullmatch(rf"\d+={one}(,\d+={one})*", s.replace(" ", ""), re.IGNORECASE))
+    return bool(
+        re.fullmatch(one, s.strip(), re.IGNORECASE)
+        or re.fullmatch(rf"\d+={one}(,\d+={one})*", s.replace(" ", ""), re.IGNORECASE)
+    )

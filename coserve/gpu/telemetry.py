@@ -74,8 +74,15 @@ class _Target:
 
 
 class TelemetrySampler:
-    def __init__(self, devices: list[str], interval_s: float = 1.0, out_path: Path | None = None, *,
-                 nvml: Any = None, gpm: bool = True):
+    def __init__(
+        self,
+        devices: list[str],
+        interval_s: float = 1.0,
+        out_path: Path | None = None,
+        *,
+        nvml: Any = None,
+        gpm: bool = True,
+    ):
         if interval_s <= 0:
             raise ValueError(f"interval_s must be > 0, got {interval_s}")
         self.devices = [str(d) for d in devices]
@@ -176,7 +183,11 @@ class TelemetrySampler:
         now = time.time()
         out = []
         for t in self._targets:
-            row: dict[str, Any] = {"t": round(now, 3), "t_rel_s": round(now - self._t0, 3), "device": t.device}
+            row: dict[str, Any] = {
+                "t": round(now, 3),
+                "t_rel_s": round(now - self._t0, 3),
+                "device": t.device,
+            }
             row.update(self._basic(t))
             row.update(self._gpm(t))
             out.append(row)
@@ -184,7 +195,9 @@ class TelemetrySampler:
         if self._fh is not None:
             for row in out:
                 if self._writer is not None:
-                    self._writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in COLUMNS})
+                    self._writer.writerow(
+                        {k: ("" if row.get(k) is None else row.get(k)) for k in COLUMNS}
+                    )
                 else:
                     self._fh.write(json.dumps(row) + "\n")
             self._fh.flush()
@@ -205,7 +218,9 @@ class TelemetrySampler:
         mem = self._metric(t, "memory", lib.nvmlDeviceGetMemoryInfo, t.handle)
         power = self._metric(t, "power", lib.nvmlDeviceGetPowerUsage, t.parent)
         sm = self._metric(t, "sm_clock", lib.nvmlDeviceGetClockInfo, t.parent, lib.NVML_CLOCK_SM)
-        mclk = self._metric(t, "mem_clock", lib.nvmlDeviceGetClockInfo, t.parent, lib.NVML_CLOCK_MEM)
+        mclk = self._metric(
+            t, "mem_clock", lib.nvmlDeviceGetClockInfo, t.parent, lib.NVML_CLOCK_MEM
+        )
         return {
             "gpu_util": float(util.gpu) if util is not None else None,
             "mem_util": float(util.memory) if util is not None else None,
@@ -279,4 +294,6 @@ class TelemetrySampler:
         if not self.available:
             return self.reason or "not started"
         n = len({r["t"] for r in self.rows})
-        return f"{n} ticks over {len(self.devices)} device(s)" + (f"; {'; '.join(self.notes)}" if self.notes else "")
+        return f"{n} ticks over {len(self.devices)} device(s)" + (
+            f"; {'; '.join(self.notes)}" if self.notes else ""
+        )

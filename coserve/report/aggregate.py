@@ -21,20 +21,44 @@ METRICS: dict[str, tuple[str, ...]] = {
     **{f"tpot_{p}": ("bench", "gen", "tpot_ms", p) for p in ("mean", "p50", "p95", "p99")},
     **{f"ttft_{p}": ("bench", "gen", "ttft_ms", p) for p in ("mean", "p50", "p95", "p99")},
     **{f"itl_{p}": ("bench", "gen", "itl_ms", p) for p in ("p50", "p95", "p99")},
-    **{f"embed_lat_{p}": ("bench", "embed", "latency_ms", p) for p in ("mean", "p50", "p95", "p99")},
+    **{
+        f"embed_lat_{p}": ("bench", "embed", "latency_ms", p) for p in ("mean", "p50", "p95", "p99")
+    },
     # Open-loop load and goodput (results from before them lack these keys: left out).
-    **{f"{r}_{k}_rps": ("bench", r, f"{k}_rate_rps") for r in ("gen", "embed")
-       for k in ("offered", "achieved")},
+    **{
+        f"{r}_{k}_rps": ("bench", r, f"{k}_rate_rps")
+        for r in ("gen", "embed")
+        for k in ("offered", "achieved")
+    },
     "gen_goodput_req_s": ("bench", "gen", "goodput", "requests_per_s"),
     "gen_goodput_tok_s": ("bench", "gen", "goodput", "output_tokens_per_s"),
     "embed_goodput_seq_s": ("bench", "embed", "goodput", "sequences_per_s"),
     # The SLO guard's state at the end of the load (conditions with embed.slo_guard only).
-    **{f"slo_guard_{k}": ("slo_guard", k) for k in (
-        "budget_seconds", "gen_alone_seconds", "tokens_per_forward", "pause_seconds", "cuts_total",
-        "throttled_seconds_total")},
-    **{m: ("telemetry", "window", m, "mean") for m in (
-        "sm_active", "sm_occupancy", "tensor_active", "dram_active", "fp16_active", "fp32_active",
-        "gpu_util", "power_w", "mem_used_mib")},
+    **{
+        f"slo_guard_{k}": ("slo_guard", k)
+        for k in (
+            "budget_seconds",
+            "gen_alone_seconds",
+            "tokens_per_forward",
+            "pause_seconds",
+            "cuts_total",
+            "throttled_seconds_total",
+        )
+    },
+    **{
+        m: ("telemetry", "window", m, "mean")
+        for m in (
+            "sm_active",
+            "sm_occupancy",
+            "tensor_active",
+            "dram_active",
+            "fp16_active",
+            "fp32_active",
+            "gpu_util",
+            "power_w",
+            "mem_used_mib",
+        )
+    },
 }
 TELEMETRY = ("sm_active", "sm_occupancy", "tensor_active", "dram_active")
 
@@ -61,7 +85,7 @@ class LoadWarning:
 class ConditionStats:
     condition: Condition
     planned: int
-    ok: list[dict] = field(default_factory=list)      # finished reps, by rep number
+    ok: list[dict] = field(default_factory=list)  # finished reps, by rep number
     failed: list[dict] = field(default_factory=list)  # reps recorded as failed
     values: dict[str, list[float]] = field(default_factory=dict)
     summary: dict[str, stats.Summary] = field(default_factory=dict)
@@ -100,9 +124,12 @@ class ConditionStats:
 
     def to_dict(self) -> dict:
         return {
-            "condition": self.name, "strategy": self.condition.strategy,
-            "servers": list(self.condition.servers), "status": self.status,
-            "reps_planned": self.planned, "reps_ok": [r["rep"] for r in self.ok],
+            "condition": self.name,
+            "strategy": self.condition.strategy,
+            "servers": list(self.condition.servers),
+            "status": self.status,
+            "reps_planned": self.planned,
+            "reps_ok": [r["rep"] for r in self.ok],
             "failures": [{"rep": r["rep"], "error": r.get("error")} for r in self.failed],
             "sweep": list(self.condition.sweep) if self.condition.sweep else None,
             "metrics": {k: s.to_dict() for k, s in self.summary.items()},
@@ -111,8 +138,9 @@ class ConditionStats:
             "gen_baseline": self.gen_baseline,
             "embed_delta_pct": self.embed_delta.to_dict() if self.embed_delta else None,
             "embed_baseline": self.embed_baseline,
-            "load_warnings": [{"rep": w.rep, "role": w.role, "warning": w.text}
-                              for w in self.load_warnings()],
+            "load_warnings": [
+                {"rep": w.rep, "role": w.role, "warning": w.text} for w in self.load_warnings()
+            ],
         }
 
 
@@ -149,12 +177,18 @@ class RunStats:
 
     def to_dict(self) -> dict:
         return {
-            "spec": {"name": self.spec.name, "hash": self.spec.digest(), "baseline": self.spec.baseline},
+            "spec": {
+                "name": self.spec.name,
+                "hash": self.spec.digest(),
+                "baseline": self.spec.baseline,
+            },
             "conditions": [c.to_dict() for c in self.conditions],
-            "sweep_optimum": {k: {self.spec.sweep.knob: c, "throughput": v}
-                              for k, (c, v) in self.sweep_optimum().items()},
+            "sweep_optimum": {
+                k: {self.spec.sweep.knob: c, "throughput": v}
+                for k, (c, v) in self.sweep_optimum().items()
+            },
             "method": "mean over finished reps; 95% CI of the mean from Student's t; delta = "
-                      "condition mean / baseline mean - 1 with a delta-method CI (Welch df)",
+            "condition mean / baseline mean - 1 with a delta-method CI (Welch df)",
         }
 
 
@@ -207,10 +241,16 @@ def aggregate(path: str | Path) -> RunStats:
             cs.gen_baseline = base.name
             if base is not cs and "gen_tok_s" in cs.values:
                 cs.gen_delta = stats.delta(cs.values["gen_tok_s"], base.values["gen_tok_s"])
-        if "embed" in cs.condition.servers and emb is not None and "embed_seq_s" in names[emb].values:
+        if (
+            "embed" in cs.condition.servers
+            and emb is not None
+            and "embed_seq_s" in names[emb].values
+        ):
             cs.embed_baseline = emb
             if emb != cs.name and "embed_seq_s" in cs.values:
-                cs.embed_delta = stats.delta(cs.values["embed_seq_s"], names[emb].values["embed_seq_s"])
+                cs.embed_delta = stats.delta(
+                    cs.values["embed_seq_s"], names[emb].values["embed_seq_s"]
+                )
     return RunStats(rd, spec, fp, out)
 
 
@@ -243,8 +283,12 @@ def request_values(run: RunStats, cs: ConditionStats, key: str, endpoint: str) -
                     continue
                 rec = json.loads(line)
                 v = rec.get(key)
-                if (rec.get("endpoint") == endpoint and rec.get("status") == "ok"
-                        and v is not None and ws <= rec.get("end_s", -1) < we):
+                if (
+                    rec.get("endpoint") == endpoint
+                    and rec.get("status") == "ok"
+                    and v is not None
+                    and ws <= rec.get("end_s", -1) < we
+                ):
                     out.append(float(v))
     return out
 

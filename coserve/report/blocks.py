@@ -61,5 +61,9 @@ def pct(d: Delta | None) -> str:
 
 
 def status_text(c: ConditionStats) -> str:
-    return {"complete": f"{len(c.ok)}/{c.planned}", "partial": f"{len(c.ok)}/{c.planned} (partial)",
-            "failed": f"0/{c.planned} (failed)", "not run": f"0/{c.planned} (not run)"}[c.status]
+    return {
+        "complete": f"{len(c.ok)}/{c.planned}",
+        "partial": f"{len(c.ok)}/{c.planned} (partial)",
+        "failed": f"0/{c.planned} (failed)",
+        "not run": f"0/{c.planned} (not run)",
+    }[c.status]

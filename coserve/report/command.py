@@ -18,8 +18,10 @@ def run(args: argparse.Namespace) -> int:
 
     console = stdout_console()
     if not (Path(args.run_dir) / "fingerprint.json").exists():
-        console.print(f"[red]{args.run_dir} is not a coserve run folder[/red] (no fingerprint.json; "
-                      f"`coserve run SPEC.toml --out DIR` makes one)")
+        console.print(
+            f"[red]{args.run_dir} is not a coserve run folder[/red] (no fingerprint.json; "
+            f"`coserve run SPEC.toml --out DIR` makes one)"
+        )
         return 2
     try:
         out = render(args.run_dir, with_plots=not args.no_plots)

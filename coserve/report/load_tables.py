@@ -18,21 +18,27 @@ def load_text(load: LoadSpec, role: str) -> str:
     cap = getattr(load, f"{role}_concurrency")
     if rate is None:
         return f"closed, C={cap}"
-    shape = load.arrival if load.burstiness == 1 else f"{load.arrival}, burstiness {load.burstiness:g}"
+    shape = (
+        load.arrival if load.burstiness == 1 else f"{load.arrival}, burstiness {load.burstiness:g}"
+    )
     return f"rate {rate:g} req/s ({shape}, cap {cap})"
 
 
 def _uses_rates(run: RunStats) -> bool:
     loads = [c.condition.load_for(run.spec) for c in run.conditions]
-    measured = any(m in c.summary for c in run.conditions
-                   for m in ("gen_achieved_rps", "embed_achieved_rps"))
+    measured = any(
+        m in c.summary for c in run.conditions for m in ("gen_achieved_rps", "embed_achieved_rps")
+    )
     return measured or any(ld.gen_rate or ld.embed_rate for ld in loads)
 
 
 def _measured(c: ConditionStats) -> bool:
     """Whether its results say if the load kept up (results from before open loop do not)."""
-    return any("kept_up" in ((r.get("bench") or {}).get(role) or {})
-               for r in c.ok for role in ("gen", "embed"))
+    return any(
+        "kept_up" in ((r.get("bench") or {}).get(role) or {})
+        for r in c.ok
+        for role in ("gen", "embed")
+    )
 
 
 def _kept_up(c: ConditionStats) -> str:
@@ -54,33 +60,68 @@ def load_blocks(run: RunStats) -> list[Block]:
             if role not in c.condition.servers:
                 cells += ["-", "-", "-"]
                 continue
-            cells += [load_text(load, role), with_ci(c.summary.get(f"{role}_offered_rps")),
-                      with_ci(c.summary.get(f"{role}_achieved_rps"))]
+            cells += [
+                load_text(load, role),
+                with_ci(c.summary.get(f"{role}_offered_rps")),
+                with_ci(c.summary.get(f"{role}_achieved_rps")),
+            ]
         rows.append([*cells, with_ci(c.summary.get("embed_seq_s")), _kept_up(c)])
-    out = [Block("h3", "Offered and achieved load"),
-           Block("table", headers=["Condition", "Gen load", "Gen offered (req/s)",
-                                   "Gen achieved (req/s)", "Embed load", "Embed offered (req/s)",
-                                   "Embed achieved (req/s)", "Embed (seq/s)", "Kept up"],
-                 rows=rows, align="llrrlrrrl"),
-           Block("p", "Achieved: requests sent per second inside the window. An endpoint did not "
-                      "keep up when it achieved under 95 % of the offered rate or hit its cap on "
-                      "requests in flight; then the strategy, not the load, set its work.")]
+    out = [
+        Block("h3", "Offered and achieved load"),
+        Block(
+            "table",
+            headers=[
+                "Condition",
+                "Gen load",
+                "Gen offered (req/s)",
+                "Gen achieved (req/s)",
+                "Embed load",
+                "Embed offered (req/s)",
+                "Embed achieved (req/s)",
+                "Embed (seq/s)",
+                "Kept up",
+            ],
+            rows=rows,
+            align="llrrlrrrl",
+        ),
+        Block(
+            "p",
+            "Achieved: requests sent per second inside the window. An endpoint did not "
+            "keep up when it achieved under 95 % of the offered rate or hit its cap on "
+            "requests in flight; then the strategy, not the load, set its work.",
+        ),
+    ]
     unmeasured = [c.name for c in run.conditions if c.ok and not _measured(c)]
     if unmeasured:
-        out.append(Block("p", "No offered or achieved rate in the results of " + ", ".join(unmeasured)
-                         + ": the load generator that wrote them did not report one, so whether "
-                           "it drove the spec's rates is not known from these files."))
+        out.append(
+            Block(
+                "p",
+                "No offered or achieved rate in the results of "
+                + ", ".join(unmeasured)
+                + ": the load generator that wrote them did not report one, so whether "
+                "it drove the spec's rates is not known from these files.",
+            )
+        )
     warnings = [w for c in run.conditions for w in c.load_warnings()]
     if warnings:
-        out.append(Block("ul", items=[f"**{w.condition}** rep {w.rep}, {w.role}: {w.text}"
-                                      for w in warnings]))
+        out.append(
+            Block(
+                "ul", items=[f"**{w.condition}** rep {w.rep}, {w.role}: {w.text}" for w in warnings]
+            )
+        )
     return out
 
 
 def _bounds(load: LoadSpec) -> str:
-    gen = [f"{k} <= {v:g} ms" for k, v in (("TTFT", load.goodput_ttft_ms),
-                                            ("TPOT", load.goodput_tpot_ms),
-                                            ("E2E latency", load.goodput_e2el_ms)) if v is not None]
+    gen = [
+        f"{k} <= {v:g} ms"
+        for k, v in (
+            ("TTFT", load.goodput_ttft_ms),
+            ("TPOT", load.goodput_tpot_ms),
+            ("E2E latency", load.goodput_e2el_ms),
+        )
+        if v is not None
+    ]
     parts = []
     if gen:
         parts.append("a gen request counts only if it meets every bound (" + ", ".join(gen) + ")")
@@ -94,15 +135,37 @@ def goodput_blocks(run: RunStats) -> list[Block]:
     have = [c for c in run.conditions if any(m in c.summary for m in metrics)]
     if not have:
         return []
-    rows = [[c.name, *(with_ci(c.summary.get(m)) for m in metrics),
-             num(c.mean("gen_tok_s")), num(c.mean("embed_seq_s"))] for c in have]
+    rows = [
+        [
+            c.name,
+            *(with_ci(c.summary.get(m)) for m in metrics),
+            num(c.mean("gen_tok_s")),
+            num(c.mean("embed_seq_s")),
+        ]
+        for c in have
+    ]
     bounds = sorted({_bounds(c.condition.load_for(run.spec)) for c in have} - {""})
-    return [Block("h3", "Goodput"),
-            Block("table", headers=["Condition", "Gen goodput (req/s)", "Gen goodput (tok/s)",
-                                    "Embed goodput (seq/s)", "Gen (tok/s)", "Embed (seq/s)"],
-                  rows=rows),
-            Block("p", "Goodput (vllm bench's definition): " + (" / ".join(bounds) or "no bounds set")
-                  + ". Beside it, the plain throughput of the same reps.")]
+    return [
+        Block("h3", "Goodput"),
+        Block(
+            "table",
+            headers=[
+                "Condition",
+                "Gen goodput (req/s)",
+                "Gen goodput (tok/s)",
+                "Embed goodput (seq/s)",
+                "Gen (tok/s)",
+                "Embed (seq/s)",
+            ],
+            rows=rows,
+        ),
+        Block(
+            "p",
+            "Goodput (vllm bench's definition): "
+            + (" / ".join(bounds) or "no bounds set")
+            + ". Beside it, the plain throughput of the same reps.",
+        ),
+    ]
 
 
 def equal_work_blocks(run: RunStats) -> list[Block]:

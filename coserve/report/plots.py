@@ -7,8 +7,12 @@ from pathlib import Path
 from coserve.report.aggregate import TELEMETRY, RunStats, request_values, telemetry_series
 from coserve.report.tradeoff import tradeoff as curves_of
 
-LABELS = {"sm_active": "SM active", "sm_occupancy": "SM occupancy",
-          "tensor_active": "Tensor active", "dram_active": "DRAM active"}
+LABELS = {
+    "sm_active": "SM active",
+    "sm_occupancy": "SM occupancy",
+    "tensor_active": "Tensor active",
+    "dram_active": "DRAM active",
+}
 
 
 def _plt():
@@ -17,8 +21,15 @@ def _plt():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    plt.rcParams.update({"figure.dpi": 100, "axes.grid": True, "grid.alpha": 0.3,
-                         "axes.spines.top": False, "axes.spines.right": False})
+    plt.rcParams.update(
+        {
+            "figure.dpi": 100,
+            "axes.grid": True,
+            "grid.alpha": 0.3,
+            "axes.spines.top": False,
+            "axes.spines.right": False,
+        }
+    )
     return plt
 
 
@@ -30,8 +41,12 @@ def _bars(ax, run: RunStats, metric: str, title: str, unit: str) -> bool:
     names = [c.name for c in rows]
     means = [c.summary[metric].mean for c in rows]
     err = [c.summary[metric].half_width or 0.0 for c in rows]
-    colors = ["#4c72b0" if c.name != (c.gen_baseline if metric.startswith("gen") else c.embed_baseline)
-              else "#8c8c8c" for c in rows]
+    colors = [
+        "#4c72b0"
+        if c.name != (c.gen_baseline if metric.startswith("gen") else c.embed_baseline)
+        else "#8c8c8c"
+        for c in rows
+    ]
     ax.bar(range(len(rows)), means, yerr=err, capsize=5, color=colors)
     for i, c in enumerate(rows):  # the reps themselves, as dots
         vals = c.values[metric]
@@ -50,7 +65,9 @@ def throughput(run: RunStats, path: Path) -> Path | None:
     if not (a or b):
         plt.close(fig)
         return None
-    fig.suptitle("bars: mean over reps with its 95% CI; dots: the reps; grey: the baseline", fontsize=9)
+    fig.suptitle(
+        "bars: mean over reps with its 95% CI; dots: the reps; grey: the baseline", fontsize=9
+    )
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -91,7 +108,9 @@ def telemetry(run: RunStats, path: Path) -> Path | None:
     """SM active / SM occupancy / tensor active / DRAM active over time, first rep of each."""
     series = [(c, telemetry_series(run, c)) for c in run.matrix]
     series = [(c, s) for c, s in series if s is not None]
-    series = [(c, s) for c, s in series if any(r.get(m) is not None for r in s[0] for m in TELEMETRY)]
+    series = [
+        (c, s) for c, s in series if any(r.get(m) is not None for r in s[0] for m in TELEMETRY)
+    ]
     if not series:
         return None
     plt = _plt()
@@ -130,16 +149,25 @@ def sweep(run: RunStats, path: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for base, cs in groups.items():
         cs.sort(key=lambda c: c.condition.sweep.value)
-        ax.errorbar([c.condition.sweep.value for c in cs], [c.summary[metric].mean for c in cs],
-                    yerr=[c.summary[metric].half_width or 0 for c in cs], marker="o", capsize=4,
-                    label=base)
+        ax.errorbar(
+            [c.condition.sweep.value for c in cs],
+            [c.summary[metric].mean for c in cs],
+            yerr=[c.summary[metric].half_width or 0 for c in cs],
+            marker="o",
+            capsize=4,
+            label=base,
+        )
     ax.set_xscale("log", base=2)
     ticks = sorted({c.condition.sweep.value for cs in groups.values() for c in cs})
     ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
     ax.minorticks_off()
-    ax.set_xlabel(f"{sw.role} offered rate (req/s)" if sw.knob == "rate" else f"{sw.role} concurrency")
+    ax.set_xlabel(
+        f"{sw.role} offered rate (req/s)" if sw.knob == "rate" else f"{sw.role} concurrency"
+    )
     ax.set_ylabel("tokens/s" if sw.role == "gen" else "sequences/s")
-    ax.set_title(f"{sw.role} throughput vs {'offered rate' if sw.knob == 'rate' else 'concurrency'}")
+    ax.set_title(
+        f"{sw.role} throughput vs {'offered rate' if sw.knob == 'rate' else 'concurrency'}"
+    )
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
@@ -160,32 +188,62 @@ def tradeoff(run: RunStats, path: Path) -> Path | None:
         return None
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
-    for ax, key, unit in ((axes[0], "gen_tok_s", "gen tokens/s"),
-                          (axes[1], "tpot_p99_ms", "gen TPOT p99 (ms)")):
+    for ax, key, unit in (
+        (axes[0], "gen_tok_s", "gen tokens/s"),
+        (axes[1], "tpot_p99_ms", "gen TPOT p99 (ms)"),
+    ):
         for curve in data.curves:
             pts = [p for p in curve.points if getattr(p, key) is not None]
             if pts:
-                ax.errorbar([p.embed_seq_s.mean for p in pts], [getattr(p, key).mean for p in pts],
-                            xerr=[_hw(p.embed_seq_s) for p in pts],
-                            yerr=[_hw(getattr(p, key)) for p in pts],
-                            marker="o", capsize=3, label=curve.label)
+                ax.errorbar(
+                    [p.embed_seq_s.mean for p in pts],
+                    [getattr(p, key).mean for p in pts],
+                    xerr=[_hw(p.embed_seq_s) for p in pts],
+                    yerr=[_hw(getattr(p, key)) for p in pts],
+                    marker="o",
+                    capsize=3,
+                    label=curve.label,
+                )
         for b in data.baselines:
             v = getattr(b, key)
             if v is not None:
-                ax.errorbar([0], [v.mean], yerr=[_hw(v)], marker="*", ms=12, color="gray",
-                            capsize=3, ls="none", label=f"{b.condition} (gen alone)")
+                ax.errorbar(
+                    [0],
+                    [v.mean],
+                    yerr=[_hw(v)],
+                    marker="*",
+                    ms=12,
+                    color="gray",
+                    capsize=3,
+                    ls="none",
+                    label=f"{b.condition} (gen alone)",
+                )
                 ax.axhline(v.mean, color="gray", lw=0.7, ls=":")
         ref = data.reference
         if ref is not None:
             base = ref.baseline_tok_s if key == "gen_tok_s" else ref.baseline_tpot_p99_ms
-            pts = [(p.embed_seq_s, p.gen_tok_s if key == "gen_tok_s" else p.tpot_p99_ms, p)
-                   for p in ref.points]
+            pts = [
+                (p.embed_seq_s, p.gen_tok_s if key == "gen_tok_s" else p.tpot_p99_ms, p)
+                for p in ref.points
+            ]
             pts = [(x, y, p) for x, y, p in pts if y is not None]
-            ax.scatter([x for x, _, _ in pts], [y for _, y, _ in pts], marker="X", s=70,
-                       color="black", zorder=4, label=ref.label)
+            ax.scatter(
+                [x for x, _, _ in pts],
+                [y for _, y, _ in pts],
+                marker="X",
+                s=70,
+                color="black",
+                zorder=4,
+                label=ref.label,
+            )
             for x, y, p in pts:
-                ax.annotate(f"{p.strategy} {p.gen_delta_pct:+.1f}%", (x, y), fontsize=7,
-                            xytext=(4, 4), textcoords="offset points")
+                ax.annotate(
+                    f"{p.strategy} {p.gen_delta_pct:+.1f}%",
+                    (x, y),
+                    fontsize=7,
+                    xytext=(4, 4),
+                    textcoords="offset points",
+                )
             if base is not None:
                 ax.scatter([0], [base], marker="x", s=50, color="black", zorder=4)
         ax.set_xlabel("achieved embed sequences/s")
@@ -204,8 +262,13 @@ def tradeoff(run: RunStats, path: Path) -> Path | None:
 def make_all(run: RunStats, out_dir: Path) -> dict[str, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     made = {}
-    for name, fn in (("tradeoff", tradeoff), ("throughput", throughput),
-                     ("tpot", tpot_distribution), ("telemetry", telemetry), ("sweep", sweep)):
+    for name, fn in (
+        ("tradeoff", tradeoff),
+        ("throughput", throughput),
+        ("tpot", tpot_distribution),
+        ("telemetry", telemetry),
+        ("sweep", sweep),
+    ):
         p = fn(run, out_dir / f"{name}.png")
         if p is not None:
             made[name] = p

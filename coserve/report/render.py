@@ -38,24 +38,41 @@ def build(run: RunStats, plot_paths: dict[str, Path]) -> list[Block]:
     blocks = [Block("h1", f"coserve report: {spec.name}")]
     if spec.description:
         blocks.append(Block("p", spec.description.strip()))
-    blocks.append(Block("p", f"{done} of {planned} reps finished; {describe_gpus(run.fingerprint)}. "
-                             f"Gen deltas are against **{spec.baseline}** (unless a condition names its own "
-                             f"baseline), embed deltas against **{embed_baseline(spec) or '-'}**."))
+    blocks.append(
+        Block(
+            "p",
+            f"{done} of {planned} reps finished; {describe_gpus(run.fingerprint)}. "
+            f"Gen deltas are against **{spec.baseline}** (unless a condition names its own "
+            f"baseline), embed deltas against **{embed_baseline(spec) or '-'}**.",
+        )
+    )
     line = verdict(run)
     if line:
         blocks.append(Block("p", line))
-    blocks += [Block("h2", "Throughput"), throughput_table(run),
-               Block("p", "Mean over finished reps ± the 95% CI half-width (Student's t). Delta: "
-                          "condition mean / baseline mean - 1, with its 95% CI [low, high] "
-                          "(delta method, Welch degrees of freedom). Throughput counts what arrived "
-                          "inside the measurement window."),
-               *equal_work_blocks(run)]
+    blocks += [
+        Block("h2", "Throughput"),
+        throughput_table(run),
+        Block(
+            "p",
+            "Mean over finished reps ± the 95% CI half-width (Student's t). Delta: "
+            "condition mean / baseline mean - 1, with its 95% CI [low, high] "
+            "(delta method, Welch degrees of freedom). Throughput counts what arrived "
+            "inside the measurement window.",
+        ),
+        *equal_work_blocks(run),
+    ]
     if "tradeoff" in plot_paths:
-        blocks.append(Block("img", "Trade-off: gen against achieved embed work",
-                            path=plot_paths["tradeoff"]))
+        blocks.append(
+            Block("img", "Trade-off: gen against achieved embed work", path=plot_paths["tradeoff"])
+        )
         if run.spec.report.reference != "none":
-            blocks.append(Block("p", "Marked X: the published figures named in the spec's "
-                                     "[report] reference, drawn beside ours, not measured here."))
+            blocks.append(
+                Block(
+                    "p",
+                    "Marked X: the published figures named in the spec's "
+                    "[report] reference, drawn beside ours, not measured here.",
+                )
+            )
     blocks += load_blocks(run)
     blocks += goodput_blocks(run)
     if "throughput" in plot_paths:
@@ -71,7 +88,9 @@ def build(run: RunStats, plot_paths: dict[str, Path]) -> list[Block]:
         blocks.append(Block("img", "GPU telemetry over time", path=plot_paths["telemetry"]))
     blocks += sweep_blocks(run)
     if "sweep" in plot_paths:
-        blocks.append(Block("img", f"{run.spec.sweep.knob.capitalize()} sweep", path=plot_paths["sweep"]))
+        blocks.append(
+            Block("img", f"{run.spec.sweep.knob.capitalize()} sweep", path=plot_paths["sweep"])
+        )
     blocks += problems_blocks(run)
     blocks += settings_blocks(run)
     blocks += environment_blocks(run)
@@ -99,8 +118,10 @@ def to_markdown(blocks: list[Block], base: Path) -> str:
         elif b.kind == "img":
             out.append(f"![{b.text}]({b.path.relative_to(base).as_posix()})")
         elif b.kind == "table":
-            lines = ["| " + " | ".join(b.headers) + " |",
-                     "|" + "|".join("---:" if a == "r" else "---" for a in b.aligns()) + "|"]
+            lines = [
+                "| " + " | ".join(b.headers) + " |",
+                "|" + "|".join("---:" if a == "r" else "---" for a in b.aligns()) + "|",
+            ]
             lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in b.rows or []]
             out.append("\n".join(lines))
     return "\n\n".join(out) + "\n"
@@ -124,8 +145,10 @@ img{max-width:100%;border:1px solid #ddd;margin:.5em 0}code{background:#f2f2f2;p
 
 
 def to_html(blocks: list[Block], title: str) -> str:
-    out = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-           f"<style>{CSS}</style></head><body>"]
+    out = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{CSS}</style></head><body>"
+    ]
     for b in blocks:
         if b.kind in ("h1", "h2", "h3"):
             out.append(f"<{b.kind}>{_inline(b.text)}</{b.kind}>")
@@ -137,16 +160,28 @@ def to_html(blocks: list[Block], title: str) -> str:
             out.append(f"<pre>{html.escape(b.text)}</pre>")
         elif b.kind == "img":
             data = base64.b64encode(b.path.read_bytes()).decode()
-            out.append(f"<figure><img alt='{html.escape(b.text)}' src='data:image/png;base64,{data}'>"
-                       f"<figcaption>{html.escape(b.text)}</figcaption></figure>")
+            out.append(
+                f"<figure><img alt='{html.escape(b.text)}' src='data:image/png;base64,{data}'>"
+                f"<figcaption>{html.escape(b.text)}</figcaption></figure>"
+            )
         elif b.kind == "table":
             al = b.aligns()
-            head = "".join(f"<th class='{a}'>{_inline(h)}</th>" for h, a in zip(b.headers, al, strict=True))
-            body = "".join("<tr>" + "".join(f"<td class='{a}'>{_inline(c)}</td>" for c, a in zip(row, al, strict=True))
-                           + "</tr>" for row in b.rows or [])
+            head = "".join(
+                f"<th class='{a}'>{_inline(h)}</th>" for h, a in zip(b.headers, al, strict=True)
+            )
+            body = "".join(
+                "<tr>"
+                + "".join(
+                    f"<td class='{a}'>{_inline(c)}</td>" for c, a in zip(row, al, strict=True)
+                )
+                + "</tr>"
+                for row in b.rows or []
+            )
             out.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
     stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    out.append(f"<p style='color:#888;font-size:.8em'>Rendered by coserve report, {stamp}.</p></body></html>")
+    out.append(
+        f"<p style='color:#888;font-size:.8em'>Rendered by coserve report, {stamp}.</p></body></html>"
+    )
     return "\n".join(out) + "\n"
 
 
@@ -181,8 +216,11 @@ def console_table(run: RunStats):
 
     b = throughput_table(run)
     caption = "\n".join(escape(e.sentence().replace("**", "")) for e in equal_work_checks(run))
-    t = Table(title=f"{run.spec.name}: throughput (mean ± 95% CI)", caption=caption or None,
-              caption_justify="left")
+    t = Table(
+        title=f"{run.spec.name}: throughput (mean ± 95% CI)",
+        caption=caption or None,
+        caption_justify="left",
+    )
     for h, a in zip(b.headers, b.aligns(), strict=True):
         t.add_column(h, justify="right" if a == "r" else "left")
     for row in b.rows:

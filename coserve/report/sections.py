@@ -24,8 +24,10 @@ def on_cpu(run: RunStats) -> bool:
     if any(c.strategy in GPU_STRATEGIES for c in conds):
         return False
     servers = [c.server(run.spec, role) for c in conds for role in c.servers]
-    return all(s.device == "cpu" or no_gpu and (s.device == "auto" or s.launcher != "builtin")
-               for s in servers)
+    return all(
+        s.device == "cpu" or no_gpu and (s.device == "auto" or s.launcher != "builtin")
+        for s in servers
+    )
 
 
 def strategy_text(run: RunStats, c) -> str:
@@ -39,20 +41,27 @@ def verdict(run: RunStats) -> str | None:
     """One line (markdown): what co-location cost each server against running alone; on a CPU
     run, why the figures say nothing about GPUs (and about co-located gen coming out faster).
     None when no condition runs both servers."""
-    both = [c for c in run.matrix if {"gen", "embed"} <= set(c.condition.servers)
-            and (c.gen_delta or c.embed_delta)]
+    both = [
+        c
+        for c in run.matrix
+        if {"gen", "embed"} <= set(c.condition.servers) and (c.gen_delta or c.embed_delta)
+    ]
     if not both:
         return None
     parts = [f"{c.name}: gen {pct(c.gen_delta)}, embed {pct(c.embed_delta)}" for c in both]
     text = "**Verdict:** co-located against each server alone: " + "; ".join(parts) + "."
     if on_cpu(run):
-        text += (" This ran on a CPU: both servers' threads and the load generator share the same "
-                 "cores, so these deltas measure how the OS schedules them, not how GPUs are shared.")
+        text += (
+            " This ran on a CPU: both servers' threads and the load generator share the same "
+            "cores, so these deltas measure how the OS schedules them, not how GPUs are shared."
+        )
         faster = [c.name for c in both if c.gen_delta and c.gen_delta.pct > 0]
         if faster:
-            text += (f" Gen came out faster co-located ({', '.join(faster)}) than alone: a CPU "
-                     "scheduling effect (co-location gives it no extra compute) that says nothing "
-                     "about GPUs.")
+            text += (
+                f" Gen came out faster co-located ({', '.join(faster)}) than alone: a CPU "
+                "scheduling effect (co-location gives it no extra compute) that says nothing "
+                "about GPUs."
+            )
     return text
 
 
@@ -68,11 +77,27 @@ def throughput_table(run: RunStats) -> Block:
         if "embed" not in c.condition.servers:
             emb_cell, ed = "-", "-"
         else:
-            emb_cell = with_ci(c.summary.get("embed_seq_s")) if c.summary.get("embed_seq_s") else "(none)"
+            emb_cell = (
+                with_ci(c.summary.get("embed_seq_s")) if c.summary.get("embed_seq_s") else "(none)"
+            )
             ed = "baseline" if c.embed_baseline == c.name else pct(c.embed_delta)
-        rows.append([c.name, strategy_text(run, c.condition), status_text(c), gen_cell, gd, emb_cell, ed])
-    return Block("table", headers=["Condition", "Strategy", "Reps", "Gen (tok/s)", "Gen delta",
-                                   "Embed (seq/s)", "Embed delta"], rows=rows, align="llr")
+        rows.append(
+            [c.name, strategy_text(run, c.condition), status_text(c), gen_cell, gd, emb_cell, ed]
+        )
+    return Block(
+        "table",
+        headers=[
+            "Condition",
+            "Strategy",
+            "Reps",
+            "Gen (tok/s)",
+            "Gen delta",
+            "Embed (seq/s)",
+            "Embed delta",
+        ],
+        rows=rows,
+        align="llr",
+    )
 
 
 def per_rep_table(run: RunStats) -> Block | None:
@@ -88,12 +113,25 @@ def per_rep_table(run: RunStats) -> Block | None:
         for k in range(1, most + 1):
             v = (by_rep.get(k) or {}).get("bench", {}) or {}
             g = (v.get("gen") or {}).get("output_tokens_per_s")
-            cells.append(num(g) if g is not None else ("failed" if any(f["rep"] == k for f in c.failed) else "-"))
+            cells.append(
+                num(g)
+                if g is not None
+                else ("failed" if any(f["rep"] == k for f in c.failed) else "-")
+            )
         s = c.summary.get("gen_tok_s")
         std = f"{s.std / s.mean * 100:.1f}%" if s and s.std is not None and s.mean else "-"
         rows.append([c.name, *cells, num(c.mean("gen_tok_s")), std, num(c.mean("embed_seq_s"))])
-    return Block("table", headers=["Condition", *[f"Rep {k}" for k in range(1, most + 1)],
-                                   "Gen mean", "Gen std", "Embed mean"], rows=rows)
+    return Block(
+        "table",
+        headers=[
+            "Condition",
+            *[f"Rep {k}" for k in range(1, most + 1)],
+            "Gen mean",
+            "Gen std",
+            "Embed mean",
+        ],
+        rows=rows,
+    )
 
 
 def latency_tables(run: RunStats) -> list[Block]:
@@ -101,22 +139,66 @@ def latency_tables(run: RunStats) -> list[Block]:
     gen = [c for c in run.matrix if "gen" in c.condition.servers and c.ok]
     if gen:
         out.append(Block("h3", "Per-token decode latency (TPOT, ms)"))
-        out.append(Block("table", headers=["Condition", "p50", "p95", "p99", "mean"],
-                         rows=[[c.name, *(with_ci(c.summary.get(f"tpot_{p}")) for p in ("p50", "p95", "p99", "mean"))]
-                               for c in gen]))
+        out.append(
+            Block(
+                "table",
+                headers=["Condition", "p50", "p95", "p99", "mean"],
+                rows=[
+                    [
+                        c.name,
+                        *(
+                            with_ci(c.summary.get(f"tpot_{p}"))
+                            for p in ("p50", "p95", "p99", "mean")
+                        ),
+                    ]
+                    for c in gen
+                ],
+            )
+        )
         out.append(Block("h3", "Time to first token (TTFT, ms)"))
-        out.append(Block("table", headers=["Condition", "p50", "p95", "p99", "mean"],
-                         rows=[[c.name, *(with_ci(c.summary.get(f"ttft_{p}")) for p in ("p50", "p95", "p99", "mean"))]
-                               for c in gen]))
+        out.append(
+            Block(
+                "table",
+                headers=["Condition", "p50", "p95", "p99", "mean"],
+                rows=[
+                    [
+                        c.name,
+                        *(
+                            with_ci(c.summary.get(f"ttft_{p}"))
+                            for p in ("p50", "p95", "p99", "mean")
+                        ),
+                    ]
+                    for c in gen
+                ],
+            )
+        )
     emb = [c for c in run.matrix if "embed" in c.condition.servers and c.ok]
     if emb:
         out.append(Block("h3", "Embed request latency (ms, one request = a batch)"))
-        out.append(Block("table", headers=["Condition", "p50", "p95", "p99", "mean"],
-                         rows=[[c.name, *(with_ci(c.summary.get(f"embed_lat_{p}")) for p in ("p50", "p95", "p99", "mean"))]
-                               for c in emb]))
+        out.append(
+            Block(
+                "table",
+                headers=["Condition", "p50", "p95", "p99", "mean"],
+                rows=[
+                    [
+                        c.name,
+                        *(
+                            with_ci(c.summary.get(f"embed_lat_{p}"))
+                            for p in ("p50", "p95", "p99", "mean")
+                        ),
+                    ]
+                    for c in emb
+                ],
+            )
+        )
     if out:
-        out.append(Block("p", "Each cell: the mean over reps of that rep's percentile, ± the 95% CI "
-                              "half-width; requests that ended inside the measurement window."))
+        out.append(
+            Block(
+                "p",
+                "Each cell: the mean over reps of that rep's percentile, ± the 95% CI "
+                "half-width; requests that ended inside the measurement window.",
+            )
+        )
     return out
 
 
@@ -124,16 +206,42 @@ def telemetry_blocks(run: RunStats) -> list[Block]:
     out = [Block("h2", "GPU telemetry")]
     rows = []
     for c in run.matrix:
-        if any(m in c.summary for m in ("sm_active", "sm_occupancy", "tensor_active", "dram_active")):
-            rows.append([c.name, *(with_ci(c.summary.get(m), frac) for m in
-                                   ("sm_active", "sm_occupancy", "tensor_active", "dram_active")),
-                         with_ci(c.summary.get("power_w"))])
+        if any(
+            m in c.summary for m in ("sm_active", "sm_occupancy", "tensor_active", "dram_active")
+        ):
+            rows.append(
+                [
+                    c.name,
+                    *(
+                        with_ci(c.summary.get(m), frac)
+                        for m in ("sm_active", "sm_occupancy", "tensor_active", "dram_active")
+                    ),
+                    with_ci(c.summary.get("power_w")),
+                ]
+            )
     if rows:
-        out.append(Block("table", headers=["Condition", "SM active", "SM occupancy", "Tensor active",
-                                           "DRAM active", "Power (W)"], rows=rows))
-        out.append(Block("p", "NVML GPM metrics (the study's DCGM fields), fractions 0-1, mean over "
-                              "the samples inside the measurement window. GPM is device-wide: on a "
-                              "shared GPU it cannot split gen from embed."))
+        out.append(
+            Block(
+                "table",
+                headers=[
+                    "Condition",
+                    "SM active",
+                    "SM occupancy",
+                    "Tensor active",
+                    "DRAM active",
+                    "Power (W)",
+                ],
+                rows=rows,
+            )
+        )
+        out.append(
+            Block(
+                "p",
+                "NVML GPM metrics (the study's DCGM fields), fractions 0-1, mean over "
+                "the samples inside the measurement window. GPM is device-wide: on a "
+                "shared GPU it cannot split gen from embed.",
+            )
+        )
         return out
     notes = set()
     for c in run.matrix:
@@ -155,14 +263,29 @@ def sweep_blocks(run: RunStats) -> list[Block]:
     rows = []
     for c in sorted(run.sweep, key=lambda c: (c.condition.sweep.base, c.condition.sweep.value)):
         pt = c.condition.sweep
-        row = [pt.base, f"{pt.value:g}", status_text(c), with_ci(c.summary.get("gen_tok_s")),
-               with_ci(c.summary.get("tpot_p50")), with_ci(c.summary.get("tpot_p99")),
-               with_ci(c.summary.get("embed_seq_s")), with_ci(c.summary.get("embed_lat_p50"))]
+        row = [
+            pt.base,
+            f"{pt.value:g}",
+            status_text(c),
+            with_ci(c.summary.get("gen_tok_s")),
+            with_ci(c.summary.get("tpot_p50")),
+            with_ci(c.summary.get("tpot_p99")),
+            with_ci(c.summary.get("embed_seq_s")),
+            with_ci(c.summary.get("embed_lat_p50")),
+        ]
         if rate:
             row.append(with_ci(c.summary.get(f"{sw.role}_achieved_rps")))
         rows.append(row)
-    headers = ["Condition", f"{sw.role} rate (req/s)" if rate else f"{sw.role} C", "Reps",
-               "Gen (tok/s)", "TPOT p50 (ms)", "TPOT p99 (ms)", "Embed (seq/s)", "Embed p50 (ms)"]
+    headers = [
+        "Condition",
+        f"{sw.role} rate (req/s)" if rate else f"{sw.role} C",
+        "Reps",
+        "Gen (tok/s)",
+        "TPOT p50 (ms)",
+        "TPOT p99 (ms)",
+        "Embed (seq/s)",
+        "Embed p50 (ms)",
+    ]
     if rate:
         headers.append(f"{sw.role.capitalize()} achieved (req/s)")
     out.append(Block("table", align="lr", headers=headers, rows=rows))
@@ -174,8 +297,15 @@ def sweep_blocks(run: RunStats) -> list[Block]:
     best = run.sweep_optimum()
     unit = "tok/s" if sw.role == "gen" else "seq/s"
     if best:
-        out.append(Block("p", "Throughput-optimal concurrency: " + "; ".join(
-            f"**{base}: C={conc:g}** ({num(v)} {unit})" for base, (conc, v) in best.items())))
+        out.append(
+            Block(
+                "p",
+                "Throughput-optimal concurrency: "
+                + "; ".join(
+                    f"**{base}: C={conc:g}** ({num(v)} {unit})" for base, (conc, v) in best.items()
+                ),
+            )
+        )
     else:
         out.append(Block("p", "No sweep point has finished yet."))
     return out
@@ -191,14 +321,25 @@ def problems_blocks(run: RunStats) -> list[Block]:
                 rows.append([c.name, f"rep {f['rep']} failed", why(f.get("error"))])
         missing = c.planned - len(c.ok) - len(c.failed)
         if missing > 0:
-            rows.append([c.name, "not run", f"{missing} of {c.planned} rep(s) not run yet "
-                                            f"(`coserve run SPEC --out DIR --resume`)"])
+            rows.append(
+                [
+                    c.name,
+                    "not run",
+                    f"{missing} of {c.planned} rep(s) not run yet "
+                    f"(`coserve run SPEC --out DIR --resume`)",
+                ]
+            )
     if not rows:
         return []
-    return [Block("h2", "Missing or failed"),
-            Block("p", "These conditions are not complete; their figures above (if any) come from "
-                       "the reps that finished."),
-            Block("table", headers=["Condition", "Status", "Detail"], rows=rows, align="lll")]
+    return [
+        Block("h2", "Missing or failed"),
+        Block(
+            "p",
+            "These conditions are not complete; their figures above (if any) come from "
+            "the reps that finished.",
+        ),
+        Block("table", headers=["Condition", "Status", "Detail"], rows=rows, align="lll"),
+    ]
 
 
 def environment_blocks(run: RunStats) -> list[Block]:
@@ -206,15 +347,22 @@ def environment_blocks(run: RunStats) -> list[Block]:
     pk = ", ".join(f"{k} {v}" for k, v in fp.get("packages", {}).items() if v)
     git = fp.get("git") or {}
     items = [
-        f"GPU: {describe_gpus(fp)}" + (f", CUDA driver {fp['cuda_driver']}" if fp.get("cuda_driver") else ""),
+        f"GPU: {describe_gpus(fp)}"
+        + (f", CUDA driver {fp['cuda_driver']}" if fp.get("cuda_driver") else ""),
         f"CPU: {fp.get('cpu', {}).get('model')} x {fp.get('cpu', {}).get('count')}; host {fp.get('host')}",
         f"coserve {fp.get('coserve')}, commit {str(git.get('commit'))[:12]}{' (with local changes)' if git.get('dirty') else ''}; "
         f"Python {fp.get('python')}; {pk}",
         f"Spec `{run.spec.name}` hash {run.spec.digest()[:12]}; run folder started {fp.get('created')}",
     ]
-    hosts = {json.dumps((r.get("env") or {}).get("git"), sort_keys=True) for c in run.conditions for r in c.ok}
+    hosts = {
+        json.dumps((r.get("env") or {}).get("git"), sort_keys=True)
+        for c in run.conditions
+        for r in c.ok
+    }
     if len(hosts) > 1:
-        items.append("Reps ran at different commits (resumed runs); each rep's rep.json says which.")
+        items.append(
+            "Reps ran at different commits (resumed runs); each rep's rep.json says which."
+        )
     return [Block("h2", "Environment"), Block("ul", items=items)]
 
 
@@ -224,7 +372,9 @@ def tensor_parallel_size(c, role: str, configured: int) -> int:
         return configured
     from coserve.gpu.strategies import make_strategy
 
-    return make_strategy(c.strategy, list(c.gpus), dict(c.options), Path(".")).tensor_parallel_size(role)
+    return make_strategy(c.strategy, list(c.gpus), dict(c.options), Path(".")).tensor_parallel_size(
+        role
+    )
 
 
 def settings_blocks(run: RunStats) -> list[Block]:
@@ -248,16 +398,42 @@ def settings_blocks(run: RunStats) -> list[Block]:
         load = c.load_for(spec)
         loads = []
         if "gen" in c.servers:
-            loads.append(f"gen {load_text(load, 'gen')}, {load.input_len} in / {load.output_len} out"
-                         + (f", {load.gen_endpoint}" if load.gen_endpoint != "completions" else ""))
+            loads.append(
+                f"gen {load_text(load, 'gen')}, {load.input_len} in / {load.output_len} out"
+                + (f", {load.gen_endpoint}" if load.gen_endpoint != "completions" else "")
+            )
         if "embed" in c.servers:
-            loads.append(f"embed {load_text(load, 'embed')} x batch {load.embed_batch}, "
-                         f"{load.embed_input_len} tok")
-        rows.append([c.name, strategy_text(run, c), "CPU" if on_cpu(run) else ",".join(c.gpus),
-                     "; ".join(parts), "; ".join(loads)])
+            loads.append(
+                f"embed {load_text(load, 'embed')} x batch {load.embed_batch}, "
+                f"{load.embed_input_len} tok"
+            )
+        rows.append(
+            [
+                c.name,
+                strategy_text(run, c),
+                "CPU" if on_cpu(run) else ",".join(c.gpus),
+                "; ".join(parts),
+                "; ".join(loads),
+            ]
+        )
     load = spec.load
-    return [Block("h2", "Settings"),
-            Block("p", f"{spec.repetitions} rep(s) per condition, order {spec.order}; "
-                       f"{load.warmup_s:g} s warm-up, {load.duration_s:g} s measurement window; seed {spec.seed}."),
-            Block("table", headers=["Condition", "Strategy", "Device" if on_cpu(run) else "GPUs", "Servers", "Load"], rows=rows,
-                  align="lllll")]
+    return [
+        Block("h2", "Settings"),
+        Block(
+            "p",
+            f"{spec.repetitions} rep(s) per condition, order {spec.order}; "
+            f"{load.warmup_s:g} s warm-up, {load.duration_s:g} s measurement window; seed {spec.seed}.",
+        ),
+        Block(
+            "table",
+            headers=[
+                "Condition",
+                "Strategy",
+                "Device" if on_cpu(run) else "GPUs",
+                "Servers",
+                "Load",
+            ],
+            rows=rows,
+            align="lllll",
+        ),
+    ]

@@ -58,9 +58,15 @@ def strategy_label(c: ConditionStats) -> str:
     the SLO guard): conditions that differ in any of them are separate curves."""
     cond = c.condition
     opts = [f"{k}={v}" for k, v in sorted(cond.options.items())]
-    overrides = {f"{role}.{k}": v for role in ("gen", "embed") for k, v in sorted(getattr(cond, role, {}).items())}
+    overrides = {
+        f"{role}.{k}": v
+        for role in ("gen", "embed")
+        for k, v in sorted(getattr(cond, role, {}).items())
+    }
     opts += [f"{k}={_value(v)}" for k, v in overrides.items() if k.split(".")[1] not in _BY_NAME]
-    if any(k.split(".")[1] in _BY_NAME for k in overrides):  # a command line: the condition's name says it
+    if any(
+        k.split(".")[1] in _BY_NAME for k in overrides
+    ):  # a command line: the condition's name says it
         opts.append(cond.sweep.base if cond.sweep is not None else cond.name)
     return f"{cond.strategy} ({', '.join(opts)})" if opts else cond.strategy
 
@@ -85,12 +91,20 @@ def tradeoff(run: RunStats) -> Tradeoff:
         if not _co_located(c) or "embed_seq_s" not in c.summary or "gen_tok_s" not in c.summary:
             continue
         key = (strategy_label(c), c.condition.baseline_name(run.spec))
-        groups.setdefault(key, []).append(CurvePoint(
-            c.name, c.summary["embed_seq_s"], c.summary["gen_tok_s"], c.summary.get("tpot_p99")))
+        groups.setdefault(key, []).append(
+            CurvePoint(
+                c.name, c.summary["embed_seq_s"], c.summary["gen_tok_s"], c.summary.get("tpot_p99")
+            )
+        )
     several = len({base for _, base in groups}) > 1
-    curves = [Curve(f"{label} vs {base}" if several else label, base,
-                    sorted(pts, key=lambda p: p.embed_seq_s.mean))
-              for (label, base), pts in groups.items()]
+    curves = [
+        Curve(
+            f"{label} vs {base}" if several else label,
+            base,
+            sorted(pts, key=lambda p: p.embed_seq_s.mean),
+        )
+        for (label, base), pts in groups.items()
+    ]
     baselines = []
     for base in dict.fromkeys(c.baseline for c in curves):
         b = next((c for c in run.conditions if c.name == base), None)
@@ -125,27 +139,41 @@ class EqualWork:
         each = ", ".join(f"{n} {num(v)}" for n, v in zip(self.conditions, self.seq_s, strict=True))
         tol = f"{EQUAL_WORK_TOLERANCE * 100:g} %"
         if self.equal:
-            return (f"**Equal embed work** for {self.what}: {each} embed seq/s, within {tol} of "
-                    f"each other (spread {self.spread * 100:.1f} %); their gen figures compare the "
-                    f"same work.")
+            return (
+                f"**Equal embed work** for {self.what}: {each} embed seq/s, within {tol} of "
+                f"each other (spread {self.spread * 100:.1f} %); their gen figures compare the "
+                f"same work."
+            )
         if self.spread == float("inf"):
             gap = "some did none"
         elif self.spread < 1:
             gap = f"the most is {self.spread * 100:.0f} % above the least"
         else:
             gap = f"the most is {self.spread + 1:.1f}x the least"
-        return (f"**Unequal embed work** for {self.what}: {each} embed seq/s ({gap}; equal "
-                f"means within {tol}). Their gen "
-                f"figures compare different amounts of embedding work, not the strategies "
-                f"alone; " + (f"{', '.join(self.behind)} did not keep up with the offered embed "
-                              f"rate (its embed server could not serve it beside gen)."
-                              if self.behind else
-                              "an embed rate (`embed_rate` in [load]) gives each the same work."))
+        return (
+            f"**Unequal embed work** for {self.what}: {each} embed seq/s ({gap}; equal "
+            f"means within {tol}). Their gen "
+            f"figures compare different amounts of embedding work, not the strategies "
+            f"alone; "
+            + (
+                f"{', '.join(self.behind)} did not keep up with the offered embed "
+                f"rate (its embed server could not serve it beside gen)."
+                if self.behind
+                else "an embed rate (`embed_rate` in [load]) gives each the same work."
+            )
+        )
 
     def to_dict(self) -> dict:
-        return {"what": self.what, "scope": self.scope, "conditions": self.conditions, "embed_seq_s": self.seq_s,
-                "spread_pct": self.spread * 100, "equal": self.equal,
-                "tolerance_pct": EQUAL_WORK_TOLERANCE * 100, "behind": self.behind}
+        return {
+            "what": self.what,
+            "scope": self.scope,
+            "conditions": self.conditions,
+            "embed_seq_s": self.seq_s,
+            "spread_pct": self.spread * 100,
+            "equal": self.equal,
+            "tolerance_pct": EQUAL_WORK_TOLERANCE * 100,
+            "behind": self.behind,
+        }
 
 
 def _check(what: str, scope: str, conds: list[ConditionStats]) -> EqualWork | None:
@@ -153,8 +181,9 @@ def _check(what: str, scope: str, conds: list[ConditionStats]) -> EqualWork | No
     if len(have) < 2:
         return None
     behind = [c.name for c in have if any(w.role == "embed" for w in c.load_warnings())]
-    return EqualWork(what, scope, [c.name for c in have], [c.summary["embed_seq_s"].mean for c in have],
-                     behind)
+    return EqualWork(
+        what, scope, [c.name for c in have], [c.summary["embed_seq_s"].mean for c in have], behind
+    )
 
 
 def equal_work_checks(run: RunStats) -> list[EqualWork]:
@@ -173,5 +202,7 @@ def equal_work_checks(run: RunStats) -> list[EqualWork]:
         if _co_located(c):
             by_value.setdefault(c.condition.sweep.value, []).append(c)
     for _, conds in sorted(by_value.items()):
-        out.append(_check(f"the sweep points at {conds[0].condition.sweep.label()}", "sweep", conds))
+        out.append(
+            _check(f"the sweep points at {conds[0].condition.sweep.label()}", "sweep", conds)
+        )
     return [e for e in out if e is not None]

@@ -101,7 +101,7 @@ class OpenAIServer:
                 if e.status < 400:
                     raise
                 return ApiError(e.reason, status=e.status).response()
-        endpoint = request.path[len("/v1/"):]
+        endpoint = request.path[len("/v1/") :]
         if endpoint not in API_ENDPOINTS:
             endpoint = "other"  # a label per random path would grow /metrics without bound
         outcome = "error"
@@ -110,7 +110,9 @@ class OpenAIServer:
             if self.shutting_down:
                 raise ApiError("the server is shutting down", status=503)
             if self.opts.api_key is not None and not _authorized(request, self.opts.api_key):
-                raise ApiError("invalid or missing API key (send 'Authorization: Bearer KEY')", status=401)
+                raise ApiError(
+                    "invalid or missing API key (send 'Authorization: Bearer KEY')", status=401
+                )
             resp = await handler(request)
             outcome = request.get(OUTCOME) or outcome_for_status(resp.status)
             return resp
@@ -135,8 +137,10 @@ class OpenAIServer:
     # ---- /v1/completions, /v1/chat/completions --------------------------------------------
     def _gen_only(self, api: str) -> None:
         if self.opts.kind != "gen":
-            raise ApiError(f"The model `{self.opts.served_names[0]}` is an embedding model and does not "
-                           f"support the {api} API; use /v1/embeddings")
+            raise ApiError(
+                f"The model `{self.opts.served_names[0]}` is an embedding model and does not "
+                f"support the {api} API; use /v1/embeddings"
+            )
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         self._gen_only("Completions")
@@ -149,10 +153,19 @@ class OpenAIServer:
     # ---- /v1/embeddings ------------------------------------------------------------------
     async def embeddings(self, request: web.Request) -> web.Response:
         if self.opts.kind != "embed":
-            raise ApiError(f"The model `{self.opts.served_names[0]}` is a generative model and does not "
-                           "support the Embeddings API; use /v1/completions")
-        req = await read_request(request, parse_embedding, self.opts.served_names, self.tokenizer, self.max_model_len,
-                           self.engine.dim, self.opts.limits)
+            raise ApiError(
+                f"The model `{self.opts.served_names[0]}` is a generative model and does not "
+                "support the Embeddings API; use /v1/completions"
+            )
+        req = await read_request(
+            request,
+            parse_embedding,
+            self.opts.served_names,
+            self.tokenizer,
+            self.max_model_len,
+            self.engine.dim,
+            self.opts.limits,
+        )
         rid = f"embd-{uuid.uuid4().hex}"
         stream = RequestStream()
         await self.engine.add([(rid, req.inputs)], stream)
@@ -168,18 +181,34 @@ class OpenAIServer:
         else:
             rows = float32_rows_json(vectors)
         # The vectors are JSON already; only the envelope goes through json.dumps.
-        data = ",".join(f'{{"object":"embedding","index":{i},"embedding":{row}}}' for i, row in enumerate(rows))
+        data = ",".join(
+            f'{{"object":"embedding","index":{i},"embedding":{row}}}' for i, row in enumerate(rows)
+        )
         prompt_tokens = prompt_tokens or sum(len(ids) for ids in req.inputs)
-        head = json.dumps({"id": rid, "object": "list", "created": int(time.time()), "model": req.model},
-                          separators=(",", ":"))
+        head = json.dumps(
+            {"id": rid, "object": "list", "created": int(time.time()), "model": req.model},
+            separators=(",", ":"),
+        )
         usage = f'{{"prompt_tokens":{prompt_tokens},"total_tokens":{prompt_tokens},"completion_tokens":0}}'
-        return web.Response(text=f'{head[:-1]},"data":[{data}],"usage":{usage}}}', content_type="application/json")
+        return web.Response(
+            text=f'{head[:-1]},"data":[{data}],"usage":{usage}}}', content_type="application/json"
+        )
 
     # ---- the rest ------------------------------------------------------------------------
     async def models(self, request: web.Request) -> web.Response:
-        data = [{"id": name, "object": "model", "created": self.created, "owned_by": "coserve",
-                 "root": self.engine.model_name, "parent": None, "max_model_len": self.max_model_len,
-                 "permission": []} for name in self.opts.served_names]
+        data = [
+            {
+                "id": name,
+                "object": "model",
+                "created": self.created,
+                "owned_by": "coserve",
+                "root": self.engine.model_name,
+                "parent": None,
+                "max_model_len": self.max_model_len,
+                "permission": [],
+            }
+            for name in self.opts.served_names
+        ]
         return json_response({"object": "list", "data": data})
 
     async def health(self, request: web.Request) -> web.Response:
@@ -192,7 +221,9 @@ class OpenAIServer:
     async def metrics_page(self, request: web.Request) -> web.Response:
         extra = []
         if self.guard is not None:
-            extra = guard_metrics(self.guard.state, float(self.engine.stats.get("guard_throttled_s", 0.0)))
+            extra = guard_metrics(
+                self.guard.state, float(self.engine.stats.get("guard_throttled_s", 0.0))
+            )
         text = self.metrics.render(self.engine.stats, self.engine.steps, extra)
         return web.Response(body=text.encode(), headers={"Content-Type": METRICS_CONTENT_TYPE})
 
@@ -212,8 +243,11 @@ class OpenAIServer:
         self.shutting_down = True
         await site.stop()
         if self.metrics.in_flight:
-            log.info("draining %d in-flight request(s) for up to %.1f s", self.metrics.in_flight,
-                     self.opts.shutdown_timeout_s)
+            log.info(
+                "draining %d in-flight request(s) for up to %.1f s",
+                self.metrics.in_flight,
+                self.opts.shutdown_timeout_s,
+            )
         if not await self._wait_idle(self.opts.shutdown_timeout_s):
             n = self.engine.abort_all()
             log.info("aborted %d request(s) still running", n)
@@ -235,8 +269,9 @@ def ready_line(opts: ServeOptions, engine: EngineClient, host: str, port: int) -
 def bind_socket(host: str, port: int) -> socket.socket:
     """Bind (not yet listen) the server's address, so a taken port fails before a model loads
     and `--port 0` is resolved early; connections are refused until serving starts."""
-    family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
-                                                      flags=socket.AI_PASSIVE)[0]
+    family, kind, proto, _, addr = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
     sock = socket.socket(family, kind, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -260,8 +295,12 @@ async def serve(engine: EngineClient, opts: ServeOptions, sock: socket.socket | 
             return 1
     await engine.attach()
     server = OpenAIServer(engine, opts)
-    runner = web.AppRunner(server.make_app(), handler_cancellation=True, shutdown_timeout=1.0,
-                           access_log=logging.getLogger("aiohttp.access") if opts.access_log else None)
+    runner = web.AppRunner(
+        server.make_app(),
+        handler_cancellation=True,
+        shutdown_timeout=1.0,
+        access_log=logging.getLogger("aiohttp.access") if opts.access_log else None,
+    )
     await runner.setup()
     site = web.SockSite(runner, sock, backlog=4096)
     await site.start()
@@ -275,8 +314,9 @@ async def serve(engine: EngineClient, opts: ServeOptions, sock: socket.socket | 
         loop.add_signal_handler(sig, stop.set)
     guard_task = None
     if server.guard is not None:
-        guard_task = asyncio.ensure_future(run_guard(server.guard, opts.guard_gen_url, engine.allow,
-                                                     opts.guard_interval_s, stop))
+        guard_task = asyncio.ensure_future(
+            run_guard(server.guard, opts.guard_gen_url, engine.allow, opts.guard_interval_s, stop)
+        )
     waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(engine.dead.wait())]
     await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
     for w in waits:

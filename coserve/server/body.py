@@ -18,19 +18,27 @@ log = logging.getLogger("coserve.server")
 
 JSON_TYPES = ("application/json",)
 OFF_LOOP_BYTES = 256 << 10  # bodies from this size on are parsed in a worker thread
-MAX_BODY_BYTES = web.AppKey("max_body_bytes", int)  # the app's client_max_size, for the 413's message
+MAX_BODY_BYTES = web.AppKey(
+    "max_body_bytes", int
+)  # the app's client_max_size, for the 413's message
 
 
 async def read_json(request: web.Request) -> tuple[dict, int]:
     """(the body as a JSON object, its size in bytes). Raises ApiError 415/413/400."""
     if request.content_type not in JSON_TYPES:
-        raise ApiError(f"the request body must be JSON, sent with 'Content-Type: application/json' "
-                       f"(got {request.content_type!r:.100})", status=415)
+        raise ApiError(
+            f"the request body must be JSON, sent with 'Content-Type: application/json' "
+            f"(got {request.content_type!r:.100})",
+            status=415,
+        )
     try:
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
-        raise ApiError(f"the request body is larger than this server takes ({request.app[MAX_BODY_BYTES]} "
-                       "bytes; see --max-request-bytes)", status=413) from None
+        raise ApiError(
+            f"the request body is larger than this server takes ({request.app[MAX_BODY_BYTES]} "
+            "bytes; see --max-request-bytes)",
+            status=413,
+        ) from None
     try:
         body = await _off_loop(len(raw), json.loads, raw)
     except RecursionError:
@@ -57,7 +65,9 @@ async def _off_loop(size: int, fn, *args):
 
 
 def json_response(obj, status: int = 200) -> web.Response:
-    return web.Response(status=status, text=json.dumps(obj, separators=(",", ":")), content_type="application/json")
+    return web.Response(
+        status=status, text=json.dumps(obj, separators=(",", ":")), content_type="application/json"
+    )
 
 
 def parse_or_400(parse, *args):
@@ -68,5 +78,9 @@ def parse_or_400(parse, *args):
     except ApiError:
         raise
     except Exception as e:  # noqa: BLE001 - whatever a request's content can raise is the client's fault
-        log.info("request refused by an unforeseen %s while parsing", type(e).__name__, exc_info=True)
-        raise ApiError(f"the request could not be read: {type(e).__name__}: {quote(str(e))}") from None
+        log.info(
+            "request refused by an unforeseen %s while parsing", type(e).__name__, exc_info=True
+        )
+        raise ApiError(
+            f"the request could not be read: {type(e).__name__}: {quote(str(e))}"
+        ) from None

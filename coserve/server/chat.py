@@ -47,12 +47,21 @@ def _content(message: dict, i: int) -> str:
     if isinstance(v, list):
         parts = []
         for part in v:
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise ApiError(f"'{param}' may only hold text parts ({{'type': 'text', 'text': ...}}), got "
-                               f"{quote(part)}", param="messages")
+            if (
+                not isinstance(part, dict)
+                or part.get("type") != "text"
+                or not isinstance(part.get("text"), str)
+            ):
+                raise ApiError(
+                    f"'{param}' may only hold text parts ({{'type': 'text', 'text': ...}}), got "
+                    f"{quote(part)}",
+                    param="messages",
+                )
             parts.append(check_text(part["text"], "messages"))
         return "\n".join(parts)
-    raise ApiError(f"'{param}' must be a string or a list of text parts, got {type_name(v)}", param="messages")
+    raise ApiError(
+        f"'{param}' must be a string or a list of text parts, got {type_name(v)}", param="messages"
+    )
 
 
 def parse_messages(body: dict) -> list[dict[str, str]]:
@@ -60,15 +69,21 @@ def parse_messages(body: dict) -> list[dict[str, str]]:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         got = "an empty list" if messages == [] else type_name(messages)
-        raise ApiError(f"'messages' must be a non-empty list of messages, got {got}", param="messages")
+        raise ApiError(
+            f"'messages' must be a non-empty list of messages, got {got}", param="messages"
+        )
     out = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
-            raise ApiError(f"'messages[{i}]' must be an object, got {type_name(m)}", param="messages")
+            raise ApiError(
+                f"'messages[{i}]' must be an object, got {type_name(m)}", param="messages"
+            )
         role = m.get("role")
         if role not in ROLES:
-            raise ApiError(f"'messages[{i}].role' must be one of {', '.join(ROLES)}, got {quote(role)}",
-                           param="messages")
+            raise ApiError(
+                f"'messages[{i}].role' must be one of {', '.join(ROLES)}, got {quote(role)}",
+                param="messages",
+            )
         out.append({"role": role, "content": _content(m, i)})
     return out
 
@@ -97,20 +112,34 @@ def render(messages: list[dict[str, str]], tokenizer, add_generation_prompt: boo
     if not template:
         return plain_template(messages, add_generation_prompt)
     try:
-        return _compile(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                         **getattr(tokenizer, "special_tokens", {}))
+        return _compile(template).render(
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
+            **getattr(tokenizer, "special_tokens", {}),
+        )
     except Exception as e:  # the model's template refused these messages (raise_exception)
-        raise ApiError(f"the model's chat template cannot render these messages: {quote(str(e))}",
-                       param="messages") from None
+        raise ApiError(
+            f"the model's chat template cannot render these messages: {quote(str(e))}",
+            param="messages",
+        ) from None
 
 
-def parse_chat(body: dict, served_names: list[str], tokenizer, max_model_len: int,
-               limits: RequestLimits = DEFAULT_LIMITS, eos_token_ids: tuple[int, ...] = ()) -> GenRequest:
+def parse_chat(
+    body: dict,
+    served_names: list[str],
+    tokenizer,
+    max_model_len: int,
+    limits: RequestLimits = DEFAULT_LIMITS,
+    eos_token_ids: tuple[int, ...] = (),
+) -> GenRequest:
     model = check_model(body, served_names)
     check_neutral(body, _CHAT_NEUTRAL)
     if tokenizer is None:
-        raise ApiError("this model has no tokenizer, so it cannot read chat messages: use /v1/completions "
-                       "with token ids", param="messages")
+        raise ApiError(
+            "this model has no tokenizer, so it cannot read chat messages: use /v1/completions "
+            "with token ids",
+            param="messages",
+        )
     f = parse_sampling(body, tokenizer, ("max_completion_tokens", "max_tokens"), limits)
     want = opt_bool(body, "logprobs", False)
     top = opt_int(body, "top_logprobs", None, minimum=0, maximum=MAX_LOGPROBS)
@@ -120,13 +149,24 @@ def parse_chat(body: dict, served_names: list[str], tokenizer, max_model_len: in
     text = render(parse_messages(body), tokenizer, opt_bool(body, "add_generation_prompt", True))
     chars = limits.prompt_chars(max_model_len)
     if len(text) > chars:
-        raise ApiError(f"the messages make a prompt of {len(text)} characters, more than this server takes "
-                       f"({chars}, for a context of {max_model_len} tokens). Please shorten them.",
-                       param="messages")
+        raise ApiError(
+            f"the messages make a prompt of {len(text)} characters, more than this server takes "
+            f"({chars}, for a context of {max_model_len} tokens). Please shorten them.",
+            param="messages",
+        )
     ids = list(tokenizer.encode(text))
     if not ids:
         raise ApiError("the messages make an empty prompt", param="messages")
     key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     params = build_params(f, [ids], max_model_len, None, eos_token_ids, logprobs, "messages", key)
-    return GenRequest(model, [ids] * f.n, params, f.stream, f.include_usage, f.continuous_usage, f.stop,
-                      logprobs, 1)
+    return GenRequest(
+        model,
+        [ids] * f.n,
+        params,
+        f.stream,
+        f.include_usage,
+        f.continuous_usage,
+        f.stop,
+        logprobs,
+        1,
+    )

@@ -18,11 +18,31 @@ def token_text(tokenizer, token_id: int) -> str:
 
 
 class Choice:
-    __slots__ = ("index", "tokenizer", "decoder", "stops", "hold", "pending", "ids", "text", "finish",
-                 "stop_reason", "logprobs", "num_logprobs", "offset", "stop_token_ids")
+    __slots__ = (
+        "index",
+        "tokenizer",
+        "decoder",
+        "stops",
+        "hold",
+        "pending",
+        "ids",
+        "text",
+        "finish",
+        "stop_reason",
+        "logprobs",
+        "num_logprobs",
+        "offset",
+        "stop_token_ids",
+    )
 
-    def __init__(self, index: int, tokenizer, stops: list[str], num_logprobs: int | None,
-                 stop_token_ids: tuple[int, ...] = ()):
+    def __init__(
+        self,
+        index: int,
+        tokenizer,
+        stops: list[str],
+        num_logprobs: int | None,
+        stop_token_ids: tuple[int, ...] = (),
+    ):
         self.index = index
         self.tokenizer = tokenizer
         self.decoder = IncrementalDecoder(tokenizer) if tokenizer is not None else None
@@ -51,7 +71,12 @@ class Choice:
             for t, lp in zip(new_ids, lps, strict=True):
                 if lp is not None:
                     self.logprobs.append((t, lp[0], lp[2], lp[3]))
-        if reason == "stop" and self.stop_token_ids and new_ids and new_ids[-1] in self.stop_token_ids:
+        if (
+            reason == "stop"
+            and self.stop_token_ids
+            and new_ids
+            and new_ids[-1] in self.stop_token_ids
+        ):
             self.stop_reason = new_ids[-1]  # vLLM names the stop token that ended it
         if reason is not None:
             self.finish = reason
@@ -59,9 +84,11 @@ class Choice:
             return ""
         self.pending += self.decoder.add(new_ids, final=reason is not None)
         if self.stops:
-            hit = min(((i, s) for s in self.stops if (i := self.pending.find(s)) >= 0), default=None)
+            hit = min(
+                ((i, s) for s in self.stops if (i := self.pending.find(s)) >= 0), default=None
+            )
             if hit is not None:
-                out = self.pending[:hit[0]]
+                out = self.pending[: hit[0]]
                 self.pending = ""
                 self.finish, self.stop_reason = "stop", hit[1]
                 self.text.append(out)
@@ -83,7 +110,9 @@ class Choice:
             out["tokens"].append(text)
             out["token_logprobs"].append(lp)
             top: dict[str, float] = {}
-            for t, v in zip(top_ids, top_lps, strict=True):  # most likely first: it keeps a shared text
+            for t, v in zip(
+                top_ids, top_lps, strict=True
+            ):  # most likely first: it keeps a shared text
                 top.setdefault(token_text(self.tokenizer, t), v)
             top.setdefault(text, lp)  # vLLM lists the sampled token too
             out["top_logprobs"].append(top)
@@ -93,10 +122,17 @@ class Choice:
 
     def chat_logprobs(self, entries: list[tuple]) -> dict:
         """{"content": [{"token", "logprob", "bytes", "top_logprobs"}]} for `entries`."""
+
         def item(t: int, v: float) -> dict:
             text = token_text(self.tokenizer, t)
             return {"token": text, "logprob": v, "bytes": list(text.encode("utf-8", "replace"))}
 
-        return {"content": [{**item(token, lp), "top_logprobs": [item(t, v) for t, v in
-                                                                 zip(top_ids, top_lps, strict=True)]}
-                            for token, lp, top_ids, top_lps in entries]}
+        return {
+            "content": [
+                {
+                    **item(token, lp),
+                    "top_logprobs": [item(t, v) for t, v in zip(top_ids, top_lps, strict=True)],
+                }
+                for token, lp, top_ids, top_lps in entries
+            ]
+        }

@@ -44,7 +44,9 @@ def green_context_problem(device: str) -> str | None:
         return f"--embed-sms: green contexts are a CUDA feature; the device is {device}"
     gc = getattr(torch.cuda, "green_contexts", None)
     if gc is None or not getattr(gc, "SUPPORTED", False):
-        return f"--embed-sms: this torch ({torch.__version__}) was not built with CUDA green contexts"
+        return (
+            f"--embed-sms: this torch ({torch.__version__}) was not built with CUDA green contexts"
+        )
     return None
 
 
@@ -61,16 +63,27 @@ def _streams(engines: dict, embed_sms: int | None) -> dict:
     if embed_sms:
         total = torch.cuda.get_device_properties(device).multi_processor_count
         if not 0 < embed_sms < total:
-            raise ValueError(f"--embed-sms: {embed_sms} is not between 1 and {total - 1} (this GPU has {total} SMs)")
+            raise ValueError(
+                f"--embed-sms: {embed_sms} is not between 1 and {total - 1} (this GPU has {total} SMs)"
+            )
         index = device.index if device.index is not None else torch.cuda.current_device()
         # Work runs inside the partition only on the green context's own stream.
-        out["embed"] = torch.cuda.green_contexts.GreenContext.create(num_sms=embed_sms, device_id=index).Stream()
-        log.info("colocated: gen on a stream of priority %d over all %d SMs, embed on a green context of %d SMs",
-                 out["gen"].priority, total, embed_sms)
+        out["embed"] = torch.cuda.green_contexts.GreenContext.create(
+            num_sms=embed_sms, device_id=index
+        ).Stream()
+        log.info(
+            "colocated: gen on a stream of priority %d over all %d SMs, embed on a green context of %d SMs",
+            out["gen"].priority,
+            total,
+            embed_sms,
+        )
     else:
         out["embed"] = torch.cuda.Stream(device=device, priority=0)
-        log.info("colocated: gen on a stream of priority %d, embed on %d (lower runs first)",
-                 out["gen"].priority, out["embed"].priority)
+        log.info(
+            "colocated: gen on a stream of priority %d, embed on %d (lower runs first)",
+            out["gen"].priority,
+            out["embed"].priority,
+        )
     return out
 
 
@@ -83,7 +96,9 @@ def _serve_on(engine, conn, stream) -> None:
         engine_core.serve_pipe(engine, conn)
 
 
-def core(factories: dict, conns: dict, log_level: str = "INFO", embed_sms: int | None = None) -> None:
+def core(
+    factories: dict, conns: dict, log_level: str = "INFO", embed_sms: int | None = None
+) -> None:
     """Process entry point: build gen then embed, then serve both pipes, one thread each.
     A failure to build either, or a bad `embed_sms`, fails both (each front hears why)."""
     engine_core.start_process(log_level)
@@ -110,8 +125,12 @@ def core(factories: dict, conns: dict, log_level: str = "INFO", embed_sms: int |
     try:
         for role in ROLES:
             engine_core._send(conns[role], engine_core.ready(engines[role]))
-        threads = [threading.Thread(target=_serve_on, args=(engines[r], conns[r], streams[r]),
-                                    name=f"coserve-{r}-loop") for r in ROLES]
+        threads = [
+            threading.Thread(
+                target=_serve_on, args=(engines[r], conns[r], streams[r]), name=f"coserve-{r}-loop"
+            )
+            for r in ROLES
+        ]
         for t in threads:
             t.start()
         for t in threads:
@@ -121,13 +140,19 @@ def core(factories: dict, conns: dict, log_level: str = "INFO", embed_sms: int |
             e.shutdown()
 
 
-def start_engines(factories: dict, log_level: str = "INFO", embed_sms: int | None = None) -> dict[str, EngineClient]:
+def start_engines(
+    factories: dict, log_level: str = "INFO", embed_sms: int | None = None
+) -> dict[str, EngineClient]:
     """Spawn the one engine process, block until both engines are loaded -> role ->
     EngineClient (both on the same process). Raises EngineStartError with the core's message."""
     ctx = multiprocessing.get_context("spawn")
     pipes = {r: ctx.Pipe(duplex=True) for r in ROLES}
-    proc = ctx.Process(target=core, args=(factories, {r: p[1] for r, p in pipes.items()}, log_level, embed_sms),
-                       name="coserve-engine-core", daemon=False)
+    proc = ctx.Process(
+        target=core,
+        args=(factories, {r: p[1] for r, p in pipes.items()}, log_level, embed_sms),
+        name="coserve-engine-core",
+        daemon=False,
+    )
     proc.start()
     atexit.register(_reap, proc, 0)
     for _, theirs in pipes.values():
@@ -139,7 +164,9 @@ def start_engines(factories: dict, log_level: str = "INFO", embed_sms: int | Non
                 msg = pickle.loads(ours.recv_bytes())
             except EOFError:
                 proc.join(5)
-                raise EngineStartError(f"the engine process exited with code {proc.exitcode} while loading", 1) from None
+                raise EngineStartError(
+                    f"the engine process exited with code {proc.exitcode} while loading", 1
+                ) from None
             if msg[0] == "failed":
                 raise EngineStartError(msg[1], msg[2])
             infos[role] = msg[1]
@@ -163,18 +190,27 @@ async def serve_both(engines: dict[str, EngineClient], opts: dict, socks: dict) 
     for role in ROLES:
         await engines[role].attach()
         server = OpenAIServer(engines[role], opts[role])
-        runner = web.AppRunner(server.make_app(), handler_cancellation=True, shutdown_timeout=1.0,
-                               access_log=logging.getLogger("aiohttp.access") if opts[role].access_log else None)
+        runner = web.AppRunner(
+            server.make_app(),
+            handler_cancellation=True,
+            shutdown_timeout=1.0,
+            access_log=logging.getLogger("aiohttp.access") if opts[role].access_log else None,
+        )
         await runner.setup()
         site = web.SockSite(runner, socks[role], backlog=4096)
         await site.start()
         host, port = socks[role].getsockname()[:2]
-        print(ready_line(opts[role], engines[role], f"[{host}]" if ":" in host else host, port), flush=True)
+        print(
+            ready_line(opts[role], engines[role], f"[{host}]" if ":" in host else host, port),
+            flush=True,
+        )
         fronts.append((server, site, runner))
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    waits = [asyncio.ensure_future(stop.wait())] + [asyncio.ensure_future(e.dead.wait()) for e in engines.values()]
+    waits = [asyncio.ensure_future(stop.wait())] + [
+        asyncio.ensure_future(e.dead.wait()) for e in engines.values()
+    ]
     await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
     for w in waits:
         w.cancel()
@@ -188,11 +224,19 @@ async def serve_both(engines: dict[str, EngineClient], opts: dict, socks: dict) 
 
 def engine_args(args) -> dict[str, argparse.Namespace]:
     """role -> the `coserve serve` arguments its engine is built from."""
-    embed = {"kind": "embed", "model": args.embed_model, "gpu_memory_utilization": args.embed_gpu_memory_utilization,
-             "max_model_len": args.embed_max_model_len, "max_num_seqs": args.embed_max_num_seqs,
-             "max_num_batched_tokens": args.embed_max_num_batched_tokens, "enforce_eager": False}
-    return {"gen": argparse.Namespace(**{**vars(args), "kind": "gen"}),
-            "embed": argparse.Namespace(**{**vars(args), **embed})}
+    embed = {
+        "kind": "embed",
+        "model": args.embed_model,
+        "gpu_memory_utilization": args.embed_gpu_memory_utilization,
+        "max_model_len": args.embed_max_model_len,
+        "max_num_seqs": args.embed_max_num_seqs,
+        "max_num_batched_tokens": args.embed_max_num_batched_tokens,
+        "enforce_eager": False,
+    }
+    return {
+        "gen": argparse.Namespace(**{**vars(args), "kind": "gen"}),
+        "embed": argparse.Namespace(**{**vars(args), **embed}),
+    }
 
 
 def problem(args, device: str) -> str | None:

@@ -25,7 +25,9 @@ def parse_bytes(text: str) -> int:
     """'268435456', '256M', '256MiB', '1.5G' -> bytes (powers of 1024)."""
     m = _SIZE.match(text)
     if not m:
-        raise argparse.ArgumentTypeError(f"not a size in bytes: {text!r} (e.g. 268435456, 256M, 2G)")
+        raise argparse.ArgumentTypeError(
+            f"not a size in bytes: {text!r} (e.g. 268435456, 256M, 2G)"
+        )
     unit = (m.group(2) or "b")[0].lower()
     return int(float(m.group(1)) * 1024 ** "bkmgt".index(unit))
 
@@ -45,50 +47,256 @@ def _positive(text: str) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("kind", choices=["gen", "embed", "colocated"], help="generation (/v1/completions), embedding (/v1/embeddings), or both engines in one process (--model and --embed-model, two ports)")
-    parser.add_argument("--model", metavar="PRESET_OR_DIR", required=True, help="a preset name (tiny-dense, tiny-moe, tiny-embed, all-minilm-l6-v2, qwen3-30b-a3b, qwen3-embedding-8b) or an HF model directory")
-    parser.add_argument("--random-weights", action="store_true", help="initialise the preset's architecture with random weights")
-    parser.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME", help="name(s) the API answers to (default: the --model value)")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available)")
-    parser.add_argument("--dtype", default=None, help="weights/activations dtype (default: the engine's choice for the device)")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface; set --api-key then)")
+    parser.add_argument(
+        "kind",
+        choices=["gen", "embed", "colocated"],
+        help="generation (/v1/completions), embedding (/v1/embeddings), or both engines in one process (--model and --embed-model, two ports)",
+    )
+    parser.add_argument(
+        "--model",
+        metavar="PRESET_OR_DIR",
+        required=True,
+        help="a preset name (tiny-dense, tiny-moe, tiny-embed, all-minilm-l6-v2, qwen3-30b-a3b, qwen3-embedding-8b) or an HF model directory",
+    )
+    parser.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="initialise the preset's architecture with random weights",
+    )
+    parser.add_argument(
+        "--served-model-name",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help="name(s) the API answers to (default: the --model value)",
+    )
+    parser.add_argument(
+        "--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available)"
+    )
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        help="weights/activations dtype (default: the engine's choice for the device)",
+    )
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (0.0.0.0: every interface; set --api-key then)",
+    )
     parser.add_argument("--port", metavar="N", type=int, default=8000, help="0 picks a free port")
-    parser.add_argument("--gpu-memory-utilization", metavar="F", type=_fraction, default=0.9, help="fraction of the whole GPU this process may use, as in vLLM")
-    parser.add_argument("--kv-cache-bytes", metavar="BYTES", type=parse_bytes, default=256 << 20, help="KV-cache budget on CPU (e.g. 256M)")
-    parser.add_argument("--max-model-len", metavar="N", type=_positive, default=None, help="longest prompt + completion in tokens")
-    parser.add_argument("--max-num-seqs", metavar="N", type=_positive, default=256, help="most sequences in one batch")
-    parser.add_argument("--max-num-batched-tokens", metavar="N", type=_positive, default=8192, help="most tokens in one step (prefill chunk / embedding batch)")
-    parser.add_argument("--enforce-eager", action="store_true", help="gen only: no CUDA graphs (the embed engine has no graph path, so serve embed refuses it)")
-    parser.add_argument("--tensor-parallel-size", metavar="N", type=_positive, default=1, help="ranks (one process and one GPU each, from --device on) the model is split across")
-    parser.add_argument("--enable-expert-parallel", action="store_true", help="tensor parallel MoE: each rank holds whole experts instead of a slice of every expert")
-    parser.add_argument("--tp-all-reduce", choices=["nccl", "symm-mem"], default="nccl", help="tensor parallel: symm-mem sums small tensors with a one-shot all-reduce over torch symmetric memory (no multicast)")
-    parser.add_argument("--no-async-scheduling", action="store_true", help="gen: read each step's tokens back before launching the next")
-    parser.add_argument("--seed", metavar="N", type=int, default=0, help="seed of random weights and of unseeded sampling")
-    parser.add_argument("--api-key", metavar="KEY", default=os.environ.get("COSERVE_API_KEY"), help="require 'Authorization: Bearer KEY' on /v1/* (default: $COSERVE_API_KEY)")
-    parser.add_argument("--shutdown-timeout", type=_seconds, default=5.0, metavar="S", help="on SIGTERM, seconds in-flight requests get to finish before they are aborted")
+    parser.add_argument(
+        "--gpu-memory-utilization",
+        metavar="F",
+        type=_fraction,
+        default=0.9,
+        help="fraction of the whole GPU this process may use, as in vLLM",
+    )
+    parser.add_argument(
+        "--kv-cache-bytes",
+        metavar="BYTES",
+        type=parse_bytes,
+        default=256 << 20,
+        help="KV-cache budget on CPU (e.g. 256M)",
+    )
+    parser.add_argument(
+        "--max-model-len",
+        metavar="N",
+        type=_positive,
+        default=None,
+        help="longest prompt + completion in tokens",
+    )
+    parser.add_argument(
+        "--max-num-seqs",
+        metavar="N",
+        type=_positive,
+        default=256,
+        help="most sequences in one batch",
+    )
+    parser.add_argument(
+        "--max-num-batched-tokens",
+        metavar="N",
+        type=_positive,
+        default=8192,
+        help="most tokens in one step (prefill chunk / embedding batch)",
+    )
+    parser.add_argument(
+        "--enforce-eager",
+        action="store_true",
+        help="gen only: no CUDA graphs (the embed engine has no graph path, so serve embed refuses it)",
+    )
+    parser.add_argument(
+        "--tensor-parallel-size",
+        metavar="N",
+        type=_positive,
+        default=1,
+        help="ranks (one process and one GPU each, from --device on) the model is split across",
+    )
+    parser.add_argument(
+        "--enable-expert-parallel",
+        action="store_true",
+        help="tensor parallel MoE: each rank holds whole experts instead of a slice of every expert",
+    )
+    parser.add_argument(
+        "--tp-all-reduce",
+        choices=["nccl", "symm-mem"],
+        default="nccl",
+        help="tensor parallel: symm-mem sums small tensors with a one-shot all-reduce over torch symmetric memory (no multicast)",
+    )
+    parser.add_argument(
+        "--no-async-scheduling",
+        action="store_true",
+        help="gen: read each step's tokens back before launching the next",
+    )
+    parser.add_argument(
+        "--seed",
+        metavar="N",
+        type=int,
+        default=0,
+        help="seed of random weights and of unseeded sampling",
+    )
+    parser.add_argument(
+        "--api-key",
+        metavar="KEY",
+        default=os.environ.get("COSERVE_API_KEY"),
+        help="require 'Authorization: Bearer KEY' on /v1/* (default: $COSERVE_API_KEY)",
+    )
+    parser.add_argument(
+        "--shutdown-timeout",
+        type=_seconds,
+        default=5.0,
+        metavar="S",
+        help="on SIGTERM, seconds in-flight requests get to finish before they are aborted",
+    )
     parser.add_argument("--access-log", action="store_true", help="log every HTTP request")
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="least severe log message written to stderr")
-    co = parser.add_argument_group("colocated: the embed engine beside gen in one process (gen decodes on a high-priority CUDA stream, embed on a low one); the flags above are gen's")
-    co.add_argument("--embed-model", metavar="PRESET_OR_DIR", default=None, help="the embedding model")
-    co.add_argument("--embed-port", metavar="N", type=int, default=8001, help="the embed endpoint's port (0 picks a free one)")
-    co.add_argument("--embed-gpu-memory-utilization", metavar="F", type=_fraction, default=0.3, help="the embed engine's fraction of the GPU")
-    co.add_argument("--embed-max-model-len", metavar="N", type=_positive, default=None, help="the embed engine's longest input")
-    co.add_argument("--embed-max-num-seqs", metavar="N", type=_positive, default=256, help="inputs in one embed forward")
-    co.add_argument("--embed-sms", metavar="M", type=_positive, default=None, help="confine embed to a CUDA green context of M SMs (gen keeps all; needs torch with green contexts)")
-    co.add_argument("--embed-max-num-batched-tokens", metavar="N", type=_positive, default=8192, help="tokens in one embed forward")
-    guard = parser.add_argument_group("SLO guard (embed only): throttle embed forwards to hold a gen server's step time")
-    guard.add_argument("--slo-guard-gen-url", metavar="URL", default=None, help="the gen server whose /metrics the guard reads")
+    parser.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="least severe log message written to stderr",
+    )
+    co = parser.add_argument_group(
+        "colocated: the embed engine beside gen in one process (gen decodes on a high-priority CUDA stream, embed on a low one); the flags above are gen's"
+    )
+    co.add_argument(
+        "--embed-model", metavar="PRESET_OR_DIR", default=None, help="the embedding model"
+    )
+    co.add_argument(
+        "--embed-port",
+        metavar="N",
+        type=int,
+        default=8001,
+        help="the embed endpoint's port (0 picks a free one)",
+    )
+    co.add_argument(
+        "--embed-gpu-memory-utilization",
+        metavar="F",
+        type=_fraction,
+        default=0.3,
+        help="the embed engine's fraction of the GPU",
+    )
+    co.add_argument(
+        "--embed-max-model-len",
+        metavar="N",
+        type=_positive,
+        default=None,
+        help="the embed engine's longest input",
+    )
+    co.add_argument(
+        "--embed-max-num-seqs",
+        metavar="N",
+        type=_positive,
+        default=256,
+        help="inputs in one embed forward",
+    )
+    co.add_argument(
+        "--embed-sms",
+        metavar="M",
+        type=_positive,
+        default=None,
+        help="confine embed to a CUDA green context of M SMs (gen keeps all; needs torch with green contexts)",
+    )
+    co.add_argument(
+        "--embed-max-num-batched-tokens",
+        metavar="N",
+        type=_positive,
+        default=8192,
+        help="tokens in one embed forward",
+    )
+    guard = parser.add_argument_group(
+        "SLO guard (embed only): throttle embed forwards to hold a gen server's step time"
+    )
+    guard.add_argument(
+        "--slo-guard-gen-url",
+        metavar="URL",
+        default=None,
+        help="the gen server whose /metrics the guard reads",
+    )
     slo = guard.add_mutually_exclusive_group()
-    slo.add_argument("--gen-tpot-slo-ms", metavar="MS", type=_positive_float, default=None, help="budget of gen's step time (--slo-guard-stat), in ms")
-    slo.add_argument("--gen-tpot-slo-pct", metavar="P", type=_percent, default=None, help="budget: gen alone's step time (measured when gen first gets busy, embed held) plus P %%")
-    guard.add_argument("--slo-guard-stat", choices=["mean", "p99"], default="mean", help="gen's step time over 0.5 s the guard holds: mean (a request's TPOT is a mean of step times) or p99 (default %(default)s)")
-    guard.add_argument("--slo-guard-min-tokens", metavar="N", type=_positive, default=512, help="fewest tokens per embed forward the guard cuts to before it pauses between forwards (default %(default)s)")
-    guard.add_argument("--slo-guard-interval-ms", metavar="MS", type=_positive_float, default=50.0, help="how often the guard reads gen's /metrics (default %(default)s)")
-    limits = parser.add_argument_group("limits on one request (checked before any work; a request over one gets a 4xx)")
-    limits.add_argument("--max-embed-inputs", metavar="N", type=_positive, default=RequestLimits.max_embed_inputs, help="inputs in one /v1/embeddings request (default %(default)s, OpenAI's limit)")
-    limits.add_argument("--max-gen-choices", metavar="N", type=_positive, default=RequestLimits.max_gen_choices, help="sequences one completion/chat request may start, prompts x n (default %(default)s, vLLM's default max_num_seqs)")
-    limits.add_argument("--max-request-bytes", metavar="BYTES", type=parse_bytes, default=RequestLimits.max_body_bytes, help="size of one request body (default 64M); larger ones get 413")
-    limits.add_argument("--max-prompt-chars", metavar="N", type=_positive, default=None, help=f"characters of one text prompt or input, checked before tokenising (default: {CHARS_PER_TOKEN_BOUND} x max_model_len)")
+    slo.add_argument(
+        "--gen-tpot-slo-ms",
+        metavar="MS",
+        type=_positive_float,
+        default=None,
+        help="budget of gen's step time (--slo-guard-stat), in ms",
+    )
+    slo.add_argument(
+        "--gen-tpot-slo-pct",
+        metavar="P",
+        type=_percent,
+        default=None,
+        help="budget: gen alone's step time (measured when gen first gets busy, embed held) plus P %%",
+    )
+    guard.add_argument(
+        "--slo-guard-stat",
+        choices=["mean", "p99"],
+        default="mean",
+        help="gen's step time over 0.5 s the guard holds: mean (a request's TPOT is a mean of step times) or p99 (default %(default)s)",
+    )
+    guard.add_argument(
+        "--slo-guard-min-tokens",
+        metavar="N",
+        type=_positive,
+        default=512,
+        help="fewest tokens per embed forward the guard cuts to before it pauses between forwards (default %(default)s)",
+    )
+    guard.add_argument(
+        "--slo-guard-interval-ms",
+        metavar="MS",
+        type=_positive_float,
+        default=50.0,
+        help="how often the guard reads gen's /metrics (default %(default)s)",
+    )
+    limits = parser.add_argument_group(
+        "limits on one request (checked before any work; a request over one gets a 4xx)"
+    )
+    limits.add_argument(
+        "--max-embed-inputs",
+        metavar="N",
+        type=_positive,
+        default=RequestLimits.max_embed_inputs,
+        help="inputs in one /v1/embeddings request (default %(default)s, OpenAI's limit)",
+    )
+    limits.add_argument(
+        "--max-gen-choices",
+        metavar="N",
+        type=_positive,
+        default=RequestLimits.max_gen_choices,
+        help="sequences one completion/chat request may start, prompts x n (default %(default)s, vLLM's default max_num_seqs)",
+    )
+    limits.add_argument(
+        "--max-request-bytes",
+        metavar="BYTES",
+        type=parse_bytes,
+        default=RequestLimits.max_body_bytes,
+        help="size of one request body (default 64M); larger ones get 413",
+    )
+    limits.add_argument(
+        "--max-prompt-chars",
+        metavar="N",
+        type=_positive,
+        default=None,
+        help=f"characters of one text prompt or input, checked before tokenising (default: {CHARS_PER_TOKEN_BOUND} x max_model_len)",
+    )
 
 
 def _positive_float(text: str) -> float:
@@ -118,11 +326,18 @@ def guard_config(args, max_model_len: int):
     if args.kind != "embed":
         raise ValueError("--slo-guard-gen-url: the guard throttles an embed server; serve embed")
     if not budget_given:
-        raise ValueError("--slo-guard-gen-url needs a budget: --gen-tpot-slo-ms or --gen-tpot-slo-pct")
+        raise ValueError(
+            "--slo-guard-gen-url needs a budget: --gen-tpot-slo-ms or --gen-tpot-slo-pct"
+        )
     budget_s = args.gen_tpot_slo_ms / 1e3 if args.gen_tpot_slo_ms is not None else None
     max_tokens = max(args.max_num_batched_tokens, max_model_len)
-    return GuardConfig(budget_s=budget_s, over_alone_pct=args.gen_tpot_slo_pct, stat=args.slo_guard_stat,
-                       max_tokens=max_tokens, min_tokens=min(args.slo_guard_min_tokens, max_tokens))
+    return GuardConfig(
+        budget_s=budget_s,
+        over_alone_pct=args.gen_tpot_slo_pct,
+        stat=args.slo_guard_stat,
+        max_tokens=max_tokens,
+        min_tokens=min(args.slo_guard_min_tokens, max_tokens),
+    )
 
 
 def _seconds(text: str) -> float:
@@ -144,13 +359,22 @@ def build_engine(args):
     from coserve.engine.types import EngineArgs
 
     engine_args = EngineArgs(
-        model=args.model, random_weights=args.random_weights, device=_device(args.device), dtype=args.dtype,
-        gpu_memory_utilization=args.gpu_memory_utilization, cpu_kv_cache_bytes=args.kv_cache_bytes,
-        max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens, enforce_eager=args.enforce_eager, seed=args.seed,
-        tensor_parallel_size=args.tensor_parallel_size, tp_all_reduce=args.tp_all_reduce,
+        model=args.model,
+        random_weights=args.random_weights,
+        device=_device(args.device),
+        dtype=args.dtype,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        cpu_kv_cache_bytes=args.kv_cache_bytes,
+        max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        enforce_eager=args.enforce_eager,
+        seed=args.seed,
+        tensor_parallel_size=args.tensor_parallel_size,
+        tp_all_reduce=args.tp_all_reduce,
         enable_expert_parallel=args.enable_expert_parallel,
-        async_scheduling=not args.no_async_scheduling)
+        async_scheduling=not args.no_async_scheduling,
+    )
     if args.kind == "gen":
         from coserve.engine.gen_engine import GenEngine
 
@@ -166,16 +390,22 @@ def _exit_quietly(signum, frame):
 
 def run(args) -> int:
     if args.kind == "embed" and args.enforce_eager:
-        print("coserve serve embed: --enforce-eager does nothing for the embed engine (it has no CUDA-graph "
-              "path and always runs eagerly); leave it out", file=sys.stderr)
+        print(
+            "coserve serve embed: --enforce-eager does nothing for the embed engine (it has no CUDA-graph "
+            "path and always runs eagerly); leave it out",
+            file=sys.stderr,
+        )
         return 2
     try:
         guard_config(args, 1)
     except ValueError as e:
         print(f"coserve serve {args.kind}: {e}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=args.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     import asyncio
 
     from coserve.memcheck import serve_problem
@@ -184,7 +414,9 @@ def run(args) -> int:
 
     if args.kind == "colocated":
         return _run_colocated(args)
-    too_big = serve_problem(args.model, _device(args.device), args.gpu_memory_utilization, args.tensor_parallel_size)
+    too_big = serve_problem(
+        args.model, _device(args.device), args.gpu_memory_utilization, args.tensor_parallel_size
+    )
     if too_big:  # before anything is allocated
         print(f"coserve serve: {too_big}", file=sys.stderr)
         return 2
@@ -202,10 +434,12 @@ def run(args) -> int:
         print(f"coserve serve: {e}", file=sys.stderr)
         return e.exit_code
 
-    opts = dataclasses.replace(_options(args, args.kind, args.served_model_name or [args.model], args.port),
-                               guard=guard_config(args, engine.max_model_len),
-                               guard_gen_url=args.slo_guard_gen_url or "",
-                               guard_interval_s=args.slo_guard_interval_ms / 1e3)
+    opts = dataclasses.replace(
+        _options(args, args.kind, args.served_model_name or [args.model], args.port),
+        guard=guard_config(args, engine.max_model_len),
+        guard_gen_url=args.slo_guard_gen_url or "",
+        guard_interval_s=args.slo_guard_interval_ms / 1e3,
+    )
     rc = asyncio.run(serve(engine, opts, sock))
     return _exit(rc)
 
@@ -213,10 +447,21 @@ def run(args) -> int:
 def _options(args, kind: str, names: list[str], port: int):
     from coserve.server.app import ServeOptions
 
-    return ServeOptions(kind=kind, served_names=names, host=args.host, port=port, api_key=args.api_key,
-                        shutdown_timeout_s=args.shutdown_timeout, access_log=args.access_log,
-                        limits=RequestLimits(max_embed_inputs=args.max_embed_inputs, max_gen_choices=args.max_gen_choices,
-                                             max_body_bytes=args.max_request_bytes, max_prompt_chars=args.max_prompt_chars))
+    return ServeOptions(
+        kind=kind,
+        served_names=names,
+        host=args.host,
+        port=port,
+        api_key=args.api_key,
+        shutdown_timeout_s=args.shutdown_timeout,
+        access_log=args.access_log,
+        limits=RequestLimits(
+            max_embed_inputs=args.max_embed_inputs,
+            max_gen_choices=args.max_gen_choices,
+            max_body_bytes=args.max_request_bytes,
+            max_prompt_chars=args.max_prompt_chars,
+        ),
+    )
 
 
 def _run_colocated(args) -> int:
@@ -224,8 +469,13 @@ def _run_colocated(args) -> int:
     from coserve.server import colocated
     from coserve.server.app import bind_socket
 
-    why = colocated.problem(args, _device(args.device)) or serve_problem(args.model, _device(args.device), args.gpu_memory_utilization, 1) \
-        or serve_problem(args.embed_model, _device(args.device), args.embed_gpu_memory_utilization, 1)
+    why = (
+        colocated.problem(args, _device(args.device))
+        or serve_problem(args.model, _device(args.device), args.gpu_memory_utilization, 1)
+        or serve_problem(
+            args.embed_model, _device(args.device), args.embed_gpu_memory_utilization, 1
+        )
+    )
     if why:
         print(f"coserve serve colocated: {why}", file=sys.stderr)
         return 2
@@ -234,18 +484,25 @@ def _run_colocated(args) -> int:
         try:
             socks[role] = bind_socket(args.host, port)
         except OSError as e:
-            print(f"coserve serve colocated: cannot listen on {args.host}:{port} ({role}): {e}", file=sys.stderr)
+            print(
+                f"coserve serve colocated: cannot listen on {args.host}:{port} ({role}): {e}",
+                file=sys.stderr,
+            )
             return 1
     signal.signal(signal.SIGTERM, _exit_quietly)
-    opts = {"gen": _options(args, "gen", args.served_model_name or [args.model], args.port),
-            "embed": _options(args, "embed", [args.embed_model], args.embed_port)}
+    opts = {
+        "gen": _options(args, "gen", args.served_model_name or [args.model], args.port),
+        "embed": _options(args, "embed", [args.embed_model], args.embed_port),
+    }
     return _exit(colocated.run(args, opts, socks, build_engine))
 
 
 def _exit(rc: int) -> int:
     left = [t.name for t in threading.enumerate() if t is not threading.main_thread()]
     if left:
-        logging.getLogger("coserve.server").warning("threads still running at exit: %s", ", ".join(left))
+        logging.getLogger("coserve.server").warning(
+            "threads still running at exit: %s", ", ".join(left)
+        )
     else:
         logging.getLogger("coserve.server").info("exiting with %d; no threads left", rc)
     return rc

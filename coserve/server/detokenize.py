@@ -23,9 +23,9 @@ class IncrementalDecoder:
         if self.read == len(self.ids):
             return ""
         decode = self.tokenizer.decode
-        before = decode(self.ids[self.prefix:self.read]) if self.read > self.prefix else ""
-        text = decode(self.ids[self.prefix:])
+        before = decode(self.ids[self.prefix : self.read]) if self.read > self.prefix else ""
+        text = decode(self.ids[self.prefix :])
         if len(text) <= len(before) or (text.endswith("\ufffd") and not final):
             return ""
         self.prefix, self.read = self.read, len(self.ids)
-        return text[len(before):]
+        return text[len(before) :]

@@ -62,8 +62,13 @@ def _plain(out, logprobs: dict):
     embeddings = getattr(out, "embeddings", None)
     if embeddings is not None:
         return (out.request_id, np.asarray(embeddings, dtype=np.float32), out.prompt_tokens)
-    return (out.request_id, out.new_token_ids, out.finished, out.finish_reason,
-            logprobs.get(out.request_id) if logprobs else None)
+    return (
+        out.request_id,
+        out.new_token_ids,
+        out.finished,
+        out.finish_reason,
+        logprobs.get(out.request_id) if logprobs else None,
+    )
 
 
 def _take_logprobs(engine) -> dict:
@@ -105,14 +110,17 @@ def build(factory) -> tuple[object | None, tuple | None]:
 
 def ready(engine) -> tuple:
     """The "ready" message: what the front needs to know of the engine."""
-    return ("ready", {
-        "model_name": engine.model_name,
-        "max_model_len": int(engine.max_model_len),
-        "dim": getattr(engine, "dim", None),
-        "tokenizer": getattr(engine, "tokenizer", None),
-        "eos_token_ids": tuple(sorted(getattr(engine, "eos_token_ids", ()))),
-        "stats": {**engine.stats(), **StepClock().stats(time.monotonic())},
-    })
+    return (
+        "ready",
+        {
+            "model_name": engine.model_name,
+            "max_model_len": int(engine.max_model_len),
+            "dim": getattr(engine, "dim", None),
+            "tokenizer": getattr(engine, "tokenizer", None),
+            "eos_token_ids": tuple(sorted(getattr(engine, "eos_token_ids", ()))),
+            "stats": {**engine.stats(), **StepClock().stats(time.monotonic())},
+        },
+    )
 
 
 def serve_pipe(engine, conn) -> None:
@@ -160,8 +168,12 @@ class StepClock:
         times = [s for _, s in self.steps]
         p99 = float(np.percentile(times, 99)) if times else 0.0
         mean = sum(times) / len(times) if times else 0.0
-        return {"step_time_mean_s": mean, "step_time_p99_s": p99, "step_window_steps": len(times),
-                "guard_throttled_s": self.throttled_s}
+        return {
+            "step_time_mean_s": mean,
+            "step_time_p99_s": p99,
+            "step_window_steps": len(times),
+            "guard_throttled_s": self.throttled_s,
+        }
 
 
 class Pacing:

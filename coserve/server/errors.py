@@ -16,8 +16,14 @@ _TYPES = {
 }
 
 # What /metrics counts a request as, from the status it got.
-_OUTCOMES = {400: "bad_request", 401: "unauthorized", 404: "bad_request", 413: "bad_request", 415: "bad_request",
-             503: "unavailable"}
+_OUTCOMES = {
+    400: "bad_request",
+    401: "unauthorized",
+    404: "bad_request",
+    413: "bad_request",
+    415: "bad_request",
+    503: "unavailable",
+}
 
 QUOTE_CHARS = 100  # how much of a rejected value an error message repeats
 
@@ -43,7 +49,11 @@ def quote(value, limit: int = QUOTE_CHARS) -> str:
     if len(text) <= limit:
         return text
     if size is None:
-        size = f"{len(value)} characters" if isinstance(value, str) else f"{len(text)} characters as text"
+        size = (
+            f"{len(value)} characters"
+            if isinstance(value, str)
+            else f"{len(text)} characters as text"
+        )
     return f"{text[:limit]}... ({size})"
 
 
@@ -61,14 +71,22 @@ class ApiError(Exception):
         return _OUTCOMES.get(self.status, "error")
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": _TYPES.get(self.status, "APIError"),
-                          "param": self.param, "code": self.status}}
+        return {
+            "error": {
+                "message": self.message,
+                "type": _TYPES.get(self.status, "APIError"),
+                "param": self.param,
+                "code": self.status,
+            }
+        }
 
     def response(self):
         """The aiohttp Response (aiohttp is imported here, so `coserve --help` does not load it)."""
         from aiohttp import web
 
-        return web.Response(status=self.status, text=json.dumps(self.body()), content_type="application/json")
+        return web.Response(
+            status=self.status, text=json.dumps(self.body()), content_type="application/json"
+        )
 
 
 class Aborted(ApiError):

@@ -42,8 +42,15 @@ DEFAULT_LIMITS = RequestLimits()
 
 
 def type_name(v) -> str:
-    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
-            list: "a list", dict: "an object", type(None): "null"}.get(type(v), type(v).__name__)
+    return {
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        list: "a list",
+        dict: "an object",
+        type(None): "null",
+    }.get(type(v), type(v).__name__)
 
 
 def is_int(v) -> bool:
@@ -59,8 +66,13 @@ def opt_bool(body: dict, key: str, default: bool) -> bool:
     return v
 
 
-def opt_int(body: dict, key: str, default: int | None, minimum: int | None = None,
-            maximum: int | None = None) -> int | None:
+def opt_int(
+    body: dict,
+    key: str,
+    default: int | None,
+    minimum: int | None = None,
+    maximum: int | None = None,
+) -> int | None:
     v = body.get(key)
     if v is None:
         return default
@@ -73,7 +85,9 @@ def opt_int(body: dict, key: str, default: int | None, minimum: int | None = Non
     return v
 
 
-def opt_number(body: dict, key: str, default: float, lo: float, hi: float, lo_open: bool = False) -> float:
+def opt_number(
+    body: dict, key: str, default: float, lo: float, hi: float, lo_open: bool = False
+) -> float:
     v = body.get(key)
     if v is None:
         return default
@@ -97,8 +111,11 @@ def check_model(body: dict, served_names: list[str]) -> str:
     if not isinstance(v, str):
         raise ApiError(f"'model' must be a string, got {type_name(v)}", param="model")
     if v not in served_names:
-        raise ApiError(f"The model {quote(v)} does not exist; this server serves {', '.join(served_names)}",
-                       status=404, param="model")
+        raise ApiError(
+            f"The model {quote(v)} does not exist; this server serves {', '.join(served_names)}",
+            status=404,
+            param="model",
+        )
     return v
 
 
@@ -107,7 +124,9 @@ def check_neutral(body: dict, table: dict) -> None:
     is a 400 naming the field (never silently ignored)."""
     for key, neutral in table.items():
         if key in body and not any(body[key] == n and type(body[key]) is type(n) for n in neutral):
-            raise ApiError(f"'{key}' is not supported by this server (got {quote(body[key])})", param=key)
+            raise ApiError(
+                f"'{key}' is not supported by this server (got {quote(body[key])})", param=key
+            )
 
 
 def check_text(text: str, param: str) -> str:
@@ -115,23 +134,33 @@ def check_text(text: str, param: str) -> str:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
-        raise ApiError(f"'{param}' holds a character that is not valid Unicode text "
-                       f"({quote(text[e.start:e.end])} at index {e.start})", param=param) from None
+        raise ApiError(
+            f"'{param}' holds a character that is not valid Unicode text "
+            f"({quote(text[e.start : e.end])} at index {e.start})",
+            param=param,
+        ) from None
     return text
 
 
 def check_ids(ids: list, param: str, limit: int | None = None) -> list[int]:
     if limit is not None and len(ids) > limit:
-        raise ApiError(f"This model's maximum context length is {limit} tokens, and '{param}' holds "
-                       f"{len(ids)} token ids. Please shorten it.", param=param)
+        raise ApiError(
+            f"This model's maximum context length is {limit} tokens, and '{param}' holds "
+            f"{len(ids)} token ids. Please shorten it.",
+            param=param,
+        )
     for t in ids:
         if not is_int(t) or not 0 <= t <= INT64[1]:
-            raise ApiError(f"'{param}' holds {quote(t)}, which is not a token id (a non-negative integer)",
-                           param=param)
+            raise ApiError(
+                f"'{param}' holds {quote(t)}, which is not a token id (a non-negative integer)",
+                param=param,
+            )
     return ids
 
 
-def token_lists(value, tokenizer, param: str, max_model_len: int, max_chars: int) -> list[list[int]]:
+def token_lists(
+    value, tokenizer, param: str, max_model_len: int, max_chars: int
+) -> list[list[int]]:
     """A prompt/input in any of the four OpenAI forms -> one token-id list per sequence.
     Lengths are checked before any text is tokenised: a text over `max_chars` characters or
     an id list over `max_model_len` (which cannot fit either) is refused as it is."""
@@ -140,17 +169,24 @@ def token_lists(value, tokenizer, param: str, max_model_len: int, max_chars: int
 
     def encode(text: str, i: int) -> list[int]:
         if tokenizer is None:
-            raise ApiError(f"this model has no tokenizer: send '{param}' as token ids, not text", param=param)
+            raise ApiError(
+                f"this model has no tokenizer: send '{param}' as token ids, not text", param=param
+            )
         if not text:  # as OpenAI: even where the tokenizer would add special tokens
             raise ApiError(f"'{param}' holds an empty string", param=param)
         if len(text) > max_chars:
-            raise ApiError(f"'{param}'{which(i)} has {len(text)} characters, more than this server takes "
-                           f"({max_chars}, for a context of {max_model_len} tokens). Please shorten it.",
-                           param=param)
+            raise ApiError(
+                f"'{param}'{which(i)} has {len(text)} characters, more than this server takes "
+                f"({max_chars}, for a context of {max_model_len} tokens). Please shorten it.",
+                param=param,
+            )
         ids = list(tokenizer.encode(check_text(text, param)))
         if len(ids) > max_model_len:  # refused at once, before the rest of the request is tokenised
-            raise ApiError(f"This model's maximum context length is {max_model_len} tokens, and '{param}'"
-                           f"{which(i)} has {len(ids)} tokens. Please shorten it.", param=param)
+            raise ApiError(
+                f"This model's maximum context length is {max_model_len} tokens, and '{param}'"
+                f"{which(i)} has {len(ids)} tokens. Please shorten it.",
+                param=param,
+            )
         return ids
 
     def which(i: int) -> str:
@@ -166,7 +202,9 @@ def token_lists(value, tokenizer, param: str, max_model_len: int, max_chars: int
         elif all(isinstance(t, list) for t in value):
             out = [check_ids(t, param, max_model_len) for t in value]
         else:
-            raise ApiError(f"'{param}' must be {PROMPT_FORMS}; got a list mixing types", param=param)
+            raise ApiError(
+                f"'{param}' must be {PROMPT_FORMS}; got a list mixing types", param=param
+            )
     elif isinstance(value, list):
         raise ApiError(f"'{param}' must not be an empty list", param=param)
     else:
@@ -180,5 +218,8 @@ def token_lists(value, tokenizer, param: str, max_model_len: int, max_chars: int
 def count_items(value, param: str, limit: int, what: str) -> None:
     """Refuse a prompt/input list with more sequences than `limit`, before any is looked at."""
     if isinstance(value, list) and value and not is_int(value[0]) and len(value) > limit:
-        raise ApiError(f"'{param}' holds {len(value)} {what}, more than this server takes in one request "
-                       f"({limit})", param=param)
+        raise ApiError(
+            f"'{param}' holds {len(value)} {what}, more than this server takes in one request "
+            f"({limit})",
+            param=param,
+        )

@@ -46,7 +46,9 @@ def _dumps(obj) -> str:
 
 
 class GenApi:
-    def __init__(self, engine: EngineClient, metrics: Metrics, served_names: list[str], limits: RequestLimits):
+    def __init__(
+        self, engine: EngineClient, metrics: Metrics, served_names: list[str], limits: RequestLimits
+    ):
         self.engine = engine
         self.metrics = metrics
         self.served_names = served_names
@@ -54,13 +56,27 @@ class GenApi:
         self.tokenizer = engine.tokenizer
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
-        req = await read_request(request, parse_completion, self.served_names, self.tokenizer, self.engine.max_model_len, self.limits,
-                               self.engine.eos_token_ids)
+        req = await read_request(
+            request,
+            parse_completion,
+            self.served_names,
+            self.tokenizer,
+            self.engine.max_model_len,
+            self.limits,
+            self.engine.eos_token_ids,
+        )
         return await self._serve(request, req, COMPLETION)
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
-        req = await read_request(request, parse_chat, self.served_names, self.tokenizer, self.engine.max_model_len, self.limits,
-                         self.engine.eos_token_ids)
+        req = await read_request(
+            request,
+            parse_chat,
+            self.served_names,
+            self.tokenizer,
+            self.engine.max_model_len,
+            self.limits,
+            self.engine.eos_token_ids,
+        )
         return await self._serve(request, req, CHAT)
 
     async def _serve(self, request, req: GenRequest, shape: Shape) -> web.StreamResponse:
@@ -68,9 +84,16 @@ class GenApi:
         rids = [f"{cid}-{i}" for i in range(len(req.prompts))]
         stream = RequestStream()
         await self.engine.add(
-            [(rid, ids, params) for rid, ids, params in zip(rids, req.prompts, req.params, strict=True)], stream)
-        choices = [Choice(i, self.tokenizer, req.stop, req.logprobs, p.stop_token_ids)
-                   for i, p in enumerate(req.params)]
+            [
+                (rid, ids, params)
+                for rid, ids, params in zip(rids, req.prompts, req.params, strict=True)
+            ],
+            stream,
+        )
+        choices = [
+            Choice(i, self.tokenizer, req.stop, req.logprobs, p.stop_token_ids)
+            for i, p in enumerate(req.params)
+        ]
         pending = set(rids)
         try:
             if req.stream:
@@ -82,12 +105,15 @@ class GenApi:
 
     def _usage(self, req: GenRequest, choices: list[Choice]) -> dict:
         n = len(req.prompts) // req.num_prompts
-        p = sum(len(ids) for ids in req.prompts[::n])  # each prompt once, however many choices (vLLM)
+        p = sum(
+            len(ids) for ids in req.prompts[::n]
+        )  # each prompt once, however many choices (vLLM)
         c = sum(len(ch.ids) for ch in choices)
         return {"prompt_tokens": p, "total_tokens": p + c, "completion_tokens": c}
 
-    def _advance(self, outputs: list, index: dict, choices: list[Choice], rids: list[str],
-                 pending: set) -> dict[int, tuple[Choice, str, list[int], int]]:
+    def _advance(
+        self, outputs: list, index: dict, choices: list[Choice], rids: list[str], pending: set
+    ) -> dict[int, tuple[Choice, str, list[int], int]]:
         """Hand the engine's outputs to their choices, coalesced per choice:
         {choice index: (choice, new text, new ids, logprobs entries before)}."""
         grouped: dict[int, list] = {}
@@ -127,24 +153,56 @@ class GenApi:
             text = "".join(c.text)
             if shape.chat:
                 lp = c.chat_logprobs(c.logprobs) if c.num_logprobs is not None else None
-                body.append({"index": c.index, "message": {"role": "assistant", "content": text}, "logprobs": lp,
-                             "finish_reason": c.finish, "stop_reason": c.stop_reason, "token_ids": c.ids})
+                body.append(
+                    {
+                        "index": c.index,
+                        "message": {"role": "assistant", "content": text},
+                        "logprobs": lp,
+                        "finish_reason": c.finish,
+                        "stop_reason": c.stop_reason,
+                        "token_ids": c.ids,
+                    }
+                )
             else:
                 lp = c.completion_logprobs(c.logprobs) if c.num_logprobs is not None else None
-                body.append({"index": c.index, "text": text, "logprobs": lp, "finish_reason": c.finish,
-                             "stop_reason": c.stop_reason, "token_ids": c.ids})
-        return json_response({"id": cid, "object": shape.object, "created": int(time.time()), "model": req.model,
-                              "choices": body, "usage": self._usage(req, choices)})
+                body.append(
+                    {
+                        "index": c.index,
+                        "text": text,
+                        "logprobs": lp,
+                        "finish_reason": c.finish,
+                        "stop_reason": c.stop_reason,
+                        "token_ids": c.ids,
+                    }
+                )
+        return json_response(
+            {
+                "id": cid,
+                "object": shape.object,
+                "created": int(time.time()),
+                "model": req.model,
+                "choices": body,
+                "usage": self._usage(req, choices),
+            }
+        )
 
     # ---- streamed answers ----------------------------------------------------------------
-    async def _stream(self, request, req, shape, cid, rids, choices, stream, pending) -> web.StreamResponse:
+    async def _stream(
+        self, request, req, shape, cid, rids, choices, stream, pending
+    ) -> web.StreamResponse:
         index = {rid: i for i, rid in enumerate(rids)}
-        head = (f'data: {{"id":"{cid}","object":"{shape.chunk_object}","created":{int(time.time())},'
-                f'"model":{_dumps(req.model)},"choices":[')
+        head = (
+            f'data: {{"id":"{cid}","object":"{shape.chunk_object}","created":{int(time.time())},'
+            f'"model":{_dumps(req.model)},"choices":['
+        )
         text_key = '"delta":{"content":' if shape.chat else '"text":'
         text_end = "}" if shape.chat else ""
         starts = [f'{head}{{"index":{i},{text_key}' for i in range(len(rids))]
-        fixed_tail = None if req.continuous_usage else ('],"usage":null}\n\n' if req.include_usage else "]}\n\n")
+        fixed_tail = (
+            None
+            if req.continuous_usage
+            else ('],"usage":null}\n\n' if req.include_usage else "]}\n\n")
+        )
 
         def event(c: Choice, text: str, ids: list[int], lp_from: int) -> str:
             tail = fixed_tail or f'],"usage":{_dumps(self._usage(req, choices))}}}\n\n'
@@ -153,19 +211,27 @@ class GenApi:
             lp = "null"
             if c.num_logprobs is not None:
                 entries = c.logprobs[lp_from:]
-                lp = _dumps(c.chat_logprobs(entries) if shape.chat else c.completion_logprobs(entries))
+                lp = _dumps(
+                    c.chat_logprobs(entries) if shape.chat else c.completion_logprobs(entries)
+                )
             stop = "null" if c.stop_reason is None else _dumps(c.stop_reason)
-            return (f'{starts[c.index]}{_dumps(text)}{text_end},"logprobs":{lp},"finish_reason":{finish},'
-                    f'"stop_reason":{stop},"token_ids":[{id_text}]}}{tail}')
+            return (
+                f'{starts[c.index]}{_dumps(text)}{text_end},"logprobs":{lp},"finish_reason":{finish},'
+                f'"stop_reason":{stop},"token_ids":[{id_text}]}}{tail}'
+            )
 
         resp = web.StreamResponse(headers=SSE_HEADERS)
         await resp.prepare(request)
         try:
             if shape.chat:  # vLLM's first chunk per choice: the role, no content yet
                 tail = fixed_tail or f'],"usage":{_dumps(self._usage(req, choices))}}}\n\n'
-                await resp.write("".join(
-                    f'{head}{{"index":{i},"delta":{{"role":"assistant","content":""}},"logprobs":null,'
-                    f'"finish_reason":null}}{tail}' for i in range(len(rids))).encode())
+                await resp.write(
+                    "".join(
+                        f'{head}{{"index":{i},"delta":{{"role":"assistant","content":""}},"logprobs":null,'
+                        f'"finish_reason":null}}{tail}'
+                        for i in range(len(rids))
+                    ).encode()
+                )
             while pending:
                 try:
                     outputs = await stream.next_batch()
@@ -186,10 +252,15 @@ class GenApi:
                     await resp.write(f"data: {json.dumps(e.body())}\n\n".encode())
                     break
                 new = self._advance(outputs, index, choices, rids, pending)
-                await resp.write("".join(event(c, text, ids, before)
-                                         for c, text, ids, before in new.values()).encode())
+                await resp.write(
+                    "".join(
+                        event(c, text, ids, before) for c, text, ids, before in new.values()
+                    ).encode()
+                )
             if req.include_usage:
-                await resp.write(f'{head}],"usage":{_dumps(self._usage(req, choices))}}}\n\n'.encode())
+                await resp.write(
+                    f'{head}],"usage":{_dumps(self._usage(req, choices))}}}\n\n'.encode()
+                )
             await resp.write(b"data: [DONE]\n\n")
             await resp.write_eof()
         except ConnectionResetError:  # client went away mid-stream; `pending` gets aborted

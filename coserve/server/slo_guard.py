@@ -82,15 +82,21 @@ class GuardConfig:
 
     def __post_init__(self) -> None:
         if (self.budget_s is None) == (self.over_alone_pct is None):
-            raise ValueError("gen_tpot_slo: give exactly one of gen_tpot_slo_ms and gen_tpot_slo_pct")
+            raise ValueError(
+                "gen_tpot_slo: give exactly one of gen_tpot_slo_ms and gen_tpot_slo_pct"
+            )
         if self.budget_s is not None and not 0 < self.budget_s < 3600:
-            raise ValueError(f"gen_tpot_slo_ms: must be in (0, 3.6e6) ms, got {self.budget_s * 1e3:g}")
+            raise ValueError(
+                f"gen_tpot_slo_ms: must be in (0, 3.6e6) ms, got {self.budget_s * 1e3:g}"
+            )
         if self.over_alone_pct is not None and not 0 <= self.over_alone_pct <= 1000:
             raise ValueError(f"gen_tpot_slo_pct: must be in [0, 1000], got {self.over_alone_pct:g}")
         if self.stat not in STATS:
             raise ValueError(f"stat: must be one of {', '.join(STATS)}, got {self.stat!r}")
         if not 1 <= self.min_tokens <= self.max_tokens:
-            raise ValueError(f"max_tokens: must be at least min_tokens ({self.min_tokens}), got {self.max_tokens}")
+            raise ValueError(
+                f"max_tokens: must be at least min_tokens ({self.min_tokens}), got {self.max_tokens}"
+            )
         if not 0 < self.cut < 1:
             raise ValueError(f"cut: must be in (0, 1), got {self.cut}")
         if not 0 < self.margin <= 1:
@@ -125,8 +131,11 @@ class SloGuard:
         self.last_cut = -float("inf")
         self.calibration_start: float | None = None
         self._calibration: list[float] = []
-        self.state = GuardState(budget_s=cfg.budget_s, allowance=self._allowance(),
-                                phase="guarding" if cfg.budget_s is not None else "waiting")
+        self.state = GuardState(
+            budget_s=cfg.budget_s,
+            allowance=self._allowance(),
+            phase="guarding" if cfg.budget_s is not None else "waiting",
+        )
 
     def _allowance(self, hold: bool = False) -> Allowance:
         return Allowance(self.tokens, round(self.pause_s, 6), hold)
@@ -168,8 +177,12 @@ class SloGuard:
             st.baseline_s = statistics.median(self._calibration)
             st.budget_s = st.baseline_s * (1 + cfg.over_alone_pct / 100)
             st.phase = "guarding"
-            log.info("SLO guard: gen alone step %s %.2f ms, budget %.2f ms", cfg.stat,
-                     st.baseline_s * 1e3, st.budget_s * 1e3)
+            log.info(
+                "SLO guard: gen alone step %s %.2f ms, budget %.2f ms",
+                cfg.stat,
+                st.baseline_s * 1e3,
+                st.budget_s * 1e3,
+            )
             return self._allowance()
         return self._allowance(hold=True)
 
@@ -183,7 +196,9 @@ class SloGuard:
     def _grow(self) -> None:
         cfg = self.cfg
         if self.pause_s > 0:
-            self.pause_s = self.pause_s * cfg.cut if self.pause_s * cfg.cut >= cfg.first_pause_s else 0.0
+            self.pause_s = (
+                self.pause_s * cfg.cut if self.pause_s * cfg.cut >= cfg.first_pause_s else 0.0
+            )
             return
         step = cfg.grow_tokens or max(1, cfg.max_tokens // 32)
         self.tokens = min(cfg.max_tokens, self.tokens + step)
@@ -197,12 +212,16 @@ def parse_gen_metrics(text: str, stat: str = "mean") -> GenSample | None:
     figures (an older server, or not coserve's)."""
     values = {m.group(1): m.group(2) for m in _SAMPLE.finditer(text)}
     try:
-        return GenSample(float(values[STEP_METRIC.format(stat=stat)]), int(float(values[STEP_COUNT_METRIC])))
+        return GenSample(
+            float(values[STEP_METRIC.format(stat=stat)]), int(float(values[STEP_COUNT_METRIC]))
+        )
     except (KeyError, ValueError):
         return None
 
 
-async def run_guard(guard: SloGuard, gen_url: str, apply, interval_s: float, stop: asyncio.Event) -> None:
+async def run_guard(
+    guard: SloGuard, gen_url: str, apply, interval_s: float, stop: asyncio.Event
+) -> None:
     """Poll `gen_url`/metrics every `interval_s` until `stop`; call `apply(allowance)` when
     the allowance changes. A failed poll keeps the allowance (and is counted)."""
     import aiohttp
@@ -216,8 +235,17 @@ async def run_guard(guard: SloGuard, gen_url: str, apply, interval_s: float, sto
             started = loop.time()
             try:
                 async with session.get(url) as resp:
-                    sample = parse_gen_metrics(await resp.text(), guard.cfg.stat) if resp.status == 200 else None
-            except (TimeoutError, aiohttp.ClientError, OSError, ValueError):  # ValueError: a page not UTF-8
+                    sample = (
+                        parse_gen_metrics(await resp.text(), guard.cfg.stat)
+                        if resp.status == 200
+                        else None
+                    )
+            except (
+                TimeoutError,
+                aiohttp.ClientError,
+                OSError,
+                ValueError,
+            ):  # ValueError: a page not UTF-8
                 sample = None
             allowance = guard.update(sample, loop.time())
             if allowance != current:
@@ -233,20 +261,66 @@ def guard_metrics(st: GuardState, throttled_s: float) -> list[tuple[str, str, st
     """(name, type, help, value) for /metrics; the budget is 0 until calibration sets it."""
     a = st.allowance
     return [
-        ("coserve:slo_guard_budget_seconds", "gauge", "Budget of gen's step time the guard holds (0: not set yet).",
-         st.budget_s or 0.0),
-        ("coserve:slo_guard_gen_alone_seconds", "gauge", "Gen's step time measured with embed held (0: not measured).",
-         st.baseline_s or 0.0),
-        ("coserve:slo_guard_gen_step_seconds", "gauge", "Gen's step time the guard read last.", st.measured_s),
-        ("coserve:slo_guard_tokens_per_forward", "gauge", "Most tokens an embed forward may take now.",
-         float(a.tokens_per_forward)),
-        ("coserve:slo_guard_pause_seconds", "gauge", "Least pause between embed forwards now.", a.pause_s),
-        ("coserve:slo_guard_holding", "gauge", "1 while embed forwards are held (calibrating).", float(a.hold)),
-        ("coserve:slo_guard_cuts_total", "counter", "Times the guard cut the embed allowance.", float(st.cuts)),
-        ("coserve:slo_guard_polls_total", "counter", "Readings of gen's /metrics.", float(st.polls)),
-        ("coserve:slo_guard_poll_errors_total", "counter", "Readings that failed.", float(st.poll_errors)),
-        ("coserve:slo_guard_throttled_seconds_total", "counter",
-         "Seconds embed work waited on the guard (pause or hold) while requests were pending.", throttled_s),
+        (
+            "coserve:slo_guard_budget_seconds",
+            "gauge",
+            "Budget of gen's step time the guard holds (0: not set yet).",
+            st.budget_s or 0.0,
+        ),
+        (
+            "coserve:slo_guard_gen_alone_seconds",
+            "gauge",
+            "Gen's step time measured with embed held (0: not measured).",
+            st.baseline_s or 0.0,
+        ),
+        (
+            "coserve:slo_guard_gen_step_seconds",
+            "gauge",
+            "Gen's step time the guard read last.",
+            st.measured_s,
+        ),
+        (
+            "coserve:slo_guard_tokens_per_forward",
+            "gauge",
+            "Most tokens an embed forward may take now.",
+            float(a.tokens_per_forward),
+        ),
+        (
+            "coserve:slo_guard_pause_seconds",
+            "gauge",
+            "Least pause between embed forwards now.",
+            a.pause_s,
+        ),
+        (
+            "coserve:slo_guard_holding",
+            "gauge",
+            "1 while embed forwards are held (calibrating).",
+            float(a.hold),
+        ),
+        (
+            "coserve:slo_guard_cuts_total",
+            "counter",
+            "Times the guard cut the embed allowance.",
+            float(st.cuts),
+        ),
+        (
+            "coserve:slo_guard_polls_total",
+            "counter",
+            "Readings of gen's /metrics.",
+            float(st.polls),
+        ),
+        (
+            "coserve:slo_guard_poll_errors_total",
+            "counter",
+            "Readings that failed.",
+            float(st.poll_errors),
+        ),
+        (
+            "coserve:slo_guard_throttled_seconds_total",
+            "counter",
+            "Seconds embed work waited on the guard (pause or hold) while requests were pending.",
+            throttled_s,
+        ),
     ]
 
 

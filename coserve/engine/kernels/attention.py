@@ -17,16 +17,22 @@ import torch
 import torch.nn.functional as F
 
 
-def store_kvcache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                  v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+def store_kvcache(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
     """Write each token's k/v into its slot of the paged cache."""
     num_slots = k_cache.shape[0] * k_cache.shape[1]
     k_cache.view(num_slots, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k)
     v_cache.view(num_slots, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v)
 
 
-def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-          causal_offset: int | None) -> torch.Tensor:
+def _sdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal_offset: int | None
+) -> torch.Tensor:
     """One sequence: q [Lq, H, D], k/v [Lk, KVH, D]. With causal_offset = Lk - Lq, query i
     sees keys 0 .. causal_offset + i; None means bidirectional."""
     lq, lk = q.shape[0], k.shape[0]
@@ -39,8 +45,13 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
         kj = torch.arange(lk, device=q.device)[None, :]
         mask = kj <= qi
     out = F.scaled_dot_product_attention(
-        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=scale,
-        is_causal=causal_offset == 0)
+        q.transpose(0, 1),
+        k.transpose(0, 1),
+        v.transpose(0, 1),
+        attn_mask=mask,
+        scale=scale,
+        is_causal=causal_offset == 0,
+    )
     return out.transpose(0, 1)
 
 
@@ -62,19 +73,20 @@ def _length_groups(lens: list[int], waste: float = 2.0) -> list[list[int]]:
     return groups
 
 
-def _padded_attention(q, k, v, out, starts: list[int], lens: list[int], idx: list[int],
-                      scale: float, causal: bool) -> None:
+def _padded_attention(
+    q, k, v, out, starts: list[int], lens: list[int], idx: list[int], scale: float, causal: bool
+) -> None:
     """Sequences `idx` (token ranges starts[i] .. + lens[i] of q/k/v) padded to one batch and
     attended in a single SDPA call; results written into `out`."""
     dev = q.device
     glens = torch.tensor([lens[i] for i in idx], device=dev)
     longest = max(lens[i] for i in idx)
     pos = torch.arange(longest, device=dev)
-    valid = pos[None, :] < glens[:, None]                           # [B, L]
+    valid = pos[None, :] < glens[:, None]  # [B, L]
     tok = torch.tensor([starts[i] for i in idx], device=dev)[:, None] + pos[None, :]
-    tok = torch.where(valid, tok, 0)                                # [B, L] token index
+    tok = torch.where(valid, tok, 0)  # [B, L] token index
     group = q.shape[1] // k.shape[1]
-    qb = q[tok].transpose(1, 2)                                     # [B, H, L, D]
+    qb = q[tok].transpose(1, 2)  # [B, H, L, D]
     kb = k[tok].repeat_interleave(group, dim=2).transpose(1, 2)
     vb = v[tok].repeat_interleave(group, dim=2).transpose(1, 2)
     mask = valid[:, None, None, :]
@@ -84,8 +96,14 @@ def _padded_attention(q, k, v, out, starts: list[int], lens: list[int], idx: lis
     out[tok[valid]] = ob.transpose(1, 2)[valid]
 
 
-def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                     seq_lens: list[int], scale: float, causal: bool) -> torch.Tensor:
+def varlen_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    seq_lens: list[int],
+    scale: float,
+    causal: bool,
+) -> torch.Tensor:
     """Dense attention of packed sequences without a cache (prefill, encoders). Sequences of
     similar length are padded into one batched call."""
     out = torch.empty_like(q)
@@ -108,10 +126,17 @@ def _gather_seq_kv(cache: torch.Tensor, block_table: torch.Tensor, ctx_len: int)
     return kv.reshape(-1, *cache.shape[2:])[:ctx_len]
 
 
-def paged_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                            k_cache: torch.Tensor, v_cache: torch.Tensor,
-                            block_tables: torch.Tensor, query_lens: list[int],
-                            context_lens: list[int], scale: float) -> torch.Tensor:
+def paged_prefill_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_lens: list[int],
+    context_lens: list[int],
+    scale: float,
+) -> torch.Tensor:
     """Causal attention of new query tokens (a prompt, or a chunk of one) against everything
     their sequence has in the cache, new tokens included (store_kvcache ran first). k/v are
     this step's new tokens: a sequence with nothing cached before (query_len == context_len)
@@ -142,9 +167,14 @@ def paged_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return out
 
 
-def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                           block_tables: torch.Tensor, context_lens: torch.Tensor,
-                           scale: float) -> torch.Tensor:
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
     """One query token per sequence: q [B, H, D] attends to the first context_lens[b] cached
     tokens of its sequence. Shapes are static (B padded to a bucket, block_tables at full
     width); this reference reads only as many block columns as the longest context needs."""

@@ -26,8 +26,9 @@ def _expand_scales(scale: torch.Tensor, shape: torch.Size, block: tuple[int, int
     return s[..., :n, :k]
 
 
-def block_dequant(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int],
-                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def block_dequant(
+    q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int], dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """W = q * s (per block), returned in `dtype`. Works on [N, K] and [E, N, K]."""
     w = q.to(torch.float32) * _expand_scales(scale.to(torch.float32), q.shape, block)
     return w.to(dtype)
@@ -48,8 +49,13 @@ def block_quant(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, 
     return q.contiguous(), scale
 
 
-def fp8_block_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
-                     block: tuple[int, int], bias: torch.Tensor | None = None) -> torch.Tensor:
+def fp8_block_linear(
+    x: torch.Tensor,
+    q: torch.Tensor,
+    scale: torch.Tensor,
+    block: tuple[int, int],
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
     """y = x @ dequant(q, scale)^T (+ bias), computed in x's dtype (reference)."""
     w = block_dequant(q, scale, block, x.dtype)
     return torch.nn.functional.linear(x, w, bias)

@@ -14,25 +14,35 @@ from coserve.engine.kernels.rmsnorm import rms_norm
 from coserve.engine.kernels.rotary import apply_rotary
 
 
-def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                       eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def fused_add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     r = x + residual
     return rms_norm(r, weight, eps), r
 
 
-def qk_norm_rope(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int,
-                 q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float,
-                 positions: torch.Tensor, cos_sin: torch.Tensor,
-                 k_cache: torch.Tensor | None = None, v_cache: torch.Tensor | None = None,
-                 slot_mapping: torch.Tensor | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def qk_norm_rope(
+    qkv: torch.Tensor,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    eps: float,
+    positions: torch.Tensor,
+    cos_sin: torch.Tensor,
+    k_cache: torch.Tensor | None = None,
+    v_cache: torch.Tensor | None = None,
+    slot_mapping: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """qkv [T, (Hq + 2 Hkv) * D] -> q [T, Hq, D], k [T, Hkv, D], v [T, Hkv, D]."""
     t = qkv.shape[0]
     kv = num_kv_heads * head_dim
     q, k, v = qkv.split([num_heads * head_dim, kv, kv], dim=-1)
     q = apply_rotary(rms_norm(q.reshape(t, num_heads, head_dim), q_weight, eps), positions, cos_sin)
-    k = apply_rotary(rms_norm(k.reshape(t, num_kv_heads, head_dim), k_weight, eps), positions,
-                     cos_sin)
+    k = apply_rotary(
+        rms_norm(k.reshape(t, num_kv_heads, head_dim), k_weight, eps), positions, cos_sin
+    )
     v = v.reshape(t, num_kv_heads, head_dim)
     if k_cache is not None:
         store_kvcache(k, v, k_cache, v_cache, slot_mapping)

@@ -14,8 +14,9 @@ from coserve.engine.kernels.activation import silu_and_mul
 from coserve.engine.kernels.fp8 import block_dequant
 
 
-def topk_softmax(router_logits: torch.Tensor, top_k: int,
-                 renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def topk_softmax(
+    router_logits: torch.Tensor, top_k: int, renormalize: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     """softmax over all experts in float32, keep the top k, optionally renormalise them to sum
     to one (`norm_topk_prob`). Returns (weights float32 [T, k], expert ids [T, k])."""
     probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)
@@ -25,10 +26,17 @@ def topk_softmax(router_logits: torch.Tensor, top_k: int,
     return weights, ids
 
 
-def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
-              topk_weights: torch.Tensor, topk_ids: torch.Tensor,
-              w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None,
-              block: tuple[int, int] | None = None, foreign: bool = False) -> torch.Tensor:
+def fused_moe(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    w13_scale: torch.Tensor | None = None,
+    w2_scale: torch.Tensor | None = None,
+    block: tuple[int, int] | None = None,
+    foreign: bool = False,
+) -> torch.Tensor:
     """x [T, H] -> [T, H]. Scales given means w13/w2 are FP8 block-quantised. With `foreign`
     an id equal to E (the number of experts here) is an expert another rank holds (expert
     parallel): that pair adds nothing here."""
@@ -36,14 +44,14 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     weights = topk_weights.to(x.dtype)
     flat_ids = topk_ids.flatten().long()
     order = torch.argsort(flat_ids, stable=True)
-    counts = torch.bincount(flat_ids, minlength=w13.shape[0]).tolist()[:w13.shape[0]]
+    counts = torch.bincount(flat_ids, minlength=w13.shape[0]).tolist()[: w13.shape[0]]
     token_of = order // topk_ids.shape[1]
     start = 0
     for e, n in enumerate(counts):
         if n == 0:
             continue
-        rows = order[start:start + n]
-        tokens = token_of[start:start + n]
+        rows = order[start : start + n]
+        tokens = token_of[start : start + n]
         start += n
         g13, g2 = w13[e], w2[e]
         if w13_scale is not None:

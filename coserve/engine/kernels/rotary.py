@@ -6,11 +6,17 @@ from __future__ import annotations
 import torch
 
 
-def rope_cos_sin_cache(head_dim: int, max_positions: int, theta: float,
-                       device: torch.device | str | None = None) -> torch.Tensor:
+def rope_cos_sin_cache(
+    head_dim: int, max_positions: int, theta: float, device: torch.device | str | None = None
+) -> torch.Tensor:
     """[max_positions, head_dim] float32 table: cos in the first half, sin in the second."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device)
-                                .to(torch.float32) / head_dim))
+    inv_freq = 1.0 / (
+        theta
+        ** (
+            torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).to(torch.float32)
+            / head_dim
+        )
+    )
     t = torch.arange(max_positions, dtype=torch.int64, device=device).to(torch.float32)
     freqs = torch.outer(t, inv_freq)
     return torch.cat([freqs.cos(), freqs.sin()], dim=-1)

@@ -18,9 +18,13 @@ def top_p_filter(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     return filtered / filtered.sum(dim=-1, keepdim=True)
 
 
-def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
-           generators: list[torch.Generator | None],
-           default_generator: torch.Generator | None = None) -> torch.Tensor:
+def sample(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_p: torch.Tensor,
+    generators: list[torch.Generator | None],
+    default_generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """logits [B, V] (any float dtype; sampled in float32); temperature [B] (0 = greedy);
     top_p [B]; one generator (or None: use default_generator) per row. Returns token ids [B]
     int64."""

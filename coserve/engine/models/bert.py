@@ -30,30 +30,39 @@ class BertLayer(nn.Module):
         self.head_dim = d = c.head_dim
         heads = (h0 * d, self.num_heads * d)
         inter = parallel.split(c.intermediate_size, "intermediate_size")
-        self.qkv_proj = Linear(c.hidden_size, [c.hidden_size] * 3, bias=True,
-                               out_shards=[heads] * 3, **kw)
-        self.o_proj = Linear(c.hidden_size, [c.hidden_size], bias=True, in_shard=heads,
-                             reduce=True, **kw)
+        self.qkv_proj = Linear(
+            c.hidden_size, [c.hidden_size] * 3, bias=True, out_shards=[heads] * 3, **kw
+        )
+        self.o_proj = Linear(
+            c.hidden_size, [c.hidden_size], bias=True, in_shard=heads, reduce=True, **kw
+        )
         self.attn_norm = LayerNorm(c.hidden_size, c.layer_norm_eps, **kw)
         self.fc1 = Linear(c.hidden_size, [c.intermediate_size], bias=True, out_shards=[inter], **kw)
-        self.fc2 = Linear(c.intermediate_size, [c.hidden_size], bias=True, in_shard=inter,
-                          reduce=True, **kw)
+        self.fc2 = Linear(
+            c.intermediate_size, [c.hidden_size], bias=True, in_shard=inter, reduce=True, **kw
+        )
         self.ffn_norm = LayerNorm(c.hidden_size, c.layer_norm_eps, **kw)
         self.attn = Attention(self.num_heads, self.num_heads, d)
 
     def forward(self, h: torch.Tensor, meta: AttnMetadata) -> torch.Tensor:
         t = h.shape[0]
-        q, k, v = (x.reshape(t, self.num_heads, self.head_dim) for x in self.qkv_proj(h).chunk(3, -1))
+        q, k, v = (
+            x.reshape(t, self.num_heads, self.head_dim) for x in self.qkv_proj(h).chunk(3, -1)
+        )
         a = self.attn(q, k, v, meta).reshape(t, -1)
         h = self.attn_norm(h + self.o_proj(a))
         return self.ffn_norm(h + self.fc2(gelu(self.fc1(h))))
 
 
 _HF = {  # HF suffix inside encoder.layer.N -> (our module, shard)
-    "attention.self.query": ("qkv_proj", 0), "attention.self.key": ("qkv_proj", 1),
-    "attention.self.value": ("qkv_proj", 2), "attention.output.dense": ("o_proj", 0),
-    "intermediate.dense": ("fc1", 0), "output.dense": ("fc2", 0),
-    "attention.output.LayerNorm": ("attn_norm", None), "output.LayerNorm": ("ffn_norm", None),
+    "attention.self.query": ("qkv_proj", 0),
+    "attention.self.key": ("qkv_proj", 1),
+    "attention.self.value": ("qkv_proj", 2),
+    "attention.output.dense": ("o_proj", 0),
+    "intermediate.dense": ("fc1", 0),
+    "output.dense": ("fc2", 0),
+    "attention.output.LayerNorm": ("attn_norm", None),
+    "output.LayerNorm": ("ffn_norm", None),
 }
 _LAYER = re.compile(r"encoder\.layer\.(\d+)\.(.+)\.(weight|bias|gamma|beta)$")
 
@@ -65,17 +74,23 @@ class BertModel(nn.Module):
         kw = dict(dtype=dtype, device=device)
         self.embeddings = Tensors()
         self.vocab_rows = parallel.padded_split(c.vocab_size)
-        self.embeddings.add("word", (c.vocab_size, c.hidden_size), "normal", rows=self.vocab_rows,
-                            **kw)
+        self.embeddings.add(
+            "word", (c.vocab_size, c.hidden_size), "normal", rows=self.vocab_rows, **kw
+        )
         self.embeddings.add("position", (c.max_position_embeddings, c.hidden_size), "normal", **kw)
         self.embeddings.add("token_type", (c.type_vocab_size, c.hidden_size), "normal", **kw)
         self.emb_norm = LayerNorm(c.hidden_size, c.layer_norm_eps, **kw)
         self.layers = nn.ModuleList(BertLayer(c, dtype, device) for _ in range(c.num_layers))
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttnMetadata) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttnMetadata
+    ) -> torch.Tensor:
         e = self.embeddings
-        h = (vocab_parallel_embedding(input_ids, e.word, self.vocab_rows[0])
-             + e.position[positions] + e.token_type[0])
+        h = (
+            vocab_parallel_embedding(input_ids, e.word, self.vocab_rows[0])
+            + e.position[positions]
+            + e.token_type[0]
+        )
         h = self.emb_norm(h)
         for layer in self.layers:
             h = layer(h, meta)
@@ -89,8 +104,11 @@ class BertModel(nn.Module):
         kind_of = {"gamma": "weight", "beta": "bias"}
         if name.startswith("embeddings."):
             rest = name.removeprefix("embeddings.")
-            emb = {"word_embeddings.weight": "word", "position_embeddings.weight": "position",
-                   "token_type_embeddings.weight": "token_type"}
+            emb = {
+                "word_embeddings.weight": "word",
+                "position_embeddings.weight": "position",
+                "token_type_embeddings.weight": "token_type",
+            }
             if rest in emb:
                 self.embeddings.load(emb[rest], tensor)
                 return True

@@ -47,12 +47,23 @@ class Qwen3Attention(nn.Module):
         q_size, kv_size = c.num_heads * d, c.num_kv_heads * d
         kv_rows = (kv0 * d, self.num_kv_heads * d)
         kw = dict(dtype=dtype, device=device)
-        self.qkv_proj = Linear(c.hidden_size, [q_size, kv_size, kv_size], bias=c.attention_bias,
-                               quant=_q(quant, prefix + ".q_proj"), **kw,
-                               out_shards=[(q0 * d, self.num_heads * d), kv_rows, kv_rows])
-        self.o_proj = Linear(q_size, [c.hidden_size], bias=c.attention_bias,
-                             quant=_q(quant, prefix + ".o_proj"), **kw,
-                             in_shard=(q0 * d, self.num_heads * d), reduce=True)
+        self.qkv_proj = Linear(
+            c.hidden_size,
+            [q_size, kv_size, kv_size],
+            bias=c.attention_bias,
+            quant=_q(quant, prefix + ".q_proj"),
+            **kw,
+            out_shards=[(q0 * d, self.num_heads * d), kv_rows, kv_rows],
+        )
+        self.o_proj = Linear(
+            q_size,
+            [c.hidden_size],
+            bias=c.attention_bias,
+            quant=_q(quant, prefix + ".o_proj"),
+            **kw,
+            in_shard=(q0 * d, self.num_heads * d),
+            reduce=True,
+        )
         self.q_norm = RMSNorm(d, c.rms_norm_eps, **kw)
         self.k_norm = RMSNorm(d, c.rms_norm_eps, **kw)
         self.attn = Attention(self.num_heads, self.num_kv_heads, d)
@@ -63,10 +74,19 @@ class Qwen3Attention(nn.Module):
         paged = meta.mode != "dense"
         # norms, rotary and (paged) the cache write in one kernel on the GPU
         q, k, v = ops.qk_norm_rope(
-            self.qkv_proj(x), self.num_heads, self.num_kv_heads, self.head_dim,
-            self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, positions, self.cos_sin,
-            self.attn.k_cache if paged else None, self.attn.v_cache if paged else None,
-            meta.slot_mapping if paged else None)
+            self.qkv_proj(x),
+            self.num_heads,
+            self.num_kv_heads,
+            self.head_dim,
+            self.q_norm.weight,
+            self.k_norm.weight,
+            self.q_norm.eps,
+            positions,
+            self.cos_sin,
+            self.attn.k_cache if paged else None,
+            self.attn.v_cache if paged else None,
+            meta.slot_mapping if paged else None,
+        )
         o = self.attn(q, k, v, meta, kv_stored=paged)
         return self.o_proj(o.reshape(t, self.num_heads * self.head_dim))
 
@@ -76,10 +96,21 @@ class Qwen3MLP(nn.Module):
         super().__init__()
         kw = dict(dtype=dtype, device=device)
         part = parallel.split(inter, "intermediate_size")
-        self.gate_up_proj = Linear(hidden, [inter, inter], quant=_q(quant, prefix + ".gate_proj"),
-                                   out_shards=[part, part], **kw)
-        self.down_proj = Linear(inter, [hidden], quant=_q(quant, prefix + ".down_proj"),
-                                in_shard=part, reduce=True, **kw)
+        self.gate_up_proj = Linear(
+            hidden,
+            [inter, inter],
+            quant=_q(quant, prefix + ".gate_proj"),
+            out_shards=[part, part],
+            **kw,
+        )
+        self.down_proj = Linear(
+            inter,
+            [hidden],
+            quant=_q(quant, prefix + ".down_proj"),
+            in_shard=part,
+            reduce=True,
+            **kw,
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))
@@ -97,11 +128,18 @@ class Qwen3MoE(nn.Module):
         if self.expert_parallel:
             shards = dict(expert_shard=parallel.split(c.num_experts, "num_experts"))
         else:
-            shards = dict(inter_shard=parallel.split(c.moe_intermediate_size,
-                                                     "moe_intermediate_size"))
-        self.experts = FusedMoEWeights(c.num_experts, c.hidden_size, c.moe_intermediate_size,
-                                       quant=_q(quant, prefix + ".experts"), dtype=dtype,
-                                       device=device, **shards)
+            shards = dict(
+                inter_shard=parallel.split(c.moe_intermediate_size, "moe_intermediate_size")
+            )
+        self.experts = FusedMoEWeights(
+            c.num_experts,
+            c.hidden_size,
+            c.moe_intermediate_size,
+            quant=_q(quant, prefix + ".experts"),
+            dtype=dtype,
+            device=device,
+            **shards,
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = ops.topk_softmax(self.gate(x), self.top_k, self.renormalize)
@@ -112,8 +150,17 @@ class Qwen3MoE(nn.Module):
             ids = ids - first
             ids = ids.masked_fill((ids < 0) | (ids >= held), held)
             kw["foreign"] = True
-        out = ops.fused_moe(x, e.w13, e.w2, weights, ids, e.w13_scale, e.w2_scale,
-                            e.quant.block if e.quant is not None else None, **kw)
+        out = ops.fused_moe(
+            x,
+            e.w13,
+            e.w2,
+            weights,
+            ids,
+            e.w13_scale,
+            e.w2_scale,
+            e.quant.block if e.quant is not None else None,
+            **kw,
+        )
         return parallel.all_reduce(out)
 
 
@@ -126,12 +173,19 @@ class Qwen3DecoderLayer(nn.Module):
         if c.is_moe_layer(i):
             self.mlp = Qwen3MoE(c, prefix + ".mlp", quant, dtype, device)
         else:
-            self.mlp = Qwen3MLP(c.hidden_size, c.intermediate_size, prefix + ".mlp", quant, dtype, device)
+            self.mlp = Qwen3MLP(
+                c.hidden_size, c.intermediate_size, prefix + ".mlp", quant, dtype, device
+            )
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, **kw)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, **kw)
 
-    def forward(self, positions: torch.Tensor, h: torch.Tensor, residual: torch.Tensor | None,
-                meta: AttnMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self,
+        positions: torch.Tensor,
+        h: torch.Tensor,
+        residual: torch.Tensor | None,
+        meta: AttnMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(h, residual) -> (this layer's mlp output, the residual stream before it); the
         stream is h + residual, added inside the next norm (one fused kernel on the GPU)."""
         if residual is None:
@@ -148,16 +202,25 @@ class Qwen3Model(nn.Module):
         super().__init__()
         self.embed_tokens = Tensors()
         self.vocab_rows = parallel.padded_split(c.vocab_size)
-        self.embed_tokens.add("weight", (c.vocab_size, c.hidden_size), "normal", dtype=dtype,
-                              device=device, rows=self.vocab_rows)
-        self.layers = nn.ModuleList(Qwen3DecoderLayer(c, i, quant, dtype, device)
-                                    for i in range(c.num_layers))
+        self.embed_tokens.add(
+            "weight",
+            (c.vocab_size, c.hidden_size),
+            "normal",
+            dtype=dtype,
+            device=device,
+            rows=self.vocab_rows,
+        )
+        self.layers = nn.ModuleList(
+            Qwen3DecoderLayer(c, i, quant, dtype, device) for i in range(c.num_layers)
+        )
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dtype, device=device)
         cos_sin = rope_cos_sin_cache(c.head_dim, c.max_position_embeddings, c.rope_theta, device)
         for layer in self.layers:
             layer.self_attn.cos_sin = cos_sin
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttnMetadata) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttnMetadata
+    ) -> torch.Tensor:
         h = vocab_parallel_embedding(input_ids, self.embed_tokens.weight, self.vocab_rows[0])
         residual = None
         for layer in self.layers:
@@ -165,28 +228,43 @@ class Qwen3Model(nn.Module):
         return self.norm(h, residual)[0]
 
 
-_STACKED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
-            "o_proj": ("o_proj", 0), "gate_proj": ("gate_up_proj", 0),
-            "up_proj": ("gate_up_proj", 1), "down_proj": ("down_proj", 0), "gate": ("gate", 0)}
+_STACKED = {
+    "q_proj": ("qkv_proj", 0),
+    "k_proj": ("qkv_proj", 1),
+    "v_proj": ("qkv_proj", 2),
+    "o_proj": ("o_proj", 0),
+    "gate_proj": ("gate_up_proj", 0),
+    "up_proj": ("gate_up_proj", 1),
+    "down_proj": ("down_proj", 0),
+    "gate": ("gate", 0),
+}
 _EXPERT = re.compile(r"(.*\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$")
 _FUSED_EXPERTS = re.compile(r"(.*\.mlp\.experts)\.(gate_up_proj|down_proj)$")
 _LINEAR = re.compile(r"(.*)\.(\w+)\.(weight|bias)$")
 
 
 class Qwen3ForCausalLM(nn.Module):
-    def __init__(self, c: DecoderConfig, *, with_lm_head: bool, dtype, device,
-                 quant: QuantConfig | None) -> None:
+    def __init__(
+        self, c: DecoderConfig, *, with_lm_head: bool, dtype, device, quant: QuantConfig | None
+    ) -> None:
         super().__init__()
         self.config = c
         self.model = Qwen3Model(c, quant, dtype, device)
         self.lm_head: Linear | None = None
         if with_lm_head and not c.tie_word_embeddings:
-            self.lm_head = Linear(c.hidden_size, [c.vocab_size], quant=_q(quant, "lm_head"),
-                                  dtype=dtype, device=device,
-                                  out_shards=[parallel.padded_split(c.vocab_size)])
+            self.lm_head = Linear(
+                c.hidden_size,
+                [c.vocab_size],
+                quant=_q(quant, "lm_head"),
+                dtype=dtype,
+                device=device,
+                out_shards=[parallel.padded_split(c.vocab_size)],
+            )
         self.with_lm_head = with_lm_head
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttnMetadata) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttnMetadata
+    ) -> torch.Tensor:
         return self.model(input_ids, positions, meta)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -210,8 +288,13 @@ class Qwen3ForCausalLM(nn.Module):
     def attention_layers(self) -> list[Attention]:
         return [layer.self_attn.attn for layer in self.model.layers]
 
-    def load_weight(self, name: str, tensor: torch.Tensor, scale: torch.Tensor | None = None,
-                    block: tuple[int, int] | None = None) -> bool:
+    def load_weight(
+        self,
+        name: str,
+        tensor: torch.Tensor,
+        scale: torch.Tensor | None = None,
+        block: tuple[int, int] | None = None,
+    ) -> bool:
         """Route one HF tensor to its place; False if this model has no use for it."""
         if not name.startswith(("model.", "lm_head.")):
             name = "model." + name  # checkpoints saved from the bare Qwen3Model
@@ -244,6 +327,8 @@ class Qwen3ForCausalLM(nn.Module):
                 return True
             if leaf in _STACKED:
                 target, shard = _STACKED[leaf]
-                self.get_submodule(f"{parent}.{target}").load_shard(shard, kind, tensor, scale, block)
+                self.get_submodule(f"{parent}.{target}").load_shard(
+                    shard, kind, tensor, scale, block
+                )
                 return True
         return False

@@ -28,6 +28,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     y = torch.empty(*x.shape[:-1], n, device=x.device, dtype=x.dtype)
     block = min(1024, triton.next_power_of_2(n))
     if rows > 0:
-        _silu_and_mul_kernel[(rows, triton.cdiv(n, block))](x2, y, n, x2.stride(0), BLOCK=block,
-                                                            num_warps=4)
+        _silu_and_mul_kernel[(rows, triton.cdiv(n, block))](
+            x2, y, n, x2.stride(0), BLOCK=block, num_warps=4
+        )
     return y

@@ -30,8 +30,17 @@ GROUP = 128
 # Activation quantisation: one program per row, all of its 128-wide groups at once.
 @triton.jit
 def _quant_rows_kernel(
-    x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, stride_sm, stride_sg,
-    NUM_GROUPS: tl.constexpr, GROUPS_PAD: tl.constexpr, GROUP_SIZE: tl.constexpr,
+    x_ptr,
+    q_ptr,
+    s_ptr,
+    K,
+    stride_xm,
+    stride_qm,
+    stride_sm,
+    stride_sg,
+    NUM_GROUPS: tl.constexpr,
+    GROUPS_PAD: tl.constexpr,
+    GROUP_SIZE: tl.constexpr,
     FP8_MAX: tl.constexpr,
 ):
     m = tl.program_id(0)
@@ -68,9 +77,19 @@ def per_token_group_quant_fp8(
         xs = torch.empty(M, ng, device=x.device, dtype=torch.float32)
     if M > 0:
         _quant_rows_kernel[(M,)](
-            x2, xq, xs, K, x2.stride(0), xq.stride(0), xs.stride(0), xs.stride(1),
-            NUM_GROUPS=ng, GROUPS_PAD=triton.next_power_of_2(ng), GROUP_SIZE=group_size,
-            FP8_MAX=FP8_MAX, num_warps=4 if K <= 4096 else 8,
+            x2,
+            xq,
+            xs,
+            K,
+            x2.stride(0),
+            xq.stride(0),
+            xs.stride(0),
+            xs.stride(1),
+            NUM_GROUPS=ng,
+            GROUPS_PAD=triton.next_power_of_2(ng),
+            GROUP_SIZE=group_size,
+            FP8_MAX=FP8_MAX,
+            num_warps=4 if K <= 4096 else 8,
         )
     if column_major_scales:
         return xq.view(x.shape), xs
@@ -81,11 +100,25 @@ def per_token_group_quant_fp8(
 # Triton block-scaled GEMM: C[M, N] = (A * As) @ (B * Bs)^T, A [M, K] fp8, B [N, K] fp8.
 @triton.jit
 def _block_fp8_gemm_kernel(
-    a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, bias_ptr,
-    M, N, K,
-    stride_am, stride_asm, stride_bn, stride_bsn, stride_cm,
+    a_ptr,
+    as_ptr,
+    b_ptr,
+    bs_ptr,
+    c_ptr,
+    bias_ptr,
+    M,
+    N,
+    K,
+    stride_am,
+    stride_asm,
+    stride_bn,
+    stride_bsn,
+    stride_cm,
     HAS_BIAS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -118,8 +151,11 @@ def _block_fp8_gemm_kernel(
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     c = acc.to(c_ptr.dtype.element_ty)
-    tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :], c,
-             mask=m_mask[:, None] & n_mask[None, :])
+    tl.store(
+        c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :],
+        c,
+        mask=m_mask[:, None] & n_mask[None, :],
+    )
 
 
 def _gemm_config(M: int, N: int) -> dict:
@@ -132,8 +168,15 @@ def _gemm_config(M: int, N: int) -> dict:
     return dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3)
 
 
-def block_fp8_matmul_triton(xq, xs, weight, weight_scale_inv, bias=None, out_dtype=torch.bfloat16,
-                            config: dict | None = None):
+def block_fp8_matmul_triton(
+    xq,
+    xs,
+    weight,
+    weight_scale_inv,
+    bias=None,
+    out_dtype=torch.bfloat16,
+    config: dict | None = None,
+):
     """xq [M, K] fp8, xs [M, K/128] fp32 (any strides), weight [N, K] fp8, scales [N/128, K/128]."""
     M, K = xq.shape
     N = weight.shape[0]
@@ -146,10 +189,26 @@ def block_fp8_matmul_triton(xq, xs, weight, weight_scale_inv, bias=None, out_dty
     if xs.stride(1) != 1:
         xs = xs.contiguous()
     _block_fp8_gemm_kernel[grid](
-        xq, xs, weight, weight_scale_inv, out, bias if bias is not None else out,
-        M, N, K, xq.stride(0), xs.stride(0), weight.stride(0), weight_scale_inv.stride(0),
-        out.stride(0), HAS_BIAS=bias is not None,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=GROUP, GROUP_M=8, **cfg,
+        xq,
+        xs,
+        weight,
+        weight_scale_inv,
+        out,
+        bias if bias is not None else out,
+        M,
+        N,
+        K,
+        xq.stride(0),
+        xs.stride(0),
+        weight.stride(0),
+        weight_scale_inv.stride(0),
+        out.stride(0),
+        HAS_BIAS=bias is not None,
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        BLOCK_K=GROUP,
+        GROUP_M=8,
+        **cfg,
     )
     return out
 
@@ -167,8 +226,9 @@ def _cublas_weight_scale(weight_scale_inv: torch.Tensor) -> torch.Tensor:
     return padded.t()
 
 
-def block_fp8_matmul_cublas(xq, xs_col_major, weight, weight_scale_inv, bias=None,
-                            out_dtype=torch.bfloat16):
+def block_fp8_matmul_cublas(
+    xq, xs_col_major, weight, weight_scale_inv, bias=None, out_dtype=torch.bfloat16
+):
     from torch.nn.functional import ScalingType, scaled_mm
 
     def recipe(*names):  # the enum's spelling changed between torch releases
@@ -178,9 +238,12 @@ def block_fp8_matmul_cublas(xq, xs_col_major, weight, weight_scale_inv, bias=Non
         raise NotImplementedError(f"torch has no ScalingType.{names[0]}")
 
     out = scaled_mm(
-        xq, weight.t(),
-        xs_col_major, recipe("BlockWise1x128", "Blockwise_1x128"),
-        _cublas_weight_scale(weight_scale_inv), recipe("BlockWise128x128", "Blockwise_128x128"),
+        xq,
+        weight.t(),
+        xs_col_major,
+        recipe("BlockWise1x128", "Blockwise_1x128"),
+        _cublas_weight_scale(weight_scale_inv),
+        recipe("BlockWise128x128", "Blockwise_128x128"),
         output_dtype=out_dtype,
     )
     if bias is not None:
@@ -200,8 +263,7 @@ def _use_cublas(M: int, N: int, K: int, device: torch.device) -> bool:
         return False
     if _BACKEND == "cublas":
         return True
-    return (M >= CUBLAS_MIN_M and N % 128 == 0 and K % 128 == 0
-            and (M, N, K) not in _cublas_refused)
+    return M >= CUBLAS_MIN_M and N % 128 == 0 and K % 128 == 0 and (M, N, K) not in _cublas_refused
 
 
 def fp8_linear(
@@ -233,8 +295,13 @@ def fp8_linear(
     return y.view(*x.shape[:-1], N).to(x.dtype)
 
 
-def fp8_block_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
-                     block: tuple[int, int], bias: torch.Tensor | None = None) -> torch.Tensor:
+def fp8_block_linear(
+    x: torch.Tensor,
+    q: torch.Tensor,
+    scale: torch.Tensor,
+    block: tuple[int, int],
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Twin of coserve.engine.kernels.fp8.fp8_block_linear: y = x @ dequant(q, scale)^T (+ bias)
     with x quantised per 1x128 group on the fly (128x128 weight blocks only)."""
     assert tuple(block) == (GROUP, GROUP), "the FP8 GPU path supports 128x128 blocks only"

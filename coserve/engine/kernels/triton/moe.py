@@ -29,16 +29,27 @@ from .fp8 import FP8_MAX, per_token_group_quant_fp8
 # ---------------------------------------------------------------------------------------------
 @triton.jit
 def _topk_softmax_kernel(
-    logits_ptr, w_ptr, ids_ptr, T, E, stride_l,
-    TOPK: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
+    logits_ptr,
+    w_ptr,
+    ids_ptr,
+    T,
+    E,
+    stride_l,
+    TOPK: tl.constexpr,
+    K_PAD: tl.constexpr,
+    E_PAD: tl.constexpr,
+    BLOCK_T: tl.constexpr,
     RENORM: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     e = tl.arange(0, E_PAD)
     kk = tl.arange(0, K_PAD)
     rmask = rows < T
-    x = tl.load(logits_ptr + rows[:, None] * stride_l + e[None, :],
-                mask=rmask[:, None] & (e[None, :] < E), other=float("-inf")).to(tl.float32)
+    x = tl.load(
+        logits_ptr + rows[:, None] * stride_l + e[None, :],
+        mask=rmask[:, None] & (e[None, :] < E),
+        other=float("-inf"),
+    ).to(tl.float32)
     # rows past T (never stored) read as zeros, not all -inf: no NaN (Triton's interpreter
     # refuses an argmax over an all-NaN row)
     x = tl.where(rmask[:, None], x, 0.0)
@@ -73,9 +84,18 @@ def topk_softmax(router_logits: torch.Tensor, top_k: int, renormalize: bool):
     block_t = max(1, min(16, 4096 // e_pad))
     if T > 0:
         _topk_softmax_kernel[(triton.cdiv(T, block_t),)](
-            router_logits, w, ids, T, E, router_logits.stride(0),
-            TOPK=top_k, K_PAD=triton.next_power_of_2(top_k), E_PAD=e_pad, BLOCK_T=block_t,
-            RENORM=renormalize, num_warps=4,
+            router_logits,
+            w,
+            ids,
+            T,
+            E,
+            router_logits.stride(0),
+            TOPK=top_k,
+            K_PAD=triton.next_power_of_2(top_k),
+            E_PAD=e_pad,
+            BLOCK_T=block_t,
+            RENORM=renormalize,
+            num_warps=4,
         )
     return w, ids
 
@@ -83,10 +103,19 @@ def topk_softmax(router_logits: torch.Tensor, top_k: int, renormalize: bool):
 # ---------------------------------------------------------------------------------------------
 @triton.jit
 def _moe_align_kernel(
-    topk_ids_ptr, sorted_ids_ptr, expert_ids_ptr, num_post_pad_ptr, scratch_ptr,
-    numel, max_padded, num_blocks,
-    E: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
-    CHUNK: tl.constexpr, BCHUNK: tl.constexpr,
+    topk_ids_ptr,
+    sorted_ids_ptr,
+    expert_ids_ptr,
+    num_post_pad_ptr,
+    scratch_ptr,
+    numel,
+    max_padded,
+    num_blocks,
+    E: tl.constexpr,
+    E_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    CHUNK: tl.constexpr,
+    BCHUNK: tl.constexpr,
 ):
     # One program. scratch: [E_PAD] counters (later: start offsets) + [numel] ranks.
     e = tl.arange(0, E_PAD)
@@ -95,8 +124,9 @@ def _moe_align_kernel(
     tl.store(cnt_ptr + e, tl.zeros([E_PAD], tl.int32))
     c = tl.arange(0, CHUNK)
     for s in range(0, max_padded, CHUNK):
-        tl.store(sorted_ids_ptr + s + c, tl.zeros([CHUNK], tl.int32) + numel,
-                 mask=s + c < max_padded)
+        tl.store(
+            sorted_ids_ptr + s + c, tl.zeros([CHUNK], tl.int32) + numel, mask=s + c < max_padded
+        )
     tl.debug_barrier()
     # rank of each pair within its expert (order inside an expert is arbitrary)
     for s in range(0, numel, CHUNK):
@@ -144,9 +174,20 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int):
     if ids.dtype != torch.int32:
         ids = ids.to(torch.int32)
     _moe_align_kernel[(1,)](
-        ids, sorted_ids, expert_ids, num_post_pad, scratch, numel, max_padded, num_blocks,
-        E=num_experts, E_PAD=e_pad, BLOCK_M=block_m, CHUNK=1024,
-        BCHUNK=max(16, min(64, 8192 // e_pad)), num_warps=8,
+        ids,
+        sorted_ids,
+        expert_ids,
+        num_post_pad,
+        scratch,
+        numel,
+        max_padded,
+        num_blocks,
+        E=num_experts,
+        E_PAD=e_pad,
+        BLOCK_M=block_m,
+        CHUNK=1024,
+        BCHUNK=max(16, min(64, 8192 // e_pad)),
+        num_warps=8,
     )
     return sorted_ids, expert_ids, num_post_pad
 
@@ -154,17 +195,42 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int):
 # ---------------------------------------------------------------------------------------------
 @triton.jit
 def _moe_gemm_kernel(
-    a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, cs_ptr, topk_w_ptr,
-    sorted_ids_ptr, expert_ids_ptr, num_post_pad_ptr,
-    N, K, up_offset, num_valid, num_pid_m, num_experts,
-    stride_am, stride_asm,
-    stride_be, stride_bn, stride_bse, stride_bsn,
-    stride_cm, stride_csm,
-    A_ROW_DIV: tl.constexpr, GATED: tl.constexpr, FP8: tl.constexpr,
-    QUANT_OUT: tl.constexpr, MUL_WEIGHT: tl.constexpr, FP8_MAX: tl.constexpr,
+    a_ptr,
+    as_ptr,
+    b_ptr,
+    bs_ptr,
+    c_ptr,
+    cs_ptr,
+    topk_w_ptr,
+    sorted_ids_ptr,
+    expert_ids_ptr,
+    num_post_pad_ptr,
+    N,
+    K,
+    up_offset,
+    num_valid,
+    num_pid_m,
+    num_experts,
+    stride_am,
+    stride_asm,
+    stride_be,
+    stride_bn,
+    stride_bse,
+    stride_bsn,
+    stride_cm,
+    stride_csm,
+    A_ROW_DIV: tl.constexpr,
+    GATED: tl.constexpr,
+    FP8: tl.constexpr,
+    QUANT_OUT: tl.constexpr,
+    MUL_WEIGHT: tl.constexpr,
+    FP8_MAX: tl.constexpr,
     FOREIGN: tl.constexpr,
     SCALE_GROUP: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -188,8 +254,11 @@ def _moe_gemm_kernel(
             # pairs of experts another rank holds: no product; the output GEMM writes zeros
             if MUL_WEIGHT:
                 zero = tl.zeros([BLOCK_M, BLOCK_N], dtype=c_ptr.dtype.element_ty)
-                tl.store(c_ptr + pair.to(tl.int64)[:, None] * stride_cm + offs_n[None, :],
-                         zero, mask=row_mask[:, None] & n_mask[None, :])
+                tl.store(
+                    c_ptr + pair.to(tl.int64)[:, None] * stride_cm + offs_n[None, :],
+                    zero,
+                    mask=row_mask[:, None] & n_mask[None, :],
+                )
             return
     offs_k = tl.arange(0, BLOCK_K)
 
@@ -240,12 +309,18 @@ def _moe_gemm_kernel(
         amax = tl.max(tl.abs(tl.where(n_mask[None, :], acc, 0.0)), 1)
         s = tl.maximum(amax, 1e-10) / FP8_MAX
         q = tl.clamp(acc / s[:, None], -FP8_MAX, FP8_MAX)
-        tl.store(c_ptr + c_row[:, None] * stride_cm + offs_n[None, :],
-                 q.to(c_ptr.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])
+        tl.store(
+            c_ptr + c_row[:, None] * stride_cm + offs_n[None, :],
+            q.to(c_ptr.dtype.element_ty),
+            mask=row_mask[:, None] & n_mask[None, :],
+        )
         tl.store(cs_ptr + c_row * stride_csm + pid_n, s, mask=row_mask)
     else:
-        tl.store(c_ptr + c_row[:, None] * stride_cm + offs_n[None, :],
-                 acc.to(c_ptr.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])
+        tl.store(
+            c_ptr + c_row[:, None] * stride_cm + offs_n[None, :],
+            acc.to(c_ptr.dtype.element_ty),
+            mask=row_mask[:, None] & n_mask[None, :],
+        )
 
 
 def default_config(num_tokens: int, fp8: bool = True) -> dict:
@@ -253,36 +328,108 @@ def default_config(num_tokens: int, fp8: bool = True) -> dict:
     docs/kernels.md); the benchmark sweeps alternatives. With BLOCK_M >= the typical rows per
     expert (T*k/E), each expert's weights stream from DRAM once per step."""
     if num_tokens <= 128:
-        return dict(BLOCK_M=16, BLOCK_N1=128, BLOCK_N2=128, GROUP_M=8,
-                    num_warps1=4, num_stages1=3, num_warps2=4, num_stages2=4)
+        return dict(
+            BLOCK_M=16,
+            BLOCK_N1=128,
+            BLOCK_N2=128,
+            GROUP_M=8,
+            num_warps1=4,
+            num_stages1=3,
+            num_warps2=4,
+            num_stages2=4,
+        )
     if num_tokens < 256:
-        return dict(BLOCK_M=32, BLOCK_N1=128, BLOCK_N2=128, GROUP_M=8,
-                    num_warps1=4, num_stages1=3, num_warps2=4, num_stages2=4)
-    return dict(BLOCK_M=64, BLOCK_N1=128, BLOCK_N2=128, GROUP_M=8,
-                num_warps1=8, num_stages1=4, num_warps2=4, num_stages2=4)
+        return dict(
+            BLOCK_M=32,
+            BLOCK_N1=128,
+            BLOCK_N2=128,
+            GROUP_M=8,
+            num_warps1=4,
+            num_stages1=3,
+            num_warps2=4,
+            num_stages2=4,
+        )
+    return dict(
+        BLOCK_M=64,
+        BLOCK_N1=128,
+        BLOCK_N2=128,
+        GROUP_M=8,
+        num_warps1=8,
+        num_stages1=4,
+        num_warps2=4,
+        num_stages2=4,
+    )
 
 
-def _launch_gemm(a, a_s, b, b_s, c, c_s, topk_w, sorted_ids, expert_ids, num_post_pad,
-                 N, K, up_offset, num_valid, a_row_div, gated, quant_out, mul_weight,
-                 block_m, block_n, group_m, num_warps, num_stages, foreign=False):
+def _launch_gemm(
+    a,
+    a_s,
+    b,
+    b_s,
+    c,
+    c_s,
+    topk_w,
+    sorted_ids,
+    expert_ids,
+    num_post_pad,
+    N,
+    K,
+    up_offset,
+    num_valid,
+    a_row_div,
+    gated,
+    quant_out,
+    mul_weight,
+    block_m,
+    block_n,
+    group_m,
+    num_warps,
+    num_stages,
+    foreign=False,
+):
     fp8 = b.dtype == torch.float8_e4m3fn
     num_pid_m = sorted_ids.shape[0] // block_m
     grid = (num_pid_m * triton.cdiv(N, block_n),)
     dummy = c
     _moe_gemm_kernel[grid](
-        a, a_s if a_s is not None else dummy, b, b_s if b_s is not None else dummy,
-        c, c_s if c_s is not None else dummy, topk_w if topk_w is not None else dummy,
-        sorted_ids, expert_ids, num_post_pad,
-        N, K, up_offset, num_valid, num_pid_m, b.shape[0],
-        a.stride(0), a_s.stride(0) if a_s is not None else 0,
-        b.stride(0), b.stride(1),
-        b_s.stride(0) if b_s is not None else 0, b_s.stride(1) if b_s is not None else 0,
-        c.stride(0), c_s.stride(0) if c_s is not None else 0,
-        A_ROW_DIV=a_row_div, GATED=gated, FP8=fp8, QUANT_OUT=quant_out, MUL_WEIGHT=mul_weight,
+        a,
+        a_s if a_s is not None else dummy,
+        b,
+        b_s if b_s is not None else dummy,
+        c,
+        c_s if c_s is not None else dummy,
+        topk_w if topk_w is not None else dummy,
+        sorted_ids,
+        expert_ids,
+        num_post_pad,
+        N,
+        K,
+        up_offset,
+        num_valid,
+        num_pid_m,
+        b.shape[0],
+        a.stride(0),
+        a_s.stride(0) if a_s is not None else 0,
+        b.stride(0),
+        b.stride(1),
+        b_s.stride(0) if b_s is not None else 0,
+        b_s.stride(1) if b_s is not None else 0,
+        c.stride(0),
+        c_s.stride(0) if c_s is not None else 0,
+        A_ROW_DIV=a_row_div,
+        GATED=gated,
+        FP8=fp8,
+        QUANT_OUT=quant_out,
+        MUL_WEIGHT=mul_weight,
         FOREIGN=foreign,
-        FP8_MAX=FP8_MAX, SCALE_GROUP=128,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=128 if fp8 else 64, GROUP_M=group_m,
-        num_warps=num_warps, num_stages=num_stages,
+        FP8_MAX=FP8_MAX,
+        SCALE_GROUP=128,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=128 if fp8 else 64,
+        GROUP_M=group_m,
+        num_warps=num_warps,
+        num_stages=num_stages,
     )
 
 
@@ -339,19 +486,61 @@ def fused_moe(
         inter_out = torch.empty(numel, inter, device=dev, dtype=out_dtype)
         inter_s = None
 
-    _launch_gemm(a1, a1_s, w13, w13_scale, inter_out, inter_s, None,
-                 sorted_ids, expert_ids, num_post_pad, inter, H, inter, numel, k,
-                 gated=True, quant_out=quant_out, mul_weight=False, block_m=bm,
-                 block_n=cfg["BLOCK_N1"], group_m=cfg["GROUP_M"],
-                 num_warps=cfg["num_warps1"], num_stages=cfg["num_stages1"], foreign=foreign)
+    _launch_gemm(
+        a1,
+        a1_s,
+        w13,
+        w13_scale,
+        inter_out,
+        inter_s,
+        None,
+        sorted_ids,
+        expert_ids,
+        num_post_pad,
+        inter,
+        H,
+        inter,
+        numel,
+        k,
+        gated=True,
+        quant_out=quant_out,
+        mul_weight=False,
+        block_m=bm,
+        block_n=cfg["BLOCK_N1"],
+        group_m=cfg["GROUP_M"],
+        num_warps=cfg["num_warps1"],
+        num_stages=cfg["num_stages1"],
+        foreign=foreign,
+    )
 
     if fp8 and not quant_out:
         inter_out, inter_s = per_token_group_quant_fp8(inter_out)
 
     out_pairs = torch.empty(numel, H, device=dev, dtype=out_dtype)
-    _launch_gemm(inter_out, inter_s, w2, w2_scale, out_pairs, None, topk_w,
-                 sorted_ids, expert_ids, num_post_pad, H, inter, 0, numel, 1,
-                 gated=False, quant_out=False, mul_weight=True, block_m=bm,
-                 block_n=cfg["BLOCK_N2"], group_m=cfg["GROUP_M"],
-                 num_warps=cfg["num_warps2"], num_stages=cfg["num_stages2"], foreign=foreign)
+    _launch_gemm(
+        inter_out,
+        inter_s,
+        w2,
+        w2_scale,
+        out_pairs,
+        None,
+        topk_w,
+        sorted_ids,
+        expert_ids,
+        num_post_pad,
+        H,
+        inter,
+        0,
+        numel,
+        1,
+        gated=False,
+        quant_out=False,
+        mul_weight=True,
+        block_m=bm,
+        block_n=cfg["BLOCK_N2"],
+        group_m=cfg["GROUP_M"],
+        num_warps=cfg["num_warps2"],
+        num_stages=cfg["num_stages2"],
+        foreign=foreign,
+    )
     return out_pairs.view(T, k, H).sum(dim=1)

@@ -11,9 +11,22 @@ import triton.language as tl
 
 @triton.jit
 def _rms_norm_kernel(
-    x_ptr, r_ptr, w_ptr, y_ptr, r_out_ptr, n_rows, D, n_inner,
-    stride_xo, stride_xi, stride_ro, stride_ri, eps,
-    HAS_RESIDUAL: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    x_ptr,
+    r_ptr,
+    w_ptr,
+    y_ptr,
+    r_out_ptr,
+    n_rows,
+    D,
+    n_inner,
+    stride_xo,
+    stride_xi,
+    stride_ro,
+    stride_ri,
+    eps,
+    HAS_RESIDUAL: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     d = tl.arange(0, BLOCK_D)
@@ -33,8 +46,9 @@ def _rms_norm_kernel(
     normed = (xf * rstd[:, None]).to(x.dtype).to(tl.float32)
     w = tl.load(w_ptr + d, mask=d < D, other=0.0).to(tl.float32)
     y = normed * w[None, :]
-    tl.store(y_ptr + rows.to(tl.int64)[:, None] * D + d[None, :], y.to(y_ptr.dtype.element_ty),
-             mask=mask)
+    tl.store(
+        y_ptr + rows.to(tl.int64)[:, None] * D + d[None, :], y.to(y_ptr.dtype.element_ty), mask=mask
+    )
 
 
 def _rows_view(x: torch.Tensor):
@@ -62,8 +76,22 @@ def _launch(x, residual, weight, eps):
     block_r = max(1, min(64, 4096 // block_d))
     if n_rows > 0:
         _rms_norm_kernel[(triton.cdiv(n_rows, block_r),)](
-            xv, rv, weight, y, r_out, n_rows, D, n_inner, sxo, sxi, sro, sri, eps,
-            HAS_RESIDUAL=residual is not None, BLOCK_R=block_r, BLOCK_D=block_d,
+            xv,
+            rv,
+            weight,
+            y,
+            r_out,
+            n_rows,
+            D,
+            n_inner,
+            sxo,
+            sxi,
+            sro,
+            sri,
+            eps,
+            HAS_RESIDUAL=residual is not None,
+            BLOCK_R=block_r,
+            BLOCK_D=block_d,
             num_warps=4 if block_d <= 2048 else 8,
         )
     return y, r_out
@@ -75,7 +103,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return _launch(x, None, weight, eps)[0]
 
 
-def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                       eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def fused_add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(rms_norm(x + residual), x + residual) in one pass."""
     return _launch(x, residual, weight, eps)

@@ -25,17 +25,33 @@ import triton.language as tl
 
 @triton.jit
 def _paged_decode_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
-    out_ptr, part_o_ptr, part_ml_ptr,
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    block_tables_ptr,
+    context_lens_ptr,
+    out_ptr,
+    part_o_ptr,
+    part_ml_ptr,
     scale_log2e,
-    stride_qb, stride_qh,
-    stride_kb, stride_ks, stride_kh,
-    stride_vb, stride_vs, stride_vh,
+    stride_qb,
+    stride_qh,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_vb,
+    stride_vs,
+    stride_vh,
     stride_bt,
-    stride_ob, stride_oh,
+    stride_ob,
+    stride_oh,
     tokens_per_split,
-    BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -49,8 +65,9 @@ def _paged_decode_kernel(
     n = tl.arange(0, BLOCK_N)
     gmask = g < GROUP
     qh = kvh * GROUP + g
-    q = tl.load(q_ptr + b * stride_qb + qh[:, None] * stride_qh + d[None, :],
-                mask=gmask[:, None], other=0.0)
+    q = tl.load(
+        q_ptr + b * stride_qb + qh[:, None] * stride_qh + d[None, :], mask=gmask[:, None], other=0.0
+    )
 
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
@@ -85,8 +102,11 @@ def _paged_decode_kernel(
     if NUM_SPLITS == 1:
         safe_l = tl.where(l_i > 0, l_i, 1.0)
         o = acc / safe_l[:, None]
-        tl.store(out_ptr + b * stride_ob + qh[:, None] * stride_oh + d[None, :],
-                 o.to(out_ptr.dtype.element_ty), mask=gmask[:, None])
+        tl.store(
+            out_ptr + b * stride_ob + qh[:, None] * stride_oh + d[None, :],
+            o.to(out_ptr.dtype.element_ty),
+            mask=gmask[:, None],
+        )
     else:
         # partials: o [B, Hq, S, D] (unnormalised), ml [B, Hq, S, 2] (max, sum), fp32.
         row = (b * (GROUP * tl.num_programs(1)) + qh) * NUM_SPLITS + sp
@@ -97,8 +117,15 @@ def _paged_decode_kernel(
 
 @triton.jit
 def _merge_splits_kernel(
-    part_o_ptr, part_ml_ptr, out_ptr, num_heads, stride_ob, stride_oh,
-    NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+    part_o_ptr,
+    part_ml_ptr,
+    out_ptr,
+    num_heads,
+    stride_ob,
+    stride_oh,
+    NUM_SPLITS: tl.constexpr,
+    SPLITS_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -131,8 +158,9 @@ def _num_sms(device: torch.device) -> int:
     return _NUM_SMS[idx]
 
 
-def choose_num_splits(batch: int, num_kv_heads: int, max_tokens: int, device: torch.device,
-                      block_n: int = 64) -> int:
+def choose_num_splits(
+    batch: int, num_kv_heads: int, max_tokens: int, device: torch.device, block_n: int = 64
+) -> int:
     """Splits per sequence so that the grid covers the GPU about twice; shapes only."""
     programs = batch * num_kv_heads
     target = 2 * _num_sms(device)
@@ -163,7 +191,7 @@ def paged_decode_attention(
     assert k_cache.stride(3) == 1 and v_cache.stride(3) == 1 and q.stride(2) == 1
     assert D & (D - 1) == 0, "head_dim must be a power of two"
     if scale is None:
-        scale = D ** -0.5
+        scale = D**-0.5
     group = Hq // Hkv
     group_pad = max(16, triton.next_power_of_2(group))
     cfg = config or {}
@@ -183,22 +211,47 @@ def paged_decode_attention(
         part_o = part_ml = out  # unused
     grid = (B, Hkv, num_splits)
     _paged_decode_kernel[grid](
-        q, k_cache, v_cache, block_tables, context_lens, out, part_o, part_ml,
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        context_lens,
+        out,
+        part_o,
+        part_ml,
         scale * 1.4426950408889634,
-        q.stride(0), q.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        v_cache.stride(2),
         block_tables.stride(0),
-        out.stride(0), out.stride(1),
+        out.stride(0),
+        out.stride(1),
         tokens_per_split,
-        BLOCK_SIZE=block_size, GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=D, BLOCK_N=block_n,
-        NUM_SPLITS=num_splits, num_warps=cfg.get("num_warps", 4),
+        BLOCK_SIZE=block_size,
+        GROUP=group,
+        GROUP_PAD=group_pad,
+        HEAD_DIM=D,
+        BLOCK_N=block_n,
+        NUM_SPLITS=num_splits,
+        num_warps=cfg.get("num_warps", 4),
         num_stages=cfg.get("num_stages", 3),
     )
     if num_splits > 1:
         _merge_splits_kernel[(B, Hq)](
-            part_o, part_ml, out, Hq, out.stride(0), out.stride(1),
-            NUM_SPLITS=num_splits, SPLITS_PAD=triton.next_power_of_2(num_splits), HEAD_DIM=D,
+            part_o,
+            part_ml,
+            out,
+            Hq,
+            out.stride(0),
+            out.stride(1),
+            NUM_SPLITS=num_splits,
+            SPLITS_PAD=triton.next_power_of_2(num_splits),
+            HEAD_DIM=D,
             num_warps=4,
         )
     return out

@@ -13,8 +13,9 @@ import triton.language as tl
 
 
 @triton.jit
-def _norm_rope_heads(x_ptr, w_ptr, cos, sin, h, hmask, i, eps,
-                     HALF: tl.constexpr, OUT_DTYPE: tl.constexpr):
+def _norm_rope_heads(
+    x_ptr, w_ptr, cos, sin, h, hmask, i, eps, HALF: tl.constexpr, OUT_DTYPE: tl.constexpr
+):
     x1 = tl.load(x_ptr + h[:, None] * (2 * HALF) + i[None, :], mask=hmask, other=0.0)
     x2 = tl.load(x_ptr + h[:, None] * (2 * HALF) + HALF + i[None, :], mask=hmask, other=0.0)
     f1 = x1.to(tl.float32)
@@ -29,11 +30,30 @@ def _norm_rope_heads(x_ptr, w_ptr, cos, sin, h, hmask, i, eps,
 
 @triton.jit
 def _qk_norm_rope_kernel(
-    qkv_ptr, qw_ptr, kw_ptr, pos_ptr, cs_ptr, q_out_ptr, k_out_ptr,
-    k_cache_ptr, v_cache_ptr, slot_ptr,
-    stride_t, stride_cs, stride_cb, stride_cs_slot, stride_ch, block_size, eps,
-    HQ: tl.constexpr, HKV: tl.constexpr, HQ_PAD: tl.constexpr, HKV_PAD: tl.constexpr,
-    HALF: tl.constexpr, STORE_CACHE: tl.constexpr, WRITE_K: tl.constexpr,
+    qkv_ptr,
+    qw_ptr,
+    kw_ptr,
+    pos_ptr,
+    cs_ptr,
+    q_out_ptr,
+    k_out_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    slot_ptr,
+    stride_t,
+    stride_cs,
+    stride_cb,
+    stride_cs_slot,
+    stride_ch,
+    block_size,
+    eps,
+    HQ: tl.constexpr,
+    HKV: tl.constexpr,
+    HQ_PAD: tl.constexpr,
+    HKV_PAD: tl.constexpr,
+    HALF: tl.constexpr,
+    STORE_CACHE: tl.constexpr,
+    WRITE_K: tl.constexpr,
     OUT_DTYPE: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
@@ -53,8 +73,7 @@ def _qk_norm_rope_kernel(
 
     hk = tl.arange(0, HKV_PAD)
     kmask = (hk < HKV)[:, None]
-    k1, k2 = _norm_rope_heads(row + HQ * D, kw_ptr, cos, sin, hk, kmask, i, eps, HALF,
-                              OUT_DTYPE)
+    k1, k2 = _norm_rope_heads(row + HQ * D, kw_ptr, cos, sin, hk, kmask, i, eps, HALF, OUT_DTYPE)
     if WRITE_K:
         k_out = k_out_ptr + (t * HKV + hk[:, None]) * D
         tl.store(k_out + i[None, :], k1, mask=kmask)
@@ -100,20 +119,37 @@ def qk_norm_rope(
     assert qkv.shape[1] == (num_heads + 2 * num_kv_heads) * D and qkv.stride(1) == 1
     q = torch.empty(T, num_heads, D, device=qkv.device, dtype=qkv.dtype)
     k = torch.empty(T, num_kv_heads, D, device=qkv.device, dtype=qkv.dtype)
-    v = qkv[:, (num_heads + num_kv_heads) * D:].view(T, num_kv_heads, D)
+    v = qkv[:, (num_heads + num_kv_heads) * D :].view(T, num_kv_heads, D)
     store = k_cache is not None
     if cos_sin.stride(1) != 1:
         cos_sin = cos_sin.contiguous()
     if T > 0:
         _qk_norm_rope_kernel[(T,)](
-            qkv, q_weight, k_weight, positions, cos_sin, q, k,
-            k_cache if store else q, v_cache if store else q,
+            qkv,
+            q_weight,
+            k_weight,
+            positions,
+            cos_sin,
+            q,
+            k,
+            k_cache if store else q,
+            v_cache if store else q,
             slot_mapping if store else positions,
-            qkv.stride(0), cos_sin.stride(0),
-            k_cache.stride(0) if store else 0, k_cache.stride(1) if store else 0,
-            k_cache.stride(2) if store else 0, k_cache.shape[1] if store else 1, eps,
-            HQ=num_heads, HKV=num_kv_heads, HQ_PAD=triton.next_power_of_2(num_heads),
-            HKV_PAD=triton.next_power_of_2(num_kv_heads), HALF=D // 2,
-            STORE_CACHE=store, WRITE_K=True, OUT_DTYPE=_TL_DTYPES[qkv.dtype], num_warps=4,
+            qkv.stride(0),
+            cos_sin.stride(0),
+            k_cache.stride(0) if store else 0,
+            k_cache.stride(1) if store else 0,
+            k_cache.stride(2) if store else 0,
+            k_cache.shape[1] if store else 1,
+            eps,
+            HQ=num_heads,
+            HKV=num_kv_heads,
+            HQ_PAD=triton.next_power_of_2(num_heads),
+            HKV_PAD=triton.next_power_of_2(num_kv_heads),
+            HALF=D // 2,
+            STORE_CACHE=store,
+            WRITE_K=True,
+            OUT_DTYPE=_TL_DTYPES[qkv.dtype],
+            num_warps=4,
         )
     return q, k, v

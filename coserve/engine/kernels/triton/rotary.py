@@ -10,8 +10,16 @@ import triton.language as tl
 
 @triton.jit
 def _rotary_kernel(
-    x_ptr, pos_ptr, cs_ptr, y_ptr, H, stride_xt, stride_xh, stride_cs,
-    HALF: tl.constexpr, H_PAD: tl.constexpr,
+    x_ptr,
+    pos_ptr,
+    cs_ptr,
+    y_ptr,
+    H,
+    stride_xt,
+    stride_xh,
+    stride_cs,
+    HALF: tl.constexpr,
+    H_PAD: tl.constexpr,
 ):
     t = tl.program_id(0)
     h = tl.arange(0, H_PAD)
@@ -40,7 +48,16 @@ def apply_rotary(x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor
     y = torch.empty(T, H, D, device=x.device, dtype=x.dtype)
     if T > 0:
         _rotary_kernel[(T,)](
-            x, positions, cos_sin, y, H, x.stride(0), x.stride(1), cos_sin.stride(0),
-            HALF=D // 2, H_PAD=triton.next_power_of_2(H), num_warps=4,
+            x,
+            positions,
+            cos_sin,
+            y,
+            H,
+            x.stride(0),
+            x.stride(1),
+            cos_sin.stride(0),
+            HALF=D // 2,
+            H_PAD=triton.next_power_of_2(H),
+            num_warps=4,
         )
     return y
