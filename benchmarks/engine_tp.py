@@ -82,7 +82,7 @@ def run_gen(args, tp: int, config: str, tmp: Path) -> dict:
     res["kv_capacity_tokens"] = engine.kv_capacity_tokens
     log(
         f"TP={tp} ({config}) built in {res['build_s']:.0f} s, KV {engine.kv_capacity_tokens:,} "
-        f"tokens"
+        "tokens"
     )
     cuda = args.device.startswith("cuda")
     devices = [str(i) for i in range(tp)] if cuda else []

@@ -249,7 +249,7 @@ def start_server(
             if time.monotonic() - t0 > ready_timeout_s:
                 raise ServerFailed(
                     f"{spec.role} server ({spec.launcher}, pid {proc.pid}) not ready: /health did "
-                    f"not answer "
+                    "not answer "
                     f"200 within {ready_timeout_s:.0f} s; last lines of "
                     f"{log_path}:\n{tail(log_path)}"
                 )

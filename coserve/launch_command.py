@@ -89,7 +89,7 @@ class ServerSpec:
         ):
             raise ValueError(
                 f"{self.role}: the SLO guard needs exactly one of gen_tpot_slo_ms and "
-                f"gen_tpot_slo_pct"
+                "gen_tpot_slo_pct"
             )
 
 

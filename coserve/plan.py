@@ -154,13 +154,13 @@ class Plan:
                 min_util = math.ceil(need / self.gpu.total_bytes * 100) / 100
                 fix = (
                     f"raise gpu_memory_utilization to at least {min_util:.2f} (lowering the "
-                    f"embed server's to make room), use a GPU with more memory, or a smaller "
-                    f"gen model"
+                    "embed server's to make room), use a GPU with more memory, or a smaller "
+                    "gen model"
                 )
             out.append(
                 f"KV capacity {self.kv_tokens:,} tokens holds not even one request of "
                 f"{self.tokens_per_request} tokens: {fix}; or shorten the requests (input/output "
-                f"length)"
+                "length)"
             )
         if self.embed and self.embed.weight_bytes > self.embed_util * self.gpu.total_bytes:
             out.append(
@@ -242,7 +242,7 @@ def budget_rows(p: Plan) -> list[tuple[str, str]]:
     reserved = p.gen_util + (p.embed_util if p.embed else 0)
     rows.append(
         (
-            f"Reserved by the fractions "
+            "Reserved by the fractions "
             f"({p.gen_util:g}{f' + {p.embed_util:g}' if p.embed else ''})",
             f"{gib(reserved * p.gpu.total_bytes)} / {gib(p.gpu.total_bytes)}",
         )
@@ -253,13 +253,13 @@ def budget_rows(p: Plan) -> list[tuple[str, str]]:
 def lines(p: Plan) -> list[str]:
     out = [
         f"KV capacity (coserve's engine): {p.kv_tokens:,} tokens ({p.gen.kv_bytes_per_token:,} "
-        f"B/token: "
+        "B/token: "
         f"{p.gen.kv_text}; blocks of {p.block_size}, one kept as the null block)."
     ]
     if p.study_vllm_kv_tokens():
         out.append(
             f"vLLM at this setting: ~{p.study_vllm_kv_tokens():,} tokens (the study's measured "
-            f"value "
+            "value "
             f"for vLLM 0.15.1; vLLM sizes its cache its own way)."
         )
     out.append(

@@ -41,7 +41,7 @@ def server_problems(cond: Any, servers: dict[str, Any], path: str) -> list[str]:
         if len(budget) != 1:
             out.append(
                 f"{where(role, 'slo_guard')}: needs exactly one of gen_tpot_slo_ms and "
-                f"gen_tpot_slo_pct"
+                "gen_tpot_slo_pct"
             )
         if cfg.launcher != "builtin":
             out.append(

@@ -297,7 +297,7 @@ def run(args) -> int:
     if not facts["gpus"]:
         console.print(
             f"{facts['gpu']}. coserve runs here on CPU with tiny presets; GPU strategies (mps, "
-            f"mig, tp) need a GPU."
+            "mig, tp) need a GPU."
         )
     console.print(table)
     return 0

@@ -101,7 +101,7 @@ def parse_profiles(profiles: str | list[str]) -> list[str]:
         if not _PROFILE_RE.match(p):
             raise MigError(
                 f"bad MIG profile {p!r}: expected the form '<compute slices>g.<memory>gb', e.g. "
-                f"4g.71gb"
+                "4g.71gb"
             )
         out.append(p)
     if not out:
@@ -203,7 +203,7 @@ def make_plan(
                 f"no default MIG layout for GPU {gpu} ({gpu_name or 'unknown'}): profiles known "
                 f"from {source}: "
                 f"{', '.join(sorted(allowed)) or 'none'}; give them explicitly, e.g. profiles = "
-                f"'4g.71gb+3g.71gb'"
+                "'4g.71gb+3g.71gb'"
             )
     else:
         chosen = parse_profiles(profiles)
@@ -247,7 +247,7 @@ def validate(plan: MigPlan) -> list[str]:
     else:
         errors.append(
             f"GPU {plan.gpu} ({plan.gpu_name or 'unknown'}) has no MIG profiles known to NVML or "
-            f"to coserve"
+            "to coserve"
         )
     return errors
 
@@ -315,7 +315,7 @@ def _resolve_on(
     if info.mig_current is None:
         raise MigError(
             f"GPU {idx} ({info.name}) does not support MIG (no MIG mode in NVML): no MIG plan "
-            f"possible; "
+            "possible; "
             f"use timeslice, mps or exclusive"
         )
     plan = make_plan(
@@ -328,11 +328,11 @@ def _resolve_on(
         )
         raise MigError(
             f"MIG mode is off on GPU {idx} ({info.name}){pending}. Missing: MIG mode, then the "
-            f"instances "
+            "instances "
             f"{'+'.join(plan.profiles)}.\n"
             f"  1. as root, with no process on the GPU: nvidia-smi -i {idx} -mig 1   (coserve "
             f"never switches MIG mode)\n"
-            f"  2. create the instances: rerun with --apply-mig, or: "
+            "  2. create the instances: rerun with --apply-mig, or: "
             f"{' '.join(plan.create_command())}\n"
             f"{plan.render()}"
         )
@@ -358,8 +358,8 @@ def _resolve_on(
             f"GPU {idx} ({info.name}) lacks MIG instances {'+'.join(missing)} for the plan "
             f"{'+'.join(plan.profiles)}; "
             f"existing: {describe_existing(info.mig_devices)}.\n"
-            f"  rerun with --apply-mig to create the missing ones (coserve only creates, never "
-            f"destroys), or: "
+            "  rerun with --apply-mig to create the missing ones (coserve only creates, never "
+            "destroys), or: "
             f"{' '.join(plan.create_command(missing))}\n{plan.render()}"
         )
     return plan, assigned, created

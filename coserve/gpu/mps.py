@@ -264,7 +264,7 @@ class MpsDaemon:
             if self.proc.poll() is not None:
                 raise MpsError(
                     f"MPS control daemon exited with code {self.proc.returncode} at start; its "
-                    f"output "
+                    "output "
                     f"({out_log}):\n{tail(out_log, 30)}"
                 )
             try:

@@ -112,9 +112,9 @@ class Mps(RoleGpus):
                     )
                 raise StrategyError(
                     f"an MPS daemon coserve did not start is running:\n  {lines}\ncoserve never "
-                    f"touches a daemon it "
-                    f"did not start, and two daemons on one GPU do not mix. Stop it, run on other "
-                    f"GPUs with the mps "
+                    "touches a daemon it "
+                    "did not start, and two daemons on one GPU do not mix. Stop it, run on other "
+                    "GPUs with the mps "
                     f"option ignore_foreign_daemons = true, or use strategy timeslice.{hint}"
                 )
         devices = self._daemon_devices()

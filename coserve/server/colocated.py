@@ -66,7 +66,7 @@ def _streams(engines: dict, embed_sms: int | None) -> dict:
         if not 0 < embed_sms < total:
             raise ValueError(
                 f"--embed-sms: {embed_sms} is not between 1 and {total - 1} (this GPU has {total} "
-                f"SMs)"
+                "SMs)"
             )
         index = device.index if device.index is not None else torch.cuda.current_device()
         # Work runs inside the partition only on the green context's own stream.
