@@ -81,7 +81,8 @@ def run_gen(args, tp: int, config: str, tmp: Path) -> dict:
     res["build_s"] = time.perf_counter() - t0
     res["kv_capacity_tokens"] = engine.kv_capacity_tokens
     log(
-        f"TP={tp} ({config}) built in {res['build_s']:.0f} s, KV {engine.kv_capacity_tokens:,} tokens"
+        f"TP={tp} ({config}) built in {res['build_s']:.0f} s, KV {engine.kv_capacity_tokens:,} "
+        "tokens"
     )
     cuda = args.device.startswith("cuda")
     devices = [str(i) for i in range(tp)] if cuda else []
@@ -142,7 +143,8 @@ def run_gen(args, tp: int, config: str, tmp: Path) -> dict:
             log(
                 f"profile: wall {p['wall_ms_per_step']:.2f} ms/step; "
                 + "; ".join(
-                    f"{k}: busy {v.get('busy_ms_per_step', 0):.2f} idle {v.get('idle_ms_per_step', 0):.2f}"
+                    f"{k}: busy {v.get('busy_ms_per_step', 0):.2f} idle "
+                    f"{v.get('idle_ms_per_step', 0):.2f}"
                     for k, v in p.items()
                     if k.startswith("rank")
                 )
@@ -173,7 +175,9 @@ def _print_run(label: str, r: dict) -> None:
     )
     g = r.get("gpu_steps", {})
     for k, v in g.items():
-        line += f"; {k} in-step {v.get('in_step_ms_mean', 0):.2f} idle {v.get('idle_between_steps_ms_mean', 0):.2f}"
+        in_step = v.get("in_step_ms_mean", 0)
+        idle = v.get("idle_between_steps_ms_mean", 0)
+        line += f"; {k} in-step {in_step:.2f} idle {idle:.2f}"
     for i, w in enumerate(r.get("workers", [])):
         n = max(1, w["steps"])
         line += (
@@ -401,7 +405,8 @@ def print_table(res: dict) -> None:
             print(
                 f"{name:<32} "
                 f"{x['output_tokens_per_s']:9,.0f} {_f(x['tpot_ms']['p50']):>9} "
-                f"{_f(x['tpot_ms']['p99']):>7} {h.get('step', 0) - h.get('waiting_for_gpu', 0):6.2f} "
+                f"{_f(x['tpot_ms']['p99']):>7} "
+                f"{h.get('step', 0) - h.get('waiting_for_gpu', 0):6.2f} "
                 f"{h.get('waiting_for_gpu', 0):6.2f} {_f(idle):>9} {_f(sm):>7}"
             )
     s = scaling(res)

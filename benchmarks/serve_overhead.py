@@ -368,7 +368,8 @@ def main() -> None:
     print(f"{'C':>5} {'offline ' + unit:>16} {'served ' + unit:>16} {'served/offline':>15}")
     for r in rows:
         print(
-            f"{r['concurrency']:>5} {r['offline']:>16,.0f} {r['served']:>16,.0f} {r['ratio']:>15.3f}"
+            f"{r['concurrency']:>5} {r['offline']:>16,.0f} {r['served']:>16,.0f} "
+            f"{r['ratio']:>15.3f}"
         )
 
 

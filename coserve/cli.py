@@ -28,7 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="coserve",
-        description="Serve a generative and an embedding model on the same GPUs and measure the cost.",
+        description="Serve a generative and an embedding model on the same GPUs and measure the "
+        "cost.",
     )
     parser.add_argument("--version", action="version", version=f"coserve {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

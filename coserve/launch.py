@@ -1,7 +1,9 @@
 """Start and stop model servers: ours (`coserve serve`), vLLM (`vllm serve`), or URLs.
 
     spec = ServerSpec(role="gen", launcher="builtin", model="tiny-dense", random_weights=True)
-    with start_server(spec, env=strategy.env_for("gen"), log_path=run/"gen.log", ready_timeout_s=300) as srv:
+    with start_server(
+        spec, env=strategy.env_for("gen"), log_path=run/"gen.log", ready_timeout_s=300
+    ) as srv:
         srv.url   # http://127.0.0.1:PORT, answering /health
 
 Each server is its own process group (`start_new_session=True`), logs go to `log_path`
@@ -113,7 +115,8 @@ class RunningServer:
     def _died_msg(self, what: str) -> str:
         rc = self.proc.returncode if self.proc is not None else None
         return (
-            f"{self.spec.role} server ({self.spec.launcher}, pid {self.pid}) {what} ({_signame(rc) if rc is not None else '?'}); "
+            f"{self.spec.role} server ({self.spec.launcher}, pid {self.pid}) {what} "
+            f"({_signame(rc) if rc is not None else '?'}); "
             f"last lines of {self.log_path}:\n{tail(self.log_path)}"
         )
 
@@ -163,7 +166,8 @@ class RunningServer:
 def start_server(
     spec: ServerSpec, env: dict[str, str] | None, log_path: Path, ready_timeout_s: float = 600.0
 ) -> RunningServer:
-    """Start one server and wait until /health answers 200; raises ServerFailed with its log tail."""
+    """Start one server and wait until /health answers 200; raises ServerFailed with its log
+    tail."""
     spec.validate()
     env = dict(env or {})
     if spec.launcher == "external":
@@ -172,7 +176,8 @@ def start_server(
         while not _health(url):
             if time.monotonic() > deadline:
                 raise ServerFailed(
-                    f"{spec.role} server at {url} (external) did not answer /health within {ready_timeout_s:.0f} s"
+                    f"{spec.role} server at {url} (external) did not answer /health within "
+                    f"{ready_timeout_s:.0f} s"
                 )
             time.sleep(0.5)
         return RunningServer(spec, url, None, None, None, None)
@@ -201,7 +206,8 @@ def start_server(
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as logf:
         header = (
-            f"# coserve launch {time.strftime('%Y-%m-%dT%H:%M:%S')} role={spec.role} launcher={spec.launcher}\n"
+            f"# coserve launch {time.strftime('%Y-%m-%dT%H:%M:%S')} role={spec.role} "
+            f"launcher={spec.launcher}\n"
             f"# cmd: {_one_line(shlex.join(cmd))}\n"
             f"# env: {' '.join(f'{k}={v}' for k, v in sorted({**env, **BASE_ENV}.items()))}\n"
         )
@@ -219,7 +225,8 @@ def start_server(
             )
         except OSError as e:
             raise ServerFailed(
-                f"{spec.role} server ({spec.launcher}) could not start: {e} (command: {shlex.join(cmd)})"
+                f"{spec.role} server ({spec.launcher}) could not start: {e} (command: "
+                f"{shlex.join(cmd)})"
             ) from e
     url = f"http://{_connect_host(spec.host)}:{port}"
     server = RunningServer(spec, url, proc, log_path, cmd, port)
@@ -241,8 +248,10 @@ def start_server(
                 return server
             if time.monotonic() - t0 > ready_timeout_s:
                 raise ServerFailed(
-                    f"{spec.role} server ({spec.launcher}, pid {proc.pid}) not ready: /health did not answer "
-                    f"200 within {ready_timeout_s:.0f} s; last lines of {log_path}:\n{tail(log_path)}"
+                    f"{spec.role} server ({spec.launcher}, pid {proc.pid}) not ready: /health did "
+                    "not answer "
+                    f"200 within {ready_timeout_s:.0f} s; last lines of "
+                    f"{log_path}:\n{tail(log_path)}"
                 )
             time.sleep(0.2)
     except BaseException:

@@ -88,7 +88,8 @@ class ServerSpec:
             self.gen_tpot_slo_pct is None
         ):
             raise ValueError(
-                f"{self.role}: the SLO guard needs exactly one of gen_tpot_slo_ms and gen_tpot_slo_pct"
+                f"{self.role}: the SLO guard needs exactly one of gen_tpot_slo_ms and "
+                "gen_tpot_slo_pct"
             )
 
 
@@ -204,7 +205,8 @@ def docker_name(spec: ServerSpec, port: int) -> str:
 def docker_command(
     spec: ServerSpec, port: int, vllm_args: list[str], env: dict[str, str]
 ) -> list[str]:
-    """`docker run` for the vllm/vllm-openai image (entrypoint `vllm serve`), as the study ran it."""
+    """`docker run` for the vllm/vllm-openai image (entrypoint `vllm serve`), as the study ran
+    it."""
     devices = env.get("CUDA_VISIBLE_DEVICES")
     cmd = [
         "docker",

@@ -148,19 +148,24 @@ class Plan:
                 (self.blocks_per_request + 1) * self.block_size * self.gen.kv_bytes_per_token
             )  # + null block
             need = self.gen.weight_bytes + self.reserve_bytes + one_request
-            fix = (
-                "raise --kv-cache-bytes"
-                if self.cpu_kv_cache_bytes is not None
-                else f"raise gpu_memory_utilization to at least {math.ceil(need / self.gpu.total_bytes * 100) / 100:.2f} (lowering the "
-                f"embed server's to make room), use a GPU with more memory, or a smaller gen model"
-            )
+            if self.cpu_kv_cache_bytes is not None:
+                fix = "raise --kv-cache-bytes"
+            else:
+                min_util = math.ceil(need / self.gpu.total_bytes * 100) / 100
+                fix = (
+                    f"raise gpu_memory_utilization to at least {min_util:.2f} (lowering the "
+                    "embed server's to make room), use a GPU with more memory, or a smaller "
+                    "gen model"
+                )
             out.append(
                 f"KV capacity {self.kv_tokens:,} tokens holds not even one request of "
-                f"{self.tokens_per_request} tokens: {fix}; or shorten the requests (input/output length)"
+                f"{self.tokens_per_request} tokens: {fix}; or shorten the requests (input/output "
+                "length)"
             )
         if self.embed and self.embed.weight_bytes > self.embed_util * self.gpu.total_bytes:
             out.append(
-                "the embed model's weights do not fit its fraction: raise its gpu_memory_utilization"
+                "the embed model's weights do not fit its fraction: raise its "
+                "gpu_memory_utilization"
             )
         return out
 
@@ -222,7 +227,8 @@ def budget_rows(p: Plan) -> list[tuple[str, str]]:
     if p.embed is not None:
         parts.append(
             (
-                f"embed {p.embed.name} weights ({p.embed.params / 1e9:.2f} B params; {p.embed.fmt})",
+                f"embed {p.embed.name} weights ({p.embed.params / 1e9:.2f} B params; "
+                f"{p.embed.fmt})",
                 p.embed.weight_bytes,
             )
         )
@@ -236,7 +242,8 @@ def budget_rows(p: Plan) -> list[tuple[str, str]]:
     reserved = p.gen_util + (p.embed_util if p.embed else 0)
     rows.append(
         (
-            f"Reserved by the fractions ({p.gen_util:g}{f' + {p.embed_util:g}' if p.embed else ''})",
+            "Reserved by the fractions "
+            f"({p.gen_util:g}{f' + {p.embed_util:g}' if p.embed else ''})",
             f"{gib(reserved * p.gpu.total_bytes)} / {gib(p.gpu.total_bytes)}",
         )
     )
@@ -245,12 +252,14 @@ def budget_rows(p: Plan) -> list[tuple[str, str]]:
 
 def lines(p: Plan) -> list[str]:
     out = [
-        f"KV capacity (coserve's engine): {p.kv_tokens:,} tokens ({p.gen.kv_bytes_per_token:,} B/token: "
+        f"KV capacity (coserve's engine): {p.kv_tokens:,} tokens ({p.gen.kv_bytes_per_token:,} "
+        "B/token: "
         f"{p.gen.kv_text}; blocks of {p.block_size}, one kept as the null block)."
     ]
     if p.study_vllm_kv_tokens():
         out.append(
-            f"vLLM at this setting: ~{p.study_vllm_kv_tokens():,} tokens (the study's measured value "
+            f"vLLM at this setting: ~{p.study_vllm_kv_tokens():,} tokens (the study's measured "
+            "value "
             f"for vLLM 0.15.1; vLLM sizes its cache its own way)."
         )
     out.append(

@@ -183,7 +183,10 @@ class SigtermExit:
 
     def install(self) -> str | None:
         if threading.current_thread() is not threading.main_thread():
-            return "not in the main thread: SIGTERM is not intercepted; the caller must stop the daemon"
+            return (
+                "not in the main thread: SIGTERM is not intercepted; "
+                "the caller must stop the daemon"
+            )
         cur = signal.getsignal(signal.SIGTERM)
         if cur in (signal.SIG_DFL, None):
             self._old = cur if cur is not None else signal.SIG_DFL

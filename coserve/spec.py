@@ -222,7 +222,8 @@ class Spec:
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        """The validated spec as plain TOML-able data (None left out); `parse_spec` reads it back."""
+        """The validated spec as plain TOML-able data (None left out); `parse_spec` reads it
+        back."""
         return _drop_none(plain(self))
 
     def digest(self) -> str:

@@ -40,7 +40,8 @@ def server_problems(cond: Any, servers: dict[str, Any], path: str) -> list[str]:
             continue
         if len(budget) != 1:
             out.append(
-                f"{where(role, 'slo_guard')}: needs exactly one of gen_tpot_slo_ms and gen_tpot_slo_pct"
+                f"{where(role, 'slo_guard')}: needs exactly one of gen_tpot_slo_ms and "
+                "gen_tpot_slo_pct"
             )
         if cfg.launcher != "builtin":
             out.append(

@@ -90,7 +90,8 @@ def test_names_the_most_embed_work_within_the_budget(run_dir):
 def test_says_none_meets_and_what_came_closest(run_dir):
     a = advise(aggregate(run_dir), 14.0, 110.0)
     assert a.best is None
-    # timeslice.embed-r16: 128 seq/s at 16.4 ms (17 % over); grain.embed-r16: 100 at 15 ms (7 % + 9 %)
+    # timeslice.embed-r16: 128 seq/s at 16.4 ms (17 % over);
+    # grain.embed-r16: 100 at 15 ms (7 % + 9 %)
     assert a.closest.condition == "grain.embed-r16"
     assert a.closest.miss == pytest.approx(15 / 14 - 1 + 1 - 100 / 110, abs=0.02)
     text = render(a)

@@ -10,8 +10,8 @@ between two ranks' all-reduced bf16 partial sums and one rank's sum flips FP8 ro
 quantised as the twins do, bf16, teacher-forced tokens), TP=2 vs TP=1 differ by 0.06-0.21
 per decode step in logits of std 0.32 even with every window FP8 and every FP8 group that
 of one rank (num_key_value_heads 4, moe_intermediate_size 256), against at most 0.02 for
-the same model with activations unquantised and 0.008 with bf16 weights. That each rank's FP8 window computes its share of
-the TP=1 experts exactly is checked at the kernel level
+the same model with activations unquantised and 0.008 with bf16 weights. That each rank's
+FP8 window computes its share of the TP=1 experts exactly is checked at the kernel level
 (tests/test_kernels_gpu.py::test_fused_moe_of_two_ranks_sums_to_one_rank)."""
 
 from __future__ import annotations

@@ -59,7 +59,8 @@ def test_daemon_lifecycle_private_dirs_and_server_list(fake_bin, tmp_path):
     with make_strategy("mps", ["0"], {"active_thread_percentage": {"embed": 50}}, run) as s:
         d = s.daemon
         assert d.running and os.getpgid(d.proc.pid) == d.proc.pid  # own process group/session
-        # private dirs: under the run folder (a short one under /tmp where the socket path would be too long)
+        # private dirs: under the run folder (a short one under /tmp where the socket path
+        # would be too long)
         assert d.pipe_dir == run / "mps" / "pipe" or d.pipe_dir.name.startswith("coserve-mps-")
         assert d.log_dir == run / "mps" / "log"
         assert (d.pipe_dir / mps.MARKER).exists()

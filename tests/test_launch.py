@@ -62,7 +62,8 @@ def test_builtin_command_from_spec():
     args = " ".join(cmd[6:])
     assert args == (
         "--model qwen3-30b-a3b --host 127.0.0.1 --port 8000 --random-weights --device cuda "
-        "--gpu-memory-utilization 0.5 --max-model-len 4096 --max-num-seqs 512 --enforce-eager --seed 1"
+        "--gpu-memory-utilization 0.5 --max-model-len 4096 --max-num-seqs 512 --enforce-eager "
+        "--seed 1"
     )
     tp = build_command(ServerSpec(role="embed", model="tiny-embed", tensor_parallel_size=2), 1)
     assert tp[tp.index("--tensor-parallel-size") + 1] == "2"
@@ -295,7 +296,8 @@ def test_servers_start_one_after_the_other(tmp_path):
         gen_log = (tmp_path / "gen.log").read_text()
         embed_log = (tmp_path / "embed.log").read_text()
         assert "ready at" in gen_log and "ready at" in embed_log
-        # embed was launched only after gen answered: its launch header is later than gen's ready line
+        # embed was launched only after gen answered: its launch header is later than gen's
+        # ready line
         gen_ready = (tmp_path / "gen.log").stat().st_mtime
         assert servers[0].alive() and servers[1].alive()
         assert gen_ready <= (tmp_path / "embed.log").stat().st_mtime
@@ -335,7 +337,8 @@ KILLED_PARENT = textwrap.dedent("""
     import sys, time
     from pathlib import Path
     from coserve.launch import ServerSpec, start_server
-    spec = ServerSpec(role="gen", launcher="command", extra_args=[sys.executable, "-c", sys.argv[1], "serve", "{port}"])
+    args = [sys.executable, "-c", sys.argv[1], "serve", "{port}"]
+    spec = ServerSpec(role="gen", launcher="command", extra_args=args)
     s = start_server(spec, {}, Path(sys.argv[2]), 30)
     print(s.pid, flush=True)
     time.sleep(60)

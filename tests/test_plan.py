@@ -1,5 +1,6 @@
 """`coserve plan`: KV capacity as the built-in engine sizes it, checked against what the engine
-measured (an H200 record, a CPU server's own report); the VRAM budget and the concurrency that fits."""
+measured (an H200 record, a CPU server's own report); the VRAM budget and the concurrency that
+fits."""
 
 from __future__ import annotations
 

@@ -53,7 +53,8 @@ def test_markdown_tables(run_dir):
         r"\| gen-only \| timeslice \| 2/2 \| [\d,]+ ± [\d,.]+ \| baseline \| - \| - \|", md
     )
     assert re.search(
-        r"\| timeslice \| timeslice \| 1/2 \(partial\) \| [\d,]+ \| \*\*[+-]\d+\.\d%\*\* \(n=1: no CI\)",
+        r"\| timeslice \| timeslice \| 1/2 \(partial\) \| [\d,]+ \| \*\*[+-]\d+\.\d%\*\* \(n=1: no "
+        r"CI\)",
         md,
     )
     assert "| mps | mps | 0/2 (not run) | (none) |" in md

@@ -24,7 +24,10 @@ name = "crash"
 repetitions = 1
 [servers.gen]
 launcher = "command"
-extra_args = ["{python}", "-c", "print('loading'); import sys; sys.stdout.flush(); raise RuntimeError('the reason it failed')"]
+extra_args = [
+  "{python}", "-c",
+  "print('loading'); import sys; sys.stdout.flush(); raise RuntimeError('the reason it failed')",
+]
 ready_timeout_s = 30
 [load]
 warmup_s = 0

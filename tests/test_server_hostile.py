@@ -243,7 +243,10 @@ def test_posts_without_json_content_type_get_415(gen, embed, content_type):
 
 def test_non_ascii_authorization_header_is_401(gen):
     for value in ("Bearer s\u00e9same".encode(), b"Bearer \xff\xfe\xfd", "Bearer 鍵".encode()):
-        head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nAuthorization: "
+        head = (
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Type: application/json\r\nAuthorization: "
+        )
         status, answer = raw(gen.url, head + value + b"\r\n", b'{"prompt": [1], "max_tokens": 1}')
         assert_openai_error(status, answer, [401])
     assert send(gen.url, "/v1/completions", {"prompt": [1], "max_tokens": 1})[0] == 200

@@ -32,8 +32,10 @@ name = "guard"
 embed = { slo_guard = true, gen_tpot_slo_pct = 5 }
 [[conditions]]
 name = "colo"
-gen = { launcher = "command", extra_args = ["{python}", "-m", "coserve", "serve", "colocated", "--port", "{port}"] }
 embed = { launcher = "external", url = "http://127.0.0.1:18101" }
+[conditions.gen]
+launcher = "command"
+extra_args = ["{python}", "-m", "coserve", "serve", "colocated", "--port", "{port}"]
 """
 
 
@@ -84,12 +86,14 @@ def test_new_fields_at_their_defaults_keep_an_old_specs_digest():
         (
             "slo_guard = true, gen_tpot_slo_pct = 5",
             "slo_guard = true",
-            "conditions[2].embed.slo_guard: needs exactly one of gen_tpot_slo_ms and gen_tpot_slo_pct",
+            "conditions[2].embed.slo_guard: needs exactly one of gen_tpot_slo_ms and "
+            "gen_tpot_slo_pct",
         ),
         (
             "gen_tpot_slo_pct = 5",
             "gen_tpot_slo_pct = 5, gen_tpot_slo_ms = 20",
-            "conditions[2].embed.slo_guard: needs exactly one of gen_tpot_slo_ms and gen_tpot_slo_pct",
+            "conditions[2].embed.slo_guard: needs exactly one of gen_tpot_slo_ms and "
+            "gen_tpot_slo_pct",
         ),
         (
             "slo_guard = true, gen_tpot_slo_pct = 5",
@@ -109,12 +113,14 @@ def test_new_fields_at_their_defaults_keep_an_old_specs_digest():
         (
             'name = "guard"\nembed',
             'name = "guard"\ngen = { slo_guard = true }\nembed',
-            "conditions[2].gen.slo_guard: the SLO guard runs in the embed server; set it under embed",
+            "conditions[2].gen.slo_guard: the SLO guard runs in the embed server; set it under "
+            "embed",
         ),
         (
             'name = "guard"\n',
             'name = "guard"\ngen = { launcher = "vllm" }\n',
-            "conditions[2].embed.slo_guard: the guard reads the builtin gen server's step times; gen's launcher is 'vllm'",
+            "conditions[2].embed.slo_guard: the guard reads the builtin gen server's step times; "
+            "gen's launcher is 'vllm'",
         ),
     ],
 )

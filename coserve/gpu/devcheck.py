@@ -41,7 +41,8 @@ CLIENT = textwrap.dedent("""
         torch.cuda.synchronize(); iters += 10
     dt = time.time() - t0
     tflops = 2 * n**3 * iters / dt / 1e12
-    print(f"client {role} pid {os.getpid()} on {dev}: {iters} matmuls {n}^3 in {dt:.1f}s = {tflops:.0f} TFLOP/s "
+    print(f"client {role} pid {os.getpid()} on {dev}: {iters} matmuls {n}^3 in {dt:.1f}s "
+          f"= {tflops:.0f} TFLOP/s "
           f"(ATP={os.environ.get('CUDA_MPS_ACTIVE_THREAD_PERCENTAGE', '-')}, "
           f"pipe={os.environ.get('CUDA_MPS_PIPE_DIRECTORY', '-')})", flush=True)
 """)
@@ -54,7 +55,8 @@ PINNED = textwrap.dedent("""
         print("pinned-limit client: 6 GiB allocation SUCCEEDED (limit not enforced)")
     except Exception as e:
         oom = "out of memory" in str(e).lower() or "OutOfMemory" in type(e).__name__
-        print("pinned-limit client: 6 GiB allocation", "refused as expected:" if oom else "failed otherwise:",
+        print("pinned-limit client: 6 GiB allocation",
+              "refused as expected:" if oom else "failed otherwise:",
               type(e).__name__, str(e).splitlines()[0][:200])
 """)
 
@@ -118,7 +120,8 @@ def priority_step(supported: bool | None) -> None:
     else:
         not_run(
             name,
-            "this driver's libcuda does not know CUDA_MPS_CLIENT_PRIORITY: client priority not exercised",
+            "this driver's libcuda does not know CUDA_MPS_CLIENT_PRIORITY: client priority not "
+            "exercised",
         )
 
 
@@ -243,7 +246,8 @@ def servers_stage(run_dir: Path) -> None:
                 check(
                     "both servers' engines are MPS clients",
                     all(s.pgid in client_groups for s in srvs),
-                    f"server groups {[s.pgid for s in srvs]}, clients {clients} (groups {sorted(client_groups)})",
+                    f"server groups {[s.pgid for s in srvs]}, clients {clients} (groups "
+                    f"{sorted(client_groups)})",
                 )
             finally:
                 for s in reversed(srvs):
@@ -302,7 +306,8 @@ def main(argv=None) -> int:
         check(
             "daemon started in foreground, own session",
             d.proc is not None and os.getpgid(d.proc.pid) == d.proc.pid,
-            f"pid {d.proc.pid}, pipe {d.pipe_dir}, log {d.log_dir}, start took {time.time() - t_start:.1f}s",
+            f"pid {d.proc.pid}, pipe {d.pipe_dir}, log {d.log_dir}, start took "
+            f"{time.time() - t_start:.1f}s",
         )
         sl = d.get_server_list()
         check("get_server_list names a server", bool(sl), f"{sl}")
@@ -411,7 +416,8 @@ def main(argv=None) -> int:
     check(
         "SIGTERM to coserve stops its daemon",
         bool(up) and not left,
-        f"holder rc {holder.returncode}; up before: {len(up)}; left: {[p.describe() for p in left]} {rest.strip()[-300:]}",
+        f"holder rc {holder.returncode}; up before: {len(up)}; left: "
+        f"{[p.describe() for p in left]} {rest.strip()[-300:]}",
     )
 
     # SIGKILL: no tear-down can run; the daemon was started with PR_SET_PDEATHSIG.

@@ -212,7 +212,8 @@ def rows(facts: dict) -> list[tuple[str, str]]:
             else:
                 state = "enabled" if g["mig"]["current"] else "disabled"
                 if g["mig"]["pending"] != g["mig"]["current"]:
-                    state += f" (pending: {'enabled' if g['mig']['pending'] else 'disabled'}, after reset)"
+                    pending = "enabled" if g["mig"]["pending"] else "disabled"
+                    state += f" (pending: {pending}, after reset)"
                 devs = (
                     ", ".join(f"{d['profile'] or '?'} {d['uuid']}" for d in g["mig_devices"])
                     or "no instances"
@@ -295,7 +296,8 @@ def run(args) -> int:
     console = Console()
     if not facts["gpus"]:
         console.print(
-            f"{facts['gpu']}. coserve runs here on CPU with tiny presets; GPU strategies (mps, mig, tp) need a GPU."
+            f"{facts['gpu']}. coserve runs here on CPU with tiny presets; GPU strategies (mps, "
+            "mig, tp) need a GPU."
         )
     console.print(table)
     return 0

@@ -100,7 +100,8 @@ def parse_profiles(profiles: str | list[str]) -> list[str]:
         p = p.lower().removeprefix("mig ").removeprefix("mig-")
         if not _PROFILE_RE.match(p):
             raise MigError(
-                f"bad MIG profile {p!r}: expected the form '<compute slices>g.<memory>gb', e.g. 4g.71gb"
+                f"bad MIG profile {p!r}: expected the form '<compute slices>g.<memory>gb', e.g. "
+                "4g.71gb"
             )
         out.append(p)
     if not out:
@@ -144,7 +145,8 @@ class MigPlan:
         for role, prof in zip(self.roles, self.profiles, strict=False):
             c, m = self.allowed.get(prof, (0, 0))
             lines.append(
-                f"  {role:<6} -> {prof:<9} {c}/{COMPUTE_SLICES} compute slices, {m}/{MEMORY_SLICES} memory slices"
+                f"  {role:<6} -> {prof:<9} {c}/{COMPUTE_SLICES} compute slices, "
+                f"{m}/{MEMORY_SLICES} memory slices"
             )
         lines.append(
             f"  total     {used_c}/{COMPUTE_SLICES} compute, {used_m}/{MEMORY_SLICES} memory"
@@ -198,8 +200,10 @@ def make_plan(
         chosen = default_layout(allowed)
         if chosen is None:
             raise MigError(
-                f"no default MIG layout for GPU {gpu} ({gpu_name or 'unknown'}): profiles known from {source}: "
-                f"{', '.join(sorted(allowed)) or 'none'}; give them explicitly, e.g. profiles = '4g.71gb+3g.71gb'"
+                f"no default MIG layout for GPU {gpu} ({gpu_name or 'unknown'}): profiles known "
+                f"from {source}: "
+                f"{', '.join(sorted(allowed)) or 'none'}; give them explicitly, e.g. profiles = "
+                "'4g.71gb+3g.71gb'"
             )
     else:
         chosen = parse_profiles(profiles)
@@ -221,14 +225,17 @@ def validate(plan: MigPlan) -> list[str]:
     errors = []
     if len(plan.profiles) != len(plan.roles):
         errors.append(
-            f"{len(plan.profiles)} profiles for {len(plan.roles)} servers ({', '.join(plan.roles)}): give one profile per server"
+            f"{len(plan.profiles)} profiles for {len(plan.roles)} servers "
+            f"({', '.join(plan.roles)}): give one profile per server"
         )
     if plan.allowed:
         unknown = [p for p in plan.profiles if p not in plan.allowed]
         if unknown:
             errors.append(
-                f"GPU {plan.gpu} ({plan.gpu_name or 'unknown'}) does not offer {', '.join(unknown)}; "
-                f"it offers {', '.join(sorted(plan.allowed, key=lambda n: plan.allowed[n]))} (from {plan.source})"
+                f"GPU {plan.gpu} ({plan.gpu_name or 'unknown'}) does not offer "
+                f"{', '.join(unknown)}; "
+                f"it offers {', '.join(sorted(plan.allowed, key=lambda n: plan.allowed[n]))} (from "
+                f"{plan.source})"
             )
         else:
             c = sum(plan.allowed[p][0] for p in plan.profiles)
@@ -239,7 +246,8 @@ def validate(plan: MigPlan) -> list[str]:
                 errors.append(f"needs {m} memory slices, the GPU has {MEMORY_SLICES}")
     else:
         errors.append(
-            f"GPU {plan.gpu} ({plan.gpu_name or 'unknown'}) has no MIG profiles known to NVML or to coserve"
+            f"GPU {plan.gpu} ({plan.gpu_name or 'unknown'}) has no MIG profiles known to NVML or "
+            "to coserve"
         )
     return errors
 
@@ -306,7 +314,8 @@ def _resolve_on(
     info = nv.gpu_info(lib, idx)
     if info.mig_current is None:
         raise MigError(
-            f"GPU {idx} ({info.name}) does not support MIG (no MIG mode in NVML): no MIG plan possible; "
+            f"GPU {idx} ({info.name}) does not support MIG (no MIG mode in NVML): no MIG plan "
+            "possible; "
             f"use timeslice, mps or exclusive"
         )
     plan = make_plan(
@@ -318,10 +327,13 @@ def _resolve_on(
             " (MIG is pending: it turns on after a GPU reset or reboot)" if info.mig_pending else ""
         )
         raise MigError(
-            f"MIG mode is off on GPU {idx} ({info.name}){pending}. Missing: MIG mode, then the instances "
+            f"MIG mode is off on GPU {idx} ({info.name}){pending}. Missing: MIG mode, then the "
+            "instances "
             f"{'+'.join(plan.profiles)}.\n"
-            f"  1. as root, with no process on the GPU: nvidia-smi -i {idx} -mig 1   (coserve never switches MIG mode)\n"
-            f"  2. create the instances: rerun with --apply-mig, or: {' '.join(plan.create_command())}\n"
+            f"  1. as root, with no process on the GPU: nvidia-smi -i {idx} -mig 1   (coserve "
+            f"never switches MIG mode)\n"
+            "  2. create the instances: rerun with --apply-mig, or: "
+            f"{' '.join(plan.create_command())}\n"
             f"{plan.render()}"
         )
     assigned, missing = match_instances(plan, info.mig_devices)
@@ -343,9 +355,11 @@ def _resolve_on(
         assigned, missing = match_instances(plan, info.mig_devices)
     if missing:
         raise MigError(
-            f"GPU {idx} ({info.name}) lacks MIG instances {'+'.join(missing)} for the plan {'+'.join(plan.profiles)}; "
+            f"GPU {idx} ({info.name}) lacks MIG instances {'+'.join(missing)} for the plan "
+            f"{'+'.join(plan.profiles)}; "
             f"existing: {describe_existing(info.mig_devices)}.\n"
-            f"  rerun with --apply-mig to create the missing ones (coserve only creates, never destroys), or: "
+            "  rerun with --apply-mig to create the missing ones (coserve only creates, never "
+            "destroys), or: "
             f"{' '.join(plan.create_command(missing))}\n{plan.render()}"
         )
     return plan, assigned, created

@@ -263,7 +263,8 @@ class MpsDaemon:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise MpsError(
-                    f"MPS control daemon exited with code {self.proc.returncode} at start; its output "
+                    f"MPS control daemon exited with code {self.proc.returncode} at start; its "
+                    "output "
                     f"({out_log}):\n{tail(out_log, 30)}"
                 )
             try:
@@ -273,7 +274,8 @@ class MpsDaemon:
                 last_err = e
             time.sleep(0.2)
         raise MpsError(
-            f"MPS control daemon did not answer within {self.start_timeout_s:.0f} s ({last_err}):\n{tail(out_log, 30)}"
+            f"MPS control daemon did not answer within {self.start_timeout_s:.0f} s "
+            f"({last_err}):\n{tail(out_log, 30)}"
         )
 
     def stop(self) -> None:

@@ -13,13 +13,15 @@ exceptions. The mps strategy also turns SIGTERM into SystemExit while its daemon
 
 Options (unknown ones are refused, naming the allowed ones):
 
-| strategy  | options |
-|-----------|---------|
-| exclusive | gen_gpus, embed_gpus (default: gen on gpus[0], embed on gpus[1]) |
-| timeslice | gen_gpus, embed_gpus (default: both on all gpus) |
-| mps       | gen_gpus, embed_gpus; active_thread_percentage, pinned_mem_limit, client_priority (each a value for both servers or {"gen": .., "embed": ..}); allow_exclusive_process, ignore_foreign_daemons, control_bin, start_timeout_s |
-| mig       | profiles ("4g.71gb+3g.71gb", a list, or "auto": the study's 4g+3g layout for this GPU), apply_mig |
-| tp        | tp / gen_tp / embed_tp (degree per server), gen_gpus, embed_gpus (default gpus[:tp]), sharing ("timeslice" or "mps"), and the mps options when sharing = "mps" |
+- exclusive: gen_gpus, embed_gpus (default: gen on gpus[0], embed on gpus[1])
+- timeslice: gen_gpus, embed_gpus (default: both on all gpus)
+- mps: gen_gpus, embed_gpus; active_thread_percentage, pinned_mem_limit, client_priority
+  (each a value for both servers or {"gen": .., "embed": ..}); allow_exclusive_process,
+  ignore_foreign_daemons, control_bin, start_timeout_s
+- mig: profiles ("4g.71gb+3g.71gb", a list, or "auto": the study's 4g+3g layout for this
+  GPU), apply_mig
+- tp: tp / gen_tp / embed_tp (degree per server), gen_gpus, embed_gpus (default gpus[:tp]),
+  sharing ("timeslice" or "mps"), and the mps options when sharing = "mps"
 
 Modules: strategy_base.py (options, errors, the shared bookkeeping), strategy_mps.py (mps),
 this one (the others, and `make_strategy`).
@@ -53,7 +55,8 @@ from coserve.roles import ROLES
 
 
 class Exclusive(WithoutMps):
-    """One GPU (or GPU set) per model: the study's planned baseline, gen on GPU 0, embed on GPU 1."""
+    """One GPU (or GPU set) per model: the study's planned baseline, gen on GPU 0, embed on
+    GPU 1."""
 
     name = "exclusive"
 

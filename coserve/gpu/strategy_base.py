@@ -227,15 +227,20 @@ class Strategy:
         if mode in ("EXCLUSIVE_PROCESS", "EXCLUSIVE_THREAD"):
             if mps and not allow_exclusive_process:
                 raise StrategyError(
-                    f"GPU {d} is in {mode} compute mode. coserve refuses to start MPS on it by default: only "
-                    f"one process may hold the GPU, and it is set that way on purpose by whoever runs it. "
-                    f"If this is a dedicated MPS setup, pass the mps option allow_exclusive_process = true; "
-                    f"otherwise set DEFAULT yourself (nvidia-smi -i {d} -c DEFAULT; coserve does not change it)"
+                    f"GPU {d} is in {mode} compute mode. coserve refuses to start MPS on it by "
+                    "default: only "
+                    "one process may hold the GPU, and it is set that way on purpose by whoever "
+                    "runs it. "
+                    "If this is a dedicated MPS setup, pass the mps option "
+                    "allow_exclusive_process = true; "
+                    f"otherwise set DEFAULT yourself (nvidia-smi -i {d} -c DEFAULT; coserve does "
+                    "not change it)"
                 )
             if shared and not mps:
                 raise StrategyError(
                     f"GPU {d} is in {mode} compute mode: two servers cannot share it without MPS. "
-                    f"Use strategy mps, or set DEFAULT (nvidia-smi -i {d} -c DEFAULT; coserve does not change it)"
+                    f"Use strategy mps, or set DEFAULT (nvidia-smi -i {d} -c DEFAULT; coserve does "
+                    "not change it)"
                 )
         self.notes.append(f"GPU {d}: compute mode {mode}")
 

@@ -106,10 +106,15 @@ class Mps(RoleGpus):
                 hint = ""
                 if any(p.started_by_coserve for p in foreign):
                     d = next(p.pipe_dir for p in foreign if p.started_by_coserve)
-                    hint = f"\nOne was left by an earlier coserve run; stop it with: echo quit | CUDA_MPS_PIPE_DIRECTORY={d} nvidia-cuda-mps-control"
+                    hint = (
+                        "\nOne was left by an earlier coserve run; stop it with: "
+                        f"echo quit | CUDA_MPS_PIPE_DIRECTORY={d} nvidia-cuda-mps-control"
+                    )
                 raise StrategyError(
-                    f"an MPS daemon coserve did not start is running:\n  {lines}\ncoserve never touches a daemon it "
-                    f"did not start, and two daemons on one GPU do not mix. Stop it, run on other GPUs with the mps "
+                    f"an MPS daemon coserve did not start is running:\n  {lines}\ncoserve never "
+                    "touches a daemon it "
+                    "did not start, and two daemons on one GPU do not mix. Stop it, run on other "
+                    "GPUs with the mps "
                     f"option ignore_foreign_daemons = true, or use strategy timeslice.{hint}"
                 )
         devices = self._daemon_devices()

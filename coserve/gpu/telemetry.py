@@ -120,7 +120,10 @@ class TelemetrySampler:
         except Exception as e:
             nv.close_nvml(self._lib)
             self._lib = None
-            self.reason = f"no GPU: cannot open device(s) {self.devices} in NVML ({e}): telemetry recorded nothing"
+            self.reason = (
+                f"no GPU: cannot open device(s) {self.devices} in NVML ({e}): "
+                "telemetry recorded nothing"
+            )
             log.warning(self.reason)
             return self
         self.available = True

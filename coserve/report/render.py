@@ -180,7 +180,8 @@ def to_html(blocks: list[Block], title: str) -> str:
             out.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
     stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     out.append(
-        f"<p style='color:#888;font-size:.8em'>Rendered by coserve report, {stamp}.</p></body></html>"
+        "<p style='color:#888;font-size:.8em'>Rendered by coserve report, "
+        f"{stamp}.</p></body></html>"
     )
     return "\n".join(out) + "\n"
 

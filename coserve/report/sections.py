@@ -349,10 +349,13 @@ def environment_blocks(run: RunStats) -> list[Block]:
     items = [
         f"GPU: {describe_gpus(fp)}"
         + (f", CUDA driver {fp['cuda_driver']}" if fp.get("cuda_driver") else ""),
-        f"CPU: {fp.get('cpu', {}).get('model')} x {fp.get('cpu', {}).get('count')}; host {fp.get('host')}",
-        f"coserve {fp.get('coserve')}, commit {str(git.get('commit'))[:12]}{' (with local changes)' if git.get('dirty') else ''}; "
+        f"CPU: {fp.get('cpu', {}).get('model')} x {fp.get('cpu', {}).get('count')}; host "
+        f"{fp.get('host')}",
+        f"coserve {fp.get('coserve')}, commit "
+        f"{str(git.get('commit'))[:12]}{' (with local changes)' if git.get('dirty') else ''}; "
         f"Python {fp.get('python')}; {pk}",
-        f"Spec `{run.spec.name}` hash {run.spec.digest()[:12]}; run folder started {fp.get('created')}",
+        f"Spec `{run.spec.name}` hash {run.spec.digest()[:12]}; run folder started "
+        f"{fp.get('created')}",
     ]
     hosts = {
         json.dumps((r.get("env") or {}).get("git"), sort_keys=True)
@@ -422,7 +425,8 @@ def settings_blocks(run: RunStats) -> list[Block]:
         Block(
             "p",
             f"{spec.repetitions} rep(s) per condition, order {spec.order}; "
-            f"{load.warmup_s:g} s warm-up, {load.duration_s:g} s measurement window; seed {spec.seed}.",
+            f"{load.warmup_s:g} s warm-up, {load.duration_s:g} s measurement window; seed "
+            f"{spec.seed}.",
         ),
         Block(
             "table",

@@ -189,7 +189,10 @@ class OpenAIServer:
             {"id": rid, "object": "list", "created": int(time.time()), "model": req.model},
             separators=(",", ":"),
         )
-        usage = f'{{"prompt_tokens":{prompt_tokens},"total_tokens":{prompt_tokens},"completion_tokens":0}}'
+        usage = (
+            f'{{"prompt_tokens":{prompt_tokens},"total_tokens":{prompt_tokens},'
+            '"completion_tokens":0}'
+        )
         return web.Response(
             text=f'{head[:-1]},"data":[{data}],"usage":{usage}}}', content_type="application/json"
         )

@@ -8,8 +8,9 @@ its own. On CUDA each thread issues its work on a stream of its own: gen's at th
 highest priority, embed's at the lowest, so the GPU's scheduler starts decode's kernels ahead
 of embed's whenever both wait. With `--embed-sms M`, embed's stream is that of a CUDA green
 context of M SMs instead (torch.cuda.green_contexts): embed's kernels stay on those SMs while
-gen's may use all; refused, with the reason, where this torch or device has none. On CPU there are no streams; the two loops still share one
-process (what the CPU tests exercise). The HTTP fronts of both run in one process too.
+gen's may use all; refused, with the reason, where this torch or device has none. On CPU
+there are no streams; the two loops still share one process (what the CPU tests exercise).
+The HTTP fronts of both run in one process too.
 
 Stop: SIGTERM/SIGINT drain both fronts, then both loops stop and the engine process exits."""
 
@@ -64,7 +65,8 @@ def _streams(engines: dict, embed_sms: int | None) -> dict:
         total = torch.cuda.get_device_properties(device).multi_processor_count
         if not 0 < embed_sms < total:
             raise ValueError(
-                f"--embed-sms: {embed_sms} is not between 1 and {total - 1} (this GPU has {total} SMs)"
+                f"--embed-sms: {embed_sms} is not between 1 and {total - 1} (this GPU has {total} "
+                "SMs)"
             )
         index = device.index if device.index is not None else torch.cuda.current_device()
         # Work runs inside the partition only on the green context's own stream.
@@ -72,7 +74,8 @@ def _streams(engines: dict, embed_sms: int | None) -> dict:
             num_sms=embed_sms, device_id=index
         ).Stream()
         log.info(
-            "colocated: gen on a stream of priority %d over all %d SMs, embed on a green context of %d SMs",
+            "colocated: gen on a stream of priority %d over all %d SMs, embed on a green context "
+            "of %d SMs",
             out["gen"].priority,
             total,
             embed_sms,
@@ -240,7 +243,8 @@ def engine_args(args) -> dict[str, argparse.Namespace]:
 
 
 def problem(args, device: str) -> str | None:
-    """Why these arguments cannot make a colocated server on `device` (cpu, cuda, cuda:N), or None."""
+    """Why these arguments cannot make a colocated server on `device` (cpu, cuda, cuda:N), or
+    None."""
     if not args.embed_model:
         return "colocated needs --embed-model (the embedding model served beside --model)"
     if args.tensor_parallel_size != 1:

@@ -50,13 +50,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "kind",
         choices=["gen", "embed", "colocated"],
-        help="generation (/v1/completions), embedding (/v1/embeddings), or both engines in one process (--model and --embed-model, two ports)",
+        help="generation (/v1/completions), embedding (/v1/embeddings), or both engines in one "
+        "process (--model and --embed-model, two ports)",
     )
     parser.add_argument(
         "--model",
         metavar="PRESET_OR_DIR",
         required=True,
-        help="a preset name (tiny-dense, tiny-moe, tiny-embed, all-minilm-l6-v2, qwen3-30b-a3b, qwen3-embedding-8b) or an HF model directory",
+        help="a preset name (tiny-dense, tiny-moe, tiny-embed, all-minilm-l6-v2, qwen3-30b-a3b, "
+        "qwen3-embedding-8b) or an HF model directory",
     )
     parser.add_argument(
         "--random-weights",
@@ -122,7 +124,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--enforce-eager",
         action="store_true",
-        help="gen only: no CUDA graphs (the embed engine has no graph path, so serve embed refuses it)",
+        help="gen only: no CUDA graphs (the embed engine has no graph path, so serve embed refuses "
+        "it)",
     )
     parser.add_argument(
         "--tensor-parallel-size",
@@ -134,13 +137,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--enable-expert-parallel",
         action="store_true",
-        help="tensor parallel MoE: each rank holds whole experts instead of a slice of every expert",
+        help="tensor parallel MoE: each rank holds whole experts instead of a slice of every "
+        "expert",
     )
     parser.add_argument(
         "--tp-all-reduce",
         choices=["nccl", "symm-mem"],
         default="nccl",
-        help="tensor parallel: symm-mem sums small tensors with a one-shot all-reduce over torch symmetric memory (no multicast)",
+        help="tensor parallel: symm-mem sums small tensors with a one-shot all-reduce over torch "
+        "symmetric memory (no multicast)",
     )
     parser.add_argument(
         "--no-async-scheduling",
@@ -175,7 +180,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="least severe log message written to stderr",
     )
     co = parser.add_argument_group(
-        "colocated: the embed engine beside gen in one process (gen decodes on a high-priority CUDA stream, embed on a low one); the flags above are gen's"
+        "colocated: the embed engine beside gen in one process (gen decodes on a high-priority "
+        "CUDA stream, embed on a low one); the flags above are gen's"
     )
     co.add_argument(
         "--embed-model", metavar="PRESET_OR_DIR", default=None, help="the embedding model"
@@ -213,7 +219,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="M",
         type=_positive,
         default=None,
-        help="confine embed to a CUDA green context of M SMs (gen keeps all; needs torch with green contexts)",
+        help="confine embed to a CUDA green context of M SMs (gen keeps all; needs torch with "
+        "green contexts)",
     )
     co.add_argument(
         "--embed-max-num-batched-tokens",
@@ -244,20 +251,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="P",
         type=_percent,
         default=None,
-        help="budget: gen alone's step time (measured when gen first gets busy, embed held) plus P %%",
+        help="budget: gen alone's step time (measured when gen first gets busy, embed held) plus P "
+        "%%",
     )
     guard.add_argument(
         "--slo-guard-stat",
         choices=["mean", "p99"],
         default="mean",
-        help="gen's step time over 0.5 s the guard holds: mean (a request's TPOT is a mean of step times) or p99 (default %(default)s)",
+        help="gen's step time over 0.5 s the guard holds: mean (a request's TPOT is a mean of step "
+        "times) or p99 (default %(default)s)",
     )
     guard.add_argument(
         "--slo-guard-min-tokens",
         metavar="N",
         type=_positive,
         default=512,
-        help="fewest tokens per embed forward the guard cuts to before it pauses between forwards (default %(default)s)",
+        help="fewest tokens per embed forward the guard cuts to before it pauses between forwards "
+        "(default %(default)s)",
     )
     guard.add_argument(
         "--slo-guard-interval-ms",
@@ -281,7 +291,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         type=_positive,
         default=RequestLimits.max_gen_choices,
-        help="sequences one completion/chat request may start, prompts x n (default %(default)s, vLLM's default max_num_seqs)",
+        help="sequences one completion/chat request may start, prompts x n (default %(default)s, "
+        "vLLM's default max_num_seqs)",
     )
     limits.add_argument(
         "--max-request-bytes",
@@ -295,7 +306,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         type=_positive,
         default=None,
-        help=f"characters of one text prompt or input, checked before tokenising (default: {CHARS_PER_TOKEN_BOUND} x max_model_len)",
+        help=f"characters of one text prompt or input, checked before tokenising (default: "
+        f"{CHARS_PER_TOKEN_BOUND} x max_model_len)",
     )
 
 
@@ -391,7 +403,8 @@ def _exit_quietly(signum, frame):
 def run(args) -> int:
     if args.kind == "embed" and args.enforce_eager:
         print(
-            "coserve serve embed: --enforce-eager does nothing for the embed engine (it has no CUDA-graph "
+            "coserve serve embed: --enforce-eager does nothing for the embed engine (it has no "
+            "CUDA-graph "
             "path and always runs eagerly); leave it out",
             file=sys.stderr,
         )

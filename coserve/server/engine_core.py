@@ -12,7 +12,8 @@ core -> front  ("ready", info) | ("failed", message, exit_code) first, then
 
 gen outputs are (request_id, new_token_ids, finished, finish_reason, logprobs | None), the
 logprobs as the engine's Sampler.take_logprobs gives them (only for requests that ask);
-embed outputs are (request_id, float32 array, prompt_tokens). acks are (add_id, None | (error_kind, message)).
+embed outputs are (request_id, float32 array, prompt_tokens). acks are
+(add_id, None | (error_kind, message)).
 
 The core ignores SIGTERM and SIGINT: a signal to the process group reaches it as well, and
 in-flight requests must go on during the front's drain. It stops on the front's "stop",

@@ -121,7 +121,8 @@ class Metrics:
         family(
             "coserve:requests_total",
             "counter",
-            "HTTP API requests by endpoint and outcome (success, bad_request, unauthorized, aborted, unavailable, error).",
+            "HTTP API requests by endpoint and outcome (success, bad_request, unauthorized, "
+            "aborted, unavailable, error).",
             [({"endpoint": e, "outcome": o}, n) for (e, o), n in sorted(self.requests.items())],
         )
         if self.kind == "embed":

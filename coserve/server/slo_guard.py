@@ -95,7 +95,8 @@ class GuardConfig:
             raise ValueError(f"stat: must be one of {', '.join(STATS)}, got {self.stat!r}")
         if not 1 <= self.min_tokens <= self.max_tokens:
             raise ValueError(
-                f"max_tokens: must be at least min_tokens ({self.min_tokens}), got {self.max_tokens}"
+                f"max_tokens: must be at least min_tokens ({self.min_tokens}), got "
+                f"{self.max_tokens}"
             )
         if not 0 < self.cut < 1:
             raise ValueError(f"cut: must be in (0, 1), got {self.cut}")
