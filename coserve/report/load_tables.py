@@ -86,9 +86,10 @@ def load_blocks(run: RunStats) -> list[Block]:
         ),
         Block(
             "p",
-            "Achieved: requests sent per second inside the window. An endpoint did not "
-            "keep up when it achieved under 95 % of the offered rate or hit its cap on "
-            "requests in flight; then the strategy, not the load, set its work.",
+            "Achieved: requests sent per second inside the window (Poisson arrivals can "
+            "put it above the offered rate). An endpoint did not keep up when it sent "
+            "under 95 % of the arrivals its schedule put inside the window or hit its cap "
+            "on requests in flight; then the strategy, not the load, set its work.",
         ),
     ]
     unmeasured = [c.name for c in run.conditions if c.ok and not _measured(c)]
