@@ -10,7 +10,7 @@ import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("coserve.demo", "run the tiny co-location study on this machine and print its table"),
-    "bench": ("coserve.bench.command", "closed-loop or request-rate load against gen and embed endpoints"),
+    "bench": ("coserve.bench.command", "closed-loop or request-rate load on gen and embed"),
     "serve": ("coserve.server.command", "serve a model with the built-in engine (OpenAI API)"),
     "run": ("coserve.experiment.command", "run a co-location study from a TOML spec"),
     "report": ("coserve.report.command", "re-render tables and plots from a run folder"),
