@@ -5,8 +5,9 @@ ends) or open-loop (requests sent at a rate on a seeded schedule, at most C in f
 workers.py. Both endpoints start together at t0; the measurement window is
 [t0 + warmup, t0 + warmup + duration). At the window's end every request still in flight is
 cancelled: what it delivered inside the window has already been counted by arrival time.
-An endpoint that answers nothing but connection errors for a second ends the run
-(`EndpointDead`).
+An endpoint that answers nothing but connection errors for a second, or nothing at all
+for `stall_s` while requests are in flight, ends the run (`EndpointDead`); so does one
+that answered nothing inside the window although requests were sent to it.
 
 The module's parts: records.py (result types), output.py (files), client.py (HTTP), sse.py
 (the streamed-answer counter), arrivals.py (schedules), workers.py (requests and loops),
@@ -26,6 +27,7 @@ import aiohttp
 
 from coserve.bench.client import BenchError, resolve_model
 from coserve.bench.config import LoadConfig
+from coserve.bench.metrics import nothing_answered
 from coserve.bench.output import write_result
 from coserve.bench.records import BenchResult, EndpointRun, Progress
 from coserve.bench.workers import LoadRun
@@ -52,8 +54,9 @@ class BenchStopped(BenchError):
 
 
 class EndpointDead(BenchError):
-    """An endpoint answered nothing but connection errors for a second: the run ended.
-    `result` holds what was measured until then (marked `aborted`)."""
+    """An endpoint answered nothing but connection errors for a second, or nothing at all
+    for `stall_s` or inside the whole window: the run failed. `result` holds what was
+    measured until then (marked `aborted`)."""
 
     def __init__(self, message: str, result: BenchResult):
         super().__init__(message)
@@ -246,6 +249,9 @@ async def _run_load(cfg: LoadConfig, on_progress, stop, progress_interval_s) -> 
         embed=run.embed,
         aborted=aborted,
     )
+    if aborted is None and not cut_short:
+        reasons = [nothing_answered(result, ep) for ep in (run.gen, run.embed) if ep is not None]
+        result.aborted = aborted = "; ".join(filter(None, reasons)) or None
     if aborted is not None:
         raise EndpointDead(aborted, result)
     return result

@@ -120,7 +120,8 @@ class BenchResult:
     cut_short: bool
     gen: EndpointRun | None
     embed: EndpointRun | None
-    aborted: str | None = None  # why the run ended early on its own (a dead endpoint)
+    # why the run failed on its own: a dead or frozen endpoint, or one silent all window
+    aborted: str | None = None
 
     def __repr__(self) -> str:
         return (

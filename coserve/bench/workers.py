@@ -15,7 +15,7 @@ import time
 
 import aiohttp
 
-from coserve.bench.arrivals import arrival_offsets
+from coserve.bench.arrivals import arrival_offsets, count_arrivals
 from coserve.bench.client import consume, error_message, exc_message, join
 from coserve.bench.config import LoadConfig
 from coserve.bench.embed_answer import BadAnswer, embedding_shape
@@ -35,6 +35,9 @@ _MAX_FAILED_RECORDS = 20_000  # failures past this are only counted
 _BACKOFF_MIN_S, _BACKOFF_MAX_S = 0.020, 0.5
 DEAD_AFTER_S = 1.0
 _STREAMS = {"gen": 1, "embed": 2}  # arrival schedule streams (independent per endpoint)
+# The open-loop sender hands the event loop back at least every this many arrivals, so that
+# a sender that is behind its schedule (or skipping it) does not starve answers and signals.
+_YIELD_EVERY = 64
 
 
 def _ms(dt: float) -> float:
@@ -57,6 +60,8 @@ class LoadRun:
         self.requests: set[asyncio.Task] = set()  # open-loop requests in flight
         self._next = {"gen": 0, "embed": 0}
         self._probe = {"gen": asyncio.Lock(), "embed": asyncio.Lock()}
+        # stall watch: the endpoint's answer counts when last seen, and since when unchanged
+        self._seen: dict[str, tuple[tuple[int, int, int], float]] = {}
 
     # ------------------------------------------------------------------ bookkeeping
     def _begin(self, ep: EndpointRun, kind: str, i: int, w, sched) -> RequestRecord:
@@ -102,7 +107,24 @@ class LoadRun:
                     f"{ep.connection_errors} connection errors and no answer for "
                     f"{now - ep.down_since:.1f} s (last: {ep.last_connection_error})"
                 )
+            if ep is not None and (reason := self._stalled(ep, now)) is not None:
+                return reason
         return None
+
+    def _stalled(self, ep: EndpointRun, now: float) -> str | None:
+        """Why `ep` counts as frozen: requests in flight and no token, answer or failure
+        for cfg.stall_s (a stopped process keeps its connections open but says nothing)."""
+        answers = (ep.tokens_total, ep.completed_total, ep.failed_total)
+        seen, since = self._seen.get(ep.kind, (None, now))
+        if answers != seen or ep.in_flight == 0:
+            self._seen[ep.kind] = (answers, now)
+            return None
+        if now - since < self.cfg.stall_s:
+            return None
+        return (
+            f"the {ep.kind} server at {ep.url} answered nothing for {now - since:.1f} s "
+            f"with {ep.in_flight} requests in flight (frozen or overwhelmed)"
+        )
 
     def _take(self, kind: str) -> int:
         i = self._next[kind]
@@ -298,11 +320,18 @@ class LoadRun:
             freed.set()
 
         offsets = arrival_offsets(ep.rate, cfg.arrival, cfg.burstiness, cfg.seed, _STREAMS[ep.kind])
+        unyielded = 0
         for i, off in enumerate(offsets):
             due = t0 + off
             now = perf_counter()
             if due > now:
                 await sleep(due - now)
+                unyielded = 0
+            else:
+                unyielded += 1
+                if unyielded >= _YIELD_EVERY:
+                    await sleep(0)
+                    unyielded = 0
             if due < skip_until:
                 continue
             if ep.down_since is not None:
@@ -323,12 +352,13 @@ class LoadRun:
 
     def scheduled_in_window(self, ep: EndpointRun, end: float) -> int:
         """Arrivals the schedule put in [window start, end) (perf_counter time)."""
-        lo, hi = self.ws - self.t0, end - self.t0
-        n = 0
-        for off in arrival_offsets(
-            ep.rate, self.cfg.arrival, self.cfg.burstiness, self.cfg.seed, _STREAMS[ep.kind]
-        ):
-            if off >= hi:
-                return n
-            n += off >= lo
-        return n
+        cfg = self.cfg
+        return count_arrivals(
+            ep.rate,
+            cfg.arrival,
+            cfg.burstiness,
+            cfg.seed,
+            _STREAMS[ep.kind],
+            self.ws - self.t0,
+            end - self.t0,
+        )
