@@ -159,6 +159,19 @@ def test_a_server_frozen_before_the_window_fails_the_run():
     assert "nothing was answered" in g["warning"] and "still unanswered" in g["warning"]
 
 
+def test_a_server_frozen_for_the_window_s_second_half_fails_the_run():
+    # tokens came inside the window, then nothing: silent for its last 2.8 s (< stall_s)
+    e = _load_then_freeze(
+        stream_server.spawn(ttft_ms=10, itl_ms=5),
+        lambda p: p.phase == "measure" and p.elapsed_s >= 0.5,
+        gen_concurrency=4, output_len=1000, warmup_s=0.3, duration_s=3.0,
+    )  # fmt: skip
+    assert "answered nothing in the last" in str(e) and "of the window" in str(e)
+    g = e.result.summary()["gen"]
+    assert g["output_tokens_in_window"] > 0 and g["completed"] == 0
+    assert g["kept_up"] is False and g["warning"] == str(e)
+
+
 def test_a_server_frozen_mid_run_ends_it_after_the_stall_bound():
     t = time.monotonic()
     e = _load_then_freeze(
@@ -169,6 +182,7 @@ def test_a_server_frozen_mid_run_ends_it_after_the_stall_bound():
     assert time.monotonic() - t < 10  # not the 60 s window
     assert "answered nothing for" in str(e) and "4 requests in flight" in str(e)
     assert e.result.gen.completed_total > 0  # it did answer before it froze
+    assert e.result.summary()["gen"]["warning"] == str(e)
 
 
 def test_the_highest_rate_leaves_signals_answered(tmp_path):

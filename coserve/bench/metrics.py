@@ -22,7 +22,8 @@ Rate and goodput (open loop; see docs/bench.md):
   window were sent before the run stopped, or an arrival found the in-flight cap full.
   send_late_ms: how long after its scheduled time each of those requests left.
 - Either mode: kept_up is False, and the warning says so, when requests were sent but
-  nothing (no token, no answer, no failure) came back inside the window: a frozen server.
+  nothing (no token, no answer, no failure) came back inside the window, or for too long
+  with requests in flight (a frozen server: workers.py), or no request completed inside it.
 - Goodput takes the requests that ended inside the window and met every bound given
   (vllm bench serve's definition): req/s, and their output tokens / window; embed:
   their sequences / window.
@@ -119,7 +120,12 @@ def _rate(result: BenchResult, ep: EndpointRun, window: float) -> dict:
         "kept_up": True,
         "warning": None,
     }
-    silent = nothing_answered(result, ep)
+    silent = nothing_answered(result, ep) or ep.stalled
+    if silent is None and result.measured_s > 0 and ep.sent and not _ended(result, ep, "ok"):
+        silent = (
+            f"no {ep.kind} request completed inside the window ({ep.sent} sent): its "
+            f"latencies are empty; a window shorter than one request, or a stalled server"
+        )
     if silent is not None:
         out["kept_up"], out["warning"] = False, silent
     if ep.rate is None:

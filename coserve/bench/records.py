@@ -101,6 +101,7 @@ class EndpointRun:
     backoff_s: float = 0.0
     connection_errors: int = 0  # since down_since
     last_connection_error: str | None = None
+    stalled: str | None = None  # why it counts as frozen: in flight and silent too long
 
     def __repr__(self) -> str:  # short: asyncio and debuggers repr results freely
         return (

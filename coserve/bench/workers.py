@@ -23,7 +23,7 @@ from coserve.bench.records import EndpointRun, RequestRecord
 from coserve.bench.sse import GenStream
 from coserve.bench.workload import Workload
 
-__all__ = ["DEAD_AFTER_S", "LoadRun"]
+__all__ = ["DEAD_AFTER_S", "LoadRun", "silent_end_s"]
 
 perf_counter = time.perf_counter
 
@@ -38,6 +38,13 @@ _STREAMS = {"gen": 1, "embed": 2}  # arrival schedule streams (independent per e
 # The open-loop sender hands the event loop back at least every this many arrivals, so that
 # a sender that is behind its schedule (or skipping it) does not starve answers and signals.
 _YIELD_EVERY = 64
+
+
+def silent_end_s(cfg: LoadConfig) -> float:
+    """How long an endpoint with requests in flight may say nothing at the window's end
+    before the run fails: half the window, at least 2 s (a loaded machine's hiccup is not
+    a frozen server), at most `stall_s` (which ends the run earlier anyway)."""
+    return min(cfg.stall_s, max(2.0, cfg.duration_s / 2))
 
 
 def _ms(dt: float) -> float:
@@ -107,24 +114,38 @@ class LoadRun:
                     f"{ep.connection_errors} connection errors and no answer for "
                     f"{now - ep.down_since:.1f} s (last: {ep.last_connection_error})"
                 )
-            if ep is not None and (reason := self._stalled(ep, now)) is not None:
-                return reason
+            if ep is not None and (silent := self._silent_for(ep, now)) >= self.cfg.stall_s:
+                ep.stalled = (
+                    f"the {ep.kind} server at {ep.url} answered nothing for {silent:.1f} s "
+                    f"with {ep.in_flight} requests in flight (frozen or overwhelmed)"
+                )
+                return ep.stalled
         return None
 
-    def _stalled(self, ep: EndpointRun, now: float) -> str | None:
-        """Why `ep` counts as frozen: requests in flight and no token, answer or failure
-        for cfg.stall_s (a stopped process keeps its connections open but says nothing)."""
+    def silent_at_end(self, now: float) -> str | None:
+        """Why the run must fail at the window's end: an endpoint with requests in flight
+        that said nothing for its last silent_end_s(cfg) seconds."""
+        bound = silent_end_s(self.cfg)
+        for ep in (self.gen, self.embed):
+            if ep is not None and (silent := self._silent_for(ep, now)) >= bound:
+                ep.stalled = (
+                    f"the {ep.kind} server at {ep.url} answered nothing in the last "
+                    f"{silent:.1f} s of the window with {ep.in_flight} requests in flight "
+                    f"(frozen or overwhelmed)"
+                )
+                return ep.stalled
+        return None
+
+    def _silent_for(self, ep: EndpointRun, now: float) -> float:
+        """Seconds `ep` has had requests in flight and sent no token, answer or failure
+        (a stopped process keeps its connections open but says nothing); 0 while it talks.
+        Seen as often as it is asked (every 0.1 s by the run's watch)."""
         answers = (ep.tokens_total, ep.completed_total, ep.failed_total)
         seen, since = self._seen.get(ep.kind, (None, now))
         if answers != seen or ep.in_flight == 0:
             self._seen[ep.kind] = (answers, now)
-            return None
-        if now - since < self.cfg.stall_s:
-            return None
-        return (
-            f"the {ep.kind} server at {ep.url} answered nothing for {now - since:.1f} s "
-            f"with {ep.in_flight} requests in flight (frozen or overwhelmed)"
-        )
+            return 0.0
+        return now - since
 
     def _take(self, kind: str) -> int:
         i = self._next[kind]
