@@ -13,7 +13,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from coserve.bench.arrivals import ARRIVALS
+from coserve.bench.arrivals import ARRIVALS, MAX_RATE
 from coserve.bench.config import GEN_ENDPOINTS, ConfigError, LoadConfig
 from coserve.reference import REFERENCES
 from coserve.roles import ROLES
@@ -153,7 +153,12 @@ class SweepSpec:
         [], ge=1, unique=True, omit_default=True, help="requests in flight, one point each"
     )
     rate: list[float] = spec_field(
-        [], gt=0.0, unique=True, omit_default=True, help="requests/s (open loop), one point each"
+        [],
+        gt=0.0,
+        le=MAX_RATE,
+        unique=True,
+        omit_default=True,
+        help="requests/s (open loop), one point each",
     )
     conditions: list[str] = spec_field(
         [], unique=True, help="conditions to sweep (default: the baseline)"

@@ -18,9 +18,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from coserve.bench.arrivals import ARRIVALS
+from coserve.bench.arrivals import ARRIVALS, MAX_BURSTINESS, MAX_RATE, MIN_BURSTINESS
 from coserve.bench.config import GEN_ENDPOINTS, ConfigError, LoadConfig
 from coserve.bench.embed_answer import ENCODINGS
+from coserve.bench.output import check_out
 
 _GOODPUT = {"ttft": "goodput_ttft_ms", "tpot": "goodput_tpot_ms", "e2el": "goodput_e2el_ms"}
 
@@ -67,7 +68,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=float,
         default=None,
         metavar="R",
-        help="send gen requests at R per second (open loop; default: closed)",
+        help=f"send gen requests at R per second, at most {MAX_RATE:,.0f} "
+        "(open loop; default: closed)",
     )
     w.add_argument(
         "--input-len",
@@ -95,18 +97,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="R",
         help="send embed requests (of --embed-batch inputs) at R per second",
     )
+    # default None: a flag given without any rate must be told from one left out
     w.add_argument(
         "--arrival",
         choices=ARRIVALS,
-        default=_D.arrival,
-        help="arrival process of the rates, seeded by --seed",
+        default=None,
+        help=f"arrival process of the rates, seeded by --seed (default {_D.arrival})",
     )
     w.add_argument(
         "--burstiness",
         type=float,
-        default=_D.burstiness,
+        default=None,
         metavar="K",
-        help="gamma shape of poisson gaps: 1 Poisson, <1 burstier, >1 smoother",
+        help="gamma shape of poisson gaps: 1 Poisson, <1 burstier, >1 smoother "
+        f"(default {_D.burstiness:g}; {MIN_BURSTINESS:g} to {MAX_BURSTINESS:g})",
     )
     w.add_argument(
         "--embed-batch", type=int, default=_D.embed_batch, help="inputs per embed request"
@@ -189,10 +193,9 @@ def _config(args):
     try:
         lo, hi = (int(x) for x in args.token_id_range.split(":"))
     except ValueError:
-        raise SystemExit(
-            f"coserve bench: --token-id-range: expected LO:HI, got {args.token_id_range!r}"
-        ) from None
+        _refuse(f"--token-id-range: expected LO:HI, got {args.token_id_range!r}")
     bounds = _goodput(args.goodput)
+    _unused_flags(args)
     cfg = LoadConfig(
         gen_url=args.gen_url,
         embed_url=args.embed_url,
@@ -216,8 +219,8 @@ def _config(args):
         record_chunks=args.record_chunks,
         gen_rate=args.gen_rate,
         embed_rate=args.embed_rate,
-        arrival=args.arrival,
-        burstiness=args.burstiness,
+        arrival=_D.arrival if args.arrival is None else args.arrival,
+        burstiness=_D.burstiness if args.burstiness is None else args.burstiness,
         embed_slo_ms=args.embed_slo,
         gen_endpoint=args.gen_endpoint,
         **bounds,
@@ -234,7 +237,29 @@ def _config(args):
             **{v: "--goodput" for v in _GOODPUT.values()},
         }
         flag = names.get(e.field, "--" + e.field.replace("_", "-"))
-        raise SystemExit(f"coserve bench: {flag}: {str(e).split(': ', 1)[1]}") from None
+        _refuse(f"{flag}: {str(e).split(': ', 1)[1]}")
+
+
+def _unused_flags(args) -> None:
+    """Refuse a flag that would change nothing, naming it: SystemExit (status 2)."""
+    rate = args.gen_rate is not None or args.embed_rate is not None
+    want_rate = "give --gen-rate or --embed-rate"
+    unused = [
+        ("--arrival", args.arrival is not None and not rate, want_rate),
+        ("--burstiness", args.burstiness is not None and not rate, want_rate),
+        ("--gen-rate", args.gen_rate is not None and not args.gen_url, "give --gen-url"),
+        ("--goodput", bool(args.goodput) and not args.gen_url, "give --gen-url"),
+        ("--embed-rate", args.embed_rate is not None and not args.embed_url, "give --embed-url"),
+        ("--embed-slo", args.embed_slo is not None and not args.embed_url, "give --embed-url"),
+    ]
+    for flag, idle, fix in unused:
+        if idle:
+            _refuse(f"{flag}: does nothing here ({fix})")
+
+
+def _refuse(message: str):
+    print(f"coserve bench: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
 
 
 def _goodput(items: list[str] | None) -> dict:
@@ -243,91 +268,17 @@ def _goodput(items: list[str] | None) -> dict:
     for item in items or []:
         name, _, ms = item.partition(":")
         if name not in _GOODPUT:
-            raise SystemExit(
-                f"coserve bench: --goodput: {item!r}: the metric must be one of "
+            _refuse(
+                f"--goodput: {item!r}: the metric must be one of "
                 f"{', '.join(_GOODPUT)} (as in ttft:1000)"
             )
+        if _GOODPUT[name] in out:
+            _refuse(f"--goodput: {name} given twice ({item!r})")
         try:
             out[_GOODPUT[name]] = float(ms)
         except ValueError:
-            raise SystemExit(
-                f"coserve bench: --goodput: {item!r}: expected {name}:MS with MS "
-                f"a number of milliseconds"
-            ) from None
+            _refuse(f"--goodput: {item!r}: expected {name}:MS with MS a number of milliseconds")
     return out
-
-
-def _fmt_dist(d: dict) -> str:
-    if not d or d.get("n", 0) == 0:
-        return "-"
-    return "  ".join(f"{k} {d[k]:.2f}" for k in ("mean", "p50", "p95", "p99"))
-
-
-def _fmt_load(ep: dict) -> str:
-    if ep["mode"] == "closed":
-        return f"C={ep['concurrency']}"
-    return (
-        f"rate {ep['offered_rate_rps']:g}/s offered, {ep['achieved_rate_rps']:.4g}/s sent "
-        f"(cap {ep['concurrency']})"
-    )
-
-
-def _fmt_bounds(b: dict) -> str:
-    return ", ".join(f"{k} {v:g} ms" for k, v in b.items())
-
-
-def format_summary(s: dict) -> str:
-    lines = []
-    state = f" (CUT SHORT: stopped during the {s['stopped_in']})" if s["cut_short"] else ""
-    if s.get("aborted"):
-        state = f" (ABORTED: {s['aborted']})"
-    lines.append(f"window {s['duration_s']:g} s after {s['warmup_s']:g} s warm-up{state}")
-    g = s.get("gen")
-    if g:
-        lines.append(f"gen    {g['url']}  model {g['model']}  {g['endpoint']}  {_fmt_load(g)}")
-        lines.append(
-            f"  {g['output_tokens_per_s']:,.1f} output tok/s  "
-            f"{g['requests_per_s']:.2f} req/s  completed {g['completed']}  "
-            f"failed {g['failed']}"
-        )
-        for name in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms"):
-            lines.append(f"  {name[:-3].upper():5s} ms  {_fmt_dist(g[name])}")
-        if g["goodput"]:
-            lines.append(
-                f"  goodput {g['goodput']['requests_per_s']:.2f} req/s  "
-                f"{g['goodput']['output_tokens_per_s']:,.1f} tok/s  "
-                f"(within {_fmt_bounds(g['goodput']['bounds_ms'])})"
-            )
-    e = s.get("embed")
-    if e:
-        lines.append(
-            f"embed  {e['url']}  model {e['model']}  {_fmt_load(e)}  "
-            f"batch {e['batch']}  {e['encoding']}  dim {e['dim']}"
-        )
-        lines.append(
-            f"  {e['sequences_per_s']:,.1f} seq/s  {e['requests_per_s']:.2f} req/s  "
-            f"completed {e['completed']}  failed {e['failed']}"
-        )
-        lines.append(f"  LAT   ms  {_fmt_dist(e['latency_ms'])}")
-        if e["goodput"]:
-            lines.append(
-                f"  goodput {e['goodput']['sequences_per_s']:,.1f} seq/s  "
-                f"(within {e['goodput']['slo_ms']:g} ms)"
-            )
-        m = e["encoding_mismatch"]
-        if m:
-            lines.append(
-                f"  NOTE: asked for {m['asked']} embeddings, {m['answers']} answers "
-                f"came as {m['answered']}; measured all the same"
-            )
-    for name in ("gen", "embed"):
-        ep = s.get(name)
-        if ep and ep["warning"]:
-            lines.append(f"  WARNING: {ep['warning']}")
-        for err in (ep or {}).get("errors", [])[:5]:
-            status = err["status"] if err["status"] is not None else "no answer"
-            lines.append(f"  {name} error x{err['count']} [{status}] {err['message']}")
-    return "\n".join(lines)
 
 
 def run(args) -> int:
@@ -335,6 +286,7 @@ def run(args) -> int:
     import json
     import signal
 
+    from coserve.bench.console import format_summary
     from coserve.bench.loadgen import (
         BenchError,
         BenchStopped,
@@ -346,6 +298,11 @@ def run(args) -> int:
     from coserve.bench.progress import LiveProgress
 
     cfg = _config(args)
+    if args.out:
+        try:
+            check_out(args.out)
+        except ValueError as e:
+            _refuse(f"--out: {e}")
     err = sys.stderr
     parts = []
     if cfg.gen_url:
@@ -408,22 +365,26 @@ def run(args) -> int:
         result = run_sync(main(), args.loop)
     except EndpointDead as e:
         result = e.result
-        print(f"coserve bench: {e}; the run ends here", file=err, flush=True)
+        print(f"coserve bench: {e}", file=err, flush=True)
     except BenchError as e:
         print(f"coserve bench: {e}", file=err, flush=True)
         return 130 if isinstance(e, BenchStopped) else 1
     except asyncio.CancelledError:
         return 130
     summary = result.summary()
+    path = rec_path = None
     if args.out:
-        path, rec_path = write_result(result, args.out)
-        summary["records_file"] = rec_path
+        try:
+            path, rec_path = write_result(result, args.out)
+            summary["records_file"] = rec_path
+        except (OSError, ValueError) as e:
+            print(f"coserve bench: --out: cannot write {args.out!r}: {e}", file=err, flush=True)
     if not args.quiet:
         print(format_summary(summary), file=err, flush=True)
-    if args.out:
+    if path:
         print(f"coserve bench: wrote {path} and {rec_path}", file=err, flush=True)
     if args.json:
         print(json.dumps(summary, indent=2), flush=True)
-    if result.aborted:
+    if result.aborted or (args.out and not path):
         return 1
     return 130 if result.cut_short else 0

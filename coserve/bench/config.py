@@ -9,7 +9,7 @@ import math
 from dataclasses import asdict, dataclass
 from urllib.parse import urlsplit
 
-from coserve.bench.arrivals import ARRIVALS
+from coserve.bench.arrivals import ARRIVALS, MAX_BURSTINESS, MAX_RATE, MIN_BURSTINESS
 from coserve.bench.embed_answer import ENCODINGS
 
 GEN_ENDPOINTS = ("completions", "chat")
@@ -69,6 +69,9 @@ class LoadConfig:
     ramp_s: float | None = None
     # Time allowed for the start-up check of each endpoint (GET /v1/models).
     connect_timeout_s: float = 10.0
+    # An endpoint with requests in flight that answers nothing (no token, no answer, no
+    # failure) for this long is frozen: the run ends with the reason (EndpointDead).
+    stall_s: float = 10.0
 
     def validate(self) -> LoadConfig:
         if not self.gen_url and not self.embed_url:
@@ -103,12 +106,24 @@ class LoadConfig:
             v = getattr(self, name)
             if v is not None and not _positive(v):
                 raise ConfigError(name, f"must be a positive number, got {v!r}")
+        for name in ("gen_rate", "embed_rate"):
+            v = getattr(self, name)
+            if v is not None and v > MAX_RATE:
+                raise ConfigError(
+                    name,
+                    f"{v:g} req/s is above {MAX_RATE:,.0f} req/s, more than one bench "
+                    f"process can send",
+                )
         if self.arrival not in ARRIVALS:
             raise ConfigError(
                 "arrival", f"must be one of {', '.join(ARRIVALS)}, got {self.arrival!r}"
             )
-        if not _positive(self.burstiness):
-            raise ConfigError("burstiness", f"must be a positive number, got {self.burstiness!r}")
+        if not (_number(self.burstiness) and MIN_BURSTINESS <= self.burstiness <= MAX_BURSTINESS):
+            raise ConfigError(
+                "burstiness",
+                f"must be a number in [{MIN_BURSTINESS:g}, {MAX_BURSTINESS:g}] (a gamma shape "
+                f"outside it piles arrivals onto one instant), got {self.burstiness!r}",
+            )
         if self.arrival == "constant" and self.burstiness != 1.0:
             raise ConfigError(
                 "burstiness", "shapes the gaps of poisson arrivals; constant arrivals have none"
@@ -138,6 +153,8 @@ class LoadConfig:
             raise ConfigError("ramp_s", f"must be >= 0, got {self.ramp_s!r}")
         if self.connect_timeout_s <= 0:
             raise ConfigError("connect_timeout_s", "must be > 0")
+        if not _positive(self.stall_s):
+            raise ConfigError("stall_s", f"must be a finite number > 0, got {self.stall_s!r}")
         return self
 
     @property

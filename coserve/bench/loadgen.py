@@ -5,8 +5,10 @@ ends) or open-loop (requests sent at a rate on a seeded schedule, at most C in f
 workers.py. Both endpoints start together at t0; the measurement window is
 [t0 + warmup, t0 + warmup + duration). At the window's end every request still in flight is
 cancelled: what it delivered inside the window has already been counted by arrival time.
-An endpoint that answers nothing but connection errors for a second ends the run
-(`EndpointDead`).
+An endpoint that answers nothing but connection errors for a second, or nothing at all
+for `stall_s` while requests are in flight, ends the run (`EndpointDead`); the run also
+fails at the window's end for one silent over its last `silent_end_s` seconds (half the
+window, 2 to stall_s), or that answered nothing inside the window although requests were sent to it.
 
 The module's parts: records.py (result types), output.py (files), client.py (HTTP), sse.py
 (the streamed-answer counter), arrivals.py (schedules), workers.py (requests and loops),
@@ -26,6 +28,7 @@ import aiohttp
 
 from coserve.bench.client import BenchError, resolve_model
 from coserve.bench.config import LoadConfig
+from coserve.bench.metrics import nothing_answered
 from coserve.bench.output import write_result
 from coserve.bench.records import BenchResult, EndpointRun, Progress
 from coserve.bench.workers import LoadRun
@@ -52,8 +55,9 @@ class BenchStopped(BenchError):
 
 
 class EndpointDead(BenchError):
-    """An endpoint answered nothing but connection errors for a second: the run ended.
-    `result` holds what was measured until then (marked `aborted`)."""
+    """An endpoint answered nothing but connection errors for a second, or nothing at all
+    for `stall_s` or inside the whole window: the run failed. `result` holds what was
+    measured until then (marked `aborted`)."""
 
     def __init__(self, message: str, result: BenchResult):
         super().__init__(message)
@@ -223,6 +227,7 @@ async def _run_load(cfg: LoadConfig, on_progress, stop, progress_interval_s) -> 
         aborted = await _watch(run, stop)
         stopped_at = perf_counter()
         cut_short = stopped_at < run.we
+        silent_end = None if aborted or cut_short else run.silent_at_end(stopped_at)
     finally:
         tasks += run.requests
         for t in tasks:
@@ -246,6 +251,10 @@ async def _run_load(cfg: LoadConfig, on_progress, stop, progress_interval_s) -> 
         embed=run.embed,
         aborted=aborted,
     )
+    if aborted is None and not cut_short:
+        # a window without any answer says more than its silent end does
+        reasons = [nothing_answered(result, ep) for ep in (run.gen, run.embed) if ep is not None]
+        result.aborted = aborted = "; ".join(filter(None, reasons)) or silent_end
     if aborted is not None:
         raise EndpointDead(aborted, result)
     return result

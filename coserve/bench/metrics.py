@@ -21,6 +21,9 @@ Rate and goodput (open loop; see docs/bench.md):
   rate asked. kept_up is False when fewer than 95 % of the arrivals the schedule put in the
   window were sent before the run stopped, or an arrival found the in-flight cap full.
   send_late_ms: how long after its scheduled time each of those requests left.
+- Either mode: kept_up is False, and the warning says so, when requests were sent but
+  nothing (no token, no answer, no failure) came back inside the window, or for too long
+  with requests in flight (a frozen server: workers.py), or no request completed inside it.
 - Goodput takes the requests that ended inside the window and met every bound given
   (vllm bench serve's definition): req/s, and their output tokens / window; embed:
   their sequences / window.
@@ -92,7 +95,22 @@ def _send_late(result: BenchResult, ep: EndpointRun) -> list[float]:
     ]
 
 
-def _rate(ep: EndpointRun, window: float, late_ms: list[float]) -> dict:
+def nothing_answered(result: BenchResult, ep: EndpointRun) -> str | None:
+    """Why `ep` measured nothing: requests were sent but no token, answer or failure came
+    inside the window (a frozen server); None when something did, or nothing was sent."""
+    if result.measured_s <= 0 or ep.sent == 0 or ep.tokens_window > 0:
+        return None
+    if any(r.status != "cancelled" and _in_window(result, r.end_s) for r in ep.records):
+        return None
+    waiting = sum(r.status == "cancelled" for r in ep.records)
+    return (
+        f"nothing was answered by the {ep.kind} server at {ep.url} in the "
+        f"{result.measured_s:g} s window ({ep.sent} requests sent, {waiting} still "
+        f"unanswered at its end)"
+    )
+
+
+def _rate(result: BenchResult, ep: EndpointRun, window: float) -> dict:
     """mode, offered and achieved rate, kept_up and its warning (the JSON contract)."""
     achieved = ep.sent_window / window if window > 0 else 0.0
     out = {
@@ -102,8 +120,17 @@ def _rate(ep: EndpointRun, window: float, late_ms: list[float]) -> dict:
         "kept_up": True,
         "warning": None,
     }
+    silent = nothing_answered(result, ep) or ep.stalled
+    if silent is None and result.measured_s > 0 and ep.sent and not _ended(result, ep, "ok"):
+        silent = (
+            f"no {ep.kind} request completed inside the window ({ep.sent} sent): its "
+            f"latencies are empty; a window shorter than one request, or a stalled server"
+        )
+    if silent is not None:
+        out["kept_up"], out["warning"] = False, silent
     if ep.rate is None:
         return out
+    late_ms = _send_late(result, ep)
     problems = []
     sched = ep.scheduled_window
     out["scheduled_in_window"] = sched
@@ -122,7 +149,8 @@ def _rate(ep: EndpointRun, window: float, late_ms: list[float]) -> dict:
         )
     if problems:
         out["kept_up"] = False
-        out["warning"] = f"{ep.kind} did not keep up with the offered rate: " + "; ".join(problems)
+        warning = f"{ep.kind} did not keep up with the offered rate: " + "; ".join(problems)
+        out["warning"] = "; ".join(filter(None, (silent, warning)))
     return out
 
 
@@ -167,7 +195,7 @@ def _gen_summary(result: BenchResult, ep: EndpointRun, window: float) -> dict:
         "model": ep.model,
         "concurrency": ep.concurrency,
         "endpoint": result.config.gen_endpoint,
-        **_rate(ep, window, _send_late(result, ep)),
+        **_rate(result, ep, window),
         "output_tokens_per_s": round(per_s(ep.tokens_window), 3),
         "requests_per_s": round(per_s(len(done)), 4),
         "completed": len(done),
@@ -205,7 +233,7 @@ def _embed_summary(result: BenchResult, ep: EndpointRun, window: float) -> dict:
         "url": ep.url,
         "model": ep.model,
         "concurrency": ep.concurrency,
-        **_rate(ep, window, _send_late(result, ep)),
+        **_rate(result, ep, window),
         "batch": result.config.embed_batch,
         "encoding": result.config.embed_encoding,
         "dim": ep.dim,

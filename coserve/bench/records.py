@@ -101,6 +101,7 @@ class EndpointRun:
     backoff_s: float = 0.0
     connection_errors: int = 0  # since down_since
     last_connection_error: str | None = None
+    stalled: str | None = None  # why it counts as frozen: in flight and silent too long
 
     def __repr__(self) -> str:  # short: asyncio and debuggers repr results freely
         return (
@@ -120,7 +121,8 @@ class BenchResult:
     cut_short: bool
     gen: EndpointRun | None
     embed: EndpointRun | None
-    aborted: str | None = None  # why the run ended early on its own (a dead endpoint)
+    # why the run failed on its own: a dead or frozen endpoint, or one silent all window
+    aborted: str | None = None
 
     def __repr__(self) -> str:
         return (

@@ -15,7 +15,7 @@ import time
 
 import aiohttp
 
-from coserve.bench.arrivals import arrival_offsets
+from coserve.bench.arrivals import arrival_offsets, count_arrivals
 from coserve.bench.client import consume, error_message, exc_message, join
 from coserve.bench.config import LoadConfig
 from coserve.bench.embed_answer import BadAnswer, embedding_shape
@@ -23,7 +23,7 @@ from coserve.bench.records import EndpointRun, RequestRecord
 from coserve.bench.sse import GenStream
 from coserve.bench.workload import Workload
 
-__all__ = ["DEAD_AFTER_S", "LoadRun"]
+__all__ = ["DEAD_AFTER_S", "LoadRun", "silent_end_s"]
 
 perf_counter = time.perf_counter
 
@@ -35,6 +35,16 @@ _MAX_FAILED_RECORDS = 20_000  # failures past this are only counted
 _BACKOFF_MIN_S, _BACKOFF_MAX_S = 0.020, 0.5
 DEAD_AFTER_S = 1.0
 _STREAMS = {"gen": 1, "embed": 2}  # arrival schedule streams (independent per endpoint)
+# The open-loop sender hands the event loop back at least every this many arrivals, so that
+# a sender that is behind its schedule (or skipping it) does not starve answers and signals.
+_YIELD_EVERY = 64
+
+
+def silent_end_s(cfg: LoadConfig) -> float:
+    """How long an endpoint with requests in flight may say nothing at the window's end
+    before the run fails: half the window, at least 2 s (a loaded machine's hiccup is not
+    a frozen server), at most `stall_s` (which ends the run earlier anyway)."""
+    return min(cfg.stall_s, max(2.0, cfg.duration_s / 2))
 
 
 def _ms(dt: float) -> float:
@@ -57,6 +67,8 @@ class LoadRun:
         self.requests: set[asyncio.Task] = set()  # open-loop requests in flight
         self._next = {"gen": 0, "embed": 0}
         self._probe = {"gen": asyncio.Lock(), "embed": asyncio.Lock()}
+        # stall watch: the endpoint's answer counts when last seen, and since when unchanged
+        self._seen: dict[str, tuple[tuple[int, int, int], float]] = {}
 
     # ------------------------------------------------------------------ bookkeeping
     def _begin(self, ep: EndpointRun, kind: str, i: int, w, sched) -> RequestRecord:
@@ -102,7 +114,38 @@ class LoadRun:
                     f"{ep.connection_errors} connection errors and no answer for "
                     f"{now - ep.down_since:.1f} s (last: {ep.last_connection_error})"
                 )
+            if ep is not None and (silent := self._silent_for(ep, now)) >= self.cfg.stall_s:
+                ep.stalled = (
+                    f"the {ep.kind} server at {ep.url} answered nothing for {silent:.1f} s "
+                    f"with {ep.in_flight} requests in flight (frozen or overwhelmed)"
+                )
+                return ep.stalled
         return None
+
+    def silent_at_end(self, now: float) -> str | None:
+        """Why the run must fail at the window's end: an endpoint with requests in flight
+        that said nothing for its last silent_end_s(cfg) seconds."""
+        bound = silent_end_s(self.cfg)
+        for ep in (self.gen, self.embed):
+            if ep is not None and (silent := self._silent_for(ep, now)) >= bound:
+                ep.stalled = (
+                    f"the {ep.kind} server at {ep.url} answered nothing in the last "
+                    f"{silent:.1f} s of the window with {ep.in_flight} requests in flight "
+                    f"(frozen or overwhelmed)"
+                )
+                return ep.stalled
+        return None
+
+    def _silent_for(self, ep: EndpointRun, now: float) -> float:
+        """Seconds `ep` has had requests in flight and sent no token, answer or failure
+        (a stopped process keeps its connections open but says nothing); 0 while it talks.
+        Seen as often as it is asked (every 0.1 s by the run's watch)."""
+        answers = (ep.tokens_total, ep.completed_total, ep.failed_total)
+        seen, since = self._seen.get(ep.kind, (None, now))
+        if answers != seen or ep.in_flight == 0:
+            self._seen[ep.kind] = (answers, now)
+            return 0.0
+        return now - since
 
     def _take(self, kind: str) -> int:
         i = self._next[kind]
@@ -298,11 +341,18 @@ class LoadRun:
             freed.set()
 
         offsets = arrival_offsets(ep.rate, cfg.arrival, cfg.burstiness, cfg.seed, _STREAMS[ep.kind])
+        unyielded = 0
         for i, off in enumerate(offsets):
             due = t0 + off
             now = perf_counter()
             if due > now:
                 await sleep(due - now)
+                unyielded = 0
+            else:
+                unyielded += 1
+                if unyielded >= _YIELD_EVERY:
+                    await sleep(0)
+                    unyielded = 0
             if due < skip_until:
                 continue
             if ep.down_since is not None:
@@ -323,12 +373,13 @@ class LoadRun:
 
     def scheduled_in_window(self, ep: EndpointRun, end: float) -> int:
         """Arrivals the schedule put in [window start, end) (perf_counter time)."""
-        lo, hi = self.ws - self.t0, end - self.t0
-        n = 0
-        for off in arrival_offsets(
-            ep.rate, self.cfg.arrival, self.cfg.burstiness, self.cfg.seed, _STREAMS[ep.kind]
-        ):
-            if off >= hi:
-                return n
-            n += off >= lo
-        return n
+        cfg = self.cfg
+        return count_arrivals(
+            ep.rate,
+            cfg.arrival,
+            cfg.burstiness,
+            cfg.seed,
+            _STREAMS[ep.kind],
+            self.ws - self.t0,
+            end - self.t0,
+        )
