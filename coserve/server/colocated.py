@@ -234,6 +234,7 @@ def engine_args(args) -> dict[str, argparse.Namespace]:
         "max_model_len": args.embed_max_model_len,
         "max_num_seqs": args.embed_max_num_seqs,
         "max_num_batched_tokens": args.embed_max_num_batched_tokens,
+        "tokens_flag": "--embed-max-num-batched-tokens",
         "enforce_eager": False,
     }
     return {
