@@ -15,11 +15,11 @@ import re
 import signal
 import sys
 import threading
-from typing import Any
 
 from coserve.server.fields import CHARS_PER_TOKEN_BOUND, RequestLimits
 from coserve.server.serve_flags import (
     Given,
+    KindGroup,
     batched_tokens_problem,
     guard_config,
     misplaced,
@@ -54,20 +54,6 @@ def _positive(text: str) -> int:
     if v <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
     return v
-
-
-@dataclasses.dataclass
-class _KindGroup:
-    """An argument group whose flags are for `kinds` only: each records that it was given
-    (serve_flags.Given) and is listed in `table` (flag -> kinds)."""
-
-    group: Any
-    kinds: tuple[str, ...]
-    table: dict[str, tuple[str, ...]]
-
-    def add_argument(self, *names: str, **kw: Any) -> None:
-        self.group.add_argument(*names, action=Given, **kw)
-        self.table[names[0]] = self.kinds
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -206,7 +192,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     kinds: dict[str, tuple[str, ...]] = {}  # flag -> the kinds it is for (others refuse it)
     parser.set_defaults(flag_kinds=kinds, given_flags=frozenset())
-    co = _KindGroup(
+    co = KindGroup(
         parser.add_argument_group(
             "colocated: the embed engine beside gen in one process (gen decodes on a "
             "high-priority CUDA stream, embed on a low one); the flags above are gen's"
@@ -260,7 +246,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=8192,
         help="tokens in one embed forward",
     )
-    guard = _KindGroup(
+    guard = KindGroup(
         parser.add_argument_group(
             "SLO guard (embed only): throttle embed forwards to hold a gen server's step time"
         ),
@@ -273,7 +259,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="the gen server whose /metrics the guard reads",
     )
-    slo = _KindGroup(guard.group.add_mutually_exclusive_group(), ("embed",), kinds)
+    slo = KindGroup(guard.group.add_mutually_exclusive_group(), ("embed",), kinds)
     slo.add_argument(
         "--gen-tpot-slo-ms",
         metavar="MS",

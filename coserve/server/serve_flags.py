@@ -4,6 +4,8 @@ one given to another kind (it would be accepted and do nothing)."""
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
 
 
@@ -15,6 +17,20 @@ class Given(argparse.Action):
         setattr(namespace, self.dest, values)
         given = getattr(namespace, "given_flags", frozenset())
         namespace.given_flags = given | {self.option_strings[0]}
+
+
+@dataclass
+class KindGroup:
+    """An argument group whose flags are for `kinds` only: each records that it was given
+    (serve_flags.Given) and is listed in `table` (flag -> kinds)."""
+
+    group: Any
+    kinds: tuple[str, ...]
+    table: dict[str, tuple[str, ...]]
+
+    def add_argument(self, *names: str, **kw: Any) -> None:
+        self.group.add_argument(*names, action=Given, **kw)
+        self.table[names[0]] = self.kinds
 
 
 def misplaced(args: argparse.Namespace, flag_kinds: dict[str, tuple[str, ...]]) -> str | None:
