@@ -14,6 +14,7 @@ value out of range, no candidate)."""
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,7 @@ class Advice:
     rows: list[Evidence]  # every candidate, most embed work first
     gen_alone_tpot_p99_ms: float | None
     baseline: str | None
+    unreadable: str | None = None  # the run folder's files left out, named (None: none)
 
 
 def _miss(tpot: float, embed: float, budget: float, min_embed: float | None) -> float:
@@ -62,11 +64,11 @@ def advise(run, budget_tpot_p99_ms: float, min_embed_seq_s: float | None = None)
     a positive number or the run has no condition that ran gen and embed together."""
     from coserve.report.tradeoff import strategy_label
 
-    if not budget_tpot_p99_ms > 0:
+    if not (math.isfinite(budget_tpot_p99_ms) and budget_tpot_p99_ms > 0):
         raise ValueError(
             f"--gen-tpot-p99-ms: must be a positive number of ms, got {budget_tpot_p99_ms}"
         )
-    if min_embed_seq_s is not None and not min_embed_seq_s > 0:
+    if min_embed_seq_s is not None and not (math.isfinite(min_embed_seq_s) and min_embed_seq_s > 0):
         raise ValueError(f"--embed-seq-s: must be a positive number, got {min_embed_seq_s}")
     base = next((c for c in run.conditions if c.name == run.spec.baseline), None)
     base_tok = base.mean("gen_tok_s") if base is not None else None
@@ -97,6 +99,7 @@ def advise(run, budget_tpot_p99_ms: float, min_embed_seq_s: float | None = None)
     if not rows:
         raise ValueError(
             f"{run.run_dir.path}: no condition ran gen and embed together and finished a rep"
+            + (f" ({run.unreadable_text()})" if run.unreadable else "")
         )
     rows.sort(key=lambda e: -e.embed_seq_s.mean)
     meeting = [e for e in rows if e.meets]
@@ -108,6 +111,7 @@ def advise(run, budget_tpot_p99_ms: float, min_embed_seq_s: float | None = None)
         rows=rows,
         gen_alone_tpot_p99_ms=base.mean("tpot_p99") if base is not None else None,
         baseline=base.name if base is not None and base.ok else None,
+        unreadable=run.unreadable_text(),
     )
 
 
@@ -147,6 +151,8 @@ def render(a: Advice) -> str:
                 else "."
             )
         )
+    if a.unreadable:
+        lines.append(f"Warning: {a.unreadable}.")
     lines.append("")
     head = (
         "condition",

@@ -92,11 +92,11 @@ class ServerConfig:
     max_num_seqs: int = _f(
         _ENGINE["max_num_seqs"], ge=1, help="sequences per step; for embed, inputs per forward"
     )
-    max_num_batched_tokens: int = _f(
-        0,
-        ge=0,
+    max_num_batched_tokens: int | None = _f(
+        None,
+        ge=1,
         omit_default=True,
-        help="tokens per step (embed: per forward); 0 = the server's default",
+        help="tokens per step (embed: per forward); unset = the server's default",
     )
     slo_guard: bool = _f(
         False, omit_default=True, help="embed only: throttle embed to hold gen's step time"
@@ -302,9 +302,11 @@ def parse_spec(data: dict[str, Any], source: str = "<spec>") -> Spec:
                 continue
             table = dict(table)
             overrides = {}
+            known = len(errors)
             for key, cls in (("load", LoadSpec), ("gen", ServerConfig), ("embed", ServerConfig)):
                 if key in table:
                     overrides[key] = checked_overrides(cls, table.pop(key), f"{path}.{key}", errors)
+            overrides_valid = len(errors) == known
             cond = build_dataclass(Condition, table, path, errors)
             if cond is None:
                 continue
@@ -313,7 +315,8 @@ def parse_spec(data: dict[str, Any], source: str = "<spec>") -> Spec:
                 if role not in declared:
                     errors.append(f"{path}.servers: runs '{role}' but there is no [servers.{role}]")
             _check_strategy(cond, path, errors)
-            errors += server_problems(cond, servers, path)
+            if overrides_valid:  # a refused override is left out: checking without it misleads
+                errors += server_problems(cond, servers, path)
             for role in ROLES:
                 if getattr(cond, role) and role not in cond.servers:
                     errors.append(f"{path}.{role}: overrides a server this condition does not run")
@@ -353,7 +356,7 @@ def parse_spec(data: dict[str, Any], source: str = "<spec>") -> Spec:
         errors.append(f"sweep.repetitions: {sweep.repetitions} must be at most {MAX_REPETITIONS}")
         sweep = None
     if sweep is not None:
-        errors += sweep.problems()
+        errors += sweep.problems(sweep_raw)
         for j, n in enumerate(sweep.conditions):
             if n not in by_name:
                 errors.append(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import typing
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -180,11 +181,15 @@ class SweepSpec:
         """`base.embed-c16` for a concurrency, `base.embed-r7.5` for a rate."""
         return f"{base}.{self.role}-{'r' if self.rate else 'c'}{value:g}"
 
-    def problems(self) -> list[str]:
-        """'field: what is wrong' for a sweep that gives neither or both of its lists."""
+    def problems(self, given: Collection[str] = ()) -> list[str]:
+        """'field: what is wrong' for a sweep that gives neither or both of its lists;
+        `given`: the keys the spec's [sweep] table has (an empty list given is named)."""
         if self.concurrency and self.rate:
             return ["sweep.rate: give concurrency = [...] or rate = [...], not both"]
         if not self.concurrency and not self.rate:
+            empty = [k for k in ("rate", "concurrency") if k in given]
+            if empty:
+                return [f"sweep.{empty[0]}: empty (give at least one value)"]
             return ["sweep.concurrency: missing (give concurrency = [...] or rate = [...])"]
         return []
 

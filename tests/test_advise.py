@@ -122,3 +122,30 @@ def test_on_the_h200_embed_sweep():
     assert a.gen_alone_tpot_p99_ms == pytest.approx(21.5874)
     none = advise(run, 22.0, 490.0)
     assert none.best is None and none.closest.condition == "mps.embed-c4"
+
+
+def test_unreadable_reps_are_named_beside_the_advice(run_dir, tmp_path, capsys):
+    import shutil
+
+    bad = tmp_path / "run"
+    shutil.copytree(run_dir, bad)
+    cut = bad / "reps" / "mps.embed-r16" / "rep-1" / "rep.json"
+    cut.write_text(cut.read_text()[:100])
+    (bad / "reps" / "mps" / "rep-2" / "rep.json").write_text("[]")
+    (bad / "fingerprint.json").write_text("{garbage")
+    assert main(["advise", str(bad), "--gen-tpot-p99-ms", "14"]) == 0
+    out = capsys.readouterr().out
+    assert "Warning: could not read 3 file(s)" in out
+    assert "mps.embed-r16/rep-1/rep.json: not valid JSON" in out
+    assert "mps/rep-2/rep.json: not a JSON object (holds a list)" in out
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "-1"])
+def test_budget_must_be_finite_and_positive(run_dir, value, capsys):
+    assert main(["advise", str(run_dir), "--gen-tpot-p99-ms", value]) == 2
+    assert "--gen-tpot-p99-ms: must be a positive number" in capsys.readouterr().err
+
+
+def test_a_folder_that_does_not_exist_is_named(tmp_path, capsys):
+    assert main(["advise", str(tmp_path / "nope"), "--gen-tpot-p99-ms", "14"]) == 2
+    assert f"{tmp_path / 'nope'} does not exist" in capsys.readouterr().err

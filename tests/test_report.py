@@ -126,3 +126,22 @@ def test_embed_sweep_plots_the_trade_off(tmp_path):
         "mps": sorted(names[2:], key=lambda n: run.get(n).mean("embed_seq_s")),
     }
     assert plots.tradeoff(run, tmp_path / "tradeoff.png").stat().st_size > 5000
+
+
+def test_unreadable_files_are_named_not_a_traceback(run_dir, tmp_path, capsys):
+    import shutil
+
+    from coserve.cli import main
+
+    bad = tmp_path / "run"
+    shutil.copytree(run_dir, bad)
+    cut = bad / "reps" / "gen-only" / "rep-1" / "rep.json"
+    cut.write_text(cut.read_text()[: len(cut.read_text()) // 2])
+    (bad / "reps" / "gen-only" / "rep-2" / "rep.json").write_text("[]")
+    (bad / "fingerprint.json").write_text("{garbage")
+    assert main(["report", str(bad), "--no-plots"]) == 0
+    assert "warning: could not read 3 file(s)" in " ".join(capsys.readouterr().out.split())
+    md = (bad / "report.md").read_text()
+    assert "**Warning:** could not read 3 file(s)" in md
+    assert "rep-2/rep.json: not a JSON object (holds a list)" in md
+    assert "fingerprint.json: not valid JSON" in md

@@ -137,3 +137,12 @@ def test_a_read_only_folder_refuses_at_once(spec, tmp_path, capsys):
         parent.chmod(0o755)
     line = one_line(capsys.readouterr().err, "refused:")
     assert "Permission denied" in line
+
+
+def test_an_out_that_is_a_regular_file_refuses_at_once(spec, tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder\n")
+    assert execute(str(spec), str(afile)) == 2
+    line = one_line(capsys.readouterr().err, "refused:")
+    assert f"cannot use {afile} as the run folder" in line
+    assert afile.read_text() == "not a folder\n"

@@ -296,3 +296,34 @@ def test_every_serve_flag_has_help():
         "--max-prompt-chars",
     ):
         assert flag in text
+
+
+def test_out_of_vocabulary_token_ids_name_their_field(gen, embed):
+    err = assert_openai_error(*send(gen.url, "/v1/completions", {"prompt": [10**12]}))
+    assert err["param"] == "prompt" and "out of vocabulary" in err["message"]
+    err = assert_openai_error(*send(embed.url, "/v1/embeddings", {"input": [10**9]}))
+    assert err["param"] == "input" and "out of vocabulary" in err["message"]
+
+
+def test_a_malformed_content_length_gets_an_openai_body_and_no_traceback(embed):
+    u = urllib.parse.urlsplit(embed.url)
+    head = (
+        "POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Authorization: Bearer {KEY}\r\nContent-Length: -5\r\nConnection: close\r\n\r\n{{}}"
+    )
+    with socket.create_connection((u.hostname, u.port), timeout=30) as sock:
+        sock.sendall(head.encode())
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    status = int(data.split(b" ", 2)[1])
+    err = assert_openai_error(status, json.loads(data.split(b"\r\n\r\n", 1)[1]), [400])
+    assert "Content-Length" in err["message"]
+    assert "Traceback" not in embed.log_tail(200)
+
+
+def test_a_content_type_aiohttp_cannot_parse_is_quoted_as_sent(embed):
+    head = f"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+    status, answer = raw(embed.url, (head + "Content-Type: ;;;===\r\n").encode(), b"{}")
+    err = assert_openai_error(status, answer, [415])
+    assert "got ';;;==='" in err["message"] and "octet-stream" not in err["message"]

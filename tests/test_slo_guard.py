@@ -183,7 +183,11 @@ def test_pacing_sets_the_engine_batch_and_waits():
     [
         (
             ["gen", "--slo-guard-gen-url", "http://127.0.0.1:1", "--gen-tpot-slo-ms", "20"],
-            "--slo-guard-gen-url: the guard throttles an embed server; serve embed",
+            "--gen-tpot-slo-ms is for serve embed; serve gen would ignore it",
+        ),
+        (
+            ["embed", "--slo-guard-gen-url", "notaurl", "--gen-tpot-slo-ms", "5"],
+            "--slo-guard-gen-url: 'notaurl' is not an http(s) URL with a host",
         ),
         (
             ["embed", "--slo-guard-gen-url", "http://127.0.0.1:1"],
@@ -221,3 +225,22 @@ def test_serve_refuses_two_budgets(capsys):
             ]
         )
     assert e.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+
+
+def test_an_unreachable_gen_server_is_logged_once_and_counted(caplog):
+    import asyncio
+
+    from coserve.server.slo_guard import run_guard
+
+    guard = SloGuard(GuardConfig(budget_s=20 * MS))
+
+    async def main():
+        stop = asyncio.Event()
+        asyncio.get_running_loop().call_later(0.3, stop.set)
+        await run_guard(guard, "http://127.0.0.1:1", lambda a: None, 0.02, stop)
+
+    with caplog.at_level("WARNING", logger="coserve"):
+        asyncio.run(main())
+    said = [r.getMessage() for r in caplog.records if "cannot read" in r.getMessage()]
+    assert len(said) == 1 and "http://127.0.0.1:1/metrics" in said[0]
+    assert guard.state.poll_errors == guard.state.polls >= 3

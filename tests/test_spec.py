@@ -296,6 +296,7 @@ def test_digest_ignores_layout_but_not_values():
             "rate = [...]",
         ),
         (("repetitions = 2", "repetitions = 2\n[sweep]\nrate = [2, 2.0]"), "sweep.rate", "repeat"),
+        (("repetitions = 2", "repetitions = 2\n[sweep]\nrate = []"), "sweep.rate", "empty"),
         (
             ("repetitions = 2", 'repetitions = 2\n[report]\nreference = "vllm"'),
             "report.reference",

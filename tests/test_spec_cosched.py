@@ -65,7 +65,12 @@ def test_new_fields_at_their_defaults_keep_an_old_specs_digest():
         (
             "max_num_batched_tokens = 512,",
             "max_num_batched_tokens = -1,",
-            "conditions[1].embed.max_num_batched_tokens: -1 must be at least 0",
+            "conditions[1].embed.max_num_batched_tokens: -1 must be at least 1",
+        ),
+        (
+            "max_num_batched_tokens = 512,",
+            "max_num_batched_tokens = 0,",
+            "conditions[1].embed.max_num_batched_tokens: 0 must be at least 1",
         ),
         (
             "max_num_batched_tokens = 512,",
@@ -126,6 +131,12 @@ def test_new_fields_at_their_defaults_keep_an_old_specs_digest():
 )
 def test_bad_values_name_the_field(old, new, expected):
     assert expected in problems(old, new)
+
+
+def test_a_refused_guard_budget_is_the_only_problem():
+    assert problems("gen_tpot_slo_pct = 5", "gen_tpot_slo_pct = -5") == [
+        "conditions[2].embed.gen_tpot_slo_pct: -5.0 must be at least 0.0"
+    ]
 
 
 def test_a_guard_set_on_the_server_table_is_named_there():

@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,46 @@ def write_json(path: Path, obj: Any) -> None:
 def read_json(path: Path) -> Any:
     with open(path) as f:
         return json.load(f)
+
+
+# What a rep.json must hold for the report to place it: key -> type.
+REP_KEYS: dict[str, type] = {"condition": str, "rep": int, "status": str}
+
+
+def read_object(path: Path, required: dict[str, type] | None = None) -> dict:
+    """The JSON object in `path`, with each `required` key of its type. Raises OSError,
+    ValueError (not JSON, not an object, a required key missing or of another type)."""
+    try:
+        obj = read_json(path)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not valid JSON ({e})") from None
+    except UnicodeDecodeError:
+        raise ValueError("not valid JSON (not UTF-8 text)") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"not a JSON object (holds a {type(obj).__name__})")
+    for key, typ in (required or {}).items():
+        if not isinstance(obj.get(key), typ):
+            raise ValueError(f"no {typ.__name__} {key!r}")
+    return obj
+
+
+@dataclass(frozen=True)
+class Unreadable:
+    """A file of the run folder that could not be read or is not the shape expected."""
+
+    path: Path
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.reason}"
+
+
+@dataclass
+class RepRecords:
+    """Every finished rep's record (any status), and the rep.json files that could not be read."""
+
+    records: list[dict] = field(default_factory=list)
+    unreadable: list[Unreadable] = field(default_factory=list)
 
 
 LOCK_NAME = ".lock"
@@ -127,7 +168,7 @@ class RunDir:
         """The finished rep's record, or None if the rep has not finished."""
         path = self.rep_dir(condition, rep) / "rep.json"
         try:
-            return read_json(path)
+            return read_object(path, REP_KEYS)
         except (OSError, ValueError):
             return None
 
@@ -149,13 +190,17 @@ class RunDir:
                 path.unlink()
 
     def records(self) -> list[dict]:
-        """Every finished rep's record (any status), in no particular order."""
-        out = []
+        """Every finished rep's record (any status) that can be read, in no particular order."""
+        return self.scan_records().records
+
+    def scan_records(self) -> RepRecords:
+        """Every rep.json: the records, and those unreadable or not a rep record's shape."""
+        out = RepRecords()
         if not self.reps_dir.exists():
             return out
         for path in sorted(self.reps_dir.glob("*/rep-*/rep.json")):
             try:
-                out.append(read_json(path))
-            except (OSError, ValueError):
-                continue
+                out.records.append(read_object(path, REP_KEYS))
+            except (OSError, ValueError) as e:
+                out.unreadable.append(Unreadable(path, getattr(e, "strerror", None) or str(e)))
         return out

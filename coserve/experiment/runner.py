@@ -138,12 +138,13 @@ class Runner:
                 "this machine cannot run the spec:\n" + "\n".join(f"  - {p}" for p in problems)
             )
         rd = self.run_dir
-        if not rd.exists() and not rd.is_empty():  # checked before the lock file is put there
-            raise RunRefused(
-                f"{rd.path} exists and is not a coserve run folder; choose an empty or new --out"
-            )
         with contextlib.ExitStack() as stack:
             try:
+                if not rd.exists() and not rd.is_empty():  # before the lock file is put there
+                    raise RunRefused(
+                        f"{rd.path} exists and is not a coserve run folder; "
+                        "choose an empty or new --out"
+                    )
                 stack.enter_context(rd.locked())
                 self.prepare()
             except FolderBusy as e:

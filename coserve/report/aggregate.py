@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from coserve import stats
-from coserve.experiment.rundir import RunDir, read_json
-from coserve.spec import Condition, Spec, parse_spec
+from coserve.experiment.rundir import RunDir, Unreadable, read_object
+from coserve.spec import Condition, Spec, SpecError, parse_spec
 
 # metric -> path into a rep record; each is summarised over the condition's finished reps.
 METRICS: dict[str, tuple[str, ...]] = {
@@ -148,8 +148,18 @@ class ConditionStats:
 class RunStats:
     run_dir: RunDir
     spec: Spec
-    fingerprint: dict
+    fingerprint: dict  # {} when fingerprint.json is unreadable
     conditions: list[ConditionStats]
+    unreadable: list[Unreadable] = field(default_factory=list)  # files left out, and why
+
+    def unreadable_text(self) -> str | None:
+        """One sentence naming every unreadable file (None when there is none)."""
+        if not self.unreadable:
+            return None
+        return (
+            f"could not read {len(self.unreadable)} file(s) of the run folder; left out of "
+            "every figure: " + "; ".join(str(u) for u in self.unreadable)
+        )
 
     def get(self, name: str) -> ConditionStats:
         return next(c for c in self.conditions if c.name == name)
@@ -193,8 +203,14 @@ class RunStats:
 
 
 def load_spec_of(run_dir: RunDir) -> Spec:
+    """The spec the run folder was started with. Raises SpecError (spec.json unreadable or
+    not a valid spec), OSError."""
     if run_dir.spec_json.exists():
-        return parse_spec(read_json(run_dir.spec_json), str(run_dir.spec_json))
+        try:
+            data = read_object(run_dir.spec_json)
+        except ValueError as e:
+            raise SpecError(str(run_dir.spec_json), [f"unreadable: {e}"]) from None
+        return parse_spec(data, str(run_dir.spec_json))
     from coserve.spec import load_spec
 
     return load_spec(run_dir.spec_file)
@@ -210,12 +226,21 @@ def embed_baseline(spec: Spec) -> str | None:
 
 def aggregate(path: str | Path) -> RunStats:
     rd = RunDir(path)
+    if not rd.path.exists():
+        raise FileNotFoundError(f"{rd.path} does not exist")
     if not rd.exists():
         raise FileNotFoundError(f"{rd.path} is not a coserve run folder (no fingerprint.json)")
     spec = load_spec_of(rd)
-    fp = read_json(rd.fingerprint_file)
+    scan = rd.scan_records()
+    unreadable = list(scan.unreadable)
+    try:
+        fp = read_object(rd.fingerprint_file)
+    except (OSError, ValueError) as e:
+        fp = {}
+        why = getattr(e, "strerror", None) or str(e)
+        unreadable.insert(0, Unreadable(rd.fingerprint_file, why))
     by_cond: dict[str, list[dict]] = {}
-    for r in rd.records():
+    for r in scan.records:
         by_cond.setdefault(r["condition"], []).append(r)
     out = []
     for cond in spec.all_conditions():
@@ -251,7 +276,7 @@ def aggregate(path: str | Path) -> RunStats:
                 cs.embed_delta = stats.delta(
                     cs.values["embed_seq_s"], names[emb].values["embed_seq_s"]
                 )
-    return RunStats(rd, spec, fp, out)
+    return RunStats(rd, spec, fp, out, unreadable)
 
 
 # ------------------------------------------------------------------ per-request data for plots

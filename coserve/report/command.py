@@ -28,6 +28,10 @@ def run(args: argparse.Namespace) -> int:
     except SpecError as e:
         console.print(f"[red]the run folder's spec does not validate:[/red]\n{e}")
         return 2
+    if out.run.unreadable:
+        from rich.markup import escape
+
+        console.print(f"[yellow]warning:[/yellow] {escape(out.run.unreadable_text())}")
     console.print(console_table(out.run))
     console.print(f"report: {out.markdown}\n        {out.html}")
     return 0

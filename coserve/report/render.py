@@ -36,6 +36,8 @@ def build(run: RunStats, plot_paths: dict[str, Path]) -> list[Block]:
     done = sum(len(c.ok) for c in run.conditions)
     planned = sum(c.planned for c in run.conditions)
     blocks = [Block("h1", f"coserve report: {spec.name}")]
+    if run.unreadable:
+        blocks.append(Block("p", f"**Warning:** {run.unreadable_text()}"))
     if spec.description:
         blocks.append(Block("p", spec.description.strip()))
     blocks.append(

@@ -29,6 +29,7 @@ from coserve.server.errors import ApiError, outcome_for_status, quote
 from coserve.server.fields import RequestLimits
 from coserve.server.float_json import float32_rows_json
 from coserve.server.gen_api import OUTCOME, GenApi
+from coserve.server.http_errors import JsonErrorRunner
 from coserve.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from coserve.server.metrics import Metrics
 from coserve.server.protocol import parse_embedding
@@ -168,7 +169,7 @@ class OpenAIServer:
         )
         rid = f"embd-{uuid.uuid4().hex}"
         stream = RequestStream()
-        await self.engine.add([(rid, req.inputs)], stream)
+        await self.engine.add([(rid, req.inputs)], stream, "input")
         try:
             ((_, vectors, prompt_tokens),) = await stream.next_batch()
         except BaseException:
@@ -298,7 +299,7 @@ async def serve(engine: EngineClient, opts: ServeOptions, sock: socket.socket | 
             return 1
     await engine.attach()
     server = OpenAIServer(engine, opts)
-    runner = web.AppRunner(
+    runner = JsonErrorRunner(
         server.make_app(),
         handler_cancellation=True,
         shutdown_timeout=1.0,

@@ -26,9 +26,10 @@ MAX_BODY_BYTES = web.AppKey(
 async def read_json(request: web.Request) -> tuple[dict, int]:
     """(the body as a JSON object, its size in bytes). Raises ApiError 415/413/400."""
     if request.content_type not in JSON_TYPES:
-        raise ApiError(
+        sent = request.headers.get("Content-Type")  # as sent: aiohttp's parse of a bad one
+        raise ApiError(  # is its default, which the client never wrote
             f"the request body must be JSON, sent with 'Content-Type: application/json' "
-            f"(got {request.content_type!r:.100})",
+            f"(got {'no Content-Type' if sent is None else quote(sent)})",
             status=415,
         )
     try:

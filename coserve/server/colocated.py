@@ -187,13 +187,14 @@ async def serve_both(engines: dict[str, EngineClient], opts: dict, socks: dict) 
     from aiohttp import web
 
     from coserve.server.app import OpenAIServer, ready_line
+    from coserve.server.http_errors import JsonErrorRunner
 
     loop = asyncio.get_running_loop()
     fronts = []
     for role in ROLES:
         await engines[role].attach()
         server = OpenAIServer(engines[role], opts[role])
-        runner = web.AppRunner(
+        runner = JsonErrorRunner(
             server.make_app(),
             handler_cancellation=True,
             shutdown_timeout=1.0,
@@ -234,6 +235,7 @@ def engine_args(args) -> dict[str, argparse.Namespace]:
         "max_model_len": args.embed_max_model_len,
         "max_num_seqs": args.embed_max_num_seqs,
         "max_num_batched_tokens": args.embed_max_num_batched_tokens,
+        "tokens_flag": "--embed-max-num-batched-tokens",
         "enforce_eager": False,
     }
     return {

@@ -17,6 +17,16 @@ import sys
 import threading
 
 from coserve.server.fields import CHARS_PER_TOKEN_BOUND, RequestLimits
+from coserve.server.serve_flags import (
+    Given,
+    KindGroup,
+    batched_tokens_problem,
+    guard_config,
+    misplaced,
+    percent,
+    positive_float,
+    tokens_flag,
+)
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
 
@@ -116,6 +126,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--max-num-batched-tokens",
+        action=Given,
         metavar="N",
         type=_positive,
         default=8192,
@@ -179,9 +190,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         help="least severe log message written to stderr",
     )
-    co = parser.add_argument_group(
-        "colocated: the embed engine beside gen in one process (gen decodes on a high-priority "
-        "CUDA stream, embed on a low one); the flags above are gen's"
+    kinds: dict[str, tuple[str, ...]] = {}  # flag -> the kinds it is for (others refuse it)
+    parser.set_defaults(flag_kinds=kinds, given_flags=frozenset())
+    co = KindGroup(
+        parser.add_argument_group(
+            "colocated: the embed engine beside gen in one process (gen decodes on a "
+            "high-priority CUDA stream, embed on a low one); the flags above are gen's"
+        ),
+        ("colocated",),
+        kinds,
     )
     co.add_argument(
         "--embed-model", metavar="PRESET_OR_DIR", default=None, help="the embedding model"
@@ -229,8 +246,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=8192,
         help="tokens in one embed forward",
     )
-    guard = parser.add_argument_group(
-        "SLO guard (embed only): throttle embed forwards to hold a gen server's step time"
+    guard = KindGroup(
+        parser.add_argument_group(
+            "SLO guard (embed only): throttle embed forwards to hold a gen server's step time"
+        ),
+        ("embed",),
+        kinds,
     )
     guard.add_argument(
         "--slo-guard-gen-url",
@@ -238,18 +259,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="the gen server whose /metrics the guard reads",
     )
-    slo = guard.add_mutually_exclusive_group()
+    slo = KindGroup(guard.group.add_mutually_exclusive_group(), ("embed",), kinds)
     slo.add_argument(
         "--gen-tpot-slo-ms",
         metavar="MS",
-        type=_positive_float,
+        type=positive_float,
         default=None,
         help="budget of gen's step time (--slo-guard-stat), in ms",
     )
     slo.add_argument(
         "--gen-tpot-slo-pct",
         metavar="P",
-        type=_percent,
+        type=percent,
         default=None,
         help="budget: gen alone's step time (measured when gen first gets busy, embed held) plus P "
         "%%",
@@ -272,7 +293,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     guard.add_argument(
         "--slo-guard-interval-ms",
         metavar="MS",
-        type=_positive_float,
+        type=positive_float,
         default=50.0,
         help="how often the guard reads gen's /metrics (default %(default)s)",
     )
@@ -308,47 +329,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help=f"characters of one text prompt or input, checked before tokenising (default: "
         f"{CHARS_PER_TOKEN_BOUND} x max_model_len)",
-    )
-
-
-def _positive_float(text: str) -> float:
-    v = float(text)
-    if not 0 < v < 1e9:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return v
-
-
-def _percent(text: str) -> float:
-    v = float(text)
-    if not 0 <= v <= 1000:
-        raise argparse.ArgumentTypeError(f"must be a percentage in [0, 1000], got {text}")
-    return v
-
-
-def guard_config(args, max_model_len: int):
-    """The SLO guard's settings from the flags; None without --slo-guard-gen-url.
-    Raises ValueError naming the flag that is missing or misplaced."""
-    from coserve.server.slo_guard import GuardConfig
-
-    budget_given = args.gen_tpot_slo_ms is not None or args.gen_tpot_slo_pct is not None
-    if args.slo_guard_gen_url is None:
-        if budget_given:
-            raise ValueError("--gen-tpot-slo-ms/--gen-tpot-slo-pct need --slo-guard-gen-url")
-        return None
-    if args.kind != "embed":
-        raise ValueError("--slo-guard-gen-url: the guard throttles an embed server; serve embed")
-    if not budget_given:
-        raise ValueError(
-            "--slo-guard-gen-url needs a budget: --gen-tpot-slo-ms or --gen-tpot-slo-pct"
-        )
-    budget_s = args.gen_tpot_slo_ms / 1e3 if args.gen_tpot_slo_ms is not None else None
-    max_tokens = max(args.max_num_batched_tokens, max_model_len)
-    return GuardConfig(
-        budget_s=budget_s,
-        over_alone_pct=args.gen_tpot_slo_pct,
-        stat=args.slo_guard_stat,
-        max_tokens=max_tokens,
-        min_tokens=min(args.slo_guard_min_tokens, max_tokens),
     )
 
 
@@ -393,7 +373,12 @@ def build_engine(args):
         return GenEngine(engine_args)
     from coserve.engine.embed_engine import EmbedEngine
 
-    return EmbedEngine(engine_args)
+    engine = EmbedEngine(engine_args)
+    given = tokens_flag(args)
+    why = given and batched_tokens_problem(given[0], given[1], engine.max_model_len)
+    if why:  # the model's own max_model_len, known only once it is loaded
+        raise ValueError(why)
+    return engine
 
 
 def _exit_quietly(signum, frame):
@@ -401,6 +386,11 @@ def _exit_quietly(signum, frame):
 
 
 def run(args) -> int:
+    given = tokens_flag(args) if args.kind != "gen" else None
+    why = misplaced(args, args.flag_kinds) or (given and batched_tokens_problem(*given))
+    if why:
+        print(f"coserve serve {args.kind}: {why}", file=sys.stderr)
+        return 2
     if args.kind == "embed" and args.enforce_eager:
         print(
             "coserve serve embed: --enforce-eager does nothing for the embed engine (it has no "

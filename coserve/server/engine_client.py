@@ -167,9 +167,12 @@ class EngineClient:
         return stopped
 
     # ---- requests ------------------------------------------------------------------------
-    async def add(self, requests: list[tuple], stream: RequestStream) -> None:
+    async def add(
+        self, requests: list[tuple], stream: RequestStream, param: str | None = None
+    ) -> None:
         """Add engine requests `(request_id, *add_request_args)` as one unit: all or none.
-        The engine's ValueError (input it cannot serve) becomes a 400."""
+        The engine's ValueError (input it cannot serve, e.g. a token id out of the
+        vocabulary) becomes a 400 naming `param`, the request field the input came from."""
         if not self.alive:
             raise ApiError("the engine is not running", status=503)
         for r in requests:
@@ -191,7 +194,7 @@ class EngineClient:
             self.abort(ids)
             kind, message = err
             if kind == "value":
-                raise ApiError(message)
+                raise ApiError(message, param=param)
             raise ApiError(f"the engine could not take the request: {message}", status=500)
 
     def abort(self, request_ids) -> None:

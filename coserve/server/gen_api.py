@@ -89,6 +89,7 @@ class GenApi:
                 for rid, ids, params in zip(rids, req.prompts, req.params, strict=True)
             ],
             stream,
+            "messages" if shape is CHAT else "prompt",
         )
         choices = [
             Choice(i, self.tokenizer, req.stop, req.logprobs, p.stop_token_ids)

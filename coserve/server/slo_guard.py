@@ -220,6 +220,9 @@ def parse_gen_metrics(text: str, stat: str = "mean") -> GenSample | None:
         return None
 
 
+FAILURE_LOG_EVERY_S = 30.0  # a gen server out of reach is logged at most this often
+
+
 async def run_guard(
     guard: SloGuard, gen_url: str, apply, interval_s: float, stop: asyncio.Event
 ) -> None:
@@ -232,23 +235,39 @@ async def run_guard(
     current = None
     timeout = aiohttp.ClientTimeout(total=max(interval_s * 4, 0.5))
     async with aiohttp.ClientSession(timeout=timeout) as session:
+        warned_at: float | None = None  # when the last failed read was logged
         while not stop.is_set():
             started = loop.time()
+            sample, failure = None, None
             try:
                 async with session.get(url) as resp:
-                    sample = (
-                        parse_gen_metrics(await resp.text(), guard.cfg.stat)
-                        if resp.status == 200
-                        else None
-                    )
+                    if resp.status != 200:
+                        failure = f"HTTP {resp.status}"
+                    else:
+                        sample = parse_gen_metrics(await resp.text(), guard.cfg.stat)
+                        failure = None if sample is not None else "no step times on the page"
             except (
                 TimeoutError,
                 aiohttp.ClientError,
                 OSError,
                 ValueError,
-            ):  # ValueError: a page not UTF-8
-                sample = None
+            ) as e:  # ValueError: a page not UTF-8
+                failure = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
             allowance = guard.update(sample, loop.time())
+            if failure is not None and (
+                warned_at is None or started - warned_at >= FAILURE_LOG_EVERY_S
+            ):
+                log.warning(
+                    "SLO guard: cannot read %s (%s); the allowance stays as it is "
+                    "(%d failed reads so far)",
+                    url,
+                    failure,
+                    guard.state.poll_errors,
+                )
+                warned_at = started
+            elif failure is None and warned_at is not None:
+                log.info("SLO guard: reading %s again", url)
+                warned_at = None
             if allowance != current:
                 apply(allowance)
                 current = allowance

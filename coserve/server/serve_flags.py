@@ -1,0 +1,128 @@
+"""`coserve serve` flags that belong to one kind of server: which were given, and refusing
+one given to another kind (it would be accepted and do nothing)."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+
+class Given(argparse.Action):
+    """Store the value, and add the option to `namespace.given_flags` (a frozenset of
+    option strings, e.g. '--embed-sms'), so a flag given at its default still counts."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        given = getattr(namespace, "given_flags", frozenset())
+        namespace.given_flags = given | {self.option_strings[0]}
+
+
+@dataclass
+class KindGroup:
+    """An argument group whose flags are for `kinds` only: each records that it was given
+    (serve_flags.Given) and is listed in `table` (flag -> kinds)."""
+
+    group: Any
+    kinds: tuple[str, ...]
+    table: dict[str, tuple[str, ...]]
+
+    def add_argument(self, *names: str, **kw: Any) -> None:
+        self.group.add_argument(*names, action=Given, **kw)
+        self.table[names[0]] = self.kinds
+
+
+def misplaced(args: argparse.Namespace, flag_kinds: dict[str, tuple[str, ...]]) -> str | None:
+    """Why a flag given is meant for another kind of server than `args.kind`, or None."""
+    for flag in sorted(getattr(args, "given_flags", ())):
+        kinds = flag_kinds.get(flag)
+        if kinds and args.kind not in kinds:
+            return (
+                f"{flag} is for serve {' and serve '.join(kinds)}; serve {args.kind} would "
+                "ignore it"
+            )
+    return None
+
+
+def tokens_flag(args: argparse.Namespace) -> tuple[str, int, int | None] | None:
+    """(flag, tokens, max_model_len flag's value) of the embed engine's tokens per forward
+    when a flag set it (None otherwise: the default is raised to max_model_len quietly)."""
+    if args.kind == "colocated":
+        flag, tokens, mml = (
+            "--embed-max-num-batched-tokens",
+            args.embed_max_num_batched_tokens,
+            args.embed_max_model_len,
+        )
+    else:
+        flag = getattr(args, "tokens_flag", "--max-num-batched-tokens")
+        tokens, mml = args.max_num_batched_tokens, args.max_model_len
+    return (flag, tokens, mml) if flag in getattr(args, "given_flags", ()) else None
+
+
+def batched_tokens_problem(flag: str, tokens: int, max_model_len: int | None) -> str | None:
+    """Why `tokens` per embed forward cannot be used with inputs of up to `max_model_len`
+    tokens (None: unknown yet, or fine): a forward always takes a whole input."""
+    if max_model_len is not None and tokens < max_model_len:
+        return (
+            f"{flag}: {tokens} is less than max_model_len ({max_model_len}); the embed engine "
+            "takes a whole input per forward"
+        )
+    return None
+
+
+def http_url_problem(flag: str, url: str) -> str | None:
+    """Why `url` is not an http(s) URL with a host, or None."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+        parts.port  # noqa: B018 (raises ValueError on a port out of range or not a number)
+    except ValueError as e:
+        return f"{flag}: {url!r} is not a URL ({e})"
+    if parts.scheme not in ("http", "https") or not host:
+        return f"{flag}: {url!r} is not an http(s) URL with a host (e.g. http://127.0.0.1:8000)"
+    return None
+
+
+def positive_float(text: str) -> float:
+    v = float(text)
+    if not 0 < v < 1e9:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return v
+
+
+def percent(text: str) -> float:
+    v = float(text)
+    if not 0 <= v <= 1000:
+        raise argparse.ArgumentTypeError(f"must be a percentage in [0, 1000], got {text}")
+    return v
+
+
+def guard_config(args, max_model_len: int):
+    """The SLO guard's settings from the flags; None without --slo-guard-gen-url.
+    Raises ValueError naming the flag that is missing or misplaced."""
+    from coserve.server.slo_guard import GuardConfig
+
+    budget_given = args.gen_tpot_slo_ms is not None or args.gen_tpot_slo_pct is not None
+    if args.slo_guard_gen_url is None:
+        if budget_given:
+            raise ValueError("--gen-tpot-slo-ms/--gen-tpot-slo-pct need --slo-guard-gen-url")
+        return None
+    if args.kind != "embed":
+        raise ValueError("--slo-guard-gen-url: the guard throttles an embed server; serve embed")
+    bad_url = http_url_problem("--slo-guard-gen-url", args.slo_guard_gen_url)
+    if bad_url:
+        raise ValueError(bad_url)
+    if not budget_given:
+        raise ValueError(
+            "--slo-guard-gen-url needs a budget: --gen-tpot-slo-ms or --gen-tpot-slo-pct"
+        )
+    budget_s = args.gen_tpot_slo_ms / 1e3 if args.gen_tpot_slo_ms is not None else None
+    max_tokens = max(args.max_num_batched_tokens, max_model_len)
+    return GuardConfig(
+        budget_s=budget_s,
+        over_alone_pct=args.gen_tpot_slo_pct,
+        stat=args.slo_guard_stat,
+        max_tokens=max_tokens,
+        min_tokens=min(args.slo_guard_min_tokens, max_tokens),
+    )
