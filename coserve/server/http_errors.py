@@ -28,7 +28,12 @@ class _JsonErrorHandler(RequestHandler):
 
 class _JsonErrorServer(web.Server):
     def __call__(self) -> RequestHandler:
-        return _JsonErrorHandler(self, loop=self._loop, **self._kwargs)
+        # web.Server.__call__ builds RequestHandler(self, loop=self._loop, **self._kwargs) in
+        # every aiohttp 3.x; should that change, connections keep aiohttp's own handler.
+        try:
+            return _JsonErrorHandler(self, loop=self._loop, **self._kwargs)
+        except (AttributeError, TypeError):
+            return super().__call__()
 
 
 class JsonErrorRunner(web.AppRunner):
@@ -37,5 +42,6 @@ class JsonErrorRunner(web.AppRunner):
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()
         # The app builds its web.Server itself; only the per-connection handler differs.
-        server.__class__ = _JsonErrorServer
+        if type(server) is web.Server:
+            server.__class__ = _JsonErrorServer
         return server
