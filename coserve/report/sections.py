@@ -134,62 +134,23 @@ def per_rep_table(run: RunStats) -> Block | None:
     )
 
 
+def _percentile_table(title: str, conds: list, prefix: str) -> list[Block]:
+    """A heading and one row per condition: the metric's p50, p95, p99 and mean with CIs."""
+    stats = ("p50", "p95", "p99", "mean")
+    rows = [[c.name, *(with_ci(c.summary.get(f"{prefix}_{p}")) for p in stats)] for c in conds]
+    return [Block("h3", title), Block("table", headers=["Condition", *stats], rows=rows)]
+
+
 def latency_tables(run: RunStats) -> list[Block]:
     out = []
     gen = [c for c in run.matrix if "gen" in c.condition.servers and c.ok]
     if gen:
-        out.append(Block("h3", "Per-token decode latency (TPOT, ms)"))
-        out.append(
-            Block(
-                "table",
-                headers=["Condition", "p50", "p95", "p99", "mean"],
-                rows=[
-                    [
-                        c.name,
-                        *(
-                            with_ci(c.summary.get(f"tpot_{p}"))
-                            for p in ("p50", "p95", "p99", "mean")
-                        ),
-                    ]
-                    for c in gen
-                ],
-            )
-        )
-        out.append(Block("h3", "Time to first token (TTFT, ms)"))
-        out.append(
-            Block(
-                "table",
-                headers=["Condition", "p50", "p95", "p99", "mean"],
-                rows=[
-                    [
-                        c.name,
-                        *(
-                            with_ci(c.summary.get(f"ttft_{p}"))
-                            for p in ("p50", "p95", "p99", "mean")
-                        ),
-                    ]
-                    for c in gen
-                ],
-            )
-        )
+        out += _percentile_table("Per-token decode latency (TPOT, ms)", gen, "tpot")
+        out += _percentile_table("Time to first token (TTFT, ms)", gen, "ttft")
     emb = [c for c in run.matrix if "embed" in c.condition.servers and c.ok]
     if emb:
-        out.append(Block("h3", "Embed request latency (ms, one request = a batch)"))
-        out.append(
-            Block(
-                "table",
-                headers=["Condition", "p50", "p95", "p99", "mean"],
-                rows=[
-                    [
-                        c.name,
-                        *(
-                            with_ci(c.summary.get(f"embed_lat_{p}"))
-                            for p in ("p50", "p95", "p99", "mean")
-                        ),
-                    ]
-                    for c in emb
-                ],
-            )
+        out += _percentile_table(
+            "Embed request latency (ms, one request = a batch)", emb, "embed_lat"
         )
     if out:
         out.append(
