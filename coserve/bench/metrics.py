@@ -120,7 +120,8 @@ def _rate(result: BenchResult, ep: EndpointRun, window: float) -> dict:
         "kept_up": True,
         "warning": None,
     }
-    silent = nothing_answered(result, ep) or ep.stalled
+    # a stall that ended the run is its reason; the empty window only follows from it
+    silent = ep.stalled or nothing_answered(result, ep)
     if silent is None and result.measured_s > 0 and ep.sent and not _ended(result, ep, "ok"):
         silent = (
             f"no {ep.kind} request completed inside the window ({ep.sent} sent): its "
