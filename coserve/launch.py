@@ -191,10 +191,11 @@ def start_server(
     full_env.update(env)
     full_env.update(BASE_ENV)  # NCCL_NVLS_ENABLE=0 etc. for every process coserve starts
     full_env.setdefault("PYTHONUNBUFFERED", "1")
-    if spec.launcher == "builtin":
+    if spec.launcher == "builtin" or any("{python}" in a for a in spec.extra_args):
         # `-P` keeps the working folder off sys.path; the server must still import the very
         # package this process runs (a source tree used without installing, as on a lent GPU
-        # machine, is found only through this).
+        # machine, is found only through this). A command line that starts `{python}` is
+        # taken to run coserve too (`serve colocated` in experiments/co-scheduling.toml).
         root = str(Path(__file__).resolve().parent.parent)
         full_env["PYTHONPATH"] = os.pathsep.join(p for p in (root, full_env.get("PYTHONPATH")) if p)
     # Two servers computing on the same CPU cores: OpenMP's default spin-wait lets one

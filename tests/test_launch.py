@@ -374,3 +374,21 @@ HELLO = textwrap.dedent("""
         def log_message(self, *a): pass
     HTTPServer(("127.0.0.1", int(sys.argv[2])), H).serve_forever()
 """)
+
+
+def test_python_command_finds_the_package_that_started_it(tmp_path):
+    """A `{python} -P ...` command line gets the running package's root on PYTHONPATH, as the
+    built-in launcher does: on the GPU machine coserve runs from an uninstalled source tree
+    and `-P` hides the working folder (a co-located run failed with 'No module named coserve')."""
+    probe = "import os, sys; print('PYTHONPATH=' + os.environ.get('PYTHONPATH', ''), flush=True)\n"
+    args = ["{python}", "-P", "-c", probe + HELLO, "serve", "{port}"]
+    spec = ServerSpec(role="gen", launcher="command", extra_args=args)
+    log = tmp_path / "gen.log"
+    server = start_server(spec, {}, log, 30)
+    try:
+        root = str(Path(__file__).resolve().parents[1] / "coserve")
+        paths = next(x for x in log.read_text().splitlines() if x.startswith("PYTHONPATH="))
+        roots = [str(Path(p) / "coserve") for p in paths.split("=", 1)[1].split(os.pathsep) if p]
+        assert root in roots
+    finally:
+        server.stop()
