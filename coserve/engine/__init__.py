@@ -11,11 +11,14 @@ kernels/          plain-torch references, one per concept; GPU twins replace the
 kv_cache.py       paged KV cache tensor + block manager
 sequence.py       a generation request's state
 scheduler.py      continuous batching, chunked prefill, admission by blocks, preemption
+steps.py          a model step in host form (static buckets, varlen) and its host staging
 runner.py         batch -> model inputs (static-shape decode buckets) -> logits
+ranks.py          what every rank builds: model shard, KV cache, runner (gen); model (embed)
 sampler.py        greedy / temperature / top-p with per-request seeds
 memory.py         KV budget from gpu_memory_utilization (GPU) or bytes (CPU)
 gen_engine.py     GenEngine: add_request / step / abort / stats / generate
 embed_engine.py   EmbedEngine: dynamic batching of embedding requests
 parallel.py       tensor parallelism: this process's rank, weight windows, collectives
 tp_workers.py     the processes of ranks 1..N-1, started and stopped by rank 0's engine
+messages.py       typed messages: server front <-> engine core, rank 0 -> other ranks
 """
