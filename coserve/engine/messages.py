@@ -9,11 +9,15 @@ Two lines carry them, each one pickle per engine step:
   (`StaticStep`, `VarlenStep`, engine/step_inputs.py), an `EmbedForward`, a `Call`, or `Stop`.
 
 NamedTuples, not dataclasses, on the hot lines: a NamedTuple pickles as its class and a tuple
-(a dataclass carries its field names in every pickle)."""
+(a dataclass carries its field names in every pickle). A step's generation outputs cross as
+columns (`GenOutputs`), not a record per request: the pickler makes a Python call for every
+NamedTuple it writes, which at hundreds of requests per step would cost the engine core's
+step loop about a microsecond each; the front makes the per-request `GenOut`s."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -97,6 +101,24 @@ class GenOut(NamedTuple):
     logprobs: Any
 
 
+class GenOutputs(NamedTuple):
+    """One step's generation outputs, a column per field of `GenOut` (row i of every column
+    is one request's)."""
+
+    request_ids: list[str]
+    new_token_ids: list[list[int]]
+    finished: list[bool]
+    finish_reasons: list[str | None]
+    logprobs: list[Any]
+
+    def rows(self) -> Iterator[GenOut]:
+        return map(_gen_out, zip(*self, strict=True))
+
+
+# GenOut from a row tuple without a Python call per row (GenOut._make is one)
+_gen_out = functools.partial(tuple.__new__, GenOut)
+
+
 class EmbedOut(NamedTuple):
     request_id: str
     embeddings: np.ndarray  # [inputs, dim] float32, L2-normalised
@@ -119,7 +141,7 @@ class Step(NamedTuple):
     """One engine step: its outputs, the adds answered since the last one, the engine's
     stats (None between stats intervals) and the steps run so far."""
 
-    outputs: list[GenOut] | list[EmbedOut]
+    outputs: GenOutputs | list[EmbedOut]
     acks: list[Ack]
     stats: dict[str, float] | None
     steps: int

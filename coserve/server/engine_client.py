@@ -23,6 +23,7 @@ from coserve.engine.messages import (
     Allow,
     EmbedOut,
     Failed,
+    GenOutputs,
     NewEmbed,
     NewGen,
     Ready,
@@ -271,7 +272,8 @@ class EngineClient:
             if fut is not None and not fut.done():
                 fut.set_result(ack.error)
         streams = self._streams
-        for out in step.outputs:
+        outputs = step.outputs
+        for out in outputs.rows() if isinstance(outputs, GenOutputs) else outputs:
             stream = streams.get(out.request_id)
             if stream is None:
                 continue  # aborted meanwhile

@@ -5,7 +5,7 @@ One pipe (a socket pair) between the two; every message is one pickle of the typ
 of engine/messages.py, framed as multiprocessing.Connection frames them (the front reads them
 with asyncio). Per engine step, at most one message each way: front -> core a list of `Add`,
 `Abort`, `Allow`, `Stop`; core -> front `Ready` or `Failed` first, then a `Step` (its
-`GenOut`s or `EmbedOut`s, and `Ack`s of the adds) or `Dead`.
+`GenOutputs` or `EmbedOut`s, and `Ack`s of the adds) or `Dead`.
 
 The core ignores SIGTERM and SIGINT: a signal to the process group reaches it as well, and
 in-flight requests must go on during the front's drain. It stops on the front's `Stop`,
@@ -38,7 +38,7 @@ from coserve.engine.messages import (
     Dead,
     EmbedOut,
     Failed,
-    GenOut,
+    GenOutputs,
     Ready,
     Step,
     Stop,
@@ -65,17 +65,21 @@ def _send(conn, msg) -> None:
     conn.send_bytes(pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL))
 
 
-def _plain(out, logprobs: dict) -> GenOut | EmbedOut:
-    """An engine output as the record that crosses the pipe."""
-    embeddings = getattr(out, "embeddings", None)
-    if embeddings is not None:
-        return EmbedOut(out.request_id, np.asarray(embeddings, dtype=np.float32), out.prompt_tokens)
-    return GenOut(
-        out.request_id,
-        out.new_token_ids,
-        out.finished,
-        out.finish_reason,
-        logprobs.get(out.request_id) if logprobs else None,
+def _outputs(done: list, logprobs: dict) -> GenOutputs | list[EmbedOut]:
+    """A step's engine outputs as they cross the pipe ([] for none)."""
+    if not done:
+        return []
+    if getattr(done[0], "embeddings", None) is not None:
+        return [
+            EmbedOut(o.request_id, np.asarray(o.embeddings, dtype=np.float32), o.prompt_tokens)
+            for o in done
+        ]
+    return GenOutputs(
+        [o.request_id for o in done],
+        [o.new_token_ids for o in done],
+        [o.finished for o in done],
+        [o.finish_reason for o in done],
+        [logprobs.get(o.request_id) for o in done] if logprobs else [None] * len(done),
     )
 
 
@@ -257,7 +261,7 @@ def _loop(engine, conn) -> None:
             clock.add(t1, t1 - t0)
             pacing.last_step_end = t1
             logprobs = _take_logprobs(engine)
-            outputs = [_plain(o, logprobs) for o in done]
+            outputs = _outputs(done, logprobs)
             steps += 1
         now = time.monotonic()
         stats = None
