@@ -262,7 +262,7 @@ def test_fused_moe_tile_configs_agree(block_m):
 
 def _rank_moe(inter, fp8, shard):
     from coserve.engine.config import QuantConfig
-    from coserve.engine.layers import FusedMoEWeights
+    from coserve.engine.moe_weights import FusedMoEWeights
 
     m = FusedMoEWeights(
         8, 256, inter, quant=QuantConfig() if fp8 else None, dtype=DT, device=DEV, **shard

@@ -4,7 +4,9 @@ types.py          requests in, outputs out (the contract with the server)
 config.py         model configs as dataclasses, parsed from HF config.json
 presets.py        named models: qwen3-30b-a3b (FP8), qwen3-embedding-8b, tiny-*, all-minilm-l6-v2
 weights.py        HF safetensors (sharded, FP8 block-quantised) or random init -> LoadedModel
-layers.py         linear (plain | FP8 block), stacked experts, norms; loading and random init
+layers.py         linear (plain | FP8 block), norms; loading and random init
+moe_weights.py    stacked expert weights (plain | FP8 block)
+weight_windows.py the window of a full checkpoint tensor a tensor-parallel rank holds
 models/           qwen3.py (dense + MoE decoder, also the embedding model), bert.py
 attention.py      AttnMetadata + the layer that picks dense / paged-prefill / paged-decode
 kernels/          plain-torch references, one per concept; GPU twins replace them
