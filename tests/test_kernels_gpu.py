@@ -195,7 +195,7 @@ def test_topk_softmax_matches_reference():
 
 @pytest.mark.parametrize("block_m", [4, 16, 64])
 def test_moe_align_groups_pairs_by_expert(block_m):
-    from coserve.engine.kernels.triton.moe import moe_align
+    from coserve.engine.kernels.triton.moe_routing import moe_align
 
     g = gen(10)
     E, T, k = 16, 33, 3
