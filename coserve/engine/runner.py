@@ -147,11 +147,11 @@ class ModelRunner:
         if batch.is_decode or (
             not self.enforce_eager and sum(batch.num_new_tokens) <= self.static_tokens
         ):
-            step = replace(self._prepare_static(batch), greedy=greedy, feed=feed)
+            step = self._prepare_static(batch, greedy, feed)
         else:
             if feed is not None:
                 raise ValueError("feed needs a pure decode batch")
-            step = replace(self._prepare_varlen(batch), greedy=greedy)
+            step = self._prepare_varlen(batch, greedy)
         if self.broadcast is not None:
             if isinstance(step, StaticStep):
                 self.broadcast(replace(step, arrays=self._staged(step, batch)))
@@ -171,7 +171,7 @@ class ModelRunner:
             self._unstage(step)
         return self._static(step)
 
-    def _prepare_varlen(self, batch: ScheduledBatch) -> VarlenStep:
+    def _prepare_varlen(self, batch: ScheduledBatch, greedy: bool) -> VarlenStep:
         """Prompt chunks, after the batch's decodes if it has any (one token each, first):
         tokens packed in batch order."""
         bs = self.block_size
@@ -196,6 +196,7 @@ class ModelRunner:
             self._block_table_rows(batch.seqs, width, len(batch.seqs)),
             batch.num_decode,
             last,
+            greedy,
         )
 
     def _varlen(self, step: VarlenStep) -> torch.Tensor:
@@ -284,13 +285,15 @@ class ModelRunner:
         )
         return b["input_ids"][:rows], b["positions"][:rows], meta
 
-    def _prepare_static(self, batch: ScheduledBatch) -> StaticStep:
+    def _prepare_static(
+        self, batch: ScheduledBatch, greedy: bool, feed: np.ndarray | None
+    ) -> StaticStep:
         n = sum(batch.num_new_tokens)
         if self.enforce_eager:
             rows, width = n, max(len(s.block_table) for s in batch.seqs)
         else:
             rows, width = self.bucket_for(n), self.max_blocks_per_seq
-        return StaticStep(rows, width, n, self._stage(batch, rows, width))
+        return StaticStep(rows, width, n, self._stage(batch, rows, width), greedy, feed)
 
     def _staged(self, step: StaticStep, batch: ScheduledBatch) -> dict[str, np.ndarray]:
         used = min(step.width, max(len(s.block_table) for s in batch.seqs))
