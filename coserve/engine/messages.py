@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterator
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
 from coserve.engine.types import SamplingParams
+
+if TYPE_CHECKING:  # steps.py imports torch, which the HTTP front never loads
+    from coserve.engine.steps import StaticStep, VarlenStep
 
 # -- front -> engine core ---------------------------------------------------------------------
 
@@ -169,3 +172,11 @@ class Call(NamedTuple):
 
     fn: Callable
     args: tuple = ()
+
+
+class Sent(NamedTuple):
+    """What crosses a rank's pipe: a message and when rank 0 sent it (time.monotonic(), for
+    the worker's send-to-receive lag counters)."""
+
+    at: float
+    msg: StaticStep | VarlenStep | EmbedForward | Call | Stop

@@ -35,7 +35,7 @@ import torch
 import torch.multiprocessing as mp
 
 from coserve.engine import parallel
-from coserve.engine.messages import Call, Stop
+from coserve.engine.messages import Call, Sent, Stop
 from coserve.engine.nccl_env import NO_MULTICAST_ENV
 from coserve.engine.types import EngineArgs
 
@@ -76,7 +76,7 @@ class Workers:
         threading.Thread(target=self._watch, name="coserve-tp-watch", daemon=True).start()
 
     def send(self, msg) -> None:
-        data = pickle.dumps((time.monotonic(), msg), protocol=pickle.HIGHEST_PROTOCOL)
+        data = pickle.dumps(Sent(time.monotonic(), msg), protocol=pickle.HIGHEST_PROTOCOL)
         try:
             for c in self.conns:
                 c.send_bytes(data)
@@ -150,7 +150,7 @@ class Workers:
         self._stopped = True
         for c in self.conns:
             try:
-                c.send_bytes(pickle.dumps((time.monotonic(), Stop())))
+                c.send_bytes(pickle.dumps(Sent(time.monotonic(), Stop())))
                 c.close()
             except OSError:
                 pass  # that worker is gone already
@@ -288,17 +288,17 @@ def _messages(conn: Connection, counters, slot: int) -> Iterator:
     while True:
         t0 = time.monotonic()
         try:
-            sent, msg = pickle.loads(conn.recv_bytes())
+            got: Sent = pickle.loads(conn.recv_bytes())
         except (EOFError, OSError):
             return
-        if isinstance(msg, Stop):
+        if isinstance(got.msg, Stop):
             return
         now = time.monotonic()
         c[base + _STEPS] += 1
         c[base + _WAIT_S] += now - t0
-        c[base + _LAG_S] += now - sent
-        c[base + _LAG_MAX_S] = max(c[base + _LAG_MAX_S], now - sent)
-        yield msg
+        c[base + _LAG_S] += now - got.at
+        c[base + _LAG_MAX_S] = max(c[base + _LAG_MAX_S], now - got.at)
+        yield got.msg
 
 
 def _worker_main(
