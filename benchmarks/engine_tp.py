@@ -52,7 +52,7 @@ from tp_probes import (  # noqa: E402
 )
 
 from coserve.engine.gen_engine import GenEngine  # noqa: E402
-from coserve.engine.tp_workers import Call  # noqa: E402
+from coserve.engine.messages import Call  # noqa: E402
 from coserve.engine.types import EngineArgs  # noqa: E402
 
 

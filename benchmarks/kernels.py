@@ -262,7 +262,7 @@ def bench_moe(tk) -> None:
     logits = torch.randn(T, E, generator=g, device=DEV).to(torch.bfloat16)
     wts, ids = tk.topk_softmax(logits, k, True)
     bm = cfg["BLOCK_M"]
-    sorted_ids, expert_ids, npp = tmoe.moe_align(ids, E, bm)
+    sorted_ids, expert_ids, npp = tk.moe_align(ids, E, bm)
     a1, a1s = tk.per_token_group_quant_fp8(x)
     inter_q = torch.empty(T * k, inter, device=DEV, dtype=torch.float8_e4m3fn)
     inter_s = torch.empty(T * k, inter // 128, device=DEV, dtype=torch.float32)
@@ -270,7 +270,7 @@ def bench_moe(tk) -> None:
     topw = wts.reshape(-1)
     stages = {
         "topk_softmax": lambda: tk.topk_softmax(logits, k, True),
-        "moe_align": lambda: tmoe.moe_align(ids, E, bm),
+        "moe_align": lambda: tk.moe_align(ids, E, bm),
         "quant A (1x128)": lambda: tk.per_token_group_quant_fp8(x),
         "GEMM1 gate|up + silu*up + quant": lambda: tmoe._launch_gemm(
             a1,

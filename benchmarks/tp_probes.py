@@ -1,7 +1,7 @@
 """What benchmarks/engine_tp.py measures inside a (tensor-parallel) engine, on every rank:
 CUDA events around each step, rank 0's host time by phase, the torch profiler's kernels by
 class with the GPU's busy and idle time, and the collectives at decode sizes. Functions a
-worker runs are module-level, sent as `tp_workers.Call` messages (each answers by writing a
+worker runs are module-level, sent as `messages.Call` messages (each answers by writing a
 JSON file that rank 0 reads)."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 from engine_gen import ClosedLoop, classify
 
 from coserve.engine import parallel
-from coserve.engine.tp_workers import Call
+from coserve.engine.messages import Call
 
 
 # ----------------------------------------------------------------------------- per-step timing

@@ -246,13 +246,13 @@ def test_embed_limits(embedder):
 
 
 def test_bfloat16_with_fp8_weights_kept_runs_like_the_gpu_path(monkeypatch):
-    import coserve.engine.gen_engine as ge
+    import coserve.engine.ranks as ranks
     from coserve.engine.weights import load_model
 
     def keep_fp8(*a, **kw):
         return load_model(*a, **kw, keep_fp8=True)
 
-    monkeypatch.setattr(ge, "load_model", keep_fp8)
+    monkeypatch.setattr(ranks, "load_model", keep_fp8)
     e = _engine("tiny-moe", dtype="bfloat16", max_num_seqs=4)
     assert e.model.model.layers[0].mlp.experts.w13.dtype == torch.float8_e4m3fn
     assert e.kv_bytes_per_token == 2 * 2 * 2 * 64 * 2

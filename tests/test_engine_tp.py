@@ -14,7 +14,8 @@ from coserve.engine.config import QuantConfig
 from coserve.engine.embed_engine import EmbedEngine
 from coserve.engine.gen_engine import GenEngine
 from coserve.engine.kernels.fp8 import FP8_DTYPE, block_dequant
-from coserve.engine.layers import FusedMoEWeights, Linear
+from coserve.engine.layers import Linear
+from coserve.engine.moe_weights import FusedMoEWeights
 from coserve.engine.types import EngineArgs, SamplingParams
 
 

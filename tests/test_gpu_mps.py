@@ -1,5 +1,5 @@
 """coserve's own MPS control daemon, driven through a stand-in `nvidia-cuda-mps-control`
-(coserve.gpu.fakes) that speaks the same commands: start, get_server_list, tear-down on normal
+(coserve.gpu.fake_mps) that speaks the same commands: start, get_server_list, tear-down on normal
 exit, on an exception (a model server that crashed), on SIGTERM and Ctrl-C; foreign daemons
 refused and left alone. The real daemon is exercised by tests/test_gpu_device.py on a GPU."""
 
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from coserve.gpu import mps
-from coserve.gpu.fakes import install_fake_mps_control
+from coserve.gpu.fake_mps import install_fake_mps_control
 from coserve.gpu.strategies import StrategyError, make_strategy
 from coserve.launch import ServerFailed
 from coserve.procs import pid_alive

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from coserve.gpu.fakes import FakeNvml, fake_gpu, install_fake_mps_control
+from coserve.gpu.fake_mps import install_fake_mps_control
+from coserve.gpu.fakes import FakeNvml, fake_gpu
 from coserve.gpu.strategies import BASE_ENV, StrategyError, make_strategy
 
 

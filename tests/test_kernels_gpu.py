@@ -195,7 +195,7 @@ def test_topk_softmax_matches_reference():
 
 @pytest.mark.parametrize("block_m", [4, 16, 64])
 def test_moe_align_groups_pairs_by_expert(block_m):
-    from coserve.engine.kernels.triton.moe import moe_align
+    from coserve.engine.kernels.triton.moe_routing import moe_align
 
     g = gen(10)
     E, T, k = 16, 33, 3
@@ -262,7 +262,7 @@ def test_fused_moe_tile_configs_agree(block_m):
 
 def _rank_moe(inter, fp8, shard):
     from coserve.engine.config import QuantConfig
-    from coserve.engine.layers import FusedMoEWeights
+    from coserve.engine.moe_weights import FusedMoEWeights
 
     m = FusedMoEWeights(
         8, 256, inter, quant=QuantConfig() if fp8 else None, dtype=DT, device=DEV, **shard

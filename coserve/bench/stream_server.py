@@ -13,7 +13,8 @@ Run it in its own process so that its event loop does not share a core with the 
 or from Python (tests, benchmarks): ``with spawn(ttft_ms=50, itl_ms=10) as srv: srv.url``.
 
 It also answers `/v1/chat/completions` the same way (a role chunk, then one `delta.content`
-chunk per token). Modules: stream_core.py (the answers), stream_http.py (the protocol).
+chunk per token). Modules: stream_config.py (what it answers), stream_core.py (the answers),
+stream_http.py (the protocol).
 
 It speaks just enough HTTP/1.1 (keep-alive, Content-Length bodies, chunked SSE answers) on
 a bare asyncio protocol: an aiohttp server tops out at a few tens of thousands of SSE
@@ -37,7 +38,8 @@ import sys
 import time
 from dataclasses import asdict, fields
 
-from coserve.bench.stream_core import StreamServer, StreamServerConfig
+from coserve.bench.stream_config import StreamServerConfig
+from coserve.bench.stream_core import StreamServer
 from coserve.bench.stream_http import new_event_loop
 
 __all__ = ["StreamServerConfig", "StreamServer", "spawn", "SpawnedServer", "main"]

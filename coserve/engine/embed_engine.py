@@ -4,9 +4,10 @@ from the front of the queue (several requests at once) into one forward pass of 
 (mean, or last token as Qwen3-Embedding) and L2-normalises them. A request is answered when
 all its inputs are done.
 
-With `tensor_parallel_size` N > 1 this engine is rank 0: it starts ranks 1..N-1, sends each
-batch's token ids to them before its own forward pass, and pools (the final hidden states
-are the same on every rank). `shutdown()` stops them."""
+With `tensor_parallel_size` N > 1 this engine is rank 0: it starts ranks 1..N-1 (each only an
+`EmbedRank`, engine/ranks.py), sends each batch's token ids to them before its own forward
+pass, and pools (the final hidden states are the same on every rank). `shutdown()` stops
+them."""
 
 from __future__ import annotations
 
@@ -19,13 +20,10 @@ import torch
 import torch.nn.functional as F
 
 from coserve.engine import tp_workers
-from coserve.engine.attention import AttnMetadata
-from coserve.engine.config import BertConfig
-from coserve.engine.gen_engine import _device
-from coserve.engine.memory import GiB, GpuBudget
+from coserve.engine.messages import EmbedForward
+from coserve.engine.ranks import EmbedRank, resolve_device
 from coserve.engine.tokenizer import token_ids
 from coserve.engine.types import EmbedOutput, EngineArgs
-from coserve.engine.weights import load_model
 
 log = logging.getLogger("coserve.engine")
 
@@ -60,34 +58,20 @@ def pool(hidden: torch.Tensor, lens: list[int], how: str) -> torch.Tensor:
 class EmbedEngine(tp_workers.LeadsRanks):
     def __init__(self, args: EngineArgs) -> None:
         self.args = args
-        device = _device(args.device)
-        self._start_leading("embed", args, device, lambda: self._start(args, device))
+        device = resolve_device(args.device)
+        build = EmbedRank.build
+        self._start_leading(build, args, device, lambda: self._start(build(args, device)))
 
-    def _start(self, args: EngineArgs, device: torch.device) -> None:
-        budget = GpuBudget(device, args.gpu_memory_utilization) if device.type == "cuda" else None
-        if budget is not None:
-            budget.start()
-        lm = load_model(
-            args.model,
-            task="embed",
-            random_weights=args.random_weights,
-            device=str(device),
-            dtype=args.dtype,
-            max_model_len=args.max_model_len,
-            seed=args.seed,
-        )
-        if budget is not None and lm.weight_bytes > budget.requested:
-            raise ValueError(
-                f"weights take {lm.weight_bytes / GiB:.2f} GiB, more than the "
-                f"{budget.requested / GiB:.2f} GiB gpu_memory_utilization allows"
-            )
-        self.lm, self.model, self.device = lm, lm.model, device
+    def _start(self, rank: EmbedRank) -> None:
+        args, lm = self.args, rank.lm
+        self.rank = rank
+        self.lm, self.model, self.device = lm, lm.model, rank.device
         self.model_name = args.model
         self.max_model_len = lm.max_model_len
         self.tokenizer = lm.tokenizer
         self.dim = lm.config.hidden_size
         self.vocab_size = lm.config.vocab_size
-        self.causal = not isinstance(lm.config, BertConfig)
+        self.causal = rank.causal
         self.pooling = lm.pooling
         self.max_num_batched_tokens = max(args.max_num_batched_tokens, self.max_model_len)
         self._queue: deque[_EmbedRequest] = deque()
@@ -154,21 +138,8 @@ class EmbedEngine(tp_workers.LeadsRanks):
     def embed_batch(self, inputs: list[list[int]]) -> torch.Tensor:
         """One forward pass over `inputs` -> [len(inputs), dim] float32, normalised."""
         if self.workers is not None:
-            self.workers.send(inputs)
-        return pool(self._forward(inputs), [len(x) for x in inputs], self.pooling)
-
-    def _forward(self, inputs: list[list[int]]) -> torch.Tensor:
-        lens = [len(x) for x in inputs]
-        ids = torch.tensor([t for x in inputs for t in x], dtype=torch.int64, device=self.device)
-        pos = torch.cat([torch.arange(n, dtype=torch.int64) for n in lens]).to(self.device)
-        return self.model(ids, pos, AttnMetadata.dense(lens, causal=self.causal))
-
-    def worker_step(self, inputs: list[list[int]]) -> None:
-        """Ranks 1..N-1: the forward pass of the batch rank 0 sent."""
-        with torch.inference_mode():
-            self._forward(inputs)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+            self.workers.send(EmbedForward(inputs))
+        return pool(self.rank.forward(inputs), [len(x) for x in inputs], self.pooling)
 
     def step(self) -> list[EmbedOutput]:
         """Raises WorkerDied when a tensor-parallel rank is gone."""

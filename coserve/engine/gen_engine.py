@@ -7,11 +7,13 @@
 
 or offline: `engine.generate([[1, 2, 3], "text"], SamplingParams(max_tokens=16))`.
 
-With `tensor_parallel_size` N > 1 this engine is rank 0: it starts ranks 1..N-1 (each an
-engine of its own, driven through `worker_step`) and `shutdown()` stops them."""
+With `tensor_parallel_size` N > 1 this engine is rank 0: it starts ranks 1..N-1 (each only a
+`GenRank`, engine/ranks.py, running the steps this one's runner broadcasts) and `shutdown()`
+stops them."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -19,18 +21,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from coserve.engine import parallel, tp_workers
-from coserve.engine.attention import AttnMetadata
-from coserve.engine.kernels.sampling import sample
-from coserve.engine.kv_cache import BlockManager, allocate_kv_cache, usable_blocks
-from coserve.engine.memory import GiB, GpuBudget
-from coserve.engine.runner import ModelRunner
+from coserve.engine import tp_workers
+from coserve.engine.kv_cache import BlockManager
+from coserve.engine.memory import GiB
+from coserve.engine.ranks import BLOCK_SIZE, GenRank, resolve_device
 from coserve.engine.sampler import Sampler
 from coserve.engine.scheduler import ScheduledBatch, Scheduler
 from coserve.engine.sequence import SeqStatus, Sequence
 from coserve.engine.tokenizer import token_ids
 from coserve.engine.types import EngineArgs, RequestOutput, SamplingParams
-from coserve.engine.weights import load_model
 
 log = logging.getLogger("coserve.engine")
 
@@ -63,89 +62,45 @@ class GenerationResult:
     text: str | None = None
 
 
-def _device(name: str) -> torch.device:
-    dev = torch.device(name)
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", torch.cuda.current_device())
-    return dev
-
-
 class GenEngine(tp_workers.LeadsRanks):
-    def __init__(self, args: EngineArgs, *, block_size: int = 16) -> None:
+    def __init__(self, args: EngineArgs, *, block_size: int = BLOCK_SIZE) -> None:
         if args.max_num_seqs < 1 or args.max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
         self.args = args
-        device = _device(args.device)
-        self._start_leading("gen", args, device, lambda: self._start(args, device, block_size))
+        device = resolve_device(args.device)
+        build = functools.partial(GenRank.build, block_size=block_size)
+        self._start_leading(build, args, device, lambda: self._start(build(args, device)))
 
-    def _start(self, args: EngineArgs, device: torch.device, block_size: int) -> None:
-        budget = GpuBudget(device, args.gpu_memory_utilization) if device.type == "cuda" else None
-        if budget is not None:
-            budget.start()
-        lm = load_model(
-            args.model,
-            task="generate",
-            random_weights=args.random_weights,
-            device=str(device),
-            dtype=args.dtype,
-            max_model_len=args.max_model_len,
-            seed=args.seed,
-        )
+    def _start(self, rank: GenRank) -> None:
+        args, lm, runner = self.args, rank.lm, rank.runner
+        self.rank = rank
         self.lm, self.model, self.config = lm, lm.model, lm.config
-        self.device = device
+        self.device = rank.device
         self.model_name = args.model
         self.max_model_len = lm.max_model_len
         self.tokenizer = lm.tokenizer
         self.vocab_size = self.config.vocab_size
         self.eos_token_ids: set[int] = set(self.config.eos_token_ids)
-        self.block_size = block_size
-
-        kv_bytes = budget.kv_bytes(self._profile) if budget else args.cpu_kv_cache_bytes
-        kv_bytes = parallel.min_over_ranks(kv_bytes, device)  # every rank holds the same blocks
-        c = self.config
-        elsize = torch.empty((), dtype=lm.dtype).element_size()
-        kv_heads = parallel.kv_head_split(c.num_heads, c.num_kv_heads)[1]
-        # this rank's share: its kv heads
-        self.kv_bytes_per_token = 2 * c.num_layers * kv_heads * c.head_dim * elsize
-        num_blocks = usable_blocks(kv_bytes, self.kv_bytes_per_token, block_size)
-        self.kv_capacity_tokens = max(0, num_blocks) * block_size
-        if self.kv_capacity_tokens < self.max_model_len:
-            raise ValueError(
-                f"the KV cache holds {self.kv_capacity_tokens} tokens "
-                f"({kv_bytes / GiB:.3f} GiB at {self.kv_bytes_per_token} B/token), fewer than "
-                f"max_model_len {self.max_model_len}: raise the memory budget "
-                "(gpu_memory_utilization / cpu_kv_cache_bytes) or lower max_model_len"
-            )
-        kv = allocate_kv_cache(
-            c.num_layers, num_blocks, block_size, kv_heads, c.head_dim, lm.dtype, device
-        )
-        self.blocks = BlockManager(num_blocks, block_size)
-        self.runner = ModelRunner(
-            self.model,
-            kv,
-            self.blocks,
-            max_num_seqs=args.max_num_seqs,
-            max_model_len=self.max_model_len,
-            enforce_eager=args.enforce_eager,
-            max_num_batched_tokens=args.max_num_batched_tokens,
-        )
-        self.runner.capture_graphs()
+        self.block_size = rank.block_size
+        self.kv_bytes_per_token = rank.kv_bytes_per_token
+        self.kv_capacity_tokens = rank.kv_capacity_tokens
+        self.blocks = BlockManager(rank.num_blocks, rank.block_size)
+        self.runner = runner
         if self.workers is not None:
-            self.runner.broadcast = self.workers.send
+            runner.broadcast = self.workers.send
         self.scheduler = Scheduler(
             self.blocks,
             args.max_num_seqs,
             args.max_num_batched_tokens,
-            max_tokens_with_decodes=None if args.enforce_eager else self.runner.static_tokens,
+            max_tokens_with_decodes=None if args.enforce_eager else runner.static_tokens,
         )
-        self.sampler = Sampler(device, args.seed)
+        self.sampler = Sampler(self.device, args.seed)
         self._seqs: dict[str, Sequence] = {}
         self.async_scheduling = args.async_scheduling
         self._inflight: _InFlight | None = None
-        pin = device.type == "cuda"
+        pin = self.device.type == "cuda"
         self._host_tokens = [
-            torch.zeros(self.runner.static_tokens, dtype=torch.int64, pin_memory=pin)
-            for _ in range(2)
+            torch.zeros(runner.static_tokens, dtype=torch.int64, pin_memory=pin) for _ in range(2)
         ]
         self._host_tokens_at = 0
         self._prompt_tokens_total = 0
@@ -153,25 +108,19 @@ class GenEngine(tp_workers.LeadsRanks):
         log.info(
             "KV cache: %d blocks x %d = %d tokens (%.3f GiB, %d B/token); "
             "max_model_len %d, max_num_seqs %d, TP %d, %s",
-            num_blocks,
-            block_size,
+            rank.num_blocks,
+            rank.block_size,
             self.kv_capacity_tokens,
-            kv.numel() * elsize / GiB,
+            (rank.num_blocks + 1) * rank.block_size * rank.kv_bytes_per_token / GiB,
             self.kv_bytes_per_token,
             self.max_model_len,
             args.max_num_seqs,
             args.tensor_parallel_size,
             "eager"
             if args.enforce_eager
-            else f"static buckets {self.runner.all_buckets}"
-            + (" (CUDA graphs)" if self.runner.graphs else ""),
+            else f"static buckets {runner.all_buckets}"
+            + (" (CUDA graphs)" if runner.graphs else ""),
         )
-
-    # -- tensor parallelism -------------------------------------------------------------------
-    def worker_step(self, step) -> None:
-        """Ranks 1..N-1: run the step rank 0 sent (its logits are rank 0's to sample). Not
-        waited for: the runner's staging waits for its own copies before reusing a buffer."""
-        self.runner.execute(step)
 
     def shutdown(self) -> None:
         """Tensor parallel: drop the CUDA graphs (which hold the communicators' collectives)
@@ -183,24 +132,6 @@ class GenEngine(tp_workers.LeadsRanks):
             runner.graphs.clear()
             runner.graph_outputs.clear()
         super().shutdown()
-
-    # -- start-up ---------------------------------------------------------------------------
-    @torch.inference_mode()
-    def _profile(self) -> None:
-        """A forward pass at the largest prefill batch, plus logits and sampling for the
-        largest decode batch, so the memory budget sees their peak."""
-        n = min(self.args.max_num_batched_tokens, self.args.max_num_seqs * self.max_model_len)
-        lens = [self.max_model_len] * (n // self.max_model_len) + (
-            [n % self.max_model_len] if n % self.max_model_len else []
-        )
-        ids = torch.randint(0, self.vocab_size, (n,), device=self.device)
-        pos = torch.cat([torch.arange(k, device=self.device) for k in lens])
-        hidden = self.model(ids, pos, AttnMetadata.dense(lens, causal=True))
-        rows = min(self.args.max_num_seqs, n)
-        logits = self.model.compute_logits(hidden[:rows])
-        ones = torch.ones(rows, device=self.device)
-        sample(logits, ones, ones * 0.9, [None] * rows, None)
-        del hidden, logits
 
     # -- requests ---------------------------------------------------------------------------
     def add_request(

@@ -5,6 +5,7 @@ and no sequence ever owns it."""
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
 
 import torch
@@ -44,10 +45,16 @@ def allocate_kv_cache(
 
 
 class BlockManager:
+    """The only writer of sequences' block tables. A table only grows (`grow`) until `free`
+    ends it; each table gets a key of its own (`Sequence.block_table_key`, never reused), so
+    that a reader may keep what it copied of a table by its key and length (the runner's
+    host staging, engine/steps.py)."""
+
     def __init__(self, num_blocks: int, block_size: int) -> None:
         self.num_blocks, self.block_size = num_blocks, block_size
         self.null_block = num_blocks
         self._free: deque[int] = deque(range(num_blocks))
+        self._keys = itertools.count(1)
 
     @property
     def num_free(self) -> int:
@@ -68,11 +75,11 @@ class BlockManager:
         n = self.blocks_to_hold(seq, num_tokens)
         if n > self.num_free:
             raise RuntimeError("out of KV blocks (the scheduler should have checked)")
+        if not seq.block_table_key:
+            seq.block_table_key = next(self._keys)
         seq.block_table.extend(self._free.popleft() for _ in range(n))
 
     def free(self, seq: Sequence) -> None:
         self._free.extend(seq.block_table)
         seq.block_table = []
-
-    def slot(self, seq: Sequence, pos: int) -> int:
-        return seq.block_table[pos // self.block_size] * self.block_size + pos % self.block_size
+        seq.block_table_key = 0

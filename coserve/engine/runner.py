@@ -19,8 +19,9 @@ prompts through the prefill attention reference (SDPA), eager. `enforce_eager` a
 the padding of decode steps (exact batch, trimmed tables) and the graphs.
 
 Tensor parallel: a step is prepared on the host as a `StaticStep` or `VarlenStep` (host ints
-only), which rank 0 hands to `broadcast` before it runs; the other ranks run the same step
-through `execute`, so every rank launches the same kernels and collectives."""
+only, engine/steps.py), which rank 0 hands to `broadcast` before it runs; the other ranks are
+only runners (engine/ranks.py) and run the same step through `execute`, so every rank
+launches the same kernels and collectives."""
 
 from __future__ import annotations
 
@@ -28,63 +29,26 @@ import bisect
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import numpy as np
 import torch
 
 from coserve.engine.attention import AttnMetadata
 from coserve.engine.kernels import ops
-from coserve.engine.kv_cache import BlockManager, cdiv
+from coserve.engine.kv_cache import cdiv
 from coserve.engine.scheduler import ScheduledBatch
+from coserve.engine.steps import (
+    UNKNOWN_TABLE,
+    HostStage,
+    StaticStep,
+    VarlenStep,
+    decode_buckets,
+    mixed_buckets,
+    static_token_capacity,
+)
 
 log = logging.getLogger("coserve.engine")
-
-
-def decode_buckets(max_num_seqs: int) -> list[int]:
-    sizes = [b for b in (1, 2, 4, 8) if b < max_num_seqs]
-    sizes += list(range(16, max_num_seqs, 16))
-    return sizes + [max_num_seqs]
-
-
-def static_token_capacity(max_num_seqs: int, max_num_batched_tokens: int) -> int:
-    """Rows of the largest static bucket: a full decode batch plus as many prompt tokens
-    (at most 512), so that a step which admits a few short prompts stays on the graph path."""
-    extra = min(max(max_num_seqs, 16), 512)
-    return max(max_num_seqs, min(max_num_batched_tokens, max_num_seqs + extra))
-
-
-def mixed_buckets(max_num_seqs: int, capacity: int) -> list[int]:
-    sizes = list(range(max_num_seqs + 32, capacity, 32))
-    return sizes + [capacity] if capacity > max_num_seqs else []
-
-
-@dataclass
-class StaticStep:
-    rows: int  # the bucket (or, eager, the exact token count)
-    width: int  # block-table columns the kernels see
-    n: int  # real tokens; rows n..rows-1 are padding
-    sampling: list[int] | None  # rows that sample; None: rows 0..n-1 (a pure decode)
-    # the staged host rows, for ranks that did not stage them (block tables: the columns
-    # in use; the rest are the null block)
-    arrays: dict[str, np.ndarray] | None = None
-    greedy: bool = False  # return greedy token ids [sampling rows], not logits
-    # input ids of rows 0..len(feed)-1 come from the previous greedy step's tokens on the
-    # device (rows `feed` of them): that step's tokens need not reach the host first
-    feed: np.ndarray | None = None
-
-
-@dataclass
-class VarlenStep:
-    ids: list[int]
-    positions: list[int]
-    slots: list[int]
-    query_lens: list[int]
-    context_lens: list[int]
-    block_tables: np.ndarray  # [sequences, width] int32
-    num_decode: int
-    last: list[int]  # token rows that sample
-    greedy: bool = False
 
 
 _DECODE_INPUTS = {
@@ -100,8 +64,8 @@ class ModelRunner:
         self,
         model,
         kv_cache: torch.Tensor,
-        blocks: BlockManager,
         *,
+        block_size: int,
         max_num_seqs: int,
         max_model_len: int,
         enforce_eager: bool,
@@ -109,8 +73,9 @@ class ModelRunner:
     ) -> None:
         self.model = model
         self.device = kv_cache.device
-        self.blocks = blocks
-        self.block_size = blocks.block_size
+        self.block_size = block_size
+        # the cache's last block, which no sequence owns: padded rows read and write there
+        self.null_block = kv_cache.shape[2] - 1
         self.enforce_eager = enforce_eager
         for i, attn in enumerate(model.attention_layers()):
             attn.k_cache, attn.v_cache = kv_cache[0, i], kv_cache[1, i]
@@ -128,7 +93,7 @@ class ModelRunner:
         # host staging for the per-step copies, page-locked on CUDA so they run
         # asynchronously; two sets used in turn, so that a step is staged while the one
         # before may still be copying (each set waits for its own last copies to finish)
-        self._stages = [_HostStage(self.buf, blocks.null_block, self.device) for _ in range(2)]
+        self._stages = [HostStage(self.buf, self.null_block, self.device) for _ in range(2)]
         self._stage_at = 0
         self.last_tokens: torch.Tensor | None = None  # the last greedy static step's tokens
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
@@ -143,7 +108,7 @@ class ModelRunner:
         """The host rows of the set staged last."""
         return self._stages[self._stage_at].np
 
-    def _next_stage(self) -> _HostStage:
+    def _next_stage(self) -> HostStage:
         self._stage_at ^= 1
         stage = self._stages[self._stage_at]
         stage.wait()
@@ -165,7 +130,7 @@ class ModelRunner:
 
     def _block_table_rows(self, seqs, width: int, rows: int) -> np.ndarray:
         """[rows, width] int32: each sequence's blocks, then the null block."""
-        table = np.full((rows, width), self.blocks.null_block, dtype=np.int32)
+        table = np.full((rows, width), self.null_block, dtype=np.int32)
         for i, s in enumerate(seqs):
             table[i, : len(s.block_table)] = s.block_table
         return table
@@ -182,13 +147,11 @@ class ModelRunner:
         if batch.is_decode or (
             not self.enforce_eager and sum(batch.num_new_tokens) <= self.static_tokens
         ):
-            step = self._prepare_static(batch)
-            step.greedy, step.feed = greedy, feed
+            step = self._prepare_static(batch, greedy, feed)
         else:
             if feed is not None:
                 raise ValueError("feed needs a pure decode batch")
-            step = self._prepare_varlen(batch)
-            step.greedy = greedy
+            step = self._prepare_varlen(batch, greedy)
         if self.broadcast is not None:
             if isinstance(step, StaticStep):
                 self.broadcast(replace(step, arrays=self._staged(step, batch)))
@@ -208,15 +171,17 @@ class ModelRunner:
             self._unstage(step)
         return self._static(step)
 
-    def _prepare_varlen(self, batch: ScheduledBatch) -> VarlenStep:
+    def _prepare_varlen(self, batch: ScheduledBatch, greedy: bool) -> VarlenStep:
         """Prompt chunks, after the batch's decodes if it has any (one token each, first):
         tokens packed in batch order."""
+        bs = self.block_size
         ids, pos, slots, query_lens, ctx_lens, last = [], [], [], [], [], []
         for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens, strict=True)):
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
             ids += seq.token_ids[start:end]
             pos += range(start, end)
-            slots += [self.blocks.slot(seq, p) for p in range(start, end)]
+            bt = seq.block_table
+            slots += [bt[p // bs] * bs + p % bs for p in range(start, end)]
             query_lens.append(n)
             ctx_lens.append(end)
             if batch.samples(i):
@@ -231,6 +196,7 @@ class ModelRunner:
             self._block_table_rows(batch.seqs, width, len(batch.seqs)),
             batch.num_decode,
             last,
+            greedy,
         )
 
     def _varlen(self, step: VarlenStep) -> torch.Tensor:
@@ -267,25 +233,11 @@ class ModelRunner:
         return self.all_buckets[bisect.bisect_left(self.all_buckets, n)]
 
     # -- static shapes (decode, and steps with a few short prompts) --------------------------
-    def _table_row(self, stage: _HostStage, i: int, bt: list[int] | None) -> None:
-        table = stage.np["block_tables"]
-        copied, written = stage.row_state[i]
-        n = len(bt) if bt is not None else 0
-        if copied is bt and written == n:
-            return
-        if copied is bt and written < n:
-            table[i, written:n] = bt[written:]
-        else:
-            table[i, :n] = bt or ()
-            if written > n:
-                table[i, n:written] = self.blocks.null_block
-        stage.row_state[i] = (bt, n)
-
     def _stage(self, batch: ScheduledBatch, rows: int, width: int) -> list[int] | None:
         """Write one row per new token of `batch` (padded to `rows`) into the device buffers.
         Returns the rows of the tokens that sample, None for a pure decode (rows 0..n-1)."""
         bs = self.block_size
-        null = self.blocks.null_block
+        null = self.null_block
         stage = self._next_stage()
         h = stage.np
         if batch.is_decode:
@@ -308,9 +260,9 @@ class ModelRunner:
             h["context_lens"][: len(pos)] = pos
             h["context_lens"][: len(pos)] += 1
         for i, seq in enumerate(owners):
-            self._table_row(stage, i, seq.block_table)
+            stage.table_row(i, seq.block_table_key, seq.block_table)
         for i in range(len(owners), rows):
-            self._table_row(stage, i, None)
+            stage.table_row(i, 0, ())
         n = len(pos)
         h["positions"][:n] = pos
         h["slot_mapping"][:n] = [
@@ -333,13 +285,15 @@ class ModelRunner:
         )
         return b["input_ids"][:rows], b["positions"][:rows], meta
 
-    def _prepare_static(self, batch: ScheduledBatch) -> StaticStep:
+    def _prepare_static(
+        self, batch: ScheduledBatch, greedy: bool, feed: np.ndarray | None
+    ) -> StaticStep:
         n = sum(batch.num_new_tokens)
         if self.enforce_eager:
             rows, width = n, max(len(s.block_table) for s in batch.seqs)
         else:
             rows, width = self.bucket_for(n), self.max_blocks_per_seq
-        return StaticStep(rows, width, n, self._stage(batch, rows, width))
+        return StaticStep(rows, width, n, self._stage(batch, rows, width), greedy, feed)
 
     def _staged(self, step: StaticStep, batch: ScheduledBatch) -> dict[str, np.ndarray]:
         used = min(step.width, max(len(s.block_table) for s in batch.seqs))
@@ -359,13 +313,13 @@ class ModelRunner:
             if name == "block_tables":
                 used = a.shape[1]
                 h[name][:rows, :used] = a
-                h[name][:rows, used : step.width] = self.blocks.null_block
+                h[name][:rows, used : step.width] = self.null_block
             else:
                 h[name][:rows] = a
-        stage.row_state[:rows] = [(None, step.width)] * rows  # rewritten in full
+        stage.row_state[:rows] = [(UNKNOWN_TABLE, step.width)] * rows
         self._copy_staged(stage, rows, step.width)
 
-    def _copy_staged(self, stage: _HostStage, rows: int, width: int) -> None:
+    def _copy_staged(self, stage: HostStage, rows: int, width: int) -> None:
         for name, buf in self.buf.items():
             if name == "block_tables":
                 buf[:rows, :width].copy_(stage.host[name][:rows, :width], non_blocking=True)
@@ -435,37 +389,3 @@ class ModelRunner:
             time.perf_counter() - t0,
             torch.cuda.memory_reserved(self.device) / 2**30,
         )
-
-
-class _HostStage:
-    """One set of host rows for the per-step copies (page-locked on CUDA), with what each
-    block-table row holds, (the block-table list it copies, entries copied): a row is
-    rewritten only where this changes (another sequence moves in, or its sequence gains a
-    block; lists only grow, and a freed sequence gets a new list)."""
-
-    def __init__(
-        self, bufs: dict[str, torch.Tensor], null_block: int, device: torch.device
-    ) -> None:
-        pin = device.type == "cuda"
-        self.host = {
-            name: torch.zeros(t.shape, dtype=t.dtype, pin_memory=pin) for name, t in bufs.items()
-        }
-        self.np = {name: t.numpy() for name, t in self.host.items()}
-        self.np["block_tables"].fill(null_block)
-        self.row_state: list[tuple[list[int] | None, int]] = [(None, 0)] * bufs["input_ids"].shape[
-            0
-        ]
-        self.event = torch.cuda.Event() if pin else None
-        self._pending = False
-
-    def copied(self) -> None:
-        """The copies out of this set are queued: mark where they end."""
-        if self.event is not None:
-            self.event.record()
-            self._pending = True
-
-    def wait(self) -> None:
-        """Until the last copies out of this set have run (it is about to be rewritten)."""
-        if self._pending:
-            self.event.synchronize()
-            self._pending = False

@@ -27,6 +27,8 @@ class Sequence:
     status: SeqStatus = SeqStatus.WAITING
     num_computed_tokens: int = 0  # tokens whose k/v are in the cache
     block_table: list[int] = field(default_factory=list)
+    # names this block table while it only grows (kv_cache.BlockManager); 0: none yet
+    block_table_key: int = 0
     finish_reason: str | None = None
     prompt_counted: bool = False
     # asks for top_k, min_tokens or logprobs: the sampler's slower per-row path

@@ -1,13 +1,14 @@
 """The processes of ranks 1..N-1 of a tensor-parallel engine.
 
 Rank 0 is the engine the server (or the offline benchmark) drives. Building it spawns the
-other ranks, each of which builds the same engine on its own device (its shard of every
-weight, its kv heads' share of the cache, the same CUDA graphs), then runs whatever rank 0
-sends: each step's inputs as host-side ints, pickled once and written to one pipe per worker,
-before rank 0 runs the same forward. The collectives inside the forward keep the ranks in
-step; only rank 0 samples. A worker does not wait for its step to end before it reads the
-next one: rank 0 may run one step ahead (async scheduling), and the worker's GPU queue then
-holds the next step before the current one ends, as rank 0's does.
+other ranks, each of which builds only the model side of the engine on its own device
+(engine/ranks.py: its shard of every weight, its kv heads' share of the cache, the same CUDA
+graphs), then runs whatever rank 0 sends (engine/messages.py): each step's inputs as host-side
+ints, pickled once and written to one pipe per worker, before rank 0 runs the same forward.
+The collectives inside the forward keep the ranks in step; only rank 0 samples. A worker
+does not wait for its step to end before it reads the next one: rank 0 may run one step
+ahead (async scheduling), and the worker's GPU queue then holds the next step before the
+current one ends, as rank 0's does.
 
 A worker ends when rank 0 says so (`Workers.stop`, also run at exit), when its pipe closes,
 or when rank 0 is gone (it checks its parent every second, which also frees a worker stuck
@@ -27,13 +28,14 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from multiprocessing.connection import Connection, wait
 
 import torch
 import torch.multiprocessing as mp
 
 from coserve.engine import parallel
+from coserve.engine.messages import Call, Sent, Stop
 from coserve.engine.nccl_env import NO_MULTICAST_ENV
 from coserve.engine.types import EngineArgs
 
@@ -47,15 +49,6 @@ _STEPS, _WAIT_S, _LAG_S, _LAG_MAX_S = range(4)
 
 class WorkerDied(RuntimeError):
     """A rank of this tensor-parallel engine is gone; the engine cannot step any more."""
-
-
-@dataclass
-class Call:
-    """A message that runs `fn(engine, *args)` on every worker (diagnostics: profilers,
-    collective benchmarks); `fn` must be importable (module-level)."""
-
-    fn: Callable
-    args: tuple = ()
 
 
 def rank_device(device: torch.device, rank: int) -> torch.device:
@@ -83,7 +76,7 @@ class Workers:
         threading.Thread(target=self._watch, name="coserve-tp-watch", daemon=True).start()
 
     def send(self, msg) -> None:
-        data = pickle.dumps((time.monotonic(), msg), protocol=pickle.HIGHEST_PROTOCOL)
+        data = pickle.dumps(Sent(time.monotonic(), msg), protocol=pickle.HIGHEST_PROTOCOL)
         try:
             for c in self.conns:
                 c.send_bytes(data)
@@ -157,7 +150,7 @@ class Workers:
         self._stopped = True
         for c in self.conns:
             try:
-                c.send_bytes(pickle.dumps((time.monotonic(), None)))
+                c.send_bytes(pickle.dumps(Sent(time.monotonic(), Stop())))
                 c.close()
             except OSError:
                 pass  # that worker is gone already
@@ -171,16 +164,15 @@ class Workers:
         parallel.destroy()
 
 
-def launch(kind: str, args: EngineArgs, device: torch.device) -> Workers | None:
-    """On rank 0 of a TP engine: spawn ranks 1..N-1 and join the group with them. None when
-    this engine is not tensor parallel, or is itself a worker."""
+def launch(build_rank: Callable, args: EngineArgs, device: torch.device) -> Workers | None:
+    """On rank 0 of a TP engine: spawn ranks 1..N-1, each of which builds its rank with
+    `build_rank(args, device)` (module-level, so that it pickles: `GenRank.build`,
+    `EmbedRank.build`), and join the group with them. None when this engine is not tensor
+    parallel."""
     n = args.tensor_parallel_size
     if n < 1:
         raise ValueError(f"tensor_parallel_size must be >= 1, got {n}")
-    here = parallel.state()
-    if here.rank > 0:
-        return None  # a worker's engine: its rank 0 started it
-    if here.size > 1:
+    if parallel.state().size > 1:
         raise ValueError(
             "this process already runs a tensor-parallel engine (one per process: "
             "the ranks' state is process-wide)"
@@ -208,7 +200,7 @@ def launch(kind: str, args: EngineArgs, device: torch.device) -> Workers | None:
             target=_worker_main,
             name=f"coserve-tp-rank{rank}",
             daemon=True,
-            args=(kind, wargs, rank, init_method, recv, os.getpid(), counters),
+            args=(build_rank, wargs, rank, init_method, recv, os.getpid(), counters),
         )
         p.start()
         recv.close()
@@ -242,8 +234,10 @@ class LeadsRanks:
 
     workers: Workers | None = None
 
-    def _start_leading(self, kind: str, args: EngineArgs, device: torch.device, start) -> None:
-        self.workers = launch(kind, args, device)
+    def _start_leading(
+        self, build_rank: Callable, args: EngineArgs, device: torch.device, start
+    ) -> None:
+        self.workers = launch(build_rank, args, device)
         try:
             with self._ranks_step():  # the start-up runs collectives too
                 start()
@@ -294,21 +288,21 @@ def _messages(conn: Connection, counters, slot: int) -> Iterator:
     while True:
         t0 = time.monotonic()
         try:
-            sent, msg = pickle.loads(conn.recv_bytes())
+            got: Sent = pickle.loads(conn.recv_bytes())
         except (EOFError, OSError):
             return
-        if msg is None:  # stop
+        if isinstance(got.msg, Stop):
             return
         now = time.monotonic()
         c[base + _STEPS] += 1
         c[base + _WAIT_S] += now - t0
-        c[base + _LAG_S] += now - sent
-        c[base + _LAG_MAX_S] = max(c[base + _LAG_MAX_S], now - sent)
-        yield msg
+        c[base + _LAG_S] += now - got.at
+        c[base + _LAG_MAX_S] = max(c[base + _LAG_MAX_S], now - got.at)
+        yield got.msg
 
 
 def _worker_main(
-    kind: str,
+    build_rank: Callable,
     args: EngineArgs,
     rank: int,
     init_method: str,
@@ -333,19 +327,12 @@ def _worker_main(
         args.tp_all_reduce,
         args.enable_expert_parallel,
     )
-    if kind == "gen":
-        from coserve.engine.gen_engine import GenEngine
-
-        engine = GenEngine(args)
-    else:
-        from coserve.engine.embed_engine import EmbedEngine
-
-        engine = EmbedEngine(args)
+    here = build_rank(args, device)
     for msg in _messages(conn, counters, rank - 1):
         if isinstance(msg, Call):
-            msg.fn(engine, *msg.args)
+            msg.fn(here, *msg.args)
         else:
-            engine.worker_step(msg)
+            here.run(msg)
     # leave at once: no collective on the way out (rank 0 may be gone or elsewhere), and
     # nothing here needs Python's teardown (CUDA graphs, communicators)
     logging.shutdown()

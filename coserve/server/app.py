@@ -23,6 +23,7 @@ import numpy as np
 from aiohttp import web
 
 from coserve import __version__
+from coserve.engine.messages import NewEmbed
 from coserve.server.body import MAX_BODY_BYTES, json_response, read_request
 from coserve.server.engine_client import EngineClient, RequestStream
 from coserve.server.errors import ApiError, outcome_for_status, quote
@@ -169,23 +170,23 @@ class OpenAIServer:
         )
         rid = f"embd-{uuid.uuid4().hex}"
         stream = RequestStream()
-        await self.engine.add([(rid, req.inputs)], stream, "input")
+        await self.engine.add([NewEmbed(rid, req.inputs)], stream, "input")
         try:
-            ((_, vectors, prompt_tokens),) = await stream.next_batch()
+            (out,) = await stream.next_batch()
         except BaseException:
             self.engine.abort([rid])
             raise
         self.metrics.embedded_inputs += len(req.inputs)
         if req.encoding_format == "base64":
-            little = np.asarray(vectors, dtype="<f4")
+            little = np.asarray(out.embeddings, dtype="<f4")
             rows = [f'"{base64.b64encode(v.tobytes()).decode()}"' for v in little]
         else:
-            rows = float32_rows_json(vectors)
+            rows = float32_rows_json(out.embeddings)
         # The vectors are JSON already; only the envelope goes through json.dumps.
         data = ",".join(
             f'{{"object":"embedding","index":{i},"embedding":{row}}}' for i, row in enumerate(rows)
         )
-        prompt_tokens = prompt_tokens or sum(len(ids) for ids in req.inputs)
+        prompt_tokens = out.prompt_tokens or sum(len(ids) for ids in req.inputs)
         head = json.dumps(
             {"id": rid, "object": "list", "created": int(time.time()), "model": req.model},
             separators=(",", ":"),

@@ -28,6 +28,7 @@ import signal
 import sys
 import threading
 
+from coserve.engine.messages import Failed
 from coserve.server import engine_core
 from coserve.server.engine_client import EngineClient, EngineStartError, _reap
 
@@ -107,7 +108,7 @@ def core(
     engine_core.start_process(log_level)
     engines = {}
 
-    def fail(message: tuple) -> None:
+    def fail(message: Failed) -> None:
         for conn in conns.values():
             engine_core._send(conn, message)
         for e in engines.values():
@@ -116,15 +117,15 @@ def core(
     for role in ROLES:
         engine, failed = engine_core.build(factories[role])
         if failed is not None:
-            return fail((failed[0], f"{role}: {failed[1]}", failed[2]))
+            return fail(failed._replace(message=f"{role}: {failed.message}"))
         engines[role] = engine
     try:
         streams = _streams(engines, embed_sms)
     except ValueError as e:
-        return fail(("failed", str(e), 2))
+        return fail(Failed(str(e), 2))
     except RuntimeError as e:  # the driver refused the stream or the green context
         log.exception("colocated: no streams")
-        return fail(("failed", f"colocated: cannot make the CUDA streams: {e}", 1))
+        return fail(Failed(f"colocated: cannot make the CUDA streams: {e}", 1))
     try:
         for role in ROLES:
             engine_core._send(conns[role], engine_core.ready(engines[role]))
@@ -170,9 +171,9 @@ def start_engines(
                 raise EngineStartError(
                     f"the engine process exited with code {proc.exitcode} while loading", 1
                 ) from None
-            if msg[0] == "failed":
-                raise EngineStartError(msg[1], msg[2])
-            infos[role] = msg[1]
+            if isinstance(msg, Failed):
+                raise EngineStartError(msg.message, msg.exit_code)
+            infos[role] = msg
     except BaseException:
         for ours, _ in pipes.values():
             ours.close()

@@ -11,49 +11,23 @@ import dataclasses
 import functools
 import logging
 import os
-import re
 import signal
 import sys
 import threading
 
-from coserve.server.fields import CHARS_PER_TOKEN_BOUND, RequestLimits
+from coserve.server.fields import RequestLimits
 from coserve.server.serve_flags import (
     Given,
-    KindGroup,
     batched_tokens_problem,
+    fraction,
     guard_config,
     misplaced,
-    percent,
-    positive_float,
+    parse_bytes,
+    positive_int,
+    seconds,
     tokens_flag,
 )
-
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
-
-
-def parse_bytes(text: str) -> int:
-    """'268435456', '256M', '256MiB', '1.5G' -> bytes (powers of 1024)."""
-    m = _SIZE.match(text)
-    if not m:
-        raise argparse.ArgumentTypeError(
-            f"not a size in bytes: {text!r} (e.g. 268435456, 256M, 2G)"
-        )
-    unit = (m.group(2) or "b")[0].lower()
-    return int(float(m.group(1)) * 1024 ** "bkmgt".index(unit))
-
-
-def _fraction(text: str) -> float:
-    v = float(text)
-    if not 0.0 < v <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
-    return v
-
-
-def _positive(text: str) -> int:
-    v = int(text)
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return v
+from coserve.server.serve_groups import add_flag_groups
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -99,7 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--gpu-memory-utilization",
         metavar="F",
-        type=_fraction,
+        type=fraction,
         default=0.9,
         help="fraction of the whole GPU this process may use, as in vLLM",
     )
@@ -113,14 +87,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-model-len",
         metavar="N",
-        type=_positive,
+        type=positive_int,
         default=None,
         help="longest prompt + completion in tokens",
     )
     parser.add_argument(
         "--max-num-seqs",
         metavar="N",
-        type=_positive,
+        type=positive_int,
         default=256,
         help="most sequences in one batch",
     )
@@ -128,7 +102,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-num-batched-tokens",
         action=Given,
         metavar="N",
-        type=_positive,
+        type=positive_int,
         default=8192,
         help="most tokens in one step (prefill chunk / embedding batch)",
     )
@@ -141,7 +115,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tensor-parallel-size",
         metavar="N",
-        type=_positive,
+        type=positive_int,
         default=1,
         help="ranks (one process and one GPU each, from --device on) the model is split across",
     )
@@ -178,7 +152,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--shutdown-timeout",
-        type=_seconds,
+        type=seconds,
         default=5.0,
         metavar="S",
         help="on SIGTERM, seconds in-flight requests get to finish before they are aborted",
@@ -190,153 +164,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         help="least severe log message written to stderr",
     )
-    kinds: dict[str, tuple[str, ...]] = {}  # flag -> the kinds it is for (others refuse it)
-    parser.set_defaults(flag_kinds=kinds, given_flags=frozenset())
-    co = KindGroup(
-        parser.add_argument_group(
-            "colocated: the embed engine beside gen in one process (gen decodes on a "
-            "high-priority CUDA stream, embed on a low one); the flags above are gen's"
-        ),
-        ("colocated",),
-        kinds,
-    )
-    co.add_argument(
-        "--embed-model", metavar="PRESET_OR_DIR", default=None, help="the embedding model"
-    )
-    co.add_argument(
-        "--embed-port",
-        metavar="N",
-        type=int,
-        default=8001,
-        help="the embed endpoint's port (0 picks a free one)",
-    )
-    co.add_argument(
-        "--embed-gpu-memory-utilization",
-        metavar="F",
-        type=_fraction,
-        default=0.3,
-        help="the embed engine's fraction of the GPU",
-    )
-    co.add_argument(
-        "--embed-max-model-len",
-        metavar="N",
-        type=_positive,
-        default=None,
-        help="the embed engine's longest input",
-    )
-    co.add_argument(
-        "--embed-max-num-seqs",
-        metavar="N",
-        type=_positive,
-        default=256,
-        help="inputs in one embed forward",
-    )
-    co.add_argument(
-        "--embed-sms",
-        metavar="M",
-        type=_positive,
-        default=None,
-        help="confine embed to a CUDA green context of M SMs (gen keeps all; needs torch with "
-        "green contexts)",
-    )
-    co.add_argument(
-        "--embed-max-num-batched-tokens",
-        metavar="N",
-        type=_positive,
-        default=8192,
-        help="tokens in one embed forward",
-    )
-    guard = KindGroup(
-        parser.add_argument_group(
-            "SLO guard (embed only): throttle embed forwards to hold a gen server's step time"
-        ),
-        ("embed",),
-        kinds,
-    )
-    guard.add_argument(
-        "--slo-guard-gen-url",
-        metavar="URL",
-        default=None,
-        help="the gen server whose /metrics the guard reads",
-    )
-    slo = KindGroup(guard.group.add_mutually_exclusive_group(), ("embed",), kinds)
-    slo.add_argument(
-        "--gen-tpot-slo-ms",
-        metavar="MS",
-        type=positive_float,
-        default=None,
-        help="budget of gen's step time (--slo-guard-stat), in ms",
-    )
-    slo.add_argument(
-        "--gen-tpot-slo-pct",
-        metavar="P",
-        type=percent,
-        default=None,
-        help="budget: gen alone's step time (measured when gen first gets busy, embed held) plus P "
-        "%%",
-    )
-    guard.add_argument(
-        "--slo-guard-stat",
-        choices=["mean", "p99"],
-        default="mean",
-        help="gen's step time over 0.5 s the guard holds: mean (a request's TPOT is a mean of step "
-        "times) or p99 (default %(default)s)",
-    )
-    guard.add_argument(
-        "--slo-guard-min-tokens",
-        metavar="N",
-        type=_positive,
-        default=512,
-        help="fewest tokens per embed forward the guard cuts to before it pauses between forwards "
-        "(default %(default)s)",
-    )
-    guard.add_argument(
-        "--slo-guard-interval-ms",
-        metavar="MS",
-        type=positive_float,
-        default=50.0,
-        help="how often the guard reads gen's /metrics (default %(default)s)",
-    )
-    limits = parser.add_argument_group(
-        "limits on one request (checked before any work; a request over one gets a 4xx)"
-    )
-    limits.add_argument(
-        "--max-embed-inputs",
-        metavar="N",
-        type=_positive,
-        default=RequestLimits.max_embed_inputs,
-        help="inputs in one /v1/embeddings request (default %(default)s, OpenAI's limit)",
-    )
-    limits.add_argument(
-        "--max-gen-choices",
-        metavar="N",
-        type=_positive,
-        default=RequestLimits.max_gen_choices,
-        help="sequences one completion/chat request may start, prompts x n (default %(default)s, "
-        "vLLM's default max_num_seqs)",
-    )
-    limits.add_argument(
-        "--max-request-bytes",
-        metavar="BYTES",
-        type=parse_bytes,
-        default=RequestLimits.max_body_bytes,
-        help="size of one request body (default 64M); larger ones get 413",
-    )
-    limits.add_argument(
-        "--max-prompt-chars",
-        metavar="N",
-        type=_positive,
-        default=None,
-        help=f"characters of one text prompt or input, checked before tokenising (default: "
-        f"{CHARS_PER_TOKEN_BOUND} x max_model_len)",
-    )
-
-
-def _seconds(text: str) -> float:
-    v = float(text)
-    if not 0 <= v < 1e6:
-        raise argparse.ArgumentTypeError(f"must be a number of seconds in [0, 1e6), got {text}")
-    return v
+    add_flag_groups(parser)
 
 
 def _device(name: str) -> str:

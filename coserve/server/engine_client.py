@@ -17,6 +17,19 @@ import socket
 import struct
 import time
 
+from coserve.engine.messages import (
+    Abort,
+    Add,
+    Allow,
+    EmbedOut,
+    Failed,
+    GenOutputs,
+    NewEmbed,
+    NewGen,
+    Ready,
+    Step,
+    Stop,
+)
 from coserve.server import engine_core
 from coserve.server.errors import Aborted, ApiError
 
@@ -91,8 +104,8 @@ def start_engine(factory, log_level: str = "INFO") -> EngineClient:
             raise EngineStartError(
                 f"the engine process exited with code {proc.exitcode} while loading", 1
             ) from None
-        if msg[0] == "failed":
-            raise EngineStartError(msg[1], msg[2])
+        if isinstance(msg, Failed):
+            raise EngineStartError(msg.message, msg.exit_code)
     except EngineStartError:  # the core said why and is on its way out
         ours.close()
         _reap(proc)
@@ -101,7 +114,7 @@ def start_engine(factory, log_level: str = "INFO") -> EngineClient:
         ours.close()
         _reap(proc, 0)
         raise
-    return EngineClient(proc, ours, msg[1])
+    return EngineClient(proc, ours, msg)
 
 
 def _reap(proc, timeout_s: float = 5.0) -> None:
@@ -112,15 +125,15 @@ def _reap(proc, timeout_s: float = 5.0) -> None:
 
 
 class EngineClient:
-    def __init__(self, proc, conn, info: dict):
+    def __init__(self, proc, conn, ready: Ready):
         self._proc = proc
         self._conn = conn
-        self.model_name: str = info["model_name"]
-        self.max_model_len: int = info["max_model_len"]
-        self.dim: int | None = info["dim"]
-        self.tokenizer = info["tokenizer"]
-        self.eos_token_ids: tuple[int, ...] = info.get("eos_token_ids", ())
-        self.stats: dict = info["stats"]  # latest snapshot from the core
+        self.model_name = ready.model_name
+        self.max_model_len = ready.max_model_len
+        self.dim = ready.dim
+        self.tokenizer = ready.tokenizer
+        self.eos_token_ids = ready.eos_token_ids
+        self.stats = ready.stats  # latest snapshot from the core
         self.steps = 0
         self.error: str | None = None
         self.dead = asyncio.Event()
@@ -147,11 +160,11 @@ class EngineClient:
         """Ask the core to finish its step and exit; True when it has (else it is killed)."""
         self._stopping = True
         if self._writer is not None and not self._writer.is_closing():
-            self._outbox.append(("stop",))
+            self._outbox.append(Stop())
             self._flush()
         elif self._writer is None:  # never attached: no event-loop writer to send it with
             try:
-                self._conn.send_bytes(pickle.dumps([("stop",)]))
+                self._conn.send_bytes(pickle.dumps([Stop()]))
             except OSError:
                 pass
         deadline = time.monotonic() + timeout_s
@@ -168,21 +181,24 @@ class EngineClient:
 
     # ---- requests ------------------------------------------------------------------------
     async def add(
-        self, requests: list[tuple], stream: RequestStream, param: str | None = None
+        self,
+        requests: list[NewGen] | list[NewEmbed],
+        stream: RequestStream,
+        param: str | None = None,
     ) -> None:
-        """Add engine requests `(request_id, *add_request_args)` as one unit: all or none.
+        """Add engine requests as one unit: all or none.
         The engine's ValueError (input it cannot serve, e.g. a token id out of the
         vocabulary) becomes a 400 naming `param`, the request field the input came from."""
         if not self.alive:
             raise ApiError("the engine is not running", status=503)
         for r in requests:
-            self._streams[r[0]] = stream
+            self._streams[r.request_id] = stream
         add_id = self._next_add
         self._next_add += 1
         done = asyncio.get_running_loop().create_future()
         self._adding[add_id] = done
-        self._send(("add", add_id, requests))
-        ids = [r[0] for r in requests]
+        self._send(Add(add_id, requests))
+        ids = [r.request_id for r in requests]
         try:
             err = await done
         except asyncio.CancelledError:  # client gone: the add may still land, so abort after it
@@ -192,22 +208,21 @@ class EngineClient:
             self._adding.pop(add_id, None)
         if err is not None:
             self.abort(ids)
-            kind, message = err
-            if kind == "value":
-                raise ApiError(message, param=param)
-            raise ApiError(f"the engine could not take the request: {message}", status=500)
+            if err.kind == "value":
+                raise ApiError(err.message, param=param)
+            raise ApiError(f"the engine could not take the request: {err.message}", status=500)
 
     def abort(self, request_ids) -> None:
         ids = list(request_ids)
         for rid in ids:
             self._streams.pop(rid, None)
         if ids and self.alive:
-            self._send(("abort", ids))
+            self._send(Abort(ids))
 
     def allow(self, allowance) -> None:
         """Hand the SLO guard's Allowance (slo_guard.py) to the embed engine core."""
         if self.alive:
-            self._send(("allow", allowance.tokens_per_forward, allowance.pause_s, allowance.hold))
+            self._send(Allow(allowance.tokens_per_forward, allowance.pause_s, allowance.hold))
 
     def abort_all(self, error: ApiError | None = None) -> int:
         """End every request in flight (server shutting down); returns how many streams."""
@@ -218,7 +233,7 @@ class EngineClient:
         return len(streams)
 
     # ---- the pipe ------------------------------------------------------------------------
-    def _send(self, cmd: tuple) -> None:
+    def _send(self, cmd: Add | Abort | Allow) -> None:
         if not self._outbox:
             asyncio.get_running_loop().call_soon(self._flush)
         self._outbox.append(cmd)
@@ -237,32 +252,33 @@ class EngineClient:
                 if n == -1:
                     n = struct.unpack("!Q", await reader.readexactly(8))[0]
                 msg = pickle.loads(await reader.readexactly(n))
-                if msg[0] == "step":
-                    self._on_step(msg[1], msg[2], msg[3], msg[4])
+                if isinstance(msg, Step):
+                    self._on_step(msg)
                 else:
-                    self._on_death(f"the engine failed: {msg[1]}")
+                    self._on_death(f"the engine failed: {msg.message}")
                     return
         except (asyncio.IncompleteReadError, ConnectionError):
             if not self._stopping:
                 self._proc.join(1)
                 self._on_death(f"the engine process exited (code {self._proc.exitcode})")
 
-    def _on_step(self, outputs: list, acks: list, stats: dict | None, steps: int) -> None:
-        self.steps = steps
-        if stats is not None:
-            self.stats = stats
+    def _on_step(self, step: Step) -> None:
+        self.steps = step.steps
+        if step.stats is not None:
+            self.stats = step.stats
         adding = self._adding
-        for add_id, err in acks:
-            fut = adding.get(add_id)
+        for ack in step.acks:
+            fut = adding.get(ack.add_id)
             if fut is not None and not fut.done():
-                fut.set_result(err)
+                fut.set_result(ack.error)
         streams = self._streams
-        for out in outputs:
-            stream = streams.get(out[0])
+        outputs = step.outputs
+        for out in outputs.rows() if isinstance(outputs, GenOutputs) else outputs:
+            stream = streams.get(out.request_id)
             if stream is None:
                 continue  # aborted meanwhile
-            if len(out) == 3 or out[2]:  # an embedding, or a finished completion
-                del streams[out[0]]
+            if isinstance(out, EmbedOut) or out.finished:
+                del streams[out.request_id]
             stream.push(out)
 
     def _on_death(self, message: str) -> None:

@@ -1,27 +1,19 @@
 """The engine in a process of its own (vLLM's "engine core"), so the HTTP front's Python never
 holds the GIL the engine's step loop needs, and the other way round.
 
-One pipe (a socket pair) between the two; every message is a pickle of plain tuples, lists
-and numpy arrays, framed as multiprocessing.Connection frames them (the front reads them
-with asyncio). Per engine step, at most one message each way:
-
-front -> core  [("add", add_id, [(request_id, *add_request_args), ...]), ("abort", [ids]),
-                ("allow", tokens_per_forward, pause_s, hold), ("stop",)]
-core -> front  ("ready", info) | ("failed", message, exit_code) first, then
-               ("step", outputs, acks, stats | None, steps) | ("dead", message)
-
-gen outputs are (request_id, new_token_ids, finished, finish_reason, logprobs | None), the
-logprobs as the engine's Sampler.take_logprobs gives them (only for requests that ask);
-embed outputs are (request_id, float32 array, prompt_tokens). acks are
-(add_id, None | (error_kind, message)).
+One pipe (a socket pair) between the two; every message is one pickle of the typed records
+of engine/messages.py, framed as multiprocessing.Connection frames them (the front reads them
+with asyncio). Per engine step, at most one message each way: front -> core a list of `Add`,
+`Abort`, `Allow`, `Stop`; core -> front `Ready` or `Failed` first, then a `Step` (its
+`GenOutputs` or `EmbedOut`s, and `Ack`s of the adds) or `Dead`.
 
 The core ignores SIGTERM and SIGINT: a signal to the process group reaches it as well, and
-in-flight requests must go on during the front's drain. It stops on the front's "stop",
+in-flight requests must go on during the front's drain. It stops on the front's `Stop`,
 when the pipe reaches EOF (the front is gone) or, at the latest, by PR_SET_PDEATHSIG.
 
 Every step is timed here (wall clock around `engine.step()`, which returns host data and so
 waits for the GPU); the stats carry the mean and p99 of the last STEP_WINDOW_S of step times, which
-the SLO guard of an embed server beside this one reads (slo_guard.py). "allow" is that
+the SLO guard of an embed server beside this one reads (slo_guard.py). `Allow` is that
 guard's allowance for an embed engine: tokens per forward, a pause between forwards, or a
 hold; waiting requests only wait."""
 
@@ -36,6 +28,21 @@ import time
 from collections import deque
 
 import numpy as np
+
+from coserve.engine.messages import (
+    Abort,
+    Ack,
+    Add,
+    AddError,
+    Allow,
+    Dead,
+    EmbedOut,
+    Failed,
+    GenOutputs,
+    Ready,
+    Step,
+    Stop,
+)
 
 log = logging.getLogger("coserve.server")
 
@@ -58,17 +65,21 @@ def _send(conn, msg) -> None:
     conn.send_bytes(pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL))
 
 
-def _plain(out, logprobs: dict):
-    """An engine output as the tuple that crosses the pipe."""
-    embeddings = getattr(out, "embeddings", None)
-    if embeddings is not None:
-        return (out.request_id, np.asarray(embeddings, dtype=np.float32), out.prompt_tokens)
-    return (
-        out.request_id,
-        out.new_token_ids,
-        out.finished,
-        out.finish_reason,
-        logprobs.get(out.request_id) if logprobs else None,
+def _outputs(done: list, logprobs: dict) -> GenOutputs | list[EmbedOut]:
+    """A step's engine outputs as they cross the pipe ([] for none)."""
+    if not done:
+        return []
+    if getattr(done[0], "embeddings", None) is not None:
+        return [
+            EmbedOut(o.request_id, np.asarray(o.embeddings, dtype=np.float32), o.prompt_tokens)
+            for o in done
+        ]
+    return GenOutputs(
+        [o.request_id for o in done],
+        [o.new_token_ids for o in done],
+        [o.finished for o in done],
+        [o.finish_reason for o in done],
+        [logprobs.get(o.request_id) for o in done] if logprobs else [None] * len(done),
     )
 
 
@@ -80,8 +91,8 @@ def _take_logprobs(engine) -> dict:
     return take() if take is not None else {}
 
 
-def _error(e: BaseException) -> tuple[str, str]:
-    return (
+def _error(e: BaseException) -> AddError:
+    return AddError(
         "value" if isinstance(e, ValueError) else "other",
         str(e) if isinstance(e, ValueError) else repr(e),
     )
@@ -98,29 +109,26 @@ def start_process(log_level: str) -> None:
     )
 
 
-def build(factory) -> tuple[object | None, tuple | None]:
-    """(engine, None), or (None, the "failed" message for the front)."""
+def build(factory) -> tuple[object | None, Failed | None]:
+    """(engine, None), or (None, the message that tells the front why not)."""
     try:
         return factory(), None
     except (ValueError, FileNotFoundError) as e:  # a bad model name or directory: the user's to fix
-        return None, ("failed", str(e), 2)
+        return None, Failed(str(e), 2)
     except BaseException as e:
         log.exception("the engine failed to start")
-        return None, ("failed", f"the engine failed to start: {e!r}", 1)
+        return None, Failed(f"the engine failed to start: {e!r}", 1)
 
 
-def ready(engine) -> tuple:
-    """The "ready" message: what the front needs to know of the engine."""
-    return (
-        "ready",
-        {
-            "model_name": engine.model_name,
-            "max_model_len": int(engine.max_model_len),
-            "dim": getattr(engine, "dim", None),
-            "tokenizer": getattr(engine, "tokenizer", None),
-            "eos_token_ids": tuple(sorted(getattr(engine, "eos_token_ids", ()))),
-            "stats": {**engine.stats(), **StepClock().stats(time.monotonic())},
-        },
+def ready(engine) -> Ready:
+    """What the front needs to know of the engine."""
+    return Ready(
+        engine.model_name,
+        int(engine.max_model_len),
+        getattr(engine, "dim", None),
+        getattr(engine, "tokenizer", None),
+        tuple(sorted(getattr(engine, "eos_token_ids", ()))),
+        {**engine.stats(), **StepClock().stats(time.monotonic())},
     )
 
 
@@ -133,7 +141,7 @@ def serve_pipe(engine, conn) -> None:
     except BaseException as e:
         log.exception("engine loop died")
         try:
-            _send(conn, ("dead", repr(e)))
+            _send(conn, Dead(repr(e)))
         except OSError:
             pass
 
@@ -196,36 +204,38 @@ class Pacing:
         return max(0.0, self.last_step_end + self.pause_s - now)  # a new pause counts at once
 
 
-def _apply(engine, cmds: list, acks: list, pacing: Pacing) -> bool:
+def _apply(engine, cmds: list, acks: list[Ack], pacing: Pacing) -> bool:
     """Apply the front's commands; True when told to stop."""
     for cmd in cmds:
-        kind = cmd[0]
-        if kind == "stop":
+        if isinstance(cmd, Stop):
             return True
-        if kind == "allow":
-            pacing.allow(engine, *cmd[1:])
-            continue
-        if kind == "abort":
-            for rid in cmd[1]:
+        if isinstance(cmd, Allow):
+            pacing.allow(engine, cmd.tokens_per_forward, cmd.pause_s, cmd.hold)
+        elif isinstance(cmd, Abort):
+            for rid in cmd.request_ids:
                 try:
                     engine.abort(rid)
                 except Exception:  # an id the engine already finished or never took
                     log.debug("abort of %s ignored", rid, exc_info=True)
-            continue
-        _, add_id, requests = cmd
-        err = None
-        added = []
-        for rid, *args in requests:
-            try:
-                engine.add_request(rid, *args)
-            except Exception as e:  # all or none: take back what went in
-                err = _error(e)
-                for prev in added:
-                    engine.abort(prev)
-                break
-            added.append(rid)
-        acks.append((add_id, err))
+        elif isinstance(cmd, Add):
+            acks.append(Ack(cmd.add_id, _add(engine, cmd)))
+        else:
+            raise TypeError(f"unknown command {cmd!r}")
     return False
+
+
+def _add(engine, cmd: Add) -> AddError | None:
+    """All or none: a request the engine refuses takes back those added before it."""
+    added = []
+    for new in cmd.requests:
+        try:
+            engine.add_request(*new)
+        except Exception as e:
+            for prev in added:
+                engine.abort(prev)
+            return _error(e)
+        added.append(new.request_id)
+    return None
 
 
 def _loop(engine, conn) -> None:
@@ -233,7 +243,7 @@ def _loop(engine, conn) -> None:
     stats_at = 0.0
     clock, pacing = StepClock(), Pacing()
     while True:
-        acks: list = []
+        acks: list[Ack] = []
         busy = engine.has_unfinished()
         wait = pacing.wait_s(time.monotonic()) if busy else IDLE_POLL_S
         waited_from = time.monotonic()
@@ -251,7 +261,7 @@ def _loop(engine, conn) -> None:
             clock.add(t1, t1 - t0)
             pacing.last_step_end = t1
             logprobs = _take_logprobs(engine)
-            outputs = [_plain(o, logprobs) for o in done]
+            outputs = _outputs(done, logprobs)
             steps += 1
         now = time.monotonic()
         stats = None
@@ -259,4 +269,4 @@ def _loop(engine, conn) -> None:
             stats_at = now
             stats = {**engine.stats(), **clock.stats(now)}
         if outputs or acks or stats is not None:
-            _send(conn, ("step", outputs, acks, stats, steps))
+            _send(conn, Step(outputs, acks, stats, steps))

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from coserve.engine.messages import GenOut, NewGen
 from coserve.server.body import json_response, read_request
 from coserve.server.chat import parse_chat
 from coserve.server.choices import Choice
@@ -85,7 +86,7 @@ class GenApi:
         stream = RequestStream()
         await self.engine.add(
             [
-                (rid, ids, params)
+                NewGen(rid, ids, params)
                 for rid, ids, params in zip(rids, req.prompts, req.params, strict=True)
             ],
             stream,
@@ -113,17 +114,22 @@ class GenApi:
         return {"prompt_tokens": p, "total_tokens": p + c, "completion_tokens": c}
 
     def _advance(
-        self, outputs: list, index: dict, choices: list[Choice], rids: list[str], pending: set
+        self,
+        outputs: list[GenOut],
+        index: dict,
+        choices: list[Choice],
+        rids: list[str],
+        pending: set,
     ) -> dict[int, tuple[Choice, str, list[int], int]]:
         """Hand the engine's outputs to their choices, coalesced per choice:
         {choice index: (choice, new text, new ids, logprobs entries before)}."""
         grouped: dict[int, list] = {}
-        for rid, new_ids, finished, reason, lp in outputs:
-            entry = grouped.setdefault(index[rid], [[], [], None])
-            entry[0].extend(new_ids)
-            entry[1].append(lp)
-            if finished:
-                entry[2] = reason or "stop"
+        for out in outputs:
+            entry = grouped.setdefault(index[out.request_id], [[], [], None])
+            entry[0].extend(out.new_token_ids)
+            entry[1].append(out.logprobs)
+            if out.finished:
+                entry[2] = out.finish_reason or "stop"
         out = {}
         for i, (ids, lps, reason) in grouped.items():
             c = choices[i]

@@ -4,6 +4,7 @@ one given to another kind (it would be accepted and do nothing)."""
 from __future__ import annotations
 
 import argparse
+import re
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -126,3 +127,38 @@ def guard_config(args, max_model_len: int):
         max_tokens=max_tokens,
         min_tokens=min(args.slo_guard_min_tokens, max_tokens),
     )
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
+
+
+def parse_bytes(text: str) -> int:
+    """'268435456', '256M', '256MiB', '1.5G' -> bytes (powers of 1024)."""
+    m = _SIZE.match(text)
+    if not m:
+        raise argparse.ArgumentTypeError(
+            f"not a size in bytes: {text!r} (e.g. 268435456, 256M, 2G)"
+        )
+    unit = (m.group(2) or "b")[0].lower()
+    return int(float(m.group(1)) * 1024 ** "bkmgt".index(unit))
+
+
+def fraction(text: str) -> float:
+    v = float(text)
+    if not 0.0 < v <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return v
+
+
+def positive_int(text: str) -> int:
+    v = int(text)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return v
+
+
+def seconds(text: str) -> float:
+    v = float(text)
+    if not 0 <= v < 1e6:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds in [0, 1e6), got {text}")
+    return v

@@ -25,13 +25,8 @@ from coserve.engine.attention import Attention, AttnMetadata
 from coserve.engine.config import DecoderConfig, QuantConfig
 from coserve.engine.kernels import ops
 from coserve.engine.kernels.rotary import rope_cos_sin_cache
-from coserve.engine.layers import (
-    FusedMoEWeights,
-    Linear,
-    RMSNorm,
-    Tensors,
-    vocab_parallel_embedding,
-)
+from coserve.engine.layers import Linear, RMSNorm, Tensors, vocab_parallel_embedding
+from coserve.engine.moe_weights import FusedMoEWeights
 
 
 def _q(quant: QuantConfig | None, module_name: str) -> QuantConfig | None:

@@ -30,8 +30,8 @@ from functools import cache
 _EXPORTS = {
     "paged_decode_attention": "paged_attention",
     "fused_moe": "moe",
-    "topk_softmax": "moe",
-    "moe_align": "moe",
+    "topk_softmax": "moe_routing",
+    "moe_align": "moe_routing",
     "fp8_block_linear": "fp8",
     "fp8_linear": "fp8",
     "per_token_group_quant_fp8": "fp8",

@@ -1,0 +1,175 @@
+"""The routing half of the Triton MoE (moe.py): softmax over experts and top-k per token,
+then the (token, expert) pairs sorted by expert, each expert's run padded to a multiple of
+BLOCK_M, for the grouped GEMMs. Device-side only (no host sync), shapes fixed by T."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _topk_softmax_kernel(
+    logits_ptr,
+    w_ptr,
+    ids_ptr,
+    T,
+    E,
+    stride_l,
+    TOPK: tl.constexpr,
+    K_PAD: tl.constexpr,
+    E_PAD: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    RENORM: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    e = tl.arange(0, E_PAD)
+    kk = tl.arange(0, K_PAD)
+    rmask = rows < T
+    x = tl.load(
+        logits_ptr + rows[:, None] * stride_l + e[None, :],
+        mask=rmask[:, None] & (e[None, :] < E),
+        other=float("-inf"),
+    ).to(tl.float32)
+    # rows past T (never stored) read as zeros, not all -inf: no NaN (Triton's interpreter
+    # refuses an argmax over an all-NaN row)
+    x = tl.where(rmask[:, None], x, 0.0)
+    x = x - tl.max(x, 1)[:, None]
+    p = tl.exp(x)
+    p = p / tl.sum(p, 1)[:, None]
+    wts = tl.zeros([BLOCK_T, K_PAD], tl.float32)
+    ids = tl.zeros([BLOCK_T, K_PAD], tl.int32)
+    for j in tl.static_range(TOPK):
+        best = tl.argmax(p, 1)
+        val = tl.max(p, 1)
+        wts = tl.where(kk[None, :] == j, val[:, None], wts)
+        ids = tl.where(kk[None, :] == j, best[:, None].to(tl.int32), ids)
+        p = tl.where(e[None, :] == best[:, None], -1.0, p)
+    if RENORM:
+        wts = wts / tl.sum(wts, 1)[:, None]
+    omask = rmask[:, None] & (kk[None, :] < TOPK)
+    tl.store(w_ptr + rows[:, None] * TOPK + kk[None, :], wts, mask=omask)
+    tl.store(ids_ptr + rows[:, None] * TOPK + kk[None, :], ids, mask=omask)
+
+
+def topk_softmax(router_logits: torch.Tensor, top_k: int, renormalize: bool):
+    """router_logits [T, E] -> (weights float32 [T, k], expert ids int32 [T, k]): softmax over
+    all experts in float32, the k largest, optionally renormalised to sum to one. (The
+    reference returns int64 ids; every consumer here takes either.)"""
+    T, E = router_logits.shape
+    if router_logits.stride(1) != 1:
+        router_logits = router_logits.contiguous()
+    w = torch.empty(T, top_k, device=router_logits.device, dtype=torch.float32)
+    ids = torch.empty(T, top_k, device=router_logits.device, dtype=torch.int32)
+    e_pad = triton.next_power_of_2(E)
+    block_t = max(1, min(16, 4096 // e_pad))
+    if T > 0:
+        _topk_softmax_kernel[(triton.cdiv(T, block_t),)](
+            router_logits,
+            w,
+            ids,
+            T,
+            E,
+            router_logits.stride(0),
+            TOPK=top_k,
+            K_PAD=triton.next_power_of_2(top_k),
+            E_PAD=e_pad,
+            BLOCK_T=block_t,
+            RENORM=renormalize,
+            num_warps=4,
+        )
+    return w, ids
+
+
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _moe_align_kernel(
+    topk_ids_ptr,
+    sorted_ids_ptr,
+    expert_ids_ptr,
+    num_post_pad_ptr,
+    scratch_ptr,
+    numel,
+    max_padded,
+    num_blocks,
+    E: tl.constexpr,
+    E_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    CHUNK: tl.constexpr,
+    BCHUNK: tl.constexpr,
+):
+    # One program. scratch: [E_PAD] counters (later: start offsets) + [numel] ranks.
+    e = tl.arange(0, E_PAD)
+    cnt_ptr = scratch_ptr
+    rank_ptr = scratch_ptr + E_PAD
+    tl.store(cnt_ptr + e, tl.zeros([E_PAD], tl.int32))
+    c = tl.arange(0, CHUNK)
+    for s in range(0, max_padded, CHUNK):
+        tl.store(
+            sorted_ids_ptr + s + c, tl.zeros([CHUNK], tl.int32) + numel, mask=s + c < max_padded
+        )
+    tl.debug_barrier()
+    # rank of each pair within its expert (order inside an expert is arbitrary)
+    for s in range(0, numel, CHUNK):
+        m = s + c < numel
+        ids = tl.load(topk_ids_ptr + s + c, mask=m, other=0)
+        r = tl.atomic_add(cnt_ptr + ids, 1, mask=m, sem="relaxed")
+        tl.store(rank_ptr + s + c, r, mask=m)
+    tl.debug_barrier()
+    counts = tl.load(cnt_ptr + e, mask=e < E, other=0, cache_modifier=".cg")
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    ends = tl.cumsum(padded, 0)
+    starts = ends - padded
+    tl.store(num_post_pad_ptr, tl.sum(padded, 0))
+    tl.debug_barrier()
+    tl.store(cnt_ptr + e, starts)
+    tl.debug_barrier()
+    for s in range(0, numel, CHUNK):
+        m = s + c < numel
+        ids = tl.load(topk_ids_ptr + s + c, mask=m, other=0)
+        r = tl.load(rank_ptr + s + c, mask=m, other=0, cache_modifier=".cg")
+        st = tl.load(cnt_ptr + ids, mask=m, other=0, cache_modifier=".cg")
+        tl.store(sorted_ids_ptr + st + r, s + c, mask=m)
+    # expert of each M-block = number of experts whose padded run ends at or before it
+    bc = tl.arange(0, BCHUNK)
+    for s in range(0, num_blocks, BCHUNK):
+        pos = (s + bc) * BLOCK_M
+        before = (ends[None, :] <= pos[:, None]) & (e[None, :] < E)
+        tl.store(expert_ids_ptr + s + bc, tl.sum(before.to(tl.int32), 1), mask=s + bc < num_blocks)
+
+
+def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int):
+    """topk_ids [T, k] -> (sorted_ids [EM] int32, expert_ids [EM/block_m] int32,
+    num_post_pad [1] int32). sorted_ids lists pair indices (t*k + j) grouped by expert, each
+    expert's run padded to block_m with the sentinel T*k; EM = T*k + E*(block_m-1) rounded up."""
+    numel = topk_ids.numel()
+    max_padded = triton.cdiv(numel + num_experts * (block_m - 1), block_m) * block_m
+    num_blocks = max_padded // block_m
+    dev = topk_ids.device
+    sorted_ids = torch.empty(max_padded, device=dev, dtype=torch.int32)
+    expert_ids = torch.empty(num_blocks, device=dev, dtype=torch.int32)
+    num_post_pad = torch.empty(1, device=dev, dtype=torch.int32)
+    e_pad = triton.next_power_of_2(num_experts)
+    scratch = torch.empty(e_pad + numel, device=dev, dtype=torch.int32)
+    ids = topk_ids.reshape(-1)
+    if ids.dtype != torch.int32:
+        ids = ids.to(torch.int32)
+    _moe_align_kernel[(1,)](
+        ids,
+        sorted_ids,
+        expert_ids,
+        num_post_pad,
+        scratch,
+        numel,
+        max_padded,
+        num_blocks,
+        E=num_experts,
+        E_PAD=e_pad,
+        BLOCK_M=block_m,
+        CHUNK=1024,
+        BCHUNK=max(16, min(64, 8192 // e_pad)),
+        num_warps=8,
+    )
+    return sorted_ids, expert_ids, num_post_pad

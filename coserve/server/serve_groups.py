@@ -1,0 +1,160 @@
+"""The flag groups of `coserve serve` that belong to one kind of server (colocated, the
+embed server's SLO guard) or bound one request (limits); each kind's flags are listed in the
+parser's `flag_kinds` (serve_flags.misplaced refuses one given to another kind)."""
+
+from __future__ import annotations
+
+import argparse
+
+from coserve.server.fields import CHARS_PER_TOKEN_BOUND, RequestLimits
+from coserve.server.serve_flags import (
+    KindGroup,
+    fraction,
+    parse_bytes,
+    percent,
+    positive_float,
+    positive_int,
+)
+
+
+def add_flag_groups(parser: argparse.ArgumentParser) -> None:
+    kinds: dict[str, tuple[str, ...]] = {}  # flag -> the kinds it is for (others refuse it)
+    parser.set_defaults(flag_kinds=kinds, given_flags=frozenset())
+    co = KindGroup(
+        parser.add_argument_group(
+            "colocated: the embed engine beside gen in one process (gen decodes on a "
+            "high-priority CUDA stream, embed on a low one); the flags above are gen's"
+        ),
+        ("colocated",),
+        kinds,
+    )
+    co.add_argument(
+        "--embed-model", metavar="PRESET_OR_DIR", default=None, help="the embedding model"
+    )
+    co.add_argument(
+        "--embed-port",
+        metavar="N",
+        type=int,
+        default=8001,
+        help="the embed endpoint's port (0 picks a free one)",
+    )
+    co.add_argument(
+        "--embed-gpu-memory-utilization",
+        metavar="F",
+        type=fraction,
+        default=0.3,
+        help="the embed engine's fraction of the GPU",
+    )
+    co.add_argument(
+        "--embed-max-model-len",
+        metavar="N",
+        type=positive_int,
+        default=None,
+        help="the embed engine's longest input",
+    )
+    co.add_argument(
+        "--embed-max-num-seqs",
+        metavar="N",
+        type=positive_int,
+        default=256,
+        help="inputs in one embed forward",
+    )
+    co.add_argument(
+        "--embed-sms",
+        metavar="M",
+        type=positive_int,
+        default=None,
+        help="confine embed to a CUDA green context of M SMs (gen keeps all; needs torch with "
+        "green contexts)",
+    )
+    co.add_argument(
+        "--embed-max-num-batched-tokens",
+        metavar="N",
+        type=positive_int,
+        default=8192,
+        help="tokens in one embed forward",
+    )
+    guard = KindGroup(
+        parser.add_argument_group(
+            "SLO guard (embed only): throttle embed forwards to hold a gen server's step time"
+        ),
+        ("embed",),
+        kinds,
+    )
+    guard.add_argument(
+        "--slo-guard-gen-url",
+        metavar="URL",
+        default=None,
+        help="the gen server whose /metrics the guard reads",
+    )
+    slo = KindGroup(guard.group.add_mutually_exclusive_group(), ("embed",), kinds)
+    slo.add_argument(
+        "--gen-tpot-slo-ms",
+        metavar="MS",
+        type=positive_float,
+        default=None,
+        help="budget of gen's step time (--slo-guard-stat), in ms",
+    )
+    slo.add_argument(
+        "--gen-tpot-slo-pct",
+        metavar="P",
+        type=percent,
+        default=None,
+        help="budget: gen alone's step time (measured when gen first gets busy, embed held) plus P "
+        "%%",
+    )
+    guard.add_argument(
+        "--slo-guard-stat",
+        choices=["mean", "p99"],
+        default="mean",
+        help="gen's step time over 0.5 s the guard holds: mean (a request's TPOT is a mean of step "
+        "times) or p99 (default %(default)s)",
+    )
+    guard.add_argument(
+        "--slo-guard-min-tokens",
+        metavar="N",
+        type=positive_int,
+        default=512,
+        help="fewest tokens per embed forward the guard cuts to before it pauses between forwards "
+        "(default %(default)s)",
+    )
+    guard.add_argument(
+        "--slo-guard-interval-ms",
+        metavar="MS",
+        type=positive_float,
+        default=50.0,
+        help="how often the guard reads gen's /metrics (default %(default)s)",
+    )
+    limits = parser.add_argument_group(
+        "limits on one request (checked before any work; a request over one gets a 4xx)"
+    )
+    limits.add_argument(
+        "--max-embed-inputs",
+        metavar="N",
+        type=positive_int,
+        default=RequestLimits.max_embed_inputs,
+        help="inputs in one /v1/embeddings request (default %(default)s, OpenAI's limit)",
+    )
+    limits.add_argument(
+        "--max-gen-choices",
+        metavar="N",
+        type=positive_int,
+        default=RequestLimits.max_gen_choices,
+        help="sequences one completion/chat request may start, prompts x n (default %(default)s, "
+        "vLLM's default max_num_seqs)",
+    )
+    limits.add_argument(
+        "--max-request-bytes",
+        metavar="BYTES",
+        type=parse_bytes,
+        default=RequestLimits.max_body_bytes,
+        help="size of one request body (default 64M); larger ones get 413",
+    )
+    limits.add_argument(
+        "--max-prompt-chars",
+        metavar="N",
+        type=positive_int,
+        default=None,
+        help=f"characters of one text prompt or input, checked before tokenising (default: "
+        f"{CHARS_PER_TOKEN_BOUND} x max_model_len)",
+    )
