@@ -18,7 +18,7 @@ import yaml
 from coserve.cli import main
 from coserve.export import commands, compose, k8s
 from coserve.export.model import ExportError, build_deployment
-from coserve.spec import load_spec
+from coserve.spec import load_spec, loads_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 EXP = ROOT / "experiments"
@@ -37,6 +37,7 @@ CASES = [
     ("co-scheduling", "mps-sm50", "vllm", None),
     ("co-scheduling", "mps-low-priority", "builtin", None),
     ("co-scheduling", "timeslice-guard5", "builtin", None),
+    ("demo-equal-work", "timeslice.embed-r2", None, None),
 ]
 IDS = [f"{s}:{c}:{e or 'spec'}" for s, c, e, _ in CASES]
 K8S_CASES = [c for c in CASES if c[1] not in ("tp2-timeslice", "tp2-mps")]
@@ -124,7 +125,11 @@ def test_compose_matches_the_schema_and_the_rules(case):
         svc = services[role]
         assert svc["ipc"] == "host"
         assert "/health" in " ".join(svc["healthcheck"]["test"])
-        assert svc["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"]
+        server = dep.server(role)
+        if server.uses_gpu:
+            assert svc["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"]
+        else:  # a spec's cpu server (demo-equal-work) asks for no GPU
+            assert "deploy" not in svc and server.launch.device == "cpu"
     if len(roles) == 2:
         assert services["embed"]["depends_on"]["gen"] == {"condition": "service_healthy"}
     if dep.sharing == "mps":
@@ -275,7 +280,7 @@ def test_k8s_objects_load_through_the_kubernetes_models(case):
         c = pod["containers"][0]
         for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
             assert c[probe]["httpGet"]["path"] == "/health"
-        assert c["resources"]["limits"]
+        assert ("resources" in c) == s.uses_gpu
         assert pod.get("hostIPC", False) == (dep.sharing == "mps")
     if "embed" in deployments and "gen" in deployments:
         init = deployments["embed"]["spec"]["template"]["spec"]["initContainers"][0]
@@ -362,6 +367,17 @@ def test_commands_put_separate_gpus_and_mig_instances_apart():
     mg = commands.render(deployment("seed-mig", "mig-colocated", "builtin", "H200"))["serve.sh"]
     assert 'CUDA_VISIBLE_DEVICES="$COSERVE_GEN_MIG"' in mg
     assert "nvidia-smi mig -i 0 -cgi 4g.71gb,3g.71gb -C" in mg
+
+
+def test_a_description_over_several_lines_stays_in_comments(tmp_path):
+    text = (EXP / "demo.toml").read_text()
+    text = text.replace('description = "both servers', 'description = "line one\\nline two: both')
+    dep = build_deployment(loads_spec(text), "co-located")
+    assert "line two" in dep.description
+    assert yaml.safe_load(compose.render(dep)["docker-compose.yml"])["services"]
+    (tmp_path / "serve.sh").write_text(commands.render(dep)["serve.sh"])
+    assert subprocess.run(["bash", "-n", str(tmp_path / "serve.sh")]).returncode == 0
+    assert "# line two: both" in commands.render(dep)["serve.sh"]
 
 
 # -- the command, and what it refuses -------------------------------------------------------

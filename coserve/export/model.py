@@ -347,7 +347,7 @@ def header(dep: Deployment, how: str) -> str:
     if dep.description:
         lines.append(dep.description)
     lines += [f"note: {n}" for n in dep.notes]
-    return "".join(f"# {line}\n" for line in lines)
+    return "".join(f"# {part}\n" for line in lines for part in line.splitlines())
 
 
 DOCKERFILE = f"""\
