@@ -34,6 +34,7 @@ CASES = [
     ("seed-tp2", "tp2-timeslice", "vllm", None),
     ("seed-tp2", "tp2-mps", "vllm", None),
     ("seed-mig", "mig-colocated", "vllm", "H200"),
+    ("seed-mig", "mig-gen-only", "builtin", "H200"),
     ("co-scheduling", "mps-sm50", "vllm", None),
     ("co-scheduling", "mps-low-priority", "builtin", None),
     ("co-scheduling", "timeslice-guard5", "builtin", None),
@@ -211,7 +212,8 @@ def _compose_config(path: Path) -> subprocess.CompletedProcess:
 
 @pytest.mark.skipif(DOCKER_COMPOSE is None, reason="docker-compose is not installed")
 def test_docker_compose_config_accepts_the_files(tmp_path):
-    for spec, cond, engine, mig_gpu in [CASES[1], CASES[8], CASES[11]]:
+    chosen = [c for c in CASES if c[1] in ("mps", "mig-colocated", "timeslice-guard5")]
+    for spec, cond, engine, mig_gpu in chosen:
         path = tmp_path / f"{cond}.yml"
         path.write_text(
             compose.render(deployment(spec, cond, engine, mig_gpu))["docker-compose.yml"]
@@ -323,6 +325,13 @@ def test_k8s_mig_asks_for_instances_by_profile():
     (cm,) = docs["mig-config.yaml"]
     layout = yaml.safe_load(cm["data"]["config.yaml"])["mig-configs"]["coserve-4g.71gb-3g.71gb"]
     assert layout[0]["mig-devices"] == {"4g.71gb": 1, "3g.71gb": 1}
+    # A condition that runs gen alone still lays out both instances, as the run did.
+    alone = k8s_docs(deployment("seed-mig", "mig-gen-only", "vllm", "H200"))
+    (cm,) = alone["mig-config.yaml"]
+    assert "3g.71gb: 1" in cm["data"]["config.yaml"]
+    (gen_only, _service) = alone["coserve.yaml"]
+    limits = gen_only["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert limits == {"nvidia.com/mig-4g.71gb": "1"}
 
 
 def test_the_k8s_validator_catches_a_misspelled_field():

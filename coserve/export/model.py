@@ -53,8 +53,9 @@ class ExportError(ValueError):
 
 @dataclass(frozen=True)
 class MigLayout:
-    """The MIG instances a MIG condition needs: `profiles[role]` on parent GPU `gpu`, or the
-    instances given directly by UUID (`uuids[role]`)."""
+    """The MIG instances of a MIG condition: `profiles[role]` on parent GPU `gpu` for both
+    roles (the layout a run makes, also when the condition runs one server), or the instances
+    given directly by UUID (`uuids[role]`)."""
 
     gpu: str
     profiles: dict[str, str]
@@ -188,7 +189,7 @@ def _refusal(cfg: ServerConfig, role: str, engine: str) -> str | None:
     return None
 
 
-def _mig_layout(strategy, roles: list[str], gpus: list[str], mig_gpu: str | None) -> MigLayout:
+def _mig_layout(strategy, gpus: list[str], mig_gpu: str | None) -> MigLayout:
     if len(gpus) == 2:
         return MigLayout(gpu="", profiles={}, uuids={"gen": gpus[0], "embed": gpus[1]})
     parent = gpus[0] if gpus else "0"
@@ -212,8 +213,10 @@ def _mig_layout(strategy, roles: list[str], gpus: list[str], mig_gpu: str | None
         problems = mig.validate(plan)
         if problems:
             raise ExportError(f"MIG plan does not fit a {mig_gpu}: {'; '.join(problems)}")
-    by_role = dict(zip(strategy.roles, profiles, strict=True))
-    return MigLayout(gpu=parent, profiles={r: by_role[r] for r in roles}, uuids={})
+    # The whole layout, also for a condition that runs one server: the run made both.
+    return MigLayout(
+        gpu=parent, profiles=dict(zip(strategy.roles, profiles, strict=True)), uuids={}
+    )
 
 
 def _launch(cfg: ServerConfig, role: str, engine: str, tp: int) -> ServerSpec:
@@ -257,9 +260,7 @@ def build_deployment(
     mps = strategy if isinstance(strategy, Mps) else None
     if isinstance(strategy, Tp) and strategy.sharing == "mps":
         mps = strategy.inner
-    layout = (
-        _mig_layout(strategy, roles, list(cond.gpus), mig_gpu) if strategy.name == "mig" else None
-    )
+    layout = _mig_layout(strategy, list(cond.gpus), mig_gpu) if strategy.name == "mig" else None
     servers, notes = [], []
     for role in roles:
         cfg = cond.server(spec, role)
@@ -367,6 +368,15 @@ class _Dumper(yaml.SafeDumper):
 
     def ignore_aliases(self, data: Any) -> bool:
         return True
+
+
+def _str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    """Text of several lines (a ConfigMap's file, a script) as a `|` block, as written by hand."""
+    style = "|" if "\n" in value else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_Dumper.add_representer(str, _str)
 
 
 def to_yaml(*documents: Any) -> str:
