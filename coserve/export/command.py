@@ -1,0 +1,78 @@
+"""`coserve export SPEC_OR_RUN_DIR --condition NAME --format compose|k8s|commands`: write a
+condition as a deployment (see coserve/export/__init__.py). Exit 0 with the files written,
+2 for a spec, condition or option it cannot export (the message names what and why)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+FORMATS = ("compose", "k8s", "commands")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "source", metavar="SPEC_OR_RUN_DIR", help="a spec (TOML) or a `coserve run` folder"
+    )
+    parser.add_argument("--condition", required=True, metavar="NAME", help="the condition")
+    parser.add_argument("--format", required=True, choices=FORMATS, help="what to write")
+    parser.add_argument(
+        "--engine",
+        choices=("vllm", "builtin"),
+        default=None,
+        help="serve every model with vLLM or coserve's built-in engine (default: each "
+        "server's launcher in the spec)",
+    )
+    parser.add_argument(
+        "--mig-gpu",
+        default=None,
+        metavar="FAMILY",
+        help="for a MIG condition with profiles 'auto': the GPU to lay it out for "
+        "(H200, H100-80GB, H100-94GB, A100-80GB, A100-40GB)",
+    )
+    parser.add_argument(
+        "--out", default=None, metavar="DIR", help="folder to write into (default: export-COND)"
+    )
+
+
+def load_source(path: Path):
+    """The spec of a spec file or of a run folder. Raises SpecError, OSError."""
+    if path.is_dir():
+        from coserve.experiment.rundir import RunDir
+        from coserve.report.aggregate import load_spec_of
+
+        return load_spec_of(RunDir(path))
+    from coserve.spec import load_spec
+
+    return load_spec(path)
+
+
+def run(args) -> int:
+    from coserve.export import commands, compose, k8s
+    from coserve.export.model import ExportError, build_deployment
+    from coserve.spec import SpecError
+
+    writers = {"compose": compose.render, "k8s": k8s.render, "commands": commands.render}
+    try:
+        spec = load_source(Path(args.source))
+        dep = build_deployment(spec, args.condition, engine=args.engine, mig_gpu=args.mig_gpu)
+        files = writers[args.format](dep)
+    except (SpecError, ExportError, OSError) as e:
+        print(f"coserve export: {e}", file=sys.stderr)
+        return 2
+    out = Path(args.out or f"export-{dep.condition}")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for name, text in files.items():
+            (out / name).write_text(text)
+        if "serve.sh" in files:
+            (out / "serve.sh").chmod(0o755)
+    except OSError as e:
+        print(f"coserve export: cannot write {out}: {e}", file=sys.stderr)
+        return 2
+    for name in files:
+        print(out / name)
+    for note in dep.notes:
+        print(f"note: {note}", file=sys.stderr)
+    return 0
