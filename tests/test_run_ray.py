@@ -87,3 +87,45 @@ def test_ray_missing_is_refused_naming_the_extra(tmp_path, monkeypatch):
     assert code == 2
     assert "pip install 'coserve[ray]'" in text.getvalue()
     assert not (tmp_path / "run").exists()
+
+
+CUDA_SPEC = """
+name = "cuda"
+repetitions = 1
+[servers.gen]
+model = "tiny-dense"
+device = "cuda"
+[load]
+warmup_s = 1
+duration_s = 1
+[[conditions]]
+name = "one-gpu"
+servers = ["gen"]
+[[conditions]]
+name = "by-uuid"
+servers = ["gen"]
+gpus = ["GPU-0f0f0f0f-0000-0000-0000-000000000000"]
+"""
+
+
+def test_a_cluster_without_what_the_spec_needs_is_refused(tmp_path):
+    ray = pytest.importorskip("ray")
+    from rich.console import Console
+
+    spec = tmp_path / "cuda.toml"
+    spec.write_text(CUDA_SPEC)
+    ray.init(num_cpus=1, include_dashboard=False, logging_level="warning", log_to_driver=False)
+    try:
+        text = io.StringIO()
+        console = Console(file=text, width=300)
+        code = execute(str(spec), str(tmp_path / "run"), ray="auto", console=console)
+        # a Ray the caller started is left running
+        assert ray.is_initialized()
+    finally:
+        ray.shutdown()
+    out = " ".join(text.getvalue().split())
+    assert code == 2, out
+    assert "the Ray cluster cannot run the spec" in out
+    assert "one-gpu: needs 1 GPU(s) on one node; the most any has is 0" in out
+    assert "by-uuid: gpus ['GPU-0f0f0f0f-0000-0000-0000-000000000000'] name GPUs by UUID" in out
+    assert not (tmp_path / "run").exists()

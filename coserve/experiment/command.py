@@ -107,7 +107,7 @@ def execute(
         return 2
     only = [c.strip() for c in conditions.split(",") if c.strip()] if conditions else None
     try:
-        kind, where = (Runner, {}) if ray is None else (_ray_runner(), {"address": ray})
+        kind, extra = (Runner, {}) if ray is None else (_ray_runner(), {"address": ray})
         runner = kind(
             spec,
             out,
@@ -115,7 +115,7 @@ def execute(
             resume=resume,
             only=only,
             apply_mig=apply_mig,
-            **where,
+            **extra,
         )
         sched = runner.schedule()
         if dry_run:
@@ -129,7 +129,7 @@ def execute(
             console,
             "refused:",
             "red",
-            "this machine cannot run the spec:\n" + "\n".join(f"  - {p}" for p in problems),
+            f"{runner.where} cannot run the spec:\n" + "\n".join(f"  - {p}" for p in problems),
         )
         return 2
     if dry_run:

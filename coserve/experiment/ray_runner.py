@@ -150,17 +150,21 @@ class RayRunner(Runner):
     """A Runner whose reps run as Ray tasks on `address` ("auto": the cluster Ray finds, or a
     local one started for the run)."""
 
+    where = "the Ray cluster"
+
     def __init__(self, spec: Spec, out, *, address: str, **kwargs):
         import_ray()  # refused at once when Ray is missing
         super().__init__(spec, out, **kwargs)
         self.address = address
         self._ray = None
+        self._started = False  # this runner called ray.init, so it shuts Ray down
 
     def connect(self):
         if self._ray is None:
             ray = import_ray()
             if not ray.is_initialized():
                 try:
+                    self._started = True
                     ray.init(
                         address=None if self.address == "auto" else self.address,
                         include_dashboard=False,
@@ -173,9 +177,9 @@ class RayRunner(Runner):
         return self._ray
 
     def disconnect(self) -> None:
-        if self._ray is not None:
+        if self._ray is not None and self._started:
             self._ray.shutdown()
-            self._ray = None
+        self._ray = None
 
     def gpus_of(self, cond: Condition) -> int:
         """Whole GPUs the condition's task asks for: 0 when every server runs on a CPU."""
