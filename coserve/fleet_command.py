@@ -160,8 +160,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="size a fleet from a `coserve run` folder's measurements instead",
     )
-    g.add_argument("--gen-tok-s", type=float, default=None, help="gen output tokens/s to serve")
-    g.add_argument("--embed-seq-s", type=float, default=None, help="embed sequences/s to serve")
+    g.add_argument(
+        "--gen-tok-s",
+        type=float,
+        default=None,
+        metavar="TOK_S",
+        help="gen output tokens/s to serve",
+    )
+    g.add_argument(
+        "--embed-seq-s",
+        type=float,
+        default=None,
+        metavar="SEQ_S",
+        help="embed sequences/s to serve",
+    )
     for slo in SLOS:
         g.add_argument(
             "--" + slo.attr.replace("_", "-"),

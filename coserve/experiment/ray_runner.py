@@ -75,7 +75,7 @@ class RepResult:
     condition: str
     rep: int
     record: dict[str, Any]
-    node: Node
+    node: Node | None  # None: the task was lost before it could say
     files: list[RepFile] = field(default_factory=list)
 
 
@@ -281,7 +281,7 @@ class RayRunner(Runner):
             res: RepResult = ray.get(ref)
         except ray.exceptions.RayError as e:
             record = failed_record(cond, rep, f"the Ray task failed: {str(e).strip()[-2000:]}")
-            res = RepResult(cond.name, rep, record, Node("", "", "", [], [], None))
+            res = RepResult(cond.name, rep, record, None)
         rd = self.run_dir
         try:
             rep_dir = rd.fresh_rep_dir(cond.name, rep)
@@ -291,7 +291,8 @@ class RayRunner(Runner):
                     raise ValueError(f"a task returned a file outside its rep: {f.path}")
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_bytes(f.data)
-            record = {**res.record, "node": dataclasses.asdict(res.node)}
+            node = None if res.node is None else dataclasses.asdict(res.node)
+            record = {**res.record, "node": node}
             rd.finish_rep(cond.name, rep, record)
         except OSError:
             rd.drop_temporaries(cond.name, rep)
