@@ -1,14 +1,18 @@
 """`coserve run --ray auto`: the demo spec on a local Ray on CPU leaves the run folder a local
-run leaves, and `--resume` on Ray adds the missing reps to it."""
+run leaves; Ctrl-C cancels the reps in flight and leaves no process or scratch folder; and
+`--resume` on Ray adds the missing reps to it."""
 
 from __future__ import annotations
 
 import io
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -39,35 +43,77 @@ def _wait(proc: subprocess.Popen) -> str:
     return out + err
 
 
-def _files(run: Path) -> set[str]:
-    return {str(p.relative_to(run)) for p in run.rglob("*") if p.is_file()} - {".lock"}
+def _files(path: Path) -> set[str]:
+    return {str(p.relative_to(path)) for p in path.rglob("*") if p.is_file()} - {".lock"}
 
 
-def test_ray_run_then_resume_as_a_local_run(tmp_path):
+def _descendants(pid: int) -> set[int]:
+    """Every process below `pid` now (children, their children, ...), from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    out, todo = set(), [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            if c not in out:
+                out.add(c)
+                todo.append(c)
+    return out
+
+
+def _running(pids: set[int]) -> set[int]:
+    """Those of `pids` still running (a zombie has ended)."""
+    out = set()
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if state != "Z":
+            out.add(pid)
+    return out
+
+
+def _scratch() -> set[Path]:
+    return set(Path(tempfile.gettempdir()).glob("coserve-ray-*"))
+
+
+def test_ray_run_cancelled_then_resumed_as_a_local_run(tmp_path):
     pytest.importorskip("ray")
     on_ray, local = tmp_path / "ray", tmp_path / "local"
+    scratch_before = _scratch()
     # side by side: Ray's start-up is mostly waiting
-    ray_run = _start(on_ray, "--ray", "auto", "--conditions", "gen-only", "--no-report")
+    ray_run = _start(on_ray, "--ray", "auto", "--no-report")
     local_run = _start(local, "--conditions", "gen-only", "--no-report")
-    assert "ray: 1 rep(s) sent to the cluster" in _wait(ray_run)
-    _wait(local_run)
 
-    # the same files, and the same record less where the rep ran
-    assert _files(on_ray) == _files(local)
-    first = (on_ray / "reps/gen-only/rep-1/rep.json").read_text()
-    rec, loc = json.loads(first), json.loads((local / "reps/gen-only/rep-1/rep.json").read_text())
-    assert rec["status"] == "ok" and set(rec) == set(loc) | {"node"}
-    assert rec["node"]["host"] == socket.gethostname() and rec["node"]["gpu_ids"] == []
-    assert rec["node"]["node_id"] and rec["env"]["host"] == socket.gethostname()
-    assert (on_ray / "spec.json").read_text() == (local / "spec.json").read_text()
-    assert set(json.loads((on_ray / "fingerprint.json").read_text())) == set(
-        json.loads((local / "fingerprint.json").read_text())
-    )
+    # Ctrl-C once the first rep is in: the others are cancelled, torn down and not written
+    deadline = time.monotonic() + 240
+    while not list(on_ray.glob("reps/*/rep-1/rep.json")):
+        assert ray_run.poll() is None and time.monotonic() < deadline, "no rep finished"
+        time.sleep(0.2)
+    tree = _descendants(ray_run.pid)  # Ray's processes, its workers and their servers
+    assert tree
+    ray_run.send_signal(signal.SIGINT)
+    out, err = ray_run.communicate(timeout=180)
+    assert ray_run.returncode == 130, out + err
+    assert "interrupted: every server and daemon was stopped" in err
+    deadline = time.monotonic() + 20
+    while _running(tree) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not _running(tree), [Path(f"/proc/{p}/cmdline").read_bytes() for p in _running(tree)]
+    assert _scratch() <= scratch_before
+    kept = {p.parent.parent.name: p.read_text() for p in on_ray.glob("reps/*/rep-1/rep.json")}
+    assert 1 <= len(kept) <= 2 and len(list(on_ray.glob("reps/*/rep-*"))) == len(kept)
 
     text = _wait(_start(on_ray, "--ray", "auto", "--resume"))
-    assert "gen-only rep 1/1: finished earlier, skipped" in text
-    assert "ray: 2 rep(s) sent to the cluster" in text
-    assert (on_ray / "reps/gen-only/rep-1/rep.json").read_text() == first
+    assert f"ray: {3 - len(kept)} rep(s) sent to the cluster" in text
+    for cond, record in kept.items():
+        assert f"{cond} rep 1/1: finished earlier, skipped" in text
+        assert (on_ray / "reps" / cond / "rep-1" / "rep.json").read_text() == record
     stats = aggregate(on_ray)
     assert [c.status for c in stats.conditions] == ["complete"] * 3
     assert stats.get("co-located").mean("embed_seq_s") > 0
@@ -75,6 +121,19 @@ def test_ray_run_then_resume_as_a_local_run(tmp_path):
         on_ray / "report.md"
     ).read_text()
     assert not list(on_ray.rglob("*.tmp"))
+
+    # the same files as a local run, and the same record less where the rep ran
+    _wait(local_run)
+    rep = "reps/gen-only/rep-1"
+    assert _files(on_ray / rep) == _files(local / rep)
+    for name in ("spec.toml", "spec.json", "fingerprint.json"):
+        assert (on_ray / name).exists() and (local / name).exists()
+    assert (on_ray / "spec.json").read_text() == (local / "spec.json").read_text()
+    rec = json.loads((on_ray / rep / "rep.json").read_text())
+    loc = json.loads((local / rep / "rep.json").read_text())
+    assert rec["status"] == "ok" and set(rec) == set(loc) | {"node"}
+    assert rec["node"]["host"] == socket.gethostname() and rec["node"]["gpu_ids"] == []
+    assert rec["node"]["node_id"] and rec["env"]["host"] == socket.gethostname()
 
 
 def test_ray_missing_is_refused_naming_the_extra(tmp_path, monkeypatch):

@@ -275,16 +275,27 @@ class RayRunner(Runner):
         return records
 
     def _finish(self, ray, ref, cond: Condition, rep: int) -> dict:
-        """Write the task's rep into the run folder (rep.json last); a task that raised is
-        recorded as a failed rep."""
+        """Write the task's rep into the run folder, whole even when Ctrl-C comes meanwhile
+        (it is raised after); a task that raised is recorded as a failed rep."""
         try:
             res: RepResult = ray.get(ref)
         except ray.exceptions.RayError as e:
             record = failed_record(cond, rep, f"the Ray task failed: {str(e).strip()[-2000:]}")
             res = RepResult(cond.name, rep, record, None)
+        with no_interrupts() as signals:
+            record = self._write(res)
+        if self.progress:
+            self.progress.index += 1
+            self.progress.end_rep(record)
+        if signals:
+            raise KeyboardInterrupt
+        return record
+
+    def _write(self, res: RepResult) -> dict:
+        """The rep's files, then rep.json (with `node`); returns the record."""
         rd = self.run_dir
         try:
-            rep_dir = rd.fresh_rep_dir(cond.name, rep)
+            rep_dir = rd.fresh_rep_dir(res.condition, res.rep)
             for f in res.files:
                 path = (rep_dir / f.path).resolve()
                 if not path.is_relative_to(rep_dir.resolve()):
@@ -293,13 +304,10 @@ class RayRunner(Runner):
                 path.write_bytes(f.data)
             node = None if res.node is None else dataclasses.asdict(res.node)
             record = {**res.record, "node": node}
-            rd.finish_rep(cond.name, rep, record)
+            rd.finish_rep(res.condition, res.rep, record)
         except OSError:
-            rd.drop_temporaries(cond.name, rep)
+            rd.drop_temporaries(res.condition, res.rep)
             raise
-        if self.progress:
-            self.progress.index += 1
-            self.progress.end_rep(record)
         return record
 
     def _cancel(self, ray, pending: dict) -> None:
@@ -315,4 +323,4 @@ class RayRunner(Runner):
             with contextlib.suppress(Exception):
                 res = ray.get(ref, timeout=0)
                 if isinstance(res, RepResult) and res.record.get("status") == "ok":
-                    self._finish(ray, ref, *pending[ref])
+                    self._write(res)
