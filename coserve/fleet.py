@@ -238,15 +238,16 @@ def _slos(demand: Demand, cs, roles: set[str]) -> list[SloCheck]:
 
 
 def _alone(run, role: str):
-    """The finished condition that ran `role` alone: the baseline (gen), the first (embed)."""
-    from coserve.report.aggregate import embed_baseline
-
-    name = run.spec.baseline if role == "gen" else embed_baseline(run.spec)
+    """The condition that ran `role` alone and measured it: the spec's baseline for gen where
+    it runs gen alone, else the first such condition of the matrix (None: there is none)."""
     metric = "gen_tok_s" if role == "gen" else "embed_seq_s"
-    for c in run.conditions:
-        if c.name == name and list(c.condition.servers) == [role] and metric in c.summary:
-            return c
-    return None
+    alone = [
+        c
+        for c in run.matrix
+        if list(c.condition.servers) == [role] and c.ok and metric in c.summary
+    ]
+    base = [c for c in alone if role == "gen" and c.name == run.spec.baseline]
+    return (base or alone or [None])[0]
 
 
 def _dedicated(run, demand: Demand) -> tuple[Dedicated | None, str | None]:

@@ -62,10 +62,8 @@ def _rep(cond: str, rep: int, gen, embed, tpot, lat) -> dict:
     return {"condition": cond, "rep": rep, "status": "ok", "bench": bench}
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("fleet") / "run"
-    write_json(d / "spec.json", loads_spec(SPEC).to_dict())
+def _make(d: Path, spec: str) -> Path:
+    write_json(d / "spec.json", loads_spec(spec).to_dict())
     write_json(
         d / "fingerprint.json",
         {"gpus": [{"name": "Test GPU", "memory_mib": 1024}], "driver": "1"},
@@ -74,6 +72,11 @@ def run_dir(tmp_path_factory) -> Path:
         for i, values in enumerate(reps, 1):
             write_json(d / "reps" / cond / f"rep-{i}" / "rep.json", _rep(cond, i, *values))
     return d
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    return _make(tmp_path_factory.mktemp("fleet") / "run", SPEC)
 
 
 def test_hand_sized_fleet(run_dir):
@@ -117,6 +120,12 @@ def test_slos_on_each_role_and_an_unmeasured_one(run_dir):
         ("gen-only", "not measured"),
         ("embed-only", "meets"),
     ]
+
+
+def test_gen_alone_when_the_baseline_runs_both(tmp_path):
+    spec = SPEC.replace('baseline = "gen-only"', 'baseline = "timeslice"')
+    f = plan_fleet(aggregate(_make(tmp_path / "run", spec)), Demand(10_000, 1_000))
+    assert (f.dedicated.gen_condition, f.dedicated.total.mean) == ("gen-only", 15)
 
 
 def test_demand_of_one_role_only(run_dir):
