@@ -6,8 +6,8 @@ embed seq/s (means over finished reps, with 95 % CIs) and latency percentiles (p
 requests, mean over reps). Per GPU is that divided by the condition's GPU count.
 
 - Dedicated: gen GPUs = ceil(X / gen-alone tok/s per GPU), embed GPUs = ceil(Y / embed-alone
-  seq/s per GPU); the fleet is their sum. Gen alone is the spec's baseline (a gen-only
-  condition), embed alone the first embed-only condition.
+  seq/s per GPU); the fleet is their sum. Gen alone is the spec's baseline where it runs gen
+  alone, else the first gen-only condition; embed alone the first embed-only condition.
 - Co-located condition c: each GPU delivers g_c tok/s and e_c seq/s together, so the fleet is
   max(ceil(X / g_c), ceil(Y / e_c)).
 
