@@ -148,6 +148,34 @@ def test_ray_missing_is_refused_naming_the_extra(tmp_path, monkeypatch):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.fixture(scope="module")
+def gpu_ray():
+    """A Ray in this process on a node declared with two GPUs of a model named T1 (Ray's own
+    accounting; the machine has none). After the `--ray auto` test in file order: a `--ray
+    auto` started meanwhile would join it."""
+    ray = pytest.importorskip("ray")
+    ray.init(
+        num_cpus=1,
+        num_gpus=2,
+        resources={"accelerator_type:T1": 1},
+        include_dashboard=False,
+        logging_level="warning",
+        log_to_driver=False,
+    )
+    yield ray
+    ray.shutdown()
+
+
+def _execute(spec: Path, out: Path) -> tuple[int, str]:
+    from rich.console import Console
+
+    text = io.StringIO()
+    code = execute(
+        str(spec), str(out), ray="auto", report=False, console=Console(file=text, width=300)
+    )
+    return code, " ".join(text.getvalue().split())
+
+
 CUDA_SPEC = """
 name = "cuda"
 repetitions = 1
@@ -158,8 +186,9 @@ device = "cuda"
 warmup_s = 1
 duration_s = 1
 [[conditions]]
-name = "one-gpu"
+name = "three-gpus"
 servers = ["gen"]
+gpus = ["0", "1", "2"]
 [[conditions]]
 name = "by-uuid"
 servers = ["gen"]
@@ -167,24 +196,44 @@ gpus = ["GPU-0f0f0f0f-0000-0000-0000-000000000000"]
 """
 
 
-def test_a_cluster_without_what_the_spec_needs_is_refused(tmp_path):
-    ray = pytest.importorskip("ray")
-    from rich.console import Console
-
+def test_a_cluster_without_what_the_spec_needs_is_refused(tmp_path, gpu_ray):
     spec = tmp_path / "cuda.toml"
     spec.write_text(CUDA_SPEC)
-    ray.init(num_cpus=1, include_dashboard=False, logging_level="warning", log_to_driver=False)
-    try:
-        text = io.StringIO()
-        console = Console(file=text, width=300)
-        code = execute(str(spec), str(tmp_path / "run"), ray="auto", console=console)
-        # a Ray the caller started is left running
-        assert ray.is_initialized()
-    finally:
-        ray.shutdown()
-    out = " ".join(text.getvalue().split())
+    code, out = _execute(spec, tmp_path / "run")
     assert code == 2, out
+    assert gpu_ray.is_initialized()  # a Ray the caller started is left running
     assert "the Ray cluster cannot run the spec" in out
-    assert "one-gpu: needs 1 GPU(s) on one node; the most any has is 0" in out
+    assert "three-gpus: needs 3 GPU(s) on one node; the most any has is 2" in out
     assert "by-uuid: gpus ['GPU-0f0f0f0f-0000-0000-0000-000000000000'] name GPUs by UUID" in out
     assert not (tmp_path / "run").exists()
+
+
+TWO_GPU_SPEC = """
+name = "two-gpus"
+repetitions = 1
+[servers.gen]
+model = "tiny-dense"
+[load]
+warmup_s = 1
+duration_s = 1
+[[conditions]]
+name = "tp-pair"
+servers = ["gen"]
+gpus = ["0", "1"]
+"""
+
+
+def test_a_task_gets_its_gpus_and_gpu_model_from_ray(tmp_path, gpu_ray):
+    """The task asks for both GPUs, is pinned to the node's GPU model, runs on the GPU ids Ray
+    gives it, and the node's own check (this machine has no GPU) fails the rep, which the
+    driver records with its node."""
+    spec = tmp_path / "two.toml"
+    spec.write_text(TWO_GPU_SPEC)
+    code, out = _execute(spec, tmp_path / "run")
+    assert code == 1, out
+    rec = json.loads((tmp_path / "run/reps/tp-pair/rep-1/rep.json").read_text())
+    assert rec["status"] == "failed"
+    assert rec["node"]["gpu_ids"] == ["0", "1"]
+    assert rec["node"]["accelerator_type"] == "accelerator_type:T1"
+    assert rec["error"].startswith(f"node {socket.gethostname()}: ")
+    assert "gpus ['0', '1'] name GPUs this machine does not have" in rec["error"]
