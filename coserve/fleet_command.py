@@ -199,6 +199,19 @@ def misplaced(args: argparse.Namespace) -> str | None:
     return None
 
 
+def dispatch(args: argparse.Namespace) -> int | None:
+    """`coserve plan`'s fork: the exit status when a flag is out of place (2) or --fleet is
+    given (the fleet plan's); None for a VRAM plan."""
+    wrong = misplaced(args)
+    if wrong:
+        from rich.console import Console
+        from rich.text import Text
+
+        Console().print(Text.assemble(("plan:", "red"), f" {wrong}"))
+        return 2
+    return run(args) if args.fleet is not None else None
+
+
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 

@@ -1,6 +1,5 @@
 """`coserve plan`: the VRAM budget of a co-location, the gen model's KV capacity in tokens,
-and the largest concurrency that fits a workload without queuing. With `--fleet RUN_DIR`,
-the GPUs a demand needs instead (coserve.fleet_command).
+and the largest concurrency that fits a workload without queuing (`--fleet`: fleet_command.py).
 
 The KV capacity is computed as coserve's built-in engine sizes its cache, with the engine's own
 functions (`engine.memory.kv_budget_bytes`, `engine.kv_cache.usable_blocks`): the gen server
@@ -469,13 +468,9 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    if (code := fleet_command.dispatch(args)) is not None:
+        return code
     console = Console()
-    wrong = fleet_command.misplaced(args)
-    if wrong:
-        console.print(f"[red]plan:[/red] {wrong}")
-        return 2
-    if args.fleet is not None:
-        return fleet_command.run(args)
     try:
         plan, sweep = make_plan(args)
     except (ValueError, OSError) as e:
