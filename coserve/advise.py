@@ -59,11 +59,32 @@ def _miss(tpot: float, embed: float, budget: float, min_embed: float | None) -> 
     return miss
 
 
+def colocated(run) -> list:
+    """The conditions of `run` (a RunStats) that ran gen and embed together, finished at least
+    one rep and measured gen tok/s, embed seq/s and gen TPOT p99: the ConditionStats
+    (coserve.report.aggregate), in the spec's order."""
+    return [
+        c
+        for c in run.conditions
+        if set(c.condition.servers) == {"gen", "embed"}
+        and c.ok
+        and {"embed_seq_s", "gen_tok_s", "tpot_p99"} <= c.summary.keys()
+    ]
+
+
+def condition_label(c) -> str:
+    """A ConditionStats' strategy, options and server overrides, and its sweep point."""
+    from coserve.report.tradeoff import strategy_label
+
+    label = strategy_label(c)
+    if c.condition.sweep is not None:
+        label += f", {c.condition.sweep.label()}"
+    return label
+
+
 def advise(run, budget_tpot_p99_ms: float, min_embed_seq_s: float | None = None) -> Advice:
     """`run`: a RunStats (coserve.report.aggregate). Raises ValueError when the budget is not
     a positive number or the run has no condition that ran gen and embed together."""
-    from coserve.report.tradeoff import strategy_label
-
     if not (math.isfinite(budget_tpot_p99_ms) and budget_tpot_p99_ms > 0):
         raise ValueError(
             f"--gen-tpot-p99-ms: must be a positive number of ms, got {budget_tpot_p99_ms}"
@@ -73,19 +94,12 @@ def advise(run, budget_tpot_p99_ms: float, min_embed_seq_s: float | None = None)
     base = next((c for c in run.conditions if c.name == run.spec.baseline), None)
     base_tok = base.mean("gen_tok_s") if base is not None else None
     rows = []
-    for c in run.conditions:
-        if set(c.condition.servers) != {"gen", "embed"} or not c.ok:
-            continue
+    for c in colocated(run):
         s = c.summary
-        if not {"embed_seq_s", "gen_tok_s", "tpot_p99"} <= s.keys():
-            continue
-        label = strategy_label(c)
-        if c.condition.sweep is not None:
-            label += f", {c.condition.sweep.label()}"
         rows.append(
             Evidence(
                 condition=c.name,
-                label=label,
+                label=condition_label(c),
                 reps=len(c.ok),
                 embed_seq_s=s["embed_seq_s"],
                 gen_tok_s=s["gen_tok_s"],

@@ -1,5 +1,5 @@
 """`coserve plan`: the VRAM budget of a co-location, the gen model's KV capacity in tokens,
-and the largest concurrency that fits a workload without queuing.
+and the largest concurrency that fits a workload without queuing (`--fleet`: fleet_command.py).
 
 The KV capacity is computed as coserve's built-in engine sizes its cache, with the engine's own
 functions (`engine.memory.kv_budget_bytes`, `engine.kv_cache.usable_blocks`): the gen server
@@ -25,6 +25,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from coserve import fleet_command
 from coserve.engine.kv_cache import usable_blocks
 from coserve.engine.memory import kv_budget_bytes
 from coserve.engine.types import EngineArgs
@@ -363,6 +364,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="weights and KV dtype (default as the engine: float32 on CPU, else bfloat16)",
     )
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+    fleet_command.add_arguments(parser)
 
 
 def _local_gpu() -> Gpu | None:
@@ -466,6 +468,8 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    if (code := fleet_command.dispatch(args)) is not None:
+        return code
     console = Console()
     try:
         plan, sweep = make_plan(args)

@@ -30,6 +30,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--no-report", action="store_true", help="do not render the report at the end"
     )
     parser.add_argument(
+        "--ray",
+        metavar="auto|ADDRESS",
+        default=None,
+        help="run each condition-rep as a Ray task on this cluster (auto: the one Ray finds, "
+        "else a local one); needs pip install 'coserve[ray]'",
+    )
+    parser.add_argument(
         "--apply-mig",
         action="store_true",
         help="create the MIG instances mig conditions need (as apply_mig = true in "
@@ -74,6 +81,7 @@ def execute(
     dry_run: bool = False,
     report: bool = True,
     apply_mig: bool = False,
+    ray: str | None = None,
     console=None,
 ) -> int:
     """The whole command; returns the exit code (0 ok, 1 a rep failed or the folder could not be
@@ -99,27 +107,29 @@ def execute(
         return 2
     only = [c.strip() for c in conditions.split(",") if c.strip()] if conditions else None
     try:
-        runner = Runner(
+        kind, extra = (Runner, {}) if ray is None else (_ray_runner(), {"address": ray})
+        runner = kind(
             spec,
             out,
             spec_text=Path(spec_path).read_text(),
             resume=resume,
             only=only,
             apply_mig=apply_mig,
+            **extra,
         )
+        sched = runner.schedule()
+        if dry_run:
+            print_plan(spec, sched, console)
+        problems = runner.problems()  # before anything is written
     except RunRefused as e:
         say(console, "refused:", "red", str(e))
         return 2
-    sched = runner.schedule()
-    if dry_run:
-        print_plan(spec, sched, console)
-    problems = runner.problems()  # before anything is written
     if problems:
         say(
             console,
             "refused:",
             "red",
-            "this machine cannot run the spec:\n" + "\n".join(f"  - {p}" for p in problems),
+            f"{runner.where} cannot run the spec:\n" + "\n".join(f"  - {p}" for p in problems),
         )
         return 2
     if dry_run:
@@ -171,6 +181,12 @@ def execute(
     return 0
 
 
+def _ray_runner():
+    from coserve.experiment.ray_runner import RayRunner
+
+    return RayRunner
+
+
 def _report(rd, console) -> bool:
     """Render the report; on a file-system error say so in one line (the reps are kept)."""
     from coserve.report.render import console_table, render, stdout_console, verdict
@@ -206,4 +222,5 @@ def run(args: argparse.Namespace) -> int:
         dry_run=args.dry_run,
         report=not args.no_report,
         apply_mig=args.apply_mig,
+        ray=args.ray,
     )

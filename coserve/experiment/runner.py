@@ -49,6 +49,8 @@ def _now() -> str:
 
 
 class Runner:
+    where = "this machine"  # what runs the reps, as refusals name it
+
     def __init__(
         self,
         spec: Spec,
@@ -135,7 +137,7 @@ class Runner:
         problems = self.problems()  # before anything is written
         if problems:
             raise RunRefused(
-                "this machine cannot run the spec:\n" + "\n".join(f"  - {p}" for p in problems)
+                f"{self.where} cannot run the spec:\n" + "\n".join(f"  - {p}" for p in problems)
             )
         rd = self.run_dir
         with contextlib.ExitStack() as stack:

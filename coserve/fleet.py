@@ -1,0 +1,347 @@
+"""`coserve plan --fleet RUN_DIR --gen-tok-s X --embed-seq-s Y`: how many GPUs a demand needs
+on dedicated GPUs and on each measured way of co-locating gen and embed.
+
+The model. A run folder measured, per condition, what its GPUs delivered: gen output tok/s and
+embed seq/s (means over finished reps, with 95 % CIs) and latency percentiles (p99 over
+requests, mean over reps). Per GPU is that divided by the condition's GPU count.
+
+- Dedicated: gen GPUs = ceil(X / gen-alone tok/s per GPU), embed GPUs = ceil(Y / embed-alone
+  seq/s per GPU); the fleet is their sum. Gen alone is the spec's baseline where it runs gen
+  alone, else the first gen-only condition; embed alone the first embed-only condition.
+- Co-located condition c: each GPU delivers g_c tok/s and e_c seq/s together, so the fleet is
+  max(ceil(X / g_c), ceil(Y / e_c)).
+
+The saving is dedicated minus co-located GPUs. Sensitivity: the same counts with every
+throughput at its CI's low end (the most GPUs) and at its high end (the fewest); the saving's
+range pairs one fleet's worst end with the other's best. A latency SLO is judged on the mean
+over reps of the p99; "CI crosses" marks one met at the mean whose CI reaches past the limit.
+
+It extrapolates from one machine's measurement: every added GPU is assumed to do what the
+measured ones did, on the same GPU model and workload (lengths, concurrency, arrivals), with
+no load-balancing loss and no network or cross-node effect. A role whose load was open loop (a
+fixed rate) measured what was offered, not the most it could do: its per-GPU figure is a floor
+and the GPU counts built on it are upper bounds.
+
+The command line and the table are in coserve.fleet_command.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+from coserve.advise import colocated, condition_label
+from coserve.stats import Summary
+
+CAVEAT = (
+    "Extrapolated from one machine's measurement ({gpu}): each added GPU is assumed to do what "
+    "the measured ones did, on the same GPU model and workload, with no load-balancing, "
+    "network or cross-node loss."
+)
+
+
+@dataclass(frozen=True)
+class SloSpec:
+    """A latency SLO `coserve plan --fleet` can check: its flag's attribute, the metric it
+    reads (coserve.report.aggregate.METRICS, ms) and the role that metric belongs to."""
+
+    attr: str
+    metric: str
+    role: str
+    name: str
+
+
+SLOS = (
+    SloSpec("gen_tpot_p99_ms", "tpot_p99", "gen", "gen TPOT p99"),
+    SloSpec("gen_ttft_p99_ms", "ttft_p99", "gen", "gen TTFT p99"),
+    SloSpec("embed_p99_ms", "embed_lat_p99", "embed", "embed latency p99"),
+)
+
+
+@dataclass(frozen=True)
+class Demand:
+    """What the fleet must serve: gen output tok/s, embed seq/s, and latency SLOs in ms (None:
+    no SLO on that metric)."""
+
+    gen_tok_s: float
+    embed_seq_s: float
+    gen_tpot_p99_ms: float | None = None
+    gen_ttft_p99_ms: float | None = None
+    embed_p99_ms: float | None = None
+
+    def check(self) -> None:
+        """Raises ValueError naming the flag of a value out of range."""
+        for flag, v in (("--gen-tok-s", self.gen_tok_s), ("--embed-seq-s", self.embed_seq_s)):
+            if not (math.isfinite(v) and v >= 0):
+                raise ValueError(f"{flag}: must be a number >= 0, got {v}")
+        if self.gen_tok_s == 0 and self.embed_seq_s == 0:
+            raise ValueError("--gen-tok-s and --embed-seq-s are both 0: nothing to serve")
+        for slo in SLOS:
+            v = getattr(self, slo.attr)
+            if v is not None and not (math.isfinite(v) and v > 0):
+                flag = "--" + slo.attr.replace("_", "-")
+                raise ValueError(f"{flag}: must be a positive number of ms, got {v}")
+
+
+@dataclass(frozen=True)
+class Rate:
+    """A throughput per GPU: the mean and its 95 % CI's ends (None with one rep)."""
+
+    mean: float
+    low: float | None
+    high: float | None
+
+    @classmethod
+    def per_gpu(cls, s: Summary, gpus: int) -> Rate:
+        low = None if s.ci_low is None else s.ci_low / gpus
+        high = None if s.ci_high is None else s.ci_high / gpus
+        return cls(s.mean / gpus, low, high)
+
+
+@dataclass(frozen=True)
+class Gpus:
+    """GPUs a fleet needs at the mean throughputs, and with every throughput at its CI's low
+    end (`most`) and high end (`fewest`). None: no CI (one rep), or a CI that reaches 0."""
+
+    mean: int
+    most: int | None
+    fewest: int | None
+
+
+@dataclass(frozen=True)
+class SloCheck:
+    """One SLO against one condition's measurement (ms; None: the run did not measure it)."""
+
+    name: str
+    condition: str
+    limit_ms: float
+    measured_ms: float | None
+    ci_high_ms: float | None
+
+    @property
+    def verdict(self) -> str:
+        if self.measured_ms is None:
+            return "not measured"
+        if self.measured_ms > self.limit_ms:
+            return "misses"
+        if self.ci_high_ms is not None and self.ci_high_ms > self.limit_ms:
+            return "CI crosses"
+        return "meets"
+
+    @property
+    def meets(self) -> bool:
+        return self.verdict in ("meets", "CI crosses")
+
+
+@dataclass(frozen=True)
+class Saving:
+    """Dedicated GPUs less co-located GPUs: at the means (and as % of dedicated), and its range
+    over the CIs (`least`: co-located at its most, dedicated at its fewest; None without CIs)."""
+
+    gpus: int
+    pct: float
+    least: int | None
+    most: int | None
+
+
+@dataclass(frozen=True)
+class Dedicated:
+    gen_condition: str | None  # None when the demand has no gen
+    embed_condition: str | None
+    gen_per_gpu: Rate | None
+    embed_per_gpu: Rate | None
+    gen_gpus: Gpus
+    embed_gpus: Gpus
+    total: Gpus
+    slos: list[SloCheck]
+
+    @property
+    def meets(self) -> bool:
+        return all(c.meets for c in self.slos)
+
+
+@dataclass(frozen=True)
+class Colocated:
+    condition: str
+    label: str  # strategy, options and overrides
+    reps: int
+    condition_gpus: int  # GPUs the condition ran on
+    gen_per_gpu: Rate
+    embed_per_gpu: Rate
+    gpus: Gpus
+    slos: list[SloCheck]
+    open_loop: list[str]  # roles whose load was a fixed rate: per-GPU figure is a floor
+    saving: Saving | None  # None without a dedicated fleet to compare with
+
+    @property
+    def meets(self) -> bool:
+        return all(c.meets for c in self.slos)
+
+
+@dataclass(frozen=True)
+class Fleet:
+    run_dir: str
+    measured_on: str  # the GPUs the run folder was measured on
+    demand: Demand
+    dedicated: Dedicated | None
+    no_dedicated: str | None  # why `dedicated` is None
+    colocated: list[Colocated]  # fewest GPUs first
+    best: str | None  # the co-located condition meeting the SLOs with the fewest GPUs
+    caveat: str
+    unreadable: str | None = None
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        for src, out in (
+            (self.dedicated, d["dedicated"]),
+            *zip(self.colocated, d["colocated"], strict=True),
+        ):
+            if src is not None:
+                out["meets"] = src.meets
+                for check, o in zip(src.slos, out["slos"], strict=True):
+                    o["verdict"] = check.verdict
+        return d
+
+
+def _ceil(demand: float, rate: float | None) -> int | None:
+    if demand == 0:
+        return 0
+    if rate is None or rate <= 0:
+        return None
+    return math.ceil(demand / rate * (1 - 1e-12))  # 2.0000000000001 GPUs is 2
+
+
+def _need(demand: float, rate: Rate | None) -> Gpus:
+    if rate is None:
+        return Gpus(0, 0, 0)
+    return Gpus(_ceil(demand, rate.mean), _ceil(demand, rate.low), _ceil(demand, rate.high))
+
+
+def _combine(a: Gpus, b: Gpus, op) -> Gpus:
+    def f(x, y):
+        return None if x is None or y is None else op(x, y)
+
+    return Gpus(op(a.mean, b.mean), f(a.most, b.most), f(a.fewest, b.fewest))
+
+
+def _slos(demand: Demand, cs, roles: set[str]) -> list[SloCheck]:
+    out = []
+    for slo in SLOS:
+        limit = getattr(demand, slo.attr)
+        if limit is None or slo.role not in roles:
+            continue
+        s = cs.summary.get(slo.metric)
+        measured, ci_high = (None, None) if s is None else (s.mean, s.ci_high)
+        out.append(SloCheck(slo.name, cs.name, limit, measured, ci_high))
+    return out
+
+
+def _alone(run, role: str):
+    """The condition that ran `role` alone and measured it: the spec's baseline for gen where
+    it runs gen alone, else the first such condition of the matrix (None: there is none)."""
+    metric = "gen_tok_s" if role == "gen" else "embed_seq_s"
+    alone = [
+        c
+        for c in run.matrix
+        if list(c.condition.servers) == [role] and c.ok and metric in c.summary
+    ]
+    base = [c for c in alone if role == "gen" and c.name == run.spec.baseline]
+    return (base or alone or [None])[0]
+
+
+def _dedicated(run, demand: Demand) -> tuple[Dedicated | None, str | None]:
+    found = {}
+    for role, want in (("gen", demand.gen_tok_s), ("embed", demand.embed_seq_s)):
+        if want == 0:
+            found[role] = None
+            continue
+        c = _alone(run, role)
+        if c is None:
+            return None, (
+                f"no dedicated fleet: the run has no finished condition running {role} alone"
+            )
+        metric = "gen_tok_s" if role == "gen" else "embed_seq_s"
+        if c.summary[metric].mean <= 0:
+            return None, f"no dedicated fleet: {c.name} measured no {role} throughput"
+        found[role] = c
+    g, e = found["gen"], found["embed"]
+    g_rate = None if g is None else Rate.per_gpu(g.summary["gen_tok_s"], len(g.condition.gpus))
+    e_rate = None if e is None else Rate.per_gpu(e.summary["embed_seq_s"], len(e.condition.gpus))
+    gen_gpus, embed_gpus = _need(demand.gen_tok_s, g_rate), _need(demand.embed_seq_s, e_rate)
+    slos = (_slos(demand, g, {"gen"}) if g else []) + (_slos(demand, e, {"embed"}) if e else [])
+    return Dedicated(
+        g and g.name,
+        e and e.name,
+        g_rate,
+        e_rate,
+        gen_gpus,
+        embed_gpus,
+        _combine(gen_gpus, embed_gpus, lambda x, y: x + y),
+        slos,
+    ), None
+
+
+def _saving(ded: Dedicated | None, co: Gpus) -> Saving | None:
+    if ded is None:
+        return None
+    d = ded.total
+    least = None if d.fewest is None or co.most is None else d.fewest - co.most
+    most = None if d.most is None or co.fewest is None else d.most - co.fewest
+    return Saving(d.mean - co.mean, 100 * (d.mean - co.mean) / d.mean, least, most)
+
+
+def _open_loop(run, cs) -> list[str]:
+    load = cs.condition.load_for(run.spec)
+    return [r for r in ("gen", "embed") if getattr(load, f"{r}_rate", None) is not None]
+
+
+def plan_fleet(run, demand: Demand) -> Fleet:
+    """`run`: a RunStats (coserve.report.aggregate). Raises ValueError for a demand out of
+    range, or a run with neither a dedicated fleet nor a co-located condition to size."""
+    from coserve.experiment.fingerprint import describe_gpus
+
+    demand.check()
+    ded, why = _dedicated(run, demand)
+    rows = []
+    for cs in colocated(run):
+        n = len(cs.condition.gpus)
+        g = Rate.per_gpu(cs.summary["gen_tok_s"], n)
+        e = Rate.per_gpu(cs.summary["embed_seq_s"], n)
+        if (g.mean <= 0 and demand.gen_tok_s) or (e.mean <= 0 and demand.embed_seq_s):
+            continue  # measured nothing of a role the demand needs: no number of GPUs serves it
+        gpus = _combine(_need(demand.gen_tok_s, g), _need(demand.embed_seq_s, e), max)
+        rows.append(
+            Colocated(
+                cs.name,
+                condition_label(cs),
+                len(cs.ok),
+                n,
+                g,
+                e,
+                gpus,
+                _slos(demand, cs, {"gen", "embed"}),
+                _open_loop(run, cs),
+                _saving(ded, gpus),
+            )
+        )
+    if ded is None and not rows:
+        raise ValueError(
+            f"{run.run_dir.path}: nothing to size: {why.removeprefix('no dedicated fleet: ')}, "
+            "and no condition ran gen and embed together and finished a rep"
+            + (f" ({run.unreadable_text()})" if run.unreadable else "")
+        )
+    rows.sort(key=lambda r: (not r.meets, r.gpus.mean, r.condition))
+    best = next((r.condition for r in rows if r.meets), None)
+    measured_on = describe_gpus(run.fingerprint) if run.fingerprint else "GPU unknown"
+    return Fleet(
+        str(run.run_dir.path),
+        measured_on,
+        demand,
+        ded,
+        why,
+        rows,
+        best,
+        CAVEAT.format(gpu=measured_on),
+        run.unreadable_text(),
+    )

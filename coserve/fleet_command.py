@@ -1,0 +1,235 @@
+"""`coserve plan --fleet RUN_DIR --gen-tok-s X --embed-seq-s Y [SLOs] [--json]`: the flags,
+the table and the words of a fleet plan (the model is coserve.fleet).
+
+Exit status: 0 some fleet meets the SLOs, 1 none does, 2 bad input."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from coserve.fleet import SLOS, Demand, Fleet, Gpus, Rate, Saving, SloCheck, plan_fleet
+
+
+def _range_text(g: Gpus) -> str:
+    if g.fewest is None or g.most is None:
+        return "—"
+    return f"{g.fewest:,}..{g.most:,}"
+
+
+def _rate_text(r: Rate | None, floor: bool = False) -> str:
+    """`mean ± half the CI` (the t interval is symmetric); `≥` marks an open-loop floor."""
+    if r is None:
+        return "—"
+    text = ("≥" if floor else "") + f"{r.mean:,.0f}"
+    if r.high is not None:
+        text += f" ± {r.high - r.mean:,.0f}"
+    return text
+
+
+def _slo_text(checks: list[SloCheck]) -> str:
+    if not checks:
+        return ""
+    bad = [c for c in checks if c.verdict != "meets"]
+    if not bad:
+        return "meets"
+    return "; ".join(
+        f"{c.verdict}: {c.name}" + ("" if c.measured_ms is None else f" {c.measured_ms:.1f} ms")
+        for c in bad
+    )
+
+
+def _saving_text(s: Saving | None) -> str:
+    if s is None:
+        return "—"
+    return f"{s.gpus:+,} ({s.pct:+.0f} %)"
+
+
+def render(f: Fleet, console) -> None:
+    """Print the fleet plan on a rich Console: the demand, the table, the answer, the caveat."""
+    from rich.table import Table
+    from rich.text import Text
+
+    d = f.demand
+    slos = [f"{s.name} <= {getattr(d, s.attr):g} ms" for s in SLOS if getattr(d, s.attr)]
+    console.print(
+        Text(
+            f"Fleet for {d.gen_tok_s:,.0f} gen tok/s and {d.embed_seq_s:,.0f} embed seq/s"
+            + (f" with {', '.join(slos)}" if slos else " (no latency SLO given)")
+            + f", sized on {f.run_dir}"
+        )
+    )
+    t = Table()
+    for head, just in (
+        ("fleet", "left"),
+        ("gen tok/s\nper GPU", "right"),
+        ("embed seq/s\nper GPU", "right"),
+        ("GPUs", "right"),
+        ("GPUs over\nthe CIs", "right"),
+        ("saving vs\ndedicated", "right"),
+        ("SLOs", "left"),
+    ):
+        t.add_column(head, justify=just)
+    ded = f.dedicated
+    if ded is not None:
+        names = " + ".join(n for n in (ded.gen_condition, ded.embed_condition) if n)
+        t.add_row(
+            Text(f"dedicated\n({names})"),
+            _rate_text(ded.gen_per_gpu),
+            _rate_text(ded.embed_per_gpu),
+            f"{ded.gen_gpus.mean:,} + {ded.embed_gpus.mean:,}\n= {ded.total.mean:,}",
+            _range_text(ded.total),
+            "",
+            Text(_slo_text(ded.slos)),
+        )
+    for r in f.colocated:
+        name = r.condition if r.label == r.condition else f"{r.condition}\n({r.label})"
+        if r.condition_gpus > 1:
+            name += f", {r.condition_gpus} GPUs"
+        t.add_row(
+            Text(name),
+            _rate_text(r.gen_per_gpu, "gen" in r.open_loop),
+            _rate_text(r.embed_per_gpu, "embed" in r.open_loop),
+            f"{r.gpus.mean:,}",
+            _range_text(r.gpus),
+            _saving_text(r.saving),
+            Text(_slo_text(r.slos)),
+        )
+    console.print(t)
+    for line in lines(f):
+        console.print(Text(line))
+
+
+def lines(f: Fleet) -> list[str]:
+    """The answer and the caveats in words, one sentence a line."""
+    out = []
+    best = next((r for r in f.colocated if r.condition == f.best), None)
+    ded = f.dedicated
+    if best is not None:
+        text = f"Fewest GPUs co-located within the SLOs: {best.condition}, {best.gpus.mean:,}"
+        if best.saving is not None:
+            n = best.saving.gpus
+            text += (
+                f", {n:,} fewer than {ded.total.mean:,} dedicated ({best.saving.pct:.1f} %)"
+                if n >= 0
+                else f", {-n:,} more than {ded.total.mean:,} dedicated"
+            )
+            if best.saving.least is not None:
+                text += (
+                    f"; the saving is {best.saving.least:+,}..{best.saving.most:+,} over the CIs"
+                )
+        out.append(text + ".")
+    elif f.colocated:
+        out.append("No co-located condition meets the SLOs.")
+    if ded is not None and not ded.meets:
+        out.append("Dedicated GPUs miss the SLOs too: a role alone is above a limit.")
+    if f.no_dedicated:
+        out.append(f.no_dedicated[0].upper() + f.no_dedicated[1:] + ".")
+    if any(r.open_loop for r in f.colocated):
+        out.append(
+            "≥: that role ran open loop at a fixed rate, so its figure is what was offered, "
+            "not the most the GPU could do; the GPU counts on it are upper bounds."
+        )
+    out.append(
+        "Per GPU: mean over finished reps ± half the 95 % CI, divided by the condition's GPUs. "
+        "GPUs over the CIs: every throughput at its CI's high end..low end; the saving's range "
+        "pairs one fleet's best end with the other's worst."
+    )
+    if f.unreadable:
+        out.append(f"Warning: {f.unreadable}.")
+    out.append(f.caveat)
+    return out
+
+
+# ------------------------------------------------------------------ command line
+
+PLAN_ONLY = ("spec", "gen", "embed", "gpu", "gpu_memory_gib", "gen_util", "embed_util",
+             "input_len", "output_len", "concurrency", "max_num_seqs", "reserve_gib",
+             "kv_cache_bytes", "dtype")  # fmt: skip
+FLEET_ONLY = ("gen_tok_s", "embed_seq_s", *(s.attr for s in SLOS))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """`coserve plan`'s fleet flags (its --json serves both)."""
+    g = parser.add_argument_group("fleet sizing (--fleet RUN_DIR)")
+    g.add_argument(
+        "--fleet",
+        metavar="RUN_DIR",
+        default=None,
+        help="size a fleet from a `coserve run` folder's measurements instead",
+    )
+    g.add_argument(
+        "--gen-tok-s",
+        type=float,
+        default=None,
+        metavar="TOK_S",
+        help="gen output tokens/s to serve",
+    )
+    g.add_argument(
+        "--embed-seq-s",
+        type=float,
+        default=None,
+        metavar="SEQ_S",
+        help="embed sequences/s to serve",
+    )
+    for slo in SLOS:
+        g.add_argument(
+            "--" + slo.attr.replace("_", "-"),
+            type=float,
+            default=None,
+            metavar="MS",
+            help=f"SLO: {slo.name} at most this (mean over reps)",
+        )
+
+
+def misplaced(args: argparse.Namespace) -> str | None:
+    """The flag given that does not belong with (or without) --fleet, as an error line."""
+    with_fleet = args.fleet is not None
+    wrong = PLAN_ONLY if with_fleet else FLEET_ONLY
+    for attr in wrong:
+        if getattr(args, attr, None) not in (None, False):
+            flag = "--" + attr.replace("_", "-")
+            return f"{flag} " + ("does not go with --fleet" if with_fleet else "needs --fleet")
+    if with_fleet:
+        for attr in ("gen_tok_s", "embed_seq_s"):
+            if getattr(args, attr) is None:
+                return f"--fleet needs --{attr.replace('_', '-')}"
+    return None
+
+
+def dispatch(args: argparse.Namespace) -> int | None:
+    """`coserve plan`'s fork: the exit status when a flag is out of place (2) or --fleet is
+    given (the fleet plan's); None for a VRAM plan."""
+    wrong = misplaced(args)
+    if wrong:
+        from rich.console import Console
+        from rich.text import Text
+
+        Console().print(Text.assemble(("plan:", "red"), f" {wrong}"))
+        return 2
+    return run(args) if args.fleet is not None else None
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from coserve.report.aggregate import aggregate
+
+    demand = Demand(
+        args.gen_tok_s,
+        args.embed_seq_s,
+        **{s.attr: getattr(args, s.attr) for s in SLOS},
+    )
+    try:
+        fleet = plan_fleet(aggregate(Path(args.fleet)), demand)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"coserve plan --fleet: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(fleet.to_dict(), indent=2))
+    else:
+        render(fleet, Console(soft_wrap=False))
+    ok = fleet.best is not None or (fleet.dedicated is not None and fleet.dedicated.meets)
+    return 0 if ok else 1

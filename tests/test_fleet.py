@@ -1,0 +1,205 @@
+"""`coserve plan --fleet`: on a run folder of known numbers, sized by hand, and on the committed
+H200 run folders in results/."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from coserve.cli import main
+from coserve.experiment.rundir import write_json
+from coserve.fleet import Demand, plan_fleet
+from coserve.report.aggregate import aggregate
+from coserve.spec import loads_spec
+
+RESULTS = Path(__file__).resolve().parent.parent / "results"
+SINGLE_GPU = RESULTS / "nvidia-h200-2026-11-25" / "single-gpu"
+EQUAL_WORK = RESULTS / "nvidia-h200-2026-11-29" / "equal-work"
+
+SPEC = """
+name = "fleet"
+repetitions = 3
+baseline = "gen-only"
+[servers.gen]
+model = "tiny-dense"
+[servers.embed]
+model = "all-minilm-l6-v2"
+[[conditions]]
+name = "gen-only"
+servers = ["gen"]
+[[conditions]]
+name = "embed-only"
+servers = ["embed"]
+[[conditions]]
+name = "timeslice"
+[[conditions]]
+name = "mps"
+strategy = "mps"
+gpus = ["0", "1"]
+load = { embed_rate = 15 }
+"""
+
+# Per rep: gen tok/s, embed seq/s, gen TPOT p99 ms, embed latency p99 ms (None: role not run).
+REPS = {
+    "gen-only": [(990, None, 20, None), (1000, None, 20, None), (1010, None, 20, None)],
+    "embed-only": [(None, 190, None, 50), (None, 200, None, 50), (None, 210, None, 50)],
+    "timeslice": [(800, 150, 38, 80), (800, 150, 39, 80), (800, 150, 40, 80)],
+    "mps": [(1600, 120, 45, 70)] * 3,  # two GPUs: 800 tok/s and 60 seq/s each
+}
+# t(0.975, df=2) x std 10 / sqrt(3): the half-width of a 95 % CI over 3 reps 10 apart
+HALF = 4.302652729911275 * 10 / math.sqrt(3)
+
+
+def _rep(cond: str, rep: int, gen, embed, tpot, lat) -> dict:
+    bench = {}
+    if gen is not None:
+        bench["gen"] = {"output_tokens_per_s": gen, "tpot_ms": {"p99": tpot}}
+    if embed is not None:
+        bench["embed"] = {"sequences_per_s": embed, "latency_ms": {"p99": lat}}
+    return {"condition": cond, "rep": rep, "status": "ok", "bench": bench}
+
+
+def _make(d: Path, spec: str) -> Path:
+    write_json(d / "spec.json", loads_spec(spec).to_dict())
+    write_json(
+        d / "fingerprint.json",
+        {"gpus": [{"name": "Test GPU", "memory_mib": 1024}], "driver": "1"},
+    )
+    for cond, reps in REPS.items():
+        for i, values in enumerate(reps, 1):
+            write_json(d / "reps" / cond / f"rep-{i}" / "rep.json", _rep(cond, i, *values))
+    return d
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    return _make(tmp_path_factory.mktemp("fleet") / "run", SPEC)
+
+
+def test_hand_sized_fleet(run_dir):
+    f = plan_fleet(aggregate(run_dir), Demand(10_000, 1_000, gen_tpot_p99_ms=40))
+    ded = f.dedicated
+    assert (ded.gen_condition, ded.embed_condition) == ("gen-only", "embed-only")
+    # 10,000 / 1,000 = 10 gen GPUs; 1,000 / 200 = 5 embed GPUs
+    assert (ded.gen_gpus.mean, ded.embed_gpus.mean, ded.total.mean) == (10, 5, 15)
+    # CI low ends: 10,000 / (1,000 - HALF) = 10.25 -> 11; 1,000 / (200 - HALF) = 5.7 -> 6
+    assert ded.gen_per_gpu.low == pytest.approx(1000 - HALF)
+    assert (ded.total.most, ded.total.fewest) == (17, 15)
+    by = {r.condition: r for r in f.colocated}
+    ts = by["timeslice"]
+    # max(ceil(10,000 / 800), ceil(1,000 / 150)) = max(13, 7); its throughputs have no spread
+    assert (ts.gpus.mean, ts.gpus.most, ts.gpus.fewest) == (13, 13, 13)
+    assert (ts.saving.gpus, ts.saving.least, ts.saving.most) == (2, 2, 4)
+    assert ts.saving.pct == pytest.approx(100 * 2 / 15)
+    # TPOT p99 39 ms at the mean, its CI reaching 41.5: met, flagged
+    assert [c.verdict for c in ts.slos] == ["CI crosses"] and ts.meets
+    mps = by["mps"]
+    # two GPUs: 800 tok/s and 60 seq/s each -> max(13, ceil(16.7)) = 17; TPOT 45 > 40
+    assert (mps.condition_gpus, mps.gpus.mean, mps.saving.gpus) == (2, 17, -2)
+    assert mps.embed_per_gpu.mean == pytest.approx(60) and mps.open_loop == ["embed"]
+    assert not mps.meets and [c.verdict for c in mps.slos] == ["misses"]
+    assert f.best == "timeslice" and [r.condition for r in f.colocated] == ["timeslice", "mps"]
+    assert "Test GPU" in f.caveat and "one machine" in f.caveat
+
+
+def test_slos_on_each_role_and_an_unmeasured_one(run_dir):
+    f = plan_fleet(aggregate(run_dir), Demand(10_000, 1_000, embed_p99_ms=75, gen_ttft_p99_ms=100))
+    by = {r.condition: r for r in f.colocated}
+    # embed latency 80 ms > 75 (timeslice), 70 <= 75 (mps); TTFT was never measured
+    assert [(c.name, c.verdict) for c in by["timeslice"].slos] == [
+        ("gen TTFT p99", "not measured"),
+        ("embed latency p99", "misses"),
+    ]
+    assert by["mps"].slos[1].verdict == "meets" and not by["mps"].meets
+    assert f.best is None
+    # dedicated: gen-only is checked on gen's SLOs, embed-only (50 ms) on embed's
+    assert [(c.condition, c.verdict) for c in f.dedicated.slos] == [
+        ("gen-only", "not measured"),
+        ("embed-only", "meets"),
+    ]
+
+
+def test_gen_alone_when_the_baseline_runs_both(tmp_path):
+    spec = SPEC.replace('baseline = "gen-only"', 'baseline = "timeslice"')
+    f = plan_fleet(aggregate(_make(tmp_path / "run", spec)), Demand(10_000, 1_000))
+    assert (f.dedicated.gen_condition, f.dedicated.total.mean) == ("gen-only", 15)
+
+
+def test_demand_of_one_role_only(run_dir):
+    f = plan_fleet(aggregate(run_dir), Demand(0, 1_000))
+    assert (f.dedicated.gen_gpus.mean, f.dedicated.total.mean) == (0, 5)
+    assert f.dedicated.gen_condition is None
+    assert {r.condition: r.gpus.mean for r in f.colocated} == {"timeslice": 7, "mps": 17}
+
+
+def test_committed_h200_single_gpu():
+    """Closed loops: gen 24,069 tok/s alone, embed 1,132 seq/s alone; time-sliced 15,131 + 437,
+    MPS 6,058 + 959 (stats.json)."""
+    stats = json.loads((SINGLE_GPU / "stats.json").read_text())
+    mean = {
+        c["condition"]: {k: v["mean"] for k, v in c["metrics"].items()} for c in stats["conditions"]
+    }
+    f = plan_fleet(aggregate(SINGLE_GPU), Demand(1_000_000, 20_000, gen_tpot_p99_ms=60))
+    gen_n = math.ceil(1e6 / mean["gen-only"]["gen_tok_s"])
+    embed_n = math.ceil(2e4 / mean["embed-only"]["embed_seq_s"])
+    assert (f.dedicated.gen_gpus.mean, f.dedicated.embed_gpus.mean) == (gen_n, embed_n) == (42, 18)
+    by = {r.condition: r for r in f.colocated}
+    ts = mean["timeslice"]
+    assert by["timeslice"].gpus.mean == max(
+        math.ceil(1e6 / ts["gen_tok_s"]), math.ceil(2e4 / ts["embed_seq_s"])
+    )
+    assert by["timeslice"].gpus.mean == 67 and by["timeslice"].saving.gpus == -7
+    assert mean["mps"]["tpot_p99"] > 60 and not by["mps"].meets
+    assert f.best == "timeslice" and "NVIDIA H200" in f.measured_on
+
+
+def test_committed_h200_equal_work_has_no_embed_alone():
+    f = plan_fleet(aggregate(EQUAL_WORK), Demand(1_000_000, 20_000))
+    assert f.dedicated is None and "embed alone" in f.no_dedicated
+    by = {r.condition: r for r in f.colocated}
+    # embed ran open loop at 490 seq/s offered: its per-GPU figure is a floor
+    assert by["mps"].open_loop == ["embed"] and by["mps"].saving is None
+    assert by["mps"].gpus.mean == max(
+        math.ceil(1e6 / by["mps"].gen_per_gpu.mean), math.ceil(2e4 / by["mps"].embed_per_gpu.mean)
+    )
+
+
+def test_cli_table_and_json(run_dir, capsys):
+    args = ["plan", "--fleet", str(run_dir), "--gen-tok-s", "10000", "--embed-seq-s", "1000"]
+    assert main([*args, "--gen-tpot-p99-ms", "40"]) == 0
+    out = capsys.readouterr().out
+    assert "Extrapolated from one machine's measurement" in out
+    assert "timeslice, 13, 2 fewer than 15 dedicated" in " ".join(out.split())
+    assert main([*args, "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["dedicated"]["total"] == {"mean": 15, "most": 17, "fewest": 15}
+    assert d["colocated"][0]["condition"] == "timeslice" and d["colocated"][0]["meets"]
+    # nothing meets a TPOT of 10 ms: exit 1
+    assert main([*args, "--gen-tpot-p99-ms", "10"]) == 1
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--spec", "x.toml"], "--spec does not go with --fleet"),
+        (["--embed-seq-s", "-1"], "--embed-seq-s: must be a number >= 0"),
+        (["--gen-ttft-p99-ms", "0"], "--gen-ttft-p99-ms: must be a positive number"),
+    ],
+)
+def test_cli_refuses_bad_input(run_dir, capsys, extra, message):
+    args = ["plan", "--fleet", str(run_dir), "--gen-tok-s", "10", "--embed-seq-s", "1", *extra]
+    assert main(args) == 2
+    cap = capsys.readouterr()
+    assert message in cap.out + cap.err
+
+
+def test_cli_fleet_flags_need_fleet(tmp_path, capsys):
+    assert main(["plan", "--gen-tok-s", "10"]) == 2
+    assert "--gen-tok-s needs --fleet" in capsys.readouterr().out
+    assert main(["plan", "--fleet", str(tmp_path), "--gen-tok-s", "1"]) == 2
+    assert "--fleet needs --embed-seq-s" in capsys.readouterr().out
+    assert main(["plan", "--fleet", str(tmp_path), "--gen-tok-s", "1", "--embed-seq-s", "1"]) == 2
+    assert "not a coserve run folder" in capsys.readouterr().err
