@@ -32,6 +32,7 @@ from coserve.server.gen_api import OUTCOME, GenApi
 from coserve.server.http_errors import JsonErrorRunner
 from coserve.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from coserve.server.metrics import Metrics
+from coserve.server.profile_api import ProfileApi
 from coserve.server.protocol import parse_embedding
 from coserve.server.slo_guard import Allowance, GuardConfig, SloGuard, guard_metrics, run_guard
 
@@ -53,6 +54,8 @@ class ServeOptions:
     guard: GuardConfig | None = None  # embed only: the SLO guard, reading guard_gen_url's /metrics
     guard_gen_url: str = ""
     guard_interval_s: float = 0.05
+    profile_dir: str = ""  # "" : no profiling endpoints (profile_api.py)
+    profile_steps: int = 20
 
 
 def _authorized(request: web.Request, key: str) -> bool:
@@ -89,6 +92,8 @@ class OpenAIServer:
         app.router.add_get("/health", self.health)
         app.router.add_get("/metrics", self.metrics_page)
         app.router.add_get("/version", self.version)
+        if self.opts.profile_dir:
+            ProfileApi(self.engine, self.opts.profile_dir, self.opts.profile_steps).add_routes(app)
         return app
 
     # ---- middleware: auth, errors, request accounting ------------------------------------

@@ -17,6 +17,7 @@ import sys
 import threading
 
 from coserve.server.fields import CHARS_PER_TOKEN_BOUND, RequestLimits
+from coserve.server.profile_api import add_flags as add_profile_flags
 from coserve.server.serve_flags import (
     Given,
     KindGroup,
@@ -297,6 +298,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=50.0,
         help="how often the guard reads gen's /metrics (default %(default)s)",
     )
+    add_profile_flags(
+        KindGroup(parser.add_argument_group("profiling (gen and embed)"), ("gen", "embed"), kinds)
+    )
     limits = parser.add_argument_group(
         "limits on one request (checked before any work; a request over one gets a 4xx)"
     )
@@ -442,6 +446,8 @@ def run(args) -> int:
         guard=guard_config(args, engine.max_model_len),
         guard_gen_url=args.slo_guard_gen_url or "",
         guard_interval_s=args.slo_guard_interval_ms / 1e3,
+        profile_dir=args.profile_dir or "",
+        profile_steps=args.profile_steps,
     )
     rc = asyncio.run(serve(engine, opts, sock))
     return _exit(rc)

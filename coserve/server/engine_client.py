@@ -209,6 +209,11 @@ class EngineClient:
         if self.alive:
             self._send(("allow", allowance.tokens_per_forward, allowance.pause_s, allowance.hold))
 
+    def control(self, cmd: tuple) -> None:
+        """Send the core a command of engine_core.py's list (e.g. ("profile", "stop"))."""
+        if self.alive:
+            self._send(cmd)
+
     def abort_all(self, error: ApiError | None = None) -> int:
         """End every request in flight (server shutting down); returns how many streams."""
         streams = set(self._streams.values())

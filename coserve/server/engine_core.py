@@ -6,7 +6,8 @@ and numpy arrays, framed as multiprocessing.Connection frames them (the front re
 with asyncio). Per engine step, at most one message each way:
 
 front -> core  [("add", add_id, [(request_id, *add_request_args), ...]), ("abort", [ids]),
-                ("allow", tokens_per_forward, pause_s, hold), ("stop",)]
+                ("allow", tokens_per_forward, pause_s, hold), ("profile", "start", dir, steps),
+                ("profile", "stop"), ("stop",)]
 core -> front  ("ready", info) | ("failed", message, exit_code) first, then
                ("step", outputs, acks, stats | None, steps) | ("dead", message)
 
@@ -36,6 +37,8 @@ import time
 from collections import deque
 
 import numpy as np
+
+from coserve.server.step_profile import StepProfiler
 
 log = logging.getLogger("coserve.server")
 
@@ -196,7 +199,7 @@ class Pacing:
         return max(0.0, self.last_step_end + self.pause_s - now)  # a new pause counts at once
 
 
-def _apply(engine, cmds: list, acks: list, pacing: Pacing) -> bool:
+def _apply(engine, cmds: list, acks: list, pacing: Pacing, profiler: StepProfiler) -> bool:
     """Apply the front's commands; True when told to stop."""
     for cmd in cmds:
         kind = cmd[0]
@@ -204,6 +207,9 @@ def _apply(engine, cmds: list, acks: list, pacing: Pacing) -> bool:
             return True
         if kind == "allow":
             pacing.allow(engine, *cmd[1:])
+            continue
+        if kind == "profile":
+            profiler.command(*cmd[1:])
             continue
         if kind == "abort":
             for rid in cmd[1]:
@@ -231,7 +237,7 @@ def _apply(engine, cmds: list, acks: list, pacing: Pacing) -> bool:
 def _loop(engine, conn) -> None:
     steps = 0
     stats_at = 0.0
-    clock, pacing = StepClock(), Pacing()
+    clock, pacing, profiler = StepClock(), Pacing(), StepProfiler()
     while True:
         acks: list = []
         busy = engine.has_unfinished()
@@ -239,24 +245,28 @@ def _loop(engine, conn) -> None:
         waited_from = time.monotonic()
         if not wait or conn.poll(wait):
             while conn.poll(0):
-                if _apply(engine, pickle.loads(conn.recv_bytes()), acks, pacing):
+                if _apply(engine, pickle.loads(conn.recv_bytes()), acks, pacing, profiler):
                     return
         outputs = []
         if busy and wait:
             clock.throttled_s += time.monotonic() - waited_from
         if engine.has_unfinished() and not pacing.wait_s(time.monotonic()):
             t0 = time.monotonic()
-            done = engine.step()
+            done = profiler.run_step(engine) if profiler.capturing else engine.step()
             t1 = time.monotonic()
             clock.add(t1, t1 - t0)
             pacing.last_step_end = t1
             logprobs = _take_logprobs(engine)
             outputs = [_plain(o, logprobs) for o in done]
             steps += 1
+        if profiler.state != "idle":
+            profiler.after_step(engine.has_unfinished())
         now = time.monotonic()
         stats = None
         if now - stats_at >= STATS_INTERVAL_S or (steps and not engine.has_unfinished()):
             stats_at = now
             stats = {**engine.stats(), **clock.stats(now)}
+            if profiler.state != "idle":
+                stats.update(profiler.stats())
         if outputs or acks or stats is not None:
             _send(conn, ("step", outputs, acks, stats, steps))
