@@ -109,6 +109,7 @@ class ClockSecond:
     """One telemetry tick: clocks, power and NVML's clock-event reasons (True: active)."""
 
     t_rel_s: float
+    device: str
     sm_clock_mhz: float | None
     mem_clock_mhz: float | None
     power_w: float | None

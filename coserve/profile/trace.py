@@ -90,8 +90,10 @@ def _complete(events: list[dict], cat: str) -> list[dict]:
 def steps_of(events: list[dict]) -> list[Interval]:
     """The `coserve.step` ranges, in time order."""
     ranges = [e for e in _complete(events, "user_annotation") if e.get("name") == STEP_RANGE]
-    return sorted((Interval(STEP_RANGE, float(e["ts"]), float(e["dur"])) for e in ranges),
-                  key=lambda i: i.start)
+    return sorted(
+        (Interval(STEP_RANGE, float(e["ts"]), float(e["dur"])) for e in ranges),
+        key=lambda i: i.start,
+    )
 
 
 def kernels_of(events: list[dict], steps: list[Interval]) -> tuple[list[Interval], str]:
@@ -105,8 +107,11 @@ def kernels_of(events: list[dict], steps: list[Interval]) -> tuple[list[Interval
         e.get("tid") for e in _complete(events, "user_annotation") if e.get("name") == STEP_RANGE
     }
     ops = sorted(
-        (Interval(str(e["name"]), float(e["ts"]), float(e["dur"]))
-         for e in _complete(events, "cpu_op") if e.get("tid") in step_tids),
+        (
+            Interval(str(e["name"]), float(e["ts"]), float(e["dur"]))
+            for e in _complete(events, "cpu_op")
+            if e.get("tid") in step_tids
+        ),
         key=lambda i: (i.start, -i.dur),
     )
     top: list[Interval] = []
@@ -224,9 +229,7 @@ def timeline(steps: list[Interval], kernels: list[Interval]) -> list[Span]:
         return []
     t0 = steps[0].start
     t1 = steps[min(TIMELINE_STEPS, len(steps)) - 1].end
-    spans = [
-        Span(k.start - t0, k.dur, classify(k.name)) for k in kernels if t0 <= k.start < t1
-    ]
+    spans = [Span(k.start - t0, k.dur, classify(k.name)) for k in kernels if t0 <= k.start < t1]
     return spans[:TIMELINE_MAX]
 
 

@@ -303,6 +303,8 @@ async def serve(engine: EngineClient, opts: ServeOptions, sock: socket.socket | 
             await engine.stop()
             return 1
     await engine.attach()
+    if opts.profile_dir:
+        engine.control(("profile", "prepare"))  # the profiler's set-up, before any load
     server = OpenAIServer(engine, opts)
     runner = JsonErrorRunner(
         server.make_app(),

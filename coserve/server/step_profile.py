@@ -13,7 +13,9 @@ run (the load is over) or "stop" arrives: the steps after the window are not del
 Files in out_dir: `trace.json.gz` (Chrome trace: chrome://tracing or ui.perfetto.dev) and
 `steps.json` (per captured step: index, decode or not, outputs, wall ms; the window's wall
 start and end, epoch seconds). Nothing is captured or written unless "start" arrives: a
-server started without --profile-dir never builds a StepProfiler's torch profiler.
+server started without --profile-dir never builds a torch profiler; one started with it has
+the front send "prepare" at start-up, which sets the profiler up (seconds, once) before any
+load arrives.
 
 States (in the core's stats as `profile_state`): idle, capturing, captured, saved, failed.
 """
@@ -49,24 +51,42 @@ class StepProfiler:
 
     # ---- commands from the front -----------------------------------------------------------
     def command(self, what: str, *args) -> None:
-        """("start", out_dir, steps) or ("stop",); a start while not idle is ignored."""
-        if what == "start" and self.state == "idle":
+        """("prepare",), ("start", out_dir, steps) or ("stop",); a start while not idle is
+        ignored."""
+        if what == "prepare" and self.state == "idle":
+            self._prepare()
+        elif what == "start" and self.state == "idle":
             self._start(Path(args[0]), int(args[1]))
         elif what == "stop":
             self._stop_asked = True
             if self.capturing:
                 self._end_capture()
 
+    @staticmethod
+    def _new():
+        import torch
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU]
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            activities.append(ProfilerActivity.CUDA)
+        return profile(activities=activities, record_shapes=False, with_stack=False)
+
+    def _prepare(self) -> None:
+        """Start and stop a profiler once, capturing nothing: the first start in a process
+        sets up Kineto (and CUPTI) and takes seconds, which would otherwise stall the engine
+        at the window's start."""
+        try:
+            prof = self._new()
+            prof.start()
+            prof.stop()
+        except Exception as e:
+            self._fail(f"the torch profiler did not start: {e!r}")
+
     def _start(self, out_dir: Path, steps: int) -> None:
         try:
-            import torch
-            from torch.profiler import ProfilerActivity, profile
-
             out_dir.mkdir(parents=True, exist_ok=True)
-            activities = [ProfilerActivity.CPU]
-            if torch.cuda.is_available() and torch.cuda.is_initialized():
-                activities.append(ProfilerActivity.CUDA)
-            self._prof = profile(activities=activities, record_shapes=False, with_stack=False)
+            self._prof = self._new()
             self._prof.start()
         except Exception as e:  # a profiler that cannot start must not stop the engine
             self._fail(f"the torch profiler did not start: {e!r}")
