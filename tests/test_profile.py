@@ -36,6 +36,11 @@ SYNTHETIC = [
     _x("kernel", "_rms_norm_kernel", 142, 4),  # 142-146: gap 2
     _x("kernel", "_silu_and_mul_kernel", 300, 7),  # after the window: left out
     _x("cpu_op", "aten::mm", 1, 5),  # a GPU trace: CPU ops are not the kernels
+    _x("cuda_runtime", "cudaLaunchKernel", 2, 4),
+    _x("cuda_runtime", "cudaGraphLaunch", 5, 8),
+    _x("cuda_runtime", "cudaGraphLaunch", 105, 12),
+    _x("cuda_runtime", "cudaMemcpyAsync", 106, 30),  # not a launch
+    _x("cuda_runtime", "cudaGraphLaunch", 200, 99),  # after the window
 ]
 
 
@@ -73,8 +78,32 @@ def test_analysis_of_a_synthetic_trace_gives_the_known_figures():
         (10.0, "norm"),
         (35.0, "moe_gemm"),
     ]
+    launches = [(a.name, a.count, a.mean_us, a.p50_us) for a in prof.launches]
+    assert launches == [("cudaGraphLaunch", 2, 10.0, 10.0), ("cudaLaunchKernel", 1, 4.0, 4.0)]
+    assert prof.launches[0].p99_us == pytest.approx(11.96)  # 8 + 0.99 * 4
     again = RepProfile.from_dict(RepProfile("c", roles={"gen": prof}).to_dict())
     assert again.roles["gen"] == prof
+
+
+def test_gen_kernels_beside_embed_kernels():
+    from coserve.profile.cross import interleave_of
+    from coserve.profile.trace import Interval
+
+    gen = [Interval("g", 0, 10), Interval("g", 20, 10), Interval("g", 35, 10)]
+    embed = [
+        Interval("e", 5, 10),
+        Interval("e", 25, 3),
+        Interval("e", 31, 2),
+        Interval("e", 50, 10),
+    ]
+    x = interleave_of(gen, embed, 0, 50)
+    assert (x.window_ms, x.embed_kernels) == (0.05, 3)
+    # gen kernels 30 us, 5 + 3 of them beside an embed kernel; gaps 10-20 and 30-35 (15 us),
+    # embed ran in 10-15 and 31-33 of them (7 us)
+    assert x.gen_kernel_ms == pytest.approx(0.03)
+    assert x.gen_kernel_overlapped_ms == pytest.approx(0.008)
+    assert x.gen_gap_ms == pytest.approx(0.015)
+    assert x.gen_gap_filled_ms == pytest.approx(0.007)
 
 
 def test_on_cpu_the_top_level_ops_of_the_step_thread_stand_in_for_kernels():
@@ -308,3 +337,18 @@ def test_coserve_profile_on_the_demo_spec(tmp_path):
     assert "Profile" in (out / "report.html").read_text()
     gen_log = (rep / "gen.log").read_text()
     assert "--profile-steps 3" in gen_log and "profile of 3 steps written" in gen_log
+
+
+def test_interleave_from_two_traces_on_one_clock():
+    from coserve.profile.cross import interleave
+
+    embed = [_x("user_annotation", STEP_RANGE, 50, 150), _x("kernel", "embed_gemm", 80, 30)]
+    x = interleave(SYNTHETIC, embed)  # both captured over 50-150 us
+    # gen kernels starting there: 70-80, 110-130, 135-140, 142-146; embed ran 80-110, all of
+    # it in the gap between gen's 80 and 110 and none beside a gen kernel
+    assert (x.window_ms, x.embed_kernels) == (0.1, 1)
+    assert x.gen_kernel_ms == pytest.approx(0.039)
+    assert x.gen_kernel_overlapped_ms == 0.0
+    assert x.gen_gap_ms == pytest.approx(0.037)
+    assert x.gen_gap_filled_ms == pytest.approx(0.03)
+    assert interleave(SYNTHETIC, [_x("user_annotation", STEP_RANGE, 500, 10)]) is None

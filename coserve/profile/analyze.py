@@ -8,6 +8,7 @@ import json
 import logging
 from pathlib import Path
 
+from coserve.profile.cross import interleave
 from coserve.profile.records import ClockSecond, RepProfile
 from coserve.profile.trace import analyze, load_events
 
@@ -55,6 +56,7 @@ def analyze_rep(rep_dir: Path, roles: list[str]) -> RepProfile:
     `roles` whose traces were written; a trace that cannot be read becomes a note."""
     rep_dir = Path(rep_dir)
     out = RepProfile(condition=rep_dir.parent.name)
+    events_of: dict[str, list[dict]] = {}
     for role in roles:
         pdir = rep_dir / "profile" / role
         try:
@@ -67,6 +69,9 @@ def analyze_rep(rep_dir: Path, roles: list[str]) -> RepProfile:
             continue
         prof.trace = str((pdir / "trace.json.gz").relative_to(rep_dir.parent.parent.parent))
         out.roles[role] = prof
+        events_of[role] = events
+    if "gen" in events_of and "embed" in events_of:
+        out.interleave = interleave(events_of["gen"], events_of["embed"])
     out.clocks = clocks_of(rep_dir / "telemetry.jsonl")
     return out
 

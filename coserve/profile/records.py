@@ -66,6 +66,32 @@ class GapStats:
 
 
 @dataclass
+class ApiStat:
+    """One CUDA launch call on the host (cudaLaunchKernel, cudaGraphLaunch, ...) over the
+    window: the dispatch latency the study measured with nsys."""
+
+    name: str
+    count: int
+    mean_us: float
+    p50_us: float
+    p99_us: float
+
+
+@dataclass
+class Interleave:
+    """Gen's kernels against embed's on the same clock, over the time both were captured:
+    how much of gen's kernel time ran while an embed kernel ran too (SM sharing), and how much
+    of the idle time between gen's kernels an embed kernel filled (interleaving)."""
+
+    window_ms: float = 0.0
+    gen_kernel_ms: float = 0.0
+    gen_kernel_overlapped_ms: float = 0.0
+    gen_gap_ms: float = 0.0
+    gen_gap_filled_ms: float = 0.0
+    embed_kernels: int = 0
+
+
+@dataclass
 class Span:
     """A kernel on the timeline plot, `start_us` from the window's first step."""
 
@@ -86,6 +112,7 @@ class RoleProfile:
     classes: list[ClassShare] = field(default_factory=list)
     gaps: GapStats = field(default_factory=GapStats)
     timeline: list[Span] = field(default_factory=list)  # the first few steps, for the plot
+    launches: list[ApiStat] = field(default_factory=list)  # CUDA launch calls (GPU only)
     trace: str = ""  # the Chrome trace, relative to the run folder
 
     def decode_steps(self) -> list[StepStat]:
@@ -125,6 +152,7 @@ class RepProfile:
     condition: str
     roles: dict[str, RoleProfile] = field(default_factory=dict)
     clocks: list[ClockSecond] = field(default_factory=list)
+    interleave: Interleave | None = None  # both servers captured
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -143,11 +171,13 @@ class RepProfile:
                 classes=[ClassShare(**c) for c in r["classes"]],
                 gaps=GapStats(**r["gaps"]),
                 timeline=[Span(**s) for s in r["timeline"]],
+                launches=[ApiStat(**a) for a in r.get("launches", [])],
                 trace=r.get("trace", ""),
             )
         return cls(
             condition=d["condition"],
             roles=roles,
             clocks=[ClockSecond(**c) for c in d.get("clocks", [])],
+            interleave=Interleave(**d["interleave"]) if d.get("interleave") else None,
             notes=list(d.get("notes", [])),
         )

@@ -23,6 +23,7 @@ import numpy as np
 
 from coserve.profile.records import (
     KERNEL_CLASSES,
+    ApiStat,
     ClassShare,
     GapStats,
     KernelStat,
@@ -190,6 +191,25 @@ def kernel_stats(kernels: list[Interval]) -> list[KernelStat]:
     return sorted(out, key=lambda k: (-k.total_ms, k.name))
 
 
+def _pcts(values: list[float]) -> tuple[float, float, float]:
+    a = np.asarray(values, dtype=float)
+    return float(a.mean()), float(np.percentile(a, 50)), float(np.percentile(a, 99))
+
+
+def launch_stats(events: list[dict], lo: float, hi: float) -> list[ApiStat]:
+    """Per CUDA launch call (runtime or driver API, name containing "Launch") that started in
+    [lo, hi): count and host duration; most frequent first. [] on CPU."""
+    by_name: dict[str, list[float]] = defaultdict(list)
+    for e in events:
+        if e.get("ph") != "X" or e.get("cat") not in ("cuda_runtime", "cuda_driver"):
+            continue
+        name = str(e.get("name", ""))
+        if "Launch" in name and lo <= float(e["ts"]) < hi:
+            by_name[name].append(float(e["dur"]))
+    out = [ApiStat(name, len(d), *_pcts(d)) for name, d in by_name.items()]
+    return sorted(out, key=lambda a: (-a.count, a.name))
+
+
 def class_shares(stats: list[KernelStat]) -> list[ClassShare]:
     """Kernel time per class (every class, in KERNEL_CLASSES order), with its share."""
     total = sum(k.total_ms for k in stats)
@@ -244,6 +264,7 @@ def analyze(role: str, events: list[dict], labels: list[dict] | None = None) -> 
     lo, hi = steps[0].start, max(s.end for s in steps)
     kernels = [k for k in kernels if lo <= k.start < hi]
     stats = kernel_stats(kernels)
+    launches = launch_stats(events, lo, hi)
     return RoleProfile(
         role=role,
         source=source,
@@ -252,4 +273,5 @@ def analyze(role: str, events: list[dict], labels: list[dict] | None = None) -> 
         classes=class_shares(stats),
         gaps=gap_stats(gaps_us(kernels)),
         timeline=timeline(steps, kernels),
+        launches=launches,
     )

@@ -130,6 +130,51 @@ def kernel_table(p: RoleProfile) -> Block:
     )
 
 
+def launch_table(p: RoleProfile) -> Block:
+    rows = [
+        [a.name, str(a.count), num(a.mean_us), num(a.p50_us), num(a.p99_us)] for a in p.launches
+    ]
+    return Block(
+        "table", headers=["Launch call", "Count", "Mean µs", "p50 µs", "p99 µs"], rows=rows
+    )
+
+
+def interleave_table(reps: list[Profiled]) -> Block | None:
+    rows = []
+    for r in reps:
+        x = r.profile.interleave
+        if x is None:
+            continue
+        share = x.gen_kernel_overlapped_ms / x.gen_kernel_ms if x.gen_kernel_ms > 0 else None
+        filled = x.gen_gap_filled_ms / x.gen_gap_ms if x.gen_gap_ms > 0 else None
+        rows.append(
+            [
+                r.label,
+                num(x.window_ms),
+                str(x.embed_kernels),
+                num(x.gen_kernel_ms),
+                _pct(share),
+                num(x.gen_gap_ms),
+                _pct(filled),
+            ]
+        )
+    if not rows:
+        return None
+    return Block(
+        "table",
+        headers=[
+            "Condition",
+            "Both captured ms",
+            "Embed kernels",
+            "Gen kernel ms",
+            "Gen kernel time beside an embed kernel",
+            "Gen gap ms",
+            "Gen gaps filled by embed",
+        ],
+        rows=rows,
+    )
+
+
 def clocks_table(reps: list[Profiled]) -> Block:
     rows = []
     for r in reps:
@@ -190,8 +235,23 @@ def profile_blocks(run_dir: Path, order: list[str], plot_paths: dict[str, Path])
         if "gen" in r.profile.roles:
             blocks.append(Block("p", f"Gen's {TOP_KERNELS} heaviest kernels:"))
             blocks.append(kernel_table(r.profile.roles["gen"]))
+            if r.profile.roles["gen"].launches:
+                blocks.append(Block("p", "Gen's CUDA launch calls (host time per call):"))
+                blocks.append(launch_table(r.profile.roles["gen"]))
         if r.profile.notes:
             blocks.append(Block("ul", items=list(r.profile.notes)))
+    cross = interleave_table(reps)
+    if cross is not None:
+        blocks += [
+            Block("h3", "Gen's kernels beside embed's"),
+            cross,
+            Block(
+                "p",
+                "Over the time both servers' windows cover, on the host's clock: gen kernel "
+                "time during which an embed kernel also ran (the two sharing the SMs), and the "
+                "idle time between gen's kernels during which an embed kernel ran (interleaving).",
+            ),
+        ]
     if any(r.profile.clocks for r in reps):
         blocks += [
             Block("h3", "Clocks, power and clock-event reasons over the load"),
