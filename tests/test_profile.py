@@ -301,6 +301,42 @@ def test_ncu_refuses_mps_and_prints_the_command(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "o").exists()  # printed, not run
 
 
+FAKE_NCU = """#!/usr/bin/env python3
+# Stands in for ncu: runs the wrapped command after `-o REPORT`; `--import` prints the CSV.
+import os, sys
+args = sys.argv[1:]
+if "--import" in args:
+    sys.stdout.write(open(os.environ["FAKE_NCU_CSV"]).read())
+    sys.exit(0)
+i = args.index("-o")
+open(args[i + 1] + ".ncu-rep", "w").write("not a report")
+os.execvp(args[i + 2], args[i + 2 :])
+"""
+
+
+def test_ncu_execute_runs_the_condition_with_gen_under_ncu(tmp_path, monkeypatch, capsys):
+    from coserve.cli import main
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "ncu").write_text(FAKE_NCU)
+    (bin_dir / "ncu").chmod(0o755)
+    (tmp_path / "ncu.csv").write_text(NCU_CSV)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{__import__('os').environ['PATH']}")
+    monkeypatch.setenv("FAKE_NCU_CSV", str(tmp_path / "ncu.csv"))
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    monkeypatch.chdir(tmp_path)
+    args = ["profile", str(ROOT / "experiments" / "demo.toml"), "--condition", "gen-only"]
+    args += ["--ncu", "--execute", "--kernel-name", "rms", "--warmup-s", "0", "--duration-s", "1"]
+    assert main([*args, "--out", "o"]) == 0, capsys.readouterr()
+    out = capsys.readouterr().out
+    assert "_rms_norm_kernel" in out and "L2 hit 61.25%" in out
+    parsed = json.loads((tmp_path / "o" / "ncu" / "gen-only.json").read_text())
+    assert [k["name"] for k in parsed] == ["_rms_norm_kernel", "_moe_gemm_kernel"]
+    log = (tmp_path / "o" / "run" / "reps" / "gen-only" / "rep-1" / "gen.log").read_text()
+    assert "ncu --target-processes all --kernel-name regex:rms" in log
+
+
 # ---- the whole command on CPU --------------------------------------------------------------
 
 

@@ -157,11 +157,11 @@ def run(args: argparse.Namespace) -> int:
         say(console, "bad spec", "red", str(e))
         return 2
     names = [c.strip() for c in args.condition.split(",") if c.strip()]
+    spec = profile_spec(spec, args.warmup_s, args.duration_s)
     if args.ncu:
         from coserve.profile.ncu import run_ncu
 
         return run_ncu(spec, names, args, console)
-    spec = profile_spec(spec, args.warmup_s, args.duration_s)
     out = Path(args.out or f"runs/profile-{dt.datetime.now():%Y%m%d-%H%M%S}")
     return _profile(spec, names, out, args, console)
 

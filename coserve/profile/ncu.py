@@ -164,7 +164,8 @@ def wrapped_spec(spec, cond, command: list[str]):
 
 def run_ncu(spec, names: list[str], args, console) -> int:
     """`coserve profile --ncu`: print the command (and with --execute run the condition with
-    its gen server under ncu and print the parsed kernels). Exit 2 when refused."""
+    its gen server under ncu and print the parsed kernels). Exit 2 when refused. Under --out
+    DIR: DIR/ncu/CONDITION.ncu-rep and .json (the parsed kernels), DIR/run (the run)."""
     from coserve.experiment.backend import resolve_device
     from coserve.experiment.command import say
 
@@ -203,10 +204,10 @@ def run_ncu(spec, names: list[str], args, console) -> int:
     if shutil.which("ncu") is None:
         say(console, "refused:", "red", "ncu is not on PATH (see `coserve doctor`)")
         return 2
-    return _execute(spec, cond, cmd, report, out, console)
+    return _execute(spec, cond, cmd, report, out / "run", console)
 
 
-def _execute(spec, cond, cmd: list[str], report: Path, out: Path, console) -> int:
+def _execute(spec, cond, cmd: list[str], report: Path, run_dir: Path, console) -> int:
     import json
 
     from coserve.experiment.command import say
@@ -215,7 +216,7 @@ def _execute(spec, cond, cmd: list[str], report: Path, out: Path, console) -> in
     report.parent.mkdir(parents=True, exist_ok=True)
     wrapped = dataclasses.replace(wrapped_spec(spec, cond, cmd), repetitions=1)
     try:
-        records = Runner(wrapped, out, only=[cond.name]).run()
+        records = Runner(wrapped, run_dir, only=[cond.name]).run()
     except RunRefused as e:
         say(console, "refused:", "red", str(e))
         return 2
