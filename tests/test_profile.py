@@ -388,3 +388,50 @@ def test_interleave_from_two_traces_on_one_clock():
     assert x.gen_gap_ms == pytest.approx(0.037)
     assert x.gen_gap_filled_ms == pytest.approx(0.03)
     assert interleave(SYNTHETIC, [_x("user_annotation", STEP_RANGE, 500, 10)]) is None
+
+
+def test_clocks_from_telemetry_to_the_report_section(tmp_path):
+    from coserve.profile.analyze import analyze_rep
+    from coserve.report.profile_plots import make
+    from coserve.report.profile_section import profile_blocks
+
+    rep = tmp_path / "reps" / "mps" / "rep-1"
+    rep.mkdir(parents=True)
+    rows = [  # telemetry.jsonl as the sampler writes it (values chosen for the test)
+        {
+            "t_rel_s": 0.0,
+            "device": "0",
+            "sm_clock_mhz": 1980,
+            "mem_clock_mhz": 3201,
+            "power_w": 600.0,
+            "power_capped": 0,
+            "thermal": 0,
+            "sync_boost": 0,
+        },
+        {
+            "t_rel_s": 1.0,
+            "device": "0",
+            "sm_clock_mhz": 1600,
+            "mem_clock_mhz": 3201,
+            "power_w": 700.0,
+            "power_capped": 1,
+            "thermal": 0,
+            "sync_boost": 0,
+        },
+    ]
+    (rep / "telemetry.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"cut')
+    summary = analyze_rep(rep, [])
+    assert summary.condition == "mps"
+    assert [(c.sm_clock_mhz, c.power_capped) for c in summary.clocks] == [
+        (1980, False),
+        (1600, True),
+    ]
+    (rep / "profile").mkdir()
+    (rep / "profile" / "summary.json").write_text(json.dumps(summary.to_dict()))
+    plots = make(tmp_path, ["mps"], tmp_path / "plots")
+    assert list(plots) == ["profile_clocks"]  # no gen timeline without a trace
+    blocks = profile_blocks(tmp_path, ["mps"], plots)
+    table = next(b for b in blocks if b.kind == "table" and b.headers[0] == "Condition")
+    assert table.rows == [["mps (rep 1)", "2", "1,790", "3,201", "650", "50.0%", "0.0%", "0.0%"]]
+    assert any(b.kind == "img" and b.path == plots["profile_clocks"] for b in blocks)
+    assert profile_blocks(tmp_path / "nothing", [], {}) == []

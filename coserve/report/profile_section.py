@@ -1,7 +1,7 @@
 """The report's "Profile" section, from the reps `coserve profile` ran (their
 profile/summary.json, records.RepProfile): per condition a table per server (step wall time,
 device busy time, gaps between kernels, kernel classes), gen's heaviest kernels, the clocks,
-power and clock-event reasons over the load, and one timeline plot of gen's kernels and gaps.
+power and clock-event reasons over the load (the plots: profile_plots.py).
 A run without profiled reps has no such section."""
 
 from __future__ import annotations
@@ -14,13 +14,6 @@ from coserve.profile.records import KERNEL_CLASSES, ClockSecond, RepProfile, Rol
 from coserve.report.blocks import Block, num
 
 TOP_KERNELS = 10
-CLASS_COLOURS = dict(
-    zip(
-        KERNEL_CLASSES,
-        ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#999999"),
-        strict=True,
-    )
-)
 
 
 @dataclass
@@ -263,6 +256,14 @@ def profile_blocks(run_dir: Path, order: list[str], plot_paths: dict[str, Path])
                 "power brake; thermal: software or hardware thermal slowdown).",
             ),
         ]
+    if "profile_clocks" in plot_paths:
+        blocks.append(
+            Block(
+                "img",
+                "SM clock and power per tick, reasons marked",
+                path=plot_paths["profile_clocks"],
+            )
+        )
     if "profile_timeline" in plot_paths:
         blocks.append(
             Block(
@@ -272,45 +273,3 @@ def profile_blocks(run_dir: Path, order: list[str], plot_paths: dict[str, Path])
             )
         )
     return blocks
-
-
-def timeline_plot(run_dir: Path, order: list[str], path: Path) -> Path | None:
-    """One row per profiled rep: gen's kernels over its first steps, coloured by class; the
-    white between them is the gaps. None when no rep has a gen timeline."""
-    reps = [r for r in profiled_reps(run_dir, order) if "gen" in r.profile.roles]
-    reps = [r for r in reps if r.profile.roles["gen"].timeline]
-    if not reps:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import Patch
-
-    fig, ax = plt.subplots(figsize=(11, 1.7 + 0.6 * len(reps)))
-    for row, r in enumerate(reps):
-        spans = r.profile.roles["gen"].timeline
-        for cls in KERNEL_CLASSES:
-            bars = [
-                (s.start_us / 1e3, max(s.dur_us, 1e-3) / 1e3)
-                for s in spans
-                if s.kernel_class == cls
-            ]
-            if bars:
-                ax.broken_barh(bars, (row - 0.35, 0.7), facecolors=CLASS_COLOURS[cls])
-    ax.set_yticks(range(len(reps)), [r.label for r in reps])
-    ax.set_ylim(-0.6, len(reps) - 0.4)
-    ax.set_xlabel("ms from the window's first step")
-    ax.set_title("Gen's kernels over the first profiled steps (gaps are white)")
-    fig.legend(
-        handles=[Patch(color=CLASS_COLOURS[c], label=c) for c in KERNEL_CLASSES],
-        loc="lower center",
-        ncol=len(KERNEL_CLASSES),
-        fontsize=8,
-        frameon=False,
-    )
-    fig.tight_layout(rect=(0, 0.1 + 0.1 / len(reps), 1, 1))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path

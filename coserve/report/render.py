@@ -13,11 +13,11 @@ from pathlib import Path
 
 from coserve.experiment.fingerprint import describe_gpus
 from coserve.experiment.rundir import write_atomic
-from coserve.report import plots
+from coserve.report import plots, profile_plots
 from coserve.report.aggregate import RunStats, aggregate, embed_baseline
 from coserve.report.blocks import Block
 from coserve.report.load_tables import equal_work_blocks, goodput_blocks, load_blocks
-from coserve.report.profile_section import profile_blocks, timeline_plot
+from coserve.report.profile_section import profile_blocks
 from coserve.report.sections import (
     environment_blocks,
     latency_tables,
@@ -209,9 +209,7 @@ def render(path: str | Path, with_plots: bool = True) -> Rendered:
     base = run.run_dir.path
     plot_paths = plots.make_all(run, base / "plots") if with_plots else {}
     if with_plots:
-        made = timeline_plot(base, _order(run), base / "plots" / "profile_timeline.png")
-        if made is not None:
-            plot_paths["profile_timeline"] = made
+        plot_paths.update(profile_plots.make(base, _order(run), base / "plots"))
     blocks = build(run, plot_paths)
     md, htm, st = base / "report.md", base / "report.html", base / "stats.json"
     write_atomic(md, to_markdown(blocks, base))
