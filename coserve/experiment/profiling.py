@@ -3,6 +3,7 @@ server: a Backend whose servers get `--profile-dir REP/profile/ROLE --profile-st
 load asks them (POST /start_profile) to capture once its warm-up is over, and which, after
 the load, ends the captures (POST /stop_profile), waits for the traces and writes the rep's
 analysis to REP/profile/summary.json (records.RepProfile). The Runner itself is unchanged.
+A load that fails or is cut short leaves no summary (the rep fails or stops anyway).
 
 Servers of other launchers (vllm, external, command) are not profiled; the summary says so."""
 
@@ -70,11 +71,13 @@ class ProfilingBackend(Backend):
         timer.daemon = True
         timer.start()
         try:
-            return super().run_load(load, out_path, on_progress, dead)
+            summary = super().run_load(load, out_path, on_progress, dead)
         finally:
             timer.cancel()
             timer.join()
+        if not summary.get("cut_short"):  # Ctrl-C: tear down now, without the traces
             self._finish(urls, Path(out_path).parent)
+        return summary
 
     # ---- the window ----------------------------------------------------------------------
     def _start(self, urls: list[str]) -> None:
