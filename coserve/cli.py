@@ -13,6 +13,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("coserve.bench.command", "closed-loop or request-rate load on gen and embed"),
     "serve": ("coserve.server.command", "serve a model with the built-in engine (OpenAI API)"),
     "run": ("coserve.experiment.command", "run a co-location study from a TOML spec"),
+    "profile": (
+        "coserve.profile.command",
+        "run conditions with a window of engine steps under the torch profiler (or ncu)",
+    ),
     "report": ("coserve.report.command", "re-render tables and plots from a run folder"),
     "advise": (
         "coserve.advise",

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from coserve.gpu.fakes import FakeNvml, fake_gpu
-from coserve.gpu.telemetry import COLUMNS, TelemetrySampler
+from coserve.gpu.telemetry import COLUMNS, METRICS, TelemetrySampler
 
 
 def test_series_and_summary_from_known_values(tmp_path):
@@ -38,12 +38,27 @@ def test_series_and_summary_from_known_values(tmp_path):
     assert summary["gpu_util"] == {"mean": 60.0, "p50": 60.0}
     assert summary["sm_active"] == pytest.approx({"mean": 0.85, "p50": 0.85})
     assert summary["power_w"] == {"mean": 400.0, "p50": 400.0}
-    assert set(summary) == set(COLUMNS[3:])
+    assert set(summary) == set(METRICS)
     with open(out) as f:
         written = list(csv.DictReader(f))
     assert [float(r["sm_active"]) for r in written] == [0.8, 0.9, 0.8, 0.9]
     assert list(written[0]) == list(COLUMNS)
     assert nv.init_count == 0  # NVML shut down at stop
+
+
+def test_clock_event_reasons_as_flags_per_tick():
+    # 0x1 idle; 0x4 software power cap; 0x80 hardware power brake; 0x20|0x10 thermal + sync boost
+    nv = FakeNvml([fake_gpu(clock_reasons=[0x1, 0x4, 0x80, 0x30])])
+    s = TelemetrySampler(["0"], interval_s=60, nvml=nv, gpm=False).start()
+    try:
+        rows = [s.sample_once()[0] for _ in range(4)]
+    finally:
+        summary = s.stop()
+    assert [r["power_capped"] for r in rows] == [0, 1, 1, 0]
+    assert [r["thermal"] for r in rows] == [0, 0, 0, 1]
+    assert [r["sync_boost"] for r in rows] == [0, 0, 0, 1]
+    assert [r["clock_reasons"] for r in rows] == ["0x1", "0x4", "0x80", "0x30"]
+    assert summary["power_capped"] == {"mean": 0.5, "p50": 0.5}
 
 
 def test_thread_samples_at_the_interval_to_jsonl(tmp_path):

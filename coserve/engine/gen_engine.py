@@ -98,6 +98,7 @@ class GenEngine(tp_workers.LeadsRanks):
         self._seqs: dict[str, Sequence] = {}
         self.async_scheduling = args.async_scheduling
         self._inflight: _InFlight | None = None
+        self.last_step_decode: bool | None = None  # the profiler's label of the last step
         pin = self.device.type == "cuda"
         self._host_tokens = [
             torch.zeros(runner.static_tokens, dtype=torch.int64, pin_memory=pin) for _ in range(2)
@@ -262,6 +263,7 @@ class GenEngine(tp_workers.LeadsRanks):
                 s.token_ids.pop()
 
     def _finish(self, batch: ScheduledBatch, tokens: list[int]) -> list[RequestOutput]:
+        self.last_step_decode = batch.is_decode
         if batch.is_decode and any(s.status is SeqStatus.FINISHED for s in batch.seqs):
             # launched ahead: sequences that finished (or were aborted) since get nothing
             keep = [i for i, s in enumerate(batch.seqs) if s.status is not SeqStatus.FINISHED]

@@ -3,8 +3,9 @@
 Two lines carry them, each one pickle per engine step:
 
 - the HTTP front and its engine core (server/engine_client.py, server/engine_core.py):
-  front -> core, a list of `Add` / `Abort` / `Allow` / `Stop` per turn of the front's event
-  loop; core -> front, `Ready` or `Failed` once, then a `Step` per engine step (or `Dead`).
+  front -> core, a list of `Add` / `Abort` / `Allow` / `Profile` / `Stop` per turn of the
+  front's event loop; core -> front, `Ready` or `Failed` once, then a `Step` per engine step
+  (or `Dead`).
 - rank 0 of a tensor-parallel engine and its other ranks (engine/tp_workers.py): a step to run
   (`StaticStep`, `VarlenStep`, engine/steps.py), an `EmbedForward`, a `Call`, or `Stop`, each
   in a `Sent`.
@@ -67,11 +68,20 @@ class Allow(NamedTuple):
     hold: bool
 
 
+class Profile(NamedTuple):
+    """The step profiler (server/step_profile.py): "prepare" (set the profiler up before any
+    load), "start" (capture the next `steps` steps into `out_dir`) or "stop"."""
+
+    action: str
+    out_dir: str | None = None
+    steps: int = 0
+
+
 class Stop(NamedTuple):
     """Finish the step in progress and exit (also sent by rank 0 to its other ranks)."""
 
 
-Command = Add | Abort | Allow | Stop
+Command = Add | Abort | Allow | Profile | Stop
 
 
 # -- engine core -> front ---------------------------------------------------------------------

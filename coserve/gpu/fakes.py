@@ -232,6 +232,9 @@ class FakeNvml:
     def nvmlDeviceGetPowerUsage(self, h):
         return self._cycle(h, "power", self._gpu(h)["power_mw"])
 
+    def nvmlDeviceGetCurrentClocksEventReasons(self, h):
+        return self._cycle(h, "reasons", self._gpu(h).get("clock_reasons", [0]))
+
     def nvmlDeviceGetClockInfo(self, h, kind):
         g = self._gpu(h)
         return self._cycle(

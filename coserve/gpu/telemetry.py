@@ -17,6 +17,11 @@ DCGM prints them:
 | fp16_active   | NVML_GPM_METRIC_FP16_UTIL        | DCGM_FI_PROF_PIPE_FP16_ACTIVE   |
 | fp32_active   | NVML_GPM_METRIC_FP32_UTIL        | DCGM_FI_PROF_PIPE_FP32_ACTIVE   |
 
+Clock-event reasons (nvmlDeviceGetCurrentClocksEventReasons, formerly "throttle reasons")
+come as 0/1 columns per tick (their mean over a window is the fraction of ticks they were
+active): `power_capped` (software power cap or hardware power brake), `thermal` (software or
+hardware thermal slowdown), `sync_boost`; and the raw mask as hex in `clock_reasons`.
+
 GPM values cover the interval between two samples, so the first tick has none. GPM is
 device-wide (or MIG-instance-wide): it cannot split gen from embed on a shared GPU.
 The series goes to `out_path` (CSV if it ends in .csv, else JSON lines), one row per device per
@@ -40,6 +45,13 @@ from coserve.gpu import nvml as nv
 log = logging.getLogger("coserve.gpu.telemetry")
 
 BASIC_METRICS = ("gpu_util", "mem_util", "mem_used_mib", "power_w", "sm_clock_mhz", "mem_clock_mhz")
+# NVML's nvmlClocksEventReason* bits (nvml.h); the names differ between pynvml versions.
+REASON_BITS = {
+    "power_capped": 0x04 | 0x80,  # SwPowerCap | HwPowerBrakeSlowdown
+    "thermal": 0x20 | 0x40,  # SwThermalSlowdown | HwThermalSlowdown
+    "sync_boost": 0x10,
+}
+REASON_METRICS = tuple(REASON_BITS)
 GPM_METRICS = {  # column -> NVML constant name
     "sm_active": "NVML_GPM_METRIC_SM_UTIL",
     "sm_occupancy": "NVML_GPM_METRIC_SM_OCCUPANCY",
@@ -48,8 +60,8 @@ GPM_METRICS = {  # column -> NVML constant name
     "fp16_active": "NVML_GPM_METRIC_FP16_UTIL",
     "fp32_active": "NVML_GPM_METRIC_FP32_UTIL",
 }
-METRICS = BASIC_METRICS + tuple(GPM_METRICS)
-COLUMNS = ("t", "t_rel_s", "device") + METRICS
+METRICS = BASIC_METRICS + REASON_METRICS + tuple(GPM_METRICS)
+COLUMNS = ("t", "t_rel_s", "device") + METRICS + ("clock_reasons",)
 
 
 def summarize(values: list[float]) -> dict[str, float]:
@@ -192,6 +204,7 @@ class TelemetrySampler:
                 "device": t.device,
             }
             row.update(self._basic(t))
+            row.update(self._reasons(t))
             row.update(self._gpm(t))
             out.append(row)
         self.rows.extend(out)
@@ -232,6 +245,20 @@ class TelemetrySampler:
             "sm_clock_mhz": float(sm) if sm is not None else None,
             "mem_clock_mhz": float(mclk) if mclk is not None else None,
         }
+
+    def _reasons(self, t: _Target) -> dict[str, Any]:
+        """The clock-event reason flags (read only: nothing here sets a clock)."""
+        lib = self._lib
+        fn = getattr(lib, "nvmlDeviceGetCurrentClocksEventReasons", None) or getattr(
+            lib, "nvmlDeviceGetCurrentClocksThrottleReasons", None
+        )
+        mask = None if fn is None else self._metric(t, "clock_reasons", fn, t.parent)
+        if mask is None:
+            return {**dict.fromkeys(REASON_METRICS), "clock_reasons": None}
+        mask = int(mask)
+        out: dict[str, Any] = {k: int(bool(mask & bits)) for k, bits in REASON_BITS.items()}
+        out["clock_reasons"] = f"0x{mask:x}"
+        return out
 
     def _gpm_sample(self, t: _Target):
         lib = self._lib

@@ -13,10 +13,11 @@ from pathlib import Path
 
 from coserve.experiment.fingerprint import describe_gpus
 from coserve.experiment.rundir import write_atomic
-from coserve.report import plots
+from coserve.report import plots, profile_plots
 from coserve.report.aggregate import RunStats, aggregate, embed_baseline
 from coserve.report.blocks import Block
 from coserve.report.load_tables import equal_work_blocks, goodput_blocks, load_blocks
+from coserve.report.profile_section import profile_blocks
 from coserve.report.sections import (
     environment_blocks,
     latency_tables,
@@ -93,10 +94,15 @@ def build(run: RunStats, plot_paths: dict[str, Path]) -> list[Block]:
         blocks.append(
             Block("img", f"{run.spec.sweep.knob.capitalize()} sweep", path=plot_paths["sweep"])
         )
+    blocks += profile_blocks(run.run_dir.path, _order(run), plot_paths)
     blocks += problems_blocks(run)
     blocks += settings_blocks(run)
     blocks += environment_blocks(run)
     return blocks
+
+
+def _order(run: RunStats) -> list[str]:
+    return [c.name for c in run.spec.all_conditions()]
 
 
 # ------------------------------------------------------------------ renderers
@@ -202,6 +208,8 @@ def render(path: str | Path, with_plots: bool = True) -> Rendered:
     run = aggregate(path)
     base = run.run_dir.path
     plot_paths = plots.make_all(run, base / "plots") if with_plots else {}
+    if with_plots:
+        plot_paths.update(profile_plots.make(base, _order(run), base / "plots"))
     blocks = build(run, plot_paths)
     md, htm, st = base / "report.md", base / "report.html", base / "stats.json"
     write_atomic(md, to_markdown(blocks, base))

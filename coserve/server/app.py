@@ -23,7 +23,7 @@ import numpy as np
 from aiohttp import web
 
 from coserve import __version__
-from coserve.engine.messages import NewEmbed
+from coserve.engine.messages import NewEmbed, Profile
 from coserve.server.body import MAX_BODY_BYTES, json_response, read_request
 from coserve.server.engine_client import EngineClient, RequestStream
 from coserve.server.errors import ApiError, outcome_for_status, quote
@@ -33,6 +33,7 @@ from coserve.server.gen_api import OUTCOME, GenApi
 from coserve.server.http_errors import JsonErrorRunner
 from coserve.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from coserve.server.metrics import Metrics
+from coserve.server.profile_api import ProfileApi
 from coserve.server.protocol import parse_embedding
 from coserve.server.slo_guard import Allowance, GuardConfig, SloGuard, guard_metrics, run_guard
 
@@ -54,6 +55,8 @@ class ServeOptions:
     guard: GuardConfig | None = None  # embed only: the SLO guard, reading guard_gen_url's /metrics
     guard_gen_url: str = ""
     guard_interval_s: float = 0.05
+    profile_dir: str = ""  # "" : no profiling endpoints (profile_api.py)
+    profile_steps: int = 20
 
 
 def _authorized(request: web.Request, key: str) -> bool:
@@ -90,6 +93,8 @@ class OpenAIServer:
         app.router.add_get("/health", self.health)
         app.router.add_get("/metrics", self.metrics_page)
         app.router.add_get("/version", self.version)
+        if self.opts.profile_dir:
+            ProfileApi(self.engine, self.opts.profile_dir, self.opts.profile_steps).add_routes(app)
         return app
 
     # ---- middleware: auth, errors, request accounting ------------------------------------
@@ -299,6 +304,8 @@ async def serve(engine: EngineClient, opts: ServeOptions, sock: socket.socket | 
             await engine.stop()
             return 1
     await engine.attach()
+    if opts.profile_dir:
+        engine.control(Profile("prepare"))  # the profiler's set-up, before any load
     server = OpenAIServer(engine, opts)
     runner = JsonErrorRunner(
         server.make_app(),

@@ -270,6 +270,8 @@ def run(args) -> int:
         guard=guard_config(args, engine.max_model_len),
         guard_gen_url=args.slo_guard_gen_url or "",
         guard_interval_s=args.slo_guard_interval_ms / 1e3,
+        profile_dir=args.profile_dir or "",
+        profile_steps=args.profile_steps,
     )
     rc = asyncio.run(serve(engine, opts, sock))
     return _exit(rc)

@@ -26,6 +26,7 @@ from coserve.engine.messages import (
     GenOutputs,
     NewEmbed,
     NewGen,
+    Profile,
     Ready,
     Step,
     Stop,
@@ -223,6 +224,11 @@ class EngineClient:
         """Hand the SLO guard's Allowance (slo_guard.py) to the embed engine core."""
         if self.alive:
             self._send(Allow(allowance.tokens_per_forward, allowance.pause_s, allowance.hold))
+
+    def control(self, cmd: Profile) -> None:
+        """Send the core a control message (engine/messages.py), e.g. `Profile("stop")`."""
+        if self.alive:
+            self._send(cmd)
 
     def abort_all(self, error: ApiError | None = None) -> int:
         """End every request in flight (server shutting down); returns how many streams."""

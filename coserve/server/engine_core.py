@@ -4,7 +4,7 @@ holds the GIL the engine's step loop needs, and the other way round.
 One pipe (a socket pair) between the two; every message is one pickle of the typed records
 of engine/messages.py, framed as multiprocessing.Connection frames them (the front reads them
 with asyncio). Per engine step, at most one message each way: front -> core a list of `Add`,
-`Abort`, `Allow`, `Stop`; core -> front `Ready` or `Failed` first, then a `Step` (its
+`Abort`, `Allow`, `Profile`, `Stop`; core -> front `Ready` or `Failed` first, then a `Step` (its
 `GenOutputs` or `EmbedOut`s, and `Ack`s of the adds) or `Dead`.
 
 The core ignores SIGTERM and SIGINT: a signal to the process group reaches it as well, and
@@ -39,10 +39,12 @@ from coserve.engine.messages import (
     EmbedOut,
     Failed,
     GenOutputs,
+    Profile,
     Ready,
     Step,
     Stop,
 )
+from coserve.server.step_profile import StepProfiler
 
 log = logging.getLogger("coserve.server")
 
@@ -204,13 +206,15 @@ class Pacing:
         return max(0.0, self.last_step_end + self.pause_s - now)  # a new pause counts at once
 
 
-def _apply(engine, cmds: list, acks: list[Ack], pacing: Pacing) -> bool:
+def _apply(engine, cmds: list, acks: list[Ack], pacing: Pacing, profiler: StepProfiler) -> bool:
     """Apply the front's commands; True when told to stop."""
     for cmd in cmds:
         if isinstance(cmd, Stop):
             return True
         if isinstance(cmd, Allow):
             pacing.allow(engine, cmd.tokens_per_forward, cmd.pause_s, cmd.hold)
+        elif isinstance(cmd, Profile):
+            profiler.command(cmd)
         elif isinstance(cmd, Abort):
             for rid in cmd.request_ids:
                 try:
@@ -241,7 +245,7 @@ def _add(engine, cmd: Add) -> AddError | None:
 def _loop(engine, conn) -> None:
     steps = 0
     stats_at = 0.0
-    clock, pacing = StepClock(), Pacing()
+    clock, pacing, profiler = StepClock(), Pacing(), StepProfiler()
     while True:
         acks: list[Ack] = []
         busy = engine.has_unfinished()
@@ -249,24 +253,28 @@ def _loop(engine, conn) -> None:
         waited_from = time.monotonic()
         if not wait or conn.poll(wait):
             while conn.poll(0):
-                if _apply(engine, pickle.loads(conn.recv_bytes()), acks, pacing):
+                if _apply(engine, pickle.loads(conn.recv_bytes()), acks, pacing, profiler):
                     return
         outputs = []
         if busy and wait:
             clock.throttled_s += time.monotonic() - waited_from
         if engine.has_unfinished() and not pacing.wait_s(time.monotonic()):
             t0 = time.monotonic()
-            done = engine.step()
+            done = profiler.run_step(engine) if profiler.capturing else engine.step()
             t1 = time.monotonic()
             clock.add(t1, t1 - t0)
             pacing.last_step_end = t1
             logprobs = _take_logprobs(engine)
             outputs = _outputs(done, logprobs)
             steps += 1
+        if profiler.state != "idle":
+            profiler.after_step(engine.has_unfinished())
         now = time.monotonic()
         stats = None
         if now - stats_at >= STATS_INTERVAL_S or (steps and not engine.has_unfinished()):
             stats_at = now
             stats = {**engine.stats(), **clock.stats(now)}
+            if profiler.state != "idle":
+                stats.update(profiler.stats())
         if outputs or acks or stats is not None:
             _send(conn, Step(outputs, acks, stats, steps))

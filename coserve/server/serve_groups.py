@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 
 from coserve.server.fields import CHARS_PER_TOKEN_BOUND, RequestLimits
+from coserve.server.profile_api import add_flags as add_profile_flags
 from coserve.server.serve_flags import (
     KindGroup,
     fraction,
@@ -124,6 +125,9 @@ def add_flag_groups(parser: argparse.ArgumentParser) -> None:
         type=positive_float,
         default=50.0,
         help="how often the guard reads gen's /metrics (default %(default)s)",
+    )
+    add_profile_flags(
+        KindGroup(parser.add_argument_group("profiling (gen and embed)"), ("gen", "embed"), kinds)
     )
     limits = parser.add_argument_group(
         "limits on one request (checked before any work; a request over one gets a 4xx)"

@@ -1,0 +1,204 @@
+"""`coserve profile SPEC --condition NAME[,NAME] [--steps N] [--out DIR]`: run the conditions
+as `coserve run` runs them (one rep each), with a window of N engine steps captured by the
+torch profiler in each built-in server after the load's warm-up (experiment/profiling.py);
+then the report (with its Profile section) and a table on stdout.
+
+`--ncu` instead prints (or with `--execute` runs) an Nsight Compute command around the gen
+server of one condition (ncu.py): refused for MPS conditions, where ncu cannot attach."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+from pathlib import Path
+
+from coserve.server.profile_api import DEFAULT_STEPS
+
+
+def _positive(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
+def _seconds(text: str) -> float:
+    v = float(text)
+    if not v >= 0:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, got {text}")
+    return v
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("spec", metavar="SPEC.toml", help="experiment spec (see experiments/)")
+    parser.add_argument(
+        "--condition",
+        metavar="NAME[,NAME]",
+        required=True,
+        help="the condition(s) to profile, one rep each",
+    )
+    parser.add_argument(
+        "--steps",
+        metavar="N",
+        type=_positive,
+        default=DEFAULT_STEPS,
+        help="engine steps captured per server (default %(default)s)",
+    )
+    parser.add_argument(
+        "--out", metavar="DIR", default=None, help="run folder (default: runs/profile-TIME)"
+    )
+    parser.add_argument(
+        "--warmup-s", type=_seconds, default=None, help="replace the spec's load warm-up"
+    )
+    parser.add_argument(
+        "--duration-s", type=_seconds, default=None, help="replace the spec's load window"
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help="add the conditions not yet profiled to --out"
+    )
+    ncu = parser.add_argument_group("Nsight Compute (ncu.py): gen server only, not under MPS")
+    ncu.add_argument("--ncu", action="store_true", help="print the ncu command for the condition")
+    ncu.add_argument("--execute", action="store_true", help="with --ncu: run it and parse it")
+    ncu.add_argument("--kernel-name", default=None, metavar="REGEX", help="kernels to profile")
+    ncu.add_argument("--launch-skip", type=int, default=1000, metavar="N")
+    ncu.add_argument("--launch-count", type=_positive, default=5, metavar="N")
+
+
+def profile_spec(spec, warmup_s: float | None, duration_s: float | None):
+    """The spec as profiled: one rep per condition, no sweep repetitions beyond one, and the
+    load windows given (a profile needs steps, not a long window)."""
+    load = spec.load
+    if warmup_s is not None:
+        load = dataclasses.replace(load, warmup_s=warmup_s)
+    if duration_s is not None:
+        load = dataclasses.replace(load, duration_s=duration_s)
+    sweep = spec.sweep and dataclasses.replace(spec.sweep, repetitions=1)
+    return dataclasses.replace(spec, repetitions=1, sweep=sweep, load=load)
+
+
+def console_rows(run_dir: Path, order: list[str]) -> list[list[str]]:
+    """The table printed last: one row per profiled server."""
+    from coserve.report.blocks import num
+    from coserve.report.profile_section import clock_means, profiled_reps
+
+    rows = []
+    for r in profiled_reps(run_dir, order):
+        clocks = clock_means(r.profile.clocks)
+        for role in ("gen", "embed"):
+            p = r.profile.roles.get(role)
+            if p is None:
+                continue
+            top = sorted(p.classes, key=lambda c: -c.share)[:2]
+            wall, busy = p.step_wall_ms, p.step_busy_ms
+            rows.append(
+                [
+                    r.condition,
+                    role,
+                    str(len(p.steps)),
+                    num(wall),
+                    num(busy),
+                    f"{100 * busy / wall:.0f}%" if wall > 0 else "-",
+                    num(p.gaps.p50_us),
+                    num(p.gaps.p99_us),
+                    ", ".join(f"{c.kernel_class} {100 * c.share:.0f}%" for c in top),
+                    num(clocks["sm_clock_mhz"]),
+                    num(clocks["power_w"]),
+                    "-"
+                    if clocks["power_capped"] is None
+                    else f"{100 * clocks['power_capped']:.0f}%",
+                ]
+            )
+    return rows
+
+
+HEADERS = [
+    "Condition",
+    "Server",
+    "Steps",
+    "Step ms",
+    "Busy ms",
+    "Busy",
+    "Gap p50 µs",
+    "Gap p99 µs",
+    "Top classes",
+    "SM MHz",
+    "Power W",
+    "Power-capped",
+]
+
+
+def print_table(run_dir: Path, order: list[str]) -> int:
+    """Print the profile table; returns how many rows it had."""
+    from rich.table import Table
+
+    from coserve.report.render import stdout_console
+
+    rows = console_rows(run_dir, order)
+    t = Table(title=f"coserve profile: {run_dir}")
+    for h in HEADERS:
+        t.add_column(h, justify="left" if h in ("Condition", "Server", "Top classes") else "right")
+    for row in rows:
+        t.add_row(*row)
+    stdout_console().print(t)
+    return len(rows)
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from coserve.experiment.command import say
+    from coserve.spec import SpecError, load_spec
+
+    console = Console(stderr=True, soft_wrap=True)
+    try:
+        spec = load_spec(args.spec)
+    except SpecError as e:
+        say(console, "bad spec", "red", str(e))
+        return 2
+    names = [c.strip() for c in args.condition.split(",") if c.strip()]
+    spec = profile_spec(spec, args.warmup_s, args.duration_s)
+    if args.ncu:
+        from coserve.profile.ncu import run_ncu
+
+        return run_ncu(spec, names, args, console)
+    out = Path(args.out or f"runs/profile-{dt.datetime.now():%Y%m%d-%H%M%S}")
+    return _profile(spec, names, out, args, console)
+
+
+def _profile(spec, names: list[str], out: Path, args, console) -> int:
+    from coserve.experiment.command import _report, say
+    from coserve.experiment.failure import StorageError, why
+    from coserve.experiment.profiling import ProfilingBackend
+    from coserve.experiment.progress import Progress
+    from coserve.experiment.runner import Runner, RunRefused
+    from coserve.experiment.signals import interruptible
+
+    try:
+        runner = Runner(
+            spec, out, resume=args.resume, only=names, backend=ProfilingBackend(args.steps)
+        )
+        with interruptible():
+            progress = Progress(
+                f"coserve profile {spec.name} -> {out}", len(runner.schedule()), console=console
+            )
+            runner.progress = progress
+            with progress:
+                records = runner.run()
+    except RunRefused as e:
+        say(console, "refused:", "red", str(e))
+        return 2
+    except StorageError as e:
+        say(console, "stopped:", "red", str(e))
+        return 1
+    except KeyboardInterrupt:
+        say(console, "interrupted:", "yellow", f"finished reps are kept in {out}")
+        return 130
+    order = [c.name for c in spec.all_conditions()]
+    if not _report(runner.run_dir, console):
+        return 1
+    print_table(out, order)
+    failed = [r for r in records if r.get("status") != "ok"]
+    for r in failed:
+        say(console, "failed:", "red", f"{r['condition']}: {why(r.get('error'))}")
+    return 1 if failed else 0

@@ -1,0 +1,237 @@
+"""Nsight Compute around the gen server: the command line, and what its raw CSV says.
+
+As the study did (the fused add-RMSNorm and the MoE GEMM, `--launch-skip/--launch-count`,
+the MemoryWorkloadAnalysis section), with `--clock-control none` so that ncu leaves the card's
+clocks as they are (its default locks them to base). The gen server runs under
+
+    ncu --target-processes all --kernel-name regex:RE --launch-skip S --launch-count C
+        --section MemoryWorkloadAnalysis --metrics L2,DRAM,OCCUPANCY --clock-control none
+        -f -o REPORT  python -m coserve serve gen ...
+
+and `ncu --import REPORT.ncu-rep --csv --page raw` gives one row per profiled kernel, from
+which `parse_raw_csv` takes the L2 hit rate, the DRAM throughput (% of peak) and the achieved
+occupancy. ncu cannot attach to MPS clients, so MPS conditions are refused with that reason.
+Nothing here changes clocks, power limits, compute mode or MIG: ncu only reads counters.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+L2_HIT = "lts__t_sector_hit_rate.pct"
+DRAM_PCT = "dram__throughput.avg.pct_of_peak_sustained_elapsed"
+OCCUPANCY = "sm__warps_active.avg.pct_of_peak_sustained_active"
+METRICS = (L2_HIT, DRAM_PCT, OCCUPANCY)
+PORT_MARK = "65021"  # stands for the port in the server's argv until launch fills {port}
+
+
+@dataclass
+class NcuKernel:
+    """One profiled kernel launch; percentages 0..100, None where the CSV lacks the metric."""
+
+    id: int
+    name: str
+    l2_hit_rate_pct: float | None
+    dram_throughput_pct: float | None
+    achieved_occupancy_pct: float | None
+
+
+def ncu_problem(strategy: str) -> str | None:
+    """Why ncu cannot profile a condition of this strategy, or None."""
+    if strategy.startswith("mps"):
+        return (
+            f"strategy {strategy}: ncu cannot profile MPS clients (its counters need a context "
+            "of their own); use `coserve profile` without --ncu, whose torch profiler works "
+            "in-process under MPS"
+        )
+    return None
+
+
+def ncu_command(
+    server_argv: list[str],
+    report: Path,
+    *,
+    kernel_regex: str | None,
+    launch_skip: int,
+    launch_count: int,
+    ncu_bin: str = "ncu",
+) -> list[str]:
+    """The argv running `server_argv` under ncu, writing REPORT.ncu-rep. Raises ValueError
+    for a negative skip or a count below 1."""
+    if launch_skip < 0:
+        raise ValueError(f"--launch-skip: must be >= 0, got {launch_skip}")
+    if launch_count < 1:
+        raise ValueError(f"--launch-count: must be >= 1, got {launch_count}")
+    cmd = [ncu_bin, "--target-processes", "all"]
+    if kernel_regex:
+        cmd += ["--kernel-name", f"regex:{kernel_regex}"]
+    cmd += ["--launch-skip", str(launch_skip), "--launch-count", str(launch_count)]
+    cmd += ["--section", "MemoryWorkloadAnalysis", "--metrics", ",".join(METRICS)]
+    cmd += ["--clock-control", "none", "-f", "-o", str(report)]
+    return cmd + list(server_argv)
+
+
+def import_command(report: Path, ncu_bin: str = "ncu") -> list[str]:
+    """The argv printing REPORT.ncu-rep as raw CSV."""
+    return [ncu_bin, "--import", f"{report}.ncu-rep", "--csv", "--page", "raw"]
+
+
+def _number(text: str) -> float | None:
+    t = text.strip().replace(",", "")
+    if t in ("", "n/a", "N/A"):
+        return None
+    try:
+        return float(t)
+    except ValueError:
+        return None
+
+
+def parse_raw_csv(text: str) -> list[NcuKernel]:
+    """The kernels of `ncu --csv --page raw` output: a header row (starting "ID"), a row of
+    units, then one row per kernel; ncu's own `==PROF==` lines before it are skipped.
+    Raises ValueError when there is no header row or it lacks the kernel name."""
+    lines = text.splitlines()
+    start = next((i for i, ln in enumerate(lines) if ln.startswith('"ID"')), None)
+    if start is None:
+        raise ValueError('no ncu raw CSV header (a line starting with "ID") in the output')
+    rows = list(csv.reader(io.StringIO("\n".join(lines[start:]))))
+    header = rows[0]
+    if "Kernel Name" not in header:
+        raise ValueError("the ncu CSV has no 'Kernel Name' column")
+    col = {name: i for i, name in enumerate(header)}
+
+    def get(row: list[str], key: str) -> float | None:
+        i = col.get(key)
+        return _number(row[i]) if i is not None and i < len(row) else None
+
+    out = []
+    for row in rows[1:]:
+        if not row or not row[0].strip().isdigit():  # the units row, blank lines
+            continue
+        out.append(
+            NcuKernel(
+                id=int(row[0]),
+                name=row[col["Kernel Name"]],
+                l2_hit_rate_pct=get(row, L2_HIT),
+                dram_throughput_pct=get(row, DRAM_PCT),
+                achieved_occupancy_pct=get(row, OCCUPANCY),
+            )
+        )
+    return out
+
+
+def server_argv(spec, cond, device: str) -> list[str]:
+    """The built-in gen server's argv for `cond`, with {python} and {port} where `coserve run`'s
+    command launcher fills them. Raises ValueError for a gen server of another launcher."""
+    from coserve.launch_command import ServerSpec, build_command
+
+    cfg = cond.server(spec, "gen")
+    if cfg.launcher != "builtin":
+        raise ValueError(f"gen: launcher {cfg.launcher}; the ncu wrapper runs the built-in server")
+    sspec = ServerSpec(
+        role="gen",
+        model=cfg.model,
+        device=device,
+        random_weights=cfg.random_weights,
+        gpu_memory_utilization=cfg.gpu_memory_utilization,
+        max_model_len=cfg.max_model_len or None,
+        max_num_seqs=cfg.max_num_seqs,
+        max_num_batched_tokens=cfg.max_num_batched_tokens or None,
+        enforce_eager=cfg.enforce_eager,
+        extra_args=list(cfg.extra_args),
+    )
+    argv = build_command(sspec, int(PORT_MARK))
+    argv = ["{python}" if a == sys.executable else a for a in argv]
+    return ["{port}" if a == PORT_MARK else a for a in argv]
+
+
+def wrapped_spec(spec, cond, command: list[str]):
+    """`spec` whose condition `cond` runs its gen server as `command` (launcher command)."""
+    gen = dataclasses.replace(cond.server(spec, "gen"), launcher="command", extra_args=command)
+    cond2 = dataclasses.replace(cond, gen={})
+    conditions = [cond2 if c.name == cond.name else c for c in spec.conditions]
+    return dataclasses.replace(
+        spec, servers={**spec.servers, "gen": gen}, conditions=conditions, sweep=None
+    )
+
+
+def run_ncu(spec, names: list[str], args, console) -> int:
+    """`coserve profile --ncu`: print the command (and with --execute run the condition with
+    its gen server under ncu and print the parsed kernels). Exit 2 when refused. Under --out
+    DIR: DIR/ncu/CONDITION.ncu-rep and .json (the parsed kernels), DIR/run (the run)."""
+    from coserve.experiment.backend import resolve_device
+    from coserve.experiment.command import say
+
+    if len(names) != 1:
+        say(console, "refused:", "red", "--ncu profiles one condition at a time")
+        return 2
+    try:
+        cond = spec.condition(names[0])
+    except KeyError:
+        say(console, "refused:", "red", f"--condition: {names[0]} not in the spec")
+        return 2
+    why = ncu_problem(cond.strategy) or (
+        None if "gen" in cond.servers else f"{cond.name} has no gen server"
+    )
+    if why:
+        say(console, "refused:", "red", why)
+        return 2
+    out = Path(args.out or "runs/ncu").resolve()
+    report = out / "ncu" / cond.name
+    try:
+        argv = server_argv(spec, cond, resolve_device(cond.server(spec, "gen").device))
+        cmd = ncu_command(
+            argv,
+            report,
+            kernel_regex=args.kernel_name,
+            launch_skip=args.launch_skip,
+            launch_count=args.launch_count,
+        )
+    except ValueError as e:
+        say(console, "refused:", "red", str(e))
+        return 2
+    print(" ".join(cmd))
+    print(" ".join(import_command(report)))
+    if not args.execute:
+        return 0
+    if shutil.which("ncu") is None:
+        say(console, "refused:", "red", "ncu is not on PATH (see `coserve doctor`)")
+        return 2
+    return _execute(spec, cond, cmd, report, out / "run", console)
+
+
+def _execute(spec, cond, cmd: list[str], report: Path, run_dir: Path, console) -> int:
+    import json
+
+    from coserve.experiment.command import say
+    from coserve.experiment.runner import Runner, RunRefused
+
+    report.parent.mkdir(parents=True, exist_ok=True)
+    wrapped = dataclasses.replace(wrapped_spec(spec, cond, cmd), repetitions=1)
+    try:
+        records = Runner(wrapped, run_dir, only=[cond.name]).run()
+    except RunRefused as e:
+        say(console, "refused:", "red", str(e))
+        return 2
+    done = subprocess.run(import_command(report), capture_output=True, text=True, check=False)
+    try:
+        kernels = parse_raw_csv(done.stdout)
+    except ValueError as e:
+        say(console, "failed:", "red", f"{e}; ncu said: {done.stderr.strip()[-500:]}")
+        return 1
+    (report.parent / f"{cond.name}.json").write_text(
+        json.dumps([dataclasses.asdict(k) for k in kernels], indent=1)
+    )
+    for k in kernels:
+        print(
+            f"{k.id:>4} {k.name[:60]:<60} L2 hit {k.l2_hit_rate_pct}%  DRAM "
+            f"{k.dram_throughput_pct}%  occupancy {k.achieved_occupancy_pct}%"
+        )
+    return 0 if all(r.get("status") == "ok" for r in records) else 1

@@ -1,0 +1,437 @@
+"""`coserve profile`: the trace analysis on a small synthetic trace with known kernels and
+gaps (exact figures), the engine core's step profiler, the ncu wrapper's command line and its
+CSV parser, and the whole command on the demo spec on CPU (table, traces, report section)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from coserve.profile.ncu import ncu_command, ncu_problem, parse_raw_csv
+from coserve.profile.records import RepProfile
+from coserve.profile.trace import analyze, classify, gaps_us, union_ms
+from coserve.server.step_profile import STEP_RANGE, StepProfiler
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _x(cat: str, name: str, ts: float, dur: float, tid: int = 1) -> dict:
+    return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "pid": 1, "tid": tid}
+
+
+# Two steps (0-100 us, 100-150 us) and six kernels; one kernel after the window.
+SYNTHETIC = [
+    _x("user_annotation", STEP_RANGE, 0, 100),
+    _x("user_annotation", STEP_RANGE, 100, 50),
+    _x("kernel", "_rms_norm_kernel", 10, 20),  # 10-30
+    _x("kernel", "_moe_gemm_kernel", 35, 40),  # 35-75: gap 5
+    _x("kernel", "_paged_decode_kernel", 70, 10),  # 70-80: overlaps, gap 0
+    _x("kernel", "_block_fp8_gemm_kernel", 110, 20),  # 110-130: gap 30
+    _x("kernel", "ncclDevKernel_AllReduce_Sum_bf16", 135, 5),  # 135-140: gap 5
+    _x("kernel", "_rms_norm_kernel", 142, 4),  # 142-146: gap 2
+    _x("kernel", "_silu_and_mul_kernel", 300, 7),  # after the window: left out
+    _x("cpu_op", "aten::mm", 1, 5),  # a GPU trace: CPU ops are not the kernels
+    _x("cuda_runtime", "cudaLaunchKernel", 2, 4),
+    _x("cuda_runtime", "cudaGraphLaunch", 5, 8),
+    _x("cuda_runtime", "cudaGraphLaunch", 105, 12),
+    _x("cuda_runtime", "cudaMemcpyAsync", 106, 30),  # not a launch
+    _x("cuda_runtime", "cudaGraphLaunch", 200, 99),  # after the window
+]
+
+
+def test_analysis_of_a_synthetic_trace_gives_the_known_figures():
+    prof = analyze("gen", SYNTHETIC, [{"decode": True}, {"decode": False}])
+    assert prof.source == "cuda kernels"
+    # gaps [5, 0, 30, 5, 2]: sorted [0, 2, 5, 5, 30]; p99 = 5 + 0.96 * 25 (linear)
+    g = prof.gaps
+    assert (g.count, g.mean_us, g.p50_us, g.max_us) == (5, 8.4, 5.0, 30.0)
+    assert g.p99_us == pytest.approx(29.0)
+    assert g.total_ms == pytest.approx(0.042)
+    # busy: step 1 covers 10-30 and 35-80 (65 us), step 2 110-130, 135-140, 142-146 (29 us)
+    assert [(s.wall_ms, s.kernels, s.decode) for s in prof.steps] == [
+        (0.1, 3, True),
+        (0.05, 3, False),
+    ]
+    assert [s.busy_ms for s in prof.steps] == pytest.approx([0.065, 0.029])
+    assert prof.step_wall_ms == pytest.approx(0.1)  # decode steps only
+    assert prof.step_busy_ms == pytest.approx(0.065)
+    norm = next(k for k in prof.kernels if k.name == "_rms_norm_kernel")
+    assert (norm.count, norm.mean_us, norm.p50_us) == (2, 12.0, 12.0)
+    assert norm.p99_us == pytest.approx(19.84)  # 4 + 0.99 * 16
+    assert prof.kernels[0].name == "_moe_gemm_kernel"  # largest total first
+    shares = {c.kernel_class: (c.count, round(c.total_ms * 1e3, 6)) for c in prof.classes}
+    assert shares == {
+        "attention": (1, 10.0),
+        "moe_gemm": (1, 40.0),
+        "dense_gemm": (1, 20.0),
+        "norm": (2, 24.0),
+        "collective": (1, 5.0),
+        "other": (0, 0.0),
+    }
+    assert sum(c.share for c in prof.classes) == pytest.approx(1.0)
+    assert [(s.start_us, s.kernel_class) for s in prof.timeline][:2] == [
+        (10.0, "norm"),
+        (35.0, "moe_gemm"),
+    ]
+    launches = [(a.name, a.count, a.mean_us, a.p50_us) for a in prof.launches]
+    assert launches == [("cudaGraphLaunch", 2, 10.0, 10.0), ("cudaLaunchKernel", 1, 4.0, 4.0)]
+    assert prof.launches[0].p99_us == pytest.approx(11.96)  # 8 + 0.99 * 4
+    again = RepProfile.from_dict(RepProfile("c", roles={"gen": prof}).to_dict())
+    assert again.roles["gen"] == prof
+
+
+def test_gen_kernels_beside_embed_kernels():
+    from coserve.profile.cross import interleave_of
+    from coserve.profile.trace import Interval
+
+    gen = [Interval("g", 0, 10), Interval("g", 20, 10), Interval("g", 35, 10)]
+    embed = [
+        Interval("e", 5, 10),
+        Interval("e", 25, 3),
+        Interval("e", 31, 2),
+        Interval("e", 50, 10),
+    ]
+    x = interleave_of(gen, embed, 0, 50)
+    assert (x.window_ms, x.embed_kernels) == (0.05, 3)
+    # gen kernels 30 us, 5 + 3 of them beside an embed kernel; gaps 10-20 and 30-35 (15 us),
+    # embed ran in 10-15 and 31-33 of them (7 us)
+    assert x.gen_kernel_ms == pytest.approx(0.03)
+    assert x.gen_kernel_overlapped_ms == pytest.approx(0.008)
+    assert x.gen_gap_ms == pytest.approx(0.015)
+    assert x.gen_gap_filled_ms == pytest.approx(0.007)
+
+
+def test_on_cpu_the_top_level_ops_of_the_step_thread_stand_in_for_kernels():
+    events = [
+        _x("user_annotation", STEP_RANGE, 0, 100, tid=7),
+        _x("cpu_op", "aten::linear", 10, 30, tid=7),
+        _x("cpu_op", "aten::addmm", 12, 20, tid=7),  # inside linear: a child, not counted
+        _x("cpu_op", "aten::add", 50, 10, tid=7),
+        _x("cpu_op", "aten::mul", 20, 50, tid=8),  # another thread
+        _x("cpu_op", "aten::sub", 120, 5, tid=7),  # after the step
+    ]
+    prof = analyze("embed", events)
+    assert prof.source.startswith("cpu ops")
+    assert [k.name for k in prof.kernels] == ["aten::linear", "aten::add"]
+    assert prof.steps[0].busy_ms == pytest.approx(0.04)
+    assert prof.gaps.count == 1 and prof.gaps.mean_us == 10.0
+
+
+def test_a_trace_without_steps_is_refused():
+    with pytest.raises(ValueError, match="no coserve.step"):
+        analyze("gen", [_x("kernel", "k", 0, 1)])
+
+
+def test_interval_helpers_and_classes():
+    from coserve.profile.trace import Interval
+
+    ivs = [Interval("a", 0, 10), Interval("b", 5, 10), Interval("c", 30, 10)]
+    assert union_ms(ivs, 0, 100) == pytest.approx(0.025)
+    assert union_ms(ivs, 8, 35) == pytest.approx(0.012)  # 8-15 and 30-35
+    assert gaps_us(ivs) == [0.0, 15.0]
+    assert classify("void flash_fwd_splitkv_kernel<...>") == "attention"
+    assert classify("fused_moe_kernel") == "moe_gemm"
+    assert classify("_topk_softmax_kernel") == "moe_gemm"
+    assert classify("sm90_xmma_gemm_bf16bf16_bf16f32") == "dense_gemm"
+    assert classify("_qk_norm_rope_kernel") == "norm"
+    assert classify("cross_device_reduce_1stage") == "collective"
+    assert classify("_silu_and_mul_kernel") == "other"
+
+
+class _FakeEngine:
+    """Steps that do a little torch work, as the engine's would."""
+
+    last_step_decode = True
+
+    def step(self):
+        import torch
+
+        torch.ones(64, 64) @ torch.ones(64, 64)
+        return [1, 2]
+
+
+def test_step_profiler_captures_n_steps_and_writes_once_idle(tmp_path):
+    prof = StepProfiler()
+    assert prof.stats() == {"profile_state": "idle", "profile_steps": 0, "profile_error": ""}
+    prof.command("prepare")
+    assert prof.state == "idle"
+    prof.command("start", str(tmp_path / "p"), 3)
+    assert prof.capturing
+    engine = _FakeEngine()
+    for _ in range(5):
+        prof.run_step(engine) if prof.capturing else engine.step()
+        prof.after_step(busy=True)  # the load still runs: nothing written yet
+    assert prof.state == "captured" and not (tmp_path / "p" / "trace.json.gz").exists()
+    prof.after_step(busy=False)
+    assert prof.state == "saved"
+    meta = json.loads((tmp_path / "p" / "steps.json").read_text())
+    assert [s["index"] for s in meta["steps"]] == [0, 1, 2]
+    assert all(s["decode"] is True and s["outputs"] == 2 for s in meta["steps"])
+    from coserve.profile.trace import load_events
+
+    role = analyze("gen", load_events(tmp_path / "p" / "trace.json.gz"), meta["steps"])
+    assert len(role.steps) == 3 and role.kernels  # the matmuls, as CPU ops
+    prof.command("start", str(tmp_path / "q"), 3)  # one window per server
+    assert prof.state == "saved" and not (tmp_path / "q").exists()
+
+
+def test_stop_ends_a_window_early_and_writes_it(tmp_path):
+    prof = StepProfiler()
+    prof.command("start", str(tmp_path), 50)
+    prof.run_step(_FakeEngine())
+    prof.command("stop")
+    prof.after_step(busy=True)  # asked to stop: written even while busy
+    assert prof.state == "saved"
+    assert len(json.loads((tmp_path / "steps.json").read_text())["steps"]) == 1
+
+
+def test_unprofiled_server_has_no_profile_endpoints():
+    from coserve.server.app import OpenAIServer, ServeOptions
+
+    engine = SimpleNamespace(tokenizer=None, max_model_len=64, stats={})
+    paths = {
+        r.resource.canonical
+        for r in OpenAIServer(engine, ServeOptions("gen", ["m"])).make_app().router.routes()
+    }
+    assert "/start_profile" not in paths and "/v1/completions" in paths
+    opts = ServeOptions("gen", ["m"], profile_dir="/tmp/x")
+    paths = {r.resource.canonical for r in OpenAIServer(engine, opts).make_app().router.routes()}
+    assert {"/start_profile", "/stop_profile", "/profile"} <= paths
+
+
+# ---- ncu ----------------------------------------------------------------------------------
+
+
+def test_ncu_command_line_leaves_clocks_alone():
+    cmd = ncu_command(
+        ["{python}", "-m", "coserve", "serve", "gen"],
+        Path("/r/ncu/timeslice"),
+        kernel_regex="rms_norm|moe_gemm",
+        launch_skip=1000,
+        launch_count=5,
+    )
+    assert cmd == [
+        "ncu",
+        "--target-processes",
+        "all",
+        "--kernel-name",
+        "regex:rms_norm|moe_gemm",
+        "--launch-skip",
+        "1000",
+        "--launch-count",
+        "5",
+        "--section",
+        "MemoryWorkloadAnalysis",
+        "--metrics",
+        "lts__t_sector_hit_rate.pct,dram__throughput.avg.pct_of_peak_sustained_elapsed,"
+        "sm__warps_active.avg.pct_of_peak_sustained_active",
+        "--clock-control",
+        "none",
+        "-f",
+        "-o",
+        "/r/ncu/timeslice",
+        "{python}",
+        "-m",
+        "coserve",
+        "serve",
+        "gen",
+    ]
+    with pytest.raises(ValueError, match="--launch-count"):
+        ncu_command([], Path("r"), kernel_regex=None, launch_skip=0, launch_count=0)
+    assert "MPS" in ncu_problem("mps") and ncu_problem("timeslice") is None
+
+
+# Parser input written by hand in the shape of `ncu --csv --page raw` (header, units row, one
+# row per kernel); the figures are made up for the parser, not measured.
+NCU_CSV = """==PROF== Connected to process 4242
+"ID","Process ID","Process Name","Kernel Name","lts__t_sector_hit_rate.pct",\
+"dram__throughput.avg.pct_of_peak_sustained_elapsed","sm__warps_active.avg.pct_of_peak_sustained_active"
+"","","","","%","%","%"
+"0","4242","python3","_rms_norm_kernel","61.25","1,234.5","48.00"
+"1","4242","python3","_moe_gemm_kernel","12.5","80.75","n/a"
+"""
+
+
+def test_ncu_raw_csv_parser():
+    ks = parse_raw_csv(NCU_CSV)
+    assert [(k.id, k.name) for k in ks] == [(0, "_rms_norm_kernel"), (1, "_moe_gemm_kernel")]
+    assert (ks[0].l2_hit_rate_pct, ks[0].dram_throughput_pct, ks[0].achieved_occupancy_pct) == (
+        61.25,
+        1234.5,
+        48.0,
+    )
+    assert ks[1].achieved_occupancy_pct is None
+    with pytest.raises(ValueError, match="header"):
+        parse_raw_csv("==PROF== nothing profiled\n")
+
+
+def _coserve(*args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+    import os
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"}
+    return subprocess.run(
+        [sys.executable, "-P", "-m", "coserve", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_ncu_refuses_mps_and_prints_the_command(tmp_path, capsys, monkeypatch):
+    from coserve.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    spec = tmp_path / "s.toml"
+    demo = (ROOT / "experiments" / "demo.toml").read_text()
+    spec.write_text(demo + '\n[[conditions]]\nname = "under-mps"\nstrategy = "mps"\n')
+    assert main(["profile", str(spec), "--condition", "under-mps", "--ncu"]) == 2
+    assert "ncu cannot profile MPS clients" in capsys.readouterr().err
+    assert main(["profile", str(spec), "--condition", "co-located", "--ncu", "--out", "o"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("ncu --target-processes all") and "--clock-control none" in lines[0]
+    assert "--model tiny-moe" in lines[0] and "--port {port}" in lines[0]
+    assert lines[1].endswith("co-located.ncu-rep --csv --page raw")
+    assert not (tmp_path / "o").exists()  # printed, not run
+
+
+FAKE_NCU = """#!/usr/bin/env python3
+# Stands in for ncu: runs the wrapped command after `-o REPORT`; `--import` prints the CSV.
+import os, sys
+args = sys.argv[1:]
+if "--import" in args:
+    sys.stdout.write(open(os.environ["FAKE_NCU_CSV"]).read())
+    sys.exit(0)
+i = args.index("-o")
+open(args[i + 1] + ".ncu-rep", "w").write("not a report")
+os.execvp(args[i + 2], args[i + 2 :])
+"""
+
+
+def test_ncu_execute_runs_the_condition_with_gen_under_ncu(tmp_path, monkeypatch, capsys):
+    from coserve.cli import main
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "ncu").write_text(FAKE_NCU)
+    (bin_dir / "ncu").chmod(0o755)
+    (tmp_path / "ncu.csv").write_text(NCU_CSV)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{__import__('os').environ['PATH']}")
+    monkeypatch.setenv("FAKE_NCU_CSV", str(tmp_path / "ncu.csv"))
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    monkeypatch.chdir(tmp_path)
+    args = ["profile", str(ROOT / "experiments" / "demo.toml"), "--condition", "gen-only"]
+    args += ["--ncu", "--execute", "--kernel-name", "rms", "--warmup-s", "0", "--duration-s", "1"]
+    assert main([*args, "--out", "o"]) == 0, capsys.readouterr()
+    out = capsys.readouterr().out
+    assert "_rms_norm_kernel" in out and "L2 hit 61.25%" in out
+    parsed = json.loads((tmp_path / "o" / "ncu" / "gen-only.json").read_text())
+    assert [k["name"] for k in parsed] == ["_rms_norm_kernel", "_moe_gemm_kernel"]
+    log = (tmp_path / "o" / "run" / "reps" / "gen-only" / "rep-1" / "gen.log").read_text()
+    assert "ncu --target-processes all --kernel-name regex:rms" in log
+
+
+# ---- the whole command on CPU --------------------------------------------------------------
+
+
+def test_coserve_profile_on_the_demo_spec(tmp_path):
+    out = tmp_path / "run"
+    r = _coserve(
+        "profile",
+        str(ROOT / "experiments" / "demo.toml"),
+        "--condition",
+        "co-located",
+        "--steps",
+        "3",
+        "--out",
+        str(out),
+        cwd=tmp_path,
+        timeout=180,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    table = r.stdout[r.stdout.index("coserve profile:") :]
+    rows = [ln for ln in table.splitlines() if "co-located" in ln]
+    assert [ln.split("│")[2].strip() for ln in rows] == ["gen", "embed"]
+    rep = out / "reps" / "co-located" / "rep-1"
+    for role in ("gen", "embed"):
+        assert (rep / "profile" / role / "trace.json.gz").stat().st_size > 0
+        steps = json.loads((rep / "profile" / role / "steps.json").read_text())["steps"]
+        # gen steps in ms; an embed step on a busy CPU can take most of the window, and
+        # the load's end stops a window that has not reached its 3 steps
+        assert len(steps) == 3 if role == "gen" else 1 <= len(steps) <= 3
+    summary = RepProfile.from_dict(json.loads((rep / "profile" / "summary.json").read_text()))
+    assert len(summary.roles["gen"].steps) == 3 and summary.roles["gen"].kernels
+    report = (out / "report.md").read_text()
+    assert "## Profile" in report and "### Profile: co-located (rep 1)" in report
+    assert "plots/profile_timeline.png" in report and (out / "plots/profile_timeline.png").exists()
+    assert "Profile" in (out / "report.html").read_text()
+    gen_log = (rep / "gen.log").read_text()
+    assert "--profile-steps 3" in gen_log and "profile of 3 steps written" in gen_log
+
+
+def test_interleave_from_two_traces_on_one_clock():
+    from coserve.profile.cross import interleave
+
+    embed = [_x("user_annotation", STEP_RANGE, 50, 150), _x("kernel", "embed_gemm", 80, 30)]
+    x = interleave(SYNTHETIC, embed)  # both captured over 50-150 us
+    # gen kernels starting there: 70-80, 110-130, 135-140, 142-146; embed ran 80-110, all of
+    # it in the gap between gen's 80 and 110 and none beside a gen kernel
+    assert (x.window_ms, x.embed_kernels) == (0.1, 1)
+    assert x.gen_kernel_ms == pytest.approx(0.039)
+    assert x.gen_kernel_overlapped_ms == 0.0
+    assert x.gen_gap_ms == pytest.approx(0.037)
+    assert x.gen_gap_filled_ms == pytest.approx(0.03)
+    assert interleave(SYNTHETIC, [_x("user_annotation", STEP_RANGE, 500, 10)]) is None
+
+
+def test_clocks_from_telemetry_to_the_report_section(tmp_path):
+    from coserve.profile.analyze import analyze_rep
+    from coserve.report.profile_plots import make
+    from coserve.report.profile_section import profile_blocks
+
+    rep = tmp_path / "reps" / "mps" / "rep-1"
+    rep.mkdir(parents=True)
+    rows = [  # telemetry.jsonl as the sampler writes it (values chosen for the test)
+        {
+            "t_rel_s": 0.0,
+            "device": "0",
+            "sm_clock_mhz": 1980,
+            "mem_clock_mhz": 3201,
+            "power_w": 600.0,
+            "power_capped": 0,
+            "thermal": 0,
+            "sync_boost": 0,
+        },
+        {
+            "t_rel_s": 1.0,
+            "device": "0",
+            "sm_clock_mhz": 1600,
+            "mem_clock_mhz": 3201,
+            "power_w": 700.0,
+            "power_capped": 1,
+            "thermal": 0,
+            "sync_boost": 0,
+        },
+    ]
+    (rep / "telemetry.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"cut')
+    summary = analyze_rep(rep, [])
+    assert summary.condition == "mps"
+    assert [(c.sm_clock_mhz, c.power_capped) for c in summary.clocks] == [
+        (1980, False),
+        (1600, True),
+    ]
+    (rep / "profile").mkdir()
+    (rep / "profile" / "summary.json").write_text(json.dumps(summary.to_dict()))
+    plots = make(tmp_path, ["mps"], tmp_path / "plots")
+    assert list(plots) == ["profile_clocks"]  # no gen timeline without a trace
+    blocks = profile_blocks(tmp_path, ["mps"], plots)
+    table = next(b for b in blocks if b.kind == "table" and b.headers[0] == "Condition")
+    assert table.rows == [["mps (rep 1)", "2", "1,790", "3,201", "650", "50.0%", "0.0%", "0.0%"]]
+    assert any(b.kind == "img" and b.path == plots["profile_clocks"] for b in blocks)
+    assert profile_blocks(tmp_path / "nothing", [], {}) == []
