@@ -22,7 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "coserve.advise",
         "the measured way of sharing that meets a gen latency budget with the most embed work",
     ),
-    "plan": ("coserve.plan", "VRAM budget, KV capacity and the concurrency that fits"),
+    "plan": ("coserve.plan_command", "VRAM budget, KV capacity and the concurrency that fits"),
     "export": ("coserve.export.command", "a condition as Docker Compose, Kubernetes or shell"),
     "doctor": ("coserve.gpu.doctor", "what this machine can do: GPUs, MPS, MIG, GPM, profilers"),
 }

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from coserve import plan as P
+from coserve import plan_command as PC
 from coserve.server.command import parse_bytes
 
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
@@ -19,7 +20,7 @@ EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
 
 def args(**kw) -> argparse.Namespace:
     p = argparse.ArgumentParser()
-    P.add_arguments(p)
+    PC.add_arguments(p)
     ns = p.parse_args([])
     for k, v in kw.items():
         setattr(ns, k, v)
@@ -32,13 +33,13 @@ def test_the_engines_measured_kv_capacity_on_h200():
     log gives the memory figures to 0.01 GiB (+-0.0125 GiB in all, 8.5 blocks of 1.5 MiB), so
     the plan may differ by up to 9 blocks; the cache it allocated, 37.575 GiB (to 0.001 GiB, with
     the null block), gives the capacity exactly."""
-    plan, _ = P.make_plan(args(gpu="h200"))
+    plan, _ = PC.make_plan(args(gpu="h200"))
     assert plan.gen.kv_bytes_per_token == 98304  # 48 layers x 4 KV heads x 128 x K+V x bf16
     assert plan.gen.weight_bytes / 2**30 == pytest.approx(
         29.0, abs=0.05
     )  # gen.txt: "weights 29.0 GiB"
     assert abs(plan.kv_tokens - P.MEASURED_KV_TOKENS) <= 9 * 16
-    allocated, _ = P.make_plan(
+    allocated, _ = PC.make_plan(
         args(
             gen="qwen3-30b-a3b", embed="none", dtype="bfloat16", kv_cache_bytes=int(37.575 * 2**30)
         )
@@ -46,7 +47,7 @@ def test_the_engines_measured_kv_capacity_on_h200():
     assert allocated.kv_tokens == P.MEASURED_KV_TOKENS == 410_400
     # vLLM's own figure is shown as the study's, not derived
     assert plan.study_vllm_kv_tokens() == 322_000
-    assert P.make_plan(args(gpu="h100"))[0].study_vllm_kv_tokens() is None
+    assert PC.make_plan(args(gpu="h100"))[0].study_vllm_kv_tokens() is None
     # "At C=512 with ~542 tokens/request ... peak demand is ~278K tokens"; C=1024 overflows
     assert plan.tokens_per_request == 542
     assert plan.tokens_needed(512) == pytest.approx(278_000, rel=0.01)
@@ -75,12 +76,12 @@ def test_plan_equals_a_cpu_servers_own_kv_capacity():
             budget,
         ) as srv:
             served = int(re.search(r"KV cache capacity (\d+) tokens", srv.ready_line).group(1))
-        plan, _ = P.make_plan(args(gen=model, embed="none", kv_cache_bytes=parse_bytes(budget)))
+        plan, _ = PC.make_plan(args(gen=model, embed="none", kv_cache_bytes=parse_bytes(budget)))
         assert plan.kv_tokens == served, (model, budget)
 
 
 def test_budget_total_is_every_row_above_it_in_one_unit():
-    plan, _ = P.make_plan(args(gpu="h200"))
+    plan, _ = PC.make_plan(args(gpu="h200"))
     rows = P.budget_rows(plan)
     total_at = next(i for i, (name, _) in enumerate(rows) if name.startswith("**Total"))
     above = [float(v.split()[0].replace(",", "")) for _, v in rows[:total_at]]
@@ -93,7 +94,7 @@ def test_budget_total_is_every_row_above_it_in_one_unit():
 def test_max_num_seqs_default_is_the_engines():
     from coserve.engine.types import EngineArgs
 
-    plan, _ = P.make_plan(args(gpu="h200"))
+    plan, _ = PC.make_plan(args(gpu="h200"))
     assert plan.max_num_seqs == EngineArgs(model="x").max_num_seqs
     assert f"max_num_seqs {plan.max_num_seqs} caps it" in "\n".join(P.lines(plan))
 
@@ -118,31 +119,31 @@ def test_weights_match_the_engines_own_model():
             quant=getattr(cfg, "quant", None),
         )
         engine_bytes = sum(p.numel() * p.element_size() for p in net.parameters())
-        assert P.model_size(name, embedding=task == "embed").weight_bytes == engine_bytes, name
+        assert PC.model_size(name, embedding=task == "embed").weight_bytes == engine_bytes, name
 
 
 def test_no_room_for_a_kv_cache_names_the_fix():
-    plan, _ = P.make_plan(args(gpu="h100", gen_util=0.40, embed_util=0.30))
+    plan, _ = PC.make_plan(args(gpu="h100", gen_util=0.40, embed_util=0.30))
     assert plan.kv_tokens == 0
     [problem] = plan.problems()
     fix = re.search(r"raise gpu_memory_utilization to at least (0\.\d\d)", problem)
     assert fix and "KV capacity 0 tokens" in problem
     # the fraction it names is enough, and a hundredth less is not
-    enough, _ = P.make_plan(args(gpu="h100", gen_util=float(fix.group(1)), embed_util=0.30))
+    enough, _ = PC.make_plan(args(gpu="h100", gen_util=float(fix.group(1)), embed_util=0.30))
     assert enough.kv_tokens >= enough.tokens_per_request and enough.problems() == []
-    short, _ = P.make_plan(args(gpu="h100", gen_util=float(fix.group(1)) - 0.01, embed_util=0.30))
+    short, _ = PC.make_plan(args(gpu="h100", gen_util=float(fix.group(1)) - 0.01, embed_util=0.30))
     assert short.kv_tokens < short.tokens_per_request
-    cpu, _ = P.make_plan(args(gen="tiny-dense", embed="none", kv_cache_bytes=4096))
+    cpu, _ = PC.make_plan(args(gen="tiny-dense", embed="none", kv_cache_bytes=4096))
     assert cpu.kv_tokens == 0 and "raise --kv-cache-bytes" in cpu.problems()[0]
 
 
 def test_overcommitted_fractions_are_a_problem():
-    plan, _ = P.make_plan(args(gpu="h200", gen_util=0.8, embed_util=0.3))
+    plan, _ = PC.make_plan(args(gpu="h200", gen_util=0.8, embed_util=0.3))
     assert any("add up to 1.10" in p for p in plan.problems())
 
 
 def test_plan_from_a_spec_checks_its_sweep():
-    plan, sweep = P.make_plan(args(spec=str(EXPERIMENTS / "seed-single-gpu.toml"), gpu="h200"))
+    plan, sweep = PC.make_plan(args(spec=str(EXPERIMENTS / "seed-single-gpu.toml"), gpu="h200"))
     assert sweep == [256, 512, 1024]
     rows = dict((c, v) for c, _, v in P.sweep_rows(plan, sweep))
     assert rows["512"] == "yes" and rows["1024"].startswith("no: KV cache overflows")
@@ -154,7 +155,7 @@ def test_cli(capsys):
     assert main(["plan", "--gpu", "h200"]) == 0
     out = capsys.readouterr().out
     assert "VRAM budget" in out and "C=512 needs 278,528 tokens" in out
-    assert f"{P.make_plan(args(gpu='h200'))[0].kv_tokens:,} tokens" in out
+    assert f"{PC.make_plan(args(gpu='h200'))[0].kv_tokens:,} tokens" in out
     assert "~322,000 tokens (the study's measured value" in out
     assert main(["plan", "--gpu", "h200", "--json", "--concurrency", "512,1024"]) == 0
     d = json.loads(capsys.readouterr().out)

@@ -71,18 +71,7 @@ class GenRank:
         """Load the model, size the KV cache to the memory budget (the smallest over the
         ranks), allocate it, capture the runner's CUDA graphs. Raises ValueError when the
         cache cannot hold max_model_len tokens."""
-        budget = GpuBudget(device, args.gpu_memory_utilization) if device.type == "cuda" else None
-        if budget is not None:
-            budget.start()
-        lm = load_model(
-            args.model,
-            task="generate",
-            random_weights=args.random_weights,
-            device=str(device),
-            dtype=args.dtype,
-            max_model_len=args.max_model_len,
-            seed=args.seed,
-        )
+        budget, lm = _load(args, device, "generate")
         kv_bytes = (
             budget.kv_bytes(lambda: _profile(lm, args, device))
             if budget
@@ -165,18 +154,7 @@ class EmbedRank:
     def build(cls, args: EngineArgs, device: torch.device) -> EmbedRank:
         """Load the model. Raises ValueError when its weights alone exceed the GPU memory
         budget."""
-        budget = GpuBudget(device, args.gpu_memory_utilization) if device.type == "cuda" else None
-        if budget is not None:
-            budget.start()
-        lm = load_model(
-            args.model,
-            task="embed",
-            random_weights=args.random_weights,
-            device=str(device),
-            dtype=args.dtype,
-            max_model_len=args.max_model_len,
-            seed=args.seed,
-        )
+        budget, lm = _load(args, device, "embed")
         if budget is not None and lm.weight_bytes > budget.requested:
             raise ValueError(
                 f"weights take {lm.weight_bytes / GiB:.2f} GiB, more than the "
@@ -199,3 +177,23 @@ class EmbedRank:
             self.forward(msg.inputs)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+
+def _load(
+    args: EngineArgs, device: torch.device, task: str
+) -> tuple[GpuBudget | None, LoadedModel]:
+    """The model of `args` for `task`, with the GPU budget started before it loads (so the
+    budget sees the weights); no budget on CPU."""
+    budget = GpuBudget(device, args.gpu_memory_utilization) if device.type == "cuda" else None
+    if budget is not None:
+        budget.start()
+    lm = load_model(
+        args.model,
+        task=task,
+        random_weights=args.random_weights,
+        device=str(device),
+        dtype=args.dtype,
+        max_model_len=args.max_model_len,
+        seed=args.seed,
+    )
+    return budget, lm
