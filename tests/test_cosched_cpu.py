@@ -98,7 +98,7 @@ def test_the_cpu_twin_runs_and_records_the_guard(tmp_path):
     assert g["gen_alone_seconds"] > 0 and g["budget_seconds"] == pytest.approx(
         1.05 * g["gen_alone_seconds"]
     )
-    assert g["throttled_seconds_total"] > 0  # embed waited through the calibration at least
+    assert g["throttled_seconds_total"] > 0  # embed waited through the first probe at least
     colocated = records["colocated-streams"]
     assert colocated["servers"]["gen"]["launcher"] == "command"
     for r in (grain, guard, colocated):

@@ -6,14 +6,8 @@ from __future__ import annotations
 import pytest
 
 from coserve.server.engine_core import Pacing, StepClock
-from coserve.server.slo_guard import (
-    Allowance,
-    GenSample,
-    GuardConfig,
-    SloGuard,
-    guard_metrics,
-    parse_gen_metrics,
-)
+from coserve.server.slo_guard import Allowance, GenSample, GuardConfig, SloGuard
+from coserve.server.slo_guard_io import guard_metrics, parse_gen_metrics
 
 MS = 1e-3
 
@@ -197,6 +191,35 @@ def test_pacing_sets_the_engine_batch_and_waits():
             ["embed", "--gen-tpot-slo-pct", "5"],
             "--gen-tpot-slo-ms/--gen-tpot-slo-pct need --slo-guard-gen-url",
         ),
+        (
+            [
+                "embed",
+                "--slo-guard-gen-url",
+                "http://127.0.0.1:1",
+                "--gen-tpot-slo-ms",
+                "20",
+                "--slo-guard-probe-interval-s",
+                "5",
+            ],
+            "--slo-guard-probe-interval-s is for --gen-tpot-slo-pct; --gen-tpot-slo-ms is a "
+            "fixed budget",
+        ),
+        (
+            [
+                "embed",
+                "--slo-guard-gen-url",
+                "http://127.0.0.1:1",
+                "--gen-tpot-slo-pct",
+                "5",
+                "--slo-guard-probe-s",
+                "0.2",
+            ],
+            "--slo-guard-probe-s: must be at least gen's step window (0.5 s), got 0.2",
+        ),
+        (
+            ["gen", "--slo-guard-probe-interval-s", "5"],
+            "--slo-guard-probe-interval-s is for serve embed; serve gen would ignore it",
+        ),
     ],
 )
 def test_serve_refuses_a_misplaced_guard_before_loading(argv, message, capsys):
@@ -230,7 +253,7 @@ def test_serve_refuses_two_budgets(capsys):
 def test_an_unreachable_gen_server_is_logged_once_and_counted(caplog):
     import asyncio
 
-    from coserve.server.slo_guard import run_guard
+    from coserve.server.slo_guard_io import run_guard
 
     guard = SloGuard(GuardConfig(budget_s=20 * MS))
 
@@ -244,3 +267,31 @@ def test_an_unreachable_gen_server_is_logged_once_and_counted(caplog):
     said = [r.getMessage() for r in caplog.records if "cannot read" in r.getMessage()]
     assert len(said) == 1 and "http://127.0.0.1:1/metrics" in said[0]
     assert guard.state.poll_errors == guard.state.polls >= 3
+
+
+@pytest.mark.parametrize(
+    "extra, probe_interval_s, probe_s, settle_s",
+    [
+        ([], 5.0, 0.5, 0.3),  # GuardConfig's defaults
+        (
+            ["--slo-guard-probe-interval-s", "0", "--slo-guard-probe-s", "1.5"]
+            + ["--slo-guard-settle-s", "0.4"],
+            0.0,
+            1.5,
+            0.4,
+        ),
+    ],
+)
+def test_probe_flags_reach_the_guard_config(extra, probe_interval_s, probe_s, settle_s):
+    from coserve.cli import build_parser
+    from coserve.server.serve_flags import guard_config
+
+    argv = ["serve", "embed", "--model", "tiny-embed", "--slo-guard-gen-url", "http://h:1"]
+    args = build_parser().parse_args([*argv, "--gen-tpot-slo-pct", "5", *extra])
+    cfg = guard_config(args, 512)
+    assert (cfg.probe_interval_s, cfg.probe_s, cfg.settle_s) == (
+        probe_interval_s,
+        probe_s,
+        settle_s,
+    )
+    assert cfg.over_alone_pct == 5 and cfg.budget_s is None

@@ -133,7 +133,7 @@ def test_guard_cuts_embed_and_fails_nothing(gen):
     assert set(load.gen_status) == {200}
 
 
-def test_percentage_budget_measures_gen_alone_while_embed_waits(gen):
+def test_percentage_budget_probes_gen_alone_while_embed_waits(gen):
     with coserve_serve(
         "embed",
         "--model",
@@ -145,19 +145,29 @@ def test_percentage_budget_measures_gen_alone_while_embed_waits(gen):
         "5",
         "--slo-guard-interval-ms",
         "20",
+        "--slo-guard-probe-interval-s",
+        "1",
     ) as embed:
         assert (
             metric(embed.url, "coserve:slo_guard_budget_seconds") == 0
         )  # gen idle: nothing measured
         with Load(gen.url, embed.url) as load:
             wait_until(lambda: metric(embed.url, "coserve:slo_guard_holding") == 1, 30, "the hold")
-            budget = wait_until(
-                lambda: metric(embed.url, "coserve:slo_guard_budget_seconds"), 30, "a budget"
+            wait_until(
+                lambda: metric(embed.url, "coserve:slo_guard_probes_total") == 1, 30, "a probe"
             )
-            alone = metric(embed.url, "coserve:slo_guard_gen_alone_seconds")
-            assert budget == pytest.approx(alone * 1.05)
-            assert metric(embed.url, "coserve:slo_guard_holding") == 0
             n = len(load.embed_status)
             wait_until(lambda: len(load.embed_status) > n, 30, "embed requests after the hold")
-        assert metric(embed.url, "coserve:slo_guard_throttled_seconds_total") > 0.5  # held ~2.7 s
+            # probes go on while gen is busy (every 1 s + 0.8 s held), each holding embed
+            wait_until(
+                lambda: metric(embed.url, "coserve:slo_guard_probes_total") >= 3, 30, "probes"
+            )
+            wait_until(lambda: metric(embed.url, "coserve:slo_guard_holding") == 1, 30, "a hold")
+            page = metrics(embed.url)
+        assert page["coserve:slo_guard_budget_seconds"] == pytest.approx(
+            page["coserve:slo_guard_gen_alone_seconds"] * 1.05
+        )
+        assert page["coserve:slo_guard_last_probe_seconds"] > 0
+        # held through the first probe (2.3 s) and two more (0.8 s each) at least
+        assert metric(embed.url, "coserve:slo_guard_throttled_seconds_total") > 2.5
     assert set(load.embed_status) == {200}

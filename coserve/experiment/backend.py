@@ -72,8 +72,8 @@ class Backend:
         return result.summary()
 
     def guard_state(self, embed_url: str) -> dict[str, Any]:
-        """The SLO guard's figures at the end of the load (slo_guard.scrape_guard)."""
-        from coserve.server.slo_guard import scrape_guard
+        """The SLO guard's figures at the end of the load (slo_guard_io.scrape_guard)."""
+        from coserve.server.slo_guard_io import scrape_guard
 
         return scrape_guard(embed_url)
 

@@ -39,6 +39,9 @@ METRICS: dict[str, tuple[str, ...]] = {
         for k in (
             "budget_seconds",
             "gen_alone_seconds",
+            "last_probe_seconds",
+            "probes_total",
+            "gen_step_seconds",
             "tokens_per_forward",
             "pause_seconds",
             "cuts_total",

@@ -35,7 +35,8 @@ from coserve.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from coserve.server.metrics import Metrics
 from coserve.server.profile_api import ProfileApi
 from coserve.server.protocol import parse_embedding
-from coserve.server.slo_guard import Allowance, GuardConfig, SloGuard, guard_metrics, run_guard
+from coserve.server.slo_guard import Allowance, GuardConfig, SloGuard
+from coserve.server.slo_guard_io import guard_metrics, run_guard
 
 log = logging.getLogger("coserve.server")
 

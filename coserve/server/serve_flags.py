@@ -92,11 +92,25 @@ def positive_float(text: str) -> float:
     return v
 
 
+def non_negative_float(text: str) -> float:
+    v = float(text)
+    if not 0 <= v < 1e9:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
+    return v
+
+
 def percent(text: str) -> float:
     v = float(text)
     if not 0 <= v <= 1000:
         raise argparse.ArgumentTypeError(f"must be a percentage in [0, 1000], got {text}")
     return v
+
+
+_GUARD_FLAGS = {  # the probes' flags, by GuardConfig field (a percentage budget only)
+    "probe_interval_s": "--slo-guard-probe-interval-s",
+    "probe_s": "--slo-guard-probe-s",
+    "settle_s": "--slo-guard-settle-s",
+}
 
 
 def guard_config(args, max_model_len: int):
@@ -118,15 +132,31 @@ def guard_config(args, max_model_len: int):
         raise ValueError(
             "--slo-guard-gen-url needs a budget: --gen-tpot-slo-ms or --gen-tpot-slo-pct"
         )
+    if args.gen_tpot_slo_ms is not None:
+        for flag in _GUARD_FLAGS.values():
+            if flag in getattr(args, "given_flags", ()):
+                raise ValueError(
+                    f"{flag} is for --gen-tpot-slo-pct; --gen-tpot-slo-ms is a fixed budget "
+                    "that needs no probe of gen alone"
+                )
     budget_s = args.gen_tpot_slo_ms / 1e3 if args.gen_tpot_slo_ms is not None else None
     max_tokens = max(args.max_num_batched_tokens, max_model_len)
-    return GuardConfig(
-        budget_s=budget_s,
-        over_alone_pct=args.gen_tpot_slo_pct,
-        stat=args.slo_guard_stat,
-        max_tokens=max_tokens,
-        min_tokens=min(args.slo_guard_min_tokens, max_tokens),
-    )
+    try:
+        return GuardConfig(
+            budget_s=budget_s,
+            over_alone_pct=args.gen_tpot_slo_pct,
+            stat=args.slo_guard_stat,
+            max_tokens=max_tokens,
+            min_tokens=min(args.slo_guard_min_tokens, max_tokens),
+            probe_interval_s=args.slo_guard_probe_interval_s,
+            probe_s=args.slo_guard_probe_s,
+            settle_s=args.slo_guard_settle_s,
+        )
+    except ValueError as e:  # name the flag rather than the GuardConfig field
+        field, _, why = str(e).partition(": ")
+        if field not in _GUARD_FLAGS:
+            raise
+        raise ValueError(f"{_GUARD_FLAGS[field]}: {why}") from None
 
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)

@@ -11,11 +11,13 @@ from coserve.server.profile_api import add_flags as add_profile_flags
 from coserve.server.serve_flags import (
     KindGroup,
     fraction,
+    non_negative_float,
     parse_bytes,
     percent,
     positive_float,
     positive_int,
 )
+from coserve.server.slo_guard import GuardConfig
 
 
 def add_flag_groups(parser: argparse.ArgumentParser) -> None:
@@ -101,8 +103,8 @@ def add_flag_groups(parser: argparse.ArgumentParser) -> None:
         metavar="P",
         type=percent,
         default=None,
-        help="budget: gen alone's step time (measured when gen first gets busy, embed held) plus P "
-        "%%",
+        help="budget: gen alone's step time plus P %%; gen alone is measured by probes that "
+        "hold embed (the first when gen first gets busy)",
     )
     guard.add_argument(
         "--slo-guard-stat",
@@ -115,7 +117,7 @@ def add_flag_groups(parser: argparse.ArgumentParser) -> None:
         "--slo-guard-min-tokens",
         metavar="N",
         type=positive_int,
-        default=512,
+        default=GuardConfig.min_tokens,
         help="fewest tokens per embed forward the guard cuts to before it pauses between forwards "
         "(default %(default)s)",
     )
@@ -125,6 +127,31 @@ def add_flag_groups(parser: argparse.ArgumentParser) -> None:
         type=positive_float,
         default=50.0,
         help="how often the guard reads gen's /metrics (default %(default)s)",
+    )
+    guard.add_argument(
+        "--slo-guard-probe-interval-s",
+        metavar="S",
+        type=non_negative_float,
+        default=GuardConfig.probe_interval_s,
+        help="with --gen-tpot-slo-pct: seconds from one probe of gen alone to the next while gen "
+        "is busy; 0: probe once, when gen first gets busy (default %(default)s)",
+    )
+    guard.add_argument(
+        "--slo-guard-probe-s",
+        metavar="S",
+        type=positive_float,
+        default=GuardConfig.probe_s,
+        help="with --gen-tpot-slo-pct: seconds a probe measures gen alone, after the settle; at "
+        f"least gen's step window ({GuardConfig.gen_window_s:g} s) (default %(default)s)",
+    )
+    guard.add_argument(
+        "--slo-guard-settle-s",
+        metavar="S",
+        type=non_negative_float,
+        default=GuardConfig.settle_s,
+        help="with --gen-tpot-slo-pct: seconds a probe holds embed before it measures: the "
+        "longest embed forward, one gen step and 50 ms for gen's figures to catch up "
+        "(default %(default)s)",
     )
     add_profile_flags(
         KindGroup(parser.add_argument_group("profiling (gen and embed)"), ("gen", "embed"), kinds)

@@ -10,31 +10,34 @@ TPOT, and so gen's TPOT p99, within it (up to the gaps between steps). The guard
 the mean by default; the p99 of a half-second window (~20 decode steps) is nearly its
 maximum, a noisy signal, kept for a stricter guard (`stat = "p99"`).
 
-The embed server polls that page every `interval_s` and feeds the figure to `SloGuard`, a
-pure AIMD controller: over budget, it halves the tokens an embed forward may take (down to
-`min_tokens`) and then doubles a pause between forwards; under the budget it shortens the
-pause first and then grows the forward size additively. The embed engine core
-applies the resulting `Allowance` (engine_core.py). Nothing is dropped: a throttled embed
-request only waits, and the wait shows in its latency.
+The embed server polls that page every `interval_s` (slo_guard_io.run_guard) and feeds the
+figure to `SloGuard`, a pure AIMD controller: over budget, it halves the tokens an embed
+forward may take (down to `min_tokens`) and then doubles a pause between forwards; under the
+budget it shortens the pause first and then grows the forward size additively. The embed
+engine core applies the resulting `Allowance` (engine_core.py). Nothing is dropped: a
+throttled embed request only waits, and the wait shows in its latency.
 
-With a budget given as a percentage over gen alone, the guard measures gen alone itself:
-the first time gen is busy it holds every embed forward for `settle_s + calibrate_s`,
-takes the median of the figures seen after `settle_s` (the window then holds no step that
-ran beside an embed forward) and sets the budget from it."""
+With a budget given as a percentage over gen alone, the guard measures gen alone itself, by
+probes: it holds every embed forward, waits `settle_s` (the embed forward in flight ends, so
+does the gen step beside it, and gen's figures catch up), then reads gen's window for the
+probe's span; a reading counts only once the whole window lies after the settle. The first
+probe (span `calibrate_s`) starts when gen first gets busy; later ones (span `probe_s`) every
+`probe_interval_s` while gen is busy, because gen alone's step time drifts with its load (a
+decode step reads the KV cache of every running sequence, which grows as they age). The
+baseline is the median of the last `probe_keep` probes; the budget follows it."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import re
 import statistics
+from collections import deque
 from dataclasses import dataclass, field
+
+from coserve.server.engine_core import STEP_WINDOW_S
 
 log = logging.getLogger("coserve.server")
 
-STEP_METRIC = "coserve:engine_step_seconds_{stat}"  # stat: mean | p99
 STATS = ("mean", "p99")
-STEP_COUNT_METRIC = "coserve:engine_steps_window"
 
 
 @dataclass(frozen=True)
@@ -60,7 +63,8 @@ class GenSample:
 @dataclass(frozen=True, kw_only=True)
 class GuardConfig:
     """Settings of `SloGuard`. Exactly one of `budget_s` (budget of gen's step time `stat`,
-    seconds) and `over_alone_pct` (budget = gen alone's figure x (1 + pct/100)) is set.
+    seconds) and `over_alone_pct` (budget = gen alone's figure x (1 + pct/100), gen alone
+    measured by probes) is set. Times are seconds.
 
     Raises ValueError naming the field when a value is out of range."""
 
@@ -77,8 +81,14 @@ class GuardConfig:
     max_pause_s: float = 0.5
     margin: float = 1.0  # grow only while measured < margin x budget (1: whenever under it)
     cooldown_s: float = 0.5  # after a cut, no cut for this long: gen's window still holds old steps
-    settle_s: float = 0.7
-    calibrate_s: float = 2.0
+    # A probe's hold before its span: the embed forward in flight, the gen step that overlaps
+    # its end, and the age of gen's figures (its engine core sends them every 50 ms).
+    settle_s: float = 0.3
+    calibrate_s: float = 2.0  # the first probe's span
+    probe_s: float = 0.5  # a later probe's span
+    probe_interval_s: float = 5.0  # from one probe's end to the next one's start; 0: one probe
+    probe_keep: int = 3  # the baseline is the median of this many last probes
+    gen_window_s: float = STEP_WINDOW_S  # the span of gen's step figures
 
     def __post_init__(self) -> None:
         if (self.budget_s is None) == (self.over_alone_pct is None):
@@ -104,34 +114,62 @@ class GuardConfig:
             raise ValueError(f"margin: must be in (0, 1], got {self.margin}")
         if not 0 < self.first_pause_s <= self.max_pause_s:
             raise ValueError("first_pause_s: must be positive and at most max_pause_s")
+        if self.settle_s < 0:
+            raise ValueError(f"settle_s: must be >= 0, got {self.settle_s:g}")
+        for name in ("calibrate_s", "probe_s"):  # a shorter span would read pre-probe steps
+            if getattr(self, name) < self.gen_window_s:
+                raise ValueError(
+                    f"{name}: must be at least gen's step window ({self.gen_window_s:g} s), "
+                    f"got {getattr(self, name):g}"
+                )
+        if not 0 <= self.probe_interval_s <= 86400:
+            raise ValueError(
+                f"probe_interval_s: must be in [0, 86400] (0: probe once), got "
+                f"{self.probe_interval_s:g}"
+            )
+        if self.probe_keep < 1:
+            raise ValueError(f"probe_keep: must be >= 1, got {self.probe_keep}")
 
 
 @dataclass
 class GuardState:
-    """What /metrics shows of the guard."""
+    """What /metrics shows of the guard (times in seconds)."""
 
     budget_s: float | None
     measured_s: float = 0.0
     gen_steps: int = 0
     allowance: Allowance = field(default_factory=lambda: Allowance(1))
-    phase: str = "waiting"  # waiting (for a gen figure) | calibrating | guarding
+    phase: str = "waiting"  # waiting (for a gen figure) | probing | guarding
     cuts: int = 0
     polls: int = 0
     poll_errors: int = 0
-    baseline_s: float | None = None
+    baseline_s: float | None = None  # median of the last probes: gen alone's step time
+    probes: int = 0  # probes that gave a figure
+    last_probe_s: float | None = None  # the newest probe's figure
+
+
+@dataclass
+class _Probe:
+    start: float
+    span_s: float  # measured after the settle
+    readings: list[float] = field(default_factory=list)
 
 
 class SloGuard:
-    """AIMD controller: `update(sample, now)` -> the Allowance to apply. Pure: time comes in
-    as `now` (seconds, any monotonic origin), so scripted inputs test it exactly."""
+    """AIMD controller with probes: `update(sample, now)` -> the Allowance to apply. Pure:
+    time comes in as `now` (seconds, any monotonic origin), so scripted inputs test it
+    exactly."""
 
     def __init__(self, cfg: GuardConfig):
         self.cfg = cfg
         self.tokens = cfg.max_tokens
         self.pause_s = 0.0
         self.last_cut = -float("inf")
-        self.calibration_start: float | None = None
-        self._calibration: list[float] = []
+        # Probes measure gen alone for a percentage budget only; the first is due at once.
+        self.next_probe_at = -float("inf") if cfg.over_alone_pct is not None else float("inf")
+        self.probe: _Probe | None = None
+        self.figures: deque[float] = deque(maxlen=cfg.probe_keep)
+        self.grow_from = -float("inf")  # no growth before: gen's window still holds a probe
         self.state = GuardState(
             budget_s=cfg.budget_s,
             allowance=self._allowance(),
@@ -142,15 +180,23 @@ class SloGuard:
         return Allowance(self.tokens, round(self.pause_s, 6), hold)
 
     def update(self, sample: GenSample | None, now: float) -> Allowance:
-        """One reading (None: the poll failed, the allowance stays) -> the allowance now."""
+        """One reading -> the allowance now. None (the poll failed) keeps the allowance, but
+        ends a probe without a figure."""
         st = self.state
         st.polls += 1
         if sample is None:
             st.poll_errors += 1
+            if self.probe is not None:  # never hold embed on a gen server it cannot read
+                self._end_probe(now)
+                st.allowance = self._allowance()
             return st.allowance
         st.measured_s, st.gen_steps = sample.step_s, sample.steps
-        if st.budget_s is None:
-            st.allowance = self._calibrate(sample, now)
+        due = sample.steps > 0 and now >= self.next_probe_at
+        if (self.probe is not None or due) and self._probing(sample, now):
+            st.allowance = self._allowance(hold=True)
+            return st.allowance
+        if st.budget_s is None:  # gen idle so far: nothing to protect, embed runs freely
+            st.allowance = self._allowance()
             return st.allowance
         if sample.steps == 0:
             self._grow()
@@ -159,33 +205,54 @@ class SloGuard:
                 self._cut()
                 self.last_cut = now
                 st.cuts += 1
-        elif sample.step_s < self.cfg.margin * st.budget_s:
+        elif sample.step_s < self.cfg.margin * st.budget_s and now >= self.grow_from:
             self._grow()
         st.allowance = self._allowance()
         return st.allowance
 
-    def _calibrate(self, sample: GenSample, now: float) -> Allowance:
+    def _probing(self, sample: GenSample, now: float) -> bool:
+        """Start or go on with a probe; True while it holds embed."""
         cfg, st = self.cfg, self.state
-        if self.calibration_start is None:
-            if sample.steps == 0:
-                return self._allowance()  # gen idle: nothing to measure, embed runs freely
-            self.calibration_start = now
-            st.phase = "calibrating"
-        since = now - self.calibration_start
-        if since >= cfg.settle_s and sample.steps > 0:
-            self._calibration.append(sample.step_s)
-        if since >= cfg.settle_s + cfg.calibrate_s and self._calibration:
-            st.baseline_s = statistics.median(self._calibration)
-            st.budget_s = st.baseline_s * (1 + cfg.over_alone_pct / 100)
-            st.phase = "guarding"
-            log.info(
-                "SLO guard: gen alone step %s %.2f ms, budget %.2f ms",
-                cfg.stat,
-                st.baseline_s * 1e3,
-                st.budget_s * 1e3,
-            )
-            return self._allowance()
-        return self._allowance(hold=True)
+        if self.probe is None:
+            span = cfg.calibrate_s if st.baseline_s is None else cfg.probe_s
+            self.probe = _Probe(now, span)
+            st.phase = "probing"
+        probe = self.probe
+        if sample.steps == 0:  # gen went idle: nothing to measure, try again when it is busy
+            self._end_probe(now)
+            return False
+        since = now - probe.start
+        if since >= cfg.settle_s + cfg.gen_window_s:  # the window lies wholly after the settle
+            probe.readings.append(sample.step_s)
+        if since < cfg.settle_s + probe.span_s:
+            return True
+        self._end_probe(now, statistics.median(probe.readings))
+        return False
+
+    def _end_probe(self, now: float, figure: float | None = None) -> None:
+        cfg, st = self.cfg, self.state
+        self.probe = None
+        self.grow_from = now + cfg.gen_window_s
+        if figure is None:
+            st.phase = "waiting" if st.budget_s is None else "guarding"
+            return
+        self.figures.append(figure)
+        st.probes += 1
+        st.last_probe_s = figure
+        st.baseline_s = statistics.median(self.figures)
+        st.budget_s = st.baseline_s * (1 + cfg.over_alone_pct / 100)
+        st.phase = "guarding"
+        self.next_probe_at = now + cfg.probe_interval_s if cfg.probe_interval_s else float("inf")
+        log.info(
+            "SLO guard: probe %d: gen alone step %s %.2f ms; baseline (median of %d) %.2f ms, "
+            "budget %.2f ms",
+            st.probes,
+            cfg.stat,
+            figure * 1e3,
+            len(self.figures),
+            st.baseline_s * 1e3,
+            st.budget_s * 1e3,
+        )
 
     def _cut(self) -> None:
         cfg = self.cfg
@@ -203,157 +270,3 @@ class SloGuard:
             return
         step = cfg.grow_tokens or max(1, cfg.max_tokens // 32)
         self.tokens = min(cfg.max_tokens, self.tokens + step)
-
-
-_SAMPLE = re.compile(r"^(coserve:engine_step[a-z_0-9]*)(?:\{[^}]*\})?\s+(\S+)\s*$", re.M)
-
-
-def parse_gen_metrics(text: str, stat: str = "mean") -> GenSample | None:
-    """gen's /metrics page -> GenSample of step time `stat`; None when it lacks the step
-    figures (an older server, or not coserve's)."""
-    values = {m.group(1): m.group(2) for m in _SAMPLE.finditer(text)}
-    try:
-        return GenSample(
-            float(values[STEP_METRIC.format(stat=stat)]), int(float(values[STEP_COUNT_METRIC]))
-        )
-    except (KeyError, ValueError):
-        return None
-
-
-FAILURE_LOG_EVERY_S = 30.0  # a gen server out of reach is logged at most this often
-
-
-async def run_guard(
-    guard: SloGuard, gen_url: str, apply, interval_s: float, stop: asyncio.Event
-) -> None:
-    """Poll `gen_url`/metrics every `interval_s` until `stop`; call `apply(allowance)` when
-    the allowance changes. A failed poll keeps the allowance (and is counted)."""
-    import aiohttp
-
-    url = gen_url.rstrip("/") + "/metrics"
-    loop = asyncio.get_running_loop()
-    current = None
-    timeout = aiohttp.ClientTimeout(total=max(interval_s * 4, 0.5))
-    async with aiohttp.ClientSession(timeout=timeout) as session:
-        warned_at: float | None = None  # when the last failed read was logged
-        while not stop.is_set():
-            started = loop.time()
-            sample, failure = None, None
-            try:
-                async with session.get(url) as resp:
-                    if resp.status != 200:
-                        failure = f"HTTP {resp.status}"
-                    else:
-                        sample = parse_gen_metrics(await resp.text(), guard.cfg.stat)
-                        failure = None if sample is not None else "no step times on the page"
-            except (
-                TimeoutError,
-                aiohttp.ClientError,
-                OSError,
-                ValueError,
-            ) as e:  # ValueError: a page not UTF-8
-                failure = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
-            allowance = guard.update(sample, loop.time())
-            if failure is not None and (
-                warned_at is None or started - warned_at >= FAILURE_LOG_EVERY_S
-            ):
-                log.warning(
-                    "SLO guard: cannot read %s (%s); the allowance stays as it is "
-                    "(%d failed reads so far)",
-                    url,
-                    failure,
-                    guard.state.poll_errors,
-                )
-                warned_at = started
-            elif failure is None and warned_at is not None:
-                log.info("SLO guard: reading %s again", url)
-                warned_at = None
-            if allowance != current:
-                apply(allowance)
-                current = allowance
-            try:
-                await asyncio.wait_for(stop.wait(), max(0.0, interval_s - (loop.time() - started)))
-            except TimeoutError:
-                pass
-
-
-def guard_metrics(st: GuardState, throttled_s: float) -> list[tuple[str, str, str, float]]:
-    """(name, type, help, value) for /metrics; the budget is 0 until calibration sets it."""
-    a = st.allowance
-    return [
-        (
-            "coserve:slo_guard_budget_seconds",
-            "gauge",
-            "Budget of gen's step time the guard holds (0: not set yet).",
-            st.budget_s or 0.0,
-        ),
-        (
-            "coserve:slo_guard_gen_alone_seconds",
-            "gauge",
-            "Gen's step time measured with embed held (0: not measured).",
-            st.baseline_s or 0.0,
-        ),
-        (
-            "coserve:slo_guard_gen_step_seconds",
-            "gauge",
-            "Gen's step time the guard read last.",
-            st.measured_s,
-        ),
-        (
-            "coserve:slo_guard_tokens_per_forward",
-            "gauge",
-            "Most tokens an embed forward may take now.",
-            float(a.tokens_per_forward),
-        ),
-        (
-            "coserve:slo_guard_pause_seconds",
-            "gauge",
-            "Least pause between embed forwards now.",
-            a.pause_s,
-        ),
-        (
-            "coserve:slo_guard_holding",
-            "gauge",
-            "1 while embed forwards are held (calibrating).",
-            float(a.hold),
-        ),
-        (
-            "coserve:slo_guard_cuts_total",
-            "counter",
-            "Times the guard cut the embed allowance.",
-            float(st.cuts),
-        ),
-        (
-            "coserve:slo_guard_polls_total",
-            "counter",
-            "Readings of gen's /metrics.",
-            float(st.polls),
-        ),
-        (
-            "coserve:slo_guard_poll_errors_total",
-            "counter",
-            "Readings that failed.",
-            float(st.poll_errors),
-        ),
-        (
-            "coserve:slo_guard_throttled_seconds_total",
-            "counter",
-            "Seconds embed work waited on the guard (pause or hold) while requests were pending.",
-            throttled_s,
-        ),
-    ]
-
-
-def scrape_guard(embed_url: str, timeout_s: float = 5.0) -> dict[str, float | str]:
-    """The guard's figures on an embed server's /metrics, by metric name less its
-    `coserve:slo_guard_` prefix; {"error": why} when the page cannot be read."""
-    import urllib.error
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(embed_url.rstrip("/") + "/metrics", timeout=timeout_s) as resp:
-            text = resp.read().decode()
-    except (urllib.error.URLError, OSError) as e:
-        return {"error": f"cannot read {embed_url}/metrics: {e}"}
-    found = re.findall(r"^coserve:slo_guard_(\w+)(?:\{[^}]*\})?\s+(\S+)\s*$", text, re.M)
-    return {name: float(value) for name, value in found}

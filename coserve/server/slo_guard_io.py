@@ -1,0 +1,181 @@
+"""The SLO guard's input and output: reading gen's step times off its /metrics (and the loop
+that feeds them to `SloGuard`), the guard's own /metrics rows, and reading those back from an
+embed server for a run's results."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+
+from coserve.server.slo_guard import GenSample, GuardState, SloGuard
+
+log = logging.getLogger("coserve.server")
+
+STEP_METRIC = "coserve:engine_step_seconds_{stat}"  # stat: mean | p99
+STEP_COUNT_METRIC = "coserve:engine_steps_window"
+
+_SAMPLE = re.compile(r"^(coserve:engine_step[a-z_0-9]*)(?:\{[^}]*\})?\s+(\S+)\s*$", re.M)
+
+
+def parse_gen_metrics(text: str, stat: str = "mean") -> GenSample | None:
+    """gen's /metrics page -> GenSample of step time `stat`; None when it lacks the step
+    figures (an older server, or not coserve's)."""
+    values = {m.group(1): m.group(2) for m in _SAMPLE.finditer(text)}
+    try:
+        return GenSample(
+            float(values[STEP_METRIC.format(stat=stat)]), int(float(values[STEP_COUNT_METRIC]))
+        )
+    except (KeyError, ValueError):
+        return None
+
+
+FAILURE_LOG_EVERY_S = 30.0  # a gen server out of reach is logged at most this often
+
+
+async def run_guard(
+    guard: SloGuard, gen_url: str, apply, interval_s: float, stop: asyncio.Event
+) -> None:
+    """Poll `gen_url`/metrics every `interval_s` until `stop`; call `apply(allowance)` when
+    the allowance changes. A failed poll keeps the allowance (and is counted)."""
+    import aiohttp
+
+    url = gen_url.rstrip("/") + "/metrics"
+    loop = asyncio.get_running_loop()
+    current = None
+    timeout = aiohttp.ClientTimeout(total=max(interval_s * 4, 0.5))
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        warned_at: float | None = None  # when the last failed read was logged
+        while not stop.is_set():
+            started = loop.time()
+            sample, failure = None, None
+            try:
+                async with session.get(url) as resp:
+                    if resp.status != 200:
+                        failure = f"HTTP {resp.status}"
+                    else:
+                        sample = parse_gen_metrics(await resp.text(), guard.cfg.stat)
+                        failure = None if sample is not None else "no step times on the page"
+            except (
+                TimeoutError,
+                aiohttp.ClientError,
+                OSError,
+                ValueError,
+            ) as e:  # ValueError: a page not UTF-8
+                failure = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+            allowance = guard.update(sample, loop.time())
+            if failure is not None and (
+                warned_at is None or started - warned_at >= FAILURE_LOG_EVERY_S
+            ):
+                log.warning(
+                    "SLO guard: cannot read %s (%s); the allowance stays as it is "
+                    "(%d failed reads so far)",
+                    url,
+                    failure,
+                    guard.state.poll_errors,
+                )
+                warned_at = started
+            elif failure is None and warned_at is not None:
+                log.info("SLO guard: reading %s again", url)
+                warned_at = None
+            if allowance != current:
+                apply(allowance)
+                current = allowance
+            try:
+                await asyncio.wait_for(stop.wait(), max(0.0, interval_s - (loop.time() - started)))
+            except TimeoutError:
+                pass
+
+
+def guard_metrics(st: GuardState, throttled_s: float) -> list[tuple[str, str, str, float]]:
+    """(name, type, help, value) for /metrics; the budget is 0 until the first probe sets it."""
+    a = st.allowance
+    return [
+        (
+            "coserve:slo_guard_budget_seconds",
+            "gauge",
+            "Budget of gen's step time the guard holds (0: not set yet).",
+            st.budget_s or 0.0,
+        ),
+        (
+            "coserve:slo_guard_gen_alone_seconds",
+            "gauge",
+            "Gen alone's step time: the median of the last probes (0: none yet).",
+            st.baseline_s or 0.0,
+        ),
+        (
+            "coserve:slo_guard_last_probe_seconds",
+            "gauge",
+            "Gen's step time the newest probe measured with embed held (0: none yet).",
+            st.last_probe_s or 0.0,
+        ),
+        (
+            "coserve:slo_guard_probes_total",
+            "counter",
+            "Probes of gen alone that gave a figure.",
+            float(st.probes),
+        ),
+        (
+            "coserve:slo_guard_gen_step_seconds",
+            "gauge",
+            "Gen's step time the guard read last.",
+            st.measured_s,
+        ),
+        (
+            "coserve:slo_guard_tokens_per_forward",
+            "gauge",
+            "Most tokens an embed forward may take now.",
+            float(a.tokens_per_forward),
+        ),
+        (
+            "coserve:slo_guard_pause_seconds",
+            "gauge",
+            "Least pause between embed forwards now.",
+            a.pause_s,
+        ),
+        (
+            "coserve:slo_guard_holding",
+            "gauge",
+            "1 while embed forwards are held (a probe of gen alone).",
+            float(a.hold),
+        ),
+        (
+            "coserve:slo_guard_cuts_total",
+            "counter",
+            "Times the guard cut the embed allowance.",
+            float(st.cuts),
+        ),
+        (
+            "coserve:slo_guard_polls_total",
+            "counter",
+            "Readings of gen's /metrics.",
+            float(st.polls),
+        ),
+        (
+            "coserve:slo_guard_poll_errors_total",
+            "counter",
+            "Readings that failed.",
+            float(st.poll_errors),
+        ),
+        (
+            "coserve:slo_guard_throttled_seconds_total",
+            "counter",
+            "Seconds embed work waited on the guard (pause or hold) while requests were pending.",
+            throttled_s,
+        ),
+    ]
+
+
+def scrape_guard(embed_url: str, timeout_s: float = 5.0) -> dict[str, float | str]:
+    """The guard's figures on an embed server's /metrics, by metric name less its
+    `coserve:slo_guard_` prefix; {"error": why} when the page cannot be read."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(embed_url.rstrip("/") + "/metrics", timeout=timeout_s) as resp:
+            text = resp.read().decode()
+    except (urllib.error.URLError, OSError) as e:
+        return {"error": f"cannot read {embed_url}/metrics: {e}"}
+    found = re.findall(r"^coserve:slo_guard_(\w+)(?:\{[^}]*\})?\s+(\S+)\s*$", text, re.M)
+    return {name: float(value) for name, value in found}
