@@ -51,7 +51,7 @@ from typing import Any
 from coserve.engine.types import EngineArgs
 from coserve.gpu.strategy_base import STRATEGIES as _STRATEGIES
 from coserve.gpu.strategy_base import TP_ALIASES
-from coserve.launch_command import LAUNCHERS
+from coserve.launch_command import LAUNCHERS, ServerSpec
 from coserve.roles import ROLES
 from coserve.spec_check import build_dataclass, checked_overrides
 from coserve.spec_cosched import server_problems
@@ -120,6 +120,31 @@ class ServerConfig:
     )
     docker_image: str = _f("", help="launcher vllm: run `vllm serve` in this image")
     ready_timeout_s: float = _f(600.0, gt=0.0, le=86400.0, help="how long to wait for /health")
+
+    def server_spec(self, role: str, device: str | None, **decided: Any) -> ServerSpec:
+        """The launch spec of this server as `role` on `device` (None: the server's own
+        default). `decided` sets what the caller decides beyond the spec (tensor_parallel_size
+        from a TP strategy, the guard's gen URL, host, launcher); unset engine settings (0,
+        None) are left to the server's own defaults."""
+        fields = dict(
+            role=role,
+            launcher=self.launcher,
+            model=self.model,
+            url=self.url or None,
+            device=device,
+            random_weights=self.random_weights,
+            gpu_memory_utilization=self.gpu_memory_utilization,
+            max_model_len=self.max_model_len or None,
+            max_num_seqs=self.max_num_seqs,
+            max_num_batched_tokens=self.max_num_batched_tokens or None,
+            enforce_eager=self.enforce_eager,
+            tensor_parallel_size=self.tensor_parallel_size,
+            extra_args=list(self.extra_args),
+            docker_image=self.docker_image or None,
+            gen_tpot_slo_ms=self.gen_tpot_slo_ms,
+            gen_tpot_slo_pct=self.gen_tpot_slo_pct,
+        )
+        return ServerSpec(**{**fields, **decided})
 
 
 @dataclass(frozen=True, kw_only=True)

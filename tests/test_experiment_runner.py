@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import random
-import types
 from pathlib import Path
 
 import pytest
@@ -168,9 +167,6 @@ class FakeBackend(Backend):
 
     def strategy(self, name, gpus, options, run_dir):
         return FakeStrategy(self, name, gpus)
-
-    def server_spec(self, **fields):
-        return types.SimpleNamespace(**fields)
 
     def start_server(self, spec, env, log_path, ready_timeout_s):
         Path(log_path).write_text("# coserve launch\n")

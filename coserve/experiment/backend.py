@@ -28,11 +28,6 @@ class Backend:
 
         return start_server(spec, env, log_path, ready_timeout_s)
 
-    def server_spec(self, **fields):
-        from coserve.launch import ServerSpec
-
-        return ServerSpec(**fields)
-
     def telemetry(self, devices: list[str], interval_s: float, out_path: Path):
         from coserve.gpu.telemetry import TelemetrySampler
 

@@ -206,30 +206,8 @@ class Runner:
         cfg = cond.server(self.spec, role)
         if cond.strategy.startswith("tp"):  # the strategy holds the TP degree
             cfg = dataclasses.replace(cfg, tensor_parallel_size=strategy.tensor_parallel_size(role))
-        guard = {}
-        if cfg.slo_guard:
-            guard = {
-                "slo_guard_gen_url": (urls or {})["gen"],
-                "gen_tpot_slo_ms": cfg.gen_tpot_slo_ms,
-                "gen_tpot_slo_pct": cfg.gen_tpot_slo_pct,
-            }
-        return self.backend.server_spec(
-            role=role,
-            launcher=cfg.launcher,
-            model=cfg.model,
-            url=cfg.url or None,
-            device=self.device(cfg.device),
-            random_weights=cfg.random_weights,
-            gpu_memory_utilization=cfg.gpu_memory_utilization,
-            max_model_len=cfg.max_model_len or None,
-            max_num_seqs=cfg.max_num_seqs,
-            max_num_batched_tokens=cfg.max_num_batched_tokens or None,
-            enforce_eager=cfg.enforce_eager,
-            tensor_parallel_size=cfg.tensor_parallel_size,
-            extra_args=list(cfg.extra_args),
-            docker_image=cfg.docker_image or None,
-            **guard,
-        ), cfg
+        guard = {"slo_guard_gen_url": (urls or {})["gen"]} if cfg.slo_guard else {}
+        return cfg.server_spec(role, self.device(cfg.device), **guard), cfg
 
     def load_config(self, cond: Condition, urls: dict[str, str]) -> dict[str, Any]:
         load = dataclasses.asdict(cond.load_for(self.spec))

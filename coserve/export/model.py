@@ -220,24 +220,15 @@ def _mig_layout(strategy, gpus: list[str], mig_gpu: str | None) -> MigLayout:
 
 
 def _launch(cfg: ServerConfig, role: str, engine: str, tp: int) -> ServerSpec:
-    device = None if cfg.device == "auto" else cfg.device
-    return ServerSpec(
-        role=role,
+    return cfg.server_spec(
+        role,
+        None if cfg.device == "auto" else cfg.device,
         launcher=engine,
-        model=cfg.model,
         host="0.0.0.0",
-        device=device,
-        random_weights=cfg.random_weights,
-        gpu_memory_utilization=cfg.gpu_memory_utilization,
-        max_model_len=cfg.max_model_len or None,
-        max_num_seqs=cfg.max_num_seqs,
-        max_num_batched_tokens=cfg.max_num_batched_tokens,
-        enforce_eager=cfg.enforce_eager,
+        url=None,
+        docker_image=None,
         tensor_parallel_size=tp,
-        extra_args=list(cfg.extra_args),
         slo_guard_gen_url="" if cfg.slo_guard else None,
-        gen_tpot_slo_ms=cfg.gen_tpot_slo_ms,
-        gen_tpot_slo_pct=cfg.gen_tpot_slo_pct,
     )
 
 

@@ -130,23 +130,12 @@ def parse_raw_csv(text: str) -> list[NcuKernel]:
 def server_argv(spec, cond, device: str) -> list[str]:
     """The built-in gen server's argv for `cond`, with {python} and {port} where `coserve run`'s
     command launcher fills them. Raises ValueError for a gen server of another launcher."""
-    from coserve.launch_command import ServerSpec, build_command
+    from coserve.launch_command import build_command
 
     cfg = cond.server(spec, "gen")
     if cfg.launcher != "builtin":
         raise ValueError(f"gen: launcher {cfg.launcher}; the ncu wrapper runs the built-in server")
-    sspec = ServerSpec(
-        role="gen",
-        model=cfg.model,
-        device=device,
-        random_weights=cfg.random_weights,
-        gpu_memory_utilization=cfg.gpu_memory_utilization,
-        max_model_len=cfg.max_model_len or None,
-        max_num_seqs=cfg.max_num_seqs,
-        max_num_batched_tokens=cfg.max_num_batched_tokens or None,
-        enforce_eager=cfg.enforce_eager,
-        extra_args=list(cfg.extra_args),
-    )
+    sspec = cfg.server_spec("gen", device, tensor_parallel_size=1, docker_image=None)
     argv = build_command(sspec, int(PORT_MARK))
     argv = ["{python}" if a == sys.executable else a for a in argv]
     return ["{port}" if a == PORT_MARK else a for a in argv]
