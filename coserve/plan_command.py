@@ -1,0 +1,229 @@
+"""`coserve plan`'s command line: flags, the plan from a spec and flags (plan.py computes it),
+and its table; `--fleet` is handed to fleet_command.py."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from coserve import fleet_command
+from coserve.model_size import DTYPE_BYTES, ModelSize, model_size
+from coserve.plan import (
+    ENGINE_MAX_NUM_SEQS,
+    GPUS,
+    MEASURED_MODEL,
+    MEASURED_NON_TORCH_BYTES,
+    MEASURED_PEAK_TORCH_BYTES,
+    GiB,
+    Gpu,
+    MiB,
+    Plan,
+    budget_rows,
+    gib,
+    lines,
+    sweep_rows,
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from coserve.server.command import parse_bytes
+
+    parser.add_argument(
+        "--spec", metavar="SPEC.toml", help="take models, fractions, lengths and sweep from a spec"
+    )
+    parser.add_argument(
+        "--gen",
+        default=None,
+        metavar="MODEL",
+        help="gen preset or model dir (default qwen3-30b-a3b)",
+    )
+    parser.add_argument(
+        "--embed",
+        default=None,
+        metavar="MODEL",
+        help="embed preset or model dir (default qwen3-embedding-8b; 'none' for gen alone)",
+    )
+    parser.add_argument(
+        "--gpu", default=None, help=f"{', '.join(GPUS)} (default: this machine's GPU, else h200)"
+    )
+    parser.add_argument(
+        "--gpu-memory-gib", type=float, default=None, help="GPU memory in GiB (overrides --gpu's)"
+    )
+    parser.add_argument(
+        "--gen-util", type=float, default=None, help="gen gpu_memory_utilization (default 0.50)"
+    )
+    parser.add_argument(
+        "--embed-util", type=float, default=None, help="embed gpu_memory_utilization (default 0.30)"
+    )
+    parser.add_argument("--input-len", type=int, default=None, help="prompt tokens (default 30)")
+    parser.add_argument("--output-len", type=int, default=None, help="output tokens (default 512)")
+    parser.add_argument(
+        "--concurrency", default=None, help="C values to check, e.g. 256,512,1024 (default 512)"
+    )
+    parser.add_argument(
+        "--max-num-seqs",
+        type=int,
+        default=None,
+        help=f"gen max_num_seqs (default {ENGINE_MAX_NUM_SEQS}, the engine's)",
+    )
+    parser.add_argument(
+        "--block-size", type=int, default=16, help="KV block size in tokens (the engine's: 16)"
+    )
+    parser.add_argument(
+        "--reserve-gib",
+        type=float,
+        default=None,
+        help="gen memory besides weights and KV cache: profiling-pass activations + outside torch "
+        f"(default: what the engine measured for {MEASURED_MODEL} on an H200)",
+    )
+    parser.add_argument(
+        "--kv-cache-bytes",
+        type=parse_bytes,
+        default=None,
+        metavar="BYTES",
+        help="plan a CPU server: its KV cache is this budget (serve's --kv-cache-bytes)",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=sorted(DTYPE_BYTES),
+        default=None,
+        help="weights and KV dtype (default as the engine: float32 on CPU, else bfloat16)",
+    )
+    parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+    fleet_command.add_arguments(parser)
+
+
+def _local_gpu() -> Gpu | None:
+    from coserve.gpu import nvml as nv
+
+    try:
+        with nv.nvml_session() as lib:
+            try:
+                g = nv.gpu_info(lib, 0, with_mig_profiles=False)
+            except lib.NVMLError:  # NVML loads but has no GPU 0: plan for the default GPU instead
+                return None
+    except nv.NvmlUnavailable:
+        return None
+    if not g.memory_mib:
+        return None
+    return Gpu(
+        g.name, g.memory_mib * MiB, "NVML's total of this machine's GPU 0 (CUDA's is a little less)"
+    )
+
+
+def _reserve(gen: ModelSize, args: argparse.Namespace) -> tuple[int, str]:
+    if args.kv_cache_bytes is not None:
+        return 0, "not counted: a CPU server's KV cache is a byte budget"
+    if args.reserve_gib is not None:
+        return int(args.reserve_gib * GiB), "--reserve-gib"
+    measured = (
+        MEASURED_PEAK_TORCH_BYTES
+        - model_size(MEASURED_MODEL).weight_bytes
+        + MEASURED_NON_TORCH_BYTES
+    )
+    if gen.name == MEASURED_MODEL:
+        return measured, "measured by the engine on an H200"
+    return measured, f"assumed: {MEASURED_MODEL}'s measured figure; give --reserve-gib"
+
+
+def make_plan(args: argparse.Namespace) -> tuple[Plan, list[int]]:
+    gen_model, embed_model = "qwen3-30b-a3b", "qwen3-embedding-8b"
+    gen_util, embed_util, inp, outp, conc, sweep = 0.50, 0.30, 30, 512, [512], []
+    mns = ENGINE_MAX_NUM_SEQS
+    if args.spec:
+        from coserve.spec import load_spec
+
+        spec = load_spec(args.spec)
+        g, e = spec.servers.get("gen"), spec.servers.get("embed")
+        if g is None:
+            raise ValueError(f"{args.spec} has no [servers.gen]: nothing to plan")
+        gen_model, gen_util, mns = g.model, g.gpu_memory_utilization, g.max_num_seqs
+        embed_model, embed_util = (e.model, e.gpu_memory_utilization) if e else ("none", 0.0)
+        inp, outp, conc = spec.load.input_len, spec.load.output_len, [spec.load.gen_concurrency]
+        if spec.sweep is not None and spec.sweep.role == "gen":
+            sweep = list(spec.sweep.concurrency)
+    gen_model = args.gen or gen_model
+    embed_model = args.embed or embed_model
+    gen_util = args.gen_util if args.gen_util is not None else gen_util
+    embed_util = args.embed_util if args.embed_util is not None else embed_util
+    inp = args.input_len or inp
+    outp = args.output_len or outp
+    mns = args.max_num_seqs or mns
+    if args.concurrency:
+        conc = [int(x) for x in str(args.concurrency).split(",") if x.strip()]
+    if args.gpu:
+        key = args.gpu.lower()
+        if key not in GPUS:
+            raise ValueError(
+                f"--gpu {args.gpu}: expected one of {', '.join(GPUS)} (or --gpu-memory-gib)"
+            )
+        gpu = GPUS[key]
+    else:
+        gpu = _local_gpu() or GPUS["h200"]
+    if args.gpu_memory_gib:
+        gpu = Gpu(
+            f"{args.gpu_memory_gib:g} GiB GPU", int(args.gpu_memory_gib * GiB), "--gpu-memory-gib"
+        )
+    dtype = args.dtype or ("float32" if args.kv_cache_bytes is not None else "bfloat16")
+    embed = (
+        None
+        if embed_model in ("none", "", None)
+        else model_size(embed_model, DTYPE_BYTES[dtype], embedding=True)
+    )
+    gen = model_size(gen_model, DTYPE_BYTES[dtype])
+    reserve, source = _reserve(gen, args)
+    plan = Plan(
+        gpu,
+        gen,
+        embed,
+        gen_util,
+        embed_util,
+        reserve,
+        source,
+        inp,
+        outp,
+        args.block_size,
+        mns,
+        conc,
+        args.kv_cache_bytes,
+    )
+    return plan, sweep
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    if (code := fleet_command.dispatch(args)) is not None:
+        return code
+    console = Console()
+    try:
+        plan, sweep = make_plan(args)
+    except (ValueError, OSError) as e:
+        console.print(f"[red]plan:[/red] {e}")
+        return 2
+    if args.json:
+        d = plan.to_dict()
+        d["sweep"] = {
+            str(c): {"tokens_needed": plan.tokens_needed(c), "fits": plan.fits(c)} for c in sweep
+        }
+        print(json.dumps(d, indent=2))
+        return 0
+    t = Table(
+        title=f"VRAM budget on {plan.gpu.name}: {gib(plan.gpu.total_bytes)} ({plan.gpu.source})"
+    )
+    t.add_column("Component")
+    t.add_column("VRAM", justify="right")
+    for name, val in budget_rows(plan):
+        t.add_row(name.replace("**", ""), val.replace("**", ""))
+    console.print(t)
+    for line in lines(plan):
+        console.print(line, highlight=False)
+    if sweep:
+        s = Table(title="Concurrency sweep of the spec")
+        for h in ("C", "KV tokens needed", "fits"):
+            s.add_column(h, justify="right")
+        for row in sweep_rows(plan, sweep):
+            s.add_row(*row)
+        console.print(s)
+    return 1 if plan.problems() else 0
