@@ -54,13 +54,17 @@ HARDWARE: tuple[HardwareRecord, ...] = (
         "2 x H200, 2026-11-29 (docs/performance.md, docs/gpu.md)",
     ),
     HardwareRecord(
-        "open-loop embed load in coserve run (seed-equal-work, first slice)",
-        "H200, 2026-11-29 (docs/study.md)",
+        "open-loop embed load in coserve run (seed-equal-work, 3 reps)",
+        "H200, 2026-11-30 (docs/study.md)",
     ),
     HardwareRecord("tensor parallelism across GPUs in coserve run (strategy 'tp')", None),
     HardwareRecord(
-        "co-scheduling: embed granularity, the SLO guard (experiments/co-scheduling.toml)", None
+        "co-scheduling: embed granularity, the SLO guard before its probes (1 rep each)",
+        "H200, 2026-11-30 (docs/co-scheduling.md)",
     ),
+    HardwareRecord("the SLO guard's probes; MPS thread limits and client priority", None),
+    HardwareRecord("coserve profile (torch profiler / CUPTI), its ncu wrapper", None),
+    HardwareRecord("coserve export's files; coserve run --ray", None),
     HardwareRecord("serve colocated: stream priorities, green contexts (--embed-sms)", None),
 )
 
