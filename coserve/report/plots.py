@@ -251,9 +251,11 @@ def tradeoff(run: RunStats, path: Path) -> Path | None:
         ax.set_xlim(left=-0.03 * ax.get_xlim()[1])  # the gen-alone star sits at 0, not on the edge
     axes[0].set_title("gen throughput vs embed work")
     axes[1].set_title("gen tail latency vs embed work")
-    axes[0].legend(fontsize=8)
+    # Below the axes: inside, a legend of several strategies hid the gen-alone star.
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=8, frameon=False)
     fig.suptitle("points: mean over reps with 95% CI; star: gen alone", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.06 * ((len(labels) + 1) // 2), 1, 1))
     fig.savefig(path)
     plt.close(fig)
     return path
