@@ -23,14 +23,13 @@ import contextlib
 import functools
 import logging
 import multiprocessing
-import pickle
 import signal
 import sys
 import threading
 
 from coserve.engine.messages import Failed
 from coserve.server import engine_core
-from coserve.server.engine_client import EngineClient, EngineStartError, _reap
+from coserve.server.engine_client import EngineClient, EngineStartError, _reap, read_ready
 
 log = logging.getLogger("coserve.server")
 
@@ -164,16 +163,7 @@ def start_engines(
     infos = {}
     try:
         for role, (ours, _) in pipes.items():
-            try:
-                msg = pickle.loads(ours.recv_bytes())
-            except EOFError:
-                proc.join(5)
-                raise EngineStartError(
-                    f"the engine process exited with code {proc.exitcode} while loading", 1
-                ) from None
-            if isinstance(msg, Failed):
-                raise EngineStartError(msg.message, msg.exit_code)
-            infos[role] = msg
+            infos[role] = read_ready(ours, proc)
     except BaseException:
         for ours, _ in pipes.values():
             ours.close()

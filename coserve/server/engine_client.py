@@ -98,15 +98,7 @@ def start_engine(factory, log_level: str = "INFO") -> EngineClient:
     atexit.register(_reap, proc, 0)
     theirs.close()
     try:
-        try:
-            msg = pickle.loads(ours.recv_bytes())
-        except EOFError:
-            proc.join(5)
-            raise EngineStartError(
-                f"the engine process exited with code {proc.exitcode} while loading", 1
-            ) from None
-        if isinstance(msg, Failed):
-            raise EngineStartError(msg.message, msg.exit_code)
+        msg = read_ready(ours, proc)
     except EngineStartError:  # the core said why and is on its way out
         ours.close()
         _reap(proc)
@@ -116,6 +108,21 @@ def start_engine(factory, log_level: str = "INFO") -> EngineClient:
         _reap(proc, 0)
         raise
     return EngineClient(proc, ours, msg)
+
+
+def read_ready(conn, proc) -> Ready:
+    """The core's first message on `conn`: its `Ready`. Raises EngineStartError with the
+    core's `Failed` message, or with its exit code when it died without one."""
+    try:
+        msg = pickle.loads(conn.recv_bytes())
+    except EOFError:
+        proc.join(5)
+        raise EngineStartError(
+            f"the engine process exited with code {proc.exitcode} while loading", 1
+        ) from None
+    if isinstance(msg, Failed):
+        raise EngineStartError(msg.message, msg.exit_code)
+    return msg
 
 
 def _reap(proc, timeout_s: float = 5.0) -> None:
