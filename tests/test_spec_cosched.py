@@ -202,7 +202,7 @@ def test_the_runner_gives_the_embed_server_gens_url_and_records_the_guard(tmp_pa
     assert all(r["status"] == "ok" for r in records)
     specs = [e for e in b.specs if e.role == "embed"]
     grain, guard, _ = specs
-    assert not hasattr(grain, "slo_guard_gen_url")  # no guard: the launch default
+    assert grain.slo_guard_gen_url is None  # no guard: the launch default
     assert grain.max_num_batched_tokens == 512 and grain.max_num_seqs == 16
     assert guard.slo_guard_gen_url == "http://127.0.0.1:9000" and guard.gen_tpot_slo_pct == 5
     assert started["guard"]["slo_guard"] == {"budget_seconds": 0.021, "cuts_total": 3.0}
