@@ -12,6 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from coserve.engine.messages import Profile
 from coserve.profile.ncu import ncu_command, ncu_problem, parse_raw_csv
 from coserve.profile.records import RepProfile
 from coserve.profile.trace import analyze, classify, gaps_us, union_ms
@@ -158,9 +159,9 @@ class _FakeEngine:
 def test_step_profiler_captures_n_steps_and_writes_once_idle(tmp_path):
     prof = StepProfiler()
     assert prof.stats() == {"profile_state": "idle", "profile_steps": 0, "profile_error": ""}
-    prof.command("prepare")
+    prof.command(Profile("prepare"))
     assert prof.state == "idle"
-    prof.command("start", str(tmp_path / "p"), 3)
+    prof.command(Profile("start", str(tmp_path / "p"), 3))
     assert prof.capturing
     engine = _FakeEngine()
     for _ in range(5):
@@ -176,15 +177,15 @@ def test_step_profiler_captures_n_steps_and_writes_once_idle(tmp_path):
 
     role = analyze("gen", load_events(tmp_path / "p" / "trace.json.gz"), meta["steps"])
     assert len(role.steps) == 3 and role.kernels  # the matmuls, as CPU ops
-    prof.command("start", str(tmp_path / "q"), 3)  # one window per server
+    prof.command(Profile("start", str(tmp_path / "q"), 3))  # one window per server
     assert prof.state == "saved" and not (tmp_path / "q").exists()
 
 
 def test_stop_ends_a_window_early_and_writes_it(tmp_path):
     prof = StepProfiler()
-    prof.command("start", str(tmp_path), 50)
+    prof.command(Profile("start", str(tmp_path), 50))
     prof.run_step(_FakeEngine())
-    prof.command("stop")
+    prof.command(Profile("stop"))
     prof.after_step(busy=True)  # asked to stop: written even while busy
     assert prof.state == "saved"
     assert len(json.loads((tmp_path / "steps.json").read_text())["steps"]) == 1

@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from coserve.engine.messages import Profile
 from coserve.profile.trace import analyze, load_events
 from coserve.server.step_profile import StepProfiler
 
@@ -32,8 +33,8 @@ class _CudaEngine:
 def test_step_profiler_records_cuda_kernels(tmp_path):
     engine = _CudaEngine()
     prof = StepProfiler()
-    prof.command("prepare")
-    prof.command("start", str(tmp_path), 4)
+    prof.command(Profile("prepare"))
+    prof.command(Profile("start", str(tmp_path), 4))
     while prof.capturing:
         prof.run_step(engine)
     prof.after_step(busy=False)
