@@ -141,6 +141,15 @@ def test_interval_helpers_and_classes():
     assert classify("sm90_xmma_gemm_bf16bf16_bf16f32") == "dense_gemm"
     assert classify("_qk_norm_rope_kernel") == "norm"
     assert classify("cross_device_reduce_1stage") == "collective"
+    for nccl in (
+        "ncclDevKernel_AllReduce_Sum_bf16_RING_LL(ncclDevKernelArgsStorage<4096ul>)",
+        "ncclKernel_AllReduce_RING_LL_Sum_bfloat16(ncclWork*)",
+        "ncclDevKernel_AllGather_RING_LL(ncclDevKernelArgsStorage<4096ul>)",
+        "ncclDevKernel_ReduceScatter_Sum_f32_RING_LL",
+        "void c10d::symmetric_memory::one_shot_all_reduce_kernel<c10::BFloat16, 16, 2>",
+    ):
+        assert classify(nccl) == "collective", nccl
+    assert classify("void at::native::reduce_kernel<512, 1, ReduceOp<float>>") == "other"
     assert classify("_silu_and_mul_kernel") == "other"
 
 

@@ -49,6 +49,7 @@ def test_the_shipped_set_is_there():
         "seed-eager-vs-graphs.toml",
         "seed-mig.toml",
         "seed-tp2.toml",
+        "seed-tp2-equal-work.toml",
         "seed-embed-sweep.toml",
     } <= names
 
@@ -92,11 +93,17 @@ def test_seed_specs_carry_the_studys_settings():
     mig = load_spec(EXPERIMENTS / "seed-mig.toml")
     assert mig.condition("mig-gen-only").server(mig, "gen").gpu_memory_utilization == 0.85
     tp2 = load_spec(EXPERIMENTS / "seed-tp2.toml")
-    assert [(c.strategy, c.gpus) for c in tp2.conditions] == [
-        ("exclusive", ["0", "1"]),
-        ("tp+timeslice", ["0", "1"]),
-        ("tp+mps", ["0", "1"]),
-    ]
+    assert {c.name: c.strategy for c in tp2.conditions if c.gpus == ["0", "1"]} == {
+        "exclusive-tp1": "exclusive",
+        "tp2-gen-alone": "tp+timeslice",
+        "tp2-embed-alone": "tp+timeslice",
+        "tp2-timeslice": "tp+timeslice",
+        "tp2-mps": "tp+mps",
+        "tp2-mps-sm50-lowprio": "tp+mps",
+        "tp2-mps-guard5": "tp+mps",
+        "tp2-ep-gen-alone": "tp+timeslice",
+        "tp2-ep-mps": "tp+mps",
+    }  # tests/test_spec_tp2.py checks the rest of seed-tp2.toml
 
 
 def test_defaults_and_overrides():

@@ -38,14 +38,18 @@ class ClassShare:
 
 @dataclass
 class StepStat:
-    """One engine step: its wall time (the `coserve.step` range on the host) and the time
-    the device was busy inside it (the union of kernels, clipped to the step)."""
+    """One engine step: its wall time (the `coserve.step` range on the host), the time the
+    device was busy inside it (the union of kernels, clipped to the step) and the part of that
+    spent in collectives (NCCL and other all-reduce / all-gather kernels). A collective kernel
+    runs until every rank has reached it, so on a tensor-parallel rank this includes the wait
+    for the other ranks."""
 
     index: int
     decode: bool | None  # gen: only decodes (the CUDA-graph path); None: not known (embed)
     wall_ms: float
     busy_ms: float
     kernels: int
+    collective_ms: float = 0.0  # summaries written before it was measured read back as 0
 
     @property
     def busy_fraction(self) -> float:
@@ -129,6 +133,12 @@ class RoleProfile:
     def step_busy_ms(self) -> float:
         steps = self.decode_steps()
         return sum(s.busy_ms for s in steps) / len(steps) if steps else 0.0
+
+    @property
+    def step_collective_ms(self) -> float:
+        """Mean collective time per decode step (ms); 0 on one rank, which runs none."""
+        steps = self.decode_steps()
+        return sum(s.collective_ms for s in steps) / len(steps) if steps else 0.0
 
 
 @dataclass

@@ -226,8 +226,10 @@ def class_shares(stats: list[KernelStat]) -> list[ClassShare]:
 def step_stats(
     steps: list[Interval], kernels: list[Interval], labels: list[dict] | None = None
 ) -> list[StepStat]:
-    """Per step: wall ms, busy ms (kernels' union clipped to the step), kernels started in it.
-    `labels` (steps.json's, in the same order) give each step's decode flag."""
+    """Per step: wall ms, busy ms (kernels' union clipped to the step), collective ms (the
+    same for the collective class alone), kernels started in it. `labels` (steps.json's, in
+    the same order) give each step's decode flag."""
+    collectives = [k for k in kernels if classify(k.name) == "collective"]
     out = []
     for i, s in enumerate(steps):
         label = labels[i] if labels is not None and i < len(labels) else {}
@@ -238,6 +240,7 @@ def step_stats(
                 wall_ms=s.dur / 1e3,
                 busy_ms=union_ms(kernels, s.start, s.end),
                 kernels=sum(1 for k in kernels if s.start <= k.start < s.end),
+                collective_ms=union_ms(collectives, s.start, s.end),
             )
         )
     return out

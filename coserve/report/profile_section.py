@@ -75,6 +75,7 @@ ROLE_HEADERS = [
     "Step wall ms",
     "Busy ms",
     "Busy",
+    "Collective ms",
     "Gaps",
     "Gap mean µs",
     "Gap p50 µs",
@@ -94,6 +95,7 @@ def role_row(p: RoleProfile) -> list[str]:
         num(wall),
         num(busy),
         _pct(busy / wall) if wall > 0 and steps else "-",
+        num(p.step_collective_ms),
         str(p.gaps.count),
         num(p.gaps.mean_us),
         num(p.gaps.p50_us),
@@ -212,7 +214,10 @@ def profile_blocks(run_dir: Path, order: list[str], plot_paths: dict[str, Path])
             "A window of engine steps per server, captured with the torch profiler (CUPTI "
             "kernels on a GPU; on a CPU the top-level torch ops stand in for kernels) after the "
             "load's warm-up. Step wall ms: the host's `coserve.step` range, mean over decode "
-            "steps (gen) or all steps (embed); busy ms: the union of kernels inside it. Gaps: "
+            "steps (gen) or all steps (embed); busy ms: the union of kernels inside it; "
+            "collective ms: the same for the collective kernels (all-reduce, all-gather) alone, "
+            "which on a tensor-parallel server run until every rank reaches them, so they "
+            "include the wait for the other ranks (only rank 0 is captured). Gaps: "
             "idle time between consecutive kernels of the server over the window (0 where "
             "kernels overlap). Shares: of all kernel time, by kernel name. Chrome traces: "
             "reps/CONDITION/rep-N/profile/ROLE/trace.json.gz (ui.perfetto.dev).",
