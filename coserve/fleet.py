@@ -155,6 +155,7 @@ class Dedicated:
     embed_gpus: Gpus
     total: Gpus
     slos: list[SloCheck]
+    open_loop: list[str]  # roles whose alone condition ran at a fixed rate: a floor, as below
 
     @property
     def meets(self) -> bool:
@@ -279,6 +280,7 @@ def _dedicated(run, demand: Demand) -> tuple[Dedicated | None, str | None]:
         embed_gpus,
         _combine(gen_gpus, embed_gpus, lambda x, y: x + y),
         slos,
+        [r for r, c in (("gen", g), ("embed", e)) if c is not None and r in _open_loop(run, c)],
     ), None
 
 

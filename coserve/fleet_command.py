@@ -77,8 +77,8 @@ def render(f: Fleet, console) -> None:
         names = " + ".join(n for n in (ded.gen_condition, ded.embed_condition) if n)
         t.add_row(
             Text(f"dedicated\n({names})"),
-            _rate_text(ded.gen_per_gpu),
-            _rate_text(ded.embed_per_gpu),
+            _rate_text(ded.gen_per_gpu, "gen" in ded.open_loop),
+            _rate_text(ded.embed_per_gpu, "embed" in ded.open_loop),
             f"{ded.gen_gpus.mean:,} + {ded.embed_gpus.mean:,}\n= {ded.total.mean:,}",
             _range_text(ded.total),
             "",
@@ -127,10 +127,16 @@ def lines(f: Fleet) -> list[str]:
         out.append("Dedicated GPUs miss the SLOs too: a role alone is above a limit.")
     if f.no_dedicated:
         out.append(f.no_dedicated[0].upper() + f.no_dedicated[1:] + ".")
-    if any(r.open_loop for r in f.colocated):
+    if any(r.open_loop for r in f.colocated) or (ded is not None and ded.open_loop):
         out.append(
             "≥: that role ran open loop at a fixed rate, so its figure is what was offered, "
             "not the most the GPU could do; the GPU counts on it are upper bounds."
+        )
+    if ded is not None and ded.open_loop:
+        out.append(
+            f"The dedicated fleet's {' and '.join(ded.open_loop)} GPUs are sized on an open-loop "
+            "figure too: each saving compares two upper bounds and does not say which fleet is "
+            "smaller; size dedicated GPUs on a closed-loop (capacity) run of each role alone."
         )
     out.append(
         "Per GPU: mean over finished reps ± half the 95 % CI, divided by the condition's GPUs. "

@@ -105,6 +105,23 @@ def test_hand_sized_fleet(run_dir):
     assert "Test GPU" in f.caveat and "one machine" in f.caveat
 
 
+def test_an_open_loop_role_alone_marks_the_dedicated_fleet_and_its_savings(tmp_path, capsys):
+    """Embed alone at a fixed rate measured what was offered, not its capacity: the dedicated
+    embed GPUs are an upper bound, and a saving against them is no sizing."""
+    spec = SPEC.replace(
+        'name = "embed-only"\nservers = ["embed"]',
+        'name = "embed-only"\nservers = ["embed"]\nload = { embed_rate = 25 }',
+    )
+    d = _make(tmp_path / "run", spec)
+    f = plan_fleet(aggregate(d), Demand(10_000, 1_000))
+    assert f.dedicated.open_loop == ["embed"]
+    assert main(["plan", "--fleet", str(d), "--gen-tok-s", "10000", "--embed-seq-s", "1000"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "≥200" in out and "compares two upper bounds" in out
+    closed = plan_fleet(aggregate(_make(tmp_path / "closed", SPEC)), Demand(10_000, 1_000))
+    assert closed.dedicated.open_loop == []
+
+
 def test_slos_on_each_role_and_an_unmeasured_one(run_dir):
     f = plan_fleet(aggregate(run_dir), Demand(10_000, 1_000, embed_p99_ms=75, gen_ttft_p99_ms=100))
     by = {r.condition: r for r in f.colocated}
