@@ -365,6 +365,26 @@ def test_resume_on_another_gpu_is_refused(tmp_path):
         runner(tmp_path, FakeBackend(), resume=True).run()
 
 
+@pytest.mark.parametrize(
+    ("damage", "says"),
+    [
+        ("garbage{", "cannot read"),
+        ("[1, 2]", "is not a fingerprint"),
+        ("{}", "is damaged"),
+        ('{"spec": 3}', "is damaged"),
+    ],
+)
+def test_resume_with_a_damaged_fingerprint_is_refused_by_name(tmp_path, damage, says):
+    runner(tmp_path, FakeBackend(), only=["gen-only"]).run()
+    fp = RunDir(tmp_path / "run").fingerprint_file
+    fp.write_text(damage)
+    with pytest.raises(RunRefused, match=says) as e:
+        runner(tmp_path, FakeBackend(), resume=True).run()
+    assert str(fp) in str(e.value)
+    with pytest.raises(RunRefused):  # without --resume: refused as well, not a traceback
+        runner(tmp_path, FakeBackend()).run()
+
+
 def test_a_folder_that_is_not_a_run_is_refused(tmp_path):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "precious.txt").write_text("x")

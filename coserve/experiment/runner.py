@@ -90,14 +90,20 @@ class Runner:
         rd = self.run_dir
         new = fpmod.collect(self.spec)
         if rd.exists():
+            old = self._old_fingerprint()
             if not self.resume:
                 raise RunRefused(
-                    f"{rd.path} already holds a run (started "
-                    f"{read_json(rd.fingerprint_file)['created']}); add --resume to finish it, "
-                    f"or choose another --out"
+                    f"{rd.path} already holds a run (started {old.get('created', '?')}); add "
+                    f"--resume to finish it, or choose another --out"
                 )
-            old = read_json(rd.fingerprint_file)
-            refuse, warn = fpmod.compare(old, new)
+            try:
+                refuse, warn = fpmod.compare(old, new)
+            except (KeyError, TypeError, AttributeError) as e:  # any shape a damaged file takes
+                raise RunRefused(
+                    f"{rd.fingerprint_file} is damaged ({e!r}); it records what the finished "
+                    "reps ran on, so the run cannot be resumed safely: restore the file or use "
+                    "another --out"
+                ) from None
             if refuse and rd.spec_json.exists() and old["spec"]["hash"] != new["spec"]["hash"]:
                 changes = fpmod.spec_changes(read_json(rd.spec_json), self.spec.to_dict())
                 if changes:
@@ -120,6 +126,21 @@ class Runner:
             write_json(rd.spec_json, self.spec.to_dict())
             write_json(rd.fingerprint_file, new)
         self.fingerprint = new
+
+    def _old_fingerprint(self) -> dict[str, Any]:
+        """The run folder's fingerprint.json; RunRefused naming it when it cannot be read
+        (a resume compares against it, so a damaged one cannot be passed over)."""
+        path = self.run_dir.fingerprint_file
+        try:
+            old = read_json(path)
+        except (OSError, ValueError) as e:
+            raise RunRefused(
+                f"cannot read {path} ({e}); it records what the finished reps ran on, so "
+                "the run cannot be resumed safely: restore the file or use another --out"
+            ) from None
+        if not isinstance(old, dict):
+            raise RunRefused(f"{path} is not a fingerprint (a JSON object); use another --out")
+        return old
 
     def schedule(self) -> list[tuple[Condition, int]]:
         return self.spec.schedule(self.only)
