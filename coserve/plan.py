@@ -30,6 +30,7 @@ from coserve.engine.types import EngineArgs
 from coserve.model_size import ModelSize
 
 ENGINE_MAX_NUM_SEQS: int = EngineArgs.__dataclass_fields__["max_num_seqs"].default
+CPU_KV_CACHE_BYTES: int = EngineArgs.__dataclass_fields__["cpu_kv_cache_bytes"].default
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -217,7 +218,7 @@ def budget_rows(p: Plan) -> list[tuple[str, str]]:
         ),
         (f"gen activations + outside torch ({p.reserve_source})", p.reserve_bytes),
         (
-            "gen KV cache (--kv-cache-bytes)"
+            "gen KV cache (a CPU server's byte budget, --kv-cache-bytes)"
             if p.cpu_kv_cache_bytes is not None
             else f"gen KV cache (gpu_memory_utilization {p.gen_util:g})",
             p.kv_bytes,
@@ -232,6 +233,9 @@ def budget_rows(p: Plan) -> list[tuple[str, str]]:
             )
         )
     rows = [(name, gib(n)) for name, n in parts]
+    if p.cpu_kv_cache_bytes is not None:  # host memory: no GPU total, no fractions of one
+        rows.append(("**Total (every row above)**", f"**{gib(sum(n for _, n in parts))}**"))
+        return rows
     rows.append(
         (
             "**Total (every row above)**",

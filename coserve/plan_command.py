@@ -9,6 +9,7 @@ import json
 from coserve import fleet_command
 from coserve.model_size import DTYPE_BYTES, ModelSize, model_size
 from coserve.plan import (
+    CPU_KV_CACHE_BYTES,
     ENGINE_MAX_NUM_SEQS,
     GPUS,
     MEASURED_MODEL,
@@ -111,8 +112,10 @@ def _local_gpu() -> Gpu | None:
     )
 
 
-def _reserve(gen: ModelSize, args: argparse.Namespace) -> tuple[int, str]:
-    if args.kv_cache_bytes is not None:
+def _reserve(
+    gen: ModelSize, args: argparse.Namespace, kv_cache_bytes: int | None
+) -> tuple[int, str]:
+    if kv_cache_bytes is not None:
         return 0, "not counted: a CPU server's KV cache is a byte budget"
     if args.reserve_gib is not None:
         return int(args.reserve_gib * GiB), "--reserve-gib"
@@ -130,6 +133,7 @@ def make_plan(args: argparse.Namespace) -> tuple[Plan, list[int]]:
     gen_model, embed_model = "qwen3-30b-a3b", "qwen3-embedding-8b"
     gen_util, embed_util, inp, outp, conc, sweep = 0.50, 0.30, 30, 512, [512], []
     mns = ENGINE_MAX_NUM_SEQS
+    kv_cache_bytes, gen_device = args.kv_cache_bytes, "cuda"
     if args.spec:
         from coserve.spec import load_spec
 
@@ -138,6 +142,7 @@ def make_plan(args: argparse.Namespace) -> tuple[Plan, list[int]]:
         if g is None:
             raise ValueError(f"{args.spec} has no [servers.gen]: nothing to plan")
         gen_model, gen_util, mns = g.model, g.gpu_memory_utilization, g.max_num_seqs
+        gen_device = g.device
         embed_model, embed_util = (e.model, e.gpu_memory_utilization) if e else ("none", 0.0)
         inp, outp, conc = spec.load.input_len, spec.load.output_len, [spec.load.gen_concurrency]
         if spec.sweep is not None and spec.sweep.role == "gen":
@@ -159,19 +164,25 @@ def make_plan(args: argparse.Namespace) -> tuple[Plan, list[int]]:
             )
         gpu = GPUS[key]
     else:
-        gpu = _local_gpu() or GPUS["h200"]
+        local = _local_gpu()
+        # The spec's gen server on a CPU (said, or `auto` where there is no GPU): its KV cache
+        # is the engine's CPU byte budget, not a fraction of some GPU's memory.
+        cpu = gen_device == "cpu" or (gen_device == "auto" and local is None)
+        if cpu and kv_cache_bytes is None and not args.gpu_memory_gib:
+            kv_cache_bytes = CPU_KV_CACHE_BYTES
+        gpu = local or GPUS["h200"]
     if args.gpu_memory_gib:
         gpu = Gpu(
             f"{args.gpu_memory_gib:g} GiB GPU", int(args.gpu_memory_gib * GiB), "--gpu-memory-gib"
         )
-    dtype = args.dtype or ("float32" if args.kv_cache_bytes is not None else "bfloat16")
+    dtype = args.dtype or ("float32" if kv_cache_bytes is not None else "bfloat16")
     embed = (
         None
         if embed_model in ("none", "", None)
         else model_size(embed_model, DTYPE_BYTES[dtype], embedding=True)
     )
     gen = model_size(gen_model, DTYPE_BYTES[dtype])
-    reserve, source = _reserve(gen, args)
+    reserve, source = _reserve(gen, args, kv_cache_bytes)
     plan = Plan(
         gpu,
         gen,
@@ -185,7 +196,7 @@ def make_plan(args: argparse.Namespace) -> tuple[Plan, list[int]]:
         args.block_size,
         mns,
         conc,
-        args.kv_cache_bytes,
+        kv_cache_bytes,
     )
     return plan, sweep
 
@@ -209,11 +220,14 @@ def run(args: argparse.Namespace) -> int:
         }
         print(json.dumps(d, indent=2))
         return 0
+    cpu = plan.cpu_kv_cache_bytes is not None
     t = Table(
-        title=f"VRAM budget on {plan.gpu.name}: {gib(plan.gpu.total_bytes)} ({plan.gpu.source})"
+        title="Memory of a CPU server (host RAM)"
+        if cpu
+        else f"VRAM budget on {plan.gpu.name}: {gib(plan.gpu.total_bytes)} ({plan.gpu.source})"
     )
     t.add_column("Component")
-    t.add_column("VRAM", justify="right")
+    t.add_column("RAM" if cpu else "VRAM", justify="right")
     for name, val in budget_rows(plan):
         t.add_row(name.replace("**", ""), val.replace("**", ""))
     console.print(t)

@@ -182,3 +182,21 @@ def test_cli(capsys):
         )
         == 0
     )
+
+
+def test_a_spec_whose_gen_runs_on_a_cpu_is_planned_as_one(tmp_path, monkeypatch, capsys):
+    """device = "cpu" (or "auto" on a machine without a GPU): the KV cache is the engine's CPU
+    byte budget and the table speaks of host RAM, not of a GPU's VRAM and fractions."""
+    spec = (EXPERIMENTS / "demo.toml").read_text()
+    cpu = tmp_path / "cpu.toml"
+    cpu.write_text(spec.replace('device = "auto"', 'device = "cpu"'))
+    plan, _ = PC.make_plan(args(spec=str(cpu)))
+    assert plan.cpu_kv_cache_bytes == 256 << 20  # EngineArgs.cpu_kv_cache_bytes
+    assert PC.run(args(spec=str(cpu))) == 0
+    out = capsys.readouterr().out
+    assert "host RAM" in out and "VRAM" not in out and "Reserved by the fractions" not in out
+    monkeypatch.setattr(PC, "_local_gpu", lambda: None)
+    auto, _ = PC.make_plan(args(spec=str(EXPERIMENTS / "demo.toml")))
+    assert auto.cpu_kv_cache_bytes == 256 << 20
+    on_h200, _ = PC.make_plan(args(spec=str(EXPERIMENTS / "demo.toml"), gpu="h200"))
+    assert on_h200.cpu_kv_cache_bytes is None  # --gpu asks for a GPU plan
