@@ -48,6 +48,21 @@ def print_plan(spec, sched, console) -> None:
     from rich.table import Table
     from rich.text import Text
 
+    from coserve.experiment.backend import resolve_device
+
+    devices: dict[str, str] = {}
+
+    def gpus(c) -> str:
+        """The condition's GPUs, or "CPU" when every built-in server of it runs on the CPU
+        here (its strategy then only shares the cores)."""
+        cfgs = [c.server(spec, role) for role in c.servers]
+        builtin = [x.device for x in cfgs if x.launcher == "builtin"]
+        for d in builtin:
+            devices.setdefault(d, resolve_device(d))
+        if builtin and len(builtin) == len(cfgs) and all(devices[d] == "cpu" for d in builtin):
+            return "CPU"
+        return ",".join(c.gpus)
+
     t = Table(title=Text(f"{spec.name}: {len(sched)} rep(s), order {spec.order}"))
     for h in ("#", "Condition", "Rep", "Strategy", "GPUs", "Servers"):
         t.add_column(h)
@@ -58,7 +73,7 @@ def print_plan(spec, sched, console) -> None:
         t.add_row(
             *map(
                 Text,
-                (str(i), c.name, f"{r}/{spec.reps_of(c)}", c.strategy, ",".join(c.gpus), servers),
+                (str(i), c.name, f"{r}/{spec.reps_of(c)}", c.strategy, gpus(c), servers),
             )
         )
     console.print(t)
