@@ -370,7 +370,8 @@ def test_cli_dry_run_and_bad_spec(tmp_path, capsys):
     cpu = tmp_path / "cpu.toml"
     cpu.write_text((EXPERIMENTS / "demo.toml").read_text().replace('"auto"', '"cpu"'))
     assert main(["run", str(cpu), "--out", str(tmp_path / "r"), "--dry-run"]) == 0
-    rows = [x for x in capsys.readouterr().out.splitlines() if "timeslice" in x]
+    shown = capsys.readouterr()
+    rows = [x for x in (shown.out + shown.err).splitlines() if "timeslice" in x]
     assert len(rows) == 3 and all("│ CPU " in x for x in rows)  # no GPU index for CPU servers
     bad = tmp_path / "bad.toml"
     bad.write_text(BASE.replace("repetitions = 2", 'repetitions = 2\norder = "random"'))
