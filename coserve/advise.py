@@ -151,10 +151,21 @@ def render(a: Advice) -> str:
         )
     else:
         e = a.closest
+        misses = []
+        if e.tpot_p99_ms.mean > a.budget_tpot_p99_ms:
+            misses.append(
+                f"TPOT p99 {100 * (e.tpot_p99_ms.mean / a.budget_tpot_p99_ms - 1):.1f} % over "
+                "the budget"
+            )
+        if a.min_embed_seq_s and e.embed_seq_s.mean < a.min_embed_seq_s:
+            misses.append(
+                f"embed {100 * (1 - e.embed_seq_s.mean / a.min_embed_seq_s):.1f} % below "
+                f"{a.min_embed_seq_s:g} seq/s"
+            )
         lines.append(
-            f"No measured condition meets {want}. Closest: {e.condition} — {e.label}: "
-            f"{e.embed_seq_s.mean:,.0f} seq/s at gen TPOT p99 {e.tpot_p99_ms.mean:.1f} ms "
-            f"({100 * e.miss:.1f} % short in all)."
+            f"No measured condition meets {want}. Closest (the smallest sum of relative "
+            f"misses): {e.condition} — {e.label}: {e.embed_seq_s.mean:,.0f} seq/s at gen "
+            f"TPOT p99 {e.tpot_p99_ms.mean:.1f} ms ({'; '.join(misses)})."
         )
     if a.gen_alone_tpot_p99_ms is not None:
         lines.append(

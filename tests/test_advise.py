@@ -97,8 +97,11 @@ def test_says_none_meets_and_what_came_closest(run_dir):
     text = render(a)
     assert text.startswith(
         "No measured condition meets gen TPOT p99 <= 14 ms and embed >= 110 seq/s. "
-        "Closest: grain.embed-r16"
+        "Closest (the smallest sum of relative misses): grain.embed-r16"
     )
+    c = a.closest
+    over, under = 100 * (c.tpot_p99_ms.mean / 14 - 1), 100 * (1 - c.embed_seq_s.mean / 110)
+    assert f"(TPOT p99 {over:.1f} % over the budget; embed {under:.1f} % below 110 seq/s)" in text
     assert "above the budget" not in text
     assert "above the budget already" in render(advise(aggregate(run_dir), 5.0))
 
