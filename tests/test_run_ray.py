@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -110,7 +111,15 @@ def test_ray_run_cancelled_then_resumed_as_a_local_run(tmp_path):
     assert 1 <= len(kept) <= 2 and len(list(on_ray.glob("reps/*/rep-*"))) == len(kept)
 
     text = _wait(_start(on_ray, "--ray", "auto", "--resume"))
-    assert f"ray: {3 - len(kept)} rep(s) sent to the cluster" in text
+    n = 3 - len(kept)
+    assert f"ray: {n} rep(s) for the cluster ({n} on CPUs, one at a time)" in text
+    # CPU reps one after the other: side by side each would measure the other on the cores
+    spans = sorted(
+        (r["started"], r["finished"])
+        for r in (json.loads(p.read_text()) for p in on_ray.glob("reps/*/rep-1/rep.json"))
+        if r["condition"] not in kept
+    )
+    assert len(spans) == n and all(a[1] <= b[0] for a, b in pairwise(spans))
     for cond, record in kept.items():
         assert f"{cond} rep 1/1: finished earlier, skipped" in text
         assert (on_ray / "reps" / cond / "rep-1" / "rep.json").read_text() == record
@@ -237,3 +246,33 @@ def test_a_task_gets_its_gpus_and_gpu_model_from_ray(tmp_path, gpu_ray):
     assert rec["node"]["accelerator_type"] == "accelerator_type:T1"
     assert rec["error"].startswith(f"node {socket.gethostname()}: ")
     assert "gpus ['0', '1'] name GPUs this machine does not have" in rec["error"]
+
+
+def test_ctrl_c_while_ray_starts_is_heard_even_from_a_background_shell(tmp_path):
+    """`setsid cmd &` starts the run with SIGINT ignored; an interrupt while Ray is still
+    starting (seconds) must stop it at once, write nothing and leave no Ray behind."""
+    pytest.importorskip("ray")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    out = tmp_path / "run"
+    p = subprocess.Popen(
+        [sys.executable, "-m", "coserve", "run", str(demo_spec_path()), "--out", str(out)]
+        + ["--ray", "auto"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        preexec_fn=lambda: (os.setsid(), signal.signal(signal.SIGINT, signal.SIG_IGN)),
+    )
+    deadline = time.monotonic() + 60
+    while not (tree := _descendants(p.pid)):  # Ray's first processes: ray.init is under way
+        assert p.poll() is None and time.monotonic() < deadline, "Ray never started"
+        time.sleep(0.1)
+    os.killpg(p.pid, signal.SIGINT)
+    stdout, stderr = p.communicate(timeout=60)
+    assert p.returncode == 130, stdout + stderr
+    assert "interrupted: before the first rep; nothing was written" in stderr
+    assert not out.exists()
+    deadline = time.monotonic() + 20
+    while _running(tree) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not _running(tree)

@@ -109,7 +109,7 @@ def execute(
     from coserve.experiment.failure import StorageError, why
     from coserve.experiment.progress import Progress
     from coserve.experiment.runner import Runner, RunRefused
-    from coserve.experiment.signals import interruptible
+    from coserve.experiment.signals import interruptible, no_interrupts
     from coserve.spec import SpecError, load_spec
 
     # The sampler's own warning (no GPU) is said once by the progress display instead.
@@ -121,24 +121,33 @@ def execute(
         say(console, "bad spec", "red", str(e))
         return 2
     only = [c.strip() for c in conditions.split(",") if c.strip()] if conditions else None
+    runner = None
     try:
-        kind, extra = (Runner, {}) if ray is None else (_ray_runner(), {"address": ray})
-        runner = kind(
-            spec,
-            out,
-            spec_text=Path(spec_path).read_text(),
-            resume=resume,
-            only=only,
-            apply_mig=apply_mig,
-            **extra,
-        )
-        sched = runner.schedule()
-        if dry_run:
-            print_plan(spec, sched, console)
-        problems = runner.problems()  # before anything is written
+        # Interruptible already: connecting to Ray (and starting a local one) takes seconds.
+        with interruptible():
+            kind, extra = (Runner, {}) if ray is None else (_ray_runner(), {"address": ray})
+            runner = kind(
+                spec,
+                out,
+                spec_text=Path(spec_path).read_text(),
+                resume=resume,
+                only=only,
+                apply_mig=apply_mig,
+                **extra,
+            )
+            sched = runner.schedule()
+            if dry_run:
+                print_plan(spec, sched, console)
+            problems = runner.problems()  # before anything is written
     except RunRefused as e:
         say(console, "refused:", "red", str(e))
         return 2
+    except KeyboardInterrupt:
+        with no_interrupts():
+            if runner is not None and hasattr(runner, "disconnect"):
+                runner.disconnect()
+        say(console, "interrupted:", "yellow", "before the first rep; nothing was written")
+        return 130
     if problems:
         say(
             console,
@@ -151,7 +160,7 @@ def execute(
         return 0
     rd = runner.run_dir
     total = len(spec.schedule())
-    resume_hint = f"coserve run {spec_path} --out {out} --resume"
+    resume_hint = f"coserve run {spec_path} --out {out} --resume" + (f" --ray {ray}" if ray else "")
     records = []
     with interruptible():  # from here, SIGINT stops the run however it arrives
         try:

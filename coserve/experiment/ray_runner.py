@@ -1,7 +1,8 @@
 """`coserve run SPEC --out DIR --ray auto|ADDRESS`: each condition-rep as a Ray task.
 
 Each task asks for the condition's GPUs (`num_gpus`: whole GPUs, so on one node; 0 when every
-server runs on a CPU) and runs the rep on its node exactly as the local runner does
+server runs on a CPU, and then the reps go one at a time, since side by side they would share
+the cores) and runs the rep on its node exactly as the local runner does
 (`Runner.run_rep`: strategy set-up, servers one after the other, load and telemetry,
 tear-down on every way out; an MPS condition starts its own daemon on that node). The
 condition's GPU indices become the GPUs Ray gave the task, in order. The rep runs in a scratch
@@ -243,6 +244,22 @@ class RayRunner(Runner):
         kind = self.accelerator_type()
         pending: dict[Any, tuple[Condition, int]] = {}
         records: list[dict] = []
+        # CPU reps one at a time: side by side they would share the cores, and each would
+        # measure the other (the demo's gen-only "baseline" ran beside embed-only). GPU reps
+        # hold their GPUs whole and run side by side.
+        on_cpu: list[tuple[Condition, int]] = []
+
+        def send(cond: Condition, rep: int, gpus: int) -> None:
+            pin = {kind: 0.001} if gpus and kind else {}
+            ref = task.options(
+                num_gpus=gpus,
+                num_cpus=1,
+                resources=pin,
+                max_retries=0,
+                name=f"coserve {cond.name} rep {rep}",
+            ).remote(self.spec, cond.name, rep, self.apply_mig, kind if pin else None)
+            pending[ref] = (cond, rep)
+
         with interruptible():
             try:
                 for cond, rep in self.schedule():
@@ -252,22 +269,25 @@ class RayRunner(Runner):
                             progress.skip_rep(cond.name, rep, self.spec.reps_of(cond))
                         continue
                     gpus = self.gpus_of(cond)
-                    pin = {kind: 0.001} if gpus and kind else {}
-                    ref = task.options(
-                        num_gpus=gpus,
-                        num_cpus=1,
-                        resources=pin,
-                        max_retries=0,
-                        name=f"coserve {cond.name} rep {rep}",
-                    ).remote(self.spec, cond.name, rep, self.apply_mig, kind if pin else None)
-                    pending[ref] = (cond, rep)
+                    if gpus:
+                        send(cond, rep, gpus)
+                    else:
+                        on_cpu.append((cond, rep))
                 if progress:
-                    progress.message(f"ray: {len(pending)} rep(s) sent to the cluster")
+                    progress.message(
+                        f"ray: {len(pending) + len(on_cpu)} rep(s) for the cluster"
+                        + (f" ({len(on_cpu)} on CPUs, one at a time)" if on_cpu else "")
+                    )
+                if on_cpu:
+                    send(*on_cpu.pop(0), 0)
                 while pending:
                     # a timeout, so that Ctrl-C is heard between waits
                     done, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
                     for ref in done:
-                        records.append(self._finish(ray, ref, *pending.pop(ref)))
+                        cond, rep = pending.pop(ref)
+                        records.append(self._finish(ray, ref, cond, rep))
+                        if on_cpu and not self.gpus_of(cond):
+                            send(*on_cpu.pop(0), 0)
             except KeyboardInterrupt:
                 with no_interrupts():
                     self._cancel(ray, pending)
