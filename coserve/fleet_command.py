@@ -108,7 +108,11 @@ def lines(f: Fleet) -> list[str]:
     best = next((r for r in f.colocated if r.condition == f.best), None)
     ded = f.dedicated
     if best is not None:
-        text = f"Fewest GPUs co-located within the SLOs: {best.condition}, {best.gpus.mean:,}"
+        slos = any(getattr(f.demand, slo.attr) is not None for slo in SLOS)
+        text = (
+            f"Fewest GPUs co-located{' within the SLOs' if slos else ''}: {best.condition}, "
+            f"{best.gpus.mean:,}"
+        )
         if best.saving is not None:
             n = best.saving.gpus
             text += (
