@@ -24,8 +24,6 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from coserve.engine.kv_cache import usable_blocks
-from coserve.engine.memory import kv_budget_bytes
 from coserve.engine.types import EngineArgs
 from coserve.model_size import ModelSize
 
@@ -90,6 +88,10 @@ class Plan:
         """What the engine hands its KV cache (0 when nothing is left)."""
         if self.cpu_kv_cache_bytes is not None:
             return self.cpu_kv_cache_bytes
+        # engine.memory imports torch; this module must not: cli.py builds every command's
+        # parser from it, `coserve serve` too (torch at import added seconds to each start)
+        from coserve.engine.memory import kv_budget_bytes
+
         return max(
             0,
             kv_budget_bytes(
@@ -102,6 +104,8 @@ class Plan:
         """Capacity in tokens as the engine reports it: whole blocks, less the null block."""
         if not self.gen.kv_bytes_per_token:
             return 0
+        from coserve.engine.kv_cache import usable_blocks  # torch: see kv_bytes
+
         return (
             max(0, usable_blocks(self.kv_bytes, self.gen.kv_bytes_per_token, self.block_size))
             * self.block_size

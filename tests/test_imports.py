@@ -1,6 +1,10 @@
-"""No import cycles among coserve's modules (tests/importgraph.py reads them from the source)."""
+"""No import cycles among coserve's modules (tests/importgraph.py reads them from the source),
+and the command line built without the heavy libraries."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
 
 import importgraph
 
@@ -33,3 +37,16 @@ def test_the_engines_and_their_workers_import_one_way():
     assert not edges["coserve.engine.tp_workers"] & engines
     assert not edges["coserve.engine.ranks"] & engines
     assert not edges["coserve.engine.embed_engine"] & engines
+
+
+def test_the_command_line_is_built_without_torch():
+    # cli.py imports every command's module to build its parser, `coserve serve` too; torch
+    # there once cost each server start seconds (and `coserve --help` with it)
+    code = (
+        "import sys; from coserve.cli import build_parser; build_parser(); "
+        "print(sorted(m for m in ('torch', 'matplotlib', 'ray') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert out.stdout.strip() == "[]", out.stdout

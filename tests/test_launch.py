@@ -17,14 +17,14 @@ import pytest
 
 from coserve.gpu.strategies import make_strategy
 from coserve.launch import ServerFailed, ServerSpec, build_command, start_server, start_servers
+from coserve.procs import group_alive
 
 
 def group_gone(pgid: int, timeout_s: float = 5.0) -> bool:
+    """No process of the group runs (a zombie has ended: init may reap it seconds later)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
+        if not group_alive(pgid):
             return True
         time.sleep(0.05)
     return False

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import time
 
 import pytest
 
@@ -52,6 +54,30 @@ def test_a_handler_installed_later_outlives_the_tear_down():
     with held.deferred():
         pass
     assert signal.getsignal(signal.SIGTERM) is runs
+
+
+def test_a_group_of_zombies_is_not_alive():
+    # an ended child nobody has reaped yet: its group's id still answers kill(0)
+    zombie = subprocess.Popen(["true"], start_new_session=True)
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with open(f"/proc/{zombie.pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    break
+            time.sleep(0.02)
+        else:
+            raise AssertionError("the child did not end")
+        os.killpg(zombie.pid, 0)
+        assert not group_alive(zombie.pid)
+    finally:
+        zombie.wait()
+    running = subprocess.Popen(["sleep", "30"], start_new_session=True)
+    try:
+        assert group_alive(running.pid)
+    finally:
+        running.kill()
+        running.wait()
 
 
 def test_helpers(tmp_path):

@@ -68,7 +68,7 @@ gen_concurrency = 4
 input_len = 16
 output_len = 32
 warmup_s = 2
-duration_s = 4
+duration_s = 2
 [[conditions]]
 name = "tp2-gen"
 servers = ["gen"]

@@ -15,6 +15,7 @@ import signal
 import sys
 import threading
 
+from coserve.server.engine_build import build_engine, serve_device
 from coserve.server.fields import RequestLimits
 from coserve.server.serve_flags import (
     Given,
@@ -167,48 +168,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag_groups(parser)
 
 
-def _device(name: str) -> str:
-    if name != "auto":
-        return name
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def build_engine(args):
-    from coserve.engine.types import EngineArgs
-
-    engine_args = EngineArgs(
-        model=args.model,
-        random_weights=args.random_weights,
-        device=_device(args.device),
-        dtype=args.dtype,
-        gpu_memory_utilization=args.gpu_memory_utilization,
-        cpu_kv_cache_bytes=args.kv_cache_bytes,
-        max_model_len=args.max_model_len,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        enforce_eager=args.enforce_eager,
-        seed=args.seed,
-        tensor_parallel_size=args.tensor_parallel_size,
-        tp_all_reduce=args.tp_all_reduce,
-        enable_expert_parallel=args.enable_expert_parallel,
-        async_scheduling=not args.no_async_scheduling,
-    )
-    if args.kind == "gen":
-        from coserve.engine.gen_engine import GenEngine
-
-        return GenEngine(engine_args)
-    from coserve.engine.embed_engine import EmbedEngine
-
-    engine = EmbedEngine(engine_args)
-    given = tokens_flag(args)
-    why = given and batched_tokens_problem(given[0], given[1], engine.max_model_len)
-    if why:  # the model's own max_model_len, known only once it is loaded
-        raise ValueError(why)
-    return engine
-
-
 def _exit_quietly(signum, frame):
     raise SystemExit(0)
 
@@ -246,7 +205,10 @@ def run(args) -> int:
     if args.kind == "colocated":
         return _run_colocated(args)
     too_big = serve_problem(
-        args.model, _device(args.device), args.gpu_memory_utilization, args.tensor_parallel_size
+        args.model,
+        serve_device(args.device),
+        args.gpu_memory_utilization,
+        args.tensor_parallel_size,
     )
     if too_big:  # before anything is allocated
         print(f"coserve serve: {too_big}", file=sys.stderr)
@@ -303,10 +265,10 @@ def _run_colocated(args) -> int:
     from coserve.server.app import bind_socket
 
     why = (
-        colocated.problem(args, _device(args.device))
-        or serve_problem(args.model, _device(args.device), args.gpu_memory_utilization, 1)
+        colocated.problem(args, serve_device(args.device))
+        or serve_problem(args.model, serve_device(args.device), args.gpu_memory_utilization, 1)
         or serve_problem(
-            args.embed_model, _device(args.device), args.embed_gpu_memory_utilization, 1
+            args.embed_model, serve_device(args.device), args.embed_gpu_memory_utilization, 1
         )
     )
     if why:
