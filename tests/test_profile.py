@@ -449,3 +449,36 @@ def test_clocks_from_telemetry_to_the_report_section(tmp_path):
     assert table.rows == [["mps (rep 1)", "2", "1,790", "3,201", "650", "50.0%", "0.0%", "0.0%"]]
     assert any(b.kind == "img" and b.path == plots["profile_clocks"] for b in blocks)
     assert profile_blocks(tmp_path / "nothing", [], {}) == []
+
+
+def test_profile_endpoints_answer_4xx_bodies_and_need_the_api_key():
+    """A second start is 409 with an OpenAI error body (was a plain-text 500), and with
+    --api-key the endpoints, which start the profiler and write to disk, need the key."""
+    import asyncio
+
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from coserve.server.app import OpenAIServer, ServeOptions
+
+    sent = []
+    engine = SimpleNamespace(
+        tokenizer=None, max_model_len=64, stats={}, alive=True, control=sent.append
+    )
+    opts = ServeOptions("gen", ["m"], profile_dir="/tmp/x", api_key="k")
+
+    async def main():
+        async with TestClient(TestServer(OpenAIServer(engine, opts).make_app())) as c:
+            for path in ("/start_profile", "/stop_profile"):
+                r = await c.post(path)
+                assert r.status == 401 and "API key" in (await r.json())["error"]["message"]
+            assert (await c.get("/profile")).status == 401
+            assert sent == []  # nothing reached the engine
+            key = {"Authorization": "Bearer k"}
+            assert (await c.post("/start_profile", headers=key)).status == 200
+            again = await c.post("/start_profile", headers=key)
+            body = await again.json()
+            assert again.status == 409 and body["error"]["code"] == 409
+            assert (await c.get("/health")).status == 200  # not behind the key, as vLLM
+
+    asyncio.run(main())
+    assert [m.action for m in sent] == ["start"]

@@ -33,6 +33,7 @@ from coserve.server.gen_api import OUTCOME, GenApi
 from coserve.server.http_errors import JsonErrorRunner
 from coserve.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from coserve.server.metrics import Metrics
+from coserve.server.profile_api import PATHS as PROFILE_PATHS
 from coserve.server.profile_api import ProfileApi
 from coserve.server.protocol import parse_embedding
 from coserve.server.slo_guard import Allowance, GuardConfig, SloGuard
@@ -104,7 +105,11 @@ class OpenAIServer:
         api = request.path.startswith("/v1/")
         if not api:
             try:
+                if request.path in PROFILE_PATHS:
+                    self._check_key(request)
                 return await handler(request)
+            except ApiError as e:
+                return e.response()
             except web.HTTPException as e:
                 if e.status < 400:
                     raise
@@ -117,10 +122,7 @@ class OpenAIServer:
         try:
             if self.shutting_down:
                 raise ApiError("the server is shutting down", status=503)
-            if self.opts.api_key is not None and not _authorized(request, self.opts.api_key):
-                raise ApiError(
-                    "invalid or missing API key (send 'Authorization: Bearer KEY')", status=401
-                )
+            self._check_key(request)
             resp = await handler(request)
             outcome = request.get(OUTCOME) or outcome_for_status(resp.status)
             return resp
@@ -141,6 +143,13 @@ class OpenAIServer:
         finally:
             self.metrics.in_flight -= 1
             self.metrics.requests[(endpoint, outcome)] += 1
+
+    def _check_key(self, request: web.Request) -> None:
+        """Raises ApiError 401 when --api-key is set and the request does not carry it."""
+        if self.opts.api_key is not None and not _authorized(request, self.opts.api_key):
+            raise ApiError(
+                "invalid or missing API key (send 'Authorization: Bearer KEY')", status=401
+            )
 
     # ---- /v1/completions, /v1/chat/completions --------------------------------------------
     def _gen_only(self, api: str) -> None:

@@ -46,6 +46,11 @@ def add_flags(group) -> None:
     )
 
 
+START, STOP, STATUS = "/start_profile", "/stop_profile", "/profile"
+# Outside /v1, yet behind --api-key: they start the profiler and write traces to disk.
+PATHS = frozenset((START, STOP, STATUS))
+
+
 class ProfileApi:
     """The three endpoints over one EngineClient."""
 
@@ -56,9 +61,9 @@ class ProfileApi:
         self.started = False
 
     def add_routes(self, app: web.Application) -> None:
-        app.router.add_post("/start_profile", self.start)
-        app.router.add_post("/stop_profile", self.stop)
-        app.router.add_get("/profile", self.status)
+        app.router.add_post(START, self.start)
+        app.router.add_post(STOP, self.stop)
+        app.router.add_get(STATUS, self.status)
 
     async def start(self, request: web.Request) -> web.Response:
         if self.started:
