@@ -482,3 +482,26 @@ def test_profile_endpoints_answer_4xx_bodies_and_need_the_api_key():
 
     asyncio.run(main())
     assert [m.action for m in sent] == ["start"]
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [
+        ("--duration-s", "0"),
+        ("--duration-s", "inf"),
+        ("--duration-s", "nan"),
+        ("--warmup-s", "-1"),
+        ("--warmup-s", "1e300"),
+    ],
+)
+def test_windows_out_of_range_are_refused_by_flag(tmp_path, capsys, flag, value):
+    """A window the spec's load checks refuse (or a timer cannot hold) is a usage error, not
+    a traceback and a half-made run folder."""
+    from coserve.cli import main
+
+    spec = str(ROOT / "experiments" / "demo.toml")
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        main(["profile", spec, "--condition", "co-located", f"{flag}={value}", "--out", str(out)])
+    assert e.value.code == 2 and flag in capsys.readouterr().err
+    assert not out.exists()

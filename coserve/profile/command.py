@@ -24,9 +24,18 @@ def _positive(text: str) -> int:
 
 
 def _seconds(text: str) -> float:
+    """Seconds in [0, 86400] (a load window of the spec: load.warmup_s's bounds)."""
     v = float(text)
-    if not v >= 0:
-        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, got {text}")
+    if not 0 <= v <= 86400:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds in [0, 86400], got {text}")
+    return v
+
+
+def _window(text: str) -> float:
+    """Seconds in (0, 86400] (load.duration_s's bounds)."""
+    v = _seconds(text)
+    if v == 0:
+        raise argparse.ArgumentTypeError("must be more than 0 seconds")
     return v
 
 
@@ -52,7 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--warmup-s", type=_seconds, default=None, help="replace the spec's load warm-up"
     )
     parser.add_argument(
-        "--duration-s", type=_seconds, default=None, help="replace the spec's load window"
+        "--duration-s", type=_window, default=None, help="replace the spec's load window"
     )
     parser.add_argument(
         "--resume", action="store_true", help="add the conditions not yet profiled to --out"
