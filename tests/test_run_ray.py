@@ -276,3 +276,25 @@ def test_ctrl_c_while_ray_starts_is_heard_even_from_a_background_shell(tmp_path)
     while _running(tree) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not _running(tree)
+
+
+@pytest.mark.parametrize(
+    ("address", "says"),
+    [
+        ("nonsense", "expected auto, HOST:PORT"),
+        ("127.0.0.1:99999", "expected auto, HOST:PORT"),
+        ("127.0.0.1:PORT", "nothing answers there"),
+        ("ray://127.0.0.1:PORT", "nothing answers there"),
+    ],
+)
+def test_a_ray_address_that_cannot_be_reached_is_refused_at_once(tmp_path, address, says):
+    """ray.init retries an unreachable head for minutes and does not hear Ctrl-C meanwhile."""
+    pytest.importorskip("ray")
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = _start(tmp_path / "run", "--ray", address.replace("PORT", str(port)))
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2, out + err
+    assert "refused: --ray" in err and says in err
+    assert not (tmp_path / "run").exists()

@@ -162,6 +162,8 @@ class RayRunner(Runner):
 
     def connect(self):
         if self._ray is None:
+            if self.address != "auto":
+                _reachable(self.address)
             ray = import_ray()
             if not ray.is_initialized():
                 try:
@@ -344,3 +346,20 @@ class RayRunner(Runner):
                 res = ray.get(ref, timeout=0)
                 if isinstance(res, RepResult) and res.record.get("status") == "ok":
                     self._write(res)
+
+
+def _reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Raises RunRefused unless `address` (HOST:PORT or ray://HOST:PORT) takes a TCP
+    connection within `timeout_s`: ray.init retries an unreachable head for minutes, deaf to
+    Ctrl-C."""
+    hostport = address.removeprefix("ray://")
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise RunRefused(
+            f"--ray {address}: expected auto, HOST:PORT or ray://HOST:PORT (the head node's "
+            "GCS or Ray Client port)"
+        )
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise RunRefused(f"--ray {address}: nothing answers there ({e})") from None
