@@ -97,11 +97,14 @@ class ExportedServer:
         """GPUs the server asks a scheduler for (one MIG instance counts as one)."""
         return 1 if self.mig_profile else len(self.gpus)
 
-    def argv(self, gen_url: str = "") -> list[str]:
-        """The server's full command line; `gen_url`: where the SLO guard reads gen."""
+    def argv(self, gen_url: str = "", host: str | None = None) -> list[str]:
+        """The server's full command line; `gen_url`: where the SLO guard reads gen; `host`:
+        the address it binds in place of `launch.host`."""
         spec = self.launch
         if spec.slo_guard_gen_url is not None:
             spec = dataclasses.replace(spec, slo_guard_gen_url=gen_url)
+        if host is not None:
+            spec = dataclasses.replace(spec, host=host)
         cmd = build_command(spec, self.port)
         return ["python3", *cmd[1:]] if self.engine == "builtin" else cmd
 
