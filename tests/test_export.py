@@ -18,7 +18,8 @@ from export_cases import CASES, EXP, IDS, deployment
 
 from coserve.cli import main
 from coserve.export import compose
-from coserve.spec import load_spec
+from coserve.export.model import build_deployment
+from coserve.spec import load_spec, loads_spec
 
 # -- compose ------------------------------------------------------------------------------
 _STR_LIST = {"type": "array", "items": {"type": "string"}}
@@ -97,6 +98,8 @@ def test_compose_matches_the_schema_and_the_rules(case):
     for role in roles:
         svc = services[role]
         assert svc["ipc"] == "host"
+        port = dep.server(role).port
+        assert svc["ports"] == [f"127.0.0.1:{port}:{port}"]  # the host's loopback only
         assert "/health" in " ".join(svc["healthcheck"]["test"])
         server = dep.server(role)
         if server.uses_gpu:
@@ -197,6 +200,40 @@ def test_docker_compose_config_accepts_the_files(tmp_path):
     path.write_text(yaml.safe_dump(bad))
     res = _compose_config(path)
     assert res.returncode != 0 and "healthchek" in res.stderr
+
+
+def _dollar_spec():
+    text = (EXP / "demo.toml").read_text()
+    text = text.replace(
+        'model = "tiny-moe"', 'model = "tiny-moe"\nextra_args = ["--x=$HOME", "$(id)"]', 1
+    )
+    return loads_spec(text)
+
+
+def test_compose_escapes_dollars_so_arguments_reach_the_server_as_written():
+    dep = build_deployment(_dollar_spec(), "co-located")
+    text = compose.render(dep)["docker-compose.yml"]
+    command = yaml.safe_load(text)["services"]["gen"]["command"]
+    assert command[-2:] == ["--x=$$HOME", "$$(id)"]
+    assert dep.server("gen").argv()[-2:] == ["--x=$HOME", "$(id)"]  # what the server gets
+
+
+@pytest.mark.skipif(DOCKER_COMPOSE is None, reason="docker-compose is not installed")
+def test_docker_compose_renders_the_escaped_dollars_literally(tmp_path):
+    path = tmp_path / "docker-compose.yml"
+    path.write_text(
+        compose.render(build_deployment(_dollar_spec(), "co-located"))["docker-compose.yml"]
+    )
+    env = {**os.environ, "HOME": "/home-that-must-not-appear"}
+    res = subprocess.run(
+        [DOCKER_COMPOSE, "-f", str(path), "config", "--format", "json"],
+        capture_output=True, text=True, env=env, timeout=60,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    command = json.loads(res.stdout)["services"]["gen"]["command"]
+    # Compose hands the container `$HOME` (its config output may write it re-escaped as $$).
+    assert [a.replace("$$", "$") for a in command[-2:]] == ["--x=$HOME", "$(id)"]
+    assert "/home-that-must-not-appear" not in res.stdout
 
 
 # -- the command, and what it refuses -------------------------------------------------------
