@@ -275,3 +275,15 @@ def test_export_refuses_what_has_no_deployment(spec, cond, engine, reason, tmp_p
     err = capsys.readouterr().err
     assert reason in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_the_random_weights_note_claims_only_what_holds():
+    (tiny,) = [n for n in deployment("demo", "co-located").notes if "random weights" in n]
+    assert "preset 'tiny-moe' ships no weights" in tiny and "drop random_weights" not in tiny
+    assert "as the condition was measured" in tiny  # the spec's own launcher, builtin
+    big = deployment("seed-single-gpu", "mps", "builtin").notes[0]
+    assert "ships no weights" in big and "Qwen/Qwen3-30B-A3B-FP8" in big
+    for note in deployment("seed-single-gpu", "mps", "vllm").notes:
+        assert "--load-format dummy" in note and "as the condition was measured" not in note
+        assert "measured on the spec's builtin launcher, not on vllm" in note
+        assert "drop random_weights in the spec to serve the trained checkpoint" in note
