@@ -59,6 +59,11 @@ SLOS = (
 )
 
 
+# Demands past these are no fleet (1e12 tok/s is millions of H200s): refused, not sized.
+MAX_GEN_TOK_S = 1e12
+MAX_EMBED_SEQ_S = 1e10
+
+
 @dataclass(frozen=True)
 class Demand:
     """What the fleet must serve: gen output tok/s, embed seq/s, and latency SLOs in ms (None:
@@ -72,9 +77,14 @@ class Demand:
 
     def check(self) -> None:
         """Raises ValueError naming the flag of a value out of range."""
-        for flag, v in (("--gen-tok-s", self.gen_tok_s), ("--embed-seq-s", self.embed_seq_s)):
+        for flag, v, most in (
+            ("--gen-tok-s", self.gen_tok_s, MAX_GEN_TOK_S),
+            ("--embed-seq-s", self.embed_seq_s, MAX_EMBED_SEQ_S),
+        ):
             if not (math.isfinite(v) and v >= 0):
                 raise ValueError(f"{flag}: must be a number >= 0, got {v}")
+            if v > most:
+                raise ValueError(f"{flag}: must be at most {most:g}, got {v:g}")
         if self.gen_tok_s == 0 and self.embed_seq_s == 0:
             raise ValueError("--gen-tok-s and --embed-seq-s are both 0: nothing to serve")
         for slo in SLOS:
