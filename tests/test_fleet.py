@@ -251,3 +251,14 @@ def test_a_rep_with_a_non_finite_throughput_is_named_unreadable_not_a_traceback(
     assert f["dedicated"]["gen_per_gpu"]["mean"] == pytest.approx(1000)
     assert main(args) == 0
     assert "Warning: could not read" in capsys.readouterr().out
+
+
+def test_a_vanishing_throughput_sizes_no_fleet_instead_of_overflowing(tmp_path):
+    d = _make(tmp_path / "run", SPEC)
+    for path in (d / "reps" / "mps").glob("rep-*/rep.json"):
+        text = path.read_text().replace(
+            '"output_tokens_per_s": 1600', '"output_tokens_per_s": 1e-300'
+        )
+        path.write_text(text)
+    f = plan_fleet(aggregate(d), Demand(1e12, 1_000))  # 1e12 / 5e-301 overflows a float
+    assert [r.condition for r in f.colocated] == ["timeslice"]
