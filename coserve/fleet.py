@@ -59,6 +59,11 @@ SLOS = (
 )
 
 
+# Demands past these are no fleet (1e12 tok/s is millions of H200s): refused, not sized.
+MAX_GEN_TOK_S = 1e12
+MAX_EMBED_SEQ_S = 1e10
+
+
 @dataclass(frozen=True)
 class Demand:
     """What the fleet must serve: gen output tok/s, embed seq/s, and latency SLOs in ms (None:
@@ -72,9 +77,14 @@ class Demand:
 
     def check(self) -> None:
         """Raises ValueError naming the flag of a value out of range."""
-        for flag, v in (("--gen-tok-s", self.gen_tok_s), ("--embed-seq-s", self.embed_seq_s)):
+        for flag, v, most in (
+            ("--gen-tok-s", self.gen_tok_s, MAX_GEN_TOK_S),
+            ("--embed-seq-s", self.embed_seq_s, MAX_EMBED_SEQ_S),
+        ):
             if not (math.isfinite(v) and v >= 0):
                 raise ValueError(f"{flag}: must be a number >= 0, got {v}")
+            if v > most:
+                raise ValueError(f"{flag}: must be at most {most:g}, got {v:g}")
         if self.gen_tok_s == 0 and self.embed_seq_s == 0:
             raise ValueError("--gen-tok-s and --embed-seq-s are both 0: nothing to serve")
         for slo in SLOS:
@@ -208,8 +218,8 @@ class Fleet:
 def _ceil(demand: float, rate: float | None) -> int | None:
     if demand == 0:
         return 0
-    if rate is None or rate <= 0:
-        return None
+    if rate is None or rate <= 0 or not math.isfinite(demand / rate):
+        return None  # a rate of 1e-300 tok/s: no count of GPUs serves the demand
     return math.ceil(demand / rate * (1 - 1e-12))  # 2.0000000000001 GPUs is 2
 
 
@@ -263,7 +273,7 @@ def _dedicated(run, demand: Demand) -> tuple[Dedicated | None, str | None]:
                 f"no dedicated fleet: the run has no finished condition running {role} alone"
             )
         metric = "gen_tok_s" if role == "gen" else "embed_seq_s"
-        if c.summary[metric].mean <= 0:
+        if _ceil(want, c.summary[metric].mean) is None:
             return None, f"no dedicated fleet: {c.name} measured no {role} throughput"
         found[role] = c
     g, e = found["gen"], found["embed"]
@@ -310,7 +320,7 @@ def plan_fleet(run, demand: Demand) -> Fleet:
         n = len(cs.condition.gpus)
         g = Rate.per_gpu(cs.summary["gen_tok_s"], n)
         e = Rate.per_gpu(cs.summary["embed_seq_s"], n)
-        if (g.mean <= 0 and demand.gen_tok_s) or (e.mean <= 0 and demand.embed_seq_s):
+        if _ceil(demand.gen_tok_s, g.mean) is None or _ceil(demand.embed_seq_s, e.mean) is None:
             continue  # measured nothing of a role the demand needs: no number of GPUs serves it
         gpus = _combine(_need(demand.gen_tok_s, g), _need(demand.embed_seq_s, e), max)
         rows.append(

@@ -106,10 +106,16 @@ def summarize(values: Sequence[float], confidence: float = CONFIDENCE) -> Summar
     n = len(xs)
     if n == 0:
         return None
-    mean = math.fsum(xs) / n
+    try:
+        mean = math.fsum(xs) / n
+    except OverflowError:  # two 1.7e308 sum past a float; their mean does not
+        mean = math.fsum(x / n for x in xs)
     if n < 2:
         return Summary(n, mean, None, None, None)
-    std = math.sqrt(math.fsum((x - mean) ** 2 for x in xs) / (n - 1))
+    try:
+        std = math.sqrt(math.fsum((x - mean) ** 2 for x in xs) / (n - 1))
+    except OverflowError:  # a spread no float holds: no CI
+        return Summary(n, mean, None, None, None)
     half = t_critical(n - 1, confidence) * std / math.sqrt(n)
     return Summary(n, mean, std, mean - half, mean + half)
 
@@ -144,8 +150,11 @@ def delta(
     pct = (r - 1.0) * 100.0
     if a.std is None or b.std is None or a.mean == 0:
         return Delta(pct, None, None)
-    va = a.std**2 / (a.n * a.mean**2)
-    vb = b.std**2 / (b.n * b.mean**2)
+    # (std / mean)^2 / n, not std^2 / (n mean^2): a mean of 1e-300 squares to 0.
+    va = (a.std / a.mean) ** 2 / a.n
+    vb = (b.std / b.mean) ** 2 / b.n
+    if not math.isfinite(va + vb):  # a spread no float holds: no CI
+        return Delta(pct, None, None)
     if va + vb == 0:
         return Delta(pct, pct, pct)
     df = (va + vb) ** 2 / (va**2 / (a.n - 1) + vb**2 / (b.n - 1))

@@ -18,7 +18,8 @@ from export_cases import CASES, EXP, IDS, deployment
 
 from coserve.cli import main
 from coserve.export import compose
-from coserve.spec import load_spec
+from coserve.export.model import build_deployment
+from coserve.spec import load_spec, loads_spec
 
 # -- compose ------------------------------------------------------------------------------
 _STR_LIST = {"type": "array", "items": {"type": "string"}}
@@ -97,6 +98,8 @@ def test_compose_matches_the_schema_and_the_rules(case):
     for role in roles:
         svc = services[role]
         assert svc["ipc"] == "host"
+        port = dep.server(role).port
+        assert svc["ports"] == [f"127.0.0.1:{port}:{port}"]  # the host's loopback only
         assert "/health" in " ".join(svc["healthcheck"]["test"])
         server = dep.server(role)
         if server.uses_gpu:
@@ -199,6 +202,40 @@ def test_docker_compose_config_accepts_the_files(tmp_path):
     assert res.returncode != 0 and "healthchek" in res.stderr
 
 
+def _dollar_spec():
+    text = (EXP / "demo.toml").read_text()
+    text = text.replace(
+        'model = "tiny-moe"', 'model = "tiny-moe"\nextra_args = ["--x=$HOME", "$(id)"]', 1
+    )
+    return loads_spec(text)
+
+
+def test_compose_escapes_dollars_so_arguments_reach_the_server_as_written():
+    dep = build_deployment(_dollar_spec(), "co-located")
+    text = compose.render(dep)["docker-compose.yml"]
+    command = yaml.safe_load(text)["services"]["gen"]["command"]
+    assert command[-2:] == ["--x=$$HOME", "$$(id)"]
+    assert dep.server("gen").argv()[-2:] == ["--x=$HOME", "$(id)"]  # what the server gets
+
+
+@pytest.mark.skipif(DOCKER_COMPOSE is None, reason="docker-compose is not installed")
+def test_docker_compose_renders_the_escaped_dollars_literally(tmp_path):
+    path = tmp_path / "docker-compose.yml"
+    path.write_text(
+        compose.render(build_deployment(_dollar_spec(), "co-located"))["docker-compose.yml"]
+    )
+    env = {**os.environ, "HOME": "/home-that-must-not-appear"}
+    res = subprocess.run(
+        [DOCKER_COMPOSE, "-f", str(path), "config", "--format", "json"],
+        capture_output=True, text=True, env=env, timeout=60,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    command = json.loads(res.stdout)["services"]["gen"]["command"]
+    # Compose hands the container `$HOME` (its config output may write it re-escaped as $$).
+    assert [a.replace("$$", "$") for a in command[-2:]] == ["--x=$HOME", "$(id)"]
+    assert "/home-that-must-not-appear" not in res.stdout
+
+
 # -- the command, and what it refuses -------------------------------------------------------
 def test_export_writes_files_from_a_spec_and_a_run_folder(tmp_path, capsys):
     out = tmp_path / "k8s"
@@ -238,3 +275,15 @@ def test_export_refuses_what_has_no_deployment(spec, cond, engine, reason, tmp_p
     err = capsys.readouterr().err
     assert reason in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_the_random_weights_note_claims_only_what_holds():
+    (tiny,) = [n for n in deployment("demo", "co-located").notes if "random weights" in n]
+    assert "preset 'tiny-moe' ships no weights" in tiny and "drop random_weights" not in tiny
+    assert "as the condition was measured" in tiny  # the spec's own launcher, builtin
+    big = deployment("seed-single-gpu", "mps", "builtin").notes[0]
+    assert "ships no weights" in big and "Qwen/Qwen3-30B-A3B-FP8" in big
+    for note in deployment("seed-single-gpu", "mps", "vllm").notes:
+        assert "--load-format dummy" in note and "as the condition was measured" not in note
+        assert "measured on the spec's builtin launcher, not on vllm" in note
+        assert "drop random_weights in the spec to serve the trained checkpoint" in note

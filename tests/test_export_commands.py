@@ -26,6 +26,11 @@ def test_commands_script_is_valid_bash(case, tmp_path):
     assert res.returncode == 0, res.stderr
     for s in dep.servers:
         assert f"--port {s.port}" in text
+    # Servers bind loopback unless the user sets HOST (0.0.0.0 was written in).
+    assert "\nHOST=${HOST:-127.0.0.1}\n" in text and "0.0.0.0" not in text.replace(
+        "HOST=0.0.0.0", ""
+    )
+    assert text.count('--host "$HOST"') == len(dep.servers)
     if dep.sharing == "mps":
         assert "nvidia-cuda-mps-control -d" in text
         assert "echo quit | nvidia-cuda-mps-control" in text
@@ -73,9 +78,7 @@ def test_the_script_serves_and_stops_everything_it_started(tmp_path):
     text += '[[conditions]]\nname = "mps-sm50"\nstrategy = "mps"\n'
     text += "options = { active_thread_percentage = { embed = 50 } }\n"
     dep = build_deployment(loads_spec(text), "mps-sm50")
-    # Servers on loopback only in tests; the script itself listens on every interface.
-    script = commands.render(dep)["serve.sh"].replace("--host 0.0.0.0", "--host 127.0.0.1")
-    (tmp_path / "serve.sh").write_text(script)
+    (tmp_path / "serve.sh").write_text(commands.render(dep)["serve.sh"])  # binds 127.0.0.1
     calls = tmp_path / "calls.log"
     fake = tmp_path / "bin" / "nvidia-cuda-mps-control"
     fake.parent.mkdir()

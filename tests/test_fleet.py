@@ -204,6 +204,8 @@ def test_cli_table_and_json(run_dir, capsys):
         (["--spec", "x.toml"], "--spec does not go with --fleet"),
         (["--embed-seq-s", "-1"], "--embed-seq-s: must be a number >= 0"),
         (["--gen-ttft-p99-ms", "0"], "--gen-ttft-p99-ms: must be a positive number"),
+        (["--gen-tok-s", "1e308"], "--gen-tok-s: must be at most 1e+12"),
+        (["--embed-seq-s", "1e11"], "--embed-seq-s: must be at most 1e+10"),
     ],
 )
 def test_cli_refuses_bad_input(run_dir, capsys, extra, message):
@@ -220,3 +222,43 @@ def test_cli_fleet_flags_need_fleet(tmp_path, capsys):
     assert "--fleet needs --embed-seq-s" in capsys.readouterr().out
     assert main(["plan", "--fleet", str(tmp_path), "--gen-tok-s", "1", "--embed-seq-s", "1"]) == 2
     assert "not a coserve run folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["NaN", "Infinity"])
+def test_a_rep_with_a_non_finite_throughput_is_named_unreadable_not_a_traceback(
+    tmp_path, capsys, value
+):
+    d = _make(tmp_path / "run", SPEC)
+    # every rep of timeslice (800 tok/s), and gen-only's rep 2 (1000 tok/s)
+    for path in [
+        *(d / "reps" / "timeslice").glob("rep-*/rep.json"),
+        d / "reps/gen-only/rep-2/rep.json",
+    ]:
+        text = path.read_text()
+        for tok_s in ("800", "1000"):
+            text = text.replace(
+                f'"output_tokens_per_s": {tok_s}', f'"output_tokens_per_s": {value}'
+            )
+        path.write_text(text)
+    args = ["plan", "--fleet", str(d), "--gen-tok-s", "10000", "--embed-seq-s", "1000"]
+    code = main([*args, "--json"])
+    cap = capsys.readouterr()
+    assert code == 0 and "Traceback" not in cap.err
+    f = json.loads(cap.out)
+    assert "timeslice/rep-1/rep.json: bench.gen.output_tokens_per_s is" in f["unreadable"]
+    assert [r["condition"] for r in f["colocated"]] == ["mps"]  # timeslice: nothing left to size
+    # gen-only's reps 1 and 3 remain (990 and 1010 tok/s)
+    assert f["dedicated"]["gen_per_gpu"]["mean"] == pytest.approx(1000)
+    assert main(args) == 0
+    assert "Warning: could not read" in capsys.readouterr().out
+
+
+def test_a_vanishing_throughput_sizes_no_fleet_instead_of_overflowing(tmp_path):
+    d = _make(tmp_path / "run", SPEC)
+    for path in (d / "reps" / "mps").glob("rep-*/rep.json"):
+        text = path.read_text().replace(
+            '"output_tokens_per_s": 1600', '"output_tokens_per_s": 1e-300'
+        )
+        path.write_text(text)
+    f = plan_fleet(aggregate(d), Demand(1e12, 1_000))  # 1e12 / 5e-301 overflows a float
+    assert [r.condition for r in f.colocated] == ["timeslice"]

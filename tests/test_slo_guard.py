@@ -3,11 +3,15 @@ the engine core's step clock and pacing."""
 
 from __future__ import annotations
 
+import itertools
+import threading
+from contextlib import contextmanager
+
 import pytest
 
 from coserve.server.engine_core import Pacing, StepClock
 from coserve.server.slo_guard import Allowance, GenSample, GuardConfig, SloGuard
-from coserve.server.slo_guard_io import guard_metrics, parse_gen_metrics
+from coserve.server.slo_guard_io import BadGenPage, guard_metrics, parse_gen_metrics
 
 MS = 1e-3
 
@@ -123,10 +127,24 @@ def test_parse_gen_metrics():
     assert parse_gen_metrics(page) == GenSample(0.0201, 23)
     assert parse_gen_metrics(page, "p99") == GenSample(0.0215, 23)
     assert parse_gen_metrics("coserve:engine_steps_total 3\n") is None
-    assert (
-        parse_gen_metrics("coserve:engine_step_seconds_p99 x\ncoserve:engine_steps_window 1\n")
-        is None
-    )
+
+
+@pytest.mark.parametrize(
+    "step, count, named",
+    [
+        ("0.02", "inf", "engine_steps_window"),  # int(float('inf')) raised OverflowError
+        ("nan", "20", "engine_step_seconds_mean"),
+        ("-1.05", "20", "engine_step_seconds_mean"),
+        ("0.02", "-3", "engine_steps_window"),
+        ("0.02", "2.5", "engine_steps_window"),
+        ("x", "20", "engine_step_seconds_mean"),
+        ("1e400", "20", "engine_step_seconds_mean"),
+    ],
+)
+def test_a_figure_that_is_no_reading_is_refused_by_name(step, count, named):
+    page = f"coserve:engine_step_seconds_mean {step}\ncoserve:engine_steps_window {count}\n"
+    with pytest.raises(BadGenPage, match=named):
+        parse_gen_metrics(page)
 
 
 def test_guard_metrics_carry_the_state():
@@ -295,3 +313,63 @@ def test_probe_flags_reach_the_guard_config(extra, probe_interval_s, probe_s, se
         settle_s,
     )
     assert cfg.over_alone_pct == 5 and cfg.budget_s is None
+
+
+BAD_PAGES = [
+    "coserve:engine_step_seconds_mean 0.02\ncoserve:engine_steps_window inf\n",
+    "coserve:engine_step_seconds_mean nan\ncoserve:engine_steps_window 20\n",
+    "coserve:engine_step_seconds_mean -1.05\ncoserve:engine_steps_window 20\n",
+]
+
+
+@contextmanager
+def fake_gen_metrics(pages: list[str]):
+    """A gen stand-in on loopback whose /metrics serves `pages` in turn, forever; yields
+    its URL."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    served = itertools.cycle(pages)
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = next(served).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_pages_of_inf_nan_and_negative_times_are_failed_reads_and_the_guard_goes_on(caplog):
+    import asyncio
+
+    from coserve.server.slo_guard_io import run_guard
+
+    guard = SloGuard(GuardConfig(over_alone_pct=5, calibrate_s=0.5, settle_s=0.0))
+
+    async def main(url):
+        stop = asyncio.Event()
+        asyncio.get_running_loop().call_later(0.6, stop.set)
+        await run_guard(guard, url, lambda a: None, 0.02, stop)
+
+    with caplog.at_level("WARNING", logger="coserve"), fake_gen_metrics(BAD_PAGES) as url:
+        asyncio.run(main(url))
+    st = guard.state
+    assert st.polls >= 6 and st.poll_errors == st.polls  # the loop outlived every page
+    assert st.baseline_s is None and st.budget_s is None and st.probes == 0
+    said = [r.getMessage() for r in caplog.records if "cannot read" in r.getMessage()]
+    assert len(said) == 3  # once per kind, not once per poll
+    for name in ("engine_steps_window is inf", "mean is nan", "mean is -1.05"):
+        assert sum(name in m for m in said) == 1, (name, said)

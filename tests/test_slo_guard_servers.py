@@ -174,3 +174,35 @@ def test_percentage_budget_probes_gen_alone_while_embed_waits(gen):
         # counted in 3 of 6 runs at load 3-7); more than one probe's worth still shows holds.
         assert metric(embed.url, "coserve:slo_guard_throttled_seconds_total") > 1.0
     assert set(load.embed_status) == {200}
+
+
+def test_embed_serves_on_while_gen_pages_carry_inf_nan_and_negative_times():
+    from test_slo_guard import BAD_PAGES, fake_gen_metrics
+
+    with (
+        fake_gen_metrics(BAD_PAGES) as gen_url,
+        coserve_serve(
+            "embed",
+            "--model",
+            "tiny-embed",
+            *_CPU,
+            "--slo-guard-gen-url",
+            gen_url,
+            "--gen-tpot-slo-pct",
+            "5",
+            "--slo-guard-interval-ms",
+            "20",
+        ) as embed,
+    ):
+        first = metric(embed.url, "coserve:slo_guard_polls_total")
+        wait_until(
+            lambda: metric(embed.url, "coserve:slo_guard_polls_total") > first + 10,
+            30,
+            "polls going on past the bad pages",
+        )
+        assert post(embed.url + "/v1/embeddings", {"input": [[5] * 40]})[0] == 200
+        page = metrics(embed.url)
+        assert page["coserve:slo_guard_poll_errors_total"] == page["coserve:slo_guard_polls_total"]
+        assert page["coserve:slo_guard_probes_total"] == 0
+        assert page["coserve:slo_guard_budget_seconds"] == 0  # no baseline from them
+        assert page["coserve:slo_guard_gen_alone_seconds"] == 0

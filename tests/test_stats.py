@@ -84,3 +84,15 @@ def test_delta_ci_covers_the_true_ratio():
         d = delta(a, b)
         hits += d.ci_low <= -5.0 <= d.ci_high
     assert hits / 1000 > 0.92
+
+
+def test_delta_of_a_vanishing_mean_has_no_division_by_zero():
+    d = delta([1e-300] * 3, [990.0, 1000.0, 1010.0])  # 1e-300 squared underflows to 0
+    assert (d.pct, d.ci_low, d.ci_high) == pytest.approx((-100.0, -100.0, -100.0))
+
+
+def test_summary_of_figures_near_the_float_limit_overflows_nothing():
+    s = summarize([1.7e308, 1.7e308])  # their sum is past a float
+    assert s.mean == 1.7e308 and s.std == 0
+    wide = summarize([1.7e308, -1.7e308])  # so is their spread
+    assert wide.mean == 0 and wide.std is None and wide.ci_low is None

@@ -13,6 +13,16 @@ import shlex
 from coserve.export.model import PORTS, Deployment, ExportedServer, header, mig_variable
 
 MPS_DIR = "/tmp/coserve-mps"
+# Stands for the script's $HOST in a command line until the line is quoted for the shell.
+_HOST_MARK = "\0HOST\0"
+
+_HOST_SETTING = """\
+# HOST: the address every server binds. 127.0.0.1 (the default) serves this machine only;
+# HOST=0.0.0.0 bash serve.sh exposes the servers on every interface, to anyone who can reach
+# the machine (they have no authentication: put them behind a firewall or a proxy first).
+# The script itself reaches them on 127.0.0.1, which either value answers.
+HOST=${HOST:-127.0.0.1}
+"""
 
 _PRELUDE = """\
 set -euo pipefail
@@ -46,10 +56,16 @@ def _device_env(dep: Deployment, s: ExportedServer) -> list[str]:
     return ["CUDA_DEVICE_ORDER=PCI_BUS_ID", f"CUDA_VISIBLE_DEVICES={shlex.quote(','.join(s.gpus))}"]
 
 
+def _word(arg: str) -> str:
+    """One shell word of a command line: quoted, with the host mark as "$HOST"."""
+    return '"$HOST"'.join(shlex.quote(part) if part else "" for part in arg.split(_HOST_MARK))
+
+
 def _server_lines(dep: Deployment, s: ExportedServer) -> list[str]:
     env = _device_env(dep, s) + [f"{k}={shlex.quote(v)}" for k, v in s.env.items()]
     url = f"http://127.0.0.1:{s.port}"
-    argv = shlex.join(s.argv(gen_url=f"http://127.0.0.1:{PORTS['gen']}"))
+    gen_url = f"http://127.0.0.1:{PORTS['gen']}"
+    argv = " ".join(_word(a) for a in s.argv(gen_url=gen_url, host=_HOST_MARK))
     return [
         f"# {s.role}: {s.engine} engine on {url}",
         f"env {' '.join(env)} \\\n  {argv} &" if env else f"{argv} &",
@@ -63,6 +79,7 @@ def script(dep: Deployment) -> str:
     """The bash script's text."""
     mps = dep.sharing == "mps"
     lines = ["#!/usr/bin/env bash", header(dep, "run with: bash serve.sh").rstrip(), _PRELUDE]
+    lines.insert(2, _HOST_SETTING)
     if mps:
         lines[-1] += "  echo quit | nvidia-cuda-mps-control || true\n"
     lines[-1] += "}\ntrap cleanup EXIT\ntrap 'exit 130' INT TERM\n"

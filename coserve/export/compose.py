@@ -25,6 +25,19 @@ from coserve.export.model import (
 
 MPS_SERVICE = "mps-daemon"
 HEALTH_INTERVAL_S = 10
+# Ports are published on the host's loopback; the servers inside listen on 0.0.0.0, which
+# the port mapping needs.
+PUBLISH_HOST = "127.0.0.1"
+_EXPOSE = (
+    f"# The servers' ports are published on the host's {PUBLISH_HOST} only; to expose them on\n"
+    f"# every interface, drop '{PUBLISH_HOST}:' from `ports` (they have no authentication).\n"
+)
+
+
+def literal(text: str) -> str:
+    """`text` as Compose reads it back: '$' doubled, so Compose's interpolation leaves a
+    command argument or an environment value as written."""
+    return text.replace("$", "$$")
 
 
 def _devices(server: ExportedServer) -> list[str]:
@@ -65,11 +78,11 @@ def _server(dep: Deployment, s: ExportedServer, after: str | None) -> dict[str, 
         if s.visible_devices is not None:
             env["CUDA_VISIBLE_DEVICES"] = s.visible_devices
     service: dict[str, Any] = {
-        "image": s.image,
-        "command": s.container_args(gen_url=f"http://gen:{PORTS['gen']}"),
+        "image": literal(s.image),
+        "command": [literal(a) for a in s.container_args(gen_url=f"http://gen:{PORTS['gen']}")],
         "ipc": "host",
-        "ports": [f"{s.port}:{s.port}"],
-        "environment": env,
+        "ports": [f"{PUBLISH_HOST}:{s.port}:{s.port}"],
+        "environment": {k: literal(v) for k, v in env.items()},
         "healthcheck": _health(s.port, s.ready_timeout_s),
     }
     volumes = []
@@ -90,7 +103,7 @@ def _server(dep: Deployment, s: ExportedServer, after: str | None) -> dict[str, 
 
 def _mps_daemon(dep: Deployment) -> dict[str, Any]:
     return {
-        "image": dep.servers[0].image,
+        "image": literal(dep.servers[0].image),
         "entrypoint": ["nvidia-cuda-mps-control", "-f"],
         "ipc": "host",
         "environment": {
@@ -129,7 +142,7 @@ def render(dep: Deployment) -> dict[str, str]:
     """{file name: text}: docker-compose.yml, and the Dockerfile of coserve's image when a
     server runs the built-in engine."""
     how = "run with: docker compose up (or docker-compose up)"
-    text = header(dep, how) + to_yaml(compose(dep))
+    text = header(dep, how) + _EXPOSE + to_yaml(compose(dep))
     files = {"docker-compose.yml": text}
     if "builtin" in dep.engines:
         files["Dockerfile"] = DOCKERFILE

@@ -97,11 +97,14 @@ class ExportedServer:
         """GPUs the server asks a scheduler for (one MIG instance counts as one)."""
         return 1 if self.mig_profile else len(self.gpus)
 
-    def argv(self, gen_url: str = "") -> list[str]:
-        """The server's full command line; `gen_url`: where the SLO guard reads gen."""
+    def argv(self, gen_url: str = "", host: str | None = None) -> list[str]:
+        """The server's full command line; `gen_url`: where the SLO guard reads gen; `host`:
+        the address it binds in place of `launch.host`."""
         spec = self.launch
         if spec.slo_guard_gen_url is not None:
             spec = dataclasses.replace(spec, slo_guard_gen_url=gen_url)
+        if host is not None:
+            spec = dataclasses.replace(spec, host=host)
         cmd = build_command(spec, self.port)
         return ["python3", *cmd[1:]] if self.engine == "builtin" else cmd
 
@@ -280,11 +283,7 @@ def build_deployment(
             )
         )
         if cfg.random_weights:
-            notes.append(
-                f"{role} serves random weights, as the condition was measured "
-                f"({'--load-format dummy' if eng == 'vllm' else '--random-weights'}); drop "
-                f"random_weights in the spec to serve the trained checkpoint"
-            )
+            notes.append(_random_weights_note(cfg, role, eng))
         if cfg.model not in PRESETS:
             notes.append(
                 f"{role}'s model {cfg.model!r} is not a coserve preset: passed as given (a "
@@ -305,6 +304,28 @@ def build_deployment(
         mig=layout,
         notes=tuple(notes),
     )
+
+
+def _random_weights_note(cfg: ServerConfig, role: str, engine: str) -> str:
+    """What a server exported with random weights must say: how it was measured only where
+    the export runs the spec's own launcher, and how to get trained weights only where some
+    exist."""
+    flag = "--load-format dummy" if engine == "vllm" else "--random-weights"
+    note = f"{role} serves random weights ({flag}), "
+    if engine == cfg.launcher:
+        note += "as the condition was measured"
+    else:
+        note += (
+            "as the spec's random_weights asks (the condition was measured on the spec's "
+            f"{cfg.launcher} launcher, not on {engine})"
+        )
+    preset = PRESETS.get(cfg.model)
+    if engine == "builtin" and preset is not None and preset.model_dir is None:
+        note += f"; preset {cfg.model!r} ships no weights, so the built-in server has none to load"
+        if cfg.model in VLLM_MODELS:
+            note += f" (--engine vllm serves its checkpoint {VLLM_MODELS[cfg.model]})"
+        return note
+    return note + "; drop random_weights in the spec to serve the trained checkpoint"
 
 
 def _count(servers: tuple[ExportedServer, ...]) -> dict[str, int]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -227,6 +228,15 @@ def embed_baseline(spec: Spec) -> str | None:
     return None
 
 
+def _not_finite(record: dict) -> str | None:
+    """Why a rep record's figures cannot be used (a metric NaN or infinite), or None."""
+    for path in METRICS.values():
+        v = _get(record, path)
+        if isinstance(v, float) and not math.isfinite(v):
+            return f"{'.'.join(path)} is {v}, not a finite number"
+    return None
+
+
 def aggregate(path: str | Path) -> RunStats:
     rd = RunDir(path)
     if not rd.path.exists():
@@ -244,6 +254,10 @@ def aggregate(path: str | Path) -> RunStats:
         unreadable.insert(0, Unreadable(rd.fingerprint_file, why))
     by_cond: dict[str, list[dict]] = {}
     for r in scan.records:
+        why = _not_finite(r)
+        if why is not None:  # a NaN throughput is no measurement: the rep is left out whole
+            unreadable.append(Unreadable(rd.rep_dir(r["condition"], r["rep"]) / "rep.json", why))
+            continue
         by_cond.setdefault(r["condition"], []).append(r)
     out = []
     for cond in spec.all_conditions():

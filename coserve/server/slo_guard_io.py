@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import re
 
 from coserve.server.slo_guard import GenSample, GuardState, SloGuard
@@ -18,16 +19,35 @@ STEP_COUNT_METRIC = "coserve:engine_steps_window"
 _SAMPLE = re.compile(r"^(coserve:engine_step[a-z_0-9]*)(?:\{[^}]*\})?\s+(\S+)\s*$", re.M)
 
 
+class BadGenPage(ValueError):
+    """gen's /metrics carries a step figure that is no reading: not a number, not finite,
+    negative, or a step count that is not whole."""
+
+
 def parse_gen_metrics(text: str, stat: str = "mean") -> GenSample | None:
     """gen's /metrics page -> GenSample of step time `stat`; None when it lacks the step
-    figures (an older server, or not coserve's)."""
+    figures (an older server, or not coserve's).
+
+    Raises BadGenPage naming the metric when a figure is there but is no reading (a gen
+    server must never hand the guard an inf, a NaN or a negative time for a baseline)."""
     values = {m.group(1): m.group(2) for m in _SAMPLE.finditer(text)}
-    try:
-        return GenSample(
-            float(values[STEP_METRIC.format(stat=stat)]), int(float(values[STEP_COUNT_METRIC]))
-        )
-    except (KeyError, ValueError):
+    step_name, count_name = STEP_METRIC.format(stat=stat), STEP_COUNT_METRIC
+    if step_name not in values or count_name not in values:
         return None
+    step_s, steps = _figure(step_name, values[step_name]), _figure(count_name, values[count_name])
+    if not steps.is_integer():
+        raise BadGenPage(f"{count_name} is {values[count_name]}, not a whole count")
+    return GenSample(step_s, int(steps))
+
+
+def _figure(name: str, raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise BadGenPage(f"{name} is {raw!r}, not a number") from None
+    if not math.isfinite(value) or value < 0:
+        raise BadGenPage(f"{name} is {raw}, not a finite figure >= 0")
+    return value
 
 
 FAILURE_LOG_EVERY_S = 30.0  # a gen server out of reach is logged at most this often
@@ -37,7 +57,8 @@ async def run_guard(
     guard: SloGuard, gen_url: str, apply, interval_s: float, stop: asyncio.Event
 ) -> None:
     """Poll `gen_url`/metrics every `interval_s` until `stop`; call `apply(allowance)` when
-    the allowance changes. A failed poll keeps the allowance (and is counted)."""
+    the allowance changes. A failed poll keeps the allowance (and is counted); each kind of
+    failure is logged when it first shows, and again at most every FAILURE_LOG_EVERY_S."""
     import aiohttp
 
     url = gen_url.rstrip("/") + "/metrics"
@@ -45,7 +66,9 @@ async def run_guard(
     current = None
     timeout = aiohttp.ClientTimeout(total=max(interval_s * 4, 0.5))
     async with aiohttp.ClientSession(timeout=timeout) as session:
-        warned_at: float | None = None  # when the last failed read was logged
+        # When each kind of failure was last logged: pages that fail by turns in different
+        # ways (inf, then NaN, ...) log each way once, not every poll.
+        warned: dict[str, float] = {}
         while not stop.is_set():
             started = loop.time()
             sample, failure = None, None
@@ -56,16 +79,15 @@ async def run_guard(
                     else:
                         sample = parse_gen_metrics(await resp.text(), guard.cfg.stat)
                         failure = None if sample is not None else "no step times on the page"
-            except (
-                TimeoutError,
-                aiohttp.ClientError,
-                OSError,
-                ValueError,
-            ) as e:  # ValueError: a page not UTF-8
+            except (TimeoutError, aiohttp.ClientError, OSError) as e:
                 failure = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+            # A page that does not parse (BadGenPage, one not UTF-8, or any other slip of a
+            # figure) is a failed read: the loop must outlive every page gen can serve.
+            except (ValueError, ArithmeticError, LookupError) as e:
+                sample, failure = None, f"{type(e).__name__}: {e}"
             allowance = guard.update(sample, loop.time())
             if failure is not None and (
-                warned_at is None or started - warned_at >= FAILURE_LOG_EVERY_S
+                failure not in warned or started - warned[failure] >= FAILURE_LOG_EVERY_S
             ):
                 log.warning(
                     "SLO guard: cannot read %s (%s); the allowance stays as it is "
@@ -74,10 +96,10 @@ async def run_guard(
                     failure,
                     guard.state.poll_errors,
                 )
-                warned_at = started
-            elif failure is None and warned_at is not None:
+                warned[failure] = started
+            elif failure is None and warned:
                 log.info("SLO guard: reading %s again", url)
-                warned_at = None
+                warned.clear()
             if allowance != current:
                 apply(allowance)
                 current = allowance
