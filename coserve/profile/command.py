@@ -14,13 +14,7 @@ import datetime as dt
 from pathlib import Path
 
 from coserve.server.profile_api import DEFAULT_STEPS
-
-
-def _positive(text: str) -> int:
-    n = int(text)
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
-    return n
+from coserve.server.serve_flags import positive_int
 
 
 def _seconds(text: str) -> float:
@@ -50,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--steps",
         metavar="N",
-        type=_positive,
+        type=positive_int,
         default=DEFAULT_STEPS,
         help="engine steps captured per server (default %(default)s)",
     )
@@ -71,7 +65,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ncu.add_argument("--execute", action="store_true", help="with --ncu: run it and parse it")
     ncu.add_argument("--kernel-name", default=None, metavar="REGEX", help="kernels to profile")
     ncu.add_argument("--launch-skip", type=int, default=1000, metavar="N")
-    ncu.add_argument("--launch-count", type=_positive, default=5, metavar="N")
+    ncu.add_argument("--launch-count", type=positive_int, default=5, metavar="N")
 
 
 def profile_spec(spec, warmup_s: float | None, duration_s: float | None):

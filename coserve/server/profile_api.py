@@ -11,22 +11,14 @@ second start answers 409."""
 
 from __future__ import annotations
 
-import argparse
-
 from aiohttp import web
 
 from coserve.engine.messages import Profile
 from coserve.server.body import json_response
 from coserve.server.errors import ApiError
+from coserve.server.serve_flags import positive_int
 
 DEFAULT_STEPS = 20
-
-
-def _steps(text: str) -> int:
-    n = int(text)
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
-    return n
 
 
 def add_flags(group) -> None:
@@ -40,7 +32,7 @@ def add_flags(group) -> None:
     group.add_argument(
         "--profile-steps",
         metavar="N",
-        type=_steps,
+        type=positive_int,
         default=DEFAULT_STEPS,
         help="engine steps one /start_profile captures (default %(default)s)",
     )
