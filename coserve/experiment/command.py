@@ -49,19 +49,15 @@ def print_plan(spec, sched, console) -> None:
     from rich.text import Text
 
     from coserve.experiment.backend import resolve_device
+    from coserve.experiment.preflight import cpu_roles
 
-    devices: dict[str, str] = {}
+    have_gpus = resolve_device("auto") == "cuda"
 
     def gpus(c) -> str:
-        """The condition's GPUs, or "CPU" when every built-in server of it runs on the CPU
+        """The condition's GPUs, or "CPU" when every server of it is a built-in one on the CPU
         here (its strategy then only shares the cores)."""
-        cfgs = [c.server(spec, role) for role in c.servers]
-        builtin = [x.device for x in cfgs if x.launcher == "builtin"]
-        for d in builtin:
-            devices.setdefault(d, resolve_device(d))
-        if builtin and len(builtin) == len(cfgs) and all(devices[d] == "cpu" for d in builtin):
-            return "CPU"
-        return ",".join(c.gpus)
+        on_cpu = cpu_roles(spec, c, have_gpus)
+        return "CPU" if on_cpu and len(on_cpu) == len(c.servers) else ",".join(c.gpus)
 
     t = Table(title=Text(f"{spec.name}: {len(sched)} rep(s), order {spec.order}"))
     for h in ("#", "Condition", "Rep", "Strategy", "GPUs", "Servers"):

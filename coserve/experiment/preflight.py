@@ -23,6 +23,19 @@ def gpu_ids(gpus: list[dict]) -> set[str]:
     return out
 
 
+def cpu_roles(spec: Spec, cond: Condition, have_gpus: bool) -> list[str]:
+    """The roles of `cond` whose built-in server runs on a CPU: device "cpu", or "auto" on a
+    machine without GPUs (`have_gpus`)."""
+    out = []
+    for role in cond.servers:
+        cfg = cond.server(spec, role)
+        if cfg.launcher == "builtin" and (
+            cfg.device == "cpu" or (cfg.device == "auto" and not have_gpus)
+        ):
+            out.append(role)
+    return out
+
+
 def condition_problems(
     spec: Spec, cond: Condition, gpu_state: dict[str, Any], ram_bytes: int | None
 ) -> list[str]:
@@ -58,11 +71,7 @@ def condition_problems(
                 f"gpus {missing[0]!r} is not a GPU of this machine (GPUs: "
                 f"{', '.join(str(g['index']) for g in gpus)}, or their UUIDs)"
             )
-    on_cpu = {
-        role: cfg
-        for role, cfg in builtin.items()
-        if cfg.device == "cpu" or (cfg.device == "auto" and not gpus)
-    }
+    on_cpu = {role: builtin[role] for role in cpu_roles(spec, cond, bool(gpus))}
     needs = [memory_need(cfg.model, "cpu", ram_bytes) for cfg in on_cpu.values()]
     needs = [n for n in needs if n is not None]
     if needs and sum(n.need_bytes for n in needs) > needs[0].free_bytes:
