@@ -52,11 +52,16 @@ class Advice:
     unreadable: str | None = None  # the run folder's files left out, named (None: none)
 
 
+def _misses(
+    tpot: float, embed: float, budget: float, min_embed: float | None
+) -> tuple[float, float]:
+    """(TPOT's relative excess over the budget, embed's relative shortfall from its floor),
+    each 0 where met."""
+    return max(0.0, tpot / budget - 1), max(0.0, 1 - embed / min_embed) if min_embed else 0.0
+
+
 def _miss(tpot: float, embed: float, budget: float, min_embed: float | None) -> float:
-    miss = max(0.0, tpot / budget - 1)
-    if min_embed:
-        miss += max(0.0, 1 - embed / min_embed)
-    return miss
+    return sum(_misses(tpot, embed, budget, min_embed))
 
 
 def colocated(run) -> list:
@@ -151,17 +156,14 @@ def render(a: Advice) -> str:
         )
     else:
         e = a.closest
+        over, under = _misses(
+            e.tpot_p99_ms.mean, e.embed_seq_s.mean, a.budget_tpot_p99_ms, a.min_embed_seq_s
+        )
         misses = []
-        if e.tpot_p99_ms.mean > a.budget_tpot_p99_ms:
-            misses.append(
-                f"TPOT p99 {100 * (e.tpot_p99_ms.mean / a.budget_tpot_p99_ms - 1):.1f} % over "
-                "the budget"
-            )
-        if a.min_embed_seq_s and e.embed_seq_s.mean < a.min_embed_seq_s:
-            misses.append(
-                f"embed {100 * (1 - e.embed_seq_s.mean / a.min_embed_seq_s):.1f} % below "
-                f"{a.min_embed_seq_s:g} seq/s"
-            )
+        if over:
+            misses.append(f"TPOT p99 {100 * over:.1f} % over the budget")
+        if under:
+            misses.append(f"embed {100 * under:.1f} % below {a.min_embed_seq_s:g} seq/s")
         lines.append(
             f"No measured condition meets {want}. Closest (the smallest sum of relative "
             f"misses): {e.condition} — {e.label}: {e.embed_seq_s.mean:,.0f} seq/s at gen "
