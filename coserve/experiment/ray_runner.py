@@ -250,6 +250,7 @@ class RayRunner(Runner):
         # measure the other (the demo's gen-only "baseline" ran beside embed-only). GPU reps
         # hold their GPUs whole and run side by side.
         on_cpu: list[tuple[Condition, int]] = []
+        cpu_refs: set[Any] = set()  # the CPU rep in flight (one at most)
 
         def send(cond: Condition, rep: int, gpus: int) -> None:
             pin = {kind: 0.001} if gpus and kind else {}
@@ -261,6 +262,8 @@ class RayRunner(Runner):
                 name=f"coserve {cond.name} rep {rep}",
             ).remote(self.spec, cond.name, rep, self.apply_mig, kind if pin else None)
             pending[ref] = (cond, rep)
+            if not gpus:
+                cpu_refs.add(ref)
 
         with interruptible():
             try:
@@ -288,8 +291,10 @@ class RayRunner(Runner):
                     for ref in done:
                         cond, rep = pending.pop(ref)
                         records.append(self._finish(ray, ref, cond, rep))
-                        if on_cpu and not self.gpus_of(cond):
-                            send(*on_cpu.pop(0), 0)
+                        if ref in cpu_refs:
+                            cpu_refs.discard(ref)
+                            if on_cpu:
+                                send(*on_cpu.pop(0), 0)
             except KeyboardInterrupt:
                 with no_interrupts():
                     self._cancel(ray, pending)
