@@ -7,6 +7,7 @@ import argparse
 import json
 
 from coserve import fleet_command
+from coserve.experiment.preflight import on_cpu
 from coserve.model_size import DTYPE_BYTES, ModelSize, model_size
 from coserve.plan import (
     CPU_KV_CACHE_BYTES,
@@ -133,7 +134,7 @@ def make_plan(args: argparse.Namespace) -> tuple[Plan, list[int]]:
     gen_model, embed_model = "qwen3-30b-a3b", "qwen3-embedding-8b"
     gen_util, embed_util, inp, outp, conc, sweep = 0.50, 0.30, 30, 512, [512], []
     mns = ENGINE_MAX_NUM_SEQS
-    kv_cache_bytes, gen_device = args.kv_cache_bytes, "cuda"
+    kv_cache_bytes, gen_cfg = args.kv_cache_bytes, None
     if args.spec:
         from coserve.spec import load_spec
 
@@ -142,7 +143,7 @@ def make_plan(args: argparse.Namespace) -> tuple[Plan, list[int]]:
         if g is None:
             raise ValueError(f"{args.spec} has no [servers.gen]: nothing to plan")
         gen_model, gen_util, mns = g.model, g.gpu_memory_utilization, g.max_num_seqs
-        gen_device = g.device
+        gen_cfg = g
         embed_model, embed_util = (e.model, e.gpu_memory_utilization) if e else ("none", 0.0)
         inp, outp, conc = spec.load.input_len, spec.load.output_len, [spec.load.gen_concurrency]
         if spec.sweep is not None and spec.sweep.role == "gen":
@@ -167,7 +168,7 @@ def make_plan(args: argparse.Namespace) -> tuple[Plan, list[int]]:
         local = _local_gpu()
         # The spec's gen server on a CPU (said, or `auto` where there is no GPU): its KV cache
         # is the engine's CPU byte budget, not a fraction of some GPU's memory.
-        cpu = gen_device == "cpu" or (gen_device == "auto" and local is None)
+        cpu = gen_cfg is not None and on_cpu(gen_cfg, have_gpus=local is not None)
         if cpu and kv_cache_bytes is None and not args.gpu_memory_gib:
             kv_cache_bytes = CPU_KV_CACHE_BYTES
         gpu = local or GPUS["h200"]

@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from coserve.memcheck import memory_need, ram_available
-from coserve.spec import Condition, Spec
+from coserve.spec import Condition, ServerConfig, Spec
 
 # Strategies that only exist on NVIDIA GPUs (timeslice and exclusive also run on a CPU).
 GPU_STRATEGIES = ("mps", "mig", "tp", "tp+timeslice", "tp+mps")
@@ -23,17 +23,16 @@ def gpu_ids(gpus: list[dict]) -> set[str]:
     return out
 
 
-def cpu_roles(spec: Spec, cond: Condition, have_gpus: bool) -> list[str]:
-    """The roles of `cond` whose built-in server runs on a CPU: device "cpu", or "auto" on a
+def on_cpu(cfg: ServerConfig, have_gpus: bool) -> bool:
+    """Whether the built-in engine would put `cfg` on a CPU: device "cpu", or "auto" on a
     machine without GPUs (`have_gpus`)."""
-    out = []
-    for role in cond.servers:
-        cfg = cond.server(spec, role)
-        if cfg.launcher == "builtin" and (
-            cfg.device == "cpu" or (cfg.device == "auto" and not have_gpus)
-        ):
-            out.append(role)
-    return out
+    return cfg.device == "cpu" or (cfg.device == "auto" and not have_gpus)
+
+
+def cpu_roles(spec: Spec, cond: Condition, have_gpus: bool) -> list[str]:
+    """The roles of `cond` whose built-in server runs on a CPU (`on_cpu`)."""
+    cfgs = {role: cond.server(spec, role) for role in cond.servers}
+    return [r for r, cfg in cfgs.items() if cfg.launcher == "builtin" and on_cpu(cfg, have_gpus)]
 
 
 def condition_problems(
