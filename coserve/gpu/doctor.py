@@ -48,16 +48,22 @@ HARDWARE: tuple[HardwareRecord, ...] = (
     HardwareRecord("coserve bench against vLLM, SGLang or TEI servers", None),
     HardwareRecord("launcher 'vllm' (binary or docker)", None),
     HardwareRecord("MIG: instance creation (apply_mig), servers on MIG devices", None),
-    HardwareRecord("strategy 'exclusive' (one GPU each)", None),
     HardwareRecord(
-        "built-in engine at TP=2 on two GPUs (offline benchmark, GPU tests)",
-        "2 x H200, 2026-11-29 (docs/performance.md, docs/gpu.md)",
+        "strategy 'exclusive' (one GPU each)",
+        "2 x H200, 2026-11-30 (docs/study.md, TP=2 section)",
+    ),
+    HardwareRecord(
+        "built-in engine at TP=2 on two GPUs (offline benchmark, GPU tests, symm-mem, EP)",
+        "2 x H200, 2026-11-29 and 2026-11-30 (docs/performance.md, docs/gpu.md)",
     ),
     HardwareRecord(
         "open-loop embed load in coserve run (seed-equal-work, 3 reps)",
         "H200, 2026-11-30 (docs/study.md)",
     ),
-    HardwareRecord("tensor parallelism across GPUs in coserve run (strategy 'tp')", None),
+    HardwareRecord(
+        "tensor parallelism across GPUs in coserve run (tp+mps, tp+timeslice; 3 reps each)",
+        "2 x H200, 2026-11-30 (docs/study.md, TP=2 section)",
+    ),
     HardwareRecord(
         "co-scheduling: embed granularity, the SLO guard before its probes (1 rep each)",
         "H200, 2026-11-30 (docs/co-scheduling.md)",
