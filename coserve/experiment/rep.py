@@ -22,10 +22,10 @@ def first_dead(servers: list) -> str | None:
 
 
 def window_telemetry(rows: list[dict], summary: dict) -> dict[str, dict[str, float]]:
-    """{metric: {mean, p50}} over the samples taken inside the load's measurement window
-    (the sampler's own summary also covers warm-up and start-up)."""
-    import statistics
-
+    """{metric: {mean, p50, n}} over the samples taken inside the load's measurement window
+    (the sampler's own summary also covers warm-up and start-up); with samples of several
+    devices also `metric/<device>` over that device's samples alone (on two GPUs the
+    device-wide mean hides which GPU did what)."""
     try:
         t0 = dt.datetime.fromisoformat(summary["started_at"]).timestamp()
         ws = t0 + float(summary["warmup_s"])
@@ -33,11 +33,22 @@ def window_telemetry(rows: list[dict], summary: dict) -> dict[str, dict[str, flo
     except (KeyError, TypeError, ValueError):
         return {}
     inside = [r for r in rows if ws <= r.get("t", -1) <= we]
+    out = _means(inside, "")
+    devices = sorted({str(r["device"]) for r in inside if "device" in r})
+    if len(devices) > 1:
+        for d in devices:
+            out.update(_means([r for r in inside if str(r.get("device")) == d], f"/{d}"))
+    return out
+
+
+def _means(rows: list[dict], suffix: str) -> dict[str, dict[str, float]]:
+    import statistics
+
     out = {}
-    for key in sorted({k for r in inside for k in r} - {"t", "t_rel_s", "device"}):
-        vals = [r[key] for r in inside if isinstance(r.get(key), int | float)]
+    for key in sorted({k for r in rows for k in r} - {"t", "t_rel_s", "device"}):
+        vals = [r[key] for r in rows if isinstance(r.get(key), int | float)]
         if vals:
-            out[key] = {
+            out[key + suffix] = {
                 "mean": statistics.fmean(vals),
                 "p50": statistics.median(vals),
                 "n": len(vals),

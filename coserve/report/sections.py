@@ -12,6 +12,7 @@ from coserve.experiment.preflight import GPU_STRATEGIES
 from coserve.report.aggregate import RunStats
 from coserve.report.blocks import Block, frac, num, pct, status_text, with_ci
 from coserve.report.load_tables import load_text
+from coserve.report.per_gpu import per_gpu_blocks
 from coserve.report.tradeoff import equal_work_checks
 
 
@@ -203,7 +204,7 @@ def telemetry_blocks(run: RunStats) -> list[Block]:
                 "shared GPU it cannot split gen from embed.",
             )
         )
-        return out
+        return out + per_gpu_blocks(run)
     notes = set()
     for c in run.matrix:
         for r in c.ok:

@@ -1,0 +1,108 @@
+"""The report's per-GPU telemetry: on a run over several GPUs, each GPU's activity and power
+in the measurement window, next to which servers it held (the device-wide means of the
+telemetry table cannot tell the dedicated gen GPU from the dedicated embed GPU)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from coserve import stats
+from coserve.experiment.rep import window_telemetry
+from coserve.report.aggregate import ConditionStats, RunStats
+from coserve.report.blocks import Block, frac, num, with_ci
+
+METRICS = ("sm_active", "dram_active", "tensor_active", "power_w", "mem_used_mib")
+
+
+@dataclass(frozen=True)
+class GpuRow:
+    """One GPU of one condition: its metrics over the condition's finished reps."""
+
+    condition: str
+    device: str
+    roles: tuple[str, ...]  # the servers with a rank on this GPU
+    summary: dict[str, stats.Summary]
+
+
+def _window(run: RunStats, cs: ConditionStats, rec: dict) -> dict:
+    """The rep's window telemetry with per-device keys; runs recorded before the rep kept
+    them get them from the rep's telemetry.jsonl."""
+    window = (rec.get("telemetry") or {}).get("window") or {}
+    if any("/" in k for k in window):
+        return window
+    path = run.run_dir.rep_dir(cs.name, rec["rep"]) / "telemetry.jsonl"
+    try:
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except (OSError, ValueError):
+        return window
+    return window_telemetry(rows, rec.get("bench") or {})
+
+
+def _roles(rec: dict, device: str) -> tuple[str, ...]:
+    roles = ((rec.get("strategy_info") or {}).get("roles")) or {}
+    return tuple(r for r, info in roles.items() if device in (info.get("devices") or []))
+
+
+def gpu_rows(run: RunStats) -> list[GpuRow]:
+    """Rows for every matrix condition whose reps sampled more than one GPU."""
+    out = []
+    for cs in run.matrix:
+        per_dev: dict[str, dict[str, list[float]]] = {}
+        roles: dict[str, tuple[str, ...]] = {}
+        for rec in cs.ok:
+            for key, v in _window(run, cs, rec).items():
+                metric, _, dev = key.partition("/")
+                if dev and metric in METRICS and isinstance(v.get("mean"), int | float):
+                    per_dev.setdefault(dev, {}).setdefault(metric, []).append(float(v["mean"]))
+                    roles.setdefault(dev, _roles(rec, dev))
+        for dev in sorted(per_dev, key=lambda d: (len(d), d)):
+            summary = {m: stats.summarize(vals) for m, vals in per_dev[dev].items()}
+            out.append(GpuRow(cs.name, dev, roles[dev], summary))
+    return out
+
+
+def per_gpu_blocks(run: RunStats) -> list[Block]:
+    rows = gpu_rows(run)
+    if not rows:
+        return []
+
+    def mem(s: stats.Summary | None) -> str:
+        return "-" if s is None else num(s.mean / 1024)
+
+    table = [
+        [
+            r.condition,
+            r.device,
+            ", ".join(r.roles) or "-",
+            with_ci(r.summary.get("sm_active"), frac),
+            with_ci(r.summary.get("dram_active"), frac),
+            with_ci(r.summary.get("tensor_active"), frac),
+            with_ci(r.summary.get("power_w")),
+            mem(r.summary.get("mem_used_mib")),
+        ]
+        for r in rows
+    ]
+    return [
+        Block("h3", "Per GPU"),
+        Block(
+            "table",
+            headers=[
+                "Condition",
+                "GPU",
+                "Servers on it",
+                "SM active",
+                "DRAM active",
+                "Tensor active",
+                "Power (W)",
+                "Memory used (GiB)",
+            ],
+            rows=table,
+        ),
+        Block(
+            "p",
+            "Each GPU's samples inside the measurement window, mean over reps ± the 95% CI "
+            "half-width; GPU: the index the strategy used (CUDA_VISIBLE_DEVICES); servers: "
+            "those with a process (a rank) on it.",
+        ),
+    ]

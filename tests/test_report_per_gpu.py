@@ -1,0 +1,82 @@
+"""The report's per-GPU telemetry: the window's samples split by device, each GPU named with the
+servers a strategy put on it, and runs recorded before reps kept per-device figures read from
+their telemetry.jsonl."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from coserve.experiment.rep import window_telemetry
+from coserve.report.per_gpu import gpu_rows, per_gpu_blocks
+
+STARTED = "2026-11-30T05:00:00+00:00"
+T0 = 1796014800.0  # STARTED as a Unix time
+BENCH = {"started_at": STARTED, "warmup_s": 10, "duration_s": 20}
+
+
+def _rows(sm: dict[str, float]) -> list[dict]:
+    """Samples every second from the load's start to past its window, one per device."""
+    return [
+        {"t": T0 + s, "t_rel_s": s, "device": d, "sm_active": v, "power_w": 100 + 500 * v}
+        for s in range(0, 40)
+        for d, v in sm.items()
+    ]
+
+
+def test_the_window_is_split_by_device_when_there_are_several():
+    rows = _rows({"0": 0.8, "1": 0.2})
+    rows.append({"t": T0 + 5, "device": "0", "sm_active": 0.0})  # warm-up: left out
+    w = window_telemetry(rows, BENCH)
+    assert w["sm_active"]["mean"] == pytest.approx(0.5)
+    assert w["sm_active/0"]["mean"] == pytest.approx(0.8)
+    assert w["sm_active/1"]["mean"] == pytest.approx(0.2)
+    assert w["sm_active/0"]["n"] == 21  # seconds 10..30 of the load
+    one = window_telemetry(_rows({"0": 0.8}), BENCH)
+    assert not any("/" in k for k in one)
+
+
+def _rep(rep: int, roles: dict[str, list[str]], window: dict | None) -> dict:
+    return {
+        "condition": "dedicated",
+        "rep": rep,
+        "status": "ok",
+        "bench": BENCH,
+        "strategy_info": {"roles": {r: {"devices": d} for r, d in roles.items()}},
+        "telemetry": {"window": window or {}},
+    }
+
+
+def _run(tmp_path: Path, recs: list[dict]):
+    def rep_dir(name: str, rep: int) -> Path:
+        return tmp_path / name / f"rep-{rep}"
+
+    cs = SimpleNamespace(name="dedicated", ok=recs)
+    return SimpleNamespace(matrix=[cs], run_dir=SimpleNamespace(rep_dir=rep_dir))
+
+
+def test_each_gpu_gets_its_servers_and_its_own_figures(tmp_path):
+    roles = {"gen": ["0"], "embed": ["1"]}
+    new = _rep(1, roles, window_telemetry(_rows({"0": 0.8, "1": 0.3}), BENCH))
+    old = _rep(2, roles, {"sm_active": {"mean": 0.5}})  # recorded before per-device keys
+    d = tmp_path / "dedicated" / "rep-2"
+    d.mkdir(parents=True)
+    (d / "telemetry.jsonl").write_text(
+        "\n".join(json.dumps(r) for r in _rows({"0": 0.9, "1": 0.1}))
+    )
+    rows = gpu_rows(_run(tmp_path, [new, old]))
+    assert [(r.device, r.roles) for r in rows] == [("0", ("gen",)), ("1", ("embed",))]
+    assert rows[0].summary["sm_active"].mean == pytest.approx(0.85)
+    assert rows[1].summary["sm_active"].mean == pytest.approx(0.2)
+    assert rows[1].summary["sm_active"].n == 2
+    table = per_gpu_blocks(_run(tmp_path, [new, old]))[1]
+    assert table.rows[0][:3] == ["dedicated", "0", "gen"]
+
+
+def test_one_gpu_runs_have_no_per_gpu_table(tmp_path):
+    rec = _rep(1, {"gen": ["0"], "embed": ["0"]}, window_telemetry(_rows({"0": 0.7}), BENCH))
+    assert gpu_rows(_run(tmp_path, [rec])) == []
+    assert per_gpu_blocks(_run(tmp_path, [rec])) == []
