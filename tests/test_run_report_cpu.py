@@ -61,3 +61,19 @@ def test_a_cpu_run_is_labelled_cpu_and_has_a_verdict(tmp_path, monkeypatch):
     assert "| co-located | CPU, shared | 1/1 |" in md and "| gen-only | CPU | 1/1 |" in md
     assert "| Condition | Strategy | Device |" in md
     assert "timeslice" not in md and "util " not in md and "| GPUs |" not in md
+
+
+def test_against_a_baseline_that_runs_both_servers_the_verdict_names_it(tmp_path):
+    spec = loads_spec(
+        SPEC.replace("repetitions = 1", 'repetitions = 1\nbaseline = "dedicated"')
+        + '[[conditions]]\nname = "dedicated"\nstrategy = "timeslice"\n'
+    )
+    Runner(spec, tmp_path / "run", backend=CoLocatedGenFaster()).run()
+    md = render(tmp_path / "run", with_plots=False).markdown.read_text()
+    (verdict,) = [ln for ln in md.splitlines() if ln.startswith("**Verdict:**")]
+    assert verdict.startswith(
+        "**Verdict:** co-located, gen against dedicated; embed against embed-only: co-located: "
+        "gen **"
+    ), verdict
+    assert "; dedicated: embed **" in verdict and "dedicated: gen" not in verdict, verdict
+    assert "each server alone" not in verdict

@@ -49,8 +49,27 @@ def verdict(run: RunStats) -> str | None:
     ]
     if not both:
         return None
-    parts = [f"{c.name}: gen {pct(c.gen_delta)}, embed {pct(c.embed_delta)}" for c in both]
-    text = "**Verdict:** co-located against each server alone: " + "; ".join(parts) + "."
+    gen_bases = sorted({c.gen_baseline for c in both if c.gen_delta})
+    embed_bases = sorted({c.embed_baseline for c in both if c.embed_delta})
+    if all(len(run.get(b).condition.servers) == 1 for b in gen_bases + embed_bases):
+        parts = [f"{c.name}: gen {pct(c.gen_delta)}, embed {pct(c.embed_delta)}" for c in both]
+        text = "**Verdict:** co-located against each server alone: " + "; ".join(parts) + "."
+    else:  # a baseline that runs both servers (dedicated GPUs): name what each delta is against
+        against = [
+            f"{role} against {', '.join(bases)}"
+            for role, bases in (("gen", gen_bases), ("embed", embed_bases))
+            if bases
+        ]
+        parts = [
+            f"{c.name}: "
+            + ", ".join(
+                f"{role} {pct(d)}"
+                for role, d in (("gen", c.gen_delta), ("embed", c.embed_delta))
+                if d is not None
+            )
+            for c in both
+        ]
+        text = f"**Verdict:** co-located, {'; '.join(against)}: " + "; ".join(parts) + "."
     if on_cpu(run):
         text += (
             " This ran on a CPU: both servers' threads and the load generator share the same "
