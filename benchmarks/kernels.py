@@ -1,6 +1,7 @@
 """Time the Triton kernels at the study's shapes on one GPU.
 
     PYTHONPATH=. python3 benchmarks/kernels.py [--only attn,moe,linear,small,step] [--json F]
+    PYTHONPATH=. python3 benchmarks/kernels.py --only attn,moe --tp 2   # one TP=2 rank's shapes
 
 Workload (issue 4): Qwen3-30B-A3B-FP8 decode at C=512 (30 in / 512 out: contexts spread over
 30..542, mean ~286), 48 layers, Hq=32, Hkv=4, D=128, hidden 2048, 128 experts top-8,
@@ -124,9 +125,10 @@ def rand_fp8_weight(shape, g, std=0.02):
 
 # ----------------------------------------------------------------------------- attention
 def bench_attention(tk) -> None:
-    print("\n== paged decode attention (GQA Hq=32 Hkv=4 D=128, bf16 KV) ==", flush=True)
+    tp = STATE["tp"]
+    Hq, Hkv, D = 32 // tp, 4 // tp, 128
+    print(f"\n== paged decode attention (GQA Hq={Hq} Hkv={Hkv} D={D}, bf16 KV) ==", flush=True)
     g = torch.Generator(device=DEV).manual_seed(0)
-    Hq, Hkv, D = 32, 4, 128
     for B, block_size, lo, hi in [
         (512, 16, 30, 542),
         (512, 256, 30, 542),
@@ -197,9 +199,9 @@ def _moe_bytes(T, E, k, H, inter):
 def bench_moe(tk) -> None:
     from coserve.engine.kernels.triton import moe as tmoe
 
-    print("\n== MoE, FP8 block-quantised experts (E=128 top-8 H=2048 I=768) ==", flush=True)
+    E, k, H, inter = 128, 8, 2048, 768 // STATE["tp"]
+    print(f"\n== MoE, FP8 block-quantised experts (E={E} top-{k} H={H} I={inter}) ==", flush=True)
     g = torch.Generator(device=DEV).manual_seed(1)
-    E, k, H, inter = 128, 8, 2048, 768
     sets_w = [
         rand_fp8_weight((E, 2 * inter, H), g) + rand_fp8_weight((E, H, inter), g) for _ in range(2)
     ]  # (w13, s13, w2, s2) x 2 = 1.2 GB
@@ -222,9 +224,16 @@ def bench_moe(tk) -> None:
     T = 512
     best = None
     sweep = []
-    for bm in (32, 64):
+    for bm, gm in ((32, 8), (64, 1), (64, 8), (64, 16)):
         for w1, st1, w2_, st2 in ((4, 3, 4, 4), (8, 3, 4, 3), (8, 4, 4, 4)):
-            cfg = dict(BLOCK_M=bm, num_warps1=w1, num_stages1=st1, num_warps2=w2_, num_stages2=st2)
+            cfg = dict(
+                BLOCK_M=bm,
+                GROUP_M=gm,
+                num_warps1=w1,
+                num_stages1=st1,
+                num_warps2=w2_,
+                num_stages2=st2,
+            )
             try:
                 ms = graph_time_ms(make(T, cfg), reps=15)
             except Exception as e:  # noqa: BLE001 - a config that does not compile
@@ -679,7 +688,16 @@ def main() -> None:
     ap.add_argument("--only", default="attn,moe,linear,small,step")
     ap.add_argument("--layers", type=int, default=48)
     ap.add_argument("--json", default=None)
+    ap.add_argument(
+        "--tp",
+        type=int,
+        default=1,
+        choices=(1, 2, 4),
+        help="attention and MoE at one tensor-parallel rank's shapes (heads and the expert "
+        "intermediate size divided by TP)",
+    )
     args = ap.parse_args()
+    STATE["tp"] = args.tp
     import triton
 
     import coserve.engine.kernels.triton as tk
