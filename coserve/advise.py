@@ -6,7 +6,9 @@ conditions that ran gen and embed together and finished at least one rep. One me
 budget when its mean gen TPOT p99 (the bench's per-request TPOT, p99 over requests, mean
 over reps) is at most X ms and, with Y, its mean achieved embed seq/s is at least Y. The
 answer is the one meeting it with the most embed seq/s, with every candidate as evidence;
-when none does, the one closest to it (the smallest sum of its relative misses).
+when none does, the one closest to it (the smallest sum of its relative misses). Conditions
+that ran gen and embed together but are no candidate (no finished rep, only failed reps, or a
+metric missing) are named with the reason, so none is taken for weighed.
 
 Exit status: 0 a condition meets the budget, 1 none does, 2 bad input (no run folder, a
 value out of range, no candidate)."""
@@ -41,6 +43,17 @@ class Evidence:
 
 
 @dataclass(frozen=True)
+class NotConsidered:
+    """A condition that ran gen and embed together but is no candidate, and why."""
+
+    condition: str
+    reason: str  # "0 of 3 reps finished", "2 failed reps: <why the first failed>"
+
+    def __str__(self) -> str:
+        return f"{self.condition} ({self.reason})"
+
+
+@dataclass(frozen=True)
 class Advice:
     budget_tpot_p99_ms: float
     min_embed_seq_s: float | None
@@ -50,6 +63,7 @@ class Advice:
     gen_alone_tpot_p99_ms: float | None
     baseline: str | None
     unreadable: str | None = None  # the run folder's files left out, named (None: none)
+    not_considered: tuple[NotConsidered, ...] = ()  # in the spec's order
 
 
 def _misses(
@@ -64,17 +78,40 @@ def _miss(tpot: float, embed: float, budget: float, min_embed: float | None) -> 
     return sum(_misses(tpot, embed, budget, min_embed))
 
 
+_NEEDED = ("embed_seq_s", "gen_tok_s", "tpot_p99")
+
+
+def _shared(c) -> bool:
+    return set(c.condition.servers) == {"gen", "embed"}
+
+
 def colocated(run) -> list:
     """The conditions of `run` (a RunStats) that ran gen and embed together, finished at least
     one rep and measured gen tok/s, embed seq/s and gen TPOT p99: the ConditionStats
     (coserve.report.aggregate), in the spec's order."""
-    return [
-        c
-        for c in run.conditions
-        if set(c.condition.servers) == {"gen", "embed"}
-        and c.ok
-        and {"embed_seq_s", "gen_tok_s", "tpot_p99"} <= c.summary.keys()
-    ]
+    return [c for c in run.conditions if _shared(c) and c.ok and set(_NEEDED) <= c.summary.keys()]
+
+
+def not_considered(run) -> list[NotConsidered]:
+    """The conditions of `run` that ran gen and embed together but are not in colocated(run),
+    each with its reason, in the spec's order."""
+    from coserve.experiment.failure import why
+
+    out = []
+    for c in run.conditions:
+        if not _shared(c):
+            continue
+        if not c.ok and c.failed:
+            n = len(c.failed)
+            reason = f"{n} failed rep{'s' if n > 1 else ''}: {why(c.failed[0].get('error'), 200)}"
+        elif not c.ok:
+            reason = f"0 of {c.planned} reps finished"
+        elif missing := [m for m in _NEEDED if m not in c.summary]:
+            reason = f"its finished reps did not measure {', '.join(missing)}"
+        else:
+            continue
+        out.append(NotConsidered(c.name, reason))
+    return out
 
 
 def condition_label(c) -> str:
@@ -115,9 +152,11 @@ def advise(run, budget_tpot_p99_ms: float, min_embed_seq_s: float | None = None)
                 ),
             )
         )
+    skipped = not_considered(run)
     if not rows:
         raise ValueError(
             f"{run.run_dir.path}: no condition ran gen and embed together and finished a rep"
+            + (f"; not considered: {', '.join(map(str, skipped))}" if skipped else "")
             + (f" ({run.unreadable_text()})" if run.unreadable else "")
         )
     rows.sort(key=lambda e: -e.embed_seq_s.mean)
@@ -131,6 +170,7 @@ def advise(run, budget_tpot_p99_ms: float, min_embed_seq_s: float | None = None)
         gen_alone_tpot_p99_ms=base.mean("tpot_p99") if base is not None else None,
         baseline=base.name if base is not None and base.ok else None,
         unreadable=run.unreadable_text(),
+        not_considered=tuple(skipped),
     )
 
 
@@ -178,6 +218,8 @@ def render(a: Advice) -> str:
                 else "."
             )
         )
+    if a.not_considered:
+        lines.append(f"Not considered: {', '.join(map(str, a.not_considered))}.")
     if a.unreadable:
         lines.append(f"Warning: {a.unreadable}.")
     lines.append("")

@@ -49,9 +49,10 @@ def server_problems(cond: Any, servers: dict[str, Any], path: str) -> list[str]:
                 f"(launcher is {cfg.launcher!r})"
             )
         gen = resolved.get("gen")
-        if gen is None:
+        if "gen" not in cond.servers:
             out.append(f"{where(role, 'slo_guard')}: the condition runs no gen server to guard")
-        elif gen.launcher != "builtin":
+        # gen None: [servers.gen] is missing or invalid, an error of its own (the root cause)
+        elif gen is not None and gen.launcher != "builtin":
             out.append(
                 f"{where(role, 'slo_guard')}: the guard reads the builtin gen server's step "
                 f"times; gen's launcher is {gen.launcher!r}"

@@ -152,3 +152,47 @@ def test_budget_must_be_finite_and_positive(run_dir, value, capsys):
 def test_a_folder_that_does_not_exist_is_named(tmp_path, capsys):
     assert main(["advise", str(tmp_path / "nope"), "--gen-tpot-p99-ms", "14"]) == 2
     assert f"{tmp_path / 'nope'} does not exist" in capsys.readouterr().err
+
+
+def test_conditions_without_a_finished_rep_are_named_as_not_considered(run_dir, tmp_path, capsys):
+    import json
+    import shutil
+
+    bad = tmp_path / "run"
+    shutil.copytree(run_dir, bad)
+    shutil.rmtree(bad / "reps" / "mps.embed-r16")  # never ran
+    for rep in (1, 2):  # both reps failed
+        path = bad / "reps" / "grain" / f"rep-{rep}" / "rep.json"
+        record = json.loads(path.read_text())
+        record["status"] = "failed"
+        record["error"] = (
+            f"gen server died (exit code 1); last lines of /x/grain/rep-{rep}/gen.log:\n"
+            "Traceback (most recent call last):\ntorch.OutOfMemoryError: CUDA out of memory"
+        )
+        path.write_text(json.dumps(record))
+    a = advise(aggregate(bad), 14.0)
+    assert [str(n) for n in a.not_considered] == [
+        "grain (2 failed reps: gen server died (exit code 1): torch.OutOfMemoryError: CUDA out "
+        "of memory (log: /x/grain/rep-1/gen.log))",
+        "mps.embed-r16 (0 of 1 reps finished)",
+    ]
+    assert {e.condition for e in a.rows}.isdisjoint({"grain", "mps.embed-r16"})
+    assert main(["advise", str(bad), "--gen-tpot-p99-ms", "14"]) == 0
+    out = capsys.readouterr().out
+    assert "Not considered: grain (2 failed reps: gen server died" in out
+    assert ", mps.embed-r16 (0 of 1 reps finished)." in out
+    assert "Not considered" not in render(advise(aggregate(run_dir), 14.0))
+
+
+def test_no_candidate_names_what_was_not_considered(run_dir, tmp_path, capsys):
+    import shutil
+
+    bad = tmp_path / "run"
+    shutil.copytree(run_dir, bad)
+    for d in (bad / "reps").iterdir():
+        if d.name != "gen-only":
+            shutil.rmtree(d)
+    assert main(["advise", str(bad), "--gen-tpot-p99-ms", "14"]) == 2
+    err = capsys.readouterr().err
+    assert "no condition ran gen and embed together and finished a rep; not considered: " in err
+    assert "timeslice (0 of 2 reps finished), mps (0 of 2 reps finished)" in err

@@ -257,6 +257,23 @@ def test_export_writes_files_from_a_spec_and_a_run_folder(tmp_path, capsys):
     assert "coserve serve embed --model all-minilm-l6-v2" in (sh / "serve.sh").read_text()
 
 
+def test_export_refuses_to_overwrite_its_files_without_force(tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["export", str(EXP / "demo.toml"), "--condition", "co-located", "--format", "compose"]
+    argv += ["--out", str(out)]
+    assert main(argv) == 0
+    (out / "docker-compose.yml").write_text("edited by hand\n")
+    (out / "Dockerfile").unlink()
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"{out / 'docker-compose.yml'} already exists; add --force to overwrite" in err
+    assert (out / "docker-compose.yml").read_text() == "edited by hand\n"
+    assert not (out / "Dockerfile").exists()  # refused before anything is written
+    assert main([*argv, "--force"]) == 0
+    assert "services:" in (out / "docker-compose.yml").read_text() and (out / "Dockerfile").exists()
+
+
 @pytest.mark.parametrize(
     "spec,cond,engine,reason",
     [

@@ -304,9 +304,13 @@ def test_ncu_refuses_mps_and_prints_the_command(tmp_path, capsys, monkeypatch):
     assert main(["profile", str(spec), "--condition", "under-mps", "--ncu"]) == 2
     assert "ncu cannot profile MPS clients" in capsys.readouterr().err
     assert main(["profile", str(spec), "--condition", "co-located", "--ncu", "--out", "o"]) == 0
-    lines = capsys.readouterr().out.splitlines()
+    printed = capsys.readouterr()
+    lines = printed.out.splitlines()
     assert lines[0].startswith("ncu --target-processes all") and "--clock-control none" in lines[0]
-    assert "--model tiny-moe" in lines[0] and "--port {port}" in lines[0]
+    # {python} is filled as the launcher fills it; the port is chosen at start, and said so
+    assert f" {sys.executable} -P -m coserve serve gen" in lines[0] and "{python}" not in lines[0]
+    assert "--model tiny-moe" in lines[0] and "--port '{port}'" in lines[0]
+    assert "{port} is not known yet: the gen server gets a free port when it starts" in printed.err
     assert lines[1].endswith("co-located.ncu-rep --csv --page raw")
     assert not (tmp_path / "o").exists()  # printed, not run
 
@@ -339,12 +343,21 @@ def test_ncu_execute_runs_the_condition_with_gen_under_ncu(tmp_path, monkeypatch
     args = ["profile", str(ROOT / "experiments" / "demo.toml"), "--condition", "gen-only"]
     args += ["--ncu", "--execute", "--kernel-name", "rms", "--warmup-s", "0", "--duration-s", "1"]
     assert main([*args, "--out", "o"]) == 0, capsys.readouterr()
-    out = capsys.readouterr().out
+    printed = capsys.readouterr()
+    out = printed.out
+    ran = next(ln for ln in printed.err.splitlines() if ln.startswith("ran: "))
+    record = json.loads(
+        (tmp_path / "o" / "run" / "reps" / "gen-only" / "rep-1" / "rep.json").read_text()
+    )
+    port = record["servers"]["gen"]["url"].rsplit(":", 1)[1]
+    assert f" {sys.executable} -P -m coserve serve gen " in ran and f"--port {port} " in ran
+    assert "{" not in ran
     assert "_rms_norm_kernel" in out and "L2 hit 61.25%" in out
     parsed = json.loads((tmp_path / "o" / "ncu" / "gen-only.json").read_text())
     assert [k["name"] for k in parsed] == ["_rms_norm_kernel", "_moe_gemm_kernel"]
     log = (tmp_path / "o" / "run" / "reps" / "gen-only" / "rep-1" / "gen.log").read_text()
     assert "ncu --target-processes all --kernel-name regex:rms" in log
+    assert f"# cmd: {ran.removeprefix('ran: ')}\n" in log  # the printed command is the one run
 
 
 # ---- the whole command on CPU --------------------------------------------------------------

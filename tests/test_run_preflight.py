@@ -91,6 +91,37 @@ def test_weights_that_do_not_fit(monkeypatch):
     )
 
 
+def test_a_model_the_built_in_server_cannot_load(monkeypatch, tmp_path):
+    (p,) = check(spec('model = "no-such-model"'), NO_GPU, monkeypatch=monkeypatch)
+    assert p == (
+        "c: servers.gen.model: 'no-such-model' is neither a preset nor a directory with "
+        "config.json here (presets: qwen3-30b-a3b, tiny-dense, tiny-moe)"
+    )
+    (p,) = check(spec(cond='gen = { model = "tiny-embed" }'), NO_GPU, monkeypatch=monkeypatch)
+    assert p == (
+        "c: gen.model of the condition: preset 'tiny-embed' is an embedding model, not a "
+        "generative one"
+    )
+    (tmp_path / "config.json").write_text("{}")
+    assert check(spec(f'model = "{tmp_path}"'), NO_GPU, monkeypatch=monkeypatch) == []
+    vllm = spec('model = "no-such-model"\nlauncher = "vllm"')  # vLLM's names are its own
+    assert check(vllm, NO_GPU, monkeypatch=monkeypatch) == []
+
+
+def test_a_bad_model_beside_the_slo_guard_is_the_one_error(tmp_path, capsys):
+    path = tmp_path / "bad.toml"
+    path.write_text(
+        spec('model = "no-such-model"').replace('servers = ["gen"]\n', "")
+        + '[servers.embed]\nmodel = "tiny-embed"\n'
+        + "[conditions.embed]\nslo_guard = true\ngen_tpot_slo_pct = 5\n"
+    )
+    assert main(["run", str(path), "--out", str(tmp_path / "r"), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "c: servers.gen.model: 'no-such-model' is neither a preset" in err
+    assert "slo_guard" not in err and err.count("  - ") == 1
+    assert not (tmp_path / "r").exists()
+
+
 @pytest.mark.skipif(HAS_GPU, reason="checks the refusal on a machine without CUDA")
 def test_run_and_dry_run_refuse_a_cuda_spec_here(tmp_path, capsys):
     path = tmp_path / "cuda.toml"

@@ -139,6 +139,26 @@ def test_a_refused_guard_budget_is_the_only_problem():
     ]
 
 
+@pytest.mark.parametrize(
+    "old, new, expected",
+    [
+        (
+            'model = "tiny-dense"',
+            "model = 42",
+            "servers.gen.model: 42 is not a string",
+        ),
+        (
+            'model = "tiny-dense"',
+            'model = "tiny-dense"\nlauncher = "nope"',
+            "servers.gen.launcher: 'nope' is not one of builtin, vllm, external, command",
+        ),
+    ],
+)
+def test_a_bad_gen_server_is_the_only_problem_of_the_guarded_condition(old, new, expected):
+    # the guard's own checks need gen's config; without it they would add a derived error
+    assert problems(old, new) == [expected]
+
+
 def test_a_guard_set_on_the_server_table_is_named_there():
     text = SPEC.replace("max_model_len = 256\n", "max_model_len = 256\nslo_guard = true\n")
     with pytest.raises(SpecError) as e:

@@ -1,10 +1,12 @@
 """What a spec needs of this machine, checked before the first rep (and by `--dry-run`): a
-CUDA device where the spec asks for one, GPU indices that exist, and memory for the built-in
-servers' weights. Without these checks every rep started, failed the same way, and the run
-reported N failures instead of one reason."""
+CUDA device where the spec asks for one, GPU indices that exist, the built-in servers' models
+(a preset of the role's task or a model directory here) and memory for their weights. Without
+these checks every rep started, failed the same way, and the run reported N failures instead
+of one reason."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from coserve.memcheck import memory_need, ram_available
@@ -35,6 +37,26 @@ def cpu_roles(spec: Spec, cond: Condition, have_gpus: bool) -> list[str]:
     return [r for r, cfg in cfgs.items() if cfg.launcher == "builtin" and on_cpu(cfg, have_gpus)]
 
 
+def model_problem(cond: Condition, role: str, cfg: ServerConfig) -> str | None:
+    """Why the built-in server cannot load `cfg.model` as `role` of `cond`: neither a preset
+    nor a directory with config.json here, or a preset of the other task; else None."""
+    from coserve.engine.presets import PRESETS
+
+    own = "model" in getattr(cond, role)
+    where = f"{role}.model of the condition" if own else f"servers.{role}.model"
+    preset = PRESETS.get(cfg.model)
+    task = "generate" if role == "gen" else "embed"
+    if preset is None and not (Path(cfg.model) / "config.json").is_file():
+        return (
+            f"{where}: {cfg.model!r} is neither a preset nor a directory with config.json "
+            f"here (presets: {', '.join(n for n, p in PRESETS.items() if p.task == task)})"
+        )
+    if preset is not None and preset.task != task:
+        kind = {"generate": "a generative", "embed": "an embedding"}
+        return f"{where}: preset {cfg.model!r} is {kind[preset.task]} model, not {kind[task]} one"
+    return None
+
+
 def condition_problems(
     spec: Spec, cond: Condition, gpu_state: dict[str, Any], ram_bytes: int | None
 ) -> list[str]:
@@ -44,6 +66,7 @@ def condition_problems(
     out = []
     builtin = {role: cond.server(spec, role) for role in cond.servers}
     builtin = {role: cfg for role, cfg in builtin.items() if cfg.launcher == "builtin"}
+    out += [m for role, cfg in builtin.items() if (m := model_problem(cond, role, cfg))]
     wants_cuda = [role for role, cfg in builtin.items() if cfg.device == "cuda"]
     if wants_cuda and not gpus:
         out.append(

@@ -34,7 +34,14 @@ from coserve.experiment import preflight
 from coserve.experiment.backend import Backend, resolve_device
 from coserve.experiment.failure import storage_error
 from coserve.experiment.rep import compress_records, first_dead, load_problem, window_telemetry
-from coserve.experiment.rundir import FolderBusy, RunDir, read_json, write_atomic, write_json
+from coserve.experiment.rundir import (
+    FolderBusy,
+    RunDir,
+    read_json,
+    read_object,
+    write_atomic,
+    write_json,
+)
 from coserve.experiment.signals import interruptible, no_interrupts
 from coserve.spec import Condition, Spec
 
@@ -132,15 +139,12 @@ class Runner:
         (a resume compares against it, so a damaged one cannot be passed over)."""
         path = self.run_dir.fingerprint_file
         try:
-            old = read_json(path)
+            return read_object(path)
         except (OSError, ValueError) as e:
             raise RunRefused(
                 f"cannot read {path} ({e}); it records what the finished reps ran on, so "
                 "the run cannot be resumed safely: restore the file or use another --out"
             ) from None
-        if not isinstance(old, dict):
-            raise RunRefused(f"{path} is not a fingerprint (a JSON object); use another --out")
-        return old
 
     def schedule(self) -> list[tuple[Condition, int]]:
         return self.spec.schedule(self.only)

@@ -1,6 +1,7 @@
 """`coserve export SPEC_OR_RUN_DIR --condition NAME --format compose|k8s|commands`: write a
 condition as a deployment (see coserve/export/__init__.py). Exit 0 with the files written,
-2 for a spec, condition or option it cannot export (the message names what and why)."""
+2 for a spec, condition or option it cannot export (the message names what and why), or for
+files of the export already in --out (unless --force)."""
 
 from __future__ import annotations
 
@@ -34,6 +35,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out", default=None, metavar="DIR", help="folder to write into (default: export-COND)"
     )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="overwrite files of the export already in --out (without it they are refused)",
+    )
 
 
 def load_source(path: Path):
@@ -62,6 +68,14 @@ def run(args) -> int:
         print(f"coserve export: {e}", file=sys.stderr)
         return 2
     out = Path(args.out or f"export-{dep.condition}")
+    there = [str(out / name) for name in files if (out / name).exists()]
+    if there and not args.force:
+        print(
+            f"coserve export: {', '.join(there)} already exist{'s' if len(there) == 1 else ''}; "
+            "add --force to overwrite, or choose another --out",
+            file=sys.stderr,
+        )
+        return 2
     try:
         out.mkdir(parents=True, exist_ok=True)
         for name, text in files.items():

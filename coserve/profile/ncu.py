@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import shlex
 import shutil
 import subprocess
 import sys
@@ -141,6 +142,23 @@ def server_argv(spec, cond, device: str) -> list[str]:
     return ["{port}" if a == PORT_MARK else a for a in argv]
 
 
+def shown(command: list[str], port: int | None = None) -> str:
+    """`command` as a shell line with {python} filled as the command launcher fills it and,
+    given the port the gen server got, {port} too (else left as {port})."""
+    filled = [a.replace("{python}", sys.executable) for a in command]
+    if port is not None:
+        filled = [a.replace("{port}", str(port)) for a in filled]
+    return shlex.join(filled)
+
+
+def _gen_port(record: dict) -> int | None:
+    """The port of a rep record's gen server URL, or None where the record has none."""
+    from urllib.parse import urlsplit
+
+    url = ((record.get("servers") or {}).get("gen") or {}).get("url")
+    return urlsplit(url).port if url else None
+
+
 def wrapped_spec(spec, cond, command: list[str]):
     """`spec` whose condition `cond` runs its gen server as `command` (launcher command)."""
     gen = dataclasses.replace(cond.server(spec, "gen"), launcher="command", extra_args=command)
@@ -152,8 +170,9 @@ def wrapped_spec(spec, cond, command: list[str]):
 
 
 def run_ncu(spec, names: list[str], args, console) -> int:
-    """`coserve profile --ncu`: print the command (and with --execute run the condition with
-    its gen server under ncu and print the parsed kernels). Exit 2 when refused. Under --out
+    """`coserve profile --ncu`: print the command, {port} still open (the gen server's port is
+    chosen when it starts), and with --execute run the condition with its gen server under ncu,
+    then print the command as it ran and the parsed kernels. Exit 2 when refused. Under --out
     DIR: DIR/ncu/CONDITION.ncu-rep and .json (the parsed kernels), DIR/run (the run)."""
     from coserve.experiment.backend import resolve_device
     from coserve.experiment.command import say
@@ -186,8 +205,15 @@ def run_ncu(spec, names: list[str], args, console) -> int:
     except ValueError as e:
         say(console, "refused:", "red", str(e))
         return 2
-    print(" ".join(cmd))
-    print(" ".join(import_command(report)))
+    print(shown(cmd))
+    print(shlex.join(import_command(report)))
+    say(
+        console,
+        "note:",
+        "yellow",
+        "{port} is not known yet: the gen server gets a free port when it starts"
+        + ("; the command as it ran follows the run" if args.execute else ""),
+    )
     if not args.execute:
         return 0
     if shutil.which("ncu") is None:
@@ -209,6 +235,9 @@ def _execute(spec, cond, cmd: list[str], report: Path, run_dir: Path, console) -
     except RunRefused as e:
         say(console, "refused:", "red", str(e))
         return 2
+    port = next((p for r in records if (p := _gen_port(r)) is not None), None)
+    if port is not None:
+        say(console, "ran:", "green", shown(cmd, port))
     done = subprocess.run(import_command(report), capture_output=True, text=True, check=False)
     try:
         kernels = parse_raw_csv(done.stdout)
