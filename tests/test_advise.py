@@ -81,7 +81,7 @@ def test_names_the_most_embed_work_within_the_budget(run_dir):
     assert a.gen_alone_tpot_p99_ms == pytest.approx(10) and a.baseline == "gen-only"
     grain = next(e for e in a.rows if e.condition == "grain.embed-r16")
     assert grain.label == "timeslice (embed.max_num_batched_tokens=512), embed rate 16 req/s"
-    assert grain.gen_vs_alone_pct == pytest.approx(-5.0, abs=1.0)
+    assert grain.gen_vs_base_pct == pytest.approx(-5.0, abs=1.0)
     text = render(a)
     assert text.startswith("Meets gen TPOT p99 <= 14 ms with the most embed work: mps.embed-r16")
     assert "grain.embed-r16" in text and "± " in text  # 2 reps: a CI
@@ -196,3 +196,29 @@ def test_no_candidate_names_what_was_not_considered(run_dir, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "no condition ran gen and embed together and finished a rep; not considered: " in err
     assert "timeslice (0 of 2 reps finished), mps (0 of 2 reps finished)" in err
+
+
+def test_equal_embed_work_goes_to_the_most_gen(run_dir):
+    # 11.7 ms: the matrix conditions (32 seq/s offered, 11.6 ms) meet it, the r16 points do not;
+    # the three did the same embed work, and grain loses the least gen per embedding
+    a = advise(aggregate(run_dir), 11.7)
+    assert a.best.condition == "grain" and a.tie_on_embed
+    assert "the most embed work (others did the same within 5 %: of those, the most gen tok/s)" in (
+        render(a)
+    )
+    single = advise(aggregate(run_dir), 14.0)  # mps.embed-r16's 60 seq/s stand alone
+    assert single.best.condition == "mps.embed-r16" and not single.tie_on_embed
+
+
+TP2_EQUAL = H200_SWEEP.parent.parent / "nvidia-h200-x2-2026-11-30" / "tp2-equal"
+
+
+def test_two_h200s_at_equal_work_the_dedicated_pair_is_the_baseline():
+    a = advise(aggregate(TP2_EQUAL), 21.0)
+    # every condition that met 21 ms served the same 490 seq/s: the dedicated GPUs keep the
+    # most gen (26.5k tok/s against tp2-symm-mps's 25.7k)
+    assert a.best.condition == "exclusive-tp1" and a.tie_on_embed
+    assert {e.condition for e in a.rows if e.meets} == {"exclusive-tp1", "tp2-symm-mps"}
+    text = render(a)
+    assert "Baseline (exclusive-tp1): TPOT p99 19.4 ms." in text
+    assert "gen vs baseline" in text and "Gen alone" not in text
