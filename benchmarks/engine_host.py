@@ -10,7 +10,9 @@ until every one decodes, then measures windows of pure decode steps. Per step it
 stage, send, launch, postprocess), in us and us per sequence, with the model's forward split
 out of "launch" (on a CPU the forward runs inside the launch: `forward` is that compute, not
 host work) and the time the cyclic garbage collector ran. Each point is `--reps` windows;
-the medians are printed and written as JSON to `--out`. `--profile N` adds a cProfile of one
+the medians are printed and written as JSON to `--out`. `--quiet-gc` freezes the heap and
+raises the collector's thresholds once the engine is warm, as the engine core process does
+(engine/host_gc.py). `--profile N` adds a cProfile of one
 more window at each C (the top N host functions by own time).
 
 These are CPU measurements of host phases: they say nothing about GPU throughput."""
@@ -34,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tp_probes import HostPhases  # noqa: E402
 
 from coserve.engine.gen_engine import GenEngine  # noqa: E402
+from coserve.engine.host_gc import quiet_gc  # noqa: E402
 from coserve.engine.types import EngineArgs, SamplingParams  # noqa: E402
 
 HOST_PHASES = ("schedule", "stage", "send", "launch_host", "postprocess", "other", "gc")
@@ -137,6 +140,9 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--profile", type=int, default=0, help="top N of a cProfile; 0: none")
     ap.add_argument("--kv-gib", type=int, default=2, help="CPU KV-cache budget, GiB")
+    ap.add_argument(
+        "--quiet-gc", action="store_true", help="as the engine core: host_gc.quiet_gc() once warm"
+    )
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     need = args.warmup + args.steps * (args.reps + (args.profile > 0)) + 2
@@ -148,6 +154,8 @@ def main() -> None:
         engine = build(args, c)
         try:
             fill(engine, c, args)
+            if args.quiet_gc:
+                quiet_gc()
             reps = [window(engine, args.steps) for _ in range(args.reps)]
             keys = sorted(set().union(*reps))
             med = {k: statistics.median(r.get(k, 0.0) for r in reps) for k in keys}
@@ -163,6 +171,7 @@ def main() -> None:
         finally:
             engine.shutdown()
             del engine
+            gc.unfreeze()
             gc.collect()
     if args.out is not None:
         args.out.write_text(json.dumps(results, indent=1))

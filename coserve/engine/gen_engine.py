@@ -221,9 +221,7 @@ class GenEngine(tp_workers.LeadsRanks):
         return self._finish(batch, tokens)
 
     def _overlappable(self, batch: ScheduledBatch) -> bool:
-        return (
-            self.async_scheduling and batch.is_decode and _all_plain_greedy(batch.seqs)
-        )
+        return self.async_scheduling and batch.is_decode and _all_plain_greedy(batch.seqs)
 
     def _launch(self, batch: ScheduledBatch, feed: np.ndarray | None) -> _InFlight:
         tokens = self.runner.run(batch, greedy=True, feed=feed)
