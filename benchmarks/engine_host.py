@@ -9,7 +9,10 @@ until every one decodes, then measures windows of pure decode steps. Per step it
 0's host phases as benchmarks/engine_tp.py does on the GPU (tp_probes.HostPhases: schedule,
 stage, send, launch, postprocess), in us and us per sequence, with the model's forward split
 out of "launch" (on a CPU the forward runs inside the launch: `forward` is that compute, not
-host work) and the time the cyclic garbage collector ran. Each point is `--reps` windows;
+host work) and the time the cyclic garbage collector ran. The phases are this thread's CPU
+time by default (`--clock cpu`: a machine shared with other work does not inflate it, and
+the host work is one thread's Python); `--clock wall` as on the GPU; `wall_step` is always
+the wall time of a whole step, forward included. Each point is `--reps` windows;
 the medians are printed and written as JSON to `--out`. `--quiet-gc` freezes the heap and
 raises the collector's thresholds once the engine is warm, as the engine core process does
 (engine/host_gc.py). `--profile N` adds a cProfile of one
@@ -36,28 +39,44 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tp_probes import HostPhases  # noqa: E402
 
 from coserve.engine.gen_engine import GenEngine  # noqa: E402
-from coserve.engine.host_gc import quiet_gc  # noqa: E402
 from coserve.engine.types import EngineArgs, SamplingParams  # noqa: E402
 
 HOST_PHASES = ("schedule", "stage", "send", "launch_host", "postprocess", "other", "gc")
 
 
+CLOCKS = {"cpu": time.thread_time, "wall": time.perf_counter}
+
+
 class CpuPhases(HostPhases):
     """HostPhases plus the forward (`runner._static`, inside "launch") and the garbage
-    collector's time."""
+    collector's time, by `clock`: this thread's CPU time (which a busy machine's other
+    processes do not inflate) or the wall clock (as HostPhases)."""
 
     PARTS = {**HostPhases.PARTS, "forward": ("runner", "_static")}
 
-    def __init__(self, engine) -> None:
+    def __init__(self, engine, clock) -> None:
+        self.clock = clock
         super().__init__(engine)
         self._gc_t0 = 0.0
         gc.callbacks.append(self._gc)
 
+    def _wrap(self, phase, fn):
+        clock = self.clock
+
+        def timed(*a, **kw):
+            t0 = clock()
+            try:
+                return fn(*a, **kw)
+            finally:
+                self.sec[phase] += clock() - t0
+
+        return timed
+
     def _gc(self, phase: str, info: dict) -> None:
         if phase == "start":
-            self._gc_t0 = time.perf_counter()
+            self._gc_t0 = self.clock()
         else:
-            self.sec["gc"] += time.perf_counter() - self._gc_t0
+            self.sec["gc"] += self.clock() - self._gc_t0
             self.sec[f"gc_gen{info['generation']}"] += 1
 
     def undo(self, engine) -> None:
@@ -103,15 +122,15 @@ def fill(engine: GenEngine, c: int, args) -> None:
         raise RuntimeError(f"{len(engine.scheduler.running)} running, expected {c}")
 
 
-def window(engine: GenEngine, steps: int) -> dict[str, float]:
-    phases = CpuPhases(engine)
+def window(engine: GenEngine, steps: int, clock) -> dict[str, float]:
+    phases = CpuPhases(engine, clock)
     t0 = time.perf_counter()
     for _ in range(steps):
         engine.step()
     wall = time.perf_counter() - t0
     phases.undo(engine)
     out = phases.per_step_us(steps)
-    out["wall"] = wall * 1e6 / steps
+    out["wall_step"] = wall * 1e6 / steps
     return out
 
 
@@ -143,6 +162,12 @@ def main() -> None:
     ap.add_argument(
         "--quiet-gc", action="store_true", help="as the engine core: host_gc.quiet_gc() once warm"
     )
+    ap.add_argument(
+        "--clock",
+        choices=sorted(CLOCKS),
+        default="cpu",
+        help="phases in this thread's CPU time (default) or wall time",
+    )
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     need = args.warmup + args.steps * (args.reps + (args.profile > 0)) + 2
@@ -155,13 +180,15 @@ def main() -> None:
         try:
             fill(engine, c, args)
             if args.quiet_gc:
+                from coserve.engine.host_gc import quiet_gc
+
                 quiet_gc()
-            reps = [window(engine, args.steps) for _ in range(args.reps)]
+            reps = [window(engine, args.steps, CLOCKS[args.clock]) for _ in range(args.reps)]
             keys = sorted(set().union(*reps))
             med = {k: statistics.median(r.get(k, 0.0) for r in reps) for k in keys}
             results[c] = {"median_us_per_step": med, "reps": reps}
-            print(f"C={c}: per decode step, us (us/seq), median of {args.reps}:")
-            for k in (*HOST_PHASES, "host_total", "forward", "wall"):
+            print(f"C={c}: per decode step, us ({args.clock}) (us/seq), median of {args.reps}:")
+            for k in (*HOST_PHASES, "host_total", "forward", "wall_step"):
                 print(f"  {k:12s} {med.get(k, 0.0):10.0f} ({med.get(k, 0.0) / c:6.2f})")
             gcs = {k: med[k] for k in keys if k.startswith("gc_gen")}
             print(f"  gc collections per window of {args.steps} steps: {gcs}", flush=True)
