@@ -46,6 +46,7 @@ def _all_plain_greedy(seqs: list[Sequence]) -> bool:
 
 _PLAIN_GREEDY = operator.attrgetter("plain_greedy")
 _STATUS = operator.attrgetter("status")
+_TOKEN_IDS = operator.attrgetter("token_ids")
 
 
 @dataclass
@@ -243,7 +244,7 @@ class GenEngine(tp_workers.LeadsRanks):
         if self.scheduler.waiting or not self._overlappable(pending.batch):
             return None
         seqs = pending.batch.seqs
-        toks = [s.token_ids for s in seqs]
+        toks = list(map(_TOKEN_IDS, seqs))
         for t in toks:
             t.append(_PLACEHOLDER)
         try:

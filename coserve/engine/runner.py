@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+import operator
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -48,6 +49,12 @@ from coserve.engine.steps import (
 )
 
 log = logging.getLogger("coserve.engine")
+
+# per-sequence fields gathered over a batch by C loops (map), not Python ones
+_TOKEN_IDS = operator.attrgetter("token_ids")
+_TABLE = operator.attrgetter("block_table")
+_TABLE_KEY = operator.attrgetter("block_table_key")
+_LAST = operator.itemgetter(-1)
 
 
 _DECODE_INPUTS = {
@@ -240,10 +247,10 @@ class ModelRunner:
         h = stage.np
         if batch.is_decode:
             owners = batch.seqs
-            toks = [s.token_ids for s in owners]
+            toks = list(map(_TOKEN_IDS, owners))
             n = len(toks)
             lens = np.fromiter(map(len, toks), np.int64, n)
-            h["input_ids"][:n] = np.fromiter((t[-1] for t in toks), np.int64, n)
+            h["input_ids"][:n] = np.fromiter(map(_LAST, toks), np.int64, n)
             h["context_lens"][:n] = lens
             pos = lens - 1
             sampling = None
@@ -260,8 +267,8 @@ class ModelRunner:
             pos = np.array(positions, dtype=np.int64)
             h["input_ids"][:n] = ids
             h["context_lens"][:n] = pos + 1
-        keys = np.fromiter((s.block_table_key for s in owners), np.int64, n)
-        stage.table_rows(keys, [s.block_table for s in owners], rows)
+        keys = np.fromiter(map(_TABLE_KEY, owners), np.int64, n)
+        stage.table_rows(keys, list(map(_TABLE, owners)), rows)
         h["positions"][:n] = pos
         # each token's slot from its own row of the block tables just staged
         blocks = h["block_tables"][np.arange(n), pos // bs]

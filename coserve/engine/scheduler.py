@@ -9,6 +9,7 @@ produced (nothing it emitted is lost or repeated)."""
 
 from __future__ import annotations
 
+import operator
 from collections import deque
 from dataclasses import dataclass
 
@@ -16,6 +17,9 @@ import numpy as np
 
 from coserve.engine.kv_cache import BlockManager
 from coserve.engine.sequence import SeqStatus, Sequence
+
+_TOKEN_IDS = operator.attrgetter("token_ids")
+_TABLE = operator.attrgetter("block_table")
 
 
 @dataclass
@@ -106,8 +110,8 @@ class Scheduler:
         """[running] int64: blocks each running sequence lacks for a slot per token it holds
         (0 where it has them), computed over the batch at once."""
         bs, n = self.blocks.block_size, len(self.running)
-        toks = np.fromiter((len(s.token_ids) for s in self.running), np.int64, n)
-        have = np.fromiter((len(s.block_table) for s in self.running), np.int64, n)
+        toks = np.fromiter(map(len, map(_TOKEN_IDS, self.running)), np.int64, n)
+        have = np.fromiter(map(len, map(_TABLE, self.running)), np.int64, n)
         return np.maximum(-(-toks // bs) - have, 0)
 
     def _schedule_decode(self) -> list[Sequence]:
