@@ -11,7 +11,8 @@ stage, send, launch, postprocess), in us and us per sequence, with the model's f
 out of "launch" (on a CPU the forward runs inside the launch: `forward` is that compute, not
 host work) and the time the cyclic garbage collector ran. The phases are this thread's CPU
 time by default (`--clock cpu`: a machine shared with other work does not inflate it, and
-the host work is one thread's Python); `--clock wall` as on the GPU; `wall_step` is always
+the host work is one thread's Python, with torch on one thread, `--threads 1`, so that its
+copies run on it too); `--clock wall` as on the GPU; `wall_step` is always
 the wall time of a whole step, forward included. Each point is `--reps` windows;
 the medians are printed and written as JSON to `--out`. `--quiet-gc` freezes the heap and
 raises the collector's thresholds once the engine is warm, as the engine core process does
@@ -36,6 +37,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import torch  # noqa: E402
 from tp_probes import HostPhases  # noqa: E402
 
 from coserve.engine.gen_engine import GenEngine  # noqa: E402
@@ -168,12 +170,19 @@ def main() -> None:
         default="cpu",
         help="phases in this thread's CPU time (default) or wall time",
     )
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads: 1 (default) keeps the host's copies on the measured thread",
+    )
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     need = args.warmup + args.steps * (args.reps + (args.profile > 0)) + 2
     if need > args.output_len:
         ap.error(f"--output-len must cover warm-up, windows and profile ({need} tokens)")
 
+    torch.set_num_threads(args.threads)
     results = {}
     for c in args.concurrency:
         engine = build(args, c)

@@ -248,7 +248,7 @@ class GenEngine(tp_workers.LeadsRanks):
         for t in toks:
             t.append(_PLACEHOLDER)
         try:
-            if self.scheduler.blocks_short().sum() > self.blocks.num_free:
+            if sum(n for _, n in self.scheduler.short_of_blocks()) > self.blocks.num_free:
                 return None
             batch = self.scheduler.schedule()
             if batch is None:

@@ -9,17 +9,11 @@ produced (nothing it emitted is lost or repeated)."""
 
 from __future__ import annotations
 
-import operator
 from collections import deque
 from dataclasses import dataclass
 
-import numpy as np
-
 from coserve.engine.kv_cache import BlockManager
 from coserve.engine.sequence import SeqStatus, Sequence
-
-_TOKEN_IDS = operator.attrgetter("token_ids")
-_TABLE = operator.attrgetter("block_table")
 
 
 @dataclass
@@ -106,23 +100,24 @@ class Scheduler:
             budget -= n
         return seqs, counts
 
-    def blocks_short(self) -> np.ndarray:
-        """[running] int64: blocks each running sequence lacks for a slot per token it holds
-        (0 where it has them), computed over the batch at once."""
-        bs, n = self.blocks.block_size, len(self.running)
-        toks = np.fromiter(map(len, map(_TOKEN_IDS, self.running)), np.int64, n)
-        have = np.fromiter(map(len, map(_TABLE, self.running)), np.int64, n)
-        return np.maximum(-(-toks // bs) - have, 0)
+    def short_of_blocks(self) -> list[tuple[Sequence, int]]:
+        """(sequence, blocks it lacks) for each running sequence that lacks blocks for a
+        slot per token it holds."""
+        bs = self.blocks.block_size
+        return [
+            (s, n)
+            for s in self.running
+            if (n := -(-len(s.token_ids) // bs) - len(s.block_table)) > 0
+        ]
 
     def _schedule_decode(self) -> list[Sequence]:
         """The running sequences, each with a slot for its next token (preempting if short)."""
-        short = self.blocks_short()
-        if short.sum() <= self.blocks.num_free:
+        short = self.short_of_blocks()
+        if sum(n for _, n in short) <= self.blocks.num_free:
             # the common case, in one pass: every sequence's next token has a slot
-            running = self.running
-            for i in np.flatnonzero(short).tolist():
-                self.blocks.grow(running[i], running[i].num_tokens)
-            return list(running)
+            for seq, _ in short:
+                self.blocks.grow(seq, seq.num_tokens)
+            return list(self.running)
         queue = deque(self.running)
         scheduled: list[Sequence] = []
         while queue:
