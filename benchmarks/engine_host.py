@@ -7,17 +7,18 @@ Builds the real GenEngine (a tiny preset, random weights, `device="cpu"`, async 
 max_num_seqs = C) with C requests of a short prompt and a long greedy output (ignore_eos), runs
 until every one decodes, then measures windows of pure decode steps. Per step it reports rank
 0's host phases as benchmarks/engine_tp.py does on the GPU (tp_probes.HostPhases: schedule,
-stage, send, launch, postprocess), in us and us per sequence, with the model's forward split
-out of "launch" (on a CPU the forward runs inside the launch: `forward` is that compute, not
-host work) and the time the cyclic garbage collector ran. The phases are this thread's CPU
-time by default (`--clock cpu`: a machine shared with other work does not inflate it, and
-the host work is one thread's Python, with torch on one thread, `--threads 1`, so that its
-copies run on it too); `--clock wall` as on the GPU; `wall_step` is always
-the wall time of a whole step, forward included. Each point is `--reps` windows;
-the medians are printed and written as JSON to `--out`. `--quiet-gc` freezes the heap and
-raises the collector's thresholds once the engine is warm, as the engine core process does
-(engine/host_gc.py). `--profile N` adds a cProfile of one
-more window at each C (the top N host functions by own time).
+stage, send, launch, postprocess), in us and us per sequence, with three things split out:
+the model's forward out of "launch" (`forward`: on a CPU it runs inside the launch; compute,
+not host work), the copy of the staged rows out of "stage" (`copy`: a memcpy here, queued
+asynchronously on a GPU; `stage_host` is the rest), and the cyclic garbage collector's time
+(`gc`). The phases are this thread's CPU time by default (`--clock cpu`: other work on a
+shared machine does not inflate it; the host work is one thread's Python, and torch runs on
+that thread too, `--threads 1`); `--clock wall` times as on the GPU; `wall_step` is always a
+whole step's wall time, forward included. Each point is `--reps` windows; the medians are
+printed and written as JSON to `--out`. `--quiet-gc` freezes the heap and raises the
+collector's thresholds once the engine is warm, as the engine core process does
+(engine/host_gc.py). `--profile N` adds a cProfile of one more window at each C (the top N
+host functions by own time).
 
 These are CPU measurements of host phases: they say nothing about GPU throughput."""
 
@@ -43,18 +44,21 @@ from tp_probes import HostPhases  # noqa: E402
 from coserve.engine.gen_engine import GenEngine  # noqa: E402
 from coserve.engine.types import EngineArgs, SamplingParams  # noqa: E402
 
-HOST_PHASES = ("schedule", "stage", "send", "launch_host", "postprocess", "other", "gc")
+HOST_PHASES = ("schedule", "stage_host", "send", "launch_host", "postprocess", "other", "gc")
 
 
 CLOCKS = {"cpu": time.thread_time, "wall": time.perf_counter}
 
 
 class CpuPhases(HostPhases):
-    """HostPhases plus the forward (`runner._static`, inside "launch") and the garbage
-    collector's time, by `clock`: this thread's CPU time (which a busy machine's other
-    processes do not inflate) or the wall clock (as HostPhases)."""
+    """HostPhases plus the forward (`runner._static`, inside "launch"), the staged rows' copy
+    (`runner._copy_staged`, inside "stage") and the garbage collector's time, by `clock`."""
 
-    PARTS = {**HostPhases.PARTS, "forward": ("runner", "_static")}
+    PARTS = {
+        **HostPhases.PARTS,
+        "forward": ("runner", "_static"),
+        "copy": ("runner", "_copy_staged"),
+    }
 
     def __init__(self, engine, clock) -> None:
         self.clock = clock
@@ -88,9 +92,10 @@ class CpuPhases(HostPhases):
     def per_step_us(self, steps: int) -> dict[str, float]:
         us = {k: v * 1e6 / steps for k, v in self.sec.items() if not k.startswith("gc_gen")}
         us["launch_host"] = us.get("launch", 0.0) - us.get("forward", 0.0)
+        us["stage_host"] = us.get("stage", 0.0) - us.get("copy", 0.0)
         parts = ("schedule", "stage", "stage_varlen", "send", "launch", "postprocess")
         us["other"] = us.get("step", 0.0) - sum(us.get(k, 0.0) for k in parts)
-        us["host_total"] = us.get("step", 0.0) - us.get("forward", 0.0)
+        us["host_total"] = us.get("step", 0.0) - us.get("forward", 0.0) - us.get("copy", 0.0)
         for k, v in self.sec.items():
             if k.startswith("gc_gen"):
                 us[k] = v  # collections in the window, not per step
@@ -197,7 +202,7 @@ def main() -> None:
             med = {k: statistics.median(r.get(k, 0.0) for r in reps) for k in keys}
             results[c] = {"median_us_per_step": med, "reps": reps}
             print(f"C={c}: per decode step, us ({args.clock}) (us/seq), median of {args.reps}:")
-            for k in (*HOST_PHASES, "host_total", "forward", "wall_step"):
+            for k in (*HOST_PHASES, "host_total", "copy", "forward", "wall_step"):
                 print(f"  {k:12s} {med.get(k, 0.0):10.0f} ({med.get(k, 0.0) / c:6.2f})")
             gcs = {k: med[k] for k in keys if k.startswith("gc_gen")}
             print(f"  gc collections per window of {args.steps} steps: {gcs}", flush=True)
