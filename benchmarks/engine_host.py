@@ -212,7 +212,10 @@ def main() -> None:
         finally:
             engine.shutdown()
             del engine
-            gc.unfreeze()
+            if args.quiet_gc:
+                from coserve.engine.host_gc import restore_gc
+
+                restore_gc()
             gc.collect()
     if args.out is not None:
         args.out.write_text(json.dumps(results, indent=1))

@@ -17,6 +17,7 @@ import gc
 # young collections only once this many more container objects were made than freed (a few
 # steps' outputs at C=2048); older generations as rarely as bench/loadgen.py runs them
 THRESHOLDS = (100_000, 50, 1000)
+_DEFAULTS = gc.get_threshold()
 
 
 def quiet_gc() -> None:
@@ -26,3 +27,10 @@ def quiet_gc() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(*THRESHOLDS)
+
+
+def restore_gc() -> None:
+    """Undo `quiet_gc` (a process that builds another engine after this one: what the frozen
+    one held in reference cycles, CUDA memory included, is collectable again)."""
+    gc.unfreeze()
+    gc.set_threshold(*_DEFAULTS)
