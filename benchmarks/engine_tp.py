@@ -52,6 +52,7 @@ from tp_probes import (  # noqa: E402
 )
 
 from coserve.engine.gen_engine import GenEngine  # noqa: E402
+from coserve.engine.host_gc import quiet_gc, restore_gc  # noqa: E402
 from coserve.engine.messages import Call  # noqa: E402
 from coserve.engine.types import EngineArgs  # noqa: E402
 
@@ -79,6 +80,9 @@ def run_gen(args, tp: int, config: str, tmp: Path) -> dict:
         )
     )
     res["build_s"] = time.perf_counter() - t0
+    if args.quiet_gc:  # as the engine core process does once its engine is built
+        quiet_gc()
+    res["quiet_gc"] = args.quiet_gc
     res["kv_capacity_tokens"] = engine.kv_capacity_tokens
     log(
         f"TP={tp} ({config}) built in {res['build_s']:.0f} s, KV {engine.kv_capacity_tokens:,} "
@@ -150,6 +154,8 @@ def run_gen(args, tp: int, config: str, tmp: Path) -> dict:
                 )
             )
     finally:
+        if args.quiet_gc:
+            restore_gc()
         engine.shutdown()
         engine.runner.graphs.clear()
         engine.runner.graph_outputs.clear()
@@ -244,6 +250,11 @@ def main() -> None:
         "--sync-too", action="store_true", help="also a window without async scheduling"
     )
     ap.add_argument("--comm", action="store_true", help="micro-benchmark the collectives")
+    ap.add_argument(
+        "--quiet-gc",
+        action="store_true",
+        help="freeze the built engine out of the cyclic GC, as the engine core (host_gc.py)",
+    )
     ap.add_argument("--profile-steps", type=int, default=5)
     ap.add_argument("--embed", action="store_true")
     ap.add_argument("--embed-warmup", type=float, default=5.0)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import operator
 import time
 from dataclasses import dataclass
 
@@ -37,10 +38,15 @@ log = logging.getLogger("coserve.engine")
 _PLACEHOLDER = 0  # a launched-ahead step's token, until it reaches the host
 
 
-def _plain_greedy(seq: Sequence) -> bool:
-    """The argmax of the raw logits is this sequence's token: no temperature, and none of
+def _all_plain_greedy(seqs: list[Sequence]) -> bool:
+    """The argmax of the raw logits is every sequence's token: no temperature, and none of
     top_k, min_tokens or logprobs (those need the sampler on the host's side of the step)."""
-    return seq.params.temperature <= 0 and not seq.special
+    return all(map(_PLAIN_GREEDY, seqs))
+
+
+_PLAIN_GREEDY = operator.attrgetter("plain_greedy")
+_STATUS = operator.attrgetter("status")
+_TOKEN_IDS = operator.attrgetter("token_ids")
 
 
 @dataclass
@@ -209,16 +215,14 @@ class GenEngine(tp_workers.LeadsRanks):
             if batch.is_decode
             else [s for i, s in enumerate(batch.seqs) if batch.samples(i)]
         )
-        if all(_plain_greedy(s) for s in sampling):
+        if _all_plain_greedy(sampling):
             tokens = self.runner.run(batch, greedy=True).tolist()
         else:
             tokens = self.sampler(self.runner.run(batch), sampling)
         return self._finish(batch, tokens)
 
     def _overlappable(self, batch: ScheduledBatch) -> bool:
-        return (
-            self.async_scheduling and batch.is_decode and all(_plain_greedy(s) for s in batch.seqs)
-        )
+        return self.async_scheduling and batch.is_decode and _all_plain_greedy(batch.seqs)
 
     def _launch(self, batch: ScheduledBatch, feed: np.ndarray | None) -> _InFlight:
         tokens = self.runner.run(batch, greedy=True, feed=feed)
@@ -240,14 +244,11 @@ class GenEngine(tp_workers.LeadsRanks):
         if self.scheduler.waiting or not self._overlappable(pending.batch):
             return None
         seqs = pending.batch.seqs
-        for s in seqs:
-            s.token_ids.append(_PLACEHOLDER)
+        toks = list(map(_TOKEN_IDS, seqs))
+        for t in toks:
+            t.append(_PLACEHOLDER)
         try:
-            bs = self.block_size
-            need = 0
-            for s in self.scheduler.running:
-                need += max(0, -(-len(s.token_ids) // bs) - len(s.block_table))
-            if need > self.blocks.num_free:
+            if sum(n for _, n in self.scheduler.short_of_blocks()) > self.blocks.num_free:
                 return None
             batch = self.scheduler.schedule()
             if batch is None:
@@ -259,20 +260,19 @@ class GenEngine(tp_workers.LeadsRanks):
                 feed = np.fromiter((row[id(s)] for s in batch.seqs), np.int64, len(batch.seqs))
             return self._launch(batch, feed)
         finally:
-            for s in seqs:
-                s.token_ids.pop()
+            for t in toks:
+                t.pop()
 
     def _finish(self, batch: ScheduledBatch, tokens: list[int]) -> list[RequestOutput]:
         self.last_step_decode = batch.is_decode
-        if batch.is_decode and any(s.status is SeqStatus.FINISHED for s in batch.seqs):
+        if batch.is_decode and SeqStatus.FINISHED in map(_STATUS, batch.seqs):
             # launched ahead: sequences that finished (or were aborted) since get nothing
             keep = [i for i, s in enumerate(batch.seqs) if s.status is not SeqStatus.FINISHED]
             batch = ScheduledBatch([batch.seqs[i] for i in keep], [1] * len(keep), len(keep))
             tokens = [tokens[i] for i in keep]
+        got = self.scheduler.postprocess(batch, tokens, self.eos_token_ids, self.max_model_len)
         outputs = []
-        for seq in self.scheduler.postprocess(
-            batch, tokens, self.eos_token_ids, self.max_model_len
-        ):
+        for seq in got:
             prompt = seq.num_prompt_tokens
             if not seq.prompt_counted:
                 seq.prompt_counted = True

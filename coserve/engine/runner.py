@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+import operator
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -39,7 +40,6 @@ from coserve.engine.kernels import ops
 from coserve.engine.kv_cache import cdiv
 from coserve.engine.scheduler import ScheduledBatch
 from coserve.engine.steps import (
-    UNKNOWN_TABLE,
     HostStage,
     StaticStep,
     VarlenStep,
@@ -49,6 +49,12 @@ from coserve.engine.steps import (
 )
 
 log = logging.getLogger("coserve.engine")
+
+# per-sequence fields gathered over a batch by C loops (map), not Python ones
+_TOKEN_IDS = operator.attrgetter("token_ids")
+_TABLE = operator.attrgetter("block_table")
+_TABLE_KEY = operator.attrgetter("block_table_key")
+_LAST = operator.itemgetter(-1)
 
 
 _DECODE_INPUTS = {
@@ -237,40 +243,39 @@ class ModelRunner:
         """Write one row per new token of `batch` (padded to `rows`) into the device buffers.
         Returns the rows of the tokens that sample, None for a pure decode (rows 0..n-1)."""
         bs = self.block_size
-        null = self.null_block
         stage = self._next_stage()
         h = stage.np
         if batch.is_decode:
             owners = batch.seqs
-            lens = [len(s.token_ids) for s in owners]
-            h["input_ids"][: len(lens)] = [s.token_ids[-1] for s in owners]
-            h["context_lens"][: len(lens)] = lens
-            pos = [k - 1 for k in lens]
+            toks = list(map(_TOKEN_IDS, owners))
+            n = len(toks)
+            lens = np.fromiter(map(len, toks), np.int64, n)
+            h["input_ids"][:n] = np.fromiter(map(_LAST, toks), np.int64, n)
+            h["context_lens"][:n] = lens
+            pos = lens - 1
             sampling = None
         else:
-            ids, pos, owners, sampling = [], [], [], []
-            for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens, strict=True)):
+            ids, positions, owners, sampling = [], [], [], []
+            for i, (seq, k) in enumerate(zip(batch.seqs, batch.num_new_tokens, strict=True)):
                 start = seq.num_computed_tokens
-                ids += seq.token_ids[start : start + n]
-                pos += range(start, start + n)
-                owners += [seq] * n
+                ids += seq.token_ids[start : start + k]
+                positions += range(start, start + k)
+                owners += [seq] * k
                 if batch.samples(i):
                     sampling.append(len(ids) - 1)
-            h["input_ids"][: len(ids)] = ids
-            h["context_lens"][: len(pos)] = pos
-            h["context_lens"][: len(pos)] += 1
-        for i, seq in enumerate(owners):
-            stage.table_row(i, seq.block_table_key, seq.block_table)
-        for i in range(len(owners), rows):
-            stage.table_row(i, 0, ())
-        n = len(pos)
+            n = len(positions)
+            pos = np.array(positions, dtype=np.int64)
+            h["input_ids"][:n] = ids
+            h["context_lens"][:n] = pos + 1
+        keys = np.fromiter(map(_TABLE_KEY, owners), np.int64, n)
+        stage.table_rows(keys, list(map(_TABLE, owners)), rows)
         h["positions"][:n] = pos
-        h["slot_mapping"][:n] = [
-            s.block_table[p // bs] * bs + p % bs for s, p in zip(owners, pos, strict=True)
-        ]
+        # each token's slot from its own row of the block tables just staged
+        blocks = h["block_tables"][np.arange(n), pos // bs]
+        h["slot_mapping"][:n] = blocks.astype(np.int64) * bs + pos % bs
         h["input_ids"][n:rows] = 0
         h["positions"][n:rows] = 0
-        h["slot_mapping"][n:rows] = null * bs
+        h["slot_mapping"][n:rows] = self.null_block * bs
         h["context_lens"][n:rows] = 1
         self._copy_staged(stage, rows, width)
         return sampling
@@ -296,7 +301,8 @@ class ModelRunner:
         return StaticStep(rows, width, n, self._stage(batch, rows, width), greedy, feed)
 
     def _staged(self, step: StaticStep, batch: ScheduledBatch) -> dict[str, np.ndarray]:
-        used = min(step.width, max(len(s.block_table) for s in batch.seqs))
+        # every sequence of the batch owns a staged row, which holds its whole table
+        used = min(step.width, int(self._stages[self._stage_at].row_len[: step.n].max()))
         out = {
             name: a[: step.rows].copy()
             for name, a in self.host_np.items()
@@ -316,7 +322,7 @@ class ModelRunner:
                 h[name][:rows, used : step.width] = self.null_block
             else:
                 h[name][:rows] = a
-        stage.row_state[:rows] = [(UNKNOWN_TABLE, step.width)] * rows
+        stage.forget_rows(rows, step.width)
         self._copy_staged(stage, rows, step.width)
 
     def _copy_staged(self, stage: HostStage, rows: int, width: int) -> None:

@@ -100,14 +100,19 @@ class Scheduler:
             budget -= n
         return seqs, counts
 
-    def _schedule_decode(self) -> list[Sequence]:
-        """The running sequences, each with a slot for its next token (preempting if short)."""
+    def short_of_blocks(self) -> list[tuple[Sequence, int]]:
+        """(sequence, blocks it lacks) for each running sequence that lacks blocks for a
+        slot per token it holds."""
         bs = self.blocks.block_size
-        short = [
+        return [
             (s, n)
             for s in self.running
             if (n := -(-len(s.token_ids) // bs) - len(s.block_table)) > 0
         ]
+
+    def _schedule_decode(self) -> list[Sequence]:
+        """The running sequences, each with a slot for its next token (preempting if short)."""
+        short = self.short_of_blocks()
         if sum(n for _, n in short) <= self.blocks.num_free:
             # the common case, in one pass: every sequence's next token has a slot
             for seq, _ in short:
@@ -141,34 +146,45 @@ class Scheduler:
     ) -> list[Sequence]:
         """Advance the batch by its step; `sampled` holds one token per sampling sequence,
         in batch order. Returns the sequences that got a token (finished ones included)."""
-        got_token = []
-        finished = []
-        tokens = iter(sampled)
         num_decode = batch.num_decode
-        for i, seq in enumerate(batch.seqs):
-            if i >= num_decode:
-                samples = batch.samples(i)
-                seq.num_computed_tokens += batch.num_new_tokens[i]
-                if not samples:
-                    continue
-                # its prompt is complete: it starts decoding
-                self.waiting.remove(seq)
-                self.running.append(seq)
-                seq.status = SeqStatus.RUNNING
-            else:
-                seq.num_computed_tokens += 1
-            token = next(tokens)
+        if len(sampled) < num_decode:
+            raise ValueError(f"{len(sampled)} sampled tokens for {num_decode} decodes")
+        finished = []
+        # decodes first: each samples, so they take the first num_decode tokens; the cheap
+        # test lets through every token that can end its sequence, `_end_reason` decides
+        decodes = batch.seqs[:num_decode]
+        for seq, token in zip(decodes, sampled, strict=False):
+            seq.num_computed_tokens += 1
             ids = seq.token_ids
             ids.append(token)
-            got_token.append(seq)
-            p = seq.params
-            n_out = len(ids) - seq.num_prompt_tokens
-            if n_out >= p.min_tokens and (
-                (not p.ignore_eos and token in eos_ids) or token in p.stop_token_ids
+            n = len(ids)
+            if (
+                n >= seq.max_total_tokens
+                or n >= max_model_len
+                or token in eos_ids
+                or token in seq.params.stop_token_ids
             ):
-                finished.append((seq, "stop"))
-            elif n_out >= p.max_tokens or len(ids) >= max_model_len:
-                finished.append((seq, "length"))
+                reason = _end_reason(seq, token, eos_ids, max_model_len)
+                if reason is not None:
+                    finished.append((seq, reason))
+        got_token = list(decodes)
+        tokens = iter(sampled[num_decode:])
+        for i in range(num_decode, len(batch.seqs)):
+            seq = batch.seqs[i]
+            samples = batch.samples(i)
+            seq.num_computed_tokens += batch.num_new_tokens[i]
+            if not samples:
+                continue
+            # its prompt is complete: it starts decoding
+            self.waiting.remove(seq)
+            self.running.append(seq)
+            seq.status = SeqStatus.RUNNING
+            token = next(tokens)
+            seq.token_ids.append(token)
+            got_token.append(seq)
+            reason = _end_reason(seq, token, eos_ids, max_model_len)
+            if reason is not None:
+                finished.append((seq, reason))
         if finished:
             gone = {id(seq) for seq, _ in finished}
             self.running = [s for s in self.running if id(s) not in gone]
@@ -180,3 +196,17 @@ class Scheduler:
         self.blocks.free(seq)
         seq.status = SeqStatus.FINISHED
         seq.finish_reason = reason
+
+
+def _end_reason(seq: Sequence, token: int, eos_ids: set[int], max_model_len: int) -> str | None:
+    """Why `token`, just appended, ends `seq`: "stop" (a stop or EOS token, once min_tokens
+    are out), "length" (max_tokens or max_model_len reached), or None."""
+    p = seq.params
+    n = len(seq.token_ids)
+    if n - seq.num_prompt_tokens >= p.min_tokens and (
+        (not p.ignore_eos and token in eos_ids) or token in p.stop_token_ids
+    ):
+        return "stop"
+    if n >= seq.max_total_tokens or n >= max_model_len:
+        return "length"
+    return None

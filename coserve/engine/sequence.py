@@ -33,10 +33,16 @@ class Sequence:
     prompt_counted: bool = False
     # asks for top_k, min_tokens or logprobs: the sampler's slower per-row path
     special: bool = field(init=False)
+    # the argmax of the raw logits is its token: temperature 0 and not `special`
+    plain_greedy: bool = field(init=False)
+    # tokens (prompt included) at which max_tokens ends it
+    max_total_tokens: int = field(init=False)
 
     def __post_init__(self) -> None:
         p = self.params
         self.special = p.top_k > 0 or p.min_tokens > 0 or p.logprobs is not None
+        self.plain_greedy = p.temperature <= 0 and not self.special
+        self.max_total_tokens = self.num_prompt_tokens + p.max_tokens
 
     @property
     def num_tokens(self) -> int:

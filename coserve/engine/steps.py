@@ -83,14 +83,17 @@ class HostStage:
         self.np = {name: t.numpy() for name, t in self.host.items()}
         self.null_block = null_block
         self.np["block_tables"].fill(null_block)
-        self.row_state: list[tuple[int, int]] = [(0, 0)] * bufs["input_ids"].shape[0]
+        rows = bufs["input_ids"].shape[0]
+        # what each block-table row holds, as arrays so that a step compares all rows at once
+        self.row_key = np.zeros(rows, dtype=np.int64)
+        self.row_len = np.zeros(rows, dtype=np.int64)
         self.event = torch.cuda.Event() if pin else None
         self._pending = False
 
     def table_row(self, i: int, key: int, table: Sequence[int]) -> None:
         """Row i of the block tables := `table` (the table with `key`), then null blocks."""
         rows = self.np["block_tables"]
-        held, written = self.row_state[i]
+        held, written = int(self.row_key[i]), int(self.row_len[i])
         n = len(table)
         if held == key and written == n:
             return
@@ -100,7 +103,29 @@ class HostStage:
             rows[i, :n] = table
             if written > n:
                 rows[i, n:written] = self.null_block
-        self.row_state[i] = (key, n)
+        self.row_key[i], self.row_len[i] = key, n
+
+    def table_rows(self, keys: np.ndarray, tables: list[list[int]], rows: int) -> None:
+        """Rows 0..len(tables)-1 := `tables` (with `keys`), rows len(tables)..rows-1 :=
+        padding, as `table_row` row by row; the rows are compared in one pass, so the Python
+        work is per row that changed (a table that moved in or grew), not per row."""
+        n = len(tables)
+        lens = np.fromiter(map(len, tables), np.int64, n)
+        changed = (self.row_key[:n] != keys) | (self.row_len[:n] != lens)
+        for i in np.flatnonzero(changed).tolist():
+            self.table_row(i, int(keys[i]), tables[i])
+        pad = np.flatnonzero(self.row_len[n:rows] | self.row_key[n:rows]) + n
+        if len(pad):
+            # a padding row past its written entries is the null block already
+            self.np["block_tables"][pad] = self.null_block
+            self.row_key[pad] = 0
+            self.row_len[pad] = 0
+
+    def forget_rows(self, rows: int, width: int) -> None:
+        """Rows 0..rows-1 were written from elsewhere (another rank's staging), up to
+        column `width`: compare nothing against what they held before."""
+        self.row_key[:rows] = UNKNOWN_TABLE
+        self.row_len[:rows] = width
 
     def copied(self) -> None:
         """The copies out of this set are queued: mark where they end."""

@@ -27,6 +27,7 @@ import signal
 import sys
 import threading
 
+from coserve.engine.host_gc import quiet_gc
 from coserve.engine.messages import Failed
 from coserve.server import engine_core
 from coserve.server.engine_client import EngineClient, EngineStartError, _reap, read_ready
@@ -128,6 +129,7 @@ def core(
     try:
         for role in ROLES:
             engine_core._send(conns[role], engine_core.ready(engines[role]))
+        quiet_gc()
         threads = [
             threading.Thread(
                 target=_serve_on, args=(engines[r], conns[r], streams[r]), name=f"coserve-{r}-loop"

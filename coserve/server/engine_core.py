@@ -30,6 +30,7 @@ from collections import deque
 
 import numpy as np
 
+from coserve.engine.host_gc import quiet_gc
 from coserve.engine.messages import (
     Abort,
     Ack,
@@ -157,6 +158,7 @@ def run(factory, conn, log_level: str = "INFO") -> None:
         _send(conn, failed)
         return
     _send(conn, ready(engine))
+    quiet_gc()
     try:
         serve_pipe(engine, conn)
     finally:
