@@ -145,3 +145,22 @@ def test_unreadable_files_are_named_not_a_traceback(run_dir, tmp_path, capsys):
     assert "**Warning:** could not read 3 file(s)" in md
     assert "rep-2/rep.json: not a JSON object (holds a list)" in md
     assert "fingerprint.json: not valid JSON" in md
+
+
+def test_junk_lines_in_a_telemetry_series_are_skipped(run_dir, tmp_path):
+    import json
+    import shutil
+
+    from coserve.cli import main
+    from coserve.report.aggregate import telemetry_series
+
+    bad = tmp_path / "run"
+    shutil.copytree(run_dir, bad)
+    path = bad / "reps" / "gen-only" / "rep-1" / "telemetry.jsonl"
+    good = [json.loads(line) for line in path.read_text().splitlines()]
+    odd = {**good[0], "sm_active": "high", "t": good[0]["t"] + 0.5}
+    path.write_bytes(b"[1]\n42\n\xff\n" + path.read_bytes() + json.dumps(odd).encode() + b"\n{")
+    rows, _bench = telemetry_series(aggregate(bad), aggregate(bad).get("gen-only"))
+    assert [r["t"] for r in rows] == [r["t"] for r in good] + [odd["t"]]
+    assert main(["report", str(bad)]) == 0
+    assert (bad / "plots" / "telemetry.png").stat().st_size > 5000

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from coserve import stats
+from coserve.experiment.rep import read_telemetry
 from coserve.experiment.rundir import RunDir, Unreadable, read_object
 from coserve.spec import Condition, Spec, SpecError, parse_spec
 
@@ -342,10 +343,11 @@ def telemetry_series(run: RunStats, cs: ConditionStats) -> tuple[list[dict], dic
 
     for r in cs.ok:
         path = run.run_dir.rep_dir(cs.name, r["rep"]) / "telemetry.jsonl"
-        if not path.exists() or not path.stat().st_size:
+        try:
+            rows = read_telemetry(path)
+        except OSError:  # none recorded (a CPU run), or unreadable
             continue
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        bench = r.get("bench") or {}
+        bench = r.get("bench") if isinstance(r.get("bench"), dict) else {}
         try:
             t0 = dt.datetime.fromisoformat(bench["started_at"]).timestamp()
         except (KeyError, TypeError, ValueError):
