@@ -164,3 +164,19 @@ def test_junk_lines_in_a_telemetry_series_are_skipped(run_dir, tmp_path):
     assert [r["t"] for r in rows] == [r["t"] for r in good] + [odd["t"]]
     assert main(["report", str(bad)]) == 0
     assert (bad / "plots" / "telemetry.png").stat().st_size > 5000
+
+
+def test_a_rep_record_whose_parts_are_no_objects_is_named(run_dir, tmp_path, capsys):
+    import json
+    import shutil
+
+    from coserve.cli import main
+
+    bad = tmp_path / "run"
+    shutil.copytree(run_dir, bad)
+    path = bad / "reps" / "gen-only" / "rep-1" / "rep.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "bench": [1]}))
+    assert main(["report", str(bad), "--no-plots"]) == 0
+    md = (bad / "report.md").read_text()
+    assert "rep-1/rep.json: 'bench' is a list, not an object" in md
+    assert aggregate(bad).get("gen-only").status == "partial"
