@@ -180,3 +180,23 @@ def test_a_rep_record_whose_parts_are_no_objects_is_named(run_dir, tmp_path, cap
     md = (bad / "report.md").read_text()
     assert "rep-1/rep.json: 'bench' is a list, not an object" in md
     assert aggregate(bad).get("gen-only").status == "partial"
+
+
+def test_a_cut_or_junk_records_file_gives_what_it_holds(run_dir, tmp_path):
+    import gzip
+    import shutil
+
+    from coserve.cli import main
+    from coserve.report.aggregate import request_values
+
+    bad = tmp_path / "run"
+    shutil.copytree(run_dir, bad)
+    one = bad / "reps" / "gen-only" / "rep-1" / "bench.records.jsonl.gz"
+    two = bad / "reps" / "gen-only" / "rep-2" / "bench.records.jsonl.gz"
+    two.write_bytes(gzip.compress(gzip.decompress(two.read_bytes()) * 400))  # some 400 kB
+    whole = request_values(aggregate(bad), aggregate(bad).get("gen-only"), "tpot_ms", "gen")
+    one.write_bytes(b"garbage")
+    two.write_bytes(two.read_bytes()[: two.stat().st_size // 2])
+    left = request_values(aggregate(bad), aggregate(bad).get("gen-only"), "tpot_ms", "gen")
+    assert 0 < len(left) < len(whole) and set(left) <= set(whole)
+    assert main(["report", str(bad)]) == 0
