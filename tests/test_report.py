@@ -200,3 +200,18 @@ def test_a_cut_or_junk_records_file_gives_what_it_holds(run_dir, tmp_path):
     left = request_values(aggregate(bad), aggregate(bad).get("gen-only"), "tpot_ms", "gen")
     assert 0 < len(left) < len(whole) and set(left) <= set(whole)
     assert main(["report", str(bad)]) == 0
+
+
+def test_a_folder_it_cannot_write_in_is_one_line_not_a_traceback(run_dir, tmp_path, capsys):
+    import shutil
+
+    from coserve.cli import main
+
+    bad = tmp_path / "run"
+    shutil.copytree(run_dir, bad)
+    (bad / "report.md").unlink()
+    (bad / "report.md").mkdir()  # what root meets instead of a read-only folder
+    assert main(["report", str(bad), "--no-plots"]) == 2
+    err = capsys.readouterr()
+    assert "Traceback" not in err.out + err.err
+    assert f"coserve report: cannot write the report in {bad}: Is a directory" in err.err
