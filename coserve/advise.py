@@ -49,7 +49,7 @@ class NotConsidered:
     """A condition that ran gen and embed together but is no candidate, and why."""
 
     condition: str
-    reason: str  # "0 of 3 reps finished", "2 failed reps: <why the first failed>"
+    reason: str  # "not run: 0 of 3 reps", "2 failed reps: <why the first failed>"
 
     def __str__(self) -> str:
         return f"{self.condition} ({self.reason})"
@@ -109,7 +109,7 @@ def not_considered(run) -> list[NotConsidered]:
             n = len(c.failed)
             reason = f"{n} failed rep{'s' if n > 1 else ''}: {why(c.failed[0].get('error'), 200)}"
         elif not c.ok:
-            reason = f"0 of {c.planned} reps finished"
+            reason = f"not run: 0 of {c.planned} reps"
         elif missing := [m for m in _NEEDED if m not in c.summary]:
             reason = f"its finished reps did not measure {', '.join(missing)}"
         else:
