@@ -122,6 +122,26 @@ def test_a_bad_model_beside_the_slo_guard_is_the_one_error(tmp_path, capsys):
     assert not (tmp_path / "r").exists()
 
 
+def test_extra_args_coserve_serve_would_refuse(monkeypatch):
+    def one(gen: str = "", cond: str = "") -> list[str]:
+        return check(spec('model = "tiny-dense"\n' + gen, cond), NO_GPU, monkeypatch=monkeypatch)
+
+    (p,) = one('extra_args = ["--tp-all-reduce", "bogus"]')  # argparse's words vary a little
+    assert p.startswith("c: servers.gen.extra_args: argument --tp-all-reduce: invalid choice:")
+    assert "'bogus'" in p and "symm-mem" in p
+    assert one(cond='gen = { extra_args = ["--no-such-flag"] }') == [
+        "c: gen.extra_args of the condition: unrecognized arguments: --no-such-flag"
+    ]
+    assert one('extra_args = ["--tp-all-reduce"]') == [
+        "c: servers.gen.extra_args: argument --tp-all-reduce: expected one argument"
+    ]
+    (p,) = one('extra_args = ["--embed-model", "tiny-embed"]')
+    assert p.startswith("c: servers.gen.extra_args: --embed-model is for serve colocated")
+    assert one('extra_args = ["--tp-all-reduce", "symm-mem", "--enforce-eager"]') == []
+    vllm = 'launcher = "vllm"\nextra_args = ["--no-such-flag"]'  # vLLM's flags are its own
+    assert one(vllm) == []
+
+
 @pytest.mark.skipif(HAS_GPU, reason="checks the refusal on a machine without CUDA")
 def test_run_and_dry_run_refuse_a_cuda_spec_here(tmp_path, capsys):
     path = tmp_path / "cuda.toml"
