@@ -137,7 +137,15 @@ def test_extra_args_coserve_serve_would_refuse(monkeypatch):
     ]
     (p,) = one('extra_args = ["--embed-model", "tiny-embed"]')
     assert p.startswith("c: servers.gen.extra_args: --embed-model is for serve colocated")
-    assert one('extra_args = ["--tp-all-reduce", "symm-mem", "--enforce-eager"]') == []
+    (p,) = one('extra_args = ["--tp-all-reduce", "symm-mem"]\ntensor_parallel_size = 2')
+    assert p.startswith("c: servers.gen.extra_args: --tp-all-reduce symm-mem: CPU ranks sum")
+    assert one('extra_args = ["--enforce-eager", "--max-num-seqs", "8"]') == []
+    two = {"gpus": [{"index": i, "uuid": f"GPU-{i}", "mig_devices": []} for i in (0, 1)]}
+    tp = spec(
+        'model = "tiny-dense"\nextra_args = ["--tp-all-reduce", "symm-mem"]',
+        'strategy = "tp"\ngpus = ["0", "1"]\noptions = { tp = 2 }',
+    )
+    assert check(tp, two, monkeypatch=monkeypatch) == []  # the strategy gives TP=2
     vllm = 'launcher = "vllm"\nextra_args = ["--no-such-flag"]'  # vLLM's flags are its own
     assert one(vllm) == []
 
