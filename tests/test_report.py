@@ -215,3 +215,18 @@ def test_a_folder_it_cannot_write_in_is_one_line_not_a_traceback(run_dir, tmp_pa
     err = capsys.readouterr()
     assert "Traceback" not in err.out + err.err
     assert f"coserve report: cannot write the report in {bad}: Is a directory" in err.err
+
+
+def test_a_spec_without_embed_alone_says_there_are_no_embed_deltas(run_dir, tmp_path):
+    import json
+    import shutil
+
+    bad = tmp_path / "run"
+    shutil.copytree(run_dir, bad)
+    spec = json.loads((bad / "spec.json").read_text())
+    spec["conditions"] = [c for c in spec["conditions"] if c["name"] != "embed-only"]
+    (bad / "spec.json").write_text(json.dumps(spec))
+    render(bad, with_plots=False)
+    md = (bad / "report.md").read_text()
+    assert "embed deltas against **-**" not in md
+    assert "no condition runs embed alone, so there are no embed deltas" in md
