@@ -201,6 +201,15 @@ def _ci(s: Summary, digits: int) -> str:
     return text
 
 
+def _over_text(over: float) -> str:
+    """A relative excess (0.25: 25 % over) in words; past 100x as a ratio."""
+    if not math.isfinite(over):
+        return "far over the budget (too small a budget to compare with)"
+    if over < 100:
+        return f"{100 * over:.1f} % over the budget"
+    return f"{over + 1:.3g} times the budget"
+
+
 def render(a: Advice) -> str:
     """The answer in words, then the evidence table."""
     from coserve.report.tradeoff import EQUAL_WORK_TOLERANCE
@@ -229,7 +238,7 @@ def render(a: Advice) -> str:
         )
         misses = []
         if over:
-            misses.append(f"TPOT p99 {100 * over:.1f} % over the budget")
+            misses.append(f"TPOT p99 {_over_text(over)}")
         if under:
             misses.append(f"embed {100 * under:.1f} % below {a.min_embed_seq_s:g} seq/s")
         lines.append(

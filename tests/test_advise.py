@@ -106,6 +106,13 @@ def test_says_none_meets_and_what_came_closest(run_dir):
     assert "above the budget already" in render(advise(aggregate(run_dir), 5.0))
 
 
+@pytest.mark.parametrize("budget, said", [(1e-3, "times the budget)"), (5e-324, "far over")])
+def test_a_tiny_budget_is_a_ratio_not_a_300_digit_percentage(run_dir, budget, said):
+    text = render(advise(aggregate(run_dir), budget)).splitlines()[0]
+    assert said in text and len(text) < 300, text
+    assert "inf" not in text
+
+
 def test_command_exit_status_and_errors(run_dir, tmp_path, capsys):
     assert main(["advise", str(run_dir), "--gen-tpot-p99-ms", "14"]) == 0
     assert main(["advise", str(run_dir), "--gen-tpot-p99-ms", "9"]) == 1
