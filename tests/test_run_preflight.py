@@ -172,6 +172,15 @@ def test_serve_refuses_weights_bigger_than_the_ram(monkeypatch):
     assert memcheck.serve_problem("no-such-model", "cpu", 0.9) is None  # the engine names that
 
 
+@pytest.mark.skipif(HAS_GPU, reason="checks the refusal on a machine without CUDA")
+def test_serve_on_cuda_without_a_gpu_refuses_in_one_line(capsys):
+    argv = ["serve", "gen", "--model", "tiny-dense", "--random-weights", "--port", "0"]
+    for device in ("cuda", "cuda:1"):
+        assert main([*argv, "--device", device]) == 2
+        err = capsys.readouterr().err
+        assert f"coserve serve: --device {device}: this machine has no CUDA GPU" in err, err
+
+
 @pytest.mark.skipif(
     (memcheck.ram_available() or 0) > memcheck.weight_bytes("qwen3-30b-a3b"),
     reason="this machine has the RAM for the weights",
