@@ -49,7 +49,7 @@ class NotConsidered:
     """A condition that ran gen and embed together but is no candidate, and why."""
 
     condition: str
-    reason: str  # "0 of 3 reps finished", "2 failed reps: <why the first failed>"
+    reason: str  # "not run: 0 of 3 reps", "2 failed reps: <why the first failed>"
 
     def __str__(self) -> str:
         return f"{self.condition} ({self.reason})"
@@ -109,7 +109,7 @@ def not_considered(run) -> list[NotConsidered]:
             n = len(c.failed)
             reason = f"{n} failed rep{'s' if n > 1 else ''}: {why(c.failed[0].get('error'), 200)}"
         elif not c.ok:
-            reason = f"0 of {c.planned} reps finished"
+            reason = f"not run: 0 of {c.planned} reps"
         elif missing := [m for m in _NEEDED if m not in c.summary]:
             reason = f"its finished reps did not measure {', '.join(missing)}"
         else:
@@ -201,6 +201,15 @@ def _ci(s: Summary, digits: int) -> str:
     return text
 
 
+def _over_text(over: float) -> str:
+    """A relative excess (0.25: 25 % over) in words; past 100x as a ratio."""
+    if not math.isfinite(over):
+        return "far over the budget (too small a budget to compare with)"
+    if over < 100:
+        return f"{100 * over:.1f} % over the budget"
+    return f"{over + 1:.3g} times the budget"
+
+
 def render(a: Advice) -> str:
     """The answer in words, then the evidence table."""
     from coserve.report.tradeoff import EQUAL_WORK_TOLERANCE
@@ -229,7 +238,7 @@ def render(a: Advice) -> str:
         )
         misses = []
         if over:
-            misses.append(f"TPOT p99 {100 * over:.1f} % over the budget")
+            misses.append(f"TPOT p99 {_over_text(over)}")
         if under:
             misses.append(f"embed {100 * under:.1f} % below {a.min_embed_seq_s:g} seq/s")
         lines.append(

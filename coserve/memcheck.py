@@ -79,16 +79,25 @@ def memory_need(
 def serve_problem(
     model: str, device: str, gpu_memory_utilization: float, tensor_parallel_size: int = 1
 ) -> str | None:
-    """For `coserve serve`: why `model` cannot be loaded on `device`, or None. On CUDA the
-    budget is `gpu_memory_utilization` of the device's memory (torch must be importable)."""
+    """For `coserve serve`: why `model` cannot be loaded on `device` (no such CUDA device, or
+    weights bigger than the memory), or None. On CUDA the budget is `gpu_memory_utilization`
+    of the device's memory (torch must be importable)."""
     if device == "cpu":
         free = ram_available()
     else:
         import torch
 
         if not torch.cuda.is_available():
-            return None  # the engine says why, in its own words
+            return (
+                f"--device {device}: this machine has no CUDA GPU (torch sees none); use "
+                "--device cpu or auto"
+            )
         index = torch.device(device).index or 0
+        if index >= torch.cuda.device_count():
+            return (
+                f"--device {device}: torch sees {torch.cuda.device_count()} CUDA GPU(s) "
+                f"(cuda:0..cuda:{torch.cuda.device_count() - 1})"
+            )
         free = int(torch.cuda.get_device_properties(index).total_memory * gpu_memory_utilization)
     need = memory_need(model, device, free, tensor_parallel_size)
     return need.problem() if need else None

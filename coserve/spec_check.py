@@ -15,8 +15,9 @@ def describe_type(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         return " or ".join(describe_type(a) for a in typing.get_args(tp) if a is not type(None))
-    if origin is list:
-        return f"a list of {describe_type(typing.get_args(tp)[0])}s"
+    if origin is list:  # "a list of strings", not "a list of a strings"
+        item = describe_type(typing.get_args(tp)[0]).removeprefix("a ").removeprefix("an ")
+        return f"a list of {item}s"
     if origin is dict:
         return "a table"
     if dataclasses.is_dataclass(tp):

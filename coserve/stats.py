@@ -100,6 +100,11 @@ class Summary:
         }
 
 
+def finite_number(v: object) -> bool:
+    """Whether a value read from JSON is a finite int or float (a bool is no figure)."""
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def summarize(values: Sequence[float], confidence: float = CONFIDENCE) -> Summary | None:
     """Mean, sample std and the t confidence interval of the mean; None for no values."""
     xs = [float(v) for v in values if v is not None and math.isfinite(v)]

@@ -106,6 +106,13 @@ def test_says_none_meets_and_what_came_closest(run_dir):
     assert "above the budget already" in render(advise(aggregate(run_dir), 5.0))
 
 
+@pytest.mark.parametrize("budget, said", [(1e-3, "times the budget)"), (5e-324, "far over")])
+def test_a_tiny_budget_is_a_ratio_not_a_300_digit_percentage(run_dir, budget, said):
+    text = render(advise(aggregate(run_dir), budget)).splitlines()[0]
+    assert said in text and len(text) < 300, text
+    assert "inf" not in text
+
+
 def test_command_exit_status_and_errors(run_dir, tmp_path, capsys):
     assert main(["advise", str(run_dir), "--gen-tpot-p99-ms", "14"]) == 0
     assert main(["advise", str(run_dir), "--gen-tpot-p99-ms", "9"]) == 1
@@ -174,13 +181,13 @@ def test_conditions_without_a_finished_rep_are_named_as_not_considered(run_dir, 
     assert [str(n) for n in a.not_considered] == [
         "grain (2 failed reps: gen server died (exit code 1): torch.OutOfMemoryError: CUDA out "
         "of memory (log: /x/grain/rep-1/gen.log))",
-        "mps.embed-r16 (0 of 1 reps finished)",
+        "mps.embed-r16 (not run: 0 of 1 reps)",
     ]
     assert {e.condition for e in a.rows}.isdisjoint({"grain", "mps.embed-r16"})
     assert main(["advise", str(bad), "--gen-tpot-p99-ms", "14"]) == 0
     out = capsys.readouterr().out
     assert "Not considered: grain (2 failed reps: gen server died" in out
-    assert ", mps.embed-r16 (0 of 1 reps finished)." in out
+    assert ", mps.embed-r16 (not run: 0 of 1 reps)." in out
     assert "Not considered" not in render(advise(aggregate(run_dir), 14.0))
 
 
@@ -195,7 +202,7 @@ def test_no_candidate_names_what_was_not_considered(run_dir, tmp_path, capsys):
     assert main(["advise", str(bad), "--gen-tpot-p99-ms", "14"]) == 2
     err = capsys.readouterr().err
     assert "no condition ran gen and embed together and finished a rep; not considered: " in err
-    assert "timeslice (0 of 2 reps finished), mps (0 of 2 reps finished)" in err
+    assert "timeslice (not run: 0 of 2 reps), mps (not run: 0 of 2 reps)" in err
 
 
 def test_equal_embed_work_goes_to_the_most_gen(run_dir):

@@ -96,3 +96,23 @@ def test_tp2_expert_parallel_server_answers():
         )
         assert status == 200 and body["usage"]["completion_tokens"] == 4, body
         assert "expert parallel" in s.log_tail(400)
+
+
+@pytest.mark.timeout(120)
+def test_a_tp_size_the_model_cannot_be_split_by_is_one_line_and_exit_2():
+    import subprocess
+    import sys
+
+    from test_server_util import ROOT
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "coserve", "serve", "gen", "--model", "tiny-dense"]
+        + ["--random-weights", "--device", "cpu", "--tensor-parallel-size", "3", "--port", "0"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=100,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "num_attention_heads (4) is not divisible by tensor_parallel_size 3" in proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr

@@ -274,6 +274,15 @@ def test_export_refuses_to_overwrite_its_files_without_force(tmp_path, capsys):
     assert "services:" in (out / "docker-compose.yml").read_text() and (out / "Dockerfile").exists()
 
 
+def test_export_to_an_out_that_is_a_file_is_refused_naming_it(tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("mine\n")
+    argv = ["export", str(EXP / "demo.toml"), "--condition", "co-located", "--format", "compose"]
+    assert main([*argv, "--out", str(afile), "--force"]) == 2
+    assert f"--out {afile} is a file, not a folder" in capsys.readouterr().err
+    assert afile.read_text() == "mine\n"
+
+
 @pytest.mark.parametrize(
     "spec,cond,engine,reason",
     [

@@ -95,6 +95,21 @@ def test_sharded_checkpoint_loads(tmp_path, ids):
     assert (_hf_logits(hf, ids) - _our_logits(lm.model, ids)).abs().max() < ATOL
 
 
+@pytest.mark.parametrize(
+    "text, said",
+    [
+        ("garbage", "config.json: not valid JSON"),
+        ("[1]", "config.json: not a JSON object"),
+        ("{}", "config.json: model_type '' is not supported"),
+        ('{"model_type": "qwen3"}', "config.json: no 'vocab_size'"),
+    ],
+)
+def test_a_config_json_it_cannot_use_is_a_value_error_naming_it(tmp_path, text, said):
+    (tmp_path / "config.json").write_text(text)
+    with pytest.raises(ValueError, match=said):
+        load_model(str(tmp_path), task="generate", random_weights=True)
+
+
 def test_missing_weights_are_an_error(tmp_path):
     from safetensors.torch import load_file, save_file
 

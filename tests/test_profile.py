@@ -254,6 +254,8 @@ def test_ncu_command_line_leaves_clocks_alone():
     with pytest.raises(ValueError, match="--launch-count"):
         ncu_command([], Path("r"), kernel_regex=None, launch_skip=0, launch_count=0)
     assert "MPS" in ncu_problem("mps") and ncu_problem("timeslice") is None
+    assert "MPS" in ncu_problem("tp+mps")
+    assert "runs the gen server at TP=1" in ncu_problem("tp+timeslice")
 
 
 # Parser input written by hand in the shape of `ncu --csv --page raw` (header, units row, one

@@ -145,3 +145,88 @@ def test_unreadable_files_are_named_not_a_traceback(run_dir, tmp_path, capsys):
     assert "**Warning:** could not read 3 file(s)" in md
     assert "rep-2/rep.json: not a JSON object (holds a list)" in md
     assert "fingerprint.json: not valid JSON" in md
+
+
+def test_junk_lines_in_a_telemetry_series_are_skipped(run_dir, tmp_path):
+    import json
+    import shutil
+
+    from coserve.cli import main
+    from coserve.report.aggregate import telemetry_series
+
+    bad = tmp_path / "run"
+    shutil.copytree(run_dir, bad)
+    path = bad / "reps" / "gen-only" / "rep-1" / "telemetry.jsonl"
+    good = [json.loads(line) for line in path.read_text().splitlines()]
+    odd = {**good[0], "sm_active": "high", "t": good[0]["t"] + 0.5}
+    path.write_bytes(b"[1]\n42\n\xff\n" + path.read_bytes() + json.dumps(odd).encode() + b"\n{")
+    rows, _bench = telemetry_series(aggregate(bad), aggregate(bad).get("gen-only"))
+    assert [r["t"] for r in rows] == [r["t"] for r in good] + [odd["t"]]
+    assert main(["report", str(bad)]) == 0
+    assert (bad / "plots" / "telemetry.png").stat().st_size > 5000
+
+
+def test_a_rep_record_whose_parts_are_no_objects_is_named(run_dir, tmp_path, capsys):
+    import json
+    import shutil
+
+    from coserve.cli import main
+
+    bad = tmp_path / "run"
+    shutil.copytree(run_dir, bad)
+    path = bad / "reps" / "gen-only" / "rep-1" / "rep.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "bench": [1]}))
+    assert main(["report", str(bad), "--no-plots"]) == 0
+    md = (bad / "report.md").read_text()
+    assert "rep-1/rep.json: 'bench' is a list, not an object" in md
+    assert aggregate(bad).get("gen-only").status == "partial"
+
+
+def test_a_cut_or_junk_records_file_gives_what_it_holds(run_dir, tmp_path):
+    import gzip
+    import shutil
+
+    from coserve.cli import main
+    from coserve.report.aggregate import request_values
+
+    bad = tmp_path / "run"
+    shutil.copytree(run_dir, bad)
+    one = bad / "reps" / "gen-only" / "rep-1" / "bench.records.jsonl.gz"
+    two = bad / "reps" / "gen-only" / "rep-2" / "bench.records.jsonl.gz"
+    two.write_bytes(gzip.compress(gzip.decompress(two.read_bytes()) * 400))  # some 400 kB
+    whole = request_values(aggregate(bad), aggregate(bad).get("gen-only"), "tpot_ms", "gen")
+    one.write_bytes(b"garbage")
+    two.write_bytes(two.read_bytes()[: two.stat().st_size // 2])
+    left = request_values(aggregate(bad), aggregate(bad).get("gen-only"), "tpot_ms", "gen")
+    assert 0 < len(left) < len(whole) and set(left) <= set(whole)
+    assert main(["report", str(bad)]) == 0
+
+
+def test_a_folder_it_cannot_write_in_is_one_line_not_a_traceback(run_dir, tmp_path, capsys):
+    import shutil
+
+    from coserve.cli import main
+
+    bad = tmp_path / "run"
+    shutil.copytree(run_dir, bad)
+    (bad / "report.md").unlink()
+    (bad / "report.md").mkdir()  # what root meets instead of a read-only folder
+    assert main(["report", str(bad), "--no-plots"]) == 2
+    err = capsys.readouterr()
+    assert "Traceback" not in err.out + err.err
+    assert f"coserve report: cannot write the report in {bad}: Is a directory" in err.err
+
+
+def test_a_spec_without_embed_alone_says_there_are_no_embed_deltas(run_dir, tmp_path):
+    import json
+    import shutil
+
+    bad = tmp_path / "run"
+    shutil.copytree(run_dir, bad)
+    spec = json.loads((bad / "spec.json").read_text())
+    spec["conditions"] = [c for c in spec["conditions"] if c["name"] != "embed-only"]
+    (bad / "spec.json").write_text(json.dumps(spec))
+    render(bad, with_plots=False)
+    md = (bad / "report.md").read_text()
+    assert "embed deltas against **-**" not in md
+    assert "no condition runs embed alone, so there are no embed deltas" in md

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from coserve.experiment.rep import window_telemetry
+from coserve.experiment.rep import read_telemetry, window_telemetry
 from coserve.report.per_gpu import gpu_rows, per_gpu_blocks
 
 STARTED = "2026-11-30T05:00:00+00:00"
@@ -80,3 +80,39 @@ def test_one_gpu_runs_have_no_per_gpu_table(tmp_path):
     rec = _rep(1, {"gen": ["0"], "embed": ["0"]}, window_telemetry(_rows({"0": 0.7}), BENCH))
     assert gpu_rows(_run(tmp_path, [rec])) == []
     assert per_gpu_blocks(_run(tmp_path, [rec])) == []
+
+
+def test_bool_and_non_finite_samples_are_no_figures():
+    rows = _rows({"0": 0.8, "1": 0.2})
+    rows += [{"t": T0 + 15, "device": "0", "sm_active": x} for x in (True, float("nan"), "high")]
+    w = window_telemetry(rows, BENCH)
+    assert w["sm_active/0"]["mean"] == pytest.approx(0.8)
+    assert w["sm_active/0"]["n"] == 21
+
+
+def test_telemetry_lines_that_are_no_sample_are_skipped(tmp_path):
+    good = _rows({"0": 0.9, "1": 0.1})
+    path = tmp_path / "telemetry.jsonl"
+    junk = [b"[1, 2]", b"42", b'{"t": "x", "device": "0", "sm_active": 0.0}', b"\xff\xfe\x00"]
+    lines = junk + [json.dumps(r).encode() for r in good]
+    path.write_bytes(b"\n".join(lines) + b'\n{"t": 17960148')  # cut by a crash
+    assert read_telemetry(path) == good
+
+
+def test_a_record_or_telemetry_of_another_shape_is_no_crash(tmp_path):
+    d = tmp_path / "dedicated" / "rep-1"
+    d.mkdir(parents=True)
+    (d / "telemetry.jsonl").write_bytes(
+        b"[1]\n" + "\n".join(json.dumps(r) for r in _rows({"0": 0.9, "1": 0.1})).encode()
+    )
+    odd = _rep(1, {}, None)
+    odd["strategy_info"] = ["gen"]
+    odd["telemetry"] = [1]
+    roles_list = _rep(2, {}, {"sm_active/0": 5, "sm_active/1": {"mean": "x"}})
+    roles_list["strategy_info"] = {"roles": ["gen"]}
+    info_str = _rep(3, {}, {"sm_active/0": {"mean": 0.5}, "sm_active/1": {"mean": 0.5}})
+    info_str["strategy_info"] = {"roles": {"gen": "0", "embed": {"devices": [1]}}}
+    rows = gpu_rows(_run(tmp_path, [odd, roles_list, info_str]))
+    assert [(r.device, r.roles) for r in rows] == [("0", ()), ("1", ())]
+    assert rows[0].summary["sm_active"].n == 2
+    assert per_gpu_blocks(_run(tmp_path, [info_str]))[1].rows[1][:3] == ["dedicated", "1", "embed"]

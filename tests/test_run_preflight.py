@@ -122,6 +122,34 @@ def test_a_bad_model_beside_the_slo_guard_is_the_one_error(tmp_path, capsys):
     assert not (tmp_path / "r").exists()
 
 
+def test_extra_args_coserve_serve_would_refuse(monkeypatch):
+    def one(gen: str = "", cond: str = "") -> list[str]:
+        return check(spec('model = "tiny-dense"\n' + gen, cond), NO_GPU, monkeypatch=monkeypatch)
+
+    (p,) = one('extra_args = ["--tp-all-reduce", "bogus"]')  # argparse's words vary a little
+    assert p.startswith("c: servers.gen.extra_args: argument --tp-all-reduce: invalid choice:")
+    assert "'bogus'" in p and "symm-mem" in p
+    assert one(cond='gen = { extra_args = ["--no-such-flag"] }') == [
+        "c: gen.extra_args of the condition: unrecognized arguments: --no-such-flag"
+    ]
+    assert one('extra_args = ["--tp-all-reduce"]') == [
+        "c: servers.gen.extra_args: argument --tp-all-reduce: expected one argument"
+    ]
+    (p,) = one('extra_args = ["--embed-model", "tiny-embed"]')
+    assert p.startswith("c: servers.gen.extra_args: --embed-model is for serve colocated")
+    (p,) = one('extra_args = ["--tp-all-reduce", "symm-mem"]\ntensor_parallel_size = 2')
+    assert p.startswith("c: servers.gen.extra_args: --tp-all-reduce symm-mem: CPU ranks sum")
+    assert one('extra_args = ["--enforce-eager", "--max-num-seqs", "8"]') == []
+    two = {"gpus": [{"index": i, "uuid": f"GPU-{i}", "mig_devices": []} for i in (0, 1)]}
+    tp = spec(
+        'model = "tiny-dense"\nextra_args = ["--tp-all-reduce", "symm-mem"]',
+        'strategy = "tp"\ngpus = ["0", "1"]\noptions = { tp = 2 }',
+    )
+    assert check(tp, two, monkeypatch=monkeypatch) == []  # the strategy gives TP=2
+    vllm = 'launcher = "vllm"\nextra_args = ["--no-such-flag"]'  # vLLM's flags are its own
+    assert one(vllm) == []
+
+
 @pytest.mark.skipif(HAS_GPU, reason="checks the refusal on a machine without CUDA")
 def test_run_and_dry_run_refuse_a_cuda_spec_here(tmp_path, capsys):
     path = tmp_path / "cuda.toml"
@@ -142,6 +170,15 @@ def test_serve_refuses_weights_bigger_than_the_ram(monkeypatch):
     )
     assert memcheck.serve_problem("tiny-dense", "cpu", 0.9) is None
     assert memcheck.serve_problem("no-such-model", "cpu", 0.9) is None  # the engine names that
+
+
+@pytest.mark.skipif(HAS_GPU, reason="checks the refusal on a machine without CUDA")
+def test_serve_on_cuda_without_a_gpu_refuses_in_one_line(capsys):
+    argv = ["serve", "gen", "--model", "tiny-dense", "--random-weights", "--port", "0"]
+    for device in ("cuda", "cuda:1"):
+        assert main([*argv, "--device", device]) == 2
+        err = capsys.readouterr().err
+        assert f"coserve serve: --device {device}: this machine has no CUDA GPU" in err, err
 
 
 @pytest.mark.skipif(

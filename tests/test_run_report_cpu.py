@@ -77,3 +77,19 @@ def test_against_a_baseline_that_runs_both_servers_the_verdict_names_it(tmp_path
     ), verdict
     assert "; dedicated: embed **" in verdict and "dedicated: gen" not in verdict, verdict
     assert "each server alone" not in verdict
+
+
+def test_a_baseline_with_no_finished_rep_says_why_there_is_no_verdict(tmp_path):
+    spec = loads_spec(
+        SPEC.replace("repetitions = 1", 'repetitions = 1\nbaseline = "dedicated"').replace(
+            '[[conditions]]\nname = "embed-only"\nservers = ["embed"]\n', ""
+        )
+        + '[[conditions]]\nname = "dedicated"\nstrategy = "timeslice"\n'
+    )
+    Runner(spec, tmp_path / "run", backend=FakeBackend(fail_at=("dedicated", 1))).run()
+    md = render(tmp_path / "run", with_plots=False).markdown.read_text()
+    (verdict,) = [ln for ln in md.splitlines() if ln.startswith("**Verdict:**")]
+    assert verdict == (
+        "**Verdict:** none: the conditions that ran both servers have no baseline to compare "
+        "with (dedicated finished no rep)."
+    ), verdict

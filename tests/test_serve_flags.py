@@ -37,6 +37,22 @@ from coserve.cli import main
             ],
             "--embed-max-num-batched-tokens: 10 is less than max_model_len (128)",
         ),
+        (
+            ["gen", "--tp-all-reduce", "symm-mem"],
+            "--tp-all-reduce symm-mem: one rank has nothing to all-reduce",
+        ),
+        (
+            [
+                "gen",
+                "--tp-all-reduce",
+                "symm-mem",
+                "--tensor-parallel-size",
+                "2",
+                "--device",
+                "cpu",
+            ],
+            "--tp-all-reduce symm-mem: CPU ranks sum through the process group (gloo)",
+        ),
     ],
 )
 def test_refused_before_loading(argv, message, capsys):

@@ -72,3 +72,16 @@ def test_errors_print_the_users_text_verbatim(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "'x[/red] [bold]y'" in err
     assert "at least one [[conditions]] table is needed" in err
+
+
+@pytest.mark.parametrize(
+    "value, problem",
+    [
+        ('"--tp-all-reduce symm-mem"', ": '--tp-all-reduce symm-mem' is not a list of strings"),
+        ("5", ": 5 is not a list of strings"),
+        ('["--tp-all-reduce", 5]', "[1]: 5 is not a string"),
+    ],
+)
+def test_extra_args_of_another_type_are_named(value, problem):
+    got = problems('model = "tiny-dense"', f'model = "tiny-dense"\nextra_args = {value}')
+    assert got == [f"servers.gen.extra_args{problem}"]

@@ -258,7 +258,9 @@ class LeadsRanks:
         try:
             yield
         except Exception as e:
-            if not isinstance(e, WorkerDied):
+            # A ValueError is this rank's own refusal (a model TP cannot split): the other
+            # ranks died of the same, and saying that instead would hide why.
+            if not isinstance(e, WorkerDied | ValueError):
                 w.check(grace_s=1.0)  # a collective that failed because a rank died
             raise
         finally:
@@ -327,7 +329,11 @@ def _worker_main(
         args.tp_all_reduce,
         args.enable_expert_parallel,
     )
-    here = build_rank(args, device)
+    try:
+        here = build_rank(args, device)
+    except ValueError as e:  # rank 0 refuses the same model and says so; no traceback here
+        log.error("%s", e)
+        raise SystemExit(1) from None
     for msg in _messages(conn, counters, rank - 1):
         if isinstance(msg, Call):
             msg.fn(here, *msg.args)

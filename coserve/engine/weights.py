@@ -145,8 +145,15 @@ def load_model(
             )
     if preset is not None and preset.task != task:
         raise ValueError(f"model {model!r} is a {preset.task} model, not a {task} one")
+    where = f"preset {model!r}"
     if model_dir is not None:
-        hf_config = json.loads((model_dir / "config.json").read_text())
+        where = str(model_dir / "config.json")
+        try:
+            hf_config = json.loads((model_dir / "config.json").read_text())
+        except ValueError as e:  # UnicodeDecodeError is one too
+            raise ValueError(f"{where}: not valid JSON ({e})") from None
+        if not isinstance(hf_config, dict):
+            raise ValueError(f"{where}: not a JSON object")
     else:
         hf_config = preset.hf_config
         if not random_weights:
@@ -155,7 +162,12 @@ def load_model(
                 "(--random-weights) or pass an HF model directory"
             )
     gen_cfg = _read_json(model_dir / "generation_config.json") if model_dir else None
-    config = parse_hf_config(hf_config, gen_cfg)
+    try:
+        config = parse_hf_config(hf_config, gen_cfg)
+    except NotImplementedError as e:  # an architecture or format the engine lacks
+        raise ValueError(f"{where}: {e}") from None
+    except KeyError as e:
+        raise ValueError(f"{where}: no {e.args[0]!r}") from None
     if task == "generate" and isinstance(config, BertConfig):
         raise ValueError(f"model {model!r} is an encoder; it can only embed")
 

@@ -6,6 +6,7 @@ of one reason."""
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,42 @@ def model_problem(cond: Condition, role: str, cfg: ServerConfig) -> str | None:
     return None
 
 
+class _Refused(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    """`coserve serve`'s parser raising its error instead of exiting."""
+
+    def error(self, message: str):
+        raise _Refused(message)
+
+
+def flags_problem(cond: Condition, role: str, cfg: ServerConfig, have_gpus: bool) -> str | None:
+    """Why `coserve serve` would refuse the built-in server's extra_args (its parser, a flag
+    meant for another kind of server, an all-reduce that would do nothing), else None: found
+    once here, not by every rep's server exiting at start."""
+    if not cfg.extra_args:
+        return None
+    from coserve.server import command
+    from coserve.server.serve_flags import all_reduce_problem, misplaced
+
+    parser = _Parser(prog="coserve serve")
+    command.add_arguments(parser)
+    own = "extra_args" in getattr(cond, role)
+    where = f"{role}.extra_args of the condition" if own else f"servers.{role}.extra_args"
+    device = "cpu" if on_cpu(cfg, have_gpus) else "cuda"
+    argv = [role, "--model", str(cfg.model), "--device", device]
+    argv += ["--tensor-parallel-size", str(cfg.tensor_parallel_size), *cfg.extra_args]
+    try:
+        args = parser.parse_args(argv)
+    except _Refused as e:
+        return f"{where}: {e}"
+    tp = None if cond.strategy.startswith("tp") else args.tensor_parallel_size  # its strategy's
+    why = misplaced(args, args.flag_kinds) or all_reduce_problem(args.tp_all_reduce, tp, device)
+    return f"{where}: {why}" if why else None
+
+
 def condition_problems(
     spec: Spec, cond: Condition, gpu_state: dict[str, Any], ram_bytes: int | None
 ) -> list[str]:
@@ -67,6 +104,7 @@ def condition_problems(
     builtin = {role: cond.server(spec, role) for role in cond.servers}
     builtin = {role: cfg for role, cfg in builtin.items() if cfg.launcher == "builtin"}
     out += [m for role, cfg in builtin.items() if (m := model_problem(cond, role, cfg))]
+    out += [m for role, cfg in builtin.items() if (m := flags_problem(cond, role, cfg, bool(gpus)))]
     wants_cuda = [role for role, cfg in builtin.items() if cfg.device == "cuda"]
     if wants_cuda and not gpus:
         out.append(

@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import datetime as dt
 import gzip
+import json
 import os
 import shutil
 from pathlib import Path
+
+from coserve.stats import finite_number
 
 
 def first_dead(servers: list) -> str | None:
@@ -19,6 +22,21 @@ def first_dead(servers: list) -> str | None:
         except Exception as e:
             return str(e)
     return None
+
+
+def read_telemetry(path: Path) -> list[dict]:
+    """The samples of a telemetry.jsonl: each line that is a JSON object with a numeric `t`
+    (Unix seconds). Lines that are none (a line cut by a crash, junk) are skipped. Raises
+    OSError."""
+    rows = []
+    for line in Path(path).read_bytes().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and finite_number(row.get("t")):
+            rows.append(row)
+    return rows
 
 
 def window_telemetry(rows: list[dict], summary: dict) -> dict[str, dict[str, float]]:
@@ -46,7 +64,7 @@ def _means(rows: list[dict], suffix: str) -> dict[str, dict[str, float]]:
 
     out = {}
     for key in sorted({k for r in rows for k in r} - {"t", "t_rel_s", "device"}):
-        vals = [r[key] for r in rows if isinstance(r.get(key), int | float)]
+        vals = [r[key] for r in rows if finite_number(r.get(key))]
         if vals:
             out[key + suffix] = {
                 "mean": statistics.fmean(vals),

@@ -62,6 +62,18 @@ def read_json(path: Path) -> Any:
 
 # What a rep.json must hold for the report to place it: key -> type.
 REP_KEYS: dict[str, type] = {"condition": str, "rep": int, "status": str}
+# The parts of a rep.json that, when present, are JSON objects (a failed rep may lack them).
+REP_OBJECTS = ("servers", "strategy_info", "load", "bench", "telemetry")
+
+
+def read_rep(path: Path) -> dict:
+    """A rep.json: read_object with REP_KEYS, and each of REP_OBJECTS present an object.
+    Raises OSError, ValueError (naming the key)."""
+    rec = read_object(path, REP_KEYS)
+    for key in REP_OBJECTS:
+        if rec.get(key) is not None and not isinstance(rec[key], dict):
+            raise ValueError(f"{key!r} is a {type(rec[key]).__name__}, not an object")
+    return rec
 
 
 def read_object(path: Path, required: dict[str, type] | None = None) -> dict:
@@ -168,7 +180,7 @@ class RunDir:
         """The finished rep's record, or None if the rep has not finished."""
         path = self.rep_dir(condition, rep) / "rep.json"
         try:
-            return read_object(path, REP_KEYS)
+            return read_rep(path)
         except (OSError, ValueError):
             return None
 
@@ -200,7 +212,7 @@ class RunDir:
             return out
         for path in sorted(self.reps_dir.glob("*/rep-*/rep.json")):
             try:
-                out.records.append(read_object(path, REP_KEYS))
+                out.records.append(read_rep(path))
             except (OSError, ValueError) as e:
                 out.unreadable.append(Unreadable(path, getattr(e, "strerror", None) or str(e)))
         return out

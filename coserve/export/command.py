@@ -68,6 +68,9 @@ def run(args) -> int:
         print(f"coserve export: {e}", file=sys.stderr)
         return 2
     out = Path(args.out or f"export-{dep.condition}")
+    if out.exists() and not out.is_dir():
+        print(f"coserve export: --out {out} is a file, not a folder", file=sys.stderr)
+        return 2
     there = [str(out / name) for name in files if (out / name).exists()]
     if there and not args.force:
         print(

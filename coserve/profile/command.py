@@ -60,7 +60,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--resume", action="store_true", help="add the conditions not yet profiled to --out"
     )
-    ncu = parser.add_argument_group("Nsight Compute (ncu.py): gen server only, not under MPS")
+    ncu = parser.add_argument_group(
+        "Nsight Compute (ncu.py): gen server only, not under MPS, at TP=1"
+    )
     ncu.add_argument("--ncu", action="store_true", help="print the ncu command for the condition")
     ncu.add_argument("--execute", action="store_true", help="with --ncu: run it and parse it")
     ncu.add_argument("--kernel-name", default=None, metavar="REGEX", help="kernels to profile")

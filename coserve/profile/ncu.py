@@ -10,7 +10,8 @@ clocks as they are (its default locks them to base). The gen server runs under
 
 and `ncu --import REPORT.ncu-rep --csv --page raw` gives one row per profiled kernel, from
 which `parse_raw_csv` takes the L2 hit rate, the DRAM throughput (% of peak) and the achieved
-occupancy. ncu cannot attach to MPS clients, so MPS conditions are refused with that reason.
+occupancy. ncu cannot attach to MPS clients, so MPS conditions are refused with that reason;
+tensor-parallel ones too (the wrapper runs the gen server as one process, at TP=1).
 Nothing here changes clocks, power limits, compute mode or MIG: ncu only reads counters.
 """
 
@@ -46,11 +47,18 @@ class NcuKernel:
 
 def ncu_problem(strategy: str) -> str | None:
     """Why ncu cannot profile a condition of this strategy, or None."""
-    if strategy.startswith("mps"):
+    parts = strategy.split("+")  # "tp+mps": tensor parallel, shared by MPS
+    if "mps" in parts:
         return (
             f"strategy {strategy}: ncu cannot profile MPS clients (its counters need a context "
             "of their own); use `coserve profile` without --ncu, whose torch profiler works "
             "in-process under MPS"
+        )
+    if "tp" in parts:
+        return (
+            f"strategy {strategy}: the ncu wrapper runs the gen server at TP=1 (one process), "
+            "not at the condition's TP degree; use `coserve profile` without --ncu, which "
+            "profiles the tensor-parallel server's rank 0 in-process"
         )
     return None
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 import gzip
 import json
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from coserve import stats
+from coserve.experiment.rep import read_telemetry
 from coserve.experiment.rundir import RunDir, Unreadable, read_object
 from coserve.spec import Condition, Spec, SpecError, parse_spec
 
@@ -307,31 +309,48 @@ def _records_file(rep_dir: Path) -> Path | None:
     return None
 
 
+def _lines(path: Path) -> Iterator[str]:
+    """The lines of a records file, gzipped or not; a file cut short or not gzip ends early
+    (what was read before stays)."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rt", errors="replace") as f:
+            yield from f
+    except (OSError, EOFError):
+        return
+
+
 def request_values(run: RunStats, cs: ConditionStats, key: str, endpoint: str) -> list[float]:
     """Per-request values (`tpot_ms`, `ttft_ms`, `latency_ms`) of requests that ended inside
-    the window, pooled over the condition's finished reps."""
+    the window, pooled over the condition's finished reps; lines that are no record (cut,
+    junk) are skipped."""
     out: list[float] = []
     for r in cs.ok:
         bench = r.get("bench") or {}
-        ws = float(bench.get("warmup_s", 0))
-        we = ws + float(bench.get("duration_s", 0))
+        try:
+            ws = float(bench.get("warmup_s", 0))
+            we = ws + float(bench.get("duration_s", 0))
+        except (TypeError, ValueError):
+            continue
         path = _records_file(run.run_dir.rep_dir(cs.name, r["rep"]))
         if path is None:
             continue
-        opener = gzip.open if path.suffix == ".gz" else open
-        with opener(path, "rt") as f:
-            for line in f:
-                if f'"{key}"' not in line:
-                    continue
+        for line in _lines(path):
+            if f'"{key}"' not in line:
+                continue
+            try:
                 rec = json.loads(line)
-                v = rec.get(key)
-                if (
-                    rec.get("endpoint") == endpoint
-                    and rec.get("status") == "ok"
-                    and v is not None
-                    and ws <= rec.get("end_s", -1) < we
-                ):
-                    out.append(float(v))
+            except ValueError:
+                continue
+            v = rec.get(key) if isinstance(rec, dict) else None
+            if (
+                stats.finite_number(v)
+                and rec.get("endpoint") == endpoint
+                and rec.get("status") == "ok"
+                and stats.finite_number(end := rec.get("end_s"))
+                and ws <= end < we
+            ):
+                out.append(float(v))
     return out
 
 
@@ -342,10 +361,11 @@ def telemetry_series(run: RunStats, cs: ConditionStats) -> tuple[list[dict], dic
 
     for r in cs.ok:
         path = run.run_dir.rep_dir(cs.name, r["rep"]) / "telemetry.jsonl"
-        if not path.exists() or not path.stat().st_size:
+        try:
+            rows = read_telemetry(path)
+        except OSError:  # none recorded (a CPU run), or unreadable
             continue
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        bench = r.get("bench") or {}
+        bench = r.get("bench") if isinstance(r.get("bench"), dict) else {}
         try:
             t0 = dt.datetime.fromisoformat(bench["started_at"]).timestamp()
         except (KeyError, TypeError, ValueError):

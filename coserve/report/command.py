@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,6 +28,14 @@ def run(args: argparse.Namespace) -> int:
         out = render(args.run_dir, with_plots=not args.no_plots)
     except SpecError as e:
         console.print(f"[red]the run folder's spec does not validate:[/red]\n{e}")
+        return 2
+    except OSError as e:  # a read-only or full folder: the reps are untouched
+        where = e.filename2 or e.filename
+        print(
+            f"coserve report: cannot write the report in {args.run_dir}: {e.strerror or e}"
+            + (f" ({where})" if where else ""),
+            file=sys.stderr,
+        )
         return 2
     if out.run.unreadable:
         from rich.markup import escape

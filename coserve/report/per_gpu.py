@@ -4,11 +4,10 @@ telemetry table cannot tell the dedicated gen GPU from the dedicated embed GPU).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 from coserve import stats
-from coserve.experiment.rep import window_telemetry
+from coserve.experiment.rep import read_telemetry, window_telemetry
 from coserve.report.aggregate import ConditionStats, RunStats
 from coserve.report.blocks import Block, frac, num, with_ci
 
@@ -25,23 +24,32 @@ class GpuRow:
     summary: dict[str, stats.Summary]
 
 
+def _obj(v) -> dict:
+    """`v` when it is a JSON object, else {} (a hand-edited or foreign rep.json is no crash)."""
+    return v if isinstance(v, dict) else {}
+
+
 def _window(run: RunStats, cs: ConditionStats, rec: dict) -> dict:
     """The rep's window telemetry with per-device keys; runs recorded before the rep kept
     them get them from the rep's telemetry.jsonl."""
-    window = (rec.get("telemetry") or {}).get("window") or {}
+    window = _obj(_obj(rec.get("telemetry")).get("window"))
     if any("/" in k for k in window):
         return window
     path = run.run_dir.rep_dir(cs.name, rec["rep"]) / "telemetry.jsonl"
     try:
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    except (OSError, ValueError):
+        rows = read_telemetry(path)
+    except OSError:
         return window
-    return window_telemetry(rows, rec.get("bench") or {})
+    return window_telemetry(rows, _obj(rec.get("bench")))
 
 
 def _roles(rec: dict, device: str) -> tuple[str, ...]:
-    roles = ((rec.get("strategy_info") or {}).get("roles")) or {}
-    return tuple(r for r, info in roles.items() if device in (info.get("devices") or []))
+    roles = _obj(_obj(rec.get("strategy_info")).get("roles"))
+    return tuple(
+        r
+        for r, info in roles.items()
+        if isinstance(devs := _obj(info).get("devices"), list) and device in map(str, devs)
+    )
 
 
 def gpu_rows(run: RunStats) -> list[GpuRow]:
@@ -53,8 +61,9 @@ def gpu_rows(run: RunStats) -> list[GpuRow]:
         for rec in cs.ok:
             for key, v in _window(run, cs, rec).items():
                 metric, _, dev = key.partition("/")
-                if dev and metric in METRICS and isinstance(v.get("mean"), int | float):
-                    per_dev.setdefault(dev, {}).setdefault(metric, []).append(float(v["mean"]))
+                mean = _obj(v).get("mean")
+                if dev and metric in METRICS and isinstance(mean, int | float):
+                    per_dev.setdefault(dev, {}).setdefault(metric, []).append(float(mean))
                     roles.setdefault(dev, _roles(rec, dev))
         for dev in sorted(per_dev, key=lambda d: (len(d), d)):
             summary = {m: stats.summarize(vals) for m, vals in per_dev[dev].items()}

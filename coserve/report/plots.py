@@ -6,6 +6,7 @@ from pathlib import Path
 
 from coserve.report.aggregate import TELEMETRY, RunStats, request_values, telemetry_series
 from coserve.report.tradeoff import tradeoff as curves_of
+from coserve.stats import finite_number
 
 LABELS = {
     "sm_active": "SM active",
@@ -109,7 +110,7 @@ def telemetry(run: RunStats, path: Path) -> Path | None:
     series = [(c, telemetry_series(run, c)) for c in run.matrix]
     series = [(c, s) for c, s in series if s is not None]
     series = [
-        (c, s) for c, s in series if any(r.get(m) is not None for r in s[0] for m in TELEMETRY)
+        (c, s) for c, s in series if any(finite_number(r.get(m)) for r in s[0] for m in TELEMETRY)
     ]
     if not series:
         return None
@@ -117,7 +118,7 @@ def telemetry(run: RunStats, path: Path) -> Path | None:
     fig, axes = plt.subplots(2, 2, figsize=(11, 6.5), sharex=True)
     for ax, metric in zip(axes.flat, TELEMETRY, strict=True):
         for c, (rows, _bench) in series:
-            pts = [(r["t_load_s"], r[metric]) for r in rows if r.get(metric) is not None]
+            pts = [(r["t_load_s"], r[metric]) for r in rows if finite_number(r.get(metric))]
             if pts:
                 ax.plot(*zip(*pts, strict=True), label=c.name, lw=1.2)
         warm = float(series[0][1][1].get("warmup_s", 0))

@@ -46,7 +46,12 @@ def build(run: RunStats, plot_paths: dict[str, Path]) -> list[Block]:
             "p",
             f"{done} of {planned} reps finished; {describe_gpus(run.fingerprint)}. "
             f"Gen deltas are against **{spec.baseline}** (unless a condition names its own "
-            f"baseline), embed deltas against **{embed_baseline(spec) or '-'}**.",
+            "baseline); "
+            + (
+                f"embed deltas against **{emb}**."
+                if (emb := embed_baseline(spec))
+                else "no condition runs embed alone, so there are no embed deltas."
+            ),
         )
     )
     line = verdict(run)

@@ -9,7 +9,7 @@ from pathlib import Path
 from coserve.experiment.failure import why
 from coserve.experiment.fingerprint import describe_gpus
 from coserve.experiment.preflight import GPU_STRATEGIES
-from coserve.report.aggregate import RunStats
+from coserve.report.aggregate import RunStats, embed_baseline
 from coserve.report.blocks import Block, frac, num, pct, status_text, with_ci
 from coserve.report.load_tables import load_text
 from coserve.report.per_gpu import per_gpu_blocks
@@ -38,6 +38,23 @@ def strategy_text(run: RunStats, c) -> str:
     return "CPU, shared" if len(c.servers) > 1 else "CPU"
 
 
+def _no_baseline(run: RunStats) -> str | None:
+    """The verdict line when conditions ran both servers but their baselines finished no rep
+    (None when none ran both, or nothing is missing)."""
+    ran = [c for c in run.matrix if {"gen", "embed"} <= set(c.condition.servers) and c.ok]
+    names = {c.name: c for c in run.conditions}
+    wanted = {c.condition.baseline_name(run.spec) for c in ran}
+    if any("embed" in c.condition.servers for c in ran):
+        wanted.add(embed_baseline(run.spec))
+    missing = sorted(b for b in wanted if b in names and not names[b].ok)
+    if not ran or not missing:
+        return None
+    return (
+        "**Verdict:** none: the conditions that ran both servers have no baseline to compare "
+        f"with ({', '.join(missing)} finished no rep)."
+    )
+
+
 def verdict(run: RunStats) -> str | None:
     """One line (markdown): what co-location cost each server against running alone; on a CPU
     run, why the figures say nothing about GPUs (and about co-located gen coming out faster).
@@ -48,7 +65,7 @@ def verdict(run: RunStats) -> str | None:
         if {"gen", "embed"} <= set(c.condition.servers) and (c.gen_delta or c.embed_delta)
     ]
     if not both:
-        return None
+        return _no_baseline(run)
     gen_bases = sorted({c.gen_baseline for c in both if c.gen_delta})
     embed_bases = sorted({c.embed_baseline for c in both if c.embed_delta})
     if all(len(run.get(b).condition.servers) == 1 for b in gen_bases + embed_bases):

@@ -19,6 +19,7 @@ from coserve.server.engine_build import build_engine, serve_device
 from coserve.server.fields import RequestLimits
 from coserve.server.serve_flags import (
     Given,
+    all_reduce_problem,
     batched_tokens_problem,
     fraction,
     guard_config,
@@ -131,7 +132,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=["nccl", "symm-mem"],
         default="nccl",
         help="tensor parallel: symm-mem sums small tensors with a one-shot all-reduce over torch "
-        "symmetric memory (no multicast)",
+        "symmetric memory (no multicast; CUDA and TP 2 or more, refused elsewhere)",
     )
     parser.add_argument(
         "--no-async-scheduling",
@@ -190,6 +191,12 @@ def run(args) -> int:
         guard_config(args, 1)
     except ValueError as e:
         print(f"coserve serve {args.kind}: {e}", file=sys.stderr)
+        return 2
+    why = all_reduce_problem(
+        args.tp_all_reduce, args.tensor_parallel_size, serve_device(args.device)
+    )
+    if why:
+        print(f"coserve serve {args.kind}: {why}", file=sys.stderr)
         return 2
     logging.basicConfig(
         level=args.log_level,

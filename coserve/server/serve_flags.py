@@ -46,6 +46,27 @@ def misplaced(args: argparse.Namespace, flag_kinds: dict[str, tuple[str, ...]]) 
     return None
 
 
+def all_reduce_problem(
+    tp_all_reduce: str, tensor_parallel_size: int | None, device: str
+) -> str | None:
+    """Why `--tp-all-reduce symm-mem` would do nothing here (`device`: "cpu", "cuda", "cuda:N";
+    `tensor_parallel_size` None: not known yet), or None: the engine would quietly sum
+    through the process group while its log said symm-mem."""
+    if tp_all_reduce != "symm-mem":
+        return None
+    if tensor_parallel_size == 1:
+        return (
+            "--tp-all-reduce symm-mem: one rank has nothing to all-reduce (it takes "
+            "--tensor-parallel-size 2 or more); leave it out"
+        )
+    if device == "cpu":
+        return (
+            "--tp-all-reduce symm-mem: CPU ranks sum through the process group (gloo); "
+            "symmetric memory needs CUDA GPUs; leave it out"
+        )
+    return None
+
+
 def tokens_flag(args: argparse.Namespace) -> tuple[str, int, int | None] | None:
     """(flag, tokens, max_model_len flag's value) of the embed engine's tokens per forward
     when a flag set it (None otherwise: the default is raised to max_model_len quietly)."""
