@@ -210,6 +210,21 @@ def _over_text(over: float) -> str:
     return f"{over + 1:.3g} times the budget"
 
 
+def _ci_high(s: Summary) -> float | None:
+    return None if s.half_width is None else s.mean + s.half_width
+
+
+def _crosses(a: Advice, e: Evidence) -> bool:
+    """Met at the means, but the 95 % CI of TPOT p99 reaches past the budget (or that of embed
+    seq/s below its floor): more reps could show it missing."""
+    hi = _ci_high(e.tpot_p99_ms)
+    lo = None if e.embed_seq_s.half_width is None else e.embed_seq_s.mean - e.embed_seq_s.half_width
+    return e.meets and (
+        (hi is not None and hi > a.budget_tpot_p99_ms)
+        or (a.min_embed_seq_s is not None and lo is not None and lo < a.min_embed_seq_s)
+    )
+
+
 def render(a: Advice) -> str:
     """The answer in words, then the evidence table."""
     from coserve.report.tradeoff import EQUAL_WORK_TOLERANCE
@@ -229,7 +244,8 @@ def render(a: Advice) -> str:
         lines.append(
             f"Meets {want} with {how}: {e.condition} — {e.label}: "
             f"{e.embed_seq_s.mean:,.0f} seq/s, gen TPOT p99 {e.tpot_p99_ms.mean:.1f} ms, "
-            f"gen {e.gen_tok_s.mean:,.0f} tok/s."
+            f"gen {e.gen_tok_s.mean:,.0f} tok/s"
+            + (" (met at the means; its 95 % CI crosses the limit)." if _crosses(a, e) else ".")
         )
     else:
         e = a.closest
@@ -282,14 +298,17 @@ def render(a: Advice) -> str:
                 _ci(e.gen_tok_s, 0),
                 "" if e.gen_vs_base_pct is None else f"{e.gen_vs_base_pct:+.1f} %",
                 _ci(e.tpot_p99_ms, 1),
-                "yes" if e.meets else "no",
+                ("yes, CI crosses" if _crosses(a, e) else "yes") if e.meets else "no",
             )
         )
     widths = [max(len(r[i]) for r in table) for i in range(len(head))]
     for r in table:
         lines.append("  ".join(x.ljust(w) for x, w in zip(r, widths, strict=True)).rstrip())
     lines.append("")
-    lines.append("Means over finished reps (± half the 95 % CI where a condition has 2+ reps).")
+    lines.append(
+        "Means over finished reps (± half the 95 % CI where a condition has 2+ reps); a "
+        "condition meets the budget at its means, 'CI crosses' where its CI reaches past it."
+    )
     return "\n".join(lines) + "\n"
 
 

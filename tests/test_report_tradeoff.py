@@ -261,3 +261,23 @@ def test_an_old_run_folder_still_renders(tmp_path):
         "mps": ["mps"],
     }
     assert t.reference is None  # the old spec names none
+
+
+def test_equal_work_but_the_conditions_that_fell_behind():
+    # two-H200 equal-work run: only the time-sliced pair fell behind the offered 490 seq/s
+    check = EqualWork(
+        "the co-located conditions",
+        "matrix",
+        ["exclusive-tp1", "tp2-timeslice", "tp2-mps"],
+        [500.0, 465.0, 501.0],
+        behind=["tp2-timeslice"],
+    )
+    assert not check.equal  # the record keeps the whole comparison's verdict
+    assert check.sentence() == (
+        "**Equal embed work** for the co-located conditions but tp2-timeslice: exclusive-tp1 "
+        "500, tp2-mps 501 embed seq/s, within 5 % of each other; tp2-timeslice 465 did not "
+        "keep up with the offered embed rate (its embed server could not serve it beside gen), "
+        "so its gen figure compares less embedding work."
+    )
+    apart = EqualWork("x", "matrix", ["a", "b", "c"], [500.0, 465.0, 300.0], behind=["b"])
+    assert apart.sentence().startswith("**Unequal embed work** for x:")

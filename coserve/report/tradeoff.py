@@ -144,6 +144,27 @@ class EqualWork:
                 f"each other (spread {self.spread * 100:.1f} %); their gen figures compare the "
                 f"same work."
             )
+        rest = [
+            (n, v) for n, v in zip(self.conditions, self.seq_s, strict=True) if n not in self.behind
+        ]
+        if (
+            self.behind
+            and len(rest) >= 2
+            and max(v for _, v in rest) <= min(v for _, v in rest) * (1 + EQUAL_WORK_TOLERANCE)
+        ):
+            # the servers that kept up did the same work: only the ones behind compare less
+            late = ", ".join(
+                f"{n} {num(v)}"
+                for n, v in zip(self.conditions, self.seq_s, strict=True)
+                if n in self.behind
+            )
+            return (
+                f"**Equal embed work** for {self.what} but {', '.join(self.behind)}: "
+                f"{', '.join(f'{n} {num(v)}' for n, v in rest)} embed seq/s, within {tol} of "
+                f"each other; {late} did not keep up with the offered embed rate (its embed "
+                f"server could not serve it beside gen), so its gen figure compares less "
+                f"embedding work."
+            )
         if self.spread == float("inf"):
             gap = "some did none"
         elif self.spread < 1:
