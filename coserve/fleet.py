@@ -7,7 +7,9 @@ requests, mean over reps). Per GPU is that divided by the condition's GPU count.
 
 - Dedicated: gen GPUs = ceil(X / gen-alone tok/s per GPU), embed GPUs = ceil(Y / embed-alone
   seq/s per GPU); the fleet is their sum. Gen alone is the spec's baseline where it runs gen
-  alone, else the first gen-only condition; embed alone the first embed-only condition.
+  alone, else the first gen-only condition; embed alone the first embed-only condition. A run
+  without one (a two-GPU study) takes the role's figures from its `exclusive` condition (each
+  model on GPUs of its own), per GPU of that role.
 - Co-located condition c: each GPU delivers g_c tok/s and e_c seq/s together, so the fleet is
   max(ceil(X / g_c), ceil(Y / e_c)).
 
@@ -249,16 +251,27 @@ def _slos(demand: Demand, cs, roles: set[str]) -> list[SloCheck]:
 
 
 def _alone(run, role: str):
-    """The condition that ran `role` alone and measured it: the spec's baseline for gen where
-    it runs gen alone, else the first such condition of the matrix (None: there is none)."""
+    """The condition that ran `role` on GPUs of its own and measured it: the spec's baseline
+    for gen where it runs gen alone, else the first such condition of the matrix, else an
+    `exclusive` one (the baseline first); None: there is none."""
     metric = "gen_tok_s" if role == "gen" else "embed_seq_s"
-    alone = [
-        c
-        for c in run.matrix
-        if list(c.condition.servers) == [role] and c.ok and metric in c.summary
-    ]
-    base = [c for c in alone if role == "gen" and c.name == run.spec.baseline]
-    return (base or alone or [None])[0]
+    measured = [c for c in run.matrix if c.ok and metric in c.summary]
+    alone = [c for c in measured if list(c.condition.servers) == [role]]
+    own = [c for c in measured if c.condition.strategy == "exclusive"]
+    base = [c for c in alone + own if c.name == run.spec.baseline]
+    if alone:
+        return ([c for c in base if c in alone and role == "gen"] or alone)[0]
+    return (base or own or [None])[0]
+
+
+def _role_gpus(cs, role: str) -> int:
+    """GPUs that served `role` in condition `cs`: all of its GPUs, or under `exclusive` the
+    role's own (from the first finished rep's record; 1 where it says nothing)."""
+    if cs.condition.strategy != "exclusive":
+        return len(cs.condition.gpus)
+    roles = (cs.ok[0].get("strategy_info") or {}).get("roles") or {}
+    devices = (roles.get(role) or {}).get("devices") if isinstance(roles, dict) else None
+    return len(devices) if isinstance(devices, list) and devices else 1
 
 
 def _dedicated(run, demand: Demand) -> tuple[Dedicated | None, str | None]:
@@ -277,8 +290,8 @@ def _dedicated(run, demand: Demand) -> tuple[Dedicated | None, str | None]:
             return None, f"no dedicated fleet: {c.name} measured no {role} throughput"
         found[role] = c
     g, e = found["gen"], found["embed"]
-    g_rate = None if g is None else Rate.per_gpu(g.summary["gen_tok_s"], len(g.condition.gpus))
-    e_rate = None if e is None else Rate.per_gpu(e.summary["embed_seq_s"], len(e.condition.gpus))
+    g_rate = None if g is None else Rate.per_gpu(g.summary["gen_tok_s"], _role_gpus(g, "gen"))
+    e_rate = None if e is None else Rate.per_gpu(e.summary["embed_seq_s"], _role_gpus(e, "embed"))
     gen_gpus, embed_gpus = _need(demand.gen_tok_s, g_rate), _need(demand.embed_seq_s, e_rate)
     slos = (_slos(demand, g, {"gen"}) if g else []) + (_slos(demand, e, {"embed"}) if e else [])
     return Dedicated(
@@ -317,6 +330,8 @@ def plan_fleet(run, demand: Demand) -> Fleet:
     ded, why = _dedicated(run, demand)
     rows = []
     for cs in colocated(run):
+        if cs.condition.strategy == "exclusive":
+            continue  # each model on GPUs of its own: the dedicated fleet, not co-located
         n = len(cs.condition.gpus)
         g = Rate.per_gpu(cs.summary["gen_tok_s"], n)
         e = Rate.per_gpu(cs.summary["embed_seq_s"], n)

@@ -262,3 +262,22 @@ def test_a_vanishing_throughput_sizes_no_fleet_instead_of_overflowing(tmp_path):
         path.write_text(text)
     f = plan_fleet(aggregate(d), Demand(1e12, 1_000))  # 1e12 / 5e-301 overflows a float
     assert [r.condition for r in f.colocated] == ["timeslice"]
+
+
+TP2_EQUAL = (
+    Path(__file__).resolve().parent.parent / "results" / "nvidia-h200-x2-2026-11-30" / "tp2-equal"
+)
+
+
+def test_a_two_gpu_study_sizes_the_dedicated_fleet_from_its_exclusive_condition():
+    # no condition ran gen or embed alone; exclusive-tp1 put each on a GPU of its own
+    f = plan_fleet(aggregate(TP2_EQUAL), Demand(100_000, 2_000))
+    d = f.dedicated
+    assert f.no_dedicated is None and d.gen_condition == d.embed_condition == "exclusive-tp1"
+    assert d.gen_per_gpu.mean == pytest.approx(26_534, rel=0.001)  # its one gen GPU's figure
+    assert d.embed_per_gpu.mean == pytest.approx(500, rel=0.01)
+    assert (d.gen_gpus.mean, d.embed_gpus.mean, d.total.mean) == (4, 4, 8)
+    assert d.open_loop == ["embed"]  # 490 seq/s offered: a floor, not the GPU's capacity
+    # it is the dedicated fleet, not one of the co-located ones
+    assert "exclusive-tp1" not in [c.condition for c in f.colocated]
+    assert [c.condition for c in f.colocated][0] == "tp2-symm-mps"
