@@ -303,12 +303,30 @@ def test_export_refuses_what_has_no_deployment(spec, cond, engine, reason, tmp_p
     assert not (tmp_path / "out").exists()
 
 
+def test_a_preset_without_weights_and_random_weights_off_is_refused_for_builtin(tmp_path, capsys):
+    text = (
+        (EXP / "seed-single-gpu.toml")
+        .read_text()
+        .replace("random_weights = true", "random_weights = false")
+    )
+    (tmp_path / "real.toml").write_text(text)
+    argv = ["export", str(tmp_path / "real.toml"), "--condition", "mps", "--format", "commands"]
+    assert main([*argv, "--engine", "builtin", "--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert "preset 'qwen3-30b-a3b' ships no weights for the built-in engine" in err, err
+    assert "--engine vllm serves its checkpoint Qwen/Qwen3-30B-A3B-FP8" in err
+    assert not (tmp_path / "b").exists()
+    assert main([*argv, "--engine", "vllm", "--out", str(tmp_path / "v")]) == 0
+    assert "--load-format dummy" not in (tmp_path / "v" / "serve.sh").read_text()
+
+
 def test_the_random_weights_note_claims_only_what_holds():
     (tiny,) = [n for n in deployment("demo", "co-located").notes if "random weights" in n]
     assert "preset 'tiny-moe' ships no weights" in tiny and "drop random_weights" not in tiny
     assert "as the condition was measured" in tiny  # the spec's own launcher, builtin
     big = deployment("seed-single-gpu", "mps", "builtin").notes[0]
     assert "ships no weights" in big and "Qwen/Qwen3-30B-A3B-FP8" in big
+    assert "drop random_weights in the spec and export with --engine vllm" in big
     for note in deployment("seed-single-gpu", "mps", "vllm").notes:
         assert "--load-format dummy" in note and "as the condition was measured" not in note
         assert "measured on the spec's builtin launcher, not on vllm" in note

@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from coserve import __version__
-from coserve.engine.presets import PRESETS
+from coserve.engine.presets import PRESETS, get_preset
 from coserve.gpu import mig
 from coserve.gpu.strategies import Mps, StrategyError, Tp, make_strategy
 from coserve.launch_command import VLLM_MODELS, ServerSpec, build_command
@@ -184,6 +184,18 @@ def _refusal(cfg: ServerConfig, role: str, engine: str) -> str | None:
                 f"{role}'s model preset {cfg.model!r} has no Hugging Face checkpoint for vLLM "
                 f"(presets with one: {', '.join(VLLM_MODELS)}; use --engine builtin)"
             )
+    preset = get_preset(cfg.model)  # resolves shipped weights (MiniLM)
+    if engine == "builtin" and not cfg.random_weights and preset and preset.model_dir is None:
+        alt = (
+            f"; --engine vllm serves its checkpoint {VLLM_MODELS[cfg.model]}"
+            if cfg.model in VLLM_MODELS
+            else ""
+        )
+        return (
+            f"{role}'s preset {cfg.model!r} ships no weights for the built-in engine, and the "
+            f"spec turns random_weights off: the server could not start (keep random_weights "
+            f"to serve random weights{alt})"
+        )
     if cfg.extra_args and engine != cfg.launcher:
         return (
             f"{role}'s extra_args {cfg.extra_args} are flags of launcher {cfg.launcher!r}, "
@@ -319,11 +331,14 @@ def _random_weights_note(cfg: ServerConfig, role: str, engine: str) -> str:
             "as the spec's random_weights asks (the condition was measured on the spec's "
             f"{cfg.launcher} launcher, not on {engine})"
         )
-    preset = PRESETS.get(cfg.model)
+    preset = get_preset(cfg.model)
     if engine == "builtin" and preset is not None and preset.model_dir is None:
         note += f"; preset {cfg.model!r} ships no weights, so the built-in server has none to load"
         if cfg.model in VLLM_MODELS:
-            note += f" (--engine vllm serves its checkpoint {VLLM_MODELS[cfg.model]})"
+            note += (
+                f" (drop random_weights in the spec and export with --engine vllm to serve its "
+                f"checkpoint {VLLM_MODELS[cfg.model]})"
+            )
         return note
     return note + "; drop random_weights in the spec to serve the trained checkpoint"
 
