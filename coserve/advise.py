@@ -66,6 +66,7 @@ class Advice:
     baseline: str | None
     baseline_runs_both: bool = False  # a dedicated deployment, not gen alone
     tie_on_embed: bool = False  # best: picked for gen tok/s among equal embed work
+    on_cpu: bool = False  # every server ran on a CPU: the figures say nothing about GPUs
     unreadable: str | None = None  # the run folder's files left out, named (None: none)
     not_considered: tuple[NotConsidered, ...] = ()  # in the spec's order
 
@@ -131,6 +132,8 @@ def condition_label(c) -> str:
 def advise(run, budget_tpot_p99_ms: float, min_embed_seq_s: float | None = None) -> Advice:
     """`run`: a RunStats (coserve.report.aggregate). Raises ValueError when the budget is not
     a positive number or the run has no condition that ran gen and embed together."""
+    from coserve.report import sections
+
     if not (math.isfinite(budget_tpot_p99_ms) and budget_tpot_p99_ms > 0):
         raise ValueError(
             f"--gen-tpot-p99-ms: must be a positive number of ms, got {budget_tpot_p99_ms}"
@@ -176,6 +179,7 @@ def advise(run, budget_tpot_p99_ms: float, min_embed_seq_s: float | None = None)
         baseline=base.name if base is not None and base.ok else None,
         baseline_runs_both=base is not None and _shared(base),
         tie_on_embed=tie,
+        on_cpu=sections.on_cpu(run),
         unreadable=run.unreadable_text(),
         not_considered=tuple(skipped),
     )
@@ -271,6 +275,11 @@ def render(a: Advice) -> str:
                 if a.gen_alone_tpot_p99_ms > a.budget_tpot_p99_ms
                 else "."
             )
+        )
+    if a.on_cpu:
+        lines.append(
+            "These ran on a CPU: both servers and the load generator shared its cores, so the "
+            "figures measure how the OS schedules them and say nothing about sharing a GPU."
         )
     if a.not_considered:
         lines.append(f"Not considered: {', '.join(map(str, a.not_considered))}.")

@@ -232,5 +232,6 @@ def test_two_h200s_at_equal_work_the_dedicated_pair_is_the_baseline():
     # tp2-symm-mps meets 21 ms at its mean (20.6) but its CI reaches 21.2: said in its row
     (row,) = [ln for ln in text.splitlines() if ln.startswith("tp2-symm-mps ")]
     assert row.endswith("20.6 ± 0.6   yes, CI crosses"), row
+    assert "tp+mps (tp=2, gen --tp-all-reduce symm-mem)" in row  # the flag, not the name
     (row,) = [ln for ln in text.splitlines() if ln.startswith("exclusive-tp1 ")]
     assert row.endswith("yes"), row

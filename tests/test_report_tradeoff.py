@@ -281,3 +281,22 @@ def test_equal_work_but_the_conditions_that_fell_behind():
     )
     apart = EqualWork("x", "matrix", ["a", "b", "c"], [500.0, 465.0, 300.0], behind=["b"])
     assert apart.sentence().startswith("**Unequal embed work** for x:")
+
+
+def test_a_label_shows_a_few_flags_and_names_a_command_line():
+    from types import SimpleNamespace
+
+    from coserve.report.tradeoff import strategy_label
+
+    def label(**gen):
+        cond = SimpleNamespace(
+            strategy="tp+mps", options={"tp": 2}, gen=gen, embed={}, sweep=None, name="c1"
+        )
+        return strategy_label(SimpleNamespace(condition=cond))
+
+    assert label(extra_args=["--enable-expert-parallel"]) == (
+        "tp+mps (tp=2, gen --enable-expert-parallel)"
+    )
+    long = ["{python}", "-m", "coserve", "serve", "colocated", "--embed-sms", "36", "--x", "y"]
+    assert label(extra_args=long) == "tp+mps (tp=2, c1)"
+    assert label(launcher="command", extra_args=["--a"]) == "tp+mps (tp=2, c1)"

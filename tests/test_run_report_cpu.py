@@ -5,8 +5,11 @@ from __future__ import annotations
 
 from test_experiment_runner import FakeBackend
 
+from coserve.advise import advise
+from coserve.advise import render as render_advice
 from coserve.experiment import fingerprint
 from coserve.experiment.runner import Runner
+from coserve.report.aggregate import aggregate
 from coserve.report.render import render
 from coserve.spec import loads_spec
 
@@ -61,6 +64,9 @@ def test_a_cpu_run_is_labelled_cpu_and_has_a_verdict(tmp_path, monkeypatch):
     assert "| co-located | CPU, shared | 1/1 |" in md and "| gen-only | CPU | 1/1 |" in md
     assert "| Condition | Strategy | Device |" in md
     assert "timeslice" not in md and "util " not in md and "| GPUs |" not in md
+    # advise on the same folder says so too, rather than recommend a GPU strategy bare
+    text = render_advice(advise(aggregate(tmp_path / "run"), 1e6))
+    assert "These ran on a CPU" in text and "say nothing about sharing a GPU" in text
 
 
 def test_against_a_baseline_that_runs_both_servers_the_verdict_names_it(tmp_path):

@@ -64,7 +64,12 @@ def strategy_label(c: ConditionStats) -> str:
         for k, v in sorted(getattr(cond, role, {}).items())
     }
     opts += [f"{k}={_value(v)}" for k, v in overrides.items() if k.split(".")[1] not in _BY_NAME]
-    if any(
+    flags = {k: v for k, v in overrides.items() if k.split(".")[1] == "extra_args"}
+    short = all(len(" ".join(map(str, v))) <= _SHORT_FLAGS for v in flags.values())
+    if flags and short and len(flags) == sum(k.split(".")[1] in _BY_NAME for k in overrides):
+        # a few flags say what differs better than the condition's name
+        opts += [f"{k.split('.')[0]} {' '.join(map(str, v))}" for k, v in flags.items()]
+    elif any(
         k.split(".")[1] in _BY_NAME for k in overrides
     ):  # a command line: the condition's name says it
         opts.append(cond.sweep.base if cond.sweep is not None else cond.name)
@@ -72,6 +77,7 @@ def strategy_label(c: ConditionStats) -> str:
 
 
 _BY_NAME = ("launcher", "extra_args", "url", "docker_image")
+_SHORT_FLAGS = 48  # characters of extra_args shown as themselves in a label
 
 
 def _value(v) -> str:
