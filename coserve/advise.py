@@ -67,6 +67,7 @@ class Advice:
     baseline_runs_both: bool = False  # a dedicated deployment, not gen alone
     tie_on_embed: bool = False  # best: picked for gen tok/s among equal embed work
     on_cpu: bool = False  # every server ran on a CPU: the figures say nothing about GPUs
+    embed_alone: tuple[str, float] | None = None  # (condition, seq/s) of embed on its own
     unreadable: str | None = None  # the run folder's files left out, named (None: none)
     not_considered: tuple[NotConsidered, ...] = ()  # in the spec's order
 
@@ -180,6 +181,7 @@ def advise(run, budget_tpot_p99_ms: float, min_embed_seq_s: float | None = None)
         baseline_runs_both=base is not None and _shared(base),
         tie_on_embed=tie,
         on_cpu=sections.on_cpu(run),
+        embed_alone=_embed_alone(run),
         unreadable=run.unreadable_text(),
         not_considered=tuple(skipped),
     )
@@ -212,6 +214,15 @@ def _over_text(over: float) -> str:
     if over < 100:
         return f"{100 * over:.1f} % over the budget"
     return f"{over + 1:.3g} times the budget"
+
+
+def _embed_alone(run) -> tuple[str, float] | None:
+    from coserve.report.aggregate import embed_baseline
+
+    name = embed_baseline(run.spec)
+    c = next((c for c in run.conditions if c.name == name), None)
+    s = c.summary.get("embed_seq_s") if c is not None else None
+    return None if s is None else (c.name, s.mean)
 
 
 def _ci_high(s: Summary) -> float | None:
@@ -276,6 +287,14 @@ def render(a: Advice) -> str:
                 else "."
             )
         )
+    if a.best is None and a.min_embed_seq_s and a.embed_alone:
+        name, seq_s = a.embed_alone
+        if seq_s < a.min_embed_seq_s:
+            lines.append(
+                f"Embed alone ({name}) served {seq_s:,.0f} seq/s under this run's embed load: "
+                f"{a.min_embed_seq_s:g} seq/s is beyond anything it measured (a higher "
+                "embed_concurrency or embed_rate in the spec's [load] measures more)."
+            )
     if a.on_cpu:
         lines.append(
             "These ran on a CPU: both servers and the load generator shared its cores, so the "

@@ -67,6 +67,11 @@ def test_a_cpu_run_is_labelled_cpu_and_has_a_verdict(tmp_path, monkeypatch):
     # advise on the same folder says so too, rather than recommend a GPU strategy bare
     text = render_advice(advise(aggregate(tmp_path / "run"), 1e6))
     assert "These ran on a CPU" in text and "say nothing about sharing a GPU" in text
+    embed_alone = aggregate(tmp_path / "run").get("embed-only").mean("embed_seq_s")
+    far = render_advice(advise(aggregate(tmp_path / "run"), 1e6, 10 * embed_alone))
+    assert f"Embed alone (embed-only) served {embed_alone:,.0f} seq/s" in far
+    assert "is beyond anything it measured" in far
+    assert "beyond anything" not in text  # no floor asked: nothing to say
 
 
 def test_against_a_baseline_that_runs_both_servers_the_verdict_names_it(tmp_path):
