@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from coserve.fleet import SLOS, Demand, Fleet, Gpus, Rate, Saving, SloCheck, plan_fleet
+from coserve.term import stdout_console
 
 
 def _range_text(g: Gpus) -> str:
@@ -223,7 +224,6 @@ def dispatch(args: argparse.Namespace) -> int | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rich.console import Console
 
     from coserve.report.aggregate import aggregate
 
@@ -240,6 +240,6 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(fleet.to_dict(), indent=2))
     else:
-        render(fleet, Console(soft_wrap=False))
+        render(fleet, stdout_console())
     ok = fleet.best is not None or (fleet.dedicated is not None and fleet.dedicated.meets)
     return 0 if ok else 1

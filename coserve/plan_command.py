@@ -25,6 +25,7 @@ from coserve.plan import (
     lines,
     sweep_rows,
 )
+from coserve.term import stdout_console
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -203,12 +204,11 @@ def make_plan(args: argparse.Namespace) -> tuple[Plan, list[int]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rich.console import Console
     from rich.table import Table
 
     if (code := fleet_command.dispatch(args)) is not None:
         return code
-    console = Console()
+    console = stdout_console()
     try:
         plan, sweep = make_plan(args)
     except (ValueError, OSError) as e:

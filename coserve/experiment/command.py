@@ -209,7 +209,8 @@ def _ray_runner():
 
 def _report(rd, console) -> bool:
     """Render the report; on a file-system error say so in one line (the reps are kept)."""
-    from coserve.report.render import console_table, render, stdout_console, verdict
+    from coserve.report.render import console_table, render, verdict
+    from coserve.term import stdout_console
 
     try:
         rendered = render(rd.path)

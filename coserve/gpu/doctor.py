@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from coserve.gpu import nvml as nv
+from coserve.term import stdout_console
 
 
 @dataclass(frozen=True)
@@ -294,7 +295,6 @@ def run(args) -> int:
     if getattr(args, "json", False):
         print(json.dumps(facts, indent=2, default=str))
         return 0
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title="coserve doctor", show_lines=False)
@@ -303,7 +303,7 @@ def run(args) -> int:
     for what, value in rows(facts):
         style = "yellow" if value.startswith(("no GPU", "missing", "not ", NOT_RUN)) else None
         table.add_row(what, value, style=style)
-    console = Console()
+    console = stdout_console()
     if not facts["gpus"]:
         console.print(
             f"{facts['gpu']}. coserve runs here on CPU with tiny presets; GPU strategies (mps, "

@@ -139,7 +139,7 @@ def print_table(run_dir: Path, order: list[str]) -> int:
     """Print the profile table; returns how many rows it had."""
     from rich.table import Table
 
-    from coserve.report.render import stdout_console
+    from coserve.term import stdout_console
 
     rows = console_rows(run_dir, order)
     t = Table(title=f"coserve profile: {run_dir}")

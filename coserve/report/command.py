@@ -14,8 +14,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from coserve.report.render import console_table, render, stdout_console
+    from coserve.report.render import console_table, render
     from coserve.spec import SpecError
+    from coserve.term import stdout_console
 
     console = stdout_console()
     if not (Path(args.run_dir) / "fingerprint.json").exists():

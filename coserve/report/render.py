@@ -242,12 +242,3 @@ def console_table(run: RunStats):
     for row in b.rows:
         t.add_row(*[c.replace("**", "") for c in row])
     return t
-
-
-def stdout_console():
-    """A console for printing tables: the terminal's width, or wide enough when piped."""
-    import sys
-
-    from rich.console import Console
-
-    return Console() if sys.stdout.isatty() else Console(width=160)
