@@ -225,15 +225,10 @@ def _embed_alone(run) -> tuple[str, float] | None:
     return None if s is None else (c.name, s.mean)
 
 
-def _ci_high(s: Summary) -> float | None:
-    return None if s.half_width is None else s.mean + s.half_width
-
-
 def _crosses(a: Advice, e: Evidence) -> bool:
     """Met at the means, but the 95 % CI of TPOT p99 reaches past the budget (or that of embed
     seq/s below its floor): more reps could show it missing."""
-    hi = _ci_high(e.tpot_p99_ms)
-    lo = None if e.embed_seq_s.half_width is None else e.embed_seq_s.mean - e.embed_seq_s.half_width
+    hi, lo = e.tpot_p99_ms.ci_high, e.embed_seq_s.ci_low
     return e.meets and (
         (hi is not None and hi > a.budget_tpot_p99_ms)
         or (a.min_embed_seq_s is not None and lo is not None and lo < a.min_embed_seq_s)
