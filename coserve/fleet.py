@@ -34,6 +34,7 @@ import math
 from dataclasses import dataclass
 
 from coserve.advise import colocated, condition_label
+from coserve.experiment.rep import role_devices
 from coserve.stats import Summary
 
 CAVEAT = (
@@ -269,9 +270,7 @@ def _role_gpus(cs, role: str) -> int:
     role's own (from the first finished rep's record; 1 where it says nothing)."""
     if cs.condition.strategy != "exclusive":
         return len(cs.condition.gpus)
-    roles = (cs.ok[0].get("strategy_info") or {}).get("roles") or {}
-    devices = (roles.get(role) or {}).get("devices") if isinstance(roles, dict) else None
-    return len(devices) if isinstance(devices, list) and devices else 1
+    return len(role_devices(cs.ok[0]).get(role) or ()) or 1
 
 
 def _dedicated(run, demand: Demand) -> tuple[Dedicated | None, str | None]:

@@ -24,6 +24,21 @@ def first_dead(servers: list) -> str | None:
     return None
 
 
+def role_devices(record: dict) -> dict[str, list[str]]:
+    """{role: the GPUs the strategy gave it} from a rep record's strategy_info; a role (or a
+    record) of another shape, as a hand-edited or foreign rep.json holds, has none."""
+    info = record.get("strategy_info")
+    roles = info.get("roles") if isinstance(info, dict) else None
+    if not isinstance(roles, dict):
+        return {}
+    out = {}
+    for role, r in roles.items():
+        devices = r.get("devices") if isinstance(r, dict) else None
+        if isinstance(devices, list):
+            out[role] = [str(d) for d in devices]
+    return out
+
+
 def read_telemetry(path: Path) -> list[dict]:
     """The samples of a telemetry.jsonl: each line that is a JSON object with a numeric `t`
     (Unix seconds). Lines that are none (a line cut by a crash, junk) are skipped. Raises

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from coserve import stats
-from coserve.experiment.rep import read_telemetry, window_telemetry
+from coserve.experiment.rep import read_telemetry, role_devices, window_telemetry
 from coserve.report.aggregate import ConditionStats, RunStats
 from coserve.report.blocks import Block, frac, num, with_ci
 
@@ -44,12 +44,7 @@ def _window(run: RunStats, cs: ConditionStats, rec: dict) -> dict:
 
 
 def _roles(rec: dict, device: str) -> tuple[str, ...]:
-    roles = _obj(_obj(rec.get("strategy_info")).get("roles"))
-    return tuple(
-        r
-        for r, info in roles.items()
-        if isinstance(devs := _obj(info).get("devices"), list) and device in map(str, devs)
-    )
+    return tuple(r for r, devices in role_devices(rec).items() if device in devices)
 
 
 def gpu_rows(run: RunStats) -> list[GpuRow]:
