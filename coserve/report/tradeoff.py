@@ -150,23 +150,15 @@ class EqualWork:
                 f"each other (spread {self.spread * 100:.1f} %); their gen figures compare the "
                 f"same work."
             )
-        rest = [
-            (n, v) for n, v in zip(self.conditions, self.seq_s, strict=True) if n not in self.behind
-        ]
-        if (
-            self.behind
-            and len(rest) >= 2
-            and max(v for _, v in rest) <= min(v for _, v in rest) * (1 + EQUAL_WORK_TOLERANCE)
-        ):
+        pairs = list(zip(self.conditions, self.seq_s, strict=True))
+        kept = [(n, v) for n, v in pairs if n not in self.behind]
+        kept_work = EqualWork(self.what, self.scope, [n for n, _ in kept], [v for _, v in kept])
+        if self.behind and len(kept) >= 2 and kept_work.equal:
             # the servers that kept up did the same work: only the ones behind compare less
-            late = ", ".join(
-                f"{n} {num(v)}"
-                for n, v in zip(self.conditions, self.seq_s, strict=True)
-                if n in self.behind
-            )
+            late = ", ".join(f"{n} {num(v)}" for n, v in pairs if n in self.behind)
             return (
                 f"**Equal embed work** for {self.what} but {', '.join(self.behind)}: "
-                f"{', '.join(f'{n} {num(v)}' for n, v in rest)} embed seq/s, within {tol} of "
+                f"{', '.join(f'{n} {num(v)}' for n, v in kept)} embed seq/s, within {tol} of "
                 f"each other; {late} did not keep up with the offered embed rate (its embed "
                 f"server could not serve it beside gen), so its gen figure compares less "
                 f"embedding work."
