@@ -16,7 +16,7 @@
 #   SPEC=experiments/seed-tp2.toml RUN=.runs/profile-tp2 WARMUP_S=15 DURATION_S=10 \
 #       bash benchmarks/profile_device.sh tp2-gen-alone,tp2-timeslice,tp2-mps 20
 # Written under $OUT, named after the run folder (NAME: profile-h200 by default): NAME.tgz, the
-# tarred run (traces included), NAME.log, report.md, each rep's profile summary.json. The
+# tarred run without its traces, NAME-traces.tgz, the traces, NAME.log, report.md, each rep's profile summary.json. The
 # profile table is printed last.
 set -u
 conditions=${1:-gen-only,timeslice,mps}
@@ -44,8 +44,11 @@ rc=${PIPESTATUS[0]}
 echo "coserve profile exit $rc, finished $(date -u +%FT%TZ)"
 
 python3 -m coserve report "$run" >/dev/null 2>&1 || echo "report: not rendered"
-# MPS pipe directories hold sockets, which tar refuses; nothing in them is a result.
-tar czf "$out/$name.tgz" --exclude='*/strategy/mps/pipe' "$run"
+# MPS pipe directories hold sockets, which tar refuses; nothing in them is a result. The
+# Chrome traces go in a tarball of their own: a few conditions' traces outgrow the 16 MiB a
+# returned file may have, and the run folder must come back to be resumed.
+tar czf "$out/$name.tgz" --exclude='*/strategy/mps/pipe' --exclude='trace.json.gz' "$run"
+find "$run" -name trace.json.gz -print0 | tar czf "$out/$name-traces.tgz" --null -T -
 cp "$run/report.md" "$out/" 2>/dev/null
 for f in "$run"/reps/*/rep-*/profile/summary.json; do
     [ -f "$f" ] && cp "$f" "$out/$(basename "$(dirname "$(dirname "$(dirname "$f")")")").summary.json"

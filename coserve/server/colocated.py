@@ -26,6 +26,8 @@ import multiprocessing
 import signal
 import sys
 import threading
+from dataclasses import dataclass
+from typing import Any
 
 from coserve.engine.host_gc import quiet_gc
 from coserve.engine.messages import Failed
@@ -52,15 +54,25 @@ def green_context_problem(device: str) -> str | None:
     return None
 
 
-def _streams(engines: dict, embed_sms: int | None) -> dict:
-    """role -> a CUDA stream, or None on CPU: gen's at the highest priority; embed's at the
-    lowest, or, with `embed_sms`, the stream of a green context of that many SMs (gen keeps
-    every SM). Raises ValueError when `embed_sms` does not fit the device."""
+@dataclass(frozen=True)
+class LoopStreams:
+    """Each loop's CUDA stream (None on CPU) and, with `--embed-sms`, the green context embed's
+    stream belongs to: the driver destroys a green context once its Python object is collected,
+    and with it every stream made from it, so this record holds it while the loops run."""
+
+    streams: dict[str, Any]
+    green_context: Any = None
+
+
+def _streams(engines: dict, embed_sms: int | None) -> LoopStreams:
+    """Gen's stream at the highest priority; embed's at the lowest, or, with `embed_sms`, the
+    stream of a green context of that many SMs (gen keeps every SM); no streams on CPU.
+    Raises ValueError when `embed_sms` does not fit the device."""
     import torch
 
     device = getattr(engines["gen"], "device", None)
     if device is None or getattr(device, "type", "cpu") != "cuda":
-        return dict.fromkeys(ROLES)
+        return LoopStreams(dict.fromkeys(ROLES))
     out = {"gen": torch.cuda.Stream(device=device, priority=HIGHEST_PRIORITY)}
     if embed_sms:
         total = torch.cuda.get_device_properties(device).multi_processor_count
@@ -70,10 +82,9 @@ def _streams(engines: dict, embed_sms: int | None) -> dict:
                 "SMs)"
             )
         index = device.index if device.index is not None else torch.cuda.current_device()
+        green = torch.cuda.green_contexts.GreenContext.create(num_sms=embed_sms, device_id=index)
         # Work runs inside the partition only on the green context's own stream.
-        out["embed"] = torch.cuda.green_contexts.GreenContext.create(
-            num_sms=embed_sms, device_id=index
-        ).Stream()
+        out["embed"] = green.Stream()
         log.info(
             "colocated: gen on a stream of priority %d over all %d SMs, embed on a green context "
             "of %d SMs",
@@ -81,14 +92,14 @@ def _streams(engines: dict, embed_sms: int | None) -> dict:
             total,
             embed_sms,
         )
-    else:
-        out["embed"] = torch.cuda.Stream(device=device, priority=0)
-        log.info(
-            "colocated: gen on a stream of priority %d, embed on %d (lower runs first)",
-            out["gen"].priority,
-            out["embed"].priority,
-        )
-    return out
+        return LoopStreams(out, green)
+    out["embed"] = torch.cuda.Stream(device=device, priority=0)
+    log.info(
+        "colocated: gen on a stream of priority %d, embed on %d (lower runs first)",
+        out["gen"].priority,
+        out["embed"].priority,
+    )
+    return LoopStreams(out)
 
 
 def _serve_on(engine, conn, stream) -> None:
@@ -132,7 +143,9 @@ def core(
         quiet_gc()
         threads = [
             threading.Thread(
-                target=_serve_on, args=(engines[r], conns[r], streams[r]), name=f"coserve-{r}-loop"
+                target=_serve_on,
+                args=(engines[r], conns[r], streams.streams[r]),
+                name=f"coserve-{r}-loop",
             )
             for r in ROLES
         ]

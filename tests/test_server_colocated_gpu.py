@@ -1,0 +1,46 @@
+"""`coserve serve colocated` on a GPU: gen on a high-priority stream and embed on a green
+context of a few SMs, both endpoints answering beside each other for many requests (a green
+context whose Python object was dropped killed embed's loop at its first forward). GPU only."""
+
+from __future__ import annotations
+
+import signal
+import threading
+
+import pytest
+import torch
+from test_server_colocated import start
+from test_server_util import post
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.slow,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+]
+
+
+@pytest.mark.parametrize("extra", [(), ("--embed-sms", "16")], ids=["priorities", "green-16"])
+def test_both_endpoints_serve_on_cuda(extra):
+    server = start("--device", "cuda", *extra)
+    try:
+        embed_url = server.stdout.get(timeout=60).split(" ready at ", 1)[1].split()[0]
+        gen = {}
+
+        def generate():
+            gen["out"] = post(
+                server.url + "/v1/completions",
+                {"prompt": [1, 2, 3], "max_tokens": 64, "ignore_eos": True},
+            )
+
+        t = threading.Thread(target=generate)
+        t.start()
+        for i in range(20):
+            status, body = post(embed_url + "/v1/embeddings", {"input": [[i + 1, 2, 3]] * 8})
+            assert status == 200, body
+            assert len(body["data"]) == 8
+        t.join(120)
+        assert gen["out"][0] == 200 and gen["out"][1]["usage"]["completion_tokens"] == 64
+        server.signal(signal.SIGTERM)
+        assert server.proc.wait(30) == 0, server.log_tail()
+    finally:
+        server.kill()
