@@ -21,7 +21,16 @@ pytestmark = [
 
 @pytest.mark.parametrize("extra", [(), ("--embed-sms", "16")], ids=["priorities", "green-16"])
 def test_both_endpoints_serve_on_cuda(extra):
-    server = start("--device", "cuda", *extra)
+    # Both fit beside whatever else holds the card (the defaults, 0.9 + 0.3, would not).
+    server = start(
+        "--device",
+        "cuda",
+        "--gpu-memory-utilization",
+        "0.2",
+        "--embed-gpu-memory-utilization",
+        "0.1",
+        *extra,
+    )
     try:
         embed_url = server.stdout.get(timeout=60).split(" ready at ", 1)[1].split()[0]
         gen = {}
