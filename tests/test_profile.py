@@ -4,6 +4,7 @@ CSV parser, and the whole command on the demo spec on CPU (table, traces, report
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import subprocess
 import sys
@@ -426,35 +427,38 @@ def test_clocks_from_telemetry_to_the_report_section(tmp_path):
 
     rep = tmp_path / "reps" / "mps" / "rep-1"
     rep.mkdir(parents=True)
-    rows = [  # telemetry.jsonl as the sampler writes it (values chosen for the test)
-        {
-            "t_rel_s": 0.0,
+    t0 = 1_796_000_000.0  # the load's start, Unix seconds
+
+    def tick(t: float, sm: float, power: float, capped: int) -> dict:
+        return {  # a telemetry.jsonl row as the sampler writes it (values chosen for the test)
+            "t": t0 + t,
+            "t_rel_s": t + 30.0,
             "device": "0",
-            "sm_clock_mhz": 1980,
+            "sm_clock_mhz": sm,
             "mem_clock_mhz": 3201,
-            "power_w": 600.0,
-            "power_capped": 0,
+            "power_w": power,
+            "power_capped": capped,
             "thermal": 0,
             "sync_boost": 0,
-        },
-        {
-            "t_rel_s": 1.0,
-            "device": "0",
-            "sm_clock_mhz": 1600,
-            "mem_clock_mhz": 3201,
-            "power_w": 700.0,
-            "power_capped": 1,
-            "thermal": 0,
-            "sync_boost": 0,
-        },
-    ]
+        }
+
+    # Start-up before the load and the trace writing after it run at idle clocks and power:
+    # only the load's ticks (warm-up 1 s + window 1 s) count.
+    rows = [tick(-5, 1980, 90.0, 0), tick(0, 1980, 600.0, 0), tick(1, 1600, 700.0, 1)]
+    rows.append(tick(9, 1980, 80.0, 0))
     (rep / "telemetry.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"cut')
+    started = dt.datetime.fromtimestamp(t0, dt.UTC).isoformat()
+    (rep / "bench.json").write_text(
+        json.dumps({"started_at": started, "warmup_s": 1.0, "duration_s": 1.0})
+    )
     summary = analyze_rep(rep, [])
     assert summary.condition == "mps"
-    assert [(c.sm_clock_mhz, c.power_capped) for c in summary.clocks] == [
-        (1980, False),
-        (1600, True),
+    assert [(c.t_rel_s, c.sm_clock_mhz, c.power_capped) for c in summary.clocks] == [
+        (0.0, 1980, False),
+        (1.0, 1600, True),
     ]
+    (rep / "bench.json").unlink()  # without the load's times: every tick, from the first
+    assert [c.t_rel_s for c in analyze_rep(rep, []).clocks] == [0.0, 5.0, 6.0, 14.0]
     (rep / "profile").mkdir()
     (rep / "profile" / "summary.json").write_text(json.dumps(summary.to_dict()))
     plots = make(tmp_path, ["mps"], tmp_path / "plots")

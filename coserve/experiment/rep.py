@@ -9,6 +9,7 @@ import gzip
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from coserve.stats import finite_number
@@ -54,18 +55,35 @@ def read_telemetry(path: Path) -> list[dict]:
     return rows
 
 
+@dataclass(frozen=True)
+class LoadTimes:
+    """When a rep's load ran, in Unix seconds: its start (warm-up begins), and its
+    measurement window."""
+
+    started: float
+    window_start: float
+    window_end: float
+
+
+def load_times(summary: dict) -> LoadTimes | None:
+    """The LoadTimes of a bench summary (bench.json), or None where it lacks them."""
+    try:
+        t0 = dt.datetime.fromisoformat(summary["started_at"]).timestamp()
+        ws = t0 + float(summary["warmup_s"])
+        return LoadTimes(t0, ws, ws + float(summary["duration_s"]))
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
 def window_telemetry(rows: list[dict], summary: dict) -> dict[str, dict[str, float]]:
     """{metric: {mean, p50, n}} over the samples taken inside the load's measurement window
     (the sampler's own summary also covers warm-up and start-up); with samples of several
     devices also `metric/<device>` over that device's samples alone (on two GPUs the
     device-wide mean hides which GPU did what)."""
-    try:
-        t0 = dt.datetime.fromisoformat(summary["started_at"]).timestamp()
-        ws = t0 + float(summary["warmup_s"])
-        we = ws + float(summary["duration_s"])
-    except (KeyError, TypeError, ValueError):
+    times = load_times(summary)
+    if times is None:
         return {}
-    inside = [r for r in rows if ws <= r.get("t", -1) <= we]
+    inside = [r for r in rows if times.window_start <= r.get("t", -1) <= times.window_end]
     out = _means(inside, "")
     devices = sorted({str(r["device"]) for r in inside if "device" in r})
     if len(devices) > 1:

@@ -8,6 +8,7 @@ import json
 import logging
 from pathlib import Path
 
+from coserve.experiment.rep import load_times, read_telemetry
 from coserve.profile.cross import interleave
 from coserve.profile.records import ClockSecond, RepProfile
 from coserve.profile.trace import analyze, load_events
@@ -25,30 +26,37 @@ def _num(row: dict, key: str) -> float | None:
     return float(v) if isinstance(v, int | float) else None
 
 
-def clocks_of(path: Path) -> list[ClockSecond]:
-    """The telemetry series (JSON lines, one row per device per tick) as ClockSeconds; []
-    without the file (a CPU run records none)."""
-    if not path.exists():
+def clocks_of(rep_dir: Path) -> list[ClockSecond]:
+    """The rep's telemetry ticks (telemetry.jsonl, one row per device per tick) taken while
+    its load ran, warm-up and window (bench.json's times), as ClockSeconds with `t_rel_s`
+    counted from the load's start; every tick where bench.json gives no times. [] without
+    telemetry (a CPU run records none). The sampler runs from server start-up to tear-down,
+    which for a profiled rep includes writing the traces: idle ticks that would pull the
+    means towards idle clocks and power."""
+    try:
+        rows = read_telemetry(rep_dir / "telemetry.jsonl")
+    except OSError:
         return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue  # a line cut by a crash
-        out.append(
-            ClockSecond(
-                t_rel_s=float(row.get("t_rel_s", 0.0)),
-                device=str(row.get("device", "")),
-                sm_clock_mhz=_num(row, "sm_clock_mhz"),
-                mem_clock_mhz=_num(row, "mem_clock_mhz"),
-                power_w=_num(row, "power_w"),
-                power_capped=_flag(row, "power_capped"),
-                thermal=_flag(row, "thermal"),
-                sync_boost=_flag(row, "sync_boost"),
-            )
+    try:
+        times = load_times(json.loads((rep_dir / "bench.json").read_text()))
+    except (OSError, ValueError):
+        times = None
+    if times is not None:
+        rows = [r for r in rows if times.started <= r["t"] <= times.window_end]
+    origin = times.started if times is not None else (rows[0]["t"] if rows else 0.0)
+    return [
+        ClockSecond(
+            t_rel_s=round(r["t"] - origin, 3),
+            device=str(r.get("device", "")),
+            sm_clock_mhz=_num(r, "sm_clock_mhz"),
+            mem_clock_mhz=_num(r, "mem_clock_mhz"),
+            power_w=_num(r, "power_w"),
+            power_capped=_flag(r, "power_capped"),
+            thermal=_flag(r, "thermal"),
+            sync_boost=_flag(r, "sync_boost"),
         )
-    return out
+        for r in rows
+    ]
 
 
 def analyze_rep(rep_dir: Path, roles: list[str]) -> RepProfile:
@@ -72,7 +80,7 @@ def analyze_rep(rep_dir: Path, roles: list[str]) -> RepProfile:
         events_of[role] = events
     if "gen" in events_of and "embed" in events_of:
         out.interleave = interleave(events_of["gen"], events_of["embed"])
-    out.clocks = clocks_of(rep_dir / "telemetry.jsonl")
+    out.clocks = clocks_of(rep_dir)
     return out
 
 
