@@ -8,6 +8,7 @@ import datetime as dt
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -189,6 +190,28 @@ def test_step_profiler_captures_n_steps_and_writes_once_idle(tmp_path):
     assert len(role.steps) == 3 and role.kernels  # the matmuls, as CPU ops
     prof.command(Profile("start", str(tmp_path / "q"), 3))  # one window per server
     assert prof.state == "saved" and not (tmp_path / "q").exists()
+
+
+class _SlowEngine(_FakeEngine):
+    def step(self):
+        time.sleep(0.05)
+        return super().step()
+
+
+def test_a_window_lasts_its_minimum_seconds_beyond_its_steps(tmp_path):
+    prof = StepProfiler()
+    prof.command(Profile("start", str(tmp_path), 1, 0.2))
+    engine = _SlowEngine()
+    prof.run_step(engine)
+    assert prof.capturing  # its one step is done, its 0.2 s are not
+    steps = 1
+    while prof.capturing and steps < 100:
+        prof.run_step(engine)
+        steps += 1
+    prof.after_step(busy=False)
+    meta = json.loads((tmp_path / "steps.json").read_text())
+    assert 4 <= len(meta["steps"]) == steps < 100  # 0.2 s of 0.05 s steps
+    assert meta["wall_end"] - meta["wall_start"] >= 0.2 and meta["requested_min_s"] == 0.2
 
 
 def test_stop_ends_a_window_early_and_writes_it(tmp_path):
@@ -375,6 +398,8 @@ def test_coserve_profile_on_the_demo_spec(tmp_path):
         "co-located",
         "--steps",
         "3",
+        "--min-seconds",
+        "0.5",
         # a longer window than the demo's: on a loaded 2-core machine the profiled embed
         # server answered none of its requests within 3 s (seen at load 6-8)
         "--duration-s",
@@ -391,18 +416,22 @@ def test_coserve_profile_on_the_demo_spec(tmp_path):
     rep = out / "reps" / "co-located" / "rep-1"
     for role in ("gen", "embed"):
         assert (rep / "profile" / role / "trace.json.gz").stat().st_size > 0
-        steps = json.loads((rep / "profile" / role / "steps.json").read_text())["steps"]
-        # gen steps in ms; an embed step on a busy CPU can take most of the window, and
-        # the load's end stops a window that has not reached its 3 steps
-        assert len(steps) == 3 if role == "gen" else 1 <= len(steps) <= 3
+        meta = json.loads((rep / "profile" / role / "steps.json").read_text())
+        assert meta["requested_steps"] == 3 and meta["requested_min_s"] == 0.5
+        if role == "gen":  # steps of milliseconds: 0.5 s holds far more than 3 of them
+            assert len(meta["steps"]) > 3 and meta["wall_end"] - meta["wall_start"] >= 0.5
+            gen_steps = len(meta["steps"])
+        else:  # an embed step on a busy CPU can take most of the window, and the load's end
+            assert len(meta["steps"]) >= 1  # stops a window that has not reached its end
     summary = RepProfile.from_dict(json.loads((rep / "profile" / "summary.json").read_text()))
-    assert len(summary.roles["gen"].steps) == 3 and summary.roles["gen"].kernels
+    assert len(summary.roles["gen"].steps) == gen_steps and summary.roles["gen"].kernels
     report = (out / "report.md").read_text()
     assert "## Profile" in report and "### Profile: co-located (rep 1)" in report
     assert "plots/profile_timeline.png" in report and (out / "plots/profile_timeline.png").exists()
     assert "Profile" in (out / "report.html").read_text()
     gen_log = (rep / "gen.log").read_text()
-    assert "--profile-steps 3" in gen_log and "profile of 3 steps written" in gen_log
+    assert "--profile-steps 3 --profile-min-seconds 0.5" in gen_log
+    assert f"profile of {gen_steps} steps written" in gen_log
 
 
 def test_interleave_from_two_traces_on_one_clock():

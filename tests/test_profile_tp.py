@@ -87,6 +87,8 @@ def test_coserve_profile_of_a_tensor_parallel_server_captures_rank_0s_collective
         "tp2-gen",
         "--steps",
         "3",
+        "--min-seconds",
+        "0",
         "--out",
         str(out),
         cwd=tmp_path,

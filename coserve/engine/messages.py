@@ -70,11 +70,13 @@ class Allow(NamedTuple):
 
 class Profile(NamedTuple):
     """The step profiler (server/step_profile.py): "prepare" (set the profiler up before any
-    load), "start" (capture the next `steps` steps into `out_dir`) or "stop"."""
+    load), "start" (capture the next `steps` steps into `out_dir`, and on until `min_s`
+    seconds have passed) or "stop"."""
 
     action: str
     out_dir: str | None = None
     steps: int = 0
+    min_s: float = 0.0
 
 
 class Stop(NamedTuple):

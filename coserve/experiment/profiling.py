@@ -1,5 +1,6 @@
 """A rep as `coserve run` runs it, with a window of engine steps profiled in each built-in
-server: a Backend whose servers get `--profile-dir REP/profile/ROLE --profile-steps N`, whose
+server: a Backend whose servers get `--profile-dir REP/profile/ROLE --profile-steps N
+--profile-min-seconds S`, whose
 load asks them (POST /start_profile) to capture once its warm-up is over, and which, after
 the load, ends the captures (POST /stop_profile), waits for the traces and writes the rep's
 analysis to REP/profile/summary.json (records.RepProfile). The Runner itself is unchanged.
@@ -20,6 +21,7 @@ from pathlib import Path
 
 from coserve.experiment.backend import Backend
 from coserve.experiment.rundir import write_json
+from coserve.server.profile_api import DEFAULT_MIN_S
 
 log = logging.getLogger("coserve.experiment")
 
@@ -40,12 +42,18 @@ def _get(url: str, timeout_s: float = 5.0) -> dict:
 
 
 class ProfilingBackend(Backend):
-    """Backend that profiles `steps` engine steps per built-in server after the warm-up."""
+    """Backend that profiles `steps` engine steps, and at least `min_s` seconds, per built-in
+    server after the warm-up. Raises ValueError naming the argument out of range."""
 
-    def __init__(self, steps: int, save_timeout_s: float = SAVE_TIMEOUT_S):
+    def __init__(
+        self, steps: int, min_s: float = DEFAULT_MIN_S, save_timeout_s: float = SAVE_TIMEOUT_S
+    ):
         if steps < 1:
             raise ValueError(f"steps: must be at least 1, got {steps}")
+        if not 0 <= min_s < 1e6:
+            raise ValueError(f"min_s: must be in [0, 1e6) seconds, got {min_s}")
         self.steps = steps
+        self.min_s = min_s
         self.save_timeout_s = save_timeout_s
         self._profiled: dict[str, str] = {}  # server url -> role, this rep's
         self._notes: list[str] = []
@@ -60,6 +68,7 @@ class ProfilingBackend(Backend):
             return super().start_server(spec, env, log_path, ready_timeout_s)
         pdir = (Path(log_path).parent / "profile" / spec.role).resolve()
         flags = ["--profile-dir", str(pdir), "--profile-steps", str(self.steps)]
+        flags += ["--profile-min-seconds", repr(self.min_s)]
         spec = dataclasses.replace(spec, extra_args=[*spec.extra_args, *flags])
         server = super().start_server(spec, env, log_path, ready_timeout_s)
         self._profiled[server.url] = spec.role

@@ -1,7 +1,8 @@
-"""`coserve profile SPEC --condition NAME[,NAME] [--steps N] [--out DIR]`: run the conditions
-as `coserve run` runs them (one rep each), with a window of N engine steps captured by the
-torch profiler in each built-in server after the load's warm-up (experiment/profiling.py);
-then the report (with its Profile section) and a table on stdout.
+"""`coserve profile SPEC --condition NAME[,NAME] [--steps N] [--min-seconds S] [--out DIR]`:
+run the conditions as `coserve run` runs them (one rep each), with a window of N engine steps
+(and at least S seconds) captured by the torch profiler in each built-in server after the
+load's warm-up (experiment/profiling.py); then the report (with its Profile section) and a
+table on stdout.
 
 `--ncu` instead prints (or with `--execute` runs) an Nsight Compute command around the gen
 server of one condition (ncu.py): refused for MPS conditions, where ncu cannot attach."""
@@ -13,8 +14,8 @@ import dataclasses
 import datetime as dt
 from pathlib import Path
 
-from coserve.server.profile_api import DEFAULT_STEPS
-from coserve.server.serve_flags import positive_int
+from coserve.server.profile_api import DEFAULT_MIN_S, DEFAULT_STEPS
+from coserve.server.serve_flags import positive_int, seconds
 
 
 def _seconds(text: str) -> float:
@@ -47,6 +48,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=positive_int,
         default=DEFAULT_STEPS,
         help="engine steps captured per server (default %(default)s)",
+    )
+    parser.add_argument(
+        "--min-seconds",
+        metavar="S",
+        type=seconds,
+        default=DEFAULT_MIN_S,
+        help="and each server captures on until S seconds have passed, so that gen's short "
+        "steps and embed's long ones cover the same time (default %(default)s)",
     )
     parser.add_argument(
         "--out", metavar="DIR", default=None, help="run folder (default: runs/profile-TIME)"
@@ -183,7 +192,11 @@ def _profile(spec, names: list[str], out: Path, args, console) -> int:
 
     try:
         runner = Runner(
-            spec, out, resume=args.resume, only=names, backend=ProfilingBackend(args.steps)
+            spec,
+            out,
+            resume=args.resume,
+            only=names,
+            backend=ProfilingBackend(args.steps, args.min_seconds),
         )
         with interruptible():
             progress = Progress(

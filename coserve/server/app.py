@@ -33,8 +33,8 @@ from coserve.server.gen_api import OUTCOME, GenApi
 from coserve.server.http_errors import JsonErrorRunner
 from coserve.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from coserve.server.metrics import Metrics
+from coserve.server.profile_api import DEFAULT_MIN_S, DEFAULT_STEPS, ProfileApi
 from coserve.server.profile_api import PATHS as PROFILE_PATHS
-from coserve.server.profile_api import ProfileApi
 from coserve.server.protocol import parse_embedding
 from coserve.server.slo_guard import Allowance, GuardConfig, SloGuard
 from coserve.server.slo_guard_io import guard_metrics, run_guard
@@ -58,7 +58,8 @@ class ServeOptions:
     guard_gen_url: str = ""
     guard_interval_s: float = 0.05
     profile_dir: str = ""  # "" : no profiling endpoints (profile_api.py)
-    profile_steps: int = 20
+    profile_steps: int = DEFAULT_STEPS
+    profile_min_s: float = DEFAULT_MIN_S
 
 
 def _authorized(request: web.Request, key: str) -> bool:
@@ -96,7 +97,12 @@ class OpenAIServer:
         app.router.add_get("/metrics", self.metrics_page)
         app.router.add_get("/version", self.version)
         if self.opts.profile_dir:
-            ProfileApi(self.engine, self.opts.profile_dir, self.opts.profile_steps).add_routes(app)
+            ProfileApi(
+                self.engine,
+                self.opts.profile_dir,
+                self.opts.profile_steps,
+                self.opts.profile_min_s,
+            ).add_routes(app)
         return app
 
     # ---- middleware: auth, errors, request accounting ------------------------------------

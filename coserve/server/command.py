@@ -241,6 +241,7 @@ def run(args) -> int:
         guard_interval_s=args.slo_guard_interval_ms / 1e3,
         profile_dir=args.profile_dir or "",
         profile_steps=args.profile_steps,
+        profile_min_s=args.profile_min_seconds,
     )
     rc = asyncio.run(serve(engine, opts, sock))
     return _exit(rc)

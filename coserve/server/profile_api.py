@@ -1,6 +1,7 @@
 """The profiling endpoints of `coserve serve gen|embed --profile-dir DIR`, as vLLM names them:
 
-    POST /start_profile   capture the next --profile-steps engine steps (step_profile.py)
+    POST /start_profile   capture the next --profile-steps engine steps, for at least
+                          --profile-min-seconds (step_profile.py)
     POST /stop_profile    end the capture now and write the trace
     GET  /profile         {"state": idle|capturing|captured|saved|failed, "steps": n,
                            "error": "", "dir": DIR}
@@ -16,9 +17,12 @@ from aiohttp import web
 from coserve.engine.messages import Profile
 from coserve.server.body import json_response
 from coserve.server.errors import ApiError
-from coserve.server.serve_flags import positive_int
+from coserve.server.serve_flags import positive_int, seconds
 
 DEFAULT_STEPS = 20
+# Long enough for gen's window to overlap an embed server's first steps (docs/mechanism.md:
+# at 20 steps alone, gen's ~0.5 s time-sliced window missed embed's 677 ms steps entirely).
+DEFAULT_MIN_S = 2.0
 
 
 def add_flags(group) -> None:
@@ -36,6 +40,14 @@ def add_flags(group) -> None:
         default=DEFAULT_STEPS,
         help="engine steps one /start_profile captures (default %(default)s)",
     )
+    group.add_argument(
+        "--profile-min-seconds",
+        metavar="S",
+        type=seconds,
+        default=DEFAULT_MIN_S,
+        help="and capture on until S seconds have passed, so that servers with short and long "
+        "steps cover the same time (default %(default)s)",
+    )
 
 
 START, STOP, STATUS = "/start_profile", "/stop_profile", "/profile"
@@ -46,10 +58,11 @@ PATHS = frozenset((START, STOP, STATUS))
 class ProfileApi:
     """The three endpoints over one EngineClient."""
 
-    def __init__(self, engine, profile_dir: str, steps: int):
+    def __init__(self, engine, profile_dir: str, steps: int, min_s: float = DEFAULT_MIN_S):
         self.engine = engine
         self.dir = profile_dir
         self.steps = steps
+        self.min_s = min_s
         self.started = False
 
     def add_routes(self, app: web.Application) -> None:
@@ -63,8 +76,10 @@ class ProfileApi:
         if not self.engine.alive:
             raise ApiError("the engine is not running", status=503)
         self.started = True
-        self.engine.control(Profile("start", self.dir, self.steps))
-        return json_response({"state": "starting", "steps": self.steps, "dir": self.dir})
+        self.engine.control(Profile("start", self.dir, self.steps, self.min_s))
+        return json_response(
+            {"state": "starting", "steps": self.steps, "min_seconds": self.min_s, "dir": self.dir}
+        )
 
     async def stop(self, request: web.Request) -> web.Response:
         if self.engine.alive:

@@ -2,7 +2,10 @@
 
 The HTTP front (profile_api.py) sends `Profile("start", out_dir, steps)` and later
 `Profile("stop")` (engine/messages.py); the core hands both to `StepProfiler.command`. The
-capture starts at the next step and ends by itself after `steps` steps (or at "stop"). Each
+capture starts at the next step and ends by itself once it holds `steps` steps and has lasted
+`min_s` seconds (or at "stop"). The time floor is what lets two servers' windows overlap:
+20 decode steps of gen take ~0.3 s, 20 steps of an embed server at 8,192-token forwards
+~5 s, and a comparison of the two traces needs both to cover the same time. Each
 captured step is one `coserve.step` range in the trace, so the analysis finds step boundaries
 without matching clocks. The profiler records CPU activity always and CUDA kernels (CUPTI)
 where the engine is on a GPU; under MPS this works in-process where ncu refuses.
@@ -47,6 +50,7 @@ class StepProfiler:
         self._prof = None
         self._dir: Path | None = None
         self._want = 0
+        self._min_s = 0.0
         self._steps: list[dict] = []
         self._wall: list[float] = []
         self._stop_asked = False
@@ -58,7 +62,7 @@ class StepProfiler:
         if msg.action == "prepare" and self.state == "idle":
             self._prepare()
         elif msg.action == "start" and self.state == "idle":
-            self._start(Path(msg.out_dir), int(msg.steps))
+            self._start(Path(msg.out_dir), int(msg.steps), float(msg.min_s))
         elif msg.action == "stop":
             self._stop_asked = True
             if self.capturing:
@@ -85,7 +89,7 @@ class StepProfiler:
         except Exception as e:
             self._fail(f"the torch profiler did not start: {e!r}")
 
-    def _start(self, out_dir: Path, steps: int) -> None:
+    def _start(self, out_dir: Path, steps: int, min_s: float) -> None:
         try:
             out_dir.mkdir(parents=True, exist_ok=True)
             self._prof = self._new()
@@ -93,10 +97,15 @@ class StepProfiler:
         except Exception as e:  # a profiler that cannot start must not stop the engine
             self._fail(f"the torch profiler did not start: {e!r}")
             return
-        self._dir, self._want = out_dir, max(1, steps)
+        self._dir, self._want, self._min_s = out_dir, max(1, steps), max(0.0, min_s)
         self._wall = [time.time()]
         self.state, self.capturing = "capturing", True
-        log.info("profiling the next %d engine steps into %s", self._want, out_dir)
+        log.info(
+            "profiling the next %d engine steps (and at least %g s) into %s",
+            self._want,
+            self._min_s,
+            out_dir,
+        )
 
     # ---- the step loop ---------------------------------------------------------------------
     def run_step(self, engine) -> list:
@@ -114,7 +123,7 @@ class StepProfiler:
                 "wall_ms": round((time.perf_counter() - t0) * 1e3, 4),
             }
         )
-        if len(self._steps) >= self._want:
+        if len(self._steps) >= self._want and time.time() - self._wall[0] >= self._min_s:
             self._end_capture()
         return done
 
@@ -144,6 +153,7 @@ class StepProfiler:
             os.unlink(raw)
             meta = {
                 "requested_steps": self._want,
+                "requested_min_s": self._min_s,
                 "wall_start": self._wall[0],
                 "wall_end": self._wall[-1],
                 "steps": self._steps,
