@@ -95,5 +95,10 @@ def test_says_what_has_not_run_on_hardware():
         == "ran: H200, 2026-11-25 (docs/study.md)"
     )
     assert {"part": "launcher 'vllm' (binary or docker)", "ran_on": None} in facts["hardware"]
+    assert rows["serve colocated: a disjoint SM split (--gen-sms)"] == "built, not run on hardware"
+    if facts["python"]["cuda-bindings"] is None:
+        assert rows["cuda-bindings"] == "missing (serve colocated --gen-sms is refused)"
+    else:
+        assert rows["cuda-bindings"][0].isdigit()  # its version
     r = _cli()
     assert "built, not run on hardware" in r.stdout and "launcher 'vllm'" in r.stdout

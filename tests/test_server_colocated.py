@@ -125,7 +125,9 @@ def test_needs_an_embed_model():
     assert proc.returncode == 2 and "colocated needs --embed-model" in proc.stderr
 
 
-def test_green_contexts_are_refused_on_cpu_before_loading():
+def refused(*extra: str) -> str:
+    """stderr of a `serve colocated` with tiny models and `extra` that must exit 2 before
+    loading either (within seconds: a load would take longer than the timeout allows)."""
     proc = subprocess.run(
         [
             sys.executable,
@@ -137,15 +139,42 @@ def test_green_contexts_are_refused_on_cpu_before_loading():
             "tiny-dense",
             "--embed-model",
             "tiny-embed",
-            "--device",
-            "cpu",
-            "--embed-sms",
-            "32",
+            *extra,
         ],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=60,
     )
-    assert proc.returncode == 2
-    assert "--embed-sms: green contexts are a CUDA feature; the device is cpu" in proc.stderr
+    assert proc.returncode == 2, proc.stderr
+    assert "coserve serve colocated: " in proc.stderr
+    return proc.stderr
+
+
+def test_green_contexts_are_refused_on_cpu_before_loading():
+    stderr = refused("--device", "cpu", "--embed-sms", "32")
+    assert "--embed-sms: green contexts are a CUDA feature; the device is cpu" in stderr
+
+
+def test_an_sm_split_is_refused_on_cpu_before_loading():
+    stderr = refused("--device", "cpu", "--embed-sms", "32", "--gen-sms", "64")
+    assert "--gen-sms: SM partitions are a CUDA feature; the device is cpu" in stderr
+
+
+def test_gen_sms_needs_embed_sms():
+    stderr = refused("--device", "cpu", "--gen-sms", "64")
+    assert "--gen-sms needs --embed-sms" in stderr
+
+
+def _has_driver_bindings() -> bool:
+    try:
+        import cuda.bindings.driver  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(_has_driver_bindings(), reason="cuda-bindings is installed here")
+def test_an_sm_split_without_cuda_bindings_is_refused_before_loading():
+    stderr = refused("--device", "cuda", "--embed-sms", "32", "--gen-sms", "64")
+    assert "--gen-sms needs the cuda-bindings package" in stderr

@@ -1,5 +1,6 @@
 """`coserve serve colocated` on a GPU: gen on a high-priority stream and embed on a green
-context of a few SMs, both endpoints answering beside each other for many requests (a green
+context of a few SMs, or both on disjoint green contexts (`--gen-sms`: gen's CUDA graphs
+captured in its own), both endpoints answering beside each other for many requests (a green
 context whose Python object was dropped killed embed's loop at its first forward). GPU only."""
 
 from __future__ import annotations
@@ -19,7 +20,24 @@ pytestmark = [
 ]
 
 
-@pytest.mark.parametrize("extra", [(), ("--embed-sms", "16")], ids=["priorities", "green-16"])
+def _has_driver_bindings() -> bool:
+    try:
+        import cuda.bindings.driver  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+SPLIT = pytest.param(
+    ("--embed-sms", "16", "--gen-sms", "64"),
+    id="split-16-64",
+    marks=pytest.mark.skipif(not _has_driver_bindings(), reason="needs cuda-bindings"),
+)
+
+
+@pytest.mark.parametrize(
+    "extra", [(), ("--embed-sms", "16"), SPLIT], ids=["priorities", "green-16", "split-16-64"]
+)
 def test_both_endpoints_serve_on_cuda(extra):
     # Both fit beside whatever else holds the card (the defaults, 0.9 + 0.3, would not).
     server = start(

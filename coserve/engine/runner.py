@@ -372,18 +372,23 @@ class ModelRunner:
         """Capture the static forward of every bucket, largest first, into one memory pool
         (smaller buckets reuse the largest one's blocks). Each bucket runs once eagerly
         first, which compiles its kernels and settles one-time allocations outside the graph.
-        Inputs are the padding values (null block, context length 1), valid for any bucket."""
+        Inputs are the padding values (null block, context length 1), valid for any bucket.
+        Captured on the current stream when that is not the device's default one (a green
+        context's stream: a kernel node runs in the context it was captured in, so the graphs
+        keep to that context's SMs wherever they are launched), else on torch's side stream."""
         if not self.graphs_enabled:
             return
         t0 = time.perf_counter()
         self._stage(ScheduledBatch([], [], 0), self.all_buckets[-1], self.max_blocks_per_seq)
         pool = torch.cuda.graph_pool_handle()
+        current = torch.cuda.current_stream(self.device)
+        stream = None if current == torch.cuda.default_stream(self.device) else current
         for rows in reversed(self.all_buckets):
             args = self._decode_args(rows, self.max_blocks_per_seq)
             self.model(*args)
             torch.cuda.synchronize(self.device)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
+            with torch.cuda.graph(graph, pool=pool, stream=stream):
                 self.graph_outputs[rows] = self.model(*args)
             self.graphs[rows] = graph
         torch.cuda.synchronize(self.device)

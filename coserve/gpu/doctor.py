@@ -73,6 +73,7 @@ HARDWARE: tuple[HardwareRecord, ...] = (
     HardwareRecord("coserve profile (torch profiler / CUPTI), its ncu wrapper", None),
     HardwareRecord("coserve export's files; coserve run --ray", None),
     HardwareRecord("serve colocated: stream priorities, green contexts (--embed-sms)", None),
+    HardwareRecord("serve colocated: a disjoint SM split (--gen-sms)", None),
 )
 
 
@@ -175,7 +176,11 @@ def gather(nvml: Any = None, *, with_torch: bool = True) -> dict:
         "docker": _which("docker"),
         "vllm": _which("vllm") or ("python module" if importlib.util.find_spec("vllm") else None),
     }
-    facts["python"] = {"nvidia-ml-py": _pkg_version("nvidia-ml-py"), "vllm": _pkg_version("vllm")}
+    facts["python"] = {
+        "nvidia-ml-py": _pkg_version("nvidia-ml-py"),
+        "vllm": _pkg_version("vllm"),
+        "cuda-bindings": _pkg_version("cuda-bindings"),
+    }
     if with_torch:
         try:
             import torch
@@ -283,6 +288,12 @@ def rows(facts: dict) -> list[tuple[str, str]]:
             )
         )
     out.append(("nvidia-ml-py", facts["python"]["nvidia-ml-py"] or "missing"))
+    out.append(
+        (
+            "cuda-bindings",
+            facts["python"]["cuda-bindings"] or "missing (serve colocated --gen-sms is refused)",
+        )
+    )
     for k, v in facts["env"].items():
         out.append((f"env {k}", v))
     for r in facts["hardware"]:

@@ -8,9 +8,12 @@ its own. On CUDA each thread issues its work on a stream of its own: gen's at th
 highest priority, embed's at the lowest, so the GPU's scheduler starts decode's kernels ahead
 of embed's whenever both wait. With `--embed-sms M`, embed's stream is that of a CUDA green
 context of M SMs instead (torch.cuda.green_contexts): embed's kernels stay on those SMs while
-gen's may use all; refused, with the reason, where this torch or device has none. On CPU
-there are no streams; the two loops still share one process (what the CPU tests exercise).
-The HTTP fronts of both run in one process too.
+gen's may use all; refused, with the reason, where this torch or device has none. With
+`--gen-sms N` as well, gen is confined too, to N SMs disjoint from embed's (sm_partition.py,
+through the CUDA driver API): the split is made first, before either model loads, and each
+engine is built with its own stream current, so gen's CUDA graphs are captured in gen's green
+context and keep to its SMs. On CPU there are no streams; the two loops still share one
+process (what the CPU tests exercise). The HTTP fronts of both run in one process too.
 
 Stop: SIGTERM/SIGINT drain both fronts, then both loops stop and the engine process exits."""
 
@@ -31,7 +34,8 @@ from typing import Any
 
 from coserve.engine.host_gc import quiet_gc
 from coserve.engine.messages import Failed
-from coserve.server import engine_core
+from coserve.server import engine_core, sm_partition
+from coserve.server.engine_build import serve_device
 from coserve.server.engine_client import EngineClient, EngineStartError, _reap, read_ready
 
 log = logging.getLogger("coserve.server")
@@ -55,21 +59,46 @@ def green_context_problem(device: str) -> str | None:
 
 
 @dataclass(frozen=True)
+class SmFlags:
+    """`--embed-sms` and `--gen-sms` (None: not given) and the device whose SMs they share."""
+
+    embed: int | None = None
+    gen: int | None = None
+    device: str = "cuda"
+
+
+@dataclass(frozen=True)
 class LoopStreams:
-    """Each loop's CUDA stream (None on CPU) and, with `--embed-sms`, the green context embed's
-    stream belongs to: the driver destroys a green context once its Python object is collected,
-    and with it every stream made from it, so this record holds it while the loops run."""
+    """Each loop's CUDA stream (None on CPU) and, with `--embed-sms`, what owns the green
+    context(s) the streams belong to (torch's GreenContext, or an SmPartition): the driver
+    destroys a green context once its Python object is collected, and with it every stream
+    made from it, so this record holds it while the loops run."""
 
     streams: dict[str, Any]
     green_context: Any = None
 
 
-def _streams(engines: dict, embed_sms: int | None) -> LoopStreams:
+def _streams(
+    engines: dict, embed_sms: int | None, partition: sm_partition.SmPartition | None = None
+) -> LoopStreams:
     """Gen's stream at the highest priority; embed's at the lowest, or, with `embed_sms`, the
-    stream of a green context of that many SMs (gen keeps every SM); no streams on CPU.
+    stream of a green context of that many SMs (gen keeps every SM); with a `partition`
+    (`--gen-sms`), its two disjoint green contexts' streams; no streams on CPU.
     Raises ValueError when `embed_sms` does not fit the device."""
     import torch
 
+    if partition is not None:
+        log.info(
+            "colocated: gen on a green context of %d SMs (stream priority %d), embed on a "
+            "disjoint one of %d SMs (priority %d); %d of the %d SMs in neither",
+            partition.gen_sms,
+            partition.gen.priority,
+            partition.embed_sms,
+            partition.embed.priority,
+            partition.total_sms - partition.gen_sms - partition.embed_sms,
+            partition.total_sms,
+        )
+        return LoopStreams({r: partition.stream(r) for r in ROLES}, partition)
     device = getattr(engines["gen"], "device", None)
     if device is None or getattr(device, "type", "cpu") != "cuda":
         return LoopStreams(dict.fromkeys(ROLES))
@@ -111,27 +140,48 @@ def _serve_on(engine, conn, stream) -> None:
         engine_core.serve_pipe(engine, conn)
 
 
-def core(
-    factories: dict, conns: dict, log_level: str = "INFO", embed_sms: int | None = None
-) -> None:
-    """Process entry point: build gen then embed, then serve both pipes, one thread each.
-    A failure to build either, or a bad `embed_sms`, fails both (each front hears why)."""
+def _building_on(partition: sm_partition.SmPartition | None, role: str):
+    """With a partition, `role`'s stream current while its engine is built (gen's CUDA graphs
+    are captured on it, in its green context); else nothing."""
+    if partition is None:
+        return contextlib.nullcontext()
+    import torch
+
+    return torch.cuda.stream(partition.stream(role))
+
+
+def core(factories: dict, conns: dict, log_level: str = "INFO", sms: SmFlags = SmFlags()) -> None:
+    """Process entry point: with `sms.gen`, split the SMs first; build gen then embed, then
+    serve both pipes, one thread each. A failure to build either, or SM counts that do not
+    fit, fails both (each front hears why)."""
     engine_core.start_process(log_level)
     engines = {}
+    partition = None
 
     def fail(message: Failed) -> None:
         for conn in conns.values():
             engine_core._send(conn, message)
         for e in engines.values():
             e.shutdown()
+        if partition is not None:
+            partition.close()
 
+    if sms.gen is not None:
+        try:
+            partition = sm_partition.split(sms.device, sms.embed, sms.gen)
+        except ValueError as e:
+            return fail(Failed(str(e), 2))
+        except RuntimeError as e:  # the driver refused a step of the split
+            log.exception("colocated: no SM split")
+            return fail(Failed(f"colocated: cannot split the SMs: {e}", 1))
     for role in ROLES:
-        engine, failed = engine_core.build(factories[role])
+        with _building_on(partition, role):
+            engine, failed = engine_core.build(factories[role])
         if failed is not None:
             return fail(failed._replace(message=f"{role}: {failed.message}"))
         engines[role] = engine
     try:
-        streams = _streams(engines, embed_sms)
+        streams = _streams(engines, sms.embed, partition)
     except ValueError as e:
         return fail(Failed(str(e), 2))
     except RuntimeError as e:  # the driver refused the stream or the green context
@@ -156,10 +206,12 @@ def core(
     finally:
         for e in engines.values():
             e.shutdown()
+        if partition is not None:
+            partition.close()
 
 
 def start_engines(
-    factories: dict, log_level: str = "INFO", embed_sms: int | None = None
+    factories: dict, log_level: str = "INFO", sms: SmFlags = SmFlags()
 ) -> dict[str, EngineClient]:
     """Spawn the one engine process, block until both engines are loaded -> role ->
     EngineClient (both on the same process). Raises EngineStartError with the core's message."""
@@ -167,7 +219,7 @@ def start_engines(
     pipes = {r: ctx.Pipe(duplex=True) for r in ROLES}
     proc = ctx.Process(
         target=core,
-        args=(factories, {r: p[1] for r, p in pipes.items()}, log_level, embed_sms),
+        args=(factories, {r: p[1] for r, p in pipes.items()}, log_level, sms),
         name="coserve-engine-core",
         daemon=False,
     )
@@ -257,6 +309,8 @@ def problem(args, device: str) -> str | None:
         return "colocated needs --embed-model (the embedding model served beside --model)"
     if args.tensor_parallel_size != 1:
         return "colocated serves one GPU: --tensor-parallel-size must be 1"
+    if args.gen_sms is not None:
+        return sm_partition.problem(args.embed_sms, device)
     if args.embed_sms is not None:
         return green_context_problem(device)
     return None
@@ -267,7 +321,8 @@ def run(args, opts: dict, socks: dict, build_engine) -> int:
     `build_engine(args)` builds one engine from `coserve serve` arguments (command.py's)."""
     factories = {r: functools.partial(build_engine, a) for r, a in engine_args(args).items()}
     try:
-        engines = start_engines(factories, args.log_level, args.embed_sms)
+        sms = SmFlags(args.embed_sms, args.gen_sms, serve_device(args.device))
+        engines = start_engines(factories, args.log_level, sms)
     except EngineStartError as e:
         print(f"coserve serve colocated: {e}", file=sys.stderr)
         return e.exit_code

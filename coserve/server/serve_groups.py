@@ -71,6 +71,15 @@ def add_flag_groups(parser: argparse.ArgumentParser) -> None:
         "green contexts)",
     )
     co.add_argument(
+        "--gen-sms",
+        metavar="N",
+        type=positive_int,
+        default=None,
+        help="confine gen to N SMs disjoint from embed's --embed-sms (both rounded up to the "
+        "driver's SM groups, 8 on Hopper); requires --embed-sms and the cuda-bindings package; "
+        "without it gen may use every SM",
+    )
+    co.add_argument(
         "--embed-max-num-batched-tokens",
         metavar="N",
         type=positive_int,
