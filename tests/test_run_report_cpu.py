@@ -3,6 +3,7 @@ says why co-located gen can come out faster than gen alone there."""
 
 from __future__ import annotations
 
+import pytest
 from test_experiment_runner import FakeBackend
 
 from coserve.advise import advise
@@ -88,6 +89,37 @@ def test_against_a_baseline_that_runs_both_servers_the_verdict_names_it(tmp_path
     ), verdict
     assert "; dedicated: embed **" in verdict and "dedicated: gen" not in verdict, verdict
     assert "each server alone" not in verdict
+    assert (
+        "Co-located gen at least the dedicated GPUs' (the study's criterion), at 95 %: "
+        "co-located: open (one rep: no CI)." in verdict
+    ), verdict
+
+
+class CoLocatedScaled(FakeBackend):
+    """Gen of the condition named `co-located` at `factor` x the fake's figure (the dedicated
+    GPUs' gen keeps it)."""
+
+    factor = 1.0
+
+    def run_load(self, load, out_path, on_progress, dead=None):
+        summary = super().run_load(load, out_path, on_progress, dead)
+        if summary["gen"] and "/co-located/" in str(out_path):
+            summary["gen"]["output_tokens_per_s"] *= self.factor
+        return summary
+
+
+@pytest.mark.parametrize("factor, answer", [(2.0, "yes"), (0.5, "no")])
+def test_the_study_criterion_is_answered_from_the_ci(tmp_path, factor, answer):
+    spec = loads_spec(
+        SPEC.replace("repetitions = 1", 'repetitions = 2\nbaseline = "dedicated"')
+        + '[[conditions]]\nname = "dedicated"\nstrategy = "timeslice"\n'
+    )
+    backend = CoLocatedScaled()
+    backend.factor = factor
+    Runner(spec, tmp_path / "run", backend=backend).run()
+    md = render(tmp_path / "run", with_plots=False).markdown.read_text()
+    (verdict,) = [ln for ln in md.splitlines() if ln.startswith("**Verdict:**")]
+    assert f"at 95 %: co-located: {answer}. " in verdict, verdict
 
 
 def test_a_baseline_with_no_finished_rep_says_why_there_is_no_verdict(tmp_path):

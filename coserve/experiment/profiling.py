@@ -2,7 +2,8 @@
 server: a Backend whose servers get `--profile-dir REP/profile/ROLE --profile-steps N
 --profile-min-seconds S`, whose load asks them (POST /start_profile) to capture once its
 warm-up is over, and which, after the load, ends the captures (POST /stop_profile), waits for
-the traces and writes the rep's analysis to REP/profile/summary.json (records.RepProfile). The Runner itself is unchanged.
+the traces and writes the rep's analysis to REP/profile/summary.json (records.RepProfile).
+The Runner itself is unchanged.
 A load that fails or is cut short leaves no summary (the rep fails or stops anyway).
 
 Servers of other launchers (vllm, external, command) are not profiled; the summary says so."""

@@ -69,7 +69,15 @@ def verdict(run: RunStats) -> str | None:
     gen_bases = sorted({c.gen_baseline for c in both if c.gen_delta})
     embed_bases = sorted({c.embed_baseline for c in both if c.embed_delta})
     if all(len(run.get(b).condition.servers) == 1 for b in gen_bases + embed_bases):
-        parts = [f"{c.name}: gen {pct(c.gen_delta)}, embed {pct(c.embed_delta)}" for c in both]
+        parts = [
+            f"{c.name}: "
+            + ", ".join(
+                f"{role} {pct(d)}"
+                for role, d in (("gen", c.gen_delta), ("embed", c.embed_delta))
+                if d is not None
+            )
+            for c in both
+        ]
         text = "**Verdict:** co-located against each server alone: " + "; ".join(parts) + "."
     else:  # a baseline that runs both servers (dedicated GPUs): name what each delta is against
         against = [
@@ -87,6 +95,7 @@ def verdict(run: RunStats) -> str | None:
             for c in both
         ]
         text = f"**Verdict:** co-located, {'; '.join(against)}: " + "; ".join(parts) + "."
+        text += _criterion(run, both)
     if on_cpu(run):
         text += (
             " This ran on a CPU: both servers' threads and the load generator share the same "
@@ -100,6 +109,33 @@ def verdict(run: RunStats) -> str | None:
                 "about GPUs."
             )
     return text
+
+
+def _criterion(run: RunStats, both: list) -> str:
+    """The study's section-4 criterion answered per condition whose gen baseline runs both
+    servers (dedicated GPUs): co-located gen tok/s at least the baseline's, judged by the 95 %
+    CI of the delta: yes (all of it >= 0), no (all of it < 0), or open (it crosses 0 or there
+    is none). "" where no condition has such a baseline."""
+    judged = [
+        c
+        for c in both
+        if c.gen_delta is not None and len(run.get(c.gen_baseline).condition.servers) > 1
+    ]
+    if not judged:
+        return ""
+
+    def answer(d) -> str:
+        if d.ci_low is None:
+            return "open (one rep: no CI)"
+        if d.ci_low >= 0:
+            return "yes"
+        return "no" if d.ci_high < 0 else "open (the CI crosses 0)"
+
+    return (
+        " Co-located gen at least the dedicated GPUs' (the study's criterion), at 95 %: "
+        + "; ".join(f"{c.name}: {answer(c.gen_delta)}" for c in judged)
+        + "."
+    )
 
 
 def throughput_table(run: RunStats) -> Block:
