@@ -92,6 +92,13 @@ def test_gen_reports_its_step_times(gen):
         assert (
             0 < page["coserve:engine_step_seconds_mean"] <= page["coserve:engine_step_seconds_p99"]
         )
+        # the steps' mean work: 1-2 sequences (2 clients) of 3 prompt + at most 24 output
+        # tokens, a step attending to at most 28 tokens each (a decode launched ahead of the
+        # last reads one more), prompts of 3 tokens joining some steps
+        batch = page["coserve:engine_step_batch_mean"]
+        assert 1 <= batch <= 2
+        assert 3 * batch <= page["coserve:engine_step_kv_tokens_mean"] <= 28 * batch
+        assert 0 <= page["coserve:engine_step_prefill_tokens_mean"] <= 6
     assert set(load.gen_status) == {200}
 
 
@@ -114,6 +121,7 @@ def test_guard_cuts_embed_and_fails_nothing(gen):
         "20",
     ) as embed:
         assert metric(embed.url, "coserve:slo_guard_budget_seconds") == pytest.approx(1e-6)
+        assert "coserve:engine_step_kv_tokens_mean" not in metrics(embed.url)  # gen's only
         assert metric(embed.url, "coserve:slo_guard_tokens_per_forward") == 1024
         with Load(gen.url, embed.url) as load:
             wait_until(

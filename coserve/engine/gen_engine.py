@@ -30,7 +30,7 @@ from coserve.engine.sampler import Sampler
 from coserve.engine.scheduler import ScheduledBatch, Scheduler
 from coserve.engine.sequence import SeqStatus, Sequence
 from coserve.engine.tokenizer import token_ids
-from coserve.engine.types import EngineArgs, RequestOutput, SamplingParams
+from coserve.engine.types import EngineArgs, RequestOutput, SamplingParams, StepWork
 
 log = logging.getLogger("coserve.engine")
 
@@ -105,6 +105,9 @@ class GenEngine(tp_workers.LeadsRanks):
         self.async_scheduling = args.async_scheduling
         self._inflight: _InFlight | None = None
         self.last_step_decode: bool | None = None  # the profiler's label of the last step
+        # the work of the step whose outputs the last `step()` returned (None: it ran none);
+        # the engine core publishes its means beside the step times, for the SLO guard
+        self.last_step_work: StepWork | None = None
         pin = self.device.type == "cuda"
         self._host_tokens = [
             torch.zeros(runner.static_tokens, dtype=torch.int64, pin_memory=pin) for _ in range(2)
@@ -196,6 +199,7 @@ class GenEngine(tp_workers.LeadsRanks):
             return self._step()
 
     def _step(self) -> list[RequestOutput]:
+        self.last_step_work = None
         pending, self._inflight = self._inflight, None
         if pending is None:
             batch = self.scheduler.schedule()
@@ -265,11 +269,14 @@ class GenEngine(tp_workers.LeadsRanks):
 
     def _finish(self, batch: ScheduledBatch, tokens: list[int]) -> list[RequestOutput]:
         self.last_step_decode = batch.is_decode
+        gone = []
         if batch.is_decode and SeqStatus.FINISHED in map(_STATUS, batch.seqs):
             # launched ahead: sequences that finished (or were aborted) since get nothing
             keep = [i for i, s in enumerate(batch.seqs) if s.status is not SeqStatus.FINISHED]
+            gone = [s for s in batch.seqs if s.status is SeqStatus.FINISHED]
             batch = ScheduledBatch([batch.seqs[i] for i in keep], [1] * len(keep), len(keep))
             tokens = [tokens[i] for i in keep]
+        self.last_step_work = self.scheduler.step_work(batch, gone)
         got = self.scheduler.postprocess(batch, tokens, self.eos_token_ids, self.max_model_len)
         outputs = []
         for seq in got:

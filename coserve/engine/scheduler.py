@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from coserve.engine.kv_cache import BlockManager
 from coserve.engine.sequence import SeqStatus, Sequence
+from coserve.engine.types import StepWork
 
 
 @dataclass
@@ -52,6 +53,9 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        # tokens whose KV is in the cache, over every sequence: kept as num_computed_tokens
+        # moves, so a step's KV read is known without a pass over its sequences
+        self.cached_tokens = 0
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -100,6 +104,19 @@ class Scheduler:
             budget -= n
         return seqs, counts
 
+    def step_work(self, batch: ScheduledBatch, gone: list[Sequence] | None = None) -> StepWork:
+        """The work of `batch`, before `postprocess` advances it; `gone`: decodes the GPU ran
+        in it that finished (or were aborted) since it was launched ahead, and so left it.
+        Its attention reads the cached tokens of its sequences plus its new ones; the cached
+        count is every sequence's, which is the batch's whenever every sequence holding KV
+        runs in it (all running ones do; a chunked prompt the budget left out is the
+        exception). O(prompt chunks + gone), not O(batch)."""
+        prefill = sum(batch.num_new_tokens[batch.num_decode :])
+        kv = self.cached_tokens + batch.num_decode + prefill
+        gone = gone or []
+        kv += sum(s.num_computed_tokens + 1 for s in gone)
+        return StepWork(len(batch.seqs) + len(gone), prefill, kv)
+
     def short_of_blocks(self) -> list[tuple[Sequence, int]]:
         """(sequence, blocks it lacks) for each running sequence that lacks blocks for a
         slot per token it holds."""
@@ -136,6 +153,7 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.blocks.free(seq)
+        self.cached_tokens -= seq.num_computed_tokens
         seq.num_computed_tokens = 0
         seq.status = SeqStatus.WAITING
         self.waiting.appendleft(seq)
@@ -153,6 +171,7 @@ class Scheduler:
         # decodes first: each samples, so they take the first num_decode tokens; the cheap
         # test lets through every token that can end its sequence, `_end_reason` decides
         decodes = batch.seqs[:num_decode]
+        self.cached_tokens += len(decodes)
         for seq, token in zip(decodes, sampled, strict=False):
             seq.num_computed_tokens += 1
             ids = seq.token_ids
@@ -173,6 +192,7 @@ class Scheduler:
             seq = batch.seqs[i]
             samples = batch.samples(i)
             seq.num_computed_tokens += batch.num_new_tokens[i]
+            self.cached_tokens += batch.num_new_tokens[i]
             if not samples:
                 continue
             # its prompt is complete: it starts decoding
@@ -194,6 +214,7 @@ class Scheduler:
 
     def _finish(self, seq: Sequence, reason: str | None) -> None:
         self.blocks.free(seq)
+        self.cached_tokens -= seq.num_computed_tokens
         seq.status = SeqStatus.FINISHED
         seq.finish_reason = reason
 

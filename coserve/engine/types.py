@@ -55,6 +55,18 @@ class EngineArgs:
     async_scheduling: bool = True
 
 
+@dataclass(frozen=True, slots=True)
+class StepWork:
+    """What one generation step computed: `seqs` sequences in its batch, `prefill_tokens`
+    prompt tokens it scheduled (chunks included; decodes count none), and `kv_tokens` the KV
+    tokens its attention read (the sum of its sequences' context lengths, new tokens
+    included). A decode step's time follows these (the SLO guard compares like with like)."""
+
+    seqs: int
+    prefill_tokens: int
+    kv_tokens: int
+
+
 @dataclass(slots=True)
 class RequestOutput:
     request_id: str

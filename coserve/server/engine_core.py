@@ -13,9 +13,11 @@ when the pipe reaches EOF (the front is gone) or, at the latest, by PR_SET_PDEAT
 
 Every step is timed here (wall clock around `engine.step()`, which returns host data and so
 waits for the GPU); the stats carry the mean and p99 of the last STEP_WINDOW_S of step times, which
-the SLO guard of an embed server beside this one reads (slo_guard.py). `Allow` is that
-guard's allowance for an embed engine: tokens per forward, a pause between forwards, or a
-hold; waiting requests only wait."""
+the SLO guard of an embed server beside this one reads (slo_guard.py), and for a generation
+engine the per-step means of the work those steps did (sequences, prompt tokens, KV tokens
+read), which the guard's baseline is a function of. `Allow` is that guard's allowance for an
+embed engine: tokens per forward, a pause between forwards, or a hold; waiting requests only
+wait."""
 
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ import signal
 import sys
 import time
 from collections import deque
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -46,6 +49,7 @@ from coserve.engine.messages import (
     Step,
     Stop,
 )
+from coserve.engine.types import StepWork
 from coserve.server.step_profile import StepProfiler
 
 log = logging.getLogger("coserve.server")
@@ -132,8 +136,12 @@ def ready(engine) -> Ready:
         getattr(engine, "dim", None),
         getattr(engine, "tokenizer", None),
         tuple(sorted(getattr(engine, "eos_token_ids", ()))),
-        {**engine.stats(), **StepClock().stats(time.monotonic())},
+        {**engine.stats(), **_clock(engine).stats(time.monotonic())},
     )
+
+
+def _clock(engine) -> StepClock:
+    return StepClock(work=hasattr(engine, "last_step_work"))
 
 
 def serve_pipe(engine, conn) -> None:
@@ -171,29 +179,48 @@ def run(factory, conn, log_level: str = "INFO") -> None:
     os._exit(0)
 
 
-class StepClock:
-    """Wall time of the engine's recent steps, and how long the guard held work back."""
+@dataclass(frozen=True, slots=True)
+class _Timed:
+    end: float  # monotonic seconds
+    seconds: float
+    work: StepWork | None  # what the step computed (None: the engine does not say)
 
-    def __init__(self, window_s: float = STEP_WINDOW_S):
+
+class StepClock:
+    """Wall time of the engine's recent steps, with their work where the engine reports it
+    (`work`: a generation engine, whose `last_step_work` says what each step computed), and
+    how long the guard held work back."""
+
+    def __init__(self, window_s: float = STEP_WINDOW_S, *, work: bool = False):
         self.window_s = window_s
-        self.steps: deque[tuple[float, float]] = deque()  # (end, seconds)
+        self.work = work
+        self.steps: deque[_Timed] = deque()
         self.throttled_s = 0.0
 
-    def add(self, end: float, seconds: float) -> None:
-        self.steps.append((end, seconds))
+    def add(self, end: float, seconds: float, work: StepWork | None = None) -> None:
+        self.steps.append(_Timed(end, seconds, work))
 
     def stats(self, now: float) -> dict:
-        while self.steps and self.steps[0][0] < now - self.window_s:
+        """The window's figures; with `work`, also the per-step means of its steps' work
+        (over the steps that reported one; 0 for an empty window)."""
+        while self.steps and self.steps[0].end < now - self.window_s:
             self.steps.popleft()
-        times = [s for _, s in self.steps]
+        times = [s.seconds for s in self.steps]
         p99 = float(np.percentile(times, 99)) if times else 0.0
         mean = sum(times) / len(times) if times else 0.0
-        return {
+        out = {
             "step_time_mean_s": mean,
             "step_time_p99_s": p99,
             "step_window_steps": len(times),
             "guard_throttled_s": self.throttled_s,
         }
+        if self.work:
+            works = [s.work for s in self.steps if s.work is not None]
+            n = len(works) or 1
+            out["step_batch_mean"] = sum(w.seqs for w in works) / n
+            out["step_prefill_tokens_mean"] = sum(w.prefill_tokens for w in works) / n
+            out["step_kv_tokens_mean"] = sum(w.kv_tokens for w in works) / n
+        return out
 
 
 class Pacing:
@@ -254,7 +281,7 @@ def _add(engine, cmd: Add) -> AddError | None:
 def _loop(engine, conn) -> None:
     steps = 0
     stats_at = 0.0
-    clock, pacing, profiler = StepClock(), Pacing(), StepProfiler()
+    clock, pacing, profiler = _clock(engine), Pacing(), StepProfiler()
     while True:
         acks: list[Ack] = []
         busy = engine.has_unfinished()
@@ -271,7 +298,7 @@ def _loop(engine, conn) -> None:
             t0 = time.monotonic()
             done = profiler.run_step(engine) if profiler.capturing else engine.step()
             t1 = time.monotonic()
-            clock.add(t1, t1 - t0)
+            clock.add(t1, t1 - t0, getattr(engine, "last_step_work", None))
             pacing.last_step_end = t1
             logprobs = _take_logprobs(engine)
             outputs = _outputs(done, logprobs)

@@ -59,6 +59,26 @@ _ENGINE_METRICS = [
         "gauge",
         "Engine steps in that 0.5 s window.",
     ),
+    (
+        "step_batch_mean",
+        "coserve:engine_step_batch_mean",
+        "gauge",
+        "Mean sequences per engine step over that window (generation only; 0: no step).",
+    ),
+    (
+        "step_prefill_tokens_mean",
+        "coserve:engine_step_prefill_tokens_mean",
+        "gauge",
+        "Mean prompt (prefill) tokens scheduled per engine step over that window (generation "
+        "only).",
+    ),
+    (
+        "step_kv_tokens_mean",
+        "coserve:engine_step_kv_tokens_mean",
+        "gauge",
+        "Mean KV tokens an engine step's attention read (sum of its sequences' context "
+        "lengths) over that window (generation only).",
+    ),
 ]
 
 

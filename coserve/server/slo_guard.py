@@ -23,8 +23,15 @@ does the gen step beside it, and gen's figures catch up), then reads gen's windo
 probe's span; a reading counts only once the whole window lies after the settle. The first
 probe (span `calibrate_s`) starts when gen first gets busy; later ones (span `probe_s`) every
 `probe_interval_s` while gen is busy, because gen alone's step time drifts with its load (a
-decode step reads the KV cache of every running sequence, which grows as they age). The
-baseline is the median of the last `probe_keep` probes; the budget follows it."""
+decode step reads the KV cache of every running sequence, which grows as they age).
+
+A step's time depends on the work it does, and a closed loop's refills make that work swing
+within seconds, so the guard compares gen now with gen alone doing the same work: each probe
+keeps the mean work of gen's steps beside its figure (sequences, prompt tokens, KV tokens
+read; GenSample.work), and the baseline is a fit of gen alone's step time to that work over
+the last `probe_keep` probes (slo_guard_fit.py), evaluated at every reading for the work in
+gen's window then. Without work figures on gen's page, too few probes, or probes whose work
+does not vary, the baseline is the median of those probes."""
 
 from __future__ import annotations
 
@@ -34,6 +41,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from coserve.server.engine_core import STEP_WINDOW_S
+from coserve.server.slo_guard_fit import Baseline, ProbePoint, StepFeatures, fit_baseline
 
 log = logging.getLogger("coserve.server")
 
@@ -54,10 +62,12 @@ class Allowance:
 @dataclass(frozen=True)
 class GenSample:
     """One reading of gen's /metrics: the guarded statistic (mean or p99) of its step wall
-    time (s) over its window and how many steps the window held (0: gen idle)."""
+    time (s) over its window, how many steps the window held (0: gen idle), and the mean
+    work of those steps (None: gen does not publish it)."""
 
     step_s: float
     steps: int
+    work: StepFeatures | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -87,7 +97,10 @@ class GuardConfig:
     calibrate_s: float = 2.0  # the first probe's span
     probe_s: float = 0.5  # a later probe's span
     probe_interval_s: float = 5.0  # from one probe's end to the next one's start; 0: one probe
-    probe_keep: int = 3  # the baseline is the median of this many last probes
+    # The baseline is fitted to (or, failing a fit, the median of) this many last probes. A
+    # fit of up to 4 parameters needs more probes than that, and gen's work levels alternate
+    # (refills), so 8 probes (~45 s at the default interval) see each level several times.
+    probe_keep: int = 8
     gen_window_s: float = STEP_WINDOW_S  # the span of gen's step figures
 
     def __post_init__(self) -> None:
@@ -143,7 +156,8 @@ class GuardState:
     cuts: int = 0
     polls: int = 0
     poll_errors: int = 0
-    baseline_s: float | None = None  # median of the last probes: gen alone's step time
+    baseline_s: float | None = None  # gen alone's step time for gen's work now (the fit)
+    fit: Baseline | None = None  # the baseline of the last probes (a fit or their median)
     probes: int = 0  # probes that gave a figure
     last_probe_s: float | None = None  # the newest probe's figure
 
@@ -152,7 +166,7 @@ class GuardState:
 class _Probe:
     start: float
     span_s: float  # measured after the settle
-    readings: list[float] = field(default_factory=list)
+    readings: list[GenSample] = field(default_factory=list)
 
 
 class SloGuard:
@@ -168,7 +182,7 @@ class SloGuard:
         # Probes measure gen alone for a percentage budget only; the first is due at once.
         self.next_probe_at = -float("inf") if cfg.over_alone_pct is not None else float("inf")
         self.probe: _Probe | None = None
-        self.figures: deque[float] = deque(maxlen=cfg.probe_keep)
+        self.points: deque[ProbePoint] = deque(maxlen=cfg.probe_keep)
         self.grow_from = -float("inf")  # no growth before: gen's window still holds a probe
         self.state = GuardState(
             budget_s=cfg.budget_s,
@@ -198,6 +212,8 @@ class SloGuard:
         if st.budget_s is None:  # gen idle so far: nothing to protect, embed runs freely
             st.allowance = self._allowance()
             return st.allowance
+        if st.fit is not None and sample.steps > 0:
+            self._set_budget(sample.work)
         if sample.steps == 0:
             self._grow()
         elif sample.step_s > st.budget_s:
@@ -223,36 +239,43 @@ class SloGuard:
             return False
         since = now - probe.start
         if since >= cfg.settle_s + cfg.gen_window_s:  # the window lies wholly after the settle
-            probe.readings.append(sample.step_s)
+            probe.readings.append(sample)
         if since < cfg.settle_s + probe.span_s:
             return True
-        self._end_probe(now, statistics.median(probe.readings))
+        self._end_probe(now, _probe_point(probe.readings))
         return False
 
-    def _end_probe(self, now: float, figure: float | None = None) -> None:
+    def _end_probe(self, now: float, point: ProbePoint | None = None) -> None:
         cfg, st = self.cfg, self.state
         self.probe = None
         self.grow_from = now + cfg.gen_window_s
-        if figure is None:
+        if point is None:
             st.phase = "waiting" if st.budget_s is None else "guarding"
             return
-        self.figures.append(figure)
+        self.points.append(point)
         st.probes += 1
-        st.last_probe_s = figure
-        st.baseline_s = statistics.median(self.figures)
-        st.budget_s = st.baseline_s * (1 + cfg.over_alone_pct / 100)
+        st.last_probe_s = point.step_s
+        st.fit = fit_baseline(list(self.points))
+        self._set_budget(point.work)
         st.phase = "guarding"
         self.next_probe_at = now + cfg.probe_interval_s if cfg.probe_interval_s else float("inf")
         log.info(
-            "SLO guard: probe %d: gen alone step %s %.2f ms; baseline (median of %d) %.2f ms, "
-            "budget %.2f ms",
+            "SLO guard: probe %d: gen alone step %s %.2f ms at %s; baseline now %.2f ms "
+            "(%s; %d probes), budget %.2f ms",
             st.probes,
             cfg.stat,
-            figure * 1e3,
-            len(self.figures),
+            point.step_s * 1e3,
+            point.work,
             st.baseline_s * 1e3,
+            st.fit.describe(),
+            len(self.points),
             st.budget_s * 1e3,
         )
+
+    def _set_budget(self, work: StepFeatures | None) -> None:
+        st = self.state
+        st.baseline_s = st.fit.predict(work)
+        st.budget_s = st.baseline_s * (1 + self.cfg.over_alone_pct / 100)
 
     def _cut(self) -> None:
         cfg = self.cfg
@@ -270,3 +293,17 @@ class SloGuard:
             return
         step = cfg.grow_tokens or max(1, cfg.max_tokens // 32)
         self.tokens = min(cfg.max_tokens, self.tokens + step)
+
+
+def _probe_point(readings: list[GenSample]) -> ProbePoint:
+    """A probe's readings (at least one) -> its point: the median figure, and the median of
+    each work feature (None unless every reading carries work)."""
+    works = [r.work for r in readings]
+    work = None
+    if all(w is not None for w in works):
+        work = StepFeatures(
+            statistics.median(w.batch for w in works),
+            statistics.median(w.prefill_tokens for w in works),
+            statistics.median(w.kv_tokens for w in works),
+        )
+    return ProbePoint(statistics.median(r.step_s for r in readings), work)

@@ -10,11 +10,18 @@ import math
 import re
 
 from coserve.server.slo_guard import GenSample, GuardState, SloGuard
+from coserve.server.slo_guard_fit import StepFeatures
 
 log = logging.getLogger("coserve.server")
 
 STEP_METRIC = "coserve:engine_step_seconds_{stat}"  # stat: mean | p99
 STEP_COUNT_METRIC = "coserve:engine_steps_window"
+# the mean work of the window's steps, by StepFeatures field
+WORK_METRICS = {
+    "batch": "coserve:engine_step_batch_mean",
+    "prefill_tokens": "coserve:engine_step_prefill_tokens_mean",
+    "kv_tokens": "coserve:engine_step_kv_tokens_mean",
+}
 
 _SAMPLE = re.compile(r"^(coserve:engine_step[a-z_0-9]*)(?:\{[^}]*\})?\s+(\S+)\s*$", re.M)
 
@@ -26,7 +33,8 @@ class BadGenPage(ValueError):
 
 def parse_gen_metrics(text: str, stat: str = "mean") -> GenSample | None:
     """gen's /metrics page -> GenSample of step time `stat`; None when it lacks the step
-    figures (an older server, or not coserve's).
+    figures (an older server, or not coserve's). The sample's work is None unless the page
+    carries every one of WORK_METRICS.
 
     Raises BadGenPage naming the metric when a figure is there but is no reading (a gen
     server must never hand the guard an inf, a NaN or a negative time for a baseline)."""
@@ -37,7 +45,10 @@ def parse_gen_metrics(text: str, stat: str = "mean") -> GenSample | None:
     step_s, steps = _figure(step_name, values[step_name]), _figure(count_name, values[count_name])
     if not steps.is_integer():
         raise BadGenPage(f"{count_name} is {values[count_name]}, not a whole count")
-    return GenSample(step_s, int(steps))
+    work = None
+    if all(name in values for name in WORK_METRICS.values()):
+        work = StepFeatures(**{f: _figure(n, values[n]) for f, n in WORK_METRICS.items()})
+    return GenSample(step_s, int(steps), work)
 
 
 def _figure(name: str, raw: str) -> float:
@@ -110,8 +121,11 @@ async def run_guard(
 
 
 def guard_metrics(st: GuardState, throttled_s: float) -> list[tuple[str, str, str, float]]:
-    """(name, type, help, value) for /metrics; the budget is 0 until the first probe sets it."""
+    """(name, type, help, value) for /metrics; the budget is 0 until the first probe sets it.
+    The fit's coefficients are 0 while the baseline is the probes' median."""
     a = st.allowance
+    fit = st.fit if st.fit is not None and st.fit.fitted else None
+    per_kv, per_prefill, per_seq = fit.per_feature_s if fit else (0.0, 0.0, 0.0)
     return [
         (
             "coserve:slo_guard_budget_seconds",
@@ -122,8 +136,39 @@ def guard_metrics(st: GuardState, throttled_s: float) -> list[tuple[str, str, st
         (
             "coserve:slo_guard_gen_alone_seconds",
             "gauge",
-            "Gen alone's step time: the median of the last probes (0: none yet).",
+            "Gen alone's step time for the work gen's steps do now: the fit of the last probes "
+            "(or their median) at gen's current work (0: no probe yet).",
             st.baseline_s or 0.0,
+        ),
+        (
+            "coserve:slo_guard_fit",
+            "gauge",
+            "1 while the baseline is a fit of the probes to gen's work, 0 while their median.",
+            float(fit is not None),
+        ),
+        (
+            "coserve:slo_guard_fit_intercept_seconds",
+            "gauge",
+            "The fit's constant term: gen alone's step time at no work.",
+            fit.intercept_s if fit else 0.0,
+        ),
+        (
+            "coserve:slo_guard_fit_seconds_per_kv_token",
+            "gauge",
+            "The fit's step time per KV token read.",
+            per_kv,
+        ),
+        (
+            "coserve:slo_guard_fit_seconds_per_prefill_token",
+            "gauge",
+            "The fit's step time per prompt token scheduled.",
+            per_prefill,
+        ),
+        (
+            "coserve:slo_guard_fit_seconds_per_seq",
+            "gauge",
+            "The fit's step time per sequence in the batch.",
+            per_seq,
         ),
         (
             "coserve:slo_guard_last_probe_seconds",
