@@ -69,10 +69,22 @@ HARDWARE: tuple[HardwareRecord, ...] = (
         "co-scheduling: embed granularity, the SLO guard before its probes (1 rep each)",
         "H200, 2026-11-30 (docs/co-scheduling.md)",
     ),
-    HardwareRecord("the SLO guard's probes; MPS thread limits and client priority", None),
-    HardwareRecord("coserve profile (torch profiler / CUPTI), its ncu wrapper", None),
+    HardwareRecord(
+        "co-scheduling: the SLO guard's probes (median baseline), MPS thread limits and client "
+        "priority (1 rep each)",
+        "H200, 2026-11-30 (docs/co-scheduling.md, second measurements)",
+    ),
+    HardwareRecord("the SLO guard's baseline fitted to gen's step work", None),
+    HardwareRecord(
+        "coserve profile (torch profiler / CUPTI), graphs and eager, under MPS",
+        "H200, 2026-11-30 (docs/mechanism.md)",
+    ),
+    HardwareRecord("coserve profile --ncu (Nsight Compute wrapper)", None),
     HardwareRecord("coserve export's files; coserve run --ray", None),
-    HardwareRecord("serve colocated: stream priorities, green contexts (--embed-sms)", None),
+    HardwareRecord(
+        "serve colocated: stream priorities, green contexts (--embed-sms)",
+        "H200, 2026-11-30 (docs/co-scheduling.md, second measurements)",
+    ),
     HardwareRecord("serve colocated: a disjoint SM split (--gen-sms)", None),
 )
 
