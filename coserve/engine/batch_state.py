@@ -7,6 +7,7 @@ Python pass over the sequence objects."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -159,6 +160,15 @@ class BatchState:
         self.table_len[i] = new
         self.version += 1
 
+    def append_blocks(self, rows: np.ndarray, blocks: list[int]) -> None:
+        """Rows `rows` (distinct) each gained one block (`blocks`, in the same order) at
+        the end of their tables."""
+        lens = self.table_len[rows]
+        self._fit(self.n, int(lens.max()) + 1, 0)
+        self.tables[rows, lens] = blocks
+        self.table_len[rows] = lens + 1
+        self.version += 1
+
     def blocks_short(self, block_size: int, ahead: int) -> np.ndarray:
         """[n] blocks each row lacks for a slot per token it holds, plus `ahead` tokens."""
         n = self.n
@@ -179,7 +189,7 @@ class BatchState:
         )
 
     # -- a decode step's tokens -------------------------------------------------------------
-    def advance(self, tokens: np.ndarray, eos: np.ndarray, max_model_len: int) -> np.ndarray:
+    def advance(self, tokens: np.ndarray, eos: Iterable[int], max_model_len: int) -> np.ndarray:
         """Rows 0..len(tokens)-1 each take their token ([k] int64). Returns the rows whose
         token may end them (max_tokens or max_model_len reached, an EOS or stop token): a
         superset of those that end, for the exact test."""
@@ -189,8 +199,8 @@ class BatchState:
         self.computed[:k] += 1
         self.last_token[:k] = tokens
         maybe = (lens >= self.max_total[:k]) | (lens >= max_model_len)
-        if len(eos):
-            maybe |= np.isin(tokens, eos)
+        for e in eos:  # a few ids: a compare each is cheaper than np.isin
+            maybe |= tokens == e
         if self.stop_ids.shape[1]:
             maybe |= (self.stop_ids[:k] == tokens[:, None]).any(axis=1)
         return np.flatnonzero(maybe)

@@ -130,13 +130,21 @@ class Scheduler:
         short = np.flatnonzero(need > 0)
         if int(need[short].sum()) > self.blocks.num_free:
             return None
-        self._grow_rows(short, 1)
+        self._grow_rows(short, need, 1)
         n = st.n
         return ScheduledBatch(list(self.running), [1] * n, n, st.decode_rows(1))
 
-    def _grow_rows(self, rows: np.ndarray, ahead: int) -> None:
-        """Give rows `rows` of the batch state a slot per token they hold plus `ahead`."""
+    def _grow_rows(self, rows: np.ndarray, need: np.ndarray, ahead: int) -> None:
+        """Give rows `rows` of the batch state (which lack need[rows] blocks) a slot per
+        token they hold plus `ahead`."""
         st = self.state
+        if not len(rows):
+            return
+        if (need[rows] == 1).all() and st.table_key[rows].all():
+            # the decode case: a block each, handed out in row order as one by one
+            seqs = [st.seqs[i] for i in rows.tolist()]
+            st.append_blocks(rows, self.blocks.grow_one_each(seqs))
+            return
         counts = (st.num_tokens[rows] + ahead).tolist()
         for i, count in zip(rows.tolist(), counts, strict=True):
             seq = st.seqs[i]
@@ -180,7 +188,7 @@ class Scheduler:
         short = np.flatnonzero(need > 0)
         if int(need[short].sum()) <= self.blocks.num_free:
             # the common case, in array passes: every sequence's next token has a slot
-            self._grow_rows(short, 0)
+            self._grow_rows(short, need, 0)
             return list(self.running)
         queue = deque(self.running)
         scheduled: list[Sequence] = []
@@ -268,8 +276,7 @@ class Scheduler:
         one C-level pass to append each token to its sequence; only the tokens that may end
         a sequence go through `_end_reason`."""
         st, k = self.state, len(decodes)
-        eos = np.fromiter(eos_ids, np.int64, len(eos_ids))
-        maybe = st.advance(tokens, eos, max_model_len)
+        maybe = st.advance(tokens, eos_ids, max_model_len)
         toks = tokens.tolist()
         deque(map(list.append, map(_TOKEN_IDS, decodes), toks), maxlen=0)
         computed = st.computed[:k].tolist()
