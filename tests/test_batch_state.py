@@ -28,6 +28,7 @@ def _assert_mirrors(sch: Scheduler) -> None:
         assert st.num_tokens[i] == len(s.token_ids) and st.last_token[i] == s.token_ids[-1]
         assert st.computed[i] == s.num_computed_tokens
         assert st.prompt[i] == s.num_prompt_tokens and st.max_total[i] == s.max_total_tokens
+        assert st.plain_greedy[i] == s.plain_greedy
         assert st.table_key[i] == s.block_table_key and st.table_len[i] == len(t)
         assert st.tables[i, : len(t)].tolist() == t
         assert (st.tables[i, len(t) :] == st.null_block).all()
@@ -47,7 +48,7 @@ def _params(rng: random.Random) -> SamplingParams:
     stops = tuple(rng.sample(range(4, 12), rng.choice([0, 0, 1, 3])))
     return SamplingParams(
         max_tokens=rng.randint(1, 18),
-        temperature=0,
+        temperature=rng.choice([0, 0, 0, 0.7]),
         stop_token_ids=stops,
         ignore_eos=rng.random() < 0.3,
         min_tokens=rng.choice([0, 0, 2]),
@@ -64,6 +65,7 @@ def _staged_alike(batch: ScheduledBatch, fast: HostStage, slow: HostStage, ahead
     assert rows is not None and rows.current and rows.ahead == ahead
     assert rows.num_tokens.tolist() == [len(s.token_ids) + ahead for s in seqs]
     assert rows.last_token.tolist() == [s.token_ids[-1] for s in seqs]
+    assert rows.plain_greedy == all(s.plain_greedy for s in seqs)
     n = len(seqs)
     fast.table_rows_from(rows.table_key, rows.table_len, rows.tables, n + 2)
     keys = np.array([s.block_table_key for s in seqs], dtype=np.int64)

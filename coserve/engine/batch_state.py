@@ -26,6 +26,7 @@ class DecodeRows:
     table_key: np.ndarray
     table_len: np.ndarray
     tables: np.ndarray  # [>= n, width] int32: entries, then the null block
+    plain_greedy: bool  # every sequence's is (Sequence.plain_greedy)
     ahead: int  # tokens in flight, not yet on the host (num_tokens counts them)
     state: BatchState
     version: int
@@ -42,8 +43,8 @@ class BatchState:
 
     Rows hold, per sequence: num_tokens (len(token_ids)), last_token, computed
     (num_computed_tokens), table_key / table_len / tables (its block table, then
-    `null_block`), max_total (tokens at which max_tokens ends it), stop_ids (its
-    stop_token_ids, padded with -1); and `seqs` / `request_ids`, lists in row order."""
+    `null_block`), max_total (tokens at which max_tokens ends it), plain_greedy, stop_ids
+    (its stop_token_ids, padded with -1); and `seqs` / `request_ids`, lists in row order."""
 
     def __init__(self, null_block: int, rows: int = 16, width: int = 8) -> None:
         self.null_block = null_block
@@ -64,6 +65,7 @@ class BatchState:
             "table_key": np.zeros(rows, np.int64),
             "table_len": np.zeros(rows, np.int64),
             "max_total": np.zeros(rows, np.int64),
+            "plain_greedy": np.zeros(rows, bool),
             "tables": np.full((rows, width), self.null_block, np.int32),
             "stop_ids": np.full((rows, stops), -1, np.int64),
         }
@@ -107,6 +109,7 @@ class BatchState:
         self.computed[i] = seq.num_computed_tokens
         self.prompt[i] = seq.num_prompt_tokens
         self.max_total[i] = seq.max_total_tokens
+        self.plain_greedy[i] = seq.plain_greedy
         self.stop_ids[i] = -1
         self.stop_ids[i, : len(stops)] = stops
         self.tables[i] = self.null_block
@@ -131,6 +134,7 @@ class BatchState:
             a[first:m] = a[rows]
         self.table_len[first:m] = self.table_len[rows]
         self.max_total[first:m] = self.max_total[rows]
+        self.plain_greedy[first:m] = self.plain_greedy[rows]
         if self.stop_ids.shape[1]:
             self.stop_ids[first:m] = self.stop_ids[rows]
         self.tables[first:m, :used] = self.tables[rows, :used]
@@ -183,6 +187,7 @@ class BatchState:
             self.table_key[:n].copy(),
             self.table_len[:n].copy(),
             self.tables,
+            bool(self.plain_greedy[:n].all()),
             ahead,
             self,
             self.version,

@@ -219,7 +219,10 @@ class GenEngine(tp_workers.LeadsRanks):
         return self._finish(batch, tokens)
 
     def _overlappable(self, batch: ScheduledBatch) -> bool:
-        return self.async_scheduling and batch.is_decode and _all_plain_greedy(batch.seqs)
+        if not (self.async_scheduling and batch.is_decode):
+            return False
+        rows = batch.rows
+        return rows.plain_greedy if rows is not None else _all_plain_greedy(batch.seqs)
 
     def _launch(self, batch: ScheduledBatch, feed: np.ndarray | None) -> _InFlight:
         tokens = self.runner.run(batch, greedy=True, feed=feed)
@@ -253,7 +256,12 @@ class GenEngine(tp_workers.LeadsRanks):
 
     def _finish(self, batch: ScheduledBatch, tokens: list[int]) -> list[RequestOutput]:
         self.last_step_decode = batch.is_decode
-        if batch.is_decode and SeqStatus.FINISHED in map(_STATUS, batch.seqs):
+        if (
+            batch.is_decode
+            # all still running (the common case): none finished
+            and batch.seqs != self.scheduler.running
+            and SeqStatus.FINISHED in map(_STATUS, batch.seqs)
+        ):
             # launched ahead: sequences that finished (or were aborted) since get nothing
             keep = [i for i, s in enumerate(batch.seqs) if s.status is not SeqStatus.FINISHED]
             batch = ScheduledBatch([batch.seqs[i] for i in keep], [1] * len(keep), len(keep))
