@@ -173,14 +173,6 @@ class Scheduler:
             budget -= n
         return seqs, counts
 
-    def short_of_blocks(self) -> list[tuple[Sequence, int]]:
-        """(sequence, blocks it lacks) for each running sequence that lacks blocks for a
-        slot per token it holds."""
-        st = self._synced()
-        need = st.blocks_short(self.blocks.block_size, 0)
-        short = np.flatnonzero(need > 0).tolist()
-        return [(st.seqs[i], int(need[i])) for i in short]
-
     def _schedule_decode(self) -> list[Sequence]:
         """The running sequences, each with a slot for its next token (preempting if short)."""
         st = self._synced()
@@ -231,9 +223,11 @@ class Scheduler:
         fast = decodes == (st.seqs if num_decode == st.n else st.seqs[:num_decode])
         if fast:
             finished = self._advance_decodes(decodes, tokens[:num_decode], eos_ids, max_model_len)
+            gone_rows = [i for i, _ in self.decoded.ended]  # rows of the finished, in order
         else:
             self.decoded = None
             finished = self._advance_each(decodes, sampled[:num_decode], eos_ids, max_model_len)
+            gone_rows = []
         got_token = list(decodes)
         later = tokens[num_decode:].tolist()
         tokens_at = 0
@@ -256,12 +250,16 @@ class Scheduler:
             reason = _end_reason(seq, token, eos_ids, max_model_len)
             if reason is not None:
                 finished.append((seq, reason))
+                if fast:
+                    gone_rows.append(st.n - 1)
         if finished:
-            gone = {id(seq) for seq, _ in finished}
             if fast:
-                st.keep(np.fromiter((id(s) not in gone for s in st.seqs), bool, st.n))
+                keep = np.ones(st.n, dtype=bool)
+                keep[gone_rows] = False
+                st.keep(keep)
                 self.running = list(st.seqs)
             else:
+                gone = {id(seq) for seq, _ in finished}
                 self.running = [s for s in self.running if id(s) not in gone]
             for seq, reason in finished:
                 self._finish(seq, reason)
