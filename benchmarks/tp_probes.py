@@ -70,6 +70,8 @@ class HostPhases:
 
     PARTS = {
         "schedule": ("scheduler", "schedule"),
+        # the decode step scheduled while the one before runs (async scheduling)
+        "schedule_ahead": ("scheduler", "schedule_ahead"),
         "stage": ("runner", "_prepare_static"),
         "stage_varlen": ("runner", "_prepare_varlen"),
         "send": ("runner", "_staged"),
@@ -83,7 +85,9 @@ class HostPhases:
         self._undo = []
         for phase, (owner, name) in self.PARTS.items():
             obj = engine if owner == "engine" else getattr(engine, owner)
-            orig = getattr(obj, name)
+            orig = getattr(obj, name, None)
+            if orig is None:  # an engine from before the part existed
+                continue
             obj.__dict__[name] = self._wrap(phase, orig)
             self._undo.append((obj, name))
         if engine.runner.broadcast is not None:

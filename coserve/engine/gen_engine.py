@@ -18,6 +18,7 @@ import logging
 import operator
 import time
 from dataclasses import dataclass
+from itertools import repeat
 
 import numpy as np
 import torch
@@ -35,9 +36,6 @@ from coserve.engine.types import EngineArgs, RequestOutput, SamplingParams, Step
 log = logging.getLogger("coserve.engine")
 
 
-_PLACEHOLDER = 0  # a launched-ahead step's token, until it reaches the host
-
-
 def _all_plain_greedy(seqs: list[Sequence]) -> bool:
     """The argmax of the raw logits is every sequence's token: no temperature, and none of
     top_k, min_tokens or logprobs (those need the sampler on the host's side of the step)."""
@@ -46,7 +44,6 @@ def _all_plain_greedy(seqs: list[Sequence]) -> bool:
 
 _PLAIN_GREEDY = operator.attrgetter("plain_greedy")
 _STATUS = operator.attrgetter("status")
-_TOKEN_IDS = operator.attrgetter("token_ids")
 
 
 @dataclass
@@ -211,7 +208,7 @@ class GenEngine(tp_workers.LeadsRanks):
         self._inflight = self._launch_next(pending)
         if pending.done is not None:
             pending.done.synchronize()
-        return self._finish(pending.batch, pending.tokens[: len(pending.batch.seqs)].tolist())
+        return self._finish(pending.batch, pending.tokens[: len(pending.batch.seqs)].numpy())
 
     def _sync_step(self, batch: ScheduledBatch) -> list[RequestOutput]:
         sampling = (
@@ -220,13 +217,16 @@ class GenEngine(tp_workers.LeadsRanks):
             else [s for i, s in enumerate(batch.seqs) if batch.samples(i)]
         )
         if _all_plain_greedy(sampling):
-            tokens = self.runner.run(batch, greedy=True).tolist()
+            tokens = self.runner.run(batch, greedy=True).cpu().numpy()
         else:
             tokens = self.sampler(self.runner.run(batch), sampling)
         return self._finish(batch, tokens)
 
     def _overlappable(self, batch: ScheduledBatch) -> bool:
-        return self.async_scheduling and batch.is_decode and _all_plain_greedy(batch.seqs)
+        if not (self.async_scheduling and batch.is_decode):
+            return False
+        rows = batch.rows
+        return rows.plain_greedy if rows is not None else _all_plain_greedy(batch.seqs)
 
     def _launch(self, batch: ScheduledBatch, feed: np.ndarray | None) -> _InFlight:
         tokens = self.runner.run(batch, greedy=True, feed=feed)
@@ -240,46 +240,42 @@ class GenEngine(tp_workers.LeadsRanks):
         return _InFlight(batch, host, done)
 
     def _launch_next(self, pending: _InFlight) -> _InFlight | None:
-        """Schedule and launch the decode step after `pending` while it runs: its sequences
-        hold a placeholder for the token it is computing (so the scheduler gives it a cache
-        slot), and the new step takes those tokens from the device. Only when nothing
+        """Schedule and launch the decode step after `pending` while it runs: the scheduler
+        counts the token `pending` is computing (`Scheduler.schedule_ahead`, which gives it a
+        cache slot), and the new step takes those tokens from the device. Only when nothing
         waits (no prompt joins) and the free blocks cover every sequence's next slot (no
         preemption)."""
         if self.scheduler.waiting or not self._overlappable(pending.batch):
             return None
+        batch = self.scheduler.schedule_ahead()
+        if batch is None:
+            return None
         seqs = pending.batch.seqs
-        toks = list(map(_TOKEN_IDS, seqs))
-        for t in toks:
-            t.append(_PLACEHOLDER)
-        try:
-            if sum(n for _, n in self.scheduler.short_of_blocks()) > self.blocks.num_free:
-                return None
-            batch = self.scheduler.schedule()
-            if batch is None:
-                return None
-            if batch.seqs == seqs:
-                feed = np.arange(len(seqs), dtype=np.int64)
-            else:  # sequences aborted since `pending` was launched
-                row = {id(s): i for i, s in enumerate(seqs)}
-                feed = np.fromiter((row[id(s)] for s in batch.seqs), np.int64, len(batch.seqs))
-            return self._launch(batch, feed)
-        finally:
-            for t in toks:
-                t.pop()
+        if batch.seqs == seqs:
+            feed = np.arange(len(seqs), dtype=np.int64)
+        else:  # sequences aborted since `pending` was launched
+            row = {id(s): i for i, s in enumerate(seqs)}
+            feed = np.fromiter((row[id(s)] for s in batch.seqs), np.int64, len(batch.seqs))
+        return self._launch(batch, feed)
 
     def _finish(self, batch: ScheduledBatch, tokens: list[int]) -> list[RequestOutput]:
         self.last_step_decode = batch.is_decode
         gone = []
-        if batch.is_decode and SeqStatus.FINISHED in map(_STATUS, batch.seqs):
+        if (
+            batch.is_decode
+            # all still running (the common case): none finished
+            and batch.seqs != self.scheduler.running
+            and SeqStatus.FINISHED in map(_STATUS, batch.seqs)
+        ):
             # launched ahead: sequences that finished (or were aborted) since get nothing
             keep = [i for i, s in enumerate(batch.seqs) if s.status is not SeqStatus.FINISHED]
             gone = [s for s in batch.seqs if s.status is SeqStatus.FINISHED]
             batch = ScheduledBatch([batch.seqs[i] for i in keep], [1] * len(keep), len(keep))
-            tokens = [tokens[i] for i in keep]
+            tokens = np.asarray(tokens)[keep]
         self.last_step_work = self.scheduler.step_work(batch, gone)
         got = self.scheduler.postprocess(batch, tokens, self.eos_token_ids, self.max_model_len)
-        outputs = []
-        for seq in got:
+        outputs = self._decode_outputs()
+        for seq in got[len(outputs) :]:
             prompt = seq.num_prompt_tokens
             if not seq.prompt_counted:
                 seq.prompt_counted = True
@@ -294,6 +290,30 @@ class GenEngine(tp_workers.LeadsRanks):
                 )
             )
         self._generation_tokens_total += len(outputs)
+        return outputs
+
+    def _decode_outputs(self) -> list[RequestOutput]:
+        """The outputs of the last postprocess's decodes, built from its arrays (none if it
+        took the per-sequence path). A decoding sequence's prompt is counted already: its
+        first token came from the step that completed its prompt."""
+        d = self.scheduler.decoded
+        if d is None:
+            return []
+        outputs = list(
+            map(
+                RequestOutput,
+                d.request_ids,
+                d.new_token_ids,
+                repeat(False),
+                repeat(None),
+                d.prompt_tokens,
+                d.completion_tokens,
+            )
+        )
+        for i, reason in d.ended:
+            out = outputs[i]
+            out.finished, out.finish_reason = True, reason
+            self._seqs.pop(out.request_id, None)
         return outputs
 
     def stats(self) -> dict:

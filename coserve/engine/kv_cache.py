@@ -6,11 +6,15 @@ and no sequence ever owns it."""
 from __future__ import annotations
 
 import itertools
+import operator
 from collections import deque
 
 import torch
 
 from coserve.engine.sequence import Sequence
+
+_KEY = operator.attrgetter("block_table_key")
+_TABLE = operator.attrgetter("block_table")
 
 
 def cdiv(a: int, b: int) -> int:
@@ -78,6 +82,20 @@ class BlockManager:
         if not seq.block_table_key:
             seq.block_table_key = next(self._keys)
         seq.block_table.extend(self._free.popleft() for _ in range(n))
+
+    def grow_one_each(self, seqs: list[Sequence]) -> list[int]:
+        """One more block for each of `seqs` (which hold a table already), in order, as
+        `grow` one by one would give them; returns the blocks. RuntimeError if the free
+        blocks are too few."""
+        k = len(seqs)
+        if k > self.num_free:
+            raise RuntimeError("out of KV blocks (the scheduler should have checked)")
+        if not all(map(_KEY, seqs)):
+            raise ValueError("grow_one_each needs sequences that hold a table")
+        take = self._free.popleft
+        new = [take() for _ in range(k)]
+        deque(map(list.append, map(_TABLE, seqs), new), maxlen=0)
+        return new
 
     def free(self, seq: Sequence) -> None:
         self._free.extend(seq.block_table)

@@ -245,7 +245,17 @@ class ModelRunner:
         bs = self.block_size
         stage = self._next_stage()
         h = stage.np
-        if batch.is_decode:
+        rows_in = batch.rows
+        if rows_in is not None and not rows_in.current and rows_in.ahead:
+            raise RuntimeError("a batch scheduled ahead changed before it was staged")
+        if rows_in is not None and rows_in.current:
+            n = len(rows_in.num_tokens)
+            h["input_ids"][:n] = rows_in.last_token
+            h["context_lens"][:n] = rows_in.num_tokens
+            pos = rows_in.num_tokens - 1
+            stage.table_rows_from(rows_in.table_key, rows_in.table_len, rows_in.tables, rows)
+            sampling = None
+        elif batch.is_decode:
             owners = batch.seqs
             toks = list(map(_TOKEN_IDS, owners))
             n = len(toks)
@@ -267,8 +277,9 @@ class ModelRunner:
             pos = np.array(positions, dtype=np.int64)
             h["input_ids"][:n] = ids
             h["context_lens"][:n] = pos + 1
-        keys = np.fromiter(map(_TABLE_KEY, owners), np.int64, n)
-        stage.table_rows(keys, list(map(_TABLE, owners)), rows)
+        if rows_in is None or not rows_in.current:
+            keys = np.fromiter(map(_TABLE_KEY, owners), np.int64, n)
+            stage.table_rows(keys, list(map(_TABLE, owners)), rows)
         h["positions"][:n] = pos
         # each token's slot from its own row of the block tables just staged
         blocks = h["block_tables"][np.arange(n), pos // bs]
@@ -295,7 +306,11 @@ class ModelRunner:
     ) -> StaticStep:
         n = sum(batch.num_new_tokens)
         if self.enforce_eager:
-            rows, width = n, max(len(s.block_table) for s in batch.seqs)
+            if batch.rows is not None and batch.rows.current:
+                width = int(batch.rows.table_len.max())
+            else:
+                width = max(len(s.block_table) for s in batch.seqs)
+            rows = n
         else:
             rows, width = self.bucket_for(n), self.max_blocks_per_seq
         return StaticStep(rows, width, n, self._stage(batch, rows, width), greedy, feed)

@@ -114,6 +114,31 @@ class HostStage:
         changed = (self.row_key[:n] != keys) | (self.row_len[:n] != lens)
         for i in np.flatnonzero(changed).tolist():
             self.table_row(i, int(keys[i]), tables[i])
+        self._pad(n, rows)
+
+    def table_rows_from(
+        self, keys: np.ndarray, lens: np.ndarray, tables: np.ndarray, rows: int
+    ) -> None:
+        """As `table_rows`, from arrays: row i := tables[i, :lens[i]] (the table with
+        keys[i]; `tables` holds the null block past each table's end) for i < len(keys),
+        padding after. Array work only."""
+        n = len(keys)
+        held, written = self.row_key[:n], self.row_len[:n]
+        changed = np.flatnonzero((held != keys) | (written != lens))
+        if len(changed):
+            # whole rows up to the longest of old and new (entries past a row's length are
+            # the null block on both sides)
+            w = int(max(lens[changed].max(), written[changed].max()))
+            have = min(w, tables.shape[1])
+            bt = self.np["block_tables"]
+            bt[changed, :have] = tables[changed, :have]
+            if w > have:
+                bt[changed, have:w] = self.null_block
+            held[changed] = keys[changed]
+            written[changed] = lens[changed]
+        self._pad(n, rows)
+
+    def _pad(self, n: int, rows: int) -> None:
         pad = np.flatnonzero(self.row_len[n:rows] | self.row_key[n:rows]) + n
         if len(pad):
             # a padding row past its written entries is the null block already
