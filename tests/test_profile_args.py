@@ -1,0 +1,72 @@
+"""`coserve profile` (and `coserve run --conditions`) with arguments a careless user gives:
+each is refused before a run folder is made, exit 2, naming the flag."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO = str(ROOT / "experiments" / "demo.toml")
+
+
+@pytest.mark.parametrize("value", [",", " , ", ""])
+def test_a_condition_list_naming_none_is_refused(tmp_path, capsys, value):
+    """It ran nothing and exited 0 with an empty report."""
+    from coserve.cli import main
+
+    out = tmp_path / "run"
+    assert main(["profile", DEMO, "--condition", value, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--condition: no condition named" in err and "gen-only, embed-only" in err
+    assert not out.exists()
+
+
+def test_an_unknown_condition_is_refused_naming_the_flag_profile_has(tmp_path, capsys):
+    """The refusal said `--conditions` (coserve run's flag), which profile does not have."""
+    from coserve.cli import main
+
+    out = tmp_path / "run"
+    assert main(["profile", DEMO, "--condition", "gen-only,nope", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--condition: nope not in the spec" in err and "--conditions" not in err
+    assert not out.exists()
+
+
+def test_run_with_a_condition_list_naming_none_is_refused(tmp_path, capsys):
+    from coserve.cli import main
+    from coserve.experiment.runner import Runner, RunRefused
+    from coserve.spec import load_spec
+
+    with pytest.raises(RunRefused, match="no condition named"):
+        Runner(load_spec(DEMO), tmp_path / "r", only=[])
+    out = tmp_path / "run"
+    for value in (",", ""):
+        assert main(["run", DEMO, "--conditions", value, "--out", str(out)]) == 2
+        assert "no condition named" in capsys.readouterr().err
+        assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [["--execute"], ["--kernel-name", "rms"], ["--launch-skip", "3"], ["--launch-count", "2"]],
+)
+def test_ncu_flags_without_ncu_are_refused(tmp_path, capsys, flags):
+    """They were ignored: `--execute` alone ran a torch-profiler run instead of ncu."""
+    from coserve.cli import main
+
+    out = tmp_path / "run"
+    assert main(["profile", DEMO, "--condition", "gen-only", *flags, "--out", str(out)]) == 2
+    assert f"{flags[0]} needs --ncu" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_a_kernel_name_that_is_not_a_regex_is_refused(tmp_path, capsys):
+    """ncu would have been started around the whole run only to reject it."""
+    from coserve.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["profile", DEMO, "--condition", "gen-only", "--ncu", "--kernel-name", "(rms"])
+    assert e.value.code == 2
+    assert "--kernel-name: not a regular expression" in capsys.readouterr().err
