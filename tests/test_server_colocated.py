@@ -85,6 +85,29 @@ def test_both_endpoints_from_one_engine_process():
         server.kill()
 
 
+def test_sigterm_while_the_engines_load_stops_them_at_once_without_a_traceback():
+    """The front waited 5 s for the engine process, which meanwhile finished loading and
+    died on its `ready` to a closed pipe: a BrokenPipeError traceback."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "coserve", "serve", "colocated"]
+        + ["--model", "tiny-dense", "--embed-model", "tiny-embed", "--random-weights"]
+        + ["--device", "cpu", "--port", "0", "--embed-port", "0"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        (core,) = wait_for(lambda: engine_processes(proc.pid), what="the engine process")
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        assert "Traceback" not in err and "ready at" not in err
+        wait_for(lambda: not alive(core), what="the engine process to exit")
+    finally:
+        proc.kill()
+
+
 def test_a_model_that_cannot_load_fails_both_and_says_which():
     proc = subprocess.run(
         [
