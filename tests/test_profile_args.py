@@ -70,3 +70,20 @@ def test_a_kernel_name_that_is_not_a_regex_is_refused(tmp_path, capsys):
         main(["profile", DEMO, "--condition", "gen-only", "--ncu", "--kernel-name", "(rms"])
     assert e.value.code == 2
     assert "--kernel-name: not a regular expression" in capsys.readouterr().err
+
+
+def test_resume_on_reps_run_without_the_profiler_is_refused(tmp_path, capsys):
+    """`coserve run`'s finished reps counted as done: nothing was profiled, an empty table
+    and exit 0."""
+    from coserve.cli import main
+    from coserve.experiment.rundir import write_json
+
+    out = tmp_path / "run"
+    rep = out / "reps" / "gen-only" / "rep-1"
+    rep.mkdir(parents=True)
+    write_json(rep / "rep.json", {"condition": "gen-only", "rep": 1, "status": "ok"})
+    argv = ["profile", DEMO, "--condition", "gen-only,embed-only", "--out", str(out)]
+    assert main([*argv, "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "gen-only rep 1 finished without the profiler" in err and "another --out" in err
+    assert not (rep / "profile").exists() and not (out / "reps" / "embed-only").exists()

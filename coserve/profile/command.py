@@ -112,6 +112,20 @@ def args_problem(spec, names: list[str], args: argparse.Namespace) -> str | None
     return None
 
 
+def unprofiled_reps(spec, names: list[str], out: Path) -> list[str]:
+    """The reps of `names` in `out` that finished ("ok") without a profile/summary.json (a
+    `coserve run` of the same spec): a resume would skip them, not profile them."""
+    from coserve.experiment.rundir import RunDir
+
+    rd = RunDir(out)
+    return [
+        f"{c.name} rep {r}"
+        for c, r in spec.schedule(names)
+        if (rd.rep_record(c.name, r) or {}).get("status") == "ok"
+        and not (rd.rep_dir(c.name, r) / "profile" / "summary.json").exists()
+    ]
+
+
 def profile_spec(spec, warmup_s: float | None, duration_s: float | None):
     """The spec as profiled: one rep per condition, no sweep repetitions beyond one, and the
     load windows given (a profile needs steps, not a long window)."""
@@ -227,6 +241,16 @@ def _profile(spec, names: list[str], out: Path, args, console) -> int:
     from coserve.experiment.runner import Runner, RunRefused
     from coserve.experiment.signals import interruptible
 
+    unprofiled = unprofiled_reps(spec, names, out) if args.resume else []
+    if unprofiled:
+        say(
+            console,
+            "refused:",
+            "red",
+            f"--resume: in {out}, {', '.join(unprofiled)} finished without the profiler (a "
+            "`coserve run`?), so it would be skipped, not profiled; profile into another --out",
+        )
+        return 2
     try:
         runner = Runner(
             spec, out, resume=args.resume, only=names, backend=ProfilingBackend(args.steps)
