@@ -87,3 +87,19 @@ def test_resume_on_reps_run_without_the_profiler_is_refused(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "gen-only rep 1 finished without the profiler" in err and "another --out" in err
     assert not (rep / "profile").exists() and not (out / "reps" / "embed-only").exists()
+
+
+def test_ncu_execute_into_a_file_is_refused(tmp_path, capsys, monkeypatch):
+    """It was a NotADirectoryError traceback from mkdir, exit 1."""
+    from coserve.cli import main
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "ncu").write_text("#!/bin/sh\nexit 1\n")
+    (bin_dir / "ncu").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{__import__('os').environ['PATH']}")
+    out = tmp_path / "a-file"
+    out.write_text("")
+    argv = ["profile", DEMO, "--condition", "gen-only", "--ncu", "--execute", "--out", str(out)]
+    assert main(argv) == 2
+    assert f"cannot use {out} for the ncu report" in capsys.readouterr().err

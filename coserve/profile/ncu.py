@@ -233,7 +233,11 @@ def _execute(spec, cond, cmd: list[str], report: Path, run_dir: Path, console) -
     from coserve.experiment.command import say
     from coserve.experiment.runner import Runner, RunRefused
 
-    report.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        report.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        say(console, "refused:", "red", f"cannot use {run_dir.parent} for the ncu report: {e}")
+        return 2
     wrapped = dataclasses.replace(wrapped_spec(spec, cond, cmd), repetitions=1)
     try:
         records = Runner(wrapped, run_dir, only=[cond.name]).run()
