@@ -27,6 +27,8 @@ from coserve.plan import (
 )
 from coserve.term import stdout_console
 
+BLOCK_SIZE = 16  # the engine's (engine/ranks.py, not imported here: it loads torch)
+
 
 def _concurrencies(text: str) -> list[int]:
     """ "256,512,1024" -> [256, 512, 1024]: at least one, each a positive integer."""
@@ -101,8 +103,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--block-size",
         type=positive_int,
-        default=16,
-        help="KV block size in tokens (the engine's: 16)",
+        default=None,  # None until given: --fleet refuses it
+        help=f"KV block size in tokens (the engine's: {BLOCK_SIZE})",
     )
     parser.add_argument(
         "--reserve-gib",
@@ -226,7 +228,7 @@ def make_plan(args: argparse.Namespace) -> tuple[Plan, list[int]]:
         source,
         inp,
         outp,
-        args.block_size,
+        args.block_size or BLOCK_SIZE,
         mns,
         conc,
         kv_cache_bytes,

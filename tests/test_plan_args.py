@@ -41,3 +41,11 @@ def test_concurrencies_are_read_in_order(capsys):
     argv = ["plan", "--gen", "tiny-dense", "--embed", "none", "--gpu", "h200", "--json"]
     assert main([*argv, "--concurrency", " 8, 64 ,"]) == 0
     assert list(json.loads(capsys.readouterr().out)["concurrency"]) == ["8", "64"]
+
+
+def test_block_size_with_fleet_is_refused(tmp_path, capsys):
+    """It was ignored (its default hid whether it was given), as --concurrency is refused."""
+    argv = ["plan", "--fleet", str(tmp_path), "--gen-tok-s", "1", "--embed-seq-s", "1"]
+    assert main([*argv, "--block-size", "32"]) == 2
+    said = capsys.readouterr()
+    assert "--block-size does not go with --fleet" in said.out + said.err
