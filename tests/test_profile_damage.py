@@ -165,3 +165,22 @@ def test_read_summary_raises_value_error_naming_the_field(tmp_path):
     path.write_text("[]")
     with pytest.raises(ValueError, match="an object"):
         read_summary(path)
+
+
+def test_a_gen_window_without_a_decode_step_shows_no_step_figures(tmp_path):
+    """`--steps 1` can capture one prefill step only: the step and busy times were printed as
+    a measured 0.00 ms."""
+    from coserve.profile.command import console_rows
+    from coserve.profile.records import RoleProfile, StepStat
+    from coserve.report.profile_section import role_row
+
+    prefill = StepStat(index=0, decode=False, wall_ms=3.0, busy_ms=2.0, kernels=4)
+    gen = RoleProfile("gen", "cpu ops", steps=[prefill])
+    assert gen.step_wall_ms is None and gen.step_busy_ms is None
+    assert gen.step_collective_ms is None
+    assert role_row(gen)[2:7] == ["1 (0)", "-", "-", "-", "-"]
+    rep = tmp_path / "reps" / "c" / "rep-1" / "profile"
+    rep.mkdir(parents=True)
+    (rep / "summary.json").write_text(json.dumps(RepProfile("c", roles={"gen": gen}).to_dict()))
+    (row,) = console_rows(tmp_path, ["c"])
+    assert row[2:7] == ["1", "-", "-", "-", "-"]

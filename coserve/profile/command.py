@@ -159,7 +159,7 @@ def console_rows(run_dir: Path, order: list[str]) -> list[list[str]]:
                     str(len(p.steps)),
                     num(wall),
                     num(busy),
-                    f"{100 * busy / wall:.0f}%" if wall > 0 else "-",
+                    f"{100 * busy / wall:.0f}%" if wall and busy is not None else "-",
                     num(p.step_collective_ms),
                     num(p.gaps.p50_us),
                     num(p.gaps.p99_us),

@@ -124,21 +124,26 @@ class RoleProfile:
         labelled = [s for s in self.steps if s.decode]
         return labelled or [s for s in self.steps if s.decode is None]
 
-    @property
-    def step_wall_ms(self) -> float:
+    def _decode_mean(self, attr: str) -> float | None:
         steps = self.decode_steps()
-        return sum(s.wall_ms for s in steps) / len(steps) if steps else 0.0
+        return sum(getattr(s, attr) for s in steps) / len(steps) if steps else None
 
     @property
-    def step_busy_ms(self) -> float:
-        steps = self.decode_steps()
-        return sum(s.busy_ms for s in steps) / len(steps) if steps else 0.0
+    def step_wall_ms(self) -> float | None:
+        """Mean wall time per decode step (ms); None where the window holds none (a window of
+        prefill steps only)."""
+        return self._decode_mean("wall_ms")
 
     @property
-    def step_collective_ms(self) -> float:
-        """Mean collective time per decode step (ms); 0 on one rank, which runs none."""
-        steps = self.decode_steps()
-        return sum(s.collective_ms for s in steps) / len(steps) if steps else 0.0
+    def step_busy_ms(self) -> float | None:
+        """Mean device-busy time per decode step (ms); None as step_wall_ms."""
+        return self._decode_mean("busy_ms")
+
+    @property
+    def step_collective_ms(self) -> float | None:
+        """Mean collective time per decode step (ms); 0 on one rank, which runs none; None as
+        step_wall_ms."""
+        return self._decode_mean("collective_ms")
 
 
 @dataclass

@@ -115,7 +115,6 @@ ROLE_HEADERS = [
 
 
 def role_row(p: RoleProfile) -> list[str]:
-    steps = p.decode_steps()
     shares = {c.kernel_class: c.share for c in p.classes}
     wall, busy = p.step_wall_ms, p.step_busy_ms
     return [
@@ -124,7 +123,7 @@ def role_row(p: RoleProfile) -> list[str]:
         f"{len(p.steps)} ({sum(1 for s in p.steps if s.decode)})",
         num(wall),
         num(busy),
-        _pct(busy / wall) if wall > 0 and steps else "-",
+        _pct(busy / wall) if wall and busy is not None else "-",
         num(p.step_collective_ms),
         str(p.gaps.count),
         num(p.gaps.mean_us),
