@@ -157,7 +157,7 @@ def lines(f: Fleet) -> list[str]:
 # ------------------------------------------------------------------ command line
 
 PLAN_ONLY = ("spec", "gen", "embed", "gpu", "gpu_memory_gib", "gen_util", "embed_util",
-             "input_len", "output_len", "concurrency", "max_num_seqs", "reserve_gib",
+             "input_len", "output_len", "concurrency", "max_num_seqs", "block_size", "reserve_gib",
              "kv_cache_bytes", "dtype")  # fmt: skip
 FLEET_ONLY = ("gen_tok_s", "embed_seq_s", *(s.attr for s in SLOS))
 

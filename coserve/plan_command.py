@@ -27,9 +27,27 @@ from coserve.plan import (
 )
 from coserve.term import stdout_console
 
+BLOCK_SIZE = 16  # the engine's (engine/ranks.py, not imported here: it loads torch)
+
+
+def _concurrencies(text: str) -> list[int]:
+    """ "256,512,1024" -> [256, 512, 1024]: at least one, each a positive integer."""
+    from coserve.server.serve_flags import positive_int
+
+    values = [positive_int(x.strip()) for x in text.split(",") if x.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError(f"no concurrency given in {text!r}")
+    return values
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from coserve.server.command import parse_bytes
+    from coserve.server.serve_flags import (
+        fraction,
+        non_negative_float,
+        parse_bytes,
+        positive_float,
+        positive_int,
+    )
 
     parser.add_argument(
         "--spec", metavar="SPEC.toml", help="take models, fractions, lengths and sweep from a spec"
@@ -50,31 +68,47 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--gpu", default=None, help=f"{', '.join(GPUS)} (default: this machine's GPU, else h200)"
     )
     parser.add_argument(
-        "--gpu-memory-gib", type=float, default=None, help="GPU memory in GiB (overrides --gpu's)"
+        "--gpu-memory-gib",
+        type=positive_float,
+        default=None,
+        help="GPU memory in GiB (overrides --gpu's)",
     )
     parser.add_argument(
-        "--gen-util", type=float, default=None, help="gen gpu_memory_utilization (default 0.50)"
+        "--gen-util", type=fraction, default=None, help="gen gpu_memory_utilization (default 0.50)"
     )
     parser.add_argument(
-        "--embed-util", type=float, default=None, help="embed gpu_memory_utilization (default 0.30)"
+        "--embed-util",
+        type=fraction,
+        default=None,
+        help="embed gpu_memory_utilization (default 0.30)",
     )
-    parser.add_argument("--input-len", type=int, default=None, help="prompt tokens (default 30)")
-    parser.add_argument("--output-len", type=int, default=None, help="output tokens (default 512)")
     parser.add_argument(
-        "--concurrency", default=None, help="C values to check, e.g. 256,512,1024 (default 512)"
+        "--input-len", type=positive_int, default=None, help="prompt tokens (default 30)"
+    )
+    parser.add_argument(
+        "--output-len", type=positive_int, default=None, help="output tokens (default 512)"
+    )
+    parser.add_argument(
+        "--concurrency",
+        type=_concurrencies,
+        default=None,
+        help="C values to check, e.g. 256,512,1024 (default 512)",
     )
     parser.add_argument(
         "--max-num-seqs",
-        type=int,
+        type=positive_int,
         default=None,
         help=f"gen max_num_seqs (default {ENGINE_MAX_NUM_SEQS}, the engine's)",
     )
     parser.add_argument(
-        "--block-size", type=int, default=16, help="KV block size in tokens (the engine's: 16)"
+        "--block-size",
+        type=positive_int,
+        default=None,  # None until given: --fleet refuses it
+        help=f"KV block size in tokens (the engine's: {BLOCK_SIZE})",
     )
     parser.add_argument(
         "--reserve-gib",
-        type=float,
+        type=non_negative_float,
         default=None,
         help="gen memory besides weights and KV cache: profiling-pass activations + outside torch "
         f"(default: what the engine measured for {MEASURED_MODEL} on an H200)",
@@ -156,8 +190,7 @@ def make_plan(args: argparse.Namespace) -> tuple[Plan, list[int]]:
     inp = args.input_len or inp
     outp = args.output_len or outp
     mns = args.max_num_seqs or mns
-    if args.concurrency:
-        conc = [int(x) for x in str(args.concurrency).split(",") if x.strip()]
+    conc = args.concurrency or conc
     if args.gpu:
         key = args.gpu.lower()
         if key not in GPUS:
@@ -195,7 +228,7 @@ def make_plan(args: argparse.Namespace) -> tuple[Plan, list[int]]:
         source,
         inp,
         outp,
-        args.block_size,
+        args.block_size or BLOCK_SIZE,
         mns,
         conc,
         kv_cache_bytes,

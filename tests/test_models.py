@@ -110,6 +110,19 @@ def test_a_config_json_it_cannot_use_is_a_value_error_naming_it(tmp_path, text, 
         load_model(str(tmp_path), task="generate", random_weights=True)
 
 
+@pytest.mark.parametrize(
+    "model, task, said",
+    [
+        ("tiny-dense", "embed", "'tiny-dense' is a generative model, not an embedding one"),
+        ("tiny-embed", "generate", "'tiny-embed' is an embedding model, not a generative one"),
+    ],
+)
+def test_a_preset_of_the_other_task_is_named_in_english(model, task, said):
+    """It said "is a generate model, not a embed one"."""
+    with pytest.raises(ValueError, match=said):
+        load_model(model, task=task, random_weights=True)
+
+
 def test_missing_weights_are_an_error(tmp_path):
     from safetensors.torch import load_file, save_file
 

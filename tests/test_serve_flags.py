@@ -66,3 +66,27 @@ def test_a_token_budget_below_the_models_own_limit_is_refused(capsys):
     err = capsys.readouterr().err
     assert "--max-num-batched-tokens: 10 is less than max_model_len" in err
     assert "whole input per forward" in err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["gen", "--port", "70000"],  # was bound as port 70000 % 65536 = 4464
+        ["gen", "--port", "-1"],  # was 'cannot listen ... Servname not supported', exit 1
+        ["colocated", "--embed-model", "tiny-embed", "--embed-port", "65536"],
+        ["colocated", "--embed-model", "tiny-embed", "--embed-port", "-1"],
+    ],
+)
+def test_a_port_outside_0_to_65535_is_a_usage_error(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["serve", argv[0], "--model", "tiny-dense", *argv[1:]])
+    assert e.value.code == 2
+    assert "port: must be a TCP port in [0, 65535]" in capsys.readouterr().err
+
+
+def test_colocated_refuses_one_port_for_both_endpoints(capsys):
+    """Both sockets bound (SO_REUSEADDR) and the second listen failed: a traceback, exit 1."""
+    argv = ["serve", "colocated", "--model", "tiny-dense", "--embed-model", "tiny-embed"]
+    argv += ["--random-weights", "--device", "cpu", "--port", "18777", "--embed-port", "18777"]
+    assert main(argv) == 2
+    assert "--embed-port: 18777 is --port too" in capsys.readouterr().err

@@ -85,6 +85,63 @@ def test_both_endpoints_from_one_engine_process():
         server.kill()
 
 
+def test_sigterm_while_both_endpoints_are_busy_drains_them_and_exits_0():
+    server = start()
+    try:
+        embed_url = server.stdout.get(timeout=30).split(" ready at ", 1)[1].split()[0]
+        (core,) = wait_for(lambda: engine_processes(server.proc.pid), what="the engine process")
+        gen: dict = {}
+        embeds: list = []
+
+        def one_gen():
+            body = {"prompt": [1, 2], "max_tokens": 200, "ignore_eos": True}
+            gen["r"] = post(server.url + "/v1/completions", body)
+
+        def embed_loop():
+            while True:
+                try:
+                    embeds.append(post(embed_url + "/v1/embeddings", {"input": [[3, 4]] * 8})[0])
+                except OSError:  # the endpoint has stopped listening
+                    return
+
+        threads = [threading.Thread(target=one_gen), threading.Thread(target=embed_loop)]
+        for t in threads:
+            t.start()
+        wait_for(lambda: embeds, what="an embed answer")
+        server.signal(signal.SIGTERM)
+        assert server.proc.wait(30) == 0, server.log_tail()
+        for t in threads:
+            t.join(30)
+        assert gen["r"][0] == 200 and gen["r"][1]["usage"]["completion_tokens"] == 200
+        assert 200 in embeds and set(embeds) <= {200, 503}  # 503: arrived while draining
+        wait_for(lambda: not alive(core), what="the engine process to exit")
+    finally:
+        server.kill()
+
+
+def test_sigterm_while_the_engines_load_stops_them_at_once_without_a_traceback():
+    """The front waited 5 s for the engine process, which meanwhile finished loading and
+    died on its `ready` to a closed pipe: a BrokenPipeError traceback."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "coserve", "serve", "colocated"]
+        + ["--model", "tiny-dense", "--embed-model", "tiny-embed", "--random-weights"]
+        + ["--device", "cpu", "--port", "0", "--embed-port", "0"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        (core,) = wait_for(lambda: engine_processes(proc.pid), what="the engine process")
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        assert "Traceback" not in err and "ready at" not in err
+        wait_for(lambda: not alive(core), what="the engine process to exit")
+    finally:
+        proc.kill()
+
+
 def test_a_model_that_cannot_load_fails_both_and_says_which():
     proc = subprocess.run(
         [

@@ -144,7 +144,8 @@ def load_model(
                 f"config.json (presets: {', '.join(_preset_names())})"
             )
     if preset is not None and preset.task != task:
-        raise ValueError(f"model {model!r} is a {preset.task} model, not a {task} one")
+        kind = {"generate": "a generative", "embed": "an embedding"}
+        raise ValueError(f"model {model!r} is {kind[preset.task]} model, not {kind[task]} one")
     where = f"preset {model!r}"
     if model_dir is not None:
         where = str(model_dir / "config.json")

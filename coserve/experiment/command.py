@@ -116,7 +116,7 @@ def execute(
     except SpecError as e:
         say(console, "bad spec", "red", str(e))
         return 2
-    only = [c.strip() for c in conditions.split(",") if c.strip()] if conditions else None
+    only = None if conditions is None else [c.strip() for c in conditions.split(",") if c.strip()]
     runner = None
     try:
         # Interruptible already: connecting to Ray (and starting a local one) takes seconds.

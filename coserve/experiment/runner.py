@@ -85,6 +85,10 @@ class Runner:
         if only is not None:
             names = [c.name for c in spec.all_conditions()]
             unknown = [n for n in only if n not in names]
+            if not only:
+                raise RunRefused(
+                    f"--conditions: no condition named (conditions: {', '.join(names)})"
+                )
             if unknown:
                 raise RunRefused(
                     f"--conditions: {', '.join(unknown)} not in the spec "

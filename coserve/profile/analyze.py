@@ -84,11 +84,12 @@ def analyze_rep(rep_dir: Path, roles: list[str]) -> RepProfile:
     return out
 
 
-def read_summary(path: Path) -> RepProfile | None:
-    """A rep's profile/summary.json, or None when it has none or cannot be read."""
+def read_summary(path: Path) -> RepProfile:
+    """A rep's profile/summary.json. Raises ValueError saying why it cannot be read (no such
+    file, not JSON, another shape or wrong types: the field named)."""
     try:
         return RepProfile.from_dict(json.loads(Path(path).read_text()))
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        if Path(path).exists():
-            log.warning("%s: not read: %s", path, e)
-        return None
+    except KeyError as e:
+        raise ValueError(f"no {e} in it") from e
+    except (OSError, ValueError, TypeError) as e:
+        raise ValueError(str(e)) from e

@@ -12,8 +12,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as dt
+import re
 from pathlib import Path
 
+from coserve.profile.ncu import LAUNCH_COUNT, LAUNCH_SKIP
 from coserve.server.profile_api import DEFAULT_MIN_S, DEFAULT_STEPS
 from coserve.server.serve_flags import positive_int, seconds
 
@@ -32,6 +34,18 @@ def _window(text: str) -> float:
     if v == 0:
         raise argparse.ArgumentTypeError("must be more than 0 seconds")
     return v
+
+
+def _regex(text: str) -> str:
+    """A kernel-name pattern ncu's `regex:` takes; Python's re stands in for its syntax check."""
+    try:
+        re.compile(text)
+    except re.error as e:
+        raise argparse.ArgumentTypeError(f"not a regular expression ({e}): {text!r}") from None
+    return text
+
+
+NCU_ONLY = ("execute", "kernel_name", "launch_skip", "launch_count")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -74,9 +88,51 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     ncu.add_argument("--ncu", action="store_true", help="print the ncu command for the condition")
     ncu.add_argument("--execute", action="store_true", help="with --ncu: run it and parse it")
-    ncu.add_argument("--kernel-name", default=None, metavar="REGEX", help="kernels to profile")
-    ncu.add_argument("--launch-skip", type=int, default=1000, metavar="N")
-    ncu.add_argument("--launch-count", type=positive_int, default=5, metavar="N")
+    ncu.add_argument(
+        "--kernel-name", type=_regex, default=None, metavar="REGEX", help="kernels to profile"
+    )
+    # None until given, so that one given without --ncu is refused rather than ignored.
+    ncu.add_argument(
+        "--launch-skip", type=int, default=None, metavar="N", help=f"default {LAUNCH_SKIP}"
+    )
+    ncu.add_argument(
+        "--launch-count",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help=f"default {LAUNCH_COUNT}",
+    )
+
+
+def args_problem(spec, names: list[str], args: argparse.Namespace) -> str | None:
+    """Why these arguments cannot run on `spec`, or None: no condition named, one not in the
+    spec, or an ncu flag without --ncu (it would be ignored)."""
+    known = [c.name for c in spec.all_conditions()]
+    unknown = [n for n in names if n not in known]
+    if not names or unknown:
+        what = ", ".join(unknown) + " not in the spec" if unknown else "no condition named"
+        return f"--condition: {what} (conditions: {', '.join(known)})"
+    if not args.ncu:
+        given = [
+            f"--{a.replace('_', '-')}" for a in NCU_ONLY if getattr(args, a) not in (None, False)
+        ]
+        if given:
+            return f"{', '.join(given)} needs --ncu (without it, the torch profiler runs)"
+    return None
+
+
+def unprofiled_reps(spec, names: list[str], out: Path) -> list[str]:
+    """The reps of `names` in `out` that finished ("ok") without a profile/summary.json (a
+    `coserve run` of the same spec): a resume would skip them, not profile them."""
+    from coserve.experiment.rundir import RunDir
+
+    rd = RunDir(out)
+    return [
+        f"{c.name} rep {r}"
+        for c, r in spec.schedule(names)
+        if (rd.rep_record(c.name, r) or {}).get("status") == "ok"
+        and not (rd.rep_dir(c.name, r) / "profile" / "summary.json").exists()
+    ]
 
 
 def profile_spec(spec, warmup_s: float | None, duration_s: float | None):
@@ -112,7 +168,7 @@ def console_rows(run_dir: Path, order: list[str]) -> list[list[str]]:
                     str(len(p.steps)),
                     num(wall),
                     num(busy),
-                    f"{100 * busy / wall:.0f}%" if wall > 0 else "-",
+                    f"{100 * busy / wall:.0f}%" if wall and busy is not None else "-",
                     num(p.step_collective_ms),
                     num(p.gaps.p50_us),
                     num(p.gaps.p99_us),
@@ -173,6 +229,10 @@ def run(args: argparse.Namespace) -> int:
         say(console, "bad spec", "red", str(e))
         return 2
     names = [c.strip() for c in args.condition.split(",") if c.strip()]
+    problem = args_problem(spec, names, args)
+    if problem:
+        say(console, "refused:", "red", problem)
+        return 2
     spec = profile_spec(spec, args.warmup_s, args.duration_s)
     if args.ncu:
         from coserve.profile.ncu import run_ncu
@@ -190,6 +250,16 @@ def _profile(spec, names: list[str], out: Path, args, console) -> int:
     from coserve.experiment.runner import Runner, RunRefused
     from coserve.experiment.signals import interruptible
 
+    unprofiled = unprofiled_reps(spec, names, out) if args.resume else []
+    if unprofiled:
+        say(
+            console,
+            "refused:",
+            "red",
+            f"--resume: in {out}, {', '.join(unprofiled)} finished without the profiler (a "
+            "`coserve run`?), so it would be skipped, not profiled; profile into another --out",
+        )
+        return 2
     try:
         runner = Runner(
             spec,

@@ -31,6 +31,7 @@ L2_HIT = "lts__t_sector_hit_rate.pct"
 DRAM_PCT = "dram__throughput.avg.pct_of_peak_sustained_elapsed"
 OCCUPANCY = "sm__warps_active.avg.pct_of_peak_sustained_active"
 METRICS = (L2_HIT, DRAM_PCT, OCCUPANCY)
+LAUNCH_SKIP, LAUNCH_COUNT = 1000, 5  # --launch-skip / --launch-count when not given
 PORT_MARK = "65021"  # stands for the port in the server's argv until launch fills {port}
 
 
@@ -188,11 +189,7 @@ def run_ncu(spec, names: list[str], args, console) -> int:
     if len(names) != 1:
         say(console, "refused:", "red", "--ncu profiles one condition at a time")
         return 2
-    try:
-        cond = spec.condition(names[0])
-    except KeyError:
-        say(console, "refused:", "red", f"--condition: {names[0]} not in the spec")
-        return 2
+    cond = spec.condition(names[0])  # command.args_problem: it is in the spec
     why = ncu_problem(cond.strategy) or (
         None if "gen" in cond.servers else f"{cond.name} has no gen server"
     )
@@ -207,8 +204,8 @@ def run_ncu(spec, names: list[str], args, console) -> int:
             argv,
             report,
             kernel_regex=args.kernel_name,
-            launch_skip=args.launch_skip,
-            launch_count=args.launch_count,
+            launch_skip=LAUNCH_SKIP if args.launch_skip is None else args.launch_skip,
+            launch_count=LAUNCH_COUNT if args.launch_count is None else args.launch_count,
         )
     except ValueError as e:
         say(console, "refused:", "red", str(e))
@@ -236,7 +233,11 @@ def _execute(spec, cond, cmd: list[str], report: Path, run_dir: Path, console) -
     from coserve.experiment.command import say
     from coserve.experiment.runner import Runner, RunRefused
 
-    report.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        report.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        say(console, "refused:", "red", f"cannot use {run_dir.parent} for the ncu report: {e}")
+        return 2
     wrapped = dataclasses.replace(wrapped_spec(spec, cond, cmd), repetitions=1)
     try:
         records = Runner(wrapped, run_dir, only=[cond.name]).run()

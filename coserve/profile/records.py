@@ -124,21 +124,26 @@ class RoleProfile:
         labelled = [s for s in self.steps if s.decode]
         return labelled or [s for s in self.steps if s.decode is None]
 
-    @property
-    def step_wall_ms(self) -> float:
+    def _decode_mean(self, attr: str) -> float | None:
         steps = self.decode_steps()
-        return sum(s.wall_ms for s in steps) / len(steps) if steps else 0.0
+        return sum(getattr(s, attr) for s in steps) / len(steps) if steps else None
 
     @property
-    def step_busy_ms(self) -> float:
-        steps = self.decode_steps()
-        return sum(s.busy_ms for s in steps) / len(steps) if steps else 0.0
+    def step_wall_ms(self) -> float | None:
+        """Mean wall time per decode step (ms); None where the window holds none (a window of
+        prefill steps only)."""
+        return self._decode_mean("wall_ms")
 
     @property
-    def step_collective_ms(self) -> float:
-        """Mean collective time per decode step (ms); 0 on one rank, which runs none."""
-        steps = self.decode_steps()
-        return sum(s.collective_ms for s in steps) / len(steps) if steps else 0.0
+    def step_busy_ms(self) -> float | None:
+        """Mean device-busy time per decode step (ms); None as step_wall_ms."""
+        return self._decode_mean("busy_ms")
+
+    @property
+    def step_collective_ms(self) -> float | None:
+        """Mean collective time per decode step (ms); 0 on one rank, which runs none; None as
+        step_wall_ms."""
+        return self._decode_mean("collective_ms")
 
 
 @dataclass
@@ -169,25 +174,73 @@ class RepProfile:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> RepProfile:
-        """Raises KeyError or TypeError on a summary of another shape."""
+    def from_dict(cls, d: Any) -> RepProfile:
+        """The summary's JSON read back. Fields added later may be absent; raises KeyError or
+        TypeError (naming the field) on a summary of another shape or of wrong types."""
+        d = _object(d, "summary")
         roles = {}
-        for name, r in d.get("roles", {}).items():
+        for name, r in _object(d.get("roles", {}), "roles").items():
+            w = f"roles.{name}"
+            r = _object(r, w)
             roles[name] = RoleProfile(
-                role=r["role"],
-                source=r["source"],
-                steps=[StepStat(**s) for s in r["steps"]],
-                kernels=[KernelStat(**k) for k in r["kernels"]],
-                classes=[ClassShare(**c) for c in r["classes"]],
-                gaps=GapStats(**r["gaps"]),
-                timeline=[Span(**s) for s in r["timeline"]],
-                launches=[ApiStat(**a) for a in r.get("launches", [])],
-                trace=r.get("trace", ""),
+                role=_typed(r["role"], str, f"{w}.role"),
+                source=_typed(r["source"], str, f"{w}.source"),
+                steps=_records(StepStat, r["steps"], f"{w}.steps"),
+                kernels=_records(KernelStat, r["kernels"], f"{w}.kernels"),
+                classes=_records(ClassShare, r["classes"], f"{w}.classes"),
+                gaps=_record(GapStats, r["gaps"], f"{w}.gaps"),
+                timeline=_records(Span, r["timeline"], f"{w}.timeline"),
+                launches=_records(ApiStat, r.get("launches", []), f"{w}.launches"),
+                trace=_typed(r.get("trace", ""), str, f"{w}.trace"),
             )
+        notes = _typed(d.get("notes", []), list, "notes")
         return cls(
-            condition=d["condition"],
+            condition=_typed(d["condition"], str, "condition"),
             roles=roles,
-            clocks=[ClockSecond(**c) for c in d.get("clocks", [])],
-            interleave=Interleave(**d["interleave"]) if d.get("interleave") else None,
-            notes=list(d.get("notes", [])),
+            clocks=_records(ClockSecond, d.get("clocks", []), "clocks"),
+            interleave=_record(Interleave, d["interleave"], "interleave")
+            if d.get("interleave")
+            else None,
+            notes=[_typed(n, str, f"notes[{i}]") for i, n in enumerate(notes)],
         )
+
+
+# The JSON types of the records' annotations (`from __future__ import annotations`: strings);
+# a bool is no number here, though Python's bool is an int.
+_JSON_TYPES: dict[str, tuple[type, ...]] = {
+    "str": (str,),
+    "int": (int,),
+    "float": (int, float),
+    "bool | None": (bool, type(None)),
+    "float | None": (int, float, type(None)),
+}
+
+
+def _typed(v: Any, kind: type, where: str) -> Any:
+    if not isinstance(v, kind):
+        raise TypeError(f"{where}: expected {kind.__name__}, got {type(v).__name__} {v!r:.40}")
+    return v
+
+
+def _object(v: Any, where: str) -> dict[str, Any]:
+    if not isinstance(v, dict):
+        raise TypeError(f"{where}: expected an object, got {type(v).__name__} {v!r:.40}")
+    return v
+
+
+def _record(kind: type, d: Any, where: str) -> Any:
+    """`kind(**d)` with each field of the JSON type its annotation names."""
+    try:
+        obj = kind(**_object(d, where))
+    except TypeError as e:
+        raise TypeError(f"{where}: {e}") from None
+    for f in dataclasses.fields(kind):
+        v = getattr(obj, f.name)
+        ok = _JSON_TYPES[f.type]
+        if not isinstance(v, ok) or (isinstance(v, bool) and bool not in ok):
+            raise TypeError(f"{where}.{f.name}: expected {f.type}, got {v!r:.40}")
+    return obj
+
+
+def _records(kind: type, items: Any, where: str) -> list:
+    return [_record(kind, d, f"{where}[{i}]") for i, d in enumerate(_typed(items, list, where))]

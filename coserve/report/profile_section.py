@@ -6,6 +6,7 @@ A run without profiled reps has no such section."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from coserve.profile.records import KERNEL_CLASSES, ClockSecond, RepProfile, Rol
 from coserve.report.blocks import Block, num
 
 TOP_KERNELS = 10
+log = logging.getLogger("coserve.report")
 
 
 @dataclass
@@ -29,17 +31,45 @@ class Profiled:
         return f"{self.condition} (rep {self.rep})"
 
 
-def profiled_reps(run_dir: Path, order: list[str]) -> list[Profiled]:
-    """Every rep with a readable profile/summary.json, in the spec's condition order."""
-    out = []
+@dataclass
+class ProfileScan:
+    """The run's profiled reps, and the summaries it has but could not read
+    ("reps/C/rep-N/profile/summary.json: not read (why)")."""
+
+    reps: list[Profiled]
+    unread: list[str]
+
+
+def scan(run_dir: Path, order: list[str]) -> ProfileScan:
+    """Every rep's profile/summary.json: read, in the spec's condition order, or named."""
+    out, unread = [], []
     for path in sorted(Path(run_dir).glob("reps/*/rep-*/profile/summary.json")):
-        prof = read_summary(path)
         rep_dir = path.parent.parent
-        if prof is None or not rep_dir.name[4:].isdigit():
+        if not rep_dir.name[4:].isdigit():
+            continue
+        try:
+            prof = read_summary(path)
+        except ValueError as e:
+            unread.append(f"{path.relative_to(run_dir)}: not read ({e})")
             continue
         out.append(Profiled(rep_dir.parent.name, int(rep_dir.name[4:]), prof))
     rank = {name: i for i, name in enumerate(order)}
-    return sorted(out, key=lambda p: (rank.get(p.condition, len(rank)), p.condition, p.rep))
+    out.sort(key=lambda p: (rank.get(p.condition, len(rank)), p.condition, p.rep))
+    return ProfileScan(out, unread)
+
+
+def profiled_reps(run_dir: Path, order: list[str]) -> list[Profiled]:
+    """Every rep with a readable profile/summary.json, in the spec's condition order."""
+    return scan(run_dir, order).reps
+
+
+def missing_traces(run_dir: Path, profile: RepProfile) -> list[str]:
+    """A note per server whose Chrome trace the summary names but the folder lacks."""
+    return [
+        f"{role}: the Chrome trace {p.trace} is missing"
+        for role, p in profile.roles.items()
+        if p.trace and not (Path(run_dir) / p.trace).exists()
+    ]
 
 
 def _pct(x: float | None) -> str:
@@ -85,7 +115,6 @@ ROLE_HEADERS = [
 
 
 def role_row(p: RoleProfile) -> list[str]:
-    steps = p.decode_steps()
     shares = {c.kernel_class: c.share for c in p.classes}
     wall, busy = p.step_wall_ms, p.step_busy_ms
     return [
@@ -94,7 +123,7 @@ def role_row(p: RoleProfile) -> list[str]:
         f"{len(p.steps)} ({sum(1 for s in p.steps if s.decode)})",
         num(wall),
         num(busy),
-        _pct(busy / wall) if wall > 0 and steps else "-",
+        _pct(busy / wall) if wall and busy is not None else "-",
         num(p.step_collective_ms),
         str(p.gaps.count),
         num(p.gaps.mean_us),
@@ -204,8 +233,9 @@ def clocks_table(reps: list[Profiled]) -> Block:
 
 def profile_blocks(run_dir: Path, order: list[str], plot_paths: dict[str, Path]) -> list[Block]:
     """The section's blocks ([] when no rep was profiled)."""
-    reps = profiled_reps(run_dir, order)
-    if not reps:
+    found = scan(run_dir, order)
+    reps = found.reps
+    if not reps and not found.unread:
         return []
     blocks = [
         Block("h2", "Profile"),
@@ -223,6 +253,10 @@ def profile_blocks(run_dir: Path, order: list[str], plot_paths: dict[str, Path])
             "reps/CONDITION/rep-N/profile/ROLE/trace.json.gz (ui.perfetto.dev).",
         ),
     ]
+    for line in found.unread:
+        log.warning("%s", line)
+    if found.unread:
+        blocks += [Block("p", "Left out:"), Block("ul", items=found.unread)]
     for r in reps:
         blocks.append(Block("h3", f"Profile: {r.label}"))
         roles = [r.profile.roles[k] for k in ("gen", "embed") if k in r.profile.roles]
@@ -236,8 +270,9 @@ def profile_blocks(run_dir: Path, order: list[str], plot_paths: dict[str, Path])
             if r.profile.roles["gen"].launches:
                 blocks.append(Block("p", "Gen's CUDA launch calls (host time per call):"))
                 blocks.append(launch_table(r.profile.roles["gen"]))
-        if r.profile.notes:
-            blocks.append(Block("ul", items=list(r.profile.notes)))
+        notes = [*r.profile.notes, *missing_traces(run_dir, r.profile)]
+        if notes:
+            blocks.append(Block("ul", items=notes))
     cross = interleave_table(reps)
     if cross is not None:
         blocks += [

@@ -231,10 +231,12 @@ def start_engines(
     try:
         for role, (ours, _) in pipes.items():
             infos[role] = read_ready(ours, proc)
-    except BaseException:
+    except BaseException as e:
         for ours, _ in pipes.values():
             ours.close()
-        _reap(proc)
+        # The core said why and is on its way out; a SIGTERM/Ctrl-C abandons the load, and
+        # a core left to finish it would die on its `ready` to a closed pipe (a traceback).
+        _reap(proc, 5.0 if isinstance(e, EngineStartError) else 0)
         raise
     return {r: EngineClient(proc, pipes[r][0], infos[r]) for r in ROLES}
 
@@ -309,6 +311,8 @@ def problem(args, device: str) -> str | None:
         return "colocated needs --embed-model (the embedding model served beside --model)"
     if args.tensor_parallel_size != 1:
         return "colocated serves one GPU: --tensor-parallel-size must be 1"
+    if args.embed_port == args.port != 0:
+        return f"--embed-port: {args.port} is --port too; each endpoint needs a port of its own"
     if args.gen_sms is not None:
         return sm_partition.problem(args.embed_sms, device)
     if args.embed_sms is not None:

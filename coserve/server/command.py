@@ -27,6 +27,7 @@ from coserve.server.serve_flags import (
     parse_bytes,
     positive_int,
     seconds,
+    tcp_port,
     tokens_flag,
 )
 from coserve.server.serve_groups import add_flag_groups
@@ -71,7 +72,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="127.0.0.1",
         help="address to listen on (0.0.0.0: every interface; set --api-key then)",
     )
-    parser.add_argument("--port", metavar="N", type=int, default=8000, help="0 picks a free port")
+    parser.add_argument(
+        "--port", metavar="N", type=tcp_port, default=8000, help="0 picks a free port"
+    )
     parser.add_argument(
         "--gpu-memory-utilization",
         metavar="F",

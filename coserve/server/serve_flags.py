@@ -208,6 +208,14 @@ def positive_int(text: str) -> int:
     return v
 
 
+def tcp_port(text: str) -> int:
+    """A TCP port, 0 for any free one (the socket layer takes a larger number modulo 65536)."""
+    v = int(text)
+    if not 0 <= v <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a TCP port in [0, 65535], got {text}")
+    return v
+
+
 def seconds(text: str) -> float:
     v = float(text)
     if not 0 <= v < 1e6:

@@ -16,6 +16,7 @@ from coserve.server.serve_flags import (
     percent,
     positive_float,
     positive_int,
+    tcp_port,
 )
 from coserve.server.slo_guard import GuardConfig
 
@@ -37,7 +38,7 @@ def add_flag_groups(parser: argparse.ArgumentParser) -> None:
     co.add_argument(
         "--embed-port",
         metavar="N",
-        type=int,
+        type=tcp_port,
         default=8001,
         help="the embed endpoint's port (0 picks a free one)",
     )
