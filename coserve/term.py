@@ -3,13 +3,17 @@ piped to a file or another program, wide enough that a table's columns are not c
 
 from __future__ import annotations
 
+import os
 import sys
 
 PIPED_WIDTH = 160  # characters: a report's widest table fits
 
 
 def stdout_console():
-    """A rich Console on stdout: the terminal's width, or PIPED_WIDTH when not a terminal."""
+    """A rich Console on stdout: the terminal's width, or, when not a terminal, $COLUMNS where
+    set (the user's choice) and PIPED_WIDTH where not."""
     from rich.console import Console
 
-    return Console() if sys.stdout.isatty() else Console(width=PIPED_WIDTH)
+    if sys.stdout.isatty() or os.environ.get("COLUMNS", "").isdigit():
+        return Console()
+    return Console(width=PIPED_WIDTH)

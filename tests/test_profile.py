@@ -429,6 +429,7 @@ def test_coserve_profile_on_the_demo_spec(tmp_path):
     assert "## Profile" in report and "### Profile: co-located (rep 1)" in report
     assert "plots/profile_timeline.png" in report and (out / "plots/profile_timeline.png").exists()
     assert "Profile" in (out / "report.html").read_text()
+    assert "No \"Gen's kernels beside embed's\" table: it compares CUDA kernels" in report
     gen_log = (rep / "gen.log").read_text()
     assert "--profile-steps 3 --profile-min-seconds 0.5" in gen_log
     assert f"profile of {gen_steps} steps written" in gen_log

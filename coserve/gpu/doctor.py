@@ -75,6 +75,7 @@ HARDWARE: tuple[HardwareRecord, ...] = (
         "H200, 2026-11-30 (docs/co-scheduling.md, second measurements)",
     ),
     HardwareRecord("the SLO guard's baseline fitted to gen's step work", None),
+    HardwareRecord("built-in engine: the running batch kept in arrays (batch_state.py)", None),
     HardwareRecord(
         "coserve profile (torch profiler / CUPTI), graphs and eager, under MPS",
         "H200, 2026-11-30 (docs/mechanism.md)",

@@ -163,6 +163,14 @@ def launch_table(p: RoleProfile) -> Block:
     )
 
 
+def _cpu_pair(r: Profiled) -> bool:
+    """Both servers of the rep were profiled, on a CPU (ops, not CUDA kernels)."""
+    roles = r.profile.roles
+    return {"gen", "embed"} <= set(roles) and any(
+        p.source != "cuda kernels" for p in roles.values()
+    )
+
+
 def interleave_table(reps: list[Profiled]) -> Block | None:
     rows = []
     for r in reps:
@@ -285,6 +293,14 @@ def profile_blocks(run_dir: Path, order: list[str], plot_paths: dict[str, Path])
                 "idle time between gen's kernels during which an embed kernel ran (interleaving).",
             ),
         ]
+    elif any(_cpu_pair(r) for r in reps):
+        blocks.append(
+            Block(
+                "p",
+                "No \"Gen's kernels beside embed's\" table: it compares CUDA kernels, and these "
+                "servers ran on a CPU, where both servers' ops share the cores rather than a GPU.",
+            )
+        )
     if any(r.profile.clocks for r in reps):
         blocks += [
             Block("h3", "Clocks, power and clock-event reasons over the load"),
