@@ -83,6 +83,14 @@ def say(console, label: str, style: str, text: str) -> None:
     console.print(Text.assemble((label, style), " ", text), highlight=False)
 
 
+def quiet_sampler_warning() -> None:
+    """Silence the telemetry sampler's own warning (no GPU, no NVML): the runner's progress
+    display says it once, and two copies of the line read as two problems."""
+    import logging
+
+    logging.getLogger("coserve.gpu.telemetry").setLevel(logging.ERROR)
+
+
 def execute(
     spec_path: str,
     out: str,
@@ -97,7 +105,6 @@ def execute(
 ) -> int:
     """The whole command; returns the exit code (0 ok, 1 a rep failed or the folder could not be
     written, 2 refused, 130 Ctrl-C or SIGTERM)."""
-    import logging
     from pathlib import Path
 
     from rich.console import Console
@@ -108,8 +115,7 @@ def execute(
     from coserve.experiment.signals import interruptible, no_interrupts
     from coserve.spec import SpecError, load_spec
 
-    # The sampler's own warning (no GPU) is said once by the progress display instead.
-    logging.getLogger("coserve.gpu.telemetry").setLevel(logging.ERROR)
+    quiet_sampler_warning()
     console = console or Console(stderr=True, soft_wrap=True)
     try:
         spec = load_spec(spec_path)

@@ -243,13 +243,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _profile(spec, names: list[str], out: Path, args, console) -> int:
-    from coserve.experiment.command import _report, say
+    from coserve.experiment.command import _report, quiet_sampler_warning, say
     from coserve.experiment.failure import StorageError, why
     from coserve.experiment.profiling import ProfilingBackend
     from coserve.experiment.progress import Progress
     from coserve.experiment.runner import Runner, RunRefused
     from coserve.experiment.signals import interruptible
 
+    quiet_sampler_warning()
     unprofiled = unprofiled_reps(spec, names, out) if args.resume else []
     if unprofiled:
         say(
