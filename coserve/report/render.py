@@ -27,9 +27,9 @@ from coserve.report.sections import (
     sweep_blocks,
     telemetry_blocks,
     throughput_table,
-    verdict,
 )
 from coserve.report.tradeoff import equal_work_checks
+from coserve.report.verdict import verdict
 
 
 def build(run: RunStats, plot_paths: dict[str, Path]) -> list[Block]:

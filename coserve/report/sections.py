@@ -9,7 +9,7 @@ from pathlib import Path
 from coserve.experiment.failure import why
 from coserve.experiment.fingerprint import describe_gpus
 from coserve.experiment.preflight import GPU_STRATEGIES
-from coserve.report.aggregate import RunStats, embed_baseline
+from coserve.report.aggregate import RunStats
 from coserve.report.blocks import Block, frac, num, pct, status_text, with_ci
 from coserve.report.load_tables import load_text
 from coserve.report.per_gpu import per_gpu_blocks
@@ -36,106 +36,6 @@ def strategy_text(run: RunStats, c) -> str:
     if not on_cpu(run):
         return c.strategy
     return "CPU, shared" if len(c.servers) > 1 else "CPU"
-
-
-def _no_baseline(run: RunStats) -> str | None:
-    """The verdict line when conditions ran both servers but their baselines finished no rep
-    (None when none ran both, or nothing is missing)."""
-    ran = [c for c in run.matrix if {"gen", "embed"} <= set(c.condition.servers) and c.ok]
-    names = {c.name: c for c in run.conditions}
-    wanted = {c.condition.baseline_name(run.spec) for c in ran}
-    if any("embed" in c.condition.servers for c in ran):
-        wanted.add(embed_baseline(run.spec))
-    missing = sorted(b for b in wanted if b in names and not names[b].ok)
-    if not ran or not missing:
-        return None
-    return (
-        "**Verdict:** none: the conditions that ran both servers have no baseline to compare "
-        f"with ({', '.join(missing)} finished no rep)."
-    )
-
-
-def verdict(run: RunStats) -> str | None:
-    """One line (markdown): what co-location cost each server against running alone; on a CPU
-    run, why the figures say nothing about GPUs (and about co-located gen coming out faster).
-    None when no condition runs both servers."""
-    both = [
-        c
-        for c in run.matrix
-        if {"gen", "embed"} <= set(c.condition.servers) and (c.gen_delta or c.embed_delta)
-    ]
-    if not both:
-        return _no_baseline(run)
-    gen_bases = sorted({c.gen_baseline for c in both if c.gen_delta})
-    embed_bases = sorted({c.embed_baseline for c in both if c.embed_delta})
-    if all(len(run.get(b).condition.servers) == 1 for b in gen_bases + embed_bases):
-        parts = [
-            f"{c.name}: "
-            + ", ".join(
-                f"{role} {pct(d)}"
-                for role, d in (("gen", c.gen_delta), ("embed", c.embed_delta))
-                if d is not None
-            )
-            for c in both
-        ]
-        text = "**Verdict:** co-located against each server alone: " + "; ".join(parts) + "."
-    else:  # a baseline that runs both servers (dedicated GPUs): name what each delta is against
-        against = [
-            f"{role} against {', '.join(bases)}"
-            for role, bases in (("gen", gen_bases), ("embed", embed_bases))
-            if bases
-        ]
-        parts = [
-            f"{c.name}: "
-            + ", ".join(
-                f"{role} {pct(d)}"
-                for role, d in (("gen", c.gen_delta), ("embed", c.embed_delta))
-                if d is not None
-            )
-            for c in both
-        ]
-        text = f"**Verdict:** co-located, {'; '.join(against)}: " + "; ".join(parts) + "."
-        text += _criterion(run, both)
-    if on_cpu(run):
-        text += (
-            " This ran on a CPU: both servers' threads and the load generator share the same "
-            "cores, so these deltas measure how the OS schedules them, not how GPUs are shared."
-        )
-        faster = [c.name for c in both if c.gen_delta and c.gen_delta.pct > 0]
-        if faster:
-            text += (
-                f" Gen came out faster co-located ({', '.join(faster)}) than alone: a CPU "
-                "scheduling effect (co-location gives it no extra compute) that says nothing "
-                "about GPUs."
-            )
-    return text
-
-
-def _criterion(run: RunStats, both: list) -> str:
-    """The study's section-4 criterion answered per condition whose gen baseline runs both
-    servers (dedicated GPUs): co-located gen tok/s at least the baseline's, judged by the 95 %
-    CI of the delta: yes (all of it >= 0), no (all of it < 0), or open (it crosses 0 or there
-    is none). "" where no condition has such a baseline."""
-    judged = [
-        c
-        for c in both
-        if c.gen_delta is not None and len(run.get(c.gen_baseline).condition.servers) > 1
-    ]
-    if not judged:
-        return ""
-
-    def answer(d) -> str:
-        if d.ci_low is None:
-            return "open (one rep: no CI)"
-        if d.ci_low >= 0:
-            return "yes"
-        return "no" if d.ci_high < 0 else "open (the CI crosses 0)"
-
-    return (
-        " Co-located gen at least the dedicated GPUs' (the study's criterion), at 95 %: "
-        + "; ".join(f"{c.name}: {answer(c.gen_delta)}" for c in judged)
-        + "."
-    )
 
 
 def throughput_table(run: RunStats) -> Block:
