@@ -80,6 +80,8 @@ _ENGINE_METRICS = [
         "lengths) over that window (generation only).",
     ),
 ]
+# the engine core's stats key -> its name on /metrics (what the SLO guard reads back)
+ENGINE_METRIC = {key: name for key, name, _, _ in _ENGINE_METRICS}
 
 
 def _labels(labels: dict) -> str:

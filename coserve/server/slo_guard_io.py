@@ -9,18 +9,18 @@ import logging
 import math
 import re
 
+from coserve.server.metrics import ENGINE_METRIC
 from coserve.server.slo_guard import GenSample, GuardState, SloGuard
 from coserve.server.slo_guard_fit import StepFeatures
 
 log = logging.getLogger("coserve.server")
 
-STEP_METRIC = "coserve:engine_step_seconds_{stat}"  # stat: mean | p99
-STEP_COUNT_METRIC = "coserve:engine_steps_window"
+STEP_COUNT_METRIC = ENGINE_METRIC["step_window_steps"]
 # the mean work of the window's steps, by StepFeatures field
 WORK_METRICS = {
-    "batch": "coserve:engine_step_batch_mean",
-    "prefill_tokens": "coserve:engine_step_prefill_tokens_mean",
-    "kv_tokens": "coserve:engine_step_kv_tokens_mean",
+    "batch": ENGINE_METRIC["step_batch_mean"],
+    "prefill_tokens": ENGINE_METRIC["step_prefill_tokens_mean"],
+    "kv_tokens": ENGINE_METRIC["step_kv_tokens_mean"],
 }
 
 _SAMPLE = re.compile(r"^(coserve:engine_step[a-z_0-9]*)(?:\{[^}]*\})?\s+(\S+)\s*$", re.M)
@@ -39,7 +39,7 @@ def parse_gen_metrics(text: str, stat: str = "mean") -> GenSample | None:
     Raises BadGenPage naming the metric when a figure is there but is no reading (a gen
     server must never hand the guard an inf, a NaN or a negative time for a baseline)."""
     values = {m.group(1): m.group(2) for m in _SAMPLE.finditer(text)}
-    step_name, count_name = STEP_METRIC.format(stat=stat), STEP_COUNT_METRIC
+    step_name, count_name = ENGINE_METRIC[f"step_time_{stat}_s"], STEP_COUNT_METRIC
     if step_name not in values or count_name not in values:
         return None
     step_s, steps = _figure(step_name, values[step_name]), _figure(count_name, values[count_name])
