@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import time
 
 import pytest
@@ -46,17 +47,24 @@ def _serve(all_reduce: str, max_model_len: int):
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("all_reduce", ALL_REDUCES)
 def test_a_killed_worker_fails_the_stream_and_ends_the_server_on_gpus(all_reduce):
-    with _serve(all_reduce, 4096) as s:
+    # tiny-dense allows 2,048 positions; the kill lands right after the first token.
+    with _serve(all_reduce, 2048) as s:
         stream = StreamInThread(
-            s.url, {"prompt": [1, 2, 3], "max_tokens": 4000, "temperature": 0, "ignore_eos": True}
+            s.url, {"prompt": [1, 2, 3], "max_tokens": 2000, "temperature": 0, "ignore_eos": True}
         )
         assert stream.first.wait(60) and stream.error is None, s.log_tail()
         os.kill(_worker_pids(s)[0], signal.SIGKILL)
         t0 = time.monotonic()
-        assert s.proc.wait(15) == 1, s.log_tail()
-        assert time.monotonic() - t0 < 5, s.log_tail()
+        try:
+            code = s.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"still running 15 s after the kill:\n{s.log_tail(200)}")
+        assert code == 1, s.log_tail()
+        assert time.monotonic() - t0 < 5, s.log_tail(200)
+        # the engine shut down by itself, not by the watchdog's last resort
+        assert "still stuck" not in s.log_tail(200), s.log_tail(200)
         stream.join(10)
-        assert stream.token_count() < 4000
+        assert stream.token_count() < 2000
         assert "died" in s.log_tail(200)
 
 

@@ -14,12 +14,15 @@ A worker ends when rank 0 says so (`Workers.stop`, also run at exit), when its p
 or when rank 0 is gone (it checks its parent every second, which also frees a worker stuck
 in a collective that will never complete); it leaves without a collective (communicators
 aborted, not finalised), so no rank waits for another on the way out. Rank 0 watches its
-workers: one that dies makes the step in progress (or the next) raise `WorkerDied`, and if
-rank 0 is stuck in a collective with the dead rank for `STUCK_EXIT_S`, its process exits."""
+workers: one that dies makes the step in progress (or the next) raise `WorkerDied`; unless
+rank 0's engine has shut down within `DEAD_EXIT_S` of the death (stuck in a collective or a
+wait on the GPU with the dead rank, or in the shutdown itself), its process writes every
+thread's stack to stderr and exits 1."""
 
 from __future__ import annotations
 
 import atexit
+import faulthandler
 import logging
 import os
 import pickle
@@ -41,7 +44,7 @@ from coserve.engine.types import EngineArgs
 
 log = logging.getLogger("coserve.engine")
 
-STUCK_EXIT_S = 3.0
+DEAD_EXIT_S = 4.0
 # worker counters, in a shared array rank 0 reads: steps, seconds spent waiting for rank 0's
 # messages, seconds from rank 0's send to the worker's receive (sum and max)
 _STEPS, _WAIT_S, _LAG_S, _LAG_MAX_S = range(4)
@@ -71,6 +74,7 @@ class Workers:
         self.procs, self.conns = procs, conns
         self._counters = counters
         self._stopped = False
+        self._closed = threading.Event()  # stop() has finished: the group is left
         self.dead: str | None = None  # why a worker is gone, once one is
         self.stepping = False  # rank 0 is inside a step (it may block in a collective)
         threading.Thread(target=self._watch, name="coserve-tp-watch", daemon=True).start()
@@ -127,21 +131,24 @@ class Workers:
         if self._stopped:
             return
         self._died(by_sentinel[gone[0]])
-        if not self.stepping:
-            return  # the next step raises
-        # rank 0 may be waiting in a collective for the dead rank: abort the communicators
-        # (a CUDA collective then returns), else leave the process
-        try:
-            parallel.abort_cuda()
-        except Exception:  # noqa: BLE001 - the exit below still frees us
-            log.exception("aborting the process group failed")
-        deadline = time.monotonic() + STUCK_EXIT_S
-        while self.stepping and not self._stopped:
-            if time.monotonic() > deadline:
-                log.error("rank 0 is stuck in a step with a dead rank; exiting")
-                logging.shutdown()
-                os._exit(1)
-            time.sleep(0.05)
+        if self.stepping:
+            # rank 0 may be waiting in a collective for the dead rank: abort the
+            # communicators, which ends a waiting NCCL kernel
+            try:
+                parallel.abort_cuda()
+            except Exception:  # noqa: BLE001 - the exit below still frees us
+                log.exception("aborting the process group failed")
+        # A symmetric-memory barrier spinning on the GPU, or a shutdown that waits on one, is
+        # not freed by the abort: past the deadline the process leaves by itself.
+        if self._closed.wait(DEAD_EXIT_S):
+            return
+        log.error(
+            "rank 0 is still stuck %.0f s after a worker died (stacks follow); exiting",
+            DEAD_EXIT_S,
+        )
+        faulthandler.dump_traceback(all_threads=True)
+        logging.shutdown()
+        os._exit(1)
 
     def stop(self, timeout_s: float = 5.0) -> None:
         """Ask every worker to exit, wait for them, kill those that do not; leave the group."""
@@ -162,6 +169,7 @@ class Workers:
                 p.kill()
                 p.join()
         parallel.destroy()
+        self._closed.set()
 
 
 def launch(build_rank: Callable, args: EngineArgs, device: torch.device) -> Workers | None:
