@@ -76,6 +76,7 @@ class Workers:
         self._stopped = False
         self._closed = threading.Event()  # stop() has finished: the group is left
         self.dead: str | None = None  # why a worker is gone, once one is
+        self._dead_said = None  # the worker whose exit `dead` names (a pipe error names none)
         self.stepping = False  # rank 0 is inside a step (it may block in a collective)
         threading.Thread(target=self._watch, name="coserve-tp-watch", daemon=True).start()
 
@@ -85,7 +86,10 @@ class Workers:
             for c in self.conns:
                 c.send_bytes(data)
         except OSError as e:
-            raise WorkerDied(self.dead or f"a tensor-parallel worker is gone ({e!r})") from e
+            # said before the watcher sees the exit, so a shutdown never waits on a GPU step
+            # that waits in a collective for the dead rank
+            self.dead = self.dead or f"a tensor-parallel worker is gone ({e!r})"
+            raise WorkerDied(self.dead) from e
 
     def counters(self) -> list[dict[str, float]]:
         """Per worker: steps received, seconds waiting for rank 0, send-to-receive lag."""
@@ -118,7 +122,8 @@ class Workers:
 
     def _died(self, p) -> None:
         p.join(0.1)
-        if self.dead is None:
+        if self.dead is None or self._dead_said is None:
+            self._dead_said = p
             self.dead = (
                 f"tensor-parallel worker {p.name} (pid {p.pid}) died "
                 f"(exit code {p.exitcode}); the engine cannot step any more"
