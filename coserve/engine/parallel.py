@@ -81,28 +81,20 @@ def init(
     _state = TPState(rank, size, expert_parallel and size > 1)
 
 
-def destroy() -> None:
+def destroy(abandon: bool = False) -> None:
     """Leave the group without waiting for the other ranks (they may be gone, or stuck in a
-    collective): the communicators are aborted, not finalised."""
+    collective): the communicators are aborted, not finalised. With `abandon` (a rank died)
+    a CUDA group is only forgotten: ncclCommAbort then waits behind this rank's kernel that
+    waits for the dead rank (seen for more than 4 s on two H200s), and the process is about
+    to exit, which frees both."""
     global _state, _symm
     _symm = None
     if dist.is_initialized():
-        if dist.get_backend() == "nccl":
-            dist.distributed_c10d._abort_process_group()
-        else:
+        if dist.get_backend() != "nccl":
             dist.destroy_process_group()
+        elif not abandon:
+            dist.distributed_c10d._abort_process_group()
     _state = TPState()
-
-
-def abort_cuda() -> None:
-    """From another thread, while this rank may wait in a CUDA collective for a rank that
-    is gone: abort the communicators, which ends the waiting kernels. CPU (gloo) ranks need
-    none (a closed peer fails their collective)."""
-    global _state, _symm
-    if dist.is_initialized() and dist.get_backend() == "nccl":
-        _symm = None
-        dist.distributed_c10d._abort_process_group()
-        _state = TPState()
 
 
 class SymmAllReduce:

@@ -44,7 +44,7 @@ from coserve.engine.types import EngineArgs
 
 log = logging.getLogger("coserve.engine")
 
-DEAD_EXIT_S = 4.0
+DEAD_EXIT_S = 3.0
 # worker counters, in a shared array rank 0 reads: steps, seconds spent waiting for rank 0's
 # messages, seconds from rank 0's send to the worker's receive (sum and max)
 _STEPS, _WAIT_S, _LAG_S, _LAG_MAX_S = range(4)
@@ -88,7 +88,7 @@ class Workers:
         except OSError as e:
             # said before the watcher sees the exit, so a shutdown never waits on a GPU step
             # that waits in a collective for the dead rank
-            self.dead = self.dead or f"a tensor-parallel worker is gone ({e!r})"
+            self.dead = self.dead or f"a tensor-parallel worker died (its pipe: {e!r})"
             raise WorkerDied(self.dead) from e
 
     def counters(self) -> list[dict[str, float]]:
@@ -136,15 +136,8 @@ class Workers:
         if self._stopped:
             return
         self._died(by_sentinel[gone[0]])
-        if self.stepping:
-            # rank 0 may be waiting in a collective for the dead rank: abort the
-            # communicators, which ends a waiting NCCL kernel
-            try:
-                parallel.abort_cuda()
-            except Exception:  # noqa: BLE001 - the exit below still frees us
-                log.exception("aborting the process group failed")
-        # A symmetric-memory barrier spinning on the GPU, or a shutdown that waits on one, is
-        # not freed by the abort: past the deadline the process leaves by itself.
+        # Rank 0 may wait on the GPU for a collective with the dead rank (in a step, or in
+        # the shutdown's sync), which nothing ends: past the deadline the process leaves.
         if self._closed.wait(DEAD_EXIT_S):
             return
         log.error(
@@ -173,7 +166,7 @@ class Workers:
                 log.warning("tensor-parallel worker %s did not exit; killing it", p.name)
                 p.kill()
                 p.join()
-        parallel.destroy()
+        parallel.destroy(abandon=self.dead is not None)
         self._closed.set()
 
 
