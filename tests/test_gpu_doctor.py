@@ -95,7 +95,9 @@ def test_says_what_has_not_run_on_hardware():
         == "ran: H200, 2026-11-25 (docs/study.md)"
     )
     assert {"part": "launcher 'vllm' (binary or docker)", "ran_on": None} in facts["hardware"]
-    assert rows["serve colocated: a disjoint SM split (--gen-sms)"] == "built, not run on hardware"
+    assert rows["serve colocated: a disjoint SM split (--gen-sms; GPU test and 2 reps)"] == (
+        "ran: H200 (GPU 0 of 2), 2026-11-30 (docs/co-scheduling.md, third measurements)"
+    )
     if facts["python"]["cuda-bindings"] is None:
         assert rows["cuda-bindings"] == "missing (serve colocated --gen-sms is refused)"
     else:

@@ -74,19 +74,32 @@ HARDWARE: tuple[HardwareRecord, ...] = (
         "priority (1 rep each)",
         "H200, 2026-11-30 (docs/co-scheduling.md, second measurements)",
     ),
-    HardwareRecord("the SLO guard's baseline fitted to gen's step work", None),
-    HardwareRecord("built-in engine: the running batch kept in arrays (batch_state.py)", None),
+    HardwareRecord(
+        "the SLO guard's baseline fitted to gen's step work (1 rep)",
+        "H200 (GPU 0 of 2), 2026-11-30 (docs/co-scheduling.md, third measurements)",
+    ),
+    HardwareRecord(
+        "built-in engine: the running batch kept in arrays (batch_state.py; GPU tests)",
+        "2 x H200, 2026-11-30 (docs/performance.md)",
+    ),
     HardwareRecord(
         "coserve profile (torch profiler / CUPTI), graphs and eager, under MPS",
         "H200, 2026-11-30 (docs/mechanism.md)",
     ),
-    HardwareRecord("coserve profile --ncu (Nsight Compute wrapper)", None),
+    HardwareRecord(
+        "coserve profile --ncu (Nsight Compute wrapper; tried once, cut by its time budget "
+        "before a kernel was profiled)",
+        None,
+    ),
     HardwareRecord("coserve export's files; coserve run --ray", None),
     HardwareRecord(
         "serve colocated: stream priorities, green contexts (--embed-sms)",
         "H200, 2026-11-30 (docs/co-scheduling.md, second measurements)",
     ),
-    HardwareRecord("serve colocated: a disjoint SM split (--gen-sms)", None),
+    HardwareRecord(
+        "serve colocated: a disjoint SM split (--gen-sms; GPU test and 2 reps)",
+        "H200 (GPU 0 of 2), 2026-11-30 (docs/co-scheduling.md, third measurements)",
+    ),
 )
 
 
