@@ -77,7 +77,6 @@ class Workers:
         self._closed = threading.Event()  # stop() has finished: the group is left
         self.dead: str | None = None  # why a worker is gone, once one is
         self._dead_said = None  # the worker whose exit `dead` names (a pipe error names none)
-        self.stepping = False  # rank 0 is inside a step (it may block in a collective)
         threading.Thread(target=self._watch, name="coserve-tp-watch", daemon=True).start()
 
     def send(self, msg) -> None:
@@ -214,14 +213,12 @@ def launch(build_rank: Callable, args: EngineArgs, device: torch.device) -> Work
         conns.append(send)
     workers = Workers(procs, conns, counters)
     atexit.register(workers.stop)
-    workers.stepping = True  # a worker that dies before joining must not leave us waiting
     try:
+        # a worker that dies before joining leaves this waiting: the watcher's exit ends it
         parallel.init(0, n, init_method, device, args.tp_all_reduce, args.enable_expert_parallel)
     except BaseException:
         workers.stop(timeout_s=1.0)
         raise
-    finally:
-        workers.stepping = False
     log.info(
         "tensor parallel: %d ranks (workers %s), all-reduce %s%s",
         n,
@@ -260,7 +257,6 @@ class LeadsRanks:
             yield
             return
         w.check()
-        w.stepping = True
         try:
             yield
         except Exception as e:
@@ -269,8 +265,6 @@ class LeadsRanks:
             if not isinstance(e, WorkerDied | ValueError):
                 w.check(grace_s=1.0)  # a collective that failed because a rank died
             raise
-        finally:
-            w.stepping = False
         w.check()
 
     def shutdown(self) -> None:
