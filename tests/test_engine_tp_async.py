@@ -121,3 +121,36 @@ def test_clean_shutdown_ends_the_worker_without_a_kill(caplog):
     assert time.monotonic() - t0 < 5
     assert worker.exitcode == 0
     assert "did not exit" not in caplog.text
+
+
+_NEVER_SHUTS_DOWN = """
+import os, signal, time
+from coserve.engine.gen_engine import GenEngine
+from coserve.engine.types import EngineArgs
+if __name__ == "__main__":  # the worker is spawned: it imports this file
+    engine = GenEngine(EngineArgs(model="tiny-dense", random_weights=True, max_num_seqs=4,
+                                  tensor_parallel_size=2))
+    print("built", flush=True)
+    os.kill(engine.workers.procs[0].pid, signal.SIGKILL)
+    time.sleep(30)  # a rank 0 stuck anywhere: it never calls shutdown()
+    print("still here", flush=True)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_rank0_that_never_shuts_down_exits_on_its_own_after_a_worker_dies(tmp_path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "stuck.py"
+    script.write_text(_NEVER_SHUTS_DOWN)
+    p = subprocess.Popen(
+        [sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    assert p.stdout.readline().strip() == "built"
+    t0 = time.monotonic()
+    out, err = p.communicate(timeout=20)
+    assert p.returncode == 1, err
+    assert time.monotonic() - t0 < 3 + 2  # DEAD_EXIT_S plus the exit itself
+    assert "still here" not in out
+    assert "still stuck" in err and "Thread 0x" in err  # the stacks say where it was
