@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 import random
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -139,9 +141,6 @@ if __name__ == "__main__":  # the worker is spawned: it imports this file
 
 @pytest.mark.timeout(120)
 def test_rank0_that_never_shuts_down_exits_on_its_own_after_a_worker_dies(tmp_path):
-    import subprocess
-    import sys
-
     script = tmp_path / "stuck.py"
     script.write_text(_NEVER_SHUTS_DOWN)
     p = subprocess.Popen(
