@@ -217,12 +217,8 @@ def _over_text(over: float) -> str:
 
 
 def _embed_alone(run) -> tuple[str, float] | None:
-    from coserve.report.aggregate import embed_baseline
-
-    name = embed_baseline(run.spec)
-    c = next((c for c in run.conditions if c.name == name), None)
-    s = c.summary.get("embed_seq_s") if c is not None else None
-    return None if s is None else (c.name, s.mean)
+    c = run.alone("embed")
+    return None if c is None else (c.name, c.summary["embed_seq_s"].mean)
 
 
 def _crosses(a: Advice, e: Evidence) -> bool:

@@ -6,10 +6,10 @@ embed seq/s (means over finished reps, with 95 % CIs) and latency percentiles (p
 requests, mean over reps). Per GPU is that divided by the condition's GPU count.
 
 - Dedicated: gen GPUs = ceil(X / gen-alone tok/s per GPU), embed GPUs = ceil(Y / embed-alone
-  seq/s per GPU); the fleet is their sum. Gen alone is the spec's baseline where it runs gen
-  alone, else the first gen-only condition; embed alone the first embed-only condition. A run
-  without one (a two-GPU study) takes the role's figures from its `exclusive` condition (each
-  model on GPUs of its own), per GPU of that role.
+  seq/s per GPU); the fleet is their sum. A role alone is RunStats.alone's condition (as in
+  `coserve advise`): the spec's baseline where it runs the role alone, else the first
+  condition that does; a run without one (a two-GPU study) takes the role's figures from its
+  `exclusive` condition (each model on GPUs of its own), per GPU of that role.
 - Co-located condition c: each GPU delivers g_c tok/s and e_c seq/s together, so the fleet is
   max(ceil(X / g_c), ceil(Y / e_c)).
 
@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 from coserve.advise import colocated, condition_label
 from coserve.experiment.rep import role_devices
+from coserve.report.aggregate import THROUGHPUT
 from coserve.stats import Summary
 
 CAVEAT = (
@@ -251,20 +252,6 @@ def _slos(demand: Demand, cs, roles: set[str]) -> list[SloCheck]:
     return out
 
 
-def _alone(run, role: str):
-    """The condition that ran `role` on GPUs of its own and measured it: the spec's baseline
-    for gen where it runs gen alone, else the first such condition of the matrix, else an
-    `exclusive` one (the baseline first); None: there is none."""
-    metric = "gen_tok_s" if role == "gen" else "embed_seq_s"
-    measured = [c for c in run.matrix if c.ok and metric in c.summary]
-    alone = [c for c in measured if list(c.condition.servers) == [role]]
-    own = [c for c in measured if c.condition.strategy == "exclusive"]
-    base = [c for c in alone + own if c.name == run.spec.baseline]
-    if alone:
-        return ([c for c in base if c in alone and role == "gen"] or alone)[0]
-    return (base or own or [None])[0]
-
-
 def _role_gpus(cs, role: str) -> int:
     """GPUs that served `role` in condition `cs`: all of its GPUs, or under `exclusive` the
     role's own (from the first finished rep's record; 1 where it says nothing)."""
@@ -279,13 +266,12 @@ def _dedicated(run, demand: Demand) -> tuple[Dedicated | None, str | None]:
         if want == 0:
             found[role] = None
             continue
-        c = _alone(run, role)
+        c = run.alone(role)
         if c is None:
             return None, (
                 f"no dedicated fleet: the run has no finished condition running {role} alone"
             )
-        metric = "gen_tok_s" if role == "gen" else "embed_seq_s"
-        if _ceil(want, c.summary[metric].mean) is None:
+        if _ceil(want, c.summary[THROUGHPUT[role]].mean) is None:
             return None, f"no dedicated fleet: {c.name} measured no {role} throughput"
         found[role] = c
     g, e = found["gen"], found["embed"]

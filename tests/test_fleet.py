@@ -145,6 +145,28 @@ def test_gen_alone_when_the_baseline_runs_both(tmp_path):
     assert (f.dedicated.gen_condition, f.dedicated.total.mean) == ("gen-only", 15)
 
 
+def test_advise_and_the_fleet_take_the_same_embed_alone(tmp_path, capsys):
+    """The first embed-only condition of the spec never ran; the second finished. advise took
+    the spec's first (and so had no embed alone), the fleet the first measured: both now ask
+    RunStats.alone."""
+    spec = SPEC.replace(
+        '[[conditions]]\nname = "embed-only"',
+        '[[conditions]]\nname = "embed-cold"\nservers = ["embed"]\n'
+        '[[conditions]]\nname = "embed-only"',
+    )
+    d = _make(tmp_path / "run", spec)  # REPS has no embed-cold: not run
+    run = aggregate(d)
+    assert run.get("embed-cold").status == "not run"
+    assert (run.alone("embed").name, run.alone("gen").name) == ("embed-only", "gen-only")
+    assert plan_fleet(run, Demand(10_000, 1_000)).dedicated.embed_condition == "embed-only"
+    # nothing co-located serves 1,000 seq/s, nor did embed alone (200 seq/s)
+    assert main(["advise", str(d), "--gen-tpot-p99-ms", "100", "--embed-seq-s", "1000"]) == 1
+    said = " ".join(capsys.readouterr().out.split())
+    assert "Embed alone (embed-only) served 200 seq/s" in said
+    assert main(["plan", "--fleet", str(d), "--gen-tok-s", "10000", "--embed-seq-s", "1000"]) == 0
+    assert "embed-only" in capsys.readouterr().out
+
+
 def test_demand_of_one_role_only(run_dir):
     f = plan_fleet(aggregate(run_dir), Demand(0, 1_000))
     assert (f.dedicated.gen_gpus.mean, f.dedicated.total.mean) == (0, 5)

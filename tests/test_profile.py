@@ -14,6 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from coserve.engine.kernels import KERNEL_RANGE
 from coserve.engine.messages import Profile
 from coserve.profile.ncu import ncu_command, ncu_problem, parse_raw_csv
 from coserve.profile.records import RepProfile
@@ -123,6 +124,31 @@ def test_on_cpu_the_top_level_ops_of_the_step_thread_stand_in_for_kernels():
     assert [k.name for k in prof.kernels] == ["aten::linear", "aten::add"]
     assert prof.steps[0].busy_ms == pytest.approx(0.04)
     assert prof.gaps.count == 1 and prof.gaps.mean_us == 10.0
+
+
+def test_on_cpu_a_reference_kernel_s_range_stands_in_for_its_ops():
+    fused_moe, attention = KERNEL_RANGE + "fused_moe", KERNEL_RANGE + "paged_decode_attention"
+    events = [
+        _x("user_annotation", STEP_RANGE, 0, 100, tid=7),
+        _x("cpu_op", "aten::linear", 5, 10, tid=7),
+        _x("user_annotation", fused_moe, 20, 30, tid=7),
+        _x("cpu_op", "aten::matmul", 20, 30, tid=7),  # starts and ends with the range: inside
+        _x("cpu_op", "aten::index_add_", 40, 5, tid=7),
+        _x("user_annotation", attention, 60, 20, tid=7),
+        _x("cpu_op", "aten::einsum", 61, 8, tid=7),
+        _x("user_annotation", fused_moe, 60, 20, tid=8),  # another thread
+        _x("user_annotation", "some.other.range", 85, 10, tid=7),  # not a kernel's
+        _x("cpu_op", "aten::add", 86, 4, tid=7),
+    ]
+    prof = analyze("gen", events)
+    assert [(k.name, k.kernel_class) for k in prof.kernels] == [
+        (fused_moe, "moe_gemm"),
+        (attention, "attention"),
+        ("aten::linear", "dense_gemm"),
+        ("aten::add", "other"),
+    ]
+    assert prof.steps[0].kernels == 4 and prof.steps[0].busy_ms == pytest.approx(0.064)
+    assert classify("aten::einsum") == classify("aten::index_add_") == "other"  # bare: no class
 
 
 def test_a_trace_without_steps_is_refused():
@@ -427,6 +453,15 @@ def test_coserve_profile_on_the_demo_spec(tmp_path):
             assert len(meta["steps"]) >= 1  # stops a window that has not reached its end
     summary = RepProfile.from_dict(json.loads((rep / "profile" / "summary.json").read_text()))
     assert len(summary.roles["gen"].steps) == gen_steps and summary.roles["gen"].kernels
+    # tiny-moe's torch references are its CPU "kernels", classed as their GPU twins: the MoE
+    # reference's matmuls and index_add_ as moe_gemm, the attention one's einsums as attention
+    gen_kernels = {k.name: k.kernel_class for k in summary.roles["gen"].kernels}
+    assert gen_kernels[KERNEL_RANGE + "fused_moe"] == "moe_gemm"
+    assert gen_kernels[KERNEL_RANGE + "topk_softmax"] == "moe_gemm"
+    assert gen_kernels[KERNEL_RANGE + "paged_decode_attention"] == "attention"
+    assert not {"aten::index_add_", "aten::einsum", "aten::matmul"} & set(gen_kernels)
+    gen_classes = {c.kernel_class: c.share for c in summary.roles["gen"].classes}
+    assert gen_classes["moe_gemm"] > gen_classes["other"]
     report = (out / "report.md").read_text()
     assert "## Profile" in report and "### Profile: co-located (rep 1)" in report
     assert "plots/profile_timeline.png" in report and (out / "plots/profile_timeline.png").exists()

@@ -9,6 +9,7 @@ from contextlib import contextmanager
 
 import pytest
 
+from coserve.engine.types import StepWork
 from coserve.server.engine_core import Pacing, StepClock
 from coserve.server.slo_guard import Allowance, GenSample, GuardConfig, SloGuard
 from coserve.server.slo_guard_io import BadGenPage, guard_metrics, parse_gen_metrics
@@ -171,6 +172,20 @@ def test_step_clock_keeps_only_its_window():
         "step_window_steps": 0,
         "guard_throttled_s": 0.0,
     }
+
+
+def test_step_clock_means_the_work_of_the_steps_that_report_one():
+    c = StepClock(window_s=1.0, work=True)
+    c.add(0.1, 0.01, StepWork(2, 16, 40))
+    c.add(0.2, 0.01)  # a step the engine said nothing about: left out of the means
+    c.add(0.3, 0.01, StepWork(3, 0, 45))
+    st = c.stats(now=0.5)
+    assert st["step_window_steps"] == 3
+    assert (st["step_batch_mean"], st["step_prefill_tokens_mean"]) == (2.5, 8.0)
+    assert st["step_kv_tokens_mean"] == 42.5
+    idle = c.stats(now=5.0)
+    assert (idle["step_batch_mean"], idle["step_kv_tokens_mean"]) == (0.0, 0.0)
+    assert StepWork.mean([]) == StepWork(0, 0, 0)
 
 
 def test_pacing_sets_the_engine_batch_and_waits():

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import pytest
 
+from coserve.engine.types import StepWork
 from coserve.server.slo_guard import GenSample, GuardConfig, SloGuard
-from coserve.server.slo_guard_fit import ProbePoint, StepFeatures, fit_baseline
+from coserve.server.slo_guard_fit import ProbePoint, fit_baseline
 from coserve.server.slo_guard_io import BadGenPage, guard_metrics, parse_gen_metrics
 
 MS = 1e-3
@@ -22,18 +23,18 @@ PER_PREFILL = (20 * MS - BASE - PER_KV * Y) / P
 DRIFT = 1500  # KV tokens each probe's level drifts by (sequences age, the mix changes)
 
 
-def alone(work: StepFeatures) -> float:
+def alone(work: StepWork) -> float:
     return BASE + PER_KV * work.kv_tokens + PER_PREFILL * work.prefill_tokens
 
 
-LIGHT, HEAVY = StepFeatures(BATCH, 0, X), StepFeatures(BATCH, P, Y)
+LIGHT, HEAVY = StepWork(BATCH, 0, X), StepWork(BATCH, P, Y)
 assert alone(LIGHT) == pytest.approx(16.5 * MS) and alone(HEAVY) == pytest.approx(20 * MS)
 
 
-def probe_work(k: int) -> StepFeatures:
+def probe_work(k: int) -> StepWork:
     """Gen's work while probe k runs: the levels alternate, each drifting a little."""
     level = LIGHT if k % 2 == 0 else HEAVY
-    return StepFeatures(BATCH, level.prefill_tokens, level.kv_tokens + DRIFT * (k % 5 - 2))
+    return StepWork(BATCH, level.prefill_tokens, level.kv_tokens + DRIFT * (k % 5 - 2))
 
 
 def probed(with_work: bool, probes: int = 8, **cfg) -> tuple[SloGuard, list[float], float]:
@@ -123,7 +124,7 @@ def test_probes_of_the_same_work_fall_back_to_their_median():
         [ProbePoint(0.02, LIGHT)],
         [ProbePoint(0.0165, LIGHT), ProbePoint(0.02, HEAVY)],  # 2 probes, 3 parameters
         [ProbePoint(0.0165, LIGHT), ProbePoint(0.02, None), ProbePoint(0.0166, LIGHT)],
-        [ProbePoint(s, StepFeatures(BATCH, 0, X + 1e-9 * i)) for i, s in enumerate((1, 2, 3))],
+        [ProbePoint(s, StepWork(BATCH, 0, X + 1e-9 * i)) for i, s in enumerate((1, 2, 3))],
     ],
 )
 def test_probes_that_do_not_span_the_work_give_the_median(points):
@@ -133,11 +134,11 @@ def test_probes_that_do_not_span_the_work_give_the_median(points):
 
 
 def test_a_prediction_far_outside_the_probes_is_held_near_them():
-    work = [StepFeatures(BATCH, 0, kv) for kv in (100_000, 200_000, 300_000)]
+    work = [StepWork(BATCH, 0, kv) for kv in (100_000, 200_000, 300_000)]
     b = fit_baseline([ProbePoint(s * MS, w) for s, w in zip((10, 20, 30), work, strict=True)])
     assert b.fitted and b.predict(work[1]) == pytest.approx(20 * MS, rel=0.01)
-    assert b.predict(StepFeatures(BATCH, 0, 0)) == pytest.approx(0.5 * 10 * MS)  # not ~0
-    assert b.predict(StepFeatures(BATCH, 0, 10**7)) == pytest.approx(2 * 30 * MS)
+    assert b.predict(StepWork(BATCH, 0, 0)) == pytest.approx(0.5 * 10 * MS)  # not ~0
+    assert b.predict(StepWork(BATCH, 0, 10**7)) == pytest.approx(2 * 30 * MS)
     assert b.predict(None) == b.median_s == 20 * MS
     with pytest.raises(ValueError, match="^points"):
         fit_baseline([])
@@ -155,6 +156,6 @@ PAGE = (
 def test_gen_s_page_carries_its_work_only_when_every_figure_is_there():
     assert parse_gen_metrics(PAGE) == GenSample(0.0201, 23)  # no KV figure: no work
     full = PAGE + 'coserve:engine_step_kv_tokens_mean{model_name="m"} 200000.0\n'
-    assert parse_gen_metrics(full) == GenSample(0.0201, 23, StepFeatures(511.5, 128.0, 200000.0))
+    assert parse_gen_metrics(full) == GenSample(0.0201, 23, StepWork(511.5, 128.0, 200000.0))
     with pytest.raises(BadGenPage, match="engine_step_kv_tokens_mean"):
         parse_gen_metrics(PAGE + "coserve:engine_step_kv_tokens_mean inf\n")

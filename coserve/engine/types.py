@@ -4,6 +4,7 @@ the caller's thread; the caller owns threading."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,14 +58,28 @@ class EngineArgs:
 
 @dataclass(frozen=True, slots=True)
 class StepWork:
-    """What one generation step computed: `seqs` sequences in its batch, `prefill_tokens`
-    prompt tokens it scheduled (chunks included; decodes count none), and `kv_tokens` the KV
-    tokens its attention read (the sum of its sequences' context lengths, new tokens
-    included). A decode step's time follows these (the SLO guard compares like with like)."""
+    """What a generation step computed: `seqs` sequences in its batch, `prefill_tokens` prompt
+    tokens it scheduled (chunks included; decodes count none), and `kv_tokens` KV tokens its
+    attention read (the sum of its sequences' context lengths, new tokens included). A decode
+    step's time follows these (the SLO guard compares like with like).
 
-    seqs: int
-    prefill_tokens: int
-    kv_tokens: int
+    One step's record (an engine's `last_step_work`) holds whole counts; `mean` of a window's
+    records, and the SLO guard's reading of them off gen's /metrics, hold fractions. Hence
+    the float fields."""
+
+    seqs: float
+    prefill_tokens: float
+    kv_tokens: float
+
+    @classmethod
+    def mean(cls, works: Sequence[StepWork]) -> StepWork:
+        """Per-step means of `works`, each field its own mean; all 0 when `works` is empty."""
+        n = len(works) or 1
+        return cls(
+            sum(w.seqs for w in works) / n,
+            sum(w.prefill_tokens for w in works) / n,
+            sum(w.kv_tokens for w in works) / n,
+        )
 
 
 @dataclass(slots=True)

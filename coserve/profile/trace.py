@@ -5,6 +5,9 @@ kernel-class breakdown.
 The steps are the `coserve.step` ranges on the host. The "kernels" are the trace's CUDA
 kernels (cat "kernel") when it has any; a CPU engine has none, and then the top-level torch
 ops of the thread that ran the steps stand in for them, so the same tables come out on CPU.
+A torch reference kernel runs inside a KERNEL_RANGE range while profiled: that range is the
+top-level "op", named and classed as the kernel's GPU twin (the MoE reference's matmuls and
+index_add_ count as moe_gemm, the attention reference's einsums as attention).
 
     events = load_events(rep_dir / "profile" / "gen" / "trace.json.gz")
     prof = analyze("gen", events, step_labels)   # step_labels: steps.json's "steps"
@@ -21,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from coserve.engine.kernels import KERNEL_RANGE
 from coserve.profile.records import (
     KERNEL_CLASSES,
     ApiStat,
@@ -99,7 +103,7 @@ def steps_of(events: list[dict]) -> list[Interval]:
 
 def kernels_of(events: list[dict], steps: list[Interval]) -> tuple[list[Interval], str]:
     """(kernels in time order, source): the CUDA kernels, or without any the top-level CPU ops
-    inside the steps on the steps' thread."""
+    (kernel ranges included) inside the steps on the steps' thread."""
     kernels = _complete(events, "kernel")
     if kernels:
         out = [Interval(str(e["name"]), float(e["ts"]), float(e["dur"])) for e in kernels]
@@ -107,14 +111,19 @@ def kernels_of(events: list[dict], steps: list[Interval]) -> tuple[list[Interval
     step_tids = {
         e.get("tid") for e in _complete(events, "user_annotation") if e.get("name") == STEP_RANGE
     }
-    ops = sorted(
-        (
-            Interval(str(e["name"]), float(e["ts"]), float(e["dur"]))
-            for e in _complete(events, "cpu_op")
-            if e.get("tid") in step_tids
-        ),
-        key=lambda i: (i.start, -i.dur),
+    candidates = [
+        (0, e)
+        for e in _complete(events, "user_annotation")
+        if str(e.get("name", "")).startswith(KERNEL_RANGE)
+    ] + [(1, e) for e in _complete(events, "cpu_op")]
+    # by start, the longest first, and a kernel range before an op as long that starts with it
+    # (its child)
+    ordered = sorted(
+        (float(e["ts"]), -float(e["dur"]), rank, str(e["name"]))
+        for rank, e in candidates
+        if e.get("tid") in step_tids
     )
+    ops = [Interval(name, start, -neg_dur) for start, neg_dur, _, name in ordered]
     top: list[Interval] = []
     for op in ops:  # an op inside the last top-level one is its child
         if top and op.start < top[-1].end:

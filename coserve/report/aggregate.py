@@ -67,6 +67,7 @@ METRICS: dict[str, tuple[str, ...]] = {
     },
 }
 TELEMETRY = ("sm_active", "sm_occupancy", "tensor_active", "dram_active")
+THROUGHPUT = {"gen": "gen_tok_s", "embed": "embed_seq_s"}  # each role's throughput metric
 
 
 def _get(d: Any, path: tuple[str, ...]) -> Any:
@@ -174,6 +175,23 @@ class RunStats:
     def matrix(self) -> list[ConditionStats]:
         return [c for c in self.conditions if c.condition.sweep is None]
 
+    def alone(self, role: str) -> ConditionStats | None:
+        """The condition that measured `role` ("gen" or "embed") on GPUs of its own, among
+        those of the matrix (no sweep point) that finished a rep and measured the role's
+        THROUGHPUT: the spec's baseline where it runs the role alone, else the first condition
+        that does; without one, the baseline where it is `exclusive` (each model on GPUs of
+        its own), else the first `exclusive` one; None when there is none. `coserve advise`
+        (embed alone) and `coserve plan --fleet` (the dedicated fleet) both read this."""
+        metric = THROUGHPUT[role]
+        measured = [c for c in self.matrix if c.ok and metric in c.summary]
+        for own in (
+            [c for c in measured if list(c.condition.servers) == [role]],
+            [c for c in measured if c.condition.strategy == "exclusive"],
+        ):
+            if own:
+                return next((c for c in own if c.name == self.spec.baseline), own[0])
+        return None
+
     @property
     def sweep(self) -> list[ConditionStats]:
         return [c for c in self.conditions if c.condition.sweep is not None]
@@ -182,7 +200,7 @@ class RunStats:
         """Per swept condition: (swept value, throughput) of the best point measured."""
         if self.spec.sweep is None:
             return {}
-        metric = "gen_tok_s" if self.spec.sweep.role == "gen" else "embed_seq_s"
+        metric = THROUGHPUT[self.spec.sweep.role]
         best: dict[str, tuple[int, float]] = {}
         for c in self.sweep:
             pt = c.condition.sweep

@@ -215,11 +215,10 @@ class StepClock:
             "guard_throttled_s": self.throttled_s,
         }
         if self.work:
-            works = [s.work for s in self.steps if s.work is not None]
-            n = len(works) or 1
-            out["step_batch_mean"] = sum(w.seqs for w in works) / n
-            out["step_prefill_tokens_mean"] = sum(w.prefill_tokens for w in works) / n
-            out["step_kv_tokens_mean"] = sum(w.kv_tokens for w in works) / n
+            mean = StepWork.mean([s.work for s in self.steps if s.work is not None])
+            out["step_batch_mean"] = mean.seqs
+            out["step_prefill_tokens_mean"] = mean.prefill_tokens
+            out["step_kv_tokens_mean"] = mean.kv_tokens
         return out
 
 

@@ -40,8 +40,9 @@ import statistics
 from collections import deque
 from dataclasses import dataclass, field
 
+from coserve.engine.types import StepWork
 from coserve.server.engine_core import STEP_WINDOW_S
-from coserve.server.slo_guard_fit import Baseline, ProbePoint, StepFeatures, fit_baseline
+from coserve.server.slo_guard_fit import Baseline, ProbePoint, fit_baseline
 
 log = logging.getLogger("coserve.server")
 
@@ -67,7 +68,7 @@ class GenSample:
 
     step_s: float
     steps: int
-    work: StepFeatures | None = None
+    work: StepWork | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -272,7 +273,7 @@ class SloGuard:
             st.budget_s * 1e3,
         )
 
-    def _set_budget(self, work: StepFeatures | None) -> None:
+    def _set_budget(self, work: StepWork | None) -> None:
         st = self.state
         st.baseline_s = st.fit.predict(work)
         st.budget_s = st.baseline_s * (1 + self.cfg.over_alone_pct / 100)
@@ -301,8 +302,8 @@ def _probe_point(readings: list[GenSample]) -> ProbePoint:
     works = [r.work for r in readings]
     work = None
     if all(w is not None for w in works):
-        work = StepFeatures(
-            statistics.median(w.batch for w in works),
+        work = StepWork(
+            statistics.median(w.seqs for w in works),
             statistics.median(w.prefill_tokens for w in works),
             statistics.median(w.kv_tokens for w in works),
         )

@@ -7,7 +7,7 @@ in waves, so gen alone's mean step alternates between levels seconds apart (on a
 successive probes read 16.4, 19.6, 16.7, 19.8, 16.7, 20.3, 17.3 ms): a budget from the median
 of the last probes swings with whichever level they happened to catch. The guard instead fits
 
-    step_s = a + b x kv_tokens + c x prefill_tokens + d x batch
+    step_s = a + b x kv_tokens + c x prefill_tokens + d x seqs
 
 to its last probes (each: gen alone's figure and the mean work of the steps behind it) and
 compares gen now against the fit's prediction for the work gen does now.
@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from coserve.engine.types import StepWork
+
 # Shrinkage per probe, in standardized units: the fitted level at a probed point moves by
 # about RIDGE / (RIDGE + 1) of the feature's effect (0.1 %), while collinear features get a
 # finite, shared coefficient instead of a singular system.
@@ -35,21 +37,12 @@ RIDGE = 1e-3
 # absolute): noise in a constant feature must not become a slope.
 MIN_SPREAD = 1e-6
 MIN_RATIO, MAX_RATIO = 0.5, 2.0
-FEATURES = ("kv_tokens", "prefill_tokens", "batch")
+FEATURES = ("kv_tokens", "prefill_tokens", "seqs")
 
 
-@dataclass(frozen=True)
-class StepFeatures:
-    """Per-step means of gen's work over its step window: `batch` sequences, `prefill_tokens`
-    prompt tokens scheduled, `kv_tokens` KV tokens read by attention."""
-
-    batch: float
-    prefill_tokens: float
-    kv_tokens: float
-
-    def vector(self) -> np.ndarray:
-        """[kv_tokens, prefill_tokens, batch] float64, the order of FEATURES."""
-        return np.array([self.kv_tokens, self.prefill_tokens, self.batch], dtype=np.float64)
+def _features(work: StepWork) -> np.ndarray:
+    """[kv_tokens, prefill_tokens, seqs] float64, the order of FEATURES."""
+    return np.array([work.kv_tokens, work.prefill_tokens, work.seqs], dtype=np.float64)
 
 
 @dataclass(frozen=True)
@@ -58,7 +51,7 @@ class ProbePoint:
     not publish its work)."""
 
     step_s: float
-    work: StepFeatures | None
+    work: StepWork | None
 
 
 @dataclass(frozen=True)
@@ -74,12 +67,12 @@ class Baseline:
     low_s: float
     high_s: float
 
-    def predict(self, work: StepFeatures | None) -> float:
+    def predict(self, work: StepWork | None) -> float:
         """Gen alone's step time (s) for a step window doing `work`; the median without a fit
         or without `work`."""
         if not self.fitted or work is None:
             return self.median_s
-        value = self.intercept_s + float(np.dot(self.per_feature_s, work.vector()))
+        value = self.intercept_s + float(np.dot(self.per_feature_s, _features(work)))
         return min(max(value, self.low_s), self.high_s)
 
     def describe(self) -> str:
@@ -105,7 +98,7 @@ def fit_baseline(points: list[ProbePoint]) -> Baseline:
     fallback = Baseline(median, False, median, (0.0, 0.0, 0.0), median, median)
     if any(p.work is None for p in points):
         return fallback
-    x = np.stack([p.work.vector() for p in points])  # [probes, features]
+    x = np.stack([_features(p.work) for p in points])  # [probes, features]
     mean, spread = x.mean(axis=0), x.std(axis=0)
     varies = spread > np.maximum(MIN_SPREAD * np.abs(mean), 1e-9)
     n, k = len(points), int(varies.sum())

@@ -9,16 +9,16 @@ import logging
 import math
 import re
 
+from coserve.engine.types import StepWork
 from coserve.server.metrics import ENGINE_METRIC
 from coserve.server.slo_guard import GenSample, GuardState, SloGuard
-from coserve.server.slo_guard_fit import StepFeatures
 
 log = logging.getLogger("coserve.server")
 
 STEP_COUNT_METRIC = ENGINE_METRIC["step_window_steps"]
-# the mean work of the window's steps, by StepFeatures field
+# the mean work of the window's steps, by StepWork field
 WORK_METRICS = {
-    "batch": ENGINE_METRIC["step_batch_mean"],
+    "seqs": ENGINE_METRIC["step_batch_mean"],
     "prefill_tokens": ENGINE_METRIC["step_prefill_tokens_mean"],
     "kv_tokens": ENGINE_METRIC["step_kv_tokens_mean"],
 }
@@ -47,7 +47,7 @@ def parse_gen_metrics(text: str, stat: str = "mean") -> GenSample | None:
         raise BadGenPage(f"{count_name} is {values[count_name]}, not a whole count")
     work = None
     if all(name in values for name in WORK_METRICS.values()):
-        work = StepFeatures(**{f: _figure(n, values[n]) for f, n in WORK_METRICS.items()})
+        work = StepWork(**{f: _figure(n, values[n]) for f, n in WORK_METRICS.items()})
     return GenSample(step_s, int(steps), work)
 
 

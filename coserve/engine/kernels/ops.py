@@ -1,7 +1,8 @@
 """The one place that picks a kernel. The model calls `ops.<kernel>(x, ...)`; on a CUDA tensor
 with Triton present that is the Triton twin (`kernels/triton/`, same signature), anywhere
-else the plain-torch reference. `COSERVE_KERNELS=reference` forces the references on the GPU
-too (to compare against them, or to rule a twin out while debugging).
+else the plain-torch reference (inside a KERNEL_RANGE range while a profiler records).
+`COSERVE_KERNELS=reference` forces the references on the GPU too (to compare against them,
+or to rule a twin out while debugging).
 
 Only the twins are free of host synchronisation, so only they can be captured in a CUDA
 graph: `graph_safe(device)` says whether this device's decode step is."""
@@ -14,7 +15,7 @@ from functools import cache
 
 import torch
 
-from coserve.engine.kernels import activation, attention, fp8, fused, moe, rmsnorm
+from coserve.engine.kernels import KERNEL_RANGE, activation, attention, fp8, fused, moe, rmsnorm
 from coserve.engine.kernels import triton as twins
 
 
@@ -28,9 +29,16 @@ def graph_safe(device: torch.device) -> bool:
 
 
 def _dispatch(name: str, reference: Callable) -> Callable:
+    label = KERNEL_RANGE + name
+
     def call(x: torch.Tensor, *args, **kwargs):
         if x.is_cuda and twins_enabled():
             return getattr(twins, name)(x, *args, **kwargs)
+        # The range only while a profiler records: it costs ~10 us a call even when none does
+        # (a CPU decode step runs a dozen references), the check ~0.1 us.
+        if torch.autograd._profiler_enabled():
+            with torch.profiler.record_function(label):
+                return reference(x, *args, **kwargs)
         return reference(x, *args, **kwargs)
 
     call.__name__ = call.__qualname__ = name
