@@ -5,6 +5,7 @@ request fails."""
 
 from __future__ import annotations
 
+import json
 import tomllib
 from pathlib import Path
 
@@ -103,6 +104,12 @@ def test_the_cpu_twin_runs_and_records_the_guard(tmp_path):
         1.05 * g["gen_alone_seconds"]
     )
     assert g["throttled_seconds_total"] > 0  # embed waited through the first probe at least
+    trace = [
+        json.loads(line)
+        for line in (tmp_path / "run/reps/timeslice-guard5/rep-1/slo_guard.jsonl").open()
+    ]
+    assert guard["slo_guard_trace"]["rows"] == len(trace) >= 3  # 1 s ticks over >= 6 s
+    assert any(r.get("holding") == 1 for r in trace)  # the first probe, seen while it held
     colocated = records["colocated-streams"]
     assert colocated["servers"]["gen"]["launcher"] == "command"
     for r in (grain, guard, colocated):

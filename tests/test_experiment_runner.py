@@ -80,6 +80,19 @@ class FakeStrategy:
         return {"strategy": self.name}
 
 
+class FakeGuardTrace:
+    """The SLO guard's sampler: 3 lines once started."""
+
+    def __init__(self):
+        self.started = False
+
+    def start(self):
+        self.started = True
+
+    def stop(self):
+        return 3 if self.started else 0
+
+
 class FakeSampler:
     """Telemetry rows like the real sampler's, 4 ticks over the load."""
 
@@ -179,6 +192,10 @@ class FakeBackend(Backend):
 
     def telemetry(self, devices, interval_s, out_path):
         return FakeSampler(devices, out_path)
+
+    def guard_trace(self, embed_url, interval_s, out_path):
+        self.events.append(("guard_trace", embed_url, interval_s, out_path.name))
+        return FakeGuardTrace()
 
     def gpu_state(self):
         return {

@@ -226,7 +226,9 @@ def test_the_runner_gives_the_embed_server_gens_url_and_records_the_guard(tmp_pa
     assert grain.max_num_batched_tokens == 512 and grain.max_num_seqs == 16
     assert guard.slo_guard_gen_url == "http://127.0.0.1:9000" and guard.gen_tpot_slo_pct == 5
     assert started["guard"]["slo_guard"] == {"budget_seconds": 0.021, "cuts_total": 3.0}
-    assert "slo_guard" not in started["grain"]
+    assert started["guard"]["slo_guard_trace"] == {"file": "slo_guard.jsonl", "rows": 3}
+    assert ("guard_trace", "http://127.0.0.1:9001", 1.0, "slo_guard.jsonl") in b.events
+    assert "slo_guard" not in started["grain"] and "slo_guard_trace" not in started["grain"]
     assert started["guard"]["servers"]["embed"]["slo_guard"] is True
     assert started["grain"]["servers"]["embed"]["max_num_batched_tokens"] == 512
     assert ("guard", "http://127.0.0.1:9001") in b.events

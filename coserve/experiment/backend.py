@@ -72,6 +72,12 @@ class Backend:
 
         return scrape_guard(embed_url)
 
+    def guard_trace(self, embed_url: str, interval_s: float, out_path: Path):
+        """A sampler of the SLO guard's figures while the load runs (guard_trace.py)."""
+        from coserve.experiment.guard_trace import GuardTrace
+
+        return GuardTrace(embed_url, interval_s, out_path)
+
     def gpu_state(self) -> dict[str, Any]:
         """The machine's GPUs as the preflight checks them (fingerprint.gpu_state)."""
         return fpmod.gpu_state()

@@ -322,6 +322,13 @@ class Runner:
                         self._telemetry_noted = True
                         if self.progress:
                             self.progress.message(f"    telemetry: {sampler.status()}")
+                trace = None
+                if "embed" in urls and cond.server(self.spec, "embed").slo_guard:
+                    trace = self.backend.guard_trace(
+                        urls["embed"], self.spec.telemetry.interval_s, rep_dir / "slo_guard.jsonl"
+                    )
+                    trace.start()
+                    stack.callback(trace.stop)  # stop() may be called twice
                 self._phase("warm-up and measurement")
                 load = self.load_config(cond, urls)
                 record["load"] = load
@@ -330,8 +337,9 @@ class Runner:
                     load, rep_dir / "bench.json", on_progress, dead=lambda: first_dead(servers)
                 )
                 record["bench"] = summary
-                if "embed" in urls and cond.server(self.spec, "embed").slo_guard:
+                if trace is not None:
                     record["slo_guard"] = self.backend.guard_state(urls["embed"])
+                    record["slo_guard_trace"] = {"file": "slo_guard.jsonl", "rows": trace.stop()}
                 if sampler is not None:
                     record["telemetry"] = {
                         "all": sampler.stop(),
