@@ -13,6 +13,7 @@ import pytest
 
 from coserve.experiment.runner import Runner
 from coserve.launch import free_port
+from coserve.report.render import render
 from coserve.spec import parse_spec
 
 pytestmark = pytest.mark.slow
@@ -110,6 +111,9 @@ def test_the_cpu_twin_runs_and_records_the_guard(tmp_path):
     ]
     assert guard["slo_guard_trace"]["rows"] == len(trace) >= 3  # 1 s ticks over >= 6 s
     assert any(r.get("holding") == 1 for r in trace)  # the first probe, seen while it held
+    render(tmp_path / "run")
+    assert (tmp_path / "run/plots/guard.png").stat().st_size > 5000
+    assert "(plots/guard.png)" in (tmp_path / "run/report.md").read_text()
     colocated = records["colocated-streams"]
     assert colocated["servers"]["gen"]["launcher"] == "command"
     for r in (grain, guard, colocated):

@@ -372,13 +372,17 @@ def request_values(run: RunStats, cs: ConditionStats, key: str, endpoint: str) -
     return out
 
 
-def telemetry_series(run: RunStats, cs: ConditionStats) -> tuple[list[dict], dict] | None:
-    """Rows of the first finished rep's telemetry (with `t_load_s`, seconds since the load
-    started) and that rep's bench summary; None when no rep has telemetry."""
+def telemetry_series(
+    run: RunStats, cs: ConditionStats, name: str = "telemetry.jsonl"
+) -> tuple[list[dict], dict] | None:
+    """Rows of the first finished rep's telemetry (or of another per-second trace in the rep
+    folder with Unix-time `t`, such as the SLO guard's `slo_guard.jsonl`), each with
+    `t_load_s`, seconds since the load started, and that rep's bench summary; None when no
+    rep has the file."""
     import datetime as dt
 
     for r in cs.ok:
-        path = run.run_dir.rep_dir(cs.name, r["rep"]) / "telemetry.jsonl"
+        path = run.run_dir.rep_dir(cs.name, r["rep"]) / name
         try:
             rows = read_telemetry(path)
         except OSError:  # none recorded (a CPU run), or unreadable

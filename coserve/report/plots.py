@@ -134,6 +134,44 @@ def telemetry(run: RunStats, path: Path) -> Path | None:
     return path
 
 
+def guard(run: RunStats, path: Path) -> Path | None:
+    """The SLO guard over time, first rep of each guarded condition: gen's step time against
+    its budget (ms), and embed's tokens per forward and pause between forwards."""
+    series = [(c, telemetry_series(run, c, "slo_guard.jsonl")) for c in run.matrix]
+    series = [(c, s) for c, s in series if s is not None]
+    if not series:
+        return None
+    plt = _plt()
+    fig, (top, mid, low) = plt.subplots(3, 1, figsize=(11, 8), sharex=True)
+    for c, (rows, _bench) in series:
+        ok = [r for r in rows if "error" not in r]
+        t = [r["t_load_s"] for r in ok]
+        (line,) = top.plot(t, [1e3 * r.get("gen_step_seconds", 0) for r in ok], label=c.name)
+        top.plot(t, [1e3 * r.get("budget_seconds", 0) for r in ok], ls="--", color=line.get_color())
+        held = [r for r in ok if r.get("holding") == 1]
+        top.scatter(
+            [r["t_load_s"] for r in held],
+            [1e3 * r.get("gen_step_seconds", 0) for r in held],
+            marker="x",
+            color=line.get_color(),
+        )
+        mid.plot(t, [r.get("tokens_per_forward", 0) for r in ok], color=line.get_color())
+        low.plot(t, [1e3 * r.get("pause_seconds", 0) for r in ok], color=line.get_color())
+    warm = float(series[0][1][1].get("warmup_s", 0))
+    for ax in (top, mid, low):
+        ax.axvspan(min(0.0, warm), warm, color="gray", alpha=0.12)
+    top.set_ylabel("gen step (solid; x: a probe),\nbudget (dashed), ms")
+    mid.set_ylabel("embed tokens\nper forward")
+    low.set_ylabel("pause between\nforwards, ms")
+    low.set_xlabel("seconds since load start (grey: warm-up)")
+    top.set_title("SLO guard over time (0 budget: gen alone not yet measured)")
+    top.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def sweep(run: RunStats, path: Path) -> Path | None:
     """The swept role's throughput against the swept concurrency or offered rate."""
     if run.spec.sweep is None:
@@ -270,6 +308,7 @@ def make_all(run: RunStats, out_dir: Path) -> dict[str, Path]:
         ("throughput", throughput),
         ("tpot", tpot_distribution),
         ("telemetry", telemetry),
+        ("guard", guard),
         ("sweep", sweep),
     ):
         p = fn(run, out_dir / f"{name}.png")

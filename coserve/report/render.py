@@ -94,6 +94,8 @@ def build(run: RunStats, plot_paths: dict[str, Path]) -> list[Block]:
     blocks += telemetry_blocks(run)
     if "telemetry" in plot_paths:
         blocks.append(Block("img", "GPU telemetry over time", path=plot_paths["telemetry"]))
+    if "guard" in plot_paths:
+        blocks.append(Block("img", "SLO guard over time", path=plot_paths["guard"]))
     blocks += sweep_blocks(run)
     if "sweep" in plot_paths:
         blocks.append(
