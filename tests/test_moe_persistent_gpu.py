@@ -79,7 +79,13 @@ def test_persistent_moe_matches_per_tile_kernel_and_reference(fp8, loop, block_n
     blk = BLOCK if fp8 else None
     tiles = dict(BLOCK_M=16, BLOCK_N1=block_n, BLOCK_N2=block_n, GROUP_M=2)
     base = fused_moe(x, w13, w2, weights, ids, s13, s2, blk, config=tiles)
-    cfg = dict(tiles, PERSISTENT=loop, progs_per_sm1=progs_per_sm, progs_per_sm2=progs_per_sm)
+    cfg = dict(
+        tiles,
+        PERSISTENT1=loop,
+        PERSISTENT2=loop,
+        progs_per_sm1=progs_per_sm,
+        progs_per_sm2=progs_per_sm,
+    )
     out = fused_moe(x, w13, w2, weights, ids, s13, s2, blk, config=cfg)
     ref = ref_moe.fused_moe(x, w13, w2, weights, ids.long(), s13, s2, blk)
     assert out.shape == (T, H) and out.dtype == x.dtype
@@ -154,7 +160,7 @@ def test_persistent_moe_foreign_experts_add_nothing(fp8, loop):
     foreign = ids == 6
     local = ids.masked_fill(foreign, E)
     blk = BLOCK if fp8 else None
-    cfg = dict(BLOCK_M=16, PERSISTENT=loop)
+    cfg = dict(BLOCK_M=16, PERSISTENT1=loop, PERSISTENT2=3 - loop)
     out = fused_moe(x, w13, w2, weights, local, s13, s2, blk, config=cfg, foreign=True)
     base = fused_moe(
         x, w13, w2, weights, local, s13, s2, blk, config=dict(BLOCK_M=16), foreign=True
@@ -170,10 +176,18 @@ def test_persistent_moe_rejects_an_unknown_loop_form():
     w13, w2, s13, s2 = _weights(True)
     weights, ids = _routing(4)
     with pytest.raises(ValueError, match="PERSISTENT"):
-        fused_moe(_x(4), w13, w2, weights, ids, s13, s2, BLOCK, config=dict(PERSISTENT=3))
+        fused_moe(_x(4), w13, w2, weights, ids, s13, s2, BLOCK, config=dict(PERSISTENT2=3))
     with pytest.raises(ValueError, match="progs_per_sm"):
         fused_moe(
-            _x(4), w13, w2, weights, ids, s13, s2, BLOCK, config=dict(PERSISTENT=1, progs_per_sm1=0)
+            _x(4),
+            w13,
+            w2,
+            weights,
+            ids,
+            s13,
+            s2,
+            BLOCK,
+            config=dict(PERSISTENT1=1, progs_per_sm1=0),
         )
 
 
@@ -188,7 +202,7 @@ def test_persistent_moe_captures_in_a_cuda_graph(loop):
     w13, w2, s13, s2 = _weights(True)
     x = _x(T)
     weights, ids = _routing(T)
-    cfg = dict(PERSISTENT=loop)
+    cfg = dict(PERSISTENT1=loop, PERSISTENT2=loop)
 
     def step():
         return fused_moe(x, w13, w2, weights, ids, s13, s2, BLOCK, config=cfg)

@@ -10,6 +10,8 @@
     GEMM 2      down = H @ W2[e]^T, times the pair's routing weight              _moe_gemm_kernel
     un-permute  rows are written at their pair index, so the combine is a sum
                 over each token's k rows                                         torch .sum
+Either GEMM may run as the persistent kernel of moe_persistent.py instead (config keys
+PERSISTENT1 / PERSISTENT2, see default_config): same arguments, same results.
 
 Weights as the engine stacks them from a Qwen3-MoE-FP8 checkpoint:
     w13 [E, 2I, H] float8_e4m3fn (gate rows 0..I-1, up rows I..2I-1), w13_scale [E, 2I/128, H/128]
@@ -163,11 +165,11 @@ def _moe_gemm_kernel(
 def default_config(num_tokens: int, fp8: bool = True) -> dict:
     """Tile configuration for both GEMMs (measured on H100 at E=128, k=8, H=2048, I=768: see
     docs/kernels.md); the benchmark sweeps alternatives. With BLOCK_M >= the typical rows per
-    expert (T*k/E), each expert's weights stream from DRAM once per step. PERSISTENT 1 or 2
-    runs both GEMMs as moe_persistent.py's kernel (that loop form) on progs_per_sm1/2 x #SMs
-    programs; 0, the per-tile kernel, stays the default until a GPU measurement says
-    otherwise."""
-    grid = dict(PERSISTENT=0, progs_per_sm1=1, progs_per_sm2=1)
+    expert (T*k/E), each expert's weights stream from DRAM once per step. PERSISTENT1 (GEMM1)
+    or PERSISTENT2 (GEMM2) = 1 or 2 runs that GEMM as moe_persistent.py's kernel, in that loop
+    form, on progs_per_sm1/2 x #SMs programs; 0, the per-tile kernel, stays the default until
+    a GPU measurement says otherwise."""
+    grid = dict(PERSISTENT1=0, PERSISTENT2=0, progs_per_sm1=1, progs_per_sm2=1)
     if num_tokens <= 128:
         return dict(
             grid,
@@ -363,7 +365,7 @@ def fused_moe(
         num_warps=cfg["num_warps1"],
         num_stages=cfg["num_stages1"],
         foreign=foreign,
-        persistent=cfg["PERSISTENT"],
+        persistent=cfg["PERSISTENT1"],
         progs_per_sm=cfg["progs_per_sm1"],
     )
 
@@ -396,7 +398,7 @@ def fused_moe(
         num_warps=cfg["num_warps2"],
         num_stages=cfg["num_stages2"],
         foreign=foreign,
-        persistent=cfg["PERSISTENT"],
+        persistent=cfg["PERSISTENT2"],
         progs_per_sm=cfg["progs_per_sm2"],
     )
     return out_pairs.view(T, k, H).sum(dim=1)

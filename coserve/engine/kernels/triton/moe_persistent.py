@@ -378,7 +378,7 @@ def launch_persistent(
     progs_per_sm x the device's SMs, at most max_tiles (the tiles of the worst-case padding).
     Raises ValueError for another loop form or progs_per_sm < 1."""
     if loop not in (1, 2):
-        raise ValueError(f"PERSISTENT must be 0, 1 or 2, got {loop}")
+        raise ValueError(f"PERSISTENT1/PERSISTENT2 must be 0, 1 or 2, got {loop}")
     if progs_per_sm < 1:
         raise ValueError(f"progs_per_sm must be >= 1, got {progs_per_sm}")
     num_progs = max(1, min(progs_per_sm * _sm_count(device), max_tiles))
