@@ -285,7 +285,8 @@ def _moe_gemm_persistent_kernel(
         # num_tiles - pid > -NUM_PROGS, so this floor division sees no negative numerator
         my_tiles = (num_tiles - pid + NUM_PROGS - 1) // NUM_PROGS
         tile = pid - NUM_PROGS
-        kb = k_tiles - 1
+        kb = k_tiles - 1  # so that the first iteration starts a tile
+        # the tile state the loop carries, set at each tile's first k-step (typed here)
         a_row = tl.zeros([BLOCK_M], dtype=tl.int64)
         row_mask = a_row < 0
         expert = (pid * 0).to(tl.int64)
