@@ -18,109 +18,32 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kernel_timing import (  # noqa: E402
+    BF16_PEAK_TFLOPS,
+    BLOCK,
+    DEV,
+    RESULTS,
+    STATE,
+    eager_time_ms,
+    graph_time_ms,
+    measure_bandwidth,
+    rand_fp8_weight,
+    report,
+)
+from kernels_moe import bench_moe  # noqa: E402
 
 from coserve.engine.kernels import attention as ref_attn  # noqa: E402
 from coserve.engine.kernels import fp8 as ref_fp8  # noqa: E402
-from coserve.engine.kernels import moe as ref_moe  # noqa: E402
 from coserve.engine.kernels import rotary as ref_rot  # noqa: E402
-
-BLOCK = (128, 128)
-DEV = "cuda"
-BF16_PEAK_TFLOPS = 790.0  # measured on H100 and H200 here (KINDS.md); FP8 dense is ~2x
-RESULTS: list[dict] = []
-STATE: dict = {}
-
-
-# ----------------------------------------------------------------------------- timing
-def graph_time_ms(calls, reps: int = 30, inner: int = 1) -> float:
-    """Median ms per call of `calls` (a list of closures, one per input set), replayed as one
-    CUDA graph that runs the list `inner` times (so a graph launch's own cost, ~10 us, is
-    spread over many calls for small kernels)."""
-    calls = list(calls) * inner
-    for c in calls:
-        c()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for c in calls:
-            c()
-    g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        g.replay()
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e) / len(calls))
-    del g
-    return statistics.median(times)
-
-
-def eager_time_ms(fn, reps: int = 10) -> float:
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e))
-    return statistics.median(times)
-
-
-def report(
-    kernel: str, shape: str, ms: float, nbytes: float = 0.0, flops: float = 0.0, note: str = ""
-) -> None:
-    gbs = nbytes / ms / 1e6 if nbytes else 0.0
-    tfl = flops / ms / 1e9 if flops else 0.0
-    bw = STATE["copy_gbs"]
-    row = dict(
-        kernel=kernel,
-        shape=shape,
-        us=round(ms * 1e3, 2),
-        GBps=round(gbs, 1),
-        pct_bw=round(100 * gbs / bw, 1) if gbs else None,
-        TFLOPs=round(tfl, 1),
-        note=note,
-    )
-    RESULTS.append(row)
-    pct = f"{row['pct_bw']:5.1f}%bw" if gbs else "        "
-    print(
-        f"{kernel:<34} {shape:<34} {ms * 1e3:10.1f} us {gbs:8.0f} GB/s {pct} "
-        f"{tfl:7.1f} TFLOP/s  {note}",
-        flush=True,
-    )
-
-
-def measure_bandwidth() -> tuple[float, float]:
-    """(copy GB/s counting read + write, read-only GB/s of a sum over 2 GiB)."""
-    n = 1 << 30
-    a = torch.empty(n, dtype=torch.uint8, device=DEV)
-    b = torch.empty_like(a)
-    copy = 2 * n / graph_time_ms([lambda: b.copy_(a)], reps=20) / 1e6
-    x = torch.ones(n // 2, dtype=torch.float32, device=DEV)
-    read = 2 * n / graph_time_ms([lambda: x.sum()], reps=20) / 1e6
-    return copy, read
-
-
-def rand_fp8_weight(shape, g, std=0.02):
-    """Random FP8 block-quantised weights ([N, K] or stacked [E, N, K]) and their scales."""
-    w = torch.randn(shape, generator=g, device=DEV) * std
-    q, s = ref_fp8.block_quant(w, BLOCK)
-    del w
-    return q, s
 
 
 # ----------------------------------------------------------------------------- attention
@@ -183,262 +106,6 @@ def bench_attention(tk) -> None:
                 lambda s=sets[0], sc=scale: ref_attn.paged_decode_attention(*s, sc), 3
             )
             report("  reference (torch, eager)", shape, ms_ref, nbytes, flops)
-
-
-# ----------------------------------------------------------------------------- MoE
-def _moe_bytes(T, E, k, H, inter):
-    """DRAM bytes of one fused_moe call: FP8 weights (+ scales) of the experts that get at
-    least one token (expected count for uniform routing), activations in and out, the FP8
-    intermediate and the bf16 per-pair outputs (written, read back by the combine)."""
-    touched = E * (1 - (1 - k / E) ** T)
-    per_expert = 3 * H * inter + 3 * (H // 128) * (inter // 128) * 4
-    act = 2 * T * H * 2 + T * k * inter * 2 + T * k * H * 2 * 2
-    return touched * per_expert + act
-
-
-def bench_moe(tk) -> None:
-    from coserve.engine.kernels.triton import moe as tmoe
-
-    E, k, H, inter = 128, 8, 2048, 768 // STATE["tp"]
-    print(f"\n== MoE, FP8 block-quantised experts (E={E} top-{k} H={H} I={inter}) ==", flush=True)
-    g = torch.Generator(device=DEV).manual_seed(1)
-    sets_w = [
-        rand_fp8_weight((E, 2 * inter, H), g) + rand_fp8_weight((E, H, inter), g) for _ in range(2)
-    ]  # (w13, s13, w2, s2) x 2 = 1.2 GB
-
-    def make(T, cfg=None):
-        calls = []
-        for w13, s13, w2, s2 in sets_w:
-            x = torch.randn(T, H, generator=g, device=DEV).to(torch.bfloat16)
-            logits = torch.randn(T, E, generator=g, device=DEV).to(torch.bfloat16)
-            wts, ids = tk.topk_softmax(logits, k, True)
-            calls.append(
-                lambda x=x, w=wts, ids=ids, w13=w13, s13=s13, w2=w2, s2=s2: tk.fused_moe(
-                    x, w13, w2, w, ids, s13, s2, BLOCK, config=cfg
-                )
-            )
-        return calls
-
-    flops_per_tok = 2 * k * 3 * H * inter
-    # tile sweep at the decode shape
-    T = 512
-    best = None
-    sweep = []
-    for bm, gm in ((32, 8), (64, 1), (64, 8), (64, 16)):
-        for w1, st1, w2_, st2 in ((4, 3, 4, 4), (8, 3, 4, 3), (8, 4, 4, 4)):
-            cfg = dict(
-                BLOCK_M=bm,
-                GROUP_M=gm,
-                num_warps1=w1,
-                num_stages1=st1,
-                num_warps2=w2_,
-                num_stages2=st2,
-            )
-            try:
-                ms = graph_time_ms(make(T, cfg), reps=15)
-            except Exception as e:  # noqa: BLE001 - a config that does not compile
-                print(f"  config {cfg} failed: {type(e).__name__}: {str(e)[:120]}")
-                continue
-            sweep.append((ms, cfg))
-            report(
-                "  fused_moe sweep",
-                f"T={T} " + ",".join(f"{v}" for v in cfg.values()),
-                ms,
-                _moe_bytes(T, E, k, H, inter),
-                flops_per_tok * T,
-            )
-            if best is None or ms < best[0]:
-                best = (ms, cfg)
-    STATE["moe_best_cfg"] = best[1] if best else None
-    print(f"  best decode config: {best}", flush=True)
-    for T in (1, 64, 256, 512, 2048):
-        cfg = best[1] if (best and T == 512) else None
-        ms = graph_time_ms(make(T, cfg), reps=15)
-        report(
-            "fused_moe (topk -> combine)",
-            f"T={T} E={E} k={k}",
-            ms,
-            _moe_bytes(T, E, k, H, inter),
-            flops_per_tok * T,
-            "best cfg" if cfg else "default cfg",
-        )
-
-    # where the time goes at T=512 (best config): each stage alone, graph-timed
-    T = 512
-    cfg = dict(tmoe.default_config(T), **(best[1] if best else {}))
-    w13, s13, w2, s2 = sets_w[0]
-    x = torch.randn(T, H, generator=g, device=DEV).to(torch.bfloat16)
-    logits = torch.randn(T, E, generator=g, device=DEV).to(torch.bfloat16)
-    wts, ids = tk.topk_softmax(logits, k, True)
-    bm = cfg["BLOCK_M"]
-    sorted_ids, expert_ids, npp = tk.moe_align(ids, E, bm)
-    a1, a1s = tk.per_token_group_quant_fp8(x)
-    inter_q = torch.empty(T * k, inter, device=DEV, dtype=torch.float8_e4m3fn)
-    inter_s = torch.empty(T * k, inter // 128, device=DEV, dtype=torch.float32)
-    out_pairs = torch.empty(T * k, H, device=DEV, dtype=torch.bfloat16)
-    topw = wts.reshape(-1)
-    stages = {
-        "topk_softmax": lambda: tk.topk_softmax(logits, k, True),
-        "moe_align": lambda: tk.moe_align(ids, E, bm),
-        "quant A (1x128)": lambda: tk.per_token_group_quant_fp8(x),
-        "GEMM1 gate|up + silu*up + quant": lambda: tmoe._launch_gemm(
-            a1,
-            a1s,
-            w13,
-            s13,
-            inter_q,
-            inter_s,
-            None,
-            sorted_ids,
-            expert_ids,
-            npp,
-            inter,
-            H,
-            inter,
-            T * k,
-            k,
-            True,
-            True,
-            False,
-            bm,
-            cfg["BLOCK_N1"],
-            cfg["GROUP_M"],
-            cfg["num_warps1"],
-            cfg["num_stages1"],
-        ),
-        "GEMM2 down * weight": lambda: tmoe._launch_gemm(
-            inter_q,
-            inter_s,
-            w2,
-            s2,
-            out_pairs,
-            None,
-            topw,
-            sorted_ids,
-            expert_ids,
-            npp,
-            H,
-            inter,
-            0,
-            T * k,
-            1,
-            False,
-            False,
-            True,
-            bm,
-            cfg["BLOCK_N2"],
-            cfg["GROUP_M"],
-            cfg["num_warps2"],
-            cfg["num_stages2"],
-        ),
-        "combine (sum over k)": lambda: out_pairs.view(T, k, H).sum(dim=1),
-    }
-    wbytes = {
-        "GEMM1 gate|up + silu*up + quant": E * 2 * inter * H,
-        "GEMM2 down * weight": E * H * inter,
-    }
-    for name, fn in stages.items():
-        ms = graph_time_ms([fn], reps=20, inner=1 if name.startswith("GEMM") else 20)
-        report(f"  stage: {name}", f"T={T}", ms, wbytes.get(name, 0))
-
-    # GEMM2 (K=768: a short K loop) tile sweep
-    for bn2, w2_, st2 in ((128, 4, 3), (128, 4, 4), (256, 8, 3), (256, 8, 4)):
-
-        def fn(bn2=bn2, w2_=w2_, st2=st2):
-            return tmoe._launch_gemm(
-                inter_q,
-                inter_s,
-                w2,
-                s2,
-                out_pairs,
-                None,
-                topw,
-                sorted_ids,
-                expert_ids,
-                npp,
-                H,
-                inter,
-                0,
-                T * k,
-                1,
-                False,
-                False,
-                True,
-                bm,
-                bn2,
-                cfg["GROUP_M"],
-                w2_,
-                st2,
-            )
-
-        report(
-            "  GEMM2 sweep",
-            f"T={T} BN={bn2} warps={w2_} stages={st2}",
-            graph_time_ms([fn], reps=20),
-            E * H * inter,
-        )
-    for T2, bm2 in ((64, 16), (64, 32), (256, 32), (256, 64)):
-        cfg2 = dict(tmoe.default_config(T2), BLOCK_M=bm2)
-        if bm2 == 128:
-            cfg2.update(num_warps1=8, num_warps2=8)
-        report(
-            "  fused_moe BLOCK_M sweep",
-            f"T={T2} BM={bm2}",
-            graph_time_ms(make(T2, cfg2), reps=10),
-            _moe_bytes(T2, E, k, H, inter),
-            flops_per_tok * T2,
-        )
-
-    # alternatives for the grouped GEMMs, for the record
-    try:
-        perm = torch.randn(T * k, H, device=DEV).to(torch.bfloat16)
-        counts = torch.full((E,), T * k // E, device=DEV, dtype=torch.int32)
-        offs = torch.cumsum(counts, 0).to(torch.int32)
-        w13b = torch.randn(E, H, 2 * inter, device=DEV).to(torch.bfloat16)
-        ms = graph_time_ms([lambda: torch._grouped_mm(perm, w13b, offs=offs)], reps=10)
-        report(
-            "  alt: torch._grouped_mm bf16 GEMM1",
-            f"T={T} uniform 32 rows/expert",
-            ms,
-            E * 2 * inter * H * 2,
-            2 * T * k * 2 * inter * H,
-        )
-    except Exception as e:  # noqa: BLE001
-        print(f"  torch._grouped_mm bf16: {type(e).__name__}: {str(e)[:160]}")
-    try:
-        pq = perm.to(torch.float8_e4m3fn)
-        w13q = torch.randn(E, 2 * inter, H, device=DEV).to(torch.float8_e4m3fn)
-        sa = torch.ones(T * k, device=DEV)
-        sb = torch.ones(E, 2 * inter, device=DEV)
-        ms = graph_time_ms(
-            [
-                lambda: torch._scaled_grouped_mm(
-                    pq, w13q.transpose(-2, -1), sa, sb, offs=offs, out_dtype=torch.bfloat16
-                )
-            ],
-            reps=10,
-        )
-        report(
-            "  alt: torch._scaled_grouped_mm rowwise",
-            f"T={T} uniform 32 rows/expert",
-            ms,
-            E * 2 * inter * H,
-            2 * T * k * 2 * inter * H,
-            "rowwise scales, not 128x128",
-        )
-    except Exception as e:  # noqa: BLE001
-        print(f"  torch._scaled_grouped_mm: {type(e).__name__}: {str(e)[:160]}")
-
-    ms_ref = eager_time_ms(
-        lambda: ref_moe.fused_moe(x, w13, w2, wts, ids.long(), s13, s2, BLOCK), 3
-    )
-    report(
-        "  reference (torch loop, eager)",
-        f"T={T}",
-        ms_ref,
-        _moe_bytes(T, E, k, H, inter),
-        flops_per_tok * T,
-    )
 
 
 # ----------------------------------------------------------------------------- FP8 linear
