@@ -47,7 +47,14 @@ def test_pause_is_capped():
 
 def test_under_budget_shortens_pause_first_then_grows_tokens():
     g = SloGuard(
-        GuardConfig(budget_s=25 * MS, max_tokens=1024, min_tokens=64, cooldown_s=0, grow_tokens=100)
+        GuardConfig(
+            budget_s=25 * MS,
+            max_tokens=1024,
+            min_tokens=64,
+            cooldown_s=0,
+            grow_tokens=100,
+            grow_interval_s=0,
+        )
     )
     drive(g, [GenSample(40 * MS, 20)] * 6)  # 1024 -> 64 in 4 cuts, then pauses 2, 4 ms
     assert (g.tokens, g.pause_s) == (64, pytest.approx(0.004))
@@ -59,12 +66,15 @@ def test_under_budget_shortens_pause_first_then_grows_tokens():
     assert g.tokens == 1024  # never past the server's own limit
 
 
-def test_under_budget_grows_by_default_and_cuts_stop_at_the_floor():
+def test_under_budget_grows_by_default_once_a_window_and_cuts_stop_at_the_floor():
     g = SloGuard(GuardConfig(budget_s=25 * MS, max_tokens=2048, cooldown_s=0))
     drive(g, [GenSample(30 * MS, 20)] * 3)
     assert (g.tokens, g.pause_s) == (512, pytest.approx(0.002))  # 2048 -> 1024 -> 512, then a pause
-    a = drive(g, [GenSample(24.9 * MS, 20)] * 3, start=1.0)
-    assert [x.pause_s for x in a] == [0.0, 0.0, 0.0] and a[-1].tokens_per_forward == 512 + 2 * 64
+    # under budget at every 50 ms poll, but one growth per 0.5 s window: the pause goes at
+    # 1.0 s, then 64 tokens more at 1.5 s and at 2.0 s
+    a = drive(g, [GenSample(24.9 * MS, 20)] * 21, start=1.0)
+    assert [x.pause_s for x in a] == [0.0] * 21
+    assert [x.tokens_per_forward for x in a] == [512] * 10 + [576] * 10 + [640]
 
 
 def test_inside_the_margin_holds_and_idle_gen_grows():

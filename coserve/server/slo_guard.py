@@ -92,6 +92,13 @@ class GuardConfig:
     max_pause_s: float = 0.5
     margin: float = 1.0  # grow only while measured < margin x budget (1: whenever under it)
     cooldown_s: float = 0.5  # after a cut, no cut for this long: gen's window still holds old steps
+    # After a growth, no growth for this long: its effect on gen shows only once gen's window
+    # has turned over. Growing on every poll ran the allowance past the budget before the
+    # first reading over it arrived, so gen's mean step sat over the budget: on an H200 gen's
+    # TPOT ran +10 % over gen alone in steady state under a +5 % budget (docs/co-scheduling.md,
+    # third measurements); in test_slo_guard_probes.py's plant the mean reading went from
+    # 1.1 % over the budget to 0.6 % under it.
+    grow_interval_s: float = STEP_WINDOW_S
     # A probe's hold before its span: the embed forward in flight, the gen step that overlaps
     # its end, and the age of gen's figures (its engine core sends them every 50 ms).
     settle_s: float = 0.3
@@ -128,6 +135,8 @@ class GuardConfig:
             raise ValueError(f"margin: must be in (0, 1], got {self.margin}")
         if not 0 < self.first_pause_s <= self.max_pause_s:
             raise ValueError("first_pause_s: must be positive and at most max_pause_s")
+        if self.grow_interval_s < 0:
+            raise ValueError(f"grow_interval_s: must be >= 0, got {self.grow_interval_s:g}")
         if self.settle_s < 0:
             raise ValueError(f"settle_s: must be >= 0, got {self.settle_s:g}")
         for name in ("calibrate_s", "probe_s"):  # a shorter span would read pre-probe steps
@@ -224,6 +233,7 @@ class SloGuard:
                 st.cuts += 1
         elif sample.step_s < self.cfg.margin * st.budget_s and now >= self.grow_from:
             self._grow()
+            self.grow_from = now + self.cfg.grow_interval_s
         st.allowance = self._allowance()
         return st.allowance
 
