@@ -364,7 +364,17 @@ def test_ncu_refuses_mps_and_prints_the_command(tmp_path, capsys, monkeypatch):
     assert "--model tiny-moe" in lines[0] and "--port '{port}'" in lines[0]
     assert "{port} is not known yet: the gen server gets a free port when it starts" in printed.err
     assert lines[1].endswith("co-located.ncu-rep --csv --page raw")
+    assert "captures its CUDA graphs" not in printed.err  # a CPU gen server has none
     assert not (tmp_path / "o").exists()  # printed, not run
+
+
+@pytest.mark.parametrize("condition, warned", [("gen-only", True), ("gen-only-eager", False)])
+def test_ncu_warns_that_graph_capture_is_slow_under_it(condition, warned, capsys):
+    from coserve.cli import main
+
+    spec = ROOT / "experiments" / "profile-single-gpu.toml"
+    assert main(["profile", str(spec), "--condition", condition, "--ncu"]) == 0
+    assert ("captures its CUDA graphs under ncu" in capsys.readouterr().err) == warned
 
 
 FAKE_NCU = """#!/usr/bin/env python3

@@ -32,6 +32,12 @@ DRAM_PCT = "dram__throughput.avg.pct_of_peak_sustained_elapsed"
 OCCUPANCY = "sm__warps_active.avg.pct_of_peak_sustained_active"
 METRICS = (L2_HIT, DRAM_PCT, OCCUPANCY)
 LAUNCH_SKIP, LAUNCH_COUNT = 1000, 5  # --launch-skip / --launch-count when not given
+# What the first run under ncu showed (H200, 2026-11-30): the start-up is the slow part.
+GRAPHS_NOTE = (
+    "the gen server captures its CUDA graphs under ncu before it serves: on an H200 "
+    "(qwen3-30b-a3b) it was still capturing after 210 s; allow minutes, or profile an "
+    "--enforce-eager condition"
+)
 PORT_MARK = "65021"  # stands for the port in the server's argv until launch fills {port}
 
 
@@ -198,8 +204,9 @@ def run_ncu(spec, names: list[str], args, console) -> int:
         return 2
     out = Path(args.out or "runs/ncu").resolve()
     report = out / "ncu" / cond.name
+    device = resolve_device(cond.server(spec, "gen").device)
     try:
-        argv = server_argv(spec, cond, resolve_device(cond.server(spec, "gen").device))
+        argv = server_argv(spec, cond, device)
         cmd = ncu_command(
             argv,
             report,
@@ -219,6 +226,8 @@ def run_ncu(spec, names: list[str], args, console) -> int:
         "{port} is not known yet: the gen server gets a free port when it starts"
         + ("; the command as it ran follows the run" if args.execute else ""),
     )
+    if device == "cuda" and not cond.server(spec, "gen").enforce_eager:
+        say(console, "note:", "yellow", GRAPHS_NOTE)
     if not args.execute:
         return 0
     if shutil.which("ncu") is None:
