@@ -179,6 +179,32 @@ def test_probes_hold_embed_for_exactly_their_span():
     assert r.guard.state.probes == len(spans)
 
 
+def test_probes_grow_rare_while_they_agree_and_frequent_when_gen_changes():
+    # Gen alone drifts for its first 10 s: probes 5 s apart disagree. Once it is flat and the
+    # median of 3 has caught up, each agreeing probe doubles the interval, up to 40 s.
+    r = run(seconds=150, probe_interval_s=5.0, probe_s=0.5, calibrate_s=2.0, probe_keep=3)
+    spans = holds(r)
+    assert [b[0] - a[1] for a, b in zip(spans, spans[1:], strict=False)] == [
+        5.0, 5.0, 5.0, 5.0, 10.0, 20.0, 40.0, 40.0
+    ]  # fmt: skip
+    # scripted figures: two that agree double the interval; one 20 % off sets it back
+    g = SloGuard(
+        GuardConfig(
+            over_alone_pct=5, max_tokens=1024, settle_s=0.25, calibrate_s=0.5, probe_s=0.5,
+            probe_interval_s=2.0, probe_keep=1,
+        )
+    )  # fmt: skip
+    t, gaps, last_end = 0.0, [], None
+    for figure in (0.010, 0.010, 0.010, 0.012, 0.012):
+        while not g.update(GenSample(figure, 20), t).hold:  # until the next probe starts
+            t += 0.25
+        gaps.append(None if last_end is None else t - last_end)
+        while g.update(GenSample(figure, 20), t).hold:
+            t += 0.25
+        last_end = t
+    assert gaps == [None, 2.0, 4.0, 8.0, 2.0]
+
+
 def test_a_probe_without_its_settle_reads_embed_s_mark():
     # The plant can tell: with no settle, the first clean-looking reading still holds steps
     # beside the embed forward that was in flight, and the figure exceeds gen alone.
@@ -241,6 +267,8 @@ def test_a_new_baseline_moves_the_budget_and_growth_waits_out_the_probe():
         ({"probe_interval_s": -1}, "probe_interval_s"),
         ({"probe_keep": 0}, "probe_keep"),
         ({"settle_s": -0.1}, "settle_s"),
+        ({"probe_agree_pct": -1}, "probe_agree_pct"),
+        ({"probe_interval_max_s": 4.0}, "probe_interval_max_s"),
     ],
 )
 def test_bad_probe_config_names_the_field(kwargs, field):

@@ -105,6 +105,12 @@ class GuardConfig:
     calibrate_s: float = 2.0  # the first probe's span
     probe_s: float = 0.5  # a later probe's span
     probe_interval_s: float = 5.0  # from one probe's end to the next one's start; 0: one probe
+    # A probe holds embed for settle + span (~0.8 s of every ~5.8 s at the defaults). Once a
+    # probe's figure lies within `probe_agree_pct` of what the baseline predicted for its work,
+    # the interval doubles, up to `probe_interval_max_s`; a probe that disagrees (gen's load
+    # changed) sets it back to `probe_interval_s`.
+    probe_agree_pct: float = 2.0
+    probe_interval_max_s: float = 40.0
     # The baseline is fitted to (or, failing a fit, the median of) this many last probes. A
     # fit of up to 4 parameters needs more probes than that, and gen's work levels alternate
     # (refills), so 8 probes (~45 s at the default interval) see each level several times.
@@ -150,6 +156,13 @@ class GuardConfig:
                 f"probe_interval_s: must be in [0, 86400] (0: probe once), got "
                 f"{self.probe_interval_s:g}"
             )
+        if not 0 <= self.probe_agree_pct <= 100:
+            raise ValueError(f"probe_agree_pct: must be in [0, 100], got {self.probe_agree_pct:g}")
+        if self.probe_interval_max_s < self.probe_interval_s:
+            raise ValueError(
+                f"probe_interval_max_s: must be at least probe_interval_s "
+                f"({self.probe_interval_s:g}), got {self.probe_interval_max_s:g}"
+            )
         if self.probe_keep < 1:
             raise ValueError(f"probe_keep: must be >= 1, got {self.probe_keep}")
 
@@ -193,6 +206,7 @@ class SloGuard:
         self.next_probe_at = -float("inf") if cfg.over_alone_pct is not None else float("inf")
         self.probe: _Probe | None = None
         self.points: deque[ProbePoint] = deque(maxlen=cfg.probe_keep)
+        self.probe_interval_s = cfg.probe_interval_s  # doubles while probes agree
         self.grow_from = -float("inf")  # no growth before: gen's window still holds a probe
         self.state = GuardState(
             budget_s=cfg.budget_s,
@@ -263,13 +277,21 @@ class SloGuard:
         if point is None:
             st.phase = "waiting" if st.budget_s is None else "guarding"
             return
+        agrees = st.fit is not None and abs(point.step_s - st.fit.predict(point.work)) <= (
+            cfg.probe_agree_pct / 100 * point.step_s
+        )
+        self.probe_interval_s = (
+            min(2 * self.probe_interval_s, cfg.probe_interval_max_s)
+            if agrees
+            else cfg.probe_interval_s
+        )
         self.points.append(point)
         st.probes += 1
         st.last_probe_s = point.step_s
         st.fit = fit_baseline(list(self.points))
         self._set_budget(point.work)
         st.phase = "guarding"
-        self.next_probe_at = now + cfg.probe_interval_s if cfg.probe_interval_s else float("inf")
+        self.next_probe_at = now + self.probe_interval_s if cfg.probe_interval_s else float("inf")
         log.info(
             "SLO guard: probe %d: gen alone step %s %.2f ms at %s; baseline now %.2f ms "
             "(%s; %d probes), budget %.2f ms",
