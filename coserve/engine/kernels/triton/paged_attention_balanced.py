@@ -1,0 +1,309 @@
+"""Paged decode attention with the work balanced over the whole batch's KV tiles.
+
+A variant of `paged_attention.paged_decode_attention` (same signature, same math) for decode
+batches whose contexts differ a lot in length (the study: C=512, contexts 30..542). There,
+one program per (sequence, KV head) leaves a tail at the end of the kernel: the long
+sequences' programs still stream while most SMs sit idle. Here every sequence's context is
+cut into tiles of BLOCK_N tokens, the tiles of all sequences are laid end to end (sequence 0's,
+then sequence 1's, ...) and a fixed grid of G programs per KV head takes equal consecutive
+ranges of that list, so every program reads about the same number of bytes whatever the
+lengths are:
+
+1. `_tile_offsets_kernel` (one program): tiles per sequence and their exclusive prefix sum,
+   offs[b] = first tile of sequence b, offs[B] = total tiles; on the device, no host sync.
+2. `_balanced_kernel`, grid (G, Hkv): program p takes tiles [p * T // G, (p+1) * T // G),
+   walks the sequences they belong to (GQA group read once per tile, online softmax as in
+   the split kernel) and writes a sequence's output directly when its range holds the whole
+   sequence, else the unnormalised partial (acc, max, sum) into one of its two slots
+   (slot 0: its first sequence, slot 1: its last one).
+3. `_merge_kernel`, grid (B, Hkv): for a sequence that several programs share, merges their
+   partials (the programs are found from the same arithmetic); writes zeros for
+   context_lens 0; exits at once otherwise.
+
+G depends on the device's SM count and Hkv only, the partial buffers on G, Hkv, the group
+and head_dim only: the call is CUDA-graph capturable, and a replay follows new lengths.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from coserve.engine.kernels.triton.paged_attention import _num_sms
+
+_INT32_MAX = 2**31 - 1
+
+
+@triton.jit
+def _tile_offsets_kernel(context_lens_ptr, offs_ptr, B, BLOCK_N: tl.constexpr, B_PAD: tl.constexpr):
+    i = tl.arange(0, B_PAD)
+    live = i < B
+    ctx = tl.load(context_lens_ptr + i, mask=live, other=0)
+    tiles = (ctx + BLOCK_N - 1) // BLOCK_N
+    ends = tl.cumsum(tiles, 0)
+    tl.store(offs_ptr + i, ends - tiles, mask=live)
+    tl.store(offs_ptr + 1 + i, ends, mask=i == B - 1)
+
+
+@triton.jit
+def _balanced_kernel(
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    block_tables_ptr,
+    context_lens_ptr,
+    offs_ptr,
+    out_ptr,
+    part_o_ptr,
+    part_ml_ptr,
+    scale_log2e,
+    B,
+    stride_qb,
+    stride_qh,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_vb,
+    stride_vs,
+    stride_vh,
+    stride_bt,
+    stride_ob,
+    stride_oh,
+    BLOCK_SIZE: tl.constexpr,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    B_PAD: tl.constexpr,
+):
+    p = tl.program_id(0)
+    kvh = tl.program_id(1)
+    num_kv = tl.num_programs(1)
+    total = tl.load(offs_ptr + B).to(tl.int64)
+    # Never more programs than tiles, so that every range is non-empty (the merge relies on it).
+    num_progs = tl.maximum(tl.minimum(tl.num_programs(0), total), 1)
+    t0 = tl.minimum(p * total // num_progs, total).to(tl.int32)
+    t1 = tl.minimum((p + 1) * total // num_progs, total).to(tl.int32)
+    # First and last sequence of this range: count the sequences that end at or before.
+    i = tl.arange(0, B_PAD)
+    ends = tl.load(offs_ptr + 1 + i, mask=i < B, other=_INT32_MAX)
+    b0 = tl.sum((ends <= t0).to(tl.int32), 0)
+    b1 = tl.sum((ends <= t1 - 1).to(tl.int32), 0)
+    b1 = tl.where(t1 > t0, b1, b0 - 1)
+
+    g = tl.arange(0, GROUP_PAD)
+    d = tl.arange(0, HEAD_DIM)
+    n = tl.arange(0, BLOCK_N)
+    gmask = g < GROUP
+    qh = kvh * GROUP + g
+    k_head = k_cache_ptr + kvh * stride_kh
+    v_head = v_cache_ptr + kvh * stride_vh
+
+    for b in range(b0, b1 + 1):
+        first = tl.load(offs_ptr + b)
+        last = tl.load(offs_ptr + b + 1)
+        ctx = tl.load(context_lens_ptr + b)
+        lo = tl.maximum(t0, first)
+        hi = tl.minimum(t1, last)
+        q = tl.load(
+            q_ptr + b * stride_qb + qh[:, None] * stride_qh + d[None, :],
+            mask=gmask[:, None],
+            other=0.0,
+        )
+        m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+        l_i = tl.zeros([GROUP_PAD], tl.float32)
+        acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+        bt_row = block_tables_ptr + b * stride_bt
+        for j in range(lo, hi):
+            s = (j - first) * BLOCK_N
+            t = s + n
+            tmask = t < ctx
+            if BLOCK_SIZE % BLOCK_N == 0:
+                # The whole tile lies in one cache block: one table lookup.
+                blk = tl.load(bt_row + s // BLOCK_SIZE).to(tl.int64)
+            else:
+                blk = tl.load(bt_row + t // BLOCK_SIZE, mask=tmask, other=0).to(tl.int64)
+            k_off = blk * stride_kb + (t % BLOCK_SIZE) * stride_ks
+            v_off = blk * stride_vb + (t % BLOCK_SIZE) * stride_vs
+            k = tl.load(k_head + k_off[:, None] + d[None, :], mask=tmask[:, None], other=0.0)
+            v = tl.load(v_head + v_off[:, None] + d[None, :], mask=tmask[:, None], other=0.0)
+            qk = tl.dot(q, tl.trans(k)) * scale_log2e
+            qk = tl.where(tmask[None, :], qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            alpha = tl.exp2(m_i - m_new)
+            pr = tl.exp2(qk - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(pr, 1)
+            acc = acc * alpha[:, None] + tl.dot(pr.to(v.dtype), v)
+            m_i = m_new
+        if hi > lo:
+            if (lo == first) & (hi == last):
+                safe_l = tl.where(l_i > 0, l_i, 1.0)
+                tl.store(
+                    out_ptr + b * stride_ob + qh[:, None] * stride_oh + d[None, :],
+                    (acc / safe_l[:, None]).to(out_ptr.dtype.element_ty),
+                    mask=gmask[:, None],
+                )
+            else:
+                slot = tl.where(b == b0, 0, 1)
+                row = ((p * num_kv + kvh) * 2 + slot) * GROUP + g
+                tl.store(
+                    part_o_ptr + row[:, None] * HEAD_DIM + d[None, :], acc, mask=gmask[:, None]
+                )
+                tl.store(part_ml_ptr + row * 2, m_i, mask=gmask)
+                tl.store(part_ml_ptr + row * 2 + 1, l_i, mask=gmask)
+
+
+@triton.jit
+def _merge_kernel(
+    part_o_ptr,
+    part_ml_ptr,
+    offs_ptr,
+    out_ptr,
+    B,
+    grid_progs,
+    stride_ob,
+    stride_oh,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    num_kv = tl.num_programs(1)
+    g = tl.arange(0, GROUP_PAD)
+    d = tl.arange(0, HEAD_DIM)
+    gmask = g < GROUP
+    out_ptrs = out_ptr + b * stride_ob + (kvh * GROUP + g)[:, None] * stride_oh + d[None, :]
+    total = tl.load(offs_ptr + B).to(tl.int64)
+    num_progs = tl.maximum(tl.minimum(grid_progs, total), 1)
+    first = tl.load(offs_ptr + b)
+    last = tl.load(offs_ptr + b + 1)
+    if last == first:
+        zeros = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+        tl.store(out_ptrs, zeros.to(out_ptr.dtype.element_ty), mask=gmask[:, None])
+    else:
+        # program holding tile t: the largest p with p * total // num_progs <= t
+        p_first = ((first + 1) * num_progs + total - 1) // total - 1
+        p_last = (last * num_progs + total - 1) // total - 1
+        if p_first != p_last:
+            m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+            l_i = tl.zeros([GROUP_PAD], tl.float32)
+            acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+            for p in range(p_first, p_last + 1):
+                # slot 1 only where the sequence is not the first one of program p's range
+                starts_before = (p == p_first) & (p * total // num_progs < first)
+                slot = tl.where(starts_before, 1, 0)
+                row = ((p * num_kv + kvh) * 2 + slot) * GROUP + g
+                m_p = tl.load(part_ml_ptr + row * 2, mask=gmask, other=0.0)
+                l_p = tl.load(part_ml_ptr + row * 2 + 1, mask=gmask, other=0.0)
+                o_p = tl.load(
+                    part_o_ptr + row[:, None] * HEAD_DIM + d[None, :],
+                    mask=gmask[:, None],
+                    other=0.0,
+                )
+                m_new = tl.maximum(m_i, m_p)
+                alpha = tl.exp2(m_i - m_new)
+                beta = tl.exp2(m_p - m_new)
+                l_i = l_i * alpha + l_p * beta
+                acc = acc * alpha[:, None] + o_p * beta[:, None]
+                m_i = m_new
+            safe_l = tl.where(l_i > 0, l_i, 1.0)
+            tl.store(
+                out_ptrs, (acc / safe_l[:, None]).to(out_ptr.dtype.element_ty), mask=gmask[:, None]
+            )
+
+
+def num_programs(num_kv_heads: int, device: torch.device, programs_per_sm: int = 4) -> int:
+    """G, the programs per KV head: about `programs_per_sm` x SMs in all; shapes only."""
+    return max(1, triton.cdiv(programs_per_sm * _num_sms(device), num_kv_heads))
+
+
+def paged_decode_attention_balanced(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float | None = None,
+    out: torch.Tensor | None = None,
+    config: dict | None = None,
+) -> torch.Tensor:
+    """q [B, Hq, D]; k_cache, v_cache [num_blocks, block_size, Hkv, D]; block_tables
+    [B, max_blocks] int32; context_lens [B] int32 (0 for padding rows: output 0).
+    Returns [B, Hq, D] in q's dtype. config: optional BLOCK_N, num_warps, num_stages, and
+    PROGRAMS_PER_SM (G x Hkv ~ PROGRAMS_PER_SM x SMs; default 4) or PROGRAMS (G itself).
+    Raises ValueError on bad shapes."""
+    B, Hq, D = q.shape
+    _, block_size, Hkv, Dk = k_cache.shape
+    if Dk != D or v_cache.shape != k_cache.shape or Hq % Hkv != 0:
+        raise ValueError(f"q {tuple(q.shape)} does not fit k_cache/v_cache {tuple(k_cache.shape)}")
+    if D & (D - 1) != 0:
+        raise ValueError(f"head_dim {D} must be a power of two")
+    if k_cache.stride(3) != 1 or v_cache.stride(3) != 1 or q.stride(2) != 1:
+        raise ValueError("q, k_cache and v_cache need a contiguous last dimension")
+    if scale is None:
+        scale = D**-0.5
+    group = Hq // Hkv
+    group_pad = max(16, triton.next_power_of_2(group))
+    cfg = config or {}
+    block_n = cfg.get("BLOCK_N", 64 if D <= 128 else 32)
+    if block_size < block_n and block_n % block_size != 0:
+        block_n = max(16, triton.next_power_of_2(block_size))
+    if out is None:
+        out = torch.empty_like(q)
+    if B == 0:
+        return out
+    G = cfg.get("PROGRAMS") or num_programs(Hkv, q.device, cfg.get("PROGRAMS_PER_SM", 4))
+    b_pad = triton.next_power_of_2(B)
+    offs = torch.empty(B + 1, device=q.device, dtype=torch.int32)
+    part_o = torch.empty(G * Hkv * 2 * group, D, device=q.device, dtype=torch.float32)
+    part_ml = torch.empty(G * Hkv * 2 * group, 2, device=q.device, dtype=torch.float32)
+    _tile_offsets_kernel[(1,)](context_lens, offs, B, BLOCK_N=block_n, B_PAD=b_pad)
+    _balanced_kernel[(G, Hkv)](
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        context_lens,
+        offs,
+        out,
+        part_o,
+        part_ml,
+        scale * 1.4426950408889634,
+        B,
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        v_cache.stride(2),
+        block_tables.stride(0),
+        out.stride(0),
+        out.stride(1),
+        BLOCK_SIZE=block_size,
+        GROUP=group,
+        GROUP_PAD=group_pad,
+        HEAD_DIM=D,
+        BLOCK_N=block_n,
+        B_PAD=b_pad,
+        num_warps=cfg.get("num_warps", 4),
+        num_stages=cfg.get("num_stages", 3),
+    )
+    _merge_kernel[(B, Hkv)](
+        part_o,
+        part_ml,
+        offs,
+        out,
+        B,
+        G,
+        out.stride(0),
+        out.stride(1),
+        GROUP=group,
+        GROUP_PAD=group_pad,
+        HEAD_DIM=D,
+        num_warps=4,
+    )
+    return out
