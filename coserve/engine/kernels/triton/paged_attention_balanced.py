@@ -9,15 +9,16 @@ then sequence 1's, ...) and a fixed grid of G programs per KV head takes equal c
 ranges of that list, so every program reads about the same number of bytes whatever the
 lengths are:
 
-1. `_tile_offsets_kernel` (one program): tiles per sequence and their exclusive prefix sum,
-   offs[b] = first tile of sequence b, offs[B] = total tiles; on the device, no host sync.
-2. `_balanced_kernel`, grid (G, Hkv): program p takes tiles [p * T // G, (p+1) * T // G),
-   walks the sequences they belong to (GQA group read once per tile, online softmax as in
-   the split kernel) and writes a sequence's output directly when its range holds the whole
-   sequence, else the unnormalised partial (acc, max, sum) into one of its two slots
-   (slot 0: its first sequence, slot 1: its last one).
+1. Tile offsets: tiles per sequence (cdiv(context, BLOCK_N)) and their prefix sum over the
+   batch, T = total tiles. Each program of both kernels computes them in registers from the
+   B context lengths (no extra launch, no host sync).
+2. `_balanced_kernel`, grid (G, Hkv): program p takes tiles [p * T // G', (p+1) * T // G'),
+   G' = min(G, T) so that no range is empty, walks the sequences they belong to (the GQA
+   group read once per tile, online softmax as in the split kernel) and writes a sequence's
+   output directly when its range holds the whole sequence, else the unnormalised partial
+   (acc, max, sum) into one of its two slots (0: its first sequence, 1: its last one).
 3. `_merge_kernel`, grid (B, Hkv): for a sequence that several programs share, merges their
-   partials (the programs are found from the same arithmetic); writes zeros for
+   partials (the programs follow from the same arithmetic); writes zeros for
    context_lens 0; exits at once otherwise.
 
 G depends on the device's SM count and Hkv only, the partial buffers on G, Hkv, the group
@@ -32,18 +33,28 @@ import triton.language as tl
 
 from coserve.engine.kernels.triton.paged_attention import _num_sms
 
-_INT32_MAX = 2**31 - 1
+_INT32_MAX = tl.constexpr(2**31 - 1)  # jitted code reads only constexpr globals
 
 
 @triton.jit
-def _tile_offsets_kernel(context_lens_ptr, offs_ptr, B, BLOCK_N: tl.constexpr, B_PAD: tl.constexpr):
+def _tile_ends(context_lens_ptr, B, BLOCK_N: tl.constexpr, B_PAD: tl.constexpr):
+    """Per sequence (lanes >= B: int32 max), the end of its tiles in the batch's tile list,
+    and the list's length (int64). Every program computes this itself from the B context
+    lengths (a few KB from L2): no extra launch and no dependency between kernels."""
     i = tl.arange(0, B_PAD)
     live = i < B
     ctx = tl.load(context_lens_ptr + i, mask=live, other=0)
     tiles = (ctx + BLOCK_N - 1) // BLOCK_N
     ends = tl.cumsum(tiles, 0)
-    tl.store(offs_ptr + i, ends - tiles, mask=live)
-    tl.store(offs_ptr + 1 + i, ends, mask=i == B - 1)
+    return tl.where(live, ends, _INT32_MAX), tl.sum(tiles, 0).to(tl.int64)
+
+
+@triton.jit
+def _seq_tiles(ends, b, context_lens_ptr, BLOCK_N: tl.constexpr, B_PAD: tl.constexpr):
+    """(first tile, end tile, context length) of sequence b."""
+    last = tl.sum(tl.where(tl.arange(0, B_PAD) == b, ends, 0), 0)
+    ctx = tl.load(context_lens_ptr + b)
+    return last - (ctx + BLOCK_N - 1) // BLOCK_N, last, ctx
 
 
 @triton.jit
@@ -53,7 +64,6 @@ def _balanced_kernel(
     v_cache_ptr,
     block_tables_ptr,
     context_lens_ptr,
-    offs_ptr,
     out_ptr,
     part_o_ptr,
     part_ml_ptr,
@@ -80,14 +90,12 @@ def _balanced_kernel(
     p = tl.program_id(0)
     kvh = tl.program_id(1)
     num_kv = tl.num_programs(1)
-    total = tl.load(offs_ptr + B).to(tl.int64)
+    ends, total = _tile_ends(context_lens_ptr, B, BLOCK_N, B_PAD)
     # Never more programs than tiles, so that every range is non-empty (the merge relies on it).
     num_progs = tl.maximum(tl.minimum(tl.num_programs(0), total), 1)
     t0 = tl.minimum(p * total // num_progs, total).to(tl.int32)
     t1 = tl.minimum((p + 1) * total // num_progs, total).to(tl.int32)
     # First and last sequence of this range: count the sequences that end at or before.
-    i = tl.arange(0, B_PAD)
-    ends = tl.load(offs_ptr + 1 + i, mask=i < B, other=_INT32_MAX)
     b0 = tl.sum((ends <= t0).to(tl.int32), 0)
     b1 = tl.sum((ends <= t1 - 1).to(tl.int32), 0)
     b1 = tl.where(t1 > t0, b1, b0 - 1)
@@ -101,9 +109,7 @@ def _balanced_kernel(
     v_head = v_cache_ptr + kvh * stride_vh
 
     for b in range(b0, b1 + 1):
-        first = tl.load(offs_ptr + b)
-        last = tl.load(offs_ptr + b + 1)
-        ctx = tl.load(context_lens_ptr + b)
+        first, last, ctx = _seq_tiles(ends, b, context_lens_ptr, BLOCK_N, B_PAD)
         lo = tl.maximum(t0, first)
         hi = tl.minimum(t1, last)
         q = tl.load(
@@ -158,7 +164,7 @@ def _balanced_kernel(
 def _merge_kernel(
     part_o_ptr,
     part_ml_ptr,
-    offs_ptr,
+    context_lens_ptr,
     out_ptr,
     B,
     grid_progs,
@@ -167,6 +173,8 @@ def _merge_kernel(
     GROUP: tl.constexpr,
     GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    B_PAD: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -175,17 +183,16 @@ def _merge_kernel(
     d = tl.arange(0, HEAD_DIM)
     gmask = g < GROUP
     out_ptrs = out_ptr + b * stride_ob + (kvh * GROUP + g)[:, None] * stride_oh + d[None, :]
-    total = tl.load(offs_ptr + B).to(tl.int64)
+    ends, total = _tile_ends(context_lens_ptr, B, BLOCK_N, B_PAD)
     num_progs = tl.maximum(tl.minimum(grid_progs, total), 1)
-    first = tl.load(offs_ptr + b)
-    last = tl.load(offs_ptr + b + 1)
+    first, last, _ = _seq_tiles(ends, b, context_lens_ptr, BLOCK_N, B_PAD)
     if last == first:
         zeros = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
         tl.store(out_ptrs, zeros.to(out_ptr.dtype.element_ty), mask=gmask[:, None])
     else:
         # program holding tile t: the largest p with p * total // num_progs <= t
-        p_first = ((first + 1) * num_progs + total - 1) // total - 1
-        p_last = (last * num_progs + total - 1) // total - 1
+        p_first = (((first + 1) * num_progs + total - 1) // total - 1).to(tl.int32)
+        p_last = ((last * num_progs + total - 1) // total - 1).to(tl.int32)
         if p_first != p_last:
             m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
             l_i = tl.zeros([GROUP_PAD], tl.float32)
@@ -256,17 +263,14 @@ def paged_decode_attention_balanced(
         return out
     G = cfg.get("PROGRAMS") or num_programs(Hkv, q.device, cfg.get("PROGRAMS_PER_SM", 4))
     b_pad = triton.next_power_of_2(B)
-    offs = torch.empty(B + 1, device=q.device, dtype=torch.int32)
     part_o = torch.empty(G * Hkv * 2 * group, D, device=q.device, dtype=torch.float32)
     part_ml = torch.empty(G * Hkv * 2 * group, 2, device=q.device, dtype=torch.float32)
-    _tile_offsets_kernel[(1,)](context_lens, offs, B, BLOCK_N=block_n, B_PAD=b_pad)
     _balanced_kernel[(G, Hkv)](
         q,
         k_cache,
         v_cache,
         block_tables,
         context_lens,
-        offs,
         out,
         part_o,
         part_ml,
@@ -295,7 +299,7 @@ def paged_decode_attention_balanced(
     _merge_kernel[(B, Hkv)](
         part_o,
         part_ml,
-        offs,
+        context_lens,
         out,
         B,
         G,
@@ -304,6 +308,8 @@ def paged_decode_attention_balanced(
         GROUP=group,
         GROUP_PAD=group_pad,
         HEAD_DIM=D,
+        BLOCK_N=block_n,
+        B_PAD=b_pad,
         num_warps=4,
     )
     return out
