@@ -138,10 +138,13 @@ _BALANCED_SWEEP = (
     dict(PROGRAMS_PER_SM=1),
     dict(PROGRAMS_PER_SM=2),
     dict(PROGRAMS_PER_SM=8),
+    dict(BLOCK_N=64, num_warps=8, num_stages=3),
     dict(BLOCK_N=32, num_warps=4, num_stages=4),
-    dict(BLOCK_N=128, num_warps=4, num_stages=3),
     dict(BLOCK_N=128, num_warps=8, num_stages=3),
-    dict(BLOCK_N=64, num_warps=4, num_stages=4, PROGRAMS_PER_SM=2),
+    dict(BLOCK_N=64, num_warps=8, num_stages=3, PROGRAMS_PER_SM=2),
+    dict(FLAT=True, BLOCK_N=64, num_warps=8, num_stages=3),
+    dict(FLAT=True, BLOCK_N=128, num_warps=8, num_stages=3),
+    dict(FLAT=True, PROGRAMS_PER_SM=2),
 )
 
 
@@ -184,11 +187,15 @@ def bench_attention(tk) -> None:
                 [lambda s=s, sc=scale: tk.paged_decode_attention(*s, sc) for s in sets]
             )
             report("paged_decode_attention", shape, ms, nbytes, flops, f"splits={splits}")
-            ms = graph_time_ms(
-                [lambda s=s, sc=scale: tk.paged_decode_attention_balanced(*s, sc) for s in sets]
-            )
             G = num_programs(Hkv, torch.device(DEV))
-            report("paged_decode_attention_balanced", shape, ms, nbytes, flops, f"G={G}")
+            fn = tk.paged_decode_attention_balanced
+            for flat in (False, True):
+                cfg = dict(FLAT=flat)
+                ms = graph_time_ms(
+                    [lambda s=s, sc=scale, c=cfg, f=fn: f(*s, sc, config=c) for s in sets]
+                )
+                note = f"G={G}" + (",flat" if flat else "")
+                report("paged_decode_attention_balanced", shape, ms, nbytes, flops, note)
             if B != 512 or block_size != 16:
                 continue
             for name, fn, sweep in (

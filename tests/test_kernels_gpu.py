@@ -132,13 +132,14 @@ _MIXED_LENS = [1, 16, 64, 37, 128, 5, 100, 17, 48]
 @pytest.mark.parametrize("group", [1, 4, 8])
 @pytest.mark.parametrize("block_size", [16, 64])
 @pytest.mark.parametrize("programs", [None, 1, 3])
-def test_paged_decode_attention_balanced_matches_reference(group, block_size, programs):
+@pytest.mark.parametrize("flat", [False, True])
+def test_paged_decode_attention_balanced_matches_reference(group, block_size, programs, flat):
     """programs=1: one program walks every sequence; 3: ranges that cross sequences and
     sequences shared by programs; None: the default grid (more programs than tiles here)."""
     Hkv, D = (2, 128) if ON_GPU else (2, 32)
     lens = _MIXED_LENS * (8 if ON_GPU else 1)
     q, kc, vc, bt, ctx = _paged_lens_case(lens, group * Hkv, Hkv, D, block_size, gen(6))
-    cfg = {"BLOCK_N": 16 if block_size == 16 else 32, "PROGRAMS": programs}
+    cfg = {"BLOCK_N": 16 if block_size == 16 else 32, "PROGRAMS": programs, "FLAT": flat}
     scale = D**-0.5
     out = tk().paged_decode_attention_balanced(q, kc, vc, bt, ctx, scale, config=cfg)
     ref = ref_attn.paged_decode_attention(q, kc, vc, bt, ctx, scale)
@@ -147,20 +148,23 @@ def test_paged_decode_attention_balanced_matches_reference(group, block_size, pr
 
 
 @pytest.mark.parametrize("programs", [None, 2])
-def test_paged_decode_attention_balanced_one_long_sequence(programs):
+@pytest.mark.parametrize("flat", [False, True])
+def test_paged_decode_attention_balanced_one_long_sequence(programs, flat):
     ctx_len = 3000 if ON_GPU else 300
     q, kc, vc, bt, ctx = _paged_lens_case([ctx_len], 8, 1, 64, 16, gen(7))
     out = tk().paged_decode_attention_balanced(
-        q, kc, vc, bt, ctx, 0.125, config={"PROGRAMS": programs}
+        q, kc, vc, bt, ctx, 0.125, config={"PROGRAMS": programs, "FLAT": flat}
     )
     ref = ref_attn.paged_decode_attention(q, kc, vc, bt, ctx, 0.125)
     assert rel_err(out, ref) < (1e-2 if DT == torch.bfloat16 else 1e-5)
 
 
-def test_paged_decode_attention_balanced_zero_length_rows_give_zeros():
+@pytest.mark.parametrize("flat", [False, True])
+def test_paged_decode_attention_balanced_zero_length_rows_give_zeros(flat):
     lens = [40, 0, 7, 0]
     q, kc, vc, bt, ctx = _paged_lens_case(lens, 8, 2, 64, 16, gen(8))
-    out = tk().paged_decode_attention_balanced(q, kc, vc, bt, ctx, 0.125, config={"PROGRAMS": 2})
+    cfg = {"PROGRAMS": 2, "FLAT": flat}
+    out = tk().paged_decode_attention_balanced(q, kc, vc, bt, ctx, 0.125, config=cfg)
     assert torch.isfinite(out.float()).all()
     assert out[1].abs().max().item() == 0.0 and out[3].abs().max().item() == 0.0
     keep = torch.tensor([0, 2], device=DEV)

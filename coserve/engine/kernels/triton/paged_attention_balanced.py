@@ -17,6 +17,8 @@ lengths are:
    group read once per tile, online softmax as in the split kernel) and writes a sequence's
    output directly when its range holds the whole sequence, else the unnormalised partial
    (acc, max, sum) into one of its two slots (0: its first sequence, 1: its last one).
+   FLAT=True walks the range in one loop whose sequence changes inside it (the prefetch
+   then runs across sequence boundaries; the default has one inner loop per sequence).
 3. `_merge_kernel`, grid (B, Hkv): for a sequence that several programs share, merges their
    partials (the programs follow from the same arithmetic); writes zeros for
    context_lens 0; exits at once otherwise.
@@ -58,6 +60,87 @@ def _seq_tiles(ends, b, context_lens_ptr, BLOCK_N: tl.constexpr, B_PAD: tl.const
 
 
 @triton.jit
+def _attend_tile(
+    q,
+    m_i,
+    l_i,
+    acc,
+    k_head,
+    v_head,
+    bt_row,
+    s,
+    ctx,
+    scale_log2e,
+    stride_kb,
+    stride_ks,
+    stride_vb,
+    stride_vs,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+):
+    """Online-softmax update of (m_i, l_i, acc) with tokens s .. s + BLOCK_N of a sequence."""
+    d = tl.arange(0, HEAD_DIM)
+    t = s + tl.arange(0, BLOCK_N)
+    tmask = t < ctx
+    if BLOCK_SIZE % BLOCK_N == 0:
+        # The whole tile lies in one cache block: one table lookup.
+        blk = tl.load(bt_row + s // BLOCK_SIZE).to(tl.int64)
+    else:
+        blk = tl.load(bt_row + t // BLOCK_SIZE, mask=tmask, other=0).to(tl.int64)
+    k_off = blk * stride_kb + (t % BLOCK_SIZE) * stride_ks
+    v_off = blk * stride_vb + (t % BLOCK_SIZE) * stride_vs
+    k = tl.load(k_head + k_off[:, None] + d[None, :], mask=tmask[:, None], other=0.0)
+    v = tl.load(v_head + v_off[:, None] + d[None, :], mask=tmask[:, None], other=0.0)
+    qk = tl.dot(q, tl.trans(k)) * scale_log2e
+    qk = tl.where(tmask[None, :], qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    alpha = tl.exp2(m_i - m_new)
+    pr = tl.exp2(qk - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(pr, 1)
+    acc = acc * alpha[:, None] + tl.dot(pr.to(v.dtype), v)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _flush(
+    acc,
+    m_i,
+    l_i,
+    whole,
+    b,
+    slot,
+    p,
+    kvh,
+    num_kv,
+    out_ptr,
+    part_o_ptr,
+    part_ml_ptr,
+    stride_ob,
+    stride_oh,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+):
+    """Sequence b's output when this program saw all of it (`whole`), else its partial."""
+    g = tl.arange(0, GROUP_PAD)
+    d = tl.arange(0, HEAD_DIM)
+    gmask = g < GROUP
+    if whole:
+        safe_l = tl.where(l_i > 0, l_i, 1.0)
+        tl.store(
+            out_ptr + b * stride_ob + (kvh * GROUP + g)[:, None] * stride_oh + d[None, :],
+            (acc / safe_l[:, None]).to(out_ptr.dtype.element_ty),
+            mask=gmask[:, None],
+        )
+    else:
+        row = ((p * num_kv + kvh) * 2 + slot) * GROUP + g
+        tl.store(part_o_ptr + row[:, None] * HEAD_DIM + d[None, :], acc, mask=gmask[:, None])
+        tl.store(part_ml_ptr + row * 2, m_i, mask=gmask)
+        tl.store(part_ml_ptr + row * 2 + 1, l_i, mask=gmask)
+
+
+@triton.jit
 def _balanced_kernel(
     q_ptr,
     k_cache_ptr,
@@ -86,6 +169,7 @@ def _balanced_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_N: tl.constexpr,
     B_PAD: tl.constexpr,
+    FLAT: tl.constexpr,
 ):
     p = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -102,62 +186,116 @@ def _balanced_kernel(
 
     g = tl.arange(0, GROUP_PAD)
     d = tl.arange(0, HEAD_DIM)
-    n = tl.arange(0, BLOCK_N)
     gmask = g < GROUP
-    qh = kvh * GROUP + g
+    q_off = (kvh * GROUP + g)[:, None] * stride_qh + d[None, :]
     k_head = k_cache_ptr + kvh * stride_kh
     v_head = v_cache_ptr + kvh * stride_vh
+    m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
 
-    for b in range(b0, b1 + 1):
-        first, last, ctx = _seq_tiles(ends, b, context_lens_ptr, BLOCK_N, B_PAD)
-        lo = tl.maximum(t0, first)
-        hi = tl.minimum(t1, last)
-        q = tl.load(
-            q_ptr + b * stride_qb + qh[:, None] * stride_qh + d[None, :],
-            mask=gmask[:, None],
-            other=0.0,
-        )
-        m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-        l_i = tl.zeros([GROUP_PAD], tl.float32)
-        acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
-        bt_row = block_tables_ptr + b * stride_bt
-        for j in range(lo, hi):
-            s = (j - first) * BLOCK_N
-            t = s + n
-            tmask = t < ctx
-            if BLOCK_SIZE % BLOCK_N == 0:
-                # The whole tile lies in one cache block: one table lookup.
-                blk = tl.load(bt_row + s // BLOCK_SIZE).to(tl.int64)
-            else:
-                blk = tl.load(bt_row + t // BLOCK_SIZE, mask=tmask, other=0).to(tl.int64)
-            k_off = blk * stride_kb + (t % BLOCK_SIZE) * stride_ks
-            v_off = blk * stride_vb + (t % BLOCK_SIZE) * stride_vs
-            k = tl.load(k_head + k_off[:, None] + d[None, :], mask=tmask[:, None], other=0.0)
-            v = tl.load(v_head + v_off[:, None] + d[None, :], mask=tmask[:, None], other=0.0)
-            qk = tl.dot(q, tl.trans(k)) * scale_log2e
-            qk = tl.where(tmask[None, :], qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            alpha = tl.exp2(m_i - m_new)
-            pr = tl.exp2(qk - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(pr, 1)
-            acc = acc * alpha[:, None] + tl.dot(pr.to(v.dtype), v)
-            m_i = m_new
-        if hi > lo:
-            if (lo == first) & (hi == last):
-                safe_l = tl.where(l_i > 0, l_i, 1.0)
-                tl.store(
-                    out_ptr + b * stride_ob + qh[:, None] * stride_oh + d[None, :],
-                    (acc / safe_l[:, None]).to(out_ptr.dtype.element_ty),
-                    mask=gmask[:, None],
-                )
-            else:
+    if FLAT:
+        # One loop over the range's tiles, sequence switches inside it, so that the
+        # pipeliner's prefetch runs across sequence boundaries.
+        for j in range(t0, t1):
+            b = tl.sum((ends <= j).to(tl.int32), 0)
+            first, last, ctx = _seq_tiles(ends, b, context_lens_ptr, BLOCK_N, B_PAD)
+            q = tl.load(q_ptr + b * stride_qb + q_off, mask=gmask[:, None], other=0.0)
+            m_i, l_i, acc = _attend_tile(
+                q,
+                m_i,
+                l_i,
+                acc,
+                k_head,
+                v_head,
+                block_tables_ptr + b * stride_bt,
+                (j - first) * BLOCK_N,
+                ctx,
+                scale_log2e,
+                stride_kb,
+                stride_ks,
+                stride_vb,
+                stride_vs,
+                BLOCK_SIZE,
+                BLOCK_N,
+                HEAD_DIM,
+            )
+            done = (j == last - 1) | (j == t1 - 1)
+            if done:
+                whole = (first >= t0) & (last <= t1)
                 slot = tl.where(b == b0, 0, 1)
-                row = ((p * num_kv + kvh) * 2 + slot) * GROUP + g
-                tl.store(
-                    part_o_ptr + row[:, None] * HEAD_DIM + d[None, :], acc, mask=gmask[:, None]
+                _flush(
+                    acc,
+                    m_i,
+                    l_i,
+                    whole,
+                    b,
+                    slot,
+                    p,
+                    kvh,
+                    num_kv,
+                    out_ptr,
+                    part_o_ptr,
+                    part_ml_ptr,
+                    stride_ob,
+                    stride_oh,
+                    GROUP,
+                    GROUP_PAD,
+                    HEAD_DIM,
                 )
-                tl.store(part_ml_ptr + row * 2, m_i, mask=gmask)
-                tl.store(part_ml_ptr + row * 2 + 1, l_i, mask=gmask)
+            m_i = tl.where(done, float("-inf"), m_i)
+            l_i = tl.where(done, 0.0, l_i)
+            acc = tl.where(done, 0.0, acc)
+    else:
+        for b in range(b0, b1 + 1):
+            first, last, ctx = _seq_tiles(ends, b, context_lens_ptr, BLOCK_N, B_PAD)
+            lo = tl.maximum(t0, first)
+            hi = tl.minimum(t1, last)
+            q = tl.load(q_ptr + b * stride_qb + q_off, mask=gmask[:, None], other=0.0)
+            m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+            l_i = tl.zeros([GROUP_PAD], tl.float32)
+            acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+            bt_row = block_tables_ptr + b * stride_bt
+            for j in range(lo, hi):
+                m_i, l_i, acc = _attend_tile(
+                    q,
+                    m_i,
+                    l_i,
+                    acc,
+                    k_head,
+                    v_head,
+                    bt_row,
+                    (j - first) * BLOCK_N,
+                    ctx,
+                    scale_log2e,
+                    stride_kb,
+                    stride_ks,
+                    stride_vb,
+                    stride_vs,
+                    BLOCK_SIZE,
+                    BLOCK_N,
+                    HEAD_DIM,
+                )
+            if hi > lo:
+                _flush(
+                    acc,
+                    m_i,
+                    l_i,
+                    (lo == first) & (hi == last),
+                    b,
+                    tl.where(b == b0, 0, 1),
+                    p,
+                    kvh,
+                    num_kv,
+                    out_ptr,
+                    part_o_ptr,
+                    part_ml_ptr,
+                    stride_ob,
+                    stride_oh,
+                    GROUP,
+                    GROUP_PAD,
+                    HEAD_DIM,
+                )
 
 
 @triton.jit
@@ -239,7 +377,8 @@ def paged_decode_attention_balanced(
     """q [B, Hq, D]; k_cache, v_cache [num_blocks, block_size, Hkv, D]; block_tables
     [B, max_blocks] int32; context_lens [B] int32 (0 for padding rows: output 0).
     Returns [B, Hq, D] in q's dtype. config: optional BLOCK_N, num_warps, num_stages, and
-    PROGRAMS_PER_SM (G x Hkv ~ PROGRAMS_PER_SM x SMs; default 4) or PROGRAMS (G itself).
+    PROGRAMS_PER_SM (G x Hkv ~ PROGRAMS_PER_SM x SMs; default 4) or PROGRAMS (G itself),
+    FLAT (one loop over the range's tiles instead of one per sequence; default False).
     Raises ValueError on bad shapes."""
     B, Hq, D = q.shape
     _, block_size, Hkv, Dk = k_cache.shape
@@ -293,6 +432,7 @@ def paged_decode_attention_balanced(
         HEAD_DIM=D,
         BLOCK_N=block_n,
         B_PAD=b_pad,
+        FLAT=bool(cfg.get("FLAT", False)),
         num_warps=cfg.get("num_warps", 4),
         num_stages=cfg.get("num_stages", 3),
     )
