@@ -1,30 +1,25 @@
 """Paged decode attention with the work balanced over the whole batch's KV tiles.
 
 A variant of `paged_attention.paged_decode_attention` (same signature, same math) for decode
-batches whose contexts differ a lot in length (the study: C=512, contexts 30..542). There,
-one program per (sequence, KV head) leaves a tail at the end of the kernel: the long
-sequences' programs still stream while most SMs sit idle. Here every sequence's context is
-cut into tiles of BLOCK_N tokens, the tiles of all sequences are laid end to end (sequence 0's,
-then sequence 1's, ...) and a fixed grid of G programs per KV head takes equal consecutive
-ranges of that list, so every program reads about the same number of bytes whatever the
-lengths are:
+batches whose contexts differ a lot (the study: C=512, contexts 30..542), where one program
+per (sequence, KV head) ends in a tail: the long sequences' programs stream while most SMs
+idle. Here each context is cut into tiles of BLOCK_N tokens, all sequences' tiles are laid
+end to end, and a fixed grid of G programs per KV head takes equal consecutive ranges of
+that list, so every program reads about the same bytes whatever the lengths:
 
-1. Tile offsets: tiles per sequence (cdiv(context, BLOCK_N)) and their prefix sum over the
-   batch, T = total tiles. Each program of both kernels computes them in registers from the
-   B context lengths (no extra launch, no host sync).
+1. Tile offsets: tiles per sequence and their prefix sum, T = total tiles; every program of
+   both kernels computes them in registers from the B context lengths (no extra launch).
 2. `_balanced_kernel`, grid (G, Hkv): program p takes tiles [p * T // G', (p+1) * T // G'),
-   G' = min(G, T) so that no range is empty, walks the sequences they belong to (the GQA
-   group read once per tile, online softmax as in the split kernel) and writes a sequence's
-   output directly when its range holds the whole sequence, else the unnormalised partial
-   (acc, max, sum) into one of its two slots (0: its first sequence, 1: its last one).
-   FLAT=True walks the range in one loop whose sequence changes inside it (the prefetch
-   then runs across sequence boundaries; the default has one inner loop per sequence).
-3. `_merge_kernel`, grid (B, Hkv): for a sequence that several programs share, merges their
-   partials (the programs follow from the same arithmetic); writes zeros for
-   context_lens 0; exits at once otherwise.
+   G' = min(G, T) so that no range is empty, walks the sequences they belong to (GQA group
+   read once per tile, online softmax) and writes a sequence's output when its range holds
+   all of it, else the unnormalised partial (acc, max, sum) in one of its two slots (0: its
+   first sequence, 1: its last). FLAT=True walks the range in one loop whose sequence changes
+   inside it (prefetch across sequence boundaries); the default has a loop per sequence.
+3. `_merge_kernel`, grid (B, Hkv): merges the partials of a sequence that programs share
+   (found by the same arithmetic), writes zeros for context_lens 0, else exits at once.
 
-G depends on the device's SM count and Hkv only, the partial buffers on G, Hkv, the group
-and head_dim only: the call is CUDA-graph capturable, and a replay follows new lengths.
+G depends on the SM count and Hkv, the partial buffers on G, Hkv, group and head_dim: no host
+sync, CUDA-graph capturable, and a replay follows new lengths.
 """
 
 from __future__ import annotations
