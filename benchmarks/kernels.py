@@ -47,61 +47,90 @@ from coserve.engine.kernels import rotary as ref_rot  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- attention
-def bench_attention(tk) -> None:
-    tp = STATE["tp"]
-    Hq, Hkv, D = 32 // tp, 4 // tp, 128
-    print(f"\n== paged decode attention (GQA Hq={Hq} Hkv={Hkv} D={D}, bf16 KV) ==", flush=True)
-    g = torch.Generator(device=DEV).manual_seed(0)
-    for B, block_size, lo, hi in [
-        (512, 16, 30, 542),
-        (512, 256, 30, 542),
-        (512, 64, 30, 542),
-        (256, 16, 30, 542),
-        (64, 16, 30, 542),
-        (8, 16, 30, 542),
-        (64, 16, 2000, 4000),
-    ]:
-        max_blocks = -(-hi // block_size)
-        sets = []
-        for _ in range(2):
-            nb = B * max_blocks
-            kc = torch.randn(nb, block_size, Hkv, D, generator=g, device=DEV).to(torch.bfloat16)
-            vc = torch.randn_like(kc)
-            bt = torch.randperm(nb, generator=g, device=DEV).view(B, max_blocks).to(torch.int32)
-            ctx = torch.randint(lo, hi + 1, (B,), generator=g, device=DEV).to(torch.int32)
-            q = torch.randn(B, Hq, D, generator=g, device=DEV).to(torch.bfloat16)
-            sets.append((q, kc, vc, bt, ctx))
-        tokens = sum(int(s[4].sum()) for s in sets) / len(sets)
-        nbytes = tokens * Hkv * D * 2 * 2 + 2 * B * Hq * D * 2
-        flops = 4 * tokens * Hq * D
-        scale = D**-0.5
-        shape = f"B={B} bs={block_size} ctx={lo}..{hi}"
-        splits = None
-        from coserve.engine.kernels.triton.paged_attention import choose_num_splits
+_ATTN_SHAPES = [  # (B, block size, context lo, hi): the study's decode spread, and a long one
+    *[(B, bs, 30, 542) for B in (512, 256, 64, 8) for bs in (16, 64, 256)],
+    (64, 16, 2000, 4000),
+]
+_SPLIT_SWEEP = (
+    dict(BLOCK_N=128, num_warps=4, num_stages=3),
+    dict(BLOCK_N=128, num_warps=8, num_stages=3),
+    dict(BLOCK_N=64, num_warps=4, num_stages=4),
+    dict(BLOCK_N=32, num_warps=4, num_stages=4),
+)
+_BALANCED_SWEEP = (
+    dict(PROGRAMS_PER_SM=1),
+    dict(PROGRAMS_PER_SM=2),
+    dict(PROGRAMS_PER_SM=8),
+    dict(BLOCK_N=64, num_warps=8, num_stages=3),
+    dict(BLOCK_N=32, num_warps=4, num_stages=4),
+    dict(BLOCK_N=128, num_warps=8, num_stages=3),
+    dict(BLOCK_N=64, num_warps=8, num_stages=3, PROGRAMS_PER_SM=2),
+    dict(FLAT=True, BLOCK_N=64, num_warps=8, num_stages=3),
+    dict(FLAT=True, BLOCK_N=128, num_warps=8, num_stages=3),
+    dict(FLAT=True, PROGRAMS_PER_SM=2),
+)
 
-        splits = choose_num_splits(B, Hkv, max_blocks * block_size, torch.device(DEV))
-        ms = graph_time_ms([lambda s=s, sc=scale: tk.paged_decode_attention(*s, sc) for s in sets])
-        report("paged_decode_attention", shape, ms, nbytes, flops, f"splits={splits}")
-        if B == 512 and block_size == 16:
-            for cfg in (
-                dict(BLOCK_N=128, num_warps=4, num_stages=3),
-                dict(BLOCK_N=128, num_warps=8, num_stages=3),
-                dict(BLOCK_N=64, num_warps=4, num_stages=4),
-                dict(BLOCK_N=32, num_warps=4, num_stages=4),
+
+def _attn_sets(B, Hq, Hkv, D, block_size, lo, hi, g, n=2):
+    """`n` input sets (q, k_cache, v_cache, block_tables, context_lens), blocks shuffled."""
+    max_blocks = -(-hi // block_size)
+    sets = []
+    for _ in range(n):
+        nb = B * max_blocks
+        kc = torch.randn(nb, block_size, Hkv, D, generator=g, device=DEV).to(torch.bfloat16)
+        vc = torch.randn_like(kc)
+        bt = torch.randperm(nb, generator=g, device=DEV).view(B, max_blocks).to(torch.int32)
+        ctx = torch.randint(lo, hi + 1, (B,), generator=g, device=DEV).to(torch.int32)
+        q = torch.randn(B, Hq, D, generator=g, device=DEV).to(torch.bfloat16)
+        sets.append((q, kc, vc, bt, ctx))
+    return sets
+
+
+def bench_attention(tk) -> None:
+    """The split kernel (default) and the balanced variant side by side, at the head counts of
+    TP=1 and TP=2 (and of --tp), every shape of _ATTN_SHAPES; tile sweeps at B=512 bs=16."""
+    from coserve.engine.kernels.triton.paged_attention import choose_num_splits
+    from coserve.engine.kernels.triton.paged_attention_balanced import num_programs
+
+    D = 128
+    g = torch.Generator(device=DEV).manual_seed(0)
+    for tp in sorted({1, 2, STATE["tp"]}):
+        Hq, Hkv = 32 // tp, 4 // tp
+        print(f"\n== paged decode attention (GQA Hq={Hq} Hkv={Hkv} D={D}, bf16 KV) ==", flush=True)
+        for B, block_size, lo, hi in _ATTN_SHAPES:
+            sets = _attn_sets(B, Hq, Hkv, D, block_size, lo, hi, g)
+            tokens = sum(int(s[4].sum()) for s in sets) / len(sets)
+            nbytes = tokens * Hkv * D * 2 * 2 + 2 * B * Hq * D * 2
+            flops = 4 * tokens * Hq * D
+            scale = D**-0.5
+            shape = f"Hkv={Hkv} B={B} bs={block_size} ctx={lo}..{hi}"
+            max_tokens = sets[0][3].shape[1] * block_size
+            splits = choose_num_splits(B, Hkv, max_tokens, torch.device(DEV))
+            ms = graph_time_ms(
+                [lambda s=s, sc=scale: tk.paged_decode_attention(*s, sc) for s in sets]
+            )
+            report("paged_decode_attention", shape, ms, nbytes, flops, f"splits={splits}")
+            G = num_programs(Hkv, torch.device(DEV))
+            fn = tk.paged_decode_attention_balanced
+            for flat in (False, True):
+                cfg = dict(FLAT=flat)
+                ms = graph_time_ms(
+                    [lambda s=s, sc=scale, c=cfg, f=fn: f(*s, sc, config=c) for s in sets]
+                )
+                note = f"G={G}" + (",flat" if flat else "")
+                report("paged_decode_attention_balanced", shape, ms, nbytes, flops, note)
+            if B != 512 or block_size != 16:
+                continue
+            for name, fn, sweep in (
+                ("  split sweep", tk.paged_decode_attention, _SPLIT_SWEEP),
+                ("  balanced sweep", tk.paged_decode_attention_balanced, _BALANCED_SWEEP),
             ):
-                ms_c = graph_time_ms(
-                    [
-                        lambda s=s, sc=scale, c=cfg: tk.paged_decode_attention(*s, sc, config=c)
-                        for s in sets
-                    ]
-                )
-                report(
-                    "  config sweep",
-                    shape + " " + ",".join(map(str, cfg.values())),
-                    ms_c,
-                    nbytes,
-                    flops,
-                )
+                for cfg in sweep:
+                    ms_c = graph_time_ms(
+                        [lambda s=s, sc=scale, c=cfg, f=fn: f(*s, sc, config=c) for s in sets]
+                    )
+                    note = ",".join(f"{k}={v}" for k, v in cfg.items())
+                    report(name, shape, ms_c, nbytes, flops, note)
             ms_ref = eager_time_ms(
                 lambda s=sets[0], sc=scale: ref_attn.paged_decode_attention(*s, sc), 3
             )

@@ -112,6 +112,95 @@ def test_paged_decode_attention_graph_replay_follows_new_lengths():
     assert rel_err(out, ref) < 1e-2
 
 
+def _paged_lens_case(lens, Hq, Hkv, D, block_size, g):
+    """Like _paged_case with given context lengths; block order shuffled (non-contiguous)."""
+    B = len(lens)
+    max_blocks = max(1, -(-max(lens) // block_size))
+    num_blocks = B * max_blocks + 5
+    k_cache = randn(num_blocks, block_size, Hkv, D, g=g)
+    v_cache = randn(num_blocks, block_size, Hkv, D, g=g)
+    perm = torch.randperm(num_blocks, generator=g, device=DEV)[: B * max_blocks]
+    block_tables = perm.view(B, max_blocks).to(torch.int32)
+    ctx = torch.tensor(lens, dtype=torch.int32, device=DEV)
+    return randn(B, Hq, D, g=g), k_cache, v_cache, block_tables, ctx
+
+
+# lengths 1, multiples of the cache block (16) and of the tile (BLOCK_N), and ragged ones
+_MIXED_LENS = [1, 16, 64, 37, 128, 5, 100, 17, 48]
+
+
+@pytest.mark.parametrize("group", [1, 4, 8])
+@pytest.mark.parametrize("block_size", [16, 64])
+@pytest.mark.parametrize("programs", [None, 1, 3])
+@pytest.mark.parametrize("flat", [False, True])
+def test_paged_decode_attention_balanced_matches_reference(group, block_size, programs, flat):
+    """programs=1: one program walks every sequence; 3: ranges that cross sequences and
+    sequences shared by programs; None: the default grid (more programs than tiles here)."""
+    Hkv, D = (2, 128) if ON_GPU else (2, 32)
+    lens = _MIXED_LENS * (8 if ON_GPU else 1)
+    q, kc, vc, bt, ctx = _paged_lens_case(lens, group * Hkv, Hkv, D, block_size, gen(6))
+    cfg = {"BLOCK_N": 16 if block_size == 16 else 32, "PROGRAMS": programs, "FLAT": flat}
+    scale = D**-0.5
+    out = tk().paged_decode_attention_balanced(q, kc, vc, bt, ctx, scale, config=cfg)
+    ref = ref_attn.paged_decode_attention(q, kc, vc, bt, ctx, scale)
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    assert rel_err(out, ref) < (1e-2 if DT == torch.bfloat16 else 1e-5)
+
+
+@pytest.mark.parametrize("programs", [None, 2])
+@pytest.mark.parametrize("flat", [False, True])
+def test_paged_decode_attention_balanced_one_long_sequence(programs, flat):
+    ctx_len = 3000 if ON_GPU else 300
+    q, kc, vc, bt, ctx = _paged_lens_case([ctx_len], 8, 1, 64, 16, gen(7))
+    out = tk().paged_decode_attention_balanced(
+        q, kc, vc, bt, ctx, 0.125, config={"PROGRAMS": programs, "FLAT": flat}
+    )
+    ref = ref_attn.paged_decode_attention(q, kc, vc, bt, ctx, 0.125)
+    assert rel_err(out, ref) < (1e-2 if DT == torch.bfloat16 else 1e-5)
+
+
+@pytest.mark.parametrize("flat", [False, True])
+def test_paged_decode_attention_balanced_zero_length_rows_give_zeros(flat):
+    lens = [40, 0, 7, 0]
+    q, kc, vc, bt, ctx = _paged_lens_case(lens, 8, 2, 64, 16, gen(8))
+    cfg = {"PROGRAMS": 2, "FLAT": flat}
+    out = tk().paged_decode_attention_balanced(q, kc, vc, bt, ctx, 0.125, config=cfg)
+    assert torch.isfinite(out.float()).all()
+    assert out[1].abs().max().item() == 0.0 and out[3].abs().max().item() == 0.0
+    keep = torch.tensor([0, 2], device=DEV)
+    ref = ref_attn.paged_decode_attention(q[keep], kc, vc, bt[keep], ctx[keep], 0.125)
+    assert rel_err(out[keep], ref) < (1e-2 if DT == torch.bfloat16 else 1e-5)
+
+
+def test_paged_decode_attention_dispatches_to_the_balanced_variant(monkeypatch):
+    import coserve.engine.kernels.triton.paged_attention as pa
+
+    q, kc, vc, bt, ctx = _paged_lens_case([33, 1, 80], 8, 2, 64, 16, gen(9))
+    balanced = tk().paged_decode_attention_balanced(q, kc, vc, bt, ctx, 0.125)
+    monkeypatch.setattr(pa, "_VARIANT", "balanced")
+    assert torch.equal(pa.paged_decode_attention(q, kc, vc, bt, ctx, 0.125), balanced)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="CUDA graphs")
+def test_paged_decode_attention_balanced_graph_replay_follows_new_lengths():
+    q, kc, vc, bt, ctx = _paged_case(64, 16, 2, 128, 16, 542, gen(10))
+    scale = 128**-0.5
+    t = tk()
+    t.paged_decode_attention_balanced(q, kc, vc, bt, ctx, scale)  # compile outside capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = t.paged_decode_attention_balanced(q, kc, vc, bt, ctx, scale)
+    ctx.copy_(torch.randint(1, 543, ctx.shape, generator=gen(11), device=DEV).to(torch.int32))
+    ctx[3] = 0
+    q.copy_(randn(*q.shape, g=gen(12)))
+    graph.replay()
+    keep = ctx > 0
+    ref = ref_attn.paged_decode_attention(q[keep], kc, vc, bt[keep], ctx[keep], scale)
+    assert rel_err(out[keep], ref) < 1e-2
+    assert out[3].abs().max().item() == 0.0
+
+
 # ------------------------------------------------------------------------------ FP8 linear
 def _fp8_weight(N, K, g):
     w = torch.randn(N, K, generator=g, device=DEV) * 0.02
