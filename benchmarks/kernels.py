@@ -45,7 +45,6 @@ from coserve.engine.kernels import attention as ref_attn  # noqa: E402
 from coserve.engine.kernels import fp8 as ref_fp8  # noqa: E402
 from coserve.engine.kernels import rotary as ref_rot  # noqa: E402
 
-
 # ----------------------------------------------------------------------------- attention
 _ATTN_SHAPES = [  # (B, block size, context lo, hi): the study's decode spread, and a long one
     *[(B, bs, 30, 542) for B in (512, 256, 64, 8) for bs in (16, 64, 256)],
