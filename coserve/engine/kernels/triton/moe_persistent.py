@@ -21,11 +21,11 @@ the device and T only (graph-capturable); under an SM partition it still counts 
 
 from __future__ import annotations
 
-from functools import cache
-
 import torch
 import triton
 import triton.language as tl
+
+from coserve.engine.kernels.triton.sm_count import sm_count
 
 # programs per SM under Triton's interpreter (CPU): a few, so that each walks several tiles
 _INTERPRETER_SMS = 2
@@ -357,13 +357,6 @@ def _moe_gemm_persistent_kernel(
                 acc2 = tl.zeros_like(acc2)
 
 
-@cache
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return _INTERPRETER_SMS
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def launch_persistent(
     args: tuple,
     meta: dict,
@@ -382,7 +375,7 @@ def launch_persistent(
         raise ValueError(f"PERSISTENT1/PERSISTENT2 must be 0, 1 or 2, got {loop}")
     if progs_per_sm < 1:
         raise ValueError(f"progs_per_sm must be >= 1, got {progs_per_sm}")
-    num_progs = max(1, min(progs_per_sm * _sm_count(device), max_tiles))
+    num_progs = max(1, min(progs_per_sm * sm_count(device, on_cpu=_INTERPRETER_SMS), max_tiles))
     _moe_gemm_persistent_kernel[(num_progs,)](
         *args,
         **meta,

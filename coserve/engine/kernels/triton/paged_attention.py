@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from coserve.engine.kernels.triton.sm_count import sm_count
+
 
 @triton.jit
 def _paged_decode_kernel(
@@ -151,20 +153,10 @@ def _merge_splits_kernel(
     tl.store(out_ptr + b * stride_ob + h * stride_oh + d, (num / den).to(out_ptr.dtype.element_ty))
 
 
-_NUM_SMS: dict[int, int] = {}
 _VARIANTS = ("split", "balanced")
 _VARIANT = os.environ.get("COSERVE_PAGED_ATTENTION", "split")
 if _VARIANT not in _VARIANTS:
     raise ValueError(f"COSERVE_PAGED_ATTENTION={_VARIANT!r}: expected one of {_VARIANTS}")
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":  # Triton's interpreter (tests on CPU)
-        return 132
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _NUM_SMS:
-        _NUM_SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _NUM_SMS[idx]
 
 
 def choose_num_splits(
@@ -172,7 +164,7 @@ def choose_num_splits(
 ) -> int:
     """Splits per sequence so that the grid covers the GPU about twice; shapes only."""
     programs = batch * num_kv_heads
-    target = 2 * _num_sms(device)
+    target = 2 * sm_count(device, on_cpu=132)
     if programs >= target:
         return 1
     splits = math.ceil(target / programs)

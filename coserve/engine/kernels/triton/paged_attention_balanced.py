@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from coserve.engine.kernels.triton.paged_attention import _num_sms
+from coserve.engine.kernels.triton.sm_count import sm_count
 
 _INT32_MAX = tl.constexpr(2**31 - 1)  # jitted code reads only constexpr globals
 
@@ -356,7 +356,7 @@ def _merge_kernel(
 
 def num_programs(num_kv_heads: int, device: torch.device, programs_per_sm: int = 4) -> int:
     """G, the programs per KV head: about `programs_per_sm` x SMs in all; shapes only."""
-    return max(1, triton.cdiv(programs_per_sm * _num_sms(device), num_kv_heads))
+    return max(1, triton.cdiv(programs_per_sm * sm_count(device, on_cpu=132), num_kv_heads))
 
 
 def paged_decode_attention_balanced(
