@@ -101,8 +101,14 @@ class Summary:
 
 
 def finite_number(v: object) -> bool:
-    """Whether a value read from JSON is a finite int or float (a bool is no figure)."""
-    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+    """Whether a value read from JSON is a finite int or float (a bool is no figure; nor is an
+    int too large for a float, which JSON allows)."""
+    if not isinstance(v, int | float) or isinstance(v, bool):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:
+        return False
 
 
 def summarize(values: Sequence[float], confidence: float = CONFIDENCE) -> Summary | None:

@@ -153,3 +153,45 @@ def test_rank0_that_never_shuts_down_exits_on_its_own_after_a_worker_dies(tmp_pa
     assert time.monotonic() - t0 < 3 + 2  # DEAD_EXIT_S plus the exit itself
     assert "still here" not in out
     assert "still stuck" in err and "Thread 0x" in err  # the stacks say where it was
+
+
+_HOLDS_A_WORKER = """
+import time
+from coserve.engine.gen_engine import GenEngine
+from coserve.engine.types import EngineArgs
+if __name__ == "__main__":
+    engine = GenEngine(EngineArgs(model="tiny-dense", random_weights=True, max_num_seqs=4,
+                                  tensor_parallel_size=2))
+    print(engine.workers.procs[0].pid, flush=True)
+    time.sleep(60)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_stopped_worker_dies_with_rank0(tmp_path):
+    # A SIGSTOPped worker cannot run its own watch of rank 0: the kernel's parent-death
+    # signal must end it when rank 0 is killed, or it is left behind for good.
+    script = tmp_path / "holds.py"
+    script.write_text(_HOLDS_A_WORKER)
+    p = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    worker = int(p.stdout.readline())
+    try:
+        os.kill(worker, signal.SIGSTOP)
+        p.kill()
+        p.wait(10)
+        deadline = time.monotonic() + 5
+        while _alive(worker) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(worker)
+    finally:
+        if _alive(worker):
+            os.kill(worker, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    """Running or stopped; not gone and not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

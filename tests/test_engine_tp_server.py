@@ -86,6 +86,25 @@ def test_a_killed_worker_fails_the_stream_and_ends_the_server():
 
 
 @pytest.mark.timeout(120)
+def test_a_worker_that_dies_during_the_drain_makes_the_exit_code_1():
+    with coserve_serve("gen", "--model", "tiny-dense", "--max-model-len", "2048", *_COMMON) as s:
+        stream = StreamInThread(
+            s.url, {"prompt": [1, 2, 3], "max_tokens": 2000, "temperature": 0, "ignore_eos": True}
+        )
+        assert stream.first.wait(60) and stream.error is None, s.log_tail()
+        workers = _worker_pids(s)
+        os.kill(s.proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while "draining" not in s.log_tail(50) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(workers[0], signal.SIGKILL)
+        assert s.proc.wait(15) == 1, s.log_tail()
+        assert "the engine failed while stopping" in s.log_tail(200)
+        stream.join(10)
+        assert stream.token_count() < 2000
+
+
+@pytest.mark.timeout(120)
 def test_tp2_expert_parallel_server_answers():
     with coserve_serve(
         "gen", "--model", "tiny-moe", "--max-model-len", "512", "--enable-expert-parallel", *_COMMON

@@ -44,6 +44,7 @@ class CoLocatedGenFaster(FakeBackend):
         summary = super().run_load(load, out_path, on_progress, dead)
         if summary["gen"] and summary["embed"]:
             summary["gen"]["output_tokens_per_s"] *= 1.5
+            summary["embed"]["sequences_per_s"] *= 1.5
         return summary
 
 
@@ -62,6 +63,7 @@ def test_a_cpu_run_is_labelled_cpu_and_has_a_verdict(tmp_path, monkeypatch):
     )
     assert "measure how the OS schedules them, not how GPUs are shared" in verdict
     assert "Gen came out faster co-located (co-located) than alone" in verdict
+    assert "Embed came out faster co-located (co-located) than alone" in verdict
     assert "| co-located | CPU, shared | 1/1 |" in md and "| gen-only | CPU | 1/1 |" in md
     assert "| Condition | Strategy | Device |" in md
     assert "timeslice" not in md and "util " not in md and "| GPUs |" not in md

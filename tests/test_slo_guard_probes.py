@@ -203,6 +203,9 @@ def test_probes_grow_rare_while_they_agree_and_frequent_when_gen_changes():
             t += 0.25
         last_end = t
     assert gaps == [None, 2.0, 4.0, 8.0, 2.0]
+    # an interval longer than the cap is kept, never refused (the cap has no flag)
+    g = SloGuard(GuardConfig(over_alone_pct=5, probe_interval_s=60.0))
+    assert g.cfg.probe_interval_max_s == 40.0 and g.probe_interval_s == 60.0
 
 
 def test_a_probe_without_its_settle_reads_embed_s_mark():
@@ -268,7 +271,7 @@ def test_a_new_baseline_moves_the_budget_and_growth_waits_out_the_probe():
         ({"probe_keep": 0}, "probe_keep"),
         ({"settle_s": -0.1}, "settle_s"),
         ({"probe_agree_pct": -1}, "probe_agree_pct"),
-        ({"probe_interval_max_s": 4.0}, "probe_interval_max_s"),
+        ({"probe_interval_max_s": -1.0}, "probe_interval_max_s"),
     ],
 )
 def test_bad_probe_config_names_the_field(kwargs, field):

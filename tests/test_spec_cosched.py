@@ -214,7 +214,13 @@ def test_the_runner_gives_the_embed_server_gens_url_and_records_the_guard(tmp_pa
 
         def guard_state(self, embed_url):
             self.events.append(("guard", embed_url))
-            return {"budget_seconds": 0.021, "cuts_total": 3.0}
+            return {"budget_seconds": 0.021, "cuts_total": 3.0, "throttled_seconds_total": 12.25}
+
+        def run_load(self, load, out_path, on_progress, dead=None):
+            summary = super().run_load(load, out_path, on_progress, dead)
+            if summary["embed"]:  # every embed load falls behind its offered rate
+                summary["embed"].update(kept_up=False, warning="embed did not keep up")
+            return summary
 
     b = Backend()
     records = Runner(loads_spec(SPEC), tmp_path / "run", spec_text=SPEC, backend=b).run()
@@ -225,7 +231,7 @@ def test_the_runner_gives_the_embed_server_gens_url_and_records_the_guard(tmp_pa
     assert grain.slo_guard_gen_url is None  # no guard: the launch default
     assert grain.max_num_batched_tokens == 512 and grain.max_num_seqs == 16
     assert guard.slo_guard_gen_url == "http://127.0.0.1:9000" and guard.gen_tpot_slo_pct == 5
-    assert started["guard"]["slo_guard"] == {"budget_seconds": 0.021, "cuts_total": 3.0}
+    assert started["guard"]["slo_guard"]["cuts_total"] == 3.0
     assert started["guard"]["slo_guard_trace"] == {"file": "slo_guard.jsonl", "rows": 3}
     assert ("guard_trace", "http://127.0.0.1:9001", 1.0, "slo_guard.jsonl") in b.events
     assert "slo_guard" not in started["grain"] and "slo_guard_trace" not in started["grain"]
@@ -235,6 +241,14 @@ def test_the_runner_gives_the_embed_server_gens_url_and_records_the_guard(tmp_pa
     from coserve.report.aggregate import aggregate
 
     stats = aggregate(tmp_path / "run")
+    # a guarded embed that fell behind is said to be held by the guard, not a slow server
+    (held,) = stats.get("guard").load_warnings()
+    assert held.text == (
+        "embed did not keep up — the SLO guard held embed back for 12.2 s of the load, by "
+        "design: its throttling, not the server, set the rate"
+    )
+    (plain,) = stats.get("grain").load_warnings()
+    assert plain.text == "embed did not keep up"
     assert stats.get("guard").mean("slo_guard_budget_seconds") == 0.021
     assert stats.get("guard").mean("slo_guard_cuts_total") == 3.0
     assert "slo_guard_cuts_total" not in stats.get("grain").summary
@@ -272,3 +286,58 @@ def test_mps_limits_spec_gives_the_embed_server_its_env(tmp_path):
             and gen.get("CUDA_MPS_CLIENT_PRIORITY", "0") == "0"
         )
     assert "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE" not in envs["mps"][1]
+
+
+def _guard_rows(t0: float, **override) -> list[dict]:
+    rows = [
+        {
+            "t": t0 + i,
+            "gen_step_seconds": 0.020 + 0.001 * (i % 3),
+            "budget_seconds": 0.021,
+            "tokens_per_forward": 512.0,
+            "pause_seconds": 0.01,
+            "holding": 1.0 if i == 2 else 0.0,
+        }
+        for i in range(8)
+    ]
+    for i, (k, v) in enumerate(override.items()):
+        rows[i][k] = v
+    return rows
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        {"gen_step_seconds": "abc"},
+        {"budget_seconds": None},
+        {"pause_seconds": [1, 2]},
+        {"tokens_per_forward": {"x": 1}},
+        {"gen_step_seconds": 10**400},
+        {"budget_seconds": float("inf")},
+    ],
+)
+def test_the_guard_plot_skips_values_that_are_no_figures(tmp_path, damage):
+    import datetime as dt
+    import json
+
+    from coserve.report.render import render
+
+    Runner(loads_spec(SPEC), tmp_path / "run", spec_text=SPEC, backend=FakeBackend()).run()
+    rep = tmp_path / "run/reps/guard/rep-1"
+    started = json.loads((rep / "rep.json").read_text())["started"]
+    rows = _guard_rows(dt.datetime.fromisoformat(started).timestamp(), **damage)
+    lines = [json.dumps(r) for r in rows] + ['{"t": 1, "error": "cannot read"}', "junk"]
+    (rep / "slo_guard.jsonl").write_text("\n".join(lines) + "\n")
+    md = render(tmp_path / "run").markdown.read_text()
+    assert "## SLO guard" in md and (tmp_path / "run/plots/guard.png").stat().st_size > 5000
+
+
+def test_a_guard_trace_without_figures_draws_no_plot(tmp_path):
+    from coserve.report.render import render
+
+    Runner(loads_spec(SPEC), tmp_path / "run", spec_text=SPEC, backend=FakeBackend()).run()
+    (tmp_path / "run/reps/guard/rep-1/slo_guard.jsonl").write_text(
+        '{"t": 1, "error": "cannot read"}\n{"t": 2, "gen_step_seconds": "n/a"}\n'
+    )
+    md = render(tmp_path / "run").markdown.read_text()
+    assert "SLO guard" not in md and not (tmp_path / "run/plots/guard.png").exists()

@@ -22,10 +22,12 @@ thread's stack to stderr and exits 1."""
 from __future__ import annotations
 
 import atexit
+import ctypes
 import faulthandler
 import logging
 import os
 import pickle
+import signal
 import socket
 import threading
 import time
@@ -275,6 +277,14 @@ class LeadsRanks:
 
 
 def _watch_parent(parent_pid: int) -> None:
+    # The kernel kills this worker when rank 0's process goes, even while the worker is
+    # stopped (SIGSTOP) or stuck, which the poll below cannot see to; the poll covers a rank 0
+    # gone before the prctl.
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the poll alone
+        pass
+
     def watch() -> None:
         while True:
             if os.getppid() != parent_pid:

@@ -54,8 +54,11 @@ class GuardTrace:
         with self.out_path.open("a") as f:
             while not self._stop.is_set():
                 started = time.monotonic()
-                # a short timeout: a reading older than the interval describes nothing
-                row = {"t": round(time.time(), 3), **scrape_guard(self.embed_url, self.interval_s)}
+                try:  # a short timeout: a reading older than the interval describes nothing
+                    figures = scrape_guard(self.embed_url, self.interval_s)
+                except Exception as e:  # noqa: BLE001 - the trace must outlive any page
+                    figures = {"error": f"cannot read {self.embed_url}/metrics: {e!r}"}
+                row = {"t": round(time.time(), 3), **figures}
                 f.write(json.dumps(row) + "\n")
                 f.flush()
                 self.rows += 1

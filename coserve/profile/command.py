@@ -234,11 +234,11 @@ def run(args: argparse.Namespace) -> int:
         say(console, "refused:", "red", problem)
         return 2
     spec = profile_spec(spec, args.warmup_s, args.duration_s)
+    out = Path(args.out or f"runs/profile-{dt.datetime.now():%Y%m%d-%H%M%S}")
     if args.ncu:
         from coserve.profile.ncu import run_ncu
 
-        return run_ncu(spec, names, args, console)
-    out = Path(args.out or f"runs/profile-{dt.datetime.now():%Y%m%d-%H%M%S}")
+        return run_ncu(spec, names, args, out, console)
     return _profile(spec, names, out, args, console)
 
 

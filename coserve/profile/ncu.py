@@ -184,11 +184,12 @@ def wrapped_spec(spec, cond, command: list[str]):
     )
 
 
-def run_ncu(spec, names: list[str], args, console) -> int:
+def run_ncu(spec, names: list[str], args, out: Path, console) -> int:
     """`coserve profile --ncu`: print the command, {port} still open (the gen server's port is
     chosen when it starts), and with --execute run the condition with its gen server under ncu,
-    then print the command as it ran and the parsed kernels. Exit 2 when refused. Under --out
-    DIR: DIR/ncu/CONDITION.ncu-rep and .json (the parsed kernels), DIR/run (the run)."""
+    then print the command as it ran and the parsed kernels. Exit 2 when refused. Under `out`
+    (--out, default runs/profile-TIME): ncu/CONDITION.ncu-rep and .json (the parsed kernels),
+    run/ (the run)."""
     from coserve.experiment.backend import resolve_device
     from coserve.experiment.command import say
 
@@ -202,7 +203,7 @@ def run_ncu(spec, names: list[str], args, console) -> int:
     if why:
         say(console, "refused:", "red", why)
         return 2
-    out = Path(args.out or "runs/ncu").resolve()
+    out = out.resolve()
     report = out / "ncu" / cond.name
     device = resolve_device(cond.server(spec, "gen").device)
     try:

@@ -126,6 +126,13 @@ class ConditionStats:
                 part = _get(r, ("bench", role)) or {}
                 if part.get("kept_up") is False:
                     text = part.get("warning") or "did not keep up with the offered rate"
+                    held = _get(r, ("slo_guard", "throttled_seconds_total"))
+                    if role == "embed" and stats.finite_number(held) and held > 0:
+                        # the load generator cannot tell a guard's hold from a slow server
+                        text += (
+                            f" — the SLO guard held embed back for {held:.1f} s of the load, "
+                            "by design: its throttling, not the server, set the rate"
+                        )
                     out.append(LoadWarning(self.name, r["rep"], role, text))
         return out
 

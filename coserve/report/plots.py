@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from coserve.report.aggregate import TELEMETRY, RunStats, request_values, telemetry_series
@@ -134,30 +135,45 @@ def telemetry(run: RunStats, path: Path) -> Path | None:
     return path
 
 
+def _guard_points(rows: list[dict], key: str, scale: float = 1.0) -> list[tuple[float, float]]:
+    """(seconds since load start, figure x scale) of the rows that carry a finite `key`."""
+    return [
+        (r["t_load_s"], scale * r[key])
+        for r in rows
+        if finite_number(r.get(key)) and math.isfinite(scale * r[key])
+    ]
+
+
 def guard(run: RunStats, path: Path) -> Path | None:
     """The SLO guard over time, first rep of each guarded condition: gen's step time against
-    its budget (ms), and embed's tokens per forward and pause between forwards."""
+    its budget (ms), and embed's tokens per forward and pause between forwards. Rows without
+    a figure (a failed read, a value that is no number) leave a gap; None without any."""
     series = [(c, telemetry_series(run, c, "slo_guard.jsonl")) for c in run.matrix]
-    series = [(c, s) for c, s in series if s is not None]
+    series = [
+        (c, s) for c, s in series if s is not None and _guard_points(s[0], "gen_step_seconds")
+    ]
     if not series:
         return None
     plt = _plt()
     fig, (top, mid, low) = plt.subplots(3, 1, figsize=(11, 8), sharex=True)
     for c, (rows, _bench) in series:
-        ok = [r for r in rows if "error" not in r]
-        t = [r["t_load_s"] for r in ok]
-        (line,) = top.plot(t, [1e3 * r.get("gen_step_seconds", 0) for r in ok], label=c.name)
-        top.plot(t, [1e3 * r.get("budget_seconds", 0) for r in ok], ls="--", color=line.get_color())
-        held = [r for r in ok if r.get("holding") == 1]
-        top.scatter(
-            [r["t_load_s"] for r in held],
-            [1e3 * r.get("gen_step_seconds", 0) for r in held],
-            marker="x",
-            color=line.get_color(),
-        )
-        mid.plot(t, [r.get("tokens_per_forward", 0) for r in ok], color=line.get_color())
-        low.plot(t, [1e3 * r.get("pause_seconds", 0) for r in ok], color=line.get_color())
-    warm = float(series[0][1][1].get("warmup_s", 0))
+        (line,) = top.plot(*zip(*_guard_points(rows, "gen_step_seconds", 1e3), strict=True))
+        line.set_label(c.name)
+        color = line.get_color()
+        for ax, key, scale, style in (
+            (top, "budget_seconds", 1e3, "--"),
+            (mid, "tokens_per_forward", 1.0, "-"),
+            (low, "pause_seconds", 1e3, "-"),
+        ):
+            pts = _guard_points(rows, key, scale)
+            if pts:
+                ax.plot(*zip(*pts, strict=True), ls=style, color=color)
+        held = [r for r in rows if r.get("holding") == 1]
+        held_pts = _guard_points(held, "gen_step_seconds", 1e3)
+        if held_pts:
+            top.scatter(*zip(*held_pts, strict=True), marker="x", color=color)
+    warm = series[0][1][1].get("warmup_s", 0)
+    warm = float(warm) if finite_number(warm) else 0.0
     for ax in (top, mid, low):
         ax.axvspan(min(0.0, warm), warm, color="gray", alpha=0.12)
     top.set_ylabel("gen step (solid; x: a probe),\nbudget (dashed), ms")

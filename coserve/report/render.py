@@ -95,7 +95,16 @@ def build(run: RunStats, plot_paths: dict[str, Path]) -> list[Block]:
     if "telemetry" in plot_paths:
         blocks.append(Block("img", "GPU telemetry over time", path=plot_paths["telemetry"]))
     if "guard" in plot_paths:
-        blocks.append(Block("img", "SLO guard over time", path=plot_paths["guard"]))
+        blocks += [
+            Block("h2", "SLO guard"),
+            Block(
+                "p",
+                "The guard's figures sampled through the load (each guarded condition's first "
+                "finished rep, its `slo_guard.jsonl`): gen's step time against the budget, "
+                "the probes that hold embed to measure gen alone, and embed's allowance.",
+            ),
+            Block("img", "SLO guard over time", path=plot_paths["guard"]),
+        ]
     blocks += sweep_blocks(run)
     if "sweep" in plot_paths:
         blocks.append(

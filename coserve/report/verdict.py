@@ -63,13 +63,14 @@ def verdict(run: RunStats) -> str | None:
             " This ran on a CPU: both servers' threads and the load generator share the same "
             "cores, so these deltas measure how the OS schedules them, not how GPUs are shared."
         )
-        faster = [c.name for c in both if c.gen_delta and c.gen_delta.pct > 0]
-        if faster:
-            text += (
-                f" Gen came out faster co-located ({', '.join(faster)}) than alone: a CPU "
-                "scheduling effect (co-location gives it no extra compute) that says nothing "
-                "about GPUs."
-            )
+        for role, attr in (("Gen", "gen_delta"), ("Embed", "embed_delta")):
+            faster = [c.name for c in both if getattr(c, attr) and getattr(c, attr).pct > 0]
+            if faster:
+                text += (
+                    f" {role} came out faster co-located ({', '.join(faster)}) than alone: a "
+                    "CPU scheduling effect (co-location gives it no extra compute) that says "
+                    "nothing about GPUs."
+                )
     return text
 
 

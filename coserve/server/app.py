@@ -356,5 +356,8 @@ async def serve(engine: EngineClient, opts: ServeOptions, sock: socket.socket | 
     rc = 0 if stop.is_set() else 1
     log.info("shutting down (%s)", "signal" if rc == 0 else "engine failed")
     await server.shutdown(site, runner)
+    if rc == 0 and engine.error is not None:  # it failed during the drain
+        log.info("the engine failed while stopping: %s", engine.error)
+        rc = 1
     log.info("stopped")
     return rc

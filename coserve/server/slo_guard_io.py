@@ -236,13 +236,20 @@ def guard_metrics(st: GuardState, throttled_s: float) -> list[tuple[str, str, st
 def scrape_guard(embed_url: str, timeout_s: float = 5.0) -> dict[str, float | str]:
     """The guard's figures on an embed server's /metrics, by metric name less its
     `coserve:slo_guard_` prefix; {"error": why} when the page cannot be read."""
+    import http.client
     import urllib.error
     import urllib.request
 
     try:
         with urllib.request.urlopen(embed_url.rstrip("/") + "/metrics", timeout=timeout_s) as resp:
             text = resp.read().decode()
-    except (urllib.error.URLError, OSError) as e:
-        return {"error": f"cannot read {embed_url}/metrics: {e}"}
+    except (urllib.error.URLError, OSError, http.client.HTTPException, UnicodeDecodeError) as e:
+        return {"error": f"cannot read {embed_url}/metrics: {e!r}"}
     found = re.findall(r"^coserve:slo_guard_(\w+)(?:\{[^}]*\})?\s+(\S+)\s*$", text, re.M)
-    return {name: float(value) for name, value in found}
+    out: dict[str, float | str] = {}
+    for name, value in found:
+        try:
+            out[name] = float(value)
+        except ValueError:  # not a number: left out, as a figure the page does not have
+            continue
+    return out
