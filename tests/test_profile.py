@@ -368,11 +368,19 @@ def test_ncu_refuses_mps_and_prints_the_command(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "o").exists()  # printed, not run
 
 
-@pytest.mark.parametrize("condition, warned", [("gen-only", True), ("gen-only-eager", False)])
-def test_ncu_warns_that_graph_capture_is_slow_under_it(condition, warned, capsys):
+@pytest.mark.parametrize(
+    "condition, warned",
+    [("gen-only", True), ("gen-only-eager", False), ("eager-by-flag", False)],
+)
+def test_ncu_warns_that_graph_capture_is_slow_under_it(condition, warned, capsys, tmp_path):
     from coserve.cli import main
 
-    spec = ROOT / "experiments" / "profile-single-gpu.toml"
+    spec = tmp_path / "s.toml"
+    spec.write_text(
+        (ROOT / "experiments" / "profile-single-gpu.toml").read_text()
+        + '\n[[conditions]]\nname = "eager-by-flag"\nservers = ["gen"]\n'
+        'gen = { extra_args = ["--enforce-eager"] }\n'
+    )
     assert main(["profile", str(spec), "--condition", condition, "--ncu"]) == 0
     assert ("captures its CUDA graphs under ncu" in capsys.readouterr().err) == warned
 

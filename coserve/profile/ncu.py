@@ -227,7 +227,8 @@ def run_ncu(spec, names: list[str], args, out: Path, console) -> int:
         "{port} is not known yet: the gen server gets a free port when it starts"
         + ("; the command as it ran follows the run" if args.execute else ""),
     )
-    if device == "cuda" and not cond.server(spec, "gen").enforce_eager:
+    gen = cond.server(spec, "gen")
+    if device == "cuda" and not (gen.enforce_eager or "--enforce-eager" in gen.extra_args):
         say(console, "note:", "yellow", GRAPHS_NOTE)
     if not args.execute:
         return 0
