@@ -116,3 +116,13 @@ def test_a_record_or_telemetry_of_another_shape_is_no_crash(tmp_path):
     assert [(r.device, r.roles) for r in rows] == [("0", ()), ("1", ())]
     assert rows[0].summary["sm_active"].n == 2
     assert per_gpu_blocks(_run(tmp_path, [info_str]))[1].rows[1][:3] == ["dedicated", "1", "embed"]
+
+
+@pytest.mark.timeout(10)
+def test_a_fifo_in_place_of_telemetry_is_refused_not_read(tmp_path):
+    import os
+
+    path = tmp_path / "telemetry.jsonl"
+    os.mkfifo(path)  # a read would block until a writer came, which none will
+    with pytest.raises(OSError, match="not a regular file"):
+        read_telemetry(path)

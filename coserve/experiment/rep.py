@@ -44,8 +44,11 @@ def read_telemetry(path: Path) -> list[dict]:
     """The samples of a telemetry.jsonl: each line that is a JSON object with a numeric `t`
     (Unix seconds). Lines that are none (a line cut by a crash, junk) are skipped. Raises
     OSError."""
+    path = Path(path)
+    if path.exists() and not path.is_file():  # a FIFO would block the read for good
+        raise OSError(f"{path}: not a regular file")
     rows = []
-    for line in Path(path).read_bytes().splitlines():
+    for line in path.read_bytes().splitlines():
         try:
             row = json.loads(line)
         except ValueError:
