@@ -5,8 +5,28 @@ from __future__ import annotations
 import argparse
 
 
+class _SpecKeys(argparse.Action):
+    """`--spec-keys`: print every spec key and exit, as --help does (no SPEC or --out)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from coserve.spec_keys import reference
+
+        print(reference(), end="")
+        parser.exit()
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("spec", metavar="SPEC.toml", help="experiment spec (see experiments/)")
+    parser.add_argument(
+        "spec",
+        metavar="SPEC.toml",
+        help="experiment spec (examples: experiments/; every key: --spec-keys)",
+    )
+    parser.add_argument(
+        "--spec-keys",
+        nargs=0,
+        action=_SpecKeys,
+        help="list every spec table and key with its default and allowed values, and exit",
+    )
     parser.add_argument(
         "--out", metavar="DIR", required=True, help="run folder (created; results, logs, report)"
     )
