@@ -90,3 +90,19 @@ def test_colocated_refuses_one_port_for_both_endpoints(capsys):
     argv += ["--random-weights", "--device", "cpu", "--port", "18777", "--embed-port", "18777"]
     assert main(argv) == 2
     assert "--embed-port: 18777 is --port too" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--gpu-memory-utilization", "2"], "must be in (0, 1], got 2"),
+        (
+            ["--slo-guard-gen-url", "http://127.0.0.1:9", "--gen-tpot-slo-pct", "2000"],
+            "must be a percentage in [0, 1000], got 2000",
+        ),
+    ],
+)
+def test_an_out_of_range_number_is_refused_with_its_own_range(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["serve", "embed", "--model", "tiny-embed", "--port", "0", *argv])
+    assert e.value.code == 2 and message in capsys.readouterr().err

@@ -197,7 +197,7 @@ def parse_bytes(text: str) -> int:
 def fraction(text: str) -> float:
     v = float(text)
     if not 0.0 < v <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be a percentage in [0, 1000], got {text}")
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
     return v
 
 
