@@ -87,17 +87,7 @@ def _streams(
     Raises ValueError when `embed_sms` does not fit the device."""
     import torch
 
-    if partition is not None:
-        log.info(
-            "colocated: gen on a green context of %d SMs (stream priority %d), embed on a "
-            "disjoint one of %d SMs (priority %d); %d of the %d SMs in neither",
-            partition.gen_sms,
-            partition.gen.priority,
-            partition.embed_sms,
-            partition.embed.priority,
-            partition.total_sms - partition.gen_sms - partition.embed_sms,
-            partition.total_sms,
-        )
+    if partition is not None:  # sm_partition.split logged the counts and priorities
         return LoopStreams({r: partition.stream(r) for r in ROLES}, partition)
     device = getattr(engines["gen"], "device", None)
     if device is None or getattr(device, "type", "cpu") != "cuda":

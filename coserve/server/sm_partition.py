@@ -5,7 +5,8 @@ torch's `GreenContext.create(num_sms)` takes a count only, so two of them may sh
 module splits the device ONCE through the CUDA driver API (the cuda-bindings package,
 `cuda.bindings.driver`, imported only here and only when asked): `cuDevSmResourceSplitByCount`
 with a minimum of one SM cuts the device's SMs into the driver's smallest groups (on compute
-capability 9.0, 8 SMs that share a GPC: a 132-SM H200 gives 16 groups and a remainder of 4);
+capability 9.0, 8 SMs that share a GPC: a 132-SM H200 gave 15 groups, 120 SMs, with
+driver 580.159.04 on 2026-11-30);
 embed takes the first ceil(M / 8) groups and gen the next ceil(N / 8), so neither can reach
 the other's SMs. Counts round UP to whole groups, as torch's `GreenContext.create` rounds
 them (`--embed-sms 36` is 40 SMs on Hopper); the driver's remainder goes to neither. Each set
@@ -207,15 +208,17 @@ def split(device: str, embed_sms: int, gen_sms: int | None) -> SmPartition:
     got = {role: sum(r.sm.smCount for r in sets[role]) for role in sets}
     part = SmPartition(out["gen"], out["embed"], got["gen"], got["embed"], total, contexts, streams)
     log.info(
-        "SM split of cuda:%d (%d SMs, driver groups of %d): embed %d SMs (asked %d), gen %d "
-        "SMs (asked %s), disjoint; %d in neither",
+        "SM split of cuda:%d (%d SMs, driver groups of %d): embed %d SMs (asked %d, stream "
+        "priority %d), gen %d SMs (asked %s, stream priority %d), disjoint; %d in neither",
         index,
         total,
         p.group_sms,
         part.embed_sms,
         embed_sms,
+        least,
         part.gen_sms,
         "the rest" if gen_sms is None else gen_sms,
+        greatest,
         total - part.embed_sms - part.gen_sms,
     )
     return part
