@@ -14,6 +14,18 @@ import numpy as np
 
 from coserve.engine.sequence import Sequence
 
+# the one-value-per-row arrays (tables and stop_ids have a second axis)
+_ROW_ARRAYS = (
+    "num_tokens",
+    "last_token",
+    "computed",
+    "prompt",
+    "table_key",
+    "table_len",
+    "max_total",
+    "plain_greedy",
+)
+
 
 @dataclass(frozen=True, eq=False)
 class DecodeRows:
@@ -129,12 +141,9 @@ class BatchState:
         rows = np.flatnonzero(mask[first:n]) + first
         m = first + len(rows)
         used = int(self.table_len[first:n].max())
-        for name in ("num_tokens", "last_token", "computed", "prompt", "table_key"):
+        for name in _ROW_ARRAYS:
             a = getattr(self, name)
             a[first:m] = a[rows]
-        self.table_len[first:m] = self.table_len[rows]
-        self.max_total[first:m] = self.max_total[rows]
-        self.plain_greedy[first:m] = self.plain_greedy[rows]
         if self.stop_ids.shape[1]:
             self.stop_ids[first:m] = self.stop_ids[rows]
         self.tables[first:m, :used] = self.tables[rows, :used]

@@ -215,10 +215,10 @@ class StepClock:
             "guard_throttled_s": self.throttled_s,
         }
         if self.work:
-            mean = StepWork.mean([s.work for s in self.steps if s.work is not None])
-            out["step_batch_mean"] = mean.seqs
-            out["step_prefill_tokens_mean"] = mean.prefill_tokens
-            out["step_kv_tokens_mean"] = mean.kv_tokens
+            work = StepWork.mean([s.work for s in self.steps if s.work is not None])
+            out["step_batch_mean"] = work.seqs
+            out["step_prefill_tokens_mean"] = work.prefill_tokens
+            out["step_kv_tokens_mean"] = work.kv_tokens
         return out
 
 
