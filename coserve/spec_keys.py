@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from coserve.engine.presets import PRESETS
 from coserve.spec import Condition, ServerConfig, Spec, TelemetrySpec
 from coserve.spec_load import LoadSpec, ReportSpec, SweepSpec
 
@@ -40,10 +41,17 @@ def _default(f: dataclasses.Field) -> str:
     return repr(value).replace("'", '"')
 
 
-def _rule(meta: dict) -> str:
+def _rule(cls: type, f: dataclasses.Field) -> str:
+    meta = f.metadata
     parts = [f"{sign} {meta[k]:g}" for k, sign in _BOUNDS if k in meta]
     if "choices" in meta:
-        parts.append("one of " + ", ".join(str(c) for c in meta["choices"]))
+        listed = f.default_factory is not dataclasses.MISSING and isinstance(
+            f.default_factory(), list
+        )
+        each = "each " if listed else ""  # a list's items
+        parts.append(f"{each}one of " + ", ".join(str(c) for c in meta["choices"]))
+    if cls is ServerConfig and f.name == "model":
+        parts.append("presets: " + ", ".join(PRESETS))
     return "; ".join(parts)
 
 
@@ -54,7 +62,7 @@ def key_lines(table: str, cls: type) -> list[str]:
     for f in dataclasses.fields(cls):
         if f.metadata.get("internal") or (cls is Spec and f.name in _SUB_TABLES):
             continue
-        rule = _rule(f.metadata)
+        rule = _rule(cls, f)
         text = "  ".join(x for x in (f"({rule})" if rule else "", f.metadata.get("help", "")) if x)
         out.append(f"  {f.name} = {_default(f)}" + (f"  {text}" if text else ""))
     return out

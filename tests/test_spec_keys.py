@@ -60,3 +60,5 @@ def test_the_flag_prints_the_list_without_a_spec():
         "[[conditions]]" in r.stdout and "  gen_tpot_slo_pct = unset  (>= 0; <= 1000)" in r.stdout
     )
     assert "  slo_guard = false" in r.stdout  # TOML's spelling of a bool
+    assert '  servers = ["gen", "embed"]  (each one of gen, embed)' in r.stdout  # a list's items
+    assert "tiny-dense" in r.stdout.split("  model = ")[1].splitlines()[0]  # the presets
