@@ -206,7 +206,9 @@ class GenEngine(tp_workers.LeadsRanks):
                 return self._sync_step(batch)
             pending = self._launch(batch, None)
         self._inflight = self._launch_next(pending)
-        if pending.done is not None:
+        if pending.done is not None and self.workers is not None:
+            self.workers.wait_gpu(pending.done)
+        elif pending.done is not None:
             pending.done.synchronize()
         return self._finish(pending.batch, pending.tokens[: len(pending.batch.seqs)].numpy())
 

@@ -121,6 +121,15 @@ class Workers:
                 time.sleep(0.02)
         raise WorkerDied(self.dead)
 
+    def wait_gpu(self, done: torch.cuda.Event) -> None:
+        """Wait for `done` as `done.synchronize()` would, but raise WorkerDied as soon as a
+        worker is gone: a step's collective with a dead rank never completes, and a blocking
+        wait on it could only be ended by the watcher's exit."""
+        while not done.query():
+            if self.dead is not None:
+                raise WorkerDied(self.dead)
+            time.sleep(0)  # yields the GIL; the step has ~ms left, a sleep's 60 us would show
+
     def _died(self, p) -> None:
         p.join(0.1)
         if self.dead is None or self._dead_said is None:
