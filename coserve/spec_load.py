@@ -73,6 +73,11 @@ LOAD_CHECKS: dict[str, dict[str, Any]] = {
     "goodput_e2el_ms": {"gt": 0.0, **_LATER},
     "embed_slo_ms": {"gt": 0.0, "help": "embed request latency bound for embed goodput", **_LATER},
     "gen_endpoint": {"choices": GEN_ENDPOINTS, **_LATER},
+    "stall_s": {
+        "gt": 0.0,
+        "help": "seconds an endpoint with requests in flight may say nothing before the run fails",
+        **_LATER,
+    },
 }
 
 

@@ -385,6 +385,20 @@ def test_ncu_warns_that_graph_capture_is_slow_under_it(condition, warned, capsys
     assert ("captures its CUDA graphs under ncu" in capsys.readouterr().err) == warned
 
 
+def test_ncu_run_allows_the_gen_server_minutes_of_silence():
+    # under ncu an H200 gen server said nothing for 10 s (the default stall_s) and the run
+    # failed before a kernel was profiled
+    from coserve.profile.ncu import NCU_STALL_S, wrapped_spec
+    from coserve.spec import load_spec, parse_spec
+
+    spec = load_spec(ROOT / "experiments" / "profile-single-gpu.toml")
+    cond = spec.condition("gen-only-eager")
+    wrapped = wrapped_spec(spec, cond, ["ncu", "python3"])
+    parse_spec(wrapped.to_dict())  # still a valid spec: stall_s is a [load] field
+    assert wrapped.condition("gen-only-eager").load_for(wrapped).stall_s == NCU_STALL_S > 60
+    assert wrapped.condition("gen-only").load_for(wrapped).stall_s == cond.load_for(spec).stall_s
+
+
 FAKE_NCU = """#!/usr/bin/env python3
 # Stands in for ncu: runs the wrapped command after `-o REPORT`; `--import` prints the CSV.
 import os, sys

@@ -85,9 +85,13 @@ def destroy(abandon: bool = False) -> None:
     """Leave the group without waiting for the other ranks (they may be gone, or stuck in a
     collective): the communicators are aborted, not finalised. With `abandon` (a rank died)
     a CUDA group is only forgotten: ncclCommAbort then waits behind this rank's kernel that
-    waits for the dead rank (seen for more than 4 s on two H200s), and the process is about
-    to exit, which frees both."""
+    waits for the dead rank (seen for more than 4 s on two H200s), and so does freeing the
+    symm-mem buffer (seen on two H200s, 2026-11-30): both are kept, and the process is about
+    to exit, which frees them."""
     global _state, _symm
+    if abandon and _symm is not None:
+        # freeing its buffer synchronises the device, behind the same stuck kernel
+        _abandoned.append(_symm)
     _symm = None
     if dist.is_initialized():
         if dist.get_backend() != "nccl":
@@ -132,6 +136,7 @@ class SymmAllReduce:
 
 
 _symm: SymmAllReduce | None = None
+_abandoned: list[SymmAllReduce] = []  # kept alive until the process exits (destroy)
 _symm_used = False
 
 

@@ -38,6 +38,10 @@ GRAPHS_NOTE = (
     "(qwen3-30b-a3b) it was still capturing after 210 s; allow minutes, or profile an "
     "--enforce-eager condition"
 )
+# The load's stall_s under ncu: the gen server said nothing for the default 10 s with 512
+# requests in flight under ncu, eager, and the run failed before a kernel was profiled (H200,
+# qwen3-30b-a3b, 2026-11-30): every launch is intercepted there.
+NCU_STALL_S = 600.0
 PORT_MARK = "65021"  # stands for the port in the server's argv until launch fills {port}
 
 
@@ -175,9 +179,10 @@ def _gen_port(record: dict) -> int | None:
 
 
 def wrapped_spec(spec, cond, command: list[str]):
-    """`spec` whose condition `cond` runs its gen server as `command` (launcher command)."""
+    """`spec` whose condition `cond` runs its gen server as `command` (launcher command),
+    its load allowed NCU_STALL_S of silence."""
     gen = dataclasses.replace(cond.server(spec, "gen"), launcher="command", extra_args=command)
-    cond2 = dataclasses.replace(cond, gen={})
+    cond2 = dataclasses.replace(cond, gen={}, load={**cond.load, "stall_s": NCU_STALL_S})
     conditions = [cond2 if c.name == cond.name else c for c in spec.conditions]
     return dataclasses.replace(
         spec, servers={**spec.servers, "gen": gen}, conditions=conditions, sweep=None
@@ -262,7 +267,13 @@ def _execute(spec, cond, cmd: list[str], report: Path, run_dir: Path, console) -
     try:
         kernels = parse_raw_csv(done.stdout)
     except ValueError as e:
-        say(console, "failed:", "red", f"{e}; ncu said: {done.stderr.strip()[-500:]}")
+        said = done.stderr.strip()[-500:] or "nothing"
+        failed = [
+            f"{r.get('condition')} rep {r.get('rep')}: {r.get('error')}"
+            for r in records
+            if r.get("status") != "ok"
+        ]
+        say(console, "failed:", "red", "; ".join([f"{e}; ncu said: {said}", *failed]))
         return 1
     (report.parent / f"{cond.name}.json").write_text(
         json.dumps([dataclasses.asdict(k) for k in kernels], indent=1)
