@@ -195,3 +195,52 @@ def _alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+_STOPS_A_WORKER = """
+import os, signal, sys
+from coserve.engine import tp_workers
+from coserve.engine.gen_engine import GenEngine
+from coserve.engine.types import EngineArgs, SamplingParams
+if __name__ == "__main__":
+    tp_workers.STEP_TIMEOUT_S = 1.0
+    engine = GenEngine(EngineArgs(model="tiny-dense", random_weights=True, max_num_seqs=4,
+                                  tensor_parallel_size=2))
+    worker = engine.workers.procs[0].pid
+    print(worker, flush=True)
+    os.kill(worker, signal.SIGSTOP)
+    try:
+        engine.generate([[1, 2, 3]], SamplingParams(max_tokens=4, ignore_eos=True))
+    except tp_workers.WorkerDied as e:
+        print("failed:", e, flush=True)
+        engine.shutdown()
+        sys.exit(0)
+    print("generated", flush=True)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_step_that_never_finishes_fails_the_engine(tmp_path):
+    # A stopped worker leaves rank 0 in a collective (gloo here, a GPU wait on CUDA) with no
+    # error: past STEP_TIMEOUT_S the engine fails, and whichever way rank 0 leaves (the step
+    # raising, or the watcher's exit when it cannot), the stopped worker goes too.
+    script = tmp_path / "stops.py"
+    script.write_text(_STOPS_A_WORKER)
+    p = subprocess.Popen(
+        [sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    worker = int(p.stdout.readline())
+    try:
+        t0 = time.monotonic()
+        out, err = p.communicate(timeout=30)
+        assert time.monotonic() - t0 < 1 + 3 + 5 + 3, err  # timeout, DEAD_EXIT_S, kill, exit
+        assert "generated" not in out
+        assert "no tensor-parallel step finished in" in err, err
+        deadline = time.monotonic() + 5
+        while _alive(worker) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(worker)
+    finally:
+        if _alive(worker):
+            os.kill(worker, signal.SIGKILL)
+        p.kill()

@@ -17,7 +17,8 @@ aborted, not finalised), so no rank waits for another on the way out. Rank 0 wat
 workers: one that dies makes the step in progress (or the next) raise `WorkerDied`; unless
 rank 0's engine has shut down within `DEAD_EXIT_S` of the death (stuck in a collective or a
 wait on the GPU with the dead rank, or in the shutdown itself), its process writes every
-thread's stack to stderr and exits 1."""
+thread's stack to stderr and exits 1. A step that has not finished after `STEP_TIMEOUT_S`
+(a worker stopped with SIGSTOP, a collective that hangs) fails the engine the same way."""
 
 from __future__ import annotations
 
@@ -47,6 +48,10 @@ from coserve.engine.types import EngineArgs
 log = logging.getLogger("coserve.engine")
 
 DEAD_EXIT_S = 3.0
+# A step (not the start-up) that has not finished after this long means a rank is stopped
+# (SIGSTOP) or stuck in a collective: the engine is then failed as if a worker had died.
+# Generous: a first step may compile Triton kernels for new shapes, seconds each.
+STEP_TIMEOUT_S = 120.0
 # worker counters, in a shared array rank 0 reads: steps, seconds spent waiting for rank 0's
 # messages, seconds from rank 0's send to the worker's receive (sum and max)
 _STEPS, _WAIT_S, _LAG_S, _LAG_MAX_S = range(4)
@@ -79,6 +84,7 @@ class Workers:
         self._closed = threading.Event()  # stop() has finished: the group is left
         self.dead: str | None = None  # why a worker is gone, once one is
         self._dead_said = None  # the worker whose exit `dead` names (a pipe error names none)
+        self.step_started: float | None = None  # monotonic start of the step in progress
         threading.Thread(target=self._watch, name="coserve-tp-watch", daemon=True).start()
 
     def send(self, msg) -> None:
@@ -140,18 +146,32 @@ class Workers:
             )
             log.error("%s", self.dead)
 
+    def _stalled(self, for_s: float) -> None:
+        self.dead = self.dead or (
+            f"no tensor-parallel step finished in {for_s:.0f} s (a rank is stopped or stuck "
+            "in a collective); the engine cannot step any more"
+        )
+        log.error("%s", self.dead)
+
     def _watch(self) -> None:
         by_sentinel = {p.sentinel: p for p in self.procs}
-        gone = wait(list(by_sentinel))
-        if self._stopped:
-            return
-        self._died(by_sentinel[gone[0]])
+        while True:
+            gone = wait(list(by_sentinel), timeout=1.0)
+            if self._stopped:
+                return
+            if gone:
+                self._died(by_sentinel[gone[0]])
+                break
+            since = self.step_started
+            if since is not None and time.monotonic() - since > STEP_TIMEOUT_S:
+                self._stalled(time.monotonic() - since)
+                break
         # Rank 0 may wait on the GPU for a collective with the dead rank (in a step, or in
         # the shutdown's sync), which nothing ends: past the deadline the process leaves.
         if self._closed.wait(DEAD_EXIT_S):
             return
         log.error(
-            "rank 0 is still stuck %.0f s after a worker died (stacks follow); exiting",
+            "rank 0 is still stuck %.0f s after the engine failed (stacks follow); exiting",
             DEAD_EXIT_S,
         )
         faulthandler.dump_traceback(all_threads=True)
@@ -253,21 +273,22 @@ class LeadsRanks:
     ) -> None:
         self.workers = launch(build_rank, args, device)
         try:
-            with self._ranks_step():  # the start-up runs collectives too
+            with self._ranks_step(timed=False):  # the start-up runs collectives too
                 start()
         except BaseException:
             self.shutdown()
             raise
 
     @contextmanager
-    def _ranks_step(self) -> Iterator[None]:
+    def _ranks_step(self, timed: bool = True) -> Iterator[None]:
         """Around a step: raises WorkerDied before it, or after it (its results are then
-        garbage), when a rank is gone."""
+        garbage), when a rank is gone. A `timed` one fails the engine after STEP_TIMEOUT_S."""
         w = self.workers
         if w is None:
             yield
             return
         w.check()
+        w.step_started = time.monotonic() if timed else None
         try:
             yield
         except Exception as e:
@@ -276,6 +297,8 @@ class LeadsRanks:
             if not isinstance(e, WorkerDied | ValueError):
                 w.check(grace_s=1.0)  # a collective that failed because a rank died
             raise
+        finally:
+            w.step_started = None
         w.check()
 
     def shutdown(self) -> None:
