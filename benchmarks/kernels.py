@@ -56,18 +56,6 @@ _SPLIT_SWEEP = (
     dict(BLOCK_N=64, num_warps=4, num_stages=4),
     dict(BLOCK_N=32, num_warps=4, num_stages=4),
 )
-_BALANCED_SWEEP = (
-    dict(PROGRAMS_PER_SM=1),
-    dict(PROGRAMS_PER_SM=2),
-    dict(PROGRAMS_PER_SM=8),
-    dict(BLOCK_N=64, num_warps=8, num_stages=3),
-    dict(BLOCK_N=32, num_warps=4, num_stages=4),
-    dict(BLOCK_N=128, num_warps=8, num_stages=3),
-    dict(BLOCK_N=64, num_warps=8, num_stages=3, PROGRAMS_PER_SM=2),
-    dict(FLAT=True, BLOCK_N=64, num_warps=8, num_stages=3),
-    dict(FLAT=True, BLOCK_N=128, num_warps=8, num_stages=3),
-    dict(FLAT=True, PROGRAMS_PER_SM=2),
-)
 
 
 def _attn_sets(B, Hq, Hkv, D, block_size, lo, hi, g, n=2):
@@ -86,10 +74,9 @@ def _attn_sets(B, Hq, Hkv, D, block_size, lo, hi, g, n=2):
 
 
 def bench_attention(tk) -> None:
-    """The split kernel (default) and the balanced variant side by side, at the head counts of
-    TP=1 and TP=2 (and of --tp), every shape of _ATTN_SHAPES; tile sweeps at B=512 bs=16."""
+    """The split kernel at the head counts of TP=1 and TP=2 (and of --tp), every shape of
+    _ATTN_SHAPES; tile sweep and the torch reference at B=512 bs=16."""
     from coserve.engine.kernels.triton.paged_attention import choose_num_splits
-    from coserve.engine.kernels.triton.paged_attention_balanced import num_programs
 
     D = 128
     g = torch.Generator(device=DEV).manual_seed(0)
@@ -109,27 +96,17 @@ def bench_attention(tk) -> None:
                 [lambda s=s, sc=scale: tk.paged_decode_attention(*s, sc) for s in sets]
             )
             report("paged_decode_attention", shape, ms, nbytes, flops, f"splits={splits}")
-            G = num_programs(Hkv, torch.device(DEV))
-            fn = tk.paged_decode_attention_balanced
-            for flat in (False, True):
-                cfg = dict(FLAT=flat)
-                ms = graph_time_ms(
-                    [lambda s=s, sc=scale, c=cfg, f=fn: f(*s, sc, config=c) for s in sets]
-                )
-                note = f"G={G}" + (",flat" if flat else "")
-                report("paged_decode_attention_balanced", shape, ms, nbytes, flops, note)
             if B != 512 or block_size != 16:
                 continue
-            for name, fn, sweep in (
-                ("  split sweep", tk.paged_decode_attention, _SPLIT_SWEEP),
-                ("  balanced sweep", tk.paged_decode_attention_balanced, _BALANCED_SWEEP),
-            ):
-                for cfg in sweep:
-                    ms_c = graph_time_ms(
-                        [lambda s=s, sc=scale, c=cfg, f=fn: f(*s, sc, config=c) for s in sets]
-                    )
-                    note = ",".join(f"{k}={v}" for k, v in cfg.items())
-                    report(name, shape, ms_c, nbytes, flops, note)
+            for cfg in _SPLIT_SWEEP:
+                ms_c = graph_time_ms(
+                    [
+                        lambda s=s, sc=scale, c=cfg: tk.paged_decode_attention(*s, sc, config=c)
+                        for s in sets
+                    ]
+                )
+                note = ",".join(f"{k}={v}" for k, v in cfg.items())
+                report("  split sweep", shape, ms_c, nbytes, flops, note)
             ms_ref = eager_time_ms(
                 lambda s=sets[0], sc=scale: ref_attn.paged_decode_attention(*s, sc), 3
             )

@@ -14,8 +14,6 @@ asked for, so `import coserve.engine.kernels.triton` works on a CPU-only machine
     apply_rotary             coserve.engine.kernels.rotary.apply_rotary
     silu_and_mul             coserve.engine.kernels.activation.silu_and_mul
 extras with no reference twin (the lead may wire them where they pay):
-    paged_decode_attention_balanced   the decode twin's variant with work balanced over all
-        sequences' KV tiles (COSERVE_PAGED_ATTENTION=balanced makes the twin call it)
     fp8_linear(x, weight, weight_scale_inv, bias)   fp8_block_linear without `block`
     fused_add_rms_norm(x, residual, weight, eps) -> (rms_norm(x + residual), x + residual)
     qk_norm_rope(qkv, Hq, Hkv, D, q_w, k_w, eps, positions, cos_sin, k_cache, v_cache, slots)
@@ -31,7 +29,6 @@ from functools import cache
 
 _EXPORTS = {
     "paged_decode_attention": "paged_attention",
-    "paged_decode_attention_balanced": "paged_attention_balanced",
     "fused_moe": "moe",
     "topk_softmax": "moe_routing",
     "moe_align": "moe_routing",

@@ -10,10 +10,6 @@ NUM_SPLITS equal ranges (flash-decoding); a second kernel merges the partial res
 split count depends only on tensor shapes, never on their values: no host sync, and the
 call can be captured in a CUDA graph.
 
-COSERVE_PAGED_ATTENTION=balanced sends calls without an explicit `num_splits` to the variant
-in `paged_attention_balanced` (work balanced over all sequences' KV tiles); the default,
-`split`, keeps this kernel.
-
 Math per query head h (the reference computes the same thing densely):
     s_t = scale * <q_h, k_t>,   p_t = softmax_t(s_t) over t < context_len,   out_h = sum_t p_t v_t
 """
@@ -21,7 +17,6 @@ Math per query head h (the reference computes the same thing densely):
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
@@ -153,12 +148,6 @@ def _merge_splits_kernel(
     tl.store(out_ptr + b * stride_ob + h * stride_oh + d, (num / den).to(out_ptr.dtype.element_ty))
 
 
-_VARIANTS = ("split", "balanced")
-_VARIANT = os.environ.get("COSERVE_PAGED_ATTENTION", "split")
-if _VARIANT not in _VARIANTS:
-    raise ValueError(f"COSERVE_PAGED_ATTENTION={_VARIANT!r}: expected one of {_VARIANTS}")
-
-
 def choose_num_splits(
     batch: int, num_kv_heads: int, max_tokens: int, device: torch.device, block_n: int = 64
 ) -> int:
@@ -186,14 +175,6 @@ def paged_decode_attention(
     """q [B, Hq, D]; k_cache, v_cache [num_blocks, block_size, Hkv, D]; block_tables
     [B, max_blocks] int32; context_lens [B] int32 (0 for padding rows: output 0).
     Returns [B, Hq, D] in q's dtype. config: optional BLOCK_N / num_warps / num_stages."""
-    if _VARIANT == "balanced" and num_splits is None:
-        from coserve.engine.kernels.triton.paged_attention_balanced import (
-            paged_decode_attention_balanced,
-        )
-
-        return paged_decode_attention_balanced(
-            q, k_cache, v_cache, block_tables, context_lens, scale, out, config
-        )
     B, Hq, D = q.shape
     _, block_size, Hkv, Dk = k_cache.shape
     assert Dk == D and v_cache.shape == k_cache.shape and Hq % Hkv == 0
