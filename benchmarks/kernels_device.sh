@@ -14,7 +14,7 @@
 # sweep's kernel lines. NVLink multicast stays off (NCCL_NVLS_ENABLE=0 and friends), as in
 # every process coserve starts. Nothing here changes clocks, power limits, compute mode or MIG.
 set -u
-tests=${1:-tests/test_kernels_gpu.py tests/test_moe_persistent_gpu.py tests/test_engine_gpu.py \
+tests=${1:-tests/test_kernels_gpu.py tests/test_engine_gpu.py \
     tests/test_engine_tp_gpu.py tests/test_engine_tp_server_gpu.py}
 sweeps=${2:-attn,moe}
 out=${OUT:-/tmp/coserve-kernels}

@@ -1,7 +1,6 @@
 """The MoE part of benchmarks/kernels.py (`--only moe`): fused_moe at the decode shape with its
-tile sweep, each stage alone, and the persistent expert GEMM (moe_persistent.py) beside the
-per-tile one: GEMM1 and GEMM2 alone, then fused_moe end to end, each persistent figure checked
-against the per-tile kernel's output first (a mismatch is printed and never wins). CUDA only."""
+tile sweep, each stage alone, GEMM2 and BLOCK_M sweeps, torch's grouped GEMMs for the record,
+and the torch reference. CUDA only."""
 
 from __future__ import annotations
 
@@ -12,15 +11,6 @@ from kernel_timing import BLOCK, DEV, STATE, eager_time_ms, graph_time_ms, rand_
 
 from coserve.engine.kernels import moe as ref_moe
 
-# persistent configs swept per GEMM: (warps, stages, programs per SM); GEMM2 also BLOCK_N. Each
-# fits that many programs on an SM by registers and shared memory as ptxas reports them for
-# sm_90a (Triton 3.6, compiled without a GPU): GEMM1 needs ~250 registers a thread at 8 warps
-# (one program), GEMM2 ~245 at 4 warps (two, up to 4 stages) and 150-185 at 8 (one); GEMM1 at
-# 4 warps spills, so it is left out.
-PERSISTENT_GEMM1 = ((8, 2, 1), (8, 3, 1), (8, 4, 1))
-PERSISTENT_GEMM2 = ((128, 4, 3, 2), (128, 4, 4, 2), (128, 4, 6, 1), (128, 8, 3, 1), (128, 8, 6, 1))
-MATCH_TOL = 1e-2  # relative error against the per-tile kernel's output
-
 
 def _moe_bytes(T, E, k, H, inter):
     """DRAM bytes of one fused_moe call: FP8 weights (+ scales) of the experts that get at
@@ -30,11 +20,6 @@ def _moe_bytes(T, E, k, H, inter):
     per_expert = 3 * H * inter + 3 * (H // 128) * (inter // 128) * 4
     act = 2 * T * H * 2 + T * k * inter * 2 + T * k * H * 2 * 2
     return touched * per_expert + act
-
-
-def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.float(), b.float()
-    return ((a - b).norm() / b.norm().clamp(min=1e-12)).item()
 
 
 @dataclass
@@ -61,78 +46,25 @@ class GemmInputs:
     inter_s: torch.Tensor
     out_pairs: torch.Tensor
 
-    def gemm1(self, bn, warps, stages, persistent=0, progs=1, out=None):
+    def gemm1(self, bn, warps, stages):
         from coserve.engine.kernels.triton import moe as tmoe
 
-        c, c_s = out if out is not None else (self.inter_q, self.inter_s)
         tmoe._launch_gemm(
-            self.a1, self.a1s, self.w13, self.s13, c, c_s, None,
+            self.a1, self.a1s, self.w13, self.s13, self.inter_q, self.inter_s, None,
             self.sorted_ids, self.expert_ids, self.npp,
             self.inter, self.H, self.inter, self.T * self.k, self.k, True, True, False,
-            self.bm, bn, self.group_m, warps, stages, persistent=persistent, progs_per_sm=progs,
+            self.bm, bn, self.group_m, warps, stages,
         )  # fmt: skip
 
-    def gemm2(self, bn, warps, stages, persistent=0, progs=1, out=None):
+    def gemm2(self, bn, warps, stages):
         from coserve.engine.kernels.triton import moe as tmoe
 
         tmoe._launch_gemm(
-            self.inter_q, self.inter_s, self.w2, self.s2,
-            self.out_pairs if out is None else out, None, self.topw,
+            self.inter_q, self.inter_s, self.w2, self.s2, self.out_pairs, None, self.topw,
             self.sorted_ids, self.expert_ids, self.npp,
             self.H, self.inter, 0, self.T * self.k, 1, False, False, True,
-            self.bm, bn, self.group_m, warps, stages, persistent=persistent, progs_per_sm=progs,
+            self.bm, bn, self.group_m, warps, stages,
         )  # fmt: skip
-
-
-def _sweep_persistent_gemms(gi: GemmInputs, cfg: dict, E: int):
-    """GEMM1 and GEMM2 alone at the decode shape, each persistent config beside the per-tile
-    kernel (already timed as a stage). Returns, per GEMM, (ms, config keys) of its fastest
-    correct persistent config, or None where none ran correctly."""
-    T, H, inter = gi.T, gi.H, gi.inter
-    gi.gemm1(cfg["BLOCK_N1"], cfg["num_warps1"], cfg["num_stages1"])
-    gi.gemm2(cfg["BLOCK_N2"], cfg["num_warps2"], cfg["num_stages2"])
-    ref_q, ref_s, ref_out = gi.inter_q.float(), gi.inter_s.clone(), gi.out_pairs.clone()
-    best1 = best2 = None
-    for loop in (1, 2):
-        for warps, stages, progs in PERSISTENT_GEMM1:
-            q, qs = torch.empty_like(gi.inter_q), torch.empty_like(gi.inter_s)
-
-            def fn(w=warps, s=stages, p=progs, loop=loop, q=q, qs=qs):
-                gi.gemm1(128, w, s, loop, p, out=(q, qs))
-
-            shape = f"T={T} L{loop} w{warps} s{stages} {progs}/SM"
-            try:
-                ms = graph_time_ms([fn], reps=20)
-            except Exception as e:  # noqa: BLE001 - a config that does not compile or fit
-                print(f"  GEMM1 persistent {shape} failed: {type(e).__name__}: {str(e)[:160]}")
-                continue
-            err = max(_rel_err(q, ref_q), _rel_err(qs, ref_s))
-            note = "" if err < MATCH_TOL else f"MISMATCH rel err {err:.3g}"
-            report("  GEMM1 persistent sweep", shape, ms, E * 2 * inter * H, note=note)
-            if not note and (best1 is None or ms < best1[0]):
-                best1 = (ms, dict(PERSISTENT1=loop, num_warps1=warps, num_stages1=stages,
-                                  progs_per_sm1=progs))  # fmt: skip
-        for bn, warps, stages, progs in PERSISTENT_GEMM2:
-            out = torch.empty_like(gi.out_pairs)
-
-            def fn(bn=bn, w=warps, s=stages, p=progs, loop=loop, out=out):
-                gi.gemm2(bn, w, s, loop, p, out=out)
-
-            shape = f"T={T} L{loop} BN{bn} w{warps} s{stages} {progs}/SM"
-            try:
-                ms = graph_time_ms([fn], reps=20)
-            except Exception as e:  # noqa: BLE001
-                print(f"  GEMM2 persistent {shape} failed: {type(e).__name__}: {str(e)[:160]}")
-                continue
-            err = _rel_err(out, ref_out)
-            note = "" if err < MATCH_TOL else f"MISMATCH rel err {err:.3g}"
-            report("  GEMM2 persistent sweep", shape, ms, E * H * inter, note=note)
-            if not note and (best2 is None or ms < best2[0]):
-                best2 = (ms, dict(PERSISTENT2=loop, BLOCK_N2=bn, num_warps2=warps,
-                                  num_stages2=stages, progs_per_sm2=progs))  # fmt: skip
-    print(f"  best persistent GEMM1: {best1}", flush=True)
-    print(f"  best persistent GEMM2: {best2}", flush=True)
-    return best1, best2
 
 
 def _alternatives(T, E, H, inter, k) -> None:
@@ -204,16 +136,6 @@ def bench_moe(tk) -> None:
             )
         return calls
 
-    def mismatch(T, cfg) -> str:
-        """'' when fused_moe with cfg gives the default config's output at T, else a note."""
-        w13, s13, w2, s2 = sets_w[0]
-        x, _, (wts, ids) = inputs(T)
-        err = _rel_err(
-            tk.fused_moe(x, w13, w2, wts, ids, s13, s2, BLOCK, config=cfg),
-            tk.fused_moe(x, w13, w2, wts, ids, s13, s2, BLOCK),
-        )
-        return "" if err < MATCH_TOL else f"MISMATCH rel err {err:.3g}"
-
     flops_per_tok = 2 * k * 3 * H * inter
     # tile sweep at the decode shape
     T = 512
@@ -244,11 +166,9 @@ def bench_moe(tk) -> None:
                 best = (ms, cfg)
     STATE["moe_best_cfg"] = best[1] if best else None
     print(f"  best decode config: {best}", flush=True)
-    per_tile_ms = {}
     for T in (1, 64, 256, 512, 2048):
         cfg = best[1] if (best and T == 512) else None
         ms = graph_time_ms(make(T, cfg), reps=15)
-        per_tile_ms[T] = ms
         report(
             "fused_moe (topk -> combine)",
             f"T={T} E={E} k={k}",
@@ -289,10 +209,8 @@ def bench_moe(tk) -> None:
         "GEMM1 gate|up + silu*up + quant": E * 2 * inter * H,
         "GEMM2 down * weight": E * H * inter,
     }
-    stage_ms = {}
     for name, fn in stages.items():
         ms = graph_time_ms([fn], reps=20, inner=1 if name.startswith("GEMM") else 20)
-        stage_ms[name] = ms
         report(f"  stage: {name}", f"T={T}", ms, wbytes.get(name, 0))
 
     # GEMM2 (K=768: a short K loop) tile sweep
@@ -303,40 +221,6 @@ def bench_moe(tk) -> None:
             graph_time_ms([lambda bn2=bn2, w2_=w2_, st2=st2: gi.gemm2(bn2, w2_, st2)], reps=20),
             E * H * inter,
         )
-
-    # the persistent kernel beside the per-tile one: each GEMM alone, then end to end
-    best1, best2 = _sweep_persistent_gemms(gi, cfg, E)
-    gemm_names = ("GEMM1 gate|up + silu*up + quant", "GEMM2 down * weight")
-    # both GEMMs persistent (each its best config), and each GEMM the faster of the two kernels
-    both = dict(**(best1[1] if best1 else {}), **(best2[1] if best2 else {}))
-    faster, best_512 = {}, per_tile_ms[512]
-    for b, name in zip((best1, best2), gemm_names, strict=True):
-        if b is not None and b[0] < stage_ms[name]:
-            faster.update(b[1])
-    for label, keys in (("fused_moe persistent", both), ("fused_moe faster of each", faster)):
-        if not keys or (label != "fused_moe persistent" and keys == both):
-            continue
-        # T=512: the decode tiles with those configs; other T: the default tiles with the
-        # loop forms and programs per SM found at 512
-        loops = {n: v for n, v in keys.items() if n.startswith(("PERSISTENT", "progs"))}
-        for T2 in (1, 64, 256, 512, 2048):
-            c = dict(cfg, **keys) if T2 == 512 else loops
-            note = mismatch(T2, c)
-            ms = graph_time_ms(make(T2, c), reps=15)
-            report(
-                label,
-                f"T={T2} E={E} k={k}",
-                ms,
-                _moe_bytes(T2, E, k, H, inter),
-                flops_per_tok * T2,
-                note or f"{ms / per_tile_ms[T2]:.2f}x per-tile time",
-            )
-            if T2 == 512 and not note and ms < best_512:
-                best_512 = ms
-                STATE["moe_best_cfg"] = c
-    chosen = STATE["moe_best_cfg"] or {}
-    winner = "persistent" if chosen.get("PERSISTENT1") or chosen.get("PERSISTENT2") else "per-tile"
-    print(f"  fused_moe winner at T=512: {winner} {chosen}", flush=True)
 
     for T2, bm2 in ((64, 16), (64, 32), (256, 32), (256, 64)):
         cfg2 = dict(tmoe.default_config(T2), BLOCK_M=bm2)

@@ -10,8 +10,6 @@
     GEMM 2      down = H @ W2[e]^T, times the pair's routing weight              _moe_gemm_kernel
     un-permute  rows are written at their pair index, so the combine is a sum
                 over each token's k rows                                         torch .sum
-Either GEMM may run as the persistent kernel of moe_persistent.py instead (config keys
-PERSISTENT1 / PERSISTENT2, see default_config): same arguments, same results.
 
 Weights as the engine stacks them from a Qwen3-MoE-FP8 checkpoint:
     w13 [E, 2I, H] float8_e4m3fn (gate rows 0..I-1, up rows I..2I-1), w13_scale [E, 2I/128, H/128]
@@ -27,7 +25,6 @@ import triton
 import triton.language as tl
 
 from .fp8 import FP8_MAX, per_token_group_quant_fp8
-from .moe_persistent import launch_persistent
 from .moe_routing import moe_align
 
 
@@ -165,14 +162,9 @@ def _moe_gemm_kernel(
 def default_config(num_tokens: int, fp8: bool = True) -> dict:
     """Tile configuration for both GEMMs (measured on H100 at E=128, k=8, H=2048, I=768: see
     docs/kernels.md); the benchmark sweeps alternatives. With BLOCK_M >= the typical rows per
-    expert (T*k/E), each expert's weights stream from DRAM once per step. PERSISTENT1 (GEMM1)
-    or PERSISTENT2 (GEMM2) = 1 or 2 runs that GEMM as moe_persistent.py's kernel, in that loop
-    form, on progs_per_sm1/2 x #SMs programs; 0, the per-tile kernel, stays the default until
-    a GPU measurement says otherwise."""
-    grid = dict(PERSISTENT1=0, PERSISTENT2=0, progs_per_sm1=1, progs_per_sm2=1)
+    expert (T*k/E), each expert's weights stream from DRAM once per step."""
     if num_tokens <= 128:
         return dict(
-            grid,
             BLOCK_M=16,
             BLOCK_N1=128,
             BLOCK_N2=128,
@@ -184,7 +176,6 @@ def default_config(num_tokens: int, fp8: bool = True) -> dict:
         )
     if num_tokens < 256:
         return dict(
-            grid,
             BLOCK_M=32,
             BLOCK_N1=128,
             BLOCK_N2=128,
@@ -195,7 +186,6 @@ def default_config(num_tokens: int, fp8: bool = True) -> dict:
             num_stages2=4,
         )
     return dict(
-        grid,
         BLOCK_M=64,
         BLOCK_N1=128,
         BLOCK_N2=128,
@@ -232,14 +222,12 @@ def _launch_gemm(
     num_warps,
     num_stages,
     foreign=False,
-    persistent=0,
-    progs_per_sm=1,
 ):
     fp8 = b.dtype == torch.float8_e4m3fn
     num_pid_m = sorted_ids.shape[0] // block_m
-    num_tiles = num_pid_m * triton.cdiv(N, block_n)
+    grid = (num_pid_m * triton.cdiv(N, block_n),)
     dummy = c
-    args = (
+    _moe_gemm_kernel[grid](
         a,
         a_s if a_s is not None else dummy,
         b,
@@ -264,8 +252,6 @@ def _launch_gemm(
         b_s.stride(1) if b_s is not None else 0,
         c.stride(0),
         c_s.stride(0) if c_s is not None else 0,
-    )
-    meta = dict(
         A_ROW_DIV=a_row_div,
         GATED=gated,
         FP8=fp8,
@@ -278,13 +264,9 @@ def _launch_gemm(
         BLOCK_N=block_n,
         BLOCK_K=128 if fp8 else 64,
         GROUP_M=group_m,
+        num_warps=num_warps,
+        num_stages=num_stages,
     )
-    if persistent:
-        launch_persistent(
-            args, meta, b.device, persistent, progs_per_sm, num_tiles, num_warps, num_stages
-        )
-        return
-    _moe_gemm_kernel[(num_tiles,)](*args, **meta, num_warps=num_warps, num_stages=num_stages)
 
 
 def fused_moe(
@@ -365,8 +347,6 @@ def fused_moe(
         num_warps=cfg["num_warps1"],
         num_stages=cfg["num_stages1"],
         foreign=foreign,
-        persistent=cfg["PERSISTENT1"],
-        progs_per_sm=cfg["progs_per_sm1"],
     )
 
     if fp8 and not quant_out:
@@ -398,7 +378,5 @@ def fused_moe(
         num_warps=cfg["num_warps2"],
         num_stages=cfg["num_stages2"],
         foreign=foreign,
-        persistent=cfg["PERSISTENT2"],
-        progs_per_sm=cfg["progs_per_sm2"],
     )
     return out_pairs.view(T, k, H).sum(dim=1)

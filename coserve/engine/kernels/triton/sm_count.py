@@ -1,4 +1,4 @@
-"""The SM count a kernel sizes its grid by (persistent and work-balanced launches)."""
+"""The SM count a kernel sizes its grid by (the split count of paged decode attention)."""
 
 from __future__ import annotations
 
