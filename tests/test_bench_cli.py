@@ -307,9 +307,25 @@ def test_a_dead_endpoint_ends_the_run_with_its_reason_and_status_1(tmp_path):
         ("--embed-slo", "inf", "--embed-slo"),
         ("--burstiness", "0", "--burstiness"),
         ("--duration", "inf", "--duration"),
+        ("--stall", "0", "--stall"),
     ],
 )
 def test_bad_load_flags_are_named(flag, value, says):
     p = _bench("--gen-url", "http://127.0.0.1:1", flag, value)
     _, stderr = p.communicate(timeout=30)
     assert p.returncode != 0 and says in stderr, stderr
+
+
+def test_stall_sets_how_long_a_silent_server_may_take():
+    # the first token comes after 3 s: a frozen server by --stall 0.5, not by the default 10 s
+    srv = stream_server.spawn(ttft_ms=3000, itl_ms=2)
+    try:
+        p = _bench("--gen-url", srv.url, "--gen-concurrency", "2", "--output-len", "4",
+                   "--warmup", "0", "--duration", "30", "--stall", "0.5")  # fmt: skip
+        t = time.monotonic()
+        _, stderr = p.communicate(timeout=20)
+    finally:
+        srv.stop()
+    assert time.monotonic() - t < 10, stderr
+    assert p.returncode == 1, stderr
+    assert "answered nothing for" in stderr and "--stall" in stderr, stderr

@@ -170,6 +170,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="seconds over which the first requests are spread (default min(1, warm-up/4))",
     )
     t.add_argument(
+        "--stall",
+        type=float,
+        default=_D.stall_s,
+        help="seconds an endpoint with requests in flight may say nothing (no token, answer "
+        "or failure) before the run ends as frozen",
+    )
+    t.add_argument(
         "--out",
         metavar="FILE.json",
         help="write the summary here and the per-request records to FILE.records.jsonl",
@@ -216,6 +223,7 @@ def _config(args):
         token_id_low=lo,
         token_id_high=hi,
         ramp_s=args.ramp,
+        stall_s=args.stall,
         record_chunks=args.record_chunks,
         gen_rate=args.gen_rate,
         embed_rate=args.embed_rate,
@@ -232,6 +240,7 @@ def _config(args):
             "warmup_s": "--warmup",
             "duration_s": "--duration",
             "ramp_s": "--ramp",
+            "stall_s": "--stall",
             "token_id_low": "--token-id-range",
             "embed_slo_ms": "--embed-slo",
             **{v: "--goodput" for v in _GOODPUT.values()},

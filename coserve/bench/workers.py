@@ -117,7 +117,8 @@ class LoadRun:
             if ep is not None and (silent := self._silent_for(ep, now)) >= self.cfg.stall_s:
                 ep.stalled = (
                     f"the {ep.kind} server at {ep.url} answered nothing for {silent:.1f} s "
-                    f"with {ep.in_flight} requests in flight (frozen or overwhelmed)"
+                    f"with {ep.in_flight} requests in flight (frozen or overwhelmed; "
+                    "`stall_s` in [load], --stall in coserve bench, allows longer)"
                 )
                 return ep.stalled
         return None
