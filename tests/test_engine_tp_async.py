@@ -139,13 +139,18 @@ if __name__ == "__main__":  # the worker is spawned: it imports this file
 """
 
 
-@pytest.mark.timeout(120)
-def test_rank0_that_never_shuts_down_exits_on_its_own_after_a_worker_dies(tmp_path):
-    script = tmp_path / "stuck.py"
-    script.write_text(_NEVER_SHUTS_DOWN)
-    p = subprocess.Popen(
+def _script(tmp_path, source: str) -> subprocess.Popen:
+    """`source` run as a script of its own (the TP workers it spawns import it), pipes open."""
+    script = tmp_path / "script.py"
+    script.write_text(source)
+    return subprocess.Popen(
         [sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
+
+
+@pytest.mark.timeout(120)
+def test_rank0_that_never_shuts_down_exits_on_its_own_after_a_worker_dies(tmp_path):
+    p = _script(tmp_path, _NEVER_SHUTS_DOWN)
     assert p.stdout.readline().strip() == "built"
     t0 = time.monotonic()
     out, err = p.communicate(timeout=20)
@@ -171,21 +176,23 @@ if __name__ == "__main__":
 def test_a_stopped_worker_dies_with_rank0(tmp_path):
     # A SIGSTOPped worker cannot run its own watch of rank 0: the kernel's parent-death
     # signal must end it when rank 0 is killed, or it is left behind for good.
-    script = tmp_path / "holds.py"
-    script.write_text(_HOLDS_A_WORKER)
-    p = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    p = _script(tmp_path, _HOLDS_A_WORKER)
     worker = int(p.stdout.readline())
     try:
         os.kill(worker, signal.SIGSTOP)
         p.kill()
         p.wait(10)
-        deadline = time.monotonic() + 5
-        while _alive(worker) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not _alive(worker)
+        assert _gone_within(worker, 5)
     finally:
         if _alive(worker):
             os.kill(worker, signal.SIGKILL)
+
+
+def _gone_within(pid: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not _alive(pid)
 
 
 def _alive(pid: int) -> bool:
@@ -224,11 +231,7 @@ def test_a_step_that_never_finishes_fails_the_engine(tmp_path):
     # A stopped worker leaves rank 0 in a collective (gloo here, a GPU wait on CUDA) with no
     # error: past STEP_TIMEOUT_S the engine fails, and whichever way rank 0 leaves (the step
     # raising, or the watcher's exit when it cannot), the stopped worker goes too.
-    script = tmp_path / "stops.py"
-    script.write_text(_STOPS_A_WORKER)
-    p = subprocess.Popen(
-        [sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+    p = _script(tmp_path, _STOPS_A_WORKER)
     worker = int(p.stdout.readline())
     try:
         t0 = time.monotonic()
@@ -236,10 +239,7 @@ def test_a_step_that_never_finishes_fails_the_engine(tmp_path):
         assert time.monotonic() - t0 < 1 + 3 + 5 + 3, err  # timeout, DEAD_EXIT_S, kill, exit
         assert "generated" not in out
         assert "no tensor-parallel step finished in" in err, err
-        deadline = time.monotonic() + 5
-        while _alive(worker) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not _alive(worker)
+        assert _gone_within(worker, 5)
     finally:
         if _alive(worker):
             os.kill(worker, signal.SIGKILL)
