@@ -99,7 +99,10 @@ class ServerConfig:
         help="tokens per step (embed: per forward); unset = the server's default",
     )
     slo_guard: bool = _f(
-        False, omit_default=True, help="embed only: throttle embed to hold gen's step time"
+        False,
+        omit_default=True,
+        help="embed only: throttle embed to hold gen's step time (an external embed server: "
+        "one that runs its own guard, whose figures the run records)",
     )
     gen_tpot_slo_ms: float | None = _f(
         None, gt=0.0, omit_default=True, help="the guard's budget in ms"

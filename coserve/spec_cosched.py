@@ -6,6 +6,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+# Embed launchers whose server may run a guard of its own (started by its command line, as
+# `coserve serve colocated --slo-guard-gen-url` does): with slo_guard = true the run records
+# its state and trace, as it does for a guard it starts.
+SELF_GUARDED = ("external",)
+
 
 def server_problems(cond: Any, servers: dict[str, Any], path: str) -> list[str]:
     """Problems of `cond`'s resolved server configs (`servers` are the spec's, `cond` a
@@ -38,6 +43,15 @@ def server_problems(cond: Any, servers: dict[str, Any], path: str) -> list[str]:
         if not cfg.slo_guard:
             out += [f"{where(role, n)}: only with slo_guard = true" for n in budget]
             continue
+        if cfg.launcher in SELF_GUARDED:
+            # its own command line (`coserve serve colocated --slo-guard-gen-url ...`) starts
+            # the guard; the run only records it
+            out += [
+                f"{where(role, n)}: an {cfg.launcher} embed server's guard takes its budget "
+                "from that server's own command line"
+                for n in budget
+            ]
+            continue
         if len(budget) != 1:
             out.append(
                 f"{where(role, 'slo_guard')}: needs exactly one of gen_tpot_slo_ms and "
@@ -45,7 +59,8 @@ def server_problems(cond: Any, servers: dict[str, Any], path: str) -> list[str]:
             )
         if cfg.launcher != "builtin":
             out.append(
-                f"{where(role, 'slo_guard')}: only the builtin embed server has the guard "
+                f"{where(role, 'slo_guard')}: coserve starts the guard in a builtin embed "
+                f"server, or records the guard of an {' or '.join(SELF_GUARDED)} one "
                 f"(launcher is {cfg.launcher!r})"
             )
         gen = resolved.get("gen")

@@ -19,7 +19,13 @@ from coserve.spec import parse_spec
 pytestmark = pytest.mark.slow
 
 SPEC = Path(__file__).resolve().parent.parent / "experiments" / "co-scheduling.toml"
-TWIN = ("gen-only", "timeslice-grain512", "timeslice-guard5", "colocated-streams")
+TWIN = (
+    "gen-only",
+    "timeslice-grain512",
+    "timeslice-guard5",
+    "colocated-streams",
+    "colocated-streams-guard5",
+)
 # The flags of the colocated command line that name the H200's models and sizes.
 COLOCATED_CPU = {
     "--model": "tiny-dense",
@@ -84,7 +90,7 @@ def cpu_twin() -> dict:
         if c["name"] in TWIN
     ]
     for c in data["conditions"]:
-        if c["name"] == "timeslice-guard5":  # the guard measures gen alone in the first ~2.7 s
+        if c["name"].endswith("guard5"):  # the guard measures gen alone in the first ~2.7 s
             c["load"] = {"warmup_s": 4}
     del data["sweep"]
     return data
@@ -116,6 +122,11 @@ def test_the_cpu_twin_runs_and_records_the_guard(tmp_path):
     assert "(plots/guard.png)" in (tmp_path / "run/report.md").read_text()
     colocated = records["colocated-streams"]
     assert colocated["servers"]["gen"]["launcher"] == "command"
-    for r in (grain, guard, colocated):
+    # the one process's own guard, polling its own gen front, recorded like the embed server's
+    own = records["colocated-streams-guard5"]["slo_guard"]
+    assert own["polls_total"] > 0 and own["poll_errors_total"] == 0
+    assert own["budget_seconds"] == pytest.approx(1.05 * own["gen_alone_seconds"])
+    assert "slo_guard" not in colocated
+    for r in (grain, guard, colocated, records["colocated-streams-guard5"]):
         assert r["bench"]["embed"]["completed"] > 0 and r["bench"]["embed"]["failed"] == 0
         assert r["bench"]["gen"]["completed"] > 0

@@ -18,8 +18,12 @@ from coserve.cli import main
             "--embed-max-num-batched-tokens is for serve colocated; serve embed would ignore it",
         ),
         (
-            ["colocated", "--embed-model", "tiny-embed", "--slo-guard-stat", "p99"],
-            "--slo-guard-stat is for serve embed; serve colocated would ignore it",
+            ["gen", "--slo-guard-stat", "p99"],
+            "--slo-guard-stat is for serve embed and serve colocated; serve gen would ignore it",
+        ),
+        (
+            ["colocated", "--embed-model", "tiny-embed", "--gen-tpot-slo-pct", "5"],
+            "--gen-tpot-slo-ms/--gen-tpot-slo-pct need --slo-guard-gen-url",
         ),
         (
             ["embed", "--max-num-batched-tokens", "10", "--max-model-len", "128"],

@@ -220,7 +220,7 @@ def test_pacing_sets_the_engine_batch_and_waits():
     [
         (
             ["gen", "--slo-guard-gen-url", "http://127.0.0.1:1", "--gen-tpot-slo-ms", "20"],
-            "--gen-tpot-slo-ms is for serve embed; serve gen would ignore it",
+            "--gen-tpot-slo-ms is for serve embed and serve colocated; serve gen would ignore it",
         ),
         (
             ["embed", "--slo-guard-gen-url", "notaurl", "--gen-tpot-slo-ms", "5"],
@@ -261,7 +261,8 @@ def test_pacing_sets_the_engine_batch_and_waits():
         ),
         (
             ["gen", "--slo-guard-probe-interval-s", "5"],
-            "--slo-guard-probe-interval-s is for serve embed; serve gen would ignore it",
+            "--slo-guard-probe-interval-s is for serve embed and serve colocated; serve gen "
+            "would ignore it",
         ),
     ],
 )

@@ -127,6 +127,18 @@ def test_new_fields_at_their_defaults_keep_an_old_specs_digest():
             "conditions[2].embed.slo_guard: the guard reads the builtin gen server's step times; "
             "gen's launcher is 'vllm'",
         ),
+        (
+            'url = "http://127.0.0.1:18101" }',
+            'url = "http://127.0.0.1:18101", slo_guard = true, gen_tpot_slo_pct = 5 }',
+            "conditions[3].embed.gen_tpot_slo_pct: an external embed server's guard takes its "
+            "budget from that server's own command line",
+        ),
+        (
+            'name = "guard"\nembed = {',
+            'name = "guard"\nembed = { launcher = "vllm", model = "m",',
+            "conditions[2].embed.slo_guard: coserve starts the guard in a builtin embed server, "
+            "or records the guard of an external one (launcher is 'vllm')",
+        ),
     ],
 )
 def test_bad_values_name_the_field(old, new, expected):
@@ -202,6 +214,31 @@ def test_command_lines():
             ),
             1,
         )
+
+
+def test_an_external_embed_server_with_its_own_guard_is_recorded(tmp_path):
+    # `coserve serve colocated --slo-guard-gen-url ...` starts the guard itself: the spec says
+    # slo_guard = true on its external embed endpoint, and the run traces it without
+    # handing a launcher a gen URL
+    text = SPEC.replace(
+        'url = "http://127.0.0.1:18101" }', 'url = "http://127.0.0.1:18101", slo_guard = true }'
+    )
+    started = []
+
+    class Backend(FakeBackend):
+        def start_server(self, spec, env, log_path, ready_timeout_s):
+            started.append(spec)
+            return super().start_server(spec, env, log_path, ready_timeout_s)
+
+    b = Backend()
+    records = Runner(
+        loads_spec(text), tmp_path / "run", spec_text=text, backend=b, only=["colo"]
+    ).run()
+    assert records[0]["status"] == "ok", records[0].get("error")
+    assert records[0]["slo_guard_trace"]["file"] == "slo_guard.jsonl"
+    assert any(e[0] == "guard_trace" for e in b.events)
+    (embed,) = [s for s in started if s.role == "embed"]
+    assert embed.slo_guard_gen_url is None  # its own command line has it
 
 
 def test_the_runner_gives_the_embed_server_gens_url_and_records_the_guard(tmp_path):

@@ -235,7 +235,8 @@ class Runner:
         cfg = cond.server(self.spec, role)
         if cond.strategy.startswith("tp"):  # the strategy holds the TP degree
             cfg = dataclasses.replace(cfg, tensor_parallel_size=strategy.tensor_parallel_size(role))
-        guard = {"slo_guard_gen_url": (urls or {})["gen"]} if cfg.slo_guard else {}
+        starts_guard = cfg.slo_guard and cfg.launcher == "builtin"  # else it guards itself
+        guard = {"slo_guard_gen_url": (urls or {})["gen"]} if starts_guard else {}
         return cfg.server_spec(role, self.device(cfg.device), **guard), cfg
 
     def load_config(self, cond: Condition, urls: dict[str, str]) -> dict[str, Any]:

@@ -308,6 +308,24 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def start_guard(server: OpenAIServer, stop: asyncio.Event) -> asyncio.Future | None:
+    """The task of `server`'s SLO guard (None without one), polling until `stop`."""
+    if server.guard is None:
+        return None
+    o = server.opts
+    return asyncio.ensure_future(
+        run_guard(server.guard, o.guard_gen_url, server.engine.allow, o.guard_interval_s, stop)
+    )
+
+
+def end_guard(server: OpenAIServer, task: asyncio.Future | None) -> None:
+    """Stop the guard's task; the embed requests still in flight then run unthrottled through
+    the drain."""
+    if task is not None:
+        task.cancel()
+        server.engine.allow(Allowance(server.guard.cfg.max_tokens))
+
+
 async def serve(engine: EngineClient, opts: ServeOptions, sock: socket.socket | None = None) -> int:
     """Serve until SIGTERM/SIGINT (exit 0) or until the engine dies (exit 1); the engine
     process is stopped either way."""
@@ -340,19 +358,12 @@ async def serve(engine: EngineClient, opts: ServeOptions, sock: socket.socket | 
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    guard_task = None
-    if server.guard is not None:
-        guard_task = asyncio.ensure_future(
-            run_guard(server.guard, opts.guard_gen_url, engine.allow, opts.guard_interval_s, stop)
-        )
+    guard_task = start_guard(server, stop)
     waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(engine.dead.wait())]
     await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
     for w in waits:
         w.cancel()
-    if guard_task is not None:
-        guard_task.cancel()
-        # Stopping: the embed requests still in flight run unthrottled through the drain.
-        engine.allow(Allowance(server.guard.cfg.max_tokens))
+    end_guard(server, guard_task)
     rc = 0 if stop.is_set() else 1
     log.info("shutting down (%s)", "signal" if rc == 0 else "engine failed")
     await server.shutdown(site, runner)

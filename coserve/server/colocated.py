@@ -29,7 +29,7 @@ import multiprocessing
 import signal
 import sys
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from coserve.engine.host_gc import quiet_gc
@@ -37,6 +37,7 @@ from coserve.engine.messages import Failed
 from coserve.server import engine_core, sm_partition
 from coserve.server.engine_build import serve_device
 from coserve.server.engine_client import EngineClient, EngineStartError, _reap, read_ready
+from coserve.server.serve_flags import guard_options
 
 log = logging.getLogger("coserve.server")
 
@@ -236,7 +237,7 @@ async def serve_both(engines: dict[str, EngineClient], opts: dict, socks: dict) 
     (exit 1); then both drain together and the engine process stops."""
     from aiohttp import web
 
-    from coserve.server.app import OpenAIServer, ready_line
+    from coserve.server.app import OpenAIServer, end_guard, ready_line, start_guard
     from coserve.server.http_errors import JsonErrorRunner
 
     loop = asyncio.get_running_loop()
@@ -265,9 +266,12 @@ async def serve_both(engines: dict[str, EngineClient], opts: dict, socks: dict) 
     waits = [asyncio.ensure_future(stop.wait())] + [
         asyncio.ensure_future(e.dead.wait()) for e in engines.values()
     ]
+    guards = [(server, start_guard(server, stop)) for server, _, _ in fronts]
     await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
     for w in waits:
         w.cancel()
+    for server, task in guards:
+        end_guard(server, task)
     rc = 0 if stop.is_set() else 1
     log.info("shutting down (%s)", "signal" if rc == 0 else "an engine loop failed")
     # Together: each front's stop waits for the one process, which ends when both loops have.
@@ -312,7 +316,9 @@ def problem(args, device: str) -> str | None:
 
 def run(args, opts: dict, socks: dict, build_engine) -> int:
     """`coserve serve colocated` once the sockets are bound: start, serve, exit status.
-    `build_engine(args)` builds one engine from `coserve serve` arguments (command.py's)."""
+    `build_engine(args)` builds one engine from `coserve serve` arguments (command.py's).
+    With --slo-guard-gen-url the embed front runs the SLO guard (its own gen front's URL
+    makes the guard hold this process's gen)."""
     factories = {r: functools.partial(build_engine, a) for r, a in engine_args(args).items()}
     try:
         sms = SmFlags(args.embed_sms, args.gen_sms, serve_device(args.device))
@@ -320,4 +326,6 @@ def run(args, opts: dict, socks: dict, build_engine) -> int:
     except EngineStartError as e:
         print(f"coserve serve colocated: {e}", file=sys.stderr)
         return e.exit_code
-    return asyncio.run(serve_both(engines, opts, socks))
+    # the guard's flags were checked before the start; its token bound needs embed's engine
+    embed = replace(opts["embed"], **guard_options(args, engines["embed"].max_model_len))
+    return asyncio.run(serve_both(engines, {**opts, "embed": embed}, socks))

@@ -23,6 +23,7 @@ from coserve.server.serve_flags import (
     batched_tokens_problem,
     fraction,
     guard_config,
+    guard_options,
     misplaced,
     parse_bytes,
     positive_int,
@@ -239,9 +240,7 @@ def run(args) -> int:
 
     opts = dataclasses.replace(
         _options(args, args.kind, args.served_model_name or [args.model], args.port),
-        guard=guard_config(args, engine.max_model_len),
-        guard_gen_url=args.slo_guard_gen_url or "",
-        guard_interval_s=args.slo_guard_interval_ms / 1e3,
+        **guard_options(args, engine.max_model_len),
         profile_dir=args.profile_dir or "",
         profile_steps=args.profile_steps,
         profile_min_s=args.profile_min_seconds,

@@ -127,6 +127,9 @@ def percent(text: str) -> float:
     return v
 
 
+# The kinds of server that can run the SLO guard: an embed server, and the colocated one
+# (the guard throttles its embed engine).
+GUARDED = ("embed", "colocated")
 _GUARD_FLAGS = {  # the probes' flags, by GuardConfig field (a percentage budget only)
     "probe_interval_s": "--slo-guard-probe-interval-s",
     "probe_s": "--slo-guard-probe-s",
@@ -136,6 +139,7 @@ _GUARD_FLAGS = {  # the probes' flags, by GuardConfig field (a percentage budget
 
 def guard_config(args, max_model_len: int):
     """The SLO guard's settings from the flags; None without --slo-guard-gen-url.
+    `max_model_len`: the embed engine's.
     Raises ValueError naming the flag that is missing or misplaced."""
     from coserve.server.slo_guard import GuardConfig
 
@@ -144,8 +148,10 @@ def guard_config(args, max_model_len: int):
         if budget_given:
             raise ValueError("--gen-tpot-slo-ms/--gen-tpot-slo-pct need --slo-guard-gen-url")
         return None
-    if args.kind != "embed":
-        raise ValueError("--slo-guard-gen-url: the guard throttles an embed server; serve embed")
+    if args.kind not in GUARDED:
+        raise ValueError(
+            "--slo-guard-gen-url: the guard throttles an embed engine; serve embed or colocated"
+        )
     bad_url = http_url_problem("--slo-guard-gen-url", args.slo_guard_gen_url)
     if bad_url:
         raise ValueError(bad_url)
@@ -161,7 +167,12 @@ def guard_config(args, max_model_len: int):
                     "that needs no probe of gen alone"
                 )
     budget_s = args.gen_tpot_slo_ms / 1e3 if args.gen_tpot_slo_ms is not None else None
-    max_tokens = max(args.max_num_batched_tokens, max_model_len)
+    tokens = (
+        args.embed_max_num_batched_tokens
+        if args.kind == "colocated"
+        else args.max_num_batched_tokens
+    )
+    max_tokens = max(tokens, max_model_len)
     try:
         return GuardConfig(
             budget_s=budget_s,
@@ -178,6 +189,16 @@ def guard_config(args, max_model_len: int):
         if field not in _GUARD_FLAGS:
             raise
         raise ValueError(f"{_GUARD_FLAGS[field]}: {why}") from None
+
+
+def guard_options(args, max_model_len: int) -> dict:
+    """The SLO guard's ServeOptions fields (guard, guard_gen_url, guard_interval_s) from the
+    flags; `max_model_len` is the embed engine's. Raises ValueError as guard_config does."""
+    return {
+        "guard": guard_config(args, max_model_len),
+        "guard_gen_url": args.slo_guard_gen_url or "",
+        "guard_interval_s": args.slo_guard_interval_ms / 1e3,
+    }
 
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)

@@ -9,6 +9,7 @@ import argparse
 from coserve.server.fields import CHARS_PER_TOKEN_BOUND, RequestLimits
 from coserve.server.profile_api import add_flags as add_profile_flags
 from coserve.server.serve_flags import (
+    GUARDED,
     KindGroup,
     fraction,
     non_negative_float,
@@ -89,9 +90,9 @@ def add_flag_groups(parser: argparse.ArgumentParser) -> None:
     )
     guard = KindGroup(
         parser.add_argument_group(
-            "SLO guard (embed only): throttle embed forwards to hold a gen server's step time"
+            "SLO guard (embed, colocated): throttle embed forwards to hold a gen server's step time"
         ),
-        ("embed",),
+        GUARDED,
         kinds,
     )
     guard.add_argument(
@@ -100,7 +101,7 @@ def add_flag_groups(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="the gen server whose /metrics the guard reads",
     )
-    slo = KindGroup(guard.group.add_mutually_exclusive_group(), ("embed",), kinds)
+    slo = KindGroup(guard.group.add_mutually_exclusive_group(), GUARDED, kinds)
     slo.add_argument(
         "--gen-tpot-slo-ms",
         metavar="MS",
