@@ -166,6 +166,23 @@ def test_probes_track_the_drifting_baseline_and_hold_the_budget():
     assert r.guard.pause_s == 0 and r.guard.tokens > MIN_TOKENS
 
 
+def test_after_calibration_embed_restarts_at_its_floor_not_where_it_was():
+    # Before gen was busy embed ran 8,192-token forwards; resuming those after the first probe
+    # put gen 4.2 ms over its budget here (on an H200, the first wave of requests +18 % under
+    # a +5 % budget). From the floor, gen's figure passes the budget by less than the floor's
+    # own mark while the guard finds its level.
+    r = run(seconds=8, probe_interval_s=5.0, probe_s=0.5, calibrate_s=2.0)
+    resumed = next(
+        t for t, a in zip(r.plant.times, r.plant.allowances, strict=True) if t > 1 and not a.hold
+    )
+    over = [
+        m - 1.05 * b
+        for t, m, b in zip(r.t, r.measured, r.baselines, strict=True)
+        if resumed <= t <= resumed + 3
+    ]
+    assert len(over) > 90 and max(over) < MIN_TOKENS * PER_TOKEN
+
+
 def test_probes_hold_embed_for_exactly_their_span():
     r = run(seconds=20, probe_interval_s=5.0, probe_s=0.5, calibrate_s=2.0)
     spans = holds(r)
@@ -222,7 +239,7 @@ def test_gen_going_idle_ends_a_probe_without_a_figure():
     assert g.update(idle, 0.5) == Allowance(1024)  # nothing to measure: embed runs freely
     assert (g.state.phase, g.state.probes, g.state.budget_s) == ("waiting", 0, None)
     assert g.update(busy, 1.0).hold  # the next busy reading starts a new probe
-    assert g.update(busy, 2.25) == Allowance(1024)
+    assert g.update(busy, 2.25) == Allowance(512)  # gen alone known: embed restarts at its floor
     assert g.state.probes == 1 and g.state.baseline_s == pytest.approx(0.02)
 
 
@@ -250,12 +267,13 @@ def test_a_new_baseline_moves_the_budget_and_growth_waits_out_the_probe():
     for i in range(4):  # first probe: readings at since >= 0.75 count, it ends at 0.75
         g.update(GenSample(0.010, 20), i * 0.25)
     assert g.state.budget_s == pytest.approx(0.011)
-    g.update(GenSample(0.0125, 20), 1.0)  # over budget: cut
-    assert g.tokens == 512
+    assert (g.tokens, g.pause_s) == (512, 0.0)  # the first figure: embed restarts at its floor
+    g.update(GenSample(0.0125, 20), 1.0)  # over budget: cut, a pause at the floor
+    assert (g.tokens, g.pause_s) == (512, pytest.approx(0.002))
     g.update(GenSample(0.0105, 20), 1.125)  # under, but gen's window still holds the probe
-    assert g.tokens == 512
+    assert (g.tokens, g.pause_s) == (512, pytest.approx(0.002))
     g.update(GenSample(0.0105, 20), 1.25)
-    assert g.tokens == 544
+    assert (g.tokens, g.pause_s) == (512, 0.0)
     for i, t in enumerate((2.75, 3.0, 3.25, 3.5)):  # a probe: gen alone now 12 ms
         assert g.update(GenSample(0.012, 20), t).hold == (i < 3)
     assert g.state.baseline_s == pytest.approx(0.012) and g.state.budget_s == pytest.approx(0.0132)
