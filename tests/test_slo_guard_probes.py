@@ -168,7 +168,7 @@ def test_probes_track_the_drifting_baseline_and_hold_the_budget():
 
 def test_after_calibration_embed_restarts_at_its_floor_not_where_it_was():
     # Before gen was busy embed ran 8,192-token forwards; resuming those after the first probe
-    # put gen 4.2 ms over its budget here (on an H200, the first wave of requests +18 % under
+    # put gen 4.2 ms over its budget here (on an H200, the first wave of requests +18 to +19 % under
     # a +5 % budget). From the floor, gen's figure passes the budget by less than the floor's
     # own mark while the guard finds its level.
     r = run(seconds=8, probe_interval_s=5.0, probe_s=0.5, calibrate_s=2.0)
