@@ -54,6 +54,7 @@ def test_under_budget_shortens_pause_first_then_grows_tokens():
             cooldown_s=0,
             grow_tokens=100,
             grow_interval_s=0,
+            pause_grow=2.0,
         )
     )
     drive(g, [GenSample(40 * MS, 20)] * 6)  # 1024 -> 64 in 4 cuts, then pauses 2, 4 ms

@@ -90,6 +90,14 @@ class GuardConfig:
     grow_tokens: int = 0  # additive increase per reading under budget; 0: max_tokens / 32
     first_pause_s: float = 0.002
     max_pause_s: float = 0.5
+    # At the token floor a cut lengthens the pause between forwards by `pause_cut` and a
+    # growth shortens it by `pause_grow`: back off fast, come back gently. Halving it on a
+    # growth doubled embed's duty at once; gen's next window then ran over the budget every
+    # cycle (on an H200 the pause swung 125-500 ms and gen's step spiked 2-4 ms over the
+    # budget at each growth; in test_slo_guard_probes.py's plant at the floor the largest
+    # reading went from 1.8 % over the budget to 0.2 %, for ~17 % less embed duty).
+    pause_cut: float = 2.0
+    pause_grow: float = 1.25
     margin: float = 1.0  # grow only while measured < margin x budget (1: whenever under it)
     cooldown_s: float = 0.5  # after a cut, no cut for this long: gen's window still holds old steps
     # After a growth, no growth for this long: its effect on gen shows only once gen's window
@@ -139,6 +147,9 @@ class GuardConfig:
             raise ValueError(f"cut: must be in (0, 1), got {self.cut}")
         if not 0 < self.margin <= 1:
             raise ValueError(f"margin: must be in (0, 1], got {self.margin}")
+        for name in ("pause_cut", "pause_grow"):
+            if not getattr(self, name) > 1:
+                raise ValueError(f"{name}: must be > 1, got {getattr(self, name)}")
         if not 0 < self.first_pause_s <= self.max_pause_s:
             raise ValueError("first_pause_s: must be positive and at most max_pause_s")
         if self.grow_interval_s < 0:
@@ -321,14 +332,15 @@ class SloGuard:
         if self.tokens > cfg.min_tokens:
             self.tokens = max(cfg.min_tokens, int(self.tokens * cfg.cut))
         else:
-            self.pause_s = min(cfg.max_pause_s, max(cfg.first_pause_s, self.pause_s * 2))
+            self.pause_s = min(
+                cfg.max_pause_s, max(cfg.first_pause_s, self.pause_s * cfg.pause_cut)
+            )
 
     def _grow(self) -> None:
         cfg = self.cfg
         if self.pause_s > 0:
-            self.pause_s = (
-                self.pause_s * cfg.cut if self.pause_s * cfg.cut >= cfg.first_pause_s else 0.0
-            )
+            shorter = self.pause_s / cfg.pause_grow
+            self.pause_s = shorter if shorter >= cfg.first_pause_s else 0.0
             return
         step = cfg.grow_tokens or max(1, cfg.max_tokens // 32)
         self.tokens = min(cfg.max_tokens, self.tokens + step)
