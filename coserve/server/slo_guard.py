@@ -92,10 +92,11 @@ class GuardConfig:
     max_pause_s: float = 0.5
     # At the token floor a cut lengthens the pause between forwards by `pause_cut` and a
     # growth shortens it by `pause_grow`: back off fast, come back gently. Halving it on a
-    # growth doubled embed's duty at once; gen's next window then ran over the budget every
-    # cycle (on an H200 the pause swung 125-500 ms and gen's step spiked 2-4 ms over the
-    # budget at each growth; in test_slo_guard_probes.py's plant at the floor the largest
-    # reading went from 1.8 % over the budget to 0.2 %, for ~17 % less embed duty).
+    # growth doubled embed's duty at once (on an H200 the pause swung 125-500 ms and gen's
+    # step rose 2-4 ms over the budget each time it had come down to 125 ms, the fourth
+    # measurements of docs/co-scheduling.md; in test_slo_guard_probes.py's plant at the
+    # floor the largest reading went from 1.8 % over the budget to 0.2 %, for ~17 % less
+    # embed duty).
     pause_cut: float = 2.0
     pause_grow: float = 1.25
     margin: float = 1.0  # grow only while measured < margin x budget (1: whenever under it)
