@@ -4,6 +4,7 @@ CSV parser, and the whole command on the demo spec on CPU (table, traces, report
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import subprocess
@@ -397,6 +398,25 @@ def test_ncu_run_allows_the_gen_server_minutes_of_silence():
     parse_spec(wrapped.to_dict())  # still a valid spec: stall_s is a [load] field
     assert wrapped.condition("gen-only-eager").load_for(wrapped).stall_s == NCU_STALL_S > 60
     assert wrapped.condition("gen-only").load_for(wrapped).stall_s == cond.load_for(spec).stall_s
+
+
+def test_ncu_run_keeps_a_longer_stall_the_spec_allows():
+    from coserve.profile.ncu import NCU_STALL_S, wrapped_spec
+    from coserve.spec import load_spec
+
+    spec = load_spec(ROOT / "experiments" / "profile-single-gpu.toml")
+    longer = 3 * NCU_STALL_S
+    for cond in (
+        dataclasses.replace(spec.condition("gen-only-eager"), load={"stall_s": longer}),
+        spec.condition("gen-only-eager"),
+    ):
+        spec2 = dataclasses.replace(
+            spec,
+            load=dataclasses.replace(spec.load, stall_s=longer),
+            conditions=[cond if c.name == cond.name else c for c in spec.conditions],
+        )
+        wrapped = wrapped_spec(spec2, cond, ["ncu", "python3"])
+        assert wrapped.condition(cond.name).load_for(wrapped).stall_s == longer
 
 
 FAKE_NCU = """#!/usr/bin/env python3

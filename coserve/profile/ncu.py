@@ -180,9 +180,10 @@ def _gen_port(record: dict) -> int | None:
 
 def wrapped_spec(spec, cond, command: list[str]):
     """`spec` whose condition `cond` runs its gen server as `command` (launcher command),
-    its load allowed NCU_STALL_S of silence."""
+    its load allowed at least NCU_STALL_S of silence (a longer `stall_s` of the spec stays)."""
     gen = dataclasses.replace(cond.server(spec, "gen"), launcher="command", extra_args=command)
-    cond2 = dataclasses.replace(cond, gen={}, load={**cond.load, "stall_s": NCU_STALL_S})
+    stall_s = max(NCU_STALL_S, cond.load_for(spec).stall_s)
+    cond2 = dataclasses.replace(cond, gen={}, load={**cond.load, "stall_s": stall_s})
     conditions = [cond2 if c.name == cond.name else c for c in spec.conditions]
     return dataclasses.replace(
         spec, servers={**spec.servers, "gen": gen}, conditions=conditions, sweep=None
