@@ -3,6 +3,10 @@ fake engine (tests/test_server_util.py) in a subprocess."""
 
 from __future__ import annotations
 
+import signal
+import threading
+import time
+
 from test_server_util import fake_serve, post, request, sse_events
 
 
@@ -35,3 +39,24 @@ def test_embed_server_over_fake_engine():
         status, body = post(server.url + "/v1/embeddings", {"input": ["ab", "abc"]})
         assert status == 200 and [d["embedding"][0] for d in body["data"]] == [2.0, 3.0]
         assert request(server.url + "/health")[0] == 200
+
+
+def test_sigterm_answers_a_request_whose_add_a_stuck_core_never_acknowledged():
+    # A core stuck in a step (here a 60 s one; a SIGSTOPped tensor-parallel worker did it)
+    # never acknowledges an add: the shutdown's abort must still answer it, not leave it to
+    # be cut without a response when the connections close.
+    with fake_serve("gen", step_s=60.0, shutdown_timeout_s=0.5) as server:
+        got: list = []
+        t = threading.Thread(
+            target=lambda: got.append(
+                post(server.url + "/v1/completions", {"prompt": [1], "max_tokens": 5})
+            )
+        )
+        t.start()
+        time.sleep(1.0)  # the add is sent, the core is in its step
+        server.signal(signal.SIGTERM)
+        t.join(10)
+        server.signal(signal.SIGKILL)  # the front would wait 30 s for the stuck core
+        assert got, "no answer within 10 s of SIGTERM"
+        status, body = got[0]
+        assert status == 503 and "shutting down" in body["error"]["message"]

@@ -238,11 +238,16 @@ class EngineClient:
             self._send(cmd)
 
     def abort_all(self, error: ApiError | None = None) -> int:
-        """End every request in flight (server shutting down); returns how many streams."""
+        """End every request in flight (server shutting down), those whose add the core has
+        not acknowledged yet too (a core stuck in a step); returns how many streams."""
+        failure = error or Aborted()
+        for fut in self._adding.values():
+            if not fut.done():
+                fut.set_exception(failure)
         streams = set(self._streams.values())
         self.abort(list(self._streams))
         for s in streams:
-            s.fail(error or Aborted())
+            s.fail(failure)
         return len(streams)
 
     # ---- the pipe ------------------------------------------------------------------------
@@ -297,11 +302,7 @@ class EngineClient:
     def _on_death(self, message: str) -> None:
         log.error("%s", message)
         self.error = message
-        failure = ApiError(message, status=500)
-        for fut in self._adding.values():
-            if not fut.done():
-                fut.set_exception(failure)
-        self.abort_all(failure)
+        self.abort_all(ApiError(message, status=500))
         self.dead.set()
 
 
