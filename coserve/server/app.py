@@ -263,9 +263,10 @@ class OpenAIServer:
             await asyncio.sleep(0.02)
         return self.metrics.in_flight == 0
 
-    async def shutdown(self, site: web.BaseSite, runner: web.AppRunner) -> None:
+    async def shutdown(self, site: web.BaseSite, runner: web.AppRunner) -> bool:
         """Stop accepting, let in-flight requests finish for the grace period, abort the rest,
-        close the connections and stop the engine process."""
+        close the connections and stop the engine process. False when the engine process did
+        not stop within 30 s of being asked (stuck in a step) and was killed."""
         self.shutting_down = True
         await site.stop()
         if self.metrics.in_flight:
@@ -280,7 +281,9 @@ class OpenAIServer:
             await self._wait_idle(2.0)
         await runner.cleanup()
         if not await self.engine.stop(timeout_s=30.0):
-            log.warning("the engine process did not stop within 30 s; killed it")
+            log.error("the engine process did not stop within 30 s; killed it")
+            return False
+        return True
 
 
 def ready_line(opts: ServeOptions, engine: EngineClient, host: str, port: int) -> str:
@@ -328,7 +331,7 @@ def end_guard(server: OpenAIServer, task: asyncio.Future | None) -> None:
 
 async def serve(engine: EngineClient, opts: ServeOptions, sock: socket.socket | None = None) -> int:
     """Serve until SIGTERM/SIGINT (exit 0) or until the engine dies (exit 1); the engine
-    process is stopped either way."""
+    process is stopped either way (exit 1 as well when it had to be killed)."""
     loop = asyncio.get_running_loop()
     if sock is None:
         try:
@@ -366,9 +369,11 @@ async def serve(engine: EngineClient, opts: ServeOptions, sock: socket.socket | 
     end_guard(server, guard_task)
     rc = 0 if stop.is_set() else 1
     log.info("shutting down (%s)", "signal" if rc == 0 else "engine failed")
-    await server.shutdown(site, runner)
+    stopped = await server.shutdown(site, runner)
     if rc == 0 and engine.error is not None:  # it failed during the drain
         log.info("the engine failed while stopping: %s", engine.error)
+        rc = 1
+    elif rc == 0 and not stopped:  # stuck: an engine that had to be killed is no clean stop
         rc = 1
     log.info("stopped")
     return rc

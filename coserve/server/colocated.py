@@ -275,7 +275,11 @@ async def serve_both(engines: dict[str, EngineClient], opts: dict, socks: dict) 
     rc = 0 if stop.is_set() else 1
     log.info("shutting down (%s)", "signal" if rc == 0 else "an engine loop failed")
     # Together: each front's stop waits for the one process, which ends when both loops have.
-    await asyncio.gather(*(server.shutdown(site, runner) for server, site, runner in fronts))
+    stopped = await asyncio.gather(
+        *(server.shutdown(site, runner) for server, site, runner in fronts)
+    )
+    if not all(stopped):  # the engine process had to be killed: no clean stop
+        rc = 1
     log.info("stopped")
     return rc
 
