@@ -369,6 +369,20 @@ def test_ncu_refuses_mps_and_prints_the_command(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "o").exists()  # printed, not run
 
 
+def test_ncu_refuses_a_gen_server_the_spec_makes_tensor_parallel(tmp_path, capsys):
+    # outside a tp strategy, servers.gen's tensor_parallel_size is what `coserve run` starts:
+    # the wrapper's TP=1 server would be another server than the condition's
+    from coserve.cli import main
+
+    spec = tmp_path / "s.toml"
+    demo = (ROOT / "experiments" / "demo.toml").read_text()
+    spec.write_text(
+        demo.replace('model = "tiny-moe"', 'model = "tiny-moe"\ntensor_parallel_size = 2')
+    )
+    assert main(["profile", str(spec), "--condition", "gen-only", "--ncu"]) == 2
+    assert "gen: tensor_parallel_size 2; the ncu wrapper runs" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "condition, warned",
     [("gen-only", True), ("gen-only-eager", False), ("eager-by-flag", False)],

@@ -149,12 +149,18 @@ def parse_raw_csv(text: str) -> list[NcuKernel]:
 
 def server_argv(spec, cond, device: str) -> list[str]:
     """The built-in gen server's argv for `cond`, with {python} and {port} where `coserve run`'s
-    command launcher fills them. Raises ValueError for a gen server of another launcher."""
+    command launcher fills them. Raises ValueError for a gen server of another launcher, or
+    one the condition runs tensor parallel."""
     from coserve.launch_command import build_command
 
     cfg = cond.server(spec, "gen")
     if cfg.launcher != "builtin":
         raise ValueError(f"gen: launcher {cfg.launcher}; the ncu wrapper runs the built-in server")
+    if cfg.tensor_parallel_size > 1:  # set on the server, not by a tp strategy (refused before)
+        raise ValueError(
+            f"gen: tensor_parallel_size {cfg.tensor_parallel_size}; the ncu wrapper runs the gen "
+            "server at TP=1 (one process); use `coserve profile` without --ncu"
+        )
     sspec = cfg.server_spec("gen", device, tensor_parallel_size=1, docker_image=None)
     argv = build_command(sspec, int(PORT_MARK))
     argv = ["{python}" if a == sys.executable else a for a in argv]
