@@ -171,8 +171,9 @@ class Workers:
         if self._closed.wait(DEAD_EXIT_S):
             return
         log.error(
-            "rank 0 is still stuck %.0f s after the engine failed (stacks follow); exiting",
+            "rank 0 has not shut down %.0f s after the engine failed (%s; stacks follow); exiting",
             DEAD_EXIT_S,
+            "stuck in a step" if self.step_started is not None else "between steps, not stopped",
         )
         faulthandler.dump_traceback(all_threads=True)
         logging.shutdown()
@@ -254,7 +255,7 @@ def launch(build_rank: Callable, args: EngineArgs, device: torch.device) -> Work
         "tensor parallel: %d ranks (workers %s), all-reduce %s%s",
         n,
         [p.pid for p in procs],
-        args.tp_all_reduce,
+        args.tp_all_reduce if device.type == "cuda" else "gloo",
         ", expert parallel" if args.enable_expert_parallel else "",
     )
     return workers
