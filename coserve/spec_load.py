@@ -75,7 +75,8 @@ LOAD_CHECKS: dict[str, dict[str, Any]] = {
     "gen_endpoint": {"choices": GEN_ENDPOINTS, **_LATER},
     "stall_s": {
         "gt": 0.0,
-        "help": "seconds an endpoint with requests in flight may say nothing before the run fails",
+        "help": "seconds an endpoint with requests in flight may say nothing before the run "
+        "ends as frozen",
         **_LATER,
     },
 }

@@ -176,6 +176,10 @@ def test_percentage_budget_probes_gen_alone_while_embed_waits(gen):
             page["coserve:slo_guard_gen_alone_seconds"] * 1.05
         )
         assert page["coserve:slo_guard_last_probe_seconds"] > 0
+        log = embed.log_tail(400)
+        # said at the start, and the probes' work is readable, not a dataclass repr
+        assert f"SLO guard on: reading {gen.url}/metrics every 20 ms" in log, log
+        assert "within +5 % of gen alone (probed)" in log and "StepWork(" not in log, log
         # Held through the first probe (2.3 s) and two more (0.8 s each): 3.9 s of holds. The
         # engine counts only the held time in which embed had work waiting, and on a loaded
         # 2-core machine the load generator leaves it without some of the time (1.85-2.44 s

@@ -171,6 +171,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     t.add_argument(
         "--stall",
+        metavar="S",
         type=float,
         default=_D.stall_s,
         help="seconds an endpoint with requests in flight may say nothing (no token, answer "

@@ -71,6 +71,12 @@ class StepWork:
     prefill_tokens: float
     kv_tokens: float
 
+    def __str__(self) -> str:
+        return (
+            f"{self.seqs:.1f} seqs, {self.prefill_tokens:.0f} prefill tokens, "
+            f"{self.kv_tokens:.0f} KV tokens"
+        )
+
     @classmethod
     def mean(cls, works: Sequence[StepWork]) -> StepWork:
         """Per-step means of `works`, each field its own mean; all 0 when `works` is empty."""

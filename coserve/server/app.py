@@ -315,7 +315,16 @@ def start_guard(server: OpenAIServer, stop: asyncio.Event) -> asyncio.Future | N
     """The task of `server`'s SLO guard (None without one), polling until `stop`."""
     if server.guard is None:
         return None
-    o = server.opts
+    o, cfg = server.opts, server.guard.cfg
+    log.info(
+        "SLO guard on: reading %s/metrics every %.0f ms; budget: gen's step %s %s",
+        o.guard_gen_url.rstrip("/"),
+        o.guard_interval_s * 1e3,
+        cfg.stat,
+        f"<= {cfg.budget_s * 1e3:g} ms"
+        if cfg.budget_s is not None
+        else f"within +{cfg.over_alone_pct:g} % of gen alone (probed)",
+    )
     return asyncio.ensure_future(
         run_guard(server.guard, o.guard_gen_url, server.engine.allow, o.guard_interval_s, stop)
     )
