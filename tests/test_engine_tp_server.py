@@ -86,6 +86,19 @@ def test_a_killed_worker_fails_the_stream_and_ends_the_server():
 
 
 @pytest.mark.timeout(120)
+def test_a_worker_killed_while_idle_ends_the_server_at_once():
+    # nothing steps, so no step meets the dead rank: the idle loop's check must (before, the
+    # server answered /health for 3 s until the watcher's last-resort exit ended it)
+    with coserve_serve("gen", "--model", "tiny-dense", "--max-model-len", "512", *_COMMON) as s:
+        os.kill(_worker_pids(s)[0], signal.SIGKILL)
+        t0 = time.monotonic()
+        assert s.proc.wait(10) == 1, s.log_tail()
+        assert time.monotonic() - t0 < 2.5, s.log_tail()
+        log = s.log_tail(200)
+        assert "WorkerDied" in log and "has not shut down" not in log, log
+
+
+@pytest.mark.timeout(120)
 def test_a_worker_that_dies_during_the_drain_makes_the_exit_code_1():
     with coserve_serve("gen", "--model", "tiny-dense", "--max-model-len", "2048", *_COMMON) as s:
         stream = StreamInThread(

@@ -302,6 +302,11 @@ class LeadsRanks:
             w.step_started = None
         w.check()
 
+    def check_ranks(self) -> None:
+        """Raise WorkerDied if a rank is gone (between steps; no-op at TP=1)."""
+        if self.workers is not None:
+            self.workers.check()
+
     def shutdown(self) -> None:
         """Stop the other ranks (tensor parallel); nothing to do otherwise."""
         if self.workers is not None:

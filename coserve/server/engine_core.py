@@ -281,9 +281,14 @@ def _loop(engine, conn) -> None:
     steps = 0
     stats_at = 0.0
     clock, pacing, profiler = _clock(engine), Pacing(), StepProfiler()
+    check_ranks = getattr(engine, "check_ranks", None)  # tensor-parallel engines
     while True:
         acks: list[Ack] = []
         busy = engine.has_unfinished()
+        if not busy and check_ranks is not None:
+            # a rank that dies while nothing steps fails the engine now, not at the next
+            # request (until then the server would answer /health with a dead engine)
+            check_ranks()
         wait = pacing.wait_s(time.monotonic()) if busy else IDLE_POLL_S
         waited_from = time.monotonic()
         if not wait or conn.poll(wait):
