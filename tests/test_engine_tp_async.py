@@ -13,6 +13,7 @@ import sys
 import time
 
 import pytest
+from test_engine_tp_server import _gone_within, _running
 
 from coserve.engine.gen_engine import GenEngine
 from coserve.engine.tp_workers import WorkerDied
@@ -183,26 +184,10 @@ def test_a_stopped_worker_dies_with_rank0(tmp_path):
         os.kill(worker, signal.SIGSTOP)
         p.kill()
         p.wait(10)
-        assert _gone_within(worker, 5)
+        assert _gone_within([worker], 5)
     finally:
-        if _alive(worker):
+        if _running(worker):
             os.kill(worker, signal.SIGKILL)
-
-
-def _gone_within(pid: int, seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while _alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return not _alive(pid)
-
-
-def _alive(pid: int) -> bool:
-    """Running or stopped; not gone and not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 _STOPS_A_WORKER = """
@@ -240,8 +225,8 @@ def test_a_step_that_never_finishes_fails_the_engine(tmp_path):
         assert time.monotonic() - t0 < 1 + 3 + 5 + 3, err  # timeout, DEAD_EXIT_S, kill, exit
         assert "generated" not in out
         assert "no tensor-parallel step finished in" in err, err
-        assert _gone_within(worker, 5)
+        assert _gone_within([worker], 5)
     finally:
-        if _alive(worker):
+        if _running(worker):
             os.kill(worker, signal.SIGKILL)
         p.kill()

@@ -37,6 +37,16 @@ def _gone_within(pids: list[int], timeout_s: float) -> bool:
     return True
 
 
+def long_stream(server) -> StreamInThread:
+    """A 2,000-token greedy stream from `server`, once its first token has come."""
+    stream = StreamInThread(
+        server.url,
+        {"prompt": [1, 2, 3], "max_tokens": 2000, "temperature": 0, "ignore_eos": True},
+    )
+    assert stream.first.wait(60) and stream.error is None, server.log_tail()
+    return stream
+
+
 _COMMON = ("--random-weights", "--device", "cpu", "--tensor-parallel-size", "2")
 
 
@@ -69,10 +79,7 @@ def test_tp2_embed_server_stops_its_worker_on_sigterm():
 @pytest.mark.timeout(120)
 def test_a_killed_worker_fails_the_stream_and_ends_the_server():
     with coserve_serve("gen", "--model", "tiny-dense", "--max-model-len", "2048", *_COMMON) as s:
-        stream = StreamInThread(
-            s.url, {"prompt": [1, 2, 3], "max_tokens": 2000, "temperature": 0, "ignore_eos": True}
-        )
-        assert stream.first.wait(60) and stream.error is None, s.log_tail()
+        stream = long_stream(s)
         os.kill(_worker_pids(s)[0], signal.SIGKILL)
         t0 = time.monotonic()
         assert s.proc.wait(10) == 1, s.log_tail()
@@ -101,10 +108,7 @@ def test_a_worker_killed_while_idle_ends_the_server_at_once():
 @pytest.mark.timeout(120)
 def test_a_worker_that_dies_during_the_drain_makes_the_exit_code_1():
     with coserve_serve("gen", "--model", "tiny-dense", "--max-model-len", "2048", *_COMMON) as s:
-        stream = StreamInThread(
-            s.url, {"prompt": [1, 2, 3], "max_tokens": 2000, "temperature": 0, "ignore_eos": True}
-        )
-        assert stream.first.wait(60) and stream.error is None, s.log_tail()
+        stream = long_stream(s)
         workers = _worker_pids(s)
         os.kill(s.proc.pid, signal.SIGTERM)
         deadline = time.monotonic() + 10

@@ -12,8 +12,8 @@ import time
 
 import pytest
 import torch
-from test_engine_tp_server import _gone_within, _worker_pids
-from test_server_util import StreamInThread, coserve_serve, post
+from test_engine_tp_server import _gone_within, _worker_pids, long_stream
+from test_server_util import coserve_serve, post
 
 from coserve.engine.kernels import ops
 
@@ -49,10 +49,7 @@ def _serve(all_reduce: str, max_model_len: int):
 def test_a_killed_worker_fails_the_stream_and_ends_the_server_on_gpus(all_reduce):
     # tiny-dense allows 2,048 positions; the kill lands right after the first token.
     with _serve(all_reduce, 2048) as s:
-        stream = StreamInThread(
-            s.url, {"prompt": [1, 2, 3], "max_tokens": 2000, "temperature": 0, "ignore_eos": True}
-        )
-        assert stream.first.wait(60) and stream.error is None, s.log_tail()
+        stream = long_stream(s)
         os.kill(_worker_pids(s)[0], signal.SIGKILL)
         t0 = time.monotonic()
         try:
