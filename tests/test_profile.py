@@ -442,24 +442,33 @@ if "--import" in args:
     sys.exit(0)
 i = args.index("-o")
 open(args[i + 1] + ".ncu-rep", "w").write("not a report")
+sys.stderr.write(os.environ.get("FAKE_NCU_SAYS", ""))
+sys.stderr.flush()
 os.execvp(args[i + 2], args[i + 2 :])
 """
+NCU_ARGS = ["--ncu", "--execute", "--kernel-name", "rms", "--warmup-s", "0", "--duration-s", "1"]
+
+
+def _fake_ncu(tmp_path, monkeypatch, csv_text: str, says: str = "") -> list[str]:
+    """A fake ncu on PATH whose import prints `csv_text` and whose run says `says`; the
+    `coserve profile` args of the demo's gen-only condition under it."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "ncu").write_text(FAKE_NCU)
+    (bin_dir / "ncu").chmod(0o755)
+    (tmp_path / "ncu.csv").write_text(csv_text)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{__import__('os').environ['PATH']}")
+    monkeypatch.setenv("FAKE_NCU_CSV", str(tmp_path / "ncu.csv"))
+    monkeypatch.setenv("FAKE_NCU_SAYS", says)
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    monkeypatch.chdir(tmp_path)
+    return ["profile", str(ROOT / "experiments" / "demo.toml"), "--condition", "gen-only"]
 
 
 def test_ncu_execute_runs_the_condition_with_gen_under_ncu(tmp_path, monkeypatch, capsys):
     from coserve.cli import main
 
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "ncu").write_text(FAKE_NCU)
-    (bin_dir / "ncu").chmod(0o755)
-    (tmp_path / "ncu.csv").write_text(NCU_CSV)
-    monkeypatch.setenv("PATH", f"{bin_dir}:{__import__('os').environ['PATH']}")
-    monkeypatch.setenv("FAKE_NCU_CSV", str(tmp_path / "ncu.csv"))
-    monkeypatch.setenv("PYTHONPATH", str(ROOT))
-    monkeypatch.chdir(tmp_path)
-    args = ["profile", str(ROOT / "experiments" / "demo.toml"), "--condition", "gen-only"]
-    args += ["--ncu", "--execute", "--kernel-name", "rms", "--warmup-s", "0", "--duration-s", "1"]
+    args = [*_fake_ncu(tmp_path, monkeypatch, NCU_CSV), *NCU_ARGS]
     assert main([*args, "--out", "o"]) == 0, capsys.readouterr()
     printed = capsys.readouterr()
     out = printed.out
@@ -476,6 +485,19 @@ def test_ncu_execute_runs_the_condition_with_gen_under_ncu(tmp_path, monkeypatch
     log = (tmp_path / "o" / "run" / "reps" / "gen-only" / "rep-1" / "gen.log").read_text()
     assert "ncu --target-processes all --kernel-name regex:rms" in log
     assert f"# cmd: {ran.removeprefix('ran: ')}\n" in log  # the printed command is the one run
+
+
+def test_ncu_that_profiled_nothing_says_to_lower_the_launch_skip(tmp_path, monkeypatch, capsys):
+    """The first H200 try: ncu skipped 3,000 matching launches, the run ended before them, and
+    the only word was "no ncu raw CSV header"; ncu's own line is in the gen server's log."""
+    from coserve.cli import main
+
+    says = "==WARNING== No kernels were profiled.\n"
+    args = [*_fake_ncu(tmp_path, monkeypatch, "", says=says), *NCU_ARGS, "--launch-skip", "3000"]
+    assert main([*args, "--out", "o"]) == 1
+    failed = next(ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("failed:"))
+    assert "ncu profiled no kernel" in failed and "the first 3000 launches" in failed
+    assert "lower --launch-skip" in failed and "no ncu raw CSV header" not in failed
 
 
 # ---- the whole command on CPU --------------------------------------------------------------
