@@ -209,3 +209,27 @@ def test_expert_parallel_matches_tp1():
     for a, b in zip(results[1][0], results[2][0], strict=True):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
     assert results[2][1] == results[1][1]
+
+
+@pytest.mark.parametrize(
+    "choice,device,size,used,expected",
+    [
+        ("auto", "cuda", 2, False, "symm-mem"),
+        ("auto", "cuda", 2, True, "nccl"),  # a second TP engine in one process
+        ("auto", "cuda", 1, False, "nccl"),
+        ("auto", "cpu", 2, False, "nccl"),  # the process group: gloo on CPU
+        ("nccl", "cuda", 2, False, "nccl"),
+        ("symm-mem", "cuda", 2, True, "symm-mem"),  # asked for: init refuses it, not this
+    ],
+)
+def test_the_default_all_reduce_is_symm_mem_on_gpus_only(
+    choice, device, size, used, expected, monkeypatch
+):
+    monkeypatch.setattr(parallel, "_symm_used", used)
+    assert EngineArgs.tp_all_reduce == "auto"
+    assert parallel.resolve_all_reduce(choice, torch.device(device), size) == expected
+
+
+def test_an_unknown_all_reduce_is_refused():
+    with pytest.raises(ValueError, match=r"one of \('auto', 'nccl', 'symm-mem'\), got 'ring'"):
+        parallel.resolve_all_reduce("ring", torch.device("cpu"), 2)

@@ -31,10 +31,9 @@ CO_LOCATED = [
     "tp2-mps-sm50-lowprio",
     "tp2-mps-guard5",
     "tp2-ep-mps",
-    "tp2-symm-mps",
 ]
 EP = ["--enable-expert-parallel"]
-SYMM = ["--tp-all-reduce", "symm-mem"]
+NCCL = ["--tp-all-reduce", "nccl"]
 
 
 def _shape(spec, name):
@@ -58,8 +57,8 @@ def test_the_closed_loop_spec_holds_every_condition_of_the_issue():
         "tp2-mps-guard5": ("tp+mps", both, tp2, {}, guard),
         "tp2-ep-gen-alone": ("tp+timeslice", gen, tp2, {"extra_args": EP}, {}),
         "tp2-ep-mps": ("tp+mps", both, tp2, {"extra_args": EP}, {}),
-        "tp2-symm-gen-alone": ("tp+timeslice", gen, tp2, {"extra_args": SYMM}, {}),
-        "tp2-symm-mps": ("tp+mps", both, tp2, {"extra_args": SYMM}, {}),
+        "tp2-nccl-gen-alone": ("tp+timeslice", gen, tp2, {"extra_args": NCCL}, {}),
+        "tp2-nccl-mps": ("tp+mps", both, tp2, {"extra_args": NCCL}, {}),
     }
     assert all(c.gpus == ["0", "1"] for c in CLOSED.conditions)
     for c in CLOSED.conditions:  # the study's closed loop everywhere
@@ -86,7 +85,7 @@ def test_the_equal_work_spec_offers_490_and_the_full_rate_to_the_same_conditions
         assert _shape(EQUAL, c.name) == _shape(CLOSED, c.sweep.base if c.sweep else c.name)
     assert EQUAL.load.embed_rate * EQUAL.load.embed_batch == 490
     assert EQUAL.sweep.rate == [141] and 141 * 8 == 1128  # the first look's dedicated embed
-    assert len(EQUAL.schedule()) == 42
+    assert len(EQUAL.schedule()) == 36
 
 
 @pytest.mark.parametrize("spec", [CLOSED, EQUAL], ids=lambda s: s.name)
@@ -114,14 +113,21 @@ def test_conditions_launch_the_servers_they_describe(tmp_path):
     assert dedicated["gen"][0]["CUDA_VISIBLE_DEVICES"] == "0"
     assert dedicated["embed"][0]["CUDA_VISIBLE_DEVICES"] == "1"
     assert all("--tensor-parallel-size" not in argv for _, argv in dedicated.values())
-    for name in ["tp2-gen-alone", "tp2-embed-alone", "tp2-symm-gen-alone", *CO_LOCATED]:
+    for name in [
+        "tp2-gen-alone",
+        "tp2-embed-alone",
+        "tp2-nccl-gen-alone",
+        "tp2-nccl-mps",
+        *CO_LOCATED,
+    ]:
         for role, (env, argv) in _launch(CLOSED, name, tmp_path).items():
             assert argv[argv.index("--tensor-parallel-size") + 1] == "2", (name, role)
             assert env["NCCL_NVLS_ENABLE"] == "0"
             assert ("--enable-expert-parallel" in argv) == (role == "gen" and "-ep-" in name)
             assert ("--slo-guard-gen-url" in argv) == (role == "embed" and "guard" in name)
-            symm = argv[argv.index("--tp-all-reduce") + 1] if "--tp-all-reduce" in argv else None
-            assert symm == ("symm-mem" if role == "gen" and "-symm-" in name else None)
+            # the default all-reduce (symm-mem on GPUs) but for the NCCL pair's gen
+            ar = argv[argv.index("--tp-all-reduce") + 1] if "--tp-all-reduce" in argv else None
+            assert ar == ("nccl" if role == "gen" and "-nccl-" in name else None)
             args = serve.parse_args(argv[4:])  # `serve ROLE ...` knows every flag given
             assert misplaced(args, args.flag_kinds) is None  # and each is one for ROLE
     capped = _launch(CLOSED, "tp2-mps-sm50-lowprio", tmp_path)

@@ -20,6 +20,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from coserve.engine.types import ALL_REDUCES
+
 
 @dataclass(frozen=True)
 class TPState:
@@ -38,7 +40,17 @@ def state() -> TPState:
     return _state
 
 
-ALL_REDUCES = ("nccl", "symm-mem")
+def resolve_all_reduce(all_reduce: str, device: torch.device, size: int) -> str:
+    """The all-reduce ("nccl" or "symm-mem") `size` ranks on `device` run for `all_reduce`:
+    "auto" is symm-mem on CUDA GPUs at TP >= 2 (offline on two H200s, 1.31x TP=1 against
+    NCCL's 1.20x; docs/performance.md) unless this process already had a symm-mem group (it serves
+    one per process), else the process group ("nccl"; gloo on CPU). Every rank must run what
+    rank 0 resolved. Raises ValueError for a name not in ALL_REDUCES."""
+    if all_reduce not in ALL_REDUCES:
+        raise ValueError(f"tp all_reduce must be one of {ALL_REDUCES}, got {all_reduce!r}")
+    if all_reduce != "auto":
+        return all_reduce
+    return "symm-mem" if device.type == "cuda" and size > 1 and not _symm_used else "nccl"
 
 
 def init(
@@ -46,7 +58,7 @@ def init(
     size: int,
     init_method: str,
     device: torch.device,
-    all_reduce: str = "nccl",
+    all_reduce: str = "auto",
     expert_parallel: bool = False,
 ) -> None:
     """Join the tensor-parallel group (every rank calls this; it returns when all have).
@@ -56,8 +68,7 @@ def init(
     one group per process (torch keeps a symmetric-memory group's state for the process's
     life): a second raises ValueError."""
     global _state, _symm, _symm_used
-    if all_reduce not in ALL_REDUCES:
-        raise ValueError(f"tp all_reduce must be one of {ALL_REDUCES}, got {all_reduce!r}")
+    all_reduce = resolve_all_reduce(all_reduce, device, size)
     if size > 1:
         backend = "nccl" if device.type == "cuda" else "gloo"
         kw = {"device_id": device} if device.type == "cuda" else {}

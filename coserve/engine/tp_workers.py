@@ -216,10 +216,8 @@ def launch(build_rank: Callable, args: EngineArgs, device: torch.device) -> Work
         )
     if n == 1:
         return None
-    if args.tp_all_reduce not in parallel.ALL_REDUCES:
-        raise ValueError(
-            f"tp_all_reduce must be one of {parallel.ALL_REDUCES}, got {args.tp_all_reduce!r}"
-        )
+    # rank 0 decides once: a worker, a fresh process, would resolve "auto" on its own
+    args = replace(args, tp_all_reduce=parallel.resolve_all_reduce(args.tp_all_reduce, device, n))
     if device.type == "cuda" and (device.index or 0) + n > torch.cuda.device_count():
         raise ValueError(
             f"tensor_parallel_size {n} from {device} needs GPUs up to "
@@ -255,7 +253,7 @@ def launch(build_rank: Callable, args: EngineArgs, device: torch.device) -> Work
         "tensor parallel: %d ranks (workers %s), all-reduce %s%s",
         n,
         [p.pid for p in procs],
-        args.tp_all_reduce if device.type == "cuda" else "gloo",
+        args.tp_all_reduce if device.type == "cuda" else "gloo (the process group)",
         ", expert parallel" if args.enable_expert_parallel else "",
     )
     return workers

@@ -9,6 +9,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+# EngineArgs.tp_all_reduce's choices (parallel.resolve_all_reduce says what "auto" runs)
+ALL_REDUCES = ("auto", "nccl", "symm-mem")
+
 
 @dataclass
 class SamplingParams:
@@ -45,9 +48,10 @@ class EngineArgs:
     seed: int = 0
     # ranks (one process and one device each) the weights are split across
     tensor_parallel_size: int = 1
-    # how ranks sum their partial results: "nccl" (the process group) or "symm-mem" (a
-    # one-shot all-reduce over torch symmetric memory for small tensors, no multicast)
-    tp_all_reduce: str = "nccl"
+    # how ranks sum their partial results: "nccl" (the process group), "symm-mem" (a one-shot
+    # all-reduce over torch symmetric memory for small tensors, no multicast) or "auto"
+    # (parallel.resolve_all_reduce: symm-mem on CUDA GPUs, the process group elsewhere)
+    tp_all_reduce: str = "auto"
     # tensor parallel MoE: each rank holds whole experts (num_experts / N of them) instead of
     # a slice of every expert (vLLM's --enable-expert-parallel)
     enable_expert_parallel: bool = False

@@ -15,6 +15,7 @@ import signal
 import sys
 import threading
 
+from coserve.engine.types import ALL_REDUCES, EngineArgs
 from coserve.server.engine_build import build_engine, serve_device
 from coserve.server.fields import RequestLimits
 from coserve.server.serve_flags import (
@@ -133,10 +134,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--tp-all-reduce",
-        choices=["nccl", "symm-mem"],
-        default="nccl",
+        choices=ALL_REDUCES,
+        default=EngineArgs.tp_all_reduce,
         help="tensor parallel: symm-mem sums small tensors with a one-shot all-reduce over torch "
-        "symmetric memory (no multicast; CUDA and TP 2 or more, refused elsewhere)",
+        "symmetric memory (no multicast; CUDA and TP 2 or more, refused elsewhere), nccl "
+        "through the process group; auto (the default): symm-mem on CUDA GPUs, nccl elsewhere",
     )
     parser.add_argument(
         "--no-async-scheduling",
