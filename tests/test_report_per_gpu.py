@@ -76,6 +76,18 @@ def test_each_gpu_gets_its_servers_and_its_own_figures(tmp_path):
     assert table.rows[0][:3] == ["dedicated", "0", "gen"]
 
 
+def test_a_gpu_names_only_the_servers_the_condition_ran(tmp_path):
+    """A TP=2 gen-alone rep (H200 x2, 2026-11-30): its strategy gives embed GPUs 0 and 1 too,
+    and the table said "gen, embed" on both."""
+    rec = _rep(1, {"gen": ["0", "1"], "embed": ["0", "1"]}, None)
+    rec["telemetry"]["window"] = window_telemetry(_rows({"0": 0.6, "1": 0.6}), BENCH)
+    rec["servers"] = {"gen": {"url": "http://127.0.0.1:9"}}
+    assert [(r.device, r.roles) for r in gpu_rows(_run(tmp_path, [rec]))] == [
+        ("0", ("gen",)),
+        ("1", ("gen",)),
+    ]
+
+
 def test_one_gpu_runs_have_no_per_gpu_table(tmp_path):
     rec = _rep(1, {"gen": ["0"], "embed": ["0"]}, window_telemetry(_rows({"0": 0.7}), BENCH))
     assert gpu_rows(_run(tmp_path, [rec])) == []

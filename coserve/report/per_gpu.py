@@ -44,7 +44,12 @@ def _window(run: RunStats, cs: ConditionStats, rec: dict) -> dict:
 
 
 def _roles(rec: dict, device: str) -> tuple[str, ...]:
-    return tuple(r for r, devices in role_devices(rec).items() if device in devices)
+    """The servers the rep ran with a rank on `device`: the strategy gives every role GPUs,
+    also a role the condition runs no server of (a TP=2 gen-alone condition's embed)."""
+    ran = _obj(rec.get("servers"))
+    return tuple(
+        r for r, devices in role_devices(rec).items() if device in devices and (not ran or r in ran)
+    )
 
 
 def gpu_rows(run: RunStats) -> list[GpuRow]:
