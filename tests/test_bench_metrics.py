@@ -181,6 +181,19 @@ def test_open_loop_kept_up_or_said_why():
     assert "--embed-concurrency" in e["warning"]
 
 
+def test_a_sender_held_at_the_cap_since_the_warm_up_says_so():
+    """A throttled embed server (the SLO guard, H200, 2026-11-30) filled the 256-slot cap in
+    the warm-up: the sender sat on a warm-up arrival all window, so none of the window's
+    arrivals was looked at and the warning said only "sent 0 of the 1875"."""
+    ep = EndpointRun("embed", "http://e", "m", 256, rate=61.25)
+    ep.scheduled_window, ep.cap_wait_s = 1225, 20.0
+    e = _result(embed=ep).summary()["embed"]
+    assert e["kept_up"] is False and e["cap_waits"] == 0 and e["cap_wait_s"] == 20.0
+    assert "sent 0 of the 1225" in e["warning"]
+    assert "held at the cap of 256 in flight for 20 s of the 20 s window" in e["warning"]
+    assert "0 arrivals" not in e["warning"] and "--embed-concurrency" in e["warning"]
+
+
 def test_goodput_counts_requests_meeting_every_bound():
     ep = EndpointRun("gen", "http://g", "m", 4)
     # (ttft, e2e, n): tpot = (e2e - ttft) / (n - 1)

@@ -136,17 +136,23 @@ def _rate(result: BenchResult, ep: EndpointRun, window: float) -> dict:
     sched = ep.scheduled_window
     out["scheduled_in_window"] = sched
     out["cap_waits"] = ep.cap_waits
+    out["cap_wait_s"] = round(ep.cap_wait_s, 3)
     out["send_late_ms"] = dist(late_ms)
     if sched and ep.sent_of_scheduled < KEPT_UP * sched:
         problems.append(
             f"sent {ep.sent_of_scheduled} of the {sched} requests scheduled in "
             f"the window ({achieved:.4g} of {ep.rate:g} req/s offered)"
         )
-    if ep.cap_waits:
+    if ep.cap_waits or ep.cap_wait_s > 0:
+        held = [f"{ep.cap_waits} arrivals found all {ep.concurrency} slots in flight and waited"]
+        if ep.cap_wait_s > 0:
+            held.append(
+                f"the sender was held at the cap of {ep.concurrency} in flight for "
+                f"{ep.cap_wait_s:.3g} s of the {result.measured_s:.3g} s window"
+            )
         problems.append(
-            f"{ep.cap_waits} arrivals found all {ep.concurrency} slots in flight "
-            f"and waited (raise --{ep.kind}-concurrency, or the server is "
-            f"saturated)"
+            "; ".join(held[int(not ep.cap_waits) :])
+            + f" (raise --{ep.kind}-concurrency, or the server is saturated)"
         )
     if problems:
         out["kept_up"] = False

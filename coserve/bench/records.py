@@ -89,6 +89,9 @@ class EndpointRun:
     scheduled_window: int = 0  # open loop: arrivals the schedule put inside the window
     sent_of_scheduled: int = 0  # open loop: of those, how many were sent (at any time)
     cap_waits: int = 0  # open loop: arrivals in the window that found the cap full
+    # open loop: seconds of the window the sender spent held at the cap (an arrival due
+    # before the window can hold it there, and the window's arrivals queue behind it)
+    cap_wait_s: float = 0.0
     completed_total: int = 0
     failed_total: int = 0
     usage_mismatch: int = 0  # requests whose usage disagreed with the chunks counted

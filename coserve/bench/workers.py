@@ -364,9 +364,14 @@ class LoadRun:
             if in_flight >= cap:
                 if self.ws <= due < self.we:
                     ep.cap_waits += 1
-                while in_flight >= cap:
-                    freed.clear()
-                    await freed.wait()
+                held = perf_counter()
+                try:
+                    while in_flight >= cap:
+                        freed.clear()
+                        await freed.wait()
+                finally:  # also when the run ends with the sender still held
+                    end = min(perf_counter(), self.we)
+                    ep.cap_wait_s += max(0.0, end - max(held, self.ws))
             in_flight += 1
             task = asyncio.ensure_future(send(i, None, round(off, 6)))
             requests.add(task)
