@@ -181,3 +181,15 @@ def test_tiny_embed_token_ids_text_and_served_names(tiny):
     assert status == 400 and "512" in answer["error"]["message"]
     assert post(tiny.url + "/v1/embeddings", {"input": [1] * 512})[0] == 200
     assert request(tiny.url + "/health")[0] == 200
+
+
+def test_the_metrics_page_has_no_generation_rows(tiny):
+    """An embed server once showed the KV cache, preemption and generated-token rows of a gen
+    server, all 0: a scrape could not tell "none" from "not applicable"."""
+    names = ("coserve:embedding_inputs_total", "coserve:prompt_tokens_total")
+    before = [metric(tiny.url, n) for n in names]  # the module's server served other tests
+    client_for(tiny).embeddings.create(model="tiny", input=[[1, 2, 3], [4, 5]])
+    page = request(tiny.url + "/metrics")[1]
+    for name in ("kv_cache", "preemptions", "generation_tokens"):
+        assert name not in page, name
+    assert [metric(tiny.url, n) - b for n, b in zip(names, before, strict=True)] == [2, 5]

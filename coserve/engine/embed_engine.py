@@ -171,15 +171,13 @@ class EmbedEngine(tp_workers.LeadsRanks):
         return EmbedOutput(req.request_id, np.stack(req.embeddings), tokens)
 
     def stats(self) -> dict:
+        """The queue and token counters /metrics shows; no KV cache, preemption or generated
+        tokens figures: an embedding engine has none, and a row of zeros would say it had."""
         started = sum(1 for r in self._queue if r.next_input > 0)
         return {
             "num_running": started,
             "num_waiting": len(self._queue) - started,
-            "kv_cache_usage": 0.0,
-            "num_preemptions": 0,
             "prompt_tokens_total": self._prompt_tokens_total,
-            "generation_tokens_total": 0,
-            "kv_capacity_tokens": 0,
         }
 
     def embed(self, inputs: list[list[int]] | list[str]) -> np.ndarray:
