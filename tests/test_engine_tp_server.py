@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import tempfile
 import time
 from pathlib import Path
 
@@ -37,6 +38,48 @@ def _gone_within(pids: list[int], timeout_s: float) -> bool:
     return True
 
 
+def _tree(pid: int) -> list[int]:
+    """`pid` and every process below it."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        out.append(todo.pop())
+        todo += children.get(out[-1], [])
+    return out
+
+
+def _listening(pids: list[int]) -> list[str]:
+    """The TCP addresses ("ip:port", IPv6 in hex) the processes `pids` listen on."""
+    inodes = set()
+    for pid in pids:
+        for fd in Path(f"/proc/{pid}/fd").glob("*"):
+            try:
+                link = os.readlink(fd)
+            except OSError:
+                continue
+            if link.startswith("socket:["):
+                inodes.add(link[8:-1])
+    out = []
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+            f = line.split()
+            if f[3] == "0A" and f[9] in inodes:  # 0A: LISTEN
+                ip, port = f[1].split(":")
+                if table == "tcp":  # little-endian IPv4
+                    ip = ".".join(str(int(ip[i : i + 2], 16)) for i in (6, 4, 2, 0))
+                out.append(f"{ip}:{int(port, 16)}")
+    return out
+
+
+_LOOPBACK = ("127.", "00000000000000000000000001000000", "0000000000000000FFFF00000100007F")
+
+
 def long_stream(server) -> StreamInThread:
     """A 2,000-token greedy stream from `server`, once its first token has come."""
     stream = StreamInThread(
@@ -60,6 +103,9 @@ def test_tp2_gen_server_answers_and_its_worker_dies_when_it_is_killed():
         assert status == 200 and body["usage"]["completion_tokens"] == 4, body
         workers = _worker_pids(s)
         assert all(_running(p) for p in workers)
+        # torch's TCP store listened on every interface (the group now meets in a file store)
+        ports = _listening(_tree(s.proc.pid))
+        assert len(ports) >= 2 and all(a.startswith(_LOOPBACK) for a in ports), ports
         os.kill(s.proc.pid, signal.SIGKILL)  # the server alone, not its process group
         s.proc.wait(10)
         assert _gone_within(workers, 10)
@@ -67,13 +113,16 @@ def test_tp2_gen_server_answers_and_its_worker_dies_when_it_is_killed():
 
 @pytest.mark.timeout(120)
 def test_tp2_embed_server_stops_its_worker_on_sigterm():
+    stores = set(Path(tempfile.gettempdir()).glob("coserve-tp-*"))
     with coserve_serve("embed", "--model", "tiny-embed", *_COMMON) as s:
         status, body = post(s.url + "/v1/embeddings", {"input": [[1, 2, 3], [4, 5]]})
         assert status == 200 and len(body["data"]) == 2, body
         workers = _worker_pids(s)
+        assert set(Path(tempfile.gettempdir()).glob("coserve-tp-*")) - stores  # its store
         os.kill(s.proc.pid, signal.SIGTERM)
         assert s.proc.wait(20) == 0
         assert _gone_within(workers, 5)
+    assert set(Path(tempfile.gettempdir()).glob("coserve-tp-*")) <= stores  # removed
 
 
 @pytest.mark.timeout(120)

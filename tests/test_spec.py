@@ -103,8 +103,8 @@ def test_seed_specs_carry_the_studys_settings():
         "tp2-mps-guard5": "tp+mps",
         "tp2-ep-gen-alone": "tp+timeslice",
         "tp2-ep-mps": "tp+mps",
-        "tp2-symm-gen-alone": "tp+timeslice",
-        "tp2-symm-mps": "tp+mps",
+        "tp2-nccl-gen-alone": "tp+timeslice",
+        "tp2-nccl-mps": "tp+mps",
     }  # tests/test_spec_tp2.py checks the rest of seed-tp2.toml
 
 

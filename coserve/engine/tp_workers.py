@@ -28,8 +28,9 @@ import faulthandler
 import logging
 import os
 import pickle
+import shutil
 import signal
-import socket
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -68,18 +69,13 @@ def rank_device(device: torch.device, rank: int) -> torch.device:
     return torch.device("cuda", (device.index or 0) + rank)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Workers:
     """Rank 0's handle on the other ranks."""
 
-    def __init__(self, procs: list, conns: list[Connection], counters) -> None:
+    def __init__(self, procs: list, conns: list[Connection], counters, rendezvous: str) -> None:
         self.procs, self.conns = procs, conns
         self._counters = counters
+        self.rendezvous = rendezvous  # the folder of the group's file store, removed at stop
         self._stopped = False
         self._closed = threading.Event()  # stop() has finished: the group is left
         self.dead: str | None = None  # why a worker is gone, once one is
@@ -198,6 +194,7 @@ class Workers:
                 p.kill()
                 p.join()
         parallel.destroy(abandon=self.dead is not None)
+        shutil.rmtree(self.rendezvous, ignore_errors=True)
         self._closed.set()
 
 
@@ -224,7 +221,10 @@ def launch(build_rank: Callable, args: EngineArgs, device: torch.device) -> Work
             f"cuda:{(device.index or 0) + n - 1}; {torch.cuda.device_count()} visible"
         )
     os.environ.update(NO_MULTICAST_ENV)  # the workers inherit it
-    init_method = f"tcp://127.0.0.1:{_free_port()}"
+    # a file store, not torch's TCP store: that listens on every interface, whatever host
+    # it is given (seen with torch 2.13, 127.0.0.1 asked), and nothing may outside loopback
+    rendezvous = tempfile.mkdtemp(prefix="coserve-tp-")
+    init_method = f"file://{rendezvous}/store"
     ctx = mp.get_context("spawn")
     counters = ctx.Array("d", 4 * (n - 1), lock=False)
     procs, conns = [], []
@@ -241,7 +241,7 @@ def launch(build_rank: Callable, args: EngineArgs, device: torch.device) -> Work
         recv.close()
         procs.append(p)
         conns.append(send)
-    workers = Workers(procs, conns, counters)
+    workers = Workers(procs, conns, counters, rendezvous)
     atexit.register(workers.stop)
     try:
         # a worker that dies before joining leaves this waiting: the watcher's exit ends it
