@@ -467,6 +467,7 @@ def _fake_ncu(tmp_path, monkeypatch, csv_text: str, says: str = "") -> list[str]
 
 def test_ncu_execute_runs_the_condition_with_gen_under_ncu(tmp_path, monkeypatch, capsys):
     from coserve.cli import main
+    from coserve.experiment.backend import resolve_device
 
     args = [*_fake_ncu(tmp_path, monkeypatch, NCU_CSV), *NCU_ARGS]
     assert main([*args, "--out", "o"]) == 0, capsys.readouterr()
@@ -480,6 +481,8 @@ def test_ncu_execute_runs_the_condition_with_gen_under_ncu(tmp_path, monkeypatch
     assert f" {sys.executable} -P -m coserve serve gen " in ran and f"--port {port} " in ran
     assert "{" not in ran
     assert "_rms_norm_kernel" in out and "L2 hit 61.25%" in out
+    on_cpu = resolve_device("auto") == "cpu"  # the demo's gen: a GPU where there is one
+    assert ("gen server runs on the CPU: ncu profiles CUDA kernels only" in printed.err) == on_cpu
     parsed = json.loads((tmp_path / "o" / "ncu" / "gen-only.json").read_text())
     assert [k["name"] for k in parsed] == ["_rms_norm_kernel", "_moe_gemm_kernel"]
     log = (tmp_path / "o" / "run" / "reps" / "gen-only" / "rep-1" / "gen.log").read_text()

@@ -4,6 +4,7 @@ what is missing or failed said plainly."""
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 from test_experiment_runner import SPEC, FakeBackend, runner
@@ -230,3 +231,33 @@ def test_a_spec_without_embed_alone_says_there_are_no_embed_deltas(run_dir, tmp_
     md = (bad / "report.md").read_text()
     assert "embed deltas against **-**" not in md
     assert "no condition runs embed alone, so there are no embed deltas" in md
+
+
+def test_an_embed_baseline_without_a_finished_rep_is_said(run_dir, tmp_path):
+    """The TP=2 closed loop's embed deltas were all "-": its embed-alone condition had not
+    run, which only the "Missing or failed" table said."""
+    import shutil
+
+    bad = tmp_path / "run"
+    shutil.copytree(run_dir, bad)
+    shutil.rmtree(bad / "reps" / "embed-only")
+    render(bad, with_plots=False)
+    md = (bad / "report.md").read_text()
+    assert "embed deltas against **embed-only**, which finished no rep: none yet." in md
+    assert "embed deltas against **embed-only**." in (run_dir / "report.md").read_text()
+
+
+def test_settings_name_the_server_flags_a_condition_adds():
+    """tp2-mps and tp2-symm-mps read alike in Settings although their gen all-reduces
+    differed (a new-user pass, 2026-11-30)."""
+    from types import SimpleNamespace
+
+    from coserve.report.sections import settings_blocks
+    from coserve.spec import load_spec
+
+    spec = load_spec(Path(__file__).resolve().parent.parent / "experiments" / "seed-tp2.toml")
+    run = SimpleNamespace(spec=spec, fingerprint={"gpus": [{"index": 0}, {"index": 1}]})
+    rows = {r[0]: r[3] for r in settings_blocks(run)[-1].rows}
+    assert "TP=2, --tp-all-reduce nccl)" in rows["tp2-nccl-mps"].split("; embed")[0]
+    assert "--tp-all-reduce" not in rows["tp2-mps"]
+    assert "TP=2, --enable-expert-parallel)" in rows["tp2-ep-mps"]

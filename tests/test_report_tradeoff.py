@@ -153,7 +153,8 @@ def test_open_loop_tables_and_equal_work(open_run):
     assert md.index("plots/tradeoff.png") < md.index("plots/throughput.png")  # the headline
     assert "Marked X: the published figures" in md
     assert (
-        "**Equal embed work** for the co-located conditions: timeslice 31.9, mps 32.0 embed "
+        "**Equal embed work** for the conditions that serve both models: "
+        "timeslice 31.9, mps 32.0 embed "
         "seq/s, within 5 % of each other" in md
     )
     sweep = md.split("## Rate sweep (embed)")[1]
@@ -189,7 +190,7 @@ def test_open_loop_tables_and_equal_work(open_run):
     stats = json.loads((open_run / "stats.json").read_text())
     assert [e["behind"] for e in stats["equal_work"]] == [[], [], ["mps.embed-r16"]]
     assert [(e["what"], e["equal"]) for e in stats["equal_work"]] == [
-        ("the co-located conditions", True),
+        ("the conditions that serve both models", True),
         ("the sweep points at embed rate 2 req/s", True),
         ("the sweep points at embed rate 16 req/s", False),
     ]
@@ -205,7 +206,8 @@ def test_closed_loop_strategies_are_said_to_do_unequal_work(tmp_path):
     out = render(tmp_path / "run", with_plots=False)
     md = out.markdown.read_text()
     assert (
-        "**Unequal embed work** for the co-located conditions: timeslice 997, mps 60.0 embed "
+        "**Unequal embed work** for the conditions that serve both models: "
+        "timeslice 997, mps 60.0 embed "
         "seq/s (the most is 16.6x the least; equal means within 5 %)" in md
     )
     assert (
@@ -239,7 +241,10 @@ def test_an_old_run_folder_still_renders(tmp_path):
     out = render(old)
     md = out.markdown.read_text()
     assert "| timeslice | timeslice | 3/3 | 15,131 ± 358 | **-37.1%** [-39.2, -35.0] |" in md
-    assert "**Unequal embed work** for the co-located conditions: timeslice 437, mps 959 " in md
+    assert (
+        "**Unequal embed work** for the conditions that serve both models: timeslice 437, mps 959 "
+        in md
+    )
     assert "Offered and achieved load" not in md and "Goodput" not in md
     # the same results under a spec that asks for an embed rate: nothing claimed about the rate
     spec = json.loads((old / "spec.json").read_text())
@@ -266,7 +271,7 @@ def test_an_old_run_folder_still_renders(tmp_path):
 def test_equal_work_but_the_conditions_that_fell_behind():
     # two-H200 equal-work run: only the time-sliced pair fell behind the offered 490 seq/s
     check = EqualWork(
-        "the co-located conditions",
+        "the conditions that serve both models",
         "matrix",
         ["exclusive-tp1", "tp2-timeslice", "tp2-mps"],
         [500.0, 465.0, 501.0],
@@ -274,7 +279,8 @@ def test_equal_work_but_the_conditions_that_fell_behind():
     )
     assert not check.equal  # the record keeps the whole comparison's verdict
     assert check.sentence() == (
-        "**Equal embed work** for the co-located conditions but tp2-timeslice: exclusive-tp1 "
+        "**Equal embed work** for the conditions that serve both models but tp2-timeslice: "
+        "exclusive-tp1 "
         "500, tp2-mps 501 embed seq/s, within 5 % of each other; tp2-timeslice 465 did not "
         "keep up with the offered embed rate (its embed server could not serve it beside gen), "
         "so its gen figure compares less embedding work."

@@ -87,9 +87,8 @@ HARDWARE: tuple[HardwareRecord, ...] = (
         "H200, 2026-11-30 (docs/mechanism.md)",
     ),
     HardwareRecord(
-        "coserve profile --ncu (Nsight Compute wrapper; tried once, cut by its time budget "
-        "before a kernel was profiled)",
-        None,
+        "coserve profile --ncu (Nsight Compute wrapper), gen alone and eager; not yet beside embed",
+        "H200, 2026-11-30 (docs/mechanism.md, L2 cache contention)",
     ),
     HardwareRecord("coserve export's files; coserve run --ray", None),
     HardwareRecord(

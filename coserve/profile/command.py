@@ -17,7 +17,7 @@ from pathlib import Path
 
 from coserve.profile.ncu import LAUNCH_COUNT, LAUNCH_SKIP
 from coserve.server.profile_api import DEFAULT_MIN_S, DEFAULT_STEPS
-from coserve.server.serve_flags import positive_int, seconds
+from coserve.server.serve_flags import non_negative_int, positive_int, seconds
 
 
 def _seconds(text: str) -> float:
@@ -84,7 +84,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--resume", action="store_true", help="add the conditions not yet profiled to --out"
     )
     ncu = parser.add_argument_group(
-        "Nsight Compute (ncu.py): gen server only, not under MPS, at TP=1"
+        "Nsight Compute: the gen server only, on a GPU, not under MPS, at TP=1"
     )
     ncu.add_argument("--ncu", action="store_true", help="print the ncu command for the condition")
     ncu.add_argument("--execute", action="store_true", help="with --ncu: run it and parse it")
@@ -93,14 +93,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     # None until given, so that one given without --ncu is refused rather than ignored.
     ncu.add_argument(
-        "--launch-skip", type=int, default=None, metavar="N", help=f"default {LAUNCH_SKIP}"
+        "--launch-skip",
+        type=non_negative_int,
+        default=None,
+        metavar="N",
+        help="launches of the --kernel-name kernels to let pass first, counted from the "
+        f"server's start-up on (default {LAUNCH_SKIP})",
     )
     ncu.add_argument(
         "--launch-count",
         type=positive_int,
         default=None,
         metavar="N",
-        help=f"default {LAUNCH_COUNT}",
+        help=f"then profile N launches (default {LAUNCH_COUNT})",
     )
 
 

@@ -262,6 +262,14 @@ def run_ncu(spec, names: list[str], args, out: Path, console) -> int:
     gen = cond.server(spec, "gen")
     if device == "cuda" and not (gen.enforce_eager or "--enforce-eager" in gen.extra_args):
         say(console, "note:", "yellow", GRAPHS_NOTE)
+    if device == "cpu":  # not refused: a stand-in ncu on PATH can run it (the CPU tests)
+        say(
+            console,
+            "note:",
+            "yellow",
+            f"{cond.name}'s gen server runs on the CPU: ncu profiles CUDA kernels only, so "
+            "it will find none",
+        )
     if not args.execute:
         return 0
     if shutil.which("ncu") is None:

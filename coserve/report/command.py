@@ -8,7 +8,11 @@ import sys
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", metavar="DIR", help="a run folder written by `coserve run`")
-    parser.add_argument("--no-plots", action="store_true", help="tables only (faster)")
+    parser.add_argument(
+        "--no-plots",
+        action="store_true",
+        help="tables only (faster): report.md and report.html are written again, without plots",
+    )
 
 
 def run(args: argparse.Namespace) -> int:

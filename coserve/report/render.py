@@ -32,6 +32,16 @@ from coserve.report.tradeoff import equal_work_checks
 from coserve.report.verdict import verdict
 
 
+def _embed_baseline_text(run: RunStats) -> str:
+    """The report's sentence on what embed deltas are against, and why there are none."""
+    emb = embed_baseline(run.spec)
+    if emb is None:
+        return "no condition runs embed alone, so there are no embed deltas."
+    if not any(c.ok for c in run.conditions if c.name == emb):
+        return f"embed deltas against **{emb}**, which finished no rep: none yet."
+    return f"embed deltas against **{emb}**."
+
+
 def build(run: RunStats, plot_paths: dict[str, Path]) -> list[Block]:
     spec = run.spec
     done = sum(len(c.ok) for c in run.conditions)
@@ -46,12 +56,7 @@ def build(run: RunStats, plot_paths: dict[str, Path]) -> list[Block]:
             "p",
             f"{done} of {planned} reps finished; {describe_gpus(run.fingerprint)}. "
             f"Gen deltas are against **{spec.baseline}** (unless a condition names its own "
-            "baseline); "
-            + (
-                f"embed deltas against **{emb}**."
-                if (emb := embed_baseline(spec))
-                else "no condition runs embed alone, so there are no embed deltas."
-            ),
+            "baseline); " + _embed_baseline_text(run),
         )
     )
     line = verdict(run)

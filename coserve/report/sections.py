@@ -330,6 +330,8 @@ def settings_blocks(run: RunStats) -> list[Block]:
                 tp = tensor_parallel_size(c, role, s.tensor_parallel_size)
                 if tp > 1:
                     extra.append(f"TP={tp}")
+            if s.launcher == "builtin" and s.extra_args:  # a command launcher's is its command
+                extra.append(" ".join(s.extra_args))
             detail = s.launcher + (f"; {', '.join(extra)}" if extra else "")
             parts.append(f"{role}: {what} ({detail})")
         load = c.load_for(spec)

@@ -123,7 +123,7 @@ def tradeoff(run: RunStats) -> Tradeoff:
 class EqualWork:
     """Whether `conditions` did equal embed work: achieved embed seq/s within the tolerance."""
 
-    what: str  # which comparison, e.g. "the co-located conditions"
+    what: str  # which comparison, e.g. "the conditions that serve both models"
     scope: str  # "matrix" | "sweep"
     conditions: list[str]
     seq_s: list[float]  # mean achieved embed sequences/s, one per condition
@@ -214,7 +214,8 @@ def equal_work_checks(run: RunStats) -> list[EqualWork]:
         if _co_located(c):
             by_base.setdefault(c.condition.baseline_name(run.spec), []).append(c)
     for base, conds in by_base.items():
-        what = "the co-located conditions" + (f" against {base}" if len(by_base) > 1 else "")
+        against = f" against {base}" if len(by_base) > 1 else ""
+        what = "the conditions that serve both models" + against
         out.append(_check(what, "matrix", conds))
     by_value: dict[float, list[ConditionStats]] = {}
     for c in run.sweep:

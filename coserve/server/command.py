@@ -124,7 +124,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         type=positive_int,
         default=1,
-        help="ranks (one process and one GPU each, from --device on) the model is split across",
+        help="ranks the model is split across: one process each, on one GPU each from "
+        "--device on (on the CPU they share its cores)",
     )
     parser.add_argument(
         "--enable-expert-parallel",
@@ -136,9 +137,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--tp-all-reduce",
         choices=ALL_REDUCES,
         default=EngineArgs.tp_all_reduce,
-        help="tensor parallel: symm-mem sums small tensors with a one-shot all-reduce over torch "
-        "symmetric memory (no multicast; CUDA and TP 2 or more, refused elsewhere), nccl "
-        "through the process group; auto (the default): symm-mem on CUDA GPUs, nccl elsewhere",
+        help="tensor parallel, how ranks sum: symm-mem, a one-shot all-reduce over torch "
+        "symmetric memory for small tensors (no multicast; CUDA GPUs and TP 2 or more only); "
+        "nccl, the process group (NCCL on GPUs, gloo on the CPU); auto (the default): "
+        "symm-mem on GPUs, the process group on the CPU",
     )
     parser.add_argument(
         "--no-async-scheduling",

@@ -229,6 +229,13 @@ def positive_int(text: str) -> int:
     return v
 
 
+def non_negative_int(text: str) -> int:
+    v = int(text)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return v
+
+
 def tcp_port(text: str) -> int:
     """A TCP port, 0 for any free one (the socket layer takes a larger number modulo 65536)."""
     v = int(text)
