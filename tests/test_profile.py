@@ -333,6 +333,17 @@ def test_ncu_raw_csv_parser():
         parse_raw_csv("==PROF== nothing profiled\n")
 
 
+def test_ncu_raw_csv_parser_refuses_what_no_report_of_kernels_looks_like():
+    header, units = NCU_CSV.splitlines()[1:3]
+    with pytest.raises(ValueError, match="no kernel"):  # parsed as "no kernels" and exit 0
+        parse_raw_csv(f"{header}\n{units}\n")
+    with pytest.raises(ValueError, match="cut short"):  # was an IndexError traceback
+        parse_raw_csv(f'{header}\n{units}\n"0","4242"\n')
+    (k,) = parse_raw_csv(f'{header}\n"0","1","p","k","nan","inf","-inf"\n')
+    # float("nan") went into the kernels' JSON as NaN, which is no JSON
+    assert (k.l2_hit_rate_pct, k.dram_throughput_pct, k.achieved_occupancy_pct) == (None,) * 3
+
+
 def _coserve(*args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
     import os
 
@@ -438,7 +449,7 @@ FAKE_NCU = """#!/usr/bin/env python3
 import os, sys
 args = sys.argv[1:]
 if "--import" in args:
-    sys.stdout.write(open(os.environ["FAKE_NCU_CSV"]).read())
+    sys.stdout.buffer.write(open(os.environ["FAKE_NCU_CSV"], "rb").read())
     sys.exit(0)
 i = args.index("-o")
 open(args[i + 1] + ".ncu-rep", "w").write("not a report")
@@ -449,14 +460,15 @@ os.execvp(args[i + 2], args[i + 2 :])
 NCU_ARGS = ["--ncu", "--execute", "--kernel-name", "rms", "--warmup-s", "0", "--duration-s", "1"]
 
 
-def _fake_ncu(tmp_path, monkeypatch, csv_text: str, says: str = "") -> list[str]:
+def _fake_ncu(tmp_path, monkeypatch, csv_text: str | bytes, says: str = "") -> list[str]:
     """A fake ncu on PATH whose import prints `csv_text` and whose run says `says`; the
     `coserve profile` args of the demo's gen-only condition under it."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "ncu").write_text(FAKE_NCU)
     (bin_dir / "ncu").chmod(0o755)
-    (tmp_path / "ncu.csv").write_text(csv_text)
+    csv_bytes = csv_text if isinstance(csv_text, bytes) else csv_text.encode()
+    (tmp_path / "ncu.csv").write_bytes(csv_bytes)
     monkeypatch.setenv("PATH", f"{bin_dir}:{__import__('os').environ['PATH']}")
     monkeypatch.setenv("FAKE_NCU_CSV", str(tmp_path / "ncu.csv"))
     monkeypatch.setenv("FAKE_NCU_SAYS", says)
@@ -501,6 +513,15 @@ def test_ncu_that_profiled_nothing_says_to_lower_the_launch_skip(tmp_path, monke
     failed = next(ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("failed:"))
     assert "ncu profiled no kernel" in failed and "the first 3000 launches" in failed
     assert "lower --launch-skip" in failed and "no ncu raw CSV header" not in failed
+
+
+def test_ncu_import_output_not_utf8_is_a_failure_not_a_traceback(tmp_path, monkeypatch, capsys):
+    """Bytes from ncu --import that are not UTF-8 raised UnicodeDecodeError out of the command."""
+    from coserve.cli import main
+
+    assert main([*_fake_ncu(tmp_path, monkeypatch, b"\xff\xfe junk\n"), *NCU_ARGS]) == 1
+    failed = next(ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("failed:"))
+    assert "no ncu raw CSV header" in failed
 
 
 # ---- the whole command on CPU --------------------------------------------------------------

@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import math
 import shlex
 import shutil
 import subprocess
@@ -110,15 +111,17 @@ def _number(text: str) -> float | None:
     if t in ("", "n/a", "N/A"):
         return None
     try:
-        return float(t)
+        v = float(t)
     except ValueError:
         return None
+    return v if math.isfinite(v) else None  # "nan" would make the kernels' JSON invalid
 
 
 def parse_raw_csv(text: str) -> list[NcuKernel]:
     """The kernels of `ncu --csv --page raw` output: a header row (starting "ID"), a row of
     units, then one row per kernel; ncu's own `==PROF==` lines before it are skipped.
-    Raises ValueError when there is no header row or it lacks the kernel name."""
+    Raises ValueError when there is no header row, it lacks the kernel name, a kernel's row
+    is cut short of it, or no kernel row follows."""
     lines = text.splitlines()
     start = next((i for i, ln in enumerate(lines) if ln.startswith('"ID"')), None)
     if start is None:
@@ -137,6 +140,8 @@ def parse_raw_csv(text: str) -> list[NcuKernel]:
     for row in rows[1:]:
         if not row or not row[0].strip().isdigit():  # the units row, blank lines
             continue
+        if len(row) <= col["Kernel Name"]:
+            raise ValueError(f"the ncu CSV row of kernel {row[0]} is cut short: {row}")
         out.append(
             NcuKernel(
                 id=int(row[0]),
@@ -146,6 +151,8 @@ def parse_raw_csv(text: str) -> list[NcuKernel]:
                 achieved_occupancy_pct=get(row, OCCUPANCY),
             )
         )
+    if not out:
+        raise ValueError("the ncu CSV lists no kernel")
     return out
 
 
@@ -298,7 +305,9 @@ def _execute(spec, cond, cmd: list[str], report: Path, run_dir: Path, console) -
     port = next((p for r in records if (p := _gen_port(r)) is not None), None)
     if port is not None:
         say(console, "ran:", "green", shown(cmd, port))
-    done = subprocess.run(import_command(report), capture_output=True, text=True, check=False)
+    done = subprocess.run(
+        import_command(report), capture_output=True, text=True, errors="replace", check=False
+    )
     failed = [
         f"{r.get('condition')} rep {r.get('rep')}: {r.get('error')}"
         for r in records
