@@ -167,7 +167,9 @@ def test_junk_lines_in_a_telemetry_series_are_skipped(run_dir, tmp_path):
     assert (bad / "plots" / "telemetry.png").stat().st_size > 5000
 
 
-def test_a_rep_record_whose_parts_are_no_objects_is_named(run_dir, tmp_path, capsys):
+# env "x": environment_blocks' .get on it was an AttributeError traceback out of `coserve report`
+@pytest.mark.parametrize("key, value, kind", [("bench", [1], "list"), ("env", "x", "str")])
+def test_a_rep_record_whose_parts_are_no_objects_is_named(run_dir, tmp_path, key, value, kind):
     import json
     import shutil
 
@@ -176,10 +178,10 @@ def test_a_rep_record_whose_parts_are_no_objects_is_named(run_dir, tmp_path, cap
     bad = tmp_path / "run"
     shutil.copytree(run_dir, bad)
     path = bad / "reps" / "gen-only" / "rep-1" / "rep.json"
-    path.write_text(json.dumps({**json.loads(path.read_text()), "bench": [1]}))
+    path.write_text(json.dumps({**json.loads(path.read_text()), key: value}))
     assert main(["report", str(bad), "--no-plots"]) == 0
     md = (bad / "report.md").read_text()
-    assert "rep-1/rep.json: 'bench' is a list, not an object" in md
+    assert f"rep-1/rep.json: '{key}' is a {kind}, not an object" in md
     assert aggregate(bad).get("gen-only").status == "partial"
 
 

@@ -63,7 +63,7 @@ def read_json(path: Path) -> Any:
 # What a rep.json must hold for the report to place it: key -> type.
 REP_KEYS: dict[str, type] = {"condition": str, "rep": int, "status": str}
 # The parts of a rep.json that, when present, are JSON objects (a failed rep may lack them).
-REP_OBJECTS = ("servers", "strategy_info", "load", "bench", "telemetry")
+REP_OBJECTS = ("servers", "strategy_info", "load", "bench", "telemetry", "env")
 
 
 def read_rep(path: Path) -> dict:
