@@ -185,6 +185,32 @@ def test_a_rep_record_whose_parts_are_no_objects_is_named(run_dir, tmp_path, key
     assert aggregate(bad).get("gen-only").status == "partial"
 
 
+# each was a traceback out of `coserve report` (AttributeError in load_warnings, TypeError in
+# the per-rep table's num); a list where a metric's number goes was left out without a word
+@pytest.mark.parametrize(
+    "gen, said",
+    [
+        ("x", "bench.gen is a str, not an object"),
+        ({"output_tokens_per_s": "x"}, "bench.gen.output_tokens_per_s is 'x', not a number"),
+        ({"requests_per_s": [1]}, "bench.gen.requests_per_s is [1], not a number"),
+    ],
+)
+def test_a_rep_whose_bench_figures_are_no_numbers_is_named(run_dir, tmp_path, gen, said):
+    import json
+    import shutil
+
+    from coserve.cli import main
+
+    bad = tmp_path / "run"
+    shutil.copytree(run_dir, bad)
+    path = bad / "reps" / "gen-only" / "rep-1" / "rep.json"
+    rec = json.loads(path.read_text())
+    rec["bench"]["gen"] = gen if isinstance(gen, str) else {**rec["bench"]["gen"], **gen}
+    path.write_text(json.dumps(rec))
+    assert main(["report", str(bad), "--no-plots"]) == 0
+    assert f"rep-1/rep.json: {said}" in (bad / "report.md").read_text()
+
+
 def test_a_cut_or_junk_records_file_gives_what_it_holds(run_dir, tmp_path):
     import gzip
     import shutil

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import math
+import reprlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -255,10 +256,17 @@ def embed_baseline(spec: Spec) -> str | None:
     return None
 
 
-def _not_finite(record: dict) -> str | None:
-    """Why a rep record's figures cannot be used (a metric NaN or infinite), or None."""
+def _unusable(record: dict) -> str | None:
+    """Why a rep record's figures cannot be used (bench.gen or bench.embed no object, a
+    metric no number or not finite), or None."""
+    for role in ("gen", "embed"):
+        part = _get(record, ("bench", role))
+        if part is not None and not isinstance(part, dict):
+            return f"bench.{role} is a {type(part).__name__}, not an object"
     for path in METRICS.values():
         v = _get(record, path)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int | float)):
+            return f"{'.'.join(path)} is {reprlib.repr(v)}, not a number"
         if isinstance(v, float) and not math.isfinite(v):
             return f"{'.'.join(path)} is {v}, not a finite number"
     return None
@@ -281,7 +289,7 @@ def aggregate(path: str | Path) -> RunStats:
         unreadable.insert(0, Unreadable(rd.fingerprint_file, why))
     by_cond: dict[str, list[dict]] = {}
     for r in scan.records:
-        why = _not_finite(r)
+        why = _unusable(r)
         if why is not None:  # a NaN throughput is no measurement: the rep is left out whole
             unreadable.append(Unreadable(rd.rep_dir(r["condition"], r["rep"]) / "rep.json", why))
             continue
