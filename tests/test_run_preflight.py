@@ -140,6 +140,11 @@ def test_extra_args_coserve_serve_would_refuse(monkeypatch):
     (p,) = one('extra_args = ["--tp-all-reduce", "symm-mem"]\ntensor_parallel_size = 2')
     assert p.startswith("c: servers.gen.extra_args: --tp-all-reduce symm-mem: CPU ranks sum")
     assert one('extra_args = ["--enforce-eager", "--max-num-seqs", "8"]') == []
+    # it won over tensor_parallel_size: a TP=2 server ran while the rep said TP=1 (and the
+    # strategy gave it one GPU); "--tensor-parallel" is argparse's abbreviation of it
+    for flag in ('"--tensor-parallel-size", "2"', '"--tensor-parallel=1"'):
+        (p,) = one(f"extra_args = [{flag}]")
+        assert p.startswith("c: servers.gen.extra_args: --tensor-parallel-size: set servers.gen")
     two = {"gpus": [{"index": i, "uuid": f"GPU-{i}", "mig_devices": []} for i in (0, 1)]}
     tp = spec(
         'model = "tiny-dense"\nextra_args = ["--tp-all-reduce", "symm-mem"]',

@@ -80,15 +80,22 @@ def flags_problem(cond: Condition, role: str, cfg: ServerConfig, have_gpus: bool
 
     parser = _Parser(prog="coserve serve")
     command.add_arguments(parser)
+    parser.set_defaults(tensor_parallel_size=None)  # None: extra_args leave it to the spec
     own = "extra_args" in getattr(cond, role)
     where = f"{role}.extra_args of the condition" if own else f"servers.{role}.extra_args"
     device = "cpu" if on_cpu(cfg, have_gpus) else "cuda"
-    argv = [role, "--model", str(cfg.model), "--device", device]
-    argv += ["--tensor-parallel-size", str(cfg.tensor_parallel_size), *cfg.extra_args]
     try:
-        args = parser.parse_args(argv)
+        args = parser.parse_args(
+            [role, "--model", str(cfg.model), "--device", device, *cfg.extra_args]
+        )
     except _Refused as e:
         return f"{where}: {e}"
+    if args.tensor_parallel_size is not None:  # it would win over the spec's, unrecorded
+        return (
+            f"{where}: --tensor-parallel-size: set servers.{role}.tensor_parallel_size (or a tp "
+            "strategy's options.tp) instead; the strategy's GPUs and the records follow that"
+        )
+    args.tensor_parallel_size = cfg.tensor_parallel_size
     tp = None if cond.strategy.startswith("tp") else args.tensor_parallel_size  # its strategy's
     why = misplaced(args, args.flag_kinds) or all_reduce_problem(args.tp_all_reduce, tp, device)
     return f"{where}: {why}" if why else None
