@@ -392,6 +392,13 @@ def test_ncu_refuses_a_gen_server_the_spec_makes_tensor_parallel(tmp_path, capsy
     )
     assert main(["profile", str(spec), "--condition", "gen-only", "--ncu"]) == 2
     assert "gen: tensor_parallel_size 2; the ncu wrapper runs" in capsys.readouterr().err
+    # one set in extra_args: under ncu the server is a command, which `coserve run` does not
+    # check, and a TP=2 server ran under the wrapper
+    spec.write_text(
+        demo.replace("[servers.gen]", '[servers.gen]\nextra_args = ["--tensor-parallel-size", "2"]')
+    )
+    assert main(["profile", str(spec), "--condition", "gen-only", "--ncu"]) == 2
+    assert "servers.gen.extra_args: --tensor-parallel-size: set" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -231,6 +231,7 @@ def run_ncu(spec, names: list[str], args, out: Path, console) -> int:
     run/ (the run)."""
     from coserve.experiment.backend import resolve_device
     from coserve.experiment.command import say
+    from coserve.experiment.preflight import flags_problem
 
     if len(names) != 1:
         say(console, "refused:", "red", "--ncu profiles one condition at a time")
@@ -245,6 +246,11 @@ def run_ncu(spec, names: list[str], args, out: Path, console) -> int:
     out = out.resolve()
     report = out / "ncu" / cond.name
     device = resolve_device(cond.server(spec, "gen").device)
+    # under ncu the gen server is a command: `coserve run`'s check of its flags is done here
+    why = flags_problem(cond, "gen", cond.server(spec, "gen"), device == "cuda")
+    if why:
+        say(console, "refused:", "red", why)
+        return 2
     try:
         argv = server_argv(spec, cond, device)
         cmd = ncu_command(
