@@ -45,11 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    # The module by name, not its `run` in `args`: `coserve serve` pickles `args` into its
-    # engine process, which would then import the whole command module (the HTTP stack) too.
-    run = importlib.import_module(COMMANDS[args.command][0]).run
-    try:
+    try:  # Ctrl-C while the commands' modules import (the first ~0.5 s) is no traceback
+        args = build_parser().parse_args(argv)
+        # The module by name, not its `run` in `args`: `coserve serve` pickles `args` into its
+        # engine process, which would then import the whole command module (the HTTP stack).
+        run = importlib.import_module(COMMANDS[args.command][0]).run
         return int(run(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -50,3 +50,16 @@ def test_the_command_line_is_built_without_torch():
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
     )
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_ctrl_c_while_the_commands_import_is_exit_130_not_a_traceback(monkeypatch, capsys):
+    """A SIGINT in the first ~0.3 s of `coserve serve` landed in the command modules'
+    imports and printed a KeyboardInterrupt traceback (a hostile pass, 2026-11-30)."""
+    from coserve import cli
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", interrupted)
+    assert cli.main(["serve", "gen"]) == 130
+    assert capsys.readouterr().err == "interrupted\n"

@@ -103,3 +103,20 @@ def test_ncu_execute_into_a_file_is_refused(tmp_path, capsys, monkeypatch):
     argv = ["profile", DEMO, "--condition", "gen-only", "--ncu", "--execute", "--out", str(out)]
     assert main(argv) == 2
     assert f"cannot use {out} for the ncu report" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "flag,value,said",
+    [
+        ("--launch-skip", "-1", "must be 0 or more"),
+        ("--launch-skip", str(1 << 63), "must be below 2**63"),  # ncu's counter is 64-bit
+        ("--launch-count", "0", "must be a positive integer"),
+        ("--launch-count", "99999999999999999999999", "must be below 2**63"),
+    ],
+)
+def test_ncu_launch_counts_out_of_range_are_refused(capsys, flag, value, said):
+    from coserve.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["profile", DEMO, "--condition", "gen-only", "--ncu", flag, value])
+    assert e.value.code == 2 and f"argument {flag}: {said}" in capsys.readouterr().err

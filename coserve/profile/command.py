@@ -45,6 +45,18 @@ def _regex(text: str) -> str:
     return text
 
 
+def _launches(least: int):
+    """A launch count for ncu: an integer from `least` up to ncu's 64-bit limit."""
+
+    def parse(text: str) -> int:
+        v = non_negative_int(text) if least == 0 else positive_int(text)
+        if v >= 1 << 63:
+            raise argparse.ArgumentTypeError(f"must be below 2**63 (ncu's counter), got {text}")
+        return v
+
+    return parse
+
+
 NCU_ONLY = ("execute", "kernel_name", "launch_skip", "launch_count")
 
 
@@ -94,7 +106,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     # None until given, so that one given without --ncu is refused rather than ignored.
     ncu.add_argument(
         "--launch-skip",
-        type=non_negative_int,
+        type=_launches(0),
         default=None,
         metavar="N",
         help="launches of the --kernel-name kernels to let pass first, counted from the "
@@ -102,7 +114,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     ncu.add_argument(
         "--launch-count",
-        type=positive_int,
+        type=_launches(1),
         default=None,
         metavar="N",
         help=f"then profile N launches (default {LAUNCH_COUNT})",
