@@ -21,6 +21,8 @@ class _Page(BaseHTTPRequestHandler):
             "# TYPE coserve:slo_guard_budget_seconds gauge\n"
             f"coserve:slo_guard_budget_seconds {self.budget}\n"
             "coserve:slo_guard_tokens_per_forward 512\n"
+            "coserve:slo_guard_cuts_total 6\n"
+            "coserve:slo_guard_throttled_seconds_total 2\n"
             "coserve:num_requests_running 3\n"
         ).encode()
         self.send_response(200)
@@ -55,6 +57,8 @@ def test_samples_the_guard_figures_until_stopped(page, tmp_path):
     assert len(rows) == n and 4 <= n <= 10
     assert all(r["budget_seconds"] == 0.0203 and r["tokens_per_forward"] == 512 for r in rows)
     assert "num_requests_running" not in rows[0]  # only the guard's figures
+    # a count of events is an integer (it read "6.0"); seconds stay seconds
+    assert [repr(rows[0][k]) for k in ("cuts_total", "throttled_seconds_total")] == ["6", "2.0"]
     ts = [r["t"] for r in rows]
     assert ts == sorted(ts) and t0 - 1 < ts[0] < t0 + 1
 

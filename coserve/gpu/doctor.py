@@ -92,6 +92,11 @@ HARDWARE: tuple[HardwareRecord, ...] = (
     ),
     HardwareRecord("coserve export's files; coserve run --ray", None),
     HardwareRecord(
+        "tensor parallel: the ranks' rendezvous in a file store, symm-mem as the default "
+        "all-reduce (the embed server's too)",
+        None,
+    ),
+    HardwareRecord(
         "serve colocated: stream priorities, green contexts (--embed-sms)",
         "H200, 2026-11-30 (docs/co-scheduling.md, second measurements)",
     ),

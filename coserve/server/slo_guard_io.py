@@ -233,7 +233,7 @@ def guard_metrics(st: GuardState, throttled_s: float) -> list[tuple[str, str, st
     ]
 
 
-def scrape_guard(embed_url: str, timeout_s: float = 5.0) -> dict[str, float | str]:
+def scrape_guard(embed_url: str, timeout_s: float = 5.0) -> dict[str, float | int | str]:
     """The guard's figures on an embed server's /metrics, by metric name less its
     `coserve:slo_guard_` prefix; {"error": why} when the page cannot be read."""
     import http.client
@@ -246,10 +246,13 @@ def scrape_guard(embed_url: str, timeout_s: float = 5.0) -> dict[str, float | st
     except (urllib.error.URLError, OSError, http.client.HTTPException, UnicodeDecodeError) as e:
         return {"error": f"cannot read {embed_url}/metrics: {e!r}"}
     found = re.findall(r"^coserve:slo_guard_(\w+)(?:\{[^}]*\})?\s+(\S+)\s*$", text, re.M)
-    out: dict[str, float | str] = {}
+    out: dict[str, float | int | str] = {}
     for name, value in found:
         try:
-            out[name] = float(value)
+            v = float(value)
         except ValueError:  # not a number: left out, as a figure the page does not have
             continue
+        # counts of events (probes, cuts, polls) as integers, not "6.0"
+        count = name.endswith("_total") and "seconds" not in name and v.is_integer()
+        out[name] = int(v) if count else v
     return out
