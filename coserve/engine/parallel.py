@@ -53,15 +53,37 @@ def resolve_all_reduce(all_reduce: str, device: torch.device, size: int) -> str:
     return "symm-mem" if device.type == "cuda" and size > 1 and not _symm_used else "nccl"
 
 
+GROUP_TIMEOUT = timedelta(minutes=10)
+
+
+def group_store(rank: int, size: int, port: int, listen_fd: int | None = None) -> dist.TCPStore:
+    """The group's rendezvous store on loopback. Rank 0 serves it on `listen_fd`, a socket
+    bound to 127.0.0.1:`port` and listening, which the store takes over (torch's TCP store
+    given only a host listens on every interface, whatever the host); the other ranks
+    connect to 127.0.0.1:`port`."""
+    if rank == 0:
+        return dist.TCPStore(
+            "127.0.0.1",
+            port,
+            size,
+            True,
+            GROUP_TIMEOUT,
+            wait_for_workers=False,  # init_process_group waits for them
+            master_listen_fd=listen_fd,
+        )
+    return dist.TCPStore("127.0.0.1", port, size, False, GROUP_TIMEOUT)
+
+
 def init(
     rank: int,
     size: int,
-    init_method: str,
+    store: dist.Store | None,
     device: torch.device,
     all_reduce: str = "auto",
     expert_parallel: bool = False,
 ) -> None:
-    """Join the tensor-parallel group (every rank calls this; it returns when all have).
+    """Join the tensor-parallel group through `store` (every rank calls this; it returns when
+    all have; `store` may be None at size 1).
     all_reduce "symm-mem": small all-reduces (up to `SymmAllReduce.max_bytes`) run as torch
     symmetric memory's one-shot all-reduce (each GPU reads its peers' buffers over
     NVLink, no multicast); larger ones and CPU ranks use the process group. It can serve
@@ -74,10 +96,10 @@ def init(
         kw = {"device_id": device} if device.type == "cuda" else {}
         dist.init_process_group(
             backend,
-            init_method=init_method,
+            store=store,
             rank=rank,
             world_size=size,
-            timeout=timedelta(minutes=10),
+            timeout=GROUP_TIMEOUT,
             **kw,
         )
         if all_reduce == "symm-mem" and device.type == "cuda":

@@ -28,9 +28,8 @@ import faulthandler
 import logging
 import os
 import pickle
-import shutil
 import signal
-import tempfile
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -72,10 +71,9 @@ def rank_device(device: torch.device, rank: int) -> torch.device:
 class Workers:
     """Rank 0's handle on the other ranks."""
 
-    def __init__(self, procs: list, conns: list[Connection], counters, rendezvous: str) -> None:
+    def __init__(self, procs: list, conns: list[Connection], counters) -> None:
         self.procs, self.conns = procs, conns
         self._counters = counters
-        self.rendezvous = rendezvous  # the folder of the group's file store, removed at stop
         self._stopped = False
         self._closed = threading.Event()  # stop() has finished: the group is left
         self.dead: str | None = None  # why a worker is gone, once one is
@@ -194,7 +192,6 @@ class Workers:
                 p.kill()
                 p.join()
         parallel.destroy(abandon=self.dead is not None)
-        shutil.rmtree(self.rendezvous, ignore_errors=True)
         self._closed.set()
 
 
@@ -221,10 +218,11 @@ def launch(build_rank: Callable, args: EngineArgs, device: torch.device) -> Work
             f"cuda:{(device.index or 0) + n - 1}; {torch.cuda.device_count()} visible"
         )
     os.environ.update(NO_MULTICAST_ENV)  # the workers inherit it
-    # a file store, not torch's TCP store: that listens on every interface, whatever host
-    # it is given (seen with torch 2.13, 127.0.0.1 asked), and nothing may outside loopback
-    rendezvous = tempfile.mkdtemp(prefix="coserve-tp-")
-    init_method = f"file://{rendezvous}/store"
+    # the group's store listens here, on loopback only (parallel.group_store)
+    listen = socket.socket()
+    listen.bind(("127.0.0.1", 0))
+    listen.listen(n)
+    port = listen.getsockname()[1]
     ctx = mp.get_context("spawn")
     counters = ctx.Array("d", 4 * (n - 1), lock=False)
     procs, conns = [], []
@@ -235,17 +233,18 @@ def launch(build_rank: Callable, args: EngineArgs, device: torch.device) -> Work
             target=_worker_main,
             name=f"coserve-tp-rank{rank}",
             daemon=True,
-            args=(build_rank, wargs, rank, init_method, recv, os.getpid(), counters),
+            args=(build_rank, wargs, rank, port, recv, os.getpid(), counters),
         )
         p.start()
         recv.close()
         procs.append(p)
         conns.append(send)
-    workers = Workers(procs, conns, counters, rendezvous)
+    workers = Workers(procs, conns, counters)
     atexit.register(workers.stop)
     try:
         # a worker that dies before joining leaves this waiting: the watcher's exit ends it
-        parallel.init(0, n, init_method, device, args.tp_all_reduce, args.enable_expert_parallel)
+        store = parallel.group_store(0, n, port, listen.detach())  # the store owns it now
+        parallel.init(0, n, store, device, args.tp_all_reduce, args.enable_expert_parallel)
     except BaseException:
         workers.stop(timeout_s=1.0)
         raise
@@ -353,7 +352,7 @@ def _worker_main(
     build_rank: Callable,
     args: EngineArgs,
     rank: int,
-    init_method: str,
+    store_port: int,
     conn: Connection,
     parent_pid: int,
     counters,
@@ -370,7 +369,7 @@ def _worker_main(
     parallel.init(
         rank,
         args.tensor_parallel_size,
-        init_method,
+        parallel.group_store(rank, args.tensor_parallel_size, store_port),
         device,
         args.tp_all_reduce,
         args.enable_expert_parallel,

@@ -92,7 +92,7 @@ HARDWARE: tuple[HardwareRecord, ...] = (
     ),
     HardwareRecord("coserve export's files; coserve run --ray", None),
     HardwareRecord(
-        "tensor parallel: the ranks' rendezvous in a file store, symm-mem as the default "
+        "tensor parallel: the ranks' rendezvous on a loopback socket, symm-mem as the default "
         "all-reduce (the embed server's too)",
         None,
     ),
