@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_server_util import StreamInThread, coserve_serve, post
+from test_server_util import StreamInThread, coserve_serve, descendants, post
 
 
 def _worker_pids(server) -> list[int]:
@@ -37,23 +37,7 @@ def _gone_within(pids: list[int], timeout_s: float) -> bool:
     return True
 
 
-def _tree(pid: int) -> list[int]:
-    """`pid` and every process below it."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    out, todo = [], [pid]
-    while todo:
-        out.append(todo.pop())
-        todo += children.get(out[-1], [])
-    return out
-
-
-def _listening(pids: list[int]) -> list[str]:
+def _listening(pids) -> list[str]:
     """The TCP addresses ("ip:port", IPv6 in hex) the processes `pids` listen on."""
     inodes = set()
     for pid in pids:
@@ -103,7 +87,7 @@ def test_tp2_gen_server_answers_and_its_worker_dies_when_it_is_killed():
         workers = _worker_pids(s)
         assert all(_running(p) for p in workers)
         # torch's TCP store listened on every interface (now on a socket bound to loopback)
-        ports = _listening(_tree(s.proc.pid))
+        ports = _listening([s.proc.pid, *descendants(s.proc.pid)])
         assert len(ports) >= 2 and all(a.startswith(_LOOPBACK) for a in ports), ports
         os.kill(s.proc.pid, signal.SIGKILL)  # the server alone, not its process group
         s.proc.wait(10)

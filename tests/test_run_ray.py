@@ -17,6 +17,7 @@ from itertools import pairwise
 from pathlib import Path
 
 import pytest
+from test_server_util import descendants
 
 from coserve.demo import demo_spec_path
 from coserve.experiment.command import execute
@@ -46,24 +47,6 @@ def _wait(proc: subprocess.Popen) -> str:
 
 def _files(path: Path) -> set[str]:
     return {str(p.relative_to(path)) for p in path.rglob("*") if p.is_file()} - {".lock"}
-
-
-def _descendants(pid: int) -> set[int]:
-    """Every process below `pid` now (children, their children, ...), from /proc."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(stat.parent.name))
-    out, todo = set(), [pid]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            if c not in out:
-                out.add(c)
-                todo.append(c)
-    return out
 
 
 def _running(pids: set[int]) -> set[int]:
@@ -96,7 +79,7 @@ def test_ray_run_cancelled_then_resumed_as_a_local_run(tmp_path):
     while not list(on_ray.glob("reps/*/rep-1/rep.json")):
         assert ray_run.poll() is None and time.monotonic() < deadline, "no rep finished"
         time.sleep(0.2)
-    tree = _descendants(ray_run.pid)  # Ray's processes, its workers and their servers
+    tree = descendants(ray_run.pid)  # Ray's processes, its workers and their servers
     assert tree
     ray_run.send_signal(signal.SIGINT)
     out, err = ray_run.communicate(timeout=180)
@@ -264,7 +247,7 @@ def test_ctrl_c_while_ray_starts_is_heard_even_from_a_background_shell(tmp_path)
         preexec_fn=lambda: (os.setsid(), signal.signal(signal.SIGINT, signal.SIG_IGN)),
     )
     deadline = time.monotonic() + 60
-    while not (tree := _descendants(p.pid)):  # Ray's first processes: ray.init is under way
+    while not (tree := descendants(p.pid)):  # Ray's first processes: ray.init is under way
         assert p.poll() is None and time.monotonic() < deadline, "Ray never started"
         time.sleep(0.1)
     os.killpg(p.pid, signal.SIGINT)

@@ -268,6 +268,24 @@ def metric(url: str, name: str, absent_is_zero: bool = False, **labels) -> float
     return sum(found)
 
 
+def descendants(pid: int) -> set[int]:
+    """Every process below `pid` now (children, their children, ...), from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    out, todo = set(), [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            if c not in out:
+                out.add(c)
+                todo.append(c)
+    return out
+
+
 def wait_for(predicate, timeout_s: float = 10.0, what: str = "condition"):
     deadline = time.monotonic() + timeout_s
     while True:
