@@ -185,7 +185,7 @@ def none_profiled(gen_log: Path, command: list[str]) -> str | None:
         return None
     if "No kernels were profiled" not in text:
         return None
-    skip = command[command.index("--launch-skip") + 1] if "--launch-skip" in command else "0"
+    skip = command[command.index("--launch-skip") + 1]  # ncu_command always sets it
     return (
         f"ncu profiled no kernel: it skips the first {skip} launches of the kernels that match "
         "(counted from the server's start-up on) and fewer ran before the run ended; lower "
@@ -245,9 +245,10 @@ def run_ncu(spec, names: list[str], args, out: Path, console) -> int:
         return 2
     out = out.resolve()
     report = out / "ncu" / cond.name
-    device = resolve_device(cond.server(spec, "gen").device)
+    gen = cond.server(spec, "gen")
+    device = resolve_device(gen.device)
     # under ncu the gen server is a command: `coserve run`'s check of its flags is done here
-    why = flags_problem(cond, "gen", cond.server(spec, "gen"), device == "cuda")
+    why = flags_problem(cond, "gen", gen, device == "cuda")
     if why:
         say(console, "refused:", "red", why)
         return 2
@@ -272,7 +273,6 @@ def run_ncu(spec, names: list[str], args, out: Path, console) -> int:
         "{port} is not known yet: the gen server gets a free port when it starts"
         + ("; the command as it ran follows the run" if args.execute else ""),
     )
-    gen = cond.server(spec, "gen")
     if device == "cuda" and not (gen.enforce_eager or "--enforce-eager" in gen.extra_args):
         say(console, "note:", "yellow", GRAPHS_NOTE)
     if device == "cpu":  # not refused: a stand-in ncu on PATH can run it (the CPU tests)
@@ -295,6 +295,7 @@ def _execute(spec, cond, cmd: list[str], report: Path, run_dir: Path, console) -
     import json
 
     from coserve.experiment.command import say
+    from coserve.experiment.rundir import RunDir
     from coserve.experiment.runner import Runner, RunRefused
 
     try:
@@ -322,8 +323,7 @@ def _execute(spec, cond, cmd: list[str], report: Path, run_dir: Path, console) -
     try:
         kernels = parse_raw_csv(done.stdout)
     except ValueError as e:
-        log = run_dir / "reps" / cond.name / "rep-1" / "gen.log"
-        why = none_profiled(log, cmd)
+        why = none_profiled(RunDir(run_dir).rep_dir(cond.name, 1) / "gen.log", cmd)
         said = done.stderr.strip()[-500:] or "nothing"
         say(console, "failed:", "red", "; ".join([why or f"{e}; ncu said: {said}", *failed]))
         return 1
