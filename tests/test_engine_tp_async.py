@@ -13,7 +13,7 @@ import sys
 import time
 
 import pytest
-from test_engine_tp_server import _gone_within, _running
+from test_server_util import gone_within, running
 
 from coserve.engine.gen_engine import GenEngine
 from coserve.engine.tp_workers import WorkerDied
@@ -184,9 +184,9 @@ def test_a_stopped_worker_dies_with_rank0(tmp_path):
         os.kill(worker, signal.SIGSTOP)
         p.kill()
         p.wait(10)
-        assert _gone_within([worker], 5)
+        assert gone_within([worker], 5)
     finally:
-        if _running(worker):
+        if running(worker):
             os.kill(worker, signal.SIGKILL)
 
 
@@ -225,8 +225,8 @@ def test_a_step_that_never_finishes_fails_the_engine(tmp_path):
         assert time.monotonic() - t0 < 1 + 3 + 5 + 3, err  # timeout, DEAD_EXIT_S, kill, exit
         assert "generated" not in out
         assert "no tensor-parallel step finished in" in err, err
-        assert _gone_within([worker], 5)
+        assert gone_within([worker], 5)
     finally:
-        if _running(worker):
+        if running(worker):
             os.kill(worker, signal.SIGKILL)
         p.kill()

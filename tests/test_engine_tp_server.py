@@ -11,30 +11,13 @@ import time
 from pathlib import Path
 
 import pytest
-from test_server_util import StreamInThread, coserve_serve, descendants, post
+from test_server_util import StreamInThread, coserve_serve, descendants, gone_within, post, running
 
 
 def _worker_pids(server) -> list[int]:
     m = re.search(r"tensor parallel: 2 ranks \(workers \[([\d, ]+)\]\)", server.log_tail(400))
     assert m, server.log_tail()
     return [int(p) for p in m.group(1).split(",")]
-
-
-def _running(pid: int) -> bool:
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except FileNotFoundError:
-        return False
-    return "\nState:\tZ" not in status
-
-
-def _gone_within(pids: list[int], timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while any(_running(p) for p in pids):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.1)
-    return True
 
 
 def _listening(pids) -> list[str]:
@@ -85,13 +68,13 @@ def test_tp2_gen_server_answers_and_its_worker_dies_when_it_is_killed():
         )
         assert status == 200 and body["usage"]["completion_tokens"] == 4, body
         workers = _worker_pids(s)
-        assert all(_running(p) for p in workers)
+        assert all(running(p) for p in workers)
         # torch's TCP store listened on every interface (now on a socket bound to loopback)
         ports = _listening([s.proc.pid, *descendants(s.proc.pid)])
         assert len(ports) >= 2 and all(a.startswith(_LOOPBACK) for a in ports), ports
         os.kill(s.proc.pid, signal.SIGKILL)  # the server alone, not its process group
         s.proc.wait(10)
-        assert _gone_within(workers, 10)
+        assert gone_within(workers, 10)
 
 
 @pytest.mark.timeout(120)
@@ -102,7 +85,7 @@ def test_tp2_embed_server_stops_its_worker_on_sigterm():
         workers = _worker_pids(s)
         os.kill(s.proc.pid, signal.SIGTERM)
         assert s.proc.wait(20) == 0
-        assert _gone_within(workers, 5)
+        assert gone_within(workers, 5)
 
 
 @pytest.mark.timeout(120)

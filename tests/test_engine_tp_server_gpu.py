@@ -12,8 +12,8 @@ import time
 
 import pytest
 import torch
-from test_engine_tp_server import _gone_within, _worker_pids, long_stream
-from test_server_util import coserve_serve, post
+from test_engine_tp_server import _worker_pids, long_stream
+from test_server_util import coserve_serve, gone_within, post
 
 from coserve.engine.kernels import ops
 
@@ -77,5 +77,5 @@ def test_sigterm_ends_every_rank_without_a_kill_on_gpus(all_reduce):
         workers = _worker_pids(s)
         os.kill(s.proc.pid, signal.SIGTERM)
         assert s.proc.wait(30) == 0, s.log_tail()
-        assert _gone_within(workers, 5)
+        assert gone_within(workers, 5)
         assert "did not exit" not in s.log_tail(400)

@@ -17,7 +17,7 @@ from itertools import pairwise
 from pathlib import Path
 
 import pytest
-from test_server_util import descendants
+from test_server_util import descendants, running
 
 from coserve.demo import demo_spec_path
 from coserve.experiment.command import execute
@@ -51,15 +51,7 @@ def _files(path: Path) -> set[str]:
 
 def _running(pids: set[int]) -> set[int]:
     """Those of `pids` still running (a zombie has ended)."""
-    out = set()
-    for pid in pids:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            continue
-        if state != "Z":
-            out.add(pid)
-    return out
+    return {p for p in pids if running(p)}
 
 
 def _scratch() -> set[Path]:

@@ -286,6 +286,25 @@ def descendants(pid: int) -> set[int]:
     return out
 
 
+def running(pid: int) -> bool:
+    """Running or stopped: not gone and not a zombie."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def gone_within(pids, timeout_s: float) -> bool:
+    """Whether every one of `pids` has ended (or is a zombie) within `timeout_s` seconds."""
+    deadline = time.monotonic() + timeout_s
+    while any(running(p) for p in pids):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
 def wait_for(predicate, timeout_s: float = 10.0, what: str = "condition"):
     deadline = time.monotonic() + timeout_s
     while True:
