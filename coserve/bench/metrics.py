@@ -143,16 +143,19 @@ def _rate(result: BenchResult, ep: EndpointRun, window: float) -> dict:
             f"sent {ep.sent_of_scheduled} of the {sched} requests scheduled in "
             f"the window ({achieved:.4g} of {ep.rate:g} req/s offered)"
         )
-    if ep.cap_waits or ep.cap_wait_s > 0:
-        held = [f"{ep.cap_waits} arrivals found all {ep.concurrency} slots in flight and waited"]
-        if ep.cap_wait_s > 0:
-            held.append(
-                f"the sender was held at the cap of {ep.concurrency} in flight for "
-                f"{ep.cap_wait_s:.3g} s of the {result.measured_s:.3g} s window"
-            )
+    held = []
+    if ep.cap_waits:
+        held.append(
+            f"{ep.cap_waits} arrivals found all {ep.concurrency} slots in flight and waited"
+        )
+    if ep.cap_wait_s > 0:
+        held.append(
+            f"the sender was held at the cap of {ep.concurrency} in flight for "
+            f"{ep.cap_wait_s:.3g} s of the {result.measured_s:.3g} s window"
+        )
+    if held:
         problems.append(
-            "; ".join(held[int(not ep.cap_waits) :])
-            + f" (raise --{ep.kind}-concurrency, or the server is saturated)"
+            "; ".join(held) + f" (raise --{ep.kind}-concurrency, or the server is saturated)"
         )
     if problems:
         out["kept_up"] = False
