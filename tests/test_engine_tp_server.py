@@ -46,6 +46,13 @@ def _listening(pids) -> list[str]:
 _LOOPBACK = ("127.", "00000000000000000000000001000000", "0000000000000000FFFF00000100007F")
 
 
+def assert_listens_on_loopback_only(server) -> None:
+    """Every TCP socket the server's ranks listen on is bound to loopback (torch's TCP store
+    listened on every interface; NCCL's bootstrap takes the first non-loopback interface)."""
+    ports = _listening([server.proc.pid, *descendants(server.proc.pid)])
+    assert len(ports) >= 2 and all(a.startswith(_LOOPBACK) for a in ports), ports
+
+
 def long_stream(server) -> StreamInThread:
     """A 2,000-token greedy stream from `server`, once its first token has come."""
     stream = StreamInThread(
@@ -69,9 +76,7 @@ def test_tp2_gen_server_answers_and_its_worker_dies_when_it_is_killed():
         assert status == 200 and body["usage"]["completion_tokens"] == 4, body
         workers = _worker_pids(s)
         assert all(running(p) for p in workers)
-        # torch's TCP store listened on every interface (now on a socket bound to loopback)
-        ports = _listening([s.proc.pid, *descendants(s.proc.pid)])
-        assert len(ports) >= 2 and all(a.startswith(_LOOPBACK) for a in ports), ports
+        assert_listens_on_loopback_only(s)
         os.kill(s.proc.pid, signal.SIGKILL)  # the server alone, not its process group
         s.proc.wait(10)
         assert gone_within(workers, 10)

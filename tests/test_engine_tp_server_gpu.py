@@ -1,7 +1,8 @@
 """`coserve serve --tensor-parallel-size 2` on 2 GPUs, with each all-reduce: a killed worker
 fails the stream in flight and ends the server within 5 s (issue 12: not a wait in a
-collective until NCCL's timeout), and SIGTERM ends every rank without a kill. The CPU (gloo)
-twins are in tests/test_engine_tp_server.py. Skipped without 2 GPUs and Triton."""
+collective until NCCL's timeout), SIGTERM ends every rank without a kill, and no rank listens
+beyond loopback. The CPU (gloo) twins are in tests/test_engine_tp_server.py. Skipped without 2
+GPUs and Triton."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import time
 
 import pytest
 import torch
-from test_engine_tp_server import _worker_pids, long_stream
+from test_engine_tp_server import _worker_pids, assert_listens_on_loopback_only, long_stream
 from test_server_util import coserve_serve, gone_within, post
 
 from coserve.engine.kernels import ops
@@ -74,6 +75,7 @@ def test_sigterm_ends_every_rank_without_a_kill_on_gpus(all_reduce):
             {"prompt": [1, 2, 3], "max_tokens": 8, "temperature": 0, "ignore_eos": True},
         )
         assert status == 200 and body["usage"]["completion_tokens"] == 8, body
+        assert_listens_on_loopback_only(s)  # NCCL's sockets too (NCCL_SOCKET_IFNAME)
         workers = _worker_pids(s)
         os.kill(s.proc.pid, signal.SIGTERM)
         assert s.proc.wait(30) == 0, s.log_tail()

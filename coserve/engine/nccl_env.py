@@ -10,3 +10,8 @@ NO_MULTICAST_ENV: dict[str, str] = {
     "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
     "NVSHMEM_DISABLE_NVLS": "1",
 }
+
+# A tensor-parallel group lives on one host, so NCCL's bootstrap and proxy sockets have no
+# reason to listen beyond loopback; by default NCCL picks the first non-loopback interface.
+# Set with setdefault: a user's own NCCL_SOCKET_IFNAME wins.
+LOOPBACK_SOCKET_ENV: dict[str, str] = {"NCCL_SOCKET_IFNAME": "lo"}

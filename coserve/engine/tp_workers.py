@@ -42,7 +42,7 @@ import torch.multiprocessing as mp
 
 from coserve.engine import parallel
 from coserve.engine.messages import Call, Sent, Stop
-from coserve.engine.nccl_env import NO_MULTICAST_ENV
+from coserve.engine.nccl_env import LOOPBACK_SOCKET_ENV, NO_MULTICAST_ENV
 from coserve.engine.types import EngineArgs
 
 log = logging.getLogger("coserve.engine")
@@ -217,7 +217,9 @@ def launch(build_rank: Callable, args: EngineArgs, device: torch.device) -> Work
             f"tensor_parallel_size {n} from {device} needs GPUs up to "
             f"cuda:{(device.index or 0) + n - 1}; {torch.cuda.device_count()} visible"
         )
-    os.environ.update(NO_MULTICAST_ENV)  # the workers inherit it
+    os.environ.update(NO_MULTICAST_ENV)  # the workers inherit both
+    for key, value in LOOPBACK_SOCKET_ENV.items():
+        os.environ.setdefault(key, value)
     # the group's store listens here, on loopback only (parallel.group_store)
     listen = socket.socket()
     listen.bind(("127.0.0.1", 0))
