@@ -522,6 +522,23 @@ def test_ncu_that_profiled_nothing_says_to_lower_the_launch_skip(tmp_path, monke
     assert "lower --launch-skip" in failed and "no ncu raw CSV header" not in failed
 
 
+def test_ncu_that_failed_to_profile_is_quoted(tmp_path, monkeypatch, capsys):
+    """The H200 try beside the embed server (2026-11-30): ncu's ==ERROR== lines were in the gen
+    server's log and the command said only "no ncu raw CSV header ... ncu said: nothing"."""
+    from coserve.cli import main
+
+    says = (
+        '==PROF== Profiling "_moe_gemm_kernel": 0%==PROF== Trying to shutdown target\n\n'
+        '==ERROR== Failed to profile "_moe_gemm_kernel" in process 6938\n'
+        "==ERROR== An error occurred while trying to profile.\n"
+    )
+    assert main([*_fake_ncu(tmp_path, monkeypatch, "", says=says), *NCU_ARGS, "--out", "o"]) == 1
+    failed = next(ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("failed:"))
+    assert "ncu failed in the gen server" in failed and "gen.log" in failed
+    assert '==ERROR== Failed to profile "_moe_gemm_kernel" in process 6938' in failed
+    assert "An error occurred" in failed and "no ncu raw CSV header" not in failed
+
+
 def test_ncu_import_output_not_utf8_is_a_failure_not_a_traceback(tmp_path, monkeypatch, capsys):
     """Bytes from ncu --import that are not UTF-8 raised UnicodeDecodeError out of the command."""
     from coserve.cli import main

@@ -30,6 +30,7 @@ CO_LOCATED = [
     "tp2-mps",
     "tp2-mps-sm50-lowprio",
     "tp2-mps-guard5",
+    "tp2-mps-guard-tp1",
     "tp2-ep-mps",
 ]
 EP = ["--enable-expert-parallel"]
@@ -46,6 +47,7 @@ def test_the_closed_loop_spec_holds_every_condition_of_the_issue():
     both, gen, embed = ["gen", "embed"], ["gen"], ["embed"]
     tp2 = {"tp": 2}
     guard = {"slo_guard": True, "gen_tpot_slo_pct": 5.0}
+    guard_ms = {"slo_guard": True, "gen_tpot_slo_ms": 18.0}  # under exclusive-tp1's TPOT
     capped = {**tp2, "active_thread_percentage": {"embed": 50}, "client_priority": {"embed": 1}}
     assert {c.name: _shape(CLOSED, c.name) for c in CLOSED.conditions} == {
         "exclusive-tp1": ("exclusive", both, {}, {}, {}),
@@ -55,6 +57,7 @@ def test_the_closed_loop_spec_holds_every_condition_of_the_issue():
         "tp2-mps": ("tp+mps", both, tp2, {}, {}),
         "tp2-mps-sm50-lowprio": ("tp+mps", both, capped, {}, {}),
         "tp2-mps-guard5": ("tp+mps", both, tp2, {}, guard),
+        "tp2-mps-guard-tp1": ("tp+mps", both, tp2, {}, guard_ms),
         "tp2-ep-gen-alone": ("tp+timeslice", gen, tp2, {"extra_args": EP}, {}),
         "tp2-ep-mps": ("tp+mps", both, tp2, {"extra_args": EP}, {}),
         "tp2-nccl-gen-alone": ("tp+timeslice", gen, tp2, {"extra_args": NCCL}, {}),
@@ -65,7 +68,7 @@ def test_the_closed_loop_spec_holds_every_condition_of_the_issue():
         ld = c.load_for(CLOSED)
         assert (ld.gen_concurrency, ld.embed_concurrency, ld.embed_rate) == (512, 64, None)
         assert (ld.embed_batch, ld.warmup_s, ld.duration_s) == (8, 30, 60)
-    assert len(CLOSED.schedule()) == 33
+    assert len(CLOSED.schedule()) == 36
 
 
 def test_the_equal_work_spec_offers_490_and_the_full_rate_to_the_same_conditions():
@@ -85,7 +88,7 @@ def test_the_equal_work_spec_offers_490_and_the_full_rate_to_the_same_conditions
         assert _shape(EQUAL, c.name) == _shape(CLOSED, c.sweep.base if c.sweep else c.name)
     assert EQUAL.load.embed_rate * EQUAL.load.embed_batch == 490
     assert EQUAL.sweep.rate == [141] and 141 * 8 == 1128  # the first look's dedicated embed
-    assert len(EQUAL.schedule()) == 36
+    assert len(EQUAL.schedule()) == 42
 
 
 @pytest.mark.parametrize("spec", [CLOSED, EQUAL], ids=lambda s: s.name)

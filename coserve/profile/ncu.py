@@ -176,21 +176,31 @@ def server_argv(spec, cond, device: str) -> list[str]:
     return ["{port}" if a == PORT_MARK else a for a in argv]
 
 
-def none_profiled(gen_log: Path, command: list[str]) -> str | None:
-    """Why ncu wrote no report, where the gen server's log (ncu's own output goes there) says it
-    profiled no kernel: too few launches matched for `--launch-skip`. None otherwise."""
+def why_no_report(gen_log: Path, command: list[str]) -> str | None:
+    """Why ncu wrote no report, from the gen server's log (ncu's own output goes there): it
+    profiled no kernel (too few matching launches for `--launch-skip`), or it said
+    "==ERROR==" (quoted). None when the log says neither."""
     try:
         text = gen_log.read_text(errors="replace")
     except OSError:
         return None
-    if "No kernels were profiled" not in text:
+    if "No kernels were profiled" in text:
+        skip = command[command.index("--launch-skip") + 1]  # ncu_command always sets it
+        return (
+            f"ncu profiled no kernel: it skips the first {skip} launches of the kernels that "
+            "match (counted from the server's start-up on) and fewer ran before the run ended; "
+            "lower --launch-skip, or lengthen --warmup-s / --duration-s (on an H200, "
+            "2026-11-30, qwen3-30b-a3b eager at C=512 put out 275 tokens in 30 s under ncu)"
+        )
+    errors = dict.fromkeys(ln.strip() for ln in text.splitlines() if ln.startswith("==ERROR=="))
+    if not errors:
         return None
-    skip = command[command.index("--launch-skip") + 1]  # ncu_command always sets it
+    # seen on an H200 (2026-11-30): the MoE GEMM failed with the embed server time-sliced
+    # beside gen, where gen alone, same command, profiled
     return (
-        f"ncu profiled no kernel: it skips the first {skip} launches of the kernels that match "
-        "(counted from the server's start-up on) and fewer ran before the run ended; lower "
-        "--launch-skip, or lengthen --warmup-s / --duration-s (on an H200, 2026-11-30, "
-        "qwen3-30b-a3b eager at C=512 put out 275 tokens in 30 s under ncu)"
+        f"ncu failed in the gen server ({gen_log}): " + " / ".join(errors)[:600] + "; with "
+        "another server on the GPU, profile a condition with gen alone to see whether that "
+        "server is the cause"
     )
 
 
@@ -323,7 +333,7 @@ def _execute(spec, cond, cmd: list[str], report: Path, run_dir: Path, console) -
     try:
         kernels = parse_raw_csv(done.stdout)
     except ValueError as e:
-        why = none_profiled(RunDir(run_dir).rep_dir(cond.name, 1) / "gen.log", cmd)
+        why = why_no_report(RunDir(run_dir).rep_dir(cond.name, 1) / "gen.log", cmd)
         said = done.stderr.strip()[-500:] or "nothing"
         say(console, "failed:", "red", "; ".join([why or f"{e}; ncu said: {said}", *failed]))
         return 1
