@@ -89,7 +89,8 @@ def test_against_a_baseline_that_runs_both_servers_the_verdict_names_it(tmp_path
         "**Verdict:** co-located, gen against dedicated; embed against embed-only: co-located: "
         "gen **"
     ), verdict
-    assert "; dedicated: embed **" in verdict and "dedicated: gen" not in verdict, verdict
+    assert "; dedicated (the gen baseline, not co-located): embed **" in verdict, verdict
+    assert "dedicated: gen" not in verdict, verdict
     assert "each server alone" not in verdict
     assert (
         "Co-located gen at least the dedicated GPUs' (the study's criterion), at 95 %: "

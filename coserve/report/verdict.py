@@ -39,8 +39,10 @@ def verdict(run: RunStats) -> str | None:
         return _no_baseline(run)
     gen_bases = sorted({c.gen_baseline for c in both if c.gen_delta})
     embed_bases = sorted({c.embed_baseline for c in both if c.embed_delta})
+    # a dedicated deployment (the gen baseline) runs both servers too: its embed delta is
+    # shown, but it is no co-location
     parts = "; ".join(
-        f"{c.name}: "
+        f"{c.name}{' (the gen baseline, not co-located)' if c.name in gen_bases else ''}: "
         + ", ".join(
             f"{role} {pct(d)}"
             for role, d in (("gen", c.gen_delta), ("embed", c.embed_delta))
