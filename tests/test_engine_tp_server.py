@@ -169,3 +169,39 @@ def test_a_tp_size_the_model_cannot_be_split_by_is_one_line_and_exit_2():
     assert proc.returncode == 2, proc.stderr
     assert "num_attention_heads (4) is not divisible by tensor_parallel_size 3" in proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.timeout(120)
+def test_a_worker_killed_at_start_up_ends_the_server_with_its_reason():
+    # Rank 0 then waits in the group's rendezvous, which nothing ends but the watcher's exit;
+    # its stacks said "between steps" and told nothing new.
+    import subprocess
+    import sys
+
+    from test_server_util import ROOT
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "coserve", "serve", "gen", "--model", "tiny-dense", *_COMMON]
+        + ["--port", "0"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        # the worker is the engine process's child; it needs a second or more to import
+        # torch and join, and is killed within ~10 ms of its start
+        worker, deadline = None, time.monotonic() + 60
+        while worker is None and time.monotonic() < deadline:
+            grandchildren = set().union(*map(descendants, descendants(proc.pid)))
+            worker = next(iter(grandchildren), None)
+            time.sleep(0.01)
+        assert worker is not None, "no worker started"
+        os.kill(worker, signal.SIGKILL)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 1, out
+    assert f"pid {worker}) died (exit code -9)" in out, out
+    assert "the engine failed while starting" in out and "while loading" in out, out
+    assert "Thread 0x" not in out and "between steps" not in out, out

@@ -17,7 +17,8 @@ aborted, not finalised), so no rank waits for another on the way out. Rank 0 wat
 workers: one that dies makes the step in progress (or the next) raise `WorkerDied`; unless
 rank 0's engine has shut down within `DEAD_EXIT_S` of the death (stuck in a collective or a
 wait on the GPU with the dead rank, or in the shutdown itself), its process writes every
-thread's stack to stderr and exits 1. A step that has not finished after `STEP_TIMEOUT_S`
+thread's stack to stderr (not while the engine starts: rank 0 then waits in the group's
+rendezvous) and exits 1. A step that has not finished after `STEP_TIMEOUT_S`
 (a worker stopped with SIGSTOP, a collective that hangs) fails the engine the same way."""
 
 from __future__ import annotations
@@ -79,6 +80,9 @@ class Workers:
         self.dead: str | None = None  # why a worker is gone, once one is
         self._dead_said = None  # the worker whose exit `dead` names (a pipe error names none)
         self.step_started: float | None = None  # monotonic start of the step in progress
+        # until the engine is built: rank 0 is then in the group's rendezvous or a start-up
+        # collective, where a dead worker leaves it waiting and its stacks tell nothing new
+        self.starting = True
         threading.Thread(target=self._watch, name="coserve-tp-watch", daemon=True).start()
 
     def send(self, msg) -> None:
@@ -164,12 +168,21 @@ class Workers:
         # the shutdown's sync), which nothing ends: past the deadline the process leaves.
         if self._closed.wait(DEAD_EXIT_S):
             return
-        log.error(
-            "rank 0 has not shut down %.0f s after the engine failed (%s; stacks follow); exiting",
-            DEAD_EXIT_S,
-            "stuck in a step" if self.step_started is not None else "between steps, not stopped",
-        )
-        faulthandler.dump_traceback(all_threads=True)
+        if self.starting:
+            log.error(
+                "the engine failed while starting (rank 0 waits in the group's rendezvous or "
+                "a start-up collective for the rank that is gone); exiting"
+            )
+        else:
+            stuck = self.step_started is not None
+            where = "stuck in a step" if stuck else "between steps, not stopped"
+            log.error(
+                "rank 0 has not shut down %.0f s after the engine failed (%s; stacks follow); "
+                "exiting",
+                DEAD_EXIT_S,
+                where,
+            )
+            faulthandler.dump_traceback(all_threads=True)
         logging.shutdown()
         os._exit(1)
 
@@ -278,6 +291,8 @@ class LeadsRanks:
         except BaseException:
             self.shutdown()
             raise
+        if self.workers is not None:
+            self.workers.starting = False
 
     @contextmanager
     def _ranks_step(self, timed: bool = True) -> Iterator[None]:
