@@ -6,10 +6,12 @@ embed seq/s (means over finished reps, with 95 % CIs) and latency percentiles (p
 requests, mean over reps). Per GPU is that divided by the condition's GPU count.
 
 - Dedicated: gen GPUs = ceil(X / gen-alone tok/s per GPU), embed GPUs = ceil(Y / embed-alone
-  seq/s per GPU); the fleet is their sum. A role alone is RunStats.alone's condition (as in
-  `coserve advise`): the spec's baseline where it runs the role alone, else the first
-  condition that does; a run without one (a two-GPU study) takes the role's figures from its
-  `exclusive` condition (each model on GPUs of its own), per GPU of that role.
+  seq/s per GPU); the fleet is their sum. A role alone is, of the conditions that ran it on
+  GPUs of its own (`RunStats.on_own_gpus`: the role alone, or `exclusive` with each model on
+  GPUs of its own, per GPU of that role), the one with the most per GPU: a dedicated
+  deployment would be set up its best measured way, as each co-located fleet is. In a
+  two-GPU study that is the dedicated TP=1 GPU, not the role alone at TP=2 (1.28x on two
+  GPUs: 0.64x per GPU).
 - Co-located condition c: each GPU delivers g_c tok/s and e_c seq/s together, so the fleet is
   max(ceil(X / g_c), ceil(Y / e_c)).
 
@@ -266,11 +268,12 @@ def _dedicated(run, demand: Demand) -> tuple[Dedicated | None, str | None]:
         if want == 0:
             found[role] = None
             continue
-        c = run.alone(role)
-        if c is None:
+        own = run.on_own_gpus(role)
+        if not own:
             return None, (
                 f"no dedicated fleet: the run has no finished condition running {role} alone"
             )
+        c = max(own, key=lambda cs: cs.summary[THROUGHPUT[role]].mean / _role_gpus(cs, role))
         if _ceil(want, c.summary[THROUGHPUT[role]].mean) is None:
             return None, f"no dedicated fleet: {c.name} measured no {role} throughput"
         found[role] = c

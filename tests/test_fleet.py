@@ -303,3 +303,25 @@ def test_a_two_gpu_study_sizes_the_dedicated_fleet_from_its_exclusive_condition(
     # it is the dedicated fleet, not one of the co-located ones
     assert "exclusive-tp1" not in [c.condition for c in f.colocated]
     assert [c.condition for c in f.colocated][0] == "tp2-symm-mps"
+
+
+TP2_CLOSED = TP2_EQUAL.parent / "tp2-closed"
+TP2_CLOSED_B = TP2_EQUAL.parent / "tp2-closed-b"
+
+
+def test_the_dedicated_fleet_takes_each_role_where_it_did_most_per_gpu():
+    # tp2-closed ran gen alone at TP=2 (34,173 tok/s on two GPUs: 17,087 per GPU) and
+    # exclusive-tp1 (gen 26,711 on its one GPU); the dedicated fleet took the TP=2 figure and
+    # came out 1.56x the GPUs a dedicated deployment at TP=1 needs
+    d = plan_fleet(aggregate(TP2_CLOSED), Demand(1_000_000, 0)).dedicated
+    assert d.gen_condition == "exclusive-tp1"
+    assert d.gen_per_gpu.mean == pytest.approx(26_711, rel=0.001)
+    assert d.gen_gpus.mean == math.ceil(1e6 / d.gen_per_gpu.mean) == 38
+    # tp2-closed-b: embed alone at TP=2 did 1,699 seq/s on two GPUs, exclusive-tp1's embed
+    # GPU 1,143 on one
+    run = aggregate(TP2_CLOSED_B)
+    assert run.alone("embed").name == "tp2-embed-alone"  # what advise quotes as embed alone
+    d = plan_fleet(run, Demand(0, 20_000)).dedicated
+    assert d.embed_condition == "exclusive-tp1"
+    assert d.embed_per_gpu.mean == pytest.approx(1_143, rel=0.001)
+    assert d.embed_gpus.mean == 18

@@ -183,21 +183,31 @@ class RunStats:
     def matrix(self) -> list[ConditionStats]:
         return [c for c in self.conditions if c.condition.sweep is None]
 
-    def alone(self, role: str) -> ConditionStats | None:
-        """The condition that measured `role` ("gen" or "embed") on GPUs of its own, among
-        those of the matrix (no sweep point) that finished a rep and measured the role's
-        THROUGHPUT: the spec's baseline where it runs the role alone, else the first condition
-        that does; without one, the baseline where it is `exclusive` (each model on GPUs of
-        its own), else the first `exclusive` one; None when there is none. `coserve advise`
-        (embed alone) and `coserve plan --fleet` (the dedicated fleet) both read this."""
+    def on_own_gpus(self, role: str) -> list[ConditionStats]:
+        """The matrix conditions (no sweep point) that finished a rep, measured `role`'s
+        ("gen" or "embed") THROUGHPUT and ran it on GPUs of its own: the role alone, or
+        `exclusive` (each model on GPUs of its own), in spec order."""
         metric = THROUGHPUT[role]
-        measured = [c for c in self.matrix if c.ok and metric in c.summary]
-        for own in (
-            [c for c in measured if list(c.condition.servers) == [role]],
-            [c for c in measured if c.condition.strategy == "exclusive"],
+        return [
+            c
+            for c in self.matrix
+            if c.ok
+            and metric in c.summary
+            and (list(c.condition.servers) == [role] or c.condition.strategy == "exclusive")
+        ]
+
+    def alone(self, role: str) -> ConditionStats | None:
+        """The condition `coserve advise` quotes as `role` alone, of `on_own_gpus`: the spec's
+        baseline where it runs the role alone, else the first condition that does; without
+        one, the baseline where it is `exclusive`, else the first `exclusive` one; None when
+        there is none."""
+        own = self.on_own_gpus(role)
+        for group in (
+            [c for c in own if list(c.condition.servers) == [role]],
+            [c for c in own if c.condition.strategy == "exclusive"],
         ):
-            if own:
-                return next((c for c in own if c.name == self.spec.baseline), own[0])
+            if group:
+                return next((c for c in group if c.name == self.spec.baseline), group[0])
         return None
 
     @property
