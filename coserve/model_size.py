@@ -4,11 +4,10 @@ memcheck compares it with what the engine allocates."""
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+
+from coserve.engine.presets import hf_config
 
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 
@@ -23,32 +22,11 @@ class ModelSize:
     kv_text: str = ""
 
 
-def _hf_config(model: str) -> dict[str, Any]:
-    """The HF config of a preset or a model directory."""
-    from coserve.engine.presets import get_preset
-
-    preset = get_preset(model)
-    if preset is not None:
-        if preset.hf_config:
-            return dict(preset.hf_config)
-        if preset.model_dir is not None:
-            return json.loads((Path(preset.model_dir) / "config.json").read_text())
-    path = Path(model) / "config.json"
-    if path.exists():
-        return json.loads(path.read_text())
-    from coserve.engine.presets import PRESETS
-
-    raise ValueError(
-        f"unknown model {model!r}: not a preset ({', '.join(PRESETS)}) "
-        f"nor a directory with a config.json"
-    )
-
-
 def model_size(model: str, dtype_bytes: int = 2, embedding: bool = False) -> ModelSize:
     """Parameters, weight bytes (FP8 block-quantised where the config says so) and KV bytes
     per token of a Qwen3 (dense or MoE) decoder or a BERT encoder. An `embedding` model
     (Qwen3-Embedding: pooled hidden states) has no lm_head."""
-    c = _hf_config(model)
+    c = hf_config(model)
     H, V = c["hidden_size"], c["vocab_size"]
     q = c.get("quantization_config") or {}
     fp8 = q.get("quant_method") == "fp8"

