@@ -33,7 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--resume",
         action="store_true",
-        help="add the missing reps to an existing run folder (same spec and GPU)",
+        help="add the missing reps to an existing run folder (same GPU; the same spec, or "
+        "one that only adds conditions)",
     )
     parser.add_argument(
         "--conditions",
