@@ -114,12 +114,19 @@ def builtin_supports(flag: str) -> bool:
     return flag in strings
 
 
+def _number(v: float) -> str:
+    """`v` as a flag value that reads back exactly ("5", "23.5", "3599999"; `:g` rounded to 6
+    digits, and a spec's 3,599,999 ms budget reached the server as 3.6e+06)."""
+    text = repr(float(v))
+    return text.removesuffix(".0")
+
+
 def _engine_flags(s: ServerSpec) -> list[str]:
     """The engine settings both `coserve serve` and `vllm serve` take under the same flag
     names; a setting left None is not passed (the server's own default holds)."""
     flags: list[str] = []
     if s.gpu_memory_utilization is not None:
-        flags += ["--gpu-memory-utilization", f"{s.gpu_memory_utilization:g}"]
+        flags += ["--gpu-memory-utilization", _number(s.gpu_memory_utilization)]
     if s.max_model_len is not None:
         flags += ["--max-model-len", str(s.max_model_len)]
     if s.max_num_seqs is not None:
@@ -156,9 +163,9 @@ def build_command(spec: ServerSpec, port: int, env: dict[str, str] | None = None
         if s.slo_guard_gen_url:
             cmd += ["--slo-guard-gen-url", s.slo_guard_gen_url]
             cmd += (
-                ["--gen-tpot-slo-ms", f"{s.gen_tpot_slo_ms:g}"]
+                ["--gen-tpot-slo-ms", _number(s.gen_tpot_slo_ms)]
                 if s.gen_tpot_slo_ms is not None
-                else ["--gen-tpot-slo-pct", f"{s.gen_tpot_slo_pct:g}"]
+                else ["--gen-tpot-slo-pct", _number(s.gen_tpot_slo_pct)]
             )
         # The built-in embed engine has no CUDA graphs, so its server refuses the flag; a
         # condition's enforce_eager still reaches gen (and both servers under vLLM).

@@ -53,6 +53,7 @@ from coserve.gpu.strategy_base import STRATEGIES as _STRATEGIES
 from coserve.gpu.strategy_base import TP_ALIASES
 from coserve.launch_command import LAUNCHERS, ServerSpec
 from coserve.roles import ROLES
+from coserve.server.slo_guard import BUDGET_MAX_MS
 from coserve.spec_check import build_dataclass, checked_overrides
 from coserve.spec_cosched import server_problems
 from coserve.spec_load import LoadSpec, ReportSpec, SweepPoint, SweepSpec, load_problems, plain
@@ -105,7 +106,7 @@ class ServerConfig:
         "one that runs its own guard, whose figures the run records)",
     )
     gen_tpot_slo_ms: float | None = _f(
-        None, gt=0.0, omit_default=True, help="the guard's budget in ms"
+        None, gt=0.0, le=BUDGET_MAX_MS, omit_default=True, help="the guard's budget in ms"
     )
     gen_tpot_slo_pct: float | None = _f(
         None,

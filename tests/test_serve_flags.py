@@ -110,3 +110,26 @@ def test_an_out_of_range_number_is_refused_with_its_own_range(argv, message, cap
     with pytest.raises(SystemExit) as e:
         main(["serve", "embed", "--model", "tiny-embed", "--port", "0", *argv])
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_guard_budget_past_its_bound_names_the_flag(capsys):
+    # it named GuardConfig's field, gen_tpot_slo_ms
+    argv = ["--slo-guard-gen-url", "http://127.0.0.1:9", "--gen-tpot-slo-ms", "5e6"]
+    assert main(["serve", "embed", "--model", "tiny-embed", "--port", "0", *argv]) == 2
+    assert "--gen-tpot-slo-ms: must be in (0, 3.6e+06] ms, got 5e+06" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--tensor-parallel-size", "abc"], "--tensor-parallel-size: must be a positive integer"),
+        (["--port", "x"], "--port: must be a TCP port in [0, 65535], got 'x'"),
+        (["--max-num-seqs", "1.5"], "--max-num-seqs: must be a positive integer, got '1.5'"),
+    ],
+)
+def test_a_flag_that_is_no_number_says_what_it_must_be(argv, message, capsys):
+    # argparse named the type function: "invalid positive_int value: 'abc'"
+    with pytest.raises(SystemExit) as e:
+        main(["serve", "gen", "--model", "tiny-dense", *argv])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and "invalid" not in err, err

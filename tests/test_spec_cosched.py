@@ -3,6 +3,8 @@ field, reach the server's command line, and the runner hands the embed server ge
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from test_experiment_runner import FakeBackend
 
@@ -87,6 +89,11 @@ def test_new_fields_at_their_defaults_keep_an_old_specs_digest():
             "gen_tpot_slo_pct = 5",
             "gen_tpot_slo_ms = 0",
             "conditions[2].embed.gen_tpot_slo_ms: 0.0 must be greater than 0.0",
+        ),
+        (  # the server's own bound: the dry run passed it, the rep's embed server refused it
+            "gen_tpot_slo_pct = 5",
+            "gen_tpot_slo_ms = 3.6e7",
+            "conditions[2].embed.gen_tpot_slo_ms: 36000000.0 must be at most 3600000.0",
         ),
         (
             "slo_guard = true, gen_tpot_slo_pct = 5",
@@ -203,6 +210,11 @@ def test_command_lines():
     assert cmd[cmd.index("--max-num-seqs") + 1] == "16"
     assert cmd[cmd.index("--slo-guard-gen-url") + 1] == "http://127.0.0.1:9000"
     assert cmd[cmd.index("--gen-tpot-slo-ms") + 1] == "23.5" and "--gen-tpot-slo-pct" not in cmd
+    # exact: `:g` sent 3,599,999 ms as 3.6e+06, past the server's bound
+    exact = ServerSpec(role="embed", model="tiny-embed", slo_guard_gen_url="http://x")
+    for budget, sent in ((3_599_999.0, "3599999"), (18.0, "18"), (0.1, "0.1")):
+        cmd = build_command(dataclasses.replace(exact, gen_tpot_slo_ms=budget), 1)
+        assert cmd[cmd.index("--gen-tpot-slo-ms") + 1] == sent
     vllm = build_command(
         ServerSpec(role="embed", launcher="vllm", model="x", max_num_batched_tokens=2048), 1
     )

@@ -17,12 +17,12 @@ from pathlib import Path
 
 from coserve.profile.ncu import LAUNCH_COUNT, LAUNCH_SKIP
 from coserve.server.profile_api import DEFAULT_MIN_S, DEFAULT_STEPS
-from coserve.server.serve_flags import non_negative_int, positive_int, seconds
+from coserve.server.serve_flags import non_negative_int, number, positive_int, seconds
 
 
 def _seconds(text: str) -> float:
     """Seconds in [0, 86400] (a load window of the spec: load.warmup_s's bounds)."""
-    v = float(text)
+    v = number(float, text, "a number of seconds in [0, 86400]")
     if not 0 <= v <= 86400:
         raise argparse.ArgumentTypeError(f"must be a number of seconds in [0, 86400], got {text}")
     return v

@@ -106,22 +106,31 @@ def http_url_problem(flag: str, url: str) -> str | None:
     return None
 
 
+def number(kind: type, text: str, what: str):
+    """`text` as `kind` (int or float), or ArgumentTypeError "must be WHAT, got 'TEXT'"
+    (argparse's own message names the type function: "invalid positive_int value")."""
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+
+
 def positive_float(text: str) -> float:
-    v = float(text)
+    v = number(float, text, "a positive number")
     if not 0 < v < 1e9:
         raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
     return v
 
 
 def non_negative_float(text: str) -> float:
-    v = float(text)
+    v = number(float, text, "a number >= 0")
     if not 0 <= v < 1e9:
         raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
     return v
 
 
 def percent(text: str) -> float:
-    v = float(text)
+    v = number(float, text, "a percentage in [0, 1000]")
     if not 0 <= v <= 1000:
         raise argparse.ArgumentTypeError(f"must be a percentage in [0, 1000], got {text}")
     return v
@@ -135,6 +144,9 @@ _GUARD_FLAGS = {  # the probes' flags, by GuardConfig field (a percentage budget
     "probe_s": "--slo-guard-probe-s",
     "settle_s": "--slo-guard-settle-s",
 }
+
+
+_BUDGET_FLAGS = {"gen_tpot_slo_ms": "--gen-tpot-slo-ms", "gen_tpot_slo_pct": "--gen-tpot-slo-pct"}
 
 
 def guard_config(args, max_model_len: int):
@@ -186,9 +198,10 @@ def guard_config(args, max_model_len: int):
         )
     except ValueError as e:  # name the flag rather than the GuardConfig field
         field, _, why = str(e).partition(": ")
-        if field not in _GUARD_FLAGS:
+        flag = _GUARD_FLAGS.get(field) or _BUDGET_FLAGS.get(field)
+        if flag is None:
             raise
-        raise ValueError(f"{_GUARD_FLAGS[field]}: {why}") from None
+        raise ValueError(f"{flag}: {why}") from None
 
 
 def guard_options(args, max_model_len: int) -> dict:
@@ -216,21 +229,21 @@ def parse_bytes(text: str) -> int:
 
 
 def fraction(text: str) -> float:
-    v = float(text)
+    v = number(float, text, "in (0, 1]")
     if not 0.0 < v <= 1.0:
         raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
     return v
 
 
 def positive_int(text: str) -> int:
-    v = int(text)
+    v = number(int, text, "a positive integer")
     if v <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
     return v
 
 
 def non_negative_int(text: str) -> int:
-    v = int(text)
+    v = number(int, text, "0 or more")
     if v < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
     return v
@@ -238,14 +251,14 @@ def non_negative_int(text: str) -> int:
 
 def tcp_port(text: str) -> int:
     """A TCP port, 0 for any free one (the socket layer takes a larger number modulo 65536)."""
-    v = int(text)
+    v = number(int, text, "a TCP port in [0, 65535]")
     if not 0 <= v <= 65535:
         raise argparse.ArgumentTypeError(f"must be a TCP port in [0, 65535], got {text}")
     return v
 
 
 def seconds(text: str) -> float:
-    v = float(text)
+    v = number(float, text, "a number of seconds in [0, 1e6)")
     if not 0 <= v < 1e6:
         raise argparse.ArgumentTypeError(f"must be a number of seconds in [0, 1e6), got {text}")
     return v

@@ -47,6 +47,7 @@ from coserve.server.slo_guard_fit import Baseline, ProbePoint, fit_baseline
 log = logging.getLogger("coserve.server")
 
 STATS = ("mean", "p99")
+BUDGET_MAX_MS = 3.6e6  # an hour: a budget past it is a typo (a spec's bound too)
 
 
 @dataclass(frozen=True)
@@ -131,9 +132,10 @@ class GuardConfig:
             raise ValueError(
                 "gen_tpot_slo: give exactly one of gen_tpot_slo_ms and gen_tpot_slo_pct"
             )
-        if self.budget_s is not None and not 0 < self.budget_s < 3600:
+        if self.budget_s is not None and not 0 < self.budget_s * 1e3 <= BUDGET_MAX_MS:
             raise ValueError(
-                f"gen_tpot_slo_ms: must be in (0, 3.6e6) ms, got {self.budget_s * 1e3:g}"
+                f"gen_tpot_slo_ms: must be in (0, {BUDGET_MAX_MS:g}] ms, got "
+                f"{self.budget_s * 1e3:g}"
             )
         if self.over_alone_pct is not None and not 0 <= self.over_alone_pct <= 1000:
             raise ValueError(f"gen_tpot_slo_pct: must be in [0, 1000], got {self.over_alone_pct:g}")
