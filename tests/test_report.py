@@ -146,6 +146,11 @@ def test_unreadable_files_are_named_not_a_traceback(run_dir, tmp_path, capsys):
     assert "**Warning:** could not read 3 file(s)" in md
     assert "rep-2/rep.json: not a JSON object (holds a list)" in md
     assert "fingerprint.json: not valid JSON" in md
+    # a lost fingerprint.json is one more file it could not read, not the end of the report
+    (bad / "fingerprint.json").unlink()
+    assert main(["report", str(bad), "--no-plots"]) == 0
+    md = (bad / "report.md").read_text()
+    assert "fingerprint.json: No such file or directory" in md and "| gen-only |" in md
 
 
 def test_junk_lines_in_a_telemetry_series_are_skipped(run_dir, tmp_path):

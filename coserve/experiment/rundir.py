@@ -141,6 +141,10 @@ class RunDir:
     def exists(self) -> bool:
         return self.fingerprint_file.exists()
 
+    def readable(self) -> bool:
+        """A run folder to report on: its fingerprint.json or, that lost, its spec.json."""
+        return self.exists() or self.spec_json.exists()
+
     def is_empty(self) -> bool:
         return not self.path.exists() or not any(p.name != LOCK_NAME for p in self.path.iterdir())
 

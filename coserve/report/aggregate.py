@@ -286,8 +286,10 @@ def aggregate(path: str | Path) -> RunStats:
     rd = RunDir(path)
     if not rd.path.exists():
         raise FileNotFoundError(f"{rd.path} does not exist")
-    if not rd.exists():
-        raise FileNotFoundError(f"{rd.path} is not a coserve run folder (no fingerprint.json)")
+    if not rd.readable():
+        raise FileNotFoundError(
+            f"{rd.path} is not a coserve run folder (no fingerprint.json nor spec.json)"
+        )
     spec = load_spec_of(rd)
     scan = rd.scan_records()
     unreadable = list(scan.unreadable)

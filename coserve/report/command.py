@@ -16,17 +16,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
+    from coserve.experiment.rundir import RunDir
     from coserve.report.render import console_table, render
     from coserve.spec import SpecError
     from coserve.term import stdout_console
 
     console = stdout_console()
-    if not (Path(args.run_dir) / "fingerprint.json").exists():
+    if not RunDir(args.run_dir).readable():
         console.print(
-            f"[red]{args.run_dir} is not a coserve run folder[/red] (no fingerprint.json; "
-            f"`coserve run SPEC.toml --out DIR` makes one)"
+            f"[red]{args.run_dir} is not a coserve run folder[/red] (no fingerprint.json nor "
+            f"spec.json; `coserve run SPEC.toml --out DIR` makes one)"
         )
         return 2
     try:
