@@ -402,10 +402,10 @@ def request_values(run: RunStats, cs: ConditionStats, key: str, endpoint: str) -
 def telemetry_series(
     run: RunStats, cs: ConditionStats, name: str = "telemetry.jsonl"
 ) -> tuple[list[dict], dict] | None:
-    """Rows of the first finished rep's telemetry (or of another per-second trace in the rep
-    folder with Unix-time `t`, such as the SLO guard's `slo_guard.jsonl`), each with
+    """Rows of the first finished rep whose telemetry holds any (or whose other per-second
+    trace with Unix-time `t` does, such as the SLO guard's `slo_guard.jsonl`), each with
     `t_load_s`, seconds since the load started, and that rep's bench summary; None when no
-    rep has the file."""
+    rep has rows."""
     import datetime as dt
 
     for r in cs.ok:

@@ -104,8 +104,9 @@ def build(run: RunStats, plot_paths: dict[str, Path]) -> list[Block]:
             Block("h2", "SLO guard"),
             Block(
                 "p",
-                "The guard's figures sampled through the load (each guarded condition's first "
-                "finished rep, its `slo_guard.jsonl`): gen's step time against the budget, "
+                "The guard's figures sampled through the load (of each guarded condition, "
+                "the first finished rep whose `slo_guard.jsonl` holds figures): gen's step "
+                "time against the budget, "
                 "the probes that hold embed to measure gen alone, and embed's allowance.",
             ),
             Block("img", "SLO guard over time", path=plot_paths["guard"]),
