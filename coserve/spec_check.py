@@ -27,6 +27,13 @@ def describe_type(tp: Any) -> str:
     )
 
 
+def _toml(value: Any) -> str:
+    """A value as the spec spells it: TOML's true/false (Python's repr said "True")."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    return repr(value)
+
+
 def _check_scalar(value: Any, tp: Any, meta: dict, path: str, errors: list[str]) -> Any:
     if tp is bool:
         ok = isinstance(value, bool)
@@ -44,7 +51,7 @@ def _check_scalar(value: Any, tp: Any, meta: dict, path: str, errors: list[str])
     else:  # pragma: no cover - schema error
         raise TypeError(tp)
     if not ok:
-        errors.append(f"{path}: {value!r} is not {describe_type(tp)}")
+        errors.append(f"{path}: {_toml(value)} is not {describe_type(tp)}")
         return None
     if "choices" in meta and value not in meta["choices"]:
         errors.append(f"{path}: {value!r} is not one of {', '.join(meta['choices'])}")

@@ -117,6 +117,11 @@ def test_new_fields_at_their_defaults_keep_an_old_specs_digest():
             "slo_guard = 1, ",
             "conditions[2].embed.slo_guard: 1 is not true/false",
         ),
+        (  # in TOML's spelling; it said Python's "True"
+            "gen_tpot_slo_pct = 5",
+            "gen_tpot_slo_ms = true",
+            "conditions[2].embed.gen_tpot_slo_ms: true is not a number",
+        ),
         (
             'name = "guard"\n',
             'name = "guard"\nservers = ["embed"]\n',
