@@ -84,7 +84,11 @@ def test_tp2_gen_server_answers_and_its_worker_dies_when_it_is_killed():
 
 @pytest.mark.timeout(120)
 def test_tp2_embed_server_stops_its_worker_on_sigterm():
-    with coserve_serve("embed", "--model", "tiny-embed", *_COMMON) as s:
+    # NCCL's interface (unused by CPU ranks) set by the user: kept, and said
+    env = {"NCCL_SOCKET_IFNAME": "bogus0"}
+    with coserve_serve("embed", "--model", "tiny-embed", *_COMMON, env=env) as s:
+        said = "sockets follow NCCL_SOCKET_IFNAME=bogus0 from the environment, not loopback"
+        assert said in s.log_tail(400)
         status, body = post(s.url + "/v1/embeddings", {"input": [[1, 2, 3], [4, 5]]})
         assert status == 200 and len(body["data"]) == 2, body
         workers = _worker_pids(s)

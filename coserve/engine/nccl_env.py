@@ -15,3 +15,5 @@ NO_MULTICAST_ENV: dict[str, str] = {
 # reason to listen beyond loopback; by default NCCL picks the first non-loopback interface.
 # Set with setdefault: a user's own NCCL_SOCKET_IFNAME wins.
 LOOPBACK_SOCKET_ENV: dict[str, str] = {"NCCL_SOCKET_IFNAME": "lo"}
+# The variables that can put those sockets (NCCL's, and gloo's on CPU ranks) elsewhere.
+SOCKET_IFNAME_VARS = ("NCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME")

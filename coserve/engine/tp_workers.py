@@ -43,7 +43,7 @@ import torch.multiprocessing as mp
 
 from coserve.engine import parallel
 from coserve.engine.messages import Call, Sent, Stop
-from coserve.engine.nccl_env import LOOPBACK_SOCKET_ENV, NO_MULTICAST_ENV
+from coserve.engine.nccl_env import LOOPBACK_SOCKET_ENV, NO_MULTICAST_ENV, SOCKET_IFNAME_VARS
 from coserve.engine.presets import hf_config
 from coserve.engine.types import EngineArgs
 
@@ -241,6 +241,12 @@ def launch(build_rank: Callable, args: EngineArgs, device: torch.device) -> Work
     os.environ.update(NO_MULTICAST_ENV)  # the workers inherit both
     for key, value in LOOPBACK_SOCKET_ENV.items():
         os.environ.setdefault(key, value)
+    beyond = {k: os.environ[k] for k in SOCKET_IFNAME_VARS if os.environ.get(k, "lo") != "lo"}
+    if beyond:
+        log.warning(
+            "the tensor-parallel ranks' sockets follow %s from the environment, not loopback",
+            ", ".join(f"{k}={v}" for k, v in beyond.items()),
+        )
     # the group's store listens here, on loopback only (parallel.group_store)
     listen = socket.socket()
     listen.bind(("127.0.0.1", 0))
