@@ -92,9 +92,10 @@ HARDWARE: tuple[HardwareRecord, ...] = (
     ),
     HardwareRecord("coserve export's files; coserve run --ray", None),
     HardwareRecord(
-        "tensor parallel: the ranks' rendezvous on a loopback socket, symm-mem as the default "
-        "all-reduce (the embed server's too)",
-        None,
+        "tensor parallel: the ranks' rendezvous and NCCL's sockets on loopback, symm-mem as "
+        "the default all-reduce (the embed server's too)",
+        "2x H200, 2026-11-30 (docs/performance.md: the served TP tests; docs/study.md: the "
+        "closed loop with symm-mem everywhere)",
     ),
     HardwareRecord(
         "serve colocated: stream priorities, green contexts (--embed-sms)",
