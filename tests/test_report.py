@@ -103,7 +103,10 @@ def test_report_command_rerenders(run_dir, capsys):
         return md.split("## Throughput\n\n")[1].split("\n\n")[0]
 
     assert table(after) == table(before) and "| gen-only |" in table(after)
-    assert "gen-only" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "gen-only" in out
+    verdict = next(ln for ln in after.splitlines() if ln.startswith("**Verdict:**"))
+    assert verdict.replace("**", "") in " ".join(out.split())  # as `coserve run` prints it
     assert main(["report", str(run_dir.parent)]) == 2
     assert "not a coserve run folder" in capsys.readouterr().out
 

@@ -17,7 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from coserve.experiment.rundir import RunDir
-    from coserve.report.render import console_table, render
+    from coserve.report.render import console_table, render, verdict
     from coserve.spec import SpecError
     from coserve.term import stdout_console
 
@@ -46,5 +46,8 @@ def run(args: argparse.Namespace) -> int:
 
         console.print(f"[yellow]warning:[/yellow] {escape(out.run.unreadable_text())}")
     console.print(console_table(out.run))
+    line = verdict(out.run)
+    if line:  # as `coserve run` prints it
+        console.print(line.replace("**", ""), markup=False, highlight=False)
     console.print(f"report: {out.markdown}\n        {out.html}")
     return 0
