@@ -70,6 +70,10 @@ def test_a_kernel_name_that_is_not_a_regex_is_refused(tmp_path, capsys):
         main(["profile", DEMO, "--condition", "gen-only", "--ncu", "--kernel-name", "(rms"])
     assert e.value.code == 2
     assert "--kernel-name: not a regular expression" in capsys.readouterr().err
+    # an empty one was dropped: every kernel profiled, unasked
+    with pytest.raises(SystemExit) as e:
+        main(["profile", DEMO, "--condition", "gen-only", "--ncu", "--kernel-name", ""])
+    assert e.value.code == 2 and "--kernel-name: must not be empty" in capsys.readouterr().err
 
 
 def test_resume_on_reps_run_without_the_profiler_is_refused(tmp_path, capsys):

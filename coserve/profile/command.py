@@ -37,7 +37,10 @@ def _window(text: str) -> float:
 
 
 def _regex(text: str) -> str:
-    """A kernel-name pattern ncu's `regex:` takes; Python's re stands in for its syntax check."""
+    """A kernel-name pattern ncu's `regex:` takes; Python's re stands in for its syntax check.
+    An empty one is refused: it was dropped, so ncu profiled every kernel unasked."""
+    if not text:
+        raise argparse.ArgumentTypeError("must not be empty (leave the flag out for every kernel)")
     try:
         re.compile(text)
     except re.error as e:
