@@ -22,10 +22,7 @@ from coserve.server.serve_flags import non_negative_int, number, positive_int, s
 
 def _seconds(text: str) -> float:
     """Seconds in [0, 86400] (a load window of the spec: load.warmup_s's bounds)."""
-    v = number(float, text, "a number of seconds in [0, 86400]")
-    if not 0 <= v <= 86400:
-        raise argparse.ArgumentTypeError(f"must be a number of seconds in [0, 86400], got {text}")
-    return v
+    return number(float, text, "a number of seconds in [0, 86400]", lambda v: 0 <= v <= 86400)
 
 
 def _window(text: str) -> float:

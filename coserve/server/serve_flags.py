@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -106,34 +107,29 @@ def http_url_problem(flag: str, url: str) -> str | None:
     return None
 
 
-def number(kind: type, text: str, what: str):
-    """`text` as `kind` (int or float), or ArgumentTypeError "must be WHAT, got 'TEXT'"
-    (argparse's own message names the type function: "invalid positive_int value")."""
+def number(kind: type, text: str, what: str, ok: Callable[[Any], bool]):
+    """`text` as `kind` (int or float) where `ok` holds for it; else ArgumentTypeError "must be
+    WHAT, got TEXT", also for no number at all (argparse's own message named the type
+    function: "invalid positive_int value")."""
     try:
-        return kind(text)
+        v = kind(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+        v = None
+    if v is None or not ok(v):
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+    return v
 
 
 def positive_float(text: str) -> float:
-    v = number(float, text, "a positive number")
-    if not 0 < v < 1e9:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return v
+    return number(float, text, "a positive number", lambda v: 0 < v < 1e9)
 
 
 def non_negative_float(text: str) -> float:
-    v = number(float, text, "a number >= 0")
-    if not 0 <= v < 1e9:
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
-    return v
+    return number(float, text, "a number >= 0", lambda v: 0 <= v < 1e9)
 
 
 def percent(text: str) -> float:
-    v = number(float, text, "a percentage in [0, 1000]")
-    if not 0 <= v <= 1000:
-        raise argparse.ArgumentTypeError(f"must be a percentage in [0, 1000], got {text}")
-    return v
+    return number(float, text, "a percentage in [0, 1000]", lambda v: 0 <= v <= 1000)
 
 
 # The kinds of server that can run the SLO guard: an embed server, and the colocated one
@@ -229,36 +225,21 @@ def parse_bytes(text: str) -> int:
 
 
 def fraction(text: str) -> float:
-    v = number(float, text, "in (0, 1]")
-    if not 0.0 < v <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
-    return v
+    return number(float, text, "in (0, 1]", lambda v: 0.0 < v <= 1.0)
 
 
 def positive_int(text: str) -> int:
-    v = number(int, text, "a positive integer")
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return v
+    return number(int, text, "a positive integer", lambda v: v > 0)
 
 
 def non_negative_int(text: str) -> int:
-    v = number(int, text, "0 or more")
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
-    return v
+    return number(int, text, "0 or more", lambda v: v >= 0)
 
 
 def tcp_port(text: str) -> int:
     """A TCP port, 0 for any free one (the socket layer takes a larger number modulo 65536)."""
-    v = number(int, text, "a TCP port in [0, 65535]")
-    if not 0 <= v <= 65535:
-        raise argparse.ArgumentTypeError(f"must be a TCP port in [0, 65535], got {text}")
-    return v
+    return number(int, text, "a TCP port in [0, 65535]", lambda v: 0 <= v <= 65535)
 
 
 def seconds(text: str) -> float:
-    v = number(float, text, "a number of seconds in [0, 1e6)")
-    if not 0 <= v < 1e6:
-        raise argparse.ArgumentTypeError(f"must be a number of seconds in [0, 1e6), got {text}")
-    return v
+    return number(float, text, "a number of seconds in [0, 1e6)", lambda v: 0 <= v < 1e6)
