@@ -102,6 +102,7 @@ def test_seed_specs_carry_the_studys_settings():
         "tp2-mps-sm50-lowprio": "tp+mps",
         "tp2-mps-guard5": "tp+mps",
         "tp2-mps-guard-tp1": "tp+mps",
+        "tp2-mps-sm50-guard-tp1": "tp+mps",
         "tp2-ep-gen-alone": "tp+timeslice",
         "tp2-ep-mps": "tp+mps",
         "tp2-nccl-gen-alone": "tp+timeslice",

@@ -58,6 +58,7 @@ def test_the_closed_loop_spec_holds_every_condition_of_the_issue():
         "tp2-mps-sm50-lowprio": ("tp+mps", both, capped, {}, {}),
         "tp2-mps-guard5": ("tp+mps", both, tp2, {}, guard),
         "tp2-mps-guard-tp1": ("tp+mps", both, tp2, {}, guard_ms),
+        "tp2-mps-sm50-guard-tp1": ("tp+mps", both, capped, {}, guard_ms),
         "tp2-ep-gen-alone": ("tp+timeslice", gen, tp2, {"extra_args": EP}, {}),
         "tp2-ep-mps": ("tp+mps", both, tp2, {"extra_args": EP}, {}),
         "tp2-nccl-gen-alone": ("tp+timeslice", gen, tp2, {"extra_args": NCCL}, {}),
@@ -68,7 +69,7 @@ def test_the_closed_loop_spec_holds_every_condition_of_the_issue():
         ld = c.load_for(CLOSED)
         assert (ld.gen_concurrency, ld.embed_concurrency, ld.embed_rate) == (512, 64, None)
         assert (ld.embed_batch, ld.warmup_s, ld.duration_s) == (8, 30, 60)
-    assert len(CLOSED.schedule()) == 36
+    assert len(CLOSED.schedule()) == 39
 
 
 def test_the_equal_work_spec_offers_490_and_the_full_rate_to_the_same_conditions():
