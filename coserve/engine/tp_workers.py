@@ -227,10 +227,8 @@ def launch(build_rank: Callable, args: EngineArgs, device: torch.device) -> Work
     # before any rank starts: a size the heads cannot be split by (99999 started that many
     # processes, each failing alone) is refused once, here
     heads = hf_config(args.model).get("num_attention_heads")
-    if isinstance(heads, int) and heads % n:
-        raise ValueError(
-            f"num_attention_heads ({heads}) is not divisible by tensor_parallel_size {n}"
-        )
+    if isinstance(heads, int):
+        parallel.require_divisible(heads, n, "num_attention_heads")
     # rank 0 decides once: a worker, a fresh process, would resolve "auto" on its own
     args = replace(args, tp_all_reduce=parallel.resolve_all_reduce(args.tp_all_reduce, device, n))
     if device.type == "cuda" and (device.index or 0) + n > torch.cuda.device_count():

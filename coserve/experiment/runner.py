@@ -123,7 +123,8 @@ class Runner:
                     "reps ran on, so the run cannot be resumed safely: restore the file or use "
                     "another --out"
                 ) from None
-            if refuse and old_spec is not None and old["spec"]["hash"] != new["spec"]["hash"]:
+            spec_changed = old["spec"]["hash"] != new["spec"]["hash"]
+            if refuse and old_spec is not None and spec_changed:
                 changes = fpmod.spec_changes(old_spec, spec_dict)
                 if changes:
                     refuse[0] += (
@@ -138,7 +139,7 @@ class Runner:
                     f"{rd.spec_file})."
                 )
             self.warnings = warn
-            if old["spec"]["hash"] != new["spec"]["hash"]:  # grown: the folder takes the spec
+            if spec_changed:  # grown (else refused): the folder takes the spec
                 old["spec"] = {**new["spec"], "before": old["spec"]}
                 self._write_spec(spec_dict, old)
         else:  # a new or empty folder (run() refused any other)
