@@ -7,11 +7,21 @@ from __future__ import annotations
 import os
 import re
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
-from test_server_util import StreamInThread, coserve_serve, descendants, gone_within, post, running
+from test_server_util import (
+    ROOT,
+    StreamInThread,
+    coserve_serve,
+    descendants,
+    gone_within,
+    post,
+    running,
+)
 
 
 def _worker_pids(server) -> list[int]:
@@ -160,11 +170,6 @@ def test_tp2_expert_parallel_server_answers():
 def test_a_tp_size_the_model_cannot_be_split_by_is_one_line_and_exit_2(size):
     # refused before any rank starts: 99999 started that many processes, and each rank said
     # the same error again
-    import subprocess
-    import sys
-
-    from test_server_util import ROOT
-
     proc = subprocess.run(
         [sys.executable, "-m", "coserve", "serve", "gen", "--model", "tiny-dense"]
         + ["--random-weights", "--device", "cpu", "--tensor-parallel-size", str(size)]
@@ -186,11 +191,6 @@ def test_a_tp_size_the_model_cannot_be_split_by_is_one_line_and_exit_2(size):
 def test_a_worker_killed_at_start_up_ends_the_server_with_its_reason():
     # Rank 0 then waits in the group's rendezvous, which nothing ends but the watcher's exit;
     # its stacks said "between steps" and told nothing new.
-    import subprocess
-    import sys
-
-    from test_server_util import ROOT
-
     proc = subprocess.Popen(
         [sys.executable, "-m", "coserve", "serve", "gen", "--model", "tiny-dense", *_COMMON]
         + ["--port", "0"],
