@@ -194,6 +194,36 @@ def test_a_sender_held_at_the_cap_since_the_warm_up_says_so():
     assert "0 arrivals" not in e["warning"] and "--embed-concurrency" in e["warning"]
 
 
+def _embed_queue(rate, served, latency_s=0.1, warmup=10.0, duration=20.0):
+    """An open-loop embed endpoint offered `rate` req/s that answers `served` req/s in order
+    (a FIFO server): request i is sent at i / rate and ends at i / served + latency_s; the
+    bench cuts what is still waiting when the window ends."""
+    end_of_run = warmup + duration
+    ep = EndpointRun("embed", "http://e", "m", 256, rate=rate)
+    for i in range(int(rate * end_of_run)):
+        start, end = i / rate, i / served + latency_s
+        r = RequestRecord("embed", i, start, scheduled_s=start, end_s=min(end, end_of_run))
+        r.status = "ok" if end < end_of_run else "cancelled"
+        if r.status == "ok":
+            r.latency_ms, r.sequences = (end - start) * 1e3, 8
+        ep.records.append(r)
+    in_window = [r for r in ep.records if warmup <= r.start_s < end_of_run]
+    ep.scheduled_window = ep.sent_window = ep.sent_of_scheduled = len(in_window)
+    return _result(embed=ep, warmup=warmup, duration=duration).summary()["embed"]
+
+
+def test_an_open_loop_whose_queue_grows_did_not_keep_up_though_the_cap_was_never_hit():
+    """The 18 ms SLO guard on two H200s (2026-11-30) served 431 of the 490 seq/s offered:
+    every arrival was sent, the 256-slot cap was never reached in a 20 s window, and the
+    summary said it kept up."""
+    e = _embed_queue(rate=61.25, served=61.25)
+    assert e["kept_up"] is True and e["warning"] is None
+    e = _embed_queue(rate=61.25, served=54.0)  # 88 % served: ~145 more waiting at the end
+    assert e["kept_up"] is False
+    assert "requests in flight grew from" in e["warning"]
+    assert "answered slower than they arrived" in e["warning"]
+
+
 def test_goodput_counts_requests_meeting_every_bound():
     ep = EndpointRun("gen", "http://g", "m", 4)
     # (ttft, e2e, n): tpot = (e2e - ttft) / (n - 1)

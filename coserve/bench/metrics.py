@@ -19,7 +19,10 @@ Window accounting: the window is [warmup, warmup + duration) after t0.
 Rate and goodput (open loop; see docs/bench.md):
 - achieved_rate_rps = requests *sent* inside the window / window; offered_rate_rps = the
   rate asked. kept_up is False when fewer than 95 % of the arrivals the schedule put in the
-  window were sent before the run stopped, or an arrival found the in-flight cap full.
+  window were sent before the run stopped, an arrival found the in-flight cap full, or the
+  requests in flight grew over the window by more than 5 % of those scheduled in it (and by
+  more than chance allows: 3 standard deviations of the difference of two Poisson counts),
+  that is, the server answered slower than they arrived even though the cap was not reached.
   send_late_ms: how long after its scheduled time each of those requests left.
 - Either mode: kept_up is False, and the warning says so, when requests were sent but
   nothing (no token, no answer, no failure) came back inside the window, or for too long
@@ -31,6 +34,7 @@ Rate and goodput (open loop; see docs/bench.md):
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -110,6 +114,31 @@ def nothing_answered(result: BenchResult, ep: EndpointRun) -> str | None:
     )
 
 
+def _in_flight(ep: EndpointRun, t: float) -> int:
+    """Requests of `ep` sent at or before `t` (s after t0) and not ended by then; one the
+    bench cut when it stopped was still waiting, whatever time its cut was stamped with."""
+    return sum(
+        r.start_s <= t and (r.end_s is None or r.end_s > t or r.status == "cancelled")
+        for r in ep.records
+    )
+
+
+def _backlog_growth(result: BenchResult, ep: EndpointRun, sched: int) -> str | None:
+    """Why the open loop fell behind with the cap never reached: more requests in flight at
+    the window's end than at its start, beyond 5 % of the window's schedule and beyond what
+    chance gives a steady queue (its in-flight count is about Poisson, so the difference of
+    two counts has a standard deviation of sqrt(2 x the count)); None when it did not."""
+    start = _in_flight(ep, result.window_start - result.t0)
+    end = _in_flight(ep, min(result.window_end, result.stopped_at) - result.t0)
+    grew = end - start
+    if grew <= (1 - KEPT_UP) * sched or grew <= 3 * math.sqrt(2 * max(start, 1)):
+        return None
+    return (
+        f"the requests in flight grew from {start} to {end} over the window: the server "
+        f"answered slower than they arrived"
+    )
+
+
 def _rate(result: BenchResult, ep: EndpointRun, window: float) -> dict:
     """mode, offered and achieved rate, kept_up and its warning (the JSON contract)."""
     achieved = ep.sent_window / window if window > 0 else 0.0
@@ -143,6 +172,9 @@ def _rate(result: BenchResult, ep: EndpointRun, window: float) -> dict:
             f"sent {ep.sent_of_scheduled} of the {sched} requests scheduled in "
             f"the window ({achieved:.4g} of {ep.rate:g} req/s offered)"
         )
+    grew = _backlog_growth(result, ep, sched)
+    if grew is not None:
+        problems.append(grew)
     held = []
     if ep.cap_waits:
         held.append(
