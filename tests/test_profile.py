@@ -19,7 +19,7 @@ from coserve.engine.kernels import KERNEL_RANGE
 from coserve.engine.messages import Profile
 from coserve.profile.ncu import ncu_command, ncu_problem, parse_raw_csv
 from coserve.profile.records import RepProfile
-from coserve.profile.trace import analyze, classify, gaps_us, union_ms
+from coserve.profile.trace import Coverage, analyze, classify, gaps_us
 from coserve.server.step_profile import STEP_RANGE, StepProfiler
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -161,8 +161,12 @@ def test_interval_helpers_and_classes():
     from coserve.profile.trace import Interval
 
     ivs = [Interval("a", 0, 10), Interval("b", 5, 10), Interval("c", 30, 10)]
-    assert union_ms(ivs, 0, 100) == pytest.approx(0.025)
-    assert union_ms(ivs, 8, 35) == pytest.approx(0.012)  # 8-15 and 30-35
+    covered = Coverage(ivs)
+    assert covered.ms(0, 100) == pytest.approx(0.025)
+    assert covered.ms(8, 35) == pytest.approx(0.012)  # 8-15 and 30-35
+    assert covered.ms(12, 14) == pytest.approx(0.002)  # inside one merged interval
+    assert covered.ms(15, 30) == 0.0 and covered.ms(-5, 0) == 0.0
+    assert Coverage([]).ms(0, 100) == 0.0
     assert gaps_us(ivs) == [0.0, 15.0]
     assert classify("void flash_fwd_splitkv_kernel<...>") == "attention"
     assert classify("fused_moe_kernel") == "moe_gemm"

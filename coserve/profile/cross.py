@@ -9,7 +9,7 @@ reported falsified by an nsys gap analysis)."""
 from __future__ import annotations
 
 from coserve.profile.records import Interleave
-from coserve.profile.trace import Interval, kernels_of, steps_of, union_ms
+from coserve.profile.trace import Coverage, Interval, kernels_of, steps_of
 
 
 def _window(events: list[dict]) -> tuple[float, float] | None:
@@ -40,13 +40,14 @@ def interleave_of(gen: list[Interval], embed: list[Interval], lo: float, hi: flo
     gen = [k for k in gen if lo <= k.start < hi]
     embed = [k for k in embed if k.end > lo and k.start < hi]
     out = Interleave(window_ms=(hi - lo) / 1e3, embed_kernels=len(embed))
+    covered = Coverage(embed)
     latest = None
     for k in gen:
         end = min(k.end, hi)
         out.gen_kernel_ms += (end - k.start) / 1e3
-        out.gen_kernel_overlapped_ms += union_ms(embed, k.start, end)
+        out.gen_kernel_overlapped_ms += covered.ms(k.start, end)
         if latest is not None and k.start > latest:
             out.gen_gap_ms += (k.start - latest) / 1e3
-            out.gen_gap_filled_ms += union_ms(embed, latest, k.start)
+            out.gen_gap_filled_ms += covered.ms(latest, k.start)
         latest = end if latest is None else max(latest, end)
     return out
