@@ -7,6 +7,7 @@ from __future__ import annotations
 from coserve.report.aggregate import RunStats, embed_baseline
 from coserve.report.blocks import pct
 from coserve.report.sections import on_cpu
+from coserve.report.tradeoff import EQUAL_WORK_TOLERANCE
 
 
 def _no_baseline(run: RunStats) -> str | None:
@@ -96,8 +97,20 @@ def _criterion(run: RunStats, both: list) -> str:
             return "yes"
         return "no" if d.ci_high < 0 else "open (the CI crosses 0)"
 
+    def work(c) -> str:
+        """Where the condition's embed work was not the baseline's, how much it was: the
+        study's criterion holds gen against a dedicated embed GPU serving the same load."""
+        base = run.get(c.gen_baseline).summary.get("embed_seq_s")
+        mine = c.summary.get("embed_seq_s")
+        if base is None or mine is None or not base.mean:
+            return ""
+        ratio = mine.mean / base.mean
+        if abs(ratio - 1) <= EQUAL_WORK_TOLERANCE:
+            return ""
+        return f", at {ratio * 100:.0f} % of {c.gen_baseline}'s embed seq/s (not equal work)"
+
     return (
         " Co-located gen at least the dedicated GPUs' (the study's criterion), at 95 %: "
-        + "; ".join(f"{c.name}: {answer(c.gen_delta)}" for c in judged)
+        + "; ".join(f"{c.name}: {answer(c.gen_delta)}{work(c)}" for c in judged)
         + "."
     )
