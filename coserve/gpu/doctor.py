@@ -98,6 +98,15 @@ HARDWARE: tuple[HardwareRecord, ...] = (
         "closed loop with symm-mem everywhere)",
     ),
     HardwareRecord(
+        "coserve run --resume of a folder whose spec only gained conditions; the SLO guard at "
+        "TP=2 over a capped, low-priority MPS client (3 reps, closed loop and 490 seq/s)",
+        "2x H200, 2026-11-30 (docs/study.md, TP=2 section)",
+    ),
+    HardwareRecord(
+        "coserve profile of a TP=2 gen server (rank 0), alone and time-sliced (1 rep each)",
+        "2x H200, 2026-11-30 (docs/mechanism.md, the collective wait)",
+    ),
+    HardwareRecord(
         "serve colocated: stream priorities, green contexts (--embed-sms)",
         "H200, 2026-11-30 (docs/co-scheduling.md, second measurements)",
     ),
