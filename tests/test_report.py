@@ -297,3 +297,27 @@ def test_settings_name_the_server_flags_a_condition_adds():
     assert "TP=2, --tp-all-reduce nccl)" in rows["tp2-nccl-mps"].split("; embed")[0]
     assert "--tp-all-reduce" not in rows["tp2-mps"]
     assert "TP=2, --enable-expert-parallel)" in rows["tp2-ep-mps"]
+
+
+def test_the_environment_names_the_files_a_dirty_tree_changed(run_dir, tmp_path):
+    """A warm lent machine's git metadata lagged its copied tree (two H200s, 2026-11-30):
+    the report said only "ccd5f9c (with local changes)", not that the spec was what differed."""
+    import json
+    import shutil
+
+    from coserve.cli import main
+    from coserve.experiment.fingerprint import changed_paths
+
+    porcelain = " M experiments/a.toml\nM  coserve/b.py\nR  old.py -> new.py\n"
+    assert changed_paths(porcelain) == ["experiments/a.toml", "coserve/b.py", "new.py"]
+    bad = tmp_path / "run"
+    shutil.copytree(run_dir, bad)
+    fp = json.loads((bad / "fingerprint.json").read_text())
+    git = {"commit": "c" * 40, "dirty": True, "changed": ["experiments/a.toml"]}
+    (bad / "fingerprint.json").write_text(json.dumps({**fp, "git": {**git, "changed_count": 3}}))
+    assert main(["report", str(bad), "--no-plots"]) == 0
+    md = (bad / "report.md").read_text()
+    assert "commit cccccccccccc (with local changes: experiments/a.toml and 2 more);" in md
+    (bad / "fingerprint.json").write_text(json.dumps({**fp, "git": {**git, "changed": []}}))
+    assert main(["report", str(bad), "--no-plots"]) == 0
+    assert "commit cccccccccccc (with local changes);" in (bad / "report.md").read_text()

@@ -29,8 +29,19 @@ def _version(pkg: str) -> str | None:
         return None
 
 
+CHANGED_SHOWN = 20  # changed paths a fingerprint keeps; the count says how many there were
+
+
+def changed_paths(porcelain: str) -> list[str]:
+    """The paths `git status --porcelain` lists ("XY path", or "XY old -> new" for a rename:
+    the new one)."""
+    return [line[3:].split(" -> ")[-1] for line in porcelain.splitlines() if len(line) > 3]
+
+
 def git_state() -> dict[str, Any]:
-    """Commit of the coserve checkout that runs, and whether it has uncommitted changes."""
+    """Commit of the coserve checkout that runs, whether it has uncommitted changes and in
+    which files (a copy of a tree whose git metadata lags, as on a lent machine that was
+    already warm, names an older commit: the files say what differed from it)."""
     root = Path(coserve.__file__).resolve().parent.parent
     try:
         commit = subprocess.run(
@@ -39,15 +50,21 @@ def git_state() -> dict[str, Any]:
             text=True,
             timeout=10,
         ).stdout.strip()
-        dirty = subprocess.run(
+        status = subprocess.run(
             ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
             capture_output=True,
             text=True,
             timeout=10,
-        ).stdout.strip()
+        ).stdout  # not stripped: a line starts with its status columns, " M path"
     except (OSError, subprocess.SubprocessError):
-        return {"commit": None, "dirty": None}
-    return {"commit": commit or None, "dirty": bool(dirty) if commit else None}
+        return {"commit": None, "dirty": None, "changed": [], "changed_count": 0}
+    changed = changed_paths(status) if commit else []
+    return {
+        "commit": commit or None,
+        "dirty": bool(status.strip()) if commit else None,
+        "changed": changed[:CHANGED_SHOWN],
+        "changed_count": len(changed),
+    }
 
 
 def _cpu_model() -> str:

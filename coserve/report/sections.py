@@ -276,6 +276,18 @@ def problems_blocks(run: RunStats) -> list[Block]:
     ]
 
 
+def _changes(git: dict) -> str:
+    """" (with local changes: a, b and 3 more)", or "" for a clean tree; a fingerprint from
+    before the changed files were kept says only "with local changes"."""
+    if not git.get("dirty"):
+        return ""
+    shown = [str(p) for p in git.get("changed") or []]
+    if not shown:
+        return " (with local changes)"
+    more = (git.get("changed_count") or len(shown)) - len(shown)
+    return f" (with local changes: {', '.join(shown)}{f' and {more} more' if more > 0 else ''})"
+
+
 def environment_blocks(run: RunStats) -> list[Block]:
     fp = run.fingerprint
     pk = ", ".join(f"{k} {v}" for k, v in fp.get("packages", {}).items() if v)
@@ -285,8 +297,7 @@ def environment_blocks(run: RunStats) -> list[Block]:
         + (f", CUDA driver {fp['cuda_driver']}" if fp.get("cuda_driver") else ""),
         f"CPU: {fp.get('cpu', {}).get('model')} x {fp.get('cpu', {}).get('count')}; host "
         f"{fp.get('host')}",
-        f"coserve {fp.get('coserve')}, commit "
-        f"{str(git.get('commit'))[:12]}{' (with local changes)' if git.get('dirty') else ''}; "
+        f"coserve {fp.get('coserve')}, commit {str(git.get('commit'))[:12]}{_changes(git)}; "
         f"Python {fp.get('python')}; {pk}",
         f"Spec `{run.spec.name}` hash {run.spec.digest()[:12]}; run folder started "
         f"{fp.get('created')}",
