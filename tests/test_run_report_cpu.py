@@ -142,8 +142,7 @@ def test_the_study_criterion_says_when_the_embed_work_was_not_the_baselines(tmp_
     md = render(tmp_path / "run", with_plots=False).markdown.read_text()
     (verdict,) = [ln for ln in md.splitlines() if ln.startswith("**Verdict:**")]
     assert (
-        "at 95 %: co-located: yes, at 50 % of dedicated's embed seq/s (not equal work). "
-        in verdict
+        "at 95 %: co-located: yes, at 50 % of dedicated's embed seq/s (not equal work). " in verdict
     ), verdict
 
 

@@ -277,8 +277,9 @@ def problems_blocks(run: RunStats) -> list[Block]:
 
 
 def _changes(git: dict) -> str:
-    """" (with local changes: a, b and 3 more)", or "" for a clean tree; a fingerprint from
-    before the changed files were kept says only "with local changes"."""
+    """The commit's suffix: ' (with local changes: a, b and 3 more)', or '' for a clean
+    tree; a fingerprint from before the changed files were kept says only 'with local
+    changes'."""
     if not git.get("dirty"):
         return ""
     shown = [str(p) for p in git.get("changed") or []]
