@@ -116,7 +116,7 @@ class ServerConfig:
     )
     gen_tpot_slo_pct: float | None = _f(
         None,
-        ge=0.0,
+        gt=0.0,  # 0 %: gen's own noise would pass for embed's cost, held at its floor throughout
         le=1000.0,
         omit_default=True,
         role="embed",

@@ -83,7 +83,12 @@ def test_new_fields_at_their_defaults_keep_an_old_specs_digest():
         (
             "gen_tpot_slo_pct = 5",
             "gen_tpot_slo_pct = -5",
-            "conditions[2].embed.gen_tpot_slo_pct: -5.0 must be at least 0.0",
+            "conditions[2].embed.gen_tpot_slo_pct: -5.0 must be greater than 0.0",
+        ),
+        (
+            "gen_tpot_slo_pct = 5",
+            "gen_tpot_slo_pct = 0",
+            "conditions[2].embed.gen_tpot_slo_pct: 0.0 must be greater than 0.0",
         ),
         (
             "gen_tpot_slo_pct = 5",
@@ -159,7 +164,7 @@ def test_bad_values_name_the_field(old, new, expected):
 
 def test_a_refused_guard_budget_is_the_only_problem():
     assert problems("gen_tpot_slo_pct = 5", "gen_tpot_slo_pct = -5") == [
-        "conditions[2].embed.gen_tpot_slo_pct: -5.0 must be at least 0.0"
+        "conditions[2].embed.gen_tpot_slo_pct: -5.0 must be greater than 0.0"
     ]
 
 

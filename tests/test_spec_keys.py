@@ -93,9 +93,7 @@ def test_the_flag_prints_the_list_without_a_spec():
         timeout=60,
     )
     assert r.returncode == 0, r.stderr
-    assert (
-        "[[conditions]]" in r.stdout and "  gen_tpot_slo_pct = unset  (>= 0; <= 1000)" in r.stdout
-    )
+    assert "[[conditions]]" in r.stdout and "  gen_tpot_slo_pct = unset  (> 0; <= 1000)" in r.stdout
     assert "\n  mig: apply_mig, profiles\n" in r.stdout  # a condition's options
     assert "  slo_guard = false" in r.stdout  # TOML's spelling of a bool
     assert '  servers = ["gen", "embed"]  (each one of gen, embed)' in r.stdout  # a list's items
