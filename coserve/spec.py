@@ -102,17 +102,24 @@ class ServerConfig:
     slo_guard: bool = _f(
         False,
         omit_default=True,
-        help="embed only: throttle embed to hold gen's step time (an external embed server: "
+        role="embed",
+        help="throttle embed to hold gen's step time (an external embed server: "
         "one that runs its own guard, whose figures the run records)",
     )
     gen_tpot_slo_ms: float | None = _f(
-        None, gt=0.0, le=BUDGET_MAX_MS, omit_default=True, help="the guard's budget in ms"
+        None,
+        gt=0.0,
+        le=BUDGET_MAX_MS,
+        omit_default=True,
+        role="embed",
+        help="the guard's budget in ms",
     )
     gen_tpot_slo_pct: float | None = _f(
         None,
-        ge=0.0,
+        gt=0.0,  # 0 %: gen's own noise would pass for embed's cost, held at its floor throughout
         le=1000.0,
         omit_default=True,
+        role="embed",
         help="the guard's budget: gen alone's step time plus this %",
     )
     enforce_eager: bool = _f(_ENGINE["enforce_eager"], help="no CUDA graphs")

@@ -35,10 +35,11 @@ def server_problems(cond: Any, servers: dict[str, Any], path: str) -> list[str]:
             )
         budget = [n for n in ("gen_tpot_slo_ms", "gen_tpot_slo_pct") if getattr(cfg, n) is not None]
         if role != "embed":
-            for n in ["slo_guard", *budget] if cfg.slo_guard else budget:
-                out.append(
-                    f"{where(role, n)}: the SLO guard runs in the embed server; set it under embed"
-                )
+            out += [
+                f"{where(role, f.name)}: the SLO guard runs in the embed server; set it under embed"
+                for f in dataclasses.fields(cfg)
+                if f.metadata.get("role") not in (None, role) and getattr(cfg, f.name) != f.default
+            ]
             continue
         if not cfg.slo_guard:
             out += [f"{where(role, n)}: only with slo_guard = true" for n in budget]

@@ -23,7 +23,9 @@ from coserve.roles import ROLES
 def spec_field(default: Any = dataclasses.MISSING, *, help: str = "", **checks: Any) -> Any:
     """A dataclass field with its checks (choices, ge, gt, le, pattern, min_items, unique) and
     help. `omit_default=True`: left out of `Spec.to_dict` (so of the digest) while at its
-    default, for fields added after specs were hashed: an older run folder keeps its hash."""
+    default, for fields added after specs were hashed: an older run folder keeps its hash.
+    `role="embed"`: a server field only that role's server may set (spec_cosched refuses it
+    on the other, `--spec-keys` lists it under that role's table)."""
     meta = {"help": help, **checks}
     if isinstance(default, list | dict):
         value = default

@@ -41,7 +41,7 @@ def test_demo_produces_the_report(tmp_path):
     assert ts["servers"]["embed"]["model"] == "all-minilm-l6-v2"
     md = (out / "report.md").read_text()
     assert "Missing or failed" not in md
-    assert "**Verdict:** co-located against each server alone: co-located: gen **" in md
+    assert "**Verdict:** throughput against each server alone: co-located: gen **" in md
     if "no GPU (CPU only)" in md:  # a CPU run is not labelled with GPU terms
         assert "| co-located | CPU, shared | 1/1 |" in md and "timeslice" not in md
         assert "| Condition | Strategy | Device |" in md and "util " not in md

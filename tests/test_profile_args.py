@@ -112,10 +112,11 @@ def test_ncu_execute_into_a_file_is_refused(tmp_path, capsys, monkeypatch):
 @pytest.mark.parametrize(
     "flag,value,said",
     [
-        ("--launch-skip", "-1", "must be 0 or more"),
-        ("--launch-skip", str(1 << 63), "must be below 2**63"),  # ncu's counter is 64-bit
-        ("--launch-count", "0", "must be a positive integer"),
-        ("--launch-count", "99999999999999999999999", "must be below 2**63"),
+        ("--launch-skip", "-1", "must be an integer in [0, 2**63) (ncu's counter), got -1"),
+        ("--launch-skip", str(1 << 63), "must be an integer in [0, 2**63)"),  # 64-bit counter
+        ("--launch-count", "0", "must be an integer in [1, 2**63) (ncu's counter), got 0"),
+        ("--launch-count", "99999999999999999999999", "must be an integer in [1, 2**63)"),
+        ("--launch-count", "1.5", "must be an integer in [1, 2**63) (ncu's counter), got 1.5"),
     ],
 )
 def test_ncu_launch_counts_out_of_range_are_refused(capsys, flag, value, said):

@@ -59,11 +59,13 @@ def test_a_cpu_run_is_labelled_cpu_and_has_a_verdict(tmp_path, monkeypatch):
     md = render(tmp_path / "run", with_plots=False).markdown.read_text()
     (verdict,) = [ln for ln in md.splitlines() if ln.startswith("**Verdict:**")]
     assert verdict.startswith(
-        "**Verdict:** co-located against each server alone: co-located: gen **+"
+        "**Verdict:** throughput against each server alone: co-located: gen **+"
     )
     assert "measure how the OS schedules them, not how GPUs are shared" in verdict
-    assert "Gen came out faster co-located (co-located) than alone" in verdict
-    assert "Embed came out faster co-located (co-located) than alone" in verdict
+    # the condition is named once, not "co-located (co-located)"
+    assert "Gen came out faster sharing the cores (co-located) than alone" in verdict
+    assert "Embed came out faster sharing the cores (co-located) than alone" in verdict
+    assert verdict.count("(co-located)") == 2 and "co-located (co-located)" not in verdict
     assert "| co-located | CPU, shared | 1/1 |" in md and "| gen-only | CPU | 1/1 |" in md
     assert "| Condition | Strategy | Device |" in md
     assert "timeslice" not in md and "util " not in md and "| GPUs |" not in md
@@ -86,7 +88,7 @@ def test_against_a_baseline_that_runs_both_servers_the_verdict_names_it(tmp_path
     md = render(tmp_path / "run", with_plots=False).markdown.read_text()
     (verdict,) = [ln for ln in md.splitlines() if ln.startswith("**Verdict:**")]
     assert verdict.startswith(
-        "**Verdict:** co-located, gen against dedicated; embed against embed-only: co-located: "
+        "**Verdict:** throughput, gen against dedicated; embed against embed-only: co-located: "
         "gen **"
     ), verdict
     assert "; dedicated (the gen baseline, not co-located): embed **" in verdict, verdict

@@ -102,7 +102,15 @@ def test_colocated_refuses_one_port_for_both_endpoints(capsys):
         (["--gpu-memory-utilization", "2"], "must be in (0, 1], got 2"),
         (
             ["--slo-guard-gen-url", "http://127.0.0.1:9", "--gen-tpot-slo-pct", "2000"],
-            "must be a percentage in [0, 1000], got 2000",
+            "must be a percentage in (0, 1000], got 2000",
+        ),
+        (
+            ["--slo-guard-gen-url", "http://127.0.0.1:9", "--gen-tpot-slo-pct", "0"],
+            "argument --gen-tpot-slo-pct: must be a percentage in (0, 1000], got 0",
+        ),
+        (
+            ["--slo-guard-gen-url", "http://127.0.0.1:9", "--gen-tpot-slo-ms", "-1"],
+            "argument --gen-tpot-slo-ms: must be a positive number, got -1",
         ),
     ],
 )

@@ -118,6 +118,8 @@ def test_percentage_budget_holds_embed_while_it_measures_gen_alone():
         ({"budget_s": 0.02, "over_alone_pct": 5}, "gen_tpot_slo"),
         ({"budget_s": -1.0}, "gen_tpot_slo_ms"),
         ({"over_alone_pct": -5}, "gen_tpot_slo_pct"),
+        ({"over_alone_pct": 0}, r"gen_tpot_slo_pct: must be in \(0, 1000\], got 0"),
+        ({"budget_s": 0.0}, "gen_tpot_slo_ms"),
         ({"budget_s": 0.02, "max_tokens": 8, "min_tokens": 32}, "max_tokens"),
         ({"budget_s": 0.02, "cut": 1.5}, "cut"),
         ({"budget_s": 0.02, "stat": "p50"}, "stat"),

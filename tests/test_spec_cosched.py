@@ -83,7 +83,12 @@ def test_new_fields_at_their_defaults_keep_an_old_specs_digest():
         (
             "gen_tpot_slo_pct = 5",
             "gen_tpot_slo_pct = -5",
-            "conditions[2].embed.gen_tpot_slo_pct: -5.0 must be at least 0.0",
+            "conditions[2].embed.gen_tpot_slo_pct: -5.0 must be greater than 0.0",
+        ),
+        (
+            "gen_tpot_slo_pct = 5",
+            "gen_tpot_slo_pct = 0",
+            "conditions[2].embed.gen_tpot_slo_pct: 0.0 must be greater than 0.0",
         ),
         (
             "gen_tpot_slo_pct = 5",
@@ -159,7 +164,7 @@ def test_bad_values_name_the_field(old, new, expected):
 
 def test_a_refused_guard_budget_is_the_only_problem():
     assert problems("gen_tpot_slo_pct = 5", "gen_tpot_slo_pct = -5") == [
-        "conditions[2].embed.gen_tpot_slo_pct: -5.0 must be at least 0.0"
+        "conditions[2].embed.gen_tpot_slo_pct: -5.0 must be greater than 0.0"
     ]
 
 
@@ -384,6 +389,8 @@ def test_the_guard_plot_skips_values_that_are_no_figures(tmp_path, damage):
     (rep / "slo_guard.jsonl").write_text("\n".join(lines) + "\n")
     md = render(tmp_path / "run").markdown.read_text()
     assert "## SLO guard" in md and (tmp_path / "run/plots/guard.png").stat().st_size > 5000
+    # the junk line is skipped, and said to be (it was skipped silently)
+    assert "were skipped: 1 line(s) of `reps/guard/rep-1/slo_guard.jsonl`." in md
 
 
 def test_a_guard_trace_without_figures_draws_no_plot(tmp_path):
@@ -395,3 +402,16 @@ def test_a_guard_trace_without_figures_draws_no_plot(tmp_path):
     )
     md = render(tmp_path / "run").markdown.read_text()
     assert "SLO guard" not in md and not (tmp_path / "run/plots/guard.png").exists()
+
+
+def test_a_guard_trace_of_junk_alone_is_named_though_nothing_is_drawn(tmp_path):
+    from coserve.report.render import render
+
+    Runner(loads_spec(SPEC), tmp_path / "run", spec_text=SPEC, backend=FakeBackend()).run()
+    (tmp_path / "run/reps/guard/rep-1/slo_guard.jsonl").write_bytes(b'{"t": 1, "gen\n\n[1]\n\xff\n')
+    md = render(tmp_path / "run").markdown.read_text()
+    assert not (tmp_path / "run/plots/guard.png").exists()
+    assert (
+        "## SLO guard" in md
+        and "were skipped: 3 line(s) of `reps/guard/rep-1/slo_guard.jsonl`." in md
+    )

@@ -40,22 +40,38 @@ def role_devices(record: dict) -> dict[str, list[str]]:
     return out
 
 
-def read_telemetry(path: Path) -> list[dict]:
-    """The samples of a telemetry.jsonl: each line that is a JSON object with a numeric `t`
-    (Unix seconds). Lines that are none (a line cut by a crash, junk) are skipped. Raises
-    OSError."""
+@dataclass(frozen=True)
+class Trace:
+    """A per-second trace file read (telemetry.jsonl, slo_guard.jsonl): its samples, each a
+    JSON object with a numeric `t` (Unix seconds), and how many of its non-blank lines were
+    none (a line cut by a crash, junk) and were skipped."""
+
+    rows: list[dict]
+    skipped: int
+
+
+def read_trace(path: Path) -> Trace:
+    """The samples of a trace file and the count of lines skipped. Raises OSError."""
     path = Path(path)
     if path.exists() and not path.is_file():  # a FIFO would block the read for good
         raise OSError(f"{path}: not a regular file")
-    rows = []
+    rows, skipped = [], 0
     for line in path.read_bytes().splitlines():
         try:
             row = json.loads(line)
         except ValueError:
-            continue
+            row = None
         if isinstance(row, dict) and finite_number(row.get("t")):
             rows.append(row)
-    return rows
+        elif line.strip():
+            skipped += 1
+    return Trace(rows, skipped)
+
+
+def read_telemetry(path: Path) -> list[dict]:
+    """The samples of a telemetry.jsonl (read_trace's rows, the lines that are none
+    skipped). Raises OSError."""
+    return read_trace(path).rows
 
 
 @dataclass(frozen=True)

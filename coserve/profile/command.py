@@ -17,7 +17,7 @@ from pathlib import Path
 
 from coserve.profile.ncu import LAUNCH_COUNT, LAUNCH_SKIP
 from coserve.server.profile_api import DEFAULT_MIN_S, DEFAULT_STEPS
-from coserve.server.serve_flags import non_negative_int, number, positive_int, seconds
+from coserve.server.serve_flags import number, positive_int, seconds
 
 
 def _seconds(text: str) -> float:
@@ -47,14 +47,8 @@ def _regex(text: str) -> str:
 
 def _launches(least: int):
     """A launch count for ncu: an integer from `least` up to ncu's 64-bit limit."""
-
-    def parse(text: str) -> int:
-        v = non_negative_int(text) if least == 0 else positive_int(text)
-        if v >= 1 << 63:
-            raise argparse.ArgumentTypeError(f"must be below 2**63 (ncu's counter), got {text}")
-        return v
-
-    return parse
+    what = f"an integer in [{least}, 2**63) (ncu's counter)"
+    return lambda text: number(int, text, what, lambda v: least <= v < 1 << 63)
 
 
 NCU_ONLY = ("execute", "kernel_name", "launch_skip", "launch_count")

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from coserve.experiment.fingerprint import describe_gpus
+from coserve.experiment.rep import read_trace
 from coserve.experiment.rundir import write_atomic
 from coserve.report import plots, profile_plots
 from coserve.report.aggregate import RunStats, aggregate, embed_baseline
@@ -99,18 +100,7 @@ def build(run: RunStats, plot_paths: dict[str, Path]) -> list[Block]:
     blocks += telemetry_blocks(run)
     if "telemetry" in plot_paths:
         blocks.append(Block("img", "GPU telemetry over time", path=plot_paths["telemetry"]))
-    if "guard" in plot_paths:
-        blocks += [
-            Block("h2", "SLO guard"),
-            Block(
-                "p",
-                "The guard's figures sampled through the load (of each guarded condition, "
-                "the first finished rep whose `slo_guard.jsonl` holds figures): gen's step "
-                "time against the budget, "
-                "the probes that hold embed to measure gen alone, and embed's allowance.",
-            ),
-            Block("img", "SLO guard over time", path=plot_paths["guard"]),
-        ]
+    blocks += _guard_blocks(run, plot_paths)
     blocks += sweep_blocks(run)
     if "sweep" in plot_paths:
         blocks.append(
@@ -121,6 +111,43 @@ def build(run: RunStats, plot_paths: dict[str, Path]) -> list[Block]:
     blocks += settings_blocks(run)
     blocks += environment_blocks(run)
     return blocks
+
+
+def _guard_blocks(run: RunStats, plot_paths: dict[str, Path]) -> list[Block]:
+    """The SLO guard section: its plot, and a note naming each finished rep's
+    `slo_guard.jsonl` with lines that are no sample (skipped, by the plot too). [] with
+    neither."""
+    skipped = []
+    for c in run.conditions:
+        for r in c.ok:
+            path = run.run_dir.rep_dir(c.name, r["rep"]) / "slo_guard.jsonl"
+            try:
+                n = read_trace(path).skipped if path.exists() else 0
+            except OSError:  # no trace to plot either
+                continue
+            if n:
+                skipped.append(f"{n} line(s) of `{path.relative_to(run.run_dir.path)}`")
+    out = []
+    if "guard" in plot_paths:
+        out += [
+            Block(
+                "p",
+                "The guard's figures sampled through the load (of each guarded condition, "
+                "the first finished rep whose `slo_guard.jsonl` holds figures): gen's step "
+                "time against the budget, "
+                "the probes that hold embed to measure gen alone, and embed's allowance.",
+            ),
+            Block("img", "SLO guard over time", path=plot_paths["guard"]),
+        ]
+    if skipped:
+        out.append(
+            Block(
+                "p",
+                "**Note:** lines of the guard's trace that are no JSON sample (cut short, or "
+                "junk) were skipped: " + "; ".join(skipped) + ".",
+            )
+        )
+    return [Block("h2", "SLO guard"), *out] if out else []
 
 
 def _order(run: RunStats) -> list[str]:

@@ -52,14 +52,14 @@ def verdict(run: RunStats) -> str | None:
         for c in both
     )
     if all(len(run.get(b).condition.servers) == 1 for b in gen_bases + embed_bases):
-        text = f"**Verdict:** co-located against each server alone: {parts}."
+        text = f"**Verdict:** throughput against each server alone: {parts}."
     else:  # a baseline that runs both servers (dedicated GPUs): name what each delta is against
         against = [
             f"{role} against {', '.join(bases)}"
             for role, bases in (("gen", gen_bases), ("embed", embed_bases))
             if bases
         ]
-        text = f"**Verdict:** co-located, {'; '.join(against)}: {parts}."
+        text = f"**Verdict:** throughput, {'; '.join(against)}: {parts}."
         text += _criterion(run, both)
     if on_cpu(run):
         text += (
@@ -70,9 +70,9 @@ def verdict(run: RunStats) -> str | None:
             faster = [c.name for c in both if getattr(c, attr) and getattr(c, attr).pct > 0]
             if faster:
                 text += (
-                    f" {role} came out faster co-located ({', '.join(faster)}) than alone: a "
-                    "CPU scheduling effect (co-location gives it no extra compute) that says "
-                    "nothing about GPUs."
+                    f" {role} came out faster sharing the cores ({', '.join(faster)}) than "
+                    "alone: a CPU scheduling effect (co-location gives it no extra compute) "
+                    "that says nothing about GPUs."
                 )
     return text
 

@@ -129,7 +129,7 @@ def non_negative_float(text: str) -> float:
 
 
 def percent(text: str) -> float:
-    return number(float, text, "a percentage in [0, 1000]", lambda v: 0 <= v <= 1000)
+    return number(float, text, "a percentage in (0, 1000]", lambda v: 0 < v <= 1000)
 
 
 # The kinds of server that can run the SLO guard: an embed server, and the colocated one

@@ -137,8 +137,9 @@ class GuardConfig:
                 f"gen_tpot_slo_ms: must be in (0, {BUDGET_MAX_MS:g}] ms, got "
                 f"{self.budget_s * 1e3:g}"
             )
-        if self.over_alone_pct is not None and not 0 <= self.over_alone_pct <= 1000:
-            raise ValueError(f"gen_tpot_slo_pct: must be in [0, 1000], got {self.over_alone_pct:g}")
+        # 0 %: gen's own step-time noise would pass for embed's cost (embed held at its floor)
+        if self.over_alone_pct is not None and not 0 < self.over_alone_pct <= 1000:
+            raise ValueError(f"gen_tpot_slo_pct: must be in (0, 1000], got {self.over_alone_pct:g}")
         if self.stat not in STATS:
             raise ValueError(f"stat: must be one of {', '.join(STATS)}, got {self.stat!r}")
         if not 1 <= self.min_tokens <= self.max_tokens:
