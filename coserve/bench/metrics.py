@@ -22,7 +22,8 @@ Rate and goodput (open loop; see docs/bench.md):
   window were sent before the run stopped, an arrival found the in-flight cap full, or the
   requests in flight grew over the window by more than 5 % of those scheduled in it (and by
   more than chance allows: 3 standard deviations of the difference of two Poisson counts),
-  that is, the server answered slower than they arrived even though the cap was not reached.
+  that is, the server answered slower than they arrived even though the cap was not reached
+  (not judged when requests lived longer than the warm-up: the queue was still filling).
   send_late_ms: how long after its scheduled time each of those requests left.
 - Either mode: kept_up is False, and the warning says so, when requests were sent but
   nothing (no token, no answer, no failure) came back inside the window, or for too long
@@ -127,8 +128,15 @@ def _backlog_growth(result: BenchResult, ep: EndpointRun, sched: int) -> str | N
     """Why the open loop fell behind with the cap never reached: more requests in flight at
     the window's end than at its start, beyond 5 % of the window's schedule and beyond what
     chance gives a steady queue (its in-flight count is about Poisson, so the difference of
-    two counts has a standard deviation of sqrt(2 x the count)); None when it did not."""
-    start = _in_flight(ep, result.window_start - result.t0)
+    two counts has a standard deviation of sqrt(2 x the count)); None when it did not, or
+    when the requests that ended in the window lived longer (p50) than the warm-up: the queue
+    was then still filling to its steady size (Little's law: rate x lifetime) as the window
+    opened, and its growth says nothing of falling behind."""
+    warmup = result.window_start - result.t0
+    lived = [r.end_s - r.start_s for r in _ended(result, ep, "ok")]
+    if lived and float(np.median(lived)) > warmup:
+        return None
+    start = _in_flight(ep, warmup)
     end = _in_flight(ep, min(result.window_end, result.stopped_at) - result.t0)
     grew = end - start
     if grew <= (1 - KEPT_UP) * sched or grew <= 3 * math.sqrt(2 * max(start, 1)):
