@@ -327,3 +327,19 @@ def test_a_content_type_aiohttp_cannot_parse_is_quoted_as_sent(embed):
     status, answer = raw(embed.url, (head + "Content-Type: ;;;===\r\n").encode(), b"{}")
     err = assert_openai_error(status, answer, [415])
     assert "got ';;;==='" in err["message"] and "octet-stream" not in err["message"]
+
+
+@pytest.mark.parametrize("role", ["gen", "embed"])
+def test_a_body_that_is_not_in_its_content_encoding_is_a_400(gen, embed, role):
+    """`Content-Encoding: gzip` on a plain JSON body was a 500 ("internal error:
+    RequestPayloadError ... Can not decode content-encoding: gzip") with a traceback."""
+    server = {"gen": gen, "embed": embed}[role]
+    path = "/v1/completions" if role == "gen" else "/v1/embeddings"
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+        "Content-Type: application/json\r\nContent-Encoding: gzip\r\n"
+    )
+    status, answer = raw(server.url, head.encode(), b'{"model": "m", "input": "hi"}')
+    err = assert_openai_error(status, answer, [400])
+    assert "could not be read" in err["message"] and "gzip" in err["message"]
+    assert "Traceback" not in server.log_tail(200)

@@ -24,7 +24,7 @@ from aiohttp import web
 
 from coserve import __version__
 from coserve.engine.messages import NewEmbed, Profile
-from coserve.server.body import MAX_BODY_BYTES, json_response, read_request
+from coserve.server.body import BODY_FAULT_LOG, MAX_BODY_BYTES, json_response, read_request
 from coserve.server.engine_client import EngineClient, RequestStream
 from coserve.server.errors import ApiError, outcome_for_status, quote
 from coserve.server.fields import RequestLimits
@@ -89,6 +89,7 @@ class OpenAIServer:
         max_bytes = self.opts.limits.max_body_bytes
         app = web.Application(middlewares=[self._middleware], client_max_size=max_bytes)
         app[MAX_BODY_BYTES] = max_bytes
+        logging.getLogger("aiohttp.server").addFilter(BODY_FAULT_LOG)
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_post("/v1/embeddings", self.embeddings)

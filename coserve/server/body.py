@@ -2,7 +2,8 @@
 
 Whatever goes wrong while a body is read or parsed is the client's fault and a 4xx: a wrong
 Content-Type (415, so a web page cannot drive the server with a CORS-free text/plain POST),
-a body over the size limit (413), JSON that does not parse or nests too deep (400)."""
+a body over the size limit (413), a body that cannot be decoded as its Content-Encoding says,
+or JSON that does not parse or nests too deep (400)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,26 @@ MAX_BODY_BYTES = web.AppKey(
 )  # the app's client_max_size, for the 413's message
 
 
+class BodyFaultLog(logging.Filter):
+    """aiohttp's protocol logs a body that fails its Content-Encoding as an "Unhandled
+    exception" with two tracebacks, though the handler answers the client 400 (read_json):
+    the record is kept as one line, a warning, without the tracebacks."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, web.RequestPayloadError):
+            record.msg, record.args = (
+                "a request body could not be read (answered 400): %s",
+                (str(exc).replace("\n", " "),),
+            )
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.exc_info = record.exc_text = None
+        return True
+
+
+BODY_FAULT_LOG = BodyFaultLog()  # one instance: addFilter keeps it once however many apps
+
+
 async def read_json(request: web.Request) -> tuple[dict, int]:
     """(the body as a JSON object, its size in bytes). Raises ApiError 415/413/400."""
     if request.content_type not in JSON_TYPES:
@@ -40,6 +61,8 @@ async def read_json(request: web.Request) -> tuple[dict, int]:
             "bytes; see --max-request-bytes)",
             status=413,
         ) from None
+    except web.RequestPayloadError as e:  # a Content-Encoding the body is not in, say
+        raise ApiError(f"the request body could not be read: {str(e):.200}") from None
     try:
         body = await _off_loop(len(raw), json.loads, raw)
     except RecursionError:
