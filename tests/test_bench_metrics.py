@@ -226,6 +226,10 @@ def test_an_open_loop_whose_queue_grows_did_not_keep_up_though_the_cap_was_never
     # (20 req/s x 8 s = 160) inside the window, from 100 at its start, while the server keeps up
     e = _embed_queue(rate=20.0, served=20.0, latency_s=8.0, warmup=5.0)
     assert e["kept_up"] is True and e["warning"] is None
+    # and one that falls behind with requests outliving the warm-up is still caught (a tiny
+    # CPU embed server at twice its rate, 2.4 s answers: the check was skipped there)
+    e = _embed_queue(rate=26.0, served=13.0, latency_s=2.4, warmup=3.0, duration=5.0)
+    assert e["kept_up"] is False and "requests in flight grew from" in e["warning"]
 
 
 def test_goodput_counts_requests_meeting_every_bound():

@@ -23,7 +23,8 @@ Rate and goodput (open loop; see docs/bench.md):
   requests in flight grew over the window by more than 5 % of those scheduled in it (and by
   more than chance allows: 3 standard deviations of the difference of two Poisson counts),
   that is, the server answered slower than they arrived even though the cap was not reached
-  (not judged when requests lived longer than the warm-up: the queue was still filling).
+  (less the growth of a queue still filling to rate x lifetime when requests outlive the
+  warm-up).
   send_late_ms: how long after its scheduled time each of those requests left.
 - Either mode: kept_up is False, and the warning says so, when requests were sent but
   nothing (no token, no answer, no failure) came back inside the window, or for too long
@@ -125,20 +126,23 @@ def _in_flight(ep: EndpointRun, t: float) -> int:
 
 
 def _backlog_growth(result: BenchResult, ep: EndpointRun, sched: int) -> str | None:
-    """Why the open loop fell behind with the cap never reached: more requests in flight at
-    the window's end than at its start, beyond 5 % of the window's schedule and beyond what
-    chance gives a steady queue (its in-flight count is about Poisson, so the difference of
-    two counts has a standard deviation of sqrt(2 x the count)); None when it did not, or
-    when the requests that ended in the window lived longer (p50) than the warm-up: the queue
-    was then still filling to its steady size (Little's law: rate x lifetime) as the window
-    opened, and its growth says nothing of falling behind."""
-    warmup = result.window_start - result.t0
+    """Why the open loop fell behind with the cap never reached: the requests in flight grew
+    over the window by more than a queue that keeps up can grow, beyond 5 % of the window's
+    schedule and beyond chance (its in-flight count is about Poisson, so the difference of
+    two counts has a standard deviation of sqrt(2 x the count)); None when it did not.
+
+    A queue that keeps up still grows while it fills to its steady size (Little's law: rate x
+    lifetime), which takes one lifetime from the load's start: with requests that outlive the
+    warm-up, the window sees some of that filling. It is allowed for with the p10 lifetime of
+    the requests that ended in the window (a queue falling behind answers its early requests
+    soonest, so a low quantile does not grant it its own growth)."""
+    opened = result.window_start - result.t0
+    closed = min(result.window_end, result.stopped_at) - result.t0
+    start, end = _in_flight(ep, opened), _in_flight(ep, closed)
     lived = [r.end_s - r.start_s for r in _ended(result, ep, "ok")]
-    if lived and float(np.median(lived)) > warmup:
-        return None
-    start = _in_flight(ep, warmup)
-    end = _in_flight(ep, min(result.window_end, result.stopped_at) - result.t0)
-    grew = end - start
+    life = float(np.percentile(lived, 10)) if lived else 0.0
+    filling = (ep.rate or 0.0) * (min(closed, life) - min(opened, life))
+    grew = end - start - filling
     if grew <= (1 - KEPT_UP) * sched or grew <= 3 * math.sqrt(2 * max(start, 1)):
         return None
     return (
