@@ -31,6 +31,7 @@ CO_LOCATED = [
     "tp2-mps-sm50-lowprio",
     "tp2-mps-guard5",
     "tp2-mps-guard-tp1",
+    "tp2-mps-sm50-guard-tp1",
     "tp2-ep-mps",
 ]
 EP = ["--enable-expert-parallel"]
@@ -89,7 +90,7 @@ def test_the_equal_work_spec_offers_490_and_the_full_rate_to_the_same_conditions
         assert _shape(EQUAL, c.name) == _shape(CLOSED, c.sweep.base if c.sweep else c.name)
     assert EQUAL.load.embed_rate * EQUAL.load.embed_batch == 490
     assert EQUAL.sweep.rate == [141] and 141 * 8 == 1128  # the first look's dedicated embed
-    assert len(EQUAL.schedule()) == 42
+    assert len(EQUAL.schedule()) == 48
 
 
 @pytest.mark.parametrize("spec", [CLOSED, EQUAL], ids=lambda s: s.name)
