@@ -36,7 +36,13 @@ from coserve.engine.host_gc import quiet_gc
 from coserve.engine.messages import Failed
 from coserve.server import engine_core, sm_partition
 from coserve.server.engine_build import serve_device
-from coserve.server.engine_client import EngineClient, EngineStartError, _reap, read_ready
+from coserve.server.engine_client import (
+    EngineClient,
+    EngineStartError,
+    _reap,
+    read_ready,
+    start_holding_signals,
+)
 from coserve.server.serve_flags import guard_options
 
 log = logging.getLogger("coserve.server")
@@ -214,12 +220,13 @@ def start_engines(
         name="coserve-engine-core",
         daemon=False,
     )
-    proc.start()
+    deliver = start_holding_signals(proc)
     atexit.register(_reap, proc, 0)
     for _, theirs in pipes.values():
         theirs.close()
     infos = {}
     try:
+        deliver()
         for role, (ours, _) in pipes.items():
             infos[role] = read_ready(ours, proc)
     except BaseException as e:

@@ -13,9 +13,12 @@ import logging
 import multiprocessing
 import os
 import pickle
+import signal
 import socket
 import struct
+import threading
 import time
+from collections.abc import Callable
 
 from coserve.engine.messages import (
     Abort,
@@ -80,6 +83,37 @@ class RequestStream:
         return items
 
 
+HELD_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def start_holding_signals(proc) -> Callable[[], None]:
+    """`proc.start()` with SIGTERM and SIGINT held until it returns, and a function that
+    delivers a held one to its handler (call it where the caller cleans up after a signal).
+
+    A spawned process reads its start-up data from the parent inside `start()`: a handler
+    that raised in the middle (SystemExit from `coserve serve`'s SIGTERM) left the child an
+    "EOFError: Ran out of input" traceback. Off the main thread, where handlers cannot be
+    set, it only starts."""
+    if threading.current_thread() is not threading.main_thread():
+        proc.start()
+        return lambda: None
+    held: list[int] = []
+    handlers = {s: signal.signal(s, lambda n, _f: held.append(n)) for s in HELD_SIGNALS}
+    try:
+        proc.start()
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+
+    def deliver() -> None:
+        if held and callable(handlers[held[0]]):
+            handlers[held[0]](held[0], None)
+        elif held:  # SIG_DFL or SIG_IGN: the disposition itself, as if it had come now
+            signal.raise_signal(held[0])
+
+    return deliver
+
+
 def start_engine(factory, log_level: str = "INFO") -> EngineClient:
     """Spawn the engine core (CUDA needs `spawn`), block until it has loaded the model.
     Raises EngineStartError with the core's message; the core is gone by then."""
@@ -94,10 +128,11 @@ def start_engine(factory, log_level: str = "INFO") -> EngineClient:
         # the atexit hook keeps multiprocessing's exit-time join from waiting on it.
         daemon=False,
     )
-    proc.start()
+    deliver = start_holding_signals(proc)
     atexit.register(_reap, proc, 0)
     theirs.close()
     try:
+        deliver()
         msg = read_ready(ours, proc)
     except EngineStartError:  # the core said why and is on its way out
         ours.close()
