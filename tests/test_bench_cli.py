@@ -329,3 +329,21 @@ def test_stall_sets_how_long_a_silent_server_may_take():
     assert time.monotonic() - t < 10, stderr
     assert p.returncode == 1, stderr
     assert "answered nothing for" in stderr and "--stall" in stderr, stderr
+
+
+def test_a_server_that_refuses_every_request_is_named_and_exits_1(tmp_path):
+    """`--embed-model nope` against a real server: 3,312 x 404, and the bench said "a window
+    shorter than one request, or a stalled server" and exited 0."""
+    with stream_server.spawn(
+        embed_latency_ms=5, fail_every=1, fail_status=404, fail_message="no model nope"
+    ) as srv:
+        p = _bench(
+            *("--embed-url", srv.url, "--embed-concurrency", "2", "--warmup", "0.2"),
+            *("--duration", "0.5", "--out", str(tmp_path / "e.json"), "--quiet"),
+        )
+        _, stderr = p.communicate(timeout=60)
+    assert p.returncode == 1, stderr
+    said = "every embed request failed, so nothing was measured"
+    assert f"coserve bench: {said}" in stderr and "x 404 no model nope" in stderr, stderr
+    s = json.loads((tmp_path / "e.json").read_text())
+    assert s["embed"]["kept_up"] is False and said in s["embed"]["warning"]

@@ -10,7 +10,8 @@ closed-loop (C in flight) or open-loop (a request rate, C the cap in flight).
 Writes FILE.json (the summary: DESIGN.md's contract and more) and FILE.records.jsonl (one
 line per request). Ctrl-C (or SIGTERM) stops the load and still writes what was measured,
 marked `"cut_short": true`; a second Ctrl-C gives up at once. An endpoint that stops
-answering ends the run with its reason (written as `"aborted"`) and exit status 1.
+answering ends the run with its reason (written as `"aborted"`) and exit status 1; so does
+one whose every request failed (named with its commonest error).
 """
 
 from __future__ import annotations
@@ -305,6 +306,7 @@ def run(args) -> int:
         run_sync,
         write_result,
     )
+    from coserve.bench.metrics import refused_all
     from coserve.bench.progress import LiveProgress
 
     cfg = _config(args)
@@ -395,6 +397,9 @@ def run(args) -> int:
         print(f"coserve bench: wrote {path} and {rec_path}", file=err, flush=True)
     if args.json:
         print(json.dumps(summary, indent=2), flush=True)
-    if result.aborted or (args.out and not path):
+    refused = [why for ep in (result.gen, result.embed) if ep and (why := refused_all(ep))]
+    for why in refused:
+        print(f"coserve bench: {why}", file=err, flush=True)
+    if result.aborted or (args.out and not path) or refused:
         return 1
     return 130 if result.cut_short else 0

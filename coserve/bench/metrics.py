@@ -151,6 +151,19 @@ def _backlog_growth(result: BenchResult, ep: EndpointRun, sched: int) -> str | N
     )
 
 
+def refused_all(ep: EndpointRun) -> str | None:
+    """Why nothing was measured when the server answered every request of `ep` with an error
+    (a wrong model name, a prompt over its limit): the commonest error and its count; None
+    when some request succeeded or none failed."""
+    if not ep.errors or any(r.status == "ok" for r in ep.records):
+        return None
+    (status, msg), n = ep.errors.most_common(1)[0]
+    return (
+        f"every {ep.kind} request failed, so nothing was measured: {n} x {status} "
+        f"{str(msg):.200} (of {sum(ep.errors.values())} failures)"
+    )
+
+
 def _rate(result: BenchResult, ep: EndpointRun, window: float) -> dict:
     """mode, offered and achieved rate, kept_up and its warning (the JSON contract)."""
     achieved = ep.sent_window / window if window > 0 else 0.0
@@ -164,7 +177,7 @@ def _rate(result: BenchResult, ep: EndpointRun, window: float) -> dict:
     # a stall that ended the run is its reason; the empty window only follows from it
     silent = ep.stalled or nothing_answered(result, ep)
     if silent is None and result.measured_s > 0 and ep.sent and not _ended(result, ep, "ok"):
-        silent = (
+        silent = refused_all(ep) or (
             f"no {ep.kind} request completed inside the window ({ep.sent} sent): its "
             f"latencies are empty; a window shorter than one request, or a stalled server"
         )
