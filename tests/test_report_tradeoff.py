@@ -212,7 +212,7 @@ def test_closed_loop_strategies_are_said_to_do_unequal_work(tmp_path):
     )
     assert (
         "| timeslice | closed, C=512 | - | 2.00 ± 0.00 | closed, C=64 | - | 125 ± 1.36 | 997 ± "
-        "10.9 | yes |" in md
+        "10.9 | closed loop |" in md
     )
 
 

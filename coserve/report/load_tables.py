@@ -41,11 +41,16 @@ def _measured(c: ConditionStats) -> bool:
     )
 
 
-def _kept_up(c: ConditionStats) -> str:
+def _kept_up(c: ConditionStats, load) -> str:
+    """ "yes", "**no** (N of M reps)", or "closed loop" where every served role ran one and
+    none fell silent (a closed loop has no rate to keep up with)."""
     if not _measured(c):
         return "-"
     bad = {w.rep for w in c.load_warnings()}
-    return "yes" if not bad else f"**no** ({len(bad)} of {len(c.ok)} reps)"
+    if bad:
+        return f"**no** ({len(bad)} of {len(c.ok)} reps)"
+    open_loop = any(getattr(load, f"{role}_rate") for role in c.condition.servers)
+    return "yes" if open_loop else "closed loop"
 
 
 def load_blocks(run: RunStats) -> list[Block]:
@@ -65,7 +70,7 @@ def load_blocks(run: RunStats) -> list[Block]:
                 with_ci(c.summary.get(f"{role}_offered_rps")),
                 with_ci(c.summary.get(f"{role}_achieved_rps")),
             ]
-        rows.append([*cells, with_ci(c.summary.get("embed_seq_s")), _kept_up(c)])
+        rows.append([*cells, with_ci(c.summary.get("embed_seq_s")), _kept_up(c, load)])
     out = [
         Block("h3", "Offered and achieved load"),
         Block(
@@ -87,9 +92,12 @@ def load_blocks(run: RunStats) -> list[Block]:
         Block(
             "p",
             "Achieved: requests sent per second inside the window (Poisson arrivals can "
-            "put it above the offered rate). An endpoint did not keep up when it sent "
-            "under 95 % of the arrivals its schedule put inside the window or hit its cap "
-            "on requests in flight; then the strategy, not the load, set its work.",
+            "put it above the offered rate). An endpoint at a rate did not keep up when it "
+            "sent under 95 % of the arrivals its schedule put inside the window, hit its cap "
+            "on requests in flight, or its requests in flight grew over the window (net of "
+            "a queue still filling); then the strategy, not the load, set its work. A closed "
+            "loop has no rate to keep up with (its concurrency sets the load); it counts as "
+            "not keeping up only when its server fell silent.",
         ),
     ]
     unmeasured = [c.name for c in run.conditions if c.ok and not _measured(c)]
