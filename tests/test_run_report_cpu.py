@@ -95,7 +95,8 @@ def test_against_a_baseline_that_runs_both_servers_the_verdict_names_it(tmp_path
     assert "dedicated: gen" not in verdict, verdict
     assert "each server alone" not in verdict
     assert (
-        "Co-located gen at least the dedicated GPUs' (the study's criterion), at 95 %: "
+        "Co-located gen at least the dedicated GPUs' (the study's criterion), with 95 % "
+        "confidence: "
         "co-located: open (one rep: no CI)" in verdict
     ), verdict
 
@@ -128,7 +129,7 @@ def test_the_study_criterion_is_answered_from_the_ci(tmp_path, factor, answer):
     Runner(spec, tmp_path / "run", backend=backend).run()
     md = render(tmp_path / "run", with_plots=False).markdown.read_text()
     (verdict,) = [ln for ln in md.splitlines() if ln.startswith("**Verdict:**")]
-    assert f"at 95 %: co-located: {answer}. " in verdict, verdict
+    assert f"with 95 % confidence: co-located: {answer}. " in verdict, verdict
 
 
 def test_the_study_criterion_says_when_the_embed_work_was_not_the_baselines(tmp_path):
@@ -144,7 +145,8 @@ def test_the_study_criterion_says_when_the_embed_work_was_not_the_baselines(tmp_
     md = render(tmp_path / "run", with_plots=False).markdown.read_text()
     (verdict,) = [ln for ln in md.splitlines() if ln.startswith("**Verdict:**")]
     assert (
-        "at 95 %: co-located: yes, at 50 % of dedicated's embed seq/s (not equal work). " in verdict
+        "with 95 % confidence: co-located: yes, at 50 % of dedicated's embed seq/s "
+        "(not equal work). " in verdict
     ), verdict
 
 

@@ -110,7 +110,8 @@ def _criterion(run: RunStats, both: list) -> str:
         return f", at {ratio * 100:.0f} % of {c.gen_baseline}'s embed seq/s (not equal work)"
 
     return (
-        " Co-located gen at least the dedicated GPUs' (the study's criterion), at 95 %: "
+        " Co-located gen at least the dedicated GPUs' (the study's criterion), with 95 % "
+        "confidence: "
         + "; ".join(f"{c.name}: {answer(c.gen_delta)}{work(c)}" for c in judged)
         + "."
     )
