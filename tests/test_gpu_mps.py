@@ -253,3 +253,39 @@ def test_long_run_folder_gets_a_short_private_pipe_dir(fake_bin, tmp_path):
         assert s.env_for("gen")["CUDA_MPS_PIPE_DIRECTORY"] == str(pipe)
         assert s.daemon.log_dir == run / "mps" / "log"
     assert not pipe.exists()
+
+
+def test_a_daemon_that_cannot_start_leaves_no_private_pipe_dir(tmp_path, monkeypatch):
+    """A long run path gets a pipe directory in the temp folder; a start that failed (no
+    binary) left it there (139 of them in /tmp after a few test runs)."""
+    monkeypatch.setenv("PATH", str(tmp_path))
+    daemon = mps.MpsDaemon(["0"], tmp_path / ("x" * 60) / ("y" * 40))
+    assert daemon.pipe_dir.name.startswith(mps.TMP_PREFIX) and daemon.pipe_dir.exists()
+    with pytest.raises(mps.MpsError, match="not on PATH"):
+        daemon.start()
+    assert not daemon.pipe_dir.exists()
+
+
+def test_stale_private_pipe_dirs_are_swept_and_live_ones_kept(tmp_path):
+    """A coserve killed outright (SIGKILL) leaves its private pipe directory: the next one
+    removes it, unless its marker names a live process or it is new and unmarked."""
+
+    def made(name, marker=None, age_s=0.0):
+        d = tmp_path / f"{mps.TMP_PREFIX}{name}"
+        d.mkdir()
+        if marker is not None:
+            (d / mps.MARKER).write_text(marker)
+        t = time.time() - age_s
+        os.utime(d, (t, t))
+        return d
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = made("dead", f"started by coserve pid {dead.pid}\n")
+    old_unmarked = made("old", age_s=2 * mps.UNMARKED_GRACE_S)
+    live = made("live", f"started by coserve pid {os.getpid()}\n")
+    young = made("young")
+    other = tmp_path / "not-ours"
+    other.mkdir()
+    assert sorted(mps.sweep_stale_pipe_dirs(tmp_path)) == sorted([stale, old_unmarked])
+    assert live.exists() and young.exists() and other.exists() and not stale.exists()

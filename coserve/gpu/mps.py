@@ -37,6 +37,35 @@ MARKER = ".coserve-mps"
 _SOCKET_PATH_MAX = 100  # AF_UNIX paths must stay under 108 bytes; MPS appends its own names
 
 
+TMP_PREFIX = "coserve-mps-"  # a private pipe directory in the temp folder (long run paths)
+UNMARKED_GRACE_S = 600.0  # one without a marker yet may be another coserve's, about to start
+
+
+def sweep_stale_pipe_dirs(tmp: Path | None = None) -> list[Path]:
+    """Remove this user's private pipe directories (TMP_PREFIX in the temp folder) that no
+    live daemon holds: left by a coserve killed outright (SIGKILL: its daemon died with it
+    through PDEATHSIG, the directory stayed) or by one whose daemon never started. A
+    directory whose marker names a live pid, that an MPS process uses, or that has no marker
+    yet and is younger than UNMARKED_GRACE_S, is kept. Returns the ones removed."""
+    root = Path(tmp or tempfile.gettempdir())
+    used = {p.pipe_dir for p in find_mps_processes() if p.pipe_dir}
+    gone = []
+    for d in root.glob(f"{TMP_PREFIX}*"):
+        try:
+            if not d.is_dir() or d.is_symlink() or d.stat().st_uid != os.getuid():
+                continue
+            marker = (d / MARKER).read_text() if (d / MARKER).exists() else ""
+            fresh = time.time() - d.stat().st_mtime < UNMARKED_GRACE_S
+        except OSError:
+            continue
+        owner = [int(w) for w in marker.split() if w.isdigit()]
+        if str(d) in used or (owner and pid_alive(owner[0])) or (not marker and fresh):
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+        gone.append(d)
+    return gone
+
+
 class MpsError(RuntimeError):
     """The MPS daemon cannot be started or used; the message says why and what to do."""
 
@@ -138,9 +167,9 @@ class MpsDaemon:
         self.log_dir = self.run_dir / "mps" / "log"
         want_pipe = self.run_dir / "mps" / "pipe"
         self._tmp_pipe = len(str(want_pipe.resolve())) > _SOCKET_PATH_MAX - 30
-        self.pipe_dir = (
-            Path(tempfile.mkdtemp(prefix="coserve-mps-")) if self._tmp_pipe else want_pipe
-        )
+        if self._tmp_pipe:
+            sweep_stale_pipe_dirs()
+        self.pipe_dir = Path(tempfile.mkdtemp(prefix=TMP_PREFIX)) if self._tmp_pipe else want_pipe
         self.proc: subprocess.Popen | None = None
         self.server_pids: list[int] = []
         self.events: list[str] = []
@@ -194,8 +223,20 @@ class MpsDaemon:
 
     # -- life cycle --------------------------------------------------------------------
     def start(self) -> MpsDaemon:
+        """Start the daemon and its server. Raises MpsError saying why not; nothing of it is
+        left then (a private pipe directory in the temp folder included)."""
         if self.running:
             return self
+        try:
+            return self._start()
+        except BaseException:
+            if self.proc is not None:
+                self.stop()
+            elif self._tmp_pipe:
+                shutil.rmtree(self.pipe_dir, ignore_errors=True)
+            raise
+
+    def _start(self) -> MpsDaemon:
         exe = shutil.which(self.control_bin) if os.sep not in self.control_bin else self.control_bin
         if not exe or not os.access(exe, os.X_OK):
             raise MpsError(
