@@ -216,3 +216,18 @@ def test_serve_of_a_30b_model_on_this_cpu_refuses_at_once():
     assert proc.returncode == 2, proc.stderr
     assert "coserve serve: qwen3-30b-a3b needs at least 29.0 GiB for its weights" in proc.stderr
     assert time.monotonic() - t0 < 60  # nothing was allocated
+
+
+def test_a_dry_run_needs_no_out_and_a_run_does(tmp_path, capsys, monkeypatch):
+    """A dry run writes nothing, yet `coserve run experiments/demo.toml --dry-run` was refused
+    with "the following arguments are required: --out"."""
+    from pathlib import Path
+
+    demo = Path(__file__).resolve().parent.parent / "experiments" / "demo.toml"
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", str(demo), "--dry-run"]) == 0
+    err = capsys.readouterr().err
+    assert "demo: 3 reps to run over 3 conditions" in err and "co-located" in err
+    assert list(tmp_path.iterdir()) == []  # nothing written here
+    assert main(["run", str(demo)]) == 2
+    assert "--out DIR is required (a dry run needs none)" in capsys.readouterr().err

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import sys
+import tempfile
+from pathlib import Path
 
 
 class _SpecKeys(argparse.Action):
@@ -28,7 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="list every spec table and key with its default and allowed values, and exit",
     )
     parser.add_argument(
-        "--out", metavar="DIR", required=True, help="run folder (created; results, logs, report)"
+        "--out",
+        metavar="DIR",
+        help="run folder (created; results, logs, report); required unless --dry-run",
     )
     parser.add_argument(
         "--resume",
@@ -80,7 +85,13 @@ def print_plan(spec, sched, console) -> None:
         on_cpu = cpu_roles(spec, c, have_gpus)
         return "CPU" if on_cpu and len(on_cpu) == len(c.servers) else ",".join(c.gpus)
 
-    t = Table(title=Text(f"{spec.name}: {len(sched)} rep(s), order {spec.order}"))
+    conds = len({c.name for c, _ in sched})
+    t = Table(
+        title=Text(
+            f"{spec.name}: {len(sched)} rep{'s' * (len(sched) != 1)} to run over {conds} "
+            f"condition{'s' * (conds != 1)}, order {spec.order}"
+        )
+    )
     for h in ("#", "Condition", "Rep", "Strategy", "GPUs", "Servers"):
         t.add_column(h)
     for i, (c, r) in enumerate(sched, 1):
@@ -262,6 +273,13 @@ def _report(rd, console) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.out is None and not args.dry_run:
+        print("coserve run: --out DIR is required (a dry run needs none)", file=sys.stderr)
+        return 2
+    if args.out is None:  # a dry run writes nothing; a folder that does not exist stands in
+        with tempfile.TemporaryDirectory(prefix="coserve-dry-run-") as tmp:
+            args.out = str(Path(tmp) / "run")
+            return run(args)
     return execute(
         args.spec,
         args.out,
