@@ -243,6 +243,8 @@ class RayRunner(Runner):
         progress = self.progress
         for w in self.warnings if progress else []:
             progress.message(f"note: resuming with {w}")
+        for n in self.notes if progress else []:
+            progress.message(f"note: {n}")
         kind = self.accelerator_type()
         pending: dict[Any, tuple[Condition, int]] = {}
         records: list[dict] = []

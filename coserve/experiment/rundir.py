@@ -55,6 +55,16 @@ def write_json(path: Path, obj: Any) -> None:
     write_atomic(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
+def set_aside(path: Path) -> Path:
+    """Rename a damaged file or folder to `NAME.damaged-N` (N the first number free), so
+    what replaces it does not overwrite it; returns the new path. Raises OSError."""
+    n = 1
+    while (kept := path.with_name(f"{path.name}.damaged-{n}")).exists():
+        n += 1
+    os.rename(path, kept)
+    return kept
+
+
 def read_json(path: Path) -> Any:
     with open(path) as f:
         return json.load(f)
@@ -215,6 +225,8 @@ class RunDir:
         if not self.reps_dir.exists():
             return out
         for path in sorted(self.reps_dir.glob("*/rep-*/rep.json")):
+            if not path.parent.name[4:].isdigit():  # a damaged rep set aside (rep-K.damaged-N)
+                continue
             try:
                 out.records.append(read_rep(path))
             except (OSError, ValueError) as e:
