@@ -71,3 +71,35 @@ def test_a_spec_json_under_a_grown_spec_still_grows(tmp_path):
     write_json(rd.spec_json, read_json(rd.spec_json))  # readable: the grown spec is taken
     r = runner(tmp_path, FakeBackend(), text=GROWN, resume=True, only=["mps-capped"])
     assert len(r.run()) == 2 and r.notes == []
+
+
+def test_a_rep_with_a_damaged_rep_json_runs_again_and_its_folder_is_kept(tmp_path):
+    runner(tmp_path, FakeBackend(), only=["gen-only"]).run()
+    rd = RunDir(tmp_path / "run")
+    rep = rd.rep_dir("gen-only", 1)
+    bench = (rep / "bench.json").read_text()
+    (rep / "rep.json").write_text('{"cond')
+    notes = []
+
+    class Progress:
+        def __getattr__(self, name):
+            return lambda *a, **k: None
+
+        def message(self, text):
+            notes.append(text)
+
+    again = runner(tmp_path, FakeBackend(), resume=True, only=["gen-only"], progress=Progress())
+    assert [(r["condition"], r["rep"]) for r in again.run()] == [("gen-only", 1)]
+    kept = rep.with_name("rep-1.damaged-1")
+    assert (kept / "bench.json").read_text() == bench and (
+        kept / "rep.json"
+    ).read_text() == '{"cond'
+    assert rd.rep_record("gen-only", 1)["status"] == "ok"
+    assert f"{rep / 'rep.json'}: not valid JSON" in notes[0] and str(kept) in notes[0]
+    # the report reads the rep run again, not the one set aside (no unreadable rep.json)
+    from coserve.report.aggregate import aggregate
+
+    assert aggregate(rd.path).unreadable == []
+    (rep / "rep.json").write_text("[]")  # damaged again: the next number
+    runner(tmp_path, FakeBackend(), resume=True, only=["gen-only"]).run()
+    assert rep.with_name("rep-1.damaged-2").is_dir() and rd.rep_record("gen-only", 1)

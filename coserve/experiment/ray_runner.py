@@ -270,8 +270,7 @@ class RayRunner(Runner):
         with interruptible():
             try:
                 for cond, rep in self.schedule():
-                    prev = self.run_dir.rep_record(cond.name, rep)
-                    if prev is not None and prev.get("status") == "ok":
+                    if self.finished(cond, rep):
                         if progress:
                             progress.skip_rep(cond.name, rep, self.spec.reps_of(cond))
                         continue

@@ -8,6 +8,10 @@ DIR/fingerprint.json        environment at the first run: GPU, driver, versions,
 DIR/reps/COND/rep-K/        one rep: server logs, bench.json (+ records), telemetry series
 DIR/reps/COND/rep-K/rep.json   written last (temporary file + rename): the rep is finished
                             when, and only when, this file exists
+DIR/reps/COND/rep-K.damaged-N/   a rep whose rep.json was there but could not be read, set
+                            aside by --resume before it ran the rep again (kept; not reported)
+DIR/spec.json.damaged-N     a spec.json that could not be read, set aside by --resume when it
+                            wrote the file again from the same spec (fingerprint's hash)
 DIR/stats.json, report.md, report.html, plots/   written by the report
 DIR/.lock                   held (flock) by the `coserve run` writing the folder; holds its PID
 ```
@@ -197,6 +201,18 @@ class RunDir:
             return read_rep(path)
         except (OSError, ValueError):
             return None
+
+    def damaged_rep(self, condition: str, rep: int) -> Unreadable | None:
+        """The rep's rep.json where it is there but cannot be read, and why; else None (the
+        rep finished, or never did: no rep.json)."""
+        path = self.rep_dir(condition, rep) / "rep.json"
+        if not os.path.lexists(path):
+            return None
+        try:
+            read_rep(path)
+        except (OSError, ValueError) as e:
+            return Unreadable(path, getattr(e, "strerror", None) or str(e))
+        return None
 
     def fresh_rep_dir(self, condition: str, rep: int) -> Path:
         """An empty folder for a rep about to run (what an unfinished try left is removed)."""

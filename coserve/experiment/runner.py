@@ -38,6 +38,7 @@ from coserve.experiment.resume import RunRefused
 from coserve.experiment.rundir import (
     FolderBusy,
     RunDir,
+    set_aside,
     write_atomic,
     write_json,
 )
@@ -177,8 +178,7 @@ class Runner:
         with interruptible():
             for cond, rep in sched:
                 reps = self.spec.reps_of(cond)
-                prev = self.run_dir.rep_record(cond.name, rep)
-                if prev is not None and prev.get("status") == "ok":
+                if self.finished(cond, rep):
                     if progress:
                         progress.skip_rep(cond.name, rep, reps)
                     continue
@@ -193,6 +193,23 @@ class Runner:
                 if progress:
                     progress.end_rep(record)
         return records
+
+    def finished(self, cond: Condition, rep: int) -> bool:
+        """Whether the rep finished ok earlier. A rep whose rep.json is there but cannot be
+        read is set aside first (its folder renamed rep-K.damaged-N, with a note), so running
+        it again does not overwrite the earlier measurement's files."""
+        rd = self.run_dir
+        prev = rd.rep_record(cond.name, rep)
+        if prev is not None:
+            return prev.get("status") == "ok"
+        damaged = rd.damaged_rep(cond.name, rep)
+        if damaged is not None:
+            kept = set_aside(rd.rep_dir(cond.name, rep))
+            if self.progress:
+                self.progress.message(
+                    f"note: {damaged}; the rep runs again and its earlier folder is kept as {kept}"
+                )
+        return False
 
     def _phase(self, name: str) -> None:
         if self.progress:
