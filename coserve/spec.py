@@ -58,6 +58,7 @@ from coserve.spec_check import build_dataclass, checked_overrides
 from coserve.spec_cosched import server_problems
 from coserve.spec_load import LoadSpec, ReportSpec, SweepPoint, SweepSpec, load_problems, plain
 from coserve.spec_load import spec_field as _f
+from coserve.spec_tp import tp_problems
 
 STRATEGIES = _STRATEGIES + TP_ALIASES
 ORDERS = ("alternate", "sequential")
@@ -352,7 +353,7 @@ def parse_spec(data: dict[str, Any], source: str = "<spec>") -> Spec:
                     errors.append(f"{path}.servers: runs '{role}' but there is no [servers.{role}]")
             _check_strategy(cond, path, errors)
             if overrides_valid:  # a refused override is left out: checking without it misleads
-                errors += server_problems(cond, servers, path)
+                errors += server_problems(cond, servers, path) + tp_problems(cond, servers, path)
             for role in ROLES:
                 if getattr(cond, role) and role not in cond.servers:
                     errors.append(f"{path}.{role}: overrides a server this condition does not run")

@@ -161,3 +161,34 @@ def hf_config(model: str) -> dict[str, Any]:
         f"unknown model {model!r}: not a preset ({', '.join(PRESETS)}) "
         f"nor a directory with a config.json"
     )
+
+
+def tp_split_problem(config: dict[str, Any], n: int) -> str | None:
+    """Why `n` tensor-parallel ranks cannot split the attention of a model with HF config
+    `config` (the engine splits num_attention_heads evenly, and num_key_value_heads evenly or,
+    fewer than the ranks, replicated over n / kv ranks each), or None. A config without
+    integer head counts has nothing to check."""
+    heads, kv = config.get("num_attention_heads"), config.get("num_key_value_heads")
+    if not isinstance(heads, int) or n <= 1:
+        return None
+    if heads % n:
+        also = f" (num_key_value_heads {kv})" if isinstance(kv, int) else ""
+        return f"num_attention_heads ({heads}) is not divisible by tensor_parallel_size {n}{also}"
+    if isinstance(kv, int) and kv > 0 and (kv % n if kv >= n else n % kv):
+        return (
+            f"num_key_value_heads ({kv}) is neither divisible by tensor_parallel_size {n} nor "
+            f"a divisor of it (num_attention_heads {heads})"
+        )
+    return None
+
+
+def preset_tp_problem(model: str, n: int) -> str | None:
+    """`tp_split_problem` of a built-in preset (a model directory is not read: it may live on
+    another node); None for any other model."""
+    if model not in PRESETS or n <= 1:
+        return None
+    try:
+        config = hf_config(model)
+    except (OSError, ImportError, ValueError):  # a preset's weights package missing here
+        return None
+    return tp_split_problem(config, n)

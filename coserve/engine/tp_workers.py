@@ -44,7 +44,7 @@ import torch.multiprocessing as mp
 from coserve.engine import parallel
 from coserve.engine.messages import Call, Sent, Stop
 from coserve.engine.nccl_env import LOOPBACK_SOCKET_ENV, NO_MULTICAST_ENV, SOCKET_IFNAME_VARS
-from coserve.engine.presets import hf_config
+from coserve.engine.presets import hf_config, tp_split_problem
 from coserve.engine.types import EngineArgs
 
 log = logging.getLogger("coserve.engine")
@@ -226,9 +226,9 @@ def launch(build_rank: Callable, args: EngineArgs, device: torch.device) -> Work
         return None
     # before any rank starts: a size the heads cannot be split by (99999 started that many
     # processes, each failing alone) is refused once, here
-    heads = hf_config(args.model).get("num_attention_heads")
-    if isinstance(heads, int):
-        parallel.require_divisible(heads, n, "num_attention_heads")
+    problem = tp_split_problem(hf_config(args.model), n)
+    if problem:
+        raise ValueError(problem)
     # rank 0 decides once: a worker, a fresh process, would resolve "auto" on its own
     args = replace(args, tp_all_reduce=parallel.resolve_all_reduce(args.tp_all_reduce, device, n))
     if device.type == "cuda" and (device.index or 0) + n > torch.cuda.device_count():

@@ -39,7 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--resume",
         action="store_true",
         help="add the missing reps to an existing run folder (same GPU; the same spec, or "
-        "one that only adds conditions)",
+        "one that only adds conditions); a rep whose rep.json cannot be read runs again, its "
+        "earlier folder kept as rep-K.damaged-N",
     )
     parser.add_argument(
         "--conditions",

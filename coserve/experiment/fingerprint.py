@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import importlib.metadata
+import math
 import os
 import platform
 import socket
@@ -157,10 +158,18 @@ def describe_gpus(fp: dict[str, Any]) -> str:
 
 
 def _gpu_identity(fp: dict[str, Any]) -> list[tuple[str, int]] | None:
+    """(name, GiB) of each GPU used (else each listed), None without GPUs. Raises ValueError
+    naming the field whose memory is no finite number of MiB, KeyError, TypeError."""
     if not fp.get("gpus"):
         return None
-    used = fp.get("gpus_used") or fp["gpus"]
-    return [(g["name"], int(g["memory_mib"]) // 1024) for g in used]
+    key = "gpus_used" if fp.get("gpus_used") else "gpus"
+    out = []
+    for i, g in enumerate(fp[key]):
+        mib = g["memory_mib"]
+        if isinstance(mib, bool) or not isinstance(mib, int | float) or not math.isfinite(mib):
+            raise ValueError(f"{key}[{i}].memory_mib is {mib!r}, not a number of MiB")
+        out.append((g["name"], int(mib) // 1024))
+    return out
 
 
 def added_conditions(old: dict[str, Any], new: dict[str, Any]) -> list[str] | None:

@@ -243,6 +243,8 @@ class RayRunner(Runner):
         progress = self.progress
         for w in self.warnings if progress else []:
             progress.message(f"note: resuming with {w}")
+        for n in self.notes if progress else []:
+            progress.message(f"note: {n}")
         kind = self.accelerator_type()
         pending: dict[Any, tuple[Condition, int]] = {}
         records: list[dict] = []
@@ -268,8 +270,7 @@ class RayRunner(Runner):
         with interruptible():
             try:
                 for cond, rep in self.schedule():
-                    prev = self.run_dir.rep_record(cond.name, rep)
-                    if prev is not None and prev.get("status") == "ok":
+                    if self.finished(cond, rep):
                         if progress:
                             progress.skip_rep(cond.name, rep, self.spec.reps_of(cond))
                         continue

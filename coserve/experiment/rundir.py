@@ -8,6 +8,10 @@ DIR/fingerprint.json        environment at the first run: GPU, driver, versions,
 DIR/reps/COND/rep-K/        one rep: server logs, bench.json (+ records), telemetry series
 DIR/reps/COND/rep-K/rep.json   written last (temporary file + rename): the rep is finished
                             when, and only when, this file exists
+DIR/reps/COND/rep-K.damaged-N/   a rep whose rep.json was there but could not be read, set
+                            aside by --resume before it ran the rep again (kept; not reported)
+DIR/spec.json.damaged-N     a spec.json that could not be read, set aside by --resume when it
+                            wrote the file again from the same spec (fingerprint's hash)
 DIR/stats.json, report.md, report.html, plots/   written by the report
 DIR/.lock                   held (flock) by the `coserve run` writing the folder; holds its PID
 ```
@@ -53,6 +57,16 @@ def write_atomic(path: Path, text: str) -> None:
 
 def write_json(path: Path, obj: Any) -> None:
     write_atomic(path, json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def set_aside(path: Path) -> Path:
+    """Rename a damaged file or folder to `NAME.damaged-N` (N the first number free), so
+    what replaces it does not overwrite it; returns the new path. Raises OSError."""
+    n = 1
+    while (kept := path.with_name(f"{path.name}.damaged-{n}")).exists():
+        n += 1
+    os.rename(path, kept)
+    return kept
 
 
 def read_json(path: Path) -> Any:
@@ -188,6 +202,18 @@ class RunDir:
         except (OSError, ValueError):
             return None
 
+    def damaged_rep(self, condition: str, rep: int) -> Unreadable | None:
+        """The rep's rep.json where it is there but cannot be read, and why; else None (the
+        rep finished, or never did: no rep.json)."""
+        path = self.rep_dir(condition, rep) / "rep.json"
+        if not os.path.lexists(path):
+            return None
+        try:
+            read_rep(path)
+        except (OSError, ValueError) as e:
+            return Unreadable(path, getattr(e, "strerror", None) or str(e))
+        return None
+
     def fresh_rep_dir(self, condition: str, rep: int) -> Path:
         """An empty folder for a rep about to run (what an unfinished try left is removed)."""
         d = self.rep_dir(condition, rep)
@@ -215,6 +241,8 @@ class RunDir:
         if not self.reps_dir.exists():
             return out
         for path in sorted(self.reps_dir.glob("*/rep-*/rep.json")):
+            if not path.parent.name[4:].isdigit():  # a damaged rep set aside (rep-K.damaged-N)
+                continue
             try:
                 out.records.append(read_rep(path))
             except (OSError, ValueError) as e:

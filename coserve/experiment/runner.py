@@ -30,25 +30,20 @@ from pathlib import Path
 from typing import Any
 
 from coserve.experiment import fingerprint as fpmod
-from coserve.experiment import preflight
+from coserve.experiment import preflight, resume
 from coserve.experiment.backend import Backend, resolve_device
 from coserve.experiment.failure import storage_error
 from coserve.experiment.rep import compress_records, first_dead, load_problem, window_telemetry
+from coserve.experiment.resume import RunRefused
 from coserve.experiment.rundir import (
     FolderBusy,
     RunDir,
-    read_json,
-    read_object,
+    set_aside,
     write_atomic,
     write_json,
 )
 from coserve.experiment.signals import interruptible, no_interrupts
 from coserve.spec import Condition, Spec
-
-
-class RunRefused(RuntimeError):
-    """The run cannot start: the folder holds another run or is being written, the spec or GPU
-    differs on resume, or the machine lacks what the spec needs."""
 
 
 def _now() -> str:
@@ -80,6 +75,7 @@ class Runner:
         self.apply_mig = apply_mig  # as `apply_mig = true` in every mig condition's options
         self.fingerprint: dict[str, Any] = {}
         self.warnings: list[str] = []
+        self.notes: list[str] = []  # what a resume repaired or set aside
         self._device: dict[str, str] = {}
         self._telemetry_noted = False
         if only is not None:
@@ -97,49 +93,22 @@ class Runner:
 
     # ------------------------------------------------------------------ set-up
     def prepare(self) -> None:
-        """Check the folder and the environment; write spec and fingerprint on a first run."""
+        """Check the folder and the environment; write spec and fingerprint on a first run.
+        Raises RunRefused (resume.check's refusals, a run folder without --resume)."""
         rd = self.run_dir
         new = fpmod.collect(self.spec)
         spec_dict = self.spec.to_dict()
         if rd.exists():
-            old = self._old_fingerprint()
+            old = resume.old_fingerprint(rd)
             if not self.resume:
                 raise RunRefused(
                     f"{rd.path} already holds a run (started {old.get('created', '?')}); add "
                     f"--resume to finish it, or choose another --out"
                 )
-            old_spec, added = self._old_spec(), None
             # a grown spec is taken only with its text, which replaces the folder's spec.toml
-            if old_spec is not None and self.spec_text is not None:
-                try:
-                    added = fpmod.added_conditions(old_spec, spec_dict)
-                except (KeyError, TypeError, AttributeError):  # a damaged spec.json
-                    added = None
-            try:
-                refuse, warn = fpmod.compare(old, new, added)
-            except (KeyError, TypeError, AttributeError) as e:  # any shape a damaged file takes
-                raise RunRefused(
-                    f"{rd.fingerprint_file} is damaged ({e!r}); it records what the finished "
-                    "reps ran on, so the run cannot be resumed safely: restore the file or use "
-                    "another --out"
-                ) from None
-            spec_changed = old["spec"]["hash"] != new["spec"]["hash"]
-            if refuse and old_spec is not None and spec_changed:
-                changes = fpmod.spec_changes(old_spec, spec_dict)
-                if changes:
-                    refuse[0] += (
-                        " (" + "; ".join(changes[:6]) + ("; ..." if len(changes) > 6 else "") + ")"
-                    )
-            if refuse:
-                raise RunRefused(
-                    f"cannot resume {rd.path}: "
-                    + "; ".join(refuse)
-                    + ". Results measured under different settings would be mixed; "
-                    "use another --out (the original spec is in "
-                    f"{rd.spec_file})."
-                )
-            self.warnings = warn
-            if spec_changed:  # grown (else refused): the folder takes the spec
+            found = resume.check(rd, old, new, spec_dict, self.spec_text is not None)
+            self.warnings, self.notes = found.warnings, found.notes
+            if found.grown:  # the folder takes the spec
                 old["spec"] = {**new["spec"], "before": old["spec"]}
                 self._write_spec(spec_dict, old)
         else:  # a new or empty folder (run() refused any other)
@@ -147,32 +116,12 @@ class Runner:
             self._write_spec(spec_dict, new)
         self.fingerprint = new
 
-    def _old_spec(self) -> dict[str, Any] | None:
-        """The folder's spec.json, or None where it is missing, damaged or no object."""
-        try:
-            spec = read_json(self.run_dir.spec_json)
-        except (OSError, ValueError):
-            return None
-        return spec if isinstance(spec, dict) else None
-
     def _write_spec(self, spec_dict: dict[str, Any], fingerprint: dict[str, Any]) -> None:
         rd = self.run_dir
         if self.spec_text is not None:
             write_atomic(rd.spec_file, self.spec_text)
         write_json(rd.spec_json, spec_dict)
         write_json(rd.fingerprint_file, fingerprint)
-
-    def _old_fingerprint(self) -> dict[str, Any]:
-        """The run folder's fingerprint.json; RunRefused naming it when it cannot be read
-        (a resume compares against it, so a damaged one cannot be passed over)."""
-        path = self.run_dir.fingerprint_file
-        try:
-            return read_object(path)
-        except (OSError, ValueError) as e:
-            raise RunRefused(
-                f"cannot read {path} ({e}); it records what the finished reps ran on, so "
-                "the run cannot be resumed safely: restore the file or use another --out"
-            ) from None
 
     def schedule(self) -> list[tuple[Condition, int]]:
         return self.spec.schedule(self.only)
@@ -224,11 +173,12 @@ class Runner:
         if progress:
             for w in self.warnings:
                 progress.message(f"note: resuming with {w}")
+            for n in self.notes:
+                progress.message(f"note: {n}")
         with interruptible():
             for cond, rep in sched:
                 reps = self.spec.reps_of(cond)
-                prev = self.run_dir.rep_record(cond.name, rep)
-                if prev is not None and prev.get("status") == "ok":
+                if self.finished(cond, rep):
                     if progress:
                         progress.skip_rep(cond.name, rep, reps)
                     continue
@@ -243,6 +193,23 @@ class Runner:
                 if progress:
                     progress.end_rep(record)
         return records
+
+    def finished(self, cond: Condition, rep: int) -> bool:
+        """Whether the rep finished ok earlier. A rep whose rep.json is there but cannot be
+        read is set aside first (its folder renamed rep-K.damaged-N, with a note), so running
+        it again does not overwrite the earlier measurement's files."""
+        rd = self.run_dir
+        prev = rd.rep_record(cond.name, rep)
+        if prev is not None:
+            return prev.get("status") == "ok"
+        damaged = rd.damaged_rep(cond.name, rep)
+        if damaged is not None:
+            kept = set_aside(rd.rep_dir(cond.name, rep))
+            if self.progress:
+                self.progress.message(
+                    f"note: {damaged}; the rep runs again and its earlier folder is kept as {kept}"
+                )
+        return False
 
     def _phase(self, name: str) -> None:
         if self.progress:
