@@ -42,6 +42,11 @@ def _slo_text(checks: list[SloCheck]) -> str:
     )
 
 
+def _units_text(gpus: int, unit: int) -> str:
+    """`gpus`, and as units of `unit` GPUs where a unit is more than one."""
+    return f"{gpus:,}" if unit <= 1 or gpus == 0 else f"{gpus:,} ({gpus // unit:,} x {unit})"
+
+
 def _saving_text(s: Saving | None) -> str:
     if s is None:
         return "—"
@@ -80,7 +85,8 @@ def render(f: Fleet, console) -> None:
             Text(f"dedicated\n({names})"),
             _rate_text(ded.gen_per_gpu, "gen" in ded.open_loop),
             _rate_text(ded.embed_per_gpu, "embed" in ded.open_loop),
-            f"{ded.gen_gpus.mean:,} + {ded.embed_gpus.mean:,}\n= {ded.total.mean:,}",
+            f"{_units_text(ded.gen_gpus.mean, ded.gen_unit_gpus)}"
+            f" + {_units_text(ded.embed_gpus.mean, ded.embed_unit_gpus)}\n= {ded.total.mean:,}",
             _range_text(ded.total),
             "",
             Text(_slo_text(ded.slos)),
@@ -93,7 +99,7 @@ def render(f: Fleet, console) -> None:
             Text(name),
             _rate_text(r.gen_per_gpu, "gen" in r.open_loop),
             _rate_text(r.embed_per_gpu, "embed" in r.open_loop),
-            f"{r.gpus.mean:,}",
+            _units_text(r.gpus.mean, r.condition_gpus).replace(" (", "\n("),
             _range_text(r.gpus),
             _saving_text(r.saving),
             Text(_slo_text(r.slos)),
@@ -145,6 +151,7 @@ def lines(f: Fleet) -> list[str]:
         )
     out.append(
         "Per GPU: mean over finished reps ± half the 95 % CI, divided by the condition's GPUs. "
+        "GPUs: whole deployments of a condition's GPUs (78 (39 x 2): 39 of 2 GPUs each). "
         "GPUs over the CIs: every throughput at its CI's high end..low end; the saving's range "
         "pairs one fleet's best end with the other's worst."
     )

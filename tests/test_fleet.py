@@ -97,8 +97,9 @@ def test_hand_sized_fleet(run_dir):
     # TPOT p99 39 ms at the mean, its CI reaching 41.5: met, flagged
     assert [c.verdict for c in ts.slos] == ["CI crosses"] and ts.meets
     mps = by["mps"]
-    # two GPUs: 800 tok/s and 60 seq/s each -> max(13, ceil(16.7)) = 17; TPOT 45 > 40
-    assert (mps.condition_gpus, mps.gpus.mean, mps.saving.gpus) == (2, 17, -2)
+    # a pair of GPUs does 1,600 tok/s and 120 seq/s: max(ceil(6.25), ceil(8.3)) = 9 pairs;
+    # TPOT 45 > 40
+    assert (mps.condition_gpus, mps.gpus.mean, mps.saving.gpus) == (2, 18, -3)
     assert mps.embed_per_gpu.mean == pytest.approx(60) and mps.open_loop == ["embed"]
     assert not mps.meets and [c.verdict for c in mps.slos] == ["misses"]
     assert f.best == "timeslice" and [r.condition for r in f.colocated] == ["timeslice", "mps"]
@@ -171,7 +172,7 @@ def test_demand_of_one_role_only(run_dir):
     f = plan_fleet(aggregate(run_dir), Demand(0, 1_000))
     assert (f.dedicated.gen_gpus.mean, f.dedicated.total.mean) == (0, 5)
     assert f.dedicated.gen_condition is None
-    assert {r.condition: r.gpus.mean for r in f.colocated} == {"timeslice": 7, "mps": 17}
+    assert {r.condition: r.gpus.mean for r in f.colocated} == {"timeslice": 7, "mps": 18}
 
 
 def test_committed_h200_single_gpu():
@@ -325,3 +326,31 @@ def test_the_dedicated_fleet_takes_each_role_where_it_did_most_per_gpu():
     assert d.embed_condition == "exclusive-tp1"
     assert d.embed_per_gpu.mean == pytest.approx(1_143, rel=0.001)
     assert d.embed_gpus.mean == 18
+
+
+PROFILE_TP2 = TP2_EQUAL.parent / "profile-tp2"
+
+
+def test_a_condition_on_two_gpus_is_sized_in_pairs():
+    """A TP=2 condition runs as a unit of its two GPUs: the fleet is whole units of it."""
+    by = {
+        r.condition: r for r in plan_fleet(aggregate(TP2_CLOSED_B), Demand(10_000, 500)).colocated
+    }
+    guard = by["tp2-mps-sm50-guard-tp1"]
+    # 224 seq/s per GPU: 448 a pair; 500 seq/s needs 2 pairs (it was sized at 3 GPUs)
+    assert guard.condition_gpus == 2 and guard.gpus.mean == 4
+    assert all(r.gpus.mean % 2 == 0 for r in by.values())
+    # embed only: 500 seq/s on tp2-mps (772 per GPU) is still one pair, not one GPU
+    one = plan_fleet(aggregate(TP2_CLOSED_B), Demand(0, 500))
+    assert {r.condition: r for r in one.colocated}["tp2-mps"].gpus.mean == 2
+    # a dedicated gen deployment at TP=2 comes in pairs too
+    d = plan_fleet(aggregate(PROFILE_TP2), Demand(10_000, 0)).dedicated
+    assert d.gen_condition == "tp2-gen-alone" and d.gen_unit_gpus == 2
+    assert (d.gen_gpus.mean, d.embed_gpus.mean, d.total.mean) == (2, 0, 2)
+
+
+def test_the_figures_study_md_quotes_for_tp2_closed_b():
+    f = plan_fleet(aggregate(TP2_CLOSED_B), Demand(1_000_000, 20_000))
+    by = {r.condition: r.gpus.mean for r in f.colocated}
+    assert f.dedicated.total.mean == 56
+    assert (by["tp2-mps-sm50-lowprio"], by["tp2-mps-sm50-guard-tp1"]) == (78, 90)
