@@ -354,3 +354,48 @@ def test_the_figures_study_md_quotes_for_tp2_closed_b():
     by = {r.condition: r.gpus.mean for r in f.colocated}
     assert f.dedicated.total.mean == 56
     assert (by["tp2-mps-sm50-lowprio"], by["tp2-mps-sm50-guard-tp1"]) == (78, 90)
+
+
+def _table(fleet) -> str:
+    from rich.console import Console
+
+    from coserve.fleet_command import render
+
+    console = Console(width=400, record=True)
+    render(fleet, console)
+    return console.export_text()
+
+
+def test_the_table_says_more_and_fewer_gpus_in_words_and_options_as_the_spec_writes_them(
+    run_dir,
+):
+    out = _table(plan_fleet(aggregate(TP2_CLOSED_B), Demand(1_000_000, 20_000)))
+    # 78 against 56 dedicated: 22 more, not "-22 (-39 %)"
+    assert "22 more (+39 %)" in out and "-22" not in out
+    assert "22 more than 56 dedicated; 21..25 more over the CIs." in out
+    assert "active_thread_percentage={ embed = 50 }" in out and "{'embed'" not in out
+    assert "SLOs" not in out  # no SLO given: no column for them
+    header = next(line for line in out.splitlines() if "fleet" in line and "per GPU" in line)
+    assert header.rstrip().endswith("dedicated ┃")
+    # the hand-sized folder: timeslice 13 GPUs against 15 dedicated
+    hand = _table(plan_fleet(aggregate(run_dir), Demand(10_000, 1_000)))
+    assert "2 fewer (-13 %)" in hand and "2 fewer than 15 dedicated (13.3 %); 2..4 fewer" in hand
+
+
+def test_a_miss_shows_the_digits_that_make_it_one():
+    # tp2-mps-sm50-lowprio's TPOT p99 is 20.05 ms: "20.0 ms" against <= 20 hid why it misses
+    out = _table(plan_fleet(aggregate(TP2_CLOSED_B), Demand(1e6, 2e4, gen_tpot_p99_ms=20)))
+    assert "misses: gen TPOT p99 20.05 > 20 ms" in out
+    from coserve.fleet_command import ms_text
+
+    assert (ms_text(19.96, 20), ms_text(20.0004, 20), ms_text(40.31, 20)) == (
+        "19.96",
+        "20.0004",
+        "40.3",
+    )
+
+
+def test_help_says_fleet_needs_both_demands(capsys):
+    with pytest.raises(SystemExit):
+        main(["plan", "--help"])
+    assert "needs both --gen-tok-s and --embed-seq-s" in " ".join(capsys.readouterr().out.split())
