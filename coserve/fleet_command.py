@@ -10,6 +10,7 @@ import json
 import sys
 from pathlib import Path
 
+from coserve.advise import apart_text
 from coserve.fleet import SLOS, Demand, Fleet, Gpus, Rate, Saving, SloCheck, plan_fleet
 from coserve.term import stdout_console
 
@@ -30,16 +31,6 @@ def _rate_text(r: Rate | None, floor: bool = False) -> str:
     return text
 
 
-def ms_text(v: float, limit: float) -> str:
-    """`v` ms with the digits (one to four decimals) that tell it apart from `limit`: 20.04 and
-    not 20.0 against a limit of 20."""
-    for digits in range(1, 5):
-        text = f"{v:.{digits}f}"
-        if (float(text) > limit) == (v > limit) and float(text) != limit:
-            return text
-    return text
-
-
 def _slo_text(checks: list[SloCheck]) -> str:
     bad = [c for c in checks if c.verdict != "meets"]
     if not bad:
@@ -48,11 +39,11 @@ def _slo_text(checks: list[SloCheck]) -> str:
     for c in bad:
         text = f"{c.verdict}: {c.name}"
         if c.verdict == "misses":
-            text += f" {ms_text(c.measured_ms, c.limit_ms)} > {c.limit_ms:g} ms"
+            text += f" {apart_text(c.measured_ms, c.limit_ms)} > {c.limit_ms:g} ms"
         elif c.verdict == "CI crosses":
             text += (
-                f" {ms_text(c.measured_ms, c.limit_ms)} ms, CI to "
-                f"{ms_text(c.ci_high_ms, c.limit_ms)} > {c.limit_ms:g}"
+                f" {apart_text(c.measured_ms, c.limit_ms)} ms, CI to "
+                f"{apart_text(c.ci_high_ms, c.limit_ms)} > {c.limit_ms:g}"
             )
         out.append(text)
     return "; ".join(out)

@@ -386,9 +386,9 @@ def test_a_miss_shows_the_digits_that_make_it_one():
     # tp2-mps-sm50-lowprio's TPOT p99 is 20.05 ms: "20.0 ms" against <= 20 hid why it misses
     out = _table(plan_fleet(aggregate(TP2_CLOSED_B), Demand(1e6, 2e4, gen_tpot_p99_ms=20)))
     assert "misses: gen TPOT p99 20.05 > 20 ms" in out
-    from coserve.fleet_command import ms_text
+    from coserve.advise import apart_text
 
-    assert (ms_text(19.96, 20), ms_text(20.0004, 20), ms_text(40.31, 20)) == (
+    assert (apart_text(19.96, 20), apart_text(20.0004, 20), apart_text(40.31, 20)) == (
         "19.96",
         "20.0004",
         "40.3",
