@@ -234,9 +234,15 @@ def _budget_text(a: Advice, e: Evidence) -> str:
 
 
 def _ci(s: Summary, digits: int) -> str:
+    """`mean ± half the CI`; a half-width too small for `digits` (31.0 ± 0.0) with the digits
+    of the report's tables (± 0.03); the mean alone without a CI (one rep)."""
+    from coserve.report.blocks import num
+
     text = f"{s.mean:,.{digits}f}"
-    if s.half_width is not None:
-        text += f" ± {s.half_width:,.{digits}f}"
+    half = s.half_width
+    if half is not None:
+        narrow = 0 < half < 0.5 * 10**-digits  # rounds to 0 at `digits`
+        text += f" ± {num(half) if narrow else f'{half:,.{digits}f}'}"
     return text
 
 

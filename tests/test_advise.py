@@ -255,3 +255,11 @@ def test_each_row_says_whether_it_meets_the_budget_and_why_not():
     table = [ln.split()[0] for ln in text.splitlines() if ln.split()[:1] and ln.split()[0] in rows]
     # the rows meeting it first: exclusive-tp1 and tp2-mps-sm50-guard-tp1 (447 seq/s)
     assert table[:2] == ["exclusive-tp1", "tp2-mps-sm50-guard-tp1"]
+
+
+def test_a_ci_too_narrow_for_the_tables_digits_keeps_its_own():
+    # equal-work's timeslice: TPOT p99 31.0026 ms, its CI 30.97..31.03: "31.0 ± 0.0" said nothing
+    equal_work = H200_SWEEP.parent.parent / "nvidia-h200-2026-11-30" / "equal-work"
+    text = render(advise(aggregate(equal_work), 20.0))
+    (row,) = [ln for ln in text.splitlines() if ln.startswith("timeslice ")]
+    assert "31.0 ± 0.03" in row and "± 0.0 " not in row
