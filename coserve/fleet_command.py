@@ -55,12 +55,13 @@ def _units_text(gpus: int, unit: int) -> str:
 
 
 def _saving_text(s: Saving | None) -> str:
-    """GPUs against the dedicated fleet: `22 more (+39 %)`, `2 fewer (-13 %)` or `same`."""
+    """GPUs against the dedicated fleet: `22 more (+39 %)`, `2 fewer (-13 %)` (the share on a
+    line of its own, so a narrow column does not break it) or `same`."""
     if s is None:
         return "—"
     if s.gpus == 0:
         return "same"
-    return f"{abs(s.gpus):,} {'fewer' if s.gpus > 0 else 'more'} ({-s.pct:+.0f} %)"
+    return f"{abs(s.gpus):,} {'fewer' if s.gpus > 0 else 'more'}\n({-s.pct:+.0f} %)"
 
 
 def _range_words(least: int, most: int) -> str:
