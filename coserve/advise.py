@@ -61,7 +61,7 @@ class Advice:
     min_embed_seq_s: float | None
     best: Evidence | None  # meets the budget with the most embed work (then gen tok/s)
     closest: Evidence | None  # when none meets it
-    rows: list[Evidence]  # every candidate, most embed work first
+    rows: list[Evidence]  # every candidate: those meeting the budget first, then most embed work
     baseline_tpot_p99_ms: float | None  # the spec baseline's (gen alone, or a dedicated pair)
     baseline: str | None
     baseline_runs_both: bool = False  # a dedicated deployment, not gen alone
@@ -167,7 +167,7 @@ def advise(run, budget_tpot_p99_ms: float, min_embed_seq_s: float | None = None)
             + (f"; not considered: {', '.join(map(str, skipped))}" if skipped else "")
             + (f" ({run.unreadable_text()})" if run.unreadable else "")
         )
-    rows.sort(key=lambda e: -e.embed_seq_s.mean)
+    rows.sort(key=lambda e: (not e.meets, -e.embed_seq_s.mean))
     meeting = [e for e in rows if e.meets]
     best, tie = _best(meeting)
     return Advice(
@@ -200,10 +200,49 @@ def _best(meeting: list[Evidence]) -> tuple[Evidence | None, bool]:
     return max(same, key=lambda e: e.gen_tok_s.mean), len(same) > 1
 
 
+def apart_text(v: float, limit: float, digits: int = 1) -> str:
+    """`v` with the decimals, `digits` to `digits` + 3, that tell it apart from `limit`: 20.05,
+    not 20.0, against a limit of 20."""
+    for d in range(digits, digits + 4):
+        text = f"{v:,.{d}f}"
+        value = float(text.replace(",", ""))
+        if (value > limit) == (v > limit) and value != limit:
+            return text
+    return text
+
+
+def _budget_text(a: Advice, e: Evidence) -> str:
+    """A row's verdict and why: `meets`, `CI crosses: TPOT to 20.3 ms`, `misses: TPOT 20.05 >
+    20 ms; embed 919 < 1,000 seq/s`."""
+    budget, floor = a.budget_tpot_p99_ms, a.min_embed_seq_s
+    tpot, embed = e.tpot_p99_ms, e.embed_seq_s
+    if not e.meets:
+        why = []
+        if tpot.mean > budget:
+            why.append(f"TPOT {apart_text(tpot.mean, budget)} > {budget:g} ms")
+        if floor is not None and embed.mean < floor:
+            why.append(f"embed {apart_text(embed.mean, floor, 0)} < {floor:,g} seq/s")
+        return "misses: " + "; ".join(why)
+    if not _crosses(a, e):
+        return "meets"
+    why = []
+    if tpot.ci_high is not None and tpot.ci_high > budget:
+        why.append(f"TPOT to {apart_text(tpot.ci_high, budget)} ms")
+    if floor is not None and embed.ci_low is not None and embed.ci_low < floor:
+        why.append(f"embed to {apart_text(embed.ci_low, floor, 0)} seq/s")
+    return "CI crosses: " + "; ".join(why)
+
+
 def _ci(s: Summary, digits: int) -> str:
+    """`mean ± half the CI`; a half-width too small for `digits` (31.0 ± 0.0) with the digits
+    of the report's tables (± 0.03); the mean alone without a CI (one rep)."""
+    from coserve.report.blocks import num
+
     text = f"{s.mean:,.{digits}f}"
-    if s.half_width is not None:
-        text += f" ± {s.half_width:,.{digits}f}"
+    half = s.half_width
+    if half is not None:
+        narrow = 0 < half < 0.5 * 10**-digits  # rounds to 0 at `digits`
+        text += f" ± {num(half) if narrow else f'{half:,.{digits}f}'}"
     return text
 
 
@@ -304,7 +343,7 @@ def render(a: Advice) -> str:
         "gen tok/s",
         "gen vs baseline" if a.baseline_runs_both else "gen vs alone",
         "TPOT p99 ms",
-        "meets",
+        "budget",
     )
     table = [head]
     for e in a.rows:
@@ -317,7 +356,7 @@ def render(a: Advice) -> str:
                 _ci(e.gen_tok_s, 0),
                 "" if e.gen_vs_base_pct is None else f"{e.gen_vs_base_pct:+.1f} %",
                 _ci(e.tpot_p99_ms, 1),
-                ("yes, CI crosses" if _crosses(a, e) else "yes") if e.meets else "no",
+                _budget_text(a, e),
             )
         )
     widths = [max(len(r[i]) for r in table) for i in range(len(head))]
@@ -325,8 +364,9 @@ def render(a: Advice) -> str:
         lines.append("  ".join(x.ljust(w) for x, w in zip(r, widths, strict=True)).rstrip())
     lines.append("")
     lines.append(
-        "Means over finished reps (± half the 95 % CI where a condition has 2+ reps); a "
-        "condition meets the budget at its means, 'CI crosses' where its CI reaches past it."
+        "Means over finished reps (± half the 95 % CI where a condition has 2+ reps); those "
+        "meeting the budget first. A condition meets it at its means; 'CI crosses' where it "
+        "does but its CI reaches past the limit."
     )
     return "\n".join(lines) + "\n"
 

@@ -5,15 +5,18 @@ The model. A run folder measured, per condition, what its GPUs delivered: gen ou
 embed seq/s (means over finished reps, with 95 % CIs) and latency percentiles (p99 over
 requests, mean over reps). Per GPU is that divided by the condition's GPU count.
 
-- Dedicated: gen GPUs = ceil(X / gen-alone tok/s per GPU), embed GPUs = ceil(Y / embed-alone
-  seq/s per GPU); the fleet is their sum. A role alone is, of the conditions that ran it on
-  GPUs of its own (`RunStats.on_own_gpus`: the role alone, or `exclusive` with each model on
-  GPUs of its own, per GPU of that role), the one with the most per GPU: a dedicated
+A condition is deployed as a unit of its GPUs (a TP=2 condition comes in pairs), so a fleet
+is a whole number of units: ceil(demand / the unit's rate) units x the unit's GPUs.
+
+- Dedicated: gen GPUs = ceil(X / gen-alone tok/s per unit) x its GPUs per unit, embed GPUs
+  likewise from embed alone; the fleet is their sum. A role alone is, of the conditions that
+  ran it on GPUs of its own (`RunStats.on_own_gpus`: the role alone, or `exclusive` with each
+  model on GPUs of its own, per GPU of that role), the one with the most per GPU: a dedicated
   deployment would be set up its best measured way, as each co-located fleet is. In a
   two-GPU study that is the dedicated TP=1 GPU, not the role alone at TP=2 (1.28x on two
   GPUs: 0.64x per GPU).
-- Co-located condition c: each GPU delivers g_c tok/s and e_c seq/s together, so the fleet is
-  max(ceil(X / g_c), ceil(Y / e_c)).
+- Co-located condition c on n GPUs: each unit delivers g_c tok/s and e_c seq/s together, so
+  the fleet is max(ceil(X / g_c), ceil(Y / e_c)) x n.
 
 The saving is dedicated minus co-located GPUs. Sensitivity: the same counts with every
 throughput at its CI's low end (the most GPUs) and at its high end (the fewest); the saving's
@@ -167,6 +170,8 @@ class Dedicated:
     embed_condition: str | None
     gen_per_gpu: Rate | None
     embed_per_gpu: Rate | None
+    gen_unit_gpus: int  # GPUs one gen deployment runs on (0: no gen demand)
+    embed_unit_gpus: int
     gen_gpus: Gpus
     embed_gpus: Gpus
     total: Gpus
@@ -183,7 +188,7 @@ class Colocated:
     condition: str
     label: str  # strategy, options and overrides
     reps: int
-    condition_gpus: int  # GPUs the condition ran on
+    condition_gpus: int  # GPUs the condition ran on: the unit the fleet is a multiple of
     gen_per_gpu: Rate
     embed_per_gpu: Rate
     gpus: Gpus
@@ -229,10 +234,16 @@ def _ceil(demand: float, rate: float | None) -> int | None:
     return math.ceil(demand / rate * (1 - 1e-12))  # 2.0000000000001 GPUs is 2
 
 
-def _need(demand: float, rate: Rate | None) -> Gpus:
+def _need(demand: float, rate: Rate | None, unit: int) -> Gpus:
+    """GPUs in whole units of `unit` GPUs, each delivering `unit` x the per-GPU `rate`."""
+
+    def gpus(per_gpu: float | None) -> int | None:
+        n = _ceil(demand, None if per_gpu is None else per_gpu * unit)
+        return None if n is None else n * unit
+
     if rate is None:
         return Gpus(0, 0, 0)
-    return Gpus(_ceil(demand, rate.mean), _ceil(demand, rate.low), _ceil(demand, rate.high))
+    return Gpus(gpus(rate.mean), gpus(rate.low), gpus(rate.high))
 
 
 def _combine(a: Gpus, b: Gpus, op) -> Gpus:
@@ -278,15 +289,19 @@ def _dedicated(run, demand: Demand) -> tuple[Dedicated | None, str | None]:
             return None, f"no dedicated fleet: {c.name} measured no {role} throughput"
         found[role] = c
     g, e = found["gen"], found["embed"]
-    g_rate = None if g is None else Rate.per_gpu(g.summary["gen_tok_s"], _role_gpus(g, "gen"))
-    e_rate = None if e is None else Rate.per_gpu(e.summary["embed_seq_s"], _role_gpus(e, "embed"))
-    gen_gpus, embed_gpus = _need(demand.gen_tok_s, g_rate), _need(demand.embed_seq_s, e_rate)
+    g_unit, e_unit = (0 if c is None else _role_gpus(c, r) for r, c in (("gen", g), ("embed", e)))
+    g_rate = None if g is None else Rate.per_gpu(g.summary["gen_tok_s"], g_unit)
+    e_rate = None if e is None else Rate.per_gpu(e.summary["embed_seq_s"], e_unit)
+    gen_gpus = _need(demand.gen_tok_s, g_rate, g_unit)
+    embed_gpus = _need(demand.embed_seq_s, e_rate, e_unit)
     slos = (_slos(demand, g, {"gen"}) if g else []) + (_slos(demand, e, {"embed"}) if e else [])
     return Dedicated(
         g and g.name,
         e and e.name,
         g_rate,
         e_rate,
+        g_unit,
+        e_unit,
         gen_gpus,
         embed_gpus,
         _combine(gen_gpus, embed_gpus, lambda x, y: x + y),
@@ -325,7 +340,7 @@ def plan_fleet(run, demand: Demand) -> Fleet:
         e = Rate.per_gpu(cs.summary["embed_seq_s"], n)
         if _ceil(demand.gen_tok_s, g.mean) is None or _ceil(demand.embed_seq_s, e.mean) is None:
             continue  # measured nothing of a role the demand needs: no number of GPUs serves it
-        gpus = _combine(_need(demand.gen_tok_s, g), _need(demand.embed_seq_s, e), max)
+        gpus = _combine(_need(demand.gen_tok_s, g, n), _need(demand.embed_seq_s, e, n), max)
         rows.append(
             Colocated(
                 cs.name,

@@ -10,6 +10,7 @@ import json
 import sys
 from pathlib import Path
 
+from coserve.advise import apart_text
 from coserve.fleet import SLOS, Demand, Fleet, Gpus, Rate, Saving, SloCheck, plan_fleet
 from coserve.term import stdout_console
 
@@ -31,21 +32,47 @@ def _rate_text(r: Rate | None, floor: bool = False) -> str:
 
 
 def _slo_text(checks: list[SloCheck]) -> str:
-    if not checks:
-        return ""
     bad = [c for c in checks if c.verdict != "meets"]
     if not bad:
         return "meets"
-    return "; ".join(
-        f"{c.verdict}: {c.name}" + ("" if c.measured_ms is None else f" {c.measured_ms:.1f} ms")
-        for c in bad
-    )
+    out = []
+    for c in bad:
+        text = f"{c.verdict}: {c.name}"
+        if c.verdict == "misses":
+            text += f" {apart_text(c.measured_ms, c.limit_ms)} > {c.limit_ms:g} ms"
+        elif c.verdict == "CI crosses":
+            text += (
+                f" {apart_text(c.measured_ms, c.limit_ms)} ms, CI to "
+                f"{apart_text(c.ci_high_ms, c.limit_ms)} > {c.limit_ms:g}"
+            )
+        out.append(text)
+    return "; ".join(out)
+
+
+def _units_text(gpus: int, unit: int) -> str:
+    """`gpus`, and as units of `unit` GPUs where a unit is more than one."""
+    return f"{gpus:,}" if unit <= 1 or gpus == 0 else f"{gpus:,} ({gpus // unit:,} x {unit})"
 
 
 def _saving_text(s: Saving | None) -> str:
+    """GPUs against the dedicated fleet: `22 more (+39 %)`, `2 fewer (-13 %)` (the share on a
+    line of its own, so a narrow column does not break it) or `same`."""
     if s is None:
         return "—"
-    return f"{s.gpus:+,} ({s.pct:+.0f} %)"
+    if s.gpus == 0:
+        return "same"
+    return f"{abs(s.gpus):,} {'fewer' if s.gpus > 0 else 'more'}\n({-s.pct:+.0f} %)"
+
+
+def _range_words(least: int, most: int) -> str:
+    """A saving's range over the CIs (dedicated less co-located GPUs) in fewer/more words."""
+    if least >= 0:
+        span = f"{least:,}" if least == most else f"{least:,}..{most:,}"
+        return f"{span} fewer"
+    if most <= 0:
+        span = f"{-most:,}" if least == most else f"{-most:,}..{-least:,}"
+        return f"{span} more"
+    return f"{-least:,} more to {most:,} fewer"
 
 
 def render(f: Fleet, console) -> None:
@@ -63,41 +90,47 @@ def render(f: Fleet, console) -> None:
         )
     )
     t = Table()
-    for head, just in (
+    heads = [
         ("fleet", "left"),
         ("gen tok/s\nper GPU", "right"),
         ("embed seq/s\nper GPU", "right"),
         ("GPUs", "right"),
         ("GPUs over\nthe CIs", "right"),
-        ("saving vs\ndedicated", "right"),
-        ("SLOs", "left"),
-    ):
+        ("GPUs vs\ndedicated", "right"),
+    ]
+    if slos:
+        heads.append(("SLOs", "left"))
+    for head, just in heads:
         t.add_column(head, justify=just)
+    width = len(heads)
     ded = f.dedicated
     if ded is not None:
         names = " + ".join(n for n in (ded.gen_condition, ded.embed_condition) if n)
-        t.add_row(
+        cells = [
             Text(f"dedicated\n({names})"),
             _rate_text(ded.gen_per_gpu, "gen" in ded.open_loop),
             _rate_text(ded.embed_per_gpu, "embed" in ded.open_loop),
-            f"{ded.gen_gpus.mean:,} + {ded.embed_gpus.mean:,}\n= {ded.total.mean:,}",
+            f"{_units_text(ded.gen_gpus.mean, ded.gen_unit_gpus)}"
+            f" + {_units_text(ded.embed_gpus.mean, ded.embed_unit_gpus)}\n= {ded.total.mean:,}",
             _range_text(ded.total),
             "",
             Text(_slo_text(ded.slos)),
-        )
+        ][:width]
+        t.add_row(*cells)
     for r in f.colocated:
         name = r.condition if r.label == r.condition else f"{r.condition}\n({r.label})"
         if r.condition_gpus > 1:
             name += f", {r.condition_gpus} GPUs"
-        t.add_row(
+        cells = [
             Text(name),
             _rate_text(r.gen_per_gpu, "gen" in r.open_loop),
             _rate_text(r.embed_per_gpu, "embed" in r.open_loop),
-            f"{r.gpus.mean:,}",
+            _units_text(r.gpus.mean, r.condition_gpus).replace(" (", "\n("),
             _range_text(r.gpus),
             _saving_text(r.saving),
             Text(_slo_text(r.slos)),
-        )
+        ][:width]
+        t.add_row(*cells)
     console.print(t)
     for line in lines(f):
         console.print(Text(line))
@@ -116,15 +149,14 @@ def lines(f: Fleet) -> list[str]:
         )
         if best.saving is not None:
             n = best.saving.gpus
-            text += (
-                f", {n:,} fewer than {ded.total.mean:,} dedicated ({best.saving.pct:.1f} %)"
-                if n >= 0
-                else f", {-n:,} more than {ded.total.mean:,} dedicated"
-            )
+            if n > 0:
+                text += f", {n:,} fewer than {ded.total.mean:,} dedicated ({best.saving.pct:.1f} %)"
+            elif n < 0:
+                text += f", {-n:,} more than {ded.total.mean:,} dedicated"
+            else:
+                text += ", as many as dedicated"
             if best.saving.least is not None:
-                text += (
-                    f"; the saving is {best.saving.least:+,}..{best.saving.most:+,} over the CIs"
-                )
+                text += f"; {_range_words(best.saving.least, best.saving.most)} over the CIs"
         out.append(text + ".")
     elif f.colocated:
         out.append("No co-located condition meets the SLOs.")
@@ -145,8 +177,9 @@ def lines(f: Fleet) -> list[str]:
         )
     out.append(
         "Per GPU: mean over finished reps ± half the 95 % CI, divided by the condition's GPUs. "
-        "GPUs over the CIs: every throughput at its CI's high end..low end; the saving's range "
-        "pairs one fleet's best end with the other's worst."
+        "GPUs: whole deployments of a condition's GPUs (78 (39 x 2): 39 of 2 GPUs each). "
+        "GPUs over the CIs: every throughput at its CI's high end..low end; a range against "
+        "dedicated pairs one fleet's best end with the other's worst."
     )
     if f.unreadable:
         out.append(f"Warning: {f.unreadable}.")
@@ -169,7 +202,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--fleet",
         metavar="RUN_DIR",
         default=None,
-        help="size a fleet from a `coserve run` folder's measurements instead",
+        help="size a fleet from a `coserve run` folder's measurements instead; needs both "
+        "--gen-tok-s and --embed-seq-s (0 for a role not served)",
     )
     g.add_argument(
         "--gen-tok-s",

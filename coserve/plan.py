@@ -213,11 +213,21 @@ def gib(n: float) -> str:
     return f"{n / GiB:,.2f} GiB"
 
 
+def params_text(n: int) -> str:
+    """A parameter count in B, M or K, with three significant figures at least: 30.53 B,
+    22.7 M, 414 K (a tiny test model printed as "0.00 B")."""
+    for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= scale:
+            v = n / scale
+            return f"{v:.2f} {unit}" if v < 100 else f"{v:,.0f} {unit}"
+    return f"{n:,}"
+
+
 def budget_rows(p: Plan) -> list[tuple[str, str]]:
     """(component, GiB) rows; the Total row is the sum of every row above it."""
     parts = [
         (
-            f"gen {p.gen.name} weights ({p.gen.params / 1e9:.2f} B params; {p.gen.fmt})",
+            f"gen {p.gen.name} weights ({params_text(p.gen.params)} params; {p.gen.fmt})",
             p.gen.weight_bytes,
         ),
         (f"gen activations + outside torch ({p.reserve_source})", p.reserve_bytes),
@@ -231,7 +241,7 @@ def budget_rows(p: Plan) -> list[tuple[str, str]]:
     if p.embed is not None:
         parts.append(
             (
-                f"embed {p.embed.name} weights ({p.embed.params / 1e9:.2f} B params; "
+                f"embed {p.embed.name} weights ({params_text(p.embed.params)} params; "
                 f"{p.embed.fmt})",
                 p.embed.weight_bytes,
             )
@@ -278,9 +288,15 @@ def lines(p: Plan) -> list[str]:
         share = (
             f"{need / p.kv_tokens:.0%} of the KV cache" if p.kv_tokens else "there is no KV cache"
         )
-        verdict = (
-            "fits without queuing" if p.fits(c) else "does NOT fit: requests queue or are preempted"
-        )
+        if not p.fits(c):
+            verdict = "does NOT fit: requests queue or are preempted"
+        elif c > p.max_num_seqs:
+            verdict = (
+                f"its KV fits, but max_num_seqs {p.max_num_seqs} runs {p.max_num_seqs} at once "
+                f"and {c - p.max_num_seqs:,} queue"
+            )
+        else:
+            verdict = "fits without queuing"
         out.append(f"C={c} needs {need:,} tokens ({share}): {verdict}.")
     cap = (
         f"; max_num_seqs {p.max_num_seqs} caps it at {min(p.max_num_seqs, p.max_concurrency)}"

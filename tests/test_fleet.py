@@ -97,8 +97,9 @@ def test_hand_sized_fleet(run_dir):
     # TPOT p99 39 ms at the mean, its CI reaching 41.5: met, flagged
     assert [c.verdict for c in ts.slos] == ["CI crosses"] and ts.meets
     mps = by["mps"]
-    # two GPUs: 800 tok/s and 60 seq/s each -> max(13, ceil(16.7)) = 17; TPOT 45 > 40
-    assert (mps.condition_gpus, mps.gpus.mean, mps.saving.gpus) == (2, 17, -2)
+    # a pair of GPUs does 1,600 tok/s and 120 seq/s: max(ceil(6.25), ceil(8.3)) = 9 pairs;
+    # TPOT 45 > 40
+    assert (mps.condition_gpus, mps.gpus.mean, mps.saving.gpus) == (2, 18, -3)
     assert mps.embed_per_gpu.mean == pytest.approx(60) and mps.open_loop == ["embed"]
     assert not mps.meets and [c.verdict for c in mps.slos] == ["misses"]
     assert f.best == "timeslice" and [r.condition for r in f.colocated] == ["timeslice", "mps"]
@@ -171,7 +172,7 @@ def test_demand_of_one_role_only(run_dir):
     f = plan_fleet(aggregate(run_dir), Demand(0, 1_000))
     assert (f.dedicated.gen_gpus.mean, f.dedicated.total.mean) == (0, 5)
     assert f.dedicated.gen_condition is None
-    assert {r.condition: r.gpus.mean for r in f.colocated} == {"timeslice": 7, "mps": 17}
+    assert {r.condition: r.gpus.mean for r in f.colocated} == {"timeslice": 7, "mps": 18}
 
 
 def test_committed_h200_single_gpu():
@@ -325,3 +326,80 @@ def test_the_dedicated_fleet_takes_each_role_where_it_did_most_per_gpu():
     assert d.embed_condition == "exclusive-tp1"
     assert d.embed_per_gpu.mean == pytest.approx(1_143, rel=0.001)
     assert d.embed_gpus.mean == 18
+
+
+PROFILE_TP2 = TP2_EQUAL.parent / "profile-tp2"
+
+
+def test_a_condition_on_two_gpus_is_sized_in_pairs():
+    """A TP=2 condition runs as a unit of its two GPUs: the fleet is whole units of it."""
+    by = {
+        r.condition: r for r in plan_fleet(aggregate(TP2_CLOSED_B), Demand(10_000, 500)).colocated
+    }
+    guard = by["tp2-mps-sm50-guard-tp1"]
+    # 224 seq/s per GPU: 448 a pair; 500 seq/s needs 2 pairs (it was sized at 3 GPUs)
+    assert guard.condition_gpus == 2 and guard.gpus.mean == 4
+    assert all(r.gpus.mean % 2 == 0 for r in by.values())
+    # embed only: 500 seq/s on tp2-mps (772 per GPU) is still one pair, not one GPU
+    one = plan_fleet(aggregate(TP2_CLOSED_B), Demand(0, 500))
+    assert {r.condition: r for r in one.colocated}["tp2-mps"].gpus.mean == 2
+    # a dedicated gen deployment at TP=2 comes in pairs too
+    d = plan_fleet(aggregate(PROFILE_TP2), Demand(10_000, 0)).dedicated
+    assert d.gen_condition == "tp2-gen-alone" and d.gen_unit_gpus == 2
+    assert (d.gen_gpus.mean, d.embed_gpus.mean, d.total.mean) == (2, 0, 2)
+
+
+def test_the_figures_study_md_quotes_for_tp2_closed_b():
+    f = plan_fleet(aggregate(TP2_CLOSED_B), Demand(1_000_000, 20_000))
+    by = {r.condition: r.gpus.mean for r in f.colocated}
+    assert f.dedicated.total.mean == 56
+    assert (by["tp2-mps-sm50-lowprio"], by["tp2-mps-sm50-guard-tp1"]) == (78, 90)
+
+
+def _table(fleet) -> str:
+    from rich.console import Console
+
+    from coserve.fleet_command import render
+
+    console = Console(width=400, record=True)
+    render(fleet, console)
+    return console.export_text()
+
+
+def test_the_table_says_more_and_fewer_gpus_in_words_and_options_as_the_spec_writes_them(
+    run_dir,
+):
+    out = _table(plan_fleet(aggregate(TP2_CLOSED_B), Demand(1_000_000, 20_000)))
+    # 78 against 56 dedicated: 22 more, not "-22 (-39 %)"
+    assert "22 more" in out and "(+39 %)" in out and "-22" not in out
+    assert "22 more than 56 dedicated; 21..25 more over the CIs." in out
+    assert "active_thread_percentage={ embed = 50 }" in out and "{'embed'" not in out
+    assert "SLOs" not in out  # no SLO given: no column for them
+    header = next(line for line in out.splitlines() if "fleet" in line and "per GPU" in line)
+    assert header.rstrip().endswith("dedicated ┃")
+    # the hand-sized folder: timeslice 13 GPUs against 15 dedicated
+    hand = _table(plan_fleet(aggregate(run_dir), Demand(10_000, 1_000)))
+    assert (
+        "2 fewer" in hand
+        and "(-13 %)" in hand
+        and "2 fewer than 15 dedicated (13.3 %); 2..4 fewer" in hand
+    )
+
+
+def test_a_miss_shows_the_digits_that_make_it_one():
+    # tp2-mps-sm50-lowprio's TPOT p99 is 20.05 ms: "20.0 ms" against <= 20 hid why it misses
+    out = _table(plan_fleet(aggregate(TP2_CLOSED_B), Demand(1e6, 2e4, gen_tpot_p99_ms=20)))
+    assert "misses: gen TPOT p99 20.05 > 20 ms" in out
+    from coserve.advise import apart_text
+
+    assert (apart_text(19.96, 20), apart_text(20.0004, 20), apart_text(40.31, 20)) == (
+        "19.96",
+        "20.0004",
+        "40.3",
+    )
+
+
+def test_help_says_fleet_needs_both_demands(capsys):
+    with pytest.raises(SystemExit):
+        main(["plan", "--help"])
+    assert "needs both --gen-tok-s and --embed-seq-s" in " ".join(capsys.readouterr().out.split())

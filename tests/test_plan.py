@@ -200,3 +200,24 @@ def test_a_spec_whose_gen_runs_on_a_cpu_is_planned_as_one(tmp_path, monkeypatch,
     assert auto.cpu_kv_cache_bytes == 256 << 20
     on_h200, _ = PC.make_plan(args(spec=str(EXPERIMENTS / "demo.toml"), gpu="h200"))
     assert on_h200.cpu_kv_cache_bytes is None  # --gpu asks for a GPU plan
+
+
+def test_a_concurrency_above_max_num_seqs_is_not_said_to_fit_without_queuing():
+    plan, _ = PC.make_plan(args(gpu="h200", concurrency=[200, 512]))
+    said = P.lines(plan)
+    assert "C=200 needs 108,800 tokens (27% of the KV cache): fits without queuing." in said
+    c512 = next(line for line in said if line.startswith("C=512"))
+    assert "without queuing" not in c512
+    assert "max_num_seqs 256 runs 256 at once and 256 queue" in c512
+
+
+def test_a_tiny_models_params_in_millions_or_thousands():
+    assert [P.params_text(n) for n in (30_532_000_000, 22_566_000, 414_000, 999)] == [
+        "30.53 B",
+        "22.57 M",
+        "414 K",
+        "999",
+    ]
+    plan, _ = PC.make_plan(args(spec=str(EXPERIMENTS / "demo.toml")))
+    names = " ".join(name for name, _ in P.budget_rows(plan))
+    assert "0.00 B params" not in names and "22.57 M params" in names

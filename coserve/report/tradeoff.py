@@ -57,7 +57,7 @@ def strategy_label(c: ConditionStats) -> str:
     """The strategy, its options and the condition's server overrides (embed granularity,
     the SLO guard): conditions that differ in any of them are separate curves."""
     cond = c.condition
-    opts = [f"{k}={v}" for k, v in sorted(cond.options.items())]
+    opts = [f"{k}={_value(v)}" for k, v in sorted(cond.options.items())]
     overrides = {
         f"{role}.{k}": v
         for role in ("gen", "embed")
@@ -81,10 +81,19 @@ _SHORT_FLAGS = 48  # characters of extra_args shown as themselves in a label
 
 
 def _value(v) -> str:
-    """A server override as the spec writes it: 5 for 5.0, true for True."""
+    """An option or server override as the spec writes it (TOML): 5 for 5.0, true for True,
+    { embed = 50 } for {'embed': 50}, "x" for 'x' inside a table or array."""
     if isinstance(v, bool):
         return str(v).lower()
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{k} = {_inner(x)}" for k, x in v.items()) + " }"
+    if isinstance(v, list | tuple):
+        return "[" + ", ".join(_inner(x) for x in v) + "]"
     return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def _inner(v) -> str:
+    return f'"{v}"' if isinstance(v, str) else _value(v)
 
 
 def _co_located(c: ConditionStats) -> bool:
