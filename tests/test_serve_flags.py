@@ -141,3 +141,12 @@ def test_a_flag_that_is_no_number_says_what_it_must_be(argv, message, capsys):
         main(["serve", "gen", "--model", "tiny-dense", *argv])
     err = capsys.readouterr().err
     assert e.value.code == 2 and message in err and "invalid" not in err, err
+
+
+def test_a_request_body_limit_of_zero_is_refused(capsys):
+    """aiohttp reads client_max_size 0 as no limit: `--max-request-bytes 0` started a server
+    that took bodies of any size."""
+    with pytest.raises(SystemExit) as e:
+        main(["serve", "embed", "--max-request-bytes", "0"])
+    assert e.value.code == 2
+    assert "--max-request-bytes: must be at least 1 byte, got '0'" in capsys.readouterr().err

@@ -224,6 +224,16 @@ def parse_bytes(text: str) -> int:
     return int(float(m.group(1)) * 1024 ** "bkmgt".index(unit))
 
 
+def body_bytes(text: str) -> int:
+    """A request-body limit: parse_bytes of at least one byte (aiohttp reads 0 as no limit)."""
+    v = parse_bytes(text)
+    if v < 1:
+        raise argparse.ArgumentTypeError(
+            f"must be at least 1 byte, got {text!r} (0 would lift the limit altogether)"
+        )
+    return v
+
+
 def fraction(text: str) -> float:
     return number(float, text, "in (0, 1]", lambda v: 0.0 < v <= 1.0)
 

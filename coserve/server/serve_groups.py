@@ -11,9 +11,9 @@ from coserve.server.profile_api import add_flags as add_profile_flags
 from coserve.server.serve_flags import (
     GUARDED,
     KindGroup,
+    body_bytes,
     fraction,
     non_negative_float,
-    parse_bytes,
     percent,
     positive_float,
     positive_int,
@@ -188,7 +188,7 @@ def add_flag_groups(parser: argparse.ArgumentParser) -> None:
     limits.add_argument(
         "--max-request-bytes",
         metavar="BYTES",
-        type=parse_bytes,
+        type=body_bytes,
         default=RequestLimits.max_body_bytes,
         help="size of one request body (default 64M); larger ones get 413",
     )
