@@ -173,16 +173,11 @@ _abandoned: list[SymmAllReduce] = []  # kept alive until the process exits (dest
 _symm_used = False
 
 
-def require_divisible(total: int, n: int, what: str) -> None:
-    """Raise ValueError unless `n` ranks split `total` units (`what`: heads, channels) evenly."""
-    if total % n:
-        raise ValueError(f"{what} ({total}) is not divisible by tensor_parallel_size {n}")
-
-
 def split(total: int, what: str) -> tuple[int, int]:
     """(start, size) of this rank's even share of `total` units (heads, channels)."""
     r, n = _state.rank, _state.size
-    require_divisible(total, n, what)
+    if total % n:
+        raise ValueError(f"{what} ({total}) is not divisible by tensor_parallel_size {n}")
     per = total // n
     return r * per, per
 
