@@ -20,6 +20,12 @@ from coserve.stats import Summary
 EQUAL_WORK_TOLERANCE = 0.05  # largest/smallest achieved embed seq/s - 1
 
 
+def equal_work(seq_s: list[float]) -> bool:
+    """Whether achieved embed seq/s figures count as equal work: the largest within
+    EQUAL_WORK_TOLERANCE of the smallest."""
+    return max(seq_s) <= min(seq_s) * (1 + EQUAL_WORK_TOLERANCE)
+
+
 @dataclass
 class CurvePoint:
     condition: str
@@ -148,7 +154,7 @@ class EqualWork:
 
     @property
     def equal(self) -> bool:
-        return max(self.seq_s) <= min(self.seq_s) * (1 + EQUAL_WORK_TOLERANCE)
+        return equal_work(self.seq_s)
 
     def sentence(self) -> str:
         each = ", ".join(f"{n} {num(v)}" for n, v in zip(self.conditions, self.seq_s, strict=True))

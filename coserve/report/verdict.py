@@ -7,7 +7,7 @@ from __future__ import annotations
 from coserve.report.aggregate import RunStats, embed_baseline
 from coserve.report.blocks import pct
 from coserve.report.sections import on_cpu
-from coserve.report.tradeoff import EQUAL_WORK_TOLERANCE
+from coserve.report.tradeoff import equal_work
 
 
 def _no_baseline(run: RunStats) -> str | None:
@@ -102,12 +102,12 @@ def _criterion(run: RunStats, both: list) -> str:
         study's criterion holds gen against a dedicated embed GPU serving the same load."""
         base = run.get(c.gen_baseline).summary.get("embed_seq_s")
         mine = c.summary.get("embed_seq_s")
-        if base is None or mine is None or not base.mean:
+        if base is None or mine is None or not base.mean or equal_work([mine.mean, base.mean]):
             return ""
-        ratio = mine.mean / base.mean
-        if abs(ratio - 1) <= EQUAL_WORK_TOLERANCE:
-            return ""
-        return f", at {ratio * 100:.0f} % of {c.gen_baseline}'s embed seq/s (not equal work)"
+        return (
+            f", at {mine.mean / base.mean * 100:.0f} % of {c.gen_baseline}'s embed seq/s "
+            "(not equal work)"
+        )
 
     return (
         " Co-located gen at least the dedicated GPUs' (the study's criterion), with 95 % "
