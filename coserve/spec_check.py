@@ -1,6 +1,8 @@
 """Checking a TOML table against a dataclass declared with `spec_field`: types, choices,
 bounds, patterns and list sizes, every problem reported with its dotted path
-(``conditions[2].gpus[0]``) into one list, so a spec file's problems are listed at once."""
+(``conditions[2].gpus[0]``) into one list, so a spec file's problems are listed at once; and,
+for the checks of a condition's servers, the configs it resolves to and where each field
+came from."""
 
 from __future__ import annotations
 
@@ -152,3 +154,21 @@ def checked_overrides(cls: type, table: Any, path: str, errors: list[str]) -> di
     """The fields of `cls` a table overrides, each checked; bad ones are left out (and reported)."""
     values = build_dataclass(cls, table, path, errors, partial=True)
     return {k: v for k, v in (values or {}).items() if v is not None}
+
+
+def resolved_servers(cond: Any, servers: dict[str, Any]) -> dict[str, Any]:
+    """role -> the ServerConfig `cond` runs: the spec's `servers[role]` with the condition's
+    overrides (`cond.gen`, `cond.embed`) applied; roles without a [servers.ROLE] left out."""
+    return {
+        role: dataclasses.replace(servers[role], **getattr(cond, role))
+        for role in cond.servers
+        if role in servers
+    }
+
+
+def server_field_path(cond: Any, role: str, name: str, path: str) -> str:
+    """Where `cond` (at `path`, e.g. conditions[2]) took server field `name` of `role` from:
+    its own override `PATH.ROLE.NAME`, else `servers.ROLE.NAME (in PATH)`."""
+    if name in getattr(cond, role):
+        return f"{path}.{role}.{name}"
+    return f"servers.{role}.{name} (in {path})"

@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from coserve.spec_check import resolved_servers, server_field_path
+
 # Embed launchers whose server may run a guard of its own (started by its command line, as
 # `coserve serve colocated --slo-guard-gen-url` does): with slo_guard = true the run records
 # its state and trace, as it does for a guard it starts.
@@ -16,15 +18,10 @@ def server_problems(cond: Any, servers: dict[str, Any], path: str) -> list[str]:
     """Problems of `cond`'s resolved server configs (`servers` are the spec's, `cond` a
     Condition whose overrides are checked field by field already)."""
     out: list[str] = []
-    resolved = {
-        role: dataclasses.replace(servers[role], **getattr(cond, role))
-        for role in cond.servers
-        if role in servers
-    }
+    resolved = resolved_servers(cond, servers)
 
     def where(role: str, name: str) -> str:
-        own = name in getattr(cond, role)
-        return f"{path}.{role}.{name}" if own else f"servers.{role}.{name} (in {path})"
+        return server_field_path(cond, role, name, path)
 
     for role, cfg in resolved.items():
         tokens = cfg.max_num_batched_tokens

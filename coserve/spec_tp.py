@@ -5,10 +5,10 @@ field that set the degree. Problems as 'dotted.path: what is wrong'."""
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 from coserve.engine.presets import preset_tp_problem
+from coserve.spec_check import resolved_servers, server_field_path
 
 
 def _tp_field(cond: Any, role: str, path: str) -> str:
@@ -36,18 +36,14 @@ def tp_problems(cond: Any, servers: dict[str, Any], path: str) -> list[str]:
         except StrategyError:  # reported by the strategy check
             return []
     out = []
-    for role in cond.servers:
-        if role not in servers:
-            continue
-        cfg = dataclasses.replace(servers[role], **getattr(cond, role))
+    for role, cfg in resolved_servers(cond, servers).items():
         if cfg.launcher != "builtin":
             continue
         if strategy is not None:
             n, where = strategy.tensor_parallel_size(role), _tp_field(cond, role, path)
-        elif "tensor_parallel_size" in getattr(cond, role):
-            n, where = cfg.tensor_parallel_size, f"{path}.{role}.tensor_parallel_size"
         else:
-            n, where = cfg.tensor_parallel_size, f"servers.{role}.tensor_parallel_size (in {path})"
+            n = cfg.tensor_parallel_size
+            where = server_field_path(cond, role, "tensor_parallel_size", path)
         problem = preset_tp_problem(cfg.model, n)
         if problem:
             out.append(f"{where}: {cfg.model}: {problem}")
