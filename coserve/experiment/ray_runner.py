@@ -241,10 +241,7 @@ class RayRunner(Runner):
         ray = self.connect()
         task = ray.remote(run_rep_on_node)
         progress = self.progress
-        for w in self.warnings if progress else []:
-            progress.message(f"note: resuming with {w}")
-        for n in self.notes if progress else []:
-            progress.message(f"note: {n}")
+        self._say_resume_notes()
         kind = self.accelerator_type()
         pending: dict[Any, tuple[Condition, int]] = {}
         records: list[dict] = []

@@ -170,11 +170,7 @@ class Runner:
         sched = self.schedule()
         records = []
         progress = self.progress
-        if progress:
-            for w in self.warnings:
-                progress.message(f"note: resuming with {w}")
-            for n in self.notes:
-                progress.message(f"note: {n}")
+        self._say_resume_notes()
         with interruptible():
             for cond, rep in sched:
                 reps = self.spec.reps_of(cond)
@@ -193,6 +189,14 @@ class Runner:
                 if progress:
                     progress.end_rep(record)
         return records
+
+    def _say_resume_notes(self) -> None:
+        """What `prepare` found on a resume (environment differences, repairs), as notes."""
+        if self.progress:
+            for w in self.warnings:
+                self.progress.message(f"note: resuming with {w}")
+            for n in self.notes:
+                self.progress.message(f"note: {n}")
 
     def finished(self, cond: Condition, rep: int) -> bool:
         """Whether the rep finished ok earlier. A rep whose rep.json is there but cannot be
