@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from coserve.bench.arrivals import ARRIVALS, MAX_RATE
-from coserve.bench.config import GEN_ENDPOINTS, ConfigError, LoadConfig
+from coserve.bench.config import GEN_ENDPOINTS, MAX_SECONDS, ConfigError, LoadConfig
 from coserve.reference import REFERENCES
 from coserve.roles import ROLES
 
@@ -64,8 +64,8 @@ LOAD_CHECKS: dict[str, dict[str, Any]] = {
     "embed_batch": {"ge": 1, "help": "inputs per embed request"},
     "embed_input_len": {"ge": 1},
     "embed_text": {"help": "send texts instead of token ids to the embed server"},
-    "warmup_s": {"ge": 0.0, "le": 86400.0},
-    "duration_s": {"gt": 0.0, "le": 86400.0},
+    "warmup_s": {"ge": 0.0, "le": MAX_SECONDS},
+    "duration_s": {"gt": 0.0, "le": MAX_SECONDS},
     "gen_rate": {"gt": 0.0, "help": "gen requests/s, open loop (unset: closed loop)", **_LATER},
     "embed_rate": {"gt": 0.0, "help": "embed requests/s, open loop (unset: closed loop)", **_LATER},
     "arrival": {"choices": ARRIVALS, **_LATER},
@@ -77,6 +77,7 @@ LOAD_CHECKS: dict[str, dict[str, Any]] = {
     "gen_endpoint": {"choices": GEN_ENDPOINTS, **_LATER},
     "stall_s": {
         "gt": 0.0,
+        "le": MAX_SECONDS,
         "help": "seconds an endpoint with requests in flight may say nothing before the run "
         "ends as frozen",
         **_LATER,

@@ -307,7 +307,12 @@ def test_a_dead_endpoint_ends_the_run_with_its_reason_and_status_1(tmp_path):
         ("--embed-slo", "inf", "--embed-slo"),
         ("--burstiness", "0", "--burstiness"),
         ("--duration", "inf", "--duration"),
+        ("--duration", "1e12", "--duration: must be a number of seconds in (0, 86400]"),
+        ("--warmup", "1e12", "--warmup: must be a number of seconds in [0, 86400]"),
+        ("--ramp", "inf", "--ramp: must be a number of seconds in [0, 86400]"),
+        ("--ramp", "nan", "--ramp"),
         ("--stall", "0", "--stall"),
+        ("--stall", "1e12", "--stall: must be a number of seconds"),
     ],
 )
 def test_bad_load_flags_are_named(flag, value, says):

@@ -44,6 +44,20 @@ def test_numbers_must_be_finite(field, old, value):
     assert problems(old, f"{key} = {value}") == [f"{field}: {value} is not a finite number"]
 
 
+@pytest.mark.parametrize("key", ["warmup_s", "duration_s", "stall_s"])
+def test_load_seconds_are_bounded_by_one_day(key):
+    # 1e12 s is a typo that would hold the servers for ever: refused where it was set
+    base = "\n".join(line for line in BASE.splitlines() if not line.startswith(key))
+    with pytest.raises(SpecError) as e:
+        loads_spec(base.replace("[load]", f"[load]\n{key} = 1e12"))
+    [load] = e.value.problems
+    assert load.startswith(f"load.{key}: ") and "86400" in load, load
+    with pytest.raises(SpecError) as e:
+        loads_spec(f"{base}\nload = {{{key} = 1e12}}")
+    [cond] = e.value.problems
+    assert cond.startswith(f"conditions[0].load.{key}: ") and "86400" in cond, cond
+
+
 def test_repetitions_are_bounded():
     assert problems("repetitions = 1", "repetitions = 1000000000") == [
         f"repetitions: 1000000000 must be at most {MAX_REPETITIONS}"

@@ -13,6 +13,9 @@ from coserve.bench.arrivals import ARRIVALS, MAX_BURSTINESS, MAX_RATE, MIN_BURST
 from coserve.bench.embed_answer import ENCODINGS
 
 GEN_ENDPOINTS = ("completions", "chat")
+# The longest warm-up, window, ramp or stall a load takes: one day. A longer one is a typo
+# (1e12 for 1e2) that would hold the servers for ever, not a measurement anyone waits for.
+MAX_SECONDS = 86400.0
 
 
 class ConfigError(ValueError):
@@ -140,21 +143,18 @@ class LoadConfig:
             )
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ConfigError("seed", f"must be an integer, got {self.seed!r}")
-        if not (_number(self.warmup_s) and self.warmup_s >= 0):
-            raise ConfigError("warmup_s", f"must be a finite number >= 0, got {self.warmup_s!r}")
-        if not _positive(self.duration_s):
-            raise ConfigError("duration_s", f"must be a finite number > 0, got {self.duration_s!r}")
+        _seconds("warmup_s", self.warmup_s, least=0.0)
+        _seconds("duration_s", self.duration_s)
         if not (0 <= self.token_id_low < self.token_id_high):
             raise ConfigError(
                 "token_id_low",
                 f"token id range [{self.token_id_low}, {self.token_id_high}) is empty",
             )
-        if self.ramp_s is not None and not self.ramp_s >= 0:
-            raise ConfigError("ramp_s", f"must be >= 0, got {self.ramp_s!r}")
+        if self.ramp_s is not None:
+            _seconds("ramp_s", self.ramp_s, least=0.0)
         if self.connect_timeout_s <= 0:
             raise ConfigError("connect_timeout_s", "must be > 0")
-        if not _positive(self.stall_s):
-            raise ConfigError("stall_s", f"must be a finite number > 0, got {self.stall_s!r}")
+        _seconds("stall_s", self.stall_s)
         return self
 
     @property
@@ -184,3 +184,13 @@ def _number(v) -> bool:
 
 def _positive(v) -> bool:
     return _number(v) and v > 0
+
+
+def _seconds(name: str, v, least: float | None = None) -> None:
+    """Refuse `v` unless it is a finite number of seconds in (0, MAX_SECONDS], or in
+    [least, MAX_SECONDS] when `least` is given: ConfigError naming `name`."""
+    low = f"[{least:g}" if least is not None else "(0"
+    if not (_number(v) and (v >= least if least is not None else v > 0) and v <= MAX_SECONDS):
+        raise ConfigError(
+            name, f"must be a number of seconds in {low}, {MAX_SECONDS:g}] (one day), got {v!r}"
+        )

@@ -15,18 +15,24 @@ import datetime as dt
 import re
 from pathlib import Path
 
+from coserve.bench.config import MAX_SECONDS
 from coserve.profile.ncu import LAUNCH_COUNT, LAUNCH_SKIP
 from coserve.server.profile_api import DEFAULT_MIN_S, DEFAULT_STEPS
 from coserve.server.serve_flags import number, positive_int, seconds
 
 
 def _seconds(text: str) -> float:
-    """Seconds in [0, 86400] (a load window of the spec: load.warmup_s's bounds)."""
-    return number(float, text, "a number of seconds in [0, 86400]", lambda v: 0 <= v <= 86400)
+    """Seconds in [0, MAX_SECONDS] (a load window of the spec: load.warmup_s's bounds)."""
+    return number(
+        float,
+        text,
+        f"a number of seconds in [0, {MAX_SECONDS:g}]",
+        lambda v: 0 <= v <= MAX_SECONDS,
+    )
 
 
 def _window(text: str) -> float:
-    """Seconds in (0, 86400] (load.duration_s's bounds)."""
+    """Seconds in (0, MAX_SECONDS] (load.duration_s's bounds)."""
     v = _seconds(text)
     if v == 0:
         raise argparse.ArgumentTypeError("must be more than 0 seconds")
