@@ -53,7 +53,7 @@ from coserve.gpu.strategy_base import STRATEGIES as _STRATEGIES
 from coserve.gpu.strategy_base import TP_ALIASES
 from coserve.launch_command import LAUNCHERS, ServerSpec
 from coserve.roles import ROLES
-from coserve.server.slo_guard import BUDGET_MAX_MS
+from coserve.server.slo_guard import BUDGET_MAX_MS, BUDGET_MIN_MS
 from coserve.spec_check import build_dataclass, checked_overrides
 from coserve.spec_cosched import server_problems
 from coserve.spec_load import LoadSpec, ReportSpec, SweepPoint, SweepSpec, load_problems, plain
@@ -109,7 +109,7 @@ class ServerConfig:
     )
     gen_tpot_slo_ms: float | None = _f(
         None,
-        gt=0.0,
+        ge=BUDGET_MIN_MS,
         le=BUDGET_MAX_MS,
         omit_default=True,
         role="embed",

@@ -120,11 +120,13 @@ def test_an_out_of_range_number_is_refused_with_its_own_range(argv, message, cap
     assert e.value.code == 2 and message in capsys.readouterr().err
 
 
-def test_a_guard_budget_past_its_bound_names_the_flag(capsys):
-    # it named GuardConfig's field, gen_tpot_slo_ms
-    argv = ["--slo-guard-gen-url", "http://127.0.0.1:9", "--gen-tpot-slo-ms", "5e6"]
+@pytest.mark.parametrize("budget", ["5e6", "1e-9"])
+def test_a_guard_budget_past_its_bounds_names_the_flag(budget, capsys):
+    # it named GuardConfig's field, gen_tpot_slo_ms; 1e-9 ms is below any gen step's time
+    argv = ["--slo-guard-gen-url", "http://127.0.0.1:9", "--gen-tpot-slo-ms", budget]
     assert main(["serve", "embed", "--model", "tiny-embed", "--port", "0", *argv]) == 2
-    assert "--gen-tpot-slo-ms: must be in (0, 3.6e+06] ms, got 5e+06" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"--gen-tpot-slo-ms: must be in [0.1, 3.6e+06] ms, got {float(budget):g}" in err
 
 
 @pytest.mark.parametrize(

@@ -93,7 +93,12 @@ def test_new_fields_at_their_defaults_keep_an_old_specs_digest():
         (
             "gen_tpot_slo_pct = 5",
             "gen_tpot_slo_ms = 0",
-            "conditions[2].embed.gen_tpot_slo_ms: 0.0 must be greater than 0.0",
+            "conditions[2].embed.gen_tpot_slo_ms: 0.0 must be at least 0.1",
+        ),
+        (  # below any gen step's time: embed would be held at its floor throughout
+            "gen_tpot_slo_pct = 5",
+            "gen_tpot_slo_ms = 1e-9",
+            "conditions[2].embed.gen_tpot_slo_ms: 1e-09 must be at least 0.1",
         ),
         (  # the server's own bound: the dry run passed it, the rep's embed server refused it
             "gen_tpot_slo_pct = 5",

@@ -48,6 +48,10 @@ log = logging.getLogger("coserve.server")
 
 STATS = ("mean", "p99")
 BUDGET_MAX_MS = 3.6e6  # an hour: a budget past it is a typo (a spec's bound too)
+# 0.1 ms: below any gen step's time (one decode step is tens of kernel launches of several
+# µs each, even for the tiny presets), so every step would miss it and embed be held at its
+# floor throughout, as with a 0 budget; a budget that small is a unit slip (s for ms).
+BUDGET_MIN_MS = 0.1
 
 
 @dataclass(frozen=True)
@@ -132,9 +136,9 @@ class GuardConfig:
             raise ValueError(
                 "gen_tpot_slo: give exactly one of gen_tpot_slo_ms and gen_tpot_slo_pct"
             )
-        if self.budget_s is not None and not 0 < self.budget_s * 1e3 <= BUDGET_MAX_MS:
+        if self.budget_s is not None and not BUDGET_MIN_MS <= self.budget_s * 1e3 <= BUDGET_MAX_MS:
             raise ValueError(
-                f"gen_tpot_slo_ms: must be in (0, {BUDGET_MAX_MS:g}] ms, got "
+                f"gen_tpot_slo_ms: must be in [{BUDGET_MIN_MS:g}, {BUDGET_MAX_MS:g}] ms, got "
                 f"{self.budget_s * 1e3:g}"
             )
         # 0 %: gen's own step-time noise would pass for embed's cost (embed held at its floor)
