@@ -143,6 +143,10 @@ def test_mps_env_per_server_options(tmp_path):
     [
         ({"active_thread_percentage": 0}, "active_thread_percentage"),
         ({"active_thread_percentage": {"gen": 150}}, "active_thread_percentage"),
+        (  # a string was taken as its number
+            {"active_thread_percentage": "50"},
+            r"option active_thread_percentage \(gen\): expected a number in \(0, 100\], got '50'",
+        ),
         ({"active_thread_percentage": {"decoder": 50}}, "unknown role"),
         ({"pinned_mem_limit": "lots"}, "pinned_mem_limit"),
         ({"client_priority": "high"}, "client_priority"),
@@ -189,7 +193,7 @@ def test_tp_degree_per_server_and_gpu_lists(tmp_path):
         make_strategy("tp", ["0", "1"], {"tp": 4}, tmp_path)
     with pytest.raises(StrategyError, match="TP=2 but 1 GPU"):
         make_strategy("tp", ["0", "1"], {"tp": 2, "gen_gpus": ["1"]}, tmp_path)
-    with pytest.raises(StrategyError, match="whole number"):
+    with pytest.raises(StrategyError, match=r"option tp: expected an integer >= 1.*1\.5"):
         make_strategy("tp", ["0", "1"], {"tp": 1.5}, tmp_path)
     with pytest.raises(StrategyError, match='need sharing = "mps"'):
         make_strategy("tp", ["0", "1"], {"tp": 2, "active_thread_percentage": 50}, tmp_path)

@@ -85,6 +85,30 @@ options = { gen_tp = 4, embed_tp = 2 }
     assert problems("tensor_parallel_size = 2", ok) == []
 
 
+@pytest.mark.parametrize(
+    "options, field, got",
+    [
+        ('{ tp = "2" }', "options.tp", "'2'"),
+        ('{ gen_tp = "2" }', "options.gen_tp", "'2'"),
+        ('{ tp = { gen = "2" } }', "options.tp.gen", "'2'"),
+        ("{ tp = 1.0 }", "options.tp", "1.0"),
+        ("{ tp = true }", "options.tp", "True"),
+    ],
+)
+def test_a_tp_degree_that_is_no_integer_is_refused_naming_the_field(options, field, got):
+    # a string "2" was taken as 2 while every other spec number refuses a string
+    more = f"""
+[[conditions]]
+name = "tp"
+strategy = "tp"
+gpus = ["0", "1"]
+options = {options}
+"""
+    assert problems(more=more) == [
+        f"conditions[1].{field}: expected an integer >= 1 (a TP degree), got {got}"
+    ]
+
+
 def test_key_value_heads_neither_dividing_nor_divided():
     cfg = {"num_attention_heads": 12, "num_key_value_heads": 4}
     assert tp_split_problem(cfg, 6) == (

@@ -173,19 +173,18 @@ class Tp(Strategy):
         self.sharing = sharing
         self.tp: dict[str, int] = {}
         for role in ROLES:
+            key = f"{role}_tp" if f"{role}_tp" in self.options else "tp"
             v = self.options.get(f"{role}_tp", per_role(self.options, "tp", role))
             if v is None:
                 v = len(self.options.get(f"{role}_gpus") or self.gpus) or 1
-            try:
-                n = int(v)
-            except (TypeError, ValueError):
-                n = 0
-            if n < 1 or str(v).strip() != str(n):
+            # an int only: a string "2" is a TOML slip, refused as every other spec number is
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise StrategyError(
-                    f"option {role}_tp / tp: expected a whole number >= 1, got {v!r}",
-                    about_options=True,
+                    f"expected an integer >= 1 (a TP degree), got {v!r}",
+                    option=key,
+                    role=role if key == "tp" and isinstance(self.options["tp"], dict) else None,
                 )
-            self.tp[role] = n
+            self.tp[role] = v
         inner_opts = {
             k: v
             for k, v in self.options.items()

@@ -68,11 +68,9 @@ class Mps(RoleGpus):
         for role in ROLES:
             atp = per_role(self.options, "active_thread_percentage", role)
             if atp is not None:
-                try:
-                    v = float(atp)
-                except (TypeError, ValueError):
-                    v = -1
-                if not 0 < v <= 100:
+                # a number only: a string "50" is a TOML slip, refused as other spec numbers are
+                number = isinstance(atp, int | float) and not isinstance(atp, bool)
+                if not (number and 0 < atp <= 100):
                     raise StrategyError(
                         f"expected a number in (0, 100], got {atp!r}",
                         option="active_thread_percentage",
