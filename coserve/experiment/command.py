@@ -192,6 +192,11 @@ def execute(
         )
         return 2
     if dry_run:
+        try:  # the refusal the run would give for its folder, and its exit code
+            runner.check_folder()
+        except RunRefused as e:
+            say(console, "refused:", "red", str(e))
+            return 2
         return 0
     rd = runner.run_dir
     total = len(spec.schedule())
@@ -276,6 +281,9 @@ def _report(rd, console) -> bool:
 def run(args: argparse.Namespace) -> int:
     if args.out is None and not args.dry_run:
         print("coserve run: --out DIR is required (a dry run needs none)", file=sys.stderr)
+        return 2
+    if args.out is None and args.resume:
+        print("coserve run: --resume needs --out DIR (the run folder to finish)", file=sys.stderr)
         return 2
     if args.out is None:  # a dry run writes nothing; a folder that does not exist stands in
         with tempfile.TemporaryDirectory(prefix="coserve-dry-run-") as tmp:

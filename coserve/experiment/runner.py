@@ -92,26 +92,47 @@ class Runner:
                 )
 
     # ------------------------------------------------------------------ set-up
+    def check_folder(self) -> dict[str, Any] | None:
+        """Whether this run may write its folder, reading only (a dry run asks it too): the
+        folder's fingerprint when it holds a run to resume, None for a new or empty folder.
+        Raises RunRefused: --resume where there is no run, a run there without --resume,
+        other files there, a fingerprint that cannot be read."""
+        rd = self.run_dir
+        if not rd.exists():
+            if self.resume:
+                raise RunRefused(
+                    f"nothing to resume in {rd.path}: it holds no coserve run (no "
+                    f"{rd.fingerprint_file.name}); leave out --resume to start one"
+                )
+            if not rd.is_empty():
+                raise RunRefused(
+                    f"{rd.path} exists and is not a coserve run folder; "
+                    "choose an empty or new --out"
+                )
+            return None
+        old = resume.old_fingerprint(rd)
+        if not self.resume:
+            raise RunRefused(
+                f"{rd.path} already holds a run (started {old.get('created', '?')}); add "
+                f"--resume to finish it, or choose another --out"
+            )
+        return old
+
     def prepare(self) -> None:
         """Check the folder and the environment; write spec and fingerprint on a first run.
-        Raises RunRefused (resume.check's refusals, a run folder without --resume)."""
+        Raises RunRefused (check_folder's and resume.check's refusals)."""
         rd = self.run_dir
         new = fpmod.collect(self.spec)
         spec_dict = self.spec.to_dict()
-        if rd.exists():
-            old = resume.old_fingerprint(rd)
-            if not self.resume:
-                raise RunRefused(
-                    f"{rd.path} already holds a run (started {old.get('created', '?')}); add "
-                    f"--resume to finish it, or choose another --out"
-                )
+        old = self.check_folder()  # again under the lock: another run may have begun since
+        if old is not None:
             # a grown spec is taken only with its text, which replaces the folder's spec.toml
             found = resume.check(rd, old, new, spec_dict, self.spec_text is not None)
             self.warnings, self.notes = found.warnings, found.notes
             if found.grown:  # the folder takes the spec
                 old["spec"] = {**new["spec"], "before": old["spec"]}
                 self._write_spec(spec_dict, old)
-        else:  # a new or empty folder (run() refused any other)
+        else:
             rd.path.mkdir(parents=True, exist_ok=True)
             self._write_spec(spec_dict, new)
         self.fingerprint = new
@@ -144,11 +165,7 @@ class Runner:
         rd = self.run_dir
         with contextlib.ExitStack() as stack:
             try:
-                if not rd.exists() and not rd.is_empty():  # before the lock file is put there
-                    raise RunRefused(
-                        f"{rd.path} exists and is not a coserve run folder; "
-                        "choose an empty or new --out"
-                    )
+                self.check_folder()  # before the lock makes the folder and its lock file
                 stack.enter_context(rd.locked())
                 self.prepare()
             except FolderBusy as e:

@@ -1,0 +1,83 @@
+"""What `coserve run` may do with its --out folder: a dry run refuses a folder the run would
+refuse, with the same words and exit code, and `--resume` where there is no run to finish is
+refused instead of starting one."""
+
+from __future__ import annotations
+
+import pytest
+from test_experiment_runner import FakeBackend
+
+from coserve.cli import main
+from coserve.experiment import runner as runner_mod
+
+SPEC = """
+name = "folder"
+repetitions = 1
+[servers.gen]
+model = "tiny-dense"
+[load]
+warmup_s = 1
+duration_s = 2
+[telemetry]
+enabled = false
+[[conditions]]
+name = "gen-only"
+servers = ["gen"]
+"""
+
+
+@pytest.fixture
+def spec(tmp_path, monkeypatch):
+    monkeypatch.setattr(runner_mod, "Backend", FakeBackend)
+    path = tmp_path / "spec.toml"
+    path.write_text(SPEC)
+    return str(path)
+
+
+def refused(capsys) -> str:
+    (line,) = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("refused:")]
+    return line
+
+
+def run(spec, out, *extra) -> int:
+    return main(["run", spec, "--out", str(out), "--no-report", *extra])
+
+
+def test_a_dry_run_into_a_folder_holding_a_run_is_refused_as_the_run_is(spec, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run(spec, out) == 0
+    capsys.readouterr()
+    # the dry run said 0 here, the run then refused
+    assert run(spec, out, "--dry-run") == 2
+    dry = refused(capsys)
+    assert run(spec, out) == 2
+    assert refused(capsys) == dry and f"{out} already holds a run" in dry and "--resume" in dry
+    assert run(spec, out, "--dry-run", "--resume") == 0  # what the refusal asks for passes
+
+
+def test_a_dry_run_into_a_folder_of_other_files_is_refused_as_the_run_is(spec, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "precious.txt").write_text("x")
+    assert run(spec, out, "--dry-run") == 2
+    dry = refused(capsys)
+    assert run(spec, out) == 2
+    assert refused(capsys) == dry and "not a coserve run folder" in dry
+    assert sorted(p.name for p in out.iterdir()) == ["precious.txt"]
+
+
+@pytest.mark.parametrize("made", [False, True], ids=["missing", "empty"])
+@pytest.mark.parametrize("dry", [[], ["--dry-run"]], ids=["run", "dry-run"])
+def test_resume_where_there_is_no_run_is_refused(spec, tmp_path, capsys, made, dry):
+    # it started a fresh run, silently
+    out = tmp_path / "out"
+    if made:
+        out.mkdir()
+    assert run(spec, out, "--resume", *dry) == 2
+    assert f"nothing to resume in {out}" in refused(capsys)
+    assert (list(out.iterdir()) == []) if made else not out.exists()
+
+
+def test_resume_needs_out(spec, capsys):
+    assert main(["run", spec, "--dry-run", "--resume"]) == 2
+    assert "--resume needs --out DIR" in capsys.readouterr().err
