@@ -187,9 +187,11 @@ def test_a_sender_held_at_the_cap_since_the_warm_up_says_so():
     arrivals was looked at and the warning said only "sent 0 of the 1875"."""
     ep = EndpointRun("embed", "http://e", "m", 256, rate=61.25)
     ep.scheduled_window, ep.cap_wait_s = 1225, 20.0
+    ep.sent_window = ep.sent_backlog = 165  # the cap's slots freed to warm-up arrivals only
     e = _result(embed=ep).summary()["embed"]
     assert e["kept_up"] is False and e["cap_waits"] == 0 and e["cap_wait_s"] == 20.0
     assert "sent 0 of the 1225" in e["warning"]
+    assert "(165 sent in it, 165 of them arrivals from before it: 8.25 of 61.25" in e["warning"]
     assert "held at the cap of 256 in flight for 20 s of the 20 s window" in e["warning"]
     assert "0 arrivals" not in e["warning"] and "--embed-concurrency" in e["warning"]
 

@@ -88,6 +88,7 @@ class EndpointRun:
     sent_window: int = 0  # requests sent inside the window
     scheduled_window: int = 0  # open loop: arrivals the schedule put inside the window
     sent_of_scheduled: int = 0  # open loop: of those, how many were sent (at any time)
+    sent_backlog: int = 0  # open loop: of sent_window, arrivals scheduled before the window
     cap_waits: int = 0  # open loop: arrivals in the window that found the cap full
     # open loop: seconds of the window the sender spent held at the cap (an arrival due
     # before the window can hold it there, and the window's arrivals queue behind it)

@@ -77,6 +77,8 @@ class LoadRun:
         ep.sent += 1
         if self.ws <= st < self.we:
             ep.sent_window += 1
+            if sched is not None and self.t0 + sched < self.ws:
+                ep.sent_backlog += 1
         if sched is not None and self.ws <= self.t0 + sched < self.we:
             ep.sent_of_scheduled += 1
         return RequestRecord(kind, i, round(st - self.t0, 6), worker=w, scheduled_s=sched)
