@@ -306,3 +306,25 @@ def test_a_label_shows_a_few_flags_and_names_a_command_line():
     long = ["{python}", "-m", "coserve", "serve", "colocated", "--embed-sms", "36", "--x", "y"]
     assert label(extra_args=long) == "tp+mps (tp=2, c1)"
     assert label(launcher="command", extra_args=["--a"]) == "tp+mps (tp=2, c1)"
+
+
+def test_sweep_points_are_held_against_the_baselines_point_at_the_same_rate(tmp_path):
+    """Two H200s (2026-11-30): at the dedicated embed GPU's full rate the report showed each
+    sweep point's gen without a delta, so the study's criterion at that load was not
+    answered; the dedicated baseline had run the same point."""
+    text = OPEN.replace('name = "open"', 'name = "open"\nbaseline = "timeslice"')
+    runner(tmp_path, ModelBackend(), text=text).run()
+    run = aggregate(tmp_path / "run")
+    mps16, ts16 = run.get("mps.embed-r16"), run.get("timeslice.embed-r16")
+    assert mps16.gen_baseline == "timeslice.embed-r16" and ts16.gen_baseline == ts16.name
+    want = mps16.mean("gen_tok_s") / ts16.mean("gen_tok_s") - 1
+    assert mps16.gen_delta.pct == pytest.approx(100 * want)
+    assert mps16.embed_delta is None  # embed-only ran no sweep point: nothing at that load
+    md = render(tmp_path / "run", with_plots=False).markdown.read_text()
+    sweep = md.split("## Rate sweep (embed)")[1]
+    assert "| Gen (tok/s) | Gen delta | TPOT p50 (ms) |" in sweep
+    assert "| timeslice | 16 | 1/1 | 871 | baseline |" in sweep
+    (verdict,) = [ln for ln in md.splitlines() if ln.startswith("**Verdict:**")]
+    assert "The same at embed rate 16 req/s: mps.embed-r16: open (one rep: no CI), " in verdict
+    # 60 of 128 seq/s: the criterion's answer says the work was not the baseline's
+    assert "at 47 % of timeslice.embed-r16's embed seq/s (not equal work)" in verdict

@@ -320,27 +320,37 @@ def aggregate(path: str | Path) -> RunStats:
                 cs.values[metric] = vals
                 cs.summary[metric] = stats.summarize(vals)
         out.append(cs)
-    names = {c.name: c for c in out}
-    emb = embed_baseline(spec)
-    for cs in out:
-        if cs.condition.sweep is not None:
-            continue
-        base = names.get(cs.condition.baseline_name(spec))
-        if "gen" in cs.condition.servers and base is not None and "gen_tok_s" in base.values:
-            cs.gen_baseline = base.name
-            if base is not cs and "gen_tok_s" in cs.values:
-                cs.gen_delta = stats.delta(cs.values["gen_tok_s"], base.values["gen_tok_s"])
-        if (
-            "embed" in cs.condition.servers
-            and emb is not None
-            and "embed_seq_s" in names[emb].values
-        ):
-            cs.embed_baseline = emb
-            if emb != cs.name and "embed_seq_s" in cs.values:
-                cs.embed_delta = stats.delta(
-                    cs.values["embed_seq_s"], names[emb].values["embed_seq_s"]
-                )
+    _set_deltas(spec, out)
     return RunStats(rd, spec, fp, out, unreadable)
+
+
+def _set_deltas(spec, conditions: list[ConditionStats]) -> None:
+    """Each condition's gen and embed deltas against its baselines. A sweep point is held
+    against its baselines' points at the same swept value (the same offered load), and gets
+    none where they have no such point."""
+    names = {c.name: c for c in conditions}
+    points = {
+        (c.condition.sweep.base, c.condition.sweep.value): c
+        for c in conditions
+        if c.condition.sweep is not None
+    }
+    emb = embed_baseline(spec)
+    for cs in conditions:
+        gen_base, embed_base = names.get(cs.condition.baseline_name(spec)), names.get(emb)
+        pt = cs.condition.sweep
+        if pt is not None:
+            base_cond = names[pt.base].condition
+            gen_base = points.get((base_cond.baseline_name(spec), pt.value))
+            embed_base = points.get((emb, pt.value))
+        for role, metric, base in (
+            ("gen", "gen_tok_s", gen_base),
+            ("embed", "embed_seq_s", embed_base),
+        ):
+            if role not in cs.condition.servers or base is None or metric not in base.values:
+                continue
+            setattr(cs, f"{role}_baseline", base.name)
+            if base is not cs and metric in cs.values:
+                setattr(cs, f"{role}_delta", stats.delta(cs.values[metric], base.values[metric]))
 
 
 # ------------------------------------------------------------------ per-request data for plots

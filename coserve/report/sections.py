@@ -195,6 +195,8 @@ def sweep_blocks(run: RunStats) -> list[Block]:
     rate = sw.knob == "rate"
     out = [Block("h2", f"{'Rate' if rate else 'Concurrency'} sweep ({sw.role})")]
     rows = []
+    # deltas exist where the baseline ran the same sweep point (same offered load)
+    deltas = any(c.gen_delta for c in run.sweep)
     for c in sorted(run.sweep, key=lambda c: (c.condition.sweep.base, c.condition.sweep.value)):
         pt = c.condition.sweep
         row = [
@@ -202,6 +204,7 @@ def sweep_blocks(run: RunStats) -> list[Block]:
             f"{pt.value:g}",
             status_text(c),
             with_ci(c.summary.get("gen_tok_s")),
+            *([_sweep_delta(c)] if deltas else []),
             with_ci(c.summary.get("tpot_p50")),
             with_ci(c.summary.get("tpot_p99")),
             with_ci(c.summary.get("embed_seq_s")),
@@ -215,6 +218,7 @@ def sweep_blocks(run: RunStats) -> list[Block]:
         f"{sw.role} rate (req/s)" if rate else f"{sw.role} C",
         "Reps",
         "Gen (tok/s)",
+        *(["Gen delta"] if deltas else []),
         "TPOT p50 (ms)",
         "TPOT p99 (ms)",
         "Embed (seq/s)",
@@ -223,6 +227,14 @@ def sweep_blocks(run: RunStats) -> list[Block]:
     if rate:
         headers.append(f"{sw.role.capitalize()} achieved (req/s)")
     out.append(Block("table", align="lr", headers=headers, rows=rows))
+    if deltas:
+        out.append(
+            Block(
+                "p",
+                "Gen delta: against the gen baseline's own point at the same "
+                f"{sw.role} {sw.knob}, with its 95% CI (as in the throughput table).",
+            )
+        )
     items = [e.sentence() for e in equal_work_checks(run) if e.scope == "sweep"]
     if items:
         out.append(Block("ul", items=items))
@@ -243,6 +255,12 @@ def sweep_blocks(run: RunStats) -> list[Block]:
     else:
         out.append(Block("p", "No sweep point has finished yet."))
     return out
+
+
+def _sweep_delta(c) -> str:
+    if c.gen_baseline == c.name:
+        return "baseline"
+    return pct(c.gen_delta) if c.gen_delta else "-"
 
 
 def problems_blocks(run: RunStats) -> list[Block]:

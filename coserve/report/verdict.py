@@ -61,6 +61,7 @@ def verdict(run: RunStats) -> str | None:
         ]
         text = f"**Verdict:** throughput, {'; '.join(against)}: {parts}."
         text += _criterion(run, both)
+        text += _sweep_criteria(run)
     if on_cpu(run):
         text += (
             " This ran on a CPU: both servers' threads and the load generator share the same "
@@ -77,11 +78,34 @@ def verdict(run: RunStats) -> str | None:
     return text
 
 
-def _criterion(run: RunStats, both: list) -> str:
+def _sweep_criteria(run: RunStats) -> str:
+    """The criterion again at each swept value, each point against the baseline's own point
+    at that value (for a rate sweep: the same offered load)."""
+    sw = run.spec.sweep
+    if sw is None:
+        return ""
+    by_value: dict[float, list] = {}
+    for c in run.sweep:
+        if {"gen", "embed"} <= set(c.condition.servers) and c.gen_delta is not None:
+            by_value.setdefault(c.condition.sweep.value, []).append(c)
+    unit = " req/s" if sw.knob == "rate" else ""
+    return "".join(
+        _criterion(run, cs, f" The same at {sw.role} {sw.knob} {v:g}{unit}: ")
+        for v, cs in sorted(by_value.items())
+    )
+
+
+CRITERION = (
+    " Co-located gen at least the dedicated GPUs' (the study's criterion), with 95 % confidence: "
+)
+
+
+def _criterion(run: RunStats, both: list, lead: str = CRITERION) -> str:
     """The study's section-4 criterion answered per condition whose gen baseline runs both
     servers (dedicated GPUs): co-located gen tok/s at least the baseline's, judged by the 95 %
     CI of the delta: yes (all of it >= 0), no (all of it < 0), or open (it crosses 0 or there
-    is none). "" where no condition has such a baseline."""
+    is none). `lead` opens the sentence (the sweep's names the load judged at). "" where no
+    condition has such a baseline."""
     judged = [
         c
         for c in both
@@ -104,14 +128,9 @@ def _criterion(run: RunStats, both: list) -> str:
         mine = c.summary.get("embed_seq_s")
         if base is None or mine is None or not base.mean or equal_work([mine.mean, base.mean]):
             return ""
-        return (
-            f", at {mine.mean / base.mean * 100:.0f} % of {c.gen_baseline}'s embed seq/s "
-            "(not equal work)"
-        )
+        share = mine.mean / base.mean * 100
+        # near the 5 % line a whole percent would read 95 % for what the rule calls unequal
+        digits = 1 if 94.5 <= share <= 105.5 else 0
+        return f", at {share:.{digits}f} % of {c.gen_baseline}'s embed seq/s (not equal work)"
 
-    return (
-        " Co-located gen at least the dedicated GPUs' (the study's criterion), with 95 % "
-        "confidence: "
-        + "; ".join(f"{c.name}: {answer(c.gen_delta)}{work(c)}" for c in judged)
-        + "."
-    )
+    return lead + "; ".join(f"{c.name}: {answer(c.gen_delta)}{work(c)}" for c in judged) + "."
