@@ -66,6 +66,21 @@ class GemmInputs:
             self.bm, bn, self.group_m, warps, stages,
         )  # fmt: skip
 
+    def gemm2_combined(self, out32, bn, warps, stages):
+        """GEMM2 with the combine in its epilogue (ATOMIC_COMBINE): zero the float32 [T, H]
+        output, add every pair's row into its token's, cast to bf16: the whole replacement of
+        GEMM2 + the torch sum."""
+        from coserve.engine.kernels.triton import moe as tmoe
+
+        out32.zero_()
+        tmoe._launch_gemm(
+            self.inter_q, self.inter_s, self.w2, self.s2, out32, None, self.topw,
+            self.sorted_ids, self.expert_ids, self.npp,
+            self.H, self.inter, 0, self.T * self.k, 1, False, False, True,
+            self.bm, bn, self.group_m, warps, stages, combine_topk=self.k,
+        )  # fmt: skip
+        return out32.to(torch.bfloat16)
+
 
 def _alternatives(T, E, H, inter, k) -> None:
     """The grouped GEMMs torch has, on GEMM1's shape (uniform routing), for the record."""
@@ -178,6 +193,18 @@ def bench_moe(tk) -> None:
             "best cfg" if cfg else "default cfg",
         )
 
+    # the combine in GEMM2's epilogue (float32 atomics into L2) against the torch sum
+    for T in (64, 256, 512, 2048):
+        cfg = dict(best[1] if (best and T == 512) else {}, ATOMIC_COMBINE=True)
+        report(
+            "fused_moe, atomic combine",
+            f"T={T} E={E} k={k}",
+            graph_time_ms(make(T, cfg), reps=15),
+            _moe_bytes(T, E, k, H, inter),
+            flops_per_tok * T,
+            "best cfg" if T == 512 and best else "default cfg",
+        )
+
     # where the time goes at T=512 (best config): each stage alone, graph-timed
     T = 512
     cfg = dict(tmoe.default_config(T), **(best[1] if best else {}))
@@ -204,10 +231,15 @@ def bench_moe(tk) -> None:
             cfg["BLOCK_N2"], cfg["num_warps2"], cfg["num_stages2"]
         ),
         "combine (sum over k)": lambda: gi.out_pairs.view(T, k, H).sum(dim=1),
+        "GEMM2 + combine, atomic (zero, GEMM2, cast)": lambda: gi.gemm2_combined(
+            out32, cfg["BLOCK_N2"], cfg["num_warps2"], cfg["num_stages2"]
+        ),
     }
+    out32 = torch.empty(T, H, device=DEV, dtype=torch.float32)
     wbytes = {
         "GEMM1 gate|up + silu*up + quant": E * 2 * inter * H,
         "GEMM2 down * weight": E * H * inter,
+        "GEMM2 + combine, atomic (zero, GEMM2, cast)": E * H * inter,
     }
     for name, fn in stages.items():
         ms = graph_time_ms([fn], reps=20, inner=1 if name.startswith("GEMM") else 20)

@@ -260,6 +260,27 @@ def test_fused_moe_tile_configs_agree(block_m):
     assert rel_err(other, base) < 1e-2
 
 
+@pytest.mark.parametrize("fp8", [True, False])
+@pytest.mark.parametrize("foreign", [False, True])
+def test_fused_moe_atomic_combine_equals_the_sum(fp8, foreign):
+    """GEMM2 adding each pair's row into its token's float32 row gives the torch combine's
+    result; with expert parallelism the other rank's pairs (id E) add nothing."""
+    g = gen(18)
+    E, H, inter, k, T = (32, 512, 256, 4, 100) if ON_GPU else (8, 256, 128, 2, 9)
+    w13, w2, s13, s2 = _moe_weights(E, H, inter, g, fp8)
+    x = randn(T, H, g=g)
+    weights, ids = tk().topk_softmax(randn(T, E, g=g), k, True)
+    if foreign:
+        ids = ids.masked_fill(ids >= E // 2, E)  # half the experts held elsewhere
+    blk = BLOCK if fp8 else None
+    args = (x, w13, w2, weights, ids, s13, s2, blk)
+    base = tk().fused_moe(*args, foreign=foreign)
+    atomic = tk().fused_moe(*args, config=dict(ATOMIC_COMBINE=True), foreign=foreign)
+    assert atomic.dtype == x.dtype and atomic.shape == (T, H)
+    assert rel_err(atomic, base) < (1e-2 if ON_GPU else 1e-5)
+    assert base.abs().sum() > 0
+
+
 def _rank_moe(inter, fp8, shard):
     from coserve.engine.config import QuantConfig
     from coserve.engine.moe_weights import FusedMoEWeights

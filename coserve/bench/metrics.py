@@ -194,9 +194,7 @@ def _rate(result: BenchResult, ep: EndpointRun, window: float) -> dict:
     out["send_late_ms"] = dist(late_ms)
     if sched and ep.sent_of_scheduled < KEPT_UP * sched:
         # at the cap, what goes out in the window can be arrivals queued before it
-        backlog = (
-            f", {ep.sent_backlog} of them arrivals from before it" if ep.sent_backlog else ""
-        )
+        backlog = f", {ep.sent_backlog} of them arrivals from before it" if ep.sent_backlog else ""
         problems.append(
             f"sent {ep.sent_of_scheduled} of the {sched} requests scheduled in the window "
             f"({ep.sent_window} sent in it{backlog}: {achieved:.4g} of {ep.rate:g} req/s "

@@ -10,6 +10,8 @@
     GEMM 2      down = H @ W2[e]^T, times the pair's routing weight              _moe_gemm_kernel
     un-permute  rows are written at their pair index, so the combine is a sum
                 over each token's k rows                                         torch .sum
+                (or, with ATOMIC_COMBINE, added in GEMM2's epilogue into the
+                token's float32 row)
 
 Weights as the engine stacks them from a Qwen3-MoE-FP8 checkpoint:
     w13 [E, 2I, H] float8_e4m3fn (gate rows 0..I-1, up rows I..2I-1), w13_scale [E, 2I/128, H/128]
@@ -26,6 +28,10 @@ import triton.language as tl
 
 from .fp8 import FP8_MAX, per_token_group_quant_fp8
 from .moe_routing import moe_align
+
+# The combine's default (config key ATOMIC_COMBINE): a torch sum over the pairs' rows,
+# bit-reproducible; the atomic form waits on a device measurement (docs/kernels.md).
+ATOMIC_COMBINE = False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -62,6 +68,7 @@ def _moe_gemm_kernel(
     MUL_WEIGHT: tl.constexpr,
     FP8_MAX: tl.constexpr,
     FOREIGN: tl.constexpr,
+    COMBINE_TOPK: tl.constexpr,
     SCALE_GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -88,7 +95,8 @@ def _moe_gemm_kernel(
     if FOREIGN:
         if expert >= num_experts:
             # pairs of experts another rank holds: no product; the output GEMM writes zeros
-            if MUL_WEIGHT:
+            # (a combining GEMM adds nothing)
+            if MUL_WEIGHT and COMBINE_TOPK == 0:
                 zero = tl.zeros([BLOCK_M, BLOCK_N], dtype=c_ptr.dtype.element_ty)
                 tl.store(
                     c_ptr + pair.to(tl.int64)[:, None] * stride_cm + offs_n[None, :],
@@ -151,6 +159,15 @@ def _moe_gemm_kernel(
             mask=row_mask[:, None] & n_mask[None, :],
         )
         tl.store(cs_ptr + c_row * stride_csm + pid_n, s, mask=row_mask)
+    elif COMBINE_TOPK > 0:
+        # the combine in the epilogue: each pair's row added into its token's float32 row,
+        # which stays in L2, instead of a [T*k, H] round trip through DRAM
+        tl.atomic_add(
+            c_ptr + (pair // COMBINE_TOPK).to(tl.int64)[:, None] * stride_cm + offs_n[None, :],
+            acc,
+            mask=row_mask[:, None] & n_mask[None, :],
+            sem="relaxed",
+        )
     else:
         tl.store(
             c_ptr + c_row[:, None] * stride_cm + offs_n[None, :],
@@ -162,7 +179,10 @@ def _moe_gemm_kernel(
 def default_config(num_tokens: int, fp8: bool = True) -> dict:
     """Tile configuration for both GEMMs (measured on H100 at E=128, k=8, H=2048, I=768: see
     docs/kernels.md); the benchmark sweeps alternatives. With BLOCK_M >= the typical rows per
-    expert (T*k/E), each expert's weights stream from DRAM once per step."""
+    expert (T*k/E), each expert's weights stream from DRAM once per step. Besides the tiles,
+    `ATOMIC_COMBINE` (default: the module's) has GEMM2 add each pair's row into its token's float32
+    output row (atomics) instead of writing [T*k, H] rows for a sum: fewer DRAM bytes, but
+    float additions in no fixed order, so not bit-reproducible run to run."""
     if num_tokens <= 128:
         return dict(
             BLOCK_M=16,
@@ -222,6 +242,7 @@ def _launch_gemm(
     num_warps,
     num_stages,
     foreign=False,
+    combine_topk=0,
 ):
     fp8 = b.dtype == torch.float8_e4m3fn
     num_pid_m = sorted_ids.shape[0] // block_m
@@ -258,6 +279,7 @@ def _launch_gemm(
         QUANT_OUT=quant_out,
         MUL_WEIGHT=mul_weight,
         FOREIGN=foreign,
+        COMBINE_TOPK=combine_topk,
         FP8_MAX=FP8_MAX,
         SCALE_GROUP=128,
         BLOCK_M=block_m,
@@ -352,7 +374,11 @@ def fused_moe(
     if fp8 and not quant_out:
         inter_out, inter_s = per_token_group_quant_fp8(inter_out)
 
-    out_pairs = torch.empty(numel, H, device=dev, dtype=out_dtype)
+    atomic = cfg.get("ATOMIC_COMBINE", ATOMIC_COMBINE)
+    if atomic:
+        out_pairs = torch.zeros(T, H, device=dev, dtype=torch.float32)
+    else:
+        out_pairs = torch.empty(numel, H, device=dev, dtype=out_dtype)
     _launch_gemm(
         inter_out,
         inter_s,
@@ -378,5 +404,8 @@ def fused_moe(
         num_warps=cfg["num_warps2"],
         num_stages=cfg["num_stages2"],
         foreign=foreign,
+        combine_topk=k if atomic else 0,
     )
+    if atomic:
+        return out_pairs.to(out_dtype)
     return out_pairs.view(T, k, H).sum(dim=1)
