@@ -11,10 +11,12 @@ is a whole number of units: ceil(demand / the unit's rate) units x the unit's GP
 - Dedicated: gen GPUs = ceil(X / gen-alone tok/s per unit) x its GPUs per unit, embed GPUs
   likewise from embed alone; the fleet is their sum. A role alone is, of the conditions that
   ran it on GPUs of its own (`RunStats.on_own_gpus`: the role alone, or `exclusive` with each
-  model on GPUs of its own, per GPU of that role), the one with the most per GPU: a dedicated
-  deployment would be set up its best measured way, as each co-located fleet is. In a
-  two-GPU study that is the dedicated TP=1 GPU, not the role alone at TP=2 (1.28x on two
-  GPUs: 0.64x per GPU).
+  model on GPUs of its own, per GPU of that role), the one that needs the fewest GPUs for the
+  demand in whole units (on a tie, the most per GPU): a dedicated deployment would be set up
+  its best measured way, as each co-located fleet is. In a two-GPU study that is the
+  dedicated TP=1 GPU, not the role alone at TP=2 (1.28x on two GPUs: 0.64x per GPU); a
+  condition of two GPUs with the better per-GPU rate still loses to one GPU where the demand
+  fits on one.
 - Co-located condition c on n GPUs: each unit delivers g_c tok/s and e_c seq/s together, so
   the fleet is max(ceil(X / g_c), ceil(Y / e_c)) x n.
 
@@ -273,6 +275,15 @@ def _role_gpus(cs, role: str) -> int:
     return len(role_devices(cs.ok[0]).get(role) or ()) or 1
 
 
+def _dedicated_cost(cs, role: str, want: float) -> tuple[float, float]:
+    """What deploying `role` as `cs` does costs for `want`: (GPUs in whole units at the mean,
+    inf where it measured nothing; minus the per-GPU rate, so the better rate wins a tie)."""
+    unit = _role_gpus(cs, role)
+    rate = Rate.per_gpu(cs.summary[THROUGHPUT[role]], unit)
+    gpus = _need(want, rate, unit).mean
+    return (math.inf if gpus is None else gpus, -rate.mean)
+
+
 def _dedicated(run, demand: Demand) -> tuple[Dedicated | None, str | None]:
     found = {}
     for role, want in (("gen", demand.gen_tok_s), ("embed", demand.embed_seq_s)):
@@ -284,7 +295,7 @@ def _dedicated(run, demand: Demand) -> tuple[Dedicated | None, str | None]:
             return None, (
                 f"no dedicated fleet: the run has no finished condition running {role} alone"
             )
-        c = max(own, key=lambda cs: cs.summary[THROUGHPUT[role]].mean / _role_gpus(cs, role))
+        c = min(own, key=lambda cs, role=role, want=want: _dedicated_cost(cs, role, want))
         if _ceil(want, c.summary[THROUGHPUT[role]].mean) is None:
             return None, f"no dedicated fleet: {c.name} measured no {role} throughput"
         found[role] = c

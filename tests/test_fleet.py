@@ -403,3 +403,45 @@ def test_help_says_fleet_needs_both_demands(capsys):
     with pytest.raises(SystemExit):
         main(["plan", "--help"])
     assert "needs both --gen-tok-s and --embed-seq-s" in " ".join(capsys.readouterr().out.split())
+
+
+def test_the_dedicated_fleet_takes_the_condition_needing_fewest_gpus_for_the_demand(tmp_path):
+    """Gen alone on one GPU (1,000 tok/s) against gen alone on a pair (2,200: 1,100 per GPU):
+    900 tok/s fits one GPU, though the pair does more per GPU; 2,100 tok/s needs three single
+    GPUs or one pair. The dedicated fleet took the pair for both (the most per GPU)."""
+    spec = loads_spec(
+        """
+name = "units"
+repetitions = 3
+[servers.gen]
+model = "tiny-dense"
+[servers.embed]
+model = "all-minilm-l6-v2"
+[[conditions]]
+name = "gen-one"
+servers = ["gen"]
+[[conditions]]
+name = "gen-pair"
+servers = ["gen"]
+gpus = ["0", "1"]
+[[conditions]]
+name = "timeslice"
+"""
+    )
+    d = tmp_path / "run"
+    write_json(d / "spec.json", spec.to_dict())
+    write_json(d / "fingerprint.json", {"gpus": [{"name": "Test GPU", "memory_mib": 1}]})
+    reps = {"gen-one": (1000, None), "gen-pair": (2200, None), "timeslice": (800, 150)}
+    for cond, (gen, embed) in reps.items():
+        for i in (1, 2, 3):
+            rep = _rep(cond, i, gen + i - 2, embed, 20, None if embed is None else 50)
+            write_json(d / "reps" / cond / f"rep-{i}" / "rep.json", rep)
+    small = plan_fleet(aggregate(d), Demand(900, 0)).dedicated
+    assert (small.gen_condition, small.gen_gpus.mean) == ("gen-one", 1)
+    large = plan_fleet(aggregate(d), Demand(2_100, 0)).dedicated
+    assert (large.gen_condition, large.gen_gpus.mean) == ("gen-pair", 2)
+    # 3,000 tok/s: three singles beat two pairs; 2,000: two singles or one pair, a tie that
+    # goes to the better rate per GPU
+    assert plan_fleet(aggregate(d), Demand(3_000, 0)).dedicated.gen_condition == "gen-one"
+    tie = plan_fleet(aggregate(d), Demand(2_000, 0)).dedicated
+    assert (tie.gen_condition, tie.gen_gpus.mean) == ("gen-pair", 2)
