@@ -33,6 +33,7 @@ CO_LOCATED = [
     "tp2-mps-guard-tp1",
     "tp2-mps-sm50-guard-tp1",
     "tp2-ep-mps",
+    "tp2-mps-sm50-guard-19",
 ]
 EP = ["--enable-expert-parallel"]
 NCCL = ["--tp-all-reduce", "nccl"]
@@ -64,13 +65,20 @@ def test_the_closed_loop_spec_holds_every_condition_of_the_issue():
         "tp2-ep-mps": ("tp+mps", both, tp2, {"extra_args": EP}, {}),
         "tp2-nccl-gen-alone": ("tp+timeslice", gen, tp2, {"extra_args": NCCL}, {}),
         "tp2-nccl-mps": ("tp+mps", both, tp2, {"extra_args": NCCL}, {}),
+        "tp2-mps-sm50-guard-19": (
+            "tp+mps",
+            both,
+            capped,
+            {},
+            {**guard_ms, "gen_tpot_slo_ms": 19.0},
+        ),
     }
     assert all(c.gpus == ["0", "1"] for c in CLOSED.conditions)
     for c in CLOSED.conditions:  # the study's closed loop everywhere
         ld = c.load_for(CLOSED)
         assert (ld.gen_concurrency, ld.embed_concurrency, ld.embed_rate) == (512, 64, None)
         assert (ld.embed_batch, ld.warmup_s, ld.duration_s) == (8, 30, 60)
-    assert len(CLOSED.schedule()) == 39
+    assert len(CLOSED.schedule()) == 42
 
 
 def test_the_equal_work_spec_offers_490_and_the_full_rate_to_the_same_conditions():
@@ -90,7 +98,7 @@ def test_the_equal_work_spec_offers_490_and_the_full_rate_to_the_same_conditions
         assert _shape(EQUAL, c.name) == _shape(CLOSED, c.sweep.base if c.sweep else c.name)
     assert EQUAL.load.embed_rate * EQUAL.load.embed_batch == 490
     assert EQUAL.sweep.rate == [141] and 141 * 8 == 1128  # the first look's dedicated embed
-    assert len(EQUAL.schedule()) == 48
+    assert len(EQUAL.schedule()) == 54
 
 
 @pytest.mark.parametrize("spec", [CLOSED, EQUAL], ids=lambda s: s.name)
