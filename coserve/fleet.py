@@ -276,7 +276,7 @@ def _role_gpus(cs, role: str) -> int:
 
 
 def _dedicated_cost(cs, role: str, want: float) -> tuple[float, float]:
-    """What deploying `role` as `cs` does costs for `want`: (GPUs in whole units at the mean,
+    """What deploying `role` as `cs` costs for `want`: (GPUs in whole units at the mean,
     inf where it measured nothing; minus the per-GPU rate, so the better rate wins a tie)."""
     unit = _role_gpus(cs, role)
     rate = Rate.per_gpu(cs.summary[THROUGHPUT[role]], unit)
