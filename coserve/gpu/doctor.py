@@ -91,6 +91,7 @@ HARDWARE: tuple[HardwareRecord, ...] = (
         "H200, 2026-11-30 (docs/mechanism.md, L2 cache contention)",
     ),
     HardwareRecord("coserve export's files; coserve run --ray", None),
+    HardwareRecord("the MoE combine in GEMM2's epilogue (ATOMIC_COMBINE, off by default)", None),
     HardwareRecord(
         "tensor parallel: the ranks' rendezvous and NCCL's sockets on loopback, symm-mem as "
         "the default all-reduce (the embed server's too)",
@@ -99,7 +100,8 @@ HARDWARE: tuple[HardwareRecord, ...] = (
     ),
     HardwareRecord(
         "coserve run --resume of a folder whose spec only gained conditions; the SLO guard at "
-        "TP=2 over a capped, low-priority MPS client (3 reps, closed loop and 490 seq/s)",
+        "TP=2 over a capped, low-priority MPS client (3 reps, closed loop, 490 and 1,128 "
+        "seq/s); a rate sweep's points against the baseline's own",
         "2x H200, 2026-11-30 (docs/study.md, TP=2 section)",
     ),
     HardwareRecord(
