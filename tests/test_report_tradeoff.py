@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -325,6 +326,27 @@ def test_sweep_points_are_held_against_the_baselines_point_at_the_same_rate(tmp_
     assert "| Gen (tok/s) | Gen delta | TPOT p50 (ms) |" in sweep
     assert "| timeslice | 16 | 1/1 | 871 | baseline |" in sweep
     (verdict,) = [ln for ln in md.splitlines() if ln.startswith("**Verdict:**")]
-    assert "The same at embed rate 16 req/s: mps.embed-r16: open (one rep: no CI), " in verdict
+    assert (
+        "At embed rate 16 req/s (128 seq/s offered), the same criterion against the baseline's "
+        "point there: mps.embed-r16: open (one rep: no CI) (gen **" in verdict
+    ), verdict
+    assert "Gen delta: against timeslice at the same embed rate (the row marked baseline)" in sweep
     # 60 of 128 seq/s: the criterion's answer says the work was not the baseline's
     assert "at 47 % of timeslice.embed-r16's embed seq/s (not equal work)" in verdict
+
+
+def test_a_share_near_the_equal_work_line_names_the_gap_the_rule_judges(tmp_path, monkeypatch):
+    """Two H200s (2026-11-30): tp2-mps served 1,112 of the dedicated GPUs' 1,171 seq/s, and
+    the verdict read "at 95.0 % ... (not equal work)" beside "equal means within 5 %": the
+    rule holds the larger within 5 % of the smaller, 5.3 % there."""
+    monkeypatch.setitem(CAPACITY, "mps", 120.0)  # of the 128 seq/s offered at 16 req/s
+    text = OPEN.replace('name = "open"', 'name = "open"\nbaseline = "timeslice"')
+    runner(tmp_path, ModelBackend(), text=text).run()
+    md = render(tmp_path / "run", with_plots=False).markdown.read_text()
+    (verdict,) = [ln for ln in md.splitlines() if ln.startswith("**Verdict:**")]
+    assert re.search(
+        r"mps\.embed-r16: open \(one rep: no CI\) \(gen \*\*[-+]\d+\.\d%\*\* \(n=1: no CI\)\), "
+        r"at 9\d\.\d % of timeslice\.embed-r16's embed seq/s \(not equal work: the larger is "
+        r"\d\.\d % above the smaller, over the 5 % line\)",
+        verdict,
+    ), verdict

@@ -197,7 +197,12 @@ def sweep_blocks(run: RunStats) -> list[Block]:
     rows = []
     # deltas exist where the baseline ran the same sweep point (same offered load)
     deltas = any(c.gen_delta for c in run.sweep)
-    for c in sorted(run.sweep, key=lambda c: (c.condition.sweep.base, c.condition.sweep.value)):
+    # the throughput table's order (the spec's), so the baseline's row leads as it does there
+    order = {c.name: i for i, c in enumerate(run.matrix)}
+    for c in sorted(
+        run.sweep,
+        key=lambda c: (order.get(c.condition.sweep.base, len(order)), c.condition.sweep.value),
+    ):
         pt = c.condition.sweep
         row = [
             pt.base,
@@ -228,11 +233,13 @@ def sweep_blocks(run: RunStats) -> list[Block]:
         headers.append(f"{sw.role.capitalize()} achieved (req/s)")
     out.append(Block("table", align="lr", headers=headers, rows=rows))
     if deltas:
+        bases = [run.get(c.gen_baseline) for c in run.sweep if c.gen_delta]
+        names = sorted({b.condition.sweep.base if b.condition.sweep else b.name for b in bases})
         out.append(
             Block(
                 "p",
-                "Gen delta: against the gen baseline's own point at the same "
-                f"{sw.role} {sw.knob}, with its 95% CI (as in the throughput table).",
+                f"Gen delta: against {', '.join(names)} at the same {sw.role} {sw.knob} (the "
+                "row marked baseline), with its 95% CI (as in the throughput table).",
             )
         )
     items = [e.sentence() for e in equal_work_checks(run) if e.scope == "sweep"]
