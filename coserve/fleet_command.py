@@ -54,6 +54,22 @@ def _units_text(gpus: int, unit: int) -> str:
     return f"{gpus:,}" if unit <= 1 or gpus == 0 else f"{gpus:,} ({gpus // unit:,} x {unit})"
 
 
+def _units_note(f: Fleet) -> str:
+    """How a deployment of several GPUs is counted, read on the table's first such row ("" when
+    every deployment is one GPU: a fixed example read as a figure of this run)."""
+    units = [(r.gpus.mean, r.condition_gpus) for r in f.colocated]
+    if f.dedicated is not None:
+        d = f.dedicated
+        units += [(d.gen_gpus.mean, d.gen_unit_gpus), (d.embed_gpus.mean, d.embed_unit_gpus)]
+    for gpus, unit in units:
+        if unit > 1 and gpus:
+            return (
+                f"GPUs: whole deployments of a condition's GPUs ({_units_text(gpus, unit)}: "
+                f"{gpus // unit:,} of {unit} GPUs each). "
+            )
+    return ""
+
+
 def _saving_text(s: Saving | None) -> str:
     """GPUs against the dedicated fleet: `22 more (+39 %)`, `2 fewer (-13 %)` (the share on a
     line of its own, so a narrow column does not break it) or `same`."""
@@ -177,8 +193,8 @@ def lines(f: Fleet) -> list[str]:
         )
     out.append(
         "Per GPU: mean over finished reps ± half the 95 % CI, divided by the condition's GPUs. "
-        "GPUs: whole deployments of a condition's GPUs (78 (39 x 2): 39 of 2 GPUs each). "
-        "GPUs over the CIs: every throughput at its CI's high end..low end; a range against "
+        + _units_note(f)
+        + "GPUs over the CIs: every throughput at its CI's high end..low end; a range against "
         "dedicated pairs one fleet's best end with the other's worst."
     )
     if f.unreadable:

@@ -349,6 +349,20 @@ def test_a_condition_on_two_gpus_is_sized_in_pairs():
     assert (d.gen_gpus.mean, d.embed_gpus.mean, d.total.mean) == (2, 0, 2)
 
 
+def test_the_deployments_note_quotes_a_row_of_this_fleet_and_only_when_one_spans_gpus():
+    """The note read "78 (39 x 2): 39 of 2 GPUs each" under every fleet, one GPU per
+    deployment (a CPU demo run) included: a fixed example read as a figure of the run."""
+    from coserve.fleet_command import lines
+
+    one = " ".join(lines(plan_fleet(aggregate(SINGLE_GPU), Demand(100_000, 1_000))))
+    assert "whole deployments" not in one and "x 2" not in one, one
+    pairs = plan_fleet(aggregate(TP2_CLOSED_B), Demand(10_000, 500))
+    text = " ".join(lines(pairs))
+    first = next(r for r in pairs.colocated if r.condition_gpus > 1)
+    n = first.gpus.mean
+    assert f"whole deployments of a condition's GPUs ({n} ({n // 2} x 2): {n // 2} of 2 " in text
+
+
 def test_the_figures_study_md_quotes_for_tp2_closed_b():
     f = plan_fleet(aggregate(TP2_CLOSED_B), Demand(1_000_000, 20_000))
     by = {r.condition: r.gpus.mean for r in f.colocated}
