@@ -344,10 +344,12 @@ def test_a_server_that_refuses_every_request_is_named_and_exits_1(tmp_path):
     ) as srv:
         p = _bench(
             *("--embed-url", srv.url, "--embed-concurrency", "2", "--warmup", "0.2"),
-            *("--duration", "0.5", "--out", str(tmp_path / "e.json"), "--quiet"),
+            *("--duration", "0.5", "--out", str(tmp_path / "e.json")),
         )
-        _, stderr = p.communicate(timeout=60)
+        stdout, stderr = p.communicate(timeout=60)
     assert p.returncode == 1, stderr
+    # no answer to read a dimension from: the summary leaves it out rather than "dim None"
+    assert "batch 8  base64" in stdout + stderr and "dim None" not in stdout + stderr, stdout
     said = "every embed request failed, so nothing was measured"
     assert f"coserve bench: {said}" in stderr and "x 404 no model nope" in stderr, stderr
     s = json.loads((tmp_path / "e.json").read_text())

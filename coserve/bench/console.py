@@ -50,7 +50,9 @@ def format_summary(s: dict) -> str:
     if e:
         lines.append(
             f"embed  {e['url']}  model {e['model']}  {_fmt_load(e)}  "
-            f"batch {e['batch']}  {e['encoding']}  dim {e['dim']}"
+            f"batch {e['batch']}  {e['encoding']}"
+            # no answer came back to read the dimension from: "dim None" read as a bug
+            + (f"  dim {e['dim']}" if e["dim"] is not None else "")
         )
         lines.append(
             f"  {e['sequences_per_s']:,.1f} seq/s  {e['requests_per_s']:.2f} req/s  "
