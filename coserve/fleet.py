@@ -43,12 +43,19 @@ from dataclasses import dataclass
 from coserve.advise import colocated, condition_label
 from coserve.experiment.rep import role_devices
 from coserve.report.aggregate import THROUGHPUT
+from coserve.report.sections import on_cpu
 from coserve.stats import Summary
 
 CAVEAT = (
     "Extrapolated from one machine's measurement ({gpu}): each added GPU is assumed to do what "
     "the measured ones did, on the same GPU model and workload, with no load-balancing, "
     "network or cross-node loss."
+)
+
+# a CPU run (the demo's) sizes a "GPU" fleet all the same: say so before the figures mislead
+CPU_CAVEAT = (
+    "These ran on a CPU: both servers and the load generator shared its cores, so these GPU "
+    "counts say nothing about GPUs; size a fleet on a run on the GPUs it will use. "
 )
 
 
@@ -375,6 +382,9 @@ def plan_fleet(run, demand: Demand) -> Fleet:
     rows.sort(key=lambda r: (not r.meets, r.gpus.mean, r.condition))
     best = next((r.condition for r in rows if r.meets), None)
     measured_on = describe_gpus(run.fingerprint) if run.fingerprint else "GPU unknown"
+    caveat = CAVEAT.format(gpu=measured_on)
+    if on_cpu(run):
+        caveat = CPU_CAVEAT + caveat
     return Fleet(
         str(run.run_dir.path),
         measured_on,
@@ -383,6 +393,6 @@ def plan_fleet(run, demand: Demand) -> Fleet:
         why,
         rows,
         best,
-        CAVEAT.format(gpu=measured_on),
+        caveat,
         run.unreadable_text(),
     )

@@ -106,6 +106,19 @@ def test_hand_sized_fleet(run_dir):
     assert "Test GPU" in f.caveat and "one machine" in f.caveat
 
 
+def test_a_cpu_run_says_its_gpu_counts_say_nothing_about_gpus(tmp_path):
+    """`coserve plan --fleet` on the demo's run folder sized 158 "GPUs" from CPU figures with
+    only the one-machine caveat, where advise and the report say the CPU figures mean nothing
+    for GPUs."""
+    d = _make(tmp_path / "run", SPEC.split('[[conditions]]\nname = "mps"')[0])
+    write_json(d / "fingerprint.json", {"gpus": [], "driver": None})
+    f = plan_fleet(aggregate(d), Demand(10_000, 1_000))
+    assert f.caveat.startswith("These ran on a CPU: ") and "say nothing about GPUs" in f.caveat
+    assert "one machine" in f.caveat
+    gpu = plan_fleet(aggregate(_make(tmp_path / "gpu", SPEC)), Demand(10_000, 1_000))
+    assert "CPU" not in gpu.caveat
+
+
 def test_an_open_loop_role_alone_marks_the_dedicated_fleet_and_its_savings(tmp_path, capsys):
     """Embed alone at a fixed rate measured what was offered, not its capacity: the dedicated
     embed GPUs are an upper bound, and a saving against them is no sizing."""
