@@ -354,3 +354,27 @@ def test_a_server_that_refuses_every_request_is_named_and_exits_1(tmp_path):
     assert f"coserve bench: {said}" in stderr and "x 404 no model nope" in stderr, stderr
     s = json.loads((tmp_path / "e.json").read_text())
     assert s["embed"]["kept_up"] is False and said in s["embed"]["warning"]
+
+
+@pytest.mark.parametrize("status, stops", [(400, True), (429, False)])
+def test_a_client_error_on_every_request_ends_the_run_early(tmp_path, status, stops):
+    """A gen server given as --embed-url answered 205,612 requests with 400 over the default
+    30 s + 60 s before the bench said so; 429 (too many requests) is load and runs on."""
+    with stream_server.spawn(
+        embed_latency_ms=1, fail_every=1, fail_status=status, fail_message="not an embed model"
+    ) as srv:
+        p = _bench(
+            *("--embed-url", srv.url, "--embed-concurrency", "4", "--warmup", "0"),
+            *("--duration", "30" if stops else "2.5", "--quiet"),
+        )
+        t = time.monotonic()
+        _, stderr = p.communicate(timeout=60)
+    assert p.returncode == 1, stderr
+    said = f"x {status} not an embed model"
+    assert said in stderr and "every embed request failed" in stderr, stderr
+    if stops:
+        assert time.monotonic() - t < 15, stderr
+        assert "the run stopped" in stderr and "client error" in stderr, stderr
+        assert stderr.count(said) == 1, stderr  # said once, not again after the summary
+    else:
+        assert "the run stopped" not in stderr, stderr

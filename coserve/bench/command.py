@@ -399,7 +399,8 @@ def run(args) -> int:
         print(json.dumps(summary, indent=2), flush=True)
     refused = [why for ep in (result.gen, result.embed) if ep and (why := refused_all(ep))]
     for why in refused:
-        print(f"coserve bench: {why}", file=err, flush=True)
+        if why not in (result.aborted or ""):  # the run's end already said it
+            print(f"coserve bench: {why}", file=err, flush=True)
     if result.aborted or (args.out and not path) or refused:
         return 1
     return 130 if result.cut_short else 0

@@ -19,6 +19,7 @@ from coserve.bench.arrivals import arrival_offsets, count_arrivals
 from coserve.bench.client import consume, error_message, exc_message, join
 from coserve.bench.config import LoadConfig
 from coserve.bench.embed_answer import BadAnswer, embedding_shape
+from coserve.bench.metrics import refused_all
 from coserve.bench.records import EndpointRun, RequestRecord
 from coserve.bench.sse import GenStream
 from coserve.bench.workload import Workload
@@ -34,6 +35,12 @@ _MAX_FAILED_RECORDS = 20_000  # failures past this are only counted
 # DEAD_AFTER_S is dead and ends the run.
 _BACKOFF_MIN_S, _BACKOFF_MAX_S = 0.020, 0.5
 DEAD_AFTER_S = 1.0
+# An endpoint that has answered at least this many requests, every one with the same kind of
+# client error (a generative model asked for embeddings, a wrong model name, a prompt over
+# its limit), for DEAD_AFTER_S will not start answering: the run ends instead of sending
+# hundreds of thousands more until the window closes. 408 and 429 pass (load, not a fault).
+REFUSED_AFTER = 100
+_TRANSIENT_4XX = (408, 429)
 _STREAMS = {"gen": 1, "embed": 2}  # arrival schedule streams (independent per endpoint)
 # The open-loop sender hands the event loop back at least every this many arrivals, so that
 # a sender that is behind its schedule (or skipping it) does not starve answers and signals.
@@ -116,6 +123,8 @@ class LoadRun:
                     f"{ep.connection_errors} connection errors and no answer for "
                     f"{now - ep.down_since:.1f} s (last: {ep.last_connection_error})"
                 )
+            if ep is not None and (refused := self._refused(ep, now)) is not None:
+                return refused
             if ep is not None and (silent := self._silent_for(ep, now)) >= self.cfg.stall_s:
                 ep.stalled = (
                     f"the {ep.kind} server at {ep.url} answered nothing for {silent:.1f} s "
@@ -124,6 +133,24 @@ class LoadRun:
                 )
                 return ep.stalled
         return None
+
+    def _refused(self, ep: EndpointRun, now: float) -> str | None:
+        """Why `ep` is refusing the load: REFUSED_AFTER or more answers, all client errors
+        (4xx but 408 and 429), none a success, the first DEAD_AFTER_S or more ago."""
+        if ep.failed_total < REFUSED_AFTER or ep.completed_total or ep.tokens_total:
+            return None
+        if not all(
+            isinstance(status, int) and 400 <= status < 500 and status not in _TRANSIENT_4XX
+            for status, _ in ep.errors
+        ):
+            return None
+        first = ep.records[0].end_s  # records are kept as requests end
+        if first is None or now - (self.t0 + first) < DEAD_AFTER_S:
+            return None
+        return (
+            f"{refused_all(ep)}; the run stopped {now - self.t0:.1f} s in, as every answer is a "
+            "client error (the model, endpoint or request is wrong, not the load)"
+        )
 
     def silent_at_end(self, now: float) -> str | None:
         """Why the run must fail at the window's end: an endpoint with requests in flight
