@@ -331,6 +331,11 @@ def test_sweep_points_are_held_against_the_baselines_point_at_the_same_rate(tmp_
         "point there: mps.embed-r16: open (one rep: no CI) (gen **" in verdict
     ), verdict
     assert "Gen delta: against timeslice at the same embed rate (the row marked baseline)" in sweep
+    # beside the sweep's sentences the matrix's names its own load
+    assert (
+        "At embed rate 4 req/s (32 seq/s offered), co-located gen at least the dedicated GPUs' "
+        in verdict
+    ), verdict
     # 60 of 128 seq/s: the criterion's answer says the work was not the baseline's
     assert "at 47 % of timeslice.embed-r16's embed seq/s (not equal work)" in verdict
 

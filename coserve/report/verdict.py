@@ -61,7 +61,7 @@ def verdict(run: RunStats) -> str | None:
             if bases
         ]
         text = f"**Verdict:** throughput, {'; '.join(against)}: {parts}."
-        text += _criterion(run, both)
+        text += _criterion(run, both, _matrix_lead(run, both))
         text += _sweep_criteria(run)
     if on_cpu(run):
         text += (
@@ -95,16 +95,36 @@ def _sweep_criteria(run: RunStats) -> str:
     )
 
 
-def _sweep_lead(run: RunStats, sw: SweepSpec, value: float, conds: list[ConditionStats]) -> str:
-    """Opens the criterion at one swept value: the load in the spec's unit and, for an embed
-    rate, in the seq/s the header and the tables speak of (rate x inputs per request)."""
+def _load_words(run: RunStats, sw: SweepSpec, value: float, conds: list[ConditionStats]) -> str:
+    """The swept load at `value` in the spec's unit and, for an embed rate, in the seq/s the
+    header and the tables speak of (rate x inputs per request): 'embed rate 141 req/s
+    (1,128 seq/s offered)'."""
     at = f"{sw.role} {sw.knob} {value:g}"
     if sw.knob == "rate":
         at += " req/s"
         batches = {c.condition.load_for(run.spec).embed_batch for c in conds}
         if sw.role == "embed" and len(batches) == 1:
             at += f" ({value * batches.pop():,.0f} seq/s offered)"
-    return f" At {at}, the same criterion against the baseline's point there: "
+    return at
+
+
+def _sweep_lead(run: RunStats, sw: SweepSpec, value: float, conds: list[ConditionStats]) -> str:
+    """Opens the criterion at one swept value."""
+    words = _load_words(run, sw, value, conds)
+    return f" At {words}, the same criterion against the baseline's point there: "
+
+
+def _matrix_lead(run: RunStats, both: list[ConditionStats]) -> str:
+    """Opens the criterion for the conditions outside the sweep: beside the sweep's
+    sentences it names the load it was judged at, where they all ran the same one."""
+    sw = run.spec.sweep
+    if sw is None:
+        return CRITERION
+    values = {getattr(c.condition.load_for(run.spec), f"{sw.role}_{sw.knob}") for c in both}
+    if len(values) != 1 or None in values:
+        return CRITERION
+    words = _load_words(run, sw, values.pop(), both)
+    return f" At {words}, co-located gen" + CRITERION.removeprefix(" Co-located gen")
 
 
 CRITERION = (
