@@ -313,6 +313,9 @@ def test_a_dead_endpoint_ends_the_run_with_its_reason_and_status_1(tmp_path):
         ("--ramp", "nan", "--ramp"),
         ("--stall", "0", "--stall"),
         ("--stall", "1e12", "--stall: must be a number of seconds"),
+        # 1e9 closed-loop workers took the machine's memory before the first request
+        ("--gen-concurrency", "1000000000", "--gen-concurrency: 1,000,000,000 requests in flight"),
+        ("--embed-concurrency", "65537", "--embed-concurrency: 65,537 requests in flight"),
     ],
 )
 def test_bad_load_flags_are_named(flag, value, says):

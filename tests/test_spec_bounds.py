@@ -58,6 +58,17 @@ def test_load_seconds_are_bounded_by_one_day(key):
     assert cond.startswith(f"conditions[0].load.{key}: ") and "86400" in cond, cond
 
 
+def test_concurrency_is_bounded():
+    # one connection and one task per request in flight: 1e9 is a typo that exhausts memory
+    assert problems("[load]", "[load]\ngen_concurrency = 1000000000") == [
+        "load.gen_concurrency: 1000000000 must be at most 65536"
+    ]
+    sweep = "\n[sweep]\nconcurrency = [8, 1000000000]"
+    with pytest.raises(SpecError) as e:
+        loads_spec(BASE + sweep)
+    assert e.value.problems == ["sweep.concurrency[1]: 1000000000 must be at most 65536"]
+
+
 def test_repetitions_are_bounded():
     assert problems("repetitions = 1", "repetitions = 1000000000") == [
         f"repetitions: 1000000000 must be at most {MAX_REPETITIONS}"

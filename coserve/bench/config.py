@@ -16,6 +16,10 @@ GEN_ENDPOINTS = ("completions", "chat")
 # The longest warm-up, window, ramp or stall a load takes: one day. A longer one is a typo
 # (1e12 for 1e2) that would hold the servers for ever, not a measurement anyone waits for.
 MAX_SECONDS = 86400.0
+# The most requests one endpoint keeps in flight: each holds a TCP connection and a task, and
+# a host has at most 65,535 ports to open connections to one server from. A larger figure is
+# a typo (1e9 closed-loop workers take the machine's memory before the first request).
+MAX_CONCURRENCY = 65_536
 
 
 class ConfigError(ValueError):
@@ -98,6 +102,14 @@ class LoadConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(name, f"must be a positive integer, got {v!r}")
+        for name in ("gen_concurrency", "embed_concurrency"):
+            v = getattr(self, name)
+            if v > MAX_CONCURRENCY:
+                raise ConfigError(
+                    name,
+                    f"{v:,} requests in flight is above {MAX_CONCURRENCY:,}, more than one "
+                    "bench process can hold open (one connection each)",
+                )
         for name in (
             "gen_rate",
             "embed_rate",
