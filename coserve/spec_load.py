@@ -14,7 +14,7 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from coserve.bench.arrivals import ARRIVALS, MAX_RATE
+from coserve.bench.arrivals import ARRIVALS, MAX_RATE, MIN_RATE
 from coserve.bench.config import (
     GEN_ENDPOINTS,
     MAX_CONCURRENCY,
@@ -183,7 +183,7 @@ class SweepSpec:
     )
     rate: list[float] = spec_field(
         [],
-        gt=0.0,
+        ge=MIN_RATE,
         le=MAX_RATE,
         unique=True,
         omit_default=True,

@@ -304,6 +304,7 @@ def test_a_dead_endpoint_ends_the_run_with_its_reason_and_status_1(tmp_path):
         ("--goodput", "ttft:fast", "a number of milliseconds"),
         ("--goodput", "tpot:-1", "--goodput"),
         ("--gen-rate", "0", "--gen-rate"),
+        ("--gen-rate", "4e-324", "--gen-rate: 4.94066e-324 req/s is below 1e-05 req/s"),
         ("--embed-slo", "inf", "--embed-slo"),
         ("--burstiness", "0", "--burstiness"),
         ("--duration", "inf", "--duration"),

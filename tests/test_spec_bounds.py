@@ -69,6 +69,16 @@ def test_concurrency_is_bounded():
     assert e.value.problems == ["sweep.concurrency[1]: 1000000000 must be at most 65536"]
 
 
+def test_rates_are_bounded_below():
+    # a rate that rounds the mean gap to infinity was a traceback when the load started
+    assert problems("[load]", "[load]\ngen_rate = 4e-324") == [
+        "load.gen_rate: 4.94066e-324 req/s is below 1e-05 req/s (about one a day): no load"
+    ]
+    with pytest.raises(SpecError) as e:
+        loads_spec(BASE + "\n[sweep]\nrate = [1e-320]")
+    assert e.value.problems == ["sweep.rate[0]: 1e-320 must be at least 1e-05"]
+
+
 def test_repetitions_are_bounded():
     assert problems("repetitions = 1", "repetitions = 1000000000") == [
         f"repetitions: 1000000000 must be at most {MAX_REPETITIONS}"

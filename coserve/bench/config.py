@@ -9,7 +9,7 @@ import math
 from dataclasses import asdict, dataclass
 from urllib.parse import urlsplit
 
-from coserve.bench.arrivals import ARRIVALS, MAX_BURSTINESS, MAX_RATE, MIN_BURSTINESS
+from coserve.bench.arrivals import ARRIVALS, MAX_BURSTINESS, MAX_RATE, MIN_BURSTINESS, MIN_RATE
 from coserve.bench.embed_answer import ENCODINGS
 
 GEN_ENDPOINTS = ("completions", "chat")
@@ -128,6 +128,10 @@ class LoadConfig:
                     name,
                     f"{v:g} req/s is above {MAX_RATE:,.0f} req/s, more than one bench "
                     f"process can send",
+                )
+            if v is not None and v < MIN_RATE:
+                raise ConfigError(
+                    name, f"{v:g} req/s is below {MIN_RATE:g} req/s (about one a day): no load"
                 )
         if self.arrival not in ARRIVALS:
             raise ConfigError(
