@@ -79,6 +79,16 @@ def test_rates_are_bounded_below():
     assert e.value.problems == ["sweep.rate[0]: 1e-320 must be at least 1e-05"]
 
 
+def test_a_spec_that_is_no_text_is_named(tmp_path, capsys):
+    # was a UnicodeDecodeError traceback out of `coserve run SPEC --dry-run`
+    spec = tmp_path / "s.toml"
+    spec.write_bytes(b"\xff\xfe\x00name = 1")
+    assert main(["run", str(spec), "--dry-run", "--out", str(tmp_path / "o")]) == 2
+    said = capsys.readouterr()
+    out = " ".join((said.out + said.err).split())
+    assert "not UTF-8 text (byte 0)" in out, out
+
+
 def test_repetitions_are_bounded():
     assert problems("repetitions = 1", "repetitions = 1000000000") == [
         f"repetitions: 1000000000 must be at most {MAX_REPETITIONS}"
