@@ -89,6 +89,21 @@ def test_a_spec_that_is_no_text_is_named(tmp_path, capsys):
     assert "not UTF-8 text (byte 0)" in out, out
 
 
+def test_a_server_url_that_is_no_http_url_is_named():
+    # was accepted by --dry-run; every rep then failed on it
+    ext = 'launcher = "external"\nurl = "ftp://x"\nmodel = "tiny-dense"'
+    assert problems('model = "tiny-dense"', ext) == [
+        "servers.gen.url (in conditions[0]): 'ftp://x' is not an http(s) URL "
+        "(e.g. http://127.0.0.1:8000)"
+    ]
+    ok = ext.replace("ftp://x", "http://127.0.0.1:9")
+    with pytest.raises(SpecError) as e:
+        loads_spec(BASE.replace('model = "tiny-dense"', ok) + 'gen = {url = "file:///x"}')
+    assert e.value.problems == [
+        "conditions[0].gen.url: 'file:///x' is not an http(s) URL (e.g. http://127.0.0.1:8000)"
+    ]
+
+
 def test_repetitions_are_bounded():
     assert problems("repetitions = 1", "repetitions = 1000000000") == [
         f"repetitions: 1000000000 must be at most {MAX_REPETITIONS}"

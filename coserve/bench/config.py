@@ -22,6 +22,14 @@ MAX_SECONDS = 86400.0
 MAX_CONCURRENCY = 65_536
 
 
+def url_problem(url: str) -> str | None:
+    """Why `url` is no base URL of a server to drive (not http(s), no host), or None."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        return f"{url!r} is not an http(s) URL (e.g. http://127.0.0.1:8000)"
+    return None
+
+
 class ConfigError(ValueError):
     """A bad load configuration; the message names the field, `.field` holds it."""
 
@@ -85,12 +93,8 @@ class LoadConfig:
             raise ConfigError("gen_url", "give a gen URL, an embed URL or both")
         for name in ("gen_url", "embed_url"):
             url = getattr(self, name)
-            if url:
-                parts = urlsplit(url)
-                if parts.scheme not in ("http", "https") or not parts.netloc:
-                    raise ConfigError(
-                        name, f"{url!r} is not an http(s) URL (e.g. http://127.0.0.1:8000)"
-                    )
+            if url and (why := url_problem(url)):
+                raise ConfigError(name, why)
         for name in (
             "gen_concurrency",
             "input_len",
