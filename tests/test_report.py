@@ -247,6 +247,27 @@ def test_an_odd_error_or_fingerprint_is_named(run_dir, tmp_path):
     )
 
 
+def test_a_plot_that_cannot_be_drawn_is_left_out_and_said(run_dir, tmp_path, capsys):
+    # finite figures too large for an axis were a ValueError traceback out of matplotlib
+    import json
+    import shutil
+
+    from coserve.cli import main
+
+    bad = tmp_path / "run"
+    shutil.copytree(run_dir, bad)
+    for path in (bad / "reps").glob("*/rep-*/rep.json"):
+        rec = json.loads(path.read_text())
+        if (rec.get("bench") or {}).get("gen"):
+            rec["bench"]["gen"]["output_tokens_per_s"] = 1.7e308
+            path.write_text(json.dumps(rec))
+    assert main(["report", str(bad)]) == 0
+    said = capsys.readouterr().err
+    assert "coserve report: plot tradeoff left out: it cannot be drawn" in said, said
+    assert not (bad / "plots" / "tradeoff.png").exists()
+    assert (bad / "plots" / "telemetry.png").exists() and (bad / "report.md").exists()
+
+
 def test_a_cut_or_junk_records_file_gives_what_it_holds(run_dir, tmp_path):
     import gzip
     import shutil
