@@ -424,9 +424,11 @@ def load_spec(path: str | Path) -> Spec:
     """Read and validate a spec file; raises SpecError naming every bad field."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise SpecError(str(path), [f"cannot read the file: {e.strerror or e}"]) from e
+    except UnicodeDecodeError as e:
+        raise SpecError(str(path), [f"not UTF-8 text (byte {e.start})"]) from e
     return loads_spec(text, str(path))
 
 

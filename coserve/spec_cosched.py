@@ -1,11 +1,13 @@
-"""Checks of a condition's server levers for co-scheduling (embed granularity, the SLO
-guard) on the server configs it resolves to: problems as 'dotted.path: what is wrong'."""
+"""Checks of the server configs a condition resolves to (its servers' URLs, and the levers
+for co-scheduling: embed granularity, the SLO guard): problems as 'dotted.path: what is
+wrong'."""
 
 from __future__ import annotations
 
 import dataclasses
 from typing import Any
 
+from coserve.bench.config import url_problem
 from coserve.spec_check import resolved_servers, server_field_path
 
 # Embed launchers whose server may run a guard of its own (started by its command line, as
@@ -24,6 +26,8 @@ def server_problems(cond: Any, servers: dict[str, Any], path: str) -> list[str]:
         return server_field_path(cond, role, name, path)
 
     for role, cfg in resolved.items():
+        if cfg.url and (why := url_problem(cfg.url)):
+            out.append(f"{where(role, 'url')}: {why}")
         tokens = cfg.max_num_batched_tokens
         if role == "embed" and tokens and cfg.launcher == "builtin" and cfg.max_model_len > tokens:
             out.append(

@@ -14,8 +14,14 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from coserve.bench.arrivals import ARRIVALS, MAX_RATE
-from coserve.bench.config import GEN_ENDPOINTS, MAX_SECONDS, ConfigError, LoadConfig
+from coserve.bench.arrivals import ARRIVALS, MAX_RATE, MIN_RATE
+from coserve.bench.config import (
+    GEN_ENDPOINTS,
+    MAX_CONCURRENCY,
+    MAX_SECONDS,
+    ConfigError,
+    LoadConfig,
+)
 from coserve.reference import REFERENCES
 from coserve.roles import ROLES
 
@@ -57,10 +63,18 @@ def plain(v: Any) -> Any:
 # LoadConfig field -> its checks in a spec. The open-loop fields came later (omit_default).
 _LATER = {"omit_default": True}
 LOAD_CHECKS: dict[str, dict[str, Any]] = {
-    "gen_concurrency": {"ge": 1, "help": "gen requests in flight; with gen_rate the cap"},
+    "gen_concurrency": {
+        "ge": 1,
+        "le": MAX_CONCURRENCY,
+        "help": "gen requests in flight; with gen_rate the cap",
+    },
     "input_len": {"ge": 1},
     "output_len": {"ge": 1},
-    "embed_concurrency": {"ge": 1, "help": "embed requests in flight; with embed_rate the cap"},
+    "embed_concurrency": {
+        "ge": 1,
+        "le": MAX_CONCURRENCY,
+        "help": "embed requests in flight; with embed_rate the cap",
+    },
     "embed_batch": {"ge": 1, "help": "inputs per embed request"},
     "embed_input_len": {"ge": 1},
     "embed_text": {"help": "send texts instead of token ids to the embed server"},
@@ -160,11 +174,16 @@ class SweepSpec:
 
     role: str = spec_field("gen", choices=ROLES, help="whose load is swept")
     concurrency: list[int] = spec_field(
-        [], ge=1, unique=True, omit_default=True, help="requests in flight, one point each"
+        [],
+        ge=1,
+        le=MAX_CONCURRENCY,
+        unique=True,
+        omit_default=True,
+        help="requests in flight, one point each",
     )
     rate: list[float] = spec_field(
         [],
-        gt=0.0,
+        ge=MIN_RATE,
         le=MAX_RATE,
         unique=True,
         omit_default=True,

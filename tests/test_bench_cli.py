@@ -304,6 +304,7 @@ def test_a_dead_endpoint_ends_the_run_with_its_reason_and_status_1(tmp_path):
         ("--goodput", "ttft:fast", "a number of milliseconds"),
         ("--goodput", "tpot:-1", "--goodput"),
         ("--gen-rate", "0", "--gen-rate"),
+        ("--gen-rate", "4e-324", "--gen-rate: 4.94066e-324 req/s is below 1e-05 req/s"),
         ("--embed-slo", "inf", "--embed-slo"),
         ("--burstiness", "0", "--burstiness"),
         ("--duration", "inf", "--duration"),
@@ -313,6 +314,9 @@ def test_a_dead_endpoint_ends_the_run_with_its_reason_and_status_1(tmp_path):
         ("--ramp", "nan", "--ramp"),
         ("--stall", "0", "--stall"),
         ("--stall", "1e12", "--stall: must be a number of seconds"),
+        # 1e9 closed-loop workers took the machine's memory before the first request
+        ("--gen-concurrency", "1000000000", "--gen-concurrency: 1,000,000,000 requests in flight"),
+        ("--embed-concurrency", "65537", "--embed-concurrency: 65,537 requests in flight"),
     ],
 )
 def test_bad_load_flags_are_named(flag, value, says):

@@ -201,6 +201,8 @@ def test_a_rep_record_whose_parts_are_no_objects_is_named(run_dir, tmp_path, key
         ("x", "bench.gen is a str, not an object"),
         ({"output_tokens_per_s": "x"}, "bench.gen.output_tokens_per_s is 'x', not a number"),
         ({"requests_per_s": [1]}, "bench.gen.requests_per_s is [1], not a number"),
+        # an int beyond any float was an OverflowError traceback
+        ({"output_tokens_per_s": 10**400}, "bench.gen.output_tokens_per_s is 1000000000"),
     ],
 )
 def test_a_rep_whose_bench_figures_are_no_numbers_is_named(run_dir, tmp_path, gen, said):
@@ -217,6 +219,53 @@ def test_a_rep_whose_bench_figures_are_no_numbers_is_named(run_dir, tmp_path, ge
     path.write_text(json.dumps(rec))
     assert main(["report", str(bad), "--no-plots"]) == 0
     assert f"rep-1/rep.json: {said}" in (bad / "report.md").read_text()
+
+
+# each was a traceback out of `coserve report`: an AttributeError in the failures table, a
+# TypeError in the header's GPU line
+def test_an_odd_error_or_fingerprint_is_named(run_dir, tmp_path):
+    import json
+    import shutil
+
+    from coserve.cli import main
+
+    bad = tmp_path / "run"
+    shutil.copytree(run_dir, bad)
+    path = bad / "reps" / "gen-only" / "rep-1" / "rep.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "error": {"a": [1]}}))
+    fp = bad / "fingerprint.json"
+    fp.write_text(json.dumps({**json.loads(fp.read_text()), "gpus": 5}))
+    assert main(["report", str(bad), "--no-plots"]) == 0
+    md = (bad / "report.md").read_text()
+    assert "rep-1/rep.json: 'error' is a dict, not a string" in md
+    assert "fingerprint.json: gpus is a int, not a list" in md
+    fp.write_text(json.dumps({"gpus": [{"name": 1}], "packages": []}))
+    assert main(["report", str(bad), "--no-plots"]) == 0
+    assert (
+        "fingerprint.json: gpus holds an entry with no string 'name'"
+        in (bad / "report.md").read_text()
+    )
+
+
+def test_a_plot_that_cannot_be_drawn_is_left_out_and_said(run_dir, tmp_path, capsys):
+    # finite figures too large for an axis were a ValueError traceback out of matplotlib
+    import json
+    import shutil
+
+    from coserve.cli import main
+
+    bad = tmp_path / "run"
+    shutil.copytree(run_dir, bad)
+    for path in (bad / "reps").glob("*/rep-*/rep.json"):
+        rec = json.loads(path.read_text())
+        if (rec.get("bench") or {}).get("gen"):
+            rec["bench"]["gen"]["output_tokens_per_s"] = 1.7e308
+            path.write_text(json.dumps(rec))
+    assert main(["report", str(bad)]) == 0
+    said = capsys.readouterr().err
+    assert "coserve report: plot tradeoff left out: it cannot be drawn" in said, said
+    assert not (bad / "plots" / "tradeoff.png").exists()
+    assert (bad / "plots" / "telemetry.png").exists() and (bad / "report.md").exists()
 
 
 def test_a_cut_or_junk_records_file_gives_what_it_holds(run_dir, tmp_path):

@@ -66,6 +66,17 @@ def test_a_dry_run_into_a_folder_of_other_files_is_refused_as_the_run_is(spec, t
     assert sorted(p.name for p in out.iterdir()) == ["precious.txt"]
 
 
+def test_a_dry_run_into_a_file_is_refused_as_the_run_is(spec, tmp_path, capsys):
+    # the dry run was a NotADirectoryError traceback
+    out = tmp_path / "out"
+    out.write_text("x")
+    assert run(spec, out, "--dry-run") == 2
+    dry = refused(capsys)
+    assert run(spec, out) == 2
+    assert refused(capsys) == dry and f"cannot use {out} as the run folder: Not a directory" in dry
+    assert out.read_text() == "x"
+
+
 @pytest.mark.parametrize("made", [False, True], ids=["missing", "empty"])
 @pytest.mark.parametrize("dry", [[], ["--dry-run"]], ids=["run", "dry-run"])
 def test_resume_where_there_is_no_run_is_refused(spec, tmp_path, capsys, made, dry):

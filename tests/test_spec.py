@@ -294,7 +294,7 @@ def test_digest_ignores_layout_but_not_values():
                 'repetitions = 2\n[sweep]\nrole = "embed"\nrate = [7.5, 0]\nconditions = ["ts"]',
             ),
             "sweep.rate[1]",
-            "greater than 0",
+            "must be at least 1e-05",
         ),
         (
             ("repetitions = 2", "repetitions = 2\n[sweep]\nrate = [1, 2]\nconcurrency = [4]"),

@@ -58,6 +58,52 @@ def test_load_seconds_are_bounded_by_one_day(key):
     assert cond.startswith(f"conditions[0].load.{key}: ") and "86400" in cond, cond
 
 
+def test_concurrency_is_bounded():
+    # one connection and one task per request in flight: 1e9 is a typo that exhausts memory
+    assert problems("[load]", "[load]\ngen_concurrency = 1000000000") == [
+        "load.gen_concurrency: 1000000000 must be at most 65536"
+    ]
+    sweep = "\n[sweep]\nconcurrency = [8, 1000000000]"
+    with pytest.raises(SpecError) as e:
+        loads_spec(BASE + sweep)
+    assert e.value.problems == ["sweep.concurrency[1]: 1000000000 must be at most 65536"]
+
+
+def test_rates_are_bounded_below():
+    # a rate that rounds the mean gap to infinity was a traceback when the load started
+    assert problems("[load]", "[load]\ngen_rate = 4e-324") == [
+        "load.gen_rate: 4.94066e-324 req/s is below 1e-05 req/s (about one a day): no load"
+    ]
+    with pytest.raises(SpecError) as e:
+        loads_spec(BASE + "\n[sweep]\nrate = [1e-320]")
+    assert e.value.problems == ["sweep.rate[0]: 1e-320 must be at least 1e-05"]
+
+
+def test_a_spec_that_is_no_text_is_named(tmp_path, capsys):
+    # was a UnicodeDecodeError traceback out of `coserve run SPEC --dry-run`
+    spec = tmp_path / "s.toml"
+    spec.write_bytes(b"\xff\xfe\x00name = 1")
+    assert main(["run", str(spec), "--dry-run", "--out", str(tmp_path / "o")]) == 2
+    said = capsys.readouterr()
+    out = " ".join((said.out + said.err).split())
+    assert "not UTF-8 text (byte 0)" in out, out
+
+
+def test_a_server_url_that_is_no_http_url_is_named():
+    # was accepted by --dry-run; every rep then failed on it
+    ext = 'launcher = "external"\nurl = "ftp://x"\nmodel = "tiny-dense"'
+    assert problems('model = "tiny-dense"', ext) == [
+        "servers.gen.url (in conditions[0]): 'ftp://x' is not an http(s) URL "
+        "(e.g. http://127.0.0.1:8000)"
+    ]
+    ok = ext.replace("ftp://x", "http://127.0.0.1:9")
+    with pytest.raises(SpecError) as e:
+        loads_spec(BASE.replace('model = "tiny-dense"', ok) + 'gen = {url = "file:///x"}')
+    assert e.value.problems == [
+        "conditions[0].gen.url: 'file:///x' is not an http(s) URL (e.g. http://127.0.0.1:8000)"
+    ]
+
+
 def test_repetitions_are_bounded():
     assert problems("repetitions = 1", "repetitions = 1000000000") == [
         f"repetitions: 1000000000 must be at most {MAX_REPETITIONS}"

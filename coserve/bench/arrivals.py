@@ -8,7 +8,8 @@ more regular. "constant" sends exactly every 1 / rate seconds. The schedule is a
 one arrival catches up on the next instead of shifting every later one.
 
 The schedule is drawn lazily, a block at a time. Rates and shapes are bounded: above
-MAX_RATE one client process cannot send (each request costs it tens of microseconds), and a
+MAX_RATE one client process cannot send (each request costs it tens of microseconds), below
+MIN_RATE (about one a day) there is no load to speak of and the mean gap overflows, and a
 shape outside [MIN_BURSTINESS, MAX_BURSTINESS] makes most gaps round to zero (the arrivals
 pile up on one instant, then nothing for a long time), which is no longer a load shape.
 """
@@ -24,12 +25,14 @@ __all__ = [
     "MAX_BURSTINESS",
     "MAX_RATE",
     "MIN_BURSTINESS",
+    "MIN_RATE",
     "arrival_offsets",
     "count_arrivals",
 ]
 
 ARRIVALS = ("poisson", "constant")
 MAX_RATE = 100_000.0  # requests/s
+MIN_RATE = 1e-5  # requests/s
 MIN_BURSTINESS, MAX_BURSTINESS = 1e-3, 1e3
 _BLOCK = 4096
 
@@ -38,8 +41,10 @@ def _blocks(
     rate: float, arrival: str, burstiness: float, seed: int, stream: int
 ) -> Iterator[np.ndarray]:
     """The schedule in blocks of _BLOCK offsets; the arguments checked at the call."""
-    if not (isinstance(rate, (int, float)) and 0 < rate <= MAX_RATE):
-        raise ValueError(f"rate must be a number of requests/s in (0, {MAX_RATE:g}], got {rate!r}")
+    if not (isinstance(rate, (int, float)) and MIN_RATE <= rate <= MAX_RATE):
+        raise ValueError(
+            f"rate must be a number of requests/s in [{MIN_RATE:g}, {MAX_RATE:g}], got {rate!r}"
+        )
     if arrival not in ARRIVALS:
         raise ValueError(f"arrival must be one of {', '.join(ARRIVALS)}, got {arrival!r}")
     if not (
@@ -72,7 +77,7 @@ def arrival_offsets(
 ) -> Iterator[float]:
     """Endless offsets in seconds (0 first, increasing) of the arrivals of `rate` requests/s.
     The same (seed, stream) gives the same schedule; each endpoint uses its own stream.
-    Raises ValueError for a rate outside (0, MAX_RATE], a shape outside [MIN_BURSTINESS,
+    Raises ValueError for a rate outside [MIN_RATE, MAX_RATE], a shape outside [MIN_BURSTINESS,
     MAX_BURSTINESS], or an unknown `arrival`."""
     blocks = _blocks(rate, arrival, burstiness, seed, stream)
     return (off for block in blocks for off in block.tolist())

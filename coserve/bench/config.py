@@ -9,13 +9,25 @@ import math
 from dataclasses import asdict, dataclass
 from urllib.parse import urlsplit
 
-from coserve.bench.arrivals import ARRIVALS, MAX_BURSTINESS, MAX_RATE, MIN_BURSTINESS
+from coserve.bench.arrivals import ARRIVALS, MAX_BURSTINESS, MAX_RATE, MIN_BURSTINESS, MIN_RATE
 from coserve.bench.embed_answer import ENCODINGS
 
 GEN_ENDPOINTS = ("completions", "chat")
 # The longest warm-up, window, ramp or stall a load takes: one day. A longer one is a typo
 # (1e12 for 1e2) that would hold the servers for ever, not a measurement anyone waits for.
 MAX_SECONDS = 86400.0
+# The most requests one endpoint keeps in flight: each holds a TCP connection and a task, and
+# a host has at most 65,535 ports to open connections to one server from. A larger figure is
+# a typo (1e9 closed-loop workers take the machine's memory before the first request).
+MAX_CONCURRENCY = 65_536
+
+
+def url_problem(url: str) -> str | None:
+    """Why `url` is no base URL of a server to drive (not http(s), no host), or None."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        return f"{url!r} is not an http(s) URL (e.g. http://127.0.0.1:8000)"
+    return None
 
 
 class ConfigError(ValueError):
@@ -81,12 +93,8 @@ class LoadConfig:
             raise ConfigError("gen_url", "give a gen URL, an embed URL or both")
         for name in ("gen_url", "embed_url"):
             url = getattr(self, name)
-            if url:
-                parts = urlsplit(url)
-                if parts.scheme not in ("http", "https") or not parts.netloc:
-                    raise ConfigError(
-                        name, f"{url!r} is not an http(s) URL (e.g. http://127.0.0.1:8000)"
-                    )
+            if url and (why := url_problem(url)):
+                raise ConfigError(name, why)
         for name in (
             "gen_concurrency",
             "input_len",
@@ -98,6 +106,14 @@ class LoadConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(name, f"must be a positive integer, got {v!r}")
+        for name in ("gen_concurrency", "embed_concurrency"):
+            v = getattr(self, name)
+            if v > MAX_CONCURRENCY:
+                raise ConfigError(
+                    name,
+                    f"{v:,} requests in flight is above {MAX_CONCURRENCY:,}, more than one "
+                    "bench process can hold open (one connection each)",
+                )
         for name in (
             "gen_rate",
             "embed_rate",
@@ -116,6 +132,10 @@ class LoadConfig:
                     name,
                     f"{v:g} req/s is above {MAX_RATE:,.0f} req/s, more than one bench "
                     f"process can send",
+                )
+            if v is not None and v < MIN_RATE:
+                raise ConfigError(
+                    name, f"{v:g} req/s is below {MIN_RATE:g} req/s (about one a day): no load"
                 )
         if self.arrival not in ARRIVALS:
             raise ConfigError(

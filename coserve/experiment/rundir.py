@@ -81,12 +81,15 @@ REP_OBJECTS = ("servers", "strategy_info", "load", "bench", "telemetry", "env")
 
 
 def read_rep(path: Path) -> dict:
-    """A rep.json: read_object with REP_KEYS, and each of REP_OBJECTS present an object.
+    """A rep.json: read_object with REP_KEYS, each of REP_OBJECTS present an object, and
+    `error` present a string.
     Raises OSError, ValueError (naming the key)."""
     rec = read_object(path, REP_KEYS)
     for key in REP_OBJECTS:
         if rec.get(key) is not None and not isinstance(rec[key], dict):
             raise ValueError(f"{key!r} is a {type(rec[key]).__name__}, not an object")
+    if rec.get("error") is not None and not isinstance(rec["error"], str):
+        raise ValueError(f"'error' is a {type(rec['error']).__name__}, not a string")
     return rec
 
 

@@ -96,7 +96,14 @@ class Runner:
         """Whether this run may write its folder, reading only (a dry run asks it too): the
         folder's fingerprint when it holds a run to resume, None for a new or empty folder.
         Raises RunRefused: --resume where there is no run, a run there without --resume,
-        other files there, a fingerprint that cannot be read."""
+        other files there, a fingerprint that cannot be read, a path that cannot be read as a
+        folder (a file)."""
+        try:
+            return self._check_folder()
+        except OSError as e:
+            raise _unusable_folder(self.run_dir.path, e) from e
+
+    def _check_folder(self) -> dict[str, Any] | None:
         rd = self.run_dir
         if not rd.exists():
             if self.resume:
@@ -171,10 +178,7 @@ class Runner:
             except FolderBusy as e:
                 raise RunRefused(str(e)) from None
             except OSError as e:  # nothing has run: the folder cannot be used
-                raise RunRefused(
-                    f"cannot use {rd.path} as the run folder: {e.strerror or e}"
-                    + (f" ({e.filename})" if e.filename else "")
-                ) from e
+                raise _unusable_folder(rd.path, e) from e
             try:
                 return self._run()
             except OSError as e:
@@ -397,3 +401,11 @@ class Runner:
         if signals:  # Ctrl-C during tear-down: the rep was whole and is kept; now stop
             raise KeyboardInterrupt
         return record
+
+
+def _unusable_folder(path, e: OSError) -> RunRefused:
+    """The refusal of a run folder the OS will not let the run use (`e`), before any rep."""
+    return RunRefused(
+        f"cannot use {path} as the run folder: {e.strerror or e}"
+        + (f" ({e.filename})" if e.filename else "")
+    )

@@ -277,8 +277,29 @@ def _unusable(record: dict) -> str | None:
         v = _get(record, path)
         if v is not None and (isinstance(v, bool) or not isinstance(v, int | float)):
             return f"{'.'.join(path)} is {reprlib.repr(v)}, not a number"
-        if isinstance(v, float) and not math.isfinite(v):
-            return f"{'.'.join(path)} is {v}, not a finite number"
+        try:
+            finite = v is None or math.isfinite(v)
+        except OverflowError:  # an int beyond any float
+            finite = False
+        if not finite:
+            return f"{'.'.join(path)} is {reprlib.repr(v)}, not a finite number"
+    return None
+
+
+def _odd_fingerprint(fp: dict) -> str | None:
+    """Why the report cannot quote a fingerprint.json (GPUs no list of objects with a string
+    `name`, or packages, git or cpu no object), or None."""
+    for key in ("gpus", "gpus_used"):
+        gpus = fp.get(key)
+        if gpus is None:
+            continue
+        if not isinstance(gpus, list):
+            return f"{key} is a {type(gpus).__name__}, not a list"
+        if not all(isinstance(g, dict) and isinstance(g.get("name"), str) for g in gpus):
+            return f"{key} holds an entry with no string 'name'"
+    for key in ("packages", "git", "cpu"):
+        if fp.get(key) is not None and not isinstance(fp[key], dict):
+            return f"{key} is a {type(fp[key]).__name__}, not an object"
     return None
 
 
@@ -295,6 +316,8 @@ def aggregate(path: str | Path) -> RunStats:
     unreadable = list(scan.unreadable)
     try:
         fp = read_object(rd.fingerprint_file)
+        if (why := _odd_fingerprint(fp)) is not None:
+            raise ValueError(why)
     except (OSError, ValueError) as e:
         fp = {}
         why = getattr(e, "strerror", None) or str(e)

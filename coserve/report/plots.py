@@ -317,6 +317,10 @@ def tradeoff(run: RunStats, path: Path) -> Path | None:
 
 
 def make_all(run: RunStats, out_dir: Path) -> dict[str, Path]:
+    """Each plot that has data, by name; a plot matplotlib cannot draw (figures too large for
+    an axis, from a damaged rep.json) is left out, saying so on stderr, and the report goes on."""
+    import sys
+
     out_dir.mkdir(parents=True, exist_ok=True)
     made = {}
     for name, fn in (
@@ -327,7 +331,14 @@ def make_all(run: RunStats, out_dir: Path) -> dict[str, Path]:
         ("guard", guard),
         ("sweep", sweep),
     ):
-        p = fn(run, out_dir / f"{name}.png")
+        try:
+            p = fn(run, out_dir / f"{name}.png")
+        except (ValueError, OverflowError) as e:
+            _plt().close("all")
+            print(
+                f"coserve report: plot {name} left out: it cannot be drawn ({e})", file=sys.stderr
+            )
+            p = None
         if p is not None:
             made[name] = p
         else:
