@@ -18,6 +18,7 @@ from coserve.bench.arrivals import ARRIVALS, MAX_RATE, MIN_RATE
 from coserve.bench.config import (
     GEN_ENDPOINTS,
     MAX_CONCURRENCY,
+    MAX_EMBED_BATCH,
     MAX_SECONDS,
     ConfigError,
     LoadConfig,
@@ -75,7 +76,7 @@ LOAD_CHECKS: dict[str, dict[str, Any]] = {
         "le": MAX_CONCURRENCY,
         "help": "embed requests in flight; with embed_rate the cap",
     },
-    "embed_batch": {"ge": 1, "help": "inputs per embed request"},
+    "embed_batch": {"ge": 1, "le": MAX_EMBED_BATCH, "help": "inputs per embed request"},
     "embed_input_len": {"ge": 1},
     "embed_text": {"help": "send texts instead of token ids to the embed server"},
     "warmup_s": {"ge": 0.0, "le": MAX_SECONDS},

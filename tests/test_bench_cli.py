@@ -317,6 +317,8 @@ def test_a_dead_endpoint_ends_the_run_with_its_reason_and_status_1(tmp_path):
         # 1e9 closed-loop workers took the machine's memory before the first request
         ("--gen-concurrency", "1000000000", "--gen-concurrency: 1,000,000,000 requests in flight"),
         ("--embed-concurrency", "65537", "--embed-concurrency: 65,537 requests in flight"),
+        # 100,000 inputs a request spent 50 s of the bench's CPU building a 1 s window's load
+        ("--embed-batch", "100000", "--embed-batch: 100,000 inputs per request is above 2048"),
     ],
 )
 def test_bad_load_flags_are_named(flag, value, says):

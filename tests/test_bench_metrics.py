@@ -307,3 +307,19 @@ def test_a_record_round_trips_through_its_json_line():
     assert "error" not in json.loads(ok.to_json())
     with pytest.raises(ValueError, match="not a request record"):
         RequestRecord.from_json('{"x": 1}')
+
+
+def test_failures_that_quote_their_own_figures_are_counted_by_status():
+    """33 prompts over the limit, each 400 quoting its own length, read "1 x 400 ... (of 33
+    failures)": counted by message, every message was its own."""
+    from coserve.bench.metrics import refused_all
+
+    ep = EndpointRun("gen", "http://g", "m", 4)
+    for i in range(33):
+        ep.errors[(400, f"prompt of {100_000 + i} tokens is over 4096")] += 1
+    ep.errors[(500, "boom")] += 2
+    said = refused_all(ep)
+    assert "33 x 400 e.g. prompt of 100000 tokens is over 4096 (of 35 failures)" in said, said
+    one = EndpointRun("gen", "http://g", "m", 4)
+    one.errors[(404, "no model nope")] += 5
+    assert "5 x 404 no model nope (of 5 failures)" in refused_all(one)

@@ -152,3 +152,23 @@ def test_a_request_body_limit_of_zero_is_refused(capsys):
         main(["serve", "embed", "--max-request-bytes", "0"])
     assert e.value.code == 2
     assert "--max-request-bytes: must be at least 1 byte, got '0'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", [["--api-key", ""], ["--served-model-name", " "]])
+def test_an_empty_key_or_model_name_is_refused(flag, capsys):
+    """`--api-key ''` started a server no client could authenticate to."""
+    with pytest.raises(SystemExit) as e:
+        main(["serve", "embed", "--model", "tiny-embed", "--port", "0", *flag])
+    assert e.value.code == 2
+    assert f"argument {flag[0]}: must not be empty" in capsys.readouterr().err
+
+
+def test_an_empty_api_key_variable_reads_as_unset(monkeypatch):
+    import argparse
+
+    from coserve.server.command import add_arguments
+
+    monkeypatch.setenv("COSERVE_API_KEY", "")
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert parser.parse_args(["embed", "--model", "tiny-embed"]).api_key is None

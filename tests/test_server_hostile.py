@@ -343,3 +343,18 @@ def test_a_body_that_is_not_in_its_content_encoding_is_a_400(gen, embed, role):
     err = assert_openai_error(status, answer, [400])
     assert "could not be read" in err["message"] and "gzip" in err["message"]
     assert "Traceback" not in server.log_tail(200)
+
+
+def test_a_content_encoding_the_server_does_not_decode_is_a_415(embed):
+    """`Content-Encoding: xyz` reached the handler undecoded and was answered 200 as if the
+    body were plain JSON."""
+    head = (
+        f"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+        "Content-Type: application/json\r\nContent-Encoding: xyz\r\n"
+    )
+    status, answer = raw(embed.url, head.encode(), b'{"model": "m", "input": "hi"}')
+    err = assert_openai_error(status, answer, [415])
+    assert "'xyz'" in err["message"] and "gzip" in err["message"]
+    ok = head.replace("xyz", "identity")
+    status, _ = raw(embed.url, ok.encode(), b'{"input": "hi"}')
+    assert status != 415

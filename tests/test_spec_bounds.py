@@ -69,6 +69,13 @@ def test_concurrency_is_bounded():
     assert e.value.problems == ["sweep.concurrency[1]: 1000000000 must be at most 65536"]
 
 
+def test_inputs_per_embed_request_are_bounded():
+    # the OpenAI embeddings API's limit; 100,000 took the bench's CPU for a minute
+    assert problems("[load]", "[load]\nembed_batch = 100000") == [
+        "load.embed_batch: 100000 must be at most 2048"
+    ]
+
+
 def test_rates_are_bounded_below():
     # a rate that rounds the mean gap to infinity was a traceback when the load started
     assert problems("[load]", "[load]\ngen_rate = 4e-324") == [

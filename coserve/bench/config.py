@@ -20,6 +20,9 @@ MAX_SECONDS = 86400.0
 # a host has at most 65,535 ports to open connections to one server from. A larger figure is
 # a typo (1e9 closed-loop workers take the machine's memory before the first request).
 MAX_CONCURRENCY = 65_536
+# Inputs per embeddings request: the OpenAI embeddings API's own limit (coserve's embed
+# server refuses more too); 100,000 spent 50 s of the bench's CPU building one window's load.
+MAX_EMBED_BATCH = 2048
 
 
 def url_problem(url: str) -> str | None:
@@ -106,6 +109,12 @@ class LoadConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(name, f"must be a positive integer, got {v!r}")
+        if self.embed_batch > MAX_EMBED_BATCH:
+            raise ConfigError(
+                "embed_batch",
+                f"{self.embed_batch:,} inputs per request is above {MAX_EMBED_BATCH}, the "
+                "OpenAI embeddings API's limit",
+            )
         for name in ("gen_concurrency", "embed_concurrency"):
             v = getattr(self, name)
             if v > MAX_CONCURRENCY:

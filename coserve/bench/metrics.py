@@ -157,10 +157,16 @@ def refused_all(ep: EndpointRun) -> str | None:
     when some request succeeded or none failed."""
     if not ep.errors or any(r.status == "ok" for r in ep.records):
         return None
-    (status, msg), n = ep.errors.most_common(1)[0]
+    # counted by status: messages that quote each request's own figures differ one by one
+    by_status: dict = {}
+    for (status, msg), n in ep.errors.most_common():
+        count, first, kinds = by_status.get(status, (0, msg, 0))
+        by_status[status] = (count + n, first, kinds + 1)
+    status, (n, msg, kinds) = max(by_status.items(), key=lambda kv: kv[1][0])
+    example = "e.g. " if kinds > 1 else ""
     return (
         f"every {ep.kind} request failed, so nothing was measured: {n} x {status} "
-        f"{str(msg):.200} (of {sum(ep.errors.values())} failures)"
+        f"{example}{str(msg):.200} (of {sum(ep.errors.values())} failures)"
     )
 
 

@@ -2,7 +2,8 @@
 
 Whatever goes wrong while a body is read or parsed is the client's fault and a 4xx: a wrong
 Content-Type (415, so a web page cannot drive the server with a CORS-free text/plain POST),
-a body over the size limit (413), a body that cannot be decoded as its Content-Encoding says,
+a body over the size limit (413), a Content-Encoding it does not decode (415), a body that
+cannot be decoded as its Content-Encoding says,
 or JSON that does not parse or nests too deep (400)."""
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ from coserve.server.errors import ApiError, quote
 log = logging.getLogger("coserve.server")
 
 JSON_TYPES = ("application/json",)
+# What aiohttp's parser decodes (http_parser: gzip, deflate, br, zstd) and no coding at all;
+# a body in any other coding reaches the handler undecoded and would be read as JSON text.
+CODINGS = ("", "identity", "gzip", "deflate", "br", "zstd")
 OFF_LOOP_BYTES = 256 << 10  # bodies from this size on are parsed in a worker thread
 MAX_BODY_BYTES = web.AppKey(
     "max_body_bytes", int
@@ -51,6 +55,13 @@ async def read_json(request: web.Request) -> tuple[dict, int]:
         raise ApiError(  # is its default, which the client never wrote
             f"the request body must be JSON, sent with 'Content-Type: application/json' "
             f"(got {'no Content-Type' if sent is None else quote(sent)})",
+            status=415,
+        )
+    coding = request.headers.get("Content-Encoding", "")
+    if coding.strip().lower() not in CODINGS:
+        raise ApiError(
+            f"the request body's Content-Encoding {quote(coding)} is not one this server "
+            f"decodes ({', '.join(c for c in CODINGS if c)})",
             status=415,
         )
     try:

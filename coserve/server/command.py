@@ -26,6 +26,7 @@ from coserve.server.serve_flags import (
     guard_config,
     guard_options,
     misplaced,
+    nonempty,
     parse_bytes,
     positive_int,
     seconds,
@@ -57,6 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--served-model-name",
         nargs="+",
+        type=nonempty,
         default=None,
         metavar="NAME",
         help="name(s) the API answers to (default: the --model value)",
@@ -157,7 +159,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--api-key",
         metavar="KEY",
-        default=os.environ.get("COSERVE_API_KEY"),
+        type=nonempty,
+        default=os.environ.get("COSERVE_API_KEY") or None,  # set but empty reads as unset
         help="require 'Authorization: Bearer KEY' on /v1/* (default: $COSERVE_API_KEY)",
     )
     parser.add_argument(

@@ -251,5 +251,12 @@ def tcp_port(text: str) -> int:
     return number(int, text, "a TCP port in [0, 65535]", lambda v: 0 <= v <= 65535)
 
 
+def nonempty(text: str) -> str:
+    """A name or key: an empty one (no client can send or match it) is refused."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
 def seconds(text: str) -> float:
     return number(float, text, "a number of seconds in [0, 1e6)", lambda v: 0 <= v < 1e6)
