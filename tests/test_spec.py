@@ -107,6 +107,7 @@ def test_seed_specs_carry_the_studys_settings():
         "tp2-ep-mps": "tp+mps",
         "tp2-nccl-gen-alone": "tp+timeslice",
         "tp2-nccl-mps": "tp+mps",
+        "tp2-mps-sm50-guard-19": "tp+mps",
     }  # tests/test_spec_tp2.py checks the rest of seed-tp2.toml
 
 
