@@ -161,7 +161,7 @@ def test_junk_lines_in_a_telemetry_series_are_skipped(run_dir, tmp_path):
     import shutil
 
     from coserve.cli import main
-    from coserve.report.aggregate import telemetry_series
+    from coserve.report.rep_series import telemetry_series
 
     bad = tmp_path / "run"
     shutil.copytree(run_dir, bad)
@@ -273,7 +273,7 @@ def test_a_cut_or_junk_records_file_gives_what_it_holds(run_dir, tmp_path):
     import shutil
 
     from coserve.cli import main
-    from coserve.report.aggregate import request_values
+    from coserve.report.rep_series import request_values
 
     bad = tmp_path / "run"
     shutil.copytree(run_dir, bad)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from coserve.report.aggregate import TELEMETRY, RunStats, request_values, telemetry_series
+from coserve.report.aggregate import TELEMETRY, RunStats
+from coserve.report.rep_series import request_values, telemetry_series
 from coserve.report.tradeoff import tradeoff as curves_of
 from coserve.stats import finite_number
 
