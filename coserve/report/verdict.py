@@ -162,15 +162,16 @@ def _criterion(run: RunStats, both: list, lead: str = CRITERION, with_delta: boo
         if base is None or mine is None or not base.mean or equal_work([mine.mean, base.mean]):
             return ""
         share = mine.mean / base.mean * 100
-        text = f", at {share:.0f} % of {c.gen_baseline}'s embed seq/s (not equal work"
         # the rule holds the larger within 5 % of the smaller: near that line the share reads
         # 95 % for what the rule calls unequal, so the gap is given in the rule's own terms
         gap = (max(mine.mean, base.mean) / min(mine.mean, base.mean) - 1) * 100
         if gap < 2 * EQUAL_WORK_TOLERANCE * 100:
-            text = f", at {share:.1f} % of {c.gen_baseline}'s embed seq/s (not equal work: "
-            text += f"the larger is {gap:.1f} % above the smaller, over the "
-            text += f"{EQUAL_WORK_TOLERANCE * 100:g} % line"
-        return text + ")"
+            return (
+                f", at {share:.1f} % of {c.gen_baseline}'s embed seq/s (not equal work: the "
+                f"larger is {gap:.1f} % above the smaller, over the "
+                f"{EQUAL_WORK_TOLERANCE * 100:g} % line)"
+            )
+        return f", at {share:.0f} % of {c.gen_baseline}'s embed seq/s (not equal work)"
 
     def delta(c) -> str:
         return f" (gen {pct(c.gen_delta)})" if with_delta else ""

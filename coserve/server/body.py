@@ -3,8 +3,8 @@
 Whatever goes wrong while a body is read or parsed is the client's fault and a 4xx: a wrong
 Content-Type (415, so a web page cannot drive the server with a CORS-free text/plain POST),
 a body over the size limit (413), a Content-Encoding it does not decode (415), a body that
-cannot be decoded as its Content-Encoding says,
-or JSON that does not parse or nests too deep (400)."""
+cannot be decoded as its Content-Encoding says, or JSON that does not parse or nests too deep
+(400)."""
 
 from __future__ import annotations
 
