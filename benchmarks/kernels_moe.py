@@ -46,24 +46,24 @@ class GemmInputs:
     inter_s: torch.Tensor
     out_pairs: torch.Tensor
 
-    def gemm1(self, bn, warps, stages):
+    def gemm1(self, bn, warps, stages, tma=False):
         from coserve.engine.kernels.triton import moe as tmoe
 
         tmoe._launch_gemm(
             self.a1, self.a1s, self.w13, self.s13, self.inter_q, self.inter_s, None,
             self.sorted_ids, self.expert_ids, self.npp,
             self.inter, self.H, self.inter, self.T * self.k, self.k, True, True, False,
-            self.bm, bn, self.group_m, warps, stages,
+            self.bm, bn, self.group_m, warps, stages, b_tma=tma,
         )  # fmt: skip
 
-    def gemm2(self, bn, warps, stages):
+    def gemm2(self, bn, warps, stages, tma=False):
         from coserve.engine.kernels.triton import moe as tmoe
 
         tmoe._launch_gemm(
             self.inter_q, self.inter_s, self.w2, self.s2, self.out_pairs, None, self.topw,
             self.sorted_ids, self.expert_ids, self.npp,
             self.H, self.inter, 0, self.T * self.k, 1, False, False, True,
-            self.bm, bn, self.group_m, warps, stages,
+            self.bm, bn, self.group_m, warps, stages, b_tma=tma,
         )  # fmt: skip
 
     def gemm2_combined(self, out32, bn, warps, stages):
@@ -152,12 +152,16 @@ def bench_moe(tk) -> None:
         return calls
 
     flops_per_tok = 2 * k * 3 * H * inter
-    # tile sweep at the decode shape
+    # tile sweep at the decode shape, weights by pointer loads and by TMA
     T = 512
     best = None
-    for bm, gm in ((32, 8), (64, 1), (64, 8), (64, 16)):
-        for w1, st1, w2_, st2 in ((4, 3, 4, 4), (8, 3, 4, 3), (8, 4, 4, 4)):
+    for tma, bm, gm in (
+        (False, 32, 8), (False, 64, 1), (False, 64, 8), (False, 64, 16),
+        (True, 32, 8), (True, 64, 8), (True, 64, 16),
+    ):  # fmt: skip
+        for w1, st1, w2_, st2 in ((4, 3, 4, 4), (8, 3, 4, 3), (8, 4, 4, 4), (4, 5, 4, 6)):
             cfg = dict(
+                B_TMA=tma,
                 BLOCK_M=bm,
                 GROUP_M=gm,
                 num_warps1=w1,
@@ -193,17 +197,23 @@ def bench_moe(tk) -> None:
             "best cfg" if cfg else "default cfg",
         )
 
-    # the combine in GEMM2's epilogue (float32 atomics into L2) against the torch sum
-    for T in (64, 256, 512, 2048):
-        cfg = dict(best[1] if (best and T == 512) else {}, ATOMIC_COMBINE=True)
-        report(
-            "fused_moe, atomic combine",
-            f"T={T} E={E} k={k}",
-            graph_time_ms(make(T, cfg), reps=15),
-            _moe_bytes(T, E, k, H, inter),
-            flops_per_tok * T,
-            "best cfg" if T == 512 and best else "default cfg",
-        )
+    # weights by TMA, and the combine in GEMM2's epilogue (float32 atomics into L2), each
+    # against the defaults (pointer loads, the torch sum) at the best config's tiles for T=512
+    for name, variant in (
+        ("fused_moe, TMA weights", dict(B_TMA=True, ATOMIC_COMBINE=False)),
+        ("fused_moe, atomic combine", dict(B_TMA=False, ATOMIC_COMBINE=True)),
+        ("fused_moe, TMA + atomic", dict(B_TMA=True, ATOMIC_COMBINE=True)),
+    ):
+        for T in (64, 256, 512, 2048):
+            cfg = dict(best[1] if (best and T == 512) else {}, **variant)
+            report(
+                name,
+                f"T={T} E={E} k={k}",
+                graph_time_ms(make(T, cfg), reps=15),
+                _moe_bytes(T, E, k, H, inter),
+                flops_per_tok * T,
+                "best cfg" if T == 512 and best else "default cfg",
+            )
 
     # where the time goes at T=512 (best config): each stage alone, graph-timed
     T = 512
@@ -230,6 +240,12 @@ def bench_moe(tk) -> None:
         "GEMM2 down * weight": lambda: gi.gemm2(
             cfg["BLOCK_N2"], cfg["num_warps2"], cfg["num_stages2"]
         ),
+        "GEMM1, TMA weights": lambda: gi.gemm1(
+            cfg["BLOCK_N1"], cfg["num_warps1"], cfg["num_stages1"], tma=True
+        ),
+        "GEMM2, TMA weights": lambda: gi.gemm2(
+            cfg["BLOCK_N2"], cfg["num_warps2"], cfg["num_stages2"], tma=True
+        ),
         "combine (sum over k)": lambda: gi.out_pairs.view(T, k, H).sum(dim=1),
         "GEMM2 + combine, atomic (zero, GEMM2, cast)": lambda: gi.gemm2_combined(
             out32, cfg["BLOCK_N2"], cfg["num_warps2"], cfg["num_stages2"]
@@ -239,6 +255,8 @@ def bench_moe(tk) -> None:
     wbytes = {
         "GEMM1 gate|up + silu*up + quant": E * 2 * inter * H,
         "GEMM2 down * weight": E * H * inter,
+        "GEMM1, TMA weights": E * 2 * inter * H,
+        "GEMM2, TMA weights": E * H * inter,
         "GEMM2 + combine, atomic (zero, GEMM2, cast)": E * H * inter,
     }
     for name, fn in stages.items():
@@ -246,13 +264,17 @@ def bench_moe(tk) -> None:
         report(f"  stage: {name}", f"T={T}", ms, wbytes.get(name, 0))
 
     # GEMM2 (K=768: a short K loop) tile sweep
-    for bn2, w2_, st2 in ((128, 4, 3), (128, 4, 4), (256, 8, 3), (256, 8, 4)):
-        report(
-            "  GEMM2 sweep",
-            f"T={T} BN={bn2} warps={w2_} stages={st2}",
-            graph_time_ms([lambda bn2=bn2, w2_=w2_, st2=st2: gi.gemm2(bn2, w2_, st2)], reps=20),
-            E * H * inter,
-        )
+    for tma in (False, True):
+        for bn2, w2_, st2 in ((64, 4, 3), (128, 4, 3), (128, 4, 4), (128, 8, 4), (256, 8, 3)):
+            report(
+                "  GEMM2 sweep",
+                f"T={T} BN={bn2} warps={w2_} stages={st2}" + (" TMA" if tma else ""),
+                graph_time_ms(
+                    [lambda bn2=bn2, w2_=w2_, st2=st2, t=tma: gi.gemm2(bn2, w2_, st2, tma=t)],
+                    reps=20,
+                ),
+                E * H * inter,
+            )
 
     for T2, bm2 in ((64, 16), (64, 32), (256, 32), (256, 64)):
         cfg2 = dict(tmoe.default_config(T2), BLOCK_M=bm2)

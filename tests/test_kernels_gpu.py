@@ -281,6 +281,37 @@ def test_fused_moe_atomic_combine_equals_the_sum(fp8, foreign):
     assert base.abs().sum() > 0
 
 
+@pytest.mark.parametrize("fp8", [True, False])
+@pytest.mark.parametrize("foreign, atomic", [(False, False), (True, False), (False, True)])
+def test_fused_moe_tma_weights_equal_pointer_loads(fp8, foreign, atomic):
+    """Expert weights read by TMA tiles (B_TMA) give the pointer-load GEMMs' result, with
+    expert parallelism's foreign pairs and with the atomic combine."""
+    g = gen(19)
+    E, H, inter, k, T = (32, 512, 256, 4, 100) if ON_GPU else (8, 256, 128, 2, 9)
+    w13, w2, s13, s2 = _moe_weights(E, H, inter, g, fp8)
+    x = randn(T, H, g=g)
+    weights, ids = tk().topk_softmax(randn(T, E, g=g), k, True)
+    if foreign:
+        ids = ids.masked_fill(ids >= E // 2, E)
+    args = (x, w13, w2, weights, ids, s13, s2, BLOCK if fp8 else None)
+    cfg = dict(B_TMA=False, ATOMIC_COMBINE=atomic)
+    base = tk().fused_moe(*args, config=cfg, foreign=foreign)
+    tma = tk().fused_moe(*args, config=dict(cfg, B_TMA=True), foreign=foreign)
+    assert rel_err(tma, base) < (1e-2 if atomic and ON_GPU else 1e-5)
+    assert base.abs().sum() > 0
+
+
+def test_tma_weights_only_where_tiles_fit():
+    """TMA tiles need one contiguous 2-D view and tiles inside one expert's gate or up rows."""
+    from coserve.engine.kernels.triton.moe import _tma_fits
+
+    w = torch.empty(4, 256, 512, device=DEV, dtype=DT)
+    assert _tma_fits(w, 128, 512, 128, 128, 64)
+    assert not _tma_fits(w.transpose(1, 2), 128, 256, 128, 128, 64)  # not contiguous
+    assert not _tma_fits(w, 96, 512, 96, 32 * 4, 64)  # gate/up boundary inside a tile
+    assert not _tma_fits(w[:, :, :500], 128, 500, 128, 128, 64)  # rows not 16-byte multiples
+
+
 def _rank_moe(inter, fp8, shard):
     from coserve.engine.config import QuantConfig
     from coserve.engine.moe_weights import FusedMoEWeights

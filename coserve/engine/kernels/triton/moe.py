@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .fp8 import FP8_MAX, per_token_group_quant_fp8
 from .moe_routing import moe_align
@@ -32,6 +33,9 @@ from .moe_routing import moe_align
 # The combine's default (config key ATOMIC_COMBINE): a torch sum over the pairs' rows,
 # bit-reproducible; the atomic form waits on a device measurement (docs/kernels.md).
 ATOMIC_COMBINE = False
+# Whether the expert weights reach the GEMMs by TMA (config key B_TMA): one thread issues a
+# tile's copy instead of every thread computing addresses; waits on a device measurement.
+B_TMA = False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -53,6 +57,7 @@ def _moe_gemm_kernel(
     num_valid,
     num_pid_m,
     num_experts,
+    b_rows,
     stride_am,
     stride_asm,
     stride_be,
@@ -69,6 +74,7 @@ def _moe_gemm_kernel(
     FP8_MAX: tl.constexpr,
     FOREIGN: tl.constexpr,
     COMBINE_TOPK: tl.constexpr,
+    B_TMA: tl.constexpr,
     SCALE_GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -107,11 +113,17 @@ def _moe_gemm_kernel(
     offs_k = tl.arange(0, BLOCK_K)
 
     a_ptrs = a_ptr + a_row[:, None] * stride_am + offs_k[None, :]
-    b_base = b_ptr + expert * stride_be
-    b_ptrs = b_base + offs_n[None, :] * stride_bn + offs_k[:, None]
+    if B_TMA:
+        # b_ptr is a descriptor over the weights as [E * b_rows, K]; N is a multiple of
+        # BLOCK_N, so a tile never reaches into the next expert's rows
+        b_row = (expert * b_rows + pid_n * BLOCK_N).to(tl.int32)
+    else:
+        b_base = b_ptr + expert * stride_be
+        b_ptrs = b_base + offs_n[None, :] * stride_bn + offs_k[:, None]
+        if GATED:
+            b2_ptrs = b_ptrs + up_offset * stride_bn
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     if GATED:
-        b2_ptrs = b_ptrs + up_offset * stride_bn
         acc2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     if FP8:
         as_ptrs = as_ptr + a_row * stride_asm
@@ -123,9 +135,14 @@ def _moe_gemm_kernel(
     for kb in range(0, tl.cdiv(K, BLOCK_K)):
         k_mask = offs_k < K - kb * BLOCK_K
         a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=n_mask[None, :] & k_mask[:, None], other=0.0)
-        if GATED:
-            b2 = tl.load(b2_ptrs, mask=n_mask[None, :] & k_mask[:, None], other=0.0)
+        if B_TMA:
+            b = b_ptr.load([b_row, kb * BLOCK_K]).T
+            if GATED:
+                b2 = b_ptr.load([b_row + up_offset, kb * BLOCK_K]).T
+        else:
+            b = tl.load(b_ptrs, mask=n_mask[None, :] & k_mask[:, None], other=0.0)
+            if GATED:
+                b2 = tl.load(b2_ptrs, mask=n_mask[None, :] & k_mask[:, None], other=0.0)
         if FP8:
             a_s = tl.load(as_ptrs + kb, mask=row_mask, other=0.0)
             b_s = tl.load(bs_ptrs + kb, mask=n_mask, other=0.0)
@@ -138,9 +155,10 @@ def _moe_gemm_kernel(
             if GATED:
                 acc2 = tl.dot(a, b2, acc2)
         a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K
-        if GATED:
-            b2_ptrs += BLOCK_K
+        if not B_TMA:
+            b_ptrs += BLOCK_K
+            if GATED:
+                b2_ptrs += BLOCK_K
 
     if GATED:
         acc = acc / (1.0 + tl.exp(-acc)) * acc2
@@ -182,7 +200,8 @@ def default_config(num_tokens: int, fp8: bool = True) -> dict:
     expert (T*k/E), each expert's weights stream from DRAM once per step. Besides the tiles,
     `ATOMIC_COMBINE` (default: the module's) has GEMM2 add each pair's row into its token's float32
     output row (atomics) instead of writing [T*k, H] rows for a sum: fewer DRAM bytes, but
-    float additions in no fixed order, so not bit-reproducible run to run."""
+    float additions in no fixed order, so not bit-reproducible run to run. `B_TMA` (default:
+    the module's) reads the expert weights by TMA where their shape allows (`_tma_fits`)."""
     if num_tokens <= 128:
         return dict(
             BLOCK_M=16,
@@ -217,6 +236,21 @@ def default_config(num_tokens: int, fp8: bool = True) -> dict:
     )
 
 
+def _tma_fits(b: torch.Tensor, N: int, K: int, up_offset: int, block_n: int, block_k: int) -> bool:
+    """Whether weights b [E, rows, K] can be read by TMA tiles of [block_n, block_k]: contiguous
+    (one 2-D view), 16-byte aligned rows (TMA's rule), and tiles that never straddle two experts
+    or the gate/up boundary. Otherwise the GEMM keeps its pointer loads."""
+    return (
+        b.is_contiguous()
+        and (K * b.element_size()) % 16 == 0
+        and b.data_ptr() % 16 == 0
+        and N % block_n == 0
+        and K % block_k == 0
+        and up_offset % block_n == 0
+        and b.shape[1] % block_n == 0
+    )
+
+
 def _launch_gemm(
     a,
     a_s,
@@ -243,15 +277,22 @@ def _launch_gemm(
     num_stages,
     foreign=False,
     combine_topk=0,
+    b_tma=False,
 ):
     fp8 = b.dtype == torch.float8_e4m3fn
+    block_k = 128 if fp8 else 64
     num_pid_m = sorted_ids.shape[0] // block_m
     grid = (num_pid_m * triton.cdiv(N, block_n),)
     dummy = c
+    b_tma = b_tma and _tma_fits(b, N, K, up_offset, block_n, block_k)
+    if b_tma:
+        b_arg = TensorDescriptor.from_tensor(b.view(-1, K), [block_n, block_k])
+    else:
+        b_arg = b
     _moe_gemm_kernel[grid](
         a,
         a_s if a_s is not None else dummy,
-        b,
+        b_arg,
         b_s if b_s is not None else dummy,
         c,
         c_s if c_s is not None else dummy,
@@ -265,6 +306,7 @@ def _launch_gemm(
         num_valid,
         num_pid_m,
         b.shape[0],
+        b.shape[1],
         a.stride(0),
         a_s.stride(0) if a_s is not None else 0,
         b.stride(0),
@@ -280,11 +322,12 @@ def _launch_gemm(
         MUL_WEIGHT=mul_weight,
         FOREIGN=foreign,
         COMBINE_TOPK=combine_topk,
+        B_TMA=b_tma,
         FP8_MAX=FP8_MAX,
         SCALE_GROUP=128,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
-        BLOCK_K=128 if fp8 else 64,
+        BLOCK_K=block_k,
         GROUP_M=group_m,
         num_warps=num_warps,
         num_stages=num_stages,
@@ -369,6 +412,7 @@ def fused_moe(
         num_warps=cfg["num_warps1"],
         num_stages=cfg["num_stages1"],
         foreign=foreign,
+        b_tma=cfg.get("B_TMA", B_TMA),
     )
 
     if fp8 and not quant_out:
@@ -405,6 +449,7 @@ def fused_moe(
         num_stages=cfg["num_stages2"],
         foreign=foreign,
         combine_topk=k if atomic else 0,
+        b_tma=cfg.get("B_TMA", B_TMA),
     )
     if atomic:
         return out_pairs.to(out_dtype)
