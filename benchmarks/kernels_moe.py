@@ -203,6 +203,8 @@ def bench_moe(tk) -> None:
         ("fused_moe, TMA weights", dict(B_TMA=True, ATOMIC_COMBINE=False)),
         ("fused_moe, atomic combine", dict(B_TMA=False, ATOMIC_COMBINE=True)),
         ("fused_moe, TMA + atomic", dict(B_TMA=True, ATOMIC_COMBINE=True)),
+        ("fused_moe, parallel align", dict(PARALLEL_ALIGN=True)),
+        ("fused_moe, TMA + parallel align", dict(B_TMA=True, PARALLEL_ALIGN=True)),
     ):
         for T in (64, 256, 512, 2048):
             cfg = dict(best[1] if (best and T == 512) else {}, **variant)
@@ -233,6 +235,7 @@ def bench_moe(tk) -> None:
     stages = {
         "topk_softmax": lambda: tk.topk_softmax(logits, k, True),
         "moe_align": lambda: tk.moe_align(ids, E, bm),
+        "moe_align, parallel": lambda: tk.moe_align(ids, E, bm, parallel=True),
         "quant A (1x128)": lambda: tk.per_token_group_quant_fp8(x),
         "GEMM1 gate|up + silu*up + quant": lambda: gi.gemm1(
             cfg["BLOCK_N1"], cfg["num_warps1"], cfg["num_stages1"]
@@ -262,6 +265,19 @@ def bench_moe(tk) -> None:
     for name, fn in stages.items():
         ms = graph_time_ms([fn], reps=20, inner=1 if name.startswith("GEMM") else 20)
         report(f"  stage: {name}", f"T={T}", ms, wbytes.get(name, 0))
+
+    # GEMM1: two stages let two programs share an SM (80 KB of shared memory each at BM=64)
+    for tma in (False, True):
+        for w1, st1 in ((4, 2), (8, 2), (8, 3), (8, 4), (8, 5)):
+            report(
+                "  GEMM1 sweep",
+                f"T={T} warps={w1} stages={st1}" + (" TMA" if tma else ""),
+                graph_time_ms(
+                    [lambda w1=w1, st1=st1, t=tma: gi.gemm1(cfg["BLOCK_N1"], w1, st1, tma=t)],
+                    reps=20,
+                ),
+                E * 2 * inter * H,
+            )
 
     # GEMM2 (K=768: a short K loop) tile sweep
     for tma in (False, True):

@@ -194,14 +194,17 @@ def test_topk_softmax_matches_reference():
 
 
 @pytest.mark.parametrize("block_m", [4, 16, 64])
-def test_moe_align_groups_pairs_by_expert(block_m):
+@pytest.mark.parametrize("parallel, T", [(False, 33), (True, 33), (True, 300)])
+def test_moe_align_groups_pairs_by_expert(block_m, parallel, T):
+    """One program, or many (T=300: 900 pairs over several programs of each kernel)."""
     from coserve.engine.kernels.triton.moe_routing import moe_align
 
     g = gen(10)
-    E, T, k = 16, 33, 3
+    E, k = 16, 3
     ids = torch.randint(0, E, (T, k), generator=g, device=DEV).to(torch.int32)
     ids[:, 0] = 5  # one crowded expert
-    sorted_ids, expert_ids, npp = moe_align(ids, E, block_m)
+    sorted_ids, expert_ids, npp = moe_align(ids, E, block_m, parallel=parallel)
+    assert (sorted_ids[int(npp) :] == T * k).all()  # the sentinel past the padded runs
     numel = T * k
     counts = torch.bincount(ids.flatten().long(), minlength=E)
     padded = (counts + block_m - 1) // block_m * block_m
@@ -299,6 +302,23 @@ def test_fused_moe_tma_weights_equal_pointer_loads(fp8, foreign, atomic):
     tma = tk().fused_moe(*args, config=dict(cfg, B_TMA=True), foreign=foreign)
     assert rel_err(tma, base) < (1e-2 if atomic and ON_GPU else 1e-5)
     assert base.abs().sum() > 0
+
+
+@pytest.mark.parametrize("foreign", [False, True])
+def test_fused_moe_with_the_parallel_align_is_the_same(foreign):
+    """Pairs sorted by the many-program align (another order inside each expert's run) give
+    the same rows, so the same output bit for bit."""
+    g = gen(20)
+    E, H, inter, k, T = (32, 512, 256, 4, 300) if ON_GPU else (8, 256, 128, 2, 40)
+    w13, w2, s13, s2 = _moe_weights(E, H, inter, g, True)
+    x = randn(T, H, g=g)
+    weights, ids = tk().topk_softmax(randn(T, E, g=g), k, True)
+    if foreign:
+        ids = ids.masked_fill(ids >= E // 2, E)
+    args = (x, w13, w2, weights, ids, s13, s2, BLOCK)
+    base = tk().fused_moe(*args, config=dict(PARALLEL_ALIGN=False), foreign=foreign)
+    par = tk().fused_moe(*args, config=dict(PARALLEL_ALIGN=True), foreign=foreign)
+    assert torch.equal(par, base) and base.abs().sum() > 0
 
 
 def test_tma_weights_only_where_tiles_fit():

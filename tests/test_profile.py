@@ -290,11 +290,11 @@ def test_ncu_command_line_leaves_clocks_alone():
         "1000",
         "--launch-count",
         "5",
-        "--section",
-        "MemoryWorkloadAnalysis",
         "--metrics",
         "lts__t_sector_hit_rate.pct,dram__throughput.avg.pct_of_peak_sustained_elapsed,"
         "sm__warps_active.avg.pct_of_peak_sustained_active",
+        "--cache-control",
+        "none",
         "--clock-control",
         "none",
         "-f",
@@ -308,6 +308,17 @@ def test_ncu_command_line_leaves_clocks_alone():
     ]
     with pytest.raises(ValueError, match="--launch-count"):
         ncu_command([], Path("r"), kernel_regex=None, launch_skip=0, launch_count=0)
+    # a section (several replay passes) only when asked; ncu's flush only when asked
+    cmd = ncu_command(
+        [], Path("r"), kernel_regex=None, launch_skip=0, launch_count=1,
+        sections=("MemoryWorkloadAnalysis",), cache_control="all",
+    )  # fmt: skip
+    i = cmd.index("--section")
+    assert cmd[i + 1] == "MemoryWorkloadAnalysis" and cmd[cmd.index("--cache-control") + 1] == "all"
+    with pytest.raises(ValueError, match="--cache-control"):
+        ncu_command(
+            [], Path("r"), kernel_regex=None, launch_skip=0, launch_count=1, cache_control="x"
+        )
     assert "MPS" in ncu_problem("mps") and ncu_problem("timeslice") is None
     assert "MPS" in ncu_problem("tp+mps")
     assert "runs the gen server at TP=1" in ncu_problem("tp+timeslice")

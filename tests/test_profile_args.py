@@ -50,7 +50,14 @@ def test_run_with_a_condition_list_naming_none_is_refused(tmp_path, capsys):
 
 @pytest.mark.parametrize(
     "flags",
-    [["--execute"], ["--kernel-name", "rms"], ["--launch-skip", "3"], ["--launch-count", "2"]],
+    [
+        ["--execute"],
+        ["--kernel-name", "rms"],
+        ["--launch-skip", "3"],
+        ["--launch-count", "2"],
+        ["--section", "MemoryWorkloadAnalysis"],
+        ["--cache-control", "all"],
+    ],
 )
 def test_ncu_flags_without_ncu_are_refused(tmp_path, capsys, flags):
     """They were ignored: `--execute` alone ran a torch-profiler run instead of ncu."""

@@ -16,7 +16,7 @@ import re
 from pathlib import Path
 
 from coserve.bench.config import MAX_SECONDS
-from coserve.profile.ncu import LAUNCH_COUNT, LAUNCH_SKIP
+from coserve.profile.ncu import CACHE_CONTROLS, LAUNCH_COUNT, LAUNCH_SKIP
 from coserve.server.profile_api import DEFAULT_MIN_S, DEFAULT_STEPS
 from coserve.server.serve_flags import number, positive_int, seconds
 
@@ -57,7 +57,7 @@ def _launches(least: int):
     return lambda text: number(int, text, what, lambda v: least <= v < 1 << 63)
 
 
-NCU_ONLY = ("execute", "kernel_name", "launch_skip", "launch_count")
+NCU_ONLY = ("execute", "kernel_name", "launch_skip", "launch_count", "section", "cache_control")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -118,6 +118,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="N",
         help=f"then profile N launches (default {LAUNCH_COUNT})",
+    )
+    ncu.add_argument(
+        "--section",
+        action="append",
+        default=None,
+        metavar="NAME",
+        help="an ncu section to collect besides the three metrics, e.g. MemoryWorkloadAnalysis "
+        "(repeatable; each may add replay passes, which save and restore the memory a kernel "
+        "writes)",
+    )
+    ncu.add_argument(
+        "--cache-control",
+        choices=CACHE_CONTROLS,
+        default=None,
+        help=f"ncu's cache control (default {CACHE_CONTROLS[0]}: L2 as the work before the kernel "
+        "left it; all: flushed before each pass, the kernel's own reuse only)",
     )
 
 

@@ -1,12 +1,18 @@
 """Nsight Compute around the gen server: the command line, and what its raw CSV says.
 
-As the study did (the fused add-RMSNorm and the MoE GEMM, `--launch-skip/--launch-count`,
-the MemoryWorkloadAnalysis section), with `--clock-control none` so that ncu leaves the card's
-clocks as they are (its default locks them to base). The gen server runs under
+As the study did (the fused add-RMSNorm and the MoE GEMM, `--launch-skip/--launch-count`),
+with `--clock-control none` so that ncu leaves the card's clocks as they are (its default locks
+them to base). The gen server runs under
 
     ncu --target-processes all --kernel-name regex:RE --launch-skip S --launch-count C
-        --section MemoryWorkloadAnalysis --metrics L2,DRAM,OCCUPANCY --clock-control none
-        -f -o REPORT  python -m coserve serve gen ...
+        [--section NAME ...] --metrics L2,DRAM,OCCUPANCY --cache-control none
+        --clock-control none -f -o REPORT  python -m coserve serve gen ...
+
+Only the three metrics by default: they fit one pass, so ncu never replays a kernel and never
+saves and restores the memory it writes (the study's MemoryWorkloadAnalysis section takes
+several passes; co-located beside an embed server, an H200 run failed in that replay,
+docs/mechanism.md). `--cache-control none` leaves L2 as the kernels before it left it (ncu's
+default flushes it before each pass): the question is what other work leaves in L2.
 
 and `ncu --import REPORT.ncu-rep --csv --page raw` gives one row per profiled kernel, from
 which `parse_raw_csv` takes the L2 hit rate, the DRAM throughput (% of peak) and the achieved
@@ -33,6 +39,7 @@ DRAM_PCT = "dram__throughput.avg.pct_of_peak_sustained_elapsed"
 OCCUPANCY = "sm__warps_active.avg.pct_of_peak_sustained_active"
 METRICS = (L2_HIT, DRAM_PCT, OCCUPANCY)
 LAUNCH_SKIP, LAUNCH_COUNT = 1000, 5  # --launch-skip / --launch-count when not given
+CACHE_CONTROLS = ("none", "all")  # ncu's --cache-control values; the first is coserve's default
 # What the first run under ncu showed (H200, 2026-11-30): the start-up is the slow part.
 GRAPHS_NOTE = (
     "the gen server captures its CUDA graphs under ncu before it serves: on an H200 "
@@ -84,19 +91,28 @@ def ncu_command(
     kernel_regex: str | None,
     launch_skip: int,
     launch_count: int,
+    sections: tuple[str, ...] = (),
+    cache_control: str = CACHE_CONTROLS[0],
     ncu_bin: str = "ncu",
 ) -> list[str]:
-    """The argv running `server_argv` under ncu, writing REPORT.ncu-rep. Raises ValueError
-    for a negative skip or a count below 1."""
+    """The argv running `server_argv` under ncu, writing REPORT.ncu-rep: the three metrics,
+    plus the named ncu `sections` (each may add replay passes). Raises ValueError for a
+    negative skip, a count below 1 or a cache control ncu does not know."""
     if launch_skip < 0:
         raise ValueError(f"--launch-skip: must be >= 0, got {launch_skip}")
     if launch_count < 1:
         raise ValueError(f"--launch-count: must be >= 1, got {launch_count}")
+    if cache_control not in CACHE_CONTROLS:
+        raise ValueError(
+            f"--cache-control: one of {', '.join(CACHE_CONTROLS)}, got {cache_control!r}"
+        )
     cmd = [ncu_bin, "--target-processes", "all"]
     if kernel_regex:
         cmd += ["--kernel-name", f"regex:{kernel_regex}"]
     cmd += ["--launch-skip", str(launch_skip), "--launch-count", str(launch_count)]
-    cmd += ["--section", "MemoryWorkloadAnalysis", "--metrics", ",".join(METRICS)]
+    for section in sections:
+        cmd += ["--section", section]
+    cmd += ["--metrics", ",".join(METRICS), "--cache-control", cache_control]
     cmd += ["--clock-control", "none", "-f", "-o", str(report)]
     return cmd + list(server_argv)
 
@@ -270,6 +286,8 @@ def run_ncu(spec, names: list[str], args, out: Path, console) -> int:
             kernel_regex=args.kernel_name,
             launch_skip=LAUNCH_SKIP if args.launch_skip is None else args.launch_skip,
             launch_count=LAUNCH_COUNT if args.launch_count is None else args.launch_count,
+            sections=tuple(args.section or ()),
+            cache_control=args.cache_control or CACHE_CONTROLS[0],
         )
     except ValueError as e:
         say(console, "refused:", "red", str(e))

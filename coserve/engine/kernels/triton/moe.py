@@ -36,6 +36,9 @@ ATOMIC_COMBINE = False
 # Whether the expert weights reach the GEMMs by TMA (config key B_TMA): one thread issues a
 # tile's copy instead of every thread computing addresses; waits on a device measurement.
 B_TMA = False
+# Whether the pairs are sorted by two many-program kernels (config key PARALLEL_ALIGN) instead
+# of one program (13 us at T=512 on an H200, 2026-12-01); waits on a device measurement.
+PARALLEL_ALIGN = False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -368,7 +371,9 @@ def fused_moe(
         return torch.empty_like(hidden_states)
 
     # foreign: one more expert id for the pairs held elsewhere, whose blocks the GEMMs skip
-    sorted_ids, expert_ids, num_post_pad = moe_align(topk_ids, E + 1 if foreign else E, bm)
+    sorted_ids, expert_ids, num_post_pad = moe_align(
+        topk_ids, E + 1 if foreign else E, bm, parallel=cfg.get("PARALLEL_ALIGN", PARALLEL_ALIGN)
+    )
     topk_w = topk_weights.reshape(-1).to(torch.float32)
 
     if fp8:

@@ -140,10 +140,68 @@ def _moe_align_kernel(
         tl.store(expert_ids_ptr + s + bc, tl.sum(before.to(tl.int32), 1), mask=s + bc < num_blocks)
 
 
-def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int):
+@triton.jit
+def _moe_count_kernel(
+    topk_ids_ptr, sorted_ids_ptr, cnt_ptr, rank_ptr, numel, max_padded, BLOCK: tl.constexpr
+):
+    # many programs: each pair's rank within its expert (global atomics on zeroed counters),
+    # and the sentinel written everywhere in sorted_ids before the scatter kernel fills it
+    pid = tl.program_id(0)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    m = offs < numel
+    ids = tl.load(topk_ids_ptr + offs, mask=m, other=0)
+    r = tl.atomic_add(cnt_ptr + ids, 1, mask=m, sem="relaxed")
+    tl.store(rank_ptr + offs, r, mask=m)
+    step = tl.num_programs(0) * BLOCK
+    for s in range(pid * BLOCK, max_padded, step):
+        o = s + tl.arange(0, BLOCK)
+        tl.store(sorted_ids_ptr + o, tl.zeros([BLOCK], tl.int32) + numel, mask=o < max_padded)
+
+
+@triton.jit
+def _moe_scatter_kernel(
+    topk_ids_ptr,
+    sorted_ids_ptr,
+    expert_ids_ptr,
+    num_post_pad_ptr,
+    cnt_ptr,
+    rank_ptr,
+    numel,
+    num_blocks,
+    E: tl.constexpr,
+    E_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BCHUNK: tl.constexpr,
+):
+    # every program derives the padded runs' starts from the counts (E values), then places
+    # its pairs and its share of the M-blocks' expert ids
+    pid = tl.program_id(0)
+    e = tl.arange(0, E_PAD)
+    counts = tl.load(cnt_ptr + e, mask=e < E, other=0)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    ends = tl.cumsum(padded, 0)
+    starts = ends - padded
+    if pid == 0:
+        tl.store(num_post_pad_ptr, tl.sum(padded, 0))
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    m = offs < numel
+    ids = tl.load(topk_ids_ptr + offs, mask=m, other=0)
+    r = tl.load(rank_ptr + offs, mask=m, other=0)
+    st = tl.sum(tl.where(e[None, :] == ids[:, None], starts[None, :], 0), 1)
+    tl.store(sorted_ids_ptr + st + r, offs, mask=m)
+    blk = pid * BCHUNK + tl.arange(0, BCHUNK)
+    before = (ends[None, :] <= (blk * BLOCK_M)[:, None]) & (e[None, :] < E)
+    tl.store(expert_ids_ptr + blk, tl.sum(before.to(tl.int32), 1), mask=blk < num_blocks)
+
+
+def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int, parallel: bool = False):
     """topk_ids [T, k] -> (sorted_ids [EM] int32, expert_ids [EM/block_m] int32,
     num_post_pad [1] int32). sorted_ids lists pair indices (t*k + j) grouped by expert, each
-    expert's run padded to block_m with the sentinel T*k; EM = T*k + E*(block_m-1) rounded up."""
+    expert's run padded to block_m with the sentinel T*k; EM = T*k + E*(block_m-1) rounded up.
+    `parallel`: two many-program kernels after a memset instead of one program."""
+    if parallel:
+        return _moe_align_parallel(topk_ids, num_experts, block_m)
     numel = topk_ids.numel()
     max_padded = triton.cdiv(numel + num_experts * (block_m - 1), block_m) * block_m
     num_blocks = max_padded // block_m
@@ -171,5 +229,43 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int):
         CHUNK=1024,
         BCHUNK=max(16, min(64, 8192 // e_pad)),
         num_warps=8,
+    )
+    return sorted_ids, expert_ids, num_post_pad
+
+
+def _moe_align_parallel(topk_ids: torch.Tensor, num_experts: int, block_m: int):
+    numel = topk_ids.numel()
+    max_padded = triton.cdiv(numel + num_experts * (block_m - 1), block_m) * block_m
+    num_blocks = max_padded // block_m
+    dev = topk_ids.device
+    sorted_ids = torch.empty(max_padded, device=dev, dtype=torch.int32)
+    expert_ids = torch.empty(num_blocks, device=dev, dtype=torch.int32)
+    num_post_pad = torch.empty(1, device=dev, dtype=torch.int32)
+    e_pad = triton.next_power_of_2(num_experts)
+    counts = torch.zeros(e_pad, device=dev, dtype=torch.int32)
+    ranks = torch.empty(max(numel, 1), device=dev, dtype=torch.int32)
+    ids = topk_ids.reshape(-1)
+    if ids.dtype != torch.int32:
+        ids = ids.to(torch.int32)
+    block, bchunk = 128, 8
+    _moe_count_kernel[(max(1, triton.cdiv(numel, block)),)](
+        ids, sorted_ids, counts, ranks, numel, max_padded, BLOCK=block, num_warps=4
+    )
+    grid = max(1, triton.cdiv(numel, block), triton.cdiv(num_blocks, bchunk))
+    _moe_scatter_kernel[(grid,)](
+        ids,
+        sorted_ids,
+        expert_ids,
+        num_post_pad,
+        counts,
+        ranks,
+        numel,
+        num_blocks,
+        E=num_experts,
+        E_PAD=e_pad,
+        BLOCK_M=block_m,
+        BLOCK=block,
+        BCHUNK=bchunk,
+        num_warps=4,
     )
     return sorted_ids, expert_ids, num_post_pad
