@@ -20,6 +20,7 @@ from coserve.bench.config import (
     MAX_CONCURRENCY,
     MAX_EMBED_BATCH,
     MAX_SECONDS,
+    WATCH_S,
     ConfigError,
     LoadConfig,
 )
@@ -91,7 +92,7 @@ LOAD_CHECKS: dict[str, dict[str, Any]] = {
     "embed_slo_ms": {"gt": 0.0, "help": "embed request latency bound for embed goodput", **_LATER},
     "gen_endpoint": {"choices": GEN_ENDPOINTS, **_LATER},
     "stall_s": {
-        "gt": 0.0,
+        "ge": WATCH_S,
         "le": MAX_SECONDS,
         "help": "seconds an endpoint with requests in flight may say nothing before the run "
         "ends as frozen",

@@ -314,6 +314,8 @@ def test_a_dead_endpoint_ends_the_run_with_its_reason_and_status_1(tmp_path):
         ("--ramp", "nan", "--ramp"),
         ("--stall", "0", "--stall"),
         ("--stall", "1e12", "--stall: must be a number of seconds"),
+        # shorter than the run's watch (0.1 s): every run ended as frozen at its first look
+        ("--stall", "1e-9", "--stall: must be a number of seconds in [0.1, 86400]"),
         # 1e9 closed-loop workers took the machine's memory before the first request
         ("--gen-concurrency", "1000000000", "--gen-concurrency: 1,000,000,000 requests in flight"),
         ("--embed-concurrency", "65537", "--embed-concurrency: 65,537 requests in flight"),
@@ -324,7 +326,7 @@ def test_a_dead_endpoint_ends_the_run_with_its_reason_and_status_1(tmp_path):
 def test_bad_load_flags_are_named(flag, value, says):
     p = _bench("--gen-url", "http://127.0.0.1:1", flag, value)
     _, stderr = p.communicate(timeout=30)
-    assert p.returncode != 0 and says in stderr, stderr
+    assert p.returncode == 2 and says in stderr, stderr
 
 
 def test_stall_sets_how_long_a_silent_server_may_take():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from coserve.bench.config import WATCH_S
 from coserve.cli import main
 from coserve.spec import MAX_REPETITIONS, SpecError, loads_spec
 
@@ -56,6 +57,14 @@ def test_load_seconds_are_bounded_by_one_day(key):
         loads_spec(f"{base}\nload = {{{key} = 1e12}}")
     [cond] = e.value.problems
     assert cond.startswith(f"conditions[0].load.{key}: ") and "86400" in cond, cond
+
+
+def test_stall_is_bounded_below_by_the_runs_watch():
+    # as --stall: a silence shorter than the time between two looks cannot be seen
+    assert problems("[load]", "[load]\nstall_s = 1e-9") == [
+        f"load.stall_s: 1e-09 must be at least {WATCH_S:g}"
+    ]
+    loads_spec(BASE.replace("[load]", f"[load]\nstall_s = {WATCH_S}"))
 
 
 def test_concurrency_is_bounded():

@@ -16,6 +16,10 @@ GEN_ENDPOINTS = ("completions", "chat")
 # The longest warm-up, window, ramp or stall a load takes: one day. A longer one is a typo
 # (1e12 for 1e2) that would hold the servers for ever, not a measurement anyone waits for.
 MAX_SECONDS = 86400.0
+# How often a load run looks for a dead or silent endpoint, and so the shortest stall: a
+# silence shorter than the time between two looks cannot be seen (1e-9 ended every run at its
+# first look, a server between two tokens taken for a frozen one).
+WATCH_S = 0.1
 # The most requests one endpoint keeps in flight: each holds a TCP connection and a task, and
 # a host has at most 65,535 ports to open connections to one server from. A larger figure is
 # a typo (1e9 closed-loop workers take the machine's memory before the first request).
@@ -183,7 +187,7 @@ class LoadConfig:
             _seconds("ramp_s", self.ramp_s, least=0.0)
         if self.connect_timeout_s <= 0:
             raise ConfigError("connect_timeout_s", "must be > 0")
-        _seconds("stall_s", self.stall_s)
+        _seconds("stall_s", self.stall_s, least=WATCH_S)
         return self
 
     @property
