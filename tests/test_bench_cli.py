@@ -321,6 +321,10 @@ def test_a_dead_endpoint_ends_the_run_with_its_reason_and_status_1(tmp_path):
         ("--embed-concurrency", "65537", "--embed-concurrency: 65,537 requests in flight"),
         # 100,000 inputs a request spent 50 s of the bench's CPU building a 1 s window's load
         ("--embed-batch", "100000", "--embed-batch: 100,000 inputs per request is above 2048"),
+        # longer than any served model's context: every request refused, nothing measured
+        ("--embed-input-len", "131073", "--embed-input-len: 131,073 is above 131,072 tokens"),
+        ("--input-len", "1000000000", "--input-len: 1,000,000,000 is above 131,072 tokens"),
+        ("--output-len", "131073", "--output-len: 131,073 is above 131,072 tokens"),
     ],
 )
 def test_bad_load_flags_are_named(flag, value, says):

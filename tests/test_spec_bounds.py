@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from coserve.bench.config import WATCH_S
+from coserve.bench.config import MAX_LEN, WATCH_S
 from coserve.cli import main
 from coserve.spec import MAX_REPETITIONS, SpecError, loads_spec
 
@@ -83,6 +83,15 @@ def test_inputs_per_embed_request_are_bounded():
     assert problems("[load]", "[load]\nembed_batch = 100000") == [
         "load.embed_batch: 100000 must be at most 2048"
     ]
+
+
+@pytest.mark.parametrize("key", ["input_len", "output_len", "embed_input_len"])
+def test_lengths_are_bounded_by_the_longest_context(key):
+    # as --input-len, --output-len, --embed-input-len: a longer one is refused by every server
+    assert problems("[load]", f"[load]\n{key} = {MAX_LEN + 1}") == [
+        f"load.{key}: {MAX_LEN + 1} must be at most {MAX_LEN}"
+    ]
+    loads_spec(BASE.replace("[load]", f"[load]\n{key} = {MAX_LEN}"))
 
 
 def test_rates_are_bounded_below():

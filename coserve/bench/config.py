@@ -27,6 +27,11 @@ MAX_CONCURRENCY = 65_536
 # Inputs per embeddings request: the OpenAI embeddings API's own limit (coserve's embed
 # server refuses more too); 100,000 spent 50 s of the bench's CPU building one window's load.
 MAX_EMBED_BATCH = 2048
+# The longest prompt, output or embed input a load sends, in tokens: 131,072, the longest
+# context of the models coserve serves (Qwen3's, with YaRN rope scaling, as its model cards
+# give it; 40,960 without). A longer one is refused by every server, so a load of them
+# measures only refusals.
+MAX_LEN = 131_072
 
 
 def url_problem(url: str) -> str | None:
@@ -113,6 +118,14 @@ class LoadConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(name, f"must be a positive integer, got {v!r}")
+        for name in ("input_len", "output_len", "embed_input_len"):
+            v = getattr(self, name)
+            if v > MAX_LEN:
+                raise ConfigError(
+                    name,
+                    f"{v:,} is above {MAX_LEN:,} tokens, the longest context of the models "
+                    "coserve serves",
+                )
         if self.embed_batch > MAX_EMBED_BATCH:
             raise ConfigError(
                 "embed_batch",
