@@ -282,17 +282,30 @@ def _role_gpus(cs, role: str) -> int:
     return len(role_devices(cs.ok[0]).get(role) or ()) or 1
 
 
-def _dedicated_cost(cs, role: str, want: float) -> tuple[float, float]:
-    """What deploying `role` as `cs` costs for `want`: (GPUs in whole units at the mean,
-    inf where it measured nothing; minus the per-GPU rate, so the better rate wins a tie)."""
-    unit = _role_gpus(cs, role)
-    rate = Rate.per_gpu(cs.summary[THROUGHPUT[role]], unit)
-    gpus = _need(want, rate, unit).mean
-    return (math.inf if gpus is None else gpus, -rate.mean)
+@dataclass(frozen=True)
+class _Choice:
+    """`role` deployed as condition `cs` for a demand: what the choice between conditions
+    weighs and the dedicated fleet then reports, worked out once."""
+
+    cs: object
+    unit: int  # GPUs one deployment runs on
+    rate: Rate  # per GPU
+    gpus: Gpus
+
+    @classmethod
+    def of(cls, cs, role: str, want: float) -> _Choice:
+        unit = _role_gpus(cs, role)
+        rate = Rate.per_gpu(cs.summary[THROUGHPUT[role]], unit)
+        return cls(cs, unit, rate, _need(want, rate, unit))
+
+    def cost(self) -> tuple[float, float]:
+        """GPUs in whole units at the mean, inf where it measured nothing; minus the per-GPU
+        rate, so the better rate wins a tie."""
+        return (math.inf if self.gpus.mean is None else self.gpus.mean, -self.rate.mean)
 
 
 def _dedicated(run, demand: Demand) -> tuple[Dedicated | None, str | None]:
-    found = {}
+    found: dict[str, _Choice | None] = {}
     for role, want in (("gen", demand.gen_tok_s), ("embed", demand.embed_seq_s)):
         if want == 0:
             found[role] = None
@@ -302,29 +315,25 @@ def _dedicated(run, demand: Demand) -> tuple[Dedicated | None, str | None]:
             return None, (
                 f"no dedicated fleet: the run has no finished condition running {role} alone"
             )
-        c = min(own, key=lambda cs, role=role, want=want: _dedicated_cost(cs, role, want))
-        if _ceil(want, c.summary[THROUGHPUT[role]].mean) is None:
-            return None, f"no dedicated fleet: {c.name} measured no {role} throughput"
+        c = min((_Choice.of(cs, role, want) for cs in own), key=_Choice.cost)
+        if _ceil(want, c.cs.summary[THROUGHPUT[role]].mean) is None:
+            return None, f"no dedicated fleet: {c.cs.name} measured no {role} throughput"
         found[role] = c
     g, e = found["gen"], found["embed"]
-    g_unit, e_unit = (0 if c is None else _role_gpus(c, r) for r, c in (("gen", g), ("embed", e)))
-    g_rate = None if g is None else Rate.per_gpu(g.summary["gen_tok_s"], g_unit)
-    e_rate = None if e is None else Rate.per_gpu(e.summary["embed_seq_s"], e_unit)
-    gen_gpus = _need(demand.gen_tok_s, g_rate, g_unit)
-    embed_gpus = _need(demand.embed_seq_s, e_rate, e_unit)
-    slos = (_slos(demand, g, {"gen"}) if g else []) + (_slos(demand, e, {"embed"}) if e else [])
+    gen_gpus, embed_gpus = (Gpus(0, 0, 0) if c is None else c.gpus for c in (g, e))
+    slos = [s for r, c in (("gen", g), ("embed", e)) if c for s in _slos(demand, c.cs, {r})]
     return Dedicated(
-        g and g.name,
-        e and e.name,
-        g_rate,
-        e_rate,
-        g_unit,
-        e_unit,
+        g and g.cs.name,
+        e and e.cs.name,
+        g and g.rate,
+        e and e.rate,
+        g.unit if g else 0,
+        e.unit if e else 0,
         gen_gpus,
         embed_gpus,
         _combine(gen_gpus, embed_gpus, lambda x, y: x + y),
         slos,
-        [r for r, c in (("gen", g), ("embed", e)) if c is not None and r in _open_loop(run, c)],
+        [r for r, c in (("gen", g), ("embed", e)) if c is not None and r in _open_loop(run, c.cs)],
     ), None
 
 

@@ -19,7 +19,9 @@ from coserve.bench.config import (
     GEN_ENDPOINTS,
     MAX_CONCURRENCY,
     MAX_EMBED_BATCH,
+    MAX_LEN,
     MAX_SECONDS,
+    WATCH_S,
     ConfigError,
     LoadConfig,
 )
@@ -69,15 +71,15 @@ LOAD_CHECKS: dict[str, dict[str, Any]] = {
         "le": MAX_CONCURRENCY,
         "help": "gen requests in flight; with gen_rate the cap",
     },
-    "input_len": {"ge": 1},
-    "output_len": {"ge": 1},
+    "input_len": {"ge": 1, "le": MAX_LEN},
+    "output_len": {"ge": 1, "le": MAX_LEN},
     "embed_concurrency": {
         "ge": 1,
         "le": MAX_CONCURRENCY,
         "help": "embed requests in flight; with embed_rate the cap",
     },
     "embed_batch": {"ge": 1, "le": MAX_EMBED_BATCH, "help": "inputs per embed request"},
-    "embed_input_len": {"ge": 1},
+    "embed_input_len": {"ge": 1, "le": MAX_LEN},
     "embed_text": {"help": "send texts instead of token ids to the embed server"},
     "warmup_s": {"ge": 0.0, "le": MAX_SECONDS},
     "duration_s": {"gt": 0.0, "le": MAX_SECONDS},
@@ -91,7 +93,7 @@ LOAD_CHECKS: dict[str, dict[str, Any]] = {
     "embed_slo_ms": {"gt": 0.0, "help": "embed request latency bound for embed goodput", **_LATER},
     "gen_endpoint": {"choices": GEN_ENDPOINTS, **_LATER},
     "stall_s": {
-        "gt": 0.0,
+        "ge": WATCH_S,
         "le": MAX_SECONDS,
         "help": "seconds an endpoint with requests in flight may say nothing before the run "
         "ends as frozen",

@@ -314,17 +314,23 @@ def test_a_dead_endpoint_ends_the_run_with_its_reason_and_status_1(tmp_path):
         ("--ramp", "nan", "--ramp"),
         ("--stall", "0", "--stall"),
         ("--stall", "1e12", "--stall: must be a number of seconds"),
+        # shorter than the run's watch (0.1 s): every run ended as frozen at its first look
+        ("--stall", "1e-9", "--stall: must be a number of seconds in [0.1, 86400]"),
         # 1e9 closed-loop workers took the machine's memory before the first request
         ("--gen-concurrency", "1000000000", "--gen-concurrency: 1,000,000,000 requests in flight"),
         ("--embed-concurrency", "65537", "--embed-concurrency: 65,537 requests in flight"),
         # 100,000 inputs a request spent 50 s of the bench's CPU building a 1 s window's load
         ("--embed-batch", "100000", "--embed-batch: 100,000 inputs per request is above 2048"),
+        # longer than any served model's context: every request refused, nothing measured
+        ("--embed-input-len", "131073", "--embed-input-len: 131,073 is above 131,072 tokens"),
+        ("--input-len", "1000000000", "--input-len: 1,000,000,000 is above 131,072 tokens"),
+        ("--output-len", "131073", "--output-len: 131,073 is above 131,072 tokens"),
     ],
 )
 def test_bad_load_flags_are_named(flag, value, says):
     p = _bench("--gen-url", "http://127.0.0.1:1", flag, value)
     _, stderr = p.communicate(timeout=30)
-    assert p.returncode != 0 and says in stderr, stderr
+    assert p.returncode == 2 and says in stderr, stderr
 
 
 def test_stall_sets_how_long_a_silent_server_may_take():

@@ -472,3 +472,20 @@ name = "timeslice"
     assert plan_fleet(aggregate(d), Demand(3_000, 0)).dedicated.gen_condition == "gen-one"
     tie = plan_fleet(aggregate(d), Demand(2_000, 0)).dedicated
     assert (tie.gen_condition, tie.gen_gpus.mean) == ("gen-pair", 2)
+
+
+def test_the_chosen_dedicated_condition_is_sized_once(monkeypatch):
+    """Each condition a role ran alone on is sized once: the choice carries the chosen one's
+    GPUs, rate and count to the report (the chosen one was sized again to report it)."""
+    from coserve import fleet
+
+    run = aggregate(TP2_CLOSED)
+    calls = []
+    sized = fleet._role_gpus
+    monkeypatch.setattr(
+        fleet, "_role_gpus", lambda cs, role: calls.append((cs.name, role)) or sized(cs, role)
+    )
+    d = plan_fleet(run, Demand(1_000_000, 2_000)).dedicated
+    candidates = [(cs.name, role) for role in ("gen", "embed") for cs in run.on_own_gpus(role)]
+    assert sorted(calls) == sorted(candidates)
+    assert (d.gen_condition, d.gen_unit_gpus, d.gen_gpus.mean) == ("exclusive-tp1", 1, 38)

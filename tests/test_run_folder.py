@@ -4,6 +4,8 @@ refused instead of starting one."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from test_experiment_runner import FakeBackend
 
@@ -75,6 +77,23 @@ def test_a_dry_run_into_a_file_is_refused_as_the_run_is(spec, tmp_path, capsys):
     assert run(spec, out) == 2
     assert refused(capsys) == dry and f"cannot use {out} as the run folder: Not a directory" in dry
     assert out.read_text() == "x"
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
+def test_a_dry_run_into_a_folder_that_cannot_be_made_is_refused_as_the_run_is(spec, capsys):
+    # the dry run said 0 for /proc/nope (no folder can be made there, even by root), the run 2
+    out = "/proc/nope/run"
+    assert run(spec, out, "--dry-run") == 2
+    dry = refused(capsys)
+    assert run(spec, out) == 2
+    assert refused(capsys) == dry and f"cannot use {out} as the run folder" in dry
+    assert "--out" in dry and not os.path.exists("/proc/nope")
+
+
+def test_a_dry_run_leaves_no_folder_behind(spec, tmp_path):
+    out = tmp_path / "new" / "deeper" / "run"
+    assert run(spec, out, "--dry-run") == 0
+    assert list(tmp_path.iterdir()) == [tmp_path / "spec.toml"]
 
 
 @pytest.mark.parametrize("made", [False, True], ids=["missing", "empty"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from coserve.bench.config import MAX_LEN, WATCH_S
 from coserve.cli import main
 from coserve.spec import MAX_REPETITIONS, SpecError, loads_spec
 
@@ -58,6 +59,14 @@ def test_load_seconds_are_bounded_by_one_day(key):
     assert cond.startswith(f"conditions[0].load.{key}: ") and "86400" in cond, cond
 
 
+def test_stall_is_bounded_below_by_the_runs_watch():
+    # as --stall: a silence shorter than the time between two looks cannot be seen
+    assert problems("[load]", "[load]\nstall_s = 1e-9") == [
+        f"load.stall_s: 1e-09 must be at least {WATCH_S:g}"
+    ]
+    loads_spec(BASE.replace("[load]", f"[load]\nstall_s = {WATCH_S}"))
+
+
 def test_concurrency_is_bounded():
     # one connection and one task per request in flight: 1e9 is a typo that exhausts memory
     assert problems("[load]", "[load]\ngen_concurrency = 1000000000") == [
@@ -74,6 +83,15 @@ def test_inputs_per_embed_request_are_bounded():
     assert problems("[load]", "[load]\nembed_batch = 100000") == [
         "load.embed_batch: 100000 must be at most 2048"
     ]
+
+
+@pytest.mark.parametrize("key", ["input_len", "output_len", "embed_input_len"])
+def test_lengths_are_bounded_by_the_longest_context(key):
+    # as --input-len, --output-len, --embed-input-len: a longer one is refused by every server
+    assert problems("[load]", f"[load]\n{key} = {MAX_LEN + 1}") == [
+        f"load.{key}: {MAX_LEN + 1} must be at most {MAX_LEN}"
+    ]
+    loads_spec(BASE.replace("[load]", f"[load]\n{key} = {MAX_LEN}"))
 
 
 def test_rates_are_bounded_below():

@@ -16,6 +16,10 @@ GEN_ENDPOINTS = ("completions", "chat")
 # The longest warm-up, window, ramp or stall a load takes: one day. A longer one is a typo
 # (1e12 for 1e2) that would hold the servers for ever, not a measurement anyone waits for.
 MAX_SECONDS = 86400.0
+# How often a load run looks for a dead or silent endpoint, and so the shortest stall: a
+# silence shorter than the time between two looks cannot be seen (1e-9 ended every run at its
+# first look, a server between two tokens taken for a frozen one).
+WATCH_S = 0.1
 # The most requests one endpoint keeps in flight: each holds a TCP connection and a task, and
 # a host has at most 65,535 ports to open connections to one server from. A larger figure is
 # a typo (1e9 closed-loop workers take the machine's memory before the first request).
@@ -23,6 +27,11 @@ MAX_CONCURRENCY = 65_536
 # Inputs per embeddings request: the OpenAI embeddings API's own limit (coserve's embed
 # server refuses more too); 100,000 spent 50 s of the bench's CPU building one window's load.
 MAX_EMBED_BATCH = 2048
+# The longest prompt, output or embed input a load sends, in tokens: 131,072, the longest
+# context of the models coserve serves (Qwen3's, with YaRN rope scaling, as its model cards
+# give it; 40,960 without). A longer one is refused by every server, so a load of them
+# measures only refusals.
+MAX_LEN = 131_072
 
 
 def url_problem(url: str) -> str | None:
@@ -109,6 +118,14 @@ class LoadConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(name, f"must be a positive integer, got {v!r}")
+        for name in ("input_len", "output_len", "embed_input_len"):
+            v = getattr(self, name)
+            if v > MAX_LEN:
+                raise ConfigError(
+                    name,
+                    f"{v:,} is above {MAX_LEN:,} tokens, the longest context of the models "
+                    "coserve serves",
+                )
         if self.embed_batch > MAX_EMBED_BATCH:
             raise ConfigError(
                 "embed_batch",
@@ -183,7 +200,7 @@ class LoadConfig:
             _seconds("ramp_s", self.ramp_s, least=0.0)
         if self.connect_timeout_s <= 0:
             raise ConfigError("connect_timeout_s", "must be > 0")
-        _seconds("stall_s", self.stall_s)
+        _seconds("stall_s", self.stall_s, least=WATCH_S)
         return self
 
     @property

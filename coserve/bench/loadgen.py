@@ -27,7 +27,7 @@ from collections.abc import Callable
 import aiohttp
 
 from coserve.bench.client import BenchError, resolve_model
-from coserve.bench.config import LoadConfig
+from coserve.bench.config import WATCH_S, LoadConfig
 from coserve.bench.metrics import nothing_answered
 from coserve.bench.output import write_result
 from coserve.bench.records import BenchResult, EndpointRun, Progress
@@ -47,7 +47,6 @@ __all__ = [
 ]
 
 perf_counter = time.perf_counter
-_WATCH_S = 0.1  # how often the run looks for a dead endpoint
 
 
 class BenchStopped(BenchError):
@@ -161,7 +160,7 @@ async def _watch(run: LoadRun, stop: asyncio.Event | None) -> str | None:
         reason = run.dead(now)
         if reason is not None:
             return reason
-        delay = min(_WATCH_S, run.we - now)
+        delay = min(WATCH_S, run.we - now)
         if stop is not None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), delay)

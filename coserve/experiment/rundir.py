@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import itertools
 import json
 import os
 import shutil
@@ -164,6 +165,26 @@ class RunDir:
 
     def is_empty(self) -> bool:
         return not self.path.exists() or not any(p.name != LOCK_NAME for p in self.path.iterdir())
+
+    def check_writable(self) -> None:
+        """Make what `locked` makes (the missing folders, the lock file), then remove what was
+        made, so a dry run meets the error the run would meet (no such place, as under /proc; a
+        read-only file system; no permission) and leaves the disk as it was. Raises OSError."""
+        missing = list(
+            itertools.takewhile(lambda p: not p.exists(), (self.path, *self.path.parents))
+        )
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            lock = self.path / LOCK_NAME
+            try:
+                os.close(os.open(lock, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644))
+            except FileExistsError:  # another run's, or a finished one's: not ours to remove
+                return
+            os.unlink(lock)
+        finally:
+            for made in missing:  # deepest first
+                with contextlib.suppress(OSError):
+                    made.rmdir()
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:

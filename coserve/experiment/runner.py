@@ -93,11 +93,11 @@ class Runner:
 
     # ------------------------------------------------------------------ set-up
     def check_folder(self) -> dict[str, Any] | None:
-        """Whether this run may write its folder, reading only (a dry run asks it too): the
-        folder's fingerprint when it holds a run to resume, None for a new or empty folder.
-        Raises RunRefused: --resume where there is no run, a run there without --resume,
-        other files there, a fingerprint that cannot be read, a path that cannot be read as a
-        folder (a file)."""
+        """Whether this run may write its folder, leaving the disk as it was (a dry run asks it
+        too): the folder's fingerprint when it holds a run to resume, None for a new or empty
+        folder. Raises RunRefused: --resume where there is no run, a run there without
+        --resume, other files there, a fingerprint that cannot be read, a path that cannot be
+        read as a folder (a file), a new folder that cannot be made or written."""
         try:
             return self._check_folder()
         except OSError as e:
@@ -116,6 +116,7 @@ class Runner:
                     f"{rd.path} exists and is not a coserve run folder; "
                     "choose an empty or new --out"
                 )
+            rd.check_writable()
             return None
         old = resume.old_fingerprint(rd)
         if not self.resume:
@@ -408,4 +409,5 @@ def _unusable_folder(path, e: OSError) -> RunRefused:
     return RunRefused(
         f"cannot use {path} as the run folder: {e.strerror or e}"
         + (f" ({e.filename})" if e.filename else "")
+        + "; choose another --out"
     )
