@@ -91,7 +91,6 @@ HARDWARE: tuple[HardwareRecord, ...] = (
         "H200, 2026-11-30 (docs/mechanism.md, L2 cache contention)",
     ),
     HardwareRecord("coserve export's files; coserve run --ray", None),
-    HardwareRecord("the MoE combine in GEMM2's epilogue (ATOMIC_COMBINE, off by default)", None),
     HardwareRecord(
         "tensor parallel: the ranks' rendezvous and NCCL's sockets on loopback, symm-mem as "
         "the default all-reduce (the embed server's too)",

@@ -10,8 +10,6 @@
     GEMM 2      down = H @ W2[e]^T, times the pair's routing weight              _moe_gemm_kernel
     un-permute  rows are written at their pair index, so the combine is a sum
                 over each token's k rows                                         torch .sum
-                (or, with ATOMIC_COMBINE, added in GEMM2's epilogue into the
-                token's float32 row)
 
 Weights as the engine stacks them from a Qwen3-MoE-FP8 checkpoint:
     w13 [E, 2I, H] float8_e4m3fn (gate rows 0..I-1, up rows I..2I-1), w13_scale [E, 2I/128, H/128]
@@ -30,15 +28,11 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from .fp8 import FP8_MAX, per_token_group_quant_fp8
 from .moe_routing import moe_align
 
-# The combine's default (config key ATOMIC_COMBINE): a torch sum over the pairs' rows,
-# bit-reproducible; the atomic form waits on a device measurement (docs/kernels.md).
-ATOMIC_COMBINE = False
-# Whether the expert weights reach the GEMMs by TMA (config key B_TMA): one thread issues a
-# tile's copy instead of every thread computing addresses; waits on a device measurement.
-B_TMA = False
-# Whether the pairs are sorted by two many-program kernels (config key PARALLEL_ALIGN) instead
-# of one program (13 us at T=512 on an H200, 2026-12-01); waits on a device measurement.
-PARALLEL_ALIGN = False
+# Whether each GEMM reads the expert weights by TMA (config keys B_TMA1, B_TMA2): one thread
+# issues a tile's copy instead of every thread computing addresses. Measured on an H200
+# (2026-12-01, docs/kernels.md): GEMM2 76.9 -> 71.6 us at T=512 (TP=2's shapes 50.6 -> 48.7),
+# GEMM1 131.7 -> 133.4 us, so GEMM2 only.
+B_TMA1, B_TMA2 = False, True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -76,7 +70,6 @@ def _moe_gemm_kernel(
     MUL_WEIGHT: tl.constexpr,
     FP8_MAX: tl.constexpr,
     FOREIGN: tl.constexpr,
-    COMBINE_TOPK: tl.constexpr,
     B_TMA: tl.constexpr,
     SCALE_GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -104,8 +97,7 @@ def _moe_gemm_kernel(
     if FOREIGN:
         if expert >= num_experts:
             # pairs of experts another rank holds: no product; the output GEMM writes zeros
-            # (a combining GEMM adds nothing)
-            if MUL_WEIGHT and COMBINE_TOPK == 0:
+            if MUL_WEIGHT:
                 zero = tl.zeros([BLOCK_M, BLOCK_N], dtype=c_ptr.dtype.element_ty)
                 tl.store(
                     c_ptr + pair.to(tl.int64)[:, None] * stride_cm + offs_n[None, :],
@@ -180,15 +172,6 @@ def _moe_gemm_kernel(
             mask=row_mask[:, None] & n_mask[None, :],
         )
         tl.store(cs_ptr + c_row * stride_csm + pid_n, s, mask=row_mask)
-    elif COMBINE_TOPK > 0:
-        # the combine in the epilogue: each pair's row added into its token's float32 row,
-        # which stays in L2, instead of a [T*k, H] round trip through DRAM
-        tl.atomic_add(
-            c_ptr + (pair // COMBINE_TOPK).to(tl.int64)[:, None] * stride_cm + offs_n[None, :],
-            acc,
-            mask=row_mask[:, None] & n_mask[None, :],
-            sem="relaxed",
-        )
     else:
         tl.store(
             c_ptr + c_row[:, None] * stride_cm + offs_n[None, :],
@@ -201,10 +184,8 @@ def default_config(num_tokens: int, fp8: bool = True) -> dict:
     """Tile configuration for both GEMMs (measured on H100 at E=128, k=8, H=2048, I=768: see
     docs/kernels.md); the benchmark sweeps alternatives. With BLOCK_M >= the typical rows per
     expert (T*k/E), each expert's weights stream from DRAM once per step. Besides the tiles,
-    `ATOMIC_COMBINE` (default: the module's) has GEMM2 add each pair's row into its token's float32
-    output row (atomics) instead of writing [T*k, H] rows for a sum: fewer DRAM bytes, but
-    float additions in no fixed order, so not bit-reproducible run to run. `B_TMA` (default:
-    the module's) reads the expert weights by TMA where their shape allows (`_tma_fits`)."""
+    `B_TMA1` / `B_TMA2` (default: the module's) read GEMM1's / GEMM2's expert weights by TMA
+    where their shape allows (`_tma_fits`)."""
     if num_tokens <= 128:
         return dict(
             BLOCK_M=16,
@@ -279,7 +260,6 @@ def _launch_gemm(
     num_warps,
     num_stages,
     foreign=False,
-    combine_topk=0,
     b_tma=False,
 ):
     fp8 = b.dtype == torch.float8_e4m3fn
@@ -324,7 +304,6 @@ def _launch_gemm(
         QUANT_OUT=quant_out,
         MUL_WEIGHT=mul_weight,
         FOREIGN=foreign,
-        COMBINE_TOPK=combine_topk,
         B_TMA=b_tma,
         FP8_MAX=FP8_MAX,
         SCALE_GROUP=128,
@@ -371,9 +350,7 @@ def fused_moe(
         return torch.empty_like(hidden_states)
 
     # foreign: one more expert id for the pairs held elsewhere, whose blocks the GEMMs skip
-    sorted_ids, expert_ids, num_post_pad = moe_align(
-        topk_ids, E + 1 if foreign else E, bm, parallel=cfg.get("PARALLEL_ALIGN", PARALLEL_ALIGN)
-    )
+    sorted_ids, expert_ids, num_post_pad = moe_align(topk_ids, E + 1 if foreign else E, bm)
     topk_w = topk_weights.reshape(-1).to(torch.float32)
 
     if fp8:
@@ -417,17 +394,13 @@ def fused_moe(
         num_warps=cfg["num_warps1"],
         num_stages=cfg["num_stages1"],
         foreign=foreign,
-        b_tma=cfg.get("B_TMA", B_TMA),
+        b_tma=cfg.get("B_TMA1", B_TMA1),
     )
 
     if fp8 and not quant_out:
         inter_out, inter_s = per_token_group_quant_fp8(inter_out)
 
-    atomic = cfg.get("ATOMIC_COMBINE", ATOMIC_COMBINE)
-    if atomic:
-        out_pairs = torch.zeros(T, H, device=dev, dtype=torch.float32)
-    else:
-        out_pairs = torch.empty(numel, H, device=dev, dtype=out_dtype)
+    out_pairs = torch.empty(numel, H, device=dev, dtype=out_dtype)
     _launch_gemm(
         inter_out,
         inter_s,
@@ -453,9 +426,6 @@ def fused_moe(
         num_warps=cfg["num_warps2"],
         num_stages=cfg["num_stages2"],
         foreign=foreign,
-        combine_topk=k if atomic else 0,
-        b_tma=cfg.get("B_TMA", B_TMA),
+        b_tma=cfg.get("B_TMA2", B_TMA2),
     )
-    if atomic:
-        return out_pairs.to(out_dtype)
     return out_pairs.view(T, k, H).sum(dim=1)
