@@ -230,7 +230,8 @@ def bench_moe(tk) -> None:
         "GEMM2, TMA weights": lambda: gi.gemm2(
             cfg["BLOCK_N2"], cfg["num_warps2"], cfg["num_stages2"], tma=True
         ),
-        "combine (sum over k)": lambda: gi.out_pairs.view(T, k, H).sum(dim=1),
+        "combine (sum over k), torch": lambda: gi.out_pairs.view(T, k, H).sum(dim=1),
+        "combine (sum over k), moe_sum": lambda: tk.moe_sum(gi.out_pairs, k),
     }
     wbytes = {
         "GEMM1 gate|up + silu*up + quant": E * 2 * inter * H,

@@ -219,6 +219,16 @@ def test_moe_align_groups_pairs_by_expert(block_m, T):
         assert (flat[rows] == expert_ids[b]).all()
 
 
+@pytest.mark.parametrize("T, k, H", [(1, 8, 2048), (37, 8, 2048), (5, 2, 300)])
+def test_moe_sum_is_the_torch_sum_over_k(T, k, H):
+    """The combine: token t's k rows (t*k .. t*k+k-1) summed; H not a power of two masks."""
+    pairs = randn(T * k, H, g=gen(21))
+    out = tk().moe_sum(pairs, k)
+    assert out.dtype == pairs.dtype and out.shape == (T, H)
+    ref = pairs.float().view(T, k, H).sum(dim=1).to(pairs.dtype)
+    torch.testing.assert_close(out, ref, rtol=1e-2, atol=1e-2)
+
+
 def _moe_weights(E, H, inter, g, fp8):
     w13 = torch.randn(E, 2 * inter, H, generator=g, device=DEV) * 0.03
     w2 = torch.randn(E, H, inter, generator=g, device=DEV) * 0.03

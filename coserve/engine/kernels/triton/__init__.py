@@ -18,7 +18,7 @@ extras with no reference twin (the lead may wire them where they pay):
     fused_add_rms_norm(x, residual, weight, eps) -> (rms_norm(x + residual), x + residual)
     qk_norm_rope(qkv, Hq, Hkv, D, q_w, k_w, eps, positions, cos_sin, k_cache, v_cache, slots)
         -> (q, k, v): q_norm + k_norm + both rotaries + store_kvcache in one launch
-    per_token_group_quant_fp8, moe_align            building blocks of the above
+    per_token_group_quant_fp8, moe_align, moe_sum   building blocks of the above
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ _EXPORTS = {
     "fused_moe": "moe",
     "topk_softmax": "moe_routing",
     "moe_align": "moe_routing",
+    "moe_sum": "moe_routing",
     "fp8_block_linear": "fp8",
     "fp8_linear": "fp8",
     "per_token_group_quant_fp8": "fp8",

@@ -9,7 +9,7 @@
                 per 1x128 group for GEMM 2                                       _moe_gemm_kernel
     GEMM 2      down = H @ W2[e]^T, times the pair's routing weight              _moe_gemm_kernel
     un-permute  rows are written at their pair index, so the combine is a sum
-                over each token's k rows                                         torch .sum
+                over each token's k rows                                         moe_sum
 
 Weights as the engine stacks them from a Qwen3-MoE-FP8 checkpoint:
     w13 [E, 2I, H] float8_e4m3fn (gate rows 0..I-1, up rows I..2I-1), w13_scale [E, 2I/128, H/128]
@@ -26,7 +26,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .fp8 import FP8_MAX, per_token_group_quant_fp8
-from .moe_routing import moe_align
+from .moe_routing import moe_align, moe_sum
 
 # Whether each GEMM reads the expert weights by TMA (config keys B_TMA1, B_TMA2): one thread
 # issues a tile's copy instead of every thread computing addresses. Measured on an H200
@@ -428,4 +428,4 @@ def fused_moe(
         foreign=foreign,
         b_tma=cfg.get("B_TMA2", B_TMA2),
     )
-    return out_pairs.view(T, k, H).sum(dim=1)
+    return moe_sum(out_pairs, k)

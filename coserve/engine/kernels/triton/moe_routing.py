@@ -1,6 +1,7 @@
 """The routing half of the Triton MoE (moe.py): softmax over experts and top-k per token,
 then the (token, expert) pairs sorted by expert, each expert's run padded to a multiple of
-BLOCK_M, for the grouped GEMMs. Device-side only (no host sync), shapes fixed by T."""
+BLOCK_M, for the grouped GEMMs; and the way back, each token's k pair rows summed. Device-side
+only (no host sync), shapes fixed by T."""
 
 from __future__ import annotations
 
@@ -180,3 +181,28 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int):
         num_warps=4,
     )
     return sorted_ids, expert_ids, num_post_pad
+
+
+@triton.jit
+def _moe_sum_kernel(pairs_ptr, out_ptr, H, TOPK: tl.constexpr, BLOCK_H: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    m = h < H
+    acc = tl.zeros([BLOCK_H], tl.float32)
+    for j in tl.static_range(TOPK):
+        acc += tl.load(pairs_ptr + (t * TOPK + j) * H + h, mask=m, other=0.0).to(tl.float32)
+    tl.store(out_ptr + t * H + h, acc.to(out_ptr.dtype.element_ty), mask=m)
+
+
+def moe_sum(pairs: torch.Tensor, top_k: int) -> torch.Tensor:
+    """pairs [T*k, H] (contiguous; token t's rows at t*k .. t*k+k-1) -> [T, H] in pairs' dtype,
+    each token's k rows summed in float32: the combine, as torch's `view(T, k, H).sum(1)`."""
+    numel, H = pairs.shape
+    T = numel // top_k
+    out = torch.empty(T, H, device=pairs.device, dtype=pairs.dtype)
+    if T > 0:
+        block_h = min(1024, triton.next_power_of_2(H))
+        _moe_sum_kernel[(T, triton.cdiv(H, block_h))](
+            pairs, out, H, TOPK=top_k, BLOCK_H=block_h, num_warps=4
+        )
+    return out
