@@ -176,8 +176,8 @@ def _f(x, fmt: str = ".2f") -> str:
 _CLASSES = [  # (class, kernel-name pattern), first match wins
     ("attention (paged decode)", r"paged_decode|merge_splits"),
     ("MoE GEMMs (Triton FP8)", r"moe_gemm"),
-    ("MoE align/permute", r"moe_align"),
-    ("MoE combine (sum over top-k)", r"reduce_kernel.*func_wrapper"),
+    ("MoE align/permute", r"moe_align|moe_count|moe_scatter"),
+    ("MoE combine (sum over top-k)", r"moe_sum|reduce_kernel.*func_wrapper"),
     ("MoE router top-k", r"topk_softmax"),
     ("FP8 activation quant", r"quant_rows|per_token_group"),
     ("FP8 dense GEMM (Triton)", r"block_fp8_gemm"),

@@ -87,8 +87,9 @@ HARDWARE: tuple[HardwareRecord, ...] = (
         "H200, 2026-11-30 (docs/mechanism.md)",
     ),
     HardwareRecord(
-        "coserve profile --ncu (Nsight Compute wrapper), gen alone and eager; not yet beside embed",
-        "H200, 2026-11-30 (docs/mechanism.md, L2 cache contention)",
+        "coserve profile --ncu (Nsight Compute wrapper), gen alone and eager; beside embed ncu "
+        "fails (another process's context on the GPU)",
+        "H200, 2026-11-30 and 2026-12-01 (docs/mechanism.md, L2 cache contention)",
     ),
     HardwareRecord("coserve export's files; coserve run --ray", None),
     HardwareRecord(
