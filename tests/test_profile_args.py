@@ -83,6 +83,23 @@ def test_a_kernel_name_that_is_not_a_regex_is_refused(tmp_path, capsys):
     assert e.value.code == 2 and "--kernel-name: must not be empty" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("name", ["", "--foo", "a b", "$(touch /tmp/pwned)", "Memory;ls", "é"])
+def test_a_section_that_is_not_an_ncu_identifier_is_refused(tmp_path, capsys, name):
+    """It was passed on to ncu (with --execute, after the run's servers were up); `--foo` was
+    read by ncu as an option of its own."""
+    from coserve.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["profile", DEMO, "--condition", "gen-only", "--ncu", f"--section={name}"])
+    assert e.value.code == 2
+    assert "--section: not an ncu section identifier" in capsys.readouterr().err
+    argv = ["profile", DEMO, "--condition", "gen-only", "--ncu", "--out", str(tmp_path / "o")]
+    assert (
+        main([*argv, "--section", "MemoryWorkloadAnalysis_Tables", "--section", "Occupancy"]) == 0
+    )
+    assert "--section MemoryWorkloadAnalysis_Tables --section Occupancy " in capsys.readouterr().out
+
+
 def test_resume_on_reps_run_without_the_profiler_is_refused(tmp_path, capsys):
     """`coserve run`'s finished reps counted as done: nothing was profiled, an empty table
     and exit 0."""

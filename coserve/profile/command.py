@@ -51,6 +51,18 @@ def _regex(text: str) -> str:
     return text
 
 
+def _section(text: str) -> str:
+    """An ncu section identifier (as `ncu --list-sections` gives them: letters, digits and
+    underscores). Anything else was passed on, and ncu refused it only once the run's servers
+    were up; one with a leading dash was read by ncu as an option of its own."""
+    if not re.fullmatch(r"[A-Za-z0-9_]+", text):
+        raise argparse.ArgumentTypeError(
+            f"not an ncu section identifier (letters, digits, underscores; see "
+            f"`ncu --list-sections`): {text!r}"
+        )
+    return text
+
+
 def _launches(least: int):
     """A launch count for ncu: an integer from `least` up to ncu's 64-bit limit."""
     what = f"an integer in [{least}, 2**63) (ncu's counter)"
@@ -122,6 +134,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ncu.add_argument(
         "--section",
         action="append",
+        type=_section,
         default=None,
         metavar="NAME",
         help="an ncu section to collect besides the three metrics, e.g. MemoryWorkloadAnalysis "
