@@ -96,6 +96,26 @@ def test_a_dry_run_leaves_no_folder_behind(spec, tmp_path):
     assert list(tmp_path.iterdir()) == [tmp_path / "spec.toml"]
 
 
+def test_a_dry_run_keeps_an_empty_folder_and_a_lock_left_there(spec, tmp_path):
+    empty, stale = tmp_path / "empty", tmp_path / "stale"
+    empty.mkdir()
+    stale.mkdir()
+    (stale / ".lock").write_text("4242\n")  # a finished run's lock: the folder counts as empty
+    assert run(spec, empty, "--dry-run") == 0 and run(spec, stale, "--dry-run") == 0
+    assert list(empty.iterdir()) == [] and (stale / ".lock").read_text() == "4242\n"
+
+
+def test_a_dry_run_where_the_lock_is_a_folder_is_refused_as_the_run_is(spec, tmp_path, capsys):
+    # the dry run said 0, taking the folder for another run's lock; the run then refused
+    out = tmp_path / "out"
+    (out / ".lock").mkdir(parents=True)
+    assert run(spec, out, "--dry-run") == 2
+    dry = refused(capsys)
+    assert run(spec, out) == 2
+    assert refused(capsys) == dry and "Is a directory" in dry and "--out" in dry
+    assert [p.name for p in out.iterdir()] == [".lock"]
+
+
 @pytest.mark.parametrize("made", [False, True], ids=["missing", "empty"])
 @pytest.mark.parametrize("dry", [[], ["--dry-run"]], ids=["run", "dry-run"])
 def test_resume_where_there_is_no_run_is_refused(spec, tmp_path, capsys, made, dry):

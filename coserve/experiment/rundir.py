@@ -178,7 +178,9 @@ class RunDir:
             lock = self.path / LOCK_NAME
             try:
                 os.close(os.open(lock, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644))
-            except FileExistsError:  # another run's, or a finished one's: not ours to remove
+            except FileExistsError:  # another run's, or a finished one's: not ours to remove,
+                # but `locked` opens it to write, which a directory by that name refuses
+                os.close(os.open(lock, os.O_RDWR))
                 return
             os.unlink(lock)
         finally:
