@@ -433,6 +433,18 @@ def test_ncu_warns_that_graph_capture_is_slow_under_it(condition, warned, capsys
     assert ("captures its CUDA graphs under ncu" in capsys.readouterr().err) == warned
 
 
+@pytest.mark.parametrize(
+    "condition, warned", [("gen-only-eager", False), ("timeslice-eager", True)]
+)
+def test_ncu_says_beforehand_that_a_server_beside_gen_made_it_fail(condition, warned, capsys):
+    """Measured on an H200: ncu failed whenever another process held a context on the GPU."""
+    from coserve.cli import main
+
+    spec = str(ROOT / "experiments" / "profile-single-gpu.toml")
+    assert main(["profile", spec, "--condition", condition, "--ncu"]) == 0
+    assert ("ncu failed at the first profiled kernel" in capsys.readouterr().err) == warned
+
+
 def test_ncu_run_allows_the_gen_server_minutes_of_silence():
     # under ncu an H200 gen server said nothing for 10 s (the default stall_s) and the run
     # failed before a kernel was profiled

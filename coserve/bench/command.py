@@ -20,7 +20,14 @@ import argparse
 import sys
 
 from coserve.bench.arrivals import ARRIVALS, MAX_BURSTINESS, MAX_RATE, MIN_BURSTINESS
-from coserve.bench.config import GEN_ENDPOINTS, ConfigError, LoadConfig
+from coserve.bench.config import (
+    GEN_ENDPOINTS,
+    MAX_LEN,
+    MAX_SECONDS,
+    WATCH_S,
+    ConfigError,
+    LoadConfig,
+)
 from coserve.bench.embed_answer import ENCODINGS
 from coserve.bench.output import check_out
 
@@ -76,13 +83,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--input-len",
         type=int,
         default=_D.input_len,
-        help="prompt length in tokens (random token ids)",
+        help=f"prompt length in tokens (random token ids), 1 to {MAX_LEN:,}",
     )
     w.add_argument(
         "--output-len",
         type=int,
         default=_D.output_len,
-        help="max_tokens of each gen request (sent with ignore_eos)",
+        help=f"max_tokens of each gen request (sent with ignore_eos), 1 to {MAX_LEN:,}",
     )
     w.add_argument(
         "--embed-concurrency",
@@ -120,7 +127,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--embed-input-len",
         type=int,
         default=_D.embed_input_len,
-        help="tokens (or words, with --embed-text) per embed input",
+        help=f"tokens (or words, with --embed-text) per embed input, 1 to {MAX_LEN:,}",
     )
     w.add_argument(
         "--embed-text",
@@ -159,10 +166,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     t = p.add_argument_group("timing and output")
     t.add_argument(
-        "--warmup", type=float, default=_D.warmup_s, help="seconds of load before the window"
+        "--warmup",
+        type=float,
+        default=_D.warmup_s,
+        help=f"seconds of load before the window (at most {MAX_SECONDS:,.0f})",
     )
     t.add_argument(
-        "--duration", type=float, default=_D.duration_s, help="seconds of the measurement window"
+        "--duration",
+        type=float,
+        default=_D.duration_s,
+        help=f"seconds of the measurement window (at most {MAX_SECONDS:,.0f})",
     )
     t.add_argument(
         "--ramp",
@@ -176,7 +189,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=float,
         default=_D.stall_s,
         help="seconds an endpoint with requests in flight may say nothing (no token, answer "
-        "or failure) before the run ends as frozen",
+        f"or failure) before the run ends as frozen, {WATCH_S:g} to {MAX_SECONDS:,.0f}",
     )
     t.add_argument(
         "--out",

@@ -108,12 +108,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--resume", action="store_true", help="add the conditions not yet profiled to --out"
     )
     ncu = parser.add_argument_group(
-        "Nsight Compute: the gen server only, on a GPU, not under MPS, at TP=1"
+        "Nsight Compute: the gen server only, on a GPU, not under MPS, at TP=1",
+        "ncu collects the L2 hit rate (lts__t_sector_hit_rate.pct), DRAM throughput (% of peak) "
+        "and achieved occupancy (sm__warps_active) of the chosen kernels, in one pass. The "
+        "flags below other than --ncu are refused without it.",
     )
     ncu.add_argument("--ncu", action="store_true", help="print the ncu command for the condition")
     ncu.add_argument("--execute", action="store_true", help="with --ncu: run it and parse it")
     ncu.add_argument(
-        "--kernel-name", type=_regex, default=None, metavar="REGEX", help="kernels to profile"
+        "--kernel-name",
+        type=_regex,
+        default=None,
+        metavar="REGEX",
+        help="kernels to profile (default: every kernel, and --launch-skip counts them all)",
     )
     # None until given, so that one given without --ncu is refused rather than ignored.
     ncu.add_argument(
@@ -137,7 +144,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=_section,
         default=None,
         metavar="NAME",
-        help="an ncu section to collect besides the three metrics, e.g. MemoryWorkloadAnalysis "
+        help="an ncu section to collect besides the metrics above, e.g. MemoryWorkloadAnalysis "
         "(repeatable; each may add replay passes, which save and restore the memory a kernel "
         "writes)",
     )

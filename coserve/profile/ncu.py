@@ -50,6 +50,13 @@ GRAPHS_NOTE = (
 # requests in flight under ncu, eager, and the run failed before a kernel was profiled (H200,
 # qwen3-30b-a3b, 2026-11-30): every launch is intercepted there.
 NCU_STALL_S = 600.0
+# What co-located runs under ncu showed (H200, 2026-12-01, docs/mechanism.md): not refused, as
+# another driver or ncu may do better, but said before the servers start.
+BESIDE_NOTE = (
+    "the gen server shares the GPU with another server here: on an H200 ncu failed at the "
+    "first profiled kernel whenever another process held a context on the GPU, idle or not "
+    "(docs/mechanism.md); a condition with gen alone profiles"
+)
 # A rep under ncu measures ncu's overhead, not the strategy; what it profiled is the result.
 UNDER_NCU_NOTE = "the kernels above are the result; the run under ncu is no measurement of gen: "
 PORT_MARK = "65021"  # stands for the port in the server's argv until launch fills {port}
@@ -303,6 +310,8 @@ def run_ncu(spec, names: list[str], args, out: Path, console) -> int:
     )
     if device == "cuda" and not (gen.enforce_eager or "--enforce-eager" in gen.extra_args):
         say(console, "note:", "yellow", GRAPHS_NOTE)
+    if len(cond.servers) > 1:
+        say(console, "note:", "yellow", BESIDE_NOTE)
     if device == "cpu":  # not refused: a stand-in ncu on PATH can run it (the CPU tests)
         say(
             console,
