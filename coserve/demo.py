@@ -7,6 +7,8 @@ import argparse
 import datetime as dt
 from pathlib import Path
 
+from coserve.server.serve_flags import out_path
+
 
 def demo_spec_path() -> Path:
     """experiments/demo.toml of the checkout coserve runs from."""
@@ -25,6 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out",
         metavar="DIR",
+        type=out_path,
         default=None,
         help="run folder (default: runs/demo-YYYYmmdd-HHMMSS, a new one)",
     )

@@ -7,6 +7,7 @@ import argparse
 import json
 
 from coserve import fleet_command
+from coserve.bench.config import MAX_LEN
 from coserve.experiment.preflight import on_cpu
 from coserve.model_size import DTYPE_BYTES, ModelSize, model_size
 from coserve.plan import (
@@ -28,6 +29,14 @@ from coserve.plan import (
 from coserve.term import stdout_console
 
 BLOCK_SIZE = 16  # the engine's (engine/ranks.py, not imported here: it loads torch)
+
+
+def _length(text: str) -> int:
+    """A request length in tokens: bench's and the spec's bound (a length of 1e20 was planned
+    as needing a gpu_memory_utilization of 6.5e13)."""
+    from coserve.server.serve_flags import number
+
+    return number(int, text, f"an integer from 1 to {MAX_LEN:,}", lambda v: 1 <= v <= MAX_LEN)
 
 
 def _concurrencies(text: str) -> list[int]:
@@ -83,10 +92,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="embed gpu_memory_utilization (default 0.30)",
     )
     parser.add_argument(
-        "--input-len", type=positive_int, default=None, help="prompt tokens (default 30)"
+        "--input-len",
+        type=_length,
+        default=None,
+        help=f"prompt tokens, 1 to {MAX_LEN:,} (default 30)",
     )
     parser.add_argument(
-        "--output-len", type=positive_int, default=None, help="output tokens (default 512)"
+        "--output-len",
+        type=_length,
+        default=None,
+        help=f"output tokens, 1 to {MAX_LEN:,} (default 512)",
     )
     parser.add_argument(
         "--concurrency",

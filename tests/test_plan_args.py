@@ -20,6 +20,8 @@ from coserve.cli import main
         ("--embed-util", "-0.1"),
         ("--input-len", "0"),  # read as not given: 30
         ("--output-len", "-1"),  # planned requests of 31 tokens
+        ("--input-len", "1" + "0" * 20),  # planned at a gpu_memory_utilization of 6.5e13
+        ("--output-len", "131073"),  # above MAX_LEN, which bench and the spec refuse
         ("--max-num-seqs", "0"),  # read as not given: 256
         ("--reserve-gib", "-1"),
         ("--reserve-gib", "inf"),

@@ -131,3 +131,25 @@ def test_resume_where_there_is_no_run_is_refused(spec, tmp_path, capsys, made, d
 def test_resume_needs_out(spec, capsys):
     assert main(["run", spec, "--dry-run", "--resume"]) == 2
     assert "--resume needs --out DIR" in capsys.readouterr().err
+
+
+def test_an_out_through_a_missing_folder_and_back_is_the_folder_it_names(spec, tmp_path, capsys):
+    # the dry run said 0 for a/missing/.. (no such place yet); the run then made a/missing,
+    # wrote a lock into a, and refused a as not empty, leaving both behind
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "precious.txt").write_text("x")
+    out = tmp_path / "a" / "missing" / ".."
+    assert run(spec, out, "--dry-run") == 2
+    dry = refused(capsys)
+    assert run(spec, out) == 2
+    assert refused(capsys) == dry and f"{tmp_path / 'a'} exists and is not a coserve run" in dry
+    assert [p.name for p in (tmp_path / "a").iterdir()] == ["precious.txt"]
+
+
+@pytest.mark.parametrize("command", ["run SPEC", "demo", "profile SPEC", "bench"])
+def test_an_empty_out_is_refused_naming_the_flag(spec, command, capsys):
+    # '' was read as the current folder by run and profile, and as no --out by bench
+    argv = [a.replace("SPEC", spec) for a in command.split()]
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--out", ""])
+    assert e.value.code == 2 and "argument --out: must not be empty" in capsys.readouterr().err

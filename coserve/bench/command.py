@@ -36,6 +36,13 @@ _GOODPUT = {"ttft": "goodput_ttft_ms", "tpot": "goodput_tpot_ms", "e2el": "goodp
 _D = LoadConfig()  # the defaults: declared once, in LoadConfig
 
 
+def _file_name(text: str) -> str:
+    """--out: an empty name would be read as no --out, and the run's figures not written."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
 class _Help(argparse.ArgumentDefaultsHelpFormatter):
     """Defaults shown once: not for flags without one (None, False) or whose help says it."""
 
@@ -194,6 +201,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument(
         "--out",
         metavar="FILE.json",
+        type=_file_name,
         help="write the summary here and the per-request records to FILE.records.jsonl",
     )
     t.add_argument(

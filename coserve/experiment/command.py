@@ -7,6 +7,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from coserve.server.serve_flags import out_path
+
 
 class _SpecKeys(argparse.Action):
     """`--spec-keys`: print every spec key and exit, as --help does (no SPEC or --out)."""
@@ -33,6 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out",
         metavar="DIR",
+        type=out_path,
         help="run folder (created; results, logs, report); required unless --dry-run",
     )
     parser.add_argument(

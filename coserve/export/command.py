@@ -9,6 +9,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from coserve.server.serve_flags import out_path
+
 FORMATS = ("compose", "k8s", "commands")
 
 
@@ -33,7 +35,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(H200, H100-80GB, H100-94GB, A100-80GB, A100-40GB)",
     )
     parser.add_argument(
-        "--out", default=None, metavar="DIR", help="folder to write into (default: export-COND)"
+        "--out",
+        default=None,
+        metavar="DIR",
+        type=out_path,
+        help="folder to write into (default: export-COND)",
     )
     parser.add_argument(
         "--force",

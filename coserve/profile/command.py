@@ -18,7 +18,7 @@ from pathlib import Path
 from coserve.bench.config import MAX_SECONDS
 from coserve.profile.ncu import CACHE_CONTROLS, LAUNCH_COUNT, LAUNCH_SKIP
 from coserve.server.profile_api import DEFAULT_MIN_S, DEFAULT_STEPS
-from coserve.server.serve_flags import number, positive_int, seconds
+from coserve.server.serve_flags import number, out_path, positive_int, seconds
 
 
 def _seconds(text: str) -> float:
@@ -96,7 +96,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "steps and embed's long ones cover the same time (default %(default)s)",
     )
     parser.add_argument(
-        "--out", metavar="DIR", default=None, help="run folder (default: runs/profile-TIME)"
+        "--out",
+        metavar="DIR",
+        type=out_path,
+        default=None,
+        help="run folder (default: runs/profile-TIME)",
     )
     parser.add_argument(
         "--warmup-s", type=_seconds, default=None, help="replace the spec's load warm-up"

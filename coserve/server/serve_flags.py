@@ -4,6 +4,7 @@ one given to another kind (it would be accepted and do nothing)."""
 from __future__ import annotations
 
 import argparse
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -255,6 +256,18 @@ def nonempty(text: str) -> str:
     """A name or key: an empty one (no client can send or match it) is refused."""
     if not text.strip():
         raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
+def out_path(text: str) -> str:
+    """A folder or file to write: not empty (Path('') is the current folder, which nobody
+    means), and with a '..' resolved first, as writing it would resolve it: making
+    `a/new/..` makes `a/new` and then names `a`, so the checks would look at a place that does
+    not exist and the run would write into `a`."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    if ".." in text.split(os.sep):
+        return os.path.realpath(text)
     return text
 
 
