@@ -98,6 +98,7 @@ class FakeSampler:
 
     def __init__(self, devices, out_path):
         self.devices, self.out_path, self.rows, self.available = devices, out_path, [], True
+        self.at_start = {"0": {"power_limit_w": 700.0, "power_w": 120.0}}
 
     def start(self):
         return self
@@ -114,6 +115,8 @@ class FakeSampler:
                 "tensor_active": 0.2,
                 "dram_active": 0.3,
                 "power_w": 500.0,
+                "sm_clock_mhz": 1980.0 - 200.0 * (i % 2),
+                "power_capped": i % 2,
             }
             for i in range(4)
         ]
@@ -275,6 +278,11 @@ def test_reps_alternate_and_each_is_written_after_tear_down(tmp_path):
     # telemetry: the sampler's summary, and the mean over the ticks inside the window (t0+1..t0+3)
     assert rec["telemetry"]["all"]["sm_active"]["mean"] == 0.815
     assert rec["telemetry"]["window"]["sm_active"]["mean"] == pytest.approx(0.82)
+    assert rec["telemetry"]["at_start"] == {
+        "power_limit_w": 700.0,
+        "power_w": 120.0,
+        "devices": {"0": {"power_limit_w": 700.0, "power_w": 120.0}},
+    }
     assert set(rec["phases_s"]) >= {"strategy", "start_gen", "start_embed", "load", "teardown"}
     rep_dir = rd.rep_dir("mps", 2)
     assert (rep_dir / "bench.records.jsonl.gz").exists() and not (

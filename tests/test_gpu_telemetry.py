@@ -26,7 +26,9 @@ def test_series_and_summary_from_known_values(tmp_path):
     finally:
         summary = s.stop()
     assert [r["gpu_util"] for r in rows] == [50.0, 70.0, 50.0, 70.0]
-    assert [r["power_w"] for r in rows] == [300.0, 500.0, 300.0, 500.0]
+    # start() read the budget first: the limit, and the draw before any tick
+    assert s.at_start == {"0": {"power_limit_w": 700.0, "power_w": 300.0}}
+    assert [r["power_w"] for r in rows] == [500.0, 300.0, 500.0, 300.0]
     assert [r["mem_used_mib"] for r in rows] == [1000.0, 3000.0, 1000.0, 3000.0]
     assert [r["sm_clock_mhz"] for r in rows] == [1980.0] * 4
     # GPM: each tick covers the interval since the previous sample; fractions like DCGM
@@ -87,10 +89,17 @@ def test_mig_device_target(tmp_path):
     summary = s.stop()
     # utilisation is not reported for MIG devices: recorded as missing and noted once
     assert rows[0]["gpu_util"] is None and any("utilization unavailable" in n for n in s.notes)
-    assert (
-        rows[0]["power_w"] == 300.0 and rows[0]["sm_active"] == 0.8
-    )  # GPM through nvmlGpmMigSampleGet
+    # power is the parent GPU's (the budget read at start took its first value)
+    assert rows[0]["power_w"] == 500.0 and s.at_start["MIG-gen"]["power_w"] == 300.0
+    assert rows[0]["sm_active"] == 0.8  # GPM through nvmlGpmMigSampleGet
     assert "gpu_util" not in summary and summary["sm_active"]["mean"] == pytest.approx(0.85)
+
+
+def test_a_power_limit_nvml_does_not_give_is_none():
+    nv = FakeNvml([fake_gpu(power_limit_mw=None)])
+    s = TelemetrySampler(["0"], interval_s=60, nvml=nv, gpm=False).start()
+    s.stop()
+    assert s.at_start == {"0": {"power_limit_w": None, "power_w": 300.0}}
 
 
 def test_gpu_without_gpm(tmp_path):

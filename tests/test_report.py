@@ -70,9 +70,19 @@ def test_markdown_tables(run_dir):
     ):
         assert heading in md
     assert (
-        "| Condition | SM active | SM occupancy | Tensor active | DRAM active | Power (W) |" in md
+        "| Condition | SM active | SM occupancy | Tensor active | DRAM active | Power (W) | "
+        "SM clock (MHz) | Power-capped |" in md
     )
-    assert "| gen-only | 0.820 ± 0.000 | 0.180 ± 0.000 | 0.200 ± 0.000 | 0.300 ± 0.000 |" in md
+    assert (
+        "| gen-only | 0.820 ± 0.000 | 0.180 ± 0.000 | 0.200 ± 0.000 | 0.300 ± 0.000 | "
+        "500 ± 0.00 | 1,847 ± 0.00 | 67% ± 0% |" in md
+    )
+    # the window holds ticks 1-3, two of them capped
+    assert (
+        "At the power limit: gen-only (67% of seconds, 500 W of a 700 W limit; 120 W before "
+        "the load), embed-only (67% of seconds, 500 W of a 700 W limit; 120 W before the load)"
+        in md
+    )
     assert "| embed-only | rep 2 failed | ConnectionError: gen endpoint unreachable |" in md
     assert "| mps | not run | 2 of 2 rep(s) not run yet" in md
     assert "| timeslice | not run | 1 of 2 rep(s) not run yet" in md
@@ -82,6 +92,22 @@ def test_markdown_tables(run_dir):
             f"(plots/{name}.png)" in md
             and (run_dir / "plots" / f"{name}.png").stat().st_size > 5000
         )
+
+
+def test_a_condition_below_the_power_cap_share_is_not_named():
+    from types import SimpleNamespace as NS
+
+    from coserve.report.telemetry_section import POWER_CAPPED_NOTABLE, power_limited
+    from coserve.stats import summarize
+
+    def cond(name, shares):
+        return NS(name=name, summary={"power_capped": summarize(shares)})
+
+    below = POWER_CAPPED_NOTABLE - 0.05
+    run = NS(matrix=[cond("cool", [below, below]), cond("hot", [0.9, 1.0])])
+    note = power_limited(run)
+    assert "hot (95% of seconds)" in note and "cool" not in note
+    assert power_limited(NS(matrix=[cond("cool", [below])])) is None
 
 
 def test_html_is_self_contained(run_dir):

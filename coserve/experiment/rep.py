@@ -94,6 +94,23 @@ def load_times(summary: dict) -> LoadTimes | None:
         return None
 
 
+def power_at_start(per_device: dict[str, dict[str, float | None]]) -> dict[str, object]:
+    """The sampler's `at_start` (device -> {power_limit_w, power_w}) with the mean over devices
+    of each figure beside it, as the window's power is a mean over devices: {power_limit_w,
+    power_w, devices}; a figure no device gave is None."""
+    import statistics
+
+    def mean(key: str) -> float | None:
+        vals = [d[key] for d in per_device.values() if finite_number(d.get(key))]
+        return statistics.fmean(vals) if vals else None
+
+    return {
+        "power_limit_w": mean("power_limit_w"),
+        "power_w": mean("power_w"),
+        "devices": per_device,
+    }
+
+
 def window_telemetry(rows: list[dict], summary: dict) -> dict[str, dict[str, float]]:
     """{metric: {mean, p50, n}} over the samples taken inside the load's measurement window
     (the sampler's own summary also covers warm-up and start-up); with samples of several

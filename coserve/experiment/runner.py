@@ -33,7 +33,13 @@ from coserve.experiment import fingerprint as fpmod
 from coserve.experiment import preflight, resume
 from coserve.experiment.backend import Backend, resolve_device
 from coserve.experiment.failure import storage_error
-from coserve.experiment.rep import compress_records, first_dead, load_problem, window_telemetry
+from coserve.experiment.rep import (
+    compress_records,
+    first_dead,
+    load_problem,
+    power_at_start,
+    window_telemetry,
+)
 from coserve.experiment.resume import RunRefused
 from coserve.experiment.rundir import (
     FolderBusy,
@@ -362,6 +368,7 @@ class Runner:
                     record["telemetry"] = {
                         "all": sampler.stop(),
                         "window": window_telemetry(sampler.rows, summary),
+                        "at_start": power_at_start(sampler.at_start),
                         "status": sampler.status(),
                         "devices": list(sampler.devices),
                     }

@@ -62,6 +62,7 @@ def fake_gpu(
         "util_mem": [20, 30],
         "mem_used_mib": [1000, 3000],
         "power_mw": [300_000, 500_000],
+        "power_limit_mw": 700_000,  # None: NVML answers Not Supported
         "sm_clock": [1980],
         "mem_clock": [2619],
         "gpm_values": {
@@ -228,6 +229,12 @@ class FakeNvml:
         return SimpleNamespace(
             gpu=g["util_gpu"][n % len(g["util_gpu"])], memory=g["util_mem"][n % len(g["util_mem"])]
         )
+
+    def nvmlDeviceGetEnforcedPowerLimit(self, h):
+        limit = self._gpu(h)["power_limit_mw"]
+        if limit is None:
+            raise FakeNVMLError("Not Supported")
+        return limit
 
     def nvmlDeviceGetPowerUsage(self, h):
         return self._cycle(h, "power", self._gpu(h)["power_mw"])

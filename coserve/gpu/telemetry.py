@@ -22,6 +22,9 @@ come as 0/1 columns per tick (their mean over a window is the fraction of ticks 
 active): `power_capped` (software power cap or hardware power brake), `thermal` (software or
 hardware thermal slowdown), `sync_boost`; and the raw mask as hex in `clock_reasons`.
 
+At start() the sampler also reads each device's power budget (`at_start`): the enforced power
+limit and the draw at that moment (in a run: servers up, load not begun), in watts.
+
 GPM values cover the interval between two samples, so the first tick has none. GPM is
 device-wide (or MIG-instance-wide): it cannot split gen from embed on a shared GPU.
 The series goes to `out_path` (CSV if it ends in .csv, else JSON lines), one row per device per
@@ -106,6 +109,7 @@ class TelemetrySampler:
         self.reason: str | None = None
         self.available = False
         self.notes: list[str] = []
+        self.at_start: dict[str, dict[str, float | None]] = {}
         self._lib = None
         self._targets: list[_Target] = []
         self._stop = threading.Event()
@@ -139,6 +143,7 @@ class TelemetrySampler:
             log.warning(self.reason)
             return self
         self.available = True
+        self.at_start = {t.device: self._power_budget(t) for t in self._targets}
         if self.want_gpm:
             for t in self._targets:
                 if not t.gpm:
@@ -244,6 +249,16 @@ class TelemetrySampler:
             "power_w": round(power / 1000.0, 2) if power is not None else None,
             "sm_clock_mhz": float(sm) if sm is not None else None,
             "mem_clock_mhz": float(mclk) if mclk is not None else None,
+        }
+
+    def _power_budget(self, t: _Target) -> dict[str, float | None]:
+        """The card's enforced power limit and its draw now, W (None where NVML says no); a MIG
+        device reads its whole GPU's, which its instances share."""
+        limit = nv.try_call(self._lib.nvmlDeviceGetEnforcedPowerLimit, t.parent)
+        power = nv.try_call(self._lib.nvmlDeviceGetPowerUsage, t.parent)
+        return {
+            "power_limit_w": round(limit / 1000.0, 1) if isinstance(limit, int | float) else None,
+            "power_w": round(power / 1000.0, 2) if isinstance(power, int | float) else None,
         }
 
     def _reasons(self, t: _Target) -> dict[str, Any]:

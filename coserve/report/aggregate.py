@@ -59,9 +59,14 @@ METRICS: dict[str, tuple[str, ...]] = {
             "fp32_active",
             "gpu_util",
             "power_w",
+            "sm_clock_mhz",
+            "power_capped",
             "mem_used_mib",
         )
     },
+    # the card's budget: its enforced limit, and its draw with the servers up before the load
+    "power_limit_w": ("telemetry", "at_start", "power_limit_w"),
+    "power_before_load_w": ("telemetry", "at_start", "power_w"),
 }
 TELEMETRY = ("sm_active", "sm_occupancy", "tensor_active", "dram_active")
 THROUGHPUT = {"gen": "gen_tok_s", "embed": "embed_seq_s"}  # each role's throughput metric

@@ -26,9 +26,9 @@ from coserve.report.sections import (
     problems_blocks,
     settings_blocks,
     sweep_blocks,
-    telemetry_blocks,
     throughput_table,
 )
+from coserve.report.telemetry_section import telemetry_blocks
 from coserve.report.tradeoff import equal_work_checks
 from coserve.report.verdict import verdict
 

@@ -1,5 +1,5 @@
-"""The report's sections as blocks: throughput, latency, telemetry, sweep, problems,
-settings and environment."""
+"""The report's sections as blocks: throughput, latency, sweep, problems, settings and
+environment (telemetry: telemetry_section.py)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,8 @@ from coserve.experiment.failure import why
 from coserve.experiment.fingerprint import describe_gpus
 from coserve.experiment.preflight import GPU_STRATEGIES
 from coserve.report.aggregate import RunStats
-from coserve.report.blocks import Block, frac, num, pct, status_text, with_ci
+from coserve.report.blocks import Block, num, pct, status_text, with_ci
 from coserve.report.load_tables import load_text
-from coserve.report.per_gpu import per_gpu_blocks
 from coserve.report.tradeoff import equal_work_checks
 
 
@@ -133,58 +132,6 @@ def latency_tables(run: RunStats) -> list[Block]:
                 "half-width; requests that ended inside the measurement window.",
             )
         )
-    return out
-
-
-def telemetry_blocks(run: RunStats) -> list[Block]:
-    out = [Block("h2", "GPU telemetry")]
-    rows = []
-    for c in run.matrix:
-        if any(
-            m in c.summary for m in ("sm_active", "sm_occupancy", "tensor_active", "dram_active")
-        ):
-            rows.append(
-                [
-                    c.name,
-                    *(
-                        with_ci(c.summary.get(m), frac)
-                        for m in ("sm_active", "sm_occupancy", "tensor_active", "dram_active")
-                    ),
-                    with_ci(c.summary.get("power_w")),
-                ]
-            )
-    if rows:
-        out.append(
-            Block(
-                "table",
-                headers=[
-                    "Condition",
-                    "SM active",
-                    "SM occupancy",
-                    "Tensor active",
-                    "DRAM active",
-                    "Power (W)",
-                ],
-                rows=rows,
-            )
-        )
-        out.append(
-            Block(
-                "p",
-                "NVML GPM metrics (the study's DCGM fields), fractions 0-1, mean over "
-                "the samples inside the measurement window. GPM is device-wide: on a "
-                "shared GPU it cannot split gen from embed.",
-            )
-        )
-        return out + per_gpu_blocks(run)
-    notes = set()
-    for c in run.matrix:
-        for r in c.ok:
-            t = r.get("telemetry") or {}
-            if t.get("status"):
-                notes.add(t["status"])
-    why = "; ".join(sorted(notes)) or describe_gpus(run.fingerprint)
-    out.append(Block("p", f"No GPU telemetry in this run: {why}."))
     return out
 
 
