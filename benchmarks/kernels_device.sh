@@ -8,6 +8,9 @@
 #       SWEEPS      default attn,moe: benchmarks/kernels.py --only SWEEPS, once at TP=1 shapes
 #                   and once at one TP=2 rank's
 #
+# PYTEST_K, if set, selects tests by pytest's -k expression ("moe or tma"): the file list
+# splits on spaces, so an expression cannot travel inside TEST_FILES.
+#
 # Each part runs under its own time limit (TESTS_S, default 300; SWEEP_S, default 120 per
 # sweep), so a hang in one still leaves the others' figures. Written under $OUT: pytest.log,
 # kernels-tp1.log/.json, kernels-tp2.log/.json. Printed last: the pytest summary and each
@@ -24,8 +27,11 @@ export PYTHONUNBUFFERED=1
 
 nvidia-smi -L 2>&1
 echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo '?'), started $(date -u +%FT%TZ)"
+select=()
+if [ -n "${PYTEST_K:-}" ]; then select=(-k "$PYTEST_K"); fi
 # shellcheck disable=SC2086  # the file list splits on purpose
-timeout -k 30 "${TESTS_S:-300}" python3 -m pytest -q -rs $tests >"$out/pytest.log" 2>&1
+timeout -k 30 "${TESTS_S:-300}" python3 -m pytest -q -rs $tests "${select[@]}" \
+    >"$out/pytest.log" 2>&1
 echo "pytest exit $?, $(date -u +%T)"
 for tp in 1 2; do
     PYTHONPATH=. timeout -k 30 "${SWEEP_S:-120}" python3 benchmarks/kernels.py --only "$sweeps" \
