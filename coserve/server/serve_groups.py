@@ -41,28 +41,28 @@ def add_flag_groups(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         type=tcp_port,
         default=8001,
-        help="the embed endpoint's port (0 picks a free one)",
+        help="the embed endpoint's port (0 picks a free one) (default %(default)s)",
     )
     co.add_argument(
         "--embed-gpu-memory-utilization",
         metavar="F",
         type=fraction,
         default=0.3,
-        help="the embed engine's fraction of the GPU",
+        help="the embed engine's fraction of the GPU (default %(default)s)",
     )
     co.add_argument(
         "--embed-max-model-len",
         metavar="N",
         type=positive_int,
         default=None,
-        help="the embed engine's longest input",
+        help="the embed engine's longest input (default: the model's own limit)",
     )
     co.add_argument(
         "--embed-max-num-seqs",
         metavar="N",
         type=positive_int,
         default=256,
-        help="inputs in one embed forward",
+        help="inputs in one embed forward (default %(default)s)",
     )
     co.add_argument(
         "--embed-sms",
@@ -86,7 +86,7 @@ def add_flag_groups(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         type=positive_int,
         default=8192,
-        help="tokens in one embed forward",
+        help="tokens in one embed forward (default %(default)s)",
     )
     guard = KindGroup(
         parser.add_argument_group(
