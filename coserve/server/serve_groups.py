@@ -27,8 +27,12 @@ def add_flag_groups(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(flag_kinds=kinds, given_flags=frozenset())
     co = KindGroup(
         parser.add_argument_group(
-            "colocated: the embed engine beside gen in one process (gen decodes on a "
-            "high-priority CUDA stream, embed on a low one); the flags above are gen's"
+            "colocated: the embed engine beside gen in one process",
+            "Gen decodes on a high-priority CUDA stream, embed on a low one. Of the flags "
+            "above, --model, --served-model-name, --port, --gpu-memory-utilization, "
+            "--max-model-len, --max-num-seqs, --max-num-batched-tokens and --enforce-eager are "
+            "gen's (embed's are below); the rest, --random-weights, --device, --dtype and --seed "
+            "among them, hold for both engines.",
         ),
         ("colocated",),
         kinds,
