@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 
 from coserve.server.fields import CHARS_PER_TOKEN_BOUND, RequestLimits
-from coserve.server.profile_api import add_flags as add_profile_flags
+from coserve.server.profile_flags import add_flags as add_profile_flags
 from coserve.server.serve_flags import (
     GUARDED,
     KindGroup,
