@@ -235,6 +235,7 @@ def run(args) -> int:
         serve_device(args.device),
         args.gpu_memory_utilization,
         args.tensor_parallel_size,
+        args.dtype,
     )
     if too_big:  # before anything is allocated
         print(f"coserve serve: {too_big}", file=sys.stderr)
@@ -291,9 +292,15 @@ def _run_colocated(args) -> int:
 
     why = (
         colocated.problem(args, serve_device(args.device))
-        or serve_problem(args.model, serve_device(args.device), args.gpu_memory_utilization, 1)
         or serve_problem(
-            args.embed_model, serve_device(args.device), args.embed_gpu_memory_utilization, 1
+            args.model, serve_device(args.device), args.gpu_memory_utilization, 1, args.dtype
+        )
+        or serve_problem(
+            args.embed_model,
+            serve_device(args.device),
+            args.embed_gpu_memory_utilization,
+            1,
+            args.dtype,
         )
     )
     if why:
