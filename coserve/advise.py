@@ -372,6 +372,10 @@ def render(a: Advice) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = (
+        "Exit status: 0 when a condition meets the budget, 1 when none does (the closest is "
+        "named), 2 for a bad option or run folder."
+    )
     parser.add_argument("run_dir", metavar="RUN_DIR", help="a `coserve run` folder")
     parser.add_argument(
         "--gen-tpot-p99-ms",

@@ -2,9 +2,11 @@
 so that `coserve serve gen --model qwen3-30b-a3b --random-weights` on a CPU machine refuses
 at once instead of filling the RAM with 30B parameters.
 
-The need is the weights' size as stored (FP8 where the preset's config says so, else 2 bytes
-a parameter: `coserve.model_size.model_size`), a lower bound of what the engine allocates; a model
-is refused only when even that exceeds what is free, so a refusal is always right.
+The need is the weights' size as the engine holds them (`coserve.model_size.model_size`): on
+a GPU FP8 where the preset's config says so, else 2 bytes a parameter; on a CPU every weight in
+the engine's dtype, 4 bytes unless --dtype says otherwise, since the CPU engine dequantises an
+FP8 checkpoint at load. It is a lower bound of what the engine allocates; a model is refused
+only when even that exceeds what is free, so a refusal is always right.
 """
 
 from __future__ import annotations
@@ -38,12 +40,16 @@ class MemoryNeed:
         )
 
 
-def weight_bytes(model: str) -> int | None:
-    """Bytes of `model`'s weights (a preset or a model directory), or None if unknown."""
-    from coserve.model_size import model_size
+def weight_bytes(model: str, device: str = "cuda", dtype: str | None = None) -> int | None:
+    """Bytes of `model`'s weights (a preset or a model directory) as the engine holds them on
+    `device` ("cpu" or "cuda") in `dtype` (None: the engine's choice, float32 on a CPU, else
+    bf16), or None if unknown."""
+    from coserve.model_size import DTYPE_BYTES, model_size
 
+    cpu = device == "cpu"
+    width = DTYPE_BYTES.get(dtype or ("float32" if cpu else "bfloat16"), 2)
     try:
-        return model_size(model).weight_bytes
+        return model_size(model, width, dequantised=cpu).weight_bytes
     except (ValueError, KeyError, OSError):
         return None
 
@@ -61,23 +67,32 @@ def ram_available() -> int | None:
 
 
 def memory_need(
-    model: str, device: str, free_bytes: int | None, tensor_parallel_size: int = 1
+    model: str,
+    device: str,
+    free_bytes: int | None,
+    tensor_parallel_size: int = 1,
+    dtype: str | None = None,
 ) -> MemoryNeed | None:
-    """The check for `model` on `device` ("cpu", "cuda", "cuda:N") given `free_bytes`; None when
-    either side is unknown (nothing to say)."""
-    need = weight_bytes(model)
+    """The check for `model` on `device` ("cpu", "cuda", "cuda:N") in `dtype` (None: the
+    engine's choice) given `free_bytes`; None when either side is unknown (nothing to say)."""
+    kind = "cpu" if device == "cpu" else "cuda"
+    need = weight_bytes(model, kind, dtype)
     if need is None or free_bytes is None:
         return None
     return MemoryNeed(
         model,
-        "cpu" if device == "cpu" else "cuda",
+        kind,
         need // max(1, tensor_parallel_size),
         free_bytes,
     )
 
 
 def serve_problem(
-    model: str, device: str, gpu_memory_utilization: float, tensor_parallel_size: int = 1
+    model: str,
+    device: str,
+    gpu_memory_utilization: float,
+    tensor_parallel_size: int = 1,
+    dtype: str | None = None,
 ) -> str | None:
     """For `coserve serve`: why `model` cannot be loaded on `device` (no such CUDA device, or
     weights bigger than the memory), or None. On CUDA the budget is `gpu_memory_utilization`
@@ -99,5 +114,5 @@ def serve_problem(
                 f"(cuda:0..cuda:{torch.cuda.device_count() - 1})"
             )
         free = int(torch.cuda.get_device_properties(index).total_memory * gpu_memory_utilization)
-    need = memory_need(model, device, free, tensor_parallel_size)
+    need = memory_need(model, device, free, tensor_parallel_size, dtype)
     return need.problem() if need else None

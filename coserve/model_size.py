@@ -22,14 +22,18 @@ class ModelSize:
     kv_text: str = ""
 
 
-def model_size(model: str, dtype_bytes: int = 2, embedding: bool = False) -> ModelSize:
+def model_size(
+    model: str, dtype_bytes: int = 2, embedding: bool = False, dequantised: bool = False
+) -> ModelSize:
     """Parameters, weight bytes (FP8 block-quantised where the config says so) and KV bytes
     per token of a Qwen3 (dense or MoE) decoder or a BERT encoder. An `embedding` model
-    (Qwen3-Embedding: pooled hidden states) has no lm_head."""
+    (Qwen3-Embedding: pooled hidden states) has no lm_head. `dequantised`: every weight at
+    `dtype_bytes`, as the engine holds an FP8 checkpoint on the CPU (it dequantises at load)."""
     c = hf_config(model)
     H, V = c["hidden_size"], c["vocab_size"]
     q = c.get("quantization_config") or {}
-    fp8 = q.get("quant_method") == "fp8"
+    fp8_checkpoint = q.get("quant_method") == "fp8"
+    fp8 = fp8_checkpoint and not dequantised
     block = (q.get("weight_block_size") or [128, 128]) if fp8 else None
 
     def linear(n_out: int, n_in: int, quantised: bool) -> tuple[int, int]:
@@ -76,10 +80,12 @@ def model_size(model: str, dtype_bytes: int = 2, embedding: bool = False) -> Mod
     parts.append((H, H * dtype_bytes))  # final norm
     params = sum(p for p, _ in parts)
     kv = 2 * L * nkv * hd * dtype_bytes
-    fmt = (
-        f"FP8 block {block[0]}x{block[1]}, embeddings/lm_head/router bf16"
-        if fp8
-        else f"{'bf16' if dtype_bytes == 2 else f'{8 * dtype_bytes}-bit'}"
-    )
+    width = "bf16" if dtype_bytes == 2 else f"{8 * dtype_bytes}-bit"
+    if fp8:
+        fmt = f"FP8 block {block[0]}x{block[1]}, embeddings/lm_head/router {width}"
+    elif fp8_checkpoint:
+        fmt = f"{width}: its FP8 weights dequantised at load, as on a CPU"
+    else:
+        fmt = width
     kv_text = f"{L} layers x {nkv} KV heads x {hd} dim x (K+V) x {dtype_bytes} B"
     return ModelSize(model, params, sum(b for _, b in parts), kv, fmt, kv_text)

@@ -225,13 +225,14 @@ def make_plan(args: argparse.Namespace) -> tuple[Plan, list[int]]:
         gpu = Gpu(
             f"{args.gpu_memory_gib:g} GiB GPU", int(args.gpu_memory_gib * GiB), "--gpu-memory-gib"
         )
-    dtype = args.dtype or ("float32" if kv_cache_bytes is not None else "bfloat16")
+    cpu_server = kv_cache_bytes is not None  # the CPU engine keeps no FP8: it dequantises
+    dtype = args.dtype or ("float32" if cpu_server else "bfloat16")
     embed = (
         None
         if embed_model in ("none", "", None)
-        else model_size(embed_model, DTYPE_BYTES[dtype], embedding=True)
+        else model_size(embed_model, DTYPE_BYTES[dtype], embedding=True, dequantised=cpu_server)
     )
-    gen = model_size(gen_model, DTYPE_BYTES[dtype])
+    gen = model_size(gen_model, DTYPE_BYTES[dtype], dequantised=cpu_server)
     reserve, source = _reserve(gen, args, kv_cache_bytes)
     plan = Plan(
         gpu,

@@ -263,3 +263,12 @@ def test_a_ci_too_narrow_for_the_tables_digits_keeps_its_own():
     text = render(advise(aggregate(equal_work), 20.0))
     (row,) = [ln for ln in text.splitlines() if ln.startswith("timeslice ")]
     assert "31.0 ± 0.03" in row and "± 0.0 " not in row
+
+
+def test_help_states_the_exit_status(capsys):
+    """advise exits 1 when nothing meets the budget; a script reading its status had only
+    the code to learn that (a new user's pass, 2026-12-01)."""
+    with pytest.raises(SystemExit):
+        main(["advise", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "Exit status: 0 when a condition meets the budget, 1 when none does" in text

@@ -41,10 +41,11 @@ def test_the_engines_and_their_workers_import_one_way():
 
 def test_the_command_line_is_built_without_torch():
     # cli.py imports every command's module to build its parser, `coserve serve` too; torch
-    # there once cost each server start seconds (and `coserve --help` with it)
+    # there once cost each server start seconds (and `coserve --help` with it); aiohttp,
+    # through the profiling endpoints' flags, cost `coserve --help` about half a second
     code = (
         "import sys; from coserve.cli import build_parser; build_parser(); "
-        "print(sorted(m for m in ('torch', 'matplotlib', 'ray') if m in sys.modules))"
+        "print(sorted(m for m in ('torch', 'matplotlib', 'ray', 'aiohttp') if m in sys.modules))"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True

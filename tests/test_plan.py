@@ -122,6 +122,27 @@ def test_weights_match_the_engines_own_model():
         assert PC.model_size(name, embedding=task == "embed").weight_bytes == engine_bytes, name
 
 
+def test_a_cpu_plan_counts_the_weights_the_cpu_engine_holds():
+    """On a CPU the engine dequantises an FP8 checkpoint at load (float32 by default): the
+    plan counted FP8 bytes there, 30 GiB for qwen3-30b-a3b's 114 GiB, and said 'FP8 block'
+    (a new user's pass, 2026-12-01)."""
+    torch = pytest.importorskip("torch")
+    from coserve.engine.layers import dequantize_model_
+    from coserve.engine.presets import get_preset
+    from coserve.engine.weights import build_model, parse_hf_config
+
+    for name in ("tiny-moe", "qwen3-30b-a3b"):
+        cfg = parse_hf_config(get_preset(name).hf_config, None)
+        net = build_model(
+            cfg, task="generate", dtype=torch.float32, device=torch.device("meta"), quant=cfg.quant
+        )
+        dequantize_model_(net)  # as weights.py does on a CPU
+        engine_bytes = sum(p.numel() * p.element_size() for p in net.parameters())
+        plan, _ = PC.make_plan(args(gen=name, embed="none", kv_cache_bytes=256 << 20))
+        assert plan.gen.weight_bytes == engine_bytes, name
+        assert "FP8 block" not in plan.gen.fmt and "dequantised" in plan.gen.fmt
+
+
 def test_no_room_for_a_kv_cache_names_the_fix():
     plan, _ = PC.make_plan(args(gpu="h100", gen_util=0.40, embed_util=0.30))
     assert plan.kv_tokens == 0

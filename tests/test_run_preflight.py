@@ -69,9 +69,9 @@ def test_weights_that_do_not_fit(monkeypatch):
     big = 'model = "qwen3-30b-a3b"\ndevice = "cpu"'
     (p,) = check(spec(big), NO_GPU, ram_gib=16, monkeypatch=monkeypatch)
     assert p.startswith(
-        "c: qwen3-30b-a3b needs at least 29.0 GiB for its weights, more than the 16.0 GiB of RAM"
-    )
-    assert check(spec(big), NO_GPU, ram_gib=64, monkeypatch=monkeypatch) == []
+        "c: qwen3-30b-a3b needs at least 113.7 GiB for its weights, more than the 16.0 GiB of RAM"
+    )  # float32 on a CPU: the engine dequantises the FP8 checkpoint at load
+    assert check(spec(big), NO_GPU, ram_gib=128, monkeypatch=monkeypatch) == []
     (p,) = check(
         spec('model = "qwen3-30b-a3b"\ngpu_memory_utilization = 0.2'),
         ONE_GPU,
@@ -177,6 +177,18 @@ def test_serve_refuses_weights_bigger_than_the_ram(monkeypatch):
     assert memcheck.serve_problem("no-such-model", "cpu", 0.9) is None  # the engine names that
 
 
+def test_the_cpu_check_counts_the_weights_in_the_cpu_engine_s_dtype(monkeypatch):
+    """The CPU engine holds float32 weights (FP8 dequantised at load): qwen3-embedding-8b's
+    28 GiB passed a 20 GiB machine's check, counted at 15 GiB of bf16, and would have filled
+    its RAM (a new user's pass, 2026-12-01)."""
+    monkeypatch.setattr(memcheck, "ram_available", lambda: 20 * GiB)
+    said = memcheck.serve_problem("qwen3-embedding-8b", "cpu", 0.9)
+    assert said and "more than the 20.0 GiB of RAM available" in said
+    assert memcheck.serve_problem("qwen3-embedding-8b", "cpu", 0.9, dtype="bfloat16") is None
+    fp32 = memcheck.weight_bytes("qwen3-30b-a3b", "cpu")
+    assert fp32 > 100 * GiB > 40 * GiB > memcheck.weight_bytes("qwen3-30b-a3b", "cuda")
+
+
 @pytest.mark.skipif(HAS_GPU, reason="checks the refusal on a machine without CUDA")
 def test_serve_on_cuda_without_a_gpu_refuses_in_one_line(capsys):
     argv = ["serve", "gen", "--model", "tiny-dense", "--random-weights", "--port", "0"]
@@ -214,7 +226,7 @@ def test_serve_of_a_30b_model_on_this_cpu_refuses_at_once():
         env=env(),
     )
     assert proc.returncode == 2, proc.stderr
-    assert "coserve serve: qwen3-30b-a3b needs at least 29.0 GiB for its weights" in proc.stderr
+    assert "coserve serve: qwen3-30b-a3b needs at least 113.7 GiB for its weights" in proc.stderr
     assert time.monotonic() - t0 < 60  # nothing was allocated
 
 

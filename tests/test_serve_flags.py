@@ -172,3 +172,27 @@ def test_an_empty_api_key_variable_reads_as_unset(monkeypatch):
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     assert parser.parse_args(["embed", "--model", "tiny-embed"]).api_key is None
+
+
+def test_colocated_help_says_which_flags_both_engines_take():
+    """`serve colocated --random-weights` gave the embed model random weights too, while the
+    help called every flag above the colocated group gen's (a new user's pass, 2026-12-01)."""
+    import argparse
+
+    from coserve.cli import build_parser
+    from coserve.server.colocated import engine_args
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    serve = sub.choices["serve"]
+    group = next(g for g in serve._action_groups if g.title.startswith("colocated"))
+    title = group.description or group.title
+    args = serve.parse_args(
+        ["colocated", "--model", "tiny-moe", "--embed-model", "all-minilm-l6-v2"]
+        + ["--random-weights", "--device", "cpu", "--seed", "7", "--dtype", "float32"]
+    )
+    embed = vars(engine_args(args)["embed"])
+    shared = title.split("the rest,")[1]
+    for flag in ("--random-weights", "--device", "--dtype", "--seed"):
+        assert embed[flag[2:].replace("-", "_")] == vars(args)[flag[2:].replace("-", "_")]
+        assert flag in shared, title

@@ -47,7 +47,8 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
     """Defaults shown once: not for flags without one (None, False) or whose help says it."""
 
     def _get_help_string(self, action):
-        if action.default in (None, False) or "default" in (action.help or ""):
+        # `is`, not `in (None, False)`: 0 == False, and --seed's default 0 was hidden
+        if action.default is None or action.default is False or "default" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
 

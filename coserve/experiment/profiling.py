@@ -21,7 +21,7 @@ from pathlib import Path
 
 from coserve.experiment.backend import Backend
 from coserve.experiment.rundir import write_json
-from coserve.server.profile_api import DEFAULT_MIN_S
+from coserve.server.profile_flags import DEFAULT_MIN_S
 
 log = logging.getLogger("coserve.experiment")
 

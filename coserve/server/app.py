@@ -33,8 +33,9 @@ from coserve.server.gen_api import OUTCOME, GenApi
 from coserve.server.http_errors import JsonErrorRunner
 from coserve.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from coserve.server.metrics import Metrics
-from coserve.server.profile_api import DEFAULT_MIN_S, DEFAULT_STEPS, ProfileApi
 from coserve.server.profile_api import PATHS as PROFILE_PATHS
+from coserve.server.profile_api import ProfileApi
+from coserve.server.profile_flags import DEFAULT_MIN_S, DEFAULT_STEPS
 from coserve.server.protocol import parse_embedding
 from coserve.server.slo_guard import Allowance, GuardConfig, SloGuard
 from coserve.server.slo_guard_io import guard_metrics, run_guard

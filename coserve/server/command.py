@@ -64,7 +64,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="name(s) the API answers to (default: the --model value)",
     )
     parser.add_argument(
-        "--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available)"
+        "--device",
+        default="auto",
+        help="cpu, cuda, cuda:N or auto (cuda when available; the default)",
     )
     parser.add_argument(
         "--dtype",
@@ -74,38 +76,43 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--host",
         default="127.0.0.1",
-        help="address to listen on (0.0.0.0: every interface; set --api-key then)",
+        help="address to listen on (default %(default)s: this machine only; 0.0.0.0: every "
+        "interface, set --api-key then)",
     )
     parser.add_argument(
-        "--port", metavar="N", type=tcp_port, default=8000, help="0 picks a free port"
+        "--port",
+        metavar="N",
+        type=tcp_port,
+        default=8000,
+        help="0 picks a free port (default %(default)s)",
     )
     parser.add_argument(
         "--gpu-memory-utilization",
         metavar="F",
         type=fraction,
         default=0.9,
-        help="fraction of the whole GPU this process may use, as in vLLM",
+        help="fraction of the whole GPU this process may use, as in vLLM (default %(default)s)",
     )
     parser.add_argument(
         "--kv-cache-bytes",
         metavar="BYTES",
         type=parse_bytes,
         default=256 << 20,
-        help="KV-cache budget on CPU (e.g. 256M)",
+        help="KV-cache budget on CPU, in bytes or with a K/M/G suffix (default 256M)",
     )
     parser.add_argument(
         "--max-model-len",
         metavar="N",
         type=positive_int,
         default=None,
-        help="longest prompt + completion in tokens",
+        help="longest prompt + completion in tokens (default: the model's own limit)",
     )
     parser.add_argument(
         "--max-num-seqs",
         metavar="N",
         type=positive_int,
         default=256,
-        help="most sequences in one batch",
+        help="most sequences in one batch (default %(default)s)",
     )
     parser.add_argument(
         "--max-num-batched-tokens",
@@ -113,7 +120,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         type=positive_int,
         default=8192,
-        help="most tokens in one step (prefill chunk / embedding batch)",
+        help="most tokens in one step (prefill chunk / embedding batch) (default %(default)s)",
     )
     parser.add_argument(
         "--enforce-eager",
@@ -127,7 +134,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=positive_int,
         default=1,
         help="ranks the model is split across: one process each, on one GPU each from "
-        "--device on (on the CPU they share its cores)",
+        "--device on (on the CPU they share its cores) (default %(default)s)",
     )
     parser.add_argument(
         "--enable-expert-parallel",
@@ -154,7 +161,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         type=int,
         default=0,
-        help="seed of random weights and of unseeded sampling",
+        help="seed of random weights and of unseeded sampling (default %(default)s)",
     )
     parser.add_argument(
         "--api-key",
@@ -168,14 +175,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=seconds,
         default=5.0,
         metavar="S",
-        help="on SIGTERM, seconds in-flight requests get to finish before they are aborted",
+        help="on SIGTERM or Ctrl-C, seconds in-flight requests get to finish before they are "
+        "aborted (default %(default)s)",
     )
     parser.add_argument("--access-log", action="store_true", help="log every HTTP request")
     parser.add_argument(
         "--log-level",
         default="INFO",
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-        help="least severe log message written to stderr",
+        help="least severe log message written to stderr (default %(default)s)",
     )
     add_flag_groups(parser)
 
@@ -227,6 +235,7 @@ def run(args) -> int:
         serve_device(args.device),
         args.gpu_memory_utilization,
         args.tensor_parallel_size,
+        args.dtype,
     )
     if too_big:  # before anything is allocated
         print(f"coserve serve: {too_big}", file=sys.stderr)
@@ -283,9 +292,15 @@ def _run_colocated(args) -> int:
 
     why = (
         colocated.problem(args, serve_device(args.device))
-        or serve_problem(args.model, serve_device(args.device), args.gpu_memory_utilization, 1)
         or serve_problem(
-            args.embed_model, serve_device(args.device), args.embed_gpu_memory_utilization, 1
+            args.model, serve_device(args.device), args.gpu_memory_utilization, 1, args.dtype
+        )
+        or serve_problem(
+            args.embed_model,
+            serve_device(args.device),
+            args.embed_gpu_memory_utilization,
+            1,
+            args.dtype,
         )
     )
     if why:

@@ -17,38 +17,7 @@ from aiohttp import web
 from coserve.engine.messages import Profile
 from coserve.server.body import json_response
 from coserve.server.errors import ApiError
-from coserve.server.serve_flags import positive_int, seconds
-
-DEFAULT_STEPS = 20
-# Long enough for gen's window to overlap an embed server's first steps (docs/mechanism.md:
-# at 20 steps alone, gen's ~0.5 s time-sliced window missed embed's 677 ms steps entirely).
-DEFAULT_MIN_S = 2.0
-
-
-def add_flags(group) -> None:
-    """--profile-dir and --profile-steps on `group` (a serve_flags.KindGroup of gen, embed)."""
-    group.add_argument(
-        "--profile-dir",
-        metavar="DIR",
-        default=None,
-        help="enable POST /start_profile: capture engine steps with the torch profiler into DIR",
-    )
-    group.add_argument(
-        "--profile-steps",
-        metavar="N",
-        type=positive_int,
-        default=DEFAULT_STEPS,
-        help="engine steps one /start_profile captures (default %(default)s)",
-    )
-    group.add_argument(
-        "--profile-min-seconds",
-        metavar="S",
-        type=seconds,
-        default=DEFAULT_MIN_S,
-        help="and capture on until S seconds have passed, so that servers with short and long "
-        "steps cover the same time (default %(default)s)",
-    )
-
+from coserve.server.profile_flags import DEFAULT_MIN_S
 
 START, STOP, STATUS = "/start_profile", "/stop_profile", "/profile"
 # Outside /v1, yet behind --api-key: they start the profiler and write traces to disk.

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 
 from coserve.server.fields import CHARS_PER_TOKEN_BOUND, RequestLimits
-from coserve.server.profile_api import add_flags as add_profile_flags
+from coserve.server.profile_flags import add_flags as add_profile_flags
 from coserve.server.serve_flags import (
     GUARDED,
     KindGroup,
@@ -27,8 +27,12 @@ def add_flag_groups(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(flag_kinds=kinds, given_flags=frozenset())
     co = KindGroup(
         parser.add_argument_group(
-            "colocated: the embed engine beside gen in one process (gen decodes on a "
-            "high-priority CUDA stream, embed on a low one); the flags above are gen's"
+            "colocated: the embed engine beside gen in one process",
+            "Gen decodes on a high-priority CUDA stream, embed on a low one. Of the flags "
+            "above, --model, --served-model-name, --port, --gpu-memory-utilization, "
+            "--max-model-len, --max-num-seqs, --max-num-batched-tokens and --enforce-eager are "
+            "gen's (embed's are below); the rest, --random-weights, --device, --dtype and --seed "
+            "among them, hold for both engines.",
         ),
         ("colocated",),
         kinds,
@@ -41,28 +45,28 @@ def add_flag_groups(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         type=tcp_port,
         default=8001,
-        help="the embed endpoint's port (0 picks a free one)",
+        help="the embed endpoint's port (0 picks a free one) (default %(default)s)",
     )
     co.add_argument(
         "--embed-gpu-memory-utilization",
         metavar="F",
         type=fraction,
         default=0.3,
-        help="the embed engine's fraction of the GPU",
+        help="the embed engine's fraction of the GPU (default %(default)s)",
     )
     co.add_argument(
         "--embed-max-model-len",
         metavar="N",
         type=positive_int,
         default=None,
-        help="the embed engine's longest input",
+        help="the embed engine's longest input (default: the model's own limit)",
     )
     co.add_argument(
         "--embed-max-num-seqs",
         metavar="N",
         type=positive_int,
         default=256,
-        help="inputs in one embed forward",
+        help="inputs in one embed forward (default %(default)s)",
     )
     co.add_argument(
         "--embed-sms",
@@ -86,7 +90,7 @@ def add_flag_groups(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         type=positive_int,
         default=8192,
-        help="tokens in one embed forward",
+        help="tokens in one embed forward (default %(default)s)",
     )
     guard = KindGroup(
         parser.add_argument_group(
