@@ -116,6 +116,15 @@ HARDWARE: tuple[HardwareRecord, ...] = (
         "serve colocated: a disjoint SM split (--gen-sms; GPU test and 2 reps)",
         "H200 (GPU 0 of 2), 2026-11-30 (docs/co-scheduling.md, third measurements)",
     ),
+    HardwareRecord(
+        "serve colocated: the SLO guard inside the one process (1 rep)",
+        "H200 (GPU 0 of 2), 2026-11-30 (docs/co-scheduling.md, fifth measurements)",
+    ),
+    HardwareRecord(
+        "MoE kernels: expert weights by TMA (GEMM2), the many-program align, the Triton "
+        "combine (GPU tests, kernel and engine benchmarks, coserve run gen alone)",
+        "H200, 2026-12-01 (docs/kernels.md, docs/performance.md)",
+    ),
 )
 
 
