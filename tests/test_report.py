@@ -396,3 +396,14 @@ def test_the_environment_names_the_files_a_dirty_tree_changed(run_dir, tmp_path)
     (bad / "fingerprint.json").write_text(json.dumps({**fp, "git": {**git, "changed": []}}))
     assert main(["report", str(bad), "--no-plots"]) == 0
     assert "commit cccccccccccc (with local changes);" in (bad / "report.md").read_text()
+
+
+def test_the_console_table_can_hold_some_conditions_alone(run_dir):
+    # a profile of one condition printed every condition of its spec, the rest "not run"
+    from coserve.report.render import console_table
+
+    run = aggregate(run_dir)
+    names = list(console_table(run, {"gen-only"}).columns[0].cells)
+    assert names == ["gen-only"]
+    every = list(console_table(run).columns[0].cells)
+    assert "mps" in every and len(every) > 1

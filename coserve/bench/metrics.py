@@ -112,7 +112,8 @@ def nothing_answered(result: BenchResult, ep: EndpointRun) -> str | None:
     return (
         f"nothing was answered by the {ep.kind} server at {ep.url} in the "
         f"{result.measured_s:g} s window ({ep.sent} requests sent, {waiting} still "
-        f"unanswered at its end)"
+        f"unanswered at its end); if one answer can take longer than that (a busy CPU, a "
+        f"profiler on), a longer measurement window will measure it"
     )
 
 

@@ -254,8 +254,9 @@ def _ray_runner():
     return RayRunner
 
 
-def _report(rd, console) -> bool:
-    """Render the report; on a file-system error say so in one line (the reps are kept)."""
+def _report(rd, console, only: set[str] | None = None) -> bool:
+    """Render the report and print its throughput table (`only`: these conditions' rows); on
+    a file-system error say so in one line (the reps are kept)."""
     from coserve.report.render import console_table, render, verdict
     from coserve.term import stdout_console
 
@@ -271,7 +272,7 @@ def _report(rd, console) -> bool:
         )
         return False
     out = stdout_console()
-    out.print(console_table(rendered.run))
+    out.print(console_table(rendered.run, only))
     line = verdict(rendered.run)
     if line:
         out.print(line.replace("**", ""), markup=False, highlight=False)

@@ -343,7 +343,7 @@ def _profile(spec, names: list[str], out: Path, args, console) -> int:
         say(console, "interrupted:", "yellow", f"finished reps are kept in {out}")
         return 130
     order = [c.name for c in spec.all_conditions()]
-    if not _report(runner.run_dir, console):
+    if not _report(runner.run_dir, console, set(names)):
         return 1
     print_table(out, order)
     failed = [r for r in records if r.get("status") != "ok"]

@@ -268,9 +268,10 @@ def render(path: str | Path, with_plots: bool = True) -> Rendered:
     return Rendered(run, md, htm, st, plot_paths)
 
 
-def console_table(run: RunStats):
+def console_table(run: RunStats, only: set[str] | None = None):
     """The throughput table as a rich Table, for the terminal; its caption says whether the
-    compared conditions did equal embed work."""
+    compared conditions did equal embed work. `only`: the rows of these conditions (and their
+    sweep points) alone, as for a profile of some of a spec's conditions."""
     from rich.markup import escape
     from rich.table import Table
 
@@ -284,5 +285,6 @@ def console_table(run: RunStats):
     for h, a in zip(b.headers, b.aligns(), strict=True):
         t.add_column(h, justify="right" if a == "r" else "left")
     for row in b.rows:
-        t.add_row(*[c.replace("**", "") for c in row])
+        if only is None or row[0].split(".")[0] in only:
+            t.add_row(*[c.replace("**", "") for c in row])
     return t
