@@ -350,6 +350,14 @@ def test_a_server_dying_during_the_load_fails_the_rep(tmp_path):
     assert "gen server died" in records[0]["error"] and not b.live
 
 
+def test_a_load_that_raises_is_timed_too(tmp_path):
+    # phases_s had no "load" when the load raised (a server killed under it, on a busy CPU)
+    b = FakeBackend(fail_at=("gen-only", 1))
+    records = runner(tmp_path, b, only=["gen-only"]).run()
+    assert records[0]["status"] == "failed" and "unreachable" in records[0]["error"]
+    assert records[0]["phases_s"]["load"] >= 0 and records[1]["phases_s"]["load"] >= 0
+
+
 def test_nothing_completed_is_a_failure(tmp_path):
     records = runner(tmp_path, FakeBackend(no_gen_completed=True), only=["gen-only"]).run()
     assert records[0]["status"] == "failed"

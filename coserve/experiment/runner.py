@@ -357,9 +357,12 @@ class Runner:
                 load = self.load_config(cond, urls)
                 record["load"] = load
                 on_progress = self.progress.load_progress if self.progress else None
-                summary = self.backend.run_load(
-                    load, rep_dir / "bench.json", on_progress, dead=lambda: first_dead(servers)
-                )
+                try:
+                    summary = self.backend.run_load(
+                        load, rep_dir / "bench.json", on_progress, dead=lambda: first_dead(servers)
+                    )
+                finally:  # a load that raised (a server died under it) is timed too
+                    phases["load"] = round(time.monotonic() - t, 3)
                 record["bench"] = summary
                 if trace is not None:
                     record["slo_guard"] = self.backend.guard_state(urls["embed"])
@@ -372,7 +375,6 @@ class Runner:
                         "status": sampler.status(),
                         "devices": list(sampler.devices),
                     }
-                phases["load"] = round(time.monotonic() - t, 3)
                 for server in servers:  # one that died during the load fails the rep
                     server.check()
                 if summary.get("cut_short"):
