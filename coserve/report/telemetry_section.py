@@ -48,9 +48,11 @@ def telemetry_blocks(run: RunStats) -> list[Block]:
         out.append(
             Block(
                 "p",
-                "NVML GPM metrics (the study's DCGM fields), fractions 0-1, mean over "
-                "the samples inside the measurement window. GPM is device-wide: on a "
-                "shared GPU it cannot split gen from embed.",
+                "SM active to DRAM active: NVML GPM metrics (the study's DCGM fields), "
+                "fractions 0-1; power and SM clock: NVML; power-capped: the share of samples "
+                "with NVML's power-cap clock event. Each a mean over the samples inside the "
+                "measurement window. GPM is device-wide: on a shared GPU it cannot split gen "
+                "from embed.",
             )
         )
         capped = power_limited(run)
