@@ -134,7 +134,10 @@ def test_report_command_rerenders(run_dir, capsys):
     verdict = next(ln for ln in after.splitlines() if ln.startswith("**Verdict:**"))
     assert verdict.replace("**", "") in " ".join(out.split())  # as `coserve run` prints it
     assert main(["report", str(run_dir.parent)]) == 2
-    assert "not a coserve run folder" in capsys.readouterr().out
+    assert "not a coserve run folder" in capsys.readouterr().err
+    # a path that is not there was called "not a coserve run folder", on stdout
+    assert main(["report", str(run_dir / "nope")]) == 2
+    assert f"{run_dir / 'nope'} does not exist" in capsys.readouterr().err
 
 
 def test_embed_sweep_plots_the_trade_off(tmp_path):

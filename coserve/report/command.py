@@ -22,10 +22,16 @@ def run(args: argparse.Namespace) -> int:
     from coserve.term import stdout_console
 
     console = stdout_console()
-    if not RunDir(args.run_dir).readable():
-        console.print(
-            f"[red]{args.run_dir} is not a coserve run folder[/red] (no fingerprint.json nor "
-            f"spec.json; `coserve run SPEC.toml --out DIR` makes one)"
+    rd = RunDir(args.run_dir)
+    if not rd.readable():
+        why = (
+            "does not exist"
+            if not rd.path.exists()
+            else "is not a coserve run folder (no fingerprint.json nor spec.json)"
+        )
+        print(
+            f"coserve report: {args.run_dir} {why}; `coserve run SPEC.toml --out DIR` makes one",
+            file=sys.stderr,
         )
         return 2
     try:
