@@ -126,6 +126,8 @@ class ClosedLoop:
     def run(self, warmup_s: float, duration_s: float, label: str) -> dict:
         self.finished: list[list[float]] = []
         kinds0 = dict(self.engine.runner.steps)
+        sampler = power_sampler(self.engine)
+        wall0 = time.time()
         t0 = time.perf_counter()
         start, end = t0 + warmup_s, t0 + warmup_s + duration_s
         tokens, steps, step_ms, full_step_ms = 0, 0, [], []
@@ -159,6 +161,7 @@ class ClosedLoop:
             "full_decode_step_ms": dist(full_step_ms),
             "completed_in_window": sum(1 for t in self.finished if start <= t[-1] < end),
             "step_kinds": {k: v - kinds0[k] for k, v in self.engine.runner.steps.items()},
+            "telemetry": window_means(sampler, wall0 + warmup_s, wall0 + warmup_s + duration_s),
         }
         log(
             f"{label}: {res['output_tokens_per_s']:,.0f} tok/s, {steps} steps, TPOT p50 "
@@ -166,6 +169,37 @@ class ClosedLoop:
             f"{_f(res['full_decode_step_ms']['p50'])} ms"
         )
         return res
+
+
+# The window's GPU figures that say whether a step is bound by the card's power budget: at
+# the power cap the clocks drop, and a faster kernel can buy less than its bytes promise.
+WINDOW_METRICS = ("power_w", "sm_clock_mhz", "power_capped", "sm_active", "dram_active")
+
+
+def power_sampler(engine: GenEngine):
+    """NVML telemetry of the engine's GPU every 0.5 s (None on a CPU or without NVML)."""
+    if engine.runner.device.type != "cuda":
+        return None
+    from coserve.gpu.telemetry import TelemetrySampler
+
+    index = engine.runner.device.index
+    device = str(torch.cuda.current_device() if index is None else index)
+    sampler = TelemetrySampler([device], interval_s=0.5).start()
+    return sampler if sampler.available else None
+
+
+def window_means(sampler, start: float, end: float) -> dict:
+    """Means of WINDOW_METRICS over the samples inside [start, end] (wall clock), with the
+    card's power limit; {} without a sampler."""
+    if sampler is None:
+        return {}
+    sampler.stop()
+    rows = [r for r in sampler.rows if start <= r["t"] <= end]
+    out = {"power_limit_w": next(iter(sampler.at_start.values()), {}).get("power_limit_w")}
+    for m in WINDOW_METRICS:
+        vals = [r[m] for r in rows if r.get(m) is not None]
+        out[m] = statistics.fmean(vals) if vals else None
+    return out
 
 
 def _f(x, fmt: str = ".2f") -> str:
@@ -601,6 +635,15 @@ def print_table(res: dict) -> None:
                 f"{label:<26} {tok:9,.0f} {tok / BOUND_TOK_S:8.1%} {tok / STUDY_TOK_S:9.2f} "
                 f"{_f(t['p50']):>9} {_f(t['p95']):>7} {_f(t['p99']):>7} "
                 f"{'':>9}  failed {g.get('failed')}"
+            )
+    for label, r in rows:
+        w = (r or {}).get("telemetry") or {}
+        if w.get("power_w") is not None:
+            print(
+                f"{label}: {w['power_w']:.0f} W of {_f(w.get('power_limit_w'), '.0f')} W, "
+                f"power-capped {_f(w.get('power_capped'), '.0%')} of samples, SM clock "
+                f"{_f(w.get('sm_clock_mhz'), '.0f')} MHz, GPM SM active "
+                f"{_f(w.get('sm_active'))}, DRAM active {_f(w.get('dram_active'))}"
             )
     p = res.get("profile")
     if p:
