@@ -7,6 +7,7 @@ import argparse
 import json
 
 from coserve import fleet_command
+from coserve.engine.presets import PRESETS
 from coserve.experiment.preflight import on_cpu
 from coserve.model_size import DTYPE_BYTES, ModelSize, model_size
 from coserve.plan import (
@@ -210,6 +211,12 @@ def make_plan(args: argparse.Namespace) -> tuple[Plan, list[int]]:
         gpu = Gpu(
             f"{args.gpu_memory_gib:g} GiB GPU", int(args.gpu_memory_gib * GiB), "--gpu-memory-gib"
         )
+    for role, name, task in (("gen", gen_model, "generate"), ("embed", embed_model, "embed")):
+        if (preset := PRESETS.get(name)) is not None and preset.task != task:
+            # the budget came out with no KV cache and advice no fraction could meet
+            kind = {"generate": "a generative", "embed": "an embedding"}
+            which = f"--{role}" if getattr(args, role) else f"the spec's servers.{role}.model"
+            raise ValueError(f"{which} {name!r} is {kind[preset.task]} model, not {kind[task]} one")
     dtype = args.dtype or ("float32" if kv_cache_bytes is not None else "bfloat16")
     embed = (
         None
@@ -217,6 +224,10 @@ def make_plan(args: argparse.Namespace) -> tuple[Plan, list[int]]:
         else model_size(embed_model, DTYPE_BYTES[dtype], embedding=True)
     )
     gen = model_size(gen_model, DTYPE_BYTES[dtype])
+    if not gen.kv_bytes_per_token:
+        raise ValueError(
+            f"gen model {gen_model!r} is an encoder: it has no KV cache, it can only embed"
+        )
     reserve, source = _reserve(gen, args, kv_cache_bytes)
     plan = Plan(
         gpu,
