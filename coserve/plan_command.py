@@ -32,10 +32,17 @@ BLOCK_SIZE = 16  # the engine's (engine/ranks.py, not imported here: it loads to
 
 
 def _concurrencies(text: str) -> list[int]:
-    """ "256,512,1024" -> [256, 512, 1024]: at least one, each a positive integer."""
-    from coserve.server.serve_flags import positive_int
+    """ "256,512,1024" -> [256, 512, 1024]: at least one, each a positive integer no larger
+    than the bench drives (a larger one was planned: '1e20 needs ...% of the KV cache')."""
+    from coserve.bench.config import MAX_CONCURRENCY
+    from coserve.server.serve_flags import number
 
-    values = [positive_int(x.strip()) for x in text.split(",") if x.strip()]
+    what = f"an integer in [1, {MAX_CONCURRENCY:,}]"
+    values = [
+        number(int, x.strip(), what, lambda c: 1 <= c <= MAX_CONCURRENCY)
+        for x in text.split(",")
+        if x.strip()
+    ]
     if not values:
         raise argparse.ArgumentTypeError(f"no concurrency given in {text!r}")
     return values
@@ -93,7 +100,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--concurrency",
         type=_concurrencies,
         default=None,
-        help="C values to check, e.g. 256,512,1024 (default 512)",
+        help="C values to check, each 1 to 65,536, e.g. 256,512,1024 (default 512)",
     )
     parser.add_argument(
         "--max-num-seqs",

@@ -26,6 +26,7 @@ from coserve.cli import main
         ("--concurrency", ","),  # ignored: C=512
         ("--concurrency", "0,-1"),  # 'C=-1 needs -544 tokens'
         ("--concurrency", "abc"),  # "invalid literal for int() with base 10: 'abc'"
+        ("--concurrency", "8,99999999999999999999"),  # '...% of the KV cache' of 20 digits
     ],
 )
 def test_a_number_no_plan_can_take_is_a_usage_error(flag, value, capsys):
