@@ -64,6 +64,22 @@ def test_absurd_rates_and_shapes_are_refused(args, flag):
     assert f"coserve bench: {flag}:" in _refused("--gen-url", NOWHERE, *args)
 
 
+# 'http://[::1' was a ValueError traceback; a port out of range failed only at connecting
+# (exit 1); a query or fragment had /v1/models appended after it (a 404 from the server)
+@pytest.mark.parametrize(
+    "url, said",
+    [
+        ("http://[::1", "is not a URL (Invalid IPv6 URL)"),
+        ("http://127.0.0.1:99999", "is not a URL (Port out of range"),
+        ("http://127.0.0.1:8000?x=1", "it has a query, a fragment"),
+        ("http://127.0.0.1:8000#top", "it has a query, a fragment"),
+        ("http://127.0.0.1:8000\n", "it has a query, a fragment, a space"),
+    ],
+)
+def test_a_url_no_server_answers_at_is_refused(url, said):
+    assert said in _refused("--gen-url", url)
+
+
 def test_absurd_rates_are_refused_in_a_spec_too():
     from tests.test_load_spec import SPEC
 
