@@ -8,6 +8,7 @@ import json
 
 from coserve import fleet_command
 from coserve.bench.config import MAX_LEN
+from coserve.engine.presets import PRESETS
 from coserve.experiment.preflight import on_cpu
 from coserve.model_size import DTYPE_BYTES, ModelSize, model_size
 from coserve.plan import (
@@ -40,10 +41,17 @@ def _length(text: str) -> int:
 
 
 def _concurrencies(text: str) -> list[int]:
-    """ "256,512,1024" -> [256, 512, 1024]: at least one, each a positive integer."""
-    from coserve.server.serve_flags import positive_int
+    """ "256,512,1024" -> [256, 512, 1024]: at least one, each a positive integer no larger
+    than the bench drives (a larger one was planned: '1e20 needs ...% of the KV cache')."""
+    from coserve.bench.config import MAX_CONCURRENCY
+    from coserve.server.serve_flags import number
 
-    values = [positive_int(x.strip()) for x in text.split(",") if x.strip()]
+    what = f"an integer in [1, {MAX_CONCURRENCY:,}]"
+    values = [
+        number(int, x.strip(), what, lambda c: 1 <= c <= MAX_CONCURRENCY)
+        for x in text.split(",")
+        if x.strip()
+    ]
     if not values:
         raise argparse.ArgumentTypeError(f"no concurrency given in {text!r}")
     return values
@@ -107,7 +115,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--concurrency",
         type=_concurrencies,
         default=None,
-        help="C values to check, e.g. 256,512,1024 (default 512)",
+        help="C values to check, each 1 to 65,536, e.g. 256,512,1024 (default 512)",
     )
     parser.add_argument(
         "--max-num-seqs",
@@ -225,6 +233,12 @@ def make_plan(args: argparse.Namespace) -> tuple[Plan, list[int]]:
         gpu = Gpu(
             f"{args.gpu_memory_gib:g} GiB GPU", int(args.gpu_memory_gib * GiB), "--gpu-memory-gib"
         )
+    for role, name, task in (("gen", gen_model, "generate"), ("embed", embed_model, "embed")):
+        if (preset := PRESETS.get(name)) is not None and preset.task != task:
+            # the budget came out with no KV cache and advice no fraction could meet
+            kind = {"generate": "a generative", "embed": "an embedding"}
+            which = f"--{role}" if getattr(args, role) else f"the spec's servers.{role}.model"
+            raise ValueError(f"{which} {name!r} is {kind[preset.task]} model, not {kind[task]} one")
     cpu_server = kv_cache_bytes is not None  # the CPU engine keeps no FP8: it dequantises
     dtype = args.dtype or ("float32" if cpu_server else "bfloat16")
     embed = (
@@ -233,6 +247,10 @@ def make_plan(args: argparse.Namespace) -> tuple[Plan, list[int]]:
         else model_size(embed_model, DTYPE_BYTES[dtype], embedding=True, dequantised=cpu_server)
     )
     gen = model_size(gen_model, DTYPE_BYTES[dtype], dequantised=cpu_server)
+    if not gen.kv_bytes_per_token:
+        raise ValueError(
+            f"gen model {gen_model!r} is an encoder: it has no KV cache, it can only embed"
+        )
     reserve, source = _reserve(gen, args, kv_cache_bytes)
     plan = Plan(
         gpu,

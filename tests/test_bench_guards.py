@@ -64,6 +64,22 @@ def test_absurd_rates_and_shapes_are_refused(args, flag):
     assert f"coserve bench: {flag}:" in _refused("--gen-url", NOWHERE, *args)
 
 
+# 'http://[::1' was a ValueError traceback; a port out of range failed only at connecting
+# (exit 1); a query or fragment had /v1/models appended after it (a 404 from the server)
+@pytest.mark.parametrize(
+    "url, said",
+    [
+        ("http://[::1", "is not a URL (Invalid IPv6 URL)"),
+        ("http://127.0.0.1:99999", "is not a URL (Port out of range"),
+        ("http://127.0.0.1:8000?x=1", "it has a query, a fragment"),
+        ("http://127.0.0.1:8000#top", "it has a query, a fragment"),
+        ("http://127.0.0.1:8000\n", "it has a query, a fragment, a space"),
+    ],
+)
+def test_a_url_no_server_answers_at_is_refused(url, said):
+    assert said in _refused("--gen-url", url)
+
+
 def test_absurd_rates_are_refused_in_a_spec_too():
     from tests.test_load_spec import SPEC
 
@@ -203,3 +219,63 @@ def test_the_highest_rate_leaves_signals_answered(tmp_path):
     assert time.monotonic() - t < 10, "SIGTERM went unanswered"
     assert p.returncode == 130, stderr
     assert (tmp_path / "x.json").exists()
+
+
+# a usage of Infinity went into the records as sent, and the records file was no JSON (a
+# string or a boolean was kept too, and True counted as one token)
+def test_a_usage_that_is_no_token_count_is_left_out_of_the_records(tmp_path):
+    import asyncio
+    import threading
+
+    from aiohttp import web
+
+    from coserve.bench.output import write_result
+    from coserve.procs import free_port
+
+    usages = itertools.cycle(
+        [b'{"completion_tokens":1e400,"prompt_tokens":"x"}', b'{"completion_tokens":true}']
+    )
+
+    async def completions(request):
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for _ in range(3):
+            await resp.write(b'data: {"choices":[{"index":0,"text":"a"}]}\n\n')
+        await resp.write(b'data: {"choices":[],"usage":' + next(usages) + b"}\n\n")
+        await resp.write(b"data: [DONE]\n\n")
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/v1/completions", completions)
+    port, loop, ready = free_port(), asyncio.new_event_loop(), threading.Event()
+
+    async def serve():
+        runner = web.AppRunner(app)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        ready.set()
+
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    asyncio.run_coroutine_threadsafe(serve(), loop)
+    assert ready.wait(10)
+    try:
+        cfg = LoadConfig(
+            gen_url=f"http://127.0.0.1:{port}",
+            gen_model="m",
+            gen_concurrency=2,
+            output_len=3,
+            warmup_s=0.2,
+            duration_s=0.5,
+        )
+        result = run_sync(run_load(cfg))
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+    ok = [r for r in result.records if r.status == "ok"]
+    assert ok and all(r.output_tokens == 3 and r.usage_tokens is None for r in ok)
+    assert all(r.prompt_tokens is None for r in ok)
+    _, records = write_result(result, tmp_path / "b.json")
+    with open(records) as f:
+        for line in f:
+            json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in the records"))

@@ -134,3 +134,24 @@ def test_k8s_refuses_tp_over_shared_gpus():
     for cond in ("tp2-timeslice", "tp2-mps"):
         with pytest.raises(ExportError, match="TP over shared GPUs"):
             k8s.render(deployment("seed-tp2", cond, "vllm"))
+
+
+# the kubelet expands $(VAR) in a command and env values, and $$ to $: an argument naming a
+# variable the container has reached the server as that variable's value
+def test_k8s_escapes_dollars_so_arguments_reach_the_server_as_written():
+    from pathlib import Path
+
+    from coserve.export.model import build_deployment
+    from coserve.spec import loads_spec
+
+    text = (Path(__file__).parent.parent / "experiments" / "demo.toml").read_text()
+    extra = 'extra_args = ["--x=$(NCCL_NVLS_ENABLE)", "a$$b"]'
+    spec = loads_spec(text.replace('model = "tiny-moe"', f'model = "tiny-moe"\n{extra}', 1))
+    dep = build_deployment(spec, "co-located")
+    docs = k8s_docs(dep)["coserve.yaml"]
+    (doc,) = [
+        d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"].endswith("gen")
+    ]
+    (container,) = doc["spec"]["template"]["spec"]["containers"]
+    assert container["command"][-2:] == ["--x=$$(NCCL_NVLS_ENABLE)", "a$$$$b"]
+    assert dep.server("gen").argv()[-2:] == ["--x=$(NCCL_NVLS_ENABLE)", "a$$b"]

@@ -28,6 +28,7 @@ from coserve.cli import main
         ("--concurrency", ","),  # ignored: C=512
         ("--concurrency", "0,-1"),  # 'C=-1 needs -544 tokens'
         ("--concurrency", "abc"),  # "invalid literal for int() with base 10: 'abc'"
+        ("--concurrency", "8,99999999999999999999"),  # '...% of the KV cache' of 20 digits
     ],
 )
 def test_a_number_no_plan_can_take_is_a_usage_error(flag, value, capsys):
@@ -51,3 +52,24 @@ def test_block_size_with_fleet_is_refused(tmp_path, capsys):
     assert main([*argv, "--block-size", "32"]) == 2
     said = capsys.readouterr()
     assert "--block-size does not go with --fleet" in said.out + said.err
+
+
+# an embedding model as gen planned a KV cache of 0 B/token and advised raising
+# gpu_memory_utilization (no fraction could help); a generative one as embed was planned as is
+@pytest.mark.parametrize(
+    "args, said",
+    [
+        (["--gen", "all-minilm-l6-v2"], "--gen 'all-minilm-l6-v2' is an embedding model, not a"),
+        (["--embed", "tiny-moe"], "--embed 'tiny-moe' is a generative model, not an embedding"),
+        (["--gen", "BERT_DIR"], "is an encoder: it has no KV cache, it can only embed"),
+    ],
+)
+def test_a_model_of_the_other_kind_is_refused(args, said, tmp_path, capsys):
+    import json
+
+    from coserve.engine.presets import hf_config
+
+    (tmp_path / "config.json").write_text(json.dumps(hf_config("all-minilm-l6-v2")))
+    args = [str(tmp_path) if a == "BERT_DIR" else a for a in args]
+    assert main(["plan", "--gpu", "h200", *args]) == 2
+    assert said in " ".join(capsys.readouterr().out.split())

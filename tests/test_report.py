@@ -250,6 +250,24 @@ def test_a_rep_whose_bench_figures_are_no_numbers_is_named(run_dir, tmp_path, ge
     assert f"rep-1/rep.json: {said}" in (bad / "report.md").read_text()
 
 
+# a rep folder copied by hand to another condition counted towards the one its record named:
+# gen-only's baseline had a rep more than the spec plans, and the copy's folder none
+def test_a_rep_record_in_the_folder_of_another_rep_is_named_not_counted(run_dir, tmp_path):
+    import shutil
+
+    from coserve.cli import main
+
+    bad = tmp_path / "run"
+    shutil.copytree(run_dir, bad)
+    shutil.copytree(bad / "reps" / "gen-only" / "rep-1", bad / "reps" / "mps" / "rep-1")
+    shutil.copytree(bad / "reps" / "gen-only" / "rep-1", bad / "reps" / "gen-only" / "rep-7")
+    assert [r["rep"] for r in aggregate(bad).get("gen-only").ok] == [1, 2]
+    assert main(["report", str(bad), "--no-plots"]) == 0
+    md = (bad / "report.md").read_text()
+    assert "mps/rep-1/rep.json: it says condition 'gen-only' rep 1, but lies in the folder of" in md
+    assert "gen-only/rep-7/rep.json: it says condition 'gen-only' rep 1" in md
+
+
 # each was a traceback out of `coserve report`: an AttributeError in the failures table, a
 # TypeError in the header's GPU line
 def test_an_odd_error_or_fingerprint_is_named(run_dir, tmp_path):

@@ -163,6 +163,25 @@ def test_an_empty_key_or_model_name_is_refused(flag, capsys):
     assert f"argument {flag[0]}: must not be empty" in capsys.readouterr().err
 
 
+# a key with a byte that is not UTF-8 made every request a 500 (UnicodeEncodeError in the
+# key check, a traceback in the log); bench's sent a newline into aiohttp, a traceback
+@pytest.mark.parametrize("command", [["serve", "embed", "--model", "tiny-embed"], ["bench"]])
+@pytest.mark.parametrize("key", ["k\udcff", "a\nb", "k ", "é"])
+def test_an_api_key_no_header_carries_is_refused(command, key, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([*command, "--api-key", key])
+    assert e.value.code == 2
+    assert "argument --api-key: must be printable ASCII" in capsys.readouterr().err
+
+
+def test_an_api_key_variable_no_header_carries_is_refused(monkeypatch, capsys):
+    monkeypatch.setenv("COSERVE_API_KEY", "k\x01")
+    with pytest.raises(SystemExit) as e:
+        main(["serve", "embed", "--model", "tiny-embed"])
+    assert e.value.code == 2
+    assert "argument --api-key: must be printable ASCII" in capsys.readouterr().err
+
+
 def test_an_empty_api_key_variable_reads_as_unset(monkeypatch):
     import argparse
 

@@ -358,3 +358,19 @@ def test_a_content_encoding_the_server_does_not_decode_is_a_415(embed):
     ok = head.replace("xyz", "identity")
     status, _ = raw(embed.url, ok.encode(), b'{"input": "hi"}')
     assert status != 415
+
+
+def test_a_wrong_method_is_counted_as_a_bad_request_not_a_server_error(embed):
+    """A GET to /v1/embeddings (405) was counted in /metrics as outcome "error", beside the
+    server's own 500s."""
+    from test_server_util import metric, request
+
+    def count(outcome):
+        return metric(
+            embed.url, "coserve:requests_total", True, endpoint="embeddings", outcome=outcome
+        )
+
+    before = count("bad_request")
+    status, _ = request(embed.url + "/v1/embeddings", headers=AUTH)
+    assert status == 405
+    assert count("bad_request") == before + 1 and count("error") == 0

@@ -30,6 +30,7 @@ from coserve.bench.config import (
 )
 from coserve.bench.embed_answer import ENCODINGS
 from coserve.bench.output import check_out
+from coserve.server.serve_flags import api_key
 
 _GOODPUT = {"ttft": "goodput_ttft_ms", "tpot": "goodput_tpot_ms", "e2el": "goodput_e2el_ms"}
 
@@ -70,7 +71,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--embed-url", help="OpenAI-compatible server for /v1/embeddings")
     g.add_argument("--gen-model", help="model name (default: first of the server's /v1/models)")
     g.add_argument("--embed-model", help="model name (default: first of the server's /v1/models)")
-    g.add_argument("--api-key", help="sent as 'Authorization: Bearer KEY'")
+    g.add_argument("--api-key", type=api_key, help="sent as 'Authorization: Bearer KEY'")
     w = p.add_argument_group("workload")
     w.add_argument(
         "--gen-concurrency",

@@ -35,10 +35,21 @@ MAX_LEN = 131_072
 
 
 def url_problem(url: str) -> str | None:
-    """Why `url` is no base URL of a server to drive (not http(s), no host), or None."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
+    """Why `url` is no base URL of a server to drive (not http(s), no host, a port out of
+    range, a query or fragment the paths would be appended after, a space or control
+    character), or None."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (raises ValueError on a port out of range or not a number)
+    except ValueError as e:  # 'http://[::1' was a traceback, ':99999' failed at connecting
+        return f"{url!r} is not a URL ({e})"
+    if parts.scheme not in ("http", "https") or not parts.hostname:
         return f"{url!r} is not an http(s) URL (e.g. http://127.0.0.1:8000)"
+    if parts.query or parts.fragment or any(c <= " " or c == "\x7f" for c in url):
+        return (
+            f"{url!r} is not a server's base URL: it has a query, a fragment, a space or a "
+            "control character"
+        )
     return None
 
 

@@ -58,6 +58,13 @@ def _ms(dt: float) -> float:
     return round(dt * 1e3, 4)
 
 
+def _count(v) -> int | None:
+    """A token count from a server's usage, or None where it sent none: anything but a
+    non-negative integer (a string, a boolean, Infinity) went into the records as sent, and
+    an Infinity made the records file no JSON."""
+    return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else None
+
+
 class LoadRun:
     """The state of one run: config, workload, clock (t0, window [ws, we)) and endpoints."""
 
@@ -226,9 +233,9 @@ class LoadRun:
             ep.in_flight -= 1
         # A server that packs several tokens into a chunk without saying so (no token_ids)
         # is corrected from its usage, spreading the difference evenly over its chunks.
-        ntok, win_tok, usage = s.ntok, float(s.win_tok), s.usage_tokens
+        ntok, win_tok, usage = s.ntok, float(s.win_tok), _count(s.usage_tokens)
         out_tok = ntok
-        if isinstance(usage, int) and usage >= 0:
+        if usage is not None:
             out_tok = usage
             if usage != ntok:
                 ep.usage_mismatch += 1
@@ -240,7 +247,8 @@ class LoadRun:
         rec.status, rec.http_status, rec.end_s = "ok", 200, round(s.last - self.t0, 6)
         rec.ttft_ms, rec.e2e_ms = _ms(s.first - st), _ms(s.last - st)
         rec.tpot_ms = round((s.last - s.first) * 1e3 / (out_tok - 1), 4) if out_tok > 1 else None
-        rec.output_tokens, rec.usage_tokens, rec.prompt_tokens = out_tok, usage, s.prompt_tokens
+        rec.output_tokens, rec.usage_tokens = out_tok, usage
+        rec.prompt_tokens = _count(s.prompt_tokens)
         self._stream_fields(rec, s, st, win_tok)
         ep.records.append(rec)
         return True

@@ -270,7 +270,16 @@ class RunDir:
             if not path.parent.name[4:].isdigit():  # a damaged rep set aside (rep-K.damaged-N)
                 continue
             try:
-                out.records.append(read_rep(path))
+                rec = read_rep(path)
+                # a record that names another place (a rep folder copied or moved by hand)
+                # would count twice, or towards another condition: its folder decides
+                where = (path.parent.parent.name, int(path.parent.name[4:]))
+                if (rec["condition"], rec["rep"]) != where:
+                    raise ValueError(
+                        f"it says condition {rec['condition']!r} rep {rec['rep']}, but lies in "
+                        f"the folder of condition {where[0]!r} rep {where[1]}"
+                    )
+                out.records.append(rec)
             except (OSError, ValueError) as e:
                 out.unreadable.append(Unreadable(path, getattr(e, "strerror", None) or str(e)))
         return out

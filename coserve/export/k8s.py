@@ -94,13 +94,11 @@ def _deployment(dep: Deployment, s: ExportedServer, base: str) -> dict[str, Any]
     name = k8s_name(base, s.role)
     gen_url = f"http://{k8s_name(base, 'gen')}:{PORTS['gen']}"
     container: dict[str, Any] = {"name": s.role, "image": s.image}
-    if s.engine == "vllm":
-        container["args"] = s.container_args(gen_url)
-    else:
-        container["command"] = s.container_args(gen_url)
+    argv = [literal(a) for a in s.container_args(gen_url)]
+    container["args" if s.engine == "vllm" else "command"] = argv
     container["ports"] = [{"name": "http", "containerPort": s.port}]
     env = dict(s.env)
-    container["env"] = [{"name": k, "value": v} for k, v in env.items()]
+    container["env"] = [{"name": k, "value": literal(v)} for k, v in env.items()]
     resources = _resource(dep, s)
     if resources:
         container["resources"] = {"limits": resources}
@@ -131,6 +129,13 @@ def _deployment(dep: Deployment, s: ExportedServer, base: str) -> dict[str, Any]
             "template": {"metadata": {"labels": labels}, "spec": pod},
         },
     }
+
+
+def literal(text: str) -> str:
+    """`text` as the kubelet hands it on: '$' doubled, since it expands `$(VAR)` in a command,
+    its arguments and env values and reduces `$$` to `$` (an argument `$(NCCL_NVLS_ENABLE)`
+    reached the server as `0`)."""
+    return text.replace("$", "$$")
 
 
 def _service(s: ExportedServer, base: str) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from coserve.server.fields import RequestLimits
 from coserve.server.serve_flags import (
     Given,
     all_reduce_problem,
+    api_key,
     batched_tokens_problem,
     fraction,
     guard_config,
@@ -166,7 +167,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--api-key",
         metavar="KEY",
-        type=nonempty,
+        type=api_key,
         default=os.environ.get("COSERVE_API_KEY") or None,  # set but empty reads as unset
         help="require 'Authorization: Bearer KEY' on /v1/* (default: $COSERVE_API_KEY)",
     )

@@ -20,6 +20,7 @@ _OUTCOMES = {
     400: "bad_request",
     401: "unauthorized",
     404: "bad_request",
+    405: "bad_request",  # a GET to a POST endpoint: the client's fault, no server error
     413: "bad_request",
     415: "bad_request",
     503: "unavailable",
