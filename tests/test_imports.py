@@ -39,6 +39,32 @@ def test_the_engines_and_their_workers_import_one_way():
     assert not edges["coserve.engine.embed_engine"] & engines
 
 
+def test_the_layers_point_one_way():
+    # engine < server < launch < experiment < report, bench beside the server: the bench once
+    # took serve's --api-key check from coserve.server (2026-12-01)
+    below = {
+        "engine": {"server", "bench", "experiment", "report"},
+        "server": {"bench", "experiment", "report"},
+        "bench": {"server", "engine", "experiment", "report"},
+        "experiment": {"report"},
+    }
+
+    def layer(module: str) -> str:
+        return module.split(".")[1] if module.count(".") >= 2 else ""
+
+    def allowed(module: str, dep: str) -> bool:
+        # a command line may render the report at its end (`coserve run`)
+        return module.endswith(".command") and layer(dep) == "report"
+
+    wrong = [
+        (m, d)
+        for m, deps in importgraph.graph().items()
+        for d in deps
+        if layer(d) in below.get(layer(m), ()) and not allowed(m, d)
+    ]
+    assert wrong == []
+
+
 def test_the_command_line_is_built_without_torch():
     # cli.py imports every command's module to build its parser, `coserve serve` too; torch
     # there once cost each server start seconds (and `coserve --help` with it); aiohttp,

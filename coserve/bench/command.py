@@ -30,7 +30,7 @@ from coserve.bench.config import (
 )
 from coserve.bench.embed_answer import ENCODINGS
 from coserve.bench.output import check_out
-from coserve.server.serve_flags import api_key
+from coserve.headers import api_key
 
 _GOODPUT = {"ttft": "goodput_ttft_ms", "tpot": "goodput_tpot_ms", "e2el": "goodput_e2el_ms"}
 

@@ -16,12 +16,12 @@ import sys
 import threading
 
 from coserve.engine.types import ALL_REDUCES, EngineArgs
+from coserve.headers import api_key
 from coserve.server.engine_build import build_engine, serve_device
 from coserve.server.fields import RequestLimits
 from coserve.server.serve_flags import (
     Given,
     all_reduce_problem,
-    api_key,
     batched_tokens_problem,
     fraction,
     guard_config,

@@ -271,17 +271,5 @@ def out_path(text: str) -> str:
     return text
 
 
-def api_key(text: str) -> str:
-    """A key clients send in a header: printable ASCII, no space at either end. Other
-    characters no client sends as written (a byte that is not UTF-8 made every request a
-    500), and the header's outer spaces are dropped on the way."""
-    nonempty(text)
-    if not all(" " <= c <= "~" for c in text) or text != text.strip():
-        raise argparse.ArgumentTypeError(
-            "must be printable ASCII with no space at either end (an HTTP header carries it)"
-        )
-    return text
-
-
 def seconds(text: str) -> float:
     return number(float, text, "a number of seconds in [0, 1e6)", lambda v: 0 <= v < 1e6)
