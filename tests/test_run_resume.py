@@ -103,3 +103,22 @@ def test_a_rep_with_a_damaged_rep_json_runs_again_and_its_folder_is_kept(tmp_pat
     (rep / "rep.json").write_text("[]")  # damaged again: the next number
     runner(tmp_path, FakeBackend(), resume=True, only=["gen-only"]).run()
     assert rep.with_name("rep-1.damaged-2").is_dir() and rd.rep_record("gen-only", 1)
+
+
+def test_a_rep_folder_copied_to_another_place_runs_again_there(tmp_path):
+    # resume counted a copied rep-1 as rep-2 finished; the report (which refuses it) then
+    # showed rep 2 missing for good
+    import shutil
+
+    runner(tmp_path, FakeBackend(), only=["gen-only"]).run()
+    rd = RunDir(tmp_path / "run")
+    shutil.rmtree(rd.rep_dir("gen-only", 2))
+    shutil.copytree(rd.rep_dir("gen-only", 1), rd.rep_dir("gen-only", 2))
+    assert rd.rep_record("gen-only", 2) is None
+    assert "but lies in the folder of condition 'gen-only' rep 2" in str(
+        rd.damaged_rep("gen-only", 2)
+    )
+    again = runner(tmp_path, FakeBackend(), resume=True, only=["gen-only"]).run()
+    assert [(r["condition"], r["rep"]) for r in again] == [("gen-only", 2)]
+    assert rd.rep_dir("gen-only", 2).with_name("rep-2.damaged-1").is_dir()
+    assert rd.rep_record("gen-only", 2)["rep"] == 2

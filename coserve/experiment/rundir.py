@@ -8,7 +8,8 @@ DIR/fingerprint.json        environment at the first run: GPU, driver, versions,
 DIR/reps/COND/rep-K/        one rep: server logs, bench.json (+ records), telemetry series
 DIR/reps/COND/rep-K/rep.json   written last (temporary file + rename): the rep is finished
                             when, and only when, this file exists
-DIR/reps/COND/rep-K.damaged-N/   a rep whose rep.json was there but could not be read, set
+DIR/reps/COND/rep-K.damaged-N/   a rep whose rep.json was there but could not be read, or
+                            named another condition or rep (a folder copied by hand), set
                             aside by --resume before it ran the rep again (kept; not reported)
 DIR/spec.json.damaged-N     a spec.json that could not be read, set aside by --resume when it
                             wrote the file again from the same spec (fingerprint's hash)
@@ -91,6 +92,20 @@ def read_rep(path: Path) -> dict:
             raise ValueError(f"{key!r} is a {type(rec[key]).__name__}, not an object")
     if rec.get("error") is not None and not isinstance(rec["error"], str):
         raise ValueError(f"'error' is a {type(rec['error']).__name__}, not a string")
+    return rec
+
+
+def read_rep_in_place(path: Path) -> dict:
+    """read_rep of DIR/reps/COND/rep-K/rep.json, whose record must name COND and K: one that
+    names another place (a rep folder copied or moved by hand) would count twice, or towards
+    another condition; its folder decides. Raises OSError, ValueError (naming both places)."""
+    rec = read_rep(path)
+    where = (path.parent.parent.name, path.parent.name.removeprefix("rep-"))
+    if (rec["condition"], str(rec["rep"])) != where:
+        raise ValueError(
+            f"it says condition {rec['condition']!r} rep {rec['rep']}, but lies in the folder "
+            f"of condition {where[0]!r} rep {where[1]}"
+        )
     return rec
 
 
@@ -224,7 +239,7 @@ class RunDir:
         """The finished rep's record, or None if the rep has not finished."""
         path = self.rep_dir(condition, rep) / "rep.json"
         try:
-            return read_rep(path)
+            return read_rep_in_place(path)
         except (OSError, ValueError):
             return None
 
@@ -235,7 +250,7 @@ class RunDir:
         if not os.path.lexists(path):
             return None
         try:
-            read_rep(path)
+            read_rep_in_place(path)
         except (OSError, ValueError) as e:
             return Unreadable(path, getattr(e, "strerror", None) or str(e))
         return None
@@ -270,16 +285,7 @@ class RunDir:
             if not path.parent.name[4:].isdigit():  # a damaged rep set aside (rep-K.damaged-N)
                 continue
             try:
-                rec = read_rep(path)
-                # a record that names another place (a rep folder copied or moved by hand)
-                # would count twice, or towards another condition: its folder decides
-                where = (path.parent.parent.name, int(path.parent.name[4:]))
-                if (rec["condition"], rec["rep"]) != where:
-                    raise ValueError(
-                        f"it says condition {rec['condition']!r} rep {rec['rep']}, but lies in "
-                        f"the folder of condition {where[0]!r} rep {where[1]}"
-                    )
-                out.records.append(rec)
+                out.records.append(read_rep_in_place(path))
             except (OSError, ValueError) as e:
                 out.unreadable.append(Unreadable(path, getattr(e, "strerror", None) or str(e)))
         return out
