@@ -213,10 +213,13 @@ FLEET_ONLY = ("gen_tok_s", "embed_seq_s", *(s.attr for s in SLOS))
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """`coserve plan`'s fleet flags (its --json serves both)."""
+    from coserve.server.serve_flags import nonempty
+
     g = parser.add_argument_group("fleet sizing (--fleet RUN_DIR)")
     g.add_argument(
         "--fleet",
         metavar="RUN_DIR",
+        type=nonempty,
         default=None,
         help="size a fleet from a `coserve run` folder's measurements instead; needs both "
         "--gen-tok-s and --embed-seq-s (0 for a role not served)",

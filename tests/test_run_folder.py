@@ -146,6 +146,21 @@ def test_an_out_through_a_missing_folder_and_back_is_the_folder_it_names(spec, t
     assert [p.name for p in (tmp_path / "a").iterdir()] == ["precious.txt"]
 
 
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (["report", ""], "DIR"),
+        (["advise", "", "--gen-tpot-p99-ms", "20"], "RUN_DIR"),
+        (["plan", "--fleet", "", "--gen-tok-s", "1", "--embed-seq-s", "0"], "--fleet"),
+    ],
+)
+def test_an_empty_run_folder_to_read_is_refused_naming_it(argv, flag, capsys):
+    # '' was read as the current folder
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and f"argument {flag}: must not be empty" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("command", ["run SPEC", "demo", "profile SPEC", "bench"])
 def test_an_empty_out_is_refused_naming_the_flag(spec, command, capsys):
     # '' was read as the current folder by run and profile, and as no --out by bench

@@ -7,7 +7,11 @@ import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_dir", metavar="DIR", help="a run folder written by `coserve run`")
+    from coserve.server.serve_flags import nonempty
+
+    parser.add_argument(
+        "run_dir", metavar="DIR", type=nonempty, help="a run folder written by `coserve run`"
+    )
     parser.add_argument(
         "--no-plots",
         action="store_true",
