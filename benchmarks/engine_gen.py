@@ -191,15 +191,14 @@ def power_sampler(engine: GenEngine):
 def window_means(sampler, start: float, end: float) -> dict:
     """Means of WINDOW_METRICS over the samples inside [start, end] (wall clock), with the
     card's power limit; {} without a sampler."""
+    from coserve.experiment.rep import telemetry_means
+
     if sampler is None:
         return {}
     sampler.stop()
-    rows = [r for r in sampler.rows if start <= r["t"] <= end]
+    means = telemetry_means(sampler.rows, start, end)
     out = {"power_limit_w": next(iter(sampler.at_start.values()), {}).get("power_limit_w")}
-    for m in WINDOW_METRICS:
-        vals = [r[m] for r in rows if r.get(m) is not None]
-        out[m] = statistics.fmean(vals) if vals else None
-    return out
+    return out | {m: means[m]["mean"] if m in means else None for m in WINDOW_METRICS}
 
 
 def _f(x, fmt: str = ".2f") -> str:

@@ -376,7 +376,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "Exit status: 0 when a condition meets the budget, 1 when none does (the closest is "
         "named), 2 for a bad option or run folder."
     )
-    from coserve.server.serve_flags import nonempty
+    from coserve.text_flags import nonempty
 
     parser.add_argument("run_dir", metavar="RUN_DIR", type=nonempty, help="a `coserve run` folder")
     parser.add_argument(

@@ -7,7 +7,7 @@ import argparse
 import datetime as dt
 from pathlib import Path
 
-from coserve.server.serve_flags import out_path
+from coserve.text_flags import out_path
 
 
 def demo_spec_path() -> Path:

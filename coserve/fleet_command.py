@@ -213,7 +213,7 @@ FLEET_ONLY = ("gen_tok_s", "embed_seq_s", *(s.attr for s in SLOS))
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """`coserve plan`'s fleet flags (its --json serves both)."""
-    from coserve.server.serve_flags import nonempty
+    from coserve.text_flags import nonempty
 
     g = parser.add_argument_group("fleet sizing (--fleet RUN_DIR)")
     g.add_argument(

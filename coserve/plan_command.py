@@ -7,7 +7,7 @@ import argparse
 import json
 
 from coserve import fleet_command
-from coserve.bench.config import MAX_LEN
+from coserve.bench.config import MAX_CONCURRENCY, MAX_LEN
 from coserve.engine.presets import PRESETS
 from coserve.experiment.preflight import on_cpu
 from coserve.model_size import DTYPE_BYTES, ModelSize, model_size
@@ -43,7 +43,6 @@ def _length(text: str) -> int:
 def _concurrencies(text: str) -> list[int]:
     """ "256,512,1024" -> [256, 512, 1024]: at least one, each a positive integer no larger
     than the bench drives (a larger one was planned: '1e20 needs ...% of the KV cache')."""
-    from coserve.bench.config import MAX_CONCURRENCY
     from coserve.server.serve_flags import number
 
     what = f"an integer in [1, {MAX_CONCURRENCY:,}]"
@@ -115,7 +114,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--concurrency",
         type=_concurrencies,
         default=None,
-        help="C values to check, each 1 to 65,536, e.g. 256,512,1024 (default 512)",
+        help=f"C values to check, each 1 to {MAX_CONCURRENCY:,}, e.g. 256,512,1024 (default 512)",
     )
     parser.add_argument(
         "--max-num-seqs",

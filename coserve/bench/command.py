@@ -30,18 +30,11 @@ from coserve.bench.config import (
 )
 from coserve.bench.embed_answer import ENCODINGS
 from coserve.bench.output import check_out
-from coserve.headers import api_key
+from coserve.text_flags import api_key, nonempty
 
 _GOODPUT = {"ttft": "goodput_ttft_ms", "tpot": "goodput_tpot_ms", "e2el": "goodput_e2el_ms"}
 
 _D = LoadConfig()  # the defaults: declared once, in LoadConfig
-
-
-def _file_name(text: str) -> str:
-    """--out: an empty name would be read as no --out, and the run's figures not written."""
-    if not text.strip():
-        raise argparse.ArgumentTypeError("must not be empty")
-    return text
 
 
 class _Help(argparse.ArgumentDefaultsHelpFormatter):
@@ -203,7 +196,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument(
         "--out",
         metavar="FILE.json",
-        type=_file_name,
+        type=nonempty,
         help="write the summary here and the per-request records to FILE.records.jsonl",
     )
     t.add_argument(

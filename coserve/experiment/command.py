@@ -7,7 +7,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from coserve.server.serve_flags import out_path
+from coserve.text_flags import out_path
 
 
 class _SpecKeys(argparse.Action):

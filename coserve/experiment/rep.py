@@ -119,7 +119,12 @@ def window_telemetry(rows: list[dict], summary: dict) -> dict[str, dict[str, flo
     times = load_times(summary)
     if times is None:
         return {}
-    inside = [r for r in rows if times.window_start <= r.get("t", -1) <= times.window_end]
+    return telemetry_means(rows, times.window_start, times.window_end)
+
+
+def telemetry_means(rows: list[dict], start: float, end: float) -> dict[str, dict[str, float]]:
+    """window_telemetry's figures over the samples with `t` (Unix seconds) in [start, end]."""
+    inside = [r for r in rows if start <= r.get("t", -1) <= end]
     out = _means(inside, "")
     devices = sorted({str(r["device"]) for r in inside if "device" in r})
     if len(devices) > 1:

@@ -9,7 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from coserve.server.serve_flags import out_path
+from coserve.text_flags import out_path
 
 FORMATS = ("compose", "k8s", "commands")
 

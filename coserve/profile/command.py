@@ -18,7 +18,8 @@ from pathlib import Path
 from coserve.bench.config import MAX_SECONDS
 from coserve.profile.ncu import CACHE_CONTROLS, LAUNCH_COUNT, LAUNCH_SKIP
 from coserve.server.profile_flags import DEFAULT_MIN_S, DEFAULT_STEPS
-from coserve.server.serve_flags import number, out_path, positive_int, seconds
+from coserve.server.serve_flags import number, positive_int, seconds
+from coserve.text_flags import out_path
 
 
 def _seconds(text: str) -> float:

@@ -7,7 +7,7 @@ import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from coserve.server.serve_flags import nonempty
+    from coserve.text_flags import nonempty
 
     parser.add_argument(
         "run_dir", metavar="DIR", type=nonempty, help="a run folder written by `coserve run`"

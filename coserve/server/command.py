@@ -16,7 +16,6 @@ import sys
 import threading
 
 from coserve.engine.types import ALL_REDUCES, EngineArgs
-from coserve.headers import api_key
 from coserve.server.engine_build import build_engine, serve_device
 from coserve.server.fields import RequestLimits
 from coserve.server.serve_flags import (
@@ -27,7 +26,6 @@ from coserve.server.serve_flags import (
     guard_config,
     guard_options,
     misplaced,
-    nonempty,
     parse_bytes,
     positive_int,
     seconds,
@@ -35,6 +33,7 @@ from coserve.server.serve_flags import (
     tokens_flag,
 )
 from coserve.server.serve_groups import add_flag_groups
+from coserve.text_flags import api_key, nonempty
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

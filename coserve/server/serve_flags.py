@@ -4,7 +4,6 @@ one given to another kind (it would be accepted and do nothing)."""
 from __future__ import annotations
 
 import argparse
-import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -250,25 +249,6 @@ def non_negative_int(text: str) -> int:
 def tcp_port(text: str) -> int:
     """A TCP port, 0 for any free one (the socket layer takes a larger number modulo 65536)."""
     return number(int, text, "a TCP port in [0, 65535]", lambda v: 0 <= v <= 65535)
-
-
-def nonempty(text: str) -> str:
-    """A name or key: an empty one (no client can send or match it) is refused."""
-    if not text.strip():
-        raise argparse.ArgumentTypeError("must not be empty")
-    return text
-
-
-def out_path(text: str) -> str:
-    """A folder or file to write: not empty (Path('') is the current folder, which nobody
-    means), and with a '..' resolved first, as writing it would resolve it: making
-    `a/new/..` makes `a/new` and then names `a`, so the checks would look at a place that does
-    not exist and the run would write into `a`."""
-    if not text.strip():
-        raise argparse.ArgumentTypeError("must not be empty")
-    if ".." in text.split(os.sep):
-        return os.path.realpath(text)
-    return text
 
 
 def seconds(text: str) -> float:
