@@ -7,7 +7,8 @@
 Builds qwen3-embedding-8b with random weights (bf16) at gpu_memory_utilization 0.30,
 max_model_len 512; then C=64 closed loop, 8 inputs of 32 random tokens per request:
     1. offline: the engine stepped in this process (a finished request is replaced at once)
-    2. served: `coserve serve embed` (its own process) + `coserve bench` at C=64
+    2. a profile of full forward passes (torch profiler: GPU time per kernel class; CUDA only)
+    3. served: `coserve serve embed` (its own process) + `coserve bench` at C=64
 and prints sequences (inputs) per second, % of the ~1,600 seq/s bf16 compute bound
 (DESIGN.md) and request latency p50/p95/p99. Writes engine_embed.json under $OUT or
 --out-dir; the table comes last. `--model tiny-embed --device cpu` runs it on a CPU."""
@@ -29,7 +30,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine_gen import _f, device_info, dist, log, serve_and_bench  # noqa: E402
+from engine_gen import (  # noqa: E402
+    _f,
+    _kernel_times,
+    device_info,
+    dist,
+    log,
+    serve_and_bench,
+)
 
 from coserve.engine.embed_engine import EmbedEngine  # noqa: E402
 from coserve.engine.types import EngineArgs  # noqa: E402
@@ -97,6 +105,48 @@ def offline(
     return res
 
 
+def profile_forwards(engine: EmbedEngine, steps: int, input_len: int, seed: int = 0) -> dict:
+    """GPU time per kernel class of `steps` full forward passes (as many `input_len`-token
+    inputs as one pass takes), with pooling; ms per pass."""
+    from torch.profiler import ProfilerActivity, profile
+
+    rng = random.Random(seed)
+    n = min(engine.args.max_num_seqs, engine.max_num_batched_tokens // input_len)
+    inputs = [[rng.randrange(10, 256) for _ in range(input_len)] for _ in range(n)]
+    engine.embed_batch(inputs)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            engine.embed_batch(inputs)
+        torch.cuda.synchronize()
+    wall_ms = (time.perf_counter() - t0) * 1e3 / steps
+    gpu_ms, per_class, per_kernel, calls = _kernel_times(prof, steps)
+    res = {
+        "steps": steps,
+        "inputs_per_pass": n,
+        "wall_ms_per_pass": wall_ms,
+        "gpu_kernel_ms_per_pass": gpu_ms,
+        "classes_ms_per_pass": {
+            k: v / 1e3 for k, v in sorted(per_class.items(), key=lambda kv: -kv[1])
+        },
+        "top_kernels": [
+            {"name": k[:120], "ms_per_pass": v / 1e3, "calls_per_pass": calls[k] / steps}
+            for k, v in sorted(per_kernel.items(), key=lambda kv: -kv[1])[:20]
+        ],
+    }
+    log(
+        f"profile: {n} inputs x {input_len} tokens per pass, {wall_ms:.2f} ms wall per pass "
+        f"(profiled), {gpu_ms:.2f} ms of kernels"
+    )
+    for k, v in res["classes_ms_per_pass"].items():
+        print(f"    {k:<58} {v:7.3f} ms  {v / max(gpu_ms, 1e-9):5.1%}")
+    print("    top kernels:")
+    for k in res["top_kernels"][:12]:
+        print(f"      {k['ms_per_pass']:7.3f} ms  x{k['calls_per_pass']:<5.0f} {k['name'][:90]}")
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
@@ -114,7 +164,8 @@ def main() -> None:
     ap.add_argument("--duration", type=float, default=60.0)
     ap.add_argument("--serve-warmup", type=float, default=30.0)
     ap.add_argument("--serve-duration", type=float, default=60.0)
-    ap.add_argument("--skip", default="", help="comma list of: serve")
+    ap.add_argument("--profile-steps", type=int, default=5, help="forward passes profiled")
+    ap.add_argument("--skip", default="", help="comma list of: profile,serve")
     ap.add_argument("--out-dir", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     out_dir = Path(args.out_dir)
@@ -149,6 +200,12 @@ def main() -> None:
     except Exception as e:  # noqa: BLE001 - keep the served figures
         traceback.print_exc()
         res["errors"]["offline"] = repr(e)
+    if "profile" not in args.skip.split(",") and args.device.startswith("cuda"):
+        try:
+            res["profile"] = profile_forwards(engine, args.profile_steps, args.input_len)
+        except Exception as e:  # noqa: BLE001
+            traceback.print_exc()
+            res["errors"]["profile"] = repr(e)
     save()
     del engine
     if torch.cuda.is_available():

@@ -208,6 +208,7 @@ def _f(x, fmt: str = ".2f") -> str:
 # ----------------------------------------------------------------------------- profile
 _CLASSES = [  # (class, kernel-name pattern), first match wins
     ("attention (paged decode)", r"paged_decode|merge_splits"),
+    ("attention (dense, SDPA)", r"fmha|flash|efficient_attention|attention"),
     ("MoE GEMMs (Triton FP8)", r"moe_gemm"),
     ("MoE align/permute", r"moe_align|moe_count|moe_scatter"),
     ("MoE combine (sum over top-k)", r"moe_sum|reduce_kernel.*func_wrapper"),
