@@ -228,6 +228,53 @@ def test_embed_batching_equals_one_at_a_time(embedder):
     assert got["r0"].prompt_tokens == len(ids[0]) + len(ids[1])
 
 
+def _over_half_a_pass(embedder) -> int:
+    return embedder.max_num_batched_tokens // 2 + 1
+
+
+def test_embed_steps_overlap_answering_each_batch_one_step_later(embedder):
+    """While one pass runs the host answers the previous one: a step queues its batch and
+    answers the batch before it; a step with nothing new answers the last one."""
+    one = [[5] * _over_half_a_pass(embedder)]  # each request is a pass of its own
+    embedder.add_request("a", one)
+    embedder.add_request("b", one)
+    assert embedder.step() == [] and embedder.in_flight
+    assert [o.request_id for o in embedder.step()] == ["a"]
+    assert [o.request_id for o in embedder.step()] == ["b"]
+    assert not embedder.in_flight and not embedder.has_unfinished()
+
+
+def test_embed_without_overlap_answers_its_own_batch_and_drain_answers_the_one_in_flight(
+    embedder,
+):
+    one = [[7] * _over_half_a_pass(embedder)]
+    embedder.add_request("a", one)
+    embedder.add_request("b", one)
+    assert embedder.step() == []
+    embedder.overlap = False
+    try:
+        assert [o.request_id for o in embedder.step()] == ["a", "b"]
+        embedder.add_request("c", one)
+        assert [o.request_id for o in embedder.step()] == ["c"]
+    finally:
+        embedder.overlap = True
+    embedder.add_request("d", one)
+    assert embedder.step() == []
+    assert [o.request_id for o in embedder.drain()] == ["d"]
+    assert embedder.drain() == [] and not embedder.has_unfinished()
+
+
+def test_an_aborted_request_in_flight_is_never_answered(embedder):
+    embedder.add_request("gone", [[9] * _over_half_a_pass(embedder)])
+    embedder.add_request("kept", [[9] * _over_half_a_pass(embedder)])
+    assert embedder.step() == []
+    embedder.abort("gone")
+    outs = []
+    while embedder.has_unfinished() or embedder.in_flight:
+        outs += embedder.step() or embedder.drain()
+    assert [o.request_id for o in outs] == ["kept"]
+
+
 def test_embed_limits(embedder):
     n = embedder.max_model_len
     with pytest.raises(ValueError, match="maximum context length"):

@@ -112,6 +112,61 @@ def test_paged_decode_attention_graph_replay_follows_new_lengths():
     assert rel_err(out, ref) < 1e-2
 
 
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize(
+    "lens, heads, kv_heads, d",
+    [
+        ([32] * 12, 8, 2, 128),  # qwen3-embedding's shape: 32-token inputs, GQA
+        ([1, 5, 17, 64, 65, 130], 4, 1, 64),  # tile edges, one-token sequences
+        ([7, 40, 3], 12, 12, 32),  # MiniLM: no grouping, head_dim 32
+        ([9, 20], 4, 2, 80),  # a head_dim that is not a power of two
+    ],
+)
+def test_varlen_attention_matches_reference(lens, heads, kv_heads, d, causal):
+    g = gen(3)
+    t = sum(lens)
+    q, k, v = randn(t, heads, d, g=g), randn(t, kv_heads, d, g=g), randn(t, kv_heads, d, g=g)
+    out = tk().varlen_attention(q, k, v, lens, d**-0.5, causal)
+    ref = ref_attn.varlen_attention(q.float(), k.float(), v.float(), lens, d**-0.5, causal)
+    assert out.dtype == q.dtype and out.shape == q.shape
+    assert rel_err(out, ref) < (2e-2 if ON_GPU else 1e-5)
+
+
+def test_varlen_attention_reads_strided_views_of_one_qkv_tensor():
+    """The model hands q/k/v as column slices of one qkv projection (row stride H + 2 KVH)."""
+    g = gen(4)
+    lens, heads, kv_heads, d = [3, 33], 4, 2, 64
+    qkv = randn(sum(lens), heads + 2 * kv_heads, d, g=g)
+    q, k, v = qkv[:, :heads], qkv[:, heads : heads + kv_heads], qkv[:, heads + kv_heads :]
+    out = tk().varlen_attention(q, k, v, lens, 0.125, True)
+    ref = ref_attn.varlen_attention(q.float(), k.float(), v.float(), lens, 0.125, True)
+    assert rel_err(out, ref) < (2e-2 if ON_GPU else 1e-5)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="host synchronisation is a CUDA notion")
+def test_varlen_attention_never_waits_for_the_gpu():
+    """The reference's boolean indexing synchronises with the device in every layer; the twin
+    must not, so the host can queue the next layers while this one runs."""
+    g = gen(5)
+    lens = [32, 20, 32]
+    q, k, v = randn(84, 8, 128, g=g), randn(84, 2, 128, g=g), randn(84, 2, 128, g=g)
+    tk().varlen_attention(q, k, v, lens, 0.1, True)  # compile outside the check
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        tk().varlen_attention(q, k, v, lens, 0.1, True)
+        with pytest.raises(RuntimeError):
+            ref_attn.varlen_attention(q, k, v, lens, 0.1, True)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_varlen_attention_refuses_lengths_that_do_not_add_up():
+    q = torch.zeros(5, 2, 16, device=DEV, dtype=DT)
+    with pytest.raises(ValueError, match="add up to 4"):
+        tk().varlen_attention(q, q, q, [2, 2], 0.25, True)
+
+
 # ------------------------------------------------------------------------------ FP8 linear
 def _fp8_weight(N, K, g):
     w = torch.randn(N, K, generator=g, device=DEV) * 0.02

@@ -218,6 +218,25 @@ def test_pacing_sets_the_engine_batch_and_waits():
     assert p.wait_s(11.0) > 0
 
 
+def test_pacing_turns_an_embed_engines_overlap_off_while_it_pauses_or_holds():
+    """A pause is meant to leave the GPU idle: an engine that queued its next pass before the
+    pause would run it during the pause."""
+
+    class Engine:
+        max_num_batched_tokens = 8192
+        overlap = True
+
+    e, p = Engine(), Pacing()
+    p.allow(e, 512, 0.0, False)
+    assert e.overlap
+    p.allow(e, 512, 0.01, False)
+    assert not e.overlap
+    p.allow(e, 512, 0.0, True)
+    assert not e.overlap
+    p.allow(e, 8192, 0.0, False)
+    assert e.overlap
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

@@ -54,7 +54,7 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """kv_stored: the caller already wrote this step's k/v into the cache."""
         if meta.mode == "dense":
-            return ref.varlen_attention(q, k, v, meta.query_lens, self.scale, meta.causal)
+            return ops.varlen_attention(q, k, v, meta.query_lens, self.scale, meta.causal)
         if not kv_stored:
             ref.store_kvcache(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
         if meta.mode == "prefill":

@@ -4,6 +4,13 @@ from the front of the queue (several requests at once) into one forward pass of 
 (mean, or last token as Qwen3-Embedding) and L2-normalises them. A request is answered when
 all its inputs are done.
 
+Steps overlap on a GPU: a step queues its forward pass, then waits for the previous step's
+vectors (copied to pinned host memory behind that pass) and answers their requests, so the
+host's work (answers, the next batch) runs while the GPU computes. A step's answers
+therefore come one step later; the last batch is answered by a step with nothing new to run.
+With `overlap` False (set while an SLO guard paces the engine: its pauses are meant to leave
+the GPU idle) a step answers its own batch; `drain()` answers the one in flight.
+
 With `tensor_parallel_size` N > 1 this engine is rank 0: it starts ranks 1..N-1 (each only an
 `EmbedRank`, engine/ranks.py), sends each batch's token ids to them before its own forward
 pass, and pools (the final hidden states are the same on every rank). `shutdown()` stops
@@ -37,6 +44,16 @@ class _EmbedRequest:
     done: int = 0
 
 
+@dataclass(eq=False)
+class _InFlight:
+    """A forward pass queued on the device: its inputs, and its pooled vectors [n, dim]
+    float32 on the host, valid once `ready` has passed (None: already valid)."""
+
+    batch: list[tuple[_EmbedRequest, int]]
+    vectors: torch.Tensor
+    ready: torch.cuda.Event | None
+
+
 def pool(hidden: torch.Tensor, lens: list[int], how: str) -> torch.Tensor:
     """hidden [T, H] of packed sequences -> [B, H] float32, L2-normalised. how: "mean" over
     each sequence's tokens, "last" token (causal models) or "cls" (first) token."""
@@ -56,6 +73,8 @@ def pool(hidden: torch.Tensor, lens: list[int], how: str) -> torch.Tensor:
 
 
 class EmbedEngine(tp_workers.LeadsRanks):
+    overlap = True  # steps overlap on a GPU (module docstring); engine_core.Pacing sets it
+
     def __init__(self, args: EngineArgs) -> None:
         self.args = args
         device = resolve_device(args.device)
@@ -75,6 +94,7 @@ class EmbedEngine(tp_workers.LeadsRanks):
         self.pooling = lm.pooling
         self.max_num_batched_tokens = max(args.max_num_batched_tokens, self.max_model_len)
         self._queue: deque[_EmbedRequest] = deque()
+        self._in_flight: _InFlight | None = None
         self._prompt_tokens_total = 0
         self._ids: set[str] = set()
         log.info(
@@ -147,12 +167,35 @@ class EmbedEngine(tp_workers.LeadsRanks):
             return self._step()
 
     def _step(self) -> list[EmbedOutput]:
-        batch = self._next_batch()
-        if not batch:
+        done, self._in_flight = self._in_flight, self._launch(self._next_batch())
+        outputs = self._answer(done)
+        if not self.overlap:
+            outputs += self._answer(self._take_in_flight())
+        return outputs
+
+    @property
+    def in_flight(self) -> bool:
+        """A forward pass is queued whose requests are not yet answered."""
+        return self._in_flight is not None
+
+    def drain(self) -> list[EmbedOutput]:
+        """Wait for the forward pass in flight, if any, and answer its requests. Raises
+        WorkerDied when a tensor-parallel rank is gone."""
+        with self._ranks_step():
+            return self._answer(self._take_in_flight())
+
+    def _take_in_flight(self) -> _InFlight | None:
+        done, self._in_flight = self._in_flight, None
+        return done
+
+    def _answer(self, done: _InFlight | None) -> list[EmbedOutput]:
+        if done is None:
             return []
+        if done.ready is not None:
+            done.ready.synchronize()
         # rows of one float32 array: no Python float per element on the way to the front
-        vectors = self.embed_batch([req.inputs[i] for req, i in batch]).cpu().numpy()
-        for (req, i), vec in zip(batch, vectors, strict=True):
+        vectors = done.vectors.numpy()
+        for (req, i), vec in zip(done.batch, vectors, strict=True):
             req.embeddings[i] = vec
             req.done += 1
         outputs = []
@@ -163,6 +206,18 @@ class EmbedEngine(tp_workers.LeadsRanks):
             self._queue.remove(req)
             outputs.append(self._finish(req))
         return outputs
+
+    def _launch(self, batch: list[tuple[_EmbedRequest, int]]) -> _InFlight | None:
+        if not batch:
+            return None
+        vectors = self.embed_batch([req.inputs[i] for req, i in batch])
+        if not vectors.is_cuda:
+            return _InFlight(batch, vectors, None)
+        host = torch.empty(vectors.shape, dtype=vectors.dtype, pin_memory=True)
+        host.copy_(vectors, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return _InFlight(batch, host, ready)
 
     def _finish(self, req: _EmbedRequest) -> EmbedOutput:
         self._ids.discard(req.request_id)

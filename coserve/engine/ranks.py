@@ -9,9 +9,11 @@ same way, at the same time."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from coserve.engine import parallel
@@ -165,8 +167,11 @@ class EmbedRank:
     def forward(self, inputs: list[list[int]]) -> torch.Tensor:
         """Final hidden states [sum of input lengths, hidden] of the packed inputs."""
         lens = [len(x) for x in inputs]
-        ids = torch.tensor([t for x in inputs for t in x], dtype=torch.int64, device=self.device)
-        pos = torch.cat([torch.arange(n, dtype=torch.int64) for n in lens]).to(self.device)
+        flat = np.fromiter(itertools.chain.from_iterable(inputs), np.int64, sum(lens))
+        starts = np.cumsum(lens) - lens
+        pos = np.arange(len(flat)) - np.repeat(starts, lens)
+        ids = torch.from_numpy(flat).to(self.device)
+        pos = torch.from_numpy(pos).to(self.device)
         return self.model(ids, pos, AttnMetadata.dense(lens, causal=self.causal))
 
     def run(self, msg: EmbedForward) -> None:

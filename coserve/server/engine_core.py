@@ -233,6 +233,9 @@ class Pacing:
     def allow(self, engine, tokens: int, pause_s: float, hold: bool) -> None:
         engine.max_num_batched_tokens = int(tokens)
         self.pause_s, self.hold = float(pause_s), bool(hold)
+        if hasattr(engine, "overlap"):
+            # a pause or hold is meant to leave the GPU idle, not to run the next pass
+            engine.overlap = self.pause_s == 0 and not self.hold
 
     def wait_s(self, now: float) -> float:
         """Seconds until the next step may start (0: now)."""
@@ -307,6 +310,9 @@ def _loop(engine, conn) -> None:
             logprobs = _take_logprobs(engine)
             outputs = _outputs(done, logprobs)
             steps += 1
+        elif getattr(engine, "in_flight", False):
+            # paced or held: the pass already computed is answered, not kept waiting
+            outputs = _outputs(engine.drain(), {})
         if profiler.state != "idle":
             profiler.after_step(engine.has_unfinished())
         now = time.monotonic()

@@ -7,6 +7,7 @@ asked for, so `import coserve.engine.kernels.triton` works on a CPU-only machine
 
     twin                     reference it replaces (same signature)
     paged_decode_attention   coserve.engine.kernels.attention.paged_decode_attention
+    varlen_attention         coserve.engine.kernels.attention.varlen_attention
     fused_moe                coserve.engine.kernels.moe.fused_moe  (FP8 block-quantised experts)
     topk_softmax             coserve.engine.kernels.moe.topk_softmax  (ids come back int32)
     fp8_block_linear         coserve.engine.kernels.fp8.fp8_block_linear
@@ -29,6 +30,7 @@ from functools import cache
 
 _EXPORTS = {
     "paged_decode_attention": "paged_attention",
+    "varlen_attention": "varlen_attention",
     "fused_moe": "moe",
     "topk_softmax": "moe_routing",
     "moe_align": "moe_routing",

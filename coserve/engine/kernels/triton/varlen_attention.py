@@ -1,0 +1,163 @@
+"""Dense attention of packed variable-length sequences, no KV cache (embedding models,
+encoders): the twin of `coserve.engine.kernels.attention.varlen_attention`.
+
+One program per (sequence, tile of BLOCK_M queries, query head). It reads its queries once,
+walks the sequence's keys in tiles of BLOCK_N with an online softmax (running max `m`, sum
+`l`, accumulator `acc`) and writes its rows of the packed output: no padding, no gathered
+copies of q/k/v, no repeat of the KV heads for grouped-query attention (query head h reads
+KV head h // GROUP), and no host synchronisation. The reference pads sequences of similar
+length into one SDPA call; on qwen3-embedding-8b's 8,192-token passes of 32-token inputs
+its gathers, KV-head repeats and scatter cost ~21 ms a pass beside ~11 ms of SDPA
+(benchmarks/engine_embed.py --profile-steps, nvidia-h200, 2026-12-01).
+
+Math per query head h and query i of a sequence (s_ij over its own keys j; causal: j <= i):
+    s_ij = scale * <q_i, k_j>,   p_ij = softmax_j(s_ij),   out_i = sum_j p_ij v_j
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _varlen_attention_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    out_ptr,
+    cu_seqlens_ptr,
+    scale_log2e,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_ot,
+    stride_oh,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr,
+):
+    b = tl.program_id(0)
+    m0 = tl.program_id(1) * BLOCK_M
+    h = tl.program_id(2)
+    start = tl.load(cu_seqlens_ptr + b)
+    length = tl.load(cu_seqlens_ptr + b + 1) - start
+    if m0 >= length:
+        return
+    kvh = h // GROUP
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    mask_m = offs_m < length
+    mask_d = offs_d < HEAD_DIM
+    rows = (start + offs_m).to(tl.int64)
+    q = tl.load(
+        q_ptr + rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
+        mask=mask_m[:, None] & mask_d[None, :],
+        other=0.0,
+    )
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
+    hi = length
+    if CAUSAL:
+        hi = tl.minimum(length, m0 + BLOCK_M)
+    for n0 in range(0, hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < hi
+        keys = (start + offs_n).to(tl.int64)
+        kt = tl.load(
+            k_ptr + keys[None, :] * stride_kt + kvh * stride_kh + offs_d[:, None],
+            mask=mask_n[None, :] & mask_d[:, None],
+            other=0.0,
+        )
+        s = tl.dot(q, kt) * scale_log2e
+        valid = mask_n[None, :]
+        if CAUSAL:
+            valid = valid & (offs_n[None, :] <= offs_m[:, None])
+        s = tl.where(valid, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # rows past the sequence's end see no key: keep their max finite so no NaN is made
+        m_new = tl.where(mask_m, m_new, 0.0)
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        vt = tl.load(
+            v_ptr + keys[:, None] * stride_vt + kvh * stride_vh + offs_d[None, :],
+            mask=mask_n[:, None] & mask_d[None, :],
+            other=0.0,
+        )
+        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
+        m_i = m_new
+    out = acc / tl.where(mask_m, l_i, 1.0)[:, None]
+    tl.store(
+        out_ptr + rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
+        out.to(out_ptr.dtype.element_ty),
+        mask=mask_m[:, None] & mask_d[None, :],
+    )
+
+
+def varlen_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    seq_lens: list[int],
+    scale: float,
+    causal: bool,
+) -> torch.Tensor:
+    """q [T, H, D], k/v [T, KVH, D] (H a multiple of KVH), sequences of `seq_lens` tokens
+    packed back to back (sum = T) -> out [T, H, D] in q's dtype. Raises ValueError when the
+    lengths do not add up to T or the heads do not group."""
+    t, heads, d = q.shape
+    kv_heads = k.shape[1]
+    if sum(seq_lens) != t or k.shape[0] != t or v.shape[0] != t:
+        raise ValueError(f"sequence lengths add up to {sum(seq_lens)}, q/k/v have {t} tokens")
+    if heads % kv_heads:
+        raise ValueError(f"{heads} query heads do not group over {kv_heads} KV heads")
+    out = torch.empty_like(q)
+    if t == 0:
+        return out
+    if q.stride(2) != 1 or k.stride(2) != 1 or v.stride(2) != 1:
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    cu = [0]
+    for n in seq_lens:
+        cu.append(cu[-1] + n)
+    cu_seqlens = torch.tensor(cu, dtype=torch.int32)
+    if q.is_cuda:  # pinned, so the copy does not wait for the host
+        cu_seqlens = cu_seqlens.pin_memory()
+    cu_seqlens = cu_seqlens.to(q.device, non_blocking=True)
+    longest = max(seq_lens)
+    # tiles no longer than the longest sequence: 32-token inputs waste no half-empty tile
+    block = min(64, max(16, triton.next_power_of_2(longest)))
+    grid = (len(seq_lens), triton.cdiv(longest, block), heads)
+    _varlen_attention_kernel[grid](
+        q,
+        k,
+        v,
+        out,
+        cu_seqlens,
+        scale * math.log2(math.e),
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        v.stride(0),
+        v.stride(1),
+        out.stride(0),
+        out.stride(1),
+        GROUP=heads // kv_heads,
+        HEAD_DIM=d,
+        HEAD_DIM_PAD=max(16, triton.next_power_of_2(d)),
+        BLOCK_M=block,
+        BLOCK_N=block,
+        CAUSAL=causal,
+    )
+    return out
