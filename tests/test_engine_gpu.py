@@ -163,3 +163,38 @@ def test_model_with_twins_matches_references(engine, monkeypatch):
     err = ((fast - ref).norm() / ref.norm()).item()
     fp8 = engine.config.quant is not None  # the twins also quantise activations to FP8
     assert err < (0.1 if fp8 else 2e-2), err
+
+
+@pytest.mark.parametrize("model", ["tiny-embed", "all-minilm-l6-v2"])
+def test_an_embed_forward_never_waits_for_the_gpu_and_matches_the_references(model, monkeypatch):
+    """Steps overlap only if the host can queue a whole pass (inputs, layers, pooling)
+    without a synchronisation; the vectors are those the plain-torch kernels give."""
+    from coserve.engine.embed_engine import EmbedEngine
+
+    e = EmbedEngine(
+        EngineArgs(
+            model=model,
+            random_weights=model == "tiny-embed",
+            device="cuda",
+            gpu_memory_utilization=0.1,
+            max_model_len=128,
+        )
+    )
+    rng = random.Random(0)
+    inputs = [[rng.randrange(10, 256) for _ in range(n)] for n in (32, 5, 32, 100, 1)]
+    e.embed_batch(inputs)  # compile outside the check
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = e.embed_batch(inputs)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    monkeypatch.setenv("COSERVE_KERNELS", "reference")
+    ops.twins_enabled.cache_clear()
+    try:
+        ref = e.embed_batch(inputs)
+    finally:
+        monkeypatch.delenv("COSERVE_KERNELS")
+        ops.twins_enabled.cache_clear()
+    assert got.shape == (len(inputs), e.dim)
+    torch.testing.assert_close(got, ref, atol=2e-2, rtol=0)

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from coserve.engine import tp_workers
+from coserve.engine.host_copy import to_device
 from coserve.engine.messages import EmbedForward
 from coserve.engine.ranks import EmbedRank, resolve_device
 from coserve.engine.tokenizer import token_ids
@@ -57,14 +58,16 @@ class _InFlight:
 def pool(hidden: torch.Tensor, lens: list[int], how: str) -> torch.Tensor:
     """hidden [T, H] of packed sequences -> [B, H] float32, L2-normalised. how: "mean" over
     each sequence's tokens, "last" token (causal models) or "cls" (first) token."""
-    n = torch.tensor(lens, device=hidden.device)
+    n = to_device(lens, torch.int64, hidden.device)
     ends = n.cumsum(0)
     if how == "last":
         pooled = hidden[ends - 1].float()
     elif how == "cls":
         pooled = hidden[ends - n].float()
     elif how == "mean":
-        seg = torch.repeat_interleave(torch.arange(len(lens), device=hidden.device), n)
+        seg = torch.repeat_interleave(
+            torch.arange(len(lens), device=hidden.device), n, output_size=hidden.shape[0]
+        )
         sums = torch.zeros(len(lens), hidden.shape[1], device=hidden.device)
         pooled = sums.index_add_(0, seg, hidden.float()) / n[:, None]
     else:

@@ -19,6 +19,7 @@ import torch
 from coserve.engine import parallel
 from coserve.engine.attention import AttnMetadata
 from coserve.engine.config import BertConfig
+from coserve.engine.host_copy import to_device
 from coserve.engine.kernels.sampling import sample
 from coserve.engine.kv_cache import allocate_kv_cache, usable_blocks
 from coserve.engine.memory import GiB, GpuBudget
@@ -170,8 +171,7 @@ class EmbedRank:
         flat = np.fromiter(itertools.chain.from_iterable(inputs), np.int64, sum(lens))
         starts = np.cumsum(lens) - lens
         pos = np.arange(len(flat)) - np.repeat(starts, lens)
-        ids = torch.from_numpy(flat).to(self.device)
-        pos = torch.from_numpy(pos).to(self.device)
+        ids, pos = to_device(np.stack([flat, pos]), torch.int64, self.device)
         return self.model(ids, pos, AttnMetadata.dense(lens, causal=self.causal))
 
     def run(self, msg: EmbedForward) -> None:

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from coserve.engine.attention import AttnMetadata
+from coserve.engine.host_copy import to_device
 from coserve.engine.kernels import ops
 from coserve.engine.kv_cache import cdiv
 from coserve.engine.scheduler import ScheduledBatch
@@ -125,14 +126,7 @@ class ModelRunner:
         return not self.enforce_eager and ops.graph_safe(self.device)
 
     def _to_dev(self, data, dtype) -> torch.Tensor:
-        t = (
-            torch.from_numpy(data).to(dtype)
-            if isinstance(data, np.ndarray)
-            else torch.tensor(data, dtype=dtype)
-        )
-        if self.device.type == "cuda":
-            return t.pin_memory().to(self.device, non_blocking=True)
-        return t
+        return to_device(data, dtype, self.device)
 
     def _block_table_rows(self, seqs, width: int, rows: int) -> np.ndarray:
         """[rows, width] int32: each sequence's blocks, then the null block."""

@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from coserve.engine.host_copy import to_device
+
 
 @triton.jit
 def _varlen_attention_kernel(
@@ -130,10 +132,7 @@ def varlen_attention(
     cu = [0]
     for n in seq_lens:
         cu.append(cu[-1] + n)
-    cu_seqlens = torch.tensor(cu, dtype=torch.int32)
-    if q.is_cuda:  # pinned, so the copy does not wait for the host
-        cu_seqlens = cu_seqlens.pin_memory()
-    cu_seqlens = cu_seqlens.to(q.device, non_blocking=True)
+    cu_seqlens = to_device(cu, torch.int32, q.device)
     longest = max(seq_lens)
     # tiles no longer than the longest sequence: 32-token inputs waste no half-empty tile
     block = min(64, max(16, triton.next_power_of_2(longest)))
