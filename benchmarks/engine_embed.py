@@ -36,7 +36,10 @@ from engine_gen import (  # noqa: E402
     device_info,
     dist,
     log,
+    power_sampler,
+    print_window_power,
     serve_and_bench,
+    window_means,
 )
 
 from coserve.engine.embed_engine import EmbedEngine  # noqa: E402
@@ -70,6 +73,8 @@ def offline(
 
     for _ in range(concurrency):
         submit()
+    sampler = power_sampler(engine.device)
+    wall0 = time.time()
     t0 = time.perf_counter()
     start, end = t0 + warmup_s, t0 + warmup_s + duration_s
     seqs, latency, step_ms, steps = 0, [], [], 0
@@ -97,6 +102,7 @@ def offline(
         "latency_ms": dist(latency),
         "step_ms": dist(step_ms),
         "steps": steps,
+        "telemetry": window_means(sampler, wall0 + warmup_s, wall0 + warmup_s + duration_s),
     }
     log(
         f"offline: {res['sequences_per_s']:,.0f} seq/s, {steps} steps, step p50 "
@@ -263,6 +269,7 @@ def main() -> None:
                 f"{label:<26} {v:8,.0f} {v / BOUND_SEQ_S:8.1%} {v / STUDY_SEQ_S:9.2f} "
                 f"{_f(lat['p50'], '.1f'):>8} {_f(lat['p95'], '.1f'):>8} {_f(lat['p99'], '.1f'):>8}"
             )
+    print_window_power("offline", o)
     for k, v in res["errors"].items():
         print(f"ERROR in {k}: {v}")
 

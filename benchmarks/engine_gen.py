@@ -126,7 +126,7 @@ class ClosedLoop:
     def run(self, warmup_s: float, duration_s: float, label: str) -> dict:
         self.finished: list[list[float]] = []
         kinds0 = dict(self.engine.runner.steps)
-        sampler = power_sampler(self.engine)
+        sampler = power_sampler(self.engine.runner.device)
         wall0 = time.time()
         t0 = time.perf_counter()
         start, end = t0 + warmup_s, t0 + warmup_s + duration_s
@@ -176,13 +176,13 @@ class ClosedLoop:
 WINDOW_METRICS = ("power_w", "sm_clock_mhz", "power_capped", "sm_active", "dram_active")
 
 
-def power_sampler(engine: GenEngine):
-    """NVML telemetry of the engine's GPU every 0.5 s (None on a CPU or without NVML)."""
-    if engine.runner.device.type != "cuda":
+def power_sampler(device: torch.device):
+    """NVML telemetry of an engine's GPU every 0.5 s (None on a CPU or without NVML)."""
+    if device.type != "cuda":
         return None
     from coserve.gpu.telemetry import TelemetrySampler
 
-    index = engine.runner.device.index
+    index = device.index
     device = str(torch.cuda.current_device() if index is None else index)
     sampler = TelemetrySampler([device], interval_s=0.5).start()
     return sampler if sampler.available else None
@@ -199,6 +199,18 @@ def window_means(sampler, start: float, end: float) -> dict:
     means = telemetry_means(sampler.rows, start, end)
     out = {"power_limit_w": next(iter(sampler.at_start.values()), {}).get("power_limit_w")}
     return out | {m: means[m]["mean"] if m in means else None for m in WINDOW_METRICS}
+
+
+def print_window_power(label: str, run: dict | None) -> None:
+    """One line of a run's window telemetry (nothing when none was sampled)."""
+    w = (run or {}).get("telemetry") or {}
+    if w.get("power_w") is not None:
+        print(
+            f"{label}: {w['power_w']:.0f} W of {_f(w.get('power_limit_w'), '.0f')} W, "
+            f"power-capped {_f(w.get('power_capped'), '.0%')} of samples, SM clock "
+            f"{_f(w.get('sm_clock_mhz'), '.0f')} MHz, GPM SM active "
+            f"{_f(w.get('sm_active'))}, DRAM active {_f(w.get('dram_active'))}"
+        )
 
 
 def _f(x, fmt: str = ".2f") -> str:
@@ -637,14 +649,7 @@ def print_table(res: dict) -> None:
                 f"{'':>9}  failed {g.get('failed')}"
             )
     for label, r in rows:
-        w = (r or {}).get("telemetry") or {}
-        if w.get("power_w") is not None:
-            print(
-                f"{label}: {w['power_w']:.0f} W of {_f(w.get('power_limit_w'), '.0f')} W, "
-                f"power-capped {_f(w.get('power_capped'), '.0%')} of samples, SM clock "
-                f"{_f(w.get('sm_clock_mhz'), '.0f')} MHz, GPM SM active "
-                f"{_f(w.get('sm_active'))}, DRAM active {_f(w.get('dram_active'))}"
-            )
+        print_window_power(label, r)
     p = res.get("profile")
     if p:
         print(

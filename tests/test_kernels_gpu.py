@@ -119,7 +119,8 @@ def test_paged_decode_attention_graph_replay_follows_new_lengths():
         ([32] * 12, 8, 2, 128),  # qwen3-embedding's shape: 32-token inputs, GQA
         ([1, 5, 17, 64, 65, 130], 4, 1, 64),  # tile edges, one-token sequences
         ([7, 40, 3], 12, 12, 32),  # MiniLM: no grouping, head_dim 32
-        ([9, 20], 4, 2, 80),  # a head_dim that is not a power of two
+        ([9, 20], 6, 2, 80),  # a head_dim and a group (3) that are not powers of two
+        ([3, 70], 16, 1, 64),  # a group of 16: tiles of 16 queries
     ],
 )
 def test_varlen_attention_matches_reference(lens, heads, kv_heads, d, causal):

@@ -1,11 +1,12 @@
 """Dense attention of packed variable-length sequences, no KV cache (embedding models,
 encoders): the twin of `coserve.engine.kernels.attention.varlen_attention`.
 
-One program per (sequence, tile of BLOCK_M queries, query head). It reads its queries once,
-walks the sequence's keys in tiles of BLOCK_N with an online softmax (running max `m`, sum
-`l`, accumulator `acc`) and writes its rows of the packed output: no padding, no gathered
-copies of q/k/v, no repeat of the KV heads for grouped-query attention (query head h reads
-KV head h // GROUP), and no host synchronisation. The reference pads sequences of similar
+One program per (sequence, tile of BLOCK_M queries, KV head). It takes the queries of the
+GROUP query heads that share its KV head as one tile of GROUP x BLOCK_M rows, walks the
+sequence's keys in tiles of BLOCK_N with an online softmax (running max `m`, sum `l`,
+accumulator `acc`), so each K/V tile is read once for the whole group, and writes its rows
+of the packed output: no padding, no gathered copies of q/k/v, no repeat of the KV heads,
+and no host synchronisation. The reference pads sequences of similar
 length into one SDPA call; on qwen3-embedding-8b's 8,192-token passes of 32-token inputs
 its gathers, KV-head repeats and scatter cost ~21 ms a pass beside ~11 ms of SDPA
 (benchmarks/engine_embed.py --profile-steps, nvidia-h200, 2026-12-01).
@@ -42,6 +43,7 @@ def _varlen_attention_kernel(
     stride_ot,
     stride_oh,
     GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -50,25 +52,28 @@ def _varlen_attention_kernel(
 ):
     b = tl.program_id(0)
     m0 = tl.program_id(1) * BLOCK_M
-    h = tl.program_id(2)
+    kvh = tl.program_id(2)
     start = tl.load(cu_seqlens_ptr + b)
     length = tl.load(cu_seqlens_ptr + b + 1) - start
     if m0 >= length:
         return
-    kvh = h // GROUP
-    offs_m = m0 + tl.arange(0, BLOCK_M)
+    # one row per (query head of this KV head's group, query): head-major, so that the
+    # group's GROUP_PAD x BLOCK_M rows share each K/V tile
+    r = tl.arange(0, GROUP_PAD * BLOCK_M)
+    head = kvh * GROUP + r // BLOCK_M
+    offs_m = m0 + r % BLOCK_M
     offs_d = tl.arange(0, HEAD_DIM_PAD)
-    mask_m = offs_m < length
+    mask_r = (offs_m < length) & (r // BLOCK_M < GROUP)
     mask_d = offs_d < HEAD_DIM
     rows = (start + offs_m).to(tl.int64)
     q = tl.load(
-        q_ptr + rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
-        mask=mask_m[:, None] & mask_d[None, :],
+        q_ptr + rows[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
+        mask=mask_r[:, None] & mask_d[None, :],
         other=0.0,
     )
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
+    m_i = tl.full([GROUP_PAD * BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([GROUP_PAD * BLOCK_M], tl.float32)
+    acc = tl.zeros([GROUP_PAD * BLOCK_M, HEAD_DIM_PAD], tl.float32)
     hi = length
     if CAUSAL:
         hi = tl.minimum(length, m0 + BLOCK_M)
@@ -87,8 +92,8 @@ def _varlen_attention_kernel(
             valid = valid & (offs_n[None, :] <= offs_m[:, None])
         s = tl.where(valid, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        # rows past the sequence's end see no key: keep their max finite so no NaN is made
-        m_new = tl.where(mask_m, m_new, 0.0)
+        # rows past the sequence's end (or the group's) see no key: keep their max finite
+        m_new = tl.where(mask_r, m_new, 0.0)
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
@@ -99,11 +104,11 @@ def _varlen_attention_kernel(
         )
         acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
         m_i = m_new
-    out = acc / tl.where(mask_m, l_i, 1.0)[:, None]
+    out = acc / tl.where(mask_r, l_i, 1.0)[:, None]
     tl.store(
-        out_ptr + rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
+        out_ptr + rows[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
         out.to(out_ptr.dtype.element_ty),
-        mask=mask_m[:, None] & mask_d[None, :],
+        mask=mask_r[:, None] & mask_d[None, :],
     )
 
 
@@ -134,9 +139,12 @@ def varlen_attention(
         cu.append(cu[-1] + n)
     cu_seqlens = to_device(cu, torch.int32, q.device)
     longest = max(seq_lens)
-    # tiles no longer than the longest sequence: 32-token inputs waste no half-empty tile
-    block = min(64, max(16, triton.next_power_of_2(longest)))
-    grid = (len(seq_lens), triton.cdiv(longest, block), heads)
+    group = heads // kv_heads
+    group_pad = triton.next_power_of_2(group)
+    # tiles no longer than the longest sequence (32-token inputs waste no half-empty tile),
+    # and at most 128 rows of queries a program with the group's heads
+    block = max(16, min(64, triton.next_power_of_2(longest), 128 // group_pad))
+    grid = (len(seq_lens), triton.cdiv(longest, block), kv_heads)
     _varlen_attention_kernel[grid](
         q,
         k,
@@ -152,7 +160,8 @@ def varlen_attention(
         v.stride(1),
         out.stride(0),
         out.stride(1),
-        GROUP=heads // kv_heads,
+        GROUP=group,
+        GROUP_PAD=group_pad,
         HEAD_DIM=d,
         HEAD_DIM_PAD=max(16, triton.next_power_of_2(d)),
         BLOCK_M=block,
