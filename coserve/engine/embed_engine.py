@@ -8,8 +8,6 @@ Steps overlap on a GPU: a step queues its forward pass, then waits for the previ
 vectors (copied to pinned host memory behind that pass) and answers their requests, so the
 host's work (answers, the next batch) runs while the GPU computes. A step's answers
 therefore come one step later; the last batch is answered by a step with nothing new to run.
-A server loop asks `ready_to_step` first: while a pass runs with nothing queued behind it a
-step would only wait, and a request that arrives meanwhile should be queued behind the pass.
 With `overlap` False (set while an SLO guard paces the engine: its pauses are meant to leave
 the GPU idle) a step answers its own batch; `drain()` answers the one in flight.
 
@@ -177,15 +175,6 @@ class EmbedEngine(tp_workers.LeadsRanks):
         if not self.overlap:
             outputs += self._answer(self._take_in_flight())
         return outputs
-
-    @property
-    def ready_to_step(self) -> bool:
-        """False while a step would only wait: a pass is in flight, not yet done, and no
-        input is queued to run behind it (a server loop takes requests meanwhile)."""
-        f = self._in_flight
-        if f is None or not self.overlap or f.ready is None or f.ready.query():
-            return True
-        return any(r.next_input < len(r.inputs) for r in self._queue)
 
     @property
     def in_flight(self) -> bool:

@@ -58,9 +58,6 @@ IDLE_POLL_S = 0.5
 STATS_INTERVAL_S = 0.05
 STEP_WINDOW_S = 0.5
 HOLD_POLL_S = 0.01
-# while an embed pass runs with nothing queued behind it: how soon a request that arrives is
-# queued behind the pass, rather than after it (a GPU bubble of the host's launch time)
-PASS_POLL_S = 0.0005
 _PR_SET_PDEATHSIG = 1
 
 
@@ -283,12 +280,6 @@ def _add(engine, cmd: Add) -> AddError | None:
     return None
 
 
-def _ready_to_step(engine) -> bool:
-    """False while a step would only wait for the GPU (an embed engine's pass in flight, not
-    done, nothing new to queue behind it): the loop takes requests meanwhile."""
-    return getattr(engine, "ready_to_step", True)
-
-
 def _loop(engine, conn) -> None:
     steps = 0
     stats_at = 0.0
@@ -301,23 +292,16 @@ def _loop(engine, conn) -> None:
             # a rank that dies while nothing steps fails the engine now, not at the next
             # request (until then the server would answer /health with a dead engine)
             check_ranks()
-        paced = pacing.wait_s(time.monotonic()) if busy else 0.0
-        wait = paced if busy else IDLE_POLL_S
-        if busy and not paced and not _ready_to_step(engine):
-            wait = PASS_POLL_S
+        wait = pacing.wait_s(time.monotonic()) if busy else IDLE_POLL_S
         waited_from = time.monotonic()
         if not wait or conn.poll(wait):
             while conn.poll(0):
                 if _apply(engine, pickle.loads(conn.recv_bytes()), acks, pacing, profiler):
                     return
         outputs = []
-        if busy and paced:
+        if busy and wait:
             clock.throttled_s += time.monotonic() - waited_from
-        if (
-            engine.has_unfinished()
-            and not pacing.wait_s(time.monotonic())
-            and _ready_to_step(engine)
-        ):
+        if engine.has_unfinished() and not pacing.wait_s(time.monotonic()):
             t0 = time.monotonic()
             done = profiler.run_step(engine) if profiler.capturing else engine.step()
             t1 = time.monotonic()
@@ -326,7 +310,7 @@ def _loop(engine, conn) -> None:
             logprobs = _take_logprobs(engine)
             outputs = _outputs(done, logprobs)
             steps += 1
-        elif getattr(engine, "in_flight", False) and not engine.overlap:
+        elif getattr(engine, "in_flight", False):
             # paced or held: the pass already computed is answered, not kept waiting
             outputs = _outputs(engine.drain(), {})
         if profiler.state != "idle":
