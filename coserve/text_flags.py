@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
+
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
 def nonempty(text: str) -> str:
@@ -37,4 +40,13 @@ def out_path(text: str) -> str:
     nonempty(text)
     if ".." in text.split(os.sep):
         return os.path.realpath(text)
+    return text
+
+
+def device(text: str) -> str:
+    """A device to serve on: auto, cpu, cuda or cuda:N (anything else torch would either
+    refuse with its own list or take for a device this engine never runs on). Raises
+    argparse.ArgumentTypeError."""
+    if not _DEVICE.fullmatch(text):
+        raise argparse.ArgumentTypeError("expected auto, cpu, cuda or cuda:N")
     return text

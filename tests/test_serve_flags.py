@@ -88,6 +88,15 @@ def test_a_port_outside_0_to_65535_is_a_usage_error(argv, capsys):
     assert "port: must be a TCP port in [0, 65535]" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("value", ["tpu", "cuda:x", "cuda:", "CPU", "cuda:0 "])
+def test_a_device_that_is_not_one_of_the_engines_is_a_usage_error(value, capsys):
+    """It was taken for a CUDA device: 'tpu' got 'this machine has no CUDA GPU'."""
+    with pytest.raises(SystemExit) as e:
+        main(["serve", "gen", "--model", "tiny-dense", "--random-weights", "--device", value])
+    assert e.value.code == 2
+    assert "--device: expected auto, cpu, cuda or cuda:N" in capsys.readouterr().err
+
+
 def test_colocated_refuses_one_port_for_both_endpoints(capsys):
     """Both sockets bound (SO_REUSEADDR) and the second listen failed: a traceback, exit 1."""
     argv = ["serve", "colocated", "--model", "tiny-dense", "--embed-model", "tiny-embed"]

@@ -33,7 +33,7 @@ from coserve.server.serve_flags import (
     tokens_flag,
 )
 from coserve.server.serve_groups import add_flag_groups
-from coserve.text_flags import api_key, nonempty
+from coserve.text_flags import api_key, device, nonempty
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -66,6 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--device",
         default="auto",
+        type=device,
         help="cpu, cuda, cuda:N or auto (cuda when available; the default)",
     )
     parser.add_argument(
