@@ -80,6 +80,7 @@ def test_the_script_serves_and_stops_everything_it_started(tmp_path):
     dep = build_deployment(loads_spec(text), "mps-sm50")
     (tmp_path / "serve.sh").write_text(commands.render(dep)["serve.sh"])  # binds 127.0.0.1
     calls = tmp_path / "calls.log"
+    mps_dir_before = os.path.exists(commands.MPS_DIR)
     fake = tmp_path / "bin" / "nvidia-cuda-mps-control"
     fake.parent.mkdir()
     fake.write_text(
@@ -125,3 +126,5 @@ def test_the_script_serves_and_stops_everything_it_started(tmp_path):
     assert _port_free(8000) and _port_free(8001)
     lines = calls.read_text().splitlines()
     assert lines == [f"[-d] [] {commands.MPS_DIR}/pipe", f"[] [quit] {commands.MPS_DIR}/pipe"]
+    if not mps_dir_before:  # the daemon wrote no log: nothing of it is left
+        assert not os.path.exists(commands.MPS_DIR)

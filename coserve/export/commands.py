@@ -82,6 +82,11 @@ def script(dep: Deployment) -> str:
     lines.insert(2, _HOST_SETTING)
     if mps:
         lines[-1] += "  echo quit | nvidia-cuda-mps-control || true\n"
+        # empty folders only: a daemon's log stays where it was written
+        lines[-1] += (
+            f'  rmdir "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY" {MPS_DIR} '
+            "2>/dev/null || true\n"
+        )
     lines[-1] += "}\ntrap cleanup EXIT\ntrap 'exit 130' INT TERM\n"
     for s in dep.servers:
         if s.mig_profile and not s.gpus:
