@@ -6,9 +6,9 @@ GROUP query heads that share its KV head as one tile of GROUP x BLOCK_M rows, wa
 sequence's keys in tiles of BLOCK_N with an online softmax (running max `m`, sum `l`,
 accumulator `acc`), so each K/V tile is read once for the whole group, and writes its rows
 of the packed output: no padding, no gathered copies of q/k/v, no repeat of the KV heads,
-and no host synchronisation. The reference pads sequences of similar
-length into one SDPA call; on qwen3-embedding-8b's 8,192-token passes of 32-token inputs
-its gathers, KV-head repeats and scatter cost ~21 ms a pass beside ~11 ms of SDPA
+and no host synchronisation. The reference pads sequences of similar length into one SDPA
+call; on qwen3-embedding-8b's 8,192-token passes of 32-token inputs its gathers, KV-head
+repeats and scatter took ~23 ms a pass beside ~11 ms of SDPA, this kernel 2.6 ms in all
 (benchmarks/engine_embed.py --profile-steps, nvidia-h200, 2026-12-01).
 
 Math per query head h and query i of a sequence (s_ij over its own keys j; causal: j <= i):
