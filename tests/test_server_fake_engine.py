@@ -45,7 +45,7 @@ def test_sigterm_answers_a_request_a_stuck_core_never_took_and_exits_1():
     # A core stuck in a step (here a 60 s one; a SIGSTOPped tensor-parallel worker did it)
     # never acknowledges an add: the shutdown's abort must still answer it, not leave it to
     # be cut without a response when the connections close.
-    with fake_serve("gen", step_s=60.0, shutdown_timeout_s=0.5) as server:
+    with fake_serve("gen", step_s=60.0, shutdown_timeout_s=0.5, core_stop_s=2.0) as server:
         got: list = []
         t = threading.Thread(
             target=lambda: got.append(
@@ -59,6 +59,6 @@ def test_sigterm_answers_a_request_a_stuck_core_never_took_and_exits_1():
         assert got, "no answer within 10 s of SIGTERM"
         status, body = got[0]
         assert status == 503 and "shutting down" in body["error"]["message"]
-        # the front waits 30 s for the core to stop, then kills it: not a clean stop
+        # the front waits (30 s; 2 s here) for the core to stop, then kills it: not a clean stop
         assert server.proc.wait(45) == 1, server.log_tail()
         assert "did not stop within 30 s; killed it" in server.log_tail(200)

@@ -129,10 +129,15 @@ def serve_fake(kind: str, engine_kwargs: dict) -> None:
 
     logging.basicConfig(level="INFO")
     shutdown_timeout_s = engine_kwargs.pop("shutdown_timeout_s", 5.0)
+    core_stop_s = engine_kwargs.pop("core_stop_s", None)
     factory = functools.partial(
         FakeGenEngine if kind == "gen" else FakeEmbedEngine, **engine_kwargs
     )
     engine = start_engine(factory)
+    if core_stop_s is not None:
+        # the server's 30 s wait for a stuck core, shortened: the kill path is the same
+        stop = engine.stop
+        engine.stop = lambda timeout_s=30.0: stop(timeout_s=min(timeout_s, core_stop_s))
     opts = ServeOptions(
         kind=kind, served_names=["fake"], port=0, shutdown_timeout_s=shutdown_timeout_s
     )
