@@ -241,7 +241,8 @@ def test_a_window_lasts_its_minimum_seconds_beyond_its_steps(tmp_path):
         steps += 1
     prof.after_step(busy=False)
     meta = json.loads((tmp_path / "steps.json").read_text())
-    assert 4 <= len(meta["steps"]) == steps < 100  # 0.2 s of 0.05 s steps
+    # 0.2 s of 0.05 s steps: 4 on a quiet machine, fewer where a loaded one stretches a sleep
+    assert 2 <= len(meta["steps"]) == steps < 100
     assert meta["wall_end"] - meta["wall_start"] >= 0.2 and meta["requested_min_s"] == 0.2
 
 

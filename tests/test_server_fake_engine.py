@@ -16,9 +16,11 @@ def test_engine_failure_is_reported_and_the_server_exits_1():
         events = sse_events(
             url + "/v1/completions", {"prompt": [1], "max_tokens": 50, "stream": True}
         )
-        tokens = [e for e in events if isinstance(e, dict) and "choices" in e]
+        chunks = [e for e in events if isinstance(e, dict) and "choices" in e]
         errors = [e for e in events if isinstance(e, dict) and "error" in e]
-        assert len(tokens) == 3 and len(errors) == 1
+        # one byte-token a character; on a loaded machine two steps' tokens can share a chunk
+        assert "".join(c["choices"][0]["text"] for c in chunks) == "\x02\x03\x04"
+        assert len(errors) == 1
         assert (
             errors[0]["error"]["code"] == 500
             and "fake engine failure" in errors[0]["error"]["message"]
