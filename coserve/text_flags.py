@@ -8,7 +8,10 @@ import argparse
 import os
 import re
 
-_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+# ASCII digits without a leading zero (torch refuses "cuda:01" and "cuda:\u0661")
+_DEVICE = re.compile(r"auto|cpu|cuda(:(0|[1-9][0-9]*))?")
+# torch keeps a device index in 8 bits: cuda:128 wraps to cuda:-128, cuda:256 to cuda:0
+MAX_CUDA_INDEX = 127
 
 
 def nonempty(text: str) -> str:
@@ -47,6 +50,11 @@ def device(text: str) -> str:
     """A device to serve on: auto, cpu, cuda or cuda:N (anything else torch would either
     refuse with its own list or take for a device this engine never runs on). Raises
     argparse.ArgumentTypeError."""
-    if not _DEVICE.fullmatch(text):
-        raise argparse.ArgumentTypeError("expected auto, cpu, cuda or cuda:N")
+    m = _DEVICE.fullmatch(text)
+    index = m and m.group(2)
+    if not m or (index and (len(index) > 3 or int(index) > MAX_CUDA_INDEX)):
+        raise argparse.ArgumentTypeError(
+            f"expected auto, cpu, cuda or cuda:N (N a GPU index, 0 to {MAX_CUDA_INDEX}), "
+            f"got {text[:40]!r}{'...' if len(text) > 40 else ''}"
+        )
     return text

@@ -97,6 +97,21 @@ def test_a_device_that_is_not_one_of_the_engines_is_a_usage_error(value, capsys)
     assert "--device: expected auto, cpu, cuda or cuda:N" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "value", ["cuda:01", "cuda:128", "cuda:256", "cuda:99999999999999999999", "cuda:\u0661"]
+)
+def test_a_cuda_index_torch_would_misread_is_a_usage_error(value, capsys):
+    """They matched cuda:N, and torch then refused them with a traceback ('cuda:01', a
+    non-ASCII digit, an index past 2**31) or took them for another device: it keeps the
+    index in 8 bits, so cuda:256 served on cuda:0 and cuda:128 on cuda:-128."""
+    with pytest.raises(SystemExit) as e:
+        main(["serve", "embed", "--model", "tiny-embed", "--random-weights", "--device", value])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--device: expected auto, cpu, cuda or cuda:N" in err
+    assert repr(value) in err
+
+
 def test_colocated_refuses_one_port_for_both_endpoints(capsys):
     """Both sockets bound (SO_REUSEADDR) and the second listen failed: a traceback, exit 1."""
     argv = ["serve", "colocated", "--model", "tiny-dense", "--embed-model", "tiny-embed"]
