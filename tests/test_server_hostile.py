@@ -374,3 +374,21 @@ def test_a_wrong_method_is_counted_as_a_bad_request_not_a_server_error(embed):
     status, _ = request(embed.url + "/v1/embeddings", headers=AUTH)
     assert status == 405
     assert count("bad_request") == before + 1 and count("error") == 0
+
+
+@pytest.mark.parametrize("user", [123, ["a"], {"id": "a"}, True])
+def test_a_user_that_is_not_a_string_is_a_400_naming_it(gen, embed, user):
+    """OpenAI and vLLM refuse it; it was ignored, whatever its type."""
+    for url, path, body in (
+        (embed.url, "/v1/embeddings", {"input": "a"}),
+        (gen.url, "/v1/completions", {"prompt": [1], "max_tokens": 1}),
+        (
+            gen.url,
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "a"}], "max_tokens": 1},
+        ),
+    ):
+        err = assert_openai_error(*send(url, path, {**body, "user": user}))
+        assert err["param"] == "user" and "'user' must be a string" in err["message"], err
+        for fine in ("", "someone", None):
+            assert send(url, path, {**body, "user": fine})[0] == 200

@@ -17,6 +17,7 @@ from coserve.server.fields import (
     check_model,
     check_neutral,
     check_text,
+    check_user,
     opt_bool,
     opt_int,
     type_name,
@@ -134,6 +135,7 @@ def parse_chat(
 ) -> GenRequest:
     model = check_model(body, served_names)
     check_neutral(body, _CHAT_NEUTRAL)
+    check_user(body)
     if tokenizer is None:
         raise ApiError(
             "this model has no tokenizer, so it cannot read chat messages: use /v1/completions "

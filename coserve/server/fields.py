@@ -119,6 +119,14 @@ def check_model(body: dict, served_names: list[str]) -> str:
     return v
 
 
+def check_user(body: dict) -> None:
+    """'user' (an end user's id, which OpenAI keeps for abuse monitoring) has no effect here,
+    but one that is not a string is a 400, as OpenAI and vLLM answer it."""
+    v = body.get("user")
+    if v is not None and not isinstance(v, str):
+        raise ApiError(f"'user' must be a string, got {type_name(v)}", param="user")
+
+
 def check_neutral(body: dict, table: dict) -> None:
     """Fields this server does not implement: accepted only at a neutral value, anything else
     is a 400 naming the field (never silently ignored)."""

@@ -18,6 +18,7 @@ from coserve.server.fields import (
     check_model,
     check_neutral,
     check_text,
+    check_user,
     count_items,
     opt_bool,
     opt_int,
@@ -243,6 +244,7 @@ def parse_completion(
 ) -> GenRequest:
     model = check_model(body, served_names)
     check_neutral(body, _COMPLETION_NEUTRAL)
+    check_user(body)
     f = parse_sampling(body, tokenizer, ("max_tokens",), limits)
     logprobs = opt_int(body, "logprobs", None, minimum=0, maximum=MAX_LOGPROBS)
     opt_bool(body, "return_token_ids", True)  # accepted; token ids are always returned
@@ -282,6 +284,7 @@ def parse_embedding(
 ) -> EmbeddingRequest:
     model = check_model(body, served_names)
     check_neutral(body, _EMBEDDING_NEUTRAL)
+    check_user(body)
     fmt = body.get("encoding_format")
     if fmt is None:
         fmt = "float"
