@@ -3,6 +3,7 @@ preemption loses nothing, sampling is reproducible, limits are enforced."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import numpy as np
@@ -232,21 +233,55 @@ def _over_half_a_pass(embedder) -> int:
     return embedder.max_num_batched_tokens // 2 + 1
 
 
-def test_embed_steps_overlap_answering_each_batch_one_step_later(embedder):
+class _Running:
+    """A pass's CUDA event, on the CPU: its vectors are there, but the engine must take
+    the pass for one still running on a GPU."""
+
+    def synchronize(self) -> None:
+        pass
+
+
+@pytest.fixture
+def overlapping(embedder, monkeypatch) -> EmbedEngine:
+    """`embedder` with every pass it launches taken for one still running (as on a GPU)."""
+    launch = embedder._launch
+
+    def running(batch):
+        done = launch(batch)
+        return done and dataclasses.replace(done, ready=_Running())
+
+    monkeypatch.setattr(embedder, "_launch", running)
+    return embedder
+
+
+def test_embed_steps_overlap_answering_each_batch_one_step_later(overlapping):
     """While one pass runs the host answers the previous one: a step queues its batch and
     answers the batch before it; a step with nothing new answers the last one."""
-    one = [[5] * _over_half_a_pass(embedder)]  # each request is a pass of its own
+    one = [[5] * _over_half_a_pass(overlapping)]  # each request is a pass of its own
+    overlapping.add_request("a", one)
+    overlapping.add_request("b", one)
+    assert overlapping.step() == [] and overlapping.in_flight
+    assert [o.request_id for o in overlapping.step()] == ["a"]
+    assert [o.request_id for o in overlapping.step()] == ["b"]
+    assert not overlapping.in_flight and not overlapping.has_unfinished()
+
+
+def test_on_the_cpu_a_step_answers_its_own_batch(embedder):
+    """A pass on the CPU is done by the time its step returns: answered one step later, a
+    request waited for the next request's whole pass too (served, twice its latency)."""
+    one = [[5] * _over_half_a_pass(embedder)]
     embedder.add_request("a", one)
     embedder.add_request("b", one)
-    assert embedder.step() == [] and embedder.in_flight
     assert [o.request_id for o in embedder.step()] == ["a"]
+    assert not embedder.in_flight
     assert [o.request_id for o in embedder.step()] == ["b"]
-    assert not embedder.in_flight and not embedder.has_unfinished()
+    assert not embedder.has_unfinished()
 
 
 def test_embed_without_overlap_answers_its_own_batch_and_drain_answers_the_one_in_flight(
-    embedder,
+    overlapping,
 ):
+    embedder = overlapping
     one = [[7] * _over_half_a_pass(embedder)]
     embedder.add_request("a", one)
     embedder.add_request("b", one)
@@ -264,7 +299,8 @@ def test_embed_without_overlap_answers_its_own_batch_and_drain_answers_the_one_i
     assert embedder.drain() == [] and not embedder.has_unfinished()
 
 
-def test_an_aborted_request_in_flight_is_never_answered(embedder):
+def test_an_aborted_request_in_flight_is_never_answered(overlapping):
+    embedder = overlapping
     embedder.add_request("gone", [[9] * _over_half_a_pass(embedder)])
     embedder.add_request("kept", [[9] * _over_half_a_pass(embedder)])
     assert embedder.step() == []

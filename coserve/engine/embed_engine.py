@@ -8,7 +8,8 @@ Steps overlap on a GPU: a step queues its forward pass, then waits for the previ
 vectors (copied to pinned host memory behind that pass) and answers their requests, so the
 host's work (answers, the next batch) runs while the GPU computes. A step's answers
 therefore come one step later; the last batch is answered by a step with nothing new to run.
-With `overlap` False (set while an SLO guard paces the engine: its pauses are meant to leave
+On the CPU a pass is computed before its step returns, and the step answers it. With
+`overlap` False (set while an SLO guard paces the engine: its pauses are meant to leave
 the GPU idle) a step answers its own batch; `drain()` answers the one in flight.
 
 With `tensor_parallel_size` N > 1 this engine is rank 0: it starts ranks 1..N-1 (each only an
@@ -172,7 +173,10 @@ class EmbedEngine(tp_workers.LeadsRanks):
     def _step(self) -> list[EmbedOutput]:
         done, self._in_flight = self._in_flight, self._launch(self._next_batch())
         outputs = self._answer(done)
-        if not self.overlap:
+        running = self._in_flight is not None and self._in_flight.ready is not None
+        if not (self.overlap and running):
+            # a CPU pass is done by the time _launch returns: its answers held for the next
+            # step would wait for that step's whole pass as well
             outputs += self._answer(self._take_in_flight())
         return outputs
 
