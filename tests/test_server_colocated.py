@@ -142,7 +142,16 @@ def test_sigterm_while_the_engines_load_stops_them_at_once_without_a_traceback()
         proc.kill()
 
 
-def test_a_model_that_cannot_load_fails_both_and_says_which():
+@pytest.mark.parametrize(
+    "embed_model, message",
+    [
+        ("/no/such/model", "neither a preset nor a directory"),
+        ("tiny-dense", "is a generative model, not an embedding one"),
+    ],
+)
+def test_a_model_that_cannot_load_fails_both_and_says_which(embed_model, message):
+    """Without a traceback: the front stops at the first pipe's `Failed` and closes the
+    other, to which the engine process was still writing it (a BrokenPipeError)."""
     proc = subprocess.run(
         [
             sys.executable,
@@ -153,7 +162,7 @@ def test_a_model_that_cannot_load_fails_both_and_says_which():
             "--model",
             "tiny-dense",
             "--embed-model",
-            "/no/such/model",
+            embed_model,
             "--random-weights",
             "--device",
             "cpu",
@@ -168,7 +177,8 @@ def test_a_model_that_cannot_load_fails_both_and_says_which():
         timeout=120,
     )
     assert proc.returncode == 2, proc.stderr
-    assert "coserve serve colocated: embed: " in proc.stderr
+    assert "coserve serve colocated: embed: " in proc.stderr and message in proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
 
 
 def test_needs_an_embed_model():

@@ -157,7 +157,10 @@ def core(factories: dict, conns: dict, log_level: str = "INFO", sms: SmFlags = S
 
     def fail(message: Failed) -> None:
         for conn in conns.values():
-            engine_core._send(conn, message)
+            try:
+                engine_core._send(conn, message)
+            except OSError:  # the front stops at the first Failed and closes the other pipe
+                pass
         for e in engines.values():
             e.shutdown()
         if partition is not None:
