@@ -35,8 +35,10 @@ from engine_gen import (  # noqa: E402
     _kernel_times,
     device_info,
     dist,
+    kernel_fields,
     log,
     power_sampler,
+    print_kernel_fields,
     print_window_power,
     serve_and_bench,
     window_means,
@@ -127,29 +129,20 @@ def profile_forwards(engine: EmbedEngine, steps: int, input_len: int, seed: int 
             engine.embed_batch(inputs)
         torch.cuda.synchronize()
     wall_ms = (time.perf_counter() - t0) * 1e3 / steps
-    gpu_ms, per_class, per_kernel, calls = _kernel_times(prof, steps)
+    times = _kernel_times(prof, steps)
+    gpu_ms = times[0]
     res = {
         "steps": steps,
         "inputs_per_pass": n,
         "wall_ms_per_pass": wall_ms,
         "gpu_kernel_ms_per_pass": gpu_ms,
-        "classes_ms_per_pass": {
-            k: v / 1e3 for k, v in sorted(per_class.items(), key=lambda kv: -kv[1])
-        },
-        "top_kernels": [
-            {"name": k[:120], "ms_per_pass": v / 1e3, "calls_per_pass": calls[k] / steps}
-            for k, v in sorted(per_kernel.items(), key=lambda kv: -kv[1])[:20]
-        ],
+        **kernel_fields(times, steps, "pass"),
     }
     log(
         f"profile: {n} inputs x {input_len} tokens per pass, {wall_ms:.2f} ms wall per pass "
         f"(profiled), {gpu_ms:.2f} ms of kernels"
     )
-    for k, v in res["classes_ms_per_pass"].items():
-        print(f"    {k:<58} {v:7.3f} ms  {v / max(gpu_ms, 1e-9):5.1%}")
-    print("    top kernels:")
-    for k in res["top_kernels"][:12]:
-        print(f"      {k['ms_per_pass']:7.3f} ms  x{k['calls_per_pass']:<5.0f} {k['name'][:90]}")
+    print_kernel_fields(res, gpu_ms, "pass")
     return res
 
 

@@ -295,9 +295,9 @@ def profile_decode(loop: ClosedLoop, steps: int, context: float) -> dict:
         e.runner.enforce_eager = False
         res = _kernel_times(prof, steps)
         mode = "eager (graph replays not traced)"
-    gpu_ms, per_class, per_kernel, calls = res
+    gpu_ms = res[0]
     replay_ms = _replay_ms(loop)
-    res = {
+    out = {
         "steps": steps,
         "batch": batch,
         "mean_context": mean_ctx,
@@ -305,13 +305,7 @@ def profile_decode(loop: ClosedLoop, steps: int, context: float) -> dict:
         "wall_ms_per_step": wall_ms,
         "gpu_kernel_ms_per_step": gpu_ms,
         "graph_replay_ms": replay_ms,
-        "classes_ms_per_step": {
-            k: v / 1e3 for k, v in sorted(per_class.items(), key=lambda kv: -kv[1])
-        },
-        "top_kernels": [
-            {"name": k[:120], "ms_per_step": v / 1e3, "calls_per_step": calls[k] / steps}
-            for k, v in sorted(per_kernel.items(), key=lambda kv: -kv[1])[:20]
-        ],
+        **kernel_fields(res, steps, "step"),
     }
     log(
         f"profile ({mode}): batch {batch}, mean context {mean_ctx:.0f}, "
@@ -319,12 +313,8 @@ def profile_decode(loop: ClosedLoop, steps: int, context: float) -> dict:
         f"{gpu_ms:.2f} ms of kernels; one graph replay (the forward, no logits) "
         f"{_f(replay_ms)} ms by CUDA events"
     )
-    for k, v in res["classes_ms_per_step"].items():
-        print(f"    {k:<58} {v:7.3f} ms  {v / max(gpu_ms, 1e-9):5.1%}")
-    print("    top kernels:")
-    for k in res["top_kernels"][:12]:
-        print(f"      {k['ms_per_step']:7.3f} ms  x{k['calls_per_step']:<5.0f} {k['name'][:90]}")
-    return res
+    print_kernel_fields(out, gpu_ms, "step")
+    return out
 
 
 def _replay_ms(loop: ClosedLoop, reps: int = 20) -> float | None:
@@ -347,6 +337,32 @@ def _replay_ms(loop: ClosedLoop, reps: int = 20) -> float | None:
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) / reps
+
+
+def kernel_fields(times, steps: int, per: str) -> dict:
+    """_kernel_times' result as a profile's fields, per `per` (a step, a pass): ms per kernel
+    class, longest first, and the 20 longest kernels with their launches."""
+    _, per_class, per_kernel, calls = times
+    return {
+        f"classes_ms_per_{per}": {
+            k: v / 1e3 for k, v in sorted(per_class.items(), key=lambda kv: -kv[1])
+        },
+        "top_kernels": [
+            {"name": k[:120], f"ms_per_{per}": v / 1e3, f"calls_per_{per}": calls[k] / steps}
+            for k, v in sorted(per_kernel.items(), key=lambda kv: -kv[1])[:20]
+        ],
+    }
+
+
+def print_kernel_fields(res: dict, gpu_ms: float, per: str) -> None:
+    """kernel_fields' classes (ms and share of `gpu_ms`) and the 12 longest kernels."""
+    for k, v in res[f"classes_ms_per_{per}"].items():
+        print(f"    {k:<58} {v:7.3f} ms  {v / max(gpu_ms, 1e-9):5.1%}")
+    print("    top kernels:")
+    for k in res["top_kernels"][:12]:
+        print(
+            f"      {k[f'ms_per_{per}']:7.3f} ms  x{k[f'calls_per_{per}']:<5.0f} {k['name'][:90]}"
+        )
 
 
 def _kernel_times(prof, steps: int):
