@@ -44,10 +44,10 @@ def weight_bytes(model: str, device: str = "cuda", dtype: str | None = None) -> 
     """Bytes of `model`'s weights (a preset or a model directory) as the engine holds them on
     `device` ("cpu" or "cuda") in `dtype` (None: the engine's choice, float32 on a CPU, else
     bf16), or None if unknown."""
-    from coserve.model_size import DTYPE_BYTES, model_size
+    from coserve.model_size import DTYPE_BYTES, engine_dtype, model_size
 
     cpu = device == "cpu"
-    width = DTYPE_BYTES.get(dtype or ("float32" if cpu else "bfloat16"), 2)
+    width = DTYPE_BYTES.get(engine_dtype(dtype, cpu), 2)
     try:
         return model_size(model, width, dequantised=cpu).weight_bytes
     except (ValueError, KeyError, OSError):

@@ -12,6 +12,13 @@ from coserve.engine.presets import hf_config
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 
 
+def engine_dtype(dtype: str | None, cpu: bool) -> str:
+    """The dtype the built-in engine runs in: `dtype` when given, else float32 on a CPU and
+    bfloat16 on a GPU (engine/weights.py resolve_dtype; 2 bytes either way where a config asks
+    for float16)."""
+    return dtype or ("float32" if cpu else "bfloat16")
+
+
 @dataclass
 class ModelSize:
     name: str

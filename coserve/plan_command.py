@@ -10,7 +10,7 @@ from coserve import fleet_command
 from coserve.bench.config import MAX_CONCURRENCY, MAX_LEN
 from coserve.engine.presets import PRESETS
 from coserve.experiment.preflight import on_cpu
-from coserve.model_size import DTYPE_BYTES, ModelSize, model_size
+from coserve.model_size import DTYPE_BYTES, ModelSize, engine_dtype, model_size
 from coserve.plan import (
     CPU_KV_CACHE_BYTES,
     ENGINE_MAX_NUM_SEQS,
@@ -239,7 +239,7 @@ def make_plan(args: argparse.Namespace) -> tuple[Plan, list[int]]:
             which = f"--{role}" if getattr(args, role) else f"the spec's servers.{role}.model"
             raise ValueError(f"{which} {name!r} is {kind[preset.task]} model, not {kind[task]} one")
     cpu_server = kv_cache_bytes is not None  # the CPU engine keeps no FP8: it dequantises
-    dtype = args.dtype or ("float32" if cpu_server else "bfloat16")
+    dtype = engine_dtype(args.dtype, cpu_server)
     embed = (
         None
         if embed_model in ("none", "", None)
