@@ -4,7 +4,7 @@ which conditions ran at the card's power limit; per-GPU rows where a run used se
 from __future__ import annotations
 
 from coserve.experiment.fingerprint import describe_gpus
-from coserve.report.aggregate import RunStats
+from coserve.report.aggregate import TELEMETRY, RunStats
 from coserve.report.blocks import Block, frac, with_ci
 from coserve.report.per_gpu import per_gpu_blocks
 
@@ -13,16 +13,11 @@ def telemetry_blocks(run: RunStats) -> list[Block]:
     out = [Block("h2", "GPU telemetry")]
     rows = []
     for c in run.matrix:
-        if any(
-            m in c.summary for m in ("sm_active", "sm_occupancy", "tensor_active", "dram_active")
-        ):
+        if any(m in c.summary for m in TELEMETRY):
             rows.append(
                 [
                     c.name,
-                    *(
-                        with_ci(c.summary.get(m), frac)
-                        for m in ("sm_active", "sm_occupancy", "tensor_active", "dram_active")
-                    ),
+                    *(with_ci(c.summary.get(m), frac) for m in TELEMETRY),
                     with_ci(c.summary.get("power_w")),
                     with_ci(c.summary.get("sm_clock_mhz")),
                     with_ci(c.summary.get("power_capped"), share),
