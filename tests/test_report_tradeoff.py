@@ -355,3 +355,54 @@ def test_a_share_near_the_equal_work_line_names_the_gap_the_rule_judges(tmp_path
         r"\d\.\d % above the smaller, over the 5 % line\)",
         verdict,
     ), verdict
+
+
+def test_an_embed_rate_sweep_holds_each_point_against_gen_alone(open_run):
+    """One H200 (2026-12-01, co-scheduling-10): the rate sweep's points showed gen tok/s with
+    no delta because gen alone, the baseline, runs no embed load and so has no point at any
+    rate; but the embed rate leaves gen's load as it is, so gen alone is every point's gen
+    baseline. The table then gives the delta and what each embedding cost gen in tokens."""
+    run = aggregate(open_run)
+    base = run.get("gen-only")
+    for name, cost in (("mps.embed-r2", 2.0), ("mps.embed-r16", 2.0), ("timeslice.embed-r2", 1.0)):
+        c = run.get(name)
+        assert c.gen_baseline == "gen-only", name
+        want = c.mean("gen_tok_s") / base.mean("gen_tok_s") - 1
+        assert c.gen_delta.pct == pytest.approx(100 * want)
+        # the stand-in's gen loses `cost` tok/s per embed seq/s, up to its 0.5 % noise
+        # the stand-in's gen loses `cost` tok/s per embed seq/s, up to its +-0.5 % noise on
+        # ~1000 tok/s over 16 seq/s
+        assert run.gen_tokens_per_embed(c) == pytest.approx(cost, abs=0.7), name
+    assert run.gen_tokens_per_embed(base) is None
+    assert run.gen_tokens_per_embed(run.get("timeslice")) == pytest.approx(1.0, abs=0.7)
+    md = (open_run / "report.md").read_text()
+    sweep = md.split("## Rate sweep (embed)")[1].split("\n## ")[0]
+    assert "| Gen (tok/s) | Gen delta | Gen tokens per embed | TPOT p50 (ms) |" in sweep
+    (mps16,) = [ln for ln in sweep.splitlines() if ln.startswith("| mps | 16 |")]
+    cells = [x.strip() for x in mps16.split("|")]
+    assert re.search(r"-1[12](\.\d)?%", cells[5]), mps16  # 1000 -> ~880 tok/s
+    assert float(cells[6]) == pytest.approx(2.0, abs=0.4), mps16
+    assert "Gen delta: against gen-only, gen alone (the embed rate leaves gen's load as" in sweep
+    assert "the row marked baseline" not in sweep
+    assert "Gen tokens per embed: gen tok/s lost against gen alone per embed seq/s" in sweep
+    # the matrix's co-located conditions get the same figure; gen alone and embed alone none
+    table = md.split("## Throughput")[1].split("\n\n")[1]
+    assert table.splitlines()[0].endswith("| Embed delta | Gen tokens per embed |"), table
+    rows = {ln.split("|")[1].strip(): ln.split("|")[-2].strip() for ln in table.splitlines()[2:]}
+    assert rows["gen-only"] == rows["embed-only"] == "-"
+    assert float(rows["mps"]) == pytest.approx(2.0, abs=0.4)
+    assert float(rows["timeslice"]) == pytest.approx(1.0, abs=0.4)
+
+
+def test_a_gen_sweep_holds_no_point_against_gen_alone(tmp_path):
+    """The fallback to a baseline without the point is for the role the sweep leaves alone:
+    in a gen concurrency sweep gen alone's load differs at every point, so a point whose
+    baseline ran no such point gets no gen delta (and no cost per embed)."""
+    text = CLOSED.replace('role = "embed"\nrate = [2, 16]', 'role = "gen"\nconcurrency = [2]')
+    runner(tmp_path, ModelBackend(), text=text).run()
+    run = aggregate(tmp_path / "run")
+    mps2 = run.get("mps.gen-c2")
+    assert mps2.gen_delta is None and mps2.gen_baseline is None
+    assert run.gen_tokens_per_embed(mps2) is None
+    # embed alone's load is not swept: it is every point's embed baseline
+    assert mps2.embed_baseline == "embed-only" and mps2.embed_delta is not None

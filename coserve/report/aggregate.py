@@ -215,6 +215,19 @@ class RunStats:
     def sweep(self) -> list[ConditionStats]:
         return [c for c in self.conditions if c.condition.sweep is not None]
 
+    def gen_tokens_per_embed(self, c: ConditionStats) -> float | None:
+        """What each embedding served cost gen, in gen tok/s lost per embed seq/s: (gen alone's
+        mean - the condition's) / the condition's embed mean. Only against a gen baseline
+        that runs gen alone (the study's section 3 calls it "cost per embed"); None without
+        one, for the baseline itself, or without embed throughput."""
+        base = self.get(c.gen_baseline) if c.gen_baseline else None
+        gen, emb = c.mean("gen_tok_s"), c.mean("embed_seq_s")
+        if base is None or base is c or list(base.condition.servers) != ["gen"]:
+            return None
+        if gen is None or not emb or base.mean("gen_tok_s") is None:
+            return None
+        return (base.mean("gen_tok_s") - gen) / emb
+
     def sweep_optimum(self) -> dict[str, tuple[float, float]]:
         """Per swept condition: (swept value, throughput) of the best point measured."""
         if self.spec.sweep is None:
@@ -350,8 +363,10 @@ def aggregate(path: str | Path) -> RunStats:
 
 def _set_deltas(spec, conditions: list[ConditionStats]) -> None:
     """Each condition's gen and embed deltas against its baselines. A sweep point is held
-    against its baselines' points at the same swept value (the same offered load), and gets
-    none where they have no such point."""
+    against its baselines' points at the same swept value (the same offered load). Where a
+    baseline has no such point and runs only the role the sweep leaves alone (gen alone in an
+    embed sweep, embed alone in a gen sweep), the point is held against it: the swept knob
+    does not change that role's load. Otherwise the point gets no delta."""
     names = {c.name: c for c in conditions}
     points = {
         (c.condition.sweep.base, c.condition.sweep.value): c
@@ -364,8 +379,12 @@ def _set_deltas(spec, conditions: list[ConditionStats]) -> None:
         pt = cs.condition.sweep
         if pt is not None:
             base_cond = names[pt.base].condition
-            gen_base = points.get((base_cond.baseline_name(spec), pt.value))
-            embed_base = points.get((emb, pt.value))
+            gen_base = points.get((base_cond.baseline_name(spec), pt.value)) or _unswept_alone(
+                names.get(base_cond.baseline_name(spec)), "gen", spec.sweep.role
+            )
+            embed_base = points.get((emb, pt.value)) or _unswept_alone(
+                names.get(emb), "embed", spec.sweep.role
+            )
         for role, metric, base in (
             ("gen", "gen_tok_s", gen_base),
             ("embed", "embed_seq_s", embed_base),
@@ -375,3 +394,10 @@ def _set_deltas(spec, conditions: list[ConditionStats]) -> None:
             setattr(cs, f"{role}_baseline", base.name)
             if base is not cs and metric in cs.values:
                 setattr(cs, f"{role}_delta", stats.delta(cs.values[metric], base.values[metric]))
+
+
+def _unswept_alone(base: ConditionStats | None, role: str, swept: str) -> ConditionStats | None:
+    """`base` where it runs `role` alone and the sweep moves the other role's load, else None."""
+    if base is None or role == swept or list(base.condition.servers) != [role]:
+        return None
+    return base

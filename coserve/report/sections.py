@@ -37,8 +37,23 @@ def strategy_text(run: RunStats, c) -> str:
     return "CPU, shared" if len(c.servers) > 1 else "CPU"
 
 
+COST_TEXT = (
+    " Gen tokens per embed: gen tok/s lost against gen alone per embed seq/s served (means;"
+    " the study's section 3 calls it cost per embed). Gen alone's tok/s over embed alone's"
+    " seq/s is what taking turns on the GPU would trade; a condition below it shared better"
+    " than that."
+)
+
+
+def with_cost(run: RunStats, conds) -> bool:
+    """Whether any of `conds` has a gen cost per embed (`RunStats.gen_tokens_per_embed`)."""
+    return any(run.gen_tokens_per_embed(c) is not None for c in conds)
+
+
 def throughput_table(run: RunStats) -> Block:
     rows = []
+    costs = {c.name: run.gen_tokens_per_embed(c) for c in run.matrix}
+    cost_col = with_cost(run, run.matrix)
     for c in run.matrix:
         gen = c.summary.get("gen_tok_s")
         if "gen" not in c.condition.servers:
@@ -54,7 +69,16 @@ def throughput_table(run: RunStats) -> Block:
             )
             ed = "baseline" if c.embed_baseline == c.name else pct(c.embed_delta)
         rows.append(
-            [c.name, strategy_text(run, c.condition), status_text(c), gen_cell, gd, emb_cell, ed]
+            [
+                c.name,
+                strategy_text(run, c.condition),
+                status_text(c),
+                gen_cell,
+                gd,
+                emb_cell,
+                ed,
+                *([_cost_text(costs[c.name])] if cost_col else []),
+            ]
         )
     return Block(
         "table",
@@ -66,6 +90,7 @@ def throughput_table(run: RunStats) -> Block:
             "Gen delta",
             "Embed (seq/s)",
             "Embed delta",
+            *(["Gen tokens per embed"] if cost_col else []),
         ],
         rows=rows,
         align="llr",
@@ -142,8 +167,11 @@ def sweep_blocks(run: RunStats) -> list[Block]:
     rate = sw.knob == "rate"
     out = [Block("h2", f"{'Rate' if rate else 'Concurrency'} sweep ({sw.role})")]
     rows = []
-    # deltas exist where the baseline ran the same sweep point (same offered load)
+    # deltas exist where the baseline ran the same sweep point (same offered load), or runs
+    # gen alone while embed's load is swept
     deltas = any(c.gen_delta for c in run.sweep)
+    costs = {c.name: run.gen_tokens_per_embed(c) for c in run.sweep}
+    cost_col = with_cost(run, run.sweep)
     # the throughput table's order (the spec's), so the baseline's row leads as it does there
     order = {c.name: i for i, c in enumerate(run.matrix)}
     for c in sorted(
@@ -157,6 +185,7 @@ def sweep_blocks(run: RunStats) -> list[Block]:
             status_text(c),
             with_ci(c.summary.get("gen_tok_s")),
             *([_sweep_delta(c)] if deltas else []),
+            *([_cost_text(costs[c.name])] if cost_col else []),
             with_ci(c.summary.get("tpot_p50")),
             with_ci(c.summary.get("tpot_p99")),
             with_ci(c.summary.get("embed_seq_s")),
@@ -171,6 +200,7 @@ def sweep_blocks(run: RunStats) -> list[Block]:
         "Reps",
         "Gen (tok/s)",
         *(["Gen delta"] if deltas else []),
+        *(["Gen tokens per embed"] if cost_col else []),
         "TPOT p50 (ms)",
         "TPOT p99 (ms)",
         "Embed (seq/s)",
@@ -181,12 +211,23 @@ def sweep_blocks(run: RunStats) -> list[Block]:
     out.append(Block("table", align="lr", headers=headers, rows=rows))
     if deltas:
         bases = [run.get(c.gen_baseline) for c in run.sweep if c.gen_delta]
-        names = sorted({b.condition.sweep.base if b.condition.sweep else b.name for b in bases})
+        points = sorted({b.condition.sweep.base for b in bases if b.condition.sweep})
+        alone = sorted({b.name for b in bases if not b.condition.sweep})
+        against = []
+        if points:
+            against.append(
+                f"{', '.join(points)} at the same {sw.role} {sw.knob} (the row marked baseline)"
+            )
+        if alone:
+            against.append(
+                f"{', '.join(alone)}, gen alone (the {sw.role} {sw.knob} leaves gen's load as "
+                "it is)"
+            )
         out.append(
             Block(
                 "p",
-                f"Gen delta: against {', '.join(names)} at the same {sw.role} {sw.knob} (the "
-                "row marked baseline), with its 95% CI (as in the throughput table).",
+                f"Gen delta: against {'; '.join(against)}, with its 95% CI (as in the "
+                "throughput table)." + (COST_TEXT if cost_col else ""),
             )
         )
     items = [e.sentence() for e in equal_work_checks(run) if e.scope == "sweep"]
@@ -209,6 +250,10 @@ def sweep_blocks(run: RunStats) -> list[Block]:
     else:
         out.append(Block("p", "No sweep point has finished yet."))
     return out
+
+
+def _cost_text(cost: float | None) -> str:
+    return "-" if cost is None else f"{cost:,.1f}"
 
 
 def _sweep_delta(c) -> str:
