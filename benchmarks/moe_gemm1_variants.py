@@ -8,8 +8,10 @@ and checked against its output (max |difference| of the dequantised rows):
     persistent  one program per SM (or two), looping over the live tiles, A by pointers and
                 the weights by TMA, with and without `tl.range(..., flatten=True)` (the
                 software pipeline then crosses tile boundaries)
+    tiled       the weights stored tile by tile, so each TMA box is one contiguous 16 KB
+                run, against the checkpoint's row-major layout
 
-    python3 benchmarks/moe_gemm1_variants.py [--tokens 512] [--only desc|persistent]
+    python3 benchmarks/moe_gemm1_variants.py [--tokens 512] [--only desc|persistent|tiled]
 
 Qwen3-30B-A3B's experts (E=128, top-8, H=2048, I=768), random FP8 128x128-block weights,
 random routing; needs a CUDA GPU. The figures and what they rule out: docs/kernels.md
@@ -137,6 +139,7 @@ def _gemm1_persistent(
     NUM_PROGS: tl.constexpr,
     STAGES: tl.constexpr,
     FLATTEN: tl.constexpr,
+    TILED: tl.constexpr,
 ):
     num_pid_n = up_offset // BLOCK_N
     num_tiles = (tl.load(num_post_pad_ptr) // BLOCK_M) * num_pid_n
@@ -155,6 +158,10 @@ def _gemm1_persistent(
         expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         b_row = (expert * b_rows + pid_n * BLOCK_N).to(tl.int32)
+        # tiled: b_desc views the weights as [E, 2I/BLOCK_N, K/BLOCK_K, BLOCK_N, BLOCK_K], so
+        # one box is one contiguous tile
+        gate_tile = (expert * (b_rows // BLOCK_N) + pid_n) * KB
+        up_tile = gate_tile + (up_offset // BLOCK_N) * KB
         a_ptrs = a_ptr + a_row[:, None] * stride_am + offs_k[None, :]
         as_ptrs = as_ptr + a_row * stride_asm
         bs_base = bs_ptr + expert * stride_bse
@@ -164,8 +171,12 @@ def _gemm1_persistent(
         acc2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for kb in range(KB):
             a = tl.load(a_ptrs + kb * BLOCK_K, mask=row_mask[:, None], other=0.0)
-            b = b_desc.load([b_row, kb * BLOCK_K]).T
-            b2 = b_desc.load([b_row + up_offset, kb * BLOCK_K]).T
+            if TILED:
+                b = b_desc.load([((gate_tile + kb) * BLOCK_N).to(tl.int32), 0]).T
+                b2 = b_desc.load([((up_tile + kb) * BLOCK_N).to(tl.int32), 0]).T
+            else:
+                b = b_desc.load([b_row, kb * BLOCK_K]).T
+                b2 = b_desc.load([b_row + up_offset, kb * BLOCK_K]).T
             a_s = tl.load(as_ptrs + kb, mask=row_mask, other=0.0)
             b_s = tl.load(bs_ptrs + kb)
             b2_s = tl.load(bs2_ptrs + kb)
@@ -332,7 +343,7 @@ def persistent_variants(case: Gemm1Case, ref: torch.Tensor) -> None:
             case.a1_s.stride(0), case.s13.stride(0), case.s13.stride(1), out.stride(0),
             scales.stride(0), A_ROW_DIV=case.k, K=H, FP8_MAX=FP8_MAX, BLOCK_M=case.block_m,
             BLOCK_N=128, BLOCK_K=128, NUM_PROGS=progs, STAGES=stages, FLATTEN=flatten,
-            num_warps=warps,
+            TILED=False, num_warps=warps,
         )  # fmt: skip
 
     for flatten in (False, True):
@@ -342,10 +353,45 @@ def persistent_variants(case: Gemm1Case, ref: torch.Tensor) -> None:
                 time_variant(label, case, ref, partial(launch, flatten, progs, warps, stages))
 
 
+def tiled_variants(case: Gemm1Case, ref: torch.Tensor) -> None:
+    """The weights stored tile by tile ([E, 2I/128, H/128, 128, 128]: each 16 KB box one
+    contiguous run) against the checkpoint's row-major layout (each box 128 runs of 128 B,
+    2 KB apart), both by TMA, one tile a program or persistent."""
+    H, E = case.hidden, case.w13.shape[0]
+    nb, kb = case.w13.shape[1] // 128, H // 128
+    tiled = case.w13.view(E, nb, 128, kb, 128).permute(0, 1, 3, 2, 4).contiguous()
+    descs = {
+        False: TensorDescriptor.from_tensor(case.w13.view(-1, H), [128, 128]),
+        True: TensorDescriptor.from_tensor(tiled.view(-1, 128), [128, 128]),
+    }
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    every_tile = (case.sorted_ids.shape[0] // case.block_m) * (case.inter // 128)
+
+    def launch(is_tiled, progs, stages, out, scales):
+        _gemm1_persistent[(progs,)](
+            case.a1, case.a1_s, descs[is_tiled], case.s13, out, scales, case.sorted_ids,
+            case.expert_ids, case.num_post_pad, case.pairs, 2 * case.inter, case.inter,
+            case.a1.stride(0), case.a1_s.stride(0), case.s13.stride(0), case.s13.stride(1),
+            out.stride(0), scales.stride(0), A_ROW_DIV=case.k, K=H, FP8_MAX=FP8_MAX,
+            BLOCK_M=case.block_m, BLOCK_N=128, BLOCK_K=128, NUM_PROGS=progs, STAGES=1,
+            FLATTEN=False, TILED=is_tiled, num_warps=8, num_stages=stages,
+        )  # fmt: skip
+
+    for is_tiled in (False, True):
+        for progs in (every_tile, 2 * sms):
+            for stages in (3, 4):
+                where = "one tile a program" if progs == every_tile else f"{progs} programs"
+                label = (
+                    f"{'tiled' if is_tiled else 'row-major'} weights, {where}, 8 warps, "
+                    f"{stages} stages"
+                )
+                time_variant(label, case, ref, partial(launch, is_tiled, progs, stages))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tokens", type=int, default=512, help="tokens in the batch (decode: C)")
-    p.add_argument("--only", choices=("desc", "persistent"), help="one family of variants")
+    p.add_argument("--only", choices=("desc", "persistent", "tiled"), help="one family of variants")
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
         p.error("needs a CUDA GPU")
@@ -355,6 +401,8 @@ def main(argv: list[str] | None = None) -> int:
         desc_variants(case, ref)
     if a.only in (None, "persistent"):
         persistent_variants(case, ref)
+    if a.only in (None, "tiled"):
+        tiled_variants(case, ref)
     return 0
 
 
