@@ -406,3 +406,34 @@ def test_a_gen_sweep_holds_no_point_against_gen_alone(tmp_path):
     assert run.gen_tokens_per_embed(mps2) is None
     # embed alone's load is not swept: it is every point's embed baseline
     assert mps2.embed_baseline == "embed-only" and mps2.embed_delta is not None
+
+
+def test_taking_turns_is_drawn_from_gen_alone_to_embed_alone_at_capacity(tmp_path):
+    """One H200 (2026-12-01): under MPS gen gave up ~20 tokens per embedding at every rate,
+    gen alone's tok/s over embed alone's seq/s, so co-location did what taking turns on the
+    GPU would; the report now says so. Embed alone in a closed loop (or offered more than it
+    served) measures its capacity; each co-located condition's shares of gen alone and of
+    that capacity add up to 1 when sharing did exactly as well as taking turns."""
+    runner(tmp_path, ModelBackend(), text=CLOSED).run()
+    run = aggregate(tmp_path / "run")
+    t = tradeoff(run)
+    assert t.embed_capacity.condition == "embed-only"
+    assert t.embed_capacity.seq_s.mean == pytest.approx(2000, rel=0.01)
+    shares = {s.condition: s.total for s in t.shares}
+    # the stand-in: gen alone 1000 tok/s, embed alone 2000 seq/s; mps serves 60 seq/s for 2
+    # gen tok/s each, timeslice 1000 for 1 each
+    assert shares["mps"] == pytest.approx((1000 - 120) / 1000 + 60 / 2000, abs=0.02)
+    assert shares["timeslice"] == pytest.approx((1000 - 1000) / 1000 + 1000 / 2000, abs=0.02)
+    assert "gen-only" not in shares and "embed-only" not in shares
+    md = render(tmp_path / "run").markdown.read_text()
+    (line,) = [ln for ln in md.splitlines() if ln.startswith("Against taking turns")]
+    assert re.search(r"embed-only \(2,0\d\d seq/s\) trade 0\.[45]\d* gen tokens per embed", line)
+    assert re.search(r"mps 0\.9\d", line) and re.search(r"timeslice 0\.[45]\d", line), line
+
+
+def test_an_open_loop_embed_alone_that_kept_up_is_no_capacity(open_run):
+    """Embed alone served all it was offered (32 seq/s): that is the load, not what the GPU
+    can do, so there is no taking-turns line and no share."""
+    t = tradeoff(aggregate(open_run))
+    assert t.embed_capacity is None and t.shares == []
+    assert "Against taking turns" not in (open_run / "report.md").read_text()

@@ -235,6 +235,28 @@ def _hw(s) -> float:
     return (s.half_width or 0.0) if s is not None else 0.0
 
 
+def _taking_turns(ax, data) -> None:
+    """From each gen-alone star toward embed alone's capacity on the x axis: the work taking
+    turns on the GPU does, drawn across the points' range only (capacity is often far
+    beyond it, and the curves would shrink to a corner)."""
+    cap = data.embed_capacity.seq_s.mean
+    right = ax.get_xlim()[1]
+    for i, b in enumerate(data.baselines):
+        g = b.gen_tok_s.mean
+        ax.plot(
+            [0, right],
+            [g, g * (1 - right / cap)],
+            color="gray",
+            lw=1,
+            ls="--",
+            label=f"taking turns ({b.condition}, then {data.embed_capacity.condition} at "
+            f"{cap:,.0f} seq/s)"
+            if i == 0
+            else None,
+        )
+    ax.set_xlim(right=right)
+
+
 def tradeoff(run: RunStats, path: Path) -> Path | None:
     """The headline: gen tok/s and gen TPOT p99 against achieved embed seq/s, one line per
     strategy (each point a condition: mean over reps with 95% CI on both axes), the gen-alone
@@ -302,6 +324,8 @@ def tradeoff(run: RunStats, path: Path) -> Path | None:
                 )
             if base is not None:
                 ax.scatter([0], [base], marker="x", s=50, color="black", zorder=4)
+        if key == "gen_tok_s" and data.embed_capacity is not None:
+            _taking_turns(ax, data)
         ax.set_xlabel("achieved embed sequences/s")
         ax.set_ylabel(unit)
         ax.set_xlim(left=-0.03 * ax.get_xlim()[1])  # the gen-alone star sits at 0, not on the edge

@@ -31,7 +31,7 @@ from coserve.report.sections import (
     with_cost,
 )
 from coserve.report.telemetry_section import telemetry_blocks
-from coserve.report.tradeoff import equal_work_checks
+from coserve.report.tradeoff import equal_work_checks, tradeoff
 from coserve.report.verdict import verdict
 
 
@@ -81,6 +81,10 @@ def build(run: RunStats, plot_paths: dict[str, Path]) -> list[Block]:
         blocks.append(
             Block("img", "Trade-off: gen against achieved embed work", path=plot_paths["tradeoff"])
         )
+    turns = tradeoff(run).turns_sentence()
+    if turns:
+        blocks.append(Block("p", turns))
+    if "tradeoff" in plot_paths:
         if run.spec.report.reference != "none":
             blocks.append(
                 Block(

@@ -53,10 +53,59 @@ class Baseline:
 
 
 @dataclass
+class EmbedCapacity:
+    """Embed alone at what its GPU can serve: a closed loop, or an open loop it fell behind
+    in every rep (an open loop it kept up with measured the load, not the GPU)."""
+
+    condition: str
+    seq_s: Summary
+
+
+@dataclass
+class Share:
+    """A co-located condition against taking turns on the GPU: its gen tok/s as a fraction of
+    gen alone's and its embed seq/s as a fraction of embed alone's capacity. Taking turns
+    (the GPU given to one server, then the other) adds up to 1; above 1, sharing did more."""
+
+    condition: str
+    gen_alone: str
+    gen: float
+    embed: float
+
+    @property
+    def total(self) -> float:
+        return self.gen + self.embed
+
+
+@dataclass
 class Tradeoff:
     curves: list[Curve]
     baselines: list[Baseline]
     reference: Reference | None  # published figures to mark, never mixed into the curves
+    embed_capacity: EmbedCapacity | None = None
+    shares: list[Share] = field(default_factory=list)  # co-located conditions, run order
+
+    def turns_sentence(self) -> str | None:
+        """What taking turns trades and each co-located condition's share sum (markdown);
+        None without embed alone's capacity or a share."""
+        cap = self.embed_capacity
+        if cap is None or not self.shares:
+            return None
+        alone = {b.condition: b for b in self.baselines}
+        rates = "; ".join(
+            f"{b.condition} ({num(b.gen_tok_s.mean)} tok/s) and {cap.condition} "
+            f"({num(cap.seq_s.mean)} seq/s) trade {b.gen_tok_s.mean / cap.seq_s.mean:.3g} gen "
+            "tokens per embed"
+            for b in alone.values()
+            if any(s.gen_alone == b.condition for s in self.shares)
+        )
+        sums = ", ".join(f"{s.condition} {s.total:.2f}" for s in self.shares)
+        return (
+            f"Against taking turns (the GPU given to gen alone, then to embed alone at its "
+            f"capacity): {rates}. Each co-located condition's gen tok/s over gen alone's plus "
+            f"its embed seq/s over that capacity: {sums} (1: as much work as taking turns; "
+            "above 1: sharing did more)."
+        )
 
 
 def strategy_label(c: ConditionStats) -> str:
@@ -131,7 +180,46 @@ def tradeoff(run: RunStats) -> Tradeoff:
         b = next((c for c in run.conditions if c.name == base), None)
         if b is not None and "embed" not in b.condition.servers and "gen_tok_s" in b.summary:
             baselines.append(Baseline(b.name, b.summary["gen_tok_s"], b.summary.get("tpot_p99")))
-    return Tradeoff(curves, baselines, REFERENCES.get(run.spec.report.reference))
+    cap = embed_capacity(run)
+    return Tradeoff(
+        curves,
+        baselines,
+        REFERENCES.get(run.spec.report.reference),
+        cap,
+        _shares(run, cap) if cap is not None else [],
+    )
+
+
+def embed_capacity(run: RunStats) -> EmbedCapacity | None:
+    """The embed-alone condition (matrix) that measured the most embed seq/s the GPU can
+    serve: a closed loop, or an open loop that fell behind its offered rate in every rep."""
+    found = []
+    for c in run.matrix:
+        if list(c.condition.servers) != ["embed"] or "embed_seq_s" not in c.summary:
+            continue
+        closed = c.condition.load_for(run.spec).embed_rate is None
+        behind = all(_kept_up(r) is False for r in c.ok)
+        if closed or behind:
+            found.append(EmbedCapacity(c.name, c.summary["embed_seq_s"]))
+    return max(found, key=lambda e: e.seq_s.mean, default=None)
+
+
+def _kept_up(record: dict) -> bool | None:
+    part = (record.get("bench") or {}).get("embed")
+    return part.get("kept_up") if isinstance(part, dict) else None
+
+
+def _shares(run: RunStats, cap: EmbedCapacity) -> list[Share]:
+    out = []
+    for c in run.conditions:
+        base = run.get(c.gen_baseline) if c.gen_baseline else None
+        if not _co_located(c) or base is None or list(base.condition.servers) != ["gen"]:
+            continue
+        gen, emb, alone = c.mean("gen_tok_s"), c.mean("embed_seq_s"), base.mean("gen_tok_s")
+        if gen is None or emb is None or not alone or not cap.seq_s.mean:
+            continue
+        out.append(Share(c.name, base.name, gen / alone, emb / cap.seq_s.mean))
+    return out
 
 
 @dataclass
