@@ -437,3 +437,17 @@ def test_an_open_loop_embed_alone_that_kept_up_is_no_capacity(open_run):
     t = tradeoff(aggregate(open_run))
     assert t.embed_capacity is None and t.shares == []
     assert "Against taking turns" not in (open_run / "report.md").read_text()
+
+
+def test_an_open_loop_embed_alone_that_fell_behind_is_its_capacity(tmp_path):
+    """Offered 2,400 seq/s, embed alone serves its 2,000: that is what the GPU serves it, so
+    it ends the taking-turns line, and its load warning says what the shortfall means."""
+    text = SPEC.format(embed_load="embed_rate = 300\nembed_concurrency = 64")
+    runner(tmp_path, ModelBackend(), text=text, only=["gen-only", "embed-only", "mps"]).run()
+    t = tradeoff(aggregate(tmp_path / "run"))
+    assert t.embed_capacity.condition == "embed-only"
+    assert t.embed_capacity.seq_s.mean == pytest.approx(2000, rel=0.01)
+    assert [s.condition for s in t.shares] == ["mps"]
+    md = render(tmp_path / "run", with_plots=False).markdown.read_text()
+    (warning,) = [ln for ln in md.splitlines() if ln.startswith("- **embed-only** rep 1")]
+    assert "embed alone: what it served is what the GPU serves it" in warning, warning

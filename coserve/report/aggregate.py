@@ -135,6 +135,11 @@ class ConditionStats:
                             f" — the SLO guard held embed back for {held:.1f} s of the load, "
                             "by design: its throttling, not the server, set the rate"
                         )
+                    elif list(self.condition.servers) == [role]:
+                        text += (
+                            f" — {role} alone: what it served is what the GPU serves it (its "
+                            "capacity)"
+                        )
                     out.append(LoadWarning(self.name, r["rep"], role, text))
         return out
 
