@@ -54,6 +54,28 @@ class NotConsidered:
     def __str__(self) -> str:
         return f"{self.condition} ({self.reason})"
 
+    @property
+    def not_run(self) -> bool:
+        return self.reason.startswith(NOT_RUN)
+
+
+NOT_RUN = "not run"
+# Conditions not run are named up to this many, then counted: a slice of a large spec (5 of
+# 70 conditions) otherwise listed 65 names before the table.
+NOT_RUN_NAMED = 5
+
+
+def not_considered_text(items) -> str:
+    """NotConsidered items as one phrase: each failed or unmeasured condition with its reason,
+    then the conditions not run, named up to NOT_RUN_NAMED and counted past that."""
+    parts = [str(n) for n in items if not n.not_run]
+    idle = [n.condition for n in items if n.not_run]
+    if len(idle) > NOT_RUN_NAMED:
+        parts.append(f"{NOT_RUN}: {len(idle)} conditions ({', '.join(idle[:NOT_RUN_NAMED])}, ...)")
+    elif idle:
+        parts.append(f"{NOT_RUN}: {', '.join(idle)}")
+    return "; ".join(parts)
+
 
 @dataclass(frozen=True)
 class Advice:
@@ -111,7 +133,7 @@ def not_considered(run) -> list[NotConsidered]:
             n = len(c.failed)
             reason = f"{n} failed rep{'s' if n > 1 else ''}: {why(c.failed[0].get('error'), 200)}"
         elif not c.ok:
-            reason = f"not run: 0 of {c.planned} reps"
+            reason = f"{NOT_RUN}: 0 of {c.planned} reps"
         elif missing := [m for m in _NEEDED if m not in c.summary]:
             reason = f"its finished reps did not measure {', '.join(missing)}"
         else:
@@ -164,7 +186,7 @@ def advise(run, budget_tpot_p99_ms: float, min_embed_seq_s: float | None = None)
     if not rows:
         raise ValueError(
             f"{run.run_dir.path}: no condition ran gen and embed together and finished a rep"
-            + (f"; not considered: {', '.join(map(str, skipped))}" if skipped else "")
+            + (f"; not considered: {not_considered_text(skipped)}" if skipped else "")
             + (f" ({run.unreadable_text()})" if run.unreadable else "")
         )
     rows.sort(key=lambda e: (not e.meets, -e.embed_seq_s.mean))
@@ -331,7 +353,7 @@ def render(a: Advice) -> str:
             "figures measure how the OS schedules them and say nothing about sharing a GPU."
         )
     if a.not_considered:
-        lines.append(f"Not considered: {', '.join(map(str, a.not_considered))}.")
+        lines.append(f"Not considered: {not_considered_text(a.not_considered)}.")
     if a.unreadable:
         lines.append(f"Warning: {a.unreadable}.")
     lines.append("")

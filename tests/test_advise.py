@@ -188,8 +188,28 @@ def test_conditions_without_a_finished_rep_are_named_as_not_considered(run_dir, 
     assert main(["advise", str(bad), "--gen-tpot-p99-ms", "14"]) == 0
     out = capsys.readouterr().out
     assert "Not considered: grain (2 failed reps: gen server died" in out
-    assert ", mps.embed-r16 (not run: 0 of 1 reps)." in out
+    assert "; not run: mps.embed-r16." in out
     assert "Not considered" not in render(advise(aggregate(run_dir), 14.0))
+
+
+def test_a_slice_of_a_large_spec_counts_what_it_did_not_run(run_dir, tmp_path):
+    """One H200 (2026-12-01): advise on a run folder that ran 5 of a spec's 70 conditions
+    printed every one of the other 65 as '(not run: 0 of 1 reps)', a 6,000-character line
+    before the table. Conditions not run are counted and the first few named."""
+    import shutil
+
+    from coserve.advise import NotConsidered, not_considered_text
+
+    bad = tmp_path / "run"
+    shutil.copytree(run_dir, bad)
+    shutil.rmtree(bad / "reps" / "mps.embed-r16")
+    a = advise(aggregate(bad), 14.0)
+    assert not_considered_text(a.not_considered) == "not run: mps.embed-r16"
+    many = [NotConsidered(f"c{i}", "not run: 0 of 1 reps") for i in range(40)]
+    failed = NotConsidered("x", "1 failed rep: boom")
+    text = not_considered_text([failed, *many])
+    assert text == "x (1 failed rep: boom); not run: 40 conditions (c0, c1, c2, c3, c4, ...)"
+    assert not_considered_text(many[:5]) == "not run: c0, c1, c2, c3, c4"
 
 
 def test_no_candidate_names_what_was_not_considered(run_dir, tmp_path, capsys):
@@ -203,7 +223,7 @@ def test_no_candidate_names_what_was_not_considered(run_dir, tmp_path, capsys):
     assert main(["advise", str(bad), "--gen-tpot-p99-ms", "14"]) == 2
     err = capsys.readouterr().err
     assert "no condition ran gen and embed together and finished a rep; not considered: " in err
-    assert "timeslice (not run: 0 of 2 reps), mps (not run: 0 of 2 reps)" in err
+    assert "not considered: not run: 9 conditions (timeslice, mps, grain, " in err
 
 
 def test_equal_embed_work_goes_to_the_most_gen(run_dir):
