@@ -108,3 +108,24 @@ def test_a_server_that_dies_mid_rep_fails_it_within_a_second(tmp_path):
         f"gen server (builtin, pid {record['servers']['gen']['pid']}) "
         f"died (killed by SIGKILL) (log: "
     )
+
+
+def test_a_load_error_waits_briefly_for_the_server_that_caused_it():
+    """The suite on a loaded machine (2026-12-01): a gen server killed mid-load closed its
+    socket before its process could be reaped, so the rep's error read "cannot reach the gen
+    server" instead of naming the server's death. A failed load now waits up to
+    DEATH_GRACE_S for a server to be found dead, and names it."""
+    from coserve.experiment.rep import DEATH_GRACE_S, first_dead_within
+
+    class Dying:
+        def __init__(self, after_s):
+            self.at = time.monotonic() + after_s
+
+        def check(self):
+            if time.monotonic() >= self.at:
+                raise RuntimeError("gen server (builtin, pid 1) died (killed by SIGKILL)")
+
+    assert first_dead_within([Dying(0.3)], DEATH_GRACE_S).endswith("(killed by SIGKILL)")
+    t = time.monotonic()
+    assert first_dead_within([Dying(60)], 0.2) is None
+    assert 0.2 <= time.monotonic() - t < 1.0

@@ -9,6 +9,7 @@ import gzip
 import json
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,24 @@ def first_dead(servers: list) -> str | None:
         except Exception as e:
             return str(e)
     return None
+
+
+# A server killed under load closes its socket before its process can be reaped (the kernel
+# closes its files first and frees its memory after), so the load generator's "cannot reach"
+# can come before the death is visible; on a loaded 2-core machine the gap passed 0.1 s.
+DEATH_GRACE_S = 2.0
+_DEATH_POLL_S = 0.05
+
+
+def first_dead_within(servers: list, seconds: float) -> str | None:
+    """`first_dead`, polled for up to `seconds`: after a failed load, the server whose death
+    caused it, if one dies that soon; else None."""
+    deadline = time.monotonic() + seconds
+    while True:
+        died = first_dead(servers)
+        if died is not None or time.monotonic() >= deadline:
+            return died
+        time.sleep(_DEATH_POLL_S)
 
 
 def role_devices(record: dict) -> dict[str, list[str]]:

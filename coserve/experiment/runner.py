@@ -34,8 +34,10 @@ from coserve.experiment import preflight, resume
 from coserve.experiment.backend import Backend, resolve_device
 from coserve.experiment.failure import storage_error
 from coserve.experiment.rep import (
+    DEATH_GRACE_S,
     compress_records,
     first_dead,
+    first_dead_within,
     load_problem,
     power_at_start,
     window_telemetry,
@@ -380,12 +382,15 @@ class Runner:
                 if summary.get("cut_short"):
                     raise KeyboardInterrupt
                 record["error"] = load_problem(summary, cond.servers)
+                if record["error"]:  # a server dying under the load is the cause to name
+                    record["error"] = first_dead_within(servers, DEATH_GRACE_S) or record["error"]
                 record["status"] = "failed" if record["error"] else "ok"
             except KeyboardInterrupt:
                 interrupted = True
                 raise
             except Exception:
-                died = first_dead(servers)  # before the tear-down stops them all
+                # before the tear-down stops them all
+                died = first_dead_within(servers, DEATH_GRACE_S)
                 raise
             finally:
                 t = time.monotonic()
