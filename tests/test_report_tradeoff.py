@@ -451,3 +451,58 @@ def test_an_open_loop_embed_alone_that_fell_behind_is_its_capacity(tmp_path):
     md = render(tmp_path / "run", with_plots=False).markdown.read_text()
     (warning,) = [ln for ln in md.splitlines() if ln.startswith("- **embed-only** rep 1")]
     assert "embed alone: what it served is what the GPU serves it" in warning, warning
+
+
+@pytest.mark.parametrize("seq_s", [0.0, -5.0])
+def test_an_embed_alone_that_served_nothing_is_no_capacity(tmp_path, seq_s):
+    """Embed alone in a closed loop that served 0 seq/s (or a hand-edited negative figure)
+    measured no capacity: the plot drew "taking turns (... at 0 seq/s)" with a line to
+    -inf, and a negative one gave "trade -200 gen tokens per embed"."""
+    runner(tmp_path, ModelBackend(), text=CLOSED, only=["gen-only", "embed-only", "mps"]).run()
+    for p in (tmp_path / "run" / "reps" / "embed-only").glob("rep-*/rep.json"):
+        r = json.loads(p.read_text())
+        r["bench"]["embed"]["sequences_per_s"] = seq_s
+        p.write_text(json.dumps(r))
+    t = tradeoff(aggregate(tmp_path / "run"))
+    assert t.embed_capacity is None and t.shares == [] and t.turns_sentence() is None
+
+
+def test_the_taking_turns_line_ends_at_capacity_inside_the_points_range():
+    """Embed alone's capacity (50 seq/s) below a co-located condition's embed (1,000 seq/s):
+    the line ran on to -20,000 tok/s and stretched the gen axis far below zero."""
+    from types import SimpleNamespace
+
+    from coserve.report.tradeoff import Baseline, EmbedCapacity
+    from coserve.stats import summarize
+
+    fig, ax = plots._plt().subplots()
+    ax.set_xlim(0, 1000)
+    data = SimpleNamespace(
+        embed_capacity=EmbedCapacity("embed-only", summarize([50.0, 50.0])),
+        baselines=[Baseline("gen-only", summarize([1000.0, 1000.0]), None)],
+    )
+    plots._taking_turns(ax, data)
+    (line,) = ax.get_lines()
+    assert list(line.get_xdata()) == [0, 50] and list(line.get_ydata()) == [1000, 0]
+    assert ax.get_xlim()[1] == 1000
+    plots._plt().close(fig)
+
+
+def test_taking_turns_names_the_gen_alone_each_share_is_against(tmp_path):
+    """A gen concurrency sweep whose matrix conditions did not run: each point's share is
+    against gen alone's point at that concurrency, which no curve names as its baseline,
+    and the sentence read "at its capacity): . Each co-located condition's ..."."""
+    text = CLOSED.replace(
+        'role = "embed"\nrate = [2, 16]\nconditions = ["timeslice", "mps"]',
+        'role = "gen"\nconcurrency = [2]\nconditions = ["gen-only", "mps"]',
+    )
+    only = ["embed-only", "gen-only.gen-c2", "mps.gen-c2"]
+    runner(tmp_path, ModelBackend(), text=text, only=only).run()
+    t = tradeoff(aggregate(tmp_path / "run"))
+    assert [(s.condition, s.gen_alone) for s in t.shares] == [("mps.gen-c2", "gen-only.gen-c2")]
+    line = t.turns_sentence()
+    assert re.search(
+        r"capacity\): gen-only\.gen-c2 \(\d[\d,.]* tok/s\) and embed-only \(2,0\d\d seq/s\) "
+        r"trade 0\.[45]\d* gen tokens per embed\. Each",
+        line,
+    ), line

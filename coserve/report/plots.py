@@ -238,14 +238,16 @@ def _hw(s) -> float:
 def _taking_turns(ax, data) -> None:
     """From each gen-alone star toward embed alone's capacity on the x axis: the work taking
     turns on the GPU does, drawn across the points' range only (capacity is often far
-    beyond it, and the curves would shrink to a corner)."""
+    beyond it, and the curves would shrink to a corner), and ending at capacity where that
+    lies inside it (past it the line would run below zero gen)."""
     cap = data.embed_capacity.seq_s.mean
     right = ax.get_xlim()[1]
+    end = min(right, cap)
     for i, b in enumerate(data.baselines):
         g = b.gen_tok_s.mean
         ax.plot(
-            [0, right],
-            [g, g * (1 - right / cap)],
+            [0, end],
+            [g, g * (1 - end / cap)],
             color="gray",
             lw=1,
             ls="--",

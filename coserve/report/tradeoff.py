@@ -69,6 +69,7 @@ class Share:
 
     condition: str
     gen_alone: str
+    gen_alone_tok_s: float
     gen: float
     embed: float
 
@@ -91,13 +92,13 @@ class Tradeoff:
         cap = self.embed_capacity
         if cap is None or not self.shares:
             return None
-        alone = {b.condition: b for b in self.baselines}
+        # from the shares, not the curves' baselines: a gen sweep's point is against gen
+        # alone's point at its load, which no curve names
+        alone = dict.fromkeys((s.gen_alone, s.gen_alone_tok_s) for s in self.shares)
         rates = "; ".join(
-            f"{b.condition} ({num(b.gen_tok_s.mean)} tok/s) and {cap.condition} "
-            f"({num(cap.seq_s.mean)} seq/s) trade {b.gen_tok_s.mean / cap.seq_s.mean:.3g} gen "
-            "tokens per embed"
-            for b in alone.values()
-            if any(s.gen_alone == b.condition for s in self.shares)
+            f"{name} ({num(tok_s)} tok/s) and {cap.condition} ({num(cap.seq_s.mean)} seq/s) "
+            f"trade {tok_s / cap.seq_s.mean:.3g} gen tokens per embed"
+            for name, tok_s in alone
         )
         sums = ", ".join(f"{s.condition} {s.total:.2f}" for s in self.shares)
         return (
@@ -192,10 +193,11 @@ def tradeoff(run: RunStats) -> Tradeoff:
 
 def embed_capacity(run: RunStats) -> EmbedCapacity | None:
     """The embed-alone condition (matrix) that measured the most embed seq/s the GPU can
-    serve: a closed loop, or an open loop that fell behind its offered rate in every rep."""
+    serve: a closed loop, or an open loop that fell behind its offered rate in every rep.
+    One that served no sequences measured none."""
     found = []
     for c in run.matrix:
-        if list(c.condition.servers) != ["embed"] or "embed_seq_s" not in c.summary:
+        if list(c.condition.servers) != ["embed"] or not (c.mean("embed_seq_s") or 0) > 0:
             continue
         closed = c.condition.load_for(run.spec).embed_rate is None
         behind = all(_kept_up(r) is False for r in c.ok)
@@ -218,7 +220,7 @@ def _shares(run: RunStats, cap: EmbedCapacity) -> list[Share]:
         gen, emb, alone = c.mean("gen_tok_s"), c.mean("embed_seq_s"), base.mean("gen_tok_s")
         if gen is None or emb is None or not alone or not cap.seq_s.mean:
             continue
-        out.append(Share(c.name, base.name, gen / alone, emb / cap.seq_s.mean))
+        out.append(Share(c.name, base.name, alone, gen / alone, emb / cap.seq_s.mean))
     return out
 
 
