@@ -506,3 +506,16 @@ def test_taking_turns_names_the_gen_alone_each_share_is_against(tmp_path):
         r"trade 0\.[45]\d* gen tokens per embed\. Each",
         line,
     ), line
+
+
+def test_a_gen_alone_that_served_nothing_prices_no_embedding(tmp_path):
+    """Gen alone at 0 tok/s: the gen delta against it is "-", but every co-located
+    condition's gen tokens per embed read negative (-14.7 for mps): a gain over nothing."""
+    runner(tmp_path, ModelBackend(), text=CLOSED, only=["gen-only", "embed-only", "mps"]).run()
+    for p in (tmp_path / "run" / "reps" / "gen-only").glob("rep-*/rep.json"):
+        r = json.loads(p.read_text())
+        r["bench"]["gen"]["output_tokens_per_s"] = 0.0
+        p.write_text(json.dumps(r))
+    run = aggregate(tmp_path / "run")
+    assert run.get("mps").gen_delta is None
+    assert run.gen_tokens_per_embed(run.get("mps")) is None

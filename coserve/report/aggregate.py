@@ -224,14 +224,16 @@ class RunStats:
         """What each embedding served cost gen, in gen tok/s lost per embed seq/s: (gen alone's
         mean - the condition's) / the condition's embed mean. Only against a gen baseline
         that runs gen alone (the study's section 3 calls it "cost per embed"); None without
-        one, for the baseline itself, or without embed throughput."""
+        one, for the baseline itself, without embed throughput, or where gen alone served
+        nothing (no yardstick, as its delta has none)."""
         base = self.get(c.gen_baseline) if c.gen_baseline else None
         gen, emb = c.mean("gen_tok_s"), c.mean("embed_seq_s")
         if base is None or base is c or list(base.condition.servers) != ["gen"]:
             return None
-        if gen is None or not emb or base.mean("gen_tok_s") is None:
+        alone = base.mean("gen_tok_s")
+        if gen is None or not emb or not (alone or 0) > 0:
             return None
-        return (base.mean("gen_tok_s") - gen) / emb
+        return (alone - gen) / emb
 
     def sweep_optimum(self) -> dict[str, tuple[float, float]]:
         """Per swept condition: (swept value, throughput) of the best point measured."""
