@@ -232,6 +232,8 @@ def test_a_rep_record_whose_parts_are_no_objects_is_named(run_dir, tmp_path, key
         ({"requests_per_s": [1]}, "bench.gen.requests_per_s is [1], not a number"),
         # an int beyond any float was an OverflowError traceback
         ({"output_tokens_per_s": 10**400}, "bench.gen.output_tokens_per_s is 1000000000"),
+        # a negative rate priced each embedding at -200 gen tokens against taking turns
+        ({"output_tokens_per_s": -10.0}, "bench.gen.output_tokens_per_s is -10.0, a negative"),
     ],
 )
 def test_a_rep_whose_bench_figures_are_no_numbers_is_named(run_dir, tmp_path, gen, said):

@@ -289,7 +289,7 @@ def embed_baseline(spec: Spec) -> str | None:
 
 def _unusable(record: dict) -> str | None:
     """Why a rep record's figures cannot be used (bench.gen or bench.embed no object, a
-    metric no number or not finite), or None."""
+    metric no number or not finite, a throughput below zero), or None."""
     for role in ("gen", "embed"):
         part = _get(record, ("bench", role))
         if part is not None and not isinstance(part, dict):
@@ -304,6 +304,10 @@ def _unusable(record: dict) -> str | None:
             finite = False
         if not finite:
             return f"{'.'.join(path)} is {reprlib.repr(v)}, not a finite number"
+    for metric in THROUGHPUT.values():
+        v = _get(record, METRICS[metric])
+        if v is not None and v < 0:
+            return f"{'.'.join(METRICS[metric])} is {reprlib.repr(v)}, a negative rate"
     return None
 
 
