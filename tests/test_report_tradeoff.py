@@ -519,3 +519,18 @@ def test_a_gen_alone_that_served_nothing_prices_no_embedding(tmp_path):
     run = aggregate(tmp_path / "run")
     assert run.get("mps").gen_delta is None
     assert run.gen_tokens_per_embed(run.get("mps")) is None
+
+
+def test_the_sweep_names_a_row_marked_baseline_only_where_one_is(tmp_path):
+    """mps held against timeslice, timeslice against gen alone: timeslice's points are held
+    against gen alone too, so no row of the sweep is marked baseline, yet the sentence under
+    the table sent the reader to "the row marked baseline"."""
+    text = OPEN.replace('strategy = "mps"', 'strategy = "mps"\nbaseline = "timeslice"')
+    runner(tmp_path, ModelBackend(), text=text).run()
+    run = aggregate(tmp_path / "run")
+    assert run.get("mps.embed-r2").gen_baseline == "timeslice.embed-r2"
+    assert run.get("timeslice.embed-r2").gen_baseline == "gen-only"
+    md = render(tmp_path / "run", with_plots=False).markdown.read_text()
+    sweep = md.split("## Rate sweep (embed)")[1].split("\n## ")[0]
+    assert "| baseline |" not in sweep
+    assert "Gen delta: against timeslice at the same embed rate; gen-only, gen alone" in sweep

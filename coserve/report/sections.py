@@ -213,10 +213,13 @@ def sweep_blocks(run: RunStats) -> list[Block]:
         bases = [run.get(c.gen_baseline) for c in run.sweep if c.gen_delta]
         points = sorted({b.condition.sweep.base for b in bases if b.condition.sweep})
         alone = sorted({b.name for b in bases if not b.condition.sweep})
+        # a base held against gen alone in its turn has no row marked baseline
+        marked = {c.condition.sweep.base for c in run.sweep if c.gen_baseline == c.name}
         against = []
         if points:
             against.append(
-                f"{', '.join(points)} at the same {sw.role} {sw.knob} (the row marked baseline)"
+                f"{', '.join(points)} at the same {sw.role} {sw.knob}"
+                + (" (the row marked baseline)" if set(points) <= marked else "")
             )
         if alone:
             against.append(
