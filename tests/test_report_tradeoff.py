@@ -534,3 +534,18 @@ def test_the_sweep_names_a_row_marked_baseline_only_where_one_is(tmp_path):
     sweep = md.split("## Rate sweep (embed)")[1].split("\n## ")[0]
     assert "| baseline |" not in sweep
     assert "Gen delta: against timeslice at the same embed rate; gen-only, gen alone" in sweep
+
+
+def test_an_exclusive_condition_has_no_share_of_taking_turns(tmp_path):
+    """Each model on a GPU of its own serves about what each does alone: its shares summed
+    to 1.99, "above 1: sharing did more", for two GPUs against the one taking turns."""
+    runner(tmp_path, ModelBackend(), text=CLOSED, only=["gen-only", "embed-only", "mps"]).run()
+    path = tmp_path / "run" / "spec.json"
+    spec = json.loads(path.read_text())
+    (mps,) = [c for c in spec["conditions"] if c["name"] == "mps"]
+    mps.update(strategy="exclusive", gpus=["0", "1"])
+    path.write_text(json.dumps(spec))
+    run = aggregate(tmp_path / "run")
+    assert run.get("mps").condition.strategy == "exclusive"
+    t = tradeoff(run)
+    assert t.embed_capacity is not None and t.shares == []

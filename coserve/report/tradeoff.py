@@ -84,7 +84,8 @@ class Tradeoff:
     baselines: list[Baseline]
     reference: Reference | None  # published figures to mark, never mixed into the curves
     embed_capacity: EmbedCapacity | None = None
-    shares: list[Share] = field(default_factory=list)  # co-located conditions, run order
+    # co-located conditions but exclusive ones (a GPU each), run order
+    shares: list[Share] = field(default_factory=list)
 
     def turns_sentence(self) -> str | None:
         """What taking turns trades and each co-located condition's share sum (markdown);
@@ -216,6 +217,8 @@ def _shares(run: RunStats, cap: EmbedCapacity) -> list[Share]:
     for c in run.conditions:
         base = run.get(c.gen_baseline) if c.gen_baseline else None
         if not _co_located(c) or base is None or list(base.condition.servers) != ["gen"]:
+            continue
+        if c.condition.strategy == "exclusive":  # a GPU each: nothing shared, no turns taken
             continue
         gen, emb, alone = c.mean("gen_tok_s"), c.mean("embed_seq_s"), base.mean("gen_tok_s")
         if gen is None or emb is None or not alone or not cap.seq_s.mean:
