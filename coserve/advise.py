@@ -131,7 +131,8 @@ def not_considered(run) -> list[NotConsidered]:
             continue
         if not c.ok and c.failed:
             n = len(c.failed)
-            reason = f"{n} failed rep{'s' if n > 1 else ''}: {why(c.failed[0].get('error'), 200)}"
+            told = why(c.failed[0].get("error"), 200)
+            reason = f"{n} failed rep{'s' if n > 1 else ''}" + (f": {told}" if told else "")
         elif not c.ok:
             reason = f"{NOT_RUN}: 0 of {c.planned} reps"
         elif missing := [m for m in _NEEDED if m not in c.summary]:

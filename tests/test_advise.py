@@ -292,3 +292,19 @@ def test_help_states_the_exit_status(capsys):
         main(["advise", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "Exit status: 0 when a condition meets the budget, 1 when none does" in text
+
+
+def test_a_failed_rep_without_an_error_is_named_without_an_empty_reason(run_dir, tmp_path):
+    """A failed rep record with no error (written by hand, or by an older coserve) read
+    'grain (2 failed reps: )'."""
+    import json
+    import shutil
+
+    bad = tmp_path / "run"
+    shutil.copytree(run_dir, bad)
+    for path in (bad / "reps" / "grain").glob("rep-*/rep.json"):
+        record = json.loads(path.read_text())
+        record.update(status="failed", error=None)
+        path.write_text(json.dumps(record))
+    a = advise(aggregate(bad), 14.0)
+    assert [str(n) for n in a.not_considered] == ["grain (2 failed reps)"]
