@@ -472,7 +472,7 @@ def test_the_taking_turns_line_ends_at_capacity_inside_the_points_range():
     the line ran on to -20,000 tok/s and stretched the gen axis far below zero."""
     from types import SimpleNamespace
 
-    from coserve.report.tradeoff import Baseline, EmbedCapacity
+    from coserve.report.tradeoff import Baseline, EmbedCapacity, Share
     from coserve.stats import summarize
 
     fig, ax = plots._plt().subplots()
@@ -480,6 +480,7 @@ def test_the_taking_turns_line_ends_at_capacity_inside_the_points_range():
     data = SimpleNamespace(
         embed_capacity=EmbedCapacity("embed-only", summarize([50.0, 50.0])),
         baselines=[Baseline("gen-only", summarize([1000.0, 1000.0]), None)],
+        shares=[Share("timeslice", "gen-only", 1000.0, 0.0, 20.0)],
     )
     plots._taking_turns(ax, data)
     (line,) = ax.get_lines()
@@ -549,3 +550,29 @@ def test_an_exclusive_condition_has_no_share_of_taking_turns(tmp_path):
     assert run.get("mps").condition.strategy == "exclusive"
     t = tradeoff(run)
     assert t.embed_capacity is not None and t.shares == []
+
+
+@pytest.mark.parametrize("alone", ["embed-only", "gen-only"])
+def test_a_server_alone_on_a_mig_slice_is_no_yardstick_for_taking_turns(tmp_path, alone):
+    """experiments/seed-mig.toml: embed alone on its 3g MIG instance is what that slice
+    serves, not the GPU; held against it, mig-colocated's embed share came out near 1 and
+    its sum "above 1: sharing did more" against a GPU that embed alone never had. Likewise
+    gen alone on a slice."""
+    runner(tmp_path, ModelBackend(), text=CLOSED, only=["gen-only", "embed-only", "mps"]).run()
+    path = tmp_path / "run" / "spec.json"
+    spec = json.loads(path.read_text())
+    (cond,) = [c for c in spec["conditions"] if c["name"] == alone]
+    cond.update(strategy="mig", options={"profiles": "auto"})
+    path.write_text(json.dumps(spec))
+    run = aggregate(tmp_path / "run")
+    assert run.get(alone).condition.strategy == "mig"
+    t = tradeoff(run)
+    assert t.shares == [] and t.turns_sentence() is None
+    if alone == "embed-only":
+        assert t.embed_capacity is None
+    else:  # nor a dashed line from the slice's gen alone
+        fig, ax = plots._plt().subplots()
+        ax.set_xlim(0, 1000)
+        plots._taking_turns(ax, t)
+        assert ax.get_lines() == []
+        plots._plt().close(fig)

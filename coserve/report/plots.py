@@ -243,7 +243,8 @@ def _taking_turns(ax, data) -> None:
     cap = data.embed_capacity.seq_s.mean
     right = ax.get_xlim()[1]
     end = min(right, cap)
-    for i, b in enumerate(data.baselines):
+    held = {s.gen_alone for s in data.shares}  # a gen alone on a MIG slice is no yardstick
+    for i, b in enumerate(b for b in data.baselines if b.condition in held):
         g = b.gen_tok_s.mean
         ax.plot(
             [0, end],

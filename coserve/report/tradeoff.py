@@ -195,16 +195,23 @@ def tradeoff(run: RunStats) -> Tradeoff:
 def embed_capacity(run: RunStats) -> EmbedCapacity | None:
     """The embed-alone condition (matrix) that measured the most embed seq/s the GPU can
     serve: a closed loop, or an open loop that fell behind its offered rate in every rep.
-    One that served no sequences measured none."""
+    One that served no sequences, or ran on a MIG slice, measured none."""
     found = []
     for c in run.matrix:
         if list(c.condition.servers) != ["embed"] or not (c.mean("embed_seq_s") or 0) > 0:
+            continue
+        if not _whole_gpu(c):
             continue
         closed = c.condition.load_for(run.spec).embed_rate is None
         behind = all(_kept_up(r) is False for r in c.ok)
         if closed or behind:
             found.append(EmbedCapacity(c.name, c.summary["embed_seq_s"]))
     return max(found, key=lambda e: e.seq_s.mean, default=None)
+
+
+def _whole_gpu(c: ConditionStats) -> bool:
+    """Whether a server alone had its GPUs whole: on a MIG instance it measured the slice."""
+    return c.condition.strategy != "mig"
 
 
 def _kept_up(record: dict) -> bool | None:
@@ -218,8 +225,8 @@ def _shares(run: RunStats, cap: EmbedCapacity) -> list[Share]:
         base = run.get(c.gen_baseline) if c.gen_baseline else None
         if not _co_located(c) or base is None or list(base.condition.servers) != ["gen"]:
             continue
-        if c.condition.strategy == "exclusive":  # a GPU each: nothing shared, no turns taken
-            continue
+        if c.condition.strategy == "exclusive" or not _whole_gpu(base):
+            continue  # exclusive: a GPU each, nothing shared, no turns taken
         gen, emb, alone = c.mean("gen_tok_s"), c.mean("embed_seq_s"), base.mean("gen_tok_s")
         if gen is None or emb is None or not alone or not cap.seq_s.mean:
             continue
