@@ -20,7 +20,7 @@ from coserve.report.blocks import Block
 from coserve.report.load_tables import equal_work_blocks, goodput_blocks, load_blocks
 from coserve.report.profile_section import profile_blocks
 from coserve.report.sections import (
-    COST_TEXT,
+    cost_note,
     environment_blocks,
     latency_tables,
     per_rep_table,
@@ -28,7 +28,6 @@ from coserve.report.sections import (
     settings_blocks,
     sweep_blocks,
     throughput_table,
-    with_cost,
 )
 from coserve.report.telemetry_section import telemetry_blocks
 from coserve.report.tradeoff import equal_work_checks, tradeoff
@@ -73,7 +72,7 @@ def build(run: RunStats, plot_paths: dict[str, Path]) -> list[Block]:
             "Mean over finished reps ± the 95% CI half-width (Student's t). Delta: "
             "condition mean / baseline mean - 1, with its 95% CI [low, high] "
             "(delta method, Welch degrees of freedom). Throughput counts what arrived "
-            "inside the measurement window." + (COST_TEXT if with_cost(run, run.matrix) else ""),
+            "inside the measurement window." + cost_note(run, run.matrix),
         ),
         *equal_work_blocks(run),
     ]

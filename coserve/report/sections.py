@@ -12,7 +12,7 @@ from coserve.experiment.preflight import GPU_STRATEGIES
 from coserve.report.aggregate import RunStats
 from coserve.report.blocks import Block, num, pct, status_text, with_ci
 from coserve.report.load_tables import load_text
-from coserve.report.tradeoff import equal_work_checks
+from coserve.report.tradeoff import embed_capacity, equal_work_checks
 
 
 def on_cpu(run: RunStats) -> bool:
@@ -37,23 +37,31 @@ def strategy_text(run: RunStats, c) -> str:
     return "CPU, shared" if len(c.servers) > 1 else "CPU"
 
 
-COST_TEXT = (
-    " Gen tokens per embed: gen tok/s lost against gen alone per embed seq/s served (means;"
-    " the study's section 3 calls it cost per embed). Gen alone's tok/s over embed alone's"
-    " seq/s is what taking turns on the GPU would trade; a condition below it shared better"
-    " than that."
-)
-
-
-def with_cost(run: RunStats, conds) -> bool:
-    """Whether any of `conds` has a gen cost per embed (`RunStats.gen_tokens_per_embed`)."""
-    return any(run.gen_tokens_per_embed(c) is not None for c in conds)
+def cost_note(run: RunStats, conds) -> str:
+    """The sentence that reads a "Gen tokens per embed" column ("" where none of `conds` has
+    one): what the figure is, and what taking turns on the GPU would trade in this run (gen
+    alone's tok/s over embed alone's seq/s at capacity), or that the run did not measure it."""
+    if not any(run.gen_tokens_per_embed(c) is not None for c in conds):
+        return ""
+    text = (
+        " Gen tokens per embed: gen tok/s lost against gen alone per embed seq/s served (means;"
+        " the study's section 3 calls it cost per embed). Taking turns on the GPU (gen alone,"
+        " then embed alone at capacity) trades gen alone's tok/s over embed alone's seq/s"
+    )
+    gen, cap = run.alone("gen"), embed_capacity(run)
+    if gen is None or cap is None or not gen.mean("gen_tok_s"):
+        return text + ": not measured in this run (no embed alone at capacity)."
+    rate = gen.mean("gen_tok_s") / cap.seq_s.mean
+    return (
+        text + f": {rate:,.1f} here ({gen.name} over {cap.condition}); a condition below it "
+        "shared better than taking turns."
+    )
 
 
 def throughput_table(run: RunStats) -> Block:
     rows = []
     costs = {c.name: run.gen_tokens_per_embed(c) for c in run.matrix}
-    cost_col = with_cost(run, run.matrix)
+    cost_col = any(v is not None for v in costs.values())
     for c in run.matrix:
         gen = c.summary.get("gen_tok_s")
         if "gen" not in c.condition.servers:
@@ -171,7 +179,7 @@ def sweep_blocks(run: RunStats) -> list[Block]:
     # gen alone while embed's load is swept
     deltas = any(c.gen_delta for c in run.sweep)
     costs = {c.name: run.gen_tokens_per_embed(c) for c in run.sweep}
-    cost_col = with_cost(run, run.sweep)
+    cost_col = any(v is not None for v in costs.values())
     # the throughput table's order (the spec's), so the baseline's row leads as it does there
     order = {c.name: i for i, c in enumerate(run.matrix)}
     for c in sorted(
@@ -223,14 +231,14 @@ def sweep_blocks(run: RunStats) -> list[Block]:
             )
         if alone:
             against.append(
-                f"{', '.join(alone)}, gen alone (the {sw.role} {sw.knob} leaves gen's load as "
+                f"{', '.join(alone)} (gen alone; the {sw.role} {sw.knob} leaves gen's load as "
                 "it is)"
             )
         out.append(
             Block(
                 "p",
                 f"Gen delta: against {'; '.join(against)}, with its 95% CI (as in the "
-                "throughput table)." + (COST_TEXT if cost_col else ""),
+                "throughput table)." + cost_note(run, run.sweep),
             )
         )
     items = [e.sentence() for e in equal_work_checks(run) if e.scope == "sweep"]
