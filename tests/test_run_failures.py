@@ -118,6 +118,8 @@ def test_a_load_error_waits_briefly_for_the_server_that_caused_it():
     from coserve.experiment.rep import DEATH_GRACE_S, first_dead_within
 
     class Dying:
+        proc = object()  # a process the run started: only its death is worth waiting for
+
         def __init__(self, after_s):
             self.at = time.monotonic() + after_s
 
@@ -129,3 +131,8 @@ def test_a_load_error_waits_briefly_for_the_server_that_caused_it():
     t = time.monotonic()
     assert first_dead_within([Dying(60)], 0.2) is None
     assert 0.2 <= time.monotonic() - t < 1.0
+    external = Dying(60)
+    external.proc = None  # a server the run did not start: answered at once
+    t = time.monotonic()
+    assert first_dead_within([external], DEATH_GRACE_S) is None
+    assert time.monotonic() - t < 0.1

@@ -34,8 +34,11 @@ _DEATH_POLL_S = 0.05
 
 
 def first_dead_within(servers: list, seconds: float) -> str | None:
-    """`first_dead`, polled for up to `seconds`: after a failed load, the server whose death
-    caused it, if one dies that soon; else None."""
+    """`first_dead`, polled for up to `seconds` where a server is a process this run started
+    (`proc`; an external server's death cannot be seen, so there is nothing to wait for):
+    after a failed load, the server whose death caused it, if one dies that soon; else None."""
+    if not any(getattr(s, "proc", None) is not None for s in servers):
+        return first_dead(servers)
     deadline = time.monotonic() + seconds
     while True:
         died = first_dead(servers)
