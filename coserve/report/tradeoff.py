@@ -6,6 +6,8 @@ and sweep points) as points (achieved embed seq/s; gen tok/s; gen TPOT p99), eac
 over reps with its CI, sorted by embed work. `equal_work_checks(run)`: for each set of
 conditions a report compares, whether their achieved embed seq/s lie within
 `EQUAL_WORK_TOLERANCE` of each other; a gen delta only compares strategies when they did.
+`embed_capacity(run)` and `Tradeoff.shares`: the yardstick of taking turns on the GPU (gen
+alone, then embed alone at capacity) and each co-located condition's work against it.
 """
 
 from __future__ import annotations
