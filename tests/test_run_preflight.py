@@ -243,3 +243,17 @@ def test_a_dry_run_needs_no_out_and_a_run_does(tmp_path, capsys, monkeypatch):
     assert list(tmp_path.iterdir()) == []  # nothing written here
     assert main(["run", str(demo)]) == 2
     assert "--out DIR is required (a dry run needs none)" in capsys.readouterr().err
+
+
+def test_a_problem_of_many_conditions_counts_them(monkeypatch):
+    """A new user's dry run of experiments/co-scheduling.toml on a machine without a GPU
+    (2026-12-01): the refusal named 57 conditions in one line. Past six they are counted, the
+    first five named."""
+    conds = "".join(f'[[conditions]]\nname = "c{i}"\nservers = ["gen"]\n' for i in range(9))
+    text = f'name = "p"\n[servers.gen]\nmodel = "tiny-dense"\ndevice = "cuda"\n{conds}'
+    (p,) = check(text, NO_GPU, monkeypatch=monkeypatch)
+    assert p.startswith("9 conditions (c0, c1, c2, c3, c4, ...): servers.gen.device is 'cuda'")
+    six = "".join(f'[[conditions]]\nname = "c{i}"\nservers = ["gen"]\n' for i in range(6))
+    text = f'name = "p"\n[servers.gen]\nmodel = "tiny-dense"\ndevice = "cuda"\n{six}'
+    (p,) = check(text, NO_GPU, monkeypatch=monkeypatch)
+    assert p.startswith("c0, c1, c2, c3, c4, c5: servers.gen.device")
