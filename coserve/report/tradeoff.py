@@ -205,7 +205,7 @@ def embed_capacity(run: RunStats) -> EmbedCapacity | None:
         if not _whole_gpu(c):
             continue
         closed = c.condition.load_for(run.spec).embed_rate is None
-        behind = all(_kept_up(r) is False for r in c.ok)
+        behind = {w.rep for w in c.load_warnings() if w.role == "embed"} == {r["rep"] for r in c.ok}
         if closed or behind:
             found.append(EmbedCapacity(c.name, c.summary["embed_seq_s"]))
     return max(found, key=lambda e: e.seq_s.mean, default=None)
@@ -214,11 +214,6 @@ def embed_capacity(run: RunStats) -> EmbedCapacity | None:
 def _whole_gpu(c: ConditionStats) -> bool:
     """Whether a server alone had its GPUs whole: on a MIG instance it measured the slice."""
     return c.condition.strategy != "mig"
-
-
-def _kept_up(record: dict) -> bool | None:
-    part = (record.get("bench") or {}).get("embed")
-    return part.get("kept_up") if isinstance(part, dict) else None
 
 
 def _shares(run: RunStats, cap: EmbedCapacity) -> list[Share]:
