@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from coserve.stats import Summary
+from coserve.term import counted_names
 
 
 @dataclass(frozen=True)
@@ -70,10 +71,8 @@ def not_considered_text(items) -> str:
     then the conditions not run, named up to NOT_RUN_NAMED and counted past that."""
     parts = [str(n) for n in items if not n.not_run]
     idle = [n.condition for n in items if n.not_run]
-    if len(idle) > NOT_RUN_NAMED:
-        parts.append(f"{NOT_RUN}: {len(idle)} conditions ({', '.join(idle[:NOT_RUN_NAMED])}, ...)")
-    elif idle:
-        parts.append(f"{NOT_RUN}: {', '.join(idle)}")
+    if idle:
+        parts.append(f"{NOT_RUN}: {counted_names(idle, NOT_RUN_NAMED)}")
     return "; ".join(parts)
 
 

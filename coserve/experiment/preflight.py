@@ -12,6 +12,7 @@ from typing import Any
 
 from coserve.memcheck import memory_need, ram_available
 from coserve.spec import Condition, ServerConfig, Spec
+from coserve.term import counted_names
 
 # Strategies that only exist on NVIDIA GPUs (timeslice and exclusive also run on a CPU).
 GPU_STRATEGIES = ("mps", "mig", "tp", "tp+timeslice", "tp+mps")
@@ -176,15 +177,11 @@ def problems(spec: Spec, conditions: list[Condition], gpu_state: dict[str, Any])
             names = by_problem.setdefault(what, [])
             if cond.name not in names:
                 names.append(cond.name)
-    return [f"{_conditions_text(names)}: {what}" for what, names in by_problem.items()]
+    return [
+        f"{counted_names(names, NAMED_CONDITIONS)}: {what}" for what, names in by_problem.items()
+    ]
 
 
 # Past this many, a problem's conditions are counted and the first few named: a spec of 70
 # conditions refused on a machine without a GPU named 57 of them in one line.
 NAMED_CONDITIONS = 6
-
-
-def _conditions_text(names: list[str]) -> str:
-    if len(names) <= NAMED_CONDITIONS:
-        return ", ".join(names)
-    return f"{len(names)} conditions ({', '.join(names[: NAMED_CONDITIONS - 1])}, ...)"
