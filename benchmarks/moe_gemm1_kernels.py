@@ -24,6 +24,25 @@ from coserve.engine.kernels.triton.moe_routing import moe_align  # noqa: E402
 
 
 @triton.jit
+def _silu_mul_quant_store(
+    acc, acc2, c_ptr, cs_ptr, pair, row_mask, offs_n, pid_n, stride_cm, stride_csm, FP8_MAX
+):
+    """Both kernels' epilogue, as the engine's GEMM1 does it: silu(gate) * up, re-quantised to
+    FP8 per row of the tile (one 128-wide group), rows written at their pair index."""
+    acc = acc / (1.0 + tl.exp(-acc)) * acc2
+    c_row = pair.to(tl.int64)
+    amax = tl.max(tl.abs(acc), 1)
+    s = tl.maximum(amax, 1e-10) / FP8_MAX
+    q = tl.clamp(acc / s[:, None], -FP8_MAX, FP8_MAX)
+    tl.store(
+        c_ptr + c_row[:, None] * stride_cm + offs_n[None, :],
+        q.to(c_ptr.dtype.element_ty),
+        mask=row_mask[:, None],
+    )
+    tl.store(cs_ptr + c_row * stride_csm + pid_n, s, mask=row_mask)
+
+
+@triton.jit
 def _gemm1_desc(
     a_desc,
     as_ptr,
@@ -82,17 +101,9 @@ def _gemm1_desc(
         b2_s = tl.load(bs2_ptrs + kb)
         acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
         acc2 += tl.dot(a, b2) * a_s[:, None] * b2_s[None, :]
-    acc = acc / (1.0 + tl.exp(-acc)) * acc2
-    c_row = pair.to(tl.int64)
-    amax = tl.max(tl.abs(acc), 1)
-    s = tl.maximum(amax, 1e-10) / FP8_MAX
-    q = tl.clamp(acc / s[:, None], -FP8_MAX, FP8_MAX)
-    tl.store(
-        c_ptr + c_row[:, None] * stride_cm + offs_n[None, :],
-        q.to(c_ptr.dtype.element_ty),
-        mask=row_mask[:, None],
+    _silu_mul_quant_store(
+        acc, acc2, c_ptr, cs_ptr, pair, row_mask, offs_n, pid_n, stride_cm, stride_csm, FP8_MAX
     )
-    tl.store(cs_ptr + c_row * stride_csm + pid_n, s, mask=row_mask)
 
 
 @triton.jit
@@ -167,17 +178,9 @@ def _gemm1_persistent(
             b2_s = tl.load(bs2_ptrs + kb)
             acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
             acc2 += tl.dot(a, b2) * a_s[:, None] * b2_s[None, :]
-        acc = acc / (1.0 + tl.exp(-acc)) * acc2
-        c_row = pair.to(tl.int64)
-        amax = tl.max(tl.abs(acc), 1)
-        s = tl.maximum(amax, 1e-10) / FP8_MAX
-        q = tl.clamp(acc / s[:, None], -FP8_MAX, FP8_MAX)
-        tl.store(
-            c_ptr + c_row[:, None] * stride_cm + offs_n[None, :],
-            q.to(c_ptr.dtype.element_ty),
-            mask=row_mask[:, None],
+        _silu_mul_quant_store(
+            acc, acc2, c_ptr, cs_ptr, pair, row_mask, offs_n, pid_n, stride_cm, stride_csm, FP8_MAX
         )
-        tl.store(cs_ptr + c_row * stride_csm + pid_n, s, mask=row_mask)
 
 
 @dataclass
