@@ -143,6 +143,71 @@ def test_moe_reference_matches_dense_loop():
         torch.testing.assert_close(out[t], ref, atol=1e-4, rtol=1e-4)
 
 
+def test_tiled_expert_weights_hold_the_same_matrices():
+    from coserve.engine.kernels import expert_layout as L
+
+    w = torch.randn(3, 256, 384, generator=G)
+    t = L.tile_experts(w)
+    assert t.shape == (3, 2, 3, 128, 128) and t.is_contiguous() and L.is_tiled(t)
+    assert L.expert_shape(t) == L.expert_shape(w) == (3, 256, 384)
+    # tile (n, k) of expert e is one contiguous run
+    torch.testing.assert_close(t[2, 1, 2].reshape(-1), w[2, 128:, 256:].reshape(-1))
+    torch.testing.assert_close(L.untile_experts(t), w)
+    for e in range(3):
+        torch.testing.assert_close(L.expert_matrix(t, e), w[e])
+    with pytest.raises(ValueError, match=r"\[3, 200, 384\] do not divide into 128x128"):
+        L.tile_experts(torch.zeros(3, 200, 384))
+
+
+def test_moe_reference_takes_tiled_weights():
+    from coserve.engine.kernels.expert_layout import tile_experts
+
+    T, Hd, Im, E = 5, 256, 128, 4
+    x = torch.randn(T, Hd, generator=G)
+    w13, w2 = torch.randn(E, 2 * Im, Hd, generator=G), torch.randn(E, Hd, Im, generator=G)
+    weights, ids = topk_softmax(torch.randn(T, E, generator=G), 2, renormalize=True)
+    want = fused_moe(x, w13, w2, weights, ids)
+    torch.testing.assert_close(
+        fused_moe(x, tile_experts(w13), tile_experts(w2), weights, ids), want
+    )
+
+
+def test_moe_weights_tile_after_loading_and_refuse_loads_then():
+    """FP8 experts store the tiles expert_layout names; 16-bit ones and misfit windows stay
+    row-major; dequantising tiled weights gives the row-major dequantisation."""
+    from coserve.engine import moe_weights
+    from coserve.engine.config import QuantConfig
+    from coserve.engine.kernels import expert_layout as L
+
+    def build(quant, **shard):
+        m = moe_weights.FusedMoEWeights(
+            4, 256, 256, quant=quant, dtype=torch.float32, device="cpu", **shard
+        )
+        m.init_random(torch.Generator().manual_seed(5), 0.03)
+        return m
+
+    m = build(QuantConfig())
+    w13 = m.w13.detach().clone()
+    m.tile_()
+    assert L.is_tiled(m.w13) == L.TILED_W13 and L.is_tiled(m.w2) == L.TILED_W2
+    torch.testing.assert_close(L.untile_experts(m.w13.data).float(), w13.float())
+    with pytest.raises(RuntimeError, match="load them before tile_"):
+        m.load_expert(0, "gate", torch.zeros(256, 256))
+    want = build(QuantConfig())
+    want.dequantize_()
+    m.dequantize_()
+    assert not L.is_tiled(m.w13) and not L.is_tiled(m.w2)
+    torch.testing.assert_close(m.w13, want.w13)
+    torch.testing.assert_close(m.w2, want.w2)
+
+    plain = build(None)
+    plain.tile_()
+    assert not L.is_tiled(plain.w13)
+    half = build(QuantConfig(), inter_shard=(0, 128))  # 2 x 128 gate|up rows: tiles fit
+    half.tile_()
+    assert L.is_tiled(half.w13) == L.TILED_W13
+
+
 def test_sampling_greedy_seeded_and_top_p():
     logits = torch.randn(4, 50, generator=G)
     zeros = torch.zeros(4)

@@ -348,6 +348,41 @@ def test_fused_moe_tma_weights_equal_pointer_loads(fp8, foreign):
     assert base.abs().sum() > 0
 
 
+@pytest.mark.parametrize("tiled", ["w13", "w2", "both"])
+@pytest.mark.parametrize("foreign", [False, True])
+def test_fused_moe_tiled_weights_equal_row_major(tiled, foreign):
+    """Expert weights stored tile by tile (read by TMA, one run per tile) give the row-major
+    weights' result, with expert parallelism's foreign pairs too."""
+    from coserve.engine.kernels.expert_layout import tile_experts
+
+    g = gen(23)
+    E, H, inter, k, T = (32, 512, 256, 4, 100) if ON_GPU else (8, 256, 128, 2, 9)
+    w13, w2, s13, s2 = _moe_weights(E, H, inter, g, True)
+    x = randn(T, H, g=g)
+    weights, ids = tk().topk_softmax(randn(T, E, g=g), k, True)
+    if foreign:
+        ids = ids.masked_fill(ids >= E // 2, E)
+    base = tk().fused_moe(x, w13, w2, weights, ids, s13, s2, BLOCK, foreign=foreign)
+    t13 = tile_experts(w13) if tiled in ("w13", "both") else w13
+    t2 = tile_experts(w2) if tiled in ("w2", "both") else w2
+    out = tk().fused_moe(x, t13, t2, weights, ids, s13, s2, BLOCK, foreign=foreign)
+    assert rel_err(out, base) < 1e-5
+    assert base.abs().sum() > 0
+
+
+def test_fused_moe_refuses_a_stored_tile_unlike_its_own():
+    from coserve.engine.kernels.expert_layout import tile_experts
+
+    g = gen(24)
+    w13, w2, s13, s2 = _moe_weights(4, 256, 128, g, True)
+    x = randn(5, 256, g=g)
+    weights, ids = tk().topk_softmax(randn(5, 4, g=g), 2, True)
+    with pytest.raises(ValueError, match="128x128 tiles .* 64x128"):
+        tk().fused_moe(
+            x, tile_experts(w13), w2, weights, ids, s13, s2, BLOCK, config=dict(BLOCK_N1=64)
+        )
+
+
 def test_tma_weights_only_where_tiles_fit():
     """TMA tiles need one contiguous 2-D view and tiles inside one expert's gate or up rows."""
     from coserve.engine.kernels.triton.moe import _tma_fits

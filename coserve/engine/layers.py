@@ -265,6 +265,13 @@ def dequantize_model_(model: nn.Module) -> None:
             m.dequantize_()
 
 
+def tile_expert_weights_(model: nn.Module) -> None:
+    """Expert weights tile by tile for the Triton MoE (FusedMoEWeights.tile_)."""
+    for m in model.modules():
+        if isinstance(m, FusedMoEWeights):
+            m.tile_()
+
+
 def missing_weights(model: nn.Module) -> list[str]:
     out = []
     for name, m in model.named_modules():

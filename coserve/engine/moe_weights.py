@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from coserve.engine.config import QuantConfig
+from coserve.engine.kernels import expert_layout
 from coserve.engine.kernels.fp8 import FP8_DTYPE, block_dequant, block_quant
 from coserve.engine.weight_windows import (
     Window,
@@ -24,7 +25,9 @@ class FusedMoEWeights(nn.Module):
     """Stacked expert weights: w13 [E, 2I, H] (gate rows, then up rows), w2 [E, H, I].
     Tensor parallel: each rank holds the `inter_shard` window of every expert's intermediate
     dimension (rows of gate and up, columns of down), or (expert parallel) the whole experts
-    of `expert_shard` (E of them from the first); the caller all-reduces the output."""
+    of `expert_shard` (E of them from the first); the caller all-reduces the output. Once
+    loaded, `tile_()` may store FP8 weights tile by tile for the Triton MoE
+    (kernels/expert_layout.py); nothing loads into them after that."""
 
     def __init__(
         self,
@@ -90,7 +93,9 @@ class FusedMoEWeights(nn.Module):
         block: tuple[int, int] | None = None,
     ) -> None:
         """part: "gate", "up" or "down" of one expert ([I, H], [I, H], [H, I]), in full (an
-        expert another rank holds is skipped)."""
+        expert another rank holds is skipped). Raises RuntimeError once the weights are tiled."""
+        if expert_layout.is_tiled(self.w13) or expert_layout.is_tiled(self.w2):
+            raise RuntimeError("expert weights are stored tiled: load them before tile_()")
         self._loaded.add((expert, part))
         expert -= self.expert_shard[0]
         if not 0 <= expert < self.expert_shard[1]:
@@ -136,11 +141,22 @@ class FusedMoEWeights(nn.Module):
                 else:
                     self.load_expert(e, part, w)
 
+    def tile_(self) -> None:
+        """Store FP8 weights tile by tile where expert_layout says so and their shape divides
+        into its tiles (a TP window of 128-multiples does); 16-bit weights stay row-major."""
+        if self.quant is None or tuple(self.quant.block) != expert_layout.TILE:
+            return
+        if expert_layout.TILED_W13 and expert_layout.tiles_fit(self.w13, split_n=self.inter):
+            self.w13 = param(expert_layout.tile_experts(self.w13.data))
+        if expert_layout.TILED_W2 and expert_layout.tiles_fit(self.w2):
+            self.w2 = param(expert_layout.tile_experts(self.w2.data))
+
     def dequantize_(self) -> None:
         if self.quant is not None:
             b = self.quant.block
-            self.w13 = param(block_dequant(self.w13.data, self.w13_scale.data, b, self.dtype))
-            self.w2 = param(block_dequant(self.w2.data, self.w2_scale.data, b, self.dtype))
+            w13, w2 = (expert_layout.untile_experts(w.data) for w in (self.w13, self.w2))
+            self.w13 = param(block_dequant(w13, self.w13_scale.data, b, self.dtype))
+            self.w2 = param(block_dequant(w2, self.w2_scale.data, b, self.dtype))
             self.w13_scale = self.w2_scale = self.quant = None
 
     def missing(self) -> list[str]:

@@ -16,8 +16,14 @@ import torch
 from torch import nn
 
 from coserve.engine.config import BertConfig, ModelConfig, parse_hf_config
+from coserve.engine.kernels import ops
 from coserve.engine.kernels.fp8 import FP8_DTYPE
-from coserve.engine.layers import dequantize_model_, init_random, missing_weights
+from coserve.engine.layers import (
+    dequantize_model_,
+    init_random,
+    missing_weights,
+    tile_expert_weights_,
+)
 from coserve.engine.models import build_model
 from coserve.engine.presets import get_preset
 from coserve.engine.tokenizer import ByteTokenizer, load_tokenizer
@@ -190,6 +196,9 @@ def load_model(
                 )
         if quant is not None and not (keep_fp8 if keep_fp8 is not None else dev.type == "cuda"):
             dequantize_model_(net)
+        if dev.type == "cuda" and ops.twins_enabled():
+            tile_expert_weights_(net)
+            torch.cuda.empty_cache()  # the row-major copies, so that KV sizing sees the memory
     net.eval()
 
     tokenizer = None

@@ -1,7 +1,8 @@
 """Mixture-of-experts references: the top-k softmax router and the expert computation.
 
 Expert weights are stacked: w13 [E, 2I, H] (gate rows then up rows), w2 [E, H, I]; with FP8
-each has a block scale tensor. For token t with experts e_1..e_k and weights p_1..p_k:
+each has a block scale tensor. Either may be stored tile by tile (expert_layout.py).
+For token t with experts e_1..e_k and weights p_1..p_k:
     y_t = sum_j p_j * W2[e_j] (silu(G[e_j] x_t) * U[e_j] x_t)
 `fused_moe` loops over the experts that received tokens (as HF does); an FP8 grouped-GEMM
 twin replaces it on Hopper."""
@@ -11,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from coserve.engine.kernels.activation import silu_and_mul
+from coserve.engine.kernels.expert_layout import expert_matrix
 from coserve.engine.kernels.fp8 import block_dequant
 
 
@@ -53,7 +55,7 @@ def fused_moe(
         rows = order[start : start + n]
         tokens = token_of[start : start + n]
         start += n
-        g13, g2 = w13[e], w2[e]
+        g13, g2 = expert_matrix(w13, e), expert_matrix(w2, e)
         if w13_scale is not None:
             g13 = block_dequant(g13, w13_scale[e], block, x.dtype)
             g2 = block_dequant(g2, w2_scale[e], block, x.dtype)

@@ -14,6 +14,8 @@
 Weights as the engine stacks them from a Qwen3-MoE-FP8 checkpoint:
     w13 [E, 2I, H] float8_e4m3fn (gate rows 0..I-1, up rows I..2I-1), w13_scale [E, 2I/128, H/128]
     w2  [E, H, I]  float8_e4m3fn,                                       w2_scale  [E, H/128, I/128]
+either may be stored tile by tile instead (expert_layout.py: [E, N/128, K/128, 128, 128]),
+which the GEMMs read by TMA, one contiguous 16 KB run per tile.
 bf16/fp16 experts (no scales) take the same path with plain 16-bit dots.
 Every shape below depends on T, never on routing values: graph-capturable.
 """
@@ -25,6 +27,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from ..expert_layout import expert_shape, is_tiled
 from .fp8 import FP8_MAX, per_token_group_quant_fp8
 from .moe_routing import moe_align, moe_sum
 
@@ -71,6 +74,7 @@ def _moe_gemm_kernel(
     FP8_MAX: tl.constexpr,
     FOREIGN: tl.constexpr,
     B_TMA: tl.constexpr,
+    TILED: tl.constexpr,
     SCALE_GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -108,7 +112,13 @@ def _moe_gemm_kernel(
     offs_k = tl.arange(0, BLOCK_K)
 
     a_ptrs = a_ptr + a_row[:, None] * stride_am + offs_k[None, :]
-    if B_TMA:
+    if TILED:
+        # b_ptr is a descriptor over the tiles stacked as rows, [E * b_rows * K/BLOCK_K, BLOCK_K]:
+        # tile (n, k) of expert e starts at row ((e * b_rows/BLOCK_N + n) * K/BLOCK_K + k) * BLOCK_N
+        k_tiles = K // BLOCK_K
+        gate_tile = (expert * (b_rows // BLOCK_N) + pid_n) * k_tiles
+        up_tile = gate_tile + (up_offset // BLOCK_N) * k_tiles
+    elif B_TMA:
         # b_ptr is a descriptor over the weights as [E * b_rows, K]; N is a multiple of
         # BLOCK_N, so a tile never reaches into the next expert's rows
         b_row = (expert * b_rows + pid_n * BLOCK_N).to(tl.int32)
@@ -130,7 +140,11 @@ def _moe_gemm_kernel(
     for kb in range(0, tl.cdiv(K, BLOCK_K)):
         k_mask = offs_k < K - kb * BLOCK_K
         a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        if B_TMA:
+        if TILED:
+            b = b_ptr.load([((gate_tile + kb) * BLOCK_N).to(tl.int32), 0]).T
+            if GATED:
+                b2 = b_ptr.load([((up_tile + kb) * BLOCK_N).to(tl.int32), 0]).T
+        elif B_TMA:
             b = b_ptr.load([b_row, kb * BLOCK_K]).T
             if GATED:
                 b2 = b_ptr.load([b_row + up_offset, kb * BLOCK_K]).T
@@ -150,7 +164,7 @@ def _moe_gemm_kernel(
             if GATED:
                 acc2 = tl.dot(a, b2, acc2)
         a_ptrs += BLOCK_K
-        if not B_TMA:
+        if not (B_TMA or TILED):
             b_ptrs += BLOCK_K
             if GATED:
                 b2_ptrs += BLOCK_K
@@ -185,7 +199,7 @@ def default_config(num_tokens: int, fp8: bool = True) -> dict:
     docs/kernels.md); the benchmark sweeps alternatives. With BLOCK_M >= the typical rows per
     expert (T*k/E), each expert's weights stream from DRAM once per step. Besides the tiles,
     `B_TMA1` / `B_TMA2` (default: the module's) read GEMM1's / GEMM2's expert weights by TMA
-    where their shape allows (`_tma_fits`)."""
+    where their shape allows (`_tma_fits`); weights stored tiled are always read by TMA."""
     if num_tokens <= 128:
         return dict(
             BLOCK_M=16,
@@ -235,6 +249,18 @@ def _tma_fits(b: torch.Tensor, N: int, K: int, up_offset: int, block_n: int, blo
     )
 
 
+def _tiled_descriptor(b: torch.Tensor, block_n: int, block_k: int) -> TensorDescriptor:
+    """A TMA descriptor over tiled weights b [E, N/bn, K/bk, bn, bk] seen as rows of bk.
+    Raises ValueError if the stored tile is not the GEMM's tile."""
+    bn, bk = b.shape[3:]
+    if (bn, bk) != (block_n, block_k) or not b.is_contiguous():
+        raise ValueError(
+            f"expert weights stored in {bn}x{bk} tiles (contiguous: {b.is_contiguous()}) "
+            f"cannot feed a GEMM of {block_n}x{block_k} tiles: set BLOCK_N to {bn}"
+        )
+    return TensorDescriptor.from_tensor(b.view(-1, bk), [block_n, block_k])
+
+
 def _launch_gemm(
     a,
     a_s,
@@ -267,11 +293,14 @@ def _launch_gemm(
     num_pid_m = sorted_ids.shape[0] // block_m
     grid = (num_pid_m * triton.cdiv(N, block_n),)
     dummy = c
-    b_tma = b_tma and _tma_fits(b, N, K, up_offset, block_n, block_k)
-    if b_tma:
+    tiled = is_tiled(b)
+    num_experts, b_rows, _ = expert_shape(b)
+    if tiled:
+        b_arg, b_tma = _tiled_descriptor(b, block_n, block_k), False
+    elif b_tma and _tma_fits(b, N, K, up_offset, block_n, block_k):
         b_arg = TensorDescriptor.from_tensor(b.view(-1, K), [block_n, block_k])
     else:
-        b_arg = b
+        b_arg, b_tma = b, False
     _moe_gemm_kernel[grid](
         a,
         a_s if a_s is not None else dummy,
@@ -288,8 +317,8 @@ def _launch_gemm(
         up_offset,
         num_valid,
         num_pid_m,
-        b.shape[0],
-        b.shape[1],
+        num_experts,
+        b_rows,
         a.stride(0),
         a_s.stride(0) if a_s is not None else 0,
         b.stride(0),
@@ -305,6 +334,7 @@ def _launch_gemm(
         MUL_WEIGHT=mul_weight,
         FOREIGN=foreign,
         B_TMA=b_tma,
+        TILED=tiled,
         FP8_MAX=FP8_MAX,
         SCALE_GROUP=128,
         BLOCK_M=block_m,
@@ -328,18 +358,20 @@ def fused_moe(
     config: dict | None = None,
     foreign: bool = False,
 ) -> torch.Tensor:
-    """x [T, H]; w13 [E, 2I, H]; w2 [E, H, I]; topk_weights [T, k] (fp32), topk_ids [T, k];
-    scales (block (128, 128)) as in the module docstring when the weights are FP8. With
+    """x [T, H]; w13 [E, 2I, H]; w2 [E, H, I] (or either tiled: expert_layout.py);
+    topk_weights [T, k] (fp32), topk_ids [T, k]; scales (block (128, 128)) as in the module
+    docstring when the weights are FP8. With
     `foreign`, an id equal to E is an expert another rank holds (expert parallel): its pairs
-    add nothing. Returns [T, H] in x's dtype."""
+    add nothing. Returns [T, H] in x's dtype. Raises ValueError if tiled weights' tile is not
+    the GEMM's (BLOCK_N1 / BLOCK_N2 by 128 for FP8)."""
     hidden_states = x
     if block is not None:
         assert tuple(block) == (128, 128), "the Triton MoE supports 128x128 blocks only"
     T, H = hidden_states.shape
-    E, two_i, H_w = w13.shape
+    E, two_i, H_w = expert_shape(w13)
     inter = two_i // 2
     k = topk_ids.shape[1]
-    assert H_w == H and w2.shape == (E, H, inter)
+    assert H_w == H and expert_shape(w2) == (E, H, inter)
     fp8 = w13.dtype == torch.float8_e4m3fn
     cfg = dict(default_config(T, fp8), **(config or {}))
     bm = cfg["BLOCK_M"]

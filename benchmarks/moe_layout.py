@@ -1,0 +1,143 @@
+"""fused_moe with its expert weights row-major and stored tile by tile
+(coserve/engine/kernels/expert_layout.py), each GEMM alone and the whole call, at Qwen3-30B-A3B's
+shapes (E=128, top-8, H=2048, I=768, or a TP rank's I/tp), timed by CUDA-graph replay over two
+weight sets (2 x 1.2 GB at TP=1, past L2). Every tiled form's output is checked against the
+row-major one's.
+
+    python3 benchmarks/moe_layout.py [--tp 1] [--tokens 64,256,512,2048]
+
+Needs a CUDA GPU and Triton.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+from functools import partial
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+E, K_TOP, H, INTER = 128, 8, 2048, 768
+LAYOUTS = ("row-major", "w13 tiled", "w2 tiled", "both tiled")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tp", type=int, default=1, choices=(1, 2), help="one rank of TP=N's shapes")
+    p.add_argument(
+        "--tokens", default="64,256,512,2048", help="decode batch sizes T, comma-separated"
+    )
+    a = p.parse_args(argv)
+    try:
+        tokens = [int(t) for t in a.tokens.split(",")]
+    except ValueError:
+        p.error(f"--tokens: expected integers, got {a.tokens!r}")
+    if not tokens or min(tokens) < 1:
+        p.error("--tokens must be >= 1")
+    if not torch.cuda.is_available():
+        p.error("needs a CUDA GPU")
+    if importlib.util.find_spec("triton") is None:
+        p.error("needs Triton (pip install triton)")
+    from kernel_timing import (
+        BLOCK,
+        STATE,
+        graph_time_ms,
+        measure_bandwidth,
+        rand_fp8_weight,
+        report,
+    )
+    from kernels_moe import _moe_bytes
+
+    from coserve.engine.kernels import triton as tk
+    from coserve.engine.kernels.expert_layout import tile_experts
+    from coserve.engine.kernels.triton import moe as tmoe
+
+    STATE["copy_gbs"], read = measure_bandwidth()
+    print(f"copy {STATE['copy_gbs']:.0f} GB/s, read {read:.0f} GB/s", flush=True)
+    inter = INTER // a.tp
+    g = torch.Generator(device="cuda").manual_seed(1)
+    sets = [
+        rand_fp8_weight((E, 2 * inter, H), g) + rand_fp8_weight((E, H, inter), g) for _ in range(2)
+    ]
+    tiled = [(tile_experts(w13), s13, tile_experts(w2), s2) for w13, s13, w2, s2 in sets]
+
+    def weights(layout: str, i: int):
+        w13, s13, w2, s2 = sets[i]
+        if layout in ("w13 tiled", "both tiled"):
+            w13 = tiled[i][0]
+        if layout in ("w2 tiled", "both tiled"):
+            w2 = tiled[i][2]
+        return w13, s13, w2, s2
+
+    for T in tokens:
+        shape = f"T={T} I={inter}"
+        touched = E * (1 - (1 - K_TOP / E) ** T)  # experts with a token, uniform routing
+        w1_bytes, w2_bytes = touched * 2 * inter * H, touched * H * inter
+        x = [torch.randn(T, H, generator=g, device="cuda").to(torch.bfloat16) for _ in sets]
+        routed = [
+            tk.topk_softmax(torch.randn(T, E, generator=g, device="cuda"), K_TOP, True)
+            for _ in sets
+        ]
+        cfg = tmoe.default_config(T)
+        want = None
+        for layout in LAYOUTS:
+            calls = []
+            for i in range(len(sets)):
+                w13, s13, w2, s2 = weights(layout, i)
+                wts, ids = routed[i]
+                calls.append(
+                    lambda x=x[i], w=(w13, w2, wts, ids, s13, s2): tk.fused_moe(
+                        x, *w[:4], *w[4:], BLOCK
+                    )
+                )
+            out = calls[0]()
+            want = out if want is None else want
+            err = float((out.float() - want.float()).abs().max())
+            ms = graph_time_ms(calls, reps=15)
+            report(
+                f"fused_moe, {layout}",
+                shape,
+                ms,
+                _moe_bytes(T, E, K_TOP, H, inter),
+                0.0,
+                f"max|diff| {err:.1e}",
+            )
+
+        # each GEMM alone as fused_moe launches it, on the first set's routing
+        wts, ids = routed[0]
+        bm = cfg["BLOCK_M"]
+        sorted_ids, expert_ids, npp = tk.moe_align(ids, E, bm)
+        a1, a1s = tk.per_token_group_quant_fp8(x[0])
+        pairs = T * K_TOP
+        inter_q = torch.empty(pairs, inter, device="cuda", dtype=torch.float8_e4m3fn)
+        inter_s = torch.empty(pairs, inter // 128, device="cuda", dtype=torch.float32)
+        out_pairs = torch.empty(pairs, H, device="cuda", dtype=torch.bfloat16)
+        topw = wts.reshape(-1).float()
+        gemm1 = [
+            a1, a1s, None, sets[0][1], inter_q, inter_s, None, sorted_ids, expert_ids, npp,
+            inter, H, inter, pairs, K_TOP, True, True, False, bm, cfg["BLOCK_N1"],
+            cfg["GROUP_M"], cfg["num_warps1"], cfg["num_stages1"],
+        ]  # fmt: skip
+        gemm2 = [
+            inter_q, inter_s, None, sets[0][3], out_pairs, None, topw, sorted_ids, expert_ids,
+            npp, H, inter, 0, pairs, 1, False, False, True, bm, cfg["BLOCK_N2"],
+            cfg["GROUP_M"], cfg["num_warps2"], cfg["num_stages2"],
+        ]  # fmt: skip
+        for gemm, args, tma, nbytes, ws in (
+            ("GEMM1", gemm1, tmoe.B_TMA1, w1_bytes, (sets[0][0], tiled[0][0])),
+            ("GEMM2", gemm2, tmoe.B_TMA2, w2_bytes, (sets[0][2], tiled[0][2])),
+        ):
+            for name, w in zip(("row-major", "tiled"), ws, strict=True):
+                args[2] = w
+                call = partial(tmoe._launch_gemm, *args, b_tma=tma)
+                report(f"  {gemm}, {name}", shape, graph_time_ms([call], reps=15), nbytes)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
