@@ -63,6 +63,7 @@ _DECODE_INPUTS = {
     "positions": torch.int64,
     "slot_mapping": torch.int64,
     "context_lens": torch.int32,
+    "decode_order": torch.int32,
 }
 
 
@@ -282,6 +283,7 @@ class ModelRunner:
         h["positions"][n:rows] = 0
         h["slot_mapping"][n:rows] = self.null_block * bs
         h["context_lens"][n:rows] = 1
+        h["decode_order"][:rows] = np.argsort(-h["context_lens"][:rows], kind="stable")
         self._copy_staged(stage, rows, width)
         return sampling
 
@@ -292,6 +294,7 @@ class ModelRunner:
             slot_mapping=b["slot_mapping"][:rows],
             block_tables=b["block_tables"][:rows, :width],
             context_lens=b["context_lens"][:rows],
+            decode_order=b["decode_order"][:rows],
         )
         return b["input_ids"][:rows], b["positions"][:rows], meta
 
