@@ -3,8 +3,6 @@ timed by CUDA-graph replay against the engine's call and checked against its out
 
     sorted          the batch ordered by context length, longest first, so the longest
                     programs start in the first wave rather than form the tail
-    launch order    the same order given to the kernel (`order=`, as the engine's runner does
-                    it) instead of moving the rows
     head-blocks     the cache stored [blocks, KV heads, block size, D]: one program's block is
                     one contiguous 4 KB run instead of 16 rows of 256 B, 1 KB apart
     2 splits        flash-decoding splits at a batch that fills the GPU without them
@@ -88,20 +86,13 @@ def main(argv: list[str] | None = None) -> int:
     shape = f"B={a.batch} bs={a.block_size} ctx={lo}..{hi}"
     want = [paged_decode_attention(*s, scale) for s in row_major]
 
-    def run(name, sets, config=None, num_splits=None, sort=False, launch_order=False):
+    def run(name, sets, config=None, num_splits=None, sort=False):
         calls, outs = [], []
         for s, w in zip(sets, want, strict=True):
-            order = None
             if sort:
-                s, perm = _sorted(s)
-                w = w[perm]
-            elif launch_order:
-                order = torch.argsort(s[4], descending=True, stable=True).to(torch.int32)
-            calls.append(
-                lambda s=s, o=order: paged_decode_attention(
-                    *s, scale, num_splits, config=config, order=o
-                )
-            )
+                s, order = _sorted(s)
+                w = w[order]
+            calls.append(lambda s=s: paged_decode_attention(*s, scale, num_splits, config=config))
             outs.append((calls[-1](), w))
         err = max(float((o.float() - w.float()).abs().max()) for o, w in outs)
         ms = graph_time_ms(calls)
@@ -109,7 +100,6 @@ def main(argv: list[str] | None = None) -> int:
 
     run("engine", row_major)
     run("sorted", row_major, sort=True)
-    run("launch order", row_major, launch_order=True)
     run("2 splits", row_major, num_splits=2)
     run("head-blocks", head_blocks)
     run("head-blocks + sorted", head_blocks, sort=True)

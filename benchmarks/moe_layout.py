@@ -4,7 +4,7 @@ shapes (E=128, top-8, H=2048, I=768, or a TP rank's I/tp), timed by CUDA-graph r
 weight sets (2 x 1.2 GB at TP=1, past L2). Every tiled form's output is checked against the
 row-major one's.
 
-    python3 benchmarks/moe_layout.py [--tp 1] [--tokens 64,256,512,2048] [--sweep]
+    python3 benchmarks/moe_layout.py [--tp 1] [--tokens 64,256,512,2048]
 
 Needs a CUDA GPU and Triton.
 """
@@ -24,7 +24,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 E, K_TOP, H, INTER = 128, 8, 2048, 768
 LAYOUTS = ("row-major", "w13 tiled", "w2 tiled", "both tiled")
-SWEEP = [(g, w, st) for g in (1, 8) for w, st in ((8, 4), (8, 3), (4, 4), (4, 3))]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,9 +31,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tp", type=int, default=1, choices=(1, 2), help="one rank of TP=N's shapes")
     p.add_argument(
         "--tokens", default="64,256,512,2048", help="decode batch sizes T, comma-separated"
-    )
-    p.add_argument(
-        "--sweep", action="store_true", help="each GEMM also at GROUP_M x warps x stages"
     )
     a = p.parse_args(argv)
     try:
@@ -78,7 +74,6 @@ def main(argv: list[str] | None = None) -> int:
             w2 = tiled[i][2]
         return w13, s13, w2, s2
 
-    sweep = a.sweep
     for T in tokens:
         shape = f"T={T} I={inter}"
         touched = E * (1 - (1 - K_TOP / E) ** T)  # experts with a token, uniform routing
@@ -141,24 +136,6 @@ def main(argv: list[str] | None = None) -> int:
                 args[2] = w
                 call = partial(tmoe._launch_gemm, *args, b_tma=tma)
                 report(f"  {gemm}, {name}", shape, graph_time_ms([call], reps=15), nbytes)
-                if not sweep:
-                    continue
-                for group_m, warps, stages in SWEEP:
-                    args[20:23] = group_m, warps, stages
-                    call = partial(tmoe._launch_gemm, *args, b_tma=tma)
-                    ms = graph_time_ms([call], reps=15)
-                    report(
-                        f"    {gemm}, {name}",
-                        shape,
-                        ms,
-                        nbytes,
-                        0.0,
-                        f"{group_m}/{warps}w/{stages}s",
-                    )
-                args[20:23] = (
-                    cfg["GROUP_M"],
-                    *(cfg[f"num_{x}{gemm[-1]}"] for x in ("warps", "stages")),
-                )
     return 0
 
 

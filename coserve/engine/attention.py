@@ -25,8 +25,6 @@ class AttnMetadata:
     block_tables: torch.Tensor | None = None  # [B, max_blocks] int32
     context_lens: torch.Tensor | None = None  # [B] int32 (decode; prefill: its decodes)
     context_lens_host: list[int] | None = None  # prefill
-    # decode: [B] int32, the rows longest context first (the order attention launches them)
-    decode_order: torch.Tensor | None = None
     # prefill: the first num_decode sequences are decodes (one token each, first in the batch)
     num_decode: int = 0
 
@@ -95,11 +93,5 @@ class Attention(nn.Module):
             )
             return out
         return ops.paged_decode_attention(
-            q,
-            self.k_cache,
-            self.v_cache,
-            meta.block_tables,
-            meta.context_lens,
-            self.scale,
-            order=meta.decode_order,
+            q, self.k_cache, self.v_cache, meta.block_tables, meta.context_lens, self.scale
         )

@@ -63,7 +63,6 @@ _DECODE_INPUTS = {
     "positions": torch.int64,
     "slot_mapping": torch.int64,
     "context_lens": torch.int32,
-    "decode_order": torch.int32,
 }
 
 
@@ -283,7 +282,6 @@ class ModelRunner:
         h["positions"][n:rows] = 0
         h["slot_mapping"][n:rows] = self.null_block * bs
         h["context_lens"][n:rows] = 1
-        h["decode_order"][:rows] = np.argsort(-h["context_lens"][:rows], kind="stable")
         self._copy_staged(stage, rows, width)
         return sampling
 
@@ -294,7 +292,6 @@ class ModelRunner:
             slot_mapping=b["slot_mapping"][:rows],
             block_tables=b["block_tables"][:rows, :width],
             context_lens=b["context_lens"][:rows],
-            decode_order=b["decode_order"][:rows],
         )
         return b["input_ids"][:rows], b["positions"][:rows], meta
 

@@ -174,12 +174,10 @@ def paged_decode_attention(
     block_tables: torch.Tensor,
     context_lens: torch.Tensor,
     scale: float,
-    order: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One query token per sequence: q [B, H, D] attends to the first context_lens[b] cached
     tokens of its sequence. Shapes are static (B padded to a bucket, block_tables at full
-    width); this reference reads only as many block columns as the longest context needs.
-    `order` (the rows' launch order in the Triton twin) does not change the result."""
+    width); this reference reads only as many block columns as the longest context needs."""
     bsz, num_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_heads // num_kv_heads

@@ -27,7 +27,6 @@ from coserve.engine.kernels.triton.sm_count import sm_count
 
 @triton.jit
 def _paged_decode_kernel(
-    order_ptr,
     q_ptr,
     k_cache_ptr,
     v_cache_ptr,
@@ -55,12 +54,8 @@ def _paged_decode_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
-    ORDERED: tl.constexpr,
 ):
-    if ORDERED:
-        b = tl.load(order_ptr + tl.program_id(0))
-    else:
-        b = tl.program_id(0)
+    b = tl.program_id(0)
     kvh = tl.program_id(1)
     sp = tl.program_id(2)
     ctx = tl.load(context_lens_ptr + b)
@@ -176,15 +171,10 @@ def paged_decode_attention(
     num_splits: int | None = None,
     out: torch.Tensor | None = None,
     config: dict | None = None,
-    order: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q [B, Hq, D]; k_cache, v_cache [num_blocks, block_size, Hkv, D]; block_tables
     [B, max_blocks] int32; context_lens [B] int32 (0 for padding rows: output 0).
-    Returns [B, Hq, D] in q's dtype. config: optional BLOCK_N / num_warps / num_stages.
-    order: optional [B] int32 permutation of the rows, the order their programs launch in;
-    longest context first, the long programs start in the first wave instead of forming the
-    last one's tail (B=512, contexts 30..542 on an H200: 86.2 -> 83.1 us, docs/kernels.md).
-    The output does not depend on it."""
+    Returns [B, Hq, D] in q's dtype. config: optional BLOCK_N / num_warps / num_stages."""
     B, Hq, D = q.shape
     _, block_size, Hkv, Dk = k_cache.shape
     assert Dk == D and v_cache.shape == k_cache.shape and Hq % Hkv == 0
@@ -211,7 +201,6 @@ def paged_decode_attention(
         part_o = part_ml = out  # unused
     grid = (B, Hkv, num_splits)
     _paged_decode_kernel[grid](
-        order if order is not None else context_lens,
         q,
         k_cache,
         v_cache,
@@ -239,7 +228,6 @@ def paged_decode_attention(
         HEAD_DIM=D,
         BLOCK_N=block_n,
         NUM_SPLITS=num_splits,
-        ORDERED=order is not None,
         num_warps=cfg.get("num_warps", 4),
         num_stages=cfg.get("num_stages", 3),
     )
