@@ -227,6 +227,31 @@ def test_fp8_block_linear_matches_reference(backend, M, N, K, monkeypatch):
         assert rel_err(y, ref) < 0.12
 
 
+@pytest.mark.parametrize("backend", ["triton", "cublas"])
+@pytest.mark.parametrize("column_major", [True, False])
+def test_fp8_block_linear_takes_x_quantised_already(backend, column_major, monkeypatch):
+    """Given x's FP8 values and scales (either scale layout), the GEMM's result is the one it
+    computes quantising x itself."""
+    from coserve.engine.kernels.fp8 import Fp8Activation
+    from coserve.engine.kernels.triton import fp8 as tfp8
+
+    if backend == "cublas" and not ON_GPU:
+        pytest.skip("cuBLAS needs CUDA")
+    monkeypatch.setattr(tfp8, "_BACKEND", backend)
+    g = gen(23)
+    q, s = _fp8_weight(384, 256, g)
+    x = randn(40, 256, g=g)
+    xq, xs = tk().per_token_group_quant_fp8(x, column_major_scales=column_major)
+    try:
+        want = tk().fp8_block_linear(x, q, s, BLOCK)
+    except (RuntimeError, NotImplementedError) as e:
+        pytest.skip(f"cuBLAS blockwise scaled_mm unavailable: {e}")
+    got = tk().fp8_block_linear(x, q, s, BLOCK, None, Fp8Activation(xq, xs))
+    assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="x_fp8 holds"):
+        tk().fp8_block_linear(x[:3], q, s, BLOCK, None, Fp8Activation(xq, xs))
+
+
 def test_fp8_block_linear_with_bias_and_leading_dims():
     g = gen(8)
     q, s = _fp8_weight(256, 256, g)
@@ -247,6 +272,47 @@ def test_topk_softmax_matches_reference():
         rw, rids = ref_moe.topk_softmax(logits, 8, renorm)
         assert torch.equal(ids.long().sort(-1).values, rids.sort(-1).values)
         torch.testing.assert_close(w, rw, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("E,k", [(128, 8), (6, 2)])
+def test_route_picks_the_references_experts_and_quantises_x(E, k):
+    """One launch: the router's GEMM, softmax, top-k (E=6 pads to 16 columns) and x quantised
+    per 1x128 group bit for bit as per_token_group_quant_fp8 does. Logits round to x's
+    dtype in both, but sum in another order: where two experts' probabilities nearly tie
+    the pick may differ, so each chosen expert is checked by its reference probability."""
+    g = gen(21)
+    T, H = 70, 256
+    x = randn(T, H, g=g)
+    gate = randn(E, H, g=g, scale=0.1)
+    for renorm in (True, False):
+        r = tk().route(x, gate, k, renorm, quantize=True)
+        rw, _ = ref_moe.topk_softmax(torch.nn.functional.linear(x, gate), k, renorm)
+        probs = torch.softmax(torch.nn.functional.linear(x, gate).float(), -1)
+        picked = probs.gather(1, r.ids.long())
+        if renorm:
+            picked = picked / picked.sum(-1, keepdim=True)
+        tol = dict(rtol=2e-2, atol=2e-3) if ON_GPU else dict(rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(picked.sort(-1).values, rw.sort(-1).values, **tol)
+        torch.testing.assert_close(r.weights, picked, **tol)
+        assert r.ids.dtype == torch.int32 and (r.ids.sort(-1).values.diff(dim=-1) > 0).all()
+        xq, xs = tk().per_token_group_quant_fp8(x)
+        assert torch.equal(r.x_fp8.values.view(torch.uint8), xq.view(torch.uint8))
+        assert torch.equal(r.x_fp8.scales, xs)
+    assert tk().route(x, gate, k, True).x_fp8 is None
+    assert tk().route(x[:, :200], gate[:, :200], k, True, quantize=True).x_fp8 is None
+
+
+def test_fused_moe_takes_the_routers_fp8_x():
+    g = gen(22)
+    E, H, inter, k, T = (128, 2048, 768, 8, 300) if ON_GPU else (8, 256, 128, 2, 21)
+    w13, w2, s13, s2 = _moe_weights(E, H, inter, g, True)
+    x = randn(T, H, g=g)
+    r = tk().route(x, randn(E, H, g=g, scale=0.1), k, True, quantize=True)
+    base = tk().fused_moe(x, w13, w2, r.weights, r.ids, s13, s2, BLOCK)
+    got = tk().fused_moe(x, w13, w2, r.weights, r.ids, s13, s2, BLOCK, x_fp8=r.x_fp8)
+    assert torch.equal(got, base)
+    with pytest.raises(ValueError, match="x_fp8 holds"):
+        tk().fused_moe(x[:5], w13, w2, r.weights[:5], r.ids[:5], s13, s2, BLOCK, x_fp8=r.x_fp8)
 
 
 @pytest.mark.parametrize("block_m", [4, 16, 64])
@@ -486,6 +552,28 @@ def test_fused_add_rms_norm():
     y, new_r = tk().fused_add_rms_norm(x, r, w, 1e-6)
     torch.testing.assert_close(new_r, x + r)
     torch.testing.assert_close(y, ref_norm.rms_norm(x + r, w, 1e-6), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("with_residual", [True, False])
+def test_rms_norm_quant_is_the_norm_then_the_quantisation(with_residual):
+    """One launch gives the fused norm's y and r and, bit for bit, what
+    per_token_group_quant_fp8 makes of y, scales column-major; no FP8 where D % 128 != 0."""
+    g = gen(24)
+    x, res, w = randn(37, 384, g=g), randn(37, 384, g=g), randn(384, g=g)
+    residual = res if with_residual else None
+    y, r, y_fp8 = tk().rms_norm_quant(x, residual, w, 1e-6)
+    if with_residual:
+        want_y, want_r = tk().fused_add_rms_norm(x, res, w, 1e-6)
+    else:
+        want_y, want_r = tk().rms_norm(x, w, 1e-6), x
+    assert torch.equal(y, want_y) and torch.equal(r, want_r)
+    torch.testing.assert_close(y, ref_norm.rms_norm(want_r, w, 1e-6), rtol=2e-2, atol=2e-2)
+    xq, xs = tk().per_token_group_quant_fp8(want_y, column_major_scales=True)
+    assert y_fp8.scales.stride() == xs.stride()
+    assert torch.equal(y_fp8.values.view(torch.uint8), xq.view(torch.uint8))
+    assert torch.equal(y_fp8.scales, xs)
+    _, _, none = tk().rms_norm_quant(x[:, :96], None, w[:96], 1e-6)
+    assert none is None
 
 
 def test_apply_rotary_matches_reference():

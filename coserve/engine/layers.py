@@ -15,7 +15,7 @@ from torch import nn
 from coserve.engine import parallel
 from coserve.engine.config import QuantConfig
 from coserve.engine.kernels import ops
-from coserve.engine.kernels.fp8 import FP8_DTYPE, block_dequant, block_quant
+from coserve.engine.kernels.fp8 import FP8_DTYPE, Fp8Activation, block_dequant, block_quant
 from coserve.engine.moe_weights import FusedMoEWeights
 from coserve.engine.weight_windows import (
     Window,
@@ -85,16 +85,20 @@ class Linear(nn.Module):
         self.bias = param(torch.zeros(out, dtype=dtype, device=device)) if bias else None
         self._loaded: set[tuple[str, int]] = set()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, x_fp8: Fp8Activation | None = None) -> torch.Tensor:
+        """`x_fp8`: x already quantised per 1x128 group (from `RMSNorm.quantized`), used by an
+        FP8 layer's GEMM instead of quantising x again."""
         if self.reduce and parallel.state().size > 1:
-            y = parallel.all_reduce(self._matmul(x, None))
+            y = parallel.all_reduce(self._matmul(x, None, x_fp8))
             return y if self.bias is None else y + self.bias
-        return self._matmul(x, self.bias)
+        return self._matmul(x, self.bias, x_fp8)
 
-    def _matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def _matmul(
+        self, x: torch.Tensor, bias: torch.Tensor | None, x_fp8: Fp8Activation | None
+    ) -> torch.Tensor:
         if self.quant is not None:
             return ops.fp8_block_linear(
-                x, self.weight, self.weight_scale_inv, self.quant.block, bias
+                x, self.weight, self.weight_scale_inv, self.quant.block, bias, x_fp8
             )
         return nn.functional.linear(x, self.weight, bias)
 
@@ -228,6 +232,14 @@ class RMSNorm(Tensors):
         if residual is None:
             return ops.rms_norm(x, self.weight, self.eps)
         return ops.fused_add_rms_norm(x, residual, self.weight, self.eps)
+
+    def quantized(
+        self, x: torch.Tensor, residual: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, Fp8Activation | None]:
+        """(y, r, y_fp8) with r = x + residual (x without one) and y = rms_norm(r), for an FP8
+        layer after the norm: on the GPU y_fp8 is y quantised in the same launch (None from
+        the references, whose FP8 layers compute in y's dtype)."""
+        return ops.rms_norm_quant(x, residual, self.weight, self.eps)
 
 
 class LayerNorm(Tensors):

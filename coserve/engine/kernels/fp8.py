@@ -12,10 +12,23 @@ Hopper."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0
+
+
+@dataclass(frozen=True)
+class Fp8Activation:
+    """Activations x [M, K] quantised per token and group of 128 channels, as the FP8 GEMMs
+    take them: `values` float8_e4m3fn [M, K] and `scales` float32 [M, K/128] (any strides),
+    x[m, k] ~= values[m, k] * scales[m, k // 128]. A kernel that already reads x (a norm, the
+    router) hands this to the GEMM after it, which then skips its own quantisation launch."""
+
+    values: torch.Tensor
+    scales: torch.Tensor
 
 
 def _expand_scales(scale: torch.Tensor, shape: torch.Size, block: tuple[int, int]) -> torch.Tensor:
@@ -55,7 +68,9 @@ def fp8_block_linear(
     scale: torch.Tensor,
     block: tuple[int, int],
     bias: torch.Tensor | None = None,
+    x_fp8: Fp8Activation | None = None,
 ) -> torch.Tensor:
-    """y = x @ dequant(q, scale)^T (+ bias), computed in x's dtype (reference)."""
+    """y = x @ dequant(q, scale)^T (+ bias), computed in x's dtype (reference). `x_fp8`, x
+    already quantised, is for the twin; the reference computes from x and ignores it."""
     w = block_dequant(q, scale, block, x.dtype)
     return torch.nn.functional.linear(x, w, bias)

@@ -2,6 +2,8 @@
 its Triton twin computes in one launch, so the model calls the fused form on every device.
 
     fused_add_rms_norm   r = x + residual; (rms_norm(r), r)
+    rms_norm_quant       the same (or rms_norm alone), and the twin also quantises the
+                         normed rows for the FP8 GEMM after it
     qk_norm_rope         Qwen3's attention prologue: per-head q/k RMSNorm, rotary on both,
                          and (given a paged cache) the k/v cache write"""
 
@@ -10,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from coserve.engine.kernels.attention import store_kvcache
+from coserve.engine.kernels.fp8 import Fp8Activation
 from coserve.engine.kernels.rmsnorm import rms_norm
 from coserve.engine.kernels.rotary import apply_rotary
 
@@ -19,6 +22,18 @@ def fused_add_rms_norm(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     r = x + residual
     return rms_norm(r, weight, eps), r
+
+
+def rms_norm_quant(
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, Fp8Activation | None]:
+    """(y, r, y_fp8): r = x + residual (x itself without a residual), y = rms_norm(r), and
+    y quantised per 1x128 group for an FP8 GEMM (`Fp8Activation`): None here, since the
+    reference GEMMs compute in x's dtype; the twin fills it."""
+    if residual is None:
+        return rms_norm(x, weight, eps), x, None
+    y, r = fused_add_rms_norm(x, residual, weight, eps)
+    return y, r, None
 
 
 def qk_norm_rope(

@@ -48,10 +48,12 @@ def _dispatch(name: str, reference: Callable) -> Callable:
 
 rms_norm = _dispatch("rms_norm", rmsnorm.rms_norm)
 fused_add_rms_norm = _dispatch("fused_add_rms_norm", fused.fused_add_rms_norm)
+rms_norm_quant = _dispatch("rms_norm_quant", fused.rms_norm_quant)
 qk_norm_rope = _dispatch("qk_norm_rope", fused.qk_norm_rope)
 silu_and_mul = _dispatch("silu_and_mul", activation.silu_and_mul)
 fp8_block_linear = _dispatch("fp8_block_linear", fp8.fp8_block_linear)
 topk_softmax = _dispatch("topk_softmax", moe.topk_softmax)
+route = _dispatch("route", moe.route)
 fused_moe = _dispatch("fused_moe", moe.fused_moe)
 paged_decode_attention = _dispatch("paged_decode_attention", attention.paged_decode_attention)
 varlen_attention = _dispatch("varlen_attention", attention.varlen_attention)

@@ -24,6 +24,7 @@ from coserve.engine import parallel
 from coserve.engine.attention import Attention, AttnMetadata
 from coserve.engine.config import DecoderConfig, QuantConfig
 from coserve.engine.kernels import ops
+from coserve.engine.kernels.fp8 import Fp8Activation
 from coserve.engine.kernels.rotary import rope_cos_sin_cache
 from coserve.engine.layers import Linear, RMSNorm, Tensors, vocab_parallel_embedding
 from coserve.engine.moe_weights import FusedMoEWeights
@@ -64,12 +65,18 @@ class Qwen3Attention(nn.Module):
         self.attn = Attention(self.num_heads, self.num_kv_heads, d)
         self.cos_sin: torch.Tensor | None = None  # shared table, set by the model
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttnMetadata) -> torch.Tensor:
+    def forward(
+        self,
+        positions: torch.Tensor,
+        x: torch.Tensor,
+        meta: AttnMetadata,
+        x_fp8: Fp8Activation | None = None,
+    ) -> torch.Tensor:
         t = x.shape[0]
         paged = meta.mode != "dense"
         # norms, rotary and (paged) the cache write in one kernel on the GPU
         q, k, v = ops.qk_norm_rope(
-            self.qkv_proj(x),
+            self.qkv_proj(x, x_fp8),
             self.num_heads,
             self.num_kv_heads,
             self.head_dim,
@@ -137,8 +144,12 @@ class Qwen3MoE(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weights, ids = ops.topk_softmax(self.gate(x), self.top_k, self.renormalize)
         e = self.experts
+        # the router also quantises x for FP8 experts while it reads it (on the GPU)
+        routing = ops.route(
+            x, self.gate.weight, self.top_k, self.renormalize, quantize=e.quant is not None
+        )
+        weights, ids = routing.weights, routing.ids
         kw = {}
         if self.expert_parallel:  # local expert ids; those of other ranks become E
             first, held = e.expert_shard
@@ -154,6 +165,7 @@ class Qwen3MoE(nn.Module):
             e.w13_scale,
             e.w2_scale,
             e.quant.block if e.quant is not None else None,
+            x_fp8=routing.x_fp8,
             **kw,
         )
         return parallel.all_reduce(out)
@@ -183,11 +195,14 @@ class Qwen3DecoderLayer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(h, residual) -> (this layer's mlp output, the residual stream before it); the
         stream is h + residual, added inside the next norm (one fused kernel on the GPU)."""
-        if residual is None:
+        h_fp8 = None
+        if self.self_attn.qkv_proj.quant is not None:
+            h, residual, h_fp8 = self.input_layernorm.quantized(h, residual)
+        elif residual is None:
             h, residual = self.input_layernorm(h), h
         else:
             h, residual = self.input_layernorm(h, residual)
-        h = self.self_attn(positions, h, meta)
+        h = self.self_attn(positions, h, meta, h_fp8)
         h, residual = self.post_attention_layernorm(h, residual)
         return self.mlp(h), residual
 

@@ -10,8 +10,12 @@ asked for, so `import coserve.engine.kernels.triton` works on a CPU-only machine
     varlen_attention         coserve.engine.kernels.attention.varlen_attention
     fused_moe                coserve.engine.kernels.moe.fused_moe  (FP8 block-quantised experts)
     topk_softmax             coserve.engine.kernels.moe.topk_softmax  (ids come back int32)
+    route                    coserve.engine.kernels.moe.route  (router GEMM + topk_softmax, and
+                             the tokens quantised for FP8 experts, in one launch)
     fp8_block_linear         coserve.engine.kernels.fp8.fp8_block_linear
     rms_norm                 coserve.engine.kernels.rmsnorm.rms_norm
+    rms_norm_quant           coserve.engine.kernels.fused.rms_norm_quant  (and the normed rows
+                             quantised for the FP8 GEMM after it)
     apply_rotary             coserve.engine.kernels.rotary.apply_rotary
     silu_and_mul             coserve.engine.kernels.activation.silu_and_mul
 extras with no reference twin (the lead may wire them where they pay):
@@ -33,6 +37,7 @@ _EXPORTS = {
     "varlen_attention": "varlen_attention",
     "fused_moe": "moe",
     "topk_softmax": "moe_routing",
+    "route": "moe_routing",
     "moe_align": "moe_routing",
     "moe_sum": "moe_routing",
     "fp8_block_linear": "fp8",
@@ -40,6 +45,7 @@ _EXPORTS = {
     "per_token_group_quant_fp8": "fp8",
     "rms_norm": "norm",
     "fused_add_rms_norm": "norm",
+    "rms_norm_quant": "norm",
     "apply_rotary": "rotary",
     "silu_and_mul": "activation",
     "qk_norm_rope": "qk_norm_rope",

@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..fp8 import Fp8Activation
+
 FP8_MAX = 448.0
 GROUP = 128
 
@@ -271,17 +273,27 @@ def fp8_linear(
     weight: torch.Tensor,
     weight_scale_inv: torch.Tensor,
     bias: torch.Tensor | None = None,
+    x_fp8: Fp8Activation | None = None,
 ) -> torch.Tensor:
     """y = x @ dequant(weight)^T (+ bias); x [..., K] bf16/fp16/fp32, weight [N, K] fp8 e4m3,
     weight_scale_inv [ceil(N/128), ceil(K/128)] fp32. Returns [..., N] in x's dtype (bf16 for
-    fp32 inputs is not promised: output dtype follows x)."""
+    fp32 inputs is not promised: output dtype follows x). `x_fp8`, x already quantised
+    ([M, K] with M the rows of x), saves the quantisation launch; its scales are best
+    column-major (cuBLAS's layout, what `rms_norm_quant` writes), else they are copied."""
     K = x.shape[-1]
     N = weight.shape[0]
     x2 = x.reshape(-1, K)
     M = x2.shape[0]
     out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+    if x_fp8 is not None and x_fp8.values.shape != (M, K):
+        raise ValueError(f"x_fp8 holds {tuple(x_fp8.values.shape)} values for x of {(M, K)}")
     if _use_cublas(M, N, K, x.device):
-        xq, xs = per_token_group_quant_fp8(x2, column_major_scales=True)
+        if x_fp8 is None:
+            xq, xs = per_token_group_quant_fp8(x2, column_major_scales=True)
+        else:
+            xq, xs = x_fp8.values, x_fp8.scales
+            if xs.stride(0) != 1:
+                xs = xs.t().contiguous().t()
         try:
             y = block_fp8_matmul_cublas(xq, xs, weight, weight_scale_inv, bias, out_dtype)
         except (RuntimeError, NotImplementedError, ImportError, ValueError, AttributeError):
@@ -289,9 +301,13 @@ def fp8_linear(
                 raise
             _cublas_refused.add((M, N, K))
             y = block_fp8_matmul_triton(xq, xs, weight, weight_scale_inv, bias, out_dtype)
-    else:
+    elif x_fp8 is None:
         xq, xs = per_token_group_quant_fp8(x2)
         y = block_fp8_matmul_triton(xq, xs, weight, weight_scale_inv, bias, out_dtype)
+    else:
+        y = block_fp8_matmul_triton(
+            x_fp8.values, x_fp8.scales, weight, weight_scale_inv, bias, out_dtype
+        )
     return y.view(*x.shape[:-1], N).to(x.dtype)
 
 
@@ -301,8 +317,10 @@ def fp8_block_linear(
     scale: torch.Tensor,
     block: tuple[int, int],
     bias: torch.Tensor | None = None,
+    x_fp8: Fp8Activation | None = None,
 ) -> torch.Tensor:
     """Twin of coserve.engine.kernels.fp8.fp8_block_linear: y = x @ dequant(q, scale)^T (+ bias)
-    with x quantised per 1x128 group on the fly (128x128 weight blocks only)."""
+    with x quantised per 1x128 group on the fly, or taken from `x_fp8` (128x128 weight
+    blocks only)."""
     assert tuple(block) == (GROUP, GROUP), "the FP8 GPU path supports 128x128 blocks only"
-    return fp8_linear(x, q, scale, bias)
+    return fp8_linear(x, q, scale, bias, x_fp8)

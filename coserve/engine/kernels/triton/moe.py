@@ -28,6 +28,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..expert_layout import expert_shape, is_tiled
+from ..fp8 import Fp8Activation
 from .fp8 import FP8_MAX, per_token_group_quant_fp8
 from .moe_routing import moe_align, moe_sum
 
@@ -357,13 +358,15 @@ def fused_moe(
     block: tuple[int, int] | None = None,
     config: dict | None = None,
     foreign: bool = False,
+    x_fp8: Fp8Activation | None = None,
 ) -> torch.Tensor:
     """x [T, H]; w13 [E, 2I, H]; w2 [E, H, I] (or either tiled: expert_layout.py);
     topk_weights [T, k] (fp32), topk_ids [T, k]; scales (block (128, 128)) as in the module
     docstring when the weights are FP8. With
     `foreign`, an id equal to E is an expert another rank holds (expert parallel): its pairs
-    add nothing. Returns [T, H] in x's dtype. Raises ValueError if tiled weights' tile is not
-    the GEMM's (BLOCK_N1 / BLOCK_N2 by 128 for FP8)."""
+    add nothing. `x_fp8` (x already quantised, from `route`) saves GEMM1 the quantisation
+    launch. Returns [T, H] in x's dtype. Raises ValueError if tiled weights' tile is not the
+    GEMM's (BLOCK_N1 / BLOCK_N2 by 128 for FP8), or if `x_fp8` is not x's shape."""
     hidden_states = x
     if block is not None:
         assert tuple(block) == (128, 128), "the Triton MoE supports 128x128 blocks only"
@@ -387,7 +390,13 @@ def fused_moe(
 
     if fp8:
         assert H % 128 == 0 and inter % 128 == 0, "FP8 experts need H and I multiples of 128"
-        a1, a1_s = per_token_group_quant_fp8(hidden_states)
+        if x_fp8 is None:
+            a1, a1_s = per_token_group_quant_fp8(hidden_states)
+        elif x_fp8.values.shape != (T, H):
+            raise ValueError(f"x_fp8 holds {tuple(x_fp8.values.shape)} values for x of {(T, H)}")
+        else:
+            # GEMM1 reads a row's scales at unit stride
+            a1, a1_s = x_fp8.values, x_fp8.scales.contiguous()
         quant_out = cfg["BLOCK_N1"] == 128
         if quant_out:
             inter_out = torch.empty(numel, inter, device=dev, dtype=torch.float8_e4m3fn)

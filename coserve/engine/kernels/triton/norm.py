@@ -1,12 +1,17 @@
 """RMSNorm, y = x / sqrt(mean(x^2) + eps) * w with float32 statistics (the reference rounds
-the normalised x to x's dtype before the weight multiply; so does this), and the fused form
-that first adds the residual stream: r = x + residual; y = rms_norm(r)."""
+the normalised x to x's dtype before the weight multiply; so does this), the fused form
+that first adds the residual stream: r = x + residual; y = rms_norm(r), and either of them
+also quantising y per 1x128 group for the FP8 GEMM that reads it next (`rms_norm_quant`),
+which saves that GEMM its own quantisation launch."""
 
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
+
+from ..fp8 import Fp8Activation
+from .fp8 import FP8_MAX, GROUP
 
 
 @triton.jit
@@ -16,6 +21,8 @@ def _rms_norm_kernel(
     w_ptr,
     y_ptr,
     r_out_ptr,
+    q_ptr,
+    s_ptr,
     n_rows,
     D,
     n_inner,
@@ -23,8 +30,13 @@ def _rms_norm_kernel(
     stride_xi,
     stride_ro,
     stride_ri,
+    stride_sm,
+    stride_sg,
     eps,
     HAS_RESIDUAL: tl.constexpr,
+    QUANT: tl.constexpr,
+    GROUP_SIZE: tl.constexpr,
+    FP8_MAX: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -45,10 +57,26 @@ def _rms_norm_kernel(
     rstd = tl.rsqrt(tl.sum(xf * xf, 1) / D + eps)
     normed = (xf * rstd[:, None]).to(x.dtype).to(tl.float32)
     w = tl.load(w_ptr + d, mask=d < D, other=0.0).to(tl.float32)
-    y = normed * w[None, :]
-    tl.store(
-        y_ptr + rows.to(tl.int64)[:, None] * D + d[None, :], y.to(y_ptr.dtype.element_ty), mask=mask
-    )
+    y = (normed * w[None, :]).to(y_ptr.dtype.element_ty)
+    tl.store(y_ptr + rows.to(tl.int64)[:, None] * D + d[None, :], y, mask=mask)
+    if QUANT:
+        # what per_token_group_quant_fp8 computes from the stored y, bit for bit
+        NG: tl.constexpr = BLOCK_D // GROUP_SIZE
+        groups = tl.reshape(y.to(tl.float32), [BLOCK_R, NG, GROUP_SIZE])
+        scale = tl.maximum(tl.max(tl.abs(groups), 2), 1e-10) / FP8_MAX
+        q = tl.clamp(groups / scale[:, :, None], -FP8_MAX, FP8_MAX)
+        q = tl.reshape(q, [BLOCK_R, BLOCK_D])
+        tl.store(
+            q_ptr + rows.to(tl.int64)[:, None] * D + d[None, :],
+            q.to(q_ptr.dtype.element_ty),
+            mask=mask,
+        )
+        g = tl.arange(0, NG)
+        tl.store(
+            s_ptr + rows.to(tl.int64)[:, None] * stride_sm + g[None, :] * stride_sg,
+            scale,
+            mask=rmask[:, None] & (g[None, :] < D // GROUP_SIZE),
+        )
 
 
 def _rows_view(x: torch.Tensor):
@@ -61,7 +89,7 @@ def _rows_view(x: torch.Tensor):
     return x, x.shape[0] * x.shape[1], x.shape[1], x.stride(0), x.stride(1)
 
 
-def _launch(x, residual, weight, eps):
+def _launch(x, residual, weight, eps, quant=False):
     D = x.shape[-1]
     shape = x.shape
     xv, n_rows, n_inner, sxo, sxi = _rows_view(x)
@@ -72,6 +100,12 @@ def _launch(x, residual, weight, eps):
         rv, sro, sri = xv, 0, 0
     y = torch.empty(shape, device=x.device, dtype=x.dtype)
     r_out = torch.empty(shape, device=x.device, dtype=x.dtype) if residual is not None else y
+    if quant:
+        q = torch.empty(n_rows, D, device=x.device, dtype=torch.float8_e4m3fn)
+        # column-major, as cuBLAS's blockwise scaled_mm takes them
+        s = torch.empty(D // GROUP, n_rows, device=x.device, dtype=torch.float32).t()
+    else:
+        q, s = y, y
     block_d = triton.next_power_of_2(D)
     block_r = max(1, min(64, 4096 // block_d))
     if n_rows > 0:
@@ -81,6 +115,8 @@ def _launch(x, residual, weight, eps):
             weight,
             y,
             r_out,
+            q,
+            s,
             n_rows,
             D,
             n_inner,
@@ -88,13 +124,18 @@ def _launch(x, residual, weight, eps):
             sxi,
             sro,
             sri,
+            s.stride(0) if quant else 0,
+            s.stride(1) if quant else 0,
             eps,
             HAS_RESIDUAL=residual is not None,
+            QUANT=quant,
+            GROUP_SIZE=GROUP,
+            FP8_MAX=FP8_MAX,
             BLOCK_R=block_r,
             BLOCK_D=block_d,
             num_warps=4 if block_d <= 2048 else 8,
         )
-    return y, r_out
+    return y, r_out, (Fp8Activation(q, s) if quant else None)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -107,4 +148,19 @@ def fused_add_rms_norm(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(rms_norm(x + residual), x + residual) in one pass."""
-    return _launch(x, residual, weight, eps)
+    return _launch(x, residual, weight, eps)[:2]
+
+
+def rms_norm_quant(
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, Fp8Activation | None]:
+    """Twin of coserve.engine.kernels.fused.rms_norm_quant: (y, r, y_fp8) with r = x +
+    residual (x itself without a residual) and y = rms_norm(r), in one pass that also
+    quantises y per 1x128 group (scales column-major [T, D/128], as cuBLAS's blockwise GEMM
+    takes them). y_fp8 is None where D is not a multiple of 128 or x is not 2-D."""
+    if x.dim() != 2 or x.shape[-1] % GROUP:
+        if residual is None:
+            return _launch(x, None, weight, eps)[0], x, None
+        return (*_launch(x, residual, weight, eps)[:2], None)
+    y, r, y_fp8 = _launch(x, residual, weight, eps, quant=True)
+    return y, (x if residual is None else r), y_fp8
