@@ -224,7 +224,7 @@ _CLASSES = [  # (class, kernel-name pattern), first match wins
     ("MoE GEMMs (Triton FP8)", r"moe_gemm"),
     ("MoE align/permute", r"moe_align|moe_count|moe_scatter"),
     ("MoE combine (sum over top-k)", r"moe_sum|reduce_kernel.*func_wrapper"),
-    ("MoE router (GEMM +) top-k", r"topk_softmax|_route_kernel"),
+    ("MoE router top-k", r"topk_softmax"),
     ("FP8 activation quant", r"quant_rows|per_token_group"),
     ("FP8 dense GEMM (Triton)", r"block_fp8_gemm"),
     ("qk norm + rope + KV store", r"qk_norm_rope"),

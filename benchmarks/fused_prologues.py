@@ -1,13 +1,13 @@
-"""The small kernels before a decoder layer's FP8 GEMMs, fused and not, at Qwen3-30B-A3B's
-shapes (H=2048, 128 experts, top-8), timed by CUDA-graph replay over 8 input sets:
+"""A decoder layer's norms and the FP8 GEMMs after them, with the activations' FP8
+quantisation in its own launch (as before) or in the norm's (`rms_norm_quant`), at
+Qwen3-30B-A3B's shapes (H=2048; qkv N=5120; 128 experts, top-8, I=768), timed by CUDA-graph
+replay over SETS input and weight sets (the expert weights of 2 sets pass L2):
 
-    router   the gate's GEMM (cuBLAS) + topk_softmax + the experts' FP8 quantisation of x,
-             three launches, against `route`, one
-    norm     the residual add and RMSNorm, then the FP8 quantisation for the qkv GEMM, two
-             launches, against `rms_norm_quant`, one
+    attention   residual add + RMSNorm, quantisation, the qkv GEMM (cuBLAS)
+    MoE         residual add + RMSNorm, router GEMM + top-k, quantisation, fused_moe
 
-Each fused form's outputs are checked against the unfused ones before it is timed. Needs a
-CUDA GPU and Triton.
+Each fused form's output is checked, bit for bit, against the unfused one's before it is
+timed. Needs a CUDA GPU and Triton.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-H, E, TOP_K, SETS = 2048, 128, 8, 8
+H, QKV, E, TOP_K, INTER, SETS = 2048, 5120, 128, 8, 768, 2
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,70 +42,60 @@ def main(argv: list[str] | None = None) -> int:
         p.error("needs a CUDA GPU")
     if importlib.util.find_spec("triton") is None:
         p.error("needs Triton (pip install triton)")
-    from kernel_timing import graph_time_ms
+    from kernel_timing import BLOCK, graph_time_ms, rand_fp8_weight
 
     from coserve.engine.kernels import triton as tk
 
     g = torch.Generator(device="cuda").manual_seed(0)
-    print(f"{'kernels':<40} {'T':>5} {'unfused us':>11} {'fused us':>9} {'saved us':>9}")
-    for T in tokens:
-        if not _compare(T, g, tk, graph_time_ms):
-            return 1
-    return 0
-
-
-def _compare(T: int, g: torch.Generator, tk, graph_time_ms) -> bool:
-    """Check, then time, both pairs at batch size T; False if a fused output differs."""
-
-    def randn(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=g, device="cuda") * scale).to(torch.bfloat16)
-
-    xs = [randn(T, H) for _ in range(SETS)]
-    gates = [randn(E, H, scale=0.05) for _ in range(SETS)]
-    res = [randn(T, H) for _ in range(SETS)]
-    norm_w = [randn(H) for _ in range(SETS)]
-
-    def router_unfused(i):
-        w, ids = tk.topk_softmax(torch.nn.functional.linear(xs[i], gates[i]), TOP_K, True)
-        return w, ids, tk.per_token_group_quant_fp8(xs[i])
-
-    def router_fused(i):
-        return tk.route(xs[i], gates[i], TOP_K, True, quantize=True)
-
-    def norm_unfused(i):
-        y, r = tk.fused_add_rms_norm(xs[i], res[i], norm_w[i], 1e-6)
-        return y, r, tk.per_token_group_quant_fp8(y, column_major_scales=True)
-
-    def norm_fused(i):
-        return tk.rms_norm_quant(xs[i], res[i], norm_w[i], 1e-6)
-
-    (_, ids, (q, s)), r = router_unfused(0), router_fused(0)
-    router_same = torch.equal(q.view(torch.uint8), r.x_fp8.values.view(torch.uint8))
-    router_same = router_same and torch.equal(s, r.x_fp8.scales)
-    ids_agree = (ids.sort(-1).values == r.ids.sort(-1).values).all(-1).float().mean().item()
-    (y, rr, (nq, ns)), (fy, fr, f8) = norm_unfused(0), norm_fused(0)
-    norm_same = (
-        torch.equal(y, fy)
-        and torch.equal(rr, fr)
-        and torch.equal(nq.view(torch.uint8), f8.values.view(torch.uint8))
-        and torch.equal(ns, f8.scales)
-    )
-    if not (router_same and norm_same and ids_agree > 0.95):
-        print(
-            f"T={T}: fused outputs differ (router's x_fp8 equal: {router_same}, tokens with "
-            f"the same experts: {ids_agree:.3f}; norm's outputs equal: {norm_same})",
-            file=sys.stderr,
+    weights = [
+        dict(
+            qkv=rand_fp8_weight((QKV, H), g),
+            gate=torch.randn(E, H, generator=g, device="cuda").to(torch.bfloat16) * 0.05,
+            w13=rand_fp8_weight((E, 2 * INTER, H), g),
+            w2=rand_fp8_weight((E, H, INTER), g),
+            norm=torch.randn(H, generator=g, device="cuda").to(torch.bfloat16),
         )
-        return False
-    for name, unfused, fused in (
-        ("router GEMM + top-k + FP8 quant of x", router_unfused, router_fused),
-        ("add + RMSNorm + FP8 quant (qkv input)", norm_unfused, norm_fused),
-    ):
-        t0 = graph_time_ms([lambda i=i, f=unfused: f(i) for i in range(SETS)], inner=4)
-        t1 = graph_time_ms([lambda i=i, f=fused: f(i) for i in range(SETS)], inner=4)
-        print(f"{name:<40} {T:>5} {t0 * 1e3:>11.2f} {t1 * 1e3:>9.2f} {(t0 - t1) * 1e3:>9.2f}")
-    print(f"    T={T}: same experts for {ids_agree:.1%} of tokens, FP8 values equal")
-    return True
+        for _ in range(SETS)
+    ]
+
+    def attention(x, res, w, fused):
+        if fused:
+            y, r, y8 = tk.rms_norm_quant(x, res, w["norm"], 1e-6)
+        else:
+            (y, r), y8 = tk.fused_add_rms_norm(x, res, w["norm"], 1e-6), None
+        return tk.fp8_block_linear(y, *w["qkv"], BLOCK, None, y8), r
+
+    def moe(x, res, w, fused):
+        if fused:
+            y, r, y8 = tk.rms_norm_quant(x, res, w["norm"], 1e-6)
+        else:
+            (y, r), y8 = tk.fused_add_rms_norm(x, res, w["norm"], 1e-6), None
+        wts, ids = tk.topk_softmax(torch.nn.functional.linear(y, w["gate"]), TOP_K, True)
+        (w13, s13), (w2, s2) = w["w13"], w["w2"]
+        return tk.fused_moe(y, w13, w2, wts, ids, s13, s2, BLOCK, x_fp8=y8), r
+
+    print(f"{'norm, then':<10} {'T':>5} {'unfused us':>11} {'fused us':>9} {'saved us':>9}")
+    for T in tokens:
+        xs = [torch.randn(T, H, generator=g, device="cuda").to(torch.bfloat16) for _ in weights]
+        res = [torch.randn(T, H, generator=g, device="cuda").to(torch.bfloat16) for _ in weights]
+        for name, layer in (("qkv", attention), ("MoE", moe)):
+            (y0, r0), (y1, r1) = (layer(xs[0], res[0], weights[0], f) for f in (False, True))
+            if not (torch.equal(y0, y1) and torch.equal(r0, r1)):
+                print(f"{name}, T={T}: the fused norm's output differs", file=sys.stderr)
+                return 1
+            t = [
+                graph_time_ms(
+                    [
+                        lambda x=x, r=r, w=w, f=fused, fn=layer: fn(x, r, w, f)
+                        for x, r, w in zip(xs, res, weights, strict=True)
+                    ],
+                    inner=4,
+                )
+                * 1e3
+                for fused in (False, True)
+            ]
+            print(f"{name:<10} {T:>5} {t[0]:>11.2f} {t[1]:>9.2f} {t[0] - t[1]:>9.2f}")
+    return 0
 
 
 if __name__ == "__main__":

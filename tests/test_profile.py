@@ -171,7 +171,6 @@ def test_interval_helpers_and_classes():
     assert classify("void flash_fwd_splitkv_kernel<...>") == "attention"
     assert classify("fused_moe_kernel") == "moe_gemm"
     assert classify("_topk_softmax_kernel") == "moe_gemm"
-    assert classify("_route_kernel") == "moe_gemm"
     assert classify("sm90_xmma_gemm_bf16bf16_bf16f32") == "dense_gemm"
     assert classify("_qk_norm_rope_kernel") == "norm"
     assert classify("cross_device_reduce_1stage") == "collective"
@@ -622,7 +621,7 @@ def test_coserve_profile_on_the_demo_spec(tmp_path):
     # reference's matmuls and index_add_ as moe_gemm, the attention one's einsums as attention
     gen_kernels = {k.name: k.kernel_class for k in summary.roles["gen"].kernels}
     assert gen_kernels[KERNEL_RANGE + "fused_moe"] == "moe_gemm"
-    assert gen_kernels[KERNEL_RANGE + "route"] == "moe_gemm"
+    assert gen_kernels[KERNEL_RANGE + "topk_softmax"] == "moe_gemm"
     assert gen_kernels[KERNEL_RANGE + "paged_decode_attention"] == "attention"
     assert not {"aten::index_add_", "aten::einsum", "aten::matmul"} & set(gen_kernels)
     gen_classes = {c.kernel_class: c.share for c in summary.roles["gen"].classes}

@@ -86,7 +86,7 @@ class Linear(nn.Module):
         self._loaded: set[tuple[str, int]] = set()
 
     def forward(self, x: torch.Tensor, x_fp8: Fp8Activation | None = None) -> torch.Tensor:
-        """`x_fp8`: x already quantised per 1x128 group (from `RMSNorm.quantized`), used by an
+        """`x_fp8`: x already quantised per 1x128 group (from `RMSNorm.prologue`), used by an
         FP8 layer's GEMM instead of quantising x again."""
         if self.reduce and parallel.state().size > 1:
             y = parallel.all_reduce(self._matmul(x, None, x_fp8))
@@ -233,13 +233,18 @@ class RMSNorm(Tensors):
             return ops.rms_norm(x, self.weight, self.eps)
         return ops.fused_add_rms_norm(x, residual, self.weight, self.eps)
 
-    def quantized(
-        self, x: torch.Tensor, residual: torch.Tensor | None
+    def prologue(
+        self, x: torch.Tensor, residual: torch.Tensor | None, fp8: bool
     ) -> tuple[torch.Tensor, torch.Tensor, Fp8Activation | None]:
-        """(y, r, y_fp8) with r = x + residual (x without one) and y = rms_norm(r), for an FP8
-        layer after the norm: on the GPU y_fp8 is y quantised in the same launch (None from
-        the references, whose FP8 layers compute in y's dtype)."""
-        return ops.rms_norm_quant(x, residual, self.weight, self.eps)
+        """The norm before a layer: (y, r, y_fp8) with r = x + residual (x without one) and
+        y = rms_norm(r). With `fp8` (an FP8 layer follows) y_fp8 is y quantised for it in the
+        same launch on the GPU (None from the references, whose FP8 layers compute in y's
+        dtype); without, None."""
+        if fp8:
+            return ops.rms_norm_quant(x, residual, self.weight, self.eps)
+        if residual is None:
+            return self(x), x, None
+        return (*self(x, residual), None)
 
 
 class LayerNorm(Tensors):

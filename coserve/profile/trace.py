@@ -44,7 +44,7 @@ TIMELINE_MAX = 4000
 # the rest. coserve's Triton kernels (engine/kernels/triton) are named _<what>_kernel.
 _CLASS_PATTERNS = (
     ("collective", r"nccl|all_?reduce|all_?gather|reduce_?scatter|custom_ar|cross_device"),
-    ("moe_gemm", r"moe|expert|topk_softmax|(?<![a-z])route(_kernel)?\b|grouped_gemm"),
+    ("moe_gemm", r"moe|expert|topk_softmax|grouped_gemm"),
     ("attention", r"attn|attention|flash|fmha|paged_decode|merge_splits|sdpa|paged_prefill"),
     ("norm", r"norm"),
     (

@@ -9,38 +9,11 @@ twin replaces it on Hopper."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from coserve.engine.kernels.activation import silu_and_mul
 from coserve.engine.kernels.expert_layout import expert_matrix
 from coserve.engine.kernels.fp8 import Fp8Activation, block_dequant
-
-
-@dataclass(frozen=True)
-class Routing:
-    """The router's choice for T tokens: `weights` float32 [T, k], expert `ids` [T, k] (int64
-    from the reference, int32 from the twin) and, when asked for, the tokens x quantised for
-    FP8 experts (`x_fp8`: the twin fills it while it reads x; the reference leaves it None,
-    its experts computing in x's dtype)."""
-
-    weights: torch.Tensor
-    ids: torch.Tensor
-    x_fp8: Fp8Activation | None = None
-
-
-def route(
-    x: torch.Tensor,
-    gate_weight: torch.Tensor,
-    top_k: int,
-    renormalize: bool,
-    quantize: bool = False,
-) -> Routing:
-    """x [T, H], gate_weight [E, H] -> the top k of softmax(x @ gate_weight^T): the router's
-    logits in x's dtype, then `topk_softmax`. `quantize` asks for `x_fp8` (the twin only)."""
-    weights, ids = topk_softmax(torch.nn.functional.linear(x, gate_weight), top_k, renormalize)
-    return Routing(weights, ids)
 
 
 def topk_softmax(
@@ -69,8 +42,9 @@ def fused_moe(
 ) -> torch.Tensor:
     """x [T, H] -> [T, H]. Scales given means w13/w2 are FP8 block-quantised. With `foreign`
     an id equal to E (the number of experts here) is an expert another rank holds (expert
-    parallel): that pair adds nothing here. `x_fp8` (x already quantised, `Routing.x_fp8`)
-    is for the twin's FP8 GEMMs; the reference computes from x and ignores it."""
+    parallel): that pair adds nothing here. `x_fp8` (x already quantised, by
+    `rms_norm_quant`) is for the twin's FP8 GEMMs; the reference computes from x and ignores
+    it."""
     out = torch.zeros_like(x)
     weights = topk_weights.to(x.dtype)
     flat_ids = topk_ids.flatten().long()

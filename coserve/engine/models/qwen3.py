@@ -114,8 +114,12 @@ class Qwen3MLP(nn.Module):
             **kw,
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))
+    @property
+    def takes_fp8(self) -> bool:
+        return self.gate_up_proj.quant is not None
+
+    def forward(self, x: torch.Tensor, x_fp8: Fp8Activation | None = None) -> torch.Tensor:
+        return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x, x_fp8)))
 
 
 class Qwen3MoE(nn.Module):
@@ -143,13 +147,13 @@ class Qwen3MoE(nn.Module):
             **shards,
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    @property
+    def takes_fp8(self) -> bool:
+        return self.experts.quant is not None
+
+    def forward(self, x: torch.Tensor, x_fp8: Fp8Activation | None = None) -> torch.Tensor:
+        weights, ids = ops.topk_softmax(self.gate(x), self.top_k, self.renormalize)
         e = self.experts
-        # the router also quantises x for FP8 experts while it reads it (on the GPU)
-        routing = ops.route(
-            x, self.gate.weight, self.top_k, self.renormalize, quantize=e.quant is not None
-        )
-        weights, ids = routing.weights, routing.ids
         kw = {}
         if self.expert_parallel:  # local expert ids; those of other ranks become E
             first, held = e.expert_shard
@@ -165,7 +169,7 @@ class Qwen3MoE(nn.Module):
             e.w13_scale,
             e.w2_scale,
             e.quant.block if e.quant is not None else None,
-            x_fp8=routing.x_fp8,
+            x_fp8=x_fp8,
             **kw,
         )
         return parallel.all_reduce(out)
@@ -195,16 +199,13 @@ class Qwen3DecoderLayer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(h, residual) -> (this layer's mlp output, the residual stream before it); the
         stream is h + residual, added inside the next norm (one fused kernel on the GPU)."""
-        h_fp8 = None
-        if self.self_attn.qkv_proj.quant is not None:
-            h, residual, h_fp8 = self.input_layernorm.quantized(h, residual)
-        elif residual is None:
-            h, residual = self.input_layernorm(h), h
-        else:
-            h, residual = self.input_layernorm(h, residual)
+        # on the GPU each norm also quantises its output for the FP8 GEMM after it
+        h, residual, h_fp8 = self.input_layernorm.prologue(
+            h, residual, self.self_attn.qkv_proj.quant is not None
+        )
         h = self.self_attn(positions, h, meta, h_fp8)
-        h, residual = self.post_attention_layernorm(h, residual)
-        return self.mlp(h), residual
+        h, residual, h_fp8 = self.post_attention_layernorm.prologue(h, residual, self.mlp.takes_fp8)
+        return self.mlp(h, h_fp8), residual
 
 
 class Qwen3Model(nn.Module):

@@ -10,8 +10,6 @@ asked for, so `import coserve.engine.kernels.triton` works on a CPU-only machine
     varlen_attention         coserve.engine.kernels.attention.varlen_attention
     fused_moe                coserve.engine.kernels.moe.fused_moe  (FP8 block-quantised experts)
     topk_softmax             coserve.engine.kernels.moe.topk_softmax  (ids come back int32)
-    route                    coserve.engine.kernels.moe.route  (router GEMM + topk_softmax, and
-                             the tokens quantised for FP8 experts, in one launch)
     fp8_block_linear         coserve.engine.kernels.fp8.fp8_block_linear
     rms_norm                 coserve.engine.kernels.rmsnorm.rms_norm
     rms_norm_quant           coserve.engine.kernels.fused.rms_norm_quant  (and the normed rows
@@ -37,7 +35,6 @@ _EXPORTS = {
     "varlen_attention": "varlen_attention",
     "fused_moe": "moe",
     "topk_softmax": "moe_routing",
-    "route": "moe_routing",
     "moe_align": "moe_routing",
     "moe_sum": "moe_routing",
     "fp8_block_linear": "fp8",

@@ -61,6 +61,7 @@ def _moe_gemm_kernel(
     b_rows,
     stride_am,
     stride_asm,
+    stride_asg,
     stride_be,
     stride_bn,
     stride_bse,
@@ -154,7 +155,7 @@ def _moe_gemm_kernel(
             if GATED:
                 b2 = tl.load(b2_ptrs, mask=n_mask[None, :] & k_mask[:, None], other=0.0)
         if FP8:
-            a_s = tl.load(as_ptrs + kb, mask=row_mask, other=0.0)
+            a_s = tl.load(as_ptrs + kb * stride_asg, mask=row_mask, other=0.0)
             b_s = tl.load(bs_ptrs + kb, mask=n_mask, other=0.0)
             acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
             if GATED:
@@ -322,6 +323,7 @@ def _launch_gemm(
         b_rows,
         a.stride(0),
         a_s.stride(0) if a_s is not None else 0,
+        a_s.stride(1) if a_s is not None else 0,
         b.stride(0),
         b.stride(1),
         b_s.stride(0) if b_s is not None else 0,
@@ -364,9 +366,10 @@ def fused_moe(
     topk_weights [T, k] (fp32), topk_ids [T, k]; scales (block (128, 128)) as in the module
     docstring when the weights are FP8. With
     `foreign`, an id equal to E is an expert another rank holds (expert parallel): its pairs
-    add nothing. `x_fp8` (x already quantised, from `route`) saves GEMM1 the quantisation
-    launch. Returns [T, H] in x's dtype. Raises ValueError if tiled weights' tile is not the
-    GEMM's (BLOCK_N1 / BLOCK_N2 by 128 for FP8), or if `x_fp8` is not x's shape."""
+    add nothing. `x_fp8` (x already quantised, by `rms_norm_quant`; scales in either layout)
+    saves GEMM1 the quantisation launch. Returns [T, H] in x's dtype. Raises ValueError if
+    tiled weights' tile is not the GEMM's (BLOCK_N1 / BLOCK_N2 by 128 for FP8), or if `x_fp8`
+    is not x's shape."""
     hidden_states = x
     if block is not None:
         assert tuple(block) == (128, 128), "the Triton MoE supports 128x128 blocks only"
@@ -395,8 +398,7 @@ def fused_moe(
         elif x_fp8.values.shape != (T, H):
             raise ValueError(f"x_fp8 holds {tuple(x_fp8.values.shape)} values for x of {(T, H)}")
         else:
-            # GEMM1 reads a row's scales at unit stride
-            a1, a1_s = x_fp8.values, x_fp8.scales.contiguous()
+            a1, a1_s = x_fp8.values, x_fp8.scales
         quant_out = cfg["BLOCK_N1"] == 128
         if quant_out:
             inter_out = torch.empty(numel, inter, device=dev, dtype=torch.float8_e4m3fn)

@@ -1,7 +1,6 @@
-"""The routing half of the Triton MoE (moe.py): the router's GEMM, softmax over experts and
-top-k per token (with the tokens' FP8 quantisation, one launch: `route`), then the (token,
-expert) pairs sorted by expert, each expert's run padded to a multiple of BLOCK_M, for the
-grouped GEMMs; and the way back, each token's k pair rows summed. Device-side
+"""The routing half of the Triton MoE (moe.py): softmax over experts and top-k per token,
+then the (token, expert) pairs sorted by expert, each expert's run padded to a multiple of
+BLOCK_M, for the grouped GEMMs; and the way back, each token's k pair rows summed. Device-side
 only (no host sync), shapes fixed by T."""
 
 from __future__ import annotations
@@ -10,37 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..fp8 import Fp8Activation
-from ..moe import Routing
-from .fp8 import FP8_MAX, GROUP
-
 
 # ---------------------------------------------------------------------------------------------
-@triton.jit
-def _softmax_topk(x, rmask, TOPK: tl.constexpr, K_PAD: tl.constexpr, RENORM: tl.constexpr):
-    """x [BLOCK_T, E_PAD] float32 logits, -inf past E -> (weights [BLOCK_T, K_PAD] float32,
-    ids [BLOCK_T, K_PAD] int32), columns past TOPK zero."""
-    # rows past T (never stored) read as zeros, not all -inf: no NaN (Triton's interpreter
-    # refuses an argmax over an all-NaN row)
-    x = tl.where(rmask[:, None], x, 0.0)
-    x = x - tl.max(x, 1)[:, None]
-    p = tl.exp(x)
-    p = p / tl.sum(p, 1)[:, None]
-    e = tl.arange(0, x.shape[1])
-    kk = tl.arange(0, K_PAD)
-    wts = tl.zeros([x.shape[0], K_PAD], tl.float32)
-    ids = tl.zeros([x.shape[0], K_PAD], tl.int32)
-    for j in tl.static_range(TOPK):
-        best = tl.argmax(p, 1)
-        val = tl.max(p, 1)
-        wts = tl.where(kk[None, :] == j, val[:, None], wts)
-        ids = tl.where(kk[None, :] == j, best[:, None].to(tl.int32), ids)
-        p = tl.where(e[None, :] == best[:, None], -1.0, p)
-    if RENORM:
-        wts = wts / tl.sum(wts, 1)[:, None]
-    return wts, ids
-
-
 @triton.jit
 def _topk_softmax_kernel(
     logits_ptr,
@@ -64,129 +34,25 @@ def _topk_softmax_kernel(
         mask=rmask[:, None] & (e[None, :] < E),
         other=float("-inf"),
     ).to(tl.float32)
-    wts, ids = _softmax_topk(x, rmask, TOPK, K_PAD, RENORM)
+    # rows past T (never stored) read as zeros, not all -inf: no NaN (Triton's interpreter
+    # refuses an argmax over an all-NaN row)
+    x = tl.where(rmask[:, None], x, 0.0)
+    x = x - tl.max(x, 1)[:, None]
+    p = tl.exp(x)
+    p = p / tl.sum(p, 1)[:, None]
+    wts = tl.zeros([BLOCK_T, K_PAD], tl.float32)
+    ids = tl.zeros([BLOCK_T, K_PAD], tl.int32)
+    for j in tl.static_range(TOPK):
+        best = tl.argmax(p, 1)
+        val = tl.max(p, 1)
+        wts = tl.where(kk[None, :] == j, val[:, None], wts)
+        ids = tl.where(kk[None, :] == j, best[:, None].to(tl.int32), ids)
+        p = tl.where(e[None, :] == best[:, None], -1.0, p)
+    if RENORM:
+        wts = wts / tl.sum(wts, 1)[:, None]
     omask = rmask[:, None] & (kk[None, :] < TOPK)
     tl.store(w_ptr + rows[:, None] * TOPK + kk[None, :], wts, mask=omask)
     tl.store(ids_ptr + rows[:, None] * TOPK + kk[None, :], ids, mask=omask)
-
-
-@triton.jit
-def _route_kernel(
-    x_ptr,
-    g_ptr,
-    w_ptr,
-    ids_ptr,
-    q_ptr,
-    s_ptr,
-    T,
-    H,
-    E,
-    stride_x,
-    stride_g,
-    TOPK: tl.constexpr,
-    K_PAD: tl.constexpr,
-    E_PAD: tl.constexpr,
-    BLOCK_T: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-    RENORM: tl.constexpr,
-    QUANT: tl.constexpr,
-    FP8_MAX: tl.constexpr,
-):
-    # the router's GEMM, its softmax and top-k, and (QUANT, BLOCK_H = one 128-wide group)
-    # the tokens' FP8 quantisation for the experts, in one pass over x
-    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    rmask = rows < T
-    e = tl.arange(0, E_PAD)
-    emask = e < E
-    h = tl.arange(0, BLOCK_H)
-    rows64 = rows.to(tl.int64)
-    acc = tl.zeros([BLOCK_T, E_PAD], tl.float32)
-    for kb in range(0, tl.cdiv(H, BLOCK_H)):
-        cols = kb * BLOCK_H + h
-        cmask = cols < H
-        x = tl.load(
-            x_ptr + rows64[:, None] * stride_x + cols[None, :],
-            mask=rmask[:, None] & cmask[None, :],
-            other=0.0,
-        )
-        g = tl.load(
-            g_ptr + e[None, :] * stride_g + cols[:, None],
-            mask=emask[None, :] & cmask[:, None],
-            other=0.0,
-        )
-        acc = tl.dot(x, g, acc)
-        if QUANT:
-            xf = x.to(tl.float32)
-            scale = tl.maximum(tl.max(tl.abs(xf), 1), 1e-10) / FP8_MAX
-            q = tl.clamp(xf / scale[:, None], -FP8_MAX, FP8_MAX)
-            tl.store(
-                q_ptr + rows64[:, None] * H + cols[None, :],
-                q.to(q_ptr.dtype.element_ty),
-                mask=rmask[:, None] & cmask[None, :],
-            )
-            tl.store(s_ptr + rows64 * (H // BLOCK_H) + kb, scale, mask=rmask)
-    # the logits rounded to x's dtype, as the reference's linear returns them
-    logits = acc.to(x_ptr.dtype.element_ty).to(tl.float32)
-    logits = tl.where(emask[None, :], logits, float("-inf"))
-    wts, ids = _softmax_topk(logits, rmask, TOPK, K_PAD, RENORM)
-    kk = tl.arange(0, K_PAD)
-    omask = rmask[:, None] & (kk[None, :] < TOPK)
-    tl.store(w_ptr + rows64[:, None] * TOPK + kk[None, :], wts, mask=omask)
-    tl.store(ids_ptr + rows64[:, None] * TOPK + kk[None, :], ids, mask=omask)
-
-
-def route(
-    x: torch.Tensor,
-    gate_weight: torch.Tensor,
-    top_k: int,
-    renormalize: bool,
-    quantize: bool = False,
-) -> Routing:
-    """Twin of coserve.engine.kernels.moe.route, one launch: x [T, H], gate_weight [E, H] ->
-    `Routing` (ids int32); with `quantize` (H a multiple of 128) also x per 1x128 group,
-    scales row-major [T, H/128], as the MoE's GEMMs read them."""
-    T, H = x.shape
-    E = gate_weight.shape[0]
-    if x.stride(1) != 1:
-        x = x.contiguous()
-    if gate_weight.stride(1) != 1:
-        gate_weight = gate_weight.contiguous()
-    dev = x.device
-    w = torch.empty(T, top_k, device=dev, dtype=torch.float32)
-    ids = torch.empty(T, top_k, device=dev, dtype=torch.int32)
-    quantize = quantize and H % GROUP == 0
-    if quantize:
-        q = torch.empty(T, H, device=dev, dtype=torch.float8_e4m3fn)
-        s = torch.empty(T, H // GROUP, device=dev, dtype=torch.float32)
-    else:
-        q, s = w, w
-    # 16 tokens a program (the least tl.dot takes): at T=512 that is 32 programs, each
-    # reading the whole gate (E x H) from L2
-    block_t = 16
-    if T > 0:
-        _route_kernel[(triton.cdiv(T, block_t),)](
-            x,
-            gate_weight,
-            w,
-            ids,
-            q,
-            s,
-            T,
-            H,
-            E,
-            x.stride(0),
-            gate_weight.stride(0),
-            TOPK=top_k,
-            K_PAD=triton.next_power_of_2(top_k),
-            E_PAD=max(16, triton.next_power_of_2(E)),
-            BLOCK_T=block_t,
-            BLOCK_H=GROUP,
-            RENORM=renormalize,
-            QUANT=quantize,
-            FP8_MAX=FP8_MAX,
-            num_warps=4,
-        )
-    return Routing(w, ids, Fp8Activation(q, s) if quantize else None)
 
 
 def topk_softmax(router_logits: torch.Tensor, top_k: int, renormalize: bool):
