@@ -54,8 +54,12 @@ def _sorted(s):
     return (q[order], kc, vc, bt[order], ctx[order]), order
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and each option's default."""
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
     p.add_argument("--batch", type=int, default=512, help="sequences decoding (C)")
     p.add_argument("--block-size", type=int, default=16, help="token slots per cache block")
     p.add_argument("--ctx", default="30,542", help="context lengths, uniform in LO,HI")
@@ -64,8 +68,12 @@ def main(argv: list[str] | None = None) -> int:
         lo, hi = (int(x) for x in a.ctx.split(","))
     except ValueError:
         p.error(f"--ctx: expected LO,HI, got {a.ctx!r}")
-    if not 1 <= lo <= hi or a.batch < 1 or a.block_size < 1:
-        p.error("--batch and --block-size must be >= 1 and --ctx 1 <= LO <= HI")
+    if a.batch < 1:
+        p.error(f"--batch must be >= 1, got {a.batch}")
+    if a.block_size < 1:
+        p.error(f"--block-size must be >= 1, got {a.block_size}")
+    if not 1 <= lo <= hi:
+        p.error(f"--ctx: need 1 <= LO <= HI, got LO {lo}, HI {hi}")
     if not torch.cuda.is_available():
         p.error("needs a CUDA GPU")
     if importlib.util.find_spec("triton") is None:

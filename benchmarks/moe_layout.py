@@ -4,7 +4,7 @@ shapes (E=128, top-8, H=2048, I=768, or a TP rank's I/tp), timed by CUDA-graph r
 weight sets (2 x 1.2 GB at TP=1, past L2). Every tiled form's output is checked against the
 row-major one's.
 
-    python3 benchmarks/moe_layout.py [--tp 1] [--tokens 64,256,512,2048]
+    python3 benchmarks/moe_layout.py [--tp 1] [--tokens 64,256,512,2048] [--sweep]
 
 Needs a CUDA GPU and Triton.
 """
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import itertools
 import sys
 from functools import partial
 from pathlib import Path
@@ -26,11 +27,21 @@ E, K_TOP, H, INTER = 128, 8, 2048, 768
 LAYOUTS = ("row-major", "w13 tiled", "w2 tiled", "both tiled")
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and each option's default."""
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
     p.add_argument("--tp", type=int, default=1, choices=(1, 2), help="one rank of TP=N's shapes")
     p.add_argument(
         "--tokens", default="64,256,512,2048", help="decode batch sizes T, comma-separated"
+    )
+    p.add_argument(
+        "--sweep",
+        action="store_true",
+        help="also time each GEMM at GROUP_M 1|8 x 8|4 warps x 4|3 stages (rows labelled "
+        "GROUP_M/warps/stages)",
     )
     a = p.parse_args(argv)
     try:
@@ -38,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         p.error(f"--tokens: expected integers, got {a.tokens!r}")
     if not tokens or min(tokens) < 1:
-        p.error("--tokens must be >= 1")
+        p.error(f"--tokens: every batch size must be >= 1, got {a.tokens!r}")
     if not torch.cuda.is_available():
         p.error("needs a CUDA GPU")
     if importlib.util.find_spec("triton") is None:
@@ -136,6 +147,14 @@ def main(argv: list[str] | None = None) -> int:
                 args[2] = w
                 call = partial(tmoe._launch_gemm, *args, b_tma=tma)
                 report(f"  {gemm}, {name}", shape, graph_time_ms([call], reps=15), nbytes)
+                if not a.sweep:
+                    continue
+                for group_m, warps, stages in itertools.product((1, 8), (8, 4), (4, 3)):
+                    tile = [*args[:20], group_m, warps, stages]
+                    call = partial(tmoe._launch_gemm, *tile, b_tma=tma)
+                    ms = graph_time_ms([call], reps=15)
+                    label = f"{group_m}/{warps}w/{stages}s"
+                    report(f"    {gemm}, {name}", shape, ms, nbytes, 0.0, label)
     return 0
 
 
