@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def moe(x, res, w, fused):
         if fused:
-            y, r, y8 = tk.rms_norm_quant(x, res, w["norm"], 1e-6)
+            y, r, y8 = tk.rms_norm_quant(x, res, w["norm"], 1e-6, column_major_scales=False)
         else:
             (y, r), y8 = tk.fused_add_rms_norm(x, res, w["norm"], 1e-6), None
         wts, ids = tk.topk_softmax(torch.nn.functional.linear(y, w["gate"]), TOP_K, True)

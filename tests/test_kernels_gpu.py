@@ -532,21 +532,23 @@ def test_fused_add_rms_norm():
     torch.testing.assert_close(y, ref_norm.rms_norm(x + r, w, 1e-6), rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("column_major", [True, False])
 @pytest.mark.parametrize("with_residual", [True, False])
-def test_rms_norm_quant_is_the_norm_then_the_quantisation(with_residual):
+def test_rms_norm_quant_is_the_norm_then_the_quantisation(with_residual, column_major):
     """One launch gives the fused norm's y and r and, bit for bit, what
-    per_token_group_quant_fp8 makes of y, scales column-major; no FP8 where D % 128 != 0."""
+    per_token_group_quant_fp8 makes of y, scales in the layout asked for; no FP8 where
+    D % 128 != 0."""
     g = gen(24)
     x, res, w = randn(37, 384, g=g), randn(37, 384, g=g), randn(384, g=g)
     residual = res if with_residual else None
-    y, r, y_fp8 = tk().rms_norm_quant(x, residual, w, 1e-6)
+    y, r, y_fp8 = tk().rms_norm_quant(x, residual, w, 1e-6, column_major)
     if with_residual:
         want_y, want_r = tk().fused_add_rms_norm(x, res, w, 1e-6)
     else:
         want_y, want_r = tk().rms_norm(x, w, 1e-6), x
     assert torch.equal(y, want_y) and torch.equal(r, want_r)
     torch.testing.assert_close(y, ref_norm.rms_norm(want_r, w, 1e-6), rtol=2e-2, atol=2e-2)
-    xq, xs = tk().per_token_group_quant_fp8(want_y, column_major_scales=True)
+    xq, xs = tk().per_token_group_quant_fp8(want_y, column_major_scales=column_major)
     assert y_fp8.scales.stride() == xs.stride()
     assert torch.equal(y_fp8.values.view(torch.uint8), xq.view(torch.uint8))
     assert torch.equal(y_fp8.scales, xs)

@@ -234,14 +234,19 @@ class RMSNorm(Tensors):
         return ops.fused_add_rms_norm(x, residual, self.weight, self.eps)
 
     def prologue(
-        self, x: torch.Tensor, residual: torch.Tensor | None, fp8: bool
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        fp8: bool,
+        column_major_scales: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor, Fp8Activation | None]:
         """The norm before a layer: (y, r, y_fp8) with r = x + residual (x without one) and
         y = rms_norm(r). With `fp8` (an FP8 layer follows) y_fp8 is y quantised for it in the
-        same launch on the GPU (None from the references, whose FP8 layers compute in y's
-        dtype); without, None."""
+        same launch on the GPU, its scales column-major (a `Linear`'s cuBLAS GEMM) or not
+        (the MoE's); None from the references, whose FP8 layers compute in y's dtype, and
+        without `fp8`."""
         if fp8:
-            return ops.rms_norm_quant(x, residual, self.weight, self.eps)
+            return ops.rms_norm_quant(x, residual, self.weight, self.eps, column_major_scales)
         if residual is None:
             return self(x), x, None
         return (*self(x, residual), None)

@@ -25,11 +25,16 @@ def fused_add_rms_norm(
 
 
 def rms_norm_quant(
-    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    weight: torch.Tensor,
+    eps: float,
+    column_major_scales: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, Fp8Activation | None]:
     """(y, r, y_fp8): r = x + residual (x itself without a residual), y = rms_norm(r), and
-    y quantised per 1x128 group for an FP8 GEMM (`Fp8Activation`): None here, since the
-    reference GEMMs compute in x's dtype; the twin fills it."""
+    y quantised per 1x128 group for an FP8 GEMM (`Fp8Activation`, its scales in the layout
+    asked for): None here, since the reference GEMMs compute in x's dtype; the twin fills
+    it."""
     if residual is None:
         return rms_norm(x, weight, eps), x, None
     y, r = fused_add_rms_norm(x, residual, weight, eps)

@@ -94,6 +94,9 @@ class Qwen3Attention(nn.Module):
 
 
 class Qwen3MLP(nn.Module):
+    # the FP8 input its gate_up GEMM (cuBLAS) takes: scales column-major
+    column_major_scales = True
+
     def __init__(self, hidden: int, inter: int, prefix: str, quant, dtype, device) -> None:
         super().__init__()
         kw = dict(dtype=dtype, device=device)
@@ -125,6 +128,10 @@ class Qwen3MLP(nn.Module):
 class Qwen3MoE(nn.Module):
     """Tensor parallel: a slice of every expert per rank, or (expert parallel) whole experts,
     an even share per rank; the router is replicated and the output all-reduced either way."""
+
+    # GEMM1 reads x's FP8 scales row-major: on an H200 (2026-12-02, fused_prologues.py)
+    # column-major ones cost fused_moe ~5 us at T=512
+    column_major_scales = False
 
     def __init__(self, c: DecoderConfig, prefix: str, quant, dtype, device) -> None:
         super().__init__()
@@ -204,7 +211,9 @@ class Qwen3DecoderLayer(nn.Module):
             h, residual, self.self_attn.qkv_proj.quant is not None
         )
         h = self.self_attn(positions, h, meta, h_fp8)
-        h, residual, h_fp8 = self.post_attention_layernorm.prologue(h, residual, self.mlp.takes_fp8)
+        h, residual, h_fp8 = self.post_attention_layernorm.prologue(
+            h, residual, self.mlp.takes_fp8, self.mlp.column_major_scales
+        )
         return self.mlp(h, h_fp8), residual
 
 

@@ -89,7 +89,7 @@ def _rows_view(x: torch.Tensor):
     return x, x.shape[0] * x.shape[1], x.shape[1], x.stride(0), x.stride(1)
 
 
-def _launch(x, residual, weight, eps, quant=False):
+def _launch(x, residual, weight, eps, quant=False, column_major_scales=True):
     D = x.shape[-1]
     shape = x.shape
     xv, n_rows, n_inner, sxo, sxi = _rows_view(x)
@@ -102,8 +102,10 @@ def _launch(x, residual, weight, eps, quant=False):
     r_out = torch.empty(shape, device=x.device, dtype=x.dtype) if residual is not None else y
     if quant:
         q = torch.empty(n_rows, D, device=x.device, dtype=torch.float8_e4m3fn)
-        # column-major, as cuBLAS's blockwise scaled_mm takes them
-        s = torch.empty(D // GROUP, n_rows, device=x.device, dtype=torch.float32).t()
+        if column_major_scales:
+            s = torch.empty(D // GROUP, n_rows, device=x.device, dtype=torch.float32).t()
+        else:
+            s = torch.empty(n_rows, D // GROUP, device=x.device, dtype=torch.float32)
     else:
         q, s = y, y
     block_d = triton.next_power_of_2(D)
@@ -152,15 +154,20 @@ def fused_add_rms_norm(
 
 
 def rms_norm_quant(
-    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    weight: torch.Tensor,
+    eps: float,
+    column_major_scales: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, Fp8Activation | None]:
     """Twin of coserve.engine.kernels.fused.rms_norm_quant: (y, r, y_fp8) with r = x +
     residual (x itself without a residual) and y = rms_norm(r), in one pass that also
-    quantises y per 1x128 group (scales column-major [T, D/128], as cuBLAS's blockwise GEMM
-    takes them). y_fp8 is None where D is not a multiple of 128 or x is not 2-D."""
+    quantises y per 1x128 group (scales [T, D/128], column-major as cuBLAS's blockwise GEMM
+    takes them, or row-major as the MoE's GEMM1 reads them fastest). y_fp8 is None where D
+    is not a multiple of 128 or x is not 2-D."""
     if x.dim() != 2 or x.shape[-1] % GROUP:
         if residual is None:
             return _launch(x, None, weight, eps)[0], x, None
         return (*_launch(x, residual, weight, eps)[:2], None)
-    y, r, y_fp8 = _launch(x, residual, weight, eps, quant=True)
+    y, r, y_fp8 = _launch(x, residual, weight, eps, True, column_major_scales)
     return y, (x if residual is None else r), y_fp8
