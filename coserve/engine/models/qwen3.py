@@ -117,8 +117,7 @@ class Qwen3MLP(nn.Module):
             **kw,
         )
 
-    @property
-    def takes_fp8(self) -> bool:
+    def takes_fp8(self, tokens: int) -> bool:
         return self.gate_up_proj.quant is not None
 
     def forward(self, x: torch.Tensor, x_fp8: Fp8Activation | None = None) -> torch.Tensor:
@@ -132,6 +131,10 @@ class Qwen3MoE(nn.Module):
     # GEMM1 reads x's FP8 scales row-major: on an H200 (2026-12-02, fused_prologues.py)
     # column-major ones cost fused_moe ~5 us at T=512
     column_major_scales = False
+    # Below this many tokens the experts quantise x themselves: on an H200 (2026-12-02,
+    # fused_prologues.py, two calls) x from the norm saved 1.1 us at T=64 and 0.8 at T=512
+    # but cost 2.8-2.9 us at T=1 (not traced; T=2..63 not measured)
+    fp8_from_norm_min_tokens = 64
 
     def __init__(self, c: DecoderConfig, prefix: str, quant, dtype, device) -> None:
         super().__init__()
@@ -154,9 +157,8 @@ class Qwen3MoE(nn.Module):
             **shards,
         )
 
-    @property
-    def takes_fp8(self) -> bool:
-        return self.experts.quant is not None
+    def takes_fp8(self, tokens: int) -> bool:
+        return self.experts.quant is not None and tokens >= self.fp8_from_norm_min_tokens
 
     def forward(self, x: torch.Tensor, x_fp8: Fp8Activation | None = None) -> torch.Tensor:
         weights, ids = ops.topk_softmax(self.gate(x), self.top_k, self.renormalize)
@@ -212,7 +214,7 @@ class Qwen3DecoderLayer(nn.Module):
         )
         h = self.self_attn(positions, h, meta, h_fp8)
         h, residual, h_fp8 = self.post_attention_layernorm.prologue(
-            h, residual, self.mlp.takes_fp8, self.mlp.column_major_scales
+            h, residual, self.mlp.takes_fp8(h.shape[0]), self.mlp.column_major_scales
         )
         return self.mlp(h, h_fp8), residual
 
