@@ -132,9 +132,9 @@ class Qwen3MoE(nn.Module):
     # column-major ones cost fused_moe ~5 us at T=512
     column_major_scales = False
     # Below this many tokens the experts quantise x themselves: on an H200 (2026-12-02,
-    # fused_prologues.py, two calls) x from the norm saved 1.1 us at T=64 and 0.8 at T=512
-    # but cost 2.8-2.9 us at T=1 (not traced; T=2..63 not measured)
-    fp8_from_norm_min_tokens = 64
+    # fused_prologues.py, three calls) x from the norm saved 0.6 us at T=16, 0.8-1.1 at
+    # T=64, 0.8 at T=512, but cost 2.8-3.0 us at T=1 (not traced; T=2..15 not measured)
+    fp8_from_norm_min_tokens = 16
 
     def __init__(self, c: DecoderConfig, prefix: str, quant, dtype, device) -> None:
         super().__init__()
