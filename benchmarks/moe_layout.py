@@ -1,10 +1,11 @@
 """fused_moe with its expert weights row-major and stored tile by tile
 (coserve/engine/kernels/expert_layout.py), each GEMM alone and the whole call, at Qwen3-30B-A3B's
 shapes (E=128, top-8, H=2048, I=768, or a TP rank's I/tp), timed by CUDA-graph replay over two
-weight sets (2 x 1.2 GB at TP=1, past L2). Every tiled form's output is checked against the
+weight sets (2 x 1.2 GB at TP=1, past L2). Every other form's output is checked against the
 row-major one's.
 
     python3 benchmarks/moe_layout.py [--tp 1] [--tokens 64,256,512,2048] [--sweep]
+                                     [--sorted-inter]
 
 Needs a CUDA GPU and Triton.
 """
@@ -36,6 +37,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tp", type=int, default=1, choices=(1, 2), help="one rank of TP=N's shapes")
     p.add_argument(
         "--tokens", default="64,256,512,2048", help="decode batch sizes T, comma-separated"
+    )
+    p.add_argument(
+        "--sorted-inter",
+        action="store_true",
+        help="also time fused_moe (w13 tiled) with GEMM1's output in sorted order, read by "
+        "GEMM2 by TMA (moe.SORTED_INTER)",
     )
     p.add_argument(
         "--sweep",
@@ -96,14 +103,17 @@ def main(argv: list[str] | None = None) -> int:
         ]
         cfg = tmoe.default_config(T)
         want = None
-        for layout in LAYOUTS:
+        cases = [(layout, layout, None) for layout in LAYOUTS]
+        if a.sorted_inter:
+            cases.append(("w13 tiled, sorted inter", "w13 tiled", dict(SORTED_INTER=True)))
+        for label, layout, config in cases:
             calls = []
             for i in range(len(sets)):
                 w13, s13, w2, s2 = weights(layout, i)
                 wts, ids = routed[i]
                 calls.append(
-                    lambda x=x[i], w=(w13, w2, wts, ids, s13, s2): tk.fused_moe(
-                        x, *w[:4], *w[4:], BLOCK
+                    lambda x=x[i], w=(w13, w2, wts, ids, s13, s2), c=config: tk.fused_moe(
+                        x, *w[:4], *w[4:], BLOCK, c
                     )
                 )
             out = calls[0]()
@@ -111,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
             err = float((out.float() - want.float()).abs().max())
             ms = graph_time_ms(calls, reps=15)
             report(
-                f"fused_moe, {layout}",
+                f"fused_moe, {label}",
                 shape,
                 ms,
                 _moe_bytes(T, E, K_TOP, H, inter),

@@ -414,6 +414,24 @@ def test_fused_moe_tiled_weights_equal_row_major(tiled, foreign):
     assert base.abs().sum() > 0
 
 
+@pytest.mark.parametrize("foreign", [False, True])
+@pytest.mark.parametrize("T", [5, 40])
+def test_fused_moe_sorted_intermediate_equals_pair_order(foreign, T):
+    """GEMM1 writing its rows in sorted order and GEMM2 reading them by TMA (SORTED_INTER)
+    gives the pair-order result bit for bit, padding rows (never written) included."""
+    g = gen(25)
+    E, H, inter, k = (16, 512, 256, 4) if ON_GPU else (8, 256, 128, 2)
+    w13, w2, s13, s2 = _moe_weights(E, H, inter, g, True)
+    x = randn(T, H, g=g)
+    weights, ids = tk().topk_softmax(randn(T, E, g=g), k, True)
+    if foreign:
+        ids = torch.where(ids % 3 == 0, E, ids).to(torch.int32)
+    base = tk().fused_moe(x, w13, w2, weights, ids, s13, s2, BLOCK, foreign=foreign)
+    cfg = dict(SORTED_INTER=True)
+    got = tk().fused_moe(x, w13, w2, weights, ids, s13, s2, BLOCK, cfg, foreign)
+    assert torch.equal(got, base)
+
+
 def test_fused_moe_refuses_a_stored_tile_unlike_its_own():
     from coserve.engine.kernels.expert_layout import tile_experts
 

@@ -37,6 +37,11 @@ from .moe_routing import moe_align, moe_sum
 # (2026-12-01, docs/kernels.md): GEMM2 76.9 -> 71.6 us at T=512 (TP=2's shapes 50.6 -> 48.7),
 # GEMM1 131.7 -> 133.4 us, so GEMM2 only.
 B_TMA1, B_TMA2 = False, True
+# Whether GEMM1 writes its output rows in the pairs' sorted order (config key SORTED_INTER)
+# rather than at each pair's index, so that GEMM2 reads each M-block's A as contiguous rows
+# (by TMA: one box per tile) instead of gathering them row by row. Off: built for the next
+# H200 measurement (benchmarks/moe_layout.py --sorted-inter), not yet run on one.
+SORTED_INTER = False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -77,6 +82,8 @@ def _moe_gemm_kernel(
     FOREIGN: tl.constexpr,
     B_TMA: tl.constexpr,
     TILED: tl.constexpr,
+    A_SORTED: tl.constexpr,
+    C_SORTED: tl.constexpr,
     SCALE_GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -96,7 +103,11 @@ def _moe_gemm_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     pair = tl.load(sorted_ids_ptr + offs_m)
     row_mask = pair < num_valid
-    a_row = (pair // A_ROW_DIV).to(tl.int64)
+    if A_SORTED:
+        # a_ptr is a descriptor over A's rows in sorted order (GEMM1 wrote them so)
+        a_row = offs_m.to(tl.int64)
+    else:
+        a_row = (pair // A_ROW_DIV).to(tl.int64)
     expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
@@ -113,7 +124,8 @@ def _moe_gemm_kernel(
             return
     offs_k = tl.arange(0, BLOCK_K)
 
-    a_ptrs = a_ptr + a_row[:, None] * stride_am + offs_k[None, :]
+    if not A_SORTED:
+        a_ptrs = a_ptr + a_row[:, None] * stride_am + offs_k[None, :]
     if TILED:
         # b_ptr is a descriptor over the tiles stacked as rows, [E * b_rows * K/BLOCK_K, BLOCK_K]:
         # tile (n, k) of expert e starts at row ((e * b_rows/BLOCK_N + n) * K/BLOCK_K + k) * BLOCK_N
@@ -141,7 +153,12 @@ def _moe_gemm_kernel(
 
     for kb in range(0, tl.cdiv(K, BLOCK_K)):
         k_mask = offs_k < K - kb * BLOCK_K
-        a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        if A_SORTED:
+            # padding rows hold whatever was there: their products stay in their own rows,
+            # which are never stored
+            a = a_ptr.load([(pid_m * BLOCK_M).to(tl.int32), kb * BLOCK_K])
+        else:
+            a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         if TILED:
             b = b_ptr.load([((gate_tile + kb) * BLOCK_N).to(tl.int32), 0]).T
             if GATED:
@@ -165,7 +182,8 @@ def _moe_gemm_kernel(
             acc = tl.dot(a, b, acc)
             if GATED:
                 acc2 = tl.dot(a, b2, acc2)
-        a_ptrs += BLOCK_K
+        if not A_SORTED:
+            a_ptrs += BLOCK_K
         if not (B_TMA or TILED):
             b_ptrs += BLOCK_K
             if GATED:
@@ -176,7 +194,7 @@ def _moe_gemm_kernel(
     if MUL_WEIGHT:
         w = tl.load(topk_w_ptr + pair, mask=row_mask, other=0.0)
         acc = acc * w[:, None]
-    c_row = pair.to(tl.int64)
+    c_row = offs_m.to(tl.int64) if C_SORTED else pair.to(tl.int64)
     if QUANT_OUT:
         # BLOCK_N == SCALE_GROUP: one FP8 group per row of this tile
         amax = tl.max(tl.abs(tl.where(n_mask[None, :], acc, 0.0)), 1)
@@ -201,7 +219,8 @@ def default_config(num_tokens: int, fp8: bool = True) -> dict:
     docs/kernels.md); the benchmark sweeps alternatives. With BLOCK_M >= the typical rows per
     expert (T*k/E), each expert's weights stream from DRAM once per step. Besides the tiles,
     `B_TMA1` / `B_TMA2` (default: the module's) read GEMM1's / GEMM2's expert weights by TMA
-    where their shape allows (`_tma_fits`); weights stored tiled are always read by TMA."""
+    where their shape allows (`_tma_fits`); weights stored tiled are always read by TMA;
+    `SORTED_INTER` (default: the module's) has GEMM2 read its input in sorted order, by TMA."""
     if num_tokens <= 128:
         return dict(
             BLOCK_M=16,
@@ -289,6 +308,8 @@ def _launch_gemm(
     num_stages,
     foreign=False,
     b_tma=False,
+    a_sorted=False,
+    c_sorted=False,
 ):
     fp8 = b.dtype == torch.float8_e4m3fn
     block_k = 128 if fp8 else 64
@@ -303,8 +324,9 @@ def _launch_gemm(
         b_arg = TensorDescriptor.from_tensor(b.view(-1, K), [block_n, block_k])
     else:
         b_arg, b_tma = b, False
+    a_arg = TensorDescriptor.from_tensor(a, [block_m, block_k]) if a_sorted else a
     _moe_gemm_kernel[grid](
-        a,
+        a_arg,
         a_s if a_s is not None else dummy,
         b_arg,
         b_s if b_s is not None else dummy,
@@ -338,6 +360,8 @@ def _launch_gemm(
         FOREIGN=foreign,
         B_TMA=b_tma,
         TILED=tiled,
+        A_SORTED=a_sorted,
+        C_SORTED=c_sorted,
         FP8_MAX=FP8_MAX,
         SCALE_GROUP=128,
         BLOCK_M=block_m,
@@ -400,15 +424,18 @@ def fused_moe(
         else:
             a1, a1_s = x_fp8.values, x_fp8.scales
         quant_out = cfg["BLOCK_N1"] == 128
+        sorted_inter = quant_out and cfg.get("SORTED_INTER", SORTED_INTER)
         if quant_out:
-            inter_out = torch.empty(numel, inter, device=dev, dtype=torch.float8_e4m3fn)
-            inter_s = torch.empty(numel, inter // 128, device=dev, dtype=torch.float32)
+            # sorted: one row per padded slot, so that every M-block's rows are contiguous
+            rows = sorted_ids.shape[0] if sorted_inter else numel
+            inter_out = torch.empty(rows, inter, device=dev, dtype=torch.float8_e4m3fn)
+            inter_s = torch.empty(rows, inter // 128, device=dev, dtype=torch.float32)
         else:
             inter_out = torch.empty(numel, inter, device=dev, dtype=out_dtype)
             inter_s = None
     else:
         a1, a1_s = hidden_states, None
-        quant_out = False
+        quant_out = sorted_inter = False
         inter_out = torch.empty(numel, inter, device=dev, dtype=out_dtype)
         inter_s = None
 
@@ -438,6 +465,7 @@ def fused_moe(
         num_stages=cfg["num_stages1"],
         foreign=foreign,
         b_tma=cfg.get("B_TMA1", B_TMA1),
+        c_sorted=sorted_inter,
     )
 
     if fp8 and not quant_out:
@@ -470,5 +498,6 @@ def fused_moe(
         num_stages=cfg["num_stages2"],
         foreign=foreign,
         b_tma=cfg.get("B_TMA2", B_TMA2),
+        a_sorted=sorted_inter,
     )
     return moe_sum(out_pairs, k)
