@@ -15,7 +15,6 @@ Qwen3-30B-A3B's attention (Hq=32, Hkv=4, D=128, bf16 KV); needs a CUDA GPU and T
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -23,6 +22,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kernel_timing import HelpFormatter, require_gpu  # noqa: E402
 
 HQ, HKV, D = 32, 4, 128
 INPUT_SETS = 3  # rotated, so the KV bytes (~0.3 GB a set at B=512) exceed L2
@@ -54,12 +55,8 @@ def _sorted(s):
     return (q[order], kc, vc, bt[order], ctx[order]), order
 
 
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The module docstring as written, and each option's default."""
-
-
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--batch", type=int, default=512, help="sequences decoding (C)")
     p.add_argument("--block-size", type=int, default=16, help="token slots per cache block")
     p.add_argument("--ctx", default="30,542", help="context lengths, uniform in LO,HI")
@@ -74,10 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--block-size must be >= 1, got {a.block_size}")
     if not 1 <= lo <= hi:
         p.error(f"--ctx: need 1 <= LO <= HI, got LO {lo}, HI {hi}")
-    if not torch.cuda.is_available():
-        p.error("needs a CUDA GPU")
-    if importlib.util.find_spec("triton") is None:
-        p.error("needs Triton (pip install triton)")
+    require_gpu(p)
     from kernel_timing import STATE, graph_time_ms, measure_bandwidth, report
 
     from coserve.engine.kernels.triton.paged_attention import paged_decode_attention

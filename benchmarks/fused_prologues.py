@@ -13,7 +13,6 @@ timed. Needs a CUDA GPU and Triton.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -22,26 +21,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from kernel_timing import HelpFormatter, require_gpu, token_counts  # noqa: E402
+
 H, QKV, E, TOP_K, INTER, SETS = 2048, 5120, 128, 8, 768, 2
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--tokens", default="1,64,512", help="batch sizes T, comma-separated")
     a = p.parse_args(argv)
-    try:
-        tokens = [int(t) for t in a.tokens.split(",")]
-    except ValueError:
-        p.error(f"--tokens: expected integers, got {a.tokens!r}")
-    if not tokens or min(tokens) < 1:
-        p.error(f"--tokens: every batch size must be >= 1, got {a.tokens!r}")
-    if not torch.cuda.is_available():
-        p.error("needs a CUDA GPU")
-    if importlib.util.find_spec("triton") is None:
-        p.error("needs Triton (pip install triton)")
+    tokens = token_counts(p, a.tokens)
+    require_gpu(p)
     from kernel_timing import BLOCK, graph_time_ms, rand_fp8_weight
 
     from coserve.engine.kernels import triton as tk

@@ -3,6 +3,8 @@ medians, the result rows and the device's measured bandwidth. CUDA only."""
 
 from __future__ import annotations
 
+import argparse
+import importlib.util
 import statistics
 import sys
 from pathlib import Path
@@ -82,6 +84,30 @@ def report(
         f"{tfl:7.1f} TFLOP/s  {note}",
         flush=True,
     )
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """A benchmark's --help: its module docstring as written, and each option's default."""
+
+
+def token_counts(p: argparse.ArgumentParser, text: str) -> list[int]:
+    """--tokens "1,64,512" -> [1, 64, 512]; anything else ends the program with p's error
+    naming the option."""
+    try:
+        tokens = [int(t) for t in text.split(",")]
+    except ValueError:
+        p.error(f"--tokens: expected integers, got {text!r}")
+    if not tokens or min(tokens) < 1:
+        p.error(f"--tokens: every batch size must be >= 1, got {text!r}")
+    return tokens
+
+
+def require_gpu(p: argparse.ArgumentParser) -> None:
+    """End the program with p's error unless a CUDA GPU and Triton are there."""
+    if not torch.cuda.is_available():
+        p.error("needs a CUDA GPU")
+    if importlib.util.find_spec("triton") is None:
+        p.error("needs Triton (pip install triton)")
 
 
 def measure_bandwidth() -> tuple[float, float]:

@@ -13,7 +13,6 @@ Needs a CUDA GPU and Triton.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import itertools
 import sys
 from functools import partial
@@ -24,16 +23,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from kernel_timing import HelpFormatter, require_gpu, token_counts  # noqa: E402
+
 E, K_TOP, H, INTER = 128, 8, 2048, 768
 LAYOUTS = ("row-major", "w13 tiled", "w2 tiled", "both tiled")
 
 
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The module docstring as written, and each option's default."""
-
-
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--tp", type=int, default=1, choices=(1, 2), help="one rank of TP=N's shapes")
     p.add_argument(
         "--tokens", default="64,256,512,2048", help="decode batch sizes T, comma-separated"
@@ -51,16 +48,8 @@ def main(argv: list[str] | None = None) -> int:
         "GROUP_M/warps/stages)",
     )
     a = p.parse_args(argv)
-    try:
-        tokens = [int(t) for t in a.tokens.split(",")]
-    except ValueError:
-        p.error(f"--tokens: expected integers, got {a.tokens!r}")
-    if not tokens or min(tokens) < 1:
-        p.error(f"--tokens: every batch size must be >= 1, got {a.tokens!r}")
-    if not torch.cuda.is_available():
-        p.error("needs a CUDA GPU")
-    if importlib.util.find_spec("triton") is None:
-        p.error("needs Triton (pip install triton)")
+    tokens = token_counts(p, a.tokens)
+    require_gpu(p)
     from kernel_timing import (
         BLOCK,
         STATE,
