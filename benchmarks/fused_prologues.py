@@ -1,7 +1,7 @@
 """A decoder layer's norms and the FP8 GEMMs after them, with the activations' FP8
 quantisation in its own launch (as before) or in the norm's (`rms_norm_quant`), at
 Qwen3-30B-A3B's shapes (H=2048; qkv N=5120; 128 experts, top-8, I=768), timed by CUDA-graph
-replay over SETS input and weight sets (the expert weights of 2 sets pass L2):
+replay over 2 input and weight sets (their expert weights pass L2):
 
     attention   residual add + RMSNorm, quantisation, the qkv GEMM (cuBLAS)
     MoE         residual add + RMSNorm, router GEMM + top-k, quantisation, fused_moe

@@ -31,11 +31,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="run folder (default: runs/demo-YYYYmmdd-HHMMSS, a new one)",
     )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="finish the demo run in --out (stopped by Ctrl-C, say): its finished "
+        "repetitions are kept, the missing ones run, the report is written again",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     from coserve.experiment.command import execute
 
+    if args.resume and args.out is None:
+        print("coserve demo: --resume needs --out DIR, the run folder to finish")
+        return 2
     try:
         spec = demo_spec_path()
     except FileNotFoundError as e:
@@ -43,4 +52,4 @@ def run(args: argparse.Namespace) -> int:
         return 2
     out = args.out or f"runs/demo-{dt.datetime.now():%Y%m%d-%H%M%S}"
     print(f"coserve demo: {spec} -> {out}", flush=True)
-    return execute(str(spec), out)
+    return execute(str(spec), out, resume=args.resume)

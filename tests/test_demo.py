@@ -51,3 +51,23 @@ def test_demo_produces_the_report(tmp_path):
     assert "data:image/png;base64," in html and "<table>" in html
     # the README's promise is under a minute on 2 cores; leave room for a loaded CI machine
     assert elapsed < 120, f"coserve demo took {elapsed:.0f} s"
+
+    # the same folder again: refused with the way on, which the demo accepts (the 2026-12-02
+    # new-user check found it suggesting a --resume it refused); the run is only reported again
+    def demo(*args):
+        return subprocess.run(
+            [sys.executable, "-m", "coserve", "demo", *args],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+
+    rep = (out / "reps/co-located/rep-1/rep.json").read_text()
+    again = demo("--out", str(out))
+    assert again.returncode == 2 and "add --resume" in again.stdout + again.stderr
+    resumed = demo("--out", str(out), "--resume")
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert (out / "reps/co-located/rep-1/rep.json").read_text() == rep
+    assert "co-located" in resumed.stdout and (out / "report.md").exists()
+    lone = demo("--resume")
+    assert lone.returncode == 2 and "--resume needs --out DIR" in lone.stdout

@@ -130,7 +130,8 @@ class Runner:
         if not self.resume:
             raise RunRefused(
                 f"{rd.path} already holds a run (started {old.get('created', '?')}); add "
-                f"--resume to finish it, or choose another --out"
+                f"--resume to finish it (a finished run is only reported again), or choose "
+                f"another --out"
             )
         return old
 
