@@ -24,8 +24,9 @@ FP8_MAX = 448.0
 class Fp8Activation:
     """Activations x [M, K] quantised per token and group of 128 channels, as the FP8 GEMMs
     take them: `values` float8_e4m3fn [M, K] and `scales` float32 [M, K/128] (any strides),
-    x[m, k] ~= values[m, k] * scales[m, k // 128]. A kernel that already reads x (a norm, the
-    router) hands this to the GEMM after it, which then skips its own quantisation launch."""
+    x[m, k] ~= values[m, k] * scales[m, k // 128]. A kernel that already writes x (a norm:
+    `rms_norm_quant`) hands this to the GEMM after it, which then skips its own quantisation
+    launch."""
 
     values: torch.Tensor
     scales: torch.Tensor
