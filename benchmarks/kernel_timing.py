@@ -1,5 +1,6 @@
-"""Timing and reporting shared by the kernel benchmarks (kernels.py, kernels_moe.py): CUDA-graph
-medians, the result rows and the device's measured bandwidth. CUDA only."""
+"""Timing and reporting shared by the kernel benchmarks (kernels.py, kernels_moe.py, ...):
+CUDA-graph medians, the result rows and the device's measured bandwidth (CUDA only); and their
+command-line pieces (help layout, --tokens, the GPU check), which work without a GPU or Triton."""
 
 from __future__ import annotations
 
