@@ -165,9 +165,6 @@ def rms_norm_quant(
     quantises y per 1x128 group (scales [T, D/128], column-major as cuBLAS's blockwise GEMM
     takes them, or row-major as the MoE's GEMM1 reads them fastest). y_fp8 is None where D
     is not a multiple of 128 or x is not 2-D."""
-    if x.dim() != 2 or x.shape[-1] % GROUP:
-        if residual is None:
-            return _launch(x, None, weight, eps)[0], x, None
-        return (*_launch(x, residual, weight, eps)[:2], None)
-    y, r, y_fp8 = _launch(x, residual, weight, eps, True, column_major_scales)
+    quant = x.dim() == 2 and x.shape[-1] % GROUP == 0
+    y, r, y_fp8 = _launch(x, residual, weight, eps, quant, column_major_scales)
     return y, (x if residual is None else r), y_fp8
