@@ -49,9 +49,10 @@ class GemmInputs:
     def gemm1(self, bn, warps, stages, tma=None):
         """GEMM1 alone; `tma` None: the weights read as fused_moe reads them (B_TMA1)."""
         from coserve.engine.kernels.triton import moe as tmoe
+        from coserve.engine.kernels.triton import moe_gemm
 
         tma = tmoe.B_TMA1 if tma is None else tma
-        tmoe._launch_gemm(
+        moe_gemm.launch_gemm(
             self.a1, self.a1s, self.w13, self.s13, self.inter_q, self.inter_s, None,
             self.sorted_ids, self.expert_ids, self.npp,
             self.inter, self.H, self.inter, self.T * self.k, self.k, True, True, False,
@@ -61,9 +62,10 @@ class GemmInputs:
     def gemm2(self, bn, warps, stages, tma=None):
         """GEMM2 alone; `tma` None: the weights read as fused_moe reads them (B_TMA2)."""
         from coserve.engine.kernels.triton import moe as tmoe
+        from coserve.engine.kernels.triton import moe_gemm
 
         tma = tmoe.B_TMA2 if tma is None else tma
-        tmoe._launch_gemm(
+        moe_gemm.launch_gemm(
             self.inter_q, self.inter_s, self.w2, self.s2, self.out_pairs, None, self.topw,
             self.sorted_ids, self.expert_ids, self.npp,
             self.H, self.inter, 0, self.T * self.k, 1, False, False, True,

@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from coserve.engine.kernels import fp8 as ref_fp8  # noqa: E402
 from coserve.engine.kernels import triton as tk  # noqa: E402
 from coserve.engine.kernels.triton import moe as M  # noqa: E402
+from coserve.engine.kernels.triton import moe_gemm  # noqa: E402
 from coserve.engine.kernels.triton.fp8 import FP8_MAX, per_token_group_quant_fp8  # noqa: E402
 from coserve.engine.kernels.triton.moe_routing import moe_align  # noqa: E402
 
@@ -216,7 +217,7 @@ class Gemm1Case:
 
     def engine(self, out: torch.Tensor, scales: torch.Tensor) -> None:
         c = self.cfg
-        M._launch_gemm(
+        moe_gemm.launch_gemm(
             self.a1, self.a1_s, self.w13, self.s13, out, scales, None, self.sorted_ids,
             self.expert_ids, self.num_post_pad, self.inter, self.hidden, self.inter, self.pairs,
             self.k, gated=True, quant_out=True, mul_weight=False, block_m=self.block_m,

@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     from coserve.engine.kernels import triton as tk
     from coserve.engine.kernels.expert_layout import tile_experts
     from coserve.engine.kernels.triton import moe as tmoe
+    from coserve.engine.kernels.triton import moe_gemm
 
     STATE["copy_gbs"], read = measure_bandwidth()
     print(f"copy {STATE['copy_gbs']:.0f} GB/s, read {read:.0f} GB/s", flush=True)
@@ -144,13 +145,13 @@ def main(argv: list[str] | None = None) -> int:
         ):
             for name, w in zip(("row-major", "tiled"), ws, strict=True):
                 args[2] = w
-                call = partial(tmoe._launch_gemm, *args, b_tma=tma)
+                call = partial(moe_gemm.launch_gemm, *args, b_tma=tma)
                 report(f"  {gemm}, {name}", shape, graph_time_ms([call], reps=15), nbytes)
                 if not a.sweep:
                     continue
                 for group_m, warps, stages in itertools.product((1, 8), (8, 4), (4, 3)):
                     tile = [*args[:20], group_m, warps, stages]
-                    call = partial(tmoe._launch_gemm, *tile, b_tma=tma)
+                    call = partial(moe_gemm.launch_gemm, *tile, b_tma=tma)
                     ms = graph_time_ms([call], reps=15)
                     label = f"{group_m}/{warps}w/{stages}s"
                     report(f"    {gemm}, {name}", shape, ms, nbytes, 0.0, label)

@@ -447,13 +447,13 @@ def test_fused_moe_refuses_a_stored_tile_unlike_its_own():
 
 def test_tma_weights_only_where_tiles_fit():
     """TMA tiles need one contiguous 2-D view and tiles inside one expert's gate or up rows."""
-    from coserve.engine.kernels.triton.moe import _tma_fits
+    from coserve.engine.kernels.triton.moe_gemm import tma_fits
 
     w = torch.empty(4, 256, 512, device=DEV, dtype=DT)
-    assert _tma_fits(w, 128, 512, 128, 128, 64)
-    assert not _tma_fits(w.transpose(1, 2), 128, 256, 128, 128, 64)  # not contiguous
-    assert not _tma_fits(w, 96, 512, 96, 32 * 4, 64)  # gate/up boundary inside a tile
-    assert not _tma_fits(w[:, :, :500], 128, 500, 128, 128, 64)  # rows not 16-byte multiples
+    assert tma_fits(w, 128, 512, 128, 128, 64)
+    assert not tma_fits(w.transpose(1, 2), 128, 256, 128, 128, 64)  # not contiguous
+    assert not tma_fits(w, 96, 512, 96, 32 * 4, 64)  # gate/up boundary inside a tile
+    assert not tma_fits(w[:, :, :500], 128, 500, 128, 128, 64)  # rows not 16-byte multiples
 
 
 def _rank_moe(inter, fp8, shard):

@@ -8,6 +8,7 @@
                 FP8 block scales; epilogue silu(gate) * up, re-quantised to FP8
                 per 1x128 group for GEMM 2                                       _moe_gemm_kernel
     GEMM 2      down = H @ W2[e]^T, times the pair's routing weight              _moe_gemm_kernel
+                (both in moe_gemm.py)
     un-permute  rows are written at their pair index, so the combine is a sum
                 over each token's k rows                                         moe_sum
 
@@ -23,13 +24,11 @@ Every shape below depends on T, never on routing values: graph-capturable.
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
 
-from ..expert_layout import expert_shape, is_tiled
+from ..expert_layout import expert_shape
 from ..fp8 import Fp8Activation
-from .fp8 import FP8_MAX, per_token_group_quant_fp8
+from .fp8 import per_token_group_quant_fp8
+from .moe_gemm import launch_gemm
 from .moe_routing import moe_align, moe_sum
 
 # Whether each GEMM reads the expert weights by TMA (config keys B_TMA1, B_TMA2): one thread
@@ -44,182 +43,12 @@ B_TMA1, B_TMA2 = False, True
 SORTED_INTER = False
 
 
-# ---------------------------------------------------------------------------------------------
-@triton.jit
-def _moe_gemm_kernel(
-    a_ptr,
-    as_ptr,
-    b_ptr,
-    bs_ptr,
-    c_ptr,
-    cs_ptr,
-    topk_w_ptr,
-    sorted_ids_ptr,
-    expert_ids_ptr,
-    num_post_pad_ptr,
-    N,
-    K,
-    up_offset,
-    num_valid,
-    num_pid_m,
-    num_experts,
-    b_rows,
-    stride_am,
-    stride_asm,
-    stride_asg,
-    stride_be,
-    stride_bn,
-    stride_bse,
-    stride_bsn,
-    stride_cm,
-    stride_csm,
-    A_ROW_DIV: tl.constexpr,
-    GATED: tl.constexpr,
-    FP8: tl.constexpr,
-    QUANT_OUT: tl.constexpr,
-    MUL_WEIGHT: tl.constexpr,
-    FP8_MAX: tl.constexpr,
-    FOREIGN: tl.constexpr,
-    B_TMA: tl.constexpr,
-    TILED: tl.constexpr,
-    A_SORTED: tl.constexpr,
-    C_SORTED: tl.constexpr,
-    SCALE_GROUP: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    group = GROUP_M * num_pid_n
-    first_m = (pid // group) * GROUP_M
-    gm = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group) % gm
-    pid_n = (pid % group) // gm
-    if pid_m * BLOCK_M >= tl.load(num_post_pad_ptr):
-        return
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    pair = tl.load(sorted_ids_ptr + offs_m)
-    row_mask = pair < num_valid
-    if A_SORTED:
-        # a_ptr is a descriptor over A's rows in sorted order (GEMM1 wrote them so)
-        a_row = offs_m.to(tl.int64)
-    else:
-        a_row = (pair // A_ROW_DIV).to(tl.int64)
-    expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
-    if FOREIGN:
-        if expert >= num_experts:
-            # pairs of experts another rank holds: no product; the output GEMM writes zeros
-            if MUL_WEIGHT:
-                zero = tl.zeros([BLOCK_M, BLOCK_N], dtype=c_ptr.dtype.element_ty)
-                tl.store(
-                    c_ptr + pair.to(tl.int64)[:, None] * stride_cm + offs_n[None, :],
-                    zero,
-                    mask=row_mask[:, None] & n_mask[None, :],
-                )
-            return
-    offs_k = tl.arange(0, BLOCK_K)
-
-    if not A_SORTED:
-        a_ptrs = a_ptr + a_row[:, None] * stride_am + offs_k[None, :]
-    if TILED:
-        # b_ptr is a descriptor over the tiles stacked as rows, [E * b_rows * K/BLOCK_K, BLOCK_K]:
-        # tile (n, k) of expert e starts at row ((e * b_rows/BLOCK_N + n) * K/BLOCK_K + k) * BLOCK_N
-        k_tiles = K // BLOCK_K
-        gate_tile = (expert * (b_rows // BLOCK_N) + pid_n) * k_tiles
-        up_tile = gate_tile + (up_offset // BLOCK_N) * k_tiles
-    elif B_TMA:
-        # b_ptr is a descriptor over the weights as [E * b_rows, K]; N is a multiple of
-        # BLOCK_N, so a tile never reaches into the next expert's rows
-        b_row = (expert * b_rows + pid_n * BLOCK_N).to(tl.int32)
-    else:
-        b_base = b_ptr + expert * stride_be
-        b_ptrs = b_base + offs_n[None, :] * stride_bn + offs_k[:, None]
-        if GATED:
-            b2_ptrs = b_ptrs + up_offset * stride_bn
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    if GATED:
-        acc2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    if FP8:
-        as_ptrs = as_ptr + a_row * stride_asm
-        bs_base = bs_ptr + expert * stride_bse
-        bs_ptrs = bs_base + (offs_n // SCALE_GROUP) * stride_bsn
-        if GATED:
-            bs2_ptrs = bs_base + ((offs_n + up_offset) // SCALE_GROUP) * stride_bsn
-
-    for kb in range(0, tl.cdiv(K, BLOCK_K)):
-        k_mask = offs_k < K - kb * BLOCK_K
-        if A_SORTED:
-            # padding rows hold whatever was there: their products stay in their own rows,
-            # which are never stored
-            a = a_ptr.load([(pid_m * BLOCK_M).to(tl.int32), kb * BLOCK_K])
-        else:
-            a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        if TILED:
-            b = b_ptr.load([((gate_tile + kb) * BLOCK_N).to(tl.int32), 0]).T
-            if GATED:
-                b2 = b_ptr.load([((up_tile + kb) * BLOCK_N).to(tl.int32), 0]).T
-        elif B_TMA:
-            b = b_ptr.load([b_row, kb * BLOCK_K]).T
-            if GATED:
-                b2 = b_ptr.load([b_row + up_offset, kb * BLOCK_K]).T
-        else:
-            b = tl.load(b_ptrs, mask=n_mask[None, :] & k_mask[:, None], other=0.0)
-            if GATED:
-                b2 = tl.load(b2_ptrs, mask=n_mask[None, :] & k_mask[:, None], other=0.0)
-        if FP8:
-            a_s = tl.load(as_ptrs + kb * stride_asg, mask=row_mask, other=0.0)
-            b_s = tl.load(bs_ptrs + kb, mask=n_mask, other=0.0)
-            acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
-            if GATED:
-                b2_s = tl.load(bs2_ptrs + kb, mask=n_mask, other=0.0)
-                acc2 += tl.dot(a, b2) * a_s[:, None] * b2_s[None, :]
-        else:
-            acc = tl.dot(a, b, acc)
-            if GATED:
-                acc2 = tl.dot(a, b2, acc2)
-        if not A_SORTED:
-            a_ptrs += BLOCK_K
-        if not (B_TMA or TILED):
-            b_ptrs += BLOCK_K
-            if GATED:
-                b2_ptrs += BLOCK_K
-
-    if GATED:
-        acc = acc / (1.0 + tl.exp(-acc)) * acc2
-    if MUL_WEIGHT:
-        w = tl.load(topk_w_ptr + pair, mask=row_mask, other=0.0)
-        acc = acc * w[:, None]
-    c_row = offs_m.to(tl.int64) if C_SORTED else pair.to(tl.int64)
-    if QUANT_OUT:
-        # BLOCK_N == SCALE_GROUP: one FP8 group per row of this tile
-        amax = tl.max(tl.abs(tl.where(n_mask[None, :], acc, 0.0)), 1)
-        s = tl.maximum(amax, 1e-10) / FP8_MAX
-        q = tl.clamp(acc / s[:, None], -FP8_MAX, FP8_MAX)
-        tl.store(
-            c_ptr + c_row[:, None] * stride_cm + offs_n[None, :],
-            q.to(c_ptr.dtype.element_ty),
-            mask=row_mask[:, None] & n_mask[None, :],
-        )
-        tl.store(cs_ptr + c_row * stride_csm + pid_n, s, mask=row_mask)
-    else:
-        tl.store(
-            c_ptr + c_row[:, None] * stride_cm + offs_n[None, :],
-            acc.to(c_ptr.dtype.element_ty),
-            mask=row_mask[:, None] & n_mask[None, :],
-        )
-
-
 def default_config(num_tokens: int, fp8: bool = True) -> dict:
     """Tile configuration for both GEMMs (measured on H100 at E=128, k=8, H=2048, I=768: see
     docs/kernels.md); the benchmark sweeps alternatives. With BLOCK_M >= the typical rows per
     expert (T*k/E), each expert's weights stream from DRAM once per step. Besides the tiles,
     `B_TMA1` / `B_TMA2` (default: the module's) read GEMM1's / GEMM2's expert weights by TMA
-    where their shape allows (`_tma_fits`); weights stored tiled are always read by TMA;
+    where their shape allows (`moe_gemm.tma_fits`); weights stored tiled are always read by TMA;
     `SORTED_INTER` (default: the module's) has GEMM2 read its input in sorted order, by TMA."""
     if num_tokens <= 128:
         return dict(
@@ -252,124 +81,6 @@ def default_config(num_tokens: int, fp8: bool = True) -> dict:
         num_stages1=4,
         num_warps2=4,
         num_stages2=4,
-    )
-
-
-def _tma_fits(b: torch.Tensor, N: int, K: int, up_offset: int, block_n: int, block_k: int) -> bool:
-    """Whether weights b [E, rows, K] can be read by TMA tiles of [block_n, block_k]: contiguous
-    (one 2-D view), 16-byte aligned rows (TMA's rule), and tiles that never straddle two experts
-    or the gate/up boundary. Otherwise the GEMM keeps its pointer loads."""
-    return (
-        b.is_contiguous()
-        and (K * b.element_size()) % 16 == 0
-        and b.data_ptr() % 16 == 0
-        and N % block_n == 0
-        and K % block_k == 0
-        and up_offset % block_n == 0
-        and b.shape[1] % block_n == 0
-    )
-
-
-def _tiled_descriptor(b: torch.Tensor, block_n: int, block_k: int) -> TensorDescriptor:
-    """A TMA descriptor over tiled weights b [E, N/bn, K/bk, bn, bk] seen as rows of bk.
-    Raises ValueError if the stored tile is not the GEMM's tile."""
-    bn, bk = b.shape[3:]
-    if (bn, bk) != (block_n, block_k) or not b.is_contiguous():
-        raise ValueError(
-            f"expert weights stored in {bn}x{bk} tiles (contiguous: {b.is_contiguous()}) "
-            f"cannot feed a GEMM of {block_n}x{block_k} tiles: set BLOCK_N to {bn}"
-        )
-    return TensorDescriptor.from_tensor(b.view(-1, bk), [block_n, block_k])
-
-
-def _launch_gemm(
-    a,
-    a_s,
-    b,
-    b_s,
-    c,
-    c_s,
-    topk_w,
-    sorted_ids,
-    expert_ids,
-    num_post_pad,
-    N,
-    K,
-    up_offset,
-    num_valid,
-    a_row_div,
-    gated,
-    quant_out,
-    mul_weight,
-    block_m,
-    block_n,
-    group_m,
-    num_warps,
-    num_stages,
-    foreign=False,
-    b_tma=False,
-    a_sorted=False,
-    c_sorted=False,
-):
-    fp8 = b.dtype == torch.float8_e4m3fn
-    block_k = 128 if fp8 else 64
-    num_pid_m = sorted_ids.shape[0] // block_m
-    grid = (num_pid_m * triton.cdiv(N, block_n),)
-    dummy = c
-    tiled = is_tiled(b)
-    num_experts, b_rows, _ = expert_shape(b)
-    if tiled:
-        b_arg, b_tma = _tiled_descriptor(b, block_n, block_k), False
-    elif b_tma and _tma_fits(b, N, K, up_offset, block_n, block_k):
-        b_arg = TensorDescriptor.from_tensor(b.view(-1, K), [block_n, block_k])
-    else:
-        b_arg, b_tma = b, False
-    a_arg = TensorDescriptor.from_tensor(a, [block_m, block_k]) if a_sorted else a
-    _moe_gemm_kernel[grid](
-        a_arg,
-        a_s if a_s is not None else dummy,
-        b_arg,
-        b_s if b_s is not None else dummy,
-        c,
-        c_s if c_s is not None else dummy,
-        topk_w if topk_w is not None else dummy,
-        sorted_ids,
-        expert_ids,
-        num_post_pad,
-        N,
-        K,
-        up_offset,
-        num_valid,
-        num_pid_m,
-        num_experts,
-        b_rows,
-        a.stride(0),
-        a_s.stride(0) if a_s is not None else 0,
-        a_s.stride(1) if a_s is not None else 0,
-        b.stride(0),
-        b.stride(1),
-        b_s.stride(0) if b_s is not None else 0,
-        b_s.stride(1) if b_s is not None else 0,
-        c.stride(0),
-        c_s.stride(0) if c_s is not None else 0,
-        A_ROW_DIV=a_row_div,
-        GATED=gated,
-        FP8=fp8,
-        QUANT_OUT=quant_out,
-        MUL_WEIGHT=mul_weight,
-        FOREIGN=foreign,
-        B_TMA=b_tma,
-        TILED=tiled,
-        A_SORTED=a_sorted,
-        C_SORTED=c_sorted,
-        FP8_MAX=FP8_MAX,
-        SCALE_GROUP=128,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        BLOCK_K=block_k,
-        GROUP_M=group_m,
-        num_warps=num_warps,
-        num_stages=num_stages,
     )
 
 
@@ -439,7 +150,7 @@ def fused_moe(
         inter_out = torch.empty(numel, inter, device=dev, dtype=out_dtype)
         inter_s = None
 
-    _launch_gemm(
+    launch_gemm(
         a1,
         a1_s,
         w13,
@@ -472,7 +183,7 @@ def fused_moe(
         inter_out, inter_s = per_token_group_quant_fp8(inter_out)
 
     out_pairs = torch.empty(numel, H, device=dev, dtype=out_dtype)
-    _launch_gemm(
+    launch_gemm(
         inter_out,
         inter_s,
         w2,
