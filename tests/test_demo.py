@@ -13,16 +13,20 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
-def test_demo_produces_the_report(tmp_path):
-    out = tmp_path / "demo"
-    t0 = time.monotonic()
-    proc = subprocess.run(
-        [sys.executable, "-m", "coserve", "demo", "--out", str(out)],
+def _demo(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "coserve", "demo", *args],
         capture_output=True,
         text=True,
         timeout=300,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
+
+
+def test_demo_produces_the_report(tmp_path):
+    out = tmp_path / "demo"
+    t0 = time.monotonic()
+    proc = _demo("--out", str(out))
     elapsed = time.monotonic() - t0
     assert proc.returncode == 0, proc.stdout + proc.stderr
     # the table is printed
@@ -54,20 +58,12 @@ def test_demo_produces_the_report(tmp_path):
 
     # the same folder again: refused with the way on, which the demo accepts (the 2026-12-02
     # new-user check found it suggesting a --resume it refused); the run is only reported again
-    def demo(*args):
-        return subprocess.run(
-            [sys.executable, "-m", "coserve", "demo", *args],
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-
     rep = (out / "reps/co-located/rep-1/rep.json").read_text()
-    again = demo("--out", str(out))
+    again = _demo("--out", str(out))
     assert again.returncode == 2 and "add --resume" in again.stdout + again.stderr
-    resumed = demo("--out", str(out), "--resume")
+    resumed = _demo("--out", str(out), "--resume")
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert (out / "reps/co-located/rep-1/rep.json").read_text() == rep
     assert "co-located" in resumed.stdout and (out / "report.md").exists()
-    lone = demo("--resume")
+    lone = _demo("--resume")
     assert lone.returncode == 2 and "--resume needs --out DIR" in lone.stdout
