@@ -396,6 +396,21 @@ def test_an_embed_rate_sweep_holds_each_point_against_gen_alone(open_run):
     assert float(rows["timeslice"]) == pytest.approx(1.0, abs=0.4)
 
 
+def test_a_negative_cost_per_embed_is_read_for_the_user(open_run, monkeypatch):
+    """The CPU demo (new-user check, 2026-12-02) showed co-located gen above gen alone and
+    "Gen tokens per embed" -12.3 with no word on what a negative figure means."""
+    from coserve.report.sections import cost_note
+
+    run = aggregate(open_run)
+    conds = [run.get("mps"), run.get("timeslice")]
+    assert "A negative one" not in cost_note(run, conds)  # both lose gen here
+    costs = {"mps": -12.3, "timeslice": 1.0}
+    monkeypatch.setattr(run, "gen_tokens_per_embed", lambda c: costs.get(c.name))
+    note = cost_note(run, conds)
+    assert "A negative one: gen served more beside embed than alone" in note
+    assert note.index("cost per embed).") < note.index("A negative one") < note.index("Taking")
+
+
 def test_a_gen_sweep_holds_no_point_against_gen_alone(tmp_path):
     """The fallback to a baseline without the point is for the role the sweep leaves alone:
     in a gen concurrency sweep gen alone's load differs at every point, so a point whose

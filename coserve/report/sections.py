@@ -41,12 +41,21 @@ def cost_note(run: RunStats, conds) -> str:
     """The sentence that reads a "Gen tokens per embed" column ("" where none of `conds` has
     one): what the figure is, and what taking turns on the GPU would trade in this run (gen
     alone's tok/s over embed alone's seq/s at capacity), or that the run did not measure it."""
-    if not any(run.gen_tokens_per_embed(c) is not None for c in conds):
+    costs = [v for v in map(run.gen_tokens_per_embed, conds) if v is not None]
+    if not costs:
         return ""
     text = (
         " Gen tokens per embed: gen tok/s lost against gen alone per embed seq/s served (means;"
-        " the study's section 3 calls it cost per embed). Taking turns on the GPU (gen alone,"
-        " then embed alone at capacity) trades gen alone's tok/s over embed alone's seq/s"
+        " the study's section 3 calls it cost per embed)."
+    )
+    if min(costs) < 0:
+        text += (
+            " A negative one: gen served more beside embed than alone (noise, or on a CPU how"
+            " the OS scheduled them), so the embeddings cost it nothing this run could measure."
+        )
+    text += (
+        " Taking turns on the GPU (gen alone, then embed alone at capacity) trades gen alone's"
+        " tok/s over embed alone's seq/s"
     )
     gen, cap = run.alone("gen"), embed_capacity(run)
     if gen is None or cap is None or not gen.mean("gen_tok_s"):
