@@ -5,7 +5,7 @@ weight sets (2 x 1.2 GB at TP=1, past L2). Every other form's output is checked 
 row-major one's.
 
     python3 benchmarks/moe_layout.py [--tp 1] [--tokens 64,256,512,2048] [--sweep]
-                                     [--sorted-inter]
+                                     [--pair-inter]
 
 Needs a CUDA GPU and Triton.
 """
@@ -36,10 +36,10 @@ def main(argv: list[str] | None = None) -> int:
         "--tokens", default="64,256,512,2048", help="decode batch sizes T, comma-separated"
     )
     p.add_argument(
-        "--sorted-inter",
+        "--pair-inter",
         action="store_true",
-        help="also time fused_moe (w13 tiled) with GEMM1's output in sorted order, read by "
-        "GEMM2 by TMA (moe.SORTED_INTER)",
+        help="also time fused_moe (w13 tiled) with GEMM1's output at each pair's index, "
+        "gathered row by row by GEMM2, the layout before moe.SORTED_INTER",
     )
     p.add_argument(
         "--sweep",
@@ -94,8 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = tmoe.default_config(T)
         want = None
         cases = [(layout, layout, None) for layout in LAYOUTS]
-        if a.sorted_inter:
-            cases.append(("w13 tiled, sorted inter", "w13 tiled", dict(SORTED_INTER=True)))
+        if a.pair_inter:
+            cases.append(("w13 tiled, pair inter", "w13 tiled", dict(SORTED_INTER=False)))
         for label, layout, config in cases:
             calls = []
             for i in range(len(sets)):

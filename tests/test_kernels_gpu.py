@@ -426,9 +426,9 @@ def test_fused_moe_sorted_intermediate_equals_pair_order(foreign, T):
     weights, ids = tk().topk_softmax(randn(T, E, g=g), k, True)
     if foreign:
         ids = torch.where(ids % 3 == 0, E, ids).to(torch.int32)
-    base = tk().fused_moe(x, w13, w2, weights, ids, s13, s2, BLOCK, foreign=foreign)
-    cfg = dict(SORTED_INTER=True)
-    got = tk().fused_moe(x, w13, w2, weights, ids, s13, s2, BLOCK, cfg, foreign)
+    pair_order, sorted_order = dict(SORTED_INTER=False), dict(SORTED_INTER=True)
+    base = tk().fused_moe(x, w13, w2, weights, ids, s13, s2, BLOCK, pair_order, foreign)
+    got = tk().fused_moe(x, w13, w2, weights, ids, s13, s2, BLOCK, sorted_order, foreign)
     assert torch.equal(got, base)
 
 
