@@ -125,8 +125,10 @@ def main(argv: list[str] | None = None) -> int:
         sorted_ids, expert_ids, npp = tk.moe_align(ids, E, bm)
         a1, a1s = tk.per_token_group_quant_fp8(x[0])
         pairs = T * K_TOP
-        inter_q = torch.empty(pairs, inter, device="cuda", dtype=torch.float8_e4m3fn)
-        inter_s = torch.empty(pairs, inter // 128, device="cuda", dtype=torch.float32)
+        # GEMM1's output rows as the engine lays them (moe.SORTED_INTER)
+        rows = sorted_ids.shape[0] if tmoe.SORTED_INTER else pairs
+        inter_q = torch.empty(rows, inter, device="cuda", dtype=torch.float8_e4m3fn)
+        inter_s = torch.empty(rows, inter // 128, device="cuda", dtype=torch.float32)
         out_pairs = torch.empty(pairs, H, device="cuda", dtype=torch.bfloat16)
         topw = wts.reshape(-1).float()
         gemm1 = [
@@ -143,15 +145,20 @@ def main(argv: list[str] | None = None) -> int:
             ("GEMM1", gemm1, tmoe.B_TMA1, w1_bytes, (sets[0][0], tiled[0][0])),
             ("GEMM2", gemm2, tmoe.B_TMA2, w2_bytes, (sets[0][2], tiled[0][2])),
         ):
+            order = (
+                dict(c_sorted=tmoe.SORTED_INTER)
+                if gemm == "GEMM1"
+                else dict(a_sorted=tmoe.SORTED_INTER)
+            )
             for name, w in zip(("row-major", "tiled"), ws, strict=True):
                 args[2] = w
-                call = partial(moe_gemm.launch_gemm, *args, b_tma=tma)
+                call = partial(moe_gemm.launch_gemm, *args, b_tma=tma, **order)
                 report(f"  {gemm}, {name}", shape, graph_time_ms([call], reps=15), nbytes)
                 if not a.sweep:
                     continue
                 for group_m, warps, stages in itertools.product((1, 8), (8, 4), (4, 3)):
                     tile = [*args[:20], group_m, warps, stages]
-                    call = partial(moe_gemm.launch_gemm, *tile, b_tma=tma)
+                    call = partial(moe_gemm.launch_gemm, *tile, b_tma=tma, **order)
                     ms = graph_time_ms([call], reps=15)
                     label = f"{group_m}/{warps}w/{stages}s"
                     report(f"    {gemm}, {name}", shape, ms, nbytes, 0.0, label)
