@@ -43,6 +43,7 @@ KERNEL_BENCHMARKS = [
     ("moe_layout.py", ("--tokens", "0"), "--tokens: every batch size must be >= 1, got '0'"),
     ("attention_variants.py", ("--ctx", "9,3"), "--ctx: need 1 <= LO <= HI, got LO 9, HI 3"),
     ("attention_variants.py", ("--batch", "0"), "--batch must be >= 1, got 0"),
+    ("dense_fp8_tiles.py", ("--tokens", "8"), "--tokens must be >= 16 (cuBLAS's blockwise"),
 ]
 
 
