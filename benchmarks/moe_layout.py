@@ -5,7 +5,7 @@ weight sets (2 x 1.2 GB at TP=1, past L2). Every other form's output is checked 
 row-major one's.
 
     python3 benchmarks/moe_layout.py [--tp 1] [--tokens 64,256,512,2048] [--sweep]
-                                     [--pair-inter]
+                                     [--pair-inter] [--scalar-b-scale]
 
 Needs a CUDA GPU and Triton.
 """
@@ -40,6 +40,13 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also time fused_moe (w13 tiled) with GEMM1's output at each pair's index, "
         "gathered row by row by GEMM2, the layout before moe.SORTED_INTER",
+    )
+    p.add_argument(
+        "--scalar-b-scale",
+        action="store_true",
+        help="also time fused_moe (w13 tiled) and each GEMM with the weight-scale load "
+        "moe.SCALAR_B_SCALE does not pick: one scalar per K step ('scalar scale') or one "
+        "value per column ('per-column scales')",
     )
     p.add_argument(
         "--sweep",
@@ -96,6 +103,10 @@ def main(argv: list[str] | None = None) -> int:
         cases = [(layout, layout, None) for layout in LAYOUTS]
         if a.pair_inter:
             cases.append(("w13 tiled, pair inter", "w13 tiled", dict(SORTED_INTER=False)))
+        if a.scalar_b_scale:
+            scalar = not tmoe.SCALAR_B_SCALE
+            label = "w13 tiled, " + ("scalar scale" if scalar else "per-column scales")
+            cases.append((label, "w13 tiled", dict(SCALAR_B_SCALE=scalar)))
         for label, layout, config in cases:
             calls = []
             for i in range(len(sets)):
@@ -154,6 +165,17 @@ def main(argv: list[str] | None = None) -> int:
                 args[2] = w
                 call = partial(moe_gemm.launch_gemm, *args, b_tma=tma, **order)
                 report(f"  {gemm}, {name}", shape, graph_time_ms([call], reps=15), nbytes)
+                if a.scalar_b_scale:
+                    call = partial(
+                        moe_gemm.launch_gemm,
+                        *args,
+                        b_tma=tma,
+                        scalar_b_scale=not tmoe.SCALAR_B_SCALE,
+                        **order,
+                    )
+                    ms = graph_time_ms([call], reps=15)
+                    label = "scalar scale" if not tmoe.SCALAR_B_SCALE else "per-column scales"
+                    report(f"    {gemm}, {name}", shape, ms, nbytes, 0.0, label)
                 if not a.sweep:
                     continue
                 for group_m, warps, stages in itertools.product((1, 8), (8, 4), (4, 3)):

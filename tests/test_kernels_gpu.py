@@ -432,6 +432,26 @@ def test_fused_moe_sorted_intermediate_equals_pair_order(foreign, T):
     assert torch.equal(got, base)
 
 
+@pytest.mark.parametrize("tiled", [False, True])
+@pytest.mark.parametrize("T", [5, 300])
+def test_fused_moe_scalar_weight_scales_equal_per_column_ones(T, tiled):
+    """Each K step's weight scale loaded once per tile (SCALAR_B_SCALE) gives the per-column
+    loads' result bit for bit, for both GEMMs, small and large tiles (T=300: BLOCK_M 64)."""
+    from coserve.engine.kernels.expert_layout import tile_experts
+
+    g = gen(27)
+    E, H, inter, k = (16, 512, 256, 4) if ON_GPU else (4, 256, 256, 2)
+    w13, w2, s13, s2 = _moe_weights(E, H, inter, g, True)
+    if tiled:
+        w13 = tile_experts(w13)
+    x = randn(T, H, g=g)
+    weights, ids = tk().topk_softmax(randn(T, E, g=g), k, True)
+    per_column, scalar = dict(SCALAR_B_SCALE=False), dict(SCALAR_B_SCALE=True)
+    base = tk().fused_moe(x, w13, w2, weights, ids, s13, s2, BLOCK, per_column)
+    got = tk().fused_moe(x, w13, w2, weights, ids, s13, s2, BLOCK, scalar)
+    assert torch.equal(got, base)
+
+
 def test_fused_moe_refuses_a_stored_tile_unlike_its_own():
     from coserve.engine.kernels.expert_layout import tile_experts
 

@@ -42,6 +42,12 @@ B_TMA1, B_TMA2 = False, True
 # (2026-12-02, benchmarks/moe_layout.py, --pair-inter's comparison): fused_moe 208.6 -> 204.5 us
 # at T=512, 203.3 -> 198.7 at T=256, 437.2 -> 425.5 at T=2048.
 SORTED_INTER = True
+# Whether each GEMM loads a K step's weight scale as one scalar (config key SCALAR_B_SCALE): a
+# 128-wide N tile lies in one 128x128 scale block, so BLOCK_N loads of one value become one
+# (Nsight Compute put LG throttle among GEMM1's stalls, 2026-12-01); bit for bit the same
+# result. Off: built for the next H200 measurement (benchmarks/moe_layout.py
+# --scalar-b-scale), not yet run on one.
+SCALAR_B_SCALE = False
 
 
 def default_config(num_tokens: int, fp8: bool = True) -> dict:
@@ -50,7 +56,8 @@ def default_config(num_tokens: int, fp8: bool = True) -> dict:
     expert (T*k/E), each expert's weights stream from DRAM once per step. Besides the tiles,
     `B_TMA1` / `B_TMA2` (default: the module's) read GEMM1's / GEMM2's expert weights by TMA
     where their shape allows (`moe_gemm.tma_fits`); weights stored tiled are always read by TMA;
-    `SORTED_INTER` (default: the module's) has GEMM2 read its input in sorted order, by TMA."""
+    `SORTED_INTER` (default: the module's) has GEMM2 read its input in sorted order, by TMA;
+    `SCALAR_B_SCALE` (default: the module's) loads each K step's weight scale as a scalar."""
     if num_tokens <= 128:
         return dict(
             BLOCK_M=16,
@@ -178,6 +185,7 @@ def fused_moe(
         foreign=foreign,
         b_tma=cfg.get("B_TMA1", B_TMA1),
         c_sorted=sorted_inter,
+        scalar_b_scale=cfg.get("SCALAR_B_SCALE", SCALAR_B_SCALE),
     )
 
     if fp8 and not quant_out:
@@ -211,5 +219,6 @@ def fused_moe(
         foreign=foreign,
         b_tma=cfg.get("B_TMA2", B_TMA2),
         a_sorted=sorted_inter,
+        scalar_b_scale=cfg.get("SCALAR_B_SCALE", SCALAR_B_SCALE),
     )
     return moe_sum(out_pairs, k)

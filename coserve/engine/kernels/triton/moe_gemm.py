@@ -61,6 +61,7 @@ def _moe_gemm_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    SCALAR_B_SCALE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -119,9 +120,16 @@ def _moe_gemm_kernel(
     if FP8:
         as_ptrs = as_ptr + a_row * stride_asm
         bs_base = bs_ptr + expert * stride_bse
-        bs_ptrs = bs_base + (offs_n // SCALE_GROUP) * stride_bsn
-        if GATED:
-            bs2_ptrs = bs_base + ((offs_n + up_offset) // SCALE_GROUP) * stride_bsn
+        if SCALAR_B_SCALE:
+            # BLOCK_N == SCALE_GROUP: the tile's columns share one weight scale per K step, so
+            # one scalar load instead of BLOCK_N (the same product: (dot * a_s) * b_s)
+            bs_ptrs = bs_base + (pid_n * BLOCK_N // SCALE_GROUP) * stride_bsn
+            if GATED:
+                bs2_ptrs = bs_base + ((pid_n * BLOCK_N + up_offset) // SCALE_GROUP) * stride_bsn
+        else:
+            bs_ptrs = bs_base + (offs_n // SCALE_GROUP) * stride_bsn
+            if GATED:
+                bs2_ptrs = bs_base + ((offs_n + up_offset) // SCALE_GROUP) * stride_bsn
 
     for kb in range(0, tl.cdiv(K, BLOCK_K)):
         k_mask = offs_k < K - kb * BLOCK_K
@@ -145,11 +153,16 @@ def _moe_gemm_kernel(
                 b2 = tl.load(b2_ptrs, mask=n_mask[None, :] & k_mask[:, None], other=0.0)
         if FP8:
             a_s = tl.load(as_ptrs + kb * stride_asg, mask=row_mask, other=0.0)
-            b_s = tl.load(bs_ptrs + kb, mask=n_mask, other=0.0)
-            acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
-            if GATED:
-                b2_s = tl.load(bs2_ptrs + kb, mask=n_mask, other=0.0)
-                acc2 += tl.dot(a, b2) * a_s[:, None] * b2_s[None, :]
+            if SCALAR_B_SCALE:
+                acc += tl.dot(a, b) * a_s[:, None] * tl.load(bs_ptrs + kb)
+                if GATED:
+                    acc2 += tl.dot(a, b2) * a_s[:, None] * tl.load(bs2_ptrs + kb)
+            else:
+                b_s = tl.load(bs_ptrs + kb, mask=n_mask, other=0.0)
+                acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
+                if GATED:
+                    b2_s = tl.load(bs2_ptrs + kb, mask=n_mask, other=0.0)
+                    acc2 += tl.dot(a, b2) * a_s[:, None] * b2_s[None, :]
         else:
             acc = tl.dot(a, b, acc)
             if GATED:
@@ -241,7 +254,10 @@ def launch_gemm(
     b_tma=False,
     a_sorted=False,
     c_sorted=False,
+    scalar_b_scale=False,
 ):
+    """Launch one grouped GEMM (arguments as `_moe_gemm_kernel`'s). `scalar_b_scale` (FP8,
+    block_n 128 only; ignored otherwise) loads each K step's weight scale as one scalar."""
     fp8 = b.dtype == torch.float8_e4m3fn
     block_k = 128 if fp8 else 64
     num_pid_m = sorted_ids.shape[0] // block_m
@@ -299,6 +315,7 @@ def launch_gemm(
         BLOCK_N=block_n,
         BLOCK_K=block_k,
         GROUP_M=group_m,
+        SCALAR_B_SCALE=scalar_b_scale and fp8 and block_n == 128,
         num_warps=num_warps,
         num_stages=num_stages,
     )
