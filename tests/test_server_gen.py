@@ -9,6 +9,7 @@ import json
 import re
 import threading
 import urllib.parse
+from pathlib import Path
 
 import openai
 import pytest
@@ -64,6 +65,13 @@ def test_ready_line_names_url_and_kv_capacity(server):
         server.ready_line,
     ), server.ready_line
     assert int(re.search(r"capacity (\d+) tokens", server.ready_line).group(1)) > 0
+
+
+def test_gen_engine_computes_with_one_cpu_thread(server):
+    """Its decode steps are many tiny ops: a second thread cost the demo's gen 4x
+    (engine/cpu_threads.py)."""
+    log = Path(server.log.name).read_text()
+    assert "gen engine on the CPU: 1 intra-op thread" in log, server.log_tail()
 
 
 def test_models_health_version(server, client):

@@ -41,6 +41,9 @@ class EngineArgs:
     gpu_memory_utilization: float = 0.9
     # KV-cache budget in bytes on CPU, where "fraction of the device" means nothing.
     cpu_kv_cache_bytes: int = 256 << 20
+    # torch intra-op threads of the engine's process on the CPU; None: the engine's choice
+    # (cpu_threads.py: one for generation, torch's default for embeddings)
+    cpu_threads: int | None = None
     max_model_len: int | None = None
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 8192

@@ -102,6 +102,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="KV-cache budget on CPU, in bytes or with a K/M/G suffix (default 256M)",
     )
     parser.add_argument(
+        "--cpu-threads",
+        metavar="N",
+        type=positive_int,
+        default=None,
+        help="torch intra-op threads of each engine process on the CPU; ignored on a GPU "
+        "(default: 1 for gen, whose decode steps are many tiny ops that a second thread slows "
+        "down; torch's own, every core, for embed)",
+    )
+    parser.add_argument(
         "--max-model-len",
         metavar="N",
         type=positive_int,

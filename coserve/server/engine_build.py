@@ -7,6 +7,7 @@ with the HTTP stack, stays in the front process)."""
 from __future__ import annotations
 
 import argparse
+import logging
 
 from coserve.server.serve_flags import batched_tokens_problem, tokens_flag
 
@@ -33,6 +34,7 @@ def build_engine(args: argparse.Namespace):
         dtype=args.dtype,
         gpu_memory_utilization=args.gpu_memory_utilization,
         cpu_kv_cache_bytes=args.kv_cache_bytes,
+        cpu_threads=args.cpu_threads,
         max_model_len=args.max_model_len,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
@@ -43,6 +45,14 @@ def build_engine(args: argparse.Namespace):
         enable_expert_parallel=args.enable_expert_parallel,
         async_scheduling=not args.no_async_scheduling,
     )
+    from coserve.engine.cpu_threads import apply_cpu_threads
+
+    kind = "gen" if args.kind == "gen" else "embed"
+    if engine_args.device == "cpu":
+        threads = apply_cpu_threads(engine_args, kind)
+        logging.getLogger("coserve.server").info(
+            "%s engine on the CPU: %d intra-op thread%s", kind, threads, "s"[: threads > 1]
+        )
     if args.kind == "gen":
         from coserve.engine.gen_engine import GenEngine
 
