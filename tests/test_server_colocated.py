@@ -3,6 +3,7 @@ endpoint, both answering at once, and a SIGTERM stops the lot."""
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import sys
@@ -78,6 +79,17 @@ def test_both_endpoints_from_one_engine_process():
         assert post(server.url + "/v1/embeddings", {"input": "x"})[0] == 400
         assert post(embed_url + "/v1/completions", {"prompt": [1]})[0] == 400
         assert request(embed_url + "/metrics")[0] == 200
+        # one process, one thread count: gen's one-thread default is for a process of its own
+        log = Path(server.log.name).read_text()
+        counts = re.findall(r"(gen|embed) engine on the CPU: (\d+) intra-op thread", log)
+        assert {kind for kind, _ in counts} == {"gen", "embed"}, log
+        torch_default = subprocess.run(
+            [sys.executable, "-c", "import torch; print(torch.get_num_threads())"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        assert {n for _, n in counts} == {torch_default}, counts
         server.signal(signal.SIGTERM)
         assert server.proc.wait(30) == 0, server.log_tail()
         wait_for(lambda: not alive(core), what="the engine process to exit")

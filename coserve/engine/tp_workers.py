@@ -42,6 +42,7 @@ import torch
 import torch.multiprocessing as mp
 
 from coserve.engine import parallel
+from coserve.engine.cpu_threads import apply_cpu_threads
 from coserve.engine.messages import Call, Sent, Stop
 from coserve.engine.nccl_env import LOOPBACK_SOCKET_ENV, NO_MULTICAST_ENV, SOCKET_IFNAME_VARS
 from coserve.engine.presets import hf_config, tp_split_problem
@@ -391,8 +392,8 @@ def _worker_main(
         level=logging.WARNING, format=f"%(asctime)s %(levelname)s rank{rank} %(name)s: %(message)s"
     )
     device = torch.device(args.device)
-    if device.type == "cpu":  # the ranks share the cores
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.tensor_parallel_size))
+    if device.type == "cpu":
+        apply_cpu_threads(args, None)
     else:
         torch.cuda.set_device(device)
     parallel.init(

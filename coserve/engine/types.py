@@ -41,8 +41,9 @@ class EngineArgs:
     gpu_memory_utilization: float = 0.9
     # KV-cache budget in bytes on CPU, where "fraction of the device" means nothing.
     cpu_kv_cache_bytes: int = 256 << 20
-    # torch intra-op threads of the engine's process on the CPU; None: the engine's choice
-    # (cpu_threads.py: one for generation, torch's default for embeddings)
+    # torch intra-op threads of each of the engine's processes on the CPU; None: the engine's
+    # choice (cpu_threads.py: one for generation in a process of its own, a share of the
+    # cores per TP rank, torch's default otherwise)
     cpu_threads: int | None = None
     max_model_len: int | None = None
     max_num_seqs: int = 256

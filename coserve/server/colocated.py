@@ -305,9 +305,10 @@ def engine_args(args) -> dict[str, argparse.Namespace]:
         "max_num_batched_tokens": args.embed_max_num_batched_tokens,
         "tokens_flag": "--embed-max-num-batched-tokens",
         "enforce_eager": False,
+        "shared_process": True,
     }
     return {
-        "gen": argparse.Namespace(**{**vars(args), "kind": "gen"}),
+        "gen": argparse.Namespace(**{**vars(args), "kind": "gen", "shared_process": True}),
         "embed": argparse.Namespace(**{**vars(args), **embed}),
     }
 

@@ -15,6 +15,7 @@ import signal
 import sys
 import threading
 
+from coserve.engine.cpu_threads import cpu_threads_problem
 from coserve.engine.types import ALL_REDUCES, EngineArgs
 from coserve.server.engine_build import build_engine, serve_device
 from coserve.server.fields import RequestLimits
@@ -106,10 +107,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         type=positive_int,
         default=None,
-        help="torch intra-op threads of each engine process on the CPU; ignored on a GPU "
-        "(default: 1 for gen, whose decode steps are many tiny ops that a second thread slows "
-        "down; torch's own, every core, for embed)",
+        help="torch intra-op threads of each engine process on the CPU, at most its cores; "
+        "ignored on a GPU (default: 1 for gen, whose decode steps are many tiny ops that a "
+        "second thread slows down; an even share of the cores per tensor-parallel rank; "
+        "torch's own, every core, for embed and for colocated's one process)",
     )
+    # serve colocated builds both engines in one process (colocated.engine_args sets it)
+    parser.set_defaults(shared_process=False)
     parser.add_argument(
         "--max-model-len",
         metavar="N",
@@ -205,6 +209,10 @@ def _exit_quietly(signum, frame):
 def run(args) -> int:
     given = tokens_flag(args) if args.kind != "gen" else None
     why = misplaced(args, args.flag_kinds) or (given and batched_tokens_problem(*given))
+    if why:
+        print(f"coserve serve {args.kind}: {why}", file=sys.stderr)
+        return 2
+    why = cpu_threads_problem(args.cpu_threads)
     if why:
         print(f"coserve serve {args.kind}: {why}", file=sys.stderr)
         return 2

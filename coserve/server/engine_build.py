@@ -49,7 +49,7 @@ def build_engine(args: argparse.Namespace):
 
     kind = "gen" if args.kind == "gen" else "embed"
     if engine_args.device == "cpu":
-        threads = apply_cpu_threads(engine_args, kind)
+        threads = apply_cpu_threads(engine_args, kind, own_process=not args.shared_process)
         logging.getLogger("coserve.server").info(
             "%s engine on the CPU: %d intra-op thread%s", kind, threads, "s"[: threads > 1]
         )
