@@ -41,8 +41,8 @@ def test_tp_ranks_share_the_cores_unless_told():
     tp2 = EngineArgs("tiny-moe", device="cpu", tensor_parallel_size=2)
     share = max(1, usable_cores() // 2)
     assert engine_cpu_threads(tp2, "gen") == engine_cpu_threads(tp2, None) == share
-    assert engine_cpu_threads(EngineArgs("tiny-moe", device="cpu", tensor_parallel_size=2,
-                                         cpu_threads=1), None) == 1  # fmt: skip
+    told = EngineArgs("tiny-moe", device="cpu", tensor_parallel_size=2, cpu_threads=1)
+    assert engine_cpu_threads(told, None) == 1
 
 
 def test_engines_sharing_a_process_leave_torch_its_choice():
