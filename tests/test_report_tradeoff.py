@@ -411,6 +411,18 @@ def test_a_negative_cost_per_embed_is_read_for_the_user(open_run, monkeypatch):
     assert note.index("cost per embed).") < note.index("A negative one") < note.index("Taking")
 
 
+def test_taking_turns_names_the_device_the_run_had(open_run, monkeypatch):
+    """A CPU demo's report spoke of "taking turns on the GPU" (new-user check, 2026-12-02)."""
+    from coserve.report import sections
+
+    run = aggregate(open_run)
+    conds = [run.get("mps"), run.get("timeslice")]
+    for cpu, device in ((False, "GPU"), (True, "CPU")):
+        monkeypatch.setattr(sections, "on_cpu", lambda run, cpu=cpu: cpu)
+        note = sections.cost_note(run, conds)
+        assert f"Taking turns on the {device} (gen alone" in note, note
+
+
 def test_a_gen_sweep_holds_no_point_against_gen_alone(tmp_path):
     """The fallback to a baseline without the point is for the role the sweep leaves alone:
     in a gen concurrency sweep gen alone's load differs at every point, so a point whose

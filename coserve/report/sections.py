@@ -39,7 +39,7 @@ def strategy_text(run: RunStats, c) -> str:
 
 def cost_note(run: RunStats, conds) -> str:
     """The sentence that reads a "Gen tokens per embed" column ("" where none of `conds` has
-    one): what the figure is, and what taking turns on the GPU would trade in this run (gen
+    one): what the figure is, and what taking turns on the device would trade in this run (gen
     alone's tok/s over embed alone's seq/s at capacity), or that the run did not measure it."""
     costs = [v for v in map(run.gen_tokens_per_embed, conds) if v is not None]
     if not costs:
@@ -53,9 +53,10 @@ def cost_note(run: RunStats, conds) -> str:
             " A negative one: gen served more beside embed than alone (noise, or on a CPU how"
             " the OS scheduled them), so the embeddings cost it nothing this run could measure."
         )
+    device = "CPU" if on_cpu(run) else "GPU"
     text += (
-        " Taking turns on the GPU (gen alone, then embed alone at capacity) trades gen alone's"
-        " tok/s over embed alone's seq/s"
+        f" Taking turns on the {device} (gen alone, then embed alone at capacity) trades gen"
+        " alone's tok/s over embed alone's seq/s"
     )
     gen, cap = run.alone("gen"), embed_capacity(run)
     if gen is None or cap is None or not gen.mean("gen_tok_s"):
