@@ -39,14 +39,15 @@ def main(argv: list[str] | None = None) -> int:
         "--pair-inter",
         action="store_true",
         help="also time fused_moe (w13 tiled) with GEMM1's output at each pair's index, "
-        "gathered row by row by GEMM2, the layout before moe.SORTED_INTER",
+        "gathered row by row by GEMM2, the layout before SORTED_INTER "
+        "(coserve/engine/kernels/triton/moe.py)",
     )
     p.add_argument(
         "--scalar-b-scale",
         action="store_true",
         help="also time fused_moe (w13 tiled) and each GEMM with the weight-scale load "
-        "moe.SCALAR_B_SCALE does not pick: one scalar per K step ('scalar scale') or one "
-        "value per column ('per-column scales')",
+        "SCALAR_B_SCALE (coserve/engine/kernels/triton/moe.py) does not pick: one scalar per "
+        "K step ('scalar scale') or one value per column ('per-column scales')",
     )
     p.add_argument(
         "--sweep",
