@@ -31,6 +31,13 @@ class Fp8Activation:
     values: torch.Tensor
     scales: torch.Tensor
 
+    def check_stands_for(self, rows: int, cols: int) -> None:
+        """Raises ValueError unless `values` is [rows, cols], the shape of the x it replaces."""
+        if self.values.shape != (rows, cols):
+            raise ValueError(
+                f"x_fp8 holds {tuple(self.values.shape)} values for x of {(rows, cols)}"
+            )
+
 
 def _expand_scales(scale: torch.Tensor, shape: torch.Size, block: tuple[int, int]) -> torch.Tensor:
     """Repeat each block scale over its block and crop to the weight's shape."""

@@ -285,8 +285,8 @@ def fp8_linear(
     x2 = x.reshape(-1, K)
     M = x2.shape[0]
     out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
-    if x_fp8 is not None and x_fp8.values.shape != (M, K):
-        raise ValueError(f"x_fp8 holds {tuple(x_fp8.values.shape)} values for x of {(M, K)}")
+    if x_fp8 is not None:
+        x_fp8.check_stands_for(M, K)
     if _use_cublas(M, N, K, x.device):
         if x_fp8 is None:
             xq, xs = per_token_group_quant_fp8(x2, column_major_scales=True)

@@ -138,9 +138,8 @@ def fused_moe(
         assert H % 128 == 0 and inter % 128 == 0, "FP8 experts need H and I multiples of 128"
         if x_fp8 is None:
             a1, a1_s = per_token_group_quant_fp8(hidden_states)
-        elif x_fp8.values.shape != (T, H):
-            raise ValueError(f"x_fp8 holds {tuple(x_fp8.values.shape)} values for x of {(T, H)}")
         else:
+            x_fp8.check_stands_for(T, H)
             a1, a1_s = x_fp8.values, x_fp8.scales
         quant_out = cfg["BLOCK_N1"] == 128
         sorted_inter = quant_out and cfg.get("SORTED_INTER", SORTED_INTER)
