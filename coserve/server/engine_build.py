@@ -47,11 +47,10 @@ def build_engine(args: argparse.Namespace):
     )
     from coserve.engine.cpu_threads import apply_cpu_threads
 
-    kind = "gen" if args.kind == "gen" else "embed"
     if engine_args.device == "cpu":
-        threads = apply_cpu_threads(engine_args, kind, own_process=not args.shared_process)
+        threads = apply_cpu_threads(engine_args, args.kind, own_process=not args.shared_process)
         logging.getLogger("coserve.server").info(
-            "%s engine on the CPU: %d intra-op thread%s", kind, threads, "s"[: threads > 1]
+            "%s engine on the CPU: %d intra-op thread%s", args.kind, threads, "s"[: threads > 1]
         )
     if args.kind == "gen":
         from coserve.engine.gen_engine import GenEngine
