@@ -5,7 +5,7 @@ weight sets (2 x 1.2 GB at TP=1, past L2). Every other form's output is checked 
 row-major one's.
 
     python3 benchmarks/moe_layout.py [--tp 1] [--tokens 64,256,512,2048] [--sweep]
-                                     [--pair-inter] [--scalar-b-scale]
+                                     [--pair-inter] [--scalar-b-scale] [--swap-ab]
 
 Needs a CUDA GPU and Triton.
 """
@@ -48,6 +48,13 @@ def main(argv: list[str] | None = None) -> int:
         help="also time fused_moe (w13 tiled) and each GEMM with the weight-scale load "
         "SCALAR_B_SCALE (coserve/engine/kernels/triton/moe.py) does not pick: one scalar per "
         "K step ('scalar scale') or one value per column ('per-column scales')",
+    )
+    p.add_argument(
+        "--swap-ab",
+        action="store_true",
+        help="also time each GEMM with its operands swapped (moe_gemm_swap_ab.py) at BLOCK_M "
+        "16|32|64 x 4|8 warps x 3|4|5 stages (rows labelled BLOCK_M/warps/stages), then "
+        "fused_moe with each BLOCK_M's best pair",
     )
     p.add_argument(
         "--sweep",
@@ -157,11 +164,13 @@ def main(argv: list[str] | None = None) -> int:
             ("GEMM1", gemm1, tmoe.B_TMA1, w1_bytes, (sets[0][0], tiled[0][0])),
             ("GEMM2", gemm2, tmoe.B_TMA2, w2_bytes, (sets[0][2], tiled[0][2])),
         ):
+            # each GEMM as the engine launches it: row order and weight-scale load
             order = (
                 dict(c_sorted=tmoe.SORTED_INTER)
                 if gemm == "GEMM1"
                 else dict(a_sorted=tmoe.SORTED_INTER)
             )
+            order["scalar_b_scale"] = tmoe.SCALAR_B_SCALE
             for name, w in zip(("row-major", "tiled"), ws, strict=True):
                 args[2] = w
                 call = partial(moe_gemm.launch_gemm, *args, b_tma=tma, **order)
@@ -171,8 +180,7 @@ def main(argv: list[str] | None = None) -> int:
                         moe_gemm.launch_gemm,
                         *args,
                         b_tma=tma,
-                        scalar_b_scale=not tmoe.SCALAR_B_SCALE,
-                        **order,
+                        **dict(order, scalar_b_scale=not tmoe.SCALAR_B_SCALE),
                     )
                     ms = graph_time_ms([call], reps=15)
                     label = "scalar scale" if not tmoe.SCALAR_B_SCALE else "per-column scales"
@@ -185,7 +193,85 @@ def main(argv: list[str] | None = None) -> int:
                     ms = graph_time_ms([call], reps=15)
                     label = f"{group_m}/{warps}w/{stages}s"
                     report(f"    {gemm}, {name}", shape, ms, nbytes, 0.0, label)
+        if a.swap_ab:
+            swap_sweep(x, routed, weights, want, shape, T, inter, w1_bytes, w2_bytes)
     return 0
+
+
+def swap_sweep(x, routed, weights, want, shape, T, inter, w1_bytes, w2_bytes) -> None:
+    """Each GEMM with its operands swapped, w13 tiled and w2 row-major (the engine's layout),
+    over BLOCK_M x warps x stages; then fused_moe with each BLOCK_M's fastest GEMM1 and GEMM2,
+    checked against the unswapped output `want`."""
+    from kernel_timing import graph_time_ms, report
+    from kernels_moe import _moe_bytes
+
+    from coserve.engine.kernels import triton as tk
+    from coserve.engine.kernels.triton import moe as tmoe
+    from coserve.engine.kernels.triton import moe_gemm
+
+    w13, s13, w2, s2 = weights("w13 tiled", 0)
+    wts, ids = routed[0]
+    pairs = T * K_TOP
+    a1, a1s = tk.per_token_group_quant_fp8(x[0])
+    topw = wts.reshape(-1).float()
+    out_pairs = torch.empty(pairs, H, device="cuda", dtype=torch.bfloat16)
+    for bm in (16, 32, 64):
+        sorted_ids, expert_ids, npp = tk.moe_align(ids, E, bm)
+        rows = sorted_ids.shape[0]
+        inter_q = torch.empty(rows, inter, device="cuda", dtype=torch.float8_e4m3fn)
+        inter_s = torch.empty(rows, inter // 128, device="cuda", dtype=torch.float32)
+        best = {}
+        for gemm, nbytes in (("GEMM1", w1_bytes), ("GEMM2", w2_bytes)):
+            for warps, stages in itertools.product((4, 8), (3, 4, 5)):
+                if gemm == "GEMM1":
+                    call = partial(
+                        moe_gemm.launch_gemm,
+                        a1, a1s, w13, s13, inter_q, inter_s, None, sorted_ids, expert_ids, npp,
+                        inter, H, inter, pairs, K_TOP, True, True, False, bm, 128, 8, warps,
+                        stages, c_sorted=True, swap_ab=True,
+                    )  # fmt: skip
+                else:
+                    call = partial(
+                        moe_gemm.launch_gemm,
+                        inter_q, inter_s, w2, s2, out_pairs, None, topw, sorted_ids,
+                        expert_ids, npp, H, inter, 0, pairs, 1, False, False, True, bm, 128, 8,
+                        warps, stages, b_tma=True, a_sorted=True, swap_ab=True,
+                    )  # fmt: skip
+                label = f"{bm}/{warps}w/{stages}s"
+                try:
+                    ms = graph_time_ms([call], reps=15)
+                except Exception as e:  # a tile past shared memory: say so, go on
+                    print(f"    {gemm}, swap AB {label}: {type(e).__name__}: {str(e)[:120]}")
+                    continue
+                report(f"    {gemm}, swap AB", shape, ms, nbytes, 0.0, label)
+                if gemm not in best or ms < best[gemm][0]:
+                    best[gemm] = (ms, warps, stages)
+        if len(best) < 2:
+            continue
+        (_, w1, st1), (_, w2_, st2) = best["GEMM1"], best["GEMM2"]
+        cfg = dict(
+            tmoe.default_config(T), BLOCK_M=bm, SWAP_AB1=True, SWAP_AB2=True,
+            num_warps1=w1, num_stages1=st1, num_warps2=w2_, num_stages2=st2,
+        )  # fmt: skip
+        calls = []
+        for i in range(len(routed)):
+            w13_i, s13_i, w2_i, s2_i = weights("w13 tiled", i)
+            wts_i, ids_i = routed[i]
+            calls.append(
+                lambda x=x[i], w=(w13_i, w2_i, wts_i, ids_i, s13_i, s2_i), c=cfg: tk.fused_moe(
+                    x, *w[:4], *w[4:], (128, 128), c
+                )
+            )
+        out = calls[0]()
+        err = float((out.float() - want.float()).abs().max())
+        report(
+            "fused_moe, w13 tiled, swap AB",
+            shape,
+            graph_time_ms(calls, reps=15),
+            _moe_bytes(T, E, K_TOP, H, inter),
+            0.0,
+            f"{bm}/{w1}w/{st1}s + {w2_}w/{st2}s max|diff| {err:.1e}",
+        )
 
 
 if __name__ == "__main__":

@@ -452,6 +452,34 @@ def test_fused_moe_scalar_weight_scales_equal_per_column_ones(T, tiled):
     assert torch.equal(got, base)
 
 
+@pytest.mark.parametrize("tiled", [False, True])
+@pytest.mark.parametrize("foreign", [False, True])
+@pytest.mark.parametrize("T, block_m", [(5, 16), (40, 32), (300, 64)])
+def test_fused_moe_swapped_operands_match_the_unswapped_gemms(T, block_m, foreign, tiled):
+    """GEMM1 and GEMM2 with their operands swapped (SWAP_AB1/2: the weights on the tensor
+    core's M side) give the unswapped GEMMs' result up to float rounding order, each alone and
+    both, with expert parallelism's foreign pairs, in pair and sorted intermediate order."""
+    from coserve.engine.kernels.expert_layout import tile_experts
+
+    g = gen(29)
+    E, H, inter, k = (16, 512, 256, 4) if ON_GPU else (4, 256, 256, 2)
+    w13, w2, s13, s2 = _moe_weights(E, H, inter, g, True)
+    if tiled:
+        w13 = tile_experts(w13)
+    x = randn(T, H, g=g)
+    weights, ids = tk().topk_softmax(randn(T, E, g=g), k, True)
+    if foreign:
+        ids = torch.where(ids % 3 == 0, E, ids).to(torch.int32)
+    args = (x, w13, w2, weights, ids, s13, s2, BLOCK)
+    for sorted_inter in (False, True):
+        tiles = dict(BLOCK_M=block_m, SORTED_INTER=sorted_inter, SWAP_AB1=False, SWAP_AB2=False)
+        base = tk().fused_moe(*args, config=tiles, foreign=foreign)
+        assert base.abs().sum() > 0
+        for swap in (dict(SWAP_AB1=True), dict(SWAP_AB2=True), dict(SWAP_AB1=True, SWAP_AB2=True)):
+            got = tk().fused_moe(*args, config=dict(tiles, **swap), foreign=foreign)
+            assert rel_err(got, base) < 1e-2, (swap, sorted_inter)
+
+
 def test_fused_moe_refuses_a_stored_tile_unlike_its_own():
     from coserve.engine.kernels.expert_layout import tile_experts
 

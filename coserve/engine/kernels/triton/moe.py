@@ -49,6 +49,9 @@ SORTED_INTER = True
 # 207.7 -> 199.6 us at T=512 (GEMM1 130.8 -> 122.9, GEMM2 70.0 -> 68.0), 430.7 -> 385.5 at
 # T=2048; engine_gen offline 28,520 -> 29,421 tok/s in the same session.
 SCALAR_B_SCALE = True
+# Whether GEMM1 / GEMM2 run with their operands swapped (config keys SWAP_AB1 / SWAP_AB2;
+# moe_gemm_swap_ab.py): the weights on the tensor core's M side, BLOCK_M tokens on its N side.
+SWAP_AB1, SWAP_AB2 = False, False
 
 
 def default_config(num_tokens: int, fp8: bool = True) -> dict:
@@ -58,7 +61,8 @@ def default_config(num_tokens: int, fp8: bool = True) -> dict:
     `B_TMA1` / `B_TMA2` (default: the module's) read GEMM1's / GEMM2's expert weights by TMA
     where their shape allows (`moe_gemm.tma_fits`); weights stored tiled are always read by TMA;
     `SORTED_INTER` (default: the module's) has GEMM2 read its input in sorted order, by TMA;
-    `SCALAR_B_SCALE` (default: the module's) loads each K step's weight scale as a scalar."""
+    `SCALAR_B_SCALE` (default: the module's) loads each K step's weight scale as a scalar;
+    `SWAP_AB1` / `SWAP_AB2` (default: the module's) swap GEMM1's / GEMM2's operands."""
     if num_tokens <= 128:
         return dict(
             BLOCK_M=16,
@@ -186,6 +190,7 @@ def fused_moe(
         b_tma=cfg.get("B_TMA1", B_TMA1),
         c_sorted=sorted_inter,
         scalar_b_scale=cfg.get("SCALAR_B_SCALE", SCALAR_B_SCALE),
+        swap_ab=cfg.get("SWAP_AB1", SWAP_AB1),
     )
 
     if fp8 and not quant_out:
@@ -220,5 +225,6 @@ def fused_moe(
         b_tma=cfg.get("B_TMA2", B_TMA2),
         a_sorted=sorted_inter,
         scalar_b_scale=cfg.get("SCALAR_B_SCALE", SCALAR_B_SCALE),
+        swap_ab=cfg.get("SWAP_AB2", SWAP_AB2),
     )
     return moe_sum(out_pairs, k)

@@ -15,6 +15,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..expert_layout import expert_shape, is_tiled
 from .fp8 import FP8_MAX
+from .moe_gemm_swap_ab import _moe_gemm_swap_ab_kernel
 
 
 @triton.jit
@@ -255,9 +256,12 @@ def launch_gemm(
     a_sorted=False,
     c_sorted=False,
     scalar_b_scale=False,
+    swap_ab=False,
 ):
     """Launch one grouped GEMM (arguments as `_moe_gemm_kernel`'s). `scalar_b_scale` (FP8,
-    block_n 128 only; ignored otherwise) loads each K step's weight scale as one scalar."""
+    block_n 128 only; ignored otherwise) loads each K step's weight scale as one scalar.
+    `swap_ab` launches `_moe_gemm_swap_ab_kernel` (moe_gemm_swap_ab.py) instead where it
+    applies: FP8, block_n 128, weights tiled or fit for TMA (`tma_fits`); else it is ignored."""
     fp8 = b.dtype == torch.float8_e4m3fn
     block_k = 128 if fp8 else 64
     num_pid_m = sorted_ids.shape[0] // block_m
@@ -265,13 +269,58 @@ def launch_gemm(
     dummy = c
     tiled = is_tiled(b)
     num_experts, b_rows, _ = expert_shape(b)
+    fits = not tiled and tma_fits(b, N, K, up_offset, block_n, block_k)
     if tiled:
         b_arg, b_tma = _tiled_descriptor(b, block_n, block_k), False
-    elif b_tma and tma_fits(b, N, K, up_offset, block_n, block_k):
+    elif (b_tma or swap_ab) and fits:
         b_arg = TensorDescriptor.from_tensor(b.view(-1, K), [block_n, block_k])
     else:
         b_arg, b_tma = b, False
     a_arg = TensorDescriptor.from_tensor(a, [block_m, block_k]) if a_sorted else a
+    if swap_ab and fp8 and block_n == 128 and (tiled or fits):
+        _moe_gemm_swap_ab_kernel[grid](
+            a_arg,
+            a_s,
+            b_arg,
+            b_s,
+            c,
+            c_s if c_s is not None else dummy,
+            topk_w if topk_w is not None else dummy,
+            sorted_ids,
+            expert_ids,
+            num_post_pad,
+            N,
+            K,
+            up_offset,
+            num_valid,
+            num_pid_m,
+            num_experts,
+            b_rows,
+            a.stride(0),
+            a_s.stride(0),
+            a_s.stride(1),
+            b_s.stride(0),
+            b_s.stride(1),
+            c.stride(0),
+            c_s.stride(0) if c_s is not None else 0,
+            A_ROW_DIV=a_row_div,
+            GATED=gated,
+            QUANT_OUT=quant_out,
+            MUL_WEIGHT=mul_weight,
+            FP8_MAX=FP8_MAX,
+            FOREIGN=foreign,
+            TILED=tiled,
+            A_SORTED=a_sorted,
+            C_SORTED=c_sorted,
+            SCALE_GROUP=128,
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            BLOCK_K=block_k,
+            GROUP_M=group_m,
+            num_warps=num_warps,
+            num_stages=num_stages,
+        )
+        return
     _moe_gemm_kernel[grid](
         a_arg,
         a_s if a_s is not None else dummy,

@@ -1,0 +1,154 @@
+"""The MoE grouped GEMM with its operands swapped ("swap AB"): each program computes the
+transposed tile C^T [BLOCK_N, BLOCK_M] = W[e] [BLOCK_N, K] @ A^T [K, BLOCK_M], so that the
+expert's weight rows fill the tensor core's M side (64 rows a warpgroup on Hopper) and the few
+tokens an expert gets at decode (T*k/E: 32 at the study's C=512) its N side, which may be as
+small as 16. `_moe_gemm_kernel` (moe_gemm.py) puts the tokens on the M side, which Hopper's
+warpgroup MMA takes 64 rows at a time, so at decode about half of each 64-row tile is padding
+and its accumulators (64 x 128 per product) hold one program per SM. Here a 32-token tile's
+products need half those registers and less shared memory per stage.
+
+Same arguments, masks and epilogues as `_moe_gemm_kernel` (FP8 only; weights by TMA, tiled or
+row-major; one weight scale per K step, BLOCK_N == 128); `moe_gemm.launch_gemm(swap_ab=True)`
+launches it. The result is the same product up to float rounding order."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _moe_gemm_swap_ab_kernel(
+    a_ptr,
+    as_ptr,
+    b_ptr,
+    bs_ptr,
+    c_ptr,
+    cs_ptr,
+    topk_w_ptr,
+    sorted_ids_ptr,
+    expert_ids_ptr,
+    num_post_pad_ptr,
+    N,
+    K,
+    up_offset,
+    num_valid,
+    num_pid_m,
+    num_experts,
+    b_rows,
+    stride_am,
+    stride_asm,
+    stride_asg,
+    stride_bse,
+    stride_bsn,
+    stride_cm,
+    stride_csm,
+    A_ROW_DIV: tl.constexpr,
+    GATED: tl.constexpr,
+    QUANT_OUT: tl.constexpr,
+    MUL_WEIGHT: tl.constexpr,
+    FP8_MAX: tl.constexpr,
+    FOREIGN: tl.constexpr,
+    TILED: tl.constexpr,
+    A_SORTED: tl.constexpr,
+    C_SORTED: tl.constexpr,
+    SCALE_GROUP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    group = GROUP_M * num_pid_n
+    first_m = (pid // group) * GROUP_M
+    gm = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % gm
+    pid_n = (pid % group) // gm
+    if pid_m * BLOCK_M >= tl.load(num_post_pad_ptr):
+        return
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pair = tl.load(sorted_ids_ptr + offs_m)
+    row_mask = pair < num_valid
+    if A_SORTED:
+        a_row = offs_m.to(tl.int64)
+    else:
+        a_row = (pair // A_ROW_DIV).to(tl.int64)
+    expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    if FOREIGN:
+        if expert >= num_experts:
+            if MUL_WEIGHT:
+                zero = tl.zeros([BLOCK_M, BLOCK_N], dtype=c_ptr.dtype.element_ty)
+                tl.store(
+                    c_ptr + pair.to(tl.int64)[:, None] * stride_cm + offs_n[None, :],
+                    zero,
+                    mask=row_mask[:, None] & n_mask[None, :],
+                )
+            return
+    offs_k = tl.arange(0, BLOCK_K)
+    if not A_SORTED:
+        a_ptrs = a_ptr + a_row[:, None] * stride_am + offs_k[None, :]
+    if TILED:
+        k_tiles = K // BLOCK_K
+        gate_tile = (expert * (b_rows // BLOCK_N) + pid_n) * k_tiles
+        up_tile = gate_tile + (up_offset // BLOCK_N) * k_tiles
+    else:
+        b_row = (expert * b_rows + pid_n * BLOCK_N).to(tl.int32)
+    # C^T's columns are the tokens: each K step scales column j by its token's activation
+    # scale times the tile's one weight scale (BLOCK_N == SCALE_GROUP)
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    if GATED:
+        acc2 = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    as_ptrs = as_ptr + a_row * stride_asm
+    bs_base = bs_ptr + expert * stride_bse
+    bs_ptrs = bs_base + (pid_n * BLOCK_N // SCALE_GROUP) * stride_bsn
+    if GATED:
+        bs2_ptrs = bs_base + ((pid_n * BLOCK_N + up_offset) // SCALE_GROUP) * stride_bsn
+
+    for kb in range(0, K // BLOCK_K):
+        if A_SORTED:
+            # padding rows hold whatever was there: their columns of C^T are never stored
+            a = a_ptr.load([(pid_m * BLOCK_M).to(tl.int32), kb * BLOCK_K])
+        else:
+            a = tl.load(a_ptrs, mask=row_mask[:, None], other=0.0)
+        if TILED:
+            w = b_ptr.load([((gate_tile + kb) * BLOCK_N).to(tl.int32), 0])
+            if GATED:
+                w2 = b_ptr.load([((up_tile + kb) * BLOCK_N).to(tl.int32), 0])
+        else:
+            w = b_ptr.load([b_row, kb * BLOCK_K])
+            if GATED:
+                w2 = b_ptr.load([b_row + up_offset, kb * BLOCK_K])
+        a_s = tl.load(as_ptrs + kb * stride_asg, mask=row_mask, other=0.0)
+        acc += tl.dot(w, a.T) * (a_s * tl.load(bs_ptrs + kb))[None, :]
+        if GATED:
+            acc2 += tl.dot(w2, a.T) * (a_s * tl.load(bs2_ptrs + kb))[None, :]
+        if not A_SORTED:
+            a_ptrs += BLOCK_K
+
+    if GATED:
+        acc = acc / (1.0 + tl.exp(-acc)) * acc2
+    out = tl.trans(acc)
+    if MUL_WEIGHT:
+        wt = tl.load(topk_w_ptr + pair, mask=row_mask, other=0.0)
+        out = out * wt[:, None]
+    c_row = offs_m.to(tl.int64) if C_SORTED else pair.to(tl.int64)
+    if QUANT_OUT:
+        amax = tl.max(tl.abs(tl.where(n_mask[None, :], out, 0.0)), 1)
+        s = tl.maximum(amax, 1e-10) / FP8_MAX
+        q = tl.clamp(out / s[:, None], -FP8_MAX, FP8_MAX)
+        tl.store(
+            c_ptr + c_row[:, None] * stride_cm + offs_n[None, :],
+            q.to(c_ptr.dtype.element_ty),
+            mask=row_mask[:, None] & n_mask[None, :],
+        )
+        tl.store(cs_ptr + c_row * stride_csm + pid_n, s, mask=row_mask)
+    else:
+        tl.store(
+            c_ptr + c_row[:, None] * stride_cm + offs_n[None, :],
+            out.to(c_ptr.dtype.element_ty),
+            mask=row_mask[:, None] & n_mask[None, :],
+        )
