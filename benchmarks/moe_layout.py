@@ -171,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
                 else dict(a_sorted=tmoe.SORTED_INTER)
             )
             order["scalar_b_scale"] = tmoe.SCALAR_B_SCALE
+            order["swap_ab"] = cfg.get(f"SWAP_AB{gemm[-1]}", getattr(tmoe, f"SWAP_AB{gemm[-1]}"))
             for name, w in zip(("row-major", "tiled"), ws, strict=True):
                 args[2] = w
                 call = partial(moe_gemm.launch_gemm, *args, b_tma=tma, **order)

@@ -85,6 +85,22 @@ def default_config(num_tokens: int, fp8: bool = True) -> dict:
             num_warps2=4,
             num_stages2=4,
         )
+    if fp8 and num_tokens <= 512:
+        # the study's decode (C=512): swapped operands, 32 tokens a tile (H200, 2026-12-02,
+        # benchmarks/moe_layout.py --swap-ab: fused_moe 201.0 -> 197.2 us at T=512, 189.4 ->
+        # 170.1 at T=256; BLOCK_M 16 and 64 slower)
+        return dict(
+            BLOCK_M=32,
+            BLOCK_N1=128,
+            BLOCK_N2=128,
+            GROUP_M=8,
+            num_warps1=4,
+            num_stages1=3,
+            num_warps2=4,
+            num_stages2=3,
+            SWAP_AB1=True,
+            SWAP_AB2=True,
+        )
     return dict(
         BLOCK_M=64,
         BLOCK_N1=128,
