@@ -22,6 +22,7 @@ from coserve.engine.kernels.triton import moe as M  # noqa: E402
 from coserve.engine.kernels.triton import moe_gemm  # noqa: E402
 from coserve.engine.kernels.triton.fp8 import FP8_MAX, per_token_group_quant_fp8  # noqa: E402
 from coserve.engine.kernels.triton.moe_routing import moe_align  # noqa: E402
+from coserve.engine.kernels.triton.tile_order import grouped_tile  # noqa: E402
 
 
 @triton.jit
@@ -73,11 +74,7 @@ def _gemm1_desc(
 ):
     pid = tl.program_id(0)
     num_pid_n = up_offset // BLOCK_N
-    group = GROUP_M * num_pid_n
-    first_m = (pid // group) * GROUP_M
-    gm = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group) % gm
-    pid_n = (pid % group) // gm
+    pid_m, pid_n = grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M)
     if pid_m * BLOCK_M >= tl.load(num_post_pad_ptr):
         return
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)

@@ -16,6 +16,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from ..expert_layout import expert_shape, is_tiled
 from .fp8 import FP8_MAX
 from .moe_gemm_swap_ab import _moe_gemm_swap_ab_kernel
+from .tile_order import grouped_tile
 
 
 @triton.jit
@@ -66,11 +67,7 @@ def _moe_gemm_kernel(
 ):
     pid = tl.program_id(0)
     num_pid_n = tl.cdiv(N, BLOCK_N)
-    group = GROUP_M * num_pid_n
-    first_m = (pid // group) * GROUP_M
-    gm = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group) % gm
-    pid_n = (pid % group) // gm
+    pid_m, pid_n = grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M)
     if pid_m * BLOCK_M >= tl.load(num_post_pad_ptr):
         return
 
