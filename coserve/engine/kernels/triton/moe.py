@@ -55,9 +55,11 @@ SWAP_AB1, SWAP_AB2 = False, False
 
 
 def default_config(num_tokens: int, fp8: bool = True) -> dict:
-    """Tile configuration for both GEMMs (measured on H100 at E=128, k=8, H=2048, I=768: see
-    docs/kernels.md); the benchmark sweeps alternatives. With BLOCK_M >= the typical rows per
-    expert (T*k/E), each expert's weights stream from DRAM once per step. Besides the tiles,
+    """Tile configuration for both GEMMs (measured on H100 and H200 at E=128, k=8, H=2048,
+    I=768: see docs/kernels.md); benchmarks/moe_layout.py sweeps alternatives. With BLOCK_M >=
+    the typical rows per expert (T*k/E), each expert's weights stream from DRAM once per step;
+    at 256 <= T <= 512 (FP8) both GEMMs swap their operands (BLOCK_M = tokens a tile on the
+    MMA's N side, moe_gemm_swap_ab.py). Besides the tiles,
     `B_TMA1` / `B_TMA2` (default: the module's) read GEMM1's / GEMM2's expert weights by TMA
     where their shape allows (`moe_gemm.tma_fits`); weights stored tiled are always read by TMA;
     `SORTED_INTER` (default: the module's) has GEMM2 read its input in sorted order, by TMA;
