@@ -58,7 +58,7 @@ def default_config(num_tokens: int, fp8: bool = True) -> dict:
     """Tile configuration for both GEMMs (measured on H100 and H200 at E=128, k=8, H=2048,
     I=768: see docs/kernels.md); benchmarks/moe_layout.py sweeps alternatives. With BLOCK_M >=
     the typical rows per expert (T*k/E), each expert's weights stream from DRAM once per step;
-    at 256 <= T <= 512 (FP8) both GEMMs swap their operands (BLOCK_M = tokens a tile on the
+    at 128 < T <= 512 (FP8) both GEMMs swap their operands (BLOCK_M = tokens a tile on the
     MMA's N side, moe_gemm_swap_ab.py). Besides the tiles,
     `B_TMA1` / `B_TMA2` (default: the module's) read GEMM1's / GEMM2's expert weights by TMA
     where their shape allows (`moe_gemm.tma_fits`); weights stored tiled are always read by TMA;
@@ -76,7 +76,7 @@ def default_config(num_tokens: int, fp8: bool = True) -> dict:
             num_warps2=4,
             num_stages2=4,
         )
-    if num_tokens < 256:
+    if not fp8 and num_tokens < 256:
         return dict(
             BLOCK_M=32,
             BLOCK_N1=128,
@@ -88,9 +88,9 @@ def default_config(num_tokens: int, fp8: bool = True) -> dict:
             num_stages2=4,
         )
     if fp8 and num_tokens <= 512:
-        # the study's decode (C=512): swapped operands, 32 tokens a tile (H200, 2026-12-02,
+        # decode up to the study's C=512: swapped operands, 32 tokens a tile (H200, 2026-12-02,
         # benchmarks/moe_layout.py --swap-ab: fused_moe 201.0 -> 197.2 us at T=512, 189.4 ->
-        # 170.1 at T=256; BLOCK_M 16 and 64 slower)
+        # 170.1 at T=256, 176.2 -> 170.1 at T=192; BLOCK_M 16 and 64 slower)
         return dict(
             BLOCK_M=32,
             BLOCK_N1=128,
