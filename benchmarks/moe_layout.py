@@ -47,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also time fused_moe (w13 tiled) and each GEMM with the weight-scale load "
         "SCALAR_B_SCALE (coserve/engine/kernels/triton/moe.py) does not pick: one scalar per "
-        "K step ('scalar scale') or one value per column ('per-column scales')",
+        "K step ('scalar scale') or one value per column ('per-column scales'), with the "
+        "GEMMs unswapped (swapped ones always load one scale per K step)",
     )
     p.add_argument(
         "--swap-ab",
@@ -114,7 +115,9 @@ def main(argv: list[str] | None = None) -> int:
         if a.scalar_b_scale:
             scalar = not tmoe.SCALAR_B_SCALE
             label = "w13 tiled, " + ("scalar scale" if scalar else "per-column scales")
-            cases.append((label, "w13 tiled", dict(SCALAR_B_SCALE=scalar)))
+            # the swapped GEMMs always load one scale per K step: compare unswapped ones
+            unswapped = dict(SWAP_AB1=False, SWAP_AB2=False)
+            cases.append((label, "w13 tiled", dict(unswapped, SCALAR_B_SCALE=scalar)))
         for label, layout, config in cases:
             calls = []
             for i in range(len(sets)):
@@ -181,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
                         moe_gemm.launch_gemm,
                         *args,
                         b_tma=tma,
-                        **dict(order, scalar_b_scale=not tmoe.SCALAR_B_SCALE),
+                        **dict(order, scalar_b_scale=not tmoe.SCALAR_B_SCALE, swap_ab=False),
                     )
                     ms = graph_time_ms([call], reps=15)
                     label = "scalar scale" if not tmoe.SCALAR_B_SCALE else "per-column scales"

@@ -51,6 +51,8 @@ SORTED_INTER = True
 SCALAR_B_SCALE = True
 # Whether GEMM1 / GEMM2 run with their operands swapped (config keys SWAP_AB1 / SWAP_AB2;
 # moe_gemm_swap_ab.py): the weights on the tensor core's M side, BLOCK_M tokens on its N side.
+# `default_config` turns both on where they were measured faster (FP8, 128 < T <= 512); these
+# are the values for a config that names neither.
 SWAP_AB1, SWAP_AB2 = False, False
 
 
