@@ -53,9 +53,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--swap-ab",
         action="store_true",
-        help="also time each GEMM with its operands swapped (moe_gemm_swap_ab.py) at BLOCK_M "
-        "16|32|64 x 4|8 warps x 3|4|5 stages (rows labelled BLOCK_M/warps/stages), then "
-        "fused_moe with each BLOCK_M's best pair",
+        help="also time each GEMM with its operands swapped "
+        "(coserve/engine/kernels/triton/moe_gemm_swap_ab.py: the weights on the tensor core's "
+        "M side, the few tokens an expert gets at decode on its N side; the engine's choice "
+        "for FP8 at 128 < T <= 512, docs/kernels.md) at BLOCK_M 16|32|64 x 4|8 warps x "
+        "3|4|5 stages (rows labelled BLOCK_M/warps/stages), then fused_moe with each "
+        "BLOCK_M's best pair",
     )
     p.add_argument(
         "--sweep",

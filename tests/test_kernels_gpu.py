@@ -520,13 +520,15 @@ def _rank_moe(inter, fp8, shard):
 
 @pytest.mark.parametrize("fp8, inter", [(True, 256), (False, 128)])
 @pytest.mark.parametrize("expert_parallel", [False, True])
-def test_fused_moe_of_two_ranks_sums_to_one_rank(fp8, inter, expert_parallel):
+@pytest.mark.parametrize("T", [24, 200])
+def test_fused_moe_of_two_ranks_sums_to_one_rank(fp8, inter, expert_parallel, T):
     """What Qwen3MoE's ranks compute before the all-reduce: each rank's window (half of
     every expert's intermediate dimension: FP8 kept, the FP8 groups those of one rank; or
-    whole experts, the other rank's ids mapped to E) sums to the one-rank result."""
+    whole experts, the other rank's ids mapped to E) sums to the one-rank result. T=200 takes
+    the swapped GEMMs (FP8)."""
     g = gen(17)
-    x = randn(24, 256, g=g)
-    weights, ids = tk().topk_softmax(randn(24, 8, g=g), 2, True)
+    x = randn(T, 256, g=g)
+    weights, ids = tk().topk_softmax(randn(T, 8, g=g), 2, True)
     blk = BLOCK if fp8 else None
     whole = _rank_moe(inter, fp8, {})
     assert (whole.quant is not None) == fp8

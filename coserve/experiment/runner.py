@@ -348,7 +348,8 @@ class Runner:
                     if not sampler.available and not self._telemetry_noted:
                         self._telemetry_noted = True
                         if self.progress:
-                            self.progress.message(f"    telemetry: {sampler.status()}")
+                            # a state, not a failure: CPU runs have nothing to sample
+                            self.progress.message(f"    telemetry off: {sampler.status()}")
                 trace = None
                 if "embed" in urls and cond.server(self.spec, "embed").slo_guard:
                     trace = self.backend.guard_trace(
