@@ -483,6 +483,23 @@ def test_fused_moe_swapped_operands_match_the_unswapped_gemms(T, block_m, foreig
             assert rel_err(got, base) < 1e-2, (swap, sorted_inter)
 
 
+@pytest.mark.parametrize("fp8, cfg", [(False, {}), (True, dict(BLOCK_N1=64, BLOCK_N2=64))])
+def test_fused_moe_asked_to_swap_where_it_cannot_runs_unswapped(fp8, cfg):
+    """SWAP_AB asked of bf16 experts or of 64-wide weight tiles (the swapped GEMM needs FP8
+    and one 128-row scale block a tile): the unswapped GEMMs run, with their own weight reads,
+    and give their result exactly."""
+    g = gen(31)
+    E, H, inter, k, T = (16, 512, 256, 4, 200) if ON_GPU else (4, 256, 256, 2, 40)
+    w13, w2, s13, s2 = _moe_weights(E, H, inter, g, fp8)
+    x = randn(T, H, g=g)
+    weights, ids = tk().topk_softmax(randn(T, E, g=g), k, True)
+    args = (x, w13, w2, weights, ids, s13, s2, BLOCK if fp8 else None)
+    tiles = dict(cfg, BLOCK_M=32, B_TMA1=False, B_TMA2=False)
+    base = tk().fused_moe(*args, config=dict(tiles, SWAP_AB1=False, SWAP_AB2=False))
+    got = tk().fused_moe(*args, config=dict(tiles, SWAP_AB1=True, SWAP_AB2=True))
+    assert torch.equal(got, base) and base.abs().sum() > 0
+
+
 def test_fused_moe_refuses_a_stored_tile_unlike_its_own():
     from coserve.engine.kernels.expert_layout import tile_experts
 

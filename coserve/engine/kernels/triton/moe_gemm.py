@@ -15,6 +15,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..expert_layout import expert_shape, is_tiled
 from .fp8 import FP8_MAX
+from .moe_gemm_parts import block_rows, store_tile, store_zeros
 from .moe_gemm_swap_ab import _moe_gemm_swap_ab_kernel
 from .tile_order import grouped_tile
 
@@ -71,14 +72,10 @@ def _moe_gemm_kernel(
     if pid_m * BLOCK_M >= tl.load(num_post_pad_ptr):
         return
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    pair = tl.load(sorted_ids_ptr + offs_m)
-    row_mask = pair < num_valid
-    if A_SORTED:
-        # a_ptr is a descriptor over A's rows in sorted order (GEMM1 wrote them so)
-        a_row = offs_m.to(tl.int64)
-    else:
-        a_row = (pair // A_ROW_DIV).to(tl.int64)
+    # with A_SORTED, a_ptr is a descriptor over A's rows in sorted order (GEMM1 wrote them so)
+    offs_m, pair, row_mask, a_row = block_rows(
+        pid_m, sorted_ids_ptr, num_valid, A_ROW_DIV, A_SORTED, BLOCK_M
+    )
     expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
@@ -86,12 +83,7 @@ def _moe_gemm_kernel(
         if expert >= num_experts:
             # pairs of experts another rank holds: no product; the output GEMM writes zeros
             if MUL_WEIGHT:
-                zero = tl.zeros([BLOCK_M, BLOCK_N], dtype=c_ptr.dtype.element_ty)
-                tl.store(
-                    c_ptr + pair.to(tl.int64)[:, None] * stride_cm + offs_n[None, :],
-                    zero,
-                    mask=row_mask[:, None] & n_mask[None, :],
-                )
+                store_zeros(c_ptr, pair, row_mask, offs_n, n_mask, stride_cm, BLOCK_M, BLOCK_N)
             return
     offs_k = tl.arange(0, BLOCK_K)
 
@@ -174,27 +166,10 @@ def _moe_gemm_kernel(
 
     if GATED:
         acc = acc / (1.0 + tl.exp(-acc)) * acc2
-    if MUL_WEIGHT:
-        w = tl.load(topk_w_ptr + pair, mask=row_mask, other=0.0)
-        acc = acc * w[:, None]
-    c_row = offs_m.to(tl.int64) if C_SORTED else pair.to(tl.int64)
-    if QUANT_OUT:
-        # BLOCK_N == SCALE_GROUP: one FP8 group per row of this tile
-        amax = tl.max(tl.abs(tl.where(n_mask[None, :], acc, 0.0)), 1)
-        s = tl.maximum(amax, 1e-10) / FP8_MAX
-        q = tl.clamp(acc / s[:, None], -FP8_MAX, FP8_MAX)
-        tl.store(
-            c_ptr + c_row[:, None] * stride_cm + offs_n[None, :],
-            q.to(c_ptr.dtype.element_ty),
-            mask=row_mask[:, None] & n_mask[None, :],
-        )
-        tl.store(cs_ptr + c_row * stride_csm + pid_n, s, mask=row_mask)
-    else:
-        tl.store(
-            c_ptr + c_row[:, None] * stride_cm + offs_n[None, :],
-            acc.to(c_ptr.dtype.element_ty),
-            mask=row_mask[:, None] & n_mask[None, :],
-        )
+    store_tile(
+        acc, c_ptr, cs_ptr, topk_w_ptr, offs_m, pair, row_mask, offs_n, n_mask, pid_n,
+        stride_cm, stride_csm, MUL_WEIGHT, QUANT_OUT, C_SORTED, FP8_MAX,
+    )  # fmt: skip
 
 
 def tma_fits(b: torch.Tensor, N: int, K: int, up_offset: int, block_n: int, block_k: int) -> bool:
@@ -267,58 +242,17 @@ def launch_gemm(
     tiled = is_tiled(b)
     num_experts, b_rows, _ = expert_shape(b)
     fits = not tiled and tma_fits(b, N, K, up_offset, block_n, block_k)
+    swap_ab = swap_ab and fp8 and block_n == 128 and (tiled or fits)
     if tiled:
         b_arg, b_tma = _tiled_descriptor(b, block_n, block_k), False
     elif (b_tma or swap_ab) and fits:
         b_arg = TensorDescriptor.from_tensor(b.view(-1, K), [block_n, block_k])
+        b_tma = True
     else:
         b_arg, b_tma = b, False
     a_arg = TensorDescriptor.from_tensor(a, [block_m, block_k]) if a_sorted else a
-    if swap_ab and fp8 and block_n == 128 and (tiled or fits):
-        _moe_gemm_swap_ab_kernel[grid](
-            a_arg,
-            a_s,
-            b_arg,
-            b_s,
-            c,
-            c_s if c_s is not None else dummy,
-            topk_w if topk_w is not None else dummy,
-            sorted_ids,
-            expert_ids,
-            num_post_pad,
-            N,
-            K,
-            up_offset,
-            num_valid,
-            num_pid_m,
-            num_experts,
-            b_rows,
-            a.stride(0),
-            a_s.stride(0),
-            a_s.stride(1),
-            b_s.stride(0),
-            b_s.stride(1),
-            c.stride(0),
-            c_s.stride(0) if c_s is not None else 0,
-            A_ROW_DIV=a_row_div,
-            GATED=gated,
-            QUANT_OUT=quant_out,
-            MUL_WEIGHT=mul_weight,
-            FP8_MAX=FP8_MAX,
-            FOREIGN=foreign,
-            TILED=tiled,
-            A_SORTED=a_sorted,
-            C_SORTED=c_sorted,
-            SCALE_GROUP=128,
-            BLOCK_M=block_m,
-            BLOCK_N=block_n,
-            BLOCK_K=block_k,
-            GROUP_M=group_m,
-            num_warps=num_warps,
-            num_stages=num_stages,
-        )
-        return
-    _moe_gemm_kernel[grid](
+    kernel = _moe_gemm_swap_ab_kernel if swap_ab else _moe_gemm_kernel
+    kernel[grid](
         a_arg,
         a_s if a_s is not None else dummy,
         b_arg,

@@ -7,15 +7,17 @@ warpgroup MMA takes 64 rows at a time, so at decode about half of each 64-row ti
 and its accumulators (64 x 128 per product) hold one program per SM. Here a 32-token tile's
 products need half those registers and less shared memory per stage.
 
-Same arguments, masks and epilogues as `_moe_gemm_kernel` (FP8 only; weights by TMA, tiled or
-row-major; one weight scale per K step, BLOCK_N == 128); `moe_gemm.launch_gemm(swap_ab=True)`
-launches it. The result is the same product up to float rounding order."""
+The same arguments as `_moe_gemm_kernel`, so that `moe_gemm.launch_gemm(swap_ab=True)` launches
+either with one argument list; FP8, B_TMA, SCALAR_B_SCALE and the weights' pointer strides are
+not read here: always FP8, the weights by TMA (tiled or row-major), one weight scale per K step
+(BLOCK_N == 128). The same product as the unswapped GEMM up to float rounding order."""
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
+from .moe_gemm_parts import block_rows, store_tile, store_zeros
 from .tile_order import grouped_tile
 
 
@@ -41,16 +43,20 @@ def _moe_gemm_swap_ab_kernel(
     stride_am,
     stride_asm,
     stride_asg,
+    stride_be,
+    stride_bn,
     stride_bse,
     stride_bsn,
     stride_cm,
     stride_csm,
     A_ROW_DIV: tl.constexpr,
     GATED: tl.constexpr,
+    FP8: tl.constexpr,
     QUANT_OUT: tl.constexpr,
     MUL_WEIGHT: tl.constexpr,
     FP8_MAX: tl.constexpr,
     FOREIGN: tl.constexpr,
+    B_TMA: tl.constexpr,
     TILED: tl.constexpr,
     A_SORTED: tl.constexpr,
     C_SORTED: tl.constexpr,
@@ -59,6 +65,7 @@ def _moe_gemm_swap_ab_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    SCALAR_B_SCALE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -66,25 +73,16 @@ def _moe_gemm_swap_ab_kernel(
     if pid_m * BLOCK_M >= tl.load(num_post_pad_ptr):
         return
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    pair = tl.load(sorted_ids_ptr + offs_m)
-    row_mask = pair < num_valid
-    if A_SORTED:
-        a_row = offs_m.to(tl.int64)
-    else:
-        a_row = (pair // A_ROW_DIV).to(tl.int64)
+    offs_m, pair, row_mask, a_row = block_rows(
+        pid_m, sorted_ids_ptr, num_valid, A_ROW_DIV, A_SORTED, BLOCK_M
+    )
     expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     if FOREIGN:
         if expert >= num_experts:
             if MUL_WEIGHT:
-                zero = tl.zeros([BLOCK_M, BLOCK_N], dtype=c_ptr.dtype.element_ty)
-                tl.store(
-                    c_ptr + pair.to(tl.int64)[:, None] * stride_cm + offs_n[None, :],
-                    zero,
-                    mask=row_mask[:, None] & n_mask[None, :],
-                )
+                store_zeros(c_ptr, pair, row_mask, offs_n, n_mask, stride_cm, BLOCK_M, BLOCK_N)
             return
     offs_k = tl.arange(0, BLOCK_K)
     if not A_SORTED:
@@ -129,24 +127,7 @@ def _moe_gemm_swap_ab_kernel(
 
     if GATED:
         acc = acc / (1.0 + tl.exp(-acc)) * acc2
-    out = tl.trans(acc)
-    if MUL_WEIGHT:
-        wt = tl.load(topk_w_ptr + pair, mask=row_mask, other=0.0)
-        out = out * wt[:, None]
-    c_row = offs_m.to(tl.int64) if C_SORTED else pair.to(tl.int64)
-    if QUANT_OUT:
-        amax = tl.max(tl.abs(tl.where(n_mask[None, :], out, 0.0)), 1)
-        s = tl.maximum(amax, 1e-10) / FP8_MAX
-        q = tl.clamp(out / s[:, None], -FP8_MAX, FP8_MAX)
-        tl.store(
-            c_ptr + c_row[:, None] * stride_cm + offs_n[None, :],
-            q.to(c_ptr.dtype.element_ty),
-            mask=row_mask[:, None] & n_mask[None, :],
-        )
-        tl.store(cs_ptr + c_row * stride_csm + pid_n, s, mask=row_mask)
-    else:
-        tl.store(
-            c_ptr + c_row[:, None] * stride_cm + offs_n[None, :],
-            out.to(c_ptr.dtype.element_ty),
-            mask=row_mask[:, None] & n_mask[None, :],
-        )
+    store_tile(
+        tl.trans(acc), c_ptr, cs_ptr, topk_w_ptr, offs_m, pair, row_mask, offs_n, n_mask, pid_n,
+        stride_cm, stride_csm, MUL_WEIGHT, QUANT_OUT, C_SORTED, FP8_MAX,
+    )  # fmt: skip
