@@ -8,7 +8,8 @@
                 FP8 block scales; epilogue silu(gate) * up, re-quantised to FP8
                 per 1x128 group for GEMM 2                                       _moe_gemm_kernel
     GEMM 2      down = H @ W2[e]^T, times the pair's routing weight              _moe_gemm_kernel
-                (both in moe_gemm.py)
+                (both in moe_gemm.py; at decode sizes the same GEMMs with swapped
+                operands, _moe_gemm_swap_ab_kernel in moe_gemm_swap_ab.py)
     un-permute  rows are written at their pair index, so the combine is a sum
                 over each token's k rows                                         moe_sum
 

@@ -4,7 +4,7 @@ expert's weights by pointers or TMA, row-major or stored tile by tile (expert_la
 FP8 block scales applied per 128-wide K step. GEMM 1 (GATED) computes gate and up and
 writes silu(gate) * up, re-quantised to FP8 per 1x128 group (QUANT_OUT); GEMM 2 multiplies
 by the pair's routing weight (MUL_WEIGHT). `launch_gemm` picks the weight path and launches
-it; fused_moe calls it twice."""
+it, or the same GEMM with swapped operands (moe_gemm_swap_ab.py); fused_moe calls it twice."""
 
 from __future__ import annotations
 
