@@ -68,54 +68,26 @@ def default_config(num_tokens: int, fp8: bool = True) -> dict:
     `SORTED_INTER` (default: the module's) has GEMM2 read its input in sorted order, by TMA;
     `SCALAR_B_SCALE` (default: the module's) loads each K step's weight scale as a scalar;
     `SWAP_AB1` / `SWAP_AB2` (default: the module's) swap GEMM1's / GEMM2's operands."""
+    # every size: 128-wide N tiles (one FP8 scale group a tile), GROUP_M 8
+    tiles = dict(
+        BLOCK_N1=128,
+        BLOCK_N2=128,
+        GROUP_M=8,
+        num_warps1=4,
+        num_stages1=3,
+        num_warps2=4,
+        num_stages2=4,
+    )
     if num_tokens <= 128:
-        return dict(
-            BLOCK_M=16,
-            BLOCK_N1=128,
-            BLOCK_N2=128,
-            GROUP_M=8,
-            num_warps1=4,
-            num_stages1=3,
-            num_warps2=4,
-            num_stages2=4,
-        )
+        return dict(tiles, BLOCK_M=16)
     if not fp8 and num_tokens < 256:
-        return dict(
-            BLOCK_M=32,
-            BLOCK_N1=128,
-            BLOCK_N2=128,
-            GROUP_M=8,
-            num_warps1=4,
-            num_stages1=3,
-            num_warps2=4,
-            num_stages2=4,
-        )
+        return dict(tiles, BLOCK_M=32)
     if fp8 and num_tokens <= 512:
         # decode up to the study's C=512: swapped operands, 32 tokens a tile (H200, 2026-12-02,
         # benchmarks/moe_layout.py --swap-ab: fused_moe 201.0 -> 197.2 us at T=512, 189.4 ->
         # 170.1 at T=256, 176.2 -> 170.1 at T=192; BLOCK_M 16 and 64 slower)
-        return dict(
-            BLOCK_M=32,
-            BLOCK_N1=128,
-            BLOCK_N2=128,
-            GROUP_M=8,
-            num_warps1=4,
-            num_stages1=3,
-            num_warps2=4,
-            num_stages2=3,
-            SWAP_AB1=True,
-            SWAP_AB2=True,
-        )
-    return dict(
-        BLOCK_M=64,
-        BLOCK_N1=128,
-        BLOCK_N2=128,
-        GROUP_M=8,
-        num_warps1=8,
-        num_stages1=4,
-        num_warps2=4,
-        num_stages2=4,
-    )
+        return dict(tiles, BLOCK_M=32, num_stages2=3, SWAP_AB1=True, SWAP_AB2=True)
+    return dict(tiles, BLOCK_M=64, num_warps1=8, num_stages1=4)
 
 
 def fused_moe(
